@@ -1,0 +1,154 @@
+"""`nanogpt-mlx` command line: a thin layer over the Python API, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from . import backend
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but bad arguments give one line on stderr instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
+# ---------------------------------------------------------------------------------------- info
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="MLX version, device, BLAS in use, memory, measured fp32 GEMM speed")
+    p.set_defaults(func=cmd_info)
+
+
+def gemm_gflops(n: int = 1024, seconds: float = 0.3) -> float:
+    """Measured fp32 matmul throughput of the default device (GFLOP/s)."""
+    import mlx.core as mx
+
+    a = mx.random.normal((n, n))
+    mx.eval(a @ a)  # warm up
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        mx.eval(a @ a)
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def cmd_info(args) -> None:
+    import os
+    import platform
+
+    import mlx.core as mx
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    print(f"mlx          {mx.__version__}")
+    print(f"platform     {platform.platform()} ({os.cpu_count()} cores)")
+    print(f"device       {mx.default_device()}")
+    print(f"blas         {backend.blas}" + (f"  [{backend.note}]" if backend.note else ""))
+    print(f"memory       {total / 2**30:.1f} GiB system, {mx.get_peak_memory() / 2**20:.0f} MiB MLX peak")
+    print(f"fp32 gemm    {gemm_gflops():.0f} GFLOP/s (1024x1024)")
+
+
+# -------------------------------------------------------------------------------------- sample
+def add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="generate text from a prompt")
+    p.add_argument("--model", default="gpt2",
+                   help="hub id (gpt2, gpt2-medium, ...), local Hugging Face directory or checkpoint dir (default: gpt2)")
+    p.add_argument("--prompt", default="Hello, I'm a language model,")
+    p.add_argument("--num-samples", type=positive_int, default=5)
+    p.add_argument("--max-new-tokens", type=positive_int, default=30)
+    p.add_argument("--temperature", type=positive_float, default=1.0)
+    p.add_argument("--top-k", type=positive_int, default=50)
+    p.add_argument("--top-p", type=positive_float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-stop", action="store_true", help="keep generating past <|endoftext|>")
+    p.add_argument("--crop", action="store_true", help="drop the start of a prompt that does not fit the context")
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args) -> None:
+    from .sample import SampleConfig, sample_texts, stream_text
+    from .weights import load_model
+
+    cfg = SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, greedy=args.greedy, seed=args.seed, stop_at_eot=not args.no_stop,
+                       crop=args.crop)
+    model = load_model(args.model)
+    if args.num_samples == 1:
+        print("> ", end="", flush=True)
+        for piece in stream_text(model, args.prompt, cfg):
+            print(piece, end="", flush=True)
+        print()
+        return
+    for text in sample_texts(model, args.prompt, cfg, args.num_samples):
+        print(">", text)
+
+
+# -------------------------------------------------------------------------------------- export
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="write any loadable model as a Hugging Face GPT-2 directory")
+    p.add_argument("src", help="hub id, local Hugging Face directory or checkpoint dir")
+    p.add_argument("out", help="output directory (config.json + model.safetensors)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> None:
+    from .weights import export_hf, load_model
+
+    export_hf(load_model(args.src), args.out)
+    print(f"wrote {args.out}/config.json and model.safetensors (Hugging Face GPT-2 layout)")
+
+
+COMMANDS = [add_info, add_sample, add_export]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="nanogpt-mlx", description="GPT-2 in MLX: sample, train, evaluate (build-nanogpt, ported).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if backend.note and args.command != "info":
+        print(f"nanogpt-mlx: note: {backend.note}", file=sys.stderr)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"nanogpt-mlx: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("nanogpt-mlx: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. piped into `head`
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Text generation: top-k / top-p / temperature / greedy sampling with a KV cache, streamed."""
+
+from __future__ import annotations
+
+import codecs
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .errors import UserError
+from .model import GPT, GPT2_VOCAB_SIZE
+from .tokenizer import EOT, encode, get_tokenizer
+
+
+@dataclass
+class SampleConfig:
+    max_new_tokens: int = 30
+    temperature: float = 1.0
+    top_k: int | None = 50  # build-nanogpt's default
+    top_p: float | None = None
+    greedy: bool = False
+    seed: int | None = None
+    stop_at_eot: bool = True
+    crop: bool = False  # drop the oldest prompt tokens instead of refusing a prompt that does not fit
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise UserError(f"temperature must be > 0 (use greedy for argmax), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def next_token(logits: mx.array, cfg: SampleConfig, key: mx.array) -> mx.array:
+    """logits (B, V) of the last position -> next token ids (B,). Padded vocab is never chosen."""
+    logits = logits[:, :GPT2_VOCAB_SIZE].astype(mx.float32)
+    if cfg.greedy:
+        return mx.argmax(logits, axis=-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
+        kth = mx.partition(logits, -cfg.top_k, axis=-1)[:, -cfg.top_k][:, None]  # k-th largest
+        logits = mx.where(logits < kth, -mx.inf, logits)
+    if cfg.top_p is not None and cfg.top_p < 1:
+        order = mx.argsort(-logits, axis=-1)
+        probs = mx.softmax(mx.take_along_axis(logits, order, axis=-1), axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop_sorted = (mx.cumsum(probs, axis=-1) - probs) >= cfg.top_p
+        drop = mx.put_along_axis(mx.zeros_like(drop_sorted), order, drop_sorted, axis=-1)
+        logits = mx.where(drop, -mx.inf, logits)
+    return mx.random.categorical(logits, key=key)
+
+
+def prepare_prompt(model: GPT, ids: list[int], cfg: SampleConfig) -> list[int]:
+    """Check that prompt + new tokens fit the context; crop the prompt's start if asked to."""
+    room = model.config.block_size - cfg.max_new_tokens
+    if not ids:
+        ids = [EOT]  # unconditional generation starts from <|endoftext|>, as GPT-2 does
+    if len(ids) <= room:
+        return ids
+    if cfg.crop and room > 0:
+        return ids[-room:]
+    raise UserError(f"prompt of {len(ids)} tokens + {cfg.max_new_tokens} new tokens exceeds the model's "
+                    f"context of {model.config.block_size}" + ("" if room <= 0 else "; pass --crop to keep its end"))
+
+
+def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig, num_samples: int = 1,
+             use_cache: bool = True) -> Iterator[mx.array]:
+    """Yield the next token of each sample, shape (num_samples,), until done.
+
+    With the same seed the cached and uncached paths draw from the same random keys, so
+    they produce the same tokens. A finished sample (it emitted <|endoftext|>) keeps
+    yielding EOT until all are finished.
+    """
+    ids = prepare_prompt(model, prompt_ids, cfg)
+    key = mx.random.key(cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little"))
+    x = mx.array([ids] * num_samples)  # (B, T)
+    cache = model.make_cache() if use_cache else None
+    inputs = x
+    done = mx.zeros((num_samples,), dtype=mx.bool_)
+    for _ in range(cfg.max_new_tokens):
+        logits = model(inputs, cache)[:, -1, :]  # (B, vocab)
+        key, sub = mx.random.split(key)
+        tok = next_token(logits, cfg, sub)
+        if cfg.stop_at_eot:
+            tok = mx.where(done, EOT, tok)
+            done = done | (tok == EOT)
+        mx.eval(tok, done)
+        yield tok
+        if cfg.stop_at_eot and done.all().item():
+            return
+        if cache is not None:
+            inputs = tok[:, None]
+        else:
+            x = mx.concatenate([x, tok[:, None]], axis=1)
+            inputs = x
+
+
+def sample_texts(model: GPT, prompt: str, cfg: SampleConfig, num_samples: int = 1) -> list[str]:
+    """Prompt + continuation of each sample, cut at <|endoftext|> unless cfg.stop_at_eot is off."""
+    ids = prepare_prompt(model, encode(prompt), cfg)
+    new: list[list[int]] = [[] for _ in range(num_samples)]
+    for tok in generate(model, ids, cfg, num_samples):
+        for row, t in zip(new, tok.tolist()):
+            row.append(t)
+    if cfg.stop_at_eot:
+        new = [row[: row.index(EOT)] if EOT in row else row for row in new]
+    return [get_tokenizer().decode(ids + row) for row in new]
+
+
+def stream_text(model: GPT, prompt: str, cfg: SampleConfig) -> Iterator[str]:
+    """Yield text pieces of one sample as they are generated (prompt first), valid UTF-8 only."""
+    ids = prepare_prompt(model, encode(prompt), cfg)
+    enc = get_tokenizer()
+    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    yield dec.decode(enc.decode_bytes(ids))
+    for tok in generate(model, ids, cfg, 1):
+        t = tok.item()
+        if t == EOT and cfg.stop_at_eot:
+            break
+        yield dec.decode(enc.decode_bytes([t]))
+    yield dec.decode(b"", final=True)

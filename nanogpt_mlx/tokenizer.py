@@ -1,0 +1,36 @@
+"""The GPT-2 BPE tokenizer (tiktoken), from ranks shipped with the package: works offline."""
+
+from __future__ import annotations
+
+import base64
+from functools import lru_cache
+from importlib import resources
+
+import tiktoken
+
+EOT = 50256  # <|endoftext|>
+# tiktoken's r50k (GPT-2) split pattern, possessive form.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+@lru_cache(maxsize=1)
+def get_tokenizer() -> tiktoken.Encoding:
+    """GPT-2's encoding, identical to `tiktoken.get_encoding("gpt2")` but without a download."""
+    data = resources.files(__package__).joinpath("gpt2.tiktoken").read_bytes()
+    ranks = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return tiktoken.Encoding(
+        name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": EOT}
+    )
+
+
+def encode(text: str) -> list[int]:
+    """Plain text to ids; special-token strings in the text are encoded as ordinary text."""
+    return get_tokenizer().encode_ordinary(text)
+
+
+def decode(ids: list[int]) -> str:
+    return get_tokenizer().decode(ids)

@@ -1,0 +1,51 @@
+"""Shared fixtures: small random GPT-2 models saved the way Hugging Face saves them (no network)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import nanogpt_mlx  # noqa: F401  (loads OpenBLAS before anything imports mlx.core)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+
+def save_hf_gpt2(path: Path, n_layer=2, n_head=2, n_embd=64, n_positions=128, vocab_size=50257, seed=0) -> Path:
+    """A random transformers GPT2LMHeadModel written with save_pretrained (safetensors)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions, vocab_size=vocab_size)
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    """2 layers, 64 dims, full GPT-2 vocab, context 128."""
+    return save_hf_gpt2(tmp_path_factory.mktemp("tiny_hf"))
+
+
+def run_cli(*args: str, check: bool = False, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    """Run `nanogpt-mlx ARGS` in a subprocess (as a user would), capturing text output."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **kw.pop("env", {})}
+    proc = subprocess.run([sys.executable, "-m", "nanogpt_mlx.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"nanogpt-mlx {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Bad input: non-zero exit, exactly one line on stderr, no traceback, mentions each needle."""
+    assert proc.returncode != 0, proc.stdout
+    lines = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith("nanogpt-mlx: note:")]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]

@@ -1,0 +1,101 @@
+"""Token shards: reading them for training (build-nanogpt's DataLoaderLite, with resumable state).
+
+Shards are uint16 `.npy` files named `{name}_{split}_{index:06d}.npy` (build-nanogpt's fineweb.py format).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+
+def list_shards(data_dir: str | Path, split: str) -> list[Path]:
+    """Sorted shard files of one split (`train` or `val`)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir}: data directory not found (make one with `nanogpt-mlx prepare`)")
+    shards = sorted(p for p in data_dir.glob("*.npy") if f"_{split}_" in p.name)
+    if not shards:
+        raise UserError(f"{data_dir}: no {split} shards (*_{split}_*.npy)")
+    return shards
+
+
+def load_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read shard ({e})") from None
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise UserError(f"{path}: expected a 1-D integer array, got {tokens.dtype} {tokens.shape}")
+    if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
+        raise UserError(f"{path}: token id {int(tokens.max())} >= the model's vocab_size {vocab_size}")
+    return tokens
+
+
+@dataclass
+class LoaderState:
+    shard: int = 0  # index into the sorted shard list
+    step: int = 0  # global batch index within the shard (each covers B*T*world tokens)
+    epoch: int = 0  # completed passes over all shards (changes the shuffle order)
+
+
+class DataLoader:
+    """Sequential batches over sorted shards, strided across ranks, wrapping at the end.
+
+    As build-nanogpt's DataLoaderLite: rank r of `world` reads the window at offset
+    B*T*(r + k*world) of a shard for its k-th batch and moves to the next shard when the
+    next global batch does not fit. Every rank gets the same number of batches per shard.
+    With `shuffle`, the window order within each shard is permuted (seeded by seed, epoch, shard).
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, B: int, T: int, rank: int = 0, world: int = 1,
+                 vocab_size: int | None = None, shuffle: bool = False, seed: int = 0):
+        self.B, self.T, self.rank, self.world = B, T, rank, world
+        self.vocab_size, self.shuffle, self.seed = vocab_size, shuffle, seed
+        self.shards = list_shards(data_dir, split)
+        self.state = LoaderState()
+        self._load()
+
+    def _load(self) -> None:
+        path = self.shards[self.state.shard]
+        self.tokens = load_shard(path, self.vocab_size)
+        self.steps_in_shard = (len(self.tokens) - 1) // (self.B * self.T * self.world)
+        if self.steps_in_shard < 1:
+            raise UserError(f"{path}: {len(self.tokens)} tokens is too few for one batch of "
+                            f"B*T*ranks+1 = {self.B * self.T * self.world + 1}")
+        self.order = np.arange(self.steps_in_shard)
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.state.epoch, self.state.shard])
+            self.order = rng.permutation(self.steps_in_shard)
+
+    def reset(self) -> None:
+        self.state = LoaderState()
+        self._load()
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) int32 arrays of shape (B, T); y is x shifted by one token."""
+        BT = self.B * self.T
+        start = BT * (int(self.order[self.state.step]) * self.world + self.rank)
+        buf = np.asarray(self.tokens[start : start + BT + 1], dtype=np.int32)
+        self.state.step += 1
+        if self.state.step >= self.steps_in_shard:
+            self.state.step = 0
+            self.state.shard += 1
+            if self.state.shard == len(self.shards):
+                self.state.shard, self.state.epoch = 0, self.state.epoch + 1
+            self._load()
+        return buf[:-1].reshape(self.B, self.T), buf[1:].reshape(self.B, self.T)
+
+    def state_dict(self) -> dict:
+        return asdict(self.state)
+
+    def load_state_dict(self, d: dict) -> None:
+        state = LoaderState(**d)
+        if not 0 <= state.shard < len(self.shards):
+            raise UserError(f"data loader state refers to shard {state.shard}, but there are {len(self.shards)}")
+        self.state = state
+        self._load()

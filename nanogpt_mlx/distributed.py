@@ -1,0 +1,151 @@
+"""Data parallelism with `mx.distributed`: rank/world, cross-rank averages, failure handling, local launch.
+
+Under `mlx.launch` (ring over TCP, or MPI) every process calls `init()`; a plain `python` run gets a
+single-process group, so the same training code serves both. `launch_local` starts N ranks on this
+machine (ring backend on 127.0.0.1) for `nanogpt-mlx train --ranks N`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import UserError
+
+# Environment variables that mean "this process was started as one rank of several".
+_LAUNCH_ENV = ("MLX_RANK", "MLX_HOSTFILE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MLX_JACCL_COORDINATOR")
+
+
+@dataclass
+class Dist:
+    """This process's place in the data-parallel group."""
+
+    group: mx.distributed.Group | None = None
+    rank: int = 0
+    world: int = 1
+    timeout: float = 300.0  # seconds a collective may block before we give up on the peers
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_mean(self, x: mx.array) -> mx.array:
+        """Mean of `x` over ranks (identity on one process)."""
+        if self.world == 1:
+            return x
+        return mx.distributed.all_sum(x, group=self.group) / self.world
+
+    def all_sum(self, x: mx.array) -> mx.array:
+        return x if self.world == 1 else mx.distributed.all_sum(x, group=self.group)
+
+    def average_gradients(self, grads):
+        """One fused all-reduce per ~32 MB of gradients, then divide by the world size."""
+        return grads if self.world == 1 else nn.average_gradients(grads, group=self.group)
+
+    def sync(self, *arrays: mx.array) -> None:
+        """mx.eval under a watchdog: a dead or stuck peer becomes a clear error, not a hang."""
+        if self.world == 1:
+            mx.eval(*arrays)
+            return
+        with watchdog(self.timeout, f"rank {self.rank}: no answer from the other ranks in {self.timeout:.0f} s"):
+            try:
+                mx.eval(*arrays)
+            except RuntimeError as e:
+                raise UserError(f"rank {self.rank}: lost a peer rank ({e}); stopping") from None
+
+
+def init(backend: str = "any", timeout: float = 300.0) -> Dist:
+    """Join the group started by mlx.launch / mpirun, or a single-process group otherwise."""
+    if not any(k in os.environ for k in _LAUNCH_ENV):
+        return Dist(timeout=timeout)
+    with watchdog(timeout, f"could not connect to the other ranks within {timeout:.0f} s"):
+        try:
+            group = mx.distributed.init(strict=True, backend=backend)
+        except RuntimeError as e:
+            raise UserError(f"distributed init ({backend}) failed: {e}") from None
+    return Dist(group=group, rank=group.rank(), world=group.size(), timeout=timeout)
+
+
+class watchdog:
+    """Context manager: if the body is still running after `seconds`, print `message` and exit(1).
+
+    A collective whose peer died or froze can block forever inside MLX; os._exit is the only
+    reliable way out of a blocked C++ call.
+    """
+
+    def __init__(self, seconds: float, message: str):
+        self.seconds, self.message = seconds, message
+        self._timer: threading.Timer | None = None
+
+    def _fire(self) -> None:
+        print(f"nanogpt-mlx: error: {self.message}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def __enter__(self):
+        self._timer = threading.Timer(self.seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -> int:
+    """Run `python -m nanogpt_mlx.cli ARGV` as n ring-backend ranks on 127.0.0.1; return the exit code.
+
+    Each rank gets `threads_per_rank` BLAS threads (default: cores // n), since MLX's CPU backend
+    runs everything but matmuls on one thread, n single-threaded ranks can beat one n-threaded one.
+    If any rank fails, the others are terminated.
+    """
+    if n < 1:
+        raise UserError(f"--ranks must be >= 1, got {n}")
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // n)
+    hosts = [[f"127.0.0.1:{p}"] for p in _free_ports(n)]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(hosts, f)
+    env = {**os.environ, "MLX_HOSTFILE": f.name, "OPENBLAS_NUM_THREADS": str(threads)}
+    procs = [subprocess.Popen([sys.executable, "-m", "nanogpt_mlx.cli", *argv], env={**env, "MLX_RANK": str(r)})
+             for r in range(n)]
+    try:
+        code = 0
+        while procs:
+            for p in list(procs):
+                rc = p.poll()
+                if rc is None:
+                    continue
+                procs.remove(p)
+                if rc != 0 and code == 0:
+                    code = rc
+                    for q in procs:  # one rank failed: the run cannot finish, stop the rest
+                        q.send_signal(signal.SIGTERM)
+            time.sleep(0.1)
+        return code
+    except KeyboardInterrupt:
+        for p in procs:  # they got the Ctrl-C too (same process group): let them save and exit
+            p.wait()
+        return 130
+    finally:
+        os.unlink(f.name)

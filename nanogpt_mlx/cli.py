@@ -122,7 +122,72 @@ def cmd_export(args) -> None:
     print(f"wrote {args.out}/config.json and model.safetensors (Hugging Face GPT-2 layout)")
 
 
-COMMANDS = [add_info, add_sample, add_export]
+# ---------------------------------------------------------------------------------------- eval
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model: HellaSwag accuracy, or loss over token shards")
+    tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    model_help = "hub id, local Hugging Face directory or checkpoint dir (default: gpt2)"
+    h = tasks.add_parser("hellaswag", help="HellaSwag validation accuracy, scored as build-nanogpt's hellaswag.py")
+    h.add_argument("--model", default="gpt2", help=model_help)
+    h.add_argument("--data", metavar="FILE", help="local hellaswag_val.jsonl (default: download once, then cached)")
+    h.add_argument("--limit", type=positive_int, help="score only the first N examples")
+    h.add_argument("--batch-size", type=positive_int, default=8, help="examples per forward pass, 4 rows each")
+    h.add_argument("--output", metavar="FILE.jsonl", help="write index, label, predictions and the 4 losses per example")
+    l = tasks.add_parser("loss", help="mean loss and perplexity over a split's token shards")
+    l.add_argument("--model", default="gpt2", help=model_help)
+    l.add_argument("--data", required=True, metavar="DIR", help="directory of {name}_{split}_{index}.npy token shards")
+    l.add_argument("--split", default="val")
+    l.add_argument("--batches", type=positive_int, default=20, help="number of batches, capped at one pass (default: 20)")
+    l.add_argument("--batch-size", type=positive_int, default=8)
+    l.add_argument("--seq-len", type=positive_int, help="tokens per row (default: the model's context)")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> None:
+    from . import evaluate
+    from .weights import load_model
+
+    if args.task == "loss":
+        model = load_model(args.model)
+        T = args.seq_len or model.config.block_size
+        n = min(args.batches, evaluate.available_batches(args.data, args.split, args.batch_size, T))
+        loss = evaluate.eval_loss(model, args.data, args.split, n, args.batch_size, T)
+        print(f"{args.split} loss {loss:.4f}  perplexity {evaluate.perplexity(loss):.2f}  "
+              f"({n} batches of {args.batch_size}x{T} tokens from {args.data})")
+        return
+    examples = evaluate.load_hellaswag(args.data or evaluate.download_hellaswag(), args.limit)
+    model = load_model(args.model)
+    start = time.perf_counter()
+    result = evaluate.score_hellaswag(model, examples, batch_examples=args.batch_size)
+    seconds = time.perf_counter() - start
+    print(f"hellaswag  {result.num_total} examples  acc {result.acc:.4f}  acc_norm {result.acc_norm:.4f}  "
+          f"({result.num_total / seconds:.1f} examples/s)")
+    ref = evaluate.GPT2_HELLASWAG
+    print(f"reference  GPT-2 124M: acc {ref['acc']:.4f}  acc_norm {ref['acc_norm']:.4f} (build-nanogpt, all "
+          f"{evaluate.HELLASWAG_VAL_SIZE}); GPT-3 124M: acc_norm {evaluate.GPT3_HELLASWAG:.3f}")
+    if args.output:
+        evaluate.write_records(args.output, result.records)
+        print(f"wrote {args.output}")
+
+
+# ---------------------------------------------------------------------------------------- plot
+def add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="plot loss and HellaSwag vs step of one or more runs (their log.txt)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directory with log.txt (or a log file)")
+    p.add_argument("--out", default="run.png", help="image to write; .png, .svg or .pdf (default: run.png)")
+    p.add_argument("--log-scale", action="store_true", help="logarithmic loss axis")
+    p.add_argument("--baseline", choices=["auto", "on", "off"], default="auto",
+                   help="GPT-2 124M val-loss line (3.2924, FineWeb-Edu); auto: when the loss axis reaches it")
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_plot(args) -> None:
+    from .plot import plot_runs
+
+    print(f"wrote {plot_runs(args.runs, args.out, log_scale=args.log_scale, baseline=args.baseline)}")
+
+
+COMMANDS = [add_info, add_sample, add_export, add_eval, add_plot]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,262 @@
+"""Evaluation: HellaSwag (build-nanogpt's completion-style scoring) and mean loss over token shards.
+
+HellaSwag: each example is a context and 4 endings. Every ending becomes one row of
+`context tokens + tokens of " " + ending`; the model's per-token cross-entropy over the ending
+tokens gives a summed loss (`acc` picks its argmin) and a mean loss (`acc_norm` picks its argmin).
+Rows of several examples share one forward pass, right-padded: attention is causal, so padding
+after a row's end cannot change its losses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from tqdm import tqdm
+
+from .data import DataLoader, list_shards, load_shard
+from .errors import UserError
+from .files import atomic_path
+from .model import GPT
+from .tokenizer import encode
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+URL_ENV = "NANOGPT_MLX_HELLASWAG_URL"  # override the download URL (tests use a local server)
+CACHE_ENV = "NANOGPT_MLX_CACHE"  # override the cache root (default ~/.cache/nanogpt-mlx)
+HELLASWAG_VAL_SIZE = 10042
+
+# Published figures to compare against (all on the 10,042 validation examples).
+GPT2_HELLASWAG = {"acc": 0.2859, "acc_norm": 0.2955}  # GPT-2 124M, build-nanogpt's hellaswag.py
+GPT2_HELLASWAG_TRAINING = 0.2945  # GPT-2 124M acc_norm as build-nanogpt's training-time eval reports it
+GPT3_HELLASWAG = 0.337  # GPT-3 Small (124M) acc_norm, from the GPT-3 paper
+
+
+# ----------------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class Example:
+    index: int  # position in the file (0-based), the same on every rank
+    ctx: str
+    endings: tuple[str, str, str, str]
+    label: int
+
+
+def cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanogpt-mlx"
+    return Path(root).expanduser()
+
+
+def download_hellaswag(url: str | None = None, dest: Path | None = None, progress: bool = True) -> Path:
+    """The validation JSONL, downloaded once into the cache (atomically) and reused after."""
+    url = url or os.environ.get(URL_ENV) or HELLASWAG_URL
+    dest = dest or cache_dir() / "hellaswag" / "hellaswag_val.jsonl"
+    if dest.is_file():
+        return dest
+    hint = "pass --data FILE with a local copy of hellaswag_val.jsonl"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp, atomic_path(dest) as tmp, open(tmp, "wb") as f:
+            size = int(resp.headers.get("Content-Length") or 0) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc="hellaswag_val.jsonl", disable=not progress) as bar:
+                while chunk := resp.read(1 << 16):
+                    bar.update(f.write(chunk))
+    except urllib.error.HTTPError as e:
+        raise UserError(f"could not download HellaSwag from {url} (HTTP {e.code} {e.reason}); {hint}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+        raise UserError(f"could not download HellaSwag from {url} ({reason}); {hint}") from None
+    return dest
+
+
+def load_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[Example]:
+    """Parse HellaSwag JSONL (rowanz/hellaswag format: ctx, endings, label), checking every line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    examples: list[Example] = []
+    with open(path, encoding="utf-8") as f:
+        try:
+            for lineno, line in enumerate(f, 1):
+                if limit is not None and len(examples) >= limit:
+                    break
+                if line.strip():
+                    examples.append(_parse_line(line, len(examples), f"{path}:{lineno}"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if not examples:
+        raise UserError(f"{path}: no examples")
+    return examples
+
+
+def _parse_line(line: str, index: int, where: str) -> Example:
+    try:
+        d = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    for key in ("ctx", "endings", "label"):
+        if key not in d:
+            raise UserError(f"{where}: missing field {key!r}")
+    ctx, endings, label = d["ctx"], d["endings"], d["label"]
+    if not isinstance(ctx, str) or not ctx:
+        raise UserError(f"{where}: 'ctx' must be a non-empty string")
+    if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
+        raise UserError(f"{where}: 'endings' must be a list of 4 strings")
+    if isinstance(label, str) and label.isdigit():
+        label = int(label)
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label <= 3:
+        raise UserError(f"{where}: label {d['label']!r} is not in 0..3")
+    return Example(index, ctx, tuple(endings), label)
+
+
+def render_example(ex: Example) -> tuple[list[int], list[list[int]]]:
+    """Context tokens and the tokens of each `" " + ending` (GPT-2 BPE puts the space in the word)."""
+    return encode(ex.ctx), [encode(" " + e) for e in ex.endings]
+
+
+# -------------------------------------------------------------------------------- scoring
+@dataclass
+class ExampleScore:
+    index: int
+    label: int
+    predicted: int  # argmin of the summed ending loss (acc)
+    predicted_norm: int  # argmin of the mean ending loss (acc_norm)
+    losses: list[float]  # summed cross-entropy of each ending
+    mean_losses: list[float]  # per-token mean of each ending
+    num_tokens: list[int]  # tokens in each ending
+
+
+@dataclass
+class HellaSwagResult:
+    """Counts that ranks can sum (`merge`), plus the per-example scores."""
+
+    num_total: int = 0
+    num_correct: int = 0
+    num_correct_norm: int = 0
+    records: list[ExampleScore] = field(default_factory=list)
+
+    @property
+    def acc(self) -> float:
+        return self.num_correct / max(self.num_total, 1)
+
+    @property
+    def acc_norm(self) -> float:
+        return self.num_correct_norm / max(self.num_total, 1)
+
+    def add(self, rec: ExampleScore) -> None:
+        self.num_total += 1
+        self.num_correct += rec.predicted == rec.label
+        self.num_correct_norm += rec.predicted_norm == rec.label
+        self.records.append(rec)
+
+    def merge(self, other: "HellaSwagResult") -> "HellaSwagResult":
+        return HellaSwagResult(self.num_total + other.num_total, self.num_correct + other.num_correct,
+                               self.num_correct_norm + other.num_correct_norm,
+                               sorted(self.records + other.records, key=lambda r: r.index))
+
+
+def ending_losses(model: GPT, rows: Sequence[tuple[list[int], list[int]]]) -> tuple[np.ndarray, np.ndarray]:
+    """Summed cross-entropy and token count of each row's ending, rows given as (context, ending) tokens.
+
+    All rows run in one right-padded forward pass. The loss of ending token j is read from the
+    logits at the position before it (shift by one), as in build-nanogpt.
+    """
+    lengths = [len(c) + len(e) for c, e in rows]
+    T = max(lengths) - 1  # the last token is only ever a target
+    if T + 1 > model.config.block_size:
+        raise UserError(f"a HellaSwag row has {T + 1} tokens, more than the model's context of {model.config.block_size}")
+    inputs = np.zeros((len(rows), T), dtype=np.int32)
+    targets = np.zeros((len(rows), T), dtype=np.int32)
+    mask = np.zeros((len(rows), T), dtype=np.float32)
+    for i, (ctx, end) in enumerate(rows):
+        row = ctx + end
+        inputs[i, : len(row) - 1] = row[:-1]
+        targets[i, : len(row) - 1] = row[1:]
+        mask[i, len(ctx) - 1 : len(row) - 1] = 1.0  # positions whose next token is an ending token
+    logits = model(mx.array(inputs))
+    losses = nn.losses.cross_entropy(logits, mx.array(targets), reduction="none")  # (rows, T)
+    summed = (losses * mx.array(mask)).sum(axis=1)
+    return np.array(summed), mask.sum(axis=1).astype(np.int64)
+
+
+def _score(ex: Example, summed: np.ndarray, counts: np.ndarray) -> ExampleScore:
+    mean = summed / counts
+    return ExampleScore(ex.index, ex.label, int(np.argmin(summed)), int(np.argmin(mean)),
+                        summed.tolist(), mean.tolist(), counts.tolist())
+
+
+def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int = 8, rank: int = 0,
+                    world: int = 1, progress: bool = True) -> HellaSwagResult:
+    """Score this rank's share of `examples` (every world-th, from rank), `batch_examples` per forward.
+
+    Examples are batched in order of length so that little compute goes to padding; the
+    records come back in file order. Sum the counts of all ranks (`merge`) for the full result.
+    """
+    if batch_examples < 1:
+        raise UserError(f"batch_examples must be >= 1, got {batch_examples}")
+    mine = [ex for ex in examples if ex.index % world == rank] if world > 1 else list(examples)
+    rendered = {ex.index: render_example(ex) for ex in mine}
+    mine.sort(key=lambda ex: len(rendered[ex.index][0]) + max(map(len, rendered[ex.index][1])))
+    result = HellaSwagResult()
+    with tqdm(total=len(mine), desc="hellaswag", unit="ex", disable=not progress) as bar:
+        for start in range(0, len(mine), batch_examples):
+            batch = mine[start : start + batch_examples]
+            rows = [(rendered[ex.index][0], end) for ex in batch for end in rendered[ex.index][1]]
+            summed, counts = ending_losses(model, rows)
+            for k, ex in enumerate(batch):
+                result.add(_score(ex, summed[4 * k : 4 * k + 4], counts[4 * k : 4 * k + 4]))
+            bar.update(len(batch))
+            bar.set_postfix(acc=f"{result.acc:.4f}", acc_norm=f"{result.acc_norm:.4f}")
+    result.records.sort(key=lambda r: r.index)
+    return result
+
+
+def write_records(path: str | os.PathLike, records: Sequence[ExampleScore]) -> None:
+    """One JSON object per example (atomic)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        for rec in records:
+            f.write(json.dumps(asdict(rec)) + "\n")
+
+
+# ---------------------------------------------------------------------------- token loss
+def loader_loss(model: GPT, loader: DataLoader, batches: int, progress: bool = False) -> float:
+    """Mean cross-entropy over the loader's first `batches` batches (it is reset first), as
+    build-nanogpt's periodic validation: the mean of the per-batch mean losses."""
+    loader.reset()
+    total = 0.0
+    for _ in tqdm(range(batches), desc="loss", unit="batch", disable=not progress):
+        x, y = loader.next_batch()
+        logits = model(mx.array(x))
+        total += nn.losses.cross_entropy(logits, mx.array(y), reduction="mean").item()
+    return total / batches
+
+
+def available_batches(data_dir: str | os.PathLike, split: str, B: int, T: int, world: int = 1) -> int:
+    """How many batches one pass over a split holds for DataLoader(B, T, world)."""
+    return sum((len(load_shard(p)) - 1) // (B * T * world) for p in list_shards(data_dir, split))
+
+
+def eval_loss(model: GPT, data_dir: str | os.PathLike, split: str = "val", batches: int = 20, B: int = 8,
+              T: int | None = None, rank: int = 0, world: int = 1, progress: bool = True) -> float:
+    """Mean loss over `batches` (B, T) batches of a split's shards, at most one pass over them.
+
+    T defaults to the model's context.
+    """
+    T = T or model.config.block_size
+    if T > model.config.block_size:
+        raise UserError(f"sequence length {T} exceeds the model's context of {model.config.block_size}")
+    batches = min(batches, available_batches(data_dir, split, B, T, world))
+    loader = DataLoader(data_dir, split, B, T, rank, world, vocab_size=model.config.vocab_size)
+    return loader_loss(model, loader, batches, progress)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf

@@ -1,0 +1,114 @@
+"""Plots of training runs from their log.txt, like build-nanogpt's play.ipynb: loss and HellaSwag vs step.
+
+log.txt lines are `{step} {kind} {value}`, kind one of train / val / hella (other kinds are ignored).
+Uses matplotlib's object API with the Agg canvas, so it works headless and leaves pyplot alone.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .evaluate import GPT2_HELLASWAG_TRAINING, GPT3_HELLASWAG
+from .files import atomic_path
+
+GPT2_VAL_LOSS = 3.2924  # OpenAI GPT-2 124M on the FineWeb-Edu val shard (build-nanogpt)
+KINDS = ("train", "val", "hella")
+
+
+@dataclass
+class RunLog:
+    name: str
+    series: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # kind -> (steps, values)
+
+
+def read_log(run: str | os.PathLike) -> RunLog:
+    """Parse a run directory's log.txt (or a log file). Lines that do not parse are skipped, so a
+    log being written can be plotted; a step logged twice (a resumed run) keeps its last value."""
+    path = Path(run)
+    if path.is_dir():
+        path = path / "log.txt"
+    if not path.is_file():
+        raise UserError(f"{path}: no such log file")
+    points: dict[str, dict[int, float]] = {k: {} for k in KINDS}
+    for line in path.read_text(errors="replace").splitlines():
+        parts = line.split()
+        if len(parts) != 3 or parts[1] not in points:
+            continue
+        try:
+            points[parts[1]][int(parts[0])] = float(parts[2])
+        except ValueError:
+            continue
+    series = {k: (np.array(sorted(d)), np.array([d[s] for s in sorted(d)])) for k, d in points.items() if d}
+    if not series:
+        raise UserError(f"{path}: no `STEP train|val|hella VALUE` lines")
+    name = path.parent.name if path.name == "log.txt" else path.stem
+    return RunLog(name or str(path), series)
+
+
+def _loss_limits(logs: Sequence[RunLog]) -> tuple[float, float]:
+    """A loss range that shows 98% of the train points: the first steps' ~11 would otherwise
+    squash the part of the curve that matters (val points that high run off the top too)."""
+    train = [l.series["train"][1] for l in logs if "train" in l.series]
+    val = [l.series["val"][1] for l in logs if "val" in l.series]
+    if not train and not val:
+        raise UserError("no train or val loss lines in " + ", ".join(l.name for l in logs))
+    values = np.concatenate(train + val)
+    top = np.quantile(np.concatenate(train), 0.98) if train else values.max()
+    return float(values.min()) * 0.95, float(top) * 1.05
+
+
+def plot_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike = "run.png", log_scale: bool = False,
+              baseline: str = "auto") -> Path:
+    """Draw loss (train thin, val bold) and, if logged, HellaSwag vs step for each run; write `out`.
+
+    baseline: "on", "off" or "auto" (the GPT-2 124M val-loss line, drawn when the loss axis reaches it).
+    """
+    from matplotlib.figure import Figure
+
+    logs = [read_log(r) for r in runs]
+    if len({l.name for l in logs}) < len(logs):  # same basename twice: tell them apart by path
+        logs = [RunLog(str(r), l.series) for r, l in zip(runs, logs)]
+    has_hella = any("hella" in l.series for l in logs)
+    fig = Figure(figsize=(14 if has_hella else 8, 5.5), dpi=100)
+    ax_loss, *rest = fig.subplots(1, 2 if has_hella else 1, squeeze=False)[0]
+
+    for i, log in enumerate(logs):
+        color = f"C{i % 10}"
+        if "train" in log.series:
+            alpha = 0.35 if "val" in log.series else 1.0
+            ax_loss.plot(*log.series["train"], color=color, lw=1, alpha=alpha, label=f"{log.name} train")
+        if "val" in log.series:
+            ax_loss.plot(*log.series["val"], color=color, lw=2, marker="o", ms=3, label=f"{log.name} val")
+    bottom, top = _loss_limits(logs)
+    if baseline == "on" or (baseline == "auto" and bottom <= GPT2_VAL_LOSS <= top):
+        ax_loss.axhline(GPT2_VAL_LOSS, color="r", ls="--", label=f"OpenAI GPT-2 (124M) val loss {GPT2_VAL_LOSS}")
+        bottom, top = min(bottom, GPT2_VAL_LOSS * 0.95), max(top, GPT2_VAL_LOSS * 1.05)
+    if log_scale:
+        ax_loss.set_yscale("log")
+    ax_loss.set_ylim(bottom, top)
+    ax_loss.set(xlabel="step", ylabel="loss", title="Loss")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend(fontsize="small")
+
+    if has_hella:
+        ax_hella = rest[0]
+        for i, log in enumerate(logs):
+            if "hella" in log.series:
+                ax_hella.plot(*log.series["hella"], color=f"C{i % 10}", lw=2, marker="o", ms=3, label=log.name)
+        ax_hella.axhline(GPT2_HELLASWAG_TRAINING, color="r", ls="--", label=f"OpenAI GPT-2 (124M) {GPT2_HELLASWAG_TRAINING}")
+        ax_hella.axhline(GPT3_HELLASWAG, color="g", ls="--", label=f"OpenAI GPT-3 (124M) {GPT3_HELLASWAG}")
+        ax_hella.set(xlabel="step", ylabel="acc_norm", title="HellaSwag eval")
+        ax_hella.grid(alpha=0.3)
+        ax_hella.legend(fontsize="small")
+
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp)
+    return out

@@ -1,0 +1,264 @@
+"""HellaSwag scoring and eval loss: parity with a PyTorch version of build-nanogpt's scoring, bad input, download."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import random
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_one_line_error, run_cli
+
+from nanogpt_mlx.errors import UserError
+from nanogpt_mlx.evaluate import (download_hellaswag, eval_loss, load_hellaswag, score_hellaswag,
+                                  write_records)
+from nanogpt_mlx.tokenizer import encode
+from nanogpt_mlx.weights import load_model
+
+WORDS = ("the a man woman dog ball roof kitchen guitar slowly quickly then runs jumps picks up puts down "
+         "water table tree climbs throws smiles camera shows talks about rope knife bowl mixes, paints. "
+         "(again) won't it's 42 3.5% café naïve").split()
+
+
+def make_hellaswag(n: int = 24, seed: int = 0) -> list[dict]:
+    """Examples in rowanz/hellaswag's JSONL format, endings of 1 to ~20 words so row lengths differ."""
+    rng = random.Random(seed)
+    text = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    return [{"ind": i, "activity_label": "test", "ctx": text(rng.randint(3, 25)),
+             "endings": [text(rng.choice([1, 2, 5, 9, 14, 20])) for _ in range(4)],
+             "label": rng.randrange(4), "split": "val"} for i in range(n)]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fixture_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("hs") / "hellaswag_val.jsonl", make_hellaswag())
+
+
+@pytest.fixture(scope="module")
+def model(tiny_hf_dir):
+    return load_model(tiny_hf_dir)
+
+
+# ------------------------------------------------------------------ PyTorch reference (build-nanogpt)
+def reference_scores(hf_model, examples: list[dict]) -> list[dict]:
+    """build-nanogpt's hellaswag.py scoring, one example (4 padded rows) per forward, in PyTorch."""
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    for ex in examples:
+        ctx = encode(ex["ctx"])
+        ends = [encode(" " + e) for e in ex["endings"]]
+        width = max(len(ctx) + len(e) for e in ends)
+        tokens = torch.zeros((4, width), dtype=torch.long)
+        mask = torch.zeros((4, width), dtype=torch.long)
+        for i, e in enumerate(ends):
+            tokens[i, : len(ctx) + len(e)] = torch.tensor(ctx + e)
+            mask[i, len(ctx) : len(ctx) + len(e)] = 1
+        with torch.no_grad():
+            logits = hf_model(tokens).logits
+        losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
+                                 reduction="none").view(4, -1)
+        shift_mask = mask[:, 1:]
+        summed = (losses * shift_mask).sum(dim=1)
+        mean = summed / shift_mask.sum(dim=1)
+        out.append({"losses": summed.tolist(), "mean_losses": mean.tolist(),
+                    "predicted": summed.argmin().item(), "predicted_norm": mean.argmin().item()})
+    return out
+
+
+def test_parity_with_pytorch_reference(tiny_hf_dir, fixture_file, model):
+    from transformers import GPT2LMHeadModel
+
+    raw = [json.loads(l) for l in fixture_file.read_text().splitlines()]
+    ref = reference_scores(GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval(), raw)
+    res = score_hellaswag(load_model(tiny_hf_dir), load_hellaswag(fixture_file), batch_examples=5, progress=False)
+    assert [r.index for r in res.records] == list(range(len(raw)))
+    for rec, want in zip(res.records, ref):
+        assert rec.label == raw[rec.index]["label"]
+        assert (rec.predicted, rec.predicted_norm) == (want["predicted"], want["predicted_norm"])
+        np.testing.assert_allclose(rec.losses, want["losses"], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(rec.mean_losses, want["mean_losses"], rtol=0, atol=1e-4)
+    assert res.num_correct == sum(w["predicted"] == r["label"] for w, r in zip(ref, raw))
+    assert res.num_correct_norm == sum(w["predicted_norm"] == r["label"] for w, r in zip(ref, raw))
+    # the fixture exercises what it should: sum and mean disagree somewhere, endings differ in length
+    assert any(w["predicted"] != w["predicted_norm"] for w in ref)
+    assert len({n for rec in res.records for n in rec.num_tokens}) >= 5
+
+
+def test_padding_does_not_change_losses(fixture_file, model):
+    examples = load_hellaswag(fixture_file)
+    one = score_hellaswag(model, examples, batch_examples=1, progress=False)
+    together = score_hellaswag(model, examples, batch_examples=len(examples), progress=False)
+    for a, b in zip(one.records, together.records):
+        assert (a.predicted, a.predicted_norm, a.num_tokens) == (b.predicted, b.predicted_norm, b.num_tokens)
+        np.testing.assert_allclose(a.losses, b.losses, rtol=0, atol=1e-4)
+
+
+def test_ranks_split_examples_and_merge(fixture_file, model):
+    examples = load_hellaswag(fixture_file, limit=11)
+    full = score_hellaswag(model, examples, batch_examples=4, progress=False)
+    parts = [score_hellaswag(model, examples, batch_examples=4, rank=r, world=3, progress=False) for r in range(3)]
+    assert [p.num_total for p in parts] == [4, 4, 3]
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    assert (merged.num_total, merged.num_correct, merged.num_correct_norm) == \
+        (full.num_total, full.num_correct, full.num_correct_norm)
+    assert [r.index for r in merged.records] == list(range(11))
+
+
+def test_limit_and_records_file(fixture_file, model, tmp_path):
+    res = score_hellaswag(model, load_hellaswag(fixture_file, limit=7), progress=False)
+    assert res.num_total == 7 and 0 <= res.acc <= 1 and 0 <= res.acc_norm <= 1
+    write_records(tmp_path / "out.jsonl", res.records)
+    lines = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [l["index"] for l in lines] == list(range(7))
+    assert all(len(l["losses"]) == 4 and l["predicted"] in range(4) for l in lines)
+
+
+# ------------------------------------------------------------------------------------ bad input
+GOOD = make_hellaswag(2)
+
+
+@pytest.mark.parametrize("rows, needle", [
+    ([GOOD[0], GOOD[1], '{"ctx": "a", "endings": [', GOOD[0]], ":3: not valid JSON"),
+    ([GOOD[0], {**GOOD[1], "label": 4}], ":2: label 4 is not in 0..3"),
+    ([{**GOOD[0], "label": -1}], ":1: label -1"),
+    ([{**GOOD[0], "endings": ["x", "y"]}], "'endings' must be a list of 4 strings"),
+    ([{k: v for k, v in GOOD[0].items() if k != "ctx"}], "missing field 'ctx'"),
+    (["[1, 2]"], "expected a JSON object"),
+    ([""], "no examples"),
+])
+def test_bad_jsonl(tmp_path, rows, needle):
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(UserError) as e:
+        load_hellaswag(path)
+    assert needle in str(e.value) and str(path) in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="file not found"):
+        load_hellaswag(tmp_path / "nope.jsonl")
+
+
+def test_row_longer_than_context(tmp_path, model):
+    long = {**GOOD[0], "ctx": "word " * 200}
+    with pytest.raises(UserError, match="more than the model's context of 128"):
+        score_hellaswag(model, load_hellaswag(write_jsonl(tmp_path / "long.jsonl", [long])), progress=False)
+
+
+# ------------------------------------------------------------------------------------- download
+@pytest.fixture
+def http_dir(tmp_path):
+    """Serve a directory on 127.0.0.1 (a random free port) for the test's duration."""
+    root = tmp_path / "www"
+    root.mkdir()
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_caches(http_dir, fixture_file, tmp_path):
+    root, base = http_dir
+    (root / "hellaswag_val.jsonl").write_bytes(fixture_file.read_bytes())
+    dest = tmp_path / "cache" / "hellaswag_val.jsonl"
+    assert download_hellaswag(f"{base}/hellaswag_val.jsonl", dest, progress=False) == dest
+    assert dest.read_bytes() == fixture_file.read_bytes()
+    (root / "hellaswag_val.jsonl").unlink()  # a second call must not fetch again
+    assert download_hellaswag(f"{base}/hellaswag_val.jsonl", dest, progress=False) == dest
+    assert [p.name for p in dest.parent.iterdir()] == ["hellaswag_val.jsonl"]  # no temp file left
+
+
+def test_download_failure_is_one_clear_line(http_dir, tmp_path):
+    _, base = http_dir
+    dest = tmp_path / "cache" / "hellaswag_val.jsonl"
+    with pytest.raises(UserError, match="could not download HellaSwag .*pass --data FILE") as e:
+        download_hellaswag(f"{base}/missing.jsonl", dest, progress=False)
+    assert "404" in str(e.value) and not dest.exists()
+    with pytest.raises(UserError, match="pass --data FILE"):  # nothing listening: like being offline
+        download_hellaswag("http://127.0.0.1:9/hellaswag_val.jsonl", dest, progress=False)
+
+
+# ------------------------------------------------------------------------------------ eval loss
+def test_eval_loss_equals_direct_computation(tmp_path, tiny_hf_dir, model):
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    rng = np.random.default_rng(0)
+    shards = [rng.integers(0, 50257, n).astype(np.uint16) for n in (200, 150)]
+    for i, s in enumerate(shards):
+        np.save(tmp_path / f"toy_val_{i:06d}.npy", s)
+    np.save(tmp_path / "toy_train_000000.npy", shards[0])
+    B, T = 2, 16
+    # batches of B*T consecutive tokens, per shard: 6 from the first, 4 from the second, one pass = 10
+    windows = [s[k * B * T : (k + 1) * B * T + 1] for s in shards for k in range((len(s) - 1) // (B * T))]
+    hf = GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
+    losses = []
+    with torch.no_grad():
+        for w in windows:
+            w = torch.tensor(w.astype(np.int64))
+            logits = hf(w[:-1].view(B, T)).logits
+            losses.append(torch.nn.functional.cross_entropy(logits.view(B * T, -1), w[1:]).item())
+    assert eval_loss(model, tmp_path, "val", batches=8, B=B, T=T, progress=False) == \
+        pytest.approx(float(np.mean(losses[:8])), abs=1e-4)
+    # more batches than one pass holds: capped at one pass
+    assert eval_loss(model, tmp_path, "val", batches=99, B=B, T=T, progress=False) == \
+        pytest.approx(float(np.mean(losses)), abs=1e-4)
+    with pytest.raises(UserError, match="exceeds the model's context of 128"):
+        eval_loss(model, tmp_path, "val", batches=1, B=1, T=129, progress=False)
+    with pytest.raises(UserError, match="no test shards"):
+        eval_loss(model, tmp_path, "test", progress=False)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_hellaswag(tiny_hf_dir, fixture_file, tmp_path):
+    out = tmp_path / "scores.jsonl"
+    proc = run_cli("eval", "hellaswag", "--model", str(tiny_hf_dir), "--data", str(fixture_file),
+                   "--limit", "10", "--batch-size", "3", "--output", str(out), check=True)
+    assert "hellaswag  10 examples  acc " in proc.stdout
+    assert "acc_norm 0.2955" in proc.stdout and "0.337" in proc.stdout  # reference figures
+    assert len(out.read_text().splitlines()) == 10
+
+
+def test_cli_hellaswag_downloads_into_cache(tiny_hf_dir, fixture_file, http_dir, tmp_path):
+    root, base = http_dir
+    (root / "val.jsonl").write_bytes(fixture_file.read_bytes())
+    env = {"NANOGPT_MLX_HELLASWAG_URL": f"{base}/val.jsonl", "NANOGPT_MLX_CACHE": str(tmp_path / "cache")}
+    proc = run_cli("eval", "hellaswag", "--model", str(tiny_hf_dir), "--limit", "4", env=env, check=True)
+    assert "hellaswag  4 examples" in proc.stdout
+    assert (tmp_path / "cache" / "hellaswag" / "hellaswag_val.jsonl").read_bytes() == fixture_file.read_bytes()
+    env["NANOGPT_MLX_CACHE"] = str(tmp_path / "empty")
+    env["NANOGPT_MLX_HELLASWAG_URL"] = "http://127.0.0.1:9/val.jsonl"
+    assert_one_line_error(run_cli("eval", "hellaswag", "--model", str(tiny_hf_dir), env=env),
+                          "could not download HellaSwag", "--data")
+
+
+def test_cli_bad_inputs(tiny_hf_dir, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD[0], "{not json"])
+    assert_one_line_error(run_cli("eval", "hellaswag", "--model", str(tiny_hf_dir), "--data", str(bad)),
+                          f"{bad}:2: not valid JSON")
+    assert_one_line_error(run_cli("eval", "hellaswag", "--data", str(tmp_path / "none.jsonl")), "file not found")
+    assert_one_line_error(run_cli("eval", "loss", "--model", str(tiny_hf_dir), "--data", str(tmp_path / "nodir")),
+                          "data directory not found")
+
+
+def test_cli_loss(tiny_hf_dir, model, tmp_path):
+    np.save(tmp_path / "toy_val_000000.npy", np.random.default_rng(1).integers(0, 50257, 300).astype(np.uint16))
+    proc = run_cli("eval", "loss", "--model", str(tiny_hf_dir), "--data", str(tmp_path), "--batches", "3",
+                   "--batch-size", "2", "--seq-len", "32", check=True)
+    want = eval_loss(model, tmp_path, batches=3, B=2, T=32, progress=False)
+    assert f"val loss {want:.4f}  perplexity {np.exp(want):.2f}  (3 batches of 2x32 tokens" in proc.stdout

@@ -1,0 +1,102 @@
+"""Run plots from build-nanogpt-format log.txt files."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+from conftest import assert_one_line_error, run_cli
+
+from nanogpt_mlx.errors import UserError
+from nanogpt_mlx.plot import plot_runs, read_log
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_run(run_dir: Path, steps: int = 300, hella: bool = True, scale: float = 1.0) -> Path:
+    """A log.txt as build-nanogpt's train_gpt2.py writes it, plus a torn last line."""
+    run_dir.mkdir(parents=True)
+    lines = []
+    for s in range(steps):
+        loss = 3.0 + 8.0 * math.exp(-s * scale / 40)
+        if s % 50 == 0 or s == steps - 1:
+            lines.append(f"{s} val {loss + 0.05:.4f}")
+            if hella:
+                lines.append(f"{s} hella {0.25 + 0.05 * (1 - math.exp(-s / 100)):.4f}")
+        lines.append(f"{s} train {loss:.6f}")
+    (run_dir / "log.txt").write_text("\n".join(lines) + f"\n{steps} tra")
+    return run_dir
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_read_log(tmp_path):
+    log = read_log(fake_run(tmp_path / "run", steps=120))
+    assert log.name == "run" and set(log.series) == {"train", "val", "hella"}
+    steps, values = log.series["train"]
+    assert list(steps) == list(range(120)) and values[0] == pytest.approx(11.0)
+    assert list(log.series["val"][0]) == [0, 50, 100, 119]
+
+
+def test_resumed_step_keeps_last_value(tmp_path):
+    (tmp_path / "log.txt").write_text("0 train 5.0\n1 train 4.0\n1 train 3.5\n2 train 3.0\nnot a line\n")
+    steps, values = read_log(tmp_path).series["train"]
+    assert list(steps) == [0, 1, 2] and list(values) == [5.0, 3.5, 3.0]
+
+
+def test_plot_several_runs(tmp_path):
+    a = fake_run(tmp_path / "a")
+    b = fake_run(tmp_path / "b", steps=200, scale=1.5)
+    out = plot_runs([a, b], tmp_path / "plots" / "cmp.png", log_scale=True)
+    width, height = png_size(out)
+    assert width > height > 300  # two panels side by side
+    assert [p.name for p in out.parent.iterdir()] == ["cmp.png"]  # written atomically, no temp file left
+
+
+def test_plot_without_hellaswag_has_one_panel(tmp_path):
+    out = plot_runs([fake_run(tmp_path / "a", hella=False)], tmp_path / "one.png", baseline="off")
+    width, height = png_size(out)
+    assert width < 1.6 * height
+
+
+def test_bad_logs(tmp_path):
+    with pytest.raises(UserError, match="no such log file"):
+        read_log(tmp_path / "missing")
+    (tmp_path / "log.txt").write_text("hello\n")
+    with pytest.raises(UserError, match=re.escape("no `STEP train|val|hella VALUE` lines")):
+        read_log(tmp_path)
+    (tmp_path / "log.txt").write_text("0 hella 0.25\n")
+    with pytest.raises(UserError, match="no train or val loss lines"):
+        plot_runs([tmp_path], tmp_path / "x.png")
+
+
+def test_cli_plot(tmp_path):
+    run = fake_run(tmp_path / "run")
+    out = tmp_path / "run.png"
+    proc = run_cli("plot", str(run), "--out", str(out), "--log-scale", check=True)
+    assert str(out) in proc.stdout and png_size(out)[0] > 0
+    assert_one_line_error(run_cli("plot", str(tmp_path / "nope")), "no such log file")
+
+
+def test_baseline_auto_follows_loss_range(tmp_path, monkeypatch):
+    drawn = []
+    import matplotlib.axes
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline",
+                        lambda self, y, **kw: drawn.append(y) or None)
+    plot_runs([fake_run(tmp_path / "near")], tmp_path / "near.png")  # losses 3..11 reach 3.2924
+    assert 3.2924 in drawn
+    drawn.clear()
+    high = tmp_path / "high"
+    high.mkdir()
+    (high / "log.txt").write_text("".join(f"{s} train {8 - s / 100:.4f}\n" for s in range(100)))
+    plot_runs([high], tmp_path / "high.png")
+    assert drawn == []
+    plot_runs([high], tmp_path / "high.png", baseline="on")
+    assert drawn == [3.2924]

@@ -187,7 +187,55 @@ def cmd_plot(args) -> None:
     print(f"wrote {plot_runs(args.runs, args.out, log_scale=args.log_scale, baseline=args.baseline)}")
 
 
-COMMANDS = [add_info, add_sample, add_export, add_eval, add_plot]
+# ------------------------------------------------------------------------------------- prepare
+def add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="tokenize FineWeb-Edu, Tiny Shakespeare or your files into token shards",
+                       description="SOURCE --out DIR writes GPT-2 token shards (build-nanogpt's format); "
+                                   "re-running the same command resumes. --inspect DIR describes shards.")
+    p.add_argument("--inspect", metavar="DIR", help="print shard counts and token totals of DIR and decode a few tokens")
+    common = _Parser(add_help=False)
+    common.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
+    common.add_argument("--name", help="shard file prefix (default: edufineweb, shakespeare or data)")
+    common.add_argument("--shard-size", type=positive_int, default=100_000_000, help="tokens per shard (default: 1e8)")
+    common.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default: all cores)")
+    common.add_argument("--shuffle-docs", action="store_true",
+                        help="shuffle file order, part order within files and documents within parts")
+    common.add_argument("--seed", type=int, default=0, help="seed of --shuffle-docs (default: 0)")
+    sources = p.add_subparsers(dest="source", metavar="SOURCE")
+    fw = sources.add_parser("fineweb-edu", parents=[common], help="HuggingFaceFW/fineweb-edu, one parquet file at a time")
+    fw.add_argument("--sample", default="sample-10BT", help="sample-10BT (default), sample-100BT, ... or CC-MAIN-YYYY-NN")
+    fw.add_argument("--local-dir", help="local copy laid out like the hub repo (DIR/sample/10BT/*.parquet)")
+    fw.add_argument("--revision", help="hub revision (default: the latest; a resume needs the same files)")
+    sh = sources.add_parser("shakespeare", parents=[common], help="Tiny Shakespeare, split 90/10 train/val")
+    sh.add_argument("--path", help="local copy of input.txt (default: download it once into ~/.cache/nanogpt-mlx)")
+    sh.add_argument("--url", help="download from this URL instead of char-rnn's input.txt")
+    fl = sources.add_parser("files", parents=[common], help="your .txt, .jsonl and .parquet files")
+    fl.add_argument("paths", nargs="+", metavar="PATH", help="files, directories or glob patterns")
+    fl.add_argument("--text-field", default="text", help="document field of .jsonl and .parquet (default: text)")
+    fl.add_argument("--split-on-blank-lines", action="store_true", help=".txt: one document per paragraph, not per file")
+    p.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(args) -> None:
+    from . import prepare as prep
+
+    if args.inspect:
+        print(prep.describe(args.inspect))
+        return
+    if args.source == "fineweb-edu":
+        source = prep.fineweb_edu(args.sample, local_dir=args.local_dir, revision=args.revision)
+    elif args.source == "shakespeare":
+        source = prep.shakespeare(path=args.path, url=args.url)
+    elif args.source == "files":
+        source = prep.local_files(args.paths, text_field=args.text_field, split_on_blank_lines=args.split_on_blank_lines)
+    else:
+        raise UserError("prepare: give a SOURCE (fineweb-edu, shakespeare, files) or --inspect DIR")
+    cfg = prep.PrepareConfig(shard_size=args.shard_size, workers=args.workers, shuffle_docs=args.shuffle_docs,
+                             seed=args.seed, name=args.name)
+    print(prep.prepare(source, args.out, cfg))
+
+
+COMMANDS = [add_info, add_sample, add_export, add_eval, add_plot, add_prepare]
 
 
 def build_parser() -> argparse.ArgumentParser:

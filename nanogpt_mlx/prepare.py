@@ -1,0 +1,663 @@
+"""Dataset preparation: text -> GPT-2 token shards in build-nanogpt's format (what data.py reads).
+
+Shards are uint16 `.npy` files `{name}_{split}_{index:06d}.npy` of `shard_size` tokens (the last one
+shorter) with `<|endoftext|>` before every document; shard 0 is `val`, the rest `train`; `manifest.json`
+describes them. Sources: FineWeb-Edu (hub or a local mirror), Tiny Shakespeare, your own files.
+
+Parallelism: every input file is cut into parts (jsonl byte ranges, parquet row groups, whole txt
+files) that worker processes read and tokenize by themselves, so only a small part description goes
+in and one uint16 array comes out (build-nanogpt pickles every document both ways). Results are
+consumed in part order, so the shards do not depend on the number of workers.
+
+Resuming: a shard is written atomically, then recorded in the manifest with the position where the
+next one starts (file, part, token offset). A re-run verifies the recorded shards and continues after
+the last intact one; hub files are downloaded one at a time and deleted once tokenized.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+import urllib.request
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import list_shards, load_shard
+from .errors import UserError
+from .files import atomic_path, atomic_write_text
+from .tokenizer import EOT, get_tokenizer
+
+FORMAT = "nanogpt-mlx-shards"
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+FINEWEB_REPO = "HuggingFaceFW/fineweb-edu"
+FILE_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
+SCRATCH = ".download"  # hub files being tokenized, inside the output directory
+
+
+@dataclass
+class PrepareConfig:
+    shard_size: int = 100_000_000  # tokens per shard (build-nanogpt: 1e8)
+    workers: int | None = None  # tokenizer processes; None: all cores
+    shuffle_docs: bool = False  # shuffle file order, part order within a file, documents within a part
+    seed: int = 0
+    name: str | None = None  # shard file prefix; None: the source's
+    part_bytes: int = 2 << 20  # jsonl files are cut into parts of about this size
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Part:
+    """A slice of one input file that a worker reads and tokenizes on its own."""
+
+    path: str
+    kind: str  # txt | paragraphs | jsonl | parquet | chars
+    start: int = 0  # jsonl: byte offset; parquet: row group; chars: character offset
+    stop: int = 0
+    field: str = "text"
+    split: str | None = None  # forced split (shakespeare); None: shard 0 is val, the rest train
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One input file. `fetch(scratch)` returns its local path, downloading into `scratch` if needed."""
+
+    key: str  # identity recorded in the manifest (name and size): a resume must see the same files
+    kind: str  # txt | paragraphs | jsonl | parquet | shakespeare
+    fetch: Callable[[Path], Path]
+    field: str = "text"
+    temporary: bool = False  # a download: deleted once tokenized, so disk use stays bounded
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str  # default shard file prefix
+    label: str  # for messages
+    info: dict  # what was read, recorded in the manifest; a resume must match it
+    units: list[Unit]
+    origin: dict | None = None  # where it came from (hub revision, local mirror): recorded, not compared
+
+
+# ------------------------------------------------------------------------------------ sources
+def local_files(paths: Sequence[str | os.PathLike], text_field: str = "text",
+                split_on_blank_lines: bool = False) -> Source:
+    """`.txt` (one document per file, or per blank-line-separated paragraph), `.jsonl` and `.parquet`
+    (documents in `text_field`); files, directories (searched recursively) or glob patterns."""
+    files: list[Path] = []
+    for spec in map(str, paths):
+        spec = os.path.expanduser(spec)
+        matches = sorted(glob.glob(spec, recursive=True)) if any(c in spec for c in "*?[") else [spec]
+        if not matches:
+            raise UserError(f"{spec}: no files match")
+        for m in map(Path, matches):
+            if m.is_dir():
+                files += sorted(f for f in m.rglob("*") if f.suffix in FILE_KINDS and f.is_file()
+                                and not f.name.startswith("."))
+            elif m.is_file():
+                if m.suffix not in FILE_KINDS:
+                    raise UserError(f"{m}: unsupported file type (expected .txt, .jsonl or .parquet)")
+                files.append(m)
+            else:
+                raise UserError(f"{m}: no such file or directory")
+    label = ", ".join(map(str, paths))
+    if not files:
+        raise UserError(f"{label}: no .txt, .jsonl or .parquet files (empty source)")
+    txt = "paragraphs" if split_on_blank_lines else "txt"
+    units = [_local_unit(f, txt if FILE_KINDS[f.suffix] == "txt" else FILE_KINDS[f.suffix], text_field,
+                         str(f.resolve())) for f in files]
+    info = {"name": "files", "text_field": text_field, "split_on_blank_lines": split_on_blank_lines}
+    return Source("data", label, info, units)
+
+
+def shakespeare(path: str | os.PathLike | None = None, url: str | None = None,
+                cache_dir: str | os.PathLike | None = None) -> Source:
+    """Tiny Shakespeare from a local file or downloaded (and cached) from `url`; split 90/10 by position."""
+    if path is not None:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise UserError(f"{file}: no such file")
+    else:
+        file = _download_cached(url or SHAKESPEARE_URL, Path(cache_dir) if cache_dir else default_cache_dir())
+    digest = _sha256(file)
+    unit = Unit(f"tinyshakespeare ({file.stat().st_size} bytes, sha256 {digest[:16]})", "shakespeare",
+                lambda scratch: file)
+    return Source("shakespeare", str(file), {"name": "shakespeare", "val_fraction": 0.1}, [unit])
+
+
+def fineweb_edu(sample: str = "sample-10BT", local_dir: str | os.PathLike | None = None,
+                revision: str | None = None) -> Source:
+    """HuggingFaceFW/fineweb-edu parquet files of one sample, from the hub (downloaded one at a time)
+    or from `local_dir` laid out like the hub repo (`local_dir/sample/10BT/*.parquet`)."""
+    folder = _fineweb_folder(sample)
+    info = {"name": "fineweb-edu", "repo": FINEWEB_REPO, "sample": sample}
+    if local_dir is not None:
+        root = Path(local_dir).expanduser() / folder
+        files = sorted(root.glob("*.parquet"))
+        if not files:
+            raise UserError(f"{root}: no .parquet files (expected the layout of the hub repo: "
+                            f"DIR/{folder}/*.parquet)")
+        units = [_local_unit(f, "parquet", "text", f"{folder}/{f.name}") for f in files]
+        return Source("edufineweb", str(root), info, units, {"local_dir": str(root)})
+    sha, entries = _hub_listing(folder, revision)
+    units = [Unit(f"{path} ({size} bytes)", "parquet", _hub_fetcher(path, sha), temporary=True)
+             for path, size in entries]
+    return Source("edufineweb", f"{FINEWEB_REPO}/{folder}", info, units, {"revision": sha})
+
+
+def _local_unit(file: Path, kind: str, field: str, name: str) -> Unit:
+    return Unit(f"{name} ({file.stat().st_size} bytes)", kind, lambda scratch: file, field)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "nanogpt-mlx"
+
+
+def _download_cached(url: str, cache_dir: Path) -> Path:
+    """`url` into the cache (once); the default Tiny Shakespeare URL is checked against its sha256."""
+    dest = cache_dir / f"tinyshakespeare-{hashlib.sha256(url.encode()).hexdigest()[:12]}.txt"
+    if dest.is_file():
+        return dest
+    hint = "pass a local copy with --path FILE"
+    with atomic_path(dest) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                tmp.write_bytes(r.read())
+        except OSError as e:  # URLError, HTTPError, timeouts
+            raise UserError(f"could not download {url} ({getattr(e, 'reason', e)}); {hint}") from None
+        if url == SHAKESPEARE_URL and _sha256(tmp) != SHAKESPEARE_SHA256:
+            raise UserError(f"{url}: downloaded file has an unexpected sha256; {hint}")
+    return dest
+
+
+def _fineweb_folder(sample: str) -> str:
+    if m := re.fullmatch(r"sample-(\d+BT)", sample):
+        return f"sample/{m[1]}"
+    if re.fullmatch(r"CC-MAIN-\d{4}-\d{2}", sample):
+        return f"data/{sample}"
+    raise UserError(f"unknown fineweb-edu sample {sample!r} (sample-10BT, sample-100BT, sample-350BT "
+                    "or a crawl such as CC-MAIN-2024-10)")
+
+
+def _hub_listing(folder: str, revision: str | None) -> tuple[str, list[tuple[str, int]]]:
+    """(commit sha, [(path, size)]) of the parquet files under `folder` of the fineweb-edu repo."""
+    from huggingface_hub import HfApi
+
+    from .weights import _hub_offline
+
+    hint = (f"download the parquet files yourself and pass --local-dir DIR (laid out as DIR/{folder}/*.parquet), "
+            "or use `prepare files`")
+    if _hub_offline():
+        raise UserError(f"HF_HUB_OFFLINE is set, cannot list {FINEWEB_REPO}; {hint}")
+    api = HfApi()
+    try:
+        # dataset_info fails fast when offline (the tree listing retries for ~30 s)
+        sha = api.dataset_info(FINEWEB_REPO, revision=revision, timeout=20).sha
+        tree = api.list_repo_tree(FINEWEB_REPO, folder, revision=sha, repo_type="dataset")
+        entries = sorted((f.path, f.size) for f in tree if f.path.endswith(".parquet"))
+    except Exception as e:  # network, auth, missing revision: all mean "use local files"
+        raise UserError(f"could not list {FINEWEB_REPO}/{folder} on the Hugging Face hub "
+                        f"({_first_line(e)}); {hint}") from None
+    if not entries:
+        raise UserError(f"{FINEWEB_REPO}@{sha[:10]} has no parquet files under {folder}/")
+    return sha, entries
+
+
+def _hub_fetcher(path: str, sha: str) -> Callable[[Path], Path]:
+    def fetch(scratch: Path) -> Path:
+        from huggingface_hub import hf_hub_download
+
+        try:  # into scratch (not the shared cache) so it can be deleted; partial downloads resume
+            return Path(hf_hub_download(FINEWEB_REPO, path, repo_type="dataset", revision=sha, local_dir=scratch))
+        except Exception as e:
+            raise UserError(f"could not download {path} from {FINEWEB_REPO} ({_first_line(e)}); re-run to "
+                            "resume, or pass --local-dir with the files") from None
+    return fetch
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+# ------------------------------------------------------------------------ reading and tokenizing
+def plan_parts(unit: Unit, path: Path, part_bytes: int) -> list[Part]:
+    """Cut one input file into parts; depends only on the file (never on the worker count)."""
+    p = str(path)
+    if unit.kind == "jsonl":
+        bounds = _line_bounds(path, part_bytes)
+        return [Part(p, "jsonl", a, b, unit.field) for a, b in zip(bounds, bounds[1:])]
+    if unit.kind == "parquet":
+        return [Part(p, "parquet", i, i + 1, unit.field) for i in range(_row_groups(path, unit.field))]
+    if unit.kind == "shakespeare":  # one document: the last 10% is val (first, as shard 0), as nanoGPT
+        n = len(_read_text(path))
+        cut = int(n * 0.9)
+        return [Part(p, "chars", cut, n, split="val"), Part(p, "chars", 0, cut, split="train")]
+    return [Part(p, unit.kind)]
+
+
+def _line_bounds(path: Path, part_bytes: int) -> list[int]:
+    """Byte offsets that cut a file into ranges of whole lines, about `part_bytes` each."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            bounds = [0]
+            for target in range(part_bytes, size, part_bytes):
+                if target > bounds[-1]:
+                    f.seek(target)
+                    f.readline()
+                    bounds.append(f.tell())
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    return bounds + [size] if bounds[-1] < size else bounds
+
+
+def _row_groups(path: Path, field: str) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise UserError(f"{path}: cannot read parquet ({_first_line(e)})") from None
+    names = pf.schema_arrow.names
+    if field not in names:
+        raise UserError(f"{path}: no column {field!r} (columns: {', '.join(names)}); choose one with --text-field")
+    return pf.num_row_groups
+
+
+def _read_text(path: str | Path) -> str:
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+def read_docs(part: Part) -> list[str]:
+    """The non-empty documents of one part, in file order."""
+    if part.kind == "jsonl":
+        return _jsonl_docs(part)
+    if part.kind == "parquet":
+        return _parquet_docs(part)
+    text = _read_text(part.path)
+    if part.kind == "chars":
+        docs = [text[part.start : part.stop]]
+    elif part.kind == "paragraphs":
+        docs = [p.strip("\r\n") for p in re.split(r"\n\s*\n", text)]
+    else:
+        docs = [text]
+    return [d for d in docs if d.strip()]
+
+
+def _jsonl_docs(part: Part) -> list[str]:
+    try:
+        with open(part.path, "rb") as f:
+            f.seek(part.start)
+            data = f.read(part.stop - part.start)
+    except OSError as e:
+        raise UserError(f"{part.path}: cannot read ({e.strerror or e})") from None
+    docs = []
+    for i, line in enumerate(data.split(b"\n")):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise UserError(f"{part.path}, line {_line_no(part, i)}: not valid JSON ({_first_line(e)})") from None
+        text = record.get(part.field) if isinstance(record, dict) else None
+        if not isinstance(text, str) and text is not None or part.field not in record:
+            raise UserError(f"{part.path}, line {_line_no(part, i)}: no text field {part.field!r} "
+                            "(choose the field with --text-field)")
+        if text:
+            docs.append(text)
+    return docs
+
+
+def _line_no(part: Part, i: int) -> int:
+    """1-based line number of line `i` of a jsonl part (only computed for error messages)."""
+    with open(part.path, "rb") as f:
+        return f.read(part.start).count(b"\n") + i + 1
+
+
+def _parquet_docs(part: Part) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        column = pq.ParquetFile(part.path).read_row_group(part.start, columns=[part.field]).column(0)
+    except (OSError, pa.ArrowException) as e:
+        raise UserError(f"{part.path}: cannot read parquet ({_first_line(e)})") from None
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise UserError(f"{part.path}: column {part.field!r} holds {column.type}, not text")
+    return [t for t in column.to_pylist() if t]
+
+
+def tokenize_part(task: tuple[Part, tuple[int, ...] | None]) -> tuple[np.ndarray, int]:
+    """Tokens of one part, `[EOT, *doc]` per document, and its document count.
+
+    With a shuffle key, the documents are permuted first (seeded by the key, so any worker
+    produces the same order).
+    """
+    part, shuffle_key = task
+    docs = read_docs(part)
+    if shuffle_key is not None:
+        docs = [docs[i] for i in np.random.default_rng(shuffle_key).permutation(len(docs))]
+    enc = get_tokenizer()
+    chunks, ids = [], []
+    for doc in docs:
+        ids.append(EOT)
+        ids.extend(enc.encode_ordinary(doc))
+        if len(ids) >= 1 << 20:  # bound the memory of Python ints for huge parts
+            chunks.append(np.array(ids, dtype=np.uint16))
+            ids = []
+    chunks.append(np.array(ids, dtype=np.uint16))  # raises OverflowError for ids >= 65536
+    return np.concatenate(chunks), len(docs)
+
+
+def _init_worker(parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process
+    get_tokenizer()
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """Workers of a main process killed with -9 would otherwise wait for work forever."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
+
+
+# ------------------------------------------------------------------------------------ shards
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+
+
+class ShardWriter:
+    """Cuts the token stream into shards; each is written atomically, then recorded in the manifest."""
+
+    def __init__(self, out: Path, manifest: dict):
+        self.out, self.manifest = out, manifest
+        self.name = manifest["settings"]["name"]
+        self.buf = np.empty(manifest["settings"]["shard_size"], dtype=np.uint16)
+        self.count = 0
+        self.split = "val"
+
+    def add(self, tokens: np.ndarray, split: str | None, unit: int, part: int, offset: int) -> None:
+        """Append `tokens`, which start at token `offset` of part `part` of unit `unit`."""
+        if self.count and split and split != self.split:
+            self._flush({"unit": unit, "part": part, "skip": offset})  # a forced split starts a new shard
+        pos = 0
+        while pos < len(tokens):
+            if self.count == 0:
+                self.split = split or ("val" if not self.manifest["shards"] else "train")
+            n = min(len(self.buf) - self.count, len(tokens) - pos)
+            self.buf[self.count : self.count + n] = tokens[pos : pos + n]
+            self.count += n
+            pos += n
+            if self.count == len(self.buf):
+                self._flush({"unit": unit, "part": part, "skip": offset + pos})
+
+    def finish(self) -> None:
+        if self.count:
+            self._flush(None)
+        _complete(self.out, self.manifest)
+
+    def _flush(self, end: dict | None) -> None:
+        index = len(self.manifest["shards"])
+        file = f"{self.name}_{self.split}_{index:06d}.npy"
+        tokens = self.buf[: self.count]
+        with atomic_path(self.out / file) as tmp:
+            np.save(tmp, tokens)
+            digest = _sha256(tmp)
+        self.manifest["shards"].append({"file": file, "split": self.split, "tokens": self.count,
+                                        "documents": int(np.count_nonzero(tokens == EOT)),
+                                        "sha256": digest, "end": end})
+        _write_manifest(self.out, self.manifest)
+        self.count = 0
+
+
+def _complete(out: Path, manifest: dict) -> None:
+    shards = manifest["shards"]
+    shards[-1]["end"] = None  # nothing left to read
+    manifest["complete"] = True
+    manifest["totals"] = {
+        "shards": len(shards),
+        "documents": sum(s["documents"] for s in shards),
+        **{f"{split}_tokens": sum(s["tokens"] for s in shards if s["split"] == split) for split in ("val", "train")},
+    }
+    _write_manifest(out, manifest)
+
+
+def _resume(out: Path, fresh: dict) -> list[dict]:
+    """Shards of an earlier run with the same settings that are intact on disk (a prefix of its list)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp*"):  # left by a killed run (atomic_path's temp files)
+        stale.unlink()
+    path = out / "manifest.json"
+    if not path.exists():
+        if any(out.glob("*.npy")):
+            raise UserError(f"{out}: holds .npy files but no manifest.json; choose an empty directory")
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({_first_line(e)}); delete the directory to start over") from None
+    for key in ("format", "source", "tokenizer", "settings", "units"):
+        if old.get(key) != fresh[key]:
+            raise UserError(f"{out} holds shards made with other {key} ({_short(old.get(key))} there, "
+                            f"{_short(fresh[key])} now); use another --out, or the same options to resume")
+    intact = []
+    for shard in old["shards"]:
+        file = out / shard["file"]
+        if not file.is_file() or _sha256(file) != shard["sha256"]:
+            break
+        intact.append(shard)
+    return intact
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ---------------------------------------------------------------------------------- pipeline
+@dataclass
+class Summary:
+    out: Path
+    manifest: dict
+    new_tokens: int  # tokenized by this run (0 when everything was done already)
+    seconds: float
+
+    def __str__(self) -> str:
+        t = self.manifest["totals"]
+        n_val = sum(s["split"] == "val" for s in self.manifest["shards"])
+        text = (f"{self.out}: {t['shards']} shards ({n_val} val, {t['shards'] - n_val} train), "
+                f"{t['val_tokens']:,} val + {t['train_tokens']:,} train tokens, {t['documents']:,} documents")
+        if self.new_tokens:
+            text += (f"; tokenized {self.new_tokens:,} tokens in {self.seconds:.1f}s "
+                     f"({self.new_tokens / max(self.seconds, 1e-9) / 1e6:.2f} M tokens/s)")
+        else:
+            text += "; already complete"
+        if t["shards"] == n_val:
+            text += "\nwarning: no train shard; use a smaller --shard-size (shard 0 is always val)"
+        return text
+
+
+def _parts(units: list[Unit], start: dict, scratch: Path, cfg: PrepareConfig) -> Iterator[tuple[tuple, tuple]]:
+    """((unit, part, last of its unit, Part), task) from `start` on; the next file is fetched in the background."""
+    fetching = _fetch_in_background(units[start["unit"]], scratch) if start["unit"] < len(units) else None
+    for u in range(start["unit"], len(units)):
+        path = fetching()
+        fetching = _fetch_in_background(units[u + 1], scratch) if u + 1 < len(units) else None
+        parts = plan_parts(units[u], path, cfg.part_bytes)
+        keys = [None] * len(parts)
+        if cfg.shuffle_docs:
+            keys = [(cfg.seed, u, p) for p in range(len(parts))]
+            order = np.random.default_rng([cfg.seed, u]).permutation(len(parts))
+            parts, keys = [parts[i] for i in order], [keys[i] for i in order]
+        if not parts and units[u].temporary:
+            path.unlink(missing_ok=True)
+        first = start["part"] if u == start["unit"] else 0
+        for p in range(first, len(parts)):
+            yield (u, p, p == len(parts) - 1, parts[p]), (parts[p], keys[p])
+
+
+def _fetch_in_background(unit: Unit, scratch: Path) -> Callable[[], Path]:
+    """Start `unit.fetch` in a daemon thread (Ctrl-C must not wait for a download); returns a getter."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["path"] = unit.fetch(scratch)
+        except BaseException as e:  # re-raised in the main thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def get() -> Path:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["path"]
+    return get
+
+
+def _in_order(tasks: Iterator, pool: cf.Executor | None, window: int) -> Iterator:
+    """(item, tokenize_part(task)) for (item, task) in tasks, in order, at most `window` in flight."""
+    if pool is None:
+        for item, task in tasks:
+            yield item, tokenize_part(task)
+        return
+    pending: deque = deque()
+    for item, task in tasks:
+        pending.append((item, pool.submit(tokenize_part, task)))
+        if len(pending) >= window:
+            item, future = pending.popleft()
+            yield item, future.result()
+    while pending:
+        item, future = pending.popleft()
+        yield item, future.result()
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def prepare(source: Source, out: str | os.PathLike, config: PrepareConfig | None = None) -> Summary:
+    """Tokenize `source` into shards under `out`, resuming an interrupted run with the same settings.
+
+    Uses worker processes; with the spawn start method (macOS, Windows) call it under
+    `if __name__ == "__main__":` as for any multiprocessing code.
+    """
+    cfg = config or PrepareConfig()
+    start_time = time.perf_counter()
+    out = Path(out).expanduser()
+    units = list(source.units)
+    if cfg.shuffle_docs:
+        units = [units[i] for i in np.random.default_rng(cfg.seed).permutation(len(units))]
+    manifest = {
+        "format": FORMAT,
+        "source": source.info,
+        "tokenizer": {"name": "gpt2", "eot": EOT, "dtype": "uint16"},
+        "settings": {"name": cfg.name or source.name, "shard_size": cfg.shard_size, "part_bytes": cfg.part_bytes,
+                     "shuffle_docs": cfg.shuffle_docs, "seed": cfg.seed if cfg.shuffle_docs else None},
+        "units": [u.key for u in units],
+        "origin": source.origin,
+        "shards": [],
+        "complete": False,
+    }
+    manifest["shards"] = _resume(out, manifest)
+    if manifest["shards"] and manifest["shards"][-1]["end"] is None:  # done already
+        _complete(out, manifest)
+        return Summary(out, manifest, 0, time.perf_counter() - start_time)
+    _write_manifest(out, manifest)
+    start = manifest["shards"][-1]["end"] if manifest["shards"] else {"unit": 0, "part": 0, "skip": 0}
+    writer = ShardWriter(out, manifest)
+    scratch = out / SCRATCH
+
+    workers = cfg.workers or _cpu_count()
+    get_tokenizer()  # built once here; forked workers inherit it
+    pool = None
+    if workers > 1:
+        pool = cf.ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(os.getpid(),))
+        pool.submit(int).result()  # start the workers before any thread exists (fork + threads is unsafe)
+    from tqdm import tqdm
+
+    bar = tqdm(unit="tok", unit_scale=True, desc=f"{manifest['settings']['name']} -> {out}",
+               disable=None if cfg.progress else True, smoothing=0.1)
+    new_tokens = docs = 0
+    try:
+        for (u, p, last, part), (tokens, n_docs) in _in_order(_parts(units, start, scratch, cfg), pool,
+                                                                2 * workers + 2):
+            skip = start["skip"] if (u, p) == (start["unit"], start["part"]) else 0
+            writer.add(tokens[skip:], part.split, u, p, skip)
+            if last and units[u].temporary:
+                Path(part.path).unlink(missing_ok=True)
+            new_tokens += len(tokens) - skip
+            docs += n_docs
+            bar.update(len(tokens) - skip)
+            bar.set_postfix_str(f"{docs / (time.perf_counter() - start_time):,.0f} docs/s, "
+                                f"file {u + 1}/{len(units)}, shard {len(manifest['shards'])}", refresh=False)
+        if not manifest["shards"] and writer.count == 0:
+            raise UserError(f"{source.label}: no documents (empty source)")
+        writer.finish()
+    except cf.BrokenExecutor:
+        raise UserError("a tokenizer process died (out of memory? with the spawn start method, call prepare() "
+                        "under `if __name__ == '__main__':`)") from None
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return Summary(out, manifest, new_tokens, time.perf_counter() - start_time)
+
+
+def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
+    """Shard counts and token totals of a shard directory, and the first tokens of its first shard decoded."""
+    data_dir = Path(data_dir).expanduser()
+    splits = {}
+    for split in ("val", "train"):
+        try:
+            splits[split] = list_shards(data_dir, split)
+        except UserError:
+            splits[split] = []
+    if not any(splits.values()):
+        raise UserError(f"{data_dir}: no shards (*_val_*.npy, *_train_*.npy)")
+    lines = [str(data_dir)]
+    path = data_dir / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else None
+    if manifest:
+        state = "complete" if manifest.get("complete") else "incomplete (re-run the same command to resume)"
+        lines.append(f"  source     {_short(manifest['source'])}, {state}")
+        lines.append(f"  documents  {sum(s['documents'] for s in manifest['shards']):,}")
+    for split, shards in splits.items():
+        tokens = sum(len(load_shard(s)) for s in shards)
+        lines.append(f"  {split:<10} {len(shards)} shards, {tokens:,} tokens")
+    first = (splits["train"] or splits["val"])[0]
+    text = get_tokenizer().decode(load_shard(first)[:n_tokens].tolist())
+    lines.append(f"first {n_tokens} tokens of {first.name}:")
+    lines.append(text)
+    return "\n".join(lines)

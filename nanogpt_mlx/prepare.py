@@ -44,6 +44,7 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 FINEWEB_REPO = "HuggingFaceFW/fineweb-edu"
 FILE_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
+EOT_TEXT = "<|endoftext|>"
 SCRATCH = ".download"  # hub files being tokenized, inside the output directory
 
 
@@ -298,7 +299,12 @@ def read_docs(part: Part) -> list[str]:
         docs = [p.strip("\r\n") for p in re.split(r"\n\s*\n", text)]
     else:
         docs = [text]
-    return [d for d in docs if d.strip()]
+    return [d for d in docs if _keep(d)]
+
+
+def _keep(text: str | None) -> bool:
+    """Empty and whitespace-only documents are skipped."""
+    return bool(text) and not text.isspace()
 
 
 def _jsonl_docs(part: Part) -> list[str]:
@@ -308,21 +314,29 @@ def _jsonl_docs(part: Part) -> list[str]:
             data = f.read(part.stop - part.start)
     except OSError as e:
         raise UserError(f"{part.path}: cannot read ({e.strerror or e})") from None
+    numbered = [(i, line) for i, line in enumerate(data.split(b"\n")) if line.strip()]
+    try:  # one parse for the whole part is ~3x faster than one per line
+        records = json.loads(b"[" + b",".join(line for _, line in numbered) + b"]")
+    except ValueError:
+        records = []
+    if len(records) != len(numbered):  # some line is not one JSON value: find it
+        records = [_parse_line(part, i, line) for i, line in numbered]
     docs = []
-    for i, line in enumerate(data.split(b"\n")):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            raise UserError(f"{part.path}, line {_line_no(part, i)}: not valid JSON ({_first_line(e)})") from None
+    for (i, _), record in zip(numbered, records):
         text = record.get(part.field) if isinstance(record, dict) else None
-        if not isinstance(text, str) and text is not None or part.field not in record:
+        if not isinstance(text, (str, type(None))) or not isinstance(record, dict) or part.field not in record:
             raise UserError(f"{part.path}, line {_line_no(part, i)}: no text field {part.field!r} "
                             "(choose the field with --text-field)")
-        if text:
+        if _keep(text):
             docs.append(text)
     return docs
+
+
+def _parse_line(part: Part, i: int, line: bytes):
+    try:
+        return json.loads(line)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{part.path}, line {_line_no(part, i)}: not valid JSON ({_first_line(e)})") from None
 
 
 def _line_no(part: Part, i: int) -> int:
@@ -341,29 +355,34 @@ def _parquet_docs(part: Part) -> list[str]:
         raise UserError(f"{part.path}: cannot read parquet ({_first_line(e)})") from None
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         raise UserError(f"{part.path}: column {part.field!r} holds {column.type}, not text")
-    return [t for t in column.to_pylist() if t]
+    return [t for t in column.to_pylist() if _keep(t)]
+
+
+def encode_docs(docs: list[str]) -> np.ndarray:
+    """`[EOT, *encode_ordinary(doc)]` for each document, concatenated, as uint16.
+
+    tiktoken encodes the text between allowed special tokens piece by piece, exactly as
+    `encode_ordinary` would, so one call on the documents joined by the EOT string gives the same
+    ids without a Python call and a list of Python ints per document (see benchmarks/bench_prepare.py).
+    If a document contains the EOT string as text, they are encoded one by one instead.
+    """
+    enc = get_tokenizer()
+    text = "".join(EOT_TEXT + doc for doc in docs)
+    if text.count(EOT_TEXT) == len(docs):  # the EOT string cannot overlap itself, so only ours are found
+        ids = enc.encode_to_numpy(text, allowed_special={EOT_TEXT})
+    else:
+        ids = [t for doc in docs for t in (EOT, *enc.encode_ordinary(doc))]
+    return np.asarray(ids, dtype=np.uint16)  # GPT-2 ids are < 50257: uint16 is exact
 
 
 def tokenize_part(task: tuple[Part, tuple[int, ...] | None]) -> tuple[np.ndarray, int]:
-    """Tokens of one part, `[EOT, *doc]` per document, and its document count.
-
-    With a shuffle key, the documents are permuted first (seeded by the key, so any worker
-    produces the same order).
-    """
+    """Tokens of one part and its document count. With a shuffle key, the documents are permuted
+    first, seeded by the key (so every worker count gives the same order)."""
     part, shuffle_key = task
     docs = read_docs(part)
     if shuffle_key is not None:
         docs = [docs[i] for i in np.random.default_rng(shuffle_key).permutation(len(docs))]
-    enc = get_tokenizer()
-    chunks, ids = [], []
-    for doc in docs:
-        ids.append(EOT)
-        ids.extend(enc.encode_ordinary(doc))
-        if len(ids) >= 1 << 20:  # bound the memory of Python ints for huge parts
-            chunks.append(np.array(ids, dtype=np.uint16))
-            ids = []
-    chunks.append(np.array(ids, dtype=np.uint16))  # raises OverflowError for ids >= 65536
-    return np.concatenate(chunks), len(docs)
+    return encode_docs(docs), len(docs)
 
 
 def _init_worker(parent: int) -> None:
@@ -464,6 +483,8 @@ def _resume(out: Path, fresh: dict) -> list[dict]:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable ({_first_line(e)}); delete the directory to start over") from None
+    if not old.get("shards"):
+        return []  # nothing to keep: any settings may start over
     for key in ("format", "source", "tokenizer", "settings", "units"):
         if old.get(key) != fresh[key]:
             raise UserError(f"{out} holds shards made with other {key} ({_short(old.get(key))} there, "

@@ -1,0 +1,379 @@
+"""Dataset preparation: shards, determinism across workers, resume, sources, errors (all offline)."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import assert_one_line_error, run_cli
+
+from nanogpt_mlx import prepare as prep
+from nanogpt_mlx.data import list_shards, load_shard
+from nanogpt_mlx.errors import UserError
+from nanogpt_mlx.tokenizer import EOT, get_tokenizer
+
+EOT_TEXT = "<|endoftext|>"
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "Hello", "world", "naïve", "café", "日本語", "🙂", "42", "3.14",
+         "don't", "it's", "  ", "\n", "\n\n", "\t", ",", ".", "!", "--"]
+
+
+def make_docs(n: int, seed: int = 0, words: int = 40) -> list[str]:
+    """Varied documents: unicode, digits, contractions, runs of spaces and newlines at any position."""
+    rng = np.random.default_rng(seed)
+    return ["".join(WORDS[i] + (" " if rng.random() < 0.7 else "")
+                    for i in rng.integers(0, len(WORDS), rng.integers(1, words))) + f" doc{k}"
+            for k in range(n)]
+
+
+def expected_tokens(docs: list[str]) -> np.ndarray:
+    enc = get_tokenizer()
+    return np.array([t for d in docs for t in (EOT, *enc.encode_ordinary(d))], dtype=np.uint16)
+
+
+def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
+    path.write_text("".join(json.dumps({"id": i, field: d}) + "\n" for i, d in enumerate(docs)))
+    return path
+
+
+def write_parquet(path: Path, docs: list[str], row_group_size: int = 10, field: str = "text") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"id": list(range(len(docs))), field: docs, "score": [1.5] * len(docs)})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def shard_tokens(out: Path) -> np.ndarray:
+    """All tokens in manifest order (val first)."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    return np.concatenate([np.load(out / s["file"]) for s in manifest["shards"]])
+
+
+def dir_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def cfg(**kw) -> prep.PrepareConfig:
+    return prep.PrepareConfig(**{"workers": 1, "shard_size": 500, "part_bytes": 512, "progress": False, **kw})
+
+
+@pytest.fixture
+def mixed(tmp_path) -> tuple[list[Path], list[str]]:
+    """A jsonl (several parts), a parquet (several row groups) and a directory of txt files."""
+    docs = make_docs(120)
+    docs[7] = f"a document that mentions {EOT_TEXT} as plain text"
+    (tmp_path / "in").mkdir()
+    jsonl = write_jsonl(tmp_path / "in" / "a.jsonl", docs[:80])
+    parquet = write_parquet(tmp_path / "in" / "b.parquet", docs[80:110])
+    txt_dir = tmp_path / "in" / "c"
+    txt_dir.mkdir()
+    for i, d in enumerate(docs[110:]):
+        (txt_dir / f"{i:02d}.txt").write_text(d)
+    return [jsonl, parquet, txt_dir], docs
+
+
+# --------------------------------------------------------------------------------- tokenizing
+def test_encode_docs_equals_encode_ordinary_per_document():
+    docs = make_docs(200, seed=1) + ["trailing space ", " leading", "\n\nnewlines\n\n", "x" * 5000]
+    assert np.array_equal(prep.encode_docs(docs), expected_tokens(docs))
+    with_eot_text = docs[:5] + [f"x{EOT_TEXT}y", EOT_TEXT]  # the EOT string as text is not EOT
+    assert np.array_equal(prep.encode_docs(with_eot_text), expected_tokens(with_eot_text))
+    assert prep.encode_docs([]).dtype == np.uint16
+
+
+def test_round_trip_jsonl_parquet_txt(tmp_path, mixed):
+    paths, docs = mixed
+    out = tmp_path / "out"
+    summary = prep.prepare(prep.local_files(paths), out, cfg())
+    tokens = shard_tokens(out)
+    assert np.array_equal(tokens, expected_tokens(docs))
+    assert get_tokenizer().decode(tokens.tolist()) == "".join(EOT_TEXT + d for d in docs)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    shards = manifest["shards"]
+    assert [s["file"] for s in shards] == ["data_val_000000.npy"] + [f"data_train_{i:06d}.npy"
+                                                                      for i in range(1, len(shards))]
+    assert all(s["tokens"] == 500 for s in shards[:-1]) and 0 < shards[-1]["tokens"] <= 500
+    assert sum(s["documents"] for s in shards) == len(docs) == manifest["totals"]["documents"]
+    for s in shards:
+        assert prep._sha256(out / s["file"]) == s["sha256"]
+        assert np.load(out / s["file"]).dtype == np.uint16
+    assert manifest["complete"] and summary.new_tokens == len(tokens)
+    # what training reads
+    assert list_shards(out, "val") == [out / "data_val_000000.npy"]
+    assert len(list_shards(out, "train")) == len(shards) - 1
+    assert load_shard(list_shards(out, "train")[0], vocab_size=50257).size == 500
+
+
+def test_blank_line_paragraphs_and_skipped_empty_documents(tmp_path):
+    (tmp_path / "p.txt").write_text("First para\nline two\n\n\n  \nSecond para\r\n\r\nThird\n")
+    (tmp_path / "empty.txt").write_text("  \n")
+    source = prep.local_files([tmp_path / "*.txt"], split_on_blank_lines=True)
+    prep.prepare(source, tmp_path / "out", cfg())
+    assert np.array_equal(shard_tokens(tmp_path / "out"),
+                          expected_tokens(["First para\nline two", "Second para", "Third"]))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_one_and_two_workers_give_identical_bytes(tmp_path, mixed, shuffle):
+    paths, docs = mixed
+    outs = []
+    for workers in (1, 2):
+        outs.append(tmp_path / f"w{workers}")
+        prep.prepare(prep.local_files(paths), outs[-1], cfg(workers=workers, shuffle_docs=shuffle, seed=3))
+    assert dir_bytes(outs[0]) == dir_bytes(outs[1])
+    tokens = shard_tokens(outs[0])
+    if shuffle:  # the same documents, in another order
+        assert not np.array_equal(tokens, expected_tokens(docs))
+        assert sorted(get_tokenizer().decode(tokens.tolist()).split(EOT_TEXT)[1:]) == sorted(
+            "".join(EOT_TEXT + d for d in docs).split(EOT_TEXT)[1:])
+    else:
+        assert np.array_equal(tokens, expected_tokens(docs))
+
+
+def test_spawn_start_method(tmp_path):
+    """Worker processes started with spawn (macOS/Windows default) give the same shards."""
+    docs = make_docs(60, seed=2)
+    jsonl = write_jsonl(tmp_path / "a.jsonl", docs)
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import multiprocessing, sys\n"
+        "from nanogpt_mlx.prepare import PrepareConfig, local_files, prepare\n"
+        "if __name__ == '__main__':\n"
+        "    multiprocessing.set_start_method('spawn')\n"
+        "    prepare(local_files([sys.argv[1]]), sys.argv[2],\n"
+        "            PrepareConfig(workers=2, shard_size=300, part_bytes=256, progress=False))\n")
+    subprocess.run([sys.executable, str(script), str(jsonl), str(tmp_path / "spawn")], check=True, timeout=300)
+    prep.prepare(prep.local_files([jsonl]), tmp_path / "one", cfg(shard_size=300, part_bytes=256))
+    assert dir_bytes(tmp_path / "spawn") == dir_bytes(tmp_path / "one")
+
+
+# ------------------------------------------------------------------------------------- resume
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, mixed, monkeypatch):
+    paths, _ = mixed
+    prep.prepare(prep.local_files(paths), tmp_path / "ref", cfg())
+    out = tmp_path / "out"
+    save, calls = np.save, []
+
+    def crash_on_fourth_shard(*args, **kw):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # as Ctrl-C in the middle of a shard write
+        save(*args, **kw)
+
+    monkeypatch.setattr(np, "save", crash_on_fourth_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare(prep.local_files(paths), out, cfg(workers=2))
+    monkeypatch.setattr(np, "save", save)
+    assert sorted(p.name for p in out.glob("*.npy")) == ["data_train_000001.npy", "data_train_000002.npy",
+                                                         "data_val_000000.npy"]
+    # a harder crash: a temp file left behind and a completed shard lost
+    (out / ".data_train_000003.tmp4242.npy").write_bytes(b"truncated")
+    (out / "data_train_000002.npy").unlink()
+    kept = (out / "data_val_000000.npy").stat().st_mtime_ns
+
+    summary = prep.prepare(prep.local_files(paths), out, cfg(workers=2))
+    assert dir_bytes(out) == dir_bytes(tmp_path / "ref")
+    assert (out / "data_val_000000.npy").stat().st_mtime_ns == kept  # verified, not rewritten
+    assert summary.new_tokens < shard_tokens(out).size
+
+    again = prep.prepare(prep.local_files(paths), out, cfg())
+    assert again.new_tokens == 0 and "already complete" in str(again)
+    assert dir_bytes(out) == dir_bytes(tmp_path / "ref")
+
+
+def test_kill_9_leaves_no_truncated_shard_and_resumes(tmp_path):
+    docs = make_docs(3000, seed=4, words=120)
+    jsonl = write_jsonl(tmp_path / "big.jsonl", docs)
+    args = ["prepare", "files", str(jsonl), "--shard-size", "1000", "--workers", "2"]
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx.cli", *args, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads((out / "manifest.json").read_text())["shards"]) >= 5:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.005)
+    assert proc.poll() is None, "finished before it could be killed; make the input bigger"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["complete"]
+    recorded = {s["file"]: s for s in manifest["shards"]}
+    for shard in out.glob("[!.]*.npy"):  # every visible shard is whole
+        tokens = np.load(shard)
+        if shard.name in recorded:
+            assert prep._sha256(shard) == recorded[shard.name]["sha256"]
+        else:  # renamed into place just before the manifest update
+            assert tokens.size == 1000
+
+    run_cli(*args, "--out", str(out), check=True)
+    prep.prepare(prep.local_files([jsonl]), tmp_path / "ref", cfg(shard_size=1000, part_bytes=2 << 20))
+    assert dir_bytes(out) == dir_bytes(tmp_path / "ref")
+
+
+# ------------------------------------------------------------------------------------ sources
+@pytest.fixture
+def http_server(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_shakespeare_download_cache_and_90_10_split(tmp_path, http_server):
+    root, base = http_server
+    text = "".join(f"CITIZEN {i}:\nSpeak, speak. We are resolved {i} times.\n\n" for i in range(300))
+    (root / "input.txt").write_text(text)
+    source = prep.shakespeare(url=f"{base}/input.txt", cache_dir=tmp_path / "cache")
+    prep.prepare(source, tmp_path / "out", cfg(shard_size=100_000))
+    cut = int(len(text) * 0.9)
+    val, train = (np.load(tmp_path / "out" / f) for f in ("shakespeare_val_000000.npy", "shakespeare_train_000001.npy"))
+    assert np.array_equal(val, expected_tokens([text[cut:]]))
+    assert np.array_equal(train, expected_tokens([text[:cut]]))
+
+    (root / "input.txt").unlink()  # served from the cache from now on
+    again = prep.shakespeare(url=f"{base}/input.txt", cache_dir=tmp_path / "cache")
+    assert again.units[0].key == source.units[0].key
+    with pytest.raises(UserError, match="could not download .*missing.txt.*--path"):
+        prep.shakespeare(url=f"{base}/missing.txt", cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == [source.units[0].fetch(tmp_path)]  # no partial file
+
+
+def test_shakespeare_local_path_val_shards_first(tmp_path):
+    text = "To be, or not to be, that is the question.\n" * 200
+    (tmp_path / "s.txt").write_text(text)
+    prep.prepare(prep.shakespeare(path=tmp_path / "s.txt"), tmp_path / "out", cfg(shard_size=400))
+    val = [p.name for p in list_shards(tmp_path / "out", "val")]
+    train = [p.name for p in list_shards(tmp_path / "out", "train")]
+    assert val == ["shakespeare_val_000000.npy"] and train[0] == "shakespeare_train_000001.npy"
+    cut = int(len(text) * 0.9)
+    assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens([text[cut:], text[:cut]]))
+
+
+def fineweb_mirror(root: Path) -> list[str]:
+    docs = make_docs(90, seed=5)
+    for i in range(3):
+        write_parquet(root / "sample" / "10BT" / f"{i:03d}_00000.parquet", docs[30 * i : 30 * (i + 1)], 7)
+    return docs
+
+
+def test_fineweb_edu_from_local_mirror(tmp_path):
+    docs = fineweb_mirror(tmp_path / "mirror")
+    summary = prep.prepare(prep.fineweb_edu(local_dir=tmp_path / "mirror"), tmp_path / "out", cfg(workers=2))
+    assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens(docs))
+    assert (tmp_path / "out" / "edufineweb_val_000000.npy").is_file()
+    assert len(list((tmp_path / "mirror" / "sample" / "10BT").iterdir())) == 3  # local files are kept
+    assert summary.manifest["units"][0].startswith("sample/10BT/000_00000.parquet (")
+
+
+def test_fineweb_edu_from_hub_one_file_at_a_time(tmp_path, monkeypatch):
+    """The hub path (listing, download into scratch, delete after use) against a fake hub."""
+    import huggingface_hub
+
+    mirror = tmp_path / "mirror"
+    docs = fineweb_mirror(mirror)
+    files = sorted(mirror.rglob("*.parquet"))
+    on_disk = []
+
+    def fake_download(repo_id, filename, repo_type, revision, local_dir):
+        assert (repo_id, repo_type, revision) == ("HuggingFaceFW/fineweb-edu", "dataset", "abc123")
+        on_disk.append(len(list(Path(local_dir).rglob("*.parquet"))))
+        dest = Path(local_dir) / filename
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes((mirror / filename).read_bytes())
+        return str(dest)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, repo, revision, timeout: SimpleNamespace(sha="abc123"))
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_tree", lambda self, repo, folder, revision, repo_type: [
+        SimpleNamespace(path=str(f.relative_to(mirror)), size=f.stat().st_size) for f in files])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+
+    summary = prep.prepare(prep.fineweb_edu(), tmp_path / "out", cfg())
+    assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens(docs))
+    assert len(on_disk) == 3 and max(on_disk) <= 1  # bounded disk: the previous file is gone
+    assert not (tmp_path / "out" / prep.SCRATCH).exists()
+    assert summary.manifest["origin"] == {"revision": "abc123"}
+    # the same files from a local mirror continue/verify the same run
+    local = prep.prepare(prep.fineweb_edu(local_dir=mirror), tmp_path / "out", cfg())
+    assert local.new_tokens == 0
+
+
+# ------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("name, content, needles", [
+    ("bad.jsonl", '{"content": "no text field"}\n', ["bad.jsonl", "line 1", "'text'", "--text-field"]),
+    ("bad.jsonl", '{"text": "ok"}\n{"text": oops}\n', ["bad.jsonl", "line 2", "not valid JSON"]),
+    ("bad.txt", b"caf\xe9 latin-1", ["bad.txt", "not UTF-8"]),
+    ("bad.parquet", b"PAR1 not really parquet", ["bad.parquet", "cannot read parquet"]),
+    ("empty.jsonl", "\n\n", ["empty.jsonl", "no documents"]),
+    ("data.csv", "a,b\n", ["data.csv", "unsupported file type"]),
+])
+def test_bad_input_names_the_file(tmp_path, name, content, needles):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(UserError) as e:
+        prep.prepare(prep.local_files([path]), tmp_path / "out", cfg(workers=2))
+    assert "\n" not in str(e.value) and all(n in str(e.value) for n in needles), str(e.value)
+
+
+def test_parquet_without_the_text_column(tmp_path):
+    path = write_parquet(tmp_path / "x.parquet", ["a", "b"], field="body")
+    with pytest.raises(UserError, match=r"x.parquet: no column 'text' \(columns: id, body, score\)"):
+        prep.prepare(prep.local_files([path]), tmp_path / "out", cfg())
+    prep.prepare(prep.local_files([path], text_field="body"), tmp_path / "out", cfg())
+
+
+def test_other_settings_do_not_mix_with_existing_shards(tmp_path, mixed):
+    paths, _ = mixed
+    prep.prepare(prep.local_files(paths), tmp_path / "out", cfg())
+    with pytest.raises(UserError, match="other settings"):
+        prep.prepare(prep.local_files(paths), tmp_path / "out", cfg(shard_size=501))
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    write_jsonl(tmp_path / "bad.jsonl", ["x"], field="body")
+    assert_one_line_error(run_cli("prepare", "files", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")),
+                          "bad.jsonl", "line 1", "--text-field")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_cli("prepare", "files", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")),
+                          "empty", "empty source")
+    assert_one_line_error(run_cli("prepare", "fineweb-edu", "--out", str(tmp_path / "o3")),
+                          "HF_HUB_OFFLINE", "--local-dir")
+
+
+def test_cli_prepare_and_inspect(tmp_path):
+    docs = make_docs(100, seed=6)
+    write_jsonl(tmp_path / "a.jsonl", docs)
+    out = tmp_path / "out"
+    proc = run_cli("prepare", "files", str(tmp_path / "a.jsonl"), "--out", str(out), "--shard-size", "400",
+                   "--workers", "2", "--name", "mine", check=True)
+    assert "1 val" in proc.stdout and "documents" in proc.stdout and "M tokens/s" in proc.stdout
+    assert np.array_equal(shard_tokens(out), expected_tokens(docs))
+    info = run_cli("prepare", "--inspect", str(out), check=True).stdout
+    first_train = list_shards(out, "train")[0]
+    assert re.search(r"val\s+1 shards, 400 tokens", info)
+    assert re.search(rf"train\s+{len(list_shards(out, 'train'))} shards", info)
+    assert re.search(r"documents\s+100\n", info)
+    assert get_tokenizer().decode(np.load(first_train)[:64].tolist()) in info

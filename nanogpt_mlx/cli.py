@@ -131,7 +131,8 @@ def add_eval(sub) -> None:
     h.add_argument("--model", default="gpt2", help=model_help)
     h.add_argument("--data", metavar="FILE", help="local hellaswag_val.jsonl (default: download once, then cached)")
     h.add_argument("--limit", type=positive_int, help="score only the first N examples")
-    h.add_argument("--batch-size", type=positive_int, default=8, help="examples per forward pass, 4 rows each")
+    h.add_argument("--batch-size", type=positive_int,
+                   help="examples per forward pass, 4 rows each (default: 1 on the CPU, 8 on a GPU)")
     h.add_argument("--output", metavar="FILE.jsonl", help="write index, label, predictions and the 4 losses per example")
     l = tasks.add_parser("loss", help="mean loss and perplexity over a split's token shards")
     l.add_argument("--model", default="gpt2", help=model_help)

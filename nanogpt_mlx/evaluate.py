@@ -3,12 +3,14 @@
 HellaSwag: each example is a context and 4 endings. Every ending becomes one row of
 `context tokens + tokens of " " + ending`; the model's per-token cross-entropy over the ending
 tokens gives a summed loss (`acc` picks its argmin) and a mean loss (`acc_norm` picks its argmin).
-Rows of several examples share one forward pass, right-padded: attention is causal, so padding
-after a row's end cannot change its losses.
+Here each context runs once into a KV cache shared by its 4 endings, examples with equal context
+lengths share a forward, and endings are right-padded: attention is causal, so padding after a
+row's end cannot change its losses.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -26,7 +28,7 @@ from tqdm import tqdm
 from .data import DataLoader, list_shards, load_shard
 from .errors import UserError
 from .files import atomic_path
-from .model import GPT
+from .model import GPT, KVCache
 from .tokenizer import encode
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -163,28 +165,45 @@ class HellaSwagResult:
                                sorted(self.records + other.records, key=lambda r: r.index))
 
 
-def ending_losses(model: GPT, rows: Sequence[tuple[list[int], list[int]]]) -> tuple[np.ndarray, np.ndarray]:
-    """Summed cross-entropy and token count of each row's ending, rows given as (context, ending) tokens.
+def _repeat_cache(cache: list[KVCache], repeats: int) -> None:
+    """Turn each cached sequence into `repeats` consecutive copies of it."""
+    for layer in cache:
+        layer.keys = mx.repeat(layer.keys[..., : layer.offset, :], repeats, axis=0)
+        layer.values = mx.repeat(layer.values[..., : layer.offset, :], repeats, axis=0)
 
-    All rows run in one right-padded forward pass. The loss of ending token j is read from the
-    logits at the position before it (shift by one), as in build-nanogpt.
+
+def ending_losses(model: GPT, contexts: list[list[int]], endings: list[list[list[int]]]) -> tuple[np.ndarray, np.ndarray]:
+    """Summed cross-entropy and token count of each ending, both (n, 4), for n examples whose
+    contexts have the same length.
+
+    The contexts run once into a KV cache, which is then repeated for the 4 endings of each
+    example: the numbers of build-nanogpt's 4 rows of context + ending, without running the
+    context 4 times. Ending j's loss at token i comes from the logits at the position before it.
     """
-    lengths = [len(c) + len(e) for c, e in rows]
-    T = max(lengths) - 1  # the last token is only ever a target
-    if T + 1 > model.config.block_size:
-        raise UserError(f"a HellaSwag row has {T + 1} tokens, more than the model's context of {model.config.block_size}")
-    inputs = np.zeros((len(rows), T), dtype=np.int32)
-    targets = np.zeros((len(rows), T), dtype=np.int32)
-    mask = np.zeros((len(rows), T), dtype=np.float32)
-    for i, (ctx, end) in enumerate(rows):
-        row = ctx + end
-        inputs[i, : len(row) - 1] = row[:-1]
-        targets[i, : len(row) - 1] = row[1:]
-        mask[i, len(ctx) - 1 : len(row) - 1] = 1.0  # positions whose next token is an ending token
-    logits = model(mx.array(inputs))
-    losses = nn.losses.cross_entropy(logits, mx.array(targets), reduction="none")  # (rows, T)
-    summed = (losses * mx.array(mask)).sum(axis=1)
-    return np.array(summed), mask.sum(axis=1).astype(np.int64)
+    n, c = len(contexts), len(contexts[0])
+    rows = [e for ends in endings for e in ends]  # 4n endings, example-major
+    lengths = np.array([len(e) for e in rows])
+    width = int(lengths.max())
+    if c + width > model.config.block_size:
+        raise UserError(f"a HellaSwag row has {c + width} tokens, more than the model's context of "
+                        f"{model.config.block_size}")
+    cache = model.make_cache()
+    last = model(mx.array(contexts), cache)[:, -1]  # (n, V): predicts each ending's first token
+    first = nn.losses.cross_entropy(mx.repeat(last, 4, axis=0), mx.array([e[0] for e in rows]))
+    summed = np.array(first).astype(np.float64)
+    if width > 1:
+        _repeat_cache(cache, 4)
+        # feed every ending token but the last (its logits predict nothing), right-padded
+        inputs = np.zeros((len(rows), width - 1), dtype=np.int32)
+        for r, e in enumerate(rows):
+            inputs[r, : len(e) - 1] = e[:-1]
+        logits = model(mx.array(inputs), cache).reshape(inputs.size, -1)
+        # cross-entropy of the real positions only (row-major, so in the order of the targets)
+        valid = np.flatnonzero(np.arange(width - 1) < (lengths - 1)[:, None])
+        targets = mx.array([t for e in rows for t in e[1:]])
+        losses = nn.losses.cross_entropy(logits[mx.array(valid)], targets)
+        summed += np.bincount(valid // (width - 1), weights=np.array(losses), minlength=len(rows))
+    return summed.reshape(n, 4), lengths.reshape(n, 4)
 
 
 def _score(ex: Example, summed: np.ndarray, counts: np.ndarray) -> ExampleScore:
@@ -193,26 +212,35 @@ def _score(ex: Example, summed: np.ndarray, counts: np.ndarray) -> ExampleScore:
                         summed.tolist(), mean.tolist(), counts.tolist())
 
 
-def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int = 8, rank: int = 0,
-                    world: int = 1, progress: bool = True) -> HellaSwagResult:
-    """Score this rank's share of `examples` (every world-th, from rank), `batch_examples` per forward.
+def default_batch_examples() -> int:
+    """On the CPU the time per token does not drop with bigger batches, so batching examples only
+    adds padding (benchmarks/bench_hellaswag.py); accelerators want many rows per forward."""
+    return 1 if mx.default_device() == mx.cpu else 8
 
-    Examples are batched in order of length so that little compute goes to padding; the
-    records come back in file order. Sum the counts of all ranks (`merge`) for the full result.
+
+def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int | None = None, rank: int = 0,
+                    world: int = 1, progress: bool = True) -> HellaSwagResult:
+    """Score this rank's share of `examples` (every world-th, from rank), up to `batch_examples` per forward.
+
+    The records come back in file order. Sum the counts of all ranks (`merge`) for the full result.
     """
+    batch_examples = batch_examples or default_batch_examples()
     if batch_examples < 1:
         raise UserError(f"batch_examples must be >= 1, got {batch_examples}")
     mine = [ex for ex in examples if ex.index % world == rank] if world > 1 else list(examples)
     rendered = {ex.index: render_example(ex) for ex in mine}
-    mine.sort(key=lambda ex: len(rendered[ex.index][0]) + max(map(len, rendered[ex.index][1])))
+    ctx_len = lambda ex: len(rendered[ex.index][0])  # noqa: E731
+    # Examples with equal context lengths share a forward; ordered by ending length to pad little.
+    mine.sort(key=lambda ex: (ctx_len(ex), max(map(len, rendered[ex.index][1]))))
+    batches = [group[i : i + batch_examples] for _, g in itertools.groupby(mine, key=ctx_len)
+               for group in [list(g)] for i in range(0, len(group), batch_examples)]
     result = HellaSwagResult()
     with tqdm(total=len(mine), desc="hellaswag", unit="ex", disable=not progress) as bar:
-        for start in range(0, len(mine), batch_examples):
-            batch = mine[start : start + batch_examples]
-            rows = [(rendered[ex.index][0], end) for ex in batch for end in rendered[ex.index][1]]
-            summed, counts = ending_losses(model, rows)
-            for k, ex in enumerate(batch):
-                result.add(_score(ex, summed[4 * k : 4 * k + 4], counts[4 * k : 4 * k + 4]))
+        for batch in batches:
+            summed, counts = ending_losses(model, [rendered[ex.index][0] for ex in batch],
+                                           [rendered[ex.index][1] for ex in batch])
+            for ex, s, n in zip(batch, summed, counts):
+                result.add(_score(ex, s, n))
             bar.update(len(batch))
             bar.set_postfix(acc=f"{result.acc:.4f}", acc_norm=f"{result.acc_norm:.4f}")
     result.records.sort(key=lambda r: r.index)

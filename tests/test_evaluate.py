@@ -24,13 +24,21 @@ WORDS = ("the a man woman dog ball roof kitchen guitar slowly quickly then runs 
          "(again) won't it's 42 3.5% café naïve").split()
 
 
-def make_hellaswag(n: int = 24, seed: int = 0) -> list[dict]:
-    """Examples in rowanz/hellaswag's JSONL format, endings of 1 to ~20 words so row lengths differ."""
+def make_hellaswag(n: int = 24, seed: int = 0, ctx_words: tuple[int, int] = (3, 25),
+                   ending_words: tuple[int, int] = (1, 20)) -> list[dict]:
+    """Examples in rowanz/hellaswag's JSONL format. Each example's endings are within +-50% of a
+    length drawn from `ending_words`, so rows differ in length within and across examples."""
     rng = random.Random(seed)
     text = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
-    return [{"ind": i, "activity_label": "test", "ctx": text(rng.randint(3, 25)),
-             "endings": [text(rng.choice([1, 2, 5, 9, 14, 20])) for _ in range(4)],
-             "label": rng.randrange(4), "split": "val"} for i in range(n)]
+    # contexts recur (as in batches that group equal context lengths), each with new endings
+    contexts = [text(rng.randint(*ctx_words)) for _ in range(max(n // 3, 1))]
+    examples = []
+    for i in range(n):
+        base = rng.randint(*ending_words)
+        endings = [text(rng.randint(max(1, base // 2), base + base // 2)) for _ in range(4)]
+        examples.append({"ind": i, "activity_label": "test", "ctx": rng.choice(contexts), "endings": endings,
+                         "label": rng.randrange(4), "split": "val"})
+    return examples
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -95,10 +103,26 @@ def test_parity_with_pytorch_reference(tiny_hf_dir, fixture_file, model):
     assert len({n for rec in res.records for n in rec.num_tokens}) >= 5
 
 
+class CountingModel:
+    """Delegates to a model, counting forward passes."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self, *args, **kw):
+        self.calls += 1
+        return self.model(*args, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
 def test_padding_does_not_change_losses(fixture_file, model):
     examples = load_hellaswag(fixture_file)
     one = score_hellaswag(model, examples, batch_examples=1, progress=False)
-    together = score_hellaswag(model, examples, batch_examples=len(examples), progress=False)
+    counted = CountingModel(model)
+    together = score_hellaswag(counted, examples, batch_examples=len(examples), progress=False)
+    assert counted.calls <= len(examples)  # one-by-one takes 2 per example: examples did share forwards
     for a, b in zip(one.records, together.records):
         assert (a.predicted, a.predicted_norm, a.num_tokens) == (b.predicted, b.predicted_norm, b.num_tokens)
         np.testing.assert_allclose(a.losses, b.losses, rtol=0, atol=1e-4)

@@ -1,0 +1,66 @@
+"""HellaSwag scoring speed: this project (MLX, batched) vs the PyTorch reference (build-nanogpt's loop).
+
+Both score the same synthetic HellaSwag-format examples (lengths like the real set: ~45 context
+tokens, endings of ~5-55 tokens) with the same random GPT-2 124M weights, in fp32 on the CPU.
+The reference runs one example (4 rows) per forward, as build-nanogpt's hellaswag.py does.
+
+    flock /tmp/nanogpt-cpu.lock python benchmarks/bench_hellaswag.py [--examples 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import nanogpt_mlx  # noqa: E402,F401  (before mlx.core: loads OpenBLAS)
+from conftest import save_hf_gpt2  # noqa: E402
+from test_evaluate import make_hellaswag, reference_scores, write_jsonl  # noqa: E402
+
+from nanogpt_mlx.evaluate import load_hellaswag, score_hellaswag  # noqa: E402
+from nanogpt_mlx.weights import load_model  # noqa: E402
+
+
+def timed(fn, warmup, *args) -> tuple[float, object]:
+    fn(*warmup)
+    start = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--examples", type=int, default=64)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16], help="examples per MLX forward")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    raw = make_hellaswag(args.examples, seed=1, ctx_words=(10, 50), ending_words=(8, 30))
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = save_hf_gpt2(Path(tmp) / "gpt2", n_layer=12, n_head=12, n_embd=768, n_positions=1024)
+        examples = load_hellaswag(write_jsonl(Path(tmp) / "hs.jsonl", raw))
+        model = load_model(hf_dir)
+        hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    print(f"{args.examples} examples, GPT-2 124M random weights, fp32, torch threads {torch.get_num_threads()}")
+
+    ref_s, ref = timed(reference_scores, (hf, raw[:2]), hf, raw)
+    rows = [("pytorch reference (4 rows/forward)", ref_s)]
+    for b in args.batches:
+        s, res = timed(lambda ex: score_hellaswag(model, ex, batch_examples=b, progress=False),
+                       (examples[:b],), examples)
+        agree = sum(r.predicted_norm == w["predicted_norm"] and r.predicted == w["predicted"]
+                    for r, w in zip(res.records, ref))
+        rows.append((f"nanogpt-mlx batch {b} ({4 * b} rows/forward), {agree}/{len(ref)} agree", s))
+    print(f"{'scorer':58s} {'examples/s':>10s} {'vs torch':>9s}")
+    for name, s in rows:
+        print(f"{name:58s} {len(raw) / s:10.2f} {ref_s / s:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()

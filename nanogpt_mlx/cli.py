@@ -236,7 +236,50 @@ def cmd_prepare(args) -> None:
     print(prep.prepare(source, args.out, cfg))
 
 
-COMMANDS = [add_info, add_sample, add_export, add_eval, add_plot, add_prepare]
+# --------------------------------------------------------------------------------------- train
+def add_train(sub) -> None:
+    from dataclasses import fields
+
+    from .train import PRESETS, TrainConfig
+
+    p = sub.add_parser("train", help="pretrain or fine-tune with build-nanogpt's recipe",
+                       description="Train from a preset; every TrainConfig field below overrides it (with --resume: "
+                                   "overrides the resumed run's config). Ctrl-C saves a checkpoint and stops.")
+    p.add_argument("--preset", choices=list(PRESETS), default="shakespeare", help="(default: shakespeare)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoints are in DIR, exactly")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds checkpoints")
+    group = p.add_argument_group("config fields (defaults per preset)")
+    for f in fields(TrainConfig):
+        defaults = ", ".join(f"{name}: {getattr(cfg, f.name)!r}" for name, cfg in PRESETS.items())
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=defaults)
+        else:
+            group.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], metavar=f.type.upper(),
+                               default=argparse.SUPPRESS, help=defaults)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> None:
+    from dataclasses import fields
+
+    from .train import TrainConfig, Trainer, resume_config
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if args.resume:
+        if "out" in overrides:
+            raise UserError("--resume DIR continues in DIR; --out cannot be combined with it")
+        cfg = resume_config(args.resume, **overrides)
+    else:
+        cfg = TrainConfig.preset(args.preset, **overrides)
+    trainer = Trainer(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    result = trainer.train()
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in result.items())
+    print(f"done: step {trainer.step}{', ' + losses if losses else ''}; model in {cfg.out} "
+          f"(nanogpt-mlx sample --model {cfg.out})")
+
+
+COMMANDS = [add_info, add_sample, add_export, add_eval, add_plot, add_prepare, add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

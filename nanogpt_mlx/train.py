@@ -1,0 +1,483 @@
+"""Pretraining and fine-tuning with build-nanogpt's recipe (train_gpt2.py), in MLX.
+
+One optimizer step = `grad_accum` micro-batches of (B, T) tokens per rank. Each micro-step
+runs forward + backward of loss/grad_accum and adds its gradients to the running sum, then is
+evaluated, so memory holds one micro-batch's graph. The last micro-step also averages the
+gradients over ranks, clips their global norm at 1.0 (PyTorch's clip_grad_norm_) and applies
+AdamW: betas (0.9, 0.95), eps 1e-8, bias correction as in PyTorch, weight decay only on
+tensors with >= 2 dims. The LR is set before every step: linear warmup, then cosine to min_lr.
+
+Checkpoints are directories `OUT/ckpt-{step:06d}` (weights, optimizer state, data-loader
+position, config), written under a temporary name and renamed, so a crash mid-save leaves the
+previous one intact; `OUT/model.safetensors` + `OUT/config.json` always hold the latest weights
+for `sample`/`export`. All randomness derives from the seed and the counters saved here (init
+from the seed, shuffle from seed/epoch/shard, samples from seed + step), so resuming continues
+exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from tqdm import tqdm
+
+from . import distributed
+from .data import DataLoader
+from .errors import UserError
+from .evaluate import loader_loss
+from .files import atomic_path, atomic_write_text
+from .model import GPT, GPTConfig
+from .sample import SampleConfig, sample_texts
+from .weights import load_model, save_model
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+STATE_FILE = "trainer.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run; the defaults are build-nanogpt's GPT-2 124M run."""
+
+    data: str = "data/edu_fineweb10B"  # directory of token shards (`nanogpt-mlx prepare`)
+    out: str = "out/gpt2-124m"  # checkpoints and logs
+    init_from: str = ""  # "": random init; else a hub id (gpt2) or a directory to fine-tune from
+    # model (random init only; with init_from the source's shape is kept)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = 0  # 0: 50304 (GPT-2's 50257 padded to a multiple of 128), or the source's vocab
+    # batch
+    batch_size: int = 16  # micro-batch B per rank
+    seq_len: int = 1024  # T
+    total_batch_size: int = 524288  # tokens per optimizer step (2**19), reached by gradient accumulation
+    shuffle: bool = False  # permute the batch order within each shard (seeded)
+    # optimizer and schedule
+    max_lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # min_lr = max_lr * min_lr_ratio
+    warmup_steps: int = 715
+    max_steps: int = 19073
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    seed: int = 1337
+    dtype: str = "float32"  # compute dtype; bfloat16 keeps float32 master weights and optimizer state
+    compile: bool = True
+    # evaluation, samples, checkpoints (0 disables; each also runs at the last step)
+    val_every: int = 250
+    val_steps: int = 20
+    sample_every: int = 250
+    num_samples: int = 4
+    sample_tokens: int = 32
+    prompt: str = "Hello, I'm a language model,"
+    checkpoint_every: int = 5000
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("int", "float") and v < 0:
+                raise UserError(f"{f.name} must be >= 0, got {v}")
+        for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "val_steps"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
+            raise UserError(f"betas must be in [0, 1), got ({self.beta1}, {self.beta2})")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "TrainConfig":
+        if name not in PRESETS:
+            raise UserError(f"unknown training preset {name!r}; choose from {', '.join(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    @property
+    def min_lr(self) -> float:
+        return self.max_lr * self.min_lr_ratio
+
+
+PRESETS = {
+    "gpt2-124m": TrainConfig(),
+    # ~10 min on a 2-core CPU: a small GPT over Tiny Shakespeare's GPT-2 tokens (`prepare shakespeare`)
+    "shakespeare": TrainConfig(
+        data="data/shakespeare", out="out/shakespeare", n_layer=4, n_head=4, n_embd=256, block_size=256,
+        batch_size=16, seq_len=128, total_batch_size=2048, max_lr=1e-3, warmup_steps=20, max_steps=300,
+        val_every=50, val_steps=8, sample_every=100, num_samples=2, sample_tokens=48, prompt="ROMEO:",
+        checkpoint_every=100),
+}
+
+
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    """build-nanogpt's schedule: linear warmup to max_lr, then cosine down to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.max_lr * (step + 1) / cfg.warmup_steps
+    if step > cfg.max_steps:
+        return cfg.min_lr
+    decay_ratio = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (cfg.max_lr - cfg.min_lr)
+
+
+def clip_grad_norm(grads, max_norm: float):
+    """PyTorch's clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)); return (grads, pre-clip norm)."""
+    norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
+    if max_norm <= 0:
+        return grads, norm
+    scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
+    return tree_map(lambda g: g * scale, grads), norm
+
+
+def make_optimizer(cfg: TrainConfig) -> optim.MultiOptimizer:
+    """AdamW with decay on >= 2-D tensors (matmul weights, embeddings), none on biases and LayerNorms."""
+    adamw = partial(optim.AdamW, learning_rate=cfg.max_lr, betas=[cfg.beta1, cfg.beta2], eps=cfg.eps,
+                    bias_correction=True)  # MLX's default is off; PyTorch's AdamW always corrects
+    return optim.MultiOptimizer([adamw(weight_decay=cfg.weight_decay), adamw(weight_decay=0.0)],
+                                [lambda path, p: p.ndim >= 2])
+
+
+def lm_loss(model: GPT, x: mx.array, y: mx.array) -> mx.array:
+    """Mean next-token cross-entropy, computed in float32."""
+    logits = model(x).astype(mx.float32)
+    return nn.losses.cross_entropy(logits, y, reduction="mean")
+
+
+def pad_vocab(model: GPT, vocab_size: int) -> GPT:
+    """Grow the (tied) embedding to vocab_size rows, new rows = the mean row, so the new tokens'
+    logits start at the average logit instead of dominating the softmax."""
+    old = model.wte.weight
+    if vocab_size < old.shape[0]:
+        raise UserError(f"vocab_size {vocab_size} is smaller than the source model's {old.shape[0]}")
+    if vocab_size == old.shape[0]:
+        return model
+    grown = GPT(replace(model.config, vocab_size=vocab_size), seed=0)
+    params = dict(model.parameters_flat())
+    params["wte.weight"] = mx.concatenate([old, mx.broadcast_to(old.mean(0), (vocab_size - old.shape[0], old.shape[1]))])
+    grown.load_flat(params)
+    return grown
+
+
+# ------------------------------------------------------------------------------- checkpoints
+def checkpoints(out: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first (temporary ones are never listed)."""
+    out = Path(out)
+    return sorted(p for p in out.glob("ckpt-*") if p.is_dir() and p.name[5:].isdigit()) if out.is_dir() else []
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path:
+    found = checkpoints(out)
+    if not found:
+        raise UserError(f"{out}: no checkpoint to resume from (expected {out}/ckpt-NNNNNN/)")
+    return found[-1]
+
+
+def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
+    """The config saved with a run's latest checkpoint, with `overrides` applied."""
+    state = json.loads((latest_checkpoint(out) / STATE_FILE).read_text())
+    return replace(TrainConfig(**state["config"]), out=str(out), **overrides)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Put src's content at dst atomically, as a hard link when the filesystem allows (no copy)."""
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------- logging
+class RunLog:
+    """log.txt in build-nanogpt's format (`{step} train {loss:.6f}`, `{step} val {loss:.4f}`,
+    `{step} hella {acc:.4f}`) plus log.jsonl with every field; both append-only, one line per event."""
+
+    FORMATS = {"train": ".6f", "val": ".4f", "hella": ".4f"}
+
+    def __init__(self, out: Path, start_step: int, enabled: bool):
+        self.txt, self.jsonl, self.enabled = out / "log.txt", out / "log.jsonl", enabled
+        if enabled:  # drop what a crashed run logged after its last checkpoint (or everything, if fresh)
+            self._keep_before(self.txt, start_step, lambda line: int(line.split()[0]))
+            self._keep_before(self.jsonl, start_step, lambda line: json.loads(line)["step"])
+
+    @staticmethod
+    def _keep_before(path: Path, step: int, step_of) -> None:
+        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+        atomic_write_text(path, "".join(line for line in lines if line.strip() and step_of(line) < step))
+
+    def metric(self, step: int, kind: str, value: float, **extra) -> None:
+        self.event(step, kind, **{kind if kind == "hella" else "loss": value, **extra})
+        if self.enabled:
+            with open(self.txt, "a") as f:
+                f.write(f"{step} {kind} {value:{self.FORMATS[kind]}}\n")
+
+    def event(self, step: int, kind: str, **fields) -> None:
+        if self.enabled:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps({"step": step, "kind": kind, **fields}) + "\n")
+
+
+# ----------------------------------------------------------------------------------- trainer
+class Trainer:
+    """A training run: `Trainer(cfg).train()`, or `Trainer(cfg, resume=True)` to continue cfg.out."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+                 dist: distributed.Dist | None = None):
+        self.cfg, self.dist = cfg, dist or distributed.init()
+        self.out = Path(cfg.out)
+        self.dtype = DTYPES[cfg.dtype]
+        ckpt = latest_checkpoint(self.out) if resume else None
+        if ckpt is None and checkpoints(self.out):
+            if not overwrite:
+                raise UserError(f"{self.out} already holds a checkpoint; resume it (--resume {self.out}), "
+                                "pass --overwrite, or choose another --out")
+            if self.dist.is_main:
+                for old in checkpoints(self.out):
+                    shutil.rmtree(old)
+        if cfg.dtype != "float32" and mx.default_device() == mx.cpu:
+            print(f"warning: {cfg.dtype} is slow on MLX's CPU backend (float32 is faster there)", file=sys.stderr)
+
+        self.model = self._build_model(ckpt)
+        self._check_shapes()
+        world, rank = self.dist.world, self.dist.rank
+        B, T = cfg.batch_size, cfg.seq_len
+        self.grad_accum = cfg.total_batch_size // (B * T * world)
+        vocab = self.model.config.vocab_size
+        self.train_loader = DataLoader(cfg.data, "train", B, T, rank, world, vocab, cfg.shuffle, cfg.seed)
+        self.val_loader = DataLoader(cfg.data, "val", B, T, rank, world, vocab) if cfg.val_every else None
+
+        self.optimizer = make_optimizer(cfg)
+        # bfloat16: the model computes in bf16, the optimizer updates float32 master weights
+        self.master = {"params": self.model.parameters()} if self.dtype != mx.float32 else None
+        if self.master is not None:
+            self.model.update(tree_map(lambda p: p.astype(self.dtype), self.master["params"]))
+        self.optimizer.init(self._params())
+        self.step = 0
+        if ckpt is not None:
+            self._load_state(ckpt)
+        self._build_steps()
+        self.log = RunLog(self.out, self.step, self.dist.is_main)
+        self._stop = False
+        self.result: dict[str, float] = {}  # latest train_loss and val_loss
+
+    # -- setup
+    def _build_model(self, ckpt: Path | None) -> GPT:
+        cfg = self.cfg
+        if ckpt is not None:
+            return load_model(ckpt)
+        if cfg.init_from:
+            model = load_model(cfg.init_from)
+            return pad_vocab(model, cfg.vocab_size) if cfg.vocab_size else model
+        config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or 50304, n_layer=cfg.n_layer,
+                           n_head=cfg.n_head, n_embd=cfg.n_embd)
+        return GPT(config, seed=cfg.seed)
+
+    def _check_shapes(self) -> None:
+        cfg, world = self.cfg, self.dist.world
+        if cfg.seq_len > self.model.config.block_size:
+            raise UserError(f"seq_len {cfg.seq_len} exceeds the model's context (block_size) of "
+                            f"{self.model.config.block_size}")
+        per_micro = cfg.batch_size * cfg.seq_len * world
+        if cfg.total_batch_size % per_micro:
+            raise UserError(f"total_batch_size {cfg.total_batch_size} is not divisible by batch_size * seq_len"
+                            f" * ranks = {cfg.batch_size} * {cfg.seq_len} * {world} = {per_micro}")
+
+    def _params(self):
+        return self.master["params"] if self.master is not None else self.model.trainable_parameters()
+
+    def _build_steps(self) -> None:
+        """The compiled micro-step (forward + backward, gradients added to the running sum) and the
+        compiled last micro-step, which also averages over ranks, clips and applies AdamW."""
+        model, optimizer, accum = self.model, self.optimizer, self.grad_accum
+        loss_and_grad = nn.value_and_grad(model, lambda m, x, y: lm_loss(m, x, y) / accum)
+
+        def accumulate(x, y, grads):
+            loss, g = loss_and_grad(model, x, y)
+            g = tree_map(lambda a: a.astype(mx.float32), g)
+            return loss, g if grads is None else tree_map(mx.add, grads, g)
+
+        def update(x, y, grads):
+            loss, g = accumulate(x, y, grads)
+            g, norm = clip_grad_norm(self.dist.average_gradients(g), self.cfg.grad_clip)
+            if self.master is None:
+                optimizer.update(model, g)
+            else:
+                self.master["params"] = optimizer.apply_gradients(g, self.master["params"])
+                model.update(tree_map(lambda p: p.astype(self.dtype), self.master["params"]))
+            return loss, norm
+
+        state = [model.state, optimizer.state] + ([self.master] if self.master is not None else [])
+        wrap = partial(mx.compile, inputs=state, outputs=state) if self.cfg.compile else (lambda f: f)
+        self._accumulate, self._update = wrap(accumulate), wrap(update)
+
+    # -- checkpoints
+    def _load_state(self, ckpt: Path) -> None:
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        if state["world"] != self.dist.world:
+            raise UserError(f"{ckpt} was written by a run with {state['world']} ranks; resume it with the same"
+                            f" number (this run has {self.dist.world})")
+        opt = mx.load(str(ckpt / "optimizer.safetensors"))
+        self.optimizer.state = tree_unflatten(list(opt.items()))
+        self.train_loader.load_state_dict(state["train_loader"])
+        self.step = state["step"]
+
+    def save(self) -> Path:
+        """Write OUT/ckpt-{step} (complete or not at all), point OUT/model.safetensors at it, drop older ones."""
+        final = self.out / f"ckpt-{self.step:06d}"
+        if not self.dist.is_main or final.exists():  # a checkpoint of this step holds this very state
+            return final
+        tmp = self.out / f".ckpt-{self.step:06d}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if self.master is not None:
+            self.model.update(self.master["params"])  # save the float32 masters, not the bf16 copy
+        save_model(self.model, tmp)
+        if self.master is not None:
+            self.model.update(tree_map(lambda p: p.astype(self.dtype), self.master["params"]))
+        with atomic_path(tmp / "optimizer.safetensors") as f:
+            mx.save_safetensors(str(f), dict(tree_flatten(self.optimizer.state)))
+        atomic_write_text(tmp / STATE_FILE, json.dumps({
+            "step": self.step, "world": self.dist.world, "config": asdict(self.cfg),
+            "train_loader": self.train_loader.state_dict()}, indent=1))
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+        _fsync_dir(self.out)
+        _link_or_copy(final / "model.safetensors", self.out / "model.safetensors")
+        atomic_write_text(self.out / "config.json", (final / "config.json").read_text())
+        for old in checkpoints(self.out)[:-1] + list(self.out.glob(".ckpt-*.tmp*")):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    # -- evaluation
+    def val_loss(self) -> float:
+        """Mean loss over val_steps batches from the start of the val split (build-nanogpt)."""
+        return self.dist.all_mean(mx.array(loader_loss(self.model, self.val_loader, self.cfg.val_steps))).item()
+
+    def samples(self) -> list[str]:
+        cfg = self.cfg
+        sc = SampleConfig(max_new_tokens=cfg.sample_tokens, top_k=50, seed=cfg.seed + self.step)
+        return sample_texts(self.model, cfg.prompt, sc, cfg.num_samples)
+
+    def _evaluate(self, last: bool) -> None:
+        cfg, step = self.cfg, self.step
+        if cfg.val_every and (step % cfg.val_every == 0 or last):
+            loss = self.result["val_loss"] = self.val_loss()
+            self._say(f"step {step:5d} | val loss {loss:.4f}")
+            self.log.metric(step, "val", loss)
+        if cfg.sample_every and cfg.num_samples and ((step > 0 and step % cfg.sample_every == 0) or last):
+            texts = self.samples()
+            for i, t in enumerate(texts):
+                self._say(f"sample {i}: {t!r}")
+            self.log.event(step, "sample", texts=texts)
+
+    # -- training
+    def _say(self, line: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(line, file=sys.stdout)
+
+    def _train_step(self, lr: float) -> tuple[float, float] | None:
+        """One optimizer step; None if a stop was requested before it completed (nothing applied)."""
+        self.optimizer.learning_rate = lr
+        grads, loss_sum = None, 0.0
+        for micro in range(self.grad_accum):
+            if self._stop:
+                return None
+            x, y = (mx.array(a) for a in self.train_loader.next_batch())
+            if micro < self.grad_accum - 1:
+                loss, grads = self._accumulate(x, y, grads)
+                self.dist.sync(loss, grads)
+            else:
+                loss, norm = self._update(x, y, grads)
+                self.dist.sync(loss, norm, self.model.state, self.optimizer.state)
+            loss_sum += loss.item()
+        return self.dist.all_mean(mx.array(loss_sum)).item(), norm.item()
+
+    def _on_sigint(self, *_) -> None:
+        self._say("stopping: saving a checkpoint after this step (Ctrl-C again to quit without saving)")
+        self._stop = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def train(self, until: int | None = None) -> dict:
+        """Run from self.step to max_steps (or to step `until`, then save); returns the latest train/val
+        losses. Ctrl-C saves and raises KeyboardInterrupt; a NaN/inf loss raises UserError, saving nothing."""
+        cfg = self.cfg
+        end = cfg.max_steps if until is None else min(until, cfg.max_steps)
+        n_params = sum(p.size for _, p in tree_flatten(self.model.parameters()))
+        tokens_per_step = cfg.batch_size * cfg.seq_len * self.grad_accum * self.dist.world
+        flops_per_token = 6 * self.model.num_params(non_embedding=True) + \
+            12 * self.model.config.n_layer * self.model.config.n_embd * cfg.seq_len
+        peak = _peak_flops()
+        self._say(f"model {n_params / 1e6:.2f}M params {self.model.config} | {self.dist.world} rank(s) | "
+                  f"{tokens_per_step} tokens/step = {self.dist.world} x {self.grad_accum} x {cfg.batch_size} x "
+                  f"{cfg.seq_len} | steps {self.step}..{cfg.max_steps} | {cfg.dtype} | peak {peak / 1e9:.0f} GFLOP/s")
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._on_sigint) if main_thread else None
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
+                   disable=None if self.dist.is_main else True, dynamic_ncols=True)
+        try:
+            while self.step < end and not self._stop:
+                last = self.step == cfg.max_steps - 1
+                self._evaluate(last)
+                t0 = time.perf_counter()
+                loader_state = self.train_loader.state_dict()
+                lr = get_lr(self.step, cfg)
+                done = self._train_step(lr)
+                if done is None:  # interrupted mid-step: the batches it read will be read again
+                    self.train_loader.load_state_dict(loader_state)
+                    break
+                loss, norm = done
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    raise UserError(f"step {self.step}: loss {loss} / grad norm {norm} is not finite; stopped "
+                                    f"without saving (the last good checkpoint in {self.out} is kept)")
+                dt = time.perf_counter() - t0
+                tps = tokens_per_step / dt
+                self._say(f"step {self.step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
+                          f"dt {dt * 1000:.2f}ms | tok/s {tps:.0f} | MFU {100 * flops_per_token * tps / peak:.1f}%")
+                self.log.metric(self.step, "train", loss, lr=lr, norm=norm, dt=dt, tok_per_s=tps,
+                                mfu=flops_per_token * tps / peak)
+                self.result["train_loss"] = loss
+                self.step += 1
+                bar.update(1)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save()
+        finally:
+            bar.close()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        path = self.save()
+        if self.step < end:  # stopped by Ctrl-C
+            self._say(f"interrupted: saved {path} (step {self.step}); continue with --resume {self.out}")
+            raise KeyboardInterrupt
+        return self.result
+
+
+def _peak_flops() -> float:
+    """Measured matmul throughput (FLOP/s) of the default device: the denominator of MFU."""
+    from .cli import gemm_gflops
+
+    return gemm_gflops() * 1e9
+
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    return Trainer(cfg, resume=resume, overwrite=overwrite).train()

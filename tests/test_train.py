@@ -1,0 +1,352 @@
+"""Training: step-for-step parity with a PyTorch loop of build-nanogpt's recipe, exact resume,
+crash-safe checkpoints, overfitting one batch, the CLI, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import assert_one_line_error, run_cli, save_hf_gpt2
+
+from nanogpt_mlx import train as train_mod
+from nanogpt_mlx.errors import UserError
+from nanogpt_mlx.train import TrainConfig, Trainer, checkpoints, get_lr
+from nanogpt_mlx.weights import load_model, sanitize
+
+VOCAB = 1000
+
+
+def write_shards(directory: Path, train: list[np.ndarray], val: np.ndarray, name: str = "toy") -> Path:
+    """build-nanogpt's layout: uint16 `{name}_{split}_{index:06d}.npy`, shard 0 = val."""
+    directory.mkdir(parents=True, exist_ok=True)
+    np.save(directory / f"{name}_val_000000.npy", val.astype(np.uint16))
+    for i, tokens in enumerate(train, start=1):
+        np.save(directory / f"{name}_train_{i:06d}.npy", tokens.astype(np.uint16))
+    return directory
+
+
+def token_stream(n: int, seed: int, vocab: int = 512) -> np.ndarray:
+    """A learnable stream: each token is 7x the previous plus 1, 2 or 3 (mod vocab), ~1.1 nats/token."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(n, dtype=np.int64)
+    out[0] = rng.integers(vocab)
+    steps = rng.integers(1, 4, n)
+    for i in range(1, n):
+        out[i] = (out[i - 1] * 7 + steps[i]) % vocab
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    # 2 train shards of 23 batches of 4x32 tokens: 64 micro-batches cross shards and wrap around
+    return write_shards(tmp_path_factory.mktemp("shards"), [token_stream(3000, 1), token_stream(3000, 2)],
+                        token_stream(2000, 3))
+
+
+@pytest.fixture(scope="module")
+def small_hf_dir(tmp_path_factory) -> Path:
+    return save_hf_gpt2(tmp_path_factory.mktemp("hf"), n_layer=2, n_head=2, n_embd=64, n_positions=64,
+                        vocab_size=VOCAB, seed=3)
+
+
+def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
+    base = TrainConfig(data=str(data), out=str(out), n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=VOCAB,
+                       batch_size=4, seq_len=32, total_batch_size=256, max_lr=3e-3, warmup_steps=3, max_steps=10,
+                       val_every=0, sample_every=0, checkpoint_every=0)
+    return replace(base, **kw)
+
+
+def logged(out: Path, kind: str = "train") -> list[dict]:
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def flat_weights(directory: Path) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in load_model(directory).parameters_flat()}
+
+
+# ------------------------------------------------------------------------------ schedule
+def test_lr_schedule_is_build_nanogpts():
+    cfg = TrainConfig(max_lr=6e-4, warmup_steps=10, max_steps=50)
+    assert get_lr(0, cfg) == pytest.approx(6e-5)  # (step + 1) / warmup: the first step is not at lr 0
+    assert get_lr(9, cfg) == pytest.approx(6e-4)
+    assert get_lr(10, cfg) == pytest.approx(6e-4)
+    assert get_lr(30, cfg) == pytest.approx(6e-5 + 0.5 * (6e-4 - 6e-5))  # half way down the cosine
+    assert get_lr(50, cfg) == pytest.approx(6e-5)
+    assert get_lr(99, cfg) == pytest.approx(6e-5)
+
+
+# ------------------------------------------------------------------------------ parity
+def build_nanogpt_lr(step: int, max_lr: float, min_lr: float, warmup: int, max_steps: int) -> float:
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    if step > max_steps:
+        return min_lr
+    ratio = (step - warmup) / (max_steps - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+
+
+class DataLoaderLite:
+    """build-nanogpt's loader: sequential (B, T) windows over sorted shards, next shard when one does not fit."""
+
+    def __init__(self, directory: Path, B: int, T: int):
+        self.shards = sorted(directory.glob("*_train_*.npy"))
+        self.B, self.T, self.shard = B, T, 0
+        self.tokens, self.pos = np.load(self.shards[0]).astype(np.int64), 0
+
+    def next_batch(self):
+        import torch
+
+        B, T = self.B, self.T
+        buf = torch.from_numpy(self.tokens[self.pos : self.pos + B * T + 1])
+        self.pos += B * T
+        if self.pos + B * T + 1 > len(self.tokens):
+            self.shard = (self.shard + 1) % len(self.shards)
+            self.tokens, self.pos = np.load(self.shards[self.shard]).astype(np.int64), 0
+        return buf[:-1].view(B, T), buf[1:].view(B, T)
+
+
+def pytorch_reference(hf_dir: Path, data: Path, cfg: TrainConfig) -> tuple[list[float], list[float], dict]:
+    """build-nanogpt's training loop (train_gpt2.py) on the Hugging Face model, in float32."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(hf_dir)
+    model.eval()  # no dropout; build-nanogpt's GPT has none
+    params = [p for p in model.parameters() if p.requires_grad]  # the tied wte/lm_head once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    loader = DataLoaderLite(data, cfg.batch_size, cfg.seq_len)
+    accum = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len)
+    losses, norms = [], []
+    for step in range(cfg.max_steps):
+        optimizer.zero_grad()
+        loss_accum = 0.0
+        for _ in range(accum):
+            x, y = loader.next_batch()
+            logits = model(x).logits
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1)) / accum
+            loss_accum += loss.detach()
+            loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        lr = build_nanogpt_lr(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        losses.append(loss_accum.item())
+        norms.append(norm.item())
+    weights = sanitize({k: mx.array(v.detach().numpy()) for k, v in model.state_dict().items()})
+    return losses, norms, {k: np.array(v) for k, v in weights.items()}
+
+
+def test_parity_with_pytorch_build_nanogpt_loop(small_hf_dir, data_dir, tmp_path):
+    """Same weights, data order, AdamW groups, clip, warmup + cosine and 2-step accumulation: same losses."""
+    cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / "run"), init_from=str(small_hf_dir), batch_size=4,
+                      seq_len=32, total_batch_size=256, max_lr=3e-3, warmup_steps=5, max_steps=32, val_every=0,
+                      sample_every=0, checkpoint_every=0)
+    Trainer(cfg).train()
+    ours = logged(tmp_path / "run")
+    ref_losses, ref_norms, ref_weights = pytorch_reference(small_hf_dir, data_dir, cfg)
+
+    assert [r["step"] for r in ours] == list(range(32))
+    losses = np.array([r["loss"] for r in ours])
+    assert ref_losses[-1] < ref_losses[0] - 0.5, "the reference run should learn something"
+    print(f"max relative loss difference vs PyTorch over 32 steps: {np.max(np.abs(losses / ref_losses - 1)):.2e}")
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-3)
+    np.testing.assert_allclose([r["norm"] for r in ours], ref_norms, rtol=1e-3)
+    np.testing.assert_allclose([r["lr"] for r in ours], [build_nanogpt_lr(s, 3e-3, 3e-4, 5, 32) for s in range(32)])
+    weights = flat_weights(tmp_path / "run")
+    assert weights.keys() == ref_weights.keys()
+    for k, w in weights.items():
+        np.testing.assert_allclose(w, ref_weights[k], atol=2e-4, rtol=1e-3, err_msg=k)
+
+
+# ------------------------------------------------------------------------------ resume
+def test_resume_is_exact(data_dir, tmp_path):
+    """N steps straight == k steps, a new process-like Trainer from the checkpoint, N - k more steps."""
+    cfg = tiny_config(data_dir, tmp_path / "a", shuffle=True, val_every=4, val_steps=2)
+    Trainer(cfg).train()
+    split = replace(cfg, out=str(tmp_path / "b"))
+    Trainer(split).train(until=6)
+    assert [p.name for p in checkpoints(tmp_path / "b")] == ["ckpt-000006"]
+    Trainer(split, resume=True).train()
+
+    a, b = logged(tmp_path / "a"), logged(tmp_path / "b")
+    assert [r["step"] for r in b] == list(range(10))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["norm"] for r in a] == [r["norm"] for r in b]
+    assert logged(tmp_path / "a", "val") == logged(tmp_path / "b", "val")
+    assert (tmp_path / "a" / "log.txt").read_text() == (tmp_path / "b" / "log.txt").read_text()
+    wa, wb = flat_weights(tmp_path / "a"), flat_weights(tmp_path / "b")
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+
+
+def test_crash_during_save_keeps_previous_checkpoint(data_dir, tmp_path, monkeypatch):
+    cfg = tiny_config(data_dir, tmp_path / "run", checkpoint_every=3, max_steps=6)
+    trainer = Trainer(cfg)
+    trainer.train(until=3)
+    before = flat_weights(tmp_path / "run")
+
+    def die(*args, **kwargs):  # the process dies half way through writing the next checkpoint
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(train_mod.mx, "save_safetensors", die)
+    with pytest.raises(SystemExit):
+        trainer.train()
+    monkeypatch.undo()
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["ckpt-000003"]
+    after = flat_weights(tmp_path / "run")  # OUT/model.safetensors still the step-3 weights
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k])
+    resumed = Trainer(cfg, resume=True)
+    assert resumed.step == 3
+    resumed.train()
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["ckpt-000006"]
+    assert not list((tmp_path / "run").glob(".ckpt-*"))  # the dead save's leftovers are cleaned up
+
+
+# ------------------------------------------------------------------------------ learning
+def test_overfits_one_batch(tmp_path):
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, 4 * 32 + 1)  # exactly one batch: the loader repeats it
+    data = write_shards(tmp_path / "data", [batch], batch)
+    cfg = tiny_config(data, tmp_path / "run", n_embd=64, vocab_size=256, total_batch_size=128, max_lr=3e-3,
+                      warmup_steps=10, max_steps=300, min_lr_ratio=1.0, weight_decay=0.0)
+    trainer = Trainer(cfg)
+    for stop in range(25, 301, 25):  # stop as soon as it is there
+        trainer.train(until=stop)
+        if trainer.result["train_loss"] < 0.1:
+            break
+    assert trainer.result["train_loss"] < 0.1, trainer.result
+    assert logged(tmp_path / "run")[0]["loss"] > 5.0  # it started at chance (ln 256 = 5.5)
+
+
+def test_bfloat16_keeps_float32_masters(data_dir, tmp_path, capsys):
+    cfg = tiny_config(data_dir, tmp_path / "run", dtype="bfloat16", max_steps=4)
+    trainer = Trainer(cfg)
+    assert "bfloat16 is slow" in capsys.readouterr().err
+    assert trainer.model.wte.weight.dtype == mx.bfloat16
+    trainer.train()
+    losses = [r["loss"] for r in logged(tmp_path / "run")]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    saved = mx.load(str(tmp_path / "run" / "model.safetensors"))
+    assert all(v.dtype == mx.float32 for v in saved.values())
+
+
+def test_init_from_pads_vocab_with_the_mean_row(small_hf_dir, data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tmp_path / "run", init_from=str(small_hf_dir), vocab_size=1024, max_steps=1)
+    trainer = Trainer(cfg)
+    wte = np.array(trainer.model.wte.weight)
+    src = np.array(load_model(small_hf_dir).wte.weight)
+    assert wte.shape == (1024, 64)
+    np.testing.assert_array_equal(wte[:VOCAB], src)
+    np.testing.assert_allclose(wte[VOCAB:], np.broadcast_to(src.mean(0), (1024 - VOCAB, 64)), rtol=1e-6)
+    assert Trainer(replace(cfg, out=str(tmp_path / "b"), vocab_size=0)).model.config.vocab_size == VOCAB
+
+
+# ------------------------------------------------------------------------------ CLI
+def cli_config(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(data), "--out", str(out), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+            "--block-size", "32", "--vocab-size", str(VOCAB), "--batch-size", "4", "--seq-len", "32",
+            "--total-batch-size", "256", "--warmup-steps", "2", *extra]
+
+
+def test_cli_trains_samples_and_resumes(data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(*cli_config(data_dir, out, "--max-steps", "6", "--val-every", "3", "--val-steps", "2",
+                               "--sample-every", "3", "--num-samples", "1", "--sample-tokens", "5",
+                               "--checkpoint-every", "4"), check=True)
+    assert "step     5 | loss" in proc.stdout and "| MFU" in proc.stdout and "sample 0:" in proc.stdout
+    log = (out / "log.txt").read_text().splitlines()
+    assert log[0].startswith("0 val ") and log[1].startswith("0 train ")
+    assert [l.split()[0] for l in log if " train " in l] == [str(s) for s in range(6)]
+    assert all(len(l.split()[2].split(".")[1]) == (6 if " train " in l else 4) for l in log)
+    assert [p.name for p in checkpoints(out)] == ["ckpt-000006"]
+    run_cli("sample", "--model", str(out), "--max-new-tokens", "4", "--num-samples", "1", "--seed", "0", check=True)
+
+    again = run_cli(*cli_config(data_dir, out, "--max-steps", "6"))
+    assert_one_line_error(again, "already holds a checkpoint", "--resume")
+    proc = run_cli("train", "--resume", str(out), "--max-steps", "8", check=True)
+    assert "step     7 | loss" in proc.stdout
+    assert [l.split()[0] for l in (out / "log.txt").read_text().splitlines() if " train " in l] == \
+        [str(s) for s in range(8)]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = cli_config(data_dir, out, "--max-steps", "100000", "--no-compile")
+    proc = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "log.txt").exists() and (out / "log.txt").read_text().count(
+            "train") >= 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    (ckpt,) = checkpoints(out)
+    steps_logged = (out / "log.txt").read_text().count(" train ")
+    assert json.loads((ckpt / "trainer.json").read_text())["step"] == steps_logged == int(ckpt.name[5:])
+    assert f"--resume {out}" in stdout
+
+
+# ------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("case, needles", [
+    ("missing-dir", ["data directory not found"]),
+    ("no-train", ["no train shards"]),
+    ("token-too-big", ["token id 1500", "vocab_size 1000"]),
+    ("not-divisible", ["total_batch_size 300", "not divisible", "128"]),
+    ("too-long", ["seq_len 64", "context"]),
+    ("bad-dtype", ["dtype"]),
+    ("resume-nothing", ["no checkpoint"]),
+])
+def test_bad_input_is_one_clear_line(case, needles, data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = cli_config(data_dir, out, "--max-steps", "2")
+    if case == "missing-dir":
+        args[2] = str(tmp_path / "nope")
+    elif case == "no-train":
+        args[2] = str(write_shards(tmp_path / "d", [], token_stream(500, 0)))
+    elif case == "token-too-big":
+        args[2] = str(write_shards(tmp_path / "d", [np.full(500, 1500)], token_stream(500, 0)))
+    elif case == "not-divisible":
+        args += ["--total-batch-size", "300"]
+    elif case == "too-long":
+        args += ["--seq-len", "64"]
+    elif case == "bad-dtype":
+        args += ["--dtype", "float16"]
+    elif case == "resume-nothing":
+        args = ["train", "--resume", str(tmp_path / "empty")]
+    assert_one_line_error(run_cli(*args), *needles)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "run"
+    # lr 1e30 makes the weights ~1e30 after one update: the next forward overflows
+    proc = run_cli(*cli_config(data_dir, out, "--max-steps", "5", "--max-lr", "1e30", "--warmup-steps", "0",
+                               "--checkpoint-every", "1"))
+    assert_one_line_error(proc, "step 1:", "not finite", "last good checkpoint")
+    assert [p.name for p in checkpoints(out)] == ["ckpt-000001"]
+    assert all(np.isfinite(w).all() for w in flat_weights(out).values())
+
+
+def test_config_validation():
+    with pytest.raises(UserError, match="unknown training preset"):
+        TrainConfig.preset("gpt5")
+    with pytest.raises(UserError, match="max_lr"):
+        TrainConfig(max_lr=0)
+    with pytest.raises(UserError, match="warmup_steps"):
+        TrainConfig(warmup_steps=-1)

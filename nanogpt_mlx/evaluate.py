@@ -10,7 +10,6 @@ row's end cannot change its losses.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -29,11 +28,11 @@ from .data import DataLoader, list_shards, load_shard
 from .errors import UserError
 from .files import atomic_path
 from .model import GPT, KVCache
+from .prepare import default_cache_dir
 from .tokenizer import encode
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 URL_ENV = "NANOGPT_MLX_HELLASWAG_URL"  # override the download URL (tests use a local server)
-CACHE_ENV = "NANOGPT_MLX_CACHE"  # override the cache root (default ~/.cache/nanogpt-mlx)
 HELLASWAG_VAL_SIZE = 10042
 
 # Published figures to compare against (all on the 10,042 validation examples).
@@ -51,15 +50,10 @@ class Example:
     label: int
 
 
-def cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanogpt-mlx"
-    return Path(root).expanduser()
-
-
 def download_hellaswag(url: str | None = None, dest: Path | None = None, progress: bool = True) -> Path:
     """The validation JSONL, downloaded once into the cache (atomically) and reused after."""
     url = url or os.environ.get(URL_ENV) or HELLASWAG_URL
-    dest = dest or cache_dir() / "hellaswag" / "hellaswag_val.jsonl"
+    dest = dest or default_cache_dir() / "hellaswag" / "hellaswag_val.jsonl"
     if dest.is_file():
         return dest
     hint = "pass --data FILE with a local copy of hellaswag_val.jsonl"
@@ -229,11 +223,15 @@ def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int
         raise UserError(f"batch_examples must be >= 1, got {batch_examples}")
     mine = [ex for ex in examples if ex.index % world == rank] if world > 1 else list(examples)
     rendered = {ex.index: render_example(ex) for ex in mine}
-    ctx_len = lambda ex: len(rendered[ex.index][0])  # noqa: E731
-    # Examples with equal context lengths share a forward; ordered by ending length to pad little.
-    mine.sort(key=lambda ex: (ctx_len(ex), max(map(len, rendered[ex.index][1]))))
-    batches = [group[i : i + batch_examples] for _, g in itertools.groupby(mine, key=ctx_len)
-               for group in [list(g)] for i in range(0, len(group), batch_examples)]
+    # Examples with contexts of equal length can share a forward (their caches line up); sorting
+    # each such group by ending length keeps the padding small.
+    groups: dict[int, list[Example]] = {}
+    for ex in mine:
+        groups.setdefault(len(rendered[ex.index][0]), []).append(ex)
+    batches = []
+    for group in groups.values():
+        group.sort(key=lambda ex: max(map(len, rendered[ex.index][1])))
+        batches += [group[i : i + batch_examples] for i in range(0, len(group), batch_examples)]
     result = HellaSwagResult()
     with tqdm(total=len(mine), desc="hellaswag", unit="ex", disable=not progress) as bar:
         for batch in batches:

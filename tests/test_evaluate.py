@@ -261,11 +261,12 @@ def test_cli_hellaswag(tiny_hf_dir, fixture_file, tmp_path):
 def test_cli_hellaswag_downloads_into_cache(tiny_hf_dir, fixture_file, http_dir, tmp_path):
     root, base = http_dir
     (root / "val.jsonl").write_bytes(fixture_file.read_bytes())
-    env = {"NANOGPT_MLX_HELLASWAG_URL": f"{base}/val.jsonl", "NANOGPT_MLX_CACHE": str(tmp_path / "cache")}
+    env = {"NANOGPT_MLX_HELLASWAG_URL": f"{base}/val.jsonl", "XDG_CACHE_HOME": str(tmp_path / "cache")}
     proc = run_cli("eval", "hellaswag", "--model", str(tiny_hf_dir), "--limit", "4", env=env, check=True)
     assert "hellaswag  4 examples" in proc.stdout
-    assert (tmp_path / "cache" / "hellaswag" / "hellaswag_val.jsonl").read_bytes() == fixture_file.read_bytes()
-    env["NANOGPT_MLX_CACHE"] = str(tmp_path / "empty")
+    cached = tmp_path / "cache" / "nanogpt-mlx" / "hellaswag" / "hellaswag_val.jsonl"
+    assert cached.read_bytes() == fixture_file.read_bytes()
+    env["XDG_CACHE_HOME"] = str(tmp_path / "empty")
     env["NANOGPT_MLX_HELLASWAG_URL"] = "http://127.0.0.1:9/val.jsonl"
     assert_one_line_error(run_cli("eval", "hellaswag", "--model", str(tiny_hf_dir), env=env),
                           "could not download HellaSwag", "--data")

@@ -46,6 +46,8 @@ FINEWEB_REPO = "HuggingFaceFW/fineweb-edu"
 FILE_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 EOT_TEXT = "<|endoftext|>"
 SCRATCH = ".download"  # hub files being tokenized, inside the output directory
+BROKEN_POOL = ("a tokenizer process died (out of memory? with the spawn start method, as on macOS and Windows, "
+               "call prepare() under `if __name__ == '__main__':`)")
 
 
 @dataclass
@@ -323,10 +325,13 @@ def _jsonl_docs(part: Part) -> list[str]:
         records = [_parse_line(part, i, line) for i, line in numbered]
     docs = []
     for (i, _), record in zip(numbered, records):
-        text = record.get(part.field) if isinstance(record, dict) else None
-        if not isinstance(text, (str, type(None))) or not isinstance(record, dict) or part.field not in record:
+        if not isinstance(record, dict) or part.field not in record:
             raise UserError(f"{part.path}, line {_line_no(part, i)}: no text field {part.field!r} "
                             "(choose the field with --text-field)")
+        text = record[part.field]
+        if not isinstance(text, (str, type(None))):
+            raise UserError(f"{part.path}, line {_line_no(part, i)}: field {part.field!r} holds "
+                            f"{type(text).__name__}, not text")
         if _keep(text):
             docs.append(text)
     return docs
@@ -583,6 +588,20 @@ def _in_order(tasks: Iterator, pool: cf.Executor | None, window: int) -> Iterato
         yield item, future.result()
 
 
+def _start_pool(workers: int) -> cf.ProcessPoolExecutor | None:
+    """Worker processes, started now: forking once threads exist (progress bar, downloads) is unsafe."""
+    get_tokenizer()  # built once here; forked workers inherit it
+    if workers == 1:
+        return None
+    pool = cf.ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(os.getpid(),))
+    try:
+        pool.submit(int).result()
+    except cf.BrokenExecutor:
+        pool.shutdown()
+        raise UserError(BROKEN_POOL) from None
+    return pool
+
+
 def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -620,11 +639,7 @@ def prepare(source: Source, out: str | os.PathLike, config: PrepareConfig | None
     scratch = out / SCRATCH
 
     workers = cfg.workers or _cpu_count()
-    get_tokenizer()  # built once here; forked workers inherit it
-    pool = None
-    if workers > 1:
-        pool = cf.ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(os.getpid(),))
-        pool.submit(int).result()  # start the workers before any thread exists (fork + threads is unsafe)
+    pool = _start_pool(workers)
     from tqdm import tqdm
 
     bar = tqdm(unit="tok", unit_scale=True, desc=f"{manifest['settings']['name']} -> {out}",
@@ -646,8 +661,7 @@ def prepare(source: Source, out: str | os.PathLike, config: PrepareConfig | None
             raise UserError(f"{source.label}: no documents (empty source)")
         writer.finish()
     except cf.BrokenExecutor:
-        raise UserError("a tokenizer process died (out of memory? with the spawn start method, call prepare() "
-                        "under `if __name__ == '__main__':`)") from None
+        raise UserError(BROKEN_POOL) from None
     finally:
         bar.close()
         if pool is not None:
@@ -669,10 +683,14 @@ def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
         raise UserError(f"{data_dir}: no shards (*_val_*.npy, *_train_*.npy)")
     lines = [str(data_dir)]
     path = data_dir / "manifest.json"
-    manifest = json.loads(path.read_text()) if path.is_file() else None
+    try:
+        manifest = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({_first_line(e)})") from None
     if manifest:
         state = "complete" if manifest.get("complete") else "incomplete (re-run the same command to resume)"
-        lines.append(f"  source     {_short(manifest['source'])}, {state}")
+        source = ", ".join(f"{k}={v}" for k, v in manifest["source"].items())
+        lines.append(f"  source     {source}; {state}")
         lines.append(f"  documents  {sum(s['documents'] for s in manifest['shards']):,}")
     for split, shards in splits.items():
         tokens = sum(len(load_shard(s)) for s in shards)

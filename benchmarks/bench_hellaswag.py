@@ -35,7 +35,7 @@ def timed(fn, warmup, *args) -> tuple[float, object]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=64)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16], help="examples per MLX forward")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8], help="examples per MLX forward (CPU default: 1)")
     args = ap.parse_args()
 
     import torch

@@ -71,6 +71,11 @@ def plot_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike = "run.p
     """
     from matplotlib.figure import Figure
 
+    out = Path(out)
+    if baseline not in ("auto", "on", "off"):
+        raise UserError(f"baseline must be auto, on or off, got {baseline!r}")
+    if out.suffix.lstrip(".").lower() not in Figure().canvas.get_supported_filetypes():
+        raise UserError(f"{out}: unknown image type {out.suffix!r}; use .png, .svg or .pdf")
     logs = [read_log(r) for r in runs]
     if len({l.name for l in logs}) < len(logs):  # same basename twice: tell them apart by path
         logs = [RunLog(str(r), l.series) for r, l in zip(runs, logs)]
@@ -108,7 +113,6 @@ def plot_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike = "run.p
         ax_hella.legend(fontsize="small")
 
     fig.tight_layout()
-    out = Path(out)
     with atomic_path(out) as tmp:
         fig.savefig(tmp)
     return out

@@ -71,6 +71,8 @@ def test_bad_logs(tmp_path):
     (tmp_path / "log.txt").write_text("hello\n")
     with pytest.raises(UserError, match=re.escape("no `STEP train|val|hella VALUE` lines")):
         read_log(tmp_path)
+    with pytest.raises(UserError, match="unknown image type '.txt'"):
+        plot_runs([fake_run(tmp_path / "ok")], tmp_path / "x.txt")
     (tmp_path / "log.txt").write_text("0 hella 0.25\n")
     with pytest.raises(UserError, match="no train or val loss lines"):
         plot_runs([tmp_path], tmp_path / "x.png")

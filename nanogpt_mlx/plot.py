@@ -70,6 +70,7 @@ def plot_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike = "run.p
     baseline: "on", "off" or "auto" (the GPT-2 124M val-loss line, drawn when the loss axis reaches it).
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter
 
     out = Path(out)
     if baseline not in ("auto", "on", "off"):
@@ -96,6 +97,8 @@ def plot_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike = "run.p
         bottom, top = min(bottom, GPT2_VAL_LOSS * 0.95), max(top, GPT2_VAL_LOSS * 1.05)
     if log_scale:
         ax_loss.set_yscale("log")
+        for axis_formatter in (ax_loss.yaxis.set_major_formatter, ax_loss.yaxis.set_minor_formatter):
+            axis_formatter(FormatStrFormatter("%g"))  # 6, 7, 10 rather than 6x10^0
     ax_loss.set_ylim(bottom, top)
     ax_loss.set(xlabel="step", ylabel="loss", title="Loss")
     ax_loss.grid(alpha=0.3)

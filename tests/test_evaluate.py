@@ -181,8 +181,9 @@ def test_row_longer_than_context(tmp_path, model):
 
 # ------------------------------------------------------------------------------------- download
 @pytest.fixture
-def http_dir(tmp_path):
+def http_dir(tmp_path, monkeypatch):
     """Serve a directory on 127.0.0.1 (a random free port) for the test's duration."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")  # a proxy set in the environment must not see these requests
     root = tmp_path / "www"
     root.mkdir()
     class Quiet(http.server.SimpleHTTPRequestHandler):

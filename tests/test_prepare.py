@@ -230,7 +230,9 @@ def test_kill_9_leaves_no_truncated_shard_and_resumes(tmp_path):
 
 # ------------------------------------------------------------------------------------ sources
 @pytest.fixture
-def http_server(tmp_path):
+def http_server(tmp_path, monkeypatch):
+    """Serve a directory on 127.0.0.1 (a free port) for the test's duration."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")  # a proxy set in the environment must not see these requests
     root = tmp_path / "www"
     root.mkdir()
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))

@@ -11,7 +11,8 @@ consumed in part order, so the shards do not depend on the number of workers.
 
 Resuming: a shard is written atomically, then recorded in the manifest with the position where the
 next one starts (file, part, token offset). A re-run verifies the recorded shards and continues after
-the last intact one; hub files are downloaded one at a time and deleted once tokenized.
+the last intact one. Hub files are downloaded file by file (the next one while the current one is
+tokenized) and deleted once tokenized, so at most about two are on disk.
 """
 
 from __future__ import annotations

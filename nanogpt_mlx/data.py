@@ -14,11 +14,11 @@ from .errors import UserError
 
 
 def list_shards(data_dir: str | Path, split: str) -> list[Path]:
-    """Sorted shard files of one split (`train` or `val`)."""
+    """Sorted shard files of one split (`train` or `val`); hidden temp files of unfinished writes are skipped."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: data directory not found (make one with `nanogpt-mlx prepare`)")
-    shards = sorted(p for p in data_dir.glob("*.npy") if f"_{split}_" in p.name)
+    shards = sorted(p for p in data_dir.glob("*.npy") if f"_{split}_" in p.name and not p.name.startswith("."))
     if not shards:
         raise UserError(f"{data_dir}: no {split} shards (*_{split}_*.npy)")
     return shards

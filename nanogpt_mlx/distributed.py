@@ -46,6 +46,14 @@ class Dist:
             return x
         return mx.distributed.all_sum(x, group=self.group) / self.world
 
+    def mean(self, value: float) -> float:
+        """Mean of a Python number over ranks, waited for under the watchdog."""
+        if self.world == 1:
+            return value
+        x = self.all_mean(mx.array(value, dtype=mx.float32))
+        self.sync(x)
+        return x.item()
+
     def all_sum(self, x: mx.array) -> mx.array:
         return x if self.world == 1 else mx.distributed.all_sum(x, group=self.group)
 
@@ -65,8 +73,15 @@ class Dist:
                 raise UserError(f"rank {self.rank}: lost a peer rank ({e}); stopping") from None
 
 
-def init(backend: str = "any", timeout: float = 300.0) -> Dist:
-    """Join the group started by mlx.launch / mpirun, or a single-process group otherwise."""
+TIMEOUT_ENV = "NANOGPT_MLX_DIST_TIMEOUT"
+
+
+def init(backend: str = "any", timeout: float | None = None) -> Dist:
+    """Join the group started by mlx.launch / mpirun, or a single-process group otherwise.
+
+    `timeout` (default: $NANOGPT_MLX_DIST_TIMEOUT, else 300 s) bounds how long any collective may wait.
+    """
+    timeout = timeout or float(os.environ.get(TIMEOUT_ENV, 300))
     if not any(k in os.environ for k in _LAUNCH_ENV):
         return Dist(timeout=timeout)
     with watchdog(timeout, f"could not connect to the other ranks within {timeout:.0f} s"):

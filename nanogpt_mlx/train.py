@@ -372,7 +372,7 @@ class Trainer:
     # -- evaluation
     def val_loss(self) -> float:
         """Mean loss over val_steps batches from the start of the val split (build-nanogpt)."""
-        return self.dist.all_mean(mx.array(loader_loss(self.model, self.val_loader, self.cfg.val_steps))).item()
+        return self.dist.mean(loader_loss(self.model, self.val_loader, self.cfg.val_steps))
 
     def samples(self) -> list[str]:
         cfg = self.cfg
@@ -411,7 +411,7 @@ class Trainer:
                 loss, norm = self._update(x, y, grads)
                 self.dist.sync(loss, norm, self.model.state, self.optimizer.state)
             loss_sum += loss.item()
-        return self.dist.all_mean(mx.array(loss_sum)).item(), norm.item()
+        return self.dist.mean(loss_sum), norm.item()
 
     def _on_sigint(self, *_) -> None:
         self._say("stopping: saving a checkpoint after this step (Ctrl-C again to quit without saving)")

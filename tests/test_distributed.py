@@ -1,0 +1,136 @@
+"""Data parallelism on localhost (ring backend, 127.0.0.1 only): 2 ranks equal 1 rank with twice the
+gradient accumulation, both ranks end with the same weights, and a dead or frozen rank stops the others."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_train import logged, tiny_config, token_stream, write_shards
+
+# Trains with the public API in whatever group the environment describes, then dumps this rank's weights.
+RANK_SCRIPT = """
+import json, sys
+import nanogpt_mlx
+import mlx.core as mx
+from nanogpt_mlx.train import TrainConfig, Trainer
+t = Trainer(TrainConfig(**json.loads(sys.argv[1])))
+t.train()
+mx.save_safetensors(f"{t.cfg.out}/rank{t.dist.rank}.safetensors", dict(t.model.parameters_flat()))
+print("done", t.dist.rank, t.dist.world, flush=True)
+"""
+
+
+def hostfile(tmp_path: Path, n: int) -> Path:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    path = tmp_path / "hosts.json"
+    path.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
+    return path
+
+
+def start_ranks(tmp_path: Path, cfg, n: int, cli: bool = False, env: dict | None = None) -> list[subprocess.Popen]:
+    """n processes of one group on 127.0.0.1: RANK_SCRIPT, or with cli=True `nanogpt-mlx train`."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    if cli:
+        cmd = [sys.executable, "-m", "nanogpt_mlx.cli", "train"]
+        for k, v in asdict(cfg).items():
+            cmd += [f"--{k.replace('_', '-')}" if not isinstance(v, bool) else f"--{'' if v else 'no-'}{k.replace('_', '-')}"]
+            cmd += [] if isinstance(v, bool) else [str(v)]
+    else:
+        cmd = [sys.executable, str(script), json.dumps(asdict(cfg))]
+    hosts = hostfile(tmp_path, n) if n > 1 else None
+    procs = []
+    for r in range(n):
+        e = {**os.environ, "OPENBLAS_NUM_THREADS": "1", **(env or {})}
+        if hosts:
+            e.update(MLX_RANK=str(r), MLX_HOSTFILE=str(hosts))
+        procs.append(subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[str]:
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err
+        outs.append(out)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    # 4 x 32 tokens per micro-batch; shards of 24 windows keep 1 and 2 ranks on the same batches
+    return write_shards(tmp_path_factory.mktemp("dshards"), [token_stream(24 * 128 + 1, 1), token_stream(24 * 128 + 1, 2)],
+                        token_stream(2000, 3))
+
+
+def weights(path: Path) -> dict[str, np.ndarray]:
+    import mlx.core as mx
+
+    return {k: np.array(v) for k, v in mx.load(str(path)).items()}
+
+
+def test_two_ranks_equal_one_rank_with_twice_the_accumulation(data_dir, tmp_path):
+    # total batch 512 tokens = 1 rank x 4 micro-steps = 2 ranks x 2 micro-steps
+    # each rank runs val_steps batches (as build-nanogpt), so 2 ranks x 2 cover 1 rank x 4
+    common = dict(total_batch_size=512, max_steps=8, val_every=4)
+    one = tiny_config(data_dir, tmp_path / "one", val_steps=4, **common)
+    two = tiny_config(data_dir, tmp_path / "two", val_steps=2, **common)
+    finish(start_ranks(tmp_path, one, 1))
+    outs = finish(start_ranks(tmp_path, two, 2))
+    done = sorted(line.split()[1:] for o in outs for line in o.splitlines() if line.startswith("done"))
+    assert done == [["0", "2"], ["1", "2"]]
+
+    loss1 = [r["loss"] for r in logged(tmp_path / "one")]
+    loss2 = [r["loss"] for r in logged(tmp_path / "two")]
+    assert len(loss1) == len(loss2) == 8
+    np.testing.assert_allclose(loss2, loss1, rtol=1e-4)
+    val1 = [r["loss"] for r in logged(tmp_path / "one", "val")]
+    val2 = [r["loss"] for r in logged(tmp_path / "two", "val")]
+    np.testing.assert_allclose(val2, val1, rtol=1e-4)
+    assert not (tmp_path / "two" / "rank1").exists()  # only rank 0 writes logs and checkpoints
+
+    r0, r1 = weights(tmp_path / "two" / "rank0.safetensors"), weights(tmp_path / "two" / "rank1.safetensors")
+    ref = weights(tmp_path / "one" / "rank0.safetensors")
+    for k in ref:
+        np.testing.assert_array_equal(r0[k], r1[k])  # ranks never diverge
+        np.testing.assert_allclose(r0[k], ref[k], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["kill", "freeze"])
+def test_a_lost_rank_stops_the_others_with_a_clear_error(how, data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tmp_path, max_steps=100000, total_batch_size=256)
+    procs = start_ranks(tmp_path, cfg, 2, cli=True, env={"NANOGPT_MLX_DIST_TIMEOUT": "10"})
+    survivor, victim = procs
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):  # training is under way
+        assert time.time() < deadline and survivor.poll() is None, survivor.stderr.read()
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+    try:
+        start = time.time()
+        _, err = survivor.communicate(timeout=60)
+        assert time.time() - start < 60
+    finally:
+        victim.kill()
+        victim.wait()
+    assert survivor.returncode != 0
+    errors = [l for l in err.splitlines() if l.startswith("nanogpt-mlx: error:")]
+    assert len(errors) == 1 and "rank 0" in errors[0], err
+    assert "Traceback" not in err

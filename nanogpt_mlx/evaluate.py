@@ -10,6 +10,7 @@ row's end cannot change its losses.
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
@@ -59,13 +60,16 @@ def download_hellaswag(url: str | None = None, dest: Path | None = None, progres
     hint = "pass --data FILE with a local copy of hellaswag_val.jsonl"
     try:
         with urllib.request.urlopen(url, timeout=30) as resp, atomic_path(dest) as tmp, open(tmp, "wb") as f:
-            size = int(resp.headers.get("Content-Length") or 0) or None
+            size, done = int(resp.headers.get("Content-Length") or 0) or None, 0
             with tqdm(total=size, unit="B", unit_scale=True, desc="hellaswag_val.jsonl", disable=not progress) as bar:
                 while chunk := resp.read(1 << 16):
-                    bar.update(f.write(chunk))
+                    done += f.write(chunk)
+                    bar.update(len(chunk))
+            if size is not None and done != size:  # urllib ends a cut-off body quietly
+                raise UserError(f"download of {url} was cut off after {done} of {size} bytes; {hint}")
     except urllib.error.HTTPError as e:
         raise UserError(f"could not download HellaSwag from {url} (HTTP {e.code} {e.reason}); {hint}") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, cut-off bodies
         reason = getattr(e, "reason", None) or str(e) or type(e).__name__
         raise UserError(f"could not download HellaSwag from {url} ({reason}); {hint}") from None
     return dest

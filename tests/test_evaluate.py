@@ -186,11 +186,21 @@ def http_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("no_proxy", "127.0.0.1")  # a proxy set in the environment must not see these requests
     root = tmp_path / "www"
     root.mkdir()
-    class Quiet(http.server.SimpleHTTPRequestHandler):
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if self.path != "/cut-off":
+                return super().do_GET()
+            self.send_response(200)  # promises more than it sends, then hangs up
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b'{"ctx": "a man')
+            self.close_connection = True
+
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield root, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -214,6 +224,9 @@ def test_download_failure_is_one_clear_line(http_dir, tmp_path):
     with pytest.raises(UserError, match="could not download HellaSwag .*pass --data FILE") as e:
         download_hellaswag(f"{base}/missing.jsonl", dest, progress=False)
     assert "404" in str(e.value) and not dest.exists()
+    with pytest.raises(UserError, match="cut off after 14 of 100000 bytes; pass --data FILE"):
+        download_hellaswag(f"{base}/cut-off", dest, progress=False)
+    assert not dest.parent.exists() or not any(dest.parent.iterdir())  # no partial file kept
     with pytest.raises(UserError, match="pass --data FILE"):  # nothing listening: like being offline
         download_hellaswag("http://127.0.0.1:9/hellaswag_val.jsonl", dest, progress=False)
 

@@ -11,7 +11,10 @@ import ctypes
 import glob
 import os
 import platform
+import subprocess
 import sys
+
+from . import gemv_shim
 
 DISABLE_ENV = "NANOGPT_MLX_NO_OPENBLAS"
 _OPENBLAS_GLOBS = (
@@ -24,6 +27,7 @@ _OPENBLAS_GLOBS = (
 
 # What happened at import time, reported by `nanogpt-mlx info`.
 blas: str = "bundled"
+gemv: str = "off"  # single-row matmuls through sgemv (gemv_shim.py)
 note: str = ""
 
 
@@ -56,7 +60,7 @@ def _tune_malloc() -> None:
 
 def setup() -> None:
     """Load OpenBLAS globally (Linux only) unless disabled or too late."""
-    global blas, note
+    global blas, gemv, note
     if platform.system() != "Linux":
         blas = "Accelerate" if platform.system() == "Darwin" else "bundled"
         return
@@ -73,8 +77,24 @@ def setup() -> None:
                 "Install it with `sudo apt-get install libopenblas0-pthread` (Debian/Ubuntu).")
         return
     try:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        openblas = ctypes.CDLL(path)  # not global yet: the gemv shim has to come first
     except OSError as e:
         note = f"could not load {path}: {e}"
         return
+    shim = _install_gemv_shim(openblas)
+    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     blas = f"OpenBLAS ({path})"
+    if shim is not None:
+        gemv = "on" if gemv_shim.active(shim) else "off (another cblas_sgemm was loaded first)"
+
+
+def _install_gemv_shim(openblas: ctypes.CDLL) -> ctypes.CDLL | None:
+    global gemv
+    if os.environ.get(gemv_shim.DISABLE_ENV, "") not in ("", "0"):
+        gemv = f"off ({gemv_shim.DISABLE_ENV} is set)"
+        return None
+    try:
+        return gemv_shim.install(openblas)
+    except (OSError, subprocess.SubprocessError) as e:
+        gemv = f"off ({e}); with a C compiler token-by-token sampling is ~2x faster"
+        return None

@@ -56,19 +56,35 @@ def gemm_gflops(n: int = 1024, seconds: float = 0.3) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
+def system_memory() -> tuple[float, float | None]:
+    """(total, available) system memory in GiB; available is None where the OS does not say."""
+    import os
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return total, int(fields["MemAvailable"].split()[0]) / 2**20  # kB -> GiB
+    except (OSError, KeyError, ValueError):
+        return total, None
+
+
 def cmd_info(args) -> None:
     import os
     import platform
 
     import mlx.core as mx
 
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    gflops = gemm_gflops()
+    total, available = system_memory()
     print(f"mlx          {mx.__version__}")
     print(f"platform     {platform.platform()} ({os.cpu_count()} cores)")
     print(f"device       {mx.default_device()}")
     print(f"blas         {backend.blas}" + (f"  [{backend.note}]" if backend.note else ""))
-    print(f"memory       {total / 2**30:.1f} GiB system, {mx.get_peak_memory() / 2**20:.0f} MiB MLX peak")
-    print(f"fp32 gemm    {gemm_gflops():.0f} GFLOP/s (1024x1024)")
+    print(f"gemv shim    {backend.gemv}")
+    print(f"memory       {total:.1f} GiB system" + (f", {available:.1f} GiB available" if available is not None else "")
+          + f", {mx.get_peak_memory() / 2**20:.0f} MiB MLX peak")
+    print(f"fp32 gemm    {gflops:.0f} GFLOP/s (1024x1024)")
 
 
 # -------------------------------------------------------------------------------------- sample
@@ -81,12 +97,19 @@ def add_sample(sub) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=30)
     p.add_argument("--temperature", type=positive_float, default=1.0)
     p.add_argument("--top-k", type=positive_int, default=50)
-    p.add_argument("--top-p", type=positive_float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-stop", action="store_true", help="keep generating past <|endoftext|>")
     p.add_argument("--crop", action="store_true", help="drop the start of a prompt that does not fit the context")
     p.set_defaults(func=cmd_sample)
+
+
+def probability(s: str) -> float:
+    v = positive_float(s)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
+    return v
 
 
 def cmd_sample(args) -> None:

@@ -165,12 +165,23 @@ class GPT(nn.Module):
     def load_flat(self, params: dict[str, mx.array]) -> None:
         self.update(tree_unflatten(list(params.items())))
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> "GPT":
+        """`gpt2` ... `gpt2-xl` from the Hugging Face hub (cached), a local HF directory or a checkpoint."""
+        from .weights import load_model  # weights.py imports this module
+
+        return load_model(name_or_path)
+
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.size for _, p in self.parameters_flat())
         return n - self.wpe.weight.size if non_embedding else n
 
     def __call__(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """idx (B, T) token ids -> logits (B, T, vocab_size)."""
+        return self.wte.as_linear(self.hidden(idx, cache))  # lm_head tied to wte
+
+    def hidden(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        """idx (B, T) token ids -> final hidden states (B, T, n_embd), the input of the tied lm_head."""
         B, T = idx.shape
         offset = cache[0].offset if cache else 0
         if offset + T > self.config.block_size:
@@ -179,8 +190,7 @@ class GPT(nn.Module):
         x = self.wte(idx) + self.wpe(pos)  # (B, T, n_embd)
         for i, block in enumerate(self.h):
             x = block(x, cache[i] if cache else None)
-        x = self.ln_f(x)
-        return self.wte.as_linear(x)  # lm_head tied to wte: (B, T, vocab_size)
+        return self.ln_f(x)
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.h]

@@ -72,32 +72,37 @@ def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig, num_samples: 
              use_cache: bool = True) -> Iterator[mx.array]:
     """Yield the next token of each sample, shape (num_samples,), until done.
 
-    With the same seed the cached and uncached paths draw from the same random keys, so
-    they produce the same tokens. A finished sample (it emitted <|endoftext|>) keeps
-    yielding EOT until all are finished.
+    Step t+1 is queued (mx.async_eval) before step t is read, so building its graph and the
+    caller's work overlap the computation. With the same seed the cached and uncached paths
+    draw from the same random keys, so they produce the same tokens. A finished sample (it
+    emitted <|endoftext|>) keeps yielding EOT until all are finished.
     """
     ids = prepare_prompt(model, prompt_ids, cfg)
-    key = mx.random.key(cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little"))
-    x = mx.array([ids] * num_samples)  # (B, T)
+    seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
+    keys = mx.random.split(mx.random.key(seed), cfg.max_new_tokens)  # one per new token
     cache = model.make_cache() if use_cache else None
-    inputs = x
-    done = mx.zeros((num_samples,), dtype=mx.bool_)
-    for _ in range(cfg.max_new_tokens):
-        logits = model(inputs, cache)[:, -1, :]  # (B, vocab)
-        key, sub = mx.random.split(key)
-        tok = next_token(logits, cfg, sub)
+    x = mx.array([ids] * num_samples)  # (B, T): the whole sequence, for the uncached path
+
+    def step(inputs: mx.array, done: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
+        h = model.hidden(inputs, cache)[:, -1, :]  # only the last position needs logits
+        tok = next_token(model.wte.as_linear(h), cfg, key)
         if cfg.stop_at_eot:
             tok = mx.where(done, EOT, tok)
             done = done | (tok == EOT)
-        mx.eval(tok, done)
+        return tok, done
+
+    pending = step(x, mx.zeros((num_samples,), dtype=mx.bool_), keys[0])
+    mx.async_eval(*pending)
+    for i in range(cfg.max_new_tokens):
+        tok, done = pending
+        if i + 1 < cfg.max_new_tokens:  # queue the next step before waiting for this one
+            if cache is None:
+                x = mx.concatenate([x, tok[:, None]], axis=1)
+            pending = step(tok[:, None] if cache is not None else x, done, keys[i + 1])
+            mx.async_eval(*pending)
         yield tok
         if cfg.stop_at_eot and done.all().item():
             return
-        if cache is not None:
-            inputs = tok[:, None]
-        else:
-            x = mx.concatenate([x, tok[:, None]], axis=1)
-            inputs = x
 
 
 def sample_texts(model: GPT, prompt: str, cfg: SampleConfig, num_samples: int = 1) -> list[str]:

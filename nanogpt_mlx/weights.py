@@ -20,6 +20,8 @@ from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 HF_FILES = ["config.json", "model.safetensors"]
 NATIVE_FORMAT = "nanogpt-mlx"  # marker in config.json of this project's checkpoints
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_GPT2_FIXED = {"layer_norm_epsilon": 1e-5, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+               "tie_word_embeddings": True}
 
 
 def sanitize(hf_weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -67,9 +69,12 @@ def _read_config(directory: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{directory}: no config.json (expected a Hugging Face GPT-2 or nanogpt-mlx directory)")
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return cfg
 
 
 def _config_from_hf(cfg: dict, where: Path) -> GPTConfig:
@@ -78,11 +83,23 @@ def _config_from_hf(cfg: dict, where: Path) -> GPTConfig:
     act = cfg.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UserError(f"{where}: activation {act!r} is not GPT-2's tanh GELU")
+    for key, gpt2_value in _GPT2_FIXED.items():  # variants this architecture does not implement
+        if cfg.get(key, gpt2_value) != gpt2_value:
+            raise UserError(f"{where}/config.json: {key}={cfg[key]!r} is not supported (GPT-2 uses {gpt2_value!r})")
     try:
-        return GPTConfig(block_size=cfg["n_positions"], vocab_size=cfg["vocab_size"],
-                         n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"])
+        return GPTConfig(block_size=int(cfg["n_positions"]), vocab_size=int(cfg["vocab_size"]),
+                         n_layer=int(cfg["n_layer"]), n_head=int(cfg["n_head"]), n_embd=int(cfg["n_embd"]))
     except KeyError as e:
         raise UserError(f"{where}/config.json: missing field {e}") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}/config.json: bad model size ({e})") from None
+
+
+def _config_from_native(cfg: dict, where: Path) -> GPTConfig:
+    try:
+        return GPTConfig.from_dict(cfg["model"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{where}/config.json: not a valid nanogpt-mlx model config ({e!r})") from None
 
 
 def _load_safetensors(path: Path) -> dict[str, mx.array]:
@@ -115,37 +132,39 @@ def load_local(directory: str | os.PathLike) -> GPT:
     """Load a local Hugging Face GPT-2 directory or a nanogpt-mlx checkpoint."""
     directory = Path(directory)
     cfg = _read_config(directory)
+    native = cfg.get("format") == NATIVE_FORMAT
+    config = _config_from_native(cfg, directory) if native else _config_from_hf(cfg, directory)
     weights = _load_safetensors(directory / "model.safetensors")
-    if cfg.get("format") == NATIVE_FORMAT:
-        config = GPTConfig.from_dict(cfg["model"])
-    else:
-        config = _config_from_hf(cfg, directory)
+    if not native:
         weights = sanitize(weights)
     model = GPT(config, seed=0)
     _load_into(model, weights, directory)
     return model
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def download(repo_id: str, files: list[str] = HF_FILES) -> Path:
-    """Fetch `files` of a hub repo into the Hugging Face cache (or find them there) and return the folder."""
-    from huggingface_hub import snapshot_download
+    """Fetch `files` of a hub repo into the Hugging Face cache (or find them there) and return their folder."""
+    from huggingface_hub import hf_hub_download
 
+    tried = f"{repo_id!r} is not a local directory"
     hint = "pass a local directory with config.json and model.safetensors instead"
+    try:  # all files cached already: no network round trip at all
+        paths = [hf_hub_download(repo_id, f, local_files_only=True) for f in files]
+        return Path(paths[0]).parent
+    except Exception:  # noqa: BLE001  (any failure here just means "not fully cached")
+        pass
+    if hub_offline():
+        raise UserError(f"{tried} and not in the Hugging Face cache (HF_HUB_OFFLINE is set); {hint}")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=files, local_files_only=True))
-    except Exception:
-        pass  # not cached yet
-    if _hub_offline():
-        raise UserError(f"{repo_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {hint}")
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=files, etag_timeout=10))
-    except Exception as e:
+        paths = [hf_hub_download(repo_id, f, etag_timeout=10) for f in files]
+    except Exception as e:  # noqa: BLE001  (network, auth, unknown repo: all end the same way)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"could not download {repo_id!r} from the Hugging Face hub ({reason}); {hint}") from None
+        raise UserError(f"{tried} and could not be downloaded from the Hugging Face hub ({reason}); {hint}") from None
+    return Path(paths[0]).parent
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -153,7 +172,7 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def load_model(name_or_path: str | os.PathLike) -> GPT:
-    """A model from a hub id (`gpt2`, `gpt2-medium`, ...), a local HF directory or a checkpoint."""
+    """A model from a local HF directory or checkpoint, else a hub id (`gpt2`, `gpt2-medium`, ...)."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -1,0 +1,154 @@
+"""`nanogpt-mlx info | sample | export` as a user runs them, and their one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import assert_one_line_error, run_cli
+
+from nanogpt_mlx.weights import load_model
+
+PROMPT = "Hello, I'm a language model,"
+
+
+def test_info():
+    out = run_cli("info", check=True).stdout
+    for field in ("mlx ", "device ", "blas ", "gemv shim ", "memory ", "fp32 gemm "):
+        assert any(line.startswith(field) for line in out.splitlines()), (field, out)
+    assert "GiB system" in out and "GFLOP/s" in out
+
+
+def test_sample_prints_samples_like_build_nanogpt(tiny_hf_dir):
+    args = ("sample", "--model", str(tiny_hf_dir), "--num-samples", "3", "--max-new-tokens", "8", "--seed", "42",
+            "--no-stop")
+    proc = run_cli(*args, check=True)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 3 and all(line.startswith("> " + PROMPT) and len(line) > len(PROMPT) + 2 for line in lines)
+    assert len(set(lines)) > 1  # different samples
+    assert run_cli(*args, check=True).stdout == proc.stdout  # the seed fixes them
+    assert run_cli(*args[:-2], "43", "--no-stop", check=True).stdout != proc.stdout
+
+
+def test_one_sample_is_streamed_and_greedy_is_deterministic(tiny_hf_dir):
+    args = ("sample", "--model", str(tiny_hf_dir), "--num-samples", "1", "--max-new-tokens", "6", "--greedy",
+            "--prompt", "The meaning of life is")
+    first = run_cli(*args, check=True).stdout
+    assert first.startswith("> The meaning of life is") and first.count("\n") == 1
+    assert run_cli(*args, check=True).stdout == first
+
+
+def test_export_writes_a_loadable_hugging_face_directory(tiny_hf_dir, tmp_path):
+    proc = run_cli("export", str(tiny_hf_dir), str(tmp_path / "out"), check=True)
+    assert "config.json" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "gpt2"
+    assert load_model(tmp_path / "out").config == load_model(tiny_hf_dir).config
+
+
+def test_prompt_too_long_needs_crop(tiny_hf_dir):
+    long = " word" * 120  # 120 tokens + 30 new > 128
+    base = ("sample", "--model", str(tiny_hf_dir), "--prompt", long, "--num-samples", "1", "--greedy")
+    assert_one_line_error(run_cli(*base), "exceeds the model's context of 128", "--crop")
+    assert run_cli(*base, "--crop", check=True).stdout.startswith("> ")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (("--max-new-tokens", "0"), ("--max-new-tokens", "must be >= 1")),
+    (("--max-new-tokens", "-5"), ("--max-new-tokens", "must be >= 1")),
+    (("--top-k", "0"), ("--top-k", "must be >= 1")),
+    (("--temperature", "0"), ("--temperature", "must be > 0")),
+    (("--top-p", "1.5"), ("--top-p", "must be in (0, 1]")),
+])
+def test_bad_sampling_arguments(tiny_hf_dir, args, needles):
+    assert_one_line_error(run_cli("sample", "--model", str(tiny_hf_dir), *args), *needles)
+
+
+def copy_hf_dir(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+def test_bad_models(tiny_hf_dir, tmp_path):
+    assert_one_line_error(run_cli("sample", "--model", str(tmp_path / "nope")), "nope", "no such directory")
+    assert_one_line_error(run_cli("export", str(tmp_path / "nope"), str(tmp_path / "out")), "no such directory")
+
+    corrupt = copy_hf_dir(tiny_hf_dir, tmp_path / "corrupt")
+    (corrupt / "model.safetensors").write_bytes((tiny_hf_dir / "model.safetensors").read_bytes()[:5000])
+    assert_one_line_error(run_cli("sample", "--model", str(corrupt)), "model.safetensors", "cannot read safetensors")
+
+    mismatch = copy_hf_dir(tiny_hf_dir, tmp_path / "mismatch")
+    config = json.loads((mismatch / "config.json").read_text())
+    (mismatch / "config.json").write_text(json.dumps({**config, "n_embd": 96}))
+    assert_one_line_error(run_cli("export", str(mismatch), str(tmp_path / "out")), "mismatch", "config.json implies")
+    assert not (tmp_path / "out").exists()
+
+    assert_one_line_error(run_cli("sample", "--model", "nobody/no-such-model"),
+                          "nobody/no-such-model", "HF_HUB_OFFLINE", "local directory")
+
+
+# ------------------------------------------------------------------------------ hub download
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def fake_hub(tiny_hf_dir, monkeypatch):
+    """Serve tiny_hf_dir as the hub repo `someone/tiny` on 127.0.0.1, the way huggingface_hub expects."""
+    requests: list[str] = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def _send_headers(self) -> bytes | None:
+            requests.append(f"{self.command} {self.path}")
+            parts = self.path.split("?")[0].strip("/").split("/")  # someone/tiny/resolve/main/FILE
+            file = tiny_hf_dir / parts[-1]
+            if len(parts) != 5 or parts[:3] != ["someone", "tiny", "resolve"] or not file.is_file():
+                self.send_response(404)
+                self.send_header("X-Error-Code", "RepoNotFound")
+                self.end_headers()
+                return None
+            data = file.read_bytes()
+            self.send_response(200)
+            self.send_header("X-Repo-Commit", COMMIT)
+            self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            return data
+
+        def do_HEAD(self):
+            self._send_headers()
+
+        def do_GET(self):
+            data = self._send_headers()
+            if data is not None:
+                self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    server.shutdown()
+
+
+def test_hub_download_is_cached(fake_hub, tiny_hf_dir, tmp_path):
+    url, requests = fake_hub
+    env = {"HF_ENDPOINT": url, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "0", "no_proxy": "127.0.0.1"}
+    args = ("sample", "--model", "someone/tiny", "--num-samples", "1", "--max-new-tokens", "4", "--greedy")
+    online = run_cli(*args, env=env, check=True).stdout
+    assert any("resolve/main/model.safetensors" in r for r in requests)
+    snapshot = tmp_path / "cache" / "models--someone--tiny" / "snapshots" / COMMIT
+    assert (snapshot / "model.safetensors").read_bytes() == (tiny_hf_dir / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "model.safetensors"]
+    requests.clear()
+    offline = run_cli(*args, env={**env, "HF_HUB_OFFLINE": "1"}, check=True).stdout  # from the cache
+    assert offline == online and requests == []
+    assert_one_line_error(run_cli("sample", "--model", "someone/missing", env=env),
+                          "someone/missing", "could not be downloaded", "local directory")

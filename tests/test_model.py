@@ -1,0 +1,88 @@
+"""The model: logits equal transformers' GPT2LMHeadModel, build-nanogpt's init, the KV cache."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import save_hf_gpt2
+
+from nanogpt_mlx import GPT, GPTConfig, UserError
+from nanogpt_mlx.weights import load_model
+
+
+def hf_logits(path, idx: np.ndarray) -> np.ndarray:
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        return hf(torch.from_numpy(idx).long()).logits.numpy()
+
+
+@pytest.mark.parametrize("shape, B, T", [
+    (dict(n_layer=4, n_head=4, n_embd=128, n_positions=64), 2, 64),  # T is the full context
+    (dict(n_layer=2, n_head=2, n_embd=64, n_positions=128), 3, 37),
+    (dict(n_layer=1, n_head=3, n_embd=96, n_positions=32, vocab_size=50304), 1, 32),  # padded vocab
+])
+def test_logits_match_transformers(tmp_path, shape, B, T):
+    path = save_hf_gpt2(tmp_path / "hf", seed=1, **shape)
+    idx = np.random.default_rng(0).integers(0, shape.get("vocab_size", 50257), size=(B, T))
+    model = GPT.from_pretrained(str(path))
+    assert model.config == GPTConfig(block_size=shape["n_positions"], vocab_size=shape.get("vocab_size", 50257),
+                                     n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"])
+    ours = np.array(model(mx.array(idx)))
+    ref = hf_logits(path, idx)
+    assert ours.shape == ref.shape == (B, T, model.config.vocab_size)
+    # The issue asks for 1e-4; we measure ~1e-6. 2e-5 also catches an exact-erf GELU (~6e-5 off here).
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-5)
+    assert np.abs(ref).max() > 0.1  # a real comparison, not of near-zero logits
+
+
+def test_gpt2_preset_has_124m_parameters():
+    model = GPT(GPTConfig.preset("gpt2"))
+    assert model.num_params() == 124_439_808  # GPT-2 small, as Hugging Face counts it
+    assert [k for k, _ in model.parameters_flat()][:4] == ["wte.weight", "wpe.weight", "h.0.ln_1.weight",
+                                                          "h.0.ln_1.bias"]
+
+
+def test_unknown_preset_is_a_user_error():
+    with pytest.raises(UserError, match="gpt2-medium"):
+        GPTConfig.preset("gpt3")
+
+
+def test_init_follows_build_nanogpt():
+    config = GPTConfig(block_size=64, vocab_size=1000, n_layer=4, n_head=4, n_embd=256)
+    params = dict(GPT(config, seed=0).parameters_flat())
+    resid_std = 0.02 * (2 * config.n_layer) ** -0.5
+    for name, p in params.items():
+        p = np.array(p)
+        if ".ln_" in name or name.startswith("ln_f"):
+            assert np.all(p == (1.0 if name.endswith("weight") else 0.0)), name
+        elif name.endswith("bias"):
+            assert np.all(p == 0), name
+        elif name.endswith("c_proj.weight"):
+            assert abs(p.std() - resid_std) < 0.1 * resid_std, name
+        else:
+            assert abs(p.std() - 0.02) < 0.002 and abs(p.mean()) < 0.002, name
+    # the seed fixes the initialisation
+    again = dict(GPT(config, seed=0).parameters_flat())
+    assert all(mx.array_equal(params[k], again[k]).item() for k in params)
+    other = GPT(config, seed=1).wte.weight
+    assert not mx.array_equal(params["wte.weight"], other).item()
+
+
+def test_kv_cache_logits_equal_full_forward(tiny_hf_dir):
+    model = load_model(tiny_hf_dir)
+    idx = mx.array(np.random.default_rng(1).integers(0, 50257, size=(2, 20)))
+    full = model(idx)
+    cache = model.make_cache()
+    parts = [model(idx[:, :7], cache)] + [model(idx[:, t : t + 1], cache) for t in range(7, 20)]
+    np.testing.assert_allclose(np.array(mx.concatenate(parts, axis=1)), np.array(full), rtol=0, atol=1e-5)
+    assert cache[0].offset == 20
+
+
+def test_sequence_longer_than_context_is_a_user_error(tiny_hf_dir):
+    model = load_model(tiny_hf_dir)
+    with pytest.raises(UserError, match="exceeds the context of 128"):
+        model(mx.zeros((1, 129), dtype=mx.int32))

@@ -1,0 +1,148 @@
+"""Generation: KV cache = no cache, greedy = transformers, the sampling filters, stopping, prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from nanogpt_mlx import GPT, GPTConfig, UserError
+from nanogpt_mlx.sample import SampleConfig, generate, next_token, sample_texts, stream_text
+from nanogpt_mlx.tokenizer import EOT, encode
+from nanogpt_mlx.weights import load_model
+
+PROMPT = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # "Hello, I'm a language model,"
+
+
+@pytest.fixture(scope="module")
+def lively_hf_dir(tmp_path_factory) -> Path:
+    """A random transformers GPT-2 with larger weights (init std 0.2): its greedy text does not
+    collapse into one repeated token, so comparing token sequences means something."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("lively")
+    GPT2LMHeadModel(GPT2Config(n_layer=4, n_head=4, n_embd=128, n_positions=128, initializer_range=0.2)
+                    ).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(lively_hf_dir) -> GPT:
+    return load_model(lively_hf_dir)
+
+
+def tokens(model, cfg: SampleConfig, num_samples: int = 1, prompt=PROMPT, **kw) -> list[list[int]]:
+    """(num_samples, steps) token ids."""
+    return np.array([t.tolist() for t in generate(model, prompt, cfg, num_samples, **kw)]).T.tolist()
+
+
+def test_greedy_equals_transformers_generate(lively_hf_dir, model):
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(lively_hf_dir).eval()
+    hf.generation_config.eos_token_id = None  # generate exactly 40 tokens, like stop_at_eot=False
+    ref = hf.generate(torch.tensor([PROMPT]), do_sample=False, max_new_tokens=40, pad_token_id=0)[0, 8:].tolist()
+    ours = tokens(model, SampleConfig(max_new_tokens=40, greedy=True, stop_at_eot=False))[0]
+    assert ours == ref
+    assert len(set(ref)) > 10  # a varied sequence, not one repeated token
+
+
+@pytest.mark.parametrize("cfg", [
+    SampleConfig(max_new_tokens=30, greedy=True, stop_at_eot=False),
+    SampleConfig(max_new_tokens=30, top_k=50, seed=7, stop_at_eot=False),
+    SampleConfig(max_new_tokens=30, top_k=None, top_p=0.9, temperature=0.8, seed=8, stop_at_eot=False),
+])
+def test_kv_cache_equals_no_cache(model, cfg):
+    cached = tokens(model, cfg, num_samples=3)
+    assert cached == tokens(model, cfg, num_samples=3, use_cache=False)
+    assert len(cached[0]) == 30 and (cfg.greedy or cached[0] != cached[1])  # samples differ from each other
+
+
+def test_seed_fixes_samples_and_top_k_1_is_greedy(model):
+    cfg = SampleConfig(max_new_tokens=20, top_k=50, seed=3, stop_at_eot=False)
+    assert tokens(model, cfg) == tokens(model, cfg)
+    assert tokens(model, cfg) != tokens(model, SampleConfig(max_new_tokens=20, top_k=50, seed=4, stop_at_eot=False))
+    greedy = tokens(model, SampleConfig(max_new_tokens=20, greedy=True, stop_at_eot=False))
+    assert tokens(model, SampleConfig(max_new_tokens=20, top_k=1, seed=5, stop_at_eot=False)) == greedy
+
+
+def draw(logits: list[float], n: int = 4000, **cfg) -> np.ndarray:
+    """n independent draws of next_token from the same logits."""
+    x = mx.broadcast_to(mx.array(logits, dtype=mx.float32), (n, len(logits)))
+    return np.array(next_token(x, SampleConfig(**cfg), mx.random.key(0)))
+
+
+def test_top_k_top_p_and_temperature_filter_correctly():
+    logits = np.log([0.5, 0.3, 0.15, 0.05]).tolist()
+    assert set(draw(logits, top_k=2)) == {0, 1}
+    assert set(draw(logits, top_k=3)) == {0, 1, 2}
+    # top-p keeps the smallest prefix whose mass reaches p: 0.5 + 0.3 >= 0.7, so tokens 0 and 1
+    picks = draw(logits, top_k=None, top_p=0.7)
+    assert set(picks) == {0, 1} and abs((picks == 0).mean() - 0.5 / 0.8) < 0.03
+    assert set(draw(logits, top_k=None, top_p=0.81)) == {0, 1, 2}
+    assert set(draw(logits, top_k=None, top_p=0.4)) == {0}
+    assert set(draw(logits, top_k=None, top_p=1.0)) == {0, 1, 2, 3}
+    # without filters, frequencies follow softmax(logits / temperature)
+    for t in (1.0, 2.0):
+        picks = draw(logits, top_k=None, temperature=t)
+        p = np.array([0.5, 0.3, 0.15, 0.05]) ** (1 / t)
+        assert np.abs(np.bincount(picks, minlength=4) / len(picks) - p / p.sum()).max() < 0.03
+    assert set(draw(logits, top_k=None, temperature=0.01)) == {0}
+    assert set(draw(logits, greedy=True)) == {0}
+
+
+def test_padded_vocab_is_never_sampled():
+    logits = np.zeros(50304, dtype=np.float32)
+    logits[50257:] = 100.0  # the padding would win every draw if it could
+    logits[123] = 5.0
+    assert set(draw(logits.tolist(), n=64, greedy=True)) == {123}
+    assert np.all(draw(logits.tolist(), n=256, top_k=None) < 50257)
+    assert set(draw(logits.tolist(), n=64, top_k=1)) == {123}
+
+
+def eot_model() -> GPT:
+    """A model that always predicts <|endoftext|>: constant final hidden state, aligned with wte[EOT]."""
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=32), seed=0)
+    direction = mx.random.normal((32,), key=mx.random.key(1))
+    model.ln_f.weight = mx.zeros((32,))
+    model.ln_f.bias = direction
+    model.wte.weight[EOT] = 10 * direction
+    return model
+
+
+def test_generation_stops_at_end_of_text():
+    model = eot_model()
+    assert tokens(model, SampleConfig(max_new_tokens=10, greedy=True), num_samples=2) == [[EOT], [EOT]]
+    assert tokens(model, SampleConfig(max_new_tokens=10, greedy=True, stop_at_eot=False))[0] == [EOT] * 10
+    assert sample_texts(model, "Hi there", SampleConfig(max_new_tokens=10, greedy=True), 2) == ["Hi there"] * 2
+
+
+def test_stream_text_equals_sample_texts(model):
+    cfg = SampleConfig(max_new_tokens=25, top_k=20, seed=11, stop_at_eot=False)
+    streamed = "".join(stream_text(model, "Once upon a time", cfg))
+    assert streamed == sample_texts(model, "Once upon a time", cfg, 1)[0]
+    assert streamed.startswith("Once upon a time") and len(streamed) > len("Once upon a time")
+
+
+def test_prompt_longer_than_context(model):
+    long_prompt = list(range(1000, 1120))  # 120 tokens + 20 new > 128
+    cfg = SampleConfig(max_new_tokens=20, greedy=True, stop_at_eot=False)
+    with pytest.raises(UserError, match="exceeds the model's context of 128; pass --crop"):
+        tokens(model, cfg, prompt=long_prompt)
+    cropped = SampleConfig(max_new_tokens=20, greedy=True, stop_at_eot=False, crop=True)
+    assert tokens(model, cropped, prompt=long_prompt) == tokens(model, cfg, prompt=long_prompt[-108:])
+    with pytest.raises(UserError, match="max_new_tokens must be >= 1"):
+        SampleConfig(max_new_tokens=0)
+    with pytest.raises(UserError, match="top_k must be >= 1"):
+        SampleConfig(top_k=0)
+
+
+def test_empty_prompt_starts_from_end_of_text(model):
+    cfg = SampleConfig(max_new_tokens=5, greedy=True, stop_at_eot=False)
+    assert tokens(model, cfg, prompt=[]) == tokens(model, cfg, prompt=[EOT])
+    assert len(encode("")) == 0

@@ -1,0 +1,133 @@
+"""Weights in and out: Hugging Face directories, the hub cache, this project's checkpoints, bad files."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import save_hf_gpt2
+from test_model import hf_logits
+
+from nanogpt_mlx import GPT, GPTConfig, UserError
+from nanogpt_mlx.weights import export_hf, load_model, save_model
+
+SMALL = GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)
+
+
+def read_tensors(path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_export_then_transformers_gives_same_logits(tmp_path):
+    model = GPT(SMALL, seed=3)
+    export_hf(model, tmp_path / "out")
+    idx = np.random.default_rng(0).integers(0, 50257, size=(2, 32))
+    np.testing.assert_allclose(hf_logits(tmp_path / "out", idx), np.array(model(mx.array(idx))), rtol=0, atol=2e-5)
+
+
+def test_transformers_in_and_out_is_byte_identical(tiny_hf_dir, tmp_path):
+    export_hf(load_model(tiny_hf_dir), tmp_path / "out")
+    original, exported = read_tensors(tiny_hf_dir), read_tensors(tmp_path / "out")
+    # lm_head is tied to wte and the causal-mask buffers are not weights
+    expected = {k for k in original if k != "lm_head.weight" and not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    assert set(exported) == expected
+    for k in expected:
+        assert exported[k].dtype == original[k].dtype and exported[k].tobytes() == original[k].tobytes(), k
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["n_layer"], config["n_embd"], config["n_positions"], config["vocab_size"]) == (2, 64, 128, 50257)
+
+
+def test_padded_vocab_exports_cropped_and_matches(tmp_path):
+    model = GPT(GPTConfig(**{**SMALL.to_dict(), "vocab_size": 50304}), seed=4)
+    save_model(model, tmp_path / "ckpt")  # this project's checkpoint keeps the padding
+    assert load_model(tmp_path / "ckpt").config.vocab_size == 50304
+    export_hf(load_model(tmp_path / "ckpt"), tmp_path / "out")
+    assert read_tensors(tmp_path / "out")["transformer.wte.weight"].shape == (50257, 32)
+    idx = np.random.default_rng(1).integers(0, 50257, size=(1, 32))
+    ours = np.array(model(mx.array(idx)))[..., :50257]
+    np.testing.assert_allclose(hf_logits(tmp_path / "out", idx), ours, rtol=0, atol=2e-5)
+
+
+def test_native_checkpoint_round_trip(tmp_path):
+    model = GPT(SMALL, seed=5)
+    save_model(model, tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["format"] == "nanogpt-mlx"
+    loaded = load_model(tmp_path / "ckpt")
+    assert loaded.config == SMALL
+    for (k, a), (k2, b) in zip(model.parameters_flat(), loaded.parameters_flat()):
+        assert k == k2 and mx.array_equal(a, b).item(), k
+
+
+def test_hub_id_loads_from_the_huggingface_cache(tiny_hf_dir, tmp_path, monkeypatch):
+    """A hub id already in the cache loads with HF_HUB_OFFLINE=1 (a cache laid out as huggingface_hub does)."""
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-gpt2"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_bytes((tiny_hf_dir / name).read_bytes())
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = load_model("someone/tiny-gpt2")
+    assert model.config.n_embd == 64
+    assert mx.array_equal(model.wte.weight, load_model(tiny_hf_dir).wte.weight).item()
+
+
+def test_unknown_hub_id_offline_fails_fast_with_one_clear_line(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError) as e:
+        load_model("nobody/no-such-model")
+    msg = str(e.value)
+    assert "not a local directory" in msg and "HF_HUB_OFFLINE" in msg and "local directory with config.json" in msg
+
+
+def copy_hf_dir(src, dst):
+    dst.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+def test_bad_directories_are_user_errors(tiny_hf_dir, tmp_path):
+    with pytest.raises(UserError, match="no such directory"):
+        load_model(tmp_path / "missing")
+    with pytest.raises(UserError, match="no config.json"):
+        load_model(tmp_path)
+
+    corrupt = copy_hf_dir(tiny_hf_dir, tmp_path / "corrupt")
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])  # an interrupted download
+    with pytest.raises(UserError, match="cannot read safetensors"):
+        load_model(corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(UserError, match="cannot read safetensors"):
+        load_model(corrupt)
+
+    mismatch = copy_hf_dir(tiny_hf_dir, tmp_path / "mismatch")
+    config = json.loads((mismatch / "config.json").read_text())
+    (mismatch / "config.json").write_text(json.dumps({**config, "n_embd": 128}))
+    with pytest.raises(UserError, match=r"has shape \(\d+, 64\), config.json implies \(\d+, 128\)"):
+        load_model(mismatch)
+    (mismatch / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
+    with pytest.raises(UserError, match=r"missing: \['h.2.attn.c_attn.bias'"):
+        load_model(mismatch)
+    (mismatch / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
+    with pytest.raises(UserError, match="not GPT-2's tanh GELU"):
+        load_model(mismatch)
+
+    pickle_only = tmp_path / "pickle"
+    pickle_only.mkdir()
+    (pickle_only / "config.json").write_text(json.dumps(config))
+    (pickle_only / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(UserError, match="pickle files are not loaded"):
+        load_model(pickle_only)

@@ -89,7 +89,7 @@ def test_parity_with_pytorch_reference(tiny_hf_dir, fixture_file, model):
 
     raw = [json.loads(l) for l in fixture_file.read_text().splitlines()]
     ref = reference_scores(GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval(), raw)
-    res = score_hellaswag(load_model(tiny_hf_dir), load_hellaswag(fixture_file), batch_examples=5, progress=False)
+    res = score_hellaswag(model, load_hellaswag(fixture_file), batch_examples=5, progress=False)
     assert [r.index for r in res.records] == list(range(len(raw)))
     for rec, want in zip(res.records, ref):
         assert rec.label == raw[rec.index]["label"]

@@ -10,12 +10,9 @@ row's end cannot change its losses.
 
 from __future__ import annotations
 
-import http.client
 import json
 import math
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,9 +24,8 @@ from tqdm import tqdm
 
 from .data import DataLoader, list_shards, load_shard
 from .errors import UserError
-from .files import atomic_path
+from .files import atomic_path, cache_dir, download
 from .model import GPT, KVCache
-from .prepare import default_cache_dir
 from .tokenizer import encode
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -54,25 +50,8 @@ class Example:
 def download_hellaswag(url: str | None = None, dest: Path | None = None, progress: bool = True) -> Path:
     """The validation JSONL, downloaded once into the cache (atomically) and reused after."""
     url = url or os.environ.get(URL_ENV) or HELLASWAG_URL
-    dest = dest or default_cache_dir() / "hellaswag" / "hellaswag_val.jsonl"
-    if dest.is_file():
-        return dest
-    hint = "pass --data FILE with a local copy of hellaswag_val.jsonl"
-    try:
-        with urllib.request.urlopen(url, timeout=30) as resp, atomic_path(dest) as tmp, open(tmp, "wb") as f:
-            size, done = int(resp.headers.get("Content-Length") or 0) or None, 0
-            with tqdm(total=size, unit="B", unit_scale=True, desc="hellaswag_val.jsonl", disable=not progress) as bar:
-                while chunk := resp.read(1 << 16):
-                    done += f.write(chunk)
-                    bar.update(len(chunk))
-            if size is not None and done != size:  # urllib ends a cut-off body quietly
-                raise UserError(f"download of {url} was cut off after {done} of {size} bytes; {hint}")
-    except urllib.error.HTTPError as e:
-        raise UserError(f"could not download HellaSwag from {url} (HTTP {e.code} {e.reason}); {hint}") from None
-    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, cut-off bodies
-        reason = getattr(e, "reason", None) or str(e) or type(e).__name__
-        raise UserError(f"could not download HellaSwag from {url} ({reason}); {hint}") from None
-    return dest
+    dest = dest or cache_dir() / "hellaswag" / "hellaswag_val.jsonl"
+    return download(url, dest, "HellaSwag", "pass --data FILE with a local copy of hellaswag_val.jsonl", progress)
 
 
 def load_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[Example]:

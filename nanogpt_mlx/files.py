@@ -31,3 +31,41 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def cache_dir() -> Path:
+    """Where downloads are kept: $XDG_CACHE_HOME/nanogpt-mlx (default ~/.cache/nanogpt-mlx)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "nanogpt-mlx"
+
+
+def download(url: str, dest: Path, what: str, hint: str, progress: bool = True) -> Path:
+    """Fetch `url` into `dest` once (atomically, with a progress bar) and return `dest`.
+
+    Any failure (offline, HTTP error, a body cut off before Content-Length) is one UserError
+    naming `what` and ending with `hint`, the offline way in.
+    """
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    from tqdm import tqdm
+
+    from .errors import UserError
+
+    if dest.is_file():
+        return dest
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp, atomic_path(dest) as tmp, open(tmp, "wb") as f:
+            size, done = int(resp.headers.get("Content-Length") or 0) or None, 0
+            with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
+                while chunk := resp.read(1 << 16):
+                    done += f.write(chunk)
+                    bar.update(len(chunk))
+            if size is not None and done != size:  # urllib ends a cut-off body quietly
+                raise UserError(f"download of {url} was cut off after {done} of {size} bytes; {hint}")
+    except urllib.error.HTTPError as e:
+        raise UserError(f"could not download {what} from {url} (HTTP {e.code} {e.reason}); {hint}") from None
+    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, cut-off bodies
+        reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+        raise UserError(f"could not download {what} from {url} ({reason}); {hint}") from None
+    return dest

@@ -27,7 +27,6 @@ import shutil
 import signal
 import threading
 import time
-import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import numpy as np
 
 from .data import list_shards, load_shard
 from .errors import UserError
-from .files import atomic_path, atomic_write_text
+from .files import atomic_path, atomic_write_text, cache_dir as default_cache_dir, download
 from .tokenizer import EOT, get_tokenizer
 
 FORMAT = "nanogpt-mlx-shards"
@@ -164,24 +163,14 @@ def _local_unit(file: Path, kind: str, field: str, name: str) -> Unit:
     return Unit(f"{name} ({file.stat().st_size} bytes)", kind, lambda scratch: file, field)
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "nanogpt-mlx"
-
-
-def _download_cached(url: str, cache_dir: Path) -> Path:
+def _download_cached(url: str, cache: Path) -> Path:
     """`url` into the cache (once); the default Tiny Shakespeare URL is checked against its sha256."""
-    dest = cache_dir / f"tinyshakespeare-{hashlib.sha256(url.encode()).hexdigest()[:12]}.txt"
-    if dest.is_file():
-        return dest
+    dest = cache / f"tinyshakespeare-{hashlib.sha256(url.encode()).hexdigest()[:12]}.txt"
     hint = "pass a local copy with --path FILE"
-    with atomic_path(dest) as tmp:
-        try:
-            with urllib.request.urlopen(url, timeout=30) as r:
-                tmp.write_bytes(r.read())
-        except OSError as e:  # URLError, HTTPError, timeouts
-            raise UserError(f"could not download {url} ({getattr(e, 'reason', e)}); {hint}") from None
-        if url == SHAKESPEARE_URL and _sha256(tmp) != SHAKESPEARE_SHA256:
-            raise UserError(f"{url}: downloaded file has an unexpected sha256; {hint}")
+    download(url, dest, "Tiny Shakespeare", hint)
+    if url == SHAKESPEARE_URL and _sha256(dest) != SHAKESPEARE_SHA256:
+        dest.unlink()
+        raise UserError(f"{url}: downloaded file has an unexpected sha256; {hint}")
     return dest
 
 
@@ -198,11 +187,11 @@ def _hub_listing(folder: str, revision: str | None) -> tuple[str, list[tuple[str
     """(commit sha, [(path, size)]) of the parquet files under `folder` of the fineweb-edu repo."""
     from huggingface_hub import HfApi
 
-    from .weights import _hub_offline
+    from .weights import hub_offline
 
     hint = (f"download the parquet files yourself and pass --local-dir DIR (laid out as DIR/{folder}/*.parquet), "
             "or use `prepare files`")
-    if _hub_offline():
+    if hub_offline():
         raise UserError(f"HF_HUB_OFFLINE is set, cannot list {FINEWEB_REPO}; {hint}")
     api = HfApi()
     try:

@@ -271,6 +271,9 @@ def add_train(sub) -> None:
     p.add_argument("--preset", choices=list(PRESETS), default="shakespeare", help="(default: shakespeare)")
     p.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoints are in DIR, exactly")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds checkpoints")
+    p.add_argument("--ranks", type=positive_int, default=1,
+                   help="data-parallel processes on this machine (ring backend on 127.0.0.1), each with "
+                        "cores/ranks BLAS threads; for several machines use mlx.launch (see README)")
     group = p.add_argument_group("config fields (defaults per preset)")
     for f in fields(TrainConfig):
         defaults = ", ".join(f"{name}: {getattr(cfg, f.name)!r}" for name, cfg in PRESETS.items())
@@ -286,8 +289,11 @@ def add_train(sub) -> None:
 def cmd_train(args) -> None:
     from dataclasses import fields
 
+    from .distributed import launch_local, launched
     from .train import TrainConfig, Trainer, resume_config
 
+    if args.ranks > 1 and not launched():
+        raise SystemExit(launch_local(args.ranks, args.argv))  # each rank runs this same command
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if args.resume:
         if "out" in overrides:
@@ -297,6 +303,8 @@ def cmd_train(args) -> None:
         cfg = TrainConfig.preset(args.preset, **overrides)
     trainer = Trainer(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     result = trainer.train()
+    if not trainer.dist.is_main:
+        return
     losses = ", ".join(f"{k} {v:.4f}" for k, v in result.items())
     print(f"done: step {trainer.step}{', ' + losses if losses else ''}; model in {cfg.out} "
           f"(nanogpt-mlx sample --model {cfg.out})")
@@ -315,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
     if backend.note and args.command != "info":
         print(f"nanogpt-mlx: note: {backend.note}", file=sys.stderr)
     try:

@@ -46,13 +46,16 @@ class Dist:
             return x
         return mx.distributed.all_sum(x, group=self.group) / self.world
 
-    def mean(self, value: float) -> float:
-        """Mean of a Python number over ranks, waited for under the watchdog."""
+    def sum(self, value: float) -> float:
+        """Sum of a Python number over ranks, waited for under the watchdog."""
         if self.world == 1:
             return value
-        x = self.all_mean(mx.array(value, dtype=mx.float32))
+        x = self.all_sum(mx.array(value, dtype=mx.float32))
         self.sync(x)
         return x.item()
+
+    def mean(self, value: float) -> float:
+        return self.sum(value) / self.world
 
     def all_sum(self, x: mx.array) -> mx.array:
         return x if self.world == 1 else mx.distributed.all_sum(x, group=self.group)
@@ -76,13 +79,18 @@ class Dist:
 TIMEOUT_ENV = "NANOGPT_MLX_DIST_TIMEOUT"
 
 
+def launched() -> bool:
+    """Whether this process was started as one rank of a group (mlx.launch, mpirun, launch_local)."""
+    return any(k in os.environ for k in _LAUNCH_ENV)
+
+
 def init(backend: str = "any", timeout: float | None = None) -> Dist:
     """Join the group started by mlx.launch / mpirun, or a single-process group otherwise.
 
     `timeout` (default: $NANOGPT_MLX_DIST_TIMEOUT, else 300 s) bounds how long any collective may wait.
     """
     timeout = timeout or float(os.environ.get(TIMEOUT_ENV, 300))
-    if not any(k in os.environ for k in _LAUNCH_ENV):
+    if not launched():
         return Dist(timeout=timeout)
     with watchdog(timeout, f"could not connect to the other ranks within {timeout:.0f} s"):
         try:

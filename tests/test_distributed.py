@@ -134,3 +134,15 @@ def test_a_lost_rank_stops_the_others_with_a_clear_error(how, data_dir, tmp_path
     errors = [l for l in err.splitlines() if l.startswith("nanogpt-mlx: error:")]
     assert len(errors) == 1 and "rank 0" in errors[0], err
     assert "Traceback" not in err
+
+
+def test_cli_ranks_option_launches_local_ranks(data_dir, tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("train", "--ranks", "2", "--data", str(data_dir), "--out", str(tmp_path), "--n-layer", "2",
+                   "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--vocab-size", "1000", "--batch-size", "4",
+                   "--seq-len", "32", "--total-batch-size", "256", "--max-steps", "3", "--val-every", "0",
+                   "--sample-every", "0", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 rank(s)" in proc.stdout and proc.stdout.count("done: step 3") == 1
+    assert len(logged(tmp_path)) == 3 and (tmp_path / "model.safetensors").is_file()

@@ -21,6 +21,8 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 
 from nanogpt_mlx import prepare as prep
+from nanogpt_mlx import sources
+from nanogpt_mlx.files import sha256_file
 from nanogpt_mlx.data import list_shards, load_shard
 from nanogpt_mlx.errors import UserError
 from nanogpt_mlx.tokenizer import EOT, get_tokenizer
@@ -96,7 +98,7 @@ def test_encode_docs_equals_encode_ordinary_per_document():
 def test_round_trip_jsonl_parquet_txt(tmp_path, mixed):
     paths, docs = mixed
     out = tmp_path / "out"
-    summary = prep.prepare(prep.local_files(paths), out, cfg())
+    summary = prep.prepare(sources.local_files(paths), out, cfg())
     tokens = shard_tokens(out)
     assert np.array_equal(tokens, expected_tokens(docs))
     assert get_tokenizer().decode(tokens.tolist()) == "".join(EOT_TEXT + d for d in docs)
@@ -108,7 +110,7 @@ def test_round_trip_jsonl_parquet_txt(tmp_path, mixed):
     assert all(s["tokens"] == 500 for s in shards[:-1]) and 0 < shards[-1]["tokens"] <= 500
     assert sum(s["documents"] for s in shards) == len(docs) == manifest["totals"]["documents"]
     for s in shards:
-        assert prep._sha256(out / s["file"]) == s["sha256"]
+        assert sha256_file(out / s["file"]) == s["sha256"]
         assert np.load(out / s["file"]).dtype == np.uint16
     assert manifest["complete"] and summary.new_tokens == len(tokens)
     # what training reads
@@ -120,7 +122,7 @@ def test_round_trip_jsonl_parquet_txt(tmp_path, mixed):
 def test_blank_line_paragraphs_and_skipped_empty_documents(tmp_path):
     (tmp_path / "p.txt").write_text("First para\nline two\n\n\n  \nSecond para\r\n\r\nThird\n")
     (tmp_path / "empty.txt").write_text("  \n")
-    source = prep.local_files([tmp_path / "*.txt"], split_on_blank_lines=True)
+    source = sources.local_files([tmp_path / "*.txt"], split_on_blank_lines=True)
     prep.prepare(source, tmp_path / "out", cfg())
     assert np.array_equal(shard_tokens(tmp_path / "out"),
                           expected_tokens(["First para\nline two", "Second para", "Third"]))
@@ -132,7 +134,7 @@ def test_one_and_two_workers_give_identical_bytes(tmp_path, mixed, shuffle):
     outs = []
     for workers in (1, 2):
         outs.append(tmp_path / f"w{workers}")
-        prep.prepare(prep.local_files(paths), outs[-1], cfg(workers=workers, shuffle_docs=shuffle, seed=3))
+        prep.prepare(sources.local_files(paths), outs[-1], cfg(workers=workers, shuffle_docs=shuffle, seed=3))
     assert dir_bytes(outs[0]) == dir_bytes(outs[1])
     tokens = shard_tokens(outs[0])
     if shuffle:  # the same documents, in another order
@@ -150,20 +152,20 @@ def test_spawn_start_method(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(
         "import multiprocessing, sys\n"
-        "from nanogpt_mlx.prepare import PrepareConfig, local_files, prepare\n"
+        "from nanogpt_mlx.prepare import PrepareConfig, prepare\nfrom nanogpt_mlx.sources import local_files\n"
         "if __name__ == '__main__':\n"
         "    multiprocessing.set_start_method('spawn')\n"
         "    prepare(local_files([sys.argv[1]]), sys.argv[2],\n"
         "            PrepareConfig(workers=2, shard_size=300, part_bytes=256, progress=False))\n")
     subprocess.run([sys.executable, str(script), str(jsonl), str(tmp_path / "spawn")], check=True, timeout=300)
-    prep.prepare(prep.local_files([jsonl]), tmp_path / "one", cfg(shard_size=300, part_bytes=256))
+    prep.prepare(sources.local_files([jsonl]), tmp_path / "one", cfg(shard_size=300, part_bytes=256))
     assert dir_bytes(tmp_path / "spawn") == dir_bytes(tmp_path / "one")
 
 
 # ------------------------------------------------------------------------------------- resume
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, mixed, monkeypatch):
     paths, _ = mixed
-    prep.prepare(prep.local_files(paths), tmp_path / "ref", cfg())
+    prep.prepare(sources.local_files(paths), tmp_path / "ref", cfg())
     out = tmp_path / "out"
     save, calls = np.save, []
 
@@ -175,7 +177,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, mixed, monkeypat
 
     monkeypatch.setattr(np, "save", crash_on_fourth_shard)
     with pytest.raises(KeyboardInterrupt):
-        prep.prepare(prep.local_files(paths), out, cfg(workers=2))
+        prep.prepare(sources.local_files(paths), out, cfg(workers=2))
     monkeypatch.setattr(np, "save", save)
     assert sorted(p.name for p in out.glob("*.npy")) == ["data_train_000001.npy", "data_train_000002.npy",
                                                          "data_val_000000.npy"]
@@ -184,12 +186,12 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, mixed, monkeypat
     (out / "data_train_000002.npy").unlink()
     kept = (out / "data_val_000000.npy").stat().st_mtime_ns
 
-    summary = prep.prepare(prep.local_files(paths), out, cfg(workers=2))
+    summary = prep.prepare(sources.local_files(paths), out, cfg(workers=2))
     assert dir_bytes(out) == dir_bytes(tmp_path / "ref")
     assert (out / "data_val_000000.npy").stat().st_mtime_ns == kept  # verified, not rewritten
     assert summary.new_tokens < shard_tokens(out).size
 
-    again = prep.prepare(prep.local_files(paths), out, cfg())
+    again = prep.prepare(sources.local_files(paths), out, cfg())
     assert again.new_tokens == 0 and "already complete" in str(again)
     assert dir_bytes(out) == dir_bytes(tmp_path / "ref")
 
@@ -219,12 +221,12 @@ def test_kill_9_leaves_no_truncated_shard_and_resumes(tmp_path):
     for shard in out.glob("[!.]*.npy"):  # every visible shard is whole
         tokens = np.load(shard)
         if shard.name in recorded:
-            assert prep._sha256(shard) == recorded[shard.name]["sha256"]
+            assert sha256_file(shard) == recorded[shard.name]["sha256"]
         else:  # renamed into place just before the manifest update
             assert tokens.size == 1000
 
     run_cli(*args, "--out", str(out), check=True)
-    prep.prepare(prep.local_files([jsonl]), tmp_path / "ref", cfg(shard_size=1000, part_bytes=2 << 20))
+    prep.prepare(sources.local_files([jsonl]), tmp_path / "ref", cfg(shard_size=1000, part_bytes=2 << 20))
     assert dir_bytes(out) == dir_bytes(tmp_path / "ref")
 
 
@@ -248,7 +250,7 @@ def test_shakespeare_download_cache_and_90_10_split(tmp_path, http_server):
     root, base = http_server
     text = "".join(f"CITIZEN {i}:\nSpeak, speak. We are resolved {i} times.\n\n" for i in range(300))
     (root / "input.txt").write_text(text)
-    source = prep.shakespeare(url=f"{base}/input.txt", cache_dir=tmp_path / "cache")
+    source = sources.shakespeare(url=f"{base}/input.txt", cache_dir=tmp_path / "cache")
     prep.prepare(source, tmp_path / "out", cfg(shard_size=100_000))
     cut = int(len(text) * 0.9)
     val, train = (np.load(tmp_path / "out" / f) for f in ("shakespeare_val_000000.npy", "shakespeare_train_000001.npy"))
@@ -256,17 +258,17 @@ def test_shakespeare_download_cache_and_90_10_split(tmp_path, http_server):
     assert np.array_equal(train, expected_tokens([text[:cut]]))
 
     (root / "input.txt").unlink()  # served from the cache from now on
-    again = prep.shakespeare(url=f"{base}/input.txt", cache_dir=tmp_path / "cache")
+    again = sources.shakespeare(url=f"{base}/input.txt", cache_dir=tmp_path / "cache")
     assert again.units[0].key == source.units[0].key
     with pytest.raises(UserError, match="could not download .*missing.txt.*--path"):
-        prep.shakespeare(url=f"{base}/missing.txt", cache_dir=tmp_path / "cache")
+        sources.shakespeare(url=f"{base}/missing.txt", cache_dir=tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == [source.units[0].fetch(tmp_path)]  # no partial file
 
 
 def test_shakespeare_local_path_val_shards_first(tmp_path):
     text = "To be, or not to be, that is the question.\n" * 200
     (tmp_path / "s.txt").write_text(text)
-    prep.prepare(prep.shakespeare(path=tmp_path / "s.txt"), tmp_path / "out", cfg(shard_size=400))
+    prep.prepare(sources.shakespeare(path=tmp_path / "s.txt"), tmp_path / "out", cfg(shard_size=400))
     val = [p.name for p in list_shards(tmp_path / "out", "val")]
     train = [p.name for p in list_shards(tmp_path / "out", "train")]
     assert val == ["shakespeare_val_000000.npy"] and train[0] == "shakespeare_train_000001.npy"
@@ -283,7 +285,7 @@ def fineweb_mirror(root: Path) -> list[str]:
 
 def test_fineweb_edu_from_local_mirror(tmp_path):
     docs = fineweb_mirror(tmp_path / "mirror")
-    summary = prep.prepare(prep.fineweb_edu(local_dir=tmp_path / "mirror"), tmp_path / "out", cfg(workers=2))
+    summary = prep.prepare(sources.fineweb_edu(local_dir=tmp_path / "mirror"), tmp_path / "out", cfg(workers=2))
     assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens(docs))
     assert (tmp_path / "out" / "edufineweb_val_000000.npy").is_file()
     assert len(list((tmp_path / "mirror" / "sample" / "10BT").iterdir())) == 3  # local files are kept
@@ -313,13 +315,13 @@ def test_fineweb_edu_from_hub_one_file_at_a_time(tmp_path, monkeypatch):
         SimpleNamespace(path=str(f.relative_to(mirror)), size=f.stat().st_size) for f in files])
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
 
-    summary = prep.prepare(prep.fineweb_edu(), tmp_path / "out", cfg())
+    summary = prep.prepare(sources.fineweb_edu(), tmp_path / "out", cfg())
     assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens(docs))
     assert len(on_disk) == 3 and max(on_disk) <= 1  # bounded disk: the previous file is gone
     assert not (tmp_path / "out" / prep.SCRATCH).exists()
     assert summary.manifest["origin"] == {"revision": "abc123"}
     # the same files from a local mirror continue/verify the same run
-    local = prep.prepare(prep.fineweb_edu(local_dir=mirror), tmp_path / "out", cfg())
+    local = prep.prepare(sources.fineweb_edu(local_dir=mirror), tmp_path / "out", cfg())
     assert local.new_tokens == 0
 
 
@@ -336,22 +338,22 @@ def test_bad_input_names_the_file(tmp_path, name, content, needles):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(UserError) as e:
-        prep.prepare(prep.local_files([path]), tmp_path / "out", cfg(workers=2))
+        prep.prepare(sources.local_files([path]), tmp_path / "out", cfg(workers=2))
     assert "\n" not in str(e.value) and all(n in str(e.value) for n in needles), str(e.value)
 
 
 def test_parquet_without_the_text_column(tmp_path):
     path = write_parquet(tmp_path / "x.parquet", ["a", "b"], field="body")
     with pytest.raises(UserError, match=r"x.parquet: no column 'text' \(columns: id, body, score\)"):
-        prep.prepare(prep.local_files([path]), tmp_path / "out", cfg())
-    prep.prepare(prep.local_files([path], text_field="body"), tmp_path / "out", cfg())
+        prep.prepare(sources.local_files([path]), tmp_path / "out", cfg())
+    prep.prepare(sources.local_files([path], text_field="body"), tmp_path / "out", cfg())
 
 
 def test_other_settings_do_not_mix_with_existing_shards(tmp_path, mixed):
     paths, _ = mixed
-    prep.prepare(prep.local_files(paths), tmp_path / "out", cfg())
+    prep.prepare(sources.local_files(paths), tmp_path / "out", cfg())
     with pytest.raises(UserError, match="other settings"):
-        prep.prepare(prep.local_files(paths), tmp_path / "out", cfg(shard_size=501))
+        prep.prepare(sources.local_files(paths), tmp_path / "out", cfg(shard_size=501))
 
 
 def test_cli_errors_are_one_line(tmp_path):

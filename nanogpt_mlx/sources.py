@@ -1,0 +1,172 @@
+"""Where documents come from: Tiny Shakespeare, FineWeb-Edu (hub or a local mirror), your own files.
+
+Each source is a list of input files (`Unit`s) that `prepare.prepare` tokenizes into shards. Files from
+the hub are fetched one at a time, so disk use stays bounded.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from . import files
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+FINEWEB_REPO = "HuggingFaceFW/fineweb-edu"
+FILE_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One input file. `fetch(scratch)` returns its local path, downloading into `scratch` if needed."""
+
+    key: str  # identity recorded in the manifest (name and size): a resume must see the same files
+    kind: str  # txt | paragraphs | jsonl | parquet | shakespeare
+    fetch: Callable[[Path], Path]
+    field: str = "text"
+    temporary: bool = False  # a download: deleted once tokenized, so disk use stays bounded
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str  # default shard file prefix
+    label: str  # for messages
+    info: dict  # what was read, recorded in the manifest; a resume must match it
+    units: list[Unit]
+    origin: dict | None = None  # where it came from (hub revision, local mirror): recorded, not compared
+
+
+def local_files(paths: Sequence[str | os.PathLike], text_field: str = "text",
+                split_on_blank_lines: bool = False) -> Source:
+    """`.txt` (one document per file, or per blank-line-separated paragraph), `.jsonl` and `.parquet`
+    (documents in `text_field`); files, directories (searched recursively) or glob patterns."""
+    found: list[Path] = []
+    for spec in map(str, paths):
+        spec = os.path.expanduser(spec)
+        matches = sorted(glob.glob(spec, recursive=True)) if any(c in spec for c in "*?[") else [spec]
+        if not matches:
+            raise UserError(f"{spec}: no files match")
+        for m in map(Path, matches):
+            if m.is_dir():
+                found += sorted(f for f in m.rglob("*") if f.suffix in FILE_KINDS and f.is_file()
+                                and not f.name.startswith("."))
+            elif m.is_file():
+                if m.suffix not in FILE_KINDS:
+                    raise UserError(f"{m}: unsupported file type (expected .txt, .jsonl or .parquet)")
+                found.append(m)
+            else:
+                raise UserError(f"{m}: no such file or directory")
+    label = ", ".join(map(str, paths))
+    if not found:
+        raise UserError(f"{label}: no .txt, .jsonl or .parquet files (empty source)")
+    txt = "paragraphs" if split_on_blank_lines else "txt"
+    units = [_local_unit(f, txt if FILE_KINDS[f.suffix] == "txt" else FILE_KINDS[f.suffix], text_field,
+                         str(f.resolve())) for f in found]
+    info = {"name": "files", "text_field": text_field, "split_on_blank_lines": split_on_blank_lines}
+    return Source("data", label, info, units)
+
+
+def shakespeare(path: str | os.PathLike | None = None, url: str | None = None,
+                cache_dir: str | os.PathLike | None = None) -> Source:
+    """Tiny Shakespeare from a local file or downloaded (and cached) from `url`; split 90/10 by position."""
+    if path is not None:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise UserError(f"{file}: no such file")
+    else:
+        file = _download_cached(url or SHAKESPEARE_URL, Path(cache_dir) if cache_dir else files.cache_dir())
+    digest = files.sha256_file(file)
+    unit = Unit(f"tinyshakespeare ({file.stat().st_size} bytes, sha256 {digest[:16]})", "shakespeare",
+                lambda scratch: file)
+    return Source("shakespeare", str(file), {"name": "shakespeare", "val_fraction": 0.1}, [unit])
+
+
+def fineweb_edu(sample: str = "sample-10BT", local_dir: str | os.PathLike | None = None,
+                revision: str | None = None) -> Source:
+    """HuggingFaceFW/fineweb-edu parquet files of one sample, from the hub (downloaded one at a time)
+    or from `local_dir` laid out like the hub repo (`local_dir/sample/10BT/*.parquet`)."""
+    folder = _fineweb_folder(sample)
+    info = {"name": "fineweb-edu", "repo": FINEWEB_REPO, "sample": sample}
+    if local_dir is not None:
+        root = Path(local_dir).expanduser() / folder
+        parquet = sorted(root.glob("*.parquet"))
+        if not parquet:
+            raise UserError(f"{root}: no .parquet files (expected the layout of the hub repo: "
+                            f"DIR/{folder}/*.parquet)")
+        units = [_local_unit(f, "parquet", "text", f"{folder}/{f.name}") for f in parquet]
+        return Source("edufineweb", str(root), info, units, {"local_dir": str(root)})
+    sha, entries = _hub_listing(folder, revision)
+    units = [Unit(f"{path} ({size} bytes)", "parquet", _hub_fetcher(path, sha), temporary=True)
+             for path, size in entries]
+    return Source("edufineweb", f"{FINEWEB_REPO}/{folder}", info, units, {"revision": sha})
+
+
+def _local_unit(file: Path, kind: str, field: str, name: str) -> Unit:
+    return Unit(f"{name} ({file.stat().st_size} bytes)", kind, lambda scratch: file, field)
+
+
+def _download_cached(url: str, cache: Path) -> Path:
+    """`url` into the cache (once); the default Tiny Shakespeare URL is checked against its sha256."""
+    dest = cache / f"tinyshakespeare-{hashlib.sha256(url.encode()).hexdigest()[:12]}.txt"
+    hint = "pass a local copy with --path FILE"
+    files.download(url, dest, "Tiny Shakespeare", hint)
+    if url == SHAKESPEARE_URL and files.sha256_file(dest) != SHAKESPEARE_SHA256:
+        dest.unlink()
+        raise UserError(f"{url}: downloaded file has an unexpected sha256; {hint}")
+    return dest
+
+
+def _fineweb_folder(sample: str) -> str:
+    if m := re.fullmatch(r"sample-(\d+BT)", sample):
+        return f"sample/{m[1]}"
+    if re.fullmatch(r"CC-MAIN-\d{4}-\d{2}", sample):
+        return f"data/{sample}"
+    raise UserError(f"unknown fineweb-edu sample {sample!r} (sample-10BT, sample-100BT, sample-350BT "
+                    "or a crawl such as CC-MAIN-2024-10)")
+
+
+def _hub_listing(folder: str, revision: str | None) -> tuple[str, list[tuple[str, int]]]:
+    """(commit sha, [(path, size)]) of the parquet files under `folder` of the fineweb-edu repo."""
+    from huggingface_hub import HfApi
+
+    from .weights import hub_offline
+
+    hint = (f"download the parquet files yourself and pass --local-dir DIR (laid out as DIR/{folder}/*.parquet), "
+            "or use `prepare files`")
+    if hub_offline():
+        raise UserError(f"HF_HUB_OFFLINE is set, cannot list {FINEWEB_REPO}; {hint}")
+    api = HfApi()
+    try:
+        # dataset_info fails fast when offline (the tree listing retries for ~30 s)
+        sha = api.dataset_info(FINEWEB_REPO, revision=revision, timeout=20).sha
+        tree = api.list_repo_tree(FINEWEB_REPO, folder, revision=sha, repo_type="dataset")
+        entries = sorted((f.path, f.size) for f in tree if f.path.endswith(".parquet"))
+    except Exception as e:  # network, auth, missing revision: all mean "use local files"
+        raise UserError(f"could not list {FINEWEB_REPO}/{folder} on the Hugging Face hub "
+                        f"({first_line(e)}); {hint}") from None
+    if not entries:
+        raise UserError(f"{FINEWEB_REPO}@{sha[:10]} has no parquet files under {folder}/")
+    return sha, entries
+
+
+def _hub_fetcher(path: str, sha: str) -> Callable[[Path], Path]:
+    def fetch(scratch: Path) -> Path:
+        from huggingface_hub import hf_hub_download
+
+        try:  # into scratch (not the shared cache) so it can be deleted; partial downloads resume
+            return Path(hf_hub_download(FINEWEB_REPO, path, repo_type="dataset", revision=sha, local_dir=scratch))
+        except Exception as e:
+            raise UserError(f"could not download {path} from {FINEWEB_REPO} ({first_line(e)}); re-run to "
+                            "resume, or pass --local-dir with the files") from None
+    return fetch
+
+
+def first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

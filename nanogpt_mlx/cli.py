@@ -242,16 +242,17 @@ def add_prepare(sub) -> None:
 
 def cmd_prepare(args) -> None:
     from . import prepare as prep
+    from . import sources
 
     if args.inspect:
         print(prep.describe(args.inspect))
         return
     if args.source == "fineweb-edu":
-        source = prep.fineweb_edu(args.sample, local_dir=args.local_dir, revision=args.revision)
+        source = sources.fineweb_edu(args.sample, local_dir=args.local_dir, revision=args.revision)
     elif args.source == "shakespeare":
-        source = prep.shakespeare(path=args.path, url=args.url)
+        source = sources.shakespeare(path=args.path, url=args.url)
     elif args.source == "files":
-        source = prep.local_files(args.paths, text_field=args.text_field, split_on_blank_lines=args.split_on_blank_lines)
+        source = sources.local_files(args.paths, text_field=args.text_field, split_on_blank_lines=args.split_on_blank_lines)
     else:
         raise UserError("prepare: give a SOURCE (fineweb-edu, shakespeare, files) or --inspect DIR")
     cfg = prep.PrepareConfig(shard_size=args.shard_size, workers=args.workers, shuffle_docs=args.shuffle_docs,

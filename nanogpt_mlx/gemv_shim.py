@@ -13,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -31,19 +33,19 @@ def _cache_dir() -> Path:
 def build() -> Path:
     """Compile gemv_shim.c into the cache (once per version of the source) and return the library."""
     source = resources.files(__package__).joinpath("gemv_shim.c").read_bytes()
-    lib = _cache_dir() / f"gemv_shim-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    lib = _cache_dir() / f"gemv_shim-{platform.machine()}-{hashlib.sha256(source).hexdigest()[:16]}.so"
     if lib.is_file():
         return lib
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
+    cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
+    if not cc[0]:
         raise OSError("no C compiler (cc) found")
     with tempfile.TemporaryDirectory() as tmp_dir, atomic_path(lib) as tmp:
         src = Path(tmp_dir) / "gemv_shim.c"
         src.write_bytes(source)
-        proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)],
+        proc = subprocess.run([*cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)],
                               capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
-            raise OSError(f"{cc} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+            raise OSError(f"{cc[0]} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     return lib
 
 
@@ -60,7 +62,10 @@ def install(openblas: ctypes.CDLL) -> ctypes.CDLL:
     return shim
 
 
+def _sgemm_address(lib: ctypes.CDLL) -> int | None:
+    return ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p).value
+
+
 def active(shim: ctypes.CDLL) -> bool:
     """Whether a global lookup of cblas_sgemm (what MLX binds to) finds the shim's."""
-    addr = lambda lib: ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p).value  # noqa: E731
-    return addr(ctypes.CDLL(None)) == addr(shim)
+    return _sgemm_address(ctypes.CDLL(None)) == _sgemm_address(shim)

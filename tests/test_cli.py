@@ -50,6 +50,29 @@ def test_export_writes_a_loadable_hugging_face_directory(tiny_hf_dir, tmp_path):
     assert load_model(tmp_path / "out").config == load_model(tiny_hf_dir).config
 
 
+def test_own_checkpoint_samples_and_exports_cropped(tmp_path):
+    from nanogpt_mlx import GPT, GPTConfig
+    from nanogpt_mlx.weights import save_model
+
+    config = GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)  # padded vocab
+    save_model(GPT(config, seed=0), tmp_path / "ckpt")
+    out = run_cli("sample", "--model", str(tmp_path / "ckpt"), "--num-samples", "2", "--max-new-tokens", "5",
+                  "--seed", "1", check=True).stdout
+    assert len(out.splitlines()) == 2 and out.startswith("> " + PROMPT)
+    run_cli("export", str(tmp_path / "ckpt"), str(tmp_path / "hf"), check=True)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 50257
+
+
+def test_missing_openblas_is_said_once(tiny_hf_dir):
+    env = {"NANOGPT_MLX_NO_OPENBLAS": "1"}
+    proc = run_cli("sample", "--model", str(tiny_hf_dir), "--num-samples", "2", "--max-new-tokens", "3", env=env,
+                   check=True)
+    assert [line for line in proc.stderr.splitlines() if "OpenBLAS" in line] == [
+        "nanogpt-mlx: note: OpenBLAS disabled by NANOGPT_MLX_NO_OPENBLAS"]
+    info = run_cli("info", env=env, check=True).stdout
+    assert "blas         bundled  [OpenBLAS disabled by NANOGPT_MLX_NO_OPENBLAS]" in info
+
+
 def test_prompt_too_long_needs_crop(tiny_hf_dir):
     long = " word" * 120  # 120 tokens + 30 new > 128
     base = ("sample", "--model", str(tiny_hf_dir), "--prompt", long, "--num-samples", "1", "--greedy")

@@ -1,0 +1,131 @@
+"""Token-by-token decoding speed: nanogpt-mlx vs transformers `generate`, same weights, side by side.
+
+Random GPT-2 124M weights (transformers `save_pretrained`, fp32), batch 1, the build-nanogpt prompt,
+greedy, a fixed number of new tokens (no stop at <|endoftext|>), KV cache on both sides, the same
+thread count. Each engine runs in its own process (OpenBLAS loaded globally slows PyTorch in the
+same process), the engines take turns for several rounds and the table shows the median. It also
+checks that all engines produce the same greedy tokens.
+
+    flock /tmp/nanogpt-cpu.lock python benchmarks/bench_sample.py
+    python benchmarks/bench_sample.py --new-tokens 64 --rounds 3 --model path/to/hf_dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from statistics import median
+
+PROMPT = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # "Hello, I'm a language model,"
+
+WORKER = {
+    "mlx": """
+import json, sys, time
+import nanogpt_mlx
+from nanogpt_mlx import backend
+from nanogpt_mlx.sample import SampleConfig, generate
+from nanogpt_mlx.weights import load_model
+path, prompt, n, reps = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+model = load_model(path)
+cfg = SampleConfig(max_new_tokens=n, greedy=True, stop_at_eot=False)
+run = lambda: [t.item() for t in generate(model, prompt, cfg)]
+run()  # warm-up
+times = []
+for _ in range(reps):
+    start = time.perf_counter()
+    tokens = run()
+    times.append(time.perf_counter() - start)
+print(json.dumps({"times": times, "tokens": tokens, "blas": backend.blas, "gemv": backend.gemv}))
+""",
+    "transformers": """
+import json, os, sys, time
+import torch
+from transformers import GPT2LMHeadModel
+path, prompt, n, reps = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(os.cpu_count())
+model = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32).eval()
+model.generation_config.eos_token_id = None  # exactly n new tokens
+x = torch.tensor([prompt])
+def run():
+    with torch.inference_mode():
+        out = model.generate(x, do_sample=False, max_new_tokens=n, use_cache=True, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+run()  # warm-up
+times = []
+for _ in range(reps):
+    start = time.perf_counter()
+    tokens = run()
+    times.append(time.perf_counter() - start)
+print(json.dumps({"times": times, "tokens": tokens, "threads": torch.get_num_threads()}))
+""",
+}
+
+ENGINES = {  # name -> (worker, extra environment)
+    "transformers generate (PyTorch)": ("transformers", {}),
+    "nanogpt-mlx, MLX sgemm only": ("mlx", {"NANOGPT_MLX_NO_GEMV_SHIM": "1"}),
+    "nanogpt-mlx": ("mlx", {}),
+}
+
+
+def make_weights(directory: Path) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(directory)  # GPT-2 124M, random
+    return directory
+
+
+def run_worker(worker: str, env: dict, path: Path, new_tokens: int, reps: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", WORKER[worker], str(path), json.dumps(PROMPT), str(new_tokens),
+                           str(reps)], capture_output=True, text=True, env={**os.environ, **env})
+    if proc.returncode != 0:
+        sys.exit(f"{worker} worker failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, help="Hugging Face GPT-2 directory (default: random 124M weights)")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3, help="turns each engine takes (fresh process each)")
+    ap.add_argument("--reps", type=int, default=3, help="timed generations per turn, after one warm-up")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model or make_weights(Path(tmp))
+        results: dict[str, list[dict]] = {name: [] for name in ENGINES}
+        for r in range(args.rounds):
+            for name, (worker, env) in ENGINES.items():
+                results[name].append(run_worker(worker, env, path, args.new_tokens, args.reps))
+                print(f"round {r + 1}/{args.rounds}  {name:34s} {args.new_tokens / min(results[name][-1]['times']):6.1f} tok/s",
+                      file=sys.stderr)
+
+    rate = {name: median(args.new_tokens / t for res in runs for t in res["times"]) for name, runs in results.items()}
+    base = rate["transformers generate (PyTorch)"]
+    weights_gb = 124_439_808 * 4 / 1e9  # fp32 parameters, all streamed once per token (tied head included)
+    mlx = results["nanogpt-mlx"][0]
+    print(f"\nGPT-2 124M fp32, batch 1, greedy, prompt {len(PROMPT)} tokens + {args.new_tokens} new, "
+          f"median of {args.rounds} x {args.reps} runs")
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} threads; "
+          f"torch threads {results['transformers generate (PyTorch)'][0]['threads']}; "
+          f"MLX BLAS {mlx['blas']}, gemv shim {mlx['gemv']}\n")
+    print(f"| {'engine':34s} | tok/s | ms/token | weights GB/s | vs transformers |")
+    print(f"|{'-' * 36}|------:|---------:|-------------:|----------------:|")
+    for name, r in rate.items():
+        print(f"| {name:34s} | {r:5.1f} | {1000 / r:8.1f} | {weights_gb * r:12.1f} | {r / base:14.2f}x |")
+    tokens = {name: runs[0]["tokens"] for name, runs in results.items()}
+    same = all(t == tokens["transformers generate (PyTorch)"] for t in tokens.values())
+    print(f"\ngreedy tokens identical across engines: {same}")
+    if not same:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -52,8 +52,9 @@ def _tune_malloc() -> None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    m_trim_threshold, m_top_pad, m_mmap_threshold, m_mmap_max = -1, -2, -3, -4
     libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)  # glibc's maximum on 64-bit
+    libc.mallopt(m_mmap_max, 0)  # larger blocks (logits: 100s of MB) from the heap too: ~8x faster to fill
     libc.mallopt(m_trim_threshold, 1 << 30)
     libc.mallopt(m_top_pad, 64 * 1024 * 1024)
 

@@ -40,6 +40,7 @@ from .data import DataLoader
 from .errors import UserError
 from .evaluate import loader_loss
 from .files import atomic_path, atomic_write_text
+from .loss import cross_entropy
 from .model import GPT, GPTConfig
 from .sample import SampleConfig, sample_texts
 from .weights import load_model, save_model
@@ -151,9 +152,8 @@ def make_optimizer(cfg: TrainConfig) -> optim.MultiOptimizer:
 
 
 def lm_loss(model: GPT, x: mx.array, y: mx.array) -> mx.array:
-    """Mean next-token cross-entropy, computed in float32."""
-    logits = model(x).astype(mx.float32)
-    return nn.losses.cross_entropy(logits, y, reduction="mean")
+    """Mean next-token cross-entropy in float32, through the fused head + loss of loss.py."""
+    return cross_entropy(model.hidden(x), model.wte.weight, y)
 
 
 def pad_vocab(model: GPT, vocab_size: int) -> GPT:

@@ -7,7 +7,6 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import save_hf_gpt2
 from test_model import hf_logits
 
 from nanogpt_mlx import GPT, GPTConfig, UserError

@@ -60,7 +60,7 @@ def run(directory: Path, model: dict, ranks: int, threads: int, steps: int, worl
     """Train `steps` steps with `ranks` processes of `threads` BLAS threads; median tok/s after warm-up."""
     out = directory / f"r{ranks}t{threads}"
     cfg = dict(data=str(directory / "data"), out=str(out), vocab_size=50304, block_size=model["seq_len"],
-               total_batch_size=world_tokens, max_steps=steps, warmup_steps=2, val_every=0, sample_every=0,
+               total_batch_size=world_tokens, max_steps=steps, warmup_steps=2, val_every=0, sample_every=0, hellaswag_every=0,
                checkpoint_every=0, **model)
     script = directory / "worker.py"
     script.write_text(WORKER)

@@ -303,7 +303,12 @@ def cmd_train(args) -> None:
     else:
         cfg = TrainConfig.preset(args.preset, **overrides)
     trainer = Trainer(cfg, resume=bool(args.resume), overwrite=args.overwrite)
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    except RuntimeError as e:  # a collective that failed outside Dist.sync, e.g. a peer died mid-step
+        if trainer.dist.world == 1:
+            raise
+        raise UserError(f"rank {trainer.dist.rank}: {str(e).splitlines()[0]}; stopping") from None
     if not trainer.dist.is_main:
         return
     losses = ", ".join(f"{k} {v:.4f}" for k, v in result.items())

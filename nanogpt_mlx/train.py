@@ -38,7 +38,7 @@ from tqdm import tqdm
 from . import distributed
 from .data import DataLoader
 from .errors import UserError
-from .evaluate import loader_loss
+from .evaluate import download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
 from .files import atomic_path, atomic_write_text
 from .loss import cross_entropy
 from .model import GPT, GPTConfig
@@ -87,6 +87,9 @@ class TrainConfig:
     num_samples: int = 4
     sample_tokens: int = 32
     prompt: str = "Hello, I'm a language model,"
+    hellaswag_every: int = 250  # HellaSwag acc_norm, logged as `{step} hella {acc:.4f}`
+    hellaswag_data: str = ""  # local hellaswag_val.jsonl; "": download once into the cache
+    hellaswag_limit: int = 0  # score only the first N examples (0: all 10,042)
     checkpoint_every: int = 5000
 
     def __post_init__(self):
@@ -120,7 +123,7 @@ PRESETS = {
         data="data/shakespeare", out="out/shakespeare", n_layer=4, n_head=4, n_embd=256, block_size=256,
         batch_size=16, seq_len=128, total_batch_size=2048, max_lr=1e-3, warmup_steps=20, max_steps=300,
         val_every=50, val_steps=8, sample_every=100, num_samples=2, sample_tokens=48, prompt="ROMEO:",
-        checkpoint_every=100),
+        hellaswag_every=0, checkpoint_every=100),
 }
 
 
@@ -279,7 +282,8 @@ class Trainer:
         self._build_steps()
         self.log = RunLog(self.out, self.step, self.dist.is_main)
         self._stop = False
-        self.result: dict[str, float] = {}  # latest train_loss and val_loss
+        self.result: dict[str, float] = {}  # latest train_loss, val_loss and hellaswag
+        self._hellaswag = None  # examples, loaded at the first evaluation
 
     # -- setup
     def _build_model(self, ckpt: Path | None) -> GPT:
@@ -379,12 +383,25 @@ class Trainer:
         sc = SampleConfig(max_new_tokens=cfg.sample_tokens, top_k=50, seed=cfg.seed + self.step)
         return sample_texts(self.model, cfg.prompt, sc, cfg.num_samples)
 
+    def hellaswag(self) -> float:
+        """acc_norm over the HellaSwag examples, split across ranks with the counts summed (build-nanogpt)."""
+        cfg = self.cfg
+        if self._hellaswag is None:
+            self._hellaswag = load_hellaswag(cfg.hellaswag_data or download_hellaswag(progress=self.dist.is_main),
+                                             limit=cfg.hellaswag_limit or None)
+        r = score_hellaswag(self.model, self._hellaswag, rank=self.dist.rank, world=self.dist.world, progress=False)
+        return self.dist.sum(r.num_correct_norm) / self.dist.sum(r.num_total)
+
     def _evaluate(self, last: bool) -> None:
         cfg, step = self.cfg, self.step
         if cfg.val_every and (step % cfg.val_every == 0 or last):
             loss = self.result["val_loss"] = self.val_loss()
             self._say(f"step {step:5d} | val loss {loss:.4f}")
             self.log.metric(step, "val", loss)
+        if cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last):
+            acc = self.result["hellaswag"] = self.hellaswag()
+            self._say(f"step {step:5d} | hellaswag {acc:.4f}")
+            self.log.metric(step, "hella", acc)
         if cfg.sample_every and cfg.num_samples and ((step > 0 and step % cfg.sample_every == 0) or last):
             texts = self.samples()
             for i, t in enumerate(texts):

@@ -87,8 +87,13 @@ def weights(path: Path) -> dict[str, np.ndarray]:
 
 def test_two_ranks_equal_one_rank_with_twice_the_accumulation(data_dir, tmp_path):
     # total batch 512 tokens = 1 rank x 4 micro-steps = 2 ranks x 2 micro-steps
-    # each rank runs val_steps batches (as build-nanogpt), so 2 ranks x 2 cover 1 rank x 4
-    common = dict(total_batch_size=512, max_steps=8, val_every=4)
+    # each rank runs val_steps batches (as build-nanogpt), so 2 ranks x 2 cover 1 rank x 4;
+    # HellaSwag examples are split across ranks and the counts summed
+    from test_evaluate import make_hellaswag, write_jsonl
+
+    hella = write_jsonl(tmp_path / "hellaswag_val.jsonl", make_hellaswag(9, ctx_words=(3, 10), ending_words=(1, 8)))
+    common = dict(total_batch_size=512, max_steps=8, val_every=4, vocab_size=50304, block_size=64, hellaswag_every=4,
+                  hellaswag_data=str(hella))
     one = tiny_config(data_dir, tmp_path / "one", val_steps=4, **common)
     two = tiny_config(data_dir, tmp_path / "two", val_steps=2, **common)
     finish(start_ranks(tmp_path, one, 1))
@@ -103,6 +108,9 @@ def test_two_ranks_equal_one_rank_with_twice_the_accumulation(data_dir, tmp_path
     val1 = [r["loss"] for r in logged(tmp_path / "one", "val")]
     val2 = [r["loss"] for r in logged(tmp_path / "two", "val")]
     np.testing.assert_allclose(val2, val1, rtol=1e-4)
+    hella1 = [r["hella"] for r in logged(tmp_path / "one", "hella")]
+    hella2 = [r["hella"] for r in logged(tmp_path / "two", "hella")]
+    assert len(hella1) == 3 and hella2 == pytest.approx(hella1, abs=1e-6)
     assert not (tmp_path / "two" / "rank1").exists()  # only rank 0 writes logs and checkpoints
 
     r0, r1 = weights(tmp_path / "two" / "rank0.safetensors"), weights(tmp_path / "two" / "rank1.safetensors")

@@ -62,7 +62,7 @@ def small_hf_dir(tmp_path_factory) -> Path:
 def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
     base = TrainConfig(data=str(data), out=str(out), n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=VOCAB,
                        batch_size=4, seq_len=32, total_batch_size=256, max_lr=3e-3, warmup_steps=3, max_steps=10,
-                       val_every=0, sample_every=0, checkpoint_every=0)
+                       val_every=0, sample_every=0, hellaswag_every=0, checkpoint_every=0)
     return replace(base, **kw)
 
 
@@ -154,7 +154,7 @@ def test_parity_with_pytorch_build_nanogpt_loop(small_hf_dir, data_dir, tmp_path
     """Same weights, data order, AdamW groups, clip, warmup + cosine and 2-step accumulation: same losses."""
     cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / "run"), init_from=str(small_hf_dir), batch_size=4,
                       seq_len=32, total_batch_size=256, max_lr=3e-3, warmup_steps=5, max_steps=32, val_every=0,
-                      sample_every=0, checkpoint_every=0)
+                      sample_every=0, hellaswag_every=0, checkpoint_every=0)
     Trainer(cfg).train()
     ours = logged(tmp_path / "run")
     ref_losses, ref_norms, ref_weights = pytorch_reference(small_hf_dir, data_dir, cfg)
@@ -350,3 +350,21 @@ def test_config_validation():
         TrainConfig(max_lr=0)
     with pytest.raises(UserError, match="warmup_steps"):
         TrainConfig(warmup_steps=-1)
+
+
+def test_hellaswag_during_training_is_logged(data_dir, tmp_path):
+    from test_evaluate import make_hellaswag, write_jsonl
+
+    from nanogpt_mlx.evaluate import load_hellaswag, score_hellaswag
+    from nanogpt_mlx.model import GPT
+
+    data = write_jsonl(tmp_path / "hellaswag_val.jsonl", make_hellaswag(12, ctx_words=(3, 10), ending_words=(1, 8)))
+    cfg = tiny_config(data_dir, tmp_path / "run", vocab_size=50304, block_size=64, max_steps=3, hellaswag_every=2,
+                      hellaswag_data=str(data), hellaswag_limit=10)
+    Trainer(cfg).train()
+    hella = [line.split() for line in (tmp_path / "run" / "log.txt").read_text().splitlines() if " hella " in line]
+    assert [h[0] for h in hella] == ["0", "2"]  # every 2 steps and at the last step
+    # step 0 scores the freshly initialised model on the first 10 examples
+    init = GPT(Trainer(replace(cfg, out=str(tmp_path / "fresh"))).model.config, seed=cfg.seed)
+    expected = score_hellaswag(init, load_hellaswag(data, limit=10), progress=False).acc_norm
+    assert float(hella[0][2]) == pytest.approx(expected, abs=1e-4)

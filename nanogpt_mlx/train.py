@@ -414,11 +414,18 @@ class Trainer:
             tqdm.write(line, file=sys.stdout)
 
     def _train_step(self, lr: float) -> tuple[float, float] | None:
-        """One optimizer step; None if a stop was requested before it completed (nothing applied)."""
+        """One optimizer step; None if a stop was requested before it completed (nothing applied).
+
+        Several ranks must stop at the same step (or the others wait in a collective), so they agree
+        on it once per step; a single process can stop between micro-steps.
+        """
+        if self.dist.world > 1 and self.dist.sum(float(self._stop)) > 0:
+            self._stop = True
+            return None
         self.optimizer.learning_rate = lr
         grads, loss_sum = None, 0.0
         for micro in range(self.grad_accum):
-            if self._stop:
+            if self._stop and self.dist.world == 1:
                 return None
             x, y = (mx.array(a) for a in self.train_loader.next_batch())
             if micro < self.grad_accum - 1:
@@ -453,7 +460,7 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
                    disable=None if self.dist.is_main else True, dynamic_ncols=True)
         try:
-            while self.step < end and not self._stop:
+            while self.step < end:  # a stop request ends it in _train_step, where ranks agree on it
                 last = self.step == cfg.max_steps - 1
                 self._evaluate(last)
                 t0 = time.perf_counter()

@@ -154,3 +154,19 @@ def test_cli_ranks_option_launches_local_ranks(data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "2 rank(s)" in proc.stdout and proc.stdout.count("done: step 3") == 1
     assert len(logged(tmp_path)) == 3 and (tmp_path / "model.safetensors").is_file()
+
+
+def test_ctrl_c_on_one_rank_stops_all_at_the_same_step_with_a_checkpoint(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tmp_path, max_steps=100000, total_batch_size=256)
+    procs = start_ranks(tmp_path, cfg, 2, cli=True, env={"NANOGPT_MLX_DIST_TIMEOUT": "30"})
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert time.time() < deadline and procs[0].poll() is None, procs[0].stderr.read()
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGINT)  # only the non-main rank is interrupted
+    errs = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [130, 130], errs
+    assert not any("Traceback" in e for e in errs)
+    saved = sorted(tmp_path.glob("ckpt-*"))
+    assert len(saved) == 1 and int(saved[0].name[5:]) == len(logged(tmp_path))

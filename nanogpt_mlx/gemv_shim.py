@@ -21,19 +21,15 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from .files import atomic_path
+from .files import atomic_path, cache_dir
 
 DISABLE_ENV = "NANOGPT_MLX_NO_GEMV_SHIM"
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanogpt-mlx"
 
 
 def build() -> Path:
     """Compile gemv_shim.c into the cache (once per version of the source) and return the library."""
     source = resources.files(__package__).joinpath("gemv_shim.c").read_bytes()
-    lib = _cache_dir() / f"gemv_shim-{platform.machine()}-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    lib = cache_dir() / f"gemv_shim-{platform.machine()}-{hashlib.sha256(source).hexdigest()[:16]}.so"
     if lib.is_file():
         return lib
     cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]

@@ -43,20 +43,26 @@ def _slow_exp() -> bool:
     return mx.default_device() == mx.cpu and platform.machine().lower() in ("x86_64", "amd64")
 
 
-@mx.custom_function
-def _loss_and_grads(h: mx.array, w: mx.array, y: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """(mean loss, d loss / d h, d loss / d w) for logits h @ w.T, h (N, C), w (V, C), y (N,)."""
-    n = h.shape[0]
+def _chunks(h: mx.array, w: mx.array, y: mx.array):
+    """Per chunk of rows: (targets (n, 1), summed loss, exp(logits - row max), row sums of that)."""
     exp = exp_nonpositive if _slow_exp() else mx.exp
-    classes = mx.arange(w.shape[0], dtype=y.dtype)
-    losses, dlogits = [], []
-    for start in range(0, n, ROWS_PER_CHUNK):
+    for start in range(0, h.shape[0], ROWS_PER_CHUNK):
         hc, yc = h[start : start + ROWS_PER_CHUNK], y[start : start + ROWS_PER_CHUNK, None]
         logits = hc @ w.T
         top = logits.max(axis=-1, keepdims=True)
         e = exp(logits - top)
         total = e.sum(axis=-1, keepdims=True)
-        losses.append((top + mx.log(total) - mx.take_along_axis(logits, yc, axis=-1)).sum())
+        yield yc, (top + mx.log(total) - mx.take_along_axis(logits, yc, axis=-1)).sum(), e, total
+
+
+@mx.custom_function
+def _loss_and_grads(h: mx.array, w: mx.array, y: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """(mean loss, d loss / d h, d loss / d w) for logits h @ w.T, h (N, C), w (V, C), y (N,)."""
+    n = h.shape[0]
+    classes = mx.arange(w.shape[0], dtype=y.dtype)
+    losses, dlogits = [], []
+    for yc, loss, e, total in _chunks(h, w, y):
+        losses.append(loss)
         dlogits.append(e / (total * n) - (classes == yc) * (1.0 / n))  # (softmax - onehot) / N
     dlogits = mx.concatenate(dlogits)  # (N, V): one large GEMM per gradient is faster than many small
     return sum(losses) / n, dlogits @ w, dlogits.T @ h
@@ -69,6 +75,14 @@ def _loss_and_grads_vjp(primals, cotangents, outputs):
 
 
 def cross_entropy(h: mx.array, w: mx.array, y: mx.array) -> mx.array:
-    """Mean cross-entropy of the logits h @ w.T against y; h (..., C), w (V, C), y (...). Float32."""
+    """Mean cross-entropy of the logits h @ w.T against y, for training (its gradient comes with it);
+    h (..., C), w (V, C), y (...). Float32."""
     h = h.reshape(-1, h.shape[-1]).astype(mx.float32)
     return _loss_and_grads(h, w.astype(mx.float32), y.reshape(-1))[0]
+
+
+def eval_cross_entropy(h: mx.array, w: mx.array, y: mx.array) -> mx.array:
+    """The same mean loss without the gradient, for evaluation."""
+    h = h.reshape(-1, h.shape[-1]).astype(mx.float32)
+    y = y.reshape(-1)
+    return sum(loss for _, loss, _, _ in _chunks(h, w.astype(mx.float32), y)) / h.shape[0]

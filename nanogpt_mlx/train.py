@@ -38,9 +38,9 @@ from tqdm import tqdm
 from . import distributed
 from .data import DataLoader
 from .errors import UserError
-from .evaluate import download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
+from .evaluate import download_hellaswag, load_hellaswag, score_hellaswag
 from .files import atomic_path, atomic_write_text
-from .loss import cross_entropy
+from .loss import cross_entropy, eval_cross_entropy
 from .model import GPT, GPTConfig
 from .sample import SampleConfig, sample_texts
 from .weights import load_model, save_model
@@ -334,6 +334,8 @@ class Trainer:
         state = [model.state, optimizer.state] + ([self.master] if self.master is not None else [])
         wrap = partial(mx.compile, inputs=state, outputs=state) if self.cfg.compile else (lambda f: f)
         self._accumulate, self._update = wrap(accumulate), wrap(update)
+        eval_loss = lambda x, y: eval_cross_entropy(model.hidden(x), model.wte.weight, y)  # noqa: E731
+        self._eval_loss = mx.compile(eval_loss, inputs=state) if self.cfg.compile else eval_loss
 
     # -- checkpoints
     def _load_state(self, ckpt: Path) -> None:
@@ -376,7 +378,12 @@ class Trainer:
     # -- evaluation
     def val_loss(self) -> float:
         """Mean loss over val_steps batches from the start of the val split (build-nanogpt)."""
-        return self.dist.mean(loader_loss(self.model, self.val_loader, self.cfg.val_steps))
+        self.val_loader.reset()
+        total = 0.0
+        for _ in range(self.cfg.val_steps):
+            x, y = (mx.array(a) for a in self.val_loader.next_batch())
+            total += self._eval_loss(x, y).item()
+        return self.dist.mean(total / self.cfg.val_steps)
 
     def samples(self) -> list[str]:
         cfg = self.cfg

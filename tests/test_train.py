@@ -233,6 +233,18 @@ def test_overfits_one_batch(tmp_path):
     assert logged(tmp_path / "run")[0]["loss"] > 5.0  # it started at chance (ln 256 = 5.5)
 
 
+def test_val_loss_is_build_nanogpts(data_dir, tmp_path):
+    """The mean of val_steps batch losses from the start of the val split, every time."""
+    from nanogpt_mlx.data import DataLoader
+    from nanogpt_mlx.evaluate import loader_loss
+
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", val_every=5, val_steps=3))
+    loader = DataLoader(data_dir, "val", 4, 32, vocab_size=VOCAB)
+    expected = loader_loss(trainer.model, loader, 3)
+    assert trainer.val_loss() == pytest.approx(expected, rel=1e-5)
+    assert trainer.val_loss() == pytest.approx(expected, rel=1e-5)  # the val loader starts over
+
+
 def test_bfloat16_keeps_float32_masters(data_dir, tmp_path, capsys):
     cfg = tiny_config(data_dir, tmp_path / "run", dtype="bfloat16", max_steps=4)
     trainer = Trainer(cfg)

@@ -1,0 +1,208 @@
+"""Training tokens/s: nanogpt-mlx vs PyTorch (build-nanogpt's GPT and loop, eager and torch.compile).
+
+Configs (fp32, all cores, one optimizer step per micro-batch):
+  a: 4 layers, 256 dims, 4 heads, vocab 50304, B8 x T256
+  b: GPT-2 124M (12 layers, 768 dims, 12 heads), vocab 50304, B4 x T256
+Each engine runs in its own process (MLX loads OpenBLAS globally, which would change PyTorch's
+BLAS in the same process). A step is forward + backward + clip + AdamW, timed after warm-up
+steps; engines take turns for --rounds rounds and the table shows each engine's best round
+(median step of the round), which filters out other load on a shared machine. nanogpt-mlx runs
+through its public `Trainer` on random token
+shards, PyTorch runs build-nanogpt's train_gpt2.py model and loop written here. MFU = 6N + 12LdT
+FLOPs per token against the best measured fp32 GEMM (2048^3) of either library.
+
+    flock /tmp/nanogpt-cpu.lock python benchmarks/bench_train.py
+    python benchmarks/bench_train.py --configs a --steps 3 --engines mlx torch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+CONFIGS = {  # n_layer, n_embd, n_head, B, T
+    "a": (4, 256, 4, 8, 256),
+    "b": (12, 768, 12, 4, 256),
+}
+VOCAB = 50304
+ENGINES = ["mlx", "torch", "torch.compile"]
+
+
+def flops_per_token(L: int, d: int, T: int) -> float:
+    """PaLM / nanoGPT estimate: 6 * params (without wpe, with the tied head) + attention."""
+    params = VOCAB * d + L * (12 * d * d + 13 * d) + 2 * d
+    return 6 * params + 12 * L * d * T
+
+
+# ------------------------------------------------------------------------------------- workers
+def run_mlx(cfg_name: str, steps: int, warmup: int) -> dict:
+    import numpy as np
+
+    import nanogpt_mlx  # noqa: F401  (OpenBLAS before mlx.core)
+    from nanogpt_mlx.train import TrainConfig, Trainer
+
+    L, d, nh, B, T = CONFIGS[cfg_name]
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        n = B * T * (steps + warmup) + 1
+        np.save(Path(tmp) / "bench_val_000000.npy", rng.integers(0, 50257, n).astype(np.uint16))
+        np.save(Path(tmp) / "bench_train_000001.npy", rng.integers(0, 50257, n).astype(np.uint16))
+        cfg = TrainConfig(data=tmp, out=str(Path(tmp) / "out"), n_layer=L, n_head=nh, n_embd=d, block_size=1024,
+                          batch_size=B, seq_len=T, total_batch_size=B * T, warmup_steps=10, max_steps=1000,
+                          val_every=0, sample_every=0, hellaswag_every=0, checkpoint_every=0)
+        Trainer(cfg).train(until=warmup + steps)
+        records = [json.loads(line) for line in open(Path(tmp) / "out" / "log.jsonl")]
+    return {"dt": [r["dt"] for r in records if r["kind"] == "train"][warmup:]}
+
+
+def run_torch(cfg_name: str, steps: int, warmup: int, compile: bool) -> dict:
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(1337)
+    L, d, nh, B, T = CONFIGS[cfg_name]
+
+    class Block(nn.Module):  # build-nanogpt's Block (CausalSelfAttention + MLP)
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.c_attn, self.attn_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+        def forward(self, x):
+            Bx, Tx, C = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(d, dim=2)
+            q, k, v = (t.view(Bx, Tx, nh, C // nh).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).contiguous().view(Bx, Tx, C)
+            x = x + self.attn_proj(y)
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(VOCAB, d), nn.Embedding(1024, d)
+            self.h = nn.ModuleList([Block() for _ in range(L)])
+            self.ln_f = nn.LayerNorm(d)
+            self.lm_head = nn.Linear(d, VOCAB, bias=False)
+            self.wte.weight = self.lm_head.weight  # weight tying
+            for m in self.modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(m.weight, std=0.02)
+
+        def forward(self, idx, targets):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+            for block in self.h:
+                x = block(x)
+            logits = self.lm_head(self.ln_f(x))
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    model = GPT()
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
+    forward = torch.compile(model) if compile else model
+    dts = []
+    for step in range(warmup + steps):
+        x, y = torch.randint(0, 50257, (B, T)), torch.randint(0, 50257, (B, T))
+        t0 = time.perf_counter()
+        optimizer.zero_grad()
+        loss = forward(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = 6e-4
+        optimizer.step()
+        loss.item()
+        dts.append(time.perf_counter() - t0)
+    return {"dt": dts[warmup:]}
+
+
+def run_gemm(engine: str, n: int = 2048, seconds: float = 1.0) -> dict:
+    if engine == "mlx":
+        import nanogpt_mlx  # noqa: F401
+        import mlx.core as mx
+
+        a = mx.random.normal((n, n))
+        mm = lambda: mx.eval(a @ a)  # noqa: E731
+    else:
+        import torch
+
+        torch.set_num_threads(os.cpu_count())
+        a = torch.randn(n, n)
+        mm = lambda: a @ a  # noqa: E731
+    mm()
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        mm()
+        reps += 1
+    return {"gflops": 2 * n**3 * reps / (time.perf_counter() - start) / 1e9}
+
+
+def worker(args: list[str]) -> None:
+    kind = args[0]
+    if kind == "gemm":
+        out = run_gemm(args[1])
+    elif kind == "mlx":
+        out = run_mlx(args[1], int(args[2]), int(args[3]))
+    else:
+        out = run_torch(args[1], int(args[2]), int(args[3]), compile=kind == "torch.compile")
+    print("RESULT " + json.dumps(out))
+
+
+def spawn(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"worker {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# ------------------------------------------------------------------------------------- driver
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(sys.argv[2:])
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--engines", nargs="+", choices=ENGINES, default=ENGINES)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per engine (default: 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    p.add_argument("--rounds", type=int, default=2, help="turns per engine; the best counts (default: 2)")
+    args = p.parse_args()
+
+    peaks = {e: max(spawn("gemm", e)["gflops"] for _ in range(args.rounds)) for e in ("mlx", "torch")}
+    peak = max(peaks.values())
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; fp32 GEMM 2048^3: "
+          f"MLX+OpenBLAS {peaks['mlx']:.0f}, PyTorch {peaks['torch']:.0f} GFLOP/s (MFU against {peak:.0f})")
+    rows = []
+    for name in args.configs:
+        L, d, nh, B, T = CONFIGS[name]
+        results = {}
+        for _ in range(args.rounds):
+            for engine in args.engines:
+                dt = median(spawn(engine, name, str(args.steps), str(args.warmup))["dt"])
+                results[engine] = max(results.get(engine, 0.0), B * T / dt)
+                print(f"  {name} {engine:14s} {dt * 1000:8.0f} ms/step {B * T / dt:8.0f} tok/s", flush=True)
+        best_torch = max((v for k, v in results.items() if k != "mlx"), default=math.nan)
+        for engine, tps in results.items():
+            mfu = 100 * flops_per_token(L, d, T) * tps / (peak * 1e9)
+            rows.append((f"({name}) L{L} d{d} B{B}xT{T}", engine, tps, mfu, tps / best_torch))
+    print(f"\n| config | engine | tok/s | MFU | vs faster PyTorch |\n|---|---|---:|---:|---:|")
+    for cfg, engine, tps, mfu, ratio in rows:
+        print(f"| {cfg} | {engine} | {tps:.0f} | {mfu:.1f}% | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -31,7 +31,8 @@ def sanitize(hf_weights: dict[str, mx.array]) -> dict[str, mx.array]:
         k = k.removeprefix("transformer.")
         if k == "lm_head.weight" or k.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # lm_head is tied to wte; the others are causal-mask buffers
-        out[k] = w.T if k.endswith(_CONV1D) else w
+        # a copy, not a transposed view: strided weights take a slower matmul path at every step
+        out[k] = mx.contiguous(w.T) if k.endswith(_CONV1D) else w
     return out
 
 

@@ -13,39 +13,16 @@ precomputed gradients scaled by the incoming cotangent, so the step computes no 
 
 from __future__ import annotations
 
-import math
-import platform
-
 import mlx.core as mx
 
+from .ops import exp_nonpositive, software_math
+
 ROWS_PER_CHUNK = 128  # 128 x 50304 floats = 26 MB: the chunk's arrays are reused from cache
-_TAYLOR = [1 / math.factorial(k) for k in range(9, -1, -1)]  # exp's Taylor coefficients, degree 9 first
-
-
-def exp_nonpositive(z: mx.array) -> mx.array:
-    """exp(z) for z <= 0 (relative error < 3e-5, exp(z) for z < -86 is ~4e-38), built from multiply-adds.
-
-    MLX's CPU exp evaluates its polynomial with a software fma, ~13 ns per element. Multiply-adds
-    fuse into one compiled kernel instead: exp(z) = exp(z / 128) ** 128, a degree-9 Taylor
-    polynomial on [-0.68, 0] squared 7 times.
-    """
-    u = mx.maximum(z, -86.0) * (1 / 128)
-    p = _TAYLOR[0]
-    for c in _TAYLOR[1:]:
-        p = p * u + c
-    for _ in range(7):
-        p = p * p
-    return p
-
-
-def _slow_exp() -> bool:
-    """MLX's x86 CPU build has no SIMD math; elsewhere (Apple CPUs, GPUs) its exp is fast and exact."""
-    return mx.default_device() == mx.cpu and platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _chunks(h: mx.array, w: mx.array, y: mx.array):
     """Per chunk of rows: (targets (n, 1), summed loss, exp(logits - row max), row sums of that)."""
-    exp = exp_nonpositive if _slow_exp() else mx.exp
+    exp = exp_nonpositive if software_math() else mx.exp
     for start in range(0, h.shape[0], ROWS_PER_CHUNK):
         hc, yc = h[start : start + ROWS_PER_CHUNK], y[start : start + ROWS_PER_CHUNK, None]
         logits = hc @ w.T

@@ -14,6 +14,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import UserError
+from .ops import attention, gelu
 
 GPT2_VOCAB_SIZE = 50257  # real tokens; 50304 is the padded size (a multiple of 128)
 
@@ -99,9 +100,7 @@ class CausalSelfAttention(nn.Module):
         v = v.reshape(B, T, self.n_head, hs).transpose(0, 2, 1, 3)  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, nh, T_past + T, hs)
-        # "causal" aligns the mask to the last query, so it also holds with a cached prefix.
-        mask = "causal" if T > 1 else None
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(hs), mask=mask)
+        y = attention(q, k, v, scale=1.0 / math.sqrt(hs), causal=T > 1)  # fused SDPA; see ops.py
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # re-assemble all head outputs side by side
         return self.c_proj(y)
 
@@ -113,7 +112,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.c_proj(nn.gelu_approx(self.c_fc(x)))  # GELU, tanh approximation
+        return self.c_proj(gelu(self.c_fc(x)))  # GELU, tanh approximation
 
 
 class Block(nn.Module):

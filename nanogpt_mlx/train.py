@@ -35,7 +35,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, ops
 from .data import DataLoader
 from .errors import UserError
 from .evaluate import download_hellaswag, load_hellaswag, score_hellaswag
@@ -146,10 +146,22 @@ def clip_grad_norm(grads, max_norm: float):
     return tree_map(lambda g: g * scale, grads), norm
 
 
+class AdamW(optim.AdamW):
+    """PyTorch's AdamW (bias-corrected, decoupled decay): MLX's update with ops.sqrt for its square root."""
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        lr = self.learning_rate.astype(gradient.dtype)
+        b1, b2 = self.betas
+        m = state["m"] = b1 * state["m"] + (1 - b1) * gradient
+        v = state["v"] = b2 * state["v"] + (1 - b2) * mx.square(gradient)
+        c1 = (lr / (1 - b1**self.step)).astype(gradient.dtype)
+        c2 = mx.rsqrt(1 - b2**self.step).astype(gradient.dtype)  # a scalar: MLX's own rsqrt is fine
+        return parameter * (1 - lr * self.weight_decay) - c1 * m / (ops.sqrt(v) * c2 + self.eps)
+
+
 def make_optimizer(cfg: TrainConfig) -> optim.MultiOptimizer:
     """AdamW with decay on >= 2-D tensors (matmul weights, embeddings), none on biases and LayerNorms."""
-    adamw = partial(optim.AdamW, learning_rate=cfg.max_lr, betas=[cfg.beta1, cfg.beta2], eps=cfg.eps,
-                    bias_correction=True)  # MLX's default is off; PyTorch's AdamW always corrects
+    adamw = partial(AdamW, learning_rate=cfg.max_lr, betas=[cfg.beta1, cfg.beta2], eps=cfg.eps)
     return optim.MultiOptimizer([adamw(weight_decay=cfg.weight_decay), adamw(weight_decay=0.0)],
                                 [lambda path, p: p.ndim >= 2])
 

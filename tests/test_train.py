@@ -14,10 +14,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.optimizers as optim
 import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli, save_hf_gpt2
 
+from nanogpt_mlx import ops
 from nanogpt_mlx import train as train_mod
 from nanogpt_mlx.errors import UserError
 from nanogpt_mlx.train import TrainConfig, Trainer, checkpoints, get_lr
@@ -75,6 +77,21 @@ def flat_weights(directory: Path) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------ schedule
+@pytest.mark.parametrize("fast_math", [False, True])
+def test_adamw_is_mlx_adamw_with_bias_correction(monkeypatch, fast_math):
+    monkeypatch.setattr(ops, "software_math", lambda: fast_math)
+    key = mx.random.key(0)
+    params = {"w": mx.random.normal((64, 32), key=key), "b": mx.zeros((32,))}
+    ours = train_mod.AdamW(learning_rate=1e-2, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1)
+    ref = optim.AdamW(learning_rate=1e-2, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, bias_correction=True)
+    p_ours, p_ref = params, params
+    for step in range(5):
+        grads = {k: mx.random.normal(v.shape, key=mx.random.key(step + 1)) * 10.0**-step for k, v in params.items()}
+        p_ours, p_ref = ours.apply_gradients(grads, p_ours), ref.apply_gradients(grads, p_ref)
+        for k in params:
+            np.testing.assert_allclose(np.array(p_ours[k]), np.array(p_ref[k]), rtol=1e-6, atol=1e-7)
+
+
 def test_lr_schedule_is_build_nanogpts():
     cfg = TrainConfig(max_lr=6e-4, warmup_steps=10, max_steps=50)
     assert get_lr(0, cfg) == pytest.approx(6e-5)  # (step + 1) / warmup: the first step is not at lr 0

@@ -121,7 +121,7 @@ PRESETS = {
     # ~10 min on a 2-core CPU: a small GPT over Tiny Shakespeare's GPT-2 tokens (`prepare shakespeare`)
     "shakespeare": TrainConfig(
         data="data/shakespeare", out="out/shakespeare", n_layer=4, n_head=4, n_embd=256, block_size=256,
-        batch_size=16, seq_len=128, total_batch_size=2048, max_lr=1e-3, warmup_steps=20, max_steps=300,
+        batch_size=16, seq_len=128, total_batch_size=2048, max_lr=1e-3, warmup_steps=20, max_steps=200,
         val_every=50, val_steps=8, sample_every=100, num_samples=2, sample_tokens=48, prompt="ROMEO:",
         hellaswag_every=0, checkpoint_every=100),
 }

@@ -58,7 +58,7 @@ def hostfile(directory: Path, n: int) -> Path:
 
 def run(directory: Path, model: dict, ranks: int, threads: int, steps: int, world_tokens: int) -> dict:
     """Train `steps` steps with `ranks` processes of `threads` BLAS threads; median tok/s after warm-up."""
-    out = directory / f"r{ranks}t{threads}"
+    out = directory / f"L{model['n_layer']}d{model['n_embd']}-r{ranks}t{threads}"  # a fresh run directory each
     cfg = dict(data=str(directory / "data"), out=str(out), vocab_size=50304, block_size=model["seq_len"],
                total_batch_size=world_tokens, max_steps=steps, warmup_steps=2, val_every=0, sample_every=0, hellaswag_every=0,
                checkpoint_every=0, **model)
@@ -70,11 +70,14 @@ def run(directory: Path, model: dict, ranks: int, threads: int, steps: int, worl
         env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads)}
         if hosts:
             env.update(MLX_RANK=str(r), MLX_HOSTFILE=str(hosts))
-        procs.append(subprocess.Popen([sys.executable, str(script), json.dumps(cfg)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+        with open(directory / f"{out.name}-rank{r}.err", "w") as err:
+            procs.append(subprocess.Popen([sys.executable, str(script), json.dumps(cfg)], env=env,
+                                          stdout=subprocess.PIPE, stderr=err, text=True))
     outputs = [p.communicate()[0] for p in procs]
-    if any(p.returncode for p in procs):
-        raise SystemExit(f"a rank failed: {[p.returncode for p in procs]}")
+    for r, p in enumerate(procs):
+        if p.returncode:
+            tail = (directory / f"{out.name}-rank{r}.err").read_text()[-2000:]
+            raise SystemExit(f"rank {r} of {out.name} failed ({p.returncode}):\n{tail}")
     steps_log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     tps = [r["tok_per_s"] for r in steps_log if r["kind"] == "train"][2:]  # skip compile + warm-up steps
     result = {"tok_per_s": median(tps)}
@@ -104,6 +107,8 @@ def main() -> None:
             one = run(directory, model, 1, 1, args.steps, tokens // n)
             single = run(directory, model, 1, n, args.steps, tokens)
             multi = run(directory, model, n, 1, args.steps, tokens)
+            print(f"({name}) 1x1 {one['tok_per_s']:.0f}, 1x{n} {single['tok_per_s']:.0f}, {n}x1 {multi['tok_per_s']:.0f} "
+                  "tok/s", flush=True)
             rows.append((name, one, single, multi))
     print(f"\n{'config':<26} {'1 rank x 1 thread':>18} {f'1 rank x {n} threads':>20} {f'{n} ranks x 1 thread':>20} "
           f"{'ranks/threads':>14} {'scaling eff.':>13} {'all-reduce':>11}")

@@ -34,6 +34,7 @@ def test_logits_match_transformers(tmp_path, shape, B, T):
     ours = np.array(model(mx.array(idx)))
     ref = hf_logits(path, idx)
     assert ours.shape == ref.shape == (B, T, model.config.vocab_size)
+    print(f"max |logits - transformers| for {shape}, B{B} T{T}: {np.abs(ours - ref).max():.1e}")
     # The issue asks for 1e-4; we measure ~1e-6. 2e-5 also catches an exact-erf GELU (~6e-5 off here).
     np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-5)
     assert np.abs(ref).max() > 0.1  # a real comparison, not of near-zero logits
@@ -78,7 +79,9 @@ def test_kv_cache_logits_equal_full_forward(tiny_hf_dir):
     full = model(idx)
     cache = model.make_cache()
     parts = [model(idx[:, :7], cache)] + [model(idx[:, t : t + 1], cache) for t in range(7, 20)]
-    np.testing.assert_allclose(np.array(mx.concatenate(parts, axis=1)), np.array(full), rtol=0, atol=1e-5)
+    cached = np.array(mx.concatenate(parts, axis=1))
+    print(f"max |cached - full forward logits|: {np.abs(cached - np.array(full)).max():.1e}")
+    np.testing.assert_allclose(cached, np.array(full), rtol=0, atol=1e-5)
     assert cache[0].offset == 20
 
 

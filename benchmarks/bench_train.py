@@ -7,8 +7,8 @@ Each engine runs in its own process (MLX loads OpenBLAS globally, which would ch
 BLAS in the same process). A step is forward + backward + clip + AdamW, timed after warm-up
 steps; engines take turns for --rounds rounds and the table shows each engine's best round
 (median step of the round), which filters out other load on a shared machine. nanogpt-mlx runs
-through its public `Trainer` on random token
-shards, PyTorch runs build-nanogpt's train_gpt2.py model and loop written here. MFU = 6N + 12LdT
+through its public `Trainer` on random token shards; `mlx-2ranks` is `nanogpt-mlx train --ranks 2`
+(two single-threaded data-parallel ranks on this machine, B/2 rows each, same tokens per step). PyTorch runs build-nanogpt's train_gpt2.py model and loop written here. MFU = 6N + 12LdT
 FLOPs per token against the best measured fp32 GEMM (2048^3) of either library.
 
     flock /tmp/nanogpt-cpu.lock python benchmarks/bench_train.py
@@ -34,7 +34,7 @@ CONFIGS = {  # n_layer, n_embd, n_head, B, T
     "b": (12, 768, 12, 4, 256),
 }
 VOCAB = 50304
-ENGINES = ["mlx", "torch", "torch.compile"]
+ENGINES = ["mlx", "mlx-2ranks", "torch", "torch.compile"]  # mlx-2ranks: 2 single-threaded ranks
 
 
 def flops_per_token(L: int, d: int, T: int) -> float:
@@ -44,10 +44,13 @@ def flops_per_token(L: int, d: int, T: int) -> float:
 
 
 # ------------------------------------------------------------------------------------- workers
-def run_mlx(cfg_name: str, steps: int, warmup: int) -> dict:
+def run_mlx(cfg_name: str, steps: int, warmup: int, ranks: int = 1) -> dict:
+    """Through the public API, or with ranks > 1 as `nanogpt-mlx train --ranks N` (one BLAS thread each,
+    B / N rows each: the same tokens per optimizer step)."""
     import numpy as np
 
     import nanogpt_mlx  # noqa: F401  (OpenBLAS before mlx.core)
+    from nanogpt_mlx.distributed import launch_local
     from nanogpt_mlx.train import TrainConfig, Trainer
 
     L, d, nh, B, T = CONFIGS[cfg_name]
@@ -56,10 +59,15 @@ def run_mlx(cfg_name: str, steps: int, warmup: int) -> dict:
         n = B * T * (steps + warmup) + 1
         np.save(Path(tmp) / "bench_val_000000.npy", rng.integers(0, 50257, n).astype(np.uint16))
         np.save(Path(tmp) / "bench_train_000001.npy", rng.integers(0, 50257, n).astype(np.uint16))
-        cfg = TrainConfig(data=tmp, out=str(Path(tmp) / "out"), n_layer=L, n_head=nh, n_embd=d, block_size=1024,
-                          batch_size=B, seq_len=T, total_batch_size=B * T, warmup_steps=10, max_steps=1000,
-                          val_every=0, sample_every=0, hellaswag_every=0, checkpoint_every=0)
-        Trainer(cfg).train(until=warmup + steps)
+        fields = dict(data=tmp, out=str(Path(tmp) / "out"), n_layer=L, n_head=nh, n_embd=d, block_size=1024,
+                      batch_size=B // ranks, seq_len=T, total_batch_size=B * T, warmup_steps=10,
+                      max_steps=warmup + steps, val_every=0, sample_every=0, hellaswag_every=0, checkpoint_every=0)
+        if ranks == 1:
+            Trainer(TrainConfig(**fields)).train()
+        else:
+            argv = ["train"] + [a for k, v in fields.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+            if launch_local(ranks, argv, threads_per_rank=1):
+                raise SystemExit("a rank failed")
         records = [json.loads(line) for line in open(Path(tmp) / "out" / "log.jsonl")]
     return {"dt": [r["dt"] for r in records if r["kind"] == "train"][warmup:]}
 
@@ -154,8 +162,8 @@ def worker(args: list[str]) -> None:
     kind = args[0]
     if kind == "gemm":
         out = run_gemm(args[1])
-    elif kind == "mlx":
-        out = run_mlx(args[1], int(args[2]), int(args[3]))
+    elif kind.startswith("mlx"):
+        out = run_mlx(args[1], int(args[2]), int(args[3]), ranks=2 if kind == "mlx-2ranks" else 1)
     else:
         out = run_torch(args[1], int(args[2]), int(args[3]), compile=kind == "torch.compile")
     print("RESULT " + json.dumps(out))
@@ -195,7 +203,7 @@ def main() -> None:
                 dt = median(spawn(engine, name, str(args.steps), str(args.warmup))["dt"])
                 results[engine] = max(results.get(engine, 0.0), B * T / dt)
                 print(f"  {name} {engine:14s} {dt * 1000:8.0f} ms/step {B * T / dt:8.0f} tok/s", flush=True)
-        best_torch = max((v for k, v in results.items() if k != "mlx"), default=math.nan)
+        best_torch = max((v for k, v in results.items() if k.startswith("torch")), default=math.nan)
         for engine, tps in results.items():
             mfu = 100 * flops_per_token(L, d, T) * tps / (peak * 1e9)
             rows.append((f"({name}) L{L} d{d} B{B}xT{T}", engine, tps, mfu, tps / best_torch))

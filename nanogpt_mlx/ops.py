@@ -31,6 +31,13 @@ def software_math() -> bool:
 @mx.custom_function
 def exp_nonpositive(x: mx.array) -> mx.array:
     """exp(x) for float32 x <= 0; x < -87 gives ~1e-38 (not 0), which no sum or softmax can tell from 0."""
+    return _exp(x)
+
+
+# The element-wise bodies are compiled (once per shape) so that eager calls, as in token-by-token
+# sampling, are one fused kernel each rather than a dozen small ops.
+@mx.compile
+def _exp(x: mx.array) -> mx.array:
     x = mx.maximum(x, -87.0)
     k = mx.floor(x * (1 / math.log(2)) + 0.5)
     r = x - k * _LN2_HI - k * _LN2_LO
@@ -48,8 +55,11 @@ def _exp_vjp(primals, cotangent, output):
 
 def sqrt(x: mx.array) -> mx.array:
     """Square root of float32 x >= 0 (sqrt(0) gives ~1e-20)."""
-    if not software_math():
-        return mx.sqrt(x)
+    return mx.sqrt(x) if not software_math() else _sqrt(x)
+
+
+@mx.compile
+def _sqrt(x: mx.array) -> mx.array:
     y = mx.view(mx.right_shift(mx.view(x, mx.int32), 1) + 0x1FBD1DF5, mx.float32)  # within 4%
     for _ in range(3):  # each Newton step squares the relative error: 4e-2, 8e-4, 3e-7, float rounding
         y = 0.5 * (y + x / y)
@@ -84,18 +94,28 @@ def gelu(x: mx.array) -> mx.array:
 def _tanh_gelu_parts(x: mx.array) -> tuple[mx.array, mx.array]:
     """(z, tanh z) for z = sqrt(2/pi) (x + 0.044715 x^3); tanh from exp(-2|z|), which cannot overflow."""
     z = _GELU_C * (x + 0.044715 * x * x * x)
-    e = exp_nonpositive(-2 * mx.abs(z))
+    e = _exp(-2 * mx.abs(z))
     t = (1 - e) / (1 + e)
     return z, mx.where(z < 0, -t, t)
 
 
 @mx.custom_function
 def _gelu(x: mx.array) -> mx.array:
-    return 0.5 * x * (1 + _tanh_gelu_parts(x)[1])
+    return _gelu_forward(x)
 
 
 @_gelu.vjp
 def _gelu_vjp(x, cotangent, output):  # a one-argument function gets its primal as is
+    return _gelu_backward(x, cotangent)
+
+
+@mx.compile
+def _gelu_forward(x: mx.array) -> mx.array:
+    return 0.5 * x * (1 + _tanh_gelu_parts(x)[1])
+
+
+@mx.compile
+def _gelu_backward(x: mx.array, cotangent: mx.array) -> mx.array:
     _, t = _tanh_gelu_parts(x)
     xc = mx.clip(x, -100, 100)  # beyond, 1 - t^2 is exactly 0: no 0 * inf
     dz = _GELU_C * (1 + 3 * 0.044715 * xc * xc)
@@ -105,7 +125,7 @@ def _gelu_vjp(x, cotangent, output):  # a one-argument function gets its primal 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
     """softmax(q k^T * scale) v for q (B, nh, T, hs), k and v (B, nh, S, hs); a causal mask is
     aligned to the last query, so it also holds with S - T cached keys before the queries."""
-    if not software_math():
+    if not software_math() or q.shape[2] == 1:  # one query (cached decoding): little exp work, no cache copy
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
     s = (q * scale) @ k.swapaxes(-1, -2)  # (B, nh, T, S)
     if causal:

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 import nanogpt_mlx  # noqa: F401  (package setup first)
-from nanogpt_mlx.prepare import PrepareConfig, local_files, prepare
+from nanogpt_mlx.prepare import PrepareConfig, prepare
+from nanogpt_mlx.sources import local_files
 from nanogpt_mlx.tokenizer import EOT, get_tokenizer
 
 SHARD_SIZE = 100_000_000

@@ -24,6 +24,17 @@ from statistics import median
 
 PROMPT = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # "Hello, I'm a language model,"
 
+# Each worker defines run() -> new token ids and a dict `info`; TIMING then measures run().
+TIMING = """
+run()  # warm-up
+times = []
+for _ in range(reps):
+    start = time.perf_counter()
+    tokens = run()
+    times.append(time.perf_counter() - start)
+print(json.dumps({"times": times, "tokens": tokens, **info}))
+"""
+
 WORKER = {
     "mlx": """
 import json, sys, time
@@ -35,13 +46,7 @@ path, prompt, n, reps = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), 
 model = load_model(path)
 cfg = SampleConfig(max_new_tokens=n, greedy=True, stop_at_eot=False)
 run = lambda: [t.item() for t in generate(model, prompt, cfg)]
-run()  # warm-up
-times = []
-for _ in range(reps):
-    start = time.perf_counter()
-    tokens = run()
-    times.append(time.perf_counter() - start)
-print(json.dumps({"times": times, "tokens": tokens, "blas": backend.blas, "gemv": backend.gemv}))
+info = {"blas": backend.blas, "gemv": backend.gemv}
 """,
     "transformers": """
 import json, os, sys, time
@@ -56,13 +61,7 @@ def run():
     with torch.inference_mode():
         out = model.generate(x, do_sample=False, max_new_tokens=n, use_cache=True, pad_token_id=0)
     return out[0, len(prompt):].tolist()
-run()  # warm-up
-times = []
-for _ in range(reps):
-    start = time.perf_counter()
-    tokens = run()
-    times.append(time.perf_counter() - start)
-print(json.dumps({"times": times, "tokens": tokens, "threads": torch.get_num_threads()}))
+info = {"threads": torch.get_num_threads()}
 """,
 }
 
@@ -83,8 +82,8 @@ def make_weights(directory: Path) -> Path:
 
 
 def run_worker(worker: str, env: dict, path: Path, new_tokens: int, reps: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", WORKER[worker], str(path), json.dumps(PROMPT), str(new_tokens),
-                           str(reps)], capture_output=True, text=True, env={**os.environ, **env})
+    argv = [sys.executable, "-c", WORKER[worker] + TIMING, str(path), json.dumps(PROMPT), str(new_tokens), str(reps)]
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **env})
     if proc.returncode != 0:
         sys.exit(f"{worker} worker failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -8,8 +8,9 @@ BLAS in the same process). A step is forward + backward + clip + AdamW, timed af
 steps; engines take turns for --rounds rounds and the table shows each engine's best round
 (median step of the round), which filters out other load on a shared machine. nanogpt-mlx runs
 through its public `Trainer` on random token shards; `mlx-2ranks` is `nanogpt-mlx train --ranks 2`
-(two single-threaded data-parallel ranks on this machine, B/2 rows each, same tokens per step). PyTorch runs build-nanogpt's train_gpt2.py model and loop written here. MFU = 6N + 12LdT
-FLOPs per token against the best measured fp32 GEMM (2048^3) of either library.
+(two single-threaded data-parallel ranks on this machine, B/2 rows each, same tokens per step).
+PyTorch runs build-nanogpt's train_gpt2.py model and loop written here. MFU = 6N + 12LdT FLOPs
+per token against the best measured fp32 GEMM (2048^3) of either library.
 
     flock /tmp/nanogpt-cpu.lock python benchmarks/bench_train.py
     python benchmarks/bench_train.py --configs a --steps 3 --engines mlx torch

@@ -28,10 +28,19 @@ def software_math() -> bool:
     return mx.default_device() == mx.cpu and platform.machine().lower() in ("x86_64", "amd64")
 
 
-@mx.custom_function
 def exp_nonpositive(x: mx.array) -> mx.array:
     """exp(x) for float32 x <= 0; x < -87 gives ~1e-38 (not 0), which no sum or softmax can tell from 0."""
+    return mx.exp(x) if not software_math() else _exp_poly(x)
+
+
+@mx.custom_function
+def _exp_poly(x: mx.array) -> mx.array:
     return _exp(x)
+
+
+@_exp_poly.vjp
+def _exp_vjp(x, cotangent, output):
+    return cotangent * output
 
 
 # The element-wise bodies are compiled (once per shape) so that eager calls, as in token-by-token
@@ -46,11 +55,6 @@ def _exp(x: mx.array) -> mx.array:
         p = p * r + c
     two_k = mx.view(mx.left_shift(k.astype(mx.int32) + 127, 23), mx.float32)  # the bits of 2.0**k
     return p * two_k
-
-
-@exp_nonpositive.vjp
-def _exp_vjp(primals, cotangent, output):
-    return cotangent * output
 
 
 def sqrt(x: mx.array) -> mx.array:
@@ -75,7 +79,7 @@ def softmax(x: mx.array) -> mx.array:
 
 @mx.custom_function
 def _softmax(x: mx.array) -> mx.array:
-    e = exp_nonpositive(x - x.max(axis=-1, keepdims=True))
+    e = _exp_poly(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 
 

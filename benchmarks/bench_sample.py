@@ -39,14 +39,14 @@ WORKER = {
     "mlx": """
 import json, sys, time
 import nanogpt_mlx
-from nanogpt_mlx import backend
+from nanogpt_mlx import cpu
 from nanogpt_mlx.sample import SampleConfig, generate
 from nanogpt_mlx.weights import load_model
 path, prompt, n, reps = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 model = load_model(path)
 cfg = SampleConfig(max_new_tokens=n, greedy=True, stop_at_eot=False)
 run = lambda: [t.item() for t in generate(model, prompt, cfg)]
-info = {"blas": backend.blas, "gemv": backend.gemv}
+info = {"blas": cpu.blas, "gemv": cpu.gemv}
 """,
     "transformers": """
 import json, os, sys, time

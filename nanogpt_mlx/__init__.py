@@ -1,8 +1,8 @@
 """GPT-2 training, sampling and evaluation in MLX (build-nanogpt, ported)."""
 
-from . import backend
+from . import device
 
-backend.setup()  # must run before anything imports mlx.core
+device.setup()  # must run before anything imports mlx.core (the CPU profiles load OpenBLAS first)
 
 from .errors import UserError  # noqa: E402
 from .model import GPT, GPTConfig  # noqa: E402

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from . import backend
+from . import device
 from .errors import UserError
 
 
@@ -39,21 +39,8 @@ def positive_float(s: str) -> float:
 
 # ---------------------------------------------------------------------------------------- info
 def add_info(sub) -> None:
-    p = sub.add_parser("info", help="MLX version, device, BLAS in use, memory, measured fp32 GEMM speed")
+    p = sub.add_parser("info", help="MLX version, the chosen device profile, BLAS in use, memory, measured GEMM speed")
     p.set_defaults(func=cmd_info)
-
-
-def gemm_gflops(n: int = 1024, seconds: float = 0.3) -> float:
-    """Measured fp32 matmul throughput of the default device (GFLOP/s)."""
-    import mlx.core as mx
-
-    a = mx.random.normal((n, n))
-    mx.eval(a @ a)  # warm up
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        mx.eval(a @ a)
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
 def system_memory() -> tuple[float, float | None]:
@@ -75,16 +62,15 @@ def cmd_info(args) -> None:
 
     import mlx.core as mx
 
-    gflops = gemm_gflops()
     total, available = system_memory()
-    print(f"mlx          {mx.__version__}")
-    print(f"platform     {platform.platform()} ({os.cpu_count()} cores)")
-    print(f"device       {mx.default_device()}")
-    print(f"blas         {backend.blas}" + (f"  [{backend.note}]" if backend.note else ""))
-    print(f"gemv shim    {backend.gemv}")
-    print(f"memory       {total:.1f} GiB system" + (f", {available:.1f} GiB available" if available is not None else "")
-          + f", {mx.get_peak_memory() / 2**20:.0f} MiB MLX peak")
-    print(f"fp32 gemm    {gflops:.0f} GFLOP/s (1024x1024)")
+    print(f"{'mlx':<12} {mx.__version__}")
+    print(f"{'platform':<12} {platform.platform()} ({os.cpu_count()} cores)")
+    for label, value in device.info():
+        print(f"{label:<12} {value}")
+    print(f"{'memory':<12} {total:.1f} GiB system" + (f", {available:.1f} GiB available" if available is not None else "")
+          + f", {device.memory_bytes() / 2**30:.1f} GiB for MLX")
+    for dtype in dict.fromkeys(["float32", device.PROFILE.dtype]):
+        print(f"{dtype + ' gemm':<12} {device.peak_flops(dtype) / 1e9:.0f} GFLOP/s (square matmul)")
 
 
 # -------------------------------------------------------------------------------------- sample
@@ -330,8 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
-    if backend.note and args.command != "info":
-        print(f"nanogpt-mlx: note: {backend.note}", file=sys.stderr)
+    if args.command != "info":
+        for note in device.notes():
+            print(f"nanogpt-mlx: note: {note}", file=sys.stderr)
     try:
         args.func(args)
     except UserError as e:

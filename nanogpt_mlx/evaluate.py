@@ -22,6 +22,7 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
+from . import device
 from .data import DataLoader, list_shards, load_shard
 from .errors import UserError
 from .files import atomic_path, cache_dir, download
@@ -189,19 +190,13 @@ def _score(ex: Example, summed: np.ndarray, counts: np.ndarray) -> ExampleScore:
                         summed.tolist(), mean.tolist(), counts.tolist())
 
 
-def default_batch_examples() -> int:
-    """On the CPU the time per token does not drop with bigger batches, so batching examples only
-    adds padding (benchmarks/bench_hellaswag.py); accelerators want many rows per forward."""
-    return 1 if mx.default_device() == mx.cpu else 8
-
-
 def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int | None = None, rank: int = 0,
                     world: int = 1, progress: bool = True) -> HellaSwagResult:
     """Score this rank's share of `examples` (every world-th, from rank), up to `batch_examples` per forward.
 
     The records come back in file order. Sum the counts of all ranks (`merge`) for the full result.
     """
-    batch_examples = batch_examples or default_batch_examples()
+    batch_examples = batch_examples or device.PROFILE.eval_batch  # rows per forward only pay off on a GPU
     if batch_examples < 1:
         raise UserError(f"batch_examples must be >= 1, got {batch_examples}")
     mine = [ex for ex in examples if ex.index % world == rank] if world > 1 else list(examples)

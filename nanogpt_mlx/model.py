@@ -13,8 +13,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import kernels
 from .errors import UserError
-from .ops import attention, gelu
 
 GPT2_VOCAB_SIZE = 50257  # real tokens; 50304 is the padded size (a multiple of 128)
 
@@ -100,7 +100,7 @@ class CausalSelfAttention(nn.Module):
         v = v.reshape(B, T, self.n_head, hs).transpose(0, 2, 1, 3)  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, nh, T_past + T, hs)
-        y = attention(q, k, v, scale=1.0 / math.sqrt(hs), causal=T > 1)  # fused SDPA; see ops.py
+        y = kernels.attention(q, k, v, scale=1.0 / math.sqrt(hs), causal=T > 1)  # fused where the device has it
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # re-assemble all head outputs side by side
         return self.c_proj(y)
 
@@ -112,7 +112,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.c_proj(gelu(self.c_fc(x)))  # GELU, tanh approximation
+        return self.c_proj(kernels.gelu(self.c_fc(x)))  # GELU, tanh approximation
 
 
 class Block(nn.Module):
@@ -136,6 +136,8 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.h = [Block(config) for _ in range(config.n_layer)]
         self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5)
+        # training only: recompute each block's activations in the backward pass instead of keeping them
+        self.checkpoint_blocks = False
         self.init_weights(seed)
 
     def init_weights(self, seed: int | None = None) -> None:
@@ -164,23 +166,25 @@ class GPT(nn.Module):
     def load_flat(self, params: dict[str, mx.array]) -> None:
         self.update(tree_unflatten(list(params.items())))
 
-    @classmethod
-    def from_pretrained(cls, name_or_path: str) -> "GPT":
-        """`gpt2` ... `gpt2-xl` from the Hugging Face hub (cached), a local HF directory or a checkpoint."""
-        from .weights import load_model  # weights.py imports this module
-
-        return load_model(name_or_path)
-
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.size for _, p in self.parameters_flat())
         return n - self.wpe.weight.size if non_embedding else n
 
     def __call__(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """idx (B, T) token ids -> logits (B, T, vocab_size)."""
-        return self.wte.as_linear(self.hidden(idx, cache))  # lm_head tied to wte
+        return self.head(self.hidden(idx, cache))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Final hidden states (..., n_embd) -> logits (..., vocab_size)."""
+        return h @ self.head_weight.T
+
+    @property
+    def head_weight(self) -> mx.array:
+        """The lm_head's weight (vocab_size, n_embd): tied to wte."""
+        return self.wte.weight
 
     def hidden(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        """idx (B, T) token ids -> final hidden states (B, T, n_embd), the input of the tied lm_head."""
+        """idx (B, T) token ids -> final hidden states (B, T, n_embd), the input of the lm_head."""
         B, T = idx.shape
         offset = cache[0].offset if cache else 0
         if offset + T > self.config.block_size:
@@ -188,7 +192,10 @@ class GPT(nn.Module):
         pos = mx.arange(offset, offset + T)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, n_embd)
         for i, block in enumerate(self.h):
-            x = block(x, cache[i] if cache else None)
+            if self.checkpoint_blocks and cache is None:
+                x = nn.utils.checkpoint(block)(x)
+            else:
+                x = block(x, cache[i] if cache else None)
         return self.ln_f(x)
 
     def make_cache(self) -> list[KVCache]:

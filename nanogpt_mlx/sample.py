@@ -85,7 +85,7 @@ def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig, num_samples: 
 
     def step(inputs: mx.array, done: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
         h = model.hidden(inputs, cache)[:, -1, :]  # only the last position needs logits
-        tok = next_token(model.wte.as_linear(h), cfg, key)
+        tok = next_token(model.head(h), cfg, key)
         if cfg.stop_at_eot:
             tok = mx.where(done, EOT, tok)
             done = done | (tok == EOT)

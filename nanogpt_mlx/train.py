@@ -6,18 +6,17 @@ evaluated, so memory holds one micro-batch's graph. The last micro-step also ave
 gradients over ranks, clips their global norm at 1.0 (PyTorch's clip_grad_norm_) and applies
 AdamW: betas (0.9, 0.95), eps 1e-8, bias correction as in PyTorch, weight decay only on
 tensors with >= 2 dims. The LR is set before every step: linear warmup, then cosine to min_lr.
+The compute dtype defaults to the device profile's (bfloat16 on GPUs: the model computes in
+bf16 from float32 master weights; float32 on CPUs).
 
-Checkpoints are directories `OUT/ckpt-{step:06d}` (weights, optimizer state, data-loader
-position, config), written under a temporary name and renamed, so a crash mid-save leaves the
-previous one intact; `OUT/model.safetensors` + `OUT/config.json` always hold the latest weights
-for `sample`/`export`. All randomness derives from the seed and the counters saved here (init
-from the seed, shuffle from seed/epoch/shard, samples from seed + step), so resuming continues
-exactly as the uninterrupted run would.
+Checkpoints (checkpoint.py) hold the weights, the optimizer state, the data-loader position and
+the config. All randomness derives from the seed and the counters saved there (init from the
+seed, shuffle from seed/epoch/shard, samples from seed + step), so resuming continues exactly
+as the uninterrupted run would.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -32,21 +31,19 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
-from . import distributed, ops
+from . import checkpoint, device, distributed, kernels, memory
 from .data import DataLoader
 from .errors import UserError
 from .evaluate import download_hellaswag, load_hellaswag, score_hellaswag
-from .files import atomic_path, atomic_write_text
-from .loss import cross_entropy, eval_cross_entropy
 from .model import GPT, GPTConfig
+from .optim import build_nanogpt_adamw, clip_grad_norm, cosine_lr
 from .sample import SampleConfig, sample_texts
-from .weights import load_model, save_model
+from .weights import load_model
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
-STATE_FILE = "trainer.json"
 
 
 @dataclass(frozen=True)
@@ -78,8 +75,11 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
     seed: int = 1337
-    dtype: str = "float32"  # compute dtype; bfloat16 keeps float32 master weights and optimizer state
+    dtype: str = ""  # compute dtype; "": the device's (bfloat16 on GPUs, float32 on CPUs). bfloat16 keeps
+    # float32 master weights and optimizer state
     compile: bool = True
+    activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
+    max_memory: float = 0.0  # GB the run may use; refuse to start if the estimated peak exceeds it (0: the device's)
     # evaluation, samples, checkpoints (0 disables; each also runs at the last step)
     val_every: int = 250
     val_steps: int = 20
@@ -100,8 +100,8 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "val_steps"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.dtype not in DTYPES:
-            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype and self.dtype not in DTYPES:
+            raise UserError(f"dtype must be one of {', '.join(DTYPES)} (or empty for the device's), got {self.dtype!r}")
         if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
             raise UserError(f"betas must be in [0, 1), got ({self.beta1}, {self.beta2})")
 
@@ -128,47 +128,17 @@ PRESETS = {
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
-    """build-nanogpt's schedule: linear warmup to max_lr, then cosine down to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.max_lr * (step + 1) / cfg.warmup_steps
-    if step > cfg.max_steps:
-        return cfg.min_lr
-    decay_ratio = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (cfg.max_lr - cfg.min_lr)
-
-
-def clip_grad_norm(grads, max_norm: float):
-    """PyTorch's clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)); return (grads, pre-clip norm)."""
-    norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
-    if max_norm <= 0:
-        return grads, norm
-    scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
-    return tree_map(lambda g: g * scale, grads), norm
-
-
-class AdamW(optim.AdamW):
-    """PyTorch's AdamW (bias-corrected, decoupled decay): MLX's update with ops.sqrt for its square root."""
-
-    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
-        lr = self.learning_rate.astype(gradient.dtype)
-        b1, b2 = self.betas
-        m = state["m"] = b1 * state["m"] + (1 - b1) * gradient
-        v = state["v"] = b2 * state["v"] + (1 - b2) * mx.square(gradient)
-        c1 = (lr / (1 - b1**self.step)).astype(gradient.dtype)
-        c2 = mx.rsqrt(1 - b2**self.step).astype(gradient.dtype)  # a scalar: MLX's own rsqrt is fine
-        return parameter * (1 - lr * self.weight_decay) - c1 * m / (ops.sqrt(v) * c2 + self.eps)
+    """build-nanogpt's schedule for this config (optim.cosine_lr)."""
+    return cosine_lr(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
 
 
 def make_optimizer(cfg: TrainConfig) -> optim.MultiOptimizer:
-    """AdamW with decay on >= 2-D tensors (matmul weights, embeddings), none on biases and LayerNorms."""
-    adamw = partial(AdamW, learning_rate=cfg.max_lr, betas=[cfg.beta1, cfg.beta2], eps=cfg.eps)
-    return optim.MultiOptimizer([adamw(weight_decay=cfg.weight_decay), adamw(weight_decay=0.0)],
-                                [lambda path, p: p.ndim >= 2])
+    return build_nanogpt_adamw(cfg.max_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
 
 
 def lm_loss(model: GPT, x: mx.array, y: mx.array) -> mx.array:
-    """Mean next-token cross-entropy in float32, through the fused head + loss of loss.py."""
-    return cross_entropy(model.hidden(x), model.wte.weight, y)
+    """Mean next-token cross-entropy in float32, through the device's fused head + loss (kernels.py)."""
+    return kernels.cross_entropy(model.hidden(x), model.head_weight, y)
 
 
 def pad_vocab(model: GPT, vocab_size: int) -> GPT:
@@ -186,71 +156,10 @@ def pad_vocab(model: GPT, vocab_size: int) -> GPT:
     return grown
 
 
-# ------------------------------------------------------------------------------- checkpoints
-def checkpoints(out: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint directories of a run, oldest first (temporary ones are never listed)."""
-    out = Path(out)
-    return sorted(p for p in out.glob("ckpt-*") if p.is_dir() and p.name[5:].isdigit()) if out.is_dir() else []
-
-
-def latest_checkpoint(out: str | os.PathLike) -> Path:
-    found = checkpoints(out)
-    if not found:
-        raise UserError(f"{out}: no checkpoint to resume from (expected {out}/ckpt-NNNNNN/)")
-    return found[-1]
-
-
 def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
     """The config saved with a run's latest checkpoint, with `overrides` applied."""
-    state = json.loads((latest_checkpoint(out) / STATE_FILE).read_text())
+    state = checkpoint.read_state(checkpoint.latest_checkpoint(out))
     return replace(TrainConfig(**state["config"]), out=str(out), **overrides)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Put src's content at dst atomically, as a hard link when the filesystem allows (no copy)."""
-    with atomic_path(dst) as tmp:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# ----------------------------------------------------------------------------------- logging
-class RunLog:
-    """log.txt in build-nanogpt's format (`{step} train {loss:.6f}`, `{step} val {loss:.4f}`,
-    `{step} hella {acc:.4f}`) plus log.jsonl with every field; both append-only, one line per event."""
-
-    FORMATS = {"train": ".6f", "val": ".4f", "hella": ".4f"}
-
-    def __init__(self, out: Path, start_step: int, enabled: bool):
-        self.txt, self.jsonl, self.enabled = out / "log.txt", out / "log.jsonl", enabled
-        if enabled:  # drop what a crashed run logged after its last checkpoint (or everything, if fresh)
-            self._keep_before(self.txt, start_step, lambda line: int(line.split()[0]))
-            self._keep_before(self.jsonl, start_step, lambda line: json.loads(line)["step"])
-
-    @staticmethod
-    def _keep_before(path: Path, step: int, step_of) -> None:
-        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-        atomic_write_text(path, "".join(line for line in lines if line.strip() and step_of(line) < step))
-
-    def metric(self, step: int, kind: str, value: float, **extra) -> None:
-        self.event(step, kind, **{kind if kind == "hella" else "loss": value, **extra})
-        if self.enabled:
-            with open(self.txt, "a") as f:
-                f.write(f"{step} {kind} {value:{self.FORMATS[kind]}}\n")
-
-    def event(self, step: int, kind: str, **fields) -> None:
-        if self.enabled:
-            with open(self.jsonl, "a") as f:
-                f.write(json.dumps({"step": step, "kind": kind, **fields}) + "\n")
 
 
 # ----------------------------------------------------------------------------------- trainer
@@ -261,20 +170,24 @@ class Trainer:
                  dist: distributed.Dist | None = None):
         self.cfg, self.dist = cfg, dist or distributed.init()
         self.out = Path(cfg.out)
-        self.dtype = DTYPES[cfg.dtype]
-        ckpt = latest_checkpoint(self.out) if resume else None
-        if ckpt is None and checkpoints(self.out):
+        self.dtype_name = cfg.dtype or device.PROFILE.dtype
+        self.dtype = DTYPES[self.dtype_name]
+        ckpt = checkpoint.latest_checkpoint(self.out) if resume else None
+        if ckpt is None and checkpoint.checkpoints(self.out):
             if not overwrite:
                 raise UserError(f"{self.out} already holds a checkpoint; resume it (--resume {self.out}), "
                                 "pass --overwrite, or choose another --out")
             if self.dist.is_main:
-                for old in checkpoints(self.out):
+                for old in checkpoint.checkpoints(self.out):
                     shutil.rmtree(old)
-        if cfg.dtype != "float32" and mx.default_device() == mx.cpu:
-            print(f"warning: {cfg.dtype} is slow on MLX's CPU backend (float32 is faster there)", file=sys.stderr)
+        if self.dtype != mx.float32 and device.PROFILE.cpu_backend:
+            print(f"warning: {self.dtype_name} is slow on MLX's CPU backend (float32 is faster there)", file=sys.stderr)
 
         self.model = self._build_model(ckpt)
+        self.model.checkpoint_blocks = cfg.activation_checkpointing
         self._check_shapes()
+        self.memory = memory.check(self.model.config, cfg.batch_size, cfg.seq_len, self.dtype_name,
+                                   cfg.activation_checkpointing, cfg.max_memory)
         world, rank = self.dist.world, self.dist.rank
         B, T = cfg.batch_size, cfg.seq_len
         self.grad_accum = cfg.total_batch_size // (B * T * world)
@@ -292,7 +205,7 @@ class Trainer:
         if ckpt is not None:
             self._load_state(ckpt)
         self._build_steps()
-        self.log = RunLog(self.out, self.step, self.dist.is_main)
+        self.log = checkpoint.RunLog(self.out, self.step, self.dist.is_main)
         self._stop = False
         self.result: dict[str, float] = {}  # latest train_loss, val_loss and hellaswag
         self._hellaswag = None  # examples, loaded at the first evaluation
@@ -346,46 +259,32 @@ class Trainer:
         state = [model.state, optimizer.state] + ([self.master] if self.master is not None else [])
         wrap = partial(mx.compile, inputs=state, outputs=state) if self.cfg.compile else (lambda f: f)
         self._accumulate, self._update = wrap(accumulate), wrap(update)
-        eval_loss = lambda x, y: eval_cross_entropy(model.hidden(x), model.wte.weight, y)  # noqa: E731
+        eval_loss = lambda x, y: kernels.eval_cross_entropy(model.hidden(x), model.head_weight, y)  # noqa: E731
         self._eval_loss = mx.compile(eval_loss, inputs=state) if self.cfg.compile else eval_loss
 
     # -- checkpoints
     def _load_state(self, ckpt: Path) -> None:
-        state = json.loads((ckpt / STATE_FILE).read_text())
+        state = checkpoint.read_state(ckpt)
         if state["world"] != self.dist.world:
             raise UserError(f"{ckpt} was written by a run with {state['world']} ranks; resume it with the same"
                             f" number (this run has {self.dist.world})")
-        opt = mx.load(str(ckpt / "optimizer.safetensors"))
-        self.optimizer.state = tree_unflatten(list(opt.items()))
+        self.optimizer.state = checkpoint.read_optimizer(ckpt)
         self.train_loader.load_state_dict(state["train_loader"])
         self.step = state["step"]
 
     def save(self) -> Path:
-        """Write OUT/ckpt-{step} (complete or not at all), point OUT/model.safetensors at it, drop older ones."""
-        final = self.out / f"ckpt-{self.step:06d}"
-        if not self.dist.is_main or final.exists():  # a checkpoint of this step holds this very state
-            return final
-        tmp = self.out / f".ckpt-{self.step:06d}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        """Write OUT/ckpt-{step} with the float32 master weights (rank 0 only) and return its path."""
+        if not self.dist.is_main:
+            return self.out / f"ckpt-{self.step:06d}"
         if self.master is not None:
             self.model.update(self.master["params"])  # save the float32 masters, not the bf16 copy
-        save_model(self.model, tmp)
-        if self.master is not None:
-            self.model.update(tree_map(lambda p: p.astype(self.dtype), self.master["params"]))
-        with atomic_path(tmp / "optimizer.safetensors") as f:
-            mx.save_safetensors(str(f), dict(tree_flatten(self.optimizer.state)))
-        atomic_write_text(tmp / STATE_FILE, json.dumps({
-            "step": self.step, "world": self.dist.world, "config": asdict(self.cfg),
-            "train_loader": self.train_loader.state_dict()}, indent=1))
-        _fsync_dir(tmp)
-        os.rename(tmp, final)
-        _fsync_dir(self.out)
-        _link_or_copy(final / "model.safetensors", self.out / "model.safetensors")
-        atomic_write_text(self.out / "config.json", (final / "config.json").read_text())
-        for old in checkpoints(self.out)[:-1] + list(self.out.glob(".ckpt-*.tmp*")):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-        return final
+        try:
+            return checkpoint.write(self.out, self.step, self.model, self.optimizer.state, {
+                "step": self.step, "world": self.dist.world, "config": asdict(self.cfg),
+                "train_loader": self.train_loader.state_dict()})
+        finally:
+            if self.master is not None:
+                self.model.update(tree_map(lambda p: p.astype(self.dtype), self.master["params"]))
 
     # -- evaluation
     def val_loss(self) -> float:
@@ -470,10 +369,15 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.seq_len * self.grad_accum * self.dist.world
         flops_per_token = 6 * self.model.num_params(non_embedding=True) + \
             12 * self.model.config.n_layer * self.model.config.n_embd * cfg.seq_len
-        peak = _peak_flops()
+        peak = device.peak_flops(self.dtype_name)
         self._say(f"model {n_params / 1e6:.2f}M params {self.model.config} | {self.dist.world} rank(s) | "
                   f"{tokens_per_step} tokens/step = {self.dist.world} x {self.grad_accum} x {cfg.batch_size} x "
-                  f"{cfg.seq_len} | steps {self.step}..{cfg.max_steps} | {cfg.dtype} | peak {peak / 1e9:.0f} GFLOP/s")
+                  f"{cfg.seq_len} | steps {self.step}..{cfg.max_steps} | {device.PROFILE.name} {self.dtype_name} | "
+                  f"peak {peak / 1e9:.0f} GFLOP/s | memory ~{self.memory.total / 1e9:.2f} GB estimated")
+        note = device.PROFILE.attention_note(self.dtype_name, self.model.config.n_embd // self.model.config.n_head,
+                                             cfg.seq_len)
+        if note:
+            self._say(f"note: {note}")
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, self._on_sigint) if main_thread else None
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
@@ -513,14 +417,3 @@ class Trainer:
             self._say(f"interrupted: saved {path} (step {self.step}); continue with --resume {self.out}")
             raise KeyboardInterrupt
         return self.result
-
-
-def _peak_flops() -> float:
-    """Measured matmul throughput (FLOP/s) of the default device: the denominator of MFU."""
-    from .cli import gemm_gflops
-
-    return gemm_gflops() * 1e9
-
-
-def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
-    return Trainer(cfg, resume=resume, overwrite=overwrite).train()

@@ -18,9 +18,14 @@ PROMPT = "Hello, I'm a language model,"
 
 def test_info():
     out = run_cli("info", check=True).stdout
-    for field in ("mlx ", "device ", "blas ", "gemv shim ", "memory ", "fp32 gemm "):
+    for field in ("mlx ", "profile ", "device ", "dtype ", "blas ", "gemv shim ", "memory ", "float32 gemm "):
         assert any(line.startswith(field) for line in out.splitlines()), (field, out)
-    assert "GiB system" in out and "GFLOP/s" in out
+    assert "GiB system" in out and "GFLOP/s" in out and "cpu-x86" in out
+
+
+def test_info_with_a_forced_gpu_profile():
+    out = run_cli("info", check=True, env={"NANOGPT_MLX_PROFILE": "cuda"}).stdout
+    assert "profile      cuda" in out and "bfloat16 gemm" in out and "blas " not in out
 
 
 def test_sample_prints_samples_like_build_nanogpt(tiny_hf_dir):

@@ -8,13 +8,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from nanogpt_mlx import backend
+from nanogpt_mlx import cpu
 
 
 def test_shim_is_active_with_openblas_and_a_compiler():
-    if not backend.blas.startswith("OpenBLAS") or shutil.which("cc") is None or "is set" in backend.gemv:
+    if not cpu.blas.startswith("OpenBLAS") or shutil.which("cc") is None or "is set" in cpu.gemv:
         pytest.skip("needs the system OpenBLAS, a C compiler and the shim not turned off")
-    assert backend.gemv == "on"
+    assert cpu.gemv == "on"
 
 
 def close(ours: mx.array, ref: np.ndarray) -> None:

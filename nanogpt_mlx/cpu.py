@@ -1,0 +1,269 @@
+"""Everything that exists only because MLX's CPU backend is slow on Linux, used by the CPU profiles.
+
+Importing this module sets up the process, so it must happen before `mlx.core` is imported
+(device.setup does it for the CPU profiles only):
+- MLX's Linux CPU wheel links the slow reference BLAS. Loading the system OpenBLAS with
+  RTLD_GLOBAL first makes its `cblas_*` symbols win (fp32 matmuls ~30x faster).
+  NANOGPT_MLX_NO_OPENBLAS=1 keeps the bundled BLAS.
+- Decoding one token multiplies one row by every weight matrix; OpenBLAS's sgemm moves the
+  weights about half as fast as sgemv. gemv_shim.c defines a cblas_sgemm that forwards single
+  rows to sgemv; it is compiled once with the system C compiler into the user cache (without a
+  compiler everything works, just slower). NANOGPT_MLX_NO_GEMV_SHIM=1 turns it off.
+- glibc's malloc thresholds are raised so MLX's large per-step temporaries stay in the heap.
+
+The kernels below are what kernels.py binds on x86-64, where MLX's CPU build evaluates exp, tanh
+and sqrt in scalar software: the softmaxes of attention and of the loss, GELU's tanh and AdamW's
+sqrt would cost more than the matmuls of a small GPT. They are rebuilt from multiply-adds that
+`mx.compile` fuses into one kernel: exp(x) = 2**k * exp(r) with k = round(x / ln 2),
+|r| <= ln(2) / 2, a degree-7 polynomial for exp(r) and 2**k made from its float32 bits; sqrt by
+Newton's method from a bit-level first guess. Both are accurate to ~1e-7 relative, like a library's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from .files import atomic_path, cache_dir
+
+NO_OPENBLAS_ENV = "NANOGPT_MLX_NO_OPENBLAS"
+NO_GEMV_SHIM_ENV = "NANOGPT_MLX_NO_GEMV_SHIM"
+_OPENBLAS_GLOBS = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/*-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas*.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
+
+# What happened at import time, reported by `nanogpt-mlx info`.
+blas: str = "bundled"
+gemv: str = "off"  # single-row matmuls through sgemv
+note: str = ""
+
+
+# ------------------------------------------------------------------------------ process setup
+def _find_openblas() -> str | None:
+    for pattern in _OPENBLAS_GLOBS:
+        hits = sorted(glob.glob(pattern))
+        if hits:
+            return hits[0]
+    return None
+
+
+def _tune_malloc() -> None:
+    """Keep freed buffers in the heap instead of returning them to the OS each step.
+
+    MLX allocates and frees large temporaries on every training step; glibc's default
+    thresholds turn each into mmap/munmap plus page faults, and trimming the heap top after a
+    step made the next one fault it all in again. Same as exporting
+    MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_/MALLOC_TOP_PAD_, but in-process.
+    """
+    if any(k.startswith("MALLOC_") for k in os.environ):
+        return  # the user tuned it already
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold, m_mmap_max = -1, -2, -3, -4
+    libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)  # glibc's maximum on 64-bit
+    libc.mallopt(m_mmap_max, 0)  # larger blocks (logits: 100s of MB) from the heap too: ~8x faster to fill
+    libc.mallopt(m_trim_threshold, -1)  # SIZE_MAX (glibc takes it as size_t): never trim
+    libc.mallopt(m_top_pad, 64 * 1024 * 1024)
+
+
+def build_gemv_shim() -> Path:
+    """Compile gemv_shim.c into the cache (once per version of the source) and return the library."""
+    source = resources.files(__package__).joinpath("gemv_shim.c").read_bytes()
+    lib = cache_dir() / f"gemv_shim-{platform.machine()}-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    if lib.is_file():
+        return lib
+    cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
+    if not cc[0]:
+        raise OSError("no C compiler (cc) found")
+    with tempfile.TemporaryDirectory() as tmp_dir, atomic_path(lib) as tmp:
+        src = Path(tmp_dir) / "gemv_shim.c"
+        src.write_bytes(source)
+        proc = subprocess.run([*cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)],
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise OSError(f"{cc[0]} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return lib
+
+
+def _sgemm_address(lib: ctypes.CDLL) -> int | None:
+    return ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p).value
+
+
+def _install_gemv_shim(openblas: ctypes.CDLL) -> None:
+    """Load the shim into the global symbol scope, wired to `openblas` (loaded RTLD_LOCAL so far).
+
+    Must run before OpenBLAS is made global and before mlx.core is imported: the first
+    cblas_sgemm in the global scope is the one MLX's calls bind to.
+    """
+    global gemv
+    if os.environ.get(NO_GEMV_SHIM_ENV, "") not in ("", "0"):
+        gemv = f"off ({NO_GEMV_SHIM_ENV} is set)"
+        return
+    try:
+        shim = ctypes.CDLL(str(build_gemv_shim()), mode=ctypes.RTLD_GLOBAL)
+    except (OSError, subprocess.SubprocessError) as e:
+        gemv = f"off ({e}); with a C compiler token-by-token sampling is ~2x faster"
+        return
+    shim.nanogpt_gemv_shim_connect.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    shim.nanogpt_gemv_shim_connect(ctypes.cast(openblas.cblas_sgemm, ctypes.c_void_p),
+                                   ctypes.cast(openblas.cblas_sgemv, ctypes.c_void_p))
+    gemv = "on" if _sgemm_address(ctypes.CDLL(None)) == _sgemm_address(shim) else \
+        "off (another cblas_sgemm was loaded first)"
+
+
+def _setup() -> None:
+    """Tune malloc and load OpenBLAS (plus the gemv shim) globally, on Linux, unless disabled or too late."""
+    global blas, note
+    if platform.system() != "Linux":
+        blas = "Accelerate" if platform.system() == "Darwin" else "bundled"
+        return
+    _tune_malloc()
+    if os.environ.get(NO_OPENBLAS_ENV, "") not in ("", "0"):
+        note = f"OpenBLAS disabled by {NO_OPENBLAS_ENV}"
+        return
+    if "mlx.core" in sys.modules:
+        note = "mlx.core was imported before nanogpt_mlx; import nanogpt_mlx first to use OpenBLAS"
+        return
+    path = _find_openblas()
+    if path is None:
+        note = ("OpenBLAS not found: fp32 matmuls use MLX's slow reference BLAS. "
+                "Install it with `sudo apt-get install libopenblas0-pthread` (Debian/Ubuntu).")
+        return
+    try:
+        openblas = ctypes.CDLL(path)  # not global yet: the gemv shim has to come first
+    except OSError as e:
+        note = f"could not load {path}: {e}"
+        return
+    _install_gemv_shim(openblas)
+    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    blas = f"OpenBLAS ({path})"
+
+
+def info() -> list[tuple[str, str]]:
+    return [("blas", blas + (f"  [{note}]" if note else "")), ("gemv shim", gemv)]
+
+
+_setup()
+
+# ------------------------------------------------------------------------------ kernels
+import math  # noqa: E402
+
+import mlx.core as mx  # noqa: E402  (only now: OpenBLAS had to be loaded first)
+
+_EXP_POLY = [1 / math.factorial(k) for k in range(7, -1, -1)]  # exp(r)'s Taylor coefficients, degree 7 first
+_LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187e-06  # ln 2 in two parts: k * _LN2_HI is exact
+_GELU_C = math.sqrt(2 / math.pi)
+
+
+@mx.custom_function
+def exp(x: mx.array) -> mx.array:
+    """exp(x) for float32 x <= 0; x < -87 gives ~1e-38 (not 0), which no sum or softmax can tell from 0."""
+    return _exp(x)
+
+
+@exp.vjp
+def _exp_vjp(x, cotangent, output):
+    return cotangent * output
+
+
+# The element-wise bodies are compiled (once per shape) so that eager calls, as in token-by-token
+# sampling, are one fused kernel each rather than a dozen small ops.
+@mx.compile
+def _exp(x: mx.array) -> mx.array:
+    x = mx.maximum(x, -87.0)
+    k = mx.floor(x * (1 / math.log(2)) + 0.5)
+    r = x - k * _LN2_HI - k * _LN2_LO
+    p = _EXP_POLY[0]
+    for c in _EXP_POLY[1:]:
+        p = p * r + c
+    two_k = mx.view(mx.left_shift(k.astype(mx.int32) + 127, 23), mx.float32)  # the bits of 2.0**k
+    return p * two_k
+
+
+@mx.compile
+def sqrt(x: mx.array) -> mx.array:
+    """Square root of float32 x >= 0 (sqrt(0) gives ~1e-20)."""
+    y = mx.view(mx.right_shift(mx.view(x, mx.int32), 1) + 0x1FBD1DF5, mx.float32)  # within 4%
+    for _ in range(3):  # each Newton step squares the relative error: 4e-2, 8e-4, 3e-7, float rounding
+        y = 0.5 * (y + x / y)
+    return y
+
+
+def softmax(x: mx.array) -> mx.array:
+    """Softmax over the last axis, computed in float32."""
+    return _softmax(x.astype(mx.float32)).astype(x.dtype)
+
+
+@mx.custom_function
+def _softmax(x: mx.array) -> mx.array:
+    e = exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@_softmax.vjp
+def _softmax_vjp(primals, cotangent, y):
+    return y * (cotangent - (cotangent * y).sum(axis=-1, keepdims=True))
+
+
+def gelu(x: mx.array) -> mx.array:
+    """GELU with the tanh approximation (GPT-2's "gelu_new"), computed in float32."""
+    return _gelu(x.astype(mx.float32)).astype(x.dtype)
+
+
+def _tanh_gelu_parts(x: mx.array) -> tuple[mx.array, mx.array]:
+    """(z, tanh z) for z = sqrt(2/pi) (x + 0.044715 x^3); tanh from exp(-2|z|), which cannot overflow."""
+    z = _GELU_C * (x + 0.044715 * x * x * x)
+    e = _exp(-2 * mx.abs(z))
+    t = (1 - e) / (1 + e)
+    return z, mx.where(z < 0, -t, t)
+
+
+@mx.custom_function
+def _gelu(x: mx.array) -> mx.array:
+    return _gelu_forward(x)
+
+
+@_gelu.vjp
+def _gelu_vjp(x, cotangent, output):  # a one-argument function gets its primal as is
+    return _gelu_backward(x, cotangent)
+
+
+@mx.compile
+def _gelu_forward(x: mx.array) -> mx.array:
+    return 0.5 * x * (1 + _tanh_gelu_parts(x)[1])
+
+
+@mx.compile
+def _gelu_backward(x: mx.array, cotangent: mx.array) -> mx.array:
+    _, t = _tanh_gelu_parts(x)
+    xc = mx.clip(x, -100, 100)  # beyond, 1 - t^2 is exactly 0: no 0 * inf
+    dz = _GELU_C * (1 + 3 * 0.044715 * xc * xc)
+    return cotangent * (0.5 * (1 + t) + 0.5 * xc * (1 - t * t) * dz)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
+    """softmax(q k^T * scale) v for q (B, nh, T, hs), k and v (B, nh, S, hs); a causal mask is
+    aligned to the last query, so it also holds with S - T cached keys before the queries."""
+    if q.shape[2] == 1:  # one query (cached decoding): little exp work, and MLX's kernel avoids a cache copy
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
+    s = (q * scale) @ k.swapaxes(-1, -2)  # (B, nh, T, S)
+    if causal:
+        T, S = s.shape[-2:]
+        s = mx.where(mx.arange(S) <= mx.arange(S - T, S)[:, None], s, -mx.inf)
+    return softmax(s) @ v

@@ -1,0 +1,160 @@
+"""Decide the device once, at import, and describe it as a profile everything else reads.
+
+A profile says which kernels to bind (kernels.py), the default compute dtype, how many rows of
+logits the fused head + loss holds at a time, the HellaSwag batch, and how to measure the peak
+matmul speed that MFU is reported against. It is chosen before `mlx.core` is imported (the Linux
+CPU backend needs OpenBLAS loaded first, see cpu.py), from the platform and the installed MLX
+build; NANOGPT_MLX_PROFILE=cpu-x86|cpu-arm|metal|cuda forces one, so that the GPU code paths can
+run in CPU tests.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
+
+PROFILE_ENV = "NANOGPT_MLX_PROFILE"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    dtype: str  # default compute dtype of training (`--dtype` overrides)
+    software_math: bool  # MLX computes exp/tanh/sqrt in scalar software here: use cpu.py's kernels
+    cpu_backend: bool  # MLX's CPU backend: OpenBLAS preload, malloc tuning, gemv shim (cpu.setup)
+    loss_rows: int  # rows of logits the fused head + loss computes at a time
+    eval_batch: int  # HellaSwag examples (4 rows each) per forward pass
+    gemm_n: int  # size of the square matmul timed for MFU's peak
+    fused_attention_backward: bool  # MLX's fused SDPA has a fused backward on this device (cuDNN)
+
+    def attention_note(self, dtype: str, head_dim: int, seq_len: int) -> str | None:
+        """Why training attention will not use a fused kernel in both directions, or None if it will."""
+        if self.software_math:
+            return None  # cpu.py's attention is the fast path on this backend
+        if not self.fused_attention_backward:
+            return (f"{self.name}: MLX's fused attention has no fused backward here; training materializes "
+                    "the T x T scores (memory grows with T^2; --activation-checkpointing helps)")
+        reasons = []
+        if dtype not in ("bfloat16", "float16"):
+            reasons.append(f"dtype {dtype} (cuDNN needs bfloat16/float16)")
+        if head_dim % 8 or head_dim > 128:
+            reasons.append(f"head dim {head_dim} (needs a multiple of 8, <= 128)")
+        if seq_len % 128:
+            reasons.append(f"seq_len {seq_len} (the backward needs a multiple of 128)")
+        if not reasons:
+            return None
+        return f"{self.name}: attention falls back to the unfused graph: " + ", ".join(reasons)
+
+
+PROFILES = {
+    p.name: p
+    for p in [
+        Profile("cpu-x86", "MLX CPU backend on x86-64 (OpenBLAS, multiply-add exp/sqrt)", "float32",
+                software_math=True, cpu_backend=True, loss_rows=128, eval_batch=1, gemm_n=1024,
+                fused_attention_backward=False),
+        Profile("cpu-arm", "MLX CPU backend on ARM", "float32", software_math=False, cpu_backend=True,
+                loss_rows=128, eval_batch=1, gemm_n=1024, fused_attention_backward=False),
+        Profile("metal", "Apple silicon GPU (Metal)", "bfloat16", software_math=False, cpu_backend=False,
+                loss_rows=2048, eval_batch=8, gemm_n=4096, fused_attention_backward=False),
+        Profile("cuda", "NVIDIA GPU (mlx[cuda])", "bfloat16", software_math=False, cpu_backend=False,
+                loss_rows=4096, eval_batch=8, gemm_n=8192, fused_attention_backward=True),
+    ]
+}
+
+note: str = ""  # a problem with the decision, shown once by the CLI
+
+
+def _cuda_build_installed() -> bool:
+    for name in ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda"):
+        try:
+            metadata.version(name)
+            return True
+        except metadata.PackageNotFoundError:
+            pass
+    return False
+
+
+def detect() -> str:
+    """The profile name for this machine, from the platform and the installed MLX build (no mlx import)."""
+    machine = platform.machine().lower()
+    if sys.platform == "darwin" and machine == "arm64":
+        return "metal"
+    if sys.platform.startswith("linux") and _cuda_build_installed():
+        return "cuda"
+    return "cpu-x86" if machine in ("x86_64", "amd64") else "cpu-arm"
+
+
+def choose() -> Profile:
+    """NANOGPT_MLX_PROFILE if set (and valid), else the detected profile."""
+    global note
+    forced = os.environ.get(PROFILE_ENV, "").strip()
+    if forced and forced not in PROFILES:
+        note = f"{PROFILE_ENV}={forced!r} is not a profile ({', '.join(PROFILES)}); using the detected one"
+        forced = ""
+    return PROFILES[forced or detect()]
+
+
+PROFILE = choose()
+
+
+def setup() -> None:
+    """Prepare the process for the chosen profile; must run before `mlx.core` is imported."""
+    if PROFILE.cpu_backend:
+        from . import cpu  # noqa: F401  (importing it loads OpenBLAS and tunes malloc, before mlx.core)
+
+
+@lru_cache(maxsize=None)
+def peak_flops(dtype: str = "float32", seconds: float = 0.3) -> float:
+    """Measured matmul throughput (FLOP/s) of the default device in `dtype`: the denominator of MFU."""
+    import mlx.core as mx
+
+    n = PROFILE.gemm_n if mx.default_device() == mx.gpu else 1024  # a forced GPU profile may run on the CPU
+    a = mx.random.normal((n, n)).astype(getattr(mx, dtype))
+    mx.eval(a @ a)  # warm up
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or reps < 2:
+        mx.eval(a @ a)
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def memory_bytes() -> int:
+    """Memory the device can use: GPU memory (Metal's recommended working set) or system RAM."""
+    import mlx.core as mx
+
+    info = mx.device_info()
+    for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
+        if isinstance(info.get(key), int) and info[key] > 0:
+            return info[key]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def notes() -> list[str]:
+    """Problems with the set-up that the user should hear about once (a bad forced profile, no OpenBLAS)."""
+    found = [note] if note else []
+    if PROFILE.cpu_backend:
+        from . import cpu
+
+        found += [cpu.note] if cpu.note else []
+    return found
+
+
+def info() -> list[tuple[str, str]]:
+    """(label, value) lines for `nanogpt-mlx info`."""
+    import mlx.core as mx
+
+    lines = [("profile", f"{PROFILE.name}: {PROFILE.description}" + (f"  [{note}]" if note else "")),
+             ("device", str(mx.default_device())),
+             ("dtype", f"{PROFILE.dtype} by default (--dtype overrides)"),
+             ("loss chunk", f"{PROFILE.loss_rows} rows of logits at a time")]
+    if PROFILE.cpu_backend:
+        from . import cpu
+
+        lines += cpu.info()
+    return lines

@@ -1,0 +1,98 @@
+"""Estimate a training step's peak memory before it runs, and refuse a run that cannot fit.
+
+An out-of-memory crash on a Mac (unified memory) can take minutes of swapping before it
+happens, and on a GPU it comes after the model is built and compiled. The estimate adds up what
+one optimizer step holds: float32 master weights, AdamW's two moments, float32 gradient sums, a
+bfloat16 copy of the weights when computing in bfloat16, the activations the backward pass
+needs for one micro-batch, and the fused head + loss's buffers. The head's share was fitted to
+`mx.get_peak_memory()` of real compiled steps on MLX's CPU backend (tests/test_memory.py checks
+the estimate against measured steps): MLX schedules the chunks of the fused loss so that about
+5.5 float32 N x V arrays are alive at once, whatever the chunk size or dtype.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from . import device
+from .errors import UserError
+from .model import GPTConfig
+
+# values saved for the backward pass per token and layer, in units of n_embd (LayerNorm ins and
+# outs, qkv, the attention output, the residual sums, the MLP's 4x-wide input and GELU output)
+_SAVED_PER_LAYER = 22
+_HEAD_NV_FLOAT32 = 5.5  # float32 N x V arrays alive at the peak of the fused head + loss
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    params: int
+    weights: int  # float32 masters + the compute-dtype copy
+    optimizer: int  # AdamW's m and v
+    gradients: int  # the float32 running sum plus one micro-step's raw gradients
+    activations: int  # what the backward pass needs, for one micro-batch
+    head: int  # the fused head + loss's N x V logits, gradients and temporaries
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.optimizer + self.gradients + self.activations + self.head
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {getattr(self, name) / 1e9:.2f}"
+                          for name in ("weights", "optimizer", "gradients", "activations", "head"))
+        return f"~{self.total / 1e9:.2f} GB ({parts})"
+
+
+def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpointing: bool = False,
+             profile: device.Profile | None = None) -> Estimate:
+    """The estimated peak memory (bytes) of one training step of `config` at (batch_size, seq_len)."""
+    profile = profile or device.PROFILE
+    b = _BYTES[dtype]
+    C, L, V, nh = config.n_embd, config.n_layer, config.vocab_size, config.n_head
+    params = V * C + config.block_size * C + L * (12 * C * C + 13 * C) + 2 * C
+    n = batch_size * seq_len
+    per_layer = _SAVED_PER_LAYER * C * n * b
+    if profile.attention_note(dtype, C // nh, seq_len) is not None or profile.software_math:
+        per_layer += 2 * nh * seq_len * n * 4  # unfused attention keeps its scores and probabilities (float32)
+    else:
+        per_layer += nh * n * 4  # the fused kernel keeps one log-sum-exp per query
+    # checkpointing keeps each block's input and recomputes one block at a time in the backward pass
+    activations = (L * C * n * b + per_layer) if checkpointing else L * per_layer
+    activations += 4 * C * n * b  # embeddings, final LayerNorm, the hidden states into the head
+    head = int(_HEAD_NV_FLOAT32 * n * V * 4)
+    return Estimate(params=params, weights=params * (4 + (b if b != 4 else 0)), optimizer=8 * params,
+                    gradients=params * (4 + b), activations=activations, head=head)
+
+
+def largest_batch(config: GPTConfig, seq_len: int, dtype: str, checkpointing: bool, limit: float,
+                  profile: device.Profile | None = None) -> int:
+    """The largest power-of-two micro-batch whose estimate fits in `limit` bytes (0 if none does)."""
+    b = 0
+    while estimate(config, 2 ** b, seq_len, dtype, checkpointing, profile).total <= limit and b < 16:
+        b += 1
+    return 2 ** (b - 1) if b else 0
+
+
+def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpointing: bool,
+          max_memory_gb: float = 0.0) -> Estimate:
+    """Refuse (UserError) a run whose estimated peak exceeds max_memory_gb (0: the device's memory), with the
+    batch size or checkpointing that would fit; warn when it comes within 10%."""
+    est = estimate(config, batch_size, seq_len, dtype, checkpointing)
+    limit = max_memory_gb * 1e9 if max_memory_gb else device.memory_bytes()
+    where = f"--max-memory {max_memory_gb:g} GB" if max_memory_gb else f"this device's {limit / 1e9:.1f} GB"
+    if est.total > limit:
+        advice = []
+        fits = largest_batch(config, seq_len, dtype, checkpointing, limit)
+        if fits:
+            advice.append(f"--batch-size {fits} fits (--total-batch-size stays, by more accumulation)")
+        if not checkpointing:
+            fits_ckpt = largest_batch(config, seq_len, dtype, True, limit)
+            if fits_ckpt:
+                advice.append(f"--activation-checkpointing fits --batch-size {fits_ckpt}")
+        raise UserError(f"a step of batch {batch_size} x {seq_len} needs {est.describe()}, more than {where}; "
+                        + ("; ".join(advice) if advice else "choose a smaller model or sequence length"))
+    if est.total > 0.9 * limit:
+        print(f"warning: a step needs {est.describe()}, close to {where}", file=sys.stderr)
+    return est

@@ -1,0 +1,211 @@
+"""Every device profile's kernels against plain MLX references (profiles forced on the CPU): cpu.py's
+multiply-add exp/sqrt/softmax/GELU/attention, the fused head + loss at CPU and GPU chunk sizes and
+dtypes, activation checkpointing, and an import under a GPU profile that loads no CPU machinery."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from nanogpt_mlx import GPT, GPTConfig, cpu, device, kernels
+from nanogpt_mlx.loss import make_losses
+
+PROFILES = list(device.PROFILES.values())
+ids = [p.name for p in PROFILES]
+
+
+@pytest.fixture(params=[False, True], ids=["eager", "compiled"])
+def maybe_compile(request):
+    return mx.compile if request.param else (lambda f: f)
+
+
+# --------------------------------------------------------------------------- cpu.py's math
+def test_exp_is_accurate_to_float32_rounding(maybe_compile):
+    z = mx.concatenate([mx.linspace(-87, 0, 200001), mx.array([-1e-30, 0.0])])
+    got = np.array(maybe_compile(cpu.exp)(z), dtype=np.float64)
+    rel = np.abs(got / np.exp(np.array(z, dtype=np.float64)) - 1)
+    assert rel.max() < 3e-7
+    assert got[-1] == 1.0
+    assert 0 <= cpu.exp(mx.array([-mx.inf])).item() < 1e-37  # ~0, not nan
+    np.testing.assert_allclose(np.array(mx.grad(lambda x: cpu.exp(x).sum())(z[:100])),
+                               np.exp(np.array(z[:100])), rtol=3e-7)
+
+
+def test_softmax_and_gradient(maybe_compile):
+    x = mx.random.normal((4, 300), key=mx.random.key(0)) * 10
+    x = mx.where(mx.arange(300) > 250, -mx.inf, x)  # masked entries, as in causal attention
+    cot = mx.random.normal((4, 300), key=mx.random.key(1))
+    ref_y, ref_vjp = mx.vjp(lambda x: mx.softmax(x, axis=-1), [x], [cot])
+    y, vjp = mx.vjp(maybe_compile(cpu.softmax), [x], [cot])
+    np.testing.assert_allclose(np.array(y[0]), np.array(ref_y[0]), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(np.array(vjp[0]), np.array(ref_vjp[0]), rtol=1e-4, atol=1e-7)
+
+
+def test_gelu_survives_extreme_inputs():
+    x = mx.array([-1e20, 1e20, 0.0])
+    assert mx.grad(lambda x: cpu.gelu(x).sum())(x).tolist() == [0.0, 1.0, 0.5]  # MLX's own gives nan at +-1e20
+
+
+def test_sqrt_is_accurate(maybe_compile):
+    x = mx.concatenate([mx.exp(mx.linspace(-80, 80, 100001)), mx.array([1e-38, 1.0, 4.0])])
+    got = np.array(maybe_compile(cpu.sqrt)(x), dtype=np.float64)
+    np.testing.assert_allclose(got, np.sqrt(np.array(x, dtype=np.float64)), rtol=3e-7)
+    assert cpu.sqrt(mx.array([0.0])).item() < 1e-19  # an AdamW denominator's eps (1e-8) dwarfs it
+
+
+# --------------------------------------------------------------------------- every profile
+def reference_attention(q, k, v, scale, causal):
+    s = (q * scale) @ k.swapaxes(-1, -2)
+    if causal:
+        T, S = s.shape[-2:]
+        s = mx.where(mx.arange(S) <= mx.arange(S - T, S)[:, None], s, -mx.inf)
+    return mx.softmax(s, axis=-1) @ v
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=ids)
+@pytest.mark.parametrize("T, S", [(7, 7), (1, 9), (3, 9)])  # full causal, one cached query, a cached prefix
+def test_attention_equals_reference(profile, T, S):
+    k1, k2, k3, k4 = mx.random.split(mx.random.key(T * S), 4)
+    q = mx.random.normal((2, 3, T, 8), key=k1)
+    k, v = mx.random.normal((2, 3, S, 8), key=k2), mx.random.normal((2, 3, S, 8), key=k3)
+    cot = mx.random.normal((2, 3, T, 8), key=k4)
+    attention = kernels.for_profile(profile).attention
+
+    def run(fn):
+        return mx.vjp(lambda q, k, v: fn(q, k, v, scale=0.35, causal=T > 1), [q, k, v], [cot])
+
+    (ref,), ref_grads = run(reference_attention)
+    (got,), grads = run(attention)
+    np.testing.assert_allclose(np.array(got), np.array(ref), rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.array(g), np.array(r), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=ids)
+def test_gelu_exp_sqrt_equal_reference(profile, maybe_compile):
+    k = kernels.for_profile(profile)
+    x = mx.linspace(-12, 12, 10001)
+    np.testing.assert_allclose(np.array(maybe_compile(k.gelu)(x)), np.array(nn.gelu_approx(x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(mx.grad(lambda x: k.gelu(x).sum())(x)),
+                               np.array(mx.grad(lambda x: nn.gelu_approx(x).sum())(x)), rtol=1e-5, atol=3e-6)
+    z = mx.linspace(-80, 0, 1001)
+    z64 = np.array(z, dtype=np.float64)
+    np.testing.assert_allclose(np.array(maybe_compile(k.exp)(z)), np.exp(z64), rtol=5e-6)  # MLX's own: ~4e-6
+    x = mx.exp(mx.linspace(-80, 80, 1001))
+    np.testing.assert_allclose(np.array(maybe_compile(k.sqrt)(x)), np.sqrt(np.array(x, dtype=np.float64)), rtol=1e-6)
+
+
+def plain_loss(h, w, y):
+    return nn.losses.cross_entropy(h @ w.T, y, reduction="mean")
+
+
+def random_head(n: int, vocab: int, dtype=mx.float32, seed: int = 0):
+    k1, k2, k3 = mx.random.split(mx.random.key(seed + n), 3)
+    h = (mx.random.normal((n, 48), key=k1) * 2).astype(dtype)
+    w = mx.random.normal((vocab, 48), key=k2).astype(dtype)  # logits with a spread of ~15: exp far from 0
+    y = mx.random.randint(0, vocab, (n,), key=k3).astype(mx.int32)
+    return h, w, y
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=ids)
+@pytest.mark.parametrize("n, rows", [(1, None), (300, None), (300, 128), (256, 128), (300, 7)])
+def test_fused_head_loss_equals_plain_cross_entropy(profile, n, rows):
+    """Float32: loss and both gradients, at the profile's chunk size and at sizes that do not divide n or V."""
+    k = kernels.for_profile(replace(profile, loss_rows=rows) if rows else profile)
+    h, w, y = random_head(n, 1000)
+    ref_loss, (ref_dh, ref_dw) = mx.value_and_grad(plain_loss, argnums=(0, 1))(h, w, y)
+    np.testing.assert_allclose(k.eval_cross_entropy(h, w, y).item(), ref_loss.item(), rtol=1e-5)
+    for fn in (k.cross_entropy, mx.compile(k.cross_entropy)):
+        got_loss, (dh, dw) = mx.value_and_grad(fn, argnums=(0, 1))(h, w, y)
+        np.testing.assert_allclose(got_loss.item(), ref_loss.item(), rtol=1e-5)
+        np.testing.assert_allclose(np.array(dh), np.array(ref_dh), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.array(dw), np.array(ref_dw), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=ids)
+def test_bfloat16_head_loss_is_float32_and_close(profile):
+    """bf16 matmuls, float32 reductions: a float32 loss near the float32 graph of the same bf16 values,
+    gradients in bf16 within bf16 rounding."""
+    k = kernels.for_profile(replace(profile, loss_rows=100))
+    h, w, y = random_head(300, 1000, mx.bfloat16, seed=5)
+    value, (dh, dw) = mx.value_and_grad(k.cross_entropy, argnums=(0, 1))(h, w, y)
+    ref, (ref_dh, ref_dw) = mx.value_and_grad(plain_loss, argnums=(0, 1))(h.astype(mx.float32), w.astype(mx.float32), y)
+    assert value.dtype == mx.float32 and dh.dtype == mx.bfloat16 and dw.dtype == mx.bfloat16
+    np.testing.assert_allclose(value.item(), ref.item(), rtol=2e-2)  # logits rounded to bf16 by the matmul
+    for got, want in ((dh, ref_dh), (dw, ref_dw)):
+        got, want = np.array(got.astype(mx.float32)), np.array(want)
+        assert np.abs(got - want).max() < 0.03 * np.abs(want).max()
+
+
+def test_loss_gradient_follows_the_cotangent_and_batch_shape():
+    train_loss, _ = make_losses(rows=4)
+    h = mx.random.normal((2, 5, 16), key=mx.random.key(0))
+    w = mx.random.normal((50, 16), key=mx.random.key(1))
+    y = mx.random.randint(0, 50, (2, 5), key=mx.random.key(2)).astype(mx.int32)
+    dh = mx.grad(lambda h: 3 * train_loss(h, w, y))(h)
+    ref = mx.grad(lambda h: 3 * plain_loss(h.reshape(10, 16), w, y.reshape(10)))(h)
+    assert dh.shape == h.shape
+    np.testing.assert_allclose(np.array(dh), np.array(ref), rtol=1e-4, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- checkpointing
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    model = GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=3, n_head=2, n_embd=32), seed=0)
+    x = mx.random.randint(0, 300, (2, 32), key=mx.random.key(1))
+    y = mx.random.randint(0, 300, (2, 32), key=mx.random.key(2))
+    loss_and_grad = nn.value_and_grad(model, lambda m, x, y: kernels.cross_entropy(m.hidden(x), m.head_weight, y))
+    results = []
+    for flag in (False, True):
+        model.checkpoint_blocks = flag
+        results.append(loss_and_grad(model, x, y))
+    (l0, g0), (l1, g1) = results
+    np.testing.assert_allclose(l0.item(), l1.item(), rtol=1e-6)
+    from mlx.utils import tree_flatten
+
+    for (name, a), (_, b) in zip(tree_flatten(g0), tree_flatten(g1)):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+# --------------------------------------------------------------------------- the decision
+PROBE = """
+import json, subprocess, sys
+calls = []
+real_run = subprocess.run
+subprocess.run = lambda *a, **k: calls.append(a) or real_run(*a, **k)
+import nanogpt_mlx
+from nanogpt_mlx import cli, device, kernels, train, evaluate, sample
+maps = open("/proc/self/maps").read()
+print(json.dumps({"profile": device.PROFILE.name, "cpu_module": "nanogpt_mlx.cpu" in sys.modules,
+                  "system_openblas": "libopenblas.so" in maps, "gemv_shim": "gemv_shim" in maps,
+                  "subprocesses": len(calls), "attention": kernels.attention.__module__}))
+"""
+
+
+@pytest.mark.parametrize("forced", ["cuda", "metal"])
+def test_gpu_profile_import_loads_no_cpu_machinery(forced):
+    env = {**os.environ, device.PROFILE_ENV: forced}
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=True)
+    got = json.loads(out.stdout)
+    assert got == {"profile": forced, "cpu_module": False, "system_openblas": False, "gemv_shim": False,
+                   "subprocesses": 0, "attention": "nanogpt_mlx.kernels"}
+
+
+def test_cpu_profile_import_binds_cpu_kernels():
+    env = {**os.environ, device.PROFILE_ENV: "cpu-x86"}
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=True)
+    got = json.loads(out.stdout)
+    assert got["profile"] == "cpu-x86" and got["cpu_module"] and got["attention"] == "nanogpt_mlx.cpu"
+
+
+def test_unknown_forced_profile_falls_back_with_a_note():
+    env = {**os.environ, device.PROFILE_ENV: "tpu"}
+    out = subprocess.run([sys.executable, "-m", "nanogpt_mlx.cli", "info"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "is not a profile" in out.stdout

@@ -1,0 +1,65 @@
+"""The peak-memory estimate against real compiled steps on the CPU, and the refusal before an OOM."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import assert_one_line_error, run_cli
+
+from nanogpt_mlx import GPTConfig, device, memory
+from nanogpt_mlx.errors import UserError
+from nanogpt_mlx.train import TrainConfig, Trainer
+
+
+def shards(tmp_path, n: int):
+    rng = np.random.default_rng(0)
+    for name in ("x_val_000000.npy", "x_train_000001.npy"):
+        np.save(tmp_path / name, rng.integers(0, 50257, n).astype(np.uint16))
+    return tmp_path
+
+
+@pytest.mark.parametrize("L, C, nh, B, T, checkpointing", [(4, 128, 4, 8, 128, False), (4, 256, 4, 8, 256, False),
+                                                         (6, 384, 6, 4, 512, True)])
+def test_estimate_is_within_25_percent_of_a_measured_step(tmp_path, L, C, nh, B, T, checkpointing):
+    data = shards(tmp_path, B * T * 3 + 1)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "out"), n_layer=L, n_head=nh, n_embd=C, block_size=T,
+                      vocab_size=50304, batch_size=B, seq_len=T, total_batch_size=B * T, max_steps=2, warmup_steps=1,
+                      val_every=0, sample_every=0, hellaswag_every=0, checkpoint_every=0, dtype="float32",
+                      activation_checkpointing=checkpointing)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    trainer = Trainer(cfg)
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.train()
+    measured = mx.get_peak_memory()
+    print(f"\nL{L} d{C} B{B}xT{T} ckpt={checkpointing}: estimated {trainer.memory.total / 1e6:.0f} MB, "
+          f"measured {measured / 1e6:.0f} MB")
+    assert 0.75 < trainer.memory.total / measured < 1.25
+
+
+def test_checkpointing_and_bfloat16_lower_the_estimate():
+    cfg = GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)
+    fp32 = memory.estimate(cfg, 16, 1024, "float32")
+    bf16 = memory.estimate(cfg, 16, 1024, "bfloat16", profile=device.PROFILES["cuda"])
+    ckpt = memory.estimate(cfg, 16, 1024, "bfloat16", True, profile=device.PROFILES["cuda"])
+    assert ckpt.activations < bf16.activations < fp32.activations
+    assert memory.largest_batch(cfg, 1024, "bfloat16", True, 16e9, device.PROFILES["metal"]) >= \
+        memory.largest_batch(cfg, 1024, "bfloat16", False, 16e9, device.PROFILES["metal"])
+
+
+def test_a_run_that_cannot_fit_is_refused_with_advice():
+    cfg = GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)
+    with pytest.raises(UserError, match="--batch-size 1 fits.*--activation-checkpointing fits --batch-size 4"):
+        memory.check(cfg, 16, 1024, "float32", False, max_memory_gb=8)
+
+
+def test_cli_refuses_before_training(tmp_path):
+    data = shards(tmp_path, 10_000)
+    proc = run_cli("train", "--preset", "shakespeare", "--data", str(data), "--out", str(tmp_path / "out"),
+                   "--max-memory", "0.05")
+    assert_one_line_error(proc, "more than --max-memory 0.05 GB")
+    assert not (tmp_path / "out" / "log.txt").exists()

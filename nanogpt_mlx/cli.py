@@ -132,17 +132,21 @@ def cmd_sample(args) -> None:
 
 # -------------------------------------------------------------------------------------- export
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="write any loadable model as a Hugging Face GPT-2 directory")
+    p = sub.add_parser("export", help="write any loadable model as a Hugging Face GPT-2 directory",
+                       description="Writes weights named as the hub's gpt2, config.json, generation_config.json "
+                                   "and GPT-2's tokenizer files: transformers and mlx-lm load the directory.")
     p.add_argument("src", help="hub id, local Hugging Face directory or checkpoint dir")
-    p.add_argument("out", help="output directory (config.json + model.safetensors)")
+    p.add_argument("out", help="output directory, new or empty")
+    p.add_argument("--force", action="store_true", help="write into a non-empty directory (never into SRC itself)")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> None:
-    from .weights import export_hf, load_model
+    from .weights import EXPORT_FILES, check_export_target, export_hf, load_model
 
-    export_hf(load_model(args.src), args.out)
-    print(f"wrote {args.out}/config.json and model.safetensors (Hugging Face GPT-2 layout)")
+    check_export_target(args.out, args.force, source=args.src)  # before the (maybe long) load
+    export_hf(load_model(args.src), args.out, force=args.force)
+    print(f"wrote {args.out}: {', '.join(EXPORT_FILES)} (Hugging Face GPT-2 layout)")
 
 
 # ---------------------------------------------------------------------------------------- eval

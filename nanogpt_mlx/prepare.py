@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from .data import list_shards, load_shard
-from .errors import UserError
+from .errors import UserError, first_line
 from .files import atomic_path, atomic_write_text, sha256_file
-from .sources import Source, Unit, first_line
+from .sources import Source, Unit
 from .tokenizer import EOT, get_tokenizer
 
 FORMAT = "nanogpt-mlx-shards"

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 from . import files
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -166,7 +166,3 @@ def _hub_fetcher(path: str, sha: str) -> Callable[[Path], Path]:
             raise UserError(f"could not download {path} from {FINEWEB_REPO} ({first_line(e)}); re-run to "
                             "resume, or pass --local-dir with the files") from None
     return fetch
-
-
-def first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -31,6 +31,20 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
     return save_hf_gpt2(tmp_path_factory.mktemp("tiny_hf"))
 
 
+@pytest.fixture(scope="session")
+def lively_hf_dir(tmp_path_factory) -> Path:
+    """A random transformers GPT-2 with larger weights (init std 0.2): its greedy text does not
+    collapse into one repeated token, so comparing token sequences means something."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("lively")
+    GPT2LMHeadModel(GPT2Config(n_layer=4, n_head=4, n_embd=128, n_positions=128, initializer_range=0.2)
+                    ).save_pretrained(path)
+    return path
+
+
 def run_cli(*args: str, check: bool = False, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
     """Run `nanogpt-mlx ARGS` in a subprocess (as a user would), capturing text output."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **kw.pop("env", {})}

@@ -46,9 +46,9 @@ def lively_hf_dir(tmp_path_factory) -> Path:
 
 
 def run_cli(*args: str, check: bool = False, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
-    """Run `nanogpt-mlx ARGS` in a subprocess (as a user would), capturing text output."""
+    """Run `python -m nanogpt_mlx ARGS` (the `nanogpt-mlx` command) in a subprocess, capturing text output."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **kw.pop("env", {})}
-    proc = subprocess.run([sys.executable, "-m", "nanogpt_mlx.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "nanogpt_mlx", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"nanogpt-mlx {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")

@@ -23,6 +23,20 @@ def test_info():
     assert "GiB system" in out and "GFLOP/s" in out
 
 
+def test_python_dash_m_and_mlx_launch_run_the_cli():
+    """`python -m nanogpt_mlx` is the command (run_cli uses it too), and so is each rank of `mlx.launch -m nanogpt_mlx`."""
+    import subprocess
+    import sys
+
+    help_text = subprocess.run([sys.executable, "-m", "nanogpt_mlx", "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    assert help_text.startswith("usage: nanogpt-mlx")
+    launch = Path(sys.executable).with_name("mlx.launch")
+    proc = subprocess.run([str(launch), "--python", sys.executable, "--backend", "ring", "-n", "2", "--",
+                           "-m", "nanogpt_mlx", "info"], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.count("fp32 gemm") == 2, proc.stdout + proc.stderr
+
+
 def test_sample_prints_samples_like_build_nanogpt(tiny_hf_dir):
     args = ("sample", "--model", str(tiny_hf_dir), "--num-samples", "3", "--max-new-tokens", "8", "--seed", "42",
             "--no-stop")
@@ -115,6 +129,33 @@ def test_bad_models(tiny_hf_dir, tmp_path):
 
     assert_one_line_error(run_cli("sample", "--model", "nobody/no-such-model"),
                           "nobody/no-such-model", "HF_HUB_OFFLINE", "local directory")
+
+
+@pytest.mark.parametrize("args", [
+    ("sample", "--model", "nosuchuser/nosuchmodel"),
+    ("sample",),
+    ("export", "gpt2", "OUT"),
+    ("eval", "loss", "--model", "gpt2", "--data", "DATA"),
+])
+def test_unreachable_hub_fails_within_seconds(tmp_path, args):
+    """Online mode, nothing cached, the hub unreachable (a closed port on 127.0.0.1): one line, no retries."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "0",
+           "no_proxy": "127.0.0.1"}
+    args = [str(tmp_path / a) if a in ("OUT", "DATA") else a for a in args]
+    start = time.perf_counter()
+    proc = run_cli(*args, env=env)
+    seconds = time.perf_counter() - start
+    assert_one_line_error(proc, "not in the Hugging Face cache", f"cannot reach the Hugging Face hub at "
+                          f"http://127.0.0.1:{port}", "pass a local directory")
+    print(f"{' '.join(args[:2])}: failed in {seconds:.1f} s")
+    assert seconds < 10
+    assert not (tmp_path / "OUT").exists()
 
 
 # ------------------------------------------------------------------------------ hub download

@@ -130,3 +130,12 @@ def test_empty_prompt_starts_from_end_of_text(model):
     cfg = SampleConfig(max_new_tokens=5, greedy=True, stop_at_eot=False)
     assert tokens(model, cfg, prompt=[]) == tokens(model, cfg, prompt=[EOT])
     assert len(encode("")) == 0
+
+
+def test_every_config_argument_has_a_default(model):
+    """The Python API works without building a SampleConfig: its defaults are the CLI's."""
+    texts = sample_texts(model, "ROMEO:")
+    assert len(texts) == 1 and texts[0].startswith("ROMEO:")
+    assert "".join(stream_text(model, "ROMEO:")).startswith("ROMEO:")
+    assert len(list(generate(model, encode("ROMEO:")))) <= SampleConfig().max_new_tokens
+    assert next_token(mx.zeros((2, 50257))).shape == (2,)

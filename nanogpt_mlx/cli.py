@@ -11,7 +11,11 @@ from .errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but bad arguments give one line on stderr instead of usage + error."""
+    """argparse, but bad arguments give one line on stderr instead of usage + error, and no option is
+    abbreviated (`--min-lr` must not quietly mean `--min-lr-ratio`). Subcommand parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -121,8 +125,9 @@ def cmd_sample(args) -> None:
                        crop=args.crop)
     model = load_model(args.model)
     if args.num_samples == 1:
-        print("> ", end="", flush=True)
-        for piece in stream_text(model, args.prompt, cfg):
+        pieces = stream_text(model, args.prompt, cfg)
+        print("> " + next(pieces), end="", flush=True)  # the prompt, once it is known to fit
+        for piece in pieces:
             print(piece, end="", flush=True)
         print()
         return

@@ -90,7 +90,9 @@ def test_missing_openblas_is_said_once(tiny_hf_dir):
 def test_prompt_too_long_needs_crop(tiny_hf_dir):
     long = " word" * 120  # 120 tokens + 30 new > 128
     base = ("sample", "--model", str(tiny_hf_dir), "--prompt", long, "--num-samples", "1", "--greedy")
-    assert_one_line_error(run_cli(*base), "exceeds the model's context of 128", "--crop")
+    proc = run_cli(*base)
+    assert_one_line_error(proc, "exceeds the model's context of 128", "--crop")
+    assert proc.stdout == ""  # not even the "> " of a streamed sample
     assert run_cli(*base, "--crop", check=True).stdout.startswith("> ")
 
 
@@ -103,6 +105,32 @@ def test_prompt_too_long_needs_crop(tiny_hf_dir):
 ])
 def test_bad_sampling_arguments(tiny_hf_dir, args, needles):
     assert_one_line_error(run_cli("sample", "--model", str(tiny_hf_dir), *args), *needles)
+
+
+@pytest.mark.parametrize("args", [
+    ("sample", "--num-s", "2"),
+    ("train", "--max-st", "5"),
+    ("eval", "loss", "--data", "x", "--seq", "8"),
+    ("export", "a", "b", "--for"),
+])
+def test_options_are_never_abbreviated(args):
+    assert_one_line_error(run_cli(*args), "unrecognized arguments", args[-1] if args[-1].startswith("--") else args[-2])
+
+
+def test_no_parser_allows_abbreviations():
+    import argparse
+
+    from nanogpt_mlx.cli import build_parser
+
+    def parsers(p):
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from parsers(child)
+
+    found = list(parsers(build_parser()))
+    assert len(found) > 10 and not any(p.allow_abbrev for p in found)
 
 
 def copy_hf_dir(src: Path, dst: Path) -> Path:

@@ -7,7 +7,7 @@ import sys
 import time
 
 from . import backend
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -178,6 +178,7 @@ def add_eval(sub) -> None:
 
 def cmd_eval(args) -> None:
     from . import evaluate
+    from .files import check_writable
     from .weights import load_model
 
     if args.task == "loss":
@@ -188,6 +189,8 @@ def cmd_eval(args) -> None:
         print(f"{args.split} loss {loss:.4f}  perplexity {evaluate.perplexity(loss):.2f}  "
               f"({n} batches of {args.batch_size}x{T} tokens from {args.data})")
         return
+    if args.output:
+        check_writable(args.output)  # now, not after the whole evaluation
     examples = evaluate.load_hellaswag(args.data or evaluate.download_hellaswag(), args.limit)
     model = load_model(args.model)
     start = time.perf_counter()
@@ -351,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
+    except OSError as e:  # a disk or file error that no command turned into a UserError: still one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"nanogpt-mlx: error: {where}{e.strerror or first_line(e)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,23 +1,65 @@
-"""Crash-safe file writing: a file appears under its final name only when complete."""
+"""Crash-safe file writing: a file appears under its final name only when complete, and a disk that
+cannot take it (read-only, full, a file where a directory should be) is one line, with nothing left behind."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import UserError, first_line
+
+# errnos of a target that cannot be written (network errors in a writer's body pass through)
+STORAGE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EACCES, errno.EPERM,
+                  errno.ENOTDIR, errno.EISDIR, errno.ENOENT}
+
+
+def cannot(what: str, path: str | os.PathLike, e: OSError) -> UserError:
+    """`PATH: cannot WHAT (reason)`, the one line for a storage error."""
+    return UserError(f"{path}: cannot {what} ({e.strerror or first_line(e)})")
+
+
+def make_dirs(path: str | os.PathLike) -> Path:
+    """`mkdir -p path`; a failure (read-only, no permission, a file in the way) is one UserError."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # exist_ok covers directories only
+        raise UserError(f"{path}: cannot create directory (a file of that name is in the way)") from None
+    except OSError as e:
+        raise cannot("create directory", path, e) from None
+    return path
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail now, not after the work, if `path` (a file or directory, existing or not) cannot be written:
+    make and remove a file in the nearest directory that exists. Creates nothing that stays."""
+    path = Path(path).absolute()
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{path}: cannot write ({parent} is not a directory)")
+    probe = parent / f".nanogpt-mlx-probe{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise cannot("write", path, e) from None
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it and rename it into place.
 
-    Usage: `with atomic_path(out) as tmp: write(tmp)`. On any error the temp file is
-    removed and `path` keeps its previous content.
+    Usage: `with atomic_path(out) as tmp: write(tmp)`. On any error the temp file is removed and
+    `path` keeps its previous content; a storage error (also from the body) becomes one UserError.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     # Keep the real suffix last: some writers (np.save, mx.save_safetensors) append one otherwise.
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
@@ -25,8 +67,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        raise cannot("write", path, e) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only disk even a missing file's unlink fails
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -58,8 +105,6 @@ def download(url: str, dest: Path, what: str, hint: str, progress: bool = True) 
     import urllib.request
 
     from tqdm import tqdm
-
-    from .errors import UserError
 
     if dest.is_file():
         return dest

@@ -11,9 +11,11 @@ the weights file's header before a model is built, so a wrong size fails at once
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .errors import UserError, first_line
-from .files import atomic_path, atomic_write_text
+from .files import atomic_path, atomic_write_text, check_writable
 from .hf_tokenizer import TOKENIZER_FILES, write_tokenizer_files
 from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 from .tokenizer import EOT
@@ -299,11 +301,20 @@ def load_model(name_or_path: str | os.PathLike) -> GPT:
     return load_local(download(str(name_or_path)))
 
 
+def save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
+    """mx.save_safetensors, with its write failures as OSError, so that `atomic_path` reports them."""
+    try:
+        mx.save_safetensors(str(path), arrays, metadata=metadata)
+    except RuntimeError as e:  # MLX says "[write] Unable to write N bytes"; a full disk is the usual reason
+        full = shutil.disk_usage(path.parent).free < sum(a.nbytes for a in arrays.values())
+        raise OSError(errno.ENOSPC if full else errno.EIO, "No space left on device" if full else first_line(e)) from None
+
+
 def save_model(model: GPT, out_dir: str | os.PathLike) -> None:
     """Write this project's checkpoint format: model.safetensors + config.json (atomic per file)."""
     out_dir = Path(out_dir)
     with atomic_path(out_dir / "model.safetensors") as tmp:
-        mx.save_safetensors(str(tmp), dict(model.parameters_flat()))
+        save_safetensors(tmp, dict(model.parameters_flat()))
     atomic_write_text(out_dir / "config.json",
                       json.dumps({"format": NATIVE_FORMAT, "model": model.config.to_dict()}, indent=2))
 
@@ -314,6 +325,7 @@ def check_export_target(out_dir: str | os.PathLike, force: bool = False, source:
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose a directory for the export")
+    check_writable(out)
     if not out.is_dir():
         return out
     if source is not None and Path(source).expanduser().is_dir() and out.samefile(Path(source).expanduser()):
@@ -334,7 +346,7 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> No
     `transformers` (`from_pretrained`, `pipeline`) and mlx-lm (`load`) read as they read the hub's `gpt2`."""
     out_dir = check_export_target(out_dir, force)
     with atomic_path(out_dir / "model.safetensors") as tmp:
-        mx.save_safetensors(str(tmp), to_hf(model), metadata={"format": "pt"})
+        save_safetensors(tmp, to_hf(model), metadata={"format": "pt"})
     atomic_write_text(out_dir / "config.json", json.dumps(hf_config(model.config), indent=2))
     atomic_write_text(out_dir / "generation_config.json", json.dumps(generation_config(), indent=2))
     write_tokenizer_files(out_dir, model.config.block_size)

@@ -4,22 +4,31 @@ cannot take it (read-only, full, a file where a directory should be) is one line
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
+import shutil
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import UserError, first_line
 
-# errnos of a target that cannot be written (network errors in a writer's body pass through)
-STORAGE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EACCES, errno.EPERM,
-                  errno.ENOTDIR, errno.EISDIR, errno.ENOENT}
+# What a writer's body may raise that is not about the disk (a download's connection): passed through.
+NETWORK_ERRORS = (ConnectionError, TimeoutError, ssl.SSLError)
+LOW_SPACE = 1 << 20  # bytes; less free space than this after a failed write means the disk is full
 
 
 def cannot(what: str, path: str | os.PathLike, e: OSError) -> UserError:
-    """`PATH: cannot WHAT (reason)`, the one line for a storage error."""
-    return UserError(f"{path}: cannot {what} ({e.strerror or first_line(e)})")
+    """`PATH: cannot WHAT (reason)`, the one line for a storage error. Some writers (numpy's short
+    writes, MLX) give no errno: a nearly full disk is then named as the reason."""
+    reason = e.strerror
+    if not reason:
+        parent = Path(path).absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        full = shutil.disk_usage(parent).free < LOW_SPACE
+        reason = "No space left on device" if full else first_line(e)
+    return UserError(f"{path}: cannot {what} ({reason})")
 
 
 def make_dirs(path: str | os.PathLike) -> Path:
@@ -68,7 +77,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        if e.errno not in STORAGE_ERRNOS:
+        if isinstance(e, NETWORK_ERRORS):
             raise
         raise cannot("write", path, e) from None
     finally:

@@ -11,11 +11,9 @@ the weights file's header before a model is built, so a wrong size fails at once
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
-import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -302,12 +300,12 @@ def load_model(name_or_path: str | os.PathLike) -> GPT:
 
 
 def save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
-    """mx.save_safetensors, with its write failures as OSError, so that `atomic_path` reports them."""
+    """mx.save_safetensors, with its write failures ("[write] Unable to write N bytes") as OSError,
+    which `atomic_path` reports as one line."""
     try:
         mx.save_safetensors(str(path), arrays, metadata=metadata)
-    except RuntimeError as e:  # MLX says "[write] Unable to write N bytes"; a full disk is the usual reason
-        full = shutil.disk_usage(path.parent).free < sum(a.nbytes for a in arrays.values())
-        raise OSError(errno.ENOSPC if full else errno.EIO, "No space left on device" if full else first_line(e)) from None
+    except RuntimeError as e:
+        raise OSError(first_line(e)) from None
 
 
 def save_model(model: GPT, out_dir: str | os.PathLike) -> None:

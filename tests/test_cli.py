@@ -37,6 +37,25 @@ def test_python_dash_m_and_mlx_launch_run_the_cli():
     assert proc.stdout.count("fp32 gemm") == 2, proc.stdout + proc.stderr
 
 
+def test_readme_api_table_names_exist():
+    """Every name in the README's Python API column is importable, and the table has the API's entry points."""
+    import importlib
+    import re
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = readme[readme.index("| job | command | Python API |"):].split("\n\n")[0].splitlines()[2:]
+    names = {m for row in rows for m in re.findall(r"`(?:nanogpt_mlx\.)?(\w+)\.(\w+)", row.split("|")[3])}
+    for module, name in names:
+        if module == "nanogpt_mlx":  # a module named whole
+            importlib.import_module(f"nanogpt_mlx.{name}")
+        else:
+            assert hasattr(importlib.import_module(f"nanogpt_mlx.{module}"), name), (module, name)
+    for needed in [("sample", "SampleConfig"), ("evaluate", "load_hellaswag"), ("weights", "export_hf"),
+                   ("weights", "load_model"), ("train", "TrainConfig"), ("prepare", "PrepareConfig")]:
+        assert needed in names, needed
+    assert 'sources.shakespeare(path="input.txt")' in readme
+
+
 def test_sample_prints_samples_like_build_nanogpt(tiny_hf_dir):
     args = ("sample", "--model", str(tiny_hf_dir), "--num-samples", "3", "--max-new-tokens", "8", "--seed", "42",
             "--no-stop")

@@ -98,8 +98,8 @@ _SIZES = {"block_size": "n_positions", "vocab_size": "vocab_size", "n_layer": "n
           "n_embd": "n_embd"}  # GPTConfig field -> Hugging Face config.json key
 
 
-def _sizes(d: dict, keys: dict[str, str], where: Path) -> GPTConfig:
-    """GPTConfig from the integer fields `keys` (GPTConfig name -> key in `d`); floats, strings and
+def _int_sizes(d: dict, keys: dict[str, str], where: Path) -> dict[str, int]:
+    """The model sizes `keys` (GPTConfig name -> key in `d`) of a config.json; floats, strings and
     booleans are refused rather than truncated."""
     values = {}
     for name, key in keys.items():
@@ -109,7 +109,7 @@ def _sizes(d: dict, keys: dict[str, str], where: Path) -> GPTConfig:
         if not isinstance(v, int) or isinstance(v, bool):
             raise UserError(f"{where}/config.json: {key} must be an integer, got {v!r}")
         values[name] = v
-    return GPTConfig(**values)
+    return values
 
 
 def _config_from_hf(cfg: dict, where: Path) -> GPTConfig:
@@ -121,14 +121,14 @@ def _config_from_hf(cfg: dict, where: Path) -> GPTConfig:
     for key, gpt2_value in _GPT2_FIXED.items():  # variants this architecture does not implement
         if cfg.get(key, gpt2_value) != gpt2_value:
             raise UserError(f"{where}/config.json: {key}={cfg[key]!r} is not supported (GPT-2 uses {gpt2_value!r})")
-    return _sizes(cfg, _SIZES, where)
+    return GPTConfig(**_int_sizes(cfg, _SIZES, where))
 
 
 def _config_from_native(cfg: dict, where: Path) -> GPTConfig:
     model = cfg.get("model")
     if not isinstance(model, dict):
         raise UserError(f"{where}/config.json: not a valid nanogpt-mlx model config (no 'model' object)")
-    _sizes(model, {k: k for k in _SIZES}, where)  # refuses what from_dict would truncate
+    _int_sizes(model, {k: k for k in _SIZES}, where)  # refuses what from_dict would truncate
     try:
         return GPTConfig.from_dict(model)
     except (KeyError, TypeError, ValueError, AttributeError) as e:

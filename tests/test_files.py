@@ -121,3 +121,14 @@ def test_prepare_on_a_full_disk_stops_with_one_line_and_resumes(tmp_path, capsys
     monkeypatch.undo()
     assert run_main(capsys, *args).returncode == 0  # space freed: resumes after the last whole shard
     assert np.array_equal(shard_tokens(tmp_path / "data"), expected_tokens(docs))
+
+
+def test_any_other_os_error_is_still_one_line(tmp_path, capsys, monkeypatch):
+    from nanogpt_mlx import plot
+
+    def broken(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error", str(tmp_path / "run.png"))
+
+    monkeypatch.setattr(plot, "plot_runs", broken)
+    proc = run_main(capsys, "plot", str(tmp_path))
+    assert_one_line_error(proc, f"{tmp_path / 'run.png'}: Input/output error")

@@ -280,7 +280,7 @@ def add_train(sub) -> None:
 
     p = sub.add_parser("train", help="pretrain or fine-tune with build-nanogpt's recipe",
                        description="Train from a preset; every TrainConfig field below overrides it (with --resume: "
-                                   "overrides the resumed run's config). Ctrl-C saves a checkpoint and stops.")
+                                   "overrides the resumed run's config). Ctrl-C or SIGTERM saves a checkpoint and stops.")
     p.add_argument("--preset", choices=list(PRESETS), default="shakespeare", help="(default: shakespeare)")
     p.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoints are in DIR, exactly")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds checkpoints")
@@ -288,13 +288,18 @@ def add_train(sub) -> None:
                    help="data-parallel processes on this machine (ring backend on 127.0.0.1), each with "
                         "cores/ranks BLAS threads; for several machines use mlx.launch (see README)")
     group = p.add_argument_group("config fields (defaults per preset)")
+    min_lr = group.add_mutually_exclusive_group()  # build-nanogpt's absolute min_lr, or a ratio of max_lr
     for f in fields(TrainConfig):
         defaults = ", ".join(f"{name}: {getattr(cfg, f.name)!r}" for name, cfg in PRESETS.items())
         flag = "--" + f.name.replace("_", "-")
+        if f.name == "min_lr":
+            defaults = "absolute LR the cosine ends at, as build-nanogpt's min_lr (default: max_lr * min_lr_ratio)"
+        where = min_lr if f.name in ("min_lr", "min_lr_ratio") else group
         if f.type == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=defaults)
+            where.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=defaults)
         else:
-            group.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], metavar=f.type.upper(),
+            kind = f.type.removesuffix(" | None")  # None: unset (min_lr)
+            where.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], metavar=kind.upper(),
                                default=argparse.SUPPRESS, help=defaults)
     p.set_defaults(func=cmd_train)
 

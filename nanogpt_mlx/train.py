@@ -5,14 +5,15 @@ runs forward + backward of loss/grad_accum and adds its gradients to the running
 evaluated, so memory holds one micro-batch's graph. The last micro-step also averages the
 gradients over ranks, clips their global norm at 1.0 (PyTorch's clip_grad_norm_) and applies
 AdamW: betas (0.9, 0.95), eps 1e-8, bias correction as in PyTorch, weight decay only on
-tensors with >= 2 dims. The LR is set before every step: linear warmup, then cosine to min_lr.
+tensors with >= 2 dims. The LR is set before every step: linear warmup, then cosine to min_lr
+(absolute, or a ratio of max_lr).
 
 Checkpoints are directories `OUT/ckpt-{step:06d}` (weights, optimizer state, data-loader
 position, config), written under a temporary name and renamed, so a crash mid-save leaves the
-previous one intact; `OUT/model.safetensors` + `OUT/config.json` always hold the latest weights
-for `sample`/`export`. All randomness derives from the seed and the counters saved here (init
-from the seed, shuffle from seed/epoch/shard, samples from seed + step), so resuming continues
-exactly as the uninterrupted run would.
+previous one intact; the latest two are kept, so a damaged latest one still leaves one to resume
+from. `OUT/model.safetensors` + `OUT/config.json` always hold the latest weights for `sample`/`export`.
+All randomness derives from the seed and the counters saved here (init from the seed, shuffle from
+seed/epoch/shard, samples from seed + step), so resuming continues exactly as the uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -37,16 +38,18 @@ from tqdm import tqdm
 
 from . import distributed, ops
 from .data import DataLoader
-from .errors import UserError
+from .errors import UserError, first_line
 from .evaluate import download_hellaswag, load_hellaswag, score_hellaswag
-from .files import atomic_path, atomic_write_text
+from .files import atomic_path, atomic_write_text, cannot, check_writable
 from .loss import cross_entropy, eval_cross_entropy
 from .model import GPT, GPTConfig
 from .sample import SampleConfig, sample_texts
-from .weights import load_model, save_model
+from .weights import load_model, safetensors_shapes, save_model, save_safetensors
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 STATE_FILE = "trainer.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+KEEP_CHECKPOINTS = 2  # the latest and the one before, to resume from if the latest is damaged
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,8 @@ class TrainConfig:
     shuffle: bool = False  # permute the batch order within each shard (seeded)
     # optimizer and schedule
     max_lr: float = 6e-4
-    min_lr_ratio: float = 0.1  # min_lr = max_lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the cosine ends at max_lr * min_lr_ratio ...
+    min_lr: float | None = None  # ... or at this absolute LR (build-nanogpt's min_lr, 6e-5), if given
     warmup_steps: int = 715
     max_steps: int = 19073
     weight_decay: float = 0.1
@@ -95,7 +99,9 @@ class TrainConfig:
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.type in ("int", "float") and v < 0:
+            if f.type.startswith("float") and v is not None and not math.isfinite(v):
+                raise UserError(f"{f.name} must be a finite number, got {v}")
+            if f.type.startswith(("int", "float")) and v is not None and v < 0:
                 raise UserError(f"{f.name} must be >= 0, got {v}")
         for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "val_steps"):
             if getattr(self, name) <= 0:
@@ -112,8 +118,9 @@ class TrainConfig:
         return replace(PRESETS[name], **overrides)
 
     @property
-    def min_lr(self) -> float:
-        return self.max_lr * self.min_lr_ratio
+    def final_lr(self) -> float:
+        """Where the cosine ends: min_lr if given, else max_lr * min_lr_ratio."""
+        return self.min_lr if self.min_lr is not None else self.max_lr * self.min_lr_ratio
 
 
 PRESETS = {
@@ -128,13 +135,13 @@ PRESETS = {
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
-    """build-nanogpt's schedule: linear warmup to max_lr, then cosine down to min_lr at max_steps."""
+    """build-nanogpt's schedule: linear warmup to max_lr, then cosine down to final_lr at max_steps."""
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
     if step > cfg.max_steps:
-        return cfg.min_lr
+        return cfg.final_lr
     decay_ratio = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (cfg.max_lr - cfg.min_lr)
+    return cfg.final_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (cfg.max_lr - cfg.final_lr)
 
 
 def clip_grad_norm(grads, max_norm: float):
@@ -201,9 +208,60 @@ def latest_checkpoint(out: str | os.PathLike) -> Path:
 
 
 def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
-    """The config saved with a run's latest checkpoint, with `overrides` applied."""
-    state = json.loads((latest_checkpoint(out) / STATE_FILE).read_text())
-    return replace(TrainConfig(**state["config"]), out=str(out), **overrides)
+    """The config saved with a run's latest checkpoint, with `overrides` applied. Overriding one of
+    min_lr / min_lr_ratio drops the saved other, which would otherwise decide or be ignored."""
+    ckpt = latest_checkpoint(out)
+    try:
+        saved = TrainConfig(**read_state(ckpt)["config"])
+    except TypeError as e:  # fields this version does not know
+        raise damaged(ckpt, f"{STATE_FILE}: config not understood ({e})") from None
+    if "min_lr_ratio" in overrides:
+        saved = replace(saved, min_lr=None)
+    return replace(saved, out=str(out), **overrides)
+
+
+def damaged(ckpt: Path, reason: str) -> UserError:
+    """The error for a checkpoint that cannot be resumed, pointing at the previous one if there is one."""
+    earlier = [c for c in checkpoints(ckpt.parent) if c.name < ckpt.name]
+    hint = (f"the previous checkpoint {earlier[-1].name} is kept: move this one away (mv {ckpt} {ckpt}.damaged) "
+            "and resume again to continue from it" if earlier else "there is no earlier checkpoint to resume from")
+    return UserError(f"{ckpt}: damaged checkpoint ({reason}); {hint}")
+
+
+def read_state(ckpt: Path) -> dict:
+    """The trainer state of a checkpoint (step, world, config, data-loader position), checked."""
+    path = ckpt / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise damaged(ckpt, f"{STATE_FILE} is missing") from None
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise damaged(ckpt, f"{STATE_FILE}: {first_line(e)}") from None
+    expected = {"step": int, "world": int, "config": dict, "train_loader": dict}
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), t) for k, t in expected.items()):
+        raise damaged(ckpt, f"{STATE_FILE} lacks {', '.join(expected)}")
+    return state
+
+
+def read_optimizer(ckpt: Path):
+    """The optimizer state tree of a checkpoint, its file checked against its header first."""
+    path = ckpt / OPTIMIZER_FILE
+    if not path.is_file():
+        raise damaged(ckpt, f"{OPTIMIZER_FILE} is missing")
+    try:
+        safetensors_shapes(path)  # a truncated file fails here, not later inside an update
+        return tree_unflatten(list(mx.load(str(path)).items()))
+    except (UserError, RuntimeError, ValueError) as e:
+        raise damaged(ckpt, f"{OPTIMIZER_FILE}: {first_line(e).removeprefix(f'{path}: ')}") from None
+
+
+def remove_stale_temps(out: Path) -> None:
+    """Delete what a killed run left half-written in OUT (a checkpoint directory, the model link's temp file)."""
+    for stale in list(out.glob(".ckpt-*.tmp*")) + list(out.glob(".*.tmp*")):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -238,19 +296,32 @@ class RunLog:
 
     @staticmethod
     def _keep_before(path: Path, step: int, step_of) -> None:
-        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-        atomic_write_text(path, "".join(line for line in lines if line.strip() and step_of(line) < step))
+        lines = path.read_text(errors="replace").splitlines(keepends=True) if path.exists() else []
+        atomic_write_text(path, "".join(line for line in lines if RunLog._before(line, step, step_of)))
+
+    @staticmethod
+    def _before(line: str, step: int, step_of) -> bool:
+        """Whether a log line is intact and logged before `step`; a torn line (what a crash leaves) is dropped."""
+        try:
+            return line.endswith("\n") and step_of(line) < step
+        except (ValueError, KeyError, IndexError, TypeError):
+            return False
 
     def metric(self, step: int, kind: str, value: float, **extra) -> None:
         self.event(step, kind, **{kind if kind == "hella" else "loss": value, **extra})
-        if self.enabled:
-            with open(self.txt, "a") as f:
-                f.write(f"{step} {kind} {value:{self.FORMATS[kind]}}\n")
+        self._append(self.txt, f"{step} {kind} {value:{self.FORMATS[kind]}}\n")
 
     def event(self, step: int, kind: str, **fields) -> None:
-        if self.enabled:
-            with open(self.jsonl, "a") as f:
-                f.write(json.dumps({"step": step, "kind": kind, **fields}) + "\n")
+        self._append(self.jsonl, json.dumps({"step": step, "kind": kind, **fields}) + "\n")
+
+    def _append(self, path: Path, line: str) -> None:
+        if not self.enabled:
+            return
+        try:
+            with open(path, "a") as f:
+                f.write(line)
+        except OSError as e:
+            raise cannot("write", path, e) from None
 
 
 # ----------------------------------------------------------------------------------- trainer
@@ -263,11 +334,13 @@ class Trainer:
         self.out = Path(cfg.out)
         self.dtype = DTYPES[cfg.dtype]
         ckpt = latest_checkpoint(self.out) if resume else None
-        if ckpt is None and checkpoints(self.out):
-            if not overwrite:
-                raise UserError(f"{self.out} already holds a checkpoint; resume it (--resume {self.out}), "
-                                "pass --overwrite, or choose another --out")
-            if self.dist.is_main:
+        if ckpt is None and checkpoints(self.out) and not overwrite:
+            raise UserError(f"{self.out} already holds a checkpoint; resume it (--resume {self.out}), "
+                            "pass --overwrite, or choose another --out")
+        if self.dist.is_main:
+            check_writable(self.out)  # now, not at the first checkpoint
+            remove_stale_temps(self.out)
+            if ckpt is None:  # --overwrite
                 for old in checkpoints(self.out):
                     shutil.rmtree(old)
         if cfg.dtype != "float32" and mx.default_device() == mx.cpu:
@@ -301,7 +374,10 @@ class Trainer:
     def _build_model(self, ckpt: Path | None) -> GPT:
         cfg = self.cfg
         if ckpt is not None:
-            return load_model(ckpt)
+            try:
+                return load_model(ckpt)
+            except UserError as e:
+                raise damaged(ckpt, str(e).removeprefix(f"{ckpt}/").removeprefix(f"{ckpt}: ")) from None
         if cfg.init_from:
             model = load_model(cfg.init_from)
             return pad_vocab(model, cfg.vocab_size) if cfg.vocab_size else model
@@ -351,12 +427,11 @@ class Trainer:
 
     # -- checkpoints
     def _load_state(self, ckpt: Path) -> None:
-        state = json.loads((ckpt / STATE_FILE).read_text())
+        state = read_state(ckpt)
         if state["world"] != self.dist.world:
             raise UserError(f"{ckpt} was written by a run with {state['world']} ranks; resume it with the same"
                             f" number (this run has {self.dist.world})")
-        opt = mx.load(str(ckpt / "optimizer.safetensors"))
-        self.optimizer.state = tree_unflatten(list(opt.items()))
+        self.optimizer.state = read_optimizer(ckpt)
         self.train_loader.load_state_dict(state["train_loader"])
         self.step = state["step"]
 
@@ -366,26 +441,38 @@ class Trainer:
         if not self.dist.is_main or final.exists():  # a checkpoint of this step holds this very state
             return final
         tmp = self.out / f".ckpt-{self.step:06d}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self._write_checkpoint(tmp)
+            os.rename(tmp, final)
+            _fsync_dir(self.out)
+        except OSError as e:  # the renames; the file writes report their own errors
+            raise UserError(f"{final}: cannot save checkpoint ({e.strerror or first_line(e)})") from None
+        except UserError as e:  # e.g. a full disk: say which checkpoint did not happen
+            previous = checkpoints(self.out)
+            then = (f"the previous checkpoint {previous[-1].name} is kept; free space and resume (--resume {self.out})"
+                    if previous else "free space and start again")
+            raise UserError(f"{final.name} not saved: {e}; {then}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # whatever a failed save wrote
+        _link_or_copy(final / "model.safetensors", self.out / "model.safetensors")
+        atomic_write_text(self.out / "config.json", (final / "config.json").read_text())
+        for old in checkpoints(self.out)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _write_checkpoint(self, tmp: Path) -> None:
+        """Weights, optimizer state and trainer state into the directory `tmp`, synced to disk."""
         if self.master is not None:
             self.model.update(self.master["params"])  # save the float32 masters, not the bf16 copy
         save_model(self.model, tmp)
         if self.master is not None:
             self.model.update(tree_map(lambda p: p.astype(self.dtype), self.master["params"]))
-        with atomic_path(tmp / "optimizer.safetensors") as f:
-            mx.save_safetensors(str(f), dict(tree_flatten(self.optimizer.state)))
+        with atomic_path(tmp / OPTIMIZER_FILE) as f:
+            save_safetensors(f, dict(tree_flatten(self.optimizer.state)))
         atomic_write_text(tmp / STATE_FILE, json.dumps({
             "step": self.step, "world": self.dist.world, "config": asdict(self.cfg),
             "train_loader": self.train_loader.state_dict()}, indent=1))
         _fsync_dir(tmp)
-        os.rename(tmp, final)
-        _fsync_dir(self.out)
-        _link_or_copy(final / "model.safetensors", self.out / "model.safetensors")
-        atomic_write_text(self.out / "config.json", (final / "config.json").read_text())
-        for old in checkpoints(self.out)[:-1] + list(self.out.glob(".ckpt-*.tmp*")):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-        return final
 
     # -- evaluation
     def val_loss(self) -> float:
@@ -456,14 +543,16 @@ class Trainer:
             loss_sum += loss.item()
         return self.dist.mean(loss_sum), norm.item()
 
-    def _on_sigint(self, *_) -> None:
-        self._say("stopping: saving a checkpoint after this step (Ctrl-C again to quit without saving)")
+    def _on_signal(self, signum: int, _frame) -> None:
+        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        self._say(f"stopping: saving a checkpoint after this step ({again} again to quit without saving)")
         self._stop = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
     def train(self, until: int | None = None) -> dict:
         """Run from self.step to max_steps (or to step `until`, then save); returns the latest train/val
-        losses. Ctrl-C saves and raises KeyboardInterrupt; a NaN/inf loss raises UserError, saving nothing."""
+        losses. Ctrl-C (and SIGTERM) saves and raises KeyboardInterrupt; a NaN/inf loss raises UserError,
+        saving nothing."""
         cfg = self.cfg
         end = cfg.max_steps if until is None else min(until, cfg.max_steps)
         n_params = sum(p.size for _, p in tree_flatten(self.model.parameters()))
@@ -474,8 +563,11 @@ class Trainer:
         self._say(f"model {n_params / 1e6:.2f}M params {self.model.config} | {self.dist.world} rank(s) | "
                   f"{tokens_per_step} tokens/step = {self.dist.world} x {self.grad_accum} x {cfg.batch_size} x "
                   f"{cfg.seq_len} | steps {self.step}..{cfg.max_steps} | {cfg.dtype} | peak {peak / 1e9:.0f} GFLOP/s")
+        # SIGTERM (kill, a scheduler) saves like Ctrl-C, but only in a single process: launch_local stops
+        # the surviving ranks of a failed group with it, and they could not agree on a last step.
+        signums = [signal.SIGINT] + ([signal.SIGTERM] if self.dist.world == 1 else [])
         main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self._on_sigint) if main_thread else None
+        previous = {n: signal.signal(n, self._on_signal) for n in signums} if main_thread else {}
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
                    disable=None if self.dist.is_main else True, dynamic_ncols=True)
         try:
@@ -491,8 +583,10 @@ class Trainer:
                     break
                 loss, norm = done
                 if not (math.isfinite(loss) and math.isfinite(norm)):
+                    found = checkpoints(self.out)
+                    kept = f"the last good checkpoint {found[-1]} is kept" if found else "no checkpoint was written"
                     raise UserError(f"step {self.step}: loss {loss} / grad norm {norm} is not finite; stopped "
-                                    f"without saving (the last good checkpoint in {self.out} is kept)")
+                                    f"without saving ({kept})")
                 dt = time.perf_counter() - t0
                 tps = tokens_per_step / dt
                 self._say(f"step {self.step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
@@ -506,10 +600,10 @@ class Trainer:
                     self.save()
         finally:
             bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         path = self.save()
-        if self.step < end:  # stopped by Ctrl-C
+        if self.step < end:  # stopped by Ctrl-C or SIGTERM
             self._say(f"interrupted: saved {path} (step {self.step}); continue with --resume {self.out}")
             raise KeyboardInterrupt
         return self.result

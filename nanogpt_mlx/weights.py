@@ -135,7 +135,7 @@ def _config_from_native(cfg: dict, where: Path) -> GPTConfig:
         raise UserError(f"{where}/config.json: not a valid nanogpt-mlx model config ({e!r})") from None
 
 
-def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from a safetensors header (8-byte length + JSON), checked against the file size."""
     bad = f"{path}: cannot read safetensors"
     try:
@@ -210,7 +210,7 @@ def load_local(directory: str | os.PathLike) -> GPT:
     native = cfg.get("format") == NATIVE_FORMAT
     config = _config_from_native(cfg, directory) if native else _config_from_hf(cfg, directory)
     path = _find_safetensors(directory / "model.safetensors")
-    _check_sizes(config, _safetensors_shapes(path), directory)
+    _check_sizes(config, safetensors_shapes(path), directory)
     weights = _load_safetensors(path)
     if not native:
         weights = sanitize(weights)

@@ -326,10 +326,12 @@ class RunLog:
 
 # ----------------------------------------------------------------------------------- trainer
 class Trainer:
-    """A training run: `Trainer(cfg).train()`, or `Trainer(cfg, resume=True)` to continue cfg.out."""
+    """A training run: `Trainer(cfg).train()`, or `Trainer(cfg, resume=True)` to continue cfg.out.
+    Without cfg: TrainConfig(), build-nanogpt's GPT-2 124M run."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+    def __init__(self, cfg: TrainConfig | None = None, resume: bool = False, overwrite: bool = False,
                  dist: distributed.Dist | None = None):
+        cfg = cfg or TrainConfig()  # build-nanogpt's GPT-2 124M run
         self.cfg, self.dist = cfg, dist or distributed.init()
         self.out = Path(cfg.out)
         self.dtype = DTYPES[cfg.dtype]
@@ -616,5 +618,5 @@ def _peak_flops() -> float:
     return gemm_gflops() * 1e9
 
 
-def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
+def train(cfg: TrainConfig | None = None, resume: bool = False, overwrite: bool = False) -> dict:
     return Trainer(cfg, resume=resume, overwrite=overwrite).train()

@@ -257,7 +257,7 @@ def read_optimizer(ckpt: Path):
 
 def remove_stale_temps(out: Path) -> None:
     """Delete what a killed run left half-written in OUT (a checkpoint directory, the model link's temp file)."""
-    for stale in list(out.glob(".ckpt-*.tmp*")) + list(out.glob(".*.tmp*")):
+    for stale in out.glob(".*.tmp*"):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:

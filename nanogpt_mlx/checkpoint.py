@@ -2,8 +2,9 @@
 
 Checkpoints are directories `OUT/ckpt-{step:06d}` (weights, optimizer state, trainer state with
 the data-loader position and the config), written under a temporary name and renamed, so a
-crash mid-save leaves the previous one intact; `OUT/model.safetensors` + `OUT/config.json`
-always hold the latest weights for `sample`/`export`.
+crash mid-save leaves the previous one intact; the latest two are kept, so a damaged latest one
+still leaves one to resume from, and reading one checks every file. `OUT/model.safetensors` +
+`OUT/config.json` always hold the latest weights for `sample`/`export`.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .errors import UserError
-from .files import atomic_path, atomic_write_text
+from .errors import UserError, first_line
+from .files import atomic_path, atomic_write_text, cannot
 from .model import GPT
-from .weights import save_model
+from .weights import load_model, safetensors_shapes, save_model, save_safetensors
 
 STATE_FILE = "trainer.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+KEEP = 2  # the latest checkpoint and the one before, to resume from if the latest is damaged
 
 
 def checkpoints(out: str | os.PathLike) -> list[Path]:
@@ -38,14 +40,56 @@ def latest_checkpoint(out: str | os.PathLike) -> Path:
     return found[-1]
 
 
+def damaged(ckpt: Path, reason: str) -> UserError:
+    """The error for a checkpoint that cannot be resumed, pointing at the previous one if there is one."""
+    earlier = [c for c in checkpoints(ckpt.parent) if c.name < ckpt.name]
+    hint = (f"the previous checkpoint {earlier[-1].name} is kept: move this one away (mv {ckpt} {ckpt}.damaged) "
+            "and resume again to continue from it" if earlier else "there is no earlier checkpoint to resume from")
+    return UserError(f"{ckpt}: damaged checkpoint ({reason}); {hint}")
+
+
 def read_state(ckpt: Path) -> dict:
-    """The trainer state saved in a checkpoint: step, world, config, data-loader position."""
-    return json.loads((ckpt / STATE_FILE).read_text())
+    """The trainer state saved in a checkpoint: step, world, config, data-loader position (checked)."""
+    path = ckpt / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise damaged(ckpt, f"{STATE_FILE} is missing") from None
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise damaged(ckpt, f"{STATE_FILE}: {first_line(e)}") from None
+    expected = {"step": int, "world": int, "config": dict, "train_loader": dict}
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), t) for k, t in expected.items()):
+        raise damaged(ckpt, f"{STATE_FILE} lacks {', '.join(expected)}")
+    return state
 
 
 def read_optimizer(ckpt: Path):
-    """The optimizer state tree saved in a checkpoint."""
-    return tree_unflatten(list(mx.load(str(ckpt / OPTIMIZER_FILE)).items()))
+    """The optimizer state tree saved in a checkpoint, its file checked against its header first."""
+    path = ckpt / OPTIMIZER_FILE
+    if not path.is_file():
+        raise damaged(ckpt, f"{OPTIMIZER_FILE} is missing")
+    try:
+        safetensors_shapes(path)  # a truncated file fails here, not later inside an update
+        return tree_unflatten(list(mx.load(str(path)).items()))
+    except (UserError, RuntimeError, ValueError) as e:
+        raise damaged(ckpt, f"{OPTIMIZER_FILE}: {first_line(e).removeprefix(f'{path}: ')}") from None
+
+
+def read_model(ckpt: Path) -> GPT:
+    """The weights saved in a checkpoint."""
+    try:
+        return load_model(ckpt)
+    except UserError as e:
+        raise damaged(ckpt, str(e).removeprefix(f"{ckpt}/").removeprefix(f"{ckpt}: ")) from None
+
+
+def remove_stale_temps(out: Path) -> None:
+    """Delete what a killed run left half-written in OUT (a checkpoint directory, the model link's temp file)."""
+    for stale in out.glob(".*.tmp*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def write(out: Path, step: int, model: GPT, optimizer_state, state: dict) -> Path:
@@ -54,19 +98,27 @@ def write(out: Path, step: int, model: GPT, optimizer_state, state: dict) -> Pat
     if final.exists():  # a checkpoint of this step holds this very state
         return final
     tmp = out / f".ckpt-{step:06d}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp)
-    with atomic_path(tmp / OPTIMIZER_FILE) as f:
-        mx.save_safetensors(str(f), dict(tree_flatten(optimizer_state)))
-    atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1))
-    _fsync_dir(tmp)
-    os.rename(tmp, final)
-    _fsync_dir(out)
+    try:
+        save_model(model, tmp)
+        with atomic_path(tmp / OPTIMIZER_FILE) as f:
+            save_safetensors(f, dict(tree_flatten(optimizer_state)))
+        atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1))
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+        _fsync_dir(out)
+    except OSError as e:  # the renames; the file writes report their own errors
+        raise UserError(f"{final}: cannot save checkpoint ({e.strerror or first_line(e)})") from None
+    except UserError as e:  # e.g. a full disk: say which checkpoint did not happen, and what is kept
+        previous = checkpoints(out)
+        then = (f"the previous checkpoint {previous[-1].name} is kept; free space and resume (--resume {out})"
+                if previous else "free space and start again")
+        raise UserError(f"{final.name} not saved: {e}; {then}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # whatever a failed save wrote
     _link_or_copy(final / "model.safetensors", out / "model.safetensors")
     atomic_write_text(out / "config.json", (final / "config.json").read_text())
-    for old in checkpoints(out)[:-1] + list(out.glob(".ckpt-*.tmp*")):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    for old in checkpoints(out)[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -101,16 +153,29 @@ class RunLog:
 
     @staticmethod
     def _keep_before(path: Path, step: int, step_of) -> None:
-        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-        atomic_write_text(path, "".join(line for line in lines if line.strip() and step_of(line) < step))
+        lines = path.read_text(errors="replace").splitlines(keepends=True) if path.exists() else []
+        atomic_write_text(path, "".join(line for line in lines if RunLog._before(line, step, step_of)))
+
+    @staticmethod
+    def _before(line: str, step: int, step_of) -> bool:
+        """Whether a log line is intact and logged before `step`; a torn line (what a crash leaves) is dropped."""
+        try:
+            return line.endswith("\n") and step_of(line) < step
+        except (ValueError, KeyError, IndexError, TypeError):
+            return False
 
     def metric(self, step: int, kind: str, value: float, **extra) -> None:
         self.event(step, kind, **{kind if kind == "hella" else "loss": value, **extra})
-        if self.enabled:
-            with open(self.txt, "a") as f:
-                f.write(f"{step} {kind} {value:{self.FORMATS[kind]}}\n")
+        self._append(self.txt, f"{step} {kind} {value:{self.FORMATS[kind]}}\n")
 
     def event(self, step: int, kind: str, **fields) -> None:
-        if self.enabled:
-            with open(self.jsonl, "a") as f:
-                f.write(json.dumps({"step": step, "kind": kind, **fields}) + "\n")
+        self._append(self.jsonl, json.dumps({"step": step, "kind": kind, **fields}) + "\n")
+
+    def _append(self, path: Path, line: str) -> None:
+        if not self.enabled:
+            return
+        try:
+            with open(path, "a") as f:
+                f.write(line)
+        except OSError as e:
+            raise cannot("write", path, e) from None

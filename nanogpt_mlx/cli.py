@@ -7,11 +7,15 @@ import sys
 import time
 
 from . import device
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but bad arguments give one line on stderr instead of usage + error."""
+    """argparse, but bad arguments give one line on stderr instead of usage + error, and no option is
+    abbreviated (`--min-lr` must not quietly mean `--min-lr-ratio`). Subcommand parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -107,8 +111,9 @@ def cmd_sample(args) -> None:
                        crop=args.crop)
     model = load_model(args.model)
     if args.num_samples == 1:
-        print("> ", end="", flush=True)
-        for piece in stream_text(model, args.prompt, cfg):
+        pieces = stream_text(model, args.prompt, cfg)
+        print("> " + next(pieces), end="", flush=True)  # the prompt, once it is known to fit
+        for piece in pieces:
             print(piece, end="", flush=True)
         print()
         return
@@ -118,17 +123,21 @@ def cmd_sample(args) -> None:
 
 # -------------------------------------------------------------------------------------- export
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="write any loadable model as a Hugging Face GPT-2 directory")
+    p = sub.add_parser("export", help="write any loadable model as a Hugging Face GPT-2 directory",
+                       description="Writes weights named as the hub's gpt2, config.json, generation_config.json "
+                                   "and GPT-2's tokenizer files: transformers and mlx-lm load the directory.")
     p.add_argument("src", help="hub id, local Hugging Face directory or checkpoint dir")
-    p.add_argument("out", help="output directory (config.json + model.safetensors)")
+    p.add_argument("out", help="output directory, new or empty")
+    p.add_argument("--force", action="store_true", help="write into a non-empty directory (never into SRC itself)")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> None:
-    from .weights import export_hf, load_model
+    from .weights import EXPORT_FILES, check_export_target, export_hf, load_model
 
-    export_hf(load_model(args.src), args.out)
-    print(f"wrote {args.out}/config.json and model.safetensors (Hugging Face GPT-2 layout)")
+    check_export_target(args.out, args.force, source=args.src)  # before the (maybe long) load
+    export_hf(load_model(args.src), args.out, force=args.force)
+    print(f"wrote {args.out}: {', '.join(EXPORT_FILES)} (Hugging Face GPT-2 layout)")
 
 
 # ---------------------------------------------------------------------------------------- eval
@@ -155,6 +164,7 @@ def add_eval(sub) -> None:
 
 def cmd_eval(args) -> None:
     from . import evaluate
+    from .files import check_writable
     from .weights import load_model
 
     if args.task == "loss":
@@ -165,6 +175,8 @@ def cmd_eval(args) -> None:
         print(f"{args.split} loss {loss:.4f}  perplexity {evaluate.perplexity(loss):.2f}  "
               f"({n} batches of {args.batch_size}x{T} tokens from {args.data})")
         return
+    if args.output:
+        check_writable(args.output)  # now, not after the whole evaluation
     examples = evaluate.load_hellaswag(args.data or evaluate.download_hellaswag(), args.limit)
     model = load_model(args.model)
     start = time.perf_counter()
@@ -254,7 +266,7 @@ def add_train(sub) -> None:
 
     p = sub.add_parser("train", help="pretrain or fine-tune with build-nanogpt's recipe",
                        description="Train from a preset; every TrainConfig field below overrides it (with --resume: "
-                                   "overrides the resumed run's config). Ctrl-C saves a checkpoint and stops.")
+                                   "overrides the resumed run's config). Ctrl-C or SIGTERM saves a checkpoint and stops.")
     p.add_argument("--preset", choices=list(PRESETS), default="shakespeare", help="(default: shakespeare)")
     p.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoints are in DIR, exactly")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds checkpoints")
@@ -262,13 +274,18 @@ def add_train(sub) -> None:
                    help="data-parallel processes on this machine (ring backend on 127.0.0.1), each with "
                         "cores/ranks BLAS threads; for several machines use mlx.launch (see README)")
     group = p.add_argument_group("config fields (defaults per preset)")
+    min_lr = group.add_mutually_exclusive_group()  # build-nanogpt's absolute min_lr, or a ratio of max_lr
     for f in fields(TrainConfig):
         defaults = ", ".join(f"{name}: {getattr(cfg, f.name)!r}" for name, cfg in PRESETS.items())
         flag = "--" + f.name.replace("_", "-")
+        if f.name == "min_lr":
+            defaults = "absolute LR the cosine ends at, as build-nanogpt's min_lr (default: max_lr * min_lr_ratio)"
+        where = min_lr if f.name in ("min_lr", "min_lr_ratio") else group
         if f.type == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=defaults)
+            where.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=defaults)
         else:
-            group.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], metavar=f.type.upper(),
+            kind = f.type.removesuffix(" | None")  # None: unset (min_lr)
+            where.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], metavar=kind.upper(),
                                default=argparse.SUPPRESS, help=defaults)
     p.set_defaults(func=cmd_train)
 
@@ -329,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
+    except OSError as e:  # a disk or file error that no command turned into a UserError: still one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"nanogpt-mlx: error: {where}{e.strerror or first_line(e)}", file=sys.stderr)
+        return 1
     return 0
 
 

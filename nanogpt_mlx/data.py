@@ -5,7 +5,10 @@ Shards are uint16 `.npy` files named `{name}_{split}_{index:06d}.npy` (build-nan
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +28,32 @@ def list_shards(data_dir: str | Path, split: str) -> list[Path]:
 
 
 def load_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
+    """A shard's tokens (memory-mapped), checked: 1-D integers, none negative, all < vocab_size if given."""
     try:
         tokens = np.load(path, mmap_mode="r")
+    except EOFError:
+        raise UserError(f"{path}: cannot read shard (empty or cut off)") from None
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read shard ({e})") from None
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
         raise UserError(f"{path}: expected a 1-D integer array, got {tokens.dtype} {tokens.shape}")
+    if np.issubdtype(tokens.dtype, np.signedinteger) and tokens.size and int(tokens.min()) < 0:
+        raise UserError(f"{path}: negative token id {int(tokens.min())}")
     if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
         raise UserError(f"{path}: token id {int(tokens.max())} >= the model's vocab_size {vocab_size}")
     return tokens
+
+
+@lru_cache(maxsize=None)  # once per directory and process
+def warn_if_incomplete(data_dir: Path) -> None:
+    """Warn when `prepare` has not finished writing `data_dir` (its manifest says "complete": false)."""
+    try:
+        complete = json.loads((data_dir / "manifest.json").read_text()).get("complete", True)
+    except (OSError, ValueError, AttributeError):  # no manifest (shards from elsewhere) or not ours
+        return
+    if complete is False:
+        print(f"nanogpt-mlx: warning: {data_dir}: prepare has not finished these shards (manifest.json says "
+              "incomplete); re-run the same prepare command to complete them", file=sys.stderr)
 
 
 @dataclass
@@ -57,6 +77,7 @@ class DataLoader:
         self.B, self.T, self.rank, self.world = B, T, rank, world
         self.vocab_size, self.shuffle, self.seed = vocab_size, shuffle, seed
         self.shards = list_shards(data_dir, split)
+        warn_if_incomplete(Path(data_dir).resolve())
         self.state = LoaderState()
         self._load()
 

@@ -137,7 +137,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -> int:
-    """Run `python -m nanogpt_mlx.cli ARGV` as n ring-backend ranks on 127.0.0.1; return the exit code.
+    """Run `python -m nanogpt_mlx ARGV` as n ring-backend ranks on 127.0.0.1; return the exit code.
 
     Each rank gets `threads_per_rank` BLAS threads (default: cores // n), since MLX's CPU backend
     runs everything but matmuls on one thread, n single-threaded ranks can beat one n-threaded one.
@@ -150,7 +150,7 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(hosts, f)
     env = {**os.environ, "MLX_HOSTFILE": f.name, "OPENBLAS_NUM_THREADS": str(threads)}
-    procs = [subprocess.Popen([sys.executable, "-m", "nanogpt_mlx.cli", *argv], env={**env, "MLX_RANK": str(r)})
+    procs = [subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", *argv], env={**env, "MLX_RANK": str(r)})
              for r in range(n)]
     try:
         code = 0

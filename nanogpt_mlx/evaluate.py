@@ -52,7 +52,8 @@ def download_hellaswag(url: str | None = None, dest: Path | None = None, progres
     """The validation JSONL, downloaded once into the cache (atomically) and reused after."""
     url = url or os.environ.get(URL_ENV) or HELLASWAG_URL
     dest = dest or cache_dir() / "hellaswag" / "hellaswag_val.jsonl"
-    return download(url, dest, "HellaSwag", "pass --data FILE with a local copy of hellaswag_val.jsonl", progress)
+    hint = "pass --data FILE with a local copy of hellaswag_val.jsonl (Python: load_hellaswag(FILE))"
+    return download(url, dest, "HellaSwag", hint, progress)
 
 
 def load_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[Example]:

@@ -1,23 +1,74 @@
-"""Crash-safe file writing: a file appears under its final name only when complete."""
+"""Crash-safe file writing: a file appears under its final name only when complete, and a disk that
+cannot take it (read-only, full, a file where a directory should be) is one line, with nothing left behind."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import shutil
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import UserError, first_line
+
+# What a writer's body may raise that is not about the disk (a download's connection): passed through.
+NETWORK_ERRORS = (ConnectionError, TimeoutError, ssl.SSLError)
+LOW_SPACE = 1 << 20  # bytes; less free space than this after a failed write means the disk is full
+
+
+def cannot(what: str, path: str | os.PathLike, e: OSError) -> UserError:
+    """`PATH: cannot WHAT (reason)`, the one line for a storage error. Some writers (numpy's short
+    writes, MLX) give no errno: a nearly full disk is then named as the reason."""
+    reason = e.strerror
+    if not reason:
+        parent = Path(path).absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        full = shutil.disk_usage(parent).free < LOW_SPACE
+        reason = "No space left on device" if full else first_line(e)
+    return UserError(f"{path}: cannot {what} ({reason})")
+
+
+def make_dirs(path: str | os.PathLike) -> Path:
+    """`mkdir -p path`; a failure (read-only, no permission, a file in the way) is one UserError."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # exist_ok covers directories only
+        raise UserError(f"{path}: cannot create directory (a file of that name is in the way)") from None
+    except OSError as e:
+        raise cannot("create directory", path, e) from None
+    return path
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail now, not after the work, if `path` (a file or directory, existing or not) cannot be written:
+    make and remove a file in the nearest directory that exists. Creates nothing that stays."""
+    path = Path(path).absolute()
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{path}: cannot write ({parent} is not a directory)")
+    probe = parent / f".nanogpt-mlx-probe{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise cannot("write", path, e) from None
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it and rename it into place.
 
-    Usage: `with atomic_path(out) as tmp: write(tmp)`. On any error the temp file is
-    removed and `path` keeps its previous content.
+    Usage: `with atomic_path(out) as tmp: write(tmp)`. On any error the temp file is removed and
+    `path` keeps its previous content; a storage error (also from the body) becomes one UserError.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     # Keep the real suffix last: some writers (np.save, mx.save_safetensors) append one otherwise.
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
@@ -25,13 +76,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if isinstance(e, NETWORK_ERRORS):
+            raise
+        raise cannot("write", path, e) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only disk even a missing file's unlink fails
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -58,8 +114,6 @@ def download(url: str, dest: Path, what: str, hint: str, progress: bool = True) 
     import urllib.request
 
     from tqdm import tqdm
-
-    from .errors import UserError
 
     if dest.is_file():
         return dest

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from .data import list_shards, load_shard
-from .errors import UserError
-from .files import atomic_path, atomic_write_text, sha256_file
-from .sources import Source, Unit, first_line
+from .errors import UserError, first_line
+from .files import atomic_path, atomic_write_text, make_dirs, sha256_file
+from .sources import Source, Unit
 from .tokenizer import EOT, get_tokenizer
 
 FORMAT = "nanogpt-mlx-shards"
@@ -303,7 +303,7 @@ def _resume(out: Path, fresh: dict) -> list[dict]:
     """Shards of an earlier run with the same settings that are intact on disk (a prefix of its list)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     for stale in out.glob(".*.tmp*"):  # left by a killed run (atomic_path's temp files)
         stale.unlink()
     path = out / "manifest.json"

@@ -36,8 +36,12 @@ class SampleConfig:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def next_token(logits: mx.array, cfg: SampleConfig, key: mx.array) -> mx.array:
-    """logits (B, V) of the last position -> next token ids (B,). Padded vocab is never chosen."""
+def next_token(logits: mx.array, cfg: SampleConfig | None = None, key: mx.array | None = None) -> mx.array:
+    """logits (B, V) of the last position -> next token ids (B,). Padded vocab is never chosen.
+
+    Draws with `key`, or MLX's global random state when it is None.
+    """
+    cfg = cfg or SampleConfig()
     logits = logits[:, :GPT2_VOCAB_SIZE].astype(mx.float32)
     if cfg.greedy:
         return mx.argmax(logits, axis=-1)
@@ -55,8 +59,9 @@ def next_token(logits: mx.array, cfg: SampleConfig, key: mx.array) -> mx.array:
     return mx.random.categorical(logits, key=key)
 
 
-def prepare_prompt(model: GPT, ids: list[int], cfg: SampleConfig) -> list[int]:
+def prepare_prompt(model: GPT, ids: list[int], cfg: SampleConfig | None = None) -> list[int]:
     """Check that prompt + new tokens fit the context; crop the prompt's start if asked to."""
+    cfg = cfg or SampleConfig()
     room = model.config.block_size - cfg.max_new_tokens
     if not ids:
         ids = [EOT]  # unconditional generation starts from <|endoftext|>, as GPT-2 does
@@ -68,15 +73,16 @@ def prepare_prompt(model: GPT, ids: list[int], cfg: SampleConfig) -> list[int]:
                     f"context of {model.config.block_size}" + ("" if room <= 0 else "; pass --crop to keep its end"))
 
 
-def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig, num_samples: int = 1,
+def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig | None = None, num_samples: int = 1,
              use_cache: bool = True) -> Iterator[mx.array]:
     """Yield the next token of each sample, shape (num_samples,), until done.
 
     Step t+1 is queued (mx.async_eval) before step t is read, so building its graph and the
     caller's work overlap the computation. With the same seed the cached and uncached paths
     draw from the same random keys, so they produce the same tokens. A finished sample (it
-    emitted <|endoftext|>) keeps yielding EOT until all are finished.
+    emitted <|endoftext|>) keeps yielding EOT until all are finished. cfg defaults to SampleConfig().
     """
+    cfg = cfg or SampleConfig()
     ids = prepare_prompt(model, prompt_ids, cfg)
     seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
     keys = mx.random.split(mx.random.key(seed), cfg.max_new_tokens)  # one per new token
@@ -105,8 +111,9 @@ def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig, num_samples: 
             return
 
 
-def sample_texts(model: GPT, prompt: str, cfg: SampleConfig, num_samples: int = 1) -> list[str]:
+def sample_texts(model: GPT, prompt: str, cfg: SampleConfig | None = None, num_samples: int = 1) -> list[str]:
     """Prompt + continuation of each sample, cut at <|endoftext|> unless cfg.stop_at_eot is off."""
+    cfg = cfg or SampleConfig()
     ids = prepare_prompt(model, encode(prompt), cfg)
     new: list[list[int]] = [[] for _ in range(num_samples)]
     for tok in generate(model, ids, cfg, num_samples):
@@ -117,8 +124,9 @@ def sample_texts(model: GPT, prompt: str, cfg: SampleConfig, num_samples: int = 
     return [get_tokenizer().decode(ids + row) for row in new]
 
 
-def stream_text(model: GPT, prompt: str, cfg: SampleConfig) -> Iterator[str]:
+def stream_text(model: GPT, prompt: str, cfg: SampleConfig | None = None) -> Iterator[str]:
     """Yield text pieces of one sample as they are generated (prompt first), valid UTF-8 only."""
+    cfg = cfg or SampleConfig()
     ids = prepare_prompt(model, encode(prompt), cfg)
     enc = get_tokenizer()
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 from . import files
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -46,7 +46,8 @@ class Source:
 def local_files(paths: Sequence[str | os.PathLike], text_field: str = "text",
                 split_on_blank_lines: bool = False) -> Source:
     """`.txt` (one document per file, or per blank-line-separated paragraph), `.jsonl` and `.parquet`
-    (documents in `text_field`); files, directories (searched recursively) or glob patterns."""
+    (documents in `text_field`); files, directories (searched recursively) or glob patterns. A file
+    that several of them name is read once, where it first appears."""
     found: list[Path] = []
     for spec in map(str, paths):
         spec = os.path.expanduser(spec)
@@ -63,6 +64,10 @@ def local_files(paths: Sequence[str | os.PathLike], text_field: str = "text",
                 found.append(m)
             else:
                 raise UserError(f"{m}: no such file or directory")
+    unique: dict[Path, Path] = {}
+    for f in found:
+        unique.setdefault(f.resolve(), f)  # a file named twice (a.txt a.txt, or a.txt and its directory) is read once
+    found = list(unique.values())
     label = ", ".join(map(str, paths))
     if not found:
         raise UserError(f"{label}: no .txt, .jsonl or .parquet files (empty source)")
@@ -115,7 +120,7 @@ def _local_unit(file: Path, kind: str, field: str, name: str) -> Unit:
 def _download_cached(url: str, cache: Path) -> Path:
     """`url` into the cache (once); the default Tiny Shakespeare URL is checked against its sha256."""
     dest = cache / f"tinyshakespeare-{hashlib.sha256(url.encode()).hexdigest()[:12]}.txt"
-    hint = "pass a local copy with --path FILE"
+    hint = "pass a local copy: --path FILE (Python: sources.shakespeare(path=FILE))"
     files.download(url, dest, "Tiny Shakespeare", hint)
     if url == SHAKESPEARE_URL and files.sha256_file(dest) != SHAKESPEARE_SHA256:
         dest.unlink()
@@ -138,8 +143,8 @@ def _hub_listing(folder: str, revision: str | None) -> tuple[str, list[tuple[str
 
     from .weights import hub_offline
 
-    hint = (f"download the parquet files yourself and pass --local-dir DIR (laid out as DIR/{folder}/*.parquet), "
-            "or use `prepare files`")
+    hint = (f"download the parquet files yourself and pass --local-dir DIR (Python: local_dir=DIR; laid out as "
+            f"DIR/{folder}/*.parquet), or use `prepare files`")
     if hub_offline():
         raise UserError(f"HF_HUB_OFFLINE is set, cannot list {FINEWEB_REPO}; {hint}")
     api = HfApi()
@@ -164,9 +169,5 @@ def _hub_fetcher(path: str, sha: str) -> Callable[[Path], Path]:
             return Path(hf_hub_download(FINEWEB_REPO, path, repo_type="dataset", revision=sha, local_dir=scratch))
         except Exception as e:
             raise UserError(f"could not download {path} from {FINEWEB_REPO} ({first_line(e)}); re-run to "
-                            "resume, or pass --local-dir with the files") from None
+                            "resume, or pass --local-dir (local_dir=) with the files") from None
     return fetch
-
-
-def first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -14,16 +14,22 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 
 
 @lru_cache(maxsize=1)
-def get_tokenizer() -> tiktoken.Encoding:
-    """GPT-2's encoding, identical to `tiktoken.get_encoding("gpt2")` but without a download."""
+def gpt2_ranks() -> dict[bytes, int]:
+    """GPT-2's BPE ranks (token bytes -> id) from the file shipped with the package."""
     data = resources.files(__package__).joinpath("gpt2.tiktoken").read_bytes()
     ranks = {}
     for line in data.splitlines():
         if line:
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+@lru_cache(maxsize=1)
+def get_tokenizer() -> tiktoken.Encoding:
+    """GPT-2's encoding, identical to `tiktoken.get_encoding("gpt2")` but without a download."""
     return tiktoken.Encoding(
-        name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": EOT}
+        name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=gpt2_ranks(), special_tokens={"<|endoftext|>": EOT}
     )
 
 

@@ -5,7 +5,8 @@ runs forward + backward of loss/grad_accum and adds its gradients to the running
 evaluated, so memory holds one micro-batch's graph. The last micro-step also averages the
 gradients over ranks, clips their global norm at 1.0 (PyTorch's clip_grad_norm_) and applies
 AdamW: betas (0.9, 0.95), eps 1e-8, bias correction as in PyTorch, weight decay only on
-tensors with >= 2 dims. The LR is set before every step: linear warmup, then cosine to min_lr.
+tensors with >= 2 dims. The LR is set before every step: linear warmup, then cosine to min_lr
+(absolute, or a ratio of max_lr).
 The compute dtype defaults to the device profile's (bfloat16 on GPUs: the model computes in
 bf16 from float32 master weights; float32 on CPUs).
 
@@ -38,6 +39,7 @@ from . import checkpoint, device, distributed, kernels, memory
 from .data import DataLoader
 from .errors import UserError
 from .evaluate import download_hellaswag, load_hellaswag, score_hellaswag
+from .files import check_writable
 from .model import GPT, GPTConfig
 from .optim import build_nanogpt_adamw, clip_grad_norm, cosine_lr
 from .sample import SampleConfig, sample_texts
@@ -66,7 +68,8 @@ class TrainConfig:
     shuffle: bool = False  # permute the batch order within each shard (seeded)
     # optimizer and schedule
     max_lr: float = 6e-4
-    min_lr_ratio: float = 0.1  # min_lr = max_lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the cosine ends at max_lr * min_lr_ratio ...
+    min_lr: float | None = None  # ... or at this absolute LR (build-nanogpt's min_lr, 6e-5), if given
     warmup_steps: int = 715
     max_steps: int = 19073
     weight_decay: float = 0.1
@@ -95,7 +98,9 @@ class TrainConfig:
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.type in ("int", "float") and v < 0:
+            if f.type.startswith("float") and v is not None and not math.isfinite(v):
+                raise UserError(f"{f.name} must be a finite number, got {v}")
+            if f.type.startswith(("int", "float")) and v is not None and v < 0:
                 raise UserError(f"{f.name} must be >= 0, got {v}")
         for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "val_steps"):
             if getattr(self, name) <= 0:
@@ -112,8 +117,9 @@ class TrainConfig:
         return replace(PRESETS[name], **overrides)
 
     @property
-    def min_lr(self) -> float:
-        return self.max_lr * self.min_lr_ratio
+    def final_lr(self) -> float:
+        """Where the cosine ends: min_lr if given, else max_lr * min_lr_ratio."""
+        return self.min_lr if self.min_lr is not None else self.max_lr * self.min_lr_ratio
 
 
 PRESETS = {
@@ -129,7 +135,7 @@ PRESETS = {
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
     """build-nanogpt's schedule for this config (optim.cosine_lr)."""
-    return cosine_lr(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+    return cosine_lr(step, cfg.max_lr, cfg.final_lr, cfg.warmup_steps, cfg.max_steps)
 
 
 def make_optimizer(cfg: TrainConfig) -> optim.MultiOptimizer:
@@ -157,27 +163,38 @@ def pad_vocab(model: GPT, vocab_size: int) -> GPT:
 
 
 def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
-    """The config saved with a run's latest checkpoint, with `overrides` applied."""
-    state = checkpoint.read_state(checkpoint.latest_checkpoint(out))
-    return replace(TrainConfig(**state["config"]), out=str(out), **overrides)
+    """The config saved with a run's latest checkpoint, with `overrides` applied. Overriding one of
+    min_lr / min_lr_ratio drops the saved other, which would otherwise decide or be ignored."""
+    ckpt = checkpoint.latest_checkpoint(out)
+    try:
+        saved = TrainConfig(**checkpoint.read_state(ckpt)["config"])
+    except TypeError as e:  # fields this version does not know
+        raise checkpoint.damaged(ckpt, f"{checkpoint.STATE_FILE}: config not understood ({e})") from None
+    if "min_lr_ratio" in overrides:
+        saved = replace(saved, min_lr=None)
+    return replace(saved, out=str(out), **overrides)
 
 
 # ----------------------------------------------------------------------------------- trainer
 class Trainer:
-    """A training run: `Trainer(cfg).train()`, or `Trainer(cfg, resume=True)` to continue cfg.out."""
+    """A training run: `Trainer(cfg).train()`, or `Trainer(cfg, resume=True)` to continue cfg.out.
+    Without cfg: TrainConfig(), build-nanogpt's GPT-2 124M run."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+    def __init__(self, cfg: TrainConfig | None = None, resume: bool = False, overwrite: bool = False,
                  dist: distributed.Dist | None = None):
+        cfg = cfg or TrainConfig()  # build-nanogpt's GPT-2 124M run
         self.cfg, self.dist = cfg, dist or distributed.init()
         self.out = Path(cfg.out)
         self.dtype_name = cfg.dtype or device.PROFILE.dtype
         self.dtype = DTYPES[self.dtype_name]
         ckpt = checkpoint.latest_checkpoint(self.out) if resume else None
-        if ckpt is None and checkpoint.checkpoints(self.out):
-            if not overwrite:
-                raise UserError(f"{self.out} already holds a checkpoint; resume it (--resume {self.out}), "
-                                "pass --overwrite, or choose another --out")
-            if self.dist.is_main:
+        if ckpt is None and checkpoint.checkpoints(self.out) and not overwrite:
+            raise UserError(f"{self.out} already holds a checkpoint; resume it (--resume {self.out}), "
+                            "pass --overwrite, or choose another --out")
+        if self.dist.is_main:
+            check_writable(self.out)  # now, not at the first checkpoint
+            checkpoint.remove_stale_temps(self.out)
+            if ckpt is None:  # --overwrite
                 for old in checkpoint.checkpoints(self.out):
                     shutil.rmtree(old)
         if self.dtype != mx.float32 and device.PROFILE.cpu_backend:
@@ -214,7 +231,7 @@ class Trainer:
     def _build_model(self, ckpt: Path | None) -> GPT:
         cfg = self.cfg
         if ckpt is not None:
-            return load_model(ckpt)
+            return checkpoint.read_model(ckpt)
         if cfg.init_from:
             model = load_model(cfg.init_from)
             return pad_vocab(model, cfg.vocab_size) if cfg.vocab_size else model
@@ -355,14 +372,16 @@ class Trainer:
             loss_sum += loss.item()
         return self.dist.mean(loss_sum), norm.item()
 
-    def _on_sigint(self, *_) -> None:
-        self._say("stopping: saving a checkpoint after this step (Ctrl-C again to quit without saving)")
+    def _on_signal(self, signum: int, _frame) -> None:
+        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        self._say(f"stopping: saving a checkpoint after this step ({again} again to quit without saving)")
         self._stop = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
     def train(self, until: int | None = None) -> dict:
         """Run from self.step to max_steps (or to step `until`, then save); returns the latest train/val
-        losses. Ctrl-C saves and raises KeyboardInterrupt; a NaN/inf loss raises UserError, saving nothing."""
+        losses. Ctrl-C (and SIGTERM) saves and raises KeyboardInterrupt; a NaN/inf loss raises UserError,
+        saving nothing."""
         cfg = self.cfg
         end = cfg.max_steps if until is None else min(until, cfg.max_steps)
         n_params = sum(p.size for _, p in tree_flatten(self.model.parameters()))
@@ -378,8 +397,11 @@ class Trainer:
                                              cfg.seq_len)
         if note:
             self._say(f"note: {note}")
+        # SIGTERM (kill, a scheduler) saves like Ctrl-C, but only in a single process: launch_local stops
+        # the surviving ranks of a failed group with it, and they could not agree on a last step.
+        signums = [signal.SIGINT] + ([signal.SIGTERM] if self.dist.world == 1 else [])
         main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self._on_sigint) if main_thread else None
+        previous = {n: signal.signal(n, self._on_signal) for n in signums} if main_thread else {}
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
                    disable=None if self.dist.is_main else True, dynamic_ncols=True)
         try:
@@ -395,8 +417,10 @@ class Trainer:
                     break
                 loss, norm = done
                 if not (math.isfinite(loss) and math.isfinite(norm)):
+                    found = checkpoint.checkpoints(self.out)
+                    kept = f"the last good checkpoint {found[-1]} is kept" if found else "no checkpoint was written"
                     raise UserError(f"step {self.step}: loss {loss} / grad norm {norm} is not finite; stopped "
-                                    f"without saving (the last good checkpoint in {self.out} is kept)")
+                                    f"without saving ({kept})")
                 dt = time.perf_counter() - t0
                 tps = tokens_per_step / dt
                 self._say(f"step {self.step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
@@ -410,10 +434,10 @@ class Trainer:
                     self.save()
         finally:
             bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         path = self.save()
-        if self.step < end:  # stopped by Ctrl-C
+        if self.step < end:  # stopped by Ctrl-C or SIGTERM
             self._say(f"interrupted: saved {path} (step {self.step}); continue with --resume {self.out}")
             raise KeyboardInterrupt
         return self.result

@@ -1,23 +1,34 @@
 """Model weights in and out: Hugging Face GPT-2 (hub or local directory) and this project's checkpoints.
 
 Hugging Face GPT-2 stores its projections as Conv1D, shape (in, out); MLX's Linear is (out, in),
-so conversion is a key map (`transformer.` prefix) plus transposes. Only safetensors are read:
-pickled `pytorch_model.bin` files can run code and are refused.
+so conversion is transposes plus, on the way in, dropping the `transformer.` prefix that
+`save_pretrained` writes. Exports use the names of the hub's `gpt2` repository (no prefix), which
+`transformers` and mlx-lm both load, and come with GPT-2's tokenizer files. Only safetensors are
+read: pickled `pytorch_model.bin` files can run code and are refused. config.json is checked against
+the weights file's header before a model is built, so a wrong size fails at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
 
-from .errors import UserError
-from .files import atomic_path, atomic_write_text
+from .errors import UserError, first_line
+from .files import atomic_path, atomic_write_text, check_writable
+from .hf_tokenizer import TOKENIZER_FILES, write_tokenizer_files
 from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
+from .tokenizer import EOT
 
 HF_FILES = ["config.json", "model.safetensors"]
+EXPORT_FILES = [*HF_FILES, "generation_config.json", *TOKENIZER_FILES]
+HUB_PROBE_TIMEOUT = 3.0  # seconds to reach the hub before giving up (huggingface_hub retries for ~25 s)
 NATIVE_FORMAT = "nanogpt-mlx"  # marker in config.json of this project's checkpoints
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _GPT2_FIXED = {"layer_norm_epsilon": 1e-5, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
@@ -37,12 +48,12 @@ def sanitize(hf_weights: dict[str, mx.array]) -> dict[str, mx.array]:
 
 
 def to_hf(model: GPT) -> dict[str, mx.array]:
-    """This project's tensors -> Hugging Face GPT2LMHeadModel's, padded vocab cropped to 50257."""
+    """This project's tensors -> the hub's `gpt2` names and Conv1D layouts, padded vocab cropped to 50257."""
     out = {}
     for k, w in model.parameters_flat():
         if k == "wte.weight" and w.shape[0] > GPT2_VOCAB_SIZE:
             w = w[:GPT2_VOCAB_SIZE]
-        out["transformer." + k] = mx.contiguous(w.T if k.endswith(_CONV1D) else w)
+        out[k] = mx.contiguous(w.T if k.endswith(_CONV1D) else w)
     return out
 
 
@@ -59,10 +70,15 @@ def hf_config(config: GPTConfig) -> dict:
         "n_layer": config.n_layer,
         "n_head": config.n_head,
         "vocab_size": min(config.vocab_size, GPT2_VOCAB_SIZE),
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
+        "bos_token_id": EOT,
+        "eos_token_id": EOT,
         "tie_word_embeddings": True,
     }
+
+
+def generation_config() -> dict:
+    """generation_config.json: generation stops at <|endoftext|>, as `sample` does."""
+    return {"bos_token_id": EOT, "eos_token_id": EOT}
 
 
 def _read_config(directory: Path) -> dict:
@@ -78,6 +94,24 @@ def _read_config(directory: Path) -> dict:
     return cfg
 
 
+_SIZES = {"block_size": "n_positions", "vocab_size": "vocab_size", "n_layer": "n_layer", "n_head": "n_head",
+          "n_embd": "n_embd"}  # GPTConfig field -> Hugging Face config.json key
+
+
+def _int_sizes(d: dict, keys: dict[str, str], where: Path) -> dict[str, int]:
+    """The model sizes `keys` (GPTConfig name -> key in `d`) of a config.json; floats, strings and
+    booleans are refused rather than truncated."""
+    values = {}
+    for name, key in keys.items():
+        if key not in d:
+            raise UserError(f"{where}/config.json: missing field {key!r}")
+        v = d[key]
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise UserError(f"{where}/config.json: {key} must be an integer, got {v!r}")
+        values[name] = v
+    return values
+
+
 def _config_from_hf(cfg: dict, where: Path) -> GPTConfig:
     if cfg.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{where}: model_type is {cfg.get('model_type')!r}, only GPT-2 is supported")
@@ -87,28 +121,68 @@ def _config_from_hf(cfg: dict, where: Path) -> GPTConfig:
     for key, gpt2_value in _GPT2_FIXED.items():  # variants this architecture does not implement
         if cfg.get(key, gpt2_value) != gpt2_value:
             raise UserError(f"{where}/config.json: {key}={cfg[key]!r} is not supported (GPT-2 uses {gpt2_value!r})")
-    try:
-        return GPTConfig(block_size=int(cfg["n_positions"]), vocab_size=int(cfg["vocab_size"]),
-                         n_layer=int(cfg["n_layer"]), n_head=int(cfg["n_head"]), n_embd=int(cfg["n_embd"]))
-    except KeyError as e:
-        raise UserError(f"{where}/config.json: missing field {e}") from None
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{where}/config.json: bad model size ({e})") from None
+    return GPTConfig(**_int_sizes(cfg, _SIZES, where))
 
 
 def _config_from_native(cfg: dict, where: Path) -> GPTConfig:
+    model = cfg.get("model")
+    if not isinstance(model, dict):
+        raise UserError(f"{where}/config.json: not a valid nanogpt-mlx model config (no 'model' object)")
+    _int_sizes(model, {k: k for k in _SIZES}, where)  # refuses what from_dict would truncate
     try:
-        return GPTConfig.from_dict(cfg["model"])
+        return GPTConfig.from_dict(model)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{where}/config.json: not a valid nanogpt-mlx model config ({e!r})") from None
 
 
-def _load_safetensors(path: Path) -> dict[str, mx.array]:
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header (8-byte length + JSON), checked against the file size."""
+    bad = f"{path}: cannot read safetensors"
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise UserError(f"{bad} (header length {n}, file size {size})")
+            header = json.loads(f.read(n))
+        shapes, end = {}, 0
+        for k, v in header.items():
+            if k != "__metadata__":
+                shapes[k] = tuple(int(d) for d in v["shape"])
+                end = max(end, int(v["data_offsets"][1]))
+    except OSError as e:
+        raise UserError(f"{bad} ({e.strerror or e})") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise UserError(f"{bad} (bad header: {first_line(e)})") from None
+    if end > size - 8 - n:
+        raise UserError(f"{bad} (truncated: its header describes {end} bytes of data, the file holds {size - 8 - n})")
+    return shapes
+
+
+def _check_sizes(config: GPTConfig, shapes: dict[str, tuple[int, ...]], where: Path) -> None:
+    """Compare config.json with the sizes the weights file holds, before a model of that size is built."""
+    names = {k.removeprefix("transformer."): s for k, s in shapes.items()}
+    if len(names.get("wte.weight", ())) != 2 or len(names.get("wpe.weight", ())) != 2:
+        raise UserError(f"{where}: model.safetensors has no 2-D wte.weight and wpe.weight (not a GPT-2)")
+    (vocab, n_embd), (block, _) = names["wte.weight"], names["wpe.weight"]
+    layers = {k.split(".")[1] for k in names if k.startswith("h.")}
+    found = {"n_layer": len(layers), "n_embd": n_embd, "vocab_size": vocab, "block_size": block}
+    for field, n in found.items():
+        if getattr(config, field) != n:
+            raise UserError(f"{where}: weights do not match config.json ({field} {getattr(config, field)} in "
+                            f"config.json, {n} in model.safetensors)")
+
+
+def _find_safetensors(path: Path) -> Path:
     if not path.is_file():
         if (path.parent / "pytorch_model.bin").exists():
             raise UserError(f"{path.parent}: only pytorch_model.bin found; pickle files are not loaded, "
                             "convert it to model.safetensors")
         raise UserError(f"{path}: file not found")
+    return path
+
+
+def _load_safetensors(path: Path) -> dict[str, mx.array]:
     try:
         return mx.load(str(path))
     except Exception as e:  # MLX raises plain RuntimeError/ValueError for bad files
@@ -135,7 +209,9 @@ def load_local(directory: str | os.PathLike) -> GPT:
     cfg = _read_config(directory)
     native = cfg.get("format") == NATIVE_FORMAT
     config = _config_from_native(cfg, directory) if native else _config_from_hf(cfg, directory)
-    weights = _load_safetensors(directory / "model.safetensors")
+    path = _find_safetensors(directory / "model.safetensors")
+    _check_sizes(config, safetensors_shapes(path), directory)
+    weights = _load_safetensors(path)
     if not native:
         weights = sanitize(weights)
     model = GPT(config, seed=0)
@@ -145,6 +221,40 @@ def load_local(directory: str | os.PathLike) -> GPT:
 
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def check_hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> None:
+    """Open one TCP connection to the hub (or to the proxy for it) within `timeout` seconds.
+
+    Offline, huggingface_hub retries each request for ~25 s with a warning per try; this fails in seconds.
+    """
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    hub = urlsplit(constants.ENDPOINT)
+    proxy = None if urllib.request.proxy_bypass(hub.hostname or "") else urllib.request.getproxies().get(hub.scheme)
+    target = urlsplit(proxy) if proxy else hub
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        via = f" via proxy {target.hostname}:{port}" if proxy else ""
+        raise UserError(f"cannot reach the Hugging Face hub at {constants.ENDPOINT}{via} "
+                        f"({e.strerror or first_line(e)})") from None
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """Silence huggingface_hub's per-retry warnings: a failure is reported once, as one line."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def download(repo_id: str, files: list[str] = HF_FILES) -> Path:
@@ -161,10 +271,15 @@ def download(repo_id: str, files: list[str] = HF_FILES) -> Path:
     if hub_offline():
         raise UserError(f"{tried} and not in the Hugging Face cache (HF_HUB_OFFLINE is set); {hint}")
     try:
-        paths = [hf_hub_download(repo_id, f, etag_timeout=10) for f in files]
+        check_hub_reachable()
+    except UserError as e:
+        raise UserError(f"{tried} and not in the Hugging Face cache; {e}; {hint}") from None
+    try:
+        with _quiet_hub():
+            paths = [hf_hub_download(repo_id, f, etag_timeout=10) for f in files]
     except Exception as e:  # noqa: BLE001  (network, auth, unknown repo: all end the same way)
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{tried} and could not be downloaded from the Hugging Face hub ({reason}); {hint}") from None
+        raise UserError(f"{tried} and could not be downloaded from the Hugging Face hub ({first_line(e)}); "
+                        f"{hint}") from None
     return Path(paths[0]).parent
 
 
@@ -184,18 +299,52 @@ def load_model(name_or_path: str | os.PathLike) -> GPT:
     return load_local(download(str(name_or_path)))
 
 
+def save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
+    """mx.save_safetensors, with its write failures ("[write] Unable to write N bytes") as OSError,
+    which `atomic_path` reports as one line."""
+    try:
+        mx.save_safetensors(str(path), arrays, metadata=metadata)
+    except RuntimeError as e:
+        raise OSError(first_line(e)) from None
+
+
 def save_model(model: GPT, out_dir: str | os.PathLike) -> None:
     """Write this project's checkpoint format: model.safetensors + config.json (atomic per file)."""
     out_dir = Path(out_dir)
     with atomic_path(out_dir / "model.safetensors") as tmp:
-        mx.save_safetensors(str(tmp), dict(model.parameters_flat()))
+        save_safetensors(tmp, dict(model.parameters_flat()))
     atomic_write_text(out_dir / "config.json",
                       json.dumps({"format": NATIVE_FORMAT, "model": model.config.to_dict()}, indent=2))
 
 
-def export_hf(model: GPT, out_dir: str | os.PathLike) -> None:
-    """Write a Hugging Face GPT-2 directory loadable by `GPT2LMHeadModel.from_pretrained`."""
-    out_dir = Path(out_dir)
+def check_export_target(out_dir: str | os.PathLike, force: bool = False, source: str | os.PathLike | None = None) -> Path:
+    """Where an export may go: a new or empty directory (any directory with `force`), never a file,
+    the `source` directory itself or a nanogpt-mlx run or checkpoint, which would lose its own format."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; choose a directory for the export")
+    check_writable(out)
+    if not out.is_dir():
+        return out
+    if source is not None and Path(source).expanduser().is_dir() and out.samefile(Path(source).expanduser()):
+        raise UserError(f"{out}: is the model being exported; write the export to another directory")
+    native = False
+    with contextlib.suppress(UserError):  # no or bad config.json: not ours
+        native = _read_config(out).get("format") == NATIVE_FORMAT
+    if native:
+        raise UserError(f"{out}: holds a nanogpt-mlx checkpoint, which the export would overwrite; "
+                        "write it to another directory")
+    if any(out.iterdir()) and not force:
+        raise UserError(f"{out}: directory is not empty; pass --force to write into it, or choose another")
+    return out
+
+
+def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> None:
+    """Write a Hugging Face GPT-2 directory (weights, config, generation config, tokenizer) that
+    `transformers` (`from_pretrained`, `pipeline`) and mlx-lm (`load`) read as they read the hub's `gpt2`."""
+    out_dir = check_export_target(out_dir, force)
     with atomic_path(out_dir / "model.safetensors") as tmp:
-        mx.save_safetensors(str(tmp), to_hf(model), metadata={"format": "pt"})
+        save_safetensors(tmp, to_hf(model), metadata={"format": "pt"})
     atomic_write_text(out_dir / "config.json", json.dumps(hf_config(model.config), indent=2))
+    atomic_write_text(out_dir / "generation_config.json", json.dumps(generation_config(), indent=2))
+    write_tokenizer_files(out_dir, model.config.block_size)

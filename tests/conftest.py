@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
+import io
 import os
 import subprocess
 import sys
@@ -31,10 +34,24 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
     return save_hf_gpt2(tmp_path_factory.mktemp("tiny_hf"))
 
 
+@pytest.fixture(scope="session")
+def lively_hf_dir(tmp_path_factory) -> Path:
+    """A random transformers GPT-2 with larger weights (init std 0.2): its greedy text does not
+    collapse into one repeated token, so comparing token sequences means something."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("lively")
+    GPT2LMHeadModel(GPT2Config(n_layer=4, n_head=4, n_embd=128, n_positions=128, initializer_range=0.2)
+                    ).save_pretrained(path)
+    return path
+
+
 def run_cli(*args: str, check: bool = False, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
-    """Run `nanogpt-mlx ARGS` in a subprocess (as a user would), capturing text output."""
+    """Run `python -m nanogpt_mlx ARGS` (the `nanogpt-mlx` command) in a subprocess, capturing text output."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **kw.pop("env", {})}
-    proc = subprocess.run([sys.executable, "-m", "nanogpt_mlx.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "nanogpt_mlx", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"nanogpt-mlx {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
@@ -49,3 +66,50 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
     assert "Traceback" not in proc.stderr
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+def run_main(capsys, *args: str) -> subprocess.CompletedProcess:
+    """Run `nanogpt-mlx ARGS` in this process (so monkeypatches apply), as run_cli reports it."""
+    from nanogpt_mlx.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """`read_only(DIR)` makes DIR behave like a read-only mount in this process: creating, writing,
+    renaming, linking or deleting anything under it raises EROFS. (chmod does not stop root, who runs CI.)"""
+    import mlx.core as mx
+
+    roots: list[Path] = []
+
+    def check(path) -> None:
+        if isinstance(path, (str, os.PathLike)) and any(Path(os.path.abspath(path)).is_relative_to(r) for r in roots):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    def guarded(real, n_paths=1, writes=lambda *a, **k: True):
+        def fake(*args, **kwargs):
+            if writes(*args, **kwargs):
+                for path in args[:n_paths]:
+                    check(path)
+            return real(*args, **kwargs)
+        return fake
+
+    def write_mode(file, mode="r", *args, **kwargs) -> bool:
+        return any(c in mode for c in "wax+")
+
+    def write_flags(path, flags, *args, **kwargs) -> bool:
+        return bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+
+    monkeypatch.setattr(builtins, "open", guarded(builtins.open, writes=write_mode))
+    monkeypatch.setattr(io, "open", guarded(io.open, writes=write_mode))  # pathlib's
+    monkeypatch.setattr(os, "open", guarded(os.open, writes=write_flags))
+    for name in ("mkdir", "unlink", "rmdir"):
+        monkeypatch.setattr(os, name, guarded(getattr(os, name)))
+    for name in ("replace", "rename", "link"):
+        monkeypatch.setattr(os, name, guarded(getattr(os, name), n_paths=2))
+    monkeypatch.setattr(mx, "save_safetensors", guarded(mx.save_safetensors))
+    return lambda directory: roots.append(Path(directory).absolute())

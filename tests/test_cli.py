@@ -28,6 +28,39 @@ def test_info_with_a_forced_gpu_profile():
     assert "profile      cuda" in out and "bfloat16 gemm" in out and "blas " not in out
 
 
+def test_python_dash_m_and_mlx_launch_run_the_cli():
+    """`python -m nanogpt_mlx` is the command (run_cli uses it too), and so is each rank of `mlx.launch -m nanogpt_mlx`."""
+    import subprocess
+    import sys
+
+    help_text = subprocess.run([sys.executable, "-m", "nanogpt_mlx", "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    assert help_text.startswith("usage: nanogpt-mlx")
+    launch = Path(sys.executable).with_name("mlx.launch")
+    proc = subprocess.run([str(launch), "--python", sys.executable, "--backend", "ring", "-n", "2", "--",
+                           "-m", "nanogpt_mlx", "info"], capture_output=True, text=True, timeout=120)
+    assert sum(line.startswith("platform ") for line in proc.stdout.splitlines()) == 2, proc.stdout + proc.stderr
+
+
+def test_readme_api_table_names_exist():
+    """Every name in the README's Python API column is importable, and the table has the API's entry points."""
+    import importlib
+    import re
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = readme[readme.index("| job | command | Python API |"):].split("\n\n")[0].splitlines()[2:]
+    names = {m for row in rows for m in re.findall(r"`(?:nanogpt_mlx\.)?(\w+)\.(\w+)", row.split("|")[3])}
+    for module, name in names:
+        if module == "nanogpt_mlx":  # a module named whole
+            importlib.import_module(f"nanogpt_mlx.{name}")
+        else:
+            assert hasattr(importlib.import_module(f"nanogpt_mlx.{module}"), name), (module, name)
+    for needed in [("sample", "SampleConfig"), ("evaluate", "load_hellaswag"), ("weights", "export_hf"),
+                   ("weights", "load_model"), ("train", "TrainConfig"), ("prepare", "PrepareConfig")]:
+        assert needed in names, needed
+    assert 'sources.shakespeare(path="input.txt")' in readme
+
+
 def test_sample_prints_samples_like_build_nanogpt(tiny_hf_dir):
     args = ("sample", "--model", str(tiny_hf_dir), "--num-samples", "3", "--max-new-tokens", "8", "--seed", "42",
             "--no-stop")
@@ -50,7 +83,7 @@ def test_one_sample_is_streamed_and_greedy_is_deterministic(tiny_hf_dir):
 def test_export_writes_a_loadable_hugging_face_directory(tiny_hf_dir, tmp_path):
     proc = run_cli("export", str(tiny_hf_dir), str(tmp_path / "out"), check=True)
     assert "config.json" in proc.stdout
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    assert {"config.json", "model.safetensors"} <= {p.name for p in (tmp_path / "out").iterdir()}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "gpt2"
     assert load_model(tmp_path / "out").config == load_model(tiny_hf_dir).config
 
@@ -81,7 +114,9 @@ def test_missing_openblas_is_said_once(tiny_hf_dir):
 def test_prompt_too_long_needs_crop(tiny_hf_dir):
     long = " word" * 120  # 120 tokens + 30 new > 128
     base = ("sample", "--model", str(tiny_hf_dir), "--prompt", long, "--num-samples", "1", "--greedy")
-    assert_one_line_error(run_cli(*base), "exceeds the model's context of 128", "--crop")
+    proc = run_cli(*base)
+    assert_one_line_error(proc, "exceeds the model's context of 128", "--crop")
+    assert proc.stdout == ""  # not even the "> " of a streamed sample
     assert run_cli(*base, "--crop", check=True).stdout.startswith("> ")
 
 
@@ -94,6 +129,32 @@ def test_prompt_too_long_needs_crop(tiny_hf_dir):
 ])
 def test_bad_sampling_arguments(tiny_hf_dir, args, needles):
     assert_one_line_error(run_cli("sample", "--model", str(tiny_hf_dir), *args), *needles)
+
+
+@pytest.mark.parametrize("args", [
+    ("sample", "--num-s", "2"),
+    ("train", "--max-st", "5"),
+    ("eval", "loss", "--data", "x", "--seq", "8"),
+    ("export", "a", "b", "--for"),
+])
+def test_options_are_never_abbreviated(args):
+    assert_one_line_error(run_cli(*args), "unrecognized arguments", args[-1] if args[-1].startswith("--") else args[-2])
+
+
+def test_no_parser_allows_abbreviations():
+    import argparse
+
+    from nanogpt_mlx.cli import build_parser
+
+    def parsers(p):
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from parsers(child)
+
+    found = list(parsers(build_parser()))
+    assert len(found) > 10 and not any(p.allow_abbrev for p in found)
 
 
 def copy_hf_dir(src: Path, dst: Path) -> Path:
@@ -114,11 +175,39 @@ def test_bad_models(tiny_hf_dir, tmp_path):
     mismatch = copy_hf_dir(tiny_hf_dir, tmp_path / "mismatch")
     config = json.loads((mismatch / "config.json").read_text())
     (mismatch / "config.json").write_text(json.dumps({**config, "n_embd": 96}))
-    assert_one_line_error(run_cli("export", str(mismatch), str(tmp_path / "out")), "mismatch", "config.json implies")
+    assert_one_line_error(run_cli("export", str(mismatch), str(tmp_path / "out")), "mismatch",
+                          "n_embd 96 in config.json, 64 in model.safetensors")
     assert not (tmp_path / "out").exists()
 
     assert_one_line_error(run_cli("sample", "--model", "nobody/no-such-model"),
                           "nobody/no-such-model", "HF_HUB_OFFLINE", "local directory")
+
+
+@pytest.mark.parametrize("args", [
+    ("sample", "--model", "nosuchuser/nosuchmodel"),
+    ("sample",),
+    ("export", "gpt2", "OUT"),
+    ("eval", "loss", "--model", "gpt2", "--data", "DATA"),
+])
+def test_unreachable_hub_fails_within_seconds(tmp_path, args):
+    """Online mode, nothing cached, the hub unreachable (a closed port on 127.0.0.1): one line, no retries."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "0",
+           "no_proxy": "127.0.0.1"}
+    args = [str(tmp_path / a) if a in ("OUT", "DATA") else a for a in args]
+    start = time.perf_counter()
+    proc = run_cli(*args, env=env)
+    seconds = time.perf_counter() - start
+    assert_one_line_error(proc, "not in the Hugging Face cache", f"cannot reach the Hugging Face hub at "
+                          f"http://127.0.0.1:{port}", "pass a local directory")
+    print(f"{' '.join(args[:2])}: failed in {seconds:.1f} s")
+    assert seconds < 10
+    assert not (tmp_path / "OUT").exists()
 
 
 # ------------------------------------------------------------------------------ hub download

@@ -47,8 +47,10 @@ def start_ranks(tmp_path: Path, cfg, n: int, cli: bool = False, env: dict | None
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     if cli:
-        cmd = [sys.executable, "-m", "nanogpt_mlx.cli", "train"]
+        cmd = [sys.executable, "-m", "nanogpt_mlx", "train"]  # as mlx.launch -m nanogpt_mlx runs it
         for k, v in asdict(cfg).items():
+            if v is None:  # unset (min_lr): no flag
+                continue
             cmd += [f"--{k.replace('_', '-')}" if not isinstance(v, bool) else f"--{'' if v else 'no-'}{k.replace('_', '-')}"]
             cmd += [] if isinstance(v, bool) else [str(v)]
     else:

@@ -260,7 +260,7 @@ def test_shakespeare_download_cache_and_90_10_split(tmp_path, http_server):
     (root / "input.txt").unlink()  # served from the cache from now on
     again = sources.shakespeare(url=f"{base}/input.txt", cache_dir=tmp_path / "cache")
     assert again.units[0].key == source.units[0].key
-    with pytest.raises(UserError, match="could not download .*missing.txt.*--path"):
+    with pytest.raises(UserError, match=r"could not download .*missing.txt.*--path FILE \(Python: sources.shakespeare\(path=FILE\)\)"):
         sources.shakespeare(url=f"{base}/missing.txt", cache_dir=tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == [source.units[0].fetch(tmp_path)]  # no partial file
 
@@ -340,6 +340,16 @@ def test_bad_input_names_the_file(tmp_path, name, content, needles):
     with pytest.raises(UserError) as e:
         prep.prepare(sources.local_files([path]), tmp_path / "out", cfg(workers=2))
     assert "\n" not in str(e.value) and all(n in str(e.value) for n in needles), str(e.value)
+
+
+def test_a_file_named_twice_is_read_once(tmp_path):
+    docs = make_docs(5, seed=9)
+    (tmp_path / "d").mkdir()
+    path = write_jsonl(tmp_path / "d" / "a.jsonl", docs)
+    source = sources.local_files([path, path, tmp_path / "d", str(tmp_path / "d" / "*.jsonl")])
+    assert len(source.units) == 1
+    prep.prepare(source, tmp_path / "out", cfg())
+    assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens(docs))
 
 
 def test_parquet_without_the_text_column(tmp_path):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -14,20 +12,6 @@ from nanogpt_mlx.tokenizer import EOT, encode
 from nanogpt_mlx.weights import load_model
 
 PROMPT = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # "Hello, I'm a language model,"
-
-
-@pytest.fixture(scope="module")
-def lively_hf_dir(tmp_path_factory) -> Path:
-    """A random transformers GPT-2 with larger weights (init std 0.2): its greedy text does not
-    collapse into one repeated token, so comparing token sequences means something."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("lively")
-    GPT2LMHeadModel(GPT2Config(n_layer=4, n_head=4, n_embd=128, n_positions=128, initializer_range=0.2)
-                    ).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +130,12 @@ def test_empty_prompt_starts_from_end_of_text(model):
     cfg = SampleConfig(max_new_tokens=5, greedy=True, stop_at_eot=False)
     assert tokens(model, cfg, prompt=[]) == tokens(model, cfg, prompt=[EOT])
     assert len(encode("")) == 0
+
+
+def test_every_config_argument_has_a_default(model):
+    """The Python API works without building a SampleConfig: its defaults are the CLI's."""
+    texts = sample_texts(model, "ROMEO:")
+    assert len(texts) == 1 and texts[0].startswith("ROMEO:")
+    assert "".join(stream_text(model, "ROMEO:")).startswith("ROMEO:")
+    assert len(list(generate(model, encode("ROMEO:")))) <= SampleConfig().max_new_tokens
+    assert next_token(mx.zeros((2, 50257))).shape == (2,)

@@ -1,9 +1,12 @@
-"""The GPT-2 tokenizer works offline from the shipped ranks and encodes as GPT-2 does."""
+"""The GPT-2 tokenizer works offline from the shipped ranks and encodes as GPT-2 does, and so do the
+Hugging Face tokenizer files generated from them."""
 
 from __future__ import annotations
 
 import hashlib
 from importlib import resources
+
+import pytest
 
 from nanogpt_mlx.tokenizer import EOT, decode, encode, get_tokenizer
 
@@ -33,3 +36,69 @@ def test_unicode_round_trip():
 def test_special_token_text_is_plain_text():
     ids = encode("a<|endoftext|>b")
     assert EOT not in ids and decode(ids) == "a<|endoftext|>b"
+
+
+# ------------------------------------------------------------- Hugging Face tokenizer files
+SHAKESPEARE_LIKE = """First Citizen:
+Before we proceed any further, hear me speak.
+
+All:
+Speak, speak.
+
+ROMEO:
+But, soft! what light through yonder window breaks?
+It is the east, and Juliet is the sun.
+'Tis but thy name that is my enemy; thou'rt thyself, though not a Montague.
+I'll ne'er forget it -- we've sworn, they're gone -- 'twas 1,597 years ago!!
+
+JULIET:   O Romeo, Romeo! wherefore art thou Romeo?\t\t(aside)
+Deny thy father and refuse thy name;
+    Or, if thou wilt not, be but sworn my love,
+And I'll no longer be a Capulet.   \n\n\n"""
+UNICODE = ("Grüße, Zürich! naïve café — 東京都 日本語 🙂👍🏽 \u200b zero-width, tabs\tand\n\nnewlines, "
+           "'s 've 're  multiple   spaces, ∑∫√ emoji-with-ZWJ 👩‍💻, Ελληνικά, العربية, עברית \r\n trailing  ")
+
+
+@pytest.fixture(scope="module")
+def hf_files(tmp_path_factory):
+    from nanogpt_mlx.hf_tokenizer import write_tokenizer_files
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    write_tokenizer_files(out, model_max_length=1024)
+    return out
+
+
+def test_merges_are_gpt2s():
+    from nanogpt_mlx.hf_tokenizer import merge_lines
+
+    lines = merge_lines()
+    assert len(lines) == 50000
+    assert lines[:5] == ["Ġ t", "Ġ a", "h e", "i n", "r e"]  # the first lines of the hub's gpt2 merges.txt
+
+
+@pytest.mark.parametrize("text", [SHAKESPEARE_LIKE, UNICODE])
+def test_auto_tokenizer_of_the_files_encodes_as_we_do(hf_files, text):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_files)
+    assert tok.eos_token_id == tok.bos_token_id == EOT and len(tok) == 50257
+    assert tok(text)["input_ids"] == encode(text)
+    assert tok.decode(encode(text)) == text
+
+
+def test_vocab_and_merges_files_encode_every_token_as_we_do(hf_files):
+    """vocab.json + merges.txt alone (what older clients read), on every token's own text and on text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE.from_file(str(hf_files / "vocab.json"), str(hf_files / "merges.txt")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    enc = get_tokenizer()
+    texts = [SHAKESPEARE_LIKE, UNICODE]
+    for i in range(50256):
+        try:
+            texts.append(enc.decode_single_token_bytes(i).decode("utf-8"))
+        except UnicodeDecodeError:  # part of a multi-byte character: not text on its own
+            pass
+    assert len(texts) > 49000
+    assert [e.ids for e in tok.encode_batch(texts)] == enc.encode_ordinary_batch(texts)

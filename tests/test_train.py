@@ -232,7 +232,7 @@ def test_crash_during_save_keeps_previous_checkpoint(data_dir, tmp_path, monkeyp
     resumed = Trainer(cfg, resume=True)
     assert resumed.step == 3
     resumed.train()
-    assert [p.name for p in checkpoints(tmp_path / "run")] == ["ckpt-000006"]
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["ckpt-000003", "ckpt-000006"]  # the latest two
     assert not list((tmp_path / "run").glob(".ckpt-*"))  # the dead save's leftovers are cleaned up
 
 
@@ -304,7 +304,7 @@ def test_cli_trains_samples_and_resumes(data_dir, tmp_path):
     assert log[0].startswith("0 val ") and log[1].startswith("0 train ")
     assert [l.split()[0] for l in log if " train " in l] == [str(s) for s in range(6)]
     assert all(len(l.split()[2].split(".")[1]) == (6 if " train " in l else 4) for l in log)
-    assert [p.name for p in checkpoints(out)] == ["ckpt-000006"]
+    assert [p.name for p in checkpoints(out)] == ["ckpt-000004", "ckpt-000006"]
     run_cli("sample", "--model", str(out), "--max-new-tokens", "4", "--num-samples", "1", "--seed", "0", check=True)
 
     again = run_cli(*cli_config(data_dir, out, "--max-steps", "6"))

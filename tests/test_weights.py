@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -31,11 +32,13 @@ def test_export_then_transformers_gives_same_logits(tmp_path):
 def test_transformers_in_and_out_is_byte_identical(tiny_hf_dir, tmp_path):
     export_hf(load_model(tiny_hf_dir), tmp_path / "out")
     original, exported = read_tensors(tiny_hf_dir), read_tensors(tmp_path / "out")
-    # lm_head is tied to wte and the causal-mask buffers are not weights
-    expected = {k for k in original if k != "lm_head.weight" and not k.endswith((".attn.bias", ".attn.masked_bias"))}
-    assert set(exported) == expected
-    for k in expected:
-        assert exported[k].dtype == original[k].dtype and exported[k].tobytes() == original[k].tobytes(), k
+    # lm_head is tied to wte and the causal-mask buffers are not weights; exports use the hub's
+    # gpt2 names, without save_pretrained's `transformer.` prefix
+    expected = {k.removeprefix("transformer."): k for k in original
+                if k != "lm_head.weight" and not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    assert set(exported) == set(expected)
+    for k, k_orig in expected.items():
+        assert exported[k].dtype == original[k_orig].dtype and exported[k].tobytes() == original[k_orig].tobytes(), k
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (config["n_layer"], config["n_embd"], config["n_positions"], config["vocab_size"]) == (2, 64, 128, 50257)
 
@@ -45,7 +48,7 @@ def test_padded_vocab_exports_cropped_and_matches(tmp_path):
     save_model(model, tmp_path / "ckpt")  # this project's checkpoint keeps the padding
     assert load_model(tmp_path / "ckpt").config.vocab_size == 50304
     export_hf(load_model(tmp_path / "ckpt"), tmp_path / "out")
-    assert read_tensors(tmp_path / "out")["transformer.wte.weight"].shape == (50257, 32)
+    assert read_tensors(tmp_path / "out")["wte.weight"].shape == (50257, 32)
     idx = np.random.default_rng(1).integers(0, 50257, size=(1, 32))
     ours = np.array(model(mx.array(idx)))[..., :50257]
     np.testing.assert_allclose(hf_logits(tmp_path / "out", idx), ours, rtol=0, atol=2e-5)
@@ -115,10 +118,18 @@ def test_bad_directories_are_user_errors(tiny_hf_dir, tmp_path):
     mismatch = copy_hf_dir(tiny_hf_dir, tmp_path / "mismatch")
     config = json.loads((mismatch / "config.json").read_text())
     (mismatch / "config.json").write_text(json.dumps({**config, "n_embd": 128}))
-    with pytest.raises(UserError, match=r"has shape \(\d+, 64\), config.json implies \(\d+, 128\)"):
+    with pytest.raises(UserError, match=r"do not match config.json \(n_embd 128 in config.json, 64 in model.safetensors"):
         load_model(mismatch)
     (mismatch / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
-    with pytest.raises(UserError, match=r"missing: \['h.2.attn.c_attn.bias'"):
+    with pytest.raises(UserError, match=r"n_layer 3 in config.json, 2 in model.safetensors"):
+        load_model(mismatch)
+    (mismatch / "config.json").write_text(json.dumps(config))
+    tensors = read_tensors(mismatch)
+    del tensors["transformer.h.1.attn.c_attn.bias"]
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(mismatch / "model.safetensors"))
+    with pytest.raises(UserError, match=r"missing: \['h.1.attn.c_attn.bias'"):
         load_model(mismatch)
     (mismatch / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
     with pytest.raises(UserError, match="not GPT-2's tanh GELU"):
@@ -130,3 +141,45 @@ def test_bad_directories_are_user_errors(tiny_hf_dir, tmp_path):
     (pickle_only / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(UserError, match="pickle files are not loaded"):
         load_model(pickle_only)
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("vocab_size", 100_000_000_000, "vocab_size 100000000000 in config.json, 50257 in model.safetensors"),
+    ("n_layer", 100_000_000, "n_layer 100000000 in config.json, 2 in model.safetensors"),
+    ("n_positions", 4096, "block_size 4096 in config.json, 128 in model.safetensors"),
+    ("n_embd", 64.5, "n_embd must be an integer, got 64.5"),
+    ("n_head", "2", "n_head must be an integer, got '2'"),
+    ("n_layer", True, "n_layer must be an integer, got True"),
+])
+def test_config_is_checked_against_the_weights_header_first(tiny_hf_dir, tmp_path, field, value, needle):
+    """Absurd sizes fail at once, before a model of that size is built; non-integers are not truncated."""
+    import time
+
+    bad = copy_hf_dir(tiny_hf_dir, tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, field: value}))
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=re.escape(needle)):
+        load_model(bad)
+    assert time.perf_counter() - start < 1
+
+
+def test_native_config_sizes_must_be_integers(tmp_path):
+    save_model(GPT(SMALL, seed=0), tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["model"]["n_embd"] = 32.5
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"n_embd must be an integer, got 32.5"):
+        load_model(tmp_path / "ckpt")
+    config["model"]["n_embd"], config["model"]["n_layer"] = 32, 100_000_000
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"n_layer 100000000 in config.json, 2 in model.safetensors"):
+        load_model(tmp_path / "ckpt")
+
+
+def test_truncated_weights_are_found_from_the_header(tiny_hf_dir, tmp_path):
+    bad = copy_hf_dir(tiny_hf_dir, tmp_path / "bad")
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:-10])
+    with pytest.raises(UserError, match=r"cannot read safetensors \(truncated"):
+        load_model(bad)

@@ -1,0 +1,100 @@
+"""`export` as third-party clients read it (mlx-lm, transformers' pipeline), and where it may write."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import assert_one_line_error, run_cli
+
+from nanogpt_mlx.sample import SampleConfig, sample_texts
+from nanogpt_mlx.weights import EXPORT_FILES, export_hf, load_model
+
+PROMPT = "ROMEO: Wherefore art thou"
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def exported(lively_hf_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "hf"
+    run_cli("export", str(lively_hf_dir), str(out), check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ours(exported) -> str:
+    """Our greedy continuation of PROMPT (the text `sample --greedy` prints), without the prompt."""
+    text = sample_texts(load_model(exported), PROMPT, SampleConfig(max_new_tokens=NEW_TOKENS, greedy=True))[0]
+    assert text.startswith(PROMPT) and len(text) > len(PROMPT) + 20
+    return text[len(PROMPT):]
+
+
+def test_export_has_hub_names_tokenizer_and_generation_config(exported):
+    from safetensors import safe_open
+
+    assert sorted(p.name for p in exported.iterdir()) == sorted(EXPORT_FILES)
+    with safe_open(exported / "model.safetensors", "np") as f:
+        names = set(f.keys())
+    assert {"wte.weight", "wpe.weight", "ln_f.weight", "h.0.attn.c_attn.weight", "h.3.mlp.c_proj.bias"} <= names
+    assert not any(k.startswith("transformer.") for k in names)  # as the hub's gpt2 names them
+    assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == 50256
+    config = json.loads((exported / "tokenizer_config.json").read_text())
+    assert config["model_max_length"] == 128 and config["eos_token"] == "<|endoftext|>"
+
+
+def test_mlx_lm_loads_the_export_and_generates_our_greedy_text(exported, ours):
+    from mlx_lm import generate, load
+
+    model, tokenizer = load(str(exported))
+    assert generate(model, tokenizer, prompt=PROMPT, max_tokens=NEW_TOKENS) == ours
+
+
+def test_transformers_pipeline_generates_our_greedy_text(exported, ours):
+    from transformers import pipeline
+
+    generator = pipeline("text-generation", str(exported))
+    out = generator(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)[0]["generated_text"]
+    assert out == PROMPT + ours
+
+
+def test_export_round_trips_and_nanogpt_loads_prefixed_names_too(lively_hf_dir, exported):
+    """transformers' save_pretrained writes `transformer.h.0...`, exports write `h.0...`: both load."""
+    a, b = load_model(lively_hf_dir), load_model(exported)
+    assert all((x == y).all().item() for (_, x), (_, y) in zip(a.parameters_flat(), b.parameters_flat()))
+
+
+# ------------------------------------------------------------------------------- targets
+def test_export_refuses_non_empty_directories_unless_forced(tiny_hf_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert_one_line_error(run_cli("export", str(tiny_hf_dir), str(out)), "not empty", "--force")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    run_cli("export", str(tiny_hf_dir), str(out), "--force", check=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run_cli("export", str(tiny_hf_dir), str(empty), check=True)  # an empty directory needs no --force
+
+
+def test_export_never_writes_over_its_source_or_a_run(tiny_hf_dir, tmp_path):
+    source = tmp_path / "src"
+    export_hf(load_model(tiny_hf_dir), source)
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    assert_one_line_error(run_cli("export", str(source), str(source), "--force"), "is the model being exported")
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+
+    from nanogpt_mlx.weights import save_model
+
+    run = tmp_path / "run"  # a training run's directory: its config.json is nanogpt-mlx's
+    save_model(load_model(tiny_hf_dir), run)
+    assert_one_line_error(run_cli("export", str(tiny_hf_dir), str(run), "--force"), "nanogpt-mlx checkpoint")
+    assert json.loads((run / "config.json").read_text())["format"] == "nanogpt-mlx"
+
+
+def test_export_to_a_file_is_one_line(tiny_hf_dir, tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert_one_line_error(run_cli("export", str(tiny_hf_dir), str(target)), "not a directory")
+    assert target.read_text() == "x"

@@ -1,0 +1,134 @@
+"""Writers on disks that refuse: read-only, full, a file where a directory should be. Each is one line on
+stderr, a non-zero exit, and nothing half-written left behind."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_one_line_error, run_cli, run_main
+from test_evaluate import make_hellaswag, write_jsonl
+from test_plot import fake_run
+from test_prepare import expected_tokens, make_docs, shard_tokens
+from test_prepare import write_jsonl as write_docs
+
+from nanogpt_mlx import UserError
+from nanogpt_mlx.files import atomic_path, atomic_write_text, check_writable
+
+
+def listing(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else b"" for p in directory.rglob("*")}
+
+
+def test_atomic_path_storage_errors_are_one_line_and_leave_the_old_file(tmp_path):
+    target = tmp_path / "a.txt"
+    atomic_write_text(target, "old")
+    with pytest.raises(UserError, match=r"a.txt: cannot write \(No space left on device\)"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert listing(tmp_path) == {"a.txt": b"old"}
+    with pytest.raises(ConnectionResetError):  # not a storage error: the writer's own business
+        with atomic_path(target) as tmp:
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+    with pytest.raises(UserError, match=r"cannot create directory \(a file of that name is in the way\)"):
+        atomic_write_text(target / "b.txt", "x")
+    assert listing(tmp_path) == {"a.txt": b"old"}
+
+
+def test_check_writable_leaves_nothing(tmp_path, read_only):
+    check_writable(tmp_path / "new" / "deeper" / "x.jsonl")
+    check_writable(tmp_path)
+    assert listing(tmp_path) == {}
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="file is not a directory"):
+        check_writable(tmp_path / "file" / "x.jsonl")
+    (tmp_path / "ro").mkdir()
+    read_only(tmp_path / "ro")
+    with pytest.raises(UserError, match=r"cannot write \(Read-only file system\)"):
+        check_writable(tmp_path / "ro" / "x.jsonl")
+
+
+@pytest.fixture
+def inputs(tmp_path, tiny_hf_dir) -> dict[str, Path]:
+    docs = tmp_path / "in" / "docs.jsonl"
+    docs.parent.mkdir()
+    write_docs(docs, make_docs(20, seed=1))
+    return {"model": tiny_hf_dir, "docs": docs, "run": fake_run(tmp_path / "in" / "run"),
+            "hellaswag": write_jsonl(tmp_path / "in" / "hellaswag.jsonl", make_hellaswag(4))}
+
+
+def writer_args(command: str, inputs: dict[str, Path], out: Path) -> list[str]:
+    return {
+        "export": ["export", str(inputs["model"]), str(out / "hf")],
+        "plot": ["plot", str(inputs["run"]), "--out", str(out / "run.png")],
+        "prepare": ["prepare", "files", str(inputs["docs"]), "--out", str(out / "data")],
+        "prepare-here": ["prepare", "files", str(inputs["docs"]), "--out", str(out)],
+        "hellaswag": ["eval", "hellaswag", "--model", str(inputs["model"]), "--data", str(inputs["hellaswag"]),
+                      "--output", str(out / "scores.jsonl")],
+    }[command]
+
+
+WRITERS = ["export", "plot", "prepare", "prepare-here", "hellaswag"]
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_writers_on_a_read_only_disk(command, inputs, tmp_path, read_only, capsys, monkeypatch):
+    from nanogpt_mlx import evaluate
+
+    def never(*args, **kwargs):
+        raise AssertionError("scored before finding out that --output cannot be written")
+
+    monkeypatch.setattr(evaluate, "score_hellaswag", never)
+    out = tmp_path / "ro"
+    out.mkdir()
+    read_only(out)
+    assert_one_line_error(run_main(capsys, *writer_args(command, inputs, out)), str(out), "Read-only file system")
+    assert listing(out) == {}
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_writers_where_a_file_is_in_the_way(command, inputs, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_one_line_error(run_cli(*writer_args(command, inputs, blocker)), str(blocker))
+    assert blocker.read_text() == "x"
+
+
+def test_prepare_on_a_full_disk_stops_with_one_line_and_resumes(tmp_path, capsys, monkeypatch):
+    docs = make_docs(60, seed=2)
+    write_docs(tmp_path / "docs.jsonl", docs)
+    args = ["prepare", "files", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "data"), "--shard-size", "500",
+            "--workers", "1"]
+    real_save, saved = np.save, []
+
+    def fill_up(file, arr, *a, **k):  # the third shard finds the disk full half-way, as numpy reports it
+        if len(saved) == 2:
+            with open(file, "wb") as f:
+                f.write(b"\x93NUMPY partial")
+            monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(4 << 20, 4 << 20, 0))
+            raise OSError("1000 requested and 14 written")  # no errno
+        saved.append(file)
+        return real_save(file, arr, *a, **k)
+
+    monkeypatch.setattr(np, "save", fill_up)
+    assert_one_line_error(run_main(capsys, *args), "data_train_000002.npy", "No space left on device")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
+        "data_train_000001.npy", "data_val_000000.npy", "manifest.json"]  # no temp file
+    monkeypatch.undo()
+    assert run_main(capsys, *args).returncode == 0  # space freed: resumes after the last whole shard
+    assert np.array_equal(shard_tokens(tmp_path / "data"), expected_tokens(docs))
+
+
+def test_any_other_os_error_is_still_one_line(tmp_path, capsys, monkeypatch):
+    from nanogpt_mlx import plot
+
+    def broken(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error", str(tmp_path / "run.png"))
+
+    monkeypatch.setattr(plot, "plot_runs", broken)
+    proc = run_main(capsys, "plot", str(tmp_path))
+    assert_one_line_error(proc, f"{tmp_path / 'run.png'}: Input/output error")

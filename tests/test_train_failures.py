@@ -1,0 +1,194 @@
+"""Training when things go wrong: unwritable or full disks, damaged checkpoints, bad learning rates,
+SIGTERM, leftovers of a kill. Each failure is one line on stderr and leaves no half-written files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import assert_one_line_error, run_cli, run_main
+from test_train import cli_config, tiny_config, token_stream, write_shards
+
+from nanogpt_mlx.train import Trainer, TrainConfig, checkpoints, get_lr
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("shards"), [token_stream(3000, 1)], token_stream(2000, 3))
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory) -> Path:
+    """A run of 4 steps with checkpoints at steps 2 and 4 (both kept)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    Trainer(tiny_config(data_dir, out, max_steps=4, checkpoint_every=2)).train()
+    assert [p.name for p in checkpoints(out)] == ["ckpt-000002", "ckpt-000004"]
+    return out
+
+
+@pytest.fixture
+def run(finished_run, tmp_path) -> Path:
+    """A copy of finished_run to damage."""
+    return Path(shutil.copytree(finished_run, tmp_path / "run"))
+
+
+def resume(run: Path, max_steps: int = 6, **kw) -> subprocess.CompletedProcess:
+    return run_cli("train", "--resume", str(run), "--max-steps", str(max_steps), **kw)
+
+
+# ------------------------------------------------------------------------- min_lr (item 5)
+def test_min_lr_is_build_nanogpts_absolute_minimum(data_dir, tmp_path):
+    cfg = TrainConfig(max_lr=6e-4, min_lr=1e-5, warmup_steps=10, max_steps=50)
+    assert get_lr(50, cfg) == get_lr(99, cfg) == 1e-5
+    assert get_lr(30, cfg) == pytest.approx(1e-5 + 0.5 * (6e-4 - 1e-5))
+
+    out = tmp_path / "run"
+    run_cli(*cli_config(data_dir, out, "--max-steps", "1", "--min-lr", "0.0001", "--sample-every", "0"), check=True)
+    saved = json.loads((checkpoints(out)[-1] / "trainer.json").read_text())["config"]
+    assert (saved["min_lr"], saved["min_lr_ratio"]) == (0.0001, 0.1)  # not taken as --min-lr-ratio 0.0001
+    assert_one_line_error(run_cli(*cli_config(data_dir, tmp_path / "x", "--min-lr", "1e-4", "--min-lr-ratio", "0.1")),
+                          "--min-lr", "not allowed with")
+    resumed = run_cli("train", "--resume", str(out), "--max-steps", "2", "--min-lr-ratio", "0.5", check=True)
+    assert resumed.returncode == 0
+    saved = json.loads((checkpoints(out)[-1] / "trainer.json").read_text())["config"]
+    assert (saved["min_lr"], saved["min_lr_ratio"]) == (None, 0.5)  # the new ratio decides, not the old min_lr
+
+
+@pytest.mark.parametrize("flag, value", [("--max-lr", "nan"), ("--max-lr", "inf"), ("--min-lr", "nan"),
+                                         ("--grad-clip", "inf")])
+def test_learning_rates_must_be_finite(data_dir, tmp_path, flag, value):
+    proc = run_cli(*cli_config(data_dir, tmp_path / "run", "--max-steps", "1", flag, value))
+    assert_one_line_error(proc, flag[2:].replace("-", "_"), "finite")
+    assert not (tmp_path / "run").exists()
+
+
+def test_nan_loss_without_a_checkpoint_names_none(data_dir, tmp_path):
+    proc = run_cli(*cli_config(data_dir, tmp_path / "run", "--max-steps", "3", "--max-lr", "1e30",
+                               "--warmup-steps", "0", "--checkpoint-every", "0"))
+    assert_one_line_error(proc, "not finite", "no checkpoint was written")
+    assert checkpoints(tmp_path / "run") == []
+
+
+# ------------------------------------------------------------- unwritable disks (item 7)
+def test_new_run_where_a_file_is_in_the_way(data_dir, tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert_one_line_error(run_cli(*cli_config(data_dir, tmp_path / "file" / "run", "--max-steps", "1")),
+                          "file", "not a directory")
+
+
+@pytest.mark.parametrize("mode", ["new", "overwrite", "resume"])
+def test_train_on_a_read_only_disk(mode, data_dir, run, tmp_path, read_only, capsys):
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    read_only(run.parent)
+    args = {"new": cli_config(data_dir, tmp_path / "new", "--max-steps", "1"),
+            "overwrite": cli_config(data_dir, run, "--max-steps", "1") + ["--overwrite"],
+            "resume": ["train", "--resume", str(run), "--max-steps", "6"]}[mode]
+    assert_one_line_error(run_main(capsys, *args), "Read-only file system")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "new").exists()
+
+
+# -------------------------------------------------------------------- full disk (item 8)
+def test_full_disk_at_a_checkpoint(run, monkeypatch, capsys):
+    """MLX reports a full disk as RuntimeError "[write] Unable to write"; each try leaves nothing behind."""
+    import mlx.core as mx
+
+    real_save = mx.save_safetensors
+
+    def full(path, arrays, metadata=None):
+        Path(path).write_bytes(b"partial")
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(60 << 20, 60 << 20, 0))
+        raise RuntimeError(f"[write] Unable to write 65536 bytes to file {path}.")
+
+    monkeypatch.setattr(mx, "save_safetensors", full)
+    for _ in range(2):
+        proc = run_main(capsys, "train", "--resume", str(run), "--max-steps", "6", "--checkpoint-every", "2")
+        assert_one_line_error(proc, "ckpt-000006 not saved", "No space left on device", "ckpt-000004 is kept",
+                              f"--resume {run}")
+        assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []  # no temp dirs or files
+    monkeypatch.setattr(mx, "save_safetensors", real_save)
+    assert [p.name for p in checkpoints(run)] == ["ckpt-000002", "ckpt-000004"]
+    run_cli("train", "--resume", str(run), "--max-steps", "6", check=True)  # space freed: it continues
+    assert [p.name for p in checkpoints(run)] == ["ckpt-000004", "ckpt-000006"]
+
+
+# --------------------------------------------------------------- damaged checkpoints (item 9)
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {
+    "optimizer-truncated": (lambda c: truncate(c / "optimizer.safetensors"), "optimizer.safetensors"),
+    "optimizer-missing": (lambda c: (c / "optimizer.safetensors").unlink(), "optimizer.safetensors is missing"),
+    "state-malformed": (lambda c: (c / "trainer.json").write_text('{"step": 4, "wor'), "trainer.json"),
+    "state-missing": (lambda c: (c / "trainer.json").unlink(), "trainer.json is missing"),
+    "state-incomplete": (lambda c: (c / "trainer.json").write_text('{"step": 4}'), "trainer.json lacks"),
+    "model-truncated": (lambda c: truncate(c / "model.safetensors"), "model.safetensors"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_latest_checkpoint_offers_the_previous_one(damage, run):
+    spoil, needle = DAMAGE[damage]
+    latest = checkpoints(run)[-1]
+    spoil(latest)
+    assert_one_line_error(resume(run), str(latest), "damaged checkpoint", needle, "ckpt-000002 is kept",
+                          f"mv {latest} {latest}.damaged")
+    latest.rename(f"{latest}.damaged")  # as the message says
+    proc = resume(run, check=True)
+    assert "steps 2..6" in proc.stdout
+    assert [p.name for p in checkpoints(run)] == ["ckpt-000004", "ckpt-000006"]
+
+
+def test_damaged_only_checkpoint_says_there_is_none_before(run):
+    shutil.rmtree(checkpoints(run)[0])
+    (checkpoints(run)[-1] / "trainer.json").write_text("{")
+    assert_one_line_error(resume(run), "damaged checkpoint", "no earlier checkpoint")
+
+
+def test_torn_last_log_line_is_tolerated(run):
+    """A crash can tear the last line of the logs; resuming drops it instead of failing on it."""
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "kind": "tra')
+    with open(run / "log.txt", "a") as f:
+        f.write("4 tra")
+    resume(run, check=True)
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(6))
+    assert [line.split()[0] for line in (run / "log.txt").read_text().splitlines()] == [str(s) for s in range(6)]
+
+
+# ------------------------------------------------------------- SIGTERM and leftovers (item 13)
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = cli_config(data_dir, out, "--max-steps", "100000", "--no-compile")
+    proc = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "log.txt").exists() and "2 train" in (out / "log.txt").read_text()):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    (ckpt,) = checkpoints(out)
+    assert json.loads((ckpt / "trainer.json").read_text())["step"] == int(ckpt.name[5:]) >= 3
+    assert f"--resume {out}" in stdout
+
+
+def test_leftovers_of_a_kill_are_removed(run):
+    """kill -9 during the model link update leaves OUT/.model.tmpPID.safetensors; during a save, a temp dir."""
+    (run / ".model.tmp99999.safetensors").write_bytes(b"\0" * (1 << 20))
+    (run / ".ckpt-000006.tmp99999").mkdir()
+    (run / ".ckpt-000006.tmp99999" / "model.safetensors").write_bytes(b"partial")
+    resume(run, max_steps=4, check=True)  # nothing left to train: it only starts and stops
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+    assert [p.name for p in checkpoints(run)] == ["ckpt-000002", "ckpt-000004"]
+

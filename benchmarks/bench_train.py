@@ -14,6 +14,14 @@ per token against the best measured fp32 GEMM (2048^3) of either library.
 
     flock /tmp/nanogpt-cpu.lock python benchmarks/bench_train.py
     python benchmarks/bench_train.py --configs a --steps 3 --engines mlx torch
+
+--device gpu (an NVIDIA GPU with mlx[cuda] and PyTorch CUDA in one environment): GPT-2 124M at B16 and
+B32 x T1024 and the gpt2-medium shape at B16; engines `mlx` (the device profile's bf16), `mlx-fp32`
+(TF32 matmuls), `torch.compile` (build-nanogpt: bf16 autocast, fused AdamW, flash SDPA), `torch`
+(eager, bf16 autocast) and `torch-fp32` (eager, TF32); MFU against the measured bf16 GEMM (8192^3) of
+either library; peak memory from mx.get_peak_memory / torch.cuda.max_memory_allocated.
+
+    python benchmarks/bench_train.py --device gpu --rounds 1
 """
 
 from __future__ import annotations
@@ -36,6 +44,12 @@ CONFIGS = {  # n_layer, n_embd, n_head, B, T
 }
 VOCAB = 50304
 ENGINES = ["mlx", "mlx-2ranks", "torch", "torch.compile"]  # mlx-2ranks: 2 single-threaded ranks
+GPU_CONFIGS = {
+    "124m-b16": (12, 768, 12, 16, 1024),
+    "124m-b32": (12, 768, 12, 32, 1024),
+    "350m-b16": (24, 1024, 16, 16, 1024),
+}
+GPU_ENGINES = ["mlx", "mlx-fp32", "torch.compile", "torch", "torch-fp32"]
 
 
 def flops_per_token(L: int, d: int, T: int) -> float:
@@ -45,7 +59,7 @@ def flops_per_token(L: int, d: int, T: int) -> float:
 
 
 # ------------------------------------------------------------------------------------- workers
-def run_mlx(cfg_name: str, steps: int, warmup: int, ranks: int = 1) -> dict:
+def run_mlx(cfg_name: str, steps: int, warmup: int, ranks: int = 1, dtype: str = "") -> dict:
     """Through the public API, or with ranks > 1 as `nanogpt-mlx train --ranks N` (one BLAS thread each,
     B / N rows each: the same tokens per optimizer step)."""
     import numpy as np
@@ -54,7 +68,9 @@ def run_mlx(cfg_name: str, steps: int, warmup: int, ranks: int = 1) -> dict:
     from nanogpt_mlx.distributed import launch_local
     from nanogpt_mlx.train import TrainConfig, Trainer
 
-    L, d, nh, B, T = CONFIGS[cfg_name]
+    import mlx.core as mx
+
+    L, d, nh, B, T = {**CONFIGS, **GPU_CONFIGS}[cfg_name]
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         n = B * T * (steps + warmup) + 1
@@ -62,7 +78,8 @@ def run_mlx(cfg_name: str, steps: int, warmup: int, ranks: int = 1) -> dict:
         np.save(Path(tmp) / "bench_train_000001.npy", rng.integers(0, 50257, n).astype(np.uint16))
         fields = dict(data=tmp, out=str(Path(tmp) / "out"), n_layer=L, n_head=nh, n_embd=d, block_size=1024,
                       batch_size=B // ranks, seq_len=T, total_batch_size=B * T, warmup_steps=10,
-                      max_steps=warmup + steps, val_every=0, sample_every=0, hellaswag_every=0, checkpoint_every=0)
+                      max_steps=warmup + steps, val_every=0, sample_every=0, hellaswag_every=0, checkpoint_every=0,
+                      dtype=dtype)
         if ranks == 1:
             Trainer(TrainConfig(**fields)).train()
         else:
@@ -70,17 +87,21 @@ def run_mlx(cfg_name: str, steps: int, warmup: int, ranks: int = 1) -> dict:
             if launch_local(ranks, argv, threads_per_rank=1):
                 raise SystemExit("a rank failed")
         records = [json.loads(line) for line in open(Path(tmp) / "out" / "log.jsonl")]
-    return {"dt": [r["dt"] for r in records if r["kind"] == "train"][warmup:]}
+    return {"dt": [r["dt"] for r in records if r["kind"] == "train"][warmup:], "peak_gb": mx.get_peak_memory() / 1e9}
 
 
-def run_torch(cfg_name: str, steps: int, warmup: int, compile: bool) -> dict:
+def run_torch(cfg_name: str, steps: int, warmup: int, compile: bool, gpu: bool = False, amp: bool = False) -> dict:
+    import contextlib
+
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(1337)
-    L, d, nh, B, T = CONFIGS[cfg_name]
+    torch.set_float32_matmul_precision("high")  # build-nanogpt: TF32 where the GPU has it
+    dev = "cuda" if gpu else "cpu"
+    L, d, nh, B, T = {**CONFIGS, **GPU_CONFIGS}[cfg_name]
 
     class Block(nn.Module):  # build-nanogpt's Block (CausalSelfAttention + MLP)
         def __init__(self):
@@ -110,24 +131,26 @@ def run_torch(cfg_name: str, steps: int, warmup: int, compile: bool) -> dict:
                     nn.init.normal_(m.weight, std=0.02)
 
         def forward(self, idx, targets):
-            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
             for block in self.h:
                 x = block(x)
             logits = self.lm_head(self.ln_f(x))
             return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
-    model = GPT()
+    model = GPT().to(dev)
     params = list(model.parameters())
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
+                                  lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=gpu)
     forward = torch.compile(model) if compile else model
+    autocast = (lambda: torch.autocast(device_type=dev, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     dts = []
     for step in range(warmup + steps):
-        x, y = torch.randint(0, 50257, (B, T)), torch.randint(0, 50257, (B, T))
+        x, y = torch.randint(0, 50257, (B, T), device=dev), torch.randint(0, 50257, (B, T), device=dev)
         t0 = time.perf_counter()
         optimizer.zero_grad()
-        loss = forward(x, y)
+        with autocast():
+            loss = forward(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for group in optimizer.param_groups:
@@ -135,22 +158,23 @@ def run_torch(cfg_name: str, steps: int, warmup: int, compile: bool) -> dict:
         optimizer.step()
         loss.item()
         dts.append(time.perf_counter() - t0)
-    return {"dt": dts[warmup:]}
+    return {"dt": dts[warmup:], "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if gpu else math.nan}
 
 
-def run_gemm(engine: str, n: int = 2048, seconds: float = 1.0) -> dict:
+def run_gemm(engine: str, gpu: bool = False, seconds: float = 1.0) -> dict:
+    n = 8192 if gpu else 2048
     if engine == "mlx":
         import nanogpt_mlx  # noqa: F401
         import mlx.core as mx
 
-        a = mx.random.normal((n, n))
+        a = mx.random.normal((n, n)).astype(mx.bfloat16 if gpu else mx.float32)
         mm = lambda: mx.eval(a @ a)  # noqa: E731
     else:
         import torch
 
         torch.set_num_threads(os.cpu_count())
-        a = torch.randn(n, n)
-        mm = lambda: a @ a  # noqa: E731
+        a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16) if gpu else torch.randn(n, n)
+        mm = (lambda: (a @ a).sum().item()) if gpu else (lambda: a @ a)  # noqa: E731  (.item(): wait for the GPU)
     mm()
     reps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -160,13 +184,15 @@ def run_gemm(engine: str, n: int = 2048, seconds: float = 1.0) -> dict:
 
 
 def worker(args: list[str]) -> None:
-    kind = args[0]
+    kind, gpu = args[0], os.environ.get("BENCH_DEVICE") == "gpu"
     if kind == "gemm":
-        out = run_gemm(args[1])
+        out = run_gemm(args[1], gpu)
     elif kind.startswith("mlx"):
-        out = run_mlx(args[1], int(args[2]), int(args[3]), ranks=2 if kind == "mlx-2ranks" else 1)
+        out = run_mlx(args[1], int(args[2]), int(args[3]), ranks=2 if kind == "mlx-2ranks" else 1,
+                      dtype="float32" if kind == "mlx-fp32" or not gpu else "")
     else:
-        out = run_torch(args[1], int(args[2]), int(args[3]), compile=kind == "torch.compile")
+        out = run_torch(args[1], int(args[2]), int(args[3]), compile=kind == "torch.compile", gpu=gpu,
+                        amp=gpu and kind != "torch-fp32")
     print("RESULT " + json.dumps(out))
 
 
@@ -184,33 +210,42 @@ def main() -> None:
         worker(sys.argv[2:])
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
-    p.add_argument("--engines", nargs="+", choices=ENGINES, default=ENGINES)
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="cpu: fp32 configs a, b; gpu: bf16, GPT-2 shapes")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS) + list(GPU_CONFIGS))
+    p.add_argument("--engines", nargs="+", choices=ENGINES + GPU_ENGINES)
     p.add_argument("--steps", type=int, default=5, help="timed steps per engine (default: 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
     p.add_argument("--rounds", type=int, default=2, help="turns per engine; the best counts (default: 2)")
     args = p.parse_args()
+    gpu = args.device == "gpu"
+    os.environ["BENCH_DEVICE"] = args.device  # read by the workers
+    configs = GPU_CONFIGS if gpu else CONFIGS
+    args.configs = args.configs or list(configs)
+    args.engines = args.engines or (GPU_ENGINES if gpu else ENGINES)
 
     peaks = {e: max(spawn("gemm", e)["gflops"] for _ in range(args.rounds)) for e in ("mlx", "torch")}
     peak = max(peaks.values())
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; fp32 GEMM 2048^3: "
-          f"MLX+OpenBLAS {peaks['mlx']:.0f}, PyTorch {peaks['torch']:.0f} GFLOP/s (MFU against {peak:.0f})")
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; {'bf16 GEMM 8192' if gpu else 'fp32 GEMM 2048'}^3: "
+          f"MLX {peaks['mlx']:.0f}, PyTorch {peaks['torch']:.0f} GFLOP/s (MFU against {peak:.0f})")
     rows = []
     for name in args.configs:
-        L, d, nh, B, T = CONFIGS[name]
-        results = {}
+        L, d, nh, B, T = configs[name]
+        results, memory = {}, {}
         for _ in range(args.rounds):
             for engine in args.engines:
-                dt = median(spawn(engine, name, str(args.steps), str(args.warmup))["dt"])
+                out = spawn(engine, name, str(args.steps), str(args.warmup))
+                dt = median(out["dt"])
                 results[engine] = max(results.get(engine, 0.0), B * T / dt)
-                print(f"  {name} {engine:14s} {dt * 1000:8.0f} ms/step {B * T / dt:8.0f} tok/s", flush=True)
+                memory[engine] = out.get("peak_gb", math.nan)
+                print(f"  {name} {engine:14s} {dt * 1000:8.1f} ms/step {B * T / dt:8.0f} tok/s "
+                      f"{memory[engine]:6.1f} GB", flush=True)
         best_torch = max((v for k, v in results.items() if k.startswith("torch")), default=math.nan)
         for engine, tps in results.items():
             mfu = 100 * flops_per_token(L, d, T) * tps / (peak * 1e9)
-            rows.append((f"({name}) L{L} d{d} B{B}xT{T}", engine, tps, mfu, tps / best_torch))
-    print(f"\n| config | engine | tok/s | MFU | vs faster PyTorch |\n|---|---|---:|---:|---:|")
-    for cfg, engine, tps, mfu, ratio in rows:
-        print(f"| {cfg} | {engine} | {tps:.0f} | {mfu:.1f}% | {ratio:.2f}x |")
+            rows.append((f"({name}) L{L} d{d} B{B}xT{T}", engine, tps, mfu, tps / best_torch, memory[engine]))
+    print(f"\n| config | engine | tok/s | MFU | vs faster PyTorch | peak memory GB |\n|---|---|---:|---:|---:|---:|")
+    for cfg, engine, tps, mfu, ratio, gb in rows:
+        print(f"| {cfg} | {engine} | {tps:.0f} | {mfu:.1f}% | {ratio:.2f}x | {gb:.1f} |")
 
 
 if __name__ == "__main__":

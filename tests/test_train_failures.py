@@ -16,7 +16,8 @@ import pytest
 from conftest import assert_one_line_error, run_cli, run_main
 from test_train import cli_config, tiny_config, token_stream, write_shards
 
-from nanogpt_mlx.train import Trainer, TrainConfig, checkpoints, get_lr
+from nanogpt_mlx.checkpoint import checkpoints
+from nanogpt_mlx.train import Trainer, TrainConfig, get_lr
 
 
 @pytest.fixture(scope="module")

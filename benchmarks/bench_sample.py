@@ -7,6 +7,7 @@ same process), the engines take turns for several rounds and the table shows the
 checks that all engines produce the same greedy tokens.
 
     flock /tmp/nanogpt-cpu.lock python benchmarks/bench_sample.py
+    python benchmarks/bench_sample.py --device gpu     # mlx[cuda] vs transformers on CUDA, both fp32
     python benchmarks/bench_sample.py --new-tokens 64 --rounds 3 --model path/to/hf_dir
 """
 
@@ -39,14 +40,16 @@ WORKER = {
     "mlx": """
 import json, sys, time
 import nanogpt_mlx
-from nanogpt_mlx import cpu
+from nanogpt_mlx import device
+if device.PROFILE.cpu_backend:
+    from nanogpt_mlx import cpu
 from nanogpt_mlx.sample import SampleConfig, generate
 from nanogpt_mlx.weights import load_model
 path, prompt, n, reps = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 model = load_model(path)
 cfg = SampleConfig(max_new_tokens=n, greedy=True, stop_at_eot=False)
 run = lambda: [t.item() for t in generate(model, prompt, cfg)]
-info = {"blas": cpu.blas, "gemv": cpu.gemv}
+info = {"blas": cpu.blas, "gemv": cpu.gemv} if device.PROFILE.cpu_backend else {"blas": "-", "gemv": "-"}
 """,
     "transformers": """
 import json, os, sys, time
@@ -54,9 +57,10 @@ import torch
 from transformers import GPT2LMHeadModel
 path, prompt, n, reps = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(os.cpu_count())
-model = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32).eval()
+dev = "cuda" if os.environ.get("BENCH_DEVICE") == "gpu" else "cpu"
+model = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32).eval().to(dev)
 model.generation_config.eos_token_id = None  # exactly n new tokens
-x = torch.tensor([prompt])
+x = torch.tensor([prompt], device=dev)
 def run():
     with torch.inference_mode():
         out = model.generate(x, do_sample=False, max_new_tokens=n, use_cache=True, pad_token_id=0)
@@ -95,7 +99,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3, help="turns each engine takes (fresh process each)")
     ap.add_argument("--reps", type=int, default=3, help="timed generations per turn, after one warm-up")
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                    help="gpu: transformers on CUDA, nanogpt-mlx on mlx[cuda]; the gemv-shim engine is CPU-only")
     args = ap.parse_args()
+    os.environ["BENCH_DEVICE"] = args.device  # read by the transformers worker
+    if args.device == "gpu":
+        del ENGINES["nanogpt-mlx, MLX sgemm only"]
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or make_weights(Path(tmp))

@@ -27,6 +27,21 @@ def cosine_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_st
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (max_lr - min_lr)
 
 
+def wsd_lr(step: int, max_lr: float, warmup_steps: int, max_steps: int, cooldown_frac: float) -> float:
+    """Warmup-stable-decay (the speedrun's schedule): linear warmup, max_lr, then linearly to 0 over the last
+    cooldown_frac of max_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    x = min(step / max_steps, 1.0)
+    return max_lr if x < 1 - cooldown_frac else max_lr * (1 - x) / cooldown_frac
+
+
+def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: float = 0.95) -> float:
+    """The speedrun's Muon momentum warm-up: linear from `start` to `end` over the first warmup_steps."""
+    frac = min(step / warmup_steps, 1.0) if warmup_steps else 1.0
+    return (1 - frac) * start + frac * end
+
+
 def clip_grad_norm(grads, max_norm: float):
     """PyTorch's clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)); return (grads, pre-clip norm)."""
     norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
@@ -55,3 +70,57 @@ def build_nanogpt_adamw(lr: float, weight_decay: float, betas: tuple[float, floa
     return optim.MultiOptimizer([adamw(weight_decay=weight_decay), adamw(weight_decay=0.0)],
                                 [lambda path, p: p.ndim >= 2])
 
+
+
+# Newton–Schulz quintic coefficients of Keller Jordan's Muon: they push every singular value of a
+# Frobenius-normalised matrix into roughly [0.7, 1.2] in 5 steps, faster than converging exactly to 1.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: mx.array, steps: int = 5, dtype: mx.Dtype = mx.float32) -> mx.array:
+    """An approximately orthogonal matrix with g's singular vectors (U V^T of g = U S V^T), computed in `dtype`."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.astype(dtype)
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:  # iterate on the wide orientation: X X^T is the smaller Gram matrix
+        x = x.swapaxes(-1, -2)
+    x = x / (mx.sqrt(mx.sum(mx.square(x.astype(mx.float32)))) + 1e-7).astype(dtype)
+    for _ in range(steps):
+        A = x @ x.swapaxes(-1, -2)
+        B = b * A + c * (A @ A)
+        x = a * x + B @ x
+    return x.swapaxes(-1, -2) if tall else x
+
+
+class Muon(optim.Optimizer):
+    """Muon (KellerJordan/Muon) for 2-D hidden matrices: Nesterov momentum, the update orthogonalised by
+    Newton–Schulz (in `ns_dtype`: bf16 on GPUs, float32 on CPUs), scaled by sqrt(max(1, rows / cols)), and
+    weight decay decoupled from it (p <- p (1 - lr wd) - lr update), unlike MLX's optim.Muon."""
+
+    def __init__(self, learning_rate: float, momentum: float = 0.95, weight_decay: float = 0.0, ns_steps: int = 5,
+                 ns_dtype: mx.Dtype = mx.float32):
+        super().__init__()
+        self._maybe_schedule("learning_rate", learning_rate)
+        self._maybe_schedule("momentum", momentum)  # in the state, so a warm-up needs no recompile
+        self.weight_decay, self.ns_steps, self.ns_dtype = weight_decay, ns_steps, ns_dtype
+
+    @property
+    def momentum(self) -> mx.array:
+        return self.state["momentum"]
+
+    @momentum.setter
+    def momentum(self, value: float) -> None:
+        self.state["momentum"] = mx.array(value)
+
+    def init_single(self, parameter: mx.array, state: dict) -> None:
+        state["m"] = mx.zeros_like(parameter)
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        beta = self.momentum.astype(gradient.dtype)
+        m = state["m"] = beta * state["m"] + (1 - beta) * gradient
+        nesterov = (1 - beta) * gradient + beta * m
+        rows, cols = parameter.shape[-2:]
+        update = newton_schulz(nesterov, self.ns_steps, self.ns_dtype).astype(parameter.dtype)
+        update = update * max(1.0, rows / cols) ** 0.5
+        lr = self.learning_rate.astype(parameter.dtype)
+        return parameter * (1 - lr * self.weight_decay) - lr * update

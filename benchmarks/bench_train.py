@@ -243,7 +243,7 @@ def main() -> None:
         for engine, tps in results.items():
             mfu = 100 * flops_per_token(L, d, T) * tps / (peak * 1e9)
             rows.append((f"({name}) L{L} d{d} B{B}xT{T}", engine, tps, mfu, tps / best_torch, memory[engine]))
-    print(f"\n| config | engine | tok/s | MFU | vs faster PyTorch | peak memory GB |\n|---|---|---:|---:|---:|---:|")
+    print("\n| config | engine | tok/s | MFU | vs faster PyTorch | peak memory GB |\n|---|---|---:|---:|---:|---:|")
     for cfg, engine, tps, mfu, ratio, gb in rows:
         print(f"| {cfg} | {engine} | {tps:.0f} | {mfu:.1f}% | {ratio:.2f}x | {gb:.1f} |")
 

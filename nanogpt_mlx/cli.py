@@ -47,26 +47,13 @@ def add_info(sub) -> None:
     p.set_defaults(func=cmd_info)
 
 
-def system_memory() -> tuple[float, float | None]:
-    """(total, available) system memory in GiB; available is None where the OS does not say."""
-    import os
-
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return total, int(fields["MemAvailable"].split()[0]) / 2**20  # kB -> GiB
-    except (OSError, KeyError, ValueError):
-        return total, None
-
-
 def cmd_info(args) -> None:
     import os
     import platform
 
     import mlx.core as mx
 
-    total, available = system_memory()
+    total, available = device.system_memory()
     print(f"{'mlx':<12} {mx.__version__}")
     print(f"{'platform':<12} {platform.platform()} ({os.cpu_count()} cores)")
     for label, value in device.info():

@@ -124,6 +124,17 @@ def peak_flops(dtype: str = "float32", seconds: float = 0.3) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
+def system_memory() -> tuple[float, float | None]:
+    """(total, available) system memory in GiB; available is None where the OS does not say."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return total, int(fields["MemAvailable"].split()[0]) / 2**20  # kB -> GiB
+    except (OSError, KeyError, ValueError):
+        return total, None
+
+
 def memory_bytes() -> int:
     """Memory the device can use: GPU memory (Metal's recommended working set) or system RAM."""
     import mlx.core as mx
@@ -132,7 +143,7 @@ def memory_bytes() -> int:
     for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
         if isinstance(info.get(key), int) and info[key] > 0:
             return info[key]
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(system_memory()[0] * 2**30)
 
 
 def notes() -> list[str]:

@@ -50,7 +50,6 @@ def for_profile(profile: device.Profile) -> Kernels:
 BOUND = for_profile(device.PROFILE)
 attention = BOUND.attention
 gelu = BOUND.gelu
-exp = BOUND.exp
 sqrt = BOUND.sqrt
 cross_entropy = BOUND.cross_entropy
 eval_cross_entropy = BOUND.eval_cross_entropy

@@ -27,7 +27,7 @@ class Kernels:
     gelu: Unary  # GPT-2's tanh GELU
     exp: Unary  # for x <= 0
     sqrt: Unary
-    cross_entropy: Loss  # fused head + loss for training: (h, head weight, targets) -> mean loss
+    cross_entropy: Loss  # fused head + loss for training: (h, head weight, targets, softcap) -> mean loss
     eval_cross_entropy: Loss  # the same without the gradient
 
 

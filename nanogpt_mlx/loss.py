@@ -10,61 +10,75 @@ max, the sum of exp and `softmax - onehot`, which is stored back in the compute 
 chunk's float32 arrays are the only float32 N x V data and never exist for all rows at once;
 the two gradient GEMMs then run once over all rows (one large GEMM beats many small ones). A
 custom VJP returns the precomputed gradients scaled by the incoming cotangent, so the step
-computes no logits twice. The chunk size and the exp come from the device profile (kernels.py):
+computes no logits twice. A logit soft-cap (c tanh(logits / c), the speedrun's) is applied per
+chunk, its derivative folded into the stored gradient. The chunk size and the exp come from the device profile (kernels.py):
 small chunks stay in a CPU's cache, large ones keep a GPU busy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import mlx.core as mx
 
-Loss = Callable[[mx.array, mx.array, mx.array], mx.array]
+Loss = Callable[..., mx.array]  # (h, head weight, targets, softcap=0.0) -> mean loss
 
 
 def make_losses(rows: int, exp: Callable[[mx.array], mx.array] = mx.exp) -> tuple[Loss, Loss]:
     """(training loss, evaluation loss) for logits h @ w.T: `rows` rows of logits at a time, `exp` for
-    exp(x <= 0). Both take h (..., C), w (V, C), y (...) and return the mean loss in float32."""
+    exp(x <= 0). Both take h (..., C), w (V, C), y (...) and a soft-cap c (logits -> c tanh(logits / c),
+    0: none) and return the mean loss in float32."""
 
-    def chunks(h: mx.array, w: mx.array, y: mx.array):
-        """Per chunk: (targets (n, 1), summed loss, exp(logits - row max), row sums of that), in float32."""
+    def chunks(h: mx.array, w: mx.array, y: mx.array, softcap: float):
+        """Per chunk: (targets (n, 1), summed loss, exp(logits - row max), row sums of that, d capped / d raw
+        logits or None), in float32."""
         for start in range(0, h.shape[0], rows):
             hc, yc = h[start : start + rows], y[start : start + rows, None]
             logits = (hc @ w.T).astype(mx.float32)
+            dcap = None
+            if softcap:
+                t = mx.tanh(logits / softcap)
+                logits, dcap = softcap * t, 1 - mx.square(t)
             top = logits.max(axis=-1, keepdims=True)
             e = exp(logits - top)
             total = e.sum(axis=-1, keepdims=True)
-            yield yc, (top + mx.log(total) - mx.take_along_axis(logits, yc, axis=-1)).sum(), e, total
+            yield yc, (top + mx.log(total) - mx.take_along_axis(logits, yc, axis=-1)).sum(), e, total, dcap
 
-    @mx.custom_function
-    def loss_and_grads(h: mx.array, w: mx.array, y: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """(mean loss, d loss / d h, d loss / d w) for h (N, C), w (V, C), y (N,)."""
-        n = h.shape[0]
-        classes = mx.arange(w.shape[0], dtype=y.dtype)
-        losses, dlogits = [], []
-        for yc, loss, e, total in chunks(h, w, y):
-            losses.append(loss)
-            dlogits.append((e / (total * n) - (classes == yc) * (1.0 / n)).astype(h.dtype))  # (softmax - onehot) / N
-        dlogits = mx.concatenate(dlogits)  # (N, V) in the compute dtype
-        return sum(losses) / n, dlogits @ w, dlogits.T @ h
+    @lru_cache
+    def fused(softcap: float):
+        """The custom function (mean loss, d loss / d h, d loss / d w) of h (N, C), w (V, C), y (N,)."""
 
-    @loss_and_grads.vjp
-    def loss_and_grads_vjp(primals, cotangents, outputs):
-        g = cotangents[0]
-        h, w = primals[0], primals[1]
-        return (g * outputs[1]).astype(h.dtype), (g * outputs[2]).astype(w.dtype), mx.zeros_like(primals[2])
+        @mx.custom_function
+        def loss_and_grads(h: mx.array, w: mx.array, y: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+            n = h.shape[0]
+            classes = mx.arange(w.shape[0], dtype=y.dtype)
+            losses, dlogits = [], []
+            for yc, loss, e, total, dcap in chunks(h, w, y, softcap):
+                losses.append(loss)
+                d = e / (total * n) - (classes == yc) * (1.0 / n)  # (softmax - onehot) / N
+                dlogits.append((d if dcap is None else d * dcap).astype(h.dtype))
+            dlogits = mx.concatenate(dlogits)  # (N, V) in the compute dtype
+            return sum(losses) / n, dlogits @ w, dlogits.T @ h
+
+        @loss_and_grads.vjp
+        def loss_and_grads_vjp(primals, cotangents, outputs):
+            g = cotangents[0]
+            h, w = primals[0], primals[1]
+            return (g * outputs[1]).astype(h.dtype), (g * outputs[2]).astype(w.dtype), mx.zeros_like(primals[2])
+
+        return loss_and_grads
 
     def flat(h: mx.array, w: mx.array, y: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         return h.reshape(-1, h.shape[-1]), w.astype(h.dtype), y.reshape(-1)
 
-    def cross_entropy(h: mx.array, w: mx.array, y: mx.array) -> mx.array:
+    def cross_entropy(h: mx.array, w: mx.array, y: mx.array, softcap: float = 0.0) -> mx.array:
         """Mean cross-entropy, for training (its gradient comes with it)."""
-        return loss_and_grads(*flat(h, w, y))[0]
+        return fused(float(softcap))(*flat(h, w, y))[0]
 
-    def eval_cross_entropy(h: mx.array, w: mx.array, y: mx.array) -> mx.array:
+    def eval_cross_entropy(h: mx.array, w: mx.array, y: mx.array, softcap: float = 0.0) -> mx.array:
         """The same mean loss without the gradient, for evaluation."""
         h, w, y = flat(h, w, y)
-        return sum(loss for _, loss, _, _ in chunks(h, w, y)) / h.shape[0]
+        return sum(c[1] for c in chunks(h, w, y, float(softcap))) / h.shape[0]
 
     return cross_entropy, eval_cross_entropy

@@ -1,7 +1,9 @@
-"""The GPT-2 model, as build-nanogpt defines it, in MLX.
+"""The GPT-2 model, as build-nanogpt defines it, in MLX, with the modded-nanogpt speedrun's
+architecture changes as switches in GPTConfig (all off by default: plain GPT-2).
 
 Parameter names follow Hugging Face's GPT-2 (`h.0.attn.c_attn.weight`, ...) without the
 `transformer.` prefix, so converting weights is a key map plus transposes (see weights.py).
+The switches keep those names: RMSNorm gains are `ln_1.weight`, an untied head is `lm_head.weight`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from .errors import UserError
 GPT2_VOCAB_SIZE = 50257  # real tokens; 50304 is the padded size (a multiple of 128)
 
 
+_CHOICES = {"mlp": ("gelu", "relu2"), "norm": ("layernorm", "rmsnorm"), "init": ("gpt2", "speedrun")}
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     block_size: int = 1024  # max sequence length
@@ -26,6 +31,17 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    # architecture switches; the defaults are GPT-2 (the speedrun recipe in recipes.py turns them on)
+    rope: bool = False  # rotary position embeddings on q and k instead of the learned wpe
+    rope_base: float = 10000.0  # RoPE's base period
+    qk_norm: bool = False  # RMS-normalise q and k of each head (no gain) before attention
+    mlp: str = "gelu"  # "gelu": GPT-2's tanh GELU; "relu2": ReLU squared
+    norm: str = "layernorm"  # "layernorm" (gain and bias) or "rmsnorm" (gain only)
+    embed_norm: bool = False  # normalise the token embeddings before the first block
+    bias: bool = True  # biases in the linear layers
+    tie_embeddings: bool = True  # the lm_head is wte; False: a separate lm_head matrix
+    init: str = "gpt2"  # "gpt2": build-nanogpt's; "speedrun": zero output projections and lm_head
+    logit_softcap: float = 0.0  # c > 0: logits -> c * tanh(logits / c)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -35,18 +51,47 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: int(v) for k, v in d.items() if k in names})
+        """A config from to_dict's output (e.g. JSON); fields it lacks keep GPT-2's values."""
+        kinds = {f.name: f.type for f in fields(cls)}
+        values = {}
+        for k, v in d.items():
+            if k not in kinds:
+                continue
+            if kinds[k] == "bool" and not isinstance(v, bool) or kinds[k] == "str" and not isinstance(v, str):
+                raise ValueError(f"{k} must be a {kinds[k]}, got {v!r}")
+            values[k] = {"int": int, "float": float, "bool": bool, "str": str}[kinds[k]](v)
+        return cls(**values)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def switches(self) -> dict:
+        """The architecture switches that differ from GPT-2's, by name."""
+        gpt2 = GPTConfig()
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in _SIZES and getattr(self, f.name) != getattr(gpt2, f.name)}
+
     def __post_init__(self):
-        for f in fields(self):
-            if getattr(self, f.name) <= 0:
-                raise UserError(f"model config: {f.name} must be positive, got {getattr(self, f.name)}")
+        for name in _SIZES:
+            if getattr(self, name) <= 0:
+                raise UserError(f"model config: {name} must be positive, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise UserError(f"model config: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise UserError(f"model config: {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.logit_softcap) and self.logit_softcap >= 0):
+            raise UserError(f"model config: logit_softcap must be >= 0 (0: off), got {self.logit_softcap}")
+        if not (math.isfinite(self.rope_base) and self.rope_base > 0):
+            raise UserError(f"model config: rope_base must be > 0, got {self.rope_base}")
+        if self.rope and (self.n_embd // self.n_head) % 2:
+            raise UserError(f"model config: rope needs an even head size, got {self.n_embd // self.n_head}")
+        if self.init == "speedrun" and self.tie_embeddings:
+            raise UserError("model config: init 'speedrun' zero-initialises the lm_head, which with "
+                            "tie_embeddings would zero the token embeddings too; set tie_embeddings to false")
+
+
+_SIZES = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
 
 
 PRESETS = {
@@ -84,12 +129,17 @@ class KVCache:
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
 
+def make_norm(config: GPTConfig) -> nn.Module:
+    return nn.RMSNorm(config.n_embd, eps=1e-6) if config.norm == "rmsnorm" else nn.LayerNorm(config.n_embd, eps=1e-5)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.rope, self.rope_base, self.qk_norm = config.rope, config.rope_base, config.qk_norm
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
         B, T, C = x.shape
@@ -98,6 +148,14 @@ class CausalSelfAttention(nn.Module):
         q = q.reshape(B, T, self.n_head, hs).transpose(0, 2, 1, 3)  # (B, nh, T, hs)
         k = k.reshape(B, T, self.n_head, hs).transpose(0, 2, 1, 3)  # (B, nh, T, hs)
         v = v.reshape(B, T, self.n_head, hs).transpose(0, 2, 1, 3)  # (B, nh, T, hs)
+        if self.qk_norm:
+            q, k = mx.fast.rms_norm(q, None, 1e-6), mx.fast.rms_norm(k, None, 1e-6)
+        if self.rope:
+            # the speedrun's rotation, y1 = x1 cos + x2 sin, y2 = x2 cos - x1 sin over the two halves, is
+            # the usual one by -angle: a scale of -1 on the positions (offset included) gives it
+            offset = cache.offset if cache is not None else 0
+            q, k = (mx.fast.rope(a, hs, traditional=False, base=self.rope_base, scale=-1.0, offset=offset)
+                    for a in (q, k))
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, nh, T_past + T, hs)
         y = kernels.attention(q, k, v, scale=1.0 / math.sqrt(hs), causal=T > 1)  # fused where the device has it
@@ -108,19 +166,22 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.relu2 = config.mlp == "relu2"
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.c_proj(kernels.gelu(self.c_fc(x)))  # GELU, tanh approximation
+        x = self.c_fc(x)
+        x = mx.square(nn.relu(x)) if self.relu2 else kernels.gelu(x)  # GELU: the tanh approximation
+        return self.c_proj(x)
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
@@ -133,26 +194,37 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if not config.rope:
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if config.embed_norm:
+            self.ln_e = make_norm(config)
         self.h = [Block(config) for _ in range(config.n_layer)]
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5)
+        self.ln_f = make_norm(config)
+        if not config.tie_embeddings:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # training only: recompute each block's activations in the backward pass instead of keeping them
         self.checkpoint_blocks = False
         self.init_weights(seed)
 
     def init_weights(self, seed: int | None = None) -> None:
-        """build-nanogpt's init: N(0, 0.02), zero biases, residual projections scaled by (2L)^-0.5."""
+        """build-nanogpt's init: N(0, 0.02), zero biases, residual projections scaled by (2L)^-0.5.
+        The speedrun's (init="speedrun"): embeddings N(0, 1), output projections and lm_head zero, other
+        matrices N(0, 0.33 / fan_in). Norm gains start at 1 and biases at 0 in both."""
         key = mx.random.key(seed) if seed is not None else None
+        speedrun = self.config.init == "speedrun"
         params = {}
         for name, p in self.parameters_flat():
             if name.startswith("ln") or ".ln_" in name:
-                continue  # LayerNorm keeps weight 1, bias 0
-            if name.endswith("bias"):
+                continue  # norms keep weight 1, bias 0
+            if name.endswith("bias") or speedrun and name.endswith(("c_proj.weight", "lm_head.weight")):
                 params[name] = mx.zeros_like(p)
                 continue
-            std = 0.02
-            if name.endswith("attn.c_proj.weight") or name.endswith("mlp.c_proj.weight"):
-                std *= (2 * self.config.n_layer) ** -0.5
+            if speedrun:
+                std = 1.0 if name in ("wte.weight", "wpe.weight") else (0.33 / p.shape[-1]) ** 0.5
+            else:
+                std = 0.02
+                if name.endswith("attn.c_proj.weight") or name.endswith("mlp.c_proj.weight"):
+                    std *= (2 * self.config.n_layer) ** -0.5
             if key is not None:
                 key, sub = mx.random.split(key)
                 params[name] = std * mx.random.normal(p.shape, key=sub)
@@ -167,21 +239,28 @@ class GPT(nn.Module):
         self.update(tree_unflatten(list(params.items())))
 
     def num_params(self, non_embedding: bool = False) -> int:
+        """All parameters; non_embedding: without the lookup tables (wpe, and wte when the head is untied)."""
         n = sum(p.size for _, p in self.parameters_flat())
-        return n - self.wpe.weight.size if non_embedding else n
+        if not non_embedding:
+            return n
+        lookups = [self.wpe.weight] if "wpe" in self else []
+        lookups += [] if self.config.tie_embeddings else [self.wte.weight]
+        return n - sum(w.size for w in lookups)
 
     def __call__(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """idx (B, T) token ids -> logits (B, T, vocab_size)."""
         return self.head(self.hidden(idx, cache))
 
     def head(self, h: mx.array) -> mx.array:
-        """Final hidden states (..., n_embd) -> logits (..., vocab_size)."""
-        return h @ self.head_weight.T
+        """Final hidden states (..., n_embd) -> logits (..., vocab_size), soft-capped if the config says so."""
+        logits = h @ self.head_weight.T
+        cap = self.config.logit_softcap
+        return cap * mx.tanh(logits / cap) if cap else logits
 
     @property
     def head_weight(self) -> mx.array:
-        """The lm_head's weight (vocab_size, n_embd): tied to wte."""
-        return self.wte.weight
+        """The lm_head's weight (vocab_size, n_embd): wte's when tied."""
+        return self.wte.weight if self.config.tie_embeddings else self.lm_head.weight
 
     def hidden(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """idx (B, T) token ids -> final hidden states (B, T, n_embd), the input of the lm_head."""
@@ -189,8 +268,11 @@ class GPT(nn.Module):
         offset = cache[0].offset if cache else 0
         if offset + T > self.config.block_size:
             raise UserError(f"sequence of length {offset + T} exceeds the context of {self.config.block_size}")
-        pos = mx.arange(offset, offset + T)
-        x = self.wte(idx) + self.wpe(pos)  # (B, T, n_embd)
+        x = self.wte(idx)  # (B, T, n_embd)
+        if not self.config.rope:
+            x = x + self.wpe(mx.arange(offset, offset + T))
+        if self.config.embed_norm:
+            x = self.ln_e(x)
         for i, block in enumerate(self.h):
             if self.checkpoint_blocks and cache is None:
                 x = nn.utils.checkpoint(block)(x)

@@ -78,13 +78,15 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz(g: mx.array, steps: int = 5, dtype: mx.Dtype = mx.float32) -> mx.array:
-    """An approximately orthogonal matrix with g's singular vectors (U V^T of g = U S V^T), computed in `dtype`."""
+    """An approximately orthogonal matrix with g's singular vectors (U V^T of g = U S V^T), computed in `dtype`;
+    a stack (..., m, n) is a batch of matrices."""
     a, b, c = NS_COEFFICIENTS
     x = g.astype(dtype)
     tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the wide orientation: X X^T is the smaller Gram matrix
         x = x.swapaxes(-1, -2)
-    x = x / (mx.sqrt(mx.sum(mx.square(x.astype(mx.float32)))) + 1e-7).astype(dtype)
+    norm = mx.sqrt(mx.sum(mx.square(x.astype(mx.float32)), axis=(-2, -1), keepdims=True))  # per matrix
+    x = x / (norm + 1e-7).astype(dtype)
     for _ in range(steps):
         A = x @ x.swapaxes(-1, -2)
         B = b * A + c * (A @ A)
@@ -95,14 +97,16 @@ def newton_schulz(g: mx.array, steps: int = 5, dtype: mx.Dtype = mx.float32) -> 
 class Muon(optim.Optimizer):
     """Muon (KellerJordan/Muon) for 2-D hidden matrices: Nesterov momentum, the update orthogonalised by
     Newton–Schulz (in `ns_dtype`: bf16 on GPUs, float32 on CPUs), scaled by sqrt(max(1, rows / cols)), and
-    weight decay decoupled from it (p <- p (1 - lr wd) - lr update), unlike MLX's optim.Muon."""
+    weight decay decoupled from it (p <- p (1 - lr wd) - lr update), unlike MLX's optim.Muon.
+    `splits` > 1 treats each matrix as that many row blocks orthogonalised separately: GPT-2's c_attn
+    is q, k and v stacked, which the speedrun keeps as three matrices."""
 
     def __init__(self, learning_rate: float, momentum: float = 0.95, weight_decay: float = 0.0, ns_steps: int = 5,
-                 ns_dtype: mx.Dtype = mx.float32):
+                 ns_dtype: mx.Dtype = mx.float32, splits: int = 1):
         super().__init__()
         self._maybe_schedule("learning_rate", learning_rate)
         self._maybe_schedule("momentum", momentum)  # in the state, so a warm-up needs no recompile
-        self.weight_decay, self.ns_steps, self.ns_dtype = weight_decay, ns_steps, ns_dtype
+        self.weight_decay, self.ns_steps, self.ns_dtype, self.splits = weight_decay, ns_steps, ns_dtype, splits
 
     @property
     def momentum(self) -> mx.array:
@@ -120,7 +124,9 @@ class Muon(optim.Optimizer):
         m = state["m"] = beta * state["m"] + (1 - beta) * gradient
         nesterov = (1 - beta) * gradient + beta * m
         rows, cols = parameter.shape[-2:]
-        update = newton_schulz(nesterov, self.ns_steps, self.ns_dtype).astype(parameter.dtype)
+        rows //= self.splits
+        blocks = nesterov.reshape(*parameter.shape[:-2], self.splits, rows, cols)
+        update = newton_schulz(blocks, self.ns_steps, self.ns_dtype).astype(parameter.dtype).reshape(parameter.shape)
         update = update * max(1.0, rows / cols) ** 0.5
         lr = self.learning_rate.astype(parameter.dtype)
         return parameter * (1 - lr * self.weight_decay) - lr * update

@@ -1,12 +1,11 @@
-"""Pretraining and fine-tuning with build-nanogpt's recipe (train_gpt2.py), in MLX.
+"""Pretraining and fine-tuning, in MLX: build-nanogpt's train_gpt2.py loop, with the model,
+optimizer and schedule taken from a recipe (recipes.py: build-nanogpt's, the default, or the speedrun's).
 
 One optimizer step = `grad_accum` micro-batches of (B, T) tokens per rank. Each micro-step
 runs forward + backward of loss/grad_accum and adds its gradients to the running sum, then is
 evaluated, so memory holds one micro-batch's graph. The last micro-step also averages the
-gradients over ranks, clips their global norm at 1.0 (PyTorch's clip_grad_norm_) and applies
-AdamW: betas (0.9, 0.95), eps 1e-8, bias correction as in PyTorch, weight decay only on
-tensors with >= 2 dims. The LR is set before every step: linear warmup, then cosine to min_lr
-(absolute, or a ratio of max_lr).
+gradients over ranks, clips their global norm (PyTorch's clip_grad_norm_; build-nanogpt: at 1.0)
+and applies the recipe's optimizer, whose LRs the recipe sets before every step.
 The compute dtype defaults to the device profile's (bfloat16 on GPUs: the model computes in
 bf16 from float32 master weights; float32 on CPUs).
 
@@ -31,17 +30,16 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
-from . import checkpoint, device, distributed, kernels, memory
+from . import checkpoint, device, distributed, kernels, memory, recipes
 from .data import DataLoader
 from .errors import UserError
 from .evaluate import download_hellaswag, load_hellaswag, score_hellaswag
 from .files import check_writable
 from .model import GPT, GPTConfig
-from .optim import build_nanogpt_adamw, clip_grad_norm, cosine_lr
+from .optim import clip_grad_norm
 from .sample import SampleConfig, sample_texts
 from .weights import load_model
 
@@ -50,8 +48,11 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that defines a run; the defaults are build-nanogpt's GPT-2 124M run."""
+    """Everything that defines a run; the defaults are build-nanogpt's GPT-2 124M run. For another
+    recipe start from a preset, e.g. TrainConfig.preset("gpt2-124m", recipe="speedrun"): switching
+    recipe there also takes the recipe's optimizer defaults (max_lr, betas, ...)."""
 
+    recipe: str = "build-nanogpt"  # model + optimizer + schedule (recipes.py): build-nanogpt or speedrun
     data: str = "data/edu_fineweb10B"  # directory of token shards (`nanogpt-mlx prepare`)
     out: str = "out/gpt2-124m"  # checkpoints and logs
     init_from: str = ""  # "": random init; else a hub id (gpt2) or a directory to fine-tune from
@@ -67,7 +68,7 @@ class TrainConfig:
     total_batch_size: int = 524288  # tokens per optimizer step (2**19), reached by gradient accumulation
     shuffle: bool = False  # permute the batch order within each shard (seeded)
     # optimizer and schedule
-    max_lr: float = 6e-4
+    max_lr: float = 6e-4  # peak LR: AdamW's (build-nanogpt), Muon's for the blocks' matrices (speedrun)
     min_lr_ratio: float = 0.1  # the cosine ends at max_lr * min_lr_ratio ...
     min_lr: float | None = None  # ... or at this absolute LR (build-nanogpt's min_lr, 6e-5), if given
     warmup_steps: int = 715
@@ -77,6 +78,12 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    # the speedrun recipe only: its AdamW groups' LRs and warmup-stable-decay schedule
+    embed_lr: float = 0.3  # token embeddings
+    head_lr: float = 1 / 320  # the untied lm_head
+    scalar_lr: float = 0.01  # norm gains (and any other non-matrix parameter)
+    cooldown_frac: float = 0.7  # the LRs fall linearly to 0 over this last fraction of max_steps
+    momentum_warmup: int = 300  # Muon's momentum rises linearly from 0.85 to 0.95 over these steps
     seed: int = 1337
     dtype: str = ""  # compute dtype; "": the device's (bfloat16 on GPUs, float32 on CPUs). bfloat16 keeps
     # float32 master weights and optimizer state
@@ -109,17 +116,29 @@ class TrainConfig:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)} (or empty for the device's), got {self.dtype!r}")
         if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
             raise UserError(f"betas must be in [0, 1), got ({self.beta1}, {self.beta2})")
+        if not 0 < self.cooldown_frac <= 1:
+            raise UserError(f"cooldown_frac must be in (0, 1], got {self.cooldown_frac}")
+        recipes.get(self.recipe)  # an unknown recipe is refused here
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "TrainConfig":
+        """A named preset with `overrides`; a different `recipe` among them brings that recipe's defaults."""
         if name not in PRESETS:
             raise UserError(f"unknown training preset {name!r}; choose from {', '.join(PRESETS)}")
-        return replace(PRESETS[name], **overrides)
+        base = PRESETS[name]
+        recipe = overrides.get("recipe", base.recipe)
+        if recipe != base.recipe:
+            base = replace(base, recipe=recipe, **recipes.get(recipe).defaults)
+        return replace(base, **overrides)
 
     @property
     def final_lr(self) -> float:
         """Where the cosine ends: min_lr if given, else max_lr * min_lr_ratio."""
         return self.min_lr if self.min_lr is not None else self.max_lr * self.min_lr_ratio
+
+
+def _with_recipe(preset: TrainConfig, recipe: recipes.Recipe, **changes) -> TrainConfig:
+    return replace(preset, recipe=recipe.name, **{**recipe.defaults, **changes})
 
 
 PRESETS = {
@@ -131,33 +150,38 @@ PRESETS = {
         val_every=50, val_steps=8, sample_every=100, num_samples=2, sample_tokens=48, prompt="ROMEO:",
         hellaswag_every=0, checkpoint_every=100),
 }
+# the speedrun recipe on the same data: train_gpt_simple.py's 3375 steps of 2**19 FineWeb tokens, and
+# the Shakespeare run with the LRs benchmarks/bench_recipes.py's sweep found best
+PRESETS["speedrun-124m"] = _with_recipe(PRESETS["gpt2-124m"], recipes.SPEEDRUN, out="out/speedrun-124m",
+                                        max_steps=3375, val_every=125)
+PRESETS["shakespeare-speedrun"] = _with_recipe(PRESETS["shakespeare"], recipes.SPEEDRUN, out="out/shakespeare-speedrun",
+                                               momentum_warmup=50)
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
-    """build-nanogpt's schedule for this config (optim.cosine_lr)."""
-    return cosine_lr(step, cfg.max_lr, cfg.final_lr, cfg.warmup_steps, cfg.max_steps)
-
-
-def make_optimizer(cfg: TrainConfig) -> optim.MultiOptimizer:
-    return build_nanogpt_adamw(cfg.max_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+    """The LR of the recipe's main group at `step` (build-nanogpt: warmup, then cosine to min_lr)."""
+    return recipes.get(cfg.recipe).lr(step, cfg)
 
 
 def lm_loss(model: GPT, x: mx.array, y: mx.array) -> mx.array:
     """Mean next-token cross-entropy in float32, through the device's fused head + loss (kernels.py)."""
-    return kernels.cross_entropy(model.hidden(x), model.head_weight, y)
+    return kernels.cross_entropy(model.hidden(x), model.head_weight, y, model.config.logit_softcap)
 
 
 def pad_vocab(model: GPT, vocab_size: int) -> GPT:
-    """Grow the (tied) embedding to vocab_size rows, new rows = the mean row, so the new tokens'
-    logits start at the average logit instead of dominating the softmax."""
-    old = model.wte.weight
-    if vocab_size < old.shape[0]:
-        raise UserError(f"vocab_size {vocab_size} is smaller than the source model's {old.shape[0]}")
-    if vocab_size == old.shape[0]:
+    """Grow the embedding (and an untied head) to vocab_size rows, new rows = the mean row, so the new
+    tokens' logits start at the average logit instead of dominating the softmax."""
+    n = model.wte.weight.shape[0]
+    if vocab_size < n:
+        raise UserError(f"vocab_size {vocab_size} is smaller than the source model's {n}")
+    if vocab_size == n:
         return model
     grown = GPT(replace(model.config, vocab_size=vocab_size), seed=0)
     params = dict(model.parameters_flat())
-    params["wte.weight"] = mx.concatenate([old, mx.broadcast_to(old.mean(0), (vocab_size - old.shape[0], old.shape[1]))])
+    for name in ("wte.weight", "lm_head.weight"):
+        if name in params:
+            old = params[name]
+            params[name] = mx.concatenate([old, mx.broadcast_to(old.mean(0), (vocab_size - n, old.shape[1]))])
     grown.load_flat(params)
     return grown
 
@@ -184,6 +208,7 @@ class Trainer:
                  dist: distributed.Dist | None = None):
         cfg = cfg or TrainConfig()  # build-nanogpt's GPT-2 124M run
         self.cfg, self.dist = cfg, dist or distributed.init()
+        self.recipe = recipes.get(cfg.recipe)
         self.out = Path(cfg.out)
         self.dtype_name = cfg.dtype or device.PROFILE.dtype
         self.dtype = DTYPES[self.dtype_name]
@@ -212,7 +237,7 @@ class Trainer:
         self.train_loader = DataLoader(cfg.data, "train", B, T, rank, world, vocab, cfg.shuffle, cfg.seed)
         self.val_loader = DataLoader(cfg.data, "val", B, T, rank, world, vocab) if cfg.val_every else None
 
-        self.optimizer = make_optimizer(cfg)
+        self.optimizer = self.recipe.make_optimizer(cfg, self.dtype)
         # bfloat16: the model computes in bf16, the optimizer updates float32 master weights
         self.master = {"params": self.model.parameters()} if self.dtype != mx.float32 else None
         if self.master is not None:
@@ -230,13 +255,12 @@ class Trainer:
     # -- setup
     def _build_model(self, ckpt: Path | None) -> GPT:
         cfg = self.cfg
-        if ckpt is not None:
-            return checkpoint.read_model(ckpt)
-        if cfg.init_from:
-            model = load_model(cfg.init_from)
-            return pad_vocab(model, cfg.vocab_size) if cfg.vocab_size else model
+        if ckpt is not None or cfg.init_from:
+            model = checkpoint.read_model(ckpt) if ckpt is not None else load_model(cfg.init_from)
+            self.recipe.check_model(model.config, str(ckpt or cfg.init_from))
+            return pad_vocab(model, cfg.vocab_size) if cfg.vocab_size and ckpt is None else model
         config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or 50304, n_layer=cfg.n_layer,
-                           n_head=cfg.n_head, n_embd=cfg.n_embd)
+                           n_head=cfg.n_head, n_embd=cfg.n_embd, **self.recipe.model)
         return GPT(config, seed=cfg.seed)
 
     def _check_shapes(self) -> None:
@@ -276,7 +300,8 @@ class Trainer:
         state = [model.state, optimizer.state] + ([self.master] if self.master is not None else [])
         wrap = partial(mx.compile, inputs=state, outputs=state) if self.cfg.compile else (lambda f: f)
         self._accumulate, self._update = wrap(accumulate), wrap(update)
-        eval_loss = lambda x, y: kernels.eval_cross_entropy(model.hidden(x), model.head_weight, y)  # noqa: E731
+        eval_loss = lambda x, y: kernels.eval_cross_entropy(  # noqa: E731
+            model.hidden(x), model.head_weight, y, model.config.logit_softcap)
         self._eval_loss = mx.compile(eval_loss, inputs=state) if self.cfg.compile else eval_loss
 
     # -- checkpoints
@@ -348,7 +373,7 @@ class Trainer:
         if self.dist.is_main:
             tqdm.write(line, file=sys.stdout)
 
-    def _train_step(self, lr: float) -> tuple[float, float] | None:
+    def _train_step(self) -> tuple[float, float] | None:
         """One optimizer step; None if a stop was requested before it completed (nothing applied).
 
         Several ranks must stop at the same step (or the others wait in a collective), so they agree
@@ -357,7 +382,7 @@ class Trainer:
         if self.dist.world > 1 and self.dist.sum(float(self._stop)) > 0:
             self._stop = True
             return None
-        self.optimizer.learning_rate = lr
+        self.recipe.set_step(self.optimizer, self.step, self.cfg)
         grads, loss_sum = None, 0.0
         for micro in range(self.grad_accum):
             if self._stop and self.dist.world == 1:
@@ -389,7 +414,9 @@ class Trainer:
         flops_per_token = 6 * self.model.num_params(non_embedding=True) + \
             12 * self.model.config.n_layer * self.model.config.n_embd * cfg.seq_len
         peak = device.peak_flops(self.dtype_name)
-        self._say(f"model {n_params / 1e6:.2f}M params {self.model.config} | {self.dist.world} rank(s) | "
+        c = self.model.config
+        self._say(f"model {n_params / 1e6:.2f}M params (L{c.n_layer} H{c.n_head} C{c.n_embd} T{c.block_size} "
+                  f"V{c.vocab_size}) | recipe {self.recipe.name} | {self.dist.world} rank(s) | "
                   f"{tokens_per_step} tokens/step = {self.dist.world} x {self.grad_accum} x {cfg.batch_size} x "
                   f"{cfg.seq_len} | steps {self.step}..{cfg.max_steps} | {device.PROFILE.name} {self.dtype_name} | "
                   f"peak {peak / 1e9:.0f} GFLOP/s | memory ~{self.memory.total / 1e9:.2f} GB estimated")
@@ -411,7 +438,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 loader_state = self.train_loader.state_dict()
                 lr = get_lr(self.step, cfg)
-                done = self._train_step(lr)
+                done = self._train_step()
                 if done is None:  # interrupted mid-step: the batches it read will be read again
                     self.train_loader.load_state_dict(loader_state)
                     break

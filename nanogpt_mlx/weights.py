@@ -162,11 +162,14 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def _check_sizes(config: GPTConfig, shapes: dict[str, tuple[int, ...]], where: Path) -> None:
     """Compare config.json with the sizes the weights file holds, before a model of that size is built."""
     names = {k.removeprefix("transformer."): s for k, s in shapes.items()}
-    if len(names.get("wte.weight", ())) != 2 or len(names.get("wpe.weight", ())) != 2:
-        raise UserError(f"{where}: model.safetensors has no 2-D wte.weight and wpe.weight (not a GPT-2)")
-    (vocab, n_embd), (block, _) = names["wte.weight"], names["wpe.weight"]
+    tables = ["wte.weight"] + ([] if config.rope else ["wpe.weight"])  # RoPE models have no position table
+    if any(len(names.get(t, ())) != 2 for t in tables):
+        raise UserError(f"{where}: model.safetensors has no 2-D {' and '.join(tables)} (not a GPT-2)")
+    vocab, n_embd = names["wte.weight"]
     layers = {k.split(".")[1] for k in names if k.startswith("h.")}
-    found = {"n_layer": len(layers), "n_embd": n_embd, "vocab_size": vocab, "block_size": block}
+    found = {"n_layer": len(layers), "n_embd": n_embd, "vocab_size": vocab}
+    if not config.rope:
+        found["block_size"] = names["wpe.weight"][0]
     for field, n in found.items():
         if getattr(config, field) != n:
             raise UserError(f"{where}: weights do not match config.json ({field} {getattr(config, field)} in "
@@ -339,9 +342,20 @@ def check_export_target(out_dir: str | os.PathLike, force: bool = False, source:
     return out
 
 
+def check_gpt2(config: GPTConfig) -> None:
+    """Refuse a model that Hugging Face's GPT-2 (and mlx-lm's gpt2) would load as a different model."""
+    switches = config.switches()
+    if switches:
+        found = ", ".join(f"{k}={v}" for k, v in switches.items())
+        raise UserError(f"cannot export as Hugging Face GPT-2: the model uses switches GPT-2 does not have ({found}); "
+                        "keep it as a nanogpt-mlx checkpoint (sample, eval and train --init-from read it)")
+
+
 def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> None:
     """Write a Hugging Face GPT-2 directory (weights, config, generation config, tokenizer) that
-    `transformers` (`from_pretrained`, `pipeline`) and mlx-lm (`load`) read as they read the hub's `gpt2`."""
+    `transformers` (`from_pretrained`, `pipeline`) and mlx-lm (`load`) read as they read the hub's `gpt2`.
+    A model with switches GPT-2 does not have (the speedrun recipe's) is refused before anything is written."""
+    check_gpt2(model.config)
     out_dir = check_export_target(out_dir, force)
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_safetensors(tmp, to_hf(model), metadata={"format": "pt"})

@@ -80,3 +80,20 @@ def test_momentum_can_change_between_steps_of_a_compiled_update():
     ref.apply_gradients(g, params)
     ref.momentum = 0.95
     np.testing.assert_allclose(np.array(p_fast["w"]), np.array(ref.apply_gradients(g, params)["w"]), rtol=1e-5)
+
+
+def test_split_matrix_orthogonalises_each_row_block():
+    """c_attn's stacked q, k, v (3C x C) are updated as three separate C x C matrices, as the speedrun's."""
+    rng = np.random.default_rng(3)
+    p0 = rng.standard_normal((3 * 16, 16))
+    grads = [rng.standard_normal(p0.shape) for _ in range(3)]
+    ref = np.concatenate([np_muon(p0[i * 16:(i + 1) * 16], [g[i * 16:(i + 1) * 16] for g in grads],
+                                  lr=0.02, beta=0.9, wd=0.05) for i in range(3)])
+    opt = Muon(learning_rate=0.02, momentum=0.9, weight_decay=0.05, splits=3)
+    params = {"w": mx.array(p0.astype(np.float32))}
+    for g in grads:
+        params = opt.apply_gradients({"w": mx.array(g.astype(np.float32))}, params)
+    got = np.array(params["w"], dtype=np.float64)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+    whole = np_muon(p0, grads, lr=0.02, beta=0.9, wd=0.05)  # one 48 x 16 matrix: a different update
+    assert np.abs(whole - ref).max() > 100 * 2e-5 * np.abs(ref).max()

@@ -1,0 +1,131 @@
+"""Training recipes as data: which model, optimizer and schedule a run uses.
+
+A recipe is the model switches (GPTConfig), the optimizer over the model's parameters, how the
+learning rates (and Muon's momentum) move with the step, and the TrainConfig values it needs
+unless the user sets them. The trainer asks its recipe for these and does not know either one.
+
+- `build-nanogpt`: GPT-2 as build-nanogpt trains it: AdamW (decay on >= 2-D tensors), linear
+  warmup then cosine to min_lr, gradients clipped at 1.0. The default, unchanged bit for bit.
+- `speedrun`: the modded-nanogpt speedrun's changes (records/track_3_optimization/train_gpt_simple.py):
+  RoPE, QK RMS-norm, ReLU², RMSNorm, no linear biases, an untied zero-initialised head, zero-init
+  output projections, a logit soft-cap; Muon for the blocks' matrices (q, k and v each their own),
+  AdamW with their own LRs for the embeddings, the head and the gains; warmup-stable-decay; no clipping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+import mlx.optimizers as optim
+
+from .errors import UserError
+from .model import GPTConfig
+from .optim import AdamW, Muon, build_nanogpt_adamw, cosine_lr, muon_momentum, wsd_lr
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    model: dict[str, Any]  # GPTConfig switches of the models it trains
+    defaults: dict[str, Any]  # TrainConfig values it sets when a run switches to it (flags still override)
+    make_optimizer: Callable[[TrainConfig, mx.Dtype], optim.Optimizer]  # (config, compute dtype)
+    lr: Callable[[int, TrainConfig], float]  # the main group's LR at a step (logged)
+    set_step: Callable[[optim.Optimizer, int, TrainConfig], None]  # every group's LR (and momentum) at a step
+
+    def check_model(self, config: GPTConfig, source: str) -> None:
+        """Refuse to continue or fine-tune a model whose switches are not this recipe's."""
+        theirs = config.switches()
+        ours = {k: v for k, v in self.model.items() if getattr(GPTConfig(), k) != v}
+        if theirs != ours:
+            def describe(s: dict) -> str:
+                return ", ".join(f"{k}={v}" for k, v in s.items()) or "none (GPT-2)"
+            raise UserError(f"{source}: its model switches ({describe(theirs)}) are not the {self.name} recipe's "
+                            f"({describe(ours)}); choose the matching --recipe")
+
+
+# ------------------------------------------------------------------------------- build-nanogpt
+def _nanogpt_optimizer(cfg: TrainConfig, dtype: mx.Dtype) -> optim.Optimizer:
+    return build_nanogpt_adamw(cfg.max_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+
+
+def _nanogpt_lr(step: int, cfg: TrainConfig) -> float:
+    return cosine_lr(step, cfg.max_lr, cfg.final_lr, cfg.warmup_steps, cfg.max_steps)
+
+
+def _nanogpt_set_step(optimizer: optim.Optimizer, step: int, cfg: TrainConfig) -> None:
+    optimizer.learning_rate = _nanogpt_lr(step, cfg)
+
+
+BUILD_NANOGPT = Recipe(
+    name="build-nanogpt",
+    summary="GPT-2 with AdamW, warmup + cosine, clipping at 1.0 (build-nanogpt's train_gpt2.py)",
+    model={},
+    defaults=dict(max_lr=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=1.0),
+    make_optimizer=_nanogpt_optimizer, lr=_nanogpt_lr, set_step=_nanogpt_set_step)
+
+
+# ------------------------------------------------------------------------------------ speedrun
+# parameter groups, in MultiOptimizer's order (the first matching filter wins; the last takes the rest)
+_SPEEDRUN_GROUPS: list[tuple[str, Callable[[str, mx.array], bool]]] = [
+    ("qkv", lambda path, p: path.endswith("attn.c_attn.weight")),  # Muon, q, k and v separately
+    ("hidden", lambda path, p: path.startswith("h.") and p.ndim == 2),  # Muon
+    ("embed", lambda path, p: path in ("wte.weight", "wpe.weight")),  # AdamW at embed_lr
+    ("head", lambda path, p: path == "lm_head.weight"),  # AdamW at head_lr
+]  # the rest (norm gains, any biases): AdamW at scalar_lr
+
+
+def _speedrun_base_lrs(cfg: TrainConfig) -> list[float]:
+    return [cfg.max_lr, cfg.max_lr, cfg.embed_lr, cfg.head_lr, cfg.scalar_lr]
+
+
+def _speedrun_optimizer(cfg: TrainConfig, dtype: mx.Dtype) -> optim.Optimizer:
+    # Newton–Schulz runs in the compute dtype: bfloat16 on GPUs, float32 on CPUs (their fast paths)
+    muon = partial(Muon, momentum=muon_momentum(0, cfg.momentum_warmup), weight_decay=cfg.weight_decay, ns_dtype=dtype)
+    adamw = partial(AdamW, betas=[cfg.beta1, cfg.beta2], eps=cfg.eps, weight_decay=0.0)
+    lrs = _speedrun_base_lrs(cfg)
+    optimizers = [muon(lrs[0], splits=3), muon(lrs[1])] + [adamw(learning_rate=lr) for lr in lrs[2:]]
+    return optim.MultiOptimizer(optimizers, [f for _, f in _SPEEDRUN_GROUPS])
+
+
+def _speedrun_factor(step: int, cfg: TrainConfig) -> float:
+    return wsd_lr(step, 1.0, cfg.warmup_steps, cfg.max_steps, cfg.cooldown_frac)
+
+
+def _speedrun_lr(step: int, cfg: TrainConfig) -> float:
+    return cfg.max_lr * _speedrun_factor(step, cfg)
+
+
+def _speedrun_set_step(optimizer: optim.Optimizer, step: int, cfg: TrainConfig) -> None:
+    factor = _speedrun_factor(step, cfg)
+    for opt, base in zip(optimizer.optimizers, _speedrun_base_lrs(cfg)):
+        opt.learning_rate = base * factor
+        if isinstance(opt, Muon):
+            opt.momentum = muon_momentum(step, cfg.momentum_warmup)
+
+
+SPEEDRUN = Recipe(
+    name="speedrun",
+    summary="modded-nanogpt's: RoPE, QK-norm, ReLU², RMSNorm, untied zero-init head, soft-cap; Muon + AdamW, "
+            "warmup-stable-decay",
+    model=dict(rope=True, qk_norm=True, mlp="relu2", norm="rmsnorm", embed_norm=True, bias=False,
+               tie_embeddings=False, init="speedrun", logit_softcap=15.0),
+    # Muon at max_lr with decoupled weight decay; the AdamW groups use betas (0.8, 0.95), eps 1e-10, no decay
+    defaults=dict(max_lr=0.025, weight_decay=0.025, beta1=0.8, beta2=0.95, eps=1e-10, grad_clip=0.0, warmup_steps=0),
+    make_optimizer=_speedrun_optimizer, lr=_speedrun_lr, set_step=_speedrun_set_step)
+
+
+RECIPES = {r.name: r for r in (BUILD_NANOGPT, SPEEDRUN)}
+
+
+def get(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+    return RECIPES[name]

@@ -103,10 +103,7 @@ def test_two_ranks_equal_one_rank_with_twice_the_accumulation(data_dir, tmp_path
     done = sorted(line.split()[1:] for o in outs for line in o.splitlines() if line.startswith("done"))
     assert done == [["0", "2"], ["1", "2"]]
 
-    loss1 = [r["loss"] for r in logged(tmp_path / "one")]
-    loss2 = [r["loss"] for r in logged(tmp_path / "two")]
-    assert len(loss1) == len(loss2) == 8
-    np.testing.assert_allclose(loss2, loss1, rtol=1e-4)
+    assert_same_training(tmp_path / "one", tmp_path / "two", steps=8)
     val1 = [r["loss"] for r in logged(tmp_path / "one", "val")]
     val2 = [r["loss"] for r in logged(tmp_path / "two", "val")]
     np.testing.assert_allclose(val2, val1, rtol=1e-4)
@@ -115,11 +112,29 @@ def test_two_ranks_equal_one_rank_with_twice_the_accumulation(data_dir, tmp_path
     assert len(hella1) == 3 and hella2 == pytest.approx(hella1, abs=1e-6)
     assert not (tmp_path / "two" / "rank1").exists()  # only rank 0 writes logs and checkpoints
 
-    r0, r1 = weights(tmp_path / "two" / "rank0.safetensors"), weights(tmp_path / "two" / "rank1.safetensors")
-    ref = weights(tmp_path / "one" / "rank0.safetensors")
+
+def assert_same_training(one: Path, two: Path, steps: int) -> None:
+    """The 2-rank run `two` logged the losses of the 1-rank run `one` and ended with its weights on both ranks."""
+    loss1 = [r["loss"] for r in logged(one)]
+    loss2 = [r["loss"] for r in logged(two)]
+    assert len(loss1) == len(loss2) == steps
+    np.testing.assert_allclose(loss2, loss1, rtol=1e-4)
+    r0, r1 = weights(two / "rank0.safetensors"), weights(two / "rank1.safetensors")
+    ref = weights(one / "rank0.safetensors")
     for k in ref:
         np.testing.assert_array_equal(r0[k], r1[k])  # ranks never diverge
         np.testing.assert_allclose(r0[k], ref[k], rtol=1e-3, atol=1e-5)
+
+
+def test_speedrun_two_ranks_equal_one_rank_with_twice_the_accumulation(data_dir, tmp_path):
+    """Muon orthogonalises the rank-averaged gradient, so the speedrun recipe splits across ranks exactly too."""
+    from nanogpt_mlx.recipes import SPEEDRUN
+
+    common = dict(recipe="speedrun", **{**SPEEDRUN.defaults, "max_lr": 0.05}, momentum_warmup=3,
+                  total_batch_size=512, max_steps=6)
+    finish(start_ranks(tmp_path, tiny_config(data_dir, tmp_path / "one", **common), 1))
+    finish(start_ranks(tmp_path, tiny_config(data_dir, tmp_path / "two", **common), 2))
+    assert_same_training(tmp_path / "one", tmp_path / "two", steps=6)
 
 
 @pytest.mark.parametrize("how", ["kill", "freeze"])

@@ -1,0 +1,139 @@
+"""Recipes as data: presets and recipe switching, the speedrun's parameter groups and schedule, exact
+resume, and the CLI (train, sample, eval, export refusal, bad input) with --recipe speedrun."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import assert_one_line_error, run_cli, run_main
+from mlx.utils import tree_flatten
+from test_train import VOCAB, cli_config, flat_weights, logged, tiny_config, token_stream, write_shards
+
+from nanogpt_mlx import UserError, recipes
+from nanogpt_mlx.checkpoint import checkpoints
+from nanogpt_mlx.optim import Muon
+from nanogpt_mlx.recipes import BUILD_NANOGPT, SPEEDRUN
+from nanogpt_mlx.train import PRESETS, TrainConfig, Trainer, get_lr
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("shards"), [token_stream(3000, 1), token_stream(3000, 2)],
+                        token_stream(2000, 3))
+
+
+def speedrun_config(data: Path, out: Path, **kw) -> TrainConfig:
+    return replace(tiny_config(data, out), recipe="speedrun", **{**SPEEDRUN.defaults, "momentum_warmup": 4, **kw})
+
+
+# ------------------------------------------------------------------------------ presets
+def test_switching_recipe_takes_its_defaults_and_flags_still_win():
+    cfg = TrainConfig.preset("shakespeare", recipe="speedrun")
+    assert cfg.recipe == "speedrun" and cfg.data == PRESETS["shakespeare"].data
+    assert {k: getattr(cfg, k) for k in SPEEDRUN.defaults} == SPEEDRUN.defaults
+    assert TrainConfig.preset("shakespeare", recipe="speedrun", max_lr=0.01).max_lr == 0.01
+    back = TrainConfig.preset("shakespeare-speedrun", recipe="build-nanogpt")
+    assert {k: getattr(back, k) for k in BUILD_NANOGPT.defaults} == BUILD_NANOGPT.defaults
+    assert TrainConfig.preset("shakespeare", recipe="build-nanogpt") == PRESETS["shakespeare"]  # no change
+    assert PRESETS["speedrun-124m"].recipe == PRESETS["shakespeare-speedrun"].recipe == "speedrun"
+    with pytest.raises(UserError, match="unknown recipe 'adam'; choose from build-nanogpt, speedrun"):
+        TrainConfig(recipe="adam")
+
+
+def test_build_nanogpt_recipe_is_the_cosine_schedule():
+    cfg = TrainConfig(max_lr=6e-4, warmup_steps=10, max_steps=50)
+    assert [get_lr(s, cfg) for s in (0, 9, 50)] == pytest.approx([6e-5, 6e-4, 6e-5])
+    assert recipes.get("build-nanogpt") is BUILD_NANOGPT and BUILD_NANOGPT.model == {}
+
+
+# ------------------------------------------------------------------------------ optimizer
+def test_speedrun_parameter_groups(data_dir, tmp_path):
+    """Muon gets the blocks' matrices (c_attn as q, k, v), AdamW the embedding, the head and the gains."""
+    trainer = Trainer(speedrun_config(data_dir, tmp_path))
+    subs = trainer.optimizer.optimizers
+    names = [{k.rsplit(".", 1)[0] for k, _ in tree_flatten(o.state) if k.endswith((".m", ".v"))} for o in subs]
+    L = trainer.model.config.n_layer
+    assert names[0] == {f"h.{i}.attn.c_attn.weight" for i in range(L)}
+    assert names[1] == {f"h.{i}.{m}.weight" for i in range(L) for m in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert names[2] == {"wte.weight"} and names[3] == {"lm_head.weight"}
+    assert names[4] == {"ln_e.weight", "ln_f.weight"} | {f"h.{i}.ln_{j}.weight" for i in range(L) for j in (1, 2)}
+    assert set().union(*names) == {k for k, _ in trainer.model.parameters_flat()}  # every parameter, once
+    assert [type(o).__name__ for o in subs] == ["Muon", "Muon", "AdamW", "AdamW", "AdamW"]
+    assert subs[0].splits == 3 and subs[1].splits == 1 and subs[0].weight_decay == 0.025
+    assert all(o.weight_decay == 0 and o.betas == [0.8, 0.95] and o.eps == 1e-10 for o in subs[2:])
+
+
+def test_speedrun_schedule_sets_every_group(data_dir, tmp_path):
+    cfg = speedrun_config(data_dir, tmp_path, max_steps=10, cooldown_frac=0.4, momentum_warmup=4, max_lr=0.02,
+                          embed_lr=0.5, head_lr=0.004, scalar_lr=0.03)
+    opt = SPEEDRUN.make_optimizer(cfg, mx.float32)
+    for step, factor, momentum in [(0, 1.0, 0.85), (2, 1.0, 0.90), (6, 1.0, 0.95), (8, 0.5, 0.95)]:
+        SPEEDRUN.set_step(opt, step, cfg)
+        lrs = [o.learning_rate.item() for o in opt.optimizers]
+        assert lrs == pytest.approx([factor * lr for lr in (0.02, 0.02, 0.5, 0.004, 0.03)])
+        assert [o.momentum.item() for o in opt.optimizers if isinstance(o, Muon)] == pytest.approx([momentum] * 2)
+        assert get_lr(step, cfg) == pytest.approx(0.02 * factor)
+
+
+# ------------------------------------------------------------------------------ training
+def test_speedrun_learns_and_resumes_exactly(data_dir, tmp_path):
+    cfg = speedrun_config(data_dir, tmp_path / "a", shuffle=True, val_every=4, val_steps=2)
+    Trainer(cfg).train()
+    split = replace(cfg, out=str(tmp_path / "b"))
+    Trainer(split).train(until=6)
+    Trainer(split, resume=True).train()
+    a, b = logged(tmp_path / "a"), logged(tmp_path / "b")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert a[-1]["loss"] < a[0]["loss"] - 0.1
+    assert a[0]["loss"] == pytest.approx(np.log(VOCAB), abs=1e-3)  # zero-init head: uniform logits at step 0
+    wa, wb = flat_weights(tmp_path / "a"), flat_weights(tmp_path / "b")
+    assert "lm_head.weight" in wa and "wpe.weight" not in wa
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+
+
+def test_cli_speedrun_trains_samples_evaluates_and_refuses_export(data_dir, tmp_path):
+    from test_evaluate import make_hellaswag, write_jsonl
+
+    out = tmp_path / "run"
+    hella = write_jsonl(tmp_path / "hellaswag_val.jsonl", make_hellaswag(6, ctx_words=(3, 10), ending_words=(1, 8)))
+    args = cli_config(data_dir, out, "--recipe", "speedrun", "--max-steps", "4", "--val-every", "2", "--val-steps",
+                      "2", "--sample-every", "2", "--num-samples", "1", "--sample-tokens", "4", "--vocab-size",
+                      "50304", "--block-size", "64", "--hellaswag-every", "4", "--hellaswag-data", str(hella))
+    proc = run_cli(*args, check=True)
+    assert "recipe speedrun" in proc.stdout and "hellaswag" in proc.stdout and "sample 0:" in proc.stdout
+    run_cli("sample", "--model", str(out), "--max-new-tokens", "4", "--num-samples", "1", "--seed", "0", check=True)
+    loss = run_cli("eval", "loss", "--model", str(out), "--data", str(data_dir), "--batches", "2", "--batch-size",
+                   "2", "--seq-len", "32", check=True)
+    assert "val loss" in loss.stdout
+    run_cli("eval", "hellaswag", "--model", str(out), "--data", str(hella), check=True)
+
+    export = run_cli("export", str(out), str(tmp_path / "hf"))
+    assert_one_line_error(export, "cannot export as Hugging Face GPT-2", "rope=True", "tie_embeddings=False")
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+
+    wrong = run_cli("train", "--resume", str(out), "--recipe", "build-nanogpt", "--max-steps", "5")
+    assert_one_line_error(wrong, "model switches", "not the build-nanogpt recipe's", "--recipe")
+    assert [p.name for p in checkpoints(out)] == ["ckpt-000004"]  # the refused resume wrote nothing
+
+
+def test_bad_recipe_input_is_one_line(data_dir, small_hf_dir, tmp_path, capsys):
+    assert_one_line_error(run_main(capsys, *cli_config(data_dir, tmp_path / "x", "--recipe", "muon")),
+                          "unknown recipe 'muon'")
+    gpt2 = run_main(capsys, *cli_config(data_dir, tmp_path / "y", "--recipe", "speedrun", "--init-from",
+                                        str(small_hf_dir), "--max-steps", "1"))
+    assert_one_line_error(gpt2, "none (GPT-2)", "not the speedrun recipe's")
+    assert_one_line_error(run_main(capsys, *cli_config(data_dir, tmp_path / "z", "--cooldown-frac", "0")),
+                          "cooldown_frac")
+
+
+@pytest.fixture(scope="module")
+def small_hf_dir(tmp_path_factory) -> Path:
+    from conftest import save_hf_gpt2
+
+    return save_hf_gpt2(tmp_path_factory.mktemp("hf"), n_layer=1, n_head=2, n_embd=32, n_positions=32,
+                        vocab_size=VOCAB, seed=3)

@@ -1,0 +1,116 @@
+"""Token efficiency: build-nanogpt's recipe vs the speedrun's, side by side in one run.
+
+Both recipes train the `shakespeare` preset's model (4 layers, 256 wide, vocab 50304) on Tiny
+Shakespeare's GPT-2 tokens with the same tokens per step (16 x 128) and the same step budget
+(200 steps; the preset's). Each recipe's LR is tuned by a small sweep (build-nanogpt: max_lr;
+speedrun: one multiplier on all its LRs: Muon's, embedding, head, gains); the best by final val loss is
+kept. Reported:
+  (a) val loss after the budget, (b) steps each needs to reach build-nanogpt's final val loss,
+  (c) seconds per step (Muon's overhead), (d) the speedrun given build-nanogpt's wall-clock: a run
+  whose step budget is what fits in the time build-nanogpt's 200 steps took.
+
+    nanogpt-mlx prepare shakespeare --out data/shakespeare
+    python benchmarks/bench_recipes.py --data data/shakespeare --out out/bench-recipes
+    nanogpt-mlx plot out/bench-recipes/build-nanogpt out/bench-recipes/speedrun --out recipes.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from statistics import median
+
+from nanogpt_mlx.train import TrainConfig, Trainer
+
+NANOGPT_LRS = [1e-3, 2e-3]  # the preset's max_lr is 1e-3 (a 2-core CPU runs a 200-step run in ~10 min)
+SPEEDRUN_SCALES = [1.0, 2.0]  # times the speedrun's LRs (Muon 0.025, embed 0.3, head 1/320, gains 0.01)
+
+
+def config(recipe: str, data: str, out: Path, steps: int, val_every: int, **changes) -> TrainConfig:
+    base = TrainConfig.preset("shakespeare", recipe=recipe)
+    momentum_warmup = max(1, steps // 4)  # 300 of the speedrun's 3375 steps would be most of this run
+    return replace(base, data=data, out=str(out), max_steps=steps, val_every=val_every, sample_every=0,
+                   checkpoint_every=0, momentum_warmup=momentum_warmup, **changes)
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train cfg from scratch; return its val curve {step: loss} and its median seconds per step."""
+    shutil.rmtree(cfg.out, ignore_errors=True)
+    Trainer(cfg).train()
+    records = [json.loads(line) for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["loss"] for r in records if r["kind"] == "val"}
+    dts = [r["dt"] for r in records if r["kind"] == "train"][3:]  # without the compiling first steps
+    return {"val": val, "final": val[max(val)], "s_per_step": median(dts)}
+
+
+def steps_to(val: dict[int, float], target: float) -> int | None:
+    reached = [s for s, loss in sorted(val.items()) if loss <= target]
+    return reached[0] if reached else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="data/shakespeare", help="shards of `nanogpt-mlx prepare shakespeare`")
+    ap.add_argument("--out", default="out/bench-recipes", help="run directories (their log.txt plot with `plot`)")
+    ap.add_argument("--steps", type=int, default=200, help="step budget of both recipes (the preset's: 200)")
+    ap.add_argument("--val-every", type=int, default=20, help="steps between val losses (8 batches each, the preset's)")
+    ap.add_argument("--nanogpt-lrs", type=float, nargs="+", default=NANOGPT_LRS, help="build-nanogpt max_lr sweep")
+    ap.add_argument("--speedrun-scales", type=float, nargs="+", default=SPEEDRUN_SCALES,
+                    help="speedrun sweep: multipliers of all its LRs")
+    args = ap.parse_args()
+    if not any(Path(args.data).glob("*_val_*.npy")):
+        raise SystemExit(f"{args.data}: no shards; run `nanogpt-mlx prepare shakespeare --out {args.data}` first")
+    out = Path(args.out)
+
+    sweep: dict[str, dict[float, dict]] = {"build-nanogpt": {}, "speedrun": {}}
+    for lr in args.nanogpt_lrs:
+        cfg = config("build-nanogpt", args.data, out / f"build-nanogpt-lr{lr:g}", args.steps, args.val_every, max_lr=lr)
+        sweep["build-nanogpt"][lr] = run(cfg)
+    for scale in args.speedrun_scales:
+        base = TrainConfig.preset("shakespeare", recipe="speedrun")
+        lrs = {k: getattr(base, k) * scale for k in ("max_lr", "embed_lr", "head_lr", "scalar_lr")}
+        cfg = config("speedrun", args.data, out / f"speedrun-x{scale:g}", args.steps, args.val_every, **lrs)
+        sweep["speedrun"][scale] = run(cfg)
+
+    print(f"\nLR sweep: final val loss after {args.steps} steps x 2,048 tokens")
+    print("| recipe | setting | final val loss | s/step |\n|---|---|---:|---:|")
+    for lr, r in sweep["build-nanogpt"].items():
+        print(f"| build-nanogpt | max_lr {lr:g} | {r['final']:.4f} | {r['s_per_step']:.3f} |")
+    for scale, r in sweep["speedrun"].items():
+        print(f"| speedrun | LRs x{scale:g} | {r['final']:.4f} | {r['s_per_step']:.3f} |")
+
+    best_lr = min(sweep["build-nanogpt"], key=lambda k: sweep["build-nanogpt"][k]["final"])
+    best_scale = min(sweep["speedrun"], key=lambda k: sweep["speedrun"][k]["final"])
+    nano, speed = sweep["build-nanogpt"][best_lr], sweep["speedrun"][best_scale]
+    for name, key in (("build-nanogpt", f"build-nanogpt-lr{best_lr:g}"), ("speedrun", f"speedrun-x{best_scale:g}")):
+        (out / name).unlink(missing_ok=True)
+        (out / name).symlink_to(key)  # stable names for `nanogpt-mlx plot`
+
+    # (d) equal wall-clock: the speedrun with the step budget that fits in build-nanogpt's time
+    fit = math.floor(args.steps * nano["s_per_step"] / speed["s_per_step"])
+    base = TrainConfig.preset("shakespeare", recipe="speedrun")
+    lrs = {k: getattr(base, k) * best_scale for k in ("max_lr", "embed_lr", "head_lr", "scalar_lr")}
+    timed = speed if fit >= args.steps else run(
+        config("speedrun", args.data, out / "speedrun-equal-time", fit, args.val_every, **lrs))
+
+    target = nano["final"]
+    to_target = steps_to(speed["val"], target)
+    print(f"\nbest: build-nanogpt max_lr {best_lr:g}; speedrun LRs x{best_scale:g}")
+    print("| | build-nanogpt | speedrun | ratio |\n|---|---:|---:|---:|")
+    print(f"| (a) val loss after {args.steps} steps | {nano['final']:.4f} | {speed['final']:.4f} | "
+          f"{speed['final'] - nano['final']:+.4f} nats |")
+    nano_steps = steps_to(nano["val"], target)
+    print(f"| (b) steps to val loss {target:.4f} | {nano_steps} | {to_target if to_target is not None else '>' + str(args.steps)} | "
+          + (f"{to_target / nano_steps:.2f}x |" if to_target is not None else "- |"))
+    print(f"| (c) seconds per step | {nano['s_per_step']:.3f} | {speed['s_per_step']:.3f} | "
+          f"{speed['s_per_step'] / nano['s_per_step']:.2f}x |")
+    print(f"| (d) val loss at build-nanogpt's wall-clock ({min(fit, args.steps)} speedrun steps) | {nano['final']:.4f} | "
+          f"{timed['final']:.4f} | {timed['final'] - nano['final']:+.4f} nats |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,11 @@
 """HellaSwag scoring speed: this project (MLX, batched) vs the PyTorch reference (build-nanogpt's loop).
 
 Both score the same synthetic HellaSwag-format examples (lengths like the real set: ~45 context
-tokens, endings of ~5-55 tokens) with the same random GPT-2 124M weights, in fp32 on the CPU.
-The reference runs one example (4 rows) per forward, as build-nanogpt's hellaswag.py does.
+tokens, endings of ~5-55 tokens) with the same random GPT-2 124M weights, in fp32. The reference
+runs one example (4 rows) per forward, as build-nanogpt's hellaswag.py does.
 
     flock /tmp/nanogpt-cpu.lock python benchmarks/bench_hellaswag.py [--examples 64]
+    python benchmarks/bench_hellaswag.py --device gpu   # mlx[cuda] vs PyTorch on CUDA
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import nanogpt_mlx  # noqa: E402,F401  (before mlx.core: loads OpenBLAS)
 from conftest import save_hf_gpt2  # noqa: E402
 from test_evaluate import make_hellaswag, reference_scores, write_jsonl  # noqa: E402
 
+from nanogpt_mlx import device  # noqa: E402
 from nanogpt_mlx.evaluate import load_hellaswag, score_hellaswag  # noqa: E402
 from nanogpt_mlx.weights import load_model  # noqa: E402
 
@@ -35,8 +37,15 @@ def timed(fn, warmup, *args) -> tuple[float, object]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=64)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8], help="examples per MLX forward (CPU default: 1)")
+    ap.add_argument("--batches", type=int, nargs="+", help="examples per MLX forward (default: 1 4 8 on the CPU, "
+                                                           "8 16 32 on a GPU; `eval hellaswag` uses 1 and 8)")
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                    help="gpu: the reference on CUDA, nanogpt-mlx on mlx[cuda] (its default device)")
     args = ap.parse_args()
+    batches = args.batches or ([8, 16, 32] if args.device == "gpu" else [1, 4, 8])
+    torch_device = "cuda" if args.device == "gpu" else "cpu"
+    if args.device == "gpu" and device.PROFILE.cpu_backend:
+        raise SystemExit("--device gpu: MLX runs on its CPU backend here; install mlx[cuda] (see README)")
 
     import torch
     from transformers import GPT2LMHeadModel
@@ -46,12 +55,13 @@ def main() -> None:
         hf_dir = save_hf_gpt2(Path(tmp) / "gpt2", n_layer=12, n_head=12, n_embd=768, n_positions=1024)
         examples = load_hellaswag(write_jsonl(Path(tmp) / "hs.jsonl", raw))
         model = load_model(hf_dir)
-        hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
-    print(f"{args.examples} examples, GPT-2 124M random weights, fp32, torch threads {torch.get_num_threads()}")
+        hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval().to(torch_device)
+    where = torch.cuda.get_device_name() if args.device == "gpu" else f"CPU, torch threads {torch.get_num_threads()}"
+    print(f"{args.examples} examples, GPT-2 124M random weights, fp32, {where}")
 
-    ref_s, ref = timed(reference_scores, (hf, raw[:2]), hf, raw)
-    rows = [("pytorch reference (4 rows/forward)", ref_s)]
-    for b in args.batches:
+    ref_s, ref = timed(reference_scores, (hf, raw[:2], torch_device), hf, raw, torch_device)
+    rows = [(f"pytorch reference (4 rows/forward, {torch_device})", ref_s)]
+    for b in batches:
         s, res = timed(lambda ex: score_hellaswag(model, ex, batch_examples=b, progress=False),
                        (examples[:b],), examples)
         agree = sum(r.predicted_norm == w["predicted_norm"] and r.predicted == w["predicted"]

@@ -6,10 +6,16 @@ unless the user sets them. The trainer asks its recipe for these and does not kn
 
 - `build-nanogpt`: GPT-2 as build-nanogpt trains it: AdamW (decay on >= 2-D tensors), linear
   warmup then cosine to min_lr, gradients clipped at 1.0. The default, unchanged bit for bit.
-- `speedrun`: the modded-nanogpt speedrun's changes (records/track_3_optimization/train_gpt_simple.py):
-  RoPE, QK RMS-norm, ReLU², RMSNorm, no linear biases, an untied zero-initialised head, zero-init
-  output projections, a logit soft-cap; Muon for the blocks' matrices (q, k and v each their own),
-  AdamW with their own LRs for the embeddings, the head and the gains; warmup-stable-decay; no clipping.
+- `speedrun`: the modded-nanogpt speedrun's changes: RoPE, QK RMS-norm, ReLU², RMSNorm, no linear
+  biases, an untied zero-initialised head, zero-init output projections, a logit soft-cap; Muon for the
+  blocks' matrices (q, k and v each their own), AdamW with their own LRs for the embeddings, the head
+  and the gains; warmup-stable-decay; no clipping. The optimizer settings, the LRs and the init are
+  those of records/track_3_optimization/train_gpt_simple.py (Muon 0.025 with decay 0.025; AdamW
+  0.3 / 1/320 / 0.01, betas (0.8, 0.95), eps 1e-10; cooldown over the last 70%), with the main
+  record's Muon momentum warm-up. The architecture takes the main record's forms where that file
+  differs: c * tanh(logits / c) with c = 15 (not its algebraic cap), no biases (it keeps zero-init
+  ones), RoPE over the whole head at base 10000 (not half-truncated at base 1024) and attention
+  scaled by 1/sqrt(head size) (not 0.12).
 """
 
 from __future__ import annotations

@@ -57,8 +57,8 @@ def model(tiny_hf_dir):
 
 
 # ------------------------------------------------------------------ PyTorch reference (build-nanogpt)
-def reference_scores(hf_model, examples: list[dict]) -> list[dict]:
-    """build-nanogpt's hellaswag.py scoring, one example (4 padded rows) per forward, in PyTorch."""
+def reference_scores(hf_model, examples: list[dict], device: str = "cpu") -> list[dict]:
+    """build-nanogpt's hellaswag.py scoring, one example (4 padded rows) per forward, in PyTorch on `device`."""
     import torch
     import torch.nn.functional as F
 
@@ -72,6 +72,7 @@ def reference_scores(hf_model, examples: list[dict]) -> list[dict]:
         for i, e in enumerate(ends):
             tokens[i, : len(ctx) + len(e)] = torch.tensor(ctx + e)
             mask[i, len(ctx) : len(ctx) + len(e)] = 1
+        tokens, mask = tokens.to(device), mask.to(device)
         with torch.no_grad():
             logits = hf_model(tokens).logits
         losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),

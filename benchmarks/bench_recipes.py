@@ -6,7 +6,7 @@ Shakespeare's GPT-2 tokens with the same tokens per step (16 x 128) and the same
 speedrun: one multiplier on all its LRs: Muon's, embedding, head, gains); the best by final val loss is
 kept. Reported:
   (a) val loss after the budget, (b) steps each needs to reach build-nanogpt's final val loss,
-  (c) seconds per step (Muon's overhead), (d) the speedrun given build-nanogpt's wall-clock: a run
+  (c) seconds per step (the speedrun's overhead: Muon, soft-cap, untied head), (d) the speedrun given build-nanogpt's wall-clock: a run
   whose step budget is what fits in the time build-nanogpt's 200 steps took.
 
     nanogpt-mlx prepare shakespeare --out data/shakespeare
@@ -26,8 +26,8 @@ from statistics import median
 
 from nanogpt_mlx.train import TrainConfig, Trainer
 
-NANOGPT_LRS = [1e-3, 2e-3]  # the preset's max_lr is 1e-3 (a 2-core CPU runs a 200-step run in ~10 min)
-SPEEDRUN_SCALES = [1.0, 2.0]  # times the speedrun's LRs (Muon 0.025, embed 0.3, head 1/320, gains 0.01)
+NANOGPT_LRS = [1e-3, 2e-3, 4e-3]  # the preset's max_lr is 1e-3 (a 2-core CPU runs a 200-step run in ~10 min)
+SPEEDRUN_SCALES = [1.0, 2.0, 4.0]  # times the speedrun's LRs (Muon 0.025, embed 0.3, head 1/320, gains 0.01)
 
 
 def config(recipe: str, data: str, out: Path, steps: int, val_every: int, **changes) -> TrainConfig:
@@ -35,6 +35,12 @@ def config(recipe: str, data: str, out: Path, steps: int, val_every: int, **chan
     momentum_warmup = max(1, steps // 4)  # 300 of the speedrun's 3375 steps would be most of this run
     return replace(base, data=data, out=str(out), max_steps=steps, val_every=val_every, sample_every=0,
                    checkpoint_every=0, momentum_warmup=momentum_warmup, **changes)
+
+
+def speedrun_lrs(scale: float) -> dict[str, float]:
+    """The speedrun's four LRs (Muon's, embedding, head, gains) times `scale`."""
+    base = TrainConfig.preset("shakespeare", recipe="speedrun")
+    return {k: getattr(base, k) * scale for k in ("max_lr", "embed_lr", "head_lr", "scalar_lr")}
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -71,9 +77,8 @@ def main() -> None:
         cfg = config("build-nanogpt", args.data, out / f"build-nanogpt-lr{lr:g}", args.steps, args.val_every, max_lr=lr)
         sweep["build-nanogpt"][lr] = run(cfg)
     for scale in args.speedrun_scales:
-        base = TrainConfig.preset("shakespeare", recipe="speedrun")
-        lrs = {k: getattr(base, k) * scale for k in ("max_lr", "embed_lr", "head_lr", "scalar_lr")}
-        cfg = config("speedrun", args.data, out / f"speedrun-x{scale:g}", args.steps, args.val_every, **lrs)
+        cfg = config("speedrun", args.data, out / f"speedrun-x{scale:g}", args.steps, args.val_every,
+                     **speedrun_lrs(scale))
         sweep["speedrun"][scale] = run(cfg)
 
     print(f"\nLR sweep: final val loss after {args.steps} steps x 2,048 tokens")
@@ -92,10 +97,8 @@ def main() -> None:
 
     # (d) equal wall-clock: the speedrun with the step budget that fits in build-nanogpt's time
     fit = math.floor(args.steps * nano["s_per_step"] / speed["s_per_step"])
-    base = TrainConfig.preset("shakespeare", recipe="speedrun")
-    lrs = {k: getattr(base, k) * best_scale for k in ("max_lr", "embed_lr", "head_lr", "scalar_lr")}
     timed = speed if fit >= args.steps else run(
-        config("speedrun", args.data, out / "speedrun-equal-time", fit, args.val_every, **lrs))
+        config("speedrun", args.data, out / "speedrun-equal-time", fit, args.val_every, **speedrun_lrs(best_scale)))
 
     target = nano["final"]
     to_target = steps_to(speed["val"], target)

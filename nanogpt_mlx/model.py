@@ -71,6 +71,10 @@ class GPTConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name not in _SIZES and getattr(self, f.name) != getattr(gpt2, f.name)}
 
+    def describe_switches(self) -> str:
+        """`rope=True, bias=False, ...`, or `none (GPT-2)`, for messages."""
+        return ", ".join(f"{k}={v}" for k, v in self.switches().items()) or "none (GPT-2)"
+
     def __post_init__(self):
         for name in _SIZES:
             if getattr(self, name) <= 0:

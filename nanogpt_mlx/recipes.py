@@ -48,13 +48,10 @@ class Recipe:
 
     def check_model(self, config: GPTConfig, source: str) -> None:
         """Refuse to continue or fine-tune a model whose switches are not this recipe's."""
-        theirs = config.switches()
-        ours = {k: v for k, v in self.model.items() if getattr(GPTConfig(), k) != v}
-        if theirs != ours:
-            def describe(s: dict) -> str:
-                return ", ".join(f"{k}={v}" for k, v in s.items()) or "none (GPT-2)"
-            raise UserError(f"{source}: its model switches ({describe(theirs)}) are not the {self.name} recipe's "
-                            f"({describe(ours)}); choose the matching --recipe")
+        ours = GPTConfig(**self.model)
+        if config.switches() != ours.switches():
+            raise UserError(f"{source}: its model switches ({config.describe_switches()}) are not the {self.name} "
+                            f"recipe's ({ours.describe_switches()}); choose the matching --recipe")
 
 
 # ------------------------------------------------------------------------------- build-nanogpt

@@ -128,7 +128,7 @@ class TrainConfig:
         base = PRESETS[name]
         recipe = overrides.get("recipe", base.recipe)
         if recipe != base.recipe:
-            base = replace(base, recipe=recipe, **recipes.get(recipe).defaults)
+            base = _with_recipe(base, recipes.get(recipe))
         return replace(base, **overrides)
 
     @property
@@ -438,7 +438,7 @@ class Trainer:
                 self._evaluate(last)
                 t0 = time.perf_counter()
                 loader_state = self.train_loader.state_dict()
-                lr = get_lr(self.step, cfg)
+                lr = self.recipe.lr(self.step, cfg)
                 done = self._train_step()
                 if done is None:  # interrupted mid-step: the batches it read will be read again
                     self.train_loader.load_state_dict(loader_state)

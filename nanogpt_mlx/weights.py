@@ -344,11 +344,10 @@ def check_export_target(out_dir: str | os.PathLike, force: bool = False, source:
 
 def check_gpt2(config: GPTConfig) -> None:
     """Refuse a model that Hugging Face's GPT-2 (and mlx-lm's gpt2) would load as a different model."""
-    switches = config.switches()
-    if switches:
-        found = ", ".join(f"{k}={v}" for k, v in switches.items())
-        raise UserError(f"cannot export as Hugging Face GPT-2: the model uses switches GPT-2 does not have ({found}); "
-                        "keep it as a nanogpt-mlx checkpoint (sample, eval and train --init-from read it)")
+    if config.switches():
+        raise UserError(f"cannot export as Hugging Face GPT-2: the model uses switches GPT-2 does not have "
+                        f"({config.describe_switches()}); keep it as a nanogpt-mlx checkpoint (sample, eval and "
+                        "train --init-from read it)")
 
 
 def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> None:

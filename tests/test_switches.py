@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from nanogpt_mlx import GPT, GPTConfig, UserError, device, kernels
+from nanogpt_mlx.loss import MAX_BOUND_CAP
 from nanogpt_mlx.recipes import SPEEDRUN
 
 SIZES = dict(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
@@ -270,3 +271,22 @@ def test_model_loss_uses_the_cap():
     ref = nn.losses.cross_entropy(model(idx), y).mean().item()
     fused = kernels.cross_entropy(model.hidden(idx), model.head_weight, y, model.config.logit_softcap).item()
     np.testing.assert_allclose(fused, ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cap, scale", [(15.0, 1.0), (15.0, 100.0), (60.0, 100.0)],
+                         ids=["cap15", "cap15-huge-logits", "cap60-row-max"])
+def test_softcapped_loss_bound_and_row_max(cap: float, scale: float):
+    """Caps up to MAX_BOUND_CAP use c as the row bound, larger ones the row max: both equal the plain capped
+    loss, also where every raw logit is far below -c or above c (the cap saturates)."""
+    assert (cap <= MAX_BOUND_CAP) == (cap == 15.0)
+    h, w, y = random_head(200, seed=3)
+    negative = (-mx.ones_like(h) * scale / 10, mx.abs(w))  # every logit ~ -4 * scale
+    for h, w in ((h * scale, w), negative):
+        plain = lambda h, w, y: nn.losses.cross_entropy(cap * mx.tanh((h @ w.T) / cap), y).mean()  # noqa: E731
+        ref, (ref_dh, ref_dw) = mx.value_and_grad(plain, argnums=(0, 1))(h, w, y)
+        loss, (dh, dw) = mx.value_and_grad(lambda *a: kernels.cross_entropy(*a, cap), argnums=(0, 1))(h, w, y)
+        assert np.isfinite(loss.item())
+        np.testing.assert_allclose(loss.item(), ref.item(), rtol=1e-5)
+        np.testing.assert_allclose(kernels.eval_cross_entropy(h, w, y, cap).item(), ref.item(), rtol=1e-5)
+        np.testing.assert_allclose(np.array(dh), np.array(ref_dh), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.array(dw), np.array(ref_dw), rtol=1e-4, atol=1e-6)

@@ -8,6 +8,8 @@ kept. Reported:
   (a) val loss after the budget, (b) steps each needs to reach build-nanogpt's final val loss,
   (c) seconds per step (the speedrun's overhead: Muon, soft-cap, untied head), (d) the speedrun given build-nanogpt's wall-clock: a run
   whose step budget is what fits in the time build-nanogpt's 200 steps took.
+--ablate runs the speedrun at its best LRs with model switches changed (e.g. value_embeds=1, unet=true)
+and reports each against the speedrun. --reuse keeps finished runs of the same config (rerun the report).
 
     nanogpt-mlx prepare shakespeare --out data/shakespeare
     python benchmarks/bench_recipes.py --data data/shakespeare --out out/bench-recipes
@@ -20,10 +22,12 @@ import argparse
 import json
 import math
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from statistics import median
 
+from nanogpt_mlx import checkpoint, recipes
+from nanogpt_mlx.model import GPTConfig
 from nanogpt_mlx.train import TrainConfig, Trainer
 
 # each sweep brackets its recipe's best point (a 2-core CPU runs a 200-step run in ~10 min)
@@ -44,10 +48,35 @@ def speedrun_lrs(scale: float) -> dict[str, float]:
     return {k: getattr(base, k) * scale for k in ("max_lr", "embed_lr", "head_lr", "scalar_lr")}
 
 
-def run(cfg: TrainConfig) -> dict:
-    """Train cfg from scratch; return its val curve {step: loss} and its median seconds per step."""
-    shutil.rmtree(cfg.out, ignore_errors=True)
-    Trainer(cfg).train()
+def variant(changes: str) -> str:
+    """Register the speedrun recipe with `changes` (`value_embeds=1,unet=true`) to its model; its name."""
+    types = {f.name: f.type for f in fields(GPTConfig)}
+    model = dict(recipes.SPEEDRUN.model)
+    for item in changes.split(","):
+        key, _, value = item.partition("=")
+        if key not in types or key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            raise SystemExit(f"--ablate {changes}: {key!r} is not a model switch")
+        model[key] = value.lower() in ("1", "true") if types[key] == "bool" else \
+            {"int": int, "float": float, "str": str}[types[key]](value)
+    name = f"speedrun+{changes}"
+    recipes.RECIPES[name] = replace(recipes.SPEEDRUN, name=name, model=model)  # for this process only
+    return name
+
+
+def finished(cfg: TrainConfig) -> bool:
+    """cfg.out holds the final checkpoint of a run of exactly this config."""
+    found = checkpoint.checkpoints(cfg.out)
+    if not found:
+        return False
+    state = checkpoint.read_state(found[-1])
+    return state["step"] == cfg.max_steps and state["config"] == json.loads(json.dumps(asdict(cfg)))
+
+
+def run(cfg: TrainConfig, reuse: bool = False) -> dict:
+    """Train cfg from scratch (or reuse its finished run); its val curve {step: loss} and median seconds per step."""
+    if not (reuse and finished(cfg)):
+        shutil.rmtree(cfg.out, ignore_errors=True)
+        Trainer(cfg).train()
     records = [json.loads(line) for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines()]
     val = {r["step"]: r["loss"] for r in records if r["kind"] == "val"}
     dts = [r["dt"] for r in records if r["kind"] == "train"][3:]  # without the compiling first steps
@@ -68,7 +97,11 @@ def main() -> None:
     ap.add_argument("--nanogpt-lrs", type=float, nargs="+", default=NANOGPT_LRS, help="build-nanogpt max_lr sweep")
     ap.add_argument("--speedrun-scales", type=float, nargs="+", default=SPEEDRUN_SCALES,
                     help="speedrun sweep: multipliers of all its LRs")
+    ap.add_argument("--ablate", nargs="*", default=[], metavar="SWITCHES",
+                    help="speedrun runs at the best LRs with changed model switches, e.g. value_embeds=1 unet=true")
+    ap.add_argument("--reuse", action="store_true", help="keep finished runs of the same config instead of rerunning")
     args = ap.parse_args()
+    ablations = [variant(changes) for changes in args.ablate]
     if not any(Path(args.data).glob("*_val_*.npy")):
         raise SystemExit(f"{args.data}: no shards; run `nanogpt-mlx prepare shakespeare --out {args.data}` first")
     out = Path(args.out)
@@ -76,11 +109,11 @@ def main() -> None:
     sweep: dict[str, dict[float, dict]] = {"build-nanogpt": {}, "speedrun": {}}
     for lr in args.nanogpt_lrs:
         cfg = config("build-nanogpt", args.data, out / f"build-nanogpt-lr{lr:g}", args.steps, args.val_every, max_lr=lr)
-        sweep["build-nanogpt"][lr] = run(cfg)
+        sweep["build-nanogpt"][lr] = run(cfg, args.reuse)
     for scale in args.speedrun_scales:
         cfg = config("speedrun", args.data, out / f"speedrun-x{scale:g}", args.steps, args.val_every,
                      **speedrun_lrs(scale))
-        sweep["speedrun"][scale] = run(cfg)
+        sweep["speedrun"][scale] = run(cfg, args.reuse)
 
     print(f"\nLR sweep: final val loss after {args.steps} steps x 2,048 tokens")
     print("| recipe | setting | final val loss | s/step |\n|---|---|---:|---:|")
@@ -99,7 +132,8 @@ def main() -> None:
     # (d) equal wall-clock: the speedrun with the step budget that fits in build-nanogpt's time
     fit = math.floor(args.steps * nano["s_per_step"] / speed["s_per_step"])
     timed = speed if fit >= args.steps else run(
-        config("speedrun", args.data, out / "speedrun-equal-time", fit, args.val_every, **speedrun_lrs(best_scale)))
+        config("speedrun", args.data, out / "speedrun-equal-time", fit, args.val_every, **speedrun_lrs(best_scale)),
+        args.reuse)
 
     target = nano["final"]
     to_target = steps_to(speed["val"], target)
@@ -114,6 +148,15 @@ def main() -> None:
           f"{speed['s_per_step'] / nano['s_per_step']:.2f}x |")
     print(f"| (d) val loss at build-nanogpt's wall-clock ({min(fit, args.steps)} speedrun steps) | {nano['final']:.4f} | "
           f"{timed['final']:.4f} | {timed['final'] - nano['final']:+.4f} nats |")
+
+    if ablations:
+        print(f"\nablations: the speedrun at LRs x{best_scale:g} with model switches changed, {args.steps} steps")
+        print("| model | final val loss | vs speedrun | s/step |\n|---|---:|---:|---:|")
+        print(f"| speedrun | {speed['final']:.4f} | | {speed['s_per_step']:.3f} |")
+        for name in ablations:
+            r = run(config(name, args.data, out / name.replace("=", "").replace(",", "-"), args.steps,
+                           args.val_every, **speedrun_lrs(best_scale)), args.reuse)
+            print(f"| {name} | {r['final']:.4f} | {r['final'] - speed['final']:+.4f} nats | {r['s_per_step']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
     C, L, V, nh = config.n_embd, config.n_layer, config.vocab_size, config.n_head
     norm = 2 * C if config.norm == "layernorm" else C  # gain and bias, or a gain
     params = (V * C * (1 if config.tie_embeddings else 2) + (0 if config.rope else config.block_size * C)
-              + L * (12 * C * C + (9 * C if config.bias else 0) + 2 * norm) + norm * (2 if config.embed_norm else 1))
+              + L * (12 * C * C + (9 * C if config.bias else 0) + 2 * norm) + norm * (2 if config.embed_norm else 1)
+              + config.value_embeds * (V * C + 4) + (L // 2 if config.unet else 0))
     n = batch_size * seq_len
     per_layer = _SAVED_PER_LAYER * C * n * b
     if profile.attention_note(dtype, C // nh, seq_len) is not None or profile.software_math:

@@ -42,6 +42,9 @@ class GPTConfig:
     tie_embeddings: bool = True  # the lm_head is wte; False: a separate lm_head matrix
     init: str = "gpt2"  # "gpt2": build-nanogpt's; "speedrun": zero output projections and lm_head
     logit_softcap: float = 0.0  # c > 0: logits -> c * tanh(logits / c)
+    value_embeds: int = 0  # k > 0: k more token embeddings, mixed into the attention values of the first k
+    # layers and again of the last k (v <- a v + b ve, a and b learned)
+    unet: bool = False  # U-net skips: block L-1-j's input gets block j's output, times a learned weight
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -90,6 +93,9 @@ class GPTConfig:
             raise UserError(f"model config: rope_base must be > 0, got {self.rope_base}")
         if self.rope and (self.n_embd // self.n_head) % 2:
             raise UserError(f"model config: rope needs an even head size, got {self.n_embd // self.n_head}")
+        if not 0 <= self.value_embeds <= self.n_layer // 2:
+            raise UserError(f"model config: value_embeds must be between 0 and n_layer // 2 = {self.n_layer // 2} "
+                            f"(each feeds a first and a last layer), got {self.value_embeds}")
         if self.init == "speedrun" and self.tie_embeddings:
             raise UserError("model config: init 'speedrun' zero-initialises the lm_head, which with "
                             "tie_embeddings would zero the token embeddings too; set tie_embeddings to false")
@@ -138,20 +144,24 @@ def make_norm(config: GPTConfig) -> nn.Module:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, value_embed: bool = False):
         super().__init__()
         self.n_head = config.n_head
         self.rope, self.rope_base, self.qk_norm = config.rope, config.rope_base, config.qk_norm
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        if value_embed:
+            self.ve_lambda = mx.array([0.5, 0.5])  # v <- ve_lambda[0] v + ve_lambda[1] ve (the speedrun's start)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, ve: mx.array | None = None, cache: KVCache | None = None) -> mx.array:
         B, T, C = x.shape
         hs = C // self.n_head
         q, k, v = mx.split(self.c_attn(x), 3, axis=-1)
         q = q.reshape(B, T, self.n_head, hs).transpose(0, 2, 1, 3)  # (B, nh, T, hs)
         k = k.reshape(B, T, self.n_head, hs).transpose(0, 2, 1, 3)  # (B, nh, T, hs)
         v = v.reshape(B, T, self.n_head, hs).transpose(0, 2, 1, 3)  # (B, nh, T, hs)
+        if ve is not None:
+            v = self.ve_lambda[0] * v + self.ve_lambda[1] * ve.reshape(B, T, self.n_head, hs).transpose(0, 2, 1, 3)
         if self.qk_norm:
             q, k = mx.fast.rms_norm(q, None, 1e-6), mx.fast.rms_norm(k, None, 1e-6)
         if self.rope:
@@ -181,15 +191,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, value_embed: bool = False):
         super().__init__()
         self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, value_embed)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
-        x = x + self.attn(self.ln_1(x), cache)
+    def __call__(self, x: mx.array, ve: mx.array | None = None, cache: KVCache | None = None) -> mx.array:
+        x = x + self.attn(self.ln_1(x), ve, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -202,7 +212,11 @@ class GPT(nn.Module):
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
         if config.embed_norm:
             self.ln_e = make_norm(config)
-        self.h = [Block(config) for _ in range(config.n_layer)]
+        if config.value_embeds:
+            self.ve = [nn.Embedding(config.vocab_size, config.n_embd) for _ in range(config.value_embeds)]
+        self.h = [Block(config, self.value_embed_of(i) is not None) for i in range(config.n_layer)]
+        if config.unet:
+            self.skip_weights = mx.ones((config.n_layer // 2,))
         self.ln_f = make_norm(config)
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -218,13 +232,13 @@ class GPT(nn.Module):
         speedrun = self.config.init == "speedrun"
         params = {}
         for name, p in self.parameters_flat():
-            if name.startswith("ln") or ".ln_" in name:
-                continue  # norms keep weight 1, bias 0
+            if name.startswith("ln") or ".ln_" in name or name.endswith(("skip_weights", "ve_lambda")):
+                continue  # norms keep weight 1, bias 0; the mixing weights their constructor's values
             if name.endswith("bias") or speedrun and name.endswith(("c_proj.weight", "lm_head.weight")):
                 params[name] = mx.zeros_like(p)
                 continue
             if speedrun:
-                std = 1.0 if name in ("wte.weight", "wpe.weight") else (0.33 / p.shape[-1]) ** 0.5
+                std = 1.0 if name in ("wte.weight", "wpe.weight") or name.startswith("ve.") else (0.33 / p.shape[-1]) ** 0.5
             else:
                 std = 0.02
                 if name.endswith("attn.c_proj.weight") or name.endswith("mlp.c_proj.weight"):
@@ -243,11 +257,13 @@ class GPT(nn.Module):
         self.update(tree_unflatten(list(params.items())))
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """All parameters; non_embedding: without the lookup tables (wpe, and wte when the head is untied)."""
+        """All parameters; non_embedding: without the lookup tables (wpe, value embeddings, and wte when the
+        head is untied)."""
         n = sum(p.size for _, p in self.parameters_flat())
         if not non_embedding:
             return n
         lookups = [self.wpe.weight] if "wpe" in self else []
+        lookups += [table.weight for table in self.get("ve", [])]
         lookups += [] if self.config.tie_embeddings else [self.wte.weight]
         return n - sum(w.size for w in lookups)
 
@@ -277,12 +293,26 @@ class GPT(nn.Module):
             x = x + self.wpe(mx.arange(offset, offset + T))
         if self.config.embed_norm:
             x = self.ln_e(x)
+        ves = [table(idx) for table in self.get("ve", [])]
+        L, skips = self.config.n_layer, []
+        first_skipped = L - L // 2 if self.config.unet else L  # the U-net's second half
         for i, block in enumerate(self.h):
+            if i >= first_skipped:
+                x = x + self.skip_weights[i - first_skipped] * skips.pop()  # block L-1-j gets block j's output
+            j = self.value_embed_of(i)
+            args = (x,) if j is None else (x, ves[j])
             if self.checkpoint_blocks and cache is None:
-                x = nn.utils.checkpoint(block)(x)
+                x = nn.utils.checkpoint(block)(*args)
             else:
-                x = block(x, cache[i] if cache else None)
+                x = block(*args, cache=cache[i] if cache else None)
+            if i < L - first_skipped:
+                skips.append(x)
         return self.ln_f(x)
+
+    def value_embed_of(self, layer: int) -> int | None:
+        """Which value embedding feeds `layer`: table j the j-th layer and the j-th of the last k, or None."""
+        k, L = self.config.value_embeds, self.config.n_layer
+        return layer if layer < k else layer - (L - k) if layer >= L - k else None
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.h]

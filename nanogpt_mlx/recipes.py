@@ -80,7 +80,7 @@ BUILD_NANOGPT = Recipe(
 _SPEEDRUN_GROUPS: list[tuple[str, Callable[[str, mx.array], bool]]] = [
     ("qkv", lambda path, p: path.endswith("attn.c_attn.weight")),  # Muon, q, k and v separately
     ("hidden", lambda path, p: path.startswith("h.") and p.ndim == 2),  # Muon
-    ("embed", lambda path, p: path in ("wte.weight", "wpe.weight")),  # AdamW at embed_lr
+    ("embed", lambda path, p: path in ("wte.weight", "wpe.weight") or path.startswith("ve.")),  # AdamW at embed_lr
     ("head", lambda path, p: path == "lm_head.weight"),  # AdamW at head_lr
 ]  # the rest (norm gains, any biases): AdamW at scalar_lr
 

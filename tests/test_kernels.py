@@ -157,8 +157,10 @@ def test_loss_gradient_follows_the_cotangent_and_batch_shape():
 
 
 # --------------------------------------------------------------------------- checkpointing
-def test_activation_checkpointing_gives_the_same_loss_and_gradients():
-    model = GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=3, n_head=2, n_embd=32), seed=0)
+@pytest.mark.parametrize("switches", [{}, dict(n_layer=4, value_embeds=2, unet=True)], ids=["gpt2", "value_embeds_unet"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(switches: dict):
+    """Also for blocks that take a value embedding (its table's gradient flows through the checkpoint)."""
+    model = GPT(GPTConfig(**{**dict(block_size=32, vocab_size=300, n_layer=3, n_head=2, n_embd=32), **switches}), seed=0)
     x = mx.random.randint(0, 300, (2, 32), key=mx.random.key(1))
     y = mx.random.randint(0, 300, (2, 32), key=mx.random.key(2))
     loss_and_grad = nn.value_and_grad(model, lambda m, x, y: kernels.cross_entropy(m.hidden(x), m.head_weight, y))
@@ -170,6 +172,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     np.testing.assert_allclose(l0.item(), l1.item(), rtol=1e-6)
     from mlx.utils import tree_flatten
 
+    assert all(np.abs(np.array(g)).max() > 0 for name, g in tree_flatten(g0) if name.startswith("ve."))
     for (name, a), (_, b) in zip(tree_flatten(g0), tree_flatten(g1)):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-7, err_msg=name)
 

@@ -13,7 +13,7 @@ from conftest import assert_one_line_error, run_cli, run_main
 from mlx.utils import tree_flatten
 from test_train import VOCAB, cli_config, flat_weights, logged, tiny_config, token_stream, write_shards
 
-from nanogpt_mlx import UserError, recipes
+from nanogpt_mlx import GPT, GPTConfig, UserError, recipes
 from nanogpt_mlx.checkpoint import checkpoints
 from nanogpt_mlx.optim import Muon
 from nanogpt_mlx.recipes import BUILD_NANOGPT, SPEEDRUN
@@ -65,6 +65,17 @@ def test_speedrun_parameter_groups(data_dir, tmp_path):
     assert [type(o).__name__ for o in subs] == ["Muon", "Muon", "AdamW", "AdamW", "AdamW"]
     assert subs[0].splits == 3 and subs[1].splits == 1 and subs[0].weight_decay == 0.025
     assert all(o.weight_decay == 0 and o.betas == [0.8, 0.95] and o.eps == 1e-10 for o in subs[2:])
+
+
+def test_speedrun_groups_of_value_embeddings_and_skip_weights(data_dir, tmp_path):
+    """Value embeddings are embeddings (AdamW at embed_lr); their mixing weights and the U-net's are gains."""
+    cfg = GPTConfig(block_size=32, vocab_size=VOCAB, n_layer=4, n_head=2, n_embd=32, **SPEEDRUN.model,
+                    value_embeds=1, unet=True)
+    opt = SPEEDRUN.make_optimizer(speedrun_config(data_dir, tmp_path), mx.float32)
+    opt.init(GPT(cfg, seed=0).trainable_parameters())
+    names = [{k.rsplit(".", 1)[0] for k, _ in tree_flatten(o.state) if k.endswith((".m", ".v"))} for o in opt.optimizers]
+    assert names[2] == {"wte.weight", "ve.0.weight"}
+    assert {"skip_weights", "h.0.attn.ve_lambda", "h.3.attn.ve_lambda"} <= names[4]
 
 
 def test_speedrun_schedule_sets_every_group(data_dir, tmp_path):

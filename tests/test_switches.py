@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanogpt_mlx import GPT, GPTConfig, UserError, device, kernels
+from nanogpt_mlx import GPT, GPTConfig, UserError, device, kernels, memory
 from nanogpt_mlx.loss import MAX_BOUND_CAP
 from nanogpt_mlx.recipes import SPEEDRUN
 
@@ -62,8 +62,18 @@ def reference_logits(params: dict[str, np.ndarray], cfg: GPTConfig, idx: np.ndar
         x = x + param("wpe.weight")[:Tq]
     if cfg.embed_norm:
         x = norm(x, "ln_e")
-    for i in range(cfg.n_layer):
+    L, k_ve = cfg.n_layer, cfg.value_embeds
+    # the speedrun's layer -> value embedding list: [ve0 .. ve(k-1)] + [None] * (L - 2k) + [ve0 .. ve(k-1)]
+    ves = [param(f"ve.{j}.weight")[idx_t] for j in range(k_ve)]
+    layer_ve = ves + [None] * (L - 2 * k_ve) + ves
+    skips, n_skip = [], L // 2 if cfg.unet else 0
+    for i in range(L):
+        if i >= L - n_skip:
+            x = x + param("skip_weights")[i - (L - n_skip)] * skips.pop()
         q, k, v = linear(norm(x, f"h.{i}.ln_1"), f"h.{i}.attn.c_attn").split(C, dim=-1)
+        if layer_ve[i] is not None:
+            lam = param(f"h.{i}.attn.ve_lambda")
+            v = lam[0] * v + lam[1] * layer_ve[i]
         q, k, v = (a.view(B, Tq, nh, hs) for a in (q, k, v))
         if cfg.qk_norm:
             q, k = F.rms_norm(q, (hs,), eps=1e-6), F.rms_norm(k, (hs,), eps=1e-6)
@@ -74,6 +84,8 @@ def reference_logits(params: dict[str, np.ndarray], cfg: GPTConfig, idx: np.ndar
         h = linear(norm(x, f"h.{i}.ln_2"), f"h.{i}.mlp.c_fc")
         h = h.relu().square() if cfg.mlp == "relu2" else F.gelu(h, approximate="tanh")
         x = x + linear(h, f"h.{i}.mlp.c_proj")
+        if i < n_skip:
+            skips.append(x)
     head = param("wte.weight") if cfg.tie_embeddings else param("lm_head.weight")
     logits = norm(x, "ln_f") @ head.T
     assert used == set(params), f"parameters the reference has no use for: {set(params) - used}"
@@ -93,8 +105,10 @@ def randomise(model: GPT) -> dict[str, np.ndarray]:
             v = 0.3 * z
         elif ".ln_" in name or name.startswith("ln_"):
             v = 1 + 0.3 * z  # norm gains
-        elif name in ("wte.weight", "wpe.weight"):
+        elif name in ("wte.weight", "wpe.weight") or name.startswith("ve."):
             v = z
+        elif name.endswith(("ve_lambda", "skip_weights")):
+            v = 0.5 + 0.3 * z  # mixing weights
         elif name == "lm_head.weight":
             v = 6 * z / np.sqrt(w.shape[1])  # logits of ~20 as a tied head gives: a cap of 15 bites
         else:
@@ -109,7 +123,7 @@ def tokens(B: int = 2, seed: int = 0) -> np.ndarray:
 
 
 def random_model(**switches) -> tuple[GPT, dict[str, np.ndarray]]:
-    model = GPT(GPTConfig(**SIZES, **switches), seed=0)
+    model = GPT(GPTConfig(**{**SIZES, **switches}), seed=0)
     return model, randomise(model)
 
 
@@ -125,7 +139,12 @@ CASES = {
     "untied": dict(tie_embeddings=False),
     "softcap": dict(logit_softcap=5.0),
     "speedrun_init": dict(init="speedrun", tie_embeddings=False),
+    "value_embeds": dict(n_layer=4, value_embeds=1),
+    "value_embeds_all_layers": dict(n_layer=4, value_embeds=2),
+    "unet": dict(n_layer=4, unet=True),
+    "unet_odd": dict(n_layer=5, unet=True),
     "speedrun": SPEEDRUN.model,
+    "speedrun_skips": dict(SPEEDRUN.model, n_layer=4, value_embeds=2, unet=True),
 }
 
 
@@ -143,7 +162,7 @@ def test_logits_equal_torch_reference(switches: dict):
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4 * scale)
     # GPT-2 (all switches off), sharing every parameter it has, gives other logits: the switches
     # act, so a model that ignored one would fail above. (init alone only differs at init: untied here.)
-    plain, _ = random_model()
+    plain, _ = random_model(n_layer=model.config.n_layer)
     off = np.array(plain(mx.array(idx)))
     assert np.abs(off - ours).max() > 100 * 1e-4 * scale
     if switches.get("logit_softcap"):
@@ -152,9 +171,10 @@ def test_logits_equal_torch_reference(switches: dict):
 
 
 @pytest.mark.parametrize("chunks", [[6] + [1] * 10, [5, 7, 4]], ids=["prompt_then_tokens", "offset_chunks"])
-def test_rope_kv_cache_equals_full_forward(chunks: list[int]):
+@pytest.mark.parametrize("skips", [False, True], ids=["speedrun", "value_embeds_unet"])
+def test_rope_kv_cache_equals_full_forward(chunks: list[int], skips: bool):
     """Cached decoding rotates q and k at their absolute positions, also for a chunk starting past 0."""
-    model, _ = random_model(**SPEEDRUN.model)
+    model, _ = random_model(**SPEEDRUN.model, **(dict(n_layer=4, value_embeds=1, unet=True) if skips else {}))
     idx = mx.array(tokens(seed=3))
     full = np.array(model(idx))
     cache, parts, start = model.make_cache(), [], 0
@@ -191,7 +211,7 @@ def test_speedrun_init_with_tied_embeddings_is_a_one_line_user_error():
 
 @pytest.mark.parametrize("bad", [dict(mlp="swish"), dict(norm="batch"), dict(logit_softcap=-1.0),
                                  dict(logit_softcap=float("nan")), dict(rope_base=0.0),
-                                 dict(rope=True, n_embd=30, n_head=2)],
+                                 dict(rope=True, n_embd=30, n_head=2), dict(value_embeds=2), dict(value_embeds=-1)],
                          ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
 def test_bad_switch_values_are_user_errors(bad: dict):
     with pytest.raises(UserError, match=next(iter(bad)) if "rope" not in bad else "even head size"):
@@ -290,3 +310,23 @@ def test_softcapped_loss_bound_and_row_max(cap: float, scale: float):
         np.testing.assert_allclose(kernels.eval_cross_entropy(h, w, y, cap).item(), ref.item(), rtol=1e-5)
         np.testing.assert_allclose(np.array(dh), np.array(ref_dh), rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(np.array(dw), np.array(ref_dw), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("init, std", [("gpt2", 0.02), ("speedrun", 1.0)])
+def test_value_embeds_and_unet_init(init: str, std: float):
+    """Value tables start like wte; each mixing weight at the speedrun's start: ve_lambda (0.5, 0.5), skips 1."""
+    cfg = GPTConfig(block_size=64, vocab_size=300, n_layer=4, n_head=4, n_embd=64, value_embeds=1, unet=True,
+                    init=init, tie_embeddings=init == "gpt2")
+    params = {k: np.array(v) for k, v in GPT(cfg, seed=0).parameters_flat()}
+    assert abs(params["ve.0.weight"].std() - std) < 0.05 * std
+    assert sorted(k for k in params if "ve_lambda" in k) == ["h.0.attn.ve_lambda", "h.3.attn.ve_lambda"]
+    assert all(np.all(params[k] == 0.5) for k in params if "ve_lambda" in k)
+    np.testing.assert_array_equal(params["skip_weights"], np.ones(2))
+
+
+@pytest.mark.parametrize("switches", [{}, SPEEDRUN.model, dict(SPEEDRUN.model, value_embeds=2, unet=True),
+                                      dict(bias=False, norm="rmsnorm", embed_norm=True)],
+                         ids=["gpt2", "speedrun", "speedrun_skips", "mixed"])
+def test_memory_estimate_counts_every_parameter(switches: dict):
+    cfg = GPTConfig(**{**SIZES, "n_layer": 4, **switches})
+    assert memory.estimate(cfg, 2, 16, "float32").params == GPT(cfg).num_params()

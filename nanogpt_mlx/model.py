@@ -238,7 +238,8 @@ class GPT(nn.Module):
                 params[name] = mx.zeros_like(p)
                 continue
             if speedrun:
-                std = 1.0 if name in ("wte.weight", "wpe.weight") or name.startswith("ve.") else (0.33 / p.shape[-1]) ** 0.5
+                table = name in ("wte.weight", "wpe.weight") or name.startswith("ve.")
+                std = 1.0 if table else (0.33 / p.shape[-1]) ** 0.5
             else:
                 std = 0.02
                 if name.endswith("attn.c_proj.weight") or name.endswith("mlp.c_proj.weight"):
@@ -310,7 +311,7 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def value_embed_of(self, layer: int) -> int | None:
-        """Which value embedding feeds `layer`: table j the j-th layer and the j-th of the last k, or None."""
+        """The value embedding that feeds `layer`, or None: table j feeds layers j and L - k + j."""
         k, L = self.config.value_embeds, self.config.n_layer
         return layer if layer < k else layer - (L - k) if layer >= L - k else None
 

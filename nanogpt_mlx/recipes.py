@@ -15,7 +15,9 @@ unless the user sets them. The trainer asks its recipe for these and does not kn
   record's Muon momentum warm-up. The architecture takes the main record's forms where that file
   differs: c * tanh(logits / c) with c = 15 (not its algebraic cap), no biases (it keeps zero-init
   ones), RoPE over the whole head at base 10000 (not half-truncated at base 1024) and attention
-  scaled by 1/sqrt(head size) (not 0.12).
+  scaled by 1/sqrt(head size) (not 0.12). The speedrun's value embeddings and U-net skips are model switches
+  (GPTConfig.value_embeds, unet) left off: at the Shakespeare scale they did not measurably help
+  (benchmarks/bench_recipes.py --ablate).
 """
 
 from __future__ import annotations

@@ -155,8 +155,8 @@ PRESETS = {
 PRESETS["speedrun-124m"] = _with_recipe(PRESETS["gpt2-124m"], recipes.SPEEDRUN, out="out/speedrun-124m",
                                         max_steps=3375, val_every=125)
 PRESETS["shakespeare-speedrun"] = _with_recipe(PRESETS["shakespeare"], recipes.SPEEDRUN, out="out/shakespeare-speedrun",
-                                               momentum_warmup=50, max_lr=0.1, embed_lr=1.2, head_lr=0.0125,
-                                               scalar_lr=0.04)  # 4x the speedrun's LRs
+                                               momentum_warmup=50, max_lr=0.05, embed_lr=0.6, head_lr=0.00625,
+                                               scalar_lr=0.02)  # 2x the speedrun's LRs
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:

@@ -26,7 +26,7 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from statistics import median
 
-from nanogpt_mlx import checkpoint, recipes
+from nanogpt_mlx import UserError, checkpoint, recipes
 from nanogpt_mlx.model import GPTConfig
 from nanogpt_mlx.train import TrainConfig, Trainer
 
@@ -56,8 +56,16 @@ def variant(changes: str) -> str:
         key, _, value = item.partition("=")
         if key not in types or key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             raise SystemExit(f"--ablate {changes}: {key!r} is not a model switch")
-        model[key] = value.lower() in ("1", "true") if types[key] == "bool" else \
-            {"int": int, "float": float, "str": str}[types[key]](value)
+        try:
+            model[key] = value.lower() in ("1", "true") if types[key] == "bool" else \
+                {"int": int, "float": float, "str": str}[types[key]](value)
+        except ValueError as e:
+            raise SystemExit(f"--ablate {changes}: {key}: {e}") from None
+    preset = TrainConfig.preset("shakespeare")
+    try:  # the benchmark's model with these switches: refused now, not after the sweep
+        GPTConfig(n_layer=preset.n_layer, n_head=preset.n_head, n_embd=preset.n_embd, **model)
+    except UserError as e:
+        raise SystemExit(f"--ablate {changes}: {e}") from None
     name = f"speedrun+{changes}"
     recipes.RECIPES[name] = replace(recipes.SPEEDRUN, name=name, model=model)  # for this process only
     return name

@@ -28,10 +28,14 @@ class Profile:
     dtype: str  # default compute dtype of training (`--dtype` overrides)
     software_math: bool  # MLX computes exp/tanh/sqrt in scalar software here: use cpu.py's kernels
     cpu_backend: bool  # MLX's CPU backend: OpenBLAS preload, malloc tuning, gemv shim (cpu.setup)
-    loss_rows: int  # rows of logits the fused head + loss computes at a time
+    loss_rows: int  # rows of logits the fused head + loss computes at a time (0: all)
     eval_batch: int  # HellaSwag examples (4 rows each) per forward pass
     gemm_n: int  # size of the square matmul timed for MFU's peak
     fused_attention_backward: bool  # MLX's fused SDPA has a fused backward on this device (cuDNN)
+    cuda_kernels: bool = False  # bind cuda.py's kernels (the head + loss) when MLX runs on an NVIDIA GPU
+    saved_per_layer: int = 22  # values the backward keeps per token and layer, in n_embd units (memory.py),
+    # fitted to measured peaks: MLX's CPU backend keeps LayerNorm ins and outs, qkv, the attention output, the
+    # residual sums and the MLP's 4x-wide input and GELU output; its CUDA backend about twice that
 
     def attention_note(self, dtype: str, head_dim: int, seq_len: int) -> str | None:
         """Why training attention will not use a fused kernel in both directions, or None if it will."""
@@ -63,7 +67,8 @@ PROFILES = {
         Profile("metal", "Apple silicon GPU (Metal)", "bfloat16", software_math=False, cpu_backend=False,
                 loss_rows=2048, eval_batch=8, gemm_n=4096, fused_attention_backward=False),
         Profile("cuda", "NVIDIA GPU (mlx[cuda])", "bfloat16", software_math=False, cpu_backend=False,
-                loss_rows=4096, eval_batch=8, gemm_n=8192, fused_attention_backward=True),
+                loss_rows=0, eval_batch=8, gemm_n=8192, fused_attention_backward=True, cuda_kernels=True,
+                saved_per_layer=44),
     ]
 }
 
@@ -163,7 +168,7 @@ def info() -> list[tuple[str, str]]:
     lines = [("profile", f"{PROFILE.name}: {PROFILE.description}" + (f"  [{note}]" if note else "")),
              ("device", str(mx.default_device())),
              ("dtype", f"{PROFILE.dtype} by default (--dtype overrides)"),
-             ("loss chunk", f"{PROFILE.loss_rows} rows of logits at a time")]
+             ("loss chunk", f"{PROFILE.loss_rows or 'all'} rows of logits at a time")]
     if PROFILE.cpu_backend:
         from . import cpu
 

@@ -43,8 +43,13 @@ def for_profile(profile: device.Profile) -> Kernels:
 
         return Kernels(cpu.attention, cpu.gelu, cpu.exp, cpu.sqrt,
                        *make_losses(profile.loss_rows, cpu.exp))
+    rowwise = None
+    if profile.cuda_kernels:
+        from . import cuda
+
+        rowwise = cuda.cross_entropy_rows if cuda.available() else None  # forced on a CPU: MLX's ops
     return Kernels(mlx_attention, nn.gelu_approx, mx.exp, mx.sqrt,
-                   *make_losses(profile.loss_rows, mx.exp))
+                   *make_losses(profile.loss_rows, mx.exp, rowwise))
 
 
 BOUND = for_profile(device.PROFILE)

@@ -14,6 +14,10 @@ computes no logits twice. A logit soft-cap (c tanh(logits / c), the speedrun's) 
 chunk, its derivative folded into the stored gradient; as it bounds the logits by c, it also saves
 the row max. The chunk size and the exp come from the device profile (kernels.py):
 small chunks stay in a CPU's cache, large ones keep a GPU busy.
+
+On an NVIDIA GPU a device kernel (cuda.py) replaces the float32 chunk arithmetic: it reads the
+bf16 logits of all rows and writes their loss and gradient in one pass, so training holds two
+N x V arrays in the compute dtype (logits, gradient) and no float32 one.
 """
 
 from __future__ import annotations
@@ -23,20 +27,28 @@ from functools import lru_cache
 
 import mlx.core as mx
 
+EVAL_ROWS = 4096  # evaluation's chunk when training takes all rows at once
 MAX_BOUND_CAP = 40.0  # exp(-2 * 40) ~ 1.8e-35: the largest soft-cap whose bound cannot underflow a row's sum
 Loss = Callable[..., mx.array]  # (h, head weight, targets, softcap=0.0) -> mean loss
 
 
-def make_losses(rows: int, exp: Callable[[mx.array], mx.array] = mx.exp) -> tuple[Loss, Loss]:
-    """(training loss, evaluation loss) for logits h @ w.T: `rows` rows of logits at a time, `exp` for
-    exp(x <= 0). Both take h (..., C), w (V, C), y (...) and a soft-cap c (logits -> c tanh(logits / c),
-    0: none) and return the mean loss in float32."""
+Rowwise = Callable[[mx.array, mx.array, float, int], tuple[mx.array, mx.array]]
+# (logits (n, V), targets (n,), soft-cap, N) -> (per-row loss in float32, (softmax - onehot) / N in the logits' dtype)
 
-    def chunks(h: mx.array, w: mx.array, y: mx.array, softcap: float):
+
+def make_losses(rows: int, exp: Callable[[mx.array], mx.array] = mx.exp,
+                rowwise: Rowwise | None = None) -> tuple[Loss, Loss]:
+    """(training loss, evaluation loss) for logits h @ w.T: `rows` rows of logits at a time (0: all rows in
+    training, EVAL_ROWS in evaluation, whose float32 chunks a device kernel does not replace), `exp` for
+    exp(x <= 0). Both take h (..., C), w (V, C), y (...) and a soft-cap c (logits -> c tanh(logits / c),
+    0: none) and return the mean loss in float32. `rowwise`, a device kernel for a chunk's loss and
+    gradient (cuda.py), replaces the MLX ops of the training loss."""
+
+    def chunks(h: mx.array, w: mx.array, y: mx.array, softcap: float, size: int):
         """Per chunk: (targets (n, 1), summed loss, exp(logits - m) for a per-row bound m >= the logits, row sums
         of that, d capped / d raw logits or None), in float32."""
-        for start in range(0, h.shape[0], rows):
-            hc, yc = h[start : start + rows], y[start : start + rows, None]
+        for start in range(0, h.shape[0], size):
+            hc, yc = h[start : start + size], y[start : start + size, None]
             logits = (hc @ w.T).astype(mx.float32)
             dcap = None
             if softcap:
@@ -56,17 +68,25 @@ def make_losses(rows: int, exp: Callable[[mx.array], mx.array] = mx.exp) -> tupl
     def fused(softcap: float):
         """The custom function (mean loss, d loss / d h, d loss / d w) of h (N, C), w (V, C), y (N,)."""
 
-        @mx.custom_function
-        def loss_and_grads(h: mx.array, w: mx.array, y: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        def op_chunks(h: mx.array, w: mx.array, y: mx.array):
+            """Per chunk: (summed loss, (softmax - onehot) / N in the compute dtype), from MLX ops."""
             n = h.shape[0]
             classes = mx.arange(w.shape[0], dtype=y.dtype)
-            losses, dlogits = [], []
-            for yc, loss, e, total, dcap in chunks(h, w, y, softcap):
-                losses.append(loss)
-                d = e / (total * n) - (classes == yc) * (1.0 / n)  # (softmax - onehot) / N
-                dlogits.append((d if dcap is None else d * dcap).astype(h.dtype))
-            dlogits = mx.concatenate(dlogits)  # (N, V) in the compute dtype
-            return sum(losses) / n, dlogits @ w, dlogits.T @ h
+            for yc, loss, e, total, dcap in chunks(h, w, y, softcap, rows or n):
+                d = e / (total * n) - (classes == yc) * (1.0 / n)
+                yield loss, (d if dcap is None else d * dcap).astype(h.dtype)
+
+        def kernel_chunks(h: mx.array, w: mx.array, y: mx.array):
+            n = h.shape[0]
+            for start in range(0, n, rows or n):
+                loss, d = rowwise(h[start : start + (rows or n)] @ w.T, y[start : start + (rows or n)], softcap, n)
+                yield loss.sum(), d
+
+        @mx.custom_function
+        def loss_and_grads(h: mx.array, w: mx.array, y: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+            losses, dlogits = zip(*(kernel_chunks if rowwise else op_chunks)(h, w, y))
+            dlogits = dlogits[0] if len(dlogits) == 1 else mx.concatenate(dlogits)  # (N, V), compute dtype
+            return sum(losses) / h.shape[0], dlogits @ w, dlogits.T @ h
 
         @loss_and_grads.vjp
         def loss_and_grads_vjp(primals, cotangents, outputs):
@@ -86,6 +106,6 @@ def make_losses(rows: int, exp: Callable[[mx.array], mx.array] = mx.exp) -> tupl
     def eval_cross_entropy(h: mx.array, w: mx.array, y: mx.array, softcap: float = 0.0) -> mx.array:
         """The same mean loss without the gradient, for evaluation."""
         h, w, y = flat(h, w, y)
-        return sum(c[1] for c in chunks(h, w, y, float(softcap))) / h.shape[0]
+        return sum(c[1] for c in chunks(h, w, y, float(softcap), rows or EVAL_ROWS)) / h.shape[0]
 
     return cross_entropy, eval_cross_entropy

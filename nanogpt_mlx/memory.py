@@ -7,7 +7,9 @@ bfloat16 copy of the weights when computing in bfloat16, the activations the bac
 needs for one micro-batch, and the fused head + loss's buffers. The head's share was fitted to
 `mx.get_peak_memory()` of real compiled steps on MLX's CPU backend (tests/test_memory.py checks
 the estimate against measured steps): MLX schedules the chunks of the fused loss so that about
-5.5 float32 N x V arrays are alive at once, whatever the chunk size or dtype.
+5.5 float32 N x V arrays are alive at once, whatever the chunk size or dtype. With the CUDA
+kernel (cuda.py) the head holds the logits and their gradient in the compute dtype. The
+activations per layer come from the device profile, fitted to steps measured on each backend.
 """
 
 from __future__ import annotations
@@ -19,9 +21,6 @@ from . import device
 from .errors import UserError
 from .model import GPTConfig
 
-# values saved for the backward pass per token and layer, in units of n_embd (LayerNorm ins and
-# outs, qkv, the attention output, the residual sums, the MLP's 4x-wide input and GELU output)
-_SAVED_PER_LAYER = 22
 _HEAD_NV_FLOAT32 = 5.5  # float32 N x V arrays alive at the peak of the fused head + loss
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -56,7 +55,7 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
               + L * (12 * C * C + (9 * C if config.bias else 0) + 2 * norm) + norm * (2 if config.embed_norm else 1)
               + config.value_embeds * (V * C + 4) + (L // 2 if config.unet else 0))
     n = batch_size * seq_len
-    per_layer = _SAVED_PER_LAYER * C * n * b
+    per_layer = profile.saved_per_layer * C * n * b
     if profile.attention_note(dtype, C // nh, seq_len) is not None or profile.software_math:
         per_layer += 2 * nh * seq_len * n * 4  # unfused attention keeps its scores and probabilities (float32)
     else:
@@ -64,7 +63,7 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
     # checkpointing keeps each block's input and recomputes one block at a time in the backward pass
     activations = (L * C * n * b + per_layer) if checkpointing else L * per_layer
     activations += 4 * C * n * b  # embeddings, final LayerNorm, the hidden states into the head
-    head = int(_HEAD_NV_FLOAT32 * n * V * 4)
+    head = 2 * n * V * b if profile.cuda_kernels else int(_HEAD_NV_FLOAT32 * n * V * 4)
     return Estimate(params=params, weights=params * (4 + (b if b != 4 else 0)), optimizer=8 * params,
                     gradients=params * (4 + b), activations=activations, head=head)
 

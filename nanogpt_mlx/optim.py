@@ -61,14 +61,28 @@ def once(scalar: mx.array) -> mx.array:
 class AdamW(optim.AdamW):
     """PyTorch's AdamW (bias-corrected, decoupled decay): MLX's update with the device's sqrt kernel."""
 
+    def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
+        self._scalars: dict = {}  # this step's per-dtype scalars, computed by its first tensor
+        return super().apply_gradients(gradients, parameters)
+
+    def step_scalars(self, dtype: mx.Dtype) -> tuple[mx.array, mx.array, mx.array]:
+        """(lr / (1 - b1^t), 1 / sqrt(1 - b2^t), 1 - lr * weight decay) in `dtype`, once per step for all
+        tensors: per tensor they would be three extra kernels each on a GPU."""
+        cache = self.__dict__.setdefault("_scalars", {})
+        if dtype not in cache:
+            lr = self.learning_rate.astype(dtype)
+            b1, b2 = self.betas
+            cache[dtype] = (once((lr / (1 - b1**self.step)).astype(dtype)),
+                            once(mx.rsqrt(1 - b2**self.step).astype(dtype)),  # a scalar: MLX's own rsqrt is fine
+                            once(1 - lr * self.weight_decay))
+        return cache[dtype]
+
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
-        lr = self.learning_rate.astype(gradient.dtype)
         b1, b2 = self.betas
         m = state["m"] = b1 * state["m"] + (1 - b1) * gradient
         v = state["v"] = b2 * state["v"] + (1 - b2) * mx.square(gradient)
-        c1 = once((lr / (1 - b1**self.step)).astype(gradient.dtype))
-        c2 = once(mx.rsqrt(1 - b2**self.step).astype(gradient.dtype))  # a scalar: MLX's own rsqrt is fine
-        return parameter * once(1 - lr * self.weight_decay) - c1 * m / (kernels.sqrt(v) * c2 + self.eps)
+        c1, c2, decay = self.step_scalars(gradient.dtype)
+        return parameter * decay - c1 * m / (kernels.sqrt(v) * c2 + self.eps)
 
 
 def build_nanogpt_adamw(lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> optim.MultiOptimizer:

@@ -103,8 +103,9 @@ def test_gelu_exp_sqrt_equal_reference(profile, maybe_compile):
     np.testing.assert_allclose(np.array(maybe_compile(k.sqrt)(x)), np.sqrt(np.array(x, dtype=np.float64)), rtol=1e-6)
 
 
-def plain_loss(h, w, y):
-    return nn.losses.cross_entropy(h @ w.T, y, reduction="mean")
+def plain_loss(h, w, y, softcap: float = 0.0):
+    logits = h @ w.T
+    return nn.losses.cross_entropy(softcap * mx.tanh(logits / softcap) if softcap else logits, y, reduction="mean")
 
 
 def random_head(n: int, vocab: int, dtype=mx.float32, seed: int = 0):
@@ -143,6 +144,33 @@ def test_bfloat16_head_loss_is_float32_and_close(profile):
     for got, want in ((dh, ref_dh), (dw, ref_dw)):
         got, want = np.array(got.astype(mx.float32)), np.array(want)
         assert np.abs(got - want).max() < 0.03 * np.abs(want).max()
+
+
+def reference_rowwise(logits: mx.array, y: mx.array, softcap: float, n: int) -> tuple[mx.array, mx.array]:
+    """cuda.py's kernel contract in plain float32 MLX ops: per-row loss, (softmax - onehot) / n through the cap."""
+    z = logits.astype(mx.float32)
+    if softcap:
+        z = softcap * mx.tanh(z / softcap)
+    lse = mx.logsumexp(z, axis=-1)
+    d = (mx.exp(z - lse[:, None]) - (mx.arange(z.shape[1]) == y[:, None])) / n
+    if softcap:
+        d = d * (1 - mx.square(z / softcap))
+    return lse - mx.take_along_axis(z, y[:, None], axis=-1)[:, 0], d.astype(logits.dtype)
+
+
+@pytest.mark.parametrize("rows", [0, 128, 7])
+@pytest.mark.parametrize("softcap", [0.0, 15.0])
+def test_device_rowwise_kernel_path_equals_plain_cross_entropy(rows, softcap):
+    """The path a device kernel takes (all rows at once, or chunks that do not divide n): loss and gradients."""
+    train_loss, eval_loss = make_losses(rows, rowwise=reference_rowwise)
+    h, w, y = random_head(300, 1000)
+    capped = lambda h, w, y: plain_loss(h, w, y, softcap)  # noqa: E731
+    ref_loss, (ref_dh, ref_dw) = mx.value_and_grad(capped, argnums=(0, 1))(h, w, y)
+    np.testing.assert_allclose(eval_loss(h, w, y, softcap).item(), ref_loss.item(), rtol=1e-5)
+    got_loss, (dh, dw) = mx.value_and_grad(mx.compile(lambda h, w: train_loss(h, w, y, softcap)), argnums=(0, 1))(h, w)
+    np.testing.assert_allclose(got_loss.item(), ref_loss.item(), rtol=1e-5)
+    np.testing.assert_allclose(np.array(dh), np.array(ref_dh), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.array(dw), np.array(ref_dw), rtol=1e-4, atol=1e-6)
 
 
 def test_loss_gradient_follows_the_cotangent_and_batch_shape():

@@ -63,3 +63,11 @@ def test_cli_refuses_before_training(tmp_path):
                    "--max-memory", "0.05")
     assert_one_line_error(proc, "more than --max-memory 0.05 GB")
     assert not (tmp_path / "out" / "log.txt").exists()
+
+
+def test_cuda_head_holds_two_compute_dtype_logit_matrices():
+    """With cuda.py's kernel the head keeps the logits and their gradient in bf16, no float32 N x V array."""
+    cfg = GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)
+    cuda = memory.estimate(cfg, 16, 1024, "bfloat16", profile=device.PROFILES["cuda"])
+    metal = memory.estimate(cfg, 16, 1024, "bfloat16", profile=device.PROFILES["metal"])
+    assert cuda.head == 2 * 16 * 1024 * 50304 * 2 < metal.head

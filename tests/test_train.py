@@ -399,3 +399,29 @@ def test_hellaswag_during_training_is_logged(data_dir, tmp_path):
     init = GPT(Trainer(replace(cfg, out=str(tmp_path / "fresh"))).model.config, seed=cfg.seed)
     expected = score_hellaswag(init, load_hellaswag(data, limit=10), progress=False).acc_norm
     assert float(hella[0][2]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_adamw_step_scalars_are_shared_and_match_pytorch():
+    """Bias corrections and the decay factor are computed once per step for every tensor of a group (not three
+    kernels per tensor on a GPU), and the update is still PyTorch's AdamW."""
+    import torch
+
+    shapes = {"a": (3, 4), "b": (5,), "c": (2, 2)}
+    rng = np.random.default_rng(0)
+    init = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(3)]
+    opt = optim_mod.build_nanogpt_adamw(1e-2, 0.1, (0.9, 0.95), 1e-8)
+    params = {k: mx.array(v) for k, v in init.items()}
+    step = mx.compile(lambda g, p: opt.apply_gradients(g, p), inputs=[opt.state], outputs=[opt.state])
+    for g in grads:
+        params = step({k: mx.array(v) for k, v in g.items()}, params)
+        assert [len(o._scalars) for o in opt.optimizers] == [1, 1]  # per group and dtype, not per tensor
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in init.items()}
+    topt = torch.optim.AdamW([{"params": [tp["a"], tp["c"]], "weight_decay": 0.1},
+                              {"params": [tp["b"]], "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    for g in grads:
+        for k, t in tp.items():
+            t.grad = torch.tensor(g[k])
+        topt.step()
+    for k, t in tp.items():
+        np.testing.assert_allclose(np.array(params[k]), t.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=k)

@@ -1,0 +1,250 @@
+"""Where a bf16 training step's time and memory go on the default MLX device, part by part.
+
+GPT-2 124M, vocab 50304, B16 x T1024 (--quick: a tiny model, as a smoke test on the CPU). Each part is
+compiled and timed in this one process (median of timed reps after warm-up), with the peak memory
+above what was live before it. Parts: the bf16 GEMM; the CUDA cross-entropy kernel against MLX's ops
+(values and speed); the head + loss (forward and backward) through MLX's ops in chunks, through the
+kernel, and as plain autodiff; attention fused and unfused; the body; AdamW, clipping, casts; and whole
+Trainer steps with each head + loss swapped in. Results are printed and written to OUT/profile_step.json
+as they come, so a run stopped early still reports what it measured.
+
+    python benchmarks/profile_step.py [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+import numpy as np
+
+import nanogpt_mlx  # noqa: F401  (sets the device up before mlx.core)
+from nanogpt_mlx import cuda, device, kernels
+from nanogpt_mlx import train as train_mod
+from nanogpt_mlx.loss import make_losses
+from nanogpt_mlx.model import GPT, GPTConfig
+from nanogpt_mlx.optim import build_nanogpt_adamw, clip_grad_norm
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+from mlx.utils import tree_map  # noqa: E402
+
+VOCAB = 50304
+PARTS = ["gemm", "kernel", "head", "attention", "model", "optimizer", "trainer"]
+results: dict = {}
+out_file = Path("profile_step.json")
+
+
+def record(name: str, value) -> None:
+    results[name] = value
+    print(f"{name:44s} {value}", flush=True)
+    out_file.write_text(json.dumps(results, indent=1))
+
+
+def timed(name: str, fn, reps: int = 8, warmup: int = 2, **extra) -> float | None:
+    """Median ms of mx.eval(fn()), and the peak memory (GB) above what was live before."""
+    try:
+        for _ in range(warmup):
+            mx.eval(fn())
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            mx.eval(fn())
+            times.append(time.perf_counter() - start)
+        ms = median(times) * 1000
+        record(name, {"ms": round(ms, 3), "peak_gb": round((mx.get_peak_memory() - base) / 1e9, 3), **extra})
+        return ms
+    except Exception as e:  # noqa: BLE001  (keep profiling the other parts)
+        record(name, {"error": f"{type(e).__name__}: {e}"[:400]})
+        return None
+
+
+def plain_loss(h, w, y, softcap=0.0):
+    """Autodiff reference: bf16 logits, cross-entropy in float32."""
+    logits = (h.reshape(-1, h.shape[-1]) @ w.T).astype(mx.float32)
+    if softcap:
+        logits = softcap * mx.tanh(logits / softcap)
+    return nn.losses.cross_entropy(logits, y.reshape(-1), reduction="mean")
+
+
+def check_kernel(n_rows: int) -> None:
+    """The CUDA kernel's loss and gradient against float32 MLX ops on the same bf16 logits."""
+    rng = np.random.default_rng(0)
+    logits = mx.array(rng.normal(0, 4, (n_rows, VOCAB)).astype(np.float32)).astype(mx.bfloat16)
+    y = mx.array(rng.integers(0, VOCAB, n_rows).astype(np.int32))
+    for cap in (0.0, 15.0):
+        z = logits.astype(mx.float32)
+        if cap:
+            z = cap * mx.tanh(z / cap)
+        lse = mx.logsumexp(z, axis=-1)
+        ref_loss = lse - mx.take_along_axis(z, y[:, None], axis=-1)[:, 0]
+        ref_d = (mx.exp(z - lse[:, None]) - (mx.arange(VOCAB) == y[:, None])) / n_rows
+        if cap:
+            ref_d = ref_d * (1 - mx.square(z / cap))
+        loss, d = cuda.cross_entropy_rows(logits, y, cap, n_rows)
+        err_loss = mx.max(mx.abs(loss - ref_loss)).item()
+        err_d = (mx.max(mx.abs(d.astype(mx.float32) - ref_d)) / mx.max(mx.abs(ref_d))).item()
+        record(f"kernel check cap={cap:g}", {"max_abs_loss_err": err_loss, "max_rel_grad_err": err_d,
+                                             "ok": err_loss < 1e-3 and err_d < 1e-2})
+
+
+def head_variants(N: int, C: int) -> dict:
+    """name -> training loss function (h, w, y, softcap) with its gradient."""
+    sizes = {"4096": 4096, "all": N}
+    found = {f"ops rows={k}": make_losses(r)[0] for k, r in sizes.items()}
+    if cuda.available():
+        found.update({f"kernel rows={k}": make_losses(r, rowwise=cuda.cross_entropy_rows)[0] for k, r in sizes.items()})
+    found["plain autodiff"] = plain_loss
+    return found
+
+
+def head_part(B: int, T: int, C: int) -> None:
+    N = B * T
+    rng = np.random.default_rng(1)
+    h = mx.array(rng.normal(0, 1, (N, C)).astype(np.float32)).astype(mx.bfloat16)
+    w = mx.array(rng.normal(0, 0.02, (VOCAB, C)).astype(np.float32)).astype(mx.bfloat16)
+    y = mx.array(rng.integers(0, 50257, N).astype(np.int32))
+    ref = mx.value_and_grad(lambda h_, w_: plain_loss(h_.astype(mx.float32), w_.astype(mx.float32), y), argnums=(0, 1))(h, w)
+    mx.eval(ref)
+    for name, loss in head_variants(N, C).items():
+        vg = mx.compile(mx.value_and_grad(lambda h_, w_, loss=loss: loss(h_, w_, y), argnums=(0, 1)))
+        got = vg(h, w)
+        errs = {"loss_err": abs(got[0].item() - ref[0].item()),
+                "dh_rel_err": (mx.max(mx.abs(got[1][0] - ref[1][0])) / mx.max(mx.abs(ref[1][0]))).item(),
+                "dw_rel_err": (mx.max(mx.abs(got[1][1] - ref[1][1])) / mx.max(mx.abs(ref[1][1]))).item()}
+        timed(f"head+loss fwd+bwd, {name}", lambda vg=vg: vg(h, w), **{k: float(f"{v:.2e}") for k, v in errs.items()})
+
+
+def attention_part(B: int, T: int, nh: int, hs: int) -> None:
+    rng = np.random.default_rng(2)
+    q, k, v, g = (mx.array(rng.normal(0, 1, (B, nh, T, hs)).astype(np.float32)).astype(mx.bfloat16) for _ in range(4))
+    scale = hs**-0.5
+
+    def unfused(q, k, v):
+        s = (q @ k.swapaxes(-1, -2)) * scale
+        s = mx.where(mx.tril(mx.ones((T, T), dtype=mx.bool_)), s, -mx.inf)
+        return mx.softmax(s.astype(mx.float32), axis=-1).astype(q.dtype) @ v
+
+    for name, f in [("fused", kernels.mlx_attention), ("unfused", unfused)]:
+        att = (lambda q, k, v, f=f: f(q, k, v, scale, True)) if name == "fused" else f
+        vg = mx.compile(mx.value_and_grad(lambda q, k, v, att=att: (att(q, k, v) * g).astype(mx.float32).sum(),
+                                          argnums=(0, 1, 2)))
+        timed(f"attention fwd+bwd, {name}", lambda vg=vg: vg(q, k, v))
+
+
+def model_parts(model: GPT, x: mx.array, y: mx.array, N: int) -> None:
+    state = [model.state]
+    timed("body fwd (hidden)", mx.compile(lambda: model.hidden(x), inputs=state, outputs=state))
+    body = nn.value_and_grad(model, lambda m: m.hidden(x).astype(mx.float32).square().mean())
+    timed("body fwd+bwd (no head)", mx.compile(lambda: body(model), inputs=state, outputs=state))
+    for name, loss in head_variants(N, model.config.n_embd).items():
+        vg = nn.value_and_grad(model, lambda m, loss=loss: loss(m.hidden(x), m.head_weight, y))
+        timed(f"model fwd+bwd, {name}", mx.compile(lambda vg=vg: vg(model), inputs=state, outputs=state))
+
+
+def optimizer_parts(model: GPT) -> None:
+    master = tree_map(lambda p: p.astype(mx.float32), model.parameters())
+    grads = tree_map(lambda p: mx.random.normal(p.shape) * 1e-3, master)
+    opt = build_nanogpt_adamw(6e-4, 0.1, (0.9, 0.95), 1e-8)
+    opt.init(master)
+    mx.eval(master, grads, opt.state)
+    box = {"p": master}
+
+    def update():
+        box["p"] = opt.apply_gradients(grads, box["p"])
+        return box["p"]
+
+    state = [opt.state, box]
+    timed("AdamW update (fp32 masters)", mx.compile(update, inputs=state, outputs=state))
+    timed("clip_grad_norm", mx.compile(lambda: clip_grad_norm(grads, 1.0)))
+    timed("bf16 cast of the masters", mx.compile(lambda: tree_map(lambda p: p.astype(mx.bfloat16), box["p"]),
+                                                 inputs=state))
+
+
+def trainer_step(label: str, loss, L: int, d: int, nh: int, B: int, T: int, **overrides) -> None:
+    """Median step (after 3) and peak memory of the public Trainer with `loss` as the head + loss."""
+    saved = kernels.cross_entropy
+    kernels.cross_entropy = loss
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            rng = np.random.default_rng(0)
+            n = B * T * 12 + 1
+            np.save(f"{tmp}/p_val_000000.npy", rng.integers(0, 50257, n).astype(np.uint16))
+            np.save(f"{tmp}/p_train_000001.npy", rng.integers(0, 50257, n).astype(np.uint16))
+            cfg = train_mod.TrainConfig(data=tmp, out=f"{tmp}/out", n_layer=L, n_head=nh, n_embd=d, block_size=1024,
+                                        batch_size=B, seq_len=T, total_batch_size=B * T, warmup_steps=5,
+                                        max_steps=11, val_every=0, sample_every=0, hellaswag_every=0,
+                                        checkpoint_every=0, dtype="bfloat16", **overrides)
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            train_mod.Trainer(cfg).train()
+            dts = [json.loads(line)["dt"] for line in open(f"{tmp}/out/log.jsonl") if '"train"' in line][3:]
+        ms = median(dts) * 1000
+        record(f"Trainer step, {label}", {"ms": round(ms, 2), "tok_s": round(B * T / ms * 1000),
+                                          "peak_gb": round(mx.get_peak_memory() / 1e9, 2)})
+    except Exception as e:  # noqa: BLE001
+        record(f"Trainer step, {label}", {"error": f"{type(e).__name__}: {e}"[:400]})
+    finally:
+        kernels.cross_entropy = saved
+
+
+def main() -> None:
+    global out_file
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a tiny model: a smoke test of the script on any device")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for profile_step.json")
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="what to time (default: all)")
+    args = ap.parse_args()
+    out_file = Path(args.out) / "profile_step.json"
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    L, d, nh, B, T = (2, 64, 2, 2, 128) if args.quick else (12, 768, 12, 16, 1024)
+    N = B * T
+
+    record("setup", {"mlx": mx.__version__, "device": str(mx.default_device()), "profile": device.PROFILE.name,
+                     "kernel": cuda.available(), "info": mx.device_info().get("device_name", ""),
+                     "attention": device.PROFILE.attention_note("bfloat16", d // nh, T) or "fused both ways"})
+    if "gemm" in args.parts:
+        n = 1024 if args.quick else 8192
+        a = mx.random.normal((n, n)).astype(mx.bfloat16)
+        ms = timed(f"bf16 GEMM {n}^3", lambda: a @ a)
+        if ms:
+            record("bf16 GEMM TFLOP/s", round(2 * n**3 / ms / 1e9, 1))
+    if "kernel" in args.parts and cuda.available():
+        check_kernel(256 if args.quick else 2048)
+    if "head" in args.parts:
+        head_part(B, T, d)
+    if "attention" in args.parts:
+        attention_part(B, T, nh, d // nh)
+    model = GPT(GPTConfig(block_size=1024, vocab_size=VOCAB, n_layer=L, n_head=nh, n_embd=d), seed=0)
+    model.set_dtype(mx.bfloat16)
+    rng = np.random.default_rng(3)
+    x, y = (mx.array(rng.integers(0, 50257, (B, T)).astype(np.int32)) for _ in range(2))
+    mx.eval(model.parameters())
+    if "model" in args.parts:
+        model_parts(model, x, y, N)
+    if "optimizer" in args.parts:
+        optimizer_parts(model)
+    del model
+    if "trainer" not in args.parts:
+        return
+    for name, loss in head_variants(N, d).items():
+        trainer_step(name, loss, L, d, nh, B, T)
+    best = min((k for k, v in results.items() if k.startswith("Trainer step") and "ms" in v),
+               key=lambda k: results[k]["ms"], default=None)
+    if best:
+        name = best.removeprefix("Trainer step, ")
+        trainer_step(f"{name}, activation checkpointing", head_variants(N, d)[name], L, d, nh, B, T,
+                     activation_checkpointing=True)
+        trainer_step(f"{name}, B{2 * B}", head_variants(2 * N, d)[name], L, d, nh, 2 * B, T)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

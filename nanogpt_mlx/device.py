@@ -36,6 +36,8 @@ class Profile:
     saved_per_layer: int = 22  # values the backward keeps per token and layer, in n_embd units (memory.py),
     # fitted to measured peaks: MLX's CPU backend keeps LayerNorm ins and outs, qkv, the attention output, the
     # residual sums and the MLP's 4x-wide input and GELU output; its CUDA backend about twice that
+    checkpoint_frees: float = 1.0  # share of the activations that --activation-checkpointing frees, against
+    # keeping only block inputs and one block: all of it on the CPU backend, a quarter on an H200 (measured)
 
     def attention_note(self, dtype: str, head_dim: int, seq_len: int) -> str | None:
         """Why training attention will not use a fused kernel in both directions, or None if it will."""
@@ -68,7 +70,7 @@ PROFILES = {
                 loss_rows=2048, eval_batch=8, gemm_n=4096, fused_attention_backward=False),
         Profile("cuda", "NVIDIA GPU (mlx[cuda])", "bfloat16", software_math=False, cpu_backend=False,
                 loss_rows=0, eval_batch=8, gemm_n=8192, fused_attention_backward=True, cuda_kernels=True,
-                saved_per_layer=44),
+                saved_per_layer=44, checkpoint_frees=0.25),
     ]
 }
 
@@ -169,6 +171,11 @@ def info() -> list[tuple[str, str]]:
              ("device", str(mx.default_device())),
              ("dtype", f"{PROFILE.dtype} by default (--dtype overrides)"),
              ("loss chunk", f"{PROFILE.loss_rows or 'all'} rows of logits at a time")]
+    if PROFILE.cuda_kernels:
+        from . import cuda
+
+        lines.append(("loss kernel", "cuda.py, one pass over the bf16 logits" if cuda.available()
+                      else "MLX ops (no NVIDIA GPU under this forced profile)"))
     if PROFILE.cpu_backend:
         from . import cpu
 

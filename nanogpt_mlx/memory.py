@@ -60,8 +60,9 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
         per_layer += 2 * nh * seq_len * n * 4  # unfused attention keeps its scores and probabilities (float32)
     else:
         per_layer += nh * n * 4  # the fused kernel keeps one log-sum-exp per query
-    # checkpointing keeps each block's input and recomputes one block at a time in the backward pass
-    activations = (L * C * n * b + per_layer) if checkpointing else L * per_layer
+    activations = L * per_layer
+    if checkpointing:  # ideally each block's input and one block at a time; MLX's CUDA backend keeps more
+        activations -= int(profile.checkpoint_frees * (activations - L * C * n * b - per_layer))
     activations += 4 * C * n * b  # embeddings, final LayerNorm, the hidden states into the head
     head = 2 * n * V * b if profile.cuda_kernels else int(_HEAD_NV_FLOAT32 * n * V * 4)
     return Estimate(params=params, weights=params * (4 + (b if b != 4 else 0)), optimizer=8 * params,

@@ -20,10 +20,11 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from workers import spawn
 
 SIZES = {  # n_layer, n_embd, n_head, B, T
     "124m": (12, 768, 12, 16, 1024),
@@ -110,14 +111,6 @@ def run_torch(weights: str, data: str, size: str, steps: int) -> list[float]:
     return losses
 
 
-def spawn(*args: str) -> list[float]:
-    proc = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"worker {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         engine, weights, data, size, steps = sys.argv[2:7]
@@ -141,8 +134,8 @@ def main() -> None:
         raise SystemExit(f"{args.data}: no *_train_*.npy shards (nanogpt-mlx prepare shakespeare --out {args.data})")
     with tempfile.TemporaryDirectory() as tmp:
         weights = str(Path(tmp) / "weights")
-        spawn("weights", weights, args.data, args.size, "0")
-        curves = {e: spawn(e, weights, args.data, args.size, str(args.steps)) for e in args.engines}
+        spawn(__file__, "weights", weights, args.data, args.size, "0")
+        curves = {e: spawn(__file__, e, weights, args.data, args.size, str(args.steps)) for e in args.engines}
     print("step | " + " | ".join(curves))
     for s in range(args.steps):
         if s % 5 == 0 or s == args.steps - 1:

@@ -31,12 +31,13 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from statistics import median
+
+from workers import spawn
 
 CONFIGS = {  # n_layer, n_embd, n_head, B, T
     "a": (4, 256, 4, 8, 256),
@@ -196,14 +197,6 @@ def worker(args: list[str]) -> None:
     print("RESULT " + json.dumps(out))
 
 
-def spawn(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"worker {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 # ------------------------------------------------------------------------------------- driver
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
@@ -223,7 +216,7 @@ def main() -> None:
     args.configs = args.configs or list(configs)
     args.engines = args.engines or (GPU_ENGINES if gpu else ENGINES)
 
-    peaks = {e: max(spawn("gemm", e)["gflops"] for _ in range(args.rounds)) for e in ("mlx", "torch")}
+    peaks = {e: max(spawn(__file__, "gemm", e)["gflops"] for _ in range(args.rounds)) for e in ("mlx", "torch")}
     peak = max(peaks.values())
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; {'bf16 GEMM 8192' if gpu else 'fp32 GEMM 2048'}^3: "
           f"MLX {peaks['mlx']:.0f}, PyTorch {peaks['torch']:.0f} GFLOP/s (MFU against {peak:.0f})")
@@ -233,7 +226,7 @@ def main() -> None:
         results, memory = {}, {}
         for _ in range(args.rounds):
             for engine in args.engines:
-                out = spawn(engine, name, str(args.steps), str(args.warmup))
+                out = spawn(__file__, engine, name, str(args.steps), str(args.warmup))
                 dt = median(out["dt"])
                 results[engine] = max(results.get(engine, 0.0), B * T / dt)
                 memory[engine] = out.get("peak_gb", math.nan)

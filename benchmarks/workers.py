@@ -1,0 +1,20 @@
+"""Run a benchmark's engine in its own process: `python SCRIPT --worker ARGS...` prints `RESULT <json>`.
+
+Engines run in separate processes because MLX loads OpenBLAS globally on Linux CPUs, which would change
+PyTorch's BLAS in the same process, and so that each engine's peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def spawn(script: str, *args: str):
+    """The JSON value the worker printed last as `RESULT ...`; exits with the worker's stderr if it failed."""
+    proc = subprocess.run([sys.executable, script, "--worker", *args], capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"worker {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])

@@ -3,7 +3,8 @@
 A random GPT-2 (transformers GPT2LMHeadModel, vocab 50304, no dropout, written with save_pretrained) is
 trained for --steps steps on Tiny Shakespeare's train tokens in order (build-nanogpt's DataLoaderLite,
 which starts over at the end), with build-nanogpt's recipe: AdamW (0.9, 0.95), weight decay 0.1 on >= 2-D tensors,
-clip 1.0, warmup then cosine from max_lr 6e-4. Engines, each in its own process:
+clip 1.0, warmup then cosine from max_lr 6e-4 (the PyTorch loop is given the schedule's numbers, from
+nanogpt_mlx.optim.cosine_lr, whose equality with build-nanogpt's get_lr is tested in tests/test_train.py). Engines, each in its own process:
   mlx        nanogpt-mlx's Trainer in the device's default dtype (bfloat16 on GPUs), from the same weights
   mlx-fp32   the same in float32 (TF32 matmuls on NVIDIA GPUs)
   torch      build-nanogpt's loop on the transformers model: bf16 autocast on a GPU (fused AdamW), fp32 on a CPU
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -32,17 +32,6 @@ SIZES = {  # n_layer, n_embd, n_head, B, T
 }
 ENGINES = ["mlx", "mlx-fp32", "torch"]
 MAX_LR, WARMUP = 6e-4, 10
-
-
-def build_nanogpt_lr(step: int, max_steps: int) -> float:
-    """build-nanogpt's get_lr, written out independently of nanogpt-mlx."""
-    min_lr = MAX_LR * 0.1
-    if step < WARMUP:
-        return MAX_LR * (step + 1) / WARMUP
-    if step > max_steps:
-        return min_lr
-    ratio = (step - WARMUP) / (max_steps - WARMUP)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (MAX_LR - min_lr)
 
 
 def make_weights(size: str, path: Path) -> None:
@@ -69,7 +58,7 @@ def run_mlx(weights: str, data: str, size: str, steps: int, dtype: str) -> list[
         return [r["loss"] for r in map(json.loads, open(Path(tmp) / "log.jsonl")) if r["kind"] == "train"]
 
 
-def run_torch(weights: str, data: str, size: str, steps: int) -> list[float]:
+def run_torch(weights: str, data: str, size: str, lrs: list[float]) -> list[float]:
     import contextlib
 
     import numpy as np
@@ -91,7 +80,7 @@ def run_torch(weights: str, data: str, size: str, steps: int) -> list[float]:
     tokens, shard, pos = np.load(shards[0]).astype(np.int64), 0, 0
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if gpu else contextlib.nullcontext
     losses = []
-    for step in range(steps):
+    for lr in lrs:
         buf = torch.from_numpy(tokens[pos : pos + B * T + 1]).to(dev)
         pos += B * T
         if pos + B * T + 1 > len(tokens):  # DataLoaderLite: on to the next shard (the first again after the last)
@@ -105,7 +94,7 @@ def run_torch(weights: str, data: str, size: str, steps: int) -> list[float]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for group in optimizer.param_groups:
-            group["lr"] = build_nanogpt_lr(step, steps)
+            group["lr"] = lr
         optimizer.step()
         losses.append(loss.item())
     return losses
@@ -113,16 +102,18 @@ def run_torch(weights: str, data: str, size: str, steps: int) -> list[float]:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        engine, weights, data, size, steps = sys.argv[2:7]
+        engine, weights, data, size, arg = sys.argv[2:7]  # arg: steps, or for torch the learning rates
         if engine == "weights":
             make_weights(size, Path(weights))
             out = []
         elif engine == "torch":
-            out = run_torch(weights, data, size, int(steps))
+            out = run_torch(weights, data, size, json.loads(arg))
         else:
-            out = run_mlx(weights, data, size, int(steps), "float32" if engine == "mlx-fp32" else "")
+            out = run_mlx(weights, data, size, int(arg), "float32" if engine == "mlx-fp32" else "")
         print("RESULT " + json.dumps(out))
         return
+    from nanogpt_mlx.optim import cosine_lr
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="a folder of token shards (nanogpt-mlx prepare shakespeare)")
     ap.add_argument("--size", choices=list(SIZES), default="124m", help="model and batch (default: 124m, B16 x T1024)")
@@ -135,7 +126,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights = str(Path(tmp) / "weights")
         spawn(__file__, "weights", weights, args.data, args.size, "0")
-        curves = {e: spawn(__file__, e, weights, args.data, args.size, str(args.steps)) for e in args.engines}
+        # the PyTorch loop gets the schedule as numbers: its worker imports nothing of nanogpt-mlx (nor MLX)
+        lrs = json.dumps([cosine_lr(s, MAX_LR, 0.1 * MAX_LR, WARMUP, args.steps) for s in range(args.steps)])
+        curves = {e: spawn(__file__, e, weights, args.data, args.size, lrs if e == "torch" else str(args.steps))
+                  for e in args.engines}
     print("step | " + " | ".join(curves))
     for s in range(args.steps):
         if s % 5 == 0 or s == args.steps - 1:

@@ -2,9 +2,10 @@
 
 A random GPT-2 (transformers GPT2LMHeadModel, vocab 50304, no dropout, written with save_pretrained) is
 trained for --steps steps on Tiny Shakespeare's train tokens in order (build-nanogpt's DataLoaderLite,
-which starts over at the end), with build-nanogpt's recipe: AdamW (0.9, 0.95), weight decay 0.1 on >= 2-D tensors,
-clip 1.0, warmup then cosine from max_lr 6e-4 (the PyTorch loop is given the schedule's numbers, from
-nanogpt_mlx.optim.cosine_lr, whose equality with build-nanogpt's get_lr is tested in tests/test_train.py). Engines, each in its own process:
+which starts over at the end), with build-nanogpt's recipe: AdamW (0.9, 0.95), weight decay 0.1 on >= 2-D
+tensors, clip 1.0, warmup then cosine from max_lr 6e-4 (the PyTorch loop is given the schedule's numbers,
+from nanogpt_mlx.optim.cosine_lr, tested equal to build-nanogpt's get_lr in tests/test_train.py).
+Engines, each in its own process:
   mlx        nanogpt-mlx's Trainer in the device's default dtype (bfloat16 on GPUs), from the same weights
   mlx-fp32   the same in float32 (TF32 matmuls on NVIDIA GPUs)
   torch      build-nanogpt's loop on the transformers model: bf16 autocast on a GPU (fused AdamW), fp32 on a CPU

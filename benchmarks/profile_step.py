@@ -4,7 +4,8 @@ GPT-2 124M, vocab 50304, B16 x T1024 (--quick: a tiny model, as a smoke test on 
 compiled and timed in this one process (median of timed reps after warm-up), with the peak memory
 above what was live before it. Parts: the bf16 GEMM; the CUDA cross-entropy kernel against MLX's ops
 (values and speed); the head + loss (forward and backward) through MLX's ops in chunks, through the
-kernel, and as plain autodiff; attention fused and unfused; the body; AdamW, clipping, casts; and whole
+kernel, and as plain autodiff; attention fused and unfused; each op of one block alone; the body; AdamW,
+clipping, casts; and whole
 Trainer steps with each head + loss swapped in. Results are printed and written to OUT/profile_step.json
 as they come, so a run stopped early still reports what it measured.
 
@@ -35,7 +36,7 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_map  # noqa: E402
 
 VOCAB = 50304
-PARTS = ["gemm", "kernel", "head", "attention", "model", "optimizer", "trainer"]
+PARTS = ["gemm", "kernel", "head", "attention", "block", "model", "optimizer", "trainer"]
 results: dict = {}
 out_file = Path("profile_step.json")
 
@@ -139,6 +140,36 @@ def attention_part(B: int, T: int, nh: int, hs: int) -> None:
         timed(f"attention fwd+bwd, {name}", lambda vg=vg: vg(q, k, v))
 
 
+def block_part(B: int, T: int, C: int, nh: int, L: int) -> None:
+    """Each op of one GPT-2 block, forward + backward alone (against a random cotangent), and their sum times L:
+    what the body's time would be if nothing else happened."""
+    rng = np.random.default_rng(4)
+    bf16 = lambda *shape, s=1.0: mx.array(rng.normal(0, s, shape).astype(np.float32)).astype(mx.bfloat16)  # noqa: E731
+    x, x4 = bf16(B, T, C), bf16(B, T, 4 * C)
+    ln = nn.LayerNorm(C)
+    ln.set_dtype(mx.bfloat16)
+    ops = {"layernorm": (lambda a: ln(a), [x]), "gelu": (kernels.gelu, [x4])}
+    for name, (n_in, n_out) in {"c_attn": (C, 3 * C), "attn c_proj": (C, C), "c_fc": (C, 4 * C),
+                                "mlp c_proj": (4 * C, C)}.items():
+        ops[f"linear {name}"] = (lambda a, w, b: mx.addmm(b, a, w.T), [bf16(B, T, n_in), bf16(n_out, n_in, s=0.02),
+                                                                     bf16(n_out)])
+
+    def attention(qkv):  # the model's layout: split, heads out, fused attention, heads back
+        q, k, v = (a.reshape(B, T, nh, C // nh).transpose(0, 2, 1, 3) for a in mx.split(qkv, 3, axis=-1))
+        return kernels.attention(q, k, v, (C // nh) ** -0.5, True).transpose(0, 2, 1, 3).reshape(B, T, C)
+
+    ops["attention with its layout"] = (attention, [bf16(B, T, 3 * C)])
+    ops["residual add"] = (mx.add, [x, x])
+    total = 0.0
+    for name, (f, args) in ops.items():
+        g = mx.random.normal(f(*args).shape).astype(mx.bfloat16)
+        vg = mx.compile(mx.value_and_grad(lambda *a, f=f, g=g: (f(*a) * g).astype(mx.float32).sum(),
+                                          argnums=tuple(range(len(args)))))
+        ms = timed(f"block op fwd+bwd, {name}", lambda vg=vg, args=args: vg(*args))
+        total += (ms or 0.0) * (2 if name in ("layernorm", "residual add") else 1)
+    record(f"block ops x {L} layers (2 layernorms, 2 residual adds per block)", {"ms": round(total * L, 2)})
+
+
 def model_parts(model: GPT, x: mx.array, y: mx.array, N: int) -> None:
     state = [model.state]
     timed("body fwd (hidden)", mx.compile(lambda: model.hidden(x), inputs=state, outputs=state))
@@ -222,6 +253,8 @@ def main() -> None:
         head_part(B, T, d)
     if "attention" in args.parts:
         attention_part(B, T, nh, d // nh)
+    if "block" in args.parts:
+        block_part(B, T, d, nh, L)
     model = GPT(GPTConfig(block_size=1024, vocab_size=VOCAB, n_layer=L, n_head=nh, n_embd=d), seed=0)
     model.set_dtype(mx.bfloat16)
     rng = np.random.default_rng(3)

@@ -5,11 +5,10 @@ compiled and timed in this one process (median of timed reps after warm-up), wit
 above what was live before it. Parts: the bf16 GEMM; the CUDA cross-entropy kernel against MLX's ops
 (values and speed); the head + loss (forward and backward) through MLX's ops in chunks, through the
 kernel, and as plain autodiff; attention fused and unfused; each op of one block alone; the body; AdamW,
-clipping, casts; and whole
-Trainer steps with each head + loss swapped in. Results are printed and written to OUT/profile_step.json
-as they come, so a run stopped early still reports what it measured.
+clipping, casts; and whole Trainer steps with each head + loss swapped in. Results are printed and written
+to OUT/profile_step.json as they come, so a run stopped early still reports what it measured.
 
-    python benchmarks/profile_step.py [--quick] [--out DIR]
+    python benchmarks/profile_step.py [--quick] [--parts block model ...] [--out DIR]
 """
 
 from __future__ import annotations

@@ -66,6 +66,11 @@ def timed(name: str, fn, reps: int = 8, warmup: int = 2, **extra) -> float | Non
         return None
 
 
+def normal_bf16(rng: np.random.Generator, shape: tuple[int, ...], std: float = 1.0) -> mx.array:
+    """A bfloat16 array of N(0, std^2) values (numpy's generator: the same values on every device)."""
+    return mx.array(rng.normal(0, std, shape).astype(np.float32)).astype(mx.bfloat16)
+
+
 def plain_loss(h, w, y, softcap=0.0):
     """Autodiff reference: bf16 logits, cross-entropy in float32."""
     logits = (h.reshape(-1, h.shape[-1]) @ w.T).astype(mx.float32)
@@ -77,7 +82,7 @@ def plain_loss(h, w, y, softcap=0.0):
 def check_kernel(n_rows: int) -> None:
     """The CUDA kernel's loss and gradient against float32 MLX ops on the same bf16 logits."""
     rng = np.random.default_rng(0)
-    logits = mx.array(rng.normal(0, 4, (n_rows, VOCAB)).astype(np.float32)).astype(mx.bfloat16)
+    logits = normal_bf16(rng, (n_rows, VOCAB), 4.0)
     y = mx.array(rng.integers(0, VOCAB, n_rows).astype(np.int32))
     for cap in (0.0, 15.0):
         z = logits.astype(mx.float32)
@@ -108,8 +113,7 @@ def head_variants(N: int, C: int) -> dict:
 def head_part(B: int, T: int, C: int) -> None:
     N = B * T
     rng = np.random.default_rng(1)
-    h = mx.array(rng.normal(0, 1, (N, C)).astype(np.float32)).astype(mx.bfloat16)
-    w = mx.array(rng.normal(0, 0.02, (VOCAB, C)).astype(np.float32)).astype(mx.bfloat16)
+    h, w = normal_bf16(rng, (N, C)), normal_bf16(rng, (VOCAB, C), 0.02)
     y = mx.array(rng.integers(0, 50257, N).astype(np.int32))
     ref = mx.value_and_grad(lambda h_, w_: plain_loss(h_.astype(mx.float32), w_.astype(mx.float32), y), argnums=(0, 1))(h, w)
     mx.eval(ref)
@@ -124,7 +128,7 @@ def head_part(B: int, T: int, C: int) -> None:
 
 def attention_part(B: int, T: int, nh: int, hs: int) -> None:
     rng = np.random.default_rng(2)
-    q, k, v, g = (mx.array(rng.normal(0, 1, (B, nh, T, hs)).astype(np.float32)).astype(mx.bfloat16) for _ in range(4))
+    q, k, v, g = (normal_bf16(rng, (B, nh, T, hs)) for _ in range(4))
     scale = hs**-0.5
 
     def unfused(q, k, v):
@@ -143,21 +147,21 @@ def block_part(B: int, T: int, C: int, nh: int, L: int) -> None:
     """Each op of one GPT-2 block, forward + backward alone (against a random cotangent), and their sum times L:
     what the body's time would be if nothing else happened."""
     rng = np.random.default_rng(4)
-    bf16 = lambda *shape, s=1.0: mx.array(rng.normal(0, s, shape).astype(np.float32)).astype(mx.bfloat16)  # noqa: E731
-    x, x4 = bf16(B, T, C), bf16(B, T, 4 * C)
+    x, x4 = normal_bf16(rng, (B, T, C)), normal_bf16(rng, (B, T, 4 * C))
     ln = nn.LayerNorm(C)
     ln.set_dtype(mx.bfloat16)
     ops = {"layernorm": (lambda a: ln(a), [x]), "gelu": (kernels.gelu, [x4])}
     for name, (n_in, n_out) in {"c_attn": (C, 3 * C), "attn c_proj": (C, C), "c_fc": (C, 4 * C),
                                 "mlp c_proj": (4 * C, C)}.items():
-        ops[f"linear {name}"] = (lambda a, w, b: mx.addmm(b, a, w.T), [bf16(B, T, n_in), bf16(n_out, n_in, s=0.02),
-                                                                     bf16(n_out)])
+        ops[f"linear {name}"] = (lambda a, w, b: mx.addmm(b, a, w.T),
+                                 [normal_bf16(rng, (B, T, n_in)), normal_bf16(rng, (n_out, n_in), 0.02),
+                                  normal_bf16(rng, (n_out,))])
 
     def attention(qkv):  # the model's layout: split, heads out, fused attention, heads back
         q, k, v = (a.reshape(B, T, nh, C // nh).transpose(0, 2, 1, 3) for a in mx.split(qkv, 3, axis=-1))
         return kernels.attention(q, k, v, (C // nh) ** -0.5, True).transpose(0, 2, 1, 3).reshape(B, T, C)
 
-    ops["attention with its layout"] = (attention, [bf16(B, T, 3 * C)])
+    ops["attention with its layout"] = (attention, [normal_bf16(rng, (B, T, 3 * C))])
     ops["residual add"] = (mx.add, [x, x])
     total = 0.0
     for name, (f, args) in ops.items():

@@ -3,8 +3,9 @@
 The model, the loss and the optimizer call `kernels.attention`, `kernels.gelu`, `kernels.sqrt`,
 `kernels.cross_entropy`... and never ask which device they run on. On MLX's x86 CPU backend
 these are cpu.py's multiply-add versions; everywhere else they are MLX's own (the fused
-`mx.fast.scaled_dot_product_attention`, a float32 tanh GELU with its own VJP, `mx.exp`, `mx.sqrt`). The fused head +
-loss of loss.py is sized for the device: its rows per chunk come from the profile.
+`mx.fast.scaled_dot_product_attention`, `mx.exp`, `mx.sqrt`) and a float32 tanh GELU with its own VJP.
+The fused head + loss of loss.py is sized for the device: its rows per chunk come from the profile, and on
+an NVIDIA GPU its float32 arithmetic is cuda.py's kernel.
 """
 
 from __future__ import annotations

@@ -78,8 +78,9 @@ def make_losses(rows: int, exp: Callable[[mx.array], mx.array] = mx.exp,
 
         def kernel_chunks(h: mx.array, w: mx.array, y: mx.array):
             n = h.shape[0]
-            for start in range(0, n, rows or n):
-                loss, d = rowwise(h[start : start + (rows or n)] @ w.T, y[start : start + (rows or n)], softcap, n)
+            size = rows or n
+            for start in range(0, n, size):
+                loss, d = rowwise(h[start : start + size] @ w.T, y[start : start + size], softcap, n)
                 yield loss.sum(), d
 
         @mx.custom_function

@@ -49,10 +49,14 @@ def test_softmax_and_gradient(maybe_compile):
     np.testing.assert_allclose(np.array(vjp[0]), np.array(ref_vjp[0]), rtol=1e-4, atol=1e-7)
 
 
-def test_gelu_survives_extreme_inputs():
+@pytest.mark.parametrize("profile", PROFILES, ids=ids)
+def test_gelu_survives_extreme_inputs(profile):
+    """The MLP's GELU gradient is 0 and 1 far out (nn.gelu_approx's is nan at +-1e20)."""
+    k = kernels.for_profile(profile)
     x = mx.array([-1e20, 1e20, 0.0])
-    for gelu in (cpu.gelu, kernels.mlx_gelu):  # nn.gelu_approx's gradient is nan at +-1e20
-        np.testing.assert_allclose(mx.grad(lambda x: gelu(x).sum())(x).tolist(), [0.0, 1.0, 0.5], atol=1e-30)
+    grad = mx.grad(lambda x: k.activation_matmul("gelu", x, mx.eye(3)).sum())(x)
+    np.testing.assert_allclose(grad.tolist(), [0.0, 1.0, 0.5], atol=1e-30)
+    np.testing.assert_allclose(mx.grad(lambda x: cpu.gelu(x).sum())(x).tolist(), [0.0, 1.0, 0.5], atol=1e-30)
 
 
 def test_sqrt_is_accurate(maybe_compile):
@@ -243,13 +247,43 @@ def test_unknown_forced_profile_falls_back_with_a_note():
     assert out.returncode == 0 and "is not a profile" in out.stdout
 
 
+@pytest.mark.parametrize("profile", PROFILES, ids=ids)
+@pytest.mark.parametrize("kind", ["gelu", "relu2"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["fp32", "bf16"])
-def test_gelu_backward_keeps_less_than_autodiff(dtype, monkeypatch):
-    """The GPU profiles' GELU recomputes its slope from x in the backward by an expression mx.compile cannot
-    merge with the forward's, so a compiled step keeps fewer activations than with nn.gelu_approx's autodiff."""
-    def peak(gelu) -> int:
-        monkeypatch.setattr(kernels, "gelu", gelu)
-        model = GPT(GPTConfig(n_layer=12, n_head=4, n_embd=128, vocab_size=256), seed=0)
+def test_activation_matmul_equals_autodiff(profile, kind, dtype, maybe_compile):
+    """act(h) @ w.T + b and its gradients against autodiff of nn.gelu_approx / relu^2 in float32."""
+    k = kernels.for_profile(profile)
+    k1, k2, k3, k4 = mx.random.split(mx.random.key(7), 4)
+    h = (mx.random.normal((2, 9, 64), key=k1) * 3).astype(dtype)
+    w, b = (mx.random.normal((16, 64), key=k2) * 0.1).astype(dtype), mx.random.normal((16,), key=k4).astype(dtype)
+    g = mx.random.normal((2, 9, 16), key=k3)
+    act = nn.gelu_approx if kind == "gelu" else (lambda a: mx.square(nn.relu(a)))
+
+    def loss(h, w, b, f=lambda h, w, b: k.activation_matmul(kind, h, w, b)):
+        return (f(h, w, b).astype(mx.float32) * g).sum()
+
+    ref, ref_grads = mx.value_and_grad(lambda h, w, b: loss(h, w, b, lambda h, w, b: act(h) @ w.T + b),
+                                       argnums=(0, 1, 2))(*(a.astype(mx.float32) for a in (h, w, b)))
+    got, grads = maybe_compile(mx.value_and_grad(loss, argnums=(0, 1, 2)))(h, w, b)
+    rtol, atol = (1e-5, 1e-5) if dtype == mx.float32 else (2e-2, 2e-2)
+    np.testing.assert_allclose(got.item(), ref.item(), rtol=rtol)
+    for a, r in zip(grads, ref_grads):
+        assert a.dtype == dtype
+        scale = np.abs(np.array(r)).max()
+        np.testing.assert_allclose(np.array(a.astype(mx.float32)) / scale, np.array(r) / scale, rtol=rtol, atol=atol)
+    no_bias = (k.activation_matmul(kind, h, w) + b).astype(mx.float32)
+    np.testing.assert_allclose(np.array(no_bias), np.array(k.activation_matmul(kind, h, w, b).astype(mx.float32)),
+                               rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["gelu", "relu2"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["fp32", "bf16"])
+def test_recomputed_activation_keeps_less_than_autodiff(kind, dtype, monkeypatch):
+    """The GPU profiles' MLP backward recomputes act(h) from h by expressions mx.compile cannot merge with the
+    forward's, so a compiled step of the model keeps fewer activations than with autodiff."""
+    def peak(activation_matmul) -> int:
+        monkeypatch.setattr(kernels, "activation_matmul", activation_matmul)
+        model = GPT(GPTConfig(n_layer=12, n_head=4, n_embd=128, vocab_size=256, mlp=kind), seed=0)
         model.set_dtype(dtype)
         x = mx.random.randint(0, 256, (4, 128), key=mx.random.key(0))
         body = nn.value_and_grad(model, lambda m: m.hidden(x).astype(mx.float32).square().mean())
@@ -260,6 +294,7 @@ def test_gelu_backward_keeps_less_than_autodiff(dtype, monkeypatch):
         mx.eval(step())
         return mx.get_peak_memory() - base
 
-    new, old = peak(kernels.mlx_gelu), peak(nn.gelu_approx)
+    new = peak(kernels.recomputing_activation_matmul())
+    old = peak(kernels.plain_activation_matmul(kernels.mlx_gelu))
     print(f"peak {new / 1e6:.1f} MB against {old / 1e6:.1f} MB with autodiff")
     assert new < 0.9 * old

@@ -1,0 +1,76 @@
+"""What the backward keeps per layer and token, in n_embd units, on the default MLX device.
+
+A compiled forward + backward of the model's blocks (no head) is run at two depths; the slope of the peak
+memory, less the extra layers' weights and gradients, divided by n_embd values of the compute dtype per
+token, is what one block keeps for its backward (memory.py's `saved_per_layer`). Side by side: the MLP's
+activation and output projection as the profile binds it (kernels.activation_matmul) against plain autodiff
+(the backward keeps both h and act(h)), for GPT-2's GELU and the speedrun's ReLU^2. Force a GPU profile on a
+CPU with NANOGPT_MLX_PROFILE=cuda to see its kernels' effect there; on a GPU it measures the real backend.
+
+    python benchmarks/activation_memory.py [--dtype bfloat16] [--n-embd 256] [--batch 8] [--seq 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import nanogpt_mlx  # noqa: F401  (sets the device up before mlx.core)
+from nanogpt_mlx import device, kernels
+from nanogpt_mlx.model import GPT, GPTConfig
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+
+
+def peak(config: GPTConfig, dtype: mx.Dtype, batch: int, seq: int) -> tuple[int, int]:
+    """(peak bytes above what was live of a compiled body forward + backward, bytes of the model's weights)."""
+    model = GPT(config, seed=0)
+    model.set_dtype(dtype)
+    x = mx.random.randint(0, config.vocab_size, (batch, seq), key=mx.random.key(0))
+    r = mx.random.normal((batch, seq, config.n_embd), key=mx.random.key(1))
+    body = nn.value_and_grad(model, lambda m: (m.hidden(x).astype(mx.float32) * r).sum())
+    step = mx.compile(lambda: body(model), inputs=[model.state], outputs=[model.state])
+    peaks = []
+    for _ in range(3):
+        mx.eval(step())
+        mx.synchronize()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(step())
+        peaks.append(mx.get_peak_memory() - base)
+    return min(peaks), sum(p.nbytes for _, p in model.parameters_flat())
+
+
+def units_per_layer(config: GPTConfig, dtype: mx.Dtype, batch: int, seq: int, layers=(2, 8)) -> float:
+    (p0, w0), (p1, w1) = (peak(GPTConfig(**{**config.to_dict(), "n_layer": n}), dtype, batch, seq) for n in layers)
+    kept = (p1 - p0) - (w1 - w0)  # the gradients of the extra layers' weights are part of the peak
+    unit = config.n_embd * batch * seq * mx.zeros((), dtype=dtype).itemsize
+    return kept / (layers[1] - layers[0]) / unit
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--n-embd", type=int, default=256)
+    ap.add_argument("--n-head", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    args = ap.parse_args()
+    dtype = getattr(mx, args.dtype)
+    print(f"profile {device.PROFILE.name}, MLX on {mx.default_device()}, {args.dtype}, n_embd {args.n_embd}, "
+          f"{args.n_head} heads, B{args.batch} x T{args.seq}; n_embd units kept per layer and token")
+    bound = kernels.activation_matmul
+    print(f"{'MLP':6s} {'bound (' + device.PROFILE.name + ')':>16s} {'autodiff':>9s} {'ratio':>6s}")
+    for mlp in ("gelu", "relu2"):
+        config = GPTConfig(n_layer=2, n_head=args.n_head, n_embd=args.n_embd, vocab_size=256,
+                           block_size=args.seq, mlp=mlp)
+        got = {}
+        for name, fn in (("bound", bound), ("autodiff", kernels.plain_activation_matmul(kernels.BOUND.gelu))):
+            kernels.activation_matmul = fn
+            got[name] = units_per_layer(config, dtype, args.batch, args.seq)
+        kernels.activation_matmul = bound
+        print(f"{mlp:6s} {got['bound']:16.1f} {got['autodiff']:9.1f} {got['bound'] / got['autodiff']:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -22,6 +22,7 @@ B32 x T1024 and the gpt2-medium shape at B16; engines `mlx` (the device profile'
 either library; peak memory from mx.get_peak_memory / torch.cuda.max_memory_allocated.
 
     python benchmarks/bench_train.py --device gpu --rounds 1
+    python benchmarks/bench_train.py --device gpu --configs 124m-b16 --engines mlx --memory-limit 12
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def run_mlx(cfg_name: str, steps: int, warmup: int, ranks: int = 1, dtype: str =
     import mlx.core as mx
 
     L, d, nh, B, T = {**CONFIGS, **GPU_CONFIGS}[cfg_name]
+    if os.environ.get("BENCH_MEMORY_LIMIT"):  # --memory-limit
+        mx.set_memory_limit(int(float(os.environ["BENCH_MEMORY_LIMIT"]) * 1e9))
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         n = B * T * (steps + warmup) + 1
@@ -209,9 +212,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per engine (default: 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
     p.add_argument("--rounds", type=int, default=2, help="turns per engine; the best counts (default: 2)")
+    p.add_argument("--memory-limit", type=float, default=0.0,
+                   help="GB: MLX engines run under mx.set_memory_limit (MLX then waits for queued work rather than "
+                        "allocate past it), to see how much of their peak is work queued ahead (default: none)")
     args = p.parse_args()
     gpu = args.device == "gpu"
     os.environ["BENCH_DEVICE"] = args.device  # read by the workers
+    if args.memory_limit:
+        os.environ["BENCH_MEMORY_LIMIT"] = str(args.memory_limit)
     configs = GPU_CONFIGS if gpu else CONFIGS
     args.configs = args.configs or list(configs)
     args.engines = args.engines or (GPU_ENGINES if gpu else ENGINES)

@@ -89,7 +89,8 @@ class TrainConfig:
     # float32 master weights and optimizer state
     compile: bool = True
     activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
-    max_memory: float = 0.0  # GB the run may use; refuse to start if the estimated peak exceeds it (0: the device's)
+    max_memory: float = 0.0  # GB the run may use: refuse to start if the estimated peak exceeds it, and cap MLX's
+    # allocations there (mx.set_memory_limit: MLX waits for queued work to free memory first). 0: the device's
     # evaluation, samples, checkpoints (0 disables; each also runs at the last step)
     val_every: int = 250
     val_steps: int = 20
@@ -231,6 +232,8 @@ class Trainer:
         self._check_shapes()
         self.memory = memory.check(self.model.config, cfg.batch_size, cfg.seq_len, self.dtype_name,
                                    cfg.activation_checkpointing, cfg.max_memory)
+        if cfg.max_memory:
+            mx.set_memory_limit(int(cfg.max_memory * 1e9))
         world, rank = self.dist.world, self.dist.rank
         B, T = cfg.batch_size, cfg.seq_len
         self.grad_accum = cfg.total_batch_size // (B * T * world)

@@ -65,6 +65,24 @@ def test_cli_refuses_before_training(tmp_path):
     assert not (tmp_path / "out" / "log.txt").exists()
 
 
+def test_max_memory_caps_mlx_allocations(tmp_path):
+    """--max-memory also becomes MLX's memory limit, under which a step that fits still runs."""
+    data = shards(tmp_path, 8 * 128 * 3 + 1)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "out"), n_layer=2, n_head=4, n_embd=128, block_size=128,
+                      vocab_size=50304, batch_size=8, seq_len=128, total_batch_size=8 * 128, max_steps=2,
+                      warmup_steps=1, val_every=0, sample_every=0, hellaswag_every=0, checkpoint_every=0,
+                      dtype="float32", max_memory=3.0)
+    previous = mx.get_memory_limit()
+    try:
+        trainer = Trainer(cfg)
+        assert mx.get_memory_limit() == 3_000_000_000
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainer.train()
+        assert trainer.step == 2 and mx.get_peak_memory() < 3e9
+    finally:
+        mx.set_memory_limit(previous)
+
+
 def test_cuda_head_holds_two_compute_dtype_logit_matrices():
     """With cuda.py's kernel the head keeps the logits and their gradient in bf16, no float32 N x V array."""
     cfg = GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)

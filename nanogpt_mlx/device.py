@@ -45,8 +45,8 @@ class Profile:
         if self.software_math:
             return None  # cpu.py's attention is the fast path on this backend
         if not self.fused_attention_backward:
-            return (f"{self.name}: MLX's fused attention has no fused backward here; training materializes "
-                    "the T x T scores (memory grows with T^2; --activation-checkpointing helps)")
+            return (f"{self.name}: MLX's fused attention has no fused backward here; the backward recomputes "
+                    "each layer's T x T probabilities (one layer's at a time)")
         reasons = []
         if dtype not in ("bfloat16", "float16"):
             reasons.append(f"dtype {dtype} (cuDNN needs bfloat16/float16)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -112,6 +113,37 @@ def mlx_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: b
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
 
 
+def recomputing_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
+    """MLX's fused attention with a backward that recomputes the probabilities from q and k, for devices where
+    MLX has no fused backward: autodiff of its unfused graph keeps every layer's T x T scores and probabilities
+    until the backward, this holds one layer's at a time (flash attention's trade, without the tiling)."""
+    return _recomputing_attention(float(scale), bool(causal))(q, k, v)
+
+
+@lru_cache(maxsize=None)
+def _recomputing_attention(scale: float, causal: bool):
+    @mx.custom_function
+    def attend(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        return mlx_attention(q, k, v, scale, causal)
+
+    @attend.vjp
+    def attend_vjp(primals, cotangent, output):
+        q, k, v = primals
+        s = ((q * scale) @ k.swapaxes(-1, -2)).astype(mx.float32)  # (B, nh, T, S)
+        if causal:
+            T, S = s.shape[-2:]
+            s = mx.where(mx.arange(S) <= mx.arange(S - T, S)[:, None], s, -mx.inf)
+        p = mx.softmax(s, axis=-1)
+        do = cotangent
+        dv = p.astype(v.dtype).swapaxes(-1, -2) @ do
+        dp = (do @ v.swapaxes(-1, -2)).astype(mx.float32)
+        # softmax's backward: p (dp - sum_j p dp), the row sum being do . o
+        ds = (p * (dp - (do * output).astype(mx.float32).sum(axis=-1, keepdims=True))).astype(q.dtype)
+        return (ds @ k) * scale, (ds.swapaxes(-1, -2) @ q) * scale, dv
+
+    return attend
+
+
 def for_profile(profile: device.Profile) -> Kernels:
     """The kernels of a profile (any profile runs on any backend: tests force GPU profiles on the CPU)."""
     if profile.software_math:
@@ -125,7 +157,8 @@ def for_profile(profile: device.Profile) -> Kernels:
         from . import cuda
 
         rowwise = cuda.cross_entropy_rows if cuda.available() else None  # forced on a CPU: MLX's ops
-    return Kernels(mlx_attention, mlx_gelu, recomputing_activation_matmul(), mx.exp, mx.sqrt,
+    attention = mlx_attention if profile.fused_attention_backward else recomputing_attention
+    return Kernels(attention, mlx_gelu, recomputing_activation_matmul(), mx.exp, mx.sqrt,
                    *make_losses(profile.loss_rows, mx.exp, rowwise))
 
 

@@ -56,11 +56,13 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
               + config.value_embeds * (V * C + 4) + (L // 2 if config.unet else 0))
     n = batch_size * seq_len
     per_layer = profile.saved_per_layer * C * n * b
-    if profile.attention_note(dtype, C // nh, seq_len) is not None or profile.software_math:
-        per_layer += 2 * nh * seq_len * n * 4  # unfused attention keeps its scores and probabilities (float32)
+    scores = nh * seq_len * n * 4  # one float32 T x T array per head for the batch
+    recomputed = not (profile.fused_attention_backward or profile.software_math)  # kernels.recomputing_attention
+    if profile.software_math or not recomputed and profile.attention_note(dtype, C // nh, seq_len) is not None:
+        per_layer += 2 * scores  # unfused attention's autodiff keeps its scores and probabilities
     else:
-        per_layer += nh * n * 4  # the fused kernel keeps one log-sum-exp per query
-    activations = L * per_layer
+        per_layer += nh * n * 4  # one log-sum-exp (or row statistic) per query
+    activations = L * per_layer + (4 * scores if recomputed else 0)  # a recomputing backward: one layer's at a time
     if checkpointing:  # ideally each block's input and one block at a time; MLX's CUDA backend keeps more
         activations -= int(profile.checkpoint_frees * (activations - L * C * n * b - per_layer))
     activations += 4 * C * n * b  # embeddings, final LayerNorm, the hidden states into the head

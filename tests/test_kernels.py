@@ -108,6 +108,45 @@ def test_gelu_exp_sqrt_equal_reference(profile, maybe_compile):
     np.testing.assert_allclose(np.array(maybe_compile(k.sqrt)(x)), np.sqrt(np.array(x, dtype=np.float64)), rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["fp32", "bf16"])
+def test_recomputing_attention_compiled_equals_reference(dtype):
+    """The backward that recomputes the probabilities, compiled, in both dtypes (float32 softmax inside)."""
+    k1, k2, k3, k4 = mx.random.split(mx.random.key(3), 4)
+    q, k, v, cot = (mx.random.normal((2, 4, 64, 16), key=key) for key in (k1, k2, k3, k4))
+
+    def loss(fn, q, k, v):
+        return (fn(q, k, v, scale=0.25, causal=True).astype(mx.float32) * cot).sum()
+
+    ref = mx.grad(lambda *a: loss(reference_attention, *a), argnums=(0, 1, 2))(q, k, v)
+    got = mx.compile(mx.grad(lambda *a: loss(kernels.recomputing_attention, *a), argnums=(0, 1, 2)))(
+        *(a.astype(dtype) for a in (q, k, v)))
+    tol = 1e-4 if dtype == mx.float32 else 3e-2
+    for g, r in zip(got, ref):
+        assert g.dtype == dtype
+        scale = np.abs(np.array(r)).max()
+        np.testing.assert_allclose(np.array(g.astype(mx.float32)) / scale, np.array(r) / scale, atol=tol)
+
+
+def test_recomputing_attention_keeps_no_scores(monkeypatch):
+    """Where MLX has no fused attention backward (Metal), a compiled step keeps no layer's T x T arrays."""
+    def peak(attention) -> int:
+        monkeypatch.setattr(kernels, "attention", attention)
+        model = GPT(GPTConfig(n_layer=6, n_head=4, n_embd=128, vocab_size=256, block_size=256), seed=0)
+        x = mx.random.randint(0, 256, (4, 256), key=mx.random.key(0))
+        body = nn.value_and_grad(model, lambda m: m.hidden(x).square().mean())
+        step = mx.compile(lambda: body(model), inputs=[model.state], outputs=[model.state])
+        mx.eval(step())
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(step())
+        return mx.get_peak_memory() - base
+
+    new, old = peak(kernels.recomputing_attention), peak(kernels.mlx_attention)
+    scores = 6 * 4 * 4 * 256 * 256 * 4  # one float32 T x T array per layer
+    print(f"peak {new / 1e6:.1f} MB against {old / 1e6:.1f} MB with autodiff")
+    assert old - new > 0.8 * scores
+
+
 def plain_loss(h, w, y, softcap: float = 0.0):
     logits = h @ w.T
     return nn.losses.cross_entropy(softcap * mx.tanh(logits / softcap) if softcap else logits, y, reduction="mean")

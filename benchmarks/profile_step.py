@@ -150,12 +150,14 @@ def block_part(B: int, T: int, C: int, nh: int, L: int) -> None:
     x, x4 = normal_bf16(rng, (B, T, C)), normal_bf16(rng, (B, T, 4 * C))
     ln = nn.LayerNorm(C)
     ln.set_dtype(mx.bfloat16)
-    ops = {"layernorm": (lambda a: ln(a), [x]), "gelu": (kernels.gelu, [x4])}
-    for name, (n_in, n_out) in {"c_attn": (C, 3 * C), "attn c_proj": (C, C), "c_fc": (C, 4 * C),
-                                "mlp c_proj": (4 * C, C)}.items():
+    ops = {"layernorm": (lambda a: ln(a), [x])}
+    for name, (n_in, n_out) in {"c_attn": (C, 3 * C), "attn c_proj": (C, C), "c_fc": (C, 4 * C)}.items():
         ops[f"linear {name}"] = (lambda a, w, b: mx.addmm(b, a, w.T),
                                  [normal_bf16(rng, (B, T, n_in)), normal_bf16(rng, (n_out, n_in), 0.02),
                                   normal_bf16(rng, (n_out,))])
+    ops["gelu + mlp c_proj (kernels.activation_matmul)"] = (
+        lambda a, w, b: kernels.activation_matmul("gelu", a, w, b),
+        [x4, normal_bf16(rng, (C, 4 * C), 0.02), normal_bf16(rng, (C,))])
 
     def attention(qkv):  # the model's layout: split, heads out, fused attention, heads back
         q, k, v = (a.reshape(B, T, nh, C // nh).transpose(0, 2, 1, 3) for a in mx.split(qkv, 3, axis=-1))

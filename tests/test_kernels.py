@@ -127,19 +127,25 @@ def test_recomputing_attention_compiled_equals_reference(dtype):
         np.testing.assert_allclose(np.array(g.astype(mx.float32)) / scale, np.array(r) / scale, atol=tol)
 
 
+def body_step_peak(config: GPTConfig, dtype: mx.Dtype = mx.float32, seq: int = 128, batch: int = 4) -> int:
+    """Peak memory above what was live of a compiled forward + backward of the model's blocks (no head)."""
+    model = GPT(config, seed=0)
+    model.set_dtype(dtype)
+    x = mx.random.randint(0, config.vocab_size, (batch, seq), key=mx.random.key(0))
+    body = nn.value_and_grad(model, lambda m: m.hidden(x).astype(mx.float32).square().mean())
+    step = mx.compile(lambda: body(model), inputs=[model.state], outputs=[model.state])
+    mx.eval(step())
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(step())
+    return mx.get_peak_memory() - base
+
+
 def test_recomputing_attention_keeps_no_scores(monkeypatch):
     """Where MLX has no fused attention backward (Metal), a compiled step keeps no layer's T x T arrays."""
     def peak(attention) -> int:
         monkeypatch.setattr(kernels, "attention", attention)
-        model = GPT(GPTConfig(n_layer=6, n_head=4, n_embd=128, vocab_size=256, block_size=256), seed=0)
-        x = mx.random.randint(0, 256, (4, 256), key=mx.random.key(0))
-        body = nn.value_and_grad(model, lambda m: m.hidden(x).square().mean())
-        step = mx.compile(lambda: body(model), inputs=[model.state], outputs=[model.state])
-        mx.eval(step())
-        base = mx.get_active_memory()
-        mx.reset_peak_memory()
-        mx.eval(step())
-        return mx.get_peak_memory() - base
+        return body_step_peak(GPTConfig(n_layer=6, n_head=4, n_embd=128, vocab_size=256, block_size=256), seq=256)
 
     new, old = peak(kernels.recomputing_attention), peak(kernels.mlx_attention)
     scores = 6 * 4 * 4 * 256 * 256 * 4  # one float32 T x T array per layer
@@ -322,16 +328,7 @@ def test_recomputed_activation_keeps_less_than_autodiff(kind, dtype, monkeypatch
     forward's, so a compiled step of the model keeps fewer activations than with autodiff."""
     def peak(activation_matmul) -> int:
         monkeypatch.setattr(kernels, "activation_matmul", activation_matmul)
-        model = GPT(GPTConfig(n_layer=12, n_head=4, n_embd=128, vocab_size=256, mlp=kind), seed=0)
-        model.set_dtype(dtype)
-        x = mx.random.randint(0, 256, (4, 128), key=mx.random.key(0))
-        body = nn.value_and_grad(model, lambda m: m.hidden(x).astype(mx.float32).square().mean())
-        step = mx.compile(lambda: body(model), inputs=[model.state], outputs=[model.state])
-        mx.eval(step())
-        base = mx.get_active_memory()
-        mx.reset_peak_memory()
-        mx.eval(step())
-        return mx.get_peak_memory() - base
+        return body_step_peak(GPTConfig(n_layer=12, n_head=4, n_embd=128, vocab_size=256, mlp=kind), dtype, seq=128)
 
     new = peak(kernels.recomputing_activation_matmul())
     old = peak(kernels.plain_activation_matmul(kernels.mlx_gelu))

@@ -171,7 +171,11 @@ def info() -> list[tuple[str, str]]:
     lines = [("profile", f"{PROFILE.name}: {PROFILE.description}" + (f"  [{note}]" if note else "")),
              ("device", str(mx.default_device())),
              ("dtype", f"{PROFILE.dtype} by default (--dtype overrides)"),
-             ("loss chunk", f"{PROFILE.loss_rows or 'all'} rows of logits at a time")]
+             ("loss chunk", f"{PROFILE.loss_rows or 'all'} rows of logits at a time"),
+             ("attention", "cpu.py's multiply-add softmax" if PROFILE.software_math
+              else "MLX's fused kernel both ways where cuDNN applies" if PROFILE.fused_attention_backward
+              else "MLX's fused forward; the backward recomputes the probabilities"),
+             ("mlp backward", "autodiff" if PROFILE.software_math else "recomputes the activation from its input")]
     if PROFILE.cuda_kernels:
         from . import cuda
 

@@ -235,9 +235,15 @@ def test_loss_gradient_follows_the_cotangent_and_batch_shape():
 
 
 # --------------------------------------------------------------------------- checkpointing
-@pytest.mark.parametrize("switches", [{}, dict(n_layer=4, value_embeds=2, unet=True)], ids=["gpt2", "value_embeds_unet"])
-def test_activation_checkpointing_gives_the_same_loss_and_gradients(switches: dict):
-    """Also for blocks that take a value embedding (its table's gradient flows through the checkpoint)."""
+@pytest.mark.parametrize("switches", [{}, dict(n_layer=4, value_embeds=2, unet=True, mlp="relu2")],
+                         ids=["gpt2", "value_embeds_unet_relu2"])
+@pytest.mark.parametrize("profile", PROFILES, ids=ids)
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(switches: dict, profile, monkeypatch):
+    """Also for blocks that take a value embedding (its table's gradient flows through the checkpoint), and with
+    every profile's kernels (their custom backwards nested in the checkpoint's)."""
+    bound = kernels.for_profile(profile)
+    for name in ("attention", "activation_matmul", "cross_entropy"):
+        monkeypatch.setattr(kernels, name, getattr(bound, name))
     model = GPT(GPTConfig(**{**dict(block_size=32, vocab_size=300, n_layer=3, n_head=2, n_embd=32), **switches}), seed=0)
     x = mx.random.randint(0, 300, (2, 32), key=mx.random.key(1))
     y = mx.random.randint(0, 300, (2, 32), key=mx.random.key(2))

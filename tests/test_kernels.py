@@ -261,6 +261,28 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(switches: di
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-7, err_msg=name)
 
 
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-4), ("bfloat16", 3e-3)])
+def test_every_profile_trains_the_same(tmp_path, dtype, tol):
+    """`nanogpt-mlx train` under each forced profile: the same losses as the x86 CPU profile's, step by step."""
+    from conftest import run_cli
+
+    rng = np.random.default_rng(0)
+    for name in ("x_val_000000.npy", "x_train_000001.npy"):
+        np.save(tmp_path / name, rng.integers(0, 1000, 8 * 128 * 8 + 1).astype(np.uint16))
+    losses = {}
+    for profile in ("cpu-x86", "cuda", "metal"):
+        out = tmp_path / profile
+        run_cli("train", "--data", str(tmp_path), "--out", str(out), "--n-layer", "2", "--n-head", "4",
+                "--n-embd", "128", "--block-size", "128", "--vocab-size", "1024", "--batch-size", "8",
+                "--seq-len", "128", "--total-batch-size", "1024", "--max-steps", "6", "--warmup-steps", "2",
+                "--max-lr", "3e-3", "--val-every", "0", "--sample-every", "0", "--hellaswag-every", "0",
+                "--checkpoint-every", "0", "--dtype", dtype, check=True, env={device.PROFILE_ENV: profile})
+        losses[profile] = [r["loss"] for r in map(json.loads, open(out / "log.jsonl")) if r["kind"] == "train"]
+    assert len(losses["cpu-x86"]) == 6
+    for profile in ("cuda", "metal"):
+        np.testing.assert_allclose(losses[profile], losses["cpu-x86"], atol=tol, err_msg=profile)
+
+
 # --------------------------------------------------------------------------- the decision
 PROBE = """
 import json, subprocess, sys

@@ -1,12 +1,12 @@
 """The few primitives that differ per device, bound once from the chosen profile (device.py).
 
-The model, the loss and the optimizer call `kernels.attention`, `kernels.gelu`, `kernels.sqrt`,
+The model, the loss and the optimizer call `kernels.attention`, `kernels.activation_matmul`, `kernels.sqrt`,
 `kernels.cross_entropy`... and never ask which device they run on. On MLX's x86 CPU backend
 these are cpu.py's multiply-add versions; everywhere else they are MLX's own (the fused
-`mx.fast.scaled_dot_product_attention`, `mx.exp`, `mx.sqrt`) and a float32 tanh GELU, whose MLP backward
-recomputes the activation instead of keeping it.
-The fused head + loss of loss.py is sized for the device: its rows per chunk come from the profile, and on
-an NVIDIA GPU its float32 arithmetic is cuda.py's kernel.
+`mx.fast.scaled_dot_product_attention`, `mx.exp`, `mx.sqrt`) and a float32 tanh GELU, with backwards that
+recompute rather than keep: the MLP's activation from its input, and, where MLX has no fused attention
+backward, the attention probabilities. The fused head + loss of loss.py is sized for the device: its rows per
+chunk come from the profile, and on an NVIDIA GPU its float32 arithmetic is cuda.py's kernel.
 """
 
 from __future__ import annotations

@@ -53,10 +53,12 @@ def cmd_info(args) -> None:
 
     import mlx.core as mx
 
+    from . import kernels
+
     total, available = device.system_memory()
     print(f"{'mlx':<12} {mx.__version__}")
     print(f"{'platform':<12} {platform.platform()} ({os.cpu_count()} cores)")
-    for label, value in device.info():
+    for label, value in device.info() + list(kernels.BOUND.described):
         print(f"{label:<12} {value}")
     print(f"{'memory':<12} {total:.1f} GiB system" + (f", {available:.1f} GiB available" if available is not None else "")
           + f", {device.memory_bytes() / 2**30:.1f} GiB for MLX")

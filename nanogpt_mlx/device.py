@@ -40,11 +40,17 @@ class Profile:
     checkpoint_frees: float = 1.0  # share of the activations that --activation-checkpointing frees, against
     # keeping only block inputs and one block: all of it on the CPU backend, a quarter on an H200 (measured)
 
+    @property
+    def recomputed_attention(self) -> bool:
+        """Training attention is kernels.recomputing_attention: MLX's fused forward and a backward that recomputes
+        the probabilities, where MLX has no fused backward (and cpu.py's attention is not the fast path)."""
+        return not (self.fused_attention_backward or self.software_math)
+
     def attention_note(self, dtype: str, head_dim: int, seq_len: int) -> str | None:
         """Why training attention will not use a fused kernel in both directions, or None if it will."""
         if self.software_math:
             return None  # cpu.py's attention is the fast path on this backend
-        if not self.fused_attention_backward:
+        if self.recomputed_attention:
             return (f"{self.name}: MLX's fused attention has no fused backward here; the backward recomputes "
                     "each layer's T x T probabilities (one layer's at a time)")
         reasons = []
@@ -171,16 +177,7 @@ def info() -> list[tuple[str, str]]:
     lines = [("profile", f"{PROFILE.name}: {PROFILE.description}" + (f"  [{note}]" if note else "")),
              ("device", str(mx.default_device())),
              ("dtype", f"{PROFILE.dtype} by default (--dtype overrides)"),
-             ("loss chunk", f"{PROFILE.loss_rows or 'all'} rows of logits at a time"),
-             ("attention", "cpu.py's multiply-add softmax" if PROFILE.software_math
-              else "MLX's fused kernel both ways where cuDNN applies" if PROFILE.fused_attention_backward
-              else "MLX's fused forward; the backward recomputes the probabilities"),
-             ("mlp backward", "autodiff" if PROFILE.software_math else "recomputes the activation from its input")]
-    if PROFILE.cuda_kernels:
-        from . import cuda
-
-        lines.append(("loss kernel", "cuda.py, one pass over the bf16 logits" if cuda.available()
-                      else "MLX ops (no NVIDIA GPU under this forced profile)"))
+             ("loss chunk", f"{PROFILE.loss_rows or 'all'} rows of logits at a time")]
     if PROFILE.cpu_backend:
         from . import cpu
 

@@ -106,6 +106,7 @@ class Kernels:
     sqrt: Unary
     cross_entropy: Loss  # fused head + loss for training: (h, head weight, targets, softcap) -> mean loss
     eval_cross_entropy: Loss  # the same without the gradient
+    described: tuple[tuple[str, str], ...] = ()  # (label, what was bound) lines for `nanogpt-mlx info`
 
 
 def mlx_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
@@ -151,20 +152,25 @@ def for_profile(profile: device.Profile) -> Kernels:
 
         # autodiff: recomputing the GELU's software tanh would cost more time than the memory is worth here
         return Kernels(cpu.attention, cpu.gelu, plain_activation_matmul(cpu.gelu), cpu.exp, cpu.sqrt,
-                       *make_losses(profile.loss_rows, cpu.exp))
+                       *make_losses(profile.loss_rows, cpu.exp),
+                       described=(("attention", "cpu.py's multiply-add softmax"), ("mlp backward", "autodiff")))
+    described = [("attention", "MLX's fused forward; the backward recomputes the probabilities"
+                  if profile.recomputed_attention else "MLX's fused kernel both ways where cuDNN applies"),
+                 ("mlp backward", "recomputes the activation from its input")]
     rowwise = None
     if profile.cuda_kernels:
         from . import cuda
 
         rowwise = cuda.cross_entropy_rows if cuda.available() else None  # forced on a CPU: MLX's ops
-    attention = mlx_attention if profile.fused_attention_backward else recomputing_attention
+        described.append(("loss kernel", "cuda.py, one pass over the bf16 logits" if rowwise
+                          else "MLX ops (no NVIDIA GPU under this forced profile)"))
+    attention = recomputing_attention if profile.recomputed_attention else mlx_attention
     return Kernels(attention, mlx_gelu, recomputing_activation_matmul(), mx.exp, mx.sqrt,
-                   *make_losses(profile.loss_rows, mx.exp, rowwise))
+                   *make_losses(profile.loss_rows, mx.exp, rowwise), described=tuple(described))
 
 
 BOUND = for_profile(device.PROFILE)
 attention = BOUND.attention
-gelu = BOUND.gelu
 activation_matmul = BOUND.activation_matmul
 sqrt = BOUND.sqrt
 cross_entropy = BOUND.cross_entropy

@@ -57,7 +57,7 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
     n = batch_size * seq_len
     per_layer = profile.saved_per_layer * C * n * b
     scores = nh * seq_len * n * 4  # one float32 T x T array per head for the batch
-    recomputed = not (profile.fused_attention_backward or profile.software_math)  # kernels.recomputing_attention
+    recomputed = profile.recomputed_attention
     if profile.software_math or not recomputed and profile.attention_note(dtype, C // nh, seq_len) is not None:
         per_layer += 2 * scores  # unfused attention's autodiff keeps its scores and probabilities
     else:

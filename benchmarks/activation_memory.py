@@ -6,8 +6,11 @@ token, is what one block keeps for its backward (memory.py's `saved_per_layer`).
 activation and output projection as the profile binds it (kernels.activation_matmul) against plain autodiff
 (the backward keeps both h and act(h)), for GPT-2's GELU and the speedrun's ReLU^2. Force a GPU profile on a
 CPU with NANOGPT_MLX_PROFILE=cuda to see its kernels' effect there; on a GPU it measures the real backend.
+On the CPU, MLX's LayerNorm and attention backward fall back to unfused float32 graphs whose autodiff keeps more
+than the GPU kernels do; --gpu-like swaps in stand-ins that keep what those kernels keep (LayerNorm: its input;
+attention: q, k, v and the output, as cuDNN's), so a CPU can estimate a GPU's figure.
 
-    python benchmarks/activation_memory.py [--dtype bfloat16] [--n-embd 256] [--batch 8] [--seq 128]
+    python benchmarks/activation_memory.py [--dtype bfloat16] [--n-embd 256] [--batch 8] [--seq 128] [--gpu-like]
 """
 
 from __future__ import annotations
@@ -20,6 +23,25 @@ from nanogpt_mlx.model import GPT, GPTConfig
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
+
+
+@mx.custom_function
+def layer_norm_keeping_input(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
+    """mx.fast.layer_norm whose backward keeps only x, as MLX's fused LayerNorm VJP does on a GPU."""
+    return mx.fast.layer_norm(x, weight, bias, 1e-5)
+
+
+@layer_norm_keeping_input.vjp
+def _layer_norm_vjp(primals, cotangent, output):
+    x, weight, bias = primals
+    recompute = lambda x, w, b: mx.fast.layer_norm(mx.contiguous(x), w, b, 1e-5)  # noqa: E731  (not merged)
+    return tuple(mx.vjp(recompute, [x, weight, bias], [cotangent])[1])
+
+
+def use_gpu_like_kernels() -> None:
+    """LayerNorm and attention that keep, on any backend, what MLX's GPU kernels keep for their backward."""
+    nn.LayerNorm.__call__ = lambda self, x: layer_norm_keeping_input(x, self.weight, self.bias)
+    kernels.attention = kernels.recomputing_attention
 
 
 def peak(config: GPTConfig, dtype: mx.Dtype, batch: int, seq: int) -> tuple[int, int]:
@@ -55,10 +77,15 @@ def main() -> None:
     ap.add_argument("--n-head", type=int, default=4)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--gpu-like", action="store_true", help="LayerNorm and attention stand-ins that keep what MLX's "
+                    "GPU kernels keep (for a CPU estimate of a GPU's figure)")
     args = ap.parse_args()
     dtype = getattr(mx, args.dtype)
+    if args.gpu_like:
+        use_gpu_like_kernels()
     print(f"profile {device.PROFILE.name}, MLX on {mx.default_device()}, {args.dtype}, n_embd {args.n_embd}, "
-          f"{args.n_head} heads, B{args.batch} x T{args.seq}; n_embd units kept per layer and token")
+          f"{args.n_head} heads, B{args.batch} x T{args.seq}{', GPU-like LayerNorm and attention' * args.gpu_like}; "
+          "n_embd units kept per layer and token")
     bound = kernels.activation_matmul
     print(f"{'MLP':6s} {'bound (' + device.PROFILE.name + ')':>16s} {'autodiff':>9s} {'ratio':>6s}")
     for mlp in ("gelu", "relu2"):

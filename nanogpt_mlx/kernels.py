@@ -43,7 +43,8 @@ def _gelu_and_slope(h: mx.array) -> tuple[mx.array, mx.array]:
     """(gelu(h), d gelu / dh) in float32, with (1 + tanh z) / 2 as sigmoid(2z): expressions apart from
     mlx_gelu's, since mx.compile merges identical ones, and a recomputation merged with the forward is no
     recomputation (the forward's 4x-wide arrays would stay alive until the backward)."""
-    x = h * mx.array(1.0, mx.float32)  # float32 by another op than the forward's cast (see above)
+    x = mx.contiguous(h).astype(mx.float32)  # not the forward's cast of h itself (see above); h is contiguous,
+    # so this shares its buffer. (h * float32 1.0 would not do: type promotion inserts that very cast.)
     xc = mx.clip(x, -100, 100)  # beyond, the slope is exactly 0 or 1: no 0 * inf
     s = mx.sigmoid((2 * _GELU_C) * xc * (1 + 0.044715 * xc * xc))
     return x * s, s + 2 * xc * s * (1 - s) * _GELU_C * (1 + 3 * 0.044715 * xc * xc)

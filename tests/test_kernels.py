@@ -362,3 +362,20 @@ def test_recomputed_activation_keeps_less_than_autodiff(kind, dtype, monkeypatch
     old = peak(kernels.plain_activation_matmul(kernels.mlx_gelu))
     print(f"peak {new / 1e6:.1f} MB against {old / 1e6:.1f} MB with autodiff")
     assert new < 0.9 * old
+
+
+def test_recomputed_gelu_keeps_what_relu2_keeps(monkeypatch):
+    """GPT-2's GELU computes in float32. If its bf16 recomputation shared the forward's float32 cast of h,
+    mx.compile would merge the two and keep float32 copies from the forward to the backward (several more bf16
+    n_embd-units per layer and token). ReLU² has no cast: one more layer must add about as much for both."""
+    monkeypatch.setattr(kernels, "activation_matmul", kernels.recomputing_activation_matmul())
+    C, B, T = 128, 4, 128
+
+    def per_layer(kind: str) -> float:
+        p2, p16 = (body_step_peak(GPTConfig(n_layer=n, n_head=4, n_embd=C, vocab_size=256, mlp=kind), mx.bfloat16,
+                                  seq=T, batch=B) for n in (2, 16))  # 14 layers apart: one-off transients fade
+        return (p16 - p2) / 14 / (C * B * T * 2)
+
+    gelu, relu2 = per_layer("gelu"), per_layer("relu2")
+    print(f"units per layer: GELU {gelu:.2f}, ReLU^2 {relu2:.2f}")
+    assert gelu - relu2 < 2.5

@@ -14,8 +14,10 @@ to OUT/profile_step.json as they come, so a run stopped early still reports what
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -28,11 +30,11 @@ from nanogpt_mlx import cuda, device, kernels
 from nanogpt_mlx import train as train_mod
 from nanogpt_mlx.loss import make_losses
 from nanogpt_mlx.model import GPT, GPTConfig
-from nanogpt_mlx.optim import build_nanogpt_adamw, clip_grad_norm
+from nanogpt_mlx.optim import Packing, build_nanogpt_adamw, clip_grad_norm, decay_group
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
-from mlx.utils import tree_map  # noqa: E402
+from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
 VOCAB = 50304
 PARTS = ["gemm", "kernel", "head", "attention", "block", "model", "optimizer", "trainer"]
@@ -185,23 +187,42 @@ def model_parts(model: GPT, x: mx.array, y: mx.array, N: int) -> None:
         timed(f"model fwd+bwd, {name}", mx.compile(lambda vg=vg: vg(model), inputs=state, outputs=state))
 
 
+VIEWS = {"Reshape", "Slice", "Squeeze", "ExpandDims", "Broadcast", "View", "Transpose"}  # no kernel: metadata
+
+
+def kernel_count(outputs) -> int:
+    """Primitives other than views in the graph of `outputs` (of a compiled call: its fused kernels)."""
+    buf = io.StringIO()
+    mx.export_to_dot(buf, *(a for _, a in tree_flatten(outputs)))
+    labels = re.findall(r'label ="([^"]+)", shape=rectangle', buf.getvalue())
+    return sum(label not in VIEWS for label in labels)
+
+
 def optimizer_parts(model: GPT) -> None:
+    """Clipping + AdamW + the bf16 copy of float32 masters, per tensor against optim.Packing's two buffers (what
+    the Trainer runs for build-nanogpt's recipe: the gradients are packed first, in bf16)."""
     master = tree_map(lambda p: p.astype(mx.float32), model.parameters())
-    grads = tree_map(lambda p: mx.random.normal(p.shape) * 1e-3, master)
-    opt = build_nanogpt_adamw(6e-4, 0.1, (0.9, 0.95), 1e-8)
-    opt.init(master)
-    mx.eval(master, grads, opt.state)
-    box = {"p": master}
+    keys = iter(mx.random.split(mx.random.key(0), len(tree_flatten(master))))
+    grads = tree_map(lambda p: (mx.random.normal(p.shape, key=next(keys)) * 1e-3).astype(mx.bfloat16), master)
+    mx.eval(master, grads)
+    for packing in (Packing(master, None), Packing(master, decay_group)):
+        label = "packed" if packing.slots else "per tensor"
+        opt = build_nanogpt_adamw(6e-4, 0.1, (0.9, 0.95), 1e-8)
+        box = {"master": packing.pack(tree_map(lambda a: a, master))}
+        opt.init(box["master"])
+        mx.eval(box, opt.state)
 
-    def update():
-        box["p"] = opt.apply_gradients(grads, box["p"])
-        return box["p"]
+        def update():
+            g = tree_map(lambda a: a.astype(mx.float32), packing.pack(grads))
+            g, norm = clip_grad_norm(g, 1.0)
+            box["master"] = opt.apply_gradients(g, box["master"])
+            box["model"] = packing.unpack(box["master"], mx.bfloat16)
+            return norm, box
 
-    state = [opt.state, box]
-    timed("AdamW update (fp32 masters)", mx.compile(update, inputs=state, outputs=state))
-    timed("clip_grad_norm", mx.compile(lambda: clip_grad_norm(grads, 1.0)))
-    timed("bf16 cast of the masters", mx.compile(lambda: tree_map(lambda p: p.astype(mx.bfloat16), box["p"]),
-                                                 inputs=state))
+        state = [opt.state, box]
+        step = mx.compile(update, inputs=state, outputs=state)
+        timed(f"clip + AdamW + bf16 copy, {label}", step, kernels=kernel_count(step()))
+    timed("clip_grad_norm alone, per tensor", mx.compile(lambda: clip_grad_norm(grads, 1.0)))
 
 
 def trainer_step(label: str, loss, L: int, d: int, nh: int, B: int, T: int, **overrides) -> None:

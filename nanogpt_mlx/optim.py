@@ -3,16 +3,21 @@
 build-nanogpt's `configure_optimizers` and `get_lr`: AdamW with betas (0.9, 0.95), eps 1e-8, bias
 correction as in PyTorch, weight decay only on tensors with >= 2 dims; linear warmup, then cosine
 down to min_lr. Clipping is PyTorch's clip_grad_norm_.
+
+`Packing` lays the tensors of each parameter group end to end in a few flat buffers, as PyTorch's fused
+AdamW and foreach clipping treat a group: the optimizer, the clipping and the all-reduce then see ~20
+arrays instead of ~150 tensors (on a GPU, a few kernels each instead of a few per tensor).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 
 import mlx.core as mx
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import kernels
 
@@ -85,12 +90,121 @@ class AdamW(optim.AdamW):
         return parameter * decay - c1 * m / (kernels.sqrt(v) * c2 + self.eps)
 
 
+DECAY, NO_DECAY = "decay", "no_decay"
+
+
+def decay_group(path: str, p: mx.array) -> str:
+    """build-nanogpt's groups: decay on >= 2-D tensors (matmul weights, embeddings), none on biases and norms."""
+    return DECAY if p.ndim >= 2 else NO_DECAY
+
+
 def build_nanogpt_adamw(lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> optim.MultiOptimizer:
-    """AdamW with decay on >= 2-D tensors (matmul weights, embeddings), none on biases and LayerNorms."""
+    """AdamW with decay on >= 2-D tensors, none on the others; over the tensors themselves or over their
+    Packing by decay_group (whose flat buffers are named by group and bucket)."""
     adamw = partial(AdamW, learning_rate=lr, betas=list(betas), eps=eps)
     return optim.MultiOptimizer([adamw(weight_decay=weight_decay), adamw(weight_decay=0.0)],
-                                [lambda path, p: p.ndim >= 2])
+                                [lambda path, p: Packing.group_of(path) == DECAY or p.ndim >= 2])
 
+
+class Packing:
+    """Where each parameter lives in a few flat buffers per group, so that an elementwise optimizer (AdamW),
+    clipping and the all-reduce see a few arrays instead of one per tensor: pack() concatenates a tree of
+    tensors (gradients, weights) into {bucket: buffer}, unpack() gives the tensors back as views of the buffers
+    (no copy). Buckets are named `{group}:{i}`; each tensor starts at a multiple of ALIGN elements, for the
+    GPU's vectorised loads. `group=None` packs nothing: pack and unpack return the tree (Muon needs each
+    matrix whole)."""
+
+    ALIGN = 64
+    # elements of a bucket, unless one tensor alone is larger: an update allocates a buffer's new moments and
+    # weights before its old ones are freed, so one buffer per group would add ~3 float32 copies of the model
+    # to the step's peak; buckets of this size keep that near what a per-tensor update adds
+    BUCKET = 1 << 23
+
+    def __init__(self, params: dict, group: Callable[[str, mx.array], str] | None):
+        self.slots: dict[str, list[tuple[str, tuple[int, ...], int]]] = {}  # bucket -> [(path, shape, offset)]
+        self.sizes: dict[str, int] = {}
+        if group is None:
+            return
+        last: dict[str, str] = {}  # group -> its bucket being filled
+        for path, p in tree_flatten(params):
+            g = group(path, p)
+            size = -(-p.size // self.ALIGN) * self.ALIGN
+            bucket = last.get(g)
+            if bucket is None or self.sizes[bucket] + size > self.BUCKET:
+                bucket = last[g] = f"{g}:{sum(b.startswith(g + ':') for b in self.slots)}"
+                self.slots[bucket], self.sizes[bucket] = [], 0
+            self.slots[bucket].append((path, p.shape, self.sizes[bucket]))
+            self.sizes[bucket] += size
+
+    @staticmethod
+    def group_of(path: str) -> str:
+        """The group of a bucket's name (`decay:0` -> `decay`)."""
+        return path.partition(":")[0]
+
+    def pack(self, tree: dict) -> dict:
+        """{bucket: its tensors of `tree`, flattened end to end, zeros in the alignment gaps}."""
+        if not self.slots:
+            return tree
+        flat = dict(tree_flatten(tree))
+        return {b: self._pack_bucket(b, flat) for b in self.slots}
+
+    def _pack_bucket(self, bucket: str, flat: dict[str, mx.array]) -> mx.array:
+        parts = []
+        for path, _, _ in self.slots[bucket]:
+            a = flat[path].reshape(-1)
+            gap = -a.size % self.ALIGN
+            parts += [a, mx.zeros((gap,), a.dtype)] if gap else [a]
+        return mx.concatenate(parts)
+
+    def unpack(self, packed: dict, dtype: mx.Dtype | None = None) -> dict:
+        """The tensors as views of the packed buffers (cast to `dtype` first, one cast per bucket)."""
+        cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
+        if not self.slots:
+            return tree_map(cast, packed)
+        views = []
+        for bucket, slots in self.slots.items():
+            buf = cast(packed[bucket])
+            views += [(path, buf[offset : offset + math.prod(shape)].reshape(shape)) for path, shape, offset in slots]
+        return tree_unflatten(views)
+
+    def unpack_state(self, state: dict) -> dict:
+        """An optimizer state over packed buffers as the per-tensor state it equals (`{bucket}.m` -> `{path}.m`
+        for each tensor of the bucket): what checkpoints store, whatever the packing."""
+        if not self.slots:
+            return state
+        items = []
+        for key, a in tree_flatten(state):
+            parts = key.split(".")
+            hit = [i for i, part in enumerate(parts) if part in self.slots and a.size == self.sizes[part]]
+            if not hit:
+                items.append((key, a))
+                continue
+            i = hit[0]
+            for path, shape, offset in self.slots[parts[i]]:
+                items.append((".".join(parts[:i] + [path] + parts[i + 1 :]), a[offset : offset + math.prod(shape)]
+                              .reshape(shape)))
+        return tree_unflatten(items)
+
+    def pack_state(self, state: dict) -> dict:
+        """unpack_state's inverse: a per-tensor optimizer state (a checkpoint's) over the packed buffers. It must
+        hold every tensor's entries (KeyError otherwise)."""
+        if not self.slots:
+            return state
+        where = {path: g for g, slots in self.slots.items() for path, _, _ in slots}
+        kept, grouped = [], {}  # grouped: (prefix, bucket, suffix) -> {path: array}
+        for key, a in tree_flatten(state):
+            parts = key.split(".")
+            spans = [(i, j) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)
+                     if ".".join(parts[i:j]) in where]
+            if not spans:
+                kept.append((key, a))
+                continue
+            i, j = spans[0]
+            path = ".".join(parts[i:j])
+            grouped.setdefault((".".join(parts[:i]), where[path], ".".join(parts[j:])), {})[path] = a
+        for (prefix, bucket, suffix), tensors in grouped.items():
+            kept.append((".".join(part for part in (prefix, bucket, suffix) if part), self._pack_bucket(bucket, tensors)))
+        return tree_unflatten(kept)
 
 
 # Newton–Schulz quintic coefficients of Keller Jordan's Muon: they push every singular value of a

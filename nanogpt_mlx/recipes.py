@@ -5,7 +5,8 @@ learning rates (and Muon's momentum) move with the step, and the TrainConfig val
 unless the user sets them. The trainer asks its recipe for these and does not know either one.
 
 - `build-nanogpt`: GPT-2 as build-nanogpt trains it: AdamW (decay on >= 2-D tensors), linear
-  warmup then cosine to min_lr, gradients clipped at 1.0. The default, unchanged bit for bit.
+  warmup then cosine to min_lr, gradients clipped at 1.0. The default. Each group's tensors are packed
+  into one buffer (optim.Packing), so clipping and AdamW run over two arrays.
 - `speedrun`: the modded-nanogpt speedrun's changes: RoPE, QK RMS-norm, ReLU², RMSNorm, no linear
   biases, an untied zero-initialised head, zero-init output projections, a logit soft-cap; Muon for the
   blocks' matrices (q, k and v each their own), AdamW with their own LRs for the embeddings, the head
@@ -32,7 +33,7 @@ import mlx.optimizers as optim
 
 from .errors import UserError
 from .model import GPTConfig
-from .optim import AdamW, Muon, build_nanogpt_adamw, cosine_lr, muon_momentum, wsd_lr
+from .optim import AdamW, Muon, build_nanogpt_adamw, cosine_lr, decay_group, muon_momentum, wsd_lr
 
 if TYPE_CHECKING:
     from .train import TrainConfig
@@ -45,6 +46,7 @@ class Recipe:
     model: dict[str, Any]  # GPTConfig switches of the models it trains
     defaults: dict[str, Any]  # TrainConfig values it sets when a run switches to it (flags still override)
     make_optimizer: Callable[[TrainConfig, mx.Dtype], optim.Optimizer]  # (config, compute dtype)
+    pack: Callable[[str, mx.array], str] | None  # the optimizer's packing groups (optim.Packing), None: per tensor
     lr: Callable[[int, TrainConfig], float]  # the main group's LR at a step (logged)
     set_step: Callable[[optim.Optimizer, int, TrainConfig], None]  # every group's LR (and momentum) at a step
 
@@ -74,7 +76,7 @@ BUILD_NANOGPT = Recipe(
     summary="GPT-2 with AdamW, warmup + cosine, clipping at 1.0 (build-nanogpt's train_gpt2.py)",
     model={},
     defaults=dict(max_lr=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=1.0),
-    make_optimizer=_nanogpt_optimizer, lr=_nanogpt_lr, set_step=_nanogpt_set_step)
+    make_optimizer=_nanogpt_optimizer, pack=decay_group, lr=_nanogpt_lr, set_step=_nanogpt_set_step)
 
 
 # ------------------------------------------------------------------------------------ speedrun
@@ -124,7 +126,7 @@ SPEEDRUN = Recipe(
                tie_embeddings=False, init="speedrun", logit_softcap=15.0),
     # Muon at max_lr with decoupled weight decay; the AdamW groups use betas (0.8, 0.95), eps 1e-10, no decay
     defaults=dict(max_lr=0.025, weight_decay=0.025, beta1=0.8, beta2=0.95, eps=1e-10, grad_clip=0.0, warmup_steps=0),
-    make_optimizer=_speedrun_optimizer, lr=_speedrun_lr, set_step=_speedrun_set_step)
+    make_optimizer=_speedrun_optimizer, pack=None, lr=_speedrun_lr, set_step=_speedrun_set_step)
 
 
 RECIPES = {r.name: r for r in (BUILD_NANOGPT, SPEEDRUN)}

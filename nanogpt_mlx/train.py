@@ -2,12 +2,14 @@
 optimizer and schedule taken from a recipe (recipes.py: build-nanogpt's, the default, or the speedrun's).
 
 One optimizer step = `grad_accum` micro-batches of (B, T) tokens per rank. Each micro-step
-runs forward + backward of loss/grad_accum and adds its gradients to the running sum, then is
-evaluated, so memory holds one micro-batch's graph. The last micro-step also averages the
+runs forward + backward of loss/grad_accum and adds its gradients, packed as the recipe's optimizer
+groups them (optim.Packing), to the running sum, then is evaluated, so memory holds one
+micro-batch's graph. The last micro-step also averages the
 gradients over ranks, clips their global norm (PyTorch's clip_grad_norm_; build-nanogpt: at 1.0)
 and applies the recipe's optimizer, whose LRs the recipe sets before every step.
-The compute dtype defaults to the device profile's (bfloat16 on GPUs: the model computes in
-bf16 from float32 master weights; float32 on CPUs).
+The optimizer updates float32 master weights; the model's weights are views of them (float32),
+or of their bf16 copy. The compute dtype defaults to the device profile's (bfloat16 on GPUs,
+float32 on CPUs).
 
 Checkpoints (checkpoint.py) hold the weights, the optimizer state, the data-loader position and
 the config. All randomness derives from the seed and the counters saved there (init from the
@@ -39,7 +41,7 @@ from .errors import UserError
 from .evaluate import download_hellaswag, load_hellaswag, score_hellaswag
 from .files import check_writable
 from .model import GPT, GPTConfig
-from .optim import clip_grad_norm
+from .optim import Packing, clip_grad_norm
 from .sample import SampleConfig, sample_texts
 from .weights import load_model
 
@@ -242,11 +244,13 @@ class Trainer:
         self.val_loader = DataLoader(cfg.data, "val", B, T, rank, world, vocab) if cfg.val_every else None
 
         self.optimizer = self.recipe.make_optimizer(cfg, self.dtype)
-        # bfloat16: the model computes in bf16, the optimizer updates float32 master weights
-        self.master = {"params": self.model.parameters()} if self.dtype != mx.float32 else None
-        if self.master is not None:
-            self.model.update(tree_map(lambda p: p.astype(self.dtype), self.master["params"]))
-        self.optimizer.init(self._params())
+        # the optimizer updates float32 master weights, packed per group (build-nanogpt's: one buffer for the
+        # decayed tensors, one for the rest); the model computes from views of them, cast to its dtype
+        params = self.model.trainable_parameters()
+        self.packing = Packing(params, self.recipe.pack)
+        self.master = {"params": self.packing.pack(tree_map(lambda p: p.astype(mx.float32), params))}
+        self._use_master(self.dtype)
+        self.optimizer.init(self.master["params"])
         self.step = 0
         if ckpt is not None:
             self._load_state(ckpt)
@@ -277,8 +281,9 @@ class Trainer:
             raise UserError(f"total_batch_size {cfg.total_batch_size} is not divisible by batch_size * seq_len"
                             f" * ranks = {cfg.batch_size} * {cfg.seq_len} * {world} = {per_micro}")
 
-    def _params(self):
-        return self.master["params"] if self.master is not None else self.model.trainable_parameters()
+    def _use_master(self, dtype: mx.Dtype) -> None:
+        """Point the model's weights at the master weights, cast to `dtype` (views where it is float32)."""
+        self.model.update(self.packing.unpack(self.master["params"], dtype))
 
     def _build_steps(self) -> None:
         """The compiled micro-step (forward + backward, gradients added to the running sum) and the
@@ -288,20 +293,17 @@ class Trainer:
 
         def accumulate(x, y, grads):
             loss, g = loss_and_grad(model, x, y)
-            g = tree_map(lambda a: a.astype(mx.float32), g)
+            g = tree_map(lambda a: a.astype(mx.float32), self.packing.pack(g))  # packed in the compute dtype
             return loss, g if grads is None else tree_map(mx.add, grads, g)
 
         def update(x, y, grads):
             loss, g = accumulate(x, y, grads)
             g, norm = clip_grad_norm(self.dist.average_gradients(g), self.cfg.grad_clip)
-            if self.master is None:
-                optimizer.update(model, g)
-            else:
-                self.master["params"] = optimizer.apply_gradients(g, self.master["params"])
-                model.update(tree_map(lambda p: p.astype(self.dtype), self.master["params"]))
+            self.master["params"] = optimizer.apply_gradients(g, self.master["params"])
+            self._use_master(self.dtype)
             return loss, norm
 
-        state = [model.state, optimizer.state] + ([self.master] if self.master is not None else [])
+        state = [model.state, optimizer.state, self.master]
         wrap = partial(mx.compile, inputs=state, outputs=state) if self.cfg.compile else (lambda f: f)
         self._accumulate, self._update = wrap(accumulate), wrap(update)
         eval_loss = lambda x, y: kernels.eval_cross_entropy(  # noqa: E731
@@ -314,7 +316,12 @@ class Trainer:
         if state["world"] != self.dist.world:
             raise UserError(f"{ckpt} was written by a run with {state['world']} ranks; resume it with the same"
                             f" number (this run has {self.dist.world})")
-        self.optimizer.state = checkpoint.read_optimizer(ckpt)
+        saved = checkpoint.read_optimizer(ckpt)
+        missing = ({k for k, _ in tree_flatten(self.packing.unpack_state(self.optimizer.state))}
+                   - {k for k, _ in tree_flatten(saved)})  # MLX would start them from zeros, silently
+        if missing:
+            raise checkpoint.damaged(ckpt, f"{checkpoint.OPTIMIZER_FILE} lacks {', '.join(sorted(missing)[:3])}")
+        self.optimizer.state = self.packing.pack_state(saved)
         self.train_loader.load_state_dict(state["train_loader"])
         self.step = state["step"]
 
@@ -322,15 +329,14 @@ class Trainer:
         """Write OUT/ckpt-{step} with the float32 master weights (rank 0 only) and return its path."""
         if not self.dist.is_main:
             return self.out / f"ckpt-{self.step:06d}"
-        if self.master is not None:
-            self.model.update(self.master["params"])  # save the float32 masters, not the bf16 copy
+        self._use_master(mx.float32)  # save the float32 masters, not a bf16 copy
         try:
-            return checkpoint.write(self.out, self.step, self.model, self.optimizer.state, {
+            # the optimizer state per tensor, as the model's weights are stored, whatever the packing
+            return checkpoint.write(self.out, self.step, self.model, self.packing.unpack_state(self.optimizer.state), {
                 "step": self.step, "world": self.dist.world, "config": asdict(self.cfg),
                 "train_loader": self.train_loader.state_dict()})
         finally:
-            if self.master is not None:
-                self.model.update(tree_map(lambda p: p.astype(self.dtype), self.master["params"]))
+            self._use_master(self.dtype)
 
     # -- evaluation
     def val_loss(self) -> float:

@@ -125,8 +125,17 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def drop_moment(path: Path, name: str) -> None:
+    import mlx.core as mx
+
+    arrays = mx.load(str(path))
+    mx.save_safetensors(str(path), {k: v for k, v in arrays.items() if not k.endswith(name)})
+
+
 DAMAGE = {
     "optimizer-truncated": (lambda c: truncate(c / "optimizer.safetensors"), "optimizer.safetensors"),
+    "optimizer-incomplete": (lambda c: drop_moment(c / "optimizer.safetensors", ".h.0.attn.c_attn.weight.m"),
+                             "optimizer.safetensors lacks states.0.h.0.attn.c_attn.weight.m"),
     "optimizer-missing": (lambda c: (c / "optimizer.safetensors").unlink(), "optimizer.safetensors is missing"),
     "state-malformed": (lambda c: (c / "trainer.json").write_text('{"step": 4, "wor'), "trainer.json"),
     "state-missing": (lambda c: (c / "trainer.json").unlink(), "trainer.json is missing"),

@@ -244,8 +244,8 @@ class Trainer:
         self.val_loader = DataLoader(cfg.data, "val", B, T, rank, world, vocab) if cfg.val_every else None
 
         self.optimizer = self.recipe.make_optimizer(cfg, self.dtype)
-        # the optimizer updates float32 master weights, packed per group (build-nanogpt's: one buffer for the
-        # decayed tensors, one for the rest); the model computes from views of them, cast to its dtype
+        # the optimizer updates float32 master weights, packed as its recipe groups them (build-nanogpt's: flat
+        # buckets of decayed and of other tensors); the model computes from views of them, cast to its dtype
         params = self.model.trainable_parameters()
         self.packing = Packing(params, self.recipe.pack)
         self.master = {"params": self.packing.pack(tree_map(lambda p: p.astype(mx.float32), params))}

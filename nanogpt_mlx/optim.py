@@ -5,8 +5,8 @@ correction as in PyTorch, weight decay only on tensors with >= 2 dims; linear wa
 down to min_lr. Clipping is PyTorch's clip_grad_norm_.
 
 `Packing` lays the tensors of each parameter group end to end in a few flat buffers, as PyTorch's fused
-AdamW and foreach clipping treat a group: the optimizer, the clipping and the all-reduce then see ~20
-arrays instead of ~150 tensors (on a GPU, a few kernels each instead of a few per tensor).
+AdamW and foreach clipping treat a group: the optimizer, the clipping and the all-reduce then see 14
+arrays instead of 148 tensors in GPT-2 (on a GPU, a few kernels each instead of a few per tensor).
 """
 
 from __future__ import annotations
@@ -203,7 +203,8 @@ class Packing:
             path = ".".join(parts[i:j])
             grouped.setdefault((".".join(parts[:i]), where[path], ".".join(parts[j:])), {})[path] = a
         for (prefix, bucket, suffix), tensors in grouped.items():
-            kept.append((".".join(part for part in (prefix, bucket, suffix) if part), self._pack_bucket(bucket, tensors)))
+            key = ".".join(part for part in (prefix, bucket, suffix) if part)
+            kept.append((key, self._pack_bucket(bucket, tensors)))
         return tree_unflatten(kept)
 
 

@@ -6,7 +6,7 @@ unless the user sets them. The trainer asks its recipe for these and does not kn
 
 - `build-nanogpt`: GPT-2 as build-nanogpt trains it: AdamW (decay on >= 2-D tensors), linear
   warmup then cosine to min_lr, gradients clipped at 1.0. The default. Each group's tensors are packed
-  into a few flat buckets (optim.Packing), so clipping and AdamW run over ~17 arrays, not 148 tensors.
+  into a few flat buckets (optim.Packing), so clipping and AdamW run over 14 arrays, not 148 tensors (GPT-2).
 - `speedrun`: the modded-nanogpt speedrun's changes: RoPE, QK RMS-norm, ReLU², RMSNorm, no linear
   biases, an untied zero-initialised head, zero-init output projections, a logit soft-cap; Muon for the
   blocks' matrices (q, k and v each their own), AdamW with their own LRs for the embeddings, the head

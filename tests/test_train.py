@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.optimizers as optim
+from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli, save_hf_gpt2
@@ -189,6 +190,19 @@ def test_parity_with_pytorch_build_nanogpt_loop(small_hf_dir, data_dir, tmp_path
     assert weights.keys() == ref_weights.keys()
     for k, w in weights.items():
         np.testing.assert_allclose(w, ref_weights[k], atol=2e-4, rtol=1e-3, err_msg=k)
+
+
+def test_build_nanogpt_updates_packed_buckets_and_saves_per_tensor_state(data_dir, tmp_path):
+    """The Trainer keeps build-nanogpt's float32 masters in optim.Packing's buckets (the model's weights are views
+    of them) and writes the optimizer state per tensor: the layout of an unpacked AdamW's state."""
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", max_steps=2))
+    assert {optim_mod.Packing.group_of(k) for k in trainer.master["params"]} == {"decay", "no_decay"}
+    trainer.train()
+    saved = mx.load(str(checkpoints(tmp_path / "run")[-1] / "optimizer.safetensors"))
+    unpacked = optim_mod.build_nanogpt_adamw(3e-3, 0.1, (0.9, 0.95), 1e-8)
+    unpacked.init(trainer.model.trainable_parameters())
+    assert saved.keys() == dict(tree_flatten(unpacked.state)).keys()
+    assert saved["states.0.h.1.mlp.c_fc.weight.v"].shape == trainer.model.h[1].mlp.c_fc.weight.shape
 
 
 # ------------------------------------------------------------------------------ resume

@@ -199,7 +199,7 @@ def kernel_count(outputs) -> int:
 
 
 def optimizer_parts(model: GPT) -> None:
-    """Clipping + AdamW + the bf16 copy of float32 masters, per tensor against optim.Packing's two buffers (what
+    """Clipping + AdamW + the bf16 copy of float32 masters, per tensor against optim.Packing's buckets (what
     the Trainer runs for build-nanogpt's recipe: the gradients are packed first, in bf16)."""
     master = tree_map(lambda p: p.astype(mx.float32), model.parameters())
     keys = iter(mx.random.split(mx.random.key(0), len(tree_flatten(master))))

@@ -175,37 +175,38 @@ class Packing:
         items = []
         for key, a in tree_flatten(state):
             parts = key.split(".")
-            hit = [i for i, part in enumerate(parts) if part in self.slots and a.size == self.sizes[part]]
-            if not hit:
+            i = self._bucket_at(parts, a)
+            if i is None:
                 items.append((key, a))
                 continue
-            i = hit[0]
-            for path, shape, offset in self.slots[parts[i]]:
-                items.append((".".join(parts[:i] + [path] + parts[i + 1 :]), a[offset : offset + math.prod(shape)]
-                              .reshape(shape)))
+            items += [(_replace_part(parts, i, path), a[offset : offset + math.prod(shape)].reshape(shape))
+                      for path, shape, offset in self.slots[parts[i]]]
         return tree_unflatten(items)
 
-    def pack_state(self, state: dict) -> dict:
-        """unpack_state's inverse: a per-tensor optimizer state (a checkpoint's) over the packed buffers. It must
-        hold every tensor's entries (KeyError otherwise)."""
+    def pack_state(self, state: dict, like: dict) -> dict:
+        """unpack_state's inverse: a per-tensor optimizer state (a checkpoint's) in the layout of `like`, the packed
+        optimizer's own state. A KeyError names an entry of `like` that `state` lacks."""
         if not self.slots:
             return state
-        where = {path: g for g, slots in self.slots.items() for path, _, _ in slots}
-        kept, grouped = [], {}  # grouped: (prefix, bucket, suffix) -> {path: array}
-        for key, a in tree_flatten(state):
+        flat = dict(tree_flatten(state))
+        items = []
+        for key, a in tree_flatten(like):
             parts = key.split(".")
-            spans = [(i, j) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)
-                     if ".".join(parts[i:j]) in where]
-            if not spans:
-                kept.append((key, a))
+            i = self._bucket_at(parts, a)
+            if i is None:
+                items.append((key, flat[key]))
                 continue
-            i, j = spans[0]
-            path = ".".join(parts[i:j])
-            grouped.setdefault((".".join(parts[:i]), where[path], ".".join(parts[j:])), {})[path] = a
-        for (prefix, bucket, suffix), tensors in grouped.items():
-            key = ".".join(part for part in (prefix, bucket, suffix) if part)
-            kept.append((key, self._pack_bucket(bucket, tensors)))
-        return tree_unflatten(kept)
+            tensors = {path: flat[_replace_part(parts, i, path)] for path, _, _ in self.slots[parts[i]]}
+            items.append((key, self._pack_bucket(parts[i], tensors)))
+        return tree_unflatten(items)
+
+    def _bucket_at(self, parts: list[str], a: mx.array) -> int | None:
+        """The position of the bucket in a state key's parts whose buffer `a` is, if it is one."""
+        return next((i for i, part in enumerate(parts) if part in self.slots and a.size == self.sizes[part]), None)
+
+
+def _replace_part(parts: list[str], i: int, name: str) -> str:
+    return ".".join(parts[:i] + [name] + parts[i + 1 :])
 
 
 # Newton–Schulz quintic coefficients of Keller Jordan's Muon: they push every singular value of a

@@ -321,7 +321,7 @@ class Trainer:
                    - {k for k, _ in tree_flatten(saved)})  # MLX would start them from zeros, silently
         if missing:
             raise checkpoint.damaged(ckpt, f"{checkpoint.OPTIMIZER_FILE} lacks {', '.join(sorted(missing)[:3])}")
-        self.optimizer.state = self.packing.pack_state(saved)
+        self.optimizer.state = self.packing.pack_state(saved, like=self.optimizer.state)
         self.train_loader.load_state_dict(state["train_loader"])
         self.step = state["step"]
 

@@ -60,7 +60,7 @@ def test_no_groups_packs_nothing():
     packing = Packing(params, None)
     assert packing.pack(params) is params
     assert_trees_equal(packing.unpack(params), params)
-    assert packing.pack_state({"a": mx.zeros(2)}).keys() == {"a"}
+    assert packing.pack_state({"a": mx.zeros(2)}, like={}).keys() == {"a"}
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -95,6 +95,6 @@ def test_packed_adamw_equals_adamw_per_tensor(compiled, small_buckets):
     for k in reference:
         np.testing.assert_allclose(np.array(unpacked[k]), np.array(reference[k]), rtol=1e-4, atol=1e-9, err_msg=k)
     # a per-tensor state (an older checkpoint's) packs into the packed optimizer's layout
-    assert_trees_equal(packing.pack_state(packing.unpack_state(packed.state)), packed.state)
-    repacked = dict(tree_flatten(packing.pack_state(per_tensor.state)))
+    assert_trees_equal(packing.pack_state(packing.unpack_state(packed.state), like=packed.state), packed.state)
+    repacked = dict(tree_flatten(packing.pack_state(per_tensor.state, like=packed.state)))
     assert repacked.keys() == dict(tree_flatten(packed.state)).keys()

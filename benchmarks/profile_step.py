@@ -129,20 +129,23 @@ def head_part(B: int, T: int, C: int) -> None:
 
 
 def attention_part(B: int, T: int, nh: int, hs: int) -> None:
+    """One layer's causal attention, forward + backward, each way kernels.py can run it: bf16, and float32 for
+    plain ops (what the CUDA profile runs in float32, where cuDNN does not apply)."""
     rng = np.random.default_rng(2)
     q, k, v, g = (normal_bf16(rng, (B, nh, T, hs)) for _ in range(4))
-    scale = hs**-0.5
-
-    def unfused(q, k, v):
-        s = (q @ k.swapaxes(-1, -2)) * scale
-        s = mx.where(mx.tril(mx.ones((T, T), dtype=mx.bool_)), s, -mx.inf)
-        return mx.softmax(s.astype(mx.float32), axis=-1).astype(q.dtype) @ v
-
-    for name, f in [("fused", kernels.mlx_attention), ("unfused", unfused)]:
-        att = (lambda q, k, v, f=f: f(q, k, v, scale, True)) if name == "fused" else f
-        vg = mx.compile(mx.value_and_grad(lambda q, k, v, att=att: (att(q, k, v) * g).astype(mx.float32).sum(),
-                                          argnums=(0, 1, 2)))
-        timed(f"attention fwd+bwd, {name}", lambda vg=vg: vg(q, k, v))
+    variants = {"fused (cuDNN)": kernels.mlx_attention,
+                "fused forward, recomputing backward": kernels.recomputing_attention,
+                "plain ops, all queries at once": kernels.plain_attention(kernels.precise_softmax, T),
+                "plain ops, 128 queries at a time": kernels.plain_attention(kernels.precise_softmax)}
+    for dtype in (mx.bfloat16, mx.float32):
+        args = [a.astype(dtype) for a in (q, k, v, g)]
+        for name, att in variants.items():
+            if dtype == mx.float32 and name.startswith("fused"):
+                continue
+            vg = mx.compile(mx.value_and_grad(
+                lambda q, k, v, g, att=att: (att(q, k, v, hs**-0.5, True) * g).astype(mx.float32).sum(),
+                argnums=(0, 1, 2)))
+            timed(f"attention fwd+bwd {str(dtype).rpartition('.')[2]}, {name}", lambda vg=vg: vg(*args))
 
 
 def block_part(B: int, T: int, C: int, nh: int, L: int) -> None:
@@ -266,7 +269,8 @@ def main() -> None:
 
     record("setup", {"mlx": mx.__version__, "device": str(mx.default_device()), "profile": device.PROFILE.name,
                      "kernel": cuda.available(), "info": mx.device_info().get("device_name", ""),
-                     "attention": device.PROFILE.attention_note("bfloat16", d // nh, T) or "fused both ways"})
+                     "attention": device.PROFILE.attention_note("bfloat16", d // nh, T) or "fused both ways"
+                     if device.PROFILE.fused_attention("bfloat16", d // nh, T) is not None else "plain ops"})
     if "gemm" in args.parts:
         n = 1024 if args.quick else 8192
         a = mx.random.normal((n, n)).astype(mx.bfloat16)

@@ -255,15 +255,3 @@ def _gelu_backward(x: mx.array, cotangent: mx.array) -> mx.array:
     xc = mx.clip(x, -100, 100)  # beyond, 1 - t^2 is exactly 0: no 0 * inf
     dz = _GELU_C * (1 + 3 * 0.044715 * xc * xc)
     return cotangent * (0.5 * (1 + t) + 0.5 * xc * (1 - t * t) * dz)
-
-
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
-    """softmax(q k^T * scale) v for q (B, nh, T, hs), k and v (B, nh, S, hs); a causal mask is
-    aligned to the last query, so it also holds with S - T cached keys before the queries."""
-    if q.shape[2] == 1:  # one query (cached decoding): little exp work, and MLX's kernel avoids a cache copy
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
-    s = (q * scale) @ k.swapaxes(-1, -2)  # (B, nh, T, S)
-    if causal:
-        T, S = s.shape[-2:]
-        s = mx.where(mx.arange(S) <= mx.arange(S - T, S)[:, None], s, -mx.inf)
-    return softmax(s) @ v

@@ -40,29 +40,33 @@ class Profile:
     checkpoint_frees: float = 1.0  # share of the activations that --activation-checkpointing frees, against
     # keeping only block inputs and one block: all of it on the CPU backend, a quarter on an H200 (measured)
 
-    @property
-    def recomputed_attention(self) -> bool:
-        """Training attention is kernels.recomputing_attention: MLX's fused forward and a backward that recomputes
-        the probabilities, where MLX has no fused backward (and cpu.py's attention is not the fast path)."""
-        return not (self.fused_attention_backward or self.software_math)
+    def fused_attention(self, dtype: str, head_dim: int, seq_len: int) -> bool | None:
+        """How training attention runs (kernels.py): MLX's fused kernel both ways (True); MLX's fused forward
+        and a backward that recomputes the probabilities (False); or plain ops with autodiff (None: cpu.py's
+        softmax on the x86 CPU, where that is the fast path, and where cuDNN does not apply)."""
+        if self.software_math:
+            return None
+        if not self.fused_attention_backward:
+            return False
+        if dtype not in ("bfloat16", "float16") or head_dim % 8 or head_dim > 128:
+            return None
+        return seq_len % 128 == 0  # cuDNN's backward needs whole tiles of 128 queries
 
     def attention_note(self, dtype: str, head_dim: int, seq_len: int) -> str | None:
         """Why training attention will not use a fused kernel in both directions, or None if it will."""
-        if self.software_math:
-            return None  # cpu.py's attention is the fast path on this backend
-        if self.recomputed_attention:
-            return (f"{self.name}: MLX's fused attention has no fused backward here; the backward recomputes "
-                    "each layer's T x T probabilities (one layer's at a time)")
-        reasons = []
-        if dtype not in ("bfloat16", "float16"):
-            reasons.append(f"dtype {dtype} (cuDNN needs bfloat16/float16)")
+        fused = self.fused_attention(dtype, head_dim, seq_len)
+        if fused or self.software_math:
+            return None  # on the x86 CPU cpu.py's attention is the fast path
+        blocks = "the probabilities, 128 queries at a time (a causal block skips the keys after it)"
+        if not self.fused_attention_backward:
+            return f"{self.name}: MLX's fused attention has no fused backward here; the backward recomputes {blocks}"
+        if fused is False:
+            return (f"{self.name}: cuDNN's attention backward needs seq_len % 128 == 0 (got {seq_len}); the "
+                    f"backward recomputes {blocks}")
+        reasons = [f"dtype {dtype} (needs bfloat16/float16)"] if dtype not in ("bfloat16", "float16") else []
         if head_dim % 8 or head_dim > 128:
             reasons.append(f"head dim {head_dim} (needs a multiple of 8, <= 128)")
-        if seq_len % 128:
-            reasons.append(f"seq_len {seq_len} (the backward needs a multiple of 128)")
-        if not reasons:
-            return None
-        return f"{self.name}: attention falls back to the unfused graph: " + ", ".join(reasons)
+        return f"{self.name}: no cuDNN attention for {', '.join(reasons)}: plain ops that keep {blocks}"
 
 
 PROFILES = {

@@ -2,11 +2,13 @@
 
 The model, the loss and the optimizer call `kernels.attention`, `kernels.activation_matmul`, `kernels.sqrt`,
 `kernels.cross_entropy`... and never ask which device they run on. On MLX's x86 CPU backend
-these are cpu.py's multiply-add versions; everywhere else they are MLX's own (the fused
+these use cpu.py's multiply-add exp, softmax and GELU; everywhere else MLX's own (the fused
 `mx.fast.scaled_dot_product_attention`, `mx.exp`, `mx.sqrt`) and a float32 tanh GELU, with backwards that
 recompute rather than keep: the MLP's activation from its input, and, where MLX has no fused attention
-backward, the attention probabilities. The fused head + loss of loss.py is sized for the device: its rows per
-chunk come from the profile, and on an NVIDIA GPU its float32 arithmetic is cuda.py's kernel.
+backward, the attention probabilities. Where attention runs by plain ops (the x86 CPU, float32 on CUDA) or
+recomputes, it goes 128 queries at a time, so that a causal block skips the keys after its last query. The
+fused head + loss of loss.py is sized for the device: its rows per chunk come from the profile, and on an
+NVIDIA GPU its float32 arithmetic is cuda.py's kernel.
 """
 
 from __future__ import annotations
@@ -98,9 +100,13 @@ def recomputing_activation_matmul() -> ActivationMatmul:
     return activation_matmul
 
 
+Attention = Callable[..., mx.array]  # (q, k, v, scale, causal) -> softmax(q k^T scale) v, causal from the last query
+ATTENTION_BLOCK = 128  # queries per block where attention is computed by plain ops
+
+
 @dataclass(frozen=True)
 class Kernels:
-    attention: Callable[..., mx.array]  # (q, k, v, scale, causal): softmax(q k^T scale) v, causal from the last query
+    attention: Attention
     gelu: Unary  # GPT-2's tanh GELU
     activation_matmul: ActivationMatmul  # the MLP's activation and output projection
     exp: Unary  # for x <= 0
@@ -115,15 +121,50 @@ def mlx_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: b
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
 
 
-def recomputing_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
-    """MLX's fused attention with a backward that recomputes the probabilities from q and k, for devices where
-    MLX has no fused backward: autodiff of its unfused graph keeps every layer's T x T scores and probabilities
-    until the backward, this holds one layer's at a time (flash attention's trade, without the tiling)."""
-    return _recomputing_attention(float(scale), bool(causal))(q, k, v)
+def query_blocks(T: int, S: int, causal: bool, block: int = ATTENTION_BLOCK) -> list[tuple[int, int, int]]:
+    """(first query, end query, keys seen) for each block of `block` queries. Under a causal mask a block sees
+    the keys up to its last query only, so n blocks do (n + 1) / 2n of the T x S work, not all of it."""
+    if not causal:
+        return [(0, T, S)]
+    return [(i, min(i + block, T), S - T + min(i + block, T)) for i in range(0, T, block)]
+
+
+def _block_scores(q: mx.array, k: mx.array, scale: float, causal: bool, i: int, j: int, end: int) -> mx.array:
+    """Queries i:j against keys :end, scaled and causally masked: (B, nh, j - i, end)."""
+    s = (q[:, :, i:j] * scale) @ k[:, :, :end].swapaxes(-1, -2)
+    if causal:
+        s = mx.where(mx.arange(end) <= mx.arange(end - (j - i), end)[:, None], s, -mx.inf)
+    return s
+
+
+def precise_softmax(x: mx.array) -> mx.array:
+    """Softmax over the last axis, computed in float32 and returned in x's dtype."""
+    return mx.softmax(x, axis=-1, precise=True)
+
+
+def plain_attention(softmax: Unary, block: int = ATTENTION_BLOCK) -> Attention:
+    """Attention by plain ops and autodiff, for where no fused kernel applies: one block of queries at a time
+    (query_blocks), so a causal layer computes and keeps about half of its T x T probabilities."""
+
+    def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
+        outs = [softmax(_block_scores(q, k, scale, causal, i, j, end)) @ v[:, :, :end]
+                for i, j, end in query_blocks(q.shape[2], k.shape[2], causal, block)]
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+    return attention
+
+
+def recomputing_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool,
+                          block: int = ATTENTION_BLOCK) -> mx.array:
+    """MLX's fused attention with a backward that recomputes the probabilities from q and k, one block of
+    queries at a time, for devices where MLX has no fused backward: autodiff of its unfused graph keeps every
+    layer's T x T scores and probabilities until the backward, this holds one block's at a time (flash
+    attention's trade, with its causal block skipping but without its tiling of the keys)."""
+    return _recomputing_attention(float(scale), bool(causal), block)(q, k, v)
 
 
 @lru_cache(maxsize=None)
-def _recomputing_attention(scale: float, causal: bool):
+def _recomputing_attention(scale: float, causal: bool, block: int):
     @mx.custom_function
     def attend(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
         return mlx_attention(q, k, v, scale, causal)
@@ -131,19 +172,47 @@ def _recomputing_attention(scale: float, causal: bool):
     @attend.vjp
     def attend_vjp(primals, cotangent, output):
         q, k, v = primals
-        s = ((q * scale) @ k.swapaxes(-1, -2)).astype(mx.float32)  # (B, nh, T, S)
-        if causal:
-            T, S = s.shape[-2:]
-            s = mx.where(mx.arange(S) <= mx.arange(S - T, S)[:, None], s, -mx.inf)
-        p = mx.softmax(s, axis=-1)
-        do = cotangent
-        dv = p.astype(v.dtype).swapaxes(-1, -2) @ do
-        dp = (do @ v.swapaxes(-1, -2)).astype(mx.float32)
-        # softmax's backward: p (dp - sum_j p dp), the row sum being do . o
-        ds = (p * (dp - (do * output).astype(mx.float32).sum(axis=-1, keepdims=True))).astype(q.dtype)
-        return (ds @ k) * scale, (ds.swapaxes(-1, -2) @ q) * scale, dv
+        T, S = q.shape[2], k.shape[2]
+        dq, dk, dv = [], [], []
+        for i, j, end in query_blocks(T, S, causal, block):
+            p = mx.softmax(_block_scores(q, k, scale, causal, i, j, end).astype(mx.float32), axis=-1)
+            do, o = cotangent[:, :, i:j], output[:, :, i:j]
+            dp = (do @ v[:, :, :end].swapaxes(-1, -2)).astype(mx.float32)
+            # softmax's backward: p (dp - sum_j p dp), the row sum being do . o
+            ds = (p * (dp - (do * o).astype(mx.float32).sum(axis=-1, keepdims=True))).astype(q.dtype)
+            dq.append((ds @ k[:, :, :end]) * scale)
+            dk.append((ds.swapaxes(-1, -2) @ q[:, :, i:j]) * scale)
+            dv.append(p.astype(v.dtype).swapaxes(-1, -2) @ do)
+        return mx.concatenate(dq, axis=2) if len(dq) > 1 else dq[0], _sum_prefixes(dk, S), _sum_prefixes(dv, S)
 
     return attend
+
+
+def _sum_prefixes(parts: list[mx.array], S: int) -> mx.array:
+    """The sum of arrays (B, nh, n_i, hs) that cover the first n_i of S positions, in float32 when several."""
+    if len(parts) == 1:
+        return parts[0]
+    total = sum(mx.pad(p.astype(mx.float32), [(0, 0), (0, 0), (0, S - p.shape[2]), (0, 0)]) for p in parts)
+    return total.astype(parts[0].dtype)
+
+
+_DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
+
+
+def profile_attention(profile: device.Profile, softmax: Unary) -> Attention:
+    """Training attention as the profile decides for each dtype and shape (device.Profile.fused_attention):
+    MLX's fused kernel, its fused forward with recomputing_attention's backward, or plain_attention with
+    `softmax`. One query (cached decoding) always takes MLX's kernel, which also avoids a copy of the cache."""
+    plain = plain_attention(softmax)
+
+    def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
+        T = q.shape[2]
+        fused = True if T == 1 else profile.fused_attention(_DTYPE_NAMES.get(q.dtype, ""), q.shape[-1], T)
+        if fused is None:
+            return plain(q, k, v, scale, causal)
+        return (mlx_attention if fused else recomputing_attention)(q, k, v, scale, causal)
+
+    return attention
 
 
 def for_profile(profile: device.Profile) -> Kernels:
@@ -152,11 +221,14 @@ def for_profile(profile: device.Profile) -> Kernels:
         from . import cpu
 
         # autodiff: recomputing the GELU's software tanh would cost more time than the memory is worth here
-        return Kernels(cpu.attention, cpu.gelu, plain_activation_matmul(cpu.gelu), cpu.exp, cpu.sqrt,
-                       *make_losses(profile.loss_rows, cpu.exp),
-                       described=(("attention", "cpu.py's multiply-add softmax"), ("mlp backward", "autodiff")))
-    described = [("attention", "MLX's fused forward; the backward recomputes the probabilities"
-                  if profile.recomputed_attention else "MLX's fused kernel both ways where cuDNN applies"),
+        return Kernels(profile_attention(profile, cpu.softmax), cpu.gelu, plain_activation_matmul(cpu.gelu),
+                       cpu.exp, cpu.sqrt, *make_losses(profile.loss_rows, cpu.exp),
+                       described=(("attention", "plain ops, cpu.py's multiply-add softmax, 128 queries at a time"),
+                                  ("mlp backward", "autodiff")))
+    recomputes = "the backward recomputes the probabilities 128 queries at a time"
+    described = [("attention", f"cuDNN's fused kernel both ways where it applies; its forward where T % 128 != 0 "
+                  f"({recomputes}); plain ops 128 queries at a time elsewhere (float32)"
+                  if profile.fused_attention_backward else f"MLX's fused forward; {recomputes}"),
                  ("mlp backward", "recomputes the activation from its input")]
     rowwise = None
     if profile.cuda_kernels:
@@ -165,9 +237,8 @@ def for_profile(profile: device.Profile) -> Kernels:
         rowwise = cuda.cross_entropy_rows if cuda.available() else None  # forced on a CPU: MLX's ops
         described.append(("loss kernel", "cuda.py, one pass over the bf16 logits" if rowwise
                           else "MLX ops (no NVIDIA GPU under this forced profile)"))
-    attention = recomputing_attention if profile.recomputed_attention else mlx_attention
-    return Kernels(attention, mlx_gelu, recomputing_activation_matmul(), mx.exp, mx.sqrt,
-                   *make_losses(profile.loss_rows, mx.exp, rowwise), described=tuple(described))
+    return Kernels(profile_attention(profile, precise_softmax), mlx_gelu, recomputing_activation_matmul(), mx.exp,
+                   mx.sqrt, *make_losses(profile.loss_rows, mx.exp, rowwise), described=tuple(described))
 
 
 BOUND = for_profile(device.PROFILE)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from . import device
 from .errors import UserError
+from .kernels import query_blocks
 from .model import GPTConfig
 
 _HEAD_NV_FLOAT32 = 5.5  # float32 N x V arrays alive at the peak of the fused head + loss
@@ -56,13 +57,13 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
               + config.value_embeds * (V * C + 4) + (L // 2 if config.unet else 0))
     n = batch_size * seq_len
     per_layer = profile.saved_per_layer * C * n * b
-    scores = nh * seq_len * n * 4  # one float32 T x T array per head for the batch
-    recomputed = profile.recomputed_attention
-    if profile.software_math or not recomputed and profile.attention_note(dtype, C // nh, seq_len) is not None:
-        per_layer += 2 * scores  # unfused attention's autodiff keeps its scores and probabilities
-    else:
-        per_layer += nh * n * 4  # one log-sum-exp (or row statistic) per query
-    activations = L * per_layer + (4 * scores if recomputed else 0)  # a recomputing backward: one layer's at a time
+    # float32 scores of all blocks of queries (kernels.query_blocks) for all heads of the batch, and of the largest
+    areas = [(j - i) * end for i, j, end in query_blocks(seq_len, seq_len, causal=True)]
+    scores, block_scores = nh * batch_size * 4 * sum(areas), nh * batch_size * 4 * max(areas)
+    fused = profile.fused_attention(dtype, C // nh, seq_len)
+    per_layer += 2 * scores if fused is None else nh * n * 4  # plain ops' autodiff keeps scores and probabilities;
+    # a fused kernel keeps a log-sum-exp (or row statistic) per query
+    activations = L * per_layer + (4 * block_scores if fused is False else 0)  # a recomputing backward's block
     if checkpointing:  # ideally each block's input and one block at a time; MLX's CUDA backend keeps more
         activations -= int(profile.checkpoint_frees * (activations - L * C * n * b - per_layer))
     activations += 4 * C * n * b  # embeddings, final LayerNorm, the hidden states into the head

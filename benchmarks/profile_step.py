@@ -4,7 +4,7 @@ GPT-2 124M, vocab 50304, B16 x T1024 (--quick: a tiny model, as a smoke test on 
 compiled and timed in this one process (median of timed reps after warm-up), with the peak memory
 above what was live before it. Parts: the bf16 GEMM; the CUDA cross-entropy kernel against MLX's ops
 (values and speed); the head + loss (forward and backward) through MLX's ops in chunks, through the
-kernel, and as plain autodiff; attention fused and unfused; each op of one block alone; the body; AdamW,
+kernel, and as plain autodiff; each op of one block alone (attention's variants: bench_attention.py); the body; AdamW,
 clipping, casts; and whole Trainer steps with each head + loss swapped in. Results are printed and written
 to OUT/profile_step.json as they come, so a run stopped early still reports what it measured.
 
@@ -37,7 +37,7 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
 VOCAB = 50304
-PARTS = ["gemm", "kernel", "head", "attention", "block", "model", "optimizer", "trainer"]
+PARTS = ["gemm", "kernel", "head", "block", "model", "optimizer", "trainer"]
 results: dict = {}
 out_file = Path("profile_step.json")
 
@@ -126,26 +126,6 @@ def head_part(B: int, T: int, C: int) -> None:
                 "dh_rel_err": (mx.max(mx.abs(got[1][0] - ref[1][0])) / mx.max(mx.abs(ref[1][0]))).item(),
                 "dw_rel_err": (mx.max(mx.abs(got[1][1] - ref[1][1])) / mx.max(mx.abs(ref[1][1]))).item()}
         timed(f"head+loss fwd+bwd, {name}", lambda vg=vg: vg(h, w), **{k: float(f"{v:.2e}") for k, v in errs.items()})
-
-
-def attention_part(B: int, T: int, nh: int, hs: int) -> None:
-    """One layer's causal attention, forward + backward, each way kernels.py can run it: bf16, and float32 for
-    plain ops (what the CUDA profile runs in float32, where cuDNN does not apply)."""
-    rng = np.random.default_rng(2)
-    q, k, v, g = (normal_bf16(rng, (B, nh, T, hs)) for _ in range(4))
-    variants = {"fused (cuDNN)": kernels.mlx_attention,
-                "fused forward, recomputing backward": kernels.recomputing_attention,
-                "plain ops, all queries at once": kernels.plain_attention(kernels.precise_softmax, T),
-                "plain ops, 128 queries at a time": kernels.plain_attention(kernels.precise_softmax)}
-    for dtype in (mx.bfloat16, mx.float32):
-        args = [a.astype(dtype) for a in (q, k, v, g)]
-        for name, att in variants.items():
-            if dtype == mx.float32 and name.startswith("fused"):
-                continue
-            vg = mx.compile(mx.value_and_grad(
-                lambda q, k, v, g, att=att: (att(q, k, v, hs**-0.5, True) * g).astype(mx.float32).sum(),
-                argnums=(0, 1, 2)))
-            timed(f"attention fwd+bwd {str(dtype).rpartition('.')[2]}, {name}", lambda vg=vg: vg(*args))
 
 
 def block_part(B: int, T: int, C: int, nh: int, L: int) -> None:
@@ -281,8 +261,6 @@ def main() -> None:
         check_kernel(256 if args.quick else 2048)
     if "head" in args.parts:
         head_part(B, T, d)
-    if "attention" in args.parts:
-        attention_part(B, T, nh, d // nh)
     if "block" in args.parts:
         block_part(B, T, d, nh, L)
     model = GPT(GPTConfig(block_size=1024, vocab_size=VOCAB, n_layer=L, n_head=nh, n_embd=d), seed=0)

@@ -56,7 +56,7 @@ class Profile:
         """Why training attention will not use a fused kernel in both directions, or None if it will."""
         fused = self.fused_attention(dtype, head_dim, seq_len)
         if fused or self.software_math:
-            return None  # on the x86 CPU cpu.py's attention is the fast path
+            return None  # on the x86 CPU plain ops with cpu.py's softmax are the fast path
         blocks = "the probabilities, 128 queries at a time (a causal block skips the keys after it)"
         if not self.fused_attention_backward:
             return f"{self.name}: MLX's fused attention has no fused backward here; the backward recomputes {blocks}"

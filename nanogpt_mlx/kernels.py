@@ -111,6 +111,7 @@ class Kernels:
     activation_matmul: ActivationMatmul  # the MLP's activation and output projection
     exp: Unary  # for x <= 0
     sqrt: Unary
+    softmax: Unary  # over the last axis, in float32: plain attention's
     cross_entropy: Loss  # fused head + loss for training: (h, head weight, targets, softcap) -> mean loss
     eval_cross_entropy: Loss  # the same without the gradient
     described: tuple[tuple[str, str], ...] = ()  # (label, what was bound) lines for `nanogpt-mlx info`
@@ -222,7 +223,7 @@ def for_profile(profile: device.Profile) -> Kernels:
 
         # autodiff: recomputing the GELU's software tanh would cost more time than the memory is worth here
         return Kernels(profile_attention(profile, cpu.softmax), cpu.gelu, plain_activation_matmul(cpu.gelu),
-                       cpu.exp, cpu.sqrt, *make_losses(profile.loss_rows, cpu.exp),
+                       cpu.exp, cpu.sqrt, cpu.softmax, *make_losses(profile.loss_rows, cpu.exp),
                        described=(("attention", "plain ops, cpu.py's multiply-add softmax, 128 queries at a time"),
                                   ("mlp backward", "autodiff")))
     recomputes = "the backward recomputes the probabilities 128 queries at a time"
@@ -238,7 +239,7 @@ def for_profile(profile: device.Profile) -> Kernels:
         described.append(("loss kernel", "cuda.py, one pass over the bf16 logits" if rowwise
                           else "MLX ops (no NVIDIA GPU under this forced profile)"))
     return Kernels(profile_attention(profile, precise_softmax), mlx_gelu, recomputing_activation_matmul(), mx.exp,
-                   mx.sqrt, *make_losses(profile.loss_rows, mx.exp, rowwise), described=tuple(described))
+                   mx.sqrt, precise_softmax, *make_losses(profile.loss_rows, mx.exp, rowwise), described=tuple(described))
 
 
 BOUND = for_profile(device.PROFILE)

@@ -1,6 +1,7 @@
 """Every device profile's kernels against plain MLX references (profiles forced on the CPU): cpu.py's
-multiply-add exp/sqrt/softmax/GELU/attention, the fused head + loss at CPU and GPU chunk sizes and
-dtypes, activation checkpointing, and an import under a GPU profile that loads no CPU machinery."""
+multiply-add exp/sqrt/softmax/GELU, attention (in blocks of queries, recomputing, the profile's choice), the
+fused head + loss at CPU and GPU chunk sizes and dtypes, activation checkpointing, and an import under a GPU
+profile that loads no CPU machinery."""
 
 from __future__ import annotations
 

@@ -64,6 +64,14 @@ class Dist:
         """One fused all-reduce per ~32 MB of gradients, then divide by the world size."""
         return grads if self.world == 1 else nn.average_gradients(grads, group=self.group)
 
+    def submit(self, *arrays: mx.array) -> None:
+        """Start evaluating `arrays`: in one process without waiting (the host goes on to build the next graph
+        while the device computes), with several ranks to the end under the watchdog (sync)."""
+        if self.world == 1:
+            mx.async_eval(*arrays)
+        else:
+            self.sync(*arrays)
+
     def sync(self, *arrays: mx.array) -> None:
         """mx.eval under a watchdog: a dead or stuck peer becomes a clear error, not a hang."""
         if self.world == 1:

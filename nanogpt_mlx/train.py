@@ -3,10 +3,12 @@ optimizer and schedule taken from a recipe (recipes.py: build-nanogpt's, the def
 
 One optimizer step = `grad_accum` micro-batches of (B, T) tokens per rank. Each micro-step
 runs forward + backward of loss/grad_accum and adds its gradients, packed as the recipe's optimizer
-groups them (optim.Packing), to the running sum, then is evaluated, so memory holds one
-micro-batch's graph. The last micro-step also averages the
-gradients over ranks, clips their global norm (PyTorch's clip_grad_norm_; build-nanogpt: at 1.0)
-and applies the recipe's optimizer, whose LRs the recipe sets before every step.
+groups them (optim.Packing), to the running sum. The last micro-step also averages
+the gradients over ranks, clips their global norm (PyTorch's clip_grad_norm_; build-nanogpt: at 1.0)
+and applies the recipe's optimizer, whose LRs the recipe sets before every step. Each micro-step's
+graph is built while the device runs the one before, and is evaluated after it (mx.async_eval), so the
+device hardly waits for the host and memory holds one micro-batch at a time; in one process that goes
+across steps too, unless an evaluation or a checkpoint must see the weights between them.
 The optimizer updates float32 master weights; the model's weights are views of them (float32),
 or of their bf16 copy. The compute dtype defaults to the device profile's (bfloat16 on GPUs,
 float32 on CPUs).
@@ -204,6 +206,17 @@ def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
 
 
 # ----------------------------------------------------------------------------------- trainer
+@dataclass
+class _Step:
+    """An optimizer step queued on the device: its loss (summed over micro-steps) and norm still lazy."""
+
+    step: int
+    lr: float
+    t0: float  # when it started (perf_counter)
+    loss: mx.array
+    norm: mx.array
+
+
 class Trainer:
     """A training run: `Trainer(cfg).train()`, or `Trainer(cfg, resume=True)` to continue cfg.out.
     Without cfg: TrainConfig(), build-nanogpt's GPT-2 124M run."""
@@ -257,6 +270,10 @@ class Trainer:
         self._build_steps()
         self.log = checkpoint.RunLog(self.out, self.step, self.dist.is_main)
         self._stop = False
+        self._in_flight: tuple = ()  # what the device is evaluating (Trainer._queue) ...
+        self._in_flight_step: int | None = None  # ... and the step it ends, if it is a step's last micro-step
+        self._ended: dict[int, float] = {}  # when queued steps ended (perf_counter), until they are finished
+        self._last_ended = 0.0  # when the last finished step ended
         self.result: dict[str, float] = {}  # latest train_loss, val_loss and hellaswag
         self._hellaswag = None  # examples, loaded at the first evaluation
 
@@ -383,29 +400,65 @@ class Trainer:
         if self.dist.is_main:
             tqdm.write(line, file=sys.stdout)
 
-    def _train_step(self) -> tuple[float, float] | None:
-        """One optimizer step; None if a stop was requested before it completed (nothing applied).
+    def _start_step(self, step: int) -> _Step | None:
+        """Queue optimizer step `step`'s micro-steps on the device (_queue) and return it unfinished; None if a
+        stop was requested before all of it was queued (nothing applied, the batches it read will be read again).
 
         Several ranks must stop at the same step (or the others wait in a collective), so they agree
         on it once per step; a single process can stop between micro-steps.
         """
+        t0, loader_state = time.perf_counter(), self.train_loader.state_dict()
         if self.dist.world > 1 and self.dist.sum(float(self._stop)) > 0:
             self._stop = True
             return None
-        self.recipe.set_step(self.optimizer, self.step, self.cfg)
-        grads, loss_sum = None, 0.0
+        self.recipe.set_step(self.optimizer, step, self.cfg)
+        grads, losses = None, []
         for micro in range(self.grad_accum):
             if self._stop and self.dist.world == 1:
+                self.train_loader.load_state_dict(loader_state)
                 return None
             x, y = (mx.array(a) for a in self.train_loader.next_batch())
             if micro < self.grad_accum - 1:
                 loss, grads = self._accumulate(x, y, grads)
-                self.dist.sync(loss, grads)
+                self._queue(loss, grads)
             else:
                 loss, norm = self._update(x, y, grads)
-                self.dist.sync(loss, norm, self.model.state, self.optimizer.state)
-            loss_sum += loss.item()
-        return self.dist.mean(loss_sum), norm.item()
+                self._queue(loss, norm, self.model.state, self.optimizer.state, ends_step=step)
+            losses.append(loss)
+        return _Step(step, self.recipe.lr(step, self.cfg), t0, sum(losses), norm)
+
+    def _queue(self, *arrays: mx.array, ends_step: int | None = None) -> None:
+        """Start evaluating `arrays` once the work queued before them has finished (and note when that work
+        ended a step). Their graph was built while the device ran that work, so the device hardly waits for
+        the host between micro-steps and steps; and they allocate nothing before it is done, so memory holds
+        one micro-step at a time. Without arrays: wait for what is queued."""
+        self.dist.sync(*self._in_flight)
+        if self._in_flight_step is not None:
+            self._ended[self._in_flight_step] = time.perf_counter()
+        self.dist.submit(*arrays)
+        self._in_flight, self._in_flight_step = arrays, ends_step
+
+    def _finish_step(self, s: _Step) -> tuple[float, float, float]:
+        """Wait for a queued step: its mean loss over ranks, gradient norm and seconds (from its start, or, if
+        it was queued behind the step before, from when that one ended)."""
+        if self._in_flight_step == s.step:  # nothing is queued behind it
+            self._queue()
+        loss, norm, ended = self.dist.mean(s.loss.item()), s.norm.item(), self._ended.pop(s.step)
+        dt, self._last_ended = ended - max(s.t0, self._last_ended), ended
+        return loss, norm, dt
+
+    def _queue_ahead(self, step: int, end: int) -> bool:
+        """Whether step `step` may be built before the one before it is finished: not when something must see the
+        weights between them (an evaluation or a checkpoint), after the end, or once a stop was requested; and
+        not with several ranks, whose collectives must come in the same order on all of them (and which wait
+        for every micro-step under a watchdog anyway)."""
+        cfg = self.cfg
+        if self.dist.world > 1:
+            return False
+        evaluates = any(every and (step % every == 0 or step == cfg.max_steps - 1)
+                        for every in (cfg.val_every, cfg.hellaswag_every, cfg.sample_every))
+        saves = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+        return step < end and not (evaluates or saves or self._stop)
 
     def _on_signal(self, signum: int, _frame) -> None:
         again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
@@ -442,24 +495,24 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
                    disable=None if self.dist.is_main else True, dynamic_ncols=True)
         try:
-            while self.step < end:  # a stop request ends it in _train_step, where ranks agree on it
-                last = self.step == cfg.max_steps - 1
-                self._evaluate(last)
-                t0 = time.perf_counter()
-                loader_state = self.train_loader.state_dict()
-                lr = self.recipe.lr(self.step, cfg)
-                done = self._train_step()
-                if done is None:  # interrupted mid-step: the batches it read will be read again
-                    self.train_loader.load_state_dict(loader_state)
-                    break
-                loss, norm = done
+            queued = None
+            while self.step < end:  # a stop request ends it in _start_step, where ranks agree on it
+                if queued is None:
+                    self._evaluate(last=self.step == cfg.max_steps - 1)
+                    queued = self._start_step(self.step)
+                    if queued is None:  # interrupted before the step was queued
+                        break
+                # the next step's graph is built while the device runs this one, and queued behind it, unless
+                # something must see the weights in between
+                ahead = self._start_step(self.step + 1) if self._queue_ahead(self.step + 1, end) else None
+                loss, norm, dt = self._finish_step(queued)
                 if not (math.isfinite(loss) and math.isfinite(norm)):
                     found = checkpoint.checkpoints(self.out)
                     kept = f"the last good checkpoint {found[-1]} is kept" if found else "no checkpoint was written"
                     raise UserError(f"step {self.step}: loss {loss} / grad norm {norm} is not finite; stopped "
                                     f"without saving ({kept})")
-                dt = time.perf_counter() - t0
                 tps = tokens_per_step / dt
+                lr = queued.lr
                 self._say(f"step {self.step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
                           f"dt {dt * 1000:.2f}ms | tok/s {tps:.0f} | MFU {100 * flops_per_token * tps / peak:.1f}%")
                 self.log.metric(self.step, "train", loss, lr=lr, norm=norm, dt=dt, tok_per_s=tps,
@@ -469,6 +522,7 @@ class Trainer:
                 bar.update(1)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save()
+                queued = ahead
         finally:
             bar.close()
             for signum, handler in previous.items():

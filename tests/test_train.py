@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from statistics import median
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -224,6 +225,32 @@ def test_resume_is_exact(data_dir, tmp_path):
     wa, wb = flat_weights(tmp_path / "a"), flat_weights(tmp_path / "b")
     for k in wa:
         np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+
+
+def test_next_micro_step_is_built_while_the_device_runs_the_last(data_dir, tmp_path):
+    """Each micro-step's graph is built (b) before the work queued before it is waited for (w), across steps too
+    (step n is finished, f, after step n + 1 was queued), except where an evaluation (val at step 4, the last
+    step 5) must see the weights between two steps. The losses are those of waiting after every micro-step,
+    and every step's time is measured from when the step before it ended."""
+    cfg = tiny_config(data_dir, tmp_path / "a", total_batch_size=128, batch_size=2, max_steps=6, val_every=4,
+                      val_steps=1)  # 2 micro-steps a step
+    trainer, events = Trainer(cfg), []
+    for name, tag in (("_accumulate", "b"), ("_update", "b"), ("_finish_step", "f")):
+        fn = getattr(trainer, name)
+        setattr(trainer, name, lambda *a, fn=fn, tag=tag: events.append(tag) or fn(*a))
+    sync = trainer.dist.sync
+    trainer.dist.sync = lambda *a: events.append("w") or sync(*a)
+    trainer.train()
+    step = "bwbw"  # a step of two micro-steps; "fw": finished where nothing was queued behind it
+    assert "".join(events) == step * 2 + "f" + step + "f" + step + "f" + "fw" + step + "fw" + step + "fw"
+
+    waiting = Trainer(replace(cfg, out=str(tmp_path / "b")))
+    queue = waiting._queue
+    waiting._queue = lambda *a, **k: (queue(*a, **k), queue())  # wait for each micro-step before building the next
+    waiting.train()
+    assert [r["loss"] for r in logged(tmp_path / "a")] == [r["loss"] for r in logged(tmp_path / "b")]
+    dts = [r["dt"] for r in logged(tmp_path / "a")]
+    assert min(dts) > 0.2 * median(dts)  # no step is timed from after its own end
 
 
 def test_crash_during_save_keeps_previous_checkpoint(data_dir, tmp_path, monkeypatch):

@@ -24,10 +24,10 @@ run() {  # run SECONDS NAME COMMAND...: the command's output in $OUT/NAME.log, i
 }
 B16=(--device gpu --configs 124m-b16 --rounds 1 --steps 10 --warmup 3)
 run 30 info python3 -m nanogpt_mlx info
-run 60 optimizer python3 benchmarks/profile_step.py --parts optimizer --out "$OUT"
+run 70 optimizer python3 benchmarks/profile_step.py --parts optimizer host --out "$OUT"
 run 60 attention python3 benchmarks/bench_attention.py --out "$OUT"
 run 150 train python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx torch.compile
 run 120 train_fp32 python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx-fp32 torch-fp32
 run 70 train_limit12 python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx --memory-limit 12
 run 60 activations python3 benchmarks/activation_memory.py
-grep -h "124m-b16\|clip\|^| \|gelu\|relu2" "$OUT"/*.log | tee -a "$OUT/summary.log"
+grep -h "124m-b16\|clip\|host\|^| \|gelu\|relu2" "$OUT"/*.log | tee -a "$OUT/summary.log"

@@ -4,9 +4,10 @@ GPT-2 124M, vocab 50304, B16 x T1024 (--quick: a tiny model, as a smoke test on 
 compiled and timed in this one process (median of timed reps after warm-up), with the peak memory
 above what was live before it. Parts: the bf16 GEMM; the CUDA cross-entropy kernel against MLX's ops
 (values and speed); the head + loss (forward and backward) through MLX's ops in chunks, through the
-kernel, and as plain autodiff; each op of one block alone (attention's variants: bench_attention.py); the body; AdamW,
-clipping, casts; and whole Trainer steps with each head + loss swapped in. Results are printed and written
-to OUT/profile_step.json as they come, so a run stopped early still reports what it measured.
+kernel, and as plain autodiff; each op of one block alone (attention's variants: bench_attention.py); the
+body; AdamW, clipping, casts; the host's time to build a step's graph; and whole Trainer steps with each
+head + loss swapped in. Results are printed and written to OUT/profile_step.json as they come, so a run
+stopped early still reports what it measured.
 
     python benchmarks/profile_step.py [--quick] [--parts block model ...] [--out DIR]
 """
@@ -37,7 +38,7 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
 VOCAB = 50304
-PARTS = ["gemm", "kernel", "head", "block", "model", "optimizer", "trainer"]
+PARTS = ["gemm", "kernel", "head", "block", "model", "optimizer", "host", "trainer"]
 results: dict = {}
 out_file = Path("profile_step.json")
 
@@ -208,16 +209,43 @@ def optimizer_parts(model: GPT) -> None:
     timed("clip_grad_norm alone, per tensor", mx.compile(lambda: clip_grad_norm(grads, 1.0)))
 
 
+def write_shards(directory: str, n: int) -> None:
+    rng = np.random.default_rng(0)
+    np.save(f"{directory}/p_val_000000.npy", rng.integers(0, 50257, n).astype(np.uint16))
+    np.save(f"{directory}/p_train_000001.npy", rng.integers(0, 50257, n).astype(np.uint16))
+
+
+def host_part(L: int, d: int, nh: int) -> None:
+    """The host's share of a Trainer step: building the compiled step's graph (the call, before evaluation), which
+    the device waited for between steps before the Trainer built each step while the device ran the one before;
+    and the graph's size. At B1 x T128 (the graph is the same at any B and T), float32 on a CPU (faster there)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shards(tmp, 128 * 12 + 1)
+        dtype = "float32" if mx.default_device() == mx.cpu else "bfloat16"
+        cfg = train_mod.TrainConfig(data=tmp, out=f"{tmp}/out", n_layer=L, n_head=nh, n_embd=d, block_size=1024,
+                                    batch_size=1, seq_len=128, total_batch_size=128, dtype=dtype)
+        trainer = train_mod.Trainer(cfg)
+        state = (trainer.model.state, trainer.optimizer.state, trainer.master)
+        mx.eval(state)
+        builds = []
+        for _ in range(6):
+            x, y = (mx.array(a) for a in trainer.train_loader.next_batch())
+            start = time.perf_counter()
+            loss, norm = trainer._update(x, y, None)
+            builds.append(time.perf_counter() - start)
+            size = kernel_count((loss, norm, state))
+            mx.eval(loss, norm, state)
+    record(f"host: build a Trainer step's graph ({dtype})", {"ms": round(median(builds[2:]) * 1000, 2),
+                                                            "primitives": size})
+
+
 def trainer_step(label: str, loss, L: int, d: int, nh: int, B: int, T: int, **overrides) -> None:
     """Median step (after 3) and peak memory of the public Trainer with `loss` as the head + loss."""
     saved = kernels.cross_entropy
     kernels.cross_entropy = loss
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            rng = np.random.default_rng(0)
-            n = B * T * 12 + 1
-            np.save(f"{tmp}/p_val_000000.npy", rng.integers(0, 50257, n).astype(np.uint16))
-            np.save(f"{tmp}/p_train_000001.npy", rng.integers(0, 50257, n).astype(np.uint16))
+            write_shards(tmp, B * T * 12 + 1)
             cfg = train_mod.TrainConfig(data=tmp, out=f"{tmp}/out", n_layer=L, n_head=nh, n_embd=d, block_size=1024,
                                         batch_size=B, seq_len=T, total_batch_size=B * T, warmup_steps=5,
                                         max_steps=11, val_every=0, sample_every=0, hellaswag_every=0,
@@ -273,6 +301,8 @@ def main() -> None:
     if "optimizer" in args.parts:
         optimizer_parts(model)
     del model
+    if "host" in args.parts:
+        host_part(L, d, nh)
     if "trainer" not in args.parts:
         return
     for name, loss in head_variants(N, d).items():

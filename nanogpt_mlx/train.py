@@ -379,17 +379,21 @@ class Trainer:
         r = score_hellaswag(self.model, self._hellaswag, rank=self.dist.rank, world=self.dist.world, progress=False)
         return self.dist.sum(r.num_correct_norm) / self.dist.sum(r.num_total)
 
-    def _evaluate(self, last: bool) -> None:
+    def _due(self, every: int, step: int) -> bool:
+        """Whether something done every `every` steps (0: never) and at the last step runs before `step`."""
+        return bool(every) and (step % every == 0 or step == self.cfg.max_steps - 1)
+
+    def _evaluate(self) -> None:
         cfg, step = self.cfg, self.step
-        if cfg.val_every and (step % cfg.val_every == 0 or last):
+        if self._due(cfg.val_every, step):
             loss = self.result["val_loss"] = self.val_loss()
             self._say(f"step {step:5d} | val loss {loss:.4f}")
             self.log.metric(step, "val", loss)
-        if cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last):
+        if self._due(cfg.hellaswag_every, step):
             acc = self.result["hellaswag"] = self.hellaswag()
             self._say(f"step {step:5d} | hellaswag {acc:.4f}")
             self.log.metric(step, "hella", acc)
-        if cfg.sample_every and cfg.num_samples and ((step > 0 and step % cfg.sample_every == 0) or last):
+        if cfg.num_samples and self._due(cfg.sample_every, step) and (step > 0 or step == cfg.max_steps - 1):
             texts = self.samples()
             for i, t in enumerate(texts):
                 self._say(f"sample {i}: {t!r}")
@@ -455,8 +459,7 @@ class Trainer:
         cfg = self.cfg
         if self.dist.world > 1:
             return False
-        evaluates = any(every and (step % every == 0 or step == cfg.max_steps - 1)
-                        for every in (cfg.val_every, cfg.hellaswag_every, cfg.sample_every))
+        evaluates = any(self._due(every, step) for every in (cfg.val_every, cfg.hellaswag_every, cfg.sample_every))
         saves = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
         return step < end and not (evaluates or saves or self._stop)
 
@@ -498,7 +501,7 @@ class Trainer:
             queued = None
             while self.step < end:  # a stop request ends it in _start_step, where ranks agree on it
                 if queued is None:
-                    self._evaluate(last=self.step == cfg.max_steps - 1)
+                    self._evaluate()
                     queued = self._start_step(self.step)
                     if queued is None:  # interrupted before the step was queued
                         break

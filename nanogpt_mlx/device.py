@@ -42,9 +42,10 @@ class Profile:
 
     def fused_attention(self, dtype: str, head_dim: int, seq_len: int) -> bool | None:
         """How training attention runs (kernels.py): MLX's fused kernel both ways (True); MLX's fused forward
-        and a backward that recomputes the probabilities (False); or plain ops with autodiff (None: cpu.py's
-        softmax on the x86 CPU, where that is the fast path, and where cuDNN does not apply)."""
-        if self.software_math:
+        and a backward that recomputes the probabilities (False); or plain ops with autodiff (None): on the
+        CPUs, where MLX's fused attention is those same ops (its CPU backend has no kernel for it), and where
+        cuDNN does not apply."""
+        if self.cpu_backend:
             return None
         if not self.fused_attention_backward:
             return False
@@ -55,8 +56,8 @@ class Profile:
     def attention_note(self, dtype: str, head_dim: int, seq_len: int) -> str | None:
         """Why training attention will not use a fused kernel in both directions, or None if it will."""
         fused = self.fused_attention(dtype, head_dim, seq_len)
-        if fused or self.software_math:
-            return None  # on the x86 CPU plain ops with cpu.py's softmax are the fast path
+        if fused or self.cpu_backend:
+            return None  # on a CPU plain ops are what MLX has
         blocks = "the probabilities, 128 queries at a time (a causal block skips the keys after it)"
         if not self.fused_attention_backward:
             return f"{self.name}: MLX's fused attention has no fused backward here; the backward recomputes {blocks}"

@@ -227,9 +227,11 @@ def for_profile(profile: device.Profile) -> Kernels:
                        described=(("attention", "plain ops, cpu.py's multiply-add softmax, 128 queries at a time"),
                                   ("mlp backward", "autodiff")))
     recomputes = "the backward recomputes the probabilities 128 queries at a time"
-    described = [("attention", f"cuDNN's fused kernel both ways where it applies; its forward where T % 128 != 0 "
-                  f"({recomputes}); plain ops 128 queries at a time elsewhere (float32)"
-                  if profile.fused_attention_backward else f"MLX's fused forward; {recomputes}"),
+    attention = (f"cuDNN's fused kernel both ways where it applies; its forward where T % 128 != 0 ({recomputes}); "
+                 "plain ops 128 queries at a time elsewhere (float32)" if profile.fused_attention_backward
+                 else "plain ops, 128 queries at a time" if profile.cpu_backend
+                 else f"MLX's fused forward; {recomputes}")
+    described = [("attention", attention),
                  ("mlp backward", "recomputes the activation from its input")]
     rowwise = None
     if profile.cuda_kernels:

@@ -168,7 +168,8 @@ def test_query_blocks_cover_the_queries_and_skip_masked_keys():
     ("cuda", mx.bfloat16, 64, 200, "recomputing"),  # cuDNN's backward needs whole tiles of 128 queries
     ("cuda", mx.float32, 64, 256, "plain"), ("cuda", mx.bfloat16, 12, 256, "plain"), ("cuda", mx.float32, 64, 1, "mlx"),
     ("metal", mx.float32, 64, 256, "recomputing"), ("metal", mx.bfloat16, 64, 1, "mlx"),
-    ("cpu-x86", mx.float32, 64, 256, "plain"), ("cpu-x86", mx.float32, 64, 1, "mlx")])
+    ("cpu-x86", mx.float32, 64, 256, "plain"), ("cpu-x86", mx.float32, 64, 1, "mlx"),
+    ("cpu-arm", mx.float32, 64, 256, "plain"), ("cpu-arm", mx.bfloat16, 64, 1, "mlx")])
 def test_profile_attention_takes_the_kernel_the_profile_decides(monkeypatch, profile, dtype, head_dim, T, expected):
     calls = []
     monkeypatch.setattr(kernels, "mlx_attention", lambda *a: calls.append("mlx"))
@@ -178,9 +179,9 @@ def test_profile_attention_takes_the_kernel_the_profile_decides(monkeypatch, pro
     q = mx.zeros((1, 2, T, head_dim), dtype)
     attention(q, q, q, 0.1, True)
     assert calls == [expected]
-    if T > 1:  # the training log's note says when attention is not fused both ways (on the x86 CPU plain is the best)
+    if T > 1:  # the training log's note says when attention is not fused both ways (on a CPU plain is the best)
         note = device.PROFILES[profile].attention_note(str(dtype).rpartition(".")[2], head_dim, T)
-        assert (note is None) == (expected == "mlx" or profile == "cpu-x86")
+        assert (note is None) == (expected == "mlx" or profile.startswith("cpu"))
 
 
 def body_step_peak(config: GPTConfig, dtype: mx.Dtype = mx.float32, seq: int = 128, batch: int = 4) -> int:

@@ -5,7 +5,7 @@ The model, the loss and the optimizer call `kernels.attention`, `kernels.activat
 these use cpu.py's multiply-add exp, softmax and GELU; everywhere else MLX's own (the fused
 `mx.fast.scaled_dot_product_attention`, `mx.exp`, `mx.sqrt`) and a float32 tanh GELU, with backwards that
 recompute rather than keep: the MLP's activation from its input, and, where MLX has no fused attention
-backward, the attention probabilities. Where attention runs by plain ops (the x86 CPU, float32 on CUDA) or
+backward, the attention probabilities. Where attention runs by plain ops (the CPUs, float32 on CUDA) or
 recomputes, it goes 128 queries at a time, so that a causal block skips the keys after its last query. The
 fused head + loss of loss.py is sized for the device: its rows per chunk come from the profile, and on an
 NVIDIA GPU its float32 arithmetic is cuda.py's kernel.
@@ -157,7 +157,7 @@ def plain_attention(softmax: Unary, block: int = ATTENTION_BLOCK) -> Attention:
 
 def recomputing_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool,
                           block: int = ATTENTION_BLOCK) -> mx.array:
-    """MLX's fused attention with a backward that recomputes the probabilities from q and k, one block of
+    """MLX's attention forward with a backward that recomputes the probabilities from q and k, one block of
     queries at a time, for devices where MLX has no fused backward: autodiff of its unfused graph keeps every
     layer's T x T scores and probabilities until the backward, this holds one block's at a time (flash
     attention's trade, with its causal block skipping but without its tiling of the keys)."""
@@ -201,7 +201,7 @@ _DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "flo
 
 
 def profile_attention(profile: device.Profile, softmax: Unary) -> Attention:
-    """Training attention as the profile decides for each dtype and shape (device.Profile.fused_attention):
+    """Attention as the profile decides for each dtype and shape (device.Profile.fused_attention):
     MLX's fused kernel, its fused forward with recomputing_attention's backward, or plain_attention with
     `softmax`. One query (cached decoding) always takes MLX's kernel, which also avoids a copy of the cache."""
     plain = plain_attention(softmax)
@@ -227,12 +227,12 @@ def for_profile(profile: device.Profile) -> Kernels:
                        described=(("attention", "plain ops, cpu.py's multiply-add softmax, 128 queries at a time"),
                                   ("mlp backward", "autodiff")))
     recomputes = "the backward recomputes the probabilities 128 queries at a time"
-    attention = (f"cuDNN's fused kernel both ways where it applies; its forward where T % 128 != 0 ({recomputes}); "
-                 "plain ops 128 queries at a time elsewhere (float32)" if profile.fused_attention_backward
-                 else "plain ops, 128 queries at a time" if profile.cpu_backend
-                 else f"MLX's fused forward; {recomputes}")
-    described = [("attention", attention),
-                 ("mlp backward", "recomputes the activation from its input")]
+    if profile.fused_attention_backward:
+        attention = (f"cuDNN's fused kernel both ways where it applies; its forward where T % 128 != 0 "
+                     f"({recomputes}); plain ops 128 queries at a time elsewhere (float32, odd head sizes)")
+    else:
+        attention = "plain ops, 128 queries at a time" if profile.cpu_backend else f"MLX's forward; {recomputes}"
+    described = [("attention", attention), ("mlp backward", "recomputes the activation from its input")]
     rowwise = None
     if profile.cuda_kernels:
         from . import cuda
@@ -241,7 +241,8 @@ def for_profile(profile: device.Profile) -> Kernels:
         described.append(("loss kernel", "cuda.py, one pass over the bf16 logits" if rowwise
                           else "MLX ops (no NVIDIA GPU under this forced profile)"))
     return Kernels(profile_attention(profile, precise_softmax), mlx_gelu, recomputing_activation_matmul(), mx.exp,
-                   mx.sqrt, precise_softmax, *make_losses(profile.loss_rows, mx.exp, rowwise), described=tuple(described))
+                   mx.sqrt, precise_softmax, *make_losses(profile.loss_rows, mx.exp, rowwise),
+                   described=tuple(described))
 
 
 BOUND = for_profile(device.PROFILE)

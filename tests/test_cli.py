@@ -29,7 +29,7 @@ def test_info_with_a_forced_gpu_profile():
     assert "loss chunk   all rows" in out and "loss kernel  MLX ops (no NVIDIA GPU" in out
     assert "attention    cuDNN's fused kernel both ways" in out and "plain ops 128 queries" in out and "mlp backward recomputes" in out
     out = run_cli("info", check=True, env={"NANOGPT_MLX_PROFILE": "metal"}).stdout
-    assert "attention    MLX's fused forward; the backward recomputes" in out
+    assert "attention    MLX's forward; the backward recomputes" in out
 
 
 def test_python_dash_m_and_mlx_launch_run_the_cli():

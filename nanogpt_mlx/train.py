@@ -215,6 +215,7 @@ class _Step:
     t0: float  # when it started (perf_counter)
     loss: mx.array
     norm: mx.array
+    ended: float = 0.0  # when the device was seen to have finished it (Trainer._queue)
 
 
 class Trainer:
@@ -271,9 +272,8 @@ class Trainer:
         self.log = checkpoint.RunLog(self.out, self.step, self.dist.is_main)
         self._stop = False
         self._in_flight: tuple = ()  # what the device is evaluating (Trainer._queue) ...
-        self._in_flight_step: int | None = None  # ... and the step it ends, if it is a step's last micro-step
-        self._ended: dict[int, float] = {}  # when queued steps ended (perf_counter), until they are finished
-        self._last_ended = 0.0  # when the last finished step ended
+        self._in_flight_ends: _Step | None = None  # ... and the step it ends, if it is a step's last micro-step
+        self._last_ended = 0.0  # when the last finished step ended (perf_counter)
         self.result: dict[str, float] = {}  # latest train_loss, val_loss and hellaswag
         self._hellaswag = None  # examples, loaded at the first evaluation
 
@@ -424,31 +424,33 @@ class Trainer:
             x, y = (mx.array(a) for a in self.train_loader.next_batch())
             if micro < self.grad_accum - 1:
                 loss, grads = self._accumulate(x, y, grads)
+                losses.append(loss)
                 self._queue(loss, grads)
             else:
                 loss, norm = self._update(x, y, grads)
-                self._queue(loss, norm, self.model.state, self.optimizer.state, ends_step=step)
-            losses.append(loss)
-        return _Step(step, self.recipe.lr(step, self.cfg), t0, sum(losses), norm)
+                losses.append(loss)
+                queued = _Step(step, self.recipe.lr(step, self.cfg), t0, sum(losses), norm)
+                self._queue(loss, norm, self.model.state, self.optimizer.state, ends=queued)
+        return queued
 
-    def _queue(self, *arrays: mx.array, ends_step: int | None = None) -> None:
+    def _queue(self, *arrays: mx.array, ends: _Step | None = None) -> None:
         """Start evaluating `arrays` once the work queued before them has finished (and note when that work
         ended a step). Their graph was built while the device ran that work, so the device hardly waits for
         the host between micro-steps and steps; and they allocate nothing before it is done, so memory holds
         one micro-step at a time. Without arrays: wait for what is queued."""
         self.dist.sync(*self._in_flight)
-        if self._in_flight_step is not None:
-            self._ended[self._in_flight_step] = time.perf_counter()
+        if self._in_flight_ends is not None:
+            self._in_flight_ends.ended = time.perf_counter()
         self.dist.submit(*arrays)
-        self._in_flight, self._in_flight_step = arrays, ends_step
+        self._in_flight, self._in_flight_ends = arrays, ends
 
     def _finish_step(self, s: _Step) -> tuple[float, float, float]:
         """Wait for a queued step: its mean loss over ranks, gradient norm and seconds (from its start, or, if
         it was queued behind the step before, from when that one ended)."""
-        if self._in_flight_step == s.step:  # nothing is queued behind it
+        if self._in_flight_ends is s:  # nothing is queued behind it
             self._queue()
-        loss, norm, ended = self.dist.mean(s.loss.item()), s.norm.item(), self._ended.pop(s.step)
-        dt, self._last_ended = ended - max(s.t0, self._last_ended), ended
+        loss, norm = self.dist.mean(s.loss.item()), s.norm.item()
+        dt, self._last_ended = s.ended - max(s.t0, self._last_ended), s.ended
         return loss, norm, dt
 
     def _queue_ahead(self, step: int, end: int) -> bool:

@@ -49,7 +49,7 @@ class Profile:
             return None
         if not self.fused_attention_backward:
             return False
-        if dtype not in ("bfloat16", "float16") or head_dim % 8 or head_dim > 128:
+        if _no_cudnn(dtype, head_dim):
             return None
         return seq_len % 128 == 0  # cuDNN's backward needs whole tiles of 128 queries
 
@@ -64,10 +64,16 @@ class Profile:
         if fused is False:
             return (f"{self.name}: cuDNN's attention backward needs seq_len % 128 == 0 (got {seq_len}); the "
                     f"backward recomputes {blocks}")
-        reasons = [f"dtype {dtype} (needs bfloat16/float16)"] if dtype not in ("bfloat16", "float16") else []
-        if head_dim % 8 or head_dim > 128:
-            reasons.append(f"head dim {head_dim} (needs a multiple of 8, <= 128)")
-        return f"{self.name}: no cuDNN attention for {', '.join(reasons)}: plain ops that keep {blocks}"
+        reasons = ", ".join(_no_cudnn(dtype, head_dim))
+        return f"{self.name}: no cuDNN attention for {reasons}: plain ops that keep {blocks}"
+
+
+def _no_cudnn(dtype: str, head_dim: int) -> list[str]:
+    """Why cuDNN's fused attention cannot take this dtype and head size (empty if it can)."""
+    reasons = [] if dtype in ("bfloat16", "float16") else [f"dtype {dtype} (needs bfloat16/float16)"]
+    if head_dim % 8 or head_dim > 128:
+        reasons.append(f"head dim {head_dim} (needs a multiple of 8, <= 128)")
+    return reasons
 
 
 PROFILES = {

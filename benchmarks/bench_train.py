@@ -24,6 +24,7 @@ either library; peak memory from mx.get_peak_memory / torch.cuda.max_memory_allo
 
     python benchmarks/bench_train.py --device gpu --rounds 1
     python benchmarks/bench_train.py --device gpu --configs 124m-b16 --engines mlx --memory-limit 12
+    python benchmarks/bench_train.py --device gpu --configs 124m-b16 --engines mlx --cap-memory
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def run_mlx(cfg_name: str, steps: int, warmup: int, ranks: int = 1, dtype: str =
         fields = dict(data=tmp, out=str(Path(tmp) / "out"), n_layer=L, n_head=nh, n_embd=d, block_size=1024,
                       batch_size=B // ranks, seq_len=T, total_batch_size=B * T, warmup_steps=10,
                       max_steps=warmup + steps, val_every=0, sample_every=0, hellaswag_every=0, checkpoint_every=0,
-                      dtype=dtype)
+                      dtype=dtype, cap_memory=bool(os.environ.get("BENCH_CAP_MEMORY")))
         if ranks == 1:
             Trainer(TrainConfig(**fields)).train()
         else:
@@ -93,7 +94,9 @@ def run_mlx(cfg_name: str, steps: int, warmup: int, ranks: int = 1, dtype: str =
             if launch_local(ranks, argv, threads_per_rank=1):
                 raise SystemExit("a rank failed")
         records = [json.loads(line) for line in open(Path(tmp) / "out" / "log.jsonl")]
-    return {"dt": [r["dt"] for r in records if r["kind"] == "train"][warmup:], "peak_gb": mx.get_peak_memory() / 1e9}
+    need = [r["need"] / 1e9 for r in records if r["kind"] == "memory"]  # --cap-memory's measured step
+    return {"dt": [r["dt"] for r in records if r["kind"] == "train"][warmup:], "peak_gb": mx.get_peak_memory() / 1e9,
+            **({"need_gb": need[0]} if need else {})}
 
 
 def run_torch(cfg_name: str, steps: int, warmup: int, compile: bool, gpu: bool = False, amp: bool = False) -> dict:
@@ -217,11 +220,16 @@ def main() -> None:
     p.add_argument("--memory-limit", type=float, default=0.0,
                    help="GB: MLX engines run under mx.set_memory_limit (MLX then waits for queued work rather than "
                         "allocate past it), to see how much of their peak is work queued ahead (default: none)")
+    p.add_argument("--cap-memory", action="store_true",
+                   help="MLX engines train with --cap-memory: the first step runs op by op to measure the step's "
+                        "need, then MLX's memory is capped 10%% above it (the warm-up should cover that step)")
     args = p.parse_args()
     gpu = args.device == "gpu"
     os.environ["BENCH_DEVICE"] = args.device  # read by the workers
     if args.memory_limit:
         os.environ["BENCH_MEMORY_LIMIT"] = str(args.memory_limit)
+    if args.cap_memory:
+        os.environ["BENCH_CAP_MEMORY"] = "1"
     configs = GPU_CONFIGS if gpu else CONFIGS
     args.configs = args.configs or list(configs)
     args.engines = args.engines or (GPU_ENGINES if gpu else ENGINES)
@@ -240,8 +248,9 @@ def main() -> None:
                 dt = median(out["dt"])
                 results[engine] = max(results.get(engine, 0.0), B * T / dt)
                 memory[engine] = out.get("peak_gb", math.nan)
+                need = f" (a step needs {out['need_gb']:.1f} GB)" if "need_gb" in out else ""
                 print(f"  {name} {engine:14s} {dt * 1000:8.1f} ms/step {B * T / dt:8.0f} tok/s "
-                      f"{memory[engine]:6.1f} GB", flush=True)
+                      f"{memory[engine]:6.1f} GB{need}", flush=True)
         best_torch = max((v for k, v in results.items() if k.startswith("torch")), default=math.nan)
         for engine, tps in results.items():
             mfu = 100 * flops_per_token(L, d, T) * tps / (peak * 1e9)

@@ -26,14 +26,15 @@ B16=(--device gpu --configs 124m-b16 --rounds 1 --steps 10 --warmup 3)
 # most important first: if the call runs out of time, what ran is under $OUT
 run 30 info python3 -m nanogpt_mlx info
 run 150 train python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx torch.compile
-# how much of the peak is queued work: MLX's CUDA backend keeps an op's inputs until the CUDA graph holding the op
-# has run, and queues up to 10 graphs of up to 100 ops or 1000 MB of inputs (H100/H200) before it waits. Under a
-# memory limit it commits and waits for queued graphs whenever active memory is past the limit: with a limit of
-# 1 MB it runs op by op, and its peak is what the step itself needs
-run 80 train_sync python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx --memory-limit 0.001
-run 70 train_limit11 python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx --memory-limit 11
+# how much of the peak is queued work: MLX allocates an op's outputs when the host queues it, and its CUDA backend
+# keeps the op's inputs until the CUDA graph holding it has run (graphs of up to 100 ops or 1000 MB of inputs on
+# an H100/H200, up to 10 queued before the host waits). --cap-memory runs the first step op by op (its peak is the
+# step's own need) and then caps MLX's memory 10% above it: MLX waits for queued work rather than allocate past it
+run 80 train_cap python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx --cap-memory
 run 120 train_fp32 python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx-fp32 torch-fp32
-run 60 optimizer python3 benchmarks/profile_step.py --parts optimizer host --out "$OUT"
+run 90 profile python3 benchmarks/profile_step.py --parts head optimizer host --out "$OUT"
 run 50 attention python3 benchmarks/bench_attention.py --out "$OUT"
-run 70 train_graph200mb env MLX_MAX_MB_PER_BUFFER=200 python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx
+# the cap with smaller graphs, whose buffers the host waits for sooner
+run 80 train_cap_graph200mb env MLX_MAX_MB_PER_BUFFER=200 python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx \
+    --cap-memory
 grep -h "124m-b16\|clip\|host\|^| \|gelu\|relu2" "$OUT"/*.log | tee -a "$OUT/summary.log"

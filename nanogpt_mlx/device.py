@@ -87,7 +87,7 @@ PROFILES = {
         Profile("metal", "Apple silicon GPU (Metal)", "bfloat16", software_math=False, cpu_backend=False,
                 loss_rows=2048, eval_batch=8, gemm_n=4096, fused_attention_backward=False),
         Profile("cuda", "NVIDIA GPU (mlx[cuda])", "bfloat16", software_math=False, cpu_backend=False,
-                loss_rows=0, eval_batch=8, gemm_n=8192, fused_attention_backward=True, cuda_kernels=True,
+                loss_rows=4096, eval_batch=8, gemm_n=8192, fused_attention_backward=True, cuda_kernels=True,
                 saved_per_layer=28, checkpoint_frees=0.25),
     ]
 }

@@ -6,18 +6,21 @@ that size about six more times (log-softmax forward, softmax backward), in float
 
 Here the loss and its gradient are computed together, chunk by chunk of rows: the logits of a
 chunk are one matmul in the compute dtype (bfloat16 on GPUs), upcast to float32 for the row
-max, the sum of exp and `softmax - onehot`, which is stored back in the compute dtype. The
-chunk's float32 arrays are the only float32 N x V data and never exist for all rows at once;
-the two gradient GEMMs then run once over all rows (one large GEMM beats many small ones). A
-custom VJP returns the precomputed gradients scaled by the incoming cotangent, so the step
-computes no logits twice. A logit soft-cap (c tanh(logits / c), the speedrun's) is applied per
-chunk, its derivative folded into the stored gradient; as it bounds the logits by c, it also saves
-the row max. The chunk size and the exp come from the device profile (kernels.py):
-small chunks stay in a CPU's cache, large ones keep a GPU busy.
+max, the sum of exp and `softmax - onehot`, which is stored back in the compute dtype. The two
+gradient GEMMs (d loss / d h, d loss / d w) run per group of at least GEMM_ROWS rows, large enough
+to be efficient. Each chunk starts only once the one before it is done with (mx.depends), so one
+chunk's float32 arrays and one group's gradient are all the N x V data the step needs at a time;
+MLX would otherwise be free to compute every chunk's logits first. (Without a memory cap, MLX
+still allocates the next chunks' outputs as the host queues them, see memory.py.) A custom VJP
+returns the precomputed gradients scaled by the incoming cotangent, so the step computes no
+logits twice. A logit soft-cap (c tanh(logits / c), the speedrun's) is applied per chunk, its
+derivative folded into the stored gradient; as it bounds the logits by c, it also saves the row
+max. The chunk size and the exp come from the device profile (kernels.py): small chunks stay in a
+CPU's cache, large ones keep a GPU busy.
 
-On an NVIDIA GPU a device kernel (cuda.py) replaces the float32 chunk arithmetic: it reads the
-bf16 logits of all rows and writes their loss and gradient in one pass, so training holds two
-N x V arrays in the compute dtype (logits, gradient) and no float32 one.
+On an NVIDIA GPU a device kernel (cuda.py) replaces the float32 chunk arithmetic: it reads a
+chunk's bf16 logits and writes their loss and gradient in one pass, so no float32 N x V array
+exists at all.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 EVAL_ROWS = 4096  # evaluation's chunk when training takes all rows at once
+GEMM_ROWS = 512  # fewest rows whose gradient GEMMs run together: a large enough GEMM on any device
 MAX_BOUND_CAP = 40.0  # exp(-2 * 40) ~ 1.8e-35: the largest soft-cap whose bound cannot underflow a row's sum
 Loss = Callable[..., mx.array]  # (h, head weight, targets, softcap=0.0) -> mean loss
 
@@ -44,50 +48,61 @@ def make_losses(rows: int, exp: Callable[[mx.array], mx.array] = mx.exp,
     0: none) and return the mean loss in float32. `rowwise`, a device kernel for a chunk's loss and
     gradient (cuda.py), replaces the MLX ops of the training loss."""
 
-    def chunks(h: mx.array, w: mx.array, y: mx.array, softcap: float, size: int):
-        """Per chunk: (targets (n, 1), summed loss, exp(logits - m) for a per-row bound m >= the logits, row sums
-        of that, d capped / d raw logits or None), in float32."""
-        for start in range(0, h.shape[0], size):
-            hc, yc = h[start : start + size], y[start : start + size, None]
-            logits = (hc @ w.T).astype(mx.float32)
-            dcap = None
-            if softcap:
-                # c tanh(x / c) = c (1 - 2q) with q = sigmoid(-2x / c), from the profile's exp of a non-positive
-                # argument (MLX's own tanh is 4-5x slower on the CPU); d capped / dx = 1 - tanh^2 = 4q (1 - q)
-                e = exp(mx.abs(logits) * (-2 / softcap))
-                q = mx.where(logits > 0, e, 1.0) / (1 + e)
-                logits, dcap = softcap * (1 - 2 * q), 4 * q * (1 - q)
-            # capped logits are <= c, so c can stand in for the row max (one pass fewer) while exp(-2c)
-            # stays a normal float32
-            top = softcap if 0 < softcap <= MAX_BOUND_CAP else logits.max(axis=-1, keepdims=True)
-            e = exp(logits - top)
-            total = e.sum(axis=-1, keepdims=True)
-            yield yc, (top + mx.log(total) - mx.take_along_axis(logits, yc, axis=-1)).sum(), e, total, dcap
+    def chunk_loss(hc: mx.array, w: mx.array, yc: mx.array, softcap: float):
+        """One chunk's (summed loss, exp(logits - m) for a per-row bound m >= the logits, row sums of that,
+        d capped / d raw logits or None), in float32."""
+        logits = (hc @ w.T).astype(mx.float32)
+        dcap = None
+        if softcap:
+            # c tanh(x / c) = c (1 - 2q) with q = sigmoid(-2x / c), from the profile's exp of a non-positive
+            # argument (MLX's own tanh is 4-5x slower on the CPU); d capped / dx = 1 - tanh^2 = 4q (1 - q)
+            e = exp(mx.abs(logits) * (-2 / softcap))
+            q = mx.where(logits > 0, e, 1.0) / (1 + e)
+            logits, dcap = softcap * (1 - 2 * q), 4 * q * (1 - q)
+        # capped logits are <= c, so c can stand in for the row max (one pass fewer) while exp(-2c)
+        # stays a normal float32
+        top = softcap if 0 < softcap <= MAX_BOUND_CAP else logits.max(axis=-1, keepdims=True)
+        e = exp(logits - top)
+        total = e.sum(axis=-1, keepdims=True)
+        loss = (top + mx.log(total) - mx.take_along_axis(logits, yc[:, None], axis=-1)).sum()
+        return loss, e, total, dcap
+
+    def chunk_loss_and_grad(hc: mx.array, w: mx.array, yc: mx.array, softcap: float, n: int):
+        """One chunk's (summed loss, (softmax - onehot) / n in the compute dtype): the device kernel's, or MLX ops'."""
+        if rowwise:
+            loss, d = rowwise(hc @ w.T, yc, softcap, n)
+            return loss.sum(), d
+        loss, e, total, dcap = chunk_loss(hc, w, yc, softcap)
+        d = e / (total * n) - (mx.arange(w.shape[0], dtype=yc.dtype) == yc[:, None]) * (1.0 / n)
+        return loss, (d if dcap is None else d * dcap).astype(hc.dtype)
 
     @lru_cache
     def fused(softcap: float):
         """The custom function (mean loss, d loss / d h, d loss / d w) of h (N, C), w (V, C), y (N,)."""
 
-        def op_chunks(h: mx.array, w: mx.array, y: mx.array):
-            """Per chunk: (summed loss, (softmax - onehot) / N in the compute dtype), from MLX ops."""
-            n = h.shape[0]
-            classes = mx.arange(w.shape[0], dtype=y.dtype)
-            for yc, loss, e, total, dcap in chunks(h, w, y, softcap, rows or n):
-                d = e / (total * n) - (classes == yc) * (1.0 / n)
-                yield loss, (d if dcap is None else d * dcap).astype(h.dtype)
-
-        def kernel_chunks(h: mx.array, w: mx.array, y: mx.array):
-            n = h.shape[0]
-            size = rows or n
-            for start in range(0, n, size):
-                loss, d = rowwise(h[start : start + size] @ w.T, y[start : start + size], softcap, n)
-                yield loss.sum(), d
-
         @mx.custom_function
         def loss_and_grads(h: mx.array, w: mx.array, y: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-            losses, dlogits = zip(*(kernel_chunks if rowwise else op_chunks)(h, w, y))
-            dlogits = dlogits[0] if len(dlogits) == 1 else mx.concatenate(dlogits)  # (N, V), compute dtype
-            return sum(losses) / h.shape[0], dlogits @ w, dlogits.T @ h
+            n = h.shape[0]
+            size = rows or n
+            group = size * -(-GEMM_ROWS // size)  # whole chunks, at least GEMM_ROWS rows
+            loss, dh, dw, done = 0.0, [], None, []
+            for g in range(0, n, group):
+                hg, yg, ds = h[g : g + group], y[g : g + group], []
+                for s in range(0, hg.shape[0], size):
+                    # a chunk starts once the one before it is done with (mx.depends), so one chunk's float32
+                    # N x V arrays and one group's gradient are alive at a time, not the run-ahead of all chunks
+                    hc = mx.depends(hg[s : s + size], done) if done else hg[s : s + size]
+                    part, d = chunk_loss_and_grad(hc, w, yg[s : s + size], softcap, n)
+                    loss, done = loss + part, [part, d]
+                    ds.append(d)
+                d = ds[0] if len(ds) == 1 else mx.concatenate(ds)  # (group, V), compute dtype
+                dh.append(d @ w)
+                dw_g = d.T @ hg
+                if n > group:  # several groups sum their products in float32, as one GEMM over all rows would
+                    dw_g = dw_g.astype(mx.float32)
+                dw = dw_g if dw is None else dw + dw_g
+                done = [loss, dh[-1], dw]
+            return loss / n, dh[0] if len(dh) == 1 else mx.concatenate(dh), dw
 
         @loss_and_grads.vjp
         def loss_and_grads_vjp(primals, cotangents, outputs):
@@ -107,6 +122,8 @@ def make_losses(rows: int, exp: Callable[[mx.array], mx.array] = mx.exp,
     def eval_cross_entropy(h: mx.array, w: mx.array, y: mx.array, softcap: float = 0.0) -> mx.array:
         """The same mean loss without the gradient, for evaluation."""
         h, w, y = flat(h, w, y)
-        return sum(c[1] for c in chunks(h, w, y, float(softcap), rows or EVAL_ROWS)) / h.shape[0]
+        size = rows or EVAL_ROWS
+        return sum(chunk_loss(h[s : s + size], w, y[s : s + size], float(softcap))[0]
+                   for s in range(0, h.shape[0], size)) / h.shape[0]
 
     return cross_entropy, eval_cross_entropy

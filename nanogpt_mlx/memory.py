@@ -6,10 +6,20 @@ one optimizer step holds: float32 master weights, AdamW's two moments, float32 g
 bfloat16 copy of the weights when computing in bfloat16, the activations the backward pass
 needs for one micro-batch, and the fused head + loss's buffers. The head's share was fitted to
 `mx.get_peak_memory()` of real compiled steps on MLX's CPU backend (tests/test_memory.py checks
-the estimate against measured steps): MLX schedules the chunks of the fused loss so that about
-5.5 float32 N x V arrays are alive at once, whatever the chunk size or dtype. With the CUDA
-kernel (cuda.py) the head holds the logits and their gradient in the compute dtype. The
-activations per layer come from the device profile, fitted to steps measured on each backend.
+the estimate against measured steps): its chunks run in order (loss.py), but the host queues
+several ahead, so about 31 float32 arrays of a chunk's size are alive at once (never more than
+5.5 float32 N x V arrays, as when MLX was free to schedule all chunks at once), plus float32
+sums of the head's weight gradient. With the CUDA kernel (cuda.py) the head was measured to hold
+the logits and their gradient in the compute dtype for all rows. The activations per layer come
+from the device profile, fitted to steps measured on each backend.
+
+A measured step can also cap the memory MLX uses (`--cap-memory`). MLX allocates an op's outputs
+when the host queues the op, not when the device runs it, and keeps its inputs until the work
+queued with it has run (on CUDA a graph of up to 100 ops; up to 10 such batches queue before the
+host waits). So a step's peak includes buffers of work queued ahead of the device. Under a memory
+limit MLX instead waits for queued work whenever its active memory is past the limit: below any
+step's need (start_measuring) it runs op by op and its peak is what the step itself needs; a cap
+just above that (cap) leaves the host room to queue ahead without the peak growing past it.
 """
 
 from __future__ import annotations
@@ -17,12 +27,18 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+import mlx.core as mx
+
 from . import device
 from .errors import UserError
 from .kernels import query_blocks
+from .loss import GEMM_ROWS
 from .model import GPTConfig
 
-_HEAD_NV_FLOAT32 = 5.5  # float32 N x V arrays alive at the peak of the fused head + loss
+MEASURE_LIMIT = 1 << 20  # bytes: a memory limit below any step's need, under which MLX runs op by op
+CAP_HEADROOM = 1.1  # the cap over a measured need: room for the host to queue work ahead of the device
+_HEAD_NV_FLOAT32 = 5.5  # float32 N x V arrays alive at the peak of the fused head + loss, at most ...
+_HEAD_CHUNKS_FLOAT32 = 31  # ... and float32 arrays of one chunk's rows x V (fitted on the CPU backend)
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -67,7 +83,12 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
     if checkpointing:  # ideally each block's input and one block at a time; MLX's CUDA backend keeps more
         activations -= int(profile.checkpoint_frees * (activations - L * C * n * b - per_layer))
     activations += 4 * C * n * b  # embeddings, final LayerNorm, the hidden states into the head
-    head = 2 * n * V * b if profile.cuda_kernels else int(_HEAD_NV_FLOAT32 * n * V * 4)
+    if profile.cuda_kernels:
+        head = 2 * n * V * b
+    else:
+        rows = profile.loss_rows or n
+        several_groups = n > rows * -(-GEMM_ROWS // rows)  # the weight gradient is summed in float32 (loss.py)
+        head = int(min(_HEAD_NV_FLOAT32 * n, _HEAD_CHUNKS_FLOAT32 * rows) * V * 4) + (8 * V * C if several_groups else 0)
     return Estimate(params=params, weights=params * (4 + (b if b != 4 else 0)), optimizer=8 * params,
                     gradients=params * (4 + b), activations=activations, head=head)
 
@@ -102,3 +123,20 @@ def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpoi
     if est.total > 0.9 * limit:
         print(f"warning: a step needs {est.describe()}, close to {where}", file=sys.stderr)
     return est
+
+
+def start_measuring() -> None:
+    """From now on MLX runs op by op, queuing nothing ahead of the device, and the peak is measured afresh."""
+    mx.set_memory_limit(MEASURE_LIMIT)
+    mx.reset_peak_memory()
+
+
+def cap(max_memory_gb: float = 0.0) -> tuple[int, int]:
+    """Cap MLX's memory CAP_HEADROOM above the peak since start_measuring (what the work measured there needs
+    when nothing is queued ahead of it), or at max_memory_gb if that is lower; returns (need, cap) in bytes."""
+    need = mx.get_peak_memory()
+    limit = int(need * CAP_HEADROOM)
+    if max_memory_gb:
+        limit = min(limit, int(max_memory_gb * 1e9))
+    mx.set_memory_limit(limit)
+    return need, limit

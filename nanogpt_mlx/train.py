@@ -94,7 +94,10 @@ class TrainConfig:
     compile: bool = True
     activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
     max_memory: float = 0.0  # GB the run may use: refuse to start if the estimated peak exceeds it, and cap MLX's
-    # allocations there (mx.set_memory_limit: MLX waits for queued work to free memory first). 0: the device's
+    # allocations there (mx.set_memory_limit: MLX waits for queued work to free memory first). 0: the device's memory
+    cap_memory: bool = False  # run the first step op by op to measure what a step needs, then cap MLX's memory 10%
+    # above that while training (memory.py): a lower peak where MLX holds buffers of work queued ahead, for a slower
+    # first step
     # evaluation, samples, checkpoints (0 disables; each also runs at the last step)
     val_every: int = 250
     val_steps: int = 20
@@ -274,6 +277,7 @@ class Trainer:
         self._in_flight: tuple = ()  # what the device is evaluating (Trainer._queue) ...
         self._in_flight_ends: _Step | None = None  # ... and the step it ends, if it is a step's last micro-step
         self._last_ended = 0.0  # when the last finished step ended (perf_counter)
+        self._memory_cap = 0  # bytes MLX may use while training (cap_memory), once a step was measured
         self.result: dict[str, float] = {}  # latest train_loss, val_loss and hellaswag
         self._hellaswag = None  # examples, loaded at the first evaluation
 
@@ -455,15 +459,30 @@ class Trainer:
 
     def _queue_ahead(self, step: int, end: int) -> bool:
         """Whether step `step` may be built before the one before it is finished: not when something must see the
-        weights between them (an evaluation or a checkpoint), after the end, or once a stop was requested; and
+        weights between them (an evaluation or a checkpoint), after the end, once a stop was requested, or behind
+        the step measured op by op (cap_memory); and
         not with several ranks, whose collectives must come in the same order on all of them (and which wait
         for every micro-step under a watchdog anyway)."""
         cfg = self.cfg
-        if self.dist.world > 1:
+        if self.dist.world > 1 or self._measuring():
             return False
         evaluates = any(self._due(every, step) for every in (cfg.val_every, cfg.hellaswag_every, cfg.sample_every))
         saves = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
         return step < end and not (evaluates or saves or self._stop)
+
+    def _measuring(self) -> bool:
+        """Whether the next step runs op by op to measure what a step needs (cap_memory)."""
+        return self.cfg.cap_memory and not self._memory_cap
+
+    def _cap_memory(self) -> None:
+        """Cap MLX's memory just above what the step just run op by op needed (memory.cap)."""
+        need, self._memory_cap = memory.cap(self.cfg.max_memory)
+        self._say(f"memory: a step needs {need / 1e9:.2f} GB (measured op by op); MLX's memory is capped at "
+                  f"{self._memory_cap / 1e9:.2f} GB while training")
+        if self._memory_cap < need:
+            print(f"warning: the step needs {need / 1e9:.2f} GB, more than --max-memory {self.cfg.max_memory:g} GB: "
+                  "MLX will wait for queued work at nearly every op", file=sys.stderr)
+        self.log.event(self.step, "memory", need=need, cap=self._memory_cap)
 
     def _on_signal(self, signum: int, _frame) -> None:
         again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
@@ -499,11 +518,16 @@ class Trainer:
         previous = {n: signal.signal(n, self._on_signal) for n in signums} if main_thread else {}
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
                    disable=None if self.dist.is_main else True, dynamic_ncols=True)
+        limit_before = mx.get_memory_limit()  # the cap holds only while training
+        if self._memory_cap:
+            mx.set_memory_limit(self._memory_cap)
         try:
             queued = None
             while self.step < end:  # a stop request ends it in _start_step, where ranks agree on it
                 if queued is None:
                     self._evaluate()
+                    if self._measuring():
+                        memory.start_measuring()
                     queued = self._start_step(self.step)
                     if queued is None:  # interrupted before the step was queued
                         break
@@ -511,6 +535,8 @@ class Trainer:
                 # something must see the weights in between
                 ahead = self._start_step(self.step + 1) if self._queue_ahead(self.step + 1, end) else None
                 loss, norm, dt = self._finish_step(queued)
+                if self._measuring():
+                    self._cap_memory()
                 if not (math.isfinite(loss) and math.isfinite(norm)):
                     found = checkpoint.checkpoints(self.out)
                     kept = f"the last good checkpoint {found[-1]} is kept" if found else "no checkpoint was written"
@@ -530,6 +556,7 @@ class Trainer:
                 queued = ahead
         finally:
             bar.close()
+            mx.set_memory_limit(limit_before)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         path = self.save()

@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from nanogpt_mlx import GPT, GPTConfig, cpu, device, kernels
+from nanogpt_mlx import GPT, GPTConfig, cpu, device, kernels, memory
 from nanogpt_mlx.loss import make_losses
 
 PROFILES = list(device.PROFILES.values())
@@ -237,9 +237,10 @@ def random_head(n: int, vocab: int, dtype=mx.float32, seed: int = 0):
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=ids)
-@pytest.mark.parametrize("n, rows", [(1, None), (300, None), (300, 128), (256, 128), (300, 7)])
+@pytest.mark.parametrize("n, rows", [(1, None), (300, None), (300, 128), (256, 128), (300, 7), (1100, 100)])
 def test_fused_head_loss_equals_plain_cross_entropy(profile, n, rows):
-    """Float32: loss and both gradients, at the profile's chunk size and at sizes that do not divide n or V."""
+    """Float32: loss and both gradients, at the profile's chunk size and at sizes that do not divide n or V, in one
+    group of gradient GEMMs and in several (n > loss.GEMM_ROWS)."""
     k = kernels.for_profile(replace(profile, loss_rows=rows) if rows else profile)
     h, w, y = random_head(n, 1000)
     ref_loss, (ref_dh, ref_dw) = mx.value_and_grad(plain_loss, argnums=(0, 1))(h, w, y)
@@ -256,14 +257,14 @@ def test_bfloat16_head_loss_is_float32_and_close(profile):
     """bf16 matmuls, float32 reductions: a float32 loss near the float32 graph of the same bf16 values,
     gradients in bf16 within bf16 rounding."""
     k = kernels.for_profile(replace(profile, loss_rows=100))
-    h, w, y = random_head(300, 1000, mx.bfloat16, seed=5)
+    h, w, y = random_head(1100, 1000, mx.bfloat16, seed=5)  # several groups of gradient GEMMs
     value, (dh, dw) = mx.value_and_grad(k.cross_entropy, argnums=(0, 1))(h, w, y)
     ref, (ref_dh, ref_dw) = mx.value_and_grad(plain_loss, argnums=(0, 1))(h.astype(mx.float32), w.astype(mx.float32), y)
     assert value.dtype == mx.float32 and dh.dtype == mx.bfloat16 and dw.dtype == mx.bfloat16
     np.testing.assert_allclose(value.item(), ref.item(), rtol=2e-2)  # logits rounded to bf16 by the matmul
     for got, want in ((dh, ref_dh), (dw, ref_dw)):
         got, want = np.array(got.astype(mx.float32)), np.array(want)
-        assert np.abs(got - want).max() < 0.03 * np.abs(want).max()
+        assert np.abs(got - want).max() < 0.05 * np.abs(want).max()  # d @ w sums bf16-rounded terms
 
 
 def reference_rowwise(logits: mx.array, y: mx.array, softcap: float, n: int) -> tuple[mx.array, mx.array]:
@@ -278,12 +279,13 @@ def reference_rowwise(logits: mx.array, y: mx.array, softcap: float, n: int) -> 
     return lse - mx.take_along_axis(z, y[:, None], axis=-1)[:, 0], d.astype(logits.dtype)
 
 
-@pytest.mark.parametrize("rows", [0, 128, 7])
+@pytest.mark.parametrize("n, rows", [(300, 0), (300, 128), (300, 7), (1100, 300)])
 @pytest.mark.parametrize("softcap", [0.0, 15.0])
-def test_device_rowwise_kernel_path_equals_plain_cross_entropy(rows, softcap):
-    """The path a device kernel takes (all rows at once, or chunks that do not divide n): loss and gradients."""
+def test_device_rowwise_kernel_path_equals_plain_cross_entropy(n, rows, softcap):
+    """The path a device kernel takes (all rows at once, chunks that do not divide n, several groups of gradient
+    GEMMs): loss and gradients."""
     train_loss, eval_loss = make_losses(rows, rowwise=reference_rowwise)
-    h, w, y = random_head(300, 1000)
+    h, w, y = random_head(n, 1000)
     capped = lambda h, w, y: plain_loss(h, w, y, softcap)  # noqa: E731
     ref_loss, (ref_dh, ref_dw) = mx.value_and_grad(capped, argnums=(0, 1))(h, w, y)
     np.testing.assert_allclose(eval_loss(h, w, y, softcap).item(), ref_loss.item(), rtol=1e-5)
@@ -291,6 +293,27 @@ def test_device_rowwise_kernel_path_equals_plain_cross_entropy(rows, softcap):
     np.testing.assert_allclose(got_loss.item(), ref_loss.item(), rtol=1e-5)
     np.testing.assert_allclose(np.array(dh), np.array(ref_dh), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(np.array(dw), np.array(ref_dw), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("rowwise", [None, reference_rowwise], ids=["mlx-ops", "device-kernel-path"])
+def test_head_loss_holds_one_chunk_of_logits_at_a_time(rowwise):
+    """Run op by op (nothing queued ahead: memory.start_measuring), the compiled head + loss and its gradients over
+    4096 rows need less than half of one float32 N x V array above what was live: chunk after chunk (mx.depends),
+    never all rows' logits or gradients at once."""
+    train_loss, _ = make_losses(512, rowwise=rowwise)
+    h, w, y = random_head(4096, 8192)
+    step = mx.compile(mx.value_and_grad(train_loss, argnums=(0, 1)))
+    mx.eval(step(h, w, y))
+    before = mx.get_memory_limit()
+    try:
+        base = mx.get_active_memory()
+        memory.start_measuring()
+        mx.eval(step(h, w, y))
+        need = mx.get_peak_memory() - base
+    finally:
+        mx.set_memory_limit(before)
+    print(f"\nneed {need / 1e6:.0f} MB above live; one float32 N x V array: {4096 * 8192 * 4 / 1e6:.0f} MB")
+    assert need < 0.5 * 4096 * 8192 * 4
 
 
 def test_loss_gradient_follows_the_cotangent_and_batch_shape():

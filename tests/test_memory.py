@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 
 import mlx.core as mx
@@ -53,7 +54,7 @@ def test_checkpointing_and_bfloat16_lower_the_estimate():
 
 def test_a_run_that_cannot_fit_is_refused_with_advice():
     cfg = GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)
-    with pytest.raises(UserError, match="--batch-size 2 fits.*--activation-checkpointing fits --batch-size 4"):
+    with pytest.raises(UserError, match="--batch-size 2 fits.*--activation-checkpointing fits --batch-size 16"):
         memory.check(cfg, 16, 1024, "float32", False, max_memory_gb=8)
 
 
@@ -89,3 +90,33 @@ def test_cuda_head_holds_two_compute_dtype_logit_matrices():
     cuda = memory.estimate(cfg, 16, 1024, "bfloat16", profile=device.PROFILES["cuda"])
     metal = memory.estimate(cfg, 16, 1024, "bfloat16", profile=device.PROFILES["metal"])
     assert cuda.head == 2 * 16 * 1024 * 50304 * 2 < metal.head
+
+
+def test_a_measured_cap_holds_memory_near_what_the_work_needs():
+    """MLX allocates an op's output when the host queues the op, so a chain of independent 32 MB temporaries peaks
+    far above what it needs. Run op by op (memory.start_measuring), its peak is the need; capped just above that
+    (memory.cap), the same work peaks within a temporary or two of the cap."""
+    gc.collect()  # earlier tests' arrays would count in the need, and in the cap's 10% headroom
+    x = mx.random.normal((8_000_000,), key=mx.random.key(0))
+    mx.eval(x)
+    temp = x.nbytes
+
+    def peak() -> int:
+        mx.reset_peak_memory()
+        mx.eval(sum(mx.exp(x * (k + 1) * 1e-3).sum() for k in range(60)))
+        return mx.get_peak_memory()
+
+    before = mx.get_memory_limit()
+    try:
+        free = peak()
+        memory.start_measuring()
+        assert mx.get_memory_limit() == memory.MEASURE_LIMIT
+        mx.eval(sum(mx.exp(x * (k + 1) * 1e-3).sum() for k in range(60)))
+        need, cap = memory.cap()
+        assert cap == int(need * memory.CAP_HEADROOM) and mx.get_memory_limit() == cap
+        capped = peak()
+        print(f"\nfree {free / 1e6:.0f} MB, need {need / 1e6:.0f} MB, capped {capped / 1e6:.0f} MB")
+        assert capped <= cap + 2 * temp < free
+        assert memory.cap(max_memory_gb=0.05)[1] == 50_000_000 == mx.get_memory_limit()  # within --max-memory
+    finally:
+        mx.set_memory_limit(before)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli, save_hf_gpt2
 
-from nanogpt_mlx import cpu, kernels
+from nanogpt_mlx import cpu, kernels, memory
 from nanogpt_mlx import optim as optim_mod
 from nanogpt_mlx import train as train_mod
 from nanogpt_mlx.checkpoint import checkpoints
@@ -253,6 +253,40 @@ def test_next_micro_step_is_built_while_the_device_runs_the_last(data_dir, tmp_p
     assert min(dts) > 0.2 * median(dts)  # no step is timed from after its own end
 
 
+def test_cap_memory_measures_the_first_step_then_caps_mlx_while_training(data_dir, tmp_path, capsys):
+    """--cap-memory: the first step runs op by op (nothing built ahead of it) and its peak is the need; MLX's
+    memory is then capped 10% above it for the rest of the run (and again after a resume of train()), the
+    losses are unchanged, and the limit in force before train() is back after it."""
+    cfg = tiny_config(data_dir, tmp_path / "a", max_steps=5, val_every=0)
+    Trainer(cfg).train()
+    capped = Trainer(replace(cfg, out=str(tmp_path / "b"), cap_memory=True))
+    ahead, limits = [], []
+    queue_ahead = capped._queue_ahead
+    capped._queue_ahead = lambda *a: ahead.append(queue_ahead(*a)) or ahead[-1]
+    finish = capped._finish_step
+    capped._finish_step = lambda s: limits.append(mx.get_memory_limit()) or finish(s)
+    before = mx.get_memory_limit()
+    capped.train(until=3)
+    assert mx.get_memory_limit() == before
+    capped.train()
+    assert mx.get_memory_limit() == before
+    (event,) = logged(tmp_path / "b", "memory")
+    assert event["step"] == 0 and 0 < event["need"] and event["cap"] == int(event["need"] * memory.CAP_HEADROOM)
+    assert ahead[0] is False and any(ahead[1:])  # no step is built ahead of the measured one
+    assert limits == [memory.MEASURE_LIMIT] + [event["cap"]] * 4
+    assert [r["loss"] for r in logged(tmp_path / "a")] == [r["loss"] for r in logged(tmp_path / "b")]
+    assert f"a step needs {event['need'] / 1e9:.2f} GB (measured op by op)" in capsys.readouterr().out
+
+
+def test_cap_memory_within_max_memory_warns_when_the_step_needs_more(data_dir, tmp_path, capsys):
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", max_steps=2, val_every=0, cap_memory=True))
+    trainer.cfg = replace(trainer.cfg, max_memory=0.001)  # below what the step needs (after the estimate's check)
+    trainer.train()
+    (event,) = logged(tmp_path / "run", "memory")
+    assert event["cap"] == 1_000_000 < event["need"]
+    assert "more than --max-memory 0.001 GB: MLX will wait for queued work" in capsys.readouterr().err
+
+
 def test_crash_during_save_keeps_previous_checkpoint(data_dir, tmp_path, monkeypatch):
     cfg = tiny_config(data_dir, tmp_path / "run", checkpoint_every=3, max_steps=6)
     trainer = Trainer(cfg)
@@ -350,8 +384,8 @@ def test_cli_trains_samples_and_resumes(data_dir, tmp_path):
 
     again = run_cli(*cli_config(data_dir, out, "--max-steps", "6"))
     assert_one_line_error(again, "already holds a checkpoint", "--resume")
-    proc = run_cli("train", "--resume", str(out), "--max-steps", "8", check=True)
-    assert "step     7 | loss" in proc.stdout
+    proc = run_cli("train", "--resume", str(out), "--max-steps", "8", "--cap-memory", check=True)
+    assert "step     7 | loss" in proc.stdout and "memory: a step needs" in proc.stdout
     assert [l.split()[0] for l in (out / "log.txt").read_text().splitlines() if " train " in l] == \
         [str(s) for s in range(8)]
 

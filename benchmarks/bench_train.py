@@ -222,7 +222,7 @@ def main() -> None:
                         "allocate past it), to see how much of their peak is work queued ahead (default: none)")
     p.add_argument("--cap-memory", action="store_true",
                    help="MLX engines train with --cap-memory: the first step runs op by op to measure the step's "
-                        "need, then MLX's memory is capped 10%% above it (the warm-up should cover that step)")
+                        "need, then MLX's memory is capped 25%% above it (the warm-up should cover that step)")
     args = p.parse_args()
     gpu = args.device == "gpu"
     os.environ["BENCH_DEVICE"] = args.device  # read by the workers

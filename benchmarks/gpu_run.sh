@@ -29,7 +29,7 @@ run 150 train python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx torch.
 # how much of the peak is queued work: MLX allocates an op's outputs when the host queues it, and its CUDA backend
 # keeps the op's inputs until the CUDA graph holding it has run (graphs of up to 100 ops or 1000 MB of inputs on
 # an H100/H200, up to 10 queued before the host waits). --cap-memory runs the first step op by op (its peak is the
-# step's own need) and then caps MLX's memory 10% above it: MLX waits for queued work rather than allocate past it
+# step's own need) and then caps MLX's memory 25% above it: MLX waits for queued work rather than allocate past it
 run 80 train_cap python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx --cap-memory
 run 120 train_fp32 python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx-fp32 torch-fp32
 run 90 profile python3 benchmarks/profile_step.py --parts head optimizer host --out "$OUT"

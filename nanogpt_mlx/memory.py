@@ -36,7 +36,7 @@ from .loss import GEMM_ROWS
 from .model import GPTConfig
 
 MEASURE_LIMIT = 1 << 20  # bytes: a memory limit below any step's need, under which MLX runs op by op
-CAP_HEADROOM = 1.1  # the cap over a measured need: room for the host to queue work ahead of the device
+CAP_HEADROOM = 1.25  # the cap over a measured need: room for the host to queue work ahead of the device
 _HEAD_NV_FLOAT32 = 5.5  # float32 N x V arrays alive at the peak of the fused head + loss, at most ...
 _HEAD_CHUNKS_FLOAT32 = 31  # ... and float32 arrays of one chunk's rows x V (fitted on the CPU backend)
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

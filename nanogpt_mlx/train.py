@@ -95,7 +95,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
     max_memory: float = 0.0  # GB the run may use: refuse to start if the estimated peak exceeds it, and cap MLX's
     # allocations there (mx.set_memory_limit: MLX waits for queued work to free memory first). 0: the device's memory
-    cap_memory: bool = False  # run the first step op by op to measure what a step needs, then cap MLX's memory 10%
+    cap_memory: bool = False  # run the first step op by op to measure what a step needs, then cap MLX's memory 25%
     # above that while training (memory.py): a lower peak where MLX holds buffers of work queued ahead, for a slower
     # first step
     # evaluation, samples, checkpoints (0 disables; each also runs at the last step)

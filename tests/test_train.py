@@ -255,7 +255,7 @@ def test_next_micro_step_is_built_while_the_device_runs_the_last(data_dir, tmp_p
 
 def test_cap_memory_measures_the_first_step_then_caps_mlx_while_training(data_dir, tmp_path, capsys):
     """--cap-memory: the first step runs op by op (nothing built ahead of it) and its peak is the need; MLX's
-    memory is then capped 10% above it for the rest of the run (and again after a resume of train()), the
+    memory is then capped 25% above it for the rest of the run (and again after a resume of train()), the
     losses are unchanged, and the limit in force before train() is back after it."""
     cfg = tiny_config(data_dir, tmp_path / "a", max_steps=5, val_every=0)
     Trainer(cfg).train()

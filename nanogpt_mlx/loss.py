@@ -123,7 +123,11 @@ def make_losses(rows: int, exp: Callable[[mx.array], mx.array] = mx.exp,
         """The same mean loss without the gradient, for evaluation."""
         h, w, y = flat(h, w, y)
         size = rows or EVAL_ROWS
-        return sum(chunk_loss(h[s : s + size], w, y[s : s + size], float(softcap))[0]
-                   for s in range(0, h.shape[0], size)) / h.shape[0]
+        total = None
+        for s in range(0, h.shape[0], size):  # chunk after chunk, as in training
+            hc = h[s : s + size] if total is None else mx.depends(h[s : s + size], total)
+            part = chunk_loss(hc, w, y[s : s + size], float(softcap))[0]
+            total = part if total is None else total + part
+        return total / h.shape[0]
 
     return cross_entropy, eval_cross_entropy

@@ -9,9 +9,10 @@ needs for one micro-batch, and the fused head + loss's buffers. The head's share
 the estimate against measured steps): its chunks run in order (loss.py), but the host queues
 several ahead, so about 31 float32 arrays of a chunk's size are alive at once (never more than
 5.5 float32 N x V arrays, as when MLX was free to schedule all chunks at once), plus float32
-sums of the head's weight gradient. With the CUDA kernel (cuda.py) the head was measured to hold
-the logits and their gradient in the compute dtype for all rows. The activations per layer come
-from the device profile, fitted to steps measured on each backend.
+sums of the head's weight gradient. With the CUDA kernel (cuda.py) the head holds the logits and
+their gradient in the compute dtype: measured on an H200 when the kernel took all rows at once, and
+kept for all rows (the queued chunks). The activations per layer come from the device profile,
+fitted to steps measured on each backend.
 
 A measured step can also cap the memory MLX uses (`--cap-memory`). MLX allocates an op's outputs
 when the host queues the op, not when the device runs it, and keeps its inputs until the work
@@ -87,8 +88,9 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
         head = 2 * n * V * b
     else:
         rows = profile.loss_rows or n
-        several_groups = n > rows * -(-GEMM_ROWS // rows)  # the weight gradient is summed in float32 (loss.py)
-        head = int(min(_HEAD_NV_FLOAT32 * n, _HEAD_CHUNKS_FLOAT32 * rows) * V * 4) + (8 * V * C if several_groups else 0)
+        head = int(min(_HEAD_NV_FLOAT32 * n, _HEAD_CHUNKS_FLOAT32 * rows) * V * 4)
+        if n > rows * -(-GEMM_ROWS // rows):  # several groups sum the weight gradient in float32 (loss.py)
+            head += 2 * V * C * 4
     return Estimate(params=params, weights=params * (4 + (b if b != 4 else 0)), optimizer=8 * params,
                     gradients=params * (4 + b), activations=activations, head=head)
 

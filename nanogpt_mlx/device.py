@@ -36,7 +36,8 @@ class Profile:
     saved_per_layer: int = 22  # values the backward keeps per token and layer, in n_embd units (memory.py),
     # fitted to measured peaks: MLX's CPU backend keeps LayerNorm ins and outs, qkv, the attention output, the
     # residual sums and the MLP's 4x-wide input and GELU output. The CUDA value is the H200 fit less what the
-    # GPU profiles' MLP recomputation (kernels.py) saves under the same profile on the CPU: to refit on a GPU
+    # GPU profiles' MLP recomputation (kernels.py) saves under the same profile on the CPU: to refit on a GPU.
+    # Metal takes the GPU's values until a Mac measures its own: its backend also holds queued work's buffers
     checkpoint_frees: float = 1.0  # share of the activations that --activation-checkpointing frees, against
     # keeping only block inputs and one block: all of it on the CPU backend, a quarter on an H200 (measured)
 
@@ -85,7 +86,8 @@ PROFILES = {
         Profile("cpu-arm", "MLX CPU backend on ARM", "float32", software_math=False, cpu_backend=True,
                 loss_rows=128, eval_batch=1, gemm_n=1024, fused_attention_backward=False),
         Profile("metal", "Apple silicon GPU (Metal)", "bfloat16", software_math=False, cpu_backend=False,
-                loss_rows=2048, eval_batch=8, gemm_n=4096, fused_attention_backward=False),
+                loss_rows=2048, eval_batch=8, gemm_n=4096, fused_attention_backward=False, saved_per_layer=28,
+                checkpoint_frees=0.25),
         Profile("cuda", "NVIDIA GPU (mlx[cuda])", "bfloat16", software_math=False, cpu_backend=False,
                 loss_rows=4096, eval_batch=8, gemm_n=8192, fused_attention_backward=True, cuda_kernels=True,
                 saved_per_layer=28, checkpoint_frees=0.25),

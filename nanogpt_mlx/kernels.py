@@ -238,7 +238,7 @@ def for_profile(profile: device.Profile) -> Kernels:
         from . import cuda
 
         rowwise = cuda.cross_entropy_rows if cuda.available() else None  # forced on a CPU: MLX's ops
-        described.append(("loss kernel", "cuda.py, one pass over the bf16 logits" if rowwise
+        described.append(("loss kernel", "cuda.py, one pass over each chunk's bf16 logits" if rowwise
                           else "MLX ops (no NVIDIA GPU under this forced profile)"))
     return Kernels(profile_attention(profile, precise_softmax), mlx_gelu, recomputing_activation_matmul(), mx.exp,
                    mx.sqrt, precise_softmax, *make_losses(profile.loss_rows, mx.exp, rowwise),

@@ -36,6 +36,11 @@ MAX_BOUND_CAP = 40.0  # exp(-2 * 40) ~ 1.8e-35: the largest soft-cap whose bound
 Loss = Callable[..., mx.array]  # (h, head weight, targets, softcap=0.0) -> mean loss
 
 
+def gemm_group(rows: int) -> int:
+    """Rows whose gradient GEMMs run together, for chunks of `rows` rows: whole chunks, at least GEMM_ROWS."""
+    return rows * -(-GEMM_ROWS // rows)
+
+
 Rowwise = Callable[[mx.array, mx.array, float, int], tuple[mx.array, mx.array]]
 # (logits (n, V), targets (n,), soft-cap, N) -> (per-row loss in float32, (softmax - onehot) / N in the logits' dtype)
 
@@ -84,7 +89,7 @@ def make_losses(rows: int, exp: Callable[[mx.array], mx.array] = mx.exp,
         def loss_and_grads(h: mx.array, w: mx.array, y: mx.array) -> tuple[mx.array, mx.array, mx.array]:
             n = h.shape[0]
             size = rows or n
-            group = size * -(-GEMM_ROWS // size)  # whole chunks, at least GEMM_ROWS rows
+            group = gemm_group(size)
             loss, dh, dw, done = 0.0, [], None, []
             for g in range(0, n, group):
                 hg, yg, ds = h[g : g + group], y[g : g + group], []

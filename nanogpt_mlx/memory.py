@@ -33,7 +33,7 @@ import mlx.core as mx
 from . import device
 from .errors import UserError
 from .kernels import query_blocks
-from .loss import GEMM_ROWS
+from .loss import gemm_group
 from .model import GPTConfig
 
 MEASURE_LIMIT = 1 << 20  # bytes: a memory limit below any step's need, under which MLX runs op by op
@@ -89,7 +89,7 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
     else:
         rows = profile.loss_rows or n
         head = int(min(_HEAD_NV_FLOAT32 * n, _HEAD_CHUNKS_FLOAT32 * rows) * V * 4)
-        if n > rows * -(-GEMM_ROWS // rows):  # several groups sum the weight gradient in float32 (loss.py)
+        if n > gemm_group(rows):  # several groups sum the weight gradient in float32 (loss.py)
             head += 2 * V * C * 4
     return Estimate(params=params, weights=params * (4 + (b if b != 4 else 0)), optimizer=8 * params,
                     gradients=params * (4 + b), activations=activations, head=head)

@@ -460,9 +460,8 @@ class Trainer:
     def _queue_ahead(self, step: int, end: int) -> bool:
         """Whether step `step` may be built before the one before it is finished: not when something must see the
         weights between them (an evaluation or a checkpoint), after the end, once a stop was requested, or behind
-        the step measured op by op (cap_memory); and
-        not with several ranks, whose collectives must come in the same order on all of them (and which wait
-        for every micro-step under a watchdog anyway)."""
+        the step measured op by op (cap_memory); and not with several ranks, whose collectives must come in the
+        same order on all of them (and which wait for every micro-step under a watchdog anyway)."""
         cfg = self.cfg
         if self.dist.world > 1 or self._measuring():
             return False

@@ -223,7 +223,8 @@ def for_profile(profile: device.Profile) -> Kernels:
 
         # autodiff: recomputing the GELU's software tanh would cost more time than the memory is worth here
         return Kernels(profile_attention(profile, cpu.softmax), cpu.gelu, plain_activation_matmul(cpu.gelu),
-                       cpu.exp, cpu.sqrt, cpu.softmax, *make_losses(profile.loss_rows, cpu.exp),
+                       cpu.exp, cpu.sqrt, cpu.softmax,
+                       *make_losses(profile.loss_rows, cpu.exp, row_max=cpu.row_max, row_sum=cpu.row_sum),
                        described=(("attention", "plain ops, cpu.py's multiply-add softmax, 128 queries at a time"),
                                   ("mlp backward", "autodiff")))
     recomputes = "the backward recomputes the probabilities 128 queries at a time"

@@ -41,17 +41,27 @@ def gemm_group(rows: int) -> int:
     return rows * -(-GEMM_ROWS // rows)
 
 
+Unary = Callable[[mx.array], mx.array]
 Rowwise = Callable[[mx.array, mx.array, float, int], tuple[mx.array, mx.array]]
 # (logits (n, V), targets (n,), soft-cap, N) -> (per-row loss in float32, (softmax - onehot) / N in the logits' dtype)
 
 
-def make_losses(rows: int, exp: Callable[[mx.array], mx.array] = mx.exp,
-                rowwise: Rowwise | None = None) -> tuple[Loss, Loss]:
+def _row_max(x: mx.array) -> mx.array:
+    return x.max(axis=-1, keepdims=True)
+
+
+def _row_sum(x: mx.array) -> mx.array:
+    return x.sum(axis=-1, keepdims=True)
+
+
+def make_losses(rows: int, exp: Unary = mx.exp, rowwise: Rowwise | None = None, row_max: Unary = _row_max,
+                row_sum: Unary = _row_sum) -> tuple[Loss, Loss]:
     """(training loss, evaluation loss) for logits h @ w.T: `rows` rows of logits at a time (0: all rows in
     training, EVAL_ROWS in evaluation, whose float32 chunks a device kernel does not replace), `exp` for
-    exp(x <= 0). Both take h (..., C), w (V, C), y (...) and a soft-cap c (logits -> c tanh(logits / c),
-    0: none) and return the mean loss in float32. `rowwise`, a device kernel for a chunk's loss and
-    gradient (cuda.py), replaces the MLX ops of the training loss."""
+    exp(x <= 0), `row_max` / `row_sum` for reductions over the last axis (keepdims). Both take h (..., C),
+    w (V, C), y (...) and a soft-cap c (logits -> c tanh(logits / c), 0: none) and return the mean loss in
+    float32. `rowwise`, a device kernel for a chunk's loss and gradient (cuda.py), replaces the MLX ops of
+    the training loss."""
 
     def chunk_loss(hc: mx.array, w: mx.array, yc: mx.array, softcap: float):
         """One chunk's (summed loss, exp(logits - m) for a per-row bound m >= the logits, row sums of that,
@@ -66,9 +76,9 @@ def make_losses(rows: int, exp: Callable[[mx.array], mx.array] = mx.exp,
             logits, dcap = softcap * (1 - 2 * q), 4 * q * (1 - q)
         # capped logits are <= c, so c can stand in for the row max (one pass fewer) while exp(-2c)
         # stays a normal float32
-        top = softcap if 0 < softcap <= MAX_BOUND_CAP else logits.max(axis=-1, keepdims=True)
+        top = softcap if 0 < softcap <= MAX_BOUND_CAP else row_max(logits)
         e = exp(logits - top)
-        total = e.sum(axis=-1, keepdims=True)
+        total = row_sum(e)
         loss = (top + mx.log(total) - mx.take_along_axis(logits, yc[:, None], axis=-1)).sum()
         return loss, e, total, dcap
 
@@ -78,7 +88,9 @@ def make_losses(rows: int, exp: Callable[[mx.array], mx.array] = mx.exp,
             loss, d = rowwise(hc @ w.T, yc, softcap, n)
             return loss.sum(), d
         loss, e, total, dcap = chunk_loss(hc, w, yc, softcap)
-        d = e / (total * n) - (mx.arange(w.shape[0], dtype=yc.dtype) == yc[:, None]) * (1.0 / n)
+        # softmax / n, then - 1 / n at each row's target: a scatter of one number a row rather than a
+        # comparison with every vocabulary index
+        d = (e * (1 / (total * n))).at[mx.arange(yc.shape[0]), yc].add(-1.0 / n)
         return loss, (d if dcap is None else d * dcap).astype(hc.dtype)
 
     @lru_cache

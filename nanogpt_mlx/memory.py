@@ -7,7 +7,7 @@ bfloat16 copy of the weights when computing in bfloat16, the activations the bac
 needs for one micro-batch, and the fused head + loss's buffers. The head's share was fitted to
 `mx.get_peak_memory()` of real compiled steps on MLX's CPU backend (tests/test_memory.py checks
 the estimate against measured steps): its chunks run in order (loss.py), but the host queues
-several ahead, so about 31 float32 arrays of a chunk's size are alive at once (never more than
+several ahead, so about 27 float32 arrays of a chunk's size are alive at once (never more than
 5.5 float32 N x V arrays, as when MLX was free to schedule all chunks at once), plus float32
 sums of the head's weight gradient. With the CUDA kernel (cuda.py) the head holds the logits and
 their gradient in the compute dtype: measured on an H200 when the kernel took all rows at once, and
@@ -39,7 +39,7 @@ from .model import GPTConfig
 MEASURE_LIMIT = 1 << 20  # bytes: a memory limit below any step's need, under which MLX runs op by op
 CAP_HEADROOM = 1.25  # the cap over a measured need: room for the host to queue work ahead of the device
 _HEAD_NV_FLOAT32 = 5.5  # float32 N x V arrays alive at the peak of the fused head + loss, at most ...
-_HEAD_CHUNKS_FLOAT32 = 31  # ... and float32 arrays of one chunk's rows x V (fitted on the CPU backend)
+_HEAD_CHUNKS_FLOAT32 = 27  # ... and float32 arrays of one chunk's rows x V (fitted on the CPU backend)
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 

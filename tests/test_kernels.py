@@ -478,3 +478,13 @@ def test_recomputed_gelu_keeps_what_relu2_keeps(monkeypatch):
     gelu, relu2 = per_layer("gelu"), per_layer("relu2")
     print(f"units per layer: GELU {gelu:.2f}, ReLU^2 {relu2:.2f}")
     assert gelu - relu2 < 2.5
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 256, 1000, 4096, 50257, 50304])
+def test_row_reductions_by_lanes_equal_mlx(n):
+    """cpu.py's row_max / row_sum reduce lanes at a time where the row length allows (and as one row where not):
+    the same maxima exactly, the same sums to float32 rounding."""
+    x = mx.random.normal((3, 5, n), key=mx.random.key(n)) * 10
+    assert cpu._lanes(n) == {16: 8, 256: 32, 1000: 8, 4096: 128, 50304: 128}.get(n, 0)
+    np.testing.assert_array_equal(np.array(cpu.row_max(x)), np.array(x.max(axis=-1, keepdims=True)))
+    np.testing.assert_allclose(np.array(cpu.row_sum(x)), np.array(x.sum(axis=-1, keepdims=True)), rtol=1e-5, atol=1e-3)

@@ -11,14 +11,15 @@ Importing this module sets up the process, so it must happen before `mlx.core` i
   compiler everything works, just slower). NANOGPT_MLX_NO_GEMV_SHIM=1 turns it off.
 - glibc's malloc thresholds are raised so MLX's large per-step temporaries stay in the heap.
 
-The kernels below are what kernels.py binds on x86-64, where MLX's CPU build evaluates exp, tanh
-and sqrt in scalar software: the softmaxes of attention and of the loss, GELU's tanh and AdamW's
-sqrt would cost more than the matmuls of a small GPT. They are rebuilt from multiply-adds that
-`mx.compile` fuses into one kernel: exp(x) = 2**k * exp(r) with k = round(x / ln 2),
-|r| <= ln(2) / 2, a degree-7 polynomial for exp(r) and 2**k made from its float32 bits; sqrt by
-Newton's method from a bit-level first guess. Both are accurate to ~1e-7 relative, like a library's.
-The same build reduces a contiguous row one number at a time: row_max and row_sum (softmaxes, the
-loss) reduce across the rows of a (n / lanes, lanes) view instead, lanes at a time.
+The kernels below are what kernels.py binds on x86-64, where MLX's CPU build evaluates exp and
+tanh in scalar software: the softmaxes of attention and of the loss and GELU's tanh would cost more
+than the matmuls of a small GPT. exp is rebuilt from multiply-adds that `mx.compile` fuses:
+exp(x) = 2**k * exp(r) with k = round(x / ln 2), |r| <= ln(2) / 2, a degree-7 polynomial for
+exp(r) and 2**k made from its float32 bits, accurate to ~1e-7 relative, like a library's. (A
+Newton square root for AdamW lost to mx.sqrt once the update is one fused kernel: its bit casts
+split the kernel.) The same build reduces a contiguous row one number at a time: row_max and
+row_sum (softmaxes, the loss) reduce across the rows of a (n / lanes, lanes) view instead, lanes
+at a time, and square_sum (clipping's norm) is one BLAS dot product.
 """
 
 from __future__ import annotations
@@ -201,13 +202,12 @@ def _exp(x: mx.array) -> mx.array:
     return p * two_k
 
 
-@mx.compile
-def sqrt(x: mx.array) -> mx.array:
-    """Square root of float32 x >= 0 (sqrt(0) gives ~1e-20)."""
-    y = mx.view(mx.right_shift(mx.view(x, mx.int32), 1) + 0x1FBD1DF5, mx.float32)  # within 4%
-    for _ in range(3):  # each Newton step squares the relative error: 4e-2, 8e-4, 3e-7, float rounding
-        y = 0.5 * (y + x / y)
-    return y
+def square_sum(x: mx.array) -> mx.array:
+    """mx.sum(mx.square(x)), as one dot product for float32 (OpenBLAS: no squares written, both cores)."""
+    if x.dtype != mx.float32:
+        return mx.sum(mx.square(x))
+    flat = x.reshape(-1)
+    return (flat[None] @ flat[:, None]).reshape(())
 
 
 def softmax(x: mx.array) -> mx.array:

@@ -26,7 +26,7 @@ class Profile:
     name: str
     description: str
     dtype: str  # default compute dtype of training (`--dtype` overrides)
-    software_math: bool  # MLX computes exp/tanh/sqrt in scalar software here: use cpu.py's kernels
+    software_math: bool  # MLX computes exp/tanh in scalar software and reduces rows one number at a time here: use cpu.py
     cpu_backend: bool  # MLX's CPU backend: OpenBLAS preload, malloc tuning, gemv shim (cpu.setup)
     loss_rows: int  # rows of logits the fused head + loss computes at a time (0: all)
     eval_batch: int  # HellaSwag examples (4 rows each) per forward pass
@@ -80,7 +80,7 @@ def _no_cudnn(dtype: str, head_dim: int) -> list[str]:
 PROFILES = {
     p.name: p
     for p in [
-        Profile("cpu-x86", "MLX CPU backend on x86-64 (OpenBLAS, multiply-add exp/sqrt)", "float32",
+        Profile("cpu-x86", "MLX CPU backend on x86-64 (OpenBLAS, multiply-add exp, reductions by lanes)", "float32",
                 software_math=True, cpu_backend=True, loss_rows=128, eval_batch=1, gemm_n=1024,
                 fused_attention_backward=False),
         Profile("cpu-arm", "MLX CPU backend on ARM", "float32", software_math=False, cpu_backend=True,

@@ -1,9 +1,9 @@
 """The few primitives that differ per device, bound once from the chosen profile (device.py).
 
-The model, the loss and the optimizer call `kernels.attention`, `kernels.activation_matmul`, `kernels.sqrt`,
+The model, the loss and the optimizer call `kernels.attention`, `kernels.activation_matmul`, `kernels.square_sum`,
 `kernels.cross_entropy`... and never ask which device they run on. On MLX's x86 CPU backend
 these use cpu.py's multiply-add exp, softmax and GELU; everywhere else MLX's own (the fused
-`mx.fast.scaled_dot_product_attention`, `mx.exp`, `mx.sqrt`) and a float32 tanh GELU, with backwards that
+`mx.fast.scaled_dot_product_attention`, `mx.exp`, `mx.sum`) and a float32 tanh GELU, with backwards that
 recompute rather than keep: the MLP's activation from its input, and, where MLX has no fused attention
 backward, the attention probabilities. Where attention runs by plain ops (the CPUs, float32 on CUDA) or
 recomputes, it goes 128 queries at a time, so that a causal block skips the keys after its last query. The
@@ -110,7 +110,7 @@ class Kernels:
     gelu: Unary  # GPT-2's tanh GELU
     activation_matmul: ActivationMatmul  # the MLP's activation and output projection
     exp: Unary  # for x <= 0
-    sqrt: Unary
+    square_sum: Unary  # the sum of all squares (clipping's norm), in the input's dtype
     softmax: Unary  # over the last axis, in float32: plain attention's
     cross_entropy: Loss  # fused head + loss for training: (h, head weight, targets, softcap) -> mean loss
     eval_cross_entropy: Loss  # the same without the gradient
@@ -136,6 +136,10 @@ def _block_scores(q: mx.array, k: mx.array, scale: float, causal: bool, i: int, 
     if causal:
         s = mx.where(mx.arange(end) <= mx.arange(end - (j - i), end)[:, None], s, -mx.inf)
     return s
+
+
+def plain_square_sum(x: mx.array) -> mx.array:
+    return mx.sum(mx.square(x))
 
 
 def precise_softmax(x: mx.array) -> mx.array:
@@ -223,7 +227,7 @@ def for_profile(profile: device.Profile) -> Kernels:
 
         # autodiff: recomputing the GELU's software tanh would cost more time than the memory is worth here
         return Kernels(profile_attention(profile, cpu.softmax), cpu.gelu, plain_activation_matmul(cpu.gelu),
-                       cpu.exp, cpu.sqrt, cpu.softmax,
+                       cpu.exp, cpu.square_sum, cpu.softmax,
                        *make_losses(profile.loss_rows, cpu.exp, row_max=cpu.row_max, row_sum=cpu.row_sum),
                        described=(("attention", "plain ops, cpu.py's multiply-add softmax, 128 queries at a time"),
                                   ("mlp backward", "autodiff")))
@@ -242,13 +246,13 @@ def for_profile(profile: device.Profile) -> Kernels:
         described.append(("loss kernel", "cuda.py, one pass over each chunk's bf16 logits" if rowwise
                           else "MLX ops (no NVIDIA GPU under this forced profile)"))
     return Kernels(profile_attention(profile, precise_softmax), mlx_gelu, recomputing_activation_matmul(), mx.exp,
-                   mx.sqrt, precise_softmax, *make_losses(profile.loss_rows, mx.exp, rowwise),
+                   plain_square_sum, precise_softmax, *make_losses(profile.loss_rows, mx.exp, rowwise),
                    described=tuple(described))
 
 
 BOUND = for_profile(device.PROFILE)
 attention = BOUND.attention
 activation_matmul = BOUND.activation_matmul
-sqrt = BOUND.sqrt
+square_sum = BOUND.square_sum
 cross_entropy = BOUND.cross_entropy
 eval_cross_entropy = BOUND.eval_cross_entropy

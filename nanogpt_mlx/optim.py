@@ -49,7 +49,7 @@ def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: 
 
 def clip_grad_norm(grads, max_norm: float):
     """PyTorch's clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)); return (grads, pre-clip norm)."""
-    norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
+    norm = mx.sqrt(sum(kernels.square_sum(g) for _, g in tree_flatten(grads)))
     if max_norm <= 0:
         return grads, norm
     scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
@@ -64,7 +64,7 @@ def once(scalar: mx.array) -> mx.array:
 
 
 class AdamW(optim.AdamW):
-    """PyTorch's AdamW (bias-corrected, decoupled decay): MLX's update with the device's sqrt kernel."""
+    """PyTorch's AdamW (bias-corrected, decoupled decay): MLX's update with the step's scalars computed once."""
 
     def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
         self._scalars: dict = {}  # this step's per-dtype scalars, computed by its first tensor
@@ -87,7 +87,7 @@ class AdamW(optim.AdamW):
         m = state["m"] = b1 * state["m"] + (1 - b1) * gradient
         v = state["v"] = b2 * state["v"] + (1 - b2) * mx.square(gradient)
         c1, c2, decay = self.step_scalars(gradient.dtype)
-        return parameter * decay - c1 * m / (kernels.sqrt(v) * c2 + self.eps)
+        return parameter * decay - c1 * m / (mx.sqrt(v) * c2 + self.eps)
 
 
 DECAY, NO_DECAY = "decay", "no_decay"

@@ -2,7 +2,8 @@
 
 The model, the loss and the optimizer call `kernels.attention`, `kernels.activation_matmul`, `kernels.square_sum`,
 `kernels.cross_entropy`... and never ask which device they run on. On MLX's x86 CPU backend
-these use cpu.py's multiply-add exp, softmax and GELU; everywhere else MLX's own (the fused
+these use cpu.py's multiply-add exp, softmax and GELU, its row reductions by lanes and its BLAS sum of
+squares; everywhere else MLX's own (the fused
 `mx.fast.scaled_dot_product_attention`, `mx.exp`, `mx.sum`) and a float32 tanh GELU, with backwards that
 recompute rather than keep: the MLP's activation from its input, and, where MLX has no fused attention
 backward, the attention probabilities. Where attention runs by plain ops (the CPUs, float32 on CUDA) or

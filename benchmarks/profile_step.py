@@ -267,7 +267,8 @@ def main() -> None:
     global out_file
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a tiny model: a smoke test of the script on any device")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for profile_step.json")
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"),
+                    help="folder for profile_step.json (default: $OUT, else out/)")
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="what to time (default: all)")
     args = ap.parse_args()
     out_file = Path(args.out) / "profile_step.json"

@@ -10,14 +10,22 @@ Importing this module sets up the process, so it must happen before `mlx.core` i
   rows to sgemv; it is compiled once with the system C compiler into the user cache (without a
   compiler everything works, just slower). NANOGPT_MLX_NO_GEMV_SHIM=1 turns it off.
 - glibc's malloc thresholds are raised so MLX's large per-step temporaries stay in the heap.
+- MLX's x86-64 wheel compiles `mx.compile`'s fused kernels with `g++ -O3` for baseline x86-64:
+  SSE2, four lanes, and no per-lane shifts, so a kernel that shifts by a computed count (exp's 2**k
+  below) runs one number at a time. On a CPU with AVX2 and FMA a `g++` wrapper first on PATH adds
+  `-mavx2 -mfma -mf16c` (the flags MLX's own AVX2 builds add), and TMPDIR points MLX's kernel cache
+  at a directory of its own, so no baseline build is reused. The rounding is unchanged: MLX compiles
+  in ISO C++ mode, where g++ contracts no multiply-add into an FMA. NANOGPT_MLX_NO_AVX2=1 turns it off.
 
 The kernels below are what kernels.py binds on x86-64, where MLX's CPU build evaluates exp and
 tanh in scalar software: the softmaxes of attention and of the loss and GELU's tanh would cost more
 than the matmuls of a small GPT. exp is rebuilt from multiply-adds that `mx.compile` fuses:
 exp(x) = 2**k * exp(r) with k = round(x / ln 2), |r| <= ln(2) / 2, a degree-7 polynomial for
-exp(r) and 2**k made from its float32 bits, accurate to ~1e-7 relative, like a library's. (A
-Newton square root for AdamW lost to mx.sqrt once the update is one fused kernel: its bit casts
-split the kernel.) The same build reduces a contiguous row one number at a time: row_max and
+exp(r) and 2**k from per-lane shifts (AVX2; else from its float32 bits, whose bit cast splits the
+kernel), accurate to ~2e-7 relative, like a library's. It is written to stay one fused kernel:
+mx.compile fuses at most 11 operations deep, and a min, max or select in a kernel keeps it from
+being vectorized. (A Newton square root for AdamW lost to mx.sqrt once the update is one fused
+kernel: its bit casts split the kernel.) The same build reduces a contiguous row one number at a time: row_max and
 row_sum (softmaxes, the loss) reduce across the rows of a (n / lanes, lanes) view instead, lanes
 at a time, and square_sum (clipping's norm) is one BLAS dot product.
 """
@@ -38,10 +46,14 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+from .errors import UserError
 from .files import atomic_path, cache_dir
 
 NO_OPENBLAS_ENV = "NANOGPT_MLX_NO_OPENBLAS"
 NO_GEMV_SHIM_ENV = "NANOGPT_MLX_NO_GEMV_SHIM"
+NO_AVX2_ENV = "NANOGPT_MLX_NO_AVX2"
+SYSTEM_TMPDIR_ENV = "NANOGPT_MLX_SYSTEM_TMPDIR"  # the TMPDIR before _vectorize_jit, for child processes
+JIT_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 _OPENBLAS_GLOBS = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -53,6 +65,8 @@ _OPENBLAS_GLOBS = (
 # What happened at import time, reported by `nanogpt-mlx info`.
 blas: str = "bundled"
 gemv: str = "off"  # single-row matmuls through sgemv
+jit: str = "MLX's default flags"  # how MLX compiles fused kernels
+jit_avx2: bool = False  # whether they are compiled for AVX2 (exp's 2**k by per-lane shifts)
 note: str = ""
 
 
@@ -131,13 +145,60 @@ def _install_gemv_shim(openblas: ctypes.CDLL) -> None:
         "off (another cblas_sgemm was loaded first)"
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def _vectorize_jit() -> None:
+    """Have MLX compile its fused CPU kernels for AVX2 (see the module docstring), where the CPU has it."""
+    global jit, jit_avx2
+    if os.environ.get(NO_AVX2_ENV, "") not in ("", "0"):
+        jit = f"MLX's default flags ({NO_AVX2_ENV} is set)"
+        return
+    if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma", "f16c"} <= _cpu_flags():
+        return
+    home = cache_dir() / "jit-avx2"
+    wrappers = home / "bin"
+    path = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d) != wrappers]
+    gxx = shutil.which("g++", path=os.pathsep.join(path))
+    if gxx is None:
+        return  # MLX cannot compile kernels at all then
+    script = f"#!/bin/sh\nexec {shlex.quote(gxx)} {' '.join(JIT_FLAGS)} \"$@\"\n"
+    wrapper = wrappers / "g++"
+    try:
+        if not wrapper.is_file() or wrapper.read_text() != script:
+            with atomic_path(wrapper) as tmp:
+                tmp.write_text(script)
+                tmp.chmod(0o755)
+        kernels = home / "kernels"
+        kernels.mkdir(parents=True, exist_ok=True)
+    except (OSError, UserError) as e:  # a read-only cache: MLX's default build still works
+        jit = f"MLX's default flags (could not write {wrapper}: {e})"
+        return
+    # MLX keeps compiled kernels in $TMPDIR/mlx/<version>/cpu, by name only: a directory of our own keeps
+    # baseline builds out. This process's Python temporary files stay where they were, and so do a child's
+    # that imports nanogpt_mlx.
+    system_tmp = os.environ.get(SYSTEM_TMPDIR_ENV) if os.environ.get("TMPDIR") == str(kernels) else None
+    tempfile.tempdir = system_tmp or tempfile.gettempdir()
+    os.environ[SYSTEM_TMPDIR_ENV] = tempfile.tempdir
+    os.environ["TMPDIR"] = str(kernels)
+    os.environ["PATH"] = os.pathsep.join([str(wrappers), *path])
+    jit, jit_avx2 = f"g++ {' '.join(JIT_FLAGS)} (kernels in {kernels})", True
+
+
 def _setup() -> None:
-    """Tune malloc and load OpenBLAS (plus the gemv shim) globally, on Linux, unless disabled or too late."""
+    """Tune malloc, compile kernels for AVX2 and load OpenBLAS (plus the gemv shim) globally, on Linux,
+    unless disabled or too late."""
     global blas, note
     if platform.system() != "Linux":
         blas = "Accelerate" if platform.system() == "Darwin" else "bundled"
         return
     _tune_malloc()
+    _vectorize_jit()
     if os.environ.get(NO_OPENBLAS_ENV, "") not in ("", "0"):
         note = f"OpenBLAS disabled by {NO_OPENBLAS_ENV}"
         return
@@ -160,7 +221,7 @@ def _setup() -> None:
 
 
 def info() -> list[tuple[str, str]]:
-    return [("blas", blas + (f"  [{note}]" if note else "")), ("gemv shim", gemv)]
+    return [("blas", blas + (f"  [{note}]" if note else "")), ("gemv shim", gemv), ("kernel jit", jit)]
 
 
 _setup()
@@ -170,19 +231,27 @@ import math  # noqa: E402
 
 import mlx.core as mx  # noqa: E402  (only now: OpenBLAS had to be loaded first)
 
-_EXP_POLY = [1 / math.factorial(k) for k in range(7, -1, -1)]  # exp(r)'s Taylor coefficients, degree 7 first
+_EXP_MIN = -87.3  # just above ln 2**-126, so that 2**k stays a normal float32
+_EXP_COEFFS = [1 / math.factorial(n) for n in range(8)]  # exp(r)'s Taylor coefficients, r**0 first
 _LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187e-06  # ln 2 in two parts: k * _LN2_HI is exact
 _ROUND = 1.5 * 2**23
 _GELU_C = math.sqrt(2 / math.pi)
 
 
-@mx.custom_function
 def exp(x: mx.array) -> mx.array:
-    """exp(x) for float32 x <= 0; x < -87 gives ~1e-38 (not 0), which no sum or softmax can tell from 0."""
-    return _exp(x)
+    """exp(x) for float32 x <= 0, -inf included; below -87.3 it gives ~1e-38 (not 0), which no sum or softmax
+    can tell from 0. Under mx.compile the clamp joins the kernel that made x, and the rest is a kernel of its
+    own: a max keeps a kernel from being vectorized (its NaN branch), and x's kernel is often a row-wise
+    subtraction, which runs one number at a time anyway."""
+    return _exp_clamped(mx.maximum(x, _EXP_MIN))
 
 
-@exp.vjp
+@mx.custom_function  # a primitive of its own, which mx.compile cannot merge with the clamp
+def _exp_clamped(x: mx.array) -> mx.array:
+    return _exp_kernel(x)
+
+
+@_exp_clamped.vjp
 def _exp_vjp(x, cotangent, output):
     return cotangent * output
 
@@ -190,16 +259,25 @@ def _exp_vjp(x, cotangent, output):
 # The element-wise bodies are compiled (once per shape) so that eager calls, as in token-by-token
 # sampling, are one fused kernel each rather than a dozen small ops.
 @mx.compile
-def _exp(x: mx.array) -> mx.array:
-    x = mx.maximum(x, -87.0)
-    # k = round(x / ln 2): adding 1.5 * 2**23 leaves no fraction bits in float32 (MLX's floor is a scalar call here)
-    k = (x * (1 / math.log(2)) + _ROUND) - _ROUND
-    r = x - k * _LN2_HI - k * _LN2_LO
-    p = _EXP_POLY[0]
-    for c in _EXP_POLY[1:]:
-        p = p * r + c
-    two_k = mx.view(mx.left_shift(k.astype(mx.int32) + 127, 23), mx.float32)  # the bits of 2.0**k
-    return p * two_k
+def _exp_kernel(x: mx.array) -> mx.array:
+    """exp(x) for _EXP_MIN <= x <= 0 as one fused kernel: 2**k * exp(r) with k = round(x / ln 2) and
+    |r| <= ln(2) / 2. mx.compile fuses at most 11 operations deep, hence Estrin's scheme for the polynomial
+    rather than Horner's."""
+    t = x * (1 / math.log(2)) + _ROUND  # k = t - _ROUND: adding 1.5 * 2**23 leaves no fraction bits in float32
+    k = t - _ROUND
+    r = (x - k * _LN2_HI) - k * _LN2_LO
+    r2, c = r * r, _EXP_COEFFS
+    p = ((c[0] + c[1] * r) + r2 * (c[2] + c[3] * r)) + (r2 * r2) * ((c[4] + c[5] * r) + r2 * (c[6] + c[7] * r))
+    return p / _two_to_the((_ROUND - t).astype(mx.int32))  # -k
+
+
+def _two_to_the(j: mx.array) -> mx.array:
+    """2.0**j for int32 j in [0, 126], exactly."""
+    if jit_avx2:  # per-lane shifts: (2**(j >> 2))**4 * 2**(j & 3); 1 << 31 is -2**31, whose 4th power is 2**124
+        q = mx.left_shift(1, mx.right_shift(j, 2)).astype(mx.float32)
+        q = q * q
+        return (q * q) * mx.left_shift(1, mx.bitwise_and(j, 3)).astype(mx.float32)
+    return mx.view(mx.left_shift(j + 127, 23), mx.float32)  # its float32 bits (a view ends the fused kernel)
 
 
 def square_sum(x: mx.array) -> mx.array:
@@ -257,11 +335,12 @@ def gelu(x: mx.array) -> mx.array:
     return _gelu(x.astype(mx.float32)).astype(x.dtype)
 
 
-def _tanh_gelu_parts(x: mx.array) -> tuple[mx.array, mx.array]:
-    """(z, |tanh z|) for z = sqrt(2/pi) (x + 0.044715 x^3); tanh from exp(-2|z|), which cannot overflow."""
-    z = _GELU_C * (x + 0.044715 * x * x * x)
-    e = _exp(-2 * mx.abs(z))
-    return z, (1 - e) / (1 + e)
+def _signed_tanh_gelu(x: mx.array) -> mx.array:
+    """tanh z for z = sqrt(2/pi) (x + 0.044715 x^3), from exp(-2|z|), which cannot overflow."""
+    e = exp((-2 * _GELU_C) * mx.abs(x + 0.044715 * x * x * x))
+    # z has x's sign, taken as x / |x| (a select would keep the kernel from being vectorized); below 1e-22,
+    # where the factor is not +-1, |tanh z| is 0 anyway
+    return (1 - e) / (1 + e) * (x / (mx.abs(x) + 1e-30))
 
 
 @mx.custom_function
@@ -274,18 +353,14 @@ def _gelu_vjp(x, cotangent, output):  # a one-argument function gets its primal 
     return _gelu_backward(x, cotangent)
 
 
-# MLX's x86 build leaves a fused kernel unvectorized when it holds a min/max (their NaN branch) or, depending on
-# how the graph splits, a select: the two bodies below are written in the form that measured fastest.
 @mx.compile
 def _gelu_forward(x: mx.array) -> mx.array:
-    z, t = _tanh_gelu_parts(x)
-    return 0.5 * x * (1 + mx.where(z < 0, -t, t))
+    return 0.5 * x * (1 + _signed_tanh_gelu(x))
 
 
 @mx.compile
 def _gelu_backward(x: mx.array, cotangent: mx.array) -> mx.array:
-    _, t = _tanh_gelu_parts(x)
-    t = t * (x / (mx.abs(x) + 1e-30))  # z has x's sign; below 1e-22, where the factor is not +-1, t is 0
+    t = _signed_tanh_gelu(x)
     # d/dx 0.5 x (1 + t) = 0.5 (1 + t) + 0.5 x (1 - t^2) dz/dx, with s = x (1 - t^2) multiplied in first: far out,
     # 1 - t^2 is exactly 0, so every product is 0 (x * x * x first would overflow to inf, and inf * 0 is nan)
     s = (1 - t * t) * x

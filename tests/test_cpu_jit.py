@@ -1,0 +1,81 @@
+"""cpu.py's kernel compiler on x86-64: MLX's fused CPU kernels built for AVX2 into a cache of their own, and
+exp as one such kernel (with MLX's default flags it still works, by its float32 bits)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from nanogpt_mlx import cpu
+
+PROBE = r"""
+import glob, json, os, subprocess, sys, tempfile
+import nanogpt_mlx
+from nanogpt_mlx import cpu
+import mlx.core as mx
+import numpy as np
+
+x = mx.random.uniform(-87, 0, (1000,), key=mx.random.key(0))
+y = mx.compile(cpu.exp)(mx.concatenate([x, mx.array([-mx.inf, -1e30])]))
+mx.eval(y)
+cache = glob.glob(os.path.join(os.environ.get("TMPDIR", "/tmp"), "mlx", "*", "cpu"))
+child = subprocess.run([sys.executable, "-c", "import nanogpt_mlx, os, tempfile; "
+                        "print(tempfile.gettempdir(), os.environ['PATH'].count('jit-avx2'))"],
+                       capture_output=True, text=True, check=True).stdout.split()
+print(json.dumps({
+    "avx2": cpu.jit_avx2, "jit": cpu.jit, "tmpdir": os.environ.get("TMPDIR"), "python_tmp": tempfile.gettempdir(),
+    "path0": os.environ["PATH"].split(os.pathsep)[0], "child_tmp": child[0], "child_wrappers": int(child[1]),
+    "kernels": sorted(os.path.basename(k) for k in glob.glob(os.path.join(cache[0], "*.so"))) if cache else [],
+    "cache": cache[0] if cache else "", "err": float(np.max(np.abs(np.array(y[:-2]) / np.exp(np.array(x, dtype=np.float64)) - 1))),
+    "tails": y[-2:].tolist()}))
+"""
+
+x86_with_avx2 = pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma", "f16c"} <= cpu._cpu_flags()
+    or shutil.which("g++") is None, reason="needs an x86-64 CPU with AVX2 and FMA, and g++")
+
+
+def probe(tmp_path, **env) -> dict:
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "TMPDIR": str(system_tmp),
+           "NANOGPT_MLX_PROFILE": "cpu-x86", **env}
+    env.pop(cpu.SYSTEM_TMPDIR_ENV, None)
+    env["PATH"] = os.pathsep.join(d for d in env["PATH"].split(os.pathsep) if "jit-avx2" not in d)
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout) | {"system_tmp": str(system_tmp)}
+
+
+@x86_with_avx2
+def test_kernels_are_compiled_for_avx2_into_their_own_cache(tmp_path):
+    got = probe(tmp_path)
+    home = tmp_path / "cache" / "nanogpt-mlx" / "jit-avx2"
+    assert got["avx2"] and got["jit"].startswith("g++ -mavx2 -mfma -mf16c")
+    assert got["tmpdir"] == str(home / "kernels") and got["path0"] == str(home / "bin")
+    wrapper = (home / "bin" / "g++").read_text()
+    assert "-mavx2 -mfma -mf16c" in wrapper and "jit-avx2" not in wrapper  # calls the real g++, not itself
+    # Python's own temporary files stay in the system's directory, also in a child process, which neither
+    # wraps g++ twice nor loses the kernel cache
+    assert got["python_tmp"] == got["child_tmp"] == got["system_tmp"] and got["child_wrappers"] == 1
+    # exp is two fused kernels: the clamp, and the rest built for AVX2
+    clamp, body = sorted(got["kernels"], key=lambda name: "Maximum" not in name)
+    assert len(got["kernels"]) == 2 and "Maximum" in clamp and "Maximum" not in body, got["kernels"]
+    assert got["err"] < 3e-7 and all(0 <= t < 1e-37 for t in got["tails"])
+    if shutil.which("objdump"):
+        dump = subprocess.run(["objdump", "-d", os.path.join(got["cache"], body)],
+                              capture_output=True, text=True, check=True).stdout
+        assert "ymm" in dump  # 8 lanes: the AVX2 registers
+
+
+def test_default_flags_when_turned_off(tmp_path):
+    got = probe(tmp_path, NANOGPT_MLX_NO_AVX2="1")
+    assert not got["avx2"] and "NANOGPT_MLX_NO_AVX2" in got["jit"]
+    assert got["tmpdir"] == got["python_tmp"] == got["system_tmp"] and "jit-avx2" not in got["path0"]
+    # exp's 2**k from its float32 bits instead of per-lane shifts: as accurate
+    assert got["err"] < 3e-7 and all(0 <= t < 1e-37 for t in got["tails"])

@@ -38,8 +38,10 @@ from .model import GPTConfig
 
 MEASURE_LIMIT = 1 << 20  # bytes: a memory limit below any step's need, under which MLX runs op by op
 CAP_HEADROOM = 1.25  # the cap over a measured need: room for the host to queue work ahead of the device
-_HEAD_NV_FLOAT32 = 5.5  # float32 N x V arrays alive at the peak of the fused head + loss, at most ...
-_HEAD_CHUNKS_FLOAT32 = 27  # ... and float32 arrays of one chunk's rows x V (fitted on the CPU backend)
+# float32 N x V arrays alive at the peak of the fused head + loss, at most (a, b): a N x V and b of one chunk's rows
+# x V (fitted on the CPU backend). The float32 step without a soft-cap scales the gradient on the GEMMs' small
+# sides (loss.py) and keeps fewer; the others store (softmax - onehot) / N per chunk.
+_HEAD_ARRAYS = {"scaled": (4.0, 21), "stored": (5.5, 27)}
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -88,7 +90,8 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
         head = 2 * n * V * b
     else:
         rows = profile.loss_rows or n
-        head = int(min(_HEAD_NV_FLOAT32 * n, _HEAD_CHUNKS_FLOAT32 * rows) * V * 4)
+        nv, chunks = _HEAD_ARRAYS["scaled" if dtype == "float32" and not config.logit_softcap else "stored"]
+        head = int(min(nv * n, chunks * rows) * V * 4)
         if n > gemm_group(rows):  # several groups sum the weight gradient in float32 (loss.py)
             head += 2 * V * C * 4
     return Estimate(params=params, weights=params * (4 + (b if b != 4 else 0)), optimizer=8 * params,

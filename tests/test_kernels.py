@@ -236,15 +236,18 @@ def random_head(n: int, vocab: int, dtype=mx.float32, seed: int = 0):
 
 @pytest.mark.parametrize("profile", PROFILES, ids=ids)
 @pytest.mark.parametrize("n, rows", [(1, None), (300, None), (300, 128), (256, 128), (300, 7), (1100, 100)])
-def test_fused_head_loss_equals_plain_cross_entropy(profile, n, rows):
+@pytest.mark.parametrize("softcap", [0.0, 15.0], ids=["scaled-gradient", "softcap"])
+def test_fused_head_loss_equals_plain_cross_entropy(profile, n, rows, softcap):
     """Float32: loss and both gradients, at the profile's chunk size and at sizes that do not divide n or V, in one
-    group of gradient GEMMs and in several (n > loss.GEMM_ROWS)."""
+    group of gradient GEMMs and in several (n > loss.GEMM_ROWS); without a soft-cap the GEMMs scale the gradient,
+    with one each chunk stores it."""
     k = kernels.for_profile(replace(profile, loss_rows=rows) if rows else profile)
     h, w, y = random_head(n, 1000)
-    ref_loss, (ref_dh, ref_dw) = mx.value_and_grad(plain_loss, argnums=(0, 1))(h, w, y)
-    np.testing.assert_allclose(k.eval_cross_entropy(h, w, y).item(), ref_loss.item(), rtol=1e-5)
+    capped = lambda h, w, y: plain_loss(h, w, y, softcap)  # noqa: E731
+    ref_loss, (ref_dh, ref_dw) = mx.value_and_grad(capped, argnums=(0, 1))(h, w, y)
+    np.testing.assert_allclose(k.eval_cross_entropy(h, w, y, softcap).item(), ref_loss.item(), rtol=1e-5)
     for fn in (k.cross_entropy, mx.compile(k.cross_entropy)):
-        got_loss, (dh, dw) = mx.value_and_grad(fn, argnums=(0, 1))(h, w, y)
+        got_loss, (dh, dw) = mx.value_and_grad(lambda h, w: fn(h, w, y, softcap), argnums=(0, 1))(h, w)
         np.testing.assert_allclose(got_loss.item(), ref_loss.item(), rtol=1e-5)
         np.testing.assert_allclose(np.array(dh), np.array(ref_dh), rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(np.array(dw), np.array(ref_dw), rtol=1e-4, atol=1e-6)

@@ -135,7 +135,7 @@ def _install_gemv_shim(openblas: ctypes.CDLL) -> None:
         return
     try:
         shim = ctypes.CDLL(str(build_gemv_shim()), mode=ctypes.RTLD_GLOBAL)
-    except (OSError, subprocess.SubprocessError) as e:
+    except (OSError, UserError, subprocess.SubprocessError) as e:  # no compiler, or a cache it cannot write
         gemv = f"off ({e}); with a C compiler token-by-token sampling is ~2x faster"
         return
     shim.nanogpt_gemv_shim_connect.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
@@ -170,7 +170,7 @@ def _vectorize_jit() -> None:
     script = f"#!/bin/sh\nexec {shlex.quote(gxx)} {' '.join(JIT_FLAGS)} \"$@\"\n"
     wrapper = wrappers / "g++"
     try:
-        if not wrapper.is_file() or wrapper.read_text() != script:
+        if not wrapper.is_file() or wrapper.read_text() != script or not os.access(wrapper, os.X_OK):
             with atomic_path(wrapper) as tmp:
                 tmp.write_text(script)
                 tmp.chmod(0o755)
@@ -178,6 +178,9 @@ def _vectorize_jit() -> None:
         kernels.mkdir(parents=True, exist_ok=True)
     except (OSError, UserError) as e:  # a read-only cache: MLX's default build still works
         jit = f"MLX's default flags (could not write {wrapper}: {e})"
+        return
+    if not os.access(wrapper, os.X_OK):  # a noexec mount: MLX could neither run the wrapper nor load kernels there
+        jit = f"MLX's default flags ({wrapper.parent} does not allow executing)"
         return
     # MLX keeps compiled kernels in $TMPDIR/mlx/<version>/cpu, by name only: a directory of our own keeps
     # baseline builds out. This process's Python temporary files stay where they were, and so do a child's

@@ -79,3 +79,23 @@ def test_default_flags_when_turned_off(tmp_path):
     assert got["tmpdir"] == got["python_tmp"] == got["system_tmp"] and "jit-avx2" not in got["path0"]
     # exp's 2**k from its float32 bits instead of per-lane shifts: as accurate
     assert got["err"] < 3e-7 and all(0 <= t < 1e-37 for t in got["tails"])
+
+
+@x86_with_avx2
+def test_a_stale_wrapper_is_replaced(tmp_path):
+    wrapper = tmp_path / "cache" / "nanogpt-mlx" / "jit-avx2" / "bin" / "g++"
+    wrapper.parent.mkdir(parents=True)
+    wrapper.write_text("#!/bin/sh\nexit 1\n")  # another compiler's, and not executable
+    got = probe(tmp_path)
+    assert got["avx2"] and os.access(wrapper, os.X_OK) and "-mavx2" in wrapper.read_text()
+    assert got["err"] < 3e-7
+
+
+@x86_with_avx2
+def test_a_cache_that_cannot_be_written_keeps_mlx_default_flags(tmp_path):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    got = probe(tmp_path, XDG_CACHE_HOME=str(blocked))
+    assert not got["avx2"] and "could not write" in got["jit"]
+    assert got["tmpdir"] == got["python_tmp"] == got["system_tmp"] and "jit-avx2" not in got["path0"]
+    assert got["err"] < 3e-7 and all(0 <= t < 1e-37 for t in got["tails"])

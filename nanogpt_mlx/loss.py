@@ -9,13 +9,14 @@ chunk are one matmul in the compute dtype (bfloat16 on GPUs), upcast to float32 
 max, the sum of exp and `softmax - onehot`, which is stored back in the compute dtype. The two
 gradient GEMMs (d loss / d h, d loss / d w) run per group of at least GEMM_ROWS rows, large enough
 to be efficient. In float32 without a soft-cap the GEMMs take exp(logits - max) as it is, and the
-per-row 1 / (sum * N) and the -1 / N at each target are applied to their (rows, C) sides instead: two
-passes over the N x V numbers fewer, at no cost in precision. (In bfloat16 the subtraction would
-cancel: for a target with probability near 1, its gradient is the small difference of two large
-rounded numbers, so there the float32 difference is formed first.) Each chunk starts only once the one before it is done with (mx.depends), so one
-chunk's float32 arrays and one group's gradient are all the N x V data the step needs at a time;
-MLX would otherwise be free to compute every chunk's logits first. (Without a memory cap, MLX
-still allocates the next chunks' outputs as the host queues them, see memory.py.) A custom VJP
+per-row 1 / (sum * N) and the -1 / N at each target are applied to their (rows, C) sides instead:
+two passes over the N x V numbers fewer, with float32's rounding either way. (Not in bfloat16: for
+a target with a probability near 1, its gradient would be the small difference of two large
+rounded numbers; there the float32 difference is formed first.) Each chunk starts only once the
+one before it is done with (mx.depends), so one chunk's float32 arrays and one group's gradient
+are all the N x V data the step needs at a time; MLX would otherwise be free to compute every
+chunk's logits first. (Without a memory cap, MLX still allocates the next chunks' outputs as the
+host queues them, see memory.py.) A custom VJP
 returns the precomputed gradients scaled by the incoming cotangent, so the step computes no
 logits twice. A logit soft-cap (c tanh(logits / c), the speedrun's) is applied per chunk, its
 derivative folded into the stored gradient; as it bounds the logits by c, it also saves the row
@@ -124,9 +125,9 @@ def make_losses(rows: int, exp: Unary = mx.exp, rowwise: Rowwise | None = None, 
                 d = ds[0] if len(ds) == 1 else mx.concatenate(ds)  # (group, V)
                 scaled = ss[0] is not None
                 if scaled:  # the row scales go to the (group, C) sides of the GEMMs, not over the N x V array
-                    s = ss[0] if len(ss) == 1 else mx.concatenate(ss)
-                    dh.append((d @ w) * s)
-                    dw_g = d.T @ (hg * s)
+                    scales = ss[0] if len(ss) == 1 else mx.concatenate(ss)
+                    dh.append((d @ w) * scales)
+                    dw_g = d.T @ (hg * scales)
                 else:
                     dh.append(d @ w)
                     dw_g = d.T @ hg

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv, then: prepare Tiny Shakespeare, train the `shakespeare` preset (~10 min on a 2-core CPU),
+# Set up .venv, then: prepare Tiny Shakespeare, train the `shakespeare` preset (~6 min on a 2-core CPU),
 # and sample from the trained model.
 #   bash quickstart.sh                       # downloads Tiny Shakespeare (cached)
 #   bash quickstart.sh path/to/input.txt     # offline: use a local copy

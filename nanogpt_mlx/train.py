@@ -445,6 +445,9 @@ class Trainer:
         self.dist.sync(*self._in_flight)
         if self._in_flight_ends is not None:
             self._in_flight_ends.ended = time.perf_counter()
+        # the arrays themselves, not the model's and optimizer's state containers: building the next step
+        # updates those in place, and waiting on them then would wait for that step too
+        arrays = tuple(a for _, a in tree_flatten(list(arrays)))
         self.dist.submit(*arrays)
         self._in_flight, self._in_flight_ends = arrays, ends
 

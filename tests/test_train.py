@@ -225,13 +225,15 @@ def test_resume_is_exact(data_dir, tmp_path):
         np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
 
 
-def test_next_micro_step_is_built_while_the_device_runs_the_last(data_dir, tmp_path):
+@pytest.mark.parametrize("micro_steps", [1, 2])
+def test_next_micro_step_is_built_while_the_device_runs_the_last(data_dir, tmp_path, micro_steps):
     """Each micro-step's graph is built (b) before the work queued before it is waited for (w), across steps too
     (step n is finished, f, after step n + 1 was queued), except where an evaluation (val at step 4, the last
     step 5) must see the weights between two steps. The losses are those of waiting after every micro-step,
-    and every step's time is measured from when the step before it ended."""
-    cfg = tiny_config(data_dir, tmp_path / "a", total_batch_size=128, batch_size=2, max_steps=6, val_every=4,
-                      val_steps=1)  # 2 micro-steps a step
+    and every step's time is measured from when the step before it ended, also when building a step updates the
+    weights before the step before it was waited for (one micro-step a step)."""
+    cfg = tiny_config(data_dir, tmp_path / "a", total_batch_size=64 * micro_steps, batch_size=2, max_steps=6,
+                      val_every=4, val_steps=1)
     trainer, events = Trainer(cfg), []
     for name, tag in (("_accumulate", "b"), ("_update", "b"), ("_finish_step", "f")):
         fn = getattr(trainer, name)
@@ -239,7 +241,7 @@ def test_next_micro_step_is_built_while_the_device_runs_the_last(data_dir, tmp_p
     sync = trainer.dist.sync
     trainer.dist.sync = lambda *a: events.append("w") or sync(*a)
     trainer.train()
-    step = "bwbw"  # a step of two micro-steps; "fw": finished where nothing was queued behind it
+    step = "bw" * micro_steps  # "fw": finished where nothing was queued behind it
     assert "".join(events) == step * 2 + "f" + step + "f" + step + "f" + "fw" + step + "fw" + step + "fw"
 
     waiting = Trainer(replace(cfg, out=str(tmp_path / "b")))

@@ -90,7 +90,10 @@ def run_mlx(cfg_name: str, steps: int, warmup: int, ranks: int = 1, dtype: str =
         if ranks == 1:
             Trainer(TrainConfig(**fields)).train()
         else:
-            argv = ["train"] + [a for k, v in fields.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+            argv = ["train"]
+            for k, v in fields.items():  # flags for booleans; an empty value keeps the CLI's default
+                flag = f"--{k.replace('_', '-')}"
+                argv += ([flag] if v else []) if isinstance(v, bool) else ([flag, str(v)] if v != "" else [])
             if launch_local(ranks, argv, threads_per_rank=1):
                 raise SystemExit("a rank failed")
         records = [json.loads(line) for line in open(Path(tmp) / "out" / "log.jsonl")]

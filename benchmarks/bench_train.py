@@ -91,9 +91,12 @@ def run_mlx(cfg_name: str, steps: int, warmup: int, ranks: int = 1, dtype: str =
             Trainer(TrainConfig(**fields)).train()
         else:
             argv = ["train"]
-            for k, v in fields.items():  # flags for booleans; an empty value keeps the CLI's default
+            for k, v in fields.items():
                 flag = f"--{k.replace('_', '-')}"
-                argv += ([flag] if v else []) if isinstance(v, bool) else ([flag, str(v)] if v != "" else [])
+                if isinstance(v, bool):  # a switch: given or not
+                    argv += [flag] if v else []
+                elif v != "":  # an empty value keeps the CLI's default
+                    argv += [flag, str(v)]
             if launch_local(ranks, argv, threads_per_rank=1):
                 raise SystemExit("a rank failed")
         records = [json.loads(line) for line in open(Path(tmp) / "out" / "log.jsonl")]

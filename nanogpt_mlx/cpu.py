@@ -25,9 +25,9 @@ exp(r) and 2**k from per-lane shifts (AVX2; else from its float32 bits, whose bi
 kernel), accurate to ~2e-7 relative, like a library's. It is written to stay one fused kernel:
 mx.compile fuses at most 11 operations deep, and a min, max or select in a kernel keeps it from
 being vectorized. (A Newton square root for AdamW lost to mx.sqrt once the update is one fused
-kernel: its bit casts split the kernel.) The same build reduces a contiguous row one number at a time: row_max and
-row_sum (softmaxes, the loss) reduce across the rows of a (n / lanes, lanes) view instead, lanes
-at a time, and square_sum (clipping's norm) is one BLAS dot product.
+kernel: its bit casts split the kernel.) The same build reduces a contiguous row one number at a
+time: row_max and row_sum (softmaxes, the loss) reduce across the rows of a (n / lanes, lanes) view
+instead, lanes at a time, and square_sum (clipping's norm) is one BLAS dot product.
 """
 
 from __future__ import annotations

@@ -46,6 +46,12 @@ def gemm_group(rows: int) -> int:
     return rows * -(-GEMM_ROWS // rows)
 
 
+def scales_in_gemms(dtype: mx.Dtype, softcap: float) -> bool:
+    """Whether MLX ops leave the gradient's row scales and -1 / N to the GEMMs' (rows, C) sides (see above):
+    in float32 without a soft-cap."""
+    return dtype == mx.float32 and not softcap
+
+
 Unary = Callable[[mx.array], mx.array]
 Rowwise = Callable[[mx.array, mx.array, float, int], tuple[mx.array, mx.array]]
 # (logits (n, V), targets (n,), soft-cap, N) -> (per-row loss in float32, (softmax - onehot) / N in the logits' dtype)
@@ -95,7 +101,7 @@ def make_losses(rows: int, exp: Unary = mx.exp, rowwise: Rowwise | None = None, 
             loss, d = rowwise(hc @ w.T, yc, softcap, n)
             return loss.sum(), d, None
         loss, e, total, dcap = chunk_loss(hc, w, yc, softcap)
-        if dcap is None and hc.dtype == mx.float32:
+        if scales_in_gemms(hc.dtype, softcap):
             return loss, e, 1 / (total * n)
         # softmax / n, then - 1 / n at each row's target: a scatter of one number a row rather than a
         # comparison with every vocabulary index

@@ -33,7 +33,7 @@ import mlx.core as mx
 from . import device
 from .errors import UserError
 from .kernels import query_blocks
-from .loss import gemm_group
+from .loss import gemm_group, scales_in_gemms
 from .model import GPTConfig
 
 MEASURE_LIMIT = 1 << 20  # bytes: a memory limit below any step's need, under which MLX runs op by op
@@ -90,7 +90,7 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
         head = 2 * n * V * b
     else:
         rows = profile.loss_rows or n
-        nv, chunks = _HEAD_ARRAYS["scaled" if dtype == "float32" and not config.logit_softcap else "stored"]
+        nv, chunks = _HEAD_ARRAYS["scaled" if scales_in_gemms(getattr(mx, dtype), config.logit_softcap) else "stored"]
         head = int(min(nv * n, chunks * rows) * V * 4)
         if n > gemm_group(rows):  # several groups sum the weight gradient in float32 (loss.py)
             head += 2 * V * C * 4

@@ -133,13 +133,16 @@ def make_losses(rows: int, exp: Unary = mx.exp, rowwise: Rowwise | None = None, 
                 if scaled:  # the row scales go to the (group, C) sides of the GEMMs, not over the N x V array
                     scales = ss[0] if len(ss) == 1 else mx.concatenate(ss)
                     dh.append((d @ w) * scales)
-                    dw_g = d.T @ (hg * scales)
+                    hg = hg * scales
                 else:
                     dh.append(d @ w)
+                if dw is not None and dw.dtype == d.dtype:  # float32: the GEMM adds into the running sum (one pass
+                    dw = mx.addmm(dw, d.T, hg)  # over the V x C numbers fewer, and no second buffer of them)
+                else:
                     dw_g = d.T @ hg
-                if n > group:  # several groups sum their products in float32, as one GEMM over all rows would
-                    dw_g = dw_g.astype(mx.float32)
-                dw = dw_g if dw is None else dw + dw_g
+                    if n > group:  # several groups sum their products in float32, as one GEMM over all rows would
+                        dw_g = dw_g.astype(mx.float32)
+                    dw = dw_g if dw is None else dw + dw_g
                 done = [loss, dh[-1], dw]
             dh = dh[0] if len(dh) == 1 else mx.concatenate(dh)
             if scaled:  # - onehot / n: - w[y] / n for each row's dh, - h / n into dw's row of each target

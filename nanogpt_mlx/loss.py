@@ -8,9 +8,10 @@ Here the loss and its gradient are computed together, chunk by chunk of rows: th
 chunk are one matmul in the compute dtype (bfloat16 on GPUs), upcast to float32 for the row
 max, the sum of exp and `softmax - onehot`, which is stored back in the compute dtype. The two
 gradient GEMMs (d loss / d h, d loss / d w) run per group of at least GEMM_ROWS rows, large enough
-to be efficient. In float32 without a soft-cap the GEMMs take exp(logits - max) as it is, and the
-per-row 1 / (sum * N) and the -1 / N at each target are applied to their (rows, C) sides instead:
-two passes over the N x V numbers fewer, with float32's rounding either way. (Not in bfloat16: for
+to be efficient. In float32 the GEMMs take exp(logits - max) as it is (times the soft-cap's slope,
+if any), and the per-row 1 / (sum * N) and the -1 / N at each target (times the slope there) are
+applied to their (rows, C) sides instead: two passes over the N x V numbers fewer, and no scatter
+into them, with float32's rounding either way. (Not in bfloat16: for
 a target with a probability near 1, its gradient would be the small difference of two large
 rounded numbers; there the float32 difference is formed first.) Each chunk starts only once the
 one before it is done with (mx.depends), so one chunk's float32 arrays and one group's gradient
@@ -19,8 +20,7 @@ chunk's logits first. (Without a memory cap, MLX still allocates the next chunks
 host queues them, see memory.py.) A custom VJP
 returns the precomputed gradients scaled by the incoming cotangent, so the step computes no
 logits twice. A logit soft-cap (c tanh(logits / c), the speedrun's) is applied per chunk, its
-derivative folded into the stored gradient; as it bounds the logits by c, it also saves the row
-max. The chunk size and the exp come from the device profile (kernels.py): small chunks stay in a
+derivative folded into the gradient; as it bounds the logits by c, it also saves the row max. The chunk size and the exp come from the device profile (kernels.py): small chunks stay in a
 CPU's cache, large ones keep a GPU busy.
 
 On an NVIDIA GPU a device kernel (cuda.py) replaces the float32 chunk arithmetic: it reads a
@@ -46,10 +46,10 @@ def gemm_group(rows: int) -> int:
     return rows * -(-GEMM_ROWS // rows)
 
 
-def scales_in_gemms(dtype: mx.Dtype, softcap: float) -> bool:
-    """Whether MLX ops leave the gradient's row scales and -1 / N to the GEMMs' (rows, C) sides (see above):
-    in float32 without a soft-cap."""
-    return dtype == mx.float32 and not softcap
+def scales_in_gemms(dtype: mx.Dtype) -> bool:
+    """Whether MLX ops leave the gradient's row scales and its targets' terms to the GEMMs' (rows, C) sides
+    (see above): in float32."""
+    return dtype == mx.float32
 
 
 Unary = Callable[[mx.array], mx.array]
@@ -74,39 +74,44 @@ def make_losses(rows: int, exp: Unary = mx.exp, rowwise: Rowwise | None = None, 
     float32. `rowwise`, a device kernel for a chunk's loss and gradient (cuda.py), replaces the MLX ops of
     the training loss."""
 
+    def capped(x: mx.array, softcap: float) -> tuple[mx.array, mx.array]:
+        """(c tanh(x / c), its slope): c (1 - 2q) with q = sigmoid(-2x / c), from the profile's exp of a
+        non-positive argument (MLX's own tanh is 4-5x slower on the CPU); the slope 1 - tanh^2 is 4q (1 - q)."""
+        e = exp(mx.abs(x) * (-2 / softcap))
+        q = mx.where(x > 0, e, 1.0) / (1 + e)
+        return softcap * (1 - 2 * q), 4 * q * (1 - q)
+
     def chunk_loss(hc: mx.array, w: mx.array, yc: mx.array, softcap: float):
         """One chunk's (summed loss, exp(logits - m) for a per-row bound m >= the logits, row sums of that,
-        d capped / d raw logits or None), in float32."""
+        d capped / d raw logits and its value at each row's target, or None, None), in float32."""
         logits = (hc @ w.T).astype(mx.float32)
-        dcap = None
+        target = mx.take_along_axis(logits, yc[:, None], axis=-1)  # (rows, 1): capped after the gather, so that
+        dcap = dcap_y = None  # no N x V array of capped logits is written for it
         if softcap:
-            # c tanh(x / c) = c (1 - 2q) with q = sigmoid(-2x / c), from the profile's exp of a non-positive
-            # argument (MLX's own tanh is 4-5x slower on the CPU); d capped / dx = 1 - tanh^2 = 4q (1 - q)
-            e = exp(mx.abs(logits) * (-2 / softcap))
-            q = mx.where(logits > 0, e, 1.0) / (1 + e)
-            logits, dcap = softcap * (1 - 2 * q), 4 * q * (1 - q)
+            (logits, dcap), (target, dcap_y) = capped(logits, softcap), capped(target, softcap)
         # capped logits are <= c, so c can stand in for the row max (one pass fewer) while exp(-2c)
         # stays a normal float32
         top = softcap if 0 < softcap <= MAX_BOUND_CAP else row_max(logits)
         e = exp(logits - top)
         total = row_sum(e)
-        loss = (top + mx.log(total) - mx.take_along_axis(logits, yc[:, None], axis=-1)).sum()
-        return loss, e, total, dcap
+        loss = (top + mx.log(total) - target).sum()
+        return loss, e, total, dcap, dcap_y
 
     def chunk_loss_and_grad(hc: mx.array, w: mx.array, yc: mx.array, softcap: float, n: int):
-        """One chunk's (summed loss, D, s). With s None, D is the gradient (softmax - onehot) / n in the compute
-        dtype: the device kernel's, or MLX ops'. In float32 without a soft-cap, D is exp(logits - max) as exp
-        made it and s the per-row 1 / (sum * n): the gradient is D * s - onehot / n (see fused)."""
+        """One chunk's (summed loss, D, s, t). With s None, D is the gradient (softmax - onehot) / n (times the
+        soft-cap's slope) in the compute dtype: the device kernel's, or MLX ops'. In float32, D is exp(logits -
+        max) as exp made it (times the slope), s the per-row 1 / (sum * n) and t the slope at each row's target
+        (None without a cap: 1): the gradient is D * s - onehot * t / n (see fused)."""
         if rowwise:
             loss, d = rowwise(hc @ w.T, yc, softcap, n)
-            return loss.sum(), d, None
-        loss, e, total, dcap = chunk_loss(hc, w, yc, softcap)
-        if scales_in_gemms(hc.dtype, softcap):
-            return loss, e, 1 / (total * n)
+            return loss.sum(), d, None, None
+        loss, e, total, dcap, dcap_y = chunk_loss(hc, w, yc, softcap)
+        if scales_in_gemms(hc.dtype):
+            return loss, e if dcap is None else e * dcap, 1 / (total * n), dcap_y
         # softmax / n, then - 1 / n at each row's target: a scatter of one number a row rather than a
         # comparison with every vocabulary index
         d = (e * (1 / (total * n))).at[mx.arange(yc.shape[0]), yc].add(-1.0 / n)
-        return loss, (d if dcap is None else d * dcap).astype(hc.dtype), None
+        return loss, (d if dcap is None else d * dcap).astype(hc.dtype), None, None
 
     @lru_cache
     def fused(softcap: float):
@@ -117,15 +122,16 @@ def make_losses(rows: int, exp: Unary = mx.exp, rowwise: Rowwise | None = None, 
             n = h.shape[0]
             size = rows or n
             group = gemm_group(size)
-            loss, dh, dw, done, scaled = 0.0, [], None, [], False
+            loss, dh, dw, done, scaled, slopes = 0.0, [], None, [], False, []
             for g in range(0, n, group):
                 hg, yg, ds, ss = h[g : g + group], y[g : g + group], [], []
                 for s in range(0, hg.shape[0], size):
                     # a chunk starts once the one before it is done with (mx.depends), so one chunk's float32
                     # N x V arrays and one group's gradient are alive at a time, not the run-ahead of all chunks
                     hc = mx.depends(hg[s : s + size], done) if done else hg[s : s + size]
-                    part, d, scale = chunk_loss_and_grad(hc, w, yg[s : s + size], softcap, n)
+                    part, d, scale, slope = chunk_loss_and_grad(hc, w, yg[s : s + size], softcap, n)
                     loss, done = loss + part, [part, d]
+                    slopes.append(slope)
                     ds.append(d)
                     ss.append(scale)
                 d = ds[0] if len(ds) == 1 else mx.concatenate(ds)  # (group, V)
@@ -145,8 +151,9 @@ def make_losses(rows: int, exp: Unary = mx.exp, rowwise: Rowwise | None = None, 
                     dw = dw_g if dw is None else dw + dw_g
                 done = [loss, dh[-1], dw]
             dh = dh[0] if len(dh) == 1 else mx.concatenate(dh)
-            if scaled:  # - onehot / n: - w[y] / n for each row's dh, - h / n into dw's row of each target
-                dh, dw = dh - w[y] * (1 / n), dw.at[y].add(h * (-1 / n))
+            if scaled:  # - onehot * t / n: - w[y] t / n for each row's dh, - h t / n into dw's row of each target
+                t = (1 / n) if softcap == 0 else mx.concatenate(slopes) * (1 / n)
+                dh, dw = dh - w[y] * t, dw.at[y].add(h * -t)
             return loss / n, dh, dw
 
         @loss_and_grads.vjp

@@ -39,9 +39,9 @@ from .model import GPTConfig
 MEASURE_LIMIT = 1 << 20  # bytes: a memory limit below any step's need, under which MLX runs op by op
 CAP_HEADROOM = 1.25  # the cap over a measured need: room for the host to queue work ahead of the device
 # float32 N x V arrays alive at the peak of the fused head + loss, at most (a, b): a N x V and b of one chunk's rows
-# x V (fitted on the CPU backend). The float32 step without a soft-cap scales the gradient on the GEMMs' small
-# sides (loss.py) and keeps fewer; the others store (softmax - onehot) / N per chunk.
-_HEAD_ARRAYS = {"scaled": (4.0, 21), "stored": (5.5, 27)}
+# x V (fitted on the CPU backend). The float32 step scales the gradient on the GEMMs' small sides (loss.py) and keeps
+# fewer, more with a soft-cap (its slope); the others store (softmax - onehot) / N per chunk.
+_HEAD_ARRAYS = {"scaled": (4.0, 21), "scaled, capped": (7.0, 24), "stored": (5.5, 27)}
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -90,7 +90,9 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
         head = 2 * n * V * b
     else:
         rows = profile.loss_rows or n
-        nv, chunks = _HEAD_ARRAYS["scaled" if scales_in_gemms(getattr(mx, dtype), config.logit_softcap) else "stored"]
+        kind = "scaled, capped" if config.logit_softcap else "scaled"
+        kind = kind if scales_in_gemms(getattr(mx, dtype)) else "stored"
+        nv, chunks = _HEAD_ARRAYS[kind]
         head = int(min(nv * n, chunks * rows) * V * 4)
         if n > gemm_group(rows):  # several groups sum the weight gradient in float32 (loss.py)
             head += 2 * V * C * 4

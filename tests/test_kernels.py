@@ -239,8 +239,8 @@ def random_head(n: int, vocab: int, dtype=mx.float32, seed: int = 0):
 @pytest.mark.parametrize("softcap", [0.0, 15.0], ids=["scaled-gradient", "softcap"])
 def test_fused_head_loss_equals_plain_cross_entropy(profile, n, rows, softcap):
     """Float32: loss and both gradients, at the profile's chunk size and at sizes that do not divide n or V, in one
-    group of gradient GEMMs and in several (n > loss.GEMM_ROWS); without a soft-cap the GEMMs scale the gradient,
-    with one each chunk stores it."""
+    group of gradient GEMMs and in several (n > loss.GEMM_ROWS); the GEMMs scale the gradient, with a soft-cap
+    its slope times the exp."""
     k = kernels.for_profile(replace(profile, loss_rows=rows) if rows else profile)
     h, w, y = random_head(n, 1000)
     capped = lambda h, w, y: plain_loss(h, w, y, softcap)  # noqa: E731

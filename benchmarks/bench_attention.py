@@ -1,9 +1,9 @@
 """One layer's causal attention, forward + backward, each way kernels.py can run it, side by side.
 
 Variants: MLX's fused kernel (cuDNN on an NVIDIA GPU; on a CPU MLX falls back to one T x T graph), its fused
-forward with kernels.recomputing_attention's backward, and kernels.plain_attention (plain ops and autodiff,
-the profile's float32 softmax) with all queries in one block and in blocks of 128 and 256 queries (a causal block
-skips the keys after its last query). Each is compiled and timed in this one process (median of --reps after
+forward with kernels.recomputing_attention's backward, and kernels.plain_attention (plain ops, the profile's
+float32 exp and reductions, its backward written out) with all queries in one block and in blocks of 128 and
+256 queries (a causal block skips the keys after its last query). Each is compiled and timed in this one process (median of --reps after
 warm-up), with its peak memory above what was live before and its ratio to the one-block plain ops; outputs
 and gradients are checked against the one-block plain ops. Defaults: GPT-2's attention (12 heads of 64) at
 T = 1024, B4 on a CPU, B16 on a GPU, float32 on a CPU, both dtypes on a GPU.
@@ -27,10 +27,10 @@ import mlx.core as mx  # noqa: E402
 
 
 def variants(T: int) -> dict:
-    plain = kernels.BOUND.softmax  # the profile's: cpu.py's multiply-add one on the x86 CPU
-    return {"plain ops, all queries at once": kernels.plain_attention(plain, T),
-            "plain ops, 128 queries at a time": kernels.plain_attention(plain, 128),
-            "plain ops, 256 queries at a time": kernels.plain_attention(plain, 256),
+    ops = kernels.BOUND.exp, kernels.BOUND.row_max, kernels.BOUND.row_sum  # the profile's: cpu.py's on the x86 CPU
+    return {"plain ops, all queries at once": kernels.plain_attention(*ops, T),
+            "plain ops, 128 queries at a time": kernels.plain_attention(*ops, 128),
+            "plain ops, 256 queries at a time": kernels.plain_attention(*ops, 256),
             "fused forward, recomputing backward": kernels.recomputing_attention,
             "fused (cuDNN on a GPU)": kernels.mlx_attention}
 

@@ -291,22 +291,6 @@ def square_sum(x: mx.array) -> mx.array:
     return (flat[None] @ flat[:, None]).reshape(())
 
 
-def softmax(x: mx.array) -> mx.array:
-    """Softmax over the last axis, computed in float32."""
-    return _softmax(x.astype(mx.float32)).astype(x.dtype)
-
-
-@mx.custom_function
-def _softmax(x: mx.array) -> mx.array:
-    e = exp(x - row_max(x))
-    return e / row_sum(e)
-
-
-@_softmax.vjp
-def _softmax_vjp(primals, cotangent, y):
-    return y * (cotangent - row_sum(cotangent * y))
-
-
 def _lanes(n: int) -> int:
     """How many lanes a row of n numbers is reduced in (0: as one row). MLX's x86 build reduces a contiguous row
     one number at a time, but a reduction across the rows of an (n / lanes, lanes) view runs lanes at a time."""

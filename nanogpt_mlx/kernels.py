@@ -2,12 +2,13 @@
 
 The model, the loss and the optimizer call `kernels.attention`, `kernels.activation_matmul`, `kernels.square_sum`,
 `kernels.cross_entropy`... and never ask which device they run on. On MLX's x86 CPU backend
-these use cpu.py's multiply-add exp, softmax and GELU, its row reductions by lanes and its BLAS sum of
+these use cpu.py's multiply-add exp and GELU, its row reductions by lanes and its BLAS sum of
 squares; everywhere else MLX's own (the fused
 `mx.fast.scaled_dot_product_attention`, `mx.exp`, `mx.sum`) and a float32 tanh GELU, with backwards that
 recompute rather than keep: the MLP's activation from its input, and, where MLX has no fused attention
 backward, the attention probabilities. Where attention runs by plain ops (the CPUs, float32 on CUDA) or
-recomputes, it goes 128 queries at a time, so that a causal block skips the keys after its last query. The
+recomputes, it goes 128 queries at a time, so that a causal block skips the keys after its last query, and
+its backward is written out (_block_grads) rather than left to autodiff. The
 fused head + loss of loss.py is sized for the device: its rows per chunk come from the profile, and on an
 NVIDIA GPU its float32 arithmetic is cuda.py's kernel.
 """
@@ -23,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import device
-from .loss import Loss, make_losses
+from .loss import Loss, make_losses, row_max, row_sum
 
 Unary = Callable[[mx.array], mx.array]
 
@@ -111,8 +112,9 @@ class Kernels:
     gelu: Unary  # GPT-2's tanh GELU
     activation_matmul: ActivationMatmul  # the MLP's activation and output projection
     exp: Unary  # for x <= 0
+    row_max: Unary  # over the last axis, keepdims: the loss's and plain attention's
+    row_sum: Unary
     square_sum: Unary  # the sum of all squares (clipping's norm), in the input's dtype
-    softmax: Unary  # over the last axis, in float32: plain attention's
     cross_entropy: Loss  # fused head + loss for training: (h, head weight, targets, softcap) -> mean loss
     eval_cross_entropy: Loss  # the same without the gradient
     described: tuple[tuple[str, str], ...] = ()  # (label, what was bound) lines for `nanogpt-mlx info`
@@ -143,21 +145,62 @@ def plain_square_sum(x: mx.array) -> mx.array:
     return mx.sum(mx.square(x))
 
 
-def precise_softmax(x: mx.array) -> mx.array:
-    """Softmax over the last axis, computed in float32 and returned in x's dtype."""
-    return mx.softmax(x, axis=-1, precise=True)
+def plain_attention(exp: Unary = mx.exp, row_max: Unary = row_max, row_sum: Unary = row_sum,
+                    block: int = ATTENTION_BLOCK) -> Attention:
+    """Attention by plain ops, for where no fused kernel applies: one block of queries at a time (query_blocks),
+    so a causal layer computes and keeps about half of its T x T scores. The softmax is computed in float32 by
+    `exp` (of x <= 0) and the row reductions given; each block keeps e = exp(scores - max), in the compute dtype,
+    and the per-query 1 / sum for the backward (_block_grads), which puts that scale on the (queries, head size)
+    sides: against autodiff of a softmax, one pass over the scores fewer forward and three fewer backward."""
 
+    @lru_cache(maxsize=None)
+    def attend_for(scale: float, causal: bool):
+        @mx.custom_function
+        def attend(q: mx.array, k: mx.array, v: mx.array) -> tuple[mx.array, ...]:
+            outs, es, rs = [], [], []
+            for i, j, end in query_blocks(q.shape[2], k.shape[2], causal, block):
+                s = _block_scores(q, k, scale, causal, i, j, end).astype(mx.float32)
+                e = exp(s - row_max(s))
+                r = 1 / row_sum(e)
+                es.append(e.astype(q.dtype))
+                rs.append(r)
+                outs.append(((es[-1] @ v[:, :, :end]) * r).astype(q.dtype))
+            return (outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2), *es, *rs)
 
-def plain_attention(softmax: Unary, block: int = ATTENTION_BLOCK) -> Attention:
-    """Attention by plain ops and autodiff, for where no fused kernel applies: one block of queries at a time
-    (query_blocks), so a causal layer computes and keeps about half of its T x T probabilities."""
+        @attend.vjp
+        def attend_vjp(primals, cotangents, outputs):
+            n = (len(outputs) - 1) // 2  # blocks
+            return _block_grads(*primals, cotangents[0], outputs[0], scale, causal, block,
+                                lambda b, i, j, end: (outputs[1 + b], outputs[1 + n + b]))
+
+        return attend
 
     def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
-        outs = [softmax(_block_scores(q, k, scale, causal, i, j, end)) @ v[:, :, :end]
-                for i, j, end in query_blocks(q.shape[2], k.shape[2], causal, block)]
-        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+        return attend_for(float(scale), bool(causal))(q, k, v)[0]
 
     return attention
+
+
+def _block_grads(q: mx.array, k: mx.array, v: mx.array, do: mx.array, o: mx.array, scale: float, causal: bool,
+                 block: int, probs: Callable[[int, int, int, int], tuple[mx.array, mx.array | None]]):
+    """Attention's (dq, dk, dv), one block of queries at a time, from each block's probabilities p = e * r:
+    probs(block index, first query, end query, keys seen) -> (e, r), r a per-query scale (None: 1). Softmax's
+    backward p (dp - sum_j p dp), whose row sum is do . o, is e (r dp - r (do . o)), so r scales do and that sum,
+    and dv = p^T do = e^T (r do)."""
+    dq, dk, dv = [], [], []
+    for b, (i, j, end) in enumerate(query_blocks(q.shape[2], k.shape[2], causal, block)):
+        e, r = probs(b, i, j, end)
+        do_b = do[:, :, i:j]
+        delta = (do_b * o[:, :, i:j]).astype(mx.float32).sum(axis=-1, keepdims=True)
+        if r is not None:
+            do_b, delta = (do_b * r).astype(do.dtype), delta * r
+        dp = (do_b @ v[:, :, :end].swapaxes(-1, -2)).astype(mx.float32)
+        ds = (e * (dp - delta)).astype(q.dtype)
+        dq.append((ds @ k[:, :, :end]) * scale)
+        dk.append((ds.swapaxes(-1, -2) @ q[:, :, i:j]) * scale)
+        dv.append(e.astype(v.dtype).swapaxes(-1, -2) @ do_b)
+    S = k.shape[2]
+    return mx.concatenate(dq, axis=2) if len(dq) > 1 else dq[0], _sum_prefixes(dk, S), _sum_prefixes(dv, S)
 
 
 def recomputing_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool,
@@ -177,19 +220,9 @@ def _recomputing_attention(scale: float, causal: bool, block: int):
 
     @attend.vjp
     def attend_vjp(primals, cotangent, output):
-        q, k, v = primals
-        T, S = q.shape[2], k.shape[2]
-        dq, dk, dv = [], [], []
-        for i, j, end in query_blocks(T, S, causal, block):
-            p = mx.softmax(_block_scores(q, k, scale, causal, i, j, end).astype(mx.float32), axis=-1)
-            do, o = cotangent[:, :, i:j], output[:, :, i:j]
-            dp = (do @ v[:, :, :end].swapaxes(-1, -2)).astype(mx.float32)
-            # softmax's backward: p (dp - sum_j p dp), the row sum being do . o
-            ds = (p * (dp - (do * o).astype(mx.float32).sum(axis=-1, keepdims=True))).astype(q.dtype)
-            dq.append((ds @ k[:, :, :end]) * scale)
-            dk.append((ds.swapaxes(-1, -2) @ q[:, :, i:j]) * scale)
-            dv.append(p.astype(v.dtype).swapaxes(-1, -2) @ do)
-        return mx.concatenate(dq, axis=2) if len(dq) > 1 else dq[0], _sum_prefixes(dk, S), _sum_prefixes(dv, S)
+        q, k = primals[:2]
+        return _block_grads(*primals, cotangent, output, scale, causal, block, lambda b, i, j, end: (
+            mx.softmax(_block_scores(q, k, scale, causal, i, j, end).astype(mx.float32), axis=-1), None))
 
     return attend
 
@@ -205,11 +238,11 @@ def _sum_prefixes(parts: list[mx.array], S: int) -> mx.array:
 _DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
 
 
-def profile_attention(profile: device.Profile, softmax: Unary) -> Attention:
+def profile_attention(profile: device.Profile, plain: Attention) -> Attention:
     """Attention as the profile decides for each dtype and shape (device.Profile.fused_attention):
-    MLX's fused kernel, its fused forward with recomputing_attention's backward, or plain_attention with
-    `softmax`. One query (cached decoding) always takes MLX's kernel, which also avoids a copy of the cache."""
-    plain = plain_attention(softmax)
+    MLX's fused kernel, its fused forward with recomputing_attention's backward, or `plain` (plain_attention
+    with the profile's exp and reductions). One query (cached decoding) always takes MLX's kernel, which also
+    avoids a copy of the cache."""
 
     def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
         T = q.shape[2]
@@ -227,10 +260,12 @@ def for_profile(profile: device.Profile) -> Kernels:
         from . import cpu
 
         # autodiff: recomputing the GELU's software tanh would cost more time than the memory is worth here
-        return Kernels(profile_attention(profile, cpu.softmax), cpu.gelu, plain_activation_matmul(cpu.gelu),
-                       cpu.exp, cpu.square_sum, cpu.softmax,
+        plain = plain_attention(cpu.exp, cpu.row_max, cpu.row_sum)
+        return Kernels(profile_attention(profile, plain), cpu.gelu, plain_activation_matmul(cpu.gelu),
+                       cpu.exp, cpu.row_max, cpu.row_sum, cpu.square_sum,
                        *make_losses(profile.loss_rows, cpu.exp, row_max=cpu.row_max, row_sum=cpu.row_sum),
-                       described=(("attention", "plain ops, cpu.py's multiply-add softmax, 128 queries at a time"),
+                       described=(("attention", "plain ops with cpu.py's exp and reductions, 128 queries at a "
+                                                "time, backward written out"),
                                   ("mlp backward", "autodiff")))
     recomputes = "the backward recomputes the probabilities 128 queries at a time"
     if profile.fused_attention_backward:
@@ -246,8 +281,8 @@ def for_profile(profile: device.Profile) -> Kernels:
         rowwise = cuda.cross_entropy_rows if cuda.available() else None  # forced on a CPU: MLX's ops
         described.append(("loss kernel", "cuda.py, one pass over each chunk's bf16 logits" if rowwise
                           else "MLX ops (no NVIDIA GPU under this forced profile)"))
-    return Kernels(profile_attention(profile, precise_softmax), mlx_gelu, recomputing_activation_matmul(), mx.exp,
-                   plain_square_sum, precise_softmax, *make_losses(profile.loss_rows, mx.exp, rowwise),
+    return Kernels(profile_attention(profile, plain_attention()), mlx_gelu, recomputing_activation_matmul(), mx.exp,
+                   row_max, row_sum, plain_square_sum, *make_losses(profile.loss_rows, mx.exp, rowwise),
                    described=tuple(described))
 
 

@@ -57,16 +57,16 @@ Rowwise = Callable[[mx.array, mx.array, float, int], tuple[mx.array, mx.array]]
 # (logits (n, V), targets (n,), soft-cap, N) -> (per-row loss in float32, (softmax - onehot) / N in the logits' dtype)
 
 
-def _row_max(x: mx.array) -> mx.array:
+def row_max(x: mx.array) -> mx.array:
     return x.max(axis=-1, keepdims=True)
 
 
-def _row_sum(x: mx.array) -> mx.array:
+def row_sum(x: mx.array) -> mx.array:
     return x.sum(axis=-1, keepdims=True)
 
 
-def make_losses(rows: int, exp: Unary = mx.exp, rowwise: Rowwise | None = None, row_max: Unary = _row_max,
-                row_sum: Unary = _row_sum) -> tuple[Loss, Loss]:
+def make_losses(rows: int, exp: Unary = mx.exp, rowwise: Rowwise | None = None, row_max: Unary = row_max,
+                row_sum: Unary = row_sum) -> tuple[Loss, Loss]:
     """(training loss, evaluation loss) for logits h @ w.T: `rows` rows of logits at a time (0: all rows in
     training, EVAL_ROWS in evaluation, whose float32 chunks a device kernel does not replace), `exp` for
     exp(x <= 0), `row_max` / `row_sum` for reductions over the last axis (keepdims). Both take h (..., C),

@@ -80,8 +80,9 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
     areas = [(j - i) * end for i, j, end in query_blocks(seq_len, seq_len, causal=True)]
     scores, block_scores = nh * batch_size * 4 * sum(areas), nh * batch_size * 4 * max(areas)
     fused = profile.fused_attention(dtype, C // nh, seq_len)
-    per_layer += 2 * scores if fused is None else nh * n * 4  # plain ops' autodiff keeps scores and probabilities;
-    # a fused kernel keeps a log-sum-exp (or row statistic) per query
+    per_layer += 2 * scores if fused is None else nh * n * 4  # plain ops keep each block's exp(scores - max) for the
+    # backward, and a layer's float32 scores are alive around it (on the CPU a layer adds 1.2-1.5 score arrays); a
+    # fused kernel keeps a log-sum-exp (or row statistic) per query
     activations = L * per_layer + (4 * block_scores if fused is False else 0)  # a recomputing backward's block
     if checkpointing:  # ideally each block's input and one block at a time; MLX's CUDA backend keeps more
         activations -= int(profile.checkpoint_frees * (activations - L * C * n * b - per_layer))

@@ -41,16 +41,6 @@ def test_exp_is_accurate_to_float32_rounding(maybe_compile):
                                np.exp(np.array(z[:100])), rtol=3e-7)
 
 
-def test_softmax_and_gradient(maybe_compile):
-    x = mx.random.normal((4, 300), key=mx.random.key(0)) * 10
-    x = mx.where(mx.arange(300) > 250, -mx.inf, x)  # masked entries, as in causal attention
-    cot = mx.random.normal((4, 300), key=mx.random.key(1))
-    ref_y, ref_vjp = mx.vjp(lambda x: mx.softmax(x, axis=-1), [x], [cot])
-    y, vjp = mx.vjp(maybe_compile(cpu.softmax), [x], [cot])
-    np.testing.assert_allclose(np.array(y[0]), np.array(ref_y[0]), rtol=1e-5, atol=1e-8)
-    np.testing.assert_allclose(np.array(vjp[0]), np.array(ref_vjp[0]), rtol=1e-4, atol=1e-7)
-
-
 @pytest.mark.parametrize("profile", PROFILES, ids=ids)
 def test_gelu_survives_extreme_inputs(profile):
     """The MLP's GELU gradient is 0 and 1 far out (nn.gelu_approx's is nan at +-1e20)."""
@@ -122,8 +112,8 @@ def test_recomputing_attention_compiled_equals_reference(dtype):
         np.testing.assert_allclose(np.array(g.astype(mx.float32)) / scale, np.array(r) / scale, atol=tol)
 
 
-ATTENTION_KINDS = {"plain, MLX softmax": lambda block: kernels.plain_attention(kernels.precise_softmax, block),
-                   "plain, cpu.py softmax": lambda block: kernels.plain_attention(cpu.softmax, block),
+ATTENTION_KINDS = {"plain, MLX ops": lambda block: kernels.plain_attention(block=block),
+                   "plain, cpu.py ops": lambda block: kernels.plain_attention(cpu.exp, cpu.row_max, cpu.row_sum, block),
                    "recomputing": lambda block: partial(kernels.recomputing_attention, block=block)}
 
 
@@ -167,8 +157,7 @@ def test_profile_attention_takes_the_kernel_the_profile_decides(monkeypatch, pro
     calls = []
     monkeypatch.setattr(kernels, "mlx_attention", lambda *a: calls.append("mlx"))
     monkeypatch.setattr(kernels, "recomputing_attention", lambda *a: calls.append("recomputing"))
-    monkeypatch.setattr(kernels, "plain_attention", lambda softmax: lambda *a: calls.append("plain"))
-    attention = kernels.profile_attention(device.PROFILES[profile], kernels.precise_softmax)
+    attention = kernels.profile_attention(device.PROFILES[profile], lambda *a: calls.append("plain"))
     q = mx.zeros((1, 2, T, head_dim), dtype)
     attention(q, q, q, 0.1, True)
     assert calls == [expected]
@@ -212,7 +201,7 @@ def test_plain_attention_in_blocks_keeps_less(monkeypatch):
     """Plain attention (the x86 CPU, float32 on CUDA) in blocks of 128 queries: a compiled step of 6 layers at
     T = 512 keeps 5/8 of each layer's probabilities instead of all of them."""
     def peak(block: int) -> int:
-        monkeypatch.setattr(kernels, "attention", kernels.plain_attention(kernels.precise_softmax, block))
+        monkeypatch.setattr(kernels, "attention", kernels.plain_attention(block=block))
         return body_step_peak(GPTConfig(n_layer=6, n_head=4, n_embd=128, vocab_size=256, block_size=512), seq=512)
 
     blocked, whole = peak(128), peak(512)

@@ -93,9 +93,15 @@ def test_gelu_exp_square_sum_equal_reference(profile, maybe_compile):
     np.testing.assert_allclose(maybe_compile(k.square_sum)(g).item(), np.square(np.array(g, np.float64)).sum(), rtol=1e-5)
 
 
+ATTENTION_KINDS = {"plain, MLX ops": lambda block: kernels.plain_attention(block=block),
+                   "plain, cpu.py ops": lambda block: kernels.plain_attention(cpu.exp, cpu.row_max, cpu.row_sum, block),
+                   "recomputing": lambda block: partial(kernels.recomputing_attention, block=block)}
+
+
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["fp32", "bf16"])
-def test_recomputing_attention_compiled_equals_reference(dtype):
-    """The backward that recomputes the probabilities, compiled, in both dtypes (float32 softmax inside)."""
+def test_attention_backwards_compiled_equal_reference(kind, dtype):
+    """The written-out backwards, compiled, in both dtypes (float32 softmax inside), over 4 blocks of queries."""
     k1, k2, k3, k4 = mx.random.split(mx.random.key(3), 4)
     q, k, v, cot = (mx.random.normal((2, 4, 64, 16), key=key) for key in (k1, k2, k3, k4))
 
@@ -103,18 +109,13 @@ def test_recomputing_attention_compiled_equals_reference(dtype):
         return (fn(q, k, v, scale=0.25, causal=True).astype(mx.float32) * cot).sum()
 
     ref = mx.grad(lambda *a: loss(reference_attention, *a), argnums=(0, 1, 2))(q, k, v)
-    got = mx.compile(mx.grad(lambda *a: loss(kernels.recomputing_attention, *a), argnums=(0, 1, 2)))(
+    got = mx.compile(mx.grad(lambda *a: loss(ATTENTION_KINDS[kind](16), *a), argnums=(0, 1, 2)))(
         *(a.astype(dtype) for a in (q, k, v)))
     tol = 1e-4 if dtype == mx.float32 else 3e-2
     for g, r in zip(got, ref):
         assert g.dtype == dtype
         scale = np.abs(np.array(r)).max()
         np.testing.assert_allclose(np.array(g.astype(mx.float32)) / scale, np.array(r) / scale, atol=tol)
-
-
-ATTENTION_KINDS = {"plain, MLX ops": lambda block: kernels.plain_attention(block=block),
-                   "plain, cpu.py ops": lambda block: kernels.plain_attention(cpu.exp, cpu.row_max, cpu.row_sum, block),
-                   "recomputing": lambda block: partial(kernels.recomputing_attention, block=block)}
 
 
 @pytest.mark.parametrize("kind", ATTENTION_KINDS)

@@ -120,9 +120,17 @@ class Kernels:
     described: tuple[tuple[str, str], ...] = ()  # (label, what was bound) lines for `nanogpt-mlx info`
 
 
-def mlx_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
-    """MLX's fused attention; its causal mask is aligned to the last query (cached keys come first)."""
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
+def mlx_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool,
+                  force_fused: bool = False) -> mx.array:
+    """MLX's fused attention; its causal mask is aligned to the last query (cached keys come first). With
+    force_fused, its fused kernel wherever it has one for these inputs, and its own choice elsewhere."""
+    mask = "causal" if causal else None
+    if force_fused:
+        try:
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, force_fused=True)
+        except ValueError:  # no fused kernel for this device, dtype or shape (MLX says so as it builds the graph)
+            pass
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
 def query_blocks(T: int, S: int, causal: bool, block: int = ATTENTION_BLOCK) -> list[tuple[int, int, int]]:
@@ -205,10 +213,11 @@ def _block_grads(q: mx.array, k: mx.array, v: mx.array, do: mx.array, o: mx.arra
 
 def recomputing_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool,
                           block: int = ATTENTION_BLOCK) -> mx.array:
-    """MLX's attention forward with a backward that recomputes the probabilities from q and k, one block of
-    queries at a time, for devices where MLX has no fused backward: autodiff of its unfused graph keeps every
-    layer's T x T scores and probabilities until the backward, this holds one block's at a time (flash
-    attention's trade, with its causal block skipping but without its tiling of the keys)."""
+    """MLX's attention forward (its fused kernel wherever it has one) with a backward that recomputes the
+    probabilities from q and k, one block of queries at a time, for devices where MLX has no fused backward:
+    autodiff of its unfused graph keeps every layer's T x T scores and probabilities until the backward, this
+    holds one block's at a time (flash attention's trade, with its causal block skipping but without its tiling
+    of the keys)."""
     return _recomputing_attention(float(scale), bool(causal), block)(q, k, v)
 
 
@@ -216,7 +225,9 @@ def recomputing_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, c
 def _recomputing_attention(scale: float, causal: bool, block: int):
     @mx.custom_function
     def attend(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        return mlx_attention(q, k, v, scale, causal)
+        # while a gradient is traced MLX's Metal backend picks its unfused graph (all T x T scores) for training,
+        # as its fused kernel has no backward there; this backward needs nothing from the forward
+        return mlx_attention(q, k, v, scale, causal, force_fused=True)
 
     @attend.vjp
     def attend_vjp(primals, cotangent, output):

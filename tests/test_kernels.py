@@ -137,6 +137,31 @@ def test_attention_in_blocks_of_queries_equals_reference(kind, T, S, causal, may
         np.testing.assert_allclose(np.array(g), np.array(r), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("has_kernel", [True, False])
+def test_recomputing_attention_forces_the_fused_forward_where_there_is_one(monkeypatch, has_kernel):
+    """Inside a gradient trace MLX's Metal backend would pick its unfused graph; the recomputing attention asks for
+    the fused kernel, and takes MLX's own choice where there is none (MLX raises ValueError as it builds)."""
+    real, calls = mx.fast.scaled_dot_product_attention, []
+
+    def sdpa(*args, force_fused: bool = False, **kwargs):
+        calls.append(force_fused)
+        if force_fused and not has_kernel:
+            raise ValueError("[scaled_dot_product_attention] force_fused=True but no fused kernel is available")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", sdpa)
+    q, k, v, cot = (mx.random.normal((1, 2, 6, 8), key=mx.random.key(i)) for i in range(4))
+    run = lambda fn: mx.vjp(lambda q, k, v: fn(q, k, v, scale=0.35, causal=True), [q, k, v], [cot])  # noqa: E731
+    (got,), grads = run(kernels.recomputing_attention)
+    assert calls == ([True] if has_kernel else [True, False])
+    (ref,), ref_grads = run(reference_attention)
+    for g, r in zip([got, *grads], [ref, *ref_grads]):
+        np.testing.assert_allclose(np.array(g), np.array(r), rtol=1e-4, atol=1e-6)
+    calls.clear()
+    kernels.mlx_attention(q, k, v, 0.35, True)  # evaluation and decoding: MLX's choice
+    assert calls == [False]
+
+
 def test_query_blocks_cover_the_queries_and_skip_masked_keys():
     blocks = kernels.query_blocks(1000, 1000, causal=True, block=128)
     assert [b[0] for b in blocks] == list(range(0, 1000, 128)) and blocks[-1] == (896, 1000, 1000)

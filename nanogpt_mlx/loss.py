@@ -20,8 +20,9 @@ chunk's logits first. (Without a memory cap, MLX still allocates the next chunks
 host queues them, see memory.py.) A custom VJP
 returns the precomputed gradients scaled by the incoming cotangent, so the step computes no
 logits twice. A logit soft-cap (c tanh(logits / c), the speedrun's) is applied per chunk, its
-derivative folded into the gradient; as it bounds the logits by c, it also saves the row max. The chunk size and the exp come from the device profile (kernels.py): small chunks stay in a
-CPU's cache, large ones keep a GPU busy.
+derivative folded into the gradient; as it bounds the logits by c, it also saves the row max. The
+chunk size and the exp come from the device profile (kernels.py): small chunks stay in a CPU's
+cache, large ones keep a GPU busy.
 
 On an NVIDIA GPU a device kernel (cuda.py) replaces the float32 chunk arithmetic: it reads a
 chunk's bf16 logits and writes their loss and gradient in one pass, so no float32 N x V array

@@ -40,12 +40,6 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def all_mean(self, x: mx.array) -> mx.array:
-        """Mean of `x` over ranks (identity on one process)."""
-        if self.world == 1:
-            return x
-        return mx.distributed.all_sum(x, group=self.group) / self.world
-
     def sum(self, value: float) -> float:
         """Sum of a Python number over ranks, waited for under the watchdog."""
         if self.world == 1:

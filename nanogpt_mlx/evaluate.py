@@ -117,7 +117,7 @@ class ExampleScore:
 
 @dataclass
 class HellaSwagResult:
-    """Counts that ranks can sum (`merge`), plus the per-example scores."""
+    """Counts that ranks can sum, plus the per-example scores."""
 
     num_total: int = 0
     num_correct: int = 0
@@ -138,10 +138,6 @@ class HellaSwagResult:
         self.num_correct_norm += rec.predicted_norm == rec.label
         self.records.append(rec)
 
-    def merge(self, other: "HellaSwagResult") -> "HellaSwagResult":
-        return HellaSwagResult(self.num_total + other.num_total, self.num_correct + other.num_correct,
-                               self.num_correct_norm + other.num_correct_norm,
-                               sorted(self.records + other.records, key=lambda r: r.index))
 
 
 def _repeat_cache(cache: list[KVCache], repeats: int) -> None:
@@ -195,7 +191,7 @@ def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int
                     world: int = 1, progress: bool = True) -> HellaSwagResult:
     """Score this rank's share of `examples` (every world-th, from rank), up to `batch_examples` per forward.
 
-    The records come back in file order. Sum the counts of all ranks (`merge`) for the full result.
+    The records come back in file order. Sum the counts of all ranks for the full result.
     """
     batch_examples = batch_examples or device.PROFILE.eval_batch  # rows per forward only pay off on a GPU
     if batch_examples < 1:

@@ -128,8 +128,8 @@ def mlx_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: b
     if force_fused:
         try:
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, force_fused=True)
-        except ValueError:  # no fused kernel for this device, dtype or shape (MLX says so as it builds the graph)
-            pass
+        except (ValueError, TypeError):  # no fused kernel for this device, dtype or shape (MLX says so as it
+            pass  # builds the graph), or an MLX from before force_fused
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 

@@ -137,14 +137,17 @@ def test_attention_in_blocks_of_queries_equals_reference(kind, T, S, causal, may
         np.testing.assert_allclose(np.array(g), np.array(r), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("has_kernel", [True, False])
+@pytest.mark.parametrize("has_kernel", [True, False, "old mlx"])
 def test_recomputing_attention_forces_the_fused_forward_where_there_is_one(monkeypatch, has_kernel):
     """Inside a gradient trace MLX's Metal backend would pick its unfused graph; the recomputing attention asks for
-    the fused kernel, and takes MLX's own choice where there is none (MLX raises ValueError as it builds)."""
+    the fused kernel, and takes MLX's own choice where there is none (MLX raises ValueError as it builds) or where
+    MLX predates force_fused (TypeError)."""
     real, calls = mx.fast.scaled_dot_product_attention, []
 
     def sdpa(*args, force_fused: bool = False, **kwargs):
         calls.append(force_fused)
+        if force_fused and has_kernel == "old mlx":
+            raise TypeError("scaled_dot_product_attention(): incompatible function arguments")
         if force_fused and not has_kernel:
             raise ValueError("[scaled_dot_product_attention] force_fused=True but no fused kernel is available")
         return real(*args, **kwargs)
@@ -153,7 +156,7 @@ def test_recomputing_attention_forces_the_fused_forward_where_there_is_one(monke
     q, k, v, cot = (mx.random.normal((1, 2, 6, 8), key=mx.random.key(i)) for i in range(4))
     run = lambda fn: mx.vjp(lambda q, k, v: fn(q, k, v, scale=0.35, causal=True), [q, k, v], [cot])  # noqa: E731
     (got,), grads = run(kernels.recomputing_attention)
-    assert calls == ([True] if has_kernel else [True, False])
+    assert calls == ([True] if has_kernel is True else [True, False])
     (ref,), ref_grads = run(reference_attention)
     for g, r in zip([got, *grads], [ref, *ref_grads]):
         np.testing.assert_allclose(np.array(g), np.array(r), rtol=1e-4, atol=1e-6)

@@ -139,7 +139,6 @@ class HellaSwagResult:
         self.records.append(rec)
 
 
-
 def _repeat_cache(cache: list[KVCache], repeats: int) -> None:
     """Turn each cached sequence into `repeats` consecutive copies of it."""
     for layer in cache:

@@ -268,18 +268,28 @@ def add_train(sub) -> None:
     group = p.add_argument_group("config fields (defaults per preset)")
     min_lr = group.add_mutually_exclusive_group()  # build-nanogpt's absolute min_lr, or a ratio of max_lr
     for f in fields(TrainConfig):
-        defaults = ", ".join(f"{name}: {getattr(cfg, f.name)!r}" for name, cfg in PRESETS.items())
+        text = f"{f.metadata['help']} ({preset_defaults(f.name, PRESETS)})".replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
-        if f.name == "min_lr":
-            defaults = "absolute LR the cosine ends at, as build-nanogpt's min_lr (default: max_lr * min_lr_ratio)"
         where = min_lr if f.name in ("min_lr", "min_lr_ratio") else group
         if f.type == "bool":
-            where.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=defaults)
+            where.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
             kind = f.type.removesuffix(" | None")  # None: unset (min_lr)
             where.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], metavar=kind.upper(),
-                               default=argparse.SUPPRESS, help=defaults)
+                               default=argparse.SUPPRESS, help=text)
     p.set_defaults(func=cmd_train)
+
+
+def preset_defaults(name: str, presets: dict) -> str:
+    """A field's default in each preset, presets with the same value together: `default: 16` where all agree,
+    else e.g. `gpt2-124m, speedrun-124m: 12; shakespeare, shakespeare-speedrun: 4`."""
+    by_value: dict[str, list[str]] = {}
+    for preset, cfg in presets.items():
+        value = getattr(cfg, name)
+        by_value.setdefault("unset" if value is None else repr(value), []).append(preset)
+    if len(by_value) == 1:
+        return f"default: {next(iter(by_value))}"
+    return "; ".join(f"{', '.join(names)}: {value}" for value, names in by_value.items())
 
 
 def cmd_train(args) -> None:

@@ -28,7 +28,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -50,65 +50,74 @@ from .weights import load_model
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 
 
+def _field(default, help: str):
+    """A TrainConfig field with its help text (`nanogpt-mlx train --help` shows it)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a run; the defaults are build-nanogpt's GPT-2 124M run. For another
     recipe start from a preset, e.g. TrainConfig.preset("gpt2-124m", recipe="speedrun"): switching
     recipe there also takes the recipe's optimizer defaults (max_lr, betas, ...)."""
 
-    recipe: str = "build-nanogpt"  # model + optimizer + schedule (recipes.py): build-nanogpt or speedrun
-    data: str = "data/edu_fineweb10B"  # directory of token shards (`nanogpt-mlx prepare`)
-    out: str = "out/gpt2-124m"  # checkpoints and logs
-    init_from: str = ""  # "": random init; else a hub id (gpt2) or a directory to fine-tune from
+    recipe: str = _field("build-nanogpt", "model + optimizer + schedule (recipes.py): build-nanogpt or speedrun")
+    data: str = _field("data/edu_fineweb10B", "directory of token shards (`nanogpt-mlx prepare`)")
+    out: str = _field("out/gpt2-124m", "directory of the checkpoints, log.txt and samples")
+    init_from: str = _field("", "'': random init; else a hub id (gpt2), Hugging Face directory or checkpoint "
+                                "directory to fine-tune from")
     # model (random init only; with init_from the source's shape is kept)
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    vocab_size: int = 0  # 0: 50304 (GPT-2's 50257 padded to a multiple of 128), or the source's vocab
+    n_layer: int = _field(12, "transformer blocks")
+    n_head: int = _field(12, "attention heads per block")
+    n_embd: int = _field(768, "width of the residual stream")
+    block_size: int = _field(1024, "context length of the model (the position table's size)")
+    vocab_size: int = _field(0, "0: 50304 (GPT-2's 50257 padded to a multiple of 128), or the source's vocab")
     # batch
-    batch_size: int = 16  # micro-batch B per rank
-    seq_len: int = 1024  # T
-    total_batch_size: int = 524288  # tokens per optimizer step (2**19), reached by gradient accumulation
-    shuffle: bool = False  # permute the batch order within each shard (seeded)
+    batch_size: int = _field(16, "micro-batch B per rank")
+    seq_len: int = _field(1024, "tokens per row, T (at most block_size)")
+    total_batch_size: int = _field(524288, "tokens per optimizer step (2**19), reached by gradient accumulation")
+    shuffle: bool = _field(False, "permute the batch order within each shard (seeded)")
     # optimizer and schedule
-    max_lr: float = 6e-4  # peak LR: AdamW's (build-nanogpt), Muon's for the blocks' matrices (speedrun)
-    min_lr_ratio: float = 0.1  # the cosine ends at max_lr * min_lr_ratio ...
-    min_lr: float | None = None  # ... or at this absolute LR (build-nanogpt's min_lr, 6e-5), if given
-    warmup_steps: int = 715
-    max_steps: int = 19073
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    max_lr: float = _field(6e-4, "peak LR: AdamW's (build-nanogpt), Muon's for the blocks' matrices (speedrun)")
+    min_lr_ratio: float = _field(0.1, "the cosine ends at max_lr * min_lr_ratio ...")
+    min_lr: float | None = _field(None, "... or at this absolute LR (build-nanogpt's min_lr, 6e-5), if given")
+    warmup_steps: int = _field(715, "steps of linear LR warmup from 0")
+    max_steps: int = _field(19073, "optimizer steps of the run (the schedule's length)")
+    weight_decay: float = _field(0.1, "decoupled weight decay of the matrices (AdamW's, or Muon's)")
+    beta1: float = _field(0.9, "Adam's first-moment decay")
+    beta2: float = _field(0.95, "Adam's second-moment decay")
+    eps: float = _field(1e-8, "Adam's epsilon")
+    grad_clip: float = _field(1.0, "clip the gradients' global norm to this; 0 disables (the norm is still logged)")
     # the speedrun recipe only: its AdamW groups' LRs and warmup-stable-decay schedule
-    embed_lr: float = 0.3  # token embeddings
-    head_lr: float = 1 / 320  # the untied lm_head
-    scalar_lr: float = 0.01  # norm gains (and any other non-matrix parameter)
-    cooldown_frac: float = 0.7  # the LRs fall linearly to 0 over this last fraction of max_steps
-    momentum_warmup: int = 300  # Muon's momentum rises linearly from 0.85 to 0.95 over these steps
-    seed: int = 1337
-    dtype: str = ""  # compute dtype; "": the device's (bfloat16 on GPUs, float32 on CPUs). bfloat16 keeps
-    # float32 master weights and optimizer state
-    compile: bool = True
-    activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
-    max_memory: float = 0.0  # GB the run may use: refuse to start if the estimated peak exceeds it, and cap MLX's
-    # allocations there (mx.set_memory_limit: MLX waits for queued work to free memory first). 0: the device's memory
-    cap_memory: bool = False  # run the first step op by op to measure what a step needs, then cap MLX's memory 25%
-    # above that while training (memory.py): a lower peak where MLX holds buffers of work queued ahead, for a slower
-    # first step
+    embed_lr: float = _field(0.3, "speedrun: LR of the token (and value) embeddings")
+    head_lr: float = _field(1 / 320, "speedrun: LR of the untied lm_head")
+    scalar_lr: float = _field(0.01, "speedrun: LR of norm gains and other non-matrix parameters")
+    cooldown_frac: float = _field(0.7, "speedrun: the LRs fall linearly to 0 over this last fraction of max_steps")
+    momentum_warmup: int = _field(300, "speedrun: Muon's momentum rises from 0.85 to 0.95 over these steps")
+    seed: int = _field(1337, "seed of the init, the shuffle and the samples")
+    dtype: str = _field("", "compute dtype, float32 or bfloat16 (float32 master weights and optimizer state); "
+                            "'': the device's (bfloat16 on GPUs, float32 on CPUs)")
+    compile: bool = _field(True, "compile the training step and the validation loss (mx.compile)")
+    activation_checkpointing: bool = _field(False, "recompute each block in the backward pass: less memory, "
+                                                   "~1/3 more compute")
+    max_memory: float = _field(0.0, "GB the run may use: refuse to start if the estimated peak exceeds it, and cap "
+                                    "MLX's allocations there (MLX waits for queued work to free memory first); 0: "
+                                    "the device's memory")
+    cap_memory: bool = _field(False, "run the first step op by op to measure what a step needs, then cap MLX's "
+                                     "memory 25% above that: a lower peak where MLX holds buffers of work queued "
+                                     "ahead, for a slower first step")
     # evaluation, samples, checkpoints (0 disables; each also runs at the last step)
-    val_every: int = 250
-    val_steps: int = 20
-    sample_every: int = 250
-    num_samples: int = 4
-    sample_tokens: int = 32
-    prompt: str = "Hello, I'm a language model,"
-    hellaswag_every: int = 250  # HellaSwag acc_norm, logged as `{step} hella {acc:.4f}`
-    hellaswag_data: str = ""  # local hellaswag_val.jsonl; "": download once into the cache
-    hellaswag_limit: int = 0  # score only the first N examples (0: all 10,042)
-    checkpoint_every: int = 5000
+    val_every: int = _field(250, "steps between validation losses (0: never)")
+    val_steps: int = _field(20, "micro-batches per validation loss")
+    sample_every: int = _field(250, "steps between printed samples (0: never)")
+    num_samples: int = _field(4, "samples each time")
+    sample_tokens: int = _field(32, "new tokens per sample")
+    prompt: str = _field("Hello, I'm a language model,", "prompt of the samples")
+    hellaswag_every: int = _field(250, "steps between HellaSwag acc_norm scores, logged as `{step} hella {acc}` "
+                                       "(0: never)")
+    hellaswag_data: str = _field("", "local hellaswag_val.jsonl; '': download once into the cache")
+    hellaswag_limit: int = _field(0, "score only the first N examples (0: all 10,042)")
+    checkpoint_every: int = _field(5000, "steps between checkpoints (0: only at the end and on Ctrl-C)")
 
     def __post_init__(self):
         for f in fields(self):

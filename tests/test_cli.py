@@ -46,6 +46,26 @@ def test_python_dash_m_and_mlx_launch_run_the_cli():
     assert sum(line.startswith("platform ") for line in proc.stdout.splitlines()) == 2, proc.stdout + proc.stderr
 
 
+def test_train_help_explains_every_field():
+    """`train --help` gives each TrainConfig flag its meaning and each preset's default, grouped by value."""
+    from dataclasses import fields
+
+    from nanogpt_mlx.cli import build_parser, preset_defaults
+    from nanogpt_mlx.train import PRESETS, TrainConfig
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    helps = {option: action.help for action in train._actions for option in action.option_strings}
+    for f in fields(TrainConfig):
+        assert len(f.metadata["help"]) > 10, f.name  # a sentence, not a placeholder
+        expected = f"{f.metadata['help']} ({preset_defaults(f.name, PRESETS)})".replace("%", "%%")
+        assert helps["--" + f.name.replace("_", "-")] == expected
+    text = " ".join(train.format_help().split())
+    assert preset_defaults("batch_size", PRESETS) == "default: 16"
+    assert preset_defaults("min_lr", PRESETS) == "default: unset"
+    assert preset_defaults("n_layer", PRESETS) == "gpt2-124m, speedrun-124m: 12; shakespeare, shakespeare-speedrun: 4"
+    assert "25% above" in text  # a literal percent sign survives argparse's formatting
+
+
 def test_readme_api_table_names_exist():
     """Every name in the README's Python API column is importable, and the table has the API's entry points."""
     import importlib

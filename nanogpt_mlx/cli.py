@@ -71,14 +71,17 @@ def add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate text from a prompt")
     p.add_argument("--model", default="gpt2",
                    help="hub id (gpt2, gpt2-medium, ...), local Hugging Face directory or checkpoint dir (default: gpt2)")
-    p.add_argument("--prompt", default="Hello, I'm a language model,")
-    p.add_argument("--num-samples", type=positive_int, default=5)
-    p.add_argument("--max-new-tokens", type=positive_int, default=30)
-    p.add_argument("--temperature", type=positive_float, default=1.0)
-    p.add_argument("--top-k", type=positive_int, default=50)
+    p.add_argument("--prompt", default="Hello, I'm a language model,",
+                   help="text to continue; '' starts from <|endoftext|> (default: \"Hello, I'm a language model,\")")
+    p.add_argument("--num-samples", type=positive_int, default=5,
+                   help="samples, generated as one batch; 1 streams its text as it comes (default: 5)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=30, help="tokens to generate (default: 30)")
+    p.add_argument("--temperature", type=positive_float, default=1.0,
+                   help="divides the logits: below 1 sharper, above 1 flatter (default: 1.0)")
+    p.add_argument("--top-k", type=positive_int, default=50, help="draw among the k most likely tokens (default: 50)")
     p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="fixes the samples (default: a new draw each run)")
     p.add_argument("--no-stop", action="store_true", help="keep generating past <|endoftext|>")
     p.add_argument("--crop", action="store_true", help="drop the start of a prompt that does not fit the context")
     p.set_defaults(func=cmd_sample)
@@ -144,9 +147,9 @@ def add_eval(sub) -> None:
     l = tasks.add_parser("loss", help="mean loss and perplexity over a split's token shards")
     l.add_argument("--model", default="gpt2", help=model_help)
     l.add_argument("--data", required=True, metavar="DIR", help="directory of {name}_{split}_{index}.npy token shards")
-    l.add_argument("--split", default="val")
+    l.add_argument("--split", default="val", help="shards of this split, e.g. val or train (default: val)")
     l.add_argument("--batches", type=positive_int, default=20, help="number of batches, capped at one pass (default: 20)")
-    l.add_argument("--batch-size", type=positive_int, default=8)
+    l.add_argument("--batch-size", type=positive_int, default=8, help="rows per batch (default: 8)")
     l.add_argument("--seq-len", type=positive_int, help="tokens per row (default: the model's context)")
     p.set_defaults(func=cmd_eval)
 

@@ -197,6 +197,8 @@ def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int
         raise UserError(f"batch_examples must be >= 1, got {batch_examples}")
     mine = [ex for ex in examples if ex.index % world == rank] if world > 1 else list(examples)
     rendered = {ex.index: render_example(ex) for ex in mine}
+    for index, (ctx, endings) in rendered.items():
+        model.check_token_ids(ctx + [t for e in endings for t in e], f"HellaSwag example {index}")
     # Examples with contexts of equal length can share a forward (their caches line up); sorting
     # each such group by ending length keeps the padding small.
     groups: dict[int, list[Example]] = {}

@@ -278,6 +278,13 @@ class GPT(nn.Module):
         cap = self.config.logit_softcap
         return cap * mx.tanh(logits / cap) if cap else logits
 
+    def check_token_ids(self, ids: list[int], what: str) -> None:
+        """Refuse token ids the embedding has no row for: MLX's gather reads out of bounds without checking."""
+        top = max(ids, default=0)
+        if top >= self.config.vocab_size:
+            raise UserError(f"{what} has token id {top}, outside the model's vocab_size of {self.config.vocab_size} "
+                            f"(GPT-2's tokenizer needs {GPT2_VOCAB_SIZE})")
+
     @property
     def head_weight(self) -> mx.array:
         """The lm_head's weight (vocab_size, n_embd): wte's when tied."""

@@ -60,11 +60,13 @@ def next_token(logits: mx.array, cfg: SampleConfig | None = None, key: mx.array 
 
 
 def prepare_prompt(model: GPT, ids: list[int], cfg: SampleConfig | None = None) -> list[int]:
-    """Check that prompt + new tokens fit the context; crop the prompt's start if asked to."""
+    """Check that the prompt's tokens are in the model's vocab and that prompt + new tokens fit the context;
+    crop the prompt's start if asked to."""
     cfg = cfg or SampleConfig()
     room = model.config.block_size - cfg.max_new_tokens
     if not ids:
         ids = [EOT]  # unconditional generation starts from <|endoftext|>, as GPT-2 does
+    model.check_token_ids(ids, "the prompt")
     if len(ids) <= room:
         return ids
     if cfg.crop and room > 0:

@@ -42,9 +42,10 @@ from .data import DataLoader
 from .errors import UserError
 from .evaluate import download_hellaswag, load_hellaswag, score_hellaswag
 from .files import check_writable
-from .model import GPT, GPTConfig
+from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 from .optim import Packing, clip_grad_norm
-from .sample import SampleConfig, sample_texts
+from .sample import SampleConfig, prepare_prompt, sample_texts
+from .tokenizer import encode
 from .weights import load_model
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
@@ -249,9 +250,6 @@ class Trainer:
         if self.dist.is_main:
             check_writable(self.out)  # now, not at the first checkpoint
             checkpoint.remove_stale_temps(self.out)
-            if ckpt is None:  # --overwrite
-                for old in checkpoint.checkpoints(self.out):
-                    shutil.rmtree(old)
         if self.dtype != mx.float32 and device.PROFILE.cpu_backend:
             print(f"warning: {self.dtype_name} is slow on MLX's CPU backend (float32 is faster there)", file=sys.stderr)
 
@@ -281,6 +279,9 @@ class Trainer:
         if ckpt is not None:
             self._load_state(ckpt)
         self._build_steps()
+        if ckpt is None and self.dist.is_main:  # --overwrite, once everything above has accepted the config
+            for old in checkpoint.checkpoints(self.out):
+                shutil.rmtree(old)
         self.log = checkpoint.RunLog(self.out, self.step, self.dist.is_main)
         self._stop = False
         self._in_flight: tuple = ()  # what the device is evaluating (Trainer._queue) ...
@@ -302,7 +303,16 @@ class Trainer:
         return GPT(config, seed=cfg.seed)
 
     def _check_shapes(self) -> None:
+        """Refuse sizes that do not fit before anything runs, the evaluations' included."""
         cfg, world = self.cfg, self.dist.world
+        if cfg.sample_every and cfg.num_samples:
+            try:
+                prepare_prompt(self.model, encode(cfg.prompt), SampleConfig(max_new_tokens=cfg.sample_tokens))
+            except UserError as e:
+                raise UserError(f"samples: {e} (sample_every 0 turns them off)") from None
+        if cfg.hellaswag_every and self.model.config.vocab_size < GPT2_VOCAB_SIZE:
+            raise UserError(f"HellaSwag needs GPT-2's {GPT2_VOCAB_SIZE} tokens; this model has vocab_size "
+                            f"{self.model.config.vocab_size} (set hellaswag_every to 0)")
         if cfg.seq_len > self.model.config.block_size:
             raise UserError(f"seq_len {cfg.seq_len} exceeds the model's context (block_size) of "
                             f"{self.model.config.block_size}")

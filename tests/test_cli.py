@@ -66,6 +66,22 @@ def test_train_help_explains_every_field():
     assert "25% above" in text  # a literal percent sign survives argparse's formatting
 
 
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    from nanogpt_mlx.cli import build_parser
+
+    def missing(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from missing(sub, f"{path} {name}")
+            elif not action.help:
+                yield f"{path} {'/'.join(action.option_strings) or action.dest}"
+
+    assert list(missing(build_parser(), "nanogpt-mlx")) == []
+
+
 def test_readme_api_table_names_exist():
     """Every name in the README's Python API column is importable, and the table has the API's entry points."""
     import importlib

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli
 
+from nanogpt_mlx import GPT, GPTConfig
 from nanogpt_mlx.errors import UserError
 from nanogpt_mlx.evaluate import (download_hellaswag, eval_loss, load_hellaswag, score_hellaswag,
                                   write_records)
@@ -83,6 +84,12 @@ def reference_scores(hf_model, examples: list[dict], device: str = "cpu") -> lis
         out.append({"losses": summed.tolist(), "mean_losses": mean.tolist(),
                     "predicted": summed.argmin().item(), "predicted_norm": mean.argmin().item()})
     return out
+
+
+def test_examples_outside_the_vocab_are_refused(fixture_file):
+    small = GPT(GPTConfig(block_size=128, vocab_size=1000, n_layer=1, n_head=2, n_embd=32), seed=0)
+    with pytest.raises(UserError, match="HellaSwag example 0 has token id .* outside the model's vocab_size of 1000"):
+        score_hellaswag(small, load_hellaswag(fixture_file), progress=False)
 
 
 def test_parity_with_pytorch_reference(tiny_hf_dir, fixture_file, model):

@@ -126,6 +126,17 @@ def test_prompt_longer_than_context(model):
         SampleConfig(top_k=0)
 
 
+def test_prompt_outside_the_vocab_is_refused():
+    """A model with a smaller vocab than GPT-2's tokenizer: MLX's gather would read past its embedding."""
+    small = GPT(GPTConfig(block_size=32, vocab_size=1000, n_layer=1, n_head=2, n_embd=32), seed=0)
+    cfg = SampleConfig(max_new_tokens=2, greedy=True, stop_at_eot=False)
+    with pytest.raises(UserError, match="the prompt has token id 15496, outside the model's vocab_size of 1000"):
+        tokens(small, cfg)
+    with pytest.raises(UserError, match="token id 50256"):  # an empty prompt starts from <|endoftext|>
+        tokens(small, cfg, prompt=[])
+    assert len(tokens(small, cfg, prompt=[464, 999])[0]) == 2
+
+
 def test_empty_prompt_starts_from_end_of_text(model):
     cfg = SampleConfig(max_new_tokens=5, greedy=True, stop_at_eot=False)
     assert tokens(model, cfg, prompt=[]) == tokens(model, cfg, prompt=[EOT])

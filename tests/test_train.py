@@ -366,7 +366,7 @@ def test_init_from_pads_vocab_with_the_mean_row(small_hf_dir, data_dir, tmp_path
 def cli_config(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--data", str(data), "--out", str(out), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
             "--block-size", "32", "--vocab-size", str(VOCAB), "--batch-size", "4", "--seq-len", "32",
-            "--total-batch-size", "256", "--warmup-steps", "2", *extra]
+            "--total-batch-size", "256", "--warmup-steps", "2", "--prompt", "The", "--sample-tokens", "8", *extra]  # "The": token 464 < VOCAB
 
 
 def test_cli_trains_samples_and_resumes(data_dir, tmp_path):
@@ -380,7 +380,8 @@ def test_cli_trains_samples_and_resumes(data_dir, tmp_path):
     assert [l.split()[0] for l in log if " train " in l] == [str(s) for s in range(6)]
     assert all(len(l.split()[2].split(".")[1]) == (6 if " train " in l else 4) for l in log)
     assert [p.name for p in checkpoints(out)] == ["ckpt-000004", "ckpt-000006"]
-    run_cli("sample", "--model", str(out), "--max-new-tokens", "4", "--num-samples", "1", "--seed", "0", check=True)
+    run_cli("sample", "--model", str(out), "--prompt", "The", "--max-new-tokens", "4", "--num-samples", "1", "--seed",
+            "0", check=True)
 
     again = run_cli(*cli_config(data_dir, out, "--max-steps", "6"))
     assert_one_line_error(again, "already holds a checkpoint", "--resume")
@@ -418,6 +419,9 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
     ("too-long", ["seq_len 64", "context"]),
     ("bad-dtype", ["dtype"]),
     ("resume-nothing", ["no checkpoint"]),
+    # MLX's gather would read past the embedding for the GPT-2 token ids of a prompt or of HellaSwag
+    ("prompt-outside-vocab", ["samples: the prompt has token id 15496", "vocab_size of 1000", "sample_every 0"]),
+    ("hellaswag-outside-vocab", ["HellaSwag needs GPT-2's 50257 tokens", "vocab_size 1000"]),
 ])
 def test_bad_input_is_one_clear_line(case, needles, data_dir, tmp_path):
     out = tmp_path / "run"
@@ -436,7 +440,12 @@ def test_bad_input_is_one_clear_line(case, needles, data_dir, tmp_path):
         args += ["--dtype", "float16"]
     elif case == "resume-nothing":
         args = ["train", "--resume", str(tmp_path / "empty")]
+    elif case == "prompt-outside-vocab":
+        args += ["--sample-every", "1", "--prompt", "Hello"]
+    elif case == "hellaswag-outside-vocab":
+        args += ["--hellaswag-every", "1"]
     assert_one_line_error(run_cli(*args), *needles)
+    assert not (out / "log.txt").exists()  # refused before the first step
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):

@@ -96,6 +96,15 @@ def test_train_on_a_read_only_disk(mode, data_dir, run, tmp_path, read_only, cap
     assert not (tmp_path / "new").exists()
 
 
+def test_overwrite_keeps_the_checkpoints_until_the_config_is_accepted(data_dir, run, capsys):
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for refused, needle in [("--seq-len", "seq_len 64"), ("--prompt", "outside the model's vocab_size")]:
+        value = {"--seq-len": "64", "--prompt": "Hello"}[refused]
+        args = cli_config(data_dir, run, "--max-steps", "1", refused, value, "--sample-every", "1") + ["--overwrite"]
+        assert_one_line_error(run_main(capsys, *args), needle)
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 # -------------------------------------------------------------------- full disk (item 8)
 def test_full_disk_at_a_checkpoint(run, monkeypatch, capsys):
     """MLX reports a full disk as RuntimeError "[write] Unable to write"; each try leaves nothing behind."""

@@ -105,7 +105,9 @@ def run_mlx(cfg_name: str, steps: int, warmup: int, ranks: int = 1, dtype: str =
             **({"need_gb": need[0]} if need else {})}
 
 
-def run_torch(cfg_name: str, steps: int, warmup: int, compile: bool, gpu: bool = False, amp: bool = False) -> dict:
+def torch_step(cfg_name: str, compile: bool, gpu: bool = False, amp: bool = False):
+    """build-nanogpt's model, AdamW and loop body for config `cfg_name`: a function that runs one optimizer step
+    on random tokens and waits for it."""
     import contextlib
 
     import torch
@@ -159,10 +161,9 @@ def run_torch(cfg_name: str, steps: int, warmup: int, compile: bool, gpu: bool =
                                   lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=gpu)
     forward = torch.compile(model) if compile else model
     autocast = (lambda: torch.autocast(device_type=dev, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
-    dts = []
-    for step in range(warmup + steps):
+
+    def step() -> None:
         x, y = torch.randint(0, 50257, (B, T), device=dev), torch.randint(0, 50257, (B, T), device=dev)
-        t0 = time.perf_counter()
         optimizer.zero_grad()
         with autocast():
             loss = forward(x, y)
@@ -172,6 +173,17 @@ def run_torch(cfg_name: str, steps: int, warmup: int, compile: bool, gpu: bool =
             group["lr"] = 6e-4
         optimizer.step()
         loss.item()
+
+    return step
+
+
+def run_torch(cfg_name: str, steps: int, warmup: int, compile: bool, gpu: bool = False, amp: bool = False) -> dict:
+    import torch
+
+    step, dts = torch_step(cfg_name, compile, gpu, amp), []
+    for _ in range(warmup + steps):
+        t0 = time.perf_counter()
+        step()
         dts.append(time.perf_counter() - t0)
     return {"dt": dts[warmup:], "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if gpu else math.nan}
 

@@ -26,6 +26,8 @@ B16=(--device gpu --configs 124m-b16 --rounds 1 --steps 10 --warmup 3)
 # most important first: if the call runs out of time, what ran is under $OUT
 run 30 info python3 -m nanogpt_mlx info
 run 150 train python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx torch.compile
+# every kernel of a step, MLX's and PyTorch's, from CUPTI: where the gap to torch.compile is, and whether the GPU idles
+run 150 kernels python3 benchmarks/gpu_kernels.py --config 124m-b16 --out "$OUT"
 # how much of the peak is queued work: MLX allocates an op's outputs when the host queues it, and its CUDA backend
 # keeps the op's inputs until the CUDA graph holding it has run (graphs of up to 100 ops or 1000 MB of inputs on
 # an H100/H200, up to 10 queued before the host waits). --cap-memory runs the first step op by op (its peak is the

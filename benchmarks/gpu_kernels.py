@@ -1,0 +1,167 @@
+"""Where a GPU training step's time goes, kernel by kernel: nanogpt-mlx against build-nanogpt's torch.compile.
+
+CUPTI, through torch.profiler, records every CUDA kernel the process launches, MLX's (cuBLAS, cuDNN, its own
+and its compiled element-wise kernels, cuda.py's) as well as PyTorch's. Each engine runs in its own process:
+a few warm-up steps, then `--steps` timed steps under the profiler. nanogpt-mlx runs its Trainer's compiled
+optimizer step (forward, backward, clip, AdamW) one step at a time; PyTorch runs bench_train.py's
+build-nanogpt step (bf16 autocast, fused AdamW, flash SDPA). Per step it prints the wall time, the kernels'
+summed time (below the wall time: the GPU waited), the number of kernels, the time by kind of kernel side by
+side, and each engine's largest kernels. The aggregate goes to OUT/gpu_kernels.json, and each engine's
+trace to OUT/trace_ENGINE.json.gz (chrome://tracing, Perfetto).
+
+    python benchmarks/gpu_kernels.py [--config 124m-b16] [--steps 5] [--top 25]
+
+--quick runs a tiny model on the CPU as a smoke test of the script: there, PyTorch's operators stand in for
+kernels and MLX's CPU work is not recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from workers import spawn
+
+KINDS = [  # the first pattern a kernel's name matches (lower case) gives its kind
+    ("element-wise", r"^mlx::core::cu::\w+_(contiguous|strided)<"),  # mx.compile's fused kernels
+    ("attention", r"sdpa|flash|fmha|attn|attention"),
+    ("GEMM", r"gemm|cutlass|nvjet|xmma|cublas|s16816|s1688|matmul|aten::mm|aten::addmm|aten::bmm"),
+    ("head + loss", r"cross_entropy|nanogpt|log_softmax|nll_loss|logsumexp"),
+    ("norm", r"layer_norm|layernorm|rms_norm|rmsnorm|native_layer"),
+    ("optimizer", r"adam|multi_tensor|foreach|clip"),
+    ("reduction", r"reduce|_red_|triton_per|sum|norm"),
+    ("copy, gather, scatter", r"copy|gather|scatter|memcpy|memset|cat|index|slice|transpose|contiguous"),
+    ("element-wise", r"triton_poi|compiled|binary|unary|ternary|elementwise|vectorized|fill|add|mul|where|gelu"),
+]
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, pattern in KINDS if re.search(pattern, lowered)), "other")
+
+
+def kernels_in(trace: dict, categories: tuple[str, ...]) -> dict[str, list[float]]:
+    """name -> [summed duration in ms, count] of a chrome trace's events in `categories`."""
+    found: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in trace.get("traceEvents", []):
+        if event.get("ph") == "X" and event.get("cat") in categories:
+            found[event["name"]][0] += event.get("dur", 0) / 1000
+            found[event["name"]][1] += 1
+    return dict(found)
+
+
+def profile(step, steps: int, warmup: int, quick: bool, trace_path: Path) -> dict:
+    """Run `step` warmup + steps times, the last `steps` under torch.profiler; per-step wall time and kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    for _ in range(warmup):
+        step()
+    activities = [ProfilerActivity.CPU] if quick else [ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = (time.perf_counter() - start) / steps
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        raw = Path(f"{tmp}/trace.json").read_bytes()
+    trace_path.write_bytes(gzip.compress(raw))
+    found = kernels_in(json.loads(raw), ("cpu_op",) if quick else ("kernel", "gpu_memcpy", "gpu_memset"))
+    return {"wall_ms": wall * 1000, "kernels": {k: [ms / steps, n / steps] for k, (ms, n) in found.items()}}
+
+
+def mlx_step(cfg_name: str, tmp: str):
+    """The Trainer's compiled optimizer step at the device profile's dtype, one step at a time."""
+    import numpy as np
+    from bench_train import CONFIGS, GPU_CONFIGS
+
+    import nanogpt_mlx  # noqa: F401  (sets the device up before mlx.core)
+    from nanogpt_mlx.train import TrainConfig, Trainer
+
+    import mlx.core as mx
+
+    L, d, nh, B, T = {**CONFIGS, **GPU_CONFIGS}[cfg_name]
+    tokens = np.random.default_rng(0).integers(0, 50257, B * T * 4 + 1).astype(np.uint16)
+    for split in ("val_000000", "train_000001"):
+        np.save(f"{tmp}/k_{split}.npy", tokens)
+    trainer = Trainer(TrainConfig(data=tmp, out=f"{tmp}/out", n_layer=L, n_head=nh, n_embd=d, block_size=1024,
+                                  batch_size=B, seq_len=T, total_batch_size=B * T))
+    state = (trainer.model.state, trainer.optimizer.state, trainer.master)
+
+    def step() -> None:
+        x, y = (mx.array(a) for a in trainer.train_loader.next_batch())
+        loss, norm = trainer._update(x, y, None)
+        mx.eval(loss, norm, state)
+
+    return step
+
+
+def worker(engine: str, cfg_name: str, steps: int, warmup: int, quick: bool, out: str) -> dict:
+    from bench_train import torch_step
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if engine == "mlx":
+            step = mlx_step(cfg_name, tmp)
+        else:
+            step = torch_step(cfg_name, compile=True, gpu=not quick, amp=not quick)
+        return profile(step, steps, warmup, quick, Path(out) / f"trace_{engine.replace('.', '_')}.json.gz")
+
+
+def report(results: dict[str, dict], top: int) -> None:
+    engines = list(results)
+    by_kind = {e: defaultdict(float) for e in engines}
+    for e in engines:
+        for name, (ms, _) in results[e]["kernels"].items():
+            by_kind[e][kind_of(name)] += ms
+    print("\n| per step | " + " | ".join(engines) + " |\n|---|" + "---:|" * len(engines))
+    rows = [("wall time, ms", lambda e: results[e]["wall_ms"]),
+            ("kernels' summed time, ms", lambda e: sum(ms for ms, _ in results[e]["kernels"].values())),
+            ("kernels launched", lambda e: sum(n for _, n in results[e]["kernels"].values()))]
+    kinds = dict.fromkeys([kind for kind, _ in KINDS] + ["other"])  # in order, once each
+    rows += [(f"{kind}, ms", lambda e, kind=kind: by_kind[e][kind]) for kind in kinds]
+    for label, value in rows:
+        print(f"| {label} | " + " | ".join(f"{value(e):.2f}" if "ms" in label else f"{value(e):.0f}"
+                                           for e in engines) + " |")
+    for e in engines:
+        print(f"\n{e}: the {top} largest kernels (ms a step, launches a step, kind)")
+        ranked = sorted(results[e]["kernels"].items(), key=lambda kv: -kv[1][0])[:top]
+        for name, (ms, n) in ranked:
+            print(f"  {ms:8.3f} {n:6.1f}  {kind_of(name):22s} {name[:110]}")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        engine, cfg_name, steps, warmup, quick, out = sys.argv[2:]
+        print("RESULT " + json.dumps(worker(engine, cfg_name, int(steps), int(warmup), quick == "1", out)))
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="124m-b16", help="a bench_train.py config (default: 124m-b16)")
+    p.add_argument("--engines", nargs="+", default=["mlx", "torch.compile"], choices=["mlx", "torch.compile"])
+    p.add_argument("--steps", type=int, default=5, help="profiled steps per engine (default: 5)")
+    p.add_argument("--warmup", type=int, default=3, help="steps before the profiled ones (default: 3)")
+    p.add_argument("--top", type=int, default=25, help="largest kernels listed per engine (default: 25)")
+    p.add_argument("--quick", action="store_true", help="config a on the CPU: a smoke test of the script")
+    p.add_argument("--out", default=os.environ.get("OUT", "out"), help="folder for the JSON and traces")
+    args = p.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    cfg_name = "a" if args.quick else args.config
+    results = {}
+    for engine in args.engines:
+        results[engine] = spawn(__file__, engine, cfg_name, str(args.steps), str(args.warmup),
+                                "1" if args.quick else "0", args.out)
+        (Path(args.out) / "gpu_kernels.json").write_text(json.dumps({"config": cfg_name, **results}, indent=1))
+        print(f"{engine}: {results[engine]['wall_ms']:.2f} ms a step", flush=True)
+    report(results, args.top)
+
+
+if __name__ == "__main__":
+    main()

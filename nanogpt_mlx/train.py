@@ -521,13 +521,13 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.seq_len * self.grad_accum * self.dist.world
         flops_per_token = 6 * self.model.num_params(non_embedding=True) + \
             12 * self.model.config.n_layer * self.model.config.n_embd * cfg.seq_len
-        peak = device.peak_flops(self.dtype_name)
+        peak = device.peak_flops(self.dtype_name)  # this rank's device; MFU is against all ranks' together
         c = self.model.config
         self._say(f"model {n_params / 1e6:.2f}M params (L{c.n_layer} H{c.n_head} C{c.n_embd} T{c.block_size} "
                   f"V{c.vocab_size}) | recipe {self.recipe.name} | {self.dist.world} rank(s) | "
                   f"{tokens_per_step} tokens/step = {self.dist.world} x {self.grad_accum} x {cfg.batch_size} x "
                   f"{cfg.seq_len} | steps {self.step}..{cfg.max_steps} | {device.PROFILE.name} {self.dtype_name} | "
-                  f"peak {peak / 1e9:.0f} GFLOP/s | memory ~{self.memory.total / 1e9:.2f} GB estimated")
+                  f"peak {peak / 1e9:.0f} GFLOP/s a rank | memory ~{self.memory.total / 1e9:.2f} GB estimated")
         note = device.PROFILE.attention_note(self.dtype_name, self.model.config.n_embd // self.model.config.n_head,
                                              cfg.seq_len)
         if note:
@@ -564,11 +564,12 @@ class Trainer:
                     raise UserError(f"step {self.step}: loss {loss} / grad norm {norm} is not finite; stopped "
                                     f"without saving ({kept})")
                 tps = tokens_per_step / dt
+                mfu = flops_per_token * tps / (peak * self.dist.world)
                 lr = queued.lr
                 self._say(f"step {self.step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-                          f"dt {dt * 1000:.2f}ms | tok/s {tps:.0f} | MFU {100 * flops_per_token * tps / peak:.1f}%")
+                          f"dt {dt * 1000:.2f}ms | tok/s {tps:.0f} | MFU {100 * mfu:.1f}%")
                 self.log.metric(self.step, "train", loss, lr=lr, norm=norm, dt=dt, tok_per_s=tps,
-                                mfu=flops_per_token * tps / peak)
+                                mfu=mfu)
                 self.result["train_loss"] = loss
                 self.step += 1
                 bar.update(1)

@@ -171,6 +171,16 @@ def test_cli_ranks_option_launches_local_ranks(data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "2 rank(s)" in proc.stdout and proc.stdout.count("done: step 3") == 1
     assert len(logged(tmp_path)) == 3 and (tmp_path / "model.safetensors").is_file()
+    # MFU: the tokens of both ranks against the peak of both (each measured its own, with half the cores)
+    import re
+
+    from nanogpt_mlx import GPT, GPTConfig
+
+    peak = float(re.search(r"peak (\d+) GFLOP/s a rank", proc.stdout).group(1)) * 1e9
+    model = GPT(GPTConfig(block_size=32, vocab_size=1000, n_layer=2, n_head=2, n_embd=32))
+    flops_per_token = 6 * model.num_params(non_embedding=True) + 12 * 2 * 32 * 32
+    for r in logged(tmp_path):
+        assert r["mfu"] == pytest.approx(flops_per_token * r["tok_per_s"] / (2 * peak), rel=0.05)
 
 
 def test_ctrl_c_on_one_rank_stops_all_at_the_same_step_with_a_checkpoint(data_dir, tmp_path):

@@ -258,7 +258,7 @@ def add_train(sub) -> None:
 
     p = sub.add_parser("train", help="pretrain or fine-tune: build-nanogpt's recipe or the speedrun's",
                        description="Train from a preset; every TrainConfig field below overrides it (with --resume: "
-                                   "overrides the resumed run's config). --recipe speedrun switches a build-nanogpt "
+                                   "overrides the resumed run's config, except its model). --recipe speedrun switches a build-nanogpt "
                                    "preset to the speedrun's model and optimizer, with its defaults for max_lr, "
                                    "weight_decay, betas, eps, grad_clip and warmup_steps. Ctrl-C or SIGTERM saves a "
                                    "checkpoint and stops.")

@@ -213,9 +213,16 @@ def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
         saved = TrainConfig(**checkpoint.read_state(ckpt)["config"])
     except TypeError as e:  # fields this version does not know
         raise checkpoint.damaged(ckpt, f"{checkpoint.STATE_FILE}: config not understood ({e})") from None
+    changed = [f"{k} {getattr(saved, k)!r} (not {v!r})" for k, v in overrides.items()
+               if k in _MODEL_FIELDS and v != getattr(saved, k)]
+    if changed:
+        raise UserError(f"a resumed run keeps its model: {out} has {', '.join(changed)}; drop those options")
     if "min_lr_ratio" in overrides:
         saved = replace(saved, min_lr=None)
     return replace(saved, out=str(out), **overrides)
+
+
+_MODEL_FIELDS = ("init_from", "n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # the checkpoint's on resume
 
 
 # ----------------------------------------------------------------------------------- trainer

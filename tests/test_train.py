@@ -419,6 +419,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
     ("too-long", ["seq_len 64", "context"]),
     ("bad-dtype", ["dtype"]),
     ("resume-nothing", ["no checkpoint"]),
+    ("resume-other-model", ["resumed run keeps its model", "n_layer 1 (not 3)", "vocab_size 1000 (not 2000)"]),
     # MLX's gather would read past the embedding for the GPT-2 token ids of a prompt or of HellaSwag
     ("prompt-outside-vocab", ["samples: the prompt has token id 15496", "vocab_size of 1000", "sample_every 0"]),
     ("hellaswag-outside-vocab", ["HellaSwag needs GPT-2's 50257 tokens", "vocab_size 1000"]),
@@ -440,12 +441,16 @@ def test_bad_input_is_one_clear_line(case, needles, data_dir, tmp_path):
         args += ["--dtype", "float16"]
     elif case == "resume-nothing":
         args = ["train", "--resume", str(tmp_path / "empty")]
+    elif case == "resume-other-model":
+        run_cli(*args, check=True)
+        args = ["train", "--resume", str(out), "--max-steps", "3", "--n-layer", "3", "--vocab-size", "2000",
+                "--n-head", "2"]  # the same n_head is no change
     elif case == "prompt-outside-vocab":
         args += ["--sample-every", "1", "--prompt", "Hello"]
     elif case == "hellaswag-outside-vocab":
         args += ["--hellaswag-every", "1"]
     assert_one_line_error(run_cli(*args), *needles)
-    assert not (out / "log.txt").exists()  # refused before the first step
+    assert not (out / "log.txt").exists() or case == "resume-other-model"  # refused before the first step
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):

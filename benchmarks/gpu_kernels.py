@@ -118,19 +118,18 @@ def worker(engine: str, cfg_name: str, steps: int, warmup: int, quick: bool, out
 
 def report(results: dict[str, dict], top: int) -> None:
     engines = list(results)
-    by_kind = {e: defaultdict(float) for e in engines}
+    by_kind = {e: defaultdict(lambda: [0.0, 0.0]) for e in engines}  # kind -> [ms, launches] a step
     for e in engines:
-        for name, (ms, _) in results[e]["kernels"].items():
-            by_kind[e][kind_of(name)] += ms
-    print("\n| per step | " + " | ".join(engines) + " |\n|---|" + "---:|" * len(engines))
-    rows = [("wall time, ms", lambda e: results[e]["wall_ms"]),
-            ("kernels' summed time, ms", lambda e: sum(ms for ms, _ in results[e]["kernels"].values())),
-            ("kernels launched", lambda e: sum(n for _, n in results[e]["kernels"].values()))]
-    kinds = dict.fromkeys([kind for kind, _ in KINDS] + ["other"])  # in order, once each
-    rows += [(f"{kind}, ms", lambda e, kind=kind: by_kind[e][kind]) for kind in kinds]
+        for name, (ms, n) in results[e]["kernels"].items():
+            by_kind[e][kind_of(name)][0] += ms
+            by_kind[e][kind_of(name)][1] += n
+    totals = {e: [sum(v[i] for v in results[e]["kernels"].values()) for i in (0, 1)] for e in engines}
+    print("\n| per step: ms (kernels) | " + " | ".join(engines) + " |\n|---|" + "---:|" * len(engines))
+    print("| wall time | " + " | ".join(f"{results[e]['wall_ms']:.2f}" for e in engines) + " |")
+    rows = [("all kernels, summed (below the wall time: the GPU waited)", lambda e: totals[e])]
+    rows += [(kind, lambda e, kind=kind: by_kind[e][kind]) for kind in dict.fromkeys([k for k, _ in KINDS] + ["other"])]
     for label, value in rows:
-        print(f"| {label} | " + " | ".join(f"{value(e):.2f}" if "ms" in label else f"{value(e):.0f}"
-                                           for e in engines) + " |")
+        print(f"| {label} | " + " | ".join(f"{value(e)[0]:.2f} ({value(e)[1]:.0f})" for e in engines) + " |")
     for e in engines:
         print(f"\n{e}: the {top} largest kernels (ms a step, launches a step, kind)")
         ranked = sorted(results[e]["kernels"].items(), key=lambda kv: -kv[1][0])[:top]

@@ -279,7 +279,7 @@ def main() -> None:
     record("setup", {"mlx": mx.__version__, "device": str(mx.default_device()), "profile": device.PROFILE.name,
                      "kernel": cuda.available(), "info": mx.device_info().get("device_name", ""),
                      "attention": device.PROFILE.attention_note("bfloat16", d // nh, T)
-                     or ("fused both ways" if device.PROFILE.fused_attention("bfloat16", d // nh, T) else "plain ops")})
+                     or ("fused both ways" if device.PROFILE.fused_attention("bfloat16", d // nh) else "plain ops")})
     if "gemm" in args.parts:
         n = 1024 if args.quick else 8192
         a = mx.random.normal((n, n)).astype(mx.bfloat16)

@@ -19,6 +19,7 @@ from functools import lru_cache
 from importlib import metadata
 
 PROFILE_ENV = "NANOGPT_MLX_PROFILE"
+CUDNN_TILE = 128  # cuDNN's fused attention backward takes whole tiles of this many queries (MLX falls back otherwise)
 
 
 @dataclass(frozen=True)
@@ -41,30 +42,30 @@ class Profile:
     checkpoint_frees: float = 1.0  # share of the activations that --activation-checkpointing frees, against
     # keeping only block inputs and one block: all of it on the CPU backend, a quarter on an H200 (measured)
 
-    def fused_attention(self, dtype: str, head_dim: int, seq_len: int) -> bool | None:
-        """How training attention runs (kernels.py): MLX's fused kernel both ways (True); MLX's fused forward
-        and a backward that recomputes the probabilities (False); or plain ops with autodiff (None): on the
-        CPUs, where MLX's fused attention is those same ops (its CPU backend has no kernel for it), and where
-        cuDNN does not apply."""
+    def fused_attention(self, dtype: str, head_dim: int) -> bool | None:
+        """How causal training attention runs (kernels.py): MLX's fused kernel both ways (True; cuDNN's, over a
+        sequence padded to whole tiles of CUDNN_TILE queries where it is not one); MLX's fused forward and a
+        backward that recomputes the probabilities (False); or plain ops (None): on the CPUs, where MLX's fused
+        attention is those same ops (its CPU backend has no kernel for it), and where cuDNN does not apply."""
         if self.cpu_backend:
             return None
         if not self.fused_attention_backward:
             return False
-        if _no_cudnn(dtype, head_dim):
-            return None
-        return seq_len % 128 == 0  # cuDNN's backward needs whole tiles of 128 queries
+        return None if _no_cudnn(dtype, head_dim) else True
 
     def attention_note(self, dtype: str, head_dim: int, seq_len: int) -> str | None:
-        """Why training attention will not use a fused kernel in both directions, or None if it will."""
-        fused = self.fused_attention(dtype, head_dim, seq_len)
-        if fused or self.cpu_backend:
+        """Why training attention will not use a fused kernel in both directions, or what it costs to, or None."""
+        fused = self.fused_attention(dtype, head_dim)
+        if fused:
+            padded = -(-seq_len // CUDNN_TILE) * CUDNN_TILE
+            return None if padded == seq_len else (
+                f"{self.name}: attention pads seq_len {seq_len} to {padded} for cuDNN's fused backward (whole tiles "
+                f"of {CUDNN_TILE} queries): {(padded / seq_len) ** 2 - 1:.0%} more attention work than at {seq_len}")
+        if self.cpu_backend:
             return None  # on a CPU plain ops are what MLX has
         blocks = "the probabilities, 128 queries at a time (a causal block skips the keys after it)"
         if not self.fused_attention_backward:
             return f"{self.name}: MLX's fused attention has no fused backward here; the backward recomputes {blocks}"
-        if fused is False:
-            return (f"{self.name}: cuDNN's attention backward needs seq_len % 128 == 0 (got {seq_len}); the "
-                    f"backward recomputes {blocks}")
         reasons = ", ".join(_no_cudnn(dtype, head_dim))
         return f"{self.name}: no cuDNN attention for {reasons}: plain ops that keep {blocks}"
 

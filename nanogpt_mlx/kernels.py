@@ -238,6 +238,16 @@ def _recomputing_attention(scale: float, causal: bool, block: int):
     return attend
 
 
+def padded_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
+    """MLX's fused causal self-attention over a sequence padded at its end to whole tiles of cuDNN's backward
+    (device.CUDNN_TILE), which MLX would otherwise replace by its unfused graph. No real query sees a padded key
+    under the causal mask, and the padded queries' outputs are dropped (their gradients are zero): the values
+    and gradients are those without padding."""
+    T = q.shape[2]
+    widths = [(0, 0), (0, 0), (0, -T % device.CUDNN_TILE), (0, 0)]
+    return mlx_attention(*(mx.pad(a, widths) for a in (q, k, v)), scale, causal)[:, :, :T]
+
+
 def _sum_prefixes(parts: list[mx.array], S: int) -> mx.array:
     """The sum of arrays (B, nh, n_i, hs) that cover the first n_i of S positions, in float32 when several."""
     if len(parts) == 1:
@@ -251,16 +261,23 @@ _DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "flo
 
 def profile_attention(profile: device.Profile, plain: Attention) -> Attention:
     """Attention as the profile decides for each dtype and shape (device.Profile.fused_attention):
-    MLX's fused kernel, its fused forward with recomputing_attention's backward, or `plain` (plain_attention
-    with the profile's exp and reductions). One query (cached decoding) always takes MLX's kernel, which also
-    avoids a copy of the cache."""
+    MLX's fused kernel (over a causal sequence padded to whole tiles of cuDNN's backward where it is not: after
+    cached keys, where padding would move the mask, its forward and recomputing_attention's backward), its fused
+    forward with recomputing_attention's backward, or `plain` (plain_attention with the profile's exp and
+    reductions). One query (cached decoding) always takes MLX's kernel, which also avoids a copy of the cache."""
 
     def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
         T = q.shape[2]
-        fused = True if T == 1 else profile.fused_attention(_DTYPE_NAMES.get(q.dtype, ""), q.shape[-1], T)
+        if T == 1:
+            return mlx_attention(q, k, v, scale, causal)
+        fused = profile.fused_attention(_DTYPE_NAMES.get(q.dtype, ""), q.shape[-1])
         if fused is None:
             return plain(q, k, v, scale, causal)
-        return (mlx_attention if fused else recomputing_attention)(q, k, v, scale, causal)
+        if not fused:
+            return recomputing_attention(q, k, v, scale, causal)
+        if T % device.CUDNN_TILE == 0:
+            return mlx_attention(q, k, v, scale, causal)
+        return (padded_attention if causal and k.shape[2] == T else recomputing_attention)(q, k, v, scale, causal)
 
     return attention
 
@@ -280,8 +297,9 @@ def for_profile(profile: device.Profile) -> Kernels:
                                   ("mlp backward", "autodiff")))
     recomputes = "the backward recomputes the probabilities 128 queries at a time"
     if profile.fused_attention_backward:
-        attention = (f"cuDNN's fused kernel both ways where it applies; its forward where T % 128 != 0 "
-                     f"({recomputes}); plain ops 128 queries at a time elsewhere (float32, odd head sizes)")
+        attention = (f"cuDNN's fused kernel both ways where it applies, T padded to a multiple of 128 (after "
+                     f"cached keys its forward; {recomputes}); plain ops 128 queries at a time elsewhere (float32, "
+                     f"odd head sizes)")
     else:
         attention = "plain ops, 128 queries at a time" if profile.cpu_backend else f"MLX's forward; {recomputes}"
     described = [("attention", attention), ("mlp backward", "recomputes the activation from its input")]

@@ -79,7 +79,7 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
     # float32 scores of all blocks of queries (kernels.query_blocks) for all heads of the batch, and of the largest
     areas = [(j - i) * end for i, j, end in query_blocks(seq_len, seq_len, causal=True)]
     scores, block_scores = nh * batch_size * 4 * sum(areas), nh * batch_size * 4 * max(areas)
-    fused = profile.fused_attention(dtype, C // nh, seq_len)
+    fused = profile.fused_attention(dtype, C // nh)
     per_layer += 2 * scores if fused is None else nh * n * 4  # plain ops keep each block's exp(scores - max) for the
     # backward, and a layer's float32 scores are alive around it (on the CPU a layer adds 1.2-1.5 score arrays); a
     # fused kernel keeps a log-sum-exp (or row statistic) per query

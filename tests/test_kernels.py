@@ -118,6 +118,26 @@ def test_attention_backwards_compiled_equal_reference(kind, dtype):
         np.testing.assert_allclose(np.array(g.astype(mx.float32)) / scale, np.array(r) / scale, atol=tol)
 
 
+@pytest.mark.parametrize("T", [100, 128, 200])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["fp32", "bf16"])
+def test_padded_attention_equals_reference(T, dtype):
+    """Causal self-attention padded to whole tiles of 128 queries for cuDNN's backward: the same values and
+    gradients as without padding (compiled; on the CPU MLX's unfused graph stands in for cuDNN)."""
+    k1, k2, k3, k4 = mx.random.split(mx.random.key(T), 4)
+    q, k, v, cot = (mx.random.normal((2, 3, T, 16), key=key) for key in (k1, k2, k3, k4))
+
+    def run(fn, *qkv):
+        return mx.vjp(lambda q, k, v: [fn(q, k, v, scale=0.25, causal=True)], list(qkv), [cot.astype(qkv[0].dtype)])
+
+    (ref,), ref_grads = run(reference_attention, q, k, v)
+    (got,), grads = mx.compile(lambda *a: run(kernels.padded_attention, *a))(*(a.astype(dtype) for a in (q, k, v)))
+    assert got.shape == (2, 3, T, 16)
+    tol = 1e-5 if dtype == mx.float32 else 3e-2
+    for g, r in zip([got, *grads], [ref, *ref_grads]):
+        scale = np.abs(np.array(r)).max()
+        np.testing.assert_allclose(np.array(g.astype(mx.float32)) / scale, np.array(r) / scale, atol=tol)
+
+
 @pytest.mark.parametrize("kind", ATTENTION_KINDS)
 @pytest.mark.parametrize("T, S, causal", [(10, 10, True), (7, 7, True), (6, 11, True), (4, 4, True), (7, 9, False)])
 def test_attention_in_blocks_of_queries_equals_reference(kind, T, S, causal, maybe_compile):
@@ -177,7 +197,7 @@ def test_query_blocks_cover_the_queries_and_skip_masked_keys():
 
 @pytest.mark.parametrize("profile, dtype, head_dim, T, expected", [
     ("cuda", mx.bfloat16, 64, 256, "mlx"), ("cuda", mx.float16, 128, 128, "mlx"),
-    ("cuda", mx.bfloat16, 64, 200, "recomputing"),  # cuDNN's backward needs whole tiles of 128 queries
+    ("cuda", mx.bfloat16, 64, 200, "padded"),  # cuDNN's backward needs whole tiles of 128 queries
     ("cuda", mx.float32, 64, 256, "plain"), ("cuda", mx.bfloat16, 12, 256, "plain"), ("cuda", mx.float32, 64, 1, "mlx"),
     ("metal", mx.float32, 64, 256, "recomputing"), ("metal", mx.bfloat16, 64, 1, "mlx"),
     ("cpu-x86", mx.float32, 64, 256, "plain"), ("cpu-x86", mx.float32, 64, 1, "mlx"),
@@ -186,10 +206,14 @@ def test_profile_attention_takes_the_kernel_the_profile_decides(monkeypatch, pro
     calls = []
     monkeypatch.setattr(kernels, "mlx_attention", lambda *a: calls.append("mlx"))
     monkeypatch.setattr(kernels, "recomputing_attention", lambda *a: calls.append("recomputing"))
+    monkeypatch.setattr(kernels, "padded_attention", lambda *a: calls.append("padded"))
     attention = kernels.profile_attention(device.PROFILES[profile], lambda *a: calls.append("plain"))
     q = mx.zeros((1, 2, T, head_dim), dtype)
     attention(q, q, q, 0.1, True)
     assert calls == [expected]
+    if expected == "padded":  # after cached keys padding would move the causal mask: cuDNN's forward only
+        attention(q, mx.zeros((1, 2, T + 50, head_dim), dtype), mx.zeros((1, 2, T + 50, head_dim), dtype), 0.1, True)
+        assert calls == [expected, "recomputing"]
     if T > 1:  # the training log's note says when attention is not fused both ways (on a CPU plain is the best)
         note = device.PROFILES[profile].attention_note(str(dtype).rpartition(".")[2], head_dim, T)
         assert (note is None) == (expected == "mlx" or profile.startswith("cpu"))

@@ -1,7 +1,8 @@
 """One layer's causal attention, forward + backward, each way kernels.py can run it, side by side.
 
-Variants: MLX's fused kernel (cuDNN on an NVIDIA GPU; on a CPU MLX falls back to one T x T graph), its fused
-forward with kernels.recomputing_attention's backward, and kernels.plain_attention (plain ops, the profile's
+Variants: MLX's fused kernel (cuDNN on an NVIDIA GPU; on a CPU MLX falls back to one T x T graph), the same
+over T padded to a multiple of 128 (kernels.padded_attention: what CUDA training runs where T is not one, as
+cuDNN's backward takes whole tiles of 128 queries), its fused forward with kernels.recomputing_attention's backward, and kernels.plain_attention (plain ops, the profile's
 float32 exp and reductions, its backward written out) with all queries in one block and in blocks of 128 and
 256 queries (a causal block skips the keys after its last query). Each is compiled and timed in this one process (median of --reps after
 warm-up), with its peak memory above what was live before and its ratio to the one-block plain ops; outputs
@@ -32,7 +33,8 @@ def variants(T: int) -> dict:
             "plain ops, 128 queries at a time": kernels.plain_attention(*ops, 128),
             "plain ops, 256 queries at a time": kernels.plain_attention(*ops, 256),
             "fused forward, recomputing backward": kernels.recomputing_attention,
-            "fused (cuDNN on a GPU)": kernels.mlx_attention}
+            "fused (cuDNN on a GPU)": kernels.mlx_attention,
+            "fused, T padded to a multiple of 128": kernels.padded_attention}
 
 
 def measure(att, q, k, v, g, reps: int) -> tuple[float, float, list[mx.array]]:

@@ -36,6 +36,8 @@ run 80 train_cap python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx --c
 run 120 train_fp32 python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx-fp32 torch-fp32
 run 90 profile python3 benchmarks/profile_step.py --parts head optimizer host --out "$OUT"
 run 50 attention python3 benchmarks/bench_attention.py --out "$OUT"
+# T = 1000: cuDNN's backward over T padded to 1024 against the recomputing backward it replaced
+run 40 attention_t1000 python3 benchmarks/bench_attention.py --seq 1000 --dtypes bfloat16 --out "$OUT/t1000"
 # the cap with smaller graphs, whose buffers the host waits for sooner
 run 80 train_cap_graph200mb env MLX_MAX_MB_PER_BUFFER=200 python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx \
     --cap-memory

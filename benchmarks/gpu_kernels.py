@@ -63,6 +63,8 @@ def profile(step, steps: int, warmup: int, quick: bool, trace_path: Path) -> dic
     import torch
     from torch.profiler import ProfilerActivity
 
+    if not quick and not torch.cuda.is_available():
+        raise SystemExit("gpu_kernels.py: this PyTorch sees no CUDA GPU (on a CPU, --quick runs the smoke test)")
     for _ in range(warmup):
         step()
     activities = [ProfilerActivity.CPU] if quick else [ProfilerActivity.CUDA]

@@ -205,9 +205,13 @@ def pad_vocab(model: GPT, vocab_size: int) -> GPT:
     return grown
 
 
+_MODEL_FIELDS = ("init_from", "n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # the checkpoint's on resume
+
+
 def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
-    """The config saved with a run's latest checkpoint, with `overrides` applied. Overriding one of
-    min_lr / min_lr_ratio drops the saved other, which would otherwise decide or be ignored."""
+    """The config saved with a run's latest checkpoint, with `overrides` applied; the model's fields are the
+    checkpoint's (changing them is refused). Overriding one of min_lr / min_lr_ratio drops the saved other,
+    which would otherwise decide or be ignored."""
     ckpt = checkpoint.latest_checkpoint(out)
     try:
         saved = TrainConfig(**checkpoint.read_state(ckpt)["config"])
@@ -220,9 +224,6 @@ def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
     if "min_lr_ratio" in overrides:
         saved = replace(saved, min_lr=None)
     return replace(saved, out=str(out), **overrides)
-
-
-_MODEL_FIELDS = ("init_from", "n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # the checkpoint's on resume
 
 
 # ----------------------------------------------------------------------------------- trainer
@@ -262,7 +263,7 @@ class Trainer:
 
         self.model = self._build_model(ckpt)
         self.model.checkpoint_blocks = cfg.activation_checkpointing
-        self._check_shapes()
+        self._check_config()
         self.memory = memory.check(self.model.config, cfg.batch_size, cfg.seq_len, self.dtype_name,
                                    cfg.activation_checkpointing, cfg.max_memory)
         if cfg.max_memory:
@@ -309,7 +310,7 @@ class Trainer:
                            n_head=cfg.n_head, n_embd=cfg.n_embd, **self.recipe.model)
         return GPT(config, seed=cfg.seed)
 
-    def _check_shapes(self) -> None:
+    def _check_config(self) -> None:
         """Refuse sizes that do not fit before anything runs, the evaluations' included."""
         cfg, world = self.cfg, self.dist.world
         if cfg.sample_every and cfg.num_samples:
@@ -575,8 +576,7 @@ class Trainer:
                 lr = queued.lr
                 self._say(f"step {self.step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
                           f"dt {dt * 1000:.2f}ms | tok/s {tps:.0f} | MFU {100 * mfu:.1f}%")
-                self.log.metric(self.step, "train", loss, lr=lr, norm=norm, dt=dt, tok_per_s=tps,
-                                mfu=mfu)
+                self.log.metric(self.step, "train", loss, lr=lr, norm=norm, dt=dt, tok_per_s=tps, mfu=mfu)
                 self.result["train_loss"] = loss
                 self.step += 1
                 bar.update(1)

@@ -162,7 +162,8 @@ def ending_losses(model: GPT, contexts: list[list[int]], endings: list[list[list
         raise UserError(f"a HellaSwag row has {c + width} tokens, more than the model's context of "
                         f"{model.config.block_size}")
     cache = model.make_cache()
-    last = model(mx.array(contexts), cache)[:, -1]  # (n, V): predicts each ending's first token
+    # cross-entropy in float32 from logits in the model's dtype (as under PyTorch's autocast)
+    last = model(mx.array(contexts), cache)[:, -1].astype(mx.float32)  # (n, V): predicts each ending's first token
     first = nn.losses.cross_entropy(mx.repeat(last, 4, axis=0), mx.array([e[0] for e in rows]))
     summed = np.array(first).astype(np.float64)
     if width > 1:
@@ -175,7 +176,7 @@ def ending_losses(model: GPT, contexts: list[list[int]], endings: list[list[list
         # cross-entropy of the real positions only (row-major, so in the order of the targets)
         valid = np.flatnonzero(np.arange(width - 1) < (lengths - 1)[:, None])
         targets = mx.array([t for e in rows for t in e[1:]])
-        losses = nn.losses.cross_entropy(logits[mx.array(valid)], targets)
+        losses = nn.losses.cross_entropy(logits[mx.array(valid)].astype(mx.float32), targets)
         summed += np.bincount(valid // (width - 1), weights=np.array(losses), minlength=len(rows))
     return summed.reshape(n, 4), lengths.reshape(n, 4)
 
@@ -237,7 +238,7 @@ def loader_loss(model: GPT, loader: DataLoader, batches: int, progress: bool = F
     for _ in tqdm(range(batches), desc="loss", unit="batch", disable=not progress):
         x, y = loader.next_batch()
         logits = model(mx.array(x))
-        total += nn.losses.cross_entropy(logits, mx.array(y), reduction="mean").item()
+        total += nn.losses.cross_entropy(logits.astype(mx.float32), mx.array(y), reduction="mean").item()
     return total / batches
 
 

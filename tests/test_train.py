@@ -472,7 +472,8 @@ def test_config_validation():
         TrainConfig(warmup_steps=-1)
 
 
-def test_hellaswag_during_training_is_logged(data_dir, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: the GPUs' default
+def test_hellaswag_during_training_is_logged(dtype, data_dir, tmp_path):
     from test_evaluate import make_hellaswag, write_jsonl
 
     from nanogpt_mlx.evaluate import load_hellaswag, score_hellaswag
@@ -480,12 +481,13 @@ def test_hellaswag_during_training_is_logged(data_dir, tmp_path):
 
     data = write_jsonl(tmp_path / "hellaswag_val.jsonl", make_hellaswag(12, ctx_words=(3, 10), ending_words=(1, 8)))
     cfg = tiny_config(data_dir, tmp_path / "run", vocab_size=50304, block_size=64, max_steps=3, hellaswag_every=2,
-                      hellaswag_data=str(data), hellaswag_limit=10)
+                      hellaswag_data=str(data), hellaswag_limit=10, dtype=dtype)
     Trainer(cfg).train()
     hella = [line.split() for line in (tmp_path / "run" / "log.txt").read_text().splitlines() if " hella " in line]
     assert [h[0] for h in hella] == ["0", "2"]  # every 2 steps and at the last step
     # step 0 scores the freshly initialised model on the first 10 examples
     init = GPT(Trainer(replace(cfg, out=str(tmp_path / "fresh"))).model.config, seed=cfg.seed)
+    init.set_dtype(getattr(mx, dtype))
     expected = score_hellaswag(init, load_hellaswag(data, limit=10), progress=False).acc_norm
     assert float(hella[0][2]) == pytest.approx(expected, abs=1e-4)
 

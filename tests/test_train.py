@@ -366,7 +366,8 @@ def test_init_from_pads_vocab_with_the_mean_row(small_hf_dir, data_dir, tmp_path
 def cli_config(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--data", str(data), "--out", str(out), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
             "--block-size", "32", "--vocab-size", str(VOCAB), "--batch-size", "4", "--seq-len", "32",
-            "--total-batch-size", "256", "--warmup-steps", "2", "--prompt", "The", "--sample-tokens", "8", *extra]  # "The": token 464 < VOCAB
+            "--total-batch-size", "256", "--warmup-steps", "2",
+            "--prompt", "The", "--sample-tokens", "8", *extra]  # "The" is token 464, within VOCAB
 
 
 def test_cli_trains_samples_and_resumes(data_dir, tmp_path):

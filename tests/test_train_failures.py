@@ -98,9 +98,8 @@ def test_train_on_a_read_only_disk(mode, data_dir, run, tmp_path, read_only, cap
 
 def test_overwrite_keeps_the_checkpoints_until_the_config_is_accepted(data_dir, run, capsys):
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    for refused, needle in [("--seq-len", "seq_len 64"), ("--prompt", "outside the model's vocab_size")]:
-        value = {"--seq-len": "64", "--prompt": "Hello"}[refused]
-        args = cli_config(data_dir, run, "--max-steps", "1", refused, value, "--sample-every", "1") + ["--overwrite"]
+    for flag, value, needle in [("--seq-len", "64", "seq_len 64"), ("--prompt", "Hello", "outside the model's vocab")]:
+        args = cli_config(data_dir, run, "--max-steps", "1", flag, value, "--sample-every", "1") + ["--overwrite"]
         assert_one_line_error(run_main(capsys, *args), needle)
         assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 

@@ -10,6 +10,7 @@ side, and each engine's largest kernels. The aggregate goes to OUT/gpu_kernels.j
 trace to OUT/trace_ENGINE.json.gz (chrome://tracing, Perfetto).
 
     python benchmarks/gpu_kernels.py [--config 124m-b16] [--steps 5] [--top 25]
+    python benchmarks/gpu_kernels.py --engines mlx-fp32 torch-fp32     # the float32 (TF32) step
 
 --quick runs a tiny model on the CPU as a smoke test of the script: there, PyTorch's operators stand in for
 kernels and MLX's CPU work is not recorded.
@@ -81,8 +82,8 @@ def profile(step, steps: int, warmup: int, quick: bool, trace_path: Path) -> dic
     return {"wall_ms": wall * 1000, "kernels": {k: [ms / steps, n / steps] for k, (ms, n) in found.items()}}
 
 
-def mlx_step(cfg_name: str, tmp: str):
-    """The Trainer's compiled optimizer step at the device profile's dtype, one step at a time."""
+def mlx_step(cfg_name: str, tmp: str, dtype: str = ""):
+    """The Trainer's compiled optimizer step in `dtype` (default: the device profile's), one step at a time."""
     import numpy as np
     from bench_train import CONFIGS, GPU_CONFIGS
 
@@ -96,7 +97,7 @@ def mlx_step(cfg_name: str, tmp: str):
     for split in ("val_000000", "train_000001"):
         np.save(f"{tmp}/k_{split}.npy", tokens)
     trainer = Trainer(TrainConfig(data=tmp, out=f"{tmp}/out", n_layer=L, n_head=nh, n_embd=d, block_size=1024,
-                                  batch_size=B, seq_len=T, total_batch_size=B * T))
+                                  batch_size=B, seq_len=T, total_batch_size=B * T, dtype=dtype))
     state = (trainer.model.state, trainer.optimizer.state, trainer.master)
 
     def step() -> None:
@@ -111,10 +112,11 @@ def worker(engine: str, cfg_name: str, steps: int, warmup: int, quick: bool, out
     from bench_train import torch_step
 
     with tempfile.TemporaryDirectory() as tmp:
-        if engine == "mlx":
-            step = mlx_step(cfg_name, tmp)
+        if engine.startswith("mlx"):
+            step = mlx_step(cfg_name, tmp, "float32" if engine == "mlx-fp32" else "")
         else:
-            step = torch_step(cfg_name, compile=True, gpu=not quick, amp=not quick)
+            step = torch_step(cfg_name, compile=engine == "torch.compile", gpu=not quick,
+                              amp=not quick and engine != "torch-fp32")
         return profile(step, steps, warmup, quick, Path(out) / f"trace_{engine.replace('.', '_')}.json.gz")
 
 
@@ -146,7 +148,10 @@ def main() -> None:
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="124m-b16", help="a bench_train.py config (default: 124m-b16)")
-    p.add_argument("--engines", nargs="+", default=["mlx", "torch.compile"], choices=["mlx", "torch.compile"])
+    p.add_argument("--engines", nargs="+", default=["mlx", "torch.compile"],
+                   choices=["mlx", "mlx-fp32", "torch.compile", "torch-fp32"],
+                   help="mlx: the profile's dtype (bf16 on a GPU); torch.compile: bf16 autocast; the fp32 engines: "
+                        "TF32 matmuls, PyTorch eager (default: mlx torch.compile)")
     p.add_argument("--steps", type=int, default=5, help="profiled steps per engine (default: 5)")
     p.add_argument("--warmup", type=int, default=3, help="steps before the profiled ones (default: 3)")
     p.add_argument("--top", type=int, default=25, help="largest kernels listed per engine (default: 25)")

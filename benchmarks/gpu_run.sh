@@ -41,4 +41,6 @@ run 40 attention_t1000 python3 benchmarks/bench_attention.py --seq 1000 --dtypes
 # the cap with smaller graphs, whose buffers the host waits for sooner
 run 80 train_cap_graph200mb env MLX_MAX_MB_PER_BUFFER=200 python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx \
     --cap-memory
+# last, if the call has time left: the float32 (TF32) step's kernels against PyTorch eager's
+run 100 kernels_fp32 python3 benchmarks/gpu_kernels.py --engines mlx-fp32 torch-fp32 --out "$OUT/fp32"
 grep -h "124m-b16\|clip\|host\|^| \|gelu\|relu2" "$OUT"/*.log | tee -a "$OUT/summary.log"

@@ -135,6 +135,9 @@ def report(results: dict[str, dict], top: int) -> None:
     for label, value in rows:
         print(f"| {label} | " + " | ".join(f"{value(e)[0]:.2f} ({value(e)[1]:.0f})" for e in engines) + " |")
     for e in engines:
+        if not results[e]["kernels"]:
+            print(f"\n{e}: the profiler recorded no kernels (on a GPU: CUPTI did not see this engine's launches)")
+            continue
         print(f"\n{e}: the {top} largest kernels (ms a step, launches a step, kind)")
         ranked = sorted(results[e]["kernels"].items(), key=lambda kv: -kv[1][0])[:top]
         for name, (ms, n) in ranked:

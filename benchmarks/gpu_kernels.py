@@ -4,7 +4,7 @@ CUPTI, through torch.profiler, records every CUDA kernel the process launches, M
 and its compiled element-wise kernels, cuda.py's) as well as PyTorch's. Each engine runs in its own process:
 a few warm-up steps, then `--steps` timed steps under the profiler. nanogpt-mlx runs its Trainer's compiled
 optimizer step (forward, backward, clip, AdamW) one step at a time; PyTorch runs bench_train.py's
-build-nanogpt step (bf16 autocast, fused AdamW, flash SDPA). Per step it prints the wall time, the kernels'
+build-nanogpt step (torch.compile: bf16 autocast, fused AdamW, flash SDPA; torch-fp32: eager, TF32). Per step it prints the wall time, the kernels'
 summed time (below the wall time: the GPU waited), the number of kernels, the time by kind of kernel side by
 side, and each engine's largest kernels. The aggregate goes to OUT/gpu_kernels.json, and each engine's
 trace to OUT/trace_ENGINE.json.gz (chrome://tracing, Perfetto).
@@ -32,7 +32,8 @@ from pathlib import Path
 from workers import spawn
 
 KINDS = [  # the first pattern a kernel's name matches (lower case) gives its kind
-    ("element-wise", r"^mlx::core::cu::\w+_(contiguous|strided)<"),  # mx.compile's fused kernels
+    ("element-wise", r"mlx::core::cu::\w+_(contiguous|strided)<"),  # mx.compile's fused kernels (CUPTI's names
+    # are demangled: "void mlx::core::cu::..._contiguous<unsigned int, 8>(...)")
     ("attention", r"sdpa|flash|fmha|attn|attention"),
     ("GEMM", r"gemm|cutlass|nvjet|xmma|cublas|s16816|s1688|matmul|aten::mm|aten::addmm|aten::bmm"),
     ("head + loss", r"cross_entropy|nanogpt|log_softmax|nll_loss|logsumexp"),

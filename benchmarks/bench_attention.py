@@ -2,12 +2,13 @@
 
 Variants: MLX's fused kernel (cuDNN on an NVIDIA GPU; on a CPU MLX falls back to one T x T graph), the same
 over T padded to a multiple of 128 (kernels.padded_attention: what CUDA training runs where T is not one, as
-cuDNN's backward takes whole tiles of 128 queries), its fused forward with kernels.recomputing_attention's backward, and kernels.plain_attention (plain ops, the profile's
-float32 exp and reductions, its backward written out) with all queries in one block and in blocks of 128 and
-256 queries (a causal block skips the keys after its last query). Each is compiled and timed in this one process (median of --reps after
-warm-up), with its peak memory above what was live before and its ratio to the one-block plain ops; outputs
-and gradients are checked against the one-block plain ops. Defaults: GPT-2's attention (12 heads of 64) at
-T = 1024, B4 on a CPU, B16 on a GPU, float32 on a CPU, both dtypes on a GPU.
+cuDNN's backward takes whole tiles of 128 queries), its fused forward with kernels.recomputing_attention's
+backward, and kernels.plain_attention (plain ops, the profile's float32 exp and reductions, its backward
+written out) with all queries in one block and in blocks of 128 and 256 queries (a causal block skips the keys
+after its last query). Each is compiled and timed in this one process (median of --reps after warm-up), with
+its peak memory above what was live before and its ratio to the one-block plain ops; outputs and gradients are
+checked against the one-block plain ops. Defaults: GPT-2's attention (12 heads of 64) at T = 1024, B4 on a
+CPU, B16 on a GPU, float32 on a CPU, both dtypes on a GPU.
 
     python benchmarks/bench_attention.py [--batch 4] [--seq 1024] [--dtypes float32 bfloat16] [--out DIR]
 """

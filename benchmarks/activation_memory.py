@@ -72,11 +72,12 @@ def units_per_layer(config: GPTConfig, dtype: mx.Dtype, batch: int, seq: int, la
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    ap.add_argument("--n-embd", type=int, default=256)
-    ap.add_argument("--n-head", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                    help="compute dtype (default: bfloat16)")
+    ap.add_argument("--n-embd", type=int, default=256, help="model width (default: 256)")
+    ap.add_argument("--n-head", type=int, default=4, help="attention heads (default: 4)")
+    ap.add_argument("--batch", type=int, default=8, help="rows per batch (default: 8)")
+    ap.add_argument("--seq", type=int, default=128, help="tokens per row (default: 128)")
     ap.add_argument("--gpu-like", action="store_true", help="LayerNorm and attention stand-ins that keep what MLX's "
                     "GPU kernels keep (for a CPU estimate of a GPU's figure)")
     args = ap.parse_args()

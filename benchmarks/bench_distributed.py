@@ -89,8 +89,8 @@ def run(directory: Path, model: dict, ranks: int, threads: int, steps: int, worl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="ab", help="which configs: a (4L/256d, B8xT256), b (124M, B4xT256)")
-    ap.add_argument("--ranks", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--ranks", type=int, default=os.cpu_count() or 2, help="single-threaded ranks (default: the cores)")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps (default: 8)")
     args = ap.parse_args()
     n = args.ranks
     rows = []

@@ -36,7 +36,7 @@ def timed(fn, warmup, *args) -> tuple[float, object]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--examples", type=int, default=64)
+    ap.add_argument("--examples", type=int, default=64, help="synthetic examples scored (default: 64)")
     ap.add_argument("--batches", type=int, nargs="+", help="examples per MLX forward (default: 1 4 8 on the CPU, "
                                                            "8 16 32 on a GPU; `eval hellaswag` uses 1 and 8)")
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",

@@ -103,9 +103,10 @@ def best_of(repeat: int, run, out: Path | None = None) -> tuple[int, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--text", type=Path, required=True, help="real text to repeat (e.g. tinyshakespeare.txt)")
-    ap.add_argument("--mb", type=float, default=50)
-    ap.add_argument("--workers", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}))
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--mb", type=float, default=50, help="MB of jsonl to tokenize (default: 50)")
+    ap.add_argument("--workers", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
+                    help="worker counts to time (default: 1 and the cores)")
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each, the best counts (default: 2)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,12 +1,12 @@
 """Where a GPU training step's time goes, kernel by kernel: nanogpt-mlx against build-nanogpt's torch.compile.
 
-CUPTI, through torch.profiler, records every CUDA kernel the process launches, MLX's (cuBLAS, cuDNN, its own
-and its compiled element-wise kernels, cuda.py's) as well as PyTorch's. Each engine runs in its own process:
-a few warm-up steps, then `--steps` timed steps under the profiler. nanogpt-mlx runs its Trainer's compiled
-optimizer step (forward, backward, clip, AdamW) one step at a time; PyTorch runs bench_train.py's
-build-nanogpt step (torch.compile: bf16 autocast, fused AdamW, flash SDPA; torch-fp32: eager, TF32). Per step it prints the wall time, the kernels'
-summed time (below the wall time: the GPU waited), the number of kernels, the time by kind of kernel side by
-side, and each engine's largest kernels. The aggregate goes to OUT/gpu_kernels.json, and each engine's
+CUPTI, through torch.profiler, records every CUDA kernel the process launches, MLX's (cuBLAS, cuDNN, its own and
+its compiled element-wise kernels, cuda.py's) as well as PyTorch's. Each engine runs in its own process: a few
+warm-up steps, then `--steps` timed steps under the profiler. nanogpt-mlx runs its Trainer's compiled optimizer
+step (forward, backward, clip, AdamW) one step at a time; PyTorch runs bench_train.py's build-nanogpt step
+(torch.compile: bf16 autocast, fused AdamW, flash SDPA; torch-fp32: eager, TF32). Per step it prints the wall time,
+the kernels' summed time (below the wall time: the GPU waited), the number of kernels, the time by kind of kernel
+side by side, and each engine's largest kernels. The aggregate goes to OUT/gpu_kernels.json, and each engine's
 trace to OUT/trace_ENGINE.json.gz (chrome://tracing, Perfetto).
 
     python benchmarks/gpu_kernels.py [--config 124m-b16] [--steps 5] [--top 25]

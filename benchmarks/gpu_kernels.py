@@ -85,18 +85,15 @@ def profile(step, steps: int, warmup: int, quick: bool, trace_path: Path) -> dic
 
 def mlx_step(cfg_name: str, tmp: str, dtype: str = ""):
     """The Trainer's compiled optimizer step in `dtype` (default: the device profile's), one step at a time."""
-    import numpy as np
     from bench_train import CONFIGS, GPU_CONFIGS
+    from profile_step import write_shards  # imports nanogpt_mlx, which sets the device up before mlx.core
 
-    import nanogpt_mlx  # noqa: F401  (sets the device up before mlx.core)
     from nanogpt_mlx.train import TrainConfig, Trainer
 
     import mlx.core as mx
 
     L, d, nh, B, T = {**CONFIGS, **GPU_CONFIGS}[cfg_name]
-    tokens = np.random.default_rng(0).integers(0, 50257, B * T * 4 + 1).astype(np.uint16)
-    for split in ("val_000000", "train_000001"):
-        np.save(f"{tmp}/k_{split}.npy", tokens)
+    write_shards(tmp, B * T * 4 + 1)
     trainer = Trainer(TrainConfig(data=tmp, out=f"{tmp}/out", n_layer=L, n_head=nh, n_embd=d, block_size=1024,
                                   batch_size=B, seq_len=T, total_batch_size=B * T, dtype=dtype))
     state = (trainer.model.state, trainer.optimizer.state, trainer.master)

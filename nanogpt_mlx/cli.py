@@ -261,7 +261,8 @@ def add_train(sub) -> None:
                                    "overrides the resumed run's config, except its model). --recipe speedrun switches "
                                    "a build-nanogpt preset to the speedrun's model and optimizer, with its defaults "
                                    "for max_lr, weight_decay, betas, eps, grad_clip and warmup_steps. Ctrl-C or "
-                                   "SIGTERM saves a checkpoint and stops.")
+                                   "SIGTERM saves a checkpoint after the step in progress (at once during an "
+                                   "evaluation) and stops.")
     p.add_argument("--preset", choices=list(PRESETS), default="shakespeare", help="(default: shakespeare)")
     p.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoints are in DIR, exactly")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds checkpoints")

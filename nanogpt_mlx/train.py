@@ -239,6 +239,10 @@ class _Step:
     ended: float = 0.0  # when the device was seen to have finished it (Trainer._queue)
 
 
+class _StopEvaluating(Exception):
+    """Ctrl-C or SIGTERM during an evaluation (Trainer._evaluating): it stops at once."""
+
+
 class Trainer:
     """A training run: `Trainer(cfg).train()`, or `Trainer(cfg, resume=True)` to continue cfg.out.
     Without cfg: TrainConfig(), build-nanogpt's GPT-2 124M run."""
@@ -292,6 +296,7 @@ class Trainer:
                 shutil.rmtree(old)
         self.log = checkpoint.RunLog(self.out, self.step, self.dist.is_main)
         self._stop = False
+        self._evaluating = False  # a stop request interrupts an evaluation (_on_signal)
         self._in_flight: tuple = ()  # what the device is evaluating (Trainer._queue) ...
         self._in_flight_ends: _Step | None = None  # ... and the step it ends, if it is a step's last micro-step
         self._last_ended = 0.0  # when the last finished step ended (perf_counter)
@@ -415,20 +420,33 @@ class Trainer:
         return bool(every) and (step % every == 0 or step == self.cfg.max_steps - 1)
 
     def _evaluate(self) -> None:
+        """The evaluations due before step self.step. A stop request ends them at once (raising
+        _StopEvaluating): they change no weights, so the checkpoint of this step is as good, and a resumed run
+        evaluates again. Not with several ranks, which must stop at the same point (their collectives)."""
         cfg, step = self.cfg, self.step
         if self._due(cfg.val_every, step):
-            loss = self.result["val_loss"] = self.val_loss()
+            loss = self.result["val_loss"] = self._interruptible(self.val_loss)
             self._say(f"step {step:5d} | val loss {loss:.4f}")
             self.log.metric(step, "val", loss)
         if self._due(cfg.hellaswag_every, step):
-            acc = self.result["hellaswag"] = self.hellaswag()
+            acc = self.result["hellaswag"] = self._interruptible(self.hellaswag)
             self._say(f"step {step:5d} | hellaswag {acc:.4f}")
             self.log.metric(step, "hella", acc)
         if cfg.num_samples and self._due(cfg.sample_every, step) and (step > 0 or step == cfg.max_steps - 1):
-            texts = self.samples()
+            texts = self._interruptible(self.samples)
             for i, t in enumerate(texts):
                 self._say(f"sample {i}: {t!r}")
             self.log.event(step, "sample", texts=texts)
+
+    def _interruptible(self, evaluation):
+        """evaluation(), which a stop request ends (single process); writing its result to the log is not."""
+        if self._stop and self.dist.world == 1:
+            raise _StopEvaluating
+        self._evaluating = self.dist.world == 1
+        try:
+            return evaluation()
+        finally:
+            self._evaluating = False
 
     # -- training
     def _say(self, line: str) -> None:
@@ -443,8 +461,7 @@ class Trainer:
         on it once per step; a single process can stop between micro-steps.
         """
         t0, loader_state = time.perf_counter(), self.train_loader.state_dict()
-        if self.dist.world > 1 and self.dist.sum(float(self._stop)) > 0:
-            self._stop = True
+        if self._stopping():
             return None
         self.recipe.set_step(self.optimizer, step, self.cfg)
         grads, losses = None, []
@@ -463,6 +480,15 @@ class Trainer:
                 queued = _Step(step, self.recipe.lr(step, self.cfg), t0, sum(losses), norm)
                 self._queue(loss, norm, self.model.state, self.optimizer.state, ends=queued)
         return queued
+
+    def _stopping(self) -> bool:
+        """Whether to stop now: a stop was requested (of any rank: ranks agree on it, all calling this together;
+        a request that comes while they agree counts the next time)."""
+        if self.dist.world == 1:
+            return self._stop
+        agreed = self.dist.sum(float(self._stop)) > 0
+        self._stop = self._stop or agreed
+        return agreed
 
     def _queue(self, *arrays: mx.array, ends: _Step | None = None) -> None:
         """Start evaluating `arrays` once the work queued before them has finished (and note when that work
@@ -515,14 +541,17 @@ class Trainer:
 
     def _on_signal(self, signum: int, _frame) -> None:
         again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        self._say(f"stopping: saving a checkpoint after this step ({again} again to quit without saving)")
+        when = "now" if self._evaluating else "after this step"
+        self._say(f"stopping: saving a checkpoint {when} ({again} again to quit without saving)")
         self._stop = True
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        if self._evaluating:
+            raise _StopEvaluating
 
     def train(self, until: int | None = None) -> dict:
         """Run from self.step to max_steps (or to step `until`, then save); returns the latest train/val
-        losses. Ctrl-C (and SIGTERM) saves and raises KeyboardInterrupt; a NaN/inf loss raises UserError,
-        saving nothing."""
+        losses. Ctrl-C (and SIGTERM) saves after the step in progress, or at once during an evaluation, and raises
+        KeyboardInterrupt; a NaN/inf loss raises UserError, saving nothing."""
         cfg = self.cfg
         end = cfg.max_steps if until is None else min(until, cfg.max_steps)
         n_params = sum(p.size for _, p in tree_flatten(self.model.parameters()))
@@ -552,9 +581,14 @@ class Trainer:
             mx.set_memory_limit(self._memory_cap)
         try:
             queued = None
-            while self.step < end:  # a stop request ends it in _start_step, where ranks agree on it
+            while self.step < end:  # a stop request ends it before a step (_stopping: ranks agree on it)
                 if queued is None:
-                    self._evaluate()
+                    if self._stopping():
+                        break
+                    try:
+                        self._evaluate()
+                    except _StopEvaluating:
+                        break
                     if self._measuring():
                         memory.start_measuring()
                     queued = self._start_step(self.step)

@@ -411,6 +411,45 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
     assert f"--resume {out}" in stdout
 
 
+def test_a_stop_request_skips_the_evaluations_due_next(data_dir, tmp_path):
+    """Ctrl-C during step 2 saves step 3 without first running step 3's evaluations (HellaSwag takes minutes)."""
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(data_dir, out, max_steps=6, val_every=1, val_steps=1))
+    finish = trainer._finish_step
+
+    def finish_then_stop(s):
+        trainer._stop = trainer._stop or s.step == 2  # as the signal handler does, while step 2 runs
+        return finish(s)
+
+    trainer._finish_step = finish_then_stop
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert [r["step"] for r in logged(out, "val")] == [0, 1, 2]
+    assert [p.name for p in checkpoints(out)] == ["ckpt-000003"]
+
+
+def test_ctrl_c_during_an_evaluation_stops_it_at_once(data_dir, tmp_path):
+    """An evaluation changes no weights: Ctrl-C ends it (a val loss over 10^7 batches here) and saves the step;
+    the resumed run evaluates that step again, and the log holds each evaluation once."""
+    out = tmp_path / "run"
+    args = cli_config(data_dir, out, "--max-steps", "3", "--val-every", "2", "--val-steps", "10000000",
+                      "--sample-every", "0")
+    proc = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    while not (line := proc.stdout.readline()).startswith("model ") and line:  # the header, then the first val
+        pass
+    time.sleep(1.0)  # the handlers are installed right after the header
+    signal_sent = time.time()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert time.time() - signal_sent < 30 and "saving a checkpoint now" in stdout
+    assert [p.name for p in checkpoints(out)] == ["ckpt-000000"] and logged(out, "val") == []
+    run_cli("train", "--resume", str(out), "--val-steps", "2", check=True)
+    assert [r["step"] for r in logged(out, "val")] == [0, 2]
+    assert [r["step"] for r in logged(out)] == [0, 1, 2]
+
+
 # ------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("case, needles", [
     ("missing-dir", ["data directory not found"]),

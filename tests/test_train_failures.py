@@ -1,15 +1,11 @@
 """Training when things go wrong: unwritable or full disks, damaged checkpoints, bad learning rates,
-SIGTERM, leftovers of a kill. Each failure is one line on stderr and leaves no half-written files."""
+leftovers of a kill (SIGINT and SIGTERM: test_train.py). Each failure is one line on stderr and leaves no half-written files."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -183,24 +179,7 @@ def test_torn_last_log_line_is_tolerated(run):
     assert [line.split()[0] for line in (run / "log.txt").read_text().splitlines()] == [str(s) for s in range(6)]
 
 
-# ------------------------------------------------------------- SIGTERM and leftovers (item 13)
-def test_sigterm_saves_a_checkpoint_like_ctrl_c(data_dir, tmp_path):
-    out = tmp_path / "run"
-    args = cli_config(data_dir, out, "--max-steps", "100000", "--no-compile")
-    proc = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((out / "log.txt").exists() and "2 train" in (out / "log.txt").read_text()):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr and "interrupted" in stderr
-    (ckpt,) = checkpoints(out)
-    assert json.loads((ckpt / "trainer.json").read_text())["step"] == int(ckpt.name[5:]) >= 3
-    assert f"--resume {out}" in stdout
-
-
+# ------------------------------------------------------------- leftovers of a kill (item 13)
 def test_leftovers_of_a_kill_are_removed(run):
     """kill -9 during the model link update leaves OUT/.model.tmpPID.safetensors; during a save, a temp dir."""
     (run / ".model.tmp99999.safetensors").write_bytes(b"\0" * (1 << 20))

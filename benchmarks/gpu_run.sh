@@ -35,6 +35,9 @@ run 150 kernels python3 benchmarks/gpu_kernels.py --config 124m-b16 --out "$OUT"
 run 80 train_cap python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx --cap-memory
 run 120 train_fp32 python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx-fp32 torch-fp32
 run 90 profile python3 benchmarks/profile_step.py --parts head optimizer host --out "$OUT"
+# what a block keeps for the backward at GPT-2 124M's width and B16 x T1024, in n_embd units a token: the value
+# to refit device.py's CUDA saved_per_layer with (the slope of the peak between 2 and 8 layers)
+run 60 activations python3 benchmarks/activation_memory.py --n-embd 768 --n-head 12 --batch 16 --seq 1024
 run 50 attention python3 benchmarks/bench_attention.py --out "$OUT"
 # T = 1000: cuDNN's backward over T padded to 1024 against the recomputing backward it replaced
 run 40 attention_t1000 python3 benchmarks/bench_attention.py --seq 1000 --dtypes bfloat16 --out "$OUT/t1000"

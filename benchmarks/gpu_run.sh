@@ -28,6 +28,11 @@ run 30 info python3 -m nanogpt_mlx info
 run 150 train python3 benchmarks/bench_train.py "${B16[@]}" --engines mlx torch.compile
 # every kernel of a step, MLX's and PyTorch's, from CUPTI: where the gap to torch.compile is, and whether the GPU idles
 run 150 kernels python3 benchmarks/gpu_kernels.py --config 124m-b16 --out "$OUT"
+# MLX commits a CUDA graph every 100 ops (1000 MB of inputs) on an H100/H200 and updates or re-instantiates its
+# executable graph at each commit (a graph with a kernel of clusters 2-D or more is re-instantiated): if the
+# kernels' time above falls short of the step's, fewer and larger graphs may spare the host that work
+run 60 train_graph1000ops env MLX_MAX_OPS_PER_BUFFER=1000 MLX_MAX_MB_PER_BUFFER=8000 python3 benchmarks/bench_train.py \
+    "${B16[@]}" --engines mlx
 # how much of the peak is queued work: MLX allocates an op's outputs when the host queues it, and its CUDA backend
 # keeps the op's inputs until the CUDA graph holding it has run (graphs of up to 100 ops or 1000 MB of inputs on
 # an H100/H200, up to 10 queued before the host waits). --cap-memory runs the first step op by op (its peak is the

@@ -28,9 +28,11 @@ KEEP = 2  # the latest checkpoint and the one before, to resume from if the late
 
 
 def checkpoints(out: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint directories of a run, oldest first (temporary ones are never listed)."""
+    """Complete checkpoint directories of a run, oldest first (temporary ones are never listed); by step, as
+    names sort wrongly from step 10^6 on (ckpt-1000000 < ckpt-999999)."""
     out = Path(out)
-    return sorted(p for p in out.glob("ckpt-*") if p.is_dir() and p.name[5:].isdigit()) if out.is_dir() else []
+    found = [p for p in out.glob("ckpt-*") if p.is_dir() and p.name[5:].isdigit()] if out.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def latest_checkpoint(out: str | os.PathLike) -> Path:
@@ -42,7 +44,7 @@ def latest_checkpoint(out: str | os.PathLike) -> Path:
 
 def damaged(ckpt: Path, reason: str) -> UserError:
     """The error for a checkpoint that cannot be resumed, pointing at the previous one if there is one."""
-    earlier = [c for c in checkpoints(ckpt.parent) if c.name < ckpt.name]
+    earlier = [c for c in checkpoints(ckpt.parent) if int(c.name[5:]) < int(ckpt.name[5:])]
     hint = (f"the previous checkpoint {earlier[-1].name} is kept: move this one away (mv {ckpt} {ckpt}.damaged) "
             "and resume again to continue from it" if earlier else "there is no earlier checkpoint to resume from")
     return UserError(f"{ckpt}: damaged checkpoint ({reason}); {hint}")

@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli, run_main
 from test_train import cli_config, tiny_config, token_stream, write_shards
 
-from nanogpt_mlx.checkpoint import checkpoints
+from nanogpt_mlx.checkpoint import checkpoints, damaged, latest_checkpoint
 from nanogpt_mlx.train import Trainer, TrainConfig, get_lr
 
 
@@ -165,6 +165,19 @@ def test_damaged_only_checkpoint_says_there_is_none_before(run):
     shutil.rmtree(checkpoints(run)[0])
     (checkpoints(run)[-1] / "trainer.json").write_text("{")
     assert_one_line_error(resume(run), "damaged checkpoint", "no earlier checkpoint")
+
+
+def test_checkpoints_sort_by_step_past_step_999999(data_dir, tmp_path):
+    """ckpt-1000000 sorts before ckpt-999999 by name: the newest must be kept and resumed from, not pruned."""
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(data_dir, out))
+    for step in (999_998, 999_999, 1_000_000):
+        trainer.step = step
+        trainer.save()
+    assert [p.name for p in checkpoints(out)] == ["ckpt-999999", "ckpt-1000000"]
+    assert latest_checkpoint(out).name == "ckpt-1000000"
+    (out / "ckpt-1000000" / "trainer.json").write_text("{")
+    assert "previous checkpoint ckpt-999999 is kept" in str(damaged(out / "ckpt-1000000", "torn"))
 
 
 def test_torn_last_log_line_is_tolerated(run):

@@ -6,6 +6,7 @@ Uses matplotlib's object API with the Agg canvas, so it works headless and leave
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ class RunLog:
 
 def read_log(run: str | os.PathLike) -> RunLog:
     """Parse a run directory's log.txt (or a log file). Lines that do not parse are skipped, so a
-    log being written can be plotted; a step logged twice (a resumed run) keeps its last value."""
+    log being written can be plotted, and so are nan and inf values; a step logged twice (a resumed run) keeps
+    its last value."""
     path = Path(run)
     if path.is_dir():
         path = path / "log.txt"
@@ -41,9 +43,11 @@ def read_log(run: str | os.PathLike) -> RunLog:
         if len(parts) != 3 or parts[1] not in points:
             continue
         try:
-            points[parts[1]][int(parts[0])] = float(parts[2])
+            step, value = int(parts[0]), float(parts[2])
         except ValueError:
             continue
+        if math.isfinite(value):  # a diverged run logs nan or inf, which has no place on an axis
+            points[parts[1]][step] = value
     series = {k: (np.array(sorted(d)), np.array([d[s] for s in sorted(d)])) for k, d in points.items() if d}
     if not series:
         raise UserError(f"{path}: no `STEP train|val|hella VALUE` lines")

@@ -50,6 +50,14 @@ def test_resumed_step_keeps_last_value(tmp_path):
     assert list(steps) == [0, 1, 2] and list(values) == [5.0, 3.5, 3.0]
 
 
+def test_a_diverged_runs_nan_and_inf_are_left_out(tmp_path):
+    """The trainer logs a val loss before the step whose loss is nan stops it: the plot draws the rest."""
+    (tmp_path / "log.txt").write_text("0 val 10.9\n0 train 10.8\n1 val nan\n1 train inf\n")
+    log = read_log(tmp_path)
+    assert {k: list(v[0]) for k, v in log.series.items()} == {"train": [0], "val": [0]}
+    assert png_size(plot_runs([tmp_path], tmp_path / "p.png"))[0] > 0
+
+
 def test_plot_several_runs(tmp_path):
     a = fake_run(tmp_path / "a")
     b = fake_run(tmp_path / "b", steps=200, scale=1.5)

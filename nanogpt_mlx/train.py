@@ -268,6 +268,10 @@ class Trainer:
         self.model = self._build_model(ckpt)
         self.model.checkpoint_blocks = cfg.activation_checkpointing
         self._check_config()
+        # HellaSwag's examples now, not at the first evaluation: a wrong path or a failed download stops a resumed
+        # run (or one whose first evaluation comes late) before it trains, not after
+        self._hellaswag = load_hellaswag(cfg.hellaswag_data or download_hellaswag(progress=self.dist.is_main),
+                                         limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else None
         self.memory = memory.check(self.model.config, cfg.batch_size, cfg.seq_len, self.dtype_name,
                                    cfg.activation_checkpointing, cfg.max_memory)
         if cfg.max_memory:
@@ -302,7 +306,6 @@ class Trainer:
         self._last_ended = 0.0  # when the last finished step ended (perf_counter)
         self._memory_cap = 0  # bytes MLX may use while training (cap_memory), once a step was measured
         self.result: dict[str, float] = {}  # latest train_loss, val_loss and hellaswag
-        self._hellaswag = None  # examples, loaded at the first evaluation
 
     # -- setup
     def _build_model(self, ckpt: Path | None) -> GPT:
@@ -408,10 +411,8 @@ class Trainer:
 
     def hellaswag(self) -> float:
         """acc_norm over the HellaSwag examples, split across ranks with the counts summed (build-nanogpt)."""
-        cfg = self.cfg
         if self._hellaswag is None:
-            self._hellaswag = load_hellaswag(cfg.hellaswag_data or download_hellaswag(progress=self.dist.is_main),
-                                             limit=cfg.hellaswag_limit or None)
+            raise UserError("no HellaSwag examples were loaded: they are, at start, when hellaswag_every is set")
         r = score_hellaswag(self.model, self._hellaswag, rank=self.dist.rank, world=self.dist.world, progress=False)
         return self.dist.sum(r.num_correct_norm) / self.dist.sum(r.num_total)
 

@@ -464,6 +464,8 @@ def test_ctrl_c_during_an_evaluation_stops_it_at_once(data_dir, tmp_path):
     # MLX's gather would read past the embedding for the GPT-2 token ids of a prompt or of HellaSwag
     ("prompt-outside-vocab", ["samples: the prompt has token id 15496", "vocab_size of 1000", "sample_every 0"]),
     ("hellaswag-outside-vocab", ["HellaSwag needs GPT-2's 50257 tokens", "vocab_size 1000"]),
+    # the examples are loaded at start: a resumed run would otherwise train until its first HellaSwag step
+    ("resume-hellaswag-missing", ["nope.jsonl: file not found"]),
 ])
 def test_bad_input_is_one_clear_line(case, needles, data_dir, tmp_path):
     out = tmp_path / "run"
@@ -490,8 +492,14 @@ def test_bad_input_is_one_clear_line(case, needles, data_dir, tmp_path):
         args += ["--sample-every", "1", "--prompt", "Hello"]
     elif case == "hellaswag-outside-vocab":
         args += ["--hellaswag-every", "1"]
+    elif case == "resume-hellaswag-missing":
+        run_cli(*args, "--vocab-size", "50304", check=True)
+        args = ["train", "--resume", str(out), "--max-steps", "40", "--hellaswag-every", "30", "--hellaswag-data",
+                str(tmp_path / "nope.jsonl")]
+    log = (out / "log.txt").read_text() if case.startswith("resume-") and (out / "log.txt").exists() else None
     assert_one_line_error(run_cli(*args), *needles)
-    assert not (out / "log.txt").exists() or case == "resume-other-model"  # refused before the first step
+    # refused before the first step
+    assert ((out / "log.txt").read_text() if (out / "log.txt").exists() else None) == log
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):

@@ -258,13 +258,14 @@ def add_train(sub) -> None:
 
     p = sub.add_parser("train", help="pretrain or fine-tune: build-nanogpt's recipe or the speedrun's",
                        description="Train from a preset; every TrainConfig field below overrides it (with --resume: "
-                                   "overrides the resumed run's config, except its model). --recipe speedrun switches "
-                                   "a build-nanogpt preset to the speedrun's model and optimizer, with its defaults "
+                                   "overrides the resumed run's config, except its model and batches). --recipe "
+                                   "speedrun switches a build-nanogpt preset to the speedrun's model and optimizer, with its defaults "
                                    "for max_lr, weight_decay, betas, eps, grad_clip and warmup_steps. Ctrl-C or "
                                    "SIGTERM saves a checkpoint after the step in progress (at once during an "
                                    "evaluation) and stops.")
     p.add_argument("--preset", choices=list(PRESETS), default="shakespeare", help="(default: shakespeare)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoints are in DIR, exactly")
+    p.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoints are in DIR, exactly: "
+                   "its model and its batches (batch_size, seq_len, shuffle, seed, shards) stay")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds checkpoints")
     p.add_argument("--ranks", type=positive_int, default=1,
                    help="data-parallel processes on this machine (ring backend on 127.0.0.1), each with "

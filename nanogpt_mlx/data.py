@@ -27,8 +27,8 @@ def list_shards(data_dir: str | Path, split: str) -> list[Path]:
     return shards
 
 
-def load_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
-    """A shard's tokens (memory-mapped), checked: 1-D integers, none negative, all < vocab_size if given."""
+def open_shard(path: Path) -> np.ndarray:
+    """A shard's tokens, memory-mapped (only its header is read), checked to be a 1-D integer array."""
     try:
         tokens = np.load(path, mmap_mode="r")
     except EOFError:
@@ -37,6 +37,12 @@ def load_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
         raise UserError(f"{path}: cannot read shard ({e})") from None
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
         raise UserError(f"{path}: expected a 1-D integer array, got {tokens.dtype} {tokens.shape}")
+    return tokens
+
+
+def load_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
+    """A shard's tokens (memory-mapped), checked: 1-D integers, none negative, all < vocab_size if given."""
+    tokens = open_shard(path)
     if np.issubdtype(tokens.dtype, np.signedinteger) and tokens.size and int(tokens.min()) < 0:
         raise UserError(f"{path}: negative token id {int(tokens.min())}")
     if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
@@ -76,18 +82,29 @@ class DataLoader:
                  vocab_size: int | None = None, shuffle: bool = False, seed: int = 0):
         self.B, self.T, self.rank, self.world = B, T, rank, world
         self.vocab_size, self.shuffle, self.seed = vocab_size, shuffle, seed
-        self.shards = list_shards(data_dir, split)
         warn_if_incomplete(Path(data_dir).resolve())
+        # every shard's length now (headers only): one too short for a batch would stop a run when reached
+        # (prepare's last shard can be); its token ids are checked when it is read
+        sized = [(path, len(open_shard(path))) for path in list_shards(data_dir, split)]
+        need = B * T * world + 1
+        short = [f"{path.name} ({n} tokens)" for path, n in sized if n < need]
+        self.shards = [path for path, n in sized if n >= need]
+        if not self.shards:
+            raise UserError(f"{data_dir}: no {split} shard holds one batch of B*T*ranks+1 = {need} tokens: "
+                            f"{', '.join(short[:3])}{' ...' * (len(short) > 3)}")
+        if short:
+            print(f"nanogpt-mlx: warning: {data_dir}: skipping {len(short)} {split} shard(s) shorter than one batch "
+                  f"of B*T*ranks+1 = {need} tokens: {', '.join(short[:3])}{' ...' * (len(short) > 3)}",
+                  file=sys.stderr)
+        # what a saved position means: a checkpoint's position is refused by a loader that reads other batches
+        self.layout = {"B": B, "T": T, "world": world, "shuffle": shuffle, "seed": seed if shuffle else None,
+                       "shards": [[path.name, n] for path, n in sized if n >= need]}
         self.state = LoaderState()
         self._load()
 
     def _load(self) -> None:
-        path = self.shards[self.state.shard]
-        self.tokens = load_shard(path, self.vocab_size)
+        self.tokens = load_shard(self.shards[self.state.shard], self.vocab_size)
         self.steps_in_shard = (len(self.tokens) - 1) // (self.B * self.T * self.world)
-        if self.steps_in_shard < 1:
-            raise UserError(f"{path}: {len(self.tokens)} tokens is too few for one batch of "
-                            f"B*T*ranks+1 = {self.B * self.T * self.world + 1}")
         self.order = np.arange(self.steps_in_shard)
         if self.shuffle:
             rng = np.random.default_rng([self.seed, self.state.epoch, self.state.shard])
@@ -112,11 +129,30 @@ class DataLoader:
         return buf[:-1].reshape(self.B, self.T), buf[1:].reshape(self.B, self.T)
 
     def state_dict(self) -> dict:
-        return asdict(self.state)
+        return {**asdict(self.state), "layout": self.layout}
 
     def load_state_dict(self, d: dict) -> None:
+        """Continue from a saved position; refused where this loader's batches differ from those it counts."""
+        d = dict(d)
+        saved = d.pop("layout", None)  # None: a checkpoint from before the layout was saved
+        if saved is not None and saved != self.layout:
+            raise UserError(f"cannot continue the checkpoint's data position with other batches: "
+                            f"{_layout_changes(saved, self.layout)}; resume with the checkpoint's values, or start a "
+                            "new run from its weights (--init-from)")
         state = LoaderState(**d)
         if not 0 <= state.shard < len(self.shards):
             raise UserError(f"data loader state refers to shard {state.shard}, but there are {len(self.shards)}")
         self.state = state
         self._load()
+
+
+def _layout_changes(saved: dict, now: dict) -> str:
+    """What differs between the batches a saved position counts and those a loader reads, as options."""
+    names = {"B": "batch_size", "T": "seq_len", "world": "ranks", "shuffle": "shuffle", "seed": "seed"}
+    differ = [k for k in names if saved.get(k) != now[k]
+              and not (k == "seed" and saved.get("shuffle") != now["shuffle"])]  # a seed only orders a shuffle
+    changes = [f"{names[k]} {saved.get(k)!r} (this run: {now[k]!r})" for k in differ]
+    if saved.get("shards") != now["shards"]:
+        count = lambda shards: f"{len(shards)} shard(s) of {sum(n for _, n in shards):,} tokens"  # noqa: E731
+        changes.append(f"data of {count(saved.get('shards') or [])} (this run: {count(now['shards'])})")
+    return ", ".join(changes)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -50,3 +52,53 @@ def test_unfinished_data_is_used_with_a_warning(tmp_path, capsys, complete):
         assert err.count("warning") == 1 and "has not finished" in err and "re-run the same prepare" in err
     else:
         assert err == ""
+
+
+def test_shards_shorter_than_a_batch_are_skipped_at_start(tmp_path, capsys):
+    """prepare's last shard can be shorter than one batch: skipped with a warning when the loader starts, not
+    an error when a run reaches it; no shard long enough is one line."""
+    data = write_shards(tmp_path / "d", [token_stream(3000, 1), token_stream(200, 2), token_stream(50, 3)],
+                        token_stream(2000, 4))
+    loader = DataLoader(data, "train", 4, 32)
+    assert [p.name for p in loader.shards] == ["toy_train_000001.npy", "toy_train_000002.npy"]
+    err = capsys.readouterr().err
+    assert "skipping 1 train shard(s) shorter than one batch of B*T*ranks+1 = 129 tokens" in err
+    assert "toy_train_000003.npy (50 tokens)" in err
+    batches = [loader.next_batch()[0] for _ in range(30)]  # 23 batches in shard 1, 1 in shard 2, then shard 1
+    np.testing.assert_array_equal(batches[24], batches[0])
+    with pytest.raises(UserError, match=r"no train shard holds one batch of B\*T\*ranks\+1 = 3201 tokens"):
+        DataLoader(data, "train", 4, 800)
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"B": 2}, "batch_size 4 (this run: 2)"),
+    ({"T": 16}, "seq_len 32 (this run: 16)"),
+    ({"shuffle": True}, "shuffle False (this run: True)"),
+    ({"data": "other"}, "data of 2 shard(s) of 6,000 tokens (this run: 1 shard(s) of 3,000 tokens)"),
+])
+def test_a_saved_position_is_refused_by_a_loader_reading_other_batches(change, needle, tmp_path):
+    """A position counts batches of B*T*ranks in the shards as they were: read with others it would crash or
+    silently re-read or skip data."""
+    data = write_shards(tmp_path / "d", [token_stream(3000, 1), token_stream(3000, 2)], token_stream(2000, 3))
+    write_shards(tmp_path / "other", [token_stream(3000, 1)], token_stream(2000, 3))
+    loader = DataLoader(data, "train", 4, 32)
+    for _ in range(30):
+        loader.next_batch()
+    saved = json.loads(json.dumps(loader.state_dict()))  # as a checkpoint stores it
+    kw = {"B": 4, "T": 32, "shuffle": False, **change}
+    other = DataLoader(tmp_path / kw.pop("data", "d"), "train", kw["B"], kw["T"], shuffle=kw["shuffle"])
+    with pytest.raises(UserError, match=re.escape(needle)):
+        other.load_state_dict(saved)
+
+
+def test_a_saved_position_follows_its_shards_to_another_directory(tmp_path):
+    data = write_shards(tmp_path / "d", [token_stream(3000, 1), token_stream(3000, 2)], token_stream(2000, 3))
+    loader = DataLoader(data, "train", 4, 32, shuffle=True, seed=5)
+    for _ in range(30):
+        loader.next_batch()
+    saved = json.loads(json.dumps(loader.state_dict()))
+    moved = DataLoader(shutil.copytree(data, tmp_path / "moved"), "train", 4, 32, shuffle=True, seed=5)
+    moved.load_state_dict(saved)
+    np.testing.assert_array_equal(moved.next_batch()[0], loader.next_batch()[0])
+    del saved["layout"]  # a checkpoint from before the layout was saved: taken as it is
+    moved.load_state_dict(saved)

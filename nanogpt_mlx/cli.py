@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from . import device
 from .errors import UserError, first_line
@@ -167,8 +168,10 @@ def cmd_eval(args) -> None:
         print(f"{args.split} loss {loss:.4f}  perplexity {evaluate.perplexity(loss):.2f}  "
               f"({n} batches of {args.batch_size}x{T} tokens from {args.data})")
         return
-    if args.output:
-        check_writable(args.output)  # now, not after the whole evaluation
+    if args.output:  # now, not after the whole evaluation
+        if Path(args.output).is_dir():
+            raise UserError(f"{args.output}: is a directory (--output names the file to write)")
+        check_writable(args.output)
     examples = evaluate.load_hellaswag(args.data or evaluate.download_hellaswag(), args.limit)
     model = load_model(args.model)
     start = time.perf_counter()
@@ -259,8 +262,9 @@ def add_train(sub) -> None:
     p = sub.add_parser("train", help="pretrain or fine-tune: build-nanogpt's recipe or the speedrun's",
                        description="Train from a preset; every TrainConfig field below overrides it (with --resume: "
                                    "overrides the resumed run's config, except its model and batches). --recipe "
-                                   "speedrun switches a build-nanogpt preset to the speedrun's model and optimizer, with its defaults "
-                                   "for max_lr, weight_decay, betas, eps, grad_clip and warmup_steps. Ctrl-C or "
+                                   "speedrun switches a build-nanogpt preset to the speedrun's model and optimizer, "
+                                   "with its defaults for max_lr, weight_decay, betas, eps, grad_clip and "
+                                   "warmup_steps. Ctrl-C or "
                                    "SIGTERM saves a checkpoint after the step in progress (at once during an "
                                    "evaluation) and stops.")
     p.add_argument("--preset", choices=list(PRESETS), default="shakespeare", help="(default: shakespeare)")

@@ -6,6 +6,7 @@ Shards are uint16 `.npy` files named `{name}_{split}_{index:06d}.npy` (build-nan
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -21,7 +22,8 @@ def list_shards(data_dir: str | Path, split: str) -> list[Path]:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: data directory not found (make one with `nanogpt-mlx prepare`)")
-    shards = sorted(p for p in data_dir.glob("*.npy") if f"_{split}_" in p.name and not p.name.startswith("."))
+    shards = sorted(p for p in data_dir.glob(f"*_{split}_*.npy")
+                    if re.fullmatch(rf"[^.].*_{split}_\d+\.npy", p.name))  # NAME_{split}_INDEX.npy, whatever NAME holds
     if not shards:
         raise UserError(f"{data_dir}: no {split} shards (*_{split}_*.npy)")
     return shards

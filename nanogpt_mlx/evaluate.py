@@ -91,7 +91,7 @@ def _parse_line(line: str, index: int, where: str) -> Example:
         raise UserError(f"{where}: 'ctx' must be a non-empty string")
     if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
         raise UserError(f"{where}: 'endings' must be a list of 4 strings")
-    if isinstance(label, str) and label.isdigit():
+    if isinstance(label, str) and label.isascii() and label.isdigit():  # "2", not "²" (a digit int() refuses)
         label = int(label)
     if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label <= 3:
         raise UserError(f"{where}: label {d['label']!r} is not in 0..3")

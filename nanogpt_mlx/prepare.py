@@ -55,6 +55,13 @@ class PrepareConfig:
     part_bytes: int = 2 << 20  # jsonl files are cut into parts of about this size
     progress: bool = True
 
+    def __post_init__(self):
+        if self.seed < 0:
+            raise UserError(f"seed must be >= 0, got {self.seed}")
+        if self.name is not None and (not self.name or self.name.startswith(".") or any(c in self.name for c in "/\\")):
+            raise UserError(f"name {self.name!r}: shards are files NAME_val_000000.npy, NAME_train_000001.npy, ... in "
+                            "--out: a NAME has no '/' and does not start with '.' (hidden files are not read)")
+
 
 @dataclass(frozen=True)
 class Part:
@@ -315,6 +322,8 @@ def _resume(out: Path, fresh: dict) -> list[dict]:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable ({first_line(e)}); delete the directory to start over") from None
+    if not isinstance(old, dict) or old.get("format") != FORMAT:
+        raise UserError(f"{path}: not a manifest that prepare writes; choose an empty directory")
     if not old.get("shards"):
         return []  # nothing to keep: any settings may start over
     for key in ("format", "source", "tokenizer", "settings", "units"):
@@ -514,7 +523,9 @@ def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
         manifest = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable ({first_line(e)})") from None
-    if manifest:
+    if manifest is not None and not (isinstance(manifest, dict) and manifest.get("format") == FORMAT):
+        lines.append("  manifest.json is not one that prepare writes: ignored")
+    elif manifest:
         state = "complete" if manifest.get("complete") else "incomplete (re-run the same command to resume)"
         source = ", ".join(f"{k}={v}" for k, v in manifest["source"].items())
         lines.append(f"  source     {source}; {state}")
@@ -523,7 +534,11 @@ def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
         tokens = sum(len(load_shard(s)) for s in shards)
         lines.append(f"  {split:<10} {len(shards)} shards, {tokens:,} tokens")
     first = (splits["train"] or splits["val"])[0]
-    text = get_tokenizer().decode(load_shard(first)[:n_tokens].tolist())
-    lines.append(f"first {n_tokens} tokens of {first.name}:")
-    lines.append(text)
+    ids = load_shard(first)[:n_tokens].tolist()
+    if max(ids, default=0) > EOT:  # not GPT-2's tokens: nothing to decode them with
+        lines.append(f"first {n_tokens} token ids of {first.name} (beyond GPT-2's {EOT + 1}, not decoded):")
+        lines.append(" ".join(map(str, ids)))
+    else:
+        lines.append(f"first {n_tokens} tokens of {first.name}:")
+        lines.append(get_tokenizer().decode(ids))
     return "\n".join(lines)

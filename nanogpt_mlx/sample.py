@@ -34,6 +34,8 @@ class SampleConfig:
             raise UserError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise UserError(f"seed must be in [0, 2^64), got {self.seed}")
 
 
 def next_token(logits: mx.array, cfg: SampleConfig | None = None, key: mx.array | None = None) -> mx.array:
@@ -63,7 +65,7 @@ def prepare_prompt(model: GPT, ids: list[int], cfg: SampleConfig | None = None) 
     """Check that the prompt's tokens are in the model's vocab and that prompt + new tokens fit the context;
     crop the prompt's start if asked to."""
     cfg = cfg or SampleConfig()
-    room = model.config.block_size - cfg.max_new_tokens
+    room = model.config.block_size - cfg.max_new_tokens + 1  # the last new token is never fed back
     if not ids:
         ids = [EOT]  # unconditional generation starts from <|endoftext|>, as GPT-2 does
     model.check_token_ids(ids, "the prompt")
@@ -87,7 +89,14 @@ def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig | None = None,
     cfg = cfg or SampleConfig()
     ids = prepare_prompt(model, prompt_ids, cfg)
     seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
-    keys = mx.random.split(mx.random.key(seed), cfg.max_new_tokens)  # one per new token
+    key = mx.random.key(seed)
+
+    def next_key() -> mx.array:
+        """The next token's key, split off the one before: more new tokens extend fewer, token for token."""
+        nonlocal key
+        key, sub = mx.random.split(key)
+        return sub
+
     cache = model.make_cache() if use_cache else None
     x = mx.array([ids] * num_samples)  # (B, T): the whole sequence, for the uncached path
 
@@ -99,14 +108,14 @@ def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig | None = None,
             done = done | (tok == EOT)
         return tok, done
 
-    pending = step(x, mx.zeros((num_samples,), dtype=mx.bool_), keys[0])
+    pending = step(x, mx.zeros((num_samples,), dtype=mx.bool_), next_key())
     mx.async_eval(*pending)
     for i in range(cfg.max_new_tokens):
         tok, done = pending
         if i + 1 < cfg.max_new_tokens:  # queue the next step before waiting for this one
             if cache is None:
                 x = mx.concatenate([x, tok[:, None]], axis=1)
-            pending = step(tok[:, None] if cache is not None else x, done, keys[i + 1])
+            pending = step(tok[:, None] if cache is not None else x, done, next_key())
             mx.async_eval(*pending)
         yield tok
         if cfg.stop_at_eot and done.all().item():

@@ -51,7 +51,8 @@ def local_files(paths: Sequence[str | os.PathLike], text_field: str = "text",
     found: list[Path] = []
     for spec in map(str, paths):
         spec = os.path.expanduser(spec)
-        matches = sorted(glob.glob(spec, recursive=True)) if any(c in spec for c in "*?[") else [spec]
+        is_pattern = any(c in spec for c in "*?[") and not os.path.exists(spec)  # a file may be named a[1].txt
+        matches = sorted(glob.glob(spec, recursive=True)) if is_pattern else [spec]
         if not matches:
             raise UserError(f"{spec}: no files match")
         for m in map(Path, matches):

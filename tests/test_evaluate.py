@@ -164,6 +164,7 @@ GOOD = make_hellaswag(2)
     ([GOOD[0], GOOD[1], '{"ctx": "a", "endings": [', GOOD[0]], ":3: not valid JSON"),
     ([GOOD[0], {**GOOD[1], "label": 4}], ":2: label 4 is not in 0..3"),
     ([{**GOOD[0], "label": -1}], ":1: label -1"),
+    ([{**GOOD[0], "label": "\u00b2"}], ":1: label '\u00b2' is not in 0..3"),  # a digit to isdigit(), not int()
     ([{**GOOD[0], "endings": ["x", "y"]}], "'endings' must be a list of 4 strings"),
     ([{k: v for k, v in GOOD[0].items() if k != "ctx"}], "missing field 'ctx'"),
     (["[1, 2]"], "expected a JSON object"),
@@ -299,6 +300,9 @@ def test_cli_bad_inputs(tiny_hf_dir, tmp_path):
     assert_one_line_error(run_cli("eval", "hellaswag", "--model", str(tiny_hf_dir), "--data", str(bad)),
                           f"{bad}:2: not valid JSON")
     assert_one_line_error(run_cli("eval", "hellaswag", "--data", str(tmp_path / "none.jsonl")), "file not found")
+    good = write_jsonl(tmp_path / "good.jsonl", GOOD)
+    assert_one_line_error(run_cli("eval", "hellaswag", "--model", str(tmp_path / "no-model"), "--data", str(good),
+                                  "--output", str(tmp_path)), "is a directory")  # before the model is even loaded
     assert_one_line_error(run_cli("eval", "loss", "--model", str(tiny_hf_dir), "--data", str(tmp_path / "nodir")),
                           "data directory not found")
 

@@ -391,3 +391,44 @@ def test_cli_prepare_and_inspect(tmp_path):
     assert re.search(rf"train\s+{len(list_shards(out, 'train'))} shards", info)
     assert re.search(r"documents\s+100\n", info)
     assert get_tokenizer().decode(np.load(first_train)[:64].tolist()) in info
+
+
+def test_names_and_seeds_that_would_lose_shards_are_refused(tmp_path):
+    """A NAME with '/' wrote shards into a subdirectory, a leading '.' hid them from every reader: prepare
+    reported success and train found nothing. A prefix holding `_train_` no longer makes its val shard train."""
+    for name in ("a/b", ".hidden", ""):
+        with pytest.raises(UserError, match=f"name {name!r}: shards are files NAME_val_000000.npy"):
+            prep.PrepareConfig(name=name)
+    with pytest.raises(UserError, match="seed must be >= 0, got -1"):
+        prep.PrepareConfig(seed=-1)
+    write_jsonl(tmp_path / "a.jsonl", make_docs(40, seed=2))
+    assert_one_line_error(run_cli("prepare", "files", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "o"),
+                                  "--shuffle-docs", "--seed", "-1"), "seed must be >= 0")
+    out = tmp_path / "web"
+    prep.prepare(sources.local_files([tmp_path / "a.jsonl"]), out, cfg(name="web_train_v2"))
+    assert [p.name for p in list_shards(out, "val")] == ["web_train_v2_val_000000.npy"]
+    assert "web_train_v2_val_000000.npy" not in [p.name for p in list_shards(out, "train")]
+
+
+def test_an_existing_file_named_like_a_pattern_is_read(tmp_path):
+    docs = make_docs(5, seed=4)
+    path = write_jsonl(tmp_path / "a[1].jsonl", docs)
+    prep.prepare(sources.local_files([path]), tmp_path / "out", cfg())
+    assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens(docs))
+    assert len(sources.local_files([str(tmp_path / "a?1?.jsonl")]).units) == 1  # a pattern, as no such file exists
+
+
+def test_inspect_and_resume_beside_foreign_files(tmp_path):
+    """Shards of other token ids are listed, not decoded; a manifest.json prepare did not write is no crash."""
+    data = tmp_path / "d"
+    data.mkdir()
+    np.save(data / "x_val_000000.npy", np.array([1, 2, 3], np.uint16))
+    np.save(data / "x_train_000001.npy", np.array([60000, 1, 2], np.uint16))
+    (data / "manifest.json").write_text(json.dumps({"complete": True}))
+    info = prep.describe(data)
+    assert "beyond GPT-2's 50257, not decoded" in info and "60000 1 2" in info and "not one that prepare writes" in info
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "manifest.json").write_text("[1, 2]")
+    write_jsonl(tmp_path / "a.jsonl", make_docs(5))
+    with pytest.raises(UserError, match="not a manifest that prepare writes; choose an empty directory"):
+        prep.prepare(sources.local_files([tmp_path / "a.jsonl"]), tmp_path / "o", cfg())

@@ -53,6 +53,12 @@ def test_seed_fixes_samples_and_top_k_1_is_greedy(model):
     assert tokens(model, cfg) != tokens(model, SampleConfig(max_new_tokens=20, top_k=50, seed=4, stop_at_eot=False))
     greedy = tokens(model, SampleConfig(max_new_tokens=20, greedy=True, stop_at_eot=False))
     assert tokens(model, SampleConfig(max_new_tokens=20, top_k=1, seed=5, stop_at_eot=False)) == greedy
+    # more new tokens continue fewer: each token's key is split off the one before, not one split of all
+    longer = tokens(model, SampleConfig(max_new_tokens=30, top_k=50, seed=3, stop_at_eot=False))
+    assert [row[:20] for row in longer] == tokens(model, cfg)
+    for seed in (-1, 2**64):
+        with pytest.raises(UserError, match=r"seed must be in \[0, 2\^64\)"):
+            SampleConfig(seed=seed)
 
 
 def draw(logits: list[float], n: int = 4000, **cfg) -> np.ndarray:
@@ -119,7 +125,10 @@ def test_prompt_longer_than_context(model):
     with pytest.raises(UserError, match="exceeds the model's context of 128; pass --crop"):
         tokens(model, cfg, prompt=long_prompt)
     cropped = SampleConfig(max_new_tokens=20, greedy=True, stop_at_eot=False, crop=True)
-    assert tokens(model, cropped, prompt=long_prompt) == tokens(model, cfg, prompt=long_prompt[-108:])
+    # the last new token is never fed back: 109 + 20 tokens need 128 positions
+    assert tokens(model, cropped, prompt=long_prompt) == tokens(model, cfg, prompt=long_prompt[-109:])
+    with pytest.raises(UserError, match="exceeds the model's context"):
+        tokens(model, cfg, prompt=long_prompt[-110:])
     with pytest.raises(UserError, match="max_new_tokens must be >= 1"):
         SampleConfig(max_new_tokens=0)
     with pytest.raises(UserError, match="top_k must be >= 1"):

@@ -294,6 +294,9 @@ class Trainer:
         self.step = 0
         if ckpt is not None:
             self._load_state(ckpt)
+            if self.step > cfg.max_steps:
+                raise UserError(f"{ckpt} is at step {self.step}, beyond max_steps {cfg.max_steps}: nothing to train "
+                                f"(pass a larger --max-steps)")
         self._build_steps()
         if ckpt is None and self.dist.is_main:  # --overwrite, once everything above has accepted the config
             for old in checkpoint.checkpoints(self.out):

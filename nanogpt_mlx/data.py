@@ -89,18 +89,18 @@ class DataLoader:
         # (prepare's last shard can be); its token ids are checked when it is read
         sized = [(path, len(open_shard(path))) for path in list_shards(data_dir, split)]
         need = B * T * world + 1
+        kept = [(path, n) for path, n in sized if n >= need]
         short = [f"{path.name} ({n} tokens)" for path, n in sized if n < need]
-        self.shards = [path for path, n in sized if n >= need]
-        if not self.shards:
-            raise UserError(f"{data_dir}: no {split} shard holds one batch of B*T*ranks+1 = {need} tokens: "
-                            f"{', '.join(short[:3])}{' ...' * (len(short) > 3)}")
+        short_list = f"{len(short)} {split} shard(s) shorter than one batch of B*T*ranks+1 = {need} tokens: " \
+                     f"{', '.join(short[:3])}{' ...' * (len(short) > 3)}"
+        if not kept:
+            raise UserError(f"{data_dir}: no {split} shard holds one batch: {short_list}")
         if short:
-            print(f"nanogpt-mlx: warning: {data_dir}: skipping {len(short)} {split} shard(s) shorter than one batch "
-                  f"of B*T*ranks+1 = {need} tokens: {', '.join(short[:3])}{' ...' * (len(short) > 3)}",
-                  file=sys.stderr)
+            print(f"nanogpt-mlx: warning: {data_dir}: skipping {short_list}", file=sys.stderr)
+        self.shards = [path for path, _ in kept]
         # what a saved position means: a checkpoint's position is refused by a loader that reads other batches
         self.layout = {"B": B, "T": T, "world": world, "shuffle": shuffle, "seed": seed if shuffle else None,
-                       "shards": [[path.name, n] for path, n in sized if n >= need]}
+                       "shards": [[path.name, n] for path, n in kept]}
         self.state = LoaderState()
         self._load()
 

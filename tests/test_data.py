@@ -66,7 +66,8 @@ def test_shards_shorter_than_a_batch_are_skipped_at_start(tmp_path, capsys):
     assert "toy_train_000003.npy (50 tokens)" in err
     batches = [loader.next_batch()[0] for _ in range(30)]  # 23 batches in shard 1, 1 in shard 2, then shard 1
     np.testing.assert_array_equal(batches[24], batches[0])
-    with pytest.raises(UserError, match=r"no train shard holds one batch of B\*T\*ranks\+1 = 3201 tokens"):
+    with pytest.raises(UserError, match=r"no train shard holds one batch: 3 train shard\(s\) shorter than one "
+                                        r"batch of B\*T\*ranks\+1 = 3201 tokens"):
         DataLoader(data, "train", 4, 800)
 
 

@@ -8,6 +8,7 @@ machine (ring backend on 127.0.0.1) for `nanogpt-mlx train --ranks N`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -86,12 +87,23 @@ def launched() -> bool:
     return any(k in os.environ for k in _LAUNCH_ENV)
 
 
+def _timeout_from_env() -> float:
+    value = os.environ.get(TIMEOUT_ENV, "300")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UserError(f"{TIMEOUT_ENV}={value!r}: expected a number of seconds > 0")
+    return seconds
+
+
 def init(backend: str = "any", timeout: float | None = None) -> Dist:
     """Join the group started by mlx.launch / mpirun, or a single-process group otherwise.
 
     `timeout` (default: $NANOGPT_MLX_DIST_TIMEOUT, else 300 s) bounds how long any collective may wait.
     """
-    timeout = timeout or float(os.environ.get(TIMEOUT_ENV, 300))
+    timeout = timeout or _timeout_from_env()
     if not launched():
         return Dist(timeout=timeout)
     with watchdog(timeout, f"could not connect to the other ranks within {timeout:.0f} s"):
@@ -143,7 +155,8 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
 
     Each rank gets `threads_per_rank` BLAS threads (default: cores // n), since MLX's CPU backend
     runs everything but matmuls on one thread, n single-threaded ranks can beat one n-threaded one.
-    If any rank fails, the others are terminated.
+    If any rank fails, the others are terminated. SIGTERM to this launcher reaches the ranks as Ctrl-C: they
+    agree on a step, save a checkpoint and stop.
     """
     if n < 1:
         raise UserError(f"--ranks must be >= 1, got {n}")
@@ -154,6 +167,14 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
     env = {**os.environ, "MLX_HOSTFILE": f.name, "OPENBLAS_NUM_THREADS": str(threads)}
     procs = [subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", *argv], env={**env, "MLX_RANK": str(r)})
              for r in range(n)]
+    stopping = []
+
+    def stop(_signum, _frame) -> None:  # a scheduler's SIGTERM would otherwise orphan the ranks
+        stopping.append(True)
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
     try:
         code = 0
         while procs:
@@ -164,7 +185,7 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
                 procs.remove(p)
                 if rc != 0 and code == 0:
                     code = rc
-                    for q in procs:  # one rank failed: the run cannot finish, stop the rest
+                    for q in procs if not stopping else ():  # one rank failed: the run cannot finish, stop the rest
                         q.send_signal(signal.SIGTERM)
             time.sleep(0.1)
         return code
@@ -173,4 +194,6 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
             p.wait()
         return 130
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         os.unlink(f.name)

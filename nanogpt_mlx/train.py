@@ -127,6 +127,8 @@ class TrainConfig:
                 raise UserError(f"{f.name} must be a finite number, got {v}")
             if f.type.startswith(("int", "float")) and v is not None and v < 0:
                 raise UserError(f"{f.name} must be >= 0, got {v}")
+        if self.max_memory and self.max_memory >= 1e6:  # MLX's limit is a size_t of bytes
+            raise UserError(f"max_memory is in GB: {self.max_memory:g} GB is beyond any machine")
         for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "val_steps"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -213,9 +215,14 @@ def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
     checkpoint's (changing them is refused). Overriding one of min_lr / min_lr_ratio drops the saved other,
     which would otherwise decide or be ignored."""
     ckpt = checkpoint.latest_checkpoint(out)
+    config = checkpoint.read_state(ckpt)["config"]
+    unknown = sorted(set(config) - {f.name for f in fields(TrainConfig)})
+    if unknown:  # every checkpoint of the run has them: not a damaged one
+        raise UserError(f"{ckpt}/{checkpoint.STATE_FILE}: config fields this version of nanogpt-mlx does not know: "
+                        f"{', '.join(unknown)} (a newer version wrote it?)")
     try:
-        saved = TrainConfig(**checkpoint.read_state(ckpt)["config"])
-    except TypeError as e:  # fields this version does not know
+        saved = TrainConfig(**config)
+    except TypeError as e:
         raise checkpoint.damaged(ckpt, f"{checkpoint.STATE_FILE}: config not understood ({e})") from None
     changed = [f"{k} {getattr(saved, k)!r} (not {v!r})" for k, v in overrides.items()
                if k in _MODEL_FIELDS and v != getattr(saved, k)]
@@ -301,6 +308,8 @@ class Trainer:
         if ckpt is None and self.dist.is_main:  # --overwrite, once everything above has accepted the config
             for old in checkpoint.checkpoints(self.out):
                 shutil.rmtree(old)
+            for old in ("model.safetensors", "config.json"):  # the old run's model, which sample would load
+                (self.out / old).unlink(missing_ok=True)
         self.log = checkpoint.RunLog(self.out, self.step, self.dist.is_main)
         self._stop = False
         self._evaluating = False  # a stop request interrupts an evaluation (_on_signal)

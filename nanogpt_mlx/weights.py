@@ -121,6 +121,9 @@ def _config_from_hf(cfg: dict, where: Path) -> GPTConfig:
     for key, gpt2_value in _GPT2_FIXED.items():  # variants this architecture does not implement
         if cfg.get(key, gpt2_value) != gpt2_value:
             raise UserError(f"{where}/config.json: {key}={cfg[key]!r} is not supported (GPT-2 uses {gpt2_value!r})")
+    if cfg.get("n_inner") not in (None, 4 * cfg.get("n_embd", 768)):  # None: 4 * n_embd
+        raise UserError(f"{where}/config.json: n_inner={cfg['n_inner']!r} is not supported (GPT-2's MLP is 4 * n_embd "
+                        f"= {4 * cfg.get('n_embd', 768)} wide)")
     return GPTConfig(**_int_sizes(cfg, _SIZES, where))
 
 
@@ -132,7 +135,7 @@ def _config_from_native(cfg: dict, where: Path) -> GPTConfig:
     try:
         return GPTConfig.from_dict(model)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise UserError(f"{where}/config.json: not a valid nanogpt-mlx model config ({e!r})") from None
+        raise UserError(f"{where}/config.json: not a valid nanogpt-mlx model config ({e})") from None
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -176,13 +179,24 @@ def _check_sizes(config: GPTConfig, shapes: dict[str, tuple[int, ...]], where: P
                             f"config.json, {n} in model.safetensors)")
 
 
-def _find_safetensors(path: Path) -> Path:
-    if not path.is_file():
-        if (path.parent / "pytorch_model.bin").exists():
-            raise UserError(f"{path.parent}: only pytorch_model.bin found; pickle files are not loaded, "
-                            "convert it to model.safetensors")
-        raise UserError(f"{path}: file not found")
-    return path
+def _weight_files(directory: Path) -> list[Path]:
+    """model.safetensors, or the shards its index names (save_pretrained's max_shard_size)."""
+    path, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if path.is_file():
+        return [path]
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index}: not a safetensors index ({first_line(e)})") from None
+        missing = [n for n in names if not (directory / n).is_file()]
+        if missing or not names:
+            raise UserError(f"{index}: names shards that are not there: {', '.join(missing[:3]) or 'none'}")
+        return [directory / n for n in names]
+    if (directory / "pytorch_model.bin").exists():
+        raise UserError(f"{directory}: only pytorch_model.bin found; pickle files are not loaded, "
+                        "convert it to model.safetensors")
+    raise UserError(f"{path}: file not found")
 
 
 def _load_safetensors(path: Path) -> dict[str, mx.array]:
@@ -212,9 +226,9 @@ def load_local(directory: str | os.PathLike) -> GPT:
     cfg = _read_config(directory)
     native = cfg.get("format") == NATIVE_FORMAT
     config = _config_from_native(cfg, directory) if native else _config_from_hf(cfg, directory)
-    path = _find_safetensors(directory / "model.safetensors")
-    _check_sizes(config, safetensors_shapes(path), directory)
-    weights = _load_safetensors(path)
+    files = _weight_files(directory)
+    _check_sizes(config, {k: v for f in files for k, v in safetensors_shapes(f).items()}, directory)
+    weights = {k: v for f in files for k, v in _load_safetensors(f).items()}
     if not native:
         weights = sanitize(weights)
     model = GPT(config, seed=0)
@@ -238,8 +252,14 @@ def check_hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> None:
 
     hub = urlsplit(constants.ENDPOINT)
     proxy = None if urllib.request.proxy_bypass(hub.hostname or "") else urllib.request.getproxies().get(hub.scheme)
-    target = urlsplit(proxy) if proxy else hub
-    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        target = urlsplit(proxy) if proxy else hub
+        port = target.port or (443 if target.scheme == "https" else 80)
+        if not target.hostname:
+            raise ValueError("no host")
+    except ValueError as e:  # a malformed *_PROXY variable
+        raise UserError(f"cannot use {'the proxy ' + proxy if proxy else constants.ENDPOINT} for the Hugging Face "
+                        f"hub ({e})") from None
     try:
         socket.create_connection((target.hostname, port), timeout=timeout).close()
     except OSError as e:
@@ -262,7 +282,11 @@ def _quiet_hub() -> Iterator[None]:
 
 def download(repo_id: str, files: list[str] = HF_FILES) -> Path:
     """Fetch `files` of a hub repo into the Hugging Face cache (or find them there) and return their folder."""
-    from huggingface_hub import hf_hub_download
+    try:
+        from huggingface_hub import hf_hub_download
+    except ValueError as e:  # huggingface_hub parses HF_ENDPOINT when it is imported
+        raise UserError(f"HF_ENDPOINT={os.environ.get('HF_ENDPOINT')!r} is not a URL huggingface_hub accepts "
+                        f"({first_line(e)})") from None
 
     tried = f"{repo_id!r} is not a local directory"
     hint = "pass a local directory with config.json and model.safetensors instead"

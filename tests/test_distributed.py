@@ -197,3 +197,37 @@ def test_ctrl_c_on_one_rank_stops_all_at_the_same_step_with_a_checkpoint(data_di
     assert not any("Traceback" in e for e in errs)
     saved = sorted(tmp_path.glob("ckpt-*"))
     assert len(saved) == 1 and int(saved[0].name[5:]) == len(logged(tmp_path))
+
+
+def test_sigterm_to_the_ranks_launcher_stops_the_ranks_with_a_checkpoint(data_dir, tmp_path):
+    """A scheduler's SIGTERM reaches `--ranks N`'s launcher only: it stops the ranks as Ctrl-C does (they agree on
+    a step and save) instead of leaving them training as orphans."""
+    proc = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", "train", "--ranks", "2", "--data", str(data_dir),
+                             "--out", str(tmp_path), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+                             "--block-size", "32", "--vocab-size", "1000", "--batch-size", "4", "--seq-len", "32",
+                             "--total-batch-size", "256", "--max-steps", "100000", "--val-every", "0",
+                             "--sample-every", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((tmp_path / "log.jsonl").exists() and len(logged(tmp_path)) >= 2):
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    ranks = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                  text=True).stdout.split()]
+    assert len(ranks) == 2
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    for pid in ranks:  # waited for by the launcher, not orphans still training
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    (saved,) = sorted(tmp_path.glob("ckpt-*"))
+    assert int(saved.name[5:]) == len(logged(tmp_path))
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan"])
+def test_a_bad_collective_timeout_is_one_line(value, data_dir, tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    proc = run_cli("train", "--data", str(data_dir), "--out", str(tmp_path), "--max-steps", "1",
+                   env={"NANOGPT_MLX_DIST_TIMEOUT": value})
+    assert_one_line_error(proc, f"NANOGPT_MLX_DIST_TIMEOUT={value!r}: expected a number of seconds > 0")

@@ -100,6 +100,31 @@ def test_overwrite_keeps_the_checkpoints_until_the_config_is_accepted(data_dir, 
         assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+def test_overwrite_removes_the_old_runs_model_too(data_dir, run):
+    """A new run that stops before its first checkpoint must not leave `sample --model OUT` the old run's model."""
+    proc = run_cli(*cli_config(data_dir, run, "--max-steps", "3", "--max-lr", "1e30", "--warmup-steps", "0",
+                               "--overwrite"))
+    assert_one_line_error(proc, "not finite", "no checkpoint was written")
+    assert not (run / "model.safetensors").exists() and not (run / "config.json").exists()
+    assert_one_line_error(run_cli("sample", "--model", str(run)), "no config.json")
+
+
+def test_a_checkpoint_from_a_newer_version_is_not_called_damaged(run):
+    ckpt = checkpoints(run)[-1]
+    state = json.loads((ckpt / "trainer.json").read_text())
+    state["config"]["attn_window"] = 8
+    (ckpt / "trainer.json").write_text(json.dumps(state))
+    assert_one_line_error(resume(run), "config fields this version of nanogpt-mlx does not know: attn_window")
+    assert "damaged" not in resume(run).stderr
+
+
+def test_max_memory_beyond_any_machine_is_one_line(data_dir, tmp_path):
+    """MLX's limit is a size_t of bytes: 1e12 GB overflowed it with a TypeError."""
+    for value in ("1e12", "1e300"):
+        proc = run_cli(*cli_config(data_dir, tmp_path / "run", "--max-steps", "1", "--max-memory", value))
+        assert_one_line_error(proc, "max_memory is in GB", "beyond any machine")
+
+
 # -------------------------------------------------------------------- full disk (item 8)
 def test_full_disk_at_a_checkpoint(run, monkeypatch, capsys):
     """MLX reports a full disk as RuntimeError "[write] Unable to write"; each try leaves nothing behind."""

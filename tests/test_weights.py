@@ -8,6 +8,7 @@ import re
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import assert_one_line_error, run_cli
 from test_model import hf_logits
 
 from nanogpt_mlx import GPT, GPTConfig, UserError
@@ -183,3 +184,52 @@ def test_truncated_weights_are_found_from_the_header(tiny_hf_dir, tmp_path):
     (bad / "model.safetensors").write_bytes(data[:-10])
     with pytest.raises(UserError, match=r"cannot read safetensors \(truncated"):
         load_model(bad)
+
+
+def test_sharded_safetensors_load_as_one_file(tiny_hf_dir, tmp_path):
+    """save_pretrained(max_shard_size=...) writes model-0000i-of-0000n.safetensors and an index."""
+    from transformers import GPT2LMHeadModel
+
+    GPT2LMHeadModel.from_pretrained(tiny_hf_dir).save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 1
+    whole, sharded = load_model(tiny_hf_dir), load_model(tmp_path / "sharded")
+    for (k, a), (_, b) in zip(whole.parameters_flat(), sharded.parameters_flat()):
+        np.testing.assert_array_equal(np.array(a), np.array(b), err_msg=k)
+    next((tmp_path / "sharded").glob("model-*-of-*.safetensors")).unlink()
+    with pytest.raises(UserError, match="model.safetensors.index.json: names shards that are not there"):
+        load_model(tmp_path / "sharded")
+
+
+def test_variants_gpt2_does_not_have_are_refused_by_name(tiny_hf_dir, tmp_path):
+    bad = copy_hf_dir(tiny_hf_dir, tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "n_inner": 64}))
+    with pytest.raises(UserError, match=r"n_inner=64 is not supported \(GPT-2's MLP is 4 \* n_embd = 256 wide\)"):
+        load_model(bad)
+    (bad / "config.json").write_text(json.dumps({**config, "n_inner": 256}))  # 4 * n_embd, written out
+    load_model(bad)
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"attn_window": 8}, "switches this version of nanogpt-mlx does not know: attn_window"),
+    ({"value_embeds": 0.9}, "value_embeds must be a whole number, got 0.9"),  # int() would make it 0
+])
+def test_a_model_config_from_another_version_is_refused(tmp_path, change, needle):
+    save_model(GPT(SMALL, seed=0), tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["model"].update(change)
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=needle):
+        load_model(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"HTTPS_PROXY": "http://proxy:abc"}, "cannot use the proxy http://proxy:abc"),
+    ({"HTTPS_PROXY": "http://[::1"}, "Invalid IPv6 URL"),
+    ({"HTTPS_PROXY": "http://"}, "(no host)"),
+    ({"HF_ENDPOINT": "http://localhost:99999"}, "HF_ENDPOINT='http://localhost:99999' is not a URL"),
+])
+def test_malformed_proxy_or_endpoint_is_one_line(env, needle, tmp_path):
+    proc = run_cli("sample", "--model", "nobody/no-such-model",
+                   env={"HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path), "NO_PROXY": "", "no_proxy": "", **env})
+    assert_one_line_error(proc, needle)

@@ -48,11 +48,13 @@ class Example:
     label: int
 
 
-def download_hellaswag(url: str | None = None, dest: Path | None = None, progress: bool = True) -> Path:
-    """The validation JSONL, downloaded once into the cache (atomically) and reused after."""
+def download_hellaswag(url: str | None = None, dest: Path | None = None, progress: bool = True,
+                       local_option: str = "--data") -> Path:
+    """The validation JSONL, downloaded once into the cache (atomically) and reused after. A failure names
+    `local_option`, the caller's way to pass a local copy instead."""
     url = url or os.environ.get(URL_ENV) or HELLASWAG_URL
     dest = dest or cache_dir() / "hellaswag" / "hellaswag_val.jsonl"
-    hint = "pass --data FILE with a local copy of hellaswag_val.jsonl (Python: load_hellaswag(FILE))"
+    hint = f"pass {local_option} FILE with a local copy of hellaswag_val.jsonl (Python: load_hellaswag(FILE))"
     return download(url, dest, "HellaSwag", hint, progress)
 
 

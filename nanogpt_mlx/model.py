@@ -232,7 +232,7 @@ class GPT(nn.Module):
     def init_weights(self, seed: int | None = None) -> None:
         """build-nanogpt's init: N(0, 0.02), zero biases, residual projections scaled by (2L)^-0.5.
         The speedrun's (init="speedrun"): embeddings N(0, 1), output projections and lm_head zero, other
-        matrices N(0, 0.33 / fan_in). Norm gains start at 1 and biases at 0 in both."""
+        matrices N(0, sqrt(0.33 / fan_in)). Norm gains start at 1 and biases at 0 in both."""
         key = mx.random.key(seed) if seed is not None else None
         speedrun = self.config.init == "speedrun"
         params = {}

@@ -277,8 +277,9 @@ class Trainer:
         self._check_config()
         # HellaSwag's examples now, not at the first evaluation: a wrong path or a failed download stops a resumed
         # run (or one whose first evaluation comes late) before it trains, not after
-        self._hellaswag = load_hellaswag(cfg.hellaswag_data or download_hellaswag(progress=self.dist.is_main),
-                                         limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else None
+        self._hellaswag = load_hellaswag(
+            cfg.hellaswag_data or download_hellaswag(progress=self.dist.is_main, local_option="--hellaswag-data"),
+            limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else None
         self.memory = memory.check(self.model.config, cfg.batch_size, cfg.seq_len, self.dtype_name,
                                    cfg.activation_checkpointing, cfg.max_memory)
         if cfg.max_memory:

@@ -573,3 +573,14 @@ def test_adamw_step_scalars_are_shared_and_match_pytorch():
         topt.step()
     for k, t in tp.items():
         np.testing.assert_allclose(np.array(params[k]), t.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_a_failed_hellaswag_download_names_trains_option(data_dir, tmp_path, monkeypatch):
+    """The download's hint names --hellaswag-data (train's --data is the token shards), at start."""
+    from nanogpt_mlx import evaluate
+
+    monkeypatch.setattr(evaluate, "cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setenv(evaluate.URL_ENV, "http://127.0.0.1:9/hellaswag_val.jsonl")  # nothing listens there
+    cfg = tiny_config(data_dir, tmp_path / "run", vocab_size=50304, hellaswag_every=5)
+    with pytest.raises(UserError, match="could not download HellaSwag.*pass --hellaswag-data FILE"):
+        Trainer(cfg)

@@ -3,7 +3,7 @@
 CUPTI, through torch.profiler, records every CUDA kernel the process launches, MLX's (cuBLAS, cuDNN, its own and
 its compiled element-wise kernels, cuda.py's) as well as PyTorch's. Each engine runs in its own process: a few
 warm-up steps, then `--steps` timed steps under the profiler. nanogpt-mlx runs its Trainer's compiled optimizer
-step (forward, backward, clip, AdamW) one step at a time; PyTorch runs bench_train.py's build-nanogpt step
+step (forward, backward, clip, AdamW), each built while the one before runs, as in training; PyTorch runs bench_train.py's build-nanogpt step
 (torch.compile: bf16 autocast, fused AdamW, flash SDPA; torch-fp32: eager, TF32). Per step it prints the wall time,
 the kernels' summed time (below the wall time: the GPU waited), the number of kernels, the time by kind of kernel
 side by side, and each engine's largest kernels. The aggregate goes to OUT/gpu_kernels.json, and each engine's
@@ -65,8 +65,6 @@ def profile(step, steps: int, warmup: int, quick: bool, trace_path: Path) -> dic
     import torch
     from torch.profiler import ProfilerActivity
 
-    if not quick and not torch.cuda.is_available():
-        raise SystemExit("gpu_kernels.py: this PyTorch sees no CUDA GPU (on a CPU, --quick runs the smoke test)")
     for _ in range(warmup):
         step()
     activities = [ProfilerActivity.CPU] if quick else [ProfilerActivity.CUDA]
@@ -84,24 +82,25 @@ def profile(step, steps: int, warmup: int, quick: bool, trace_path: Path) -> dic
 
 
 def mlx_step(cfg_name: str, tmp: str, dtype: str = ""):
-    """The Trainer's compiled optimizer step in `dtype` (default: the device profile's), one step at a time."""
+    """The Trainer's compiled optimizer step in `dtype` (default: the device profile's), each step built while
+    the one before runs and then waited for, as Trainer.train does (without its evaluations and logging)."""
     from bench_train import CONFIGS, GPU_CONFIGS
     from profile_step import write_shards  # imports nanogpt_mlx, which sets the device up before mlx.core
 
     from nanogpt_mlx.train import TrainConfig, Trainer
 
-    import mlx.core as mx
-
     L, d, nh, B, T = {**CONFIGS, **GPU_CONFIGS}[cfg_name]
     write_shards(tmp, B * T * 4 + 1)
     trainer = Trainer(TrainConfig(data=tmp, out=f"{tmp}/out", n_layer=L, n_head=nh, n_embd=d, block_size=1024,
-                                  batch_size=B, seq_len=T, total_batch_size=B * T, dtype=dtype))
-    state = (trainer.model.state, trainer.optimizer.state, trainer.master)
+                                  batch_size=B, seq_len=T, total_batch_size=B * T, dtype=dtype, val_every=0,
+                                  sample_every=0, hellaswag_every=0, checkpoint_every=0))
+    queued = trainer._start_step(trainer.step)
 
     def step() -> None:
-        x, y = (mx.array(a) for a in trainer.train_loader.next_batch())
-        loss, norm = trainer._update(x, y, None)
-        mx.eval(loss, norm, state)
+        nonlocal queued
+        ahead = trainer._start_step(trainer.step + 1)
+        trainer._finish_step(queued)
+        trainer.step, queued = trainer.step + 1, ahead
 
     return step
 
@@ -109,6 +108,12 @@ def mlx_step(cfg_name: str, tmp: str, dtype: str = ""):
 def worker(engine: str, cfg_name: str, steps: int, warmup: int, quick: bool, out: str) -> dict:
     from bench_train import torch_step
 
+    if not quick:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("gpu_kernels.py: this PyTorch sees no CUDA GPU (on a CPU, --quick runs the smoke test)")
+        torch.cuda.init()  # CUDA (and CUPTI's hooks) set up before MLX makes its first CUDA graphs, not inside them
     with tempfile.TemporaryDirectory() as tmp:
         if engine.startswith("mlx"):
             step = mlx_step(cfg_name, tmp, "float32" if engine == "mlx-fp32" else "")

@@ -223,7 +223,8 @@ def host_part(L: int, d: int, nh: int) -> None:
         write_shards(tmp, 128 * 12 + 1)
         dtype = "float32" if mx.default_device() == mx.cpu else "bfloat16"
         cfg = train_mod.TrainConfig(data=tmp, out=f"{tmp}/out", n_layer=L, n_head=nh, n_embd=d, block_size=1024,
-                                    batch_size=1, seq_len=128, total_batch_size=128, dtype=dtype)
+                                    batch_size=1, seq_len=128, total_batch_size=128, dtype=dtype, val_every=0,
+                                    sample_every=0, hellaswag_every=0)
         trainer = train_mod.Trainer(cfg)
         state = (trainer.model.state, trainer.optimizer.state, trainer.master)
         mx.eval(state)

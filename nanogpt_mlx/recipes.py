@@ -13,7 +13,8 @@ unless the user sets them. The trainer asks its recipe for these and does not kn
   and the gains; warmup-stable-decay; no clipping. The optimizer settings, the LRs and the init are
   those of records/track_3_optimization/train_gpt_simple.py (Muon 0.025 with decay 0.025; AdamW
   0.3 / 1/320 / 0.01, betas (0.8, 0.95), eps 1e-10; cooldown over the last 70%), with the main
-  record's Muon momentum warm-up. The architecture takes the main record's forms where that file
+  record's Muon momentum warm-up and Keller Jordan's fixed quintic Newton–Schulz (5 steps of
+  (3.4445, -4.7750, 2.0315), optim.NS_COEFFICIENTS; versions of that file use other coefficients). The architecture takes the main record's forms where that file
   differs: c * tanh(logits / c) with c = 15 (not its algebraic cap), no biases (it keeps zero-init
   ones), RoPE over the whole head at base 10000 (not half-truncated at base 1024) and attention
   scaled by 1/sqrt(head size) (not 0.12). The speedrun's value embeddings and U-net skips are model switches

@@ -304,19 +304,23 @@ def preset_defaults(name: str, presets: dict) -> str:
 def cmd_train(args) -> None:
     from dataclasses import fields
 
-    from .distributed import launch_local, launched
+    from .checkpoint import lock_run
+    from .distributed import init, launch_local, launched
     from .train import TrainConfig, Trainer, resume_config
 
     if args.ranks > 1 and not launched():
         raise SystemExit(launch_local(args.ranks, args.argv))  # each rank runs this same command
+    dist = init()
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if args.resume:
         if "out" in overrides:
             raise UserError("--resume DIR continues in DIR; --out cannot be combined with it")
+        if dist.is_main and Path(args.resume).is_dir():
+            lock_run(Path(args.resume))  # before its checkpoint is read, which a run still writing may replace
         cfg = resume_config(args.resume, **overrides)
     else:
         cfg = TrainConfig.preset(args.preset, **overrides)
-    trainer = Trainer(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    trainer = Trainer(cfg, resume=bool(args.resume), overwrite=args.overwrite, dist=dist)
     try:
         result = trainer.train()
     except RuntimeError as e:  # a collective that failed outside Dist.sync, e.g. a peer died mid-step

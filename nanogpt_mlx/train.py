@@ -262,13 +262,14 @@ class Trainer:
         self.out = Path(cfg.out)
         self.dtype_name = cfg.dtype or device.PROFILE.dtype
         self.dtype = DTYPES[self.dtype_name]
+        if resume and self.dist.is_main and self.out.is_dir():
+            checkpoint.lock_run(self.out)  # before its checkpoint is read, which a run still writing may replace
         ckpt = checkpoint.latest_checkpoint(self.out) if resume else None
         if ckpt is None and checkpoint.checkpoints(self.out) and not overwrite:
             raise UserError(f"{self.out} already holds a checkpoint; resume it (--resume {self.out}), "
                             "pass --overwrite, or choose another --out")
         if self.dist.is_main:
             check_writable(self.out)  # now, not at the first checkpoint
-            checkpoint.remove_stale_temps(self.out)
         if self.dtype != mx.float32 and device.PROFILE.cpu_backend:
             print(f"warning: {self.dtype_name} is slow on MLX's CPU backend (float32 is faster there)", file=sys.stderr)
 
@@ -306,7 +307,10 @@ class Trainer:
                 raise UserError(f"{ckpt} is at step {self.step}, beyond max_steps {cfg.max_steps}: nothing to train "
                                 f"(pass a larger --max-steps)")
         self._build_steps()
-        if ckpt is None and self.dist.is_main:  # --overwrite, once everything above has accepted the config
+        if self.dist.is_main:  # everything above has accepted the config (a refused run makes no OUT)
+            checkpoint.lock_run(self.out)  # before anything in OUT is removed; until train() ends
+            checkpoint.remove_stale_temps(self.out)
+        if ckpt is None and self.dist.is_main:  # --overwrite
             for old in checkpoint.checkpoints(self.out):
                 shutil.rmtree(old)
             for old in ("model.safetensors", "config.json"):  # the old run's model, which sample would load
@@ -566,6 +570,15 @@ class Trainer:
         """Run from self.step to max_steps (or to step `until`, then save); returns the latest train/val
         losses. Ctrl-C (and SIGTERM) saves after the step in progress, or at once during an evaluation, and raises
         KeyboardInterrupt; a NaN/inf loss raises UserError, saving nothing."""
+        if self.dist.is_main:
+            checkpoint.lock_run(self.out)  # again, if an earlier train() ended
+        try:
+            return self._train(until)
+        finally:
+            if self.dist.is_main:
+                checkpoint.unlock_run(self.out)  # another process may write OUT now
+
+    def _train(self, until: int | None) -> dict:
         cfg = self.cfg
         end = cfg.max_steps if until is None else min(until, cfg.max_steps)
         n_params = sum(p.size for _, p in tree_flatten(self.model.parameters()))

@@ -412,6 +412,25 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_cleanly(signum, data_dir
     assert f"--resume {out}" in stdout
 
 
+def test_a_second_process_into_a_running_runs_out_is_refused(data_dir, tmp_path):
+    """The same command twice (or a scheduler's retry of a live job) would interleave checkpoints and logs."""
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", *cli_config(data_dir, out, "--max-steps", "100000",
+                                                                                 "--checkpoint-every", "1")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((out / "log.txt").exists() and (out / "log.txt").read_text().count(" train ") >= 2):
+        assert time.time() < deadline and first.poll() is None, first.stderr.read()
+        time.sleep(0.1)
+    for args in (["train", "--resume", str(out), "--max-steps", "100001"],
+                 cli_config(data_dir, out, "--max-steps", "3", "--overwrite")):
+        assert_one_line_error(run_cli(*args), f"{out} is being written by another run (pid {first.pid})")
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=60) == 130
+    steps = json.loads((checkpoints(out)[-1] / "trainer.json").read_text())["step"]
+    run_cli("train", "--resume", str(out), "--max-steps", str(steps + 1), check=True)  # the lock ended with it
+
+
 def test_a_stop_request_skips_the_evaluations_due_next(data_dir, tmp_path):
     """Ctrl-C during step 2 saves step 3 without first running step 3's evaluations (HellaSwag takes minutes)."""
     out = tmp_path / "run"

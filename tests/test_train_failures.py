@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli, run_main
 from test_train import cli_config, tiny_config, token_stream, write_shards
 
-from nanogpt_mlx.checkpoint import checkpoints, damaged, latest_checkpoint
+from nanogpt_mlx.checkpoint import LOCK_FILE, checkpoints, damaged, latest_checkpoint
 from nanogpt_mlx.train import Trainer, TrainConfig, get_lr
 
 
@@ -34,6 +34,11 @@ def finished_run(data_dir, tmp_path_factory) -> Path:
 def run(finished_run, tmp_path) -> Path:
     """A copy of finished_run to damage."""
     return Path(shutil.copytree(finished_run, tmp_path / "run"))
+
+
+def temporaries(run: Path) -> list[str]:
+    """Hidden files and directories in OUT other than the run's lock: what a failed or killed write left."""
+    return sorted(p.name for p in run.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE)
 
 
 def resume(run: Path, max_steps: int = 6, **kw) -> subprocess.CompletedProcess:
@@ -142,7 +147,7 @@ def test_full_disk_at_a_checkpoint(run, monkeypatch, capsys):
         proc = run_main(capsys, "train", "--resume", str(run), "--max-steps", "6", "--checkpoint-every", "2")
         assert_one_line_error(proc, "ckpt-000006 not saved", "No space left on device", "ckpt-000004 is kept",
                               f"--resume {run}")
-        assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []  # no temp dirs or files
+        assert temporaries(run) == []
     monkeypatch.setattr(mx, "save_safetensors", real_save)
     assert [p.name for p in checkpoints(run)] == ["ckpt-000002", "ckpt-000004"]
     run_cli("train", "--resume", str(run), "--max-steps", "6", check=True)  # space freed: it continues
@@ -224,6 +229,6 @@ def test_leftovers_of_a_kill_are_removed(run):
     (run / ".ckpt-000006.tmp99999").mkdir()
     (run / ".ckpt-000006.tmp99999" / "model.safetensors").write_bytes(b"partial")
     resume(run, max_steps=4, check=True)  # nothing left to train: it only starts and stops
-    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+    assert temporaries(run) == []
     assert [p.name for p in checkpoints(run)] == ["ckpt-000002", "ckpt-000004"]
 

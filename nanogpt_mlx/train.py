@@ -310,11 +310,11 @@ class Trainer:
         if self.dist.is_main:  # everything above has accepted the config (a refused run makes no OUT)
             checkpoint.lock_run(self.out)  # before anything in OUT is removed; until train() ends
             checkpoint.remove_stale_temps(self.out)
-        if ckpt is None and self.dist.is_main:  # --overwrite
-            for old in checkpoint.checkpoints(self.out):
-                shutil.rmtree(old)
-            for old in ("model.safetensors", "config.json"):  # the old run's model, which sample would load
-                (self.out / old).unlink(missing_ok=True)
+            if ckpt is None:  # --overwrite: the old run's checkpoints, and its model, which sample would load
+                for old in checkpoint.checkpoints(self.out):
+                    shutil.rmtree(old)
+                for old in ("model.safetensors", "config.json"):
+                    (self.out / old).unlink(missing_ok=True)
         self.log = checkpoint.RunLog(self.out, self.step, self.dist.is_main)
         self._stop = False
         self._evaluating = False  # a stop request interrupts an evaluation (_on_signal)
@@ -429,7 +429,7 @@ class Trainer:
     def hellaswag(self) -> float:
         """acc_norm over the HellaSwag examples, split across ranks with the counts summed (build-nanogpt)."""
         if self._hellaswag is None:
-            raise UserError("no HellaSwag examples were loaded: they are, at start, when hellaswag_every is set")
+            raise UserError("no HellaSwag examples: a Trainer loads them at start when hellaswag_every is set")
         r = score_hellaswag(self.model, self._hellaswag, rank=self.dist.rank, world=self.dist.world, progress=False)
         return self.dist.sum(r.num_correct_norm) / self.dist.sum(r.num_total)
 

@@ -167,10 +167,11 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
     env = {**os.environ, "MLX_HOSTFILE": f.name, "OPENBLAS_NUM_THREADS": str(threads)}
     procs = [subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", *argv], env={**env, "MLX_RANK": str(r)})
              for r in range(n)]
-    stopping = []
+    stopping = False
 
     def stop(_signum, _frame) -> None:  # a scheduler's SIGTERM would otherwise orphan the ranks
-        stopping.append(True)
+        nonlocal stopping
+        stopping = True
         for p in procs:
             p.send_signal(signal.SIGINT)
 

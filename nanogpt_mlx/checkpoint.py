@@ -9,58 +9,22 @@ still leaves one to resume from, and reading one checks every file. `OUT/model.s
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import IO
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import UserError, first_line
-from .files import atomic_path, atomic_write_text, cannot, make_dirs
+from .files import atomic_path, atomic_write_text, cannot
 from .model import GPT
 from .weights import load_model, safetensors_shapes, save_model, save_safetensors
 
 STATE_FILE = "trainer.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 KEEP = 2  # the latest checkpoint and the one before, to resume from if the latest is damaged
-LOCK_FILE = ".lock"
-
-
-_locked: dict[Path, IO[str]] = {}  # OUT -> its lock file, held by this process
-
-
-def lock_run(out: Path) -> None:
-    """Hold OUT/.lock while this process trains into OUT (until unlock_run, or the process ends however it
-    ends): a second process started into the same OUT by mistake (the same command twice, a scheduler's retry of
-    a job still alive) would interleave its checkpoints and logs with this one's."""
-    key = out.resolve()
-    if key in _locked:
-        return
-    make_dirs(out)
-    f = open(out / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise UserError(f"{out} is being written by another run ({holder}); wait for it to end, or choose another "
-                        "--out") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()}\n")
-    f.flush()
-    _locked[key] = f
-
-
-def unlock_run(out: Path) -> None:
-    f = _locked.pop(out.resolve(), None)
-    if f is not None:
-        f.close()
 
 
 def checkpoints(out: str | os.PathLike) -> list[Path]:

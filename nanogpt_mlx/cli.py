@@ -304,8 +304,8 @@ def preset_defaults(name: str, presets: dict) -> str:
 def cmd_train(args) -> None:
     from dataclasses import fields
 
-    from .checkpoint import lock_run
     from .distributed import init, launch_local, launched
+    from .files import lock_dir
     from .train import TrainConfig, Trainer, resume_config
 
     if args.ranks > 1 and not launched():
@@ -316,7 +316,7 @@ def cmd_train(args) -> None:
         if "out" in overrides:
             raise UserError("--resume DIR continues in DIR; --out cannot be combined with it")
         if dist.is_main and Path(args.resume).is_dir():
-            lock_run(Path(args.resume))  # before its checkpoint is read, which a run still writing may replace
+            lock_dir(Path(args.resume), "run")  # before its checkpoint is read, which a live run may replace
         cfg = resume_config(args.resume, **overrides)
     else:
         cfg = TrainConfig.preset(args.preset, **overrides)

@@ -4,18 +4,22 @@ cannot take it (read-only, full, a file where a directory should be) is one line
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from .errors import UserError, first_line
 
 # What a writer's body may raise that is not about the disk (a download's connection): passed through.
 NETWORK_ERRORS = (ConnectionError, TimeoutError, ssl.SSLError)
 LOW_SPACE = 1 << 20  # bytes; less free space than this after a failed write means the disk is full
+LOCK_FILE = ".lock"
+_locked: dict[Path, IO[str]] = {}  # directory -> its lock file, held by this process
 
 
 def cannot(what: str, path: str | os.PathLike, e: OSError) -> UserError:
@@ -132,3 +136,35 @@ def download(url: str, dest: Path, what: str, hint: str, progress: bool = True) 
         reason = getattr(e, "reason", None) or str(e) or type(e).__name__
         raise UserError(f"could not download {what} from {url} ({reason}); {hint}") from None
     return dest
+
+
+def lock_dir(directory: Path, writer: str) -> None:
+    """Hold DIRECTORY/.lock while this process writes there (until unlock_dir, or the process ends however it
+    ends): a second process started into the same directory by mistake (the same command twice, a scheduler's
+    retry of a job still alive) would interleave its files with this one's. `writer` names it in the refusal."""
+    key = directory.resolve()
+    if key in _locked:
+        return
+    make_dirs(directory)
+    f = open(directory / LOCK_FILE, "a+")
+    try:
+        # a POSIX lock, not flock(): a forked child (prepare's tokenizer workers) does not inherit it, so a
+        # killed process's lock ends with it, not with its last worker
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{directory} is being written by another {writer} ({holder}); wait for it to end, or "
+                        "choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    _locked[key] = f
+
+
+def unlock_dir(directory: Path) -> None:
+    f = _locked.pop(directory.resolve(), None)
+    if f is not None:
+        f.close()

@@ -34,7 +34,7 @@ import numpy as np
 
 from .data import list_shards, load_shard
 from .errors import UserError, first_line
-from .files import atomic_path, atomic_write_text, make_dirs, sha256_file
+from .files import atomic_path, atomic_write_text, lock_dir, sha256_file, unlock_dir
 from .sources import Source, Unit
 from .tokenizer import EOT, get_tokenizer
 
@@ -308,9 +308,6 @@ def _complete(out: Path, manifest: dict) -> None:
 
 def _resume(out: Path, fresh: dict) -> list[dict]:
     """Shards of an earlier run with the same settings that are intact on disk (a prefix of its list)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: not a directory")
-    make_dirs(out)
     for stale in out.glob(".*.tmp*"):  # left by a killed run (atomic_path's temp files)
         stale.unlink()
     path = out / "manifest.json"
@@ -446,11 +443,21 @@ def prepare(source: Source, out: str | os.PathLike, config: PrepareConfig | None
     """Tokenize `source` into shards under `out`, resuming an interrupted run with the same settings.
 
     Uses worker processes; with the spawn start method (macOS, Windows) call it under
-    `if __name__ == "__main__":` as for any multiprocessing code.
+    `if __name__ == "__main__":` as for any multiprocessing code. A second prepare into the same `out` while
+    this one runs is refused (files.lock_dir).
     """
-    cfg = config or PrepareConfig()
-    start_time = time.perf_counter()
     out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: not a directory")
+    lock_dir(out, "prepare")
+    try:
+        return _prepare(source, out, config or PrepareConfig())
+    finally:
+        unlock_dir(out)
+
+
+def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
+    start_time = time.perf_counter()
     units = list(source.units)
     if cfg.shuffle_docs:
         units = [units[i] for i in np.random.default_rng(cfg.seed).permutation(len(units))]

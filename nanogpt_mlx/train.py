@@ -41,7 +41,7 @@ from . import checkpoint, device, distributed, kernels, memory, recipes
 from .data import DataLoader
 from .errors import UserError
 from .evaluate import download_hellaswag, load_hellaswag, score_hellaswag
-from .files import check_writable
+from .files import check_writable, lock_dir, unlock_dir
 from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 from .optim import Packing, clip_grad_norm
 from .sample import SampleConfig, prepare_prompt, sample_texts
@@ -263,7 +263,7 @@ class Trainer:
         self.dtype_name = cfg.dtype or device.PROFILE.dtype
         self.dtype = DTYPES[self.dtype_name]
         if resume and self.dist.is_main and self.out.is_dir():
-            checkpoint.lock_run(self.out)  # before its checkpoint is read, which a run still writing may replace
+            lock_dir(self.out, "run")  # before its checkpoint is read, which a run still writing may replace
         ckpt = checkpoint.latest_checkpoint(self.out) if resume else None
         if ckpt is None and checkpoint.checkpoints(self.out) and not overwrite:
             raise UserError(f"{self.out} already holds a checkpoint; resume it (--resume {self.out}), "
@@ -308,7 +308,7 @@ class Trainer:
                                 f"(pass a larger --max-steps)")
         self._build_steps()
         if self.dist.is_main:  # everything above has accepted the config (a refused run makes no OUT)
-            checkpoint.lock_run(self.out)  # before anything in OUT is removed; until train() ends
+            lock_dir(self.out, "run")  # before anything in OUT is removed; until train() ends
             checkpoint.remove_stale_temps(self.out)
             if ckpt is None:  # --overwrite: the old run's checkpoints, and its model, which sample would load
                 for old in checkpoint.checkpoints(self.out):
@@ -571,12 +571,12 @@ class Trainer:
         losses. Ctrl-C (and SIGTERM) saves after the step in progress, or at once during an evaluation, and raises
         KeyboardInterrupt; a NaN/inf loss raises UserError, saving nothing."""
         if self.dist.is_main:
-            checkpoint.lock_run(self.out)  # again, if an earlier train() ended
+            lock_dir(self.out, "run")  # again, if an earlier train() ended
         try:
             return self._train(until)
         finally:
             if self.dist.is_main:
-                checkpoint.unlock_run(self.out)  # another process may write OUT now
+                unlock_dir(self.out)  # another process may write OUT now
 
     def _train(self, until: int | None) -> dict:
         cfg = self.cfg

@@ -16,7 +16,7 @@ from test_prepare import expected_tokens, make_docs, shard_tokens
 from test_prepare import write_jsonl as write_docs
 
 from nanogpt_mlx import UserError
-from nanogpt_mlx.files import atomic_path, atomic_write_text, check_writable
+from nanogpt_mlx.files import LOCK_FILE, atomic_path, atomic_write_text, check_writable
 
 
 def listing(directory: Path) -> dict[str, bytes]:
@@ -117,7 +117,7 @@ def test_prepare_on_a_full_disk_stops_with_one_line_and_resumes(tmp_path, capsys
     monkeypatch.setattr(np, "save", fill_up)
     assert_one_line_error(run_main(capsys, *args), "data_train_000002.npy", "No space left on device")
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
-        "data_train_000001.npy", "data_val_000000.npy", "manifest.json"]  # no temp file
+        LOCK_FILE, "data_train_000001.npy", "data_val_000000.npy", "manifest.json"]  # no temp file
     monkeypatch.undo()
     assert run_main(capsys, *args).returncode == 0  # space freed: resumes after the last whole shard
     assert np.array_equal(shard_tokens(tmp_path / "data"), expected_tokens(docs))
@@ -132,3 +132,45 @@ def test_any_other_os_error_is_still_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(plot, "plot_runs", broken)
     proc = run_main(capsys, "plot", str(tmp_path))
     assert_one_line_error(proc, f"{tmp_path / 'run.png'}: Input/output error")
+
+
+HOLD_LOCK = """
+import os, sys, time
+from pathlib import Path
+from nanogpt_mlx.files import lock_dir
+lock_dir(Path(sys.argv[1]), "prepare")
+child = os.fork()  # as prepare's tokenizer pool forks its workers
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_writer_is_refused_until_the_first_one_ends(tmp_path):
+    """A second prepare (or train) into a directory another process writes is refused, naming it; the lock ends
+    with its holder even when killed, and is not kept by the children it forked."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from nanogpt_mlx import prepare as prep
+    from nanogpt_mlx import sources
+    from nanogpt_mlx.files import lock_dir, unlock_dir
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        docs = write_docs(tmp_path / "a.jsonl", make_docs(5))
+        with pytest.raises(UserError, match=f"{out} is being written by another prepare \\(pid {holder.pid}\\)"):
+            prep.prepare(sources.local_files([docs]), out, prep.PrepareConfig(workers=1, progress=False))
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        lock_dir(out, "prepare")  # the forked child still lives, without the lock
+        unlock_dir(out)
+    finally:
+        holder.kill()
+        os.kill(child, signal.SIGKILL)

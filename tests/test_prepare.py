@@ -22,7 +22,7 @@ from conftest import assert_one_line_error, run_cli
 
 from nanogpt_mlx import prepare as prep
 from nanogpt_mlx import sources
-from nanogpt_mlx.files import sha256_file
+from nanogpt_mlx.files import LOCK_FILE, sha256_file
 from nanogpt_mlx.data import list_shards, load_shard
 from nanogpt_mlx.errors import UserError
 from nanogpt_mlx.tokenizer import EOT, get_tokenizer
@@ -64,7 +64,8 @@ def shard_tokens(out: Path) -> np.ndarray:
 
 
 def dir_bytes(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    """The files prepare wrote (not its lock, which names the process that held it)."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != LOCK_FILE}
 
 
 def cfg(**kw) -> prep.PrepareConfig:

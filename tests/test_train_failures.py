@@ -12,7 +12,8 @@ import pytest
 from conftest import assert_one_line_error, run_cli, run_main
 from test_train import cli_config, tiny_config, token_stream, write_shards
 
-from nanogpt_mlx.checkpoint import LOCK_FILE, checkpoints, damaged, latest_checkpoint
+from nanogpt_mlx.checkpoint import checkpoints, damaged, latest_checkpoint
+from nanogpt_mlx.files import LOCK_FILE
 from nanogpt_mlx.train import Trainer, TrainConfig, get_lr
 
 

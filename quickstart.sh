@@ -3,11 +3,16 @@
 # and sample from the trained model.
 #   bash quickstart.sh                       # downloads Tiny Shakespeare (cached)
 #   bash quickstart.sh path/to/input.txt     # offline: use a local copy
+# Run again (or after Ctrl-C), it continues the run in out/shakespeare.
 set -euo pipefail
+source=(shakespeare)
+[ $# -ge 1 ] && source+=(--path "$(realpath -- "$1")")  # before the cd below
 cd "$(dirname "$0")"
 bash setup.sh
-source=(shakespeare)
-[ $# -ge 1 ] && source+=(--path "$1")
 .venv/bin/nanogpt-mlx prepare "${source[@]}" --out data/shakespeare
-.venv/bin/nanogpt-mlx train --preset shakespeare --data data/shakespeare --out out/shakespeare
+if compgen -G "out/shakespeare/ckpt-*" >/dev/null; then
+    .venv/bin/nanogpt-mlx train --resume out/shakespeare
+else
+    .venv/bin/nanogpt-mlx train --preset shakespeare --data data/shakespeare --out out/shakespeare
+fi
 .venv/bin/nanogpt-mlx sample --model out/shakespeare --prompt "ROMEO:" --num-samples 3 --max-new-tokens 120

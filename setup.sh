@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with nanogpt-mlx installed (plus extras given as arguments, e.g. `test`).
-# Sourced by quickstart.sh and test.sh; safe to run again.
+# Run by quickstart.sh and test.sh; safe to run again (offline too, once installed: an install whose
+# pyproject.toml and extras are unchanged is not repeated).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 extras="${1:-}"
@@ -16,6 +17,13 @@ if [ "$(uname -s)" = "Linux" ]; then
         fi
     fi
 fi
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+# a venv without pip (ensurepip failed, an interrupted creation) or from a Python older than 3.10 is made anew
+if ! .venv/bin/python -c 'import sys, pip; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    python3 -m venv --clear .venv
+fi
+stamp=".venv/.installed-$( (cat pyproject.toml; echo "$extras") | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+    rm -f .venv/.installed-* && touch "$stamp"
+fi

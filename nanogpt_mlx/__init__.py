@@ -2,7 +2,13 @@
 
 from . import device
 
-device.setup()  # must run before anything imports mlx.core (the CPU profiles load OpenBLAS first)
+try:
+    device.setup()  # must run before anything imports mlx.core (the CPU profiles load OpenBLAS first)
+except ImportError as e:
+    if "libmlx" not in str(e):
+        raise
+    raise ImportError(f"MLX is installed without its library ({e}): on Linux install nanogpt-mlx[cpu], or "
+                      "nanogpt-mlx[cuda] for NVIDIA GPUs (pip install 'mlx[cpu]' or 'mlx[cuda]')") from None
 
 from .errors import UserError  # noqa: E402
 from .model import GPT, GPTConfig  # noqa: E402

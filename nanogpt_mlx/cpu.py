@@ -136,7 +136,7 @@ def _install_gemv_shim(openblas: ctypes.CDLL) -> None:
     try:
         shim = ctypes.CDLL(str(build_gemv_shim()), mode=ctypes.RTLD_GLOBAL)
     except (OSError, UserError, subprocess.SubprocessError) as e:  # no compiler, or a cache it cannot write
-        gemv = f"off ({e}); with a C compiler token-by-token sampling is ~2x faster"
+        gemv = f"off ({e}); with it token-by-token sampling is ~2x faster"
         return
     shim.nanogpt_gemv_shim_connect.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     shim.nanogpt_gemv_shim_connect(ctypes.cast(openblas.cblas_sgemm, ctypes.c_void_p),
@@ -161,7 +161,11 @@ def _vectorize_jit() -> None:
         return
     if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma", "f16c"} <= _cpu_flags():
         return
-    home = cache_dir() / "jit-avx2"
+    try:
+        home = cache_dir() / "jit-avx2"
+    except UserError as e:
+        jit = f"MLX's default flags ({e})"
+        return
     wrappers = home / "bin"
     path = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d) != wrappers]
     gxx = shutil.which("g++", path=os.pathsep.join(path))

@@ -103,8 +103,15 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def cache_dir() -> Path:
-    """Where downloads are kept: $XDG_CACHE_HOME/nanogpt-mlx (default ~/.cache/nanogpt-mlx)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "nanogpt-mlx"
+    """Where downloads and built files are kept: $XDG_CACHE_HOME/nanogpt-mlx (default ~/.cache/nanogpt-mlx; a
+    relative XDG_CACHE_HOME is ignored, as the XDG spec says)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "nanogpt-mlx"
+    try:
+        return Path("~/.cache").expanduser() / "nanogpt-mlx"
+    except RuntimeError:  # HOME unset and a uid without a passwd entry (e.g. docker --user N)
+        raise UserError("no home directory to keep the cache in: set XDG_CACHE_HOME (or HOME)") from None
 
 
 def download(url: str, dest: Path, what: str, hint: str, progress: bool = True) -> Path:

@@ -3,7 +3,7 @@
  * MLX computes every float32 matmul with cblas_sgemm. When one token is decoded each product
  * is a single row times a weight matrix (M == 1); OpenBLAS's sgemm then packs and pads the
  * whole matrix and streams it at about half the bandwidth of its sgemv. This library is loaded
- * with RTLD_GLOBAL before OpenBLAS joins the global scope (see gemv_shim.py), so MLX's calls
+ * with RTLD_GLOBAL before OpenBLAS joins the global scope (see cpu.py), so MLX's calls
  * land here: single rows go to sgemv, everything else to OpenBLAS's sgemm unchanged.
  */
 #include <string.h>

@@ -174,3 +174,20 @@ def test_a_second_writer_is_refused_until_the_first_one_ends(tmp_path):
     finally:
         holder.kill()
         os.kill(child, signal.SIGKILL)
+
+
+def test_cache_dir_follows_xdg_but_not_a_relative_one_and_says_when_there_is_no_home(monkeypatch, tmp_path):
+    from nanogpt_mlx.files import cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / "nanogpt-mlx"
+    monkeypatch.setenv("XDG_CACHE_HOME", "cache")  # relative: the XDG spec says to ignore it
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "nanogpt-mlx"
+
+    def no_home(self):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "expanduser", no_home)
+    with pytest.raises(UserError, match="no home directory to keep the cache in: set XDG_CACHE_HOME"):
+        cache_dir()

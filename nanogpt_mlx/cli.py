@@ -168,9 +168,14 @@ def cmd_eval(args) -> None:
         print(f"{args.split} loss {loss:.4f}  perplexity {evaluate.perplexity(loss):.2f}  "
               f"({n} batches of {args.batch_size}x{T} tokens from {args.data})")
         return
-    if args.output:  # now, not after the whole evaluation
-        if Path(args.output).is_dir():
-            raise UserError(f"{args.output}: is a directory (--output names the file to write)")
+    if args.output is not None:  # now, not after the whole evaluation
+        out = Path(args.output)
+        if out.is_dir() or not args.output:
+            raise UserError(f"{args.output!r}: is a directory (--output names the file to write)")
+        if out.exists() and not out.is_file():
+            raise UserError(f"{args.output}: not a regular file (--output replaces the file it names)")
+        if args.data and out.exists() and out.resolve() == Path(args.data).resolve():
+            raise UserError(f"{args.output}: is the --data file; the records would replace the examples")
         check_writable(args.output)
     examples = evaluate.load_hellaswag(args.data or evaluate.download_hellaswag(), args.limit)
     model = load_model(args.model)
@@ -312,6 +317,8 @@ def cmd_train(args) -> None:
         raise SystemExit(launch_local(args.ranks, args.argv))  # each rank runs this same command
     dist = init()
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if args.resume == "":
+        raise UserError("--resume needs the run's directory")
     if args.resume:
         if "out" in overrides:
             raise UserError("--resume DIR continues in DIR; --out cannot be combined with it")

@@ -93,8 +93,8 @@ def _timeout_from_env() -> float:
         seconds = float(value)
     except ValueError:
         seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise UserError(f"{TIMEOUT_ENV}={value!r}: expected a number of seconds > 0")
+    if not 0 < seconds <= threading.TIMEOUT_MAX:  # a nan fails this too
+        raise UserError(f"{TIMEOUT_ENV}={value!r}: expected a number of seconds > 0 and <= {threading.TIMEOUT_MAX:.0f}")
     return seconds
 
 

@@ -85,8 +85,8 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in _SIZES:
-            if getattr(self, name) <= 0:
-                raise UserError(f"model config: {name} must be positive, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < 2**31:  # MLX's shapes are 32-bit
+                raise UserError(f"model config: {name} must be in 1..2^31-1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise UserError(f"model config: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         for name, choices in _CHOICES.items():

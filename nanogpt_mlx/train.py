@@ -127,6 +127,10 @@ class TrainConfig:
                 raise UserError(f"{f.name} must be a finite number, got {v}")
             if f.type.startswith(("int", "float")) and v is not None and v < 0:
                 raise UserError(f"{f.name} must be >= 0, got {v}")
+        if self.seed >= 2**64:  # mx.random.key takes a uint64
+            raise UserError(f"seed must be < 2^64, got {self.seed}")
+        if not self.out or not self.data:  # "" would be the current directory
+            raise UserError(f"{'out' if not self.out else 'data'} must name a directory, got ''")
         if self.max_memory and self.max_memory >= 1e6:  # MLX's limit is a size_t of bytes
             raise UserError(f"max_memory is in GB: {self.max_memory:g} GB is beyond any machine")
         for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "val_steps"):

@@ -224,7 +224,7 @@ def test_sigterm_to_the_ranks_launcher_stops_the_ranks_with_a_checkpoint(data_di
     assert int(saved.name[5:]) == len(logged(tmp_path))
 
 
-@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan"])
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "1e30"])  # 1e30: beyond a thread's wait
 def test_a_bad_collective_timeout_is_one_line(value, data_dir, tmp_path):
     from conftest import assert_one_line_error, run_cli
 

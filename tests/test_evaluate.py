@@ -303,6 +303,8 @@ def test_cli_bad_inputs(tiny_hf_dir, tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl", GOOD)
     assert_one_line_error(run_cli("eval", "hellaswag", "--model", str(tmp_path / "no-model"), "--data", str(good),
                                   "--output", str(tmp_path)), "is a directory")  # before the model is even loaded
+    assert_one_line_error(run_cli("eval", "hellaswag", "--model", str(tmp_path / "no-model"), "--data", str(good),
+                                  "--output", str(good)), "is the --data file")  # it would replace the examples
     assert_one_line_error(run_cli("eval", "loss", "--model", str(tiny_hf_dir), "--data", str(tmp_path / "nodir")),
                           "data directory not found")
 

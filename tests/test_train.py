@@ -482,6 +482,10 @@ def test_ctrl_c_during_an_evaluation_stops_it_at_once(data_dir, tmp_path):
     ("resume-other-model", ["resumed run keeps its model", "n_layer 1 (not 3)", "vocab_size 1000 (not 2000)"]),
     ("resume-other-batches", ["data position with other batches", "batch_size 4 (this run: 2)", "--init-from"]),
     ("resume-below-its-step", ["ckpt-000002 is at step 2, beyond max_steps 1: nothing to train"]),
+    ("resume-empty", ["--resume needs the run's directory"]),
+    ("out-empty", ["out must name a directory"]),  # "" was the current directory
+    ("seed-too-big", ["seed must be < 2^64"]),
+    ("size-too-big", ["n_embd must be in 1..2^31-1"]),
     # MLX's gather would read past the embedding for the GPT-2 token ids of a prompt or of HellaSwag
     ("prompt-outside-vocab", ["samples: the prompt has token id 15496", "vocab_size of 1000", "sample_every 0"]),
     ("hellaswag-outside-vocab", ["HellaSwag needs GPT-2's 50257 tokens", "vocab_size 1000"]),
@@ -509,6 +513,14 @@ def test_bad_input_is_one_clear_line(case, needles, data_dir, tmp_path):
         run_cli(*args, check=True)
         args = ["train", "--resume", str(out), "--max-steps", "3", "--n-layer", "3", "--vocab-size", "2000",
                 "--n-head", "2"]  # the same n_head is no change
+    elif case == "resume-empty":
+        args = ["train", "--resume", ""]
+    elif case == "out-empty":
+        args[4] = ""
+    elif case == "seed-too-big":
+        args += ["--seed", str(2**64)]
+    elif case == "size-too-big":
+        args += ["--n-embd", str(2**40)]
     elif case == "resume-below-its-step":
         run_cli(*args, check=True)
         args = ["train", "--resume", str(out), "--max-steps", "1"]

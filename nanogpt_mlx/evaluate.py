@@ -189,6 +189,19 @@ def _score(ex: Example, summed: np.ndarray, counts: np.ndarray) -> ExampleScore:
                         summed.tolist(), mean.tolist(), counts.tolist())
 
 
+def check_examples(model: GPT, examples: Sequence[Example]) -> dict[int, tuple[list[int], list[list[int]]]]:
+    """Each example's context and ending tokens, checked against the model: ids within its vocab, every row
+    (context + ending) within its context."""
+    rendered = {ex.index: render_example(ex) for ex in examples}
+    for index, (ctx, endings) in rendered.items():
+        model.check_token_ids(ctx + [t for e in endings for t in e], f"HellaSwag example {index}")
+        longest = len(ctx) + max(map(len, endings))
+        if longest > model.config.block_size:
+            raise UserError(f"HellaSwag example {index}: a row has {longest} tokens, more than the model's context "
+                            f"of {model.config.block_size}")
+    return rendered
+
+
 def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int | None = None, rank: int = 0,
                     world: int = 1, progress: bool = True) -> HellaSwagResult:
     """Score this rank's share of `examples` (every world-th, from rank), up to `batch_examples` per forward.
@@ -199,9 +212,7 @@ def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int
     if batch_examples < 1:
         raise UserError(f"batch_examples must be >= 1, got {batch_examples}")
     mine = [ex for ex in examples if ex.index % world == rank] if world > 1 else list(examples)
-    rendered = {ex.index: render_example(ex) for ex in mine}
-    for index, (ctx, endings) in rendered.items():
-        model.check_token_ids(ctx + [t for e in endings for t in e], f"HellaSwag example {index}")
+    rendered = check_examples(model, mine)
     # Examples with contexts of equal length can share a forward (their caches line up); sorting
     # each such group by ending length keeps the padding small.
     groups: dict[int, list[Example]] = {}

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from . import checkpoint, device, distributed, kernels, memory, recipes
 from .data import DataLoader
 from .errors import UserError
-from .evaluate import download_hellaswag, load_hellaswag, score_hellaswag
+from .evaluate import check_examples, download_hellaswag, load_hellaswag, score_hellaswag
 from .files import check_writable, lock_dir, unlock_dir
 from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 from .optim import Packing, clip_grad_norm
@@ -285,6 +285,8 @@ class Trainer:
         self._hellaswag = load_hellaswag(
             cfg.hellaswag_data or download_hellaswag(progress=self.dist.is_main, local_option="--hellaswag-data"),
             limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else None
+        if self._hellaswag:
+            check_examples(self.model, self._hellaswag)  # their tokens and rows fit the model, before it trains
         self.memory = memory.check(self.model.config, cfg.batch_size, cfg.seq_len, self.dtype_name,
                                    cfg.activation_checkpointing, cfg.max_memory)
         if cfg.max_memory:

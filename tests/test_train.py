@@ -482,6 +482,7 @@ def test_ctrl_c_during_an_evaluation_stops_it_at_once(data_dir, tmp_path):
     ("resume-other-model", ["resumed run keeps its model", "n_layer 1 (not 3)", "vocab_size 1000 (not 2000)"]),
     ("resume-other-batches", ["data position with other batches", "batch_size 4 (this run: 2)", "--init-from"]),
     ("resume-below-its-step", ["ckpt-000002 is at step 2, beyond max_steps 1: nothing to train"]),
+    ("resume-hellaswag-too-long", ["HellaSwag example 0: a row has", "more than the model's context of 32"]),
     ("resume-empty", ["--resume needs the run's directory"]),
     ("out-empty", ["out must name a directory"]),  # "" was the current directory
     ("seed-too-big", ["seed must be < 2^64"]),
@@ -513,6 +514,13 @@ def test_bad_input_is_one_clear_line(case, needles, data_dir, tmp_path):
         run_cli(*args, check=True)
         args = ["train", "--resume", str(out), "--max-steps", "3", "--n-layer", "3", "--vocab-size", "2000",
                 "--n-head", "2"]  # the same n_head is no change
+    elif case == "resume-hellaswag-too-long":  # found at the first HellaSwag step, after training, before
+        from test_evaluate import make_hellaswag, write_jsonl
+
+        run_cli(*args, "--vocab-size", "50304", check=True)
+        data = write_jsonl(tmp_path / "long.jsonl", [{**make_hellaswag(1)[0], "ctx": "word " * 40}])
+        args = ["train", "--resume", str(out), "--max-steps", "6", "--hellaswag-every", "1000", "--hellaswag-data",
+                str(data)]
     elif case == "resume-empty":
         args = ["train", "--resume", ""]
     elif case == "out-empty":

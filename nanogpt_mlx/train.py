@@ -346,7 +346,7 @@ class Trainer:
         cfg, world = self.cfg, self.dist.world
         if cfg.sample_every and cfg.num_samples:
             try:
-                prepare_prompt(self.model, encode(cfg.prompt), SampleConfig(max_new_tokens=cfg.sample_tokens))
+                prepare_prompt(self.model, encode(cfg.prompt), self._sample_config(0))
             except UserError as e:
                 raise UserError(f"samples: {e} (sample_every 0 turns them off)") from None
         if cfg.hellaswag_every and self.model.config.vocab_size < GPT2_VOCAB_SIZE:
@@ -429,8 +429,11 @@ class Trainer:
 
     def samples(self) -> list[str]:
         cfg = self.cfg
-        sc = SampleConfig(max_new_tokens=cfg.sample_tokens, top_k=50, seed=cfg.seed + self.step)
-        return sample_texts(self.model, cfg.prompt, sc, cfg.num_samples)
+        return sample_texts(self.model, cfg.prompt, self._sample_config(self.step), cfg.num_samples)
+
+    def _sample_config(self, step: int) -> SampleConfig:
+        """build-nanogpt's top-k 50, seeded by the step; a prompt longer than the context leaves keeps its end."""
+        return SampleConfig(max_new_tokens=self.cfg.sample_tokens, top_k=50, seed=self.cfg.seed + step, crop=True)
 
     def hellaswag(self) -> float:
         """acc_norm over the HellaSwag examples, split across ranks with the counts summed (build-nanogpt)."""

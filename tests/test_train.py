@@ -623,3 +623,13 @@ def test_a_failed_hellaswag_download_names_trains_option(data_dir, tmp_path, mon
     cfg = tiny_config(data_dir, tmp_path / "run", vocab_size=50304, hellaswag_every=5)
     with pytest.raises(UserError, match="could not download HellaSwag.*pass --hellaswag-data FILE"):
         Trainer(cfg)
+
+
+def test_a_training_prompt_longer_than_the_context_keeps_its_end(data_dir, tmp_path):
+    """Samples during training crop the prompt (nanoGPT's generate does), rather than refusing a run at start
+    with `sample`'s --crop hint, a flag train does not have."""
+    out = tmp_path / "run"
+    Trainer(tiny_config(data_dir, out, max_steps=2, sample_every=1, num_samples=1, sample_tokens=4,
+                        prompt="The " * 40)).train()  # 40 tokens, a context of 32
+    (event,) = logged(out, "sample")
+    assert event["texts"][0].startswith(" The The") and event["texts"][0].count("The") < 40  # the end: " The"s

@@ -145,7 +145,8 @@ def test_bad_directories_are_user_errors(tiny_hf_dir, tmp_path):
 
 
 @pytest.mark.parametrize("field, value, needle", [
-    ("vocab_size", 100_000_000_000, "vocab_size 100000000000 in config.json, 50257 in model.safetensors"),
+    ("vocab_size", 100_000_000_000, "vocab_size must be in 1..2^31-1, got 100000000000"),  # beyond MLX's shapes
+    ("vocab_size", 100_000_000, "vocab_size 100000000 in config.json, 50257 in model.safetensors"),
     ("n_layer", 100_000_000, "n_layer 100000000 in config.json, 2 in model.safetensors"),
     ("n_positions", 4096, "block_size 4096 in config.json, 128 in model.safetensors"),
     ("n_embd", 64.5, "n_embd must be an integer, got 64.5"),

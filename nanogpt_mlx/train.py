@@ -446,6 +446,11 @@ class Trainer:
         """Whether something done every `every` steps (0: never) and at the last step runs before `step`."""
         return bool(every) and (step % every == 0 or step == self.cfg.max_steps - 1)
 
+    def _evaluates(self, step: int) -> bool:
+        """Whether an evaluation may be due before step `step`."""
+        cfg = self.cfg
+        return any(self._due(every, step) for every in (cfg.val_every, cfg.hellaswag_every, cfg.sample_every))
+
     def _evaluate(self) -> None:
         """The evaluations due before step self.step. A stop request ends them at once (raising
         _StopEvaluating): they change no weights, so the checkpoint of this step is as good, and a resumed run
@@ -548,9 +553,8 @@ class Trainer:
         cfg = self.cfg
         if self.dist.world > 1 or self._measuring():
             return False
-        evaluates = any(self._due(every, step) for every in (cfg.val_every, cfg.hellaswag_every, cfg.sample_every))
         saves = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
-        return step < end and not (evaluates or saves or self._stop)
+        return step < end and not (self._evaluates(step) or saves or self._stop)
 
     def _measuring(self) -> bool:
         """Whether the next step runs op by op to measure what a step needs (cap_memory)."""
@@ -619,8 +623,8 @@ class Trainer:
             queued = None
             while self.step < end:  # a stop request ends it before a step (_stopping: ranks agree on it)
                 if queued is None:
-                    if self._stopping():
-                        break
+                    if self._evaluates(self.step) and self._stopping():  # not into minutes of evaluation (ranks
+                        break  # agree on it; without an evaluation _start_step's agreement is the step's one)
                     try:
                         self._evaluate()
                     except _StopEvaluating:

@@ -131,7 +131,7 @@ def _config_from_native(cfg: dict, where: Path) -> GPTConfig:
     model = cfg.get("model")
     if not isinstance(model, dict):
         raise UserError(f"{where}/config.json: not a valid nanogpt-mlx model config (no 'model' object)")
-    _int_sizes(model, {k: k for k in _SIZES}, where)  # refuses what from_dict would truncate
+    _int_sizes(model, {k: k for k in _SIZES}, where)  # sizes as JSON integers, named with the file
     try:
         return GPTConfig.from_dict(model)
     except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -113,7 +113,8 @@ class TrainConfig:
     sample_every: int = _field(250, "steps between printed samples (0: never)")
     num_samples: int = _field(4, "samples each time")
     sample_tokens: int = _field(32, "new tokens per sample")
-    prompt: str = _field("Hello, I'm a language model,", "prompt of the samples (its end, if it and the new tokens exceed the context)")
+    prompt: str = _field("Hello, I'm a language model,",
+                         "prompt of the samples (its end, if it and the new tokens exceed the context)")
     hellaswag_every: int = _field(250, "steps between HellaSwag acc_norm scores, logged as `{step} hella {acc}` "
                                        "(0: never)")
     hellaswag_data: str = _field("", "local hellaswag_val.jsonl; '': download once into the cache")

@@ -8,7 +8,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
+from . import memory
 from .errors import UserError
 from .model import GPT, GPT2_VOCAB_SIZE
 from .tokenizer import EOT, encode, get_tokenizer
@@ -88,6 +90,9 @@ def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig | None = None,
     """
     cfg = cfg or SampleConfig()
     ids = prepare_prompt(model, prompt_ids, cfg)
+    weights = tree_flatten(model.parameters())
+    memory.check_sampling(model.config, num_samples, len(ids), cfg.max_new_tokens,
+                          sum(w.nbytes for _, w in weights), model.head_weight.dtype.size)
     seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
     key = mx.random.key(seed)
 

@@ -159,3 +159,17 @@ def test_every_config_argument_has_a_default(model):
     assert "".join(stream_text(model, "ROMEO:")).startswith("ROMEO:")
     assert len(list(generate(model, encode("ROMEO:")))) <= SampleConfig().max_new_tokens
     assert next_token(mx.zeros((2, 50257))).shape == (2,)
+
+
+def test_more_samples_than_memory_holds_are_refused(model, monkeypatch):
+    """MLX's CPU backend crashes on an allocation it cannot make: the batch is checked against the device first."""
+    from nanogpt_mlx import device
+
+    cfg = SampleConfig(max_new_tokens=5, greedy=True, stop_at_eot=False)
+    peak = mx.get_peak_memory()
+    with pytest.raises(UserError, match=r"1000000000 samples at once need ~\d+\.\d GB .* at most \d+ fit"):
+        tokens(model, cfg, 10**9)
+    assert mx.get_peak_memory() == peak  # refused before anything was allocated
+    monkeypatch.setattr(device, "memory_bytes", lambda: 10**6)  # less than the model
+    with pytest.raises(UserError, match="at most 0 fit"):
+        tokens(model, cfg, 1)

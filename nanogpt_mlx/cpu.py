@@ -197,6 +197,16 @@ def _vectorize_jit() -> None:
     jit, jit_avx2 = f"g++ {' '.join(JIT_FLAGS)} (kernels in {kernels})", True
 
 
+def _usable_tmpdir() -> None:
+    """Where TMPDIR names no writable directory, point it where Python's tempfile went instead: MLX compiles its
+    kernels under it and fails every compiled function otherwise (where _vectorize_jit has not moved it)."""
+    global jit
+    tmp = os.environ.get("TMPDIR")
+    if tmp and not (os.path.isdir(tmp) and os.access(tmp, os.W_OK | os.X_OK)):
+        os.environ["TMPDIR"] = tempfile.gettempdir()  # Python's own fallback: /tmp, /var/tmp, ... or the cwd
+        jit += f" [TMPDIR={tmp} is not a writable directory: kernels in {os.environ['TMPDIR']}]"
+
+
 def _setup() -> None:
     """Tune malloc, compile kernels for AVX2 and load OpenBLAS (plus the gemv shim) globally, on Linux,
     unless disabled or too late."""
@@ -206,6 +216,7 @@ def _setup() -> None:
         return
     _tune_malloc()
     _vectorize_jit()
+    _usable_tmpdir()
     if os.environ.get(NO_OPENBLAS_ENV, "") not in ("", "0"):
         note = f"OpenBLAS disabled by {NO_OPENBLAS_ENV}"
         return

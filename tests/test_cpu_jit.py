@@ -81,6 +81,13 @@ def test_default_flags_when_turned_off(tmp_path):
     assert got["err"] < 3e-7 and all(0 <= t < 1e-37 for t in got["tails"])
 
 
+def test_a_tmpdir_that_is_no_directory_falls_back_as_python_does(tmp_path):
+    """MLX writes compiled kernels under $TMPDIR and fails every compiled function where it cannot."""
+    got = probe(tmp_path, NANOGPT_MLX_NO_AVX2="1", TMPDIR=str(tmp_path / "missing"))
+    assert got["tmpdir"] == got["python_tmp"] != str(tmp_path / "missing")
+    assert "missing is not a writable directory" in got["jit"] and got["err"] < 3e-7
+
+
 @x86_with_avx2
 def test_a_stale_wrapper_is_replaced(tmp_path):
     wrapper = tmp_path / "cache" / "nanogpt-mlx" / "jit-avx2" / "bin" / "g++"

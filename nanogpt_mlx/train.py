@@ -288,8 +288,6 @@ class Trainer:
             limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else None
         if self._hellaswag:
             check_examples(self.model, self._hellaswag)  # their tokens and rows fit the model, before it trains
-        self.memory = memory.check(self.model.config, cfg.batch_size, cfg.seq_len, self.dtype_name,
-                                   cfg.activation_checkpointing, cfg.max_memory)
         if cfg.max_memory:
             mx.set_memory_limit(int(cfg.max_memory * 1e9))
         world, rank = self.dist.world, self.dist.rank
@@ -333,14 +331,20 @@ class Trainer:
 
     # -- setup
     def _build_model(self, ckpt: Path | None) -> GPT:
+        """The model to train, once its step is known to fit in memory (self.memory: the estimate)."""
         cfg = self.cfg
-        if ckpt is not None or cfg.init_from:
-            model = checkpoint.read_model(ckpt) if ckpt is not None else load_model(cfg.init_from)
-            self.recipe.check_model(model.config, str(ckpt or cfg.init_from))
-            return pad_vocab(model, cfg.vocab_size) if cfg.vocab_size and ckpt is None else model
-        config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or 50304, n_layer=cfg.n_layer,
-                           n_head=cfg.n_head, n_embd=cfg.n_embd, **self.recipe.model)
-        return GPT(config, seed=cfg.seed)
+        fits = partial(memory.check, batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=self.dtype_name,
+                       checkpointing=cfg.activation_checkpointing, max_memory_gb=cfg.max_memory)
+        if ckpt is None and not cfg.init_from:
+            config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or 50304, n_layer=cfg.n_layer,
+                               n_head=cfg.n_head, n_embd=cfg.n_embd, **self.recipe.model)
+            self.memory = fits(config)  # before building: a model far too large would take minutes to build
+            return GPT(config, seed=cfg.seed)
+        model = checkpoint.read_model(ckpt) if ckpt is not None else load_model(cfg.init_from)
+        self.recipe.check_model(model.config, str(ckpt or cfg.init_from))
+        model = pad_vocab(model, cfg.vocab_size) if cfg.vocab_size and ckpt is None else model
+        self.memory = fits(model.config)
+        return model
 
     def _check_config(self) -> None:
         """Refuse sizes that do not fit before anything runs, the evaluations' included."""

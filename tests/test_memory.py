@@ -74,6 +74,17 @@ def test_cli_refuses_before_training(tmp_path):
     assert not (tmp_path / "out" / "log.txt").exists()
 
 
+def test_a_new_model_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    """A model far too large takes minutes to build (100,000 layers: about two): the estimate needs its config only."""
+    import nanogpt_mlx.train as train
+
+    monkeypatch.setattr(train, "GPT", lambda *a, **k: pytest.fail("the model was built"))
+    cfg = TrainConfig.preset("shakespeare", data=str(shards(tmp_path, 10_000)), out=str(tmp_path / "out"),
+                          n_layer=100_000)
+    with pytest.raises(UserError, match="a step of batch .* needs"):
+        Trainer(cfg)
+
+
 def test_max_memory_caps_mlx_allocations(tmp_path):
     """--max-memory also becomes MLX's memory limit, under which a step that fits still runs."""
     data = shards(tmp_path, 8 * 128 * 3 + 1)

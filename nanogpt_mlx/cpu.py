@@ -171,7 +171,9 @@ def _vectorize_jit() -> None:
     gxx = shutil.which("g++", path=os.pathsep.join(path))
     if gxx is None:
         return  # MLX cannot compile kernels at all then
-    script = f"#!/bin/sh\nexec {shlex.quote(gxx)} {' '.join(JIT_FLAGS)} \"$@\"\n"
+    # Ctrl-C in a terminal signals the whole process group: a compiler killed mid-kernel fails MLX's step with a
+    # missing library, where the trainer would finish the step and save. The kernel takes seconds; it completes.
+    script = f"#!/bin/sh\ntrap '' INT TERM\nexec {shlex.quote(gxx)} {' '.join(JIT_FLAGS)} \"$@\"\n"
     wrapper = wrappers / "g++"
     try:
         if not wrapper.is_file() or wrapper.read_text() != script or not os.access(wrapper, os.X_OK):

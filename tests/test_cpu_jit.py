@@ -89,6 +89,24 @@ def test_a_tmpdir_that_is_no_directory_falls_back_as_python_does(tmp_path):
 
 
 @x86_with_avx2
+def test_the_compiler_outlives_a_ctrl_c_to_its_process_group(tmp_path):
+    """Ctrl-C signals the terminal's whole process group: MLX's step would fail on a kernel whose compiler died,
+    where the trainer finishes the step and saves it."""
+    import signal
+    import time
+
+    probe(tmp_path)
+    wrapper = tmp_path / "cache" / "nanogpt-mlx" / "jit-avx2" / "bin" / "g++"
+    # as MLX runs it (popen of sh -c); `-E -` preprocesses standard input, so it waits for it
+    proc = subprocess.Popen(["sh", "-c", f"{wrapper} -E -x c++ - 2>&1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            start_new_session=True, text=True)
+    time.sleep(1)  # the compiler runs (and has set up its signals)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate("int answer = 42;\n", timeout=30)
+    assert "int answer = 42;" in out
+
+
+@x86_with_avx2
 def test_a_stale_wrapper_is_replaced(tmp_path):
     wrapper = tmp_path / "cache" / "nanogpt-mlx" / "jit-avx2" / "bin" / "g++"
     wrapper.parent.mkdir(parents=True)

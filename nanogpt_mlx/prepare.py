@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -40,6 +41,7 @@ from .tokenizer import EOT, get_tokenizer
 
 FORMAT = "nanogpt-mlx-shards"
 EOT_TEXT = "<|endoftext|>"
+MAX_SHARD_SIZE = 2**31  # tokens: 4 GB of uint16 in memory while a shard is written
 SCRATCH = ".download"  # hub files being tokenized, inside the output directory
 BROKEN_POOL = ("a tokenizer process died (out of memory? with the spawn start method, as on macOS and Windows, "
                "call prepare() under `if __name__ == '__main__':`)")
@@ -56,6 +58,11 @@ class PrepareConfig:
     progress: bool = True
 
     def __post_init__(self):
+        if not 1 <= self.shard_size <= MAX_SHARD_SIZE:
+            raise UserError(f"shard_size must be in [1, 2^31] tokens (a shard is held in memory while written), "
+                            f"got {self.shard_size}")
+        if self.workers is not None and self.workers < 1 or self.part_bytes < 1:
+            raise UserError(f"workers and part_bytes must be >= 1, got {self.workers} and {self.part_bytes}")
         if self.seed < 0:
             raise UserError(f"seed must be >= 0, got {self.seed}")
         if self.name is not None and (not self.name or self.name.startswith(".") or any(c in self.name for c in "/\\")):
@@ -327,6 +334,8 @@ def _resume(out: Path, fresh: dict) -> list[dict]:
         if old.get(key) != fresh[key]:
             raise UserError(f"{out} holds shards made with other {key} ({_short(old.get(key))} there, "
                             f"{_short(fresh[key])} now); use another --out, or the same options to resume")
+    if not isinstance(old["shards"], list) or not all(map(_is_shard_record, old["shards"])):
+        raise UserError(f"{path}: damaged (a shard's record is malformed); delete the directory to start over")
     intact = []
     for shard in old["shards"]:
         file = out / shard["file"]
@@ -334,6 +343,20 @@ def _resume(out: Path, fresh: dict) -> list[dict]:
             break
         intact.append(shard)
     return intact
+
+
+def _counts(d: dict, *keys: str) -> bool:
+    return all(type(d.get(k)) is int and d[k] >= 0 for k in keys)
+
+
+def _is_shard_record(shard) -> bool:
+    """Whether a manifest's shard entry has what ShardWriter._flush writes, of the right types."""
+    if not isinstance(shard, dict) or not isinstance(shard.get("file"), str) or not isinstance(shard.get("sha256"), str):
+        return False
+    end = shard.get("end")
+    return (Path(shard["file"]).name == shard["file"] and shard.get("split") in ("val", "train")
+            and _counts(shard, "tokens", "documents")
+            and (end is None or isinstance(end, dict) and _counts(end, "unit", "part", "skip")))
 
 
 def _short(value) -> str:
@@ -481,7 +504,9 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
     writer = ShardWriter(out, manifest)
     scratch = out / SCRATCH
 
-    workers = cfg.workers or _cpu_count()
+    workers = min(cfg.workers or _cpu_count(), _cpu_count())
+    if cfg.workers and cfg.workers > workers:  # tokenizing is CPU-bound: more processes than cores only cost memory
+        print(f"warning: {cfg.workers} workers asked for, {workers} used (this machine's cores)", file=sys.stderr)
     pool = _start_pool(workers)
     from tqdm import tqdm
 

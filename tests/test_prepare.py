@@ -433,3 +433,28 @@ def test_inspect_and_resume_beside_foreign_files(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", make_docs(5))
     with pytest.raises(UserError, match="not a manifest that prepare writes; choose an empty directory"):
         prep.prepare(sources.local_files([tmp_path / "a.jsonl"]), tmp_path / "o", cfg())
+
+
+def test_sizes_that_cannot_work_are_refused(tmp_path, capsys):
+    """A shard is a buffer in memory (1e20 tokens: numpy's ValueError), and 100,000 workers were 100,000 processes."""
+    for bad in ({"shard_size": 2**31 + 1}, {"shard_size": 0}, {"workers": 0}, {"part_bytes": 0}):
+        with pytest.raises(UserError, match="must be"):
+            prep.PrepareConfig(**bad)
+    write_jsonl(tmp_path / "a.jsonl", make_docs(40, seed=2))
+    assert_one_line_error(run_cli("prepare", "files", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "o"),
+                                  "--shard-size", str(10**20)), "shard_size must be in [1, 2^31]")
+    prep.prepare(sources.local_files([tmp_path / "a.jsonl"]), tmp_path / "w", cfg(workers=prep._cpu_count() + 1))
+    assert f"{prep._cpu_count() + 1} workers asked for, {prep._cpu_count()} used" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", [lambda s: s.pop("sha256"), lambda s: s.update(end=5),
+                                    lambda s: s.update(file="../elsewhere.npy"), lambda s: s.update(tokens="801")])
+def test_a_damaged_manifest_of_the_right_format_is_one_line(tmp_path, damage):
+    write_jsonl(tmp_path / "a.jsonl", make_docs(40, seed=2))
+    src = sources.local_files([tmp_path / "a.jsonl"])
+    prep.prepare(src, tmp_path / "o", cfg())
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    damage(manifest["shards"][0])
+    (tmp_path / "o" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="manifest.json: damaged"):
+        prep.prepare(src, tmp_path / "o", cfg())

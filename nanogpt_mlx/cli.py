@@ -162,15 +162,17 @@ def cmd_eval(args) -> None:
 
     if args.task == "loss":
         model = load_model(args.model)
-        T = args.seq_len or model.config.block_size
-        n = min(args.batches, evaluate.available_batches(args.data, args.split, args.batch_size, T))
-        loss = evaluate.eval_loss(model, args.data, args.split, n, args.batch_size, T)
+        loader = evaluate.eval_loader(model, args.data, args.split, args.batch_size, args.seq_len)
+        n = min(args.batches, loader.batches_per_pass)
+        loss = evaluate.loader_loss(model, loader, n, progress=True)
         print(f"{args.split} loss {loss:.4f}  perplexity {evaluate.perplexity(loss):.2f}  "
-              f"({n} batches of {args.batch_size}x{T} tokens from {args.data})")
+              f"({n} batches of {loader.B}x{loader.T} tokens from {args.data})")
         return
     if args.output is not None:  # now, not after the whole evaluation
         out = Path(args.output)
-        if out.is_dir() or not args.output:
+        if not args.output:
+            raise UserError("--output '' names no file (an unset variable?)")
+        if out.is_dir():
             raise UserError(f"{args.output!r}: is a directory (--output names the file to write)")
         if out.exists() and not out.is_file():
             raise UserError(f"{args.output}: not a regular file (--output replaces the file it names)")
@@ -353,12 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else argv
-    if args.command != "info":
-        for note in device.notes():
-            print(f"nanogpt-mlx: note: {note}", file=sys.stderr)
+    if hasattr(sys.stdout, "reconfigure"):  # generated text on a terminal that cannot show it: '?', not a traceback
+        sys.stdout.reconfigure(errors="replace")
     try:
+        args = build_parser().parse_args(argv)  # imports the commands' modules: Ctrl-C may come here too
+        args.argv = sys.argv[1:] if argv is None else argv
+        if args.command != "info":
+            for note in device.notes():
+                print(f"nanogpt-mlx: note: {note}", file=sys.stderr)
         args.func(args)
     except UserError as e:
         print(f"nanogpt-mlx: error: {e}", file=sys.stderr)

@@ -104,9 +104,18 @@ class DataLoader:
         self.state = LoaderState()
         self._load()
 
+    def _batches_in(self, tokens: int) -> int:
+        """Global batches (B*T*world tokens, plus the last target) that a shard of `tokens` holds."""
+        return (tokens - 1) // (self.B * self.T * self.world)
+
+    @property
+    def batches_per_pass(self) -> int:
+        """This rank's batches in one pass over all shards, before the loader wraps to the first again."""
+        return sum(self._batches_in(n) for _, n in self.layout["shards"])
+
     def _load(self) -> None:
         self.tokens = load_shard(self.shards[self.state.shard], self.vocab_size)
-        self.steps_in_shard = (len(self.tokens) - 1) // (self.B * self.T * self.world)
+        self.steps_in_shard = self._batches_in(len(self.tokens))
         self.order = np.arange(self.steps_in_shard)
         if self.shuffle:
             rng = np.random.default_rng([self.seed, self.state.epoch, self.state.shard])

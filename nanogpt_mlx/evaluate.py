@@ -10,6 +10,7 @@ row's end cannot change its losses.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import device
-from .data import DataLoader, list_shards, load_shard
+from .data import DataLoader
 from .errors import UserError
 from .files import atomic_path, cache_dir, download
 from .model import GPT, KVCache
@@ -50,12 +51,15 @@ class Example:
 
 def download_hellaswag(url: str | None = None, dest: Path | None = None, progress: bool = True,
                        local_option: str = "--data") -> Path:
-    """The validation JSONL, downloaded once into the cache (atomically) and reused after. A failure names
-    `local_option`, the caller's way to pass a local copy instead."""
+    """The validation JSONL, downloaded once into the cache (atomically, and only once it parses as HellaSwag) and
+    reused after; each URL has its own copy. A failure names `local_option`, the caller's way to pass a local copy
+    instead."""
     url = url or os.environ.get(URL_ENV) or HELLASWAG_URL
-    dest = dest or cache_dir() / "hellaswag" / "hellaswag_val.jsonl"
+    if dest is None:
+        mirror = "" if url == HELLASWAG_URL else hashlib.sha256(url.encode()).hexdigest()[:16]
+        dest = cache_dir() / "hellaswag" / mirror / "hellaswag_val.jsonl"
     hint = f"pass {local_option} FILE with a local copy of hellaswag_val.jsonl (Python: load_hellaswag(FILE))"
-    return download(url, dest, "HellaSwag", hint, progress)
+    return download(url, dest, "HellaSwag", hint, progress, check=load_hellaswag)
 
 
 def load_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[Example]:
@@ -243,6 +247,8 @@ def write_records(path: str | os.PathLike, records: Sequence[ExampleScore]) -> N
 def loader_loss(model: GPT, loader: DataLoader, batches: int, progress: bool = False) -> float:
     """Mean cross-entropy over the loader's first `batches` batches (it is reset first), as
     build-nanogpt's periodic validation: the mean of the per-batch mean losses."""
+    if batches < 1:
+        raise UserError(f"batches must be >= 1, got {batches}")
     loader.reset()
     total = 0.0
     for _ in tqdm(range(batches), desc="loss", unit="batch", disable=not progress):
@@ -252,23 +258,26 @@ def loader_loss(model: GPT, loader: DataLoader, batches: int, progress: bool = F
     return total / batches
 
 
-def available_batches(data_dir: str | os.PathLike, split: str, B: int, T: int, world: int = 1) -> int:
-    """How many batches one pass over a split holds for DataLoader(B, T, world)."""
-    return sum((len(load_shard(p)) - 1) // (B * T * world) for p in list_shards(data_dir, split))
-
-
 def eval_loss(model: GPT, data_dir: str | os.PathLike, split: str = "val", batches: int = 20, B: int = 8,
               T: int | None = None, rank: int = 0, world: int = 1, progress: bool = True) -> float:
     """Mean loss over `batches` (B, T) batches of a split's shards, at most one pass over them.
 
     T defaults to the model's context.
     """
-    T = T or model.config.block_size
+    loader = eval_loader(model, data_dir, split, B, T, rank, world)
+    return loader_loss(model, loader, min(batches, loader.batches_per_pass), progress)
+
+
+def eval_loader(model: GPT, data_dir: str | os.PathLike, split: str = "val", B: int = 8, T: int | None = None,
+                rank: int = 0, world: int = 1) -> DataLoader:
+    """The (B, T) batches of a split that eval_loss reads (`batches_per_pass` of them at most); T defaults to the
+    model's context."""
+    T = model.config.block_size if T is None else T
+    if min(B, T) < 1:
+        raise UserError(f"B and T must be >= 1, got {B} and {T}")
     if T > model.config.block_size:
         raise UserError(f"sequence length {T} exceeds the model's context of {model.config.block_size}")
-    batches = min(batches, available_batches(data_dir, split, B, T, world))
-    loader = DataLoader(data_dir, split, B, T, rank, world, vocab_size=model.config.vocab_size)
-    return loader_loss(model, loader, batches, progress)
+    return DataLoader(data_dir, split, B, T, rank, world, vocab_size=model.config.vocab_size)
 
 
 def perplexity(loss: float) -> float:

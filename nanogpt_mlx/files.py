@@ -9,7 +9,7 @@ import hashlib
 import os
 import shutil
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -114,11 +114,13 @@ def cache_dir() -> Path:
         raise UserError("no home directory to keep the cache in: set XDG_CACHE_HOME (or HOME)") from None
 
 
-def download(url: str, dest: Path, what: str, hint: str, progress: bool = True) -> Path:
+def download(url: str, dest: Path, what: str, hint: str, progress: bool = True,
+             check: Callable[[Path], object] | None = None) -> Path:
     """Fetch `url` into `dest` once (atomically, with a progress bar) and return `dest`.
 
-    Any failure (offline, HTTP error, a body cut off before Content-Length) is one UserError
-    naming `what` and ending with `hint`, the offline way in.
+    Any failure (offline, HTTP error, a body cut off before Content-Length, or a body that `check` refuses with a
+    UserError, such as a proxy's error page) is one UserError naming `what` and ending with `hint`, the offline way
+    in; nothing is kept then.
     """
     import http.client
     import urllib.error
@@ -137,6 +139,13 @@ def download(url: str, dest: Path, what: str, hint: str, progress: bool = True) 
                     bar.update(len(chunk))
             if size is not None and done != size:  # urllib ends a cut-off body quietly
                 raise UserError(f"download of {url} was cut off after {done} of {size} bytes; {hint}")
+            f.flush()
+            if check is not None:
+                try:
+                    check(tmp)
+                except UserError as e:
+                    raise UserError(f"{url} did not send {what} ({str(e).replace(str(tmp), 'the download')}); "
+                                    f"{hint}") from None
     except urllib.error.HTTPError as e:
         raise UserError(f"could not download {what} from {url} (HTTP {e.code} {e.reason}); {hint}") from None
     except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, cut-off bodies

@@ -285,9 +285,9 @@ class GPT(nn.Module):
 
     def check_token_ids(self, ids: list[int], what: str) -> None:
         """Refuse token ids the embedding has no row for: MLX's gather reads out of bounds without checking."""
-        top = max(ids, default=0)
-        if top >= self.config.vocab_size:
-            raise UserError(f"{what} has token id {top}, outside the model's vocab_size of {self.config.vocab_size} "
+        bad = next((i for i in (max(ids, default=0), min(ids, default=0)) if not 0 <= i < self.config.vocab_size), None)
+        if bad is not None:
+            raise UserError(f"{what} has token id {bad}, outside the model's vocab_size of {self.config.vocab_size} "
                             f"(GPT-2's tokenizer needs {GPT2_VOCAB_SIZE})")
 
     @property

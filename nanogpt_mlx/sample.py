@@ -49,7 +49,8 @@ def next_token(logits: mx.array, cfg: SampleConfig | None = None, key: mx.array 
     logits = logits[:, :GPT2_VOCAB_SIZE].astype(mx.float32)
     if cfg.greedy:
         return mx.argmax(logits, axis=-1)
-    logits = logits / cfg.temperature
+    # from the largest logit down: a tiny temperature then tends to greedy instead of overflowing to inf - inf
+    logits = (logits - logits.max(axis=-1, keepdims=True)) / cfg.temperature
     if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
         kth = mx.partition(logits, -cfg.top_k, axis=-1)[:, -cfg.top_k][:, None]  # k-th largest
         logits = mx.where(logits < kth, -mx.inf, logits)
@@ -89,6 +90,8 @@ def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig | None = None,
     emitted <|endoftext|>) keeps yielding EOT until all are finished. cfg defaults to SampleConfig().
     """
     cfg = cfg or SampleConfig()
+    if num_samples < 1:
+        raise UserError(f"num_samples must be >= 1, got {num_samples}")
     ids = prepare_prompt(model, prompt_ids, cfg)
     weights = tree_flatten(model.parameters())
     memory.check_sampling(model.config, num_samples, len(ids), cfg.max_new_tokens,

@@ -109,7 +109,7 @@ class TrainConfig:
                                      "ahead, for a slower first step")
     # evaluation, samples, checkpoints (0 disables; each also runs at the last step)
     val_every: int = _field(250, "steps between validation losses (0: never)")
-    val_steps: int = _field(20, "micro-batches per validation loss")
+    val_steps: int = _field(20, "micro-batches per validation loss (at most one pass over the val split)")
     sample_every: int = _field(250, "steps between printed samples (0: never)")
     num_samples: int = _field(4, "samples each time")
     sample_tokens: int = _field(32, "new tokens per sample")
@@ -296,6 +296,10 @@ class Trainer:
         vocab = self.model.config.vocab_size
         self.train_loader = DataLoader(cfg.data, "train", B, T, rank, world, vocab, cfg.shuffle, cfg.seed)
         self.val_loader = DataLoader(cfg.data, "val", B, T, rank, world, vocab) if cfg.val_every else None
+        self.val_steps = min(cfg.val_steps, self.val_loader.batches_per_pass) if self.val_loader else 0
+        if self.val_steps < cfg.val_steps and self.dist.is_main:  # past one pass it would average repeated batches
+            print(f"warning: val_steps {cfg.val_steps} is more than the val split holds: validating on all its "
+                  f"{self.val_steps} batches", file=sys.stderr)
 
         self.optimizer = self.recipe.make_optimizer(cfg, self.dtype)
         # the optimizer updates float32 master weights, packed as its recipe groups them (build-nanogpt's: flat
@@ -424,13 +428,13 @@ class Trainer:
 
     # -- evaluation
     def val_loss(self) -> float:
-        """Mean loss over val_steps batches from the start of the val split (build-nanogpt)."""
+        """Mean loss over val_steps batches (at most the split's) from the start of the val split (build-nanogpt)."""
         self.val_loader.reset()
         total = 0.0
-        for _ in range(self.cfg.val_steps):
+        for _ in range(self.val_steps):
             x, y = (mx.array(a) for a in self.val_loader.next_batch())
             total += self._eval_loss(x, y).item()
-        return self.dist.mean(total / self.cfg.val_steps)
+        return self.dist.mean(total / self.val_steps)
 
     def samples(self) -> list[str]:
         cfg = self.cfg

@@ -347,6 +347,8 @@ def save_model(model: GPT, out_dir: str | os.PathLike) -> None:
 def check_export_target(out_dir: str | os.PathLike, force: bool = False, source: str | os.PathLike | None = None) -> Path:
     """Where an export may go: a new or empty directory (any directory with `force`), never a file,
     the `source` directory itself or a nanogpt-mlx run or checkpoint, which would lose its own format."""
+    if not os.fspath(out_dir):  # Path("") is the working directory: an unset variable would export into it
+        raise UserError("the export directory is '' (an unset variable?); name a directory")
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose a directory for the export")

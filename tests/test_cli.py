@@ -309,3 +309,15 @@ def test_hub_download_is_cached(fake_hub, tiny_hf_dir, tmp_path):
     assert offline == online and requests == []
     assert_one_line_error(run_cli("sample", "--model", "someone/missing", env=env),
                           "someone/missing", "could not be downloaded", "local directory")
+
+
+def test_ctrl_c_while_the_parser_imports_commands_is_one_line(monkeypatch, capsys):
+    """Building the parser imports every command's module (most of a second): Ctrl-C then was a traceback."""
+    from nanogpt_mlx import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["info"]) == 130
+    assert capsys.readouterr().err == "nanogpt-mlx: interrupted\n"

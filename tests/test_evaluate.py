@@ -240,6 +240,18 @@ def test_download_failure_is_one_clear_line(http_dir, tmp_path):
         download_hellaswag("http://127.0.0.1:9/hellaswag_val.jsonl", dest, progress=False)
 
 
+def test_a_download_that_is_no_hellaswag_is_not_kept(http_dir, fixture_file, tmp_path, monkeypatch):
+    """A proxy's error page sent with 200 was cached and failed every later run, whatever the URL then."""
+    root, base = http_dir
+    (root / "page.html").write_text("<html>proxy login</html>\n")
+    (root / "val.jsonl").write_bytes(fixture_file.read_bytes())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match=r"page.html did not send HellaSwag \(the download:1: not valid JSON.*pass --data"):
+        download_hellaswag(f"{base}/page.html", progress=False)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert download_hellaswag(f"{base}/val.jsonl", progress=False).read_bytes() == fixture_file.read_bytes()
+
+
 # ------------------------------------------------------------------------------------ eval loss
 def test_eval_loss_equals_direct_computation(tmp_path, tiny_hf_dir, model):
     import torch
@@ -269,6 +281,9 @@ def test_eval_loss_equals_direct_computation(tmp_path, tiny_hf_dir, model):
         eval_loss(model, tmp_path, "val", batches=1, B=1, T=129, progress=False)
     with pytest.raises(UserError, match="no test shards"):
         eval_loss(model, tmp_path, "test", progress=False)
+    for bad in ({"batches": 0}, {"batches": -3}, {"B": 0}, {"T": 0}):  # were a ZeroDivisionError, -0.0, the context
+        with pytest.raises(UserError, match="must be >= 1"):
+            eval_loss(model, tmp_path, "val", **{"batches": 2, "B": B, "T": T, **bad}, progress=False)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -287,7 +302,7 @@ def test_cli_hellaswag_downloads_into_cache(tiny_hf_dir, fixture_file, http_dir,
     env = {"NANOGPT_MLX_HELLASWAG_URL": f"{base}/val.jsonl", "XDG_CACHE_HOME": str(tmp_path / "cache")}
     proc = run_cli("eval", "hellaswag", "--model", str(tiny_hf_dir), "--limit", "4", env=env, check=True)
     assert "hellaswag  4 examples" in proc.stdout
-    cached = tmp_path / "cache" / "nanogpt-mlx" / "hellaswag" / "hellaswag_val.jsonl"
+    cached, = (tmp_path / "cache" / "nanogpt-mlx" / "hellaswag").glob("*/hellaswag_val.jsonl")  # this URL's copy
     assert cached.read_bytes() == fixture_file.read_bytes()
     env["XDG_CACHE_HOME"] = str(tmp_path / "empty")
     env["NANOGPT_MLX_HELLASWAG_URL"] = "http://127.0.0.1:9/val.jsonl"

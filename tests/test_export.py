@@ -98,3 +98,15 @@ def test_export_to_a_file_is_one_line(tiny_hf_dir, tmp_path):
     target.write_text("x")
     assert_one_line_error(run_cli("export", str(tiny_hf_dir), str(target)), "not a directory")
     assert target.read_text() == "x"
+
+
+def test_export_to_an_empty_name_is_refused(tiny_hf_dir, tmp_path):
+    """Path('') is the working directory: `export SRC "$OUT"` with OUT unset wrote the model there."""
+    assert_one_line_error(run_cli("export", str(tiny_hf_dir), "", cwd=tmp_path), "the export directory is ''")
+    assert not any(tmp_path.iterdir())
+
+
+def test_text_a_terminal_cannot_show_is_replaced(tiny_hf_dir):
+    proc = run_cli("sample", "--model", str(tiny_hf_dir), "--prompt", "café", "--num-samples", "2",
+                   "--max-new-tokens", "2", "--seed", "0", env={"PYTHONIOENCODING": "ascii"}, check=True)
+    assert proc.stdout.startswith("> caf?")

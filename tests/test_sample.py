@@ -173,3 +173,20 @@ def test_more_samples_than_memory_holds_are_refused(model, monkeypatch):
     monkeypatch.setattr(device, "memory_bytes", lambda: 10**6)  # less than the model
     with pytest.raises(UserError, match="at most 0 fit"):
         tokens(model, cfg, 1)
+
+
+def test_negative_ids_tiny_temperatures_and_no_samples(model):
+    """A negative id read before the embedding (-10^6 crashed MLX), a temperature of 1e-40 overflowed every logit to
+    -inf (a uniform draw, even with top-k 1): it tends to greedy now."""
+    cfg = SampleConfig(max_new_tokens=3, greedy=True, stop_at_eot=False)
+    for bad in (-1, -1_000_000):
+        with pytest.raises(UserError, match=f"the prompt has token id {bad}, outside"):
+            tokens(model, cfg, prompt=[464, bad])
+    greedy = tokens(model, cfg, 2)
+    for top_k in (1, 50):
+        cold = SampleConfig(max_new_tokens=3, temperature=1e-40, top_k=top_k, seed=3, stop_at_eot=False)
+        assert tokens(model, cold, 2) == greedy
+    logits = mx.array([[-80.0, -75.0, -90.0] + [-100.0] * 50254])
+    assert [next_token(logits, SampleConfig(temperature=1e-37), mx.random.key(s)).item() for s in range(5)] == [1] * 5
+    with pytest.raises(UserError, match="num_samples must be >= 1, got 0"):
+        sample_texts(model, "hi", cfg, 0)

@@ -339,6 +339,18 @@ def test_val_loss_is_build_nanogpts(data_dir, tmp_path):
     assert trainer.val_loss() == pytest.approx(expected, rel=1e-5)  # the val loader starts over
 
 
+def test_val_steps_past_the_split_validate_on_it_once(data_dir, tmp_path, capsys):
+    """The val split holds 15 batches: 10^6 val steps read it once instead of averaging it 66,000 times over."""
+    from nanogpt_mlx.data import DataLoader
+    from nanogpt_mlx.evaluate import loader_loss
+
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", val_every=5, val_steps=10**6))
+    assert trainer.val_steps == 15 and "validating on all its 15 batches" in capsys.readouterr().err
+    loader = DataLoader(data_dir, "val", 4, 32, vocab_size=VOCAB)
+    assert loader.batches_per_pass == 15
+    assert trainer.val_loss() == pytest.approx(loader_loss(trainer.model, loader, 15), rel=1e-5)
+
+
 def test_bfloat16_keeps_float32_masters(data_dir, tmp_path, capsys):
     cfg = tiny_config(data_dir, tmp_path / "run", dtype="bfloat16", max_steps=4)
     trainer = Trainer(cfg)
@@ -449,10 +461,11 @@ def test_a_stop_request_skips_the_evaluations_due_next(data_dir, tmp_path):
 
 
 def test_ctrl_c_during_an_evaluation_stops_it_at_once(data_dir, tmp_path):
-    """An evaluation changes no weights: Ctrl-C ends it (a val loss over 10^7 batches here) and saves the step;
-    the resumed run evaluates that step again, and the log holds each evaluation once."""
-    out = tmp_path / "run"
-    args = cli_config(data_dir, out, "--max-steps", "3", "--val-every", "2", "--val-steps", "10000000",
+    """An evaluation changes no weights: Ctrl-C ends it (a val loss over 150,000 batches here, minutes) and saves the
+    step; the resumed run evaluates that step again, and the log holds each evaluation once."""
+    out, data = tmp_path / "run", tmp_path / "data"
+    write_shards(data, [token_stream(3000, 1)], np.tile(token_stream(4096, 3), 5000))
+    args = cli_config(data, out, "--max-steps", "3", "--val-every", "2", "--val-steps", "150000",
                       "--sample-every", "0")
     proc = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -17,14 +17,15 @@ import numpy as np
 from .errors import UserError
 
 
-def list_shards(data_dir: str | Path, split: str) -> list[Path]:
-    """Sorted shard files of one split (`train` or `val`); hidden temp files of unfinished writes are skipped."""
+def list_shards(data_dir: str | Path, split: str, missing_ok: bool = False) -> list[Path]:
+    """Sorted shard files of one split (`train` or `val`); hidden temp files of unfinished writes are skipped.
+    None is an error unless missing_ok."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: data directory not found (make one with `nanogpt-mlx prepare`)")
     shards = sorted(p for p in data_dir.glob(f"*_{split}_*.npy")
                     if re.fullmatch(rf"[^.].*_{split}_\d+\.npy", p.name))  # NAME_{split}_INDEX.npy, whatever NAME holds
-    if not shards:
+    if not shards and not missing_ok:
         raise UserError(f"{data_dir}: no {split} shards (*_{split}_*.npy)")
     return shards
 

@@ -209,7 +209,10 @@ def _parquet_docs(part: Part) -> list[str]:
         raise UserError(f"{part.path}: cannot read parquet ({first_line(e)})") from None
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         raise UserError(f"{part.path}: column {part.field!r} holds {column.type}, not text")
-    return [t for t in column.to_pylist() if _keep(t)]
+    try:
+        return [t for t in column.to_pylist() if _keep(t)]
+    except UnicodeDecodeError as e:  # a writer other than Arrow may store any bytes in a string column
+        raise UserError(f"{part.path}: column {part.field!r} is not UTF-8 text ({e.reason})") from None
 
 
 def encode_docs(docs: list[str]) -> np.ndarray:
@@ -223,7 +226,11 @@ def encode_docs(docs: list[str]) -> np.ndarray:
     enc = get_tokenizer()
     text = "".join(EOT_TEXT + doc for doc in docs)
     if text.count(EOT_TEXT) == len(docs):  # the EOT string cannot overlap itself, so only ours are found
-        ids = enc.encode_to_numpy(text, allowed_special={EOT_TEXT})
+        try:
+            ids = enc.encode_to_numpy(text, allowed_special={EOT_TEXT})
+        except UnicodeEncodeError:  # a lone surrogate (JSON's "\ud83d", half an emoji): repaired as encode_ordinary does
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            ids = enc.encode_to_numpy(text, allowed_special={EOT_TEXT})
     else:
         ids = [t for doc in docs for t in (EOT, *enc.encode_ordinary(doc))]
     return np.asarray(ids, dtype=np.uint16)  # GPT-2 ids are < 50257: uint16 is exact
@@ -314,7 +321,9 @@ def _complete(out: Path, manifest: dict) -> None:
 
 
 def _resume(out: Path, fresh: dict) -> list[dict]:
-    """Shards of an earlier run with the same settings that are intact on disk (a prefix of its list)."""
+    """Shards of an earlier run with the same settings that are intact on disk (a prefix of its list). Shard files
+    beyond them are removed: a killed run can leave one written but not yet listed, which other settings would
+    not overwrite and every reader would take for data."""
     for stale in out.glob(".*.tmp*"):  # left by a killed run (atomic_path's temp files)
         stale.unlink()
     path = out / "manifest.json"
@@ -322,6 +331,16 @@ def _resume(out: Path, fresh: dict) -> list[dict]:
         if any(out.glob("*.npy")):
             raise UserError(f"{out}: holds .npy files but no manifest.json; choose an empty directory")
         return []
+    intact = _intact_shards(out, path, fresh)
+    listed = {shard["file"] for shard in intact}
+    for split in ("val", "train"):
+        for file in list_shards(out, split, missing_ok=True):
+            if file.name not in listed:
+                file.unlink()
+    return intact
+
+
+def _intact_shards(out: Path, path: Path, fresh: dict) -> list[dict]:
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -330,12 +349,19 @@ def _resume(out: Path, fresh: dict) -> list[dict]:
         raise UserError(f"{path}: not a manifest that prepare writes; choose an empty directory")
     if not old.get("shards"):
         return []  # nothing to keep: any settings may start over
+    if (not isinstance(old["shards"], list) or not all(map(_is_shard_record, old["shards"]))
+            or not isinstance(old.get("stamps", []), list)):
+        raise UserError(f"{path}: damaged (a shard's record is malformed); delete the directory to start over")
     for key in ("format", "source", "tokenizer", "settings", "units"):
         if old.get(key) != fresh[key]:
             raise UserError(f"{out} holds shards made with other {key} ({_short(old.get(key))} there, "
                             f"{_short(fresh[key])} now); use another --out, or the same options to resume")
-    if not isinstance(old["shards"], list) or not all(map(_is_shard_record, old["shards"])):
-        raise UserError(f"{path}: damaged (a shard's record is malformed); delete the directory to start over")
+    # no stamps: a manifest from before they were kept; a None: a download (the hub's files do not change)
+    changed = [key for key, was, now in zip(fresh["units"], old.get("stamps", fresh["stamps"]), fresh["stamps"])
+               if None not in (was, now) and was != now]
+    if changed:
+        raise UserError(f"{changed[0]} was modified after {out}'s shards were made from it (its modification time "
+                        "differs); use another --out, or delete the directory to start over")
     intact = []
     for shard in old["shards"]:
         file = out / shard["file"]
@@ -491,6 +517,7 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
         "settings": {"name": cfg.name or source.name, "shard_size": cfg.shard_size, "part_bytes": cfg.part_bytes,
                      "shuffle_docs": cfg.shuffle_docs, "seed": cfg.seed if cfg.shuffle_docs else None},
         "units": [u.key for u in units],
+        "stamps": [u.stamp for u in units],
         "origin": source.origin,
         "shards": [],
         "complete": False,

@@ -32,6 +32,7 @@ class Unit:
     fetch: Callable[[Path], Path]
     field: str = "text"
     temporary: bool = False  # a download: deleted once tokenized, so disk use stays bounded
+    stamp: int | None = None  # a local file's modification time (ns): an edit that keeps its size changes it
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ def local_files(paths: Sequence[str | os.PathLike], text_field: str = "text",
     that several of them name is read once, where it first appears."""
     found: list[Path] = []
     for spec in map(str, paths):
+        if not spec:  # Path("") is the working directory: an unset variable would tokenize all of it
+            raise UserError("'' names no file (an unset variable?)")
         spec = os.path.expanduser(spec)
         is_pattern = any(c in spec for c in "*?[") and not os.path.exists(spec)  # a file may be named a[1].txt
         matches = sorted(glob.glob(spec, recursive=True)) if is_pattern else [spec]
@@ -58,7 +61,7 @@ def local_files(paths: Sequence[str | os.PathLike], text_field: str = "text",
         for m in map(Path, matches):
             if m.is_dir():
                 found += sorted(f for f in m.rglob("*") if f.suffix in FILE_KINDS and f.is_file()
-                                and not f.name.startswith("."))
+                                and not any(part.startswith(".") for part in f.relative_to(m).parts))  # as ** does
             elif m.is_file():
                 if m.suffix not in FILE_KINDS:
                     raise UserError(f"{m}: unsupported file type (expected .txt, .jsonl or .parquet)")
@@ -115,7 +118,8 @@ def fineweb_edu(sample: str = "sample-10BT", local_dir: str | os.PathLike | None
 
 
 def _local_unit(file: Path, kind: str, field: str, name: str) -> Unit:
-    return Unit(f"{name} ({file.stat().st_size} bytes)", kind, lambda scratch: file, field)
+    stat = file.stat()
+    return Unit(f"{name} ({stat.st_size} bytes)", kind, lambda scratch: file, field, stamp=stat.st_mtime_ns)
 
 
 def _download_cached(url: str, cache: Path) -> Path:

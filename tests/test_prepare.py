@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import os
 import re
 import signal
 import subprocess
@@ -94,6 +95,8 @@ def test_encode_docs_equals_encode_ordinary_per_document():
     with_eot_text = docs[:5] + [f"x{EOT_TEXT}y", EOT_TEXT]  # the EOT string as text is not EOT
     assert np.array_equal(prep.encode_docs(with_eot_text), expected_tokens(with_eot_text))
     assert prep.encode_docs([]).dtype == np.uint16
+    halves = ["half an emoji \ud83d", "\udc80 low", "a pair \ud83d\ude42 whole", "plain"]  # JSON's lone escapes
+    assert np.array_equal(prep.encode_docs(halves), expected_tokens(halves))
 
 
 def test_round_trip_jsonl_parquet_txt(tmp_path, mixed):
@@ -332,12 +335,16 @@ def test_fineweb_edu_from_hub_one_file_at_a_time(tmp_path, monkeypatch):
     ("bad.jsonl", '{"text": "ok"}\n{"text": oops}\n', ["bad.jsonl", "line 2", "not valid JSON"]),
     ("bad.txt", b"caf\xe9 latin-1", ["bad.txt", "not UTF-8"]),
     ("bad.parquet", b"PAR1 not really parquet", ["bad.parquet", "cannot read parquet"]),
+    ("latin1.parquet", None, ["latin1.parquet", "column 'text' is not UTF-8 text"]),
     ("empty.jsonl", "\n\n", ["empty.jsonl", "no documents"]),
     ("data.csv", "a,b\n", ["data.csv", "unsupported file type"]),
 ])
 def test_bad_input_names_the_file(tmp_path, name, content, needles):
     path = tmp_path / name
-    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    if content is None:  # a string column holding Latin-1 bytes, as writers other than Arrow can store
+        pq.write_table(pa.table({"text": pa.array([b"caf\xe9"], pa.binary()).cast(pa.string(), safe=False)}), path)
+    else:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(UserError) as e:
         prep.prepare(sources.local_files([path]), tmp_path / "out", cfg(workers=2))
     assert "\n" not in str(e.value) and all(n in str(e.value) for n in needles), str(e.value)
@@ -458,3 +465,44 @@ def test_a_damaged_manifest_of_the_right_format_is_one_line(tmp_path, damage):
     (tmp_path / "o" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="manifest.json: damaged"):
         prep.prepare(src, tmp_path / "o", cfg())
+
+
+def test_an_empty_name_and_hidden_directories_add_no_files(tmp_path, monkeypatch):
+    """'' was the working directory (an unset variable tokenized all of it); files under a hidden directory
+    (.venv, .ipynb_checkpoints, an old .download) were read, which the '**' pattern skips."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "a.jsonl", make_docs(3))
+    with pytest.raises(UserError, match="'' names no file"):
+        sources.local_files([""])
+    (tmp_path / "d" / ".hid").mkdir(parents=True)
+    write_jsonl(tmp_path / "d" / "seen.jsonl", make_docs(2))
+    write_jsonl(tmp_path / "d" / ".hid" / "hidden.jsonl", make_docs(2))
+    keys = [u.key for u in sources.local_files([tmp_path / "d"]).units]
+    assert len(keys) == 1 and "seen.jsonl" in keys[0]
+    assert [u.key for u in sources.local_files([str(tmp_path / "d" / "**" / "*.jsonl")]).units] == keys
+
+
+def test_an_input_edited_in_place_is_not_resumed(tmp_path):
+    """The same size, other text: the kept shards and the resumed offsets would mix the two versions."""
+    docs = make_docs(60, seed=5)
+    path = write_jsonl(tmp_path / "a.jsonl", docs)
+    prep.prepare(sources.local_files([path]), tmp_path / "o", cfg())
+    text = path.read_text()
+    before = path.stat().st_mtime_ns
+    path.write_text(text.replace("cat", "dog"))  # as long as before
+    os.utime(path, ns=(before + 10**9, before + 10**9))  # a second later, on a file system with coarse times too
+    with pytest.raises(UserError, match="a.jsonl .* was modified after .* shards were made from it"):
+        prep.prepare(sources.local_files([path]), tmp_path / "o", cfg())
+
+
+def test_a_shard_written_but_not_yet_listed_is_removed(tmp_path):
+    """A kill between a shard's rename and the manifest's update left it; other settings then kept it beside their
+    own shards, and readers took it for data."""
+    path = write_jsonl(tmp_path / "a.jsonl", make_docs(60, seed=6))
+    out = tmp_path / "o"
+    prep.prepare(sources.local_files([path]), out, cfg())
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.update(shards=[], complete=False)  # as if killed before the first shard was recorded
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    prep.prepare(sources.local_files([path]), out, cfg(name="other"))
+    assert {p.name.split("_")[0] for p in out.glob("*.npy")} == {"other"}

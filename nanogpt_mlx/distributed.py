@@ -80,6 +80,8 @@ class Dist:
 
 
 TIMEOUT_ENV = "NANOGPT_MLX_DIST_TIMEOUT"
+LAUNCHER_ENV = "NANOGPT_MLX_LAUNCHER"  # the pid of launch_local, in the ranks it starts
+RANK_GRACE = 30.0  # seconds a rank stopped after another failed has to exit before it is killed
 
 
 def launched() -> bool:
@@ -106,12 +108,33 @@ def init(backend: str = "any", timeout: float | None = None) -> Dist:
     timeout = timeout or _timeout_from_env()
     if not launched():
         return Dist(timeout=timeout)
-    with watchdog(timeout, f"could not connect to the other ranks within {timeout:.0f} s"):
-        try:
-            group = mx.distributed.init(strict=True, backend=backend)
-        except RuntimeError as e:
-            raise UserError(f"distributed init ({backend}) failed: {e}") from None
+    if LAUNCHER_ENV in os.environ:
+        _stop_with_launcher(int(os.environ[LAUNCHER_ENV]))
+    # Ctrl-C while connecting ends the process at once: nothing to save yet, and MLX's connect, a C++ call that
+    # Python's handler cannot interrupt, retries for half a minute
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL) if main_thread else None
+    try:
+        with watchdog(timeout, f"could not connect to the other ranks within {timeout:.0f} s"):
+            try:
+                group = mx.distributed.init(strict=True, backend=backend)
+            except RuntimeError as e:
+                raise UserError(f"distributed init ({backend}) failed: {e}") from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return Dist(group=group, rank=group.rank(), world=group.size(), timeout=timeout)
+
+
+def _stop_with_launcher(launcher: int) -> None:
+    """In a rank that launch_local started: Ctrl-C this process once the launcher is gone (killed with -9, say),
+    so that the ranks save and stop instead of training on as orphans that hold OUT's lock."""
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=watch, daemon=True, name="launcher-watch").start()
 
 
 class watchdog:
@@ -155,8 +178,9 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
 
     Each rank gets `threads_per_rank` BLAS threads (default: cores // n), since MLX's CPU backend
     runs everything but matmuls on one thread, n single-threaded ranks can beat one n-threaded one.
-    If any rank fails, the others are terminated. SIGTERM to this launcher reaches the ranks as Ctrl-C: they
-    agree on a step, save a checkpoint and stop.
+    The ranks run in a session of their own: Ctrl-C (SIGINT) or SIGTERM to this launcher reaches each of them as
+    one Ctrl-C (they agree on a step, save a checkpoint and stop; a second one quits without saving). If any rank
+    fails, the others are stopped (frozen ones too); if the launcher dies, its ranks stop as on Ctrl-C.
     """
     if n < 1:
         raise UserError(f"--ranks must be >= 1, got {n}")
@@ -164,36 +188,53 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
     hosts = [[f"127.0.0.1:{p}"] for p in _free_ports(n)]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(hosts, f)
-    env = {**os.environ, "MLX_HOSTFILE": f.name, "OPENBLAS_NUM_THREADS": str(threads)}
-    procs = [subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", *argv], env={**env, "MLX_RANK": str(r)})
-             for r in range(n)]
-    stopping = False
+    env = {**os.environ, "MLX_HOSTFILE": f.name, "OPENBLAS_NUM_THREADS": str(threads), LAUNCHER_ENV: str(os.getpid())}
+    live = {r: subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", *argv], env={**env, "MLX_RANK": str(r)},
+                                start_new_session=True) for r in range(n)}
+    interrupted = False
 
-    def stop(_signum, _frame) -> None:  # a scheduler's SIGTERM would otherwise orphan the ranks
-        nonlocal stopping
-        stopping = True
-        for p in procs:
+    def interrupt(_signum=None, _frame=None) -> None:
+        nonlocal interrupted
+        interrupted = True
+        for p in live.values():
             p.send_signal(signal.SIGINT)
 
-    previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, interrupt) if main_thread else None
+    failed: dict[int, int] = {}  # rank -> exit status, of the ranks that failed
+    sent: dict[int, int] = {}  # rank -> the signal this launcher stopped it with
+    kill_at = math.inf
     try:
-        code = 0
-        while procs:
-            for p in list(procs):
-                rc = p.poll()
-                if rc is None:
-                    continue
-                procs.remove(p)
-                if rc != 0 and code == 0:
-                    code = rc
-                    for q in procs if not stopping else ():  # one rank failed: the run cannot finish, stop the rest
-                        q.send_signal(signal.SIGTERM)
-            time.sleep(0.1)
-        return code
-    except KeyboardInterrupt:
-        for p in procs:  # they got the Ctrl-C too (same process group): let them save and exit
-            p.wait()
-        return 130
+        while live:
+            try:
+                for r, p in list(live.items()):
+                    rc = p.poll()
+                    if rc is None:
+                        continue
+                    del live[r]
+                    if rc == 0:
+                        continue
+                    failed[r] = rc
+                    if rc < 0 and -rc != sent.get(r) and not interrupted:
+                        print(f"nanogpt-mlx: error: rank {r} was killed by {signal.Signals(-rc).name} "
+                              "(out of memory?)", file=sys.stderr, flush=True)
+                    if not interrupted and not sent:  # the run cannot finish: stop the rest, a frozen one too
+                        for q, proc in live.items():
+                            proc.send_signal(signal.SIGCONT)
+                            proc.terminate()
+                            sent[q] = signal.SIGTERM
+                        kill_at = time.monotonic() + RANK_GRACE
+                if time.monotonic() > kill_at:
+                    for q, proc in live.items():
+                        proc.kill()
+                        sent[q] = signal.SIGKILL
+                time.sleep(0.1)
+            except KeyboardInterrupt:  # Ctrl-C reaches the launcher alone (the ranks' own session): forward it
+                interrupt()
+        # a rank killed by a signal is the cause (the others then lose their peer): reported as a shell does
+        killed = [-rc for r, rc in failed.items() if rc < 0 and -rc != sent.get(r)]
+        code = 128 + killed[0] if killed else next(iter(failed.values()), 0)
+        return 130 if interrupted else code
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

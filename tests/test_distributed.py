@@ -199,29 +199,71 @@ def test_ctrl_c_on_one_rank_stops_all_at_the_same_step_with_a_checkpoint(data_di
     assert len(saved) == 1 and int(saved[0].name[5:]) == len(logged(tmp_path))
 
 
-def test_sigterm_to_the_ranks_launcher_stops_the_ranks_with_a_checkpoint(data_dir, tmp_path):
-    """A scheduler's SIGTERM reaches `--ranks N`'s launcher only: it stops the ranks as Ctrl-C does (they agree on
-    a step and save) instead of leaving them training as orphans."""
+def launch_two_ranks(data_dir: Path, out: Path, env: dict | None = None) -> tuple[subprocess.Popen, list[int]]:
+    """`train --ranks 2` (a long run), once it has logged two steps: the launcher and its ranks' pids."""
     proc = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", "train", "--ranks", "2", "--data", str(data_dir),
-                             "--out", str(tmp_path), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+                             "--out", str(out), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
                              "--block-size", "32", "--vocab-size", "1000", "--batch-size", "4", "--seq-len", "32",
                              "--total-batch-size", "256", "--max-steps", "100000", "--val-every", "0",
-                             "--sample-every", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--sample-every", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
     deadline = time.time() + 120
-    while not ((tmp_path / "log.jsonl").exists() and len(logged(tmp_path)) >= 2):
+    while not ((out / "log.jsonl").exists() and len(logged(out)) >= 2):
         assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
         time.sleep(0.2)
     ranks = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
                                                   text=True).stdout.split()]
     assert len(ranks) == 2
-    proc.send_signal(signal.SIGTERM)
+    return proc, ranks
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_ranks_launcher_stops_the_ranks_with_a_checkpoint(signum, data_dir, tmp_path):
+    """A scheduler's SIGTERM, or a SIGINT sent to the launcher's pid alone (the ranks run in a session of their own,
+    so Ctrl-C in a terminal comes this way too), stops the ranks as Ctrl-C does: they agree on a step and save,
+    instead of training on as orphans (SIGTERM) or to the end (SIGINT)."""
+    proc, ranks = launch_two_ranks(data_dir, tmp_path)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
-    for pid in ranks:  # waited for by the launcher, not orphans still training
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
+    assert all(map(gone, ranks))  # waited for by the launcher
     (saved,) = sorted(tmp_path.glob("ckpt-*"))
     assert int(saved.name[5:]) == len(logged(tmp_path))
+
+
+def test_ranks_whose_launcher_was_killed_stop_with_a_checkpoint(data_dir, tmp_path):
+    proc, ranks = launch_two_ranks(data_dir, tmp_path)
+    proc.kill()
+    proc.communicate()
+    deadline = time.time() + 60
+    while not all(map(gone, ranks)):
+        assert time.time() < deadline, "the ranks trained on without their launcher"
+        time.sleep(0.2)
+    (saved,) = sorted(tmp_path.glob("ckpt-*"))
+    assert int(saved.name[5:]) == len(logged(tmp_path))
+
+
+@pytest.mark.parametrize("how", ["kill", "freeze"])
+def test_a_lost_rank_ends_the_launcher_with_one_line(how, data_dir, tmp_path):
+    """A rank killed (the OOM killer) or frozen: the launcher says so and exits, as a shell reports a killed process;
+    a frozen rank's launcher waited for it forever."""
+    proc, ranks = launch_two_ranks(data_dir, tmp_path, env={"NANOGPT_MLX_DIST_TIMEOUT": "10"})
+    os.kill(ranks[1], signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+    _, err = proc.communicate(timeout=90)
+    errors = [line for line in err.splitlines() if line.startswith("nanogpt-mlx: error:")]
+    if how == "kill":
+        assert proc.returncode == 137 and any("was killed by SIGKILL" in e for e in errors), err
+    else:
+        assert proc.returncode != 0 and any("no answer from the other ranks in 10 s" in e for e in errors), err
+    assert "Traceback" not in err and all(map(gone, ranks))
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "1e30"])  # 1e30: beyond a thread's wait
@@ -231,3 +273,15 @@ def test_a_bad_collective_timeout_is_one_line(value, data_dir, tmp_path):
     proc = run_cli("train", "--data", str(data_dir), "--out", str(tmp_path), "--max-steps", "1",
                    env={"NANOGPT_MLX_DIST_TIMEOUT": value})
     assert_one_line_error(proc, f"NANOGPT_MLX_DIST_TIMEOUT={value!r}: expected a number of seconds > 0")
+
+
+def test_ctrl_c_while_connecting_ends_a_rank_at_once(data_dir, tmp_path):
+    """MLX's ring connect retries for about 30 s inside C++, where Python's Ctrl-C handler cannot run."""
+    cfg = tiny_config(data_dir, tmp_path, max_steps=10)
+    (alone,) = start_ranks(tmp_path, cfg, 1, cli=True, env={"MLX_RANK": "0", "MLX_HOSTFILE": str(hostfile(tmp_path, 2))})
+    time.sleep(6)  # imported and connecting to a rank 1 that never comes
+    assert alone.poll() is None
+    alone.send_signal(signal.SIGINT)
+    start = time.time()
+    alone.communicate(timeout=60)
+    assert time.time() - start < 5 and alone.returncode == -signal.SIGINT

@@ -24,6 +24,7 @@ from .weights import load_model, safetensors_shapes, save_model, save_safetensor
 
 STATE_FILE = "trainer.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+MODEL_FILES = ("model.safetensors", "config.json")  # OUT's copy of the latest checkpoint's model, for `sample`
 KEEP = 2  # the latest checkpoint and the one before, to resume from if the latest is damaged
 
 
@@ -62,6 +63,8 @@ def read_state(ckpt: Path) -> dict:
     expected = {"step": int, "world": int, "config": dict, "train_loader": dict}
     if not isinstance(state, dict) or not all(isinstance(state.get(k), t) for k, t in expected.items()):
         raise damaged(ckpt, f"{STATE_FILE} lacks {', '.join(expected)}")
+    if state["step"] < 0 or state["world"] < 1:
+        raise damaged(ckpt, f"{STATE_FILE}: step {state['step']}, world {state['world']}")
     return state
 
 
@@ -97,7 +100,8 @@ def remove_stale_temps(out: Path) -> None:
 def write(out: Path, step: int, model: GPT, optimizer_state, state: dict) -> Path:
     """Write OUT/ckpt-{step} (complete or not at all), point OUT/model.safetensors at it, drop older ones."""
     final = out / f"ckpt-{step:06d}"
-    if final.exists():  # a checkpoint of this step holds this very state
+    if final.exists():  # a checkpoint of this step holds this very state; OUT's model may not point at it yet
+        _publish(out, final)  # (a kill after the rename)
         return final
     tmp = out / f".ckpt-{step:06d}.tmp{os.getpid()}"
     try:
@@ -117,11 +121,18 @@ def write(out: Path, step: int, model: GPT, optimizer_state, state: dict) -> Pat
         raise UserError(f"{final.name} not saved: {e}; {then}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # whatever a failed save wrote
-    _link_or_copy(final / "model.safetensors", out / "model.safetensors")
-    atomic_write_text(out / "config.json", (final / "config.json").read_text())
+    _publish(out, final)
+    return final
+
+
+def _publish(out: Path, final: Path) -> None:
+    """Point OUT/model.safetensors and OUT/config.json (what `sample --model OUT` loads) at checkpoint `final`, and
+    drop the checkpoints before the last KEEP."""
+    weights, config = MODEL_FILES
+    _link_or_copy(final / weights, out / weights)
+    atomic_write_text(out / config, (final / config).read_text())
     for old in checkpoints(out)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

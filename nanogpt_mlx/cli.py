@@ -274,10 +274,11 @@ def add_train(sub) -> None:
                                    "warmup_steps. Ctrl-C or "
                                    "SIGTERM saves a checkpoint after the step in progress (at once during an "
                                    "evaluation) and stops.")
-    p.add_argument("--preset", choices=list(PRESETS), default="shakespeare", help="(default: shakespeare)")
+    p.add_argument("--preset", choices=list(PRESETS), help="(default: shakespeare; not with --resume)")
     p.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoints are in DIR, exactly: "
                    "its model and its batches (batch_size, seq_len, shuffle, seed, shards) stay")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that already holds a run's checkpoints or model (removed)")
     p.add_argument("--ranks", type=positive_int, default=1,
                    help="data-parallel processes on this machine (ring backend on 127.0.0.1), each with "
                         "cores/ranks BLAS threads; for several machines use mlx.launch (see README)")
@@ -322,13 +323,15 @@ def cmd_train(args) -> None:
     if args.resume == "":
         raise UserError("--resume needs the run's directory")
     if args.resume:
-        if "out" in overrides:
-            raise UserError("--resume DIR continues in DIR; --out cannot be combined with it")
+        given = [option for option, value in (("--out", "out" in overrides), ("--preset", args.preset),
+                                              ("--overwrite", args.overwrite)) if value]
+        if given:  # they would be ignored: the run's own config and checkpoints continue
+            raise UserError(f"--resume DIR continues the run in DIR; {', '.join(given)} cannot be combined with it")
         if dist.is_main and Path(args.resume).is_dir():
             lock_dir(Path(args.resume), "run")  # before its checkpoint is read, which a live run may replace
         cfg = resume_config(args.resume, **overrides)
     else:
-        cfg = TrainConfig.preset(args.preset, **overrides)
+        cfg = TrainConfig.preset(args.preset or "shakespeare", **overrides)
     trainer = Trainer(cfg, resume=bool(args.resume), overwrite=args.overwrite, dist=dist)
     try:
         result = trainer.train()

@@ -144,16 +144,21 @@ class DataLoader:
         return {**asdict(self.state), "layout": self.layout}
 
     def load_state_dict(self, d: dict) -> None:
-        """Continue from a saved position; refused where this loader's batches differ from those it counts."""
+        """Continue from a saved position; refused where this loader's batches differ from those it counts
+        (UserError); ValueError for a malformed position."""
         d = dict(d)
         saved = d.pop("layout", None)  # None: a checkpoint from before the layout was saved
         if saved is not None and saved != self.layout:
             raise UserError(f"cannot continue the checkpoint's data position with other batches: "
                             f"{_layout_changes(saved, self.layout)}; resume with the checkpoint's values, or start a "
                             "new run from its weights (--init-from)")
+        if set(d) != set(LoaderState.__dataclass_fields__) or any(type(v) is not int or v < 0 for v in d.values()):
+            raise ValueError(f"not a position (shard, step, epoch: counts): {d}")
         state = LoaderState(**d)
-        if not 0 <= state.shard < len(self.shards):
-            raise UserError(f"data loader state refers to shard {state.shard}, but there are {len(self.shards)}")
+        if state.shard >= len(self.shards):
+            raise ValueError(f"position in shard {state.shard}, but there are {len(self.shards)}")
+        if state.step >= self._batches_in(self.layout["shards"][state.shard][1]):
+            raise ValueError(f"position at batch {state.step} of shard {state.shard}, which holds fewer")
         self.state = state
         self._load()
 

@@ -263,8 +263,17 @@ class Trainer:
                  dist: distributed.Dist | None = None):
         cfg = cfg or TrainConfig()  # build-nanogpt's GPT-2 124M run
         self.cfg, self.dist = cfg, dist or distributed.init()
-        self.recipe = recipes.get(cfg.recipe)
         self.out = Path(cfg.out)
+        try:
+            self._setup(resume, overwrite)
+        except BaseException:  # a refused start leaves OUT to the next (in a notebook this process lives on)
+            if self.dist.is_main:
+                unlock_dir(self.out)
+            raise
+
+    def _setup(self, resume: bool, overwrite: bool) -> None:
+        cfg = self.cfg
+        self.recipe = recipes.get(cfg.recipe)
         self.dtype_name = cfg.dtype or device.PROFILE.dtype
         self.dtype = DTYPES[self.dtype_name]
         if resume and self.dist.is_main and self.out.is_dir():
@@ -273,6 +282,9 @@ class Trainer:
         if ckpt is None and checkpoint.checkpoints(self.out) and not overwrite:
             raise UserError(f"{self.out} already holds a checkpoint; resume it (--resume {self.out}), "
                             "pass --overwrite, or choose another --out")
+        if ckpt is None and not overwrite and any((self.out / f).exists() for f in checkpoint.MODEL_FILES):
+            raise UserError(f"{self.out} already holds a model ({', '.join(checkpoint.MODEL_FILES)}), which a new run "
+                            "would replace; pass --overwrite, or choose another --out")
         if self.dist.is_main:
             check_writable(self.out)  # now, not at the first checkpoint
         if self.dtype != mx.float32 and device.PROFILE.cpu_backend:
@@ -297,7 +309,7 @@ class Trainer:
         self.train_loader = DataLoader(cfg.data, "train", B, T, rank, world, vocab, cfg.shuffle, cfg.seed)
         self.val_loader = DataLoader(cfg.data, "val", B, T, rank, world, vocab) if cfg.val_every else None
         self.val_steps = min(cfg.val_steps, self.val_loader.batches_per_pass) if self.val_loader else 0
-        if self.val_steps < cfg.val_steps and self.dist.is_main:  # past one pass it would average repeated batches
+        if self.val_loader and self.val_steps < cfg.val_steps and self.dist.is_main:  # past one pass: repeated batches
             print(f"warning: val_steps {cfg.val_steps} is more than the val split holds: validating on all its "
                   f"{self.val_steps} batches", file=sys.stderr)
 
@@ -322,10 +334,11 @@ class Trainer:
             if ckpt is None:  # --overwrite: the old run's checkpoints, and its model, which sample would load
                 for old in checkpoint.checkpoints(self.out):
                     shutil.rmtree(old)
-                for old in ("model.safetensors", "config.json"):
+                for old in checkpoint.MODEL_FILES:
                     (self.out / old).unlink(missing_ok=True)
         self.log = checkpoint.RunLog(self.out, self.step, self.dist.is_main)
         self._stop = False
+        self._data_error: UserError | None = None  # a shard the loader refused mid-run (_start_step)
         self._evaluating = False  # a stop request interrupts an evaluation (_on_signal)
         self._in_flight: tuple = ()  # what the device is evaluating (Trainer._queue) ...
         self._in_flight_ends: _Step | None = None  # ... and the step it ends, if it is a step's last micro-step
@@ -348,6 +361,8 @@ class Trainer:
         self.recipe.check_model(model.config, str(ckpt or cfg.init_from))
         model = pad_vocab(model, cfg.vocab_size) if cfg.vocab_size and ckpt is None else model
         self.memory = fits(model.config)
+        # the config a checkpoint saves (and a resume holds to) names the model trained, not the preset's sizes
+        self.cfg = replace(cfg, **{k: getattr(model.config, k) for k in _MODEL_FIELDS if k != "init_from"})
         return model
 
     def _check_config(self) -> None:
@@ -405,12 +420,21 @@ class Trainer:
             raise UserError(f"{ckpt} was written by a run with {state['world']} ranks; resume it with the same"
                             f" number (this run has {self.dist.world})")
         saved = checkpoint.read_optimizer(ckpt)
-        missing = ({k for k, _ in tree_flatten(self.packing.unpack_state(self.optimizer.state))}
-                   - {k for k, _ in tree_flatten(saved)})  # MLX would start them from zeros, silently
+        # missing entries MLX would start from zeros, silently; others' shapes would fail inside the first update
+        found = {k: a.shape for k, a in tree_flatten(saved)}
+        needed = {k: a.shape for k, a in tree_flatten(self.packing.unpack_state(self.optimizer.state))}
+        missing = [k for k in needed if k not in found]
         if missing:
-            raise checkpoint.damaged(ckpt, f"{checkpoint.OPTIMIZER_FILE} lacks {', '.join(sorted(missing)[:3])}")
+            raise checkpoint.damaged(ckpt, f"{checkpoint.OPTIMIZER_FILE} lacks {', '.join(missing[:3])}")
+        wrong = next((k for k in needed if found[k] != needed[k]), None)
+        if wrong:
+            raise checkpoint.damaged(ckpt, f"{checkpoint.OPTIMIZER_FILE}: {wrong} has shape {found[wrong]}, the model "
+                                           f"needs {needed[wrong]}")
         self.optimizer.state = self.packing.pack_state(saved, like=self.optimizer.state)
-        self.train_loader.load_state_dict(state["train_loader"])
+        try:
+            self.train_loader.load_state_dict(state["train_loader"])
+        except ValueError as e:
+            raise checkpoint.damaged(ckpt, f"{checkpoint.STATE_FILE}: train_loader: {e}") from None
         self.step = state["step"]
 
     def save(self) -> Path:
@@ -442,7 +466,8 @@ class Trainer:
 
     def _sample_config(self, step: int) -> SampleConfig:
         """build-nanogpt's top-k 50, seeded by the step; a prompt longer than the context leaves keeps its end."""
-        return SampleConfig(max_new_tokens=self.cfg.sample_tokens, top_k=50, seed=self.cfg.seed + step, crop=True)
+        return SampleConfig(max_new_tokens=self.cfg.sample_tokens, top_k=50, seed=(self.cfg.seed + step) % 2**64,
+                            crop=True)
 
     def hellaswag(self) -> float:
         """acc_norm over the HellaSwag examples, split across ranks with the counts summed (build-nanogpt)."""
@@ -510,7 +535,12 @@ class Trainer:
             if self._stop and self.dist.world == 1:
                 self.train_loader.load_state_dict(loader_state)
                 return None
-            x, y = (mx.array(a) for a in self.train_loader.next_batch())
+            try:
+                x, y = (mx.array(a) for a in self.train_loader.next_batch())
+            except UserError as e:  # a shard with bad tokens, reached mid-run: stop as Ctrl-C does, saving what was
+                self.train_loader.load_state_dict(loader_state)  # trained (every rank reads that shard here too)
+                self._stop, self._data_error = True, e
+                return None
             if micro < self.grad_accum - 1:
                 loss, grads = self._accumulate(x, y, grads)
                 losses.append(loss)
@@ -607,7 +637,9 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.seq_len * self.grad_accum * self.dist.world
         flops_per_token = 6 * self.model.num_params(non_embedding=True) + \
             12 * self.model.config.n_layer * self.model.config.n_embd * cfg.seq_len
-        peak = device.peak_flops(self.dtype_name)  # this rank's device; MFU is against all ranks' together
+        # this rank's device (MFU is against all ranks' together), the faster of the compute dtype's and float32's
+        # matmuls: on a CPU, bfloat16 ones are emulated, slower than the step's float32 parts
+        peak = max(device.peak_flops(d) for d in {self.dtype_name, "float32"})
         c = self.model.config
         self._say(f"model {n_params / 1e6:.2f}M params (L{c.n_layer} H{c.n_head} C{c.n_embd} T{c.block_size} "
                   f"V{c.vocab_size}) | recipe {self.recipe.name} | {self.dist.world} rank(s) | "
@@ -672,6 +704,9 @@ class Trainer:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         path = self.save()
+        if self._data_error is not None:
+            raise UserError(f"{self._data_error}; saved {path} (step {self.step}): repair that shard (its length "
+                            f"stays), then --resume {self.out}")
         if self.step < end:  # stopped by Ctrl-C or SIGTERM
             self._say(f"interrupted: saved {path} (step {self.step}); continue with --resume {self.out}")
             raise KeyboardInterrupt

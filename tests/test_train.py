@@ -374,6 +374,32 @@ def test_init_from_pads_vocab_with_the_mean_row(small_hf_dir, data_dir, tmp_path
     assert Trainer(replace(cfg, out=str(tmp_path / "b"), vocab_size=0)).model.config.vocab_size == VOCAB
 
 
+def test_init_from_records_the_models_sizes_not_the_presets(small_hf_dir, data_dir, tmp_path):
+    """The checkpoint's config said the preset's n_embd 32 of a 64-wide model, and a resume then demanded 32."""
+    out = tmp_path / "run"
+    Trainer(tiny_config(data_dir, out, init_from=str(small_hf_dir), max_steps=1)).train()
+    saved = json.loads((checkpoints(out)[-1] / "trainer.json").read_text())["config"]
+    assert (saved["n_layer"], saved["n_head"], saved["n_embd"], saved["block_size"]) == (2, 2, 64, 64)
+    run_cli("train", "--resume", str(out), "--max-steps", "2", "--n-embd", "64", check=True)
+
+
+def test_a_seed_near_2_to_the_64_samples_past_it(data_dir, tmp_path):
+    """Samples are seeded by seed + step, which passed 2^64 mid-run and stopped it unsaved."""
+    cfg = tiny_config(data_dir, tmp_path / "run", seed=2**64 - 1, max_steps=3, sample_every=1, num_samples=1,
+                      sample_tokens=2, prompt="The")
+    Trainer(cfg).train()
+    assert len([r for r in logged(tmp_path / "run", "sample")]) == 2
+
+
+def test_mfu_is_against_the_faster_of_the_dtypes_matmuls(data_dir, tmp_path, monkeypatch, capsys):
+    """bfloat16 matmuls on MLX's CPU backend are emulated, slower than the step's float32 parts: MFU read 200%."""
+    from nanogpt_mlx import device
+
+    monkeypatch.setattr(device, "peak_flops", lambda dtype="float32": {"float32": 100e9, "bfloat16": 5e9}[dtype])
+    Trainer(tiny_config(data_dir, tmp_path / "run", dtype="bfloat16", max_steps=1)).train()
+    assert "peak 100 GFLOP/s a rank" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------ CLI
 def cli_config(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--data", str(data), "--out", str(out), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",

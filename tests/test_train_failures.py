@@ -115,6 +115,61 @@ def test_overwrite_removes_the_old_runs_model_too(data_dir, run):
     assert_one_line_error(run_cli("sample", "--model", str(run)), "no config.json")
 
 
+def test_a_new_run_does_not_replace_a_model_without_overwrite(data_dir, tmp_path):
+    """An export, or a finished run whose checkpoints were deleted: a new run's start removed its model."""
+    from nanogpt_mlx.weights import export_hf, load_model
+
+    out = tmp_path / "exported"
+    Trainer(tiny_config(data_dir, tmp_path / "src", max_steps=1)).train()
+    export_hf(load_model(tmp_path / "src"), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert_one_line_error(run_cli(*cli_config(data_dir, out, "--max-steps", "1")), "already holds a model",
+                          "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_kill_after_the_last_checkpoint_is_renamed_still_publishes_it(run):
+    """OUT/model.safetensors (what `sample --model OUT` loads) kept the step before, and no resume repaired it."""
+    from nanogpt_mlx.train import resume_config
+
+    before, latest = checkpoints(run)
+    (run / "model.safetensors").unlink()
+    shutil.copyfile(before / "model.safetensors", run / "model.safetensors")  # as a kill after the rename leaves it
+    trainer = Trainer(resume_config(run), resume=True)
+    assert trainer.save() == latest  # the step is saved already: it is only published
+    assert (run / "model.safetensors").read_bytes() == (latest / "model.safetensors").read_bytes()
+
+
+def test_a_bad_shard_reached_mid_run_saves_the_steps_before_it(data_dir, tmp_path):
+    """Token ids are checked as each shard is loaded (reading all shards first would take minutes at FineWeb's
+    size): the run stopped with nothing saved."""
+    data = tmp_path / "data"
+    bad = token_stream(3000, 2)
+    bad[100] = 60000
+    write_shards(data, [token_stream(3000, 1), bad], token_stream(2000, 3))
+    out = tmp_path / "run"
+    proc = run_cli(*cli_config(data, out, "--max-steps", "40", "--vocab-size", "1000", "--checkpoint-every", "0",
+                               "--sample-every", "0", "--val-every", "0"))
+    # shard 1 holds 23 batches of 4 x 32 tokens, 2 a step: steps 0..10 and the first batch of 11 read it
+    assert_one_line_error(proc, "toy_train_000002.npy: token id 60000", "saved", "(step 11)", f"--resume {out}")
+    assert [p.name for p in checkpoints(out)] == ["ckpt-000011"]
+    state = json.loads((checkpoints(out)[0] / "trainer.json").read_text())["train_loader"]
+    assert (state["shard"], state["step"]) == (0, 22)  # the start of step 11, which is trained again
+
+
+def test_a_failed_resume_leaves_the_run_to_the_next_attempt(run):
+    from nanogpt_mlx.train import resume_config
+
+    with pytest.raises(Exception, match="batch_size 4"):
+        Trainer(resume_config(run, batch_size=2, max_steps=8), resume=True)  # refused: other batches
+    resume(run, check=True)  # not "being written by another run": this process gave OUT back
+
+
+def test_resume_refuses_options_it_would_ignore(run):
+    for flag in (["--preset", "gpt2-124m"], ["--overwrite"], ["--out", str(run)]):
+        assert_one_line_error(run_cli("train", "--resume", str(run), *flag), "cannot be combined with it", flag[0])
+
+
 def test_a_checkpoint_from_a_newer_version_is_not_called_damaged(run):
     ckpt = checkpoints(run)[-1]
     state = json.loads((ckpt / "trainer.json").read_text())
@@ -176,7 +231,32 @@ DAMAGE = {
     "state-missing": (lambda c: (c / "trainer.json").unlink(), "trainer.json is missing"),
     "state-incomplete": (lambda c: (c / "trainer.json").write_text('{"step": 4}'), "trainer.json lacks"),
     "model-truncated": (lambda c: truncate(c / "model.safetensors"), "model.safetensors"),
+    "optimizer-other-model": (lambda c: reshape_moment(c / "optimizer.safetensors", ".h.0.attn.c_attn.weight.v"),
+                              "optimizer.safetensors: states.0.h.0.attn.c_attn.weight.v has shape (192, 16), the model needs (96, 32)"),
+    "state-step-negative": (lambda c: edit_state(c, step=-2), "trainer.json: step -2"),
+    "state-position-beyond": (lambda c: edit_state(c, train_loader={"shard": 0, "step": 500, "epoch": 0}),
+                              "train_loader: position at batch 500 of shard 0"),
+    "state-position-malformed": (lambda c: edit_state(c, train_loader={"shard": 0, "step": "3", "epoch": 0}),
+                                 "train_loader: not a position"),
 }
+
+
+def reshape_moment(path: Path, name: str) -> None:
+    """A moment of another model's shape (another run's optimizer file): it failed inside the first update."""
+    import mlx.core as mx
+
+    arrays = mx.load(str(path))
+    key = next(k for k in arrays if k.endswith(name))
+    arrays[key] = arrays[key].reshape(-1, 16)
+    mx.save_safetensors(str(path), arrays)
+
+
+def edit_state(ckpt: Path, **changes) -> None:
+    state = json.loads((ckpt / "trainer.json").read_text())
+    loader = changes.pop("train_loader", None)
+    if loader is not None:
+        state["train_loader"] = {**loader, "layout": state["train_loader"]["layout"]}
+    (ckpt / "trainer.json").write_text(json.dumps({**state, **changes}))
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))

@@ -18,7 +18,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import UserError, first_line
-from .files import atomic_path, atomic_write_text, cannot
+from .files import atomic_dir, atomic_path, atomic_write_text, cannot
 from .model import GPT
 from .weights import load_model, safetensors_shapes, save_model, save_safetensors
 
@@ -103,24 +103,17 @@ def write(out: Path, step: int, model: GPT, optimizer_state, state: dict) -> Pat
     if final.exists():  # a checkpoint of this step holds this very state; OUT's model may not point at it yet
         _publish(out, final)  # (a kill after the rename)
         return final
-    tmp = out / f".ckpt-{step:06d}.tmp{os.getpid()}"
     try:
-        save_model(model, tmp)
-        with atomic_path(tmp / OPTIMIZER_FILE) as f:
-            save_safetensors(f, dict(tree_flatten(optimizer_state)))
-        atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1))
-        _fsync_dir(tmp)
-        os.rename(tmp, final)
-        _fsync_dir(out)
-    except OSError as e:  # the renames; the file writes report their own errors
-        raise UserError(f"{final}: cannot save checkpoint ({e.strerror or first_line(e)})") from None
+        with atomic_dir(final) as tmp:
+            save_model(model, tmp)
+            with atomic_path(tmp / OPTIMIZER_FILE) as f:
+                save_safetensors(f, dict(tree_flatten(optimizer_state)))
+            atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1))
     except UserError as e:  # e.g. a full disk: say which checkpoint did not happen, and what is kept
         previous = checkpoints(out)
         then = (f"the previous checkpoint {previous[-1].name} is kept; free space and resume (--resume {out})"
                 if previous else "free space and start again")
         raise UserError(f"{final.name} not saved: {e}; {then}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # whatever a failed save wrote
     _publish(out, final)
     return final
 
@@ -142,14 +135,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class RunLog:

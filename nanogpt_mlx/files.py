@@ -89,6 +89,36 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside `path` (which is new, or an empty directory); on success fsync it and
+    rename it to `path`, so that `path` holds all of it or stays as it was. On any error the temporary directory is
+    removed; a storage error (also from the body) becomes one UserError."""
+    path = Path(path)
+    make_dirs(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.mkdir()
+        yield tmp
+        _fsync_dir(tmp)
+        os.replace(tmp, path)  # over an empty directory too (rename(2))
+        _fsync_dir(path.parent)
+    except OSError as e:
+        if isinstance(e, NETWORK_ERRORS):
+            raise
+        raise cannot("write", path, e) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .errors import UserError, first_line
-from .files import atomic_path, atomic_write_text, check_writable
+from .files import atomic_dir, atomic_path, atomic_write_text, check_writable
 from .hf_tokenizer import TOKENIZER_FILES, write_tokenizer_files
 from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 from .tokenizer import EOT
@@ -382,6 +382,14 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> No
     A model with switches GPT-2 does not have (the speedrun recipe's) is refused before anything is written."""
     check_gpt2(model.config)
     out_dir = check_export_target(out_dir, force)
+    if out_dir.is_dir() and any(out_dir.iterdir()):  # --force: file by file, each one whole
+        _write_hf(model, out_dir)
+        return
+    with atomic_dir(out_dir) as tmp:  # a new or empty directory gets all the files or none (a full disk)
+        _write_hf(model, tmp)
+
+
+def _write_hf(model: GPT, out_dir: Path) -> None:
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_safetensors(tmp, to_hf(model), metadata={"format": "pt"})
     atomic_write_text(out_dir / "config.json", json.dumps(hf_config(model.config), indent=2))

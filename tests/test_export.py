@@ -110,3 +110,23 @@ def test_text_a_terminal_cannot_show_is_replaced(tiny_hf_dir):
     proc = run_cli("sample", "--model", str(tiny_hf_dir), "--prompt", "café", "--num-samples", "2",
                    "--max-new-tokens", "2", "--seed", "0", env={"PYTHONIOENCODING": "ascii"}, check=True)
     assert proc.stdout.startswith("> caf?")
+
+
+def test_an_export_that_fails_midway_leaves_nothing(tiny_hf_dir, tmp_path, monkeypatch):
+    """A full disk after the weights were written left a directory that looked like a model and was not one."""
+    from nanogpt_mlx import weights
+    from nanogpt_mlx.errors import UserError
+
+    def full_disk(out_dir, block_size):
+        raise UserError(f"{out_dir}/vocab.json: cannot write (No space left on device)")
+
+    monkeypatch.setattr(weights, "write_tokenizer_files", full_disk)
+    model = load_model(tiny_hf_dir)
+    (tmp_path / "empty").mkdir()
+    for target in ("new", "empty"):
+        with pytest.raises(UserError, match="No space left"):
+            export_hf(model, tmp_path / target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and not any((tmp_path / "empty").iterdir())
+    monkeypatch.undo()
+    export_hf(model, tmp_path / "empty")
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == sorted(EXPORT_FILES)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .evaluate import GPT2_HELLASWAG_TRAINING, GPT3_HELLASWAG
 from .files import atomic_path
 
@@ -121,5 +121,9 @@ def plot_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike = "run.p
 
     fig.tight_layout()
     with atomic_path(out) as tmp:
-        fig.savefig(tmp)
+        try:
+            fig.savefig(tmp)
+        except RuntimeError as e:  # a writer's missing tool, e.g. .pgf's xelatex
+            raise UserError(f"{out}: cannot draw a {out.suffix} image ({first_line(e)}); .png, .svg and .pdf need "
+                            "nothing more") from None
     return out

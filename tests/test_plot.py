@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,10 @@ def test_bad_logs(tmp_path):
         read_log(tmp_path)
     with pytest.raises(UserError, match="unknown image type '.txt'"):
         plot_runs([fake_run(tmp_path / "ok")], tmp_path / "x.txt")
+    if shutil.which("xelatex") is None:  # matplotlib writes .pgf through LaTeX
+        with pytest.raises(UserError, match=r"x.pgf: cannot draw a .pgf image \('xelatex' not found"):
+            plot_runs([fake_run(tmp_path / "ok")], tmp_path / "x.pgf")
+        assert not (tmp_path / "x.pgf").exists()
     (tmp_path / "log.txt").write_text("0 hella 0.25\n")
     with pytest.raises(UserError, match="no train or val loss lines"):
         plot_runs([tmp_path], tmp_path / "x.png")

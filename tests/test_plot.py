@@ -84,7 +84,7 @@ def test_bad_logs(tmp_path):
         plot_runs([fake_run(tmp_path / "ok")], tmp_path / "x.txt")
     if shutil.which("xelatex") is None:  # matplotlib writes .pgf through LaTeX
         with pytest.raises(UserError, match=r"x.pgf: cannot draw a .pgf image \('xelatex' not found"):
-            plot_runs([fake_run(tmp_path / "ok")], tmp_path / "x.pgf")
+            plot_runs([tmp_path / "ok"], tmp_path / "x.pgf")
         assert not (tmp_path / "x.pgf").exists()
     (tmp_path / "log.txt").write_text("0 hella 0.25\n")
     with pytest.raises(UserError, match="no train or val loss lines"):

@@ -10,6 +10,7 @@ row's end cannot change its losses.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -104,9 +105,13 @@ def _parse_line(line: str, index: int, where: str) -> Example:
     return Example(index, ctx, tuple(endings), label)
 
 
-def render_example(ex: Example) -> tuple[list[int], list[list[int]]]:
+Rendered = tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]  # an example's context tokens and endings' tokens
+
+
+@functools.lru_cache(maxsize=None)  # once per example: checked at a Trainer's start, scored at every evaluation
+def render_example(ex: Example) -> Rendered:
     """Context tokens and the tokens of each `" " + ending` (GPT-2 BPE puts the space in the word)."""
-    return encode(ex.ctx), [encode(" " + e) for e in ex.endings]
+    return tuple(encode(ex.ctx)), tuple(tuple(encode(" " + e)) for e in ex.endings)
 
 
 # -------------------------------------------------------------------------------- scoring
@@ -152,7 +157,8 @@ def _repeat_cache(cache: list[KVCache], repeats: int) -> None:
         layer.values = mx.repeat(layer.values[..., : layer.offset, :], repeats, axis=0)
 
 
-def ending_losses(model: GPT, contexts: list[list[int]], endings: list[list[list[int]]]) -> tuple[np.ndarray, np.ndarray]:
+def ending_losses(model: GPT, contexts: Sequence[Sequence[int]], endings: Sequence[Sequence[Sequence[int]]]
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Summed cross-entropy and token count of each ending, both (n, 4), for n examples whose
     contexts have the same length.
 
@@ -190,12 +196,12 @@ def _score(ex: Example, summed: np.ndarray, counts: np.ndarray) -> ExampleScore:
                         summed.tolist(), mean.tolist(), counts.tolist())
 
 
-def check_examples(model: GPT, examples: Sequence[Example]) -> dict[int, tuple[list[int], list[list[int]]]]:
+def check_examples(model: GPT, examples: Sequence[Example]) -> dict[int, Rendered]:
     """Each example's context and ending tokens, checked against the model: ids within its vocab, every row
     (context + ending) within its context."""
     rendered = {ex.index: render_example(ex) for ex in examples}
     for index, (ctx, endings) in rendered.items():
-        model.check_token_ids(ctx + [t for e in endings for t in e], f"HellaSwag example {index}")
+        model.check_token_ids([*ctx, *(t for e in endings for t in e)], f"HellaSwag example {index}")
         longest = len(ctx) + max(map(len, endings))
         if longest > model.config.block_size:
             raise UserError(f"HellaSwag example {index}: a row has {longest} tokens, more than the model's context "

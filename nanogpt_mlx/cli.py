@@ -73,7 +73,8 @@ def add_sample(sub) -> None:
     p.add_argument("--model", default="gpt2",
                    help="hub id (gpt2, gpt2-medium, ...), local Hugging Face directory or checkpoint dir (default: gpt2)")
     p.add_argument("--prompt", default="Hello, I'm a language model,",
-                   help="text to continue; '' starts from <|endoftext|> (default: \"Hello, I'm a language model,\")")
+                   help="text to continue (a '<|endoftext|>' in it is text); '' starts from the <|endoftext|> token "
+                        "(default: \"Hello, I'm a language model,\")")
     p.add_argument("--num-samples", type=positive_int, default=5,
                    help="samples, generated as one batch; 1 streams its text as it comes (default: 5)")
     p.add_argument("--max-new-tokens", type=positive_int, default=30, help="tokens to generate (default: 30)")

@@ -67,7 +67,7 @@ def load_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[Ex
     """Parse HellaSwag JSONL (rowanz/hellaswag format: ctx, endings, label), checking every line."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: file not found")
+        raise UserError(f"{path}: {'is a directory, not the examples file' if path.is_dir() else 'file not found'}")
     examples: list[Example] = []
     with open(path, encoding="utf-8") as f:
         try:

@@ -265,7 +265,7 @@ def cmd_prepare(args) -> None:
 def add_train(sub) -> None:
     from dataclasses import fields
 
-    from .train import PRESETS, TrainConfig
+    from .config import PRESETS, TrainConfig
 
     p = sub.add_parser("train", help="pretrain or fine-tune: build-nanogpt's recipe or the speedrun's",
                        description="Train from a preset; every TrainConfig field below overrides it (with --resume: "
@@ -313,9 +313,10 @@ def preset_defaults(name: str, presets: dict) -> str:
 def cmd_train(args) -> None:
     from dataclasses import fields
 
+    from .config import TrainConfig, resume_config
     from .distributed import init, launch_local, launched
     from .files import lock_dir
-    from .train import TrainConfig, Trainer, resume_config
+    from .train import Trainer
 
     if args.ranks > 1 and not launched():
         raise SystemExit(launch_local(args.ranks, args.argv))  # each rank runs this same command

@@ -37,7 +37,7 @@ from .model import GPTConfig
 from .optim import AdamW, Muon, build_nanogpt_adamw, cosine_lr, decay_group, muon_momentum, wsd_lr
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .config import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Pretraining and fine-tuning, in MLX: build-nanogpt's train_gpt2.py loop, with the model,
-optimizer and schedule taken from a recipe (recipes.py: build-nanogpt's, the default, or the speedrun's).
+"""Pretraining and fine-tuning, in MLX: build-nanogpt's train_gpt2.py loop, configured by a TrainConfig
+(config.py), with the model, optimizer and schedule taken from a recipe (recipes.py: build-nanogpt's, the
+default, or the speedrun's).
 
 One optimizer step = `grad_accum` micro-batches of (B, T) tokens per rank. Each micro-step
 runs forward + backward of loss/grad_accum and adds its gradients, packed as the recipe's optimizer
@@ -22,13 +23,12 @@ as the uninterrupted run would.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
 from . import checkpoint, device, distributed, kernels, memory, recipes
+from .config import DTYPES, MODEL_FIELDS, TrainConfig
 from .data import DataLoader
 from .errors import UserError
 from .evaluate import check_examples, download_hellaswag, load_hellaswag, score_hellaswag
@@ -47,146 +48,6 @@ from .optim import Packing, clip_grad_norm
 from .sample import SampleConfig, prepare_prompt, sample_texts
 from .tokenizer import encode
 from .weights import load_model
-
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
-
-
-def _field(default, help: str):
-    """A TrainConfig field with its help text (`nanogpt-mlx train --help` shows it)."""
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a run; the defaults are build-nanogpt's GPT-2 124M run. For another
-    recipe start from a preset, e.g. TrainConfig.preset("gpt2-124m", recipe="speedrun"): switching
-    recipe there also takes the recipe's optimizer defaults (max_lr, betas, ...)."""
-
-    recipe: str = _field("build-nanogpt", "model + optimizer + schedule (recipes.py): build-nanogpt or speedrun")
-    data: str = _field("data/edu_fineweb10B", "directory of token shards (`nanogpt-mlx prepare`)")
-    out: str = _field("out/gpt2-124m", "directory of the checkpoints, log.txt and samples")
-    init_from: str = _field("", "'': random init; else a hub id (gpt2), Hugging Face directory or checkpoint "
-                                "directory to fine-tune from")
-    # model (random init only; with init_from the source's shape is kept)
-    n_layer: int = _field(12, "transformer blocks")
-    n_head: int = _field(12, "attention heads per block")
-    n_embd: int = _field(768, "width of the residual stream")
-    block_size: int = _field(1024, "context length of the model (the position table's size)")
-    vocab_size: int = _field(0, "0: 50304 (GPT-2's 50257 padded to a multiple of 128), or the source's vocab")
-    # batch
-    batch_size: int = _field(16, "micro-batch B per rank")
-    seq_len: int = _field(1024, "tokens per row, T (at most block_size)")
-    total_batch_size: int = _field(524288, "tokens per optimizer step (2**19), reached by gradient accumulation")
-    shuffle: bool = _field(False, "permute the batch order within each shard (seeded)")
-    # optimizer and schedule
-    max_lr: float = _field(6e-4, "peak LR: AdamW's (build-nanogpt), Muon's for the blocks' matrices (speedrun)")
-    min_lr_ratio: float = _field(0.1, "the cosine ends at max_lr * min_lr_ratio ...")
-    min_lr: float | None = _field(None, "... or at this absolute LR (build-nanogpt's min_lr, 6e-5), if given")
-    warmup_steps: int = _field(715, "steps of linear LR warmup from 0")
-    max_steps: int = _field(19073, "optimizer steps of the run (the schedule's length)")
-    weight_decay: float = _field(0.1, "decoupled weight decay of the matrices (AdamW's, or Muon's)")
-    beta1: float = _field(0.9, "Adam's first-moment decay")
-    beta2: float = _field(0.95, "Adam's second-moment decay")
-    eps: float = _field(1e-8, "Adam's epsilon")
-    grad_clip: float = _field(1.0, "clip the gradients' global norm to this; 0 disables (the norm is still logged)")
-    # the speedrun recipe only: its AdamW groups' LRs and warmup-stable-decay schedule
-    embed_lr: float = _field(0.3, "speedrun: LR of the token (and value) embeddings")
-    head_lr: float = _field(1 / 320, "speedrun: LR of the untied lm_head")
-    scalar_lr: float = _field(0.01, "speedrun: LR of norm gains and other non-matrix parameters")
-    cooldown_frac: float = _field(0.7, "speedrun: the LRs fall linearly to 0 over this last fraction of max_steps")
-    momentum_warmup: int = _field(300, "speedrun: Muon's momentum rises from 0.85 to 0.95 over these steps")
-    seed: int = _field(1337, "seed of the init, the shuffle and the samples")
-    dtype: str = _field("", "compute dtype, float32 or bfloat16 (float32 master weights and optimizer state); "
-                            "'': the device's (bfloat16 on GPUs, float32 on CPUs)")
-    compile: bool = _field(True, "compile the training step and the validation loss (mx.compile)")
-    activation_checkpointing: bool = _field(False, "recompute each block in the backward pass: less memory, "
-                                                   "~1/3 more compute")
-    max_memory: float = _field(0.0, "GB the run may use: refuse to start if the estimated peak exceeds it, and cap "
-                                    "MLX's allocations there (MLX waits for queued work to free memory first); 0: "
-                                    "the device's memory")
-    cap_memory: bool = _field(False, "run the first step op by op to measure what a step needs, then cap MLX's "
-                                     "memory 25% above that: a lower peak where MLX holds buffers of work queued "
-                                     "ahead, for a slower first step")
-    # evaluation, samples, checkpoints (0 disables; each also runs at the last step)
-    val_every: int = _field(250, "steps between validation losses (0: never)")
-    val_steps: int = _field(20, "micro-batches per validation loss (at most one pass over the val split)")
-    sample_every: int = _field(250, "steps between printed samples (0: never)")
-    num_samples: int = _field(4, "samples each time")
-    sample_tokens: int = _field(32, "new tokens per sample")
-    prompt: str = _field("Hello, I'm a language model,",
-                         "prompt of the samples (its end, if it and the new tokens exceed the context)")
-    hellaswag_every: int = _field(250, "steps between HellaSwag acc_norm scores, logged as `{step} hella {acc}` "
-                                       "(0: never)")
-    hellaswag_data: str = _field("", "local hellaswag_val.jsonl; '': download once into the cache")
-    hellaswag_limit: int = _field(0, "score only the first N examples (0: all 10,042)")
-    checkpoint_every: int = _field(5000, "steps between checkpoints (0: only at the end and on Ctrl-C)")
-
-    def __post_init__(self):
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.type.startswith("float") and v is not None and not math.isfinite(v):
-                raise UserError(f"{f.name} must be a finite number, got {v}")
-            if f.type.startswith(("int", "float")) and v is not None and v < 0:
-                raise UserError(f"{f.name} must be >= 0, got {v}")
-        if self.seed >= 2**64:  # mx.random.key takes a uint64
-            raise UserError(f"seed must be < 2^64, got {self.seed}")
-        if not self.out or not self.data:  # "" would be the current directory
-            raise UserError(f"{'out' if not self.out else 'data'} must name a directory, got ''")
-        if self.max_memory and self.max_memory >= 1e6:  # MLX's limit is a size_t of bytes
-            raise UserError(f"max_memory is in GB: {self.max_memory:g} GB is beyond any machine")
-        for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "val_steps"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.dtype and self.dtype not in DTYPES:
-            raise UserError(f"dtype must be one of {', '.join(DTYPES)} (or empty for the device's), got {self.dtype!r}")
-        if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
-            raise UserError(f"betas must be in [0, 1), got ({self.beta1}, {self.beta2})")
-        if not 0 < self.cooldown_frac <= 1:
-            raise UserError(f"cooldown_frac must be in (0, 1], got {self.cooldown_frac}")
-        recipes.get(self.recipe)  # an unknown recipe is refused here
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "TrainConfig":
-        """A named preset with `overrides`; a different `recipe` among them brings that recipe's defaults."""
-        if name not in PRESETS:
-            raise UserError(f"unknown training preset {name!r}; choose from {', '.join(PRESETS)}")
-        base = PRESETS[name]
-        recipe = overrides.get("recipe", base.recipe)
-        if recipe != base.recipe:
-            base = _with_recipe(base, recipes.get(recipe))
-        return replace(base, **overrides)
-
-    @property
-    def final_lr(self) -> float:
-        """Where the cosine ends: min_lr if given, else max_lr * min_lr_ratio."""
-        return self.min_lr if self.min_lr is not None else self.max_lr * self.min_lr_ratio
-
-
-def _with_recipe(preset: TrainConfig, recipe: recipes.Recipe, **changes) -> TrainConfig:
-    return replace(preset, recipe=recipe.name, **{**recipe.defaults, **changes})
-
-
-PRESETS = {
-    "gpt2-124m": TrainConfig(),
-    # ~10 min on a 2-core CPU: a small GPT over Tiny Shakespeare's GPT-2 tokens (`prepare shakespeare`)
-    "shakespeare": TrainConfig(
-        data="data/shakespeare", out="out/shakespeare", n_layer=4, n_head=4, n_embd=256, block_size=256,
-        batch_size=16, seq_len=128, total_batch_size=2048, max_lr=1e-3, warmup_steps=20, max_steps=200,
-        val_every=50, val_steps=8, sample_every=100, num_samples=2, sample_tokens=48, prompt="ROMEO:",
-        hellaswag_every=0, checkpoint_every=100),
-}
-# the speedrun recipe on the same data: train_gpt_simple.py's 3375 steps of 2**19 FineWeb tokens, and
-# the Shakespeare run with the LRs benchmarks/bench_recipes.py's sweep found best
-PRESETS["speedrun-124m"] = _with_recipe(PRESETS["gpt2-124m"], recipes.SPEEDRUN, out="out/speedrun-124m",
-                                        max_steps=3375, val_every=125)
-PRESETS["shakespeare-speedrun"] = _with_recipe(PRESETS["shakespeare"], recipes.SPEEDRUN, out="out/shakespeare-speedrun",
-                                               momentum_warmup=50, max_lr=0.05, embed_lr=0.6, head_lr=0.00625,
-                                               scalar_lr=0.02)  # 2x the speedrun's LRs
-
-
-def get_lr(step: int, cfg: TrainConfig) -> float:
-    """The LR of the recipe's main group at `step` (build-nanogpt: warmup, then cosine to min_lr)."""
-    return recipes.get(cfg.recipe).lr(step, cfg)
 
 
 def lm_loss(model: GPT, x: mx.array, y: mx.array) -> mx.array:
@@ -210,32 +71,6 @@ def pad_vocab(model: GPT, vocab_size: int) -> GPT:
             params[name] = mx.concatenate([old, mx.broadcast_to(old.mean(0), (vocab_size - n, old.shape[1]))])
     grown.load_flat(params)
     return grown
-
-
-_MODEL_FIELDS = ("init_from", "n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # the checkpoint's on resume
-
-
-def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
-    """The config saved with a run's latest checkpoint, with `overrides` applied; the model's fields are the
-    checkpoint's (changing them is refused). Overriding one of min_lr / min_lr_ratio drops the saved other,
-    which would otherwise decide or be ignored."""
-    ckpt = checkpoint.latest_checkpoint(out)
-    config = checkpoint.read_state(ckpt)["config"]
-    unknown = sorted(set(config) - {f.name for f in fields(TrainConfig)})
-    if unknown:  # every checkpoint of the run has them: not a damaged one
-        raise UserError(f"{ckpt}/{checkpoint.STATE_FILE}: config fields this version of nanogpt-mlx does not know: "
-                        f"{', '.join(unknown)} (a newer version wrote it?)")
-    try:
-        saved = TrainConfig(**config)
-    except TypeError as e:
-        raise checkpoint.damaged(ckpt, f"{checkpoint.STATE_FILE}: config not understood ({e})") from None
-    changed = [f"{k} {getattr(saved, k)!r} (not {v!r})" for k, v in overrides.items()
-               if k in _MODEL_FIELDS and v != getattr(saved, k)]
-    if changed:
-        raise UserError(f"a resumed run keeps its model: {out} has {', '.join(changed)}; drop those options")
-    if "min_lr_ratio" in overrides:
-        saved = replace(saved, min_lr=None)
-    return replace(saved, out=str(out), **overrides)
 
 
 # ----------------------------------------------------------------------------------- trainer
@@ -362,7 +197,7 @@ class Trainer:
         model = pad_vocab(model, cfg.vocab_size) if cfg.vocab_size and ckpt is None else model
         self.memory = fits(model.config)
         # the config a checkpoint saves (and a resume holds to) names the model trained, not the preset's sizes
-        self.cfg = replace(cfg, **{k: getattr(model.config, k) for k in _MODEL_FIELDS if k != "init_from"})
+        self.cfg = replace(cfg, **{k: getattr(model.config, k) for k in MODEL_FIELDS if k != "init_from"})
         return model
 
     def _check_config(self) -> None:

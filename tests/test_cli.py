@@ -51,7 +51,7 @@ def test_train_help_explains_every_field():
     from dataclasses import fields
 
     from nanogpt_mlx.cli import build_parser, preset_defaults
-    from nanogpt_mlx.train import PRESETS, TrainConfig
+    from nanogpt_mlx.config import PRESETS, TrainConfig
 
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     helps = {option: action.help for action in train._actions for option in action.option_strings}
@@ -96,7 +96,8 @@ def test_readme_api_table_names_exist():
         else:
             assert hasattr(importlib.import_module(f"nanogpt_mlx.{module}"), name), (module, name)
     for needed in [("sample", "SampleConfig"), ("evaluate", "load_hellaswag"), ("weights", "export_hf"),
-                   ("weights", "load_model"), ("train", "TrainConfig"), ("prepare", "PrepareConfig")]:
+                   ("weights", "load_model"), ("config", "TrainConfig"), ("train", "Trainer"),
+                   ("prepare", "PrepareConfig")]:
         assert needed in names, needed
     assert 'sources.shakespeare(path="input.txt")' in readme
 

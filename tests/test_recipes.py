@@ -15,9 +15,10 @@ from test_train import VOCAB, cli_config, flat_weights, logged, tiny_config, tok
 
 from nanogpt_mlx import GPT, GPTConfig, UserError, recipes
 from nanogpt_mlx.checkpoint import checkpoints
+from nanogpt_mlx.config import PRESETS, TrainConfig, get_lr
 from nanogpt_mlx.optim import Muon
 from nanogpt_mlx.recipes import BUILD_NANOGPT, SPEEDRUN
-from nanogpt_mlx.train import PRESETS, TrainConfig, Trainer, get_lr
+from nanogpt_mlx.train import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,18 @@ from statistics import median
 
 import mlx.core as mx
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli, save_hf_gpt2
+from mlx.utils import tree_flatten
 
 from nanogpt_mlx import memory
 from nanogpt_mlx import optim as optim_mod
 from nanogpt_mlx import train as train_mod
 from nanogpt_mlx.checkpoint import checkpoints
+from nanogpt_mlx.config import TrainConfig, get_lr
 from nanogpt_mlx.errors import UserError
-from nanogpt_mlx.train import TrainConfig, Trainer, get_lr
+from nanogpt_mlx.train import Trainer
 from nanogpt_mlx.weights import load_model, sanitize
 
 VOCAB = 1000

@@ -13,8 +13,9 @@ from conftest import assert_one_line_error, run_cli, run_main
 from test_train import cli_config, tiny_config, token_stream, write_shards
 
 from nanogpt_mlx.checkpoint import checkpoints, damaged, latest_checkpoint
+from nanogpt_mlx.config import TrainConfig, get_lr, resume_config
 from nanogpt_mlx.files import LOCK_FILE
-from nanogpt_mlx.train import Trainer, TrainConfig, get_lr
+from nanogpt_mlx.train import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +131,6 @@ def test_a_new_run_does_not_replace_a_model_without_overwrite(data_dir, tmp_path
 
 def test_a_kill_after_the_last_checkpoint_is_renamed_still_publishes_it(run):
     """OUT/model.safetensors (what `sample --model OUT` loads) kept the step before, and no resume repaired it."""
-    from nanogpt_mlx.train import resume_config
-
     before, latest = checkpoints(run)
     (run / "model.safetensors").unlink()
     shutil.copyfile(before / "model.safetensors", run / "model.safetensors")  # as a kill after the rename leaves it
@@ -158,8 +157,6 @@ def test_a_bad_shard_reached_mid_run_saves_the_steps_before_it(data_dir, tmp_pat
 
 
 def test_a_failed_resume_leaves_the_run_to_the_next_attempt(run):
-    from nanogpt_mlx.train import resume_config
-
     with pytest.raises(Exception, match="batch_size 4"):
         Trainer(resume_config(run, batch_size=2, max_steps=8), resume=True)  # refused: other batches
     resume(run, check=True)  # not "being written by another run": this process gave OUT back

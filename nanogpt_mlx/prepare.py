@@ -4,9 +4,9 @@ Shards are uint16 `.npy` files `{name}_{split}_{index:06d}.npy` of `shard_size` 
 shorter) with `<|endoftext|>` before every document; shard 0 is `val`, the rest `train`; `manifest.json`
 describes them. Sources: FineWeb-Edu (hub or a local mirror), Tiny Shakespeare, your own files.
 
-Parallelism: every input file is cut into parts (jsonl byte ranges, parquet row groups, whole txt
-files) that worker processes read and tokenize by themselves, so only a small part description goes
-in and one uint16 array comes out (build-nanogpt pickles every document both ways). Results are
+Parallelism: every input file is cut into parts (documents.py: jsonl byte ranges, parquet row groups,
+whole txt files) that worker processes read and tokenize by themselves, so only a small part description
+goes in and one uint16 array comes out (build-nanogpt pickles every document both ways). Results are
 consumed in part order, so the shards do not depend on the number of workers.
 
 Resuming: a shard is written atomically, then recorded in the manifest with the position where the
@@ -20,7 +20,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -36,6 +35,7 @@ import numpy as np
 from .data import list_shards, load_shard
 from .errors import UserError, first_line
 from .files import atomic_path, atomic_write_text, lock_dir, sha256_file, unlock_dir
+from .documents import Part, plan_parts, read_docs
 from .sources import Source, Unit
 from .tokenizer import EOT, get_tokenizer
 
@@ -70,151 +70,7 @@ class PrepareConfig:
                             "--out: a NAME has no '/' and does not start with '.' (hidden files are not read)")
 
 
-@dataclass(frozen=True)
-class Part:
-    """A slice of one input file that a worker reads and tokenizes on its own."""
-
-    path: str
-    kind: str  # txt | paragraphs | jsonl | parquet | chars
-    start: int = 0  # jsonl: byte offset; parquet: row group; chars: character offset
-    stop: int = 0
-    field: str = "text"
-    split: str | None = None  # forced split (shakespeare); None: shard 0 is val, the rest train
-
-
-# ------------------------------------------------------------------------ reading and tokenizing
-def plan_parts(unit: Unit, path: Path, part_bytes: int) -> list[Part]:
-    """Cut one input file into parts; depends only on the file (never on the worker count)."""
-    p = str(path)
-    if unit.kind == "jsonl":
-        bounds = _line_bounds(path, part_bytes)
-        return [Part(p, "jsonl", a, b, unit.field) for a, b in zip(bounds, bounds[1:])]
-    if unit.kind == "parquet":
-        return [Part(p, "parquet", i, i + 1, unit.field) for i in range(_row_groups(path, unit.field))]
-    if unit.kind == "shakespeare":  # one document: the last 10% is val (first, as shard 0), as nanoGPT
-        n = len(_read_text(path))
-        cut = int(n * 0.9)
-        return [Part(p, "chars", cut, n, split="val"), Part(p, "chars", 0, cut, split="train")]
-    return [Part(p, unit.kind)]
-
-
-def _line_bounds(path: Path, part_bytes: int) -> list[int]:
-    """Byte offsets that cut a file into ranges of whole lines, about `part_bytes` each."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            bounds = [0]
-            for target in range(part_bytes, size, part_bytes):
-                if target > bounds[-1]:
-                    f.seek(target)
-                    f.readline()
-                    bounds.append(f.tell())
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
-    return bounds + [size] if bounds[-1] < size else bounds
-
-
-def _row_groups(path: Path, field: str) -> int:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as e:
-        raise UserError(f"{path}: cannot read parquet ({first_line(e)})") from None
-    names = pf.schema_arrow.names
-    if field not in names:
-        raise UserError(f"{path}: no column {field!r} (columns: {', '.join(names)}); choose one with --text-field")
-    return pf.num_row_groups
-
-
-def _read_text(path: str | Path) -> str:
-    try:
-        return Path(path).read_bytes().decode("utf-8")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
-
-
-def read_docs(part: Part) -> list[str]:
-    """The non-empty documents of one part, in file order."""
-    if part.kind == "jsonl":
-        return _jsonl_docs(part)
-    if part.kind == "parquet":
-        return _parquet_docs(part)
-    text = _read_text(part.path)
-    if part.kind == "chars":
-        docs = [text[part.start : part.stop]]
-    elif part.kind == "paragraphs":
-        docs = [p.strip("\r\n") for p in re.split(r"\n\s*\n", text)]
-    else:
-        docs = [text]
-    return [d for d in docs if _keep(d)]
-
-
-def _keep(text: str | None) -> bool:
-    """Empty and whitespace-only documents are skipped."""
-    return bool(text) and not text.isspace()
-
-
-def _jsonl_docs(part: Part) -> list[str]:
-    try:
-        with open(part.path, "rb") as f:
-            f.seek(part.start)
-            data = f.read(part.stop - part.start)
-    except OSError as e:
-        raise UserError(f"{part.path}: cannot read ({e.strerror or e})") from None
-    numbered = [(i, line) for i, line in enumerate(data.split(b"\n")) if line.strip()]
-    try:  # one parse for the whole part is ~3x faster than one per line
-        records = json.loads(b"[" + b",".join(line for _, line in numbered) + b"]")
-    except ValueError:
-        records = []
-    if len(records) != len(numbered):  # some line is not one JSON value: find it
-        records = [_parse_line(part, i, line) for i, line in numbered]
-    docs = []
-    for (i, _), record in zip(numbered, records):
-        if not isinstance(record, dict) or part.field not in record:
-            raise UserError(f"{part.path}, line {_line_no(part, i)}: no text field {part.field!r} "
-                            "(choose the field with --text-field)")
-        text = record[part.field]
-        if not isinstance(text, (str, type(None))):
-            raise UserError(f"{part.path}, line {_line_no(part, i)}: field {part.field!r} holds "
-                            f"{type(text).__name__}, not text")
-        if _keep(text):
-            docs.append(text)
-    return docs
-
-
-def _parse_line(part: Part, i: int, line: bytes):
-    try:
-        return json.loads(line)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise UserError(f"{part.path}, line {_line_no(part, i)}: not valid JSON ({first_line(e)})") from None
-
-
-def _line_no(part: Part, i: int) -> int:
-    """1-based line number of line `i` of a jsonl part (only computed for error messages)."""
-    with open(part.path, "rb") as f:
-        return f.read(part.start).count(b"\n") + i + 1
-
-
-def _parquet_docs(part: Part) -> list[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        column = pq.ParquetFile(part.path).read_row_group(part.start, columns=[part.field]).column(0)
-    except (OSError, pa.ArrowException) as e:
-        raise UserError(f"{part.path}: cannot read parquet ({first_line(e)})") from None
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        raise UserError(f"{part.path}: column {part.field!r} holds {column.type}, not text")
-    try:
-        return [t for t in column.to_pylist() if _keep(t)]
-    except UnicodeDecodeError as e:  # a writer other than Arrow may store any bytes in a string column
-        raise UserError(f"{part.path}: column {part.field!r} is not UTF-8 text ({e.reason})") from None
-
-
+# ------------------------------------------------------------------------------------ tokenizing
 def encode_docs(docs: list[str]) -> np.ndarray:
     """`[EOT, *encode_ordinary(doc)]` for each document, concatenated, as uint16.
 

@@ -232,7 +232,8 @@ def main() -> None:
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="cpu: fp32 configs a, b; gpu: bf16, GPT-2 shapes")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS) + list(GPU_CONFIGS),
                    help="default: a b c on a CPU, the GPU configs on a GPU")
-    p.add_argument("--engines", nargs="+", choices=ENGINES + GPU_ENGINES, help="default: all of the device's")
+    p.add_argument("--engines", nargs="+", choices=list(dict.fromkeys(ENGINES + GPU_ENGINES)),
+                   help="default: all of the device's")
     p.add_argument("--steps", type=int, default=5, help="timed steps per engine (default: 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
     p.add_argument("--rounds", type=int, default=2, help="turns per engine; the best counts (default: 2)")

@@ -1,7 +1,8 @@
 """Data-parallel scaling on one machine: 1 rank x N threads vs N ranks x 1 thread (ring backend, 127.0.0.1).
 
 Both settings train the same tokens per optimizer step (the single rank accumulates N micro-batches),
-so tokens/s compare directly. Also times one all-reduce of the full gradient (`nn.average_gradients`).
+so tokens/s compare directly. Also times one all-reduce of the full gradient (`Dist.average_gradients`: MLX's
+`nn.average_gradients` over the group).
 
     python benchmarks/bench_distributed.py              # both configs, 2 ranks
     python benchmarks/bench_distributed.py --configs a --steps 8

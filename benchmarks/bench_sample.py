@@ -97,8 +97,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="Hugging Face GPT-2 directory (default: random 124M weights)")
     ap.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated (default: 128)")
-    ap.add_argument("--rounds", type=int, default=3, help="turns each engine takes (fresh process each)")
-    ap.add_argument("--reps", type=int, default=3, help="timed generations per turn, after one warm-up")
+    ap.add_argument("--rounds", type=int, default=3, help="turns each engine takes (fresh process each; default: 3)")
+    ap.add_argument("--reps", type=int, default=3, help="timed generations per turn, after one warm-up (default: 3)")
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                     help="gpu: transformers on CUDA, nanogpt-mlx on mlx[cuda]; the gemv-shim engine is CPU-only")
     args = ap.parse_args()

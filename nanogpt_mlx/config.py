@@ -132,7 +132,7 @@ def _with_recipe(preset: TrainConfig, recipe: recipes.Recipe, **changes) -> Trai
 
 PRESETS = {
     "gpt2-124m": TrainConfig(),
-    # ~10 min on a 2-core CPU: a small GPT over Tiny Shakespeare's GPT-2 tokens (`prepare shakespeare`)
+    # minutes on a CPU (the README has measured times): a small GPT over Tiny Shakespeare's GPT-2 tokens
     "shakespeare": TrainConfig(
         data="data/shakespeare", out="out/shakespeare", n_layer=4, n_head=4, n_embd=256, block_size=256,
         batch_size=16, seq_len=128, total_batch_size=2048, max_lr=1e-3, warmup_steps=20, max_steps=200,

@@ -64,7 +64,7 @@ _OPENBLAS_GLOBS = (
 
 # What happened at import time, reported by `nanogpt-mlx info`.
 blas: str = "bundled"
-gemv: str = "off"  # single-row matmuls through sgemv
+gemv: str = "off (it needs OpenBLAS)"  # single-row matmuls through sgemv
 jit: str = "MLX's default flags"  # how MLX compiles fused kernels
 jit_avx2: bool = False  # whether they are compiled for AVX2 (exp's 2**k by per-lane shifts)
 note: str = ""

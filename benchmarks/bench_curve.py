@@ -48,7 +48,8 @@ def make_weights(size: str, path: Path) -> None:
 
 def run_mlx(weights: str, data: str, size: str, steps: int, dtype: str) -> list[float]:
     import nanogpt_mlx  # noqa: F401
-    from nanogpt_mlx.train import TrainConfig, Trainer
+    from nanogpt_mlx.config import TrainConfig
+    from nanogpt_mlx.train import Trainer
 
     _, _, _, B, T = SIZES[size]
     with tempfile.TemporaryDirectory() as tmp:

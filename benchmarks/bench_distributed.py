@@ -31,7 +31,8 @@ WORKER = """
 import json, sys, time
 import nanogpt_mlx
 import mlx.core as mx
-from nanogpt_mlx.train import TrainConfig, Trainer
+from nanogpt_mlx.config import TrainConfig
+from nanogpt_mlx.train import Trainer
 cfg = TrainConfig(**json.loads(sys.argv[1]))
 t = Trainer(cfg)
 t.train()

@@ -87,7 +87,9 @@ def mlx_step(cfg_name: str, tmp: str, dtype: str = ""):
     from bench_train import CONFIGS, GPU_CONFIGS
     from profile_step import write_shards  # imports nanogpt_mlx, which sets the device up before mlx.core
 
-    from nanogpt_mlx.train import TrainConfig, Trainer
+    from nanogpt_mlx.config import TrainConfig
+
+    from nanogpt_mlx.train import Trainer
 
     L, d, nh, B, T = {**CONFIGS, **GPU_CONFIGS}[cfg_name]
     write_shards(tmp, B * T * 4 + 1)

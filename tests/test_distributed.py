@@ -22,7 +22,8 @@ RANK_SCRIPT = """
 import json, sys
 import nanogpt_mlx
 import mlx.core as mx
-from nanogpt_mlx.train import TrainConfig, Trainer
+from nanogpt_mlx.config import TrainConfig
+from nanogpt_mlx.train import Trainer
 t = Trainer(TrainConfig(**json.loads(sys.argv[1])))
 t.train()
 mx.save_safetensors(f"{t.cfg.out}/rank{t.dist.rank}.safetensors", dict(t.model.parameters_flat()))

@@ -13,7 +13,8 @@ from conftest import assert_one_line_error, run_cli
 
 from nanogpt_mlx import GPTConfig, device, memory
 from nanogpt_mlx.errors import UserError
-from nanogpt_mlx.train import TrainConfig, Trainer
+from nanogpt_mlx.config import TrainConfig
+from nanogpt_mlx.train import Trainer
 
 
 def shards(tmp_path, n: int):

@@ -135,8 +135,6 @@ class Trainer:
             limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else None
         if self._hellaswag:
             check_examples(self.model, self._hellaswag)  # their tokens and rows fit the model, before it trains
-        if cfg.max_memory:
-            mx.set_memory_limit(int(cfg.max_memory * 1e9))
         world, rank = self.dist.world, self.dist.rank
         B, T = cfg.batch_size, cfg.seq_len
         self.grad_accum = cfg.total_batch_size // (B * T * world)
@@ -459,6 +457,7 @@ class Trainer:
         KeyboardInterrupt; a NaN/inf loss raises UserError, saving nothing."""
         if self.dist.is_main:
             lock_dir(self.out, "run")  # again, if an earlier train() ended
+        self._stop, self._data_error = False, None  # an earlier train()'s stop request was answered by its end
         try:
             return self._train(until)
         finally:
@@ -492,9 +491,9 @@ class Trainer:
         previous = {n: signal.signal(n, self._on_signal) for n in signums} if main_thread else {}
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
                    disable=None if self.dist.is_main else True, dynamic_ncols=True)
-        limit_before = mx.get_memory_limit()  # the cap holds only while training
-        if self._memory_cap:
-            mx.set_memory_limit(self._memory_cap)
+        limit_before = mx.get_memory_limit()  # max_memory, or the measured cap, holds only while training
+        if self._memory_cap or cfg.max_memory:
+            mx.set_memory_limit(self._memory_cap or int(cfg.max_memory * 1e9))
         try:
             queued = None
             while self.step < end:  # a stop request ends it before a step (_stopping: ranks agree on it)

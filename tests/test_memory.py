@@ -87,7 +87,8 @@ def test_a_new_model_is_refused_before_it_is_built(tmp_path, monkeypatch):
 
 
 def test_max_memory_caps_mlx_allocations(tmp_path):
-    """--max-memory also becomes MLX's memory limit, under which a step that fits still runs."""
+    """--max-memory also becomes MLX's memory limit while training, under which a step that fits still runs; the
+    limit before is back after (it stayed for the rest of the process, also after a refused start)."""
     data = shards(tmp_path, 8 * 128 * 3 + 1)
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "out"), n_layer=2, n_head=4, n_embd=128, block_size=128,
                       vocab_size=50304, batch_size=8, seq_len=128, total_batch_size=8 * 128, max_steps=2,
@@ -96,10 +97,13 @@ def test_max_memory_caps_mlx_allocations(tmp_path):
     previous = mx.get_memory_limit()
     try:
         trainer = Trainer(cfg)
-        assert mx.get_memory_limit() == 3_000_000_000
+        assert mx.get_memory_limit() == previous
+        limits, finish = [], trainer._finish_step
+        trainer._finish_step = lambda step: limits.append(mx.get_memory_limit()) or finish(step)
         with contextlib.redirect_stdout(io.StringIO()):
             trainer.train()
         assert trainer.step == 2 and mx.get_peak_memory() < 3e9
+        assert limits == [3_000_000_000] * 2 and mx.get_memory_limit() == previous
     finally:
         mx.set_memory_limit(previous)
 

@@ -328,6 +328,24 @@ def test_overfits_one_batch(tmp_path):
     assert logged(tmp_path / "run")[0]["loss"] > 5.0  # it started at chance (ln 256 = 5.5)
 
 
+def test_an_interrupted_trainer_trains_on_when_called_again(data_dir, tmp_path):
+    """A notebook's interrupt saves the step; calling train() again continues (every later call stopped at once)."""
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", max_steps=6))
+    finish = trainer._finish_step
+
+    def finish_then_stop(s):
+        trainer._stop = trainer._stop or s.step == 2  # as the signal handler does, while step 2 runs
+        return finish(s)
+
+    trainer._finish_step = finish_then_stop
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert trainer.step == 3
+    trainer._finish_step = finish
+    trainer.train()
+    assert trainer.step == 6 and [r["step"] for r in logged(tmp_path / "run")] == list(range(6))
+
+
 def test_val_loss_is_build_nanogpts(data_dir, tmp_path):
     """The mean of val_steps batch losses from the start of the val split, every time."""
     from nanogpt_mlx.data import DataLoader

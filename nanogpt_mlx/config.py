@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 import mlx.core as mx
 
 from . import checkpoint, recipes
-from .errors import UserError
+from .errors import UserError, check_types
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 
@@ -86,6 +86,7 @@ class TrainConfig:
     checkpoint_every: int = _field(5000, "steps between checkpoints (0: only at the end and on Ctrl-C)")
 
     def __post_init__(self):
+        check_types(self)
         for f in fields(self):
             v = getattr(self, f.name)
             if f.type.startswith("float") and v is not None and not math.isfinite(v):
@@ -114,6 +115,9 @@ class TrainConfig:
         """A named preset with `overrides`; a different `recipe` among them brings that recipe's defaults."""
         if name not in PRESETS:
             raise UserError(f"unknown training preset {name!r}; choose from {', '.join(PRESETS)}")
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UserError(f"TrainConfig has no field {', '.join(unknown)}")
         base = PRESETS[name]
         recipe = overrides.get("recipe", base.recipe)
         if recipe != base.recipe:
@@ -168,7 +172,7 @@ def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
                         f"{', '.join(unknown)} (a newer version wrote it?)")
     try:
         saved = TrainConfig(**config)
-    except TypeError as e:
+    except (TypeError, UserError) as e:
         raise checkpoint.damaged(ckpt, f"{checkpoint.STATE_FILE}: config not understood ({e})") from None
     changed = [f"{k} {getattr(saved, k)!r} (not {v!r})" for k, v in overrides.items()
                if k in MODEL_FIELDS and v != getattr(saved, k)]

@@ -5,6 +5,21 @@ class UserError(Exception):
     """Bad input or environment: shown to the user as one line, without a traceback."""
 
 
+def check_types(config) -> None:
+    """Refuse (UserError) a dataclass field whose value is not of its annotated type, `int`, `float` (an int too),
+    `str` or `bool`, or None where the annotation allows it: a "2" or 2.5 would fail far from its cause."""
+    from dataclasses import fields
+
+    kinds = {"int": (int, "an integer"), "float": ((int, float), "a number"), "str": (str, "a string"),
+             "bool": (bool, "true or false")}
+    for f in fields(config):
+        value, kind = getattr(config, f.name), str(f.type).removesuffix(" | None")
+        if value is None and str(f.type).endswith("| None"):
+            continue
+        if kind in kinds and (not isinstance(value, kinds[kind][0]) or isinstance(value, bool) != (kind == "bool")):
+            raise UserError(f"{f.name} must be {kinds[kind][1]}, got {value!r}")
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none)."""
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

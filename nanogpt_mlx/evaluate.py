@@ -215,9 +215,11 @@ def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int
 
     The records come back in file order. Sum the counts of all ranks for the full result.
     """
-    batch_examples = batch_examples or device.PROFILE.eval_batch  # rows per forward only pay off on a GPU
+    if batch_examples is None:
+        batch_examples = device.PROFILE.eval_batch  # rows per forward only pay off on a GPU
     if batch_examples < 1:
         raise UserError(f"batch_examples must be >= 1, got {batch_examples}")
+    _check_rank(rank, world)
     mine = [ex for ex in examples if ex.index % world == rank] if world > 1 else list(examples)
     rendered = check_examples(model, mine)
     # Examples with contexts of equal length can share a forward (their caches line up); sorting
@@ -278,12 +280,18 @@ def eval_loader(model: GPT, data_dir: str | os.PathLike, split: str = "val", B: 
                 rank: int = 0, world: int = 1) -> DataLoader:
     """The (B, T) batches of a split that eval_loss reads (`batches_per_pass` of them at most); T defaults to the
     model's context."""
+    _check_rank(rank, world)
     T = model.config.block_size if T is None else T
     if min(B, T) < 1:
         raise UserError(f"B and T must be >= 1, got {B} and {T}")
     if T > model.config.block_size:
         raise UserError(f"sequence length {T} exceeds the model's context of {model.config.block_size}")
     return DataLoader(data_dir, split, B, T, rank, world, vocab_size=model.config.vocab_size)
+
+
+def _check_rank(rank: int, world: int) -> None:
+    if not 0 <= rank < world:
+        raise UserError(f"rank {rank} of world {world}: expected 0 <= rank < world")
 
 
 def perplexity(loss: float) -> float:

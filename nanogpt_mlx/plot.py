@@ -76,6 +76,9 @@ def plot_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike = "run.p
     from matplotlib.figure import Figure
     from matplotlib.ticker import FormatStrFormatter
 
+    runs = [runs] if isinstance(runs, (str, os.PathLike)) else list(runs)  # one run, not its path's characters
+    if not runs:
+        raise UserError("no runs to plot")
     out = Path(out)
     if baseline not in ("auto", "on", "off"):
         raise UserError(f"baseline must be auto, on or off, got {baseline!r}")

@@ -11,7 +11,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import memory
-from .errors import UserError
+from .errors import UserError, check_types
 from .model import GPT, GPT2_VOCAB_SIZE
 from .tokenizer import EOT, encode, get_tokenizer
 
@@ -28,6 +28,7 @@ class SampleConfig:
     crop: bool = False  # drop the oldest prompt tokens instead of refusing a prompt that does not fit
 
     def __post_init__(self):
+        check_types(self)
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature <= 0:

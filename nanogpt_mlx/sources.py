@@ -50,6 +50,7 @@ def local_files(paths: Sequence[str | os.PathLike], text_field: str = "text",
     (documents in `text_field`); files, directories (searched recursively) or glob patterns. A file
     that several of them name is read once, where it first appears."""
     found: list[Path] = []
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)  # one path, not its characters
     for spec in map(str, paths):
         if not spec:  # Path("") is the working directory: an unset variable would tokenize all of it
             raise UserError("'' names no file (an unset variable?)")

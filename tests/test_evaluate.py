@@ -134,6 +134,10 @@ def test_padding_does_not_change_losses(fixture_file, model):
     for a, b in zip(one.records, together.records):
         assert (a.predicted, a.predicted_norm, a.num_tokens) == (b.predicted, b.predicted_norm, b.num_tokens)
         np.testing.assert_allclose(a.losses, b.losses, rtol=0, atol=1e-4)
+    with pytest.raises(UserError, match="batch_examples must be >= 1, got 0"):  # was taken as the default
+        score_hellaswag(model, examples, batch_examples=0, progress=False)
+    with pytest.raises(UserError, match="rank 3 of world 2"):
+        score_hellaswag(model, examples, rank=3, world=2, progress=False)
 
 
 def test_ranks_split_examples_and_their_counts_sum_to_the_whole(fixture_file, model):
@@ -281,6 +285,9 @@ def test_eval_loss_equals_direct_computation(tmp_path, tiny_hf_dir, model):
         eval_loss(model, tmp_path, "val", batches=1, B=1, T=129, progress=False)
     with pytest.raises(UserError, match="no test shards"):
         eval_loss(model, tmp_path, "test", progress=False)
+    for rank, world in ((2, 2), (0, 0), (-1, 2)):  # world 0 divided by zero; rank 2 of 2 scored nothing
+        with pytest.raises(UserError, match="expected 0 <= rank < world"):
+            eval_loss(model, tmp_path, "val", batches=2, B=B, T=T, rank=rank, world=world, progress=False)
     for bad in ({"batches": 0}, {"batches": -3}, {"B": 0}, {"T": 0}):  # were a ZeroDivisionError, -0.0, the context
         with pytest.raises(UserError, match="must be >= 1"):
             eval_loss(model, tmp_path, "val", **{"batches": 2, "B": B, "T": T, **bad}, progress=False)

@@ -68,6 +68,14 @@ def test_plot_several_runs(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["cmp.png"]  # written atomically, no temp file left
 
 
+def test_one_run_may_be_named_alone(tmp_path):
+    """A path where a list is expected was iterated character by character ('/log.txt: no such log file')."""
+    run = fake_run(tmp_path / "a")
+    assert plot_runs(str(run), tmp_path / "one.png").is_file()
+    with pytest.raises(UserError, match="no runs to plot"):
+        plot_runs([], tmp_path / "none.png")
+
+
 def test_plot_without_hellaswag_has_one_panel(tmp_path):
     out = plot_runs([fake_run(tmp_path / "a", hella=False)], tmp_path / "one.png", baseline="off")
     width, height = png_size(out)

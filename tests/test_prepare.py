@@ -479,6 +479,7 @@ def test_an_empty_name_and_hidden_directories_add_no_files(tmp_path, monkeypatch
     write_jsonl(tmp_path / "d" / ".hid" / "hidden.jsonl", make_docs(2))
     keys = [u.key for u in sources.local_files([tmp_path / "d"]).units]
     assert len(keys) == 1 and "seen.jsonl" in keys[0]
+    assert [u.key for u in sources.local_files(str(tmp_path / "d")).units] == keys  # one path, not its characters
     assert [u.key for u in sources.local_files([str(tmp_path / "d" / "**" / "*.jsonl")]).units] == keys
 
 

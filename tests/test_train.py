@@ -4,6 +4,7 @@ crash-safe checkpoints, overfitting one batch, the CLI, and one-line errors for 
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 import signal
@@ -691,3 +692,20 @@ def test_a_training_prompt_longer_than_the_context_keeps_its_end(data_dir, tmp_p
                         prompt="The " * 40)).train()  # 40 tokens, a context of 32
     (event,) = logged(out, "sample")
     assert event["texts"][0].startswith(" The The") and event["texts"][0].count("The") < 40  # the end: " The"s
+
+
+def test_config_values_of_the_wrong_type_are_one_line():
+    """From Python a "2" or 2.5 failed far from its cause (a TypeError in a comparison, or in range())."""
+    from nanogpt_mlx.sample import SampleConfig
+
+    for bad, needle in [({"n_layer": "2"}, "n_layer must be an integer, got '2'"),
+                        ({"batch_size": 2.0}, "batch_size must be an integer, got 2.0"),
+                        ({"max_lr": "1e-3"}, "max_lr must be a number"), ({"seed": None}, "seed must be an integer"),
+                        ({"shuffle": 1}, "shuffle must be true or false")]:
+        with pytest.raises(UserError, match=re.escape(needle)):
+            TrainConfig(**bad)
+    assert TrainConfig(max_lr=1, min_lr=None).max_lr == 1  # an int is a number; None where the field allows it
+    with pytest.raises(UserError, match="TrainConfig has no field nlayer"):
+        TrainConfig.preset("shakespeare", nlayer=3)
+    with pytest.raises(UserError, match="max_new_tokens must be an integer"):
+        SampleConfig(max_new_tokens="5")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 import mlx.core as mx
 
 from . import checkpoint, recipes
-from .errors import UserError, check_types
+from .errors import FieldTypeError, UserError, check_types
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 
@@ -172,8 +172,10 @@ def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
                         f"{', '.join(unknown)} (a newer version wrote it?)")
     try:
         saved = TrainConfig(**config)
-    except (TypeError, UserError) as e:
+    except (TypeError, FieldTypeError) as e:
         raise checkpoint.damaged(ckpt, f"{checkpoint.STATE_FILE}: config not understood ({e})") from None
+    except UserError as e:  # a value this version refuses (a recipe it lacks) in every checkpoint of the run
+        raise UserError(f"{ckpt}/{checkpoint.STATE_FILE}: {e} (a newer version wrote it?)") from None
     changed = [f"{k} {getattr(saved, k)!r} (not {v!r})" for k, v in overrides.items()
                if k in MODEL_FIELDS and v != getattr(saved, k)]
     if changed:

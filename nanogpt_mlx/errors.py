@@ -1,23 +1,28 @@
 """The one exception type that the CLI turns into a one-line message, and how other errors become one line."""
 
+from dataclasses import fields
+
 
 class UserError(Exception):
     """Bad input or environment: shown to the user as one line, without a traceback."""
 
 
-def check_types(config) -> None:
-    """Refuse (UserError) a dataclass field whose value is not of its annotated type, `int`, `float` (an int too),
-    `str` or `bool`, or None where the annotation allows it: a "2" or 2.5 would fail far from its cause."""
-    from dataclasses import fields
+class FieldTypeError(UserError):
+    """A config field holds a value of another type than its annotation's (check_types)."""
 
+
+def check_types(config) -> None:
+    """Refuse (FieldTypeError) a dataclass field whose value is not of its annotated type, `int`, `float` (an int
+    too), `str` or `bool`, or None where the annotation allows it: a "2" or 2.5 would fail far from its cause."""
     kinds = {"int": (int, "an integer"), "float": ((int, float), "a number"), "str": (str, "a string"),
              "bool": (bool, "true or false")}
     for f in fields(config):
-        value, kind = getattr(config, f.name), str(f.type).removesuffix(" | None")
-        if value is None and str(f.type).endswith("| None"):
+        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        value, kind = getattr(config, f.name), annotation.removesuffix(" | None")
+        if value is None and annotation.endswith("| None"):
             continue
         if kind in kinds and (not isinstance(value, kinds[kind][0]) or isinstance(value, bool) != (kind == "bool")):
-            raise UserError(f"{f.name} must be {kinds[kind][1]}, got {value!r}")
+            raise FieldTypeError(f"{f.name} must be {kinds[kind][1]}, got {value!r}")
 
 
 def first_line(e: BaseException) -> str:

@@ -9,6 +9,7 @@ import hashlib
 import os
 import shutil
 import ssl
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
@@ -91,24 +92,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside `path` (which is new, or an empty directory); on success fsync it and
-    rename it to `path`, so that `path` holds all of it or stays as it was. On any error the temporary directory is
+    """Yield a temporary directory beside `path` (which does not exist); on success fsync it and rename it to
+    `path`, so that `path` holds all of it or nothing. On any error the temporary directory is
     removed; a storage error (also from the body) becomes one UserError."""
     path = Path(path)
     make_dirs(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.mkdir()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))  # a name no other writer has
+    except OSError as e:
+        raise cannot("write", path, e) from None
+    try:
         yield tmp
         _fsync_dir(tmp)
         os.replace(tmp, path)  # over an empty directory too (rename(2))
-        _fsync_dir(path.parent)
     except OSError as e:
         if isinstance(e, NETWORK_ERRORS):
             raise
         raise cannot("write", path, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the rename's durability: done, or the file system's to finish
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:

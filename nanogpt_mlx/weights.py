@@ -382,11 +382,18 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> No
     A model with switches GPT-2 does not have (the speedrun recipe's) is refused before anything is written."""
     check_gpt2(model.config)
     out_dir = check_export_target(out_dir, force)
-    if out_dir.is_dir() and any(out_dir.iterdir()):  # --force: file by file, each one whole
-        _write_hf(model, out_dir)
+    if not out_dir.exists():  # all the files or none (a full disk midway)
+        with atomic_dir(out_dir) as tmp:
+            _write_hf(model, tmp)
         return
-    with atomic_dir(out_dir) as tmp:  # a new or empty directory gets all the files or none (a full disk)
-        _write_hf(model, tmp)
+    # an existing directory stays (its inode, owner, mode; it may be a mount point or the working directory)
+    before = set(out_dir.iterdir())
+    try:
+        _write_hf(model, out_dir)  # file by file, each one whole
+    except BaseException:
+        for new in set(out_dir.iterdir()) - before:  # what this export added; files it replaced (--force) stay new
+            new.unlink(missing_ok=True)
+        raise
 
 
 def _write_hf(model: GPT, out_dir: Path) -> None:

@@ -128,5 +128,17 @@ def test_an_export_that_fails_midway_leaves_nothing(tiny_hf_dir, tmp_path, monke
             export_hf(model, tmp_path / target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and not any((tmp_path / "empty").iterdir())
     monkeypatch.undo()
+    inode = (tmp_path / "empty").stat().st_ino
     export_hf(model, tmp_path / "empty")
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == sorted(EXPORT_FILES)
+    assert (tmp_path / "empty").stat().st_ino == inode  # written into, not replaced (a mount point, the cwd)
+
+
+def test_export_into_the_working_directory_and_through_a_link(tiny_hf_dir, tmp_path):
+    (tmp_path / "here").mkdir()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    run_cli("export", str(tiny_hf_dir), ".", cwd=tmp_path / "here", check=True)
+    run_cli("export", str(tiny_hf_dir), str(tmp_path / "link"), check=True)
+    for out in ("here", "real"):
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == sorted(EXPORT_FILES)

@@ -174,6 +174,11 @@ def test_a_checkpoint_from_a_newer_version_is_not_called_damaged(run):
     (ckpt / "trainer.json").write_text(json.dumps(state))
     assert_one_line_error(resume(run), "config fields this version of nanogpt-mlx does not know: attn_window")
     assert "damaged" not in resume(run).stderr
+    del state["config"]["attn_window"]
+    state["config"]["recipe"] = "future"  # a value this version lacks: not damage either
+    (ckpt / "trainer.json").write_text(json.dumps(state))
+    assert_one_line_error(resume(run), "trainer.json: unknown recipe 'future'", "a newer version wrote it?")
+    assert "damaged" not in resume(run).stderr
 
 
 def test_max_memory_beyond_any_machine_is_one_line(data_dir, tmp_path):

@@ -178,9 +178,10 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
 
     Each rank gets `threads_per_rank` BLAS threads (default: cores // n), since MLX's CPU backend
     runs everything but matmuls on one thread, n single-threaded ranks can beat one n-threaded one.
-    The ranks run in a session of their own: Ctrl-C (SIGINT) or SIGTERM to this launcher reaches each of them as
-    one Ctrl-C (they agree on a step, save a checkpoint and stop; a second one quits without saving). If any rank
-    fails, the others are stopped (frozen ones too); if the launcher dies, its ranks stop as on Ctrl-C.
+    The ranks run in a session of their own: Ctrl-C (SIGINT), SIGTERM or SIGHUP (the terminal closed) to this
+    launcher reaches each of them as one Ctrl-C (they agree on a step, save a checkpoint and stop; a second one
+    quits without saving), and Ctrl-Z suspends them with it. If a rank fails while the others train, they are
+    stopped (a frozen one too); if the launcher dies, its ranks stop as on Ctrl-C.
     """
     if n < 1:
         raise UserError(f"--ranks must be >= 1, got {n}")
@@ -189,8 +190,7 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(hosts, f)
     env = {**os.environ, "MLX_HOSTFILE": f.name, "OPENBLAS_NUM_THREADS": str(threads), LAUNCHER_ENV: str(os.getpid())}
-    live = {r: subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", *argv], env={**env, "MLX_RANK": str(r)},
-                                start_new_session=True) for r in range(n)}
+    live: dict[int, subprocess.Popen] = {}
     interrupted = False
 
     def interrupt(_signum=None, _frame=None) -> None:
@@ -199,12 +199,25 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
         for p in live.values():
             p.send_signal(signal.SIGINT)
 
+    def suspend(_signum, _frame) -> None:  # Ctrl-Z: the ranks are not in the terminal's process group
+        for p in live.values():
+            p.send_signal(signal.SIGSTOP)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    def resume(_signum, _frame) -> None:  # fg / bg
+        for p in live.values():
+            p.send_signal(signal.SIGCONT)
+
+    handlers = {signal.SIGTERM: interrupt, signal.SIGHUP: interrupt, signal.SIGTSTP: suspend, signal.SIGCONT: resume}
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, interrupt) if main_thread else None
+    previous = {s: signal.signal(s, h) for s, h in handlers.items()} if main_thread else {}
     failed: dict[int, int] = {}  # rank -> exit status, of the ranks that failed
     sent: dict[int, int] = {}  # rank -> the signal this launcher stopped it with
     kill_at = math.inf
     try:
+        for r in range(n):
+            live[r] = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", *argv], env={**env, "MLX_RANK": str(r)},
+                                       start_new_session=True)
         while live:
             try:
                 for r, p in list(live.items()):
@@ -216,8 +229,9 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
                         continue
                     failed[r] = rc
                     if rc < 0 and -rc != sent.get(r) and not interrupted:
-                        print(f"nanogpt-mlx: error: rank {r} was killed by {signal.Signals(-rc).name} "
-                              "(out of memory?)", file=sys.stderr, flush=True)
+                        oom = " (out of memory?)" if -rc == signal.SIGKILL else ""
+                        print(f"nanogpt-mlx: error: rank {r} was killed by {signal.Signals(-rc).name}{oom}",
+                              file=sys.stderr, flush=True)
                     if not interrupted and not sent:  # the run cannot finish: stop the rest, a frozen one too
                         for q, proc in live.items():
                             proc.send_signal(signal.SIGCONT)
@@ -236,6 +250,6 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
         code = 128 + killed[0] if killed else next(iter(failed.values()), 0)
         return 130 if interrupted else code
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
         os.unlink(f.name)

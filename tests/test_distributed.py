@@ -226,11 +226,11 @@ def gone(pid: int) -> bool:
     return False
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_to_the_ranks_launcher_stops_the_ranks_with_a_checkpoint(signum, data_dir, tmp_path):
-    """A scheduler's SIGTERM, or a SIGINT sent to the launcher's pid alone (the ranks run in a session of their own,
-    so Ctrl-C in a terminal comes this way too), stops the ranks as Ctrl-C does: they agree on a step and save,
-    instead of training on as orphans (SIGTERM) or to the end (SIGINT)."""
+    """A scheduler's SIGTERM, a SIGINT sent to the launcher's pid alone (the ranks run in a session of their own,
+    so Ctrl-C in a terminal comes this way too) or a closed terminal's SIGHUP stops the ranks as Ctrl-C does: they
+    agree on a step and save, instead of training on as orphans (SIGTERM) or to the end (SIGINT)."""
     proc, ranks = launch_two_ranks(data_dir, tmp_path)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
@@ -238,6 +238,29 @@ def test_a_signal_to_the_ranks_launcher_stops_the_ranks_with_a_checkpoint(signum
     assert all(map(gone, ranks))  # waited for by the launcher
     (saved,) = sorted(tmp_path.glob("ckpt-*"))
     assert int(saved.name[5:]) == len(logged(tmp_path))
+
+
+def state(pid: int) -> str:
+    """A process's state letter: R, S, T (stopped), ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_ctrl_z_suspends_the_ranks_with_their_launcher(data_dir, tmp_path):
+    proc, ranks = launch_two_ranks(data_dir, tmp_path)
+    proc.send_signal(signal.SIGTSTP)
+    deadline = time.time() + 10
+    while not all(state(pid) == "T" for pid in [proc.pid, *ranks]):
+        assert time.time() < deadline, [state(pid) for pid in [proc.pid, *ranks]]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGCONT)  # as `fg` does
+    deadline = time.time() + 10
+    while any(state(pid) == "T" for pid in [proc.pid, *ranks]):
+        assert time.time() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert len(sorted(tmp_path.glob("ckpt-*"))) == 1
 
 
 def test_ranks_whose_launcher_was_killed_stop_with_a_checkpoint(data_dir, tmp_path):
@@ -276,12 +299,26 @@ def test_a_bad_collective_timeout_is_one_line(value, data_dir, tmp_path):
     assert_one_line_error(proc, f"NANOGPT_MLX_DIST_TIMEOUT={value!r}: expected a number of seconds > 0")
 
 
+def has_socket(pid: int) -> bool:
+    fds = Path(f"/proc/{pid}/fd")
+    links = []
+    for fd in fds.iterdir():
+        try:
+            links.append(os.readlink(fd))
+        except OSError:  # closed meanwhile
+            pass
+    return any(link.startswith("socket:") for link in links)
+
+
 def test_ctrl_c_while_connecting_ends_a_rank_at_once(data_dir, tmp_path):
     """MLX's ring connect retries for about 30 s inside C++, where Python's Ctrl-C handler cannot run."""
     cfg = tiny_config(data_dir, tmp_path, max_steps=10)
     (alone,) = start_ranks(tmp_path, cfg, 1, cli=True, env={"MLX_RANK": "0", "MLX_HOSTFILE": str(hostfile(tmp_path, 2))})
-    time.sleep(6)  # imported and connecting to a rank 1 that never comes
-    assert alone.poll() is None
+    deadline = time.time() + 60
+    while not has_socket(alone.pid):  # imported and connecting to a rank 1 that never comes
+        assert time.time() < deadline and alone.poll() is None, alone.stderr.read()
+        time.sleep(0.1)
+    time.sleep(1.0)  # well into the connect's retries
     alone.send_signal(signal.SIGINT)
     start = time.time()
     alone.communicate(timeout=60)

@@ -152,6 +152,14 @@ def peak_flops(dtype: str = "float32", seconds: float = 0.3) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
+def mfu_peak(dtype: str) -> float:
+    """The denominator of MFU for a step computing in `dtype`: peak_flops(dtype), except on MLX's CPU backend,
+    whose bfloat16 matmuls are emulated, slower than the float32 ones a bfloat16 step also runs: float32's there."""
+    import mlx.core as mx
+
+    return peak_flops("float32" if mx.default_device() == mx.cpu else dtype)
+
+
 def system_memory() -> tuple[float, float | None]:
     """(total, available) system memory in GiB; available is None where the OS does not say."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

@@ -188,13 +188,14 @@ def download(url: str, dest: Path, what: str, hint: str, progress: bool = True,
     return dest
 
 
-def lock_dir(directory: Path, writer: str) -> None:
+def lock_dir(directory: Path, writer: str) -> bool:
     """Hold DIRECTORY/.lock while this process writes there (until unlock_dir, or the process ends however it
     ends): a second process started into the same directory by mistake (the same command twice, a scheduler's
-    retry of a job still alive) would interleave its files with this one's. `writer` names it in the refusal."""
+    retry of a job still alive) would interleave its files with this one's. `writer` names it in the refusal.
+    Returns whether this call took the lock (False: this process held it already)."""
     key = directory.resolve()
     if key in _locked:
-        return
+        return False
     make_dirs(directory)
     f = open(directory / LOCK_FILE, "a+")
     try:
@@ -212,6 +213,7 @@ def lock_dir(directory: Path, writer: str) -> None:
     f.write(f"pid {os.getpid()}\n")
     f.flush()
     _locked[key] = f
+    return True
 
 
 def unlock_dir(directory: Path) -> None:

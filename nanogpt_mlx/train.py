@@ -99,10 +99,11 @@ class Trainer:
         cfg = cfg or TrainConfig()  # build-nanogpt's GPT-2 124M run
         self.cfg, self.dist = cfg, dist or distributed.init()
         self.out = Path(cfg.out)
+        self._took_lock = False  # whether this Trainer's start took OUT's lock (not held by this process before)
         try:
             self._setup(resume, overwrite)
         except BaseException:  # a refused start leaves OUT to the next (in a notebook this process lives on)
-            if self.dist.is_main:
+            if self._took_lock:
                 unlock_dir(self.out)
             raise
 
@@ -112,7 +113,7 @@ class Trainer:
         self.dtype_name = cfg.dtype or device.PROFILE.dtype
         self.dtype = DTYPES[self.dtype_name]
         if resume and self.dist.is_main and self.out.is_dir():
-            lock_dir(self.out, "run")  # before its checkpoint is read, which a run still writing may replace
+            self._took_lock = lock_dir(self.out, "run")  # before its checkpoint is read, which a live run may replace
         ckpt = checkpoint.latest_checkpoint(self.out) if resume else None
         if ckpt is None and checkpoint.checkpoints(self.out) and not overwrite:
             raise UserError(f"{self.out} already holds a checkpoint; resume it (--resume {self.out}), "
@@ -125,7 +126,9 @@ class Trainer:
         if self.dtype != mx.float32 and device.PROFILE.cpu_backend:
             print(f"warning: {self.dtype_name} is slow on MLX's CPU backend (float32 is faster there)", file=sys.stderr)
 
-        self.model = self._build_model(ckpt)
+        self.model, self.memory = self._build_model(ckpt)
+        # the config a checkpoint saves (and a resume holds to) names the model trained, not the preset's sizes
+        self.cfg = cfg = replace(cfg, **{k: getattr(self.model.config, k) for k in MODEL_FIELDS if k != "init_from"})
         self.model.checkpoint_blocks = cfg.activation_checkpointing
         self._check_config()
         # HellaSwag's examples now, not at the first evaluation: a wrong path or a failed download stops a resumed
@@ -162,7 +165,7 @@ class Trainer:
                                 f"(pass a larger --max-steps)")
         self._build_steps()
         if self.dist.is_main:  # everything above has accepted the config (a refused run makes no OUT)
-            lock_dir(self.out, "run")  # before anything in OUT is removed; until train() ends
+            self._took_lock |= lock_dir(self.out, "run")  # before anything in OUT is removed; until train() ends
             checkpoint.remove_stale_temps(self.out)
             if ckpt is None:  # --overwrite: the old run's checkpoints, and its model, which sample would load
                 for old in checkpoint.checkpoints(self.out):
@@ -180,23 +183,20 @@ class Trainer:
         self.result: dict[str, float] = {}  # latest train_loss, val_loss and hellaswag
 
     # -- setup
-    def _build_model(self, ckpt: Path | None) -> GPT:
-        """The model to train, once its step is known to fit in memory (self.memory: the estimate)."""
+    def _build_model(self, ckpt: Path | None) -> tuple[GPT, memory.Estimate]:
+        """The model to train and its step's memory estimate, checked to fit (memory.check)."""
         cfg = self.cfg
         fits = partial(memory.check, batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=self.dtype_name,
                        checkpointing=cfg.activation_checkpointing, max_memory_gb=cfg.max_memory)
         if ckpt is None and not cfg.init_from:
             config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or 50304, n_layer=cfg.n_layer,
                                n_head=cfg.n_head, n_embd=cfg.n_embd, **self.recipe.model)
-            self.memory = fits(config)  # before building: a model far too large would take minutes to build
-            return GPT(config, seed=cfg.seed)
+            estimate = fits(config)  # before building: a model far too large would take minutes to build
+            return GPT(config, seed=cfg.seed), estimate
         model = checkpoint.read_model(ckpt) if ckpt is not None else load_model(cfg.init_from)
         self.recipe.check_model(model.config, str(ckpt or cfg.init_from))
         model = pad_vocab(model, cfg.vocab_size) if cfg.vocab_size and ckpt is None else model
-        self.memory = fits(model.config)
-        # the config a checkpoint saves (and a resume holds to) names the model trained, not the preset's sizes
-        self.cfg = replace(cfg, **{k: getattr(model.config, k) for k in MODEL_FIELDS if k != "init_from"})
-        return model
+        return model, fits(model.config)
 
     def _check_config(self) -> None:
         """Refuse sizes that do not fit before anything runs, the evaluations' included."""
@@ -471,9 +471,7 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.seq_len * self.grad_accum * self.dist.world
         flops_per_token = 6 * self.model.num_params(non_embedding=True) + \
             12 * self.model.config.n_layer * self.model.config.n_embd * cfg.seq_len
-        # this rank's device (MFU is against all ranks' together), the faster of the compute dtype's and float32's
-        # matmuls: on a CPU, bfloat16 ones are emulated, slower than the step's float32 parts
-        peak = max(device.peak_flops(d) for d in {self.dtype_name, "float32"})
+        peak = device.mfu_peak(self.dtype_name)  # this rank's device; MFU is against all ranks' together
         c = self.model.config
         self._say(f"model {n_params / 1e6:.2f}M params (L{c.n_layer} H{c.n_head} C{c.n_embd} T{c.block_size} "
                   f"V{c.vocab_size}) | recipe {self.recipe.name} | {self.dist.world} rank(s) | "

@@ -411,7 +411,7 @@ def test_a_seed_near_2_to_the_64_samples_past_it(data_dir, tmp_path):
     assert len([r for r in logged(tmp_path / "run", "sample")]) == 2
 
 
-def test_mfu_is_against_the_faster_of_the_dtypes_matmuls(data_dir, tmp_path, monkeypatch, capsys):
+def test_mfu_on_a_cpu_is_against_float32_matmuls(data_dir, tmp_path, monkeypatch, capsys):
     """bfloat16 matmuls on MLX's CPU backend are emulated, slower than the step's float32 parts: MFU read 200%."""
     from nanogpt_mlx import device
 

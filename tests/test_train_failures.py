@@ -162,6 +162,18 @@ def test_a_failed_resume_leaves_the_run_to_the_next_attempt(run):
     resume(run, check=True)  # not "being written by another run": this process gave OUT back
 
 
+
+def test_a_refused_trainer_leaves_the_lock_another_trainer_holds(run):
+    """In one process (a notebook) a second Trainer on the same OUT, refused, released the first one's lock."""
+    from nanogpt_mlx.files import LOCK_FILE
+
+    first = Trainer(resume_config(run, max_steps=8), resume=True)
+    with pytest.raises(Exception, match="batch_size 4"):
+        Trainer(resume_config(run, batch_size=2, max_steps=8), resume=True)
+    assert_one_line_error(resume(run), "being written by another run")  # the first one's lock holds
+    assert (run / LOCK_FILE).exists() and first.step == 4
+
+
 def test_resume_refuses_options_it_would_ignore(run):
     for flag in (["--preset", "gpt2-124m"], ["--overwrite"], ["--out", str(run)]):
         assert_one_line_error(run_cli("train", "--resume", str(run), *flag), "cannot be combined with it", flag[0])

@@ -10,7 +10,6 @@ row's end cannot change its losses.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -108,7 +107,6 @@ def _parse_line(line: str, index: int, where: str) -> Example:
 Rendered = tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]  # an example's context tokens and endings' tokens
 
 
-@functools.lru_cache(maxsize=None)  # once per example: checked at a Trainer's start, scored at every evaluation
 def render_example(ex: Example) -> Rendered:
     """Context tokens and the tokens of each `" " + ending` (GPT-2 BPE puts the space in the word)."""
     return tuple(encode(ex.ctx)), tuple(tuple(encode(" " + e)) for e in ex.endings)
@@ -210,10 +208,12 @@ def check_examples(model: GPT, examples: Sequence[Example]) -> dict[int, Rendere
 
 
 def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int | None = None, rank: int = 0,
-                    world: int = 1, progress: bool = True) -> HellaSwagResult:
+                    world: int = 1, progress: bool = True, rendered: dict[int, Rendered] | None = None
+                    ) -> HellaSwagResult:
     """Score this rank's share of `examples` (every world-th, from rank), up to `batch_examples` per forward.
 
-    The records come back in file order. Sum the counts of all ranks for the full result.
+    The records come back in file order. Sum the counts of all ranks for the full result. `rendered`:
+    check_examples' result for these examples and this model, kept by a caller that scores them again and again.
     """
     if batch_examples is None:
         batch_examples = device.PROFILE.eval_batch  # rows per forward only pay off on a GPU
@@ -221,7 +221,7 @@ def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int
         raise UserError(f"batch_examples must be >= 1, got {batch_examples}")
     _check_rank(rank, world)
     mine = [ex for ex in examples if ex.index % world == rank] if world > 1 else list(examples)
-    rendered = check_examples(model, mine)
+    rendered = rendered if rendered is not None else check_examples(model, mine)
     # Examples with contexts of equal length can share a forward (their caches line up); sorting
     # each such group by ending length keeps the padding small.
     groups: dict[int, list[Example]] = {}

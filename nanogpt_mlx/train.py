@@ -136,8 +136,8 @@ class Trainer:
         self._hellaswag = load_hellaswag(
             cfg.hellaswag_data or download_hellaswag(progress=self.dist.is_main, local_option="--hellaswag-data"),
             limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else None
-        if self._hellaswag:
-            check_examples(self.model, self._hellaswag)  # their tokens and rows fit the model, before it trains
+        # their tokens and rows fit the model, checked before it trains, and tokenized once for every evaluation
+        self._hellaswag_tokens = check_examples(self.model, self._hellaswag) if self._hellaswag else None
         world, rank = self.dist.world, self.dist.rank
         B, T = cfg.batch_size, cfg.seq_len
         self.grad_accum = cfg.total_batch_size // (B * T * world)
@@ -306,7 +306,8 @@ class Trainer:
         """acc_norm over the HellaSwag examples, split across ranks with the counts summed (build-nanogpt)."""
         if self._hellaswag is None:
             raise UserError("no HellaSwag examples: a Trainer loads them at start when hellaswag_every is set")
-        r = score_hellaswag(self.model, self._hellaswag, rank=self.dist.rank, world=self.dist.world, progress=False)
+        r = score_hellaswag(self.model, self._hellaswag, rank=self.dist.rank, world=self.dist.world, progress=False,
+                            rendered=self._hellaswag_tokens)
         return self.dist.sum(r.num_correct_norm) / self.dist.sum(r.num_total)
 
     def _due(self, every: int, step: int) -> bool:

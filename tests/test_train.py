@@ -628,16 +628,21 @@ def test_config_validation():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: the GPUs' default
-def test_hellaswag_during_training_is_logged(dtype, data_dir, tmp_path):
+def test_hellaswag_during_training_is_logged(dtype, data_dir, tmp_path, monkeypatch):
     from test_evaluate import make_hellaswag, write_jsonl
 
+    from nanogpt_mlx import evaluate
     from nanogpt_mlx.evaluate import load_hellaswag, score_hellaswag
     from nanogpt_mlx.model import GPT
 
     data = write_jsonl(tmp_path / "hellaswag_val.jsonl", make_hellaswag(12, ctx_words=(3, 10), ending_words=(1, 8)))
     cfg = tiny_config(data_dir, tmp_path / "run", vocab_size=50304, block_size=64, max_steps=3, hellaswag_every=2,
                       hellaswag_data=str(data), hellaswag_limit=10, dtype=dtype)
+    encoded, encode = [], evaluate.encode
+    monkeypatch.setattr(evaluate, "encode", lambda text: encoded.append(text) or encode(text))
     Trainer(cfg).train()
+    assert len(encoded) == 10 * 5  # each example's context and 4 endings, once: at the start, not at each evaluation
+    monkeypatch.undo()
     hella = [line.split() for line in (tmp_path / "run" / "log.txt").read_text().splitlines() if " hella " in line]
     assert [h[0] for h in hella] == ["0", "2"]  # every 2 steps and at the last step
     # step 0 scores the freshly initialised model on the first 10 examples

@@ -10,7 +10,7 @@ import os
 import shutil
 import ssl
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -121,6 +121,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def as_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str | os.PathLike]:
+    """One path or a sequence of them, as a list: a str is one path, not its characters."""
+    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

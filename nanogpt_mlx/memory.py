@@ -1,4 +1,5 @@
-"""Estimate a training step's peak memory before it runs, and refuse a run that cannot fit.
+"""Estimate a training step's peak memory before it runs, and refuse a run that cannot fit (and a batch of
+samples that cannot: check_sampling).
 
 An out-of-memory crash on a Mac (unified memory) can take minutes of swapping before it
 happens, and on a GPU it comes after the model is built and compiled. The estimate adds up what

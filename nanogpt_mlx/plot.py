@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import UserError, first_line
 from .evaluate import GPT2_HELLASWAG_TRAINING, GPT3_HELLASWAG
-from .files import atomic_path
+from .files import as_paths, atomic_path
 
 GPT2_VAL_LOSS = 3.2924  # OpenAI GPT-2 124M on the FineWeb-Edu val shard (build-nanogpt)
 KINDS = ("train", "val", "hella")
@@ -67,7 +67,7 @@ def _loss_limits(logs: Sequence[RunLog]) -> tuple[float, float]:
     return float(values.min()) * 0.95, float(top) * 1.05
 
 
-def plot_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike = "run.png", log_scale: bool = False,
+def plot_runs(runs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike = "run.png", log_scale: bool = False,
               baseline: str = "auto") -> Path:
     """Draw loss (train thin, val bold) and, if logged, HellaSwag vs step for each run; write `out`.
 
@@ -76,7 +76,7 @@ def plot_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike = "run.p
     from matplotlib.figure import Figure
     from matplotlib.ticker import FormatStrFormatter
 
-    runs = [runs] if isinstance(runs, (str, os.PathLike)) else list(runs)  # one run, not its path's characters
+    runs = as_paths(runs)
     if not runs:
         raise UserError("no runs to plot")
     out = Path(out)

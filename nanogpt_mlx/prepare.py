@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from .data import list_shards, load_shard
+from .documents import Part, plan_parts, read_docs
 from .errors import UserError, first_line
 from .files import atomic_path, atomic_write_text, lock_dir, sha256_file, unlock_dir
-from .documents import Part, plan_parts, read_docs
 from .sources import Source, Unit
 from .tokenizer import EOT, get_tokenizer
 
@@ -61,7 +61,7 @@ class PrepareConfig:
         if not 1 <= self.shard_size <= MAX_SHARD_SIZE:
             raise UserError(f"shard_size must be in [1, 2^31] tokens (a shard is held in memory while written), "
                             f"got {self.shard_size}")
-        if self.workers is not None and self.workers < 1 or self.part_bytes < 1:
+        if (self.workers is not None and self.workers < 1) or self.part_bytes < 1:
             raise UserError(f"workers and part_bytes must be >= 1, got {self.workers} and {self.part_bytes}")
         if self.seed < 0:
             raise UserError(f"seed must be >= 0, got {self.seed}")

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError, first_line
 from . import files
+from .errors import UserError, first_line
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -44,13 +44,13 @@ class Source:
     origin: dict | None = None  # where it came from (hub revision, local mirror): recorded, not compared
 
 
-def local_files(paths: Sequence[str | os.PathLike], text_field: str = "text",
+def local_files(paths: str | os.PathLike | Sequence[str | os.PathLike], text_field: str = "text",
                 split_on_blank_lines: bool = False) -> Source:
     """`.txt` (one document per file, or per blank-line-separated paragraph), `.jsonl` and `.parquet`
     (documents in `text_field`); files, directories (searched recursively) or glob patterns. A file
     that several of them name is read once, where it first appears."""
     found: list[Path] = []
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)  # one path, not its characters
+    paths = files.as_paths(paths)
     for spec in map(str, paths):
         if not spec:  # Path("") is the working directory: an unset variable would tokenize all of it
             raise UserError("'' names no file (an unset variable?)")

@@ -372,7 +372,8 @@ class Trainer:
             try:
                 x, y = (mx.array(a) for a in self.train_loader.next_batch())
             except UserError as e:  # a shard with bad tokens, reached mid-run: stop as Ctrl-C does, saving what was
-                self.train_loader.load_state_dict(loader_state)  # trained (every rank reads that shard here too)
+                # trained; every rank reads that shard here too (ranks on several hosts need the same shards)
+                self.train_loader.load_state_dict(loader_state)
                 self._stop, self._data_error = True, e
                 return None
             if micro < self.grad_accum - 1:

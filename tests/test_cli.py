@@ -313,7 +313,7 @@ def test_hub_download_is_cached(fake_hub, tiny_hf_dir, tmp_path):
 
 
 def test_ctrl_c_while_the_parser_imports_commands_is_one_line(monkeypatch, capsys):
-    """Building the parser imports every command's module (most of a second): Ctrl-C then was a traceback."""
+    """Building the parser imports every command's module: Ctrl-C then was a traceback."""
     from nanogpt_mlx import cli
 
     def interrupted():

@@ -76,7 +76,7 @@ def test_cli_refuses_before_training(tmp_path):
 
 
 def test_a_new_model_is_refused_before_it_is_built(tmp_path, monkeypatch):
-    """A model far too large takes minutes to build (100,000 layers: about two): the estimate needs its config only."""
+    """A model far too large takes minutes to build: the estimate needs its config only."""
     import nanogpt_mlx.train as train
 
     monkeypatch.setattr(train, "GPT", lambda *a, **k: pytest.fail("the model was built"))

@@ -8,8 +8,8 @@ import fcntl
 import hashlib
 import os
 import shutil
+import secrets
 import ssl
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
@@ -97,18 +97,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     removed; a storage error (also from the body) becomes one UserError."""
     path = Path(path)
     make_dirs(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")  # a name no other writer has
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))  # a name no other writer has
-    except OSError as e:
-        raise cannot("write", path, e) from None
-    try:
+        tmp.mkdir()  # (mkdtemp's would be private: 0700 whatever the umask)
         yield tmp
         _fsync_dir(tmp)
-        os.replace(tmp, path)  # over an empty directory too (rename(2))
+        os.replace(tmp, path)
     except OSError as e:
         if isinstance(e, NETWORK_ERRORS):
             raise
         raise cannot("write", path, e) from None
+    except UserError as e:  # a writer's error names its file in the temporary directory, gone after this
+        raise UserError(str(e).replace(str(tmp), str(path))) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     with contextlib.suppress(OSError):  # the rename's durability: done, or the file system's to finish

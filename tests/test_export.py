@@ -124,14 +124,26 @@ def test_an_export_that_fails_midway_leaves_nothing(tiny_hf_dir, tmp_path, monke
     model = load_model(tiny_hf_dir)
     (tmp_path / "empty").mkdir()
     for target in ("new", "empty"):
-        with pytest.raises(UserError, match="No space left"):
+        with pytest.raises(UserError, match="No space left") as e:
             export_hf(model, tmp_path / target)
+        assert str(e.value).startswith(f"{tmp_path / target}/vocab.json")  # not a temporary directory's name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and not any((tmp_path / "empty").iterdir())
     monkeypatch.undo()
     inode = (tmp_path / "empty").stat().st_ino
     export_hf(model, tmp_path / "empty")
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == sorted(EXPORT_FILES)
     assert (tmp_path / "empty").stat().st_ino == inode  # written into, not replaced (a mount point, the cwd)
+
+
+def test_a_new_export_directory_is_as_readable_as_any_new_directory(tiny_hf_dir, tmp_path):
+    """A private temporary directory renamed into place left exports (and checkpoints) readable by their owner only."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    export_hf(load_model(tiny_hf_dir), tmp_path / "new")
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o777 & ~umask
 
 
 def test_export_into_the_working_directory_and_through_a_link(tiny_hf_dir, tmp_path):

@@ -7,6 +7,8 @@ machine (ring backend on 127.0.0.1) for `nanogpt-mlx train --ranks N`.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
 import os
@@ -18,6 +20,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -128,7 +131,12 @@ def init(backend: str = "any", timeout: float | None = None) -> Dist:
 
 def _stop_with_launcher(launcher: int) -> None:
     """In a rank that launch_local started: Ctrl-C this process once the launcher is gone (killed with -9, say),
-    so that the ranks save and stop instead of training on as orphans that hold OUT's lock."""
+    so that the ranks save and stop instead of training on as orphans that hold OUT's lock. On Linux the launcher's
+    death also continues this process, which it may have left stopped (Ctrl-Z), so that this watch can run."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGCONT))  # PR_SET_PDEATHSIG
+
     def watch() -> None:
         while os.getppid() == launcher:
             time.sleep(1.0)
@@ -141,25 +149,43 @@ class watchdog:
     """Context manager: if the body is still running after `seconds`, print `message` and exit(1).
 
     A collective whose peer died or froze can block forever inside MLX; os._exit is the only
-    reliable way out of a blocked C++ call.
+    reliable way out of a blocked C++ call. Time this process spent stopped (Ctrl-Z, then `fg`) does not count:
+    its peers were stopped with it.
     """
+
+    TICK = 1.0  # seconds between the watching thread's looks at the clock
+    STOPPED = 5.0  # a look this much later than due means the process was stopped (or the machine slept)
 
     def __init__(self, seconds: float, message: str):
         self.seconds, self.message = seconds, message
-        self._timer: threading.Timer | None = None
+        self._done = threading.Event()
 
-    def _fire(self) -> None:
-        print(f"nanogpt-mlx: error: {self.message}", file=sys.stderr, flush=True)
-        os._exit(1)
+    def _watch(self) -> None:
+        deadline = last = time.monotonic()
+        deadline += self.seconds
+        while not self._done.wait(min(self.TICK, self.seconds)):
+            now = time.monotonic()
+            if now - last > self.TICK + self.STOPPED:
+                deadline += now - last
+            last = now
+            if now > deadline:
+                print(f"nanogpt-mlx: error: {self.message}", file=sys.stderr, flush=True)
+                os._exit(1)
 
     def __enter__(self):
-        self._timer = threading.Timer(self.seconds, self._fire)
-        self._timer.daemon = True
-        self._timer.start()
+        threading.Thread(target=self._watch, daemon=True, name="watchdog").start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._timer.cancel()
+        self._done.set()
+
+
+def _stopped(pid: int) -> bool:
+    """Whether a process is stopped (SIGSTOP), where /proc says (Linux)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
 
 
 def _free_ports(n: int) -> list[int]:
@@ -232,9 +258,16 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
                         oom = " (out of memory?)" if -rc == signal.SIGKILL else ""
                         print(f"nanogpt-mlx: error: rank {r} was killed by {signal.Signals(-rc).name}{oom}",
                               file=sys.stderr, flush=True)
-                    if not interrupted and not sent:  # the run cannot finish: stop the rest, a frozen one too
+                    if not interrupted and not sent:  # the run cannot finish: stop the rest
                         for q, proc in live.items():
-                            proc.send_signal(signal.SIGCONT)
+                            if proc.poll() is not None:  # ended too, not by this launcher: seen next time round
+                                continue
+                            if _stopped(proc.pid):  # frozen (SIGSTOP): nothing it could save
+                                print(f"nanogpt-mlx: error: rank {q} was stopped (frozen)", file=sys.stderr,
+                                      flush=True)
+                                proc.kill()
+                                sent[q] = signal.SIGKILL
+                                continue
                             proc.terminate()
                             sent[q] = signal.SIGTERM
                         kill_at = time.monotonic() + RANK_GRACE

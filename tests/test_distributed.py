@@ -245,17 +245,25 @@ def state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
-def test_ctrl_z_suspends_the_ranks_with_their_launcher(data_dir, tmp_path):
-    proc, ranks = launch_two_ranks(data_dir, tmp_path)
+def suspend(proc: subprocess.Popen, ranks: list[int]) -> None:
+    """Ctrl-Z: the launcher and its ranks stop."""
     proc.send_signal(signal.SIGTSTP)
     deadline = time.time() + 10
     while not all(state(pid) == "T" for pid in [proc.pid, *ranks]):
         assert time.time() < deadline, [state(pid) for pid in [proc.pid, *ranks]]
         time.sleep(0.1)
+
+
+def test_ctrl_z_suspends_the_ranks_with_their_launcher(data_dir, tmp_path):
+    """Longer than the collective timeout too: the stopped time does not count (the watchdog ended the run)."""
+    proc, ranks = launch_two_ranks(data_dir, tmp_path, env={"NANOGPT_MLX_DIST_TIMEOUT": "3"})
+    suspend(proc, ranks)
+    time.sleep(8)
+    steps = len(logged(tmp_path))
     proc.send_signal(signal.SIGCONT)  # as `fg` does
-    deadline = time.time() + 10
-    while any(state(pid) == "T" for pid in [proc.pid, *ranks]):
-        assert time.time() < deadline
+    deadline = time.time() + 30
+    while len(logged(tmp_path)) < steps + 2:  # training goes on
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -263,8 +271,12 @@ def test_ctrl_z_suspends_the_ranks_with_their_launcher(data_dir, tmp_path):
     assert len(sorted(tmp_path.glob("ckpt-*"))) == 1
 
 
-def test_ranks_whose_launcher_was_killed_stop_with_a_checkpoint(data_dir, tmp_path):
+@pytest.mark.parametrize("suspended", [False, True])
+def test_ranks_whose_launcher_was_killed_stop_with_a_checkpoint(suspended, data_dir, tmp_path):
+    """Also after Ctrl-Z: the ranks stayed stopped for good, holding OUT's lock."""
     proc, ranks = launch_two_ranks(data_dir, tmp_path)
+    if suspended:
+        suspend(proc, ranks)
     proc.kill()
     proc.communicate()
     deadline = time.time() + 60

@@ -187,31 +187,37 @@ def _resume(out: Path, fresh: dict) -> list[dict]:
         if any(out.glob("*.npy")):
             raise UserError(f"{out}: holds .npy files but no manifest.json; choose an empty directory")
         return []
-    intact = _intact_shards(out, path, fresh)
+    intact, old_name = _intact_shards(out, path, fresh)
     listed = {shard["file"] for shard in intact}
+    ours = {fresh["settings"]["name"], old_name}  # shard names this prepare or the one before writes
     for split in ("val", "train"):
         for file in list_shards(out, split, missing_ok=True):
-            if file.name not in listed:
+            if file.name not in listed and file.name.rsplit(f"_{split}_", 1)[0] in ours:
                 file.unlink()
     return intact
 
 
-def _intact_shards(out: Path, path: Path, fresh: dict) -> list[dict]:
+def _intact_shards(out: Path, path: Path, fresh: dict) -> tuple[list[dict], str | None]:
+    """The intact prefix of the manifest's shards, and the shard name its settings gave."""
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable ({first_line(e)}); delete the directory to start over") from None
     if not isinstance(old, dict) or old.get("format") != FORMAT:
         raise UserError(f"{path}: not a manifest that prepare writes; choose an empty directory")
+    settings = old.get("settings")
+    old_name = settings.get("name") if isinstance(settings, dict) else None
     if not old.get("shards"):
-        return []  # nothing to keep: any settings may start over
+        return [], old_name  # nothing to keep: any settings may start over
     if (not isinstance(old["shards"], list) or not all(map(_is_shard_record, old["shards"]))
             or not isinstance(old.get("stamps", []), list)):
         raise UserError(f"{path}: damaged (a shard's record is malformed); delete the directory to start over")
     for key in ("format", "source", "tokenizer", "settings", "units"):
         if old.get(key) != fresh[key]:
-            raise UserError(f"{out} holds shards made with other {key} ({_short(old.get(key))} there, "
-                            f"{_short(fresh[key])} now); use another --out, or the same options to resume")
+            what = "from other input files (or other versions of them)" if key == "units" else f"with other {key}"
+            then = "delete the directory to start over" if key == "units" else "the same options to resume"
+            raise UserError(f"{out} holds shards made {what} ({_short(old.get(key))} there, {_short(fresh[key])} "
+                            f"now); use another --out, or {then}")
     # no stamps: a manifest from before they were kept; a None: a download (the hub's files do not change)
     changed = [key for key, was, now in zip(fresh["units"], old.get("stamps", fresh["stamps"]), fresh["stamps"])
                if None not in (was, now) and was != now]
@@ -224,7 +230,7 @@ def _intact_shards(out: Path, path: Path, fresh: dict) -> list[dict]:
         if not file.is_file() or sha256_file(file) != shard["sha256"]:
             break
         intact.append(shard)
-    return intact
+    return intact, old_name
 
 
 def _counts(d: dict, *keys: str) -> bool:

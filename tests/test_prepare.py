@@ -496,6 +496,16 @@ def test_an_input_edited_in_place_is_not_resumed(tmp_path):
         prep.prepare(sources.local_files([path]), tmp_path / "o", cfg())
 
 
+def test_other_input_files_are_named_as_such(tmp_path):
+    """Tiny Shakespeare's identity is its sha256: an edited copy said "other units ... the same options to resume"."""
+    text = tmp_path / "input.txt"
+    text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50)
+    prep.prepare(sources.shakespeare(path=text), tmp_path / "o", cfg())
+    text.write_text(text.read_text().replace("Before", "BEFORE"))
+    with pytest.raises(UserError, match="made from other input files .*; use another --out, or delete the directory"):
+        prep.prepare(sources.shakespeare(path=text), tmp_path / "o", cfg())
+
+
 def test_a_shard_written_but_not_yet_listed_is_removed(tmp_path):
     """A kill between a shard's rename and the manifest's update left it; other settings then kept it beside their
     own shards, and readers took it for data."""
@@ -505,5 +515,6 @@ def test_a_shard_written_but_not_yet_listed_is_removed(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     manifest.update(shards=[], complete=False)  # as if killed before the first shard was recorded
     (out / "manifest.json").write_text(json.dumps(manifest))
+    np.save(out / "mine_train_000000.npy", np.array([1, 2, 3], np.uint16))  # not prepare's: kept
     prep.prepare(sources.local_files([path]), out, cfg(name="other"))
-    assert {p.name.split("_")[0] for p in out.glob("*.npy")} == {"other"}
+    assert {p.name.split("_")[0] for p in out.glob("*.npy")} == {"other", "mine"}

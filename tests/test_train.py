@@ -329,20 +329,27 @@ def test_overfits_one_batch(tmp_path):
     assert logged(tmp_path / "run")[0]["loss"] > 5.0  # it started at chance (ln 256 = 5.5)
 
 
-def test_an_interrupted_trainer_trains_on_when_called_again(data_dir, tmp_path):
-    """A notebook's interrupt saves the step; calling train() again continues (every later call stopped at once)."""
-    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", max_steps=6))
+def stop_during_step(trainer: Trainer, step: int) -> None:
+    """trainer.train(), with a stop requested while `step` runs, as the signal handler does: it saves and raises."""
     finish = trainer._finish_step
 
     def finish_then_stop(s):
-        trainer._stop = trainer._stop or s.step == 2  # as the signal handler does, while step 2 runs
+        trainer._stop = trainer._stop or s.step == step
         return finish(s)
 
     trainer._finish_step = finish_then_stop
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+    finally:
+        trainer._finish_step = finish
+
+
+def test_an_interrupted_trainer_trains_on_when_called_again(data_dir, tmp_path):
+    """A notebook's interrupt saves the step; calling train() again continues (every later call stopped at once)."""
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", max_steps=6))
+    stop_during_step(trainer, 2)
     assert trainer.step in (3, 4)  # step 3 may have been queued behind step 2 already
-    trainer._finish_step = finish
     trainer.train()
     assert trainer.step == 6 and [r["step"] for r in logged(tmp_path / "run")] == list(range(6))
 
@@ -493,15 +500,7 @@ def test_a_stop_request_skips_the_evaluations_due_next(data_dir, tmp_path):
     """Ctrl-C during step 2 saves step 3 without first running step 3's evaluations (HellaSwag takes minutes)."""
     out = tmp_path / "run"
     trainer = Trainer(tiny_config(data_dir, out, max_steps=6, val_every=1, val_steps=1))
-    finish = trainer._finish_step
-
-    def finish_then_stop(s):
-        trainer._stop = trainer._stop or s.step == 2  # as the signal handler does, while step 2 runs
-        return finish(s)
-
-    trainer._finish_step = finish_then_stop
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train()
+    stop_during_step(trainer, 2)
     assert [r["step"] for r in logged(out, "val")] == [0, 1, 2]
     assert [p.name for p in checkpoints(out)] == ["ckpt-000003"]
 

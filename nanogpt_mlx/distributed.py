@@ -161,8 +161,8 @@ class watchdog:
         self._done = threading.Event()
 
     def _watch(self) -> None:
-        deadline = last = time.monotonic()
-        deadline += self.seconds
+        last = time.monotonic()
+        deadline = last + self.seconds
         while not self._done.wait(min(self.TICK, self.seconds)):
             now = time.monotonic()
             if now - last > self.TICK + self.STOPPED:
@@ -271,10 +271,11 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
                             proc.terminate()
                             sent[q] = signal.SIGTERM
                         kill_at = time.monotonic() + RANK_GRACE
-                if time.monotonic() > kill_at:
+                if time.monotonic() > kill_at:  # the grace is over: once
                     for q, proc in live.items():
                         proc.kill()
                         sent[q] = signal.SIGKILL
+                    kill_at = math.inf
                 time.sleep(0.1)
             except KeyboardInterrupt:  # Ctrl-C reaches the launcher alone (the ranks' own session): forward it
                 interrupt()

@@ -393,8 +393,9 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
     writer = ShardWriter(out, manifest)
     scratch = out / SCRATCH
 
-    workers = min(cfg.workers or _cpu_count(), _cpu_count())
-    if cfg.workers and cfg.workers > workers:  # tokenizing is CPU-bound: more processes than cores only cost memory
+    cores = _cpu_count()
+    workers = min(cfg.workers or cores, cores)
+    if cfg.workers and cfg.workers > cores:  # tokenizing is CPU-bound: more processes than cores only cost memory
         print(f"warning: {cfg.workers} workers asked for, {workers} used (this machine's cores)", file=sys.stderr)
     pool = _start_pool(workers)
     from tqdm import tqdm

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from . import device
-from .errors import UserError, first_line
+from .errors import UserError, field_kind, first_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -164,7 +164,7 @@ def cmd_eval(args) -> None:
     if args.task == "loss":
         model = load_model(args.model)
         loader = evaluate.eval_loader(model, args.data, args.split, args.batch_size, args.seq_len)
-        n = min(args.batches, loader.batches_per_pass)
+        n = loader.within_one_pass(args.batches)
         loss = evaluate.loader_loss(model, loader, n, progress=True)
         print(f"{args.split} loss {loss:.4f}  perplexity {evaluate.perplexity(loss):.2f}  "
               f"({n} batches of {loader.B}x{loader.T} tokens from {args.data})")
@@ -289,10 +289,10 @@ def add_train(sub) -> None:
         text = f"{f.metadata['help']} ({preset_defaults(f.name, PRESETS)})".replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         where = min_lr if f.name in ("min_lr", "min_lr_ratio") else group
-        if f.type == "bool":
+        kind, _ = field_kind(f)  # None allowed: unset (min_lr)
+        if kind == "bool":
             where.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
-            kind = f.type.removesuffix(" | None")  # None: unset (min_lr)
             where.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], metavar=kind.upper(),
                                default=argparse.SUPPRESS, help=text)
     p.set_defaults(func=cmd_train)

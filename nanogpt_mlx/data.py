@@ -109,10 +109,10 @@ class DataLoader:
         """Global batches (B*T*world tokens, plus the last target) that a shard of `tokens` holds."""
         return (tokens - 1) // (self.B * self.T * self.world)
 
-    @property
-    def batches_per_pass(self) -> int:
-        """This rank's batches in one pass over all shards, before the loader wraps to the first again."""
-        return sum(self._batches_in(n) for _, n in self.layout["shards"])
+    def within_one_pass(self, batches: int) -> int:
+        """`batches`, or this rank's batches in one pass over all shards where they are fewer: past one pass the
+        loader wraps to the first shard and would repeat batches."""
+        return min(batches, sum(self._batches_in(n) for _, n in self.layout["shards"]))
 
     def _load(self) -> None:
         self.tokens = load_shard(self.shards[self.state.shard], self.vocab_size)

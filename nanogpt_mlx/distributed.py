@@ -199,8 +199,20 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+# `python -m nanogpt_mlx`, but a Ctrl-C while the rank still imports (its first half second) ends it as one later
+# does, with a line and status 130 rather than a traceback from inside MLX's import
+_RANK_MAIN = """import sys
+try:
+    from nanogpt_mlx.cli import main
+except KeyboardInterrupt:
+    print("nanogpt-mlx: interrupted", file=sys.stderr)
+    sys.exit(130)
+sys.exit(main())
+"""
+
+
 def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -> int:
-    """Run `python -m nanogpt_mlx ARGV` as n ring-backend ranks on 127.0.0.1; return the exit code.
+    """Run `python -m nanogpt_mlx ARGV` (_RANK_MAIN) as n ring-backend ranks on 127.0.0.1; return the exit code.
 
     Each rank gets `threads_per_rank` BLAS threads (default: cores // n), since MLX's CPU backend
     runs everything but matmuls on one thread, n single-threaded ranks can beat one n-threaded one.
@@ -242,7 +254,7 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
     kill_at = math.inf
     try:
         for r in range(n):
-            live[r] = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", *argv], env={**env, "MLX_RANK": str(r)},
+            live[r] = subprocess.Popen([sys.executable, "-c", _RANK_MAIN, *argv], env={**env, "MLX_RANK": str(r)},
                                        start_new_session=True)
         while live:
             try:

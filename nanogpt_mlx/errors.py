@@ -1,6 +1,6 @@
 """The one exception type that the CLI turns into a one-line message, and how other errors become one line."""
 
-from dataclasses import fields
+from dataclasses import Field, fields
 
 
 class UserError(Exception):
@@ -11,15 +11,20 @@ class FieldTypeError(UserError):
     """A config field holds a value of another type than its annotation's (check_types)."""
 
 
+def field_kind(f: Field) -> tuple[str, bool]:
+    """A dataclass field's annotated type by name (`int`, `float`, `str`, `bool`...) and whether None is allowed."""
+    annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return annotation.removesuffix(" | None"), annotation.endswith(" | None")
+
+
 def check_types(config) -> None:
     """Refuse (FieldTypeError) a dataclass field whose value is not of its annotated type, `int`, `float` (an int
     too), `str` or `bool`, or None where the annotation allows it: a "2" or 2.5 would fail far from its cause."""
     kinds = {"int": (int, "an integer"), "float": ((int, float), "a number"), "str": (str, "a string"),
              "bool": (bool, "true or false")}
     for f in fields(config):
-        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        value, kind = getattr(config, f.name), annotation.removesuffix(" | None")
-        if value is None and annotation.endswith("| None"):
+        value, (kind, optional) = getattr(config, f.name), field_kind(f)
+        if value is None and optional:
             continue
         if kind in kinds and (not isinstance(value, kinds[kind][0]) or isinstance(value, bool) != (kind == "bool")):
             raise FieldTypeError(f"{f.name} must be {kinds[kind][1]}, got {value!r}")

@@ -273,13 +273,12 @@ def eval_loss(model: GPT, data_dir: str | os.PathLike, split: str = "val", batch
     T defaults to the model's context.
     """
     loader = eval_loader(model, data_dir, split, B, T, rank, world)
-    return loader_loss(model, loader, min(batches, loader.batches_per_pass), progress)
+    return loader_loss(model, loader, loader.within_one_pass(batches), progress)
 
 
 def eval_loader(model: GPT, data_dir: str | os.PathLike, split: str = "val", B: int = 8, T: int | None = None,
                 rank: int = 0, world: int = 1) -> DataLoader:
-    """The (B, T) batches of a split that eval_loss reads (`batches_per_pass` of them at most); T defaults to the
-    model's context."""
+    """The (B, T) batches of a split that eval_loss reads (one pass at most); T defaults to the model's context."""
     _check_rank(rank, world)
     T = model.config.block_size if T is None else T
     if min(B, T) < 1:

@@ -219,11 +219,13 @@ def _intact_shards(out: Path, path: Path, fresh: dict) -> tuple[list[dict], str 
             raise UserError(f"{out} holds shards made {what} ({_short(old.get(key))} there, {_short(fresh[key])} "
                             f"now); use another --out, or {then}")
     # no stamps: a manifest from before they were kept; a None: a download (the hub's files do not change)
-    changed = [key for key, was, now in zip(fresh["units"], old.get("stamps", fresh["stamps"]), fresh["stamps"])
-               if None not in (was, now) and was != now]
+    changed = [(key, was) for key, was, now in zip(fresh["units"], old.get("stamps", fresh["stamps"]),
+                                                   fresh["stamps"]) if None not in (was, now) and was != now]
     if changed:
-        raise UserError(f"{changed[0]} was modified after {out}'s shards were made from it (its modification time "
-                        "differs); use another --out, or delete the directory to start over")
+        key, was = changed[0]
+        raise UserError(f"{key} was modified after {out}'s shards were made from it (its modification time "
+                        "differs); use another --out, or delete the directory to start over (if only its time "
+                        f"changed, a copy or a touch, `touch -d @{was // 10**9}.{was % 10**9:09d}` on it resumes)")
     intact = []
     for shard in old["shards"]:
         file = out / shard["file"]

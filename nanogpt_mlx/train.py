@@ -144,7 +144,7 @@ class Trainer:
         vocab = self.model.config.vocab_size
         self.train_loader = DataLoader(cfg.data, "train", B, T, rank, world, vocab, cfg.shuffle, cfg.seed)
         self.val_loader = DataLoader(cfg.data, "val", B, T, rank, world, vocab) if cfg.val_every else None
-        self.val_steps = min(cfg.val_steps, self.val_loader.batches_per_pass) if self.val_loader else 0
+        self.val_steps = self.val_loader.within_one_pass(cfg.val_steps) if self.val_loader else 0
         if self.val_loader and self.val_steps < cfg.val_steps and self.dist.is_main:  # past one pass: repeated batches
             print(f"warning: val_steps {cfg.val_steps} is more than the val split holds: validating on all its "
                   f"{self.val_steps} batches", file=sys.stderr)

@@ -200,22 +200,43 @@ def test_ctrl_c_on_one_rank_stops_all_at_the_same_step_with_a_checkpoint(data_di
     assert len(saved) == 1 and int(saved[0].name[5:]) == len(logged(tmp_path))
 
 
-def launch_two_ranks(data_dir: Path, out: Path, env: dict | None = None) -> tuple[subprocess.Popen, list[int]]:
-    """`train --ranks 2` (a long run), once it has logged two steps: the launcher and its ranks' pids."""
-    proc = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", "train", "--ranks", "2", "--data", str(data_dir),
+def start_two_ranks(data_dir: Path, out: Path, env: dict | None = None) -> subprocess.Popen:
+    """`train --ranks 2`, a long run."""
+    return subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", "train", "--ranks", "2", "--data", str(data_dir),
                              "--out", str(out), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
                              "--block-size", "32", "--vocab-size", "1000", "--batch-size", "4", "--seq-len", "32",
                              "--total-batch-size", "256", "--max-steps", "100000", "--val-every", "0",
                              "--sample-every", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+
+
+def launch_two_ranks(data_dir: Path, out: Path, env: dict | None = None) -> tuple[subprocess.Popen, list[int]]:
+    """`train --ranks 2` once it has logged two steps: the launcher and its ranks' pids."""
+    proc = start_two_ranks(data_dir, out, env)
     deadline = time.time() + 120
     while not ((out / "log.jsonl").exists() and len(logged(out)) >= 2):
         assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
         time.sleep(0.2)
-    ranks = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                                  text=True).stdout.split()]
+    ranks = children(proc.pid)
     assert len(ranks) == 2
     return proc, ranks
+
+
+def test_ctrl_c_while_the_ranks_import_is_one_line(data_dir, tmp_path):
+    """In their first half second the ranks import MLX: a Ctrl-C there printed a traceback from each."""
+    proc = start_two_ranks(data_dir, tmp_path)
+    deadline = time.time() + 60
+    while len(children(proc.pid)) < 2:
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.01)
+    time.sleep(0.1)  # in the import
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
 
 
 def gone(pid: int) -> bool:
@@ -278,12 +299,14 @@ def test_ranks_whose_launcher_was_killed_stop_with_a_checkpoint(suspended, data_
     if suspended:
         suspend(proc, ranks)
     proc.kill()
-    proc.communicate()
+    _, err = proc.communicate()  # the ranks' output: they share the launcher's stderr
     deadline = time.time() + 60
     while not all(map(gone, ranks)):
         assert time.time() < deadline, "the ranks trained on without their launcher"
         time.sleep(0.2)
-    (saved,) = sorted(tmp_path.glob("ckpt-*"))
+    saved = sorted(tmp_path.glob("ckpt-*"))
+    assert len(saved) == 1, err
+    (saved,) = saved
     assert int(saved.name[5:]) == len(logged(tmp_path))
 
 

@@ -496,6 +496,20 @@ def test_an_input_edited_in_place_is_not_resumed(tmp_path):
         prep.prepare(sources.local_files([path]), tmp_path / "o", cfg())
 
 
+def test_a_touched_input_says_how_to_resume(tmp_path):
+    """A copy or a touch changes only the time: the message's `touch -d` gives it back, and the run resumes."""
+    path = write_jsonl(tmp_path / "a.jsonl", make_docs(60, seed=5))
+    prep.prepare(sources.local_files([path]), tmp_path / "o", cfg())
+    before = path.stat().st_mtime_ns
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+    with pytest.raises(UserError, match="was modified after") as e:
+        prep.prepare(sources.local_files([path]), tmp_path / "o", cfg())
+    command = re.search(r"`(touch -d @[0-9.]+)` on it resumes", str(e.value)).group(1)
+    subprocess.run([*command.split(), str(path)], check=True)
+    assert path.stat().st_mtime_ns == before
+    assert prep.prepare(sources.local_files([path]), tmp_path / "o", cfg()).new_tokens == 0
+
+
 def test_other_input_files_are_named_as_such(tmp_path):
     """Tiny Shakespeare's identity is its sha256: an edited copy said "other units ... the same options to resume"."""
     text = tmp_path / "input.txt"

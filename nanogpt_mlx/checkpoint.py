@@ -88,15 +88,6 @@ def read_model(ckpt: Path) -> GPT:
         raise damaged(ckpt, str(e).removeprefix(f"{ckpt}/").removeprefix(f"{ckpt}: ")) from None
 
 
-def remove_stale_temps(out: Path) -> None:
-    """Delete what a killed run left half-written in OUT (a checkpoint directory, the model link's temp file)."""
-    for stale in out.glob(".*.tmp*"):
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
-
-
 def write(out: Path, step: int, model: GPT, optimizer_state, state: dict) -> Path:
     """Write OUT/ckpt-{step} (complete or not at all), point OUT/model.safetensors at it, drop older ones."""
     final = out / f"ckpt-{step:06d}"

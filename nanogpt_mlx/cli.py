@@ -69,18 +69,23 @@ def cmd_info(args) -> None:
 
 # -------------------------------------------------------------------------------------- sample
 def add_sample(sub) -> None:
+    from .sample import SampleConfig as S  # its defaults are the command's
+
     p = sub.add_parser("sample", help="generate text from a prompt")
     p.add_argument("--model", default="gpt2",
                    help="hub id (gpt2, gpt2-medium, ...), local Hugging Face directory or checkpoint dir (default: gpt2)")
     p.add_argument("--prompt", default="Hello, I'm a language model,",
-                   help="text to continue (a '<|endoftext|>' in it is text); '' starts from the <|endoftext|> token "
+                   help="text to continue ('<|endoftext|>' in it is that token, as in transformers and mlx-lm); '' "
+                        "starts from the <|endoftext|> token "
                         "(default: \"Hello, I'm a language model,\")")
     p.add_argument("--num-samples", type=positive_int, default=5,
                    help="samples, generated as one batch; 1 streams its text as it comes (default: 5)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=30, help="tokens to generate (default: 30)")
-    p.add_argument("--temperature", type=positive_float, default=1.0,
-                   help="divides the logits: below 1 sharper, above 1 flatter (default: 1.0)")
-    p.add_argument("--top-k", type=positive_int, default=50, help="draw among the k most likely tokens (default: 50)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=S.max_new_tokens,
+                   help=f"tokens to generate (default: {S.max_new_tokens})")
+    p.add_argument("--temperature", type=positive_float, default=S.temperature,
+                   help=f"divides the logits: below 1 sharper, above 1 flatter (default: {S.temperature})")
+    p.add_argument("--top-k", type=positive_int, default=S.top_k,
+                   help=f"draw among the k most likely tokens (default: {S.top_k})")
     p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=int, default=None, help="fixes the samples (default: a new draw each run)")
@@ -144,7 +149,8 @@ def add_eval(sub) -> None:
     h.add_argument("--data", metavar="FILE", help="local hellaswag_val.jsonl (default: download once, then cached)")
     h.add_argument("--limit", type=positive_int, help="score only the first N examples")
     h.add_argument("--batch-size", type=positive_int,
-                   help="examples per forward pass, 4 rows each (default: 1 on the CPU, 8 on a GPU)")
+                   help=f"examples per forward pass, 4 rows each (default: {device.PROFILE.eval_batch} with "
+                        f"this machine's profile, {device.PROFILE.name})")
     h.add_argument("--output", metavar="FILE.jsonl", help="write index, label, predictions and the 4 losses per example")
     l = tasks.add_parser("loss", help="mean loss and perplexity over a split's token shards")
     l.add_argument("--model", default="gpt2", help=model_help)
@@ -214,6 +220,8 @@ def cmd_plot(args) -> None:
 
 # ------------------------------------------------------------------------------------- prepare
 def add_prepare(sub) -> None:
+    from .prepare import PrepareConfig as P  # its defaults are the command's
+
     p = sub.add_parser("prepare", help="tokenize FineWeb-Edu, Tiny Shakespeare or your files into token shards",
                        description="SOURCE --out DIR writes GPT-2 token shards (build-nanogpt's format); "
                                    "re-running the same command resumes. --inspect DIR describes shards.")
@@ -221,11 +229,12 @@ def add_prepare(sub) -> None:
     common = _Parser(add_help=False)
     common.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
     common.add_argument("--name", help="shard file prefix (default: edufineweb, shakespeare or data)")
-    common.add_argument("--shard-size", type=positive_int, default=100_000_000, help="tokens per shard (default: 1e8)")
+    common.add_argument("--shard-size", type=positive_int, default=P.shard_size,
+                        help=f"tokens per shard (default: {P.shard_size:,})")
     common.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default: all cores)")
     common.add_argument("--shuffle-docs", action="store_true",
                         help="shuffle file order, part order within files and documents within parts")
-    common.add_argument("--seed", type=int, default=0, help="seed of --shuffle-docs (default: 0)")
+    common.add_argument("--seed", type=int, default=P.seed, help=f"seed of --shuffle-docs (default: {P.seed})")
     sources = p.add_subparsers(dest="source", metavar="SOURCE")
     fw = sources.add_parser("fineweb-edu", parents=[common], help="HuggingFaceFW/fineweb-edu, one parquet file at a time")
     fw.add_argument("--sample", default="sample-10BT", help="sample-10BT (default), sample-100BT, ... or CC-MAIN-YYYY-NN")
@@ -272,7 +281,8 @@ def add_train(sub) -> None:
                                    "overrides the resumed run's config, except its model and batches). --recipe "
                                    "speedrun switches a build-nanogpt preset to the speedrun's model and optimizer, "
                                    "with its defaults for max_lr, weight_decay, betas, eps, grad_clip and "
-                                   "warmup_steps. Ctrl-C or "
+                                   "warmup_steps; --recipe build-nanogpt turns a speedrun preset back into the one "
+                                   "it was made from (speedrun-124m: gpt2-124m). Ctrl-C or "
                                    "SIGTERM saves a checkpoint after the step in progress (at once during an "
                                    "evaluation) and stops.")
     p.add_argument("--preset", choices=list(PRESETS), help="(default: shakespeare; not with --resume)")

@@ -26,7 +26,8 @@ class TrainConfig:
     recipe start from a preset, e.g. TrainConfig.preset("gpt2-124m", recipe="speedrun"): switching
     recipe there also takes the recipe's optimizer defaults (max_lr, betas, ...)."""
 
-    recipe: str = _field("build-nanogpt", "model + optimizer + schedule (recipes.py): build-nanogpt or speedrun")
+    recipe: str = _field("build-nanogpt", "model + optimizer + schedule (recipes.py): " + "; ".join(
+        f"{r.name}, {r.summary}" for r in recipes.RECIPES.values()))
     data: str = _field("data/edu_fineweb10B", "directory of token shards (`nanogpt-mlx prepare`)")
     out: str = _field("out/gpt2-124m", "directory of the checkpoints, log.txt and samples")
     init_from: str = _field("", "'': random init; else a hub id (gpt2), Hugging Face directory or checkpoint "
@@ -121,7 +122,9 @@ class TrainConfig:
         base = PRESETS[name]
         recipe = overrides.get("recipe", base.recipe)
         if recipe != base.recipe:
-            base = _with_recipe(base, recipes.get(recipe))
+            origin = PRESETS.get(ORIGINS.get(name, ""))
+            # back to the preset it was made from: its own values (a warmup, say) are no recipe's defaults
+            base = origin if origin and origin.recipe == recipe else _with_recipe(base, recipes.get(recipe))
         return replace(base, **overrides)
 
     @property
@@ -150,6 +153,7 @@ PRESETS["speedrun-124m"] = _with_recipe(PRESETS["gpt2-124m"], recipes.SPEEDRUN, 
 PRESETS["shakespeare-speedrun"] = _with_recipe(PRESETS["shakespeare"], recipes.SPEEDRUN, out="out/shakespeare-speedrun",
                                                momentum_warmup=50, max_lr=0.05, embed_lr=0.6, head_lr=0.00625,
                                                scalar_lr=0.02)  # 2x the speedrun's LRs
+ORIGINS = {"speedrun-124m": "gpt2-124m", "shakespeare-speedrun": "shakespeare"}  # the presets those were made from
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:

@@ -3,7 +3,7 @@
 Importing this module sets up the process, so it must happen before `mlx.core` is imported
 (device.setup does it for the CPU profiles only):
 - MLX's Linux CPU wheel links the slow reference BLAS. Loading the system OpenBLAS with
-  RTLD_GLOBAL first makes its `cblas_*` symbols win (fp32 matmuls ~30x faster).
+  RTLD_GLOBAL first makes its `cblas_*` symbols win (fp32 matmuls many times faster: README).
   NANOGPT_MLX_NO_OPENBLAS=1 keeps the bundled BLAS.
 - Decoding one token multiplies one row by every weight matrix; OpenBLAS's sgemm moves the
   weights about half as fast as sgemv. gemv_shim.c defines a cblas_sgemm that forwards single
@@ -95,7 +95,7 @@ def _tune_malloc() -> None:
         return
     m_trim_threshold, m_top_pad, m_mmap_threshold, m_mmap_max = -1, -2, -3, -4
     libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)  # glibc's maximum on 64-bit
-    libc.mallopt(m_mmap_max, 0)  # larger blocks (logits: 100s of MB) from the heap too: ~8x faster to fill
+    libc.mallopt(m_mmap_max, 0)  # larger blocks (logits: 100s of MB) from the heap too: faster to fill
     libc.mallopt(m_trim_threshold, -1)  # SIZE_MAX (glibc takes it as size_t): never trim
     libc.mallopt(m_top_pad, 64 * 1024 * 1024)
 
@@ -136,7 +136,7 @@ def _install_gemv_shim(openblas: ctypes.CDLL) -> None:
     try:
         shim = ctypes.CDLL(str(build_gemv_shim()), mode=ctypes.RTLD_GLOBAL)
     except (OSError, UserError, subprocess.SubprocessError) as e:  # no compiler, or a cache it cannot write
-        gemv = f"off ({e}); with it token-by-token sampling is ~2x faster"
+        gemv = f"off ({e}); with it token-by-token sampling is faster"
         return
     shim.nanogpt_gemv_shim_connect.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     shim.nanogpt_gemv_shim_connect(ctypes.cast(openblas.cblas_sgemm, ctypes.c_void_p),

@@ -103,6 +103,7 @@ class DataLoader:
         self.layout = {"B": B, "T": T, "world": world, "shuffle": shuffle, "seed": seed if shuffle else None,
                        "shards": [[path.name, n] for path, n in kept]}
         self.state = LoaderState()
+        self._checked: set[int] = set()  # shards whose token ids were checked: once each, not at every reset
         self._load()
 
     def _batches_in(self, tokens: int) -> int:
@@ -115,7 +116,9 @@ class DataLoader:
         return min(batches, sum(self._batches_in(n) for _, n in self.layout["shards"]))
 
     def _load(self) -> None:
-        self.tokens = load_shard(self.shards[self.state.shard], self.vocab_size)
+        shard, path = self.state.shard, self.shards[self.state.shard]
+        self.tokens = open_shard(path) if shard in self._checked else load_shard(path, self.vocab_size)
+        self._checked.add(shard)
         self.steps_in_shard = self._batches_in(len(self.tokens))
         self.order = np.arange(self.steps_in_shard)
         if self.shuffle:

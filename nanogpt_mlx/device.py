@@ -28,7 +28,7 @@ class Profile:
     description: str
     dtype: str  # default compute dtype of training (`--dtype` overrides)
     software_math: bool  # MLX computes exp/tanh in scalar software and reduces rows one number at a time here: use cpu.py
-    cpu_backend: bool  # MLX's CPU backend: OpenBLAS preload, malloc tuning, gemv shim (cpu.setup)
+    cpu_backend: bool  # MLX's CPU backend: OpenBLAS preload, malloc tuning, gemv shim (cpu.py, at its import)
     loss_rows: int  # rows of logits the fused head + loss computes at a time (0: all)
     eval_batch: int  # HellaSwag examples (4 rows each) per forward pass
     gemm_n: int  # size of the square matmul timed for MFU's peak
@@ -52,6 +52,12 @@ class Profile:
         if not self.fused_attention_backward:
             return False
         return None if _no_cudnn(dtype, head_dim) else True
+
+    def dtype_note(self, dtype: str) -> str | None:
+        """Why training in `dtype` is a poor choice here, or None."""
+        if dtype != "float32" and self.cpu_backend:
+            return f"{dtype} is slow on MLX's CPU backend (float32 is faster there)"
+        return None
 
     def attention_note(self, dtype: str, head_dim: int, seq_len: int) -> str | None:
         """Why training attention will not use a fused kernel in both directions, or what it costs to, or None."""

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,21 @@ LAUNCHER_ENV = "NANOGPT_MLX_LAUNCHER"  # the pid of launch_local, in the ranks i
 RANK_GRACE = 30.0  # seconds a rank stopped after another failed has to exit before it is killed
 
 
+@contextlib.contextmanager
+def signal_handlers(handlers: dict) -> Iterator[None]:
+    """`handlers` (signal -> handler) for the body, the previous ones after it. Only the main thread can set them:
+    elsewhere (a notebook's worker thread) the body runs without."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, h) for s, h in handlers.items()}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def launched() -> bool:
     """Whether this process was started as one rank of a group (mlx.launch, mpirun, launch_local)."""
     return any(k in os.environ for k in _LAUNCH_ENV)
@@ -115,17 +131,12 @@ def init(backend: str = "any", timeout: float | None = None) -> Dist:
         _stop_with_launcher(int(os.environ[LAUNCHER_ENV]))
     # Ctrl-C while connecting ends the process at once: nothing to save yet, and MLX's connect, a C++ call that
     # Python's handler cannot interrupt, retries for half a minute
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_DFL) if main_thread else None
-    try:
-        with watchdog(timeout, f"could not connect to the other ranks within {timeout:.0f} s"):
-            try:
-                group = mx.distributed.init(strict=True, backend=backend)
-            except RuntimeError as e:
-                raise UserError(f"distributed init ({backend}) failed: {e}") from None
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+    with signal_handlers({signal.SIGINT: signal.SIG_DFL}), \
+            watchdog(timeout, f"could not connect to the other ranks within {timeout:.0f} s"):
+        try:
+            group = mx.distributed.init(strict=True, backend=backend)
+        except RuntimeError as e:
+            raise UserError(f"distributed init ({backend}) failed: {e}") from None
     return Dist(group=group, rank=group.rank(), world=group.size(), timeout=timeout)
 
 
@@ -199,6 +210,20 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _stop_ranks(live: dict[int, subprocess.Popen], sent: dict[int, int]) -> None:
+    """After a rank failed: SIGTERM the others, SIGKILL a frozen one (nothing it could save); `sent` records which."""
+    for q, proc in live.items():
+        if proc.poll() is not None:  # ended too, not by this launcher: seen next time round
+            continue
+        if _stopped(proc.pid):
+            print(f"nanogpt-mlx: error: rank {q} was stopped (frozen)", file=sys.stderr, flush=True)
+            proc.kill()
+            sent[q] = signal.SIGKILL
+        else:
+            proc.terminate()
+            sent[q] = signal.SIGTERM
+
+
 # `python -m nanogpt_mlx`, but a Ctrl-C while the rank still imports (its first half second) ends it as one later
 # does, with a line and status 130 rather than a traceback from inside MLX's import
 _RANK_MAIN = """import sys
@@ -247,55 +272,42 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
             p.send_signal(signal.SIGCONT)
 
     handlers = {signal.SIGTERM: interrupt, signal.SIGHUP: interrupt, signal.SIGTSTP: suspend, signal.SIGCONT: resume}
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, h) for s, h in handlers.items()} if main_thread else {}
     failed: dict[int, int] = {}  # rank -> exit status, of the ranks that failed
     sent: dict[int, int] = {}  # rank -> the signal this launcher stopped it with
     kill_at = math.inf
     try:
-        for r in range(n):
-            live[r] = subprocess.Popen([sys.executable, "-c", _RANK_MAIN, *argv], env={**env, "MLX_RANK": str(r)},
-                                       start_new_session=True)
-        while live:
-            try:
-                for r, p in list(live.items()):
-                    rc = p.poll()
-                    if rc is None:
-                        continue
-                    del live[r]
-                    if rc == 0:
-                        continue
-                    failed[r] = rc
-                    if rc < 0 and -rc != sent.get(r) and not interrupted:
-                        oom = " (out of memory?)" if -rc == signal.SIGKILL else ""
-                        print(f"nanogpt-mlx: error: rank {r} was killed by {signal.Signals(-rc).name}{oom}",
-                              file=sys.stderr, flush=True)
-                    if not interrupted and not sent:  # the run cannot finish: stop the rest
+        with signal_handlers(handlers):
+            for r in range(n):
+                live[r] = subprocess.Popen([sys.executable, "-c", _RANK_MAIN, *argv],
+                                           env={**env, "MLX_RANK": str(r)}, start_new_session=True)
+            while live:
+                try:
+                    for r, p in list(live.items()):
+                        rc = p.poll()
+                        if rc is None:
+                            continue
+                        del live[r]
+                        if rc == 0:
+                            continue
+                        failed[r] = rc
+                        if rc < 0 and -rc != sent.get(r) and not interrupted:
+                            oom = " (out of memory?)" if -rc == signal.SIGKILL else ""
+                            print(f"nanogpt-mlx: error: rank {r} was killed by {signal.Signals(-rc).name}{oom}",
+                                  file=sys.stderr, flush=True)
+                        if not interrupted and not sent:  # the run cannot finish: stop the rest
+                            _stop_ranks(live, sent)
+                            kill_at = time.monotonic() + RANK_GRACE
+                    if time.monotonic() > kill_at:  # the grace is over: once
                         for q, proc in live.items():
-                            if proc.poll() is not None:  # ended too, not by this launcher: seen next time round
-                                continue
-                            if _stopped(proc.pid):  # frozen (SIGSTOP): nothing it could save
-                                print(f"nanogpt-mlx: error: rank {q} was stopped (frozen)", file=sys.stderr,
-                                      flush=True)
-                                proc.kill()
-                                sent[q] = signal.SIGKILL
-                                continue
-                            proc.terminate()
-                            sent[q] = signal.SIGTERM
-                        kill_at = time.monotonic() + RANK_GRACE
-                if time.monotonic() > kill_at:  # the grace is over: once
-                    for q, proc in live.items():
-                        proc.kill()
-                        sent[q] = signal.SIGKILL
-                    kill_at = math.inf
-                time.sleep(0.1)
-            except KeyboardInterrupt:  # Ctrl-C reaches the launcher alone (the ranks' own session): forward it
-                interrupt()
-        # a rank killed by a signal is the cause (the others then lose their peer): reported as a shell does
-        killed = [-rc for r, rc in failed.items() if rc < 0 and -rc != sent.get(r)]
-        code = 128 + killed[0] if killed else next(iter(failed.values()), 0)
-        return 130 if interrupted else code
+                            proc.kill()
+                            sent[q] = signal.SIGKILL
+                        kill_at = math.inf
+                    time.sleep(0.1)
+                except KeyboardInterrupt:  # Ctrl-C reaches the launcher alone (the ranks' own session): forward it
+                    interrupt()
+            # a rank killed by a signal is the cause (the others then lose their peer): reported as a shell does
+            killed = [-rc for r, rc in failed.items() if rc < 0 and -rc != sent.get(r)]
+            code = 128 + killed[0] if killed else next(iter(failed.values()), 0)
+            return 130 if interrupted else code
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
         os.unlink(f.name)

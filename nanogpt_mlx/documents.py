@@ -112,7 +112,7 @@ def _jsonl_docs(part: Part) -> list[str]:
     except OSError as e:
         raise UserError(f"{part.path}: cannot read ({e.strerror or e})") from None
     numbered = [(i, line) for i, line in enumerate(data.split(b"\n")) if line.strip()]
-    try:  # one parse for the whole part is ~3x faster than one per line
+    try:  # one parse for the whole part is faster than one per line
         records = json.loads(b"[" + b",".join(line for _, line in numbered) + b"]")
     except ValueError:
         records = []

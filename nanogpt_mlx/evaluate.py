@@ -14,8 +14,9 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -252,17 +253,18 @@ def write_records(path: str | os.PathLike, records: Sequence[ExampleScore]) -> N
 
 
 # ---------------------------------------------------------------------------- token loss
-def loader_loss(model: GPT, loader: DataLoader, batches: int, progress: bool = False) -> float:
+def loader_loss(model: GPT, loader: DataLoader, batches: int, progress: bool = False,
+                loss: Callable[[mx.array, mx.array], mx.array] | None = None) -> float:
     """Mean cross-entropy over the loader's first `batches` batches (it is reset first), as
-    build-nanogpt's periodic validation: the mean of the per-batch mean losses."""
+    build-nanogpt's periodic validation: the mean of the per-batch mean losses. `loss(x, y)` defaults to the
+    model's (GPT.loss, no gradient); the Trainer passes its compiled one."""
     if batches < 1:
         raise UserError(f"batches must be >= 1, got {batches}")
+    loss = loss or partial(model.loss, grad=False)
     loader.reset()
     total = 0.0
     for _ in tqdm(range(batches), desc="loss", unit="batch", disable=not progress):
-        x, y = loader.next_batch()
-        logits = model(mx.array(x))
-        total += nn.losses.cross_entropy(logits.astype(mx.float32), mx.array(y), reduction="mean").item()
+        total += loss(*(mx.array(a) for a in loader.next_batch())).item()
     return total / batches
 
 

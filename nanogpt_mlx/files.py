@@ -90,6 +90,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
 
 
+def remove_stale_temps(directory: Path) -> None:
+    """Delete what a killed writer left half-written in `directory`: atomic_path's files, atomic_dir's directories."""
+    for stale in directory.glob(".*.tmp*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside `path` (which does not exist); on success fsync it and rename it to

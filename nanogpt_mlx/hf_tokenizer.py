@@ -16,9 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from .files import atomic_write_text
-from .tokenizer import EOT, gpt2_ranks
+from .tokenizer import EOT, EOT_TEXT, gpt2_ranks
 
-EOT_TEXT = "<|endoftext|>"
 TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"]
 
 

@@ -1,7 +1,7 @@
 """The few primitives that differ per device, bound once from the chosen profile (device.py).
 
-The model, the loss and the optimizer call `kernels.attention`, `kernels.activation_matmul`, `kernels.square_sum`,
-`kernels.cross_entropy`... and never ask which device they run on. On MLX's x86 CPU backend
+The model (its layers and its loss) and the optimizer call `kernels.attention`, `kernels.activation_matmul`,
+`kernels.square_sum`, `kernels.cross_entropy`... and never ask which device they run on. On MLX's x86 CPU backend
 these use cpu.py's multiply-add exp and GELU, its row reductions by lanes and its BLAS sum of
 squares; everywhere else MLX's own (the fused
 `mx.fast.scaled_dot_product_attention`, `mx.exp`, `mx.sum`) and a float32 tanh GELU, with backwards that

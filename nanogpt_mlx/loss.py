@@ -77,7 +77,7 @@ def make_losses(rows: int, exp: Unary = mx.exp, rowwise: Rowwise | None = None, 
 
     def capped(x: mx.array, softcap: float) -> tuple[mx.array, mx.array]:
         """(c tanh(x / c), its slope): c (1 - 2q) with q = sigmoid(-2x / c), from the profile's exp of a
-        non-positive argument (MLX's own tanh is 4-5x slower on the CPU); the slope 1 - tanh^2 is 4q (1 - q)."""
+        non-positive argument (MLX's own tanh is slower on the CPU); the slope 1 - tanh^2 is 4q (1 - q)."""
         e = exp(mx.abs(x) * (-2 / softcap))
         q = mx.where(x > 0, e, 1.0) / (1 + e)
         return softcap * (1 - 2 * q), 4 * q * (1 - q)

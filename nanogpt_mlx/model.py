@@ -18,7 +18,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from . import kernels
 from .errors import UserError
 
-GPT2_VOCAB_SIZE = 50257  # real tokens; 50304 is the padded size (a multiple of 128)
+GPT2_VOCAB_SIZE = 50257  # real tokens
+PADDED_VOCAB_SIZE = 50304  # build-nanogpt's: GPT-2's padded to a multiple of 128, for faster matmuls
 
 
 _CHOICES = {"mlp": ("gelu", "relu2"), "norm": ("layernorm", "rmsnorm"), "init": ("gpt2", "speedrun")}
@@ -321,6 +322,12 @@ class GPT(nn.Module):
             if i < L - first_skipped:
                 skips.append(x)
         return self.ln_f(x)
+
+    def loss(self, idx: mx.array, targets: mx.array, grad: bool = True) -> mx.array:
+        """Mean next-token cross-entropy in float32 through the device's fused head + loss (kernels.py), without
+        (B, T, V) logits; grad=False: the evaluation kernel, which keeps nothing for a backward."""
+        loss = kernels.cross_entropy if grad else kernels.eval_cross_entropy
+        return loss(self.hidden(idx), self.head_weight, targets, self.config.logit_softcap)
 
     def value_embed_of(self, layer: int) -> int | None:
         """The value embedding that feeds `layer`, or None: table j feeds layers j and L - k + j."""

@@ -1,8 +1,9 @@
-"""Optimizers, parameter groups, learning-rate schedules and gradient clipping.
+"""Optimizers, parameter groups, learning-rate schedules and gradient clipping, for the recipes (recipes.py).
 
 build-nanogpt's `configure_optimizers` and `get_lr`: AdamW with betas (0.9, 0.95), eps 1e-8, bias
 correction as in PyTorch, weight decay only on tensors with >= 2 dims; linear warmup, then cosine
-down to min_lr. Clipping is PyTorch's clip_grad_norm_.
+down to min_lr. Clipping is PyTorch's clip_grad_norm_. The speedrun's: Muon (Newton-Schulz
+orthogonalised momentum) for the blocks' matrices with its momentum warmup, and warmup-stable-decay.
 
 `Packing` lays the tensors of each parameter group end to end in a few flat buffers, as PyTorch's fused
 AdamW and foreach clipping treat a group: the optimizer, the clipping and the all-reduce then see 14
@@ -59,7 +60,7 @@ def clip_grad_norm(grads, max_norm: float):
 def once(scalar: mx.array) -> mx.array:
     """`scalar`, computed once per step. mx.compile fuses a scalar's elementwise ops into the kernel of
     the tensor it scales, which then recomputes them (a pow, an rsqrt) for every element: a group of one
-    large tensor (the speedrun's embedding, its head) paid ~4x for its update. Contiguous is not fused."""
+    large tensor (the speedrun's embedding, its head) paid several times over for its update. Contiguous is not fused."""
     return mx.contiguous(scalar)
 
 

@@ -14,21 +14,22 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import RunLog
 from .errors import UserError, first_line
 from .evaluate import GPT2_HELLASWAG_TRAINING, GPT3_HELLASWAG
 from .files import as_paths, atomic_path
 
 GPT2_VAL_LOSS = 3.2924  # OpenAI GPT-2 124M on the FineWeb-Edu val shard (build-nanogpt)
-KINDS = ("train", "val", "hella")
+KINDS = tuple(RunLog.FORMATS)  # what the trainer logs: train, val, hella
 
 
 @dataclass
-class RunLog:
+class RunSeries:
     name: str
     series: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # kind -> (steps, values)
 
 
-def read_log(run: str | os.PathLike) -> RunLog:
+def read_log(run: str | os.PathLike) -> RunSeries:
     """Parse a run directory's log.txt (or a log file). Lines that do not parse are skipped, so a
     log being written can be plotted, and so are nan and inf values; a step logged twice (a resumed run) keeps
     its last value."""
@@ -52,10 +53,10 @@ def read_log(run: str | os.PathLike) -> RunLog:
     if not series:
         raise UserError(f"{path}: no `STEP train|val|hella VALUE` lines")
     name = path.parent.name if path.name == "log.txt" else path.stem
-    return RunLog(name or str(path), series)
+    return RunSeries(name or str(path), series)
 
 
-def _loss_limits(logs: Sequence[RunLog]) -> tuple[float, float]:
+def _loss_limits(logs: Sequence[RunSeries]) -> tuple[float, float]:
     """A loss range that shows 98% of the train points: the first steps' ~11 would otherwise
     squash the part of the curve that matters (val points that high run off the top too)."""
     train = [l.series["train"][1] for l in logs if "train" in l.series]
@@ -86,7 +87,7 @@ def plot_runs(runs: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
         raise UserError(f"{out}: unknown image type {out.suffix!r}; use .png, .svg or .pdf")
     logs = [read_log(r) for r in runs]
     if len({l.name for l in logs}) < len(logs):  # same basename twice: tell them apart by path
-        logs = [RunLog(str(r), l.series) for r, l in zip(runs, logs)]
+        logs = [RunSeries(str(r), l.series) for r, l in zip(runs, logs)]
     has_hella = any("hella" in l.series for l in logs)
     fig = Figure(figsize=(14 if has_hella else 8, 5.5), dpi=100)
     ax_loss, *rest = fig.subplots(1, 2 if has_hella else 1, squeeze=False)[0]

@@ -32,15 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import list_shards, load_shard
+from .data import list_shards, load_shard, open_shard
 from .documents import Part, plan_parts, read_docs
 from .errors import UserError, first_line
-from .files import atomic_path, atomic_write_text, lock_dir, sha256_file, unlock_dir
+from .files import atomic_path, atomic_write_text, lock_dir, remove_stale_temps, sha256_file, unlock_dir
 from .sources import Source, Unit
-from .tokenizer import EOT, get_tokenizer
+from .tokenizer import EOT, EOT_TEXT, decode, get_tokenizer
 
 FORMAT = "nanogpt-mlx-shards"
-EOT_TEXT = "<|endoftext|>"
 MAX_SHARD_SIZE = 2**31  # tokens: 4 GB of uint16 in memory while a shard is written
 SCRATCH = ".download"  # hub files being tokenized, inside the output directory
 BROKEN_POOL = ("a tokenizer process died (out of memory? with the spawn start method, as on macOS and Windows, "
@@ -180,8 +179,7 @@ def _resume(out: Path, fresh: dict) -> list[dict]:
     """Shards of an earlier run with the same settings that are intact on disk (a prefix of its list). Shard files
     beyond them are removed: a killed run can leave one written but not yet listed, which other settings would
     not overwrite and every reader would take for data."""
-    for stale in out.glob(".*.tmp*"):  # left by a killed run (atomic_path's temp files)
-        stale.unlink()
+    remove_stale_temps(out)
     path = out / "manifest.json"
     if not path.exists():
         if any(out.glob("*.npy")):
@@ -455,7 +453,7 @@ def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
         lines.append(f"  source     {source}; {state}")
         lines.append(f"  documents  {sum(s['documents'] for s in manifest['shards']):,}")
     for split, shards in splits.items():
-        tokens = sum(len(load_shard(s)) for s in shards)
+        tokens = sum(len(open_shard(s)) for s in shards)  # headers only
         lines.append(f"  {split:<10} {len(shards)} shards, {tokens:,} tokens")
     first = (splits["train"] or splits["val"])[0]
     ids = load_shard(first)[:n_tokens].tolist()
@@ -464,5 +462,5 @@ def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
         lines.append(" ".join(map(str, ids)))
     else:
         lines.append(f"first {n_tokens} tokens of {first.name}:")
-        lines.append(get_tokenizer().decode(ids))
+        lines.append(decode(ids))
     return "\n".join(lines)

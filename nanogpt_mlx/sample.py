@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from . import memory
 from .errors import UserError, check_types
 from .model import GPT, GPT2_VOCAB_SIZE
-from .tokenizer import EOT, encode, get_tokenizer
+from .tokenizer import EOT, decode, encode, get_tokenizer
 
 
 @dataclass
@@ -134,20 +134,20 @@ def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig | None = None,
 def sample_texts(model: GPT, prompt: str, cfg: SampleConfig | None = None, num_samples: int = 1) -> list[str]:
     """Prompt + continuation of each sample, cut at <|endoftext|> unless cfg.stop_at_eot is off."""
     cfg = cfg or SampleConfig()
-    ids = prepare_prompt(model, encode(prompt), cfg)
+    ids = prepare_prompt(model, encode(prompt, special=True), cfg)
     new: list[list[int]] = [[] for _ in range(num_samples)]
     for tok in generate(model, ids, cfg, num_samples):
         for row, t in zip(new, tok.tolist()):
             row.append(t)
     if cfg.stop_at_eot:
         new = [row[: row.index(EOT)] if EOT in row else row for row in new]
-    return [get_tokenizer().decode(ids + row) for row in new]
+    return [decode(ids + row) for row in new]
 
 
 def stream_text(model: GPT, prompt: str, cfg: SampleConfig | None = None) -> Iterator[str]:
     """Yield text pieces of one sample as they are generated (prompt first), valid UTF-8 only."""
     cfg = cfg or SampleConfig()
-    ids = prepare_prompt(model, encode(prompt), cfg)
+    ids = prepare_prompt(model, encode(prompt, special=True), cfg)
     enc = get_tokenizer()
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
     yield dec.decode(enc.decode_bytes(ids))

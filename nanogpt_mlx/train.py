@@ -22,12 +22,13 @@ as the uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import signal
 import sys
-import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -37,13 +38,13 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
-from . import checkpoint, device, distributed, kernels, memory, recipes
+from . import checkpoint, device, distributed, memory, recipes
 from .config import DTYPES, MODEL_FIELDS, TrainConfig
 from .data import DataLoader
 from .errors import UserError
-from .evaluate import check_examples, download_hellaswag, load_hellaswag, score_hellaswag
-from .files import check_writable, lock_dir, unlock_dir
-from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
+from .evaluate import check_examples, download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
+from .files import check_writable, lock_dir, remove_stale_temps, unlock_dir
+from .model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig
 from .optim import Packing, clip_grad_norm
 from .sample import SampleConfig, prepare_prompt, sample_texts
 from .tokenizer import encode
@@ -51,8 +52,8 @@ from .weights import load_model
 
 
 def lm_loss(model: GPT, x: mx.array, y: mx.array) -> mx.array:
-    """Mean next-token cross-entropy in float32, through the device's fused head + loss (kernels.py)."""
-    return kernels.cross_entropy(model.hidden(x), model.head_weight, y, model.config.logit_softcap)
+    """The training loss, GPT.loss (looked up at each trace, so a profile may swap it for another)."""
+    return model.loss(x, y)
 
 
 def pad_vocab(model: GPT, vocab_size: int) -> GPT:
@@ -123,8 +124,8 @@ class Trainer:
                             "would replace; pass --overwrite, or choose another --out")
         if self.dist.is_main:
             check_writable(self.out)  # now, not at the first checkpoint
-        if self.dtype != mx.float32 and device.PROFILE.cpu_backend:
-            print(f"warning: {self.dtype_name} is slow on MLX's CPU backend (float32 is faster there)", file=sys.stderr)
+        if note := device.PROFILE.dtype_note(self.dtype_name):
+            print(f"warning: {note}", file=sys.stderr)
 
         self.model, self.memory = self._build_model(ckpt)
         # the config a checkpoint saves (and a resume holds to) names the model trained, not the preset's sizes
@@ -166,7 +167,7 @@ class Trainer:
         self._build_steps()
         if self.dist.is_main:  # everything above has accepted the config (a refused run makes no OUT)
             self._took_lock |= lock_dir(self.out, "run")  # before anything in OUT is removed; until train() ends
-            checkpoint.remove_stale_temps(self.out)
+            remove_stale_temps(self.out)
             if ckpt is None:  # --overwrite: the old run's checkpoints, and its model, which sample would load
                 for old in checkpoint.checkpoints(self.out):
                     shutil.rmtree(old)
@@ -189,7 +190,7 @@ class Trainer:
         fits = partial(memory.check, batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=self.dtype_name,
                        checkpointing=cfg.activation_checkpointing, max_memory_gb=cfg.max_memory)
         if ckpt is None and not cfg.init_from:
-            config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or 50304, n_layer=cfg.n_layer,
+            config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or PADDED_VOCAB_SIZE, n_layer=cfg.n_layer,
                                n_head=cfg.n_head, n_embd=cfg.n_embd, **self.recipe.model)
             estimate = fits(config)  # before building: a model far too large would take minutes to build
             return GPT(config, seed=cfg.seed), estimate
@@ -203,7 +204,7 @@ class Trainer:
         cfg, world = self.cfg, self.dist.world
         if cfg.sample_every and cfg.num_samples:
             try:
-                prepare_prompt(self.model, encode(cfg.prompt), self._sample_config(0))
+                prepare_prompt(self.model, encode(cfg.prompt, special=True), self._sample_config(0))
             except UserError as e:
                 raise UserError(f"samples: {e} (sample_every 0 turns them off)") from None
         if cfg.hellaswag_every and self.model.config.vocab_size < GPT2_VOCAB_SIZE:
@@ -223,7 +224,7 @@ class Trainer:
 
     def _build_steps(self) -> None:
         """The compiled micro-step (forward + backward, gradients added to the running sum) and the
-        compiled last micro-step, which also averages over ranks, clips and applies AdamW."""
+        compiled last micro-step, which also averages over ranks, clips and applies the recipe's optimizer."""
         model, optimizer, accum = self.model, self.optimizer, self.grad_accum
         loss_and_grad = nn.value_and_grad(model, lambda m, x, y: lm_loss(m, x, y) / accum)
 
@@ -242,8 +243,7 @@ class Trainer:
         state = [model.state, optimizer.state, self.master]
         wrap = partial(mx.compile, inputs=state, outputs=state) if self.cfg.compile else (lambda f: f)
         self._accumulate, self._update = wrap(accumulate), wrap(update)
-        eval_loss = lambda x, y: kernels.eval_cross_entropy(  # noqa: E731
-            model.hidden(x), model.head_weight, y, model.config.logit_softcap)
+        eval_loss = partial(model.loss, grad=False)
         self._eval_loss = mx.compile(eval_loss, inputs=state) if self.cfg.compile else eval_loss
 
     # -- checkpoints
@@ -286,12 +286,7 @@ class Trainer:
     # -- evaluation
     def val_loss(self) -> float:
         """Mean loss over val_steps batches (at most the split's) from the start of the val split (build-nanogpt)."""
-        self.val_loader.reset()
-        total = 0.0
-        for _ in range(self.val_steps):
-            x, y = (mx.array(a) for a in self.val_loader.next_batch())
-            total += self._eval_loss(x, y).item()
-        return self.dist.mean(total / self.val_steps)
+        return self.dist.mean(loader_loss(self.model, self.val_loader, self.val_steps, loss=self._eval_loss))
 
     def samples(self) -> list[str]:
         cfg = self.cfg
@@ -466,10 +461,28 @@ class Trainer:
             if self.dist.is_main:
                 unlock_dir(self.out)  # another process may write OUT now
 
+    @contextlib.contextmanager
+    def _training(self) -> Iterator[tqdm]:
+        """While steps run: a progress bar, MLX's memory capped (--max-memory, or the measured cap), and Ctrl-C
+        saving. SIGTERM (kill, a scheduler) saves too, but only in a single process: launch_local stops the
+        surviving ranks of a failed group with it, and they could not agree on a last step."""
+        bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
+                   disable=None if self.dist.is_main else True, dynamic_ncols=True)
+        limit_before = mx.get_memory_limit()
+        if self._memory_cap or self.cfg.max_memory:
+            mx.set_memory_limit(self._memory_cap or int(self.cfg.max_memory * 1e9))
+        signums = [signal.SIGINT] + ([signal.SIGTERM] if self.dist.world == 1 else [])
+        try:
+            with distributed.signal_handlers(dict.fromkeys(signums, self._on_signal)):
+                yield bar
+        finally:
+            bar.close()
+            mx.set_memory_limit(limit_before)
+
     def _train(self, until: int | None) -> dict:
         cfg = self.cfg
         end = cfg.max_steps if until is None else min(until, cfg.max_steps)
-        n_params = sum(p.size for _, p in tree_flatten(self.model.parameters()))
+        n_params = self.model.num_params()
         tokens_per_step = cfg.batch_size * cfg.seq_len * self.grad_accum * self.dist.world
         flops_per_token = 6 * self.model.num_params(non_embedding=True) + \
             12 * self.model.config.n_layer * self.model.config.n_embd * cfg.seq_len
@@ -484,17 +497,7 @@ class Trainer:
                                              cfg.seq_len)
         if note:
             self._say(f"note: {note}")
-        # SIGTERM (kill, a scheduler) saves like Ctrl-C, but only in a single process: launch_local stops
-        # the surviving ranks of a failed group with it, and they could not agree on a last step.
-        signums = [signal.SIGINT] + ([signal.SIGTERM] if self.dist.world == 1 else [])
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = {n: signal.signal(n, self._on_signal) for n in signums} if main_thread else {}
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
-                   disable=None if self.dist.is_main else True, dynamic_ncols=True)
-        limit_before = mx.get_memory_limit()  # max_memory, or the measured cap, holds only while training
-        if self._memory_cap or cfg.max_memory:
-            mx.set_memory_limit(self._memory_cap or int(cfg.max_memory * 1e9))
-        try:
+        with self._training() as bar:
             queued = None
             while self.step < end:  # a stop request ends it before a step (_stopping: ranks agree on it)
                 if queued is None:
@@ -532,11 +535,6 @@ class Trainer:
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save()
                 queued = ahead
-        finally:
-            bar.close()
-            mx.set_memory_limit(limit_before)
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
         path = self.save()
         if self._data_error is not None:
             raise UserError(f"{self._data_error}; saved {path} (step {self.step}): repair that shard (its length "

@@ -103,3 +103,19 @@ def test_a_saved_position_follows_its_shards_to_another_directory(tmp_path):
     np.testing.assert_array_equal(moved.next_batch()[0], loader.next_batch()[0])
     del saved["layout"]  # a checkpoint from before the layout was saved: taken as it is
     moved.load_state_dict(saved)
+
+
+def test_each_shard_is_checked_once(tmp_path, monkeypatch):
+    """Reading all of a shard for its largest token id at each validation's reset cost a pass over the val shard."""
+    import nanogpt_mlx.data as data
+
+    checked = []
+    monkeypatch.setattr(data, "load_shard", lambda path, vocab_size=None: checked.append(path.name)
+                        or data.open_shard(path))
+    loader = DataLoader(write_shards(tmp_path / "d", [token_stream(600, 1), token_stream(600, 2)],
+                                     token_stream(500, 0)), "train", 2, 32, vocab_size=VOCAB)
+    for _ in range(3):
+        loader.reset()
+        for _ in range(2 * loader.within_one_pass(10**6)):  # two passes over both shards
+            loader.next_batch()
+    assert sorted(checked) == ["toy_train_000001.npy", "toy_train_000002.npy"]

@@ -89,3 +89,16 @@ def test_sequence_longer_than_context_is_a_user_error(tiny_hf_dir):
     model = load_model(tiny_hf_dir)
     with pytest.raises(UserError, match="exceeds the context of 128"):
         model(mx.zeros((1, 129), dtype=mx.int32))
+
+
+@pytest.mark.parametrize("softcap", [0.0, 15.0])
+def test_loss_is_the_cross_entropy_of_the_logits(softcap):
+    """GPT.loss (the fused head + loss, with and without its gradient) against MLX's cross-entropy of the logits."""
+    import mlx.nn as nn
+
+    mx.random.seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=300, n_layer=1, n_head=2, n_embd=32, logit_softcap=softcap))
+    x, y = mx.random.randint(0, 300, (3, 16)), mx.random.randint(0, 300, (3, 16))
+    want = nn.losses.cross_entropy(model(x), y, reduction="mean")
+    for grad in (True, False):
+        np.testing.assert_allclose(model.loss(x, y, grad=grad).item(), want.item(), rtol=1e-5)

@@ -15,7 +15,7 @@ from test_train import VOCAB, cli_config, flat_weights, logged, tiny_config, tok
 
 from nanogpt_mlx import GPT, GPTConfig, UserError, recipes
 from nanogpt_mlx.checkpoint import checkpoints
-from nanogpt_mlx.config import PRESETS, TrainConfig, get_lr
+from nanogpt_mlx.config import ORIGINS, PRESETS, TrainConfig, get_lr
 from nanogpt_mlx.optim import Muon
 from nanogpt_mlx.recipes import BUILD_NANOGPT, SPEEDRUN
 from nanogpt_mlx.train import Trainer
@@ -37,8 +37,11 @@ def test_switching_recipe_takes_its_defaults_and_flags_still_win():
     assert cfg.recipe == "speedrun" and cfg.data == PRESETS["shakespeare"].data
     assert {k: getattr(cfg, k) for k in SPEEDRUN.defaults} == SPEEDRUN.defaults
     assert TrainConfig.preset("shakespeare", recipe="speedrun", max_lr=0.01).max_lr == 0.01
-    back = TrainConfig.preset("shakespeare-speedrun", recipe="build-nanogpt")
-    assert {k: getattr(back, k) for k in BUILD_NANOGPT.defaults} == BUILD_NANOGPT.defaults
+    # switched back, a speedrun preset is the one it was made from: its warmup was the speedrun's 0
+    for name, origin in ORIGINS.items():
+        assert PRESETS[name].recipe == "speedrun" and PRESETS[origin].recipe == "build-nanogpt"
+        assert TrainConfig.preset(name, recipe="build-nanogpt", max_steps=7) == replace(PRESETS[origin], max_steps=7)
+    assert PRESETS["shakespeare"].warmup_steps == 20
     assert TrainConfig.preset("shakespeare", recipe="build-nanogpt") == PRESETS["shakespeare"]  # no change
     assert PRESETS["speedrun-124m"].recipe == PRESETS["shakespeare-speedrun"].recipe == "speedrun"
     with pytest.raises(UserError, match="unknown recipe 'adam'; choose from build-nanogpt, speedrun"):

@@ -150,6 +150,8 @@ def test_empty_prompt_starts_from_end_of_text(model):
     cfg = SampleConfig(max_new_tokens=5, greedy=True, stop_at_eot=False)
     assert tokens(model, cfg, prompt=[]) == tokens(model, cfg, prompt=[EOT])
     assert len(encode("")) == 0
+    # the token's text in a prompt is the token, as for transformers and mlx-lm
+    assert sample_texts(model, "<|endoftext|>", cfg) == sample_texts(model, "", cfg)
 
 
 def test_every_config_argument_has_a_default(model):

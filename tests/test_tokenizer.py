@@ -86,6 +86,15 @@ def test_auto_tokenizer_of_the_files_encodes_as_we_do(hf_files, text):
     assert tok.decode(encode(text)) == text
 
 
+def test_a_prompts_special_token_is_eot_as_hugging_faces(hf_files):
+    """Prompts (special=True) read <|endoftext|> as the exported tokenizer, mlx-lm and the hub's gpt2 do."""
+    from transformers import AutoTokenizer
+
+    text = "<|endoftext|>ROMEO:<|endoftext|> x"
+    assert encode(text, special=True) == AutoTokenizer.from_pretrained(hf_files)(text)["input_ids"]
+    assert encode(text, special=True)[0] == EOT and encode(text, special=True).count(EOT) == 2
+
+
 def test_vocab_and_merges_files_encode_every_token_as_we_do(hf_files):
     """vocab.json + merges.txt alone (what older clients read), on every token's own text and on text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

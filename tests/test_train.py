@@ -16,6 +16,7 @@ from pathlib import Path
 from statistics import median
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
@@ -354,28 +355,30 @@ def test_an_interrupted_trainer_trains_on_when_called_again(data_dir, tmp_path):
     assert trainer.step == 6 and [r["step"] for r in logged(tmp_path / "run")] == list(range(6))
 
 
+def plain_mean_loss(model, data_dir, batches: int) -> float:
+    """The mean of `batches` val batch losses from full logits and MLX's own cross-entropy."""
+    from nanogpt_mlx.data import DataLoader
+
+    loader = DataLoader(data_dir, "val", 4, 32, vocab_size=VOCAB)
+    losses = [nn.losses.cross_entropy(model(mx.array(x)), mx.array(y), reduction="mean").item()
+              for x, y in (loader.next_batch() for _ in range(batches))]
+    return sum(losses) / batches
+
+
 def test_val_loss_is_build_nanogpts(data_dir, tmp_path):
     """The mean of val_steps batch losses from the start of the val split, every time."""
-    from nanogpt_mlx.data import DataLoader
-    from nanogpt_mlx.evaluate import loader_loss
-
     trainer = Trainer(tiny_config(data_dir, tmp_path / "run", val_every=5, val_steps=3))
-    loader = DataLoader(data_dir, "val", 4, 32, vocab_size=VOCAB)
-    expected = loader_loss(trainer.model, loader, 3)
+    expected = plain_mean_loss(trainer.model, data_dir, 3)
     assert trainer.val_loss() == pytest.approx(expected, rel=1e-5)
     assert trainer.val_loss() == pytest.approx(expected, rel=1e-5)  # the val loader starts over
 
 
 def test_val_steps_past_the_split_validate_on_it_once(data_dir, tmp_path, capsys):
     """The val split holds 15 batches: 10^6 val steps read it once instead of averaging it 66,000 times over."""
-    from nanogpt_mlx.data import DataLoader
-    from nanogpt_mlx.evaluate import loader_loss
-
     trainer = Trainer(tiny_config(data_dir, tmp_path / "run", val_every=5, val_steps=10**6))
     assert trainer.val_steps == 15 and "validating on all its 15 batches" in capsys.readouterr().err
-    loader = DataLoader(data_dir, "val", 4, 32, vocab_size=VOCAB)
-    assert loader.within_one_pass(10**6) == 15 and loader.within_one_pass(7) == 7
-    assert trainer.val_loss() == pytest.approx(loader_loss(trainer.model, loader, 15), rel=1e-5)
+    assert trainer.val_loader.within_one_pass(10**6) == 15 and trainer.val_loader.within_one_pass(7) == 7
+    assert trainer.val_loss() == pytest.approx(plain_mean_loss(trainer.model, data_dir, 15), rel=1e-5)
 
 
 def test_bfloat16_keeps_float32_masters(data_dir, tmp_path, capsys):

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import device
+from . import __version__, device
 from .errors import UserError, field_kind, first_line
 
 
@@ -22,14 +22,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def positive_int(s: str) -> int:
+def _int_from(s: str, low: int) -> int:
     try:
         v = int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    if v < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
     return v
+
+
+def positive_int(s: str) -> int:
+    return _int_from(s, 1)
+
+
+def non_negative_int(s: str) -> int:
+    return _int_from(s, 0)
 
 
 def positive_float(s: str) -> float:
@@ -84,8 +92,8 @@ def add_sample(sub) -> None:
                    help=f"tokens to generate (default: {S.max_new_tokens})")
     p.add_argument("--temperature", type=positive_float, default=S.temperature,
                    help=f"divides the logits: below 1 sharper, above 1 flatter (default: {S.temperature})")
-    p.add_argument("--top-k", type=positive_int, default=S.top_k,
-                   help=f"draw among the k most likely tokens (default: {S.top_k})")
+    p.add_argument("--top-k", type=non_negative_int, default=S.top_k,
+                   help=f"draw among the k most likely tokens, 0: among all (default: {S.top_k})")
     p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=int, default=None, help="fixes the samples (default: a new draw each run)")
@@ -105,7 +113,7 @@ def cmd_sample(args) -> None:
     from .sample import SampleConfig, sample_texts, stream_text
     from .weights import load_model
 
-    cfg = SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    cfg = SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                        top_p=args.top_p, greedy=args.greedy, seed=args.seed, stop_at_eot=not args.no_stop,
                        crop=args.crop)
     model = load_model(args.model)
@@ -361,8 +369,15 @@ def cmd_train(args) -> None:
 COMMANDS = [add_info, add_sample, add_export, add_eval, add_plot, add_prepare, add_train]
 
 
+def _mlx_version() -> str:
+    import mlx.core as mx
+
+    return mx.__version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nanogpt-mlx", description="GPT-2 in MLX: sample, train, evaluate (build-nanogpt, ported).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__} (mlx {_mlx_version()})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)

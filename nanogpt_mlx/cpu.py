@@ -109,13 +109,19 @@ def build_gemv_shim() -> Path:
     cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
     if not cc[0]:
         raise OSError("no C compiler (cc) found")
-    with tempfile.TemporaryDirectory() as tmp_dir, atomic_path(lib) as tmp:
-        src = Path(tmp_dir) / "gemv_shim.c"
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        src, built = Path(tmp_dir) / "gemv_shim.c", Path(tmp_dir) / "gemv_shim.so"
         src.write_bytes(source)
-        proc = subprocess.run([*cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)],
-                              capture_output=True, text=True, timeout=120)
+        try:
+            proc = subprocess.run([*cc, "-O2", "-shared", "-fPIC", "-o", str(built), str(src)],
+                                  capture_output=True, text=True, timeout=120)
+        except FileNotFoundError:
+            raise OSError(f"C compiler {cc[0]} not found") from None
         if proc.returncode != 0:
-            raise OSError(f"{cc[0]} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+            said = proc.stderr.strip().splitlines()
+            raise OSError(f"{cc[0]} failed (exit status {proc.returncode}{': ' + said[-1] if said else ''})")
+        with atomic_path(lib) as tmp:  # into the cache only once built: a compiler's failure is not the cache's
+            shutil.copyfile(built, tmp)
     return lib
 
 

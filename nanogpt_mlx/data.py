@@ -22,7 +22,8 @@ def list_shards(data_dir: str | Path, split: str, missing_ok: bool = False) -> l
     None is an error unless missing_ok."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise UserError(f"{data_dir}: data directory not found (make one with `nanogpt-mlx prepare`)")
+        what = "a file, not a directory of token shards" if data_dir.exists() else "data directory not found"
+        raise UserError(f"{data_dir}: {what} (make one with `nanogpt-mlx prepare`)")
     shards = sorted(p for p in data_dir.glob(f"*_{split}_*.npy")
                     if re.fullmatch(rf"[^.].*_{split}_\d+\.npy", p.name))  # NAME_{split}_INDEX.npy, whatever NAME holds
     if not shards and not missing_ok:

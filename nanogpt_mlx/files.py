@@ -221,7 +221,7 @@ def lock_dir(directory: Path, writer: str) -> bool:
         holder = f.read().strip() or "another process"
         f.close()
         raise UserError(f"{directory} is being written by another {writer} ({holder}); wait for it to end, or "
-                        "choose another --out") from None
+                        "write to another directory") from None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()}\n")

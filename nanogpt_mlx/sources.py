@@ -86,10 +86,13 @@ def local_files(paths: str | os.PathLike | Sequence[str | os.PathLike], text_fie
 def shakespeare(path: str | os.PathLike | None = None, url: str | None = None,
                 cache_dir: str | os.PathLike | None = None) -> Source:
     """Tiny Shakespeare from a local file or downloaded (and cached) from `url`; split 90/10 by position."""
+    if path is not None and url is not None:
+        raise UserError("--path (a local copy) or --url (to download), not both")
     if path is not None:
         file = Path(path).expanduser()
         if not file.is_file():
-            raise UserError(f"{file}: no such file")
+            raise UserError(f"{file}: {'a directory, not' if file.is_dir() else 'no such file:'} Tiny Shakespeare's "
+                            "text (input.txt)")
     else:
         file = _download_cached(url or SHAKESPEARE_URL, Path(cache_dir) if cache_dir else files.cache_dir())
     digest = files.sha256_file(file)

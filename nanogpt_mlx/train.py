@@ -215,8 +215,12 @@ class Trainer:
                             f"{self.model.config.block_size}")
         per_micro = cfg.batch_size * cfg.seq_len * world
         if cfg.total_batch_size % per_micro:
+            fits = next((b for b in range(cfg.batch_size, 0, -1)
+                         if cfg.total_batch_size % (b * cfg.seq_len * world) == 0), None)
+            instead = (f"--batch-size {fits} or " if fits else "") + \
+                f"--total-batch-size {-(-cfg.total_batch_size // per_micro) * per_micro}"
             raise UserError(f"total_batch_size {cfg.total_batch_size} is not divisible by batch_size * seq_len"
-                            f" * ranks = {cfg.batch_size} * {cfg.seq_len} * {world} = {per_micro}")
+                            f" * ranks = {cfg.batch_size} * {cfg.seq_len} * {world} = {per_micro}; use {instead}")
 
     def _use_master(self, dtype: mx.Dtype) -> None:
         """Point the model's weights at the master weights, cast to `dtype` (views where it is float32)."""

@@ -9,8 +9,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_main
 
+from nanogpt_mlx.cli import main
 from nanogpt_mlx.weights import load_model
 
 PROMPT = "Hello, I'm a language model,"
@@ -113,6 +114,19 @@ def test_sample_prints_samples_like_build_nanogpt(tiny_hf_dir):
     assert run_cli(*args[:-2], "43", "--no-stop", check=True).stdout != proc.stdout
 
 
+def test_top_k_0_draws_among_all_tokens_and_version(tiny_hf_dir, capsys, monkeypatch):
+    import nanogpt_mlx.sample as sample
+
+    seen = []
+    monkeypatch.setattr(sample, "sample_texts", lambda model, prompt, cfg, n: seen.append(cfg.top_k) or ["x"] * n)
+    for k, want in (("0", None), ("7", 7)):
+        run_main(capsys, "sample", "--model", str(tiny_hf_dir), "--num-samples", "2", "--top-k", k)
+    assert seen == [None, 7]
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("nanogpt-mlx 0.1.0 (mlx ")
+
+
 def test_one_sample_is_streamed_and_greedy_is_deterministic(tiny_hf_dir):
     args = ("sample", "--model", str(tiny_hf_dir), "--num-samples", "1", "--max-new-tokens", "6", "--greedy",
             "--prompt", "The meaning of life is")
@@ -164,7 +178,7 @@ def test_prompt_too_long_needs_crop(tiny_hf_dir):
 @pytest.mark.parametrize("args, needles", [
     (("--max-new-tokens", "0"), ("--max-new-tokens", "must be >= 1")),
     (("--max-new-tokens", "-5"), ("--max-new-tokens", "must be >= 1")),
-    (("--top-k", "0"), ("--top-k", "must be >= 1")),
+    (("--top-k", "-1"), ("--top-k", "must be >= 0")),
     (("--temperature", "0"), ("--temperature", "must be > 0")),
     (("--top-p", "1.5"), ("--top-p", "must be in (0, 1]")),
 ])

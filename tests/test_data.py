@@ -119,3 +119,9 @@ def test_each_shard_is_checked_once(tmp_path, monkeypatch):
         for _ in range(2 * loader.within_one_pass(10**6)):  # two passes over both shards
             loader.next_batch()
     assert sorted(checked) == ["toy_train_000001.npy", "toy_train_000002.npy"]
+
+
+def test_a_file_for_the_data_directory_is_named_as_such(tmp_path):
+    (tmp_path / "input.txt").write_text("text")
+    with pytest.raises(UserError, match="input.txt: a file, not a directory of token shards"):
+        DataLoader(tmp_path / "input.txt", "train", 1, 8)

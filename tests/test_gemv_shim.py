@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import mlx.core as mx
@@ -15,6 +16,17 @@ def test_shim_is_active_with_openblas_and_a_compiler():
     if not cpu.blas.startswith("OpenBLAS") or shutil.which("cc") is None or "is set" in cpu.gemv:
         pytest.skip("needs the system OpenBLAS, a C compiler and the shim not turned off")
     assert cpu.gemv == "on"
+
+
+@pytest.mark.parametrize("cc, said", [("/nonexistent/cc", "C compiler /nonexistent/cc not found"),
+                                      ("false", "false failed (exit status 1)")])
+def test_a_failed_compile_names_the_compiler(cc, said, tmp_path, monkeypatch):
+    """It read "cannot write" the cache's file, which was writable."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", cc)
+    with pytest.raises(OSError, match=re.escape(said)):
+        cpu.build_gemv_shim()
+    assert not any(tmp_path.rglob("*.so*"))
 
 
 def close(ours: mx.array, ref: np.ndarray) -> None:

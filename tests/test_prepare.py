@@ -532,3 +532,12 @@ def test_a_shard_written_but_not_yet_listed_is_removed(tmp_path):
     np.save(out / "mine_train_000000.npy", np.array([1, 2, 3], np.uint16))  # not prepare's: kept
     prep.prepare(sources.local_files([path]), out, cfg(name="other"))
     assert {p.name.split("_")[0] for p in out.glob("*.npy")} == {"other", "mine"}
+
+
+def test_shakespeare_path_mistakes_are_named(tmp_path):
+    with pytest.raises(UserError, match="a directory, not Tiny Shakespeare's text"):
+        sources.shakespeare(path=tmp_path)
+    with pytest.raises(UserError, match="no such file: Tiny Shakespeare's text"):
+        sources.shakespeare(path=tmp_path / "nope.txt")
+    with pytest.raises(UserError, match="not both"):  # the URL was ignored
+        sources.shakespeare(path=tmp_path / "input.txt", url="http://127.0.0.1:9/input.txt")

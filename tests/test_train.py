@@ -536,7 +536,8 @@ def test_ctrl_c_during_an_evaluation_stops_it_at_once(data_dir, tmp_path):
     ("missing-dir", ["data directory not found"]),
     ("no-train", ["no train shards"]),
     ("token-too-big", ["token id 1500", "vocab_size 1000"]),
-    ("not-divisible", ["total_batch_size 300", "not divisible", "128"]),
+    ("not-divisible", ["total_batch_size 300", "not divisible", "128", "use --total-batch-size 384"]),
+    ("batch-not-dividing", ["not divisible", "3 * 32 * 1 = 96", "use --batch-size 2 or --total-batch-size 288"]),
     ("too-long", ["seq_len 64", "context"]),
     ("bad-dtype", ["dtype"]),
     ("resume-nothing", ["no checkpoint"]),
@@ -565,6 +566,8 @@ def test_bad_input_is_one_clear_line(case, needles, data_dir, tmp_path):
         args[2] = str(write_shards(tmp_path / "d", [np.full(500, 1500)], token_stream(500, 0)))
     elif case == "not-divisible":
         args += ["--total-batch-size", "300"]
+    elif case == "batch-not-dividing":
+        args += ["--batch-size", "3"]
     elif case == "too-long":
         args += ["--seq-len", "64"]
     elif case == "bad-dtype":

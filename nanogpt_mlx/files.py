@@ -150,6 +150,11 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE says not to contact the Hugging Face hub (as huggingface_hub reads it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def cache_dir() -> Path:
     """Where downloads and built files are kept: $XDG_CACHE_HOME/nanogpt-mlx (default ~/.cache/nanogpt-mlx; a
     relative XDG_CACHE_HOME is ignored, as the XDG spec says)."""

@@ -150,11 +150,9 @@ def _hub_listing(folder: str, revision: str | None) -> tuple[str, list[tuple[str
     """(commit sha, [(path, size)]) of the parquet files under `folder` of the fineweb-edu repo."""
     from huggingface_hub import HfApi
 
-    from .weights import hub_offline
-
     hint = (f"download the parquet files yourself and pass --local-dir DIR (Python: local_dir=DIR; laid out as "
             f"DIR/{folder}/*.parquet), or use `prepare files`")
-    if hub_offline():
+    if files.hub_offline():
         raise UserError(f"HF_HUB_OFFLINE is set, cannot list {FINEWEB_REPO}; {hint}")
     api = HfApi()
     try:

@@ -116,14 +116,7 @@ class Trainer:
         if resume and self.dist.is_main and self.out.is_dir():
             self._took_lock = lock_dir(self.out, "run")  # before its checkpoint is read, which a live run may replace
         ckpt = checkpoint.latest_checkpoint(self.out) if resume else None
-        if ckpt is None and checkpoint.checkpoints(self.out) and not overwrite:
-            raise UserError(f"{self.out} already holds a checkpoint; resume it (--resume {self.out}), "
-                            "pass --overwrite, or choose another --out")
-        if ckpt is None and not overwrite and any((self.out / f).exists() for f in checkpoint.MODEL_FILES):
-            raise UserError(f"{self.out} already holds a model ({', '.join(checkpoint.MODEL_FILES)}), which a new run "
-                            "would replace; pass --overwrite, or choose another --out")
-        if self.dist.is_main:
-            check_writable(self.out)  # now, not at the first checkpoint
+        self._check_out(ckpt, overwrite)
         if note := device.PROFILE.dtype_note(self.dtype_name):
             print(f"warning: {note}", file=sys.stderr)
 
@@ -139,16 +132,7 @@ class Trainer:
             limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else None
         # their tokens and rows fit the model, checked before it trains, and tokenized once for every evaluation
         self._hellaswag_tokens = check_examples(self.model, self._hellaswag) if self._hellaswag else None
-        world, rank = self.dist.world, self.dist.rank
-        B, T = cfg.batch_size, cfg.seq_len
-        self.grad_accum = cfg.total_batch_size // (B * T * world)
-        vocab = self.model.config.vocab_size
-        self.train_loader = DataLoader(cfg.data, "train", B, T, rank, world, vocab, cfg.shuffle, cfg.seed)
-        self.val_loader = DataLoader(cfg.data, "val", B, T, rank, world, vocab) if cfg.val_every else None
-        self.val_steps = self.val_loader.within_one_pass(cfg.val_steps) if self.val_loader else 0
-        if self.val_loader and self.val_steps < cfg.val_steps and self.dist.is_main:  # past one pass: repeated batches
-            print(f"warning: val_steps {cfg.val_steps} is more than the val split holds: validating on all its "
-                  f"{self.val_steps} batches", file=sys.stderr)
+        self._make_loaders()
 
         self.optimizer = self.recipe.make_optimizer(cfg, self.dtype)
         # the optimizer updates float32 master weights, packed as its recipe groups them (build-nanogpt's: flat
@@ -166,13 +150,7 @@ class Trainer:
                                 f"(pass a larger --max-steps)")
         self._build_steps()
         if self.dist.is_main:  # everything above has accepted the config (a refused run makes no OUT)
-            self._took_lock |= lock_dir(self.out, "run")  # before anything in OUT is removed; until train() ends
-            remove_stale_temps(self.out)
-            if ckpt is None:  # --overwrite: the old run's checkpoints, and its model, which sample would load
-                for old in checkpoint.checkpoints(self.out):
-                    shutil.rmtree(old)
-                for old in checkpoint.MODEL_FILES:
-                    (self.out / old).unlink(missing_ok=True)
+            self._claim_out(fresh=ckpt is None)
         self.log = checkpoint.RunLog(self.out, self.step, self.dist.is_main)
         self._stop = False
         self._data_error: UserError | None = None  # a shard the loader refused mid-run (_start_step)
@@ -221,6 +199,41 @@ class Trainer:
                 f"--total-batch-size {-(-cfg.total_batch_size // per_micro) * per_micro}"
             raise UserError(f"total_batch_size {cfg.total_batch_size} is not divisible by batch_size * seq_len"
                             f" * ranks = {cfg.batch_size} * {cfg.seq_len} * {world} = {per_micro}; use {instead}")
+
+    def _check_out(self, ckpt: Path | None, overwrite: bool) -> None:
+        """Refuse a fresh run into an OUT holding another run's checkpoints or a model, unless overwriting; and an
+        OUT this process cannot write, now rather than at the first checkpoint."""
+        if ckpt is None and checkpoint.checkpoints(self.out) and not overwrite:
+            raise UserError(f"{self.out} already holds a checkpoint; resume it (--resume {self.out}), "
+                            "pass --overwrite, or choose another --out")
+        if ckpt is None and not overwrite and any((self.out / f).exists() for f in checkpoint.MODEL_FILES):
+            raise UserError(f"{self.out} already holds a model ({', '.join(checkpoint.MODEL_FILES)}), which a new run "
+                            "would replace; pass --overwrite, or choose another --out")
+        if self.dist.is_main:
+            check_writable(self.out)
+
+    def _make_loaders(self) -> None:
+        """This rank's train and val batches, and the accumulation steps that make total_batch_size of them."""
+        cfg, world, rank = self.cfg, self.dist.world, self.dist.rank
+        B, T, vocab = cfg.batch_size, cfg.seq_len, self.model.config.vocab_size
+        self.grad_accum = cfg.total_batch_size // (B * T * world)
+        self.train_loader = DataLoader(cfg.data, "train", B, T, rank, world, vocab, cfg.shuffle, cfg.seed)
+        self.val_loader = DataLoader(cfg.data, "val", B, T, rank, world, vocab) if cfg.val_every else None
+        self.val_steps = self.val_loader.within_one_pass(cfg.val_steps) if self.val_loader else 0
+        if self.val_loader and self.val_steps < cfg.val_steps and self.dist.is_main:  # past one pass: repeated batches
+            print(f"warning: val_steps {cfg.val_steps} is more than the val split holds: validating on all its "
+                  f"{self.val_steps} batches", file=sys.stderr)
+
+    def _claim_out(self, fresh: bool) -> None:
+        """Lock OUT until train() ends, before anything in it is removed: what a killed run left half-written, and
+        for a fresh (--overwrite) run the old run's checkpoints and its model, which sample would load."""
+        self._took_lock |= lock_dir(self.out, "run")
+        remove_stale_temps(self.out)
+        if fresh:
+            for old in checkpoint.checkpoints(self.out):
+                shutil.rmtree(old)
+            for old in checkpoint.MODEL_FILES:
+                (self.out / old).unlink(missing_ok=True)
 
     def _use_master(self, dtype: mx.Dtype) -> None:
         """Point the model's weights at the master weights, cast to `dtype` (views where it is float32)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .errors import UserError, first_line
-from .files import atomic_dir, atomic_path, atomic_write_text, check_writable
+from .files import atomic_dir, atomic_path, atomic_write_text, check_writable, hub_offline
 from .hf_tokenizer import TOKENIZER_FILES, write_tokenizer_files
 from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 from .tokenizer import EOT
@@ -234,10 +234,6 @@ def load_local(directory: str | os.PathLike) -> GPT:
     model = GPT(config, seed=0)
     _load_into(model, weights, directory)
     return model
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def check_hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> None:

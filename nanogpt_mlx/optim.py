@@ -60,7 +60,8 @@ def clip_grad_norm(grads, max_norm: float):
 def once(scalar: mx.array) -> mx.array:
     """`scalar`, computed once per step. mx.compile fuses a scalar's elementwise ops into the kernel of
     the tensor it scales, which then recomputes them (a pow, an rsqrt) for every element: a group of one
-    large tensor (the speedrun's embedding, its head) paid several times over for its update. Contiguous is not fused."""
+    large tensor (the speedrun's embedding, its head) paid several times over for its update. Contiguous is not
+    fused."""
     return mx.contiguous(scalar)
 
 

@@ -168,8 +168,8 @@ class Trainer:
         fits = partial(memory.check, batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=self.dtype_name,
                        checkpointing=cfg.activation_checkpointing, max_memory_gb=cfg.max_memory)
         if ckpt is None and not cfg.init_from:
-            config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or PADDED_VOCAB_SIZE, n_layer=cfg.n_layer,
-                               n_head=cfg.n_head, n_embd=cfg.n_embd, **self.recipe.model)
+            config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or PADDED_VOCAB_SIZE,
+                               n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, **self.recipe.model)
             estimate = fits(config)  # before building: a model far too large would take minutes to build
             return GPT(config, seed=cfg.seed), estimate
         model = checkpoint.read_model(ckpt) if ckpt is not None else load_model(cfg.init_from)

@@ -290,8 +290,8 @@ def add_train(sub) -> None:
                                    "speedrun switches a build-nanogpt preset to the speedrun's model and optimizer, "
                                    "with its defaults for max_lr, weight_decay, betas, eps, grad_clip and "
                                    "warmup_steps; --recipe build-nanogpt turns a speedrun preset back into the one "
-                                   "it was made from (speedrun-124m: gpt2-124m). Ctrl-C or "
-                                   "SIGTERM saves a checkpoint after the step in progress (at once during an "
+                                   "it was made from (speedrun-124m: gpt2-124m). Ctrl-C, "
+                                   "SIGTERM or SIGHUP saves a checkpoint after the step in progress (at once during an "
                                    "evaluation) and stops.")
     p.add_argument("--preset", choices=list(PRESETS), help="(default: shakespeare; not with --resume)")
     p.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoints are in DIR, exactly: "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import signal
 import sys
@@ -362,8 +363,13 @@ class Trainer:
 
     # -- training
     def _say(self, line: str) -> None:
-        if self.dist.is_main:
+        if not self.dist.is_main:
+            return
+        try:
             tqdm.write(line, file=sys.stdout)
+        except BrokenPipeError:  # stdout's reader is gone (`| head`, a `| tee` ended by Ctrl-C): stop as Ctrl-C
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # does, saving; what is left is in log.*
+            self._stop = True
 
     def _start_step(self, step: int) -> _Step | None:
         """Queue optimizer step `step`'s micro-steps on the device (_queue) and return it unfinished; None if a
@@ -457,7 +463,7 @@ class Trainer:
         self.log.event(self.step, "memory", need=need, cap=self._memory_cap)
 
     def _on_signal(self, signum: int, _frame) -> None:
-        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         when = "now" if self._evaluating else "after this step"
         self._say(f"stopping: saving a checkpoint {when} ({again} again to quit without saving)")
         self._stop = True
@@ -480,15 +486,18 @@ class Trainer:
 
     @contextlib.contextmanager
     def _training(self) -> Iterator[tqdm]:
-        """While steps run: a progress bar, MLX's memory capped (--max-memory, or the measured cap), and Ctrl-C
-        saving. SIGTERM (kill, a scheduler) saves too, but only in a single process: launch_local stops the
-        surviving ranks of a failed group with it, and they could not agree on a last step."""
+        """While steps run and the last is saved: a progress bar, MLX's memory capped (--max-memory, or the measured
+        cap), and Ctrl-C saving. SIGTERM (kill, a scheduler) and SIGHUP save too, but only in a single process:
+        launch_local stops the surviving ranks of a failed group with SIGTERM, and they could not agree on a last
+        step (its ranks get the launcher's SIGHUP as a Ctrl-C)."""
         bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
                    disable=None if self.dist.is_main else True, dynamic_ncols=True)
         limit_before = mx.get_memory_limit()
         if self._memory_cap or self.cfg.max_memory:
             mx.set_memory_limit(self._memory_cap or int(self.cfg.max_memory * 1e9))
-        signums = [signal.SIGINT] + ([signal.SIGTERM] if self.dist.world == 1 else [])
+        # SIGHUP (the terminal closed) too, unless ignored (nohup): the run would end unsaved
+        hangup = [signal.SIGHUP] if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL else []
+        signums = [signal.SIGINT] + ([signal.SIGTERM, *hangup] if self.dist.world == 1 else [])
         try:
             with distributed.signal_handlers(dict.fromkeys(signums, self._on_signal)):
                 yield bar
@@ -552,7 +561,7 @@ class Trainer:
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save()
                 queued = ahead
-        path = self.save()
+            path = self.save()  # under the handlers too: a Ctrl-C during this save lets it finish
         if self._data_error is not None:
             raise UserError(f"{self._data_error}; saved {path} (step {self.step}): repair that shard (its length "
                             f"stays), then --resume {self.out}")

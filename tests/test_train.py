@@ -460,24 +460,47 @@ def test_cli_trains_samples_and_resumes(data_dir, tmp_path):
         [str(s) for s in range(8)]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_cleanly(signum, data_dir, tmp_path):
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGHUP", "stdout closed"])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_cleanly(how, data_dir, tmp_path):
+    """SIGHUP: the terminal closed; stdout closed: `train | head`, or `| tee` that a Ctrl-C ended (the run ended
+    unsaved, exit status 0)."""
     out = tmp_path / "run"
     args = cli_config(data_dir, out, "--max-steps", "100000")
     proc = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # not nohup's
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "log.txt").exists() and (out / "log.txt").read_text().count(
             "train") >= 3):
         time.sleep(0.1)
-    proc.send_signal(signum)
-    stdout, stderr = proc.communicate(timeout=60)
+    if how == "stdout closed":
+        proc.stdout.close()
+        stdout, stderr = "", proc.stderr.read()
+        proc.wait(timeout=60)
+    else:
+        proc.send_signal(getattr(signal, how))
+        stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "interrupted" in stderr
     (ckpt,) = checkpoints(out)
     steps_logged = (out / "log.txt").read_text().count(" train ")
     assert json.loads((ckpt / "trainer.json").read_text())["step"] == steps_logged == int(ckpt.name[5:]) >= 3
-    assert f"--resume {out}" in stdout
+    assert how == "stdout closed" or f"--resume {out}" in stdout
+
+
+def test_a_signal_during_the_last_save_lets_it_finish(data_dir, tmp_path):
+    """The run's end is saved after its last step: a Ctrl-C there interrupted the save, losing every step since the
+    last periodic checkpoint."""
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", max_steps=2, checkpoint_every=0))
+    save = trainer.save
+
+    def interrupted_save():
+        os.kill(os.getpid(), signal.SIGINT)
+        return save()
+
+    trainer.save = interrupted_save
+    trainer.train()
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["ckpt-000002"]
 
 
 def test_a_second_process_into_a_running_runs_out_is_refused(data_dir, tmp_path):

@@ -58,10 +58,10 @@ def read_state(ckpt: Path) -> dict:
         state = json.loads(path.read_text())
     except FileNotFoundError:
         raise damaged(ckpt, f"{STATE_FILE} is missing") from None
-    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+    except (OSError, ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested past Python's stack
         raise damaged(ckpt, f"{STATE_FILE}: {first_line(e)}") from None
     expected = {"step": int, "world": int, "config": dict, "train_loader": dict}
-    if not isinstance(state, dict) or not all(isinstance(state.get(k), t) for k, t in expected.items()):
+    if not isinstance(state, dict) or not all(type(state.get(k)) is t for k, t in expected.items()):  # true is no 1
         raise damaged(ckpt, f"{STATE_FILE} lacks {', '.join(expected)}")
     if state["step"] < 0 or state["world"] < 1:
         raise damaged(ckpt, f"{STATE_FILE}: step {state['step']}, world {state['world']}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -262,7 +263,7 @@ def cmd_prepare(args) -> None:
     from . import prepare as prep
     from . import sources
 
-    if args.inspect:
+    if args.inspect is not None:
         print(prep.describe(args.inspect))
         return
     if args.source == "fineweb-edu":
@@ -402,6 +403,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
+    except RuntimeError as e:
+        if "Failed to compile" not in str(e):
+            raise
+        # MLX's CPU backend compiles kernels into files (TMPDIR; cpu.py points it into the cache): a full disk there
+        said = str(e).strip().splitlines()[-1]
+        print(f"nanogpt-mlx: error: MLX could not compile a kernel in {os.environ.get('TMPDIR') or '/tmp'} (a full "
+              f"disk?): {said[-300:]}", file=sys.stderr)
+        return 1
     except OSError as e:  # a disk or file error that no command turned into a UserError: still one line
         where = f"{e.filename}: " if e.filename else ""
         print(f"nanogpt-mlx: error: {where}{e.strerror or first_line(e)}", file=sys.stderr)

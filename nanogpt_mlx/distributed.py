@@ -19,13 +19,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import signals
 from .errors import UserError
 
 # Environment variables that mean "this process was started as one rank of several".
@@ -88,21 +88,6 @@ LAUNCHER_ENV = "NANOGPT_MLX_LAUNCHER"  # the pid of launch_local, in the ranks i
 RANK_GRACE = 30.0  # seconds a rank stopped after another failed has to exit before it is killed
 
 
-@contextlib.contextmanager
-def signal_handlers(handlers: dict) -> Iterator[None]:
-    """`handlers` (signal -> handler) for the body, the previous ones after it. Only the main thread can set them:
-    elsewhere (a notebook's worker thread) the body runs without."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, h) for s, h in handlers.items()}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 def launched() -> bool:
     """Whether this process was started as one rank of a group (mlx.launch, mpirun, launch_local)."""
     return any(k in os.environ for k in _LAUNCH_ENV)
@@ -131,7 +116,7 @@ def init(backend: str = "any", timeout: float | None = None) -> Dist:
         _stop_with_launcher(int(os.environ[LAUNCHER_ENV]))
     # Ctrl-C while connecting ends the process at once: nothing to save yet, and MLX's connect, a C++ call that
     # Python's handler cannot interrupt, retries for half a minute
-    with signal_handlers({signal.SIGINT: signal.SIG_DFL}), \
+    with signals.handlers({signal.SIGINT: signal.SIG_DFL}), \
             watchdog(timeout, f"could not connect to the other ranks within {timeout:.0f} s"):
         try:
             group = mx.distributed.init(strict=True, backend=backend)
@@ -276,7 +261,7 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
     sent: dict[int, int] = {}  # rank -> the signal this launcher stopped it with
     kill_at = math.inf
     try:
-        with signal_handlers(handlers):
+        with signals.handlers(handlers):
             for r in range(n):
                 live[r] = subprocess.Popen([sys.executable, "-c", _RANK_MAIN, *argv],
                                            env={**env, "MLX_RANK": str(r)}, start_new_session=True)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import signals
 from .data import list_shards, load_shard, open_shard
 from .documents import Part, plan_parts, read_docs
 from .errors import UserError, first_line
@@ -346,6 +347,13 @@ def _start_pool(workers: int) -> cf.ProcessPoolExecutor | None:
     return pool
 
 
+def _directory(path: str | os.PathLike) -> str | os.PathLike:
+    """`path`, unless it is '': Path('') is the working directory, where an unset variable would write shards."""
+    if not os.fspath(path):
+        raise UserError("the shard directory is '' (an unset variable?); name a directory")
+    return path
+
+
 def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -357,7 +365,7 @@ def prepare(source: Source, out: str | os.PathLike, config: PrepareConfig | None
     `if __name__ == "__main__":` as for any multiprocessing code. A second prepare into the same `out` while
     this one runs is refused (files.lock_dir).
     """
-    out = Path(out).expanduser()
+    out = Path(_directory(out)).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: not a directory")
     lock_dir(out, "prepare")
@@ -422,15 +430,16 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
         raise UserError(BROKEN_POOL) from None
     finally:
         bar.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+        if pool is not None:  # a second Ctrl-C here left the workers waiting for work, and exit waiting for them
+            with signals.deferred(signal.SIGINT):
+                pool.shutdown(cancel_futures=True)
     shutil.rmtree(scratch, ignore_errors=True)
     return Summary(out, manifest, new_tokens, time.perf_counter() - start_time)
 
 
 def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
     """Shard counts and token totals of a shard directory, and the first tokens of its first shard decoded."""
-    data_dir = Path(data_dir).expanduser()
+    data_dir = Path(_directory(data_dir)).expanduser()
     splits = {}
     for split in ("val", "train"):
         try:
@@ -445,9 +454,14 @@ def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
         manifest = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable ({first_line(e)})") from None
-    if manifest is not None and not (isinstance(manifest, dict) and manifest.get("format") == FORMAT):
+    if manifest is None:  # shards from elsewhere
+        pass
+    elif not (isinstance(manifest, dict) and manifest.get("format") == FORMAT):
         lines.append("  manifest.json is not one that prepare writes: ignored")
-    elif manifest:
+    elif not (isinstance(manifest.get("source"), dict) and isinstance(manifest.get("shards"), list)
+              and all(map(_is_shard_record, manifest["shards"]))):
+        lines.append("  manifest.json is damaged (a record is malformed): ignored")
+    else:
         state = "complete" if manifest.get("complete") else "incomplete (re-run the same command to resume)"
         source = ", ".join(f"{k}={v}" for k, v in manifest["source"].items())
         lines.append(f"  source     {source}; {state}")

@@ -39,7 +39,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
-from . import checkpoint, device, distributed, memory, recipes
+from . import checkpoint, device, distributed, memory, recipes, signals
 from .config import DTYPES, MODEL_FIELDS, TrainConfig
 from .data import DataLoader
 from .errors import UserError
@@ -499,7 +499,7 @@ class Trainer:
         hangup = [signal.SIGHUP] if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL else []
         signums = [signal.SIGINT] + ([signal.SIGTERM, *hangup] if self.dist.world == 1 else [])
         try:
-            with distributed.signal_handlers(dict.fromkeys(signums, self._on_signal)):
+            with signals.handlers(dict.fromkeys(signums, self._on_signal)):
                 yield bar
         finally:
             bar.close()

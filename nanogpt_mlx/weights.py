@@ -14,12 +14,14 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
 
+from . import signals
 from .errors import UserError, first_line
 from .files import atomic_dir, atomic_path, atomic_write_text, check_writable, hub_offline
 from .hf_tokenizer import TOKENIZER_FILES, write_tokenizer_files
@@ -382,14 +384,22 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> No
         with atomic_dir(out_dir) as tmp:
             _write_hf(model, tmp)
         return
-    # an existing directory stays (its inode, owner, mode; it may be a mount point or the working directory)
-    before = set(out_dir.iterdir())
+    # an existing directory stays (its inode, owner, mode; it may be a mount point or the working directory): the
+    # files are written beside their places, then moved in together, so that an earlier export there is replaced
+    # whole or not at all (a Ctrl-C or a full disk midway left new weights with the old config)
+    staging = out_dir / f".export.tmp{os.getpid()}"
     try:
-        _write_hf(model, out_dir)  # file by file, each one whole
-    except BaseException:
-        for new in set(out_dir.iterdir()) - before:  # what this export added; files it replaced (--force) stay new
-            new.unlink(missing_ok=True)
-        raise
+        staging.mkdir()
+        _write_hf(model, staging)
+        with signals.deferred():
+            for f in staging.iterdir():
+                os.replace(f, out_dir / f.name)
+    except OSError as e:
+        raise UserError(f"{out_dir}: cannot write ({e.strerror or first_line(e)})") from None
+    except UserError as e:  # the files' names, not the staging directory's
+        raise UserError(str(e).replace(str(staging), str(out_dir))) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_hf(model: GPT, out_dir: Path) -> None:

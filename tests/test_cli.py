@@ -336,3 +336,18 @@ def test_ctrl_c_while_the_parser_imports_commands_is_one_line(monkeypatch, capsy
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert cli.main(["info"]) == 130
     assert capsys.readouterr().err == "nanogpt-mlx: interrupted\n"
+
+
+def test_a_kernel_that_mlx_cannot_compile_is_one_line(capsys, monkeypatch):
+    """A full disk where MLX's CPU backend writes its kernels' sources: a 16-line traceback from inside MLX."""
+    from nanogpt_mlx import cli
+
+    def full_disk(args):
+        raise RuntimeError("[Compile::eval_cpu] Failed to compile function Add_f32 with error code 1: ...\n"
+                           "fatal error: error closing /cache/kernels/cc.s: No space left on device")
+
+    monkeypatch.setattr(cli, "cmd_info", full_disk)
+    assert_one_line_error(run_main(capsys, "info"), "MLX could not compile a kernel", "No space left on device")
+    monkeypatch.setattr(cli, "cmd_info", lambda args: (_ for _ in ()).throw(RuntimeError("another MLX error")))
+    with pytest.raises(RuntimeError, match="another MLX error"):  # not taken for a compiler's
+        run_main(capsys, "info")

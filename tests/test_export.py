@@ -135,6 +135,29 @@ def test_an_export_that_fails_midway_leaves_nothing(tiny_hf_dir, tmp_path, monke
     assert (tmp_path / "empty").stat().st_ino == inode  # written into, not replaced (a mount point, the cwd)
 
 
+def test_an_export_over_another_that_fails_midway_keeps_the_other_whole(tiny_hf_dir, lively_hf_dir, tmp_path,
+                                                                       monkeypatch):
+    """--force over an earlier export replaced it file by file: a Ctrl-C or a full disk midway left the new weights
+    with the old config.json, a model nothing could load."""
+    from nanogpt_mlx import weights
+    from nanogpt_mlx.errors import UserError
+
+    out = tmp_path / "out"
+    export_hf(load_model(tiny_hf_dir), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(out_dir, block_size):
+        raise UserError(f"{out_dir}/vocab.json: cannot write (No space left on device)")
+
+    monkeypatch.setattr(weights, "write_tokenizer_files", full_disk)
+    with pytest.raises(UserError, match=f"^{out}/vocab.json: cannot write"):
+        export_hf(load_model(lively_hf_dir), out, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing staged is left either
+    monkeypatch.undo()
+    export_hf(load_model(lively_hf_dir), out, force=True)
+    assert load_model(out).config == load_model(lively_hf_dir).config
+
+
 def test_a_new_export_directory_is_as_readable_as_any_new_directory(tiny_hf_dir, tmp_path):
     """A private temporary directory renamed into place left exports (and checkpoints) readable by their owner only."""
     import os

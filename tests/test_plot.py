@@ -123,3 +123,22 @@ def test_baseline_auto_follows_loss_range(tmp_path, monkeypatch):
     assert drawn == []
     plot_runs([high], tmp_path / "high.png", baseline="on")
     assert drawn == [3.2924]
+
+
+def test_a_full_disk_midway_through_a_pdf_is_one_line(tmp_path, monkeypatch):
+    """matplotlib's PDF writer fails on its own cleanup after the disk's error: a 54-line traceback."""
+    import matplotlib.figure
+
+    def full_disk(self, *args, **kwargs):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise AttributeError("'Stream' object has no attribute 'pos'")  # noqa: B904  (as matplotlib does)
+
+    out = tmp_path / "loss.pdf"
+    out.write_bytes(b"an earlier plot")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    with pytest.raises(UserError, match="loss.pdf: cannot write .*No space left on device"):
+        plot_runs([fake_run(tmp_path / "a")], out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "loss.pdf"]  # no temporary file left
+    assert out.read_bytes() == b"an earlier plot"

@@ -435,6 +435,11 @@ def test_inspect_and_resume_beside_foreign_files(tmp_path):
     (data / "manifest.json").write_text(json.dumps({"complete": True}))
     info = prep.describe(data)
     assert "beyond GPT-2's 50257, not decoded" in info and "60000 1 2" in info and "not one that prepare writes" in info
+    for damaged in ({}, {"shards": [{"file": "x"}]}, {"source": {}, "shards": [{"file": "x", "documents": "3"}]}):
+        (data / "manifest.json").write_text(json.dumps({"format": prep.FORMAT, **damaged}))  # a KeyError, a TypeError
+        assert "manifest.json is damaged" in prep.describe(data)
+    (data / "manifest.json").unlink()
+    assert "manifest" not in prep.describe(data)
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "manifest.json").write_text("[1, 2]")
     write_jsonl(tmp_path / "a.jsonl", make_docs(5))
@@ -541,3 +546,14 @@ def test_shakespeare_path_mistakes_are_named(tmp_path):
         sources.shakespeare(path=tmp_path / "nope.txt")
     with pytest.raises(UserError, match="not both"):  # the URL was ignored
         sources.shakespeare(path=tmp_path / "input.txt", url="http://127.0.0.1:9/input.txt")
+
+
+def test_an_empty_shard_directory_is_refused(tmp_path, monkeypatch):
+    """'' is the working directory to Path: an unset variable wrote shards into it."""
+    monkeypatch.chdir(tmp_path)
+    text = tmp_path / "input.txt"
+    text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50)
+    with pytest.raises(UserError, match="unset variable"):
+        prep.prepare(sources.shakespeare(path=text), "", cfg())
+    assert_one_line_error(run_cli("prepare", "--inspect", ""), "unset variable")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.txt"]

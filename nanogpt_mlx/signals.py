@@ -1,0 +1,34 @@
+"""Signals around a block of work: handlers of its own for it, or signals held back until it ends."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def handlers(installed: dict) -> Iterator[None]:
+    """`installed` (signal -> handler) for the body, the previous ones after it. Only the main thread can set
+    them: elsewhere (a notebook's worker thread) the body runs without."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, h) for s, h in installed.items()}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def deferred(*signums: int) -> Iterator[None]:
+    """Hold `signums` (default: Ctrl-C and SIGTERM) back while the body runs, then raise them as if they came at
+    its end: for work that must not stop halfway (replacing a set of files, stopping worker processes)."""
+    caught: list[int] = []
+    with handlers(dict.fromkeys(signums or (signal.SIGINT, signal.SIGTERM), lambda n, _frame: caught.append(n))):
+        yield
+    for n in dict.fromkeys(caught):
+        signal.raise_signal(n)

@@ -113,8 +113,12 @@ def _publish(out: Path, final: Path) -> None:
     """Point OUT/model.safetensors and OUT/config.json (what `sample --model OUT` loads) at checkpoint `final`, and
     drop the checkpoints before the last KEEP."""
     weights, config = MODEL_FILES
-    _link_or_copy(final / weights, out / weights)
-    atomic_write_text(out / config, (final / config).read_text())
+    try:
+        _link_or_copy(final / weights, out / weights)
+        atomic_write_text(out / config, (final / config).read_text())
+    except UserError as e:  # a full disk after the checkpoint itself was written
+        raise UserError(f"{final.name} saved, but {out}'s model not updated to it: {e}; free space and resume "
+                        f"(--resume {out}) to update it") from None
     for old in checkpoints(out)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
 

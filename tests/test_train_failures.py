@@ -224,6 +224,24 @@ def test_full_disk_at_a_checkpoint(run, monkeypatch, capsys):
     assert [p.name for p in checkpoints(run)] == ["ckpt-000004", "ckpt-000006"]
 
 
+def test_full_disk_after_a_checkpoint_says_it_was_saved(run, monkeypatch, capsys):
+    """The checkpoint is written, OUT's model (what sample loads) is not: the line said only "cannot write"."""
+    from nanogpt_mlx import checkpoint
+    from nanogpt_mlx.errors import UserError
+
+    def full(src, dst):
+        raise UserError(f"{dst}: cannot write (No space left on device)")
+
+    monkeypatch.setattr(checkpoint, "_link_or_copy", full)
+    proc = run_main(capsys, "train", "--resume", str(run), "--max-steps", "6", "--checkpoint-every", "0")
+    assert_one_line_error(proc, "ckpt-000006 saved, but", "model not updated", "No space left", f"--resume {run}")
+    monkeypatch.undo()
+    saved = (run / "ckpt-000006" / "model.safetensors").read_bytes()
+    assert (run / "model.safetensors").read_bytes() != saved
+    run_cli("train", "--resume", str(run), "--max-steps", "6", check=True)  # nothing to train: it publishes
+    assert (run / "model.safetensors").read_bytes() == saved
+
+
 # --------------------------------------------------------------- damaged checkpoints (item 9)
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

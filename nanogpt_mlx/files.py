@@ -65,6 +65,12 @@ def check_writable(path: str | os.PathLike) -> None:
         raise cannot("write", path, e) from None
 
 
+def _short(name: str, limit: int = 200) -> str:
+    """`name` cut to `limit` bytes (whole characters) for a temporary name beside it: a name near the file
+    system's limit of 255 bytes was refused once the temporary's marks were added."""
+    return name.encode(errors="surrogateescape")[:limit].decode(errors="ignore")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it and rename it into place.
@@ -75,7 +81,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     make_dirs(path.parent)
     # Keep the real suffix last: some writers (np.save, mx.save_safetensors) append one otherwise.
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".{_short(path.stem)}.tmp{os.getpid()}{path.suffix}")
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -106,7 +112,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     removed; a storage error (also from the body) becomes one UserError."""
     path = Path(path)
     make_dirs(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")  # a name no other writer has
+    tmp = path.with_name(f".{_short(path.name)}.tmp{os.getpid()}-{secrets.token_hex(4)}")  # no other writer's
     try:
         tmp.mkdir()  # (mkdtemp's would be private: 0700 whatever the umask)
         yield tmp
@@ -227,10 +233,14 @@ def lock_dir(directory: Path, writer: str) -> bool:
         f.close()
         raise UserError(f"{directory} is being written by another {writer} ({holder}); wait for it to end, or "
                         "write to another directory") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()}\n")
-    f.flush()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+    except OSError as e:  # a full disk (the message had no path)
+        f.close()  # and the lock with it
+        raise cannot("write", directory / LOCK_FILE, e) from None
     _locked[key] = f
     return True
 

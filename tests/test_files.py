@@ -191,3 +191,34 @@ def test_cache_dir_follows_xdg_but_not_a_relative_one_and_says_when_there_is_no_
     monkeypatch.setattr(Path, "expanduser", no_home)
     with pytest.raises(UserError, match="no home directory to keep the cache in: set XDG_CACHE_HOME"):
         cache_dir()
+
+
+def test_a_full_disk_at_the_lock_names_the_file(tmp_path, monkeypatch):
+    """The lock file's note of its holder, on a full disk: the line was only "No space left on device"."""
+    import io
+
+    from nanogpt_mlx import files
+
+    class Full(io.StringIO):
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = open
+    monkeypatch.setattr(files, "open", lambda path, mode: Full() if str(path).endswith(LOCK_FILE)
+                        else real_open(path, mode), raising=False)
+    monkeypatch.setattr(files.fcntl, "lockf", lambda f, how: None)
+    with pytest.raises(UserError, match=f"{tmp_path / LOCK_FILE}: cannot write \\(No space left on device\\)"):
+        files.lock_dir(tmp_path, "run")
+    assert tmp_path.resolve() not in files._locked
+
+
+def test_names_near_the_file_systems_limit_are_written(tmp_path):
+    """A temporary beside a 250-byte name took the marks past 255 bytes: "File name too long"."""
+    from nanogpt_mlx.files import atomic_dir
+
+    name = "é" * 120 + ".png"  # 244 bytes
+    with atomic_path(tmp_path / name) as tmp:
+        tmp.write_bytes(b"image")
+    with atomic_dir(tmp_path / ("d" * 250)) as tmp:
+        (tmp / "f").write_text("file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d" * 250, name]

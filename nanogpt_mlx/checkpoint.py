@@ -18,7 +18,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import UserError, first_line
-from .files import atomic_dir, atomic_path, atomic_write_text, cannot
+from .files import atomic_dir, atomic_path, atomic_write_text, cannot, read_json
 from .model import GPT
 from .weights import load_model, safetensors_shapes, save_model, save_safetensors
 
@@ -55,10 +55,10 @@ def read_state(ckpt: Path) -> dict:
     """The trainer state saved in a checkpoint: step, world, config, data-loader position (checked)."""
     path = ckpt / STATE_FILE
     try:
-        state = json.loads(path.read_text())
+        state = read_json(path)
     except FileNotFoundError:
         raise damaged(ckpt, f"{STATE_FILE} is missing") from None
-    except (OSError, ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested past Python's stack
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise damaged(ckpt, f"{STATE_FILE}: {first_line(e)}") from None
     expected = {"step": int, "world": int, "config": dict, "train_loader": dict}
     if not isinstance(state, dict) or not all(type(state.get(k)) is t for k, t in expected.items()):  # true is no 1

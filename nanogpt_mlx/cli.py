@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -396,26 +396,30 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"nanogpt-mlx: note: {note}", file=sys.stderr)
         args.func(args)
     except UserError as e:
-        print(f"nanogpt-mlx: error: {e}", file=sys.stderr)
+        _error(f"nanogpt-mlx: error: {e}")
         return 1
     except KeyboardInterrupt:
-        print("nanogpt-mlx: interrupted", file=sys.stderr)
+        _error("nanogpt-mlx: interrupted")
         return 130
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
     except RuntimeError as e:
-        if "Failed to compile" not in str(e):
+        said = device.explain(e)  # MLX's errors that the device knows a cause of (a full disk for its kernels)
+        if said is None:
             raise
-        # MLX's CPU backend compiles kernels into files (TMPDIR; cpu.py points it into the cache): a full disk there
-        said = str(e).strip().splitlines()[-1]
-        print(f"nanogpt-mlx: error: MLX could not compile a kernel in {os.environ.get('TMPDIR') or '/tmp'} (a full "
-              f"disk?): {said[-300:]}", file=sys.stderr)
+        _error(f"nanogpt-mlx: error: {said}")
         return 1
     except OSError as e:  # a disk or file error that no command turned into a UserError: still one line
         where = f"{e.filename}: " if e.filename else ""
-        print(f"nanogpt-mlx: error: {where}{e.strerror or first_line(e)}", file=sys.stderr)
+        _error(f"nanogpt-mlx: error: {where}{e.strerror or first_line(e)}")
         return 1
     return 0
+
+
+def _error(line: str) -> None:
+    """A line on stderr, unless stderr is gone too (a closed terminal): the exit status still says it."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

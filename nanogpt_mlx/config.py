@@ -148,12 +148,18 @@ PRESETS = {
 }
 # the speedrun recipe on the same data: train_gpt_simple.py's 3375 steps of 2**19 FineWeb tokens, and
 # the Shakespeare run with the LRs benchmarks/bench_recipes.py's sweep found best
-PRESETS["speedrun-124m"] = _with_recipe(PRESETS["gpt2-124m"], recipes.SPEEDRUN, out="out/speedrun-124m",
-                                        max_steps=3375, val_every=125)
-PRESETS["shakespeare-speedrun"] = _with_recipe(PRESETS["shakespeare"], recipes.SPEEDRUN, out="out/shakespeare-speedrun",
-                                               momentum_warmup=50, max_lr=0.05, embed_lr=0.6, head_lr=0.00625,
-                                               scalar_lr=0.02)  # 2x the speedrun's LRs
-ORIGINS = {"speedrun-124m": "gpt2-124m", "shakespeare-speedrun": "shakespeare"}  # the presets those were made from
+ORIGINS: dict[str, str] = {}  # preset -> the preset it was made from by switching recipe
+
+
+def _derive(name: str, origin: str, recipe: recipes.Recipe, **changes) -> None:
+    """PRESETS[name]: preset `origin` switched to `recipe`, with `changes`; switched back, it is `origin` again."""
+    PRESETS[name] = _with_recipe(PRESETS[origin], recipe, **changes)
+    ORIGINS[name] = origin
+
+
+_derive("speedrun-124m", "gpt2-124m", recipes.SPEEDRUN, out="out/speedrun-124m", max_steps=3375, val_every=125)
+_derive("shakespeare-speedrun", "shakespeare", recipes.SPEEDRUN, out="out/shakespeare-speedrun", momentum_warmup=50,
+        max_lr=0.05, embed_lr=0.6, head_lr=0.00625, scalar_lr=0.02)  # 2x the speedrun's LRs
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:

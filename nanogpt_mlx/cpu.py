@@ -3,7 +3,7 @@
 Importing this module sets up the process, so it must happen before `mlx.core` is imported
 (device.setup does it for the CPU profiles only):
 - MLX's Linux CPU wheel links the slow reference BLAS. Loading the system OpenBLAS with
-  RTLD_GLOBAL first makes its `cblas_*` symbols win (fp32 matmuls many times faster: README).
+  RTLD_GLOBAL first makes its `cblas_*` symbols win (fp32 matmuls much faster).
   NANOGPT_MLX_NO_OPENBLAS=1 keeps the bundled BLAS.
 - Decoding one token multiplies one row by every weight matrix; OpenBLAS's sgemm moves the
   weights about half as fast as sgemv. gemv_shim.c defines a cblas_sgemm that forwards single
@@ -248,6 +248,16 @@ def _setup() -> None:
 
 def info() -> list[tuple[str, str]]:
     return [("blas", blas + (f"  [{note}]" if note else "")), ("gemv shim", gemv), ("kernel jit", jit)]
+
+
+def explain(e: RuntimeError) -> str | None:
+    """One line for MLX's CPU backend failing to compile a kernel, or None for another error. It writes each
+    kernel's source under TMPDIR (here pointed into the cache) and compiles it there: a full disk, typically."""
+    if "[Compile::eval_cpu]" not in str(e):
+        return None
+    said = str(e).strip().splitlines()[-1][-300:]
+    where = os.environ.get("TMPDIR") or tempfile.gettempdir()
+    return f"MLX could not compile a kernel in {where} (a full disk?): {said}"
 
 
 _setup()

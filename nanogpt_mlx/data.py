@@ -5,7 +5,6 @@ Shards are uint16 `.npy` files named `{name}_{split}_{index:06d}.npy` (build-nan
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from dataclasses import asdict, dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .files import read_json
 
 
 def list_shards(data_dir: str | Path, split: str, missing_ok: bool = False) -> list[Path]:
@@ -58,7 +58,7 @@ def load_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
 def warn_if_incomplete(data_dir: Path) -> None:
     """Warn when `prepare` has not finished writing `data_dir` (its manifest says "complete": false)."""
     try:
-        complete = json.loads((data_dir / "manifest.json").read_text()).get("complete", True)
+        complete = read_json(data_dir / "manifest.json").get("complete", True)
     except (OSError, ValueError, AttributeError):  # no manifest (shards from elsewhere) or not ours
         return
     if complete is False:

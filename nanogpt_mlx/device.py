@@ -200,6 +200,15 @@ def notes() -> list[str]:
     return found
 
 
+def explain(e: RuntimeError) -> str | None:
+    """One line for an MLX error whose cause the profile knows (cpu.explain), or None."""
+    if not PROFILE.cpu_backend:
+        return None
+    from . import cpu
+
+    return cpu.explain(e)
+
+
 def info() -> list[tuple[str, str]]:
     """(label, value) lines for `nanogpt-mlx info`."""
     import mlx.core as mx

@@ -209,8 +209,9 @@ def _stop_ranks(live: dict[int, subprocess.Popen], sent: dict[int, int]) -> None
             sent[q] = signal.SIGTERM
 
 
-# `python -m nanogpt_mlx`, but a Ctrl-C while the rank still imports (its first half second) ends it as one later
-# does, with a line and status 130 rather than a traceback from inside MLX's import
+# `python -m nanogpt_mlx` (__main__.py), but a Ctrl-C while the rank still imports (its first half second) ends it
+# as one later does, with a line and status 130 rather than a traceback from inside MLX's import. __main__.py
+# cannot catch it: `-m` imports the package, MLX with it, before __main__.py runs
 _RANK_MAIN = """import sys
 try:
     from nanogpt_mlx.cli import main
@@ -222,7 +223,7 @@ sys.exit(main())
 
 
 def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -> int:
-    """Run `python -m nanogpt_mlx ARGV` (_RANK_MAIN) as n ring-backend ranks on 127.0.0.1; return the exit code.
+    """Run the `nanogpt-mlx ARGV` command (_RANK_MAIN) as n ring-backend ranks on 127.0.0.1; return the exit code.
 
     Each rank gets `threads_per_rank` BLAS threads (default: cores // n), since MLX's CPU backend
     runs everything but matmuls on one thread, n single-threaded ranks can beat one n-threaded one.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import secrets
@@ -146,6 +147,15 @@ def as_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_json(path: str | os.PathLike):
+    """A JSON file's value. Nesting past Python's recursion limit (a damaged or hostile file) is a ValueError, as
+    other malformed JSON is: it was a RecursionError's traceback."""
+    try:
+        return json.loads(Path(path).read_text())
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:

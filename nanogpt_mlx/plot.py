@@ -130,7 +130,7 @@ def plot_runs(runs: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
         except RuntimeError as e:  # a writer's missing tool, e.g. .pgf's xelatex
             raise UserError(f"{out}: cannot draw a {out.suffix} image ({first_line(e)}); .png, .svg and .pdf need "
                             "nothing more") from None
-        except Exception as e:  # a full disk midway through a .pdf: matplotlib's cleanup fails on the OSError
+        except AttributeError as e:  # a full disk midway through a .pdf: matplotlib's cleanup fails on the OSError
             if isinstance(e.__context__, OSError):
                 raise e.__context__ from None  # atomic_path's one line
             raise

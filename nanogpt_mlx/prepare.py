@@ -36,7 +36,8 @@ from . import signals
 from .data import list_shards, load_shard, open_shard
 from .documents import Part, plan_parts, read_docs
 from .errors import UserError, first_line
-from .files import atomic_path, atomic_write_text, lock_dir, remove_stale_temps, sha256_file, unlock_dir
+from .files import (atomic_path, atomic_write_text, lock_dir, read_json, remove_stale_temps, sha256_file,
+                    unlock_dir)
 from .sources import Source, Unit
 from .tokenizer import EOT, EOT_TEXT, decode, get_tokenizer
 
@@ -199,7 +200,7 @@ def _resume(out: Path, fresh: dict) -> list[dict]:
 def _intact_shards(out: Path, path: Path, fresh: dict) -> tuple[list[dict], str | None]:
     """The intact prefix of the manifest's shards, and the shard name its settings gave."""
     try:
-        old = json.loads(path.read_text())
+        old = read_json(path)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable ({first_line(e)}); delete the directory to start over") from None
     if not isinstance(old, dict) or old.get("format") != FORMAT:
@@ -209,7 +210,8 @@ def _intact_shards(out: Path, path: Path, fresh: dict) -> tuple[list[dict], str 
     if not old.get("shards"):
         return [], old_name  # nothing to keep: any settings may start over
     if (not isinstance(old["shards"], list) or not all(map(_is_shard_record, old["shards"]))
-            or not isinstance(old.get("stamps", []), list)):
+            or not isinstance(old.get("stamps", []), list)
+            or not all(s is None or type(s) is int for s in old.get("stamps", []))):
         raise UserError(f"{path}: damaged (a shard's record is malformed); delete the directory to start over")
     for key in ("format", "source", "tokenizer", "settings", "units"):
         if old.get(key) != fresh[key]:
@@ -428,6 +430,10 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
         writer.finish()
     except cf.BrokenExecutor:
         raise UserError(BROKEN_POOL) from None
+    except KeyboardInterrupt:
+        if pool is not None:
+            print("stopping: the tokenizer processes finish the parts they hold (seconds)", file=sys.stderr)
+        raise
     finally:
         bar.close()
         if pool is not None:  # a second Ctrl-C here left the workers waiting for work, and exit waiting for them
@@ -451,7 +457,7 @@ def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
     lines = [str(data_dir)]
     path = data_dir / "manifest.json"
     try:
-        manifest = json.loads(path.read_text()) if path.is_file() else None
+        manifest = read_json(path) if path.is_file() else None
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable ({first_line(e)})") from None
     if manifest is None:  # shards from elsewhere

@@ -26,9 +26,15 @@ def handlers(installed: dict) -> Iterator[None]:
 @contextlib.contextmanager
 def deferred(*signums: int) -> Iterator[None]:
     """Hold `signums` (default: Ctrl-C and SIGTERM) back while the body runs, then raise them as if they came at
-    its end: for work that must not stop halfway (replacing a set of files, stopping worker processes)."""
+    its end, also when it raised: for work that must not stop halfway (replacing a set of files, stopping worker
+    processes). One whose handler is the default (SIGTERM's: end the process) raises SystemExit(128 + signal)
+    instead, so that the `finally` blocks around it still clean up."""
     caught: list[int] = []
-    with handlers(dict.fromkeys(signums or (signal.SIGINT, signal.SIGTERM), lambda n, _frame: caught.append(n))):
-        yield
-    for n in dict.fromkeys(caught):
-        signal.raise_signal(n)
+    try:
+        with handlers(dict.fromkeys(signums or (signal.SIGINT, signal.SIGTERM), lambda n, _frame: caught.append(n))):
+            yield
+    finally:
+        for n in dict.fromkeys(caught):
+            if signal.getsignal(n) == signal.SIG_DFL:
+                raise SystemExit(128 + n)
+            signal.raise_signal(n)

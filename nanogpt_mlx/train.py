@@ -52,11 +52,6 @@ from .tokenizer import encode
 from .weights import load_model
 
 
-def lm_loss(model: GPT, x: mx.array, y: mx.array) -> mx.array:
-    """The training loss, GPT.loss (looked up at each trace, so a profile may swap it for another)."""
-    return model.loss(x, y)
-
-
 def pad_vocab(model: GPT, vocab_size: int) -> GPT:
     """Grow the embedding (and an untied head) to vocab_size rows, new rows = the mean row, so the new
     tokens' logits start at the average logit instead of dominating the softmax."""
@@ -244,7 +239,7 @@ class Trainer:
         """The compiled micro-step (forward + backward, gradients added to the running sum) and the
         compiled last micro-step, which also averages over ranks, clips and applies the recipe's optimizer."""
         model, optimizer, accum = self.model, self.optimizer, self.grad_accum
-        loss_and_grad = nn.value_and_grad(model, lambda m, x, y: lm_loss(m, x, y) / accum)
+        loss_and_grad = nn.value_and_grad(model, lambda m, x, y: m.loss(x, y) / accum)
 
         def accumulate(x, y, grads):
             loss, g = loss_and_grad(model, x, y)
@@ -363,13 +358,21 @@ class Trainer:
 
     # -- training
     def _say(self, line: str) -> None:
+        """A line on stdout (rank 0). If stdout is gone, its reader ended (`| head`, a `| tee` ended by Ctrl-C) or
+        its terminal closed, the run stops as on Ctrl-C, saving; later lines go to stderr, while it lasts."""
         if not self.dist.is_main:
             return
         try:
             tqdm.write(line, file=sys.stdout)
-        except BrokenPipeError:  # stdout's reader is gone (`| head`, a `| tee` ended by Ctrl-C): stop as Ctrl-C
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # does, saving; what is left is in log.*
+            sys.stdout.flush()  # now: into a pipe, a buffer's worth of steps would run before a write failed
+        except OSError:  # EPIPE, or EIO from a closed terminal
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())  # Python's own flush at exit fails no more
+            os.close(null)
+            sys.stdout = sys.stderr
             self._stop = True
+            with contextlib.suppress(OSError):
+                tqdm.write(line, file=sys.stderr)
 
     def _start_step(self, step: int) -> _Step | None:
         """Queue optimizer step `step`'s micro-steps on the device (_queue) and return it unfinished; None if a

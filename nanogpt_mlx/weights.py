@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import mlx.core as mx
 
 from . import signals
 from .errors import UserError, first_line
-from .files import atomic_dir, atomic_path, atomic_write_text, check_writable, hub_offline
+from .files import atomic_dir, atomic_path, atomic_write_text, check_writable, hub_offline, read_json
 from .hf_tokenizer import TOKENIZER_FILES, write_tokenizer_files
 from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 from .tokenizer import EOT
@@ -31,6 +32,7 @@ from .tokenizer import EOT
 HF_FILES = ["config.json", "model.safetensors"]
 EXPORT_FILES = [*HF_FILES, "generation_config.json", *TOKENIZER_FILES]
 HUB_PROBE_TIMEOUT = 3.0  # seconds to reach the hub before giving up (huggingface_hub retries for ~25 s)
+STAGING = ".export.tmp"  # where export_hf writes files before moving them into an existing directory
 NATIVE_FORMAT = "nanogpt-mlx"  # marker in config.json of this project's checkpoints
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _GPT2_FIXED = {"layer_norm_epsilon": 1e-5, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
@@ -88,8 +90,8 @@ def _read_config(directory: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{directory}: no config.json (expected a Hugging Face GPT-2 or nanogpt-mlx directory)")
     try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        cfg = read_json(path)
+    except ValueError as e:  # not JSON, not UTF-8
         raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{path}: expected a JSON object")
@@ -188,7 +190,7 @@ def _weight_files(directory: Path) -> list[Path]:
         return [path]
     if index.is_file():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            names = sorted(set(read_json(index)["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{index}: not a safetensors index ({first_line(e)})") from None
         missing = [n for n in names if not (directory / n).is_file()]
@@ -361,6 +363,8 @@ def check_export_target(out_dir: str | os.PathLike, force: bool = False, source:
     if native:
         raise UserError(f"{out}: holds a nanogpt-mlx checkpoint, which the export would overwrite; "
                         "write it to another directory")
+    for stale in out.glob(f"{STAGING}*"):  # what a killed export left: not the user's files
+        shutil.rmtree(stale, ignore_errors=True)
     if any(out.iterdir()) and not force:
         raise UserError(f"{out}: directory is not empty; pass --force to write into it, or choose another")
     return out
@@ -385,11 +389,12 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> No
             _write_hf(model, tmp)
         return
     # an existing directory stays (its inode, owner, mode; it may be a mount point or the working directory): the
-    # files are written beside their places, then moved in together, so that an earlier export there is replaced
-    # whole or not at all (a Ctrl-C or a full disk midway left new weights with the old config)
-    staging = out_dir / f".export.tmp{os.getpid()}"
+    # files are written into a staging directory in it, then renamed into place one after another with Ctrl-C and
+    # SIGTERM held back, so that a signal or a full disk leaves an earlier export there whole, not new weights with
+    # the old config (only a kill -9 or a crash amid the renames, milliseconds, can mix them)
+    staging = None
     try:
-        staging.mkdir()
+        staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out_dir))  # a name of its own (container pids repeat)
         _write_hf(model, staging)
         with signals.deferred():
             for f in staging.iterdir():
@@ -399,7 +404,8 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> No
     except UserError as e:  # the files' names, not the staging directory's
         raise UserError(str(e).replace(str(staging), str(out_dir))) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_hf(model: GPT, out_dir: Path) -> None:

@@ -234,6 +234,7 @@ def test_ctrl_c_while_the_ranks_import_is_one_line(data_dir, tmp_path):
         assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
         time.sleep(0.01)
     time.sleep(0.1)  # in the import
+    assert not (tmp_path / "log.jsonl").exists()  # not yet training, where a Ctrl-C was always one line
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err

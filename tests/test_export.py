@@ -177,3 +177,14 @@ def test_export_into_the_working_directory_and_through_a_link(tiny_hf_dir, tmp_p
     run_cli("export", str(tiny_hf_dir), str(tmp_path / "link"), check=True)
     for out in ("here", "real"):
         assert sorted(p.name for p in (tmp_path / out).iterdir()) == sorted(EXPORT_FILES)
+
+
+def test_what_a_killed_export_left_is_removed_by_the_next(tiny_hf_dir, tmp_path):
+    """A staging directory left by a kill made an otherwise empty target "not empty"."""
+    from nanogpt_mlx.weights import STAGING
+
+    out = tmp_path / "out"
+    (out / f"{STAGING}abc").mkdir(parents=True)
+    (out / f"{STAGING}abc" / ".model.tmp1.safetensors").write_bytes(b"half")
+    export_hf(load_model(tiny_hf_dir), out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(EXPORT_FILES)

@@ -438,6 +438,9 @@ def test_inspect_and_resume_beside_foreign_files(tmp_path):
     for damaged in ({}, {"shards": [{"file": "x"}]}, {"source": {}, "shards": [{"file": "x", "documents": "3"}]}):
         (data / "manifest.json").write_text(json.dumps({"format": prep.FORMAT, **damaged}))  # a KeyError, a TypeError
         assert "manifest.json is damaged" in prep.describe(data)
+    (data / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)  # a RecursionError's traceback, also in train
+    with pytest.raises(UserError, match="manifest.json: unreadable \\(nested too deeply\\)"):
+        prep.describe(data)
     (data / "manifest.json").unlink()
     assert "manifest" not in prep.describe(data)
     (tmp_path / "o").mkdir()
@@ -459,14 +462,16 @@ def test_sizes_that_cannot_work_are_refused(tmp_path, capsys):
     assert f"{prep._cpu_count() + 1} workers asked for, {prep._cpu_count()} used" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage", [lambda s: s.pop("sha256"), lambda s: s.update(end=5),
-                                    lambda s: s.update(file="../elsewhere.npy"), lambda s: s.update(tokens="801")])
+@pytest.mark.parametrize("damage", [lambda m: m["shards"][0].pop("sha256"), lambda m: m["shards"][0].update(end=5),
+                                    lambda m: m["shards"][0].update(file="../elsewhere.npy"),
+                                    lambda m: m["shards"][0].update(tokens="801"),
+                                    lambda m: m.update(stamps=[m["stamps"][0] + 0.5])])  # ValueError in the hint
 def test_a_damaged_manifest_of_the_right_format_is_one_line(tmp_path, damage):
     write_jsonl(tmp_path / "a.jsonl", make_docs(40, seed=2))
     src = sources.local_files([tmp_path / "a.jsonl"])
     prep.prepare(src, tmp_path / "o", cfg())
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
-    damage(manifest["shards"][0])
+    damage(manifest)
     (tmp_path / "o" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="manifest.json: damaged"):
         prep.prepare(src, tmp_path / "o", cfg())
@@ -557,3 +562,25 @@ def test_an_empty_shard_directory_is_refused(tmp_path, monkeypatch):
         prep.prepare(sources.shakespeare(path=text), "", cfg())
     assert_one_line_error(run_cli("prepare", "--inspect", ""), "unset variable")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input.txt"]
+
+
+def test_a_second_ctrl_c_while_the_workers_stop_ends_prepare(tmp_path):
+    """The second Ctrl-C broke into the pool's shutdown: the workers waited for work and the exit for them, forever."""
+    line = "First Citizen:\nBefore we proceed any further, hear me speak, and let us kill him.\n\n"
+    (tmp_path / "big.txt").write_text(line * 400_000)  # ~30 MB: tokenizing takes longer than this test waits
+    proc = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", "prepare", "files", str(tmp_path / "big.txt"),
+                             "--out", str(tmp_path / "o"), "--workers", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "o" / "manifest.json").exists():  # written once the work is planned, before the pool
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err

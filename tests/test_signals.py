@@ -26,3 +26,22 @@ def test_handlers_are_restored_after_the_block():
     with signals.handlers({signal.SIGUSR1: lambda n, _f: seen.append(n)}):
         os.kill(os.getpid(), signal.SIGUSR1)
     assert seen == [signal.SIGUSR1] and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+def test_a_held_signal_is_raised_also_when_the_block_fails():
+    with pytest.raises(KeyboardInterrupt):
+        with signals.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            raise OSError(28, "No space left on device")
+
+
+def test_a_held_sigterm_ends_the_process_through_its_finally_blocks():
+    """Its default handler ended the process at once, leaving what the finally blocks would have removed."""
+    cleaned = []
+    with pytest.raises(SystemExit) as e:
+        try:
+            with signals.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            cleaned.append(True)
+    assert e.value.code == 128 + signal.SIGTERM and cleaned == [True]

@@ -3,6 +3,7 @@ crash-safe checkpoints, overfitting one batch, the CLI, and one-line errors for 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import math
@@ -461,19 +462,21 @@ def test_cli_trains_samples_and_resumes(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGHUP", "stdout closed"])
-def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_cleanly(how, data_dir, tmp_path):
-    """SIGHUP: the terminal closed; stdout closed: `train | head`, or `| tee` that a Ctrl-C ended (the run ended
-    unsaved, exit status 0)."""
+def test_a_stop_request_saves_a_checkpoint_and_exits_cleanly(how, data_dir, tmp_path):
+    """Ctrl-C, SIGTERM, SIGHUP, or stdout's reader gone (`train | head`, or `| tee` that a Ctrl-C ended): the run
+    ended unsaved with exit status 0 there, and a buffer's worth of steps after the pipe closed."""
     out = tmp_path / "run"
     args = cli_config(data_dir, out, "--max-steps", "100000")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout into a pipe: block-buffered
     proc = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stderr=subprocess.PIPE, text=True, env={**env, "HF_HUB_OFFLINE": "1"},
                             preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # not nohup's
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "log.txt").exists() and (out / "log.txt").read_text().count(
             "train") >= 3):
         time.sleep(0.1)
     if how == "stdout closed":
+        stopped_at = (out / "log.txt").read_text().count(" train ")
         proc.stdout.close()
         stdout, stderr = "", proc.stderr.read()
         proc.wait(timeout=60)
@@ -485,7 +488,31 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_cleanly(how, data_dir, t
     (ckpt,) = checkpoints(out)
     steps_logged = (out / "log.txt").read_text().count(" train ")
     assert json.loads((ckpt / "trainer.json").read_text())["step"] == steps_logged == int(ckpt.name[5:]) >= 3
-    assert how == "stdout closed" or f"--resume {out}" in stdout
+    if how == "stdout closed":
+        assert steps_logged <= stopped_at + 3 and f"--resume {out}" in stderr  # the last line goes to stderr
+    else:
+        assert f"--resume {out}" in stdout
+
+
+def test_a_closed_terminal_saves_a_checkpoint(data_dir, tmp_path):
+    """The terminal's SIGHUP, then every write to it fails (EIO, not EPIPE): the run ended unsaved."""
+    import pty
+
+    out = tmp_path / "run"
+    pid, fd = pty.fork()
+    if pid == 0:  # the run, leading a session whose terminal is the pty
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        os.execv(sys.executable, [sys.executable, "-m", "nanogpt_mlx", *cli_config(data_dir, out, "--max-steps",
+                                                                                    "100000")])
+    deadline = time.time() + 120
+    while not ((out / "log.txt").exists() and (out / "log.txt").read_text().count(" train ") >= 3):
+        assert time.time() < deadline
+        with contextlib.suppress(OSError):
+            os.read(fd, 1 << 16)  # a terminal's reader: the run blocks on a full one
+    os.close(fd)  # the terminal window closes
+    _, status = os.waitpid(pid, 0)
+    (ckpt,) = checkpoints(out)
+    assert int(ckpt.name[5:]) == (out / "log.txt").read_text().count(" train ") >= 3, os.waitstatus_to_exitcode(status)
 
 
 def test_a_signal_during_the_last_save_lets_it_finish(data_dir, tmp_path):
@@ -499,7 +526,10 @@ def test_a_signal_during_the_last_save_lets_it_finish(data_dir, tmp_path):
         return save()
 
     trainer.save = interrupted_save
-    trainer.train()
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C interrupted the save")
     assert [p.name for p in checkpoints(tmp_path / "run")] == ["ckpt-000002"]
 
 

@@ -268,7 +268,7 @@ DAMAGE = {
     "state-step-negative": (lambda c: edit_state(c, step=-2), "trainer.json: step -2"),
     "state-step-bool": (lambda c: edit_state(c, step=True), "trainer.json lacks"),  # was taken for step 1
     "state-nested-deep": (lambda c: (c / "trainer.json").write_text("[" * 100_000 + "]" * 100_000),
-                          "trainer.json: maximum recursion depth"),  # was a RecursionError's traceback
+                          "trainer.json: nested too deeply"),  # was a RecursionError's traceback
     "state-position-beyond": (lambda c: edit_state(c, train_loader={"shard": 0, "step": 500, "epoch": 0}),
                               "train_loader: position at batch 500 of shard 0"),
     "state-position-malformed": (lambda c: edit_state(c, train_loader={"shard": 0, "step": "3", "epoch": 0}),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -385,7 +386,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fill_closed_streams() -> None:
+    """A stdout or stderr closed at start (`2>&-`) becomes /dev/null: Python leaves sys.stderr None (progress bars
+    then fail), and the next file opened would take the number, receiving what MLX writes there itself."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_WRONLY)  # the lowest free number: fd itself, unless 1 and 2 both were
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, "w", closefd=False))
+
+
 def main(argv: list[str] | None = None) -> int:
+    _fill_closed_streams()
     if hasattr(sys.stdout, "reconfigure"):  # generated text on a terminal that cannot show it: '?', not a traceback
         sys.stdout.reconfigure(errors="replace")
     try:

@@ -257,7 +257,9 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
         for p in live.values():
             p.send_signal(signal.SIGCONT)
 
-    handlers = {signal.SIGTERM: interrupt, signal.SIGHUP: interrupt, signal.SIGTSTP: suspend, signal.SIGCONT: resume}
+    handlers = {signal.SIGTERM: interrupt, signal.SIGTSTP: suspend, signal.SIGCONT: resume}
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # nohup's stays
+        handlers[signal.SIGHUP] = interrupt
     failed: dict[int, int] = {}  # rank -> exit status, of the ranks that failed
     sent: dict[int, int] = {}  # rank -> the signal this launcher stopped it with
     kill_at = math.inf

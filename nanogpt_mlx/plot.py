@@ -6,6 +6,7 @@ Uses matplotlib's object API with the Agg canvas, so it works headless and leave
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Sequence
@@ -124,14 +125,14 @@ def plot_runs(runs: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
         ax_hella.legend(fontsize="small")
 
     fig.tight_layout()
+    # drawn in memory, then written: image writers fail on a full disk in their own ways (a .jpg came out cut
+    # short and reported written, a .pdf's cleanup failed on the error), a plain write says so in one line
+    image = io.BytesIO()
+    try:
+        fig.savefig(image, format=out.suffix[1:].lower())
+    except RuntimeError as e:  # a writer's missing tool, e.g. .pgf's xelatex
+        raise UserError(f"{out}: cannot draw a {out.suffix} image ({first_line(e)}); .png, .svg and .pdf need "
+                        "nothing more") from None
     with atomic_path(out) as tmp:
-        try:
-            fig.savefig(tmp)
-        except RuntimeError as e:  # a writer's missing tool, e.g. .pgf's xelatex
-            raise UserError(f"{out}: cannot draw a {out.suffix} image ({first_line(e)}); .png, .svg and .pdf need "
-                            "nothing more") from None
-        except AttributeError as e:  # a full disk midway through a .pdf: matplotlib's cleanup fails on the OSError
-            if isinstance(e.__context__, OSError):
-                raise e.__context__ from None  # atomic_path's one line
-            raise
+        tmp.write_bytes(image.getvalue())
     return out

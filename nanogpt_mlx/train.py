@@ -149,6 +149,7 @@ class Trainer:
             self._claim_out(fresh=ckpt is None)
         self.log = checkpoint.RunLog(self.out, self.step, self.dist.is_main)
         self._stop = False
+        self._stopped_by: int | None = None  # the signal that requested the stop (_on_signal)
         self._data_error: UserError | None = None  # a shard the loader refused mid-run (_start_step)
         self._evaluating = False  # a stop request interrupts an evaluation (_on_signal)
         self._in_flight: tuple = ()  # what the device is evaluating (Trainer._queue) ...
@@ -466,10 +467,9 @@ class Trainer:
         self.log.event(self.step, "memory", need=need, cap=self._memory_cap)
 
     def _on_signal(self, signum: int, _frame) -> None:
-        again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        when = "now" if self._evaluating else "after this step"
-        self._say(f"stopping: saving a checkpoint {when} ({again} again to quit without saving)")
-        self._stop = True
+        """A stop request: saved at the end of the step (at once during an evaluation). No output here: a write
+        from a handler can land inside a write to the same stream, or block on a pipe nobody reads."""
+        self._stop, self._stopped_by = True, signum
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
         if self._evaluating:
             raise _StopEvaluating
@@ -480,7 +480,8 @@ class Trainer:
         KeyboardInterrupt; a NaN/inf loss raises UserError, saving nothing."""
         if self.dist.is_main:
             lock_dir(self.out, "run")  # again, if an earlier train() ended
-        self._stop, self._data_error = False, None  # an earlier train()'s stop request was answered by its end
+        # an earlier train()'s stop request was answered by its end
+        self._stop, self._stopped_by, self._data_error = False, None, None
         try:
             return self._train(until)
         finally:
@@ -564,6 +565,9 @@ class Trainer:
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save()
                 queued = ahead
+            if self._stopped_by is not None:
+                again = "Ctrl-C" if self._stopped_by == signal.SIGINT else signal.Signals(self._stopped_by).name
+                self._say(f"stopping: saving a checkpoint ({again} again to quit without saving)")
             path = self.save()  # under the handlers too: a Ctrl-C during this save lets it finish
         if self._data_error is not None:
             raise UserError(f"{self._data_error}; saved {path} (step {self.step}): repair that shard (its length "

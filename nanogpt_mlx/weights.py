@@ -363,9 +363,8 @@ def check_export_target(out_dir: str | os.PathLike, force: bool = False, source:
     if native:
         raise UserError(f"{out}: holds a nanogpt-mlx checkpoint, which the export would overwrite; "
                         "write it to another directory")
-    for stale in out.glob(f"{STAGING}*"):  # what a killed export left: not the user's files
-        shutil.rmtree(stale, ignore_errors=True)
-    if any(out.iterdir()) and not force:
+    # a staging directory is another export's, running or killed (removing it could break a running one)
+    if any(not p.name.startswith(STAGING) for p in out.iterdir()) and not force:
         raise UserError(f"{out}: directory is not empty; pass --force to write into it, or choose another")
     return out
 
@@ -397,8 +396,11 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> No
         staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out_dir))  # a name of its own (container pids repeat)
         _write_hf(model, staging)
         with signals.deferred():
-            for f in staging.iterdir():
-                os.replace(f, out_dir / f.name)
+            names = sorted(f.name for f in staging.iterdir())
+            if names != sorted(EXPORT_FILES):  # another process took files from it
+                raise UserError(f"{out_dir}: the export's files changed while it was written ({', '.join(names)})")
+            for name in names:
+                os.replace(staging / name, out_dir / name)
     except OSError as e:
         raise UserError(f"{out_dir}: cannot write ({e.strerror or first_line(e)})") from None
     except UserError as e:  # the files' names, not the staging directory's

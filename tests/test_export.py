@@ -179,12 +179,13 @@ def test_export_into_the_working_directory_and_through_a_link(tiny_hf_dir, tmp_p
         assert sorted(p.name for p in (tmp_path / out).iterdir()) == sorted(EXPORT_FILES)
 
 
-def test_what_a_killed_export_left_is_removed_by_the_next(tiny_hf_dir, tmp_path):
-    """A staging directory left by a kill made an otherwise empty target "not empty"."""
+def test_what_another_export_stages_is_neither_in_the_way_nor_removed(tiny_hf_dir, tmp_path):
+    """A staging directory (of an export running, or killed) made an otherwise empty target "not empty"; removing it
+    broke the export that was running."""
     from nanogpt_mlx.weights import STAGING
 
     out = tmp_path / "out"
     (out / f"{STAGING}abc").mkdir(parents=True)
     (out / f"{STAGING}abc" / ".model.tmp1.safetensors").write_bytes(b"half")
     export_hf(load_model(tiny_hf_dir), out)
-    assert sorted(p.name for p in out.iterdir()) == sorted(EXPORT_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*EXPORT_FILES, f"{STAGING}abc"])

@@ -125,20 +125,25 @@ def test_baseline_auto_follows_loss_range(tmp_path, monkeypatch):
     assert drawn == [3.2924]
 
 
-def test_a_full_disk_midway_through_a_pdf_is_one_line(tmp_path, monkeypatch):
-    """matplotlib's PDF writer fails on its own cleanup after the disk's error: a 54-line traceback."""
-    import matplotlib.figure
+@pytest.mark.parametrize("suffix", [".pdf", ".jpg"])
+def test_a_full_disk_midway_through_an_image_is_one_line(suffix, tmp_path, monkeypatch):
+    """matplotlib's PDF writer failed on its own cleanup after the disk's error (a 54-line traceback); Pillow's JPEG
+    writer left a cut-short file and the plot said it was written."""
+    import pathlib
 
-    def full_disk(self, *args, **kwargs):
-        try:
-            raise OSError(28, "No space left on device")
-        except OSError:
-            raise AttributeError("'Stream' object has no attribute 'pos'")  # noqa: B904  (as matplotlib does)
-
-    out = tmp_path / "loss.pdf"
+    out = tmp_path / f"loss{suffix}"
     out.write_bytes(b"an earlier plot")
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
-    with pytest.raises(UserError, match="loss.pdf: cannot write .*No space left on device"):
+    write_bytes = pathlib.Path.write_bytes
+
+    def full_disk(path, data):
+        write_bytes(path, data[:4096])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full_disk)
+    with pytest.raises(UserError, match=f"loss{suffix}: cannot write .*No space left on device"):
         plot_runs([fake_run(tmp_path / "a")], out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "loss.pdf"]  # no temporary file left
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", f"loss{suffix}"]  # no temporary file left
     assert out.read_bytes() == b"an earlier plot"
+    for kind in (".pdf", ".jpg", ".svg", ".eps"):  # every writer draws into memory
+        assert plot_runs([tmp_path / "a"], tmp_path / f"ok{kind}").stat().st_size > 1000

@@ -494,6 +494,29 @@ def test_a_stop_request_saves_a_checkpoint_and_exits_cleanly(how, data_dir, tmp_
         assert f"--resume {out}" in stdout
 
 
+def test_a_signal_while_stdout_is_blocked_saves_once_it_drains(data_dir, tmp_path):
+    """`train | less` that stopped reading, then SIGTERM: the handler's own line landed inside the blocked write
+    ("reentrant call"), a traceback and no checkpoint."""
+    import fcntl
+
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", *cli_config(data_dir, out, "--max-steps", "100000",
+                                                                               "--val-every", "0")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    fcntl.fcntl(proc.stdout.fileno(), 1031, 4096)  # F_SETPIPE_SZ: full after a few dozen lines
+    deadline, steps = time.time() + 120, -1
+    while steps != (steps := (out / "log.txt").read_text().count(" train ") if (out / "log.txt").exists() else 0) \
+            or steps < 3:  # until the run stops logging: blocked on its stdout
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)  # drains the pipe
+    assert proc.returncode == 130 and b"Traceback" not in stderr, stderr
+    (ckpt,) = checkpoints(out)
+    assert int(ckpt.name[5:]) == (out / "log.txt").read_text().count(" train ") >= 3 and b"stopping" in stdout
+
+
 def test_a_closed_terminal_saves_a_checkpoint(data_dir, tmp_path):
     """The terminal's SIGHUP, then every write to it fails (EIO, not EPIPE): the run ended unsaved."""
     import pty
@@ -577,7 +600,7 @@ def test_ctrl_c_during_an_evaluation_stops_it_at_once(data_dir, tmp_path):
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
-    assert time.time() - signal_sent < 30 and "saving a checkpoint now" in stdout
+    assert time.time() - signal_sent < 30 and "stopping: saving a checkpoint (Ctrl-C again" in stdout
     assert [p.name for p in checkpoints(out)] == ["ckpt-000000"] and logged(out, "val") == []
     run_cli("train", "--resume", str(out), "--val-steps", "2", check=True)
     assert [r["step"] for r in logged(out, "val")] == [0, 2]
@@ -772,3 +795,11 @@ def test_config_values_of_the_wrong_type_are_one_line():
         TrainConfig.preset("shakespeare", nlayer=3)
     with pytest.raises(UserError, match="max_new_tokens must be an integer"):
         SampleConfig(max_new_tokens="5")
+
+
+def test_a_closed_stderr_is_no_failure(data_dir, tmp_path):
+    """`train ... 2>&-`: the progress bar's stderr was None, the run ended at once with status 1 and no message."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "nanogpt_mlx", *cli_config(data_dir, out, "--max-steps", "2")],
+                          stdout=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(2), timeout=300)
+    assert proc.returncode == 0 and [p.name for p in checkpoints(out)] == ["ckpt-000002"], proc.stdout

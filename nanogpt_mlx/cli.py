@@ -122,9 +122,11 @@ def cmd_sample(args) -> None:
     if args.num_samples == 1:
         pieces = stream_text(model, args.prompt, cfg)
         print("> " + next(pieces), end="", flush=True)  # the prompt, once it is known to fit
-        for piece in pieces:
-            print(piece, end="", flush=True)
-        print()
+        try:
+            for piece in pieces:
+                print(piece, end="", flush=True)
+        finally:  # the sample's line ends also when generating fails: an error line is not glued to it
+            print(flush=True)
         return
     for text in sample_texts(model, args.prompt, cfg, args.num_samples):
         print(">", text)

@@ -358,3 +358,18 @@ def test_a_kernel_that_mlx_cannot_compile_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(cli, "cmd_info", lambda args: (_ for _ in ()).throw(RuntimeError("another MLX error")))
     with pytest.raises(RuntimeError, match="another MLX error"):  # not taken for a compiler's
         run_main(capsys, "info")
+
+
+def test_a_streamed_sample_ends_its_line_when_generating_fails(tiny_hf_dir, capsys, monkeypatch):
+    import nanogpt_mlx.sample as sample
+    from nanogpt_mlx.errors import UserError
+
+    def failing(model, prompt, cfg):
+        yield "Hello"
+        yield " world"
+        raise UserError("MLX could not compile a kernel (a full disk?)")
+
+    monkeypatch.setattr(sample, "stream_text", failing)
+    proc = run_main(capsys, "sample", "--model", str(tiny_hf_dir), "--num-samples", "1")
+    assert proc.stdout == "> Hello world\n"
+    assert_one_line_error(proc, "could not compile")

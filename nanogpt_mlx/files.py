@@ -66,6 +66,13 @@ def check_writable(path: str | os.PathLike) -> None:
         raise cannot("write", path, e) from None
 
 
+def named_dir(path: str | os.PathLike, what: str) -> str | os.PathLike:
+    """`path`, unless it is '': Path('') is the working directory, which an unset variable would write into."""
+    if not os.fspath(path):
+        raise UserError(f"the {what} is '' (an unset variable?); name a directory")
+    return path
+
+
 def _short(name: str, limit: int = 200) -> str:
     """`name` cut to `limit` bytes (whole characters) for a temporary name beside it: a name near the file
     system's limit of 255 bytes was refused once the temporary's marks were added."""

@@ -36,8 +36,8 @@ from . import signals
 from .data import list_shards, load_shard, open_shard
 from .documents import Part, plan_parts, read_docs
 from .errors import UserError, first_line
-from .files import (atomic_path, atomic_write_text, lock_dir, read_json, remove_stale_temps, sha256_file,
-                    unlock_dir)
+from .files import (atomic_path, atomic_write_text, lock_dir, named_dir, read_json, remove_stale_temps,
+                    sha256_file, unlock_dir)
 from .sources import Source, Unit
 from .tokenizer import EOT, EOT_TEXT, decode, get_tokenizer
 
@@ -349,13 +349,6 @@ def _start_pool(workers: int) -> cf.ProcessPoolExecutor | None:
     return pool
 
 
-def _directory(path: str | os.PathLike) -> str | os.PathLike:
-    """`path`, unless it is '': Path('') is the working directory, where an unset variable would write shards."""
-    if not os.fspath(path):
-        raise UserError("the shard directory is '' (an unset variable?); name a directory")
-    return path
-
-
 def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -367,7 +360,7 @@ def prepare(source: Source, out: str | os.PathLike, config: PrepareConfig | None
     `if __name__ == "__main__":` as for any multiprocessing code. A second prepare into the same `out` while
     this one runs is refused (files.lock_dir).
     """
-    out = Path(_directory(out)).expanduser()
+    out = Path(named_dir(out, "shard directory")).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: not a directory")
     lock_dir(out, "prepare")
@@ -445,7 +438,7 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
 
 def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
     """Shard counts and token totals of a shard directory, and the first tokens of its first shard decoded."""
-    data_dir = Path(_directory(data_dir)).expanduser()
+    data_dir = Path(named_dir(data_dir, "shard directory")).expanduser()
     splits = {}
     for split in ("val", "train"):
         try:

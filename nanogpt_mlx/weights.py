@@ -24,7 +24,8 @@ import mlx.core as mx
 
 from . import signals
 from .errors import UserError, first_line
-from .files import atomic_dir, atomic_path, atomic_write_text, check_writable, hub_offline, read_json
+from .files import (atomic_dir, atomic_path, atomic_write_text, check_writable, hub_offline, named_dir,
+                    read_json)
 from .hf_tokenizer import TOKENIZER_FILES, write_tokenizer_files
 from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 from .tokenizer import EOT
@@ -347,9 +348,7 @@ def save_model(model: GPT, out_dir: str | os.PathLike) -> None:
 def check_export_target(out_dir: str | os.PathLike, force: bool = False, source: str | os.PathLike | None = None) -> Path:
     """Where an export may go: a new or empty directory (any directory with `force`), never a file,
     the `source` directory itself or a nanogpt-mlx run or checkpoint, which would lose its own format."""
-    if not os.fspath(out_dir):  # Path("") is the working directory: an unset variable would export into it
-        raise UserError("the export directory is '' (an unset variable?); name a directory")
-    out = Path(out_dir).expanduser()
+    out = Path(named_dir(out_dir, "export directory")).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose a directory for the export")
     check_writable(out)

@@ -373,15 +373,11 @@ def cmd_train(args) -> None:
 COMMANDS = [add_info, add_sample, add_export, add_eval, add_plot, add_prepare, add_train]
 
 
-def _mlx_version() -> str:
+def build_parser() -> argparse.ArgumentParser:
     import mlx.core as mx
 
-    return mx.__version__
-
-
-def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nanogpt-mlx", description="GPT-2 in MLX: sample, train, evaluate (build-nanogpt, ported).")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__} (mlx {_mlx_version()})")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__} (mlx {mx.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
@@ -391,14 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _fill_closed_streams() -> None:
     """A stdout or stderr closed at start (`2>&-`) becomes /dev/null: Python leaves sys.stderr None (progress bars
     then fail), and the next file opened would take the number, receiving what MLX writes there itself."""
+    from .files import devnull_onto
+
     for fd, name in ((1, "stdout"), (2, "stderr")):
         try:
             os.fstat(fd)
         except OSError:
-            null = os.open(os.devnull, os.O_WRONLY)  # the lowest free number: fd itself, unless 1 and 2 both were
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
+            devnull_onto(fd)
             setattr(sys, name, open(fd, "w", closefd=False))
 
 

@@ -66,6 +66,14 @@ def check_writable(path: str | os.PathLike) -> None:
         raise cannot("write", path, e) from None
 
 
+def devnull_onto(fd: int) -> None:
+    """Point file descriptor `fd` at /dev/null (a stream whose reader is gone, or that was closed at start)."""
+    null = os.open(os.devnull, os.O_WRONLY)  # the lowest free number: fd itself if it was closed
+    if null != fd:
+        os.dup2(null, fd)
+        os.close(null)
+
+
 def named_dir(path: str | os.PathLike, what: str) -> str | os.PathLike:
     """`path`, unless it is '': Path('') is the working directory, which an unset variable would write into."""
     if not os.fspath(path):

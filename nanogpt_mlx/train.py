@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 import signal
 import sys
@@ -44,7 +43,7 @@ from .config import DTYPES, MODEL_FIELDS, TrainConfig
 from .data import DataLoader
 from .errors import UserError
 from .evaluate import check_examples, download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
-from .files import check_writable, lock_dir, remove_stale_temps, unlock_dir
+from .files import check_writable, devnull_onto, lock_dir, remove_stale_temps, unlock_dir
 from .model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig
 from .optim import Packing, clip_grad_norm
 from .sample import SampleConfig, prepare_prompt, sample_texts
@@ -367,9 +366,7 @@ class Trainer:
             tqdm.write(line, file=sys.stdout)
             sys.stdout.flush()  # now: into a pipe, a buffer's worth of steps would run before a write failed
         except OSError:  # EPIPE, or EIO from a closed terminal
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, sys.stdout.fileno())  # Python's own flush at exit fails no more
-            os.close(null)
+            devnull_onto(sys.stdout.fileno())  # Python's own flush at exit fails no more
             sys.stdout = sys.stderr
             self._stop = True
             with contextlib.suppress(OSError):

@@ -11,10 +11,12 @@ import os
 import shutil
 import secrets
 import ssl
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
+from . import signals
 from .errors import UserError, first_line
 
 # What a writer's body may raise that is not about the disk (a download's connection): passed through.
@@ -144,6 +146,35 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
     with contextlib.suppress(OSError):  # the rename's durability: done, or the file system's to finish
         _fsync_dir(path.parent)
+
+
+STAGING = ".export.tmp"  # atomic_files' directories (export_hf's): another writer's, running or killed, stay
+
+
+@contextlib.contextmanager
+def atomic_files(directory: Path, names: Sequence[str]) -> Iterator[Path]:
+    """Yield a staging directory inside the existing `directory`, for the body to write the files `names` into;
+    then rename them into `directory` one after another with Ctrl-C and SIGTERM held back. A signal or a storage
+    error leaves the files there before as they were, not some old and some new (only a kill -9 or a crash amid
+    the renames, milliseconds, can mix them). The directory itself stays: its inode, owner, mode (it may be a
+    mount point or the working directory). A storage error becomes one UserError."""
+    staging = None
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=directory))  # a name of its own (container pids repeat)
+        yield staging
+        with signals.deferred():
+            written = sorted(f.name for f in staging.iterdir())
+            if written != sorted(names):  # another process took files from it
+                raise UserError(f"{directory}: the files changed while they were written ({', '.join(written)})")
+            for name in written:
+                os.replace(staging / name, directory / name)
+    except OSError as e:
+        raise cannot("write", directory, e) from None
+    except UserError as e:  # the files' names, not the staging directory's
+        raise UserError(str(e).replace(str(staging), str(directory))) from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -14,18 +14,15 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
 
-from . import signals
 from .errors import UserError, first_line
-from .files import (atomic_dir, atomic_path, atomic_write_text, check_writable, hub_offline, named_dir,
-                    read_json)
+from .files import (STAGING, atomic_dir, atomic_files, atomic_path, atomic_write_text, check_writable,
+                    hub_offline, named_dir, read_json)
 from .hf_tokenizer import TOKENIZER_FILES, write_tokenizer_files
 from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 from .tokenizer import EOT
@@ -33,7 +30,6 @@ from .tokenizer import EOT
 HF_FILES = ["config.json", "model.safetensors"]
 EXPORT_FILES = [*HF_FILES, "generation_config.json", *TOKENIZER_FILES]
 HUB_PROBE_TIMEOUT = 3.0  # seconds to reach the hub before giving up (huggingface_hub retries for ~25 s)
-STAGING = ".export.tmp"  # where export_hf writes files before moving them into an existing directory
 NATIVE_FORMAT = "nanogpt-mlx"  # marker in config.json of this project's checkpoints
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _GPT2_FIXED = {"layer_norm_epsilon": 1e-5, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
@@ -386,27 +382,8 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> No
         with atomic_dir(out_dir) as tmp:
             _write_hf(model, tmp)
         return
-    # an existing directory stays (its inode, owner, mode; it may be a mount point or the working directory): the
-    # files are written into a staging directory in it, then renamed into place one after another with Ctrl-C and
-    # SIGTERM held back, so that a signal or a full disk leaves an earlier export there whole, not new weights with
-    # the old config (only a kill -9 or a crash amid the renames, milliseconds, can mix them)
-    staging = None
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out_dir))  # a name of its own (container pids repeat)
+    with atomic_files(out_dir, EXPORT_FILES) as staging:  # over an earlier export: it stays whole on a failure
         _write_hf(model, staging)
-        with signals.deferred():
-            names = sorted(f.name for f in staging.iterdir())
-            if names != sorted(EXPORT_FILES):  # another process took files from it
-                raise UserError(f"{out_dir}: the export's files changed while it was written ({', '.join(names)})")
-            for name in names:
-                os.replace(staging / name, out_dir / name)
-    except OSError as e:
-        raise UserError(f"{out_dir}: cannot write ({e.strerror or first_line(e)})") from None
-    except UserError as e:  # the files' names, not the staging directory's
-        raise UserError(str(e).replace(str(staging), str(out_dir))) from None
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_hf(model: GPT, out_dir: Path) -> None:

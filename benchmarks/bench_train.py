@@ -230,7 +230,8 @@ def main() -> None:
         worker(sys.argv[2:])
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="cpu: fp32 configs a, b, c; gpu: bf16, GPT-2 shapes")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                   help="cpu: fp32 configs a, b, c; gpu: bf16, GPT-2 shapes")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS) + list(GPU_CONFIGS),
                    help="default: a b c on a CPU, the GPU configs on a GPU")
     p.add_argument("--engines", nargs="+", choices=list(dict.fromkeys(ENGINES + GPU_ENGINES)),

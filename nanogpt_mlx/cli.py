@@ -217,7 +217,8 @@ def cmd_eval(args) -> None:
 def add_plot(sub) -> None:
     p = sub.add_parser("plot", help="plot loss and HellaSwag vs step of one or more runs (their log.txt)")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directory with log.txt (or a log file)")
-    p.add_argument("--out", default="run.png", help="image to write, of any type matplotlib writes: .png, .svg, .pdf, .jpg, ... (default: run.png)")
+    p.add_argument("--out", default="run.png",
+                   help="image to write, of any type matplotlib writes: .png, .svg, .pdf, .jpg, ... (default: run.png)")
     p.add_argument("--log-scale", action="store_true", help="logarithmic loss axis")
     p.add_argument("--baseline", choices=["auto", "on", "off"], default="auto",
                    help="GPT-2 124M val-loss line (3.2924, FineWeb-Edu); auto: when the loss axis reaches it")

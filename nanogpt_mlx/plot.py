@@ -69,8 +69,8 @@ def _loss_limits(logs: Sequence[RunSeries]) -> tuple[float, float]:
     return float(values.min()) * 0.95, float(top) * 1.05
 
 
-def plot_runs(runs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike = "run.png", log_scale: bool = False,
-              baseline: str = "auto") -> Path:
+def plot_runs(runs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike = "run.png",
+              log_scale: bool = False, baseline: str = "auto") -> Path:
     """Draw loss (train thin, val bold) and, if logged, HellaSwag vs step for each run; write `out`.
 
     baseline: "on", "off" or "auto" (the GPT-2 124M val-loss line, drawn when the loss axis reaches it).

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from . import __version__, device
-from .errors import UserError, field_kind, first_line
+from .errors import Stopped, UserError, field_kind, first_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -412,9 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         _error(f"nanogpt-mlx: error: {e}")
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         _error("nanogpt-mlx: interrupted")
-        return 130
+        return e.status if isinstance(e, Stopped) else 130
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
     except RuntimeError as e:

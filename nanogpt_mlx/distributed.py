@@ -240,11 +240,11 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
         json.dump(hosts, f)
     env = {**os.environ, "MLX_HOSTFILE": f.name, "OPENBLAS_NUM_THREADS": str(threads), LAUNCHER_ENV: str(os.getpid())}
     live: dict[int, subprocess.Popen] = {}
-    interrupted = False
+    interrupted = 0  # the first signal that stopped the run (Ctrl-C: SIGINT)
 
-    def interrupt(_signum=None, _frame=None) -> None:
+    def interrupt(signum: int = signal.SIGINT, _frame=None) -> None:
         nonlocal interrupted
-        interrupted = True
+        interrupted = interrupted or signum
         for p in live.values():
             p.send_signal(signal.SIGINT)
 
@@ -296,6 +296,6 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
             # a rank killed by a signal is the cause (the others then lose their peer): reported as a shell does
             killed = [-rc for r, rc in failed.items() if rc < 0 and -rc != sent.get(r)]
             code = 128 + killed[0] if killed else next(iter(failed.values()), 0)
-            return 130 if interrupted else code
+            return 128 + interrupted if interrupted else code
     finally:
         os.unlink(f.name)

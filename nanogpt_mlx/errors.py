@@ -7,6 +7,14 @@ class UserError(Exception):
     """Bad input or environment: shown to the user as one line, without a traceback."""
 
 
+class Stopped(KeyboardInterrupt):
+    """A run that a signal stopped after saving: the CLI exits with the status a shell reports for that signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.status = 128 + signum
+
+
 class FieldTypeError(UserError):
     """A config field holds a value of another type than its annotation's (check_types)."""
 

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from . import checkpoint, device, distributed, memory, recipes, signals
 from .config import DTYPES, MODEL_FIELDS, TrainConfig
 from .data import DataLoader
-from .errors import UserError
+from .errors import Stopped, UserError
 from .evaluate import check_examples, download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
 from .files import check_writable, devnull_onto, lock_dir, remove_stale_temps, unlock_dir
 from .model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig
@@ -474,7 +474,7 @@ class Trainer:
     def train(self, until: int | None = None) -> dict:
         """Run from self.step to max_steps (or to step `until`, then save); returns the latest train/val
         losses. Ctrl-C (and SIGTERM) saves after the step in progress, or at once during an evaluation, and raises
-        KeyboardInterrupt; a NaN/inf loss raises UserError, saving nothing."""
+        errors.Stopped (a KeyboardInterrupt); a NaN/inf loss raises UserError, saving nothing."""
         if self.dist.is_main:
             lock_dir(self.out, "run")  # again, if an earlier train() ended
         # an earlier train()'s stop request was answered by its end
@@ -569,7 +569,7 @@ class Trainer:
         if self._data_error is not None:
             raise UserError(f"{self._data_error}; saved {path} (step {self.step}): repair that shard (its length "
                             f"stays), then --resume {self.out}")
-        if self.step < end:  # stopped by Ctrl-C or SIGTERM
+        if self.step < end:  # stopped by a signal, or by stdout's reader ending (as Ctrl-C)
             self._say(f"interrupted: saved {path} (step {self.step}); continue with --resume {self.out}")
-            raise KeyboardInterrupt
+            raise Stopped(self._stopped_by or signal.SIGINT)
         return self.result

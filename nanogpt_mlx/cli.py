@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
 from pathlib import Path
 
 from . import __version__, device
+from .console import last_line, warn
 from .errors import Stopped, UserError, field_kind, first_line
 
 
@@ -407,13 +407,13 @@ def main(argv: list[str] | None = None) -> int:
         args.argv = sys.argv[1:] if argv is None else argv
         if args.command != "info":
             for note in device.notes():
-                print(f"nanogpt-mlx: note: {note}", file=sys.stderr)
+                warn(note, "note")
         args.func(args)
     except UserError as e:
-        _error(f"nanogpt-mlx: error: {e}")
+        last_line(f"nanogpt-mlx: error: {e}")
         return 1
     except KeyboardInterrupt as e:
-        _error("nanogpt-mlx: interrupted")
+        last_line("nanogpt-mlx: interrupted")
         return e.status if isinstance(e, Stopped) else 130
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
@@ -421,19 +421,13 @@ def main(argv: list[str] | None = None) -> int:
         said = device.explain(e)  # MLX's errors that the device knows a cause of (a full disk for its kernels)
         if said is None:
             raise
-        _error(f"nanogpt-mlx: error: {said}")
+        last_line(f"nanogpt-mlx: error: {said}")
         return 1
     except OSError as e:  # a disk or file error that no command turned into a UserError: still one line
         where = f"{e.filename}: " if e.filename else ""
-        _error(f"nanogpt-mlx: error: {where}{e.strerror or first_line(e)}")
+        last_line(f"nanogpt-mlx: error: {where}{e.strerror or first_line(e)}")
         return 1
     return 0
-
-
-def _error(line: str) -> None:
-    """A line on stderr, unless stderr is gone too (a closed terminal): the exit status still says it."""
-    with contextlib.suppress(OSError):
-        print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@ Shards are uint16 `.npy` files named `{name}_{split}_{index:06d}.npy` (build-nan
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from .console import warn
 from .errors import UserError
 from .files import read_json
 
@@ -62,8 +62,8 @@ def warn_if_incomplete(data_dir: Path) -> None:
     except (OSError, ValueError, AttributeError):  # no manifest (shards from elsewhere) or not ours
         return
     if complete is False:
-        print(f"nanogpt-mlx: warning: {data_dir}: prepare has not finished these shards (manifest.json says "
-              "incomplete); re-run the same prepare command to complete them", file=sys.stderr)
+        warn(f"{data_dir}: prepare has not finished these shards (manifest.json says incomplete); re-run the same "
+             "prepare command to complete them")
 
 
 @dataclass
@@ -98,7 +98,7 @@ class DataLoader:
         if not kept:
             raise UserError(f"{data_dir}: no {split} shard holds one batch: {short_list}")
         if short:
-            print(f"nanogpt-mlx: warning: {data_dir}: skipping {short_list}", file=sys.stderr)
+            warn(f"{data_dir}: skipping {short_list}")
         self.shards = [path for path, _ in kept]
         # what a saved position means: a checkpoint's position is refused by a loader that reads other batches
         self.layout = {"B": B, "T": T, "world": world, "shuffle": shuffle, "seed": seed if shuffle else None,

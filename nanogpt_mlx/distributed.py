@@ -12,6 +12,7 @@ import ctypes
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import signals
+from .console import LAUNCHER_ENV, LINES_ENV, last_line, new_lines
 from .errors import UserError
 
 # Environment variables that mean "this process was started as one rank of several".
@@ -84,7 +86,6 @@ class Dist:
 
 
 TIMEOUT_ENV = "NANOGPT_MLX_DIST_TIMEOUT"
-LAUNCHER_ENV = "NANOGPT_MLX_LAUNCHER"  # the pid of launch_local, in the ranks it starts
 RANK_GRACE = 30.0  # seconds a rank stopped after another failed has to exit before it is killed
 
 
@@ -165,7 +166,7 @@ class watchdog:
                 deadline += now - last
             last = now
             if now > deadline:
-                print(f"nanogpt-mlx: error: {self.message}", file=sys.stderr, flush=True)
+                last_line(f"nanogpt-mlx: error: {self.message}")
                 os._exit(1)
 
     def __enter__(self):
@@ -210,13 +211,12 @@ def _stop_ranks(live: dict[int, subprocess.Popen], sent: dict[int, int]) -> None
 
 
 # `python -m nanogpt_mlx` (__main__.py), but a Ctrl-C while the rank still imports (its first half second) ends it
-# as one later does, with a line and status 130 rather than a traceback from inside MLX's import. __main__.py
+# with status 130 (the launcher says "interrupted") rather than a traceback from inside MLX's import. __main__.py
 # cannot catch it: `-m` imports the package, MLX with it, before __main__.py runs
 _RANK_MAIN = """import sys
 try:
     from nanogpt_mlx.cli import main
 except KeyboardInterrupt:
-    print("nanogpt-mlx: interrupted", file=sys.stderr)
     sys.exit(130)
 sys.exit(main())
 """
@@ -230,15 +230,22 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
     The ranks run in a session of their own: Ctrl-C (SIGINT), SIGTERM or SIGHUP (the terminal closed) to this
     launcher reaches each of them as one Ctrl-C (they agree on a step, save a checkpoint and stop; a second one
     quits without saving), and Ctrl-Z suspends them with it. If a rank fails while the others train, they are
-    stopped (a frozen one too); if the launcher dies, its ranks stop as on Ctrl-C.
+    stopped (a frozen one too); if the launcher dies, its ranks stop as on Ctrl-C. The ranks' last lines
+    (console.last_line: an error, "interrupted") are shown once each, as each rank ends.
     """
     if n < 1:
         raise UserError(f"--ranks must be >= 1, got {n}")
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // n)
-    hosts = [[f"127.0.0.1:{p}"] for p in _free_ports(n)]
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(hosts, f)
-    env = {**os.environ, "MLX_HOSTFILE": f.name, "OPENBLAS_NUM_THREADS": str(threads), LAUNCHER_ENV: str(os.getpid())}
+    work = Path(tempfile.mkdtemp(prefix="nanogpt-mlx-ranks-"))  # the hostfile, and each rank's last lines
+    (work / "hosts.json").write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
+    env = {**os.environ, "MLX_HOSTFILE": str(work / "hosts.json"), "OPENBLAS_NUM_THREADS": str(threads),
+           LAUNCHER_ENV: str(os.getpid())}
+    shown: set[str] = set()  # the ranks' last lines shown
+
+    def show(r: int) -> None:
+        for line in new_lines(work / f"rank{r}.lines", shown):
+            print(line, file=sys.stderr, flush=True)
+
     live: dict[int, subprocess.Popen] = {}
     interrupted = 0  # the first signal that stopped the run (Ctrl-C: SIGINT)
 
@@ -266,8 +273,8 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
     try:
         with signals.handlers(handlers):
             for r in range(n):
-                live[r] = subprocess.Popen([sys.executable, "-c", _RANK_MAIN, *argv],
-                                           env={**env, "MLX_RANK": str(r)}, start_new_session=True)
+                live[r] = subprocess.Popen([sys.executable, "-c", _RANK_MAIN, *argv], start_new_session=True,
+                                           env={**env, "MLX_RANK": str(r), LINES_ENV: str(work / f"rank{r}.lines")})
             while live:
                 try:
                     for r, p in list(live.items()):
@@ -275,6 +282,7 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
                         if rc is None:
                             continue
                         del live[r]
+                        show(r)
                         if rc == 0:
                             continue
                         failed[r] = rc
@@ -296,6 +304,8 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
             # a rank killed by a signal is the cause (the others then lose their peer): reported as a shell does
             killed = [-rc for r, rc in failed.items() if rc < 0 and -rc != sent.get(r)]
             code = 128 + killed[0] if killed else next(iter(failed.values()), 0)
+            if interrupted and "nanogpt-mlx: interrupted" not in shown:  # ranks Ctrl-C'd while importing say nothing
+                print("nanogpt-mlx: interrupted", file=sys.stderr, flush=True)
             return 128 + interrupted if interrupted else code
     finally:
-        os.unlink(f.name)
+        shutil.rmtree(work, ignore_errors=True)

@@ -26,12 +26,12 @@ just above that (cap) leaves the host room to queue ahead without the peak growi
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import mlx.core as mx
 
 from . import device
+from .console import warn
 from .errors import UserError
 from .kernels import query_blocks
 from .loss import gemm_group, scales_in_gemms
@@ -130,7 +130,7 @@ def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpoi
         raise UserError(f"a step of batch {batch_size} x {seq_len} needs {est.describe()}, more than {where}; "
                         + ("; ".join(advice) if advice else "choose a smaller model or sequence length"))
     if est.total > 0.9 * limit:
-        print(f"warning: a step needs {est.describe()}, close to {where}", file=sys.stderr)
+        warn(f"a step needs {est.describe()}, close to {where}")
     return est
 
 

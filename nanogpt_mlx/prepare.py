@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from . import signals
+from .console import warn
 from .data import list_shards, load_shard, open_shard
 from .documents import Part, plan_parts, read_docs
 from .errors import UserError, first_line
@@ -399,7 +400,7 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
     cores = _cpu_count()
     workers = min(cfg.workers or cores, cores)
     if cfg.workers and cfg.workers > cores:  # tokenizing is CPU-bound: more processes than cores only cost memory
-        print(f"warning: {cfg.workers} workers asked for, {workers} used (this machine's cores)", file=sys.stderr)
+        warn(f"{cfg.workers} workers asked for, {workers} used (this machine's cores)")
     pool = _start_pool(workers)
     from tqdm import tqdm
 

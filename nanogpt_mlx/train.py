@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from . import checkpoint, device, distributed, memory, recipes, signals
 from .config import DTYPES, MODEL_FIELDS, TrainConfig
+from .console import warn
 from .data import DataLoader
 from .errors import Stopped, UserError
 from .evaluate import check_examples, download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
@@ -113,7 +114,7 @@ class Trainer:
         ckpt = checkpoint.latest_checkpoint(self.out) if resume else None
         self._check_out(ckpt, overwrite)
         if note := device.PROFILE.dtype_note(self.dtype_name):
-            print(f"warning: {note}", file=sys.stderr)
+            warn(note)
 
         self.model, self.memory = self._build_model(ckpt)
         # the config a checkpoint saves (and a resume holds to) names the model trained, not the preset's sizes
@@ -216,9 +217,9 @@ class Trainer:
         self.train_loader = DataLoader(cfg.data, "train", B, T, rank, world, vocab, cfg.shuffle, cfg.seed)
         self.val_loader = DataLoader(cfg.data, "val", B, T, rank, world, vocab) if cfg.val_every else None
         self.val_steps = self.val_loader.within_one_pass(cfg.val_steps) if self.val_loader else 0
-        if self.val_loader and self.val_steps < cfg.val_steps and self.dist.is_main:  # past one pass: repeated batches
-            print(f"warning: val_steps {cfg.val_steps} is more than the val split holds: validating on all its "
-                  f"{self.val_steps} batches", file=sys.stderr)
+        if self.val_loader and self.val_steps < cfg.val_steps:  # past one pass: repeated batches
+            warn(f"val_steps {cfg.val_steps} is more than the val split holds: validating on all its "
+                 f"{self.val_steps} batches")
 
     def _claim_out(self, fresh: bool) -> None:
         """Lock OUT until train() ends, before anything in it is removed: what a killed run left half-written, and
@@ -459,8 +460,8 @@ class Trainer:
         self._say(f"memory: a step needs {need / 1e9:.2f} GB (measured op by op); MLX's memory is capped at "
                   f"{self._memory_cap / 1e9:.2f} GB while training")
         if self._memory_cap < need:
-            print(f"warning: the step needs {need / 1e9:.2f} GB, more than --max-memory {self.cfg.max_memory:g} GB: "
-                  "MLX will wait for queued work at nearly every op", file=sys.stderr)
+            warn(f"the step needs {need / 1e9:.2f} GB, more than --max-memory {self.cfg.max_memory:g} GB: MLX will "
+                 "wait for queued work at nearly every op")
         self.log.event(self.step, "memory", need=need, cap=self._memory_cap)
 
     def _on_signal(self, signum: int, _frame) -> None:

@@ -184,6 +184,26 @@ def test_cli_ranks_option_launches_local_ranks(data_dir, tmp_path):
         assert r["mfu"] == pytest.approx(flops_per_token * r["tok_per_s"] / (2 * peak), rel=0.05)
 
 
+@pytest.mark.parametrize("case", ["error", "warning"])
+def test_the_ranks_say_an_error_or_a_warning_once(case, data_dir, tmp_path):
+    """Every rank runs the same command: each printed its own copy of a bad input's error and of every warning."""
+    from conftest import run_cli
+
+    data = tmp_path / "missing" if case == "error" else data_dir
+    proc = run_cli("train", "--ranks", "2", "--data", str(data), "--out", str(tmp_path / "run"), "--n-layer", "1",
+                   "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--vocab-size", "1000", "--batch-size", "4",
+                   "--seq-len", "32", "--total-batch-size", "256", "--max-steps", "1", "--val-steps", "100000",
+                   "--dtype", "bfloat16", "--sample-every", "0", timeout=300)
+    lines = proc.stderr.splitlines()
+    if case == "error":
+        assert proc.returncode == 1 and [line for line in lines if "error" in line] == [
+            f"nanogpt-mlx: error: {data}: data directory not found (make one with `nanogpt-mlx prepare`)"], proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        warnings = [line for line in lines if line.startswith("nanogpt-mlx: warning:")]
+        assert any("val_steps 100000" in w for w in warnings) and len(set(warnings)) == len(warnings), warnings
+
+
 def test_ctrl_c_on_one_rank_stops_all_at_the_same_step_with_a_checkpoint(data_dir, tmp_path):
     cfg = tiny_config(data_dir, tmp_path, max_steps=100000, total_batch_size=256)
     procs = start_ranks(tmp_path, cfg, 2, cli=True, env={"NANOGPT_MLX_DIST_TIMEOUT": "30"})
@@ -237,7 +257,7 @@ def test_ctrl_c_while_the_ranks_import_is_one_line(data_dir, tmp_path):
     assert not (tmp_path / "log.jsonl").exists()  # not yet training, where a Ctrl-C was always one line
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert proc.returncode == 130 and "Traceback" not in err and err.count("nanogpt-mlx: interrupted") == 1, err
 
 
 def gone(pid: int) -> bool:
@@ -257,6 +277,7 @@ def test_a_signal_to_the_ranks_launcher_stops_the_ranks_with_a_checkpoint(signum
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signum and "Traceback" not in err, err
+    assert err.count("nanogpt-mlx: interrupted") == 1, err  # not one from each rank
     assert all(map(gone, ranks))  # waited for by the launcher
     (saved,) = sorted(tmp_path.glob("ckpt-*"))
     assert int(saved.name[5:]) == len(logged(tmp_path))

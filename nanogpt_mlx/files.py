@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import secrets
 import ssl
@@ -99,7 +100,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     make_dirs(path.parent)
     # Keep the real suffix last: some writers (np.save, mx.save_safetensors) append one otherwise.
-    tmp = path.with_name(f".{_short(path.stem)}.tmp{os.getpid()}{path.suffix}")
+    stem = _short(path.stem)
+    tmp = path.with_name(f".{stem}.tmp{os.getpid()}{path.suffix}")
+    _remove_orphans(path.parent, rf"\.{re.escape(stem)}\.tmp(\d+){re.escape(path.suffix)}")
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -112,6 +115,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):  # on a read-only disk even a missing file's unlink fails
             tmp.unlink(missing_ok=True)
+
+
+def _remove_orphans(directory: Path, pattern: str) -> None:
+    """Delete the temporaries in `directory` whose names match `pattern` (group 1: the writer's pid) and whose
+    writer is gone: what a kill -9 or a crash left (an exported model's worth, or a download). A live writer's stay;
+    so does a dead one's whose pid another process has taken since."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            found = re.fullmatch(pattern, entry.name)
+            if found and not _alive(int(found.group(1))):
+                with contextlib.suppress(OSError):
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (another user's too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's; a number no pid can be
+        return True
+    return True
 
 
 def remove_stale_temps(directory: Path) -> None:
@@ -130,7 +159,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     removed; a storage error (also from the body) becomes one UserError."""
     path = Path(path)
     make_dirs(path.parent)
-    tmp = path.with_name(f".{_short(path.name)}.tmp{os.getpid()}-{secrets.token_hex(4)}")  # no other writer's
+    name = _short(path.name)
+    tmp = path.with_name(f".{name}.tmp{os.getpid()}-{secrets.token_hex(4)}")  # no other writer's
+    _remove_orphans(path.parent, rf"\.{re.escape(name)}\.tmp(\d+)-[0-9a-f]{{8}}")
     try:
         tmp.mkdir()  # (mkdtemp's would be private: 0700 whatever the umask)
         yield tmp
@@ -148,7 +179,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
 
 
-STAGING = ".export.tmp"  # atomic_files' directories (export_hf's): another writer's, running or killed, stay
+STAGING = ".export.tmp"  # atomic_files' directories (export_hf's), STAGING + pid + "-" + 8 characters
 
 
 @contextlib.contextmanager
@@ -159,8 +190,10 @@ def atomic_files(directory: Path, names: Sequence[str]) -> Iterator[Path]:
     the renames, milliseconds, can mix them). The directory itself stays: its inode, owner, mode (it may be a
     mount point or the working directory). A storage error becomes one UserError."""
     staging = None
+    _remove_orphans(directory, rf"{re.escape(STAGING)}(\d+)-\w{{8}}")
     try:
-        staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=directory))  # a name of its own (container pids repeat)
+        # a name of its own (pids repeat across containers): mkdtemp's 8 characters after the pid
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-", dir=directory))
         yield staging
         with signals.deferred():
             written = sorted(f.name for f in staging.iterdir())

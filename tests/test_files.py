@@ -222,3 +222,34 @@ def test_names_near_the_file_systems_limit_are_written(tmp_path):
     with atomic_dir(tmp_path / ("d" * 250)) as tmp:
         (tmp / "f").write_text("file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d" * 250, name]
+
+
+def test_what_a_killed_writer_left_goes_with_the_next_write_there(tmp_path):
+    """A kill -9 of `export` (its staging directory inside OUT, or the new OUT's temporary beside it) or of a
+    download left a model's worth of hidden files that nothing removed. A live writer's temporaries stay, and so do
+    names that only look alike."""
+    import os
+    import subprocess
+    import sys
+
+    from nanogpt_mlx.files import STAGING, atomic_dir, atomic_files
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = int(done.stdout), os.getppid()  # a pid that ended, and pytest's parent's
+    out = tmp_path / "export"
+    out.mkdir()
+    left = {tmp_path: [f".hf.tmp{dead}-0a1b2c3d", f".data.tmp{dead}.json"], out: [f"{STAGING}{dead}-ab_cd12z"]}
+    kept = {tmp_path: [f".hf.tmp{live}-0a1b2c3d", f".data.tmp{live}.json", f".data.tmp{dead}.json.bak",
+                       f".hf.tmp{dead}-0a1b2c3d-x"], out: [f"{STAGING}{live}-ab_cd12z", f"{STAGING}abc"]}
+    for where, names in [*left.items(), *kept.items()]:
+        for name in names:
+            (where / name).mkdir() if "json" not in name else (where / name).write_text("half")
+    with atomic_dir(tmp_path / "hf") as tmp:
+        (tmp / "f").write_text("file")
+    with atomic_path(tmp_path / "data.json") as tmp:
+        tmp.write_text("{}")
+    with atomic_files(out, ["config.json"]) as staging:
+        (staging / "config.json").write_text("{}")
+    for where in (tmp_path, out):
+        assert not any((where / n).exists() for n in left[where]), sorted(os.listdir(where))
+        assert all((where / n).exists() for n in kept[where]), sorted(os.listdir(where))

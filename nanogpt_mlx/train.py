@@ -144,6 +144,7 @@ class Trainer:
             if self.step > cfg.max_steps:
                 raise UserError(f"{ckpt} is at step {self.step}, beyond max_steps {cfg.max_steps}: nothing to train "
                                 f"(pass a larger --max-steps)")
+        self._saved_step = self.step  # the latest checkpoint's step (a fresh run's start needs none)
         self._build_steps()
         if self.dist.is_main:  # everything above has accepted the config (a refused run makes no OUT)
             self._claim_out(fresh=ckpt is None)
@@ -291,11 +292,26 @@ class Trainer:
         self._use_master(mx.float32)  # save the float32 masters, not a bf16 copy
         try:
             # the optimizer state per tensor, as the model's weights are stored, whatever the packing
-            return checkpoint.write(self.out, self.step, self.model, self.packing.unpack_state(self.optimizer.state), {
+            path = checkpoint.write(self.out, self.step, self.model, self.packing.unpack_state(self.optimizer.state), {
                 "step": self.step, "world": self.dist.world, "config": asdict(self.cfg),
                 "train_loader": self.train_loader.state_dict()})
         finally:
             self._use_master(self.dtype)
+        self._saved_step = self.step
+        return path
+
+    def _save_before_failing(self) -> None:
+        """An evaluation failed (a download, a kernel that cannot compile): save the steps since the last checkpoint
+        before its error ends the run. Nothing is queued during an evaluation, so the weights are whole."""
+        if self.step == self._saved_step or not self.dist.is_main:
+            return
+        try:
+            path = self.save()
+        except UserError as e:  # the evaluation's error is the one to show
+            warn(f"could not save the steps since the last checkpoint: {e}")
+            return
+        self._say(f"evaluation failed: saved {path} (step {self.step}); continue with --resume {self.out} once "
+                  "its cause is fixed")
 
     # -- evaluation
     def val_loss(self) -> float:
@@ -535,6 +551,9 @@ class Trainer:
                         self._evaluate()
                     except _StopEvaluating:
                         break
+                    except Exception:
+                        self._save_before_failing()
+                        raise
                     if self._measuring():
                         memory.start_measuring()
                     queued = self._start_step(self.step)

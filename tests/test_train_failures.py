@@ -348,3 +348,31 @@ def test_leftovers_of_a_kill_are_removed(run):
     assert temporaries(run) == []
     assert [p.name for p in checkpoints(run)] == ["ckpt-000002", "ckpt-000004"]
 
+
+
+@pytest.mark.parametrize("error", [RuntimeError("[Compile::eval_cpu] Failed to compile"), OSError(28, "full")])
+def test_an_evaluation_that_fails_mid_run_saves_the_steps_before_it(error, data_dir, tmp_path, capsys):
+    """A validation whose kernel cannot compile (a full disk under MLX's kernel cache), or a HellaSwag download that
+    fails: the run ended with every step since the last checkpoint lost. The weights are whole then (nothing is
+    queued during an evaluation), so they are saved, and the run resumes from there."""
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(data_dir, out, max_steps=8, val_every=3, checkpoint_every=0))
+    calls = []
+
+    def failing_val_loss():
+        calls.append(trainer.step)
+        if len(calls) == 2:
+            raise error
+        return 5.0
+
+    trainer.val_loss = failing_val_loss
+    with pytest.raises(type(error)):
+        trainer.train()
+    assert calls == [0, 3] and [p.name for p in checkpoints(out)] == ["ckpt-000003"]
+    assert f"evaluation failed: saved {out / 'ckpt-000003'} (step 3)" in capsys.readouterr().out
+    assert Trainer(tiny_config(data_dir, out, max_steps=8, val_every=3), resume=True).step == 3
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "fresh", max_steps=8, val_every=3))
+    trainer.val_loss = lambda: (_ for _ in ()).throw(error)  # at step 0: nothing to save
+    with pytest.raises(type(error)):
+        trainer.train()
+    assert checkpoints(tmp_path / "fresh") == []

@@ -47,22 +47,32 @@ def next_token(logits: mx.array, cfg: SampleConfig | None = None, key: mx.array 
     Draws with `key`, or MLX's global random state when it is None.
     """
     cfg = cfg or SampleConfig()
-    logits = logits[:, :GPT2_VOCAB_SIZE].astype(mx.float32)
     if cfg.greedy:
-        return mx.argmax(logits, axis=-1)
+        return mx.argmax(logits[:, :GPT2_VOCAB_SIZE], axis=-1)
+    return mx.random.categorical(filtered_logits(logits, cfg), key=key)
+
+
+def filtered_logits(logits: mx.array, cfg: SampleConfig) -> mx.array:
+    """logits (B, V) -> float32 (B, GPT-2's vocab) divided by the temperature, -inf where top-k or top-p drop
+    a token: what next_token draws from."""
+    logits = logits[:, :GPT2_VOCAB_SIZE].astype(mx.float32)
     # from the largest logit down: a tiny temperature then tends to greedy instead of overflowing to inf - inf
     logits = (logits - logits.max(axis=-1, keepdims=True)) / cfg.temperature
     if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
         kth = mx.partition(logits, -cfg.top_k, axis=-1)[:, -cfg.top_k][:, None]  # k-th largest
         logits = mx.where(logits < kth, -mx.inf, logits)
     if cfg.top_p is not None and cfg.top_p < 1:
-        order = mx.argsort(-logits, axis=-1)
-        probs = mx.softmax(mx.take_along_axis(logits, order, axis=-1), axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop_sorted = (mx.cumsum(probs, axis=-1) - probs) >= cfg.top_p
+        # keep the fewest most likely tokens whose mass reaches top_p (the likeliest always stays): drop a token
+        # if it and all less likely ones hold at most 1 - top_p, as transformers' TopPLogitsWarper does. Those
+        # masses are summed from the smallest up: added onto a float32 sum near 1, 10^4 probabilities of ~1e-6
+        # rounded away 1e-4 of the mass, and top_p 0.99 kept ~50 tokens too few
+        order = mx.argsort(logits, axis=-1)
+        weights = mx.exp(mx.take_along_axis(logits, order, axis=-1))  # not normalized: the largest is 1
+        tail = mx.cumsum(weights, axis=-1)
+        drop_sorted = tail <= (1 - cfg.top_p) * tail[:, -1:]
         drop = mx.put_along_axis(mx.zeros_like(drop_sorted), order, drop_sorted, axis=-1)
         logits = mx.where(drop, -mx.inf, logits)
-    return mx.random.categorical(logits, key=key)
+    return logits
 
 
 def prepare_prompt(model: GPT, ids: list[int], cfg: SampleConfig | None = None) -> list[int]:
@@ -87,7 +97,8 @@ def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig | None = None,
 
     Step t+1 is queued (mx.async_eval) before step t is read, so building its graph and the
     caller's work overlap the computation. With the same seed the cached and uncached paths
-    draw from the same random keys, so they produce the same tokens. A finished sample (it
+    draw from the same random keys: the same greedy tokens, and the same sampled ones unless their
+    logits' rounding (~1e-6 apart) moves a draw across the line between two tokens. A finished sample (it
     emitted <|endoftext|>) keeps yielding EOT until all are finished. cfg defaults to SampleConfig().
     """
     cfg = cfg or SampleConfig()

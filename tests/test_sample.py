@@ -192,3 +192,18 @@ def test_negative_ids_tiny_temperatures_and_no_samples(model):
     assert [next_token(logits, SampleConfig(temperature=1e-37), mx.random.key(s)).item() for s in range(5)] == [1] * 5
     with pytest.raises(UserError, match="num_samples must be >= 1, got 0"):
         sample_texts(model, "hi", cfg, 0)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99, 0.999])
+def test_top_p_keeps_the_tokens_transformers_keeps(top_p):
+    """Over GPT-2's whole vocab: the float32 cumulative sum from the likeliest token down rounded ~1e-4 of the mass
+    away, and top_p 0.99 kept ~50 tokens fewer than transformers' TopPLogitsWarper (and float64) keep."""
+    import torch
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from nanogpt_mlx.sample import filtered_logits
+
+    logits = (np.random.default_rng(0).standard_normal((3, 50257)) * 3).astype(np.float32)
+    ours = np.isfinite(np.array(filtered_logits(mx.array(logits), SampleConfig(top_k=None, top_p=top_p))))
+    ref = np.isfinite(TopPLogitsWarper(top_p)(None, torch.tensor(logits, dtype=torch.float64)).numpy())
+    assert (ours == ref).all(), (ours.sum(axis=1), ref.sum(axis=1))

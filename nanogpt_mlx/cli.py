@@ -243,7 +243,8 @@ def add_prepare(sub) -> None:
     common.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
     common.add_argument("--name", help="shard file prefix (default: edufineweb, shakespeare or data)")
     common.add_argument("--shard-size", type=positive_int, default=P.shard_size,
-                        help=f"tokens per shard (default: {P.shard_size:,})")
+                        help=f"tokens per shard; the first is val, the rest train (a source smaller than one shard: "
+                             f"its first tenth val, the rest train) (default: {P.shard_size:,})")
     common.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default: all cores)")
     common.add_argument("--shuffle-docs", action="store_true",
                         help="shuffle file order, part order within files and documents within parts")

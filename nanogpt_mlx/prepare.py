@@ -1,8 +1,8 @@
 """Dataset preparation: text -> GPT-2 token shards in build-nanogpt's format (what data.py reads).
 
 Shards are uint16 `.npy` files `{name}_{split}_{index:06d}.npy` of `shard_size` tokens (the last one
-shorter) with `<|endoftext|>` before every document; shard 0 is `val`, the rest `train`; `manifest.json`
-describes them. Sources: FineWeb-Edu (hub or a local mirror), Tiny Shakespeare, your own files.
+shorter) with `<|endoftext|>` before every document; shard 0 is `val`, the rest `train` (a source smaller than
+one shard: its first tenth val, the rest train); `manifest.json` describes them. Sources: FineWeb-Edu (hub or a local mirror), Tiny Shakespeare, your own files.
 
 Parallelism: every input file is cut into parts (documents.py: jsonl byte ranges, parquet row groups,
 whole txt files) that worker processes read and tokenize by themselves, so only a small part description
@@ -148,22 +148,41 @@ class ShardWriter:
                 self._flush({"unit": unit, "part": part, "skip": offset + pos})
 
     def finish(self) -> None:
-        if self.count:
+        if self.count and not self.manifest["shards"] and self.split == "val":
+            self._split_small()
+        elif self.count:
             self._flush(None)
         _complete(self.out, self.manifest)
 
+    def _split_small(self) -> None:
+        """A source smaller than one shard would be all val (build-nanogpt's shard 0), leaving nothing to train on:
+        its first tenth (to the next document's start) is val instead, the rest train, as Tiny Shakespeare's. Both
+        files are listed at once: a resume never sees the val shard alone, taking it for the end."""
+        tokens = self.buf[: self.count]
+        tenth = max(1, self.count // 10)
+        starts = np.flatnonzero(tokens[tenth:] == EOT)
+        cut = tenth + int(starts[0]) if len(starts) else tenth  # one document: cut inside it
+        if cut >= self.count:
+            self._flush(None)  # too little to split
+            return
+        self.manifest["shards"] += [self._save(tokens[:cut], "val", 0, None), self._save(tokens[cut:], "train", 1, None)]
+        _write_manifest(self.out, self.manifest)
+        self.count = 0
+
     def _flush(self, end: dict | None) -> None:
         index = len(self.manifest["shards"])
-        file = f"{self.name}_{self.split}_{index:06d}.npy"
-        tokens = self.buf[: self.count]
+        self.manifest["shards"].append(self._save(self.buf[: self.count], self.split, index, end))
+        _write_manifest(self.out, self.manifest)
+        self.count = 0
+
+    def _save(self, tokens: np.ndarray, split: str, index: int, end: dict | None) -> dict:
+        """Write shard `index` of `split`; its manifest record, with where the source goes on after it (`end`)."""
+        file = f"{self.name}_{split}_{index:06d}.npy"
         with atomic_path(self.out / file) as tmp:
             np.save(tmp, tokens)
             digest = sha256_file(tmp)
-        self.manifest["shards"].append({"file": file, "split": self.split, "tokens": self.count,
-                                        "documents": int(np.count_nonzero(tokens == EOT)),
-                                        "sha256": digest, "end": end})
-        _write_manifest(self.out, self.manifest)
-        self.count = 0
+        return {"file": file, "split": split, "tokens": len(tokens), "documents": int(np.count_nonzero(tokens == EOT)),
+                "sha256": digest, "end": end}
 
 
 def _complete(out: Path, manifest: dict) -> None:

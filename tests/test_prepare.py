@@ -584,3 +584,19 @@ def test_a_second_ctrl_c_while_the_workers_stop_ends_prepare(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130 and "Traceback" not in err, err
+
+
+def test_a_source_smaller_than_one_shard_is_split_90_10(tmp_path):
+    """build-nanogpt's shard 0 is val: a corpus under one shard (100M tokens by default) was all val, and `train`
+    then found no train shard. Its first tenth, to the next document's start, is val now; the rest train."""
+    docs = make_docs(60)
+    prep.prepare(sources.local_files([write_jsonl(tmp_path / "docs.jsonl", docs)]), tmp_path / "out",
+                 cfg(shard_size=10_000))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    val, train = manifest["shards"]
+    assert (val["split"], train["split"]) == ("val", "train") and manifest["complete"]
+    expected = expected_tokens(docs)
+    assert np.array_equal(shard_tokens(tmp_path / "out"), expected) and len(expected) < 10_000
+    assert len(expected) // 10 <= val["tokens"] < len(expected) // 5
+    assert np.load(tmp_path / "out" / train["file"])[0] == EOT  # a document's start
+    assert val["documents"] + train["documents"] == 60

@@ -29,7 +29,7 @@ class TrainConfig:
     recipe: str = _field("build-nanogpt", "model + optimizer + schedule (recipes.py): " + "; ".join(
         f"{r.name}, {r.summary}" for r in recipes.RECIPES.values()))
     data: str = _field("data/edu_fineweb10B", "directory of token shards (`nanogpt-mlx prepare`)")
-    out: str = _field("out/gpt2-124m", "directory of the checkpoints, log.txt and samples")
+    out: str = _field("out/gpt2-124m", "directory of the checkpoints, log.txt and log.jsonl (metrics, samples)")
     init_from: str = _field("", "'': random init; else a hub id (gpt2), Hugging Face directory or checkpoint "
                                 "directory to fine-tune from")
     # model (random init only; with init_from the source's shape is kept)

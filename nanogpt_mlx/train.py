@@ -202,11 +202,12 @@ class Trainer:
         """Refuse a fresh run into an OUT holding another run's checkpoints or a model, unless overwriting; and an
         OUT this process cannot write, now rather than at the first checkpoint."""
         if ckpt is None and checkpoint.checkpoints(self.out) and not overwrite:
-            raise UserError(f"{self.out} already holds a checkpoint; resume it (--resume {self.out}), "
-                            "pass --overwrite, or choose another --out")
+            raise UserError(f"{self.out} already holds a checkpoint; resume it (--resume {self.out}; in Python "
+                            "Trainer(cfg, resume=True)), pass --overwrite (overwrite=True), or choose another --out")
         if ckpt is None and not overwrite and any((self.out / f).exists() for f in checkpoint.MODEL_FILES):
             raise UserError(f"{self.out} already holds a model ({', '.join(checkpoint.MODEL_FILES)}), which a new run "
-                            "would replace; pass --overwrite, or choose another --out")
+                            "would replace; pass --overwrite (in Python Trainer(cfg, overwrite=True)), or choose another "
+                            "--out")
         if self.dist.is_main:
             check_writable(self.out)
 

@@ -2,7 +2,8 @@
 
 Shards are uint16 `.npy` files `{name}_{split}_{index:06d}.npy` of `shard_size` tokens (the last one
 shorter) with `<|endoftext|>` before every document; shard 0 is `val`, the rest `train` (a source smaller than
-one shard: its first tenth val, the rest train); `manifest.json` describes them. Sources: FineWeb-Edu (hub or a local mirror), Tiny Shakespeare, your own files.
+one shard: its first tenth val, the rest train); `manifest.json` describes them. Sources: FineWeb-Edu (hub or
+a local mirror), Tiny Shakespeare, your own files.
 
 Parallelism: every input file is cut into parts (documents.py: jsonl byte ranges, parquet row groups,
 whole txt files) that worker processes read and tokenize by themselves, so only a small part description
@@ -165,7 +166,8 @@ class ShardWriter:
         if cut >= self.count:
             self._flush(None)  # too little to split
             return
-        self.manifest["shards"] += [self._save(tokens[:cut], "val", 0, None), self._save(tokens[cut:], "train", 1, None)]
+        self.manifest["shards"] += [self._save(tokens[:cut], "val", 0, None),
+                                    self._save(tokens[cut:], "train", 1, None)]
         _write_manifest(self.out, self.manifest)
         self.count = 0
 

@@ -206,8 +206,8 @@ class Trainer:
                             "Trainer(cfg, resume=True)), pass --overwrite (overwrite=True), or choose another --out")
         if ckpt is None and not overwrite and any((self.out / f).exists() for f in checkpoint.MODEL_FILES):
             raise UserError(f"{self.out} already holds a model ({', '.join(checkpoint.MODEL_FILES)}), which a new run "
-                            "would replace; pass --overwrite (in Python Trainer(cfg, overwrite=True)), or choose another "
-                            "--out")
+                            "would replace; pass --overwrite (in Python Trainer(cfg, overwrite=True)), or choose "
+                            "another --out")
         if self.dist.is_main:
             check_writable(self.out)
 

@@ -298,7 +298,7 @@ def add_train(sub) -> None:
                                    "warmup_steps; --recipe build-nanogpt turns a speedrun preset back into the one "
                                    "it was made from (speedrun-124m: gpt2-124m). Ctrl-C, "
                                    "SIGTERM or SIGHUP saves a checkpoint after the step in progress (at once during an "
-                                   "evaluation) and stops.")
+                                   "evaluation, in a single process) and stops.")
     p.add_argument("--preset", choices=list(PRESETS), help="(default: shakespeare; not with --resume)")
     p.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoints are in DIR, exactly: "
                    "its model and its batches (batch_size, seq_len, shuffle, seed, shards) stay")

@@ -66,15 +66,16 @@ class TrainConfig:
     compile: bool = _field(True, "compile the training step and the validation loss (mx.compile)")
     activation_checkpointing: bool = _field(False, "recompute each block in the backward pass: less memory, "
                                                    "~1/3 more compute")
-    max_memory: float = _field(0.0, "GB the run may use: refuse to start if the estimated peak exceeds it, and cap "
-                                    "MLX's allocations there (MLX waits for queued work to free memory first); 0: "
-                                    "the device's memory")
+    max_memory: float = _field(0.0, "GB the run (each rank) may use: refuse to start if the estimated peak exceeds "
+                                    "it, and cap MLX's allocations there (MLX waits for queued work to free memory "
+                                    "first); 0: the device's memory (with --ranks N, a 1/N share)")
     cap_memory: bool = _field(False, "run the first step op by op to measure what a step needs, then cap MLX's "
                                      "memory 25% above that: a lower peak where MLX holds buffers of work queued "
                                      "ahead, for a slower first step")
     # evaluation, samples, checkpoints (0 disables; each also runs at the last step)
     val_every: int = _field(250, "steps between validation losses (0: never)")
-    val_steps: int = _field(20, "micro-batches per validation loss (at most one pass over the val split)")
+    val_steps: int = _field(20, "micro-batches per validation loss and rank, as build-nanogpt counts them (at "
+                                "most one pass over the val split)")
     sample_every: int = _field(250, "steps between printed samples (0: never)")
     num_samples: int = _field(4, "samples each time")
     sample_tokens: int = _field(32, "new tokens per sample")

@@ -42,6 +42,8 @@ class Dist:
     rank: int = 0
     world: int = 1
     timeout: float = 300.0  # seconds a collective may block before we give up on the peers
+    local: int = 1  # ranks on this machine, sharing its memory (launch_local's; mlx.launch's are not known)
+    slowest: float = 0.0  # seconds the longest sync took: a step that long here is not a lost peer
 
     @property
     def is_main(self) -> bool:
@@ -74,19 +76,31 @@ class Dist:
             self.sync(*arrays)
 
     def sync(self, *arrays: mx.array) -> None:
-        """mx.eval under a watchdog: a dead or stuck peer becomes a clear error, not a hang."""
+        """mx.eval under a watchdog: a dead or stuck peer becomes a clear error, not a hang. What it waits for
+        includes this rank's own work (a micro-step's forward and backward), so the limit is the timeout or 3x
+        the longest sync so far, whichever is longer."""
         if self.world == 1:
             mx.eval(*arrays)
             return
-        with watchdog(self.timeout, f"rank {self.rank}: no answer from the other ranks in {self.timeout:.0f} s"):
+        limit, start = max(self.timeout, 3 * self.slowest), time.monotonic()
+        with watchdog(limit, f"rank {self.rank}: no answer from the other ranks in {limit:.0f} s (if a step takes "
+                             f"that long here, raise {TIMEOUT_ENV})"):
             try:
                 mx.eval(*arrays)
             except RuntimeError as e:
                 raise UserError(f"rank {self.rank}: lost a peer rank ({e}); stopping") from None
+        self.slowest = max(self.slowest, time.monotonic() - start)
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+        self.sum(0.0)
 
 
 TIMEOUT_ENV = "NANOGPT_MLX_DIST_TIMEOUT"
 RANK_GRACE = 30.0  # seconds a rank stopped after another failed has to exit before it is killed
+# seconds the other ranks have to end by themselves once one ended with an error status before they are stopped:
+# a stop they agreed on (a Ctrl-C to one rank, a bad shard, stdout gone) ends them all, rank 0 after its save
+END_GRACE = 10.0
 
 
 def launched() -> bool:
@@ -123,7 +137,8 @@ def init(backend: str = "any", timeout: float | None = None) -> Dist:
             group = mx.distributed.init(strict=True, backend=backend)
         except RuntimeError as e:
             raise UserError(f"distributed init ({backend}) failed: {e}") from None
-    return Dist(group=group, rank=group.rank(), world=group.size(), timeout=timeout)
+    return Dist(group=group, rank=group.rank(), world=group.size(), timeout=timeout,
+                local=group.size() if LAUNCHER_ENV in os.environ else 1)
 
 
 def _stop_with_launcher(launcher: int) -> None:
@@ -230,8 +245,9 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
     The ranks run in a session of their own: Ctrl-C (SIGINT), SIGTERM or SIGHUP (the terminal closed) to this
     launcher reaches each of them as one Ctrl-C (they agree on a step, save a checkpoint and stop; a second one
     quits without saving), and Ctrl-Z suspends them with it. If a rank fails while the others train, they are
-    stopped (a frozen one too); if the launcher dies, its ranks stop as on Ctrl-C. The ranks' last lines
-    (console.last_line: an error, "interrupted") are shown once each, as each rank ends.
+    stopped (a frozen one too) unless they end by themselves within END_GRACE; if the launcher dies, its ranks
+    stop as on Ctrl-C. The ranks' last lines (console.last_line: an error, "interrupted") are shown once each, as
+    each rank ends.
     """
     if n < 1:
         raise UserError(f"--ranks must be >= 1, got {n}")
@@ -269,7 +285,7 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
         handlers[signal.SIGHUP] = interrupt
     failed: dict[int, int] = {}  # rank -> exit status, of the ranks that failed
     sent: dict[int, int] = {}  # rank -> the signal this launcher stopped it with
-    kill_at = math.inf
+    stop_at = kill_at = math.inf
     try:
         with signals.handlers(handlers):
             for r in range(n):
@@ -290,9 +306,11 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
                             oom = " (out of memory?)" if -rc == signal.SIGKILL else ""
                             print(f"nanogpt-mlx: error: rank {r} was killed by {signal.Signals(-rc).name}{oom}",
                                   file=sys.stderr, flush=True)
-                        if not interrupted and not sent:  # the run cannot finish: stop the rest
-                            _stop_ranks(live, sent)
-                            kill_at = time.monotonic() + RANK_GRACE
+                        if not interrupted and not sent:  # the run cannot finish: the rest end, or are stopped
+                            stop_at = min(stop_at, time.monotonic() + END_GRACE)
+                    if time.monotonic() > stop_at and not interrupted:  # once
+                        _stop_ranks(live, sent)
+                        stop_at, kill_at = math.inf, time.monotonic() + RANK_GRACE
                     if time.monotonic() > kill_at:  # the grace is over: once
                         for q, proc in live.items():
                             proc.kill()

@@ -112,12 +112,17 @@ def largest_batch(config: GPTConfig, seq_len: int, dtype: str, checkpointing: bo
 
 
 def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpointing: bool,
-          max_memory_gb: float = 0.0) -> Estimate:
-    """Refuse (UserError) a run whose estimated peak exceeds max_memory_gb (0: the device's memory), with the
-    batch size or checkpointing that would fit; warn when it comes within 10%."""
+          max_memory_gb: float = 0.0, share: int = 1) -> Estimate:
+    """Refuse (UserError) a run whose estimated peak exceeds max_memory_gb (0: the device's memory, of which each
+    of `share` ranks on this machine gets its share), with the batch size or checkpointing that would fit; warn
+    when it comes within 10%."""
     est = estimate(config, batch_size, seq_len, dtype, checkpointing)
-    limit = max_memory_gb * 1e9 if max_memory_gb else device.memory_bytes()
-    where = f"--max-memory {max_memory_gb:g} GB" if max_memory_gb else f"this device's {limit / 1e9:.1f} GB"
+    limit = max_memory_gb * 1e9 if max_memory_gb else device.memory_bytes() / share
+    if max_memory_gb:
+        where = f"--max-memory {max_memory_gb:g} GB"
+    else:
+        where = f"this device's {limit / 1e9:.1f} GB" if share == 1 else \
+            f"{limit / 1e9:.1f} GB, this device's memory split among its {share} ranks"
     if est.total > limit:
         advice = []
         fits = largest_batch(config, seq_len, dtype, checkpointing, limit)

@@ -164,7 +164,8 @@ class Trainer:
         """The model to train and its step's memory estimate, checked to fit (memory.check)."""
         cfg = self.cfg
         fits = partial(memory.check, batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=self.dtype_name,
-                       checkpointing=cfg.activation_checkpointing, max_memory_gb=cfg.max_memory)
+                       checkpointing=cfg.activation_checkpointing, max_memory_gb=cfg.max_memory,
+                       share=self.dist.local)
         if ckpt is None and not cfg.init_from:
             config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or PADDED_VOCAB_SIZE,
                                n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, **self.recipe.model)
@@ -221,7 +222,7 @@ class Trainer:
         self.val_steps = self.val_loader.within_one_pass(cfg.val_steps) if self.val_loader else 0
         if self.val_loader and self.val_steps < cfg.val_steps:  # past one pass: repeated batches
             warn(f"val_steps {cfg.val_steps} is more than the val split holds: validating on all its "
-                 f"{self.val_steps} batches")
+                 f"{self.val_steps * world} batches" + (f" ({self.val_steps} a rank)" if world > 1 else ""))
 
     def _claim_out(self, fresh: bool) -> None:
         """Lock OUT until train() ends, before anything in it is removed: what a killed run left half-written, and
@@ -267,7 +268,7 @@ class Trainer:
         state = checkpoint.read_state(ckpt)
         if state["world"] != self.dist.world:
             raise UserError(f"{ckpt} was written by a run with {state['world']} ranks; resume it with the same"
-                            f" number (this run has {self.dist.world})")
+                            f" number, --ranks {state['world']} (this run has {self.dist.world})")
         saved = checkpoint.read_optimizer(ckpt)
         # missing entries MLX would start from zeros, silently; others' shapes would fail inside the first update
         found = {k: a.shape for k, a in tree_flatten(saved)}
@@ -587,6 +588,8 @@ class Trainer:
                 again = "Ctrl-C" if self._stopped_by == signal.SIGINT else signal.Signals(self._stopped_by).name
                 self._say(f"stopping: saving a checkpoint ({again} again to quit without saving)")
             path = self.save()  # under the handlers too: a Ctrl-C during this save lets it finish
+            # the other ranks wait for rank 0's save: a rank's stop (status 130) ends the others
+            self.dist.barrier()
         if self._data_error is not None:
             raise UserError(f"{self._data_error}; saved {path} (step {self.step}): repair that shard (its length "
                             f"stays), then --resume {self.out}")

@@ -67,6 +67,25 @@ def test_a_run_that_cannot_fit_is_refused_with_advice():
         memory.check(cfg, 16, 1024, "float32", False, max_memory_gb=8)
 
 
+def test_ranks_on_one_machine_share_its_memory(tmp_path, monkeypatch):
+    """`--ranks N` starts N processes on this machine: each was checked against all of its memory."""
+    from nanogpt_mlx import device
+    from nanogpt_mlx.distributed import Dist
+
+    cfg = GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)
+    need = memory.estimate(cfg, 4, 1024, "float32", False).total
+    monkeypatch.setattr(device, "memory_bytes", lambda: int(1.5 * need))
+    memory.check(cfg, 4, 1024, "float32", False)
+    with pytest.raises(UserError, match="this device's memory split among its 2 ranks; --batch-size 2 fits"):
+        memory.check(cfg, 4, 1024, "float32", False, share=2)
+    shares = []
+    monkeypatch.setattr(memory, "check", lambda *a, share=1, **k: shares.append(share) or pytest.fail("checked"))
+    train_cfg = TrainConfig.preset("shakespeare", data=str(shards(tmp_path, 10_000)), out=str(tmp_path / "out"))
+    with pytest.raises(pytest.fail.Exception):
+        Trainer(train_cfg, dist=Dist(local=2))
+    assert shares == [2]
+
+
 def test_cli_refuses_before_training(tmp_path):
     data = shards(tmp_path, 10_000)
     proc = run_cli("train", "--preset", "shakespeare", "--data", str(data), "--out", str(tmp_path / "out"),

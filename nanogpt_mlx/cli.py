@@ -236,6 +236,7 @@ def add_prepare(sub) -> None:
     from .prepare import PrepareConfig as P  # its defaults are the command's
 
     p = sub.add_parser("prepare", help="tokenize FineWeb-Edu, Tiny Shakespeare or your files into token shards",
+                       usage="%(prog)s [-h] SOURCE ... --out DIR | %(prog)s --inspect DIR",
                        description="SOURCE --out DIR writes GPT-2 token shards (build-nanogpt's format); "
                                    "re-running the same command resumes. --inspect DIR describes shards.")
     p.add_argument("--inspect", metavar="DIR", help="print shard counts and token totals of DIR and decode a few tokens")

@@ -32,17 +32,16 @@ EXPORT_FILES = [*HF_FILES, "generation_config.json", *TOKENIZER_FILES]
 HUB_PROBE_TIMEOUT = 3.0  # seconds to reach the hub before giving up (huggingface_hub retries for ~25 s)
 NATIVE_FORMAT = "nanogpt-mlx"  # marker in config.json of this project's checkpoints
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-_GPT2_FIXED = {"layer_norm_epsilon": 1e-5, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-               "tie_word_embeddings": True}
+_GPT2_FIXED = {"layer_norm_epsilon": 1e-5, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False}
 
 
-def sanitize(hf_weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """Hugging Face GPT-2 tensors -> this project's names and layouts."""
+def sanitize(hf_weights: dict[str, mx.array], tied: bool = True) -> dict[str, mx.array]:
+    """Hugging Face GPT-2 tensors -> this project's names and layouts (`tied`: lm_head is wte, and dropped)."""
     out = {}
     for k, w in hf_weights.items():
         k = k.removeprefix("transformer.")
-        if k == "lm_head.weight" or k.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # lm_head is tied to wte; the others are causal-mask buffers
+        if (tied and k == "lm_head.weight") or k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # a tied lm_head is wte; the others are causal-mask buffers
         # a copy, not a transposed view: strided weights take a slower matmul path at every step
         out[k] = mx.contiguous(w.T) if k.endswith(_CONV1D) else w
     return out
@@ -125,7 +124,10 @@ def _config_from_hf(cfg: dict, where: Path) -> GPTConfig:
     if cfg.get("n_inner") not in (None, 4 * cfg.get("n_embd", 768)):  # None: 4 * n_embd
         raise UserError(f"{where}/config.json: n_inner={cfg['n_inner']!r} is not supported (GPT-2's MLP is 4 * n_embd "
                         f"= {4 * cfg.get('n_embd', 768)} wide)")
-    return GPTConfig(**_int_sizes(cfg, _SIZES, where))
+    tied = cfg.get("tie_word_embeddings", True)
+    if not isinstance(tied, bool):
+        raise UserError(f"{where}/config.json: tie_word_embeddings must be true or false, got {tied!r}")
+    return GPTConfig(**_int_sizes(cfg, _SIZES, where), tie_embeddings=tied)
 
 
 def _config_from_native(cfg: dict, where: Path) -> GPTConfig:
@@ -231,7 +233,7 @@ def load_local(directory: str | os.PathLike) -> GPT:
     _check_sizes(config, {k: v for f in files for k, v in safetensors_shapes(f).items()}, directory)
     weights = {k: v for f in files for k, v in _load_safetensors(f).items()}
     if not native:
-        weights = sanitize(weights)
+        weights = sanitize(weights, config.tie_embeddings)
     model = GPT(config, seed=0)
     _load_into(model, weights, directory)
     return model

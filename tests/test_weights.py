@@ -211,6 +211,32 @@ def test_variants_gpt2_does_not_have_are_refused_by_name(tiny_hf_dir, tmp_path):
     load_model(bad)
 
 
+def test_an_untied_lm_head_loads_as_transformers_reads_it(tmp_path):
+    """A GPT-2 saved with tie_word_embeddings=false (its own lm_head) was refused; transformers loads it. Export
+    still refuses it: mlx-lm's gpt2 would read wte as its head."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from nanogpt_mlx.weights import export_hf
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, tie_word_embeddings=False))
+    with torch.no_grad():
+        hf.lm_head.weight.normal_(0, 0.5)  # unlike wte
+    hf.save_pretrained(tmp_path / "untied")
+    model = load_model(tmp_path / "untied")
+    ids = [[15496, 11, 314, 1101, 257, 3303, 2746, 11]]
+    ref = hf.eval()(torch.tensor(ids)).logits.detach().numpy()
+    ours = np.array(model(mx.array(ids)))
+    assert not model.config.tie_embeddings and np.abs(ours - ref).max() < 1e-4 * np.abs(ref).max()
+    with pytest.raises(UserError, match="tie_embeddings=False"):
+        export_hf(model, tmp_path / "export")
+    config = json.loads((tmp_path / "untied" / "config.json").read_text())
+    (tmp_path / "untied" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": "no"}))
+    with pytest.raises(UserError, match="tie_word_embeddings must be true or false, got 'no'"):
+        load_model(tmp_path / "untied")
+
+
 @pytest.mark.parametrize("change, needle", [
     ({"attn_window": 8}, "switches this version of nanogpt-mlx does not know: attn_window"),
     ({"value_embeds": 0.9}, "value_embeds must be a whole number, got 0.9"),  # int() would make it 0

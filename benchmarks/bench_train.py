@@ -70,8 +70,8 @@ def run_mlx(cfg_name: str, steps: int, warmup: int, ranks: int = 1, dtype: str =
     import numpy as np
 
     import nanogpt_mlx  # noqa: F401  (OpenBLAS before mlx.core)
-    from nanogpt_mlx.distributed import launch_local
     from nanogpt_mlx.config import TrainConfig
+    from nanogpt_mlx.launch import launch_local
     from nanogpt_mlx.train import Trainer
 
     import mlx.core as mx

@@ -335,15 +335,23 @@ def preset_defaults(name: str, presets: dict) -> str:
     return "; ".join(f"{', '.join(names)}: {value}" for value, names in by_value.items())
 
 
+def _launches_ranks(args) -> bool:
+    """Whether this command starts `--ranks N` ranks (which run it themselves) rather than running it."""
+    from .distributed import launched
+
+    return getattr(args, "ranks", 0) > 1 and not launched()
+
+
 def cmd_train(args) -> None:
     from dataclasses import fields
 
     from .config import TrainConfig, resume_config
-    from .distributed import init, launch_local, launched
+    from .distributed import init
     from .files import lock_dir
+    from .launch import launch_local
     from .train import Trainer
 
-    if args.ranks > 1 and not launched():
+    if _launches_ranks(args):
         raise SystemExit(launch_local(args.ranks, args.argv))  # each rank runs this same command
     dist = init()
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
@@ -407,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)  # imports the commands' modules: Ctrl-C may come here too
         args.argv = sys.argv[1:] if argv is None else argv
-        if args.command != "info":
+        if args.command != "info" and not _launches_ranks(args):  # (the ranks say them)
             for note in device.notes():
                 warn(note, "note")
         args.func(args)

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import secrets
+import socket
 import ssl
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +25,10 @@ from .errors import UserError, first_line
 NETWORK_ERRORS = (ConnectionError, TimeoutError, ssl.SSLError)
 LOW_SPACE = 1 << 20  # bytes; less free space than this after a failed write means the disk is full
 LOCK_FILE = ".lock"
+# a temporary's name tells its writer, host and pid, so that the next writer there can remove it once that writer is
+# gone (_remove_orphans); the host (a tag of its name: containers have their own) as other hosts' pids are not ours
+HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+_OWNER = r"(?P<host>[0-9a-f]{8})-(?P<pid>\d+)"  # the writer in a temporary's name (_owner)
 _locked: dict[Path, IO[str]] = {}  # directory -> its lock file, held by this process
 
 
@@ -101,8 +106,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     make_dirs(path.parent)
     # Keep the real suffix last: some writers (np.save, mx.save_safetensors) append one otherwise.
     stem = _short(path.stem)
-    tmp = path.with_name(f".{stem}.tmp{os.getpid()}{path.suffix}")
-    _remove_orphans(path.parent, rf"\.{re.escape(stem)}\.tmp(\d+){re.escape(path.suffix)}")
+    tmp = path.with_name(f".{stem}.tmp{_owner()}{path.suffix}")
+    _remove_orphans(path.parent, rf"\.{re.escape(stem)}\.tmp{_OWNER}{re.escape(path.suffix)}")
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -117,14 +122,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
 
 
+def _owner() -> str:
+    """This process, as a temporary's name tells its writer."""
+    return f"{HOST_TAG}-{os.getpid()}"
+
+
 def _remove_orphans(directory: Path, pattern: str) -> None:
-    """Delete the temporaries in `directory` whose names match `pattern` (group 1: the writer's pid) and whose
-    writer is gone: what a kill -9 or a crash left (an exported model's worth, or a download). A live writer's stay;
-    so does a dead one's whose pid another process has taken since."""
+    """Delete the temporaries in `directory` whose names match `pattern` (with _OWNER's groups) and whose writer
+    was on this host and is gone: what a kill -9 or a crash left (an exported model's worth, or a download). A live
+    writer's stay, another host's (a shared disk), and a dead one's whose pid another process has taken since."""
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
             found = re.fullmatch(pattern, entry.name)
-            if found and not _alive(int(found.group(1))):
+            if found and found["host"] == HOST_TAG and not _alive(int(found["pid"])):
                 with contextlib.suppress(OSError):
                     if entry.is_dir(follow_symlinks=False):
                         shutil.rmtree(entry.path)
@@ -138,8 +148,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError):  # another user's; a number no pid can be
-        return True
+    except (PermissionError, OverflowError):  # another user's; a number no pid can be (kept)
+        pass
     return True
 
 
@@ -160,8 +170,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     make_dirs(path.parent)
     name = _short(path.name)
-    tmp = path.with_name(f".{name}.tmp{os.getpid()}-{secrets.token_hex(4)}")  # no other writer's
-    _remove_orphans(path.parent, rf"\.{re.escape(name)}\.tmp(\d+)-[0-9a-f]{{8}}")
+    tmp = path.with_name(f".{name}.tmp{_owner()}-{secrets.token_hex(4)}")  # no other writer's
+    _remove_orphans(path.parent, rf"\.{re.escape(name)}\.tmp{_OWNER}-[0-9a-f]{{8}}")
     try:
         tmp.mkdir()  # (mkdtemp's would be private: 0700 whatever the umask)
         yield tmp
@@ -179,7 +189,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
 
 
-STAGING = ".export.tmp"  # atomic_files' directories (export_hf's), STAGING + pid + "-" + 8 characters
+STAGING = ".export.tmp"  # atomic_files' directories (export_hf's): STAGING, _owner(), "-" and 8 characters
 
 
 @contextlib.contextmanager
@@ -190,10 +200,10 @@ def atomic_files(directory: Path, names: Sequence[str]) -> Iterator[Path]:
     the renames, milliseconds, can mix them). The directory itself stays: its inode, owner, mode (it may be a
     mount point or the working directory). A storage error becomes one UserError."""
     staging = None
-    _remove_orphans(directory, rf"{re.escape(STAGING)}(\d+)-\w{{8}}")
+    _remove_orphans(directory, rf"{re.escape(STAGING)}{_OWNER}-\w{{8}}")
     try:
-        # a name of its own (pids repeat across containers): mkdtemp's 8 characters after the pid
-        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-", dir=directory))
+        # a name of its own (pids repeat across containers): mkdtemp's 8 characters after the owner
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{_owner()}-", dir=directory))
         yield staging
         with signals.deferred():
             written = sorted(f.name for f in staging.iterdir())

@@ -139,14 +139,14 @@ class ShardWriter:
             self._flush({"unit": unit, "part": part, "skip": offset})  # a forced split starts a new shard
         pos = 0
         while pos < len(tokens):
+            if self.count == len(self.buf):  # written once more comes: a source of one shard's tokens is split
+                self._flush({"unit": unit, "part": part, "skip": offset + pos})
             if self.count == 0:
                 self.split = split or ("val" if not self.manifest["shards"] else "train")
             n = min(len(self.buf) - self.count, len(tokens) - pos)
             self.buf[self.count : self.count + n] = tokens[pos : pos + n]
             self.count += n
             pos += n
-            if self.count == len(self.buf):
-                self._flush({"unit": unit, "part": part, "skip": offset + pos})
 
     def finish(self) -> None:
         if self.count and not self.manifest["shards"] and self.split == "val":
@@ -157,14 +157,15 @@ class ShardWriter:
 
     def _split_small(self) -> None:
         """A source smaller than one shard would be all val (build-nanogpt's shard 0), leaving nothing to train on:
-        its first tenth (to the next document's start) is val instead, the rest train, as Tiny Shakespeare's. Both
-        files are listed at once: a resume never sees the val shard alone, taking it for the end."""
+        its first tenth is val instead (to the next document's start, if that comes before a fifth), the rest train,
+        as Tiny Shakespeare's. Both files are listed at once: a resume never sees the val shard alone, taking it for
+        the end."""
         tokens = self.buf[: self.count]
-        tenth = max(1, self.count // 10)
-        starts = np.flatnonzero(tokens[tenth:] == EOT)
-        cut = tenth + int(starts[0]) if len(starts) else tenth  # one document: cut inside it
-        if cut >= self.count:
-            self._flush(None)  # too little to split
+        tenth = self.count // 10
+        starts = np.flatnonzero(tokens[tenth : 2 * tenth] == EOT)
+        cut = tenth + int(starts[0]) if len(starts) else tenth  # else inside a document
+        if cut == 0:
+            self._flush(None)  # under 10 tokens: too little to split
             return
         self.manifest["shards"] += [self._save(tokens[:cut], "val", 0, None),
                                     self._save(tokens[cut:], "train", 1, None)]
@@ -295,8 +296,6 @@ class Summary:
                      f"({self.new_tokens / max(self.seconds, 1e-9) / 1e6:.2f} M tokens/s)")
         else:
             text += "; already complete"
-        if t["shards"] == n_val:
-            text += "\nwarning: no train shard; use a smaller --shard-size (shard 0 is always val)"
         return text
 
 

@@ -69,7 +69,8 @@ def filtered_logits(logits: mx.array, cfg: SampleConfig) -> mx.array:
         order = mx.argsort(logits, axis=-1)
         weights = mx.exp(mx.take_along_axis(logits, order, axis=-1))  # not normalized: the largest is 1
         tail = mx.cumsum(weights, axis=-1)
-        drop_sorted = tail <= (1 - cfg.top_p) * tail[:, -1:]
+        # (the likeliest stays also where 1 - top_p rounds to 1: a top_p below float32's resolution)
+        drop_sorted = (tail <= (1 - cfg.top_p) * tail[:, -1:]) & (mx.arange(tail.shape[-1]) < tail.shape[-1] - 1)
         drop = mx.put_along_axis(mx.zeros_like(drop_sorted), order, drop_sorted, axis=-1)
         logits = mx.where(drop, -mx.inf, logits)
     return logits

@@ -508,7 +508,7 @@ class Trainer:
     def _training(self) -> Iterator[tqdm]:
         """While steps run and the last is saved: a progress bar, MLX's memory capped (--max-memory, or the measured
         cap), and Ctrl-C saving. SIGTERM (kill, a scheduler) and SIGHUP save too, but only in a single process:
-        launch_local stops the surviving ranks of a failed group with SIGTERM, and they could not agree on a last
+        launch.py stops the surviving ranks of a failed group with SIGTERM, and they could not agree on a last
         step (its ranks get the launcher's SIGHUP as a Ctrl-C)."""
         bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
                    disable=None if self.dist.is_main else True, dynamic_ncols=True)
@@ -588,8 +588,9 @@ class Trainer:
                 again = "Ctrl-C" if self._stopped_by == signal.SIGINT else signal.Signals(self._stopped_by).name
                 self._say(f"stopping: saving a checkpoint ({again} again to quit without saving)")
             path = self.save()  # under the handlers too: a Ctrl-C during this save lets it finish
-            # the other ranks wait for rank 0's save: a rank's stop (status 130) ends the others
-            self.dist.barrier()
+            # the other ranks wait for rank 0's save (minutes for a large model): a rank's stop (status 130) would
+            # end the others
+            self.dist.barrier(at_least=3600)
         if self._data_error is not None:
             raise UserError(f"{self._data_error}; saved {path} (step {self.step}): repair that shard (its length "
                             f"stays), then --resume {self.out}")

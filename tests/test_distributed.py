@@ -393,6 +393,20 @@ def test_a_lost_rank_ends_the_launcher_with_one_line(how, data_dir, tmp_path):
     assert "Traceback" not in err and all(map(gone, ranks))
 
 
+def test_a_ctrl_c_after_a_rank_froze_still_ends_the_launcher(data_dir, tmp_path):
+    """Rank 1 frozen, rank 0 ended by its watchdog, then Ctrl-C while the launcher gave the frozen rank time to end:
+    the Ctrl-C called off stopping it, and the launcher waited for it forever."""
+    proc, ranks = launch_two_ranks(data_dir, tmp_path, env={"NANOGPT_MLX_DIST_TIMEOUT": "3"})
+    os.kill(ranks[1], signal.SIGSTOP)
+    deadline = time.time() + 60
+    while not gone(ranks[0]):  # its watchdog ends it
+        assert time.time() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "rank 1 was stopped (frozen)" in err and all(map(gone, ranks)), err
+
+
 @pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "1e30"])  # 1e30: beyond a thread's wait
 def test_a_bad_collective_timeout_is_one_line(value, data_dir, tmp_path):
     from conftest import assert_one_line_error, run_cli

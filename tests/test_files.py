@@ -232,15 +232,19 @@ def test_what_a_killed_writer_left_goes_with_the_next_write_there(tmp_path):
     import subprocess
     import sys
 
-    from nanogpt_mlx.files import STAGING, atomic_dir, atomic_files
+    from nanogpt_mlx.files import HOST_TAG, STAGING, atomic_dir, atomic_files
 
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead, live = int(done.stdout), os.getppid()  # a pid that ended, and pytest's parent's
+    # a writer that ended, a live one (pytest's parent), and one that looks dead here but ran on another host (or
+    # container) sharing the disk: its temporaries were deleted under it
+    ended = done.stdout.strip()
+    dead, live, other = f"{HOST_TAG}-{ended}", f"{HOST_TAG}-{os.getppid()}", f"0123abcd-{ended}"
     out = tmp_path / "export"
     out.mkdir()
     left = {tmp_path: [f".hf.tmp{dead}-0a1b2c3d", f".data.tmp{dead}.json"], out: [f"{STAGING}{dead}-ab_cd12z"]}
     kept = {tmp_path: [f".hf.tmp{live}-0a1b2c3d", f".data.tmp{live}.json", f".data.tmp{dead}.json.bak",
-                       f".hf.tmp{dead}-0a1b2c3d-x"], out: [f"{STAGING}{live}-ab_cd12z", f"{STAGING}abc"]}
+                       f".hf.tmp{dead}-0a1b2c3d-x", f".data.tmp{other}.json"],
+            out: [f"{STAGING}{live}-ab_cd12z", f"{STAGING}abc", f"{STAGING}{other}-ab_cd12z"]}
     for where, names in [*left.items(), *kept.items()]:
         for name in names:
             (where / name).mkdir() if "json" not in name else (where / name).write_text("half")

@@ -600,3 +600,11 @@ def test_a_source_smaller_than_one_shard_is_split_90_10(tmp_path):
     assert len(expected) // 10 <= val["tokens"] < len(expected) // 5
     assert np.load(tmp_path / "out" / train["file"])[0] == EOT  # a document's start
     assert val["documents"] + train["documents"] == 60
+    # a source of exactly one shard's tokens (it was written as val when the buffer filled), and one long document
+    # then a short one (the cut went on to the next document's start: 6 tokens were left to train on)
+    for name, texts, size in [("exact", docs, len(expected)), ("long", [" ".join(docs), "end"], 10_000)]:
+        prep.prepare(sources.local_files([write_jsonl(tmp_path / f"{name}.jsonl", texts)]), tmp_path / name,
+                     cfg(shard_size=size))
+        val, train = json.loads((tmp_path / name / "manifest.json").read_text())["shards"]
+        total = val["tokens"] + train["tokens"]
+        assert (val["split"], train["split"]) == ("val", "train") and total // 10 <= val["tokens"] < total // 5

@@ -76,6 +76,7 @@ def test_top_k_top_p_and_temperature_filter_correctly():
     assert set(picks) == {0, 1} and abs((picks == 0).mean() - 0.5 / 0.8) < 0.03
     assert set(draw(logits, top_k=None, top_p=0.81)) == {0, 1, 2}
     assert set(draw(logits, top_k=None, top_p=0.4)) == {0}
+    assert set(draw([-1.0, 2.0, 0.0], top_k=None, top_p=1e-9)) == {1}  # 1 - top_p is 1.0 in float32: all dropped
     assert set(draw(logits, top_k=None, top_p=1.0)) == {0, 1, 2, 3}
     # without filters, frequencies follow softmax(logits / temperature)
     for t in (1.0, 2.0):

@@ -349,7 +349,6 @@ def test_leftovers_of_a_kill_are_removed(run):
     assert [p.name for p in checkpoints(run)] == ["ckpt-000002", "ckpt-000004"]
 
 
-
 @pytest.mark.parametrize("error", [RuntimeError("[Compile::eval_cpu] Failed to compile"), OSError(28, "full")])
 def test_an_evaluation_that_fails_mid_run_saves_the_steps_before_it(error, data_dir, tmp_path, capsys):
     """A validation whose kernel cannot compile (a full disk under MLX's kernel cache), or a HellaSwag download that

@@ -1,0 +1,179 @@
+"""`nanogpt-mlx train --ranks N`: N ranks on this machine (MLX's ring backend on 127.0.0.1), one process to signal.
+
+The launcher starts the ranks in a session of their own and forwards what a terminal sends it (Ctrl-C,
+SIGTERM, SIGHUP, Ctrl-Z) to them; it stops the rest of a group that cannot finish, and shows each distinct last
+line of its ranks once (console.last_line).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from shutil import rmtree
+
+from . import signals
+from .console import LAUNCHER_ENV, LINES_ENV, new_lines, say
+from .errors import UserError
+
+# seconds the other ranks have to end by themselves once one ended with an error status before they are stopped:
+# a stop they agreed on (a Ctrl-C to one rank, a bad shard, stdout gone) ends them all, rank 0 after its save
+END_GRACE = 5.0
+RANK_GRACE = 30.0  # seconds a rank stopped (SIGTERM) has to exit before it is killed
+
+# `python -m nanogpt_mlx` (__main__.py), but a Ctrl-C while the rank still imports (its first half second) ends it
+# with status 130 (the launcher says "interrupted") rather than a traceback from inside MLX's import. __main__.py
+# cannot catch it: `-m` imports the package, MLX with it, before __main__.py runs
+_RANK_MAIN = """import sys
+try:
+    from nanogpt_mlx.cli import main
+except KeyboardInterrupt:
+    sys.exit(130)
+sys.exit(main())
+"""
+
+
+def _stopped(pid: int) -> bool:
+    """Whether a process is stopped (SIGSTOP), where /proc says (Linux)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class _Ranks:
+    """The running ranks of one launch: what ended how, what was sent to whom, and when to stop or kill the rest."""
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.live: dict[int, subprocess.Popen] = {}
+        self.failed: dict[int, int] = {}  # rank -> exit status, of the ranks that failed
+        self.sent: dict[int, int] = {}  # rank -> the signal this launcher stopped it with
+        self.interrupted = 0  # the first signal that stopped the run (Ctrl-C: SIGINT)
+        self.shown: set[str] = set()  # the ranks' last lines shown
+        self.stop_at = self.kill_at = math.inf
+
+    def start(self, r: int, argv: list[str], env: dict[str, str]) -> None:
+        self.live[r] = subprocess.Popen([sys.executable, "-c", _RANK_MAIN, *argv], start_new_session=True,
+                                        env={**env, "MLX_RANK": str(r), LINES_ENV: str(self.work / f"rank{r}.lines")})
+
+    def interrupt(self, signum: int = signal.SIGINT, _frame=None) -> None:
+        """Ctrl-C, SIGTERM or SIGHUP to the launcher: one Ctrl-C to each rank."""
+        self.interrupted = self.interrupted or signum
+        for p in self.live.values():
+            p.send_signal(signal.SIGINT)
+
+    def suspend(self, _signum, _frame) -> None:  # Ctrl-Z: the ranks are not in the terminal's process group
+        for p in self.live.values():
+            p.send_signal(signal.SIGSTOP)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    def resume(self, _signum, _frame) -> None:  # fg / bg
+        for p in self.live.values():
+            p.send_signal(signal.SIGCONT)
+
+    def poll(self) -> None:
+        """Note the ranks that ended (and show their last lines); stop the rest END_GRACE after a failure, kill them
+        RANK_GRACE after that. Also after a Ctrl-C: a frozen rank would be waited for forever."""
+        for r, p in list(self.live.items()):
+            rc = p.poll()
+            if rc is None:
+                continue
+            del self.live[r]
+            for line in new_lines(self.work / f"rank{r}.lines", self.shown):
+                say(line)
+            if rc == 0:
+                continue
+            self.failed[r] = rc
+            if rc < 0 and -rc != self.sent.get(r) and not self.interrupted:
+                oom = " (out of memory?)" if -rc == signal.SIGKILL else ""
+                say(f"nanogpt-mlx: error: rank {r} was killed by {signal.Signals(-rc).name}{oom}")
+            if not self.sent:  # the run cannot finish: the rest end by themselves, or are stopped
+                self.stop_at = min(self.stop_at, time.monotonic() + END_GRACE)
+        now = time.monotonic()
+        if now > self.stop_at:  # once
+            self._stop_rest()
+            self.stop_at, self.kill_at = math.inf, now + RANK_GRACE
+        if now > self.kill_at:  # once
+            for q, proc in self.live.items():
+                proc.kill()
+                self.sent[q] = signal.SIGKILL
+            self.kill_at = math.inf
+
+    def _stop_rest(self) -> None:
+        """SIGTERM the live ranks, SIGKILL a frozen one (nothing it could save)."""
+        for q, proc in self.live.items():
+            if proc.poll() is not None:  # ended too, not by this launcher: seen next time round
+                continue
+            if _stopped(proc.pid):
+                say(f"nanogpt-mlx: error: rank {q} was stopped (frozen)")
+                proc.kill()
+                self.sent[q] = signal.SIGKILL
+            else:
+                proc.terminate()
+                self.sent[q] = signal.SIGTERM
+
+    def status(self) -> int:
+        """The launch's exit status: a signal that stopped it, else a rank killed by a signal (the cause: the others
+        then lose their peer), as a shell reports it, else the first failed rank's status."""
+        if self.interrupted:
+            if "nanogpt-mlx: interrupted" not in self.shown:  # ranks Ctrl-C'd while importing say nothing
+                say("nanogpt-mlx: interrupted")
+            return 128 + self.interrupted
+        killed = [-rc for r, rc in self.failed.items() if rc < 0 and -rc != self.sent.get(r)]
+        return 128 + killed[0] if killed else next(iter(self.failed.values()), 0)
+
+
+def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -> int:
+    """Run the `nanogpt-mlx ARGV` command (_RANK_MAIN) as n ring-backend ranks on 127.0.0.1; return the exit code.
+
+    Each rank gets `threads_per_rank` BLAS threads (default: cores // n), since MLX's CPU backend
+    runs everything but matmuls on one thread, n single-threaded ranks can beat one n-threaded one.
+    The ranks run in a session of their own: Ctrl-C (SIGINT), SIGTERM or SIGHUP (the terminal closed) to this
+    launcher reaches each of them as one Ctrl-C (they agree on a step, save a checkpoint and stop; a second one
+    quits without saving), and Ctrl-Z suspends them with it. If a rank fails, the others are stopped (a frozen one
+    too) unless they end by themselves within END_GRACE; if the launcher dies, its ranks stop as on Ctrl-C
+    (distributed.init).
+    """
+    if n < 1:
+        raise UserError(f"--ranks must be >= 1, got {n}")
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // n)
+    work = Path(tempfile.mkdtemp(prefix="nanogpt-mlx-ranks-"))  # the hostfile, and each rank's last lines
+    (work / "hosts.json").write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
+    env = {**os.environ, "MLX_HOSTFILE": str(work / "hosts.json"), "OPENBLAS_NUM_THREADS": str(threads),
+           LAUNCHER_ENV: str(os.getpid())}
+    ranks = _Ranks(work)
+    handlers = {signal.SIGTERM: ranks.interrupt, signal.SIGTSTP: ranks.suspend, signal.SIGCONT: ranks.resume}
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # nohup's stays
+        handlers[signal.SIGHUP] = ranks.interrupt
+    try:
+        with signals.handlers(handlers):
+            for r in range(n):
+                ranks.start(r, argv, env)
+            while ranks.live:
+                try:
+                    ranks.poll()
+                    time.sleep(0.1)
+                except KeyboardInterrupt:  # Ctrl-C reaches the launcher alone (the ranks' own session): forward it
+                    ranks.interrupt()
+            return ranks.status()
+    finally:
+        rmtree(work, ignore_errors=True)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from . import __version__, device
-from .console import last_line, warn
+from .console import INTERRUPTED, last_line, warn
 from .errors import Stopped, UserError, field_kind, first_line
 
 
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         last_line(f"nanogpt-mlx: error: {e}")
         return 1
     except KeyboardInterrupt as e:
-        last_line("nanogpt-mlx: interrupted")
+        last_line(INTERRUPTED)
         return e.status if isinstance(e, Stopped) else 130
     except BrokenPipeError:  # e.g. piped into `head`
         return 0

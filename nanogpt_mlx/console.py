@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 LAUNCHER_ENV = "NANOGPT_MLX_LAUNCHER"  # set by launch.py in its ranks: the launcher's pid
 LINES_ENV = "NANOGPT_MLX_RANK_LINES"  # set by launch.py: the file this rank leaves its last lines in
+INTERRUPTED = "nanogpt-mlx: interrupted"  # the last line of a command a signal ended
 
 
 def say(line: str) -> None:

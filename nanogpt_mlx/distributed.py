@@ -83,7 +83,8 @@ class Dist:
                 mx.eval(*arrays)
             except RuntimeError as e:
                 raise UserError(f"rank {self.rank}: lost a peer rank ({e}); stopping") from None
-        self.slowest = max(self.slowest, time.monotonic() - start)
+        if not at_least:  # a wait for another rank's save is not a step
+            self.slowest = max(self.slowest, time.monotonic() - start)
 
     def barrier(self, at_least: float = 0.0) -> None:
         """Wait until every rank gets here (for at least `at_least` seconds, where one may be saving)."""

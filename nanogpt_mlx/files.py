@@ -104,10 +104,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     make_dirs(path.parent)
-    # Keep the real suffix last: some writers (np.save, mx.save_safetensors) append one otherwise.
-    stem = _short(path.stem)
-    tmp = path.with_name(f".{stem}.tmp{_owner()}{path.suffix}")
-    _remove_orphans(path.parent, rf"\.{re.escape(stem)}\.tmp{_OWNER}{re.escape(path.suffix)}")
+    # Keep the real suffix last: some writers (np.save, mx.save_safetensors) append one otherwise. (A "suffix" of
+    # hundreds of bytes is the name's bulk: cut as the stem.)
+    stem, suffix = (path.stem, path.suffix) if len(path.suffix.encode(errors="surrogateescape")) <= 32 else \
+        (path.name, "")
+    stem = _short(stem)
+    tmp = path.with_name(f".{stem}.tmp{_owner()}{suffix}")
+    _remove_orphans(path.parent, rf"\.{re.escape(stem)}\.tmp{_OWNER}{re.escape(suffix)}")
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -154,8 +157,11 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temps(directory: Path) -> None:
-    """Delete what a killed writer left half-written in `directory`: atomic_path's files, atomic_dir's directories."""
+    """Delete what a killed writer left half-written in `directory`, whoever wrote it (the caller holds the directory's
+    lock): atomic_path's files and atomic_dir's directories (names before owners were tagged with a host too)."""
     for stale in directory.glob(".*.tmp*"):
+        if not re.fullmatch(r"\..+\.tmp([0-9a-f]{8}-)?\d+.*", stale.name):  # a file of the user's: `.notes.tmp.txt`
+            continue
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:

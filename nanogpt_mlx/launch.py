@@ -20,7 +20,7 @@ from pathlib import Path
 from shutil import rmtree
 
 from . import signals
-from .console import LAUNCHER_ENV, LINES_ENV, new_lines, say
+from .console import INTERRUPTED, LAUNCHER_ENV, LINES_ENV, new_lines, say
 from .errors import UserError
 
 # seconds the other ranks have to end by themselves once one ended with an error status before they are stopped:
@@ -76,10 +76,14 @@ class _Ranks:
                                         env={**env, "MLX_RANK": str(r), LINES_ENV: str(self.work / f"rank{r}.lines")})
 
     def interrupt(self, signum: int = signal.SIGINT, _frame=None) -> None:
-        """Ctrl-C, SIGTERM or SIGHUP to the launcher: one Ctrl-C to each rank."""
+        """Ctrl-C, SIGTERM or SIGHUP to the launcher: one Ctrl-C to each rank; a frozen rank, which cannot take part
+        in the stop (the others would wait for it in their collectives until the timeout), is killed."""
         self.interrupted = self.interrupted or signum
-        for p in self.live.values():
-            p.send_signal(signal.SIGINT)
+        for q, p in self.live.items():
+            if _stopped(p.pid):
+                self._kill_frozen(q, p)
+            else:
+                p.send_signal(signal.SIGINT)
 
     def suspend(self, _signum, _frame) -> None:  # Ctrl-Z: the ranks are not in the terminal's process group
         for p in self.live.values():
@@ -91,8 +95,8 @@ class _Ranks:
             p.send_signal(signal.SIGCONT)
 
     def poll(self) -> None:
-        """Note the ranks that ended (and show their last lines); stop the rest END_GRACE after a failure, kill them
-        RANK_GRACE after that. Also after a Ctrl-C: a frozen rank would be waited for forever."""
+        """Note the ranks that ended (and show their last lines); stop the rest END_GRACE after a failure (also
+        after a Ctrl-C: one may be frozen), kill them RANK_GRACE after that."""
         for r, p in list(self.live.items()):
             rc = p.poll()
             if rc is None:
@@ -124,19 +128,22 @@ class _Ranks:
             if proc.poll() is not None:  # ended too, not by this launcher: seen next time round
                 continue
             if _stopped(proc.pid):
-                say(f"nanogpt-mlx: error: rank {q} was stopped (frozen)")
-                proc.kill()
-                self.sent[q] = signal.SIGKILL
+                self._kill_frozen(q, proc)
             else:
                 proc.terminate()
                 self.sent[q] = signal.SIGTERM
+
+    def _kill_frozen(self, q: int, proc: subprocess.Popen) -> None:
+        say(f"nanogpt-mlx: error: rank {q} was stopped (frozen)")
+        proc.kill()
+        self.sent[q] = signal.SIGKILL
 
     def status(self) -> int:
         """The launch's exit status: a signal that stopped it, else a rank killed by a signal (the cause: the others
         then lose their peer), as a shell reports it, else the first failed rank's status."""
         if self.interrupted:
-            if "nanogpt-mlx: interrupted" not in self.shown:  # ranks Ctrl-C'd while importing say nothing
-                say("nanogpt-mlx: interrupted")
+            if INTERRUPTED not in self.shown:  # ranks Ctrl-C'd while importing say nothing
+                say(INTERRUPTED)
             return 128 + self.interrupted
         killed = [-rc for r, rc in self.failed.items() if rc < 0 and -rc != self.sent.get(r)]
         return 128 + killed[0] if killed else next(iter(self.failed.values()), 0)

@@ -139,7 +139,9 @@ class ShardWriter:
             self._flush({"unit": unit, "part": part, "skip": offset})  # a forced split starts a new shard
         pos = 0
         while pos < len(tokens):
-            if self.count == len(self.buf):  # written once more comes: a source of one shard's tokens is split
+            # a full shard is written when more tokens come, not at once: a source of exactly one shard's tokens
+            # is then still whole at finish(), which splits it
+            if self.count == len(self.buf):
                 self._flush({"unit": unit, "part": part, "skip": offset + pos})
             if self.count == 0:
                 self.split = split or ("val" if not self.manifest["shards"] else "train")

@@ -588,9 +588,9 @@ class Trainer:
                 again = "Ctrl-C" if self._stopped_by == signal.SIGINT else signal.Signals(self._stopped_by).name
                 self._say(f"stopping: saving a checkpoint ({again} again to quit without saving)")
             path = self.save()  # under the handlers too: a Ctrl-C during this save lets it finish
-            # the other ranks wait for rank 0's save (minutes for a large model): a rank's stop (status 130) would
-            # end the others
-            self.dist.barrier(at_least=3600)
+            # the other ranks wait for rank 0's save (minutes for a large model), up to half an hour: a rank's
+            # stop (status 130) would end the others (launch.py), rank 0 amid its save
+            self.dist.barrier(at_least=1800)
         if self._data_error is not None:
             raise UserError(f"{self._data_error}; saved {path} (step {self.step}): repair that shard (its length "
                             f"stays), then --resume {self.out}")

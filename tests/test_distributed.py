@@ -393,6 +393,16 @@ def test_a_lost_rank_ends_the_launcher_with_one_line(how, data_dir, tmp_path):
     assert "Traceback" not in err and all(map(gone, ranks))
 
 
+def test_a_ctrl_c_kills_a_frozen_rank_at_once(data_dir, tmp_path):
+    """A frozen rank cannot agree on a stop: rank 0 waited for it in a collective until the timeout (300 s)."""
+    proc, ranks = launch_two_ranks(data_dir, tmp_path)
+    os.kill(ranks[1], signal.SIGSTOP)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "rank 1 was stopped (frozen)" in err and all(map(gone, ranks)), err
+
+
 def test_a_ctrl_c_after_a_rank_froze_still_ends_the_launcher(data_dir, tmp_path):
     """Rank 1 frozen, rank 0 ended by its watchdog, then Ctrl-C while the launcher gave the frozen rank time to end:
     the Ctrl-C called off stopping it, and the launcher waited for it forever."""

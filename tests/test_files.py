@@ -221,7 +221,10 @@ def test_names_near_the_file_systems_limit_are_written(tmp_path):
         tmp.write_bytes(b"image")
     with atomic_dir(tmp_path / ("d" * 250)) as tmp:
         (tmp / "f").write_text("file")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d" * 250, name]
+    long_suffix = "x." + "s" * 245  # the "suffix" is the bulk of the name
+    with atomic_path(tmp_path / long_suffix) as tmp:
+        tmp.write_bytes(b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["d" * 250, name, long_suffix])
 
 
 def test_what_a_killed_writer_left_goes_with_the_next_write_there(tmp_path):
@@ -257,3 +260,15 @@ def test_what_a_killed_writer_left_goes_with_the_next_write_there(tmp_path):
     for where in (tmp_path, out):
         assert not any((where / n).exists() for n in left[where]), sorted(os.listdir(where))
         assert all((where / n).exists() for n in kept[where]), sorted(os.listdir(where))
+
+
+def test_stale_temporaries_under_a_lock_go_and_the_users_files_stay(tmp_path):
+    """remove_stale_temps (a run's or prepare's OUT, under its lock) deleted any `.*.tmp*`, a `.notes.tmp.txt` too."""
+    from nanogpt_mlx.files import HOST_TAG, remove_stale_temps
+
+    stale = [".model.tmp123.safetensors", f".ckpt-000002.tmp{HOST_TAG}-99-0a1b2c3d", f".x.tmp0123abcd-7.npy"]
+    mine = [".notes.tmp.txt", ".tmp", "a.tmp1"]
+    for name in stale + mine:
+        (tmp_path / name).write_text("x")
+    remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(mine)

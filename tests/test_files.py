@@ -266,7 +266,7 @@ def test_stale_temporaries_under_a_lock_go_and_the_users_files_stay(tmp_path):
     """remove_stale_temps (a run's or prepare's OUT, under its lock) deleted any `.*.tmp*`, a `.notes.tmp.txt` too."""
     from nanogpt_mlx.files import HOST_TAG, remove_stale_temps
 
-    stale = [".model.tmp123.safetensors", f".ckpt-000002.tmp{HOST_TAG}-99-0a1b2c3d", f".x.tmp0123abcd-7.npy"]
+    stale = [".model.tmp123.safetensors", f".ckpt-000002.tmp{HOST_TAG}-99-0a1b2c3d", ".x.tmp0123abcd-7.npy"]
     mine = [".notes.tmp.txt", ".tmp", "a.tmp1"]
     for name in stale + mine:
         (tmp_path / name).write_text("x")

@@ -112,6 +112,9 @@ class _Ranks:
                 say(f"nanogpt-mlx: error: rank {r} was killed by {signal.Signals(-rc).name}{oom}")
             if not self.sent:  # the run cannot finish: the rest end by themselves, or are stopped
                 self.stop_at = min(self.stop_at, time.monotonic() + END_GRACE)
+                for q, proc in self.live.items():  # a frozen one cannot end by itself
+                    if _stopped(proc.pid):
+                        self._kill_frozen(q, proc)
         now = time.monotonic()
         if now > self.stop_at:  # once
             self._stop_rest()

@@ -70,20 +70,20 @@ class _Ranks:
         self.interrupted = 0  # the first signal that stopped the run (Ctrl-C: SIGINT)
         self.shown: set[str] = set()  # the ranks' last lines shown
         self.stop_at = self.kill_at = math.inf
+        self.find_frozen = False  # whether the next poll kills the frozen ranks (they cannot stop by themselves)
 
     def start(self, r: int, argv: list[str], env: dict[str, str]) -> None:
         self.live[r] = subprocess.Popen([sys.executable, "-c", _RANK_MAIN, *argv], start_new_session=True,
                                         env={**env, "MLX_RANK": str(r), LINES_ENV: str(self.work / f"rank{r}.lines")})
 
     def interrupt(self, signum: int = signal.SIGINT, _frame=None) -> None:
-        """Ctrl-C, SIGTERM or SIGHUP to the launcher: one Ctrl-C to each rank; a frozen rank, which cannot take part
-        in the stop (the others would wait for it in their collectives until the timeout), is killed."""
+        """Ctrl-C, SIGTERM or SIGHUP to the launcher: one Ctrl-C to each rank. A frozen rank cannot take part in the
+        stop (the others would wait for it in their collectives until the timeout): the next poll kills it. (No
+        output here: a handler's write can land inside the main loop's.)"""
         self.interrupted = self.interrupted or signum
-        for q, p in self.live.items():
-            if _stopped(p.pid):
-                self._kill_frozen(q, p)
-            else:
-                p.send_signal(signal.SIGINT)
+        self.find_frozen = True
+        for p in self.live.values():
+            p.send_signal(signal.SIGINT)
 
     def suspend(self, _signum, _frame) -> None:  # Ctrl-Z: the ranks are not in the terminal's process group
         for p in self.live.values():
@@ -95,8 +95,8 @@ class _Ranks:
             p.send_signal(signal.SIGCONT)
 
     def poll(self) -> None:
-        """Note the ranks that ended (and show their last lines); stop the rest END_GRACE after a failure (also
-        after a Ctrl-C: one may be frozen), kill them RANK_GRACE after that."""
+        """Note the ranks that ended (and show their last lines); after a failure or a Ctrl-C kill a frozen rank;
+        stop the rest END_GRACE after a failure, kill them RANK_GRACE after that."""
         for r, p in list(self.live.items()):
             rc = p.poll()
             if rc is None:
@@ -112,9 +112,12 @@ class _Ranks:
                 say(f"nanogpt-mlx: error: rank {r} was killed by {signal.Signals(-rc).name}{oom}")
             if not self.sent:  # the run cannot finish: the rest end by themselves, or are stopped
                 self.stop_at = min(self.stop_at, time.monotonic() + END_GRACE)
-                for q, proc in self.live.items():  # a frozen one cannot end by itself
-                    if _stopped(proc.pid):
-                        self._kill_frozen(q, proc)
+                self.find_frozen = True
+        if self.find_frozen:
+            self.find_frozen = False
+            for q, proc in self.live.items():
+                if _stopped(proc.pid):
+                    self._kill_frozen(q, proc)
         now = time.monotonic()
         if now > self.stop_at:  # once
             self._stop_rest()

@@ -34,7 +34,8 @@ def warn(text: str, kind: str = "warning") -> None:
 
 
 def last_line(line: str) -> None:
-    """A command's last line on stderr; a rank that `--ranks` started gives it to its launcher while that lives."""
+    """A command's last line on stderr; a rank that `--ranks` started gives it to its launcher while that lives
+    (without one, its ranks stop as on Ctrl-C: rank 0 alone says "interrupted")."""
     path = os.environ.get(LINES_ENV)
     if path and str(os.getppid()) == os.environ.get(LAUNCHER_ENV):
         try:
@@ -43,7 +44,8 @@ def last_line(line: str) -> None:
             return
         except OSError:
             pass
-    say(line)
+    if not (path and line == INTERRUPTED and os.environ.get("MLX_RANK") != "0"):
+        say(line)
 
 
 def new_lines(path: Path, shown: set[str]) -> list[str]:

@@ -375,6 +375,7 @@ def test_ranks_whose_launcher_was_killed_stop_with_a_checkpoint(suspended, data_
     assert len(saved) == 1, err
     (saved,) = saved
     assert int(saved.name[5:]) == len(logged(tmp_path))
+    assert err.count("nanogpt-mlx: interrupted") == 1, err  # not one from each rank
 
 
 @pytest.mark.parametrize("how", ["kill", "freeze"])

@@ -27,9 +27,14 @@ def say(line: str) -> None:
         sys.stderr.flush()
 
 
+def _other_local_rank() -> bool:
+    """Whether this process is one of the ranks `--ranks` started, but not rank 0 (which speaks for them)."""
+    return LAUNCHER_ENV in os.environ and os.environ.get("MLX_RANK") != "0"
+
+
 def warn(text: str, kind: str = "warning") -> None:
     """`nanogpt-mlx: warning: text` (or another kind: `note`); of the ranks `--ranks` started, from rank 0 alone."""
-    if LAUNCHER_ENV not in os.environ or os.environ.get("MLX_RANK") == "0":
+    if not _other_local_rank():
         say(f"nanogpt-mlx: {kind}: {text}")
 
 
@@ -44,7 +49,7 @@ def last_line(line: str) -> None:
             return
         except OSError:
             pass
-    if not (path and line == INTERRUPTED and os.environ.get("MLX_RANK") != "0"):
+    if not (line == INTERRUPTED and _other_local_rank()):
         say(line)
 
 

@@ -139,10 +139,15 @@ def _remove_orphans(directory: Path, pattern: str) -> None:
             found = re.fullmatch(pattern, entry.name)
             if found and found["host"] == HOST_TAG and not _alive(int(found["pid"])):
                 with contextlib.suppress(OSError):
-                    if entry.is_dir(follow_symlinks=False):
-                        shutil.rmtree(entry.path)
-                    else:
-                        os.unlink(entry.path)
+                    _delete(Path(entry.path))
+
+
+def _delete(path: Path) -> None:
+    """Remove a file (a link: itself), or a directory with what it holds (as far as it can)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -160,12 +165,8 @@ def remove_stale_temps(directory: Path) -> None:
     """Delete what a killed writer left half-written in `directory`, whoever wrote it (the caller holds the directory's
     lock): atomic_path's files and atomic_dir's directories (names before owners were tagged with a host too)."""
     for stale in directory.glob(".*.tmp*"):
-        if not re.fullmatch(r"\..+\.tmp([0-9a-f]{8}-)?\d+.*", stale.name):  # a file of the user's: `.notes.tmp.txt`
-            continue
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
+        if re.fullmatch(r"\..+\.tmp([0-9a-f]{8}-)?\d+.*", stale.name):  # not a user's `.notes.tmp.txt`
+            _delete(stale)
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from . import checkpoint, device, distributed, memory, recipes, signals
 from .config import DTYPES, MODEL_FIELDS, TrainConfig
-from .console import warn
+from .console import say, warn
 from .data import DataLoader
 from .errors import Stopped, UserError
 from .evaluate import check_examples, download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
@@ -388,8 +388,7 @@ class Trainer:
             devnull_onto(sys.stdout.fileno())  # Python's own flush at exit fails no more
             sys.stdout = sys.stderr
             self._stop = True
-            with contextlib.suppress(OSError):
-                tqdm.write(line, file=sys.stderr)
+            say(line)
 
     def _start_step(self, step: int) -> _Step | None:
         """Queue optimizer step `step`'s micro-steps on the device (_queue) and return it unfinished; None if a

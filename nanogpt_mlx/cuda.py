@@ -21,6 +21,7 @@ THREADS = 1024  # threads per row (one block); a 50304-wide row is ~6 packs of 8
 
 _HEADER = """
 #define NEG_INF __int_as_float(0xff800000)
+namespace nanogpt {  // MLX's kernel is in namespace mlx::core::cu, where a name of MLX's own would hide ours
 template <typename T, int P> struct alignas(sizeof(T) * P) Pack { T v[P]; };
 
 // (max, sum of exp(z - max)) of two partial rows, merged
@@ -30,12 +31,13 @@ __device__ inline void merge(float& m, float& s, float m2, float s2) {
   s = (m == NEG_INF ? 0.f : s * expf(m - mm)) + (m2 == NEG_INF ? 0.f : s2 * expf(m2 - mm));
   m = mm;
 }
+}  // namespace nanogpt
 """
 
 _SOURCE = """
   const int row = blockIdx.x, tid = threadIdx.x;
   const float inv_n = params[0], cap = params[1];
-  using Vec = Pack<T, PACK>;
+  using Vec = nanogpt::Pack<T, PACK>;
   const Vec* x = reinterpret_cast<const Vec*>(logits + (size_t)row * V);
   Vec* d = reinterpret_cast<Vec*>(dlogits + (size_t)row * V);
 
@@ -52,7 +54,7 @@ _SOURCE = """
   }
   // merge across the warp, then across the warps through shared memory
   for (int off = 16; off > 0; off >>= 1)
-    merge(m, s, __shfl_xor_sync(0xffffffff, m, off), __shfl_xor_sync(0xffffffff, s, off));
+    nanogpt::merge(m, s, __shfl_xor_sync(0xffffffff, m, off), __shfl_xor_sync(0xffffffff, s, off));
   __shared__ float wm[32], ws[32], lse_shared;
   const int warp = tid / 32, lane = tid % 32;
   if (lane == 0) { wm[warp] = m; ws[warp] = s; }
@@ -61,7 +63,7 @@ _SOURCE = """
     m = lane < THREADS / 32 ? wm[lane] : NEG_INF;
     s = lane < THREADS / 32 ? ws[lane] : 0.f;
     for (int off = 16; off > 0; off >>= 1)
-      merge(m, s, __shfl_xor_sync(0xffffffff, m, off), __shfl_xor_sync(0xffffffff, s, off));
+      nanogpt::merge(m, s, __shfl_xor_sync(0xffffffff, m, off), __shfl_xor_sync(0xffffffff, s, off));
     if (lane == 0) {
       lse_shared = m + logf(s);
       const int t = targets[row];

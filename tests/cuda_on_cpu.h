@@ -80,6 +80,9 @@ std::vector<T> read_array(const char* path, size_t n) {
 template <typename T>
 void write_array(const char* path, const std::vector<T>& values) {
   FILE* f = std::fopen(path, "wb");
-  if (!f || std::fwrite(values.data(), sizeof(T), values.size(), f) != values.size()) { std::perror(path); std::exit(1); }
+  if (!f || std::fwrite(values.data(), sizeof(T), values.size(), f) != values.size()) {
+    std::perror(path);
+    std::exit(1);
+  }
   std::fclose(f);
 }

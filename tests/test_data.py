@@ -105,6 +105,23 @@ def test_a_saved_position_follows_its_shards_to_another_directory(tmp_path):
     moved.load_state_dict(saved)
 
 
+def test_shuffle_permutes_each_shards_windows_anew_each_epoch(tmp_path):
+    """--shuffle reads a shard's B x T windows in a permutation drawn from (seed, epoch, shard): every window once
+    a pass, another order each epoch, the same order for the same seed."""
+    windows, BT = 10, 4 * 32
+    data = write_shards(tmp_path / "d", [np.arange(windows * BT + 1)], token_stream(2000, 3))
+
+    def starts(seed: int, shuffle: bool = True) -> list[list[int]]:
+        loader = DataLoader(data, "train", 4, 32, shuffle=shuffle, seed=seed)
+        return [[int(loader.next_batch()[0][0, 0]) // BT for _ in range(windows)] for _epoch in range(2)]
+
+    assert starts(5, shuffle=False) == [list(range(windows))] * 2
+    epochs = starts(5)
+    assert epochs == [np.random.default_rng([5, epoch, 0]).permutation(windows).tolist() for epoch in (0, 1)]
+    assert sorted(epochs[0]) == list(range(windows)) and epochs[0] != list(range(windows)) and epochs[0] != epochs[1]
+    assert starts(5) == epochs and starts(6) != epochs
+
+
 def test_each_shard_is_checked_once(tmp_path, monkeypatch):
     """Reading all of a shard for its largest token id at each validation's reset cost a pass over the val shard."""
     import nanogpt_mlx.data as data

@@ -24,6 +24,8 @@ def hf_logits(path, idx: np.ndarray) -> np.ndarray:
     (dict(n_layer=4, n_head=4, n_embd=128, n_positions=64), 2, 64),  # T is the full context
     (dict(n_layer=2, n_head=2, n_embd=64, n_positions=128), 3, 37),
     (dict(n_layer=1, n_head=3, n_embd=96, n_positions=32, vocab_size=50304), 1, 32),  # padded vocab
+    (dict(n_layer=2, n_head=2, n_embd=64, n_positions=128), 2, 2),  # the shortest input that needs the mask
+    (dict(n_layer=2, n_head=2, n_embd=64, n_positions=128), 2, 1),
 ])
 def test_logits_match_transformers(tmp_path, shape, B, T):
     path = save_hf_gpt2(tmp_path / "hf", seed=1, **shape)

@@ -62,6 +62,7 @@ def test_warmup_stable_decay_and_momentum_warmup():
     assert lrs[6:] == pytest.approx([0.05 * (1 - s / 10) / 0.4 for s in range(6, 11)])  # linear to 0
     assert lrs[-1] == 0
     assert [muon_momentum(s, 300) for s in (0, 150, 300, 1000)] == pytest.approx([0.85, 0.9, 0.95, 0.95])
+    assert muon_momentum(0, 0) == muon_momentum(7, 0) == 0.95  # no warm-up: the end value from the start
 
 
 def test_momentum_can_change_between_steps_of_a_compiled_update():

@@ -7,6 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli
 
@@ -123,6 +124,23 @@ def test_baseline_auto_follows_loss_range(tmp_path, monkeypatch):
     assert drawn == []
     plot_runs([high], tmp_path / "high.png", baseline="on")
     assert drawn == [3.2924]
+
+
+def test_the_loss_axis_leaves_out_the_first_steps_highest_2_percent(tmp_path, monkeypatch):
+    """11 and 9 at the first two of 100 steps would squash the curve below them: the axis tops at the train
+    losses' 98% quantile (+5%) and starts 5% below the lowest loss."""
+    import matplotlib.axes
+
+    limits, set_ylim = [], matplotlib.axes.Axes.set_ylim
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylim",
+                        lambda self, *lim, **kw: limits.append(lim) or set_ylim(self, *lim, **kw))
+    train = [11.0, 9.0, *np.linspace(4.0, 3.0, 98)]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.txt").write_text("".join(f"{s} train {v:.6f}\n" for s, v in enumerate(train)))
+    plot_runs([run], tmp_path / "run.png", baseline="off")
+    want = (3.0 * 0.95, np.quantile(train, 0.98) * 1.05)
+    assert want in [pytest.approx(lim, rel=1e-5) for lim in limits if len(lim) == 2]  # matplotlib sets its own too
 
 
 @pytest.mark.parametrize("suffix", [".pdf", ".jpg"])

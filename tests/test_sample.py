@@ -113,6 +113,17 @@ def test_generation_stops_at_end_of_text():
     assert sample_texts(model, "Hi there", SampleConfig(max_new_tokens=10, greedy=True), 2) == ["Hi there"] * 2
 
 
+def test_a_finished_sample_yields_end_of_text_while_others_go_on():
+    """Each draw is <|endoftext|> or token 42, equally likely: a row that drew EOT stays at EOT (generate's
+    contract), while the other rows go on drawing."""
+    model = eot_model()
+    model.wte.weight[42] = model.wte.weight[EOT]
+    rows = tokens(model, SampleConfig(max_new_tokens=12, top_k=2, seed=0), num_samples=4)
+    firsts = [row.index(EOT) for row in rows]
+    assert all(set(row[first:]) == {EOT} for row, first in zip(rows, firsts))
+    assert min(firsts) < max(firsts) and set(rows[firsts.index(max(firsts))][:max(firsts)]) == {42}
+
+
 def test_stream_text_equals_sample_texts(model):
     cfg = SampleConfig(max_new_tokens=25, top_k=20, seed=11, stop_at_eot=False)
     streamed = "".join(stream_text(model, "Once upon a time", cfg))

@@ -24,12 +24,13 @@ import pytest
 from conftest import assert_one_line_error, run_cli, save_hf_gpt2
 from mlx.utils import tree_flatten
 
-from nanogpt_mlx import memory
+from nanogpt_mlx import GPT, GPTConfig, memory
 from nanogpt_mlx import optim as optim_mod
 from nanogpt_mlx import train as train_mod
 from nanogpt_mlx.checkpoint import checkpoints
 from nanogpt_mlx.config import TrainConfig, get_lr
 from nanogpt_mlx.errors import UserError
+from nanogpt_mlx.sample import SampleConfig, sample_texts
 from nanogpt_mlx.train import Trainer
 from nanogpt_mlx.weights import load_model, sanitize
 
@@ -104,6 +105,7 @@ def test_lr_schedule_is_build_nanogpts():
     assert get_lr(9, cfg) == pytest.approx(6e-4)
     assert get_lr(10, cfg) == pytest.approx(6e-4)
     assert get_lr(30, cfg) == pytest.approx(6e-5 + 0.5 * (6e-4 - 6e-5))  # half way down the cosine
+    assert get_lr(49, cfg) == pytest.approx(6e-5 + 0.5 * (1 + math.cos(math.pi * 39 / 40)) * (6e-4 - 6e-5), rel=1e-12)
     assert get_lr(50, cfg) == pytest.approx(6e-5)
     assert get_lr(99, cfg) == pytest.approx(6e-5)
 
@@ -379,6 +381,44 @@ def test_an_interrupted_trainer_trains_on_when_called_again(data_dir, tmp_path):
     assert trainer.step == 6 and [r["step"] for r in logged(tmp_path / "run")] == list(range(6))
 
 
+def test_a_stop_between_micro_steps_rereads_their_batches_on_resume(data_dir, tmp_path):
+    """A stop after step 2's second micro-step (of 4) applies nothing of step 2 and puts its batches back: the
+    resumed run's losses and weights are those of a run never stopped."""
+    full = tiny_config(data_dir, tmp_path / "full", total_batch_size=4 * 4 * 32, max_steps=5)
+    Trainer(full).train()
+    cut = replace(full, out=str(tmp_path / "cut"))
+    trainer, calls = Trainer(cut), []
+    accumulate = trainer._accumulate
+
+    def accumulate_then_stop(*args):
+        calls.append(1)
+        trainer._stop = trainer._stop or len(calls) == 2 * 3 + 2  # 3 accumulations a step, then the update
+        return accumulate(*args)
+
+    trainer._accumulate = accumulate_then_stop
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert [p.name for p in checkpoints(tmp_path / "cut")] == ["ckpt-000002"]
+    Trainer(cut, resume=True).train()
+    assert [r["loss"] for r in logged(tmp_path / "cut")] == [r["loss"] for r in logged(tmp_path / "full")]
+    wa, wb = flat_weights(tmp_path / "full"), flat_weights(tmp_path / "cut")
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+
+
+def test_samples_during_training_are_seeded_by_the_step(data_dir, tmp_path):
+    """build-nanogpt seeds each step's samples anew (seed + step here): other steps, other samples."""
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", vocab_size=50304, num_samples=2, sample_tokens=12))
+    texts = {}
+    for step in (0, 5, 0):
+        trainer.step = step
+        texts.setdefault(step, []).append(trainer.samples())
+    assert texts[0][0] == texts[0][1] != texts[5][0]
+    want = sample_texts(trainer.model, trainer.cfg.prompt, SampleConfig(max_new_tokens=12, top_k=50,
+                                                                        seed=trainer.cfg.seed + 5, crop=True), 2)
+    assert texts[5][0] == want
+
+
 def plain_mean_loss(model, data_dir, batches: int) -> float:
     """The mean of `batches` val batch losses from full logits and MLX's own cross-entropy."""
     from nanogpt_mlx.data import DataLoader
@@ -395,6 +435,15 @@ def test_val_loss_is_build_nanogpts(data_dir, tmp_path):
     expected = plain_mean_loss(trainer.model, data_dir, 3)
     assert trainer.val_loss() == pytest.approx(expected, rel=1e-5)
     assert trainer.val_loss() == pytest.approx(expected, rel=1e-5)  # the val loader starts over
+
+
+def test_evaluations_run_every_n_steps_and_at_the_last(data_dir, tmp_path):
+    """build-nanogpt's cadence: `step % every == 0 or last_step`, samples not at step 0."""
+    cfg = tiny_config(data_dir, tmp_path / "run", max_steps=6, val_every=4, val_steps=1, sample_every=2,
+                      vocab_size=50304, num_samples=1, sample_tokens=2)
+    Trainer(cfg).train()
+    assert [r["step"] for r in logged(tmp_path / "run", "val")] == [0, 4, 5]
+    assert sorted({r["step"] for r in logged(tmp_path / "run", "sample")}) == [2, 4, 5]
 
 
 def test_val_steps_past_the_split_validate_on_it_once(data_dir, tmp_path, capsys):
@@ -426,6 +475,18 @@ def test_init_from_pads_vocab_with_the_mean_row(small_hf_dir, data_dir, tmp_path
     np.testing.assert_array_equal(wte[:VOCAB], src)
     np.testing.assert_allclose(wte[VOCAB:], np.broadcast_to(src.mean(0), (1024 - VOCAB, 64)), rtol=1e-6)
     assert Trainer(replace(cfg, out=str(tmp_path / "b"), vocab_size=0)).model.config.vocab_size == VOCAB
+
+
+def test_padding_the_vocab_grows_an_untied_head_with_its_mean_row():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=100, tie_embeddings=False))
+    grown = train_mod.pad_vocab(model, 128)
+    assert grown.config.vocab_size == 128
+    for name in ("wte", "lm_head"):
+        old, new = np.array(getattr(model, name).weight), np.array(getattr(grown, name).weight)
+        assert new.shape == (128, 16)
+        np.testing.assert_array_equal(new[:100], old)
+        np.testing.assert_allclose(new[100:], np.broadcast_to(old.mean(0), (28, 16)), rtol=1e-6)
+    np.testing.assert_array_equal(np.array(grown.h[0].mlp.c_fc.weight), np.array(model.h[0].mlp.c_fc.weight))
 
 
 def test_init_from_records_the_models_sizes_not_the_presets(small_hf_dir, data_dir, tmp_path):
@@ -737,7 +798,6 @@ def test_hellaswag_during_training_is_logged(dtype, data_dir, tmp_path, monkeypa
 
     from nanogpt_mlx import evaluate
     from nanogpt_mlx.evaluate import load_hellaswag, score_hellaswag
-    from nanogpt_mlx.model import GPT
 
     data = write_jsonl(tmp_path / "hellaswag_val.jsonl", make_hellaswag(12, ctx_words=(3, 10), ending_words=(1, 8)))
     cfg = tiny_config(data_dir, tmp_path / "run", vocab_size=50304, block_size=64, max_steps=3, hellaswag_every=2,

@@ -52,6 +52,8 @@ def test_min_lr_is_build_nanogpts_absolute_minimum(data_dir, tmp_path):
     cfg = TrainConfig(max_lr=6e-4, min_lr=1e-5, warmup_steps=10, max_steps=50)
     assert get_lr(50, cfg) == get_lr(99, cfg) == 1e-5
     assert get_lr(30, cfg) == pytest.approx(1e-5 + 0.5 * (6e-4 - 1e-5))
+    to_zero = TrainConfig(max_lr=6e-4, min_lr=0.0, warmup_steps=10, max_steps=50)  # 0 is a minimum, not "unset"
+    assert get_lr(50, to_zero) == 0.0 and get_lr(30, to_zero) == pytest.approx(3e-4)
 
     out = tmp_path / "run"
     run_cli(*cli_config(data_dir, out, "--max-steps", "1", "--min-lr", "0.0001", "--sample-every", "0"), check=True)

@@ -86,10 +86,14 @@ def reference_scores(hf_model, examples: list[dict], device: str = "cpu") -> lis
     return out
 
 
-def test_examples_outside_the_vocab_are_refused(fixture_file):
+def test_examples_outside_the_vocab_are_refused(fixture_file, tmp_path):
     small = GPT(GPTConfig(block_size=128, vocab_size=1000, n_layer=1, n_head=2, n_embd=32), seed=0)
     with pytest.raises(UserError, match="HellaSwag example 0 has token id .* outside the model's vocab_size of 1000"):
         score_hellaswag(small, load_hellaswag(fixture_file), progress=False)
+    in_an_ending = write_jsonl(tmp_path / "ending.jsonl", [{"ctx": "a", "endings": ["a", "a", "hello", "a"],
+                                                              "label": 0}])  # " hello" is id 23748, "a" id 64
+    with pytest.raises(UserError, match="has token id 23748"):
+        score_hellaswag(small, load_hellaswag(in_an_ending), progress=False)
 
 
 def test_parity_with_pytorch_reference(tiny_hf_dir, fixture_file, model):
@@ -109,6 +113,22 @@ def test_parity_with_pytorch_reference(tiny_hf_dir, fixture_file, model):
     # the fixture exercises what it should: sum and mean disagree somewhere, endings differ in length
     assert any(w["predicted"] != w["predicted_norm"] for w in ref)
     assert len({n for rec in res.records for n in rec.num_tokens}) >= 5
+
+
+@pytest.mark.parametrize("endings", [["cat", "dog runs", "a", "big tree"], ["cat", "dog", "a", "tree"]],
+                         ids=["two-token-endings", "one-token-endings"])
+def test_shortest_endings_equal_pytorch_reference(tiny_hf_dir, model, tmp_path, endings):
+    """Endings of at most two tokens: the batch's only ending tokens past the first come from one more position
+    (and with one-token endings from none)."""
+    from transformers import GPT2LMHeadModel
+
+    raw = [{"ctx": "the man picks up the", "endings": endings, "label": 1},
+           {"ctx": "a woman throws the ball and", "endings": endings[::-1], "label": 0}]
+    ref = reference_scores(GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval(), raw)
+    res = score_hellaswag(model, load_hellaswag(write_jsonl(tmp_path / "short.jsonl", raw)), progress=False)
+    assert max(n for rec in res.records for n in rec.num_tokens) == max(len(e.split()) for e in endings)
+    for rec, want in zip(res.records, ref):
+        np.testing.assert_allclose(rec.losses, want["losses"], rtol=0, atol=1e-4)
 
 
 class CountingModel:
@@ -164,6 +184,10 @@ def test_limit_and_records_file(fixture_file, model, tmp_path):
 GOOD = make_hellaswag(2)
 
 
+def test_a_label_written_as_a_string_is_read_as_its_number(tmp_path):
+    assert [ex.label for ex in load_hellaswag(write_jsonl(tmp_path / "s.jsonl", [{**GOOD[0], "label": "2"}]))] == [2]
+
+
 @pytest.mark.parametrize("rows, needle", [
     ([GOOD[0], GOOD[1], '{"ctx": "a", "endings": [', GOOD[0]], ":3: not valid JSON"),
     ([GOOD[0], {**GOOD[1], "label": 4}], ":2: label 4 is not in 0..3"),
@@ -190,6 +214,14 @@ def test_row_longer_than_context(tmp_path, model):
     long = {**GOOD[0], "ctx": "word " * 200}
     with pytest.raises(UserError, match="more than the model's context of 128"):
         score_hellaswag(model, load_hellaswag(write_jsonl(tmp_path / "long.jsonl", [long])), progress=False)
+    # a row of exactly the context (126 context tokens + 2 ending tokens) fits, one more does not
+    full = {"ctx": "word" + " word" * 125, "endings": ["dog runs", "a", "cat", "tree"], "label": 0}
+    assert len(encode(full["ctx"])) == 126
+    assert score_hellaswag(model, load_hellaswag(write_jsonl(tmp_path / "full.jsonl", [full])), progress=False
+                           ).num_total == 1
+    over = write_jsonl(tmp_path / "over.jsonl", [{**full, "ctx": full["ctx"] + " word"}])
+    with pytest.raises(UserError, match="a row has 129 tokens"):
+        score_hellaswag(model, load_hellaswag(over), progress=False)
 
 
 # ------------------------------------------------------------------------------------- download

@@ -262,6 +262,18 @@ def test_what_a_killed_writer_left_goes_with_the_next_write_there(tmp_path):
         assert all((where / n).exists() for n in kept[where]), sorted(os.listdir(where))
 
 
+def test_a_set_of_files_written_in_part_is_not_published(tmp_path):
+    """atomic_files publishes all of `names` or nothing: one file missing from the staging directory (another
+    process took it) leaves the directory as it was."""
+    from nanogpt_mlx.files import atomic_files
+
+    (tmp_path / "a.json").write_text("old a")
+    with pytest.raises(UserError, match="the files changed while they were written"):
+        with atomic_files(tmp_path, ["a.json", "b.json"]) as staging:
+            (staging / "a.json").write_text("new a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"] and (tmp_path / "a.json").read_text() == "old a"
+
+
 def test_stale_temporaries_under_a_lock_go_and_the_users_files_stay(tmp_path):
     """remove_stale_temps (a run's or prepare's OUT, under its lock) deleted any `.*.tmp*`, a `.notes.tmp.txt` too."""
     from nanogpt_mlx.files import HOST_TAG, remove_stale_temps

@@ -329,11 +329,12 @@ def test_checkpoints_sort_by_step_past_step_999999(data_dir, tmp_path):
 
 
 def test_torn_last_log_line_is_tolerated(run):
-    """A crash can tear the last line of the logs; resuming drops it instead of failing on it."""
+    """A crash can tear the last line of the logs; resuming drops it instead of failing on it, and the lines of
+    the step after the checkpoint (4), which the resumed run logs again."""
     with open(run / "log.jsonl", "a") as f:
-        f.write('{"step": 4, "kind": "tra')
+        f.write('{"step": 4, "kind": "train", "loss": 1.0}\n{"step": 4, "kind": "tra')
     with open(run / "log.txt", "a") as f:
-        f.write("4 tra")
+        f.write("4 train 1.000000\n4 tra")
     resume(run, check=True)
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(6))

@@ -38,7 +38,12 @@ def test_export_has_hub_names_tokenizer_and_generation_config(exported):
         names = set(f.keys())
     assert {"wte.weight", "wpe.weight", "ln_f.weight", "h.0.attn.c_attn.weight", "h.3.mlp.c_proj.bias"} <= names
     assert not any(k.startswith("transformer.") for k in names)  # as the hub's gpt2 names them
-    assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == 50256
+    with safe_open(exported / "model.safetensors", "np") as f:
+        assert f.metadata() == {"format": "pt"}  # as the hub's files say; some loaders require it
+    assert json.loads((exported / "generation_config.json").read_text()) == {"bos_token_id": 50256,
+                                                                            "eos_token_id": 50256}
+    model_config = json.loads((exported / "config.json").read_text())
+    assert model_config["n_ctx"] == model_config["n_positions"] == 128
     config = json.loads((exported / "tokenizer_config.json").read_text())
     assert config["model_max_length"] == 128 and config["eos_token"] == "<|endoftext|>"
 

@@ -86,6 +86,19 @@ def test_auto_tokenizer_of_the_files_encodes_as_we_do(hf_files, text):
     assert tok.decode(encode(text)) == text
 
 
+def test_offsets_are_those_of_transformers_own_gpt2_tokenizer(hf_files):
+    """Character offsets (token classification, highlighting): those of the tokenizer transformers builds from
+    vocab.json and merges.txt itself (its GPT-2 converter), spaces before a word included."""
+    from transformers import AutoTokenizer, GPT2Tokenizer
+
+    ours = AutoTokenizer.from_pretrained(hf_files)
+    reference = GPT2Tokenizer(vocab=str(hf_files / "vocab.json"), merges=str(hf_files / "merges.txt"))
+    assert len(reference) == 50257
+    for text in (" hello  world", SHAKESPEARE_LIKE, UNICODE):
+        assert (ours(text, return_offsets_mapping=True)["offset_mapping"]
+                == reference(text, return_offsets_mapping=True)["offset_mapping"])
+
+
 def test_a_prompts_special_token_is_eot_as_hugging_faces(hf_files):
     """Prompts (special=True) read <|endoftext|> as the exported tokenizer, mlx-lm and the hub's gpt2 do."""
     from transformers import AutoTokenizer

@@ -51,6 +51,33 @@ def test_estimate_covers_a_measured_step_and_is_at_most_50_percent_above_it(tmp_
     assert 0.95 < trainer.memory.total / measured < 1.5
 
 
+@pytest.mark.parametrize("recipe", ["build-nanogpt", "speedrun"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_estimates_model_and_optimizer_terms_are_the_models_parameters(recipe, dtype):
+    """Parameters as the model has them (GPT-2 124M's 124,439,808 at vocab 50257), float32 masters plus a
+    compute-dtype copy, AdamW's two float32 moments, a float32 gradient sum plus one micro-step's gradients."""
+    from mlx.utils import tree_flatten
+
+    from nanogpt_mlx import GPT, recipes
+
+    config = GPTConfig(vocab_size=50257, **recipes.get(recipe).model)
+    params = sum(p.size for _, p in tree_flatten(GPT(config).parameters()))
+    assert recipe != "build-nanogpt" or params == 124_439_808
+    est = memory.estimate(config, 1, 64, dtype)
+    b = 2 if dtype == "bfloat16" else 4
+    assert (est.params, est.optimizer, est.gradients) == (params, 8 * params, (4 + b) * params)
+    assert est.weights == (4 if b == 4 else 6) * params
+
+
+def test_a_step_within_10_percent_of_the_limit_is_warned_of(capsys):
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=1000, block_size=64)
+    need = memory.estimate(cfg, 4, 64, "float32").total
+    memory.check(cfg, 4, 64, "float32", False, max_memory_gb=need / 0.85 / 1e9)
+    assert capsys.readouterr().err == ""
+    memory.check(cfg, 4, 64, "float32", False, max_memory_gb=need / 0.95 / 1e9)
+    assert "close to --max-memory" in capsys.readouterr().err
+
+
 def test_checkpointing_and_bfloat16_lower_the_estimate():
     cfg = GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)
     fp32 = memory.estimate(cfg, 16, 1024, "float32")

@@ -189,6 +189,24 @@ def test_more_samples_than_memory_holds_are_refused(model, monkeypatch):
         tokens(model, cfg, 1)
 
 
+def test_the_sample_check_counts_the_kv_cache_as_allocated(monkeypatch):
+    """The KV cache grows 256 positions at a time: with room for ten samples' caches as allocated (8 prompt +
+    24 new tokens hold 256 positions), at most ten may be said to fit, not the ~80 that 32 positions would (a
+    model whose cache outweighs its vocab-sized rows)."""
+    from mlx.utils import tree_flatten
+
+    from nanogpt_mlx import device
+
+    model = GPT(GPTConfig(block_size=256, vocab_size=128, n_layer=8, n_head=4, n_embd=256), seed=0)
+    cache = model.make_cache()
+    mx.eval(model(mx.arange(32)[None], cache))
+    kv = sum(c.keys.nbytes + c.values.nbytes for c in cache)
+    weights = sum(w.nbytes for _, w in tree_flatten(model.parameters()))
+    monkeypatch.setattr(device, "memory_bytes", lambda: weights + 10 * kv)
+    with pytest.raises(UserError, match=r"at most \d fit"):
+        tokens(model, SampleConfig(max_new_tokens=24, greedy=True, stop_at_eot=False), 1000, prompt=list(range(8)))
+
+
 def test_negative_ids_tiny_temperatures_and_no_samples(model):
     """A negative id read before the embedding (-10^6 crashed MLX), a temperature of 1e-40 overflowed every logit to
     -inf (a uniform draw, even with top-k 1): it tends to greedy now."""

@@ -138,6 +138,24 @@ def test_padded_attention_equals_reference(T, dtype):
         np.testing.assert_allclose(np.array(g.astype(mx.float32)) / scale, np.array(r) / scale, atol=tol)
 
 
+@pytest.mark.parametrize("T, padded", [(1, 128), (130, 256), (256, 256)])
+def test_padded_attention_hands_mlx_whole_tiles(monkeypatch, T, padded):
+    """What MLX's kernel gets is T rounded up to whole tiles (cuDNN's backward takes nothing else)."""
+    seen = []
+    mlx_attention = kernels.mlx_attention
+    monkeypatch.setattr(kernels, "mlx_attention", lambda q, *a: seen.append(q.shape[2]) or mlx_attention(q, *a))
+    q = mx.zeros((1, 2, T, 16))
+    assert kernels.padded_attention(q, q, q, 0.25, True).shape == q.shape and seen == [padded]
+
+
+def test_a_sum_of_bfloat16_prefixes_adds_in_float32():
+    """The recomputing backward's dK / dV blocks summed in float32: 256 + 1 + 1 is 258 in bf16, where bf16
+    additions one at a time round each 257 back to 256."""
+    parts = [mx.full((1, 1, n, 1), value, dtype=mx.bfloat16) for n, value in ((3, 256.0), (2, 1.0), (1, 1.0))]
+    total = kernels._sum_prefixes(parts, 3)
+    assert total.dtype == mx.bfloat16 and total[0, 0, :, 0].tolist() == [258.0, 256.0, 256.0]
+
+
 @pytest.mark.parametrize("kind", ATTENTION_KINDS)
 @pytest.mark.parametrize("T, S, causal", [(10, 10, True), (7, 7, True), (6, 11, True), (4, 4, True), (7, 9, False)])
 def test_attention_in_blocks_of_queries_equals_reference(kind, T, S, causal, maybe_compile):
@@ -217,6 +235,16 @@ def test_profile_attention_takes_the_kernel_the_profile_decides(monkeypatch, pro
     if T > 1:  # the training log's note says when attention is not fused both ways (on a CPU plain is the best)
         note = device.PROFILES[profile].attention_note(str(dtype).rpartition(".")[2], head_dim, T)
         assert (note is None) == (expected == "mlx" or profile.startswith("cpu"))
+
+
+def test_the_training_logs_notes_say_what_attention_and_dtype_cost():
+    """Padding T = 1000 to 1024 costs (1024 / 1000)^2 - 1 = 4.9% more attention work; bfloat16 is slow only on a
+    CPU backend."""
+    note = device.PROFILES["cuda"].attention_note("bfloat16", 64, 1000)
+    assert "pads seq_len 1000 to 1024" in note and "5% more attention work" in note
+    for name, profile in device.PROFILES.items():
+        assert (profile.dtype_note("bfloat16") is None) == (not name.startswith("cpu")), name
+        assert profile.dtype_note("float32") is None
 
 
 def body_step_peak(config: GPTConfig, dtype: mx.Dtype = mx.float32, seq: int = 128, batch: int = 4) -> int:

@@ -83,6 +83,82 @@ def data_dir(tmp_path_factory) -> Path:
                         token_stream(2000, 3))
 
 
+BARRIER_SCRIPT = """
+import time
+import nanogpt_mlx
+from nanogpt_mlx import distributed
+d = distributed.init()
+if d.rank == 0:
+    time.sleep(2)  # as a rank saving a checkpoint
+d.barrier()
+print(time.monotonic(), flush=True)
+"""
+
+
+def test_a_barrier_holds_every_rank_until_the_slowest_arrives(tmp_path):
+    """The ranks wait for rank 0's last save at a barrier: rank 1 must not pass it before rank 0 gets there."""
+    hosts, script = hostfile(tmp_path, 2), tmp_path / "barrier.py"
+    script.write_text(BARRIER_SCRIPT)
+    start = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts)}) for r in range(2)]
+    passed = [float(out) for out in finish(procs, timeout=120)]
+    assert passed[1] - start >= 2 and passed[1] >= passed[0] - 0.5
+
+
+def test_ranks_that_ranks_started_know_they_share_one_machine(monkeypatch):
+    """A `--ranks` rank (its launcher's variable set) splits this machine's memory among the group; a rank that
+    mlx.launch started may be one per machine."""
+    from nanogpt_mlx import distributed
+
+    class Group:
+        def rank(self):
+            return 1
+
+        def size(self):
+            return 3
+
+    monkeypatch.setattr(distributed.mx.distributed, "init", lambda **kw: Group())
+    monkeypatch.setattr(distributed, "_stop_with_launcher", lambda pid: None)
+    monkeypatch.setenv("MLX_RANK", "1")
+    monkeypatch.setenv(distributed.LAUNCHER_ENV, str(os.getppid()))
+    assert (distributed.init().local, distributed.init().world) == (3, 3)
+    monkeypatch.delenv(distributed.LAUNCHER_ENV)
+    assert distributed.init().local == 1
+
+
+@pytest.mark.parametrize("n, threads", [(2, "4"), (3, "2"), (16, "1")])
+def test_each_rank_gets_its_share_of_the_cores_blas_threads(monkeypatch, n, threads):
+    from nanogpt_mlx import launch
+
+    envs = []
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(launch._Ranks, "start", lambda self, r, argv, env: envs.append(env))
+    assert launch.launch_local(n, ["info"]) == 0
+    assert [env["OPENBLAS_NUM_THREADS"] for env in envs] == [threads] * n
+
+
+def test_of_the_ranks_that_ranks_started_rank_0_alone_warns(monkeypatch, capsys):
+    from nanogpt_mlx import console
+
+    monkeypatch.setenv(console.LAUNCHER_ENV, "1")
+    for rank in ("0", "1", "2"):
+        monkeypatch.setenv("MLX_RANK", rank)
+        console.warn(f"from {rank}")
+    assert capsys.readouterr().err.splitlines() == ["nanogpt-mlx: warning: from 0"]
+
+
+def test_the_launcher_shows_each_ranks_line_once(tmp_path):
+    from nanogpt_mlx import console
+
+    shown: set[str] = set()
+    lines = tmp_path / "rank1.lines"
+    lines.write_text("a\nb\na\n")
+    assert console.new_lines(lines, shown) == ["a", "b"]
+    lines.write_text("a\nb\na\nc\n")
+    assert console.new_lines(lines, shown) == ["c"] and console.new_lines(tmp_path / "none", shown) == []
+
+
 def weights(path: Path) -> dict[str, np.ndarray]:
     import mlx.core as mx
 

@@ -145,6 +145,21 @@ def test_one_and_two_workers_give_identical_bytes(tmp_path, mixed, shuffle):
         assert not np.array_equal(tokens, expected_tokens(docs))
         assert sorted(get_tokenizer().decode(tokens.tolist()).split(EOT_TEXT)[1:]) == sorted(
             "".join(EOT_TEXT + d for d in docs).split(EOT_TEXT)[1:])
+        # a file's parts in a permutation drawn from (seed, file): the jsonl alone opens with a document of the
+        # part that the permutation puts first; another seed, another order
+        from nanogpt_mlx.documents import plan_parts
+
+        jsonl = sources.local_files(paths[:1])
+        parts = plan_parts(jsonl.units[0], paths[0], cfg().part_bytes)
+        first = parts[np.random.default_rng([3, 0]).permutation(len(parts))[0]]
+        with open(paths[0], "rb") as f:
+            f.seek(first.start)
+            in_first = [json.loads(line)["text"] for line in f.read(first.stop - first.start).splitlines()]
+        opening = []
+        for seed in (3, 4):
+            prep.prepare(jsonl, tmp_path / f"seed{seed}", cfg(shuffle_docs=True, seed=seed))
+            opening.append(get_tokenizer().decode(shard_tokens(tmp_path / f"seed{seed}").tolist()).split(EOT_TEXT)[1])
+        assert len(parts) > 2 and opening[0] in in_first and opening[1] != opening[0]
     else:
         assert np.array_equal(tokens, expected_tokens(docs))
 
@@ -188,6 +203,8 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, mixed, monkeypat
     # a harder crash: a temp file left behind and a completed shard lost
     (out / ".data_train_000003.tmp4242.npy").write_bytes(b"truncated")
     (out / "data_train_000002.npy").unlink()
+    damaged = (out / "data_train_000001.npy").read_bytes()  # same size, other bytes: found by its sha256
+    (out / "data_train_000001.npy").write_bytes(damaged[:-2] + bytes(b ^ 1 for b in damaged[-2:]))
     kept = (out / "data_val_000000.npy").stat().st_mtime_ns
 
     summary = prep.prepare(sources.local_files(paths), out, cfg(workers=2))
@@ -198,6 +215,10 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, mixed, monkeypat
     again = prep.prepare(sources.local_files(paths), out, cfg())
     assert again.new_tokens == 0 and "already complete" in str(again)
     assert dir_bytes(out) == dir_bytes(tmp_path / "ref")
+    manifest = json.loads((out / "manifest.json").read_text())
+    for split in ("val", "train"):
+        assert manifest["totals"][f"{split}_tokens"] == sum(np.load(out / s["file"]).size
+                                                          for s in manifest["shards"] if s["split"] == split)
 
 
 def test_kill_9_leaves_no_truncated_shard_and_resumes(tmp_path):
@@ -485,10 +506,12 @@ def test_an_empty_name_and_hidden_directories_add_no_files(tmp_path, monkeypatch
     with pytest.raises(UserError, match="'' names no file"):
         sources.local_files([""])
     (tmp_path / "d" / ".hid").mkdir(parents=True)
+    (tmp_path / "d" / "sub").mkdir()
     write_jsonl(tmp_path / "d" / "seen.jsonl", make_docs(2))
+    write_jsonl(tmp_path / "d" / "sub" / "nested.jsonl", make_docs(2))  # a directory's files at any depth
     write_jsonl(tmp_path / "d" / ".hid" / "hidden.jsonl", make_docs(2))
     keys = [u.key for u in sources.local_files([tmp_path / "d"]).units]
-    assert len(keys) == 1 and "seen.jsonl" in keys[0]
+    assert len(keys) == 2 and "seen.jsonl" in keys[0] and "nested.jsonl" in keys[1]
     assert [u.key for u in sources.local_files(str(tmp_path / "d")).units] == keys  # one path, not its characters
     assert [u.key for u in sources.local_files([str(tmp_path / "d" / "**" / "*.jsonl")]).units] == keys
 

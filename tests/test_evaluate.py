@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_main
 
 from nanogpt_mlx import GPT, GPTConfig
 from nanogpt_mlx.errors import UserError
@@ -335,6 +335,17 @@ def test_cli_hellaswag(tiny_hf_dir, fixture_file, tmp_path):
     assert len(out.read_text().splitlines()) == 10
 
 
+def test_cli_hellaswag_scores_batch_size_examples_a_forward(tiny_hf_dir, fixture_file, monkeypatch, capsys):
+    from nanogpt_mlx import evaluate
+
+    seen, score = [], evaluate.score_hellaswag
+    monkeypatch.setattr(evaluate, "score_hellaswag",
+                        lambda *a, **kw: seen.append(kw.get("batch_examples")) or score(*a, **kw))
+    proc = run_main(capsys, "eval", "hellaswag", "--model", str(tiny_hf_dir), "--data", str(fixture_file),
+                    "--limit", "4", "--batch-size", "3")
+    assert proc.returncode == 0 and seen == [3]
+
+
 def test_cli_hellaswag_downloads_into_cache(tiny_hf_dir, fixture_file, http_dir, tmp_path):
     root, base = http_dir
     (root / "val.jsonl").write_bytes(fixture_file.read_bytes())
@@ -369,3 +380,8 @@ def test_cli_loss(tiny_hf_dir, model, tmp_path):
                    "--batch-size", "2", "--seq-len", "32", check=True)
     want = eval_loss(model, tmp_path, batches=3, B=2, T=32, progress=False)
     assert f"val loss {want:.4f}  perplexity {np.exp(want):.2f}  (3 batches of 2x32 tokens" in proc.stdout
+    # more batches than the split holds: each of its 4 once (wrapping around would count some twice)
+    proc = run_cli("eval", "loss", "--model", str(tiny_hf_dir), "--data", str(tmp_path), "--batches", "50",
+                   "--batch-size", "2", "--seq-len", "32", check=True)
+    want = eval_loss(model, tmp_path, batches=4, B=2, T=32, progress=False)
+    assert f"val loss {want:.4f}  perplexity {np.exp(want):.2f}  (4 batches of 2x32 tokens" in proc.stdout

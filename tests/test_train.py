@@ -870,7 +870,9 @@ def test_config_values_of_the_wrong_type_are_one_line():
     for bad, needle in [({"n_layer": "2"}, "n_layer must be an integer, got '2'"),
                         ({"batch_size": 2.0}, "batch_size must be an integer, got 2.0"),
                         ({"max_lr": "1e-3"}, "max_lr must be a number"), ({"seed": None}, "seed must be an integer"),
-                        ({"shuffle": 1}, "shuffle must be true or false")]:
+                        ({"shuffle": 1}, "shuffle must be true or false"),
+                        ({"n_layer": True}, "n_layer must be an integer, got True"),  # a bool is an int to Python
+                        ({"max_lr": False}, "max_lr must be a number, got False")]:
         with pytest.raises(UserError, match=re.escape(needle)):
             TrainConfig(**bad)
     assert TrainConfig(max_lr=1, min_lr=None).max_lr == 1  # an int is a number; None where the field allows it

@@ -67,7 +67,7 @@ def host_main(kernel: str, inputs: list[tuple[str, str]], outputs: list[tuple[st
 
 
 def build(compiler: list[str], text: str, suffix: str, workdir: Path) -> tuple[Path, str]:
-    """(the compiled file, the compiler's messages) of a source; one build per distinct source and command."""
+    """(the compiled file, the compiler's messages) of a source, named by a hash of it and the command."""
     key = hashlib.sha1((" ".join(compiler) + text).encode()).hexdigest()[:16]
     src, built = workdir / f"{key}.cpp", workdir / f"{key}{suffix}"
     src.write_text(text)

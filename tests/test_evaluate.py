@@ -313,6 +313,10 @@ def test_eval_loss_equals_direct_computation(tmp_path, tiny_hf_dir, model):
     # more batches than one pass holds: capped at one pass
     assert eval_loss(model, tmp_path, "val", batches=99, B=B, T=T, progress=False) == \
         pytest.approx(float(np.mean(losses)), abs=1e-4)
+    # two ranks read alternate batches (0, 2 and 1, 3): their mean is the first four batches'
+    ranks = [eval_loss(model, tmp_path, "val", batches=2, B=B, T=T, rank=r, world=2, progress=False) for r in (0, 1)]
+    assert ranks[0] == pytest.approx(float(np.mean(losses[0:4:2])), abs=1e-4)
+    assert ranks[1] == pytest.approx(float(np.mean(losses[1:4:2])), abs=1e-4)
     with pytest.raises(UserError, match="exceeds the model's context of 128"):
         eval_loss(model, tmp_path, "val", batches=1, B=1, T=129, progress=False)
     with pytest.raises(UserError, match="no test shards"):
@@ -380,6 +384,11 @@ def test_cli_loss(tiny_hf_dir, model, tmp_path):
                    "--batch-size", "2", "--seq-len", "32", check=True)
     want = eval_loss(model, tmp_path, batches=3, B=2, T=32, progress=False)
     assert f"val loss {want:.4f}  perplexity {np.exp(want):.2f}  (3 batches of 2x32 tokens" in proc.stdout
+    np.save(tmp_path / "toy_train_000001.npy", np.random.default_rng(2).integers(0, 50257, 300).astype(np.uint16))
+    proc = run_cli("eval", "loss", "--model", str(tiny_hf_dir), "--data", str(tmp_path), "--split", "train",
+                   "--batches", "3", "--batch-size", "2", "--seq-len", "32", check=True)
+    want = eval_loss(model, tmp_path, "train", batches=3, B=2, T=32, progress=False)
+    assert f"train loss {want:.4f}" in proc.stdout
     # more batches than the split holds: each of its 4 once (wrapping around would count some twice)
     proc = run_cli("eval", "loss", "--model", str(tiny_hf_dir), "--data", str(tmp_path), "--batches", "50",
                    "--batch-size", "2", "--seq-len", "32", check=True)

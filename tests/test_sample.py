@@ -8,7 +8,7 @@ import pytest
 
 from nanogpt_mlx import GPT, GPTConfig, UserError
 from nanogpt_mlx.sample import SampleConfig, generate, next_token, sample_texts, stream_text
-from nanogpt_mlx.tokenizer import EOT, encode
+from nanogpt_mlx.tokenizer import EOT, encode, get_tokenizer
 from nanogpt_mlx.weights import load_model
 
 PROMPT = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # "Hello, I'm a language model,"
@@ -122,6 +122,21 @@ def test_a_finished_sample_yields_end_of_text_while_others_go_on():
     firsts = [row.index(EOT) for row in rows]
     assert all(set(row[first:]) == {EOT} for row, first in zip(rows, firsts))
     assert min(firsts) < max(firsts) and set(rows[firsts.index(max(firsts))][:max(firsts)]) == {42}
+
+
+@pytest.mark.parametrize("stop_at_eot", [True, False])
+def test_streamed_text_ends_as_sample_texts_does(monkeypatch, stop_at_eot):
+    """A sample whose last token is half of a character (a replacement character at the end), and one with EOT
+    in the middle (where it stops only with stop_at_eot): the stream ends with the same text as sample_texts."""
+    import nanogpt_mlx.sample as sample_mod
+
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=32), seed=0)
+    half = get_tokenizer().encode_single_token(b"\xe2")  # the first byte of a 3-byte character
+    for ids in ([15496, half], [15496, EOT, 318, half]):
+        monkeypatch.setattr(sample_mod, "generate", lambda *a, ids=ids, **kw: (mx.array([t]) for t in ids))
+        cfg = SampleConfig(max_new_tokens=len(ids), stop_at_eot=stop_at_eot)
+        streamed = "".join(stream_text(model, "A", cfg))
+        assert streamed == sample_texts(model, "A", cfg, 1)[0] and streamed.startswith("AHello")
 
 
 def test_stream_text_equals_sample_texts(model):

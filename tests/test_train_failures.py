@@ -268,6 +268,7 @@ DAMAGE = {
     "optimizer-other-model": (lambda c: reshape_moment(c / "optimizer.safetensors", ".h.0.attn.c_attn.weight.v"),
                               "optimizer.safetensors: states.0.h.0.attn.c_attn.weight.v has shape (192, 16), the model needs (96, 32)"),
     "state-step-negative": (lambda c: edit_state(c, step=-2), "trainer.json: step -2"),
+    "state-world-zero": (lambda c: edit_state(c, world=0), "trainer.json: step 4, world 0"),
     "state-step-bool": (lambda c: edit_state(c, step=True), "trainer.json lacks"),  # was taken for step 1
     "state-nested-deep": (lambda c: (c / "trainer.json").write_text("[" * 100_000 + "]" * 100_000),
                           "trainer.json: nested too deeply"),  # was a RecursionError's traceback

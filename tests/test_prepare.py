@@ -317,6 +317,34 @@ def test_fineweb_edu_from_local_mirror(tmp_path):
     assert summary.manifest["units"][0].startswith("sample/10BT/000_00000.parquet (")
 
 
+def test_fineweb_edu_samples_and_crawls_name_the_hubs_folders():
+    """HuggingFaceFW/fineweb-edu keeps its samples under sample/ and its crawls under data/."""
+    assert sources._fineweb_folder("sample-100BT") == "sample/100BT"
+    assert sources._fineweb_folder("CC-MAIN-2024-10") == "data/CC-MAIN-2024-10"
+    with pytest.raises(UserError, match="unknown fineweb-edu sample 'sample-10'"):
+        sources._fineweb_folder("sample-10")
+
+
+def test_cli_prepare_hands_its_options_to_the_sources(tmp_path, monkeypatch, capsys):
+    from conftest import run_main
+
+    seen = {}
+
+    def record(name):
+        def source(*args, **kw):
+            seen[name] = kw
+            raise UserError("recorded")
+        return source
+
+    monkeypatch.setattr(sources, "shakespeare", record("shakespeare"))
+    monkeypatch.setattr(sources, "local_files", record("files"))
+    run_main(capsys, "prepare", "shakespeare", "--url", "http://example.invalid/x.txt", "--out", str(tmp_path / "o"))
+    run_main(capsys, "prepare", "files", "a.txt", "--split-on-blank-lines", "--text-field", "body", "--out",
+             str(tmp_path / "o"))
+    assert seen["shakespeare"]["url"] == "http://example.invalid/x.txt"
+    assert (seen["files"]["split_on_blank_lines"], seen["files"]["text_field"]) == (True, "body")
+
+
 def test_fineweb_edu_from_hub_one_file_at_a_time(tmp_path, monkeypatch):
     """The hub path (listing, download into scratch, delete after use) against a fake hub."""
     import huggingface_hub

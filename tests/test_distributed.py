@@ -402,6 +402,12 @@ def test_the_watchdog_allows_three_times_the_slowest_sync(monkeypatch):
     dist.sync(mx.array(1.0))
     assert [s for s, _ in limits] == [100, 150] and "raise NANOGPT_MLX_DIST_TIMEOUT" in limits[1][1]
     assert dist.slowest == 50.0
+    # a wait of 100 s for another rank's save (a barrier) is no step: it does not lengthen the next limit
+    clock = iter(range(0, 10**6, 100))
+    monkeypatch.setattr(distributed.time, "monotonic", lambda: float(next(clock)))
+    dist.sync(mx.array(1.0), at_least=1800)
+    dist.sync(mx.array(1.0))
+    assert [s for s, _ in limits[2:]] == [1800, 150]
 
 
 def state(pid: int) -> str:

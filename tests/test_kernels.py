@@ -34,7 +34,7 @@ def test_exp_is_accurate_to_float32_rounding(maybe_compile):
     z = mx.concatenate([mx.linspace(-87, 0, 200001), mx.array([-1e-30, 0.0])])
     got = np.array(maybe_compile(cpu.exp)(z), dtype=np.float64)
     rel = np.abs(got / np.exp(np.array(z, dtype=np.float64)) - 1)
-    assert rel.max() < 3e-7
+    assert rel.max() < 2e-7  # ~1.7 ulp; without the polynomial's last term 3.3
     assert got[-1] == 1.0
     assert 0 <= cpu.exp(mx.array([-mx.inf])).item() < 1e-37  # ~0, not nan
     np.testing.assert_allclose(np.array(mx.grad(lambda x: cpu.exp(x).sum())(z[:100])),

@@ -152,3 +152,22 @@ def small_hf_dir(tmp_path_factory) -> Path:
 
     return save_hf_gpt2(tmp_path_factory.mktemp("hf"), n_layer=1, n_head=2, n_embd=32, n_positions=32,
                         vocab_size=VOCAB, seed=3)
+
+
+def test_the_presets_hold_build_nanogpts_and_the_speedruns_values():
+    """build-nanogpt's train_gpt2.py: 2**19 tokens a step, max_lr 6e-4 down to 10% of it, 715 warmup steps of 19073
+    (10B tokens), AdamW (0.9, 0.95), eps 1e-8, decay 0.1, clip 1.0 (and the recipe's defaults are those); the
+    speedrun's: Muon at 0.025 with decay 0.025, AdamW (0.8, 0.95), eps 1e-10, embeddings 0.3, head 1/320,
+    scalars 0.01, no warmup or clipping, the last 70% a linear cooldown, Muon's momentum warm-up over 300 steps."""
+    from nanogpt_mlx.config import TrainConfig
+
+    fields = ("total_batch_size", "max_lr", "min_lr_ratio", "warmup_steps", "max_steps", "beta1", "beta2", "eps",
+              "weight_decay", "grad_clip")
+    gpt2 = TrainConfig.preset("gpt2-124m")
+    assert [getattr(gpt2, f) for f in fields] == [2**19, 6e-4, 0.1, 715, 19073, 0.9, 0.95, 1e-8, 0.1, 1.0]
+    assert gpt2.recipe == "build-nanogpt"
+    assert all(getattr(gpt2, k) == v for k, v in recipes.BUILD_NANOGPT.defaults.items())
+    speedrun = TrainConfig.preset("speedrun-124m")
+    fields += ("embed_lr", "head_lr", "scalar_lr", "cooldown_frac", "momentum_warmup")
+    assert [getattr(speedrun, f) for f in fields] == [2**19, 0.025, 0.1, 0, 3375, 0.8, 0.95, 1e-10, 0.025, 0.0, 0.3,
+                                                       1 / 320, 0.01, 0.7, 300]

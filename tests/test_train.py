@@ -783,6 +783,17 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data_
     assert all(np.isfinite(w).all() for w in flat_weights(out).values())
 
 
+def test_an_infinite_gradient_norm_stops_as_a_nan_loss_does(data_dir, tmp_path):
+    """A finite loss with an overflowing gradient would be clipped to nan weights: stopped at that step too."""
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", max_steps=4))
+    finish = trainer._finish_step
+    trainer._finish_step = lambda s: (lambda loss, norm, dt: (loss, math.inf if s.step == 1 else norm, dt))(
+        *finish(s))
+    with pytest.raises(UserError, match="step 1: loss .* / grad norm inf is not finite"):
+        trainer.train()
+    assert checkpoints(tmp_path / "run") == []
+
+
 def test_config_validation():
     with pytest.raises(UserError, match="unknown training preset"):
         TrainConfig.preset("gpt5")

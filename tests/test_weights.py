@@ -94,6 +94,17 @@ def test_unknown_hub_id_offline_fails_fast_with_one_clear_line(tmp_path, monkeyp
     assert "not a local directory" in msg and "HF_HUB_OFFLINE" in msg and "local directory with config.json" in msg
 
 
+def test_a_missing_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """`user/model` may be a hub id; a path of more parts (or starting with . / ~) is a local directory only."""
+    import nanogpt_mlx.weights as weights
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(weights, "download", lambda *a, **kw: pytest.fail("looked up on the hub"))
+    for name in ("runs/x/ckpt", "./gpt2", "~/no-such-model-dir"):
+        with pytest.raises(UserError, match="no such directory"):
+            load_model(name)
+
+
 def copy_hf_dir(src, dst):
     dst.mkdir()
     for name in ("config.json", "model.safetensors"):

@@ -515,6 +515,19 @@ def test_mfu_on_a_cpu_is_against_float32_matmuls(data_dir, tmp_path, monkeypatch
     assert "peak 100 GFLOP/s a rank" in capsys.readouterr().out
 
 
+def test_mfu_is_nanogpts_estimate(data_dir, tmp_path, monkeypatch):
+    """nanoGPT's estimate_mfu: 6 N (parameters without the position table) + 12 L C T flops a token, times tok/s,
+    over the peak."""
+    from nanogpt_mlx import device
+
+    monkeypatch.setattr(device, "mfu_peak", lambda dtype: 1e9)
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", n_layer=1, n_embd=16, max_steps=3))
+    trainer.train()
+    n = sum(p.size for k, p in trainer.model.parameters_flat() if k != "wpe.weight")
+    for r in logged(tmp_path / "run"):
+        assert r["mfu"] == pytest.approx((6 * n + 12 * 1 * 16 * 32) * r["tok_per_s"] / 1e9, rel=1e-9)
+
+
 # ------------------------------------------------------------------------------ CLI
 def cli_config(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--data", str(data), "--out", str(out), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",

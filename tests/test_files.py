@@ -262,6 +262,18 @@ def test_what_a_killed_writer_left_goes_with_the_next_write_there(tmp_path):
         assert all((where / n).exists() for n in kept[where]), sorted(os.listdir(where))
 
 
+def test_the_write_check_probes_the_directory_that_will_be_written(tmp_path, monkeypatch):
+    """An existing directory is probed inside (it may be a writable mount in a read-only parent); a path that does
+    not exist yet, in the nearest directory that does."""
+    probed = []
+    touch = Path.touch
+    monkeypatch.setattr(Path, "touch", lambda self, *a, **kw: probed.append(self.parent) or touch(self, *a, **kw))
+    (tmp_path / "out").mkdir()
+    check_writable(tmp_path / "out")
+    check_writable(tmp_path / "new" / "deeper" / "file.json")
+    assert probed == [tmp_path / "out", tmp_path] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_a_set_of_files_written_in_part_is_not_published(tmp_path):
     """atomic_files publishes all of `names` or nothing: one file missing from the staging directory (another
     process took it) leaves the directory as it was."""

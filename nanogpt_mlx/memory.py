@@ -119,12 +119,10 @@ def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpoi
     est = estimate(config, batch_size, seq_len, dtype, checkpointing)
     if max_memory_gb:
         limit, where = max_memory_gb * 1e9, f"--max-memory {max_memory_gb:g} GB"
-    elif share == 1:
-        limit = device.memory_bytes()
-        where = f"this device's {limit / 1e9:.1f} GB"
     else:
         limit = device.memory_bytes() / share
-        where = f"{limit / 1e9:.1f} GB, this device's memory split among its {share} ranks"
+        where = f"this device's {limit / 1e9:.1f} GB" if share == 1 else \
+            f"{limit / 1e9:.1f} GB, this device's memory split among its {share} ranks"
     if est.total > limit:
         advice = []
         fits = largest_batch(config, seq_len, dtype, checkpointing, limit)

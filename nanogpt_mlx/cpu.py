@@ -275,10 +275,10 @@ _GELU_C = math.sqrt(2 / math.pi)
 
 
 def exp(x: mx.array) -> mx.array:
-    """exp(x) for float32 x <= 0, -inf included; below -87.3 it gives ~1e-38 (not 0), which no sum or softmax
-    can tell from 0. Under mx.compile the clamp joins the kernel that made x, and the rest is a kernel of its
-    own: a max keeps a kernel from being vectorized (its NaN branch), and x's kernel is often a row-wise
-    subtraction, which runs one number at a time anyway."""
+    """exp(x) for float32 x <= 0, -inf included; 0 at and below -87.3 (true exp there is denormal or 0). Under
+    mx.compile the clamp joins the kernel that made x, and the rest is a kernel of its own: a max keeps a kernel
+    from being vectorized (its NaN branch), and x's kernel is often a row-wise subtraction, which runs one number
+    at a time anyway."""
     return _exp_clamped(mx.maximum(x, _EXP_MIN))
 
 
@@ -296,7 +296,7 @@ def _exp_vjp(x, cotangent, output):
 # sampling, are one fused kernel each rather than a dozen small ops.
 @mx.compile
 def _exp_kernel(x: mx.array) -> mx.array:
-    """exp(x) for _EXP_MIN <= x <= 0 as one fused kernel: 2**k * exp(r) with k = round(x / ln 2) and
+    """exp(x) for _EXP_MIN < x <= 0 (0 at _EXP_MIN) as one fused kernel: 2**k * exp(r) with k = round(x / ln 2) and
     |r| <= ln(2) / 2. mx.compile fuses at most 11 operations deep, hence Estrin's scheme for the polynomial
     rather than Horner's."""
     t = x * (1 / math.log(2)) + _ROUND  # k = t - _ROUND: adding 1.5 * 2**23 leaves no fraction bits in float32
@@ -304,7 +304,11 @@ def _exp_kernel(x: mx.array) -> mx.array:
     r = (x - k * _LN2_HI) - k * _LN2_LO
     r2, c = r * r, _EXP_COEFFS
     p = ((c[0] + c[1] * r) + r2 * (c[2] + c[3] * r)) + (r2 * r2) * ((c[4] + c[5] * r) + r2 * (c[6] + c[7] * r))
-    return p / _two_to_the((_ROUND - t).astype(mx.int32))  # -k
+    # / 2**-k, or / inf where x was clamped: exactly 0 there, not ~1e-38. (Products of ~1e-38 are denormal, and
+    # on some x86 CPUs each denormal costs a microcode assist: a causal attention backward, whose masked scores
+    # are clamped, ran several times slower. A compare or select would keep the kernel scalar; x > _EXP_MIN is
+    # at least 7.6e-6 above it, so 1e-30 / (x - _EXP_MIN) is below 2**-k's rounding.)
+    return p / (_two_to_the((_ROUND - t).astype(mx.int32)) + 1e-30 / (x - _EXP_MIN))
 
 
 def _two_to_the(j: mx.array) -> mx.array:

@@ -267,7 +267,10 @@ import math  # noqa: E402
 
 import mlx.core as mx  # noqa: E402  (only now: OpenBLAS had to be loaded first)
 
-_EXP_MIN = -87.3  # just above ln 2**-126, so that 2**k stays a normal float32
+# exp is 0 at and below this: exp(-64) ~ 1.6e-28 is nothing next to the 1 that every caller adds it to (a row sum
+# with exp(max - max), GELU's and the soft-cap's 1 +- e), and it keeps products of exp's small results normal
+# floats (see _exp_kernel)
+_EXP_MIN = -64.0
 _EXP_COEFFS = [1 / math.factorial(n) for n in range(8)]  # exp(r)'s Taylor coefficients, r**0 first
 _LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187e-06  # ln 2 in two parts: k * _LN2_HI is exact
 _ROUND = 1.5 * 2**23
@@ -275,10 +278,9 @@ _GELU_C = math.sqrt(2 / math.pi)
 
 
 def exp(x: mx.array) -> mx.array:
-    """exp(x) for float32 x <= 0, -inf included; 0 at and below -87.3 (true exp there is denormal or 0). Under
-    mx.compile the clamp joins the kernel that made x, and the rest is a kernel of its own: a max keeps a kernel
-    from being vectorized (its NaN branch), and x's kernel is often a row-wise subtraction, which runs one number
-    at a time anyway."""
+    """exp(x) for float32 x <= 0, -inf included; 0 at and below _EXP_MIN (-64). Under mx.compile the clamp joins
+    the kernel that made x, and the rest is a kernel of its own: a max keeps a kernel from being vectorized (its
+    NaN branch), and x's kernel is often a row-wise subtraction, which runs one number at a time anyway."""
     return _exp_clamped(mx.maximum(x, _EXP_MIN))
 
 
@@ -304,10 +306,11 @@ def _exp_kernel(x: mx.array) -> mx.array:
     r = (x - k * _LN2_HI) - k * _LN2_LO
     r2, c = r * r, _EXP_COEFFS
     p = ((c[0] + c[1] * r) + r2 * (c[2] + c[3] * r)) + (r2 * r2) * ((c[4] + c[5] * r) + r2 * (c[6] + c[7] * r))
-    # / 2**-k, or / inf where x was clamped: exactly 0 there, not ~1e-38. (Products of ~1e-38 are denormal, and
-    # on some x86 CPUs each denormal costs a microcode assist: a causal attention backward, whose masked scores
-    # are clamped, ran several times slower. A compare or select would keep the kernel scalar; x > _EXP_MIN is
-    # at least 7.6e-6 above it, so 1e-30 / (x - _EXP_MIN) is below 2**-k's rounding.)
+    # / 2**-k, or / inf where x was clamped: exactly 0 there. (Some x86 CPUs take a microcode assist for every
+    # denormal operand or result: a causal attention backward ran several times slower while its masked scores'
+    # exp was ~1e-38 rather than 0, and products of exp(-80)-sized probabilities with gradients are denormal too.
+    # A compare or select would keep the kernel scalar; x > _EXP_MIN is at least 3.8e-6 above it, so
+    # 1e-30 / (x - _EXP_MIN) is below 2**-k's rounding.)
     return p / (_two_to_the((_ROUND - t).astype(mx.int32)) + 1e-30 / (x - _EXP_MIN))
 
 

@@ -38,7 +38,8 @@ import mlx.core as mx
 
 EVAL_ROWS = 4096  # evaluation's chunk when training takes all rows at once
 GEMM_ROWS = 512  # fewest rows whose gradient GEMMs run together: a large enough GEMM on any device
-MAX_BOUND_CAP = 40.0  # exp(-2 * 40) ~ 1.8e-35: the largest soft-cap whose bound cannot underflow a row's sum
+MAX_BOUND_CAP = 30.0  # the largest soft-cap whose bound keeps a row's sum from underflowing: exp(-2 * 30) is above
+# cpu.py's exp's flush to 0 (at exp(-64))
 Loss = Callable[..., mx.array]  # (h, head weight, targets, softcap=0.0) -> mean loss
 
 
@@ -90,8 +91,8 @@ def make_losses(rows: int, exp: Unary = mx.exp, rowwise: Rowwise | None = None, 
         dcap = dcap_y = None  # no N x V array of capped logits is written for it
         if softcap:
             (logits, dcap), (target, dcap_y) = capped(logits, softcap), capped(target, softcap)
-        # capped logits are <= c, so c can stand in for the row max (one pass fewer) while exp(-2c)
-        # stays a normal float32
+        # capped logits are <= c, so c can stand in for the row max (one pass fewer) while exp(-2c) is not
+        # flushed to 0 (MAX_BOUND_CAP)
         top = softcap if 0 < softcap <= MAX_BOUND_CAP else row_max(logits)
         e = exp(logits - top)
         total = row_sum(e)

@@ -21,7 +21,7 @@ from nanogpt_mlx import cpu
 import mlx.core as mx
 import numpy as np
 
-x = mx.random.uniform(-87, 0, (1000,), key=mx.random.key(0))
+x = mx.random.uniform(-63.9, 0, (1000,), key=mx.random.key(0))
 y = mx.compile(cpu.exp)(mx.concatenate([x, mx.array([-mx.inf, -1e30])]))
 mx.eval(y)
 cache = glob.glob(os.path.join(os.environ.get("TMPDIR", "/tmp"), "mlx", "*", "cpu"))

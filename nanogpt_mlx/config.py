@@ -52,7 +52,7 @@ class TrainConfig:
     weight_decay: float = _field(0.1, "decoupled weight decay of the matrices (AdamW's, or Muon's)")
     beta1: float = _field(0.9, "Adam's first-moment decay")
     beta2: float = _field(0.95, "Adam's second-moment decay")
-    eps: float = _field(1e-8, "Adam's epsilon")
+    eps: float = _field(1e-8, "Adam's epsilon (> 0: a weight whose gradient is exactly 0 would get 0 / 0)")
     grad_clip: float = _field(1.0, "clip the gradients' global norm to this; 0 disables (the norm is still logged)")
     # the speedrun recipe only: its AdamW groups' LRs and warmup-stable-decay schedule
     embed_lr: float = _field(0.3, "speedrun: LR of the token (and value) embeddings")
@@ -101,7 +101,7 @@ class TrainConfig:
             raise UserError(f"{'out' if not self.out else 'data'} must name a directory, got ''")
         if self.max_memory and self.max_memory >= 1e6:  # MLX's limit is a size_t of bytes
             raise UserError(f"max_memory is in GB: {self.max_memory:g} GB is beyond any machine")
-        for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "val_steps"):
+        for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "val_steps", "eps"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.dtype and self.dtype not in DTYPES:

@@ -27,7 +27,8 @@ mx.compile fuses at most 11 operations deep, and a min, max or select in a kerne
 being vectorized. (A Newton square root for AdamW lost to mx.sqrt once the update is one fused
 kernel: its bit casts split the kernel.) The same build reduces a contiguous row one number at a
 time: row_max and row_sum (softmaxes, the loss) reduce across the rows of a (n / lanes, lanes) view
-instead, lanes at a time, and square_sum (clipping's norm) is one BLAS dot product.
+instead, lanes at a time, and square_sum (clipping's norm; on ARM too, as MLX's CPU sum adds one number
+after another) is one BLAS dot product.
 """
 
 from __future__ import annotations

@@ -814,6 +814,8 @@ def test_config_validation():
         TrainConfig(max_lr=0)
     with pytest.raises(UserError, match="warmup_steps"):
         TrainConfig(warmup_steps=-1)
+    with pytest.raises(UserError, match="eps must be > 0"):  # AdamW would write 0 / 0 = nan into every weight
+        TrainConfig(eps=0)  # whose gradient is exactly 0 (wpe's rows past seq_len)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: the GPUs' default

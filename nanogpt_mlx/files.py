@@ -345,7 +345,8 @@ def lock_dir(directory: Path, writer: str) -> bool:
         f.write(f"pid {os.getpid()}\n")
         f.flush()
     except OSError as e:  # a full disk (the message had no path)
-        f.close()  # and the lock with it
+        with contextlib.suppress(OSError):  # close() flushes the same line again, and fails again, but closes
+            f.close()  # and the lock with it
         raise cannot("write", directory / LOCK_FILE, e) from None
     _locked[key] = f
     return True

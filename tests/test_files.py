@@ -203,6 +203,10 @@ def test_a_full_disk_at_the_lock_names_the_file(tmp_path, monkeypatch):
         def flush(self):
             raise OSError(errno.ENOSPC, "No space left on device")
 
+        def close(self):  # as a real file's: it flushes what is buffered first, and fails again
+            super().close()
+            self.flush()
+
     real_open = open
     monkeypatch.setattr(files, "open", lambda path, mode: Full() if str(path).endswith(LOCK_FILE)
                         else real_open(path, mode), raising=False)

@@ -23,6 +23,7 @@ as the uninterrupted run would.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import shutil
 import signal
@@ -151,7 +152,9 @@ class Trainer:
         self.log = checkpoint.RunLog(self.out, self.step, self.dist.is_main)
         self._stop = False
         self._stopped_by: int | None = None  # the signal that requested the stop (_on_signal)
-        self._data_error: UserError | None = None  # a shard the loader refused mid-run (_start_step)
+        # why a stop that is no Ctrl-C ended the run, and what to fix before --resume: a shard the loader refused
+        # mid-run (_start_step), stdout on a full disk (_say)
+        self._stop_error: tuple[str, str] | None = None
         self._evaluating = False  # a stop request interrupts an evaluation (_on_signal)
         self._in_flight: tuple = ()  # what the device is evaluating (Trainer._queue) ...
         self._in_flight_ends: _Step | None = None  # ... and the step it ends, if it is a step's last micro-step
@@ -384,10 +387,13 @@ class Trainer:
         try:
             tqdm.write(line, file=sys.stdout)
             sys.stdout.flush()  # now: into a pipe, a buffer's worth of steps would run before a write failed
-        except OSError:  # EPIPE, or EIO from a closed terminal
+        except OSError as e:  # EPIPE, or EIO from a closed terminal; or stdout's file on a full disk
             devnull_onto(sys.stdout.fileno())  # Python's own flush at exit fails no more
             sys.stdout = sys.stderr
             self._stop = True
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):  # not the reader's choice
+                self._stop_error = self._stop_error or (f"stdout: cannot write ({e.strerror})",
+                                                        "make room for the output")
             say(line)
 
     def _start_step(self, step: int) -> _Step | None:
@@ -411,7 +417,7 @@ class Trainer:
             except UserError as e:  # a shard with bad tokens, reached mid-run: stop as Ctrl-C does, saving what was
                 # trained; every rank reads that shard here too (ranks on several hosts need the same shards)
                 self.train_loader.load_state_dict(loader_state)
-                self._stop, self._data_error = True, e
+                self._stop, self._stop_error = True, (str(e), "repair that shard (its length stays)")
                 return None
             if micro < self.grad_accum - 1:
                 loss, grads = self._accumulate(x, y, grads)
@@ -496,7 +502,7 @@ class Trainer:
         if self.dist.is_main:
             lock_dir(self.out, "run")  # again, if an earlier train() ended
         # an earlier train()'s stop request was answered by its end
-        self._stop, self._stopped_by, self._data_error = False, None, None
+        self._stop, self._stopped_by, self._stop_error = False, None, None
         try:
             return self._train(until)
         finally:
@@ -590,9 +596,9 @@ class Trainer:
             # the other ranks wait for rank 0's save (minutes for a large model), up to half an hour: a rank's
             # stop (status 130) would end the others (launch.py), rank 0 amid its save
             self.dist.barrier(at_least=1800)
-        if self._data_error is not None:
-            raise UserError(f"{self._data_error}; saved {path} (step {self.step}): repair that shard (its length "
-                            f"stays), then --resume {self.out}")
+        if self._stop_error is not None:
+            why, fix = self._stop_error
+            raise UserError(f"{why}; saved {path} (step {self.step}): {fix}, then --resume {self.out}")
         if self.step < end:  # stopped by a signal, or by stdout's reader ending (as Ctrl-C)
             self._say(f"interrupted: saved {path} (step {self.step}); continue with --resume {self.out}")
             raise Stopped(self._stopped_by or signal.SIGINT)

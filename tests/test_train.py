@@ -591,6 +591,21 @@ def test_a_stop_request_saves_a_checkpoint_and_exits_cleanly(how, data_dir, tmp_
         assert f"--resume {out}" in stdout
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_stdout_on_a_full_disk_saves_and_says_so(data_dir, tmp_path):
+    """`train > run.log` on a full disk: the run saved and stopped, but said "interrupted" with status 130, as if
+    someone had pressed Ctrl-C."""
+    out = tmp_path / "run"
+    with open("/dev/full", "w") as full:  # every write: ENOSPC
+        proc = subprocess.run([sys.executable, "-m", "nanogpt_mlx", *cli_config(data_dir, out, "--max-steps", "6")],
+                              stdout=full, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1 and "interrupted" not in proc.stderr, proc.stderr
+    (ckpt,) = checkpoints(out)
+    assert proc.stderr.splitlines()[-1] == (f"nanogpt-mlx: error: stdout: cannot write (No space left on device); "
+                                            f"saved {ckpt} (step {int(ckpt.name[5:])}): make room for the output, "
+                                            f"then --resume {out}")
+
+
 def test_a_signal_while_stdout_is_blocked_saves_once_it_drains(data_dir, tmp_path):
     """`train | less` that stopped reading, then SIGTERM: the handler's own line landed inside the blocked write
     ("reentrant call"), a traceback and no checkpoint."""

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__, device
+from . import __version__, device, signals
 from .console import INTERRUPTED, last_line, warn
 from .errors import Stopped, UserError, field_kind, first_line
 
@@ -147,7 +147,8 @@ def cmd_export(args) -> None:
     from .weights import EXPORT_FILES, check_export_target, export_hf, load_model
 
     check_export_target(args.out, args.force, source=args.src)  # before the (maybe long) load
-    export_hf(load_model(args.src), args.out, force=args.force)
+    with signals.like_ctrl_c():
+        export_hf(load_model(args.src), args.out, force=args.force)
     print(f"wrote {args.out}: {', '.join(EXPORT_FILES)} (Hugging Face GPT-2 layout)")
 
 
@@ -282,7 +283,8 @@ def cmd_prepare(args) -> None:
         raise UserError("prepare: give a SOURCE (fineweb-edu, shakespeare, files) or --inspect DIR")
     cfg = prep.PrepareConfig(shard_size=args.shard_size, workers=args.workers, shuffle_docs=args.shuffle_docs,
                              seed=args.seed, name=args.name)
-    print(prep.prepare(source, args.out, cfg))
+    with signals.like_ctrl_c():
+        print(prep.prepare(source, args.out, cfg))
 
 
 # --------------------------------------------------------------------------------------- train

@@ -106,7 +106,8 @@ def tokenize_part(task: tuple[Part, tuple[int, ...] | None]) -> tuple[np.ndarray
 
 
 def _init_worker(parent: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the main process stops them (cli.py), and
+        signal.signal(signum, signal.SIG_IGN)  # they end with it (_exit_with)
     get_tokenizer()
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
 

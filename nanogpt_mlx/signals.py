@@ -7,6 +7,8 @@ import signal
 import threading
 from collections.abc import Iterator
 
+from .errors import Stopped
+
 
 @contextlib.contextmanager
 def handlers(installed: dict) -> Iterator[None]:
@@ -38,3 +40,14 @@ def deferred(*signums: int) -> Iterator[None]:
             if signal.getsignal(n) == signal.SIG_DFL:
                 raise SystemExit(128 + n)
             signal.raise_signal(n)
+
+
+def like_ctrl_c() -> contextlib.AbstractContextManager:
+    """SIGTERM (kill, a scheduler, `timeout`) and SIGHUP (the terminal closed; not under nohup) stop the body as
+    Ctrl-C does, with Stopped (exit status 128 + signal): for commands that write files, whose `finally` blocks then
+    remove their temporary ones (the default actions end the process where it stands)."""
+    def stop(signum: int, _frame) -> None:
+        raise Stopped(signum)
+
+    hup = {signal.SIGHUP: stop} if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN else {}
+    return handlers({signal.SIGTERM: stop, **hup})

@@ -140,6 +140,37 @@ def test_an_export_that_fails_midway_leaves_nothing(tiny_hf_dir, tmp_path, monke
     assert (tmp_path / "empty").stat().st_ino == inode  # written into, not replaced (a mount point, the cwd)
 
 
+SIGNAL_MIDWAY = """
+import os, signal, sys
+from nanogpt_mlx import cli, weights
+real = weights.write_tokenizer_files
+def signalled(out_dir, block_size):  # the weights are written by now
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    real(out_dir, block_size)
+weights.write_tokenizer_files = signalled
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP"])
+def test_a_signal_midway_through_an_export_leaves_no_temporary_files(how, tiny_hf_dir, tmp_path):
+    """SIGTERM (kill, `timeout`) or SIGHUP ended `export` where it stood: its half-written copy of the model stayed
+    beside the target (or inside it, with --force), hidden, for good."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    for force in ([], ["--force"]):  # a new directory, then over the export that this leaves
+        before = sorted(p.name for p in tmp_path.rglob("*"))
+        proc = subprocess.run([sys.executable, "-c", SIGNAL_MIDWAY, how, "export", str(tiny_hf_dir), str(out), *force],
+                              capture_output=True, text=True)
+        assert proc.returncode == 128 + getattr(signal, how) and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == "nanogpt-mlx: interrupted"
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing new: no temporary files
+        run_cli("export", str(tiny_hf_dir), str(out), *force, check=True)
+
+
 def test_an_export_over_another_that_fails_midway_keeps_the_other_whole(tiny_hf_dir, lively_hf_dir, tmp_path,
                                                                        monkeypatch):
     """--force over an earlier export replaced it file by file: a Ctrl-C or a full disk midway left the new weights

@@ -637,6 +637,28 @@ def test_a_second_ctrl_c_while_the_workers_stop_ends_prepare(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err, err
 
 
+def test_sigterm_stops_prepare_as_ctrl_c_does(tmp_path):
+    """SIGTERM (kill, a scheduler) ended prepare where it stood: its shard in the writing stayed as a hidden
+    temporary file."""
+    line = "First Citizen:\nBefore we proceed any further, hear me speak, and let us kill him.\n\n"
+    (tmp_path / "big.txt").write_text(line * 400_000)
+    proc = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", "prepare", "files", str(tmp_path / "big.txt"),
+                             "--out", str(tmp_path / "o"), "--workers", "2", "--shard-size", "1000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not any(".tmp" in p.name for p in (tmp_path / "o").glob("*")):  # a shard is being written
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "nanogpt-mlx: interrupted"
+    assert not [p.name for p in (tmp_path / "o").iterdir() if ".tmp" in p.name]
+
+
 def test_a_source_smaller_than_one_shard_is_split_90_10(tmp_path):
     """build-nanogpt's shard 0 is val: a corpus under one shard (100M tokens by default) was all val, and `train`
     then found no train shard. Its first tenth, to the next document's start, is val now; the rest train."""

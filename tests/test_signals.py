@@ -45,3 +45,25 @@ def test_a_held_sigterm_ends_the_process_through_its_finally_blocks():
         finally:
             cleaned.append(True)
     assert e.value.code == 128 + signal.SIGTERM and cleaned == [True]
+
+
+def test_like_ctrl_c_stops_on_sigterm_and_keeps_nohups_sighup():
+    """SIGTERM stops the block with Stopped (status 143) through its finally blocks; a SIGHUP that nohup ignores
+    stays ignored; the handlers before are back after."""
+    from nanogpt_mlx.errors import Stopped
+
+    cleaned = []
+    with pytest.raises(Stopped) as e:
+        with signals.like_ctrl_c():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+            finally:
+                cleaned.append(True)
+    assert e.value.status == 128 + signal.SIGTERM and cleaned == [True]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with signals.like_ctrl_c():
+            os.kill(os.getpid(), signal.SIGHUP)  # ignored, as under nohup
+    finally:
+        signal.signal(signal.SIGHUP, previous)

@@ -17,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .console import warn
 from .errors import UserError, first_line
 from .files import atomic_dir, atomic_path, atomic_write_text, cannot, read_json
 from .model import GPT
@@ -107,6 +108,27 @@ def write(out: Path, step: int, model: GPT, optimizer_state, state: dict) -> Pat
         raise UserError(f"{final.name} not saved: {e}; {then}") from None
     _publish(out, final)
     return final
+
+
+def check_room(out: Path, size: int, fresh: bool) -> None:
+    """Refuse a run whose OUT cannot hold one checkpoint of `size` bytes (it would train until its first save, then
+    lose every step), and warn where the KEEP + 1 checkpoints that a save holds before it drops the oldest do not
+    fit (that save would stop the run, keeping the one before). A fresh run removes OUT's checkpoints first."""
+    disk = out.absolute()
+    while not disk.exists():
+        disk = disk.parent
+    free = shutil.disk_usage(disk).free
+    old = checkpoints(out) if out.is_dir() else []
+    if fresh:
+        free += sum(f.stat().st_size for c in old for f in c.rglob("*") if f.is_file())
+        old = []
+    if free < size:
+        raise UserError(f"{out}: {free / 1e9:.2f} GB free, and a checkpoint of this run takes {size / 1e9:.2f} GB "
+                        "(float32 weights and optimizer state); make room or choose another --out")
+    held = (KEEP + 1 - min(len(old), KEEP)) * size
+    if free < held:
+        warn(f"{out}: {free / 1e9:.2f} GB free, and saving holds up to {KEEP + 1} checkpoints of {size / 1e9:.2f} "
+             f"GB before it drops the oldest: a later save will stop the run, keeping the checkpoint before it")
 
 
 def _publish(out: Path, final: Path) -> None:

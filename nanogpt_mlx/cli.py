@@ -349,7 +349,7 @@ def cmd_train(args) -> None:
 
     from .config import TrainConfig, resume_config
     from .distributed import init
-    from .files import lock_dir
+    from .files import lock_dir, unlock_dir
     from .launch import launch_local
     from .train import Trainer
 
@@ -364,12 +364,16 @@ def cmd_train(args) -> None:
                                               ("--overwrite", args.overwrite)) if value]
         if given:  # they would be ignored: the run's own config and checkpoints continue
             raise UserError(f"--resume DIR continues the run in DIR; {', '.join(given)} cannot be combined with it")
-        if dist.is_main and Path(args.resume).is_dir():
-            lock_dir(Path(args.resume), "run")  # before its checkpoint is read, which a live run may replace
-        cfg = resume_config(args.resume, **overrides)
-    else:
-        cfg = TrainConfig.preset(args.preset or "shakespeare", **overrides)
-    trainer = Trainer(cfg, resume=bool(args.resume), overwrite=args.overwrite, dist=dist)
+    took = dist.is_main and bool(args.resume) and Path(args.resume).is_dir() and \
+        lock_dir(Path(args.resume), "run")  # before its checkpoint is read, which a live run may replace
+    try:
+        cfg = resume_config(args.resume, **overrides) if args.resume else \
+            TrainConfig.preset(args.preset or "shakespeare", **overrides)
+        trainer = Trainer(cfg, resume=bool(args.resume), overwrite=args.overwrite, dist=dist)
+    except BaseException:  # a refused start leaves OUT to the next (cli.main called in a process that lives on)
+        if took:
+            unlock_dir(Path(args.resume))
+        raise
     try:
         result = trainer.train()
     except RuntimeError as e:  # a collective that failed outside Dist.sync, e.g. a peer died mid-step

@@ -148,6 +148,8 @@ class Trainer:
         self._saved_step = self.step  # the latest checkpoint's step (a fresh run's start needs none)
         self._build_steps()
         if self.dist.is_main:  # everything above has accepted the config (a refused run makes no OUT)
+            state = tree_flatten([self.master, self.optimizer.state])  # what a checkpoint stores (float32)
+            checkpoint.check_room(self.out, sum(a.nbytes for _, a in state), fresh=ckpt is None)
             self._claim_out(fresh=ckpt is None)
         self.log = checkpoint.RunLog(self.out, self.step, self.dist.is_main)
         self._stop = False

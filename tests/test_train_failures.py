@@ -215,11 +215,14 @@ def test_full_disk_at_a_checkpoint(run, monkeypatch, capsys):
         raise RuntimeError(f"[write] Unable to write 65536 bytes to file {path}.")
 
     monkeypatch.setattr(mx, "save_safetensors", full)
-    for _ in range(2):
-        proc = run_main(capsys, "train", "--resume", str(run), "--max-steps", "6", "--checkpoint-every", "2")
-        assert_one_line_error(proc, "ckpt-000006 not saved", "No space left on device", "ckpt-000004 is kept",
-                              f"--resume {run}")
-        assert temporaries(run) == []
+    proc = run_main(capsys, "train", "--resume", str(run), "--max-steps", "6", "--checkpoint-every", "2")
+    assert_one_line_error(proc, "ckpt-000006 not saved", "No space left on device", "ckpt-000004 is kept",
+                          f"--resume {run}")
+    assert temporaries(run) == []
+    # the disk still full: the next try is refused before it trains (checkpoint.check_room)
+    proc = run_main(capsys, "train", "--resume", str(run), "--max-steps", "6", "--checkpoint-every", "2")
+    assert_one_line_error(proc, "0.00 GB free, and a checkpoint of this run takes", "make room")
+    assert temporaries(run) == []
     monkeypatch.setattr(mx, "save_safetensors", real_save)
     assert [p.name for p in checkpoints(run)] == ["ckpt-000002", "ckpt-000004"]
     run_cli("train", "--resume", str(run), "--max-steps", "6", check=True)  # space freed: it continues
@@ -379,3 +382,28 @@ def test_an_evaluation_that_fails_mid_run_saves_the_steps_before_it(error, data_
     with pytest.raises(type(error)):
         trainer.train()
     assert checkpoints(tmp_path / "fresh") == []
+
+
+def test_a_disk_without_room_for_a_checkpoint_is_refused_at_start(data_dir, tmp_path, monkeypatch, capsys):
+    """OUT on a disk too small for one checkpoint: the run trained until its first save, then lost every step. Room
+    for one but not for the KEEP + 1 that a save holds: a warning. A resumed run has KEEP of them already."""
+    import nanogpt_mlx.checkpoint as ckpt_mod
+    from nanogpt_mlx.errors import UserError
+
+    out, real = tmp_path / "run", shutil.disk_usage
+    Trainer(tiny_config(data_dir, tmp_path / "done", max_steps=2, checkpoint_every=1)).train()
+    size = sum(f.stat().st_size for f in checkpoints(tmp_path / "done")[-1].rglob("*") if f.is_file())
+
+    def free(n: float):
+        monkeypatch.setattr(ckpt_mod.shutil, "disk_usage", lambda p: real(p)._replace(free=int(n)))
+
+    free(0.9 * size)
+    with pytest.raises(UserError, match=r"run: 0\.00 GB free, and a checkpoint of this run takes 0\.0\d GB"):
+        Trainer(tiny_config(data_dir, out, max_steps=2))
+    assert not out.exists()  # a refused run makes no OUT
+    capsys.readouterr()
+    free(1.5 * size)
+    Trainer(tiny_config(data_dir, out, max_steps=2))
+    assert "saving holds up to 3 checkpoints" in capsys.readouterr().err
+    Trainer(tiny_config(data_dir, tmp_path / "done", max_steps=3), resume=True)  # 2 held already: room for 1 more
+    assert "saving holds" not in capsys.readouterr().err

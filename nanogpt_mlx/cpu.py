@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 
 from .errors import UserError
@@ -206,14 +206,42 @@ def _vectorize_jit() -> None:
     jit, jit_avx2 = f"g++ {' '.join(JIT_FLAGS)} (kernels in {kernels})", True
 
 
+def _kernel_dir(tmp: str | os.PathLike | None = None) -> Path:
+    """Where MLX's CPU backend writes and compiles its kernels: $TMPDIR/mlx/<its version>/cpu."""
+    try:
+        version = metadata.version("mlx")
+    except metadata.PackageNotFoundError:  # a build of MLX not installed as a package: its parent, at least
+        version = ""
+    return Path(tmp or os.environ.get("TMPDIR") or tempfile.gettempdir()) / "mlx" / version / "cpu"
+
+
+def _can_compile_in(tmp: str | os.PathLike) -> bool:
+    try:
+        _kernel_dir(tmp).mkdir(parents=True, exist_ok=True)
+    except OSError:  # a full disk (MLX would fail with a traceback), a read-only one
+        return False
+    return os.access(_kernel_dir(tmp), os.W_OK | os.X_OK)  # another user's /tmp/mlx, say
+
+
 def _usable_tmpdir() -> None:
-    """Where TMPDIR names no writable directory, point it where Python's tempfile went instead: MLX compiles its
-    kernels under it and fails every compiled function otherwise (where _vectorize_jit has not moved it)."""
+    """MLX compiles its kernels in _kernel_dir() and fails every compiled function where it cannot make or write
+    there: a TMPDIR that names no writable directory, another user's /tmp/mlx on a shared machine, a full disk.
+    Make that directory now, or point TMPDIR where it can be made: Python's temporary directory, then one in this
+    user's cache (where _vectorize_jit has not moved TMPDIR already)."""
     global jit
     tmp = os.environ.get("TMPDIR")
     if tmp and not (os.path.isdir(tmp) and os.access(tmp, os.W_OK | os.X_OK)):
         os.environ["TMPDIR"] = tempfile.gettempdir()  # Python's own fallback: /tmp, /var/tmp, ... or the cwd
         jit += f" [TMPDIR={tmp} is not a writable directory: kernels in {os.environ['TMPDIR']}]"
+    if _can_compile_in(os.environ.get("TMPDIR") or tempfile.gettempdir()):
+        return
+    try:
+        mine = cache_dir() / "mlx-tmp"
+    except UserError:
+        return  # explain() says what is wrong when a kernel fails
+    if _can_compile_in(mine):
+        jit += f" [{_kernel_dir().parent.parent} cannot be written: kernels in {mine}]"
+        os.environ["TMPDIR"] = str(mine)
 
 
 def _setup() -> None:
@@ -252,13 +280,23 @@ def info() -> list[tuple[str, str]]:
 
 
 def explain(e: RuntimeError) -> str | None:
-    """One line for MLX's CPU backend failing to compile a kernel, or None for another error. It writes each
-    kernel's source under TMPDIR (here pointed into the cache) and compiles it there: a full disk, typically."""
-    if "[Compile::eval_cpu]" not in str(e):
+    """One line for MLX's CPU backend failing to compile a kernel or to make its kernel directory (_kernel_dir), or
+    None for another error, with what is wrong with that directory where that can be seen."""
+    where = _kernel_dir()
+    if "[Compile::eval_cpu]" not in str(e) and not ("filesystem error" in str(e) and str(where.parent.parent) in
+                                                     str(e)):
         return None
     said = str(e).strip().splitlines()[-1][-300:]
-    where = os.environ.get("TMPDIR") or tempfile.gettempdir()
-    return f"MLX could not compile a kernel in {where} (a full disk?): {said}"
+    place = where
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not os.access(place, os.W_OK | os.X_OK):
+        why = f"{place} is not writable by this user"
+    else:
+        disk = os.statvfs(place)
+        full = disk.f_bavail * disk.f_frsize < 2**20 or (disk.f_files and not disk.f_favail)
+        why = "its disk is full" if full else "see the compiler's message"
+    return f"MLX could not compile a kernel in {where} ({why}): {said}"
 
 
 _setup()

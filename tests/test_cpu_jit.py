@@ -88,6 +88,32 @@ def test_a_tmpdir_that_is_no_directory_falls_back_as_python_does(tmp_path):
     assert "missing is not a writable directory" in got["jit"] and got["err"] < 3e-7
 
 
+def test_a_kernel_directory_that_cannot_be_made_moves_to_the_users_cache(tmp_path):
+    """Another user's /tmp/mlx on a shared machine, or a full disk: MLX could not make $TMPDIR/mlx/<version>/cpu
+    and failed every compiled function (a traceback, or "a full disk?" on a disk with room). Here `mlx` is a file."""
+    shared = tmp_path / "shared-tmp"
+    shared.mkdir()
+    (shared / "mlx").write_text("")
+    got = probe(tmp_path, NANOGPT_MLX_NO_AVX2="1", TMPDIR=str(shared))
+    assert got["tmpdir"] == str(tmp_path / "cache" / "nanogpt-mlx" / "mlx-tmp")
+    assert f"{shared / 'mlx'} cannot be written" in got["jit"] and got["err"] < 3e-7  # its kernels compiled
+
+
+def test_a_kernel_that_cannot_be_compiled_is_explained(monkeypatch, tmp_path):
+    """MLX's own failures to make its kernel directory were a traceback; a compiler's, "a full disk?" always."""
+    import collections
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    where = cpu._kernel_dir()
+    made = RuntimeError(f"filesystem error: cannot create directories: No space left on device [{where}]")
+    disk = collections.namedtuple("disk", "f_bavail f_frsize f_files f_favail")
+    monkeypatch.setattr(cpu.os, "statvfs", lambda p: disk(0, 4096, 100, 0))
+    assert cpu.explain(made) == f"MLX could not compile a kernel in {where} (its disk is full): {made}"
+    monkeypatch.setattr(cpu.os, "statvfs", lambda p: disk(10**6, 4096, 100, 50))
+    assert "(see the compiler's message): error: x" in cpu.explain(RuntimeError("[Compile::eval_cpu] g++\nerror: x"))
+    assert cpu.explain(RuntimeError("filesystem error: cannot create directories [/elsewhere]")) is None
+
+
 @x86_with_avx2
 def test_the_compiler_outlives_a_ctrl_c_to_its_process_group(tmp_path):
     """Ctrl-C signals the terminal's whole process group: MLX's step would fail on a kernel whose compiler died,

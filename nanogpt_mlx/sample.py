@@ -31,7 +31,7 @@ class SampleConfig:
         check_types(self)
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
+        if not self.temperature > 0:  # nan too
             raise UserError(f"temperature must be > 0 (use greedy for argmax), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise UserError(f"top_k must be >= 1, got {self.top_k}")

@@ -96,7 +96,7 @@ class Trainer:
                  dist: distributed.Dist | None = None):
         cfg = cfg or TrainConfig()  # build-nanogpt's GPT-2 124M run
         self.cfg, self.dist = cfg, dist or distributed.init()
-        self.out = Path(cfg.out)
+        self.out = Path(cfg.out).absolute()  # a later os.chdir (a notebook) must not move the run
         self._took_lock = False  # whether this Trainer's start took OUT's lock (not held by this process before)
         try:
             self._setup(resume, overwrite)

@@ -237,6 +237,8 @@ def test_negative_ids_tiny_temperatures_and_no_samples(model):
     assert [next_token(logits, SampleConfig(temperature=1e-37), mx.random.key(s)).item() for s in range(5)] == [1] * 5
     with pytest.raises(UserError, match="num_samples must be >= 1, got 0"):
         sample_texts(model, "hi", cfg, 0)
+    with pytest.raises(UserError, match="temperature must be > 0 .*got nan"):  # it sampled EOT at once, silently
+        SampleConfig(temperature=float("nan"))
 
 
 @pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99, 0.999])

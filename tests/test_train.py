@@ -929,3 +929,18 @@ def test_a_closed_stderr_is_no_failure(data_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nanogpt_mlx", *cli_config(data_dir, out, "--max-steps", "2")],
                           stdout=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(2), timeout=300)
     assert proc.returncode == 0 and [p.name for p in checkpoints(out)] == ["ckpt-000002"], proc.stdout
+
+
+def test_a_relative_out_stays_put_when_the_working_directory_changes(data_dir, tmp_path, monkeypatch):
+    """A notebook's os.chdir between Trainer(...) and train(): the lock and logs were in the first directory, the
+    checkpoints in the second, and the first one's lock was held until the process ended."""
+    from nanogpt_mlx import files
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    trainer = Trainer(tiny_config(data_dir, Path("run"), max_steps=2))
+    monkeypatch.chdir(tmp_path / "b")
+    trainer.train()
+    assert not (tmp_path / "b" / "run").exists() and checkpoints(tmp_path / "a" / "run")
+    assert (tmp_path / "a" / "run").resolve() not in files._locked

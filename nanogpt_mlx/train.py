@@ -276,15 +276,15 @@ class Trainer:
                             f" number, --ranks {state['world']} (this run has {self.dist.world})")
         saved = checkpoint.read_optimizer(ckpt)
         # missing entries MLX would start from zeros, silently; others' shapes would fail inside the first update
-        found = {k: a.shape for k, a in tree_flatten(saved)}
-        needed = {k: a.shape for k, a in tree_flatten(self.packing.unpack_state(self.optimizer.state))}
+        found = {k: (a.shape, a.dtype) for k, a in tree_flatten(saved)}
+        needed = {k: (a.shape, a.dtype) for k, a in tree_flatten(self.packing.unpack_state(self.optimizer.state))}
         missing = [k for k in needed if k not in found]
         if missing:
             raise checkpoint.damaged(ckpt, f"{checkpoint.OPTIMIZER_FILE} lacks {', '.join(missing[:3])}")
         wrong = next((k for k in needed if found[k] != needed[k]), None)
-        if wrong:
-            raise checkpoint.damaged(ckpt, f"{checkpoint.OPTIMIZER_FILE}: {wrong} has shape {found[wrong]}, the model "
-                                           f"needs {needed[wrong]}")
+        if wrong:  # a shape would fail inside the first update; a dtype (bool moments) would train on, inexactly
+            raise checkpoint.damaged(ckpt, f"{checkpoint.OPTIMIZER_FILE}: {wrong} is {found[wrong][1]} of shape "
+                                           f"{found[wrong][0]}, the model needs {needed[wrong][1]} of {needed[wrong][0]}")
         self.optimizer.state = self.packing.pack_state(saved, like=self.optimizer.state)
         try:
             self.train_loader.load_state_dict(state["train_loader"])

@@ -190,6 +190,8 @@ def _weight_files(directory: Path) -> list[Path]:
     if index.is_file():
         try:
             names = sorted(set(read_json(index)["weight_map"].values()))
+            if not all(isinstance(n, str) for n in names):
+                raise ValueError("a weight_map entry that is not a file name")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{index}: not a safetensors index ({first_line(e)})") from None
         missing = [n for n in names if not (directory / n).is_file()]
@@ -219,6 +221,8 @@ def _load_into(model: GPT, weights: dict[str, mx.array], where: Path) -> None:
     for k, w in weights.items():
         if w.shape != expected[k].shape:
             raise UserError(f"{where}: {k} has shape {tuple(w.shape)}, config.json implies {tuple(expected[k].shape)}")
+        if not mx.issubdtype(w.dtype, mx.floating):  # int32 copies of the weights loaded as (nearly) all zeros
+            raise UserError(f"{where}: {k} is {str(w.dtype).split('.')[-1]}, not floating point: not a model's weights")
     model.load_flat({k: w.astype(mx.float32) for k, w in weights.items()})
     mx.eval(model.parameters())
 

@@ -269,7 +269,10 @@ DAMAGE = {
     "state-incomplete": (lambda c: (c / "trainer.json").write_text('{"step": 4}'), "trainer.json lacks"),
     "model-truncated": (lambda c: truncate(c / "model.safetensors"), "model.safetensors"),
     "optimizer-other-model": (lambda c: reshape_moment(c / "optimizer.safetensors", ".h.0.attn.c_attn.weight.v"),
-                              "optimizer.safetensors: states.0.h.0.attn.c_attn.weight.v has shape (192, 16), the model needs (96, 32)"),
+                              "optimizer.safetensors: states.0.h.0.attn.c_attn.weight.v is mlx.core.float32 of shape (192, 16), the "
+                              "model needs mlx.core.float32 of (96, 32)"),
+    "optimizer-bool-moment": (lambda c: retype_moment(c / "optimizer.safetensors", ".h.0.attn.c_attn.weight.v"),
+                              "weight.v is mlx.core.bool of shape (96, 32), the model needs mlx.core.float32"),  # trained on
     "state-step-negative": (lambda c: edit_state(c, step=-2), "trainer.json: step -2"),
     "state-world-zero": (lambda c: edit_state(c, world=0), "trainer.json: step 4, world 0"),
     "state-step-bool": (lambda c: edit_state(c, step=True), "trainer.json lacks"),  # was taken for step 1
@@ -280,6 +283,16 @@ DAMAGE = {
     "state-position-malformed": (lambda c: edit_state(c, train_loader={"shard": 0, "step": "3", "epoch": 0}),
                                  "train_loader: not a position"),
 }
+
+
+def retype_moment(path: Path, name: str) -> None:
+    """A moment stored as bool: the resume trained on with it, inexactly, and said nothing."""
+    import mlx.core as mx
+
+    arrays = mx.load(str(path))
+    key = next(k for k in arrays if k.endswith(name))
+    arrays[key] = arrays[key] > 0
+    mx.save_safetensors(str(path), arrays)
 
 
 def reshape_moment(path: Path, name: str) -> None:

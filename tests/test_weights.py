@@ -271,3 +271,19 @@ def test_malformed_proxy_or_endpoint_is_one_line(env, needle, tmp_path):
     proc = run_cli("sample", "--model", "nobody/no-such-model",
                    env={"HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path), "NO_PROXY": "", "no_proxy": "", **env})
     assert_one_line_error(proc, needle)
+
+
+def test_weights_that_are_no_floats_or_an_index_naming_no_file_are_refused(tmp_path):
+    """An int32 copy of the weights loaded as (nearly) all zeros and sampled gibberish with status 0; a number in a
+    sharded model's index was a TypeError traceback."""
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=8))
+    save_model(model, tmp_path / "m")
+    arrays = mx.load(str(tmp_path / "m" / "model.safetensors"))
+    mx.save_safetensors(str(tmp_path / "m" / "model.safetensors"), {k: (a * 100).astype(mx.int32)
+                                                                    for k, a in arrays.items()})
+    with pytest.raises(UserError, match=r"is int32, not floating point"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    (tmp_path / "m" / "model.safetensors.index.json").write_text('{"weight_map": {"wte.weight": 5}}')
+    with pytest.raises(UserError, match="not a safetensors index"):
+        load_model(tmp_path / "m")

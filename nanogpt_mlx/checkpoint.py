@@ -176,7 +176,7 @@ class RunLog:
         """Whether a log line is intact and logged before `step`; a torn line (what a crash leaves) is dropped."""
         try:
             return line.endswith("\n") and step_of(line) < step
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError):
             return False
 
     def metric(self, step: int, kind: str, value: float, **extra) -> None:

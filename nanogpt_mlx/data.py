@@ -39,7 +39,9 @@ def open_shard(path: Path) -> np.ndarray:
         raise UserError(f"{path}: cannot read shard (empty or cut off)") from None
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read shard ({e})") from None
-    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+    if not isinstance(tokens, np.ndarray):  # np.load opens a zip (.npz) as an archive of arrays
+        raise UserError(f"{path}: not a .npy array (an .npz archive?)")
+    if tokens.ndim != 1 or tokens.dtype.kind not in "iu":  # (timedelta64 is an np.integer too)
         raise UserError(f"{path}: expected a 1-D integer array, got {tokens.dtype} {tokens.shape}")
     return tokens
 
@@ -152,6 +154,10 @@ class DataLoader:
         (UserError); ValueError for a malformed position."""
         d = dict(d)
         saved = d.pop("layout", None)  # None: a checkpoint from before the layout was saved
+        if saved is not None and not (isinstance(saved, dict) and isinstance(saved.get("shards", []), list) and all(
+                isinstance(s, list) and len(s) == 2 and isinstance(s[0], str) and type(s[1]) is int
+                for s in saved.get("shards", []))):
+            raise ValueError(f"not a layout of batches: {str(saved)[:100]}")
         if saved is not None and saved != self.layout:
             raise UserError(f"cannot continue the checkpoint's data position with other batches: "
                             f"{_layout_changes(saved, self.layout)}; resume with the checkpoint's values, or start a "

@@ -114,7 +114,7 @@ def _jsonl_docs(part: Part) -> list[str]:
     numbered = [(i, line) for i, line in enumerate(data.split(b"\n")) if line.strip()]
     try:  # one parse for the whole part is faster than one per line
         records = json.loads(b"[" + b",".join(line for _, line in numbered) + b"]")
-    except ValueError:
+    except (ValueError, RecursionError):
         records = []
     if len(records) != len(numbered):  # some line is not one JSON value: find it
         records = [_parse_line(part, i, line) for i, line in numbered]
@@ -135,7 +135,7 @@ def _jsonl_docs(part: Part) -> list[str]:
 def _parse_line(part: Part, i: int, line: bytes):
     try:
         return json.loads(line)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; nested too deeply
         raise UserError(f"{part.path}, line {_line_no(part, i)}: not valid JSON ({first_line(e)})") from None
 
 

@@ -88,6 +88,8 @@ def _parse_line(line: str, index: int, where: str) -> Example:
         d = json.loads(line)
     except json.JSONDecodeError as e:
         raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise UserError(f"{where}: not valid JSON (nested too deeply)") from None
     if not isinstance(d, dict):
         raise UserError(f"{where}: expected a JSON object")
     for key in ("ctx", "endings", "label"):

@@ -142,3 +142,16 @@ def test_a_file_for_the_data_directory_is_named_as_such(tmp_path):
     (tmp_path / "input.txt").write_text("text")
     with pytest.raises(UserError, match="input.txt: a file, not a directory of token shards"):
         DataLoader(tmp_path / "input.txt", "train", 1, 8)
+
+
+def test_a_zip_or_timedelta_shard_is_one_line(tmp_path):
+    """An .npz archive under a shard's name was an AttributeError traceback; timedelta64 passed as integers."""
+    from nanogpt_mlx.data import open_shard
+
+    np.savez(tmp_path / "a.npz", x=np.arange(10, dtype=np.uint16))
+    (tmp_path / "a.npz").rename(tmp_path / "x_val_000000.npy")
+    with pytest.raises(UserError, match=r"not a \.npy array \(an \.npz archive\?\)"):
+        open_shard(tmp_path / "x_val_000000.npy")
+    np.save(tmp_path / "t.npy", np.arange(10).astype("timedelta64[s]"))
+    with pytest.raises(UserError, match="expected a 1-D integer array, got timedelta64"):
+        open_shard(tmp_path / "t.npy")

@@ -394,3 +394,21 @@ def test_cli_loss(tiny_hf_dir, model, tmp_path):
                    "--batch-size", "2", "--seq-len", "32", check=True)
     want = eval_loss(model, tmp_path, batches=4, B=2, T=32, progress=False)
     assert f"val loss {want:.4f}  perplexity {np.exp(want):.2f}  (4 batches of 2x32 tokens" in proc.stdout
+
+
+def test_a_json_line_nested_too_deeply_is_one_line(tmp_path):
+    """A RecursionError traceback from json, in HellaSwag's reader, prepare's jsonl reader and a resumed log."""
+    from nanogpt_mlx import prepare, sources
+    from nanogpt_mlx.checkpoint import RunLog
+    from nanogpt_mlx.evaluate import load_hellaswag
+
+    deep = "[" * 100_000 + "]" * 100_000 + "\n"
+    (tmp_path / "h.jsonl").write_text(deep)
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_hellaswag(tmp_path / "h.jsonl")
+    with pytest.raises(UserError, match="line 1: not valid JSON"):
+        prepare.prepare(sources.local_files([tmp_path / "h.jsonl"]), tmp_path / "out", prepare.PrepareConfig(workers=1))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.jsonl").write_text('{"step": 0, "kind": "train"}\n' + deep)
+    RunLog(tmp_path / "run", 5, True)  # the deep line dropped as a torn one
+    assert (tmp_path / "run" / "log.jsonl").read_text() == '{"step": 0, "kind": "train"}\n'

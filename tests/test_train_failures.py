@@ -278,6 +278,8 @@ DAMAGE = {
     "state-step-bool": (lambda c: edit_state(c, step=True), "trainer.json lacks"),  # was taken for step 1
     "state-nested-deep": (lambda c: (c / "trainer.json").write_text("[" * 100_000 + "]" * 100_000),
                           "trainer.json: nested too deeply"),  # was a RecursionError's traceback
+    "state-layout-text": (lambda c: edit_layout(c, "x"), "train_loader: not a layout of batches: x"),  # tracebacks
+    "state-layout-shards": (lambda c: edit_layout(c, {"B": 4, "shards": [["x", "n"]]}), "not a layout of batches"),
     "state-position-beyond": (lambda c: edit_state(c, train_loader={"shard": 0, "step": 500, "epoch": 0}),
                               "train_loader: position at batch 500 of shard 0"),
     "state-position-malformed": (lambda c: edit_state(c, train_loader={"shard": 0, "step": "3", "epoch": 0}),
@@ -303,6 +305,12 @@ def reshape_moment(path: Path, name: str) -> None:
     key = next(k for k in arrays if k.endswith(name))
     arrays[key] = arrays[key].reshape(-1, 16)
     mx.save_safetensors(str(path), arrays)
+
+
+def edit_layout(ckpt: Path, layout) -> None:
+    state = json.loads((ckpt / "trainer.json").read_text())
+    state["train_loader"]["layout"] = layout
+    (ckpt / "trainer.json").write_text(json.dumps(state))
 
 
 def edit_state(ckpt: Path, **changes) -> None:

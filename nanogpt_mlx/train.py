@@ -29,6 +29,7 @@ import shutil
 import signal
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -43,7 +44,7 @@ from . import checkpoint, device, distributed, memory, recipes, signals
 from .config import DTYPES, MODEL_FIELDS, TrainConfig
 from .console import say, warn
 from .data import DataLoader
-from .errors import Stopped, UserError
+from .errors import Stopped, UserError, first_line
 from .evaluate import check_examples, download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
 from .files import check_writable, devnull_onto, lock_dir, remove_stale_temps, unlock_dir
 from .model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig
@@ -88,6 +89,15 @@ class _StopEvaluating(Exception):
     """Ctrl-C or SIGTERM during an evaluation (Trainer._evaluating): it stops at once."""
 
 
+class _SavedStop(UserError):
+    """A stop that is no signal's (a bad shard, stdout on a full disk), after the save: the Trainer is whole."""
+
+
+# the Trainer of each OUT in this process, the latest made: an older one of the same OUT (a notebook's cell run
+# again) would write that run's checkpoints and logs with its own
+_OWNERS: weakref.WeakValueDictionary[Path, Trainer] = weakref.WeakValueDictionary()
+
+
 class Trainer:
     """A training run: `Trainer(cfg).train()`, or `Trainer(cfg, resume=True)` to continue cfg.out.
     Without cfg: TrainConfig(), build-nanogpt's GPT-2 124M run."""
@@ -98,6 +108,7 @@ class Trainer:
         self.cfg, self.dist = cfg, dist or distributed.init()
         self.out = Path(cfg.out).absolute()  # a later os.chdir (a notebook) must not move the run
         self._took_lock = False  # whether this Trainer's start took OUT's lock (not held by this process before)
+        self._broken = ""  # why train() ended amid a step, after which it refuses to go on
         try:
             self._setup(resume, overwrite)
         except BaseException:  # a refused start leaves OUT to the next (in a notebook this process lives on)
@@ -163,6 +174,8 @@ class Trainer:
         self._last_ended = 0.0  # when the last finished step ended (perf_counter)
         self._memory_cap = 0  # bytes MLX may use while training (cap_memory), once a step was measured
         self.result: dict[str, float] = {}  # latest train_loss, val_loss and hellaswag
+        mx.eval(self.master, self.optimizer.state, self.model.parameters())  # in this thread (see train())
+        _OWNERS[self.out] = self
 
     # -- setup
     def _build_model(self, ckpt: Path | None) -> tuple[GPT, memory.Estimate]:
@@ -178,6 +191,12 @@ class Trainer:
             return GPT(config, seed=cfg.seed), estimate
         model = checkpoint.read_model(ckpt) if ckpt is not None else load_model(cfg.init_from)
         self.recipe.check_model(model.config, str(ckpt or cfg.init_from))
+        if ckpt is not None and not cfg.init_from:  # (resume_config gives the checkpoint's; the CLI refuses others)
+            changed = [f"{k} {getattr(model.config, k)} (not {getattr(cfg, k)})" for k in MODEL_FIELDS[1:]
+                       if getattr(cfg, k) and getattr(cfg, k) != getattr(model.config, k)]
+            if changed:
+                raise UserError(f"a resumed run keeps its model: {ckpt} has {', '.join(changed)}; resume with its "
+                                f"config, config.resume_config({str(self.out)!r})")
         model = pad_vocab(model, cfg.vocab_size) if cfg.vocab_size and ckpt is None else model
         return model, fits(model.config)
 
@@ -501,15 +520,29 @@ class Trainer:
         """Run from self.step to max_steps (or to step `until`, then save); returns the latest train/val
         losses. Ctrl-C (and SIGTERM) saves after the step in progress, or at once during an evaluation, and raises
         errors.Stopped (a KeyboardInterrupt); a NaN/inf loss raises UserError, saving nothing."""
+        resume = f"continue from {self.out}'s last checkpoint with Trainer(cfg, resume=True)"
+        if self._broken:
+            raise UserError(f"this Trainer stopped amid a step ({self._broken}): its weights, step and data position "
+                            f"may disagree; {resume}")
+        if _OWNERS.get(self.out) is not self:
+            raise UserError(f"a newer Trainer of {self.out} was made in this process: train that one (or {resume})")
         if self.dist.is_main:
             lock_dir(self.out, "run")  # again, if an earlier train() ended
         # an earlier train()'s stop request was answered by its end
         self._stop, self._stopped_by, self._stop_error = False, None, None
         try:
-            return self._train(until)
+            result = self._train(until)
+        except (Stopped, _SavedStop):  # saved: whole, train() continues
+            raise
+        except BaseException as e:  # a second Ctrl-C, a NaN, a failed save or read: maybe with a step half applied
+            self._broken = first_line(e) or type(e).__name__
+            raise
         finally:
             if self.dist.is_main:
                 unlock_dir(self.out)  # another process may write OUT now
+            if not self._broken:  # computed here: a notebook's thread that trained leaves no work to its stream
+                mx.eval(self.master, self.optimizer.state, self.model.parameters())
+        return result
 
     @contextlib.contextmanager
     def _training(self) -> Iterator[tqdm]:
@@ -600,7 +633,7 @@ class Trainer:
             self.dist.barrier(at_least=1800)
         if self._stop_error is not None:
             why, fix = self._stop_error
-            raise UserError(f"{why}; saved {path} (step {self.step}): {fix}, then --resume {self.out}")
+            raise _SavedStop(f"{why}; saved {path} (step {self.step}): {fix}, then --resume {self.out}")
         if self.step < end:  # stopped by a signal, or by stdout's reader ending (as Ctrl-C)
             self._say(f"interrupted: saved {path} (step {self.step}); continue with --resume {self.out}")
             raise Stopped(self._stopped_by or signal.SIGINT)

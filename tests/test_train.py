@@ -944,3 +944,40 @@ def test_a_relative_out_stays_put_when_the_working_directory_changes(data_dir, t
     trainer.train()
     assert not (tmp_path / "b" / "run").exists() and checkpoints(tmp_path / "a" / "run")
     assert (tmp_path / "a" / "run").resolve() not in files._locked
+
+
+def test_a_notebooks_trainer_after_an_escaped_error_a_newer_one_or_a_thread(data_dir, tmp_path, monkeypatch):
+    """In one process: train() after an error had escaped amid a step (a second Ctrl-C) went on from weights, step
+    and data position that disagree; an older Trainer of the same OUT wrote that run's checkpoints and logs too; a
+    Trainer trained in a thread could not be used from the main thread afterwards (MLX's per-thread streams); and
+    resuming with other model sizes trained the checkpoint's model without a word."""
+    import threading
+
+    out = tmp_path / "run"
+    cfg = tiny_config(data_dir, out, max_steps=4, checkpoint_every=2)
+    first = Trainer(cfg)
+    thread = threading.Thread(target=first.train, kwargs={"until": 2})
+    thread.start()
+    thread.join()
+    assert first.step == 2 and sample_texts(first.model, "The", SampleConfig(max_new_tokens=2, seed=0))
+    newer = Trainer(cfg, resume=True)
+    with pytest.raises(UserError, match="a newer Trainer of .* was made in this process"):
+        first.train()
+    reads = 0
+    real = newer.train_loader.next_batch
+
+    def interrupted():
+        nonlocal reads
+        reads += 1
+        if reads == 2:  # while step 3 is being queued
+            raise KeyboardInterrupt
+        return real()
+
+    monkeypatch.setattr(newer.train_loader, "next_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        newer.train()
+    with pytest.raises(UserError, match="stopped amid a step \\(KeyboardInterrupt\\).*resume=True"):
+        newer.train()
+    with pytest.raises(UserError, match=r"keeps its model: .*ckpt-000002 has n_layer 2 \(not 3\)"):
+        Trainer(replace(cfg, n_layer=3), resume=True)
+    assert Trainer(cfg, resume=True).train()["train_loss"] > 0

@@ -68,6 +68,27 @@ def warn_if_incomplete(data_dir: Path) -> None:
              "prepare command to complete them")
 
 
+@lru_cache(maxsize=None)  # once per directory, split and process (while its shards stay as they are)
+def warn_if_shards_differ(data_dir: Path, split: str, sized: tuple[tuple[Path, int], ...]) -> None:
+    """Warn when a shard that a complete manifest lists is missing or of another length: a partial copy, or a
+    deleted shard, would train and evaluate on less."""
+    try:
+        manifest = read_json(data_dir / "manifest.json")
+        listed = {r["file"]: r["tokens"] for r in manifest["shards"] if r["split"] == split}
+        if manifest.get("complete") is not True:
+            return
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):  # no manifest (shards from elsewhere), or
+        return  # not ours
+    found = {path.name: n for path, n in sized}
+    missing = [name for name in listed if name not in found]
+    other = [f"{name} ({found[name]} tokens, not {n})" for name, n in listed.items() if found.get(name, n) != n]
+    if missing or other:
+        said = "; ".join(f"{what}: {', '.join(names[:3])}{' ...' * (len(names) > 3)}"
+                         for what, names in (("missing", missing), ("of another length", other)) if names)
+        warn(f"{data_dir}: {split} shards that manifest.json lists are {said}; re-run the same prepare command to "
+             "restore them")
+
+
 @dataclass
 class LoaderState:
     shard: int = 0  # index into the sorted shard list
@@ -88,10 +109,11 @@ class DataLoader:
                  vocab_size: int | None = None, shuffle: bool = False, seed: int = 0):
         self.B, self.T, self.rank, self.world = B, T, rank, world
         self.vocab_size, self.shuffle, self.seed = vocab_size, shuffle, seed
-        warn_if_incomplete(Path(data_dir).resolve())
         # every shard's length now (headers only): one too short for a batch would stop a run when reached
         # (prepare's last shard can be); its token ids are checked when it is read
         sized = [(path, len(open_shard(path))) for path in list_shards(data_dir, split)]
+        warn_if_incomplete(Path(data_dir).resolve())
+        warn_if_shards_differ(Path(data_dir).resolve(), split, tuple(sized))
         need = B * T * world + 1
         kept = [(path, n) for path, n in sized if n >= need]
         short = [f"{path.name} ({n} tokens)" for path, n in sized if n < need]

@@ -681,3 +681,23 @@ def test_a_source_smaller_than_one_shard_is_split_90_10(tmp_path):
         val, train = json.loads((tmp_path / name / "manifest.json").read_text())["shards"]
         total = val["tokens"] + train["tokens"]
         assert (val["split"], train["split"]) == ("val", "train") and total // 10 <= val["tokens"] < total // 5
+
+
+def test_a_shard_missing_from_a_prepared_directory_is_warned_of(tmp_path, capsys):
+    """A partial copy, or a deleted shard, trained and evaluated on less data without a word: manifest.json lists
+    every shard and its length, but only its "complete" was read."""
+    from nanogpt_mlx.data import DataLoader
+
+    prep.prepare(sources.local_files([write_jsonl(tmp_path / "docs.jsonl", make_docs(60))]), tmp_path / "out",
+                 cfg(shard_size=400))
+    trains = sorted((tmp_path / "out").glob("*_train_*.npy"))
+    assert len(trains) >= 3
+    capsys.readouterr()
+    DataLoader(tmp_path / "out", "train", 2, 8)
+    assert capsys.readouterr().err == ""  # as prepared
+    trains[1].unlink()
+    np.save(trains[2], np.load(trains[2])[:-5])
+    DataLoader(tmp_path / "out", "train", 2, 8)
+    err = capsys.readouterr().err
+    assert f"train shards that manifest.json lists are missing: {trains[1].name}; of another length: " \
+           f"{trains[2].name} (" in err and "re-run the same prepare command" in err

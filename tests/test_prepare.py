@@ -615,46 +615,47 @@ def test_an_empty_shard_directory_is_refused(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input.txt"]
 
 
-def test_a_second_ctrl_c_while_the_workers_stop_ends_prepare(tmp_path):
-    """The second Ctrl-C broke into the pool's shutdown: the workers waited for work and the exit for them, forever."""
+def signalled_prepare(tmp_path: Path, ready, *signums: int, after: float = 0.0,
+                      extra: tuple[str, ...] = ()) -> tuple[int, str]:
+    """`prepare files` of ~30 MB of text with 2 workers (tokenizing takes longer than these tests wait), sent
+    `signums` 0.05 s apart `after` seconds after ready(OUT) holds: (exit status, stderr)."""
     line = "First Citizen:\nBefore we proceed any further, hear me speak, and let us kill him.\n\n"
-    (tmp_path / "big.txt").write_text(line * 400_000)  # ~30 MB: tokenizing takes longer than this test waits
+    (tmp_path / "big.txt").write_text(line * 400_000)
     proc = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", "prepare", "files", str(tmp_path / "big.txt"),
-                             "--out", str(tmp_path / "o"), "--workers", "2"], stdout=subprocess.PIPE,
+                             "--out", str(tmp_path / "o"), "--workers", "2", *extra], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while not (tmp_path / "o" / "manifest.json").exists():  # written once the work is planned, before the pool
+    while not ready(tmp_path / "o"):
         assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+        time.sleep(0.02)
+    time.sleep(after)
     try:
+        for signum in signums:
+            proc.send_signal(signum)
+            time.sleep(0.05)
         _, err = proc.communicate(timeout=60)
+        return proc.returncode, err
     finally:
         proc.kill()
-    assert proc.returncode == 130 and "Traceback" not in err, err
+
+
+def test_a_second_ctrl_c_while_the_workers_stop_ends_prepare(tmp_path):
+    """The second Ctrl-C broke into the pool's shutdown: the workers waited for work and the exit for them, forever."""
+    def planned(out: Path) -> bool:  # the manifest is written once the work is planned, before the pool
+        return (out / "manifest.json").exists()
+
+    status, err = signalled_prepare(tmp_path, planned, signal.SIGINT, signal.SIGINT, after=1.0)
+    assert status == 130 and "Traceback" not in err, err
 
 
 def test_sigterm_stops_prepare_as_ctrl_c_does(tmp_path):
     """SIGTERM (kill, a scheduler) ended prepare where it stood: its shard in the writing stayed as a hidden
     temporary file."""
-    line = "First Citizen:\nBefore we proceed any further, hear me speak, and let us kill him.\n\n"
-    (tmp_path / "big.txt").write_text(line * 400_000)
-    proc = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", "prepare", "files", str(tmp_path / "big.txt"),
-                             "--out", str(tmp_path / "o"), "--workers", "2", "--shard-size", "1000000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not any(".tmp" in p.name for p in (tmp_path / "o").glob("*")):  # a shard is being written
-        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    def writing(out: Path) -> bool:
+        return any(".tmp" in p.name for p in out.glob("*"))
+
+    status, err = signalled_prepare(tmp_path, writing, signal.SIGTERM, extra=("--shard-size", "1000000"))
+    assert status == 128 + signal.SIGTERM and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == "nanogpt-mlx: interrupted"
     assert not [p.name for p in (tmp_path / "o").iterdir() if ".tmp" in p.name]
 

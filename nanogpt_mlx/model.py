@@ -68,6 +68,8 @@ class GPTConfig:
                 raise ValueError(f"{k} must be a {kinds[k]}, got {v!r}")
             if kinds[k] == "int" and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v)):
                 raise ValueError(f"{k} must be a whole number, got {v!r}")
+            if kinds[k] == "float" and (isinstance(v, bool) or not isinstance(v, (int, float))):  # "1", true
+                raise ValueError(f"{k} must be a number, got {v!r}")
             values[k] = {"int": int, "float": float, "bool": bool, "str": str}[kinds[k]](v)
         return cls(**values)
 

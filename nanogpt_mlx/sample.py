@@ -143,10 +143,16 @@ def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig | None = None,
             return
 
 
+def _prompt_ids(model: GPT, prompt: str, cfg: SampleConfig) -> list[int]:
+    if not isinstance(prompt, str):  # None was a TypeError from inside the tokenizer
+        raise UserError(f"the prompt must be text (a str), got {type(prompt).__name__}")
+    return prepare_prompt(model, encode(prompt, special=True), cfg)
+
+
 def sample_texts(model: GPT, prompt: str, cfg: SampleConfig | None = None, num_samples: int = 1) -> list[str]:
     """Prompt + continuation of each sample, cut at <|endoftext|> unless cfg.stop_at_eot is off."""
     cfg = cfg or SampleConfig()
-    ids = prepare_prompt(model, encode(prompt, special=True), cfg)
+    ids = _prompt_ids(model, prompt, cfg)
     new: list[list[int]] = [[] for _ in range(num_samples)]
     for tok in generate(model, ids, cfg, num_samples):
         for row, t in zip(new, tok.tolist()):
@@ -159,7 +165,7 @@ def sample_texts(model: GPT, prompt: str, cfg: SampleConfig | None = None, num_s
 def stream_text(model: GPT, prompt: str, cfg: SampleConfig | None = None) -> Iterator[str]:
     """Yield text pieces of one sample as they are generated (prompt first), valid UTF-8 only."""
     cfg = cfg or SampleConfig()
-    ids = prepare_prompt(model, encode(prompt, special=True), cfg)
+    ids = _prompt_ids(model, prompt, cfg)
     enc = get_tokenizer()
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
     yield dec.decode(enc.decode_bytes(ids))

@@ -520,6 +520,8 @@ class Trainer:
         """Run from self.step to max_steps (or to step `until`, then save); returns the latest train/val
         losses. Ctrl-C (and SIGTERM) saves after the step in progress, or at once during an evaluation, and raises
         errors.Stopped (a KeyboardInterrupt); a NaN/inf loss raises UserError, saving nothing."""
+        if until is not None and (type(until) is not int or until < 0):  # "3" was a TypeError, 2.5 trained to 3
+            raise UserError(f"until must be a step number (an int >= 0), got {until!r}")
         resume = f"continue from {self.out}'s last checkpoint with Trainer(cfg, resume=True)"
         if self._broken:
             raise UserError(f"this Trainer stopped amid a step ({self._broken}): its weights, step and data position "

@@ -254,3 +254,12 @@ def test_top_p_keeps_the_tokens_transformers_keeps(top_p):
     ours = np.isfinite(np.array(filtered_logits(mx.array(logits), SampleConfig(top_k=None, top_p=top_p))))
     ref = np.isfinite(TopPLogitsWarper(top_p)(None, torch.tensor(logits, dtype=torch.float64)).numpy())
     assert (ours == ref).all(), (ours.sum(axis=1), ref.sum(axis=1))
+
+
+def test_a_prompt_that_is_no_text_is_one_line(model):
+    """sample_texts(model, None) was a TypeError from inside the tokenizer."""
+    from nanogpt_mlx.sample import stream_text
+
+    for call in (lambda: sample_texts(model, None), lambda: next(stream_text(model, 5))):
+        with pytest.raises(UserError, match="the prompt must be text \\(a str\\), got"):
+            call()

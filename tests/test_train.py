@@ -978,6 +978,9 @@ def test_a_notebooks_trainer_after_an_escaped_error_a_newer_one_or_a_thread(data
         newer.train()
     with pytest.raises(UserError, match="stopped amid a step \\(KeyboardInterrupt\\).*resume=True"):
         newer.train()
+    for until in ("3", 2.5, -1):  # a TypeError, or trained to step 3
+        with pytest.raises(UserError, match="until must be a step number"):
+            Trainer(cfg, resume=True).train(until=until)
     with pytest.raises(UserError, match=r"keeps its model: .*ckpt-000002 has n_layer 2 \(not 3\)"):
         Trainer(replace(cfg, n_layer=3), resume=True)
     assert Trainer(cfg, resume=True).train()["train_loss"] > 0

@@ -171,6 +171,15 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
 MODEL_FIELDS = ("init_from", "n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # the checkpoint's on resume
 
 
+def refuse_model_changes(where: object, kept: object, asked: dict, fix: str) -> None:
+    """A resumed run keeps its model: refuse the model fields of `asked` (name -> value) that differ from those
+    of `kept` (a config), saying `fix`."""
+    changed = [f"{k} {getattr(kept, k)!r} (not {v!r})" for k, v in asked.items()
+               if k in MODEL_FIELDS and v != getattr(kept, k)]
+    if changed:
+        raise UserError(f"a resumed run keeps its model: {where} has {', '.join(changed)}; {fix}")
+
+
 def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
     """The config saved with a run's latest checkpoint, with `overrides` applied; the model's fields are the
     checkpoint's (changing them is refused). Overriding one of min_lr / min_lr_ratio drops the saved other,
@@ -187,10 +196,7 @@ def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
         raise checkpoint.damaged(ckpt, f"{checkpoint.STATE_FILE}: config not understood ({e})") from None
     except UserError as e:  # a value this version refuses (a recipe it lacks) in every checkpoint of the run
         raise UserError(f"{ckpt}/{checkpoint.STATE_FILE}: {e} (a newer version wrote it?)") from None
-    changed = [f"{k} {getattr(saved, k)!r} (not {v!r})" for k, v in overrides.items()
-               if k in MODEL_FIELDS and v != getattr(saved, k)]
-    if changed:
-        raise UserError(f"a resumed run keeps its model: {out} has {', '.join(changed)}; drop those options")
+    refuse_model_changes(out, saved, overrides, "drop those options")
     if "min_lr_ratio" in overrides:
         saved = replace(saved, min_lr=None)
     return replace(saved, out=str(out), **overrides)

@@ -41,7 +41,7 @@ from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
 from . import checkpoint, device, distributed, memory, recipes, signals
-from .config import DTYPES, MODEL_FIELDS, TrainConfig
+from .config import DTYPES, MODEL_FIELDS, TrainConfig, refuse_model_changes
 from .console import say, warn
 from .data import DataLoader
 from .errors import Stopped, UserError, first_line
@@ -191,12 +191,9 @@ class Trainer:
             return GPT(config, seed=cfg.seed), estimate
         model = checkpoint.read_model(ckpt) if ckpt is not None else load_model(cfg.init_from)
         self.recipe.check_model(model.config, str(ckpt or cfg.init_from))
-        if ckpt is not None and not cfg.init_from:  # (resume_config gives the checkpoint's; the CLI refuses others)
-            changed = [f"{k} {getattr(model.config, k)} (not {getattr(cfg, k)})" for k in MODEL_FIELDS[1:]
-                       if getattr(cfg, k) and getattr(cfg, k) != getattr(model.config, k)]
-            if changed:
-                raise UserError(f"a resumed run keeps its model: {ckpt} has {', '.join(changed)}; resume with its "
-                                f"config, config.resume_config({str(self.out)!r})")
+        if ckpt is not None and not cfg.init_from:  # (resume_config gives the checkpoint's; 0 is "the default")
+            refuse_model_changes(ckpt, model.config, {k: getattr(cfg, k) for k in MODEL_FIELDS[1:] if getattr(cfg, k)},
+                                 f"resume with its config, config.resume_config({str(self.out)!r})")
         model = pad_vocab(model, cfg.vocab_size) if cfg.vocab_size and ckpt is None else model
         return model, fits(model.config)
 

@@ -174,8 +174,13 @@ class Trainer:
         self._last_ended = 0.0  # when the last finished step ended (perf_counter)
         self._memory_cap = 0  # bytes MLX may use while training (cap_memory), once a step was measured
         self.result: dict[str, float] = {}  # latest train_loss, val_loss and hellaswag
-        mx.eval(self.master, self.optimizer.state, self.model.parameters())  # in this thread (see train())
+        self._compute_state()
         _OWNERS[self.out] = self
+
+    def _compute_state(self) -> None:
+        """The weights and optimizer state, computed in this thread: MLX's streams are per thread, and a notebook's
+        thread that built or trained a Trainer must leave none of their work to its own stream."""
+        mx.eval(self.master, self.optimizer.state, self.model.parameters())
 
     # -- setup
     def _build_model(self, ckpt: Path | None) -> tuple[GPT, memory.Estimate]:
@@ -539,8 +544,8 @@ class Trainer:
         finally:
             if self.dist.is_main:
                 unlock_dir(self.out)  # another process may write OUT now
-            if not self._broken:  # computed here: a notebook's thread that trained leaves no work to its stream
-                mx.eval(self.master, self.optimizer.state, self.model.parameters())
+            if not self._broken:
+                self._compute_state()
         return result
 
     @contextlib.contextmanager

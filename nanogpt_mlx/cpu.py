@@ -216,11 +216,12 @@ def _kernel_dir(tmp: str | os.PathLike | None = None) -> Path:
 
 
 def _can_compile_in(tmp: str | os.PathLike) -> bool:
+    kernels = _kernel_dir(tmp)
     try:
-        _kernel_dir(tmp).mkdir(parents=True, exist_ok=True)
+        kernels.mkdir(parents=True, exist_ok=True)
     except OSError:  # a full disk (MLX would fail with a traceback), a read-only one
         return False
-    return os.access(_kernel_dir(tmp), os.W_OK | os.X_OK)  # another user's /tmp/mlx, say
+    return os.access(kernels, os.W_OK | os.X_OK)  # another user's /tmp/mlx, say
 
 
 def _usable_tmpdir() -> None:

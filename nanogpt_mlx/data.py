@@ -176,9 +176,7 @@ class DataLoader:
         (UserError); ValueError for a malformed position."""
         d = dict(d)
         saved = d.pop("layout", None)  # None: a checkpoint from before the layout was saved
-        if saved is not None and not (isinstance(saved, dict) and isinstance(saved.get("shards", []), list) and all(
-                isinstance(s, list) and len(s) == 2 and isinstance(s[0], str) and type(s[1]) is int
-                for s in saved.get("shards", []))):
+        if saved is not None and not _is_layout(saved):
             raise ValueError(f"not a layout of batches: {str(saved)[:100]}")
         if saved is not None and saved != self.layout:
             raise UserError(f"cannot continue the checkpoint's data position with other batches: "
@@ -193,6 +191,14 @@ class DataLoader:
             raise ValueError(f"position at batch {state.step} of shard {state.shard}, which holds fewer")
         self.state = state
         self._load()
+
+
+def _is_layout(saved: object) -> bool:
+    """Whether a checkpoint's saved layout has the form DataLoader.layout has ([name, tokens] per shard), so that
+    comparing and describing it (_layout_changes) cannot fail."""
+    shards = saved.get("shards", []) if isinstance(saved, dict) else None
+    return isinstance(shards, list) and all(isinstance(s, list) and len(s) == 2 and isinstance(s[0], str)
+                                            and type(s[1]) is int for s in shards)
 
 
 def _layout_changes(saved: dict, now: dict) -> str:

@@ -19,10 +19,6 @@ LAUNCHER_ENV = "NANOGPT_MLX_LAUNCHER"  # set by launch.py in its ranks: the laun
 LINES_ENV = "NANOGPT_MLX_RANK_LINES"  # set by launch.py: the file this rank leaves its last lines in
 INTERRUPTED = "nanogpt-mlx: interrupted"  # the last line of a command a signal ended
 
-# tqdm makes its write lock at its first use, importing multiprocessing's: a Ctrl-C amid that import broke tqdm for
-# good, and the next line said (say) was an AttributeError traceback (a launcher's Ctrl-C at its first line did so)
-tqdm.get_lock()
-
 
 def say(line: str) -> None:
     """A line on stderr, above a progress bar; unless stderr is gone (a closed terminal): exit statuses still speak."""

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from shutil import rmtree
 
+from tqdm import tqdm
+
 from . import signals
 from .console import INTERRUPTED, LAUNCHER_ENV, LINES_ENV, new_lines, say
 from .errors import UserError
@@ -174,6 +176,9 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
     env = {**os.environ, "MLX_HOSTFILE": str(work / "hosts.json"), "OPENBLAS_NUM_THREADS": str(threads),
            LAUNCHER_ENV: str(os.getpid())}
     ranks = _Ranks(work)
+    # tqdm makes its write lock at its first use, importing multiprocessing's: a Ctrl-C amid that import broke tqdm
+    # for good (the next line said was an AttributeError traceback); made now, before any signal is forwarded
+    tqdm.get_lock()
     handlers = {signal.SIGTERM: ranks.interrupt, signal.SIGTSTP: ranks.suspend, signal.SIGCONT: ranks.resume}
     if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # nohup's stays
         handlers[signal.SIGHUP] = ranks.interrupt

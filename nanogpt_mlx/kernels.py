@@ -60,6 +60,40 @@ def _relu2_and_slope(h: mx.array) -> tuple[mx.array, mx.array]:
     return r * r, 2 * r
 
 
+def linear(x: mx.array, w: mx.array, bias: mx.array | None = None) -> mx.array:
+    """x @ w.T (+ bias), whose gradient for w comes out in w's (out, in) layout. Autodiff of x @ w.T gives
+    (x^T dy)^T, a transposed view, which every later reader of the gradient (the optimizer's packing into flat
+    buffers, clipping, an all-reduce) must first copy element by element, a slow strided copy on a CPU. dy^T x is
+    the same GEMM, written in the weight's layout."""
+    return _linear(x, w) if bias is None else _linear_bias(x, w, bias)
+
+
+def _weight_grad(x: mx.array, w: mx.array, dy: mx.array) -> mx.array:
+    return dy.reshape(-1, w.shape[0]).T @ x.reshape(-1, w.shape[1])
+
+
+@mx.custom_function
+def _linear(x: mx.array, w: mx.array) -> mx.array:
+    return x @ w.T
+
+
+@_linear.vjp
+def _linear_vjp(primals, dy, output):
+    x, w = primals
+    return dy @ w, _weight_grad(x, w, dy)
+
+
+@mx.custom_function
+def _linear_bias(x: mx.array, w: mx.array, bias: mx.array) -> mx.array:
+    return mx.addmm(bias, x, w.T)
+
+
+@_linear_bias.vjp
+def _linear_bias_vjp(primals, dy, output):
+    x, w, bias = primals
+    return dy @ w, _weight_grad(x, w, dy), dy.reshape(-1, w.shape[0]).sum(axis=0).astype(bias.dtype)
+
+
 ActivationMatmul = Callable[..., mx.array]  # (mlp kind, h, w, bias=None) -> act(h) @ w.T (+ bias)
 
 
@@ -68,8 +102,7 @@ def plain_activation_matmul(gelu: Unary) -> ActivationMatmul:
     acts = {"gelu": gelu, "relu2": relu2}
 
     def activation_matmul(kind: str, h: mx.array, w: mx.array, bias: mx.array | None = None) -> mx.array:
-        a = acts[kind](h)
-        return a @ w.T if bias is None else mx.addmm(bias, a, w.T)
+        return linear(acts[kind](h), w, bias)
 
     return activation_matmul
 

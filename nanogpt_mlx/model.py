@@ -147,6 +147,13 @@ class KVCache:
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
 
+class Linear(nn.Linear):
+    """nn.Linear through kernels.linear: its weight gradient in the weight's layout, not a transposed view."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return kernels.linear(x, self.weight, self.get("bias"))
+
+
 def make_norm(config: GPTConfig) -> nn.Module:
     return nn.RMSNorm(config.n_embd, eps=1e-6) if config.norm == "rmsnorm" else nn.LayerNorm(config.n_embd, eps=1e-5)
 
@@ -156,8 +163,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.rope, self.rope_base, self.qk_norm = config.rope, config.rope_base, config.qk_norm
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         if value_embed:
             self.ve_lambda = mx.array([0.5, 0.5])  # v <- ve_lambda[0] v + ve_lambda[1] ve (the speedrun's start)
 
@@ -188,8 +195,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.activation = config.mlp
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -227,7 +234,7 @@ class GPT(nn.Module):
             self.skip_weights = mx.ones((config.n_layer // 2,))
         self.ln_f = make_norm(config)
         if not config.tie_embeddings:
-            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         # training only: recompute each block's activations in the backward pass instead of keeping them
         self.checkpoint_blocks = False
         self.init_weights(seed)

@@ -433,6 +433,31 @@ def test_loss_gradient_follows_the_cotangent_and_batch_shape():
     np.testing.assert_allclose(np.array(dh), np.array(ref), rtol=1e-4, atol=1e-7)
 
 
+# --------------------------------------------------------------------------- linear layers
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
+def test_linear_equals_autodiff_with_its_weight_gradient_in_the_weights_layout(bias, dtype, maybe_compile):
+    keys = mx.random.split(mx.random.key(0), 4)
+    x = mx.random.normal((2, 5, 16), key=keys[0]).astype(dtype)
+    w = mx.random.normal((24, 16), key=keys[1]).astype(dtype)
+    b = mx.random.normal((24,), key=keys[2]).astype(dtype) if bias else None
+    ct = mx.random.normal((2, 5, 24), key=keys[3]).astype(dtype)
+
+    def ref(x, w, b):
+        return x @ w.T if b is None else x @ w.T + b
+
+    args, argnums = (x, w, b), (0, 1, 2) if bias else (0, 1)
+    got = maybe_compile(mx.value_and_grad(lambda *a: (kernels.linear(*a) * ct).sum(), argnums=argnums))(*args)
+    want = mx.value_and_grad(lambda *a: (ref(*a) * ct).sum(), argnums=argnums)(*args)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == mx.float32 else dict(rtol=2e-2, atol=2e-2)
+    for g, r in zip([got[0], *got[1]], [want[0], *want[1]]):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        np.testing.assert_allclose(np.array(g.astype(mx.float32)), np.array(r.astype(mx.float32)), **tol)
+    dw = got[1][1]
+    assert memoryview(dw).strides == (16 * dw.itemsize, dw.itemsize)  # row-major, not autodiff's transposed view
+    assert memoryview(want[1][1]).strides != memoryview(dw).strides  # (what autodiff gives)
+
+
 # --------------------------------------------------------------------------- checkpointing
 @pytest.mark.parametrize("switches", [{}, dict(n_layer=4, value_embeds=2, unet=True, mlp="relu2")],
                          ids=["gpt2", "value_embeds_unet_relu2"])

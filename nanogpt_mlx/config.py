@@ -64,6 +64,9 @@ class TrainConfig:
     dtype: str = _field("", "compute dtype, float32 or bfloat16 (float32 master weights and optimizer state); "
                             "'': the device's (bfloat16 on GPUs, float32 on CPUs)")
     compile: bool = _field(True, "compile the training step and the validation loss (mx.compile)")
+    threads: int = _field(0, "threads that split each micro-batch's rows, each computing its share's forward and "
+                             "backward on an MLX stream of its own (batch_size must divide by it); 0: the device's "
+                             "choice, as many as a CPU's BLAS threads (at most batch_size), 1 on a GPU")
     activation_checkpointing: bool = _field(False, "recompute each block in the backward pass: less memory, "
                                                    "~1/3 more compute")
     max_memory: float = _field(0.0, "GB the run (each rank) may use: refuse to start if the estimated peak exceeds "

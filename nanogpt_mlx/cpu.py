@@ -9,7 +9,10 @@ Importing this module sets up the process, so it must happen before `mlx.core` i
   weights about half as fast as sgemv. gemv_shim.c defines a cblas_sgemm that forwards single
   rows to sgemv; it is compiled once with the system C compiler into the user cache (without a
   compiler everything works, just slower). NANOGPT_MLX_NO_GEMV_SHIM=1 turns it off.
-- glibc's malloc thresholds are raised so MLX's large per-step temporaries stay in the heap.
+- glibc's malloc thresholds are raised so MLX's large per-step temporaries stay in the heap, and every
+  thread allocates from that one heap (threads.py runs steps from threads of their own).
+- While a training step's rows are split over threads (threads.py), each thread's GEMMs run on one
+  core: set_blas_threads.
 - MLX's x86-64 wheel compiles `mx.compile`'s fused kernels with `g++ -O3` for baseline x86-64:
   SSE2, four lanes, and no per-lane shifts, so a kernel that shifts by a computed count (exp's 2**k
   below) runs one number at a time. On a CPU with AVX2 and FMA a `g++` wrapper first on PATH adds
@@ -69,6 +72,7 @@ gemv: str = "off (it needs OpenBLAS)"  # single-row matmuls through sgemv
 jit: str = "MLX's default flags"  # how MLX compiles fused kernels
 jit_avx2: bool = False  # whether they are compiled for AVX2 (exp's 2**k by per-lane shifts)
 note: str = ""
+_openblas: ctypes.CDLL | None = None  # the OpenBLAS loaded, for its thread count
 
 
 # ------------------------------------------------------------------------------ process setup
@@ -86,7 +90,9 @@ def _tune_malloc() -> None:
     MLX allocates and frees large temporaries on every training step; glibc's default
     thresholds turn each into mmap/munmap plus page faults, and trimming the heap top after a
     step made the next one fault it all in again. Same as exporting
-    MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_/MALLOC_TOP_PAD_, but in-process.
+    MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_/MALLOC_TOP_PAD_/MALLOC_ARENA_MAX, but in-process.
+    MLX allocates an operation's output in the thread that evaluates it: a thread's own arena (a step
+    evaluated outside the main thread, threads.py) would take none of these settings, and its heaps shrink.
     """
     if any(k.startswith("MALLOC_") for k in os.environ):
         return  # the user tuned it already
@@ -94,7 +100,8 @@ def _tune_malloc() -> None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    m_trim_threshold, m_top_pad, m_mmap_threshold, m_mmap_max = -1, -2, -3, -4
+    m_trim_threshold, m_top_pad, m_mmap_threshold, m_mmap_max, m_arena_max = -1, -2, -3, -4, -8
+    libc.mallopt(m_arena_max, 1)  # every thread in the main arena, which the rest tunes
     libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)  # glibc's maximum on 64-bit
     libc.mallopt(m_mmap_max, 0)  # larger blocks (logits: 100s of MB) from the heap too: faster to fill
     libc.mallopt(m_trim_threshold, -1)  # SIZE_MAX (glibc takes it as size_t): never trim
@@ -248,7 +255,7 @@ def _usable_tmpdir() -> None:
 def _setup() -> None:
     """Tune malloc, compile kernels for AVX2 and load OpenBLAS (plus the gemv shim) globally, on Linux,
     unless disabled or too late."""
-    global blas, note
+    global blas, note, _openblas
     if platform.system() != "Linux":
         blas = "Accelerate" if platform.system() == "Darwin" else "bundled"
         return
@@ -272,8 +279,20 @@ def _setup() -> None:
         note = f"could not load {path}: {e}"
         return
     _install_gemv_shim(openblas)
-    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    _openblas = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     blas = f"OpenBLAS ({path})"
+
+
+def blas_threads() -> int:
+    """The threads OpenBLAS runs a GEMM on (OPENBLAS_NUM_THREADS, else the cores; a rank of launch.py gets its
+    share), or 1 without OpenBLAS: MLX's bundled BLAS, or Accelerate on a Mac, is not ours to set."""
+    return max(1, _openblas.openblas_get_num_threads()) if _openblas else 1
+
+
+def set_blas_threads(n: int) -> None:
+    """Have OpenBLAS run each GEMM on n threads (between GEMMs: none may be running)."""
+    if _openblas:
+        _openblas.openblas_set_num_threads(n)
 
 
 def info() -> list[tuple[str, str]]:

@@ -10,15 +10,21 @@ run in CPU tests.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
 
 PROFILE_ENV = "NANOGPT_MLX_PROFILE"
+# the widest model (n_embd) whose CPU step is split over threads by default: the share of one-core work falls as
+# 1 / n_embd (its softmaxes and activations against the matmuls), and at GPT-2's 768 the threads gained no time
+# for their extra head and gradient memory (README)
+WIDEST_THREADED = 512
 CUDNN_TILE = 128  # cuDNN's fused attention backward takes whole tiles of this many queries (MLX falls back otherwise)
 
 
@@ -168,6 +174,34 @@ def mfu_peak(dtype: str) -> float:
     return peak_flops("float32" if mx.default_device() == mx.cpu else dtype)
 
 
+def step_threads(n_embd: int) -> int:
+    """Threads a training micro-batch's rows are split over by default (threads.py): on MLX's CPU backend, which
+    runs its elementwise kernels, reductions and copies on one core and only its GEMMs on more, one per BLAS
+    thread, for a model narrow enough that that work counts; 1 on a GPU, which parallelizes one stream's work
+    itself."""
+    if not PROFILE.cpu_backend or n_embd > WIDEST_THREADED:
+        return 1
+    from . import cpu
+
+    return cpu.blas_threads()
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Each GEMM on one thread while the block runs: the threads of threads.py run theirs side by side."""
+    if not PROFILE.cpu_backend:
+        yield
+        return
+    from . import cpu
+
+    before = cpu.blas_threads()
+    cpu.set_blas_threads(1)
+    try:
+        yield
+    finally:
+        cpu.set_blas_threads(before)
+
+
 def system_memory() -> tuple[float, float | None]:
     """(total, available) system memory in GiB; available is None where the OS does not say."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -216,7 +250,10 @@ def info() -> list[tuple[str, str]]:
     lines = [("profile", f"{PROFILE.name}: {PROFILE.description}" + (f"  [{note}]" if note else "")),
              ("device", str(mx.default_device())),
              ("dtype", f"{PROFILE.dtype} by default (--dtype overrides)"),
-             ("loss chunk", f"{PROFILE.loss_rows or 'all'} rows of logits at a time")]
+             ("loss chunk", f"{PROFILE.loss_rows or 'all'} rows of logits at a time"),
+             ("step threads", f"{step_threads(WIDEST_THREADED)} (n_embd <= {WIDEST_THREADED}), else "
+                              f"{step_threads(WIDEST_THREADED + 1)}: a micro-batch's rows split over them in training "
+                              f"(--threads)")]
     if PROFILE.cpu_backend:
         from . import cpu
 

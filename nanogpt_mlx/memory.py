@@ -26,6 +26,7 @@ just above that (cap) leaves the host room to queue ahead without the peak growi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -66,8 +67,9 @@ class Estimate:
 
 
 def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpointing: bool = False,
-             profile: device.Profile | None = None) -> Estimate:
-    """The estimated peak memory (bytes) of one training step of `config` at (batch_size, seq_len)."""
+             profile: device.Profile | None = None, threads: int = 1) -> Estimate:
+    """The estimated peak memory (bytes) of one training step of `config` at (batch_size, seq_len), its rows split
+    over `threads` step threads (threads.py), each of which keeps a float32 gradient until they are added."""
     profile = profile or device.PROFILE
     b = _BYTES[dtype]
     C, L, V, nh = config.n_embd, config.n_layer, config.vocab_size, config.n_head
@@ -95,28 +97,31 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
         kind = "scaled, capped" if config.logit_softcap else "scaled"
         kind = kind if scales_in_gemms(getattr(mx, dtype)) else "stored"
         nv, chunks = _HEAD_ARRAYS[kind]
-        head = int(min(nv * n, chunks * rows) * V * 4)
-        if n > gemm_group(rows):  # several groups sum the weight gradient in float32 (loss.py)
-            head += 2 * V * C * 4
+        head = int(min(nv * n, chunks * rows) * V * 4)  # MLX's host queues as many chunks ahead for all threads
+        if n // threads > gemm_group(rows):  # several groups sum the weight gradient in float32 (loss.py)
+            head += 2 * V * C * 4 * threads
+    # a micro-step's raw gradients and their float32 sum; each further thread's float32 gradient until they are added
     return Estimate(params=params, weights=params * (4 + (b if b != 4 else 0)), optimizer=8 * params,
-                    gradients=params * (4 + b), activations=activations, head=head)
+                    gradients=params * (4 + b + 4 * (threads - 1)), activations=activations, head=head)
 
 
 def largest_batch(config: GPTConfig, seq_len: int, dtype: str, checkpointing: bool, limit: float,
-                  profile: device.Profile | None = None) -> int:
-    """The largest power-of-two micro-batch whose estimate fits in `limit` bytes (0 if none does)."""
+                  profile: device.Profile | None = None, threads: int = 1) -> int:
+    """The largest power-of-two micro-batch whose estimate fits in `limit` bytes (0 if none does), with as many
+    step threads as divide it, up to `threads`."""
     b = 0
-    while estimate(config, 2 ** b, seq_len, dtype, checkpointing, profile).total <= limit and b < 16:
+    while estimate(config, 2 ** b, seq_len, dtype, checkpointing, profile,
+                   math.gcd(2 ** b, threads)).total <= limit and b < 16:
         b += 1
     return 2 ** (b - 1) if b else 0
 
 
 def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpointing: bool,
-          max_memory_gb: float = 0.0, share: int = 1) -> Estimate:
+          max_memory_gb: float = 0.0, share: int = 1, threads: int = 1) -> Estimate:
     """Refuse (UserError) a run whose estimated peak exceeds max_memory_gb (0: the device's memory, of which each
     of `share` ranks on this machine gets its share), with the batch size or checkpointing that would fit; warn
     when it comes within 10%."""
-    est = estimate(config, batch_size, seq_len, dtype, checkpointing)
+    est = estimate(config, batch_size, seq_len, dtype, checkpointing, threads=threads)
     if max_memory_gb:
         limit, where = max_memory_gb * 1e9, f"--max-memory {max_memory_gb:g} GB"
     else:
@@ -125,11 +130,11 @@ def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpoi
             f"{limit / 1e9:.1f} GB, this device's memory split among its {share} ranks"
     if est.total > limit:
         advice = []
-        fits = largest_batch(config, seq_len, dtype, checkpointing, limit)
+        fits = largest_batch(config, seq_len, dtype, checkpointing, limit, threads=threads)
         if fits:
             advice.append(f"--batch-size {fits} fits (--total-batch-size stays, by more accumulation)")
         if not checkpointing:
-            fits_ckpt = largest_batch(config, seq_len, dtype, True, limit)
+            fits_ckpt = largest_batch(config, seq_len, dtype, True, limit, threads=threads)
             if fits_ckpt:
                 advice.append(f"--activation-checkpointing fits --batch-size {fits_ckpt}")
         raise UserError(f"a step of batch {batch_size} x {seq_len} needs {est.describe()}, more than {where}; "

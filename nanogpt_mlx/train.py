@@ -50,6 +50,7 @@ from .files import check_writable, devnull_onto, lock_dir, remove_stale_temps, u
 from .model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig
 from .optim import Packing, clip_grad_norm
 from .sample import SampleConfig, prepare_prompt, sample_texts
+from .threads import StepThreads
 from .tokenizer import encode
 from .weights import load_model
 
@@ -157,6 +158,7 @@ class Trainer:
                 raise UserError(f"{ckpt} is at step {self.step}, beyond max_steps {cfg.max_steps}: nothing to train "
                                 f"(pass a larger --max-steps)")
         self._saved_step = self.step  # the latest checkpoint's step (a fresh run's start needs none)
+        self.threads = self._step_threads(self.model.config)
         self._build_steps()
         if self.dist.is_main:  # everything above has accepted the config (a refused run makes no OUT)
             state = tree_flatten([self.master, self.optimizer.state])  # what a checkpoint stores (float32)
@@ -186,9 +188,12 @@ class Trainer:
     def _build_model(self, ckpt: Path | None) -> tuple[GPT, memory.Estimate]:
         """The model to train and its step's memory estimate, checked to fit (memory.check)."""
         cfg = self.cfg
-        fits = partial(memory.check, batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=self.dtype_name,
-                       checkpointing=cfg.activation_checkpointing, max_memory_gb=cfg.max_memory,
-                       share=self.dist.local)
+
+        def fits(config: GPTConfig) -> memory.Estimate:
+            return memory.check(config, batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=self.dtype_name,
+                                checkpointing=cfg.activation_checkpointing, max_memory_gb=cfg.max_memory,
+                                share=self.dist.local, threads=self._step_threads(config))
+
         if ckpt is None and not cfg.init_from:
             config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or PADDED_VOCAB_SIZE,
                                n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, **self.recipe.model)
@@ -224,6 +229,17 @@ class Trainer:
                 f"--total-batch-size {-(-cfg.total_batch_size // per_micro) * per_micro}"
             raise UserError(f"total_batch_size {cfg.total_batch_size} is not divisible by batch_size * seq_len"
                             f" * ranks = {cfg.batch_size} * {cfg.seq_len} * {world} = {per_micro}; use {instead}")
+
+    def _step_threads(self, config: GPTConfig) -> int:
+        """The threads that split a micro-batch's rows (threads.py): cfg.threads, or the device's choice for the
+        model, down to one that divides batch_size."""
+        cfg = self.cfg
+        if cfg.threads:
+            if cfg.batch_size % cfg.threads:
+                raise UserError(f"threads {cfg.threads} must divide batch_size {cfg.batch_size} (each takes as many "
+                                f"rows); 0: the device's choice")
+            return cfg.threads
+        return math.gcd(device.step_threads(config.n_embd), cfg.batch_size)
 
     def _check_out(self, ckpt: Path | None, overwrite: bool) -> None:
         """Refuse a fresh run into an OUT holding another run's checkpoints or a model, unless overwriting; and an
@@ -267,17 +283,23 @@ class Trainer:
 
     def _build_steps(self) -> None:
         """The compiled micro-step (forward + backward, gradients added to the running sum) and the
-        compiled last micro-step, which also averages over ranks, clips and applies the recipe's optimizer."""
-        model, optimizer, accum = self.model, self.optimizer, self.grad_accum
-        loss_and_grad = nn.value_and_grad(model, lambda m, x, y: m.loss(x, y) / accum)
+        compiled last micro-step, which also averages over ranks, clips and applies the recipe's optimizer.
+        With several step threads (threads.py) each computes the forward + backward of its rows, and the
+        compiled steps add their losses and gradients."""
+        model, optimizer, packing, n = self.model, self.optimizer, self.packing, self.threads
+        parts = self.grad_accum * n  # of the step's mean loss
 
-        def accumulate(x, y, grads):
-            loss, g = loss_and_grad(model, x, y)
-            g = tree_map(lambda a: a.astype(mx.float32), self.packing.pack(g))  # packed in the compute dtype
+        def forward_backward(m: GPT, x: mx.array, y: mx.array) -> tuple[mx.array, dict]:
+            loss, g = nn.value_and_grad(m, lambda m, x, y: m.loss(x, y) / parts)(m, x, y)
+            return loss, tree_map(lambda a: a.astype(mx.float32), packing.pack(g))  # packed in the compute dtype
+
+        def add(parts, grads):
+            loss, g = parts[0]
+            for part_loss, part_g in parts[1:]:
+                loss, g = loss + part_loss, tree_map(mx.add, g, part_g)
             return loss, g if grads is None else tree_map(mx.add, grads, g)
 
-        def update(x, y, grads):
-            loss, g = accumulate(x, y, grads)
+        def apply(loss, g):
             g, norm = clip_grad_norm(self.dist.average_gradients(g), self.cfg.grad_clip)
             self.master["params"] = optimizer.apply_gradients(g, self.master["params"])
             self._use_master(self.dtype)
@@ -285,7 +307,14 @@ class Trainer:
 
         state = [model.state, optimizer.state, self.master]
         wrap = partial(mx.compile, inputs=state, outputs=state) if self.cfg.compile else (lambda f: f)
-        self._accumulate, self._update = wrap(accumulate), wrap(update)
+        if n == 1:
+            self._accumulate = wrap(lambda x, y, grads: add([forward_backward(model, x, y)], grads))
+            self._update = wrap(lambda x, y, grads: apply(*add([forward_backward(model, x, y)], grads)))
+        else:
+            threads = StepThreads(model, n, forward_backward, self.cfg.compile)
+            accumulate, update = wrap(add), wrap(lambda computed, grads: apply(*add(computed, grads)))
+            self._accumulate = lambda x, y, grads: accumulate(threads(x, y), grads)
+            self._update = lambda x, y, grads: update(threads(x, y), grads)
         eval_loss = partial(model.loss, grad=False)
         self._eval_loss = mx.compile(eval_loss, inputs=state) if self.cfg.compile else eval_loss
 
@@ -488,10 +517,12 @@ class Trainer:
     def _queue_ahead(self, step: int, end: int) -> bool:
         """Whether step `step` may be built before the one before it is finished: not when something must see the
         weights between them (an evaluation or a checkpoint), after the end, once a stop was requested, or behind
-        the step measured op by op (cap_memory); and not with several ranks, whose collectives must come in the
-        same order on all of them (and which wait for every micro-step under a watchdog anyway)."""
+        the step measured op by op (cap_memory); not with several ranks, whose collectives must come in the
+        same order on all of them (and which wait for every micro-step under a watchdog anyway); nor with step
+        threads, which compute a micro-step before returning (threads.py): queued ahead, a step would wait for
+        the one before it in them, its time counted as its own."""
         cfg = self.cfg
-        if self.dist.world > 1 or self._measuring():
+        if self.dist.world > 1 or self._measuring() or self.threads > 1:
             return False
         saves = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
         return step < end and not (self._evaluates(step) or saves or self._stop)

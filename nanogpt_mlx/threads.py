@@ -56,7 +56,9 @@ class StepThreads:
 
     def __call__(self, x: mx.array, y: mx.array) -> list:
         params = self.model.parameters()
-        mx.eval(params)  # the weights (the last update's output) computed here, not by all threads at once
+        # computed here, in this thread's stream, not by all threads at once: the weights (the last update's output)
+        # and the batch
+        mx.eval(params, x, y)
         results: queue.SimpleQueue = queue.SimpleQueue()  # this call's own: an abandoned call's come late
         with device.one_blas_thread():
             for jobs in self._jobs:

@@ -8,7 +8,8 @@ Each engine runs in its own process (MLX loads OpenBLAS globally, which would ch
 BLAS in the same process). A step is forward + backward + clip + AdamW, timed after warm-up
 steps; engines take turns for --rounds rounds and the table shows each engine's best round
 (median step of the round), which filters out other load on a shared machine. nanogpt-mlx runs
-through its public `Trainer` on random token shards; `mlx-2ranks` is `nanogpt-mlx train --ranks 2`
+through its public `Trainer` on random token shards, with the device's step threads (threads.py);
+`mlx-1thread` with --threads 1 (one stream, GEMMs on all cores); `mlx-2ranks` is `nanogpt-mlx train --ranks 2`
 (two single-threaded data-parallel ranks on this machine, B/2 rows each, same tokens per step).
 PyTorch runs build-nanogpt's train_gpt2.py model and loop written here. MFU = 6N + 12LdT FLOPs
 per token against the best measured fp32 GEMM (2048^3) of either library.
@@ -48,7 +49,7 @@ CONFIGS = {  # n_layer, n_embd, n_head, B, T
     "c": (4, 256, 4, 2, 1024),
 }
 VOCAB = 50304
-ENGINES = ["mlx", "mlx-2ranks", "torch", "torch.compile"]  # mlx-2ranks: 2 single-threaded ranks
+ENGINES = ["mlx", "mlx-1thread", "mlx-2ranks", "torch", "torch.compile"]  # mlx-2ranks: 2 single-threaded ranks
 GPU_CONFIGS = {
     "124m-b16": (12, 768, 12, 16, 1024),
     "124m-b32": (12, 768, 12, 32, 1024),
@@ -64,7 +65,7 @@ def flops_per_token(L: int, d: int, T: int) -> float:
 
 
 # ------------------------------------------------------------------------------------- workers
-def run_mlx(cfg_name: str, steps: int, warmup: int, ranks: int = 1, dtype: str = "") -> dict:
+def run_mlx(cfg_name: str, steps: int, warmup: int, ranks: int = 1, dtype: str = "", threads: int = 0) -> dict:
     """Through the public API, or with ranks > 1 as `nanogpt-mlx train --ranks N` (one BLAS thread each,
     B / N rows each: the same tokens per optimizer step)."""
     import numpy as np
@@ -87,7 +88,7 @@ def run_mlx(cfg_name: str, steps: int, warmup: int, ranks: int = 1, dtype: str =
         fields = dict(data=tmp, out=str(Path(tmp) / "out"), n_layer=L, n_head=nh, n_embd=d, block_size=1024,
                       batch_size=B // ranks, seq_len=T, total_batch_size=B * T, warmup_steps=10,
                       max_steps=warmup + steps, val_every=0, sample_every=0, hellaswag_every=0, checkpoint_every=0,
-                      dtype=dtype, cap_memory=bool(os.environ.get("BENCH_CAP_MEMORY")))
+                      dtype=dtype, cap_memory=bool(os.environ.get("BENCH_CAP_MEMORY")), threads=threads)
         if ranks == 1:
             Trainer(TrainConfig(**fields)).train()
         else:
@@ -217,7 +218,7 @@ def worker(args: list[str]) -> None:
         out = run_gemm(args[1], gpu)
     elif kind.startswith("mlx"):
         out = run_mlx(args[1], int(args[2]), int(args[3]), ranks=2 if kind == "mlx-2ranks" else 1,
-                      dtype="float32" if kind == "mlx-fp32" or not gpu else "")
+                      dtype="float32" if kind == "mlx-fp32" or not gpu else "", threads=int(kind == "mlx-1thread"))
     else:
         out = run_torch(args[1], int(args[2]), int(args[3]), compile=kind == "torch.compile", gpu=gpu,
                         amp=gpu and kind != "torch-fp32")

@@ -260,9 +260,10 @@ def test_next_micro_step_is_built_while_the_device_runs_the_last(data_dir, tmp_p
     (step n is finished, f, after step n + 1 was queued), except where an evaluation (val at step 4, the last
     step 5) must see the weights between two steps. The losses are those of waiting after every micro-step,
     and every step's time is measured from when the step before it ended, also when building a step updates the
-    weights before the step before it was waited for (one micro-step a step)."""
+    weights before the step before it was waited for (one micro-step a step). One step thread: several compute a
+    micro-step before they return, and nothing is queued ahead (test_threads.py)."""
     cfg = tiny_config(data_dir, tmp_path / "a", total_batch_size=64 * micro_steps, batch_size=2, max_steps=6,
-                      val_every=4, val_steps=1)
+                      val_every=4, val_steps=1, threads=1)
     trainer, events = Trainer(cfg), []
     for name, tag in (("_accumulate", "b"), ("_update", "b"), ("_finish_step", "f")):
         fn = getattr(trainer, name)
@@ -285,8 +286,9 @@ def test_next_micro_step_is_built_while_the_device_runs_the_last(data_dir, tmp_p
 def test_cap_memory_measures_the_first_step_then_caps_mlx_while_training(data_dir, tmp_path, capsys):
     """--cap-memory: the first step runs op by op (nothing built ahead of it) and its peak is the need; MLX's
     memory is then capped 25% above it for the rest of the run (and again after a resume of train()), the
-    losses are unchanged, and the limit in force before train() is back after it."""
-    cfg = tiny_config(data_dir, tmp_path / "a", max_steps=5, val_every=0)
+    losses are unchanged, and the limit in force before train() is back after it. One step thread, whose steps
+    are queued ahead of the device."""
+    cfg = tiny_config(data_dir, tmp_path / "a", max_steps=5, val_every=0, threads=1)
     Trainer(cfg).train()
     capped = Trainer(replace(cfg, out=str(tmp_path / "b"), cap_memory=True))
     ahead, limits = [], []

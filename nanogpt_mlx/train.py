@@ -287,10 +287,10 @@ class Trainer:
         With several step threads (threads.py) each computes the forward + backward of its rows, and the
         compiled steps add their losses and gradients."""
         model, optimizer, packing, n = self.model, self.optimizer, self.packing, self.threads
-        parts = self.grad_accum * n  # of the step's mean loss
+        shares = self.grad_accum * n  # of the step's mean loss, one for each micro-step and thread
 
         def forward_backward(m: GPT, x: mx.array, y: mx.array) -> tuple[mx.array, dict]:
-            loss, g = nn.value_and_grad(m, lambda m, x, y: m.loss(x, y) / parts)(m, x, y)
+            loss, g = nn.value_and_grad(m, lambda m, x, y: m.loss(x, y) / shares)(m, x, y)
             return loss, tree_map(lambda a: a.astype(mx.float32), packing.pack(g))  # packed in the compute dtype
 
         def add(parts, grads):

@@ -76,11 +76,22 @@ def filtered_logits(logits: mx.array, cfg: SampleConfig) -> mx.array:
     return logits
 
 
+def _is_integer(dtype) -> bool:
+    """Whether a NumPy or MLX dtype holds integers."""
+    return dtype in (mx.int8, mx.int16, mx.int32, mx.int64, mx.uint8, mx.uint16, mx.uint32, mx.uint64) or \
+        getattr(dtype, "kind", "") in ("i", "u")
+
+
 def prepare_prompt(model: GPT, ids: list[int], cfg: SampleConfig | None = None) -> list[int]:
     """Check that the prompt's tokens are in the model's vocab and that prompt + new tokens fit the context;
     crop the prompt's start if asked to."""
     cfg = cfg or SampleConfig()
     room = model.config.block_size - cfg.max_new_tokens + 1  # the last new token is never fed back
+    if hasattr(ids, "ndim"):  # a NumPy or MLX array, whose truth value is no emptiness test
+        if ids.ndim != 1 or not _is_integer(ids.dtype):
+            raise UserError(f"the prompt's token ids must be a list or a 1-D integer array, got a {ids.ndim}-D "
+                            f"array of {ids.dtype}")
+        ids = [int(i) for i in ids.tolist()]
     if not ids:
         ids = [EOT]  # unconditional generation starts from <|endoftext|>, as GPT-2 does
     model.check_token_ids(ids, "the prompt")

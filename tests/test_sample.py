@@ -173,6 +173,17 @@ def test_prompt_outside_the_vocab_is_refused():
     assert len(tokens(small, cfg, prompt=[464, 999])[0]) == 2
 
 
+def test_a_prompt_may_be_a_numpy_or_mlx_array_of_token_ids(model):
+    cfg = SampleConfig(max_new_tokens=3, greedy=True, stop_at_eot=False)
+    want = tokens(model, cfg, prompt=[464, 318])
+    for ids in (np.array([464, 318]), np.array([464, 318], dtype=np.uint16), mx.array([464, 318])):
+        assert tokens(model, cfg, prompt=ids) == want
+    assert tokens(model, cfg, prompt=np.array([], dtype=np.int64)) == tokens(model, cfg, prompt=[EOT])
+    for bad in (np.array([[464, 318]]), np.array([464.0, 318.0]), mx.array([1.5])):
+        with pytest.raises(UserError, match="must be a list or a 1-D integer array"):
+            tokens(model, cfg, prompt=bad)
+
+
 def test_empty_prompt_starts_from_end_of_text(model):
     cfg = SampleConfig(max_new_tokens=5, greedy=True, stop_at_eot=False)
     assert tokens(model, cfg, prompt=[]) == tokens(model, cfg, prompt=[EOT])

@@ -117,8 +117,7 @@ def _recomputing(act: Unary, act_and_slope: Callable[[mx.array], tuple[mx.array,
         h, w = primals
         a, slope = act_and_slope(h)
         dh = ((cotangent @ w) * slope).astype(h.dtype)
-        dw = cotangent.reshape(-1, w.shape[0]).T @ a.astype(h.dtype).reshape(-1, w.shape[1])
-        return dh, dw
+        return dh, _weight_grad(a.astype(h.dtype), w, cotangent)
 
     return act_matmul
 

@@ -77,9 +77,8 @@ def filtered_logits(logits: mx.array, cfg: SampleConfig) -> mx.array:
 
 
 def _is_integer(dtype) -> bool:
-    """Whether a NumPy or MLX dtype holds integers."""
-    return dtype in (mx.int8, mx.int16, mx.int32, mx.int64, mx.uint8, mx.uint16, mx.uint32, mx.uint64) or \
-        getattr(dtype, "kind", "") in ("i", "u")
+    """Whether an MLX or NumPy dtype holds integers (NumPy's kinds as data.open_shard checks them)."""
+    return mx.issubdtype(dtype, mx.integer) if isinstance(dtype, mx.Dtype) else dtype.kind in "iu"
 
 
 def prepare_prompt(model: GPT, ids: list[int], cfg: SampleConfig | None = None) -> list[int]:

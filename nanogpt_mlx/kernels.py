@@ -239,8 +239,7 @@ def _block_grads(q: mx.array, k: mx.array, v: mx.array, do: mx.array, o: mx.arra
         dq.append((ds @ k[:, :, :end]) * scale)
         dk.append((ds.swapaxes(-1, -2) @ q[:, :, i:j]) * scale)
         dv.append(e.astype(v.dtype).swapaxes(-1, -2) @ do_b)
-    S = k.shape[2]
-    return mx.concatenate(dq, axis=2) if len(dq) > 1 else dq[0], _sum_prefixes(dk, S), _sum_prefixes(dv, S)
+    return mx.concatenate(dq, axis=2) if len(dq) > 1 else dq[0], _sum_prefixes(dk), _sum_prefixes(dv)
 
 
 def recomputing_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool,
@@ -280,12 +279,17 @@ def padded_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal
     return mlx_attention(*(mx.pad(a, widths) for a in (q, k, v)), scale, causal)[:, :, :T]
 
 
-def _sum_prefixes(parts: list[mx.array], S: int) -> mx.array:
-    """The sum of arrays (B, nh, n_i, hs) that cover the first n_i of S positions, in float32 when several."""
+def _sum_prefixes(parts: list[mx.array]) -> mx.array:
+    """The sum of arrays (B, nh, n_i, hs) that cover the first n_i positions (the longest covers them all), in
+    float32 when several: segment by segment, each the sum of the parts that cover it, so that no part is padded
+    with zeros to the full length (a pass of writes and one of reads per part)."""
     if len(parts) == 1:
         return parts[0]
-    total = sum(mx.pad(p.astype(mx.float32), [(0, 0), (0, 0), (0, S - p.shape[2]), (0, 0)]) for p in parts)
-    return total.astype(parts[0].dtype)
+    segments, start = [], 0
+    for end in sorted({p.shape[2] for p in parts}):
+        segments.append(sum(p[:, :, start:end].astype(mx.float32) for p in parts if p.shape[2] >= end))
+        start = end
+    return mx.concatenate(segments, axis=2).astype(parts[0].dtype)
 
 
 _DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}

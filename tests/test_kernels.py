@@ -177,7 +177,7 @@ def test_a_sum_of_bfloat16_prefixes_adds_in_float32():
     """The recomputing backward's dK / dV blocks summed in float32: 256 + 1 + 1 is 258 in bf16, where bf16
     additions one at a time round each 257 back to 256."""
     parts = [mx.full((1, 1, n, 1), value, dtype=mx.bfloat16) for n, value in ((3, 256.0), (2, 1.0), (1, 1.0))]
-    total = kernels._sum_prefixes(parts, 3)
+    total = kernels._sum_prefixes(parts)
     assert total.dtype == mx.bfloat16 and total[0, 0, :, 0].tolist() == [258.0, 256.0, 256.0]
 
 

@@ -181,6 +181,14 @@ def test_a_sum_of_bfloat16_prefixes_adds_in_float32():
     assert total.dtype == mx.bfloat16 and total[0, 0, :, 0].tolist() == [258.0, 256.0, 256.0]
 
 
+def test_a_sum_of_prefixes_equals_the_padded_sum():
+    """Parts of any lengths in any order (the longest covering all): each position sums the parts that reach it."""
+    lengths = (5, 2, 7, 2, 4)
+    parts = [mx.random.normal((2, 3, n, 4), key=mx.random.key(n + 10 * i)) for i, n in enumerate(lengths)]
+    padded = [np.pad(np.array(p), [(0, 0), (0, 0), (0, 7 - p.shape[2]), (0, 0)]) for p in parts]
+    np.testing.assert_allclose(np.array(kernels._sum_prefixes(parts)), sum(padded), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ATTENTION_KINDS)
 @pytest.mark.parametrize("T, S, causal", [(10, 10, True), (7, 7, True), (6, 11, True), (4, 4, True), (7, 9, False)])
 def test_attention_in_blocks_of_queries_equals_reference(kind, T, S, causal, maybe_compile):

@@ -77,6 +77,8 @@ class _Ranks:
     def start(self, r: int, argv: list[str], env: dict[str, str]) -> None:
         self.live[r] = subprocess.Popen([sys.executable, "-c", _RANK_MAIN, *argv], start_new_session=True,
                                         env={**env, "MLX_RANK": str(r), LINES_ENV: str(self.work / f"rank{r}.lines")})
+        if self.interrupted:  # a signal came as it started, before it was among the live ranks that interrupt() tells
+            self.live[r].send_signal(signal.SIGINT)
 
     def interrupt(self, signum: int = signal.SIGINT, _frame=None) -> None:
         """Ctrl-C, SIGTERM or SIGHUP to the launcher: one Ctrl-C to each rank. A frozen rank cannot take part in the
@@ -179,19 +181,20 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
     # tqdm makes its write lock at its first use, importing multiprocessing's: a Ctrl-C amid that import broke tqdm
     # for good (the next line said was an AttributeError traceback); made now, before any signal is forwarded
     tqdm.get_lock()
-    handlers = {signal.SIGTERM: ranks.interrupt, signal.SIGTSTP: ranks.suspend, signal.SIGCONT: ranks.resume}
+    # Ctrl-C reaches the launcher alone (the ranks run in a session of their own) and is forwarded like the others:
+    # raised as KeyboardInterrupt while a rank was being started, it ended the launcher and left the ranks running
+    handlers = {signal.SIGINT: ranks.interrupt, signal.SIGTERM: ranks.interrupt, signal.SIGTSTP: ranks.suspend,
+                signal.SIGCONT: ranks.resume}
     if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # nohup's stays
         handlers[signal.SIGHUP] = ranks.interrupt
     try:
         with signals.handlers(handlers):
             for r in range(n):
-                ranks.start(r, argv, env)
+                if not ranks.interrupted:  # once stopped, no more
+                    ranks.start(r, argv, env)
             while ranks.live:
-                try:
-                    ranks.poll()
-                    time.sleep(0.1)
-                except KeyboardInterrupt:  # Ctrl-C reaches the launcher alone (the ranks' own session): forward it
-                    ranks.interrupt()
+                ranks.poll()
+                time.sleep(0.1)
             return ranks.status()
     finally:
         rmtree(work, ignore_errors=True)

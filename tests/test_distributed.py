@@ -3,6 +3,7 @@ gradient accumulation, both ranks end with the same weights, and a dead or froze
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -332,9 +333,15 @@ def test_ctrl_c_while_the_ranks_import_is_one_line(data_dir, tmp_path):
         assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
         time.sleep(0.01)
     time.sleep(0.1)  # in the import
+    ranks = children(proc.pid)
     assert not (tmp_path / "log.jsonl").exists()  # not yet training, where a Ctrl-C was always one line
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:  # a failed run's ranks would train on (100000 steps), slowing every later test
+        for pid in ranks + [proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 130 and "Traceback" not in err and err.count("nanogpt-mlx: interrupted") == 1, err
 
 

@@ -5,8 +5,8 @@ than one core: its elementwise kernels, reductions and copies, much of a small G
 cores idle. Here n threads each take B / n rows of a micro-batch with one-thread GEMMs
 (device.one_blas_thread), so every part of the step runs on every core: data parallelism inside one process,
 the gradients added in memory rather than sent between ranks. The cores are still not busy all the time: MLX
-bounds the work queued ahead (ten tasks of ten operations) across all the streams of a process, whichever
-thread queued it, so while one stream works through long operations (the head's GEMMs) the other's thread
+bounds the work queued ahead (ten tasks of ten dispatches, ~50 operations) across all the streams of a process,
+whichever thread queued it, so while one stream works through long operations (the head's GEMMs) the other's thread
 may wait to queue more and its stream run dry. Separate processes (launch.py's ranks) share no such bound and
 step faster on a CPU (README), at the cost of an all-reduce and a process per rank. (Several streams evaluated
 from one thread did worse still: one eval loop waits for both.)

@@ -345,6 +345,26 @@ def test_ctrl_c_while_the_ranks_import_is_one_line(data_dir, tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err and err.count("nanogpt-mlx: interrupted") == 1, err
 
 
+def test_ctrl_c_while_the_ranks_start_ends_the_launch(data_dir, tmp_path):
+    """A Ctrl-C as soon as the first rank exists, while the launcher may still be starting the second: it was a
+    KeyboardInterrupt there that ended the launcher untold to the ranks, which trained on. (A rank hit in Python's
+    own start-up may still print a traceback: only the stop is checked.)"""
+    proc = start_two_ranks(data_dir, tmp_path)
+    deadline = time.time() + 60
+    while not (ranks := children(proc.pid)):
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.communicate(timeout=60)
+        stopped = [gone(pid) for pid in ranks]  # the launcher waits for its ranks
+    finally:
+        for pid in ranks + children(proc.pid) + [proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 130 and all(stopped) and not (tmp_path / "log.jsonl").exists()
+
+
 def gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -312,6 +312,14 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
 
 
+def kill(pids: list[int]) -> None:
+    """SIGKILL whichever of `pids` still run: a failed test's ranks would train on (100000 steps), slowing every
+    later test."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def launch_two_ranks(data_dir: Path, out: Path, env: dict | None = None,
                      args: list[str] = ()) -> tuple[subprocess.Popen, list[int]]:
     """`train --ranks 2` once it has logged two steps: the launcher and its ranks' pids."""
@@ -338,10 +346,8 @@ def test_ctrl_c_while_the_ranks_import_is_one_line(data_dir, tmp_path):
     proc.send_signal(signal.SIGINT)
     try:
         _, err = proc.communicate(timeout=60)
-    finally:  # a failed run's ranks would train on (100000 steps), slowing every later test
-        for pid in ranks + [proc.pid]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    finally:
+        kill(ranks + [proc.pid])
     assert proc.returncode == 130 and "Traceback" not in err and err.count("nanogpt-mlx: interrupted") == 1, err
 
 
@@ -359,9 +365,7 @@ def test_ctrl_c_while_the_ranks_start_ends_the_launch(data_dir, tmp_path):
         proc.communicate(timeout=60)
         stopped = [gone(pid) for pid in ranks]  # the launcher waits for its ranks
     finally:
-        for pid in ranks + children(proc.pid) + [proc.pid]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill(ranks + children(proc.pid) + [proc.pid])
     assert proc.returncode == 130 and all(stopped) and not (tmp_path / "log.jsonl").exists()
 
 

@@ -96,21 +96,26 @@ class TrainConfig:
             v = getattr(self, f.name)
             if f.type.startswith("float") and v is not None and not math.isfinite(v):
                 raise UserError(f"{f.name} must be a finite number, got {v}")
-            if f.type.startswith(("int", "float")) and v is not None and v < 0:
-                raise UserError(f"{f.name} must be >= 0, got {v}")
+            positive = f.name in _POSITIVE
+            if f.type.startswith(("int", "float")) and v is not None and (v <= 0 if positive else v < 0):
+                raise UserError(f"{f.name} must be {'>' if positive else '>='} 0, got {v}")
         if self.seed >= 2**64:  # mx.random.key takes a uint64
             raise UserError(f"seed must be < 2^64, got {self.seed}")
         if not self.out or not self.data:  # "" would be the current directory
             raise UserError(f"{'out' if not self.out else 'data'} must name a directory, got ''")
         if self.max_memory and self.max_memory >= 1e6:  # MLX's limit is a size_t of bytes
             raise UserError(f"max_memory is in GB: {self.max_memory:g} GB is beyond any machine")
-        for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "val_steps", "eps"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.dtype and self.dtype not in DTYPES:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)} (or empty for the device's), got {self.dtype!r}")
         if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
             raise UserError(f"betas must be in [0, 1), got ({self.beta1}, {self.beta2})")
+        # the cosine "decays" to its end: one above max_lr would raise the LR instead
+        if self.min_lr_ratio > 1:
+            raise UserError(f"min_lr_ratio must be at most 1 (the cosine ends at max_lr * min_lr_ratio), got "
+                            f"{self.min_lr_ratio}")
+        if self.min_lr is not None and self.min_lr > self.max_lr:
+            raise UserError(f"min_lr {self.min_lr:g} exceeds max_lr {self.max_lr:g}: the cosine decays from max_lr to "
+                            "min_lr")
         if not 0 < self.cooldown_frac <= 1:
             raise UserError(f"cooldown_frac must be in (0, 1], got {self.cooldown_frac}")
         recipes.get(self.recipe)  # an unknown recipe is refused here
@@ -120,9 +125,7 @@ class TrainConfig:
         """A named preset with `overrides`; a different `recipe` among them brings that recipe's defaults."""
         if name not in PRESETS:
             raise UserError(f"unknown training preset {name!r}; choose from {', '.join(PRESETS)}")
-        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
-        if unknown:
-            raise UserError(f"TrainConfig has no field {', '.join(unknown)}")
+        _refuse_unknown(overrides)
         base = PRESETS[name]
         recipe = overrides.get("recipe", base.recipe)
         if recipe != base.recipe:
@@ -135,6 +138,15 @@ class TrainConfig:
     def final_lr(self) -> float:
         """Where the cosine ends: min_lr if given, else max_lr * min_lr_ratio."""
         return self.min_lr if self.min_lr is not None else self.max_lr * self.min_lr_ratio
+
+
+_POSITIVE = ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "val_steps", "eps")  # 0 is no value
+
+
+def _refuse_unknown(overrides: dict) -> None:
+    unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise UserError(f"TrainConfig has no field {', '.join(unknown)}")
 
 
 def _with_recipe(preset: TrainConfig, recipe: recipes.Recipe, **changes) -> TrainConfig:
@@ -185,8 +197,10 @@ def refuse_model_changes(where: object, kept: object, asked: dict, fix: str) -> 
 
 def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
     """The config saved with a run's latest checkpoint, with `overrides` applied; the model's fields are the
-    checkpoint's (changing them is refused). Overriding one of min_lr / min_lr_ratio drops the saved other,
-    which would otherwise decide or be ignored."""
+    checkpoint's (changing them is refused; 0 or '', their defaults, keep the checkpoint's). Overriding one of
+    min_lr / min_lr_ratio drops the saved other, which would otherwise decide or be ignored."""
+    _refuse_unknown(overrides)
+    overrides = {k: v for k, v in overrides.items() if v or k not in MODEL_FIELDS}
     ckpt = checkpoint.latest_checkpoint(out)
     config = checkpoint.read_state(ckpt)["config"]
     unknown = sorted(set(config) - {f.name for f in fields(TrainConfig)})

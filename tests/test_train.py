@@ -833,6 +833,16 @@ def test_config_validation():
         TrainConfig(warmup_steps=-1)
     with pytest.raises(UserError, match="eps must be > 0"):  # AdamW would write 0 / 0 = nan into every weight
         TrainConfig(eps=0)  # whose gradient is exactly 0 (wpe's rows past seq_len)
+    for name in ("batch_size", "max_lr"):  # one bound per field, whichever side the value is on
+        for bad in (0, -1):
+            with pytest.raises(UserError, match=f"{name} must be > 0, got {bad}"):
+                TrainConfig(**{name: bad})
+    # the cosine would rise from max_lr to its "minimum"
+    with pytest.raises(UserError, match="min_lr 0.01 exceeds max_lr 0.001"):
+        TrainConfig(max_lr=1e-3, min_lr=1e-2)
+    with pytest.raises(UserError, match="min_lr_ratio must be at most 1"):
+        TrainConfig(min_lr_ratio=2)
+    assert TrainConfig(max_lr=1e-3, min_lr=1e-3, min_lr_ratio=1).final_lr == 1e-3  # a constant LR is fine
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: the GPUs' default

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from test_train import cli_config, tiny_config, token_stream, write_shards
 
 from nanogpt_mlx.checkpoint import checkpoints, damaged, latest_checkpoint
 from nanogpt_mlx.config import TrainConfig, get_lr, resume_config
+from nanogpt_mlx.errors import UserError
 from nanogpt_mlx.files import LOCK_FILE
 from nanogpt_mlx.train import Trainer
 
@@ -179,6 +181,16 @@ def test_a_refused_trainer_leaves_the_lock_another_trainer_holds(run):
 def test_resume_refuses_options_it_would_ignore(run):
     for flag in (["--preset", "gpt2-124m"], ["--overwrite"], ["--out", str(run)]):
         assert_one_line_error(run_cli("train", "--resume", str(run), *flag), "cannot be combined with it", flag[0])
+
+
+def test_resume_config_takes_the_model_fields_defaults_as_the_checkpoints(run):
+    """0 and '' are the model fields' defaults (the source's vocab, a random init): a resume keeps its model, so they
+    mean the checkpoint's, not a change to refuse."""
+    saved = resume_config(run)
+    assert resume_config(run, vocab_size=0, init_from="", max_steps=8) == replace(saved, max_steps=8)
+    run_cli("train", "--resume", str(run), "--max-steps", "5", "--vocab-size", "0", check=True)
+    with pytest.raises(UserError, match="TrainConfig has no field bogus"):  # as TrainConfig.preset says it
+        resume_config(run, bogus=2)
 
 
 def test_a_checkpoint_from_a_newer_version_is_not_called_damaged(run):

@@ -295,7 +295,8 @@ def add_train(sub) -> None:
 
     p = sub.add_parser("train", help="pretrain or fine-tune: build-nanogpt's recipe or the speedrun's",
                        description="Train from a preset; every TrainConfig field below overrides it (with --resume: "
-                                   "overrides the resumed run's config, except its model and batches). --recipe "
+                                   "overrides the resumed run's config, except its model and batches; with "
+                                   "--init-from, except the source model's shape). --recipe "
                                    "speedrun switches a build-nanogpt preset to the speedrun's model and optimizer, "
                                    "with its defaults for max_lr, weight_decay, betas, eps, grad_clip and "
                                    "warmup_steps; --recipe build-nanogpt turns a speedrun preset back into the one "
@@ -364,6 +365,11 @@ def cmd_train(args) -> None:
                                               ("--overwrite", args.overwrite)) if value]
         if given:  # they would be ignored: the run's own config and checkpoints continue
             raise UserError(f"--resume DIR continues the run in DIR; {', '.join(given)} cannot be combined with it")
+    elif overrides.get("init_from"):  # the source's shape is trained: a size given with it would be ignored
+        shape = [f"--{k.replace('_', '-')}" for k in ("n_layer", "n_head", "n_embd", "block_size") if k in overrides]
+        if shape:
+            raise UserError(f"--init-from trains {overrides['init_from']} in its own shape; {', '.join(shape)} "
+                            "cannot change it (they size a random init)")
     took = dist.is_main and bool(args.resume) and Path(args.resume).is_dir() and \
         lock_dir(Path(args.resume), "run")  # before its checkpoint is read, which a live run may replace
     try:

@@ -105,6 +105,12 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig | None = None, resume: bool = False, overwrite: bool = False,
                  dist: distributed.Dist | None = None):
+        if cfg is not None and not isinstance(cfg, TrainConfig):
+            raise UserError(f"cfg must be a TrainConfig (config.TrainConfig or TrainConfig.preset), got "
+                            f"{type(cfg).__name__}")
+        for name, flag in (("resume", resume), ("overwrite", overwrite)):  # "no" is true: it would remove the run
+            if not isinstance(flag, bool):
+                raise UserError(f"{name} must be True or False, got {flag!r}")
         cfg = cfg or TrainConfig()  # build-nanogpt's GPT-2 124M run
         self.cfg, self.dist = cfg, dist or distributed.init()
         self.out = Path(cfg.out).absolute()  # a later os.chdir (a notebook) must not move the run
@@ -555,6 +561,8 @@ class Trainer:
         errors.Stopped (a KeyboardInterrupt); a NaN/inf loss raises UserError, saving nothing."""
         if until is not None and (type(until) is not int or until < 0):  # "3" was a TypeError, 2.5 trained to 3
             raise UserError(f"until must be a step number (an int >= 0), got {until!r}")
+        if until is not None and until < self.step:
+            raise UserError(f"until {until} is behind this Trainer's step {self.step}")
         resume = f"continue from {self.out}'s last checkpoint with Trainer(cfg, resume=True)"
         if self._broken:
             raise UserError(f"this Trainer stopped amid a step ({self._broken}): its weights, step and data position "

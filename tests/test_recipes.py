@@ -139,8 +139,11 @@ def test_cli_speedrun_trains_samples_evaluates_and_refuses_export(data_dir, tmp_
 def test_bad_recipe_input_is_one_line(data_dir, small_hf_dir, tmp_path, capsys):
     assert_one_line_error(run_main(capsys, *cli_config(data_dir, tmp_path / "x", "--recipe", "muon")),
                           "unknown recipe 'muon'")
-    gpt2 = run_main(capsys, *cli_config(data_dir, tmp_path / "y", "--recipe", "speedrun", "--init-from",
-                                        str(small_hf_dir), "--max-steps", "1"))
+    args = cli_config(data_dir, tmp_path / "y", "--recipe", "speedrun", "--init-from", str(small_hf_dir), "--max-steps",
+                      "1")
+    for flag in ("--n-layer", "--n-head", "--n-embd", "--block-size"):  # the source's shape is trained
+        del args[args.index(flag):args.index(flag) + 2]
+    gpt2 = run_main(capsys, *args)
     assert_one_line_error(gpt2, "none (GPT-2)", "not the speedrun recipe's")
     assert_one_line_error(run_main(capsys, *cli_config(data_dir, tmp_path / "z", "--cooldown-frac", "0")),
                           "cooldown_frac")

@@ -21,7 +21,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli, save_hf_gpt2
+from conftest import assert_one_line_error, run_cli, run_main, save_hf_gpt2
 from mlx.utils import tree_flatten
 
 from nanogpt_mlx import GPT, GPTConfig, memory
@@ -538,6 +538,14 @@ def cli_config(data: Path, out: Path, *extra: str) -> list[str]:
             "--prompt", "The", "--sample-tokens", "8", *extra]  # "The" is token 464, within VOCAB
 
 
+def test_init_from_refuses_sizes_it_would_ignore(data_dir, small_hf_dir, tmp_path, capsys):
+    """The source's shape is trained: --n-layer 2 with --init-from trained its one layer without a word."""
+    proc = run_main(capsys, "train", "--data", str(data_dir), "--out", str(tmp_path / "run"), "--init-from",
+                    str(small_hf_dir), "--n-layer", "2", "--block-size", "64", "--max-steps", "1")
+    assert_one_line_error(proc, f"--init-from trains {small_hf_dir} in its own shape; --n-layer, --block-size cannot")
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_trains_samples_and_resumes(data_dir, tmp_path):
     out = tmp_path / "run"
     proc = run_cli(*cli_config(data_dir, out, "--max-steps", "6", "--val-every", "3", "--val-steps", "2",
@@ -993,6 +1001,16 @@ def test_a_notebooks_trainer_after_an_escaped_error_a_newer_one_or_a_thread(data
     for until in ("3", 2.5, -1):  # a TypeError, or trained to step 3
         with pytest.raises(UserError, match="until must be a step number"):
             Trainer(cfg, resume=True).train(until=until)
+    with pytest.raises(UserError, match="until 1 is behind this Trainer's step 2"):  # it returned the old result
+        Trainer(cfg, resume=True).train(until=1)
+    # a truthy string overwrote (removed) the run's checkpoints; not a TrainConfig failed on its first attribute
+    for kwargs, match in ((dict(overwrite="no"), "overwrite must be True or False, got 'no'"),
+                          (dict(resume=1), "resume must be True or False, got 1")):
+        with pytest.raises(UserError, match=match):
+            Trainer(cfg, **kwargs)
+    assert checkpoints(out)
+    with pytest.raises(UserError, match="cfg must be a TrainConfig .*got str"):
+        Trainer(str(out))
     with pytest.raises(UserError, match=r"keeps its model: .*ckpt-000002 has n_layer 2 \(not 3\)"):
         Trainer(replace(cfg, n_layer=3), resume=True)
     assert Trainer(cfg, resume=True).train()["train_loss"] > 0

@@ -97,7 +97,9 @@ def add_sample(sub) -> None:
     p.add_argument("--top-k", type=non_negative_int, default=S.top_k,
                    help=f"draw among the k most likely tokens, 0: among all (default: {S.top_k})")
     p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--greedy", action="store_true",
+                   help="always take the most likely token (--temperature, --top-k, --top-p and --seed then do "
+                        "nothing)")
     p.add_argument("--seed", type=int, default=None, help="fixes the samples (default: a new draw each run)")
     p.add_argument("--no-stop", action="store_true", help="keep generating past <|endoftext|>")
     p.add_argument("--crop", action="store_true", help="drop the start of a prompt that does not fit the context")
@@ -134,9 +136,10 @@ def cmd_sample(args) -> None:
 
 # -------------------------------------------------------------------------------------- export
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="write any loadable model as a Hugging Face GPT-2 directory",
+    p = sub.add_parser("export", help="write a GPT-2 (build-nanogpt's recipe) as a Hugging Face GPT-2 directory",
                        description="Writes weights named as the hub's gpt2, config.json, generation_config.json "
-                                   "and GPT-2's tokenizer files: transformers and mlx-lm load the directory.")
+                                   "and GPT-2's tokenizer files: transformers and mlx-lm load the directory. A "
+                                   "speedrun-recipe model (RoPE, QK-norm, an untied head) is no GPT-2 and is refused.")
     p.add_argument("src", help="hub id, local Hugging Face directory or checkpoint dir")
     p.add_argument("out", help="output directory, new or empty")
     p.add_argument("--force", action="store_true", help="write into a non-empty directory (never into SRC itself)")
@@ -251,7 +254,7 @@ def add_prepare(sub) -> None:
     common.add_argument("--shuffle-docs", action="store_true",
                         help="shuffle file order, part order within files and documents within parts")
     common.add_argument("--seed", type=int, default=P.seed, help=f"seed of --shuffle-docs (default: {P.seed})")
-    sources = p.add_subparsers(dest="source", metavar="SOURCE")
+    sources = p.add_subparsers(dest="source", metavar="SOURCE", prog=f"{p.prog}")  # not p's usage line
     fw = sources.add_parser("fineweb-edu", parents=[common], help="HuggingFaceFW/fineweb-edu, one parquet file at a time")
     fw.add_argument("--sample", default="sample-10BT", help="sample-10BT (default), sample-100BT, ... or CC-MAIN-YYYY-NN")
     fw.add_argument("--local-dir", help="local copy laid out like the hub repo (DIR/sample/10BT/*.parquet)")
@@ -271,18 +274,21 @@ def cmd_prepare(args) -> None:
     from . import sources
 
     if args.inspect is not None:
+        if args.source:  # it would be ignored, its OUT never written
+            raise UserError(f"prepare: --inspect DIR cannot be combined with a SOURCE ({args.source})")
         print(prep.describe(args.inspect))
         return
+    if not args.source:
+        raise UserError("prepare: give a SOURCE (fineweb-edu, shakespeare, files) or --inspect DIR")
+    # the settings are checked before a source may download
+    cfg = prep.PrepareConfig(shard_size=args.shard_size, workers=args.workers, shuffle_docs=args.shuffle_docs,
+                             seed=args.seed, name=args.name)
     if args.source == "fineweb-edu":
         source = sources.fineweb_edu(args.sample, local_dir=args.local_dir, revision=args.revision)
     elif args.source == "shakespeare":
         source = sources.shakespeare(path=args.path, url=args.url)
-    elif args.source == "files":
-        source = sources.local_files(args.paths, text_field=args.text_field, split_on_blank_lines=args.split_on_blank_lines)
     else:
-        raise UserError("prepare: give a SOURCE (fineweb-edu, shakespeare, files) or --inspect DIR")
-    cfg = prep.PrepareConfig(shard_size=args.shard_size, workers=args.workers, shuffle_docs=args.shuffle_docs,
-                             seed=args.seed, name=args.name)
+        source = sources.local_files(args.paths, text_field=args.text_field, split_on_blank_lines=args.split_on_blank_lines)
     with signals.like_ctrl_c():
         print(prep.prepare(source, args.out, cfg))
 

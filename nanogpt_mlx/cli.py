@@ -23,6 +23,10 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+    def _print_message(self, message: str, file=None) -> None:
+        if message:  # argparse's own drops a write error: `--help > /dev/full` exited 0 with nothing written
+            (file or sys.stderr).write(message)
+
 
 def _int_from(s: str, low: int) -> int:
     try:

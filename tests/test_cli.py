@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -218,6 +221,16 @@ def test_prepare_sources_name_themselves_and_inspect_takes_no_source(tmp_path, c
                     "--seed", "-1")
     assert_one_line_error(proc, "seed must be >= 0, got -1")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_help_that_cannot_be_written_is_a_failure():
+    """argparse dropped the write error: `--help > /dev/full` exited 0 with nothing written."""
+    for args in (["--help"], ["sample", "--help"]):
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run([sys.executable, "-m", "nanogpt_mlx", *args], stdout=full, stderr=subprocess.PIPE,
+                                  text=True, timeout=120)
+        assert proc.returncode == 1 and "No space left on device" in proc.stderr
 
 
 def test_no_parser_allows_abbreviations():

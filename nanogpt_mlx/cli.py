@@ -258,7 +258,7 @@ def add_prepare(sub) -> None:
     common.add_argument("--shuffle-docs", action="store_true",
                         help="shuffle file order, part order within files and documents within parts")
     common.add_argument("--seed", type=int, default=P.seed, help=f"seed of --shuffle-docs (default: {P.seed})")
-    sources = p.add_subparsers(dest="source", metavar="SOURCE", prog=f"{p.prog}")  # not p's usage line
+    sources = p.add_subparsers(dest="source", metavar="SOURCE", prog=p.prog)  # not p's usage line
     fw = sources.add_parser("fineweb-edu", parents=[common], help="HuggingFaceFW/fineweb-edu, one parquet file at a time")
     fw.add_argument("--sample", default="sample-10BT", help="sample-10BT (default), sample-100BT, ... or CC-MAIN-YYYY-NN")
     fw.add_argument("--local-dir", help="local copy laid out like the hub repo (DIR/sample/10BT/*.parquet)")

@@ -14,13 +14,15 @@ import numpy as np
 
 from .console import warn
 from .errors import UserError
-from .files import read_json
+from .files import named_dir, read_json
 
 
 def list_shards(data_dir: str | Path, split: str, missing_ok: bool = False) -> list[Path]:
-    """Sorted shard files of one split (`train` or `val`); hidden temp files of unfinished writes are skipped.
-    None is an error unless missing_ok."""
-    data_dir = Path(data_dir)
+    """Sorted shard files of one split (`train`, `val`: a name of letters and digits); hidden temp files of
+    unfinished writes are skipped. None is an error unless missing_ok."""
+    if not (isinstance(split, str) and re.fullmatch(r"[A-Za-z0-9]+", split)):  # a pattern ('*') read every split
+        raise UserError(f"split must be a name such as val or train (letters and digits), got {split!r}")
+    data_dir = Path(named_dir(data_dir, "data directory"))
     if not data_dir.is_dir():
         what = "a file, not a directory of token shards" if data_dir.exists() else "data directory not found"
         raise UserError(f"{data_dir}: {what} (make one with `nanogpt-mlx prepare`)")
@@ -44,6 +46,18 @@ def open_shard(path: Path) -> np.ndarray:
     if tokens.ndim != 1 or tokens.dtype.kind not in "iu":  # (timedelta64 is an np.integer too)
         raise UserError(f"{path}: expected a 1-D integer array, got {tokens.dtype} {tokens.shape}")
     return tokens
+
+
+def check_batch_shape(B: int, T: int, rank: int = 0, world: int = 1) -> None:
+    """Refuse (UserError) a batch of B rows of T tokens for rank `rank` of `world` that cannot be read: all
+    integers, B and T >= 1, 0 <= rank < world (a rank past the last would read another rank's batches)."""
+    for name, value in (("B", B), ("T", T), ("rank", rank), ("world", world)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserError(f"{name} must be an integer, got {value!r}")
+    if min(B, T) < 1:
+        raise UserError(f"B and T must be >= 1, got {B} and {T}")
+    if not 0 <= rank < world:
+        raise UserError(f"rank {rank} of world {world}: expected 0 <= rank < world")
 
 
 def load_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
@@ -107,6 +121,7 @@ class DataLoader:
 
     def __init__(self, data_dir: str | Path, split: str, B: int, T: int, rank: int = 0, world: int = 1,
                  vocab_size: int | None = None, shuffle: bool = False, seed: int = 0):
+        check_batch_shape(B, T, rank, world)
         self.B, self.T, self.rank, self.world = B, T, rank, world
         self.vocab_size, self.shuffle, self.seed = vocab_size, shuffle, seed
         # every shard's length now (headers only): one too short for a batch would stop a run when reached

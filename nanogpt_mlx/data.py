@@ -153,6 +153,8 @@ class DataLoader:
     def within_one_pass(self, batches: int) -> int:
         """`batches`, or this rank's batches in one pass over all shards where they are fewer: past one pass the
         loader wraps to the first shard and would repeat batches."""
+        if not isinstance(batches, int) or isinstance(batches, bool):  # 2.5 failed later, as a range()'s TypeError
+            raise UserError(f"batches must be an integer, got {batches!r}")
         return min(batches, sum(self._batches_in(n) for _, n in self.layout["shards"]))
 
     def _load(self) -> None:

@@ -37,7 +37,7 @@ from . import signals
 from .console import warn
 from .data import list_shards, load_shard, open_shard
 from .documents import Part, plan_parts, read_docs
-from .errors import UserError, first_line
+from .errors import UserError, check_types, first_line
 from .files import (atomic_path, atomic_write_text, lock_dir, named_dir, read_json, remove_stale_temps,
                     sha256_file, unlock_dir)
 from .sources import Source, Unit
@@ -61,6 +61,7 @@ class PrepareConfig:
     progress: bool = True
 
     def __post_init__(self):
+        check_types(self)
         if not 1 <= self.shard_size <= MAX_SHARD_SIZE:
             raise UserError(f"shard_size must be in [1, 2^31] tokens (a shard is held in memory while written), "
                             f"got {self.shard_size}")

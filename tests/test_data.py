@@ -182,3 +182,16 @@ def test_a_split_is_a_name_and_the_data_directory_is_named(tmp_path, monkeypatch
     monkeypatch.chdir(data)
     with pytest.raises(UserError, match="the data directory is '' .* name a directory"):
         DataLoader("", "train", 2, 32)
+
+
+@pytest.mark.parametrize("bad", [{"B": 2.5}, {"T": 16.0}, {"batches": 2.5}, {"batches": True}])
+def test_eval_loss_refuses_counts_that_are_not_integers(bad, tmp_path):
+    """They were TypeErrors (a float B or T deep in the loader, batches in range())."""
+    from nanogpt_mlx import GPT, GPTConfig
+    from nanogpt_mlx.evaluate import eval_loss
+
+    data = write_shards(tmp_path / "d", [token_stream(3000, 1)], token_stream(2000, 2))
+    model = GPT(GPTConfig(block_size=32, vocab_size=VOCAB, n_layer=1, n_head=1, n_embd=16))
+    name = next(iter(bad))
+    with pytest.raises(UserError, match=rf"{name} must be an integer, got {bad[name]!r}"):
+        eval_loss(model, data, **{"batches": 2, "B": 2, "T": 16, **bad}, progress=False)

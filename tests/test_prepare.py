@@ -511,6 +511,18 @@ def test_sizes_that_cannot_work_are_refused(tmp_path, capsys):
     assert f"{prep._cpu_count() + 1} workers asked for, {prep._cpu_count()} used" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("field, value, needle", [
+    ("shard_size", 1.5, "an integer"), ("shard_size", True, "an integer"), ("shard_size", "100", "an integer"),
+    ("workers", 1.5, "an integer"), ("seed", 1.5, "an integer"), ("shuffle_docs", 1, "true or false"),
+    ("name", 5, "a string")])
+def test_a_setting_of_another_type_is_refused_before_any_work(field, value, needle, tmp_path):
+    """As TrainConfig's: a 1.5 or "100" was a deep traceback after an incomplete manifest was written."""
+    write_jsonl(tmp_path / "a.jsonl", make_docs(4, seed=2))
+    with pytest.raises(UserError, match=f"^{field} must be {needle}, got {re.escape(repr(value))}$"):
+        prep.prepare(sources.local_files([tmp_path / "a.jsonl"]), tmp_path / "o", cfg(**{field: value}))
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("damage", [lambda m: m["shards"][0].pop("sha256"), lambda m: m["shards"][0].update(end=5),
                                     lambda m: m["shards"][0].update(file="../elsewhere.npy"),
                                     lambda m: m["shards"][0].update(tokens="801"),

@@ -244,8 +244,8 @@ def _intact_shards(out: Path, path: Path, fresh: dict) -> tuple[list[dict], str 
         if old.get(key) != fresh[key]:
             what = "from other input files (or other versions of them)" if key == "units" else f"with other {key}"
             then = "delete the directory to start over" if key == "units" else "the same options to resume"
-            raise UserError(f"{out} holds shards made {what} ({_short(old.get(key))} there, {_short(fresh[key])} "
-                            f"now); use another --out, or {then}")
+            raise UserError(f"{out} holds shards made {what} ({_difference(old.get(key), fresh[key])}); use "
+                            f"another --out, or {then}")
     # no stamps: a manifest from before they were kept; a None: a download (the hub's files do not change)
     changed = [(key, was) for key, was, now in zip(fresh["units"], old.get("stamps", fresh["stamps"]),
                                                    fresh["stamps"]) if None not in (was, now) and was != now]
@@ -280,6 +280,24 @@ def _is_shard_record(shard) -> bool:
 def _short(value) -> str:
     text = json.dumps(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _difference(old, new) -> str:
+    """What differs between a value that a manifest records and this run's: the keys of settings whose values
+    differ ("seed 3 there, 4 now"), the input files only one of them lists, else both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return ", ".join(f"{k} {_short(old.get(k))} there, {_short(new.get(k))} now"
+                         for k in {**old, **new} if old.get(k) != new.get(k))
+    if isinstance(old, list) and all(isinstance(u, str) for u in old) and isinstance(new, list):
+        old_set, new_set = set(old), set(new)
+        gone, added = [u for u in old if u not in new_set], [u for u in new if u not in old_set]
+        if not (gone or added):
+            return "the same files in another order"
+        few = lambda units: ", ".join(units[:3]) + " ..." * (len(units) > 3)  # noqa: E731
+        return ", ".join(f"{few(units)} {when}" for units, when in ((gone, "there" if added else "there, not now"),
+                                                                     (added, "now" if gone else "now, not there"))
+                         if units)
+    return f"{_short(old)} there, {_short(new)} now"
 
 
 # ---------------------------------------------------------------------------------- pipeline

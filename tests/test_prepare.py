@@ -417,10 +417,20 @@ def test_parquet_without_the_text_column(tmp_path):
 
 
 def test_other_settings_do_not_mix_with_existing_shards(tmp_path, mixed):
+    """The refusal names what differs: both values cut at 80 characters hid the differing setting or file."""
     paths, _ = mixed
     prep.prepare(sources.local_files(paths), tmp_path / "out", cfg())
-    with pytest.raises(UserError, match="other settings"):
+    with pytest.raises(UserError, match=r"with other settings \(shard_size 500 there, 501 now\); use another --out"):
         prep.prepare(sources.local_files(paths), tmp_path / "out", cfg(shard_size=501))
+    prep.prepare(sources.local_files(paths), tmp_path / "shuffled", cfg(shuffle_docs=True, seed=3))
+    with pytest.raises(UserError, match=r"\(seed 3 there, 4 now\)"):
+        prep.prepare(sources.local_files(paths), tmp_path / "shuffled", cfg(shuffle_docs=True, seed=4))
+    key = lambda path: f"{path.resolve()} ({path.stat().st_size} bytes)"  # noqa: E731
+    with pytest.raises(UserError, match=re.escape(f"input files (or other versions of them) ({key(paths[1])} there, "
+                                                  "not now); use another --out, or delete the directory")):
+        prep.prepare(sources.local_files([paths[0], paths[2]]), tmp_path / "out", cfg())
+    with pytest.raises(UserError, match=re.escape("(the same files in another order)")):
+        prep.prepare(sources.local_files(paths[::-1]), tmp_path / "out", cfg())
 
 
 def test_cli_errors_are_one_line(tmp_path):

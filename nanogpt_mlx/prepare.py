@@ -188,8 +188,12 @@ class ShardWriter:
         with atomic_path(self.out / file) as tmp:
             np.save(tmp, tokens)
             digest = sha256_file(tmp)
-        return {"file": file, "split": split, "tokens": len(tokens), "documents": int(np.count_nonzero(tokens == EOT)),
-                "sha256": digest, "end": end}
+        return {"file": file, "split": split, **_counted(tokens), "sha256": digest, "end": end}
+
+
+def _counted(tokens: np.ndarray) -> dict:
+    """A shard's counts as its manifest record holds them (a document starts at each EOT)."""
+    return {"tokens": len(tokens), "documents": int(np.count_nonzero(tokens == EOT))}
 
 
 def _complete(out: Path, manifest: dict) -> None:
@@ -254,12 +258,20 @@ def _intact_shards(out: Path, path: Path, fresh: dict) -> tuple[list[dict], str 
         raise UserError(f"{key} was modified after {out}'s shards were made from it (its modification time "
                         "differs); use another --out, or delete the directory to start over (if only its time "
                         f"changed, a copy or a touch, `touch -d @{was // 10**9}.{was % 10**9:09d}` on it resumes)")
-    intact = []
+    intact, recounted = [], []
     for shard in old["shards"]:
         file = out / shard["file"]
         if not file.is_file() or sha256_file(file) != shard["sha256"]:
             break
-        intact.append(shard)
+        # the counts too: the totals are their sums, and a loader that finds a length other than the record's says
+        # to re-run this to restore it
+        counts = _counted(open_shard(file))
+        if any(shard[k] != v for k, v in counts.items()):
+            recounted.append(shard["file"])
+        intact.append({**shard, **counts})
+    if recounted:
+        warn(f"{path}: corrected the token and document counts it gave for {', '.join(recounted[:3])}"
+             f"{' ...' * (len(recounted) > 3)} (they differed from the shards)")
     return intact, old_name
 
 

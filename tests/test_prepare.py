@@ -724,3 +724,21 @@ def test_a_shard_missing_from_a_prepared_directory_is_warned_of(tmp_path, capsys
     err = capsys.readouterr().err
     assert f"train shards that manifest.json lists are missing: {trains[1].name}; of another length: " \
            f"{trains[2].name} (" in err and "re-run the same prepare command" in err
+
+
+def test_a_manifests_counts_that_differ_from_its_shards_are_corrected_on_resume(tmp_path, capsys):
+    """The loader's warning says to re-run prepare to restore shards of another length than manifest.json lists;
+    where the record, not the shard, was wrong, the re-run said "already complete" and kept it and its totals."""
+    out = tmp_path / "out"
+    src = sources.local_files([write_jsonl(tmp_path / "docs.jsonl", make_docs(60))])
+    done = prep.prepare(src, out, cfg(shard_size=400)).manifest
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][1].update(tokens=manifest["shards"][1]["tokens"] + 5, documents=0)
+    manifest["totals"]["train_tokens"] += 5
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    again = prep.prepare(src, out, cfg(shard_size=400))
+    assert again.new_tokens == 0 and again.manifest == done
+    assert json.loads((out / "manifest.json").read_text()) == done
+    assert f"corrected the token and document counts it gave for {done['shards'][1]['file']}" in \
+        capsys.readouterr().err

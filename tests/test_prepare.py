@@ -382,6 +382,9 @@ def test_fineweb_edu_from_hub_one_file_at_a_time(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name, content, needles", [
     ("bad.jsonl", '{"content": "no text field"}\n', ["bad.jsonl", "line 1", "'text'", "--text-field"]),
     ("bad.jsonl", '{"text": "ok"}\n{"text": oops}\n', ["bad.jsonl", "line 2", "not valid JSON"]),
+    # two values on one line and one cut over two: read as three records when the part was parsed as one array
+    ("two.jsonl", '{"text": "a"}\n{"text": "b"},{"text": "c"}\n{"text": "d", "x": [{"y": 1}\n{"z": 2}]}\n',
+     ["two.jsonl", "line 2", "not valid JSON (Extra data"]),
     ("bad.txt", b"caf\xe9 latin-1", ["bad.txt", "not UTF-8"]),
     ("bad.parquet", b"PAR1 not really parquet", ["bad.parquet", "cannot read parquet"]),
     ("latin1.parquet", None, ["latin1.parquet", "column 'text' is not UTF-8 text"]),

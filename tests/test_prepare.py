@@ -709,6 +709,21 @@ def test_a_source_smaller_than_one_shard_is_split_90_10(tmp_path):
         assert (val["split"], train["split"]) == ("val", "train") and total // 10 <= val["tokens"] < total // 5
 
 
+def test_a_split_left_empty_is_warned_of(tmp_path, capsys):
+    """Two short documents gave "1 shards (1 val, 0 train)", a text whose last tenth is blank no val tokens, and
+    prepare said nothing (train then failed to find the split)."""
+    src = sources.local_files([write_jsonl(tmp_path / "two.jsonl", ["Hi.", "Bye."])])
+    for _ in range(2):  # and when it is re-run
+        assert prep.prepare(src, tmp_path / "short", cfg()).manifest["totals"]["train_tokens"] == 0
+        assert "short: no train tokens, nothing to train on" in capsys.readouterr().err
+    text = tmp_path / "input.txt"
+    text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 5 + "\n" * 60)
+    assert prep.prepare(sources.shakespeare(path=text), tmp_path / "blank", cfg()).manifest["totals"]["val_tokens"] == 0
+    err = capsys.readouterr().err
+    assert "blank: no val tokens, nothing to validate on" in err and "--val-every 0" in err
+    assert "train tokens" not in err
+
+
 def test_a_shard_missing_from_a_prepared_directory_is_warned_of(tmp_path, capsys):
     """A partial copy, or a deleted shard, trained and evaluated on less data without a word: manifest.json lists
     every shard and its length, but only its "complete" was read."""

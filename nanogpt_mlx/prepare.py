@@ -35,7 +35,7 @@ import numpy as np
 
 from . import signals
 from .console import warn
-from .data import list_shards, load_shard, open_shard
+from .data import list_shards, load_shard, open_shard, warn_if_shards_differ
 from .documents import Part, plan_parts, read_docs
 from .errors import UserError, check_types, first_line
 from .files import (atomic_path, atomic_write_text, lock_dir, named_dir, read_json, remove_stale_temps,
@@ -507,12 +507,11 @@ def _warn_of_empty_splits(out: Path, manifest: dict) -> None:
 def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
     """Shard counts and token totals of a shard directory, and the first tokens of its first shard decoded."""
     data_dir = Path(named_dir(data_dir, "shard directory")).expanduser()
-    splits = {}
-    for split in ("val", "train"):
-        try:
-            splits[split] = list_shards(data_dir, split)
-        except UserError:
-            splits[split] = []
+    sized = {}  # split: [(shard, tokens)]; headers only
+    for split in ("val", "train"):  # (a missing directory, or a file, is said as such)
+        sized[split] = [(path, len(open_shard(path))) for path in list_shards(data_dir, split, missing_ok=True)]
+        warn_if_shards_differ(data_dir.resolve(), split, tuple(sized[split]))  # as a loader would
+    splits = {split: [path for path, _ in shards] for split, shards in sized.items()}
     if not any(splits.values()):
         raise UserError(f"{data_dir}: no shards (*_val_*.npy, *_train_*.npy)")
     lines = [str(data_dir)]
@@ -533,9 +532,8 @@ def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
         source = ", ".join(f"{k}={v}" for k, v in manifest["source"].items())
         lines.append(f"  source     {source}; {state}")
         lines.append(f"  documents  {sum(s['documents'] for s in manifest['shards']):,}")
-    for split, shards in splits.items():
-        tokens = sum(len(open_shard(s)) for s in shards)  # headers only
-        lines.append(f"  {split:<10} {len(shards)} shards, {tokens:,} tokens")
+    for split, shards in sized.items():
+        lines.append(f"  {split:<10} {len(shards)} shards, {sum(n for _, n in shards):,} tokens")
     first = (splits["train"] or splits["val"])[0]
     ids = load_shard(first)[:n_tokens].tolist()
     if max(ids, default=0) > EOT:  # not GPT-2's tokens: nothing to decode them with

@@ -463,6 +463,22 @@ def test_cli_prepare_and_inspect(tmp_path):
     assert get_tokenizer().decode(np.load(first_train)[:64].tolist()) in info
 
 
+def test_inspect_names_a_missing_or_file_path_and_shards_missing_from_the_manifest(tmp_path, capsys):
+    """--inspect said "no shards" for a mistyped directory or a file, and nothing of a listed shard deleted."""
+    with pytest.raises(UserError, match="nowhere: data directory not found"):
+        prep.describe(tmp_path / "nowhere")
+    write_jsonl(tmp_path / "a.jsonl", make_docs(60))
+    with pytest.raises(UserError, match="a.jsonl: a file, not a directory of token shards"):
+        prep.describe(tmp_path / "a.jsonl")
+    out = tmp_path / "out"
+    prep.prepare(sources.local_files([tmp_path / "a.jsonl"]), out, cfg(shard_size=400))
+    gone = list_shards(out, "train")[1]
+    gone.unlink()
+    capsys.readouterr()
+    assert re.search(rf"train\s+{len(list_shards(out, 'train'))} shards", prep.describe(out))
+    assert f"train shards that manifest.json lists are missing: {gone.name}" in capsys.readouterr().err
+
+
 def test_names_and_seeds_that_would_lose_shards_are_refused(tmp_path):
     """A NAME with '/' wrote shards into a subdirectory, a leading '.' hid them from every reader: prepare
     reported success and train found nothing. A prefix holding `_train_` no longer makes its val shard train."""

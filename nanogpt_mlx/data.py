@@ -40,12 +40,20 @@ def open_shard(path: Path) -> np.ndarray:
     except EOFError:
         raise UserError(f"{path}: cannot read shard (empty or cut off)") from None
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read shard ({e})") from None
+        # np.load takes a file without the .npy header for a pickle, and its advice (allow_pickle) is no help
+        headerless = isinstance(e, ValueError) and not _has_npy_header(path)
+        why = "not a NumPy .npy file: no .npy header; raw tokens? save them with np.save" if headerless else e
+        raise UserError(f"{path}: cannot read shard ({why})") from None
     if not isinstance(tokens, np.ndarray):  # np.load opens a zip (.npz) as an archive of arrays
         raise UserError(f"{path}: not a .npy array (an .npz archive?)")
     if tokens.ndim != 1 or tokens.dtype.kind not in "iu":  # (timedelta64 is an np.integer too)
         raise UserError(f"{path}: expected a 1-D integer array, got {tokens.dtype} {tokens.shape}")
     return tokens
+
+
+def _has_npy_header(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX
 
 
 def check_batch_shape(B: int, T: int, rank: int = 0, world: int = 1) -> None:

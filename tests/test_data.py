@@ -195,3 +195,13 @@ def test_eval_loss_refuses_counts_that_are_not_integers(bad, tmp_path):
     name = next(iter(bad))
     with pytest.raises(UserError, match=rf"{name} must be an integer, got {bad[name]!r}"):
         eval_loss(model, data, **{"batches": 2, "B": 2, "T": 16, **bad}, progress=False)
+
+
+def test_a_headerless_shard_is_named_as_such(tmp_path):
+    """Raw tokens (tofile) under a .npy name gave NumPy's advice about pickled data and allow_pickle."""
+    from nanogpt_mlx.data import open_shard
+
+    np.arange(100, dtype=np.uint16).tofile(tmp_path / "x_val_000000.npy")
+    with pytest.raises(UserError, match=r"x_val_000000.npy: cannot read shard \(not a NumPy .npy file: no .npy "
+                                        r"header; raw tokens\? save them with np.save\)$"):
+        open_shard(tmp_path / "x_val_000000.npy")

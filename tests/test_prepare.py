@@ -402,6 +402,15 @@ def test_bad_input_names_the_file(tmp_path, name, content, needles):
     assert "\n" not in str(e.value) and all(n in str(e.value) for n in needles), str(e.value)
 
 
+def test_a_fifo_is_not_a_regular_file(tmp_path):
+    """A FIFO (mkfifo) or a device said "no such file or directory"."""
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with pytest.raises(UserError, match="pipe.jsonl: not a regular file"):
+        sources.local_files([tmp_path / "pipe.jsonl"])
+    with pytest.raises(UserError, match="gone.jsonl: no such file or directory"):
+        sources.local_files([tmp_path / "gone.jsonl"])
+
+
 def test_a_file_named_twice_is_read_once(tmp_path):
     docs = make_docs(5, seed=9)
     (tmp_path / "d").mkdir()

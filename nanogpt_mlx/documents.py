@@ -76,7 +76,8 @@ def _row_groups(path: Path, field: str) -> int:
 
 def _read_text(path: str | Path) -> str:
     try:
-        return Path(path).read_bytes().decode("utf-8")
+        # a BOM (as some Windows editors write) is no text: it was 3 tokens, where a .jsonl's is skipped
+        return Path(path).read_bytes().decode("utf-8").removeprefix("\ufeff")
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:

@@ -411,6 +411,15 @@ def test_a_fifo_is_not_a_regular_file(tmp_path):
         sources.local_files([tmp_path / "gone.jsonl"])
 
 
+def test_a_utf8_bom_is_no_text(tmp_path):
+    """A .txt's BOM became 3 tokens, where a .jsonl's was skipped."""
+    docs = make_docs(2, seed=4)
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbf" + docs[0].encode())
+    (tmp_path / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": docs[1]}).encode() + b"\n")
+    prep.prepare(sources.local_files([tmp_path / "a.txt", tmp_path / "b.jsonl"]), tmp_path / "out", cfg())
+    assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens(docs))
+
+
 def test_a_file_named_twice_is_read_once(tmp_path):
     docs = make_docs(5, seed=9)
     (tmp_path / "d").mkdir()

@@ -122,7 +122,10 @@ def _exit_with(parent: int) -> None:
 
 # ------------------------------------------------------------------------------------ shards
 def _write_manifest(out: Path, manifest: dict) -> None:
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    # indented once complete; while shards are added, on one line: json's indenting encoder is Python code, and
+    # the manifest is written after every shard (thousands of small shards took minutes)
+    text = json.dumps(manifest, indent=1 if manifest["complete"] else None)
+    atomic_write_text(out / "manifest.json", text + "\n")
 
 
 class ShardWriter:

@@ -200,6 +200,9 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, mixed, monkeypat
     monkeypatch.setattr(np, "save", save)
     assert sorted(p.name for p in out.glob("*.npy")) == ["data_train_000001.npy", "data_train_000002.npy",
                                                          "data_val_000000.npy"]
+    # written after every shard: indenting it (Python code, not json's C encoder) made thousands of small shards take
+    # minutes; indented once complete (dir_bytes below)
+    assert (out / "manifest.json").read_text().count("\n") == 1
     # a harder crash: a temp file left behind and a completed shard lost
     (out / ".data_train_000003.tmp4242.npy").write_bytes(b"truncated")
     (out / "data_train_000002.npy").unlink()

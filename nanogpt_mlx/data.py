@@ -14,13 +14,15 @@ import numpy as np
 
 from .console import warn
 from .errors import UserError
-from .files import read_json
+from .files import named_dir, read_json
 
 
 def list_shards(data_dir: str | Path, split: str, missing_ok: bool = False) -> list[Path]:
-    """Sorted shard files of one split (`train` or `val`); hidden temp files of unfinished writes are skipped.
-    None is an error unless missing_ok."""
-    data_dir = Path(data_dir)
+    """Sorted shard files of one split (`train`, `val`: a name of letters and digits); hidden temp files of
+    unfinished writes are skipped. None is an error unless missing_ok."""
+    if not (isinstance(split, str) and re.fullmatch(r"[A-Za-z0-9]+", split)):  # a pattern ('*') read every split
+        raise UserError(f"split must be a name such as val or train (letters and digits), got {split!r}")
+    data_dir = Path(named_dir(data_dir, "data directory"))
     if not data_dir.is_dir():
         what = "a file, not a directory of token shards" if data_dir.exists() else "data directory not found"
         raise UserError(f"{data_dir}: {what} (make one with `nanogpt-mlx prepare`)")
@@ -38,12 +40,32 @@ def open_shard(path: Path) -> np.ndarray:
     except EOFError:
         raise UserError(f"{path}: cannot read shard (empty or cut off)") from None
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read shard ({e})") from None
+        # np.load takes a file without the .npy header for a pickle, and its advice (allow_pickle) is no help
+        headerless = isinstance(e, ValueError) and not _has_npy_header(path)
+        why = "not a NumPy .npy file: no .npy header; raw tokens? save them with np.save" if headerless else e
+        raise UserError(f"{path}: cannot read shard ({why})") from None
     if not isinstance(tokens, np.ndarray):  # np.load opens a zip (.npz) as an archive of arrays
         raise UserError(f"{path}: not a .npy array (an .npz archive?)")
     if tokens.ndim != 1 or tokens.dtype.kind not in "iu":  # (timedelta64 is an np.integer too)
         raise UserError(f"{path}: expected a 1-D integer array, got {tokens.dtype} {tokens.shape}")
     return tokens
+
+
+def _has_npy_header(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX
+
+
+def check_batch_shape(B: int, T: int, rank: int = 0, world: int = 1) -> None:
+    """Refuse (UserError) a batch of B rows of T tokens for rank `rank` of `world` that cannot be read: all
+    integers, B and T >= 1, 0 <= rank < world (a rank past the last would read another rank's batches)."""
+    for name, value in (("B", B), ("T", T), ("rank", rank), ("world", world)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserError(f"{name} must be an integer, got {value!r}")
+    if min(B, T) < 1:
+        raise UserError(f"B and T must be >= 1, got {B} and {T}")
+    if not 0 <= rank < world:
+        raise UserError(f"rank {rank} of world {world}: expected 0 <= rank < world")
 
 
 def load_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
@@ -107,6 +129,7 @@ class DataLoader:
 
     def __init__(self, data_dir: str | Path, split: str, B: int, T: int, rank: int = 0, world: int = 1,
                  vocab_size: int | None = None, shuffle: bool = False, seed: int = 0):
+        check_batch_shape(B, T, rank, world)
         self.B, self.T, self.rank, self.world = B, T, rank, world
         self.vocab_size, self.shuffle, self.seed = vocab_size, shuffle, seed
         # every shard's length now (headers only): one too short for a batch would stop a run when reached
@@ -138,6 +161,8 @@ class DataLoader:
     def within_one_pass(self, batches: int) -> int:
         """`batches`, or this rank's batches in one pass over all shards where they are fewer: past one pass the
         loader wraps to the first shard and would repeat batches."""
+        if not isinstance(batches, int) or isinstance(batches, bool):  # 2.5 failed later, as a range()'s TypeError
+            raise UserError(f"batches must be an integer, got {batches!r}")
         return min(batches, sum(self._batches_in(n) for _, n in self.layout["shards"]))
 
     def _load(self) -> None:

@@ -76,7 +76,8 @@ def _row_groups(path: Path, field: str) -> int:
 
 def _read_text(path: str | Path) -> str:
     try:
-        return Path(path).read_bytes().decode("utf-8")
+        # a BOM (as some Windows editors write) is no text: it was 3 tokens, where a .jsonl's is skipped
+        return Path(path).read_bytes().decode("utf-8").removeprefix("\ufeff")
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
@@ -111,15 +112,16 @@ def _jsonl_docs(part: Part) -> list[str]:
             data = f.read(part.stop - part.start)
     except OSError as e:
         raise UserError(f"{part.path}: cannot read ({e.strerror or e})") from None
-    numbered = [(i, line) for i, line in enumerate(data.split(b"\n")) if line.strip()]
-    try:  # one parse for the whole part is faster than one per line
-        records = json.loads(b"[" + b",".join(line for _, line in numbered) + b"]")
-    except (ValueError, RecursionError):
-        records = []
-    if len(records) != len(numbered):  # some line is not one JSON value: find it
-        records = [_parse_line(part, i, line) for i, line in numbered]
+    lines = data.split(b"\n")
+    try:
+        texts = data.decode().split("\n")
+    except UnicodeDecodeError:
+        texts = [None] * len(lines)  # json.loads names the line that is not UTF-8
     docs = []
-    for (i, _), record in zip(numbered, records):
+    for i, (line, line_text) in enumerate(zip(lines, texts)):
+        if not line.strip():
+            continue
+        record = _parse_line(part, i, line, line_text)
         if not isinstance(record, dict) or part.field not in record:
             raise UserError(f"{part.path}, line {_line_no(part, i)}: no text field {part.field!r} "
                             "(choose the field with --text-field)")
@@ -132,7 +134,20 @@ def _jsonl_docs(part: Part) -> list[str]:
     return docs
 
 
-def _parse_line(part: Part, i: int, line: bytes):
+_scan = json.JSONDecoder().scan_once  # one value from a position: quicker per line than json.loads
+
+
+def _parse_line(part: Part, i: int, line: bytes, text: str | None = None):
+    """The one JSON value of line `i` (`text`: the line decoded). Each line is parsed by itself: the part's lines
+    parsed as one array took `{...},{...}` on one line, with a value cut over the next two, for three records."""
+    if text is not None:
+        text = text.strip(" \t\r")
+        try:
+            value, end = _scan(text, 0)
+            if end == len(text):
+                return value
+        except (StopIteration, ValueError, RecursionError):
+            pass  # json.loads says what is wrong (or takes a line that starts with a BOM)
     try:
         return json.loads(line)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; nested too deeply

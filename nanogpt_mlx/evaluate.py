@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import device
-from .data import DataLoader
+from .data import DataLoader, check_batch_shape
 from .errors import UserError
 from .files import atomic_path, cache_dir, download
 from .model import GPT, KVCache
@@ -283,10 +283,8 @@ def eval_loss(model: GPT, data_dir: str | os.PathLike, split: str = "val", batch
 def eval_loader(model: GPT, data_dir: str | os.PathLike, split: str = "val", B: int = 8, T: int | None = None,
                 rank: int = 0, world: int = 1) -> DataLoader:
     """The (B, T) batches of a split that eval_loss reads (one pass at most); T defaults to the model's context."""
-    _check_rank(rank, world)
     T = model.config.block_size if T is None else T
-    if min(B, T) < 1:
-        raise UserError(f"B and T must be >= 1, got {B} and {T}")
+    check_batch_shape(B, T, rank, world)
     if T > model.config.block_size:
         raise UserError(f"sequence length {T} exceeds the model's context of {model.config.block_size}")
     return DataLoader(data_dir, split, B, T, rank, world, vocab_size=model.config.vocab_size)

@@ -35,9 +35,9 @@ import numpy as np
 
 from . import signals
 from .console import warn
-from .data import list_shards, load_shard, open_shard
+from .data import list_shards, load_shard, open_shard, warn_if_shards_differ
 from .documents import Part, plan_parts, read_docs
-from .errors import UserError, first_line
+from .errors import UserError, check_types, first_line
 from .files import (atomic_path, atomic_write_text, lock_dir, named_dir, read_json, remove_stale_temps,
                     sha256_file, unlock_dir)
 from .sources import Source, Unit
@@ -61,6 +61,7 @@ class PrepareConfig:
     progress: bool = True
 
     def __post_init__(self):
+        check_types(self)
         if not 1 <= self.shard_size <= MAX_SHARD_SIZE:
             raise UserError(f"shard_size must be in [1, 2^31] tokens (a shard is held in memory while written), "
                             f"got {self.shard_size}")
@@ -121,7 +122,10 @@ def _exit_with(parent: int) -> None:
 
 # ------------------------------------------------------------------------------------ shards
 def _write_manifest(out: Path, manifest: dict) -> None:
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    # indented once complete; while shards are added, on one line: json's indenting encoder is Python code, and
+    # the manifest is written after every shard (thousands of small shards took minutes)
+    text = json.dumps(manifest, indent=1 if manifest["complete"] else None)
+    atomic_write_text(out / "manifest.json", text + "\n")
 
 
 class ShardWriter:
@@ -187,8 +191,12 @@ class ShardWriter:
         with atomic_path(self.out / file) as tmp:
             np.save(tmp, tokens)
             digest = sha256_file(tmp)
-        return {"file": file, "split": split, "tokens": len(tokens), "documents": int(np.count_nonzero(tokens == EOT)),
-                "sha256": digest, "end": end}
+        return {"file": file, "split": split, **_counted(tokens), "sha256": digest, "end": end}
+
+
+def _counted(tokens: np.ndarray) -> dict:
+    """A shard's counts as its manifest record holds them (a document starts at each EOT)."""
+    return {"tokens": len(tokens), "documents": int(np.count_nonzero(tokens == EOT))}
 
 
 def _complete(out: Path, manifest: dict) -> None:
@@ -243,8 +251,8 @@ def _intact_shards(out: Path, path: Path, fresh: dict) -> tuple[list[dict], str 
         if old.get(key) != fresh[key]:
             what = "from other input files (or other versions of them)" if key == "units" else f"with other {key}"
             then = "delete the directory to start over" if key == "units" else "the same options to resume"
-            raise UserError(f"{out} holds shards made {what} ({_short(old.get(key))} there, {_short(fresh[key])} "
-                            f"now); use another --out, or {then}")
+            raise UserError(f"{out} holds shards made {what} ({_difference(old.get(key), fresh[key])}); use "
+                            f"another --out, or {then}")
     # no stamps: a manifest from before they were kept; a None: a download (the hub's files do not change)
     changed = [(key, was) for key, was, now in zip(fresh["units"], old.get("stamps", fresh["stamps"]),
                                                    fresh["stamps"]) if None not in (was, now) and was != now]
@@ -253,12 +261,20 @@ def _intact_shards(out: Path, path: Path, fresh: dict) -> tuple[list[dict], str 
         raise UserError(f"{key} was modified after {out}'s shards were made from it (its modification time "
                         "differs); use another --out, or delete the directory to start over (if only its time "
                         f"changed, a copy or a touch, `touch -d @{was // 10**9}.{was % 10**9:09d}` on it resumes)")
-    intact = []
+    intact, recounted = [], []
     for shard in old["shards"]:
         file = out / shard["file"]
         if not file.is_file() or sha256_file(file) != shard["sha256"]:
             break
-        intact.append(shard)
+        # the counts too: the totals are their sums, and a loader that finds a length other than the record's says
+        # to re-run this to restore it
+        counts = _counted(open_shard(file))
+        if any(shard[k] != v for k, v in counts.items()):
+            recounted.append(shard["file"])
+        intact.append({**shard, **counts})
+    if recounted:
+        warn(f"{path}: corrected the token and document counts it gave for {', '.join(recounted[:3])}"
+             f"{' ...' * (len(recounted) > 3)} (they differed from the shards)")
     return intact, old_name
 
 
@@ -279,6 +295,24 @@ def _is_shard_record(shard) -> bool:
 def _short(value) -> str:
     text = json.dumps(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _difference(old, new) -> str:
+    """What differs between a value that a manifest records and this run's: the keys of settings whose values
+    differ ("seed 3 there, 4 now"), the input files only one of them lists, else both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return ", ".join(f"{k} {_short(old.get(k))} there, {_short(new.get(k))} now"
+                         for k in {**old, **new} if old.get(k) != new.get(k))
+    if isinstance(old, list) and all(isinstance(u, str) for u in old) and isinstance(new, list):
+        old_set, new_set = set(old), set(new)
+        gone, added = [u for u in old if u not in new_set], [u for u in new if u not in old_set]
+        if not (gone or added):
+            return "the same files in another order"
+        few = lambda units: ", ".join(units[:3]) + " ..." * (len(units) > 3)  # noqa: E731
+        return ", ".join(f"{few(units)} {when}" for units, when in ((gone, "there" if added else "there, not now"),
+                                                                     (added, "now" if gone else "now, not there"))
+                         if units)
+    return f"{_short(old)} there, {_short(new)} now"
 
 
 # ---------------------------------------------------------------------------------- pipeline
@@ -414,6 +448,7 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
     manifest["shards"] = _resume(out, manifest)
     if manifest["shards"] and manifest["shards"][-1]["end"] is None:  # done already
         _complete(out, manifest)
+        _warn_of_empty_splits(out, manifest)
         return Summary(out, manifest, 0, time.perf_counter() - start_time)
     _write_manifest(out, manifest)
     start = manifest["shards"][-1]["end"] if manifest["shards"] else {"unit": 0, "part": 0, "skip": 0}
@@ -457,18 +492,29 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
             with signals.deferred(signal.SIGINT):
                 pool.shutdown(cancel_futures=True)
     shutil.rmtree(scratch, ignore_errors=True)
+    _warn_of_empty_splits(out, manifest)
     return Summary(out, manifest, new_tokens, time.perf_counter() - start_time)
+
+
+def _warn_of_empty_splits(out: Path, manifest: dict) -> None:
+    """Say (not refuse: shards can be added by hand) that a split has no tokens: training needs train tokens, and
+    validates on val tokens."""
+    totals = manifest["totals"]
+    if not totals["train_tokens"]:
+        warn(f"{out}: no train tokens, nothing to train on (a source of under 10 tokens is all val); give more text")
+    if not totals["val_tokens"]:
+        warn(f"{out}: no val tokens, nothing to validate on (the source's val part holds no text); give more text, "
+             "or train with --val-every 0")
 
 
 def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
     """Shard counts and token totals of a shard directory, and the first tokens of its first shard decoded."""
     data_dir = Path(named_dir(data_dir, "shard directory")).expanduser()
-    splits = {}
-    for split in ("val", "train"):
-        try:
-            splits[split] = list_shards(data_dir, split)
-        except UserError:
-            splits[split] = []
+    sized = {}  # split: [(shard, tokens)]; headers only
+    for split in ("val", "train"):  # (a missing directory, or a file, is said as such)
+        sized[split] = [(path, len(open_shard(path))) for path in list_shards(data_dir, split, missing_ok=True)]
+        warn_if_shards_differ(data_dir.resolve(), split, tuple(sized[split]))  # as a loader would
+    splits = {split: [path for path, _ in shards] for split, shards in sized.items()}
     if not any(splits.values()):
         raise UserError(f"{data_dir}: no shards (*_val_*.npy, *_train_*.npy)")
     lines = [str(data_dir)]
@@ -489,9 +535,8 @@ def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
         source = ", ".join(f"{k}={v}" for k, v in manifest["source"].items())
         lines.append(f"  source     {source}; {state}")
         lines.append(f"  documents  {sum(s['documents'] for s in manifest['shards']):,}")
-    for split, shards in splits.items():
-        tokens = sum(len(open_shard(s)) for s in shards)  # headers only
-        lines.append(f"  {split:<10} {len(shards)} shards, {tokens:,} tokens")
+    for split, shards in sized.items():
+        lines.append(f"  {split:<10} {len(shards)} shards, {sum(n for _, n in shards):,} tokens")
     first = (splits["train"] or splits["val"])[0]
     ids = load_shard(first)[:n_tokens].tolist()
     if max(ids, default=0) > EOT:  # not GPT-2's tokens: nothing to decode them with

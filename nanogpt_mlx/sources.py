@@ -67,8 +67,8 @@ def local_files(paths: str | os.PathLike | Sequence[str | os.PathLike], text_fie
                 if m.suffix not in FILE_KINDS:
                     raise UserError(f"{m}: unsupported file type (expected .txt, .jsonl or .parquet)")
                 found.append(m)
-            else:
-                raise UserError(f"{m}: no such file or directory")
+            else:  # a FIFO (it would block) or a device
+                raise UserError(f"{m}: {'not a regular file' if m.exists() else 'no such file or directory'}")
     unique: dict[Path, Path] = {}
     for f in found:
         unique.setdefault(f.resolve(), f)  # a file named twice (a.txt a.txt, or a.txt and its directory) is read once

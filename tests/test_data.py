@@ -155,3 +155,53 @@ def test_a_zip_or_timedelta_shard_is_one_line(tmp_path):
     np.save(tmp_path / "t.npy", np.arange(10).astype("timedelta64[s]"))
     with pytest.raises(UserError, match="expected a 1-D integer array, got timedelta64"):
         open_shard(tmp_path / "t.npy")
+
+
+@pytest.mark.parametrize("B, T, rank, world, needle", [
+    (2, 32, 2, 2, "rank 2 of world 2: expected 0 <= rank < world"),  # read rank 0's batches
+    (2, 32, -1, 2, "rank -1 of world 2"),
+    (2, 32, 0, 0, "rank 0 of world 0"),  # ZeroDivisionError
+    (0, 32, 0, 1, "B and T must be >= 1, got 0 and 32"),  # ZeroDivisionError
+    (2, -1, 0, 1, "B and T must be >= 1, got 2 and -1"),  # IndexError
+    (2.5, 32, 0, 1, "B must be an integer, got 2.5"),  # TypeError
+    (2, "32", 0, 1, "T must be an integer, got '32'"),
+    (2, 32, True, 2, "rank must be an integer, got True"),
+])
+def test_a_batch_shape_that_cannot_be_read_is_refused(B, T, rank, world, needle, tmp_path):
+    data = write_shards(tmp_path / "d", [token_stream(3000, 1)], token_stream(2000, 2))
+    with pytest.raises(UserError, match=re.escape(needle)):
+        DataLoader(data, "train", B, T, rank, world)
+
+
+def test_a_split_is_a_name_and_the_data_directory_is_named(tmp_path, monkeypatch):
+    """A split of '*' read the val and train shards as one; '' for the directory read the working directory's."""
+    data = write_shards(tmp_path / "d", [token_stream(3000, 1)], token_stream(2000, 2))
+    for split in ("*", "[tv]*", "", "val_0"):
+        with pytest.raises(UserError, match="split must be a name such as val or train"):
+            DataLoader(data, split, 2, 32)
+    monkeypatch.chdir(data)
+    with pytest.raises(UserError, match="the data directory is '' .* name a directory"):
+        DataLoader("", "train", 2, 32)
+
+
+@pytest.mark.parametrize("bad", [{"B": 2.5}, {"T": 16.0}, {"batches": 2.5}, {"batches": True}])
+def test_eval_loss_refuses_counts_that_are_not_integers(bad, tmp_path):
+    """They were TypeErrors (a float B or T deep in the loader, batches in range())."""
+    from nanogpt_mlx import GPT, GPTConfig
+    from nanogpt_mlx.evaluate import eval_loss
+
+    data = write_shards(tmp_path / "d", [token_stream(3000, 1)], token_stream(2000, 2))
+    model = GPT(GPTConfig(block_size=32, vocab_size=VOCAB, n_layer=1, n_head=1, n_embd=16))
+    name = next(iter(bad))
+    with pytest.raises(UserError, match=rf"{name} must be an integer, got {bad[name]!r}"):
+        eval_loss(model, data, **{"batches": 2, "B": 2, "T": 16, **bad}, progress=False)
+
+
+def test_a_headerless_shard_is_named_as_such(tmp_path):
+    """Raw tokens (tofile) under a .npy name gave NumPy's advice about pickled data and allow_pickle."""
+    from nanogpt_mlx.data import open_shard
+
+    np.arange(100, dtype=np.uint16).tofile(tmp_path / "x_val_000000.npy")
+    with pytest.raises(UserError, match=r"x_val_000000.npy: cannot read shard \(not a NumPy .npy file: no .npy "
+                                        r"header; raw tokens\? save them with np.save\)$"):
+        open_shard(tmp_path / "x_val_000000.npy")

@@ -200,6 +200,9 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, mixed, monkeypat
     monkeypatch.setattr(np, "save", save)
     assert sorted(p.name for p in out.glob("*.npy")) == ["data_train_000001.npy", "data_train_000002.npy",
                                                          "data_val_000000.npy"]
+    # written after every shard: indenting it (Python code, not json's C encoder) made thousands of small shards take
+    # minutes; indented once complete (dir_bytes below)
+    assert (out / "manifest.json").read_text().count("\n") == 1
     # a harder crash: a temp file left behind and a completed shard lost
     (out / ".data_train_000003.tmp4242.npy").write_bytes(b"truncated")
     (out / "data_train_000002.npy").unlink()
@@ -382,6 +385,9 @@ def test_fineweb_edu_from_hub_one_file_at_a_time(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name, content, needles", [
     ("bad.jsonl", '{"content": "no text field"}\n', ["bad.jsonl", "line 1", "'text'", "--text-field"]),
     ("bad.jsonl", '{"text": "ok"}\n{"text": oops}\n', ["bad.jsonl", "line 2", "not valid JSON"]),
+    # two values on one line and one cut over two: read as three records when the part was parsed as one array
+    ("two.jsonl", '{"text": "a"}\n{"text": "b"},{"text": "c"}\n{"text": "d", "x": [{"y": 1}\n{"z": 2}]}\n',
+     ["two.jsonl", "line 2", "not valid JSON (Extra data"]),
     ("bad.txt", b"caf\xe9 latin-1", ["bad.txt", "not UTF-8"]),
     ("bad.parquet", b"PAR1 not really parquet", ["bad.parquet", "cannot read parquet"]),
     ("latin1.parquet", None, ["latin1.parquet", "column 'text' is not UTF-8 text"]),
@@ -397,6 +403,24 @@ def test_bad_input_names_the_file(tmp_path, name, content, needles):
     with pytest.raises(UserError) as e:
         prep.prepare(sources.local_files([path]), tmp_path / "out", cfg(workers=2))
     assert "\n" not in str(e.value) and all(n in str(e.value) for n in needles), str(e.value)
+
+
+def test_a_fifo_is_not_a_regular_file(tmp_path):
+    """A FIFO (mkfifo) or a device said "no such file or directory"."""
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with pytest.raises(UserError, match="pipe.jsonl: not a regular file"):
+        sources.local_files([tmp_path / "pipe.jsonl"])
+    with pytest.raises(UserError, match="gone.jsonl: no such file or directory"):
+        sources.local_files([tmp_path / "gone.jsonl"])
+
+
+def test_a_utf8_bom_is_no_text(tmp_path):
+    """A .txt's BOM became 3 tokens, where a .jsonl's was skipped."""
+    docs = make_docs(2, seed=4)
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbf" + docs[0].encode())
+    (tmp_path / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": docs[1]}).encode() + b"\n")
+    prep.prepare(sources.local_files([tmp_path / "a.txt", tmp_path / "b.jsonl"]), tmp_path / "out", cfg())
+    assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens(docs))
 
 
 def test_a_file_named_twice_is_read_once(tmp_path):
@@ -417,10 +441,20 @@ def test_parquet_without_the_text_column(tmp_path):
 
 
 def test_other_settings_do_not_mix_with_existing_shards(tmp_path, mixed):
+    """The refusal names what differs: both values cut at 80 characters hid the differing setting or file."""
     paths, _ = mixed
     prep.prepare(sources.local_files(paths), tmp_path / "out", cfg())
-    with pytest.raises(UserError, match="other settings"):
+    with pytest.raises(UserError, match=r"with other settings \(shard_size 500 there, 501 now\); use another --out"):
         prep.prepare(sources.local_files(paths), tmp_path / "out", cfg(shard_size=501))
+    prep.prepare(sources.local_files(paths), tmp_path / "shuffled", cfg(shuffle_docs=True, seed=3))
+    with pytest.raises(UserError, match=r"\(seed 3 there, 4 now\)"):
+        prep.prepare(sources.local_files(paths), tmp_path / "shuffled", cfg(shuffle_docs=True, seed=4))
+    key = lambda path: f"{path.resolve()} ({path.stat().st_size} bytes)"  # noqa: E731
+    with pytest.raises(UserError, match=re.escape(f"input files (or other versions of them) ({key(paths[1])} there, "
+                                                  "not now); use another --out, or delete the directory")):
+        prep.prepare(sources.local_files([paths[0], paths[2]]), tmp_path / "out", cfg())
+    with pytest.raises(UserError, match=re.escape("(the same files in another order)")):
+        prep.prepare(sources.local_files(paths[::-1]), tmp_path / "out", cfg())
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -448,6 +482,22 @@ def test_cli_prepare_and_inspect(tmp_path):
     assert re.search(rf"train\s+{len(list_shards(out, 'train'))} shards", info)
     assert re.search(r"documents\s+100\n", info)
     assert get_tokenizer().decode(np.load(first_train)[:64].tolist()) in info
+
+
+def test_inspect_names_a_missing_or_file_path_and_shards_missing_from_the_manifest(tmp_path, capsys):
+    """--inspect said "no shards" for a mistyped directory or a file, and nothing of a listed shard deleted."""
+    with pytest.raises(UserError, match="nowhere: data directory not found"):
+        prep.describe(tmp_path / "nowhere")
+    write_jsonl(tmp_path / "a.jsonl", make_docs(60))
+    with pytest.raises(UserError, match="a.jsonl: a file, not a directory of token shards"):
+        prep.describe(tmp_path / "a.jsonl")
+    out = tmp_path / "out"
+    prep.prepare(sources.local_files([tmp_path / "a.jsonl"]), out, cfg(shard_size=400))
+    gone = list_shards(out, "train")[1]
+    gone.unlink()
+    capsys.readouterr()
+    assert re.search(rf"train\s+{len(list_shards(out, 'train'))} shards", prep.describe(out))
+    assert f"train shards that manifest.json lists are missing: {gone.name}" in capsys.readouterr().err
 
 
 def test_names_and_seeds_that_would_lose_shards_are_refused(tmp_path):
@@ -509,6 +559,18 @@ def test_sizes_that_cannot_work_are_refused(tmp_path, capsys):
                                   "--shard-size", str(10**20)), "shard_size must be in [1, 2^31]")
     prep.prepare(sources.local_files([tmp_path / "a.jsonl"]), tmp_path / "w", cfg(workers=prep._cpu_count() + 1))
     assert f"{prep._cpu_count() + 1} workers asked for, {prep._cpu_count()} used" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("shard_size", 1.5, "an integer"), ("shard_size", True, "an integer"), ("shard_size", "100", "an integer"),
+    ("workers", 1.5, "an integer"), ("seed", 1.5, "an integer"), ("shuffle_docs", 1, "true or false"),
+    ("name", 5, "a string")])
+def test_a_setting_of_another_type_is_refused_before_any_work(field, value, needle, tmp_path):
+    """As TrainConfig's: a 1.5 or "100" was a deep traceback after an incomplete manifest was written."""
+    write_jsonl(tmp_path / "a.jsonl", make_docs(4, seed=2))
+    with pytest.raises(UserError, match=f"^{field} must be {needle}, got {re.escape(repr(value))}$"):
+        prep.prepare(sources.local_files([tmp_path / "a.jsonl"]), tmp_path / "o", cfg(**{field: value}))
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("damage", [lambda m: m["shards"][0].pop("sha256"), lambda m: m["shards"][0].update(end=5),
@@ -684,6 +746,21 @@ def test_a_source_smaller_than_one_shard_is_split_90_10(tmp_path):
         assert (val["split"], train["split"]) == ("val", "train") and total // 10 <= val["tokens"] < total // 5
 
 
+def test_a_split_left_empty_is_warned_of(tmp_path, capsys):
+    """Two short documents gave "1 shards (1 val, 0 train)", a text whose last tenth is blank no val tokens, and
+    prepare said nothing (train then failed to find the split)."""
+    src = sources.local_files([write_jsonl(tmp_path / "two.jsonl", ["Hi.", "Bye."])])
+    for _ in range(2):  # and when it is re-run
+        assert prep.prepare(src, tmp_path / "short", cfg()).manifest["totals"]["train_tokens"] == 0
+        assert "short: no train tokens, nothing to train on" in capsys.readouterr().err
+    text = tmp_path / "input.txt"
+    text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 5 + "\n" * 60)
+    assert prep.prepare(sources.shakespeare(path=text), tmp_path / "blank", cfg()).manifest["totals"]["val_tokens"] == 0
+    err = capsys.readouterr().err
+    assert "blank: no val tokens, nothing to validate on" in err and "--val-every 0" in err
+    assert "train tokens" not in err
+
+
 def test_a_shard_missing_from_a_prepared_directory_is_warned_of(tmp_path, capsys):
     """A partial copy, or a deleted shard, trained and evaluated on less data without a word: manifest.json lists
     every shard and its length, but only its "complete" was read."""
@@ -702,3 +779,21 @@ def test_a_shard_missing_from_a_prepared_directory_is_warned_of(tmp_path, capsys
     err = capsys.readouterr().err
     assert f"train shards that manifest.json lists are missing: {trains[1].name}; of another length: " \
            f"{trains[2].name} (" in err and "re-run the same prepare command" in err
+
+
+def test_a_manifests_counts_that_differ_from_its_shards_are_corrected_on_resume(tmp_path, capsys):
+    """The loader's warning says to re-run prepare to restore shards of another length than manifest.json lists;
+    where the record, not the shard, was wrong, the re-run said "already complete" and kept it and its totals."""
+    out = tmp_path / "out"
+    src = sources.local_files([write_jsonl(tmp_path / "docs.jsonl", make_docs(60))])
+    done = prep.prepare(src, out, cfg(shard_size=400)).manifest
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][1].update(tokens=manifest["shards"][1]["tokens"] + 5, documents=0)
+    manifest["totals"]["train_tokens"] += 5
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    again = prep.prepare(src, out, cfg(shard_size=400))
+    assert again.new_tokens == 0 and again.manifest == done
+    assert json.loads((out / "manifest.json").read_text()) == done
+    assert f"corrected the token and document counts it gave for {done['shards'][1]['file']}" in \
+        capsys.readouterr().err

@@ -171,6 +171,21 @@ def test_ranks_split_examples_and_their_counts_sum_to_the_whole(fixture_file, mo
     assert sorted(r.index for p in parts for r in p.records) == list(range(11))
 
 
+def test_two_files_examples_concatenated_are_scored_as_each_alone(fixture_file, model, tmp_path):
+    """Both files number their examples from 0: each example is scored with its own endings, not another's."""
+    a = load_hellaswag(fixture_file, limit=5)
+    b = load_hellaswag(write_jsonl(tmp_path / "b.jsonl", make_hellaswag(5, seed=1)))
+    alone = score_hellaswag(model, a, progress=False).records + score_hellaswag(model, b, progress=False).records
+    together = score_hellaswag(model, a + b, batch_examples=3, progress=False).records
+    assert [r.index for r in together] == [*range(5), *range(5)]
+    for x, y in zip(alone, together):
+        assert (x.label, x.predicted, x.predicted_norm, x.num_tokens) == (y.label, y.predicted, y.predicted_norm,
+                                                                          y.num_tokens)
+        np.testing.assert_allclose(x.losses, y.losses, rtol=0, atol=1e-4)
+    ranks = [score_hellaswag(model, a + b, rank=r, world=2, progress=False) for r in range(2)]
+    assert sum(p.num_total for p in ranks) == 10
+
+
 def test_limit_and_records_file(fixture_file, model, tmp_path):
     res = score_hellaswag(model, load_hellaswag(fixture_file, limit=7), progress=False)
     assert res.num_total == 7 and 0 <= res.acc <= 1 and 0 <= res.acc_norm <= 1

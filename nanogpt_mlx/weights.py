@@ -29,6 +29,11 @@ from .tokenizer import EOT
 
 HF_FILES = ["config.json", "model.safetensors"]
 EXPORT_FILES = [*HF_FILES, "generation_config.json", *TOKENIZER_FILES]
+# weight files that loaders read beside or instead of model.safetensors (mlx-lm loads every model*.safetensors,
+# transformers the others where it finds no safetensors): an export over a directory removes them
+OTHER_WEIGHTS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                 "pytorch_model.bin.index.json", "tf_model*.h5", "tf_model.h5.index.json", "flax_model*.msgpack",
+                 "flax_model.msgpack.index.json")
 HUB_PROBE_TIMEOUT = 3.0  # seconds to reach the hub before giving up (huggingface_hub retries for ~25 s)
 NATIVE_FORMAT = "nanogpt-mlx"  # marker in config.json of this project's checkpoints
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -380,7 +385,8 @@ def check_gpt2(config: GPTConfig) -> None:
 
 def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> None:
     """Write a Hugging Face GPT-2 directory (weights, config, generation config, tokenizer) that
-    `transformers` (`from_pretrained`, `pipeline`) and mlx-lm (`load`) read as they read the hub's `gpt2`.
+    `transformers` (`from_pretrained`, `pipeline`) and mlx-lm (`load`) read as they read the hub's `gpt2`. Into
+    an existing directory (`force`) it also removes the weight files that loaders would read with it there.
     A model with switches GPT-2 does not have (the speedrun recipe's) is refused before anything is written."""
     check_gpt2(model.config)
     out_dir = check_export_target(out_dir, force)
@@ -388,7 +394,9 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> No
         with atomic_dir(out_dir) as tmp:
             _write_hf(model, tmp)
         return
-    with atomic_files(out_dir, EXPORT_FILES) as staging:  # over an earlier export: it stays whole on a failure
+    # over an earlier export: it stays whole on a failure; another model's weights go with it, or loaders mix them in
+    others = sorted({p.name for pattern in OTHER_WEIGHTS for p in out_dir.glob(pattern)} - set(EXPORT_FILES))
+    with atomic_files(out_dir, EXPORT_FILES, remove=others) as staging:
         _write_hf(model, staging)
 
 

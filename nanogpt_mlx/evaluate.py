@@ -302,4 +302,5 @@ def _check_rank(rank: int, world: int) -> None:
 
 
 def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else math.inf
+    """exp(loss), inf past what a float holds; a nan loss's is nan (it was inf)."""
+    return math.inf if loss >= 700 else math.exp(loss)

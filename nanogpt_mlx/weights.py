@@ -229,7 +229,12 @@ def _load_into(model: GPT, weights: dict[str, mx.array], where: Path) -> None:
         if not mx.issubdtype(w.dtype, mx.floating):  # int32 copies of the weights loaded as (nearly) all zeros
             raise UserError(f"{where}: {k} is {str(w.dtype).split('.')[-1]}, not floating point: not a model's weights")
     model.load_flat({k: w.astype(mx.float32) for k, w in weights.items()})
-    mx.eval(model.parameters())
+    # a NaN or inf weight makes the logits NaN: sampling gave "!!!!" (token 0) and evaluation NaN losses, status 0
+    finite = {k: mx.isfinite(w).all() for k, w in model.parameters_flat()}
+    mx.eval(model.parameters(), finite)
+    bad = next((k for k, ok in finite.items() if not ok.item()), None)
+    if bad is not None:
+        raise UserError(f"{where}: {bad} holds NaN/inf: a damaged model")
 
 
 def load_local(directory: str | os.PathLike) -> GPT:

@@ -15,7 +15,7 @@ from conftest import assert_one_line_error, run_cli, run_main
 
 from nanogpt_mlx import GPT, GPTConfig
 from nanogpt_mlx.errors import UserError
-from nanogpt_mlx.evaluate import (download_hellaswag, eval_loss, load_hellaswag, score_hellaswag,
+from nanogpt_mlx.evaluate import (download_hellaswag, eval_loss, load_hellaswag, perplexity, score_hellaswag,
                                   write_records)
 from nanogpt_mlx.tokenizer import encode
 from nanogpt_mlx.weights import load_model
@@ -427,3 +427,9 @@ def test_a_json_line_nested_too_deeply_is_one_line(tmp_path):
     (tmp_path / "run" / "log.jsonl").write_text('{"step": 0, "kind": "train"}\n' + deep)
     RunLog(tmp_path / "run", 5, True)  # the deep line dropped as a torn one
     assert (tmp_path / "run" / "log.jsonl").read_text() == '{"step": 0, "kind": "train"}\n'
+
+
+def test_perplexity_of_a_nan_loss_is_nan():
+    """It was inf: "val loss nan perplexity inf" read as a loss too large, not a broken one."""
+    assert np.isnan(perplexity(float("nan")))
+    assert perplexity(1000.0) == float("inf") and perplexity(0.0) == 1.0

@@ -287,3 +287,14 @@ def test_weights_that_are_no_floats_or_an_index_naming_no_file_are_refused(tmp_p
     (tmp_path / "m" / "model.safetensors.index.json").write_text('{"weight_map": {"wte.weight": 5}}')
     with pytest.raises(UserError, match="not a safetensors index"):
         load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_holding_nan_or_inf_are_refused(tmp_path, value):
+    """A NaN weight sampled only "!!!!" and evaluated to a NaN loss, with status 0."""
+    save_model(GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=8)), tmp_path / "m")
+    arrays = mx.load(str(tmp_path / "m" / "model.safetensors"))
+    arrays["h.0.mlp.c_fc.weight"][3, 2] = value
+    mx.save_safetensors(str(tmp_path / "m" / "model.safetensors"), arrays)
+    assert_one_line_error(run_cli("sample", "--model", str(tmp_path / "m")),
+                          f"{tmp_path / 'm'}: h.0.mlp.c_fc.weight holds NaN/inf: a damaged model")

@@ -74,6 +74,18 @@ def check_writable(path: str | os.PathLike) -> None:
         raise cannot("write", path, e) from None
 
 
+def mlx_path(path: str | os.PathLike) -> str:
+    """`path` as a str for MLX's file functions, which can only take UTF-8: a name with bytes that are not (os.fsdecode
+    gives them as surrogates) raised std::bad_cast, which read as a damaged file or a full disk."""
+    path = os.fspath(path)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = path.encode(errors="surrogateescape").decode(errors="replace")
+        raise UserError(f"MLX can only open UTF-8 paths: {shown} is not one (rename it)") from None
+    return path
+
+
 def devnull_onto(fd: int) -> None:
     """Point file descriptor `fd` at /dev/null (a stream whose reader is gone, or that was closed at start)."""
     null = os.open(os.devnull, os.O_WRONLY)  # the lowest free number: fd itself if it was closed

@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from .errors import UserError, first_line
 from .files import (STAGING, atomic_dir, atomic_files, atomic_path, atomic_write_text, check_writable,
-                    hub_offline, named_dir, read_json)
+                    hub_offline, mlx_path, named_dir, read_json)
 from .hf_tokenizer import TOKENIZER_FILES, write_tokenizer_files
 from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 from .tokenizer import EOT
@@ -210,8 +210,9 @@ def _weight_files(directory: Path) -> list[Path]:
 
 
 def _load_safetensors(path: Path) -> dict[str, mx.array]:
+    name = mlx_path(path)
     try:
-        return mx.load(str(path))
+        return mx.load(name)
     except Exception as e:  # MLX raises plain RuntimeError/ValueError for bad files
         raise UserError(f"{path}: cannot read safetensors ({str(e).splitlines()[0]})") from None
 
@@ -342,8 +343,9 @@ def load_model(name_or_path: str | os.PathLike) -> GPT:
 def save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
     """mx.save_safetensors, with its write failures ("[write] Unable to write N bytes") as OSError,
     which `atomic_path` reports as one line."""
+    name = mlx_path(path)
     try:
-        mx.save_safetensors(str(path), arrays, metadata=metadata)
+        mx.save_safetensors(name, arrays, metadata=metadata)
     except RuntimeError as e:
         raise OSError(first_line(e)) from None
 
@@ -360,7 +362,7 @@ def save_model(model: GPT, out_dir: str | os.PathLike) -> None:
 def check_export_target(out_dir: str | os.PathLike, force: bool = False, source: str | os.PathLike | None = None) -> Path:
     """Where an export may go: a new or empty directory (any directory with `force`), never a file,
     the `source` directory itself or a nanogpt-mlx run or checkpoint, which would lose its own format."""
-    out = Path(named_dir(out_dir, "export directory")).expanduser()
+    out = Path(mlx_path(named_dir(out_dir, "export directory"))).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose a directory for the export")
     check_writable(out)

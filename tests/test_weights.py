@@ -298,3 +298,21 @@ def test_weights_holding_nan_or_inf_are_refused(tmp_path, value):
     mx.save_safetensors(str(tmp_path / "m" / "model.safetensors"), arrays)
     assert_one_line_error(run_cli("sample", "--model", str(tmp_path / "m")),
                           f"{tmp_path / 'm'}: h.0.mlp.c_fc.weight holds NaN/inf: a damaged model")
+
+
+def test_paths_that_are_not_utf8_are_refused_as_such(tiny_hf_dir, tmp_path):
+    """MLX raised std::bad_cast for them: "cannot read safetensors" (a damaged file) when loading, "free space" (a
+    full disk) when a checkpoint was saved."""
+    import os
+    import shutil
+
+    from nanogpt_mlx import checkpoint
+
+    odd = tmp_path / os.fsdecode(b"m\xff")  # a name os.fsdecode gives with a surrogate
+    shutil.copytree(tiny_hf_dir, odd)
+    model = load_model(tiny_hf_dir)
+    for call in (lambda: load_model(odd), lambda: save_model(model, odd / "ckpt"),
+                 lambda: export_hf(model, odd / "hf"), lambda: checkpoint.write(odd, 1, model, {}, {}),
+                 lambda: checkpoint.read_model(odd)):
+        with pytest.raises(UserError, match=f"^MLX can only open UTF-8 paths: {re.escape(str(tmp_path))}/m\ufffd"):
+            call()

@@ -64,7 +64,9 @@ def download_hellaswag(url: str | None = None, dest: Path | None = None, progres
 
 
 def load_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[Example]:
-    """Parse HellaSwag JSONL (rowanz/hellaswag format: ctx, endings, label), checking every line."""
+    """Parse HellaSwag JSONL (rowanz/hellaswag format: ctx, endings, label), checking every line; the first
+    `limit` examples if given."""
+    _check_count("limit", limit)
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {'is a directory, not the examples file' if path.is_dir() else 'file not found'}")
@@ -221,8 +223,7 @@ def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int
     """
     if batch_examples is None:
         batch_examples = device.PROFILE.eval_batch  # rows per forward only pay off on a GPU
-    if batch_examples < 1:
-        raise UserError(f"batch_examples must be >= 1, got {batch_examples}")
+    _check_count("batch_examples", batch_examples)
     _check_rank(rank, world)
     if rendered is not None and len(rendered) != len(examples):
         raise UserError(f"rendered holds {len(rendered)} examples' tokens for {len(examples)} examples")
@@ -264,8 +265,7 @@ def loader_loss(model: GPT, loader: DataLoader, batches: int, progress: bool = F
     """Mean cross-entropy over the loader's first `batches` batches (it is reset first), as
     build-nanogpt's periodic validation: the mean of the per-batch mean losses. `loss(x, y)` defaults to the
     model's (GPT.loss, no gradient); the Trainer passes its compiled one."""
-    if batches < 1:
-        raise UserError(f"batches must be >= 1, got {batches}")
+    _check_count("batches", batches)
     loss = loss or partial(model.loss, grad=False)
     loader.reset()
     total = 0.0
@@ -294,6 +294,16 @@ def eval_loader(model: GPT, data_dir: str | os.PathLike, split: str = "val", B: 
     if T > model.config.block_size:
         raise UserError(f"sequence length {T} exceeds the model's context of {model.config.block_size}")
     return DataLoader(data_dir, split, B, T, rank, world, vocab_size=model.config.vocab_size)
+
+
+def _check_count(name: str, value: int | None) -> None:
+    """Refuse a count argument that is not None or an integer >= 1 (2.5 and "5" were TypeErrors or rounded up)."""
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UserError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise UserError(f"{name} must be >= 1, got {value}")
 
 
 def _check_rank(rank: int, world: int) -> None:

@@ -330,6 +330,8 @@ def _looks_like_hub_id(name: str) -> bool:
 
 def load_model(name_or_path: str | os.PathLike) -> GPT:
     """A model from a local HF directory or checkpoint, else a hub id (`gpt2`, `gpt2-medium`, ...)."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise UserError(f"the model must be a hub id or a directory (a str or path), got {name_or_path!r}")
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -362,6 +364,10 @@ def save_model(model: GPT, out_dir: str | os.PathLike) -> None:
 def check_export_target(out_dir: str | os.PathLike, force: bool = False, source: str | os.PathLike | None = None) -> Path:
     """Where an export may go: a new or empty directory (any directory with `force`), never a file,
     the `source` directory itself or a nanogpt-mlx run or checkpoint, which would lose its own format."""
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise UserError(f"the export directory must be a str or path, got {out_dir!r}")
+    if not isinstance(force, bool):  # "no" would force
+        raise UserError(f"force must be true or false, got {force!r}")
     out = Path(mlx_path(named_dir(out_dir, "export directory"))).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose a directory for the export")

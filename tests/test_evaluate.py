@@ -6,6 +6,7 @@ import functools
 import http.server
 import json
 import random
+import re
 import threading
 from pathlib import Path
 
@@ -193,6 +194,18 @@ def test_limit_and_records_file(fixture_file, model, tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [l["index"] for l in lines] == list(range(7))
     assert all(len(l["losses"]) == 4 and l["predicted"] in range(4) for l in lines)
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda m, f: load_hellaswag(f, "5"), "limit must be an integer, got '5'"),  # a TypeError
+    (lambda m, f: load_hellaswag(f, 2.5), "limit must be an integer, got 2.5"),  # it read 3
+    (lambda m, f: load_hellaswag(f, 0), "limit must be >= 1, got 0"),  # "no examples", of a file that has them
+    (lambda m, f: score_hellaswag(m, load_hellaswag(f, 2), batch_examples=2.5, progress=False),
+     "batch_examples must be an integer, got 2.5"),
+], ids=["limit-str", "limit-float", "limit-0", "batch_examples-float"])
+def test_count_arguments_of_the_wrong_type_are_one_line(fixture_file, model, call, needle):
+    with pytest.raises(UserError, match=f"^{re.escape(needle)}$"):
+        call(model, fixture_file)
 
 
 # ------------------------------------------------------------------------------------ bad input

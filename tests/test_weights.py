@@ -316,3 +316,15 @@ def test_paths_that_are_not_utf8_are_refused_as_such(tiny_hf_dir, tmp_path):
                  lambda: checkpoint.read_model(odd)):
         with pytest.raises(UserError, match=f"^MLX can only open UTF-8 paths: {re.escape(str(tmp_path))}/m\ufffd"):
             call()
+
+
+def test_python_arguments_of_the_wrong_type_are_one_line(tmp_path):
+    """load_model(None) and export_hf(model, None) were TypeErrors; force="no" forced."""
+    model = GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=2, n_embd=8))
+    with pytest.raises(UserError, match="the model must be a hub id or a directory .*, got None"):
+        load_model(None)
+    with pytest.raises(UserError, match="the export directory must be a str or path, got None"):
+        export_hf(model, None)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="force must be true or false, got 'no'"):
+        export_hf(model, tmp_path, force="no")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .console import warn
 from .errors import UserError, first_line
 from .files import (STAGING, atomic_dir, atomic_files, atomic_path, atomic_write_text, check_writable,
                     hub_offline, mlx_path, named_dir, read_json)
@@ -249,6 +250,9 @@ def load_local(directory: str | os.PathLike) -> GPT:
     weights = {k: v for f in files for k, v in _load_safetensors(f).items()}
     if not native:
         weights = sanitize(weights, config.tie_embeddings)
+        if config.vocab_size > GPT2_VOCAB_SIZE:  # (this project's padded rows are its checkpoints', never tokens)
+            warn(f"{directory}: {config.vocab_size - GPT2_VOCAB_SIZE} tokens beyond GPT-2's {GPT2_VOCAB_SIZE}: "
+                 "nanogpt-mlx uses GPT-2's tokenizer, so sample never draws them and export drops them")
     model = GPT(config, seed=0)
     _load_into(model, weights, directory)
     return model
@@ -389,7 +393,12 @@ def check_export_target(out_dir: str | os.PathLike, force: bool = False, source:
 
 
 def check_gpt2(config: GPTConfig) -> None:
-    """Refuse a model that Hugging Face's GPT-2 (and mlx-lm's gpt2) would load as a different model."""
+    """Refuse a model that Hugging Face's GPT-2 (and mlx-lm's gpt2) would load as a different model, or that GPT-2's
+    tokenizer, written with it, does not fit."""
+    if config.vocab_size < GPT2_VOCAB_SIZE:  # the tokenizer's ids past its rows fail in transformers' pipeline
+        raise UserError(f"cannot export as Hugging Face GPT-2: vocab_size {config.vocab_size} has no rows for all "
+                        f"{GPT2_VOCAB_SIZE} tokens of GPT-2's tokenizer, which the export writes; keep it as a "
+                        "nanogpt-mlx checkpoint")
     if config.switches():
         raise UserError(f"cannot export as Hugging Face GPT-2: the model uses switches GPT-2 does not have "
                         f"({config.describe_switches()}); keep it as a nanogpt-mlx checkpoint (sample, eval and "

@@ -55,6 +55,28 @@ def test_padded_vocab_exports_cropped_and_matches(tmp_path):
     np.testing.assert_allclose(hf_logits(tmp_path / "out", idx), ours, rtol=0, atol=2e-5)
 
 
+def test_a_vocab_smaller_than_gpt2s_tokenizer_is_not_exported(tmp_path):
+    """Its export wrote GPT-2's tokenizer beside too few rows: transformers' pipeline failed with an IndexError."""
+    with pytest.raises(UserError, match="cannot export as Hugging Face GPT-2: vocab_size 1000 has no rows for all "
+                                        "50257 tokens"):
+        export_hf(GPT(GPTConfig(**{**SMALL.to_dict(), "vocab_size": 1000})), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hugging_face_model_with_tokens_beyond_gpt2s_is_said_to_lose_them(tmp_path):
+    """Its rows 50257.. are tokens, not this project's padding: export dropped them and sample never drew them,
+    without a word."""
+    from conftest import save_hf_gpt2
+
+    save_hf_gpt2(tmp_path / "more", n_positions=32, vocab_size=50260)
+    proc = run_cli("export", str(tmp_path / "more"), str(tmp_path / "out"), check=True)
+    assert f"warning: {tmp_path / 'more'}: 3 tokens beyond GPT-2's 50257: nanogpt-mlx uses GPT-2's tokenizer, so " \
+           "sample never draws them and export drops them" in proc.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 50257
+    save_model(GPT(GPTConfig(**{**SMALL.to_dict(), "vocab_size": 50304})), tmp_path / "ckpt")  # padding: no tokens
+    assert "warning" not in run_cli("export", str(tmp_path / "ckpt"), str(tmp_path / "out2"), check=True).stderr
+
+
 def test_native_checkpoint_round_trip(tmp_path):
     model = GPT(SMALL, seed=5)
     save_model(model, tmp_path / "ckpt")

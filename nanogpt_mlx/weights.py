@@ -399,10 +399,17 @@ def check_gpt2(config: GPTConfig) -> None:
         raise UserError(f"cannot export as Hugging Face GPT-2: vocab_size {config.vocab_size} has no rows for all "
                         f"{GPT2_VOCAB_SIZE} tokens of GPT-2's tokenizer, which the export writes; keep it as a "
                         "nanogpt-mlx checkpoint")
-    if config.switches():
-        raise UserError(f"cannot export as Hugging Face GPT-2: the model uses switches GPT-2 does not have "
-                        f"({config.describe_switches()}); keep it as a nanogpt-mlx checkpoint (sample, eval and "
-                        "train --init-from read it)")
+    # init only sets the starting weights, and rope_base acts only with rope: neither changes the model exported
+    switches = {k: v for k, v in config.switches().items() if k != "init" and (k != "rope_base" or config.rope)}
+    untied = switches.pop("tie_embeddings", None) is not None
+    reasons = []
+    if switches:
+        reasons.append(f"switches GPT-2 does not have ({', '.join(f'{k}={v}' for k, v in switches.items())})")
+    if untied:  # Hugging Face's GPT-2 may be untied, but mlx-lm's gpt2 reads wte as its head
+        reasons.append("its own lm_head (tie_embeddings=False), which mlx-lm's gpt2 ignores for wte")
+    if reasons:
+        raise UserError(f"cannot export as Hugging Face GPT-2: the model has {' and '.join(reasons)}; keep it as a "
+                        "nanogpt-mlx checkpoint (sample, eval and train --init-from read it)")
 
 
 def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> None:

@@ -77,6 +77,19 @@ def test_a_hugging_face_model_with_tokens_beyond_gpt2s_is_said_to_lose_them(tmp_
     assert "warning" not in run_cli("export", str(tmp_path / "ckpt"), str(tmp_path / "out2"), check=True).stderr
 
 
+def test_export_names_only_the_switches_that_change_the_exported_model(tmp_path):
+    """init sets the starting weights only, rope_base acts only with rope: neither is named, and a model differing
+    from GPT-2 only in rope_base is GPT-2."""
+    model = GPT(GPTConfig(**{**SMALL.to_dict(), "rope_base": 500.0}), seed=3)
+    export_hf(model, tmp_path / "base")
+    idx = np.random.default_rng(0).integers(0, 50257, size=(1, 32))
+    np.testing.assert_allclose(hf_logits(tmp_path / "base", idx), np.array(model(mx.array(idx))), rtol=0, atol=2e-5)
+    speedrun = GPTConfig(**{**SMALL.to_dict(), "rope": True, "init": "speedrun", "tie_embeddings": False})
+    with pytest.raises(UserError, match=r"has switches GPT-2 does not have \(rope=True\) and its own lm_head "
+                                        r"\(tie_embeddings=False\)"):
+        export_hf(GPT(speedrun), tmp_path / "out")
+
+
 def test_native_checkpoint_round_trip(tmp_path):
     model = GPT(SMALL, seed=5)
     save_model(model, tmp_path / "ckpt")
@@ -262,7 +275,8 @@ def test_an_untied_lm_head_loads_as_transformers_reads_it(tmp_path):
     ref = hf.eval()(torch.tensor(ids)).logits.detach().numpy()
     ours = np.array(model(mx.array(ids)))
     assert not model.config.tie_embeddings and np.abs(ours - ref).max() < 1e-4 * np.abs(ref).max()
-    with pytest.raises(UserError, match="tie_embeddings=False"):
+    with pytest.raises(UserError, match=r"the model has its own lm_head \(tie_embeddings=False\), which mlx-lm's "
+                                        r"gpt2 ignores for wte; keep it"):  # not "switches GPT-2 does not have"
         export_hf(model, tmp_path / "export")
     config = json.loads((tmp_path / "untied" / "config.json").read_text())
     (tmp_path / "untied" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": "no"}))

@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .console import warn
 from .errors import UserError, first_line
-from .files import atomic_dir, atomic_path, atomic_write_text, cannot, read_json
+from .files import atomic_dir, atomic_path, atomic_write_text, cannot, mlx_path, read_json
 from .model import GPT
 from .weights import load_model, safetensors_shapes, save_model, save_safetensors
 
@@ -74,15 +74,17 @@ def read_optimizer(ckpt: Path):
     path = ckpt / OPTIMIZER_FILE
     if not path.is_file():
         raise damaged(ckpt, f"{OPTIMIZER_FILE} is missing")
+    name = mlx_path(path)  # not a damaged checkpoint
     try:
         safetensors_shapes(path)  # a truncated file fails here, not later inside an update
-        return tree_unflatten(list(mx.load(str(path)).items()))
+        return tree_unflatten(list(mx.load(name).items()))
     except (UserError, RuntimeError, ValueError) as e:
         raise damaged(ckpt, f"{OPTIMIZER_FILE}: {first_line(e).removeprefix(f'{path}: ')}") from None
 
 
 def read_model(ckpt: Path) -> GPT:
     """The weights saved in a checkpoint."""
+    mlx_path(ckpt)  # not a damaged checkpoint
     try:
         return load_model(ckpt)
     except UserError as e:
@@ -92,6 +94,7 @@ def read_model(ckpt: Path) -> GPT:
 def write(out: Path, step: int, model: GPT, optimizer_state, state: dict) -> Path:
     """Write OUT/ckpt-{step} (complete or not at all), point OUT/model.safetensors at it, drop older ones."""
     final = out / f"ckpt-{step:06d}"
+    mlx_path(final)  # a name MLX cannot open is refused as such, not as a failed save ("free space") below
     if final.exists():  # a checkpoint of this step holds this very state; OUT's model may not point at it yet
         _publish(out, final)  # (a kill after the rename)
         return final

@@ -64,7 +64,9 @@ def download_hellaswag(url: str | None = None, dest: Path | None = None, progres
 
 
 def load_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[Example]:
-    """Parse HellaSwag JSONL (rowanz/hellaswag format: ctx, endings, label), checking every line."""
+    """Parse HellaSwag JSONL (rowanz/hellaswag format: ctx, endings, label), checking every line; the first
+    `limit` examples if given."""
+    _check_count("limit", limit)
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {'is a directory, not the examples file' if path.is_dir() else 'file not found'}")
@@ -197,53 +199,56 @@ def _score(ex: Example, summed: np.ndarray, counts: np.ndarray) -> ExampleScore:
                         summed.tolist(), mean.tolist(), counts.tolist())
 
 
-def check_examples(model: GPT, examples: Sequence[Example]) -> dict[int, Rendered]:
-    """Each example's context and ending tokens, checked against the model: ids within its vocab, every row
-    (context + ending) within its context."""
-    rendered = {ex.index: render_example(ex) for ex in examples}
-    for index, (ctx, endings) in rendered.items():
-        model.check_token_ids([*ctx, *(t for e in endings for t in e)], f"HellaSwag example {index}")
+def check_examples(model: GPT, examples: Sequence[Example]) -> list[Rendered]:
+    """Each example's context and ending tokens, in the order of `examples`, checked against the model: ids within
+    its vocab, every row (context + ending) within its context."""
+    rendered = [render_example(ex) for ex in examples]
+    for ex, (ctx, endings) in zip(examples, rendered):
+        model.check_token_ids([*ctx, *(t for e in endings for t in e)], f"HellaSwag example {ex.index}")
         longest = len(ctx) + max(map(len, endings))
         if longest > model.config.block_size:
-            raise UserError(f"HellaSwag example {index}: a row has {longest} tokens, more than the model's context "
-                            f"of {model.config.block_size}")
+            raise UserError(f"HellaSwag example {ex.index}: a row has {longest} tokens, more than the model's "
+                            f"context of {model.config.block_size}")
     return rendered
 
 
 def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int | None = None, rank: int = 0,
-                    world: int = 1, progress: bool = True, rendered: dict[int, Rendered] | None = None
+                    world: int = 1, progress: bool = True, rendered: Sequence[Rendered] | None = None
                     ) -> HellaSwagResult:
     """Score this rank's share of `examples` (every world-th, from rank), up to `batch_examples` per forward.
 
-    The records come back in file order. Sum the counts of all ranks for the full result. `rendered`:
-    check_examples' result for these examples and this model, kept by a caller that scores them again and again.
+    The records come back in the order of `examples`. Sum the counts of all ranks for the full result. `rendered`:
+    check_examples' result for all `examples` and this model, kept by a caller that scores them again and again.
+    Examples are told apart by their position, not their index: two files' examples, concatenated, repeat indices.
     """
     if batch_examples is None:
         batch_examples = device.PROFILE.eval_batch  # rows per forward only pay off on a GPU
-    if batch_examples < 1:
-        raise UserError(f"batch_examples must be >= 1, got {batch_examples}")
+    _check_count("batch_examples", batch_examples)
     _check_rank(rank, world)
-    mine = [ex for ex in examples if ex.index % world == rank] if world > 1 else list(examples)
-    rendered = rendered if rendered is not None else check_examples(model, mine)
+    if rendered is not None and len(rendered) != len(examples):
+        raise UserError(f"rendered holds {len(rendered)} examples' tokens for {len(examples)} examples")
+    mine = examples[rank::world]
+    tokens = check_examples(model, mine) if rendered is None else rendered[rank::world]
     # Examples with contexts of equal length can share a forward (their caches line up); sorting
-    # each such group by ending length keeps the padding small.
-    groups: dict[int, list[Example]] = {}
-    for ex in mine:
-        groups.setdefault(len(rendered[ex.index][0]), []).append(ex)
+    # each such group by ending length keeps the padding small. Batches hold positions in `mine`.
+    groups: dict[int, list[int]] = {}
+    for i, (ctx, _) in enumerate(tokens):
+        groups.setdefault(len(ctx), []).append(i)
     batches = []
     for group in groups.values():
-        group.sort(key=lambda ex: max(map(len, rendered[ex.index][1])))
-        batches += [group[i : i + batch_examples] for i in range(0, len(group), batch_examples)]
+        group.sort(key=lambda i: max(map(len, tokens[i][1])))
+        batches += [group[j : j + batch_examples] for j in range(0, len(group), batch_examples)]
     result = HellaSwagResult()
+    records: list[ExampleScore | None] = [None] * len(mine)
     with tqdm(total=len(mine), desc="hellaswag", unit="ex", disable=not progress) as bar:
         for batch in batches:
-            summed, counts = ending_losses(model, [rendered[ex.index][0] for ex in batch],
-                                           [rendered[ex.index][1] for ex in batch])
-            for ex, s, n in zip(batch, summed, counts):
-                result.add(_score(ex, s, n))
+            summed, counts = ending_losses(model, [tokens[i][0] for i in batch], [tokens[i][1] for i in batch])
+            for i, s, n in zip(batch, summed, counts):
+                records[i] = _score(mine[i], s, n)
+                result.add(records[i])
             bar.update(len(batch))
             bar.set_postfix(acc=f"{result.acc:.4f}", acc_norm=f"{result.acc_norm:.4f}")
-    result.records.sort(key=lambda r: r.index)
+    result.records = records
     return result
 
 
@@ -260,8 +265,7 @@ def loader_loss(model: GPT, loader: DataLoader, batches: int, progress: bool = F
     """Mean cross-entropy over the loader's first `batches` batches (it is reset first), as
     build-nanogpt's periodic validation: the mean of the per-batch mean losses. `loss(x, y)` defaults to the
     model's (GPT.loss, no gradient); the Trainer passes its compiled one."""
-    if batches < 1:
-        raise UserError(f"batches must be >= 1, got {batches}")
+    _check_count("batches", batches)
     loss = loss or partial(model.loss, grad=False)
     loader.reset()
     total = 0.0
@@ -290,10 +294,21 @@ def eval_loader(model: GPT, data_dir: str | os.PathLike, split: str = "val", B: 
     return DataLoader(data_dir, split, B, T, rank, world, vocab_size=model.config.vocab_size)
 
 
+def _check_count(name: str, value: int | None) -> None:
+    """Refuse a count argument that is not None or an integer >= 1 (2.5 and "5" were TypeErrors or rounded up)."""
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UserError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise UserError(f"{name} must be >= 1, got {value}")
+
+
 def _check_rank(rank: int, world: int) -> None:
     if not 0 <= rank < world:
         raise UserError(f"rank {rank} of world {world}: expected 0 <= rank < world")
 
 
 def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else math.inf
+    """exp(loss), inf past what a float holds; a nan loss's is nan (it was inf)."""
+    return math.inf if loss >= 700 else math.exp(loss)

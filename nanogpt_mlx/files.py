@@ -74,6 +74,18 @@ def check_writable(path: str | os.PathLike) -> None:
         raise cannot("write", path, e) from None
 
 
+def mlx_path(path: str | os.PathLike) -> str:
+    """`path` as a str for MLX's file functions, which can only take UTF-8: a name with bytes that are not (os.fsdecode
+    gives them as surrogates) raised std::bad_cast, which read as a damaged file or a full disk."""
+    path = os.fspath(path)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = path.encode(errors="surrogateescape").decode(errors="replace")
+        raise UserError(f"MLX can only open UTF-8 paths: {shown} is not one (rename it)") from None
+    return path
+
+
 def devnull_onto(fd: int) -> None:
     """Point file descriptor `fd` at /dev/null (a stream whose reader is gone, or that was closed at start)."""
     null = os.open(os.devnull, os.O_WRONLY)  # the lowest free number: fd itself if it was closed
@@ -200,12 +212,13 @@ STAGING = ".export.tmp"  # atomic_files' directories (export_hf's): STAGING, _ow
 
 
 @contextlib.contextmanager
-def atomic_files(directory: Path, names: Sequence[str]) -> Iterator[Path]:
+def atomic_files(directory: Path, names: Sequence[str], remove: Sequence[str] = ()) -> Iterator[Path]:
     """Yield a staging directory inside the existing `directory`, for the body to write the files `names` into;
-    then rename them into `directory` one after another with Ctrl-C and SIGTERM held back. A signal or a storage
-    error leaves the files there before as they were, not some old and some new (only a kill -9 or a crash amid
-    the renames, milliseconds, can mix them). The directory itself stays: its inode, owner, mode (it may be a
-    mount point or the working directory). A storage error becomes one UserError."""
+    then rename them into `directory` one after another, and delete the files `remove` there (old ones that a
+    reader would take with the new), with Ctrl-C and SIGTERM held back. A signal or a storage error leaves the
+    files there before as they were, not some old and some new (only a kill -9 or a crash amid the renames,
+    milliseconds, can mix them). The directory itself stays: its inode, owner, mode (it may be a mount point or
+    the working directory). A storage error becomes one UserError."""
     staging = None
     _remove_orphans(directory, rf"{re.escape(STAGING)}{_OWNER}-\w{{8}}")
     try:
@@ -218,6 +231,8 @@ def atomic_files(directory: Path, names: Sequence[str]) -> Iterator[Path]:
                 raise UserError(f"{directory}: the files changed while they were written ({', '.join(written)})")
             for name in written:
                 os.replace(staging / name, directory / name)
+            for name in remove:
+                (directory / name).unlink(missing_ok=True)
     except OSError as e:
         raise cannot("write", directory, e) from None
     except UserError as e:  # the files' names, not the staging directory's

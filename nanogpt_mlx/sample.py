@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import numbers
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -81,16 +82,33 @@ def _is_integer(dtype) -> bool:
     return mx.issubdtype(dtype, mx.integer) if isinstance(dtype, mx.Dtype) else dtype.kind in "iu"
 
 
+def _config(cfg: SampleConfig | None) -> SampleConfig:
+    """cfg, or the defaults for None; anything else is refused (a number passed where num_samples goes)."""
+    if cfg is None:
+        return SampleConfig()
+    if not isinstance(cfg, SampleConfig):
+        raise UserError(f"cfg must be a SampleConfig, got {cfg!r}")
+    return cfg
+
+
 def prepare_prompt(model: GPT, ids: list[int], cfg: SampleConfig | None = None) -> list[int]:
     """Check that the prompt's tokens are in the model's vocab and that prompt + new tokens fit the context;
     crop the prompt's start if asked to."""
-    cfg = cfg or SampleConfig()
+    cfg = _config(cfg)
     room = model.config.block_size - cfg.max_new_tokens + 1  # the last new token is never fed back
     if hasattr(ids, "ndim"):  # a NumPy or MLX array, whose truth value is no emptiness test
         if ids.ndim != 1 or not _is_integer(ids.dtype):
             raise UserError(f"the prompt's token ids must be a list or a 1-D integer array, got a {ids.ndim}-D "
                             f"array of {ids.dtype}")
         ids = [int(i) for i in ids.tolist()]
+    elif not isinstance(ids, (list, tuple)):  # a str's or bytes' items are no token ids
+        raise UserError(f"the prompt's token ids must be a list or a 1-D integer array, got a {type(ids).__name__}"
+                        + (" (text goes to sample_texts or stream_text)" if isinstance(ids, str) else ""))
+    else:
+        bad = [i for i in ids if not isinstance(i, numbers.Integral) or isinstance(i, bool)][:1]
+        if bad:
+            raise UserError(f"the prompt's token ids must be integers, got {bad[0]!r}")
+        ids = [int(i) for i in ids]  # NumPy integers too
     if not ids:
         ids = [EOT]  # unconditional generation starts from <|endoftext|>, as GPT-2 does
     model.check_token_ids(ids, "the prompt")
@@ -104,21 +122,31 @@ def prepare_prompt(model: GPT, ids: list[int], cfg: SampleConfig | None = None) 
 
 def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig | None = None, num_samples: int = 1,
              use_cache: bool = True) -> Iterator[mx.array]:
-    """Yield the next token of each sample, shape (num_samples,), until done.
+    """An iterator of the next token of each sample, shape (num_samples,), until done; the arguments are checked
+    (and the batch against the device's memory) when it is called, not at the first token.
 
     Step t+1 is queued (mx.async_eval) before step t is read, so building its graph and the
     caller's work overlap the computation. With the same seed the cached and uncached paths
     draw from the same random keys: the same greedy tokens, and the same sampled ones unless their
     logits' rounding (~1e-6 apart) moves a draw across the line between two tokens. A finished sample (it
-    emitted <|endoftext|>) keeps yielding EOT until all are finished. cfg defaults to SampleConfig().
+    emitted <|endoftext|>) keeps yielding EOT until all are finished. cfg defaults to SampleConfig(). Tokens are
+    drawn from GPT-2's vocab only (next_token): a model with more rows never samples those.
     """
-    cfg = cfg or SampleConfig()
+    cfg = _config(cfg)
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool):
+        raise UserError(f"num_samples must be an integer, got {num_samples!r}")
     if num_samples < 1:
         raise UserError(f"num_samples must be >= 1, got {num_samples}")
     ids = prepare_prompt(model, prompt_ids, cfg)
     weights = tree_flatten(model.parameters())
     memory.check_sampling(model.config, num_samples, len(ids), cfg.max_new_tokens,
                           sum(w.nbytes for _, w in weights), model.head_weight.dtype.size)
+    return _generate(model, ids, cfg, num_samples, use_cache)
+
+
+def _generate(model: GPT, ids: list[int], cfg: SampleConfig, num_samples: int, use_cache: bool
+              ) -> Iterator[mx.array]:
+    """generate's tokens, for checked arguments."""
     seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
     key = mx.random.key(seed)
 
@@ -161,10 +189,11 @@ def _prompt_ids(model: GPT, prompt: str, cfg: SampleConfig) -> list[int]:
 
 def sample_texts(model: GPT, prompt: str, cfg: SampleConfig | None = None, num_samples: int = 1) -> list[str]:
     """Prompt + continuation of each sample, cut at <|endoftext|> unless cfg.stop_at_eot is off."""
-    cfg = cfg or SampleConfig()
+    cfg = _config(cfg)
     ids = _prompt_ids(model, prompt, cfg)
+    tokens = generate(model, ids, cfg, num_samples)  # checked before num_samples rows are made
     new: list[list[int]] = [[] for _ in range(num_samples)]
-    for tok in generate(model, ids, cfg, num_samples):
+    for tok in tokens:
         for row, t in zip(new, tok.tolist()):
             row.append(t)
     if cfg.stop_at_eot:
@@ -174,7 +203,7 @@ def sample_texts(model: GPT, prompt: str, cfg: SampleConfig | None = None, num_s
 
 def stream_text(model: GPT, prompt: str, cfg: SampleConfig | None = None) -> Iterator[str]:
     """Yield text pieces of one sample as they are generated (prompt first), valid UTF-8 only."""
-    cfg = cfg or SampleConfig()
+    cfg = _config(cfg)
     ids = _prompt_ids(model, prompt, cfg)
     enc = get_tokenizer()
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -20,15 +20,21 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .console import warn
 from .errors import UserError, first_line
 from .files import (STAGING, atomic_dir, atomic_files, atomic_path, atomic_write_text, check_writable,
-                    hub_offline, named_dir, read_json)
+                    hub_offline, mlx_path, named_dir, read_json)
 from .hf_tokenizer import TOKENIZER_FILES, write_tokenizer_files
 from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 from .tokenizer import EOT
 
 HF_FILES = ["config.json", "model.safetensors"]
 EXPORT_FILES = [*HF_FILES, "generation_config.json", *TOKENIZER_FILES]
+# weight files that loaders read beside or instead of model.safetensors (mlx-lm loads every model*.safetensors,
+# transformers the others where it finds no safetensors): an export over a directory removes them
+OTHER_WEIGHTS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                 "pytorch_model.bin.index.json", "tf_model*.h5", "tf_model.h5.index.json", "flax_model*.msgpack",
+                 "flax_model.msgpack.index.json")
 HUB_PROBE_TIMEOUT = 3.0  # seconds to reach the hub before giving up (huggingface_hub retries for ~25 s)
 NATIVE_FORMAT = "nanogpt-mlx"  # marker in config.json of this project's checkpoints
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -205,8 +211,9 @@ def _weight_files(directory: Path) -> list[Path]:
 
 
 def _load_safetensors(path: Path) -> dict[str, mx.array]:
+    name = mlx_path(path)
     try:
-        return mx.load(str(path))
+        return mx.load(name)
     except Exception as e:  # MLX raises plain RuntimeError/ValueError for bad files
         raise UserError(f"{path}: cannot read safetensors ({str(e).splitlines()[0]})") from None
 
@@ -224,7 +231,12 @@ def _load_into(model: GPT, weights: dict[str, mx.array], where: Path) -> None:
         if not mx.issubdtype(w.dtype, mx.floating):  # int32 copies of the weights loaded as (nearly) all zeros
             raise UserError(f"{where}: {k} is {str(w.dtype).split('.')[-1]}, not floating point: not a model's weights")
     model.load_flat({k: w.astype(mx.float32) for k, w in weights.items()})
-    mx.eval(model.parameters())
+    # a NaN or inf weight makes the logits NaN: sampling gave "!!!!" (token 0) and evaluation NaN losses, status 0
+    finite = {k: mx.isfinite(w).all() for k, w in model.parameters_flat()}
+    mx.eval(model.parameters(), finite)
+    bad = next((k for k, ok in finite.items() if not ok.item()), None)
+    if bad is not None:
+        raise UserError(f"{where}: {bad} holds NaN/inf: a damaged model")
 
 
 def load_local(directory: str | os.PathLike) -> GPT:
@@ -238,6 +250,9 @@ def load_local(directory: str | os.PathLike) -> GPT:
     weights = {k: v for f in files for k, v in _load_safetensors(f).items()}
     if not native:
         weights = sanitize(weights, config.tie_embeddings)
+        if config.vocab_size > GPT2_VOCAB_SIZE:  # (this project's padded rows are its checkpoints', never tokens)
+            warn(f"{directory}: {config.vocab_size - GPT2_VOCAB_SIZE} tokens beyond GPT-2's {GPT2_VOCAB_SIZE}: "
+                 "nanogpt-mlx uses GPT-2's tokenizer, so sample never draws them and export drops them")
     model = GPT(config, seed=0)
     _load_into(model, weights, directory)
     return model
@@ -319,6 +334,8 @@ def _looks_like_hub_id(name: str) -> bool:
 
 def load_model(name_or_path: str | os.PathLike) -> GPT:
     """A model from a local HF directory or checkpoint, else a hub id (`gpt2`, `gpt2-medium`, ...)."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise UserError(f"the model must be a hub id or a directory (a str or path), got {name_or_path!r}")
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -332,8 +349,9 @@ def load_model(name_or_path: str | os.PathLike) -> GPT:
 def save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
     """mx.save_safetensors, with its write failures ("[write] Unable to write N bytes") as OSError,
     which `atomic_path` reports as one line."""
+    name = mlx_path(path)
     try:
-        mx.save_safetensors(str(path), arrays, metadata=metadata)
+        mx.save_safetensors(name, arrays, metadata=metadata)
     except RuntimeError as e:
         raise OSError(first_line(e)) from None
 
@@ -350,7 +368,11 @@ def save_model(model: GPT, out_dir: str | os.PathLike) -> None:
 def check_export_target(out_dir: str | os.PathLike, force: bool = False, source: str | os.PathLike | None = None) -> Path:
     """Where an export may go: a new or empty directory (any directory with `force`), never a file,
     the `source` directory itself or a nanogpt-mlx run or checkpoint, which would lose its own format."""
-    out = Path(named_dir(out_dir, "export directory")).expanduser()
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise UserError(f"the export directory must be a str or path, got {out_dir!r}")
+    if not isinstance(force, bool):  # "no" would force
+        raise UserError(f"force must be true or false, got {force!r}")
+    out = Path(mlx_path(named_dir(out_dir, "export directory"))).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose a directory for the export")
     check_writable(out)
@@ -371,16 +393,29 @@ def check_export_target(out_dir: str | os.PathLike, force: bool = False, source:
 
 
 def check_gpt2(config: GPTConfig) -> None:
-    """Refuse a model that Hugging Face's GPT-2 (and mlx-lm's gpt2) would load as a different model."""
-    if config.switches():
-        raise UserError(f"cannot export as Hugging Face GPT-2: the model uses switches GPT-2 does not have "
-                        f"({config.describe_switches()}); keep it as a nanogpt-mlx checkpoint (sample, eval and "
-                        "train --init-from read it)")
+    """Refuse a model that Hugging Face's GPT-2 (and mlx-lm's gpt2) would load as a different model, or that GPT-2's
+    tokenizer, written with it, does not fit."""
+    if config.vocab_size < GPT2_VOCAB_SIZE:  # the tokenizer's ids past its rows fail in transformers' pipeline
+        raise UserError(f"cannot export as Hugging Face GPT-2: vocab_size {config.vocab_size} has no rows for all "
+                        f"{GPT2_VOCAB_SIZE} tokens of GPT-2's tokenizer, which the export writes; keep it as a "
+                        "nanogpt-mlx checkpoint")
+    # init only sets the starting weights, and rope_base acts only with rope: neither changes the model exported
+    switches = {k: v for k, v in config.switches().items() if k != "init" and (k != "rope_base" or config.rope)}
+    untied = switches.pop("tie_embeddings", None) is not None
+    reasons = []
+    if switches:
+        reasons.append(f"switches GPT-2 does not have ({', '.join(f'{k}={v}' for k, v in switches.items())})")
+    if untied:  # Hugging Face's GPT-2 may be untied, but mlx-lm's gpt2 reads wte as its head
+        reasons.append("its own lm_head (tie_embeddings=False), which mlx-lm's gpt2 ignores for wte")
+    if reasons:
+        raise UserError(f"cannot export as Hugging Face GPT-2: the model has {' and '.join(reasons)}; keep it as a "
+                        "nanogpt-mlx checkpoint (sample, eval and train --init-from read it)")
 
 
 def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> None:
     """Write a Hugging Face GPT-2 directory (weights, config, generation config, tokenizer) that
-    `transformers` (`from_pretrained`, `pipeline`) and mlx-lm (`load`) read as they read the hub's `gpt2`.
+    `transformers` (`from_pretrained`, `pipeline`) and mlx-lm (`load`) read as they read the hub's `gpt2`. Into
+    an existing directory (`force`) it also removes the weight files that loaders would read with it there.
     A model with switches GPT-2 does not have (the speedrun recipe's) is refused before anything is written."""
     check_gpt2(model.config)
     out_dir = check_export_target(out_dir, force)
@@ -388,7 +423,9 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> No
         with atomic_dir(out_dir) as tmp:
             _write_hf(model, tmp)
         return
-    with atomic_files(out_dir, EXPORT_FILES) as staging:  # over an earlier export: it stays whole on a failure
+    # over an earlier export: it stays whole on a failure; another model's weights go with it, or loaders mix them in
+    others = sorted({p.name for pattern in OTHER_WEIGHTS for p in out_dir.glob(pattern)} - set(EXPORT_FILES))
+    with atomic_files(out_dir, EXPORT_FILES, remove=others) as staging:
         _write_hf(model, staging)
 
 

@@ -6,6 +6,7 @@ import functools
 import http.server
 import json
 import random
+import re
 import threading
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from conftest import assert_one_line_error, run_cli, run_main
 
 from nanogpt_mlx import GPT, GPTConfig
 from nanogpt_mlx.errors import UserError
-from nanogpt_mlx.evaluate import (download_hellaswag, eval_loss, load_hellaswag, score_hellaswag,
+from nanogpt_mlx.evaluate import (download_hellaswag, eval_loss, load_hellaswag, perplexity, score_hellaswag,
                                   write_records)
 from nanogpt_mlx.tokenizer import encode
 from nanogpt_mlx.weights import load_model
@@ -171,6 +172,21 @@ def test_ranks_split_examples_and_their_counts_sum_to_the_whole(fixture_file, mo
     assert sorted(r.index for p in parts for r in p.records) == list(range(11))
 
 
+def test_two_files_examples_concatenated_are_scored_as_each_alone(fixture_file, model, tmp_path):
+    """Both files number their examples from 0: each example is scored with its own endings, not another's."""
+    a = load_hellaswag(fixture_file, limit=5)
+    b = load_hellaswag(write_jsonl(tmp_path / "b.jsonl", make_hellaswag(5, seed=1)))
+    alone = score_hellaswag(model, a, progress=False).records + score_hellaswag(model, b, progress=False).records
+    together = score_hellaswag(model, a + b, batch_examples=3, progress=False).records
+    assert [r.index for r in together] == [*range(5), *range(5)]
+    for x, y in zip(alone, together):
+        assert (x.label, x.predicted, x.predicted_norm, x.num_tokens) == (y.label, y.predicted, y.predicted_norm,
+                                                                          y.num_tokens)
+        np.testing.assert_allclose(x.losses, y.losses, rtol=0, atol=1e-4)
+    ranks = [score_hellaswag(model, a + b, rank=r, world=2, progress=False) for r in range(2)]
+    assert sum(p.num_total for p in ranks) == 10
+
+
 def test_limit_and_records_file(fixture_file, model, tmp_path):
     res = score_hellaswag(model, load_hellaswag(fixture_file, limit=7), progress=False)
     assert res.num_total == 7 and 0 <= res.acc <= 1 and 0 <= res.acc_norm <= 1
@@ -178,6 +194,18 @@ def test_limit_and_records_file(fixture_file, model, tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [l["index"] for l in lines] == list(range(7))
     assert all(len(l["losses"]) == 4 and l["predicted"] in range(4) for l in lines)
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda m, f: load_hellaswag(f, "5"), "limit must be an integer, got '5'"),  # a TypeError
+    (lambda m, f: load_hellaswag(f, 2.5), "limit must be an integer, got 2.5"),  # it read 3
+    (lambda m, f: load_hellaswag(f, 0), "limit must be >= 1, got 0"),  # "no examples", of a file that has them
+    (lambda m, f: score_hellaswag(m, load_hellaswag(f, 2), batch_examples=2.5, progress=False),
+     "batch_examples must be an integer, got 2.5"),
+], ids=["limit-str", "limit-float", "limit-0", "batch_examples-float"])
+def test_count_arguments_of_the_wrong_type_are_one_line(fixture_file, model, call, needle):
+    with pytest.raises(UserError, match=f"^{re.escape(needle)}$"):
+        call(model, fixture_file)
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -412,3 +440,9 @@ def test_a_json_line_nested_too_deeply_is_one_line(tmp_path):
     (tmp_path / "run" / "log.jsonl").write_text('{"step": 0, "kind": "train"}\n' + deep)
     RunLog(tmp_path / "run", 5, True)  # the deep line dropped as a torn one
     assert (tmp_path / "run" / "log.jsonl").read_text() == '{"step": 0, "kind": "train"}\n'
+
+
+def test_perplexity_of_a_nan_loss_is_nan():
+    """It was inf: "val loss nan perplexity inf" read as a loss too large, not a broken one."""
+    assert np.isnan(perplexity(float("nan")))
+    assert perplexity(1000.0) == float("inf") and perplexity(0.0) == 1.0

@@ -83,6 +83,24 @@ def test_export_refuses_non_empty_directories_unless_forced(tiny_hf_dir, tmp_pat
     run_cli("export", str(tiny_hf_dir), str(empty), check=True)  # an empty directory needs no --force
 
 
+def test_export_over_another_models_weights_removes_them(tiny_hf_dir, lively_hf_dir, tmp_path):
+    """--force over a sharded save_pretrained kept its shards beside the export: mlx-lm, which loads every
+    model*.safetensors, refused the folder ("parameters not in model")."""
+    from mlx_lm import load
+    from transformers import GPT2LMHeadModel
+
+    out = tmp_path / "out"
+    GPT2LMHeadModel.from_pretrained(tiny_hf_dir).save_pretrained(out, max_shard_size="5MB")
+    assert (out / "model.safetensors.index.json").is_file()
+    for name in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack", "notes.txt"):
+        (out / name).write_bytes(b"old")
+    run_cli("export", str(lively_hf_dir), str(out), "--force", check=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*EXPORT_FILES, "notes.txt"])
+    assert load_model(out).config == load_model(lively_hf_dir).config
+    load(str(out))
+    GPT2LMHeadModel.from_pretrained(out)
+
+
 def test_export_never_writes_over_its_source_or_a_run(tiny_hf_dir, tmp_path):
     source = tmp_path / "src"
     export_hf(load_model(tiny_hf_dir), source)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -215,6 +217,17 @@ def test_more_samples_than_memory_holds_are_refused(model, monkeypatch):
         tokens(model, cfg, 1)
 
 
+def test_sample_texts_refuses_too_many_samples_before_making_their_rows(model):
+    """sample_texts made a list per sample before generate's memory check ran: 10^7 took seconds and most of a GB
+    to be refused, 10^9 exhausted memory first."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(UserError, match="10000000 samples at once need"):
+        sample_texts(model, "hi", SampleConfig(max_new_tokens=3), 10**7)
+    assert time.perf_counter() - start < 1
+
+
 def test_the_sample_check_counts_the_kv_cache_as_allocated(monkeypatch):
     """The KV cache grows 256 positions at a time: with room for ten samples' caches as allocated (8 prompt +
     24 new tokens hold 256 positions), at most ten may be said to fit, not the ~80 that 32 positions would (a
@@ -274,3 +287,25 @@ def test_a_prompt_that_is_no_text_is_one_line(model):
     for call in (lambda: sample_texts(model, None), lambda: next(stream_text(model, 5))):
         with pytest.raises(UserError, match="the prompt must be text \\(a str\\), got"):
             call()
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda m: generate(m, "abc"), "token ids must be a list or a 1-D integer array, got a str (text goes to"),
+    (lambda m: generate(m, b"x"), "token ids must be a list or a 1-D integer array, got a bytes"),
+    (lambda m: generate(m, 5), "token ids must be a list or a 1-D integer array, got a int"),
+    (lambda m: generate(m, [464, 1.5]), "the prompt's token ids must be integers, got 1.5"),
+    (lambda m: generate(m, [True]), "the prompt's token ids must be integers, got True"),
+    (lambda m: generate(m, [464], SampleConfig(), 2.0), "num_samples must be an integer, got 2.0"),
+    (lambda m: sample_texts(m, "a", SampleConfig(), 2.0), "num_samples must be an integer, got 2.0"),
+    (lambda m: sample_texts(m, "a", 2), "cfg must be a SampleConfig, got 2"),
+], ids=["str", "bytes", "int", "float-id", "bool-id", "float-num_samples", "sample_texts-num_samples", "cfg"])
+def test_python_arguments_of_the_wrong_type_are_one_line(model, call, needle):
+    """They were TypeErrors from deep inside ('<=' not supported, 'float' object cannot be interpreted...), raised
+    when the call was made, not at the first token."""
+    with pytest.raises(UserError, match=re.escape(needle)):
+        call(model)
+
+
+def test_a_list_of_numpy_integers_is_a_prompt(model):
+    cfg = SampleConfig(max_new_tokens=3, greedy=True, stop_at_eot=False)
+    assert tokens(model, cfg, prompt=list(np.array([464, 318]))) == tokens(model, cfg, prompt=[464, 318])

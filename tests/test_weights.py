@@ -55,6 +55,41 @@ def test_padded_vocab_exports_cropped_and_matches(tmp_path):
     np.testing.assert_allclose(hf_logits(tmp_path / "out", idx), ours, rtol=0, atol=2e-5)
 
 
+def test_a_vocab_smaller_than_gpt2s_tokenizer_is_not_exported(tmp_path):
+    """Its export wrote GPT-2's tokenizer beside too few rows: transformers' pipeline failed with an IndexError."""
+    with pytest.raises(UserError, match="cannot export as Hugging Face GPT-2: vocab_size 1000 has no rows for all "
+                                        "50257 tokens"):
+        export_hf(GPT(GPTConfig(**{**SMALL.to_dict(), "vocab_size": 1000})), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hugging_face_model_with_tokens_beyond_gpt2s_is_said_to_lose_them(tmp_path):
+    """Its rows 50257.. are tokens, not this project's padding: export dropped them and sample never drew them,
+    without a word."""
+    from conftest import save_hf_gpt2
+
+    save_hf_gpt2(tmp_path / "more", n_positions=32, vocab_size=50260)
+    proc = run_cli("export", str(tmp_path / "more"), str(tmp_path / "out"), check=True)
+    assert f"warning: {tmp_path / 'more'}: 3 tokens beyond GPT-2's 50257: nanogpt-mlx uses GPT-2's tokenizer, so " \
+           "sample never draws them and export drops them" in proc.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 50257
+    save_model(GPT(GPTConfig(**{**SMALL.to_dict(), "vocab_size": 50304})), tmp_path / "ckpt")  # padding: no tokens
+    assert "warning" not in run_cli("export", str(tmp_path / "ckpt"), str(tmp_path / "out2"), check=True).stderr
+
+
+def test_export_names_only_the_switches_that_change_the_exported_model(tmp_path):
+    """init sets the starting weights only, rope_base acts only with rope: neither is named, and a model differing
+    from GPT-2 only in rope_base is GPT-2."""
+    model = GPT(GPTConfig(**{**SMALL.to_dict(), "rope_base": 500.0}), seed=3)
+    export_hf(model, tmp_path / "base")
+    idx = np.random.default_rng(0).integers(0, 50257, size=(1, 32))
+    np.testing.assert_allclose(hf_logits(tmp_path / "base", idx), np.array(model(mx.array(idx))), rtol=0, atol=2e-5)
+    speedrun = GPTConfig(**{**SMALL.to_dict(), "rope": True, "init": "speedrun", "tie_embeddings": False})
+    with pytest.raises(UserError, match=r"has switches GPT-2 does not have \(rope=True\) and its own lm_head "
+                                        r"\(tie_embeddings=False\)"):
+        export_hf(GPT(speedrun), tmp_path / "out")
+
+
 def test_native_checkpoint_round_trip(tmp_path):
     model = GPT(SMALL, seed=5)
     save_model(model, tmp_path / "ckpt")
@@ -240,7 +275,8 @@ def test_an_untied_lm_head_loads_as_transformers_reads_it(tmp_path):
     ref = hf.eval()(torch.tensor(ids)).logits.detach().numpy()
     ours = np.array(model(mx.array(ids)))
     assert not model.config.tie_embeddings and np.abs(ours - ref).max() < 1e-4 * np.abs(ref).max()
-    with pytest.raises(UserError, match="tie_embeddings=False"):
+    with pytest.raises(UserError, match=r"the model has its own lm_head \(tie_embeddings=False\), which mlx-lm's "
+                                        r"gpt2 ignores for wte; keep it"):  # not "switches GPT-2 does not have"
         export_hf(model, tmp_path / "export")
     config = json.loads((tmp_path / "untied" / "config.json").read_text())
     (tmp_path / "untied" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": "no"}))
@@ -287,3 +323,44 @@ def test_weights_that_are_no_floats_or_an_index_naming_no_file_are_refused(tmp_p
     (tmp_path / "m" / "model.safetensors.index.json").write_text('{"weight_map": {"wte.weight": 5}}')
     with pytest.raises(UserError, match="not a safetensors index"):
         load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_holding_nan_or_inf_are_refused(tmp_path, value):
+    """A NaN weight sampled only "!!!!" and evaluated to a NaN loss, with status 0."""
+    save_model(GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=8)), tmp_path / "m")
+    arrays = mx.load(str(tmp_path / "m" / "model.safetensors"))
+    arrays["h.0.mlp.c_fc.weight"][3, 2] = value
+    mx.save_safetensors(str(tmp_path / "m" / "model.safetensors"), arrays)
+    assert_one_line_error(run_cli("sample", "--model", str(tmp_path / "m")),
+                          f"{tmp_path / 'm'}: h.0.mlp.c_fc.weight holds NaN/inf: a damaged model")
+
+
+def test_paths_that_are_not_utf8_are_refused_as_such(tiny_hf_dir, tmp_path):
+    """MLX raised std::bad_cast for them: "cannot read safetensors" (a damaged file) when loading, "free space" (a
+    full disk) when a checkpoint was saved."""
+    import os
+    import shutil
+
+    from nanogpt_mlx import checkpoint
+
+    odd = tmp_path / os.fsdecode(b"m\xff")  # a name os.fsdecode gives with a surrogate
+    shutil.copytree(tiny_hf_dir, odd)
+    model = load_model(tiny_hf_dir)
+    for call in (lambda: load_model(odd), lambda: save_model(model, odd / "ckpt"),
+                 lambda: export_hf(model, odd / "hf"), lambda: checkpoint.write(odd, 1, model, {}, {}),
+                 lambda: checkpoint.read_model(odd)):
+        with pytest.raises(UserError, match=f"^MLX can only open UTF-8 paths: {re.escape(str(tmp_path))}/m\ufffd"):
+            call()
+
+
+def test_python_arguments_of_the_wrong_type_are_one_line(tmp_path):
+    """load_model(None) and export_hf(model, None) were TypeErrors; force="no" forced."""
+    model = GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=2, n_embd=8))
+    with pytest.raises(UserError, match="the model must be a hub id or a directory .*, got None"):
+        load_model(None)
+    with pytest.raises(UserError, match="the export directory must be a str or path, got None"):
+        export_hf(model, None)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="force must be true or false, got 'no'"):
+        export_hf(model, tmp_path, force="no")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .console import warn
-from .errors import UserError
+from .errors import UserError, check_int
 from .files import named_dir, read_json
 
 
@@ -57,13 +57,16 @@ def _has_npy_header(path: Path) -> bool:
 
 
 def check_batch_shape(B: int, T: int, rank: int = 0, world: int = 1) -> None:
-    """Refuse (UserError) a batch of B rows of T tokens for rank `rank` of `world` that cannot be read: all
-    integers, B and T >= 1, 0 <= rank < world (a rank past the last would read another rank's batches)."""
-    for name, value in (("B", B), ("T", T), ("rank", rank), ("world", world)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise UserError(f"{name} must be an integer, got {value!r}")
-    if min(B, T) < 1:
-        raise UserError(f"B and T must be >= 1, got {B} and {T}")
+    """Refuse (UserError) a batch of B rows of T tokens for rank `rank` of `world` that cannot be read."""
+    check_int("B", B)
+    check_int("T", T)
+    check_rank(rank, world)
+
+
+def check_rank(rank: int, world: int) -> None:
+    """Refuse a rank that is not one of `world`'s: a rank past the last would read another rank's share."""
+    check_int("rank", rank, low=None)
+    check_int("world", world, low=None)
     if not 0 <= rank < world:
         raise UserError(f"rank {rank} of world {world}: expected 0 <= rank < world")
 
@@ -161,8 +164,7 @@ class DataLoader:
     def within_one_pass(self, batches: int) -> int:
         """`batches`, or this rank's batches in one pass over all shards where they are fewer: past one pass the
         loader wraps to the first shard and would repeat batches."""
-        if not isinstance(batches, int) or isinstance(batches, bool):  # 2.5 failed later, as a range()'s TypeError
-            raise UserError(f"batches must be an integer, got {batches!r}")
+        check_int("batches", batches)  # 2.5 failed later, as a range()'s TypeError
         return min(batches, sum(self._batches_in(n) for _, n in self.layout["shards"]))
 
     def _load(self) -> None:

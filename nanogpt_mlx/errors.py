@@ -38,6 +38,15 @@ def check_types(config) -> None:
             raise FieldTypeError(f"{f.name} must be {kinds[kind][1]}, got {value!r}")
 
 
+def check_int(name: str, value, low: int | None = 1) -> None:
+    """Refuse (UserError) an argument that is no integer (nor a bool: True is no count) or is below `low` (None: any
+    integer): a 2.5 or "2" would fail far from its cause, as a TypeError, or be rounded."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UserError(f"{name} must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise UserError(f"{name} must be >= {low}, got {value}")
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none)."""
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

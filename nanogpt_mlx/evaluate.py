@@ -25,8 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from . import device
-from .data import DataLoader, check_batch_shape
-from .errors import UserError
+from .data import DataLoader, check_batch_shape, check_rank
+from .errors import UserError, check_int
 from .files import atomic_path, cache_dir, download
 from .model import GPT, KVCache
 from .tokenizer import encode
@@ -66,7 +66,8 @@ def download_hellaswag(url: str | None = None, dest: Path | None = None, progres
 def load_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[Example]:
     """Parse HellaSwag JSONL (rowanz/hellaswag format: ctx, endings, label), checking every line; the first
     `limit` examples if given."""
-    _check_count("limit", limit)
+    if limit is not None:
+        check_int("limit", limit)
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {'is a directory, not the examples file' if path.is_dir() else 'file not found'}")
@@ -223,8 +224,8 @@ def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int
     """
     if batch_examples is None:
         batch_examples = device.PROFILE.eval_batch  # rows per forward only pay off on a GPU
-    _check_count("batch_examples", batch_examples)
-    _check_rank(rank, world)
+    check_int("batch_examples", batch_examples)
+    check_rank(rank, world)
     if rendered is not None and len(rendered) != len(examples):
         raise UserError(f"rendered holds {len(rendered)} examples' tokens for {len(examples)} examples")
     mine = examples[rank::world]
@@ -240,7 +241,7 @@ def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int
         batches += [group[j : j + batch_examples] for j in range(0, len(group), batch_examples)]
     result = HellaSwagResult()
     records: list[ExampleScore | None] = [None] * len(mine)
-    with tqdm(total=len(mine), desc="hellaswag", unit="ex", disable=not progress) as bar:
+    with tqdm(total=len(mine), desc="hellaswag", unit="ex", disable=None if progress else True) as bar:
         for batch in batches:
             summed, counts = ending_losses(model, [tokens[i][0] for i in batch], [tokens[i][1] for i in batch])
             for i, s, n in zip(batch, summed, counts):
@@ -265,11 +266,11 @@ def loader_loss(model: GPT, loader: DataLoader, batches: int, progress: bool = F
     """Mean cross-entropy over the loader's first `batches` batches (it is reset first), as
     build-nanogpt's periodic validation: the mean of the per-batch mean losses. `loss(x, y)` defaults to the
     model's (GPT.loss, no gradient); the Trainer passes its compiled one."""
-    _check_count("batches", batches)
+    check_int("batches", batches)
     loss = loss or partial(model.loss, grad=False)
     loader.reset()
     total = 0.0
-    for _ in tqdm(range(batches), desc="loss", unit="batch", disable=not progress):
+    for _ in tqdm(range(batches), desc="loss", unit="batch", disable=None if progress else True):
         total += loss(*(mx.array(a) for a in loader.next_batch())).item()
     return total / batches
 
@@ -292,21 +293,6 @@ def eval_loader(model: GPT, data_dir: str | os.PathLike, split: str = "val", B: 
     if T > model.config.block_size:
         raise UserError(f"sequence length {T} exceeds the model's context of {model.config.block_size}")
     return DataLoader(data_dir, split, B, T, rank, world, vocab_size=model.config.vocab_size)
-
-
-def _check_count(name: str, value: int | None) -> None:
-    """Refuse a count argument that is not None or an integer >= 1 (2.5 and "5" were TypeErrors or rounded up)."""
-    if value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise UserError(f"{name} must be an integer, got {value!r}")
-    if value < 1:
-        raise UserError(f"{name} must be >= 1, got {value}")
-
-
-def _check_rank(rank: int, world: int) -> None:
-    if not 0 <= rank < world:
-        raise UserError(f"rank {rank} of world {world}: expected 0 <= rank < world")
 
 
 def perplexity(loss: float) -> float:

@@ -12,7 +12,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import memory
-from .errors import UserError, check_types
+from .errors import UserError, check_int, check_types
 from .model import GPT, GPT2_VOCAB_SIZE
 from .tokenizer import EOT, decode, encode, get_tokenizer
 
@@ -133,10 +133,7 @@ def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig | None = None,
     drawn from GPT-2's vocab only (next_token): a model with more rows never samples those.
     """
     cfg = _config(cfg)
-    if not isinstance(num_samples, int) or isinstance(num_samples, bool):
-        raise UserError(f"num_samples must be an integer, got {num_samples!r}")
-    if num_samples < 1:
-        raise UserError(f"num_samples must be >= 1, got {num_samples}")
+    check_int("num_samples", num_samples)
     ids = prepare_prompt(model, prompt_ids, cfg)
     weights = tree_flatten(model.parameters())
     memory.check_sampling(model.config, num_samples, len(ids), cfg.max_new_tokens,

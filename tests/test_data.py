@@ -161,8 +161,8 @@ def test_a_zip_or_timedelta_shard_is_one_line(tmp_path):
     (2, 32, 2, 2, "rank 2 of world 2: expected 0 <= rank < world"),  # read rank 0's batches
     (2, 32, -1, 2, "rank -1 of world 2"),
     (2, 32, 0, 0, "rank 0 of world 0"),  # ZeroDivisionError
-    (0, 32, 0, 1, "B and T must be >= 1, got 0 and 32"),  # ZeroDivisionError
-    (2, -1, 0, 1, "B and T must be >= 1, got 2 and -1"),  # IndexError
+    (0, 32, 0, 1, "B must be >= 1, got 0"),  # ZeroDivisionError
+    (2, -1, 0, 1, "T must be >= 1, got -1"),  # IndexError
     (2.5, 32, 0, 1, "B must be an integer, got 2.5"),  # TypeError
     (2, "32", 0, 1, "T must be an integer, got '32'"),
     (2, 32, True, 2, "rank must be an integer, got True"),

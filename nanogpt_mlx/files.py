@@ -313,7 +313,8 @@ def download(url: str, dest: Path, what: str, hint: str, progress: bool = True,
     try:
         with urllib.request.urlopen(url, timeout=30) as resp, atomic_path(dest) as tmp, open(tmp, "wb") as f:
             size, done = int(resp.headers.get("Content-Length") or 0) or None, 0
-            with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
+            with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name,
+                      disable=None if progress else True) as bar:
                 while chunk := resp.read(1 << 16):
                     done += f.write(chunk)
                     bar.update(len(chunk))

@@ -424,6 +424,25 @@ def test_cli_loss(tiny_hf_dir, model, tmp_path):
     assert f"val loss {want:.4f}  perplexity {np.exp(want):.2f}  (4 batches of 2x32 tokens" in proc.stdout
 
 
+def test_a_stderr_whose_reader_is_gone_costs_no_result(tiny_hf_dir, tmp_path):
+    """`eval loss ... 2> >(head -c 1)`: the progress bar drew on a pipe that is not a terminal, and its broken pipe
+    ended the command with status 0 before the result was printed."""
+    import os
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "toy_val_000000.npy", np.random.default_rng(1).integers(0, 50257, 300).astype(np.uint16))
+    read, write = os.pipe()
+    os.close(read)  # every write to stderr: EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "nanogpt_mlx", "eval", "loss", "--model", str(tiny_hf_dir),
+                               "--data", str(tmp_path), "--batches", "3", "--batch-size", "2", "--seq-len", "32"],
+                              stdout=subprocess.PIPE, stderr=write, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0 and "val loss " in proc.stdout, proc.stdout
+
+
 def test_a_json_line_nested_too_deeply_is_one_line(tmp_path):
     """A RecursionError traceback from json, in HellaSwag's reader, prepare's jsonl reader and a resumed log."""
     from nanogpt_mlx import prepare, sources

@@ -46,7 +46,7 @@ from .console import say, warn
 from .data import DataLoader
 from .errors import Stopped, UserError, first_line
 from .evaluate import check_examples, download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
-from .files import check_writable, devnull_onto, lock_dir, remove_stale_temps, unlock_dir
+from .files import check_writable, devnull_onto, lock_dir, mlx_path, remove_stale_temps, unlock_dir
 from .model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig
 from .optim import Packing, clip_grad_norm
 from .sample import SampleConfig, prepare_prompt, sample_texts
@@ -257,6 +257,7 @@ class Trainer:
             raise UserError(f"{self.out} already holds a model ({', '.join(checkpoint.MODEL_FILES)}), which a new run "
                             "would replace; pass --overwrite (in Python Trainer(cfg, overwrite=True)), or choose "
                             "another --out")
+        mlx_path(self.out)  # its checkpoints are MLX's files: refused now, not at the first save
         if self.dist.is_main:
             check_writable(self.out)
 

@@ -207,6 +207,16 @@ def test_a_checkpoint_from_a_newer_version_is_not_called_damaged(run):
     assert "damaged" not in resume(run).stderr
 
 
+def test_an_out_that_mlx_cannot_open_is_refused_before_training(data_dir, tmp_path):
+    """MLX takes only UTF-8 paths: a run into one that is not trained, then failed its checkpoint as a full disk."""
+    import os
+
+    out = tmp_path / os.fsdecode(b"r\xff")
+    with pytest.raises(UserError, match="MLX can only open UTF-8 paths"):
+        Trainer(tiny_config(data_dir, out, max_steps=1))
+    assert not out.exists()
+
+
 def test_max_memory_beyond_any_machine_is_one_line(data_dir, tmp_path):
     """MLX's limit is a size_t of bytes: 1e12 GB overflowed it with a TypeError."""
     for value in ("1e12", "1e300"):

@@ -125,7 +125,7 @@ def test_a_new_run_does_not_replace_a_model_without_overwrite(data_dir, tmp_path
     from nanogpt_mlx.weights import export_hf, load_model
 
     out = tmp_path / "exported"
-    Trainer(tiny_config(data_dir, tmp_path / "src", max_steps=1)).train()
+    Trainer(tiny_config(data_dir, tmp_path / "src", max_steps=1, vocab_size=50304)).train()  # GPT-2 tokenizer's rows
     export_hf(load_model(tmp_path / "src"), out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert_one_line_error(run_cli(*cli_config(data_dir, out, "--max-steps", "1")), "already holds a model",

@@ -508,7 +508,8 @@ def _warn_of_empty_splits(out: Path, manifest: dict) -> None:
 
 
 def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
-    """Shard counts and token totals of a shard directory, and the first tokens of its first shard decoded."""
+    """Shard counts and token totals of a shard directory, and the first tokens of its first train shard (else its
+    first val shard) decoded."""
     data_dir = Path(named_dir(data_dir, "shard directory")).expanduser()
     sized = {}  # split: [(shard, tokens)]; headers only
     for split in ("val", "train"):  # (a missing directory, or a file, is said as such)

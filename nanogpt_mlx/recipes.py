@@ -55,8 +55,10 @@ class Recipe:
         """Refuse to continue or fine-tune a model whose switches are not this recipe's."""
         ours = GPTConfig(**self.model)
         if config.switches() != ours.switches():
+            match = next((r.name for r in RECIPES.values() if GPTConfig(**r.model).switches() == config.switches()), "")
+            fix = f"choose --recipe {match}" if match else "no recipe trains such a model (sample and eval read it)"
             raise UserError(f"{source}: its model switches ({config.describe_switches()}) are not the {self.name} "
-                            f"recipe's ({ours.describe_switches()}); choose the matching --recipe")
+                            f"recipe's ({ours.describe_switches()}); {fix}")
 
 
 # ------------------------------------------------------------------------------- build-nanogpt

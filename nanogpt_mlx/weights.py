@@ -204,9 +204,10 @@ def _weight_files(directory: Path) -> list[Path]:
         if missing or not names:
             raise UserError(f"{index}: names shards that are not there: {', '.join(missing[:3]) or 'none'}")
         return [directory / n for n in names]
-    if (directory / "pytorch_model.bin").exists():
-        raise UserError(f"{directory}: only pytorch_model.bin found; pickle files are not loaded, "
-                        "convert it to model.safetensors")
+    pickled = sorted(p.name for p in directory.glob("pytorch_model*.bin"))  # one file, or save_pretrained's shards
+    if pickled:
+        raise UserError(f"{directory}: only {pickled[0]}{' ...' if len(pickled) > 1 else ''} found; pickle files are "
+                        "not loaded, convert it to model.safetensors")
     raise UserError(f"{path}: file not found")
 
 
@@ -407,9 +408,10 @@ def check_gpt2(config: GPTConfig) -> None:
         reasons.append(f"switches GPT-2 does not have ({', '.join(f'{k}={v}' for k, v in switches.items())})")
     if untied:  # Hugging Face's GPT-2 may be untied, but mlx-lm's gpt2 reads wte as its head
         reasons.append("its own lm_head (tie_embeddings=False), which mlx-lm's gpt2 ignores for wte")
-    if reasons:
-        raise UserError(f"cannot export as Hugging Face GPT-2: the model has {' and '.join(reasons)}; keep it as a "
-                        "nanogpt-mlx checkpoint (sample, eval and train --init-from read it)")
+    if reasons:  # (a recipe's model trains on from its checkpoint; an untied GPT-2 has no recipe)
+        keep = "keep it as a nanogpt-mlx checkpoint (sample, eval and train --init-from read it)" if switches else \
+            "sample and eval read it as it is"
+        raise UserError(f"cannot export as Hugging Face GPT-2: the model has {' and '.join(reasons)}; {keep}")
 
 
 def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> None:

@@ -132,7 +132,7 @@ def test_cli_speedrun_trains_samples_evaluates_and_refuses_export(data_dir, tmp_
     assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
 
     wrong = run_cli("train", "--resume", str(out), "--recipe", "build-nanogpt", "--max-steps", "5")
-    assert_one_line_error(wrong, "model switches", "not the build-nanogpt recipe's", "--recipe")
+    assert_one_line_error(wrong, "model switches", "not the build-nanogpt recipe's", "choose --recipe speedrun")
     assert [p.name for p in checkpoints(out)] == ["ckpt-000004"]  # the refused resume wrote nothing
 
 
@@ -174,3 +174,5 @@ def test_the_presets_hold_build_nanogpts_and_the_speedruns_values():
     fields += ("embed_lr", "head_lr", "scalar_lr", "cooldown_frac", "momentum_warmup")
     assert [getattr(speedrun, f) for f in fields] == [2**19, 0.025, 0.1, 0, 3375, 0.8, 0.95, 1e-10, 0.025, 0.0, 0.3,
                                                        1 / 320, 0.01, 0.7, 300]
+    assert (speedrun.n_embd // speedrun.n_head, TrainConfig.preset("speedrun-124m", recipe="build-nanogpt").n_head) == (
+        128, 12)  # the speedrun's heads of 128 (its records since RoPE and QK-norm); GPT-2's 12 back

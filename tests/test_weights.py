@@ -11,7 +11,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 from test_model import hf_logits
 
-from nanogpt_mlx import GPT, GPTConfig, UserError
+from nanogpt_mlx import GPT, GPTConfig, UserError, recipes
 from nanogpt_mlx.weights import export_hf, load_model, save_model
 
 SMALL = GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)
@@ -186,7 +186,11 @@ def test_bad_directories_are_user_errors(tiny_hf_dir, tmp_path):
     pickle_only.mkdir()
     (pickle_only / "config.json").write_text(json.dumps(config))
     (pickle_only / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(UserError, match="pickle files are not loaded"):
+    with pytest.raises(UserError, match="only pytorch_model.bin found; pickle files are not loaded"):
+        load_model(pickle_only)
+    (pickle_only / "pytorch_model.bin").rename(pickle_only / "pytorch_model-00001-of-00002.bin")  # save_pretrained's
+    (pickle_only / "pytorch_model-00002-of-00002.bin").write_bytes(b"not loaded")  # shards: "model.safetensors: not found"
+    with pytest.raises(UserError, match=r"only pytorch_model-00001-of-00002.bin \.\.\. found; pickle files are not"):
         load_model(pickle_only)
 
 
@@ -276,8 +280,10 @@ def test_an_untied_lm_head_loads_as_transformers_reads_it(tmp_path):
     ours = np.array(model(mx.array(ids)))
     assert not model.config.tie_embeddings and np.abs(ours - ref).max() < 1e-4 * np.abs(ref).max()
     with pytest.raises(UserError, match=r"the model has its own lm_head \(tie_embeddings=False\), which mlx-lm's "
-                                        r"gpt2 ignores for wte; keep it"):  # not "switches GPT-2 does not have"
-        export_hf(model, tmp_path / "export")
+                                        r"gpt2 ignores for wte; sample and eval read it as it is"):
+        export_hf(model, tmp_path / "export")  # not "switches GPT-2 does not have", nor train --init-from, refused:
+    with pytest.raises(UserError, match="not the build-nanogpt recipe's .*; no recipe trains such a model"):
+        recipes.BUILD_NANOGPT.check_model(model.config, "untied")
     config = json.loads((tmp_path / "untied" / "config.json").read_text())
     (tmp_path / "untied" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": "no"}))
     with pytest.raises(UserError, match="tie_word_embeddings must be true or false, got 'no'"):

@@ -297,6 +297,10 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + " ..." * (len(names) > 3)
+
+
 def _difference(old, new) -> str:
     """What differs between a value that a manifest records and this run's: the keys of settings whose values
     differ ("seed 3 there, 4 now"), the input files only one of them lists, else both values."""
@@ -308,10 +312,12 @@ def _difference(old, new) -> str:
         gone, added = [u for u in old if u not in new_set], [u for u in new if u not in old_set]
         if not (gone or added):
             return "the same files in another order"
-        few = lambda units: ", ".join(units[:3]) + " ..." * (len(units) > 3)  # noqa: E731
-        return ", ".join(f"{few(units)} {when}" for units, when in ((gone, "there" if added else "there, not now"),
-                                                                     (added, "now" if gone else "now, not there"))
-                         if units)
+        said = []
+        if gone:
+            said.append(f"{_few(gone)} there" + ("" if added else ", not now"))
+        if added:
+            said.append(f"{_few(added)} now" + ("" if gone else ", not there"))
+        return ", ".join(said)
     return f"{_short(old)} there, {_short(new)} now"
 
 

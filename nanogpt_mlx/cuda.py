@@ -49,7 +49,7 @@ _SOURCE = """
     for (int k = 0; k < PACK; ++k) {
       float z = static_cast<float>(a.v[k]);
       if (CAP) z = cap * tanhf(z / cap);
-      if (z > m) { s = s * expf(m - z) + 1.f; m = z; } else { s += expf(z - m); }
+      if (z > m) { s = s * expf(m - z) + 1.f; m = z; } else if (m != NEG_INF) { s += expf(z - m); }  // (-inf adds 0)
     }
   }
   // merge across the warp, then across the warps through shared memory

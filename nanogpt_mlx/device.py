@@ -251,9 +251,9 @@ def info() -> list[tuple[str, str]]:
              ("device", str(mx.default_device())),
              ("dtype", f"{PROFILE.dtype} by default (--dtype overrides)"),
              ("loss chunk", f"{PROFILE.loss_rows or 'all'} rows of logits at a time"),
-             ("step threads", f"{step_threads(WIDEST_THREADED)} (n_embd <= {WIDEST_THREADED}), else "
-                              f"{step_threads(WIDEST_THREADED + 1)}: a micro-batch's rows split over them in training "
-                              f"(--threads)")]
+             ("step threads", (f"{step_threads(WIDEST_THREADED)} (n_embd <= {WIDEST_THREADED}), else "
+                               f"{step_threads(WIDEST_THREADED + 1)}" if PROFILE.cpu_backend else "1") +
+              ": a micro-batch's rows split over them in training (--threads)")]
     if PROFILE.cpu_backend:
         from . import cpu
 

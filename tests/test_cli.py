@@ -31,6 +31,7 @@ def test_info_with_a_forced_gpu_profile():
     out = run_cli("info", check=True, env={"NANOGPT_MLX_PROFILE": "cuda"}).stdout
     assert "profile      cuda" in out and "bfloat16 gemm" in out and "blas " not in out
     assert "loss chunk   4096 rows" in out and "loss kernel  MLX ops (no NVIDIA GPU" in out
+    assert "step threads 1: " in out  # not "1 (n_embd <= 512), else 1"
     assert "attention    cuDNN's fused kernel both ways" in out and "plain ops 128 queries" in out and "mlp backward recomputes" in out
     out = run_cli("info", check=True, env={"NANOGPT_MLX_PROFILE": "metal"}).stdout
     assert "attention    MLX's forward; the backward recomputes" in out

@@ -158,13 +158,14 @@ def reference(logits: np.ndarray, y: np.ndarray, softcap: float, n: int) -> tupl
     (mx.bfloat16, 50304, 0.0, 8), (mx.bfloat16, 50304, 30.0, 8), (mx.float32, 1000, 15.0, 4),
     (mx.float16, 1001, 0.0, 1)], ids=["bf16", "bf16-capped", "fp32-capped", "fp16-odd-vocab"])
 def test_kernel_run_on_the_cpu_gives_the_loss_and_gradient(kernel_on, dtype, vocab, softcap, pack):
-    """Rows of random logits, a row with one huge logit (the running max jumps), a constant row; targets at
-    both ends of the vocabulary."""
+    """Rows of random logits, a row with one huge logit (the running max jumps), a constant row, -inf logits (one
+    a thread's first: exp(-inf - -inf) made its row NaN); targets at both ends of the vocabulary."""
     stand_in = kernel_on("cpu")
     rng = np.random.default_rng(0)
     z = rng.normal(0, 4, (4, vocab)).astype(np.float32)
     z[1, vocab // 3] = 60.0
     z[2] = 1.5
+    z[0, :2] = z[3, 5] = -np.inf
     logits = mx.array(z).astype(dtype)
     y = np.array([vocab - 1, 0, 7, vocab // 3])
     loss, d = cuda.cross_entropy_rows(logits, mx.array(y), softcap, n=7)

@@ -195,10 +195,12 @@ class Trainer:
         """The model to train and its step's memory estimate, checked to fit (memory.check)."""
         cfg = self.cfg
 
+        rows, uneven = divmod(cfg.total_batch_size, cfg.seq_len * self.dist.world)  # a rank's, each step
+
         def fits(config: GPTConfig) -> memory.Estimate:
             return memory.check(config, batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=self.dtype_name,
                                 checkpointing=cfg.activation_checkpointing, max_memory_gb=cfg.max_memory,
-                                share=self.dist.local, threads=self._step_threads(config))
+                                share=self.dist.local, threads=self._step_threads(config), rows=0 if uneven else rows)
 
         if ckpt is None and not cfg.init_from:
             config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or PADDED_VOCAB_SIZE,

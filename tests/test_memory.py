@@ -98,6 +98,16 @@ def test_a_run_that_cannot_fit_is_refused_with_advice():
         memory.check(cfg, 16, 1024, "float32", False, max_memory_gb=8)
 
 
+def test_the_batch_advised_divides_a_steps_rows():
+    """12 rows a step, and 8 of them too many: --batch-size 8 was advised, which total_batch_size then refused."""
+    cfg = GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)
+    limit = (memory.estimate(cfg, 6, 256, "float32").total + memory.estimate(cfg, 8, 256, "float32").total) / 2
+    with pytest.raises(UserError, match="--batch-size 6 fits"):
+        memory.check(cfg, 12, 256, "float32", False, max_memory_gb=limit / 1e9, rows=12)
+    with pytest.raises(UserError, match="--batch-size 4 fits"):  # without rows: a power of two
+        memory.check(cfg, 12, 256, "float32", False, max_memory_gb=limit / 1e9)
+
+
 def test_ranks_on_one_machine_share_its_memory(tmp_path, monkeypatch):
     """`--ranks N` starts N processes on this machine: each was checked against all of its memory."""
     from nanogpt_mlx import device

@@ -131,6 +131,8 @@ class Trainer:
         if resume and self.dist.is_main and self.out.is_dir():
             self._took_lock = lock_dir(self.out, "run")  # before its checkpoint is read, which a live run may replace
         ckpt = checkpoint.latest_checkpoint(self.out) if resume else None
+        if ckpt is not None:
+            self._check_world(ckpt)
         self._check_out(ckpt, overwrite)
         if note := device.PROFILE.dtype_note(self.dtype_name):
             warn(note)
@@ -328,11 +330,16 @@ class Trainer:
         self._eval_loss = mx.compile(eval_loss, inputs=state) if self.cfg.compile else eval_loss
 
     # -- checkpoints
+    def _check_world(self, ckpt: Path) -> None:
+        """Refuse to resume with another rank count (the batches each rank read would differ): before the config's
+        checks, whose advice (a total_batch_size for this rank count) would not help."""
+        world = checkpoint.read_state(ckpt)["world"]
+        if world != self.dist.world:
+            raise UserError(f"{ckpt} was written by a run with {world} ranks; resume it with the same number, "
+                            f"--ranks {world} (this run has {self.dist.world})")
+
     def _load_state(self, ckpt: Path) -> None:
         state = checkpoint.read_state(ckpt)
-        if state["world"] != self.dist.world:
-            raise UserError(f"{ckpt} was written by a run with {state['world']} ranks; resume it with the same"
-                            f" number, --ranks {state['world']} (this run has {self.dist.world})")
         saved = checkpoint.read_optimizer(ckpt)
         # missing entries MLX would start from zeros, silently; others' shapes would fail inside the first update
         found = {k: (a.shape, a.dtype) for k, a in tree_flatten(saved)}

@@ -241,7 +241,7 @@ def test_a_lost_rank_stops_the_others_with_a_clear_error(how, data_dir, tmp_path
 
 
 def test_cli_ranks_option_launches_local_ranks(data_dir, tmp_path):
-    from conftest import run_cli
+    from conftest import assert_one_line_error, run_cli
 
     proc = run_cli("train", "--ranks", "2", "--data", str(data_dir), "--out", str(tmp_path), "--n-layer", "2",
                    "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--vocab-size", "1000", "--batch-size", "4",
@@ -260,6 +260,10 @@ def test_cli_ranks_option_launches_local_ranks(data_dir, tmp_path):
     flops_per_token = 6 * model.num_params(non_embedding=True) + 12 * 2 * 32 * 32
     for r in logged(tmp_path):
         assert r["mfu"] == pytest.approx(flops_per_token * r["tok_per_s"] / (2 * peak), rel=0.05)
+    # another rank count is refused first: advice for this one's total_batch_size (here 64 of 128-token rows)
+    # led to that refusal next
+    proc = run_cli("train", "--resume", str(tmp_path), "--max-steps", "4", "--total-batch-size", "64")
+    assert_one_line_error(proc, "was written by a run with 2 ranks", "--ranks 2 (this run has 1)")
 
 
 @pytest.mark.parametrize("case", ["error", "warning"])

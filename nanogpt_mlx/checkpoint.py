@@ -104,10 +104,10 @@ def write(out: Path, step: int, model: GPT, optimizer_state, state: dict) -> Pat
             with atomic_path(tmp / OPTIMIZER_FILE) as f:
                 save_safetensors(f, dict(tree_flatten(optimizer_state)))
             atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1))
-    except UserError as e:  # e.g. a full disk: say which checkpoint did not happen, and what is kept
+    except UserError as e:  # a full disk, a permission: say which checkpoint did not happen, and what is kept
         previous = checkpoints(out)
-        then = (f"the previous checkpoint {previous[-1].name} is kept; free space and resume (--resume {out})"
-                if previous else "free space and start again")
+        then = (f"the previous checkpoint {previous[-1].name} is kept; resume (--resume {out}) once {out} can be "
+                "written again" if previous else f"start again once {out} can be written again")
         raise UserError(f"{final.name} not saved: {e}; {then}") from None
     _publish(out, final)
     return final
@@ -142,8 +142,8 @@ def _publish(out: Path, final: Path) -> None:
         _link_or_copy(final / weights, out / weights)
         atomic_write_text(out / config, (final / config).read_text())
     except UserError as e:  # a full disk after the checkpoint itself was written
-        raise UserError(f"{final.name} saved, but {out}'s model not updated to it: {e}; free space and resume "
-                        f"(--resume {out}) to update it") from None
+        raise UserError(f"{final.name} saved, but {out}'s model not updated to it: {e}; resume (--resume {out}) once "
+                        f"{out} can be written again, to update it") from None
     for old in checkpoints(out)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -93,7 +93,7 @@ def _no_cudnn(dtype: str, head_dim: int) -> list[str]:
 PROFILES = {
     p.name: p
     for p in [
-        Profile("cpu-x86", "MLX CPU backend on x86-64 (OpenBLAS, multiply-add exp, reductions by lanes)", "float32",
+        Profile("cpu-x86", "MLX CPU backend on x86-64 (OpenBLAS where found, multiply-add exp, reductions by lanes)", "float32",
                 software_math=True, cpu_backend=True, loss_rows=128, eval_batch=1, gemm_n=1024,
                 fused_attention_backward=False),
         Profile("cpu-arm", "MLX CPU backend on ARM", "float32", software_math=False, cpu_backend=True,
@@ -247,13 +247,13 @@ def info() -> list[tuple[str, str]]:
     """(label, value) lines for `nanogpt-mlx info`."""
     import mlx.core as mx
 
+    narrow, wide = step_threads(WIDEST_THREADED), step_threads(WIDEST_THREADED + 1)  # (a GPU's: 1 and 1)
+    threads = f"{narrow} (n_embd <= {WIDEST_THREADED}), else {wide}" if narrow != wide else str(narrow)
     lines = [("profile", f"{PROFILE.name}: {PROFILE.description}" + (f"  [{note}]" if note else "")),
              ("device", str(mx.default_device())),
              ("dtype", f"{PROFILE.dtype} by default (--dtype overrides)"),
              ("loss chunk", f"{PROFILE.loss_rows or 'all'} rows of logits at a time"),
-             ("step threads", (f"{step_threads(WIDEST_THREADED)} (n_embd <= {WIDEST_THREADED}), else "
-                               f"{step_threads(WIDEST_THREADED + 1)}" if PROFILE.cpu_backend else "1") +
-              ": a micro-batch's rows split over them in training (--threads)")]
+             ("step threads", f"{threads}: a micro-batch's rows split over them in training (--threads)")]
     if PROFILE.cpu_backend:
         from . import cpu
 

@@ -148,14 +148,16 @@ def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpoi
 
 
 def check_sampling(config: GPTConfig, num_samples: int, prompt_len: int, new_tokens: int, weights: int,
-                   dtype_bytes: int) -> None:
+                   dtype_bytes: int, top_p: bool = False) -> None:
     """Refuse (UserError) generating num_samples sequences at once where they would not fit beside the model's
     `weights` bytes: MLX's CPU backend crashes rather than failing an allocation. A sample holds its KV cache
     (grown 256 positions at a time, model.KVCache), the prompt's pass (MLP hidden states, one layer's float32
-    scores) and a few float32 vocab-sized rows for the next-token draw."""
+    scores) and a few float32 vocab-sized rows for the next-token draw; with `top_p` (sample.filtered_logits)
+    more: the order, sorted weights, their sums and masks."""
     C, L, nh, V = config.n_embd, config.n_layer, config.n_head, config.vocab_size
     positions = -(-(prompt_len + new_tokens) // 256) * 256
-    per_sample = (2 * L * positions * C + 2 * prompt_len * 4 * C) * dtype_bytes + (nh * prompt_len ** 2 + 6 * V) * 4
+    rows = 6 + (5 if top_p else 0)  # vocab-sized rows of 4 bytes
+    per_sample = (2 * L * positions * C + 2 * prompt_len * 4 * C) * dtype_bytes + (nh * prompt_len ** 2 + rows * V) * 4
     room = device.memory_bytes() - weights
     if num_samples * per_sample > room:
         raise UserError(f"{num_samples} samples at once need ~{num_samples * per_sample / 1e9:.1f} GB beside the "

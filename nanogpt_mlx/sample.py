@@ -136,8 +136,8 @@ def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig | None = None,
     check_int("num_samples", num_samples)
     ids = prepare_prompt(model, prompt_ids, cfg)
     weights = tree_flatten(model.parameters())
-    memory.check_sampling(model.config, num_samples, len(ids), cfg.max_new_tokens,
-                          sum(w.nbytes for _, w in weights), model.head_weight.dtype.size)
+    memory.check_sampling(model.config, num_samples, len(ids), cfg.max_new_tokens, sum(w.nbytes for _, w in weights),
+                          model.head_weight.dtype.size, top_p=not cfg.greedy and (cfg.top_p or 1) < 1)
     return _generate(model, ids, cfg, num_samples, use_cache)
 
 

@@ -228,6 +228,26 @@ def test_sample_texts_refuses_too_many_samples_before_making_their_rows(model):
     assert time.perf_counter() - start < 1
 
 
+@pytest.mark.parametrize("top_p", [None, 0.9])
+def test_the_sample_check_refuses_what_needs_more_than_the_memory(top_p, monkeypatch):
+    """With a device a tenth short of what sampling took, the check refuses: top-p's arrays (the order, sorted
+    weights, sums, masks) were not counted, and it allowed 1.6x what fit."""
+    from mlx.utils import tree_flatten
+
+    from nanogpt_mlx import device
+
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=32), seed=0)
+    weights = sum(w.nbytes for _, w in tree_flatten(model.parameters()))
+    cfg = SampleConfig(max_new_tokens=4, top_p=top_p, seed=0)
+    mx.eval(model.parameters())
+    mx.reset_peak_memory()
+    tokens(model, cfg, 200)
+    took = mx.get_peak_memory() - weights
+    monkeypatch.setattr(device, "memory_bytes", lambda: weights + int(0.9 * took))
+    with pytest.raises(UserError, match="200 samples at once need"):
+        tokens(model, cfg, 200)
+
+
 def test_the_sample_check_counts_the_kv_cache_as_allocated(monkeypatch):
     """The KV cache grows 256 positions at a time: with room for ten samples' caches as allocated (8 prompt +
     24 new tokens hold 256 positions), at most ten may be said to fit, not the ~80 that 32 positions would (a

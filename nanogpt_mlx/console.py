@@ -18,6 +18,7 @@ from tqdm import tqdm
 LAUNCHER_ENV = "NANOGPT_MLX_LAUNCHER"  # set by launch.py in its ranks: the launcher's pid
 LINES_ENV = "NANOGPT_MLX_RANK_LINES"  # set by launch.py: the file this rank leaves its last lines in
 INTERRUPTED = "nanogpt-mlx: interrupted"  # the last line of a command a signal ended
+LOST_PEER = "lost a peer rank"  # in the last line of a rank whose collective failed as another rank ended
 
 
 def say(line: str) -> None:

@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import signals
-from .console import LAUNCHER_ENV, last_line
+from .console import LAUNCHER_ENV, LOST_PEER, last_line
 from .errors import UserError
 
 # Environment variables that mean "this process was started as one rank of several".
@@ -82,7 +82,7 @@ class Dist:
             try:
                 mx.eval(*arrays)
             except RuntimeError as e:
-                raise UserError(f"rank {self.rank}: lost a peer rank ({e}); stopping") from None
+                raise UserError(f"rank {self.rank}: {LOST_PEER} ({e}); stopping") from None
         if not at_least:  # a wait for another rank's save is not a step
             self.slowest = max(self.slowest, time.monotonic() - start)
 

@@ -22,7 +22,7 @@ from shutil import rmtree
 from tqdm import tqdm
 
 from . import signals
-from .console import INTERRUPTED, LAUNCHER_ENV, LINES_ENV, new_lines, say
+from .console import INTERRUPTED, LAUNCHER_ENV, LINES_ENV, LOST_PEER, new_lines, say
 from .errors import UserError
 
 # seconds the other ranks have to end by themselves once one ended with an error status before they are stopped:
@@ -107,7 +107,8 @@ class _Ranks:
                 continue
             del self.live[r]
             for line in new_lines(self.work / f"rank{r}.lines", self.shown):
-                say(line)
+                if LOST_PEER not in line or not (self.failed or self.interrupted):  # else the loss follows from
+                    say(line)  # a failure or a stop already said (a start-up check that rank 0 alone makes)
             if rc == 0:
                 continue
             self.failed[r] = rc

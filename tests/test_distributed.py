@@ -266,6 +266,25 @@ def test_cli_ranks_option_launches_local_ranks(data_dir, tmp_path):
     assert_one_line_error(proc, "was written by a run with 2 ranks", "--ranks 2 (this run has 1)")
 
 
+def test_a_refusal_of_rank_0_alone_is_not_followed_by_a_lost_peer(data_dir, tmp_path):
+    """OUT held by another run: rank 0 refused it at start, and rank 1, waiting for it, added "lost a peer rank"."""
+    from conftest import run_cli
+
+    from nanogpt_mlx.files import lock_dir, unlock_dir
+
+    out = tmp_path / "run"
+    lock_dir(out, "run")
+    try:
+        proc = run_cli("train", "--ranks", "2", "--data", str(data_dir), "--out", str(out), "--n-layer", "1",
+                       "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--vocab-size", "1000",
+                       "--batch-size", "4", "--seq-len", "32", "--total-batch-size", "256", "--max-steps", "2",
+                       "--val-every", "0", "--sample-every", "0", timeout=300)
+    finally:
+        unlock_dir(out)
+    assert proc.returncode == 1 and "is being written by another run" in proc.stderr
+    assert "lost a peer" not in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("case", ["error", "warning"])
 def test_the_ranks_say_an_error_or_a_warning_once(case, data_dir, tmp_path):
     """Every rank runs the same command: each printed its own copy of a bad input's error and of every warning."""

@@ -31,16 +31,19 @@ class RunSeries:
 
 
 def read_log(run: str | os.PathLike) -> RunSeries:
-    """Parse a run directory's log.txt (or a log file). Lines that do not parse are skipped, so a
-    log being written can be plotted, and so are nan and inf values; a step logged twice (a resumed run) keeps
-    its last value."""
+    """Parse a run directory's log.txt (or a log file). Lines that do not parse are skipped, and so is a last line
+    without its newline, so a log being written can be plotted, and so are nan and inf values; a step logged twice
+    (a resumed run) keeps its last value."""
     path = Path(run)
     if path.is_dir():
         path = path / "log.txt"
     if not path.is_file():
         raise UserError(f"{path}: no such log file")
     points: dict[str, dict[int, float]] = {k: {} for k in KINDS}
-    for line in path.read_text(errors="replace").splitlines():
+    text = path.read_text(errors="replace")
+    # a last line without its newline is being written (or was cut by a kill): "119 train 8" of "8.3617"
+    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+    for line in lines:
         parts = line.split()
         if len(parts) != 3 or parts[1] not in points:
             continue
@@ -58,14 +61,16 @@ def read_log(run: str | os.PathLike) -> RunSeries:
 
 
 def _loss_limits(logs: Sequence[RunSeries]) -> tuple[float, float]:
-    """A loss range that shows 98% of the train points: the first steps' ~11 would otherwise
-    squash the part of the curve that matters (val points that high run off the top too)."""
+    """A loss range that shows 98% of the train points and every val point but each run's first: the first steps'
+    ~11 would otherwise squash the part of the curve that matters, and a val loss that rises later (a fine-tune
+    that overfits) stays in view."""
     train = [l.series["train"][1] for l in logs if "train" in l.series]
     val = [l.series["val"][1] for l in logs if "val" in l.series]
     if not train and not val:
         raise UserError("no train or val loss lines in " + ", ".join(l.name for l in logs))
     values = np.concatenate(train + val)
-    top = np.quantile(np.concatenate(train), 0.98) if train else values.max()
+    later_val = np.concatenate([v[1:] for v in val] + [np.zeros(0)])
+    top = max(np.quantile(np.concatenate(train), 0.98), later_val.max(initial=-np.inf)) if train else values.max()
     return float(values.min()) * 0.95, float(top) * 1.05
 
 

@@ -143,6 +143,31 @@ def test_the_loss_axis_leaves_out_the_first_steps_highest_2_percent(tmp_path, mo
     assert want in [pytest.approx(lim, rel=1e-5) for lim in limits if len(lim) == 2]  # matplotlib sets its own too
 
 
+def test_a_val_loss_that_rises_stays_on_the_axis(tmp_path, monkeypatch):
+    """A fine-tune that overfits: train falls to 0.8 while val rises to 5.8 after its first points; the axis
+    (the train losses' 98% quantile) cut off two thirds of the val curve. The first val point may run off."""
+    import matplotlib.axes
+
+    limits, set_ylim = [], matplotlib.axes.Axes.set_ylim
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylim",
+                        lambda self, *lim, **kw: limits.append(lim) or set_ylim(self, *lim, **kw))
+    run = tmp_path / "finetune"
+    run.mkdir()
+    lines = [f"{s} train {4.5 - 3.7 * s / 299:.6f}" for s in range(300)]
+    lines += [f"{s} val {v:.4f}" for s, v in ((0, 10.9), (100, 3.3), (200, 4.6), (299, 5.8))]
+    (run / "log.txt").write_text("\n".join(lines) + "\n")
+    plot_runs([run], tmp_path / "run.png", baseline="off")
+    top = [lim for lim in limits if len(lim) == 2][0][1]
+    assert top == pytest.approx(5.8 * 1.05)
+
+
+def test_a_torn_last_line_is_not_read_as_a_number(tmp_path):
+    """A log cut amid its last line (being written, a kill): "3 train 1" of "3 train 10.72" was drawn as 1."""
+    (tmp_path / "log.txt").write_text("0 train 10.79\n1 train 10.76\n2 train 10.74\n3 train 1")
+    steps, values = read_log(tmp_path).series["train"]
+    assert list(steps) == [0, 1, 2] and list(values) == [10.79, 10.76, 10.74]
+
+
 @pytest.mark.parametrize("suffix", [".pdf", ".jpg"])
 def test_a_full_disk_midway_through_an_image_is_one_line(suffix, tmp_path, monkeypatch):
     """matplotlib's PDF writer failed on its own cleanup after the disk's error (a 54-line traceback); Pillow's JPEG

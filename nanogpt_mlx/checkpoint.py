@@ -33,7 +33,9 @@ def checkpoints(out: str | os.PathLike) -> list[Path]:
     """Complete checkpoint directories of a run, oldest first (temporary ones are never listed); by step, as
     names sort wrongly from step 10^6 on (ckpt-1000000 < ckpt-999999)."""
     out = Path(out)
-    found = [p for p in out.glob("ckpt-*") if p.is_dir() and p.name[5:].isdigit()] if out.is_dir() else []
+    # ASCII digits only: "²" is a digit to str.isdigit and no int, and "١" an int (1) of a directory not ours
+    found = [p for p in out.glob("ckpt-*") if p.is_dir() and p.name[5:].isascii() and p.name[5:].isdigit()] \
+        if out.is_dir() else []
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 

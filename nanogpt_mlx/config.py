@@ -89,7 +89,8 @@ class TrainConfig:
                                        "(0: never)")
     hellaswag_data: str = _field("", "local hellaswag_val.jsonl; '': download once into the cache")
     hellaswag_limit: int = _field(0, "score only the first N examples (0: all 10,042)")
-    checkpoint_every: int = _field(5000, "steps between checkpoints (0: only at the end and on Ctrl-C)")
+    checkpoint_every: int = _field(5000, f"steps between checkpoints (0: only at the end and on Ctrl-C); the latest "
+                                         f"{checkpoint.KEEP} are kept, OUT/model.safetensors is the last")
 
     def __post_init__(self):
         check_types(self)

@@ -193,6 +193,16 @@ def test_resume_config_takes_the_model_fields_defaults_as_the_checkpoints(run):
         resume_config(run, bogus=2)
 
 
+def test_directories_named_with_other_digits_are_no_checkpoints(run):
+    """"ckpt-²" failed a resume with int()'s ValueError; "ckpt-١" was taken as step 1, and removed as an old one."""
+    for name in ("ckpt-²", "ckpt-١"):
+        (run / name).mkdir()
+        (run / name / "keep.txt").write_text("mine")
+    assert [p.name for p in checkpoints(run)] == ["ckpt-000002", "ckpt-000004"]
+    resume(run, check=True)
+    assert (run / "ckpt-²" / "keep.txt").exists() and (run / "ckpt-١" / "keep.txt").exists()
+
+
 def test_a_checkpoint_from_a_newer_version_is_not_called_damaged(run):
     ckpt = checkpoints(run)[-1]
     state = json.loads((ckpt / "trainer.json").read_text())

@@ -9,6 +9,7 @@ still leaves one to resume from, and reading one checks every file. `OUT/model.s
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import shutil
@@ -134,6 +135,21 @@ def check_room(out: Path, size: int, fresh: bool) -> None:
     if free < held:
         warn(f"{out}: {free / 1e9:.2f} GB free, and saving holds up to {KEEP + 1} checkpoints of {size / 1e9:.2f} "
              f"GB before it drops the oldest: a later save will stop the run, keeping the checkpoint before it")
+
+
+def publish_latest(out: Path) -> None:
+    """Point OUT's model at its latest checkpoint (_publish), if it has one and OUT's model is not that already."""
+    if not (found := checkpoints(out)):
+        return
+    weights, config = (out / f for f in MODEL_FILES)
+    latest = [found[-1] / f for f in MODEL_FILES]
+    try:
+        same = (weights.samefile(latest[0]) or filecmp.cmp(weights, latest[0], shallow=False)) and \
+            config.read_bytes() == latest[1].read_bytes()
+    except OSError:  # one is missing
+        same = False
+    if not same:
+        _publish(out, found[-1])
 
 
 def _publish(out: Path, final: Path) -> None:

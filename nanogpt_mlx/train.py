@@ -279,14 +279,17 @@ class Trainer:
 
     def _claim_out(self, fresh: bool) -> None:
         """Lock OUT until train() ends, before anything in it is removed: what a killed run left half-written, and
-        for a fresh (--overwrite) run the old run's checkpoints and its model, which sample would load."""
+        for a fresh (--overwrite) run the old run's checkpoints and its model, which sample would load. A resumed
+        run's model is its latest checkpoint's again (a kill between the two left the one before)."""
         self._took_lock |= lock_dir(self.out, "run")
         remove_stale_temps(self.out)
-        if fresh:
-            for old in checkpoint.checkpoints(self.out):
-                shutil.rmtree(old)
-            for old in checkpoint.MODEL_FILES:
-                (self.out / old).unlink(missing_ok=True)
+        if not fresh:
+            checkpoint.publish_latest(self.out)
+            return
+        for old in checkpoint.checkpoints(self.out):
+            shutil.rmtree(old)
+        for old in checkpoint.MODEL_FILES:
+            (self.out / old).unlink(missing_ok=True)
 
     def _use_master(self, dtype: mx.Dtype) -> None:
         """Point the model's weights at the master weights, cast to `dtype` (views where it is float32)."""

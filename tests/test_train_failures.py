@@ -138,8 +138,11 @@ def test_a_kill_after_the_last_checkpoint_is_renamed_still_publishes_it(run):
     before, latest = checkpoints(run)
     (run / "model.safetensors").unlink()
     shutil.copyfile(before / "model.safetensors", run / "model.safetensors")  # as a kill after the rename leaves it
-    trainer = Trainer(resume_config(run), resume=True)
-    assert trainer.save() == latest  # the step is saved already: it is only published
+    Trainer(resume_config(run), resume=True)  # published as the run resumes, not at its next save
+    assert (run / "model.safetensors").read_bytes() == (latest / "model.safetensors").read_bytes()
+    (run / "model.safetensors").unlink()
+    shutil.copyfile(before / "model.safetensors", run / "model.safetensors")
+    assert Trainer(resume_config(run), resume=True).save() == latest  # the step is saved already: it is published
     assert (run / "model.safetensors").read_bytes() == (latest / "model.safetensors").read_bytes()
 
 

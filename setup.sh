@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with nanogpt-mlx installed (plus extras given as arguments, e.g. `test`).
 # Run by quickstart.sh and test.sh; safe to run again (offline too, once installed: an install whose
-# pyproject.toml and extras are unchanged is not repeated).
+# pyproject.toml is unchanged and whose extras an earlier install covered is not repeated).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 extras="${1:-}"
@@ -17,13 +17,26 @@ if [ "$(uname -s)" = "Linux" ]; then
         fi
     fi
 fi
-# a venv without pip (ensurepip failed, an interrupted creation) or from a Python older than 3.10 is made anew
-if ! .venv/bin/python -c 'import sys, pip; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+# a venv without pip (ensurepip failed, an interrupted creation), from a Python older than 3.10, or moved or copied
+# from another checkout (its scripts start that path's python, its package is that checkout's) is made anew
+# shellcheck disable=SC2016
+if ! .venv/bin/python -I -c 'import os, sys, pip, importlib.util as u
+spec = u.find_spec("nanogpt_mlx")
+here = os.path.realpath(sys.argv[1]) + os.sep
+sys.exit(sys.version_info < (3, 10) or (spec is not None and not os.path.realpath(spec.origin).startswith(here)))' \
+        "$PWD" 2>/dev/null; then
     python3 -m venv --clear .venv
 fi
-stamp=".venv/.installed-$( (cat pyproject.toml; echo "$extras") | sha256sum | cut -c1-16)"
-if [ ! -f "$stamp" ]; then
-    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
-    rm -f .venv/.installed-* && touch "$stamp"
-fi
+# one stamp per extra installed from this pyproject.toml: what an earlier install covers is not repeated (test.sh's
+# cpu,test covers quickstart.sh's cpu, offline too)
+hash="$(sha256sum pyproject.toml | cut -c1-16)"
+wanted="base${extras:+,$extras}"
+for extra in ${wanted//,/ }; do
+    if [ ! -f ".venv/.installed-$hash-$extra" ]; then
+        .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+        .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+        find .venv -maxdepth 1 -name '.installed-*' ! -name ".installed-$hash-*" -delete
+        for e in ${wanted//,/ }; do touch ".venv/.installed-$hash-$e"; done
+        break
+    fi
+done

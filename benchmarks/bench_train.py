@@ -103,7 +103,9 @@ def run_mlx(cfg_name: str, steps: int, warmup: int, ranks: int = 1, dtype: str =
                 raise SystemExit("a rank failed")
         records = [json.loads(line) for line in open(Path(tmp) / "out" / "log.jsonl")]
     need = [r["need"] / 1e9 for r in records if r["kind"] == "memory"]  # --cap-memory's measured step
-    return {"dt": [r["dt"] for r in records if r["kind"] == "train"][warmup:], "peak_gb": mx.get_peak_memory() / 1e9,
+    # with ranks, this process only launched them: their peaks are not its own
+    peak_gb = mx.get_peak_memory() / 1e9 if ranks == 1 else math.nan
+    return {"dt": [r["dt"] for r in records if r["kind"] == "train"][warmup:], "peak_gb": peak_gb,
             **({"need_gb": need[0]} if need else {})}
 
 
@@ -255,6 +257,10 @@ def main() -> None:
         os.environ["BENCH_CAP_MEMORY"] = "1"
     configs = GPU_CONFIGS if gpu else CONFIGS
     args.configs = args.configs or list(configs)
+    if other := [c for c in args.configs if c not in configs]:  # before the GEMMs are measured
+        p.error(f"--configs {' '.join(other)}: not a --device {args.device} config ({', '.join(configs)})")
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
     args.engines = args.engines or (GPU_ENGINES if gpu else ENGINES)
 
     peaks = {e: max(spawn(__file__, "gemm", e)["gflops"] for _ in range(args.rounds)) for e in ("mlx", "torch")}
@@ -269,11 +275,11 @@ def main() -> None:
             for engine in args.engines:
                 out = spawn(__file__, engine, name, str(args.steps), str(args.warmup))
                 dt = median(out["dt"])
-                results[engine] = max(results.get(engine, 0.0), B * T / dt)
-                memory[engine] = out.get("peak_gb", math.nan)
+                if B * T / dt > results.get(engine, 0.0):  # the best round's memory beside its tok/s
+                    results[engine], memory[engine] = B * T / dt, out.get("peak_gb", math.nan)
                 need = f" (a step needs {out['need_gb']:.1f} GB)" if "need_gb" in out else ""
                 print(f"  {name} {engine:14s} {dt * 1000:8.1f} ms/step {B * T / dt:8.0f} tok/s "
-                      f"{memory[engine]:6.1f} GB{need}", flush=True)
+                      f"{out.get('peak_gb', math.nan):6.1f} GB{need}", flush=True)
         best_torch = max((v for k, v in results.items() if k.startswith("torch")), default=math.nan)
         for engine, tps in results.items():
             mfu = 100 * flops_per_token(L, d, T) * tps / (peak * 1e9)
@@ -281,7 +287,7 @@ def main() -> None:
     print("\n| config | engine | tok/s | MFU | vs faster PyTorch | peak memory GB |\n|---|---|---:|---:|---:|---:|")
     for cfg, engine, tps, mfu, ratio, gb in rows:
         vs = f"{ratio:.2f}x" if math.isfinite(ratio) else "-"  # no PyTorch engine ran
-        print(f"| {cfg} | {engine} | {tps:.0f} | {mfu:.1f}% | {vs} | {gb:.1f} |")
+        print(f"| {cfg} | {engine} | {tps:.0f} | {mfu:.1f}% | {vs} | {f'{gb:.1f}' if math.isfinite(gb) else '-'} |")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ WORK=/tmp/gpu_results  # kept between calls on a warm machine
 mkdir -p "$OUT" "$WORK"
 if [ ! -d /tmp/site/mlx ]; then
     mkdir -p /tmp/w && cp .device/p2/* /tmp/w/
+    if [ ! -f /tmp/w/part.00 ]; then  # a fresh machine: call 1's part is not here, and the joined wheel would be cut
+        echo "gpu_run.sh: /tmp/w/part.00 is missing: device call 1 (cp .device/p1/part.* /tmp/w/) must run on this" \
+             "machine just before" >&2
+        exit 1
+    fi
     ver=$(basename /tmp/w/mlx-0*.whl | cut -d- -f2)
     whl=/tmp/w/mlx_cuda_13-$ver-py3-none-manylinux_2_35_x86_64.whl
     cat /tmp/w/part.0* > "$whl"

@@ -13,6 +13,7 @@ bash setup.sh
 if compgen -G "out/shakespeare/ckpt-*" >/dev/null; then
     .venv/bin/nanogpt-mlx train --resume out/shakespeare
 else
-    .venv/bin/nanogpt-mlx train --preset shakespeare --data data/shakespeare --out out/shakespeare
+    # (--overwrite: an earlier try that ended before its first checkpoint left only its logs there)
+    .venv/bin/nanogpt-mlx train --preset shakespeare --data data/shakespeare --out out/shakespeare --overwrite
 fi
 .venv/bin/nanogpt-mlx sample --model out/shakespeare --prompt "ROMEO:" --num-samples 3 --max-new-tokens 120

@@ -26,6 +26,7 @@ from .weights import load_model, safetensors_shapes, save_model, save_safetensor
 
 STATE_FILE = "trainer.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+LOG_FILES = ("log.txt", "log.jsonl")  # RunLog's
 MODEL_FILES = ("model.safetensors", "config.json")  # OUT's copy of the latest checkpoint's model, for `sample`
 KEEP = 2  # the latest checkpoint and the one before, to resume from if the latest is damaged
 
@@ -182,7 +183,7 @@ class RunLog:
     FORMATS = {"train": ".6f", "val": ".4f", "hella": ".4f"}
 
     def __init__(self, out: Path, start_step: int, enabled: bool):
-        self.txt, self.jsonl, self.enabled = out / "log.txt", out / "log.jsonl", enabled
+        (self.txt, self.jsonl), self.enabled = (out / f for f in LOG_FILES), enabled
         if enabled:  # drop what a crashed run logged after its last checkpoint (or everything, if fresh)
             self._keep_before(self.txt, start_step, lambda line: int(line.split()[0]))
             self._keep_before(self.jsonl, start_step, lambda line: json.loads(line)["step"])

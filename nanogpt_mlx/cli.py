@@ -318,7 +318,7 @@ def add_train(sub) -> None:
     p.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoints are in DIR, exactly: "
                    "its model and its batches (batch_size, seq_len, shuffle, seed, shards) stay")
     p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out that already holds a run's checkpoints or model (removed)")
+                   help="start afresh in an --out that already holds a run's checkpoints, model or logs (removed)")
     p.add_argument("--ranks", type=positive_int, default=1,
                    help="data-parallel processes on this machine (ring backend on 127.0.0.1), each with "
                         "cores/ranks BLAS threads; for several machines use mlx.launch (see README)")

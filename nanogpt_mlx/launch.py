@@ -33,11 +33,19 @@ RANK_GRACE = 30.0  # seconds a rank stopped (SIGTERM) has to exit before it is k
 # `python -m nanogpt_mlx` (__main__.py), but a Ctrl-C while the rank still imports (its first half second) ends it
 # with status 130 (the launcher says "interrupted") rather than a traceback from inside MLX's import. __main__.py
 # cannot catch it: `-m` imports the package, MLX with it, before __main__.py runs
-_RANK_MAIN = """import sys
+# A Ctrl-C amid the imports ends a rank quietly, also one raised inside a __del__ (a ZipFile's, in importlib), which
+# Python would print as "Exception ignored ... Traceback" and go on importing
+_RANK_MAIN = """import os, sys
+def quiet(unraisable):
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        os._exit(130)
+    sys.__unraisablehook__(unraisable)
+sys.unraisablehook = quiet
 try:
     from nanogpt_mlx.cli import main
 except KeyboardInterrupt:
     sys.exit(130)
+sys.unraisablehook = sys.__unraisablehook__
 sys.exit(main())
 """
 

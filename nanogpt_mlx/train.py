@@ -261,6 +261,12 @@ class Trainer:
             raise UserError(f"{self.out} already holds a model ({', '.join(checkpoint.MODEL_FILES)}), which a new run "
                             "would replace; pass --overwrite (in Python Trainer(cfg, overwrite=True)), or choose "
                             "another --out")
+        # a run that ended before its first checkpoint (a crash, the OOM killer) leaves only its logs
+        logs = [f for f in checkpoint.LOG_FILES if (self.out / f).is_file() and (self.out / f).stat().st_size]
+        if ckpt is None and not overwrite and logs:
+            raise UserError(f"{self.out} already holds a run's {' and '.join(logs)} (no checkpoint to resume), which a "
+                            "new run would replace; pass --overwrite (in Python Trainer(cfg, overwrite=True)), or "
+                            "choose another --out")
         mlx_path(self.out)  # its checkpoints are MLX's files: refused now, not at the first save
         if self.dist.is_main:
             check_writable(self.out)

@@ -374,6 +374,22 @@ def test_ctrl_c_while_the_ranks_import_is_one_line(data_dir, tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err and err.count("nanogpt-mlx: interrupted") == 1, err
 
 
+def test_a_ctrl_c_inside_a_del_amid_a_ranks_imports_ends_it_quietly(tmp_path):
+    """A KeyboardInterrupt raised in a __del__ (importlib's ZipFile) is printed by Python as "Exception ignored ...
+    Traceback", and the import goes on: a rank hit there printed a traceback, then trained."""
+    from nanogpt_mlx.launch import _RANK_MAIN
+
+    (tmp_path / "nanogpt_mlx").mkdir()
+    (tmp_path / "nanogpt_mlx" / "__init__.py").write_text("")
+    (tmp_path / "nanogpt_mlx" / "cli.py").write_text(
+        "class Closing:\n    def __del__(self):\n        raise KeyboardInterrupt\n"
+        "Closing()\n"
+        "def main():\n    print('trained')\n    return 0\n")
+    proc = subprocess.run([sys.executable, "-c", _RANK_MAIN], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "")
+
+
 def test_ctrl_c_while_the_ranks_start_ends_the_launch(data_dir, tmp_path):
     """A Ctrl-C as soon as the first rank exists, while the launcher may still be starting the second: it was a
     KeyboardInterrupt there that ended the launcher untold to the ranks, which trained on. (A rank hit in Python's

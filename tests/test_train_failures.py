@@ -120,6 +120,19 @@ def test_overwrite_removes_the_old_runs_model_too(data_dir, run):
     assert_one_line_error(run_cli("sample", "--model", str(run)), "no config.json")
 
 
+def test_a_new_run_does_not_replace_an_earlier_runs_logs_without_overwrite(data_dir, tmp_path):
+    """A run that ended before its first checkpoint (the OOM killer at step 4000 of 5000) leaves only its logs: the
+    same command again erased them."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.txt").write_text("0 train 10.9\n1 train 10.7\n")
+    assert_one_line_error(run_cli(*cli_config(data_dir, out, "--max-steps", "1")),
+                          "already holds a run's log.txt (no checkpoint to resume)", "--overwrite")
+    assert (out / "log.txt").read_text() == "0 train 10.9\n1 train 10.7\n"
+    run_cli(*cli_config(data_dir, out, "--max-steps", "1", "--overwrite"), check=True)
+    assert "0 train " in (out / "log.txt").read_text() and "10.9\n" not in (out / "log.txt").read_text()
+
+
 def test_a_new_run_does_not_replace_a_model_without_overwrite(data_dir, tmp_path):
     """An export, or a finished run whose checkpoints were deleted: a new run's start removed its model."""
     from nanogpt_mlx.weights import export_hf, load_model

@@ -29,7 +29,8 @@ sys.exit(sys.version_info < (3, 10) or (spec is not None and not os.path.realpat
 fi
 # one stamp per extra installed from this pyproject.toml: what an earlier install covers is not repeated (test.sh's
 # cpu,test covers quickstart.sh's cpu, offline too)
-hash="$(sha256sum pyproject.toml | cut -c1-16)"
+sha256() { if command -v sha256sum >/dev/null; then sha256sum "$@"; else shasum -a 256 "$@"; fi; }  # (older macOS)
+hash="$(sha256 pyproject.toml | cut -c1-16)"
 wanted="base${extras:+,$extras}"
 for extra in ${wanted//,/ }; do
     if [ ! -f ".venv/.installed-$hash-$extra" ]; then

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -93,6 +94,13 @@ def run_worker(worker: str, env: dict, path: Path, new_tokens: int, reps: int) -
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors file's header (8-byte length + JSON)."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="Hugging Face GPT-2 directory (default: random 124M weights)")
@@ -108,6 +116,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or make_weights(Path(tmp))
+        params = sum(math.prod(shape) for f in sorted(path.glob("model*.safetensors"))
+                     for shape in safetensors_shapes(f).values())
         results: dict[str, list[dict]] = {name: [] for name in ENGINES}
         for r in range(args.rounds):
             for name, (worker, env) in ENGINES.items():
@@ -120,9 +130,9 @@ def main() -> None:
     best = {name: max(r) for name, r in rates.items()}  # other load on a shared machine only slows runs down
     base = rate["transformers generate (PyTorch)"]
     best_base = best["transformers generate (PyTorch)"]
-    weights_gb = 124_439_808 * 4 / 1e9  # fp32 parameters, all streamed once per token (tied head included)
+    weights_gb = params * 4 / 1e9  # fp32 parameters, all streamed once per token (tied head included)
     mlx = results["nanogpt-mlx"][0]
-    print(f"\nGPT-2 124M fp32, batch 1, greedy, prompt {len(PROMPT)} tokens + {args.new_tokens} new, "
+    print(f"\nGPT-2 {params / 1e6:.0f}M fp32, batch 1, greedy, prompt {len(PROMPT)} tokens + {args.new_tokens} new, "
           f"median of {args.rounds} x {args.reps} runs")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} threads; "
           f"torch threads {results['transformers generate (PyTorch)'][0]['threads']}; "

@@ -146,8 +146,9 @@ def add_export(sub) -> None:
                                    "speedrun-recipe model (RoPE, QK-norm, an untied head) is no GPT-2 and is refused.")
     p.add_argument("src", help="hub id, local Hugging Face directory or checkpoint dir")
     p.add_argument("out", help="output directory, new or empty")
-    p.add_argument("--force", action="store_true", help="write into a non-empty directory (never into SRC itself or a nanogpt-mlx run or checkpoint), "
-                   "removing other weight files there that loaders would read with the export's")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty directory (never into SRC itself or a nanogpt-mlx run or checkpoint), "
+                        "removing other weight files there that loaders would read with the export's")
     p.set_defaults(func=cmd_export)
 
 
@@ -293,7 +294,8 @@ def cmd_prepare(args) -> None:
     elif args.source == "shakespeare":
         source = sources.shakespeare(path=args.path, url=args.url)
     else:
-        source = sources.local_files(args.paths, text_field=args.text_field, split_on_blank_lines=args.split_on_blank_lines)
+        source = sources.local_files(args.paths, text_field=args.text_field,
+                                     split_on_blank_lines=args.split_on_blank_lines)
     with signals.like_ctrl_c():
         print(prep.prepare(source, args.out, cfg))
 

@@ -189,7 +189,7 @@ def test_bad_directories_are_user_errors(tiny_hf_dir, tmp_path):
     with pytest.raises(UserError, match="only pytorch_model.bin found; pickle files are not loaded"):
         load_model(pickle_only)
     (pickle_only / "pytorch_model.bin").rename(pickle_only / "pytorch_model-00001-of-00002.bin")  # save_pretrained's
-    (pickle_only / "pytorch_model-00002-of-00002.bin").write_bytes(b"not loaded")  # shards: "model.safetensors: not found"
+    (pickle_only / "pytorch_model-00002-of-00002.bin").write_bytes(b"not loaded")  # said "model.safetensors: not found"
     with pytest.raises(UserError, match=r"only pytorch_model-00001-of-00002.bin \.\.\. found; pickle files are not"):
         load_model(pickle_only)
 

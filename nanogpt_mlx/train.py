@@ -252,21 +252,22 @@ class Trainer:
         return math.gcd(device.step_threads(config.n_embd), cfg.batch_size)
 
     def _check_out(self, ckpt: Path | None, overwrite: bool) -> None:
-        """Refuse a fresh run into an OUT holding another run's checkpoints or a model, unless overwriting; and an
-        OUT this process cannot write, now rather than at the first checkpoint."""
-        if ckpt is None and checkpoint.checkpoints(self.out) and not overwrite:
-            raise UserError(f"{self.out} already holds a checkpoint; resume it (--resume {self.out}; in Python "
-                            "Trainer(cfg, resume=True)), pass --overwrite (overwrite=True), or choose another --out")
-        if ckpt is None and not overwrite and any((self.out / f).exists() for f in checkpoint.MODEL_FILES):
-            raise UserError(f"{self.out} already holds a model ({', '.join(checkpoint.MODEL_FILES)}), which a new run "
-                            "would replace; pass --overwrite (in Python Trainer(cfg, overwrite=True)), or choose "
-                            "another --out")
-        # a run that ended before its first checkpoint (a crash, the OOM killer) leaves only its logs
-        logs = [f for f in checkpoint.LOG_FILES if (self.out / f).is_file() and (self.out / f).stat().st_size]
-        if ckpt is None and not overwrite and logs:
-            raise UserError(f"{self.out} already holds a run's {' and '.join(logs)} (no checkpoint to resume), which a "
-                            "new run would replace; pass --overwrite (in Python Trainer(cfg, overwrite=True)), or "
-                            "choose another --out")
+        """Refuse a fresh run into an OUT holding another run's checkpoints, a model or logs, unless overwriting; and
+        an OUT this process cannot write, now rather than at the first checkpoint."""
+        if ckpt is None and not overwrite:
+            if checkpoint.checkpoints(self.out):
+                raise UserError(f"{self.out} already holds a checkpoint; resume it (--resume {self.out}; in Python "
+                                "Trainer(cfg, resume=True)), pass --overwrite (overwrite=True), or choose another --out")
+            logs = [f for f in checkpoint.LOG_FILES if (self.out / f).is_file() and (self.out / f).stat().st_size]
+            if any((self.out / f).exists() for f in checkpoint.MODEL_FILES):
+                held = f"a model ({', '.join(checkpoint.MODEL_FILES)})"
+            elif logs:  # alone: a run that ended before its first checkpoint (a crash, the OOM killer)
+                held = f"a run's {' and '.join(logs)} (no checkpoint to resume)"
+            else:
+                held = ""
+            if held:
+                raise UserError(f"{self.out} already holds {held}, which a new run would replace; pass --overwrite (in "
+                                "Python Trainer(cfg, overwrite=True)), or choose another --out")
         mlx_path(self.out)  # its checkpoints are MLX's files: refused now, not at the first save
         if self.dist.is_main:
             check_writable(self.out)

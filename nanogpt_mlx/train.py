@@ -594,12 +594,14 @@ class Trainer:
         # an earlier train()'s stop request was answered by its end
         self._stop, self._stopped_by, self._stop_error = False, None, None
         try:
-            result = self._train(until)
-        except (Stopped, _SavedStop):  # saved: whole, train() continues
-            raise
-        except BaseException as e:  # a second Ctrl-C, a NaN, a failed save or read: maybe with a step half applied
-            self._broken = first_line(e) or type(e).__name__
-            raise
+            self.log.restart(self.step)  # before any step: its failure leaves this Trainer whole
+            try:
+                result = self._train(until)
+            except (Stopped, _SavedStop):  # saved: whole, train() continues
+                raise
+            except BaseException as e:  # a second Ctrl-C, a NaN, a failed save or read: maybe a step half applied
+                self._broken = first_line(e) or type(e).__name__
+                raise
         finally:
             if self.dist.is_main:
                 unlock_dir(self.out)  # another process may write OUT now

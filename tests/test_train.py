@@ -729,6 +729,31 @@ def test_ctrl_c_during_an_evaluation_stops_it_at_once(data_dir, tmp_path):
     assert [r["step"] for r in logged(out)] == [0, 1, 2]
 
 
+def test_an_evaluation_stopped_in_a_notebook_is_logged_once_when_train_is_called_again(data_dir, tmp_path):
+    """A stop during step 2's samples, after its val loss was logged: the next train() evaluates step 2 again and
+    the log holds its val loss once (it held it twice)."""
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(data_dir, out, max_steps=4, val_every=2, val_steps=1, sample_every=2,
+                                  num_samples=1, sample_tokens=2, prompt="a"))
+    samples = trainer.samples
+
+    def stop_at_step_2():
+        if trainer.step == 2:
+            trainer._on_signal(signal.SIGINT, None)  # what Ctrl-C does: the evaluation ends at once
+        return samples()
+
+    trainer.samples = stop_at_step_2
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert trainer.step == 2 and [r["step"] for r in logged(out, "val")] == [0, 2]
+    trainer.samples = samples
+    trainer.train()
+    assert [r["step"] for r in logged(out, "val")] == [0, 2, 3]
+    assert [r["step"] for r in logged(out, "sample")] == [2, 3]
+    assert [line.split()[:2] for line in (out / "log.txt").read_text().splitlines() if " val " in line] == \
+        [["0", "val"], ["2", "val"], ["3", "val"]]
+
+
 # ------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("case, needles", [
     ("missing-dir", ["data directory not found"]),

@@ -220,6 +220,18 @@ class RunLog:
         self._append(self.jsonl, json.dumps({"step": step, "kind": kind, **fields}) + "\n")
         self.last_step = step if self.last_step is None else max(self.last_step, step)
 
+    def sync(self) -> None:
+        """Flush the logs to the disk: a checkpoint written after this cannot outlive the lines before its step
+        (a power cut would otherwise keep the checkpoint and lose them, and a resumed run keeps the log as is)."""
+        for path in (self.txt, self.jsonl) if self.enabled else ():
+            try:
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+            except FileNotFoundError:  # nothing logged yet
+                pass
+            except OSError as e:
+                raise cannot("write", path, e) from None
+
     def _append(self, path: Path, line: str) -> None:
         if not self.enabled:
             return

@@ -372,6 +372,7 @@ class Trainer:
         """Write OUT/ckpt-{step} with the float32 master weights (rank 0 only) and return its path."""
         if not self.dist.is_main:
             return self.out / f"ckpt-{self.step:06d}"
+        self.log.sync()
         self._use_master(mx.float32)  # save the float32 masters, not a bf16 copy
         try:
             # the optimizer state per tensor, as the model's weights are stored, whatever the packing

@@ -729,6 +729,20 @@ def test_ctrl_c_during_an_evaluation_stops_it_at_once(data_dir, tmp_path):
     assert [r["step"] for r in logged(out)] == [0, 1, 2]
 
 
+def test_the_logs_reach_the_disk_before_each_checkpoint(data_dir, tmp_path, monkeypatch):
+    """A power cut after a checkpoint must not lose the log lines before its step (they were never fsynced)."""
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd).st_ino) or fsync(fd))
+    out = tmp_path / "run"
+    Trainer(tiny_config(data_dir, out, max_steps=2, checkpoint_every=1)).train()
+    logs = {(out / name).stat().st_ino for name in ("log.txt", "log.jsonl")}
+    since = 0
+    for step in (1, 2):
+        state = synced.index((out / f"ckpt-{step:06d}" / "trainer.json").stat().st_ino)
+        assert logs <= set(synced[since:state])
+        since = state
+
+
 def test_an_evaluation_stopped_in_a_notebook_is_logged_once_when_train_is_called_again(data_dir, tmp_path):
     """A stop during step 2's samples, after its val loss was logged: the next train() evaluates step 2 again and
     the log holds its val loss once (it held it twice)."""

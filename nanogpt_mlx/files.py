@@ -250,9 +250,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def as_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str | os.PathLike]:
-    """One path or a sequence of them, as a list: a str is one path, not its characters."""
-    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+def as_paths(paths: str | os.PathLike | Sequence[str | os.PathLike], what: str = "paths") -> list[str | os.PathLike]:
+    """One path or a sequence of them, as a list: a str is one path, not its characters. Anything else is refused
+    (UserError) as `what`: an int or None failed later as a TypeError, or was read as a file named "3"."""
+    if isinstance(paths, (str, os.PathLike)):
+        return [paths]
+    if isinstance(paths, (list, tuple)) and all(isinstance(p, (str, os.PathLike)) for p in paths):
+        return list(paths)
+    raise UserError(f"{what} must be a path or a list of paths, got {paths!r}")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

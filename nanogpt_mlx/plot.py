@@ -83,9 +83,13 @@ def plot_runs(runs: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
     from matplotlib.figure import Figure
     from matplotlib.ticker import FormatStrFormatter
 
-    runs = as_paths(runs)
+    runs = as_paths(runs, "runs")
     if not runs:
         raise UserError("no runs to plot")
+    if not isinstance(out, (str, os.PathLike)):
+        raise UserError(f"out must be a path, got {out!r}")
+    if not isinstance(log_scale, bool):  # "no" drew a log scale
+        raise UserError(f"log_scale must be true or false, got {log_scale!r}")
     out = Path(out)
     if baseline not in ("auto", "on", "off"):
         raise UserError(f"baseline must be auto, on or off, got {baseline!r}")

@@ -77,6 +77,20 @@ def test_one_run_may_be_named_alone(tmp_path):
         plot_runs([], tmp_path / "none.png")
 
 
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"runs": 3}, "runs must be a path or a list of paths, got 3"),
+    ({"runs": [None]}, "runs must be a path or a list of paths, got [None]"),
+    ({"out": 3}, "out must be a path, got 3"),
+    ({"log_scale": "no"}, "log_scale must be true or false, got 'no'"),
+])
+def test_plot_runs_refuses_arguments_of_other_types(kwargs, needle, tmp_path):
+    """An int, None or "no" was a TypeError from deep inside (or, for log_scale, a log scale)."""
+    args = {"runs": [fake_run(tmp_path / "a")], "out": tmp_path / "p.png", **kwargs}
+    with pytest.raises(UserError, match=re.escape(needle)):
+        plot_runs(**args)
+    assert not (tmp_path / "p.png").exists()
+
+
 def test_plot_without_hellaswag_has_one_panel(tmp_path):
     out = plot_runs([fake_run(tmp_path / "a", hella=False)], tmp_path / "one.png", baseline="off")
     width, height = png_size(out)

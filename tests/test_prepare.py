@@ -573,6 +573,13 @@ def test_a_setting_of_another_type_is_refused_before_any_work(field, value, need
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("paths", [3, None, [Path("a.txt"), 3]])
+def test_local_files_refuses_what_is_no_path(paths):
+    """3 was read as a file named "3"; None and [path, 3] were TypeErrors."""
+    with pytest.raises(UserError, match=re.escape(f"paths must be a path or a list of paths, got {paths!r}")):
+        sources.local_files(paths)
+
+
 @pytest.mark.parametrize("damage", [lambda m: m["shards"][0].pop("sha256"), lambda m: m["shards"][0].update(end=5),
                                     lambda m: m["shards"][0].update(file="../elsewhere.npy"),
                                     lambda m: m["shards"][0].update(tokens="801"),

@@ -5,17 +5,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 extras="${1:-}"
+python="${PYTHON:-python3}"  # the Python that makes .venv (PYTHON=python3.12 bash setup.sh)
 if [ "$(uname -s)" = "Linux" ]; then
     extras="cpu${extras:+,$extras}"
-    # MLX's Linux wheel bundles a slow reference BLAS; OpenBLAS makes fp32 matmuls ~30x faster.
-    if ! ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1; then
-        if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-            (apt-get install -y -qq libopenblas0-pthread || { apt-get update -qq && apt-get install -y -qq libopenblas0-pthread; }) >/dev/null \
-                || echo "setup: could not install libopenblas0-pthread; training will be slow" >&2
-        else
-            echo "setup: for fast training run: sudo apt-get install libopenblas0-pthread" >&2
-        fi
-    fi
 fi
 # a venv without pip (ensurepip failed, an interrupted creation), from a Python older than 3.10, or moved or copied
 # from another checkout (its scripts start that path's python, its package is that checkout's) is made anew
@@ -25,7 +17,13 @@ spec = u.find_spec("nanogpt_mlx")
 here = os.path.realpath(sys.argv[1]) + os.sep
 sys.exit(sys.version_info < (3, 10) or (spec is not None and not os.path.realpath(spec.origin).startswith(here)))' \
         "$PWD" 2>/dev/null; then
-    python3 -m venv --clear .venv
+    if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+        version="$("$python" -V 2>&1)" || version="not found"
+        echo "setup: nanogpt-mlx needs Python >= 3.10, and $python is $version;" \
+            "name another: PYTHON=python3.12 bash $0" >&2
+        exit 1
+    fi
+    "$python" -m venv --clear .venv
 fi
 # one stamp per extra installed from this pyproject.toml: what an earlier install covers is not repeated (test.sh's
 # cpu,test covers quickstart.sh's cpu, offline too)
@@ -41,3 +39,18 @@ for extra in ${wanted//,/ }; do
         break
     fi
 done
+# MLX's Linux wheel bundles a slow reference BLAS; the system's OpenBLAS, where cpu.py finds it, makes float32
+# matmuls ~30x faster (`info` says "blas bundled" where it finds none)
+if [ "$(uname -s)" = "Linux" ]; then
+    blas="$(env -u NANOGPT_MLX_NO_OPENBLAS .venv/bin/python -m nanogpt_mlx info 2>/dev/null | sed -n 's/^blas  *//p')"
+    case "$blas" in bundled*)
+        if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+            (apt-get install -y -qq libopenblas0-pthread \
+                || { apt-get update -qq && apt-get install -y -qq libopenblas0-pthread; }) >/dev/null \
+                || echo "setup: could not install libopenblas0-pthread; training will be slow" >&2
+        else
+            echo "setup: for fast training install OpenBLAS: sudo apt-get install libopenblas0-pthread (Debian," \
+                "Ubuntu) or sudo dnf install openblas (Fedora)" >&2
+        fi
+    esac
+fi

@@ -20,8 +20,11 @@ import tempfile
 from pathlib import Path
 from statistics import median
 
+from workers import integer
+
 import numpy as np
 
+WARMUP = 2  # untimed steps first: the step's compilation, then the allocator's first use
 CONFIGS = {  # the training benchmark's configs
     "a": dict(n_layer=4, n_head=4, n_embd=256, batch_size=8, seq_len=256),
     "b": dict(n_layer=12, n_head=12, n_embd=768, batch_size=4, seq_len=256),
@@ -59,11 +62,11 @@ def hostfile(directory: Path, n: int) -> Path:
 
 
 def run(directory: Path, model: dict, ranks: int, threads: int, steps: int, world_tokens: int) -> dict:
-    """Train `steps` steps with `ranks` processes of `threads` BLAS threads; median tok/s after warm-up."""
+    """Train WARMUP + `steps` steps with `ranks` processes of `threads` BLAS threads; the median tok/s of `steps`."""
     out = directory / f"L{model['n_layer']}d{model['n_embd']}-r{ranks}t{threads}"  # a fresh run directory each
     cfg = dict(data=str(directory / "data"), out=str(out), vocab_size=50304, block_size=model["seq_len"],
-               total_batch_size=world_tokens, max_steps=steps, warmup_steps=2, val_every=0, sample_every=0, hellaswag_every=0,
-               checkpoint_every=0, **model)
+               total_batch_size=world_tokens, max_steps=WARMUP + steps, warmup_steps=2, val_every=0, sample_every=0,
+               hellaswag_every=0, checkpoint_every=0, **model)
     script = directory / "worker.py"
     script.write_text(WORKER)
     hosts = hostfile(directory, ranks) if ranks > 1 else None
@@ -81,7 +84,7 @@ def run(directory: Path, model: dict, ranks: int, threads: int, steps: int, worl
             tail = (directory / f"{out.name}-rank{r}.err").read_text()[-2000:]
             raise SystemExit(f"rank {r} of {out.name} failed ({p.returncode}):\n{tail}")
     steps_log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
-    tps = [r["tok_per_s"] for r in steps_log if r["kind"] == "train"][2:]  # skip compile + warm-up steps
+    tps = [r["tok_per_s"] for r in steps_log if r["kind"] == "train"][WARMUP:]
     result = {"tok_per_s": median(tps)}
     if ranks > 1:
         result.update(json.loads(outputs[0].strip().splitlines()[-1]))
@@ -91,9 +94,12 @@ def run(directory: Path, model: dict, ranks: int, threads: int, steps: int, worl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="ab", help="which configs: a (4L/256d, B8xT256), b (124M, B4xT256)")
-    ap.add_argument("--ranks", type=int, default=os.cpu_count() or 2, help="single-threaded ranks (default: the cores)")
-    ap.add_argument("--steps", type=int, default=8, help="timed steps (default: 8)")
+    ap.add_argument("--ranks", type=integer(1), default=os.cpu_count() or 2,
+                    help="single-threaded ranks (default: the cores)")
+    ap.add_argument("--steps", type=integer(1), default=6, help="timed steps, after 2 untimed (default: 6)")
     args = ap.parse_args()
+    if other := set(args.configs) - set(CONFIGS):  # before minutes of runs
+        ap.error(f"--configs {args.configs}: {', '.join(sorted(other))} is no config ({', '.join(CONFIGS)})")
     n = args.ranks
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,6 +26,8 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from statistics import median
 
+from workers import integer, number
+
 from nanogpt_mlx import UserError, checkpoint, recipes
 from nanogpt_mlx.model import GPTConfig
 from nanogpt_mlx.config import TrainConfig
@@ -101,10 +103,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="data/shakespeare", help="shards of `nanogpt-mlx prepare shakespeare`")
     ap.add_argument("--out", default="out/bench-recipes", help="run directories (their log.txt plot with `plot`)")
-    ap.add_argument("--steps", type=int, default=200, help="step budget of both recipes (the preset's: 200)")
-    ap.add_argument("--val-every", type=int, default=20, help="steps between val losses (8 batches each, the preset's)")
-    ap.add_argument("--nanogpt-lrs", type=float, nargs="+", default=NANOGPT_LRS, help="build-nanogpt max_lr sweep")
-    ap.add_argument("--speedrun-scales", type=float, nargs="+", default=SPEEDRUN_SCALES,
+    ap.add_argument("--steps", type=integer(1), default=200, help="step budget of both recipes (the preset's: 200)")
+    ap.add_argument("--val-every", type=integer(1), default=20,
+                    help="steps between val losses (8 batches each, the preset's)")
+    ap.add_argument("--nanogpt-lrs", type=number, nargs="+", default=NANOGPT_LRS, help="build-nanogpt max_lr sweep")
+    ap.add_argument("--speedrun-scales", type=number, nargs="+", default=SPEEDRUN_SCALES,
                     help="speedrun sweep: multipliers of all its LRs")
     ap.add_argument("--ablate", nargs="*", default=[], metavar="SWITCHES",
                     help="speedrun runs at the best LRs with changed model switches, e.g. value_embeds=1 unet=true")

@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 from statistics import median
 
+from workers import integer
+
 PROMPT = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # "Hello, I'm a language model,"
 
 # Each worker defines run() -> new token ids and a dict `info`; TIMING then measures run().
@@ -104,9 +106,11 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="Hugging Face GPT-2 directory (default: random 124M weights)")
-    ap.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated (default: 128)")
-    ap.add_argument("--rounds", type=int, default=3, help="turns each engine takes (fresh process each; default: 3)")
-    ap.add_argument("--reps", type=int, default=3, help="timed generations per turn, after one warm-up (default: 3)")
+    ap.add_argument("--new-tokens", type=integer(1), default=128, help="greedy tokens generated (default: 128)")
+    ap.add_argument("--rounds", type=integer(1), default=3,
+                    help="turns each engine takes (fresh process each; default: 3)")
+    ap.add_argument("--reps", type=integer(1), default=3,
+                    help="timed generations per turn, after one warm-up (default: 3)")
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                     help="gpu: transformers on CUDA, nanogpt-mlx on mlx[cuda]; the gemv-shim engine is CPU-only")
     args = ap.parse_args()

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from statistics import median
 
-from workers import spawn
+from workers import integer, number, spawn
 
 CONFIGS = {  # n_layer, n_embd, n_head, B, T
     "a": (4, 256, 4, 8, 256),
@@ -239,10 +239,10 @@ def main() -> None:
                    help="default: a b c on a CPU, the GPU configs on a GPU")
     p.add_argument("--engines", nargs="+", choices=list(dict.fromkeys(ENGINES + GPU_ENGINES)),
                    help="default: all of the device's")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per engine (default: 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
-    p.add_argument("--rounds", type=int, default=2, help="turns per engine; the best counts (default: 2)")
-    p.add_argument("--memory-limit", type=float, default=0.0,
+    p.add_argument("--steps", type=integer(1), default=5, help="timed steps per engine (default: 5)")
+    p.add_argument("--warmup", type=integer(0), default=2, help="untimed steps first (default: 2)")
+    p.add_argument("--rounds", type=integer(1), default=2, help="turns per engine; the best counts (default: 2)")
+    p.add_argument("--memory-limit", type=number, default=0.0,
                    help="GB: MLX engines run under mx.set_memory_limit (MLX then waits for queued work rather than "
                         "allocate past it), to see how much of their peak is work queued ahead (default: none)")
     p.add_argument("--cap-memory", action="store_true",
@@ -259,8 +259,6 @@ def main() -> None:
     args.configs = args.configs or list(configs)
     if other := [c for c in args.configs if c not in configs]:  # before the GEMMs are measured
         p.error(f"--configs {' '.join(other)}: not a --device {args.device} config ({', '.join(configs)})")
-    if args.steps < 1:
-        p.error("--steps must be >= 1")
     args.engines = args.engines or (GPU_ENGINES if gpu else ENGINES)
 
     peaks = {e: max(spawn(__file__, "gemm", e)["gflops"] for _ in range(args.rounds)) for e in ("mlx", "torch")}

@@ -29,7 +29,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from workers import spawn
+from workers import integer, spawn
 
 KINDS = [  # the first pattern a kernel's name matches (lower case) gives its kind
     ("element-wise", r"mlx::core::cu::\w+_(contiguous|strided)<"),  # mx.compile's fused kernels (CUPTI's names
@@ -160,9 +160,9 @@ def main() -> None:
                    choices=["mlx", "mlx-fp32", "torch.compile", "torch-fp32"],
                    help="mlx: the profile's dtype (bf16 on a GPU); torch.compile: bf16 autocast; the fp32 engines: "
                         "TF32 matmuls, PyTorch eager (default: mlx torch.compile)")
-    p.add_argument("--steps", type=int, default=5, help="profiled steps per engine (default: 5)")
-    p.add_argument("--warmup", type=int, default=3, help="steps before the profiled ones (default: 3)")
-    p.add_argument("--top", type=int, default=25, help="largest kernels listed per engine (default: 25)")
+    p.add_argument("--steps", type=integer(1), default=5, help="profiled steps per engine (default: 5)")
+    p.add_argument("--warmup", type=integer(0), default=3, help="steps before the profiled ones (default: 3)")
+    p.add_argument("--top", type=integer(1), default=25, help="largest kernels listed per engine (default: 25)")
     p.add_argument("--quick", action="store_true", help="config a on the CPU: a smoke test of the script")
     p.add_argument("--out", default=os.environ.get("OUT", "out"), help="folder for the JSON and traces")
     args = p.parse_args()

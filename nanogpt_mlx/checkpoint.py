@@ -176,6 +176,20 @@ def _link_or_copy(src: Path, dst: Path) -> None:
             shutil.copyfile(src, tmp)
 
 
+def _last_line(path: Path) -> str | None:
+    """The last line of a file (None if it is empty), read from its end."""
+    with open(path, "rb") as f:
+        end, size = f.seek(0, os.SEEK_END), 1 << 16
+        while True:
+            start = max(0, end - size)
+            f.seek(start)
+            tail = f.read(end - start)
+            cut = tail.rfind(b"\n", 0, len(tail) - 1)  # the newline before the last line's
+            if cut >= 0 or start == 0:
+                return tail[cut + 1:].decode(errors="replace") or None
+            size *= 4
+
+
 class RunLog:
     """log.txt in build-nanogpt's format (`{step} train {loss:.6f}`, `{step} val {loss:.4f}`,
     `{step} hella {acc:.4f}`) plus log.jsonl with every field; both append-only, one line per event."""
@@ -201,8 +215,20 @@ class RunLog:
 
     @staticmethod
     def _keep_before(path: Path, step: int, step_of) -> None:
-        lines = path.read_text(errors="replace").splitlines(keepends=True) if path.exists() else []
-        atomic_write_text(path, "".join(line for line in lines if RunLog._before(line, step, step_of)))
+        """Drop the lines of `path` that are torn or logged at `step` or later. Steps are logged in order, so where
+        the last line is intact and before `step` nothing is dropped and the file is left as it is (a long run's
+        logs are hundreds of MB: read whole and rewritten at every resume, they took seconds and that memory)."""
+        if not path.exists():
+            atomic_write_text(path, "")
+            return
+        try:
+            last = _last_line(path)
+            if last is None or RunLog._before(last, step, step_of):
+                return
+            with open(path, "rb") as src, atomic_path(path) as tmp, open(tmp, "wb") as dst:
+                dst.writelines(line for line in src if RunLog._before(line.decode(errors="replace"), step, step_of))
+        except OSError as e:
+            raise cannot("read", path, e) from None
 
     @staticmethod
     def _before(line: str, step: int, step_of) -> bool:

@@ -729,6 +729,29 @@ def test_ctrl_c_during_an_evaluation_stops_it_at_once(data_dir, tmp_path):
     assert [r["step"] for r in logged(out)] == [0, 1, 2]
 
 
+def test_a_resumed_runs_log_is_cut_at_its_step_and_left_alone_when_nothing_follows(tmp_path):
+    """Resuming at step 3 drops what was logged from step 3 on and a torn last line, keeping the other lines'
+    bytes; a log that ends before step 3 is not rewritten (a long run's logs are hundreds of MB: each resume read
+    them whole and wrote them again). The last line may be longer than one read from the end."""
+    from nanogpt_mlx.checkpoint import RunLog
+    out = tmp_path / "run"
+    out.mkdir()
+    long_sample = json.dumps({"step": 2, "kind": "sample", "texts": ["\u00e9\r" * 50_000]}) + "\n"
+    kept_txt, kept_jsonl = "0 train 10.500000\n2 val 9.1000\n", '{"step": 0, "kind": "train"}\n' + long_sample
+    (out / "log.txt").write_text(kept_txt + "3 train 9.000000\n4 tra")
+    (out / "log.jsonl").write_text(kept_jsonl + '{"step": 3, "kind": "train"}\n{"step": 4, "ki')
+    RunLog(out, 3, True)
+    assert (out / "log.txt").read_text() == kept_txt and (out / "log.jsonl").read_text() == kept_jsonl
+    inodes = [(out / name).stat().st_ino for name in ("log.txt", "log.jsonl")]
+    RunLog(out, 3, True)
+    RunLog(out, 5, True).restart(4)  # nothing logged by that RunLog: nothing to drop
+    assert [(out / name).stat().st_ino for name in ("log.txt", "log.jsonl")] == inodes
+    assert (out / "log.txt").read_text() == kept_txt and (out / "log.jsonl").read_text() == kept_jsonl
+    RunLog(out, 1, True)
+    assert (out / "log.txt").read_text() == "0 train 10.500000\n"
+    assert (out / "log.jsonl").read_text() == '{"step": 0, "kind": "train"}\n'
+
+
 def test_the_logs_reach_the_disk_before_each_checkpoint(data_dir, tmp_path, monkeypatch):
     """A power cut after a checkpoint must not lose the log lines before its step (they were never fsynced)."""
     synced, fsync = [], os.fsync

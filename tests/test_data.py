@@ -205,3 +205,53 @@ def test_a_headerless_shard_is_named_as_such(tmp_path):
     with pytest.raises(UserError, match=r"x_val_000000.npy: cannot read shard \(not a NumPy .npy file: no .npy "
                                         r"header; raw tokens\? save them with np.save\)$"):
         open_shard(tmp_path / "x_val_000000.npy")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_each_rank_reads_build_nanogpts_windows(world, tmp_path):
+    """build-nanogpt's DataLoaderLite, written out: rank r's k-th batch of a shard is the window at
+    B*T*(k*world + r), and a shard holds (n - 1) // (B*T*world) global batches (rank 0's count, which DataLoader
+    gives every rank; a window needs the token after it as its last target, so a shard of exactly m*B*T*world
+    tokens holds m - 1), then the next shard, wrapping."""
+    B, T = 2, 8
+    BTW = B * T * world
+    lengths = [3 * BTW, 3 * BTW + 1, 2 * BTW + 5]  # an exact multiple, one token more, a remainder
+    shards = [np.arange(n) + 1000 * i for i, n in enumerate(lengths)]
+    data = write_shards(tmp_path / "d", shards, token_stream(2000, 3), name="t")
+    for rank in range(world):
+        expected = [s[B * T * (k * world + rank):][:B * T + 1] for s in shards for k in range((len(s) - 1) // BTW)]
+        assert len(expected) == 2 + 3 + 2
+        loader = DataLoader(data, "train", B, T, rank, world, vocab_size=4000)
+        for window in expected + expected[:2]:  # one pass, then the first shard again
+            x, y = loader.next_batch()
+            np.testing.assert_array_equal(x.reshape(-1), window[:-1])
+            np.testing.assert_array_equal(y.reshape(-1), window[1:])
+
+
+def test_shuffle_draws_each_shards_order_from_its_own_seed(tmp_path):
+    """Two shards of the same length are read in different orders: the permutation is drawn from (seed, epoch,
+    shard), not the same for every shard."""
+    windows, BT = 10, 4 * 32
+    data = write_shards(tmp_path / "d", [np.arange(windows * BT + 1), np.arange(windows * BT + 1) + 2000],
+                        token_stream(2000, 3))
+    loader = DataLoader(data, "train", 4, 32, shuffle=True, seed=5)
+    starts = [[(int(loader.next_batch()[0][0, 0]) - 2000 * shard) // BT for _ in range(windows)] for shard in (0, 1)]
+    assert starts == [np.random.default_rng([5, 0, shard]).permutation(windows).tolist() for shard in (0, 1)]
+    assert starts[0] != starts[1]
+
+
+def test_a_saved_position_in_a_later_epoch_resumes_its_shuffle(tmp_path):
+    """A position past the first pass continues that epoch's order: the epoch is restored with the shard and step
+    (a loader back in epoch 0 would read the first pass's permutation again)."""
+    data = write_shards(tmp_path / "d", [token_stream(3000, 1), token_stream(3000, 2)], token_stream(2000, 3))
+    loader = DataLoader(data, "train", 4, 32, shuffle=True, seed=5)
+    one_pass = loader.within_one_pass(10**6)
+    for _ in range(one_pass + 5):
+        loader.next_batch()
+    saved = json.loads(json.dumps(loader.state_dict()))
+    assert saved["epoch"] == 1
+    resumed = DataLoader(data, "train", 4, 32, shuffle=True, seed=5)
+    resumed.load_state_dict(saved)
+    for _ in range(one_pass):
+        np.testing.assert_array_equal(resumed.next_batch()[0], loader.next_batch()[0])
+    assert resumed.state_dict() == loader.state_dict()

@@ -111,6 +111,8 @@ def test_parity_with_pytorch_reference(tiny_hf_dir, fixture_file, model):
         np.testing.assert_allclose(rec.mean_losses, want["mean_losses"], rtol=0, atol=1e-4)
     assert res.num_correct == sum(w["predicted"] == r["label"] for w, r in zip(ref, raw))
     assert res.num_correct_norm == sum(w["predicted_norm"] == r["label"] for w, r in zip(ref, raw))
+    assert res.num_total == len(raw)  # the accuracies the CLI and training report are these counts' fractions
+    assert (res.acc, res.acc_norm) == (res.num_correct / len(raw), res.num_correct_norm / len(raw))
     # the fixture exercises what it should: sum and mean disagree somewhere, endings differ in length
     assert any(w["predicted"] != w["predicted_norm"] for w in ref)
     assert len({n for rec in res.records for n in rec.num_tokens}) >= 5

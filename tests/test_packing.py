@@ -98,3 +98,27 @@ def test_packed_adamw_equals_adamw_per_tensor(compiled, small_buckets):
     assert_trees_equal(packing.pack_state(packing.unpack_state(packed.state), like=packed.state), packed.state)
     repacked = dict(tree_flatten(packing.pack_state(per_tensor.state, like=packed.state)))
     assert repacked.keys() == dict(tree_flatten(packed.state)).keys()
+
+
+@pytest.mark.parametrize("max_norm, scale", [(10.0, 1.0), (1e-2, 1e-3), (1e-7, 1e-6)],
+                         ids=["above-the-norm", "clipped", "tiny-norm"])
+def test_clip_grad_norm_is_pytorchs(max_norm, scale):
+    """clip_grad_norm against torch.nn.utils.clip_grad_norm_: the pre-clip norm, and the scale min(1, max_norm /
+    (norm + 1e-6)), whose 1e-6 decides a tiny norm's (max_norm 1e-7 of a 1.9e-6 norm: 1/29, not 1/19); max_norm 0
+    (the speedrun's) clips nothing and still gives the norm."""
+    import torch
+
+    _, grads = params_and_grads()
+    grads = tree_map(lambda g: g * scale, grads)
+    flat = dict(tree_flatten(grads))
+    tensors = {k: torch.tensor(np.array(g), dtype=torch.float64, requires_grad=True) for k, g in flat.items()}
+    for k, t in tensors.items():
+        t.grad = t.detach().clone()
+    want_norm = torch.nn.utils.clip_grad_norm_(list(tensors.values()), max_norm).item()
+    clipped, norm = clip_grad_norm(grads, max_norm)
+    np.testing.assert_allclose(norm.item(), want_norm, rtol=1e-5)
+    for k, g in tree_flatten(clipped):
+        np.testing.assert_allclose(np.array(g), tensors[k].grad.numpy(), rtol=1e-5, atol=1e-12, err_msg=k)
+    unclipped, norm = clip_grad_norm(grads, 0.0)
+    np.testing.assert_allclose(norm.item(), want_norm, rtol=1e-5)
+    assert_trees_equal(unclipped, grads)

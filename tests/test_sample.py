@@ -329,3 +329,18 @@ def test_python_arguments_of_the_wrong_type_are_one_line(model, call, needle):
 def test_a_list_of_numpy_integers_is_a_prompt(model):
     cfg = SampleConfig(max_new_tokens=3, greedy=True, stop_at_eot=False)
     assert tokens(model, cfg, prompt=list(np.array([464, 318]))) == tokens(model, cfg, prompt=[464, 318])
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.5, 2), (0.75, 3), (0.25, 1)])
+def test_top_p_keeps_no_token_past_a_mass_of_exactly_top_p(top_p, kept):
+    """Four equally likely tokens (exact quarters): top_p 0.5 keeps 2, whose mass is exactly 0.5, as
+    TopPLogitsWarper drops a token when it and the less likely ones hold at most 1 - top_p (<=, not <)."""
+    import torch
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from nanogpt_mlx.sample import filtered_logits
+
+    logits = np.zeros((1, 4), dtype=np.float32)
+    ours = np.isfinite(np.array(filtered_logits(mx.array(logits), SampleConfig(top_k=None, top_p=top_p))))
+    ref = np.isfinite(TopPLogitsWarper(top_p)(None, torch.tensor(logits, dtype=torch.float64)).numpy())
+    assert ours.sum() == ref.sum() == kept

@@ -439,6 +439,20 @@ def test_val_loss_is_build_nanogpts(data_dir, tmp_path):
     assert trainer.val_loss() == pytest.approx(expected, rel=1e-5)  # the val loader starts over
 
 
+def test_log_txt_lines_are_build_nanogpts(tmp_path):
+    """train_gpt2.py's log lines: `{step} train {loss:.6f}`, `{step} val {loss:.4f}`, `{step} hella {acc:.4f}`
+    (what `plot` and build-nanogpt's notebook read); log.jsonl keeps the full values."""
+    from nanogpt_mlx.checkpoint import RunLog
+
+    log = RunLog(tmp_path, start_step=0, enabled=True)
+    log.metric(0, "train", 10.987654321, lr=6e-5)
+    log.metric(0, "val", 10.98765)
+    log.metric(0, "hella", 0.2501234)
+    assert (tmp_path / "log.txt").read_text() == "0 train 10.987654\n0 val 10.9877\n0 hella 0.2501\n"
+    assert logged(tmp_path)[0] == {"step": 0, "kind": "train", "loss": 10.987654321, "lr": 6e-5}
+    assert logged(tmp_path, "hella")[0] == {"step": 0, "kind": "hella", "hella": 0.2501234}
+
+
 def test_evaluations_run_every_n_steps_and_at_the_last(data_dir, tmp_path):
     """build-nanogpt's cadence: `step % every == 0 or last_step`, samples not at step 0."""
     cfg = tiny_config(data_dir, tmp_path / "run", max_steps=6, val_every=4, val_steps=1, sample_every=2,

@@ -324,6 +324,7 @@ DAMAGE = {
     "state-step-negative": (lambda c: edit_state(c, step=-2), "trainer.json: step -2"),
     "state-world-zero": (lambda c: edit_state(c, world=0), "trainer.json: step 4, world 0"),
     "state-step-bool": (lambda c: edit_state(c, step=True), "trainer.json lacks"),  # was taken for step 1
+    "state-no-loader": (lambda c: drop_state_field(c, "train_loader"), "trainer.json lacks"),  # would be a KeyError
     "state-nested-deep": (lambda c: (c / "trainer.json").write_text("[" * 100_000 + "]" * 100_000),
                           "trainer.json: nested too deeply"),  # was a RecursionError's traceback
     "state-layout-text": (lambda c: edit_layout(c, "x"), "train_loader: not a layout of batches: x"),  # tracebacks
@@ -358,6 +359,12 @@ def reshape_moment(path: Path, name: str) -> None:
 def edit_layout(ckpt: Path, layout) -> None:
     state = json.loads((ckpt / "trainer.json").read_text())
     state["train_loader"]["layout"] = layout
+    (ckpt / "trainer.json").write_text(json.dumps(state))
+
+
+def drop_state_field(ckpt: Path, field: str) -> None:
+    state = json.loads((ckpt / "trainer.json").read_text())
+    del state[field]
     (ckpt / "trainer.json").write_text(json.dumps(state))
 
 

@@ -2,8 +2,8 @@
 
 Random GPT-2 124M weights (transformers `save_pretrained`, fp32), batch 1, the build-nanogpt prompt,
 greedy, a fixed number of new tokens (no stop at <|endoftext|>), KV cache on both sides, the same
-thread count. Each engine runs in its own process (OpenBLAS loaded globally slows PyTorch in the
-same process), the engines take turns for several rounds and the table shows the median. It also
+thread count. Each engine runs in its own process (MKL or OpenBLAS loaded globally slows PyTorch in
+the same process), the engines take turns for several rounds and the table shows the median. It also
 checks that all engines produce the same greedy tokens.
 
     flock /tmp/nanogpt-cpu.lock python benchmarks/bench_sample.py
@@ -74,8 +74,9 @@ info = {"threads": torch.get_num_threads()}
 
 ENGINES = {  # name -> (worker, extra environment)
     "transformers generate (PyTorch)": ("transformers", {}),
-    "nanogpt-mlx, MLX sgemm only": ("mlx", {"NANOGPT_MLX_NO_GEMV_SHIM": "1"}),
-    "nanogpt-mlx": ("mlx", {}),
+    "nanogpt-mlx, OpenBLAS sgemm only": ("mlx", {"NANOGPT_MLX_BLAS": "openblas", "NANOGPT_MLX_NO_GEMV_SHIM": "1"}),
+    "nanogpt-mlx, OpenBLAS and the gemv shim": ("mlx", {"NANOGPT_MLX_BLAS": "openblas"}),
+    "nanogpt-mlx": ("mlx", {}),  # MKL on an Intel CPU where installed, else OpenBLAS and the shim (cpu.py)
 }
 
 
@@ -112,11 +113,12 @@ def main() -> None:
     ap.add_argument("--reps", type=integer(1), default=3,
                     help="timed generations per turn, after one warm-up (default: 3)")
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
-                    help="gpu: transformers on CUDA, nanogpt-mlx on mlx[cuda]; the gemv-shim engine is CPU-only")
+                    help="gpu: transformers on CUDA, nanogpt-mlx on mlx[cuda]; the OpenBLAS engines are CPU-only")
     args = ap.parse_args()
     os.environ["BENCH_DEVICE"] = args.device  # read by the transformers worker
-    if args.device == "gpu":
-        del ENGINES["nanogpt-mlx, MLX sgemm only"]
+    if args.device == "gpu":  # the BLAS is the CPU's
+        for name in [name for name in ENGINES if "OpenBLAS" in name]:
+            del ENGINES[name]
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or make_weights(Path(tmp))

@@ -4,13 +4,14 @@ Configs (fp32, all cores, one optimizer step per micro-batch):
   a: 4 layers, 256 dims, 4 heads, vocab 50304, B8 x T256
   b: GPT-2 124M (12 layers, 768 dims, 12 heads), vocab 50304, B4 x T256
   c: config a's model and tokens per step at GPT-2's sequence length, B2 x T1024
-Each engine runs in its own process (MLX loads OpenBLAS globally, which would change PyTorch's
-BLAS in the same process). A step is forward + backward + clip + AdamW, timed after warm-up
+Each engine runs in its own process (MLX loads MKL or OpenBLAS globally, which would change
+PyTorch's BLAS in the same process). A step is forward + backward + clip + AdamW, timed after warm-up
 steps; engines take turns for --rounds rounds and the table shows each engine's best round
 (median step of the round), which filters out other load on a shared machine. nanogpt-mlx runs
 through its public `Trainer` on random token shards, with the device's step threads (threads.py);
 `mlx-1thread` with --threads 1 (one stream, GEMMs on all cores); `mlx-2ranks` is `nanogpt-mlx train --ranks 2`
-(two single-threaded data-parallel ranks on this machine, B/2 rows each, same tokens per step).
+(two single-threaded data-parallel ranks on this machine, B/2 rows each, same tokens per step); `mlx-openblas`
+with the system OpenBLAS where `mlx` runs on MKL (an Intel CPU with nanogpt-mlx[mkl]).
 PyTorch runs build-nanogpt's train_gpt2.py model and loop written here. MFU = 6N + 12LdT FLOPs
 per token against the best measured fp32 GEMM (2048^3) of either library.
 
@@ -49,7 +50,8 @@ CONFIGS = {  # n_layer, n_embd, n_head, B, T
     "c": (4, 256, 4, 2, 1024),
 }
 VOCAB = 50304
-ENGINES = ["mlx", "mlx-1thread", "mlx-2ranks", "torch", "torch.compile"]  # mlx-2ranks: 2 single-threaded ranks
+# mlx-2ranks: 2 single-threaded ranks; mlx-openblas: OpenBLAS where MKL is the default BLAS (cpu.py)
+ENGINES = ["mlx", "mlx-1thread", "mlx-2ranks", "mlx-openblas", "torch", "torch.compile"]
 GPU_CONFIGS = {
     "124m-b16": (12, 768, 12, 16, 1024),
     "124m-b32": (12, 768, 12, 32, 1024),
@@ -271,7 +273,8 @@ def main() -> None:
         results, memory = {}, {}
         for _ in range(args.rounds):
             for engine in args.engines:
-                out = spawn(__file__, engine, name, str(args.steps), str(args.warmup))
+                env = {"NANOGPT_MLX_BLAS": "openblas"} if engine == "mlx-openblas" else {}
+                out = spawn(__file__, engine, name, str(args.steps), str(args.warmup), env=env)
                 dt = median(out["dt"])
                 if B * T / dt > results.get(engine, 0.0):  # the best round's memory beside its tok/s
                     results[engine], memory[engine] = B * T / dt, out.get("peak_gb", math.nan)

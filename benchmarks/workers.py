@@ -1,6 +1,6 @@
 """Run a benchmark's engine in its own process: `python SCRIPT --worker ARGS...` prints `RESULT <json>`.
 
-Engines run in separate processes because MLX loads OpenBLAS globally on Linux CPUs, which would change
+Engines run in separate processes because MLX loads MKL or OpenBLAS globally on Linux CPUs, which would change
 PyTorch's BLAS in the same process, and so that each engine's peak memory is its own.
 """
 
@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
 
 
-def spawn(script: str, *args: str):
-    """The JSON value the worker printed last as `RESULT ...`; exits with the worker's stderr if it failed."""
-    proc = subprocess.run([sys.executable, script, "--worker", *args], capture_output=True, text=True)
+def spawn(script: str, *args: str, env: dict[str, str] | None = None):
+    """The JSON value the worker printed last as `RESULT ...` (run with `env` added to this environment); exits
+    with the worker's stderr if it failed."""
+    proc = subprocess.run([sys.executable, script, "--worker", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"worker {' '.join(args)} failed:\n{proc.stderr[-3000:]}")

@@ -2,9 +2,11 @@
 
 Importing this module sets up the process, so it must happen before `mlx.core` is imported
 (device.setup does it for the CPU profiles only):
-- MLX's Linux CPU wheel links the slow reference BLAS. Loading the system OpenBLAS with
-  RTLD_GLOBAL first makes its `cblas_*` symbols win (fp32 matmuls much faster).
-  NANOGPT_MLX_NO_OPENBLAS=1 keeps the bundled BLAS.
+- MLX's Linux CPU wheel links the slow reference BLAS. Loading another BLAS with RTLD_GLOBAL first
+  makes its `cblas_*` symbols win (fp32 matmuls much faster): on an Intel CPU, Intel's MKL where
+  the `mkl` package is installed in this Python environment (nanogpt-mlx[mkl]; its GEMMs are faster
+  than OpenBLAS's there, and as fast for a single row), else the system OpenBLAS.
+  NANOGPT_MLX_BLAS=mkl, openblas or bundled chooses (bundled: MLX's own).
 - Decoding one token multiplies one row by every weight matrix; OpenBLAS's sgemm moves the
   weights about half as fast as sgemv. gemv_shim.c defines a cblas_sgemm that forwards single
   rows to sgemv; it is compiled once with the system C compiler into the user cache (without a
@@ -43,6 +45,7 @@ import os
 import platform
 import shlex
 import shutil
+import site
 import subprocess
 import sys
 import tempfile
@@ -53,7 +56,8 @@ from pathlib import Path
 from .errors import UserError
 from .files import atomic_path, cache_dir
 
-NO_OPENBLAS_ENV = "NANOGPT_MLX_NO_OPENBLAS"
+BLAS_ENV = "NANOGPT_MLX_BLAS"
+BLAS_CHOICES = ("mkl", "openblas", "bundled")
 NO_GEMV_SHIM_ENV = "NANOGPT_MLX_NO_GEMV_SHIM"
 NO_AVX2_ENV = "NANOGPT_MLX_NO_AVX2"
 SYSTEM_TMPDIR_ENV = "NANOGPT_MLX_SYSTEM_TMPDIR"  # the TMPDIR before _vectorize_jit, for child processes
@@ -72,7 +76,8 @@ gemv: str = "off (it needs OpenBLAS)"  # single-row matmuls through sgemv
 jit: str = "MLX's default flags"  # how MLX compiles fused kernels
 jit_avx2: bool = False  # whether they are compiled for AVX2 (exp's 2**k by per-lane shifts)
 note: str = ""
-_openblas: ctypes.CDLL | None = None  # the OpenBLAS loaded, for its thread count
+# the loaded BLAS's thread count of its GEMMs: how to read and set it (None: MLX's bundled BLAS, or Accelerate)
+_threads: tuple[Callable[[], int], Callable[[int], None]] | None = None
 
 
 # ------------------------------------------------------------------------------ process setup
@@ -82,6 +87,25 @@ def _find_openblas() -> str | None:
         if hits:
             return hits[0]
     return None
+
+
+def _find_mkl() -> str | None:
+    """The `mkl` package's MKL in this Python environment (or the user's site), beside the Intel OpenMP it runs
+    its threads on (the `intel-openmp` package it depends on): MKL ends the process where that cannot load."""
+    for base in dict.fromkeys((sys.prefix, site.getuserbase())):
+        lib = Path(base) / "lib"
+        for name in ("libmkl_rt.so.3", "libmkl_rt.so.2"):
+            if (lib / name).is_file() and (lib / "libiomp5.so").is_file():
+                return str(lib / name)
+    return None
+
+
+def _intel_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    except OSError:
+        return False
 
 
 def _tune_malloc() -> None:
@@ -253,21 +277,51 @@ def _usable_tmpdir() -> None:
 
 
 def _setup() -> None:
-    """Tune malloc, compile kernels for AVX2 and load OpenBLAS (plus the gemv shim) globally, on Linux,
-    unless disabled or too late."""
-    global blas, note, _openblas
+    """Tune malloc, compile kernels for AVX2 and load a BLAS globally (_load_blas), on Linux."""
+    global blas
     if platform.system() != "Linux":
         blas = "Accelerate" if platform.system() == "Darwin" else "bundled"
         return
     _tune_malloc()
     _vectorize_jit()
     _usable_tmpdir()
-    if os.environ.get(NO_OPENBLAS_ENV, "") not in ("", "0"):
-        note = f"OpenBLAS disabled by {NO_OPENBLAS_ENV}"
+    _load_blas()
+
+
+def _choose_blas() -> str:
+    """mkl, openblas or bundled: NANOGPT_MLX_BLAS's choice, else MKL on an Intel CPU where it is installed (its
+    GEMMs are faster than OpenBLAS's there; elsewhere that is not known), else OpenBLAS."""
+    global note
+    choice = os.environ.get(BLAS_ENV, "").strip().lower()
+    if choice in BLAS_CHOICES:
+        return choice
+    if choice not in ("", "auto"):
+        note = f"{BLAS_ENV}={choice!r} is none of {', '.join(BLAS_CHOICES)}: chosen as by default"
+    return "mkl" if _intel_cpu() and _find_mkl() else "openblas"
+
+
+def _load_blas() -> None:
+    """The BLAS _choose_blas chooses (OpenBLAS with the gemv shim) or, failing that, OpenBLAS; MLX's bundled BLAS
+    if none can be loaded, or when mlx.core was imported first (too late)."""
+    global blas, gemv, note, _threads
+    choice = _choose_blas()
+    if choice == "bundled":
+        note = f"MLX's bundled BLAS, as {BLAS_ENV} asks"
         return
     if "mlx.core" in sys.modules:
-        note = "mlx.core was imported before nanogpt_mlx; import nanogpt_mlx first to use OpenBLAS"
+        note = "mlx.core was imported before nanogpt_mlx; import nanogpt_mlx first to use a fast BLAS"
         return
+    if choice == "mkl":
+        mkl = _find_mkl()
+        try:
+            lib = ctypes.CDLL(mkl, mode=ctypes.RTLD_GLOBAL) if mkl else None
+        except OSError as e:
+            lib, note = None, f"could not load {mkl}: {e}"
+        if lib is not None:
+            _threads = (lib.MKL_Get_Max_Threads, lib.MKL_Set_Num_Threads)
+            blas, gemv = f"MKL ({mkl})", "off (MKL's sgemm takes single rows as fast)"
+            return
+        note = note or "MKL not found (pip install mkl, or nanogpt-mlx[mkl]): OpenBLAS instead"
     path = _find_openblas()
     if path is None:
         note = ("OpenBLAS not found: fp32 matmuls use MLX's slow reference BLAS. "
@@ -279,20 +333,21 @@ def _setup() -> None:
         note = f"could not load {path}: {e}"
         return
     _install_gemv_shim(openblas)
-    _openblas = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    _threads = (lib.openblas_get_num_threads, lib.openblas_set_num_threads)
     blas = f"OpenBLAS ({path})"
 
 
 def blas_threads() -> int:
-    """The threads OpenBLAS runs a GEMM on (OPENBLAS_NUM_THREADS, else the cores; a rank of launch.py gets its
-    share), or 1 without OpenBLAS: MLX's bundled BLAS, or Accelerate on a Mac, is not ours to set."""
-    return max(1, _openblas.openblas_get_num_threads()) if _openblas else 1
+    """The threads MKL or OpenBLAS runs a GEMM on (MKL_NUM_THREADS / OPENBLAS_NUM_THREADS, else the cores; a rank
+    of launch.py gets its share), or 1: MLX's bundled BLAS, or Accelerate on a Mac, is not ours to set."""
+    return max(1, _threads[0]()) if _threads else 1
 
 
 def set_blas_threads(n: int) -> None:
-    """Have OpenBLAS run each GEMM on n threads (between GEMMs: none may be running)."""
-    if _openblas:
-        _openblas.openblas_set_num_threads(n)
+    """Have MKL or OpenBLAS run each GEMM on n threads (between GEMMs: none may be running)."""
+    if _threads:
+        _threads[1](n)
 
 
 def info() -> list[tuple[str, str]]:
@@ -324,7 +379,7 @@ _setup()
 # ------------------------------------------------------------------------------ kernels
 import math  # noqa: E402
 
-import mlx.core as mx  # noqa: E402  (only now: OpenBLAS had to be loaded first)
+import mlx.core as mx  # noqa: E402  (only now: the BLAS had to be loaded first)
 
 # exp is 0 at and below this: exp(-64) ~ 1.6e-28 is nothing next to the 1 that every caller adds it to (a row sum
 # with exp(max - max), GELU's and the soft-cap's 1 +- e), and it keeps products of exp's small results normal

@@ -185,7 +185,7 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
     work = Path(tempfile.mkdtemp(prefix="nanogpt-mlx-ranks-"))  # the hostfile, and each rank's last lines
     (work / "hosts.json").write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
     env = {**os.environ, "MLX_HOSTFILE": str(work / "hosts.json"), "OPENBLAS_NUM_THREADS": str(threads),
-           LAUNCHER_ENV: str(os.getpid())}
+           "MKL_NUM_THREADS": str(threads), LAUNCHER_ENV: str(os.getpid())}
     ranks = _Ranks(work)
     # tqdm makes its write lock at its first use, importing multiprocessing's: a Ctrl-C amid that import broke tqdm
     # for good (the next line said was an AttributeError traceback); made now, before any signal is forwarded

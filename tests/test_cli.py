@@ -167,14 +167,14 @@ def test_own_checkpoint_samples_and_exports_cropped(tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 50257
 
 
-def test_missing_openblas_is_said_once(tiny_hf_dir):
-    env = {"NANOGPT_MLX_NO_OPENBLAS": "1"}
+def test_the_bundled_blas_is_said_once(tiny_hf_dir):
+    env = {"NANOGPT_MLX_BLAS": "bundled"}
     proc = run_cli("sample", "--model", str(tiny_hf_dir), "--num-samples", "2", "--max-new-tokens", "3", env=env,
                    check=True)
-    assert [line for line in proc.stderr.splitlines() if "OpenBLAS" in line] == [
-        "nanogpt-mlx: note: OpenBLAS disabled by NANOGPT_MLX_NO_OPENBLAS"]
+    assert [line for line in proc.stderr.splitlines() if "BLAS" in line] == [
+        "nanogpt-mlx: note: MLX's bundled BLAS, as NANOGPT_MLX_BLAS asks"]
     info = run_cli("info", env=env, check=True).stdout
-    assert "blas         bundled  [OpenBLAS disabled by NANOGPT_MLX_NO_OPENBLAS]" in info
+    assert "blas         bundled  [MLX's bundled BLAS, as NANOGPT_MLX_BLAS asks]" in info
 
 
 def test_prompt_too_long_needs_crop(tiny_hf_dir):

@@ -136,7 +136,7 @@ def test_each_rank_gets_its_share_of_the_cores_blas_threads(monkeypatch, n, thre
     monkeypatch.setattr(launch.os, "cpu_count", lambda: 8)
     monkeypatch.setattr(launch._Ranks, "start", lambda self, r, argv, env: envs.append(env))
     assert launch.launch_local(n, ["info"]) == 0
-    assert [env["OPENBLAS_NUM_THREADS"] for env in envs] == [threads] * n
+    assert [(env["OPENBLAS_NUM_THREADS"], env["MKL_NUM_THREADS"]) for env in envs] == [(threads, threads)] * n
 
 
 def test_of_the_ranks_that_ranks_started_rank_0_alone_warns(monkeypatch, capsys):

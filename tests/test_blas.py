@@ -1,0 +1,92 @@
+"""Which BLAS MLX's CPU backend runs its matmuls on (cpu.py): each one's products and thread count."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from nanogpt_mlx import cpu
+
+PROBE = """
+import json
+import numpy as np
+import nanogpt_mlx
+from nanogpt_mlx import cpu
+import mlx.core as mx
+rng = np.random.default_rng(0)
+a, b = rng.standard_normal((64, 96), dtype=np.float32), rng.standard_normal((96, 80), dtype=np.float32)
+right = [bool(np.allclose(np.array(mx.array(x) @ mx.array(b)), x.astype(np.float64) @ b, rtol=1e-4, atol=1e-4))
+         for x in (a, a[:1])]  # a single row: the gemv shim's, under OpenBLAS
+before = cpu.blas_threads()
+cpu.set_blas_threads(1)
+threads = [before, cpu.blas_threads()]
+cpu.set_blas_threads(before)
+print(json.dumps({"blas": cpu.blas, "gemv": cpu.gemv, "note": cpu.note, "right": right,
+                  "threads": threads + [cpu.blas_threads()]}))
+"""
+
+
+def probe(blas: str) -> dict:
+    env = {**os.environ, cpu.BLAS_ENV: blas, "MKL_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("blas, found", [("mkl", cpu._find_mkl), ("openblas", cpu._find_openblas),
+                                         ("bundled", lambda: "MLX's own")])
+def test_each_blas_computes_products_and_takes_a_thread_count(blas, found):
+    path = found()
+    if path is None:
+        pytest.skip(f"{blas} is not installed here")
+    got = probe(blas)
+    assert got["right"] == [True, True] and not got["note"].startswith("could not"), got
+    if blas == "bundled":  # not ours to set
+        assert got["blas"] == "bundled" and got["threads"] == [1, 1, 1]
+        return
+    assert got["blas"] == f"{'MKL' if blas == 'mkl' else 'OpenBLAS'} ({path})" and got["threads"] == [2, 1, 2]
+    if blas == "mkl":
+        assert got["gemv"].startswith("off (MKL's")
+    elif shutil.which("cc") is not None and not os.environ.get(cpu.NO_GEMV_SHIM_ENV):
+        assert got["gemv"] == "on"
+
+
+@pytest.mark.parametrize("env, intel, mkl, chosen", [
+    ("", True, "/x/libmkl_rt.so.3", "mkl"),
+    ("", True, None, "openblas"),
+    ("", False, "/x/libmkl_rt.so.3", "openblas"),  # MKL's speed on other CPUs is not known
+    ("auto", True, "/x/libmkl_rt.so.3", "mkl"),
+    ("MKL", False, None, "mkl"),  # asked for: _load_blas says if it is missing, and loads OpenBLAS
+    ("openblas", True, "/x/libmkl_rt.so.3", "openblas"),
+    ("bundled", True, "/x/libmkl_rt.so.3", "bundled"),
+])
+def test_mkl_is_the_default_on_an_intel_cpu_where_installed(env, intel, mkl, chosen, monkeypatch):
+    monkeypatch.setenv(cpu.BLAS_ENV, env)
+    monkeypatch.setattr(cpu, "_intel_cpu", lambda: intel)
+    monkeypatch.setattr(cpu, "_find_mkl", lambda: mkl)
+    monkeypatch.setattr(cpu, "note", "")
+    assert cpu._choose_blas() == chosen and cpu.note == ""
+
+
+def test_an_unknown_choice_is_said_and_the_default_taken(monkeypatch):
+    monkeypatch.setenv(cpu.BLAS_ENV, "atlas")
+    monkeypatch.setattr(cpu, "_intel_cpu", lambda: False)
+    monkeypatch.setattr(cpu, "note", "")
+    assert cpu._choose_blas() == "openblas"
+    assert cpu.note == "NANOGPT_MLX_BLAS='atlas' is none of mkl, openblas, bundled: chosen as by default"
+
+
+def test_mkl_is_found_only_beside_its_openmp(tmp_path, monkeypatch):
+    """MKL ends the process where its threading library cannot load: without libiomp5 beside it, it is not used."""
+    monkeypatch.setattr(cpu.sys, "prefix", str(tmp_path))
+    monkeypatch.setattr(cpu.site, "getuserbase", lambda: str(tmp_path / "user"))
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libmkl_rt.so.3").touch()
+    assert cpu._find_mkl() is None
+    (tmp_path / "lib" / "libiomp5.so").touch()
+    assert cpu._find_mkl() == str(tmp_path / "lib" / "libmkl_rt.so.3")

@@ -301,8 +301,8 @@ def _choose_blas() -> str:
 
 
 def _load_blas() -> None:
-    """The BLAS _choose_blas chooses (OpenBLAS with the gemv shim) or, failing that, OpenBLAS; MLX's bundled BLAS
-    if none can be loaded, or when mlx.core was imported first (too late)."""
+    """Load what _choose_blas chooses: MKL, or OpenBLAS with the gemv shim (also where MKL cannot be loaded); MLX's
+    bundled BLAS where neither can, or when mlx.core was imported first (too late)."""
     global blas, gemv, note, _threads
     choice = _choose_blas()
     if choice == "bundled":

@@ -128,7 +128,8 @@ def main() -> None:
         for r in range(args.rounds):
             for name, (worker, env) in ENGINES.items():
                 results[name].append(run_worker(worker, env, path, args.new_tokens, args.reps))
-                print(f"round {r + 1}/{args.rounds}  {name:34s} {args.new_tokens / min(results[name][-1]['times']):6.1f} tok/s",
+                print(f"round {r + 1}/{args.rounds}  {name:40s} "
+                      f"{args.new_tokens / min(results[name][-1]['times']):6.1f} tok/s",
                       file=sys.stderr)
 
     rates = {name: [args.new_tokens / t for res in runs for t in res["times"]] for name, runs in results.items()}
@@ -143,10 +144,13 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} threads; "
           f"torch threads {results['transformers generate (PyTorch)'][0]['threads']}; "
           f"MLX BLAS {mlx['blas']}, gemv shim {mlx['gemv']}\n")
-    print(f"| {'engine':34s} | tok/s | ms/token | weights GB/s | vs transformers | best tok/s | best vs transformers |")
-    print(f"|{'-' * 36}|------:|---------:|-------------:|----------------:|-----------:|---------------------:|")
+    width = max(map(len, ENGINES))
+    print(f"| {'engine':{width}s} | tok/s | ms/token | weights GB/s | vs transformers | best tok/s "
+          "| best vs transformers |")
+    print(f"|{'-' * (width + 2)}|------:|---------:|-------------:|----------------:|-----------:"
+          "|---------------------:|")
     for name, r in rate.items():
-        print(f"| {name:34s} | {r:5.1f} | {1000 / r:8.1f} | {weights_gb * r:12.1f} | {r / base:14.2f}x "
+        print(f"| {name:{width}s} | {r:5.1f} | {1000 / r:8.1f} | {weights_gb * r:12.1f} | {r / base:14.2f}x "
               f"| {best[name]:10.1f} | {best[name] / best_base:19.2f}x |")
     tokens = {name: runs[0]["tokens"] for name, runs in results.items()}
     same = all(t == tokens["transformers generate (PyTorch)"] for t in tokens.values())

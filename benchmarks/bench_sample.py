@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from statistics import median
 
-from workers import integer
+from workers import blas, integer
 
 PROMPT = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # "Hello, I'm a language model,"
 
@@ -72,7 +72,7 @@ info = {"threads": torch.get_num_threads()}
 """,
 }
 
-ENGINES = {  # name -> (worker, extra environment)
+ENGINES = {  # name -> (worker, extra environment); main() keeps the OpenBLAS ones where they compare something
     "transformers generate (PyTorch)": ("transformers", {}),
     "nanogpt-mlx, OpenBLAS sgemm only": ("mlx", {"NANOGPT_MLX_BLAS": "openblas", "NANOGPT_MLX_NO_GEMV_SHIM": "1"}),
     "nanogpt-mlx, OpenBLAS and the gemv shim": ("mlx", {"NANOGPT_MLX_BLAS": "openblas"}),
@@ -116,9 +116,13 @@ def main() -> None:
                     help="gpu: transformers on CUDA, nanogpt-mlx on mlx[cuda]; the OpenBLAS engines are CPU-only")
     args = ap.parse_args()
     os.environ["BENCH_DEVICE"] = args.device  # read by the transformers worker
-    if args.device == "gpu":  # the BLAS is the CPU's
-        for name in [name for name in ENGINES if "OpenBLAS" in name]:
-            del ENGINES[name]
+    # the OpenBLAS engines where OpenBLAS is installed (the shim against sgemm alone), and OpenBLAS with the shim
+    # where it is not the default (MKL); not on a GPU, where the BLAS is the CPU's
+    openblas = args.device == "cpu" and blas("openblas").startswith("OpenBLAS")
+    if not openblas or blas().startswith("OpenBLAS"):
+        del ENGINES["nanogpt-mlx, OpenBLAS and the gemv shim"]
+    if not openblas:
+        del ENGINES["nanogpt-mlx, OpenBLAS sgemm only"]
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or make_weights(Path(tmp))

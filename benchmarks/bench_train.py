@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from statistics import median
 
-from workers import integer, number, spawn
+from workers import blas, integer, number, openblas_beside_mkl, spawn
 
 CONFIGS = {  # n_layer, n_embd, n_head, B, T
     "a": (4, 256, 4, 8, 256),
@@ -50,7 +50,8 @@ CONFIGS = {  # n_layer, n_embd, n_head, B, T
     "c": (4, 256, 4, 2, 1024),
 }
 VOCAB = 50304
-# mlx-2ranks: 2 single-threaded ranks; mlx-openblas: OpenBLAS where MKL is the default BLAS (cpu.py)
+# mlx-2ranks: 2 single-threaded ranks; mlx-openblas: OpenBLAS where MKL is the default BLAS (cpu.py), by default
+# only where both are installed
 ENGINES = ["mlx", "mlx-1thread", "mlx-2ranks", "mlx-openblas", "torch", "torch.compile"]
 GPU_CONFIGS = {
     "124m-b16": (12, 768, 12, 16, 1024),
@@ -261,7 +262,10 @@ def main() -> None:
     args.configs = args.configs or list(configs)
     if other := [c for c in args.configs if c not in configs]:  # before the GEMMs are measured
         p.error(f"--configs {' '.join(other)}: not a --device {args.device} config ({', '.join(configs)})")
-    args.engines = args.engines or (GPU_ENGINES if gpu else ENGINES)
+    if args.engines is None:
+        args.engines = GPU_ENGINES if gpu else [e for e in ENGINES if e != "mlx-openblas" or openblas_beside_mkl()]
+    if "mlx-openblas" in args.engines and not blas("openblas").startswith("OpenBLAS"):
+        p.error("--engines mlx-openblas: no OpenBLAS here (cpu.py finds none)")
 
     peaks = {e: max(spawn(__file__, "gemm", e)["gflops"] for _ in range(args.rounds)) for e in ("mlx", "torch")}
     peak = max(peaks.values())

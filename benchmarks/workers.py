@@ -47,3 +47,19 @@ def number(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"{value} is not a finite number >= 0")
     return value
+
+
+def blas(choice: str = "") -> str:
+    """What nanogpt-mlx's CPU matmuls run on (cpu.blas) with NANOGPT_MLX_BLAS=choice ('': its default), asked in a
+    process of its own: a BLAS, once loaded, stays."""
+    code = "import nanogpt_mlx\nfrom nanogpt_mlx import device\nif device.PROFILE.cpu_backend:\n" \
+           "    from nanogpt_mlx import cpu\n    print(cpu.blas)\nelse:\n    print('-')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "NANOGPT_MLX_BLAS": choice})
+    return proc.stdout.strip()
+
+
+def openblas_beside_mkl() -> bool:
+    """Whether MKL is nanogpt-mlx's BLAS here and the system OpenBLAS could be instead: then the benchmarks also
+    run OpenBLAS, to compare."""
+    return blas().startswith("MKL") and blas("openblas").startswith("OpenBLAS")

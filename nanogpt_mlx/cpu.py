@@ -90,22 +90,29 @@ def _find_openblas() -> str | None:
 
 
 def _find_mkl() -> str | None:
-    """The `mkl` package's MKL in this Python environment (or the user's site), beside the Intel OpenMP it runs
-    its threads on (the `intel-openmp` package it depends on): MKL ends the process where that cannot load."""
-    for base in dict.fromkeys((sys.prefix, site.getuserbase())):
-        lib = Path(base) / "lib"
-        for name in ("libmkl_rt.so.3", "libmkl_rt.so.2"):
-            if (lib / name).is_file() and (lib / "libiomp5.so").is_file():
-                return str(lib / name)
+    """The `mkl` package's MKL in this Python environment (or the user's site, where Python reads it), its newest
+    version, beside the Intel OpenMP it runs its threads on (the `intel-openmp` package it depends on): MKL ends
+    the process where that cannot load."""
+    bases = [sys.prefix] + ([site.getuserbase()] if site.ENABLE_USER_SITE else [])
+    for lib in (Path(base) / "lib" for base in dict.fromkeys(bases)):
+        found = sorted(lib.glob("libmkl_rt.so.*"), key=lambda p: [int(n) if n.isdigit() else -1
+                                                                  for n in p.name.split(".so.")[1].split(".")])
+        if found and (lib / "libiomp5.so").is_file():
+            return str(found[-1])
     return None
 
 
-def _intel_cpu() -> bool:
+def _cpuinfo(field: str) -> str:
+    """The value of a field of the first CPU in /proc/cpuinfo ('' where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":")[0].strip() == field), "")
     except OSError:
-        return False
+        return ""
+
+
+def _intel_cpu() -> bool:
+    return _cpuinfo("vendor_id") == "GenuineIntel"
 
 
 def _tune_malloc() -> None:
@@ -183,21 +190,13 @@ def _install_gemv_shim(openblas: ctypes.CDLL) -> None:
         "off (another cblas_sgemm was loaded first)"
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
 def _vectorize_jit() -> None:
     """Have MLX compile its fused CPU kernels for AVX2 (see the module docstring), where the CPU has it."""
     global jit, jit_avx2
     if os.environ.get(NO_AVX2_ENV, "") not in ("", "0"):
         jit = f"MLX's default flags ({NO_AVX2_ENV} is set)"
         return
-    if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma", "f16c"} <= _cpu_flags():
+    if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma", "f16c"} <= set(_cpuinfo("flags").split()):
         return
     try:
         home = cache_dir() / "jit-avx2"
@@ -438,7 +437,7 @@ def _two_to_the(j: mx.array) -> mx.array:
 
 
 def square_sum(x: mx.array) -> mx.array:
-    """mx.sum(mx.square(x)), as one dot product for float32 (OpenBLAS: no squares written, both cores)."""
+    """mx.sum(mx.square(x)), as one dot product for float32 (the BLAS's: no squares written, all cores)."""
     if x.dtype != mx.float32:
         return mx.sum(mx.square(x))
     flat = x.reshape(-1)

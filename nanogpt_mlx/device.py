@@ -3,7 +3,7 @@
 A profile says which kernels to bind (kernels.py), the default compute dtype, how many rows of
 logits the fused head + loss holds at a time, the HellaSwag batch, and how to measure the peak
 matmul speed that MFU is reported against. It is chosen before `mlx.core` is imported (the Linux
-CPU backend needs OpenBLAS loaded first, see cpu.py), from the platform and the installed MLX
+CPU backend needs its BLAS loaded first, see cpu.py), from the platform and the installed MLX
 build; NANOGPT_MLX_PROFILE=cpu-x86|cpu-arm|metal|cuda forces one, so that the GPU code paths can
 run in CPU tests.
 """
@@ -34,7 +34,7 @@ class Profile:
     description: str
     dtype: str  # default compute dtype of training (`--dtype` overrides)
     software_math: bool  # MLX computes exp/tanh in scalar software and reduces rows one number at a time here: use cpu.py
-    cpu_backend: bool  # MLX's CPU backend: OpenBLAS preload, malloc tuning, gemv shim (cpu.py, at its import)
+    cpu_backend: bool  # MLX's CPU backend: BLAS preload, malloc tuning, gemv shim (cpu.py, at its import)
     loss_rows: int  # rows of logits the fused head + loss computes at a time (0: all)
     eval_batch: int  # HellaSwag examples (4 rows each) per forward pass
     gemm_n: int  # size of the square matmul timed for MFU's peak
@@ -93,7 +93,7 @@ def _no_cudnn(dtype: str, head_dim: int) -> list[str]:
 PROFILES = {
     p.name: p
     for p in [
-        Profile("cpu-x86", "MLX CPU backend on x86-64 (OpenBLAS where found, multiply-add exp, reductions by lanes)",
+        Profile("cpu-x86", "MLX CPU backend on x86-64 (MKL or OpenBLAS where found, multiply-add exp, reductions by lanes)",
                 "float32", software_math=True, cpu_backend=True, loss_rows=128, eval_batch=1, gemm_n=1024,
                 fused_attention_backward=False),
         Profile("cpu-arm", "MLX CPU backend on ARM", "float32", software_math=False, cpu_backend=True,
@@ -146,7 +146,7 @@ PROFILE = choose()
 def setup() -> None:
     """Prepare the process for the chosen profile; must run before `mlx.core` is imported."""
     if PROFILE.cpu_backend:
-        from . import cpu  # noqa: F401  (importing it loads OpenBLAS and tunes malloc, before mlx.core)
+        from . import cpu  # noqa: F401  (importing it loads a BLAS and tunes malloc, before mlx.core)
 
 
 @lru_cache(maxsize=None)
@@ -177,8 +177,8 @@ def mfu_peak(dtype: str) -> float:
 def step_threads(n_embd: int) -> int:
     """Threads a training micro-batch's rows are split over by default (threads.py): on MLX's CPU backend, which
     runs its elementwise kernels, reductions and copies on one core and only its GEMMs on more, one per BLAS
-    thread, for a model narrow enough that that work counts; 1 on a GPU, which parallelizes one stream's work
-    itself."""
+    thread (MKL counts a CPU's physical cores by default, OpenBLAS its hardware threads), for a model narrow enough
+    that that work counts; 1 on a GPU, which parallelizes one stream's work itself."""
     if not PROFILE.cpu_backend or n_embd > WIDEST_THREADED:
         return 1
     from . import cpu
@@ -225,7 +225,7 @@ def memory_bytes() -> int:
 
 
 def notes() -> list[str]:
-    """Problems with the set-up that the user should hear about once (a bad forced profile, no OpenBLAS)."""
+    """Problems with the set-up that the user should hear about once (a bad forced profile, no fast BLAS)."""
     found = [note] if note else []
     if PROFILE.cpu_backend:
         from . import cpu

@@ -14,7 +14,7 @@ import secrets
 import socket
 import ssl
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -250,14 +250,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def as_paths(paths: str | os.PathLike | Sequence[str | os.PathLike], what: str = "paths") -> list[str | os.PathLike]:
-    """One path or a sequence of them, as a list: a str is one path, not its characters. Anything else is refused
-    (UserError) as `what`: an int or None failed later as a TypeError, or was read as a file named "3"."""
+def as_paths(paths: str | os.PathLike | Iterable[str | os.PathLike], what: str = "paths") -> list[str | os.PathLike]:
+    """One path or several (a list, a glob's generator...), as a list: a str is one path, not its characters.
+    Anything else is refused (UserError) as `what`: an int or None failed later as a TypeError, or was read as a
+    file named "3"."""
     if isinstance(paths, (str, os.PathLike)):
         return [paths]
-    if isinstance(paths, (list, tuple)) and all(isinstance(p, (str, os.PathLike)) for p in paths):
-        return list(paths)
-    raise UserError(f"{what} must be a path or a list of paths, got {paths!r}")
+    try:
+        listed = None if isinstance(paths, bytes) else list(paths)
+    except TypeError:
+        listed = None
+    if listed is None or not all(isinstance(p, (str, os.PathLike)) for p in listed):
+        raise UserError(f"{what} must be a path or a list of paths, got {paths if listed is None else listed!r}")
+    return listed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,9 @@ import sys
 import pytest
 
 from nanogpt_mlx import cpu
+
+pytestmark = pytest.mark.skipif(platform.system() != "Linux", reason="MLX's CPU wheel takes a BLAS on Linux only")
+THREADS = min(2, os.cpu_count() or 1)  # OpenBLAS runs no more threads than the CPUs it may use
 
 PROBE = """
 import json
@@ -32,7 +36,7 @@ print(json.dumps({"blas": cpu.blas, "gemv": cpu.gemv, "note": cpu.note, "right":
 
 
 def probe(blas: str) -> dict:
-    env = {**os.environ, cpu.BLAS_ENV: blas, "MKL_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2"}
+    env = {**os.environ, cpu.BLAS_ENV: blas, "MKL_NUM_THREADS": str(THREADS), "OPENBLAS_NUM_THREADS": str(THREADS)}
     proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.splitlines()[-1])
@@ -49,7 +53,8 @@ def test_each_blas_computes_products_and_takes_a_thread_count(blas, found):
     if blas == "bundled":  # not ours to set
         assert got["blas"] == "bundled" and got["threads"] == [1, 1, 1]
         return
-    assert got["blas"] == f"{'MKL' if blas == 'mkl' else 'OpenBLAS'} ({path})" and got["threads"] == [2, 1, 2]
+    assert got["blas"] == f"{'MKL' if blas == 'mkl' else 'OpenBLAS'} ({path})"
+    assert got["threads"] == [THREADS, 1, THREADS]
     if blas == "mkl":
         assert got["gemv"].startswith("off (MKL's")
     elif shutil.which("cc") is not None and not os.environ.get(cpu.NO_GEMV_SHIM_ENV):
@@ -81,12 +86,20 @@ def test_an_unknown_choice_is_said_and_the_default_taken(monkeypatch):
     assert cpu.note == "NANOGPT_MLX_BLAS='atlas' is none of mkl, openblas, bundled: chosen as by default"
 
 
-def test_mkl_is_found_only_beside_its_openmp(tmp_path, monkeypatch):
-    """MKL ends the process where its threading library cannot load: without libiomp5 beside it, it is not used."""
-    monkeypatch.setattr(cpu.sys, "prefix", str(tmp_path))
+def test_mkl_is_found_only_beside_its_openmp_and_newest_first(tmp_path, monkeypatch):
+    """MKL ends the process where its threading library cannot load: without libiomp5 beside it, it is not used.
+    The user's site counts only where Python reads it (not in a venv that leaves it out)."""
+    monkeypatch.setattr(cpu.sys, "prefix", str(tmp_path / "env"))
     monkeypatch.setattr(cpu.site, "getuserbase", lambda: str(tmp_path / "user"))
-    (tmp_path / "lib").mkdir()
-    (tmp_path / "lib" / "libmkl_rt.so.3").touch()
+    monkeypatch.setattr(cpu.site, "ENABLE_USER_SITE", False)
+    for base in ("env", "user"):
+        (tmp_path / base / "lib").mkdir(parents=True)
+        for name in ("libmkl_rt.so.2", "libmkl_rt.so.10", "libmkl_rt.so.3"):
+            (tmp_path / base / "lib" / name).touch()
     assert cpu._find_mkl() is None
-    (tmp_path / "lib" / "libiomp5.so").touch()
-    assert cpu._find_mkl() == str(tmp_path / "lib" / "libmkl_rt.so.3")
+    (tmp_path / "user" / "lib" / "libiomp5.so").touch()
+    assert cpu._find_mkl() is None
+    monkeypatch.setattr(cpu.site, "ENABLE_USER_SITE", True)
+    assert cpu._find_mkl() == str(tmp_path / "user" / "lib" / "libmkl_rt.so.10")
+    (tmp_path / "env" / "lib" / "libiomp5.so").touch()
+    assert cpu._find_mkl() == str(tmp_path / "env" / "lib" / "libmkl_rt.so.10")

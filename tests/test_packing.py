@@ -112,7 +112,7 @@ def test_clip_grad_norm_is_pytorchs(max_norm, scale):
     grads = tree_map(lambda g: g * scale, grads)
     flat = dict(tree_flatten(grads))
     tensors = {k: torch.tensor(np.array(g), dtype=torch.float64, requires_grad=True) for k, g in flat.items()}
-    for k, t in tensors.items():
+    for t in tensors.values():
         t.grad = t.detach().clone()
     want_norm = torch.nn.utils.clip_grad_norm_(list(tensors.values()), max_norm).item()
     clipped, norm = clip_grad_norm(grads, max_norm)

@@ -744,13 +744,13 @@ def test_ctrl_c_during_an_evaluation_stops_it_at_once(data_dir, tmp_path):
 
 
 def test_a_resumed_runs_log_is_cut_at_its_step_and_left_alone_when_nothing_follows(tmp_path):
-    """Resuming at step 3 drops what was logged from step 3 on and a torn last line, keeping the other lines'
-    bytes; a log that ends before step 3 is not rewritten (a long run's logs are hundreds of MB: each resume read
-    them whole and wrote them again). The last line may be longer than one read from the end."""
+    """Resuming at step 3 drops what was logged from step 3 on and a torn last line, keeping the other lines; a log
+    that ends before step 3 is not rewritten (a long run's logs are hundreds of MB: each resume read them whole and
+    wrote them again). The last line may be longer than one read from the end."""
     from nanogpt_mlx.checkpoint import RunLog
     out = tmp_path / "run"
     out.mkdir()
-    long_sample = json.dumps({"step": 2, "kind": "sample", "texts": ["\u00e9\r" * 50_000]}) + "\n"
+    long_sample = json.dumps({"step": 2, "kind": "sample", "texts": ["ab" * 50_000]}) + "\n"
     kept_txt, kept_jsonl = "0 train 10.500000\n2 val 9.1000\n", '{"step": 0, "kind": "train"}\n' + long_sample
     (out / "log.txt").write_text(kept_txt + "3 train 9.000000\n4 tra")
     (out / "log.jsonl").write_text(kept_jsonl + '{"step": 3, "kind": "train"}\n{"step": 4, "ki')

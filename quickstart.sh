@@ -6,7 +6,9 @@
 # Run again (or after Ctrl-C), it continues the run in out/shakespeare.
 set -euo pipefail
 source=(shakespeare)
-[ $# -ge 1 ] && source+=(--path "$(realpath -- "$1")")  # before the cd below
+if [ $# -ge 1 ]; then  # absolute before the cd below (realpath is missing before macOS 13)
+    case "$1" in /*) source+=(--path "$1") ;; *) source+=(--path "$PWD/$1") ;; esac
+fi
 cd "$(dirname "$0")"
 bash setup.sh
 .venv/bin/nanogpt-mlx prepare "${source[@]}" --out data/shakespeare

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 extras="${1:-}"
 python="${PYTHON:-python3}"  # the Python that makes .venv (PYTHON=python3.12 bash setup.sh)
-if [ "$(uname -s)" = "Linux" ]; then
+# on Linux MLX's CPU build, unless asked for its CUDA one (`bash setup.sh cuda,test`): both hold MLX's library
+if [ "$(uname -s)" = "Linux" ] && [[ ",$extras," != *,cuda,* ]]; then
     extras="cpu${extras:+,$extras}"
     if [ "$(uname -m)" = "x86_64" ] && grep -q GenuineIntel /proc/cpuinfo 2>/dev/null; then
         extras="$extras,mkl"  # Intel's BLAS: faster matmuls than OpenBLAS on Intel CPUs (cpu.py)

@@ -51,11 +51,19 @@ sys.exit(main())
 
 
 def _stopped(pid: int) -> bool:
-    """Whether a process is stopped (SIGSTOP), where /proc says (Linux)."""
+    """Whether a process is stopped (SIGSTOP): its state in /proc (Linux), else as `ps` says (macOS)."""
+    return process_state(pid) == "T"
+
+
+def process_state(pid: int) -> str:
+    """A process's state letter (R running, S sleeping, T stopped...; '' if it is gone or cannot be read)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
-    except (OSError, IndexError):
-        return False
+        if sys.platform == "linux":
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        said = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True, timeout=10)
+        return said.stdout.strip()[:1]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return ""
 
 
 def _free_ports(n: int) -> list[int]:

@@ -12,7 +12,11 @@ import sys
 
 import pytest
 
-from nanogpt_mlx import cpu
+from nanogpt_mlx import cpu, device
+
+# cpu.py sets MLX's CPU backend up on Linux only, and where the device profile is a CPU one (MLX's default device)
+pytestmark = pytest.mark.skipif(platform.system() != "Linux" or not device.PROFILE.cpu_backend,
+                                reason="MLX's CPU backend on Linux only")
 
 PROBE = r"""
 import glob, json, os, subprocess, sys, tempfile

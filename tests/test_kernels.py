@@ -524,7 +524,7 @@ subprocess.run = lambda *a, **k: calls.append(a) or real_run(*a, **k)
 import nanogpt_mlx
 from nanogpt_mlx import cli, device, kernels, train, evaluate, sample
 import mlx.core as mx
-maps = open("/proc/self/maps").read()
+maps = open("/proc/self/maps").read() if sys.platform == "linux" else ""  # the libraries loaded (Linux)
 print(json.dumps({"profile": device.PROFILE.name, "cpu_module": "nanogpt_mlx.cpu" in sys.modules,
                   "system_openblas": "libopenblas.so" in maps, "gemv_shim": "gemv_shim" in maps,
                   "subprocesses": len(calls), "mlx_exp": kernels.BOUND.exp is mx.exp}))

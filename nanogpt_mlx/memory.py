@@ -138,7 +138,7 @@ def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpoi
             advice.append(f"--batch-size {fits} fits (--total-batch-size stays, by more accumulation)")
         if not checkpointing:
             fits_ckpt = largest_batch(config, seq_len, dtype, True, limit, threads=threads, rows=rows)
-            if fits_ckpt:
+            if fits_ckpt > fits:  # (not where the head, which it does not shrink, is what fills the memory)
                 advice.append(f"--activation-checkpointing fits --batch-size {fits_ckpt}")
         raise UserError(f"a step of batch {batch_size} x {seq_len} needs {est.describe()}, more than {where}; "
                         + ("; ".join(advice) if advice else "choose a smaller model or sequence length"))

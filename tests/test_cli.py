@@ -384,6 +384,7 @@ def test_ctrl_c_while_the_parser_imports_commands_is_one_line(monkeypatch, capsy
     assert capsys.readouterr().err == "nanogpt-mlx: interrupted\n"
 
 
+@pytest.mark.skipif(not device.PROFILE.cpu_backend, reason="kernels compiled by a C++ compiler: MLX's CPU backend's")
 def test_a_kernel_that_mlx_cannot_compile_is_one_line(capsys, monkeypatch):
     """A full disk where MLX's CPU backend writes its kernels' sources: a 16-line traceback from inside MLX."""
     from nanogpt_mlx import cli

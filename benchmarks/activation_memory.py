@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 
-from workers import integer
 
 import nanogpt_mlx  # noqa: F401  (sets the device up before mlx.core)
 from nanogpt_mlx import device, kernels
 from nanogpt_mlx.model import GPT, GPTConfig
+from nanogpt_mlx.cli import positive_int
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -76,10 +76,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                     help="compute dtype (default: bfloat16)")
-    ap.add_argument("--n-embd", type=integer(1), default=256, help="model width (default: 256)")
-    ap.add_argument("--n-head", type=integer(1), default=4, help="attention heads (default: 4)")
-    ap.add_argument("--batch", type=integer(1), default=8, help="rows per batch (default: 8)")
-    ap.add_argument("--seq", type=integer(1), default=128, help="tokens per row (default: 128)")
+    ap.add_argument("--n-embd", type=positive_int, default=256, help="model width (default: 256)")
+    ap.add_argument("--n-head", type=positive_int, default=4, help="attention heads (default: 4)")
+    ap.add_argument("--batch", type=positive_int, default=8, help="rows per batch (default: 8)")
+    ap.add_argument("--seq", type=positive_int, default=128, help="tokens per row (default: 128)")
     ap.add_argument("--gpu-like", action="store_true", help="LayerNorm and attention stand-ins that keep what MLX's "
                     "GPU kernels keep (for a CPU estimate of a GPU's figure)")
     args = ap.parse_args()

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from statistics import median
 
-from workers import integer
 
 import nanogpt_mlx  # noqa: F401  (sets the device up before mlx.core)
 from nanogpt_mlx import device, kernels
+from nanogpt_mlx.cli import positive_int
 
 import mlx.core as mx  # noqa: E402
 
@@ -62,14 +62,14 @@ def measure(att, q, k, v, g, reps: int) -> tuple[float, float, list[mx.array]]:
 def main() -> None:
     gpu = mx.default_device() == mx.gpu
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=integer(1), default=16 if gpu else 4, help="B (default: 16 on a GPU, 4 on a CPU)")
-    ap.add_argument("--heads", type=integer(1), default=12, help="attention heads (default: 12)")
-    ap.add_argument("--head-dim", type=integer(1), default=64, help="head size (default: 64)")
-    ap.add_argument("--seq", type=integer(1), default=1024, help="T, queries and keys (default: 1024)")
+    ap.add_argument("--batch", type=positive_int, default=16 if gpu else 4, help="B (default: 16 on a GPU, 4 on a CPU)")
+    ap.add_argument("--heads", type=positive_int, default=12, help="attention heads (default: 12)")
+    ap.add_argument("--head-dim", type=positive_int, default=64, help="head size (default: 64)")
+    ap.add_argument("--seq", type=positive_int, default=1024, help="T, queries and keys (default: 1024)")
     ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"],
                     default=["bfloat16", "float32"] if gpu else ["float32"],
                     help="default: both on a GPU, float32 on a CPU")
-    ap.add_argument("--reps", type=integer(1), default=5 if gpu else 3,
+    ap.add_argument("--reps", type=positive_int, default=5 if gpu else 3,
                     help="timed runs per variant, median (default: 5 / 3)")
     ap.add_argument("--out", default=os.environ.get("OUT", ""), help="also write bench_attention.json here")
     args = ap.parse_args()

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from workers import integer, spawn
+from workers import spawn
 
 SIZES = {  # n_layer, n_embd, n_head, B, T
     "124m": (12, 768, 12, 16, 1024),
@@ -114,12 +114,14 @@ def main() -> None:
             out = run_mlx(weights, data, size, int(arg), "float32" if engine == "mlx-fp32" else "")
         print("RESULT " + json.dumps(out))
         return
+    # the driver's own: a worker, which may run PyTorch, must not load MLX's BLAS
+    from nanogpt_mlx.cli import positive_int
     from nanogpt_mlx.optim import cosine_lr
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="a folder of token shards (nanogpt-mlx prepare shakespeare)")
     ap.add_argument("--size", choices=list(SIZES), default="124m", help="model and batch (default: 124m, B16 x T1024)")
-    ap.add_argument("--steps", type=integer(1), default=40, help="optimizer steps (default: 40)")
+    ap.add_argument("--steps", type=positive_int, default=40, help="optimizer steps (default: 40)")
     ap.add_argument("--engines", nargs="+", choices=ENGINES, default=ENGINES, help="default: all")
     ap.add_argument("--out", default="", help="also write the curves to OUT/bench_curve.json")
     args = ap.parse_args()

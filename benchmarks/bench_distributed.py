@@ -20,9 +20,9 @@ import tempfile
 from pathlib import Path
 from statistics import median
 
-from workers import integer
-
 import numpy as np
+
+from nanogpt_mlx.cli import positive_int
 
 WARMUP = 2  # untimed steps first: the step's compilation, then the allocator's first use
 CONFIGS = {  # the training benchmark's configs
@@ -94,9 +94,9 @@ def run(directory: Path, model: dict, ranks: int, threads: int, steps: int, worl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="ab", help="which configs: a (4L/256d, B8xT256), b (124M, B4xT256)")
-    ap.add_argument("--ranks", type=integer(1), default=os.cpu_count() or 2,
+    ap.add_argument("--ranks", type=positive_int, default=os.cpu_count() or 2,
                     help="single-threaded ranks (default: the cores)")
-    ap.add_argument("--steps", type=integer(1), default=6, help="timed steps, after 2 untimed (default: 6)")
+    ap.add_argument("--steps", type=positive_int, default=6, help="timed steps, after 2 untimed (default: 6)")
     args = ap.parse_args()
     if other := set(args.configs) - set(CONFIGS):  # before minutes of runs
         ap.error(f"--configs {args.configs}: {', '.join(sorted(other))} is no config ({', '.join(CONFIGS)})")

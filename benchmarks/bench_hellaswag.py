@@ -25,7 +25,7 @@ from test_evaluate import make_hellaswag, reference_scores, write_jsonl  # noqa:
 from nanogpt_mlx import device  # noqa: E402
 from nanogpt_mlx.evaluate import load_hellaswag, score_hellaswag  # noqa: E402
 from nanogpt_mlx.weights import load_model  # noqa: E402
-from workers import integer  # noqa: E402
+from nanogpt_mlx.cli import positive_int  # noqa: E402
 
 
 def timed(fn, warmup, *args) -> tuple[float, object]:
@@ -37,8 +37,8 @@ def timed(fn, warmup, *args) -> tuple[float, object]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--examples", type=integer(1), default=64, help="synthetic examples scored (default: 64)")
-    ap.add_argument("--batches", type=integer(1), nargs="+",
+    ap.add_argument("--examples", type=positive_int, default=64, help="synthetic examples scored (default: 64)")
+    ap.add_argument("--batches", type=positive_int, nargs="+",
                     help="examples per MLX forward (default: 1 4 8 on the CPU, 8 16 32 on a GPU; `eval hellaswag` "
                          "uses 1 and 8)")
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",

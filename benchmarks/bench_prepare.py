@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers import integer, number
 
 import numpy as np
 
@@ -32,6 +31,7 @@ import nanogpt_mlx  # noqa: F401  (package setup first)
 from nanogpt_mlx.prepare import PrepareConfig, prepare
 from nanogpt_mlx.sources import local_files
 from nanogpt_mlx.tokenizer import EOT, get_tokenizer
+from nanogpt_mlx.cli import positive_float, positive_int
 
 SHARD_SIZE = 100_000_000
 BASE_JSONL = "build-nanogpt Pool, reading the jsonl"
@@ -105,10 +105,10 @@ def best_of(repeat: int, run, out: Path | None = None) -> tuple[int, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--text", type=Path, required=True, help="real text to repeat (e.g. tinyshakespeare.txt)")
-    ap.add_argument("--mb", type=number, default=50, help="MB of jsonl to tokenize (default: 50)")
-    ap.add_argument("--workers", type=integer(1), nargs="+", default=sorted({1, os.cpu_count() or 1}),
+    ap.add_argument("--mb", type=positive_float, default=50, help="MB of jsonl to tokenize (default: 50)")
+    ap.add_argument("--workers", type=positive_int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
                     help="worker counts to time (default: 1 and the cores)")
-    ap.add_argument("--repeat", type=integer(1), default=2, help="runs of each, the best counts (default: 2)")
+    ap.add_argument("--repeat", type=positive_int, default=2, help="runs of each, the best counts (default: 2)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

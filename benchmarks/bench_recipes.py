@@ -26,12 +26,12 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from statistics import median
 
-from workers import integer, number
 
 from nanogpt_mlx import UserError, checkpoint, recipes
 from nanogpt_mlx.model import GPTConfig
 from nanogpt_mlx.config import TrainConfig
 from nanogpt_mlx.train import Trainer
+from nanogpt_mlx.cli import positive_float, positive_int
 
 # each sweep brackets its recipe's best point (a 2-core CPU runs a 200-step run in ~10 min)
 NANOGPT_LRS = [5e-4, 1e-3, 2e-3]  # the preset's max_lr is 1e-3
@@ -103,11 +103,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="data/shakespeare", help="shards of `nanogpt-mlx prepare shakespeare`")
     ap.add_argument("--out", default="out/bench-recipes", help="run directories (their log.txt plot with `plot`)")
-    ap.add_argument("--steps", type=integer(1), default=200, help="step budget of both recipes (the preset's: 200)")
-    ap.add_argument("--val-every", type=integer(1), default=20,
+    ap.add_argument("--steps", type=positive_int, default=200, help="step budget of both recipes (the preset's: 200)")
+    ap.add_argument("--val-every", type=positive_int, default=20,
                     help="steps between val losses (8 batches each, the preset's)")
-    ap.add_argument("--nanogpt-lrs", type=number, nargs="+", default=NANOGPT_LRS, help="build-nanogpt max_lr sweep")
-    ap.add_argument("--speedrun-scales", type=number, nargs="+", default=SPEEDRUN_SCALES,
+    ap.add_argument("--nanogpt-lrs", type=positive_float, nargs="+", default=NANOGPT_LRS,
+                    help="build-nanogpt max_lr sweep")
+    ap.add_argument("--speedrun-scales", type=positive_float, nargs="+", default=SPEEDRUN_SCALES,
                     help="speedrun sweep: multipliers of all its LRs")
     ap.add_argument("--ablate", nargs="*", default=[], metavar="SWITCHES",
                     help="speedrun runs at the best LRs with changed model switches, e.g. value_embeds=1 unet=true")

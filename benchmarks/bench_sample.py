@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from statistics import median
 
-from workers import blas, integer
+from workers import blas
 
 PROMPT = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # "Hello, I'm a language model,"
 
@@ -105,12 +105,14 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
 
 
 def main() -> None:
+    from nanogpt_mlx.cli import positive_int  # (the workers, processes of their own, load their BLAS)
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="Hugging Face GPT-2 directory (default: random 124M weights)")
-    ap.add_argument("--new-tokens", type=integer(1), default=128, help="greedy tokens generated (default: 128)")
-    ap.add_argument("--rounds", type=integer(1), default=3,
+    ap.add_argument("--new-tokens", type=positive_int, default=128, help="greedy tokens generated (default: 128)")
+    ap.add_argument("--rounds", type=positive_int, default=3,
                     help="turns each engine takes (fresh process each; default: 3)")
-    ap.add_argument("--reps", type=integer(1), default=3,
+    ap.add_argument("--reps", type=positive_int, default=3,
                     help="timed generations per turn, after one warm-up (default: 3)")
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                     help="gpu: transformers on CUDA, nanogpt-mlx on mlx[cuda]; the OpenBLAS engines are CPU-only")

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from statistics import median
 
-from workers import blas, integer, number, openblas_beside_mkl, spawn
+from workers import blas, openblas_beside_mkl, spawn
 
 CONFIGS = {  # n_layer, n_embd, n_head, B, T
     "a": (4, 256, 4, 8, 256),
@@ -235,6 +235,9 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(sys.argv[2:])
         return
+    # the driver's own: a worker, which may run PyTorch, must not load MLX's BLAS
+    from nanogpt_mlx.cli import non_negative_int, positive_float, positive_int
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                    help="cpu: fp32 configs a, b, c; gpu: bf16, GPT-2 shapes")
@@ -242,10 +245,10 @@ def main() -> None:
                    help="default: a b c on a CPU, the GPU configs on a GPU")
     p.add_argument("--engines", nargs="+", choices=list(dict.fromkeys(ENGINES + GPU_ENGINES)),
                    help="default: all of the device's")
-    p.add_argument("--steps", type=integer(1), default=5, help="timed steps per engine (default: 5)")
-    p.add_argument("--warmup", type=integer(0), default=2, help="untimed steps first (default: 2)")
-    p.add_argument("--rounds", type=integer(1), default=2, help="turns per engine; the best counts (default: 2)")
-    p.add_argument("--memory-limit", type=number, default=0.0,
+    p.add_argument("--steps", type=positive_int, default=5, help="timed steps per engine (default: 5)")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first (default: 2)")
+    p.add_argument("--rounds", type=positive_int, default=2, help="turns per engine; the best counts (default: 2)")
+    p.add_argument("--memory-limit", type=positive_float, default=0.0,
                    help="GB: MLX engines run under mx.set_memory_limit (MLX then waits for queued work rather than "
                         "allocate past it), to see how much of their peak is work queued ahead (default: none)")
     p.add_argument("--cap-memory", action="store_true",

@@ -29,7 +29,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from workers import integer, spawn
+from workers import spawn
 
 KINDS = [  # the first pattern a kernel's name matches (lower case) gives its kind
     ("element-wise", r"mlx::core::cu::\w+_(contiguous|strided)<"),  # mx.compile's fused kernels (CUPTI's names
@@ -154,15 +154,18 @@ def main() -> None:
         engine, cfg_name, steps, warmup, quick, out = sys.argv[2:]
         print("RESULT " + json.dumps(worker(engine, cfg_name, int(steps), int(warmup), quick == "1", out)))
         return
+    # the driver's own: a worker, which may run PyTorch, must not load MLX's BLAS
+    from nanogpt_mlx.cli import non_negative_int, positive_int
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="124m-b16", help="a bench_train.py config (default: 124m-b16)")
     p.add_argument("--engines", nargs="+", default=["mlx", "torch.compile"],
                    choices=["mlx", "mlx-fp32", "torch.compile", "torch-fp32"],
                    help="mlx: the profile's dtype (bf16 on a GPU); torch.compile: bf16 autocast; the fp32 engines: "
                         "TF32 matmuls, PyTorch eager (default: mlx torch.compile)")
-    p.add_argument("--steps", type=integer(1), default=5, help="profiled steps per engine (default: 5)")
-    p.add_argument("--warmup", type=integer(0), default=3, help="steps before the profiled ones (default: 3)")
-    p.add_argument("--top", type=integer(1), default=25, help="largest kernels listed per engine (default: 25)")
+    p.add_argument("--steps", type=positive_int, default=5, help="profiled steps per engine (default: 5)")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="steps before the profiled ones (default: 3)")
+    p.add_argument("--top", type=positive_int, default=25, help="largest kernels listed per engine (default: 25)")
     p.add_argument("--quick", action="store_true", help="config a on the CPU: a smoke test of the script")
     p.add_argument("--out", default=os.environ.get("OUT", "out"), help="folder for the JSON and traces")
     args = p.parse_args()

@@ -6,12 +6,10 @@ PyTorch's BLAS in the same process, and so that each engine's peak memory is its
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 
 
 def spawn(script: str, *args: str, env: dict[str, str] | None = None):
@@ -23,30 +21,6 @@ def spawn(script: str, *args: str, env: dict[str, str] | None = None):
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"worker {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
-
-
-def integer(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= `low` (0 rounds or steps divided by zero after minutes of set-up)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is below {low}")
-        return value
-    return parse
-
-
-def number(text: str) -> float:
-    """An argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{value} is not a finite number >= 0")
-    return value
 
 
 def blas(choice: str = "") -> str:

@@ -196,7 +196,8 @@ def _vectorize_jit() -> None:
     if os.environ.get(NO_AVX2_ENV, "") not in ("", "0"):
         jit = f"MLX's default flags ({NO_AVX2_ENV} is set)"
         return
-    if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma", "f16c"} <= set(_cpuinfo("flags").split()):
+    flags = set(_cpuinfo("flags").split())
+    if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma", "f16c"} <= flags:
         return
     try:
         home = cache_dir() / "jit-avx2"

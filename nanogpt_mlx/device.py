@@ -93,7 +93,8 @@ def _no_cudnn(dtype: str, head_dim: int) -> list[str]:
 PROFILES = {
     p.name: p
     for p in [
-        Profile("cpu-x86", "MLX CPU backend on x86-64 (MKL or OpenBLAS where found, multiply-add exp, reductions by lanes)",
+        Profile("cpu-x86",
+                "MLX CPU backend on x86-64 (MKL or OpenBLAS where found, multiply-add exp, reductions by lanes)",
                 "float32", software_math=True, cpu_backend=True, loss_rows=128, eval_batch=1, gemm_n=1024,
                 fused_attention_backward=False),
         Profile("cpu-arm", "MLX CPU backend on ARM", "float32", software_math=False, cpu_backend=True,

@@ -198,20 +198,15 @@ class RunLog:
 
     def __init__(self, out: Path, start_step: int, enabled: bool):
         (self.txt, self.jsonl), self.enabled = (out / f for f in LOG_FILES), enabled
-        self.last_step: int | None = None  # the last step this RunLog logged
-        if enabled:  # drop what a crashed run logged after its last checkpoint (or everything, if fresh)
-            self._drop_from(start_step)
+        self.restart(start_step)
 
     def restart(self, step: int) -> None:
-        """Training goes on from `step` in this process: drop what was logged at it or later (the evaluations
-        of a step that a stop cut short run again), as a resumed run drops what followed its checkpoint."""
-        if self.enabled and self.last_step is not None and self.last_step >= step:
-            self._drop_from(step)
-
-    def _drop_from(self, step: int) -> None:
-        self._keep_before(self.txt, step, lambda line: int(line.split()[0]))
-        self._keep_before(self.jsonl, step, lambda line: json.loads(line)["step"])
-        self.last_step = None if self.last_step is None else min(self.last_step, step - 1)
+        """Training goes on from `step`: drop what was logged at it or later. That is what a crashed run logged
+        after its last checkpoint (everything, for a fresh run), or in this process the evaluations of a step that
+        a stop cut short, which run again. Where nothing was, this reads each file's last line only."""
+        if self.enabled:
+            self._keep_before(self.txt, step, lambda line: int(line.split()[0]))
+            self._keep_before(self.jsonl, step, lambda line: json.loads(line)["step"])
 
     @staticmethod
     def _keep_before(path: Path, step: int, step_of) -> None:
@@ -244,7 +239,6 @@ class RunLog:
 
     def event(self, step: int, kind: str, **fields) -> None:
         self._append(self.jsonl, json.dumps({"step": step, "kind": kind, **fields}) + "\n")
-        self.last_step = step if self.last_step is None else max(self.last_step, step)
 
     def sync(self) -> None:
         """Flush the logs to the disk: a checkpoint written after this cannot outlive the lines before its step

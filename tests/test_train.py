@@ -760,7 +760,7 @@ def test_a_resumed_runs_log_is_cut_at_its_step_and_left_alone_when_nothing_follo
     assert (out / "log.txt").read_text() == kept_txt and (out / "log.jsonl").read_text() == kept_jsonl
     inodes = [(out / name).stat().st_ino for name in ("log.txt", "log.jsonl")]
     RunLog(out, 3, True)
-    RunLog(out, 5, True).restart(4)  # nothing logged by that RunLog: nothing to drop
+    RunLog(out, 5, True).restart(4)  # nothing logged at step 4 or later: nothing to drop
     assert [(out / name).stat().st_ino for name in ("log.txt", "log.jsonl")] == inodes
     assert (out / "log.txt").read_text() == kept_txt and (out / "log.jsonl").read_text() == kept_jsonl
     RunLog(out, 1, True)

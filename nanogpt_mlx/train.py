@@ -645,9 +645,11 @@ class Trainer:
                   f"{tokens_per_step} tokens/step = {self.dist.world} x {self.grad_accum} x {cfg.batch_size} x "
                   f"{cfg.seq_len} | steps {self.step}..{cfg.max_steps} | {device.PROFILE.name} {self.dtype_name} | "
                   f"peak {peak / 1e9:.0f} GFLOP/s a rank | memory ~{self.memory.total / 1e9:.2f} GB estimated")
-        note = device.PROFILE.attention_note(self.dtype_name, self.model.config.n_embd // self.model.config.n_head,
-                                             cfg.seq_len)
-        if note:
+        notes = [device.PROFILE.attention_note(self.dtype_name, c.n_embd // c.n_head, cfg.seq_len)]
+        if cfg.warmup_steps >= cfg.max_steps:  # e.g. a short run that kept build-nanogpt's 715 warmup steps
+            notes.append(f"warmup_steps {cfg.warmup_steps} is not below max_steps {cfg.max_steps}: the LR rises for "
+                         "the whole run and never decays (--warmup-steps)")
+        for note in filter(None, notes):
             self._say(f"note: {note}")
         with self._training() as bar:
             queued = None

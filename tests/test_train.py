@@ -523,6 +523,14 @@ def test_a_seed_near_2_to_the_64_samples_past_it(data_dir, tmp_path):
     assert len([r for r in logged(tmp_path / "run", "sample")]) == 2
 
 
+def test_a_warmup_as_long_as_the_run_is_noted(data_dir, tmp_path, capsys):
+    """A short run that kept build-nanogpt's 715 warmup steps would train at a rising, small LR without a word."""
+    Trainer(tiny_config(data_dir, tmp_path / "short", warmup_steps=2, max_steps=2)).train()
+    assert "note: warmup_steps 2 is not below max_steps 2: the LR rises for the whole run" in capsys.readouterr().out
+    Trainer(tiny_config(data_dir, tmp_path / "long", warmup_steps=1, max_steps=2)).train()
+    assert "warmup_steps" not in capsys.readouterr().out
+
+
 def test_mfu_on_a_cpu_is_against_float32_matmuls(data_dir, tmp_path, monkeypatch, capsys):
     """bfloat16 matmuls on MLX's CPU backend are emulated, slower than the step's float32 parts: MFU read 200%."""
     from nanogpt_mlx import device

@@ -283,6 +283,24 @@ class GPT(nn.Module):
         lookups += [] if self.config.tie_embeddings else [self.wte.weight]
         return n - sum(w.size for w in lookups)
 
+    def grow_vocab(self, vocab_size: int) -> GPT:
+        """This model with vocab_size rows in every table indexed by token (the embedding, an untied head, the
+        value embeddings), new rows = each table's mean row: the new tokens' logits start at the average logit
+        instead of dominating the softmax (nanoGPT's crop_block_size is the like surgery on the context)."""
+        n = self.config.vocab_size
+        if vocab_size < n:
+            raise UserError(f"vocab_size {vocab_size} is smaller than the source model's {n}")
+        if vocab_size == n:
+            return self
+        grown = GPT(replace(self.config, vocab_size=vocab_size), seed=0)
+        params = dict(self.parameters_flat())
+        tables = ["wte.weight", "lm_head.weight"] + [f"ve.{j}.weight" for j in range(self.config.value_embeds)]
+        for name in (t for t in tables if t in params):  # (lm_head only where untied)
+            old = params[name]
+            params[name] = mx.concatenate([old, mx.broadcast_to(old.mean(0), (vocab_size - n, old.shape[1]))])
+        grown.load_flat(params)
+        return grown
+
     def __call__(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """idx (B, T) token ids -> logits (B, T, vocab_size)."""
         return self.head(self.hidden(idx, cache))

@@ -55,24 +55,6 @@ from .tokenizer import encode
 from .weights import load_model
 
 
-def pad_vocab(model: GPT, vocab_size: int) -> GPT:
-    """Grow the embedding (and an untied head) to vocab_size rows, new rows = the mean row, so the new
-    tokens' logits start at the average logit instead of dominating the softmax."""
-    n = model.wte.weight.shape[0]
-    if vocab_size < n:
-        raise UserError(f"vocab_size {vocab_size} is smaller than the source model's {n}")
-    if vocab_size == n:
-        return model
-    grown = GPT(replace(model.config, vocab_size=vocab_size), seed=0)
-    params = dict(model.parameters_flat())
-    for name in ("wte.weight", "lm_head.weight"):
-        if name in params:
-            old = params[name]
-            params[name] = mx.concatenate([old, mx.broadcast_to(old.mean(0), (vocab_size - n, old.shape[1]))])
-    grown.load_flat(params)
-    return grown
-
-
 # ----------------------------------------------------------------------------------- trainer
 @dataclass
 class _Step:
@@ -214,7 +196,7 @@ class Trainer:
         if ckpt is not None and not cfg.init_from:  # (resume_config gives the checkpoint's; 0 is "the default")
             refuse_model_changes(ckpt, model.config, {k: getattr(cfg, k) for k in MODEL_FIELDS[1:] if getattr(cfg, k)},
                                  f"resume with its config, config.resume_config({str(self.out)!r})")
-        model = pad_vocab(model, cfg.vocab_size) if cfg.vocab_size and ckpt is None else model
+        model = model.grow_vocab(cfg.vocab_size) if cfg.vocab_size and ckpt is None else model
         return model, fits(model.config)
 
     def _check_config(self) -> None:

@@ -494,12 +494,13 @@ def test_init_from_pads_vocab_with_the_mean_row(small_hf_dir, data_dir, tmp_path
     assert Trainer(replace(cfg, out=str(tmp_path / "b"), vocab_size=0)).model.config.vocab_size == VOCAB
 
 
-def test_padding_the_vocab_grows_an_untied_head_with_its_mean_row():
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=100, tie_embeddings=False))
-    grown = train_mod.pad_vocab(model, 128)
-    assert grown.config.vocab_size == 128
-    for name in ("wte", "lm_head"):
-        old, new = np.array(getattr(model, name).weight), np.array(getattr(grown, name).weight)
+def test_padding_the_vocab_grows_an_untied_head_and_value_embeddings_with_their_mean_rows():
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=100, tie_embeddings=False,
+                          value_embeds=1))
+    grown = model.grow_vocab(128)
+    assert grown.config.vocab_size == 128 and model.grow_vocab(100) is model
+    for name in ("wte.weight", "lm_head.weight", "ve.0.weight"):
+        old, new = (np.array(dict(m.parameters_flat())[name]) for m in (model, grown))
         assert new.shape == (128, 16)
         np.testing.assert_array_equal(new[:100], old)
         np.testing.assert_allclose(new[100:], np.broadcast_to(old.mean(0), (28, 16)), rtol=1e-6)

@@ -499,6 +499,8 @@ def test_padding_the_vocab_grows_an_untied_head_and_value_embeddings_with_their_
                           value_embeds=1))
     grown = model.grow_vocab(128)
     assert grown.config.vocab_size == 128 and model.grow_vocab(100) is model
+    with pytest.raises(UserError, match="vocab_size 99 is smaller than the source model's 100"):
+        model.grow_vocab(99)
     for name in ("wte.weight", "lm_head.weight", "ve.0.weight"):
         old, new = (np.array(dict(m.parameters_flat())[name]) for m in (model, grown))
         assert new.shape == (128, 16)

@@ -73,17 +73,29 @@ def read_state(ckpt: Path) -> dict:
     return state
 
 
-def read_optimizer(ckpt: Path):
-    """The optimizer state tree saved in a checkpoint, its file checked against its header first."""
+def read_optimizer(ckpt: Path, like):
+    """The optimizer state tree saved in a checkpoint, its file checked against its header first, and its arrays
+    against those of the state tree `like` (the run's, per tensor)."""
     path = ckpt / OPTIMIZER_FILE
     if not path.is_file():
         raise damaged(ckpt, f"{OPTIMIZER_FILE} is missing")
     name = mlx_path(path)  # not a damaged checkpoint
     try:
         safetensors_shapes(path)  # a truncated file fails here, not later inside an update
-        return tree_unflatten(list(mx.load(name).items()))
+        saved = mx.load(name)
     except (UserError, RuntimeError, ValueError) as e:
         raise damaged(ckpt, f"{OPTIMIZER_FILE}: {first_line(e).removeprefix(f'{path}: ')}") from None
+    # missing entries MLX would start from zeros, silently; others' shapes would fail inside the first update
+    found = {k: (a.shape, a.dtype) for k, a in saved.items()}
+    needed = {k: (a.shape, a.dtype) for k, a in tree_flatten(like)}
+    missing = [k for k in needed if k not in found]
+    if missing:
+        raise damaged(ckpt, f"{OPTIMIZER_FILE} lacks {', '.join(missing[:3])}")
+    wrong = next((k for k in needed if found[k] != needed[k]), None)
+    if wrong:  # a shape would fail inside the first update; a dtype (bool moments) would train on, inexactly
+        raise damaged(ckpt, f"{OPTIMIZER_FILE}: {wrong} is {found[wrong][1]} of shape {found[wrong][0]}, the model "
+                            f"needs {needed[wrong][1]} of {needed[wrong][0]}")
+    return tree_unflatten(list(saved.items()))
 
 
 def read_model(ckpt: Path) -> GPT:
@@ -115,6 +127,22 @@ def write(out: Path, step: int, model: GPT, optimizer_state, state: dict) -> Pat
         raise UserError(f"{final.name} not saved: {e}; {then}") from None
     _publish(out, final)
     return final
+
+
+def refuse_replacing(out: Path) -> None:
+    """Refuse to start a fresh run in an OUT that holds another run's checkpoints, a model or logs."""
+    if checkpoints(out):
+        raise UserError(f"{out} already holds a checkpoint; resume it (--resume {out}; in Python "
+                        "Trainer(cfg, resume=True)), pass --overwrite (overwrite=True), or choose another --out")
+    logs = [f for f in LOG_FILES if (out / f).is_file() and (out / f).stat().st_size]
+    if any((out / f).exists() for f in MODEL_FILES):
+        held = f"a model ({', '.join(MODEL_FILES)})"
+    elif logs:  # alone: a run that ended before its first checkpoint (a crash, the OOM killer)
+        held = f"a run's {' and '.join(logs)} (no checkpoint to resume)"
+    else:
+        return
+    raise UserError(f"{out} already holds {held}, which a new run would replace; pass --overwrite (in Python "
+                    "Trainer(cfg, overwrite=True)), or choose another --out")
 
 
 def check_room(out: Path, size: int, fresh: bool) -> None:

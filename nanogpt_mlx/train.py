@@ -234,22 +234,10 @@ class Trainer:
         return math.gcd(device.step_threads(config.n_embd), cfg.batch_size)
 
     def _check_out(self, ckpt: Path | None, overwrite: bool) -> None:
-        """Refuse a fresh run into an OUT holding another run's checkpoints, a model or logs, unless overwriting; and
-        an OUT this process cannot write, now rather than at the first checkpoint."""
+        """Refuse a fresh run into an OUT holding another run, unless overwriting; and an OUT this process cannot
+        write, now rather than at the first checkpoint."""
         if ckpt is None and not overwrite:
-            if checkpoint.checkpoints(self.out):
-                raise UserError(f"{self.out} already holds a checkpoint; resume it (--resume {self.out}; in Python "
-                                "Trainer(cfg, resume=True)), pass --overwrite (overwrite=True), or choose another --out")
-            logs = [f for f in checkpoint.LOG_FILES if (self.out / f).is_file() and (self.out / f).stat().st_size]
-            if any((self.out / f).exists() for f in checkpoint.MODEL_FILES):
-                held = f"a model ({', '.join(checkpoint.MODEL_FILES)})"
-            elif logs:  # alone: a run that ended before its first checkpoint (a crash, the OOM killer)
-                held = f"a run's {' and '.join(logs)} (no checkpoint to resume)"
-            else:
-                held = ""
-            if held:
-                raise UserError(f"{self.out} already holds {held}, which a new run would replace; pass --overwrite (in "
-                                "Python Trainer(cfg, overwrite=True)), or choose another --out")
+            checkpoint.refuse_replacing(self.out)
         mlx_path(self.out)  # its checkpoints are MLX's files: refused now, not at the first save
         if self.dist.is_main:
             check_writable(self.out)
@@ -332,17 +320,7 @@ class Trainer:
 
     def _load_state(self, ckpt: Path) -> None:
         state = checkpoint.read_state(ckpt)
-        saved = checkpoint.read_optimizer(ckpt)
-        # missing entries MLX would start from zeros, silently; others' shapes would fail inside the first update
-        found = {k: (a.shape, a.dtype) for k, a in tree_flatten(saved)}
-        needed = {k: (a.shape, a.dtype) for k, a in tree_flatten(self.packing.unpack_state(self.optimizer.state))}
-        missing = [k for k in needed if k not in found]
-        if missing:
-            raise checkpoint.damaged(ckpt, f"{checkpoint.OPTIMIZER_FILE} lacks {', '.join(missing[:3])}")
-        wrong = next((k for k in needed if found[k] != needed[k]), None)
-        if wrong:  # a shape would fail inside the first update; a dtype (bool moments) would train on, inexactly
-            raise checkpoint.damaged(ckpt, f"{checkpoint.OPTIMIZER_FILE}: {wrong} is {found[wrong][1]} of shape "
-                                           f"{found[wrong][0]}, the model needs {needed[wrong][1]} of {needed[wrong][0]}")
+        saved = checkpoint.read_optimizer(ckpt, like=self.packing.unpack_state(self.optimizer.state))
         self.optimizer.state = self.packing.pack_state(saved, like=self.optimizer.state)
         try:
             self.train_loader.load_state_dict(state["train_loader"])

@@ -66,8 +66,8 @@ class TrainConfig:
     compile: bool = _field(True, "compile the training step and the validation loss (mx.compile)")
     threads: int = _field(0, "threads that split each micro-batch's rows, each computing its share's forward and "
                              "backward on an MLX stream of its own (batch_size must divide by it); 0: the device's "
-                             "choice, on a CPU as many as its BLAS threads for n_embd <= 512 (at most batch_size) "
-                             "and else 1, 1 on a GPU")
+                             "choice, on a CPU for n_embd <= 512 the greatest common divisor of its BLAS threads "
+                             "and batch_size, and else 1; 1 on a GPU")
     activation_checkpointing: bool = _field(False, "recompute each block in the backward pass: less memory, "
                                                    "~1/3 more compute")
     max_memory: float = _field(0.0, "GB the run (each rank) may use: refuse to start if the estimated peak exceeds "

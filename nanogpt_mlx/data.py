@@ -149,13 +149,13 @@ class DataLoader:
             raise UserError(f"{data_dir}: no {split} shard holds one batch: {short_list}")
         if short:
             warn(f"{data_dir}: skipping {short_list}")
-        self.shards = [path for path, _ in kept]
+        self.shards = [path.absolute() for path, _ in kept]  # a later os.chdir (a notebook) must not move them
         # what a saved position means: a checkpoint's position is refused by a loader that reads other batches
         self.layout = {"B": B, "T": T, "world": world, "shuffle": shuffle, "seed": seed if shuffle else None,
                        "shards": [[path.name, n] for path, n in kept]}
-        self.state = LoaderState()
         self._checked: set[int] = set()  # shards whose token ids were checked: once each, not at every reset
-        self._load()
+        self._loaded: tuple[int, int] | None = None  # the (shard, epoch) whose tokens and batch order are loaded
+        self.reset()
 
     def _batches_in(self, tokens: int) -> int:
         """Global batches (B*T*world tokens, plus the last target) that a shard of `tokens` holds."""
@@ -167,32 +167,35 @@ class DataLoader:
         check_int("batches", batches)  # 2.5 failed later, as a range()'s TypeError
         return min(batches, sum(self._batches_in(n) for _, n in self.layout["shards"]))
 
-    def _load(self) -> None:
-        shard, path = self.state.shard, self.shards[self.state.shard]
-        self.tokens = open_shard(path) if shard in self._checked else load_shard(path, self.vocab_size)
-        self._checked.add(shard)
-        self.steps_in_shard = self._batches_in(len(self.tokens))
-        self.order = np.arange(self.steps_in_shard)
-        if self.shuffle:
-            rng = np.random.default_rng([self.seed, self.state.epoch, self.state.shard])
-            self.order = rng.permutation(self.steps_in_shard)
+    def _move_to(self, state: LoaderState) -> None:
+        """Go to `state`, reading its shard unless it is the one loaded; where that read fails (UserError) the
+        loader stays where it was, whole (a run that stops there saves its position)."""
+        shard, epoch = state.shard, state.epoch
+        if self._loaded != (shard, epoch):
+            path = self.shards[shard]
+            tokens = open_shard(path) if shard in self._checked else load_shard(path, self.vocab_size)
+            self._checked.add(shard)
+            steps = self._batches_in(len(tokens))
+            order = np.random.default_rng([self.seed, epoch, shard]).permutation(steps) if self.shuffle \
+                else np.arange(steps)
+            self.tokens, self.steps_in_shard, self.order, self._loaded = tokens, steps, order, (shard, epoch)
+        self.state = state
 
     def reset(self) -> None:
-        self.state = LoaderState()
-        self._load()
+        self._move_to(LoaderState())
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        """(x, y) int32 arrays of shape (B, T); y is x shifted by one token."""
+        """(x, y) int32 arrays of shape (B, T); y is x shifted by one token. Where the next shard cannot be read
+        (UserError), the position stays at this batch."""
         BT = self.B * self.T
         start = BT * (int(self.order[self.state.step]) * self.world + self.rank)
         buf = np.asarray(self.tokens[start : start + BT + 1], dtype=np.int32)
-        self.state.step += 1
-        if self.state.step >= self.steps_in_shard:
-            self.state.step = 0
-            self.state.shard += 1
-            if self.state.shard == len(self.shards):
-                self.state.shard, self.state.epoch = 0, self.state.epoch + 1
-            self._load()
+        shard, step, epoch = self.state.shard, self.state.step + 1, self.state.epoch
+        if step >= self.steps_in_shard:
+            shard, step = shard + 1, 0
+            if shard == len(self.shards):
+                shard, epoch = 0, epoch + 1
+        self._move_to(LoaderState(shard, step, epoch))
         return buf[:-1].reshape(self.B, self.T), buf[1:].reshape(self.B, self.T)
 
     def state_dict(self) -> dict:
@@ -216,8 +219,7 @@ class DataLoader:
             raise ValueError(f"position in shard {state.shard}, but there are {len(self.shards)}")
         if state.step >= self._batches_in(self.layout["shards"][state.shard][1]):
             raise ValueError(f"position at batch {state.step} of shard {state.shard}, which holds fewer")
-        self.state = state
-        self._load()
+        self._move_to(state)
 
 
 def _is_layout(saved: object) -> bool:

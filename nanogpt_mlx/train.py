@@ -81,6 +81,12 @@ class _SavedStop(UserError):
 _OWNERS: weakref.WeakValueDictionary[Path, Trainer] = weakref.WeakValueDictionary()
 
 
+def _release(out: Path) -> None:
+    """Unlock OUT for other processes once its Trainer is gone, unless a newer Trainer of it lives in this one."""
+    if _OWNERS.get(out) is None:
+        unlock_dir(out)
+
+
 class Trainer:
     """A training run: `Trainer(cfg).train()`, or `Trainer(cfg, resume=True)` to continue cfg.out.
     Without cfg: TrainConfig(), build-nanogpt's GPT-2 124M run."""
@@ -93,11 +99,14 @@ class Trainer:
         for name, flag in (("resume", resume), ("overwrite", overwrite)):  # "no" is true: it would remove the run
             if not isinstance(flag, bool):
                 raise UserError(f"{name} must be True or False, got {flag!r}")
+        if resume and overwrite:  # which one was meant? (the CLI refuses --resume with --overwrite too)
+            raise UserError("resume=True continues OUT's run and overwrite=True replaces it: pass one of them")
         cfg = cfg or TrainConfig()  # build-nanogpt's GPT-2 124M run
         self.cfg, self.dist = cfg, dist or distributed.init()
         self.out = Path(cfg.out).absolute()  # a later os.chdir (a notebook) must not move the run
         self._took_lock = False  # whether this Trainer's start took OUT's lock (not held by this process before)
         self._broken = ""  # why train() ended amid a step, after which it refuses to go on
+        self._failed_evaluating = False  # whether train() ended in an evaluation's error, between steps
         try:
             self._setup(resume, overwrite)
         except BaseException:  # a refused start leaves OUT to the next (in a notebook this process lives on)
@@ -168,6 +177,8 @@ class Trainer:
         self.result: dict[str, float] = {}  # latest train_loss, val_loss and hellaswag
         self._compute_state()
         _OWNERS[self.out] = self
+        if self._took_lock:  # a Trainer made and dropped (a notebook's cell run again) gives OUT back
+            weakref.finalize(self, _release, self.out)
 
     def _compute_state(self) -> None:
         """The weights and optimizer state, computed in this thread: MLX's streams are per thread, and a notebook's
@@ -332,6 +343,8 @@ class Trainer:
         """Write OUT/ckpt-{step} with the float32 master weights (rank 0 only) and return its path."""
         if not self.dist.is_main:
             return self.out / f"ckpt-{self.step:06d}"
+        self._check_newest()
+        took = lock_dir(self.out, "run")  # outside train(): another process may be writing OUT now
         self.log.sync()
         self._use_master(mx.float32)  # save the float32 masters, not a bf16 copy
         try:
@@ -341,8 +354,17 @@ class Trainer:
                 "train_loader": self.train_loader.state_dict()})
         finally:
             self._use_master(self.dtype)
+            if took:
+                unlock_dir(self.out)
         self._saved_step = self.step
         return path
+
+    def _check_newest(self) -> None:
+        """Refuse to write OUT from a Trainer older than the newest of OUT in this process: it would write that
+        run's checkpoints and model with its own (a notebook's cell run again)."""
+        if _OWNERS.get(self.out) is not self:
+            raise UserError(f"a newer Trainer of {self.out} was made in this process: use that one (or continue "
+                            f"from {self.out}'s last checkpoint with Trainer(cfg, resume=True))")
 
     def _save_before_failing(self) -> None:
         """An evaluation failed (a download, a kernel that cannot compile): save the steps since the last checkpoint
@@ -360,6 +382,8 @@ class Trainer:
     # -- evaluation
     def val_loss(self) -> float:
         """Mean loss over val_steps batches (at most the split's) from the start of the val split (build-nanogpt)."""
+        if self.val_loader is None:
+            raise UserError("no val batches: a Trainer reads the val split only when val_every is set")
         return self.dist.mean(loader_loss(self.model, self.val_loader, self.val_steps, loss=self._eval_loss))
 
     def samples(self) -> list[str]:
@@ -548,12 +572,11 @@ class Trainer:
         if self._broken:
             raise UserError(f"this Trainer stopped amid a step ({self._broken}): its weights, step and data position "
                             f"may disagree; {resume}")
-        if _OWNERS.get(self.out) is not self:
-            raise UserError(f"a newer Trainer of {self.out} was made in this process: train that one (or {resume})")
+        self._check_newest()
         if self.dist.is_main:
             lock_dir(self.out, "run")  # again, if an earlier train() ended
         # an earlier train()'s stop request was answered by its end
-        self._stop, self._stopped_by, self._stop_error = False, None, None
+        self._stop, self._stopped_by, self._stop_error, self._failed_evaluating = False, None, None, False
         try:
             self.log.restart(self.step)  # before any step: its failure leaves this Trainer whole
             try:
@@ -561,7 +584,8 @@ class Trainer:
             except (Stopped, _SavedStop):  # saved: whole, train() continues
                 raise
             except BaseException as e:  # a second Ctrl-C, a NaN, a failed save or read: maybe a step half applied
-                self._broken = first_line(e) or type(e).__name__
+                if not self._failed_evaluating:
+                    self._broken = first_line(e) or type(e).__name__
                 raise
         finally:
             if self.dist.is_main:
@@ -623,6 +647,7 @@ class Trainer:
                         break
                     except Exception:
                         self._save_before_failing()
+                        self._failed_evaluating = True  # between steps: whole, this Trainer may train again
                         raise
                     if self._measuring():
                         memory.start_measuring()

@@ -1072,6 +1072,8 @@ def test_a_notebooks_trainer_after_an_escaped_error_a_newer_one_or_a_thread(data
     newer = Trainer(cfg, resume=True)
     with pytest.raises(UserError, match="a newer Trainer of .* was made in this process"):
         first.train()
+    with pytest.raises(UserError, match="a newer Trainer of .* was made in this process"):
+        first.save()  # its step 2 published over the newer run's model
     reads = 0
     real = newer.train_loader.next_batch
 

@@ -176,6 +176,69 @@ def test_a_bad_shard_reached_mid_run_saves_the_steps_before_it(data_dir, tmp_pat
     assert (state["shard"], state["step"]) == (0, 22)  # the start of step 11, which is trained again
 
 
+def test_shards_gone_mid_run_save_the_steps_before_them(tmp_path):
+    """Data moved away (or its disk gone) mid-run: the rewind to the step's start read the shard again, failed
+    too, and the run ended without saving, its steps lost."""
+    data = write_shards(tmp_path / "data", [token_stream(3000, 1), token_stream(3000, 2)], token_stream(2000, 3))
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(data, out, max_steps=40))
+    trainer.train(until=5)
+    data.rename(tmp_path / "moved")
+    with pytest.raises(UserError, match=r"toy_train_000002.npy: cannot read shard .*saved .*\(step 11\)"):
+        trainer.train()  # shard 1 holds 23 batches, 2 a step: steps 0..10 and the first batch of 11 read it
+    assert [p.name for p in checkpoints(out)] == ["ckpt-000005", "ckpt-000011"]
+    state = json.loads((checkpoints(out)[-1] / "trainer.json").read_text())["train_loader"]
+    assert (state["shard"], state["step"]) == (0, 22)
+    (tmp_path / "moved").rename(data)
+    assert trainer.train(until=13) and trainer.step == 13  # whole: it goes on
+
+
+def test_a_relative_data_directory_outlives_a_chdir(data_dir, tmp_path, monkeypatch):
+    """A notebook's os.chdir after making a Trainer of a relative data path stopped its next shard's read."""
+    monkeypatch.chdir(data_dir.parent)
+    trainer = Trainer(tiny_config(Path(data_dir.name), tmp_path / "run", max_steps=14, val_every=13))
+    monkeypatch.chdir(tmp_path)
+    assert trainer.train()["val_loss"] > 0  # past shard 1's 23 batches, and the val split
+
+
+def test_a_failed_evaluation_leaves_the_trainer_whole(data_dir, tmp_path, monkeypatch):
+    """The weights are whole between steps: an evaluation's error (a download, a moved file) saves and ends train(),
+    after which the Trainer refused to go on as if it had stopped amid a step."""
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", max_steps=4, val_every=2))
+    real = trainer.val_loss
+
+    def gone_at_step_2() -> float:
+        if trainer.step == 2:
+            raise UserError("val gone")
+        return real()
+
+    monkeypatch.setattr(trainer, "val_loss", gone_at_step_2)
+    with pytest.raises(UserError, match="val gone"):
+        trainer.train()
+    assert trainer.step == 2 and [p.name for p in checkpoints(tmp_path / "run")] == ["ckpt-000002"]
+    monkeypatch.setattr(trainer, "val_loss", real)
+    assert trainer.train()["val_loss"] > 0 and trainer.step == 4
+
+
+def test_a_trainer_dropped_untrained_gives_out_back(run):
+    """A Trainer holds OUT from its start (another process is refused), but one made and dropped in a notebook held
+    it until the kernel ended."""
+    import gc
+
+    trainer = Trainer(resume_config(run, max_steps=8), resume=True)
+    assert_one_line_error(resume(run), "being written by another run")
+    del trainer
+    gc.collect()
+    resume(run, check=True)
+
+
+def test_python_callers_get_their_own_refusals(run, data_dir, tmp_path):
+    with pytest.raises(UserError, match="resume=True continues OUT's run and overwrite=True replaces it"):
+        Trainer(resume_config(run), resume=True, overwrite=True)
+    with pytest.raises(UserError, match="no val batches: .* only when val_every is set"):
+        Trainer(tiny_config(data_dir, tmp_path / "x")).val_loss()
+
+
 def test_a_failed_resume_leaves_the_run_to_the_next_attempt(run):
     with pytest.raises(Exception, match="batch_size 4"):
         Trainer(resume_config(run, batch_size=2, max_steps=8), resume=True)  # refused: other batches

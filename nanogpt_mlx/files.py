@@ -214,8 +214,8 @@ STAGING = ".export.tmp"  # atomic_files' directories (export_hf's): STAGING, _ow
 @contextlib.contextmanager
 def atomic_files(directory: Path, names: Sequence[str], remove: Sequence[str] = ()) -> Iterator[Path]:
     """Yield a staging directory inside the existing `directory`, for the body to write the files `names` into;
-    then rename them into `directory` one after another, and delete the files `remove` there (old ones that a
-    reader would take with the new), with Ctrl-C and SIGTERM held back. A signal or a storage error leaves the
+    then rename them into `directory` one after another, and delete the files (or folders) `remove` there (old ones
+    that a reader would take with the new), with Ctrl-C and SIGTERM held back. A signal or a storage error leaves the
     files there before as they were, not some old and some new (only a kill -9 or a crash amid the renames,
     milliseconds, can mix them). The directory itself stays: its inode, owner, mode (it may be a mount point or
     the working directory). A storage error becomes one UserError."""
@@ -232,7 +232,7 @@ def atomic_files(directory: Path, names: Sequence[str], remove: Sequence[str] = 
             for name in written:
                 os.replace(staging / name, directory / name)
             for name in remove:
-                (directory / name).unlink(missing_ok=True)
+                _delete(directory / name)
     except OSError as e:
         raise cannot("write", directory, e) from None
     except UserError as e:  # the files' names, not the staging directory's

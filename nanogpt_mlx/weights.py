@@ -24,7 +24,7 @@ from .console import warn
 from .errors import UserError, first_line
 from .files import (STAGING, atomic_dir, atomic_files, atomic_path, atomic_write_text, check_writable,
                     hub_offline, mlx_path, named_dir, read_json)
-from .hf_tokenizer import TOKENIZER_FILES, write_tokenizer_files
+from .hf_tokenizer import OTHER_TOKENIZER_FILES, TOKENIZER_FILES, write_tokenizer_files
 from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 from .tokenizer import EOT
 
@@ -417,7 +417,8 @@ def check_gpt2(config: GPTConfig) -> None:
 def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> None:
     """Write a Hugging Face GPT-2 directory (weights, config, generation config, tokenizer) that
     `transformers` (`from_pretrained`, `pipeline`) and mlx-lm (`load`) read as they read the hub's `gpt2`. Into
-    an existing directory (`force`) it also removes the weight files that loaders would read with it there.
+    an existing directory (`force`) it also removes the weight and tokenizer files that loaders would read with it
+    there.
     A model with switches GPT-2 does not have (the speedrun recipe's) is refused before anything is written."""
     check_gpt2(model.config)
     out_dir = check_export_target(out_dir, force)
@@ -425,8 +426,10 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> No
         with atomic_dir(out_dir) as tmp:
             _write_hf(model, tmp)
         return
-    # over an earlier export: it stays whole on a failure; another model's weights go with it, or loaders mix them in
-    others = sorted({p.name for pattern in OTHER_WEIGHTS for p in out_dir.glob(pattern)} - set(EXPORT_FILES))
+    # over an earlier export: it stays whole on a failure; another model's weights and tokenizer files go with it, or
+    # loaders mix them in
+    others = sorted({p.name for pattern in (*OTHER_WEIGHTS, *OTHER_TOKENIZER_FILES) for p in out_dir.glob(pattern)}
+                    - set(EXPORT_FILES))
     with atomic_files(out_dir, EXPORT_FILES, remove=others) as staging:
         _write_hf(model, staging)
 

@@ -101,6 +101,28 @@ def test_export_over_another_models_weights_removes_them(tiny_hf_dir, lively_hf_
     GPT2LMHeadModel.from_pretrained(out)
 
 
+def test_export_over_another_models_tokenizer_files_removes_them(tiny_hf_dir, tmp_path):
+    """--force kept an earlier model's special_tokens_map.json, added_tokens.json and chat templates: transformers'
+    AutoTokenizer (and mlx-lm through it) read them with the export's tokenizer (a pad id past the vocab, a chat
+    template that changed mlx-lm's prompt)."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<pad>"}))
+    (out / "added_tokens.json").write_text(json.dumps({"<pad>": 60000}))
+    (out / "chat_template.jinja").write_text("{{ 'OLD' }}")
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": "{{ 'OLD' }}"}))
+    (out / "additional_chat_templates").mkdir()
+    (out / "additional_chat_templates" / "tool_use.jinja").write_text("{{ 'OLD' }}")
+    (out / "tokenizer.model").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    run_cli("export", str(tiny_hf_dir), str(out), "--force", check=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*EXPORT_FILES, "notes.txt"])
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.pad_token is None and tokenizer.chat_template is None and len(tokenizer) == 50257
+
+
 def test_export_never_writes_over_its_source_or_a_run(tiny_hf_dir, tmp_path):
     source = tmp_path / "src"
     export_hf(load_model(tiny_hf_dir), source)

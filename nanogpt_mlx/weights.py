@@ -127,13 +127,14 @@ def _config_from_hf(cfg: dict, where: Path) -> GPTConfig:
     for key, gpt2_value in _GPT2_FIXED.items():  # variants this architecture does not implement
         if cfg.get(key, gpt2_value) != gpt2_value:
             raise UserError(f"{where}/config.json: {key}={cfg[key]!r} is not supported (GPT-2 uses {gpt2_value!r})")
-    if cfg.get("n_inner") not in (None, 4 * cfg.get("n_embd", 768)):  # None: 4 * n_embd
+    sizes = _int_sizes(cfg, _SIZES, where)  # before n_embd is computed with (a null was a TypeError)
+    if cfg.get("n_inner") not in (None, 4 * sizes["n_embd"]):  # None: 4 * n_embd
         raise UserError(f"{where}/config.json: n_inner={cfg['n_inner']!r} is not supported (GPT-2's MLP is 4 * n_embd "
-                        f"= {4 * cfg.get('n_embd', 768)} wide)")
+                        f"= {4 * sizes['n_embd']} wide)")
     tied = cfg.get("tie_word_embeddings", True)
     if not isinstance(tied, bool):
         raise UserError(f"{where}/config.json: tie_word_embeddings must be true or false, got {tied!r}")
-    return GPTConfig(**_int_sizes(cfg, _SIZES, where), tie_embeddings=tied)
+    return GPTConfig(**sizes, tie_embeddings=tied)
 
 
 def _config_from_native(cfg: dict, where: Path) -> GPTConfig:

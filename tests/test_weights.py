@@ -200,6 +200,8 @@ def test_bad_directories_are_user_errors(tiny_hf_dir, tmp_path):
     ("n_layer", 100_000_000, "n_layer 100000000 in config.json, 2 in model.safetensors"),
     ("n_positions", 4096, "block_size 4096 in config.json, 128 in model.safetensors"),
     ("n_embd", 64.5, "n_embd must be an integer, got 64.5"),
+    ("n_embd", None, "n_embd must be an integer, got None"),  # was a TypeError in the n_inner check
+    ("n_embd", {}, "n_embd must be an integer, got {}"),
     ("n_head", "2", "n_head must be an integer, got '2'"),
     ("n_layer", True, "n_layer must be an integer, got True"),
 ])

@@ -101,6 +101,17 @@ def named_dir(path: str | os.PathLike, what: str) -> str | os.PathLike:
     return path
 
 
+def user_path(path: str | os.PathLike) -> Path:
+    """`path` with a leading `~` or `~user` expanded; where it cannot be (no such user, or no home directory), one
+    UserError: Path.expanduser's RuntimeError was a traceback."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        if Path(path).parts[0] == "~":  # HOME unset and a uid without a passwd entry (e.g. docker --user N)
+            raise UserError(f"{path}: no home directory to expand ~ in (set HOME)") from None
+        raise UserError(f"{path}: no such user") from None
+
+
 def _short(name: str, limit: int = 200) -> str:
     """`name` cut to `limit` bytes (whole characters) for a temporary name beside it: a name near the file
     system's limit of 255 bytes was refused once the temporary's marks were added."""

@@ -23,7 +23,7 @@ import mlx.core as mx
 from .console import warn
 from .errors import UserError, first_line
 from .files import (STAGING, atomic_dir, atomic_files, atomic_path, atomic_write_text, check_writable,
-                    hub_offline, mlx_path, named_dir, read_json)
+                    hub_offline, mlx_path, named_dir, read_json, user_path)
 from .hf_tokenizer import OTHER_TOKENIZER_FILES, TOKENIZER_FILES, write_tokenizer_files
 from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 from .tokenizer import EOT
@@ -338,7 +338,7 @@ def load_model(name_or_path: str | os.PathLike) -> GPT:
     """A model from a local HF directory or checkpoint, else a hub id (`gpt2`, `gpt2-medium`, ...)."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise UserError(f"the model must be a hub id or a directory (a str or path), got {name_or_path!r}")
-    path = Path(name_or_path).expanduser()
+    path = user_path(name_or_path)
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{path}: expected a directory with config.json and model.safetensors")
@@ -374,13 +374,13 @@ def check_export_target(out_dir: str | os.PathLike, force: bool = False, source:
         raise UserError(f"the export directory must be a str or path, got {out_dir!r}")
     if not isinstance(force, bool):  # "no" would force
         raise UserError(f"force must be true or false, got {force!r}")
-    out = Path(mlx_path(named_dir(out_dir, "export directory"))).expanduser()
+    out = user_path(mlx_path(named_dir(out_dir, "export directory")))
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose a directory for the export")
     check_writable(out)
     if not out.is_dir():
         return out
-    if source is not None and Path(source).expanduser().is_dir() and out.samefile(Path(source).expanduser()):
+    if source is not None and user_path(source).is_dir() and out.samefile(user_path(source)):
         raise UserError(f"{out}: is the model being exported; write the export to another directory")
     native = False
     with contextlib.suppress(UserError):  # no or bad config.json: not ours

@@ -243,7 +243,7 @@ def _load_into(model: GPT, weights: dict[str, mx.array], where: Path) -> None:
 
 def load_local(directory: str | os.PathLike) -> GPT:
     """Load a local Hugging Face GPT-2 directory or a nanogpt-mlx checkpoint."""
-    directory = Path(directory)
+    directory = Path(named_dir(directory, "model directory"))
     cfg = _read_config(directory)
     native = cfg.get("format") == NATIVE_FORMAT
     config = _config_from_native(cfg, directory) if native else _config_from_hf(cfg, directory)
@@ -358,9 +358,16 @@ def save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str
         raise OSError(first_line(e)) from None
 
 
+def _check_model(model) -> None:
+    """Refuse to write anything but a GPT (a path given for the model was an AttributeError)."""
+    if not isinstance(model, GPT):
+        raise UserError(f"a GPT model is needed (load one with load_model), got {model!r}")
+
+
 def save_model(model: GPT, out_dir: str | os.PathLike) -> None:
     """Write this project's checkpoint format: model.safetensors + config.json (atomic per file)."""
-    out_dir = Path(out_dir)
+    _check_model(model)
+    out_dir = Path(named_dir(out_dir, "model directory"))
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_safetensors(tmp, dict(model.parameters_flat()))
     atomic_write_text(out_dir / "config.json",
@@ -370,8 +377,6 @@ def save_model(model: GPT, out_dir: str | os.PathLike) -> None:
 def check_export_target(out_dir: str | os.PathLike, force: bool = False, source: str | os.PathLike | None = None) -> Path:
     """Where an export may go: a new or empty directory (any directory with `force`), never a file,
     the `source` directory itself or a nanogpt-mlx run or checkpoint, which would lose its own format."""
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise UserError(f"the export directory must be a str or path, got {out_dir!r}")
     if not isinstance(force, bool):  # "no" would force
         raise UserError(f"force must be true or false, got {force!r}")
     out = user_path(mlx_path(named_dir(out_dir, "export directory")))
@@ -421,6 +426,7 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> No
     an existing directory (`force`) it also removes the weight and tokenizer files that loaders would read with it
     there.
     A model with switches GPT-2 does not have (the speedrun recipe's) is refused before anything is written."""
+    _check_model(model)
     check_gpt2(model.config)
     out_dir = check_export_target(out_dir, force)
     if not out_dir.exists():  # all the files or none (a full disk midway)

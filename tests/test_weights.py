@@ -363,12 +363,28 @@ def test_paths_that_are_not_utf8_are_refused_as_such(tiny_hf_dir, tmp_path):
 
 
 def test_python_arguments_of_the_wrong_type_are_one_line(tmp_path):
-    """load_model(None) and export_hf(model, None) were TypeErrors; force="no" forced."""
+    """load_model(None), load_local(123), checkpoint.read_model(None) and export_hf(model, None) were TypeErrors,
+    export_hf("dir", ...) and save_model(None, ...) AttributeErrors; force="no" forced."""
+    from nanogpt_mlx import checkpoint
+    from nanogpt_mlx.weights import load_local
+
     model = GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=2, n_embd=8))
     with pytest.raises(UserError, match="the model must be a hub id or a directory .*, got None"):
         load_model(None)
+    with pytest.raises(UserError, match="^the model directory must be a str or path, got 123$"):
+        load_local(123)
+    with pytest.raises(UserError, match="^the checkpoint directory must be a str or path, got None$"):
+        checkpoint.read_model(None)
     with pytest.raises(UserError, match="the export directory must be a str or path, got None"):
         export_hf(model, None)
+    with pytest.raises(UserError, match="^the model directory must be a str or path, got None$"):
+        save_model(model, None)
+    for wrong in ("dir", None):
+        with pytest.raises(UserError, match=f"^a GPT model is needed \\(load one with load_model\\), got {wrong!r}$"):
+            export_hf(wrong, tmp_path / "out")
+        with pytest.raises(UserError, match="^a GPT model is needed"):
+            save_model(wrong, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="force must be true or false, got 'no'"):
         export_hf(model, tmp_path, force="no")

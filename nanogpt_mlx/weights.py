@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -29,6 +29,7 @@ from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 from .tokenizer import EOT
 
 HF_FILES = ["config.json", "model.safetensors"]
+SHARD_INDEX = "model.safetensors.index.json"  # a sharded model's, in place of model.safetensors
 EXPORT_FILES = [*HF_FILES, "generation_config.json", *TOKENIZER_FILES]
 # weight files that loaders read beside or instead of model.safetensors (mlx-lm loads every model*.safetensors,
 # transformers the others where it finds no safetensors): an export over a directory removes them
@@ -189,18 +190,24 @@ def _check_sizes(config: GPTConfig, shapes: dict[str, tuple[int, ...]], where: P
                             f"config.json, {n} in model.safetensors)")
 
 
+def _shard_names(index: Path) -> list[str]:
+    """The files that a sharded model's model.safetensors.index.json names (save_pretrained's max_shard_size)."""
+    try:
+        names = sorted(set(read_json(index)["weight_map"].values()))
+        if not all(isinstance(n, str) for n in names):
+            raise ValueError("a weight_map entry that is not a file name")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{index}: not a safetensors index ({first_line(e)})") from None
+    return names
+
+
 def _weight_files(directory: Path) -> list[Path]:
-    """model.safetensors, or the shards its index names (save_pretrained's max_shard_size)."""
-    path, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    """model.safetensors, or the shards its index names."""
+    path, index = directory / "model.safetensors", directory / SHARD_INDEX
     if path.is_file():
         return [path]
     if index.is_file():
-        try:
-            names = sorted(set(read_json(index)["weight_map"].values()))
-            if not all(isinstance(n, str) for n in names):
-                raise ValueError("a weight_map entry that is not a file name")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{index}: not a safetensors index ({first_line(e)})") from None
+        names = _shard_names(index)
         missing = [n for n in names if not (directory / n).is_file()]
         if missing or not names:
             raise UserError(f"{index}: names shards that are not there: {', '.join(missing[:3]) or 'none'}")
@@ -300,8 +307,23 @@ def _quiet_hub() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def download(repo_id: str, files: list[str] = HF_FILES) -> Path:
-    """Fetch `files` of a hub repo into the Hugging Face cache (or find them there) and return their folder."""
+def _fetch_model(get: Callable[[str], str]) -> Path:
+    """Fetch config.json and the weights, model.safetensors or else its index and the shards it names, with `get`
+    (a file's name in the repo -> its path); return their folder."""
+    from huggingface_hub.utils import EntryNotFoundError
+
+    folder = Path(get("config.json")).parent
+    try:
+        get("model.safetensors")
+    except EntryNotFoundError:  # not in the repo (or not in the cache): a sharded model's files instead
+        for name in _shard_names(Path(get(SHARD_INDEX))):
+            get(name)
+    return folder
+
+
+def download(repo_id: str) -> Path:
+    """Fetch a hub repo's model (config.json, model.safetensors or its shards) into the Hugging Face cache (or find
+    it there) and return its folder."""
     try:
         from huggingface_hub import hf_hub_download
     except ValueError as e:  # huggingface_hub parses HF_ENDPOINT when it is imported
@@ -311,8 +333,9 @@ def download(repo_id: str, files: list[str] = HF_FILES) -> Path:
     tried = f"{repo_id!r} is not a local directory"
     hint = "pass a local directory with config.json and model.safetensors instead"
     try:  # all files cached already: no network round trip at all
-        paths = [hf_hub_download(repo_id, f, local_files_only=True) for f in files]
-        return Path(paths[0]).parent
+        return _fetch_model(lambda f: hf_hub_download(repo_id, f, local_files_only=True))
+    except UserError:  # a cached index that is none
+        raise
     except Exception:  # noqa: BLE001  (any failure here just means "not fully cached")
         pass
     if hub_offline():
@@ -323,11 +346,12 @@ def download(repo_id: str, files: list[str] = HF_FILES) -> Path:
         raise UserError(f"{tried} and not in the Hugging Face cache; {e}; {hint}") from None
     try:
         with _quiet_hub():
-            paths = [hf_hub_download(repo_id, f, etag_timeout=10) for f in files]
+            return _fetch_model(lambda f: hf_hub_download(repo_id, f, etag_timeout=10))
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001  (network, auth, unknown repo: all end the same way)
         raise UserError(f"{tried} and could not be downloaded from the Hugging Face hub ({first_line(e)}); "
                         f"{hint}") from None
-    return Path(paths[0]).parent
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -100,22 +100,62 @@ def test_native_checkpoint_round_trip(tmp_path):
         assert k == k2 and mx.array_equal(a, b).item(), k
 
 
-def test_hub_id_loads_from_the_huggingface_cache(tiny_hf_dir, tmp_path, monkeypatch):
-    """A hub id already in the cache loads with HF_HUB_OFFLINE=1 (a cache laid out as huggingface_hub does)."""
-    from huggingface_hub import constants
-
+def cache_repo(cache, repo_id: str, files: dict[str, bytes]) -> None:
+    """`files` (name -> content) as huggingface_hub keeps a download of the hub repo `repo_id` in its cache `cache`."""
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--someone--tiny-gpt2"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        (snapshot / name).write_bytes((tiny_hf_dir / name).read_bytes())
+    for name, content in files.items():
+        (snapshot / name).write_bytes(content)
+
+
+def test_hub_id_loads_from_the_huggingface_cache(tiny_hf_dir, tmp_path, monkeypatch):
+    """A hub id already in the cache loads with HF_HUB_OFFLINE=1 (a cache laid out as huggingface_hub does)."""
+    from huggingface_hub import constants
+
+    cache_repo(tmp_path / "hub", "someone/tiny-gpt2",
+               {name: (tiny_hf_dir / name).read_bytes() for name in ("config.json", "model.safetensors")})
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     model = load_model("someone/tiny-gpt2")
     assert model.config.n_embd == 64
     assert mx.array_equal(model.wte.weight, load_model(tiny_hf_dir).wte.weight).item()
+
+
+def test_a_sharded_hub_model_loads_from_the_cache_and_the_hub(tiny_hf_dir, tmp_path, monkeypatch):
+    """A hub repo with model.safetensors.index.json and shards in place of model.safetensors: download asked for
+    model.safetensors only ("not in the Hugging Face cache" offline; online, a 404)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils import EntryNotFoundError
+    from transformers import GPT2LMHeadModel
+
+    import nanogpt_mlx.weights as weights
+
+    sharded = tmp_path / "sharded"
+    GPT2LMHeadModel.from_pretrained(tiny_hf_dir).save_pretrained(sharded, max_shard_size="200KB")
+    files = sorted(p.name for p in sharded.iterdir() if p.name != "generation_config.json")
+    assert "model.safetensors" not in files and len(files) > 3
+    expected = load_model(tiny_hf_dir).wte.weight
+    cache_repo(tmp_path / "hub", "me/sharded", {name: (sharded / name).read_bytes() for name in files})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert mx.array_equal(load_model("me/sharded").wte.weight, expected).item()
+
+    fetched = []
+
+    def hub(repo_id, filename, local_files_only=False, **kwargs):  # a hub that has `sharded`'s files, none cached
+        if local_files_only or filename not in files:
+            raise EntryNotFoundError(filename)
+        fetched.append(filename)
+        return str(sharded / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    monkeypatch.setattr(weights, "check_hub_reachable", lambda: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert mx.array_equal(load_model("me/sharded").wte.weight, expected).item()
+    assert fetched[:2] == ["config.json", "model.safetensors.index.json"] and sorted(fetched) == files
 
 
 def test_unknown_hub_id_offline_fails_fast_with_one_clear_line(tmp_path, monkeypatch):

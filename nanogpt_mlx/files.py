@@ -231,8 +231,9 @@ def atomic_files(directory: Path, names: Sequence[str], remove: Sequence[str] = 
     then rename them into `directory` one after another, and delete the files (or folders) `remove` there (old ones
     that a reader would take with the new), with Ctrl-C and SIGTERM held back. A signal or a storage error leaves the
     files there before as they were, not some old and some new (only a kill -9 or a crash amid the renames,
-    milliseconds, can mix them). The directory itself stays: its inode, owner, mode (it may be a mount point or
-    the working directory). A storage error becomes one UserError."""
+    milliseconds, can mix them); a directory under one of `names` is refused before the first. The directory itself
+    stays: its inode, owner, mode (it may be a mount point or the working directory). A storage error becomes one
+    UserError."""
     staging = None
     _remove_orphans(directory, rf"{re.escape(STAGING)}{_OWNER}-\w{{8}}")
     try:
@@ -243,6 +244,9 @@ def atomic_files(directory: Path, names: Sequence[str], remove: Sequence[str] = 
             written = sorted(f.name for f in staging.iterdir())
             if written != sorted(names):  # another process took files from it
                 raise UserError(f"{directory}: the files changed while they were written ({', '.join(written)})")
+            for name in written:  # before the first rename: one failing midway left the files before it replaced
+                if (directory / name).is_dir() and not (directory / name).is_symlink():
+                    raise UserError(f"{directory / name}: cannot write (a directory of that name is in the way)")
             for name in written:
                 os.replace(staging / name, directory / name)
             for name in remove:

@@ -234,6 +234,20 @@ def test_an_export_over_another_that_fails_midway_keeps_the_other_whole(tiny_hf_
     assert load_model(out).config == load_model(lively_hf_dir).config
 
 
+def test_an_export_over_a_directory_in_the_way_of_one_of_its_files_writes_none(tiny_hf_dir, lively_hf_dir, tmp_path):
+    """--force where vocab.json was a directory replaced config.json and model.safetensors, then failed."""
+    from nanogpt_mlx.errors import UserError
+
+    out = tmp_path / "out"
+    export_hf(load_model(tiny_hf_dir), out)
+    (out / "vocab.json").unlink()
+    (out / "vocab.json").mkdir()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(UserError, match=f"^{out}/vocab.json: cannot write"):
+        export_hf(load_model(lively_hf_dir), out, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before and (out / "vocab.json").is_dir()
+
+
 def test_a_new_export_directory_is_as_readable_as_any_new_directory(tiny_hf_dir, tmp_path):
     """A private temporary directory renamed into place left exports (and checkpoints) readable by their owner only."""
     import os

@@ -4,6 +4,7 @@ stderr, a non-zero exit, and nothing half-written left behind."""
 from __future__ import annotations
 
 import errno
+import re
 import shutil
 from pathlib import Path
 
@@ -288,6 +289,22 @@ def test_a_set_of_files_written_in_part_is_not_published(tmp_path):
         with atomic_files(tmp_path, ["a.json", "b.json"]) as staging:
             (staging / "a.json").write_text("new a")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"] and (tmp_path / "a.json").read_text() == "old a"
+
+
+def test_a_directory_in_the_way_of_a_set_of_files_is_found_before_any_is_published(tmp_path):
+    """A directory under one of the names failed its rename after the files before it were replaced (an export
+    --force over a vocab.json/ left new weights beside the old tokenizer), and the message named the directory."""
+    from nanogpt_mlx.files import atomic_files
+
+    (tmp_path / "a.json").write_text("old a")
+    (tmp_path / "b.json").mkdir()
+    in_the_way = re.escape(f"{tmp_path}/b.json: cannot write (a directory of that name is in the way)")
+    with pytest.raises(UserError, match=f"^{in_the_way}$"):
+        with atomic_files(tmp_path, ["a.json", "b.json"]) as staging:
+            for name in ("a.json", "b.json"):
+                (staging / name).write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+    assert (tmp_path / "a.json").read_text() == "old a" and (tmp_path / "b.json").is_dir()
 
 
 def test_stale_temporaries_under_a_lock_go_and_the_users_files_stay(tmp_path):

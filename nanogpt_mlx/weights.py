@@ -362,7 +362,7 @@ def load_model(name_or_path: str | os.PathLike) -> GPT:
     """A model from a local HF directory or checkpoint, else a hub id (`gpt2`, `gpt2-medium`, ...)."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise UserError(f"the model must be a hub id or a directory (a str or path), got {name_or_path!r}")
-    path = user_path(name_or_path)
+    path = user_path(named_dir(name_or_path, "model"))  # '' would be the working directory
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{path}: expected a directory with config.json and model.safetensors")

@@ -151,6 +151,15 @@ def test_export_to_an_empty_name_is_refused(tiny_hf_dir, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_model_of_an_empty_name_is_refused(tiny_hf_dir, tmp_path, monkeypatch):
+    """`sample --model "$MODEL"` with MODEL unset loaded the working directory, a model if one was there."""
+    from nanogpt_mlx.errors import UserError
+
+    monkeypatch.chdir(tiny_hf_dir)
+    with pytest.raises(UserError, match=r"^the model is '' \(an unset variable\?\)"):
+        load_model("")
+
+
 def test_text_a_terminal_cannot_show_is_replaced(tiny_hf_dir):
     proc = run_cli("sample", "--model", str(tiny_hf_dir), "--prompt", "café", "--num-samples", "2",
                    "--max-new-tokens", "2", "--seed", "0", env={"PYTHONIOENCODING": "ascii"}, check=True)

@@ -39,6 +39,10 @@ OTHER_WEIGHTS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_
 HUB_PROBE_TIMEOUT = 3.0  # seconds to reach the hub before giving up (huggingface_hub retries for ~25 s)
 NATIVE_FORMAT = "nanogpt-mlx"  # marker in config.json of this project's checkpoints
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# the task heads of transformers' other GPT-2 models (GPT2DoubleHeadsModel, ...ForSequenceClassification,
+# ...ForTokenClassification, ...ForQuestionAnswering): their GPT-2 loads as a language model without them, as in
+# transformers' GPT2LMHeadModel
+_TASK_HEADS = ("multiple_choice_head.", "score.", "classifier.", "qa_outputs.")
 _GPT2_FIXED = {"layer_norm_epsilon": 1e-5, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False}
 
 
@@ -47,8 +51,9 @@ def sanitize(hf_weights: dict[str, mx.array], tied: bool = True) -> dict[str, mx
     out = {}
     for k, w in hf_weights.items():
         k = k.removeprefix("transformer.")
-        if (tied and k == "lm_head.weight") or k.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # a tied lm_head is wte; the others are causal-mask buffers
+        if (tied and k == "lm_head.weight") or k.endswith((".attn.bias", ".attn.masked_bias")) or \
+                k.startswith(_TASK_HEADS):
+            continue  # a tied lm_head is wte; then causal-mask buffers, and heads of other tasks than GPT-2's
         # a copy, not a transposed view: strided weights take a slower matmul path at every step
         out[k] = mx.contiguous(w.T) if k.endswith(_CONV1D) else w
     return out
@@ -123,7 +128,7 @@ def _config_from_hf(cfg: dict, where: Path) -> GPTConfig:
     if cfg.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{where}: model_type is {cfg.get('model_type')!r}, only GPT-2 is supported")
     act = cfg.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+    if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):  # transformers' names of one formula
         raise UserError(f"{where}: activation {act!r} is not GPT-2's tanh GELU")
     for key, gpt2_value in _GPT2_FIXED.items():  # variants this architecture does not implement
         if cfg.get(key, gpt2_value) != gpt2_value:
@@ -248,6 +253,19 @@ def _load_into(model: GPT, weights: dict[str, mx.array], where: Path) -> None:
         raise UserError(f"{where}: {bad} holds NaN/inf: a damaged model")
 
 
+def _warn_left_out(hf_weights: dict[str, mx.array], config: GPTConfig, where: Path) -> None:
+    """Say what of a Hugging Face model sanitize leaves out that is more than a copy: another task's head, and a tied
+    model's lm_head that is not wte (transformers uses such a head, untied)."""
+    heads = sorted({k.split(".")[0] for k in hf_weights if k.startswith(_TASK_HEADS)})
+    if heads:
+        warn(f"{where}: {', '.join(heads)} ignored: a head for another task than GPT-2's language model")
+    lm_head = hf_weights.get("lm_head.weight")
+    wte = hf_weights.get("transformer.wte.weight", hf_weights.get("wte.weight"))
+    if config.tie_embeddings and lm_head is not None and wte is not None and not mx.array_equal(lm_head, wte).item():
+        warn(f"{where}: lm_head.weight, unlike wte.weight, ignored: config.json ties them (tie_word_embeddings); set "
+             "it to false to use that head")
+
+
 def load_local(directory: str | os.PathLike) -> GPT:
     """Load a local Hugging Face GPT-2 directory or a nanogpt-mlx checkpoint."""
     directory = Path(named_dir(directory, "model directory"))
@@ -258,6 +276,7 @@ def load_local(directory: str | os.PathLike) -> GPT:
     _check_sizes(config, {k: v for f in files for k, v in safetensors_shapes(f).items()}, directory)
     weights = {k: v for f in files for k, v in _load_safetensors(f).items()}
     if not native:
+        _warn_left_out(weights, config, directory)
         weights = sanitize(weights, config.tie_embeddings)
         if config.vocab_size > GPT2_VOCAB_SIZE:  # (this project's padded rows are its checkpoints', never tokens)
             warn(f"{directory}: {config.vocab_size - GPT2_VOCAB_SIZE} tokens beyond GPT-2's {GPT2_VOCAB_SIZE}: "

@@ -332,6 +332,35 @@ def test_an_untied_lm_head_loads_as_transformers_reads_it(tmp_path):
         load_model(tmp_path / "untied")
 
 
+def test_other_heads_and_a_tied_models_own_lm_head_are_said_to_be_left_out(tiny_hf_dir, tmp_path, capsys):
+    """A GPT2DoubleHeadsModel's multiple_choice_head was refused ("weights do not match config.json"), a tied model's
+    lm_head.weight unlike wte dropped without a word (transformers uses it, untied), and "gelu_fast", GPT-2's GELU
+    under another name, refused."""
+    from safetensors.numpy import save_file
+
+    m = copy_hf_dir(tiny_hf_dir, tmp_path / "m")
+    tensors = read_tensors(m)
+    wte = tensors["transformer.wte.weight"]
+    head = {"multiple_choice_head.summary.weight": np.ones((1, 64), np.float32),
+            "multiple_choice_head.summary.bias": np.zeros(1, np.float32)}
+    save_file({**tensors, **head, "lm_head.weight": wte}, str(m / "model.safetensors"))  # a tied head, saved
+    config = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**config, "activation_function": "gelu_fast"}))
+    capsys.readouterr()
+    loaded, original = load_model(m), load_model(tiny_hf_dir)
+    assert capsys.readouterr().err == f"nanogpt-mlx: warning: {m}: multiple_choice_head ignored: a head for another " \
+                                      "task than GPT-2's language model\n"
+    for (k, a), (_, b) in zip(loaded.parameters_flat(), original.parameters_flat()):
+        assert mx.array_equal(a, b).item(), k
+    save_file({**tensors, "lm_head.weight": wte + 1}, str(m / "model.safetensors"))
+    load_model(m)
+    assert capsys.readouterr().err == f"nanogpt-mlx: warning: {m}: lm_head.weight, unlike wte.weight, ignored: " \
+                                      "config.json ties them (tie_word_embeddings); set it to false to use that head\n"
+    save_file({**tensors, "other.weight": wte}, str(m / "model.safetensors"))  # no head we know of: not a GPT-2
+    with pytest.raises(UserError, match=r"unexpected: \['other.weight'\]"):
+        load_model(m)
+
+
 @pytest.mark.parametrize("change, needle", [
     ({"attn_window": 8}, "switches this version of nanogpt-mlx does not know: attn_window"),
     ({"value_embeds": 0.9}, "value_embeds must be a whole number, got 0.9"),  # int() would make it 0

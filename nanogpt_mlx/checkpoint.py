@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .console import warn
 from .errors import UserError, first_line
-from .files import atomic_dir, atomic_path, atomic_write_text, cannot, mlx_path, read_json
+from .files import atomic_dir, atomic_path, atomic_write_text, cannot, mlx_path, named_dir, read_json
 from .model import GPT
 from .weights import load_model, safetensors_shapes, save_model, save_safetensors
 
@@ -100,7 +100,7 @@ def read_optimizer(ckpt: Path, like):
 
 def read_model(ckpt: Path) -> GPT:
     """The weights saved in a checkpoint."""
-    mlx_path(ckpt)  # not a damaged checkpoint
+    ckpt = Path(mlx_path(named_dir(ckpt, "checkpoint directory")))  # not a damaged checkpoint
     try:
         return load_model(ckpt)
     except UserError as e:

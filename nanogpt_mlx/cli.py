@@ -148,7 +148,7 @@ def add_export(sub) -> None:
     p.add_argument("out", help="output directory, new or empty")
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty directory (never into SRC itself or a nanogpt-mlx run or checkpoint), "
-                        "removing other weight files there that loaders would read with the export's")
+                        "removing other weight and tokenizer files there that loaders would read with the export's")
     p.set_defaults(func=cmd_export)
 
 

@@ -95,10 +95,24 @@ def devnull_onto(fd: int) -> None:
 
 
 def named_dir(path: str | os.PathLike, what: str) -> str | os.PathLike:
-    """`path`, unless it is '': Path('') is the working directory, which an unset variable would write into."""
+    """`path`, unless it is no str or path (None, a number: a TypeError far on) or '': Path('') is the working
+    directory, which an unset variable would write into."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise UserError(f"the {what} must be a str or path, got {path!r}")
     if not os.fspath(path):
         raise UserError(f"the {what} is '' (an unset variable?); name a directory")
     return path
+
+
+def user_path(path: str | os.PathLike) -> Path:
+    """`path` with a leading `~` or `~user` expanded; where it cannot be (no such user, or no home directory), one
+    UserError: Path.expanduser's RuntimeError was a traceback."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        if Path(path).parts[0] == "~":  # HOME unset and a uid without a passwd entry (e.g. docker --user N)
+            raise UserError(f"{path}: no home directory to expand ~ in (set HOME)") from None
+        raise UserError(f"{path}: no such user") from None
 
 
 def _short(name: str, limit: int = 200) -> str:
@@ -214,11 +228,12 @@ STAGING = ".export.tmp"  # atomic_files' directories (export_hf's): STAGING, _ow
 @contextlib.contextmanager
 def atomic_files(directory: Path, names: Sequence[str], remove: Sequence[str] = ()) -> Iterator[Path]:
     """Yield a staging directory inside the existing `directory`, for the body to write the files `names` into;
-    then rename them into `directory` one after another, and delete the files `remove` there (old ones that a
-    reader would take with the new), with Ctrl-C and SIGTERM held back. A signal or a storage error leaves the
+    then rename them into `directory` one after another, and delete the files (or folders) `remove` there (old ones
+    that a reader would take with the new), with Ctrl-C and SIGTERM held back. A signal or a storage error leaves the
     files there before as they were, not some old and some new (only a kill -9 or a crash amid the renames,
-    milliseconds, can mix them). The directory itself stays: its inode, owner, mode (it may be a mount point or
-    the working directory). A storage error becomes one UserError."""
+    milliseconds, can mix them); a directory under one of `names` is refused before the first. The directory itself
+    stays: its inode, owner, mode (it may be a mount point or the working directory). A storage error becomes one
+    UserError."""
     staging = None
     _remove_orphans(directory, rf"{re.escape(STAGING)}{_OWNER}-\w{{8}}")
     try:
@@ -229,10 +244,13 @@ def atomic_files(directory: Path, names: Sequence[str], remove: Sequence[str] = 
             written = sorted(f.name for f in staging.iterdir())
             if written != sorted(names):  # another process took files from it
                 raise UserError(f"{directory}: the files changed while they were written ({', '.join(written)})")
+            for name in written:  # before the first rename: one failing midway left the files before it replaced
+                if (directory / name).is_dir() and not (directory / name).is_symlink():
+                    raise UserError(f"{directory / name}: cannot write (a directory of that name is in the way)")
             for name in written:
                 os.replace(staging / name, directory / name)
             for name in remove:
-                (directory / name).unlink(missing_ok=True)
+                _delete(directory / name)
     except OSError as e:
         raise cannot("write", directory, e) from None
     except UserError as e:  # the files' names, not the staging directory's

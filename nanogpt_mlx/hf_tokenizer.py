@@ -19,6 +19,10 @@ from .files import atomic_write_text
 from .tokenizer import EOT, EOT_TEXT, gpt2_ranks
 
 TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"]
+# tokenizer files of other models that transformers' AutoTokenizer (mlx-lm's too) reads with these: special tokens, a
+# chat template (a pad id past our vocab, another prompt format); an export over a directory removes them
+OTHER_TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                         "additional_chat_templates", "tokenizer.model")
 
 
 @lru_cache(maxsize=1)

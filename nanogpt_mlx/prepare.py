@@ -39,7 +39,7 @@ from .data import list_shards, load_shard, open_shard, warn_if_shards_differ
 from .documents import Part, plan_parts, read_docs
 from .errors import UserError, check_types, first_line
 from .files import (atomic_path, atomic_write_text, lock_dir, named_dir, read_json, remove_stale_temps,
-                    sha256_file, unlock_dir)
+                    sha256_file, unlock_dir, user_path)
 from .sources import Source, Unit
 from .tokenizer import EOT, EOT_TEXT, decode, get_tokenizer
 
@@ -424,7 +424,7 @@ def prepare(source: Source, out: str | os.PathLike, config: PrepareConfig | None
     `if __name__ == "__main__":` as for any multiprocessing code. A second prepare into the same `out` while
     this one runs is refused (files.lock_dir).
     """
-    out = Path(named_dir(out, "shard directory")).expanduser()
+    out = user_path(named_dir(out, "shard directory"))
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: not a directory")
     lock_dir(out, "prepare")
@@ -516,7 +516,7 @@ def _warn_of_empty_splits(out: Path, manifest: dict) -> None:
 def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
     """Shard counts and token totals of a shard directory, and the first tokens of its first train shard (else its
     first val shard) decoded."""
-    data_dir = Path(named_dir(data_dir, "shard directory")).expanduser()
+    data_dir = user_path(named_dir(data_dir, "shard directory"))
     sized = {}  # split: [(shard, tokens)]; headers only
     for split in ("val", "train"):  # (a missing directory, or a file, is said as such)
         sized[split] = [(path, len(open_shard(path))) for path in list_shards(data_dir, split, missing_ok=True)]

@@ -89,7 +89,7 @@ def shakespeare(path: str | os.PathLike | None = None, url: str | None = None,
     if path is not None and url is not None:
         raise UserError("--path (a local copy) or --url (to download), not both")
     if path is not None:
-        file = Path(path).expanduser()
+        file = files.user_path(path)
         if not file.is_file():
             raise UserError(f"{file}: {'a directory, not' if file.is_dir() else 'no such file:'} Tiny Shakespeare's "
                             "text (input.txt)")
@@ -108,7 +108,7 @@ def fineweb_edu(sample: str = "sample-10BT", local_dir: str | os.PathLike | None
     folder = _fineweb_folder(sample)
     info = {"name": "fineweb-edu", "repo": FINEWEB_REPO, "sample": sample}
     if local_dir is not None:
-        root = Path(local_dir).expanduser() / folder
+        root = files.user_path(local_dir) / folder
         parquet = sorted(root.glob("*.parquet"))
         if not parquet:
             raise UserError(f"{root}: no .parquet files (expected the layout of the hub repo: "

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,12 +23,13 @@ import mlx.core as mx
 from .console import warn
 from .errors import UserError, first_line
 from .files import (STAGING, atomic_dir, atomic_files, atomic_path, atomic_write_text, check_writable,
-                    hub_offline, mlx_path, named_dir, read_json)
-from .hf_tokenizer import TOKENIZER_FILES, write_tokenizer_files
+                    hub_offline, mlx_path, named_dir, read_json, user_path)
+from .hf_tokenizer import OTHER_TOKENIZER_FILES, TOKENIZER_FILES, write_tokenizer_files
 from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 from .tokenizer import EOT
 
 HF_FILES = ["config.json", "model.safetensors"]
+SHARD_INDEX = "model.safetensors.index.json"  # a sharded model's, in place of model.safetensors
 EXPORT_FILES = [*HF_FILES, "generation_config.json", *TOKENIZER_FILES]
 # weight files that loaders read beside or instead of model.safetensors (mlx-lm loads every model*.safetensors,
 # transformers the others where it finds no safetensors): an export over a directory removes them
@@ -38,6 +39,10 @@ OTHER_WEIGHTS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_
 HUB_PROBE_TIMEOUT = 3.0  # seconds to reach the hub before giving up (huggingface_hub retries for ~25 s)
 NATIVE_FORMAT = "nanogpt-mlx"  # marker in config.json of this project's checkpoints
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# the task heads of transformers' other GPT-2 models (GPT2DoubleHeadsModel, ...ForSequenceClassification,
+# ...ForTokenClassification, ...ForQuestionAnswering): their GPT-2 loads as a language model without them, as in
+# transformers' GPT2LMHeadModel
+_TASK_HEADS = ("multiple_choice_head.", "score.", "classifier.", "qa_outputs.")
 _GPT2_FIXED = {"layer_norm_epsilon": 1e-5, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False}
 
 
@@ -46,8 +51,9 @@ def sanitize(hf_weights: dict[str, mx.array], tied: bool = True) -> dict[str, mx
     out = {}
     for k, w in hf_weights.items():
         k = k.removeprefix("transformer.")
-        if (tied and k == "lm_head.weight") or k.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # a tied lm_head is wte; the others are causal-mask buffers
+        if (tied and k == "lm_head.weight") or k.endswith((".attn.bias", ".attn.masked_bias")) or \
+                k.startswith(_TASK_HEADS):
+            continue  # a tied lm_head is wte; then causal-mask buffers, and heads of other tasks than GPT-2's
         # a copy, not a transposed view: strided weights take a slower matmul path at every step
         out[k] = mx.contiguous(w.T) if k.endswith(_CONV1D) else w
     return out
@@ -122,18 +128,19 @@ def _config_from_hf(cfg: dict, where: Path) -> GPTConfig:
     if cfg.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{where}: model_type is {cfg.get('model_type')!r}, only GPT-2 is supported")
     act = cfg.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+    if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):  # transformers' names of one formula
         raise UserError(f"{where}: activation {act!r} is not GPT-2's tanh GELU")
     for key, gpt2_value in _GPT2_FIXED.items():  # variants this architecture does not implement
         if cfg.get(key, gpt2_value) != gpt2_value:
             raise UserError(f"{where}/config.json: {key}={cfg[key]!r} is not supported (GPT-2 uses {gpt2_value!r})")
-    if cfg.get("n_inner") not in (None, 4 * cfg.get("n_embd", 768)):  # None: 4 * n_embd
+    sizes = _int_sizes(cfg, _SIZES, where)  # before n_embd is computed with (a null was a TypeError)
+    if cfg.get("n_inner") not in (None, 4 * sizes["n_embd"]):  # None: 4 * n_embd
         raise UserError(f"{where}/config.json: n_inner={cfg['n_inner']!r} is not supported (GPT-2's MLP is 4 * n_embd "
-                        f"= {4 * cfg.get('n_embd', 768)} wide)")
+                        f"= {4 * sizes['n_embd']} wide)")
     tied = cfg.get("tie_word_embeddings", True)
     if not isinstance(tied, bool):
         raise UserError(f"{where}/config.json: tie_word_embeddings must be true or false, got {tied!r}")
-    return GPTConfig(**_int_sizes(cfg, _SIZES, where), tie_embeddings=tied)
+    return GPTConfig(**sizes, tie_embeddings=tied)
 
 
 def _config_from_native(cfg: dict, where: Path) -> GPTConfig:
@@ -188,18 +195,24 @@ def _check_sizes(config: GPTConfig, shapes: dict[str, tuple[int, ...]], where: P
                             f"config.json, {n} in model.safetensors)")
 
 
+def _shard_names(index: Path) -> list[str]:
+    """The files that a sharded model's model.safetensors.index.json names (save_pretrained's max_shard_size)."""
+    try:
+        names = sorted(set(read_json(index)["weight_map"].values()))
+        if not all(isinstance(n, str) for n in names):
+            raise ValueError("a weight_map entry that is not a file name")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{index}: not a safetensors index ({first_line(e)})") from None
+    return names
+
+
 def _weight_files(directory: Path) -> list[Path]:
-    """model.safetensors, or the shards its index names (save_pretrained's max_shard_size)."""
-    path, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    """model.safetensors, or the shards its index names."""
+    path, index = directory / "model.safetensors", directory / SHARD_INDEX
     if path.is_file():
         return [path]
     if index.is_file():
-        try:
-            names = sorted(set(read_json(index)["weight_map"].values()))
-            if not all(isinstance(n, str) for n in names):
-                raise ValueError("a weight_map entry that is not a file name")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{index}: not a safetensors index ({first_line(e)})") from None
+        names = _shard_names(index)
         missing = [n for n in names if not (directory / n).is_file()]
         if missing or not names:
             raise UserError(f"{index}: names shards that are not there: {', '.join(missing[:3]) or 'none'}")
@@ -240,9 +253,22 @@ def _load_into(model: GPT, weights: dict[str, mx.array], where: Path) -> None:
         raise UserError(f"{where}: {bad} holds NaN/inf: a damaged model")
 
 
+def _warn_left_out(hf_weights: dict[str, mx.array], config: GPTConfig, where: Path) -> None:
+    """Say what of a Hugging Face model sanitize leaves out that is more than a copy: another task's head, and a tied
+    model's lm_head that is not wte (transformers uses such a head, untied)."""
+    heads = sorted({k.split(".")[0] for k in hf_weights if k.startswith(_TASK_HEADS)})
+    if heads:
+        warn(f"{where}: {', '.join(heads)} ignored: a head for another task than GPT-2's language model")
+    lm_head = hf_weights.get("lm_head.weight")
+    wte = hf_weights.get("transformer.wte.weight", hf_weights.get("wte.weight"))
+    if config.tie_embeddings and lm_head is not None and wte is not None and not mx.array_equal(lm_head, wte).item():
+        warn(f"{where}: lm_head.weight, unlike wte.weight, ignored: config.json ties them (tie_word_embeddings); set "
+             "it to false to use that head")
+
+
 def load_local(directory: str | os.PathLike) -> GPT:
     """Load a local Hugging Face GPT-2 directory or a nanogpt-mlx checkpoint."""
-    directory = Path(directory)
+    directory = Path(named_dir(directory, "model directory"))
     cfg = _read_config(directory)
     native = cfg.get("format") == NATIVE_FORMAT
     config = _config_from_native(cfg, directory) if native else _config_from_hf(cfg, directory)
@@ -250,6 +276,7 @@ def load_local(directory: str | os.PathLike) -> GPT:
     _check_sizes(config, {k: v for f in files for k, v in safetensors_shapes(f).items()}, directory)
     weights = {k: v for f in files for k, v in _load_safetensors(f).items()}
     if not native:
+        _warn_left_out(weights, config, directory)
         weights = sanitize(weights, config.tie_embeddings)
         if config.vocab_size > GPT2_VOCAB_SIZE:  # (this project's padded rows are its checkpoints', never tokens)
             warn(f"{directory}: {config.vocab_size - GPT2_VOCAB_SIZE} tokens beyond GPT-2's {GPT2_VOCAB_SIZE}: "
@@ -299,8 +326,23 @@ def _quiet_hub() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def download(repo_id: str, files: list[str] = HF_FILES) -> Path:
-    """Fetch `files` of a hub repo into the Hugging Face cache (or find them there) and return their folder."""
+def _fetch_model(get: Callable[[str], str]) -> Path:
+    """Fetch config.json and the weights, model.safetensors or else its index and the shards it names, with `get`
+    (a file's name in the repo -> its path); return their folder."""
+    from huggingface_hub.utils import EntryNotFoundError
+
+    folder = Path(get("config.json")).parent
+    try:
+        get("model.safetensors")
+    except EntryNotFoundError:  # not in the repo (or not in the cache): a sharded model's files instead
+        for name in _shard_names(Path(get(SHARD_INDEX))):
+            get(name)
+    return folder
+
+
+def download(repo_id: str) -> Path:
+    """Fetch a hub repo's model (config.json, model.safetensors or its shards) into the Hugging Face cache (or find
+    it there) and return its folder."""
     try:
         from huggingface_hub import hf_hub_download
     except ValueError as e:  # huggingface_hub parses HF_ENDPOINT when it is imported
@@ -310,8 +352,9 @@ def download(repo_id: str, files: list[str] = HF_FILES) -> Path:
     tried = f"{repo_id!r} is not a local directory"
     hint = "pass a local directory with config.json and model.safetensors instead"
     try:  # all files cached already: no network round trip at all
-        paths = [hf_hub_download(repo_id, f, local_files_only=True) for f in files]
-        return Path(paths[0]).parent
+        return _fetch_model(lambda f: hf_hub_download(repo_id, f, local_files_only=True))
+    except UserError:  # a cached index that is none
+        raise
     except Exception:  # noqa: BLE001  (any failure here just means "not fully cached")
         pass
     if hub_offline():
@@ -322,11 +365,12 @@ def download(repo_id: str, files: list[str] = HF_FILES) -> Path:
         raise UserError(f"{tried} and not in the Hugging Face cache; {e}; {hint}") from None
     try:
         with _quiet_hub():
-            paths = [hf_hub_download(repo_id, f, etag_timeout=10) for f in files]
+            return _fetch_model(lambda f: hf_hub_download(repo_id, f, etag_timeout=10))
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001  (network, auth, unknown repo: all end the same way)
         raise UserError(f"{tried} and could not be downloaded from the Hugging Face hub ({first_line(e)}); "
                         f"{hint}") from None
-    return Path(paths[0]).parent
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -337,7 +381,7 @@ def load_model(name_or_path: str | os.PathLike) -> GPT:
     """A model from a local HF directory or checkpoint, else a hub id (`gpt2`, `gpt2-medium`, ...)."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise UserError(f"the model must be a hub id or a directory (a str or path), got {name_or_path!r}")
-    path = Path(name_or_path).expanduser()
+    path = user_path(named_dir(name_or_path, "model"))  # '' would be the working directory
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{path}: expected a directory with config.json and model.safetensors")
@@ -357,9 +401,16 @@ def save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str
         raise OSError(first_line(e)) from None
 
 
+def _check_model(model) -> None:
+    """Refuse to write anything but a GPT (a path given for the model was an AttributeError)."""
+    if not isinstance(model, GPT):
+        raise UserError(f"a GPT model is needed (load one with load_model), got {model!r}")
+
+
 def save_model(model: GPT, out_dir: str | os.PathLike) -> None:
     """Write this project's checkpoint format: model.safetensors + config.json (atomic per file)."""
-    out_dir = Path(out_dir)
+    _check_model(model)
+    out_dir = Path(named_dir(out_dir, "model directory"))
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_safetensors(tmp, dict(model.parameters_flat()))
     atomic_write_text(out_dir / "config.json",
@@ -369,17 +420,15 @@ def save_model(model: GPT, out_dir: str | os.PathLike) -> None:
 def check_export_target(out_dir: str | os.PathLike, force: bool = False, source: str | os.PathLike | None = None) -> Path:
     """Where an export may go: a new or empty directory (any directory with `force`), never a file,
     the `source` directory itself or a nanogpt-mlx run or checkpoint, which would lose its own format."""
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise UserError(f"the export directory must be a str or path, got {out_dir!r}")
     if not isinstance(force, bool):  # "no" would force
         raise UserError(f"force must be true or false, got {force!r}")
-    out = Path(mlx_path(named_dir(out_dir, "export directory"))).expanduser()
+    out = user_path(mlx_path(named_dir(out_dir, "export directory")))
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose a directory for the export")
     check_writable(out)
     if not out.is_dir():
         return out
-    if source is not None and Path(source).expanduser().is_dir() and out.samefile(Path(source).expanduser()):
+    if source is not None and user_path(source).is_dir() and out.samefile(user_path(source)):
         raise UserError(f"{out}: is the model being exported; write the export to another directory")
     native = False
     with contextlib.suppress(UserError):  # no or bad config.json: not ours
@@ -417,16 +466,20 @@ def check_gpt2(config: GPTConfig) -> None:
 def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> None:
     """Write a Hugging Face GPT-2 directory (weights, config, generation config, tokenizer) that
     `transformers` (`from_pretrained`, `pipeline`) and mlx-lm (`load`) read as they read the hub's `gpt2`. Into
-    an existing directory (`force`) it also removes the weight files that loaders would read with it there.
+    an existing directory (`force`) it also removes the weight and tokenizer files that loaders would read with it
+    there.
     A model with switches GPT-2 does not have (the speedrun recipe's) is refused before anything is written."""
+    _check_model(model)
     check_gpt2(model.config)
     out_dir = check_export_target(out_dir, force)
     if not out_dir.exists():  # all the files or none (a full disk midway)
         with atomic_dir(out_dir) as tmp:
             _write_hf(model, tmp)
         return
-    # over an earlier export: it stays whole on a failure; another model's weights go with it, or loaders mix them in
-    others = sorted({p.name for pattern in OTHER_WEIGHTS for p in out_dir.glob(pattern)} - set(EXPORT_FILES))
+    # over an earlier export: it stays whole on a failure; another model's weights and tokenizer files go with it, or
+    # loaders mix them in
+    others = sorted({p.name for pattern in (*OTHER_WEIGHTS, *OTHER_TOKENIZER_FILES) for p in out_dir.glob(pattern)}
+                    - set(EXPORT_FILES))
     with atomic_files(out_dir, EXPORT_FILES, remove=others) as staging:
         _write_hf(model, staging)
 

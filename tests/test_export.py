@@ -101,6 +101,28 @@ def test_export_over_another_models_weights_removes_them(tiny_hf_dir, lively_hf_
     GPT2LMHeadModel.from_pretrained(out)
 
 
+def test_export_over_another_models_tokenizer_files_removes_them(tiny_hf_dir, tmp_path):
+    """--force kept an earlier model's special_tokens_map.json, added_tokens.json and chat templates: transformers'
+    AutoTokenizer (and mlx-lm through it) read them with the export's tokenizer (a pad id past the vocab, a chat
+    template that changed mlx-lm's prompt)."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<pad>"}))
+    (out / "added_tokens.json").write_text(json.dumps({"<pad>": 60000}))
+    (out / "chat_template.jinja").write_text("{{ 'OLD' }}")
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": "{{ 'OLD' }}"}))
+    (out / "additional_chat_templates").mkdir()
+    (out / "additional_chat_templates" / "tool_use.jinja").write_text("{{ 'OLD' }}")
+    (out / "tokenizer.model").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    run_cli("export", str(tiny_hf_dir), str(out), "--force", check=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*EXPORT_FILES, "notes.txt"])
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.pad_token is None and tokenizer.chat_template is None and len(tokenizer) == 50257
+
+
 def test_export_never_writes_over_its_source_or_a_run(tiny_hf_dir, tmp_path):
     source = tmp_path / "src"
     export_hf(load_model(tiny_hf_dir), source)
@@ -127,6 +149,15 @@ def test_export_to_an_empty_name_is_refused(tiny_hf_dir, tmp_path):
     """Path('') is the working directory: `export SRC "$OUT"` with OUT unset wrote the model there."""
     assert_one_line_error(run_cli("export", str(tiny_hf_dir), "", cwd=tmp_path), "the export directory is ''")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_model_of_an_empty_name_is_refused(tiny_hf_dir, tmp_path, monkeypatch):
+    """`sample --model "$MODEL"` with MODEL unset loaded the working directory, a model if one was there."""
+    from nanogpt_mlx.errors import UserError
+
+    monkeypatch.chdir(tiny_hf_dir)
+    with pytest.raises(UserError, match=r"^the model is '' \(an unset variable\?\)"):
+        load_model("")
 
 
 def test_text_a_terminal_cannot_show_is_replaced(tiny_hf_dir):
@@ -210,6 +241,20 @@ def test_an_export_over_another_that_fails_midway_keeps_the_other_whole(tiny_hf_
     monkeypatch.undo()
     export_hf(load_model(lively_hf_dir), out, force=True)
     assert load_model(out).config == load_model(lively_hf_dir).config
+
+
+def test_an_export_over_a_directory_in_the_way_of_one_of_its_files_writes_none(tiny_hf_dir, lively_hf_dir, tmp_path):
+    """--force where vocab.json was a directory replaced config.json and model.safetensors, then failed."""
+    from nanogpt_mlx.errors import UserError
+
+    out = tmp_path / "out"
+    export_hf(load_model(tiny_hf_dir), out)
+    (out / "vocab.json").unlink()
+    (out / "vocab.json").mkdir()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(UserError, match=f"^{out}/vocab.json: cannot write"):
+        export_hf(load_model(lively_hf_dir), out, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before and (out / "vocab.json").is_dir()
 
 
 def test_a_new_export_directory_is_as_readable_as_any_new_directory(tiny_hf_dir, tmp_path):

@@ -4,6 +4,7 @@ stderr, a non-zero exit, and nothing half-written left behind."""
 from __future__ import annotations
 
 import errno
+import re
 import shutil
 from pathlib import Path
 
@@ -290,6 +291,22 @@ def test_a_set_of_files_written_in_part_is_not_published(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"] and (tmp_path / "a.json").read_text() == "old a"
 
 
+def test_a_directory_in_the_way_of_a_set_of_files_is_found_before_any_is_published(tmp_path):
+    """A directory under one of the names failed its rename after the files before it were replaced (an export
+    --force over a vocab.json/ left new weights beside the old tokenizer), and the message named the directory."""
+    from nanogpt_mlx.files import atomic_files
+
+    (tmp_path / "a.json").write_text("old a")
+    (tmp_path / "b.json").mkdir()
+    in_the_way = re.escape(f"{tmp_path}/b.json: cannot write (a directory of that name is in the way)")
+    with pytest.raises(UserError, match=f"^{in_the_way}$"):
+        with atomic_files(tmp_path, ["a.json", "b.json"]) as staging:
+            for name in ("a.json", "b.json"):
+                (staging / name).write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+    assert (tmp_path / "a.json").read_text() == "old a" and (tmp_path / "b.json").is_dir()
+
+
 def test_stale_temporaries_under_a_lock_go_and_the_users_files_stay(tmp_path):
     """remove_stale_temps (a run's or prepare's OUT, under its lock) deleted any `.*.tmp*`, a `.notes.tmp.txt` too."""
     from nanogpt_mlx.files import HOST_TAG, remove_stale_temps
@@ -300,3 +317,31 @@ def test_stale_temporaries_under_a_lock_go_and_the_users_files_stay(tmp_path):
         (tmp_path / name).write_text("x")
     remove_stale_temps(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(mine)
+
+
+NO_USER = "~no-such-user-of-nanogpt-mlx"
+
+
+def test_a_path_of_a_user_that_does_not_exist_is_one_line(tiny_hf_dir, tmp_path, monkeypatch):
+    """`sample --model '~nouser/x'`, `export` from or to such a path, prepare's and the sources' paths:
+    Path.expanduser's RuntimeError ("Could not determine home directory.") was a traceback."""
+    from nanogpt_mlx import prepare, sources
+    from nanogpt_mlx.files import user_path
+    from nanogpt_mlx.weights import check_export_target, export_hf, load_model
+
+    assert_one_line_error(run_cli("sample", "--model", f"{NO_USER}/x"), f"{NO_USER}/x: no such user")
+    model = load_model(tiny_hf_dir)
+    (tmp_path / "o").mkdir()  # (a new target is not compared with the source)
+    for call in (lambda: load_model(f"{NO_USER}/x"), lambda: export_hf(model, f"{NO_USER}/o"),
+                 lambda: check_export_target(tmp_path / "o", source=f"{NO_USER}/x"),
+                 lambda: prepare.describe(f"{NO_USER}/x"), lambda: sources.shakespeare(path=f"{NO_USER}/x"),
+                 lambda: sources.fineweb_edu(local_dir=f"{NO_USER}/x")):
+        with pytest.raises(UserError, match=f"^{NO_USER}/[xo]: no such user$"):
+            call()
+
+    def no_home(self):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "expanduser", no_home)
+    with pytest.raises(UserError, match="^~/x: no home directory to expand ~ in"):
+        user_path("~/x")

@@ -100,22 +100,62 @@ def test_native_checkpoint_round_trip(tmp_path):
         assert k == k2 and mx.array_equal(a, b).item(), k
 
 
-def test_hub_id_loads_from_the_huggingface_cache(tiny_hf_dir, tmp_path, monkeypatch):
-    """A hub id already in the cache loads with HF_HUB_OFFLINE=1 (a cache laid out as huggingface_hub does)."""
-    from huggingface_hub import constants
-
+def cache_repo(cache, repo_id: str, files: dict[str, bytes]) -> None:
+    """`files` (name -> content) as huggingface_hub keeps a download of the hub repo `repo_id` in its cache `cache`."""
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--someone--tiny-gpt2"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        (snapshot / name).write_bytes((tiny_hf_dir / name).read_bytes())
+    for name, content in files.items():
+        (snapshot / name).write_bytes(content)
+
+
+def test_hub_id_loads_from_the_huggingface_cache(tiny_hf_dir, tmp_path, monkeypatch):
+    """A hub id already in the cache loads with HF_HUB_OFFLINE=1 (a cache laid out as huggingface_hub does)."""
+    from huggingface_hub import constants
+
+    cache_repo(tmp_path / "hub", "someone/tiny-gpt2",
+               {name: (tiny_hf_dir / name).read_bytes() for name in ("config.json", "model.safetensors")})
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     model = load_model("someone/tiny-gpt2")
     assert model.config.n_embd == 64
     assert mx.array_equal(model.wte.weight, load_model(tiny_hf_dir).wte.weight).item()
+
+
+def test_a_sharded_hub_model_loads_from_the_cache_and_the_hub(tiny_hf_dir, tmp_path, monkeypatch):
+    """A hub repo with model.safetensors.index.json and shards in place of model.safetensors: download asked for
+    model.safetensors only ("not in the Hugging Face cache" offline; online, a 404)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils import EntryNotFoundError
+    from transformers import GPT2LMHeadModel
+
+    import nanogpt_mlx.weights as weights
+
+    sharded = tmp_path / "sharded"
+    GPT2LMHeadModel.from_pretrained(tiny_hf_dir).save_pretrained(sharded, max_shard_size="200KB")
+    files = sorted(p.name for p in sharded.iterdir() if p.name != "generation_config.json")
+    assert "model.safetensors" not in files and len(files) > 3
+    expected = load_model(tiny_hf_dir).wte.weight
+    cache_repo(tmp_path / "hub", "me/sharded", {name: (sharded / name).read_bytes() for name in files})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert mx.array_equal(load_model("me/sharded").wte.weight, expected).item()
+
+    fetched = []
+
+    def hub(repo_id, filename, local_files_only=False, **kwargs):  # a hub that has `sharded`'s files, none cached
+        if local_files_only or filename not in files:
+            raise EntryNotFoundError(filename)
+        fetched.append(filename)
+        return str(sharded / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    monkeypatch.setattr(weights, "check_hub_reachable", lambda: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert mx.array_equal(load_model("me/sharded").wte.weight, expected).item()
+    assert fetched[:2] == ["config.json", "model.safetensors.index.json"] and sorted(fetched) == files
 
 
 def test_unknown_hub_id_offline_fails_fast_with_one_clear_line(tmp_path, monkeypatch):
@@ -200,6 +240,8 @@ def test_bad_directories_are_user_errors(tiny_hf_dir, tmp_path):
     ("n_layer", 100_000_000, "n_layer 100000000 in config.json, 2 in model.safetensors"),
     ("n_positions", 4096, "block_size 4096 in config.json, 128 in model.safetensors"),
     ("n_embd", 64.5, "n_embd must be an integer, got 64.5"),
+    ("n_embd", None, "n_embd must be an integer, got None"),  # was a TypeError in the n_inner check
+    ("n_embd", {}, "n_embd must be an integer, got {}"),
     ("n_head", "2", "n_head must be an integer, got '2'"),
     ("n_layer", True, "n_layer must be an integer, got True"),
 ])
@@ -290,6 +332,35 @@ def test_an_untied_lm_head_loads_as_transformers_reads_it(tmp_path):
         load_model(tmp_path / "untied")
 
 
+def test_other_heads_and_a_tied_models_own_lm_head_are_said_to_be_left_out(tiny_hf_dir, tmp_path, capsys):
+    """A GPT2DoubleHeadsModel's multiple_choice_head was refused ("weights do not match config.json"), a tied model's
+    lm_head.weight unlike wte dropped without a word (transformers uses it, untied), and "gelu_fast", GPT-2's GELU
+    under another name, refused."""
+    from safetensors.numpy import save_file
+
+    m = copy_hf_dir(tiny_hf_dir, tmp_path / "m")
+    tensors = read_tensors(m)
+    wte = tensors["transformer.wte.weight"]
+    head = {"multiple_choice_head.summary.weight": np.ones((1, 64), np.float32),
+            "multiple_choice_head.summary.bias": np.zeros(1, np.float32)}
+    save_file({**tensors, **head, "lm_head.weight": wte}, str(m / "model.safetensors"))  # a tied head, saved
+    config = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**config, "activation_function": "gelu_fast"}))
+    capsys.readouterr()
+    loaded, original = load_model(m), load_model(tiny_hf_dir)
+    assert capsys.readouterr().err == f"nanogpt-mlx: warning: {m}: multiple_choice_head ignored: a head for another " \
+                                      "task than GPT-2's language model\n"
+    for (k, a), (_, b) in zip(loaded.parameters_flat(), original.parameters_flat()):
+        assert mx.array_equal(a, b).item(), k
+    save_file({**tensors, "lm_head.weight": wte + 1}, str(m / "model.safetensors"))
+    load_model(m)
+    assert capsys.readouterr().err == f"nanogpt-mlx: warning: {m}: lm_head.weight, unlike wte.weight, ignored: " \
+                                      "config.json ties them (tie_word_embeddings); set it to false to use that head\n"
+    save_file({**tensors, "other.weight": wte}, str(m / "model.safetensors"))  # no head we know of: not a GPT-2
+    with pytest.raises(UserError, match=r"unexpected: \['other.weight'\]"):
+        load_model(m)
+
+
 @pytest.mark.parametrize("change, needle", [
     ({"attn_window": 8}, "switches this version of nanogpt-mlx does not know: attn_window"),
     ({"value_embeds": 0.9}, "value_embeds must be a whole number, got 0.9"),  # int() would make it 0
@@ -361,12 +432,28 @@ def test_paths_that_are_not_utf8_are_refused_as_such(tiny_hf_dir, tmp_path):
 
 
 def test_python_arguments_of_the_wrong_type_are_one_line(tmp_path):
-    """load_model(None) and export_hf(model, None) were TypeErrors; force="no" forced."""
+    """load_model(None), load_local(123), checkpoint.read_model(None) and export_hf(model, None) were TypeErrors,
+    export_hf("dir", ...) and save_model(None, ...) AttributeErrors; force="no" forced."""
+    from nanogpt_mlx import checkpoint
+    from nanogpt_mlx.weights import load_local
+
     model = GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=2, n_embd=8))
     with pytest.raises(UserError, match="the model must be a hub id or a directory .*, got None"):
         load_model(None)
+    with pytest.raises(UserError, match="^the model directory must be a str or path, got 123$"):
+        load_local(123)
+    with pytest.raises(UserError, match="^the checkpoint directory must be a str or path, got None$"):
+        checkpoint.read_model(None)
     with pytest.raises(UserError, match="the export directory must be a str or path, got None"):
         export_hf(model, None)
+    with pytest.raises(UserError, match="^the model directory must be a str or path, got None$"):
+        save_model(model, None)
+    for wrong in ("dir", None):
+        with pytest.raises(UserError, match=f"^a GPT model is needed \\(load one with load_model\\), got {wrong!r}$"):
+            export_hf(wrong, tmp_path / "out")
+        with pytest.raises(UserError, match="^a GPT model is needed"):
+            save_model(wrong, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="force must be true or false, got 'no'"):
         export_hf(model, tmp_path, force="no")

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
 
-from .console import warn
+from .console import quiet, warn
 from .errors import UserError, first_line
 from .files import (STAGING, atomic_dir, atomic_files, atomic_path, atomic_write_text, check_writable,
                     hub_offline, mlx_path, named_dir, read_json)
@@ -287,18 +285,6 @@ def check_hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> None:
                         f"({e.strerror or first_line(e)})") from None
 
 
-@contextlib.contextmanager
-def _quiet_hub() -> Iterator[None]:
-    """Silence huggingface_hub's per-retry warnings: a failure is reported once, as one line."""
-    logger = logging.getLogger("huggingface_hub")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def download(repo_id: str, files: list[str] = HF_FILES) -> Path:
     """Fetch `files` of a hub repo into the Hugging Face cache (or find them there) and return their folder."""
     try:
@@ -321,7 +307,7 @@ def download(repo_id: str, files: list[str] = HF_FILES) -> Path:
     except UserError as e:
         raise UserError(f"{tried} and not in the Hugging Face cache; {e}; {hint}") from None
     try:
-        with _quiet_hub():
+        with quiet("huggingface_hub"):  # its per-retry warnings: a failure is reported once
             paths = [hf_hub_download(repo_id, f, etag_timeout=10) for f in files]
     except Exception as e:  # noqa: BLE001  (network, auth, unknown repo: all end the same way)
         raise UserError(f"{tried} and could not be downloaded from the Hugging Face hub ({first_line(e)}); "

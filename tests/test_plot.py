@@ -109,9 +109,41 @@ def test_bad_logs(tmp_path):
         with pytest.raises(UserError, match=r"x.pgf: cannot draw a .pgf image \('xelatex' not found"):
             plot_runs([tmp_path / "ok"], tmp_path / "x.pgf")
         assert not (tmp_path / "x.pgf").exists()
-    (tmp_path / "log.txt").write_text("0 hella 0.25\n")
-    with pytest.raises(UserError, match="no train or val loss lines"):
-        plot_runs([tmp_path], tmp_path / "x.png")
+
+
+def test_a_log_of_nan_alone_says_so(tmp_path):
+    """A run that diverged from its first step was reported as having no `STEP train|val|hella VALUE` lines."""
+    (tmp_path / "log.txt").write_text("0 train nan\n0 val nan\n1 train inf\n")
+    with pytest.raises(UserError, match="log.txt: every train, val and hella value is nan or inf"):
+        read_log(tmp_path)
+
+
+def test_a_path_that_is_not_a_file_is_not_a_log(tmp_path):
+    """/dev/null exists: it was reported as "no such log file"."""
+    with pytest.raises(UserError, match="^/dev/null: not a log file or a run directory$"):
+        read_log("/dev/null")
+
+
+def test_hellaswag_alone_is_drawn(tmp_path, monkeypatch):
+    """A log of hella lines alone was refused ("no train or val loss lines"): its panel is drawn, alone."""
+    import matplotlib.axes
+
+    titles = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set", lambda self, **kw: titles.append(kw.get("title")))
+    (tmp_path / "log.txt").write_text("0 hella 0.25\n100 hella 0.26\n")
+    width, height = png_size(plot_runs([tmp_path], tmp_path / "x.png", log_scale=True, baseline="on"))
+    assert titles == ["HellaSwag eval"] and width < 1.6 * height
+
+
+@pytest.mark.parametrize("out, needle", [
+    ("", "the image to write is '' (an unset variable?); name an image file"),
+    (".", ".: is a directory (out names the image to write)"),
+])
+def test_out_must_name_a_file(out, needle, tmp_path, monkeypatch):
+    """'' and a directory were "unknown image type ''"."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="^" + re.escape(needle) + "$"):
+        plot_runs([fake_run(tmp_path / "a")], out)
 
 
 def test_cli_plot(tmp_path):
@@ -120,6 +152,9 @@ def test_cli_plot(tmp_path):
     proc = run_cli("plot", str(run), "--out", str(out), "--log-scale", check=True)
     assert str(out) in proc.stdout and png_size(out)[0] > 0
     assert_one_line_error(run_cli("plot", str(tmp_path / "nope")), "no such log file")
+    # matplotlib logged a line of its own: "The PostScript backend does not support transparency; ..."
+    proc = run_cli("plot", str(run), "--out", str(tmp_path / "run.eps"), check=True)
+    assert proc.stderr == "" and proc.stdout == f"wrote {tmp_path / 'run.eps'}\n"
 
 
 def test_baseline_auto_follows_loss_range(tmp_path, monkeypatch):

@@ -67,14 +67,16 @@ def read_log(run: str | os.PathLike) -> RunSeries:
 
 
 def _loss_limits(logs: Sequence[RunSeries]) -> tuple[float, float]:
-    """A loss range that shows 98% of the train points and every val point but each run's first: the first steps'
-    ~11 would otherwise squash the part of the curve that matters, and a val loss that rises later (a fine-tune
-    that overfits) stays in view."""
+    """A loss range that shows 98% of the train points and every val point but the first of each run with train
+    points: the first steps' ~11 would otherwise squash the part of the curve that matters (the train line shows
+    where it starts), and a val loss that rises later (a fine-tune that overfits) stays in view. A run of val
+    points alone keeps its first (it may be its only one)."""
     train = [l.series["train"][1] for l in logs if "train" in l.series]
     val = [l.series["val"][1] for l in logs if "val" in l.series]
     values = np.concatenate(train + val)
-    later_val = np.concatenate([v[1:] for v in val] + [np.zeros(0)])
-    top = max(np.quantile(np.concatenate(train), 0.98), later_val.max(initial=-np.inf)) if train else values.max()
+    shown_val = [l.series["val"][1][1 if "train" in l.series else 0:] for l in logs if "val" in l.series]
+    top = max(np.quantile(np.concatenate(train), 0.98) if train else -np.inf,
+              np.concatenate(shown_val + [np.zeros(0)]).max(initial=-np.inf))
     return float(values.min()) * 0.95, float(top) * 1.05
 
 

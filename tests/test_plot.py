@@ -175,39 +175,50 @@ def test_baseline_auto_follows_loss_range(tmp_path, monkeypatch):
     assert drawn == [3.2924]
 
 
-def test_the_loss_axis_leaves_out_the_first_steps_highest_2_percent(tmp_path, monkeypatch):
-    """11 and 9 at the first two of 100 steps would squash the curve below them: the axis tops at the train
-    losses' 98% quantile (+5%) and starts 5% below the lowest loss."""
+@pytest.fixture
+def ylims(monkeypatch) -> list[tuple]:
+    """The y limits that the plots set from here on (matplotlib sets its own too: those of another length)."""
     import matplotlib.axes
 
     limits, set_ylim = [], matplotlib.axes.Axes.set_ylim
     monkeypatch.setattr(matplotlib.axes.Axes, "set_ylim",
                         lambda self, *lim, **kw: limits.append(lim) or set_ylim(self, *lim, **kw))
+    return limits
+
+
+def test_the_loss_axis_leaves_out_the_first_steps_highest_2_percent(tmp_path, ylims):
+    """11 and 9 at the first two of 100 steps would squash the curve below them: the axis tops at the train
+    losses' 98% quantile (+5%) and starts 5% below the lowest loss."""
     train = [11.0, 9.0, *np.linspace(4.0, 3.0, 98)]
     run = tmp_path / "run"
     run.mkdir()
     (run / "log.txt").write_text("".join(f"{s} train {v:.6f}\n" for s, v in enumerate(train)))
     plot_runs([run], tmp_path / "run.png", baseline="off")
     want = (3.0 * 0.95, np.quantile(train, 0.98) * 1.05)
-    assert want in [pytest.approx(lim, rel=1e-5) for lim in limits if len(lim) == 2]  # matplotlib sets its own too
+    assert want in [pytest.approx(lim, rel=1e-5) for lim in ylims if len(lim) == 2]
 
 
-def test_a_val_loss_that_rises_stays_on_the_axis(tmp_path, monkeypatch):
+def test_a_val_loss_that_rises_stays_on_the_axis(tmp_path, ylims):
     """A fine-tune that overfits: train falls to 0.8 while val rises to 5.8 after its first points; the axis
     (the train losses' 98% quantile) cut off two thirds of the val curve. The first val point may run off."""
-    import matplotlib.axes
-
-    limits, set_ylim = [], matplotlib.axes.Axes.set_ylim
-    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylim",
-                        lambda self, *lim, **kw: limits.append(lim) or set_ylim(self, *lim, **kw))
     run = tmp_path / "finetune"
     run.mkdir()
     lines = [f"{s} train {4.5 - 3.7 * s / 299:.6f}" for s in range(300)]
     lines += [f"{s} val {v:.4f}" for s, v in ((0, 10.9), (100, 3.3), (200, 4.6), (299, 5.8))]
     (run / "log.txt").write_text("\n".join(lines) + "\n")
     plot_runs([run], tmp_path / "run.png", baseline="off")
-    top = [lim for lim in limits if len(lim) == 2][0][1]
+    top = [lim for lim in ylims if len(lim) == 2][0][1]
     assert top == pytest.approx(5.8 * 1.05)
+
+
+def test_a_run_of_val_points_alone_keeps_its_first_on_the_axis(tmp_path, ylims):
+    """Beside a run with train points, every run's first val point was left off the axis: a run whose log holds
+    only `0 val 10.9` drew nothing."""
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "log.txt").write_text("0 val 10.9\n")
+    plot_runs([fake_run(tmp_path / "a", hella=False), one], tmp_path / "m.png", baseline="off")
+    assert [lim for lim in ylims if len(lim) == 2][0][1] == pytest.approx(10.9 * 1.05)
 
 
 def test_a_torn_last_line_is_not_read_as_a_number(tmp_path):

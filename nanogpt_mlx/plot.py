@@ -33,8 +33,9 @@ class RunSeries:
 
 def read_log(run: str | os.PathLike) -> RunSeries:
     """Parse a run directory's log.txt (or a log file). Lines that do not parse are skipped, and so is a last line
-    without its newline, so a log being written can be plotted, and so are nan and inf values; a step logged twice
-    (a resumed run) keeps its last value."""
+    without its newline, so a log being written can be plotted, and so are nan and inf values. A kind's step at
+    or before its last one starts it again (a run resumed from an earlier step, its lines appended to the log):
+    the kind's points from that step on are dropped for the new ones."""
     path = Path(run)
     if path.is_dir():
         path = path / "log.txt"
@@ -56,9 +57,13 @@ def read_log(run: str | os.PathLike) -> RunSeries:
         except ValueError:
             continue
         parsed = True
+        kept = points[parts[1]]
+        if kept and step <= next(reversed(kept)):  # so each kind's steps stay in order, the last one its greatest
+            for dropped in [s for s in kept if s >= step]:
+                del kept[dropped]
         if math.isfinite(value):  # a diverged run logs nan or inf, which has no place on an axis
-            points[parts[1]][step] = value
-    series = {k: (np.array(sorted(d)), np.array([d[s] for s in sorted(d)])) for k, d in points.items() if d}
+            kept[step] = value
+    series = {k: (np.array(list(d)), np.array(list(d.values()))) for k, d in points.items() if d}
     if not series:
         raise UserError(f"{path}: every train, val and hella value is nan or inf (a run that diverged at once?)"
                         if parsed else f"{path}: no `STEP train|val|hella VALUE` lines")

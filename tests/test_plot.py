@@ -52,6 +52,18 @@ def test_resumed_step_keeps_last_value(tmp_path):
     assert list(steps) == [0, 1, 2] and list(values) == [5.0, 3.5, 3.0]
 
 
+def test_a_resumed_run_appended_to_the_log_replaces_the_steps_it_logs_again(tmp_path):
+    """Steps 0-149, then a run resumed at step 100 to 129 (another tool's log, appended to): the plot drew the old
+    0-99, the new 100-129 and then the old 130-149. Each kind starts again where its steps go back, a nan too."""
+    old = [f"{s} train {10 - s / 100}" for s in range(150)] + ["0 val 11", "100 val 9.5", "149 val 9"]
+    new = ["100 val nan"] + [f"{s} train {5 - s / 100}" for s in range(100, 130)]
+    (tmp_path / "log.txt").write_text("\n".join(old + new) + "\n")
+    log = read_log(tmp_path)
+    steps, values = log.series["train"]
+    assert list(steps) == list(range(130)) and values[99] == 9.01 and values[100] == 4.0 and values[-1] == 3.71
+    assert list(log.series["val"][0]) == [0]
+
+
 def test_a_diverged_runs_nan_and_inf_are_left_out(tmp_path):
     """The trainer logs a val loss before the step whose loss is nan stops it: the plot draws the rest."""
     (tmp_path / "log.txt").write_text("0 val 10.9\n0 train 10.8\n1 val nan\n1 train inf\n")

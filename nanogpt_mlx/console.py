@@ -9,8 +9,10 @@ rank says it, to its launcher, which shows each distinct line once (launch.py).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm import tqdm
@@ -26,6 +28,19 @@ def say(line: str) -> None:
     with contextlib.suppress(OSError):
         tqdm.write(line, file=sys.stderr)
         sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def quiet(logger: str) -> Iterator[None]:
+    """Silence a library's logged warnings (`logger`'s below errors) while the body runs: what they say is
+    reported once, as one line, or is of no use to the user."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _other_local_rank() -> bool:

@@ -94,13 +94,14 @@ def devnull_onto(fd: int) -> None:
         os.close(null)
 
 
-def named_dir(path: str | os.PathLike, what: str) -> str | os.PathLike:
+def named_dir(path: str | os.PathLike, what: str, name: str = "a directory") -> str | os.PathLike:
     """`path`, unless it is no str or path (None, a number: a TypeError far on) or '': Path('') is the working
-    directory, which an unset variable would write into."""
+    directory, which an unset variable would write into (or, where a file is wanted, write as). `name` is what to
+    name instead: "a directory", "a file"."""
     if not isinstance(path, (str, os.PathLike)):
         raise UserError(f"the {what} must be a str or path, got {path!r}")
     if not os.fspath(path):
-        raise UserError(f"the {what} is '' (an unset variable?); name a directory")
+        raise UserError(f"the {what} is '' (an unset variable?); name {name}")
     return path
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import RunLog
+from .console import quiet
 from .errors import UserError, first_line
 from .evaluate import GPT2_HELLASWAG_TRAINING, GPT3_HELLASWAG
-from .files import as_paths, atomic_path
+from .files import as_paths, atomic_path, named_dir
 
 GPT2_VAL_LOSS = 3.2924  # OpenAI GPT-2 124M on the FineWeb-Edu val shard (build-nanogpt)
 KINDS = tuple(RunLog.FORMATS)  # what the trainer logs: train, val, hella
@@ -32,14 +33,18 @@ class RunSeries:
 
 def read_log(run: str | os.PathLike) -> RunSeries:
     """Parse a run directory's log.txt (or a log file). Lines that do not parse are skipped, and so is a last line
-    without its newline, so a log being written can be plotted, and so are nan and inf values; a step logged twice
-    (a resumed run) keeps its last value."""
+    without its newline, so a log being written can be plotted, and so are nan and inf values. A kind's step at
+    or before its last one starts it again (a run resumed from an earlier step, its lines appended to the log):
+    the kind's points from that step on are dropped for the new ones."""
     path = Path(run)
     if path.is_dir():
         path = path / "log.txt"
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: no such log file")
+    if not path.is_file():  # /dev/null, a fifo: nothing a run writes
+        raise UserError(f"{path}: not a log file or a run directory")
     points: dict[str, dict[int, float]] = {k: {} for k in KINDS}
+    parsed = False
     text = path.read_text(errors="replace")
     # a last line without its newline is being written (or was cut by a kill): "119 train 8" of "8.3617"
     lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
@@ -51,37 +56,80 @@ def read_log(run: str | os.PathLike) -> RunSeries:
             step, value = int(parts[0]), float(parts[2])
         except ValueError:
             continue
+        parsed = True
+        kept = points[parts[1]]
+        if kept and step <= next(reversed(kept)):  # so each kind's steps stay in order, the last one its greatest
+            for dropped in [s for s in kept if s >= step]:
+                del kept[dropped]
         if math.isfinite(value):  # a diverged run logs nan or inf, which has no place on an axis
-            points[parts[1]][step] = value
-    series = {k: (np.array(sorted(d)), np.array([d[s] for s in sorted(d)])) for k, d in points.items() if d}
+            kept[step] = value
+    series = {k: (np.array(list(d)), np.array(list(d.values()))) for k, d in points.items() if d}
     if not series:
-        raise UserError(f"{path}: no `STEP train|val|hella VALUE` lines")
+        raise UserError(f"{path}: every train, val and hella value is nan or inf (a run that diverged at once?)"
+                        if parsed else f"{path}: no `STEP train|val|hella VALUE` lines")
     name = path.parent.name if path.name == "log.txt" else path.stem
     return RunSeries(name or str(path), series)
 
 
 def _loss_limits(logs: Sequence[RunSeries]) -> tuple[float, float]:
-    """A loss range that shows 98% of the train points and every val point but each run's first: the first steps'
-    ~11 would otherwise squash the part of the curve that matters, and a val loss that rises later (a fine-tune
-    that overfits) stays in view."""
+    """A loss range that shows 98% of the train points and every val point but the first of each run with train
+    points: the first steps' ~11 would otherwise squash the part of the curve that matters (the train line shows
+    where it starts), and a val loss that rises later (a fine-tune that overfits) stays in view. A run of val
+    points alone keeps its first (it may be its only one)."""
     train = [l.series["train"][1] for l in logs if "train" in l.series]
     val = [l.series["val"][1] for l in logs if "val" in l.series]
-    if not train and not val:
-        raise UserError("no train or val loss lines in " + ", ".join(l.name for l in logs))
     values = np.concatenate(train + val)
-    later_val = np.concatenate([v[1:] for v in val] + [np.zeros(0)])
-    top = max(np.quantile(np.concatenate(train), 0.98), later_val.max(initial=-np.inf)) if train else values.max()
+    shown_val = [l.series["val"][1][1 if "train" in l.series else 0:] for l in logs if "val" in l.series]
+    top = max(np.quantile(np.concatenate(train), 0.98) if train else -np.inf,
+              np.concatenate(shown_val + [np.zeros(0)]).max(initial=-np.inf))
     return float(values.min()) * 0.95, float(top) * 1.05
+
+
+def _draw_loss(ax, logs: Sequence[RunSeries], log_scale: bool, baseline: str) -> None:
+    """Each run's train (thin) and val (bold) loss vs step, with the GPT-2 124M val loss as `baseline` says."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    for i, log in enumerate(logs):
+        color = f"C{i % 10}"
+        if "train" in log.series:
+            alpha = 0.35 if "val" in log.series else 1.0
+            ax.plot(*log.series["train"], color=color, lw=1, alpha=alpha, label=f"{log.name} train")
+        if "val" in log.series:
+            ax.plot(*log.series["val"], color=color, lw=2, marker="o", ms=3, label=f"{log.name} val")
+    bottom, top = _loss_limits(logs)
+    if baseline == "on" or (baseline == "auto" and bottom <= GPT2_VAL_LOSS <= top):
+        ax.axhline(GPT2_VAL_LOSS, color="r", ls="--", label=f"OpenAI GPT-2 (124M) val loss {GPT2_VAL_LOSS}")
+        bottom, top = min(bottom, GPT2_VAL_LOSS * 0.95), max(top, GPT2_VAL_LOSS * 1.05)
+    if log_scale:
+        ax.set_yscale("log")
+        for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis_formatter(FormatStrFormatter("%g"))  # 6, 7, 10 rather than 6x10^0
+    ax.set_ylim(bottom, top)
+    ax.set(xlabel="step", ylabel="loss", title="Loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def _draw_hella(ax, logs: Sequence[RunSeries]) -> None:
+    """Each run's HellaSwag acc_norm vs step, with GPT-2's and GPT-3's (124M)."""
+    for i, log in enumerate(logs):
+        if "hella" in log.series:
+            ax.plot(*log.series["hella"], color=f"C{i % 10}", lw=2, marker="o", ms=3, label=log.name)
+    ax.axhline(GPT2_HELLASWAG_TRAINING, color="r", ls="--", label=f"OpenAI GPT-2 (124M) {GPT2_HELLASWAG_TRAINING}")
+    ax.axhline(GPT3_HELLASWAG, color="g", ls="--", label=f"OpenAI GPT-3 (124M) {GPT3_HELLASWAG}")
+    ax.set(xlabel="step", ylabel="acc_norm", title="HellaSwag eval")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
 
 
 def plot_runs(runs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike = "run.png",
               log_scale: bool = False, baseline: str = "auto") -> Path:
-    """Draw loss (train thin, val bold) and, if logged, HellaSwag vs step for each run; write `out`.
+    """Draw loss (train thin, val bold) and HellaSwag vs step for each run, each panel where some run logged it;
+    write `out`.
 
     baseline: "on", "off" or "auto" (the GPT-2 124M val-loss line, drawn when the loss axis reaches it).
     """
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FormatStrFormatter
 
     runs = as_paths(runs, "runs")
     if not runs:
@@ -90,7 +138,9 @@ def plot_runs(runs: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
         raise UserError(f"out must be a path, got {out!r}")
     if not isinstance(log_scale, bool):  # "no" drew a log scale
         raise UserError(f"log_scale must be true or false, got {log_scale!r}")
-    out = Path(out)
+    out = Path(named_dir(out, "image to write", "an image file"))
+    if out.is_dir():
+        raise UserError(f"{out}: is a directory (out names the image to write)")
     if baseline not in ("auto", "on", "off"):
         raise UserError(f"baseline must be auto, on or off, got {baseline!r}")
     if out.suffix.lstrip(".").lower() not in Figure().canvas.get_supported_filetypes():
@@ -98,47 +148,21 @@ def plot_runs(runs: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
     logs = [read_log(r) for r in runs]
     if len({l.name for l in logs}) < len(logs):  # same basename twice: tell them apart by path
         logs = [RunSeries(str(r), l.series) for r, l in zip(runs, logs)]
+    has_loss = any("train" in l.series or "val" in l.series for l in logs)
     has_hella = any("hella" in l.series for l in logs)
-    fig = Figure(figsize=(14 if has_hella else 8, 5.5), dpi=100)
-    ax_loss, *rest = fig.subplots(1, 2 if has_hella else 1, squeeze=False)[0]
-
-    for i, log in enumerate(logs):
-        color = f"C{i % 10}"
-        if "train" in log.series:
-            alpha = 0.35 if "val" in log.series else 1.0
-            ax_loss.plot(*log.series["train"], color=color, lw=1, alpha=alpha, label=f"{log.name} train")
-        if "val" in log.series:
-            ax_loss.plot(*log.series["val"], color=color, lw=2, marker="o", ms=3, label=f"{log.name} val")
-    bottom, top = _loss_limits(logs)
-    if baseline == "on" or (baseline == "auto" and bottom <= GPT2_VAL_LOSS <= top):
-        ax_loss.axhline(GPT2_VAL_LOSS, color="r", ls="--", label=f"OpenAI GPT-2 (124M) val loss {GPT2_VAL_LOSS}")
-        bottom, top = min(bottom, GPT2_VAL_LOSS * 0.95), max(top, GPT2_VAL_LOSS * 1.05)
-    if log_scale:
-        ax_loss.set_yscale("log")
-        for axis_formatter in (ax_loss.yaxis.set_major_formatter, ax_loss.yaxis.set_minor_formatter):
-            axis_formatter(FormatStrFormatter("%g"))  # 6, 7, 10 rather than 6x10^0
-    ax_loss.set_ylim(bottom, top)
-    ax_loss.set(xlabel="step", ylabel="loss", title="Loss")
-    ax_loss.grid(alpha=0.3)
-    ax_loss.legend(fontsize="small")
-
+    fig = Figure(figsize=(14 if has_loss and has_hella else 8, 5.5), dpi=100)
+    axes = fig.subplots(1, has_loss + has_hella, squeeze=False)[0]
+    if has_loss:
+        _draw_loss(axes[0], logs, log_scale, baseline)
     if has_hella:
-        ax_hella = rest[0]
-        for i, log in enumerate(logs):
-            if "hella" in log.series:
-                ax_hella.plot(*log.series["hella"], color=f"C{i % 10}", lw=2, marker="o", ms=3, label=log.name)
-        ax_hella.axhline(GPT2_HELLASWAG_TRAINING, color="r", ls="--", label=f"OpenAI GPT-2 (124M) {GPT2_HELLASWAG_TRAINING}")
-        ax_hella.axhline(GPT3_HELLASWAG, color="g", ls="--", label=f"OpenAI GPT-3 (124M) {GPT3_HELLASWAG}")
-        ax_hella.set(xlabel="step", ylabel="acc_norm", title="HellaSwag eval")
-        ax_hella.grid(alpha=0.3)
-        ax_hella.legend(fontsize="small")
-
+        _draw_hella(axes[-1], logs)
     fig.tight_layout()
     # drawn in memory, then written: image writers fail on a full disk in their own ways (a .jpg came out cut
     # short and reported written, a .pdf's cleanup failed on the error), a plain write says so in one line
     image = io.BytesIO()
     try:
-        fig.savefig(image, format=out.suffix[1:].lower())
+        with quiet("matplotlib"):  # what a format cannot draw, e.g. .eps's "does not support transparency"
+            fig.savefig(image, format=out.suffix[1:].lower())
     except RuntimeError as e:  # a writer's missing tool, e.g. .pgf's xelatex
         raise UserError(f"{out}: cannot draw a {out.suffix} image ({first_line(e)}); .png, .svg and .pdf need "
                         "nothing more") from None

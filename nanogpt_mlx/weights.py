@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
 
-from .console import warn
+from .console import quiet, warn
 from .errors import UserError, first_line
 from .files import (STAGING, atomic_dir, atomic_files, atomic_path, atomic_write_text, check_writable,
                     hub_offline, mlx_path, named_dir, read_json, user_path)
@@ -314,18 +313,6 @@ def check_hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> None:
                         f"({e.strerror or first_line(e)})") from None
 
 
-@contextlib.contextmanager
-def _quiet_hub() -> Iterator[None]:
-    """Silence huggingface_hub's per-retry warnings: a failure is reported once, as one line."""
-    logger = logging.getLogger("huggingface_hub")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def _fetch_model(get: Callable[[str], str]) -> Path:
     """Fetch config.json and the weights, model.safetensors or else its index and the shards it names, with `get`
     (a file's name in the repo -> its path); return their folder."""
@@ -364,7 +351,7 @@ def download(repo_id: str) -> Path:
     except UserError as e:
         raise UserError(f"{tried} and not in the Hugging Face cache; {e}; {hint}") from None
     try:
-        with _quiet_hub():
+        with quiet("huggingface_hub"):  # its per-retry warnings: a failure is reported once
             return _fetch_model(lambda f: hf_hub_download(repo_id, f, etag_timeout=10))
     except UserError:
         raise

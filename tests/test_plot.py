@@ -52,6 +52,18 @@ def test_resumed_step_keeps_last_value(tmp_path):
     assert list(steps) == [0, 1, 2] and list(values) == [5.0, 3.5, 3.0]
 
 
+def test_a_resumed_run_appended_to_the_log_replaces_the_steps_it_logs_again(tmp_path):
+    """Steps 0-149, then a run resumed at step 100 to 129 (another tool's log, appended to): the plot drew the old
+    0-99, the new 100-129 and then the old 130-149. Each kind starts again where its steps go back, a nan too."""
+    old = [f"{s} train {10 - s / 100}" for s in range(150)] + ["0 val 11", "100 val 9.5", "149 val 9"]
+    new = ["100 val nan"] + [f"{s} train {5 - s / 100}" for s in range(100, 130)]
+    (tmp_path / "log.txt").write_text("\n".join(old + new) + "\n")
+    log = read_log(tmp_path)
+    steps, values = log.series["train"]
+    assert list(steps) == list(range(130)) and values[99] == 9.01 and values[100] == 4.0 and values[-1] == 3.71
+    assert list(log.series["val"][0]) == [0]
+
+
 def test_a_diverged_runs_nan_and_inf_are_left_out(tmp_path):
     """The trainer logs a val loss before the step whose loss is nan stops it: the plot draws the rest."""
     (tmp_path / "log.txt").write_text("0 val 10.9\n0 train 10.8\n1 val nan\n1 train inf\n")
@@ -109,9 +121,41 @@ def test_bad_logs(tmp_path):
         with pytest.raises(UserError, match=r"x.pgf: cannot draw a .pgf image \('xelatex' not found"):
             plot_runs([tmp_path / "ok"], tmp_path / "x.pgf")
         assert not (tmp_path / "x.pgf").exists()
-    (tmp_path / "log.txt").write_text("0 hella 0.25\n")
-    with pytest.raises(UserError, match="no train or val loss lines"):
-        plot_runs([tmp_path], tmp_path / "x.png")
+
+
+def test_a_log_of_nan_alone_says_so(tmp_path):
+    """A run that diverged from its first step was reported as having no `STEP train|val|hella VALUE` lines."""
+    (tmp_path / "log.txt").write_text("0 train nan\n0 val nan\n1 train inf\n")
+    with pytest.raises(UserError, match="log.txt: every train, val and hella value is nan or inf"):
+        read_log(tmp_path)
+
+
+def test_a_path_that_is_not_a_file_is_not_a_log(tmp_path):
+    """/dev/null exists: it was reported as "no such log file"."""
+    with pytest.raises(UserError, match="^/dev/null: not a log file or a run directory$"):
+        read_log("/dev/null")
+
+
+def test_hellaswag_alone_is_drawn(tmp_path, monkeypatch):
+    """A log of hella lines alone was refused ("no train or val loss lines"): its panel is drawn, alone."""
+    import matplotlib.axes
+
+    titles = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set", lambda self, **kw: titles.append(kw.get("title")))
+    (tmp_path / "log.txt").write_text("0 hella 0.25\n100 hella 0.26\n")
+    width, height = png_size(plot_runs([tmp_path], tmp_path / "x.png", log_scale=True, baseline="on"))
+    assert titles == ["HellaSwag eval"] and width < 1.6 * height
+
+
+@pytest.mark.parametrize("out, needle", [
+    ("", "the image to write is '' (an unset variable?); name an image file"),
+    (".", ".: is a directory (out names the image to write)"),
+])
+def test_out_must_name_a_file(out, needle, tmp_path, monkeypatch):
+    """'' and a directory were "unknown image type ''"."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="^" + re.escape(needle) + "$"):
+        plot_runs([fake_run(tmp_path / "a")], out)
 
 
 def test_cli_plot(tmp_path):
@@ -120,6 +164,9 @@ def test_cli_plot(tmp_path):
     proc = run_cli("plot", str(run), "--out", str(out), "--log-scale", check=True)
     assert str(out) in proc.stdout and png_size(out)[0] > 0
     assert_one_line_error(run_cli("plot", str(tmp_path / "nope")), "no such log file")
+    # matplotlib logged a line of its own: "The PostScript backend does not support transparency; ..."
+    proc = run_cli("plot", str(run), "--out", str(tmp_path / "run.eps"), check=True)
+    assert proc.stderr == "" and proc.stdout == f"wrote {tmp_path / 'run.eps'}\n"
 
 
 def test_baseline_auto_follows_loss_range(tmp_path, monkeypatch):
@@ -140,39 +187,50 @@ def test_baseline_auto_follows_loss_range(tmp_path, monkeypatch):
     assert drawn == [3.2924]
 
 
-def test_the_loss_axis_leaves_out_the_first_steps_highest_2_percent(tmp_path, monkeypatch):
-    """11 and 9 at the first two of 100 steps would squash the curve below them: the axis tops at the train
-    losses' 98% quantile (+5%) and starts 5% below the lowest loss."""
+@pytest.fixture
+def ylims(monkeypatch) -> list[tuple]:
+    """The y limits that the plots set from here on (matplotlib sets its own too: those of another length)."""
     import matplotlib.axes
 
     limits, set_ylim = [], matplotlib.axes.Axes.set_ylim
     monkeypatch.setattr(matplotlib.axes.Axes, "set_ylim",
                         lambda self, *lim, **kw: limits.append(lim) or set_ylim(self, *lim, **kw))
+    return limits
+
+
+def test_the_loss_axis_leaves_out_the_first_steps_highest_2_percent(tmp_path, ylims):
+    """11 and 9 at the first two of 100 steps would squash the curve below them: the axis tops at the train
+    losses' 98% quantile (+5%) and starts 5% below the lowest loss."""
     train = [11.0, 9.0, *np.linspace(4.0, 3.0, 98)]
     run = tmp_path / "run"
     run.mkdir()
     (run / "log.txt").write_text("".join(f"{s} train {v:.6f}\n" for s, v in enumerate(train)))
     plot_runs([run], tmp_path / "run.png", baseline="off")
     want = (3.0 * 0.95, np.quantile(train, 0.98) * 1.05)
-    assert want in [pytest.approx(lim, rel=1e-5) for lim in limits if len(lim) == 2]  # matplotlib sets its own too
+    assert want in [pytest.approx(lim, rel=1e-5) for lim in ylims if len(lim) == 2]
 
 
-def test_a_val_loss_that_rises_stays_on_the_axis(tmp_path, monkeypatch):
+def test_a_val_loss_that_rises_stays_on_the_axis(tmp_path, ylims):
     """A fine-tune that overfits: train falls to 0.8 while val rises to 5.8 after its first points; the axis
     (the train losses' 98% quantile) cut off two thirds of the val curve. The first val point may run off."""
-    import matplotlib.axes
-
-    limits, set_ylim = [], matplotlib.axes.Axes.set_ylim
-    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylim",
-                        lambda self, *lim, **kw: limits.append(lim) or set_ylim(self, *lim, **kw))
     run = tmp_path / "finetune"
     run.mkdir()
     lines = [f"{s} train {4.5 - 3.7 * s / 299:.6f}" for s in range(300)]
     lines += [f"{s} val {v:.4f}" for s, v in ((0, 10.9), (100, 3.3), (200, 4.6), (299, 5.8))]
     (run / "log.txt").write_text("\n".join(lines) + "\n")
     plot_runs([run], tmp_path / "run.png", baseline="off")
-    top = [lim for lim in limits if len(lim) == 2][0][1]
+    top = [lim for lim in ylims if len(lim) == 2][0][1]
     assert top == pytest.approx(5.8 * 1.05)
+
+
+def test_a_run_of_val_points_alone_keeps_its_first_on_the_axis(tmp_path, ylims):
+    """Beside a run with train points, every run's first val point was left off the axis: a run whose log holds
+    only `0 val 10.9` drew nothing."""
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "log.txt").write_text("0 val 10.9\n")
+    plot_runs([fake_run(tmp_path / "a", hella=False), one], tmp_path / "m.png", baseline="off")
+    assert [lim for lim in ylims if len(lim) == 2][0][1] == pytest.approx(10.9 * 1.05)
 
 
 def test_a_torn_last_line_is_not_read_as_a_number(tmp_path):

@@ -9,6 +9,7 @@ The switches keep those names: RMSNorm gains are `ln_1.weight`, an untied head i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 
 import mlx.core as mx
@@ -152,6 +153,37 @@ class Linear(nn.Linear):
 
     def __call__(self, x: mx.array) -> mx.array:
         return kernels.linear(x, self.weight, self.get("bias"))
+
+
+def checkpoint(module: nn.Module) -> Callable[..., mx.array]:
+    """module(*args) with its activations recomputed in the backward pass instead of kept (activation
+    checkpointing), as nn.utils.checkpoint, but in the backward's order: the recomputation waits for the output's
+    gradient, and the input's gradient for the weights'. MLX orders neither: a step's graph could recompute
+    every block early, or keep each one's activations for weight gradients it computes last (the optimizer's
+    packed buffers ask for them in their own order), holding all blocks' activations at once as without it."""
+
+    def call(*args: mx.array) -> mx.array:
+        leaves = tree_flatten((module.trainable_parameters(), args))
+        keys, n_weights = [k for k, _ in leaves], len(leaves) - len(args)
+
+        def run(*arrays: mx.array) -> mx.array:
+            params, inputs = tree_unflatten(list(zip(keys, arrays)))
+            module.update(params)
+            return module(*inputs)
+
+        @mx.custom_function
+        def forward(*arrays: mx.array) -> mx.array:
+            return run(*arrays)
+
+        @forward.vjp
+        def backward(primals: tuple[mx.array, ...], cotangent: mx.array, _output: mx.array) -> tuple[mx.array, ...]:
+            _, grads = mx.vjp(run, mx.depends(list(primals), [cotangent]), [cotangent])
+            weights = grads[:n_weights]
+            return (*weights, *mx.depends(grads[n_weights:], weights))
+
+        return forward(*(a for _, a in leaves))
+
+    return call
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
@@ -343,7 +375,7 @@ class GPT(nn.Module):
             j = self.value_embed_of(i)
             args = (x,) if j is None else (x, ves[j])
             if self.checkpoint_blocks and cache is None:
-                x = nn.utils.checkpoint(block)(*args)
+                x = checkpoint(block)(*args)
             else:
                 x = block(*args, cache=cache[i] if cache else None)
             if i < L - first_skipped:

@@ -302,7 +302,8 @@ class GPT(nn.Module):
         return grown
 
     def __call__(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        """idx (B, T) token ids -> logits (B, T, vocab_size)."""
+        """idx (B, T) token ids -> logits (B, T, vocab_size); ids outside the vocab are refused (check_token_ids)."""
+        self.check_token_ids(idx, "the input")
         return self.head(self.hidden(idx, cache))
 
     def head(self, h: mx.array) -> mx.array:
@@ -311,8 +312,17 @@ class GPT(nn.Module):
         cap = self.config.logit_softcap
         return cap * mx.tanh(logits / cap) if cap else logits
 
-    def check_token_ids(self, ids: list[int], what: str) -> None:
-        """Refuse token ids the embedding has no row for: MLX's gather reads out of bounds without checking."""
+    def check_token_ids(self, ids: list[int] | mx.array, what: str) -> None:
+        """Refuse token ids the embedding has no row for: MLX's gather reads out of bounds without checking (a crash,
+        or numbers from other memory). An MLX array's range is read back, a sync, except where it has no values yet:
+        inside mx.compile or vmap (the Trainer's compiled step, whose DataLoader checked its shards) it is unchecked."""
+        if isinstance(ids, mx.array):
+            if ids.size == 0:
+                return
+            try:
+                ids = mx.stack([ids.min(), ids.max()]).tolist()
+            except ValueError:  # traced: MLX refuses to evaluate inside a function transformation
+                return
         bad = next((i for i in (max(ids, default=0), min(ids, default=0)) if not 0 <= i < self.config.vocab_size), None)
         if bad is not None:
             raise UserError(f"{what} has token id {bad}, outside the model's vocab_size of {self.config.vocab_size} "
@@ -324,7 +334,8 @@ class GPT(nn.Module):
         return self.wte.weight if self.config.tie_embeddings else self.lm_head.weight
 
     def hidden(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        """idx (B, T) token ids -> final hidden states (B, T, n_embd), the input of the lm_head."""
+        """idx (B, T) token ids -> final hidden states (B, T, n_embd), the input of the lm_head. The ids are not
+        checked (the decode loop's sampled tokens are the vocab's): an id outside it reads out of bounds."""
         B, T = idx.shape
         offset = cache[0].offset if cache else 0
         if offset + T > self.config.block_size:
@@ -352,7 +363,10 @@ class GPT(nn.Module):
 
     def loss(self, idx: mx.array, targets: mx.array, grad: bool = True) -> mx.array:
         """Mean next-token cross-entropy in float32 through the device's fused head + loss (kernels.py), without
-        (B, T, V) logits; grad=False: the evaluation kernel, which keeps nothing for a backward."""
+        (B, T, V) logits; grad=False: the evaluation kernel, which keeps nothing for a backward. Every target is
+        scored (no ignore_index, as PyTorch's -100): ids and targets outside the vocab are refused (check_token_ids)."""
+        self.check_token_ids(idx, "the input")
+        self.check_token_ids(targets, "the targets")
         loss = kernels.cross_entropy if grad else kernels.eval_cross_entropy
         return loss(self.hidden(idx), self.head_weight, targets, self.config.logit_softcap)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import save_hf_gpt2
@@ -104,3 +105,35 @@ def test_loss_is_the_cross_entropy_of_the_logits(softcap):
     want = nn.losses.cross_entropy(model(x), y, reduction="mean")
     for grad in (True, False):
         np.testing.assert_allclose(model.loss(x, y, grad=grad).item(), want.item(), rtol=1e-5)
+
+
+def tiny_gpt(**switches) -> GPT:
+    return GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=1, n_head=2, n_embd=32, **switches), seed=0)
+
+
+@pytest.mark.parametrize("bad", [10**8, 300, -1])
+def test_out_of_vocab_input_is_a_user_error(bad):
+    """MLX's gather does not check its indices: an id past the table crashed the process (or read other memory)."""
+    with pytest.raises(UserError, match=f"the input has token id {bad}, outside the model's vocab_size of 300"):
+        tiny_gpt()(mx.array([[1, bad]]))
+
+
+@pytest.mark.parametrize("bad", [300, 99999, -5, -100])  # -100: PyTorch's ignore_index, which the loss does not have
+def test_out_of_vocab_targets_are_a_user_error(bad):
+    model, x = tiny_gpt(), mx.array([[1, 2]])
+    for grad in (True, False):
+        with pytest.raises(UserError, match=f"the targets has token id {bad}, outside"):
+            model.loss(x, mx.array([[3, bad]]), grad=grad)
+    with pytest.raises(UserError, match="the input has token id 300"):
+        model.loss(mx.array([[1, 300]]), x)
+
+
+def test_compiled_calls_leave_the_ids_unchecked():
+    """Inside mx.compile (the Trainer's step, whose DataLoader checked its shards) ids have no values to read: the
+    model and its loss still compile, with no sync in them, and give what they give uncompiled."""
+    model, x, y = tiny_gpt(), mx.array([[1, 2, 3]]), mx.array([[2, 3, 4]])
+    want_loss, want_logits = model.loss(x, y).item(), np.array(model(x))
+    step = nn.value_and_grad(model, lambda m, x, y: m.loss(x, y))
+    compiled = mx.compile(lambda x, y: step(model, x, y)[0], inputs=[model.state], outputs=[model.state])
+    np.testing.assert_allclose(compiled(x, y).item(), want_loss, rtol=1e-5)
+    np.testing.assert_allclose(np.array(mx.compile(model)(x)), want_logits, rtol=1e-5, atol=1e-6)

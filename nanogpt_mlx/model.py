@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import kernels
-from .errors import UserError
+from .errors import UserError, check_fields, check_int, check_types
 
 GPT2_VOCAB_SIZE = 50257  # real tokens
 PADDED_VOCAB_SIZE = 50304  # build-nanogpt's: GPT-2's padded to a multiple of 128, for faster matmuls
@@ -49,8 +49,10 @@ class GPTConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":
+        """A named preset's sizes with `overrides` (switches, or other sizes)."""
         if name not in PRESETS:
             raise UserError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
+        check_fields(cls, overrides)
         return replace(PRESETS[name], **overrides)
 
     @classmethod
@@ -87,6 +89,7 @@ class GPTConfig:
         return ", ".join(f"{k}={v}" for k, v in self.switches().items()) or "none (GPT-2)"
 
     def __post_init__(self):
+        check_types(self)  # rope="no" was a RoPE model, n_layer=True one layer, n_embd=32.0 a TypeError deep inside
         for name in _SIZES:
             if not 0 < getattr(self, name) < 2**31:  # MLX's shapes are 32-bit
                 raise UserError(f"model config: {name} must be in 1..2^31-1, got {getattr(self, name)}")
@@ -243,6 +246,10 @@ class GPT(nn.Module):
         """build-nanogpt's init: N(0, 0.02), zero biases, residual projections scaled by (2L)^-0.5.
         The speedrun's (init="speedrun"): embeddings N(0, 1), output projections and lm_head zero, other
         matrices N(0, sqrt(0.33 / fan_in)). Norm gains start at 1 and biases at 0 in both."""
+        if seed is not None:
+            check_int("seed", seed, low=0)
+            if seed >= 2**64:  # mx.random.key takes a uint64
+                raise UserError(f"seed must be < 2^64, got {seed}")
         key = mx.random.key(seed) if seed is not None else None
         speedrun = self.config.init == "speedrun"
         params = {}

@@ -55,6 +55,39 @@ def test_unknown_preset_is_a_user_error():
         GPTConfig.preset("gpt3")
 
 
+@pytest.mark.parametrize("field, value, needle", [
+    ("rope", "no", "rope must be true or false, got 'no'"),  # was a RoPE model
+    ("n_layer", True, "n_layer must be an integer, got True"),  # was a 1-layer model
+    ("n_layer", "2", "n_layer must be an integer, got '2'"),
+    ("n_layer", 2.5, "n_layer must be an integer, got 2.5"),
+    ("n_embd", 32.0, "n_embd must be an integer, got 32.0"),
+    ("logit_softcap", "30", "logit_softcap must be a number, got '30'"),
+])
+def test_config_values_of_the_wrong_type_are_user_errors(field, value, needle):
+    """As TrainConfig's and SampleConfig's: a TypeError deep inside, or a model other than the one asked for."""
+    with pytest.raises(UserError, match=needle):
+        GPTConfig(**{"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, field: value})
+    with pytest.raises(UserError, match=needle):
+        GPTConfig.preset("gpt2", **{field: value})
+
+
+def test_preset_refuses_unknown_fields():
+    with pytest.raises(UserError, match="GPTConfig has no field foo, nlayer"):
+        GPTConfig.preset("gpt2", nlayer=2, foo=1)
+    assert GPTConfig.preset("gpt2", rope=True, rope_base=500, logit_softcap=30).logit_softcap == 30  # ints as floats
+
+
+@pytest.mark.parametrize("seed, needle", [(-1, "seed must be >= 0, got -1"), ("1", "seed must be an integer"),
+                                          (1.5, "seed must be an integer"), (True, "seed must be an integer"),
+                                          (2**64, r"seed must be < 2\^64")])
+def test_a_seed_that_is_no_uint64_is_a_user_error(seed, needle):
+    """mx.random.key takes a uint64: anything else failed inside it."""
+    config = GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8)
+    with pytest.raises(UserError, match=needle):
+        GPT(config, seed=seed)
+    GPT(config, seed=2**64 - 1)
+
+
 def test_init_follows_build_nanogpt():
     config = GPTConfig(block_size=64, vocab_size=1000, n_layer=4, n_head=4, n_embd=256)
     params = dict(GPT(config, seed=0).parameters_flat())

@@ -11,6 +11,7 @@ import mlx.core as mx
 
 from . import checkpoint, recipes
 from .errors import FieldTypeError, UserError, check_fields, check_types
+from .files import named_dir
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 
@@ -197,6 +198,7 @@ def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
     checkpoint's (changing them is refused; 0 or '', their defaults, keep the checkpoint's). Overriding one of
     min_lr / min_lr_ratio drops the saved other, which would otherwise decide or be ignored."""
     check_fields(TrainConfig, overrides)
+    out = named_dir(out, "run directory")
     overrides = {k: v for k, v in overrides.items() if v or k not in MODEL_FIELDS}
     ckpt = checkpoint.latest_checkpoint(out)
     config = checkpoint.read_state(ckpt)["config"]

@@ -95,7 +95,10 @@ def devnull_onto(fd: int) -> None:
 
 
 def named_dir(path: str | os.PathLike, what: str) -> str | os.PathLike:
-    """`path`, unless it is '': Path('') is the working directory, which an unset variable would write into."""
+    """`path`, unless it is no str or path (None, a number: a TypeError far on) or '': Path('') is the working
+    directory, which an unset variable would write into."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise UserError(f"the {what} must be a str or path, got {path!r}")
     if not os.fspath(path):
         raise UserError(f"the {what} is '' (an unset variable?); name a directory")
     return path

@@ -384,3 +384,10 @@ class GPT(nn.Module):
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.h]
+
+
+def check_gpt(model) -> None:
+    """Refuse (UserError) anything but a GPT where one is needed: a path given for it was an AttributeError deep
+    inside."""
+    if not isinstance(model, GPT):
+        raise UserError(f"a GPT model is needed (load one with weights.load_model), got {model!r}")

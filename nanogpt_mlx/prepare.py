@@ -37,7 +37,7 @@ from . import signals
 from .console import warn
 from .data import list_shards, load_shard, open_shard, warn_if_shards_differ
 from .documents import Part, plan_parts, read_docs
-from .errors import UserError, check_types, first_line
+from .errors import UserError, check_int, check_types, first_line
 from .files import (atomic_path, atomic_write_text, lock_dir, named_dir, read_json, remove_stale_temps,
                     sha256_file, unlock_dir)
 from .sources import Source, Unit
@@ -424,6 +424,11 @@ def prepare(source: Source, out: str | os.PathLike, config: PrepareConfig | None
     `if __name__ == "__main__":` as for any multiprocessing code. A second prepare into the same `out` while
     this one runs is refused (files.lock_dir).
     """
+    if not isinstance(source, Source):  # a path to the text was an AttributeError deep inside
+        raise UserError(f"source must be a Source (sources.local_files(paths), sources.shakespeare(), "
+                        f"sources.fineweb_edu()), got {source!r}")
+    if config is not None and not isinstance(config, PrepareConfig):
+        raise UserError(f"config must be a PrepareConfig, got {config!r}")
     out = Path(named_dir(out, "shard directory")).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: not a directory")
@@ -516,6 +521,7 @@ def _warn_of_empty_splits(out: Path, manifest: dict) -> None:
 def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
     """Shard counts and token totals of a shard directory, and the first tokens of its first train shard (else its
     first val shard) decoded."""
+    check_int("n_tokens", n_tokens, low=0)
     data_dir = Path(named_dir(data_dir, "shard directory")).expanduser()
     sized = {}  # split: [(shard, tokens)]; headers only
     for split in ("val", "train"):  # (a missing directory, or a file, is said as such)

@@ -573,6 +573,22 @@ def test_a_setting_of_another_type_is_refused_before_any_work(field, value, need
     assert not (tmp_path / "o").exists()
 
 
+def test_python_arguments_of_the_wrong_type_are_one_line(tmp_path):
+    """A path for the source, a number for the config or n_tokens: AttributeErrors (units, shuffle_docs) and a
+    TypeError in NumPy's memmap."""
+    text = write_jsonl(tmp_path / "a.jsonl", make_docs(4, seed=2))
+    with pytest.raises(UserError, match=re.escape("source must be a Source (sources.local_files(paths), "
+                                                  f"sources.shakespeare(), sources.fineweb_edu()), got {str(text)!r}")):
+        prep.prepare(str(text), tmp_path / "o")
+    with pytest.raises(UserError, match="^config must be a PrepareConfig, got 1000$"):
+        prep.prepare(sources.local_files([text]), tmp_path / "o", 1000)
+    assert not (tmp_path / "o").exists()
+    prep.prepare(sources.local_files([text]), tmp_path / "o", cfg())
+    for n_tokens in ("5", 2.5):
+        with pytest.raises(UserError, match=f"^n_tokens must be an integer, got {re.escape(repr(n_tokens))}$"):
+            prep.describe(tmp_path / "o", n_tokens=n_tokens)
+
+
 @pytest.mark.parametrize("paths", [3, None, [Path("a.txt"), 3]])
 def test_local_files_refuses_what_is_no_path(paths):
     """3 was read as a file named "3"; None and [path, 3] were TypeErrors."""

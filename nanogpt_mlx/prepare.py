@@ -71,7 +71,8 @@ class PrepareConfig:
             raise UserError(f"seed must be >= 0, got {self.seed}")
         if self.name is not None and (not self.name or self.name.startswith(".") or any(c in self.name for c in "/\\")):
             raise UserError(f"name {self.name!r}: shards are files NAME_val_000000.npy, NAME_train_000001.npy, ... in "
-                            "--out: a NAME has no '/' and does not start with '.' (hidden files are not read)")
+                            "the output directory: a NAME has no '/' and does not start with '.' (hidden files are not "
+                            "read)")
 
 
 # ------------------------------------------------------------------------------------ tokenizing
@@ -252,15 +253,15 @@ def _intact_shards(out: Path, path: Path, fresh: dict) -> tuple[list[dict], str 
             what = "from other input files (or other versions of them)" if key == "units" else f"with other {key}"
             then = "delete the directory to start over" if key == "units" else "the same options to resume"
             raise UserError(f"{out} holds shards made {what} ({_difference(old.get(key), fresh[key])}); use "
-                            f"another --out, or {then}")
+                            f"another --out (Python: out), or {then}")
     # no stamps: a manifest from before they were kept; a None: a download (the hub's files do not change)
     changed = [(key, was) for key, was, now in zip(fresh["units"], old.get("stamps", fresh["stamps"]),
                                                    fresh["stamps"]) if None not in (was, now) and was != now]
     if changed:
         key, was = changed[0]
         raise UserError(f"{key} was modified after {out}'s shards were made from it (its modification time "
-                        "differs); use another --out, or delete the directory to start over (if only its time "
-                        f"changed, a copy or a touch, `touch -d @{was // 10**9}.{was % 10**9:09d}` on it resumes)")
+                        "differs); use another --out (Python: out), or delete the directory to start over (if only its "
+                        f"time changed, a copy or a touch, `touch -d @{was // 10**9}.{was % 10**9:09d}` on it resumes)")
     intact, recounted = [], []
     for shard in old["shards"]:
         file = out / shard["file"]
@@ -515,7 +516,7 @@ def _warn_of_empty_splits(out: Path, manifest: dict) -> None:
         warn(f"{out}: no train tokens, nothing to train on (a source of under 10 tokens is all val); give more text")
     if not totals["val_tokens"]:
         warn(f"{out}: no val tokens, nothing to validate on (the source's val part holds no text); give more text, "
-             "or train with --val-every 0")
+             "or train with --val-every 0 (Python: TrainConfig(val_every=0))")
 
 
 def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:

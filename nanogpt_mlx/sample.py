@@ -117,8 +117,9 @@ def prepare_prompt(model: GPT, ids: list[int], cfg: SampleConfig | None = None) 
         return ids
     if cfg.crop and room > 0:
         return ids[-room:]
+    crop = "" if room <= 0 else "; pass --crop to keep its end (Python: SampleConfig(crop=True))"
     raise UserError(f"prompt of {len(ids)} tokens + {cfg.max_new_tokens} new tokens exceeds the model's "
-                    f"context of {model.config.block_size}" + ("" if room <= 0 else "; pass --crop to keep its end"))
+                    f"context of {model.config.block_size}{crop}")
 
 
 def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig | None = None, num_samples: int = 1,

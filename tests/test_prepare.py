@@ -444,14 +444,16 @@ def test_other_settings_do_not_mix_with_existing_shards(tmp_path, mixed):
     """The refusal names what differs: both values cut at 80 characters hid the differing setting or file."""
     paths, _ = mixed
     prep.prepare(sources.local_files(paths), tmp_path / "out", cfg())
-    with pytest.raises(UserError, match=r"with other settings \(shard_size 500 there, 501 now\); use another --out"):
+    with pytest.raises(UserError, match=r"with other settings \(shard_size 500 there, 501 now\); use another --out "
+                                        r"\(Python: out\), or the same options to resume"):
         prep.prepare(sources.local_files(paths), tmp_path / "out", cfg(shard_size=501))
     prep.prepare(sources.local_files(paths), tmp_path / "shuffled", cfg(shuffle_docs=True, seed=3))
     with pytest.raises(UserError, match=r"\(seed 3 there, 4 now\)"):
         prep.prepare(sources.local_files(paths), tmp_path / "shuffled", cfg(shuffle_docs=True, seed=4))
     key = lambda path: f"{path.resolve()} ({path.stat().st_size} bytes)"  # noqa: E731
     with pytest.raises(UserError, match=re.escape(f"input files (or other versions of them) ({key(paths[1])} there, "
-                                                  "not now); use another --out, or delete the directory")):
+                                                  "not now); use another --out (Python: out), or delete the "
+                                                  "directory")):
         prep.prepare(sources.local_files([paths[0], paths[2]]), tmp_path / "out", cfg())
     with pytest.raises(UserError, match=re.escape("(the same files in another order)")):
         prep.prepare(sources.local_files(paths[::-1]), tmp_path / "out", cfg())
@@ -504,7 +506,8 @@ def test_names_and_seeds_that_would_lose_shards_are_refused(tmp_path):
     """A NAME with '/' wrote shards into a subdirectory, a leading '.' hid them from every reader: prepare
     reported success and train found nothing. A prefix holding `_train_` no longer makes its val shard train."""
     for name in ("a/b", ".hidden", ""):
-        with pytest.raises(UserError, match=f"name {name!r}: shards are files NAME_val_000000.npy"):
+        with pytest.raises(UserError, match=f"name {name!r}: shards are files NAME_val_000000.npy, .* in the output "
+                                            "directory: a NAME has no"):
             prep.PrepareConfig(name=name)
     with pytest.raises(UserError, match="seed must be >= 0, got -1"):
         prep.PrepareConfig(seed=-1)
@@ -638,7 +641,8 @@ def test_an_input_edited_in_place_is_not_resumed(tmp_path):
     before = path.stat().st_mtime_ns
     path.write_text(text.replace("cat", "dog"))  # as long as before
     os.utime(path, ns=(before + 10**9, before + 10**9))  # a second later, on a file system with coarse times too
-    with pytest.raises(UserError, match="a.jsonl .* was modified after .* shards were made from it"):
+    with pytest.raises(UserError, match=r"a.jsonl .* was modified after .* shards were made from it .*; use another "
+                                        r"--out \(Python: out\), or delete"):
         prep.prepare(sources.local_files([path]), tmp_path / "o", cfg())
 
 
@@ -662,7 +666,8 @@ def test_other_input_files_are_named_as_such(tmp_path):
     text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50)
     prep.prepare(sources.shakespeare(path=text), tmp_path / "o", cfg())
     text.write_text(text.read_text().replace("Before", "BEFORE"))
-    with pytest.raises(UserError, match="made from other input files .*; use another --out, or delete the directory"):
+    with pytest.raises(UserError, match=r"made from other input files .*; use another --out \(Python: out\), or "
+                                        r"delete"):
         prep.prepare(sources.shakespeare(path=text), tmp_path / "o", cfg())
 
 
@@ -780,7 +785,8 @@ def test_a_split_left_empty_is_warned_of(tmp_path, capsys):
     text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 5 + "\n" * 60)
     assert prep.prepare(sources.shakespeare(path=text), tmp_path / "blank", cfg()).manifest["totals"]["val_tokens"] == 0
     err = capsys.readouterr().err
-    assert "blank: no val tokens, nothing to validate on" in err and "--val-every 0" in err
+    assert "blank: no val tokens, nothing to validate on" in err
+    assert "--val-every 0 (Python: TrainConfig(val_every=0))" in err
     assert "train tokens" not in err
 
 

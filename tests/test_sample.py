@@ -151,7 +151,9 @@ def test_stream_text_equals_sample_texts(model):
 def test_prompt_longer_than_context(model):
     long_prompt = list(range(1000, 1120))  # 120 tokens + 20 new > 128
     cfg = SampleConfig(max_new_tokens=20, greedy=True, stop_at_eot=False)
-    with pytest.raises(UserError, match="exceeds the model's context of 128; pass --crop"):
+    # Python callers are told their way to crop too, not only the CLI's
+    with pytest.raises(UserError, match=re.escape("context of 128; pass --crop to keep its end (Python: "
+                                                  "SampleConfig(crop=True))")):
         tokens(model, cfg, prompt=long_prompt)
     cropped = SampleConfig(max_new_tokens=20, greedy=True, stop_at_eot=False, crop=True)
     # the last new token is never fed back: 109 + 20 tokens need 128 positions

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, fields, replace
 import mlx.core as mx
 
 from . import checkpoint, recipes
-from .errors import FieldTypeError, UserError, check_types
+from .errors import FieldTypeError, UserError, check_fields, check_types
+from .files import named_dir
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 
@@ -127,7 +128,7 @@ class TrainConfig:
         """A named preset with `overrides`; a different `recipe` among them brings that recipe's defaults."""
         if name not in PRESETS:
             raise UserError(f"unknown training preset {name!r}; choose from {', '.join(PRESETS)}")
-        _refuse_unknown(overrides)
+        check_fields(TrainConfig, overrides)
         base = PRESETS[name]
         recipe = overrides.get("recipe", base.recipe)
         if recipe != base.recipe:
@@ -143,12 +144,6 @@ class TrainConfig:
 
 
 _POSITIVE = ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "val_steps", "eps")  # 0 is no value
-
-
-def _refuse_unknown(overrides: dict) -> None:
-    unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
-    if unknown:
-        raise UserError(f"TrainConfig has no field {', '.join(unknown)}")
 
 
 def _with_recipe(preset: TrainConfig, recipe: recipes.Recipe, **changes) -> TrainConfig:
@@ -202,7 +197,8 @@ def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
     """The config saved with a run's latest checkpoint, with `overrides` applied; the model's fields are the
     checkpoint's (changing them is refused; 0 or '', their defaults, keep the checkpoint's). Overriding one of
     min_lr / min_lr_ratio drops the saved other, which would otherwise decide or be ignored."""
-    _refuse_unknown(overrides)
+    check_fields(TrainConfig, overrides)
+    out = named_dir(out, "run directory")
     overrides = {k: v for k, v in overrides.items() if v or k not in MODEL_FIELDS}
     ckpt = checkpoint.latest_checkpoint(out)
     config = checkpoint.read_state(ckpt)["config"]

@@ -38,6 +38,14 @@ def check_types(config) -> None:
             raise FieldTypeError(f"{f.name} must be {kinds[kind][1]}, got {value!r}")
 
 
+def check_fields(config_class: type, names) -> None:
+    """Refuse (UserError) names that are no field of the dataclass `config_class` (a preset's overrides): replace's
+    TypeError would not say which fields there are."""
+    unknown = sorted(set(names) - {f.name for f in fields(config_class)})
+    if unknown:
+        raise UserError(f"{config_class.__name__} has no field {', '.join(unknown)}")
+
+
 def check_int(name: str, value, low: int | None = 1) -> None:
     """Refuse (UserError) an argument that is no integer (nor a bool: True is no count) or is below `low` (None: any
     integer): a 2.5 or "2" would fail far from its cause, as a TypeError, or be rounded."""

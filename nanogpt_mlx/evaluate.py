@@ -28,7 +28,7 @@ from . import device
 from .data import DataLoader, check_batch_shape, check_rank
 from .errors import UserError, check_int
 from .files import atomic_path, cache_dir, download
-from .model import GPT, KVCache
+from .model import GPT, KVCache, check_gpt
 from .tokenizer import encode
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -213,6 +213,16 @@ def check_examples(model: GPT, examples: Sequence[Example]) -> list[Rendered]:
     return rendered
 
 
+def _check_examples_given(examples) -> None:
+    """Refuse what is no sequence of Examples: a path to them was an AttributeError deep inside."""
+    if isinstance(examples, (str, bytes)) or not isinstance(examples, Sequence):
+        got = repr(examples) if isinstance(examples, (str, os.PathLike)) else f"a {type(examples).__name__}"
+    else:
+        got = next((f"a {type(ex).__name__} among them" for ex in examples if not isinstance(ex, Example)), None)
+    if got:
+        raise UserError(f"examples must be a list of HellaSwag Examples (load_hellaswag(path) reads them), got {got}")
+
+
 def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int | None = None, rank: int = 0,
                     world: int = 1, progress: bool = True, rendered: Sequence[Rendered] | None = None
                     ) -> HellaSwagResult:
@@ -222,6 +232,8 @@ def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int
     check_examples' result for all `examples` and this model, kept by a caller that scores them again and again.
     Examples are told apart by their position, not their index: two files' examples, concatenated, repeat indices.
     """
+    check_gpt(model)
+    _check_examples_given(examples)
     if batch_examples is None:
         batch_examples = device.PROFILE.eval_batch  # rows per forward only pay off on a GPU
     check_int("batch_examples", batch_examples)
@@ -266,6 +278,7 @@ def loader_loss(model: GPT, loader: DataLoader, batches: int, progress: bool = F
     """Mean cross-entropy over the loader's first `batches` batches (it is reset first), as
     build-nanogpt's periodic validation: the mean of the per-batch mean losses. `loss(x, y)` defaults to the
     model's (GPT.loss, no gradient); the Trainer passes its compiled one."""
+    check_gpt(model)
     check_int("batches", batches)
     loss = loss or partial(model.loss, grad=False)
     loader.reset()
@@ -288,6 +301,7 @@ def eval_loss(model: GPT, data_dir: str | os.PathLike, split: str = "val", batch
 def eval_loader(model: GPT, data_dir: str | os.PathLike, split: str = "val", B: int = 8, T: int | None = None,
                 rank: int = 0, world: int = 1) -> DataLoader:
     """The (B, T) batches of a split that eval_loss reads (one pass at most); T defaults to the model's context."""
+    check_gpt(model)
     T = model.config.block_size if T is None else T
     check_batch_shape(B, T, rank, world)
     if T > model.config.block_size:

@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import kernels
-from .errors import UserError
+from .errors import UserError, check_fields, check_int, check_types
 
 GPT2_VOCAB_SIZE = 50257  # real tokens
 PADDED_VOCAB_SIZE = 50304  # build-nanogpt's: GPT-2's padded to a multiple of 128, for faster matmuls
@@ -50,8 +50,10 @@ class GPTConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":
+        """A named preset's sizes with `overrides` (switches, or other sizes)."""
         if name not in PRESETS:
             raise UserError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
+        check_fields(cls, overrides)
         return replace(PRESETS[name], **overrides)
 
     @classmethod
@@ -88,6 +90,7 @@ class GPTConfig:
         return ", ".join(f"{k}={v}" for k, v in self.switches().items()) or "none (GPT-2)"
 
     def __post_init__(self):
+        check_types(self)  # rope="no" was a RoPE model, n_layer=True one layer, n_embd=32.0 a TypeError deep inside
         for name in _SIZES:
             if not 0 < getattr(self, name) < 2**31:  # MLX's shapes are 32-bit
                 raise UserError(f"model config: {name} must be in 1..2^31-1, got {getattr(self, name)}")
@@ -275,6 +278,10 @@ class GPT(nn.Module):
         """build-nanogpt's init: N(0, 0.02), zero biases, residual projections scaled by (2L)^-0.5.
         The speedrun's (init="speedrun"): embeddings N(0, 1), output projections and lm_head zero, other
         matrices N(0, sqrt(0.33 / fan_in)). Norm gains start at 1 and biases at 0 in both."""
+        if seed is not None:
+            check_int("seed", seed, low=0)
+            if seed >= 2**64:  # mx.random.key takes a uint64
+                raise UserError(f"seed must be < 2^64, got {seed}")
         key = mx.random.key(seed) if seed is not None else None
         speedrun = self.config.init == "speedrun"
         params = {}
@@ -334,7 +341,8 @@ class GPT(nn.Module):
         return grown
 
     def __call__(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        """idx (B, T) token ids -> logits (B, T, vocab_size)."""
+        """idx (B, T) token ids -> logits (B, T, vocab_size); ids outside the vocab are refused (check_token_ids)."""
+        self.check_token_ids(idx, "the input")
         return self.head(self.hidden(idx, cache))
 
     def head(self, h: mx.array) -> mx.array:
@@ -343,8 +351,17 @@ class GPT(nn.Module):
         cap = self.config.logit_softcap
         return cap * mx.tanh(logits / cap) if cap else logits
 
-    def check_token_ids(self, ids: list[int], what: str) -> None:
-        """Refuse token ids the embedding has no row for: MLX's gather reads out of bounds without checking."""
+    def check_token_ids(self, ids: list[int] | mx.array, what: str) -> None:
+        """Refuse token ids the embedding has no row for: MLX's gather reads out of bounds without checking (a crash,
+        or numbers from other memory). An MLX array's range is read back, a sync, except where it has no values yet:
+        inside mx.compile or vmap (the Trainer's compiled step, whose DataLoader checked its shards) it is unchecked."""
+        if isinstance(ids, mx.array):
+            if ids.size == 0:
+                return
+            try:
+                ids = mx.stack([ids.min(), ids.max()]).tolist()
+            except ValueError:  # traced: MLX refuses to evaluate inside a function transformation
+                return
         bad = next((i for i in (max(ids, default=0), min(ids, default=0)) if not 0 <= i < self.config.vocab_size), None)
         if bad is not None:
             raise UserError(f"{what} has token id {bad}, outside the model's vocab_size of {self.config.vocab_size} "
@@ -356,7 +373,8 @@ class GPT(nn.Module):
         return self.wte.weight if self.config.tie_embeddings else self.lm_head.weight
 
     def hidden(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        """idx (B, T) token ids -> final hidden states (B, T, n_embd), the input of the lm_head."""
+        """idx (B, T) token ids -> final hidden states (B, T, n_embd), the input of the lm_head. The ids are not
+        checked (the decode loop's sampled tokens are the vocab's): an id outside it reads out of bounds."""
         B, T = idx.shape
         offset = cache[0].offset if cache else 0
         if offset + T > self.config.block_size:
@@ -384,7 +402,10 @@ class GPT(nn.Module):
 
     def loss(self, idx: mx.array, targets: mx.array, grad: bool = True) -> mx.array:
         """Mean next-token cross-entropy in float32 through the device's fused head + loss (kernels.py), without
-        (B, T, V) logits; grad=False: the evaluation kernel, which keeps nothing for a backward."""
+        (B, T, V) logits; grad=False: the evaluation kernel, which keeps nothing for a backward. Every target is
+        scored (no ignore_index, as PyTorch's -100): ids and targets outside the vocab are refused (check_token_ids)."""
+        self.check_token_ids(idx, "the input")
+        self.check_token_ids(targets, "the targets")
         loss = kernels.cross_entropy if grad else kernels.eval_cross_entropy
         return loss(self.hidden(idx), self.head_weight, targets, self.config.logit_softcap)
 
@@ -395,3 +416,10 @@ class GPT(nn.Module):
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.h]
+
+
+def check_gpt(model) -> None:
+    """Refuse (UserError) anything but a GPT where one is needed: a path given for it was an AttributeError deep
+    inside."""
+    if not isinstance(model, GPT):
+        raise UserError(f"a GPT model is needed (load one with weights.load_model), got {model!r}")

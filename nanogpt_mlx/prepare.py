@@ -37,7 +37,7 @@ from . import signals
 from .console import warn
 from .data import list_shards, load_shard, open_shard, warn_if_shards_differ
 from .documents import Part, plan_parts, read_docs
-from .errors import UserError, check_types, first_line
+from .errors import UserError, check_int, check_types, first_line
 from .files import (atomic_path, atomic_write_text, lock_dir, named_dir, read_json, remove_stale_temps,
                     sha256_file, unlock_dir, user_path)
 from .sources import Source, Unit
@@ -71,7 +71,8 @@ class PrepareConfig:
             raise UserError(f"seed must be >= 0, got {self.seed}")
         if self.name is not None and (not self.name or self.name.startswith(".") or any(c in self.name for c in "/\\")):
             raise UserError(f"name {self.name!r}: shards are files NAME_val_000000.npy, NAME_train_000001.npy, ... in "
-                            "--out: a NAME has no '/' and does not start with '.' (hidden files are not read)")
+                            "the output directory: a NAME has no '/' and does not start with '.' (hidden files are not "
+                            "read)")
 
 
 # ------------------------------------------------------------------------------------ tokenizing
@@ -252,15 +253,15 @@ def _intact_shards(out: Path, path: Path, fresh: dict) -> tuple[list[dict], str 
             what = "from other input files (or other versions of them)" if key == "units" else f"with other {key}"
             then = "delete the directory to start over" if key == "units" else "the same options to resume"
             raise UserError(f"{out} holds shards made {what} ({_difference(old.get(key), fresh[key])}); use "
-                            f"another --out, or {then}")
+                            f"another --out (Python: out), or {then}")
     # no stamps: a manifest from before they were kept; a None: a download (the hub's files do not change)
     changed = [(key, was) for key, was, now in zip(fresh["units"], old.get("stamps", fresh["stamps"]),
                                                    fresh["stamps"]) if None not in (was, now) and was != now]
     if changed:
         key, was = changed[0]
         raise UserError(f"{key} was modified after {out}'s shards were made from it (its modification time "
-                        "differs); use another --out, or delete the directory to start over (if only its time "
-                        f"changed, a copy or a touch, `touch -d @{was // 10**9}.{was % 10**9:09d}` on it resumes)")
+                        "differs); use another --out (Python: out), or delete the directory to start over (if only its "
+                        f"time changed, a copy or a touch, `touch -d @{was // 10**9}.{was % 10**9:09d}` on it resumes)")
     intact, recounted = [], []
     for shard in old["shards"]:
         file = out / shard["file"]
@@ -424,6 +425,11 @@ def prepare(source: Source, out: str | os.PathLike, config: PrepareConfig | None
     `if __name__ == "__main__":` as for any multiprocessing code. A second prepare into the same `out` while
     this one runs is refused (files.lock_dir).
     """
+    if not isinstance(source, Source):  # a path to the text was an AttributeError deep inside
+        raise UserError(f"source must be a Source (sources.local_files(paths), sources.shakespeare(), "
+                        f"sources.fineweb_edu()), got {source!r}")
+    if config is not None and not isinstance(config, PrepareConfig):
+        raise UserError(f"config must be a PrepareConfig, got {config!r}")
     out = user_path(named_dir(out, "shard directory"))
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: not a directory")
@@ -510,12 +516,13 @@ def _warn_of_empty_splits(out: Path, manifest: dict) -> None:
         warn(f"{out}: no train tokens, nothing to train on (a source of under 10 tokens is all val); give more text")
     if not totals["val_tokens"]:
         warn(f"{out}: no val tokens, nothing to validate on (the source's val part holds no text); give more text, "
-             "or train with --val-every 0")
+             "or train with --val-every 0 (Python: TrainConfig(val_every=0))")
 
 
 def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
     """Shard counts and token totals of a shard directory, and the first tokens of its first train shard (else its
     first val shard) decoded."""
+    check_int("n_tokens", n_tokens, low=0)
     data_dir = user_path(named_dir(data_dir, "shard directory"))
     sized = {}  # split: [(shard, tokens)]; headers only
     for split in ("val", "train"):  # (a missing directory, or a file, is said as such)

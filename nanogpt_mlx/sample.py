@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 
 from . import memory
 from .errors import UserError, check_int, check_types
-from .model import GPT, GPT2_VOCAB_SIZE
+from .model import GPT, GPT2_VOCAB_SIZE, check_gpt
 from .tokenizer import EOT, decode, encode, get_tokenizer
 
 
@@ -94,6 +94,7 @@ def _config(cfg: SampleConfig | None) -> SampleConfig:
 def prepare_prompt(model: GPT, ids: list[int], cfg: SampleConfig | None = None) -> list[int]:
     """Check that the prompt's tokens are in the model's vocab and that prompt + new tokens fit the context;
     crop the prompt's start if asked to."""
+    check_gpt(model)
     cfg = _config(cfg)
     room = model.config.block_size - cfg.max_new_tokens + 1  # the last new token is never fed back
     if hasattr(ids, "ndim"):  # a NumPy or MLX array, whose truth value is no emptiness test
@@ -116,8 +117,9 @@ def prepare_prompt(model: GPT, ids: list[int], cfg: SampleConfig | None = None) 
         return ids
     if cfg.crop and room > 0:
         return ids[-room:]
+    crop = "" if room <= 0 else "; pass --crop to keep its end (Python: SampleConfig(crop=True))"
     raise UserError(f"prompt of {len(ids)} tokens + {cfg.max_new_tokens} new tokens exceeds the model's "
-                    f"context of {model.config.block_size}" + ("" if room <= 0 else "; pass --crop to keep its end"))
+                    f"context of {model.config.block_size}{crop}")
 
 
 def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig | None = None, num_samples: int = 1,

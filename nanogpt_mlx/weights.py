@@ -24,7 +24,7 @@ from .errors import UserError, first_line
 from .files import (STAGING, atomic_dir, atomic_files, atomic_path, atomic_write_text, check_writable,
                     hub_offline, mlx_path, named_dir, read_json, user_path)
 from .hf_tokenizer import OTHER_TOKENIZER_FILES, TOKENIZER_FILES, write_tokenizer_files
-from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
+from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig, check_gpt
 from .tokenizer import EOT
 
 HF_FILES = ["config.json", "model.safetensors"]
@@ -388,15 +388,9 @@ def save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str
         raise OSError(first_line(e)) from None
 
 
-def _check_model(model) -> None:
-    """Refuse to write anything but a GPT (a path given for the model was an AttributeError)."""
-    if not isinstance(model, GPT):
-        raise UserError(f"a GPT model is needed (load one with load_model), got {model!r}")
-
-
 def save_model(model: GPT, out_dir: str | os.PathLike) -> None:
     """Write this project's checkpoint format: model.safetensors + config.json (atomic per file)."""
-    _check_model(model)
+    check_gpt(model)
     out_dir = Path(named_dir(out_dir, "model directory"))
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_safetensors(tmp, dict(model.parameters_flat()))
@@ -456,7 +450,7 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> No
     an existing directory (`force`) it also removes the weight and tokenizer files that loaders would read with it
     there.
     A model with switches GPT-2 does not have (the speedrun recipe's) is refused before anything is written."""
-    _check_model(model)
+    check_gpt(model)
     check_gpt2(model.config)
     out_dir = check_export_target(out_dir, force)
     if not out_dir.exists():  # all the files or none (a full disk midway)

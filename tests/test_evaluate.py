@@ -16,8 +16,8 @@ from conftest import assert_one_line_error, run_cli, run_main
 
 from nanogpt_mlx import GPT, GPTConfig
 from nanogpt_mlx.errors import UserError
-from nanogpt_mlx.evaluate import (download_hellaswag, eval_loss, load_hellaswag, perplexity, score_hellaswag,
-                                  write_records)
+from nanogpt_mlx.evaluate import (download_hellaswag, eval_loss, load_hellaswag, loader_loss, perplexity,
+                                  score_hellaswag, write_records)
 from nanogpt_mlx.tokenizer import encode
 from nanogpt_mlx.weights import load_model
 
@@ -134,26 +134,13 @@ def test_shortest_endings_equal_pytorch_reference(tiny_hf_dir, model, tmp_path, 
         np.testing.assert_allclose(rec.losses, want["losses"], rtol=0, atol=1e-4)
 
 
-class CountingModel:
-    """Delegates to a model, counting forward passes."""
-
-    def __init__(self, model):
-        self.model, self.calls = model, 0
-
-    def __call__(self, *args, **kw):
-        self.calls += 1
-        return self.model(*args, **kw)
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-
-def test_padding_does_not_change_losses(fixture_file, model):
+def test_padding_does_not_change_losses(fixture_file, model, monkeypatch):
     examples = load_hellaswag(fixture_file)
     one = score_hellaswag(model, examples, batch_examples=1, progress=False)
-    counted = CountingModel(model)
-    together = score_hellaswag(counted, examples, batch_examples=len(examples), progress=False)
-    assert counted.calls <= len(examples)  # one-by-one takes 2 per example: examples did share forwards
+    calls, forward = [], GPT.__call__
+    monkeypatch.setattr(GPT, "__call__", lambda self, *args, **kw: calls.append(1) or forward(self, *args, **kw))
+    together = score_hellaswag(model, examples, batch_examples=len(examples), progress=False)
+    assert 0 < len(calls) <= len(examples)  # one-by-one takes 2 per example: examples did share forwards
     for a, b in zip(one.records, together.records):
         assert (a.predicted, a.predicted_norm, a.num_tokens) == (b.predicted, b.predicted_norm, b.num_tokens)
         np.testing.assert_allclose(a.losses, b.losses, rtol=0, atol=1e-4)
@@ -207,6 +194,27 @@ def test_limit_and_records_file(fixture_file, model, tmp_path):
 ], ids=["limit-str", "limit-float", "limit-0", "batch_examples-float"])
 def test_count_arguments_of_the_wrong_type_are_one_line(fixture_file, model, call, needle):
     with pytest.raises(UserError, match=f"^{re.escape(needle)}$"):
+        call(model, fixture_file)
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda m, f: score_hellaswag(m, str(f), progress=False),
+     "examples must be a list of HellaSwag Examples (load_hellaswag(path) reads them), got '"),
+    (lambda m, f: score_hellaswag(m, f, progress=False), "examples must be a list of HellaSwag Examples"),
+    (lambda m, f: score_hellaswag(m, [json.loads(f.read_text().splitlines()[0])], progress=False),
+     "got a dict among them"),
+    (lambda m, f: score_hellaswag(m, 5, progress=False), "got a int"),
+    (lambda m, f: score_hellaswag(str(f), load_hellaswag(f, 1), progress=False),
+     "a GPT model is needed (load one with weights.load_model), got '"),
+    (lambda m, f: eval_loss("out/cli", f.parent, progress=False), "a GPT model is needed"),
+    (lambda m, f: loader_loss("out/cli", None, 1), "a GPT model is needed"),
+    (lambda m, f: eval_loss(m, 5, progress=False), "the data directory must be a str or path, got 5"),
+], ids=["path-str", "path", "dicts", "int", "model-path", "eval_loss-model-path", "loader_loss-model-path",
+        "data-int"])
+def test_python_arguments_of_the_wrong_type_are_one_line(fixture_file, model, call, needle):
+    """A path where the examples or the model go, a number for the data directory: AttributeErrors ('ctx',
+    'config') and TypeErrors from deep inside."""
+    with pytest.raises(UserError, match=re.escape(needle)):
         call(model, fixture_file)
 
 

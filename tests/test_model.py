@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import save_hf_gpt2
@@ -52,6 +53,39 @@ def test_gpt2_preset_has_124m_parameters():
 def test_unknown_preset_is_a_user_error():
     with pytest.raises(UserError, match="gpt2-medium"):
         GPTConfig.preset("gpt3")
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("rope", "no", "rope must be true or false, got 'no'"),  # was a RoPE model
+    ("n_layer", True, "n_layer must be an integer, got True"),  # was a 1-layer model
+    ("n_layer", "2", "n_layer must be an integer, got '2'"),
+    ("n_layer", 2.5, "n_layer must be an integer, got 2.5"),
+    ("n_embd", 32.0, "n_embd must be an integer, got 32.0"),
+    ("logit_softcap", "30", "logit_softcap must be a number, got '30'"),
+])
+def test_config_values_of_the_wrong_type_are_user_errors(field, value, needle):
+    """As TrainConfig's and SampleConfig's: a TypeError deep inside, or a model other than the one asked for."""
+    with pytest.raises(UserError, match=needle):
+        GPTConfig(**{"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, field: value})
+    with pytest.raises(UserError, match=needle):
+        GPTConfig.preset("gpt2", **{field: value})
+
+
+def test_preset_refuses_unknown_fields():
+    with pytest.raises(UserError, match="GPTConfig has no field foo, nlayer"):
+        GPTConfig.preset("gpt2", nlayer=2, foo=1)
+    assert GPTConfig.preset("gpt2", rope=True, rope_base=500, logit_softcap=30).logit_softcap == 30  # ints as floats
+
+
+@pytest.mark.parametrize("seed, needle", [(-1, "seed must be >= 0, got -1"), ("1", "seed must be an integer"),
+                                          (1.5, "seed must be an integer"), (True, "seed must be an integer"),
+                                          (2**64, r"seed must be < 2\^64")])
+def test_a_seed_that_is_no_uint64_is_a_user_error(seed, needle):
+    """mx.random.key takes a uint64: anything else failed inside it."""
+    config = GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8)
+    with pytest.raises(UserError, match=needle):
+        GPT(config, seed=seed)
+    GPT(config, seed=2**64 - 1)
 
 
 def test_init_follows_build_nanogpt():
@@ -104,3 +138,35 @@ def test_loss_is_the_cross_entropy_of_the_logits(softcap):
     want = nn.losses.cross_entropy(model(x), y, reduction="mean")
     for grad in (True, False):
         np.testing.assert_allclose(model.loss(x, y, grad=grad).item(), want.item(), rtol=1e-5)
+
+
+def tiny_gpt(**switches) -> GPT:
+    return GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=1, n_head=2, n_embd=32, **switches), seed=0)
+
+
+@pytest.mark.parametrize("bad", [10**8, 300, -1])
+def test_out_of_vocab_input_is_a_user_error(bad):
+    """MLX's gather does not check its indices: an id past the table crashed the process (or read other memory)."""
+    with pytest.raises(UserError, match=f"the input has token id {bad}, outside the model's vocab_size of 300"):
+        tiny_gpt()(mx.array([[1, bad]]))
+
+
+@pytest.mark.parametrize("bad", [300, 99999, -5, -100])  # -100: PyTorch's ignore_index, which the loss does not have
+def test_out_of_vocab_targets_are_a_user_error(bad):
+    model, x = tiny_gpt(), mx.array([[1, 2]])
+    for grad in (True, False):
+        with pytest.raises(UserError, match=f"the targets has token id {bad}, outside"):
+            model.loss(x, mx.array([[3, bad]]), grad=grad)
+    with pytest.raises(UserError, match="the input has token id 300"):
+        model.loss(mx.array([[1, 300]]), x)
+
+
+def test_compiled_calls_leave_the_ids_unchecked():
+    """Inside mx.compile (the Trainer's step, whose DataLoader checked its shards) ids have no values to read: the
+    model and its loss still compile, with no sync in them, and give what they give uncompiled."""
+    model, x, y = tiny_gpt(), mx.array([[1, 2, 3]]), mx.array([[2, 3, 4]])
+    want_loss, want_logits = model.loss(x, y).item(), np.array(model(x))
+    step = nn.value_and_grad(model, lambda m, x, y: m.loss(x, y))
+    compiled = mx.compile(lambda x, y: step(model, x, y)[0], inputs=[model.state], outputs=[model.state])
+    np.testing.assert_allclose(compiled(x, y).item(), want_loss, rtol=1e-5)
+    np.testing.assert_allclose(np.array(mx.compile(model)(x)), want_logits, rtol=1e-5, atol=1e-6)

@@ -444,14 +444,16 @@ def test_other_settings_do_not_mix_with_existing_shards(tmp_path, mixed):
     """The refusal names what differs: both values cut at 80 characters hid the differing setting or file."""
     paths, _ = mixed
     prep.prepare(sources.local_files(paths), tmp_path / "out", cfg())
-    with pytest.raises(UserError, match=r"with other settings \(shard_size 500 there, 501 now\); use another --out"):
+    with pytest.raises(UserError, match=r"with other settings \(shard_size 500 there, 501 now\); use another --out "
+                                        r"\(Python: out\), or the same options to resume"):
         prep.prepare(sources.local_files(paths), tmp_path / "out", cfg(shard_size=501))
     prep.prepare(sources.local_files(paths), tmp_path / "shuffled", cfg(shuffle_docs=True, seed=3))
     with pytest.raises(UserError, match=r"\(seed 3 there, 4 now\)"):
         prep.prepare(sources.local_files(paths), tmp_path / "shuffled", cfg(shuffle_docs=True, seed=4))
     key = lambda path: f"{path.resolve()} ({path.stat().st_size} bytes)"  # noqa: E731
     with pytest.raises(UserError, match=re.escape(f"input files (or other versions of them) ({key(paths[1])} there, "
-                                                  "not now); use another --out, or delete the directory")):
+                                                  "not now); use another --out (Python: out), or delete the "
+                                                  "directory")):
         prep.prepare(sources.local_files([paths[0], paths[2]]), tmp_path / "out", cfg())
     with pytest.raises(UserError, match=re.escape("(the same files in another order)")):
         prep.prepare(sources.local_files(paths[::-1]), tmp_path / "out", cfg())
@@ -504,7 +506,8 @@ def test_names_and_seeds_that_would_lose_shards_are_refused(tmp_path):
     """A NAME with '/' wrote shards into a subdirectory, a leading '.' hid them from every reader: prepare
     reported success and train found nothing. A prefix holding `_train_` no longer makes its val shard train."""
     for name in ("a/b", ".hidden", ""):
-        with pytest.raises(UserError, match=f"name {name!r}: shards are files NAME_val_000000.npy"):
+        with pytest.raises(UserError, match=f"name {name!r}: shards are files NAME_val_000000.npy, .* in the output "
+                                            "directory: a NAME has no"):
             prep.PrepareConfig(name=name)
     with pytest.raises(UserError, match="seed must be >= 0, got -1"):
         prep.PrepareConfig(seed=-1)
@@ -573,6 +576,22 @@ def test_a_setting_of_another_type_is_refused_before_any_work(field, value, need
     assert not (tmp_path / "o").exists()
 
 
+def test_python_arguments_of_the_wrong_type_are_one_line(tmp_path):
+    """A path for the source, a number for the config or n_tokens: AttributeErrors (units, shuffle_docs) and a
+    TypeError in NumPy's memmap."""
+    text = write_jsonl(tmp_path / "a.jsonl", make_docs(4, seed=2))
+    with pytest.raises(UserError, match=re.escape("source must be a Source (sources.local_files(paths), "
+                                                  f"sources.shakespeare(), sources.fineweb_edu()), got {str(text)!r}")):
+        prep.prepare(str(text), tmp_path / "o")
+    with pytest.raises(UserError, match="^config must be a PrepareConfig, got 1000$"):
+        prep.prepare(sources.local_files([text]), tmp_path / "o", 1000)
+    assert not (tmp_path / "o").exists()
+    prep.prepare(sources.local_files([text]), tmp_path / "o", cfg())
+    for n_tokens in ("5", 2.5):
+        with pytest.raises(UserError, match=f"^n_tokens must be an integer, got {re.escape(repr(n_tokens))}$"):
+            prep.describe(tmp_path / "o", n_tokens=n_tokens)
+
+
 @pytest.mark.parametrize("paths", [3, None, [Path("a.txt"), 3]])
 def test_local_files_refuses_what_is_no_path(paths):
     """3 was read as a file named "3"; None and [path, 3] were TypeErrors."""
@@ -622,7 +641,8 @@ def test_an_input_edited_in_place_is_not_resumed(tmp_path):
     before = path.stat().st_mtime_ns
     path.write_text(text.replace("cat", "dog"))  # as long as before
     os.utime(path, ns=(before + 10**9, before + 10**9))  # a second later, on a file system with coarse times too
-    with pytest.raises(UserError, match="a.jsonl .* was modified after .* shards were made from it"):
+    with pytest.raises(UserError, match=r"a.jsonl .* was modified after .* shards were made from it .*; use another "
+                                        r"--out \(Python: out\), or delete"):
         prep.prepare(sources.local_files([path]), tmp_path / "o", cfg())
 
 
@@ -646,7 +666,8 @@ def test_other_input_files_are_named_as_such(tmp_path):
     text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50)
     prep.prepare(sources.shakespeare(path=text), tmp_path / "o", cfg())
     text.write_text(text.read_text().replace("Before", "BEFORE"))
-    with pytest.raises(UserError, match="made from other input files .*; use another --out, or delete the directory"):
+    with pytest.raises(UserError, match=r"made from other input files .*; use another --out \(Python: out\), or "
+                                        r"delete"):
         prep.prepare(sources.shakespeare(path=text), tmp_path / "o", cfg())
 
 
@@ -764,7 +785,8 @@ def test_a_split_left_empty_is_warned_of(tmp_path, capsys):
     text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 5 + "\n" * 60)
     assert prep.prepare(sources.shakespeare(path=text), tmp_path / "blank", cfg()).manifest["totals"]["val_tokens"] == 0
     err = capsys.readouterr().err
-    assert "blank: no val tokens, nothing to validate on" in err and "--val-every 0" in err
+    assert "blank: no val tokens, nothing to validate on" in err
+    assert "--val-every 0 (Python: TrainConfig(val_every=0))" in err
     assert "train tokens" not in err
 
 

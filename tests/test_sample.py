@@ -151,7 +151,9 @@ def test_stream_text_equals_sample_texts(model):
 def test_prompt_longer_than_context(model):
     long_prompt = list(range(1000, 1120))  # 120 tokens + 20 new > 128
     cfg = SampleConfig(max_new_tokens=20, greedy=True, stop_at_eot=False)
-    with pytest.raises(UserError, match="exceeds the model's context of 128; pass --crop"):
+    # Python callers are told their way to crop too, not only the CLI's
+    with pytest.raises(UserError, match=re.escape("context of 128; pass --crop to keep its end (Python: "
+                                                  "SampleConfig(crop=True))")):
         tokens(model, cfg, prompt=long_prompt)
     cropped = SampleConfig(max_new_tokens=20, greedy=True, stop_at_eot=False, crop=True)
     # the last new token is never fed back: 109 + 20 tokens need 128 positions
@@ -318,7 +320,10 @@ def test_a_prompt_that_is_no_text_is_one_line(model):
     (lambda m: generate(m, [464], SampleConfig(), 2.0), "num_samples must be an integer, got 2.0"),
     (lambda m: sample_texts(m, "a", SampleConfig(), 2.0), "num_samples must be an integer, got 2.0"),
     (lambda m: sample_texts(m, "a", 2), "cfg must be a SampleConfig, got 2"),
-], ids=["str", "bytes", "int", "float-id", "bool-id", "float-num_samples", "sample_texts-num_samples", "cfg"])
+    (lambda m: sample_texts("out/cli", "a"), "a GPT model is needed (load one with weights.load_model), got 'out/cli'"),
+    (lambda m: generate(None, [464]), "a GPT model is needed (load one with weights.load_model), got None"),
+], ids=["str", "bytes", "int", "float-id", "bool-id", "float-num_samples", "sample_texts-num_samples", "cfg",
+        "model-path", "model-none"])
 def test_python_arguments_of_the_wrong_type_are_one_line(model, call, needle):
     """They were TypeErrors from deep inside ('<=' not supported, 'float' object cannot be interpreted...), raised
     when the call was made, not at the first token."""

@@ -4,6 +4,7 @@ leftovers of a kill (SIGINT and SIGTERM: test_train.py). Each failure is one lin
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from dataclasses import replace
@@ -255,6 +256,13 @@ def test_a_refused_trainer_leaves_the_lock_another_trainer_holds(run):
         Trainer(resume_config(run, batch_size=2, max_steps=8), resume=True)
     assert_one_line_error(resume(run), "being written by another run")  # the first one's lock holds
     assert (run / LOCK_FILE).exists() and first.step == 4
+
+
+@pytest.mark.parametrize("out, needle", [(None, "must be a str or path, got None"), ("", "is '' (an unset variable?)")])
+def test_resume_config_of_no_directory_is_one_line(out, needle):
+    """None was a TypeError in pathlib; '' read the working directory's checkpoints."""
+    with pytest.raises(UserError, match=re.escape(f"the run directory {needle}")):
+        resume_config(out)
 
 
 def test_resume_refuses_options_it_would_ignore(run):

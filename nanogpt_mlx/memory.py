@@ -105,26 +105,38 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
                     gradients=params * (4 + b + 4 * (threads - 1)), activations=activations, head=head)
 
 
+def step_threads(batch_size: int, threads: int, fixed: bool) -> int:
+    """The step threads (threads.py) of a micro-batch of `batch_size` rows, as train.Trainer chooses them: `threads`
+    if fixed (the run's --threads, which must divide the batch), else their greatest common divisor (the device's
+    choice, `threads` its most)."""
+    return threads if fixed else math.gcd(batch_size, threads)
+
+
 def largest_batch(config: GPTConfig, seq_len: int, dtype: str, checkpointing: bool, limit: float,
-                  profile: device.Profile | None = None, threads: int = 1, rows: int = 0) -> int:
-    """The largest micro-batch whose estimate fits in `limit` bytes (0 if none does), with as many step threads as
-    divide it, up to `threads`: a divisor of `rows`, the rows of a rank's optimizer step (so that gradient
-    accumulation keeps total_batch_size), or without rows a power of two."""
+                  profile: device.Profile | None = None, threads: int = 1, fixed_threads: bool = False,
+                  rows: int = 0) -> int:
+    """The largest micro-batch whose estimate fits in `limit` bytes (0 if none does), with its step threads
+    (step_threads): a divisor of `rows`, the rows of a rank's optimizer step (so that gradient accumulation keeps
+    total_batch_size), or without rows a power of two; with fixed threads, a multiple of them."""
     sizes = [b for b in range(1, rows + 1) if rows % b == 0] if rows else [2 ** b for b in range(16)]
     fits = 0
-    for b in sizes:  # the estimate grows with b
-        if estimate(config, b, seq_len, dtype, checkpointing, profile, math.gcd(b, threads)).total > limit:
+    for b in (b for b in sizes if not fixed_threads or b % threads == 0):  # the estimate grows with b
+        n = step_threads(b, threads, fixed_threads)
+        if estimate(config, b, seq_len, dtype, checkpointing, profile, n).total > limit:
             break
         fits = b
     return fits
 
 
 def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpointing: bool,
-          max_memory_gb: float = 0.0, share: int = 1, threads: int = 1, rows: int = 0) -> Estimate:
+          max_memory_gb: float = 0.0, share: int = 1, threads: int = 1, fixed_threads: bool = False,
+          rows: int = 0) -> Estimate:
     """Refuse (UserError) a run whose estimated peak exceeds max_memory_gb (0: the device's memory, of which each
     of `share` ranks on this machine gets its share), with the batch size (a divisor of `rows`, a rank's rows per
-    optimizer step, if given) or checkpointing that would fit; warn when it comes within 10%."""
-    est = estimate(config, batch_size, seq_len, dtype, checkpointing, threads=threads)
+    optimizer step, if given) or checkpointing that would fit, each with the step threads it would run on
+    (step_threads); warn when it comes within 10%."""
+    est = estimate(config, batch_size, seq_len, dtype, checkpointing,
+                   threads=step_threads(batch_size, threads, fixed_threads))
     if max_memory_gb:
         limit, where = max_memory_gb * 1e9, f"--max-memory {max_memory_gb:g} GB"
     else:
@@ -133,11 +145,13 @@ def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpoi
             f"{limit / 1e9:.1f} GB, this device's memory split among its {share} ranks"
     if est.total > limit:
         advice = []
-        fits = largest_batch(config, seq_len, dtype, checkpointing, limit, threads=threads, rows=rows)
+        fits = largest_batch(config, seq_len, dtype, checkpointing, limit, threads=threads,
+                             fixed_threads=fixed_threads, rows=rows)
         if fits:
             advice.append(f"--batch-size {fits} fits (--total-batch-size stays, by more accumulation)")
         if not checkpointing:
-            fits_ckpt = largest_batch(config, seq_len, dtype, True, limit, threads=threads, rows=rows)
+            fits_ckpt = largest_batch(config, seq_len, dtype, True, limit, threads=threads,
+                                      fixed_threads=fixed_threads, rows=rows)
             if fits_ckpt > fits:  # (not where the head, which it does not shrink, is what fills the memory)
                 advice.append(f"--activation-checkpointing fits --batch-size {fits_ckpt}")
         raise UserError(f"a step of batch {batch_size} x {seq_len} needs {est.describe()}, more than {where}; "

@@ -193,9 +193,11 @@ class Trainer:
         rows, uneven = divmod(cfg.total_batch_size, cfg.seq_len * self.dist.world)  # a rank's, each step
 
         def fits(config: GPTConfig) -> memory.Estimate:
+            self._step_threads(config)  # --threads that do not divide the batch are refused first
             return memory.check(config, batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=self.dtype_name,
                                 checkpointing=cfg.activation_checkpointing, max_memory_gb=cfg.max_memory,
-                                share=self.dist.local, threads=self._step_threads(config), rows=0 if uneven else rows)
+                                share=self.dist.local, threads=cfg.threads or device.step_threads(config.n_embd),
+                                fixed_threads=bool(cfg.threads), rows=0 if uneven else rows)
 
         if ckpt is None and not cfg.init_from:
             config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or PADDED_VOCAB_SIZE,
@@ -242,7 +244,7 @@ class Trainer:
                 raise UserError(f"threads {cfg.threads} must divide batch_size {cfg.batch_size} (each takes as many "
                                 f"rows); 0: the device's choice")
             return cfg.threads
-        return math.gcd(device.step_threads(config.n_embd), cfg.batch_size)
+        return memory.step_threads(cfg.batch_size, device.step_threads(config.n_embd), fixed=False)
 
     def _check_out(self, ckpt: Path | None, overwrite: bool) -> None:
         """Refuse a fresh run into an OUT holding another run, unless overwriting; and an OUT this process cannot

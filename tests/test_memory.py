@@ -115,6 +115,19 @@ def test_the_batch_advised_divides_a_steps_rows():
         memory.check(cfg, 12, 256, "float32", False, max_memory_gb=limit / 1e9)
 
 
+def test_the_batch_advised_is_estimated_with_the_step_threads_it_would_run_on():
+    """Batch 3 runs on gcd(3, 2) = 1 step thread and batch 2 on 2, which keep more: --batch-size 2 was advised from
+    its one-thread estimate, then refused; and with --threads 4, --batch-size 2 (which 4 threads cannot split)."""
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=1000, block_size=64)
+    one, two = (memory.estimate(cfg, 2, 64, "float32", threads=n).total for n in (1, 2))
+    with pytest.raises(UserError, match="--batch-size 1 fits"):
+        memory.check(cfg, 3, 64, "float32", False, max_memory_gb=(one + two) / 2e9, threads=2)
+    limit = (memory.estimate(cfg, 2, 64, "float32", threads=2).total +
+             memory.estimate(cfg, 4, 64, "float32", threads=4).total) / 2
+    with pytest.raises(UserError, match="choose a smaller model"):
+        memory.check(cfg, 8, 64, "float32", False, max_memory_gb=limit / 1e9, threads=4, fixed_threads=True)
+
+
 def test_ranks_on_one_machine_share_its_memory(tmp_path, monkeypatch):
     """`--ranks N` starts N processes on this machine: each was checked against all of its memory."""
     from nanogpt_mlx import device

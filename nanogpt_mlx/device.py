@@ -47,6 +47,9 @@ class Profile:
     # Metal takes the GPU's values until a Mac measures its own: its backend also holds queued work's buffers
     checkpoint_frees: float = 1.0  # share of the activations that --activation-checkpointing frees, against
     # keeping only block inputs and one block: all of it on the CPU backend, a quarter on an H200 (measured)
+    backward_work: int = 0  # values per token, in n_embd units, that one layer's backward holds beside what the
+    # layers keep (its gradients' temporaries; with checkpointing, its recomputation's too): fitted on the CPU
+    # backend with a small vocab, where the head does not hide them; the GPUs' are part of saved_per_layer's fit
 
     def fused_attention(self, dtype: str, head_dim: int) -> bool | None:
         """How causal training attention runs (kernels.py): MLX's fused kernel both ways (True; cuDNN's, over a
@@ -90,15 +93,17 @@ def _no_cudnn(dtype: str, head_dim: int) -> list[str]:
     return reasons
 
 
+BACKEND_SAVED, BACKEND_WORK = 26, 26  # MLX's CPU backend's saved_per_layer and backward_work (memory.py)
 PROFILES = {
     p.name: p
     for p in [
         Profile("cpu-x86",
                 "MLX CPU backend on x86-64 (MKL or OpenBLAS where found, multiply-add exp, reductions by lanes)",
                 "float32", software_math=True, cpu_backend=True, loss_rows=128, eval_batch=1, gemm_n=1024,
-                fused_attention_backward=False),
+                fused_attention_backward=False, saved_per_layer=BACKEND_SAVED, backward_work=BACKEND_WORK),
         Profile("cpu-arm", "MLX CPU backend on ARM", "float32", software_math=False, cpu_backend=True,
-                loss_rows=128, eval_batch=1, gemm_n=1024, fused_attention_backward=False),
+                loss_rows=128, eval_batch=1, gemm_n=1024, fused_attention_backward=False,
+                saved_per_layer=BACKEND_SAVED, backward_work=BACKEND_WORK),
         Profile("metal", "Apple silicon GPU (Metal)", "bfloat16", software_math=False, cpu_backend=False,
                 loss_rows=2048, eval_batch=8, gemm_n=4096, fused_attention_backward=False, saved_per_layer=28,
                 checkpoint_frees=0.25),

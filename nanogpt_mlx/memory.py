@@ -90,6 +90,8 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
     if checkpointing:  # ideally each block's input and one block at a time; MLX's CUDA backend keeps more
         activations -= int(profile.checkpoint_frees * (activations - L * C * n * b - per_layer))
     activations += 4 * C * n * b  # embeddings, final LayerNorm, the hidden states into the head
+    activations += profile.backward_work * C * n * 4  # the temporaries of the layer whose backward runs (float32
+    # where the kernels compute in it: in a bfloat16 step they were 0.9x of this at 2 bytes)
     if profile.cuda_kernels:
         head = 2 * n * V * b
     else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from . import device
 from .data import DataLoader, check_batch_shape, check_rank
 from .errors import UserError, check_int
-from .files import atomic_path, cache_dir, download
+from .files import atomic_path, cache_dir, download, named_dir, user_path
 from .model import GPT, KVCache, check_gpt
 from .tokenizer import encode
 
@@ -68,7 +69,7 @@ def load_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[Ex
     `limit` examples if given."""
     if limit is not None:
         check_int("limit", limit)
-    path = Path(path)
+    path = user_path(named_dir(path, "HellaSwag file", name="a file"))
     if not path.is_file():
         raise UserError(f"{path}: {'is a directory, not the examples file' if path.is_dir() else 'file not found'}")
     examples: list[Example] = []
@@ -106,7 +107,7 @@ def _parse_line(line: str, index: int, where: str) -> Example:
     if isinstance(label, str) and label.isascii() and label.isdigit():  # "2", not "²" (a digit int() refuses)
         label = int(label)
     if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label <= 3:
-        raise UserError(f"{where}: label {d['label']!r} is not in 0..3")
+        raise UserError(f"{where}: label {d['label']!r} is not an integer 0..3")
     return Example(index, ctx, tuple(endings), label)
 
 
@@ -311,4 +312,6 @@ def eval_loader(model: GPT, data_dir: str | os.PathLike, split: str = "val", B: 
 
 def perplexity(loss: float) -> float:
     """exp(loss), inf past what a float holds; a nan loss's is nan (it was inf)."""
+    if isinstance(loss, bool) or not isinstance(loss, numbers.Real):  # (NumPy's floats are)
+        raise UserError(f"loss must be a number, got {loss!r}")
     return math.inf if loss >= 700 else math.exp(loss)

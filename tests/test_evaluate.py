@@ -209,8 +209,11 @@ def test_count_arguments_of_the_wrong_type_are_one_line(fixture_file, model, cal
     (lambda m, f: eval_loss("out/cli", f.parent, progress=False), "a GPT model is needed"),
     (lambda m, f: loader_loss("out/cli", None, 1), "a GPT model is needed"),
     (lambda m, f: eval_loss(m, 5, progress=False), "the data directory must be a str or path, got 5"),
+    (lambda m, f: load_hellaswag(123), "the HellaSwag file must be a str or path, got 123"),
+    (lambda m, f: load_hellaswag(""), "the HellaSwag file is '' (an unset variable?); name a file"),
+    (lambda m, f: perplexity("3"), "loss must be a number, got '3'"),
 ], ids=["path-str", "path", "dicts", "int", "model-path", "eval_loss-model-path", "loader_loss-model-path",
-        "data-int"])
+        "data-int", "hellaswag-int", "hellaswag-empty", "perplexity-str"])
 def test_python_arguments_of_the_wrong_type_are_one_line(fixture_file, model, call, needle):
     """A path where the examples or the model go, a number for the data directory: AttributeErrors ('ctx',
     'config') and TypeErrors from deep inside."""
@@ -228,9 +231,9 @@ def test_a_label_written_as_a_string_is_read_as_its_number(tmp_path):
 
 @pytest.mark.parametrize("rows, needle", [
     ([GOOD[0], GOOD[1], '{"ctx": "a", "endings": [', GOOD[0]], ":3: not valid JSON"),
-    ([GOOD[0], {**GOOD[1], "label": 4}], ":2: label 4 is not in 0..3"),
+    ([GOOD[0], {**GOOD[1], "label": 4}], ":2: label 4 is not an integer 0..3"),
     ([{**GOOD[0], "label": -1}], ":1: label -1"),
-    ([{**GOOD[0], "label": "\u00b2"}], ":1: label '\u00b2' is not in 0..3"),  # a digit to isdigit(), not int()
+    ([{**GOOD[0], "label": "\u00b2"}], ":1: label '\u00b2' is not an integer 0..3"),  # a digit to isdigit(), not int()
     ([{**GOOD[0], "endings": ["x", "y"]}], "'endings' must be a list of 4 strings"),
     ([{k: v for k, v in GOOD[0].items() if k != "ctx"}], "missing field 'ctx'"),
     (["[1, 2]"], "expected a JSON object"),

@@ -163,21 +163,29 @@ def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpoi
     return est
 
 
-def check_sampling(config: GPTConfig, num_samples: int, prompt_len: int, new_tokens: int, weights: int,
-                   dtype_bytes: int, top_p: bool = False) -> None:
-    """Refuse (UserError) generating num_samples sequences at once where they would not fit beside the model's
-    `weights` bytes: MLX's CPU backend crashes rather than failing an allocation. A sample holds its KV cache
-    (grown 256 positions at a time, model.KVCache), the prompt's pass (MLP hidden states, one layer's float32
-    scores) and a few float32 vocab-sized rows for the next-token draw; with `top_p` (sample.filtered_logits)
-    more: the order, sorted weights, their sums and masks."""
+def sample_bytes(config: GPTConfig, prompt_len: int, new_tokens: int, dtype_bytes: int, top_p: bool = False) -> int:
+    """The memory one sample of a batch holds: its KV cache (grown 256 positions at a time, model.KVCache), the
+    prompt's pass (MLP hidden states, one layer's float32 scores) and a few float32 vocab-sized rows for the
+    next-token draw; with `top_p` (sample.filtered_logits) more: the order, sorted weights, their sums and masks."""
     C, L, nh, V = config.n_embd, config.n_layer, config.n_head, config.vocab_size
     positions = -(-(prompt_len + new_tokens) // 256) * 256
     rows = 6 + (5 if top_p else 0)  # vocab-sized rows of 4 bytes
-    per_sample = (2 * L * positions * C + 2 * prompt_len * 4 * C) * dtype_bytes + (nh * prompt_len ** 2 + rows * V) * 4
-    room = device.memory_bytes() - weights
-    if num_samples * per_sample > room:
-        raise UserError(f"{num_samples} samples at once need ~{num_samples * per_sample / 1e9:.1f} GB beside the "
-                        f"model, more than this device's memory leaves; at most {max(room // per_sample, 0)} fit")
+    return (2 * L * positions * C + 2 * prompt_len * 4 * C) * dtype_bytes + (nh * prompt_len ** 2 + rows * V) * 4
+
+
+def check_sampling(config: GPTConfig, num_samples: int, prompt_len: int, new_tokens: int, weights: int,
+                   dtype_bytes: int, top_p: bool = False) -> None:
+    """Refuse (UserError) generating num_samples sequences at once where they (sample_bytes each) would not fit
+    beside the model's `weights` bytes: MLX's CPU backend crashes rather than failing an allocation. Warn within
+    10% of it; the count advised leaves that tenth."""
+    per_sample = sample_bytes(config, prompt_len, new_tokens, dtype_bytes, top_p)
+    room, need = device.memory_bytes() - weights, num_samples * per_sample
+    if need > room:
+        raise UserError(f"{num_samples} samples at once need ~{need / 1e9:.1f} GB beside the model, more than this "
+                        f"device's memory leaves; at most {max(int(0.9 * room) // per_sample, 0)} fit")
+    if need > 0.9 * room:
+        warn(f"{num_samples} samples at once need ~{need / 1e9:.1f} GB beside the model, close to what this device's "
+             "memory leaves")
 
 
 def start_measuring() -> None:

@@ -219,6 +219,21 @@ def test_more_samples_than_memory_holds_are_refused(model, monkeypatch):
         tokens(model, cfg, 1)
 
 
+def test_the_samples_said_to_fit_leave_a_tenth_of_the_memory(model, monkeypatch, capsys):
+    """"At most N fit" named the count that filled all of the device's memory (by an estimate near the real use), and
+    N itself was sampled without a word."""
+    from nanogpt_mlx import device, memory
+
+    cfg, weights = model.config, 10**8
+    monkeypatch.setattr(device, "memory_bytes", lambda: weights + 100 * memory.sample_bytes(cfg, 8, 5, 4))
+    with pytest.raises(UserError, match="at most 90 fit"):
+        memory.check_sampling(cfg, 101, 8, 5, weights, 4)
+    memory.check_sampling(cfg, 90, 8, 5, weights, 4)
+    assert capsys.readouterr().err == ""
+    memory.check_sampling(cfg, 95, 8, 5, weights, 4)
+    assert "95 samples at once need" in capsys.readouterr().err
+
+
 def test_sample_texts_refuses_too_many_samples_before_making_their_rows(model):
     """sample_texts made a list per sample before generate's memory check ran: 10^7 took seconds and most of a GB
     to be refused, 10^9 exhausted memory first."""

@@ -38,10 +38,11 @@ def test_estimate_covers_a_measured_step_and_is_not_far_above_it(tmp_path, L, C,
     when an op is queued). A measured peak is lower whenever the host fell behind, and the head queues less ahead
     when it has few chunks, so the estimate may sit well above a measurement but must never be below one: at most
     `above` times it. The checkpointed step's peak sits lowest against its estimate (the same head as the others,
-    over a smaller rest, and the head's share depends most on how far the host queued ahead): 1.51-1.66x. Both recipes: the speedrun's soft-capped head keeps more. A small vocab shows
-    the layers' part alone, which a GPT-2 vocab's head hid: the estimate was 0.83x the peak without checkpointing,
-    0.43x with it (MLX kept every block's recomputation, model.checkpoint). Each case is measured alone: the arrays
-    of earlier cases are collected first (they once counted in the third case's peak)."""
+    over a smaller rest, and the head's share depends most on how far the host queued ahead): 1.51-1.66x. Both
+    recipes: the speedrun's soft-capped head keeps more. A small vocab shows the layers' part alone, which a GPT-2
+    vocab's head hid: the estimate was 0.83x the peak without checkpointing, 0.43x with it (MLX kept every block's
+    recomputation, model.checkpoint). Each case is measured alone: the arrays of earlier cases are collected first
+    (they once counted in the third case's peak)."""
     data = shards(tmp_path, B * T * 4 + 1, V)
     cfg = TrainConfig(recipe=recipe, data=str(data), out=str(tmp_path / "out"), n_layer=L, n_head=nh, n_embd=C,
                       block_size=T, vocab_size=V, batch_size=B, seq_len=T, total_batch_size=B * T, max_steps=3,

@@ -1,5 +1,6 @@
 """The one exception type that the CLI turns into a one-line message, and how other errors become one line."""
 
+import numbers
 from dataclasses import Field, fields
 
 
@@ -49,7 +50,7 @@ def check_fields(config_class: type, names) -> None:
 def check_int(name: str, value, low: int | None = 1) -> None:
     """Refuse (UserError) an argument that is no integer (nor a bool: True is no count) or is below `low` (None: any
     integer): a 2.5 or "2" would fail far from its cause, as a TypeError, or be rounded."""
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):  # (NumPy's integers are Integral)
         raise UserError(f"{name} must be an integer, got {value!r}")
     if low is not None and value < low:
         raise UserError(f"{name} must be >= {low}, got {value}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -312,6 +311,10 @@ def eval_loader(model: GPT, data_dir: str | os.PathLike, split: str = "val", B: 
 
 def perplexity(loss: float) -> float:
     """exp(loss), inf past what a float holds; a nan loss's is nan (it was inf)."""
-    if isinstance(loss, bool) or not isinstance(loss, numbers.Real):  # (NumPy's floats are)
+    try:  # a float, or a one-number array (MLX's or NumPy's: a loss as the model returns it)
+        value = None if isinstance(loss, (str, bytes, bool)) else float(loss)
+    except (TypeError, ValueError):
+        value = None
+    if value is None:
         raise UserError(f"loss must be a number, got {loss!r}")
-    return math.inf if loss >= 700 else math.exp(loss)
+    return math.inf if value >= 700 else math.exp(value)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import kernels
@@ -179,10 +180,12 @@ def checkpoint(module: nn.Module) -> Callable[..., mx.array]:
             return run(*arrays)
 
         @forward.vjp
-        def backward(primals: tuple[mx.array, ...], cotangent: mx.array, _output: mx.array) -> tuple[mx.array, ...]:
-            _, grads = mx.vjp(run, mx.depends(list(primals), [cotangent]), [cotangent])
+        def backward(primals, cotangent: mx.array, _output: mx.array):
+            one = isinstance(primals, mx.array)  # MLX passes a lone input bare (a module without weights)
+            _, grads = mx.vjp(run, mx.depends([primals] if one else list(primals), [cotangent]), [cotangent])
             weights = grads[:n_weights]
-            return (*weights, *mx.depends(grads[n_weights:], weights))
+            grads = (*weights, *mx.depends(grads[n_weights:], weights))
+            return grads[0] if one else grads
 
         return forward(*(a for _, a in leaves))
 
@@ -341,9 +344,14 @@ class GPT(nn.Module):
         return grown
 
     def __call__(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        """idx (B, T) token ids -> logits (B, T, vocab_size); ids outside the vocab are refused (check_token_ids)."""
-        self.check_token_ids(idx, "the input")
-        return self.head(self.hidden(idx, cache))
+        """idx (B, T) token ids (an MLX or NumPy array, or lists) -> logits (B, T, vocab_size); ids outside the vocab
+        are refused (check_token_ids)."""
+        return self.head(self.hidden(self.token_array(idx, "the input"), cache))
+
+    def token_array(self, ids, what: str) -> mx.array:
+        """`ids` as an MLX array, checked (check_token_ids)."""
+        self.check_token_ids(ids, what)
+        return ids if isinstance(ids, mx.array) else mx.array(np.asarray(ids))
 
     def head(self, h: mx.array) -> mx.array:
         """Final hidden states (..., n_embd) -> logits (..., vocab_size), soft-capped if the config says so."""
@@ -362,6 +370,11 @@ class GPT(nn.Module):
                 ids = mx.stack([ids.min(), ids.max()]).tolist()
             except ValueError:  # traced: MLX refuses to evaluate inside a function transformation
                 return
+        else:  # a list (a prompt's), nested lists, a NumPy array
+            ids = np.asarray(ids)
+            if ids.size and ids.dtype.kind not in "iu":
+                raise UserError(f"{what} must hold integer token ids, got {ids.dtype}")
+            ids = [int(ids.min()), int(ids.max())] if ids.size else []
         bad = next((i for i in (max(ids, default=0), min(ids, default=0)) if not 0 <= i < self.config.vocab_size), None)
         if bad is not None:
             raise UserError(f"{what} has token id {bad}, outside the model's vocab_size of {self.config.vocab_size} "
@@ -404,8 +417,7 @@ class GPT(nn.Module):
         """Mean next-token cross-entropy in float32 through the device's fused head + loss (kernels.py), without
         (B, T, V) logits; grad=False: the evaluation kernel, which keeps nothing for a backward. Every target is
         scored (no ignore_index, as PyTorch's -100): ids and targets outside the vocab are refused (check_token_ids)."""
-        self.check_token_ids(idx, "the input")
-        self.check_token_ids(targets, "the targets")
+        idx, targets = self.token_array(idx, "the input"), self.token_array(targets, "the targets")
         loss = kernels.cross_entropy if grad else kernels.eval_cross_entropy
         return loss(self.hidden(idx), self.head_weight, targets, self.config.logit_softcap)
 

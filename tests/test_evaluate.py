@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import math
 import random
 import re
 import threading
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli, run_main
@@ -478,3 +480,4 @@ def test_perplexity_of_a_nan_loss_is_nan():
     """It was inf: "val loss nan perplexity inf" read as a loss too large, not a broken one."""
     assert np.isnan(perplexity(float("nan")))
     assert perplexity(1000.0) == float("inf") and perplexity(0.0) == 1.0
+    assert perplexity(mx.array(2.0)) == perplexity(np.float32(2.0)) == pytest.approx(math.exp(2))  # a model's loss

@@ -495,6 +495,26 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(switches: di
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-7, err_msg=name)
 
 
+def test_activation_checkpointing_of_frozen_blocks_and_of_a_module_without_weights():
+    """A block's lone input (its weights frozen) reached the checkpoint's backward bare, and was split into rows."""
+    from nanogpt_mlx.model import checkpoint
+
+    x = mx.random.normal((2, 3), key=mx.random.key(0))
+    np.testing.assert_allclose(np.array(mx.grad(lambda a: checkpoint(nn.GELU())(a).sum())(x)),
+                               np.array(mx.grad(lambda a: nn.GELU()(a).sum())(x)), rtol=1e-6)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32), seed=0)
+    for block in model.h:
+        block.freeze()
+    ids = mx.array([[1, 2, 3, 4]])
+    results = []
+    for flag in (False, True):
+        model.checkpoint_blocks = flag
+        results.append(nn.value_and_grad(model, lambda m, x, y: m.loss(x, y))(model, ids, ids))
+    (l0, g0), (l1, g1) = results
+    assert l0.item() == pytest.approx(l1.item(), rel=1e-6)
+    np.testing.assert_allclose(np.array(g0["wte"]["weight"]), np.array(g1["wte"]["weight"]), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-4), ("bfloat16", 3e-3)])
 def test_every_profile_trains_the_same(tmp_path, dtype, tol):
     """`nanogpt-mlx train` under each forced profile: the same losses as the x86 CPU profile's, step by step."""

@@ -86,6 +86,7 @@ def test_a_seed_that_is_no_uint64_is_a_user_error(seed, needle):
     with pytest.raises(UserError, match=needle):
         GPT(config, seed=seed)
     GPT(config, seed=2**64 - 1)
+    GPT(config, seed=np.int64(3))  # NumPy's integers are integers
 
 
 def test_init_follows_build_nanogpt():
@@ -159,6 +160,19 @@ def test_out_of_vocab_targets_are_a_user_error(bad):
             model.loss(x, mx.array([[3, bad]]), grad=grad)
     with pytest.raises(UserError, match="the input has token id 300"):
         model.loss(mx.array([[1, 300]]), x)
+
+
+def test_ids_as_numpy_arrays_or_lists_are_checked_and_taken():
+    """A NumPy batch gave ValueErrors: the check's max() over rows, then MLX's gather, which takes no NumPy index."""
+    model, x = tiny_gpt(), mx.array([[1, 2, 3]])
+    want = np.array(model(x))
+    for ids in (np.array([[1, 2, 3]], dtype=np.int32), [[1, 2, 3]]):
+        np.testing.assert_array_equal(np.array(model(ids)), want)
+        assert model.loss(ids, ids).item() == model.loss(x, x).item()
+    with pytest.raises(UserError, match="the input has token id 300"):
+        model(np.array([[1, 300]]))
+    with pytest.raises(UserError, match="the input must hold integer token ids, got float64"):
+        model(np.array([[1.0]]))
 
 
 def test_compiled_calls_leave_the_ids_unchecked():

@@ -22,6 +22,7 @@ as the uninterrupted run would.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import math
@@ -81,9 +82,15 @@ class _SavedStop(UserError):
 _OWNERS: weakref.WeakValueDictionary[Path, Trainer] = weakref.WeakValueDictionary()
 
 
+# the Trainers of each OUT in this process that hold its lock (Trainer._hold): the last of them to go unlocks it
+_HOLDERS: collections.Counter[Path] = collections.Counter()
+
+
 def _release(out: Path) -> None:
-    """Unlock OUT for other processes once its Trainer is gone, unless a newer Trainer of it lives in this one."""
-    if _OWNERS.get(out) is None:
+    """A Trainer of OUT is gone (or refused to start): unlock OUT for other processes if it was the last here."""
+    _HOLDERS[out] -= 1
+    if _HOLDERS[out] <= 0:
+        del _HOLDERS[out]
         unlock_dir(out)
 
 
@@ -104,14 +111,14 @@ class Trainer:
         cfg = cfg or TrainConfig()  # build-nanogpt's GPT-2 124M run
         self.cfg, self.dist = cfg, dist or distributed.init()
         self.out = Path(cfg.out).absolute()  # a later os.chdir (a notebook) must not move the run
-        self._took_lock = False  # whether this Trainer's start took OUT's lock (not held by this process before)
+        self._holding: weakref.finalize | None = None  # gives OUT's lock back when this Trainer goes (_hold)
         self._broken = ""  # why train() ended amid a step, after which it refuses to go on
         self._failed_evaluating = False  # whether train() ended in an evaluation's error, between steps
         try:
             self._setup(resume, overwrite)
         except BaseException:  # a refused start leaves OUT to the next (in a notebook this process lives on)
-            if self._took_lock:
-                unlock_dir(self.out)
+            if self._holding:
+                self._holding()
             raise
 
     def _setup(self, resume: bool, overwrite: bool) -> None:
@@ -120,7 +127,7 @@ class Trainer:
         self.dtype_name = cfg.dtype or device.PROFILE.dtype
         self.dtype = DTYPES[self.dtype_name]
         if resume and self.dist.is_main and self.out.is_dir():
-            self._took_lock = lock_dir(self.out, "run")  # before its checkpoint is read, which a live run may replace
+            self._hold()  # before its checkpoint is read, which a live run may replace
         ckpt = checkpoint.latest_checkpoint(self.out) if resume else None
         if ckpt is not None:
             self._check_world(ckpt)
@@ -177,8 +184,6 @@ class Trainer:
         self.result: dict[str, float] = {}  # latest train_loss, val_loss and hellaswag
         self._compute_state()
         _OWNERS[self.out] = self
-        if self._took_lock:  # a Trainer made and dropped (a notebook's cell run again) gives OUT back
-            weakref.finalize(self, _release, self.out)
 
     def _compute_state(self) -> None:
         """The weights and optimizer state, computed in this thread: MLX's streams are per thread, and a notebook's
@@ -271,7 +276,7 @@ class Trainer:
         """Lock OUT until train() ends, before anything in it is removed: what a killed run left half-written, and
         for a fresh (--overwrite) run the old run's checkpoints and its model, which sample would load. A resumed
         run's model is its latest checkpoint's again (a kill between the two left the one before)."""
-        self._took_lock |= lock_dir(self.out, "run")
+        self._hold()
         remove_stale_temps(self.out)
         if not fresh:
             checkpoint.publish_latest(self.out)
@@ -280,6 +285,14 @@ class Trainer:
             shutil.rmtree(old)
         for old in checkpoint.MODEL_FILES:
             (self.out / old).unlink(missing_ok=True)
+
+    def _hold(self) -> None:
+        """Lock OUT against other processes (files.lock_dir) from now until train() ends, or until this Trainer and
+        every other of OUT in this process are gone (a notebook's cell run again drops the one before)."""
+        lock_dir(self.out, "run")
+        if self._holding is None:
+            _HOLDERS[self.out] += 1
+            self._holding = weakref.finalize(self, _release, self.out)
 
     def _use_master(self, dtype: mx.Dtype) -> None:
         """Point the model's weights at the master weights, cast to `dtype` (views where it is float32)."""

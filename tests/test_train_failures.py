@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -221,16 +222,33 @@ def test_a_failed_evaluation_leaves_the_trainer_whole(data_dir, tmp_path, monkey
     assert trainer.train()["val_loss"] > 0 and trainer.step == 4
 
 
-def test_a_trainer_dropped_untrained_gives_out_back(run):
+def another_process_can_lock(out: Path) -> bool:
+    code = ("import fcntl, sys; f = open(sys.argv[1], 'a+')\ntry: fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "except OSError: sys.exit(1)")
+    return subprocess.run([sys.executable, "-c", code, str(out / LOCK_FILE)]).returncode == 0
+
+
+def test_a_trainer_dropped_untrained_gives_out_back(run, monkeypatch):
     """A Trainer holds OUT from its start (another process is refused), but one made and dropped in a notebook held
-    it until the kernel ended."""
+    it until the kernel ended; of two made in turn (a cell run again), the first one collected while the second was
+    starting gave the lock away under it, and the second, which had found it held, never gave it back."""
     import gc
 
-    trainer = Trainer(resume_config(run, max_steps=8), resume=True)
+    cfg = resume_config(run, max_steps=8)
+    trainer = Trainer(cfg, resume=True)
     assert_one_line_error(resume(run), "being written by another run")
     del trainer
     gc.collect()
     resume(run, check=True)
+    first = Trainer(cfg, resume=True)
+    del first  # not yet collected: a Trainer sits in reference cycles
+    started = Trainer._compute_state
+    monkeypatch.setattr(Trainer, "_compute_state", lambda self: gc.collect() or started(self))
+    second = Trainer(cfg, resume=True)  # the first is collected amid its start
+    assert not another_process_can_lock(run)
+    del second
+    gc.collect()
+    assert another_process_can_lock(run)
 
 
 def test_python_callers_get_their_own_refusals(run, data_dir, tmp_path):

@@ -20,7 +20,7 @@ from .errors import UserError, first_line
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 FINEWEB_REPO = "HuggingFaceFW/fineweb-edu"
-FILE_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
+FILE_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}  # of lower-cased suffixes
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,10 @@ def local_files(paths: str | os.PathLike | Sequence[str | os.PathLike], text_fie
             raise UserError(f"{spec}: no files match")
         for m in map(Path, matches):
             if m.is_dir():
-                found += sorted(f for f in m.rglob("*") if f.suffix in FILE_KINDS and f.is_file()
+                found += sorted(f for f in m.rglob("*") if _kind(f) and f.is_file()
                                 and not any(part.startswith(".") for part in f.relative_to(m).parts))  # as ** does
             elif m.is_file():
-                if m.suffix not in FILE_KINDS:
+                if not _kind(m):
                     raise UserError(f"{m}: unsupported file type (expected .txt, .jsonl or .parquet)")
                 found.append(m)
             else:  # a FIFO (it would block) or a device
@@ -77,10 +77,14 @@ def local_files(paths: str | os.PathLike | Sequence[str | os.PathLike], text_fie
     if not found:
         raise UserError(f"{label}: no .txt, .jsonl or .parquet files (empty source)")
     txt = "paragraphs" if split_on_blank_lines else "txt"
-    units = [_local_unit(f, txt if FILE_KINDS[f.suffix] == "txt" else FILE_KINDS[f.suffix], text_field,
-                         str(f.resolve())) for f in found]
+    units = [_local_unit(f, txt if _kind(f) == "txt" else _kind(f), text_field, str(f.resolve())) for f in found]
     info = {"name": "files", "text_field": text_field, "split_on_blank_lines": split_on_blank_lines}
     return Source("data", label, info, units)
+
+
+def _kind(file: Path) -> str | None:
+    """txt, jsonl or parquet by the file's suffix in any case (C.TXT too), else None."""
+    return FILE_KINDS.get(file.suffix.lower())
 
 
 def shakespeare(path: str | os.PathLike | None = None, url: str | None = None,

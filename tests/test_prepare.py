@@ -632,6 +632,20 @@ def test_an_empty_name_and_hidden_directories_add_no_files(tmp_path, monkeypatch
     assert [u.key for u in sources.local_files([str(tmp_path / "d" / "**" / "*.jsonl")]).units] == keys
 
 
+def test_suffixes_match_in_any_case(tmp_path):
+    """A directory's C.TXT was skipped without a word, while naming it said "unsupported file type"."""
+    docs = make_docs(3, seed=6)
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "sub" / "C.TXT").write_text(docs[0])
+    write_jsonl(tmp_path / "d" / "b.JSONL", docs[1:2])
+    write_parquet(tmp_path / "d" / "a.Parquet", docs[2:])
+    kinds = [u.kind for u in sources.local_files([tmp_path / "d"]).units]
+    assert kinds == ["parquet", "jsonl", "txt"]
+    assert [u.kind for u in sources.local_files([tmp_path / "d" / "sub" / "C.TXT"]).units] == ["txt"]
+    prep.prepare(sources.local_files([tmp_path / "d"]), tmp_path / "out", cfg())
+    assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens([docs[2], docs[1], docs[0]]))
+
+
 def test_an_input_edited_in_place_is_not_resumed(tmp_path):
     """The same size, other text: the kept shards and the resumed offsets would mix the two versions."""
     docs = make_docs(60, seed=5)

@@ -168,7 +168,9 @@ def _parquet_docs(part: Part) -> list[str]:
         column = pq.ParquetFile(part.path).read_row_group(part.start, columns=[part.field]).column(0)
     except (OSError, pa.ArrowException) as e:
         raise UserError(f"{part.path}: cannot read parquet ({first_line(e)})") from None
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+    # strings, dictionary-encoded too (as pandas writes a category); named, as pyarrow before 16 has no string_view
+    value_type = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+    if str(value_type) not in ("string", "large_string", "string_view"):
         raise UserError(f"{part.path}: column {part.field!r} holds {column.type}, not text")
     try:
         return [t for t in column.to_pylist() if _keep(t)]

@@ -440,6 +440,23 @@ def test_parquet_without_the_text_column(tmp_path):
     prep.prepare(sources.local_files([path], text_field="body"), tmp_path / "out", cfg())
 
 
+def test_parquet_text_of_any_string_encoding(tmp_path):
+    """A dictionary-encoded column (a pandas category) or a string_view one was "holds dictionary<...>, not text"."""
+    docs = make_docs(6, seed=8)
+    columns = {"dict": pa.array(docs[:2] + [None]).dictionary_encode(),
+               "large_dict": pa.array(docs[2:4], pa.large_string()).dictionary_encode(),
+               "view": pa.array(docs[4:], pa.string_view())}
+    for name, column in columns.items():
+        pq.write_table(pa.table({"text": column}), tmp_path / f"{name}.parquet")
+    assert pq.read_schema(tmp_path / "dict.parquet").field("text").type == pa.dictionary(pa.int32(), pa.string())
+    paths = [tmp_path / f"{name}.parquet" for name in columns]
+    prep.prepare(sources.local_files(paths), tmp_path / "out", cfg())
+    assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens(docs))
+    pq.write_table(pa.table({"text": pa.array([b"a", b"b"]).dictionary_encode()}), tmp_path / "bytes.parquet")
+    with pytest.raises(UserError, match=r"bytes.parquet: column 'text' holds dictionary<values=binary.*not text"):
+        prep.prepare(sources.local_files([tmp_path / "bytes.parquet"]), tmp_path / "out2", cfg())
+
+
 def test_other_settings_do_not_mix_with_existing_shards(tmp_path, mixed):
     """The refusal names what differs: both values cut at 80 characters hid the differing setting or file."""
     paths, _ = mixed

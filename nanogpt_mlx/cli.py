@@ -247,9 +247,9 @@ SPLIT_SHARD_0 = ("shard 0 is val, the rest train; a source of at most one shard'
                  "train")
 
 
-def _add_shard_options(p, name: str, split: str) -> None:
+def _add_shard_options(p, name: str, split: str, shuffle: bool = True) -> None:
     """The options every SOURCE takes; `name`: its shard file prefix, `split`: how its shards divide into val and
-    train."""
+    train, `shuffle`: whether it has documents to shuffle."""
     from .prepare import PrepareConfig as P  # its defaults are the command's
 
     p.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
@@ -257,6 +257,9 @@ def _add_shard_options(p, name: str, split: str) -> None:
     p.add_argument("--shard-size", type=positive_int, default=P.shard_size,
                    help=f"tokens per shard; {split} (default: {P.shard_size:,})")
     p.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default: all cores)")
+    if not shuffle:  # argparse refuses --shuffle-docs in one line
+        p.set_defaults(shuffle_docs=False, seed=P.seed)
+        return
     p.add_argument("--shuffle-docs", action="store_true",
                    help="shuffle file order, part order within files and documents within parts")
     p.add_argument("--seed", type=int, default=P.seed, help=f"seed of --shuffle-docs (default: {P.seed})")
@@ -276,7 +279,7 @@ def add_prepare(sub) -> None:
     fw.add_argument("--revision", help="hub revision (default: the latest; a resume needs the same files)")
     sh = sources.add_parser("shakespeare", help="Tiny Shakespeare, split 90/10 train/val")
     _add_shard_options(sh, "shakespeare", "the text's last tenth is val (shards 0, 1, ...), its first nine tenths "
-                                          "train (the shards after), as nanoGPT splits it")
+                                          "train (the shards after), as nanoGPT splits it", shuffle=False)
     sh.add_argument("--path", help="local copy of input.txt (default: download it once into ~/.cache/nanogpt-mlx)")
     sh.add_argument("--url", help="download from this URL instead of char-rnn's input.txt")
     fl = sources.add_parser("files", help="your .txt, .jsonl and .parquet files")

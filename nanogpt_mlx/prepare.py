@@ -430,6 +430,8 @@ def prepare(source: Source, out: str | os.PathLike, config: PrepareConfig | None
                         f"sources.fineweb_edu()), got {source!r}")
     if config is not None and not isinstance(config, PrepareConfig):
         raise UserError(f"config must be a PrepareConfig, got {config!r}")
+    if config is not None and config.shuffle_docs and not source.shuffles:
+        raise UserError(f"shuffle_docs: {source.label} is one text split by position, with no documents to shuffle")
     out = user_path(named_dir(out, "shard directory"))
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: not a directory")

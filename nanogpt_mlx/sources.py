@@ -42,6 +42,7 @@ class Source:
     info: dict  # what was read, recorded in the manifest; a resume must match it
     units: list[Unit]
     origin: dict | None = None  # where it came from (hub revision, local mirror): recorded, not compared
+    shuffles: bool = True  # whether shuffle_docs has documents to shuffle
 
 
 def local_files(paths: str | os.PathLike | Sequence[str | os.PathLike], text_field: str = "text",
@@ -102,7 +103,8 @@ def shakespeare(path: str | os.PathLike | None = None, url: str | None = None,
     digest = files.sha256_file(file)
     unit = Unit(f"tinyshakespeare ({file.stat().st_size} bytes, sha256 {digest[:16]})", "shakespeare",
                 lambda scratch: file)
-    return Source("shakespeare", str(file), {"name": "shakespeare", "val_fraction": 0.1}, [unit])
+    # one text cut by position: shuffling would only write train before val
+    return Source("shakespeare", str(file), {"name": "shakespeare", "val_fraction": 0.1}, [unit], shuffles=False)
 
 
 def fineweb_edu(sample: str = "sample-10BT", local_dir: str | os.PathLike | None = None,

@@ -304,6 +304,16 @@ def test_shakespeare_local_path_val_shards_first(tmp_path):
     assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens([text[cut:], text[:cut]]))
 
 
+def test_shakespeare_has_nothing_to_shuffle(tmp_path):
+    """--shuffle-docs --seed 3 only wrote train as shard 0 and val as shard 1: one text has no documents to shuffle."""
+    (tmp_path / "s.txt").write_text("To be, or not to be, that is the question.\n" * 20)
+    with pytest.raises(UserError, match=r"shuffle_docs: .*s.txt is one text split by position, with no documents"):
+        prep.prepare(sources.shakespeare(path=tmp_path / "s.txt"), tmp_path / "out", cfg(shuffle_docs=True, seed=3))
+    assert not (tmp_path / "out").exists()
+    assert_one_line_error(run_cli("prepare", "shakespeare", "--path", str(tmp_path / "s.txt"), "--shuffle-docs",
+                                  "--out", str(tmp_path / "out")), "unrecognized arguments: --shuffle-docs")
+
+
 def fineweb_mirror(root: Path) -> list[str]:
     docs = make_docs(90, seed=5)
     for i in range(3):

@@ -37,7 +37,9 @@ def plan_parts(unit: Unit, path: Path, part_bytes: int) -> list[Part]:
         return [Part(p, "jsonl", a, b, unit.field) for a, b in zip(bounds, bounds[1:])]
     if unit.kind == "parquet":
         return [Part(p, "parquet", i, i + 1, unit.field) for i in range(_row_groups(path, unit.field))]
-    if unit.kind == "shakespeare":  # one document: the last 10% is val (first, as shard 0), as nanoGPT
+    if unit.kind == "shakespeare":
+        # the last 10% is val (first, as shard 0), as nanoGPT cuts it; each split is one document, led by the EOT
+        # that every document gets (as in fineweb.py): one token more per split than nanoGPT's prepare.py writes
         n = len(_read_text(path))
         cut = int(n * 0.9)
         return [Part(p, "chars", cut, n, split="val"), Part(p, "chars", 0, cut, split="train")]

@@ -284,9 +284,15 @@ def add_prepare(sub) -> None:
     sh.add_argument("--url", help="download from this URL instead of char-rnn's input.txt")
     fl = sources.add_parser("files", help="your .txt, .jsonl and .parquet files")
     _add_shard_options(fl, "data", SPLIT_SHARD_0)
-    fl.add_argument("paths", nargs="+", metavar="PATH", help="files, directories or glob patterns")
-    fl.add_argument("--text-field", default="text", help="document field of .jsonl and .parquet (default: text)")
-    fl.add_argument("--split-on-blank-lines", action="store_true", help=".txt: one document per paragraph, not per file")
+    fl.add_argument("paths", nargs="+", metavar="PATH",
+                    help="files, directories (searched recursively, hidden files and folders skipped) or glob patterns "
+                         "(** recursive); a file named twice is read once. A .txt is one document, a .jsonl line or "
+                         ".parquet row one (its --text-field; nulls skipped), suffixes in any case; empty and "
+                         "whitespace-only documents are dropped")
+    fl.add_argument("--text-field", default="text",
+                    help="top-level key of .jsonl lines, column of .parquet files, that holds the text (default: text)")
+    fl.add_argument("--split-on-blank-lines", action="store_true",
+                    help=".txt: one document per paragraph, not per file (a line of only whitespace is blank)")
     p.set_defaults(func=cmd_prepare)
 
 

@@ -48,8 +48,9 @@ class Source:
 def local_files(paths: str | os.PathLike | Sequence[str | os.PathLike], text_field: str = "text",
                 split_on_blank_lines: bool = False) -> Source:
     """`.txt` (one document per file, or per blank-line-separated paragraph), `.jsonl` and `.parquet`
-    (documents in `text_field`); files, directories (searched recursively) or glob patterns. A file
-    that several of them name is read once, where it first appears."""
+    (documents in `text_field`), suffixes in any case; files, directories (searched recursively, hidden
+    files and folders skipped) or glob patterns. A file that several of them name is read once, where it
+    first appears."""
     found: list[Path] = []
     paths = files.as_paths(paths)
     for spec in map(str, paths):

@@ -242,36 +242,57 @@ def cmd_plot(args) -> None:
 
 
 # ------------------------------------------------------------------------------------- prepare
-def add_prepare(sub) -> None:
+SPLIT_SHARD_0 = ("shard 0 is val, the rest train; a source of at most one shard's tokens (but 10 or more) is split "
+                 "instead: its first tenth val (on to the next document's start if one starts before a fifth), the rest "
+                 "train")
+
+
+def _add_shard_options(p, name: str, split: str, shuffle: bool = True) -> None:
+    """The options every SOURCE takes; `name`: its shard file prefix, `split`: how its shards divide into val and
+    train, `shuffle`: whether it has documents to shuffle."""
     from .prepare import PrepareConfig as P  # its defaults are the command's
 
+    p.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
+    p.add_argument("--name", help=f"shard file prefix (default: {name})")
+    p.add_argument("--shard-size", type=positive_int, default=P.shard_size,
+                   help=f"tokens per shard; {split} (default: {P.shard_size:,})")
+    p.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default: all cores)")
+    if not shuffle:  # argparse refuses --shuffle-docs in one line
+        p.set_defaults(shuffle_docs=False, seed=P.seed)
+        return
+    p.add_argument("--shuffle-docs", action="store_true",
+                   help="shuffle file order, part order within files and documents within parts")
+    p.add_argument("--seed", type=int, default=P.seed, help=f"seed of --shuffle-docs (default: {P.seed})")
+
+
+def add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize FineWeb-Edu, Tiny Shakespeare or your files into token shards",
                        usage="%(prog)s [-h] SOURCE ... --out DIR | %(prog)s --inspect DIR",
                        description="SOURCE --out DIR writes GPT-2 token shards (build-nanogpt's format); "
                                    "re-running the same command resumes. --inspect DIR describes shards.")
     p.add_argument("--inspect", metavar="DIR", help="print shard counts and token totals of DIR and decode a few tokens")
-    common = _Parser(add_help=False)
-    common.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
-    common.add_argument("--name", help="shard file prefix (default: edufineweb, shakespeare or data)")
-    common.add_argument("--shard-size", type=positive_int, default=P.shard_size,
-                        help=f"tokens per shard; the first is val, the rest train (a source smaller than one shard: "
-                             f"its first tenth val, the rest train) (default: {P.shard_size:,})")
-    common.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default: all cores)")
-    common.add_argument("--shuffle-docs", action="store_true",
-                        help="shuffle file order, part order within files and documents within parts")
-    common.add_argument("--seed", type=int, default=P.seed, help=f"seed of --shuffle-docs (default: {P.seed})")
     sources = p.add_subparsers(dest="source", metavar="SOURCE", prog=p.prog)  # not p's usage line
-    fw = sources.add_parser("fineweb-edu", parents=[common], help="HuggingFaceFW/fineweb-edu, one parquet file at a time")
+    fw = sources.add_parser("fineweb-edu", help="HuggingFaceFW/fineweb-edu, one parquet file at a time")
+    _add_shard_options(fw, "edufineweb", SPLIT_SHARD_0)
     fw.add_argument("--sample", default="sample-10BT", help="sample-10BT (default), sample-100BT, ... or CC-MAIN-YYYY-NN")
     fw.add_argument("--local-dir", help="local copy laid out like the hub repo (DIR/sample/10BT/*.parquet)")
     fw.add_argument("--revision", help="hub revision (default: the latest; a resume needs the same files)")
-    sh = sources.add_parser("shakespeare", parents=[common], help="Tiny Shakespeare, split 90/10 train/val")
+    sh = sources.add_parser("shakespeare", help="Tiny Shakespeare, split 90/10 train/val")
+    _add_shard_options(sh, "shakespeare", "the text's last tenth is val (shards 0, 1, ...), its first nine tenths "
+                                          "train (the shards after), as nanoGPT splits it", shuffle=False)
     sh.add_argument("--path", help="local copy of input.txt (default: download it once into ~/.cache/nanogpt-mlx)")
     sh.add_argument("--url", help="download from this URL instead of char-rnn's input.txt")
-    fl = sources.add_parser("files", parents=[common], help="your .txt, .jsonl and .parquet files")
-    fl.add_argument("paths", nargs="+", metavar="PATH", help="files, directories or glob patterns")
-    fl.add_argument("--text-field", default="text", help="document field of .jsonl and .parquet (default: text)")
-    fl.add_argument("--split-on-blank-lines", action="store_true", help=".txt: one document per paragraph, not per file")
+    fl = sources.add_parser("files", help="your .txt, .jsonl and .parquet files")
+    _add_shard_options(fl, "data", SPLIT_SHARD_0)
+    fl.add_argument("paths", nargs="+", metavar="PATH",
+                    help="files, directories (searched recursively, hidden files and folders skipped) or glob patterns "
+                         "(** recursive); a file named twice is read once. A .txt is one document, a .jsonl line or "
+                         ".parquet row one (its --text-field; nulls skipped), suffixes in any case; empty and "
+                         "whitespace-only documents are dropped")
+    fl.add_argument("--text-field", default="text",
+                    help="top-level key of .jsonl lines, column of .parquet files, that holds the text (default: text)")
+    fl.add_argument("--split-on-blank-lines", action="store_true",
+                    help=".txt: one document per paragraph, not per file (a line of only whitespace is blank)")
     p.set_defaults(func=cmd_prepare)
 
 

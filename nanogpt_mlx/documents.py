@@ -37,7 +37,9 @@ def plan_parts(unit: Unit, path: Path, part_bytes: int) -> list[Part]:
         return [Part(p, "jsonl", a, b, unit.field) for a, b in zip(bounds, bounds[1:])]
     if unit.kind == "parquet":
         return [Part(p, "parquet", i, i + 1, unit.field) for i in range(_row_groups(path, unit.field))]
-    if unit.kind == "shakespeare":  # one document: the last 10% is val (first, as shard 0), as nanoGPT
+    if unit.kind == "shakespeare":
+        # the last 10% is val (first, as shard 0), as nanoGPT cuts it; each split is one document, led by the EOT
+        # that every document gets (as in fineweb.py): one token more per split than nanoGPT's prepare.py writes
         n = len(_read_text(path))
         cut = int(n * 0.9)
         return [Part(p, "chars", cut, n, split="val"), Part(p, "chars", 0, cut, split="train")]
@@ -168,7 +170,9 @@ def _parquet_docs(part: Part) -> list[str]:
         column = pq.ParquetFile(part.path).read_row_group(part.start, columns=[part.field]).column(0)
     except (OSError, pa.ArrowException) as e:
         raise UserError(f"{part.path}: cannot read parquet ({first_line(e)})") from None
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+    # strings, dictionary-encoded too (as pandas writes a category); named, as pyarrow before 16 has no string_view
+    value_type = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+    if str(value_type) not in ("string", "large_string", "string_view"):
         raise UserError(f"{part.path}: column {part.field!r} holds {column.type}, not text")
     try:
         return [t for t in column.to_pylist() if _keep(t)]

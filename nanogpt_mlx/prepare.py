@@ -1,8 +1,9 @@
 """Dataset preparation: text -> GPT-2 token shards in build-nanogpt's format (what data.py reads).
 
 Shards are uint16 `.npy` files `{name}_{split}_{index:06d}.npy` of `shard_size` tokens (the last one
-shorter) with `<|endoftext|>` before every document; shard 0 is `val`, the rest `train` (a source smaller than
-one shard: its first tenth val, the rest train); `manifest.json` describes them. Sources: FineWeb-Edu (hub or
+shorter) with `<|endoftext|>` before every document; shard 0 is `val`, the rest `train` (a source of at most one
+shard: its first tenth val, the rest train, ShardWriter._split_small; Tiny Shakespeare: its last tenth val, as many
+shards as it fills, then its first nine tenths train); `manifest.json` describes them. Sources: FineWeb-Edu (hub or
 a local mirror), Tiny Shakespeare, your own files.
 
 Parallelism: every input file is cut into parts (documents.py: jsonl byte ranges, parquet row groups,
@@ -164,10 +165,9 @@ class ShardWriter:
         _complete(self.out, self.manifest)
 
     def _split_small(self) -> None:
-        """A source smaller than one shard would be all val (build-nanogpt's shard 0), leaving nothing to train on:
-        its first tenth is val instead (to the next document's start, if that comes before a fifth), the rest train,
-        as Tiny Shakespeare's. Both files are listed at once: a resume never sees the val shard alone, taking it for
-        the end."""
+        """A source of at most one shard would be all val (build-nanogpt's shard 0), leaving nothing to train on:
+        its first tenth is val instead (to the next document's start, if that comes before a fifth), the rest train.
+        Both files are listed at once: a resume never sees the val shard alone, taking it for the end."""
         tokens = self.buf[: self.count]
         tenth = self.count // 10
         starts = np.flatnonzero(tokens[tenth : 2 * tenth] == EOT)
@@ -430,6 +430,8 @@ def prepare(source: Source, out: str | os.PathLike, config: PrepareConfig | None
                         f"sources.fineweb_edu()), got {source!r}")
     if config is not None and not isinstance(config, PrepareConfig):
         raise UserError(f"config must be a PrepareConfig, got {config!r}")
+    if config is not None and config.shuffle_docs and not source.shuffles:
+        raise UserError(f"shuffle_docs: {source.label} is one text split by position, with no documents to shuffle")
     out = user_path(named_dir(out, "shard directory"))
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: not a directory")

@@ -20,7 +20,7 @@ from .errors import UserError, first_line
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 FINEWEB_REPO = "HuggingFaceFW/fineweb-edu"
-FILE_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
+FILE_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}  # of lower-cased suffixes
 
 
 @dataclass(frozen=True)
@@ -42,13 +42,15 @@ class Source:
     info: dict  # what was read, recorded in the manifest; a resume must match it
     units: list[Unit]
     origin: dict | None = None  # where it came from (hub revision, local mirror): recorded, not compared
+    shuffles: bool = True  # whether shuffle_docs has documents to shuffle
 
 
 def local_files(paths: str | os.PathLike | Sequence[str | os.PathLike], text_field: str = "text",
                 split_on_blank_lines: bool = False) -> Source:
     """`.txt` (one document per file, or per blank-line-separated paragraph), `.jsonl` and `.parquet`
-    (documents in `text_field`); files, directories (searched recursively) or glob patterns. A file
-    that several of them name is read once, where it first appears."""
+    (documents in `text_field`), suffixes in any case; files, directories (searched recursively, hidden
+    files and folders skipped) or glob patterns. A file that several of them name is read once, where it
+    first appears."""
     found: list[Path] = []
     paths = files.as_paths(paths)
     for spec in map(str, paths):
@@ -61,10 +63,10 @@ def local_files(paths: str | os.PathLike | Sequence[str | os.PathLike], text_fie
             raise UserError(f"{spec}: no files match")
         for m in map(Path, matches):
             if m.is_dir():
-                found += sorted(f for f in m.rglob("*") if f.suffix in FILE_KINDS and f.is_file()
+                found += sorted(f for f in m.rglob("*") if _kind(f) and f.is_file()
                                 and not any(part.startswith(".") for part in f.relative_to(m).parts))  # as ** does
             elif m.is_file():
-                if m.suffix not in FILE_KINDS:
+                if not _kind(m):
                     raise UserError(f"{m}: unsupported file type (expected .txt, .jsonl or .parquet)")
                 found.append(m)
             else:  # a FIFO (it would block) or a device
@@ -77,10 +79,14 @@ def local_files(paths: str | os.PathLike | Sequence[str | os.PathLike], text_fie
     if not found:
         raise UserError(f"{label}: no .txt, .jsonl or .parquet files (empty source)")
     txt = "paragraphs" if split_on_blank_lines else "txt"
-    units = [_local_unit(f, txt if FILE_KINDS[f.suffix] == "txt" else FILE_KINDS[f.suffix], text_field,
-                         str(f.resolve())) for f in found]
+    units = [_local_unit(f, txt if _kind(f) == "txt" else _kind(f), text_field, str(f.resolve())) for f in found]
     info = {"name": "files", "text_field": text_field, "split_on_blank_lines": split_on_blank_lines}
     return Source("data", label, info, units)
+
+
+def _kind(file: Path) -> str | None:
+    """txt, jsonl or parquet by the file's suffix in any case (C.TXT too), else None."""
+    return FILE_KINDS.get(file.suffix.lower())
 
 
 def shakespeare(path: str | os.PathLike | None = None, url: str | None = None,
@@ -98,7 +104,8 @@ def shakespeare(path: str | os.PathLike | None = None, url: str | None = None,
     digest = files.sha256_file(file)
     unit = Unit(f"tinyshakespeare ({file.stat().st_size} bytes, sha256 {digest[:16]})", "shakespeare",
                 lambda scratch: file)
-    return Source("shakespeare", str(file), {"name": "shakespeare", "val_fraction": 0.1}, [unit])
+    # one text cut by position: shuffling would only write train before val
+    return Source("shakespeare", str(file), {"name": "shakespeare", "val_fraction": 0.1}, [unit], shuffles=False)
 
 
 def fineweb_edu(sample: str = "sample-10BT", local_dir: str | os.PathLike | None = None,

@@ -217,7 +217,7 @@ def test_options_are_never_abbreviated(args):
 
 def test_prepare_sources_name_themselves_and_inspect_takes_no_source(tmp_path, capsys):
     """A source's errors and usage began with the prepare command's whole usage line; --inspect with a SOURCE
-    inspected and wrote nothing; a bad seed was refused only after Tiny Shakespeare's download."""
+    inspected and wrote nothing; a bad setting was refused only after Tiny Shakespeare's download."""
     with pytest.raises(SystemExit, match="2"):
         main(["prepare", "files", "x"])
     assert capsys.readouterr().err == "nanogpt-mlx prepare files: error: the following arguments are required: --out\n"
@@ -227,8 +227,8 @@ def test_prepare_sources_name_themselves_and_inspect_takes_no_source(tmp_path, c
     proc = run_main(capsys, "prepare", "--inspect", str(tmp_path), "files", "a.txt", "--out", str(tmp_path / "o"))
     assert_one_line_error(proc, "--inspect DIR cannot be combined with a SOURCE (files)")
     proc = run_main(capsys, "prepare", "shakespeare", "--url", "http://127.0.0.1:9/x", "--out", str(tmp_path / "o"),
-                    "--seed", "-1")
-    assert_one_line_error(proc, "seed must be >= 0, got -1")
+                    "--name", ".hidden")
+    assert_one_line_error(proc, "name '.hidden': shards are files")
     assert not (tmp_path / "o").exists()
 
 

@@ -304,6 +304,16 @@ def test_shakespeare_local_path_val_shards_first(tmp_path):
     assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens([text[cut:], text[:cut]]))
 
 
+def test_shakespeare_has_nothing_to_shuffle(tmp_path):
+    """--shuffle-docs --seed 3 only wrote train as shard 0 and val as shard 1: one text has no documents to shuffle."""
+    (tmp_path / "s.txt").write_text("To be, or not to be, that is the question.\n" * 20)
+    with pytest.raises(UserError, match=r"shuffle_docs: .*s.txt is one text split by position, with no documents"):
+        prep.prepare(sources.shakespeare(path=tmp_path / "s.txt"), tmp_path / "out", cfg(shuffle_docs=True, seed=3))
+    assert not (tmp_path / "out").exists()
+    assert_one_line_error(run_cli("prepare", "shakespeare", "--path", str(tmp_path / "s.txt"), "--shuffle-docs",
+                                  "--out", str(tmp_path / "out")), "unrecognized arguments: --shuffle-docs")
+
+
 def fineweb_mirror(root: Path) -> list[str]:
     docs = make_docs(90, seed=5)
     for i in range(3):
@@ -438,6 +448,23 @@ def test_parquet_without_the_text_column(tmp_path):
     with pytest.raises(UserError, match=r"x.parquet: no column 'text' \(columns: id, body, score\)"):
         prep.prepare(sources.local_files([path]), tmp_path / "out", cfg())
     prep.prepare(sources.local_files([path], text_field="body"), tmp_path / "out", cfg())
+
+
+def test_parquet_text_of_any_string_encoding(tmp_path):
+    """A dictionary-encoded column (a pandas category) or a string_view one was "holds dictionary<...>, not text"."""
+    docs = make_docs(6, seed=8)
+    columns = {"dict": pa.array(docs[:2] + [None]).dictionary_encode(),
+               "large_dict": pa.array(docs[2:4], pa.large_string()).dictionary_encode(),
+               "view": pa.array(docs[4:], pa.string_view())}
+    for name, column in columns.items():
+        pq.write_table(pa.table({"text": column}), tmp_path / f"{name}.parquet")
+    assert pq.read_schema(tmp_path / "dict.parquet").field("text").type == pa.dictionary(pa.int32(), pa.string())
+    paths = [tmp_path / f"{name}.parquet" for name in columns]
+    prep.prepare(sources.local_files(paths), tmp_path / "out", cfg())
+    assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens(docs))
+    pq.write_table(pa.table({"text": pa.array([b"a", b"b"]).dictionary_encode()}), tmp_path / "bytes.parquet")
+    with pytest.raises(UserError, match=r"bytes.parquet: column 'text' holds dictionary<values=binary.*not text"):
+        prep.prepare(sources.local_files([tmp_path / "bytes.parquet"]), tmp_path / "out2", cfg())
 
 
 def test_other_settings_do_not_mix_with_existing_shards(tmp_path, mixed):
@@ -630,6 +657,20 @@ def test_an_empty_name_and_hidden_directories_add_no_files(tmp_path, monkeypatch
     assert len(keys) == 2 and "seen.jsonl" in keys[0] and "nested.jsonl" in keys[1]
     assert [u.key for u in sources.local_files(str(tmp_path / "d")).units] == keys  # one path, not its characters
     assert [u.key for u in sources.local_files([str(tmp_path / "d" / "**" / "*.jsonl")]).units] == keys
+
+
+def test_suffixes_match_in_any_case(tmp_path):
+    """A directory's C.TXT was skipped without a word, while naming it said "unsupported file type"."""
+    docs = make_docs(3, seed=6)
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "sub" / "C.TXT").write_text(docs[0])
+    write_jsonl(tmp_path / "d" / "b.JSONL", docs[1:2])
+    write_parquet(tmp_path / "d" / "a.Parquet", docs[2:])
+    kinds = [u.kind for u in sources.local_files([tmp_path / "d"]).units]
+    assert kinds == ["parquet", "jsonl", "txt"]
+    assert [u.kind for u in sources.local_files([tmp_path / "d" / "sub" / "C.TXT"]).units] == ["txt"]
+    prep.prepare(sources.local_files([tmp_path / "d"]), tmp_path / "out", cfg())
+    assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens([docs[2], docs[1], docs[0]]))
 
 
 def test_an_input_edited_in_place_is_not_resumed(tmp_path):

@@ -133,6 +133,7 @@ class DataLoader:
     def __init__(self, data_dir: str | Path, split: str, B: int, T: int, rank: int = 0, world: int = 1,
                  vocab_size: int | None = None, shuffle: bool = False, seed: int = 0):
         check_batch_shape(B, T, rank, world)
+        B, T, rank, world = int(B), int(T), int(rank), int(world)  # NumPy's integers too: the layout goes into JSON
         self.B, self.T, self.rank, self.world = B, T, rank, world
         self.vocab_size, self.shuffle, self.seed = vocab_size, shuffle, seed
         # every shard's length now (headers only): one too short for a batch would stop a run when reached

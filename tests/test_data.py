@@ -255,3 +255,10 @@ def test_a_saved_position_in_a_later_epoch_resumes_its_shuffle(tmp_path):
     for _ in range(one_pass):
         np.testing.assert_array_equal(resumed.next_batch()[0], loader.next_batch()[0])
     assert resumed.state_dict() == loader.state_dict()
+
+
+def test_numpy_integers_make_a_position_json_can_save(tmp_path):
+    """check_int takes NumPy's integers: kept as such, they made a loader whose position a checkpoint cannot write."""
+    data = write_shards(tmp_path / "d", [token_stream(3000, 1)], token_stream(2000, 2))
+    loader = DataLoader(data, "train", np.int64(4), np.int64(32), rank=np.int64(0), world=np.int64(1))
+    assert json.loads(json.dumps(loader.state_dict())) == DataLoader(data, "train", 4, 32).state_dict()

@@ -154,7 +154,9 @@ class DataLoader:
         # what a saved position means: a checkpoint's position is refused by a loader that reads other batches
         self.layout = {"B": B, "T": T, "world": world, "shuffle": shuffle, "seed": seed if shuffle else None,
                        "shards": [[path.name, n] for path, n in kept]}
-        self._checked: set[int] = set()  # shards whose token ids were checked: once each, not at every reset
+        # each shard's file (inode, size, mtime) when its token ids were checked: not again at every reset or epoch,
+        # but again once it was replaced or written to
+        self._checked: dict[int, tuple[int, int, int]] = {}
         self._loaded: tuple[int, int] | None = None  # the (shard, epoch) whose tokens and batch order are loaded
         self.reset()
 
@@ -174,8 +176,18 @@ class DataLoader:
         shard, epoch = state.shard, state.epoch
         if self._loaded != (shard, epoch):
             path = self.shards[shard]
-            tokens = open_shard(path) if shard in self._checked else load_shard(path, self.vocab_size)
-            self._checked.add(shard)
+            try:
+                stat = path.stat()
+                stamp = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            except OSError:
+                stamp = None  # (open_shard says why it cannot be read)
+            checked = stamp is not None and self._checked.get(shard) == stamp
+            tokens = open_shard(path) if checked else load_shard(path, self.vocab_size)
+            counted = self.layout["shards"][shard][1]
+            if len(tokens) != counted:  # its batches were counted at the length it had
+                raise UserError(f"{path}: {len(tokens)} tokens, where this run counted {counted} (replaced while "
+                                "it ran?)")
+            self._checked[shard] = stamp
             steps = self._batches_in(len(tokens))
             order = np.random.default_rng([self.seed, epoch, shard]).permutation(steps) if self.shuffle \
                 else np.arange(steps)

@@ -262,3 +262,22 @@ def test_numpy_integers_make_a_position_json_can_save(tmp_path):
     data = write_shards(tmp_path / "d", [token_stream(3000, 1)], token_stream(2000, 2))
     loader = DataLoader(data, "train", np.int64(4), np.int64(32), rank=np.int64(0), world=np.int64(1))
     assert json.loads(json.dumps(loader.state_dict())) == DataLoader(data, "train", 4, 32).state_dict()
+
+
+def test_a_shard_rewritten_while_read_is_checked_again(tmp_path):
+    """Token ids were checked once per shard: rewritten in place with ids past the vocab, a shard read again (the next
+    epoch, a validation's reset) trained on out-of-bounds gathers; and one of another length gave an IndexError."""
+    data = write_shards(tmp_path / "d", [token_stream(3000, 1), token_stream(3000, 2)], token_stream(2000, 3))
+    loader = DataLoader(data, "train", 4, 32, vocab_size=VOCAB)
+    for _ in range(46):  # 23 batches a shard: the loader holds the second now
+        loader.next_batch()
+    bad = np.load(data / "toy_train_000001.npy")
+    bad[7] = VOCAB + 5
+    np.save(data / "toy_train_000001.npy", bad)
+    with pytest.raises(UserError, match=f"toy_train_000001.npy: token id {VOCAB + 5} >= the model's vocab_size"):
+        loader.reset()
+    np.save(data / "toy_train_000001.npy", token_stream(2000, 1))
+    with pytest.raises(UserError, match=r"toy_train_000001.npy: 2000 tokens, where this run counted 3000 \(replaced"):
+        loader.reset()
+    np.save(data / "toy_train_000001.npy", token_stream(3000, 1))
+    loader.reset()  # as it was: read again

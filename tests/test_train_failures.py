@@ -11,6 +11,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli, run_main
 from test_train import cli_config, tiny_config, token_stream, write_shards
@@ -193,6 +194,17 @@ def test_shards_gone_mid_run_save_the_steps_before_them(tmp_path):
     assert (state["shard"], state["step"]) == (0, 22)
     (tmp_path / "moved").rename(data)
     assert trainer.train(until=13) and trainer.step == 13  # whole: it goes on
+
+
+def test_a_shard_replaced_mid_run_by_a_shorter_one_saves_the_steps_before_it(tmp_path):
+    """A valid shard of another length gave every rank an IndexError traceback, nothing saved."""
+    data = write_shards(tmp_path / "data", [token_stream(3000, 1), token_stream(3000, 2)], token_stream(2000, 3))
+    trainer = Trainer(tiny_config(data, tmp_path / "run", max_steps=40))
+    trainer.train(until=5)
+    np.save(data / "toy_train_000002.npy", token_stream(50, 2).astype(np.uint16))
+    with pytest.raises(UserError, match=r"toy_train_000002.npy: 50 tokens, where this run counted 3000 .*\(step 11\)"):
+        trainer.train()
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["ckpt-000005", "ckpt-000011"]
 
 
 def test_a_relative_data_directory_outlives_a_chdir(data_dir, tmp_path, monkeypatch):

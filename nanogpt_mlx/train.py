@@ -479,23 +479,20 @@ class Trainer:
         stop was requested before all of it was queued (nothing applied, the batches it read will be read again).
 
         Several ranks must stop at the same step (or the others wait in a collective), so they agree
-        on it once per step; a single process can stop between micro-steps.
+        on it once per step, after reading the step's batches: a shard one of them cannot read stops them all
+        before any reaches the step's all-reduce (hosts' copies of the shards may differ). A single process can
+        stop between micro-steps.
         """
         t0, loader_state = time.perf_counter(), self.train_loader.state_dict()
+        batches = self._read_batches(loader_state)
         if self._stopping():
+            self.train_loader.load_state_dict(loader_state)
             return None
         self.recipe.set_step(self.optimizer, step, self.cfg)
         grads, losses = None, []
-        for micro in range(self.grad_accum):
+        for micro, (x, y) in enumerate(batches):
             if self._stop and self.dist.world == 1:
                 self.train_loader.load_state_dict(loader_state)
-                return None
-            try:
-                x, y = (mx.array(a) for a in self.train_loader.next_batch())
-            except UserError as e:  # a shard with bad tokens, reached mid-run: stop as Ctrl-C does, saving what was
-                # trained; every rank reads that shard here too (ranks on several hosts need the same shards)
-                self.train_loader.load_state_dict(loader_state)
-                self._stop, self._stop_error = True, (str(e), "repair that shard (its length stays)")
                 return None
             if micro < self.grad_accum - 1:
                 loss, grads = self._accumulate(x, y, grads)
@@ -507,6 +504,20 @@ class Trainer:
                 queued = _Step(step, self.recipe.lr(step, self.cfg), t0, sum(losses), norm)
                 self._queue(loss, norm, self.model.state, self.optimizer.state, ends=queued)
         return queued
+
+    def _read_batches(self, loader_state: dict) -> list[tuple[mx.array, mx.array]]:
+        """The step's grad_accum micro-batches; none where a shard cannot be read (bad tokens, gone, replaced,
+        reached mid-run): then the loader is back at `loader_state` and a stop is requested, as Ctrl-C does,
+        saving what was trained."""
+        batches = []
+        for _ in range(self.grad_accum):
+            try:
+                batches.append(tuple(mx.array(a) for a in self.train_loader.next_batch()))
+            except UserError as e:
+                self.train_loader.load_state_dict(loader_state)
+                self._stop, self._stop_error = True, (str(e), "repair that shard (its length stays)")
+                return []
+        return batches
 
     def _stopping(self) -> bool:
         """Whether to stop now: a stop was requested (of any rank: ranks agree on it, all calling this together;

@@ -11,6 +11,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli, run_main
@@ -205,6 +206,48 @@ def test_a_shard_replaced_mid_run_by_a_shorter_one_saves_the_steps_before_it(tmp
     with pytest.raises(UserError, match=r"toy_train_000002.npy: 50 tokens, where this run counted 3000 .*\(step 11\)"):
         trainer.train()
     assert [p.name for p in checkpoints(tmp_path / "run")] == ["ckpt-000005", "ckpt-000011"]
+
+
+def test_ranks_agree_on_a_shard_one_of_them_cannot_read_before_the_steps_all_reduce(data_dir, tmp_path):
+    """Hosts' copies of a shard may differ: a rank that could not read its batch stopped alone, and its barrier met
+    the others' gradient all-reduce (it said 'saved', rank 0 died of a lost peer, nothing saved). The step's batches
+    are read first now, and a failure is part of the ranks' agreement on stopping, before any collective of it."""
+    from nanogpt_mlx import distributed
+
+    calls: list[str] = []
+
+    class TwoRanks(distributed.Dist):  # this rank 0 of 2; its peer's values mirror its own
+        def sum(self, value: float) -> float:
+            calls.append(f"sum {value:g}")
+            return 2 * value
+
+        def all_sum(self, x):
+            return 2 * x
+
+        def average_gradients(self, grads):
+            calls.append("all-reduce")
+            return grads
+
+        def sync(self, *arrays, at_least: float = 0.0) -> None:
+            mx.eval(*arrays)
+
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", max_steps=4, total_batch_size=512, compile=False),
+                      dist=TwoRanks(world=2))  # uncompiled: each step calls average_gradients (compiled, its trace)
+    assert trainer.grad_accum == 2
+    real, reads = trainer.train_loader.next_batch, 0
+
+    def unreadable_in_step_2():
+        nonlocal reads
+        reads += 1
+        if reads == 6:  # step 2's second batch
+            raise UserError("toy_train_000001.npy: cannot read shard (gone)")
+        return real()
+
+    trainer.train_loader.next_batch = unreadable_in_step_2
+    with pytest.raises(UserError, match="cannot read shard .*saved .*\\(step 2\\)"):
+        trainer.train()
+    agreements = [c for c in calls if c in ("sum 0", "sum 1", "all-reduce")]  # (not the losses' means)
+    assert agreements == ["sum 0", "all-reduce", "sum 0", "all-reduce", "sum 1"]  # step 2 stops before its own
 
 
 def test_a_relative_data_directory_outlives_a_chdir(data_dir, tmp_path, monkeypatch):

@@ -147,6 +147,11 @@ class Trainer:
             limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else None
         # their tokens and rows fit the model, checked before it trains, and tokenized once for every evaluation
         self._hellaswag_tokens = check_examples(self.model, self._hellaswag) if self._hellaswag else None
+        data = Path(cfg.data)
+        if ckpt is not None and not data.is_absolute() and not str(data).startswith("~") and not data.exists():
+            raise UserError(f"{data}: no such data directory in {Path.cwd()}: the checkpoint's config names it "
+                            "relative to where the run started; resume from there, or pass --data DIR (Python: "
+                            "resume_config(out, data=DIR))")
         self._make_loaders()
 
         self.optimizer = self.recipe.make_optimizer(cfg, self.dtype)

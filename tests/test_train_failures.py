@@ -258,6 +258,18 @@ def test_a_relative_data_directory_outlives_a_chdir(data_dir, tmp_path, monkeypa
     assert trainer.train()["val_loss"] > 0  # past shard 1's 23 batches, and the val split
 
 
+def test_a_resume_elsewhere_of_a_relative_data_directory_says_where_it_was(data_dir, tmp_path, monkeypatch):
+    """The config saves --data as given: resumed from another directory, 'data directory not found' gave no clue."""
+    monkeypatch.chdir(data_dir.parent)
+    out = tmp_path / "run"
+    Trainer(tiny_config(Path(data_dir.name), out, max_steps=2)).train()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=f"{data_dir.name}: no such data directory in {tmp_path}: the checkpoint's "
+                                        "config names it relative to where the run started"):
+        Trainer(resume_config(out, max_steps=3), resume=True)
+    assert Trainer(resume_config(out, max_steps=3, data=str(data_dir)), resume=True).train()
+
+
 def test_a_failed_evaluation_leaves_the_trainer_whole(data_dir, tmp_path, monkeypatch):
     """The weights are whole between steps: an evaluation's error (a download, a moved file) saves and ends train(),
     after which the Trainer refused to go on as if it had stopped amid a step."""

@@ -69,7 +69,7 @@ def load_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[Ex
     if limit is not None:
         check_int("limit", limit)
     path = user_path(named_dir(path, "HellaSwag file", name="a file"))
-    if not path.is_file():
+    if path.is_dir() or not path.exists():  # (a pipe is read: --data <(zcat hellaswag_val.jsonl.gz))
         raise UserError(f"{path}: {'is a directory, not the examples file' if path.is_dir() else 'file not found'}")
     examples: list[Example] = []
     with open(path, encoding="utf-8") as f:

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections import deque
@@ -498,7 +497,7 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
         raise UserError(BROKEN_POOL) from None
     except KeyboardInterrupt:
         if pool is not None:
-            print("stopping: the tokenizer processes finish the parts they hold (seconds)", file=sys.stderr)
+            print("stopping: the tokenizer processes finish the parts they hold (seconds)")  # (stderr: one line)
         raise
     finally:
         bar.close()

@@ -114,6 +114,8 @@ def fineweb_edu(sample: str = "sample-10BT", local_dir: str | os.PathLike | None
     or from `local_dir` laid out like the hub repo (`local_dir/sample/10BT/*.parquet`)."""
     folder = _fineweb_folder(sample)
     info = {"name": "fineweb-edu", "repo": FINEWEB_REPO, "sample": sample}
+    if local_dir is not None and revision is not None:  # a local copy has no revision to choose: it was ignored
+        raise UserError("--local-dir (a local copy) or --revision (of the hub's repo), not both")
     if local_dir is not None:
         root = files.user_path(local_dir) / folder
         parquet = sorted(root.glob("*.parquet"))

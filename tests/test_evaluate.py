@@ -6,6 +6,7 @@ import functools
 import http.server
 import json
 import math
+import os
 import random
 import re
 import threading
@@ -251,6 +252,17 @@ def test_bad_jsonl(tmp_path, rows, needle):
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="file not found"):
         load_hellaswag(tmp_path / "nope.jsonl")
+
+
+def test_examples_from_a_pipe(tmp_path):
+    """`--data <(zcat hellaswag_val.jsonl.gz)` is a pipe, no regular file: it was 'file not found'."""
+    fifo = tmp_path / "examples"
+    os.mkfifo(fifo)
+    text = write_jsonl(tmp_path / "good.jsonl", GOOD).read_text()
+    writer = threading.Thread(target=fifo.write_text, args=(text,))
+    writer.start()
+    assert [e.ctx for e in load_hellaswag(fifo)] == [g["ctx"] for g in GOOD]
+    writer.join()
 
 
 def test_row_longer_than_context(tmp_path, model):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__, device, signals
@@ -54,6 +56,17 @@ def positive_float(s: str) -> float:
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
     return v
+
+
+def _stops_on_term(command: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
+    """`command`, stopped by SIGTERM and SIGHUP as by Ctrl-C (signals.like_ctrl_c): one line, and what it was
+    writing removed, where their default actions ended the process silently (status 143 or 129)."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> None:
+        with signals.like_ctrl_c():
+            command(args)
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------- info
@@ -107,7 +120,7 @@ def add_sample(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="fixes the samples (default: a new draw each run)")
     p.add_argument("--no-stop", action="store_true", help="keep generating past <|endoftext|>")
     p.add_argument("--crop", action="store_true", help="drop the start of a prompt that does not fit the context")
-    p.set_defaults(func=cmd_sample)
+    p.set_defaults(func=_stops_on_term(cmd_sample))
 
 
 def probability(s: str) -> float:
@@ -181,7 +194,7 @@ def add_eval(sub) -> None:
     l.add_argument("--batches", type=positive_int, default=20, help="number of batches, capped at one pass (default: 20)")
     l.add_argument("--batch-size", type=positive_int, default=8, help="rows per batch (default: 8)")
     l.add_argument("--seq-len", type=positive_int, help="tokens per row (default: the model's context)")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=_stops_on_term(cmd_eval))
 
 
 def cmd_eval(args) -> None:

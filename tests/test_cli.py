@@ -413,3 +413,31 @@ def test_a_streamed_sample_ends_its_line_when_generating_fails(tiny_hf_dir, caps
     proc = run_main(capsys, "sample", "--model", str(tiny_hf_dir), "--num-samples", "1")
     assert proc.stdout == "> Hello world\n"
     assert_one_line_error(proc, "could not compile")
+
+
+@pytest.mark.parametrize("command", ["eval", "sample"])
+def test_sigterm_stops_eval_and_sample_as_ctrl_c_does(command, tiny_hf_dir, tmp_path, capsys, monkeypatch):
+    """They had no handler for SIGTERM (kill, a scheduler's timeout): they ended with no line, status 143."""
+    import signal
+
+    from nanogpt_mlx import evaluate, sample
+
+    def terminated(*_args, **_kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(evaluate, "load_hellaswag", terminated)
+    monkeypatch.setattr(sample, "sample_texts", terminated)
+    monkeypatch.setattr(sample, "stream_text", terminated)
+    args = {"eval": ["eval", "hellaswag", "--model", str(tiny_hf_dir), "--data", str(tmp_path / "x.jsonl")],
+            "sample": ["sample", "--model", str(tiny_hf_dir), "--max-new-tokens", "2"]}[command]
+    def unhandled(*_args):  # what the default action would do, without ending the test run
+        raise AssertionError("SIGTERM reached the handler from before the command")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        proc = run_main(capsys, *args)
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert proc.returncode == 128 + signal.SIGTERM and proc.stderr.strip().splitlines() == ["nanogpt-mlx: interrupted"]

@@ -256,8 +256,8 @@ def cmd_plot(args) -> None:
 
 # ------------------------------------------------------------------------------------- prepare
 SPLIT_SHARD_0 = ("shard 0 is val, the rest train; a source of at most one shard's tokens (but 10 or more) is split "
-                 "instead: its first tenth val (on to the next document's start if one starts before a fifth), the rest "
-                 "train")
+                 "instead: its first tenth val (on to the next document's start if one starts before a fifth), the "
+                 "rest train")
 
 
 def _add_shard_options(p, name: str, split: str, shuffle: bool = True) -> None:

@@ -528,10 +528,11 @@ def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
     sized = {}  # split: [(shard, tokens)]; headers only
     for split in ("val", "train"):  # (a missing directory, or a file, is said as such)
         sized[split] = [(path, len(open_shard(path))) for path in list_shards(data_dir, split, missing_ok=True)]
-        warn_if_shards_differ(data_dir.resolve(), split, tuple(sized[split]))  # as a loader would
     splits = {split: [path for path, _ in shards] for split, shards in sized.items()}
-    if not any(splits.values()):
+    if not any(splits.values()):  # (before the warnings of each missing shard a manifest lists: one line)
         raise UserError(f"{data_dir}: no shards (*_val_*.npy, *_train_*.npy)")
+    for split, shards in sized.items():
+        warn_if_shards_differ(data_dir.resolve(), split, tuple(shards))  # as a loader would
     lines = [str(data_dir)]
     path = data_dir / "manifest.json"
     try:

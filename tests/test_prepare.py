@@ -527,6 +527,9 @@ def test_inspect_names_a_missing_or_file_path_and_shards_missing_from_the_manife
     capsys.readouterr()
     assert re.search(rf"train\s+{len(list_shards(out, 'train'))} shards", prep.describe(out))
     assert f"train shards that manifest.json lists are missing: {gone.name}" in capsys.readouterr().err
+    for shard in out.glob("*.npy"):  # a manifest alone: one line, not a warning for each split's listed shards first
+        shard.unlink()
+    assert_one_line_error(run_cli("prepare", "--inspect", str(out)), "no shards (*_val_*.npy, *_train_*.npy)")
 
 
 def test_names_and_seeds_that_would_lose_shards_are_refused(tmp_path):

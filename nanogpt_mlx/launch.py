@@ -117,12 +117,13 @@ class _Ranks:
     def poll(self) -> None:
         """Note the ranks that ended (and show their last lines); after a failure or a Ctrl-C kill a frozen rank;
         stop the rest END_GRACE after a failure, kill them RANK_GRACE after that."""
-        for r, p in list(self.live.items()):
-            rc = p.poll()
-            if rc is None:
-                continue
+        ended = {r: rc for r, p in self.live.items() if (rc := p.poll()) is not None}
+        lines = {r: new_lines(self.work / f"rank{r}.lines", self.shown) for r in ended}
+        # a rank that lost its peers after those that did not: a peer's failure ended in the same poll is its cause
+        for r in sorted(ended, key=lambda r: any(LOST_PEER in line for line in lines[r])):
+            rc = ended[r]
             del self.live[r]
-            for line in new_lines(self.work / f"rank{r}.lines", self.shown):
+            for line in lines[r]:
                 if LOST_PEER not in line or not (self.failed or self.interrupted):  # else the loss follows from
                     say(line)  # a failure or a stop already said (a start-up check that rank 0 alone makes)
             if rc == 0:

@@ -606,3 +606,24 @@ def test_ctrl_c_while_connecting_ends_a_rank_at_once(data_dir, tmp_path):
     start = time.time()
     alone.communicate(timeout=60)
     assert time.time() - start < 5 and alone.returncode == -signal.SIGINT
+
+
+def test_a_lost_peer_ended_in_the_same_poll_as_its_cause_is_not_said(tmp_path, capsys):
+    """Rank 1 killed and rank 0 ended by the lost connection, seen in one poll: rank 0's "lost a peer rank" came
+    first, as if it were the cause, then "rank 1 was killed" (1 run in 4)."""
+    from nanogpt_mlx import launch
+
+    class Ended:
+        def __init__(self, rc: int):
+            self.rc = rc
+
+        def poll(self) -> int:
+            return self.rc
+
+    (tmp_path / "rank0.lines").write_text("nanogpt-mlx: error: rank 0: lost a peer rank ([ring] connection lost)\n")
+    ranks = launch._Ranks(tmp_path)
+    ranks.live = {0: Ended(1), 1: Ended(-signal.SIGKILL)}
+    capsys.readouterr()
+    ranks.poll()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "nanogpt-mlx: error: rank 1 was killed by SIGKILL (out of memory?)"]

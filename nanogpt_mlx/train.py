@@ -47,7 +47,7 @@ from .console import say, warn
 from .data import DataLoader
 from .errors import Stopped, UserError, first_line
 from .evaluate import check_examples, download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
-from .files import check_writable, devnull_onto, lock_dir, mlx_path, remove_stale_temps, unlock_dir
+from .files import check_writable, devnull_onto, lock_dir, mlx_path, remove_stale_temps, unlock_dir, user_path
 from .model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig
 from .optim import Packing, clip_grad_norm
 from .sample import SampleConfig, prepare_prompt, sample_texts
@@ -147,8 +147,8 @@ class Trainer:
             limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else None
         # their tokens and rows fit the model, checked before it trains, and tokenized once for every evaluation
         self._hellaswag_tokens = check_examples(self.model, self._hellaswag) if self._hellaswag else None
-        data = Path(cfg.data)
-        if ckpt is not None and not data.is_absolute() and not str(data).startswith("~") and not data.exists():
+        data = user_path(cfg.data)
+        if ckpt is not None and not data.is_absolute() and not data.exists():
             raise UserError(f"{data}: no such data directory in {Path.cwd()}: the checkpoint's config names it "
                             "relative to where the run started; resume from there, or pass --data DIR (Python: "
                             "resume_config(out, data=DIR))")
@@ -489,9 +489,9 @@ class Trainer:
         stop between micro-steps.
         """
         t0, loader_state = time.perf_counter(), self.train_loader.state_dict()
-        batches = self._read_batches(loader_state)
+        batches = self._read_batches()
         if self._stopping():
-            self.train_loader.load_state_dict(loader_state)
+            self.train_loader.load_state_dict(loader_state)  # the batches read are read again
             return None
         self.recipe.set_step(self.optimizer, step, self.cfg)
         grads, losses = None, []
@@ -510,16 +510,14 @@ class Trainer:
                 self._queue(loss, norm, self.model.state, self.optimizer.state, ends=queued)
         return queued
 
-    def _read_batches(self, loader_state: dict) -> list[tuple[mx.array, mx.array]]:
+    def _read_batches(self) -> list[tuple[mx.array, mx.array]]:
         """The step's grad_accum micro-batches; none where a shard cannot be read (bad tokens, gone, replaced,
-        reached mid-run): then the loader is back at `loader_state` and a stop is requested, as Ctrl-C does,
-        saving what was trained."""
+        reached mid-run): then a stop is requested, as Ctrl-C does, saving what was trained."""
         batches = []
         for _ in range(self.grad_accum):
             try:
                 batches.append(tuple(mx.array(a) for a in self.train_loader.next_batch()))
             except UserError as e:
-                self.train_loader.load_state_dict(loader_state)
                 self._stop, self._stop_error = True, (str(e), "repair that shard (its length stays)")
                 return []
         return batches

@@ -40,6 +40,7 @@ from .model import GPTConfig
 
 MEASURE_LIMIT = 1 << 20  # bytes: a memory limit below any step's need, under which MLX runs op by op
 CAP_HEADROOM = 1.25  # the cap over a measured need: room for the host to queue work ahead of the device
+CLOSE = 0.9  # a step or a batch of samples past this share of the memory is warned of; the samples advised stay within
 # float32 N x V arrays alive at the peak of the fused head + loss, at most (a, b): a N x V and b of one chunk's rows
 # x V (fitted on the CPU backend). The float32 step scales the gradient on the GEMMs' small sides (loss.py) and keeps
 # fewer, more with a soft-cap (its slope); the others store (softmax - onehot) / N per chunk.
@@ -158,7 +159,7 @@ def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpoi
                 advice.append(f"--activation-checkpointing fits --batch-size {fits_ckpt}")
         raise UserError(f"a step of batch {batch_size} x {seq_len} needs {est.describe()}, more than {where}; "
                         + ("; ".join(advice) if advice else "choose a smaller model or sequence length"))
-    if est.total > 0.9 * limit:
+    if est.total > CLOSE * limit:
         warn(f"a step needs {est.describe()}, close to {where}")
     return est
 
@@ -182,8 +183,8 @@ def check_sampling(config: GPTConfig, num_samples: int, prompt_len: int, new_tok
     room, need = device.memory_bytes() - weights, num_samples * per_sample
     if need > room:
         raise UserError(f"{num_samples} samples at once need ~{need / 1e9:.1f} GB beside the model, more than this "
-                        f"device's memory leaves; at most {max(int(0.9 * room) // per_sample, 0)} fit")
-    if need > 0.9 * room:
+                        f"device's memory leaves; at most {max(int(CLOSE * room) // per_sample, 0)} fit")
+    if need > CLOSE * room:
         warn(f"{num_samples} samples at once need ~{need / 1e9:.1f} GB beside the model, close to what this device's "
              "memory leaves")
 

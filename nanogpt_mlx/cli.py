@@ -60,7 +60,8 @@ def positive_float(s: str) -> float:
 
 def _stops_on_term(command: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
     """`command`, stopped by SIGTERM and SIGHUP as by Ctrl-C (signals.like_ctrl_c): one line, and what it was
-    writing removed, where their default actions ended the process silently (status 143 or 129)."""
+    writing removed, where their default actions ended the process silently (status 143 or 129). Not train's:
+    the Trainer saves on them itself, and in a group of ranks leaves SIGTERM to the launcher (train.py)."""
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> None:
         with signals.like_ctrl_c():
@@ -162,15 +163,14 @@ def add_export(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty directory (never into SRC itself or a nanogpt-mlx run or checkpoint), "
                         "removing other weight and tokenizer files there that loaders would read with the export's")
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=_stops_on_term(cmd_export))
 
 
 def cmd_export(args) -> None:
     from .weights import EXPORT_FILES, check_export_target, export_hf, load_model
 
     check_export_target(args.out, args.force, source=args.src)  # before the (maybe long) load
-    with signals.like_ctrl_c():
-        export_hf(load_model(args.src), args.out, force=args.force)
+    export_hf(load_model(args.src), args.out, force=args.force)
     print(f"wrote {args.out}: {', '.join(EXPORT_FILES)} (Hugging Face GPT-2 layout)")
 
 
@@ -306,7 +306,7 @@ def add_prepare(sub) -> None:
                     help="top-level key of .jsonl lines, column of .parquet files, that holds the text (default: text)")
     fl.add_argument("--split-on-blank-lines", action="store_true",
                     help=".txt: one document per paragraph, not per file (a line of only whitespace is blank)")
-    p.set_defaults(func=cmd_prepare)
+    p.set_defaults(func=_stops_on_term(cmd_prepare))
 
 
 def cmd_prepare(args) -> None:
@@ -330,8 +330,7 @@ def cmd_prepare(args) -> None:
     else:
         source = sources.local_files(args.paths, text_field=args.text_field,
                                      split_on_blank_lines=args.split_on_blank_lines)
-    with signals.like_ctrl_c():
-        print(prep.prepare(source, args.out, cfg))
+    print(prep.prepare(source, args.out, cfg))
 
 
 # --------------------------------------------------------------------------------------- train

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU measurement of README's "The next GPU run", for the device tool (see its README's limits).
+# The prepared GPU measurement of benchmarks/GPU.md's "The next GPU run", for the device tool (see its README's limits).
 # Before it, here: bash ../shared/tools/mlx-cuda-carry.sh (the mlx-cuda wheel in .device/p1 and .device/p2).
 # Device call 1 carries .device/p1:                 mkdir -p /tmp/w && cp .device/p1/part.* /tmp/w/
 # Device call 2, at once, carries .device/p2:       bash benchmarks/gpu_run.sh            (timeout_s 600)

@@ -114,6 +114,16 @@ def warn_if_shards_differ(data_dir: Path, split: str, sized: tuple[tuple[Path, i
              "restore them")
 
 
+def manifest_digests(data_dir: Path, split: str) -> dict[str, str]:
+    """The sha256 of each `split` shard as prepare's manifest.json records it ({} without one: shards from
+    elsewhere)."""
+    try:
+        return {r["file"]: r["sha256"] for r in read_json(data_dir / "manifest.json")["shards"]
+                if r["split"] == split and isinstance(r.get("sha256"), str)}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):  # no manifest, or not ours
+        return {}
+
+
 @dataclass
 class LoaderState:
     shard: int = 0  # index into the sorted shard list
@@ -152,8 +162,12 @@ class DataLoader:
             warn(f"{data_dir}: skipping {short_list}")
         self.shards = [path.absolute() for path, _ in kept]  # a later os.chdir (a notebook) must not move them
         # what a saved position means: a checkpoint's position is refused by a loader that reads other batches
+        # (and what they hold, where the manifest says: a dataset prepared again, shuffled with another seed, has
+        # shards of the same names and lengths)
+        digests = manifest_digests(Path(data_dir), split)
         self.layout = {"B": B, "T": T, "world": world, "shuffle": shuffle, "seed": seed if shuffle else None,
-                       "shards": [[path.name, n] for path, n in kept]}
+                       "shards": [[path.name, n] for path, n in kept],
+                       "sha256": {path.name: digests[path.name] for path, _ in kept if path.name in digests}}
         # each shard's file (inode, size, mtime) when its token ids were checked: not again at every reset or epoch,
         # but again once it was replaced or written to
         self._checked: dict[int, tuple[int, int, int]] = {}
@@ -221,7 +235,7 @@ class DataLoader:
         saved = d.pop("layout", None)  # None: a checkpoint from before the layout was saved
         if saved is not None and not _is_layout(saved):
             raise ValueError(f"not a layout of batches: {str(saved)[:100]}")
-        if saved is not None and saved != self.layout:
+        if saved is not None and _layout_changes(saved, self.layout):
             raise UserError(f"cannot continue the checkpoint's data position with other batches: "
                             f"{_layout_changes(saved, self.layout)}; resume with the checkpoint's values, or start a "
                             "new run from its weights (--init-from)")
@@ -239,12 +253,15 @@ def _is_layout(saved: object) -> bool:
     """Whether a checkpoint's saved layout has the form DataLoader.layout has ([name, tokens] per shard), so that
     comparing and describing it (_layout_changes) cannot fail."""
     shards = saved.get("shards", []) if isinstance(saved, dict) else None
+    digests = saved.get("sha256", {}) if isinstance(saved, dict) else None
     return isinstance(shards, list) and all(isinstance(s, list) and len(s) == 2 and isinstance(s[0], str)
-                                            and type(s[1]) is int for s in shards)
+                                            and type(s[1]) is int for s in shards) \
+        and isinstance(digests, dict) and all(isinstance(d, str) for d in digests.values())
 
 
 def _layout_changes(saved: dict, now: dict) -> str:
-    """What differs between the batches a saved position counts and those a loader reads, as options."""
+    """What differs between the batches a saved position counts and those a loader reads, as options ('' if
+    nothing). A shard's content is compared where both layouts know its sha256 (older checkpoints have none)."""
     names = {"B": "batch_size", "T": "seq_len", "world": "ranks", "shuffle": "shuffle", "seed": "seed"}
     differ = [k for k in names if saved.get(k) != now[k]
               and not (k == "seed" and saved.get("shuffle") != now["shuffle"])]  # a seed only orders a shuffle
@@ -252,4 +269,8 @@ def _layout_changes(saved: dict, now: dict) -> str:
     if saved.get("shards") != now["shards"]:
         count = lambda shards: f"{len(shards)} shard(s) of {sum(n for _, n in shards):,} tokens"  # noqa: E731
         changes.append(f"data of {count(saved.get('shards') or [])} (this run: {count(now['shards'])})")
+    elif other := [name for name, digest in saved.get("sha256", {}).items()
+                   if now["sha256"].get(name, digest) != digest]:
+        changes.append(f"data of other content: {', '.join(other[:3])}{' ...' * (len(other) > 3)} (sha256 in "
+                       "manifest.json; prepared again?)")
     return ", ".join(changes)

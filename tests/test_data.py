@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from test_train import VOCAB, cli_config, token_stream, write_shards
 
 from nanogpt_mlx import UserError
 from nanogpt_mlx.data import DataLoader, load_shard
+from nanogpt_mlx.files import sha256_file
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "inspect"])
@@ -103,6 +105,33 @@ def test_a_saved_position_follows_its_shards_to_another_directory(tmp_path):
     np.testing.assert_array_equal(moved.next_batch()[0], loader.next_batch()[0])
     del saved["layout"]  # a checkpoint from before the layout was saved: taken as it is
     moved.load_state_dict(saved)
+
+
+def test_a_saved_position_is_refused_by_shards_of_other_content(tmp_path):
+    """A dataset prepared again (shuffled with another seed) has shards of the same names and lengths: the sha256
+    that its manifest records tells them apart."""
+    def dataset(name: str, seed: int) -> Path:
+        data = write_shards(tmp_path / name, [token_stream(3000, seed), token_stream(3000, seed + 1)],
+                            token_stream(2000, 3))
+        shards = [{"file": p.name, "split": p.name.split("_")[1], "tokens": len(np.load(p)), "sha256": sha256_file(p)}
+                  for p in sorted(data.glob("*.npy"))]
+        (data / "manifest.json").write_text(json.dumps({"format": "nanogpt-mlx-shards", "complete": True,
+                                                        "shards": shards}))
+        return data
+
+    data, again = dataset("d", 1), dataset("again", 5)
+    loader = DataLoader(data, "train", 4, 32)
+    for _ in range(30):
+        loader.next_batch()
+    saved = json.loads(json.dumps(loader.state_dict()))
+    with pytest.raises(UserError, match=r"data of other content: toy_train_000001.npy, toy_train_000002.npy "
+                                        r"\(sha256 in manifest.json; prepared again\?\)"):
+        DataLoader(again, "train", 4, 32).load_state_dict(saved)
+    moved = DataLoader(shutil.copytree(data, tmp_path / "moved"), "train", 4, 32)
+    moved.load_state_dict(saved)  # the same shards elsewhere
+    np.testing.assert_array_equal(moved.next_batch()[0], loader.next_batch()[0])
+    (again / "manifest.json").unlink()  # shards from elsewhere: what they hold is not known
+    DataLoader(again, "train", 4, 32).load_state_dict(saved)
 
 
 def test_shuffle_permutes_each_shards_windows_anew_each_epoch(tmp_path):

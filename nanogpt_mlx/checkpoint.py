@@ -43,9 +43,14 @@ def checkpoints(out: str | os.PathLike) -> list[Path]:
 
 def latest_checkpoint(out: str | os.PathLike) -> Path:
     found = checkpoints(out)
-    if not found:
-        raise UserError(f"{out}: no checkpoint to resume from (expected {out}/ckpt-NNNNNN/)")
-    return found[-1]
+    if found:
+        return found[-1]
+    out = Path(out)
+    if (out / STATE_FILE).is_file() and checkpoints(out.parent):  # one of a run's checkpoints, not the run
+        raise UserError(f"{out} is a checkpoint of the run in {out.parent}: resume the run (--resume {out.parent}), "
+                        "which continues from its latest checkpoint; to continue from this one, move the later ones "
+                        "away")
+    raise UserError(f"{out}: no checkpoint to resume from (expected {out}/ckpt-NNNNNN/)")
 
 
 def damaged(ckpt: Path, reason: str) -> UserError:

@@ -350,8 +350,10 @@ def add_train(sub) -> None:
                                    "SIGTERM or SIGHUP saves a checkpoint after the step in progress (at once during an "
                                    "evaluation, in a single process) and stops.")
     p.add_argument("--preset", choices=list(PRESETS), help="(default: shakespeare; not with --resume)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoints are in DIR, exactly: "
-                   "its model and its batches (batch_size, seq_len, shuffle, seed, shards) stay")
+    p.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoints are in DIR from its latest, "
+                   "exactly: its model and its batches (batch_size, seq_len, shuffle, with shuffle its seed, the "
+                   "shards and what they hold) stay; the fields given change, as the log's first note says (a larger "
+                   "--max-steps stretches the LR schedule from there)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out that already holds a run's checkpoints, model or logs (removed)")
     p.add_argument("--ranks", type=positive_int, default=1,
@@ -394,6 +396,7 @@ def _launches_ranks(args) -> bool:
 def cmd_train(args) -> None:
     from dataclasses import fields
 
+    from .checkpoint import checkpoints
     from .config import TrainConfig, resume_config
     from .distributed import init
     from .files import lock_dir, unlock_dir
@@ -416,8 +419,8 @@ def cmd_train(args) -> None:
         if shape:
             raise UserError(f"--init-from trains {overrides['init_from']} in its own shape; {', '.join(shape)} "
                             "cannot change it (they size a random init)")
-    took = dist.is_main and bool(args.resume) and Path(args.resume).is_dir() and \
-        lock_dir(Path(args.resume), "run")  # before its checkpoint is read, which a live run may replace
+    # before its checkpoint is read, which a live run may replace (and no lock file left where there is none)
+    took = dist.is_main and bool(args.resume) and bool(checkpoints(args.resume)) and lock_dir(Path(args.resume), "run")
     try:
         cfg = resume_config(args.resume, **overrides) if args.resume else \
             TrainConfig.preset(args.preset or "shakespeare", **overrides)

@@ -133,13 +133,13 @@ def largest_batch(config: GPTConfig, seq_len: int, dtype: str, checkpointing: bo
 
 def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpointing: bool,
           max_memory_gb: float = 0.0, share: int = 1, threads: int = 1, fixed_threads: bool = False,
-          rows: int = 0) -> Estimate:
+          rows: int = 0, batch_fixed: bool = False) -> Estimate:
     """Refuse (UserError) a run whose estimated peak exceeds max_memory_gb (0: the device's memory, of which each
     of `share` ranks on this machine gets its share), with the batch size (a divisor of `rows`, a rank's rows per
-    optimizer step, if given) or checkpointing that would fit, each with the step threads it would run on
-    (step_threads); warn when it comes within 10%."""
-    est = estimate(config, batch_size, seq_len, dtype, checkpointing,
-                   threads=step_threads(batch_size, threads, fixed_threads))
+    optimizer step, if given; not if `batch_fixed`, a resumed run's) or checkpointing that would fit, each with the
+    step threads it would run on (step_threads); warn when it comes within 10%."""
+    est_threads = step_threads(batch_size, threads, fixed_threads)
+    est = estimate(config, batch_size, seq_len, dtype, checkpointing, threads=est_threads)
     if max_memory_gb:
         limit, where = max_memory_gb * 1e9, f"--max-memory {max_memory_gb:g} GB"
     else:
@@ -147,18 +147,25 @@ def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpoi
         where = f"this device's {limit / 1e9:.1f} GB" if share == 1 else \
             f"{limit / 1e9:.1f} GB, this device's memory split among its {share} ranks"
     if est.total > limit:
-        advice = []
-        fits = largest_batch(config, seq_len, dtype, checkpointing, limit, threads=threads,
-                             fixed_threads=fixed_threads, rows=rows)
-        if fits:
-            advice.append(f"--batch-size {fits} fits (--total-batch-size stays, by more accumulation)")
-        if not checkpointing:
+        advice, fits = [], 0
+        if not batch_fixed:
+            fits = largest_batch(config, seq_len, dtype, checkpointing, limit, threads=threads,
+                                 fixed_threads=fixed_threads, rows=rows)
+            if fits:
+                advice.append(f"--batch-size {fits} fits (--total-batch-size stays, by more accumulation)")
+        if not checkpointing and batch_fixed:
+            if estimate(config, batch_size, seq_len, dtype, True, threads=est_threads).total <= limit:
+                advice.append("--activation-checkpointing fits it")
+        elif not checkpointing:
             fits_ckpt = largest_batch(config, seq_len, dtype, True, limit, threads=threads,
                                       fixed_threads=fixed_threads, rows=rows)
             if fits_ckpt > fits:  # (not where the head, which it does not shrink, is what fills the memory)
                 advice.append(f"--activation-checkpointing fits --batch-size {fits_ckpt}")
+        otherwise = "a resumed run keeps its model and batches: continue it on a larger device, or start a new " \
+            "run from its weights (--init-from) with a smaller --batch-size" if batch_fixed else \
+            "choose a smaller model or sequence length"
         raise UserError(f"a step of batch {batch_size} x {seq_len} needs {est.describe()}, more than {where}; "
-                        + ("; ".join(advice) if advice else "choose a smaller model or sequence length"))
+                        + ("; ".join(advice) if advice else otherwise))
     if est.total > CLOSE * limit:
         warn(f"a step needs {est.describe()}, close to {where}")
     return est

@@ -126,11 +126,12 @@ class Trainer:
         self.recipe = recipes.get(cfg.recipe)
         self.dtype_name = cfg.dtype or device.PROFILE.dtype
         self.dtype = DTYPES[self.dtype_name]
-        if resume and self.dist.is_main and self.out.is_dir():
+        if resume and self.dist.is_main and checkpoint.checkpoints(self.out):  # (no lock file left where none is)
             self._hold()  # before its checkpoint is read, which a live run may replace
         ckpt = checkpoint.latest_checkpoint(self.out) if resume else None
-        if ckpt is not None:
-            self._check_world(ckpt)
+        state = checkpoint.read_state(ckpt) if ckpt is not None else None
+        if state is not None:
+            self._check_world(ckpt, state["world"])
         self._check_out(ckpt, overwrite)
         if note := device.PROFILE.dtype_note(self.dtype_name):
             warn(note)
@@ -139,7 +140,7 @@ class Trainer:
         # the config a checkpoint saves (and a resume holds to) names the model trained, not the preset's sizes
         self.cfg = cfg = replace(cfg, **{k: getattr(self.model.config, k) for k in MODEL_FIELDS if k != "init_from"})
         self.model.checkpoint_blocks = cfg.activation_checkpointing
-        self._check_config()
+        self._check_config(resuming=ckpt is not None)
         # HellaSwag's examples now, not at the first evaluation: a wrong path or a failed download stops a resumed
         # run (or one whose first evaluation comes late) before it trains, not after
         self._hellaswag = load_hellaswag(
@@ -163,11 +164,13 @@ class Trainer:
         self._use_master(self.dtype)
         self.optimizer.init(self.master["params"])
         self.step = 0
-        if ckpt is not None:
-            self._load_state(ckpt)
+        if state is not None:
+            self._load_state(ckpt, state)
             if self.step > cfg.max_steps:
                 raise UserError(f"{ckpt} is at step {self.step}, beyond max_steps {cfg.max_steps}: nothing to train "
                                 f"(pass a larger --max-steps)")
+        # said and logged once, before the first step: where the run continues from, and what changed
+        self._resume = self._resumed(ckpt, state) if state is not None else None
         self._saved_step = self.step  # the latest checkpoint's step (a fresh run's start needs none)
         self.threads = self._step_threads(self.model.config)
         self._build_steps()
@@ -207,7 +210,8 @@ class Trainer:
             return memory.check(config, batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=self.dtype_name,
                                 checkpointing=cfg.activation_checkpointing, max_memory_gb=cfg.max_memory,
                                 share=self.dist.local, threads=cfg.threads or device.step_threads(config.n_embd),
-                                fixed_threads=bool(cfg.threads), rows=0 if uneven else rows)
+                                fixed_threads=bool(cfg.threads), rows=0 if uneven else rows,
+                                batch_fixed=ckpt is not None)
 
         if ckpt is None and not cfg.init_from:
             config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or PADDED_VOCAB_SIZE,
@@ -222,8 +226,9 @@ class Trainer:
         model = model.grow_vocab(cfg.vocab_size) if cfg.vocab_size and ckpt is None else model
         return model, fits(model.config)
 
-    def _check_config(self) -> None:
-        """Refuse sizes that do not fit before anything runs, the evaluations' included."""
+    def _check_config(self, resuming: bool) -> None:
+        """Refuse sizes that do not fit before anything runs, the evaluations' included (advising, when resuming,
+        only what a resumed run may change)."""
         cfg, world = self.cfg, self.dist.world
         if cfg.sample_every and cfg.num_samples:
             try:
@@ -238,8 +243,8 @@ class Trainer:
                             f"{self.model.config.block_size}")
         per_micro = cfg.batch_size * cfg.seq_len * world
         if cfg.total_batch_size % per_micro:
-            fits = next((b for b in range(cfg.batch_size, 0, -1)
-                         if cfg.total_batch_size % (b * cfg.seq_len * world) == 0), None)
+            fits = None if resuming else next((b for b in range(cfg.batch_size, 0, -1)
+                                               if cfg.total_batch_size % (b * cfg.seq_len * world) == 0), None)
             instead = (f"--batch-size {fits} or " if fits else "") + \
                 f"--total-batch-size {-(-cfg.total_batch_size // per_micro) * per_micro}"
             raise UserError(f"total_batch_size {cfg.total_batch_size} is not divisible by batch_size * seq_len"
@@ -341,16 +346,14 @@ class Trainer:
         self._eval_loss = mx.compile(eval_loss, inputs=state) if self.cfg.compile else eval_loss
 
     # -- checkpoints
-    def _check_world(self, ckpt: Path) -> None:
+    def _check_world(self, ckpt: Path, world: int) -> None:
         """Refuse to resume with another rank count (the batches each rank read would differ): before the config's
         checks, whose advice (a total_batch_size for this rank count) would not help."""
-        world = checkpoint.read_state(ckpt)["world"]
         if world != self.dist.world:
             raise UserError(f"{ckpt} was written by a run with {world} ranks; resume it with the same number, "
                             f"--ranks {world} (this run has {self.dist.world})")
 
-    def _load_state(self, ckpt: Path) -> None:
-        state = checkpoint.read_state(ckpt)
+    def _load_state(self, ckpt: Path, state: dict) -> None:
         saved = checkpoint.read_optimizer(ckpt, like=self.packing.unpack_state(self.optimizer.state))
         self.optimizer.state = self.packing.pack_state(saved, like=self.optimizer.state)
         try:
@@ -358,6 +361,35 @@ class Trainer:
         except ValueError as e:
             raise checkpoint.damaged(ckpt, f"{checkpoint.STATE_FILE}: train_loader: {e}") from None
         self.step = state["step"]
+
+    def _resumed(self, ckpt: Path, state: dict) -> dict:
+        """Which checkpoint the run continues from, and the config fields changed since it was saved ([saved, now]);
+        with a changed schedule (a longer max_steps), the LR at this step by the new one and by the checkpoint's
+        (at its last step, where it had ended)."""
+        saved, now, step = state["config"], asdict(self.cfg), state["step"]
+        changed = {k: [saved.get(k), v] for k, v in now.items() if k != "out" and saved.get(k, v) != v}
+        resumed = {"checkpoint": str(ckpt), "changed": changed}
+        if not changed or step >= self.cfg.max_steps:  # the same schedule, or no step to train
+            return resumed
+        try:
+            before = replace(self.cfg, **{k: old for k, (old, _) in changed.items()})
+        except (TypeError, UserError):  # a field of the saved config that this version would refuse
+            return resumed
+        at = max(0, min(step, before.max_steps - 1))
+        lr = {"now": self.recipe.lr(step, self.cfg), "before": self.recipe.lr(at, before), "before_at": at}
+        return {**resumed, "lr": lr} if lr["now"] != lr["before"] else resumed
+
+    @staticmethod
+    def _resume_line(step: int, resumed: dict) -> str:
+        line = f"resuming from {resumed['checkpoint']} (step {step})"
+        if resumed["changed"]:
+            line += "; changed since: " + ", ".join(f"{k} {old!r} -> {new!r}"
+                                                    for k, (old, new) in resumed["changed"].items())
+        if lr := resumed.get("lr"):
+            at = "" if lr["before_at"] == step else f" at its last step, {lr['before_at']}"
+            line += f"; the LR at step {step} is {lr['now']:.4e} by the new schedule ({lr['before']:.4e} by the " \
+                f"checkpoint's{at})"
+        return line
 
     def save(self) -> Path:
         """Write OUT/ckpt-{step} with the float32 master weights (rank 0 only) and return its path."""
@@ -658,7 +690,11 @@ class Trainer:
                   f"{tokens_per_step} tokens/step = {self.dist.world} x {self.grad_accum} x {cfg.batch_size} x "
                   f"{cfg.seq_len} | steps {self.step}..{cfg.max_steps} | {device.PROFILE.name} {self.dtype_name} | "
                   f"peak {peak / 1e9:.0f} GFLOP/s a rank | memory ~{self.memory.total / 1e9:.2f} GB estimated")
-        notes = [device.PROFILE.attention_note(self.dtype_name, c.n_embd // c.n_head, cfg.seq_len)]
+        notes = [self._resume_line(self.step, self._resume) if self._resume else "",
+                 device.PROFILE.attention_note(self.dtype_name, c.n_embd // c.n_head, cfg.seq_len)]
+        if self._resume:
+            self.log.event(self.step, "resume", **self._resume)
+            self._resume = None  # (not again at a later train())
         if cfg.warmup_steps >= cfg.max_steps:  # e.g. a short run that kept build-nanogpt's 715 warmup steps
             notes.append(f"warmup_steps {cfg.warmup_steps} is not below max_steps {cfg.max_steps}: the LR rises for "
                          "the whole run and never decays (--warmup-steps)")

@@ -109,6 +109,19 @@ def test_a_run_that_cannot_fit_is_refused_with_advice(monkeypatch):
         memory.check(cfg, 16, 1024, "float32", False, max_memory_gb=8)
 
 
+def test_a_resumed_run_is_advised_only_what_it_may_change(monkeypatch):
+    """A resumed run keeps its batches (the data position counts them): --batch-size was advised, which the resume
+    then refused."""
+    cfg = GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)
+    monkeypatch.setattr(device, "PROFILE", device.PROFILES["cpu-x86"])
+    with pytest.raises(UserError, match="; --activation-checkpointing fits it$"):
+        memory.check(cfg, 16, 1024, "float32", False, max_memory_gb=8, batch_fixed=True)
+    with pytest.raises(UserError, match="; a resumed run keeps its model and batches: continue it on a larger device, "
+                                        "or start a new run from its weights \\(--init-from\\) with a smaller "
+                                        "--batch-size$"):
+        memory.check(cfg, 16, 1024, "float32", True, max_memory_gb=4, batch_fixed=True)
+
+
 def test_the_batch_advised_divides_a_steps_rows():
     """12 rows a step, and 8 of them too many: --batch-size 8 was advised, which total_batch_size then refused."""
     cfg = GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)

@@ -28,7 +28,7 @@ from nanogpt_mlx import GPT, GPTConfig, device, memory
 from nanogpt_mlx import optim as optim_mod
 from nanogpt_mlx import train as train_mod
 from nanogpt_mlx.checkpoint import checkpoints
-from nanogpt_mlx.config import TrainConfig, get_lr
+from nanogpt_mlx.config import TrainConfig, get_lr, resume_config
 from nanogpt_mlx.errors import UserError
 from nanogpt_mlx.sample import SampleConfig, sample_texts
 from nanogpt_mlx.train import Trainer
@@ -818,6 +818,36 @@ def test_an_evaluation_stopped_in_a_notebook_is_logged_once_when_train_is_called
         [["0", "val"], ["2", "val"], ["3", "val"]]
 
 
+def test_a_resume_says_its_checkpoint_and_what_changed(data_dir, tmp_path):
+    """A resumed run names the checkpoint it continues from and the fields given that changed since, in its output
+    and its log.jsonl; a longer max_steps stretches the LR schedule from there, which it says (it did so silently,
+    the LR going back up)."""
+    out = tmp_path / "run"
+    run_cli(*cli_config(data_dir, out, "--max-steps", "4", "--sample-every", "0", "--val-every", "0"), check=True)
+    assert f"note: resuming from {out}/ckpt-000004 (step 4)\n" in run_cli("train", "--resume", str(out),
+                                                                         check=True).stdout
+    extended = run_cli("train", "--resume", str(out), "--max-steps", "8", "--threads", "1", check=True).stdout
+    saved, now = resume_config(out, max_steps=4, threads=0), resume_config(out)
+    assert now.max_steps == 8 and get_lr(4, now) > get_lr(3, saved)
+    assert f"note: resuming from {out}/ckpt-000004 (step 4); changed since: max_steps 4 -> 8, threads 0 -> 1; the " \
+           f"LR at step 4 is {get_lr(4, now):.4e} by the new schedule ({get_lr(3, saved):.4e} by the checkpoint's " \
+           "at its last step, 3)" in extended
+    assert logged(out, "resume") == [{"step": 4, "kind": "resume", "checkpoint": f"{out}/ckpt-000004",
+                                      "changed": {"max_steps": [4, 8], "threads": [0, 1]},
+                                      "lr": {"now": get_lr(4, now), "before": get_lr(3, saved), "before_at": 3}}]
+    assert [r["lr"] for r in logged(out)][4:] == [get_lr(s, now) for s in range(4, 8)]
+
+
+def test_a_resumed_run_is_advised_only_what_it_may_change(data_dir, tmp_path):
+    """--batch-size was advised to a resumed run, whose batches the data position fixes (refused when followed)."""
+    out = tmp_path / "run"
+    run_cli(*cli_config(data_dir, out, "--max-steps", "2", "--sample-every", "0"), check=True)
+    assert "--batch-size 2 or" in run_cli(*cli_config(data_dir, tmp_path / "new", "--total-batch-size", "320")).stderr
+    proc = run_cli("train", "--resume", str(out), "--max-steps", "3", "--total-batch-size", "320")
+    assert_one_line_error(proc, "total_batch_size 320 is not divisible", "; use --total-batch-size 384")
+    assert "--batch-size" not in proc.stderr
+
+
 # ------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("case, needles", [
     ("missing-dir", ["data directory not found"]),
@@ -828,6 +858,8 @@ def test_an_evaluation_stopped_in_a_notebook_is_logged_once_when_train_is_called
     ("too-long", ["seq_len 64", "context"]),
     ("bad-dtype", ["dtype"]),
     ("resume-nothing", ["no checkpoint"]),
+    ("resume-a-checkpoint", ["ckpt-000002 is a checkpoint of the run in", "resume the run (--resume",
+                             "move the later ones away"]),
     ("resume-other-model", ["resumed run keeps its model", "n_layer 1 (not 3)", "vocab_size 1000 (not 2000)"]),
     ("resume-other-batches", ["data position with other batches", "batch_size 4 (this run: 2)", "--init-from"]),
     ("resume-below-its-step", ["ckpt-000002 is at step 2, beyond max_steps 1: nothing to train"]),
@@ -860,7 +892,11 @@ def test_bad_input_is_one_clear_line(case, needles, data_dir, tmp_path):
     elif case == "bad-dtype":
         args += ["--dtype", "float16"]
     elif case == "resume-nothing":
+        (tmp_path / "empty").mkdir()
         args = ["train", "--resume", str(tmp_path / "empty")]
+    elif case == "resume-a-checkpoint":
+        run_cli(*args, check=True)
+        args = ["train", "--resume", str(out / "ckpt-000002")]
     elif case == "resume-other-model":
         run_cli(*args, check=True)
         args = ["train", "--resume", str(out), "--max-steps", "3", "--n-layer", "3", "--vocab-size", "2000",
@@ -898,6 +934,8 @@ def test_bad_input_is_one_clear_line(case, needles, data_dir, tmp_path):
     assert_one_line_error(run_cli(*args), *needles)
     # refused before the first step
     assert ((out / "log.txt").read_text() if (out / "log.txt").exists() else None) == log
+    if case in ("resume-nothing", "resume-a-checkpoint"):  # no lock file left in what is no run
+        assert not (Path(args[2]) / ".lock").exists()
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):

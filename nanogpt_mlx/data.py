@@ -235,10 +235,9 @@ class DataLoader:
         saved = d.pop("layout", None)  # None: a checkpoint from before the layout was saved
         if saved is not None and not _is_layout(saved):
             raise ValueError(f"not a layout of batches: {str(saved)[:100]}")
-        if saved is not None and _layout_changes(saved, self.layout):
-            raise UserError(f"cannot continue the checkpoint's data position with other batches: "
-                            f"{_layout_changes(saved, self.layout)}; resume with the checkpoint's values, or start a "
-                            "new run from its weights (--init-from)")
+        if saved is not None and (changes := _layout_changes(saved, self.layout)):
+            raise UserError(f"cannot continue the checkpoint's data position with other batches: {changes}; resume "
+                            "with the checkpoint's values, or start a new run from its weights (--init-from)")
         if set(d) != set(LoaderState.__dataclass_fields__) or any(type(v) is not int or v < 0 for v in d.values()):
             raise ValueError(f"not a position (shard, step, epoch: counts): {d}")
         state = LoaderState(**d)

@@ -62,6 +62,7 @@ NO_GEMV_SHIM_ENV = "NANOGPT_MLX_NO_GEMV_SHIM"
 NO_AVX2_ENV = "NANOGPT_MLX_NO_AVX2"
 SYSTEM_TMPDIR_ENV = "NANOGPT_MLX_SYSTEM_TMPDIR"  # the TMPDIR before _vectorize_jit, for child processes
 JIT_FLAGS = ("-mavx2", "-mfma", "-mf16c")
+KERNEL_ROOM = 32 * 2**20  # free bytes wanted where MLX compiles: a run's kernels (~16 kB each) and g++'s temporaries
 _OPENBLAS_GLOBS = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -226,6 +227,9 @@ def _vectorize_jit() -> None:
     if not os.access(wrapper, os.X_OK):  # a noexec mount: MLX could neither run the wrapper nor load kernels there
         jit = f"MLX's default flags ({wrapper.parent} does not allow executing)"
         return
+    if why := _cannot_compile_in(kernels):  # a full cache, as a read-only one: the system's temporary directory
+        jit = f"MLX's default flags ({_kernel_dir(kernels)} {why})"
+        return
     # MLX keeps compiled kernels in $TMPDIR/mlx/<version>/cpu, by name only: a directory of our own keeps
     # baseline builds out. This process's Python temporary files stay where they were, and so do a child's
     # that imports nanogpt_mlx.
@@ -246,33 +250,46 @@ def _kernel_dir(tmp: str | os.PathLike | None = None) -> Path:
     return Path(tmp or os.environ.get("TMPDIR") or tempfile.gettempdir()) / "mlx" / version / "cpu"
 
 
-def _can_compile_in(tmp: str | os.PathLike) -> bool:
+def _free_bytes(place: str | os.PathLike) -> int:
+    """The bytes this user can still write on `place`'s disk: 0 where it has no inodes left."""
+    disk = os.statvfs(place)
+    return 0 if disk.f_files and not disk.f_favail else disk.f_bavail * disk.f_frsize
+
+
+def _cannot_compile_in(tmp: str | os.PathLike) -> str:
+    """Why MLX could not compile its kernels under `tmp` ('' where it can)."""
     kernels = _kernel_dir(tmp)
     try:
         kernels.mkdir(parents=True, exist_ok=True)
     except OSError:  # a full disk (MLX would fail with a traceback), a read-only one
-        return False
-    return os.access(kernels, os.W_OK | os.X_OK)  # another user's /tmp/mlx, say
+        return "cannot be written"
+    if not os.access(kernels, os.W_OK | os.X_OK):  # another user's /tmp/mlx, say
+        return "cannot be written"
+    # g++ would fail on a full disk mid-run, at the first kernel not built yet, leaving its files behind
+    if _free_bytes(kernels) < KERNEL_ROOM:
+        return f"has under {KERNEL_ROOM // 2**20} MB free"
+    return ""
 
 
 def _usable_tmpdir() -> None:
     """MLX compiles its kernels in _kernel_dir() and fails every compiled function where it cannot make or write
     there: a TMPDIR that names no writable directory, another user's /tmp/mlx on a shared machine, a full disk.
-    Make that directory now, or point TMPDIR where it can be made: Python's temporary directory, then one in this
-    user's cache (where _vectorize_jit has not moved TMPDIR already)."""
+    Make that directory now, or point TMPDIR where it can be made and has room: Python's temporary directory, then
+    one in this user's cache (where _vectorize_jit has not moved TMPDIR already)."""
     global jit
     tmp = os.environ.get("TMPDIR")
     if tmp and not (os.path.isdir(tmp) and os.access(tmp, os.W_OK | os.X_OK)):
         os.environ["TMPDIR"] = tempfile.gettempdir()  # Python's own fallback: /tmp, /var/tmp, ... or the cwd
         jit += f" [TMPDIR={tmp} is not a writable directory: kernels in {os.environ['TMPDIR']}]"
-    if _can_compile_in(os.environ.get("TMPDIR") or tempfile.gettempdir()):
+    why = _cannot_compile_in(os.environ.get("TMPDIR") or tempfile.gettempdir())
+    if not why:
         return
     try:
         mine = cache_dir() / "mlx-tmp"
     except UserError:
         return  # explain() says what is wrong when a kernel fails
-    if _can_compile_in(mine):
-        jit += f" [{_kernel_dir().parent.parent} cannot be written: kernels in {mine}]"
+    if not _cannot_compile_in(mine):
+        jit += f" [{_kernel_dir().parent.parent} {why}: kernels in {mine}]"
         os.environ["TMPDIR"] = str(mine)
 
 
@@ -368,9 +385,7 @@ def explain(e: RuntimeError) -> str | None:
     if not os.access(place, os.W_OK | os.X_OK):
         why = f"{place} is not writable by this user"
     else:
-        disk = os.statvfs(place)
-        full = disk.f_bavail * disk.f_frsize < 2**20 or (disk.f_files and not disk.f_favail)
-        why = "its disk is full" if full else "see the compiler's message"
+        why = "its disk is full" if _free_bytes(place) < 2**20 else "see the compiler's message"
     return f"MLX could not compile a kernel in {where} ({why}): {said}"
 
 

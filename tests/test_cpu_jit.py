@@ -46,14 +46,28 @@ x86_with_avx2 = pytest.mark.skipif(
     reason="needs an x86-64 CPU with AVX2 and FMA, and g++")
 
 
-def probe(tmp_path, **env) -> dict:
+# run before PROBE: the disk under FULL_DISK has 100 kB free (what shutil.disk_usage and os.statvfs report)
+FULL_DISK = r"""
+import os
+_statvfs = os.statvfs
+def _full(path):
+    disk = _statvfs(path)
+    if not os.path.abspath(path).startswith(os.environ["FULL_DISK"]):
+        return disk
+    return os.statvfs_result((*disk[:3], 0, 100_000 // disk.f_frsize, *disk[5:]))
+os.statvfs = _full
+"""
+
+
+def probe(tmp_path, prelude: str = "", **env) -> dict:
     system_tmp = tmp_path / "system-tmp"
     system_tmp.mkdir()
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "TMPDIR": str(system_tmp),
            "NANOGPT_MLX_PROFILE": "cpu-x86", **env}
     env.pop(cpu.SYSTEM_TMPDIR_ENV, None)
     env["PATH"] = os.pathsep.join(d for d in env["PATH"].split(os.pathsep) if "jit-avx2" not in d)
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run([sys.executable, "-c", prelude + PROBE], capture_output=True, text=True, env=env,
+                         check=True)
     return json.loads(out.stdout) | {"system_tmp": str(system_tmp)}
 
 
@@ -102,6 +116,22 @@ def test_a_kernel_directory_that_cannot_be_made_moves_to_the_users_cache(tmp_pat
     got = probe(tmp_path, NANOGPT_MLX_NO_AVX2="1", TMPDIR=str(shared))
     assert got["tmpdir"] == str(tmp_path / "cache" / "nanogpt-mlx" / "mlx-tmp")
     assert f"{shared / 'mlx'} cannot be written" in got["jit"] and got["err"] < 3e-7  # its kernels compiled
+
+
+@x86_with_avx2
+def test_a_full_cache_falls_back_as_a_read_only_one(tmp_path):
+    """g++ failed at the first kernel in a cache with a few kB free (the wrapper and kernel directory made): every
+    compiled function failed, where a read-only cache compiled with MLX's default flags in the system's TMPDIR."""
+    got = probe(tmp_path, FULL_DISK, FULL_DISK=str(tmp_path / "cache"))
+    assert not got["avx2"] and got["jit"].startswith("MLX's default flags (") and "MB free" in got["jit"]
+    assert got["tmpdir"] == got["system_tmp"] and "jit-avx2" not in got["path0"]
+    assert got["err"] < 3e-7 and got["kernels"]  # compiled in the system's TMPDIR
+
+
+def test_a_full_tmpdir_moves_to_the_users_cache(tmp_path):
+    got = probe(tmp_path, FULL_DISK, NANOGPT_MLX_NO_AVX2="1", FULL_DISK=str(tmp_path / "system-tmp"))
+    assert got["tmpdir"] == str(tmp_path / "cache" / "nanogpt-mlx" / "mlx-tmp")
+    assert "MB free: kernels in" in got["jit"] and got["err"] < 3e-7 and got["kernels"]
 
 
 def test_a_kernel_that_cannot_be_compiled_is_explained(monkeypatch, tmp_path):

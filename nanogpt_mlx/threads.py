@@ -84,16 +84,20 @@ def _share(model: nn.Module, part: Part, i: int, n: int) -> Callable:
 
 def _serve(i: int, fn: Callable, jobs: queue.SimpleQueue, lock: threading.Lock) -> None:
     stream = mx.new_stream(mx.default_device())
-    while (job := jobs.get()) is not None:
-        params, x, y, results = job
-        try:
-            with mx.stream(stream):
-                with lock:
-                    out = fn(params, x, y)
-                mx.eval(out)
-            results.put((i, out, None))
-        except BaseException as e:  # raised in the calling thread
-            results.put((i, None, e))
+    try:
+        while (job := jobs.get()) is not None:
+            params, x, y, results = job
+            try:
+                with mx.stream(stream):
+                    with lock:
+                        out = fn(params, x, y)
+                    mx.eval(out)
+                results.put((i, out, None))
+            except BaseException as e:  # raised in the calling thread
+                results.put((i, None, e))
+    finally:
+        # a thread's streams outliving it may abort the process as it exits (README), most often after a step failed
+        mx.clear_streams()
 
 
 def _stop(jobs: list[queue.SimpleQueue], threads: list[threading.Thread]) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -145,6 +147,55 @@ def test_threads_end_with_their_owner():
     del threads
     gc.collect()
     assert not any(t.is_alive() for t in mine)
+
+
+def test_a_thread_clears_its_streams_as_it_ends(monkeypatch):
+    """A thread's MLX streams outliving it may abort the process at exit (README), most often after a step failed."""
+    cleared = []
+    monkeypatch.setattr(mx, "clear_streams", lambda: cleared.append(threading.current_thread().name))
+
+    def part(model, x, y):
+        raise ValueError("no rows")
+
+    threads = StepThreads(Tiny(), 2, part, compile=False)
+    with pytest.raises(ValueError, match="no rows"):
+        threads(mx.ones((2, 3)), mx.ones((2, 2)))
+    del threads
+    gc.collect()
+    assert sorted(cleared) == ["nanogpt-mlx-step-0", "nanogpt-mlx-step-1"]
+
+
+# g++ as MLX finds it on PATH: it compiles $FAKE_OK kernels, then fails (MLX probes it with --version first)
+FAILING_GXX = """#!/bin/sh
+case "$*" in *--version*) exec {gxx} "$@";; esac
+n=$(cat "$FAKE_COUNT" 2>/dev/null || echo 0); echo $((n + 1)) > "$FAKE_COUNT"
+[ "$n" -lt "$FAKE_OK" ] && exec {gxx} "$@"
+echo "g++: fatal error: no room" >&2
+exit 1
+"""
+
+
+@pytest.mark.skipif(not device.PROFILE.cpu_backend or sys.platform != "linux", reason="MLX's CPU kernel compiler")
+def test_a_step_that_fails_in_a_thread_is_one_line(data, tmp_path):
+    """A kernel that could not be compiled (a full disk) amid a step of two threads: one line and exit 1, where the
+    process aborted as it exited ("terminate called without an active exception", status 134) one run in three."""
+    path = [d for d in os.environ["PATH"].split(os.pathsep) if "jit-avx2" not in d]
+    gxx = shutil.which("g++", path=os.pathsep.join(path))
+    if gxx is None:
+        pytest.skip("needs g++")
+    fake = tmp_path / "bin" / "g++"
+    fake.parent.mkdir()
+    fake.write_text(FAILING_GXX.format(gxx=gxx))
+    fake.chmod(0o755)
+    (tmp_path / "tmp").mkdir()
+    env = {"PATH": os.pathsep.join([str(fake.parent), *path]), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "TMPDIR": str(tmp_path / "tmp"), "FAKE_COUNT": str(tmp_path / "count"), "FAKE_OK": "6"}
+    proc = run_cli("train", "--data", str(data), "--out", str(tmp_path / "out"), "--n-layer", "1", "--n-head", "2",
+                   "--n-embd", "32", "--block-size", "32", "--batch-size", "2", "--seq-len", "32",
+                   "--total-batch-size", "64", "--max-steps", "2", "--val-every", "0", "--sample-every", "0",
+                   "--threads", "2", env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert_one_line_error(proc, "MLX could not compile a kernel", "no room")
 
 
 def test_a_process_that_trained_with_threads_exits_cleanly(data, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -469,10 +470,46 @@ def _fill_closed_streams() -> None:
             setattr(sys, name, open(fd, "w", closefd=False))
 
 
+STDOUT = "stdout"  # the file name of an OSError that writing stdout raised (_NamedStdout)
+
+
+class _NamedStdout:
+    """sys.stdout, whose write errors name it: an OSError from `print` names no file, so a full disk under
+    `> out.txt` read as the command's own failure ("No space left on device"), though its work was done."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            e.filename = e.filename or STDOUT
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            e.filename = e.filename or STDOUT
+            raise
+
+
 def main(argv: list[str] | None = None) -> int:
     _fill_closed_streams()
     if hasattr(sys.stdout, "reconfigure"):  # generated text on a terminal that cannot show it: '?', not a traceback
         sys.stdout.reconfigure(errors="replace")
+    stdout, sys.stdout = sys.stdout, _NamedStdout(sys.stdout)
+    try:
+        return _run(argv)
+    finally:
+        sys.stdout = stdout
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)  # imports the commands' modules: Ctrl-C may come here too
         args.argv = sys.argv[1:] if argv is None else argv
@@ -495,6 +532,13 @@ def main(argv: list[str] | None = None) -> int:
         last_line(f"nanogpt-mlx: error: {said}")
         return 1
     except OSError as e:  # a disk or file error that no command turned into a UserError: still one line
+        if e.filename is STDOUT:  # the work before it is done: what failed is its report
+            from .files import devnull_onto
+
+            with contextlib.suppress(OSError):  # (a stdout of no file: a caller's StringIO)
+                devnull_onto(sys.stdout.fileno())  # Python's own flush at exit fails no more
+            last_line(f"nanogpt-mlx: error: stdout: cannot write ({e.strerror or first_line(e)})")
+            return 1
         where = f"{e.filename}: " if e.filename else ""
         last_line(f"nanogpt-mlx: error: {where}{e.strerror or first_line(e)}")
         return 1

@@ -242,6 +242,17 @@ def test_help_that_cannot_be_written_is_a_failure():
         assert proc.returncode == 1 and "No space left on device" in proc.stderr
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_stdout_on_a_full_disk_is_named(tiny_hf_dir, tmp_path):
+    """A write error on stdout named no file ("No space left on device"), as if the command had failed: export's
+    files were all written."""
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "nanogpt_mlx", "export", str(tiny_hf_dir), str(tmp_path / "out")],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert_one_line_error(proc, "stdout: cannot write (No space left on device)")
+    assert proc.returncode == 1 and (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def test_no_parser_allows_abbreviations():
     import argparse
 

@@ -394,6 +394,22 @@ def test_cli_hellaswag(tiny_hf_dir, fixture_file, tmp_path):
     assert len(out.read_text().splitlines()) == 10
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_cli_hellaswag_writes_its_records_before_its_summary(tiny_hf_dir, fixture_file, tmp_path):
+    """The summary was printed first: a stdout on a full disk (status 1) or closed by its reader (`| true`, status
+    0) left no records file."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "scores.jsonl"
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "nanogpt_mlx", "eval", "hellaswag", "--model", str(tiny_hf_dir),
+                               "--data", str(fixture_file), "--limit", "3", "--output", str(out)],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 1 and "stdout: cannot write" in proc.stderr
+    assert len(out.read_text().splitlines()) == 3
+
+
 def test_cli_hellaswag_scores_batch_size_examples_a_forward(tiny_hf_dir, fixture_file, monkeypatch, capsys):
     from nanogpt_mlx import evaluate
 

@@ -162,13 +162,24 @@ def check_room(out: Path, size: int, fresh: bool) -> None:
     if fresh:
         free += sum(f.stat().st_size for c in old for f in c.rglob("*") if f.is_file())
         old = []
+    has, takes = _told_apart(free, size)
     if free < size:
-        raise UserError(f"{out}: {free / 1e9:.2f} GB free, and a checkpoint of this run takes {size / 1e9:.2f} GB "
+        raise UserError(f"{out}: {has} free, and a checkpoint of this run takes {takes} "
                         "(float32 weights and optimizer state); make room or choose another --out")
     held = (KEEP + 1 - min(len(old), KEEP)) * size
     if free < held:
-        warn(f"{out}: {free / 1e9:.2f} GB free, and saving holds up to {KEEP + 1} checkpoints of {size / 1e9:.2f} "
-             f"GB before it drops the oldest: a later save will stop the run, keeping the checkpoint before it")
+        warn(f"{out}: {has} free, and saving holds up to {KEEP + 1} checkpoints of {takes} "
+             f"before it drops the oldest: a later save will stop the run, keeping the checkpoint before it")
+
+
+def _told_apart(a: int, b: int) -> tuple[str, str]:
+    """Byte counts a and b in GB (MB where both are below 1 GB), with as many decimals as show which is larger."""
+    unit, scale = ("GB", 1e9) if max(a, b) >= 1e9 else ("MB", 1e6)
+    for digits in range(2, 10):
+        said = tuple(f"{n / scale:.{digits}f} {unit}" for n in (a, b))
+        if said[0] != said[1]:
+            break
+    return said
 
 
 def publish_latest(out: Path) -> None:

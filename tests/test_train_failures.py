@@ -425,7 +425,7 @@ def test_full_disk_at_a_checkpoint(run, monkeypatch, capsys):
     assert temporaries(run) == []
     # the disk still full: the next try is refused before it trains (checkpoint.check_room)
     proc = run_main(capsys, "train", "--resume", str(run), "--max-steps", "6", "--checkpoint-every", "2")
-    assert_one_line_error(proc, "0.00 GB free, and a checkpoint of this run takes", "make room")
+    assert_one_line_error(proc, "0.00 MB free, and a checkpoint of this run takes", "make room")
     assert temporaries(run) == []
     monkeypatch.setattr(mx, "save_safetensors", real_save)
     assert [p.name for p in checkpoints(run)] == ["ckpt-000002", "ckpt-000004"]
@@ -630,9 +630,14 @@ def test_a_disk_without_room_for_a_checkpoint_is_refused_at_start(data_dir, tmp_
         monkeypatch.setattr(ckpt_mod.shutil, "disk_usage", lambda p: real(p)._replace(free=int(n)))
 
     free(0.9 * size)
-    with pytest.raises(UserError, match=r"run: 0\.00 GB free, and a checkpoint of this run takes 0\.0\d GB"):
+    with pytest.raises(UserError, match=r"run: \d+\.\d\d MB free, and a checkpoint of this run takes \d+\.\d\d MB"):
         Trainer(tiny_config(data_dir, out, max_steps=2))
     assert not out.exists()  # a refused run makes no OUT
+    free(20_004_000)  # the two read "0.02 GB": as many decimals as tell them apart
+    with pytest.raises(UserError) as refused:
+        ckpt_mod.check_room(out, 20_004_001, fresh=True)
+    has, takes = re.search(r"([\d.]+) MB free, .* takes ([\d.]+) MB", str(refused.value)).groups()
+    assert float(has) < float(takes)
     capsys.readouterr()
     free(1.5 * size)
     Trainer(tiny_config(data_dir, out, max_steps=2))

@@ -129,7 +129,8 @@ def plot_runs(runs: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
 
     baseline: "on", "off" or "auto" (the GPT-2 124M val-loss line, drawn when the loss axis reaches it).
     """
-    from matplotlib.figure import Figure
+    with quiet("matplotlib"):  # a cache it cannot write (read-only, full): two lines on its own temporary one
+        from matplotlib.figure import Figure
 
     runs = as_paths(runs, "runs")
     if not runs:

@@ -169,6 +169,16 @@ def test_cli_plot(tmp_path):
     assert proc.stderr == "" and proc.stdout == f"wrote {tmp_path / 'run.eps'}\n"
 
 
+def test_a_cache_matplotlib_cannot_write_leaves_no_lines_of_its_own(tmp_path):
+    """A read-only or full XDG_CACHE_HOME: matplotlib said "mkdir -p failed for path ..." and "Matplotlib created a
+    temporary cache directory ...; it is highly recommended to set the MPLCONFIGDIR" (here a file is in the way)."""
+    (tmp_path / "cache").write_text("")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "MPLCONFIGDIR": str(tmp_path / "cache" / "matplotlib")}
+    out = tmp_path / "run.png"
+    proc = run_cli("plot", str(fake_run(tmp_path / "run")), "--out", str(out), env=env, check=True)
+    assert proc.stderr == "" and png_size(out)[0] > 0
+
+
 def test_baseline_auto_follows_loss_range(tmp_path, monkeypatch):
     drawn = []
     import matplotlib.axes

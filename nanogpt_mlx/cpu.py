@@ -76,6 +76,7 @@ blas: str = "bundled"
 gemv: str = "off (it needs OpenBLAS)"  # single-row matmuls through sgemv
 jit: str = "MLX's default flags"  # how MLX compiles fused kernels
 jit_avx2: bool = False  # whether they are compiled for AVX2 (exp's 2**k by per-lane shifts)
+_kernels_tmpdir: str | None = None  # the TMPDIR that _vectorize_jit set, for MLX alone (child_env)
 note: str = ""
 # the loaded BLAS's thread count of its GEMMs: how to read and set it (None: MLX's bundled BLAS, or Accelerate)
 _threads: tuple[Callable[[], int], Callable[[int], None]] | None = None
@@ -154,7 +155,7 @@ def build_gemv_shim() -> Path:
         src.write_bytes(source)
         try:
             proc = subprocess.run([*cc, "-O2", "-shared", "-fPIC", "-o", str(built), str(src)],
-                                  capture_output=True, text=True, timeout=120)
+                                  capture_output=True, text=True, timeout=120, env=child_env())
         except FileNotFoundError:
             raise OSError(f"C compiler {cc[0]} not found") from None
         if proc.returncode != 0:
@@ -193,7 +194,7 @@ def _install_gemv_shim(openblas: ctypes.CDLL) -> None:
 
 def _vectorize_jit() -> None:
     """Have MLX compile its fused CPU kernels for AVX2 (see the module docstring), where the CPU has it."""
-    global jit, jit_avx2
+    global jit, jit_avx2, _kernels_tmpdir
     if os.environ.get(NO_AVX2_ENV, "") not in ("", "0"):
         jit = f"MLX's default flags ({NO_AVX2_ENV} is set)"
         return
@@ -231,14 +232,24 @@ def _vectorize_jit() -> None:
         jit = f"MLX's default flags ({_kernel_dir(kernels)} {why})"
         return
     # MLX keeps compiled kernels in $TMPDIR/mlx/<version>/cpu, by name only: a directory of our own keeps
-    # baseline builds out. This process's Python temporary files stay where they were, and so do a child's
-    # that imports nanogpt_mlx.
+    # baseline builds out. MLX reads TMPDIR from this process's environment, at each kernel, so it is set here;
+    # this process's Python temporary files stay where they were, and so do those of the children this package
+    # starts (child_env) and of a child that imports nanogpt_mlx.
     system_tmp = os.environ.get(SYSTEM_TMPDIR_ENV) if os.environ.get("TMPDIR") == str(kernels) else None
     tempfile.tempdir = system_tmp or tempfile.gettempdir()
     os.environ[SYSTEM_TMPDIR_ENV] = tempfile.tempdir
-    os.environ["TMPDIR"] = str(kernels)
+    os.environ["TMPDIR"] = _kernels_tmpdir = str(kernels)
     os.environ["PATH"] = os.pathsep.join([str(wrappers), *path])
     jit, jit_avx2 = f"g++ {' '.join(JIT_FLAGS)} (kernels in {kernels})", True
+
+
+def child_env() -> dict[str, str]:
+    """os.environ for a child process: TMPDIR back at the system's where _vectorize_jit pointed it at MLX's kernels
+    (the temporary files of a compiler, `mktemp`, a rank were left among them)."""
+    env = dict(os.environ)
+    if _kernels_tmpdir is not None and env.get("TMPDIR") == _kernels_tmpdir:
+        env["TMPDIR"] = env[SYSTEM_TMPDIR_ENV]
+    return env
 
 
 def _kernel_dir(tmp: str | os.PathLike | None = None) -> Path:

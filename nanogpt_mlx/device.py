@@ -155,6 +155,15 @@ def setup() -> None:
         from . import cpu  # noqa: F401  (importing it loads a BLAS and tunes malloc, before mlx.core)
 
 
+def child_env() -> dict[str, str]:
+    """os.environ for a child process: without what the CPU profiles set for MLX alone (cpu.child_env)."""
+    if PROFILE.cpu_backend:
+        from . import cpu
+
+        return cpu.child_env()
+    return dict(os.environ)
+
+
 @lru_cache(maxsize=None)
 def peak_flops(dtype: str = "float32", seconds: float = 0.3) -> float:
     """Measured matmul throughput (FLOP/s) of the default device in `dtype`: the denominator of MFU. The fastest

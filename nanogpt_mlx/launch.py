@@ -21,7 +21,7 @@ from shutil import rmtree
 
 from tqdm import tqdm
 
-from . import signals
+from . import device, signals
 from .console import INTERRUPTED, LAUNCHER_ENV, LINES_ENV, LOST_PEER, new_lines, say
 from .errors import UserError
 
@@ -193,7 +193,7 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // n)
     work = Path(tempfile.mkdtemp(prefix="nanogpt-mlx-ranks-"))  # the hostfile, and each rank's last lines
     (work / "hosts.json").write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
-    env = {**os.environ, "MLX_HOSTFILE": str(work / "hosts.json"), "OPENBLAS_NUM_THREADS": str(threads),
+    env = {**device.child_env(), "MLX_HOSTFILE": str(work / "hosts.json"), "OPENBLAS_NUM_THREADS": str(threads),
            "MKL_NUM_THREADS": str(threads), LAUNCHER_ENV: str(os.getpid())}
     ranks = _Ranks(work)
     # tqdm makes its write lock at its first use, importing multiprocessing's: a Ctrl-C amid that import broke tqdm

@@ -35,6 +35,7 @@ child = subprocess.run([sys.executable, "-c", "import nanogpt_mlx, os, tempfile;
 print(json.dumps({
     "avx2": cpu.jit_avx2, "jit": cpu.jit, "tmpdir": os.environ.get("TMPDIR"), "python_tmp": tempfile.gettempdir(),
     "path0": os.environ["PATH"].split(os.pathsep)[0], "child_tmp": child[0], "child_wrappers": int(child[1]),
+    "mktemp": subprocess.run(["mktemp", "-u"], env=cpu.child_env(), capture_output=True, text=True).stdout.strip(),
     "kernels": sorted(os.path.basename(k) for k in glob.glob(os.path.join(cache[0], "*.so"))) if cache else [],
     "cache": cache[0] if cache else "", "err": float(np.max(np.abs(np.array(y[:-2]) / np.exp(np.array(x, dtype=np.float64)) - 1))),
     "tails": y[-2:].tolist()}))
@@ -82,6 +83,8 @@ def test_kernels_are_compiled_for_avx2_into_their_own_cache(tmp_path):
     # Python's own temporary files stay in the system's directory, also in a child process, which neither
     # wraps g++ twice nor loses the kernel cache
     assert got["python_tmp"] == got["child_tmp"] == got["system_tmp"] and got["child_wrappers"] == 1
+    # the children this package starts (cc, ranks) too, even those that are not Python: MLX alone writes there
+    assert os.path.dirname(got["mktemp"]) == got["system_tmp"]
     # exp is two fused kernels: the clamp, and the rest built for AVX2
     clamp, body = sorted(got["kernels"], key=lambda name: "Maximum" not in name)
     assert len(got["kernels"]) == 2 and "Maximum" in clamp and "Maximum" not in body, got["kernels"]

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from test_train import logged, tiny_config, token_stream, write_shards
 
+from nanogpt_mlx import device
+
 # Trains with the public API in whatever group the environment describes, then dumps this rank's weights.
 RANK_SCRIPT = """
 import json, sys
@@ -137,6 +139,8 @@ def test_each_rank_gets_its_share_of_the_cores_blas_threads(monkeypatch, n, thre
     monkeypatch.setattr(launch._Ranks, "start", lambda self, r, argv, env: envs.append(env))
     assert launch.launch_local(n, ["info"]) == 0
     assert [(env["OPENBLAS_NUM_THREADS"], env["MKL_NUM_THREADS"]) for env in envs] == [(threads, threads)] * n
+    # the system's TMPDIR, not the one cpu.py set for MLX's kernels (a rank sets that for itself)
+    assert all(env.get("TMPDIR") == device.child_env().get("TMPDIR") for env in envs)
 
 
 def test_of_the_ranks_that_ranks_started_rank_0_alone_warns(monkeypatch, capsys):

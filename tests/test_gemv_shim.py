@@ -36,6 +36,20 @@ def test_a_failed_compile_names_the_compiler(cc, said, tmp_path, monkeypatch):
     assert not any(tmp_path.rglob("*.so*"))
 
 
+def test_the_compiler_keeps_the_systems_temporary_directory(tmp_path, monkeypatch):
+    """Its temporary files went among MLX's kernels, where TMPDIR points for MLX (cpu._vectorize_jit)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cc = tmp_path / "cc"
+    cc.write_text(f"#!/bin/sh\necho \"$TMPDIR\" > {tmp_path / 'tmpdir'}\nexit 1\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    with pytest.raises(OSError, match="failed"):
+        cpu.build_gemv_shim()
+    assert (tmp_path / "tmpdir").read_text().strip() == cpu.child_env().get("TMPDIR", "")
+    if cpu.jit_avx2:
+        assert cpu.child_env()["TMPDIR"] == os.environ[cpu.SYSTEM_TMPDIR_ENV] != os.environ["TMPDIR"]
+
+
 def close(ours: mx.array, ref: np.ndarray) -> None:
     np.testing.assert_allclose(np.array(ours), ref, rtol=1e-4, atol=1e-3)  # fp32 sums of ~3000 terms
 

@@ -200,7 +200,7 @@ def add_eval(sub) -> None:
 
 def cmd_eval(args) -> None:
     from . import evaluate
-    from .files import check_writable
+    from .files import output_file
     from .weights import load_model
 
     if args.task == "loss":
@@ -212,16 +212,9 @@ def cmd_eval(args) -> None:
               f"({n} batches of {loader.B}x{loader.T} tokens from {args.data})")
         return
     if args.output is not None:  # now, not after the whole evaluation
-        out = Path(args.output)
-        if not args.output:
-            raise UserError("--output '' names no file (an unset variable?)")
-        if out.is_dir():
-            raise UserError(f"{args.output!r}: is a directory (--output names the file to write)")
-        if out.exists() and not out.is_file():
-            raise UserError(f"{args.output}: not a regular file (--output replaces the file it names)")
+        out = output_file(args.output, "records file (--output)")
         if args.data and out.exists() and out.resolve() == Path(args.data).resolve():
             raise UserError(f"{args.output}: is the --data file; the records would replace the examples")
-        check_writable(args.output)
     examples = evaluate.load_hellaswag(args.data or evaluate.download_hellaswag(), args.limit)
     model = load_model(args.model)
     start = time.perf_counter()

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import device
 from .data import DataLoader, check_batch_shape, check_rank
 from .errors import UserError, check_int
-from .files import atomic_path, cache_dir, download, named_dir, user_path
+from .files import atomic_path, cache_dir, download, named_dir, output_file, user_path
 from .model import GPT, KVCache, check_gpt
 from .tokenizer import encode
 
@@ -267,7 +267,7 @@ def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int
 
 def write_records(path: str | os.PathLike, records: Sequence[ExampleScore]) -> None:
     """One JSON object per example (atomic)."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+    with atomic_path(output_file(path, "records file")) as tmp, open(tmp, "w") as f:
         for rec in records:
             f.write(json.dumps(asdict(rec)) + "\n")
 

@@ -105,6 +105,18 @@ def named_dir(path: str | os.PathLike, what: str, name: str = "a directory") -> 
     return path
 
 
+def output_file(path: str | os.PathLike, what: str, name: str = "a file") -> Path:
+    """`path` checked to name a file this process can write, replacing what is there: now, not after the work that
+    makes it. `what` names it in the errors (e.g. "records file"), `name` says what to name instead of ''."""
+    path = Path(named_dir(path, what, name))
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory (the {what} is a file)")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path}: not a regular file (the {what} replaces the file it names)")
+    check_writable(path)
+    return path
+
+
 def user_path(path: str | os.PathLike) -> Path:
     """`path` with a leading `~` or `~user` expanded; where it cannot be (no such user, or no home directory), one
     UserError: Path.expanduser's RuntimeError was a traceback."""

@@ -19,7 +19,7 @@ from .checkpoint import RunLog
 from .console import quiet
 from .errors import UserError, first_line
 from .evaluate import GPT2_HELLASWAG_TRAINING, GPT3_HELLASWAG
-from .files import as_paths, atomic_path, named_dir
+from .files import as_paths, atomic_path, output_file
 
 GPT2_VAL_LOSS = 3.2924  # OpenAI GPT-2 124M on the FineWeb-Edu val shard (build-nanogpt)
 KINDS = tuple(RunLog.FORMATS)  # what the trainer logs: train, val, hella
@@ -139,9 +139,7 @@ def plot_runs(runs: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
         raise UserError(f"out must be a path, got {out!r}")
     if not isinstance(log_scale, bool):  # "no" drew a log scale
         raise UserError(f"log_scale must be true or false, got {log_scale!r}")
-    out = Path(named_dir(out, "image to write", "an image file"))
-    if out.is_dir():
-        raise UserError(f"{out}: is a directory (out names the image to write)")
+    out = output_file(out, "image to write", "an image file")
     if baseline not in ("auto", "on", "off"):
         raise UserError(f"baseline must be auto, on or off, got {baseline!r}")
     if out.suffix.lstrip(".").lower() not in Figure().canvas.get_supported_filetypes():

@@ -435,6 +435,19 @@ def test_cli_hellaswag_downloads_into_cache(tiny_hf_dir, fixture_file, http_dir,
                           "could not download HellaSwag", "--data")
 
 
+@pytest.mark.parametrize("where, needle", [
+    ("", "the records file is '' (an unset variable?); name a file"),  # a ValueError's traceback
+    (".", ".: is a directory (the records file is a file)"),
+    ("a-file/out.jsonl", "out.jsonl: cannot write"),
+])
+def test_records_are_written_only_to_a_file(where, needle, tmp_path, monkeypatch):
+    """write_records checks its path as the CLI's --output does (the CLI alone checked it)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match=re.escape(needle)):
+        write_records(where, [])
+
+
 def test_cli_bad_inputs(tiny_hf_dir, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD[0], "{not json"])
     assert_one_line_error(run_cli("eval", "hellaswag", "--model", str(tiny_hf_dir), "--data", str(bad)),

@@ -149,7 +149,7 @@ def test_hellaswag_alone_is_drawn(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("out, needle", [
     ("", "the image to write is '' (an unset variable?); name an image file"),
-    (".", ".: is a directory (out names the image to write)"),
+    (".", ".: is a directory (the image to write is a file)"),
 ])
 def test_out_must_name_a_file(out, needle, tmp_path, monkeypatch):
     """'' and a directory were "unknown image type ''"."""

@@ -78,7 +78,6 @@ def add_info(sub) -> None:
 
 
 def cmd_info(args) -> None:
-    import os
     import platform
 
     import mlx.core as mx
@@ -429,7 +428,7 @@ def cmd_train(args) -> None:
     except RuntimeError as e:  # a collective that failed outside Dist.sync, e.g. a peer died mid-step
         if trainer.dist.world == 1:
             raise
-        raise UserError(f"rank {trainer.dist.rank}: {str(e).splitlines()[0]}; stopping") from None
+        raise UserError(f"rank {trainer.dist.rank}: {first_line(e)}; stopping") from None
     if not trainer.dist.is_main:
         return
     losses = ", ".join(f"{k} {v:.4f}" for k, v in result.items())

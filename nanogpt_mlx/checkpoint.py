@@ -20,7 +20,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .console import warn
 from .errors import UserError, first_line
-from .files import atomic_dir, atomic_path, atomic_write_text, cannot, mlx_path, named_dir, read_json
+from .files import (atomic_dir, atomic_path, atomic_write_text, cannot, existing_ancestor, mlx_path, named_dir,
+                    read_json)
 from .model import GPT
 from .weights import load_model, safetensors_shapes, save_model, save_safetensors
 
@@ -154,10 +155,7 @@ def check_room(out: Path, size: int, fresh: bool) -> None:
     """Refuse a run whose OUT cannot hold one checkpoint of `size` bytes (it would train until its first save, then
     lose every step), and warn where the KEEP + 1 checkpoints that a save holds before it drops the oldest do not
     fit (that save would stop the run, keeping the one before). A fresh run removes OUT's checkpoints first."""
-    disk = out.absolute()
-    while not disk.exists():
-        disk = disk.parent
-    free = shutil.disk_usage(disk).free
+    free = shutil.disk_usage(existing_ancestor(out)).free
     old = checkpoints(out) if out.is_dir() else []
     if fresh:
         free += sum(f.stat().st_size for c in old for f in c.rglob("*") if f.is_file())

@@ -54,7 +54,7 @@ from importlib import metadata, resources
 from pathlib import Path
 
 from .errors import UserError
-from .files import atomic_path, cache_dir
+from .files import LOW_SPACE, atomic_path, cache_dir, existing_ancestor
 
 BLAS_ENV = "NANOGPT_MLX_BLAS"
 BLAS_CHOICES = ("mkl", "openblas", "bundled")
@@ -390,13 +390,11 @@ def explain(e: RuntimeError) -> str | None:
                                                      str(e)):
         return None
     said = str(e).strip().splitlines()[-1][-300:]
-    place = where
-    while not place.exists() and place != place.parent:
-        place = place.parent
+    place = existing_ancestor(where)
     if not os.access(place, os.W_OK | os.X_OK):
         why = f"{place} is not writable by this user"
     else:
-        why = "its disk is full" if _free_bytes(place) < 2**20 else "see the compiler's message"
+        why = "its disk is full" if _free_bytes(place) < LOW_SPACE else "see the compiler's message"
     return f"MLX could not compile a kernel in {where} ({why}): {said}"
 
 

@@ -32,15 +32,20 @@ _OWNER = r"(?P<host>[0-9a-f]{8})-(?P<pid>\d+)"  # the writer in a temporary's na
 _locked: dict[Path, IO[str]] = {}  # directory -> its lock file, held by this process
 
 
+def existing_ancestor(path: str | os.PathLike) -> Path:
+    """`path` (made absolute), or its nearest ancestor that exists: where a path to be made would be made."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def cannot(what: str, path: str | os.PathLike, e: OSError) -> UserError:
     """`PATH: cannot WHAT (reason)`, the one line for a storage error. Some writers (numpy's short
     writes, MLX) give no errno: a nearly full disk is then named as the reason."""
     reason = e.strerror
     if not reason:
-        parent = Path(path).absolute().parent
-        while not parent.exists():
-            parent = parent.parent
-        full = shutil.disk_usage(parent).free < LOW_SPACE
+        full = shutil.disk_usage(existing_ancestor(Path(path).absolute().parent)).free < LOW_SPACE
         reason = "No space left on device" if full else first_line(e)
     return UserError(f"{path}: cannot {what} ({reason})")
 
@@ -61,9 +66,7 @@ def check_writable(path: str | os.PathLike) -> None:
     """Fail now, not after the work, if `path` (a file or directory, existing or not) cannot be written:
     make and remove a file in the nearest directory that exists. Creates nothing that stays."""
     path = Path(path).absolute()
-    parent = path if path.is_dir() else path.parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = existing_ancestor(path if path.is_dir() else path.parent)
     if not parent.is_dir():
         raise UserError(f"{path}: cannot write ({parent} is not a directory)")
     probe = parent / f".nanogpt-mlx-probe{os.getpid()}"

@@ -33,7 +33,7 @@ class TrainConfig:
     out: str = _field("out/gpt2-124m", "directory of the checkpoints, log.txt and log.jsonl (metrics, samples)")
     init_from: str = _field("", "'': random init; else a hub id (gpt2), Hugging Face directory or checkpoint "
                                 "directory to fine-tune from")
-    # model (random init only; with init_from the source's shape is kept)
+    # model (random init only; with init_from the source's shape is kept: train warns of one set by hand)
     n_layer: int = _field(12, "transformer blocks")
     n_head: int = _field(12, "attention heads per block")
     n_embd: int = _field(768, "width of the residual stream")
@@ -182,6 +182,18 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
 
 
 MODEL_FIELDS = ("init_from", "n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # the checkpoint's on resume
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size")  # a random init's; init_from trains its source's
+
+
+def ignored_shape(cfg: TrainConfig, source: object) -> list[str]:
+    """The shape fields of an init_from run's `cfg` that differ from those of its `source` model's config, where
+    cfg's shape is no preset's: set by hand, which the source's shape overrides. A preset's shape (TrainConfig()'s
+    too) comes with every config made from it, asked for or not: it is no sign of a size meant for this run."""
+    shape = [getattr(cfg, k) for k in SHAPE_FIELDS]
+    if any(shape == [getattr(p, k) for k in SHAPE_FIELDS] for p in PRESETS.values()):
+        return []
+    return [f"{k} {getattr(cfg, k)} (the source's {getattr(source, k)})" for k in SHAPE_FIELDS
+            if getattr(cfg, k) != getattr(source, k)]
 
 
 def refuse_model_changes(where: object, kept: object, asked: dict, fix: str) -> None:

@@ -518,6 +518,21 @@ def test_init_from_records_the_models_sizes_not_the_presets(small_hf_dir, data_d
     run_cli("train", "--resume", str(out), "--max-steps", "2", "--n-embd", "64", check=True)
 
 
+def test_init_from_says_which_sizes_set_by_hand_it_ignores(small_hf_dir, data_dir, tmp_path, capsys):
+    """The CLI refuses --n-layer with --init-from; the API trained the source's shape without a word. A preset's
+    shape, which every config made from it carries, is no size asked for."""
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "a", init_from=str(small_hf_dir), n_layer=3))
+    assert (trainer.cfg.n_layer, trainer.cfg.n_embd) == (2, 64)
+    assert capsys.readouterr().err == (
+        f"nanogpt-mlx: warning: init_from trains {small_hf_dir} in its own shape; n_layer 3 (the source's 2), n_embd "
+        "32 (the source's 64), block_size 32 (the source's 64) ignored (they size a random init)\n")
+    overrides = dict(data=str(data_dir), init_from=str(small_hf_dir), vocab_size=VOCAB, seq_len=32,
+                     total_batch_size=2048, val_every=0, sample_every=0, hellaswag_every=0, dtype="float32")
+    Trainer(TrainConfig.preset("shakespeare", out=str(tmp_path / "b"), **overrides))
+    Trainer(TrainConfig(out=str(tmp_path / "c"), **overrides))
+    assert capsys.readouterr().err == ""
+
+
 def test_a_seed_near_2_to_the_64_samples_past_it(data_dir, tmp_path):
     """Samples are seeded by seed + step, which passed 2^64 mid-run and stopped it unsaved."""
     cfg = tiny_config(data_dir, tmp_path / "run", seed=2**64 - 1, max_steps=3, sample_every=1, num_samples=1,

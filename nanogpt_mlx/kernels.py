@@ -1,16 +1,18 @@
 """The few primitives that differ per device, bound once from the chosen profile (device.py).
 
 The model (its layers and its loss) and the optimizer call `kernels.attention`, `kernels.activation_matmul`,
-`kernels.square_sum`, `kernels.cross_entropy`... and never ask which device they run on. On MLX's x86 CPU backend
-these use cpu.py's multiply-add exp and GELU, its row reductions by lanes and its BLAS sum of
-squares; everywhere else MLX's own (the fused
-`mx.fast.scaled_dot_product_attention`, `mx.exp`, `mx.sum`) and a float32 tanh GELU, with backwards that
-recompute rather than keep: the MLP's activation from its input, and, where MLX has no fused attention
-backward, the attention probabilities. Where attention runs by plain ops (the CPUs, float32 on CUDA) or
-recomputes, it goes 128 queries at a time, so that a causal block skips the keys after its last query, and
-its backward is written out (_block_grads) rather than left to autodiff. The
-fused head + loss of loss.py is sized for the device: its rows per chunk come from the profile, and on an
-NVIDIA GPU its float32 arithmetic is cuda.py's kernel.
+`kernels.square_sum`, `kernels.cross_entropy`... and never ask which device they run on (for_profile binds them).
+On MLX's x86 CPU backend (cpu-x86) they use cpu.py's multiply-add exp and GELU, its row reductions by lanes and
+its BLAS sum of squares, and the MLP's activation is left to autodiff. Everywhere else they use `mx.exp`, MLX's
+row reductions and a float32 tanh GELU whose backward recomputes the MLP's activation from its input rather than
+keeping it; the sum of squares is `mx.sum`'s on the GPUs and cpu.py's BLAS one on MLX's ARM CPU backend (cpu-arm),
+whose own sum adds one number after another. Attention runs by plain ops on both CPUs (MLX has no fused kernel
+there); on Metal it is MLX's fused `mx.fast.scaled_dot_product_attention` forward with a backward that recomputes
+the probabilities; on CUDA cuDNN's fused kernel both ways where it applies, and plain ops elsewhere (float32, odd
+head sizes). Where attention runs by plain ops or recomputes, it goes 128 queries at a time, so that a causal
+block skips the keys after its last query, and its backward is written out (_block_grads) rather than left to
+autodiff. The fused head + loss of loss.py is sized for the device: its rows per chunk come from the profile,
+and on an NVIDIA GPU its float32 arithmetic is cuda.py's kernel.
 """
 
 from __future__ import annotations

@@ -238,8 +238,9 @@ class MLP(nn.Module):
         self.activation = config.mlp
 
     def __call__(self, x: mx.array) -> mx.array:
-        # the activation (GELU: the tanh approximation) and c_proj's matmul are one kernel: on GPUs its
-        # backward recomputes the activation rather than keeping a second 4x-wide array per layer
+        # the activation (GELU: the tanh approximation) and c_proj's matmul are one function: on every profile but
+        # cpu-x86 (whose software GELU costs more to recompute) its backward recomputes the activation rather than
+        # keeping a second 4x-wide array per layer (kernels.for_profile)
         return kernels.activation_matmul(self.activation, self.c_fc(x), self.c_proj.weight, self.c_proj.get("bias"))
 
 

@@ -8,8 +8,10 @@ groups them (optim.Packing), to the running sum. The last micro-step also averag
 the gradients over ranks, clips their global norm (PyTorch's clip_grad_norm_; build-nanogpt: at 1.0)
 and applies the recipe's optimizer, whose LRs the recipe sets before every step. Each micro-step's
 graph is built while the device runs the one before, and is evaluated after it (mx.async_eval), so the
-device hardly waits for the host and memory holds one micro-batch at a time; in one process that goes
-across steps too, unless an evaluation or a checkpoint must see the weights between them.
+device hardly waits for the host and memory holds one micro-batch at a time; that goes across steps too
+(Trainer._queue_ahead), unless an evaluation or a checkpoint must see the weights between them, the run has
+several ranks (whose collectives must come in one order) or step threads (which compute a micro-step before
+returning), or the step is the one that cap_memory measures op by op.
 The optimizer updates float32 master weights; the model's weights are views of them (float32),
 or of their bf16 copy. The compute dtype defaults to the device profile's (bfloat16 on GPUs,
 float32 on CPUs).

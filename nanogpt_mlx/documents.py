@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError, first_line
+from .files import cannot
 from .sources import Unit
 
 
@@ -58,7 +59,7 @@ def _line_bounds(path: Path, part_bytes: int) -> list[int]:
                     f.readline()
                     bounds.append(f.tell())
     except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise cannot("read", path, e) from None
     return bounds + [size] if bounds[-1] < size else bounds
 
 
@@ -81,7 +82,7 @@ def _read_text(path: str | Path) -> str:
         # a BOM (as some Windows editors write) is no text: it was 3 tokens, where a .jsonl's is skipped
         return Path(path).read_bytes().decode("utf-8").removeprefix("\ufeff")
     except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise cannot("read", path, e) from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
 
@@ -113,7 +114,7 @@ def _jsonl_docs(part: Part) -> list[str]:
             f.seek(part.start)
             data = f.read(part.stop - part.start)
     except OSError as e:
-        raise UserError(f"{part.path}: cannot read ({e.strerror or e})") from None
+        raise cannot("read", part.path, e) from None
     lines = data.split(b"\n")
     try:
         texts = data.decode().split("\n")

@@ -21,7 +21,7 @@ import mlx.core as mx
 
 from .console import quiet, warn
 from .errors import UserError, first_line
-from .files import (STAGING, atomic_dir, atomic_files, atomic_path, atomic_write_text, check_writable,
+from .files import (STAGING, atomic_dir, atomic_files, atomic_path, atomic_write_text, cannot, check_writable,
                     hub_offline, mlx_path, named_dir, read_json, user_path)
 from .hf_tokenizer import OTHER_TOKENIZER_FILES, TOKENIZER_FILES, write_tokenizer_files
 from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig, check_gpt
@@ -169,7 +169,7 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                 shapes[k] = tuple(int(d) for d in v["shape"])
                 end = max(end, int(v["data_offsets"][1]))
     except OSError as e:
-        raise UserError(f"{bad} ({e.strerror or e})") from None
+        raise cannot("read safetensors", path, e) from None
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise UserError(f"{bad} (bad header: {first_line(e)})") from None
     if end > size - 8 - n:
@@ -228,7 +228,7 @@ def _load_safetensors(path: Path) -> dict[str, mx.array]:
     try:
         return mx.load(name)
     except Exception as e:  # MLX raises plain RuntimeError/ValueError for bad files
-        raise UserError(f"{path}: cannot read safetensors ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: cannot read safetensors ({first_line(e)})") from None
 
 
 def _load_into(model: GPT, weights: dict[str, mx.array], where: Path) -> None:

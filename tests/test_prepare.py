@@ -424,6 +424,23 @@ def test_a_fifo_is_not_a_regular_file(tmp_path):
         sources.local_files([tmp_path / "gone.jsonl"])
 
 
+def test_a_read_error_without_errno_is_one_line(tmp_path, monkeypatch):
+    """An OSError with no errno gave its whole message, over several lines, where files.cannot gives one."""
+    from nanogpt_mlx.documents import Part, read_docs
+
+    def fail(*args, **kwargs):
+        raise OSError("I/O failed\ndetails")
+
+    (tmp_path / "a.txt").write_text("text")
+    (tmp_path / "b.jsonl").write_text('{"text": "a"}\n')
+    monkeypatch.setattr(Path, "read_bytes", fail)
+    with pytest.raises(UserError, match=r"a.txt: cannot read \(I/O failed\)$"):
+        read_docs(Part(str(tmp_path / "a.txt"), "txt"))
+    monkeypatch.setattr("builtins.open", fail)
+    with pytest.raises(UserError, match=r"b.jsonl: cannot read \(I/O failed\)$"):
+        read_docs(Part(str(tmp_path / "b.jsonl"), "jsonl", 0, 14))
+
+
 def test_a_utf8_bom_is_no_text(tmp_path):
     """A .txt's BOM became 3 tokens, where a .jsonl's was skipped."""
     docs = make_docs(2, seed=4)

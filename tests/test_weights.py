@@ -187,7 +187,7 @@ def copy_hf_dir(src, dst):
     return dst
 
 
-def test_bad_directories_are_user_errors(tiny_hf_dir, tmp_path):
+def test_bad_directories_are_user_errors(tiny_hf_dir, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="no such directory"):
         load_model(tmp_path / "missing")
     with pytest.raises(UserError, match="no config.json"):
@@ -201,6 +201,14 @@ def test_bad_directories_are_user_errors(tiny_hf_dir, tmp_path):
     (corrupt / "model.safetensors").write_bytes(b"\x00" * 100)
     with pytest.raises(UserError, match="cannot read safetensors"):
         load_model(corrupt)
+
+    def fail(path):  # MLX's errors may have no message: an IndexError here took its first line
+        raise RuntimeError("")
+
+    monkeypatch.setattr(mx, "load", fail)
+    with pytest.raises(UserError, match=r"model.safetensors: cannot read safetensors \(RuntimeError\)$"):
+        load_model(tiny_hf_dir)
+    monkeypatch.undo()
 
     mismatch = copy_hf_dir(tiny_hf_dir, tmp_path / "mismatch")
     config = json.loads((mismatch / "config.json").read_text())

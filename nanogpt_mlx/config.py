@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 import mlx.core as mx
 
 from . import checkpoint, recipes
-from .errors import FieldTypeError, UserError, check_fields, check_types
+from .errors import FieldTypeError, UserError, check_fields, check_seed, check_types
 from .files import named_dir
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
@@ -95,6 +95,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_types(self)
+        check_seed("seed", self.seed)  # before the loop, whose ">= 0" would say half of the range
         for f in fields(self):
             v = getattr(self, f.name)
             if f.type.startswith("float") and v is not None and not math.isfinite(v):
@@ -102,8 +103,6 @@ class TrainConfig:
             positive = f.name in _POSITIVE
             if f.type.startswith(("int", "float")) and v is not None and (v <= 0 if positive else v < 0):
                 raise UserError(f"{f.name} must be {'>' if positive else '>='} 0, got {v}")
-        if self.seed >= 2**64:  # mx.random.key takes a uint64
-            raise UserError(f"seed must be < 2^64, got {self.seed}")
         if not self.out or not self.data:  # "" would be the current directory
             raise UserError(f"{'out' if not self.out else 'data'} must name a directory, got ''")
         if self.max_memory and self.max_memory >= 1e6:  # MLX's limit is a size_t of bytes

@@ -56,6 +56,12 @@ def check_int(name: str, value, low: int | None = 1) -> None:
         raise UserError(f"{name} must be >= {low}, got {value}")
 
 
+def check_seed(name: str, value) -> None:
+    """Refuse (UserError) a seed that is no integer in [0, 2^64): mx.random.key takes a uint64, and failed inside."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 <= value < 2**64:
+        raise UserError(f"{name} must be an integer in [0, 2^64), got {value!r}")
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none)."""
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

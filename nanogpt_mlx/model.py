@@ -18,7 +18,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import kernels
-from .errors import UserError, check_fields, check_int, check_types
+from .errors import UserError, check_fields, check_seed, check_types
 
 GPT2_VOCAB_SIZE = 50257  # real tokens
 PADDED_VOCAB_SIZE = 50304  # build-nanogpt's: GPT-2's padded to a multiple of 128, for faster matmuls
@@ -283,9 +283,7 @@ class GPT(nn.Module):
         The speedrun's (init="speedrun"): embeddings N(0, 1), output projections and lm_head zero, other
         matrices N(0, sqrt(0.33 / fan_in)). Norm gains start at 1 and biases at 0 in both."""
         if seed is not None:
-            check_int("seed", seed, low=0)
-            if seed >= 2**64:  # mx.random.key takes a uint64
-                raise UserError(f"seed must be < 2^64, got {seed}")
+            check_seed("seed", seed)
         key = mx.random.key(seed) if seed is not None else None
         speedrun = self.config.init == "speedrun"
         params = {}

@@ -12,7 +12,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import memory
-from .errors import UserError, check_int, check_types
+from .errors import UserError, check_int, check_seed, check_types
 from .model import GPT, GPT2_VOCAB_SIZE, check_gpt
 from .tokenizer import EOT, decode, encode, get_tokenizer
 
@@ -38,8 +38,8 @@ class SampleConfig:
             raise UserError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not 0 <= self.seed < 2**64:
-            raise UserError(f"seed must be in [0, 2^64), got {self.seed}")
+        if self.seed is not None:
+            check_seed("seed", self.seed)
 
 
 def next_token(logits: mx.array, cfg: SampleConfig | None = None, key: mx.array | None = None) -> mx.array:

@@ -59,7 +59,7 @@ def test_seed_fixes_samples_and_top_k_1_is_greedy(model):
     longer = tokens(model, SampleConfig(max_new_tokens=30, top_k=50, seed=3, stop_at_eot=False))
     assert [row[:20] for row in longer] == tokens(model, cfg)
     for seed in (-1, 2**64):
-        with pytest.raises(UserError, match=r"seed must be in \[0, 2\^64\)"):
+        with pytest.raises(UserError, match=r"seed must be an integer in \[0, 2\^64\)"):
             SampleConfig(seed=seed)
 
 

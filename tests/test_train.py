@@ -541,6 +541,15 @@ def test_a_seed_near_2_to_the_64_samples_past_it(data_dir, tmp_path):
     assert len([r for r in logged(tmp_path / "run", "sample")]) == 2
 
 
+def test_a_seed_out_of_range_is_refused_alike_everywhere():
+    """TrainConfig, GPT and SampleConfig each said it in words of their own."""
+    model = GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8)
+    for make in (lambda s: TrainConfig(seed=s), lambda s: GPT(model, seed=s), lambda s: SampleConfig(seed=s)):
+        for seed in (-1, 2**64):
+            with pytest.raises(UserError, match=re.escape(f"seed must be an integer in [0, 2^64), got {seed}")):
+                make(seed)
+
+
 def test_a_warmup_as_long_as_the_run_is_noted(data_dir, tmp_path, capsys):
     """A short run that kept build-nanogpt's 715 warmup steps would train at a rising, small LR without a word."""
     Trainer(tiny_config(data_dir, tmp_path / "short", warmup_steps=2, max_steps=2)).train()
@@ -881,7 +890,7 @@ def test_a_resumed_run_is_advised_only_what_it_may_change(data_dir, tmp_path):
     ("resume-hellaswag-too-long", ["HellaSwag example 0: a row has", "more than the model's context of 32"]),
     ("resume-empty", ["--resume needs the run's directory"]),
     ("out-empty", ["out must name a directory"]),  # "" was the current directory
-    ("seed-too-big", ["seed must be < 2^64"]),
+    ("seed-too-big", [f"seed must be an integer in [0, 2^64), got {2**64}"]),
     ("size-too-big", ["n_embd must be in 1..2^31-1"]),
     # MLX's gather would read past the embedding for the GPT-2 token ids of a prompt or of HellaSwag
     ("prompt-outside-vocab", ["samples: the prompt has token id 15496", "vocab_size of 1000", "sample_every 0"]),

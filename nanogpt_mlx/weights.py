@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .console import quiet, warn
-from .errors import UserError, first_line
+from .errors import FieldTypeError, UserError, first_line
 from .files import (STAGING, atomic_dir, atomic_files, atomic_path, atomic_write_text, cannot, check_writable,
                     hub_offline, mlx_path, named_dir, read_json, user_path)
 from .hf_tokenizer import OTHER_TOKENIZER_FILES, TOKENIZER_FILES, write_tokenizer_files
@@ -149,7 +149,7 @@ def _config_from_native(cfg: dict, where: Path) -> GPTConfig:
     _int_sizes(model, {k: k for k in _SIZES}, where)  # sizes as JSON integers, named with the file
     try:
         return GPTConfig.from_dict(model)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (FieldTypeError, ValueError) as e:
         raise UserError(f"{where}/config.json: not a valid nanogpt-mlx model config ({e})") from None
 
 

@@ -229,7 +229,7 @@ def test_switches_and_dict_round_trip():
     assert old == GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=64)
     assert old.switches() == {} and old.tie_embeddings and old.norm == "layernorm"
     for bad in ("1", True):  # a float field took "1" and true as 1.0
-        with pytest.raises(ValueError, match="logit_softcap must be a number"):
+        with pytest.raises(UserError, match="logit_softcap must be a number"):
             GPTConfig.from_dict({**old.to_dict(), "logit_softcap": bad})
 
 

@@ -371,7 +371,9 @@ def test_other_heads_and_a_tied_models_own_lm_head_are_said_to_be_left_out(tiny_
 
 @pytest.mark.parametrize("change, needle", [
     ({"attn_window": 8}, "switches this version of nanogpt-mlx does not know: attn_window"),
-    ({"value_embeds": 0.9}, "value_embeds must be a whole number, got 0.9"),  # int() would make it 0
+    ({"value_embeds": 0.9}, "config.json: not a valid .* model config \\(value_embeds must be an integer, got 0.9\\)"),
+    ({"value_embeds": 1.0}, "value_embeds must be an integer, got 1.0"),  # as a size would be (_int_sizes)
+    ({"rope": "no"}, "rope must be true or false, got 'no'"),
 ])
 def test_a_model_config_from_another_version_is_refused(tmp_path, change, needle):
     save_model(GPT(SMALL, seed=0), tmp_path / "ckpt")

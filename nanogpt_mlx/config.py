@@ -158,8 +158,6 @@ PRESETS = {
         val_every=50, val_steps=8, sample_every=100, num_samples=2, sample_tokens=48, prompt="ROMEO:",
         hellaswag_every=0, checkpoint_every=100),
 }
-# the speedrun recipe: train_gpt_simple.py's 3375 steps of 2**19 tokens, with its 6 heads of 128 (on FineWeb-Edu here,
-# plain FineWeb there), and the Shakespeare run with the LRs benchmarks/bench_recipes.py's sweep found best
 ORIGINS: dict[str, str] = {}  # preset -> the preset it was made from by switching recipe
 
 
@@ -169,6 +167,8 @@ def _derive(name: str, origin: str, recipe: recipes.Recipe, **changes) -> None:
     ORIGINS[name] = origin
 
 
+# the speedrun recipe: train_gpt_simple.py's 3375 steps of 2**19 tokens, with its 6 heads of 128 (on FineWeb-Edu here,
+# plain FineWeb there), and the Shakespeare run with the LRs benchmarks/bench_recipes.py's sweep found best
 _derive("speedrun-124m", "gpt2-124m", recipes.SPEEDRUN, out="out/speedrun-124m", n_head=6, max_steps=3375,
         val_every=125)
 _derive("shakespeare-speedrun", "shakespeare", recipes.SPEEDRUN, out="out/shakespeare-speedrun", momentum_warmup=50,

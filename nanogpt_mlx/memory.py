@@ -8,9 +8,10 @@ bfloat16 copy of the weights when computing in bfloat16, the activations the bac
 needs for one micro-batch, and the fused head + loss's buffers. The head's share was fitted to
 `mx.get_peak_memory()` of real compiled steps on MLX's CPU backend (tests/test_memory.py checks
 the estimate against measured steps): its chunks run in order (loss.py), but the host queues
-several ahead, so about 27 float32 arrays of a chunk's size are alive at once (never more than
-5.5 float32 N x V arrays, as when MLX was free to schedule all chunks at once), plus float32
-sums of the head's weight gradient. With the CUDA kernel (cuda.py) the head holds the logits and
+several ahead, so a fitted number of float32 arrays of a chunk's size are alive at once, though never
+more than a fitted number of float32 N x V arrays, as when MLX was free to schedule all chunks at once
+(_HEAD_ARRAYS, by how the step computes the logits' gradient), plus float32 sums of the head's weight
+gradient. With the CUDA kernel (cuda.py) the head holds the logits and
 their gradient in the compute dtype: measured on an H200 when the kernel took all rows at once, and
 kept for all rows (the queued chunks). The activations per layer come from the device profile,
 fitted to steps measured on each backend.
@@ -36,7 +37,7 @@ from .console import warn
 from .errors import UserError
 from .kernels import query_blocks
 from .loss import gemm_group, scales_in_gemms
-from .model import GPTConfig
+from .model import GPTConfig, KVCache
 
 MEASURE_LIMIT = 1 << 20  # bytes: a memory limit below any step's need, under which MLX runs op by op
 CAP_HEADROOM = 1.25  # the cap over a measured need: room for the host to queue work ahead of the device
@@ -172,11 +173,11 @@ def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpoi
 
 
 def sample_bytes(config: GPTConfig, prompt_len: int, new_tokens: int, dtype_bytes: int, top_p: bool = False) -> int:
-    """The memory one sample of a batch holds: its KV cache (grown 256 positions at a time, model.KVCache), the
+    """The memory one sample of a batch holds: its KV cache (grown KVCache.step positions at a time), the
     prompt's pass (MLP hidden states, one layer's float32 scores) and a few float32 vocab-sized rows for the
     next-token draw; with `top_p` (sample.filtered_logits) more: the order, sorted weights, their sums and masks."""
     C, L, nh, V = config.n_embd, config.n_layer, config.n_head, config.vocab_size
-    positions = -(-(prompt_len + new_tokens) // 256) * 256
+    positions = -(-(prompt_len + new_tokens) // KVCache.step) * KVCache.step
     rows = 6 + (5 if top_p else 0)  # vocab-sized rows of 4 bytes
     return (2 * L * positions * C + 2 * prompt_len * 4 * C) * dtype_bytes + (nh * prompt_len ** 2 + rows * V) * 4
 

@@ -130,7 +130,8 @@ def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig | None = None,
     Step t+1 is queued (mx.async_eval) before step t is read, so building its graph and the
     caller's work overlap the computation. With the same seed the cached and uncached paths
     draw from the same random keys: the same greedy tokens, and the same sampled ones unless their
-    logits' rounding (~1e-6 apart) moves a draw across the line between two tokens. A finished sample (it
+    logits' rounding, which differs between the paths (a new position's matmuls alone, or the whole sequence's),
+    moves a draw across the line between two tokens. A finished sample (it
     emitted <|endoftext|>) keeps yielding EOT until all are finished. cfg defaults to SampleConfig(). Tokens are
     drawn from GPT-2's vocab only (next_token): a model with more rows never samples those.
     """

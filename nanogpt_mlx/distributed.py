@@ -111,8 +111,9 @@ def _timeout_from_env() -> float:
     return seconds
 
 
-def init(backend: str = "any", timeout: float | None = None) -> Dist:
-    """Join the group started by mlx.launch / mpirun, or a single-process group otherwise.
+def init(timeout: float | None = None) -> Dist:
+    """Join the group started by mlx.launch / mpirun (by whichever backend MLX finds), or a single-process group
+    otherwise.
 
     `timeout` (default: $NANOGPT_MLX_DIST_TIMEOUT, else 300 s) bounds how long any collective may wait.
     """
@@ -126,9 +127,9 @@ def init(backend: str = "any", timeout: float | None = None) -> Dist:
     with signals.handlers({signal.SIGINT: signal.SIG_DFL}), \
             watchdog(timeout, f"could not connect to the other ranks within {timeout:.0f} s"):
         try:
-            group = mx.distributed.init(strict=True, backend=backend)
+            group = mx.distributed.init(strict=True, backend="any")
         except RuntimeError as e:
-            raise UserError(f"distributed init ({backend}) failed: {e}") from None
+            raise UserError(f"distributed init failed: {e}") from None
     return Dist(group=group, rank=group.rank(), world=group.size(), timeout=timeout,
                 local=group.size() if LAUNCHER_ENV in os.environ else 1)
 

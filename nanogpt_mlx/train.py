@@ -96,6 +96,12 @@ def _release(out: Path) -> None:
         unlock_dir(out)
 
 
+def _found(ckpt: Path) -> tuple[Path, int]:
+    """A checkpoint directory as found: its path and inode (a checkpoint written anew under the same name has
+    another)."""
+    return ckpt, ckpt.stat().st_ino
+
+
 class Trainer:
     """A training run: `Trainer(cfg).train()`, or `Trainer(cfg, resume=True)` to continue cfg.out.
     Without cfg: TrainConfig(), build-nanogpt's GPT-2 124M run."""
@@ -174,6 +180,9 @@ class Trainer:
         # said and logged once, before the first step: where the run continues from, and what changed
         self._resume = self._resumed(ckpt, state) if state is not None else None
         self._saved_step = self.step  # the latest checkpoint's step (a fresh run's start needs none)
+        # and that checkpoint as it was found ((path, inode); None: a fresh run's start): OUT is unlocked between
+        # train() calls, and another process may have written it since (_check_latest)
+        self._saved = _found(ckpt) if ckpt is not None else None
         self.threads = self._step_threads(self.model.config)
         self._build_steps()
         if self.dist.is_main:  # everything above has accepted the config (a refused run makes no OUT)
@@ -402,6 +411,12 @@ class Trainer:
             return self.out / f"ckpt-{self.step:06d}"
         self._check_newest()
         took = lock_dir(self.out, "run")  # outside train(): another process may be writing OUT now
+        try:
+            self._check_latest()
+        except UserError:
+            if took:
+                unlock_dir(self.out)
+            raise
         self.log.sync()
         self._use_master(mx.float32)  # save the float32 masters, not a bf16 copy
         try:
@@ -413,8 +428,19 @@ class Trainer:
             self._use_master(self.dtype)
             if took:
                 unlock_dir(self.out)
-        self._saved_step = self.step
+        self._saved_step, self._saved = self.step, _found(path)
         return path
+
+    def _check_latest(self) -> None:
+        """Refuse to write OUT where another process has written or removed checkpoints since this Trainer last
+        saved or resumed (between its train() calls, when OUT is unlocked): it would train their steps again, and
+        its checkpoints, model and logs would replace theirs."""
+        found = checkpoint.checkpoints(self.out)
+        latest = _found(found[-1]) if found else None
+        if latest != self._saved:
+            mine = f"this Trainer's {self._saved[0].name}" if self._saved else "this Trainer started"
+            raise UserError(f"{self.out}'s latest checkpoint is {latest[0].name if latest else 'gone'}, written by "
+                            f"another run since {mine}: continue from it with Trainer(cfg, resume=True)")
 
     def _check_newest(self) -> None:
         """Refuse to write OUT from a Trainer older than the newest of OUT in this process: it would write that
@@ -644,6 +670,8 @@ class Trainer:
         # an earlier train()'s stop request was answered by its end
         self._stop, self._stopped_by, self._stop_error, self._failed_evaluating = False, None, None, False
         try:
+            if self.dist.is_main:
+                self._check_latest()  # before the log is cut back to this Trainer's step
             self.log.restart(self.step)  # before any step: its failure leaves this Trainer whole
             try:
                 result = self._train(until)

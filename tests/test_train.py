@@ -817,6 +817,24 @@ def test_the_logs_reach_the_disk_before_each_checkpoint(data_dir, tmp_path, monk
         since = state
 
 
+def test_a_trainer_does_not_write_over_a_run_continued_by_another_process(data_dir, tmp_path):
+    """Between two train() calls OUT is unlocked: another process that continued the run there and saved its own
+    checkpoints had them, its model and its log lines replaced by this Trainer's steps trained again."""
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(data_dir, out, max_steps=4, checkpoint_every=2))
+    trainer.train(until=2)
+    run_cli("train", "--resume", str(out), "--max-steps", "6", check=True)
+    theirs = (out / "log.jsonl").read_text()
+    for again in (trainer.train, trainer.save):
+        with pytest.raises(UserError, match=f"{out}'s latest checkpoint is ckpt-000006, written by another run since "
+                                            "this Trainer's ckpt-000002: continue from it with Trainer"):
+            again()
+    assert (out / "log.jsonl").read_text() == theirs and [c.name for c in checkpoints(out)] == ["ckpt-000004",
+                                                                                                 "ckpt-000006"]
+    resumed = Trainer(resume_config(out), resume=True)  # as the error says; OUT was unlocked again
+    assert resumed.step == 6
+
+
 def test_an_evaluation_stopped_in_a_notebook_is_logged_once_when_train_is_called_again(data_dir, tmp_path):
     """A stop during step 2's samples, after its val loss was logged: the next train() evaluates step 2 again and
     the log holds its val loss once (it held it twice)."""

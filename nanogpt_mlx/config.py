@@ -1,11 +1,13 @@
 """What defines a training run: TrainConfig (every field with its help text, shown by `nanogpt-mlx train --help`),
-the named presets, the main LR at a step (get_lr), and the config a run resumes with (resume_config)."""
+the named presets, the main LR at a step (get_lr), and the config a run resumes with (resume_config) and what it
+changed (resumed)."""
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -227,3 +229,34 @@ def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
     if "min_lr_ratio" in overrides:
         saved = replace(saved, min_lr=None)
     return replace(saved, out=str(out), **overrides)
+
+
+def resumed(ckpt: Path, state: dict, cfg: TrainConfig) -> dict:
+    """What a run resumed from checkpoint `ckpt` (its trainer `state`) with config `cfg` continues from: the
+    checkpoint, the config fields changed since it was saved ([saved, now]) and, with a changed schedule (a longer
+    max_steps), the LR at its step by the new one and by the checkpoint's (at its last step, where it had ended)."""
+    saved, now, step = state["config"], asdict(cfg), state["step"]
+    changed = {k: [saved.get(k), v] for k, v in now.items() if k != "out" and saved.get(k, v) != v}
+    result = {"checkpoint": str(ckpt), "changed": changed}
+    if not changed or step >= cfg.max_steps:  # the same schedule, or no step to train
+        return result
+    try:
+        before = replace(cfg, **{k: old for k, (old, _) in changed.items()})
+    except (TypeError, UserError):  # a field of the saved config that this version would refuse
+        return result
+    at = max(0, min(step, before.max_steps - 1))
+    lrs = {"now": get_lr(step, cfg), "before": get_lr(at, before), "before_at": at}
+    return {**result, "lr": lrs} if lrs["now"] != lrs["before"] else result
+
+
+def resume_line(step: int, resumed: dict) -> str:
+    """The note that says `resumed` (a dict of resumed()) at the run's first step."""
+    line = f"resuming from {resumed['checkpoint']} (step {step})"
+    if resumed["changed"]:
+        changes = resumed["changed"].items()
+        line += "; changed since: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes)
+    if lr := resumed.get("lr"):
+        at = "" if lr["before_at"] == step else f" at its last step, {lr['before_at']}"
+        line += f"; the LR at step {step} is {lr['now']:.4e} by the new schedule ({lr['before']:.4e} by the " \
+            f"checkpoint's{at})"
+    return line

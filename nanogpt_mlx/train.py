@@ -24,15 +24,12 @@ as the uninterrupted run would.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import math
-import shutil
 import signal
 import sys
 import time
-import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -44,14 +41,15 @@ from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
 from . import checkpoint, device, distributed, memory, recipes, signals
-from .config import DTYPES, MODEL_FIELDS, TrainConfig, ignored_shape, refuse_model_changes
+from .config import DTYPES, MODEL_FIELDS, TrainConfig, ignored_shape, refuse_model_changes, resume_line, resumed
 from .console import say, warn
 from .data import DataLoader
 from .errors import Stopped, UserError, first_line
 from .evaluate import check_examples, download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
-from .files import check_writable, devnull_onto, lock_dir, mlx_path, remove_stale_temps, unlock_dir, user_path
+from .files import devnull_onto, user_path
 from .model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig
 from .optim import Packing, clip_grad_norm
+from .rundir import RunDir
 from .sample import SampleConfig, prepare_prompt, sample_texts
 from .threads import StepThreads
 from .tokenizer import encode
@@ -79,29 +77,6 @@ class _SavedStop(UserError):
     """A stop that is no signal's (a bad shard, stdout on a full disk), after the save: the Trainer is whole."""
 
 
-# the Trainer of each OUT in this process, the latest made: an older one of the same OUT (a notebook's cell run
-# again) would write that run's checkpoints and logs with its own
-_OWNERS: weakref.WeakValueDictionary[Path, Trainer] = weakref.WeakValueDictionary()
-
-
-# the Trainers of each OUT in this process that hold its lock (Trainer._hold): the last of them to go unlocks it
-_HOLDERS: collections.Counter[Path] = collections.Counter()
-
-
-def _release(out: Path) -> None:
-    """A Trainer of OUT is gone (or refused to start): unlock OUT for other processes if it was the last here."""
-    _HOLDERS[out] -= 1
-    if _HOLDERS[out] <= 0:
-        del _HOLDERS[out]
-        unlock_dir(out)
-
-
-def _found(ckpt: Path) -> tuple[Path, int]:
-    """A checkpoint directory as found: its path and inode (a checkpoint written anew under the same name has
-    another)."""
-    return ckpt, ckpt.stat().st_ino
-
-
 class Trainer:
     """A training run: `Trainer(cfg).train()`, or `Trainer(cfg, resume=True)` to continue cfg.out.
     Without cfg: TrainConfig(), build-nanogpt's GPT-2 124M run."""
@@ -119,14 +94,13 @@ class Trainer:
         cfg = cfg or TrainConfig()  # build-nanogpt's GPT-2 124M run
         self.cfg, self.dist = cfg, dist or distributed.init()
         self.out = Path(cfg.out).absolute()  # a later os.chdir (a notebook) must not move the run
-        self._holding: weakref.finalize | None = None  # gives OUT's lock back when this Trainer goes (_hold)
+        self.run_dir = RunDir(self.out)
         self._broken = ""  # why train() ended amid a step, after which it refuses to go on
         self._failed_evaluating = False  # whether train() ended in an evaluation's error, between steps
         try:
             self._setup(resume, overwrite)
-        except BaseException:  # a refused start leaves OUT to the next (in a notebook this process lives on)
-            if self._holding:
-                self._holding()
+        except BaseException:
+            self.run_dir.release()
             raise
 
     def _setup(self, resume: bool, overwrite: bool) -> None:
@@ -135,12 +109,12 @@ class Trainer:
         self.dtype_name = cfg.dtype or device.PROFILE.dtype
         self.dtype = DTYPES[self.dtype_name]
         if resume and self.dist.is_main and checkpoint.checkpoints(self.out):  # (no lock file left where none is)
-            self._hold()  # before its checkpoint is read, which a live run may replace
+            self.run_dir.hold()  # before its checkpoint is read, which a live run may replace
         ckpt = checkpoint.latest_checkpoint(self.out) if resume else None
         state = checkpoint.read_state(ckpt) if ckpt is not None else None
         if state is not None:
             self._check_world(ckpt, state["world"])
-        self._check_out(ckpt, overwrite)
+        self.run_dir.check(ckpt, overwrite, self.dist.is_main)
         if note := device.PROFILE.dtype_note(self.dtype_name):
             warn(note)
 
@@ -178,17 +152,14 @@ class Trainer:
                 raise UserError(f"{ckpt} is at step {self.step}, beyond max_steps {cfg.max_steps}: nothing to train "
                                 f"(pass a larger --max-steps)")
         # said and logged once, before the first step: where the run continues from, and what changed
-        self._resume = self._resumed(ckpt, state) if state is not None else None
+        self._resume = resumed(ckpt, state, cfg) if state is not None else None
         self._saved_step = self.step  # the latest checkpoint's step (a fresh run's start needs none)
-        # and that checkpoint as it was found ((path, inode); None: a fresh run's start): OUT is unlocked between
-        # train() calls, and another process may have written it since (_check_latest)
-        self._saved = _found(ckpt) if ckpt is not None else None
         self.threads = self._step_threads(self.model.config)
         self._build_steps()
         if self.dist.is_main:  # everything above has accepted the config (a refused run makes no OUT)
             state = tree_flatten([self.master, self.optimizer.state])  # what a checkpoint stores (float32)
             checkpoint.check_room(self.out, sum(a.nbytes for _, a in state), fresh=ckpt is None)
-            self._claim_out(fresh=ckpt is None)
+            self.run_dir.claim(ckpt)
         self.log = checkpoint.RunLog(self.out, self.step, self.dist.is_main)
         self._stop = False
         self._stopped_by: int | None = None  # the signal that requested the stop (_on_signal)
@@ -202,7 +173,7 @@ class Trainer:
         self._memory_cap = 0  # bytes MLX may use while training (cap_memory), once a step was measured
         self.result: dict[str, float] = {}  # latest train_loss, val_loss and hellaswag
         self._compute_state()
-        _OWNERS[self.out] = self
+        self.run_dir.own(ckpt)
 
     def _compute_state(self) -> None:
         """The weights and optimizer state, computed in this thread: MLX's streams are per thread, and a notebook's
@@ -275,15 +246,6 @@ class Trainer:
             return cfg.threads
         return memory.step_threads(cfg.batch_size, device.step_threads(config.n_embd), fixed=False)
 
-    def _check_out(self, ckpt: Path | None, overwrite: bool) -> None:
-        """Refuse a fresh run into an OUT holding another run, unless overwriting; and an OUT this process cannot
-        write, now rather than at the first checkpoint."""
-        if ckpt is None and not overwrite:
-            checkpoint.refuse_replacing(self.out)
-        mlx_path(self.out)  # its checkpoints are MLX's files: refused now, not at the first save
-        if self.dist.is_main:
-            check_writable(self.out)
-
     def _make_loaders(self) -> None:
         """This rank's train and val batches, and the accumulation steps that make total_batch_size of them."""
         cfg, world, rank = self.cfg, self.dist.world, self.dist.rank
@@ -295,28 +257,6 @@ class Trainer:
         if self.val_loader and self.val_steps < cfg.val_steps:  # past one pass: repeated batches
             warn(f"val_steps {cfg.val_steps} is more than the val split holds: validating on all its "
                  f"{self.val_steps * world} batches" + (f" ({self.val_steps} a rank)" if world > 1 else ""))
-
-    def _claim_out(self, fresh: bool) -> None:
-        """Lock OUT until train() ends, before anything in it is removed: what a killed run left half-written, and
-        for a fresh (--overwrite) run the old run's checkpoints and its model, which sample would load. A resumed
-        run's model is its latest checkpoint's again (a kill between the two left the one before)."""
-        self._hold()
-        remove_stale_temps(self.out)
-        if not fresh:
-            checkpoint.publish_latest(self.out)
-            return
-        for old in checkpoint.checkpoints(self.out):
-            shutil.rmtree(old)
-        for old in checkpoint.MODEL_FILES:
-            (self.out / old).unlink(missing_ok=True)
-
-    def _hold(self) -> None:
-        """Lock OUT against other processes (files.lock_dir) from now until train() ends, or until this Trainer and
-        every other of OUT in this process are gone (a notebook's cell run again drops the one before)."""
-        lock_dir(self.out, "run")
-        if self._holding is None:
-            _HOLDERS[self.out] += 1
-            self._holding = weakref.finalize(self, _release, self.out)
 
     def _use_master(self, dtype: mx.Dtype) -> None:
         """Point the model's weights at the master weights, cast to `dtype` (views where it is float32)."""
@@ -376,78 +316,24 @@ class Trainer:
             raise checkpoint.damaged(ckpt, f"{checkpoint.STATE_FILE}: train_loader: {e}") from None
         self.step = state["step"]
 
-    def _resumed(self, ckpt: Path, state: dict) -> dict:
-        """Which checkpoint the run continues from, and the config fields changed since it was saved ([saved, now]);
-        with a changed schedule (a longer max_steps), the LR at this step by the new one and by the checkpoint's
-        (at its last step, where it had ended)."""
-        saved, now, step = state["config"], asdict(self.cfg), state["step"]
-        changed = {k: [saved.get(k), v] for k, v in now.items() if k != "out" and saved.get(k, v) != v}
-        resumed = {"checkpoint": str(ckpt), "changed": changed}
-        if not changed or step >= self.cfg.max_steps:  # the same schedule, or no step to train
-            return resumed
-        try:
-            before = replace(self.cfg, **{k: old for k, (old, _) in changed.items()})
-        except (TypeError, UserError):  # a field of the saved config that this version would refuse
-            return resumed
-        at = max(0, min(step, before.max_steps - 1))
-        lr = {"now": self.recipe.lr(step, self.cfg), "before": self.recipe.lr(at, before), "before_at": at}
-        return {**resumed, "lr": lr} if lr["now"] != lr["before"] else resumed
-
-    @staticmethod
-    def _resume_line(step: int, resumed: dict) -> str:
-        line = f"resuming from {resumed['checkpoint']} (step {step})"
-        if resumed["changed"]:
-            line += "; changed since: " + ", ".join(f"{k} {old!r} -> {new!r}"
-                                                    for k, (old, new) in resumed["changed"].items())
-        if lr := resumed.get("lr"):
-            at = "" if lr["before_at"] == step else f" at its last step, {lr['before_at']}"
-            line += f"; the LR at step {step} is {lr['now']:.4e} by the new schedule ({lr['before']:.4e} by the " \
-                f"checkpoint's{at})"
-        return line
-
     def save(self) -> Path:
         """Write OUT/ckpt-{step} with the float32 master weights (rank 0 only) and return its path."""
         if not self.dist.is_main:
             return self.out / f"ckpt-{self.step:06d}"
-        self._check_newest()
-        took = lock_dir(self.out, "run")  # outside train(): another process may be writing OUT now
-        try:
-            self._check_latest()
-        except UserError:
-            if took:
-                unlock_dir(self.out)
-            raise
-        self.log.sync()
-        self._use_master(mx.float32)  # save the float32 masters, not a bf16 copy
-        try:
-            # the optimizer state per tensor, as the model's weights are stored, whatever the packing
-            path = checkpoint.write(self.out, self.step, self.model, self.packing.unpack_state(self.optimizer.state), {
-                "step": self.step, "world": self.dist.world, "config": asdict(self.cfg),
-                "train_loader": self.train_loader.state_dict()})
-        finally:
-            self._use_master(self.dtype)
-            if took:
-                unlock_dir(self.out)
-        self._saved_step, self._saved = self.step, _found(path)
+        with self.run_dir.writing():
+            self.log.sync()
+            self._use_master(mx.float32)  # save the float32 masters, not a bf16 copy
+            try:
+                # the optimizer state per tensor, as the model's weights are stored, whatever the packing
+                path = checkpoint.write(self.out, self.step, self.model,
+                                        self.packing.unpack_state(self.optimizer.state), {
+                                            "step": self.step, "world": self.dist.world, "config": asdict(self.cfg),
+                                            "train_loader": self.train_loader.state_dict()})
+            finally:
+                self._use_master(self.dtype)
+        self._saved_step = self.step
+        self.run_dir.saved(path)
         return path
-
-    def _check_latest(self) -> None:
-        """Refuse to write OUT where another process has written or removed checkpoints since this Trainer last
-        saved or resumed (between its train() calls, when OUT is unlocked): it would train their steps again, and
-        its checkpoints, model and logs would replace theirs."""
-        found = checkpoint.checkpoints(self.out)
-        latest = _found(found[-1]) if found else None
-        if latest != self._saved:
-            mine = f"this Trainer's {self._saved[0].name}" if self._saved else "this Trainer started"
-            raise UserError(f"{self.out}'s latest checkpoint is {latest[0].name if latest else 'gone'}, written by "
-                            f"another run since {mine}: continue from it with Trainer(cfg, resume=True)")
-
-    def _check_newest(self) -> None:
-        """Refuse to write OUT from a Trainer older than the newest of OUT in this process: it would write that
-        run's checkpoints and model with its own (a notebook's cell run again)."""
-        if _OWNERS.get(self.out) is not self:
-            raise UserError(f"a newer Trainer of {self.out} was made in this process: use that one (or continue "
-                            f"from {self.out}'s last checkpoint with Trainer(cfg, resume=True))")
 
     def _save_before_failing(self) -> None:
         """An evaluation failed (a download, a kernel that cannot compile): save the steps since the last checkpoint
@@ -664,14 +550,14 @@ class Trainer:
         if self._broken:
             raise UserError(f"this Trainer stopped amid a step ({self._broken}): its weights, step and data position "
                             f"may disagree; {resume}")
-        self._check_newest()
+        self.run_dir.check_newest()
         if self.dist.is_main:
-            lock_dir(self.out, "run")  # again, if an earlier train() ended
+            self.run_dir.hold()  # again, if an earlier train() ended
         # an earlier train()'s stop request was answered by its end
         self._stop, self._stopped_by, self._stop_error, self._failed_evaluating = False, None, None, False
         try:
             if self.dist.is_main:
-                self._check_latest()  # before the log is cut back to this Trainer's step
+                self.run_dir.check_latest()  # before the log is cut back to this Trainer's step
             self.log.restart(self.step)  # before any step: its failure leaves this Trainer whole
             try:
                 result = self._train(until)
@@ -683,7 +569,7 @@ class Trainer:
                 raise
         finally:
             if self.dist.is_main:
-                unlock_dir(self.out)  # another process may write OUT now
+                self.run_dir.unlock()  # another process may write OUT now
             if not self._broken:
                 self._compute_state()
         return result
@@ -723,7 +609,7 @@ class Trainer:
                   f"{tokens_per_step} tokens/step = {self.dist.world} x {self.grad_accum} x {cfg.batch_size} x "
                   f"{cfg.seq_len} | steps {self.step}..{cfg.max_steps} | {device.PROFILE.name} {self.dtype_name} | "
                   f"peak {peak / 1e9:.0f} GFLOP/s a rank | memory ~{self.memory.total / 1e9:.2f} GB estimated")
-        notes = [self._resume_line(self.step, self._resume) if self._resume else "",
+        notes = [resume_line(self.step, self._resume) if self._resume else "",
                  device.PROFILE.attention_note(self.dtype_name, c.n_embd // c.n_head, cfg.seq_len)]
         if self._resume:
             self.log.event(self.step, "resume", **self._resume)

@@ -47,10 +47,11 @@ def latest_checkpoint(out: str | os.PathLike) -> Path:
     if found:
         return found[-1]
     out = Path(out)
-    if (out / STATE_FILE).is_file() and checkpoints(out.parent):  # one of a run's checkpoints, not the run
-        raise UserError(f"{out} is a checkpoint of the run in {out.parent}: resume the run (--resume {out.parent}), "
-                        "which continues from its latest checkpoint; to continue from this one, move the later ones "
-                        "away")
+    if (out / STATE_FILE).is_file() and (run := checkpoints(out.parent)):  # one of a run's checkpoints, not the run
+        this = "it" if run[-1].samefile(out) else \
+            "its latest checkpoint; to continue from this one, move the later ones away"
+        raise UserError(f"{out} is a checkpoint of the run in {out.parent}: resume the run (--resume {out.parent}; "
+                        f"in Python Trainer(cfg, resume=True) with cfg.out {out.parent}), which continues from {this}")
     raise UserError(f"{out}: no checkpoint to resume from (expected {out}/ckpt-NNNNNN/)")
 
 

@@ -219,13 +219,19 @@ def cmd_eval(args) -> None:
     start = time.perf_counter()
     result = evaluate.score_hellaswag(model, examples, batch_examples=args.batch_size)
     seconds = time.perf_counter() - start
-    if args.output:  # before the summary: a stdout that fails (a full disk, `| true`) loses no more than itself
-        evaluate.write_records(args.output, result.records)
+    unwritten = None  # the records are written before the summary, which a stdout that fails (a full disk, `| true`)
+    if args.output:  # loses alone; and the summary is printed where they cannot be
+        try:
+            evaluate.write_records(args.output, result.records)
+        except UserError as e:
+            unwritten = e
     print(f"hellaswag  {result.num_total} examples  acc {result.acc:.4f}  acc_norm {result.acc_norm:.4f}  "
           f"({result.num_total / seconds:.1f} examples/s)")
     ref = evaluate.GPT2_HELLASWAG
     print(f"reference  GPT-2 124M: acc {ref['acc']:.4f}  acc_norm {ref['acc_norm']:.4f} (build-nanogpt, all "
           f"{evaluate.HELLASWAG_VAL_SIZE}); GPT-3 124M: acc_norm {evaluate.GPT3_HELLASWAG:.3f}")
+    if unwritten is not None:
+        raise unwritten
     if args.output:
         print(f"wrote {args.output}")
 

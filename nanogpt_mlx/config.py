@@ -236,7 +236,7 @@ def resumed(ckpt: Path, state: dict, cfg: TrainConfig) -> dict:
     checkpoint, the config fields changed since it was saved ([saved, now]) and, with a changed schedule (a longer
     max_steps), the LR at its step by the new one and by the checkpoint's (at its last step, where it had ended)."""
     saved, now, step = state["config"], asdict(cfg), state["step"]
-    changed = {k: [saved.get(k), v] for k, v in now.items() if k != "out" and saved.get(k, v) != v}
+    changed = {k: [saved.get(k), v] for k, v in now.items() if k != "out" and not _same(k, saved.get(k, v), v)}
     result = {"checkpoint": str(ckpt), "changed": changed}
     if not changed or step >= cfg.max_steps:  # the same schedule, or no step to train
         return result
@@ -247,6 +247,13 @@ def resumed(ckpt: Path, state: dict, cfg: TrainConfig) -> dict:
     at = max(0, min(step, before.max_steps - 1))
     lrs = {"now": get_lr(step, cfg), "before": get_lr(at, before), "before_at": at}
     return {**result, "lr": lrs} if lrs["now"] != lrs["before"] else result
+
+
+def _same(name: str, a: object, b: object) -> bool:
+    """Whether two values of a config field are the same: paths as written apart (data/ is data)."""
+    if name in ("data", "init_from", "hellaswag_data") and isinstance(a, str) and isinstance(b, str) and a and b:
+        return os.path.normpath(os.path.expanduser(a)) == os.path.normpath(os.path.expanduser(b))
+    return a == b
 
 
 def resume_line(step: int, resumed: dict) -> str:

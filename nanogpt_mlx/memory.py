@@ -162,8 +162,9 @@ def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpoi
                                       fixed_threads=fixed_threads, rows=rows)
             if fits_ckpt > fits:  # (not where the head, which it does not shrink, is what fills the memory)
                 advice.append(f"--activation-checkpointing fits --batch-size {fits_ckpt}")
-        otherwise = "a resumed run keeps its model and batches: continue it on a larger device, or start a new " \
-            "run from its weights (--init-from) with a smaller --batch-size" if batch_fixed else \
+        larger = "a larger --max-memory" if max_memory_gb else "a larger device"
+        otherwise = f"a resumed run keeps its model and batches: continue it with {larger}, or start a new run " \
+            "from its weights (--init-from) with a smaller --batch-size" if batch_fixed else \
             "choose a smaller model or sequence length"
         raise UserError(f"a step of batch {batch_size} x {seq_len} needs {est.describe()}, more than {where}; "
                         + ("; ".join(advice) if advice else otherwise))

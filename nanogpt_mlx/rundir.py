@@ -36,10 +36,11 @@ def _release(out: Path) -> None:
         unlock_dir(out)
 
 
-def _found(ckpt: Path) -> tuple[Path, int]:
-    """A checkpoint directory as found: its path and inode (a checkpoint written anew under the same name has
-    another)."""
-    return ckpt, ckpt.stat().st_ino
+def _found(ckpt: Path) -> tuple[Path, int, int]:
+    """A checkpoint directory as found: its path, inode and modification time (a checkpoint written anew under the
+    same name differs in one, even where the filesystem gives it the inode of the one removed)."""
+    stat = ckpt.stat()
+    return ckpt, stat.st_ino, stat.st_mtime_ns
 
 
 class RunDir:
@@ -48,7 +49,7 @@ class RunDir:
     def __init__(self, out: Path):
         self.out = out
         self._holding: weakref.finalize | None = None  # gives OUT's lock back when this RunDir goes (hold)
-        self._saved: tuple[Path, int] | None = None  # the checkpoint last saved or resumed from, as found
+        self._saved: tuple[Path, int, int] | None = None  # the checkpoint last saved or resumed from, as found
 
     def hold(self) -> None:
         """Lock OUT from now until unlock() (the end of train()), or until this RunDir and every other of OUT in
@@ -106,15 +107,15 @@ class RunDir:
                             f"from {self.out}'s last checkpoint with Trainer(cfg, resume=True))")
 
     def check_latest(self) -> None:
-        """Refuse to write OUT where another process has written or removed checkpoints since this Trainer last
-        saved or resumed (between its train() calls, when OUT is unlocked): it would train their steps again, and
-        its checkpoints, model and logs would replace theirs."""
+        """Refuse to write OUT where another process has written a checkpoint since this Trainer last saved or
+        resumed (between its train() calls, when OUT is unlocked): it would train that run's steps again, and its
+        checkpoints, model and logs would replace theirs. Checkpoints removed (by hand) leave this Trainer's state
+        the only copy: it may save it."""
         found = checkpoint.checkpoints(self.out)
-        latest = _found(found[-1]) if found else None
-        if latest != self._saved:
+        if found and (latest := _found(found[-1])) != self._saved:
             mine = f"this Trainer's {self._saved[0].name}" if self._saved else "this Trainer started"
-            raise UserError(f"{self.out}'s latest checkpoint is {latest[0].name if latest else 'gone'}, written by "
-                            f"another run since {mine}: continue from it with Trainer(cfg, resume=True)")
+            raise UserError(f"{self.out}'s latest checkpoint is {latest[0].name}, written by another run since {mine}: "
+                            "continue from it with Trainer(cfg, resume=True)")
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:

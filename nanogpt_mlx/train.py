@@ -318,22 +318,24 @@ class Trainer:
 
     def save(self) -> Path:
         """Write OUT/ckpt-{step} with the float32 master weights (rank 0 only) and return its path."""
+        written = self.out / f"ckpt-{self.step:06d}"
         if not self.dist.is_main:
-            return self.out / f"ckpt-{self.step:06d}"
+            return written
+        self._check_whole()
         with self.run_dir.writing():
             self.log.sync()
             self._use_master(mx.float32)  # save the float32 masters, not a bf16 copy
             try:
                 # the optimizer state per tensor, as the model's weights are stored, whatever the packing
-                path = checkpoint.write(self.out, self.step, self.model,
-                                        self.packing.unpack_state(self.optimizer.state), {
-                                            "step": self.step, "world": self.dist.world, "config": asdict(self.cfg),
-                                            "train_loader": self.train_loader.state_dict()})
+                checkpoint.write(self.out, self.step, self.model, self.packing.unpack_state(self.optimizer.state), {
+                    "step": self.step, "world": self.dist.world, "config": asdict(self.cfg),
+                    "train_loader": self.train_loader.state_dict()})
             finally:
                 self._use_master(self.dtype)
-        self._saved_step = self.step
-        self.run_dir.saved(path)
-        return path
+                if written.is_dir():  # also where OUT's model could not be pointed at it after (a full disk)
+                    self._saved_step = self.step
+                    self.run_dir.saved(written)
+        return written
 
     def _save_before_failing(self) -> None:
         """An evaluation failed (a download, a kernel that cannot compile): save the steps since the last checkpoint
@@ -546,18 +548,12 @@ class Trainer:
             raise UserError(f"until must be a step number (an int >= 0), got {until!r}")
         if until is not None and until < self.step:
             raise UserError(f"until {until} is behind this Trainer's step {self.step}")
-        resume = f"continue from {self.out}'s last checkpoint with Trainer(cfg, resume=True)"
-        if self._broken:
-            raise UserError(f"this Trainer stopped amid a step ({self._broken}): its weights, step and data position "
-                            f"may disagree; {resume}")
+        self._check_whole()
         self.run_dir.check_newest()
-        if self.dist.is_main:
-            self.run_dir.hold()  # again, if an earlier train() ended
+        self._claim_for_training()
         # an earlier train()'s stop request was answered by its end
         self._stop, self._stopped_by, self._stop_error, self._failed_evaluating = False, None, None, False
         try:
-            if self.dist.is_main:
-                self.run_dir.check_latest()  # before the log is cut back to this Trainer's step
             self.log.restart(self.step)  # before any step: its failure leaves this Trainer whole
             try:
                 result = self._train(until)
@@ -573,6 +569,29 @@ class Trainer:
             if not self._broken:
                 self._compute_state()
         return result
+
+    def _check_whole(self) -> None:
+        """Refuse to train or save after train() stopped amid a step: its weights, step and data position may
+        disagree (a NaN's weights, a batch read and not trained)."""
+        if self._broken:
+            raise UserError(f"this Trainer stopped amid a step ({self._broken}): its weights, step and data position "
+                            f"may disagree; continue from {self.out}'s last checkpoint with Trainer(cfg, resume=True)")
+
+    def _claim_for_training(self) -> None:
+        """Lock OUT (rank 0) until train() ends, checked to be this Trainer's still before its log is cut back to
+        this step. Where rank 0 cannot, every rank stops: the others would wait for it in their first collective."""
+        refusal = None
+        if self.dist.is_main:
+            try:
+                self.run_dir.hold()  # again, if an earlier train() ended
+                self.run_dir.check_latest()
+            except UserError as e:
+                self.run_dir.unlock()
+                refusal = e
+        if self.dist.world > 1 and self.dist.sum(float(refusal is not None)) > 0:
+            raise refusal or UserError(f"rank 0 cannot train in {self.out} now (its error says why)")
+        if refusal is not None:
+            raise refusal
 
     @contextlib.contextmanager
     def _training(self) -> Iterator[tqdm]:

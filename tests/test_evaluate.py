@@ -410,6 +410,21 @@ def test_cli_hellaswag_writes_its_records_before_its_summary(tiny_hf_dir, fixtur
     assert len(out.read_text().splitlines()) == 3
 
 
+def test_cli_hellaswag_prints_its_summary_where_its_records_cannot_be_written(tiny_hf_dir, fixture_file, tmp_path,
+                                                                              monkeypatch, capsys):
+    """Records written first lost the summary where they could not be (the disk filled during the evaluation)."""
+    from nanogpt_mlx import evaluate
+
+    def full(path, records):
+        raise UserError(f"{path}: cannot write (No space left on device)")
+
+    monkeypatch.setattr(evaluate, "write_records", full)
+    proc = run_main(capsys, "eval", "hellaswag", "--model", str(tiny_hf_dir), "--data", str(fixture_file),
+                    "--limit", "3", "--output", str(tmp_path / "scores.jsonl"))
+    assert proc.returncode == 1 and proc.stdout.startswith("hellaswag  3 examples  acc ")
+    assert_one_line_error(proc, "scores.jsonl: cannot write (No space left on device)")
+
+
 def test_cli_hellaswag_scores_batch_size_examples_a_forward(tiny_hf_dir, fixture_file, monkeypatch, capsys):
     from nanogpt_mlx import evaluate
 

@@ -116,9 +116,9 @@ def test_a_resumed_run_is_advised_only_what_it_may_change(monkeypatch):
     monkeypatch.setattr(device, "PROFILE", device.PROFILES["cpu-x86"])
     with pytest.raises(UserError, match="; --activation-checkpointing fits it$"):
         memory.check(cfg, 16, 1024, "float32", False, max_memory_gb=8, batch_fixed=True)
-    with pytest.raises(UserError, match="; a resumed run keeps its model and batches: continue it on a larger device, "
-                                        "or start a new run from its weights \\(--init-from\\) with a smaller "
-                                        "--batch-size$"):
+    with pytest.raises(UserError, match="; a resumed run keeps its model and batches: continue it with a larger "
+                                        "--max-memory, or start a new run from its weights \\(--init-from\\) with a "
+                                        "smaller --batch-size$"):
         memory.check(cfg, 16, 1024, "float32", True, max_memory_gb=4, batch_fixed=True)
 
 

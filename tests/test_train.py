@@ -8,6 +8,7 @@ import json
 import re
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,8 @@ import pytest
 from conftest import assert_one_line_error, run_cli, run_main, save_hf_gpt2
 from mlx.utils import tree_flatten
 
-from nanogpt_mlx import GPT, GPTConfig, device, memory
+from nanogpt_mlx import GPT, GPTConfig, device, distributed, memory
+from nanogpt_mlx import checkpoint as checkpoint_mod
 from nanogpt_mlx import optim as optim_mod
 from nanogpt_mlx import train as train_mod
 from nanogpt_mlx.checkpoint import checkpoints
@@ -835,6 +837,76 @@ def test_a_trainer_does_not_write_over_a_run_continued_by_another_process(data_d
     assert resumed.step == 6
 
 
+def test_a_trainer_saves_again_after_its_checkpoint_was_saved_but_not_published(data_dir, tmp_path, monkeypatch):
+    """OUT's model could not be pointed at the checkpoint just written (a full disk): the checkpoint is this
+    Trainer's all the same (it was taken for another run's, and this Trainer could not save again)."""
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(data_dir, out, max_steps=4))
+    publish = checkpoint_mod._publish
+
+    def full(out, final):
+        monkeypatch.setattr(checkpoint_mod, "_publish", publish)  # once
+        raise UserError("No space left on device")
+
+    monkeypatch.setattr(checkpoint_mod, "_publish", full)
+    with pytest.raises(UserError, match="No space left on device"):
+        trainer.save()
+    assert trainer.save() == out / "ckpt-000000" and load_model(out).config.n_layer == 2
+    trainer.train()
+    assert trainer.step == 4
+
+
+def test_a_trainer_saves_its_state_where_its_checkpoints_were_removed(data_dir, tmp_path):
+    """Checkpoints removed by hand (no other run wrote any) leave a Trainer's state the only copy: it was refused
+    as "written by another run", with advice to resume from a checkpoint no longer there."""
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(data_dir, out, max_steps=4))
+    trainer.train(until=2)
+    for ckpt in checkpoints(out):
+        shutil.rmtree(ckpt)
+    assert trainer.save() == out / "ckpt-000002"
+    trainer.train()
+    assert [c.name for c in checkpoints(out)] == ["ckpt-000002", "ckpt-000004"]
+
+
+def test_a_trainer_that_stopped_amid_a_step_refuses_to_save(data_dir, tmp_path):
+    """After a NaN, save() wrote the NaN weights as OUT's latest checkpoint and model (train() refused)."""
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(data_dir, out, max_lr=1e30, grad_clip=0.0, warmup_steps=1, max_steps=4))
+    with pytest.raises(UserError, match="is not finite"):
+        trainer.train()
+    for again in (trainer.save, trainer.train):
+        with pytest.raises(UserError, match="this Trainer stopped amid a step"):
+            again()
+    assert checkpoints(out) == []
+
+
+class _Ranks(distributed.Dist):
+    """One of two ranks in this process, the other's share of each sum given."""
+
+    def __init__(self, rank: int, others: float):
+        super().__init__(rank=rank, world=2)
+        self.others = others
+
+    def sum(self, value: float) -> float:
+        return value + self.others
+
+
+def test_every_rank_stops_where_rank_0_cannot_train(data_dir, tmp_path):
+    """Rank 0 alone refused to train in an OUT another run had written to: the other ranks waited for it in their
+    first collective until the watchdog ended them (300 s)."""
+    other = tmp_path / "other"
+    Trainer(tiny_config(data_dir, other, max_steps=1)).train()
+    cfg = tiny_config(data_dir, tmp_path / "run", max_steps=4, total_batch_size=512)
+    rank0 = Trainer(cfg, dist=_Ranks(0, others=0.0))
+    shutil.copytree(other / "ckpt-000001", tmp_path / "run" / "ckpt-000001")  # another run's, written meanwhile
+    with pytest.raises(UserError, match="latest checkpoint is ckpt-000001, written by another run"):
+        rank0.train()
+    rank1 = Trainer(replace(cfg, out=str(tmp_path / "run1")), dist=_Ranks(1, others=1.0))  # (rank 0's refusal)
+    with pytest.raises(UserError, match=f"rank 0 cannot train in {tmp_path / 'run1'} now"):
+        rank1.train()
+
+
 def test_an_evaluation_stopped_in_a_notebook_is_logged_once_when_train_is_called_again(data_dir, tmp_path):
     """A stop during step 2's samples, after its val loss was logged: the next train() evaluates step 2 again and
     the log holds its val loss once (it held it twice)."""
@@ -866,8 +938,8 @@ def test_a_resume_says_its_checkpoint_and_what_changed(data_dir, tmp_path):
     the LR going back up)."""
     out = tmp_path / "run"
     run_cli(*cli_config(data_dir, out, "--max-steps", "4", "--sample-every", "0", "--val-every", "0"), check=True)
-    assert f"note: resuming from {out}/ckpt-000004 (step 4)\n" in run_cli("train", "--resume", str(out),
-                                                                         check=True).stdout
+    same = run_cli("train", "--resume", str(out), "--data", f"{data_dir}/.", check=True).stdout  # spelled apart
+    assert f"note: resuming from {out}/ckpt-000004 (step 4)\n" in same
     extended = run_cli("train", "--resume", str(out), "--max-steps", "8", "--threads", "1", check=True).stdout
     saved, now = resume_config(out, max_steps=4, threads=0), resume_config(out)
     assert now.max_steps == 8 and get_lr(4, now) > get_lr(3, saved)
@@ -901,7 +973,7 @@ def test_a_resumed_run_is_advised_only_what_it_may_change(data_dir, tmp_path):
     ("bad-dtype", ["dtype"]),
     ("resume-nothing", ["no checkpoint"]),
     ("resume-a-checkpoint", ["ckpt-000002 is a checkpoint of the run in", "resume the run (--resume",
-                             "move the later ones away"]),
+                             "in Python Trainer(cfg, resume=True) with cfg.out", "which continues from it"]),
     ("resume-other-model", ["resumed run keeps its model", "n_layer 1 (not 3)", "vocab_size 1000 (not 2000)"]),
     ("resume-other-batches", ["data position with other batches", "batch_size 4 (this run: 2)", "--init-from"]),
     ("resume-below-its-step", ["ckpt-000002 is at step 2, beyond max_steps 1: nothing to train"]),

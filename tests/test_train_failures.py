@@ -247,7 +247,8 @@ def test_ranks_agree_on_a_shard_one_of_them_cannot_read_before_the_steps_all_red
     with pytest.raises(UserError, match="cannot read shard .*saved .*\\(step 2\\)"):
         trainer.train()
     agreements = [c for c in calls if c in ("sum 0", "sum 1", "all-reduce")]  # (not the losses' means)
-    assert agreements == ["sum 0", "all-reduce", "sum 0", "all-reduce", "sum 1"]  # step 2 stops before its own
+    # train()'s start (OUT claimed by rank 0), each step's stop, then step 2 stops before its own all-reduce
+    assert agreements == ["sum 0", "sum 0", "all-reduce", "sum 0", "all-reduce", "sum 1"]
 
 
 def test_a_relative_data_directory_outlives_a_chdir(data_dir, tmp_path, monkeypatch):
@@ -644,3 +645,13 @@ def test_a_disk_without_room_for_a_checkpoint_is_refused_at_start(data_dir, tmp_
     assert "saving holds up to 3 checkpoints" in capsys.readouterr().err
     Trainer(tiny_config(data_dir, tmp_path / "done", max_steps=3), resume=True)  # 2 held already: room for 1 more
     assert "saving holds" not in capsys.readouterr().err
+
+
+def test_a_checkpoint_given_for_its_run_names_the_run(run):
+    """--resume OUT/ckpt-N said "no checkpoint to resume from (expected OUT/ckpt-N/ckpt-NNNNNN/)"."""
+    with pytest.raises(UserError, match=re.escape(f"{run}/ckpt-000002 is a checkpoint of the run in {run}: resume the "
+                                                  f"run (--resume {run}; ") + ".*which continues from its latest "
+                                                  "checkpoint; to continue from this one, move the later ones away"):
+        latest_checkpoint(run / "ckpt-000002")
+    with pytest.raises(UserError, match="which continues from it$"):
+        latest_checkpoint(run / "ckpt-000004")

@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .console import warn
+from .console import few, warn
 from .errors import UserError, first_line
 from .files import (atomic_dir, atomic_path, atomic_write_text, cannot, existing_ancestor, mlx_path, named_dir,
                     read_json)
@@ -97,7 +97,7 @@ def read_optimizer(ckpt: Path, like):
     needed = {k: (a.shape, a.dtype) for k, a in tree_flatten(like)}
     missing = [k for k in needed if k not in found]
     if missing:
-        raise damaged(ckpt, f"{OPTIMIZER_FILE} lacks {', '.join(missing[:3])}")
+        raise damaged(ckpt, f"{OPTIMIZER_FILE} lacks {few(missing)}")
     wrong = next((k for k in needed if found[k] != needed[k]), None)
     if wrong:  # a shape would fail inside the first update; a dtype (bool moments) would train on, inexactly
         raise damaged(ckpt, f"{OPTIMIZER_FILE}: {wrong} is {found[wrong][1]} of shape {found[wrong][0]}, the model "

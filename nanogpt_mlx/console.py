@@ -48,6 +48,11 @@ def _other_local_rank() -> bool:
     return LAUNCHER_ENV in os.environ and os.environ.get("MLX_RANK") != "0"
 
 
+def few(names: list[str], shown: int = 3) -> str:
+    """The first `shown` names, with " ..." where there are more: a message names a few of a long list."""
+    return ", ".join(names[:shown]) + " ..." * (len(names) > shown)
+
+
 def warn(text: str, kind: str = "warning") -> None:
     """`nanogpt-mlx: warning: text` (or another kind: `note`); of the ranks `--ranks` started, from rank 0 alone."""
     if not _other_local_rank():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .console import warn
+from .console import few, warn
 from .errors import UserError, check_int
 from .files import named_dir, read_json
 
@@ -108,7 +108,7 @@ def warn_if_shards_differ(data_dir: Path, split: str, sized: tuple[tuple[Path, i
     missing = [name for name in listed if name not in found]
     other = [f"{name} ({found[name]} tokens, not {n})" for name, n in listed.items() if found.get(name, n) != n]
     if missing or other:
-        said = "; ".join(f"{what}: {', '.join(names[:3])}{' ...' * (len(names) > 3)}"
+        said = "; ".join(f"{what}: {few(names)}"
                          for what, names in (("missing", missing), ("of another length", other)) if names)
         warn(f"{data_dir}: {split} shards that manifest.json lists are {said}; re-run the same prepare command to "
              "restore them")
@@ -155,7 +155,7 @@ class DataLoader:
         kept = [(path, n) for path, n in sized if n >= need]
         short = [f"{path.name} ({n} tokens)" for path, n in sized if n < need]
         short_list = f"{len(short)} {split} shard(s) shorter than one batch of B*T*ranks+1 = {need} tokens: " \
-                     f"{', '.join(short[:3])}{' ...' * (len(short) > 3)}"
+                     f"{few(short)}"
         if not kept:
             raise UserError(f"{data_dir}: no {split} shard holds one batch: {short_list}")
         if short:
@@ -270,6 +270,5 @@ def _layout_changes(saved: dict, now: dict) -> str:
         changes.append(f"data of {count(saved.get('shards') or [])} (this run: {count(now['shards'])})")
     elif other := [name for name, digest in saved.get("sha256", {}).items()
                    if now["sha256"].get(name, digest) != digest]:
-        changes.append(f"data of other content: {', '.join(other[:3])}{' ...' * (len(other) > 3)} (sha256 in "
-                       "manifest.json; prepared again?)")
+        changes.append(f"data of other content: {few(other)} (sha256 in manifest.json; prepared again?)")
     return ", ".join(changes)

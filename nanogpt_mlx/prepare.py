@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from . import signals
-from .console import warn
+from .console import few, warn
 from .data import list_shards, load_shard, open_shard, warn_if_shards_differ
 from .documents import Part, plan_parts, read_docs
 from .errors import UserError, check_int, check_types, first_line
@@ -273,8 +273,8 @@ def _intact_shards(out: Path, path: Path, fresh: dict) -> tuple[list[dict], str 
             recounted.append(shard["file"])
         intact.append({**shard, **counts})
     if recounted:
-        warn(f"{path}: corrected the token and document counts it gave for {', '.join(recounted[:3])}"
-             f"{' ...' * (len(recounted) > 3)} (they differed from the shards)")
+        warn(f"{path}: corrected the token and document counts it gave for {few(recounted)} (they differed from the "
+             "shards)")
     return intact, old_name
 
 
@@ -297,10 +297,6 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _few(names: list[str]) -> str:
-    return ", ".join(names[:3]) + " ..." * (len(names) > 3)
-
-
 def _difference(old, new) -> str:
     """What differs between a value that a manifest records and this run's: the keys of settings whose values
     differ ("seed 3 there, 4 now"), the input files only one of them lists, else both values."""
@@ -314,9 +310,9 @@ def _difference(old, new) -> str:
             return "the same files in another order"
         said = []
         if gone:
-            said.append(f"{_few(gone)} there" + ("" if added else ", not now"))
+            said.append(f"{few(gone)} there" + ("" if added else ", not now"))
         if added:
-            said.append(f"{_few(added)} now" + ("" if gone else ", not there"))
+            said.append(f"{few(added)} now" + ("" if gone else ", not there"))
         return ", ".join(said)
     return f"{_short(old)} there, {_short(new)} now"
 

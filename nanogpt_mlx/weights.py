@@ -19,7 +19,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .console import quiet, warn
+from .console import few, quiet, warn
 from .errors import FieldTypeError, UserError, first_line
 from .files import (STAGING, atomic_dir, atomic_files, atomic_path, atomic_write_text, cannot, check_writable,
                     hub_offline, mlx_path, named_dir, read_json, user_path)
@@ -214,7 +214,7 @@ def _weight_files(directory: Path) -> list[Path]:
         names = _shard_names(index)
         missing = [n for n in names if not (directory / n).is_file()]
         if missing or not names:
-            raise UserError(f"{index}: names shards that are not there: {', '.join(missing[:3]) or 'none'}")
+            raise UserError(f"{index}: names shards that are not there: {few(missing) or 'none'}")
         return [directory / n for n in names]
     pickled = sorted(p.name for p in directory.glob("pytorch_model*.bin"))  # one file, or save_pretrained's shards
     if pickled:

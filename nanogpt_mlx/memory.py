@@ -174,13 +174,15 @@ def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpoi
 
 
 def sample_bytes(config: GPTConfig, prompt_len: int, new_tokens: int, dtype_bytes: int, top_p: bool = False) -> int:
-    """The memory one sample of a batch holds: its KV cache (grown KVCache.step positions at a time), the
-    prompt's pass (MLP hidden states, one layer's float32 scores) and a few float32 vocab-sized rows for the
-    next-token draw; with `top_p` (sample.filtered_logits) more: the order, sorted weights, their sums and masks."""
+    """The memory one sample of a batch holds: its KV cache (grown KVCache.step positions at a time; while a
+    layer's grows, its old keys and values and the new ones are held at once), the prompt's pass (MLP hidden
+    states, one layer's float32 scores) and a few float32 vocab-sized rows for the next-token draw; with `top_p`
+    (sample.filtered_logits) more: the order, sorted weights, their sums and masks."""
     C, L, nh, V = config.n_embd, config.n_layer, config.n_head, config.vocab_size
     positions = -(-(prompt_len + new_tokens) // KVCache.step) * KVCache.step
     rows = 6 + (5 if top_p else 0)  # vocab-sized rows of 4 bytes
-    return (2 * L * positions * C + 2 * prompt_len * 4 * C) * dtype_bytes + (nh * prompt_len ** 2 + rows * V) * 4
+    cache = 2 * (L + 1) * positions * C
+    return (cache + 2 * prompt_len * 4 * C) * dtype_bytes + (nh * prompt_len ** 2 + rows * V) * 4
 
 
 def check_sampling(config: GPTConfig, num_samples: int, prompt_len: int, new_tokens: int, weights: int,

@@ -47,15 +47,18 @@ def next_token(logits: mx.array, cfg: SampleConfig | None = None, key: mx.array 
 
     Draws with `key`, or MLX's global random state when it is None.
     """
-    cfg = cfg or SampleConfig()
+    cfg = _config(cfg)
     if cfg.greedy:
         return mx.argmax(logits[:, :GPT2_VOCAB_SIZE], axis=-1)
     return mx.random.categorical(filtered_logits(logits, cfg), key=key)
 
 
-def filtered_logits(logits: mx.array, cfg: SampleConfig) -> mx.array:
+def filtered_logits(logits: mx.array, cfg: SampleConfig | None = None) -> mx.array:
     """logits (B, V) -> float32 (B, GPT-2's vocab) divided by the temperature, -inf where top-k or top-p drop
-    a token: what next_token draws from."""
+    a token: what next_token draws from (cfg defaults to SampleConfig())."""
+    cfg = _config(cfg)
+    if not isinstance(logits, mx.array) or logits.ndim != 2:  # one row of shape (V,) was an indexing error
+        raise UserError(f"logits must be an mx.array of shape (batch, vocab), got {getattr(logits, 'shape', logits)!r}")
     logits = logits[:, :GPT2_VOCAB_SIZE].astype(mx.float32)
     # from the largest logit down: a tiny temperature then tends to greedy instead of overflowing to inf - inf
     logits = (logits - logits.max(axis=-1, keepdims=True)) / cfg.temperature
@@ -137,6 +140,8 @@ def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig | None = None,
     """
     cfg = _config(cfg)
     check_int("num_samples", num_samples)
+    if not isinstance(use_cache, bool):  # "no" is true
+        raise UserError(f"use_cache must be True or False, got {use_cache!r}")
     ids = prepare_prompt(model, prompt_ids, cfg)
     weights = tree_flatten(model.parameters())
     memory.check_sampling(model.config, num_samples, len(ids), cfg.max_new_tokens, sum(w.nbytes for _, w in weights),

@@ -166,7 +166,8 @@ class ShardWriter:
     def _split_small(self) -> None:
         """A source of at most one shard would be all val (build-nanogpt's shard 0), leaving nothing to train on:
         its first tenth is val instead (to the next document's start, if that comes before a fifth), the rest train.
-        Both files are listed at once: a resume never sees the val shard alone, taking it for the end."""
+        Both files are listed at once, and a resume that finds one of them lost or damaged makes both again
+        (_intact_shards): the val shard alone would be taken for the end."""
         tokens = self.buf[: self.count]
         tenth = self.count // 10
         starts = np.flatnonzero(tokens[tenth : 2 * tenth] == EOT)
@@ -272,6 +273,10 @@ def _intact_shards(out: Path, path: Path, fresh: dict) -> tuple[list[dict], str 
         if any(shard[k] != v for k, v in counts.items()):
             recounted.append(shard["file"])
         intact.append({**shard, **counts})
+    if intact and intact[-1]["end"] is None and len(intact) < len(old["shards"]):
+        # ShardWriter._split_small's val shard, whose train shard is lost: alone it would look finished (both records
+        # end None), so the pair is made again
+        intact, recounted = [], []
     if recounted:
         warn(f"{path}: corrected the token and document counts it gave for {few(recounted)} (they differed from the "
              "shards)")

@@ -837,6 +837,27 @@ def test_a_source_smaller_than_one_shard_is_split_90_10(tmp_path):
         assert (val["split"], train["split"]) == ("val", "train") and total // 10 <= val["tokens"] < total // 5
 
 
+@pytest.mark.parametrize("lost", ["train", "val"])
+def test_a_lost_shard_of_a_small_sources_pair_is_made_again(tmp_path, capsys, lost):
+    """Both records of a source of at most one shard end None: with its train shard deleted, the intact val shard
+    looked like a finished run, and the re-run said "already complete", warned of no train tokens and wrote the
+    manifest without the train shard (lost for good)."""
+    src = sources.local_files([write_jsonl(tmp_path / "docs.jsonl", make_docs(60))])
+    out = tmp_path / "out"
+    prep.prepare(src, out, cfg(shard_size=10_000))
+    before = dir_bytes(out)
+    val, train = (next(out.glob(f"*_{split}_*.npy")) for split in ("val", "train"))
+    if lost == "train":
+        train.unlink()
+    else:
+        val.write_bytes(val.read_bytes()[:-4])
+    capsys.readouterr()
+    again = prep.prepare(src, out, cfg(shard_size=10_000))
+    assert again.new_tokens and dir_bytes(out) == before
+    assert [s["split"] for s in again.manifest["shards"]] == ["val", "train"]
+    assert "no train tokens" not in capsys.readouterr().err
+
+
 def test_a_split_left_empty_is_warned_of(tmp_path, capsys):
     """Two short documents gave "1 shards (1 val, 0 train)", a text whose last tenth is blank no val tokens, and
     prepare said nothing (train then failed to find the split)."""

@@ -298,10 +298,11 @@ def add_prepare(sub) -> None:
     fl = sources.add_parser("files", help="your .txt, .jsonl and .parquet files")
     _add_shard_options(fl, "data", SPLIT_SHARD_0)
     fl.add_argument("paths", nargs="+", metavar="PATH",
-                    help="files, directories (searched recursively, hidden files and folders skipped) or glob patterns "
-                         "(** recursive); a file named twice is read once. A .txt is one document, a .jsonl line or "
-                         ".parquet row one (its --text-field; nulls skipped), suffixes in any case; empty and "
-                         "whitespace-only documents are dropped")
+                    help="files, directories (searched recursively) or glob patterns (** recursive); a directory's "
+                         "search and a pattern skip hidden files and folders, files of other types and dangling "
+                         "links, and neither the search nor ** enters a symlinked folder; a file named twice is read "
+                         "once. A .txt is one document, a .jsonl line or .parquet row one (its --text-field; nulls "
+                         "skipped), suffixes in any case; empty and whitespace-only documents are dropped")
     fl.add_argument("--text-field", default="text",
                     help="top-level key of .jsonl lines, column of .parquet files, that holds the text (default: text)")
     fl.add_argument("--split-on-blank-lines", action="store_true",

@@ -6,11 +6,12 @@ the hub are fetched one at a time, so disk use stays bounded.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,29 +49,32 @@ class Source:
 def local_files(paths: str | os.PathLike | Sequence[str | os.PathLike], text_field: str = "text",
                 split_on_blank_lines: bool = False) -> Source:
     """`.txt` (one document per file, or per blank-line-separated paragraph), `.jsonl` and `.parquet`
-    (documents in `text_field`), suffixes in any case; files, directories (searched recursively, hidden
-    files and folders skipped) or glob patterns. A file that several of them name is read once, where it
-    first appears."""
+    (documents in `text_field`), suffixes in any case; files, directories or glob patterns (`**` recursive). A
+    directory's search, like `**`, skips hidden files and folders and does not enter symlinked folders (a link
+    to a parent is a loop); it and a pattern skip files of other types and dangling links, a file named outright
+    must be readable. A file that several of them name is read once, where it first appears."""
     found: list[Path] = []
     paths = files.as_paths(paths)
     for spec in map(str, paths):
         if not spec:  # Path("") is the working directory: an unset variable would tokenize all of it
             raise UserError("'' names no file (an unset variable?)")
         spec = os.path.expanduser(spec)
-        is_pattern = any(c in spec for c in "*?[") and not os.path.exists(spec)  # a file may be named a[1].txt
-        matches = sorted(glob.glob(spec, recursive=True)) if is_pattern else [spec]
-        if not matches:
-            raise UserError(f"{spec}: no files match")
-        for m in map(Path, matches):
-            if m.is_dir():
-                found += sorted(f for f in m.rglob("*") if _kind(f) and f.is_file()
-                                and not any(part.startswith(".") for part in f.relative_to(m).parts))  # as ** does
-            elif m.is_file():
-                if not _kind(m):
-                    raise UserError(f"{m}: unsupported file type (expected .txt, .jsonl or .parquet)")
-                found.append(m)
-            else:  # a FIFO (it would block) or a device
-                raise UserError(f"{m}: {'not a regular file' if m.exists() else 'no such file or directory'}")
+        if any(c in spec for c in "*?[") and not os.path.exists(spec):  # a file may be named a[1].txt
+            matches = sorted(set(_glob(spec)))
+            if not matches:
+                raise UserError(f"{spec}: no files match")
+            for m in map(Path, matches):
+                found += _search(m) if m.is_dir() else [m] if _wanted(m) else []
+            continue
+        m = Path(spec)
+        if m.is_dir():
+            found += _search(m)
+        elif m.is_file():
+            if not _kind(m):
+                raise UserError(f"{m}: unsupported file type (expected .txt, .jsonl or .parquet)")
+            found.append(m)
+        else:  # a FIFO (it would block) or a device
+            raise UserError(f"{m}: {'not a regular file' if m.exists() else 'no such file or directory'}")
     unique: dict[Path, Path] = {}
     for f in found:
         unique.setdefault(f.resolve(), f)  # a file named twice (a.txt a.txt, or a.txt and its directory) is read once
@@ -82,6 +86,65 @@ def local_files(paths: str | os.PathLike | Sequence[str | os.PathLike], text_fie
     units = [_local_unit(f, txt if (kind := _kind(f)) == "txt" else kind, text_field, str(f.resolve())) for f in found]
     info = {"name": "files", "text_field": text_field, "split_on_blank_lines": split_on_blank_lines}
     return Source("data", label, info, units)
+
+
+def _wanted(file: Path) -> bool:
+    """A regular file (or a link to one) of a kind that is read."""
+    return _kind(file) is not None and file.is_file()
+
+
+def _search(folder: Path) -> list[Path]:
+    """The files under `folder` that are read, as `folder/**/*` finds them (its name taken as it is, not a pattern)."""
+    return sorted(f for f in map(Path, _expand(str(folder), ["**", "*"])) if _wanted(f))
+
+
+def _glob(pattern: str) -> Iterator[str]:
+    """glob.glob(pattern, recursive=True), except that `**` does not enter symlinked folders: glob's does, and a
+    link to a parent folder made its paths multiply without end."""
+    base = os.sep if pattern.startswith(os.sep) else ""
+    found = _expand(base, [s for s in pattern.split(os.sep) if s])
+    return (p for p in found if os.path.isdir(p)) if pattern.endswith(os.sep) else found  # d*/ names folders
+
+
+def _expand(base: str, segments: list[str]) -> Iterator[str]:
+    if not segments:
+        if base:  # "", the working directory matched by a leading **, is not listed (as by glob)
+            yield base
+        return
+    segment, rest = segments[0], segments[1:]
+    if segment == "**":  # no folders, or one more (not hidden, not a link) and then ** again; last, files too
+        yield from _expand(base, rest)
+        for entry in _entries(base):
+            if entry.name.startswith("."):
+                continue
+            if _is_dir(entry, follow_symlinks=False):
+                yield from _expand(os.path.join(base, entry.name), segments)
+            elif not rest:
+                yield os.path.join(base, entry.name)
+    elif not glob.has_magic(segment):
+        path = os.path.join(base, segment)
+        if os.path.isdir(path) if rest else os.path.lexists(path):
+            yield from _expand(path, rest)
+    else:  # as glob: a wildcard matches a hidden name only where the segment starts with "."
+        for entry in _entries(base):
+            if (fnmatch.fnmatchcase(entry.name, segment) and (segment[0] == "." or not entry.name.startswith("."))
+                    and (not rest or _is_dir(entry, follow_symlinks=True))):
+                yield from _expand(os.path.join(base, entry.name), rest)
+
+
+def _entries(folder: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder or os.curdir) as it:
+            return list(it)
+    except OSError:  # unreadable, or not a folder: nothing in it matches (as for glob)
+        return []
+
+
+def _is_dir(entry: os.DirEntry, follow_symlinks: bool) -> bool:
+    try:  # (it stats a link or an entry of unknown type)
+        return entry.is_dir(follow_symlinks=follow_symlinks)
+    except OSError:
+        return False
 
 
 def _kind(file: Path) -> str | None:

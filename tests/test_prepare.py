@@ -679,6 +679,47 @@ def test_an_empty_name_and_hidden_directories_add_no_files(tmp_path, monkeypatch
     assert [u.key for u in sources.local_files([str(tmp_path / "d" / "**" / "*.jsonl")]).units] == keys
 
 
+def test_symlinked_folders_are_entered_by_neither_a_search_nor_a_pattern(tmp_path):
+    """glob's ** followed symlinked folders: two links to their own folder made its paths multiply without end (it
+    never finished, its memory growing), while a directory's search did not enter them."""
+    (tmp_path / "lp" / "sub").mkdir(parents=True)
+    write_jsonl(tmp_path / "lp" / "a.jsonl", make_docs(2))
+    write_jsonl(tmp_path / "lp" / "sub" / "b.jsonl", make_docs(2))
+    for name in ("x", "y"):
+        (tmp_path / "lp" / name).symlink_to(".")
+    (tmp_path / "elsewhere").mkdir()
+    write_jsonl(tmp_path / "elsewhere" / "c.jsonl", make_docs(2))
+    (tmp_path / "lp" / "sub" / "link").symlink_to(tmp_path / "elsewhere")
+    start = time.monotonic()
+    keys = [u.key for u in sources.local_files([tmp_path / "lp"]).units]
+    assert [u.key for u in sources.local_files([str(tmp_path / "lp" / "**" / "*.jsonl")]).units] == keys
+    assert time.monotonic() - start < 5
+    assert len(keys) == 2 and "a.jsonl" in keys[0] and "b.jsonl" in keys[1]
+    # a linked folder named outright, or by a pattern's *, is searched
+    assert "c.jsonl" in sources.local_files([tmp_path / "lp" / "sub" / "link"]).units[0].key
+    assert "c.jsonl" in sources.local_files([str(tmp_path / "lp" / "sub" / "l*")]).units[0].key
+
+
+def test_a_pattern_skips_what_a_directory_skips(tmp_path):
+    """d/* stopped at d/pic.png ("unsupported file type") or a dangling link ("no such file or directory"), which
+    `files d` skips; a file named outright is still refused."""
+    d = tmp_path / "d"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", make_docs(2))
+    (d / "pic.png").write_bytes(b"\x89PNG")
+    (d / "readme.md").write_text("# notes")
+    (d / "dangling.txt").symlink_to(tmp_path / "nowhere")
+    os.mkfifo(d / "pipe.txt")
+    keys = [u.key for u in sources.local_files([d]).units]
+    assert len(keys) == 1 and [u.key for u in sources.local_files([str(d / "*")]).units] == keys
+    for name, needle in [("pic.png", "unsupported file type"), ("dangling.txt", "no such file or directory"),
+                         ("pipe.txt", "not a regular file")]:
+        with pytest.raises(UserError, match=f"{name}: {needle}"):
+            sources.local_files([d / name])
+    with pytest.raises(UserError, match="no .txt, .jsonl or .parquet files"):
+        sources.local_files([str(d / "*.[mp][dn]*")])
+
+
 def test_suffixes_match_in_any_case(tmp_path):
     """A directory's C.TXT was skipped without a word, while naming it said "unsupported file type"."""
     docs = make_docs(3, seed=6)

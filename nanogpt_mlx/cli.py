@@ -271,11 +271,11 @@ def _add_shard_options(p, name: str, split: str, shuffle: bool = True) -> None:
                    help=f"tokens per shard; {split} (default: {P.shard_size:,})")
     p.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default: all cores)")
     if not shuffle:  # argparse refuses --shuffle-docs in one line
-        p.set_defaults(shuffle_docs=False, seed=P.seed)
+        p.set_defaults(shuffle_docs=False, seed=None)
         return
     p.add_argument("--shuffle-docs", action="store_true",
                    help="shuffle file order, part order within files and documents within parts")
-    p.add_argument("--seed", type=int, default=P.seed, help=f"seed of --shuffle-docs (default: {P.seed})")
+    p.add_argument("--seed", type=int, help=f"seed of --shuffle-docs (default: {P.seed})")
 
 
 def add_prepare(sub) -> None:
@@ -321,9 +321,11 @@ def cmd_prepare(args) -> None:
         return
     if not args.source:
         raise UserError("prepare: give a SOURCE (fineweb-edu, shakespeare, files) or --inspect DIR")
+    if args.seed is not None and not args.shuffle_docs:  # it would be ignored (the manifest says null)
+        raise UserError("prepare: --seed orders --shuffle-docs; pass both or neither")
     # the settings are checked before a source may download
     cfg = prep.PrepareConfig(shard_size=args.shard_size, workers=args.workers, shuffle_docs=args.shuffle_docs,
-                             seed=args.seed, name=args.name)
+                             seed=prep.PrepareConfig.seed if args.seed is None else args.seed, name=args.name)
     if args.source == "fineweb-edu":
         source = sources.fineweb_edu(args.sample, local_dir=args.local_dir, revision=args.revision)
     elif args.source == "shakespeare":

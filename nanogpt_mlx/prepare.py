@@ -55,7 +55,7 @@ class PrepareConfig:
     shard_size: int = 100_000_000  # tokens per shard (build-nanogpt: 1e8)
     workers: int | None = None  # tokenizer processes; None: all cores
     shuffle_docs: bool = False  # shuffle file order, part order within a file, documents within a part
-    seed: int = 0
+    seed: int = 0  # of shuffle_docs; another without it is refused
     name: str | None = None  # shard file prefix; None: the source's
     part_bytes: int = 2 << 20  # jsonl files are cut into parts of about this size
     progress: bool = True
@@ -69,6 +69,9 @@ class PrepareConfig:
             raise UserError(f"workers and part_bytes must be >= 1, got {self.workers} and {self.part_bytes}")
         if self.seed < 0:
             raise UserError(f"seed must be >= 0, got {self.seed}")
+        if self.seed != PrepareConfig.seed and not self.shuffle_docs:  # it would be ignored (the manifest says null)
+            raise UserError(f"seed orders shuffle_docs (seed={self.seed} without shuffle_docs=True); pass both or "
+                            "neither")
         if self.name is not None and (not self.name or self.name.startswith(".") or any(c in self.name for c in "/\\")):
             raise UserError(f"name {self.name!r}: shards are files NAME_val_000000.npy, NAME_train_000001.npy, ... in "
                             "the output directory: a NAME has no '/' and does not start with '.' (hidden files are not "

@@ -138,7 +138,8 @@ def test_one_and_two_workers_give_identical_bytes(tmp_path, mixed, shuffle):
     outs = []
     for workers in (1, 2):
         outs.append(tmp_path / f"w{workers}")
-        prep.prepare(sources.local_files(paths), outs[-1], cfg(workers=workers, shuffle_docs=shuffle, seed=3))
+        prep.prepare(sources.local_files(paths), outs[-1],
+                     cfg(workers=workers, shuffle_docs=shuffle, seed=3 if shuffle else 0))
     assert dir_bytes(outs[0]) == dir_bytes(outs[1])
     tokens = shard_tokens(outs[0])
     if shuffle:  # the same documents, in another order
@@ -558,9 +559,16 @@ def test_names_and_seeds_that_would_lose_shards_are_refused(tmp_path):
             prep.PrepareConfig(name=name)
     with pytest.raises(UserError, match="seed must be >= 0, got -1"):
         prep.PrepareConfig(seed=-1)
+    # a seed without --shuffle-docs was ignored (the manifest said null)
+    with pytest.raises(UserError, match=r"^seed orders shuffle_docs \(seed=3 without shuffle_docs=True\); pass both"):
+        prep.PrepareConfig(seed=3)
     write_jsonl(tmp_path / "a.jsonl", make_docs(40, seed=2))
     assert_one_line_error(run_cli("prepare", "files", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "o"),
                                   "--shuffle-docs", "--seed", "-1"), "seed must be >= 0")
+    for seed in ("0", "3"):
+        assert_one_line_error(run_cli("prepare", "files", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "o"),
+                                      "--seed", seed), "--seed orders --shuffle-docs; pass both or neither")
+    assert not (tmp_path / "o").exists()
     out = tmp_path / "web"
     prep.prepare(sources.local_files([tmp_path / "a.jsonl"]), out, cfg(name="web_train_v2"))
     assert [p.name for p in list_shards(out, "val")] == ["web_train_v2_val_000000.npy"]

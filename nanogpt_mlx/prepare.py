@@ -38,7 +38,7 @@ from .console import few, warn
 from .data import list_shards, load_shard, open_shard, warn_if_shards_differ
 from .documents import Part, plan_parts, read_docs
 from .errors import UserError, check_int, check_types, first_line
-from .files import (atomic_path, atomic_write_text, lock_dir, named_dir, read_json, remove_stale_temps,
+from .files import (LOCK_FILE, atomic_path, atomic_write_text, lock_dir, named_dir, read_json, remove_stale_temps,
                     sha256_file, unlock_dir, user_path)
 from .sources import Source, Unit
 from .tokenizer import EOT, EOT_TEXT, decode, get_tokenizer
@@ -438,9 +438,16 @@ def prepare(source: Source, out: str | os.PathLike, config: PrepareConfig | None
     out = user_path(named_dir(out, "shard directory"))
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: not a directory")
+    created = not out.exists()
     lock_dir(out, "prepare")
     try:
         return _prepare(source, out, config or PrepareConfig())
+    except BaseException:
+        # a directory made for nothing (an empty source, a bad first file) would be left holding a manifest of no
+        # shards; one that holds anything more (a download to resume, a shard's temporary file) is kept
+        if created and {p.name for p in out.iterdir()} <= {"manifest.json", LOCK_FILE}:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         unlock_dir(out)
 

@@ -416,6 +416,18 @@ def test_bad_input_names_the_file(tmp_path, name, content, needles):
     assert "\n" not in str(e.value) and all(n in str(e.value) for n in needles), str(e.value)
 
 
+def test_a_failed_run_removes_the_directory_it_made_for_nothing(tmp_path):
+    """An empty source left OUT behind, holding a manifest of no shards and the lock; a directory that was there
+    before is kept."""
+    (tmp_path / "empty.txt").write_text("")
+    src = sources.local_files([tmp_path / "empty.txt"])
+    (tmp_path / "there").mkdir()
+    for out in (tmp_path / "out", tmp_path / "there"):
+        with pytest.raises(UserError, match="no documents"):
+            prep.prepare(src, out, cfg())
+    assert not (tmp_path / "out").exists() and (tmp_path / "there").is_dir()
+
+
 def test_a_fifo_is_not_a_regular_file(tmp_path):
     """A FIFO (mkfifo) or a device said "no such file or directory"."""
     os.mkfifo(tmp_path / "pipe.jsonl")

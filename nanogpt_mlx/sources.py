@@ -55,6 +55,12 @@ def local_files(paths: str | os.PathLike | Sequence[str | os.PathLike], text_fie
     must be readable. A file that several of them name is read once, where it first appears."""
     found: list[Path] = []
     paths = files.as_paths(paths)
+    if not paths:
+        raise UserError("no files named (paths is empty)")
+    if not isinstance(text_field, str) or not text_field:
+        raise UserError(f"text_field must name a field, got {text_field!r}")
+    if not isinstance(split_on_blank_lines, bool):  # "no" is true
+        raise UserError(f"split_on_blank_lines must be True or False, got {split_on_blank_lines!r}")
     for spec in map(str, paths):
         if not spec:  # Path("") is the working directory: an unset variable would tokenize all of it
             raise UserError("'' names no file (an unset variable?)")
@@ -210,6 +216,8 @@ def _download_cached(url: str, cache: Path) -> Path:
 
 
 def _fineweb_folder(sample: str) -> str:
+    if not isinstance(sample, str):  # (re's TypeError was a traceback)
+        raise UserError(f"the fineweb-edu sample must be a name such as sample-10BT, got {sample!r}")
     if m := re.fullmatch(r"sample-(\d+BT)", sample):
         return f"sample/{m[1]}"
     if re.fullmatch(r"CC-MAIN-\d{4}-\d{2}", sample):

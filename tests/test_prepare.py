@@ -971,3 +971,15 @@ def test_a_manifests_counts_that_differ_from_its_shards_are_corrected_on_resume(
     assert json.loads((out / "manifest.json").read_text()) == done
     assert f"corrected the token and document counts it gave for {done['shards'][1]['file']}" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda: sources.fineweb_edu(sample=10), "the fineweb-edu sample must be a name such as sample-10BT, got 10"),
+    (lambda: sources.local_files([]), "no files named (paths is empty)"),  # it said ": no .txt, ..."
+    (lambda: sources.local_files("x.txt", text_field=5), "text_field must name a field, got 5"),
+    (lambda: sources.local_files("x.txt", split_on_blank_lines="no"), "split_on_blank_lines must be True or False"),
+])
+def test_the_sources_refuse_arguments_of_the_wrong_kind(call, needle):
+    """A TypeError's traceback, an empty label, or a value taken as something else ("no" as true)."""
+    with pytest.raises(UserError, match=re.escape(needle)):
+        call()

@@ -153,7 +153,6 @@ class Trainer:
                                 f"(pass a larger --max-steps)")
         # said and logged once, before the first step: where the run continues from, and what changed
         self._resume = resumed(ckpt, state, cfg) if state is not None else None
-        self._saved_step = self.step  # the latest checkpoint's step (a fresh run's start needs none)
         self.threads = self._step_threads(self.model.config)
         self._build_steps()
         if self.dist.is_main:  # everything above has accepted the config (a refused run makes no OUT)
@@ -333,14 +332,13 @@ class Trainer:
             finally:
                 self._use_master(self.dtype)
                 if written.is_dir():  # also where OUT's model could not be pointed at it after (a full disk)
-                    self._saved_step = self.step
                     self.run_dir.saved(written)
         return written
 
     def _save_before_failing(self) -> None:
         """An evaluation failed (a download, a kernel that cannot compile): save the steps since the last checkpoint
         before its error ends the run. Nothing is queued during an evaluation, so the weights are whole."""
-        if self.step == self._saved_step or not self.dist.is_main:
+        if self.step == self.run_dir.saved_step or not self.dist.is_main:
             return
         try:
             path = self.save()

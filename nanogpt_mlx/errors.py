@@ -56,6 +56,12 @@ def check_int(name: str, value, low: int | None = 1) -> None:
         raise UserError(f"{name} must be >= {low}, got {value}")
 
 
+def check_bool(name: str, value) -> None:
+    """Refuse (UserError) an argument that is no bool: "no", 1 or None would be taken for true or false."""
+    if not isinstance(value, bool):
+        raise UserError(f"{name} must be True or False, got {value!r}")
+
+
 def check_seed(name: str, value) -> None:
     """Refuse (UserError) a seed that is no integer in [0, 2^64): mx.random.key takes a uint64, and failed inside."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 <= value < 2**64:

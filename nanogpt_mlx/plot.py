@@ -17,7 +17,7 @@ import numpy as np
 
 from .checkpoint import RunLog
 from .console import quiet
-from .errors import UserError, first_line
+from .errors import UserError, check_bool, first_line
 from .evaluate import GPT2_HELLASWAG_TRAINING, GPT3_HELLASWAG
 from .files import as_paths, atomic_path, output_file
 
@@ -137,8 +137,7 @@ def plot_runs(runs: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
         raise UserError("no runs to plot")
     if not isinstance(out, (str, os.PathLike)):
         raise UserError(f"out must be a path, got {out!r}")
-    if not isinstance(log_scale, bool):  # "no" drew a log scale
-        raise UserError(f"log_scale must be true or false, got {log_scale!r}")
+    check_bool("log_scale", log_scale)  # "no" drew a log scale
     out = output_file(out, "image to write", "an image file")
     if baseline not in ("auto", "on", "off"):
         raise UserError(f"baseline must be auto, on or off, got {baseline!r}")

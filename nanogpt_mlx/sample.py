@@ -12,7 +12,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import memory
-from .errors import UserError, check_int, check_seed, check_types
+from .errors import UserError, check_bool, check_int, check_seed, check_types
 from .model import GPT, GPT2_VOCAB_SIZE, check_gpt
 from .tokenizer import EOT, decode, encode, get_tokenizer
 
@@ -140,8 +140,7 @@ def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig | None = None,
     """
     cfg = _config(cfg)
     check_int("num_samples", num_samples)
-    if not isinstance(use_cache, bool):  # "no" is true
-        raise UserError(f"use_cache must be True or False, got {use_cache!r}")
+    check_bool("use_cache", use_cache)
     ids = prepare_prompt(model, prompt_ids, cfg)
     weights = tree_flatten(model.parameters())
     memory.check_sampling(model.config, num_samples, len(ids), cfg.max_new_tokens, sum(w.nbytes for _, w in weights),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import files
-from .errors import UserError, first_line
+from .errors import UserError, check_bool, first_line
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -59,8 +59,7 @@ def local_files(paths: str | os.PathLike | Sequence[str | os.PathLike], text_fie
         raise UserError("no files named (paths is empty)")
     if not isinstance(text_field, str) or not text_field:
         raise UserError(f"text_field must name a field, got {text_field!r}")
-    if not isinstance(split_on_blank_lines, bool):  # "no" is true
-        raise UserError(f"split_on_blank_lines must be True or False, got {split_on_blank_lines!r}")
+    check_bool("split_on_blank_lines", split_on_blank_lines)
     for spec in map(str, paths):
         if not spec:  # Path("") is the working directory: an unset variable would tokenize all of it
             raise UserError("'' names no file (an unset variable?)")

@@ -44,7 +44,7 @@ from . import checkpoint, device, distributed, memory, recipes, signals
 from .config import DTYPES, MODEL_FIELDS, TrainConfig, ignored_shape, refuse_model_changes, resume_line, resumed
 from .console import say, warn
 from .data import DataLoader
-from .errors import Stopped, UserError, first_line
+from .errors import Stopped, UserError, check_bool, first_line
 from .evaluate import check_examples, download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
 from .files import devnull_onto, user_path
 from .model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig
@@ -86,9 +86,8 @@ class Trainer:
         if cfg is not None and not isinstance(cfg, TrainConfig):
             raise UserError(f"cfg must be a TrainConfig (config.TrainConfig or TrainConfig.preset), got "
                             f"{type(cfg).__name__}")
-        for name, flag in (("resume", resume), ("overwrite", overwrite)):  # "no" is true: it would remove the run
-            if not isinstance(flag, bool):
-                raise UserError(f"{name} must be True or False, got {flag!r}")
+        check_bool("resume", resume)
+        check_bool("overwrite", overwrite)  # "no" is true: it would remove the run
         if resume and overwrite:  # which one was meant? (the CLI refuses --resume with --overwrite too)
             raise UserError("resume=True continues OUT's run and overwrite=True replaces it: pass one of them")
         cfg = cfg or TrainConfig()  # build-nanogpt's GPT-2 124M run

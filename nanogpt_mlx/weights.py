@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .console import few, quiet, warn
-from .errors import FieldTypeError, UserError, first_line
+from .errors import FieldTypeError, UserError, check_bool, first_line
 from .files import (STAGING, atomic_dir, atomic_files, atomic_path, atomic_write_text, cannot, check_writable,
                     hub_offline, mlx_path, named_dir, read_json, user_path)
 from .hf_tokenizer import OTHER_TOKENIZER_FILES, TOKENIZER_FILES, write_tokenizer_files
@@ -401,8 +401,7 @@ def save_model(model: GPT, out_dir: str | os.PathLike) -> None:
 def check_export_target(out_dir: str | os.PathLike, force: bool = False, source: str | os.PathLike | None = None) -> Path:
     """Where an export may go: a new or empty directory (any directory with `force`), never a file,
     the `source` directory itself or a nanogpt-mlx run or checkpoint, which would lose its own format."""
-    if not isinstance(force, bool):  # "no" would force
-        raise UserError(f"force must be true or false, got {force!r}")
+    check_bool("force", force)  # "no" would force
     out = user_path(mlx_path(named_dir(out_dir, "export directory")))
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose a directory for the export")

@@ -93,7 +93,7 @@ def test_one_run_may_be_named_alone(tmp_path):
     ({"runs": 3}, "runs must be a path or a list of paths, got 3"),
     ({"runs": [None]}, "runs must be a path or a list of paths, got [None]"),
     ({"out": 3}, "out must be a path, got 3"),
-    ({"log_scale": "no"}, "log_scale must be true or false, got 'no'"),
+    ({"log_scale": "no"}, "log_scale must be True or False, got 'no'"),
 ])
 def test_plot_runs_refuses_arguments_of_other_types(kwargs, needle, tmp_path):
     """An int, None or "no" was a TypeError from deep inside (or, for log_scale, a log scale)."""

@@ -466,5 +466,5 @@ def test_python_arguments_of_the_wrong_type_are_one_line(tmp_path):
             save_model(wrong, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="force must be true or false, got 'no'"):
+    with pytest.raises(UserError, match="force must be True or False, got 'no'"):
         export_hf(model, tmp_path, force="no")

@@ -1,6 +1,7 @@
 """The one exception type that the CLI turns into a one-line message, and how other errors become one line."""
 
 import numbers
+import sys
 from dataclasses import Field, fields
 
 
@@ -28,15 +29,28 @@ def field_kind(f: Field) -> tuple[str, bool]:
 
 def check_types(config) -> None:
     """Refuse (FieldTypeError) a dataclass field whose value is not of its annotated type, `int`, `float` (an int
-    too), `str` or `bool`, or None where the annotation allows it: a "2" or 2.5 would fail far from its cause."""
-    kinds = {"int": (int, "an integer"), "float": ((int, float), "a number"), "str": (str, "a string"),
-             "bool": (bool, "true or false")}
+    too), `str` or `bool`, or None where the annotation allows it: a "2" or 2.5 would fail far from its cause.
+    NumPy's scalars (a sweep over `np.arange`, `np.float32`, `np.bool_`) become Python's: configs go into JSON."""
+    kinds = {"int": (numbers.Integral, int, "an integer"), "float": (numbers.Real, None, "a number"),
+             "str": (str, str, "a string"), "bool": ((bool, _np_bool()), bool, "true or false")}
     for f in fields(config):
         value, (kind, optional) = getattr(config, f.name), field_kind(f)
-        if value is None and optional:
+        if (value is None and optional) or kind not in kinds:
             continue
-        if kind in kinds and (not isinstance(value, kinds[kind][0]) or isinstance(value, bool) != (kind == "bool")):
-            raise FieldTypeError(f"{f.name} must be {kinds[kind][1]}, got {value!r}")
+        accepted, python, said = kinds[kind]
+        is_bool = isinstance(value, (bool, _np_bool()))
+        if not isinstance(value, accepted) or is_bool != (kind == "bool"):
+            raise FieldTypeError(f"{f.name} must be {said}, got {value!r}")
+        if python is None:  # a float field keeps an int as given (JSON writes 3, not 3.0)
+            python = int if isinstance(value, numbers.Integral) else float
+        if type(value) is not python:
+            object.__setattr__(config, f.name, python(value))  # (frozen dataclasses too)
+
+
+def _np_bool() -> type:
+    """NumPy's bool type, or bool where NumPy is not imported (a comparison's np.True_ is no numbers.Integral)."""
+    numpy = sys.modules.get("numpy")
+    return numpy.bool_ if numpy is not None else bool
 
 
 def check_fields(config_class: type, names) -> None:

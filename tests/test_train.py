@@ -1184,6 +1184,33 @@ def test_config_values_of_the_wrong_type_are_one_line():
         SampleConfig(max_new_tokens="5")
 
 
+def test_numpy_scalars_in_configs_become_python_values():
+    """A sweep over np.arange or np.linspace gives NumPy's scalars: they were refused (np.int64 is no int), and a
+    config that kept them could not be written to JSON (a checkpoint's config.json)."""
+    from dataclasses import asdict
+
+    from nanogpt_mlx.model import GPTConfig
+    from nanogpt_mlx.prepare import PrepareConfig
+    from nanogpt_mlx.sample import SampleConfig
+
+    configs = [TrainConfig(max_steps=np.int64(5), max_lr=np.float32(0.5), min_lr=np.int32(0), shuffle=np.True_,
+                           seed=np.uint8(3)),
+               replace(TrainConfig(), batch_size=np.int16(2)),
+               SampleConfig(max_new_tokens=np.int64(5), temperature=np.float64(0.5), greedy=np.False_),
+               PrepareConfig(shard_size=np.int64(1000)), GPTConfig(n_layer=np.int32(2))]
+    for config in configs:
+        values = asdict(config)
+        assert {type(v) for v in values.values()} <= {int, float, str, bool, type(None)}, values
+        json.dumps(values)
+    assert (configs[0].max_steps, configs[0].max_lr, configs[0].min_lr, configs[0].shuffle) == (5, 0.5, 0, True)
+    assert type(configs[0].min_lr) is int and configs[1].batch_size == 2  # an int stays an int in a float field
+    for bad, needle in [({"max_steps": np.float64(5)}, "max_steps must be an integer, got np.float64(5.0)"),
+                        ({"max_lr": np.True_}, "max_lr must be a number, got np.True_"),
+                        ({"shuffle": np.int64(1)}, "shuffle must be true or false, got np.int64(1)")]:
+        with pytest.raises(UserError, match=re.escape(needle)):
+            TrainConfig(**bad)
+
+
 def test_a_closed_stderr_is_no_failure(data_dir, tmp_path):
     """`train ... 2>&-`: the progress bar's stderr was None, the run ended at once with status 1 and no message."""
     out = tmp_path / "run"

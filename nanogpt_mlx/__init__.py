@@ -1,6 +1,10 @@
 """GPT-2 training, sampling and evaluation in MLX (build-nanogpt, ported)."""
 
-from . import device
+from . import signals
+
+signals.quiet_start()  # (the command's imports: a Ctrl-C there needs no traceback)
+
+from . import device  # noqa: E402
 
 try:
     device.setup()  # must run before anything imports mlx.core (the CPU profiles load OpenBLAS first)

@@ -501,6 +501,7 @@ class _NamedStdout:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signals.ctrl_c_back()  # Ctrl-C from here on is KeyboardInterrupt: saved runs, one line
     _fill_closed_streams()
     if hasattr(sys.stdout, "reconfigure"):  # generated text on a terminal that cannot show it: '?', not a traceback
         sys.stdout.reconfigure(errors="replace")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -51,3 +53,28 @@ def like_ctrl_c() -> contextlib.AbstractContextManager:
 
     hup = {signal.SIGHUP: stop} if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN else {}
     return handlers({signal.SIGTERM: stop, **hup})
+
+
+_quiet_start = False  # whether quiet_start took Ctrl-C from Python
+
+
+def quiet_start() -> None:
+    """For the `nanogpt-mlx` command (or `python -m nanogpt_mlx`): a Ctrl-C while its imports run ends it as Ctrl-C
+    ends a C program, silently with status 130, where Python printed a traceback of whatever import it was in.
+    `ctrl_c_back` gives Ctrl-C back to Python (KeyboardInterrupt) once the command can handle it."""
+    global _quiet_start
+    argv = getattr(sys, "orig_argv", [])
+    command = os.path.basename(sys.argv[0]) == "nanogpt-mlx" if sys.argv else False
+    module = any(a == "-m" and b == "nanogpt_mlx" for a, b in zip(argv, argv[1:]))
+    if (command or module) and signal.getsignal(signal.SIGINT) is signal.default_int_handler \
+            and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        _quiet_start = True
+
+
+def ctrl_c_back() -> None:
+    """Python's Ctrl-C (KeyboardInterrupt) again, where quiet_start took it."""
+    global _quiet_start
+    if _quiet_start and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _quiet_start = False

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -67,3 +69,34 @@ def test_like_ctrl_c_stops_on_sigterm_and_keeps_nohups_sighup():
             os.kill(os.getpid(), signal.SIGHUP)  # ignored, as under nohup
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+
+def test_ctrl_c_while_the_command_starts_ends_it_without_a_traceback():
+    """Ctrl-C in the command's first ~0.2 s (its imports) printed a traceback of whatever import it was in; the
+    command now ends silently as a C program does (status 130 in a shell)."""
+    code = ("import sys; sys.argv[0] = '/bin/nanogpt-mlx'; import nanogpt_mlx, os, signal, time; "
+            "os.kill(os.getpid(), signal.SIGINT); time.sleep(30); print('not ended')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (-signal.SIGINT, "", "")
+
+
+@pytest.mark.parametrize("argv, orig_argv, quiet", [
+    (["/usr/bin/nanogpt-mlx", "train"], ["python", "/usr/bin/nanogpt-mlx", "train"], True),
+    (["/x/nanogpt_mlx/__main__.py"], ["python", "-X", "dev", "-m", "nanogpt_mlx", "train"], True),
+    (["-m"], ["python", "-m", "nanogpt_mlx"], True),  # (argv[0] while runpy imports the package)
+    (["/x/pytest"], ["python", "-m", "pytest", "nanogpt_mlx"], False),  # a program that imports nanogpt_mlx
+    (["-c"], ["python", "-c", "import nanogpt_mlx"], False)])
+def test_only_the_command_starts_without_ctrl_c_and_main_takes_it_back(monkeypatch, argv, orig_argv, quiet):
+    from nanogpt_mlx.cli import main
+
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    try:
+        signals.quiet_start()
+        assert (signal.getsignal(signal.SIGINT) is signal.SIG_DFL) == quiet
+        with pytest.raises(SystemExit):
+            main(["--version"])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # KeyboardInterrupt: saves, one line
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

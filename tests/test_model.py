@@ -123,6 +123,28 @@ def test_kv_cache_logits_equal_full_forward(tiny_hf_dir):
     assert cache[0].offset == 20
 
 
+@pytest.mark.parametrize("step", [256, 8])
+def test_kv_cache_growing_past_its_chunks_equals_full_forward(monkeypatch, step):
+    """The cache grows by KVCache.step positions (256) at a time, copying what it holds into the larger arrays:
+    the tests' contexts of at most 128 never grew it, so losing the keys or values before a growth went unseen."""
+    from nanogpt_mlx.model import KVCache
+
+    monkeypatch.setattr(KVCache, "step", step)
+    mx.random.seed(0)
+    model = GPT(GPTConfig(block_size=320, vocab_size=100, n_layer=2, n_head=2, n_embd=32))
+    model.update(nn.utils.tree_map(lambda w: 5 * w, model.parameters()))  # attention that tells keys apart
+    idx = mx.random.randint(0, 100, (2, 300))
+    full = np.array(model(idx))
+    cache, parts, at = model.make_cache(), [], 0
+    for size in (250, 1, 3, 9, 1, 20, 16):  # across 256, and for step 8 across growths by 1, 2 and 3 chunks
+        parts.append(model(idx[:, at : at + size], cache))
+        at += size
+    cached = np.array(mx.concatenate(parts, axis=1))
+    np.testing.assert_allclose(cached, full, rtol=0, atol=1e-4)
+    assert cache[0].offset == 300 and cache[0].keys.shape[2] > 256  # (grown past its first 256 positions)
+    assert np.abs(full[:, 1:] - full[:, :-1]).max() > 1  # (logits that vary: a lost key would show)
+
+
 def test_sequence_longer_than_context_is_a_user_error(tiny_hf_dir):
     model = load_model(tiny_hf_dir)
     with pytest.raises(UserError, match="exceeds the context of 128"):

@@ -128,17 +128,21 @@ def test_a_finished_sample_yields_end_of_text_while_others_go_on():
 
 @pytest.mark.parametrize("stop_at_eot", [True, False])
 def test_streamed_text_ends_as_sample_texts_does(monkeypatch, stop_at_eot):
-    """A sample whose last token is half of a character (a replacement character at the end), and one with EOT
-    in the middle (where it stops only with stop_at_eot): the stream ends with the same text as sample_texts."""
+    """A sample whose last token is half of a character (a replacement character at the end), one with EOT in the
+    middle (where it stops only with stop_at_eot), and one with a character split across two tokens: the stream
+    ends with the same text as sample_texts."""
     import nanogpt_mlx.sample as sample_mod
 
     model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=32), seed=0)
-    half = get_tokenizer().encode_single_token(b"\xe2")  # the first byte of a 3-byte character
-    for ids in ([15496, half], [15496, EOT, 318, half]):
+    byte = get_tokenizer().encode_single_token
+    half = byte(b"\xe2")  # the first byte of a 3-byte character
+    # "é" as two tokens mid-sample: streamed whole, not as two replacement characters
+    for ids in ([15496, half], [15496, EOT, 318, half], [15496, byte(b"\xc3"), byte(b"\xa9"), 318]):
         monkeypatch.setattr(sample_mod, "generate", lambda *a, ids=ids, **kw: (mx.array([t]) for t in ids))
         cfg = SampleConfig(max_new_tokens=len(ids), stop_at_eot=stop_at_eot)
-        streamed = "".join(stream_text(model, "A", cfg))
-        assert streamed == sample_texts(model, "A", cfg, 1)[0] and streamed.startswith("AHello")
+        pieces = list(stream_text(model, "A", cfg))
+        assert "".join(pieces) == sample_texts(model, "A", cfg, 1)[0] and pieces[:2] == ["A", "Hello"]
+    assert pieces[2:] == ["", "\u00e9", " is", ""]
 
 
 def test_stream_text_equals_sample_texts(model):

@@ -121,6 +121,22 @@ def test_parity_with_pytorch_reference(tiny_hf_dir, fixture_file, model):
     assert len({n for rec in res.records for n in rec.num_tokens}) >= 5
 
 
+def test_different_contexts_of_one_length_in_one_forward_equal_the_reference(tiny_hf_dir, model, tmp_path):
+    """Examples are batched by context length: the fixture's contexts recur, so no forward held two different
+    contexts, and a cache repeated in the wrong order (each example's endings after another's context) passed."""
+    from transformers import GPT2LMHeadModel
+
+    contexts = ["the man picks up the", "a dog jumps over a", "then the woman puts down"]
+    assert len({len(encode(c)) for c in contexts}) == 1
+    endings = ["ball", "roof slowly", "guitar", "kitchen then"]
+    raw = [{"ctx": c, "endings": endings[i:] + endings[:i], "label": i} for i, c in enumerate(contexts)]
+    ref = reference_scores(GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval(), raw)
+    res = score_hellaswag(model, load_hellaswag(write_jsonl(tmp_path / "hs.jsonl", raw)), batch_examples=8,
+                          progress=False)
+    for rec, want in zip(res.records, ref):
+        np.testing.assert_allclose(rec.losses, want["losses"], rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("endings", [["cat", "dog runs", "a", "big tree"], ["cat", "dog", "a", "tree"]],
                          ids=["two-token-endings", "one-token-endings"])
 def test_shortest_endings_equal_pytorch_reference(tiny_hf_dir, model, tmp_path, endings):

@@ -339,9 +339,12 @@ class GPT(nn.Module):
         return self.head(self.hidden(self.token_array(idx, "the input"), cache))
 
     def token_array(self, ids, what: str) -> mx.array:
-        """`ids` as an MLX array, checked (check_token_ids)."""
+        """`ids` as an MLX array of shape (B, T), checked (check_token_ids)."""
         self.check_token_ids(ids, what)
-        return ids if isinstance(ids, mx.array) else mx.array(np.asarray(ids))
+        ids = ids if isinstance(ids, mx.array) else mx.array(np.asarray(ids))
+        if ids.ndim != 2 or ids.size == 0:  # (one row failed as a tuple's unpacking deep inside, none in a max)
+            raise UserError(f"{what} must be token ids of shape (B, T), B and T >= 1, got shape {tuple(ids.shape)}")
+        return ids
 
     def head(self, h: mx.array) -> mx.array:
         """Final hidden states (..., n_embd) -> logits (..., vocab_size), soft-capped if the config says so."""
@@ -354,6 +357,9 @@ class GPT(nn.Module):
         or numbers from other memory). An MLX array's range is read back, a sync, except where it has no values yet:
         inside mx.compile or vmap (the Trainer's compiled step, whose DataLoader checked its shards) it is unchecked."""
         if isinstance(ids, mx.array):
+            if not mx.issubdtype(ids.dtype, mx.integer):  # (known without values: inside mx.compile too)
+                dtype = str(ids.dtype).removeprefix("mlx.core.")
+                raise UserError(f"{what} must hold integer token ids, got {dtype}")
             if ids.size == 0:
                 return
             try:
@@ -408,6 +414,8 @@ class GPT(nn.Module):
         (B, T, V) logits; grad=False: the evaluation kernel, which keeps nothing for a backward. Every target is
         scored (no ignore_index, as PyTorch's -100): ids and targets outside the vocab are refused (check_token_ids)."""
         idx, targets = self.token_array(idx, "the input"), self.token_array(targets, "the targets")
+        if targets.shape != idx.shape:
+            raise UserError(f"the targets' shape {tuple(targets.shape)} is not the input's {tuple(idx.shape)}")
         loss = kernels.cross_entropy if grad else kernels.eval_cross_entropy
         return loss(self.hidden(idx), self.head_weight, targets, self.config.logit_softcap)
 

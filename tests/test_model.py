@@ -198,6 +198,21 @@ def test_ids_as_numpy_arrays_or_lists_are_checked_and_taken():
         model(np.array([[1.0]]))
 
 
+@pytest.mark.parametrize("call, needle", [
+    (lambda m: m(mx.array([[1.0, 2.0]])), "the input must hold integer token ids, got float32"),  # MLX's gather
+    (lambda m: m(mx.array([[True, False]])), "the input must hold integer token ids, got bool"),
+    (lambda m: m(mx.array([1, 2])), r"the input must be token ids of shape \(B, T\), B and T >= 1, got shape \(2,\)"),
+    (lambda m: m(mx.zeros((1, 0), dtype=mx.int32)), r"got shape \(1, 0\)"),  # MLX's max of nothing
+    (lambda m: m.loss(mx.array([[1, 2]]), mx.array([[1.0, 2.0]])), "the targets must hold integer token ids"),
+    (lambda m: m.loss(mx.array([[1, 2]]), mx.array([[1, 2, 3]])), r"the targets' shape \(1, 3\) is not the input's"),
+    (lambda m: mx.compile(m)(mx.array([[1.0, 2.0]])), "the input must hold integer token ids")])  # traced too
+def test_ids_of_another_dtype_or_shape_are_one_line(call, needle):
+    """MLX arrays of floats or bools, or of another shape than (B, T), failed inside MLX (a gather's or a max's
+    ValueError, a tuple's unpacking), where NumPy's floats were refused in one line."""
+    with pytest.raises(UserError, match=needle):
+        call(tiny_gpt())
+
+
 def test_compiled_calls_leave_the_ids_unchecked():
     """Inside mx.compile (the Trainer's step, whose DataLoader checked its shards) ids have no values to read: the
     model and its loss still compile, with no sync in them, and give what they give uncompiled."""

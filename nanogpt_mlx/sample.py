@@ -113,9 +113,11 @@ def prepare_prompt(model: GPT, ids: list[int], cfg: SampleConfig | None = None) 
         if bad:
             raise UserError(f"the prompt's token ids must be integers, got {bad[0]!r}")
         ids = [int(i) for i in ids]  # NumPy integers too
-    if not ids:
-        ids = [EOT]  # unconditional generation starts from <|endoftext|>, as GPT-2 does
-    model.check_token_ids(ids, "the prompt")
+    if not ids:  # unconditional generation starts from <|endoftext|>, as GPT-2 does
+        ids, what = [EOT], "an empty prompt starts from <|endoftext|>, which"
+    else:
+        what = "the prompt"
+    model.check_token_ids(ids, what)
     if len(ids) <= room:
         return ids
     if cfg.crop and room > 0:

@@ -198,6 +198,11 @@ def test_empty_prompt_starts_from_end_of_text(model):
     assert len(encode("")) == 0
     # the token's text in a prompt is the token, as for transformers and mlx-lm
     assert sample_texts(model, "<|endoftext|>", cfg) == sample_texts(model, "", cfg)
+    # a model without that token: the error was of a token id 50256 in "the prompt", which had none
+    small = GPT(GPTConfig(block_size=64, vocab_size=1000, n_layer=1, n_head=2, n_embd=16), seed=0)
+    with pytest.raises(UserError, match=r"^an empty prompt starts from <\|endoftext\|>, which has token id 50256, "
+                                        "outside the model's vocab_size of 1000"):
+        sample_texts(small, "", cfg)
 
 
 def test_every_config_argument_has_a_default(model):

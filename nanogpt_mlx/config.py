@@ -48,8 +48,8 @@ class TrainConfig:
     shuffle: bool = _field(False, "permute the batch order within each shard (seeded)")
     # optimizer and schedule
     max_lr: float = _field(6e-4, "peak LR: AdamW's (build-nanogpt), Muon's for the blocks' matrices (speedrun)")
-    min_lr_ratio: float = _field(0.1, "the cosine ends at max_lr * min_lr_ratio ...")
-    min_lr: float | None = _field(None, "... or at this absolute LR (build-nanogpt's min_lr, 6e-5), if given")
+    min_lr_ratio: float = _field(0.1, "build-nanogpt: the cosine ends at max_lr * min_lr_ratio ...")
+    min_lr: float | None = _field(None, "build-nanogpt: ... or at this absolute LR (its min_lr, 6e-5), if given")
     warmup_steps: int = _field(715, "steps of linear LR warmup from 0")
     max_steps: int = _field(19073, "optimizer steps of the run (the schedule's length)")
     weight_decay: float = _field(0.1, "decoupled weight decay of the matrices (AdamW's, or Muon's)")
@@ -175,6 +175,18 @@ _derive("speedrun-124m", "gpt2-124m", recipes.SPEEDRUN, out="out/speedrun-124m",
         val_every=125)
 _derive("shakespeare-speedrun", "shakespeare", recipes.SPEEDRUN, out="out/shakespeare-speedrun", momentum_warmup=50,
         max_lr=0.05, embed_lr=0.6, head_lr=0.00625, scalar_lr=0.02)  # 2x the speedrun's LRs
+
+
+def unread(cfg: TrainConfig) -> str:
+    """A note of the fields of `cfg` that only another recipe reads, where they are not TrainConfig's defaults:
+    set for a run they do not change (--min-lr under the speedrun recipe, --head-lr under build-nanogpt's); ''
+    where there are none."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    said = []
+    for other in (r for r in recipes.RECIPES.values() if r.name != cfg.recipe):
+        if given := [f"{k} {getattr(cfg, k)!r}" for k in other.own if getattr(cfg, k) != defaults[k]]:
+            said.append(f"{', '.join(given)} (the {other.name} recipe's)")
+    return f"the {cfg.recipe} recipe does not read {'; '.join(said)}" if said else ""
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:

@@ -41,7 +41,8 @@ from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
 from . import checkpoint, device, distributed, memory, recipes, signals
-from .config import DTYPES, MODEL_FIELDS, TrainConfig, ignored_shape, refuse_model_changes, resume_line, resumed
+from .config import (DTYPES, MODEL_FIELDS, TrainConfig, ignored_shape, refuse_model_changes, resume_line, resumed,
+                     unread)
 from .console import say, warn
 from .data import DataLoader
 from .errors import Stopped, UserError, check_bool, first_line
@@ -626,7 +627,7 @@ class Trainer:
                   f"{cfg.seq_len} | steps {self.step}..{cfg.max_steps} | {device.PROFILE.name} {self.dtype_name} | "
                   f"peak {peak / 1e9:.0f} GFLOP/s a rank | memory ~{self.memory.total / 1e9:.2f} GB estimated")
         notes = [resume_line(self.step, self._resume) if self._resume else "",
-                 device.PROFILE.attention_note(self.dtype_name, c.n_embd // c.n_head, cfg.seq_len)]
+                 device.PROFILE.attention_note(self.dtype_name, c.n_embd // c.n_head, cfg.seq_len), unread(cfg)]
         if self._resume:
             self.log.event(self.step, "resume", **self._resume)
             self._resume = None  # (not again at a later train())

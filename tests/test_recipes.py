@@ -17,7 +17,7 @@ from nanogpt_mlx import GPT, GPTConfig, UserError, recipes
 from nanogpt_mlx.checkpoint import checkpoints
 from nanogpt_mlx.config import ORIGINS, PRESETS, TrainConfig, get_lr
 from nanogpt_mlx.optim import Muon
-from nanogpt_mlx.recipes import BUILD_NANOGPT, SPEEDRUN
+from nanogpt_mlx.recipes import BUILD_NANOGPT, RECIPES, SPEEDRUN
 from nanogpt_mlx.train import Trainer
 
 
@@ -52,6 +52,35 @@ def test_build_nanogpt_recipe_is_the_cosine_schedule():
     cfg = TrainConfig(max_lr=6e-4, warmup_steps=10, max_steps=50)
     assert [get_lr(s, cfg) for s in (0, 9, 50)] == pytest.approx([6e-5, 6e-4, 6e-5])
     assert recipes.get("build-nanogpt") is BUILD_NANOGPT and BUILD_NANOGPT.model == {}
+
+
+def test_a_field_only_the_other_recipe_reads_is_noted_and_changes_nothing(data_dir, tmp_path, capsys):
+    """--min-lr under the speedrun recipe, or --head-lr under build-nanogpt's, trained silently as if not given."""
+    import mlx.core as mx
+
+    from nanogpt_mlx.config import unread
+
+    changed = {"min_lr_ratio": 0.5, "min_lr": 1e-5, "embed_lr": 0.1, "head_lr": 0.1, "scalar_lr": 0.1,
+               "cooldown_frac": 0.5, "momentum_warmup": 7}
+    assert set(changed) == {k for r in RECIPES.values() for k in r.own}
+    for recipe in RECIPES.values():
+        base = TrainConfig.preset("shakespeare", recipe=recipe.name, max_steps=20, warmup_steps=3)
+        assert unread(base) == ""
+        for other in (r for r in RECIPES.values() if r is not recipe):
+            for k in other.own:
+                cfg = replace(base, **{k: changed[k]})
+                assert unread(cfg) == f"the {recipe.name} recipe does not read {k} {changed[k]!r} (the {other.name} " \
+                                      "recipe's)"
+                for step in range(20):  # (and it does not: every group's LR and momentum as without it)
+                    a, b = (recipe.make_optimizer(c, mx.float32) for c in (base, cfg))
+                    recipe.set_step(a, step, base)
+                    recipe.set_step(b, step, cfg)
+                    described = [[(float(o.learning_rate), float(getattr(o, "momentum", 0)))
+                                  for o in getattr(opt, "optimizers", [opt])] for opt in (a, b)]
+                    assert described[0] == described[1], (recipe.name, k, step)
+    assert all(unread(p) == "" for p in PRESETS.values())
+    Trainer(replace(speedrun_config(data_dir, tmp_path / "s"), max_steps=1, head_lr=0.1, min_lr=1e-5)).train()
+    assert "note: the speedrun recipe does not read min_lr 1e-05 (the build-nanogpt recipe's)" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------ optimizer

@@ -80,7 +80,8 @@ BUILD_NANOGPT = Recipe(
     summary="GPT-2 with AdamW, warmup + cosine, clipping at 1.0 (build-nanogpt's train_gpt2.py)",
     model={},
     defaults=dict(max_lr=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=1.0),
-    own=("min_lr_ratio", "min_lr"), make_optimizer=_nanogpt_optimizer, pack=decay_group, lr=_nanogpt_lr, set_step=_nanogpt_set_step)
+    own=("min_lr_ratio", "min_lr"),
+    make_optimizer=_nanogpt_optimizer, pack=decay_group, lr=_nanogpt_lr, set_step=_nanogpt_set_step)
 
 
 # ------------------------------------------------------------------------------------ speedrun
@@ -130,7 +131,8 @@ SPEEDRUN = Recipe(
                tie_embeddings=False, init="speedrun", logit_softcap=15.0),
     # Muon at max_lr with decoupled weight decay; the AdamW groups use betas (0.8, 0.95), eps 1e-10, no decay
     defaults=dict(max_lr=0.025, weight_decay=0.025, beta1=0.8, beta2=0.95, eps=1e-10, grad_clip=0.0, warmup_steps=0),
-    own=("embed_lr", "head_lr", "scalar_lr", "cooldown_frac", "momentum_warmup"), make_optimizer=_speedrun_optimizer, pack=None, lr=_speedrun_lr, set_step=_speedrun_set_step)
+    own=("embed_lr", "head_lr", "scalar_lr", "cooldown_frac", "momentum_warmup"),
+    make_optimizer=_speedrun_optimizer, pack=None, lr=_speedrun_lr, set_step=_speedrun_set_step)
 
 
 RECIPES = {r.name: r for r in (BUILD_NANOGPT, SPEEDRUN)}

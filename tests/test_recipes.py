@@ -80,7 +80,8 @@ def test_a_field_only_the_other_recipe_reads_is_noted_and_changes_nothing(data_d
                     assert described[0] == described[1], (recipe.name, k, step)
     assert all(unread(p) == "" for p in PRESETS.values())
     Trainer(replace(speedrun_config(data_dir, tmp_path / "s"), max_steps=1, head_lr=0.1, min_lr=1e-5)).train()
-    assert "note: the speedrun recipe does not read min_lr 1e-05 (the build-nanogpt recipe's)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "note: the speedrun recipe does not read min_lr 1e-05 (the build-nanogpt recipe's)" in out
 
 
 # ------------------------------------------------------------------------------ optimizer

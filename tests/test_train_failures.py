@@ -565,13 +565,15 @@ def test_checkpoints_sort_by_step_past_step_999999(data_dir, tmp_path):
     assert "previous checkpoint ckpt-999999 is kept" in str(damaged(out / "ckpt-1000000", "torn"))
 
 
-def test_torn_last_log_line_is_tolerated(run):
+@pytest.mark.parametrize("torn_txt, torn_jsonl", [("4 tra", '{"step": 4, "kind": "tra'), ("1", '{"step": 1')])
+def test_torn_last_log_line_is_tolerated(run, torn_txt, torn_jsonl):
     """A crash can tear the last line of the logs; resuming drops it instead of failing on it, and the lines of
-    the step after the checkpoint (4), which the resumed run logs again."""
+    the step after the checkpoint (4), which the resumed run logs again. A torn line whose start reads as an earlier
+    step ("1" of "12 train ...") is dropped too: kept, the next line joined onto it ("14 train ...")."""
     with open(run / "log.jsonl", "a") as f:
-        f.write('{"step": 4, "kind": "train", "loss": 1.0}\n{"step": 4, "kind": "tra')
+        f.write('{"step": 4, "kind": "train", "loss": 1.0}\n' + torn_jsonl)
     with open(run / "log.txt", "a") as f:
-        f.write("4 train 1.000000\n4 tra")
+        f.write("4 train 1.000000\n" + torn_txt)
     resume(run, check=True)
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(6))

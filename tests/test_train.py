@@ -837,6 +837,22 @@ def test_a_trainer_does_not_write_over_a_run_continued_by_another_process(data_d
     assert resumed.step == 6
 
 
+def test_a_trainer_does_not_write_over_another_runs_checkpoint_of_the_same_name(data_dir, tmp_path):
+    """Another process's fresh run (--overwrite) wrote its own ckpt-000002 where this Trainer had saved one: the
+    same name is not the same checkpoint (a new inode or time), and this Trainer would replace that run's."""
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(data_dir, out, max_steps=4, checkpoint_every=2))
+    trainer.train(until=2)
+    run_cli(*cli_config(data_dir, out, "--max-steps", "2", "--sample-every", "0", "--overwrite"), check=True)
+    theirs = (out / "ckpt-000002" / "model.safetensors").read_bytes()
+    for again in (trainer.train, trainer.save):
+        with pytest.raises(UserError, match=f"{out}'s latest checkpoint is ckpt-000002, written by another run since "
+                                            "this Trainer's ckpt-000002: continue from it"):
+            again()
+    assert [c.name for c in checkpoints(out)] == ["ckpt-000002"]
+    assert (out / "ckpt-000002" / "model.safetensors").read_bytes() == theirs
+
+
 def test_a_trainer_saves_again_after_its_checkpoint_was_saved_but_not_published(data_dir, tmp_path, monkeypatch):
     """OUT's model could not be pointed at the checkpoint just written (a full disk): the checkpoint is this
     Trainer's all the same (it was taken for another run's, and this Trainer could not save again)."""
@@ -900,7 +916,8 @@ def test_every_rank_stops_where_rank_0_cannot_train(data_dir, tmp_path):
     cfg = tiny_config(data_dir, tmp_path / "run", max_steps=4, total_batch_size=512)
     rank0 = Trainer(cfg, dist=_Ranks(0, others=0.0))
     shutil.copytree(other / "ckpt-000001", tmp_path / "run" / "ckpt-000001")  # another run's, written meanwhile
-    with pytest.raises(UserError, match="latest checkpoint is ckpt-000001, written by another run"):
+    with pytest.raises(UserError, match="latest checkpoint is ckpt-000001, written by another run since this Trainer "
+                                        "started"):  # though it never saved
         rank0.train()
     rank1 = Trainer(replace(cfg, out=str(tmp_path / "run1")), dist=_Ranks(1, others=1.0))  # (rank 0's refusal)
     with pytest.raises(UserError, match=f"rank 0 cannot train in {tmp_path / 'run1'} now"):

@@ -137,6 +137,18 @@ def test_a_new_run_does_not_replace_an_earlier_runs_logs_without_overwrite(data_
     assert "0 train " in (out / "log.txt").read_text() and "10.9\n" not in (out / "log.txt").read_text()
 
 
+def test_a_trainer_dropped_untrained_leaves_no_run_to_replace(data_dir, tmp_path):
+    """A Trainer made and dropped in a notebook leaves its logs empty: a Trainer made again there is no new run
+    replacing an earlier one's logs."""
+    import gc
+
+    cfg = tiny_config(data_dir, tmp_path / "run", max_steps=1)
+    Trainer(cfg)
+    gc.collect()  # (a Trainer sits in reference cycles) its hold on OUT given back
+    assert [(tmp_path / "run" / f).read_text() for f in ("log.txt", "log.jsonl")] == ["", ""]
+    Trainer(cfg).train()
+
+
 def test_a_new_run_does_not_replace_a_model_without_overwrite(data_dir, tmp_path):
     """An export, or a finished run whose checkpoints were deleted: a new run's start removed its model."""
     from nanogpt_mlx.weights import export_hf, load_model

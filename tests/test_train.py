@@ -952,9 +952,11 @@ def test_an_evaluation_stopped_in_a_notebook_is_logged_once_when_train_is_called
 def test_a_resume_says_its_checkpoint_and_what_changed(data_dir, tmp_path):
     """A resumed run names the checkpoint it continues from and the fields given that changed since, in its output
     and its log.jsonl; a longer max_steps stretches the LR schedule from there, which it says (it did so silently,
-    the LR going back up)."""
+    the LR going back up). Its OUT is no field changed: the run was moved there after it was saved."""
     out = tmp_path / "run"
-    run_cli(*cli_config(data_dir, out, "--max-steps", "4", "--sample-every", "0", "--val-every", "0"), check=True)
+    run_cli(*cli_config(data_dir, tmp_path / "before", "--max-steps", "4", "--sample-every", "0", "--val-every", "0"),
+            check=True)
+    (tmp_path / "before").rename(out)
     same = run_cli("train", "--resume", str(out), "--data", f"{data_dir}/.", check=True).stdout  # spelled apart
     assert f"note: resuming from {out}/ckpt-000004 (step 4)\n" in same
     extended = run_cli("train", "--resume", str(out), "--max-steps", "8", "--threads", "1", check=True).stdout

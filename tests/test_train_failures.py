@@ -433,8 +433,9 @@ def test_full_disk_at_a_checkpoint(run, monkeypatch, capsys):
 
     monkeypatch.setattr(mx, "save_safetensors", full)
     proc = run_main(capsys, "train", "--resume", str(run), "--max-steps", "6", "--checkpoint-every", "2")
-    assert_one_line_error(proc, "ckpt-000006 not saved", "No space left on device", "ckpt-000004 is kept",
-                          f"--resume {run}")
+    # the file named where it would have been, not in the save's temporary directory (gone)
+    assert_one_line_error(proc, f"ckpt-000006 not saved: {run}/ckpt-000006/model.safetensors: cannot write (No "
+                          "space left on device)", "ckpt-000004 is kept", f"--resume {run}")
     assert temporaries(run) == []
     # the disk still full: the next try is refused before it trains (checkpoint.check_room)
     proc = run_main(capsys, "train", "--resume", str(run), "--max-steps", "6", "--checkpoint-every", "2")

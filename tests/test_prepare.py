@@ -463,11 +463,15 @@ def test_a_utf8_bom_is_no_text(tmp_path):
     assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens(docs))
 
 
-def test_a_file_named_twice_is_read_once(tmp_path):
+def test_a_file_named_twice_is_read_once(tmp_path, monkeypatch):
+    """Spelled otherwise too: relative, through "..", or by a link to it."""
     docs = make_docs(5, seed=9)
     (tmp_path / "d").mkdir()
     path = write_jsonl(tmp_path / "d" / "a.jsonl", docs)
-    source = sources.local_files([path, path, tmp_path / "d", str(tmp_path / "d" / "*.jsonl")])
+    (tmp_path / "link.jsonl").symlink_to(path)
+    monkeypatch.chdir(tmp_path)
+    source = sources.local_files([path, path, tmp_path / "d", str(tmp_path / "d" / "*.jsonl"), "d/a.jsonl",
+                                  "d/../d/a.jsonl", "link.jsonl"])
     assert len(source.units) == 1
     prep.prepare(source, tmp_path / "out", cfg())
     assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens(docs))
@@ -722,16 +726,21 @@ def test_symlinked_folders_are_entered_by_neither_a_search_nor_a_pattern(tmp_pat
 
 def test_a_pattern_skips_what_a_directory_skips(tmp_path):
     """d/* stopped at d/pic.png ("unsupported file type") or a dangling link ("no such file or directory"), which
-    `files d` skips; a file named outright is still refused."""
+    `files d` skips; a file named outright is still refused. As a directory, a wildcard skips hidden files (macOS's
+    ._a.txt beside a copied a.txt), unless its pattern starts with "."."""
     d = tmp_path / "d"
     d.mkdir()
     write_jsonl(d / "a.jsonl", make_docs(2))
+    write_jsonl(d / ".x.jsonl", make_docs(2, seed=1))
+    (d / "._a.txt").write_bytes(b"\x00\x05\x16\x07 Mac OS X")
     (d / "pic.png").write_bytes(b"\x89PNG")
     (d / "readme.md").write_text("# notes")
     (d / "dangling.txt").symlink_to(tmp_path / "nowhere")
     os.mkfifo(d / "pipe.txt")
     keys = [u.key for u in sources.local_files([d]).units]
     assert len(keys) == 1 and [u.key for u in sources.local_files([str(d / "*")]).units] == keys
+    hidden = [u.key for u in sources.local_files([str(d / ".*.jsonl")]).units]
+    assert len(hidden) == 1 and hidden[0].startswith(f"{(d / '.x.jsonl').resolve()} (")
     for name, needle in [("pic.png", "unsupported file type"), ("dangling.txt", "no such file or directory"),
                          ("pipe.txt", "not a regular file")]:
         with pytest.raises(UserError, match=f"{name}: {needle}"):

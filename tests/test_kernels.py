@@ -12,6 +12,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -567,6 +568,42 @@ def test_cpu_profile_import_binds_cpu_kernels():
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=True)
     got = json.loads(out.stdout)
     assert got["profile"] == "cpu-x86" and got["cpu_module"] and not got["mlx_exp"]
+
+
+@pytest.mark.parametrize("platform_name, machine, installed, expected", [
+    ("linux", "x86_64", [], "cpu-x86"), ("linux", "AMD64", [], "cpu-x86"), ("linux", "aarch64", [], "cpu-arm"),
+    ("darwin", "arm64", [], "metal"), ("darwin", "x86_64", [], "cpu-x86"), ("linux", "x86_64", ["mlx-cuda-12"], "cuda"),
+    ("linux", "aarch64", ["mlx-cuda-13"], "cuda"), ("linux", "x86_64", ["mlx-cuda"], "cuda"),
+    ("darwin", "x86_64", ["mlx-cuda-12"], "cpu-x86")])  # (CUDA only on Linux)
+def test_detect_picks_the_profile_of_the_platform(monkeypatch, platform_name, machine, installed, expected):
+    """The tests force a profile, so the detection itself ran only for the machine the suite runs on."""
+    def version(name):
+        if name not in installed:
+            raise device.metadata.PackageNotFoundError(name)
+        return "0.29.0"
+
+    monkeypatch.setattr(device.sys, "platform", platform_name)
+    monkeypatch.setattr(device.platform, "machine", lambda: machine)
+    monkeypatch.setattr(device.metadata, "version", version)
+    monkeypatch.setattr(device, "note", "")
+    monkeypatch.delenv(device.PROFILE_ENV, raising=False)
+    assert device.detect() == expected and device.choose().name == expected
+    forced = "cpu-arm" if expected == "cuda" else "cuda"
+    monkeypatch.setenv(device.PROFILE_ENV, f" {forced} ")
+    assert device.choose().name == forced and device.note == ""
+
+
+def test_readme_profiles_table_is_the_profiles():
+    """README's table of each profile's default dtype, head + loss rows per chunk and HellaSwag examples per
+    forward, against the profiles: nothing pinned them."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = readme[readme.index("| profile | default `--dtype` |"):].split("\n\n")[0].splitlines()[2:]
+    table = {}
+    for row in rows:
+        names, dtype, loss_rows, eval_batch = (cell.strip() for cell in row.strip("|").split("|"))
+        for name in names.split(", "):
+            table[name] = (dtype.split()[0], int(loss_rows.split()[0]), int(eval_batch))
+    assert table == {name: (p.dtype, p.loss_rows, p.eval_batch) for name, p in device.PROFILES.items()}
 
 
 def test_unknown_forced_profile_falls_back_with_a_note():

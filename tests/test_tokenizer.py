@@ -4,6 +4,7 @@ Hugging Face tokenizer files generated from them."""
 from __future__ import annotations
 
 import hashlib
+import json
 from importlib import resources
 
 import pytest
@@ -74,6 +75,14 @@ def test_merges_are_gpt2s():
     lines = merge_lines()
     assert len(lines) == 50000
     assert lines[:5] == ["Ġ t", "Ġ a", "h e", "i n", "r e"]  # the first lines of the hub's gpt2 merges.txt
+
+
+def test_vocab_json_is_gpt2s(hf_files):
+    """As the hub's gpt2 vocab.json: every id once, in order, <|endoftext|> last (the tokenizers read it from
+    tokenizer.json's added_tokens, so a vocab.json without it passed)."""
+    vocab = json.loads((hf_files / "vocab.json").read_text())
+    assert list(vocab.values()) == list(range(50257)) and vocab["<|endoftext|>"] == EOT == 50256
+    assert list(vocab)[:3] == ["!", '"', "#"] and vocab["Ġt"] == 256
 
 
 @pytest.mark.parametrize("text", [SHAKESPEARE_LIKE, UNICODE])

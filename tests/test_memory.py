@@ -213,6 +213,15 @@ def test_cuda_head_holds_two_compute_dtype_logit_matrices():
     assert cuda.head == 2 * 16 * 1024 * 50304 * 2 < metal.head
 
 
+def test_each_step_thread_adds_a_float32_sum_of_the_heads_weight_gradient():
+    """A thread whose rows span several GEMM groups sums its weight gradient in float32 (loss.py): 2048 rows in
+    chunks of 128, groups of 512, so 1 or 2 threads sum, 4 (512 rows each) do not."""
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=1000)
+    one, two, four = (memory.estimate(cfg, 16, 128, "float32", profile=device.PROFILES["cpu-x86"], threads=n).head
+                      for n in (1, 2, 4))
+    assert two - one == one - four == 2 * 1000 * 64 * 4
+
+
 def test_a_measured_cap_holds_memory_near_what_the_work_needs():
     """MLX allocates an op's output when the host queues the op, so a chain of independent 32 MB temporaries peaks
     far above what it needs. Run op by op (memory.start_measuring), its peak is the need; capped just above that

@@ -242,6 +242,19 @@ def test_help_that_cannot_be_written_is_a_failure():
         assert proc.returncode == 1 and "No space left on device" in proc.stderr
 
 
+@pytest.mark.parametrize("args", [["info"], ["--help"]], ids=["info", "help"])
+def test_output_into_a_closed_pipe_is_a_quiet_success(args):
+    """As piped into `head`, which exits before reading: not a failure, and nothing said."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "nanogpt_mlx", *args], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0 and proc.stderr == ""
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_stdout_on_a_full_disk_is_named(tiny_hf_dir, tmp_path):
     """A write error on stdout named no file ("No space left on device"), as if the command had failed: export's

@@ -58,9 +58,10 @@ def run_cli(*args: str, check: bool = False, timeout: float = 600, **kw) -> subp
     return proc
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    """Bad input: non-zero exit, exactly one line on stderr, no traceback, mentions each needle."""
-    assert proc.returncode != 0, proc.stdout
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str, status: int = 1) -> None:
+    """Bad input: exit `status` (1, a UserError's; 2, a usage error's), exactly one line on stderr, no traceback,
+    mentions each needle."""
+    assert proc.returncode == status, (proc.returncode, proc.stdout, proc.stderr)
     lines = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith("nanogpt-mlx: note:")]
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr

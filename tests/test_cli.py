@@ -202,7 +202,7 @@ def test_prompt_too_long_needs_crop(tiny_hf_dir):
     (("--top-p", "1.5"), ("--top-p", "must be in (0, 1]")),
 ])
 def test_bad_sampling_arguments(tiny_hf_dir, args, needles):
-    assert_one_line_error(run_cli("sample", "--model", str(tiny_hf_dir), *args), *needles)
+    assert_one_line_error(run_cli("sample", "--model", str(tiny_hf_dir), *args), *needles, status=2)
 
 
 @pytest.mark.parametrize("args", [
@@ -212,7 +212,8 @@ def test_bad_sampling_arguments(tiny_hf_dir, args, needles):
     ("export", "a", "b", "--for"),
 ])
 def test_options_are_never_abbreviated(args):
-    assert_one_line_error(run_cli(*args), "unrecognized arguments", args[-1] if args[-1].startswith("--") else args[-2])
+    assert_one_line_error(run_cli(*args), "unrecognized arguments", args[-1] if args[-1].startswith("--") else args[-2],
+                          status=2)
 
 
 def test_prepare_sources_name_themselves_and_inspect_takes_no_source(tmp_path, capsys):

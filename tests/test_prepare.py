@@ -312,7 +312,8 @@ def test_shakespeare_has_nothing_to_shuffle(tmp_path):
         prep.prepare(sources.shakespeare(path=tmp_path / "s.txt"), tmp_path / "out", cfg(shuffle_docs=True, seed=3))
     assert not (tmp_path / "out").exists()
     assert_one_line_error(run_cli("prepare", "shakespeare", "--path", str(tmp_path / "s.txt"), "--shuffle-docs",
-                                  "--out", str(tmp_path / "out")), "unrecognized arguments: --shuffle-docs")
+                                  "--out", str(tmp_path / "out")), "unrecognized arguments: --shuffle-docs",
+                          status=2)
 
 
 def fineweb_mirror(root: Path) -> list[str]:

@@ -66,7 +66,7 @@ def test_min_lr_is_build_nanogpts_absolute_minimum(data_dir, tmp_path):
     saved = json.loads((checkpoints(out)[-1] / "trainer.json").read_text())["config"]
     assert (saved["min_lr"], saved["min_lr_ratio"]) == (0.0001, 0.1)  # not taken as --min-lr-ratio 0.0001
     assert_one_line_error(run_cli(*cli_config(data_dir, tmp_path / "x", "--min-lr", "1e-4", "--min-lr-ratio", "0.1")),
-                          "--min-lr", "not allowed with")
+                          "--min-lr", "not allowed with", status=2)
     resumed = run_cli("train", "--resume", str(out), "--max-steps", "2", "--min-lr-ratio", "0.5", check=True)
     assert resumed.returncode == 0
     saved = json.loads((checkpoints(out)[-1] / "trainer.json").read_text())["config"]

@@ -97,6 +97,10 @@ def test_gelu_exp_square_sum_equal_reference(profile, maybe_compile):
     np.testing.assert_allclose(np.array(maybe_compile(k.exp)(z)), np.exp(z64), rtol=5e-6, atol=2e-28)
     g = mx.random.normal((3, 7, 256), key=mx.random.key(5))
     np.testing.assert_allclose(maybe_compile(k.square_sum)(g).item(), np.square(np.array(g, np.float64)).sum(), rtol=1e-5)
+    half = g.astype(mx.bfloat16)  # (not a BLAS dot product on a CPU profile: in MLX ops)
+    got = maybe_compile(k.square_sum)(half)
+    assert got.dtype == mx.bfloat16
+    np.testing.assert_allclose(got.item(), np.square(np.array(half.astype(mx.float32), np.float64)).sum(), rtol=1e-2)
 
 
 @pytest.mark.parametrize("profile", [p for p in PROFILES if p.cpu_backend], ids=lambda p: p.name)

@@ -549,7 +549,9 @@ def test_a_json_line_nested_too_deeply_is_one_line(tmp_path):
 
 
 def test_perplexity_of_a_nan_loss_is_nan():
-    """It was inf: "val loss nan perplexity inf" read as a loss too large, not a broken one."""
+    """It was inf: "val loss nan perplexity inf" read as a loss too large, not a broken one. A large loss's is inf
+    only past what a float holds."""
     assert np.isnan(perplexity(float("nan")))
     assert perplexity(1000.0) == float("inf") and perplexity(0.0) == 1.0
+    assert perplexity(100.0) == pytest.approx(math.exp(100))
     assert perplexity(mx.array(2.0)) == perplexity(np.float32(2.0)) == pytest.approx(math.exp(2))  # a model's loss

@@ -317,4 +317,7 @@ def perplexity(loss: float) -> float:
         value = None
     if value is None:
         raise UserError(f"loss must be a number, got {loss!r}")
-    return math.inf if value >= 700 else math.exp(value)
+    try:
+        return math.exp(value)
+    except OverflowError:
+        return math.inf

@@ -553,5 +553,6 @@ def test_perplexity_of_a_nan_loss_is_nan():
     only past what a float holds."""
     assert np.isnan(perplexity(float("nan")))
     assert perplexity(1000.0) == float("inf") and perplexity(0.0) == 1.0
-    assert perplexity(100.0) == pytest.approx(math.exp(100))
+    assert perplexity(100.0) == pytest.approx(math.exp(100)) and perplexity(709.0) == pytest.approx(math.exp(709))
+    assert perplexity(710.0) == perplexity(float("inf")) == float("inf") and perplexity(float("-inf")) == 0.0
     assert perplexity(mx.array(2.0)) == perplexity(np.float32(2.0)) == pytest.approx(math.exp(2))  # a model's loss

@@ -6,6 +6,7 @@ import builtins
 import errno
 import io
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,11 @@ import pytest
 import nanogpt_mlx  # noqa: F401  (loads OpenBLAS before anything imports mlx.core)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    # a background job of a non-interactive shell starts with Ctrl-C ignored, and Python then installs no
+    # KeyboardInterrupt: the tests of Ctrl-C failed on correct code. Handled here, it is at its default again in
+    # the commands the tests start (exec resets a handled signal)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def save_hf_gpt2(path: Path, n_layer=2, n_head=2, n_embd=64, n_positions=128, vocab_size=50257, seed=0) -> Path:

@@ -213,7 +213,8 @@ def test_a_signal_midway_through_an_export_leaves_no_temporary_files(how, tiny_h
     for force in ([], ["--force"]):  # a new directory, then over the export that this leaves
         before = sorted(p.name for p in tmp_path.rglob("*"))
         proc = subprocess.run([sys.executable, "-c", SIGNAL_MIDWAY, how, "export", str(tiny_hf_dir), str(out), *force],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # not nohup's
         assert proc.returncode == 128 + getattr(signal, how) and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.strip().splitlines()[-1] == "nanogpt-mlx: interrupted"
         assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing new: no temporary files

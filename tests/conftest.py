@@ -41,6 +41,32 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def hub_gpt2_dir(tiny_hf_dir, tmp_path_factory) -> Path:
+    """tiny_hf_dir laid out as the hub's `gpt2` is: config.json with that file's keys (n_ctx; no tie_word_embeddings,
+    which transformers reads as true), tensors named without `transformer.`, no lm_head, and the causal-mask buffers
+    that older transformers saved (`.attn.bias`, `.attn.masked_bias`)."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    path = tmp_path_factory.mktemp("hub_gpt2")
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(str(tiny_hf_dir / "model.safetensors")).items()}
+    for i in range(2):
+        tensors[f"h.{i}.attn.bias"] = np.tril(np.ones((128, 128), np.float32))[None, None]
+        tensors[f"h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps({
+        "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
+        "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02,
+        "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": 128, "n_embd": 64, "n_head": 2, "n_layer": 2,
+        "n_positions": 128, "resid_pdrop": 0.1, "summary_activation": None, "summary_first_dropout": 0.1,
+        "summary_proj_to_labels": True, "summary_type": "cls_index", "summary_use_proj": True,
+        "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}}, "vocab_size": 50257}))
+    return path
+
+
+@pytest.fixture(scope="session")
 def lively_hf_dir(tmp_path_factory) -> Path:
     """A random transformers GPT-2 with larger weights (init std 0.2): its greedy text does not
     collapse into one repeated token, so comparing token sequences means something."""

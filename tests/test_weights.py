@@ -44,6 +44,16 @@ def test_transformers_in_and_out_is_byte_identical(tiny_hf_dir, tmp_path):
     assert (config["n_layer"], config["n_embd"], config["n_positions"], config["vocab_size"]) == (2, 64, 128, 50257)
 
 
+def test_the_hubs_gpt2_layout_loads_as_transformers_reads_it(hub_gpt2_dir):
+    """The hub's gpt2 config.json has no tie_word_embeddings (true when absent), and older transformers saved the
+    causal-mask buffers: the fixtures save_pretrained writes have neither, so reading a missing key as untied, or
+    keeping a buffer as a weight, passed the suite."""
+    model = load_model(hub_gpt2_dir)
+    assert model.config.tie_embeddings
+    idx = np.random.default_rng(0).integers(0, 50257, size=(2, 16))
+    np.testing.assert_allclose(np.array(model(mx.array(idx))), hf_logits(hub_gpt2_dir, idx), rtol=0, atol=2e-5)
+
+
 def test_padded_vocab_exports_cropped_and_matches(tmp_path):
     model = GPT(GPTConfig(**{**SMALL.to_dict(), "vocab_size": 50304}), seed=4)
     save_model(model, tmp_path / "ckpt")  # this project's checkpoint keeps the padding

@@ -165,6 +165,29 @@ def test_one_and_two_workers_give_identical_bytes(tmp_path, mixed, shuffle):
         assert np.array_equal(tokens, expected_tokens(docs))
 
 
+def test_shuffle_docs_orders_the_documents_and_the_files_by_the_seed(tmp_path):
+    """A file of one part (the part order moves nothing) and files of one part each: no test shuffled either, so
+    documents left in their file's order, and files left in theirs, passed the suite."""
+    def documents(out: Path) -> list[str]:
+        return get_tokenizer().decode(shard_tokens(out).tolist()).split(EOT_TEXT)[1:]
+
+    docs = make_docs(20, seed=5)
+    one = sources.local_files([write_jsonl(tmp_path / "one.jsonl", docs)])
+    for name in ("a", "b"):
+        prep.prepare(one, tmp_path / name, cfg(shuffle_docs=True, seed=3, part_bytes=1 << 20))
+    assert documents(tmp_path / "a") != docs and sorted(documents(tmp_path / "a")) == sorted(docs)
+    assert dir_bytes(tmp_path / "a") == dir_bytes(tmp_path / "b")  # the same seed, the same bytes
+
+    (tmp_path / "in").mkdir()
+    files = [write_jsonl(tmp_path / "in" / f"{f}.jsonl", [f"file {f} document {d}" for d in range(3)])
+             for f in range(4)]
+    opening = set()
+    for seed in range(4):
+        prep.prepare(sources.local_files(files), tmp_path / f"seed{seed}", cfg(shuffle_docs=True, seed=seed))
+        opening.add(documents(tmp_path / f"seed{seed}")[0].split()[1])
+    assert len(opening) > 1  # the first document is of another file for another seed
+
+
 def test_spawn_start_method(tmp_path):
     """Worker processes started with spawn (macOS/Windows default) give the same shards."""
     docs = make_docs(60, seed=2)

@@ -206,7 +206,10 @@ def test_spawn_start_method(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- resume
-def test_resume_after_crash_matches_uninterrupted_run(tmp_path, mixed, monkeypatch):
+@pytest.mark.parametrize("lost", [True, False])
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, mixed, monkeypatch, lost):
+    """`lost`: the shard after the damaged one is gone too; kept, it is no start to resume from (with it kept, the
+    shards after the first damaged one were kept as well, and the suite passed)."""
     paths, _ = mixed
     prep.prepare(sources.local_files(paths), tmp_path / "ref", cfg())
     out = tmp_path / "out"
@@ -227,9 +230,10 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, mixed, monkeypat
     # written after every shard: indenting it (Python code, not json's C encoder) made thousands of small shards take
     # minutes; indented once complete (dir_bytes below)
     assert (out / "manifest.json").read_text().count("\n") == 1
-    # a harder crash: a temp file left behind and a completed shard lost
+    # a harder crash: a temp file left behind, a completed shard damaged, and perhaps the next one lost
     (out / ".data_train_000003.tmp4242.npy").write_bytes(b"truncated")
-    (out / "data_train_000002.npy").unlink()
+    if lost:
+        (out / "data_train_000002.npy").unlink()
     damaged = (out / "data_train_000001.npy").read_bytes()  # same size, other bytes: found by its sha256
     (out / "data_train_000001.npy").write_bytes(damaged[:-2] + bytes(b ^ 1 for b in damaged[-2:]))
     kept = (out / "data_val_000000.npy").stat().st_mtime_ns

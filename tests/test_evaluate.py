@@ -196,7 +196,11 @@ def test_two_files_examples_concatenated_are_scored_as_each_alone(fixture_file, 
 
 
 def test_limit_and_records_file(fixture_file, model, tmp_path):
-    res = score_hellaswag(model, load_hellaswag(fixture_file, limit=7), progress=False)
+    """A blank line is skipped, and numbers no example: the records' indices count examples, not lines."""
+    rows = fixture_file.read_text().splitlines(keepends=True)
+    spaced = tmp_path / "spaced.jsonl"
+    spaced.write_text("".join(rows[:2] + ["\n"] + rows[2:]))
+    res = score_hellaswag(model, load_hellaswag(spaced, limit=7), progress=False)
     assert res.num_total == 7 and 0 <= res.acc <= 1 and 0 <= res.acc_norm <= 1
     write_records(tmp_path / "out.jsonl", res.records)
     lines = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
@@ -254,6 +258,7 @@ def test_a_label_written_as_a_string_is_read_as_its_number(tmp_path):
     ([{**GOOD[0], "label": -1}], ":1: label -1"),
     ([{**GOOD[0], "label": "\u00b2"}], ":1: label '\u00b2' is not an integer 0..3"),  # a digit to isdigit(), not int()
     ([{**GOOD[0], "endings": ["x", "y"]}], "'endings' must be a list of 4 strings"),
+    ([{**GOOD[0], "endings": [*GOOD[0]["endings"], "x"]}], ":1: 'endings' must be a list of 4 strings"),
     ([{k: v for k, v in GOOD[0].items() if k != "ctx"}], "missing field 'ctx'"),
     (["[1, 2]"], "expected a JSON object"),
     ([""], "no examples"),

@@ -406,11 +406,13 @@ def test_eval_loss_equals_direct_computation(tmp_path, tiny_hf_dir, model):
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def test_cli_hellaswag(tiny_hf_dir, fixture_file, tmp_path):
+def test_cli_hellaswag(tiny_hf_dir, model, fixture_file, tmp_path):
     out = tmp_path / "scores.jsonl"
     proc = run_cli("eval", "hellaswag", "--model", str(tiny_hf_dir), "--data", str(fixture_file),
                    "--limit", "10", "--batch-size", "3", "--output", str(out), check=True)
-    assert "hellaswag  10 examples  acc " in proc.stdout
+    scores = score_hellaswag(model, load_hellaswag(fixture_file, limit=10), progress=False)
+    assert scores.acc != scores.acc_norm  # so that the two swapped are seen
+    assert f"hellaswag  10 examples  acc {scores.acc:.4f}  acc_norm {scores.acc_norm:.4f}  " in proc.stdout
     assert "acc_norm 0.2955" in proc.stdout and "0.337" in proc.stdout  # reference figures
     assert len(out.read_text().splitlines()) == 10
 

@@ -101,6 +101,9 @@ def test_encode_docs_equals_encode_ordinary_per_document():
 
 def test_round_trip_jsonl_parquet_txt(tmp_path, mixed):
     paths, docs = mixed
+    with open(paths[0], "a") as f:  # nulls are skipped, as --help says
+        f.write('{"id": 80, "text": null}\n')
+    write_parquet(paths[1], docs[80:95] + [None] + docs[95:110])
     out = tmp_path / "out"
     summary = prep.prepare(sources.local_files(paths), out, cfg())
     tokens = shard_tokens(out)

@@ -4,8 +4,10 @@ stderr, a non-zero exit, and nothing half-written left behind."""
 from __future__ import annotations
 
 import errno
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +99,24 @@ def test_writers_where_a_file_is_in_the_way(command, inputs, tmp_path):
     blocker.write_text("x")
     assert_one_line_error(run_cli(*writer_args(command, inputs, blocker)), str(blocker))
     assert blocker.read_text() == "x"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+@pytest.mark.parametrize("command, name", [("plot", "run.png"), ("hellaswag", "scores.jsonl")])
+def test_writers_where_a_named_pipe_is_in_the_way(command, name, inputs, tmp_path, capsys, monkeypatch):
+    """The file they write is renamed over what its path names: a named pipe there is refused before the work, not
+    replaced by the file."""
+    from nanogpt_mlx import evaluate
+
+    def never(*args, **kwargs):
+        raise AssertionError("scored before finding out that --output cannot be written")
+
+    monkeypatch.setattr(evaluate, "score_hellaswag", never)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / name)
+    assert_one_line_error(run_main(capsys, *writer_args(command, inputs, out)), f"{out / name}: not a regular file")
+    assert stat.S_ISFIFO((out / name).stat().st_mode) and sorted(p.name for p in out.iterdir()) == [name]
 
 
 def test_prepare_on_a_full_disk_stops_with_one_line_and_resumes(tmp_path, capsys, monkeypatch):

@@ -68,15 +68,18 @@ def test_shards_shorter_than_a_batch_are_skipped_at_start(tmp_path, capsys):
     assert "toy_train_000003.npy (50 tokens)" in err
     batches = [loader.next_batch()[0] for _ in range(30)]  # 23 batches in shard 1, 1 in shard 2, then shard 1
     np.testing.assert_array_equal(batches[24], batches[0])
+    # all 3 named, with no " ..." (that says there are more)
     with pytest.raises(UserError, match=r"no train shard holds one batch: 3 train shard\(s\) shorter than one "
-                                        r"batch of B\*T\*ranks\+1 = 3201 tokens"):
+                                        r"batch of B\*T\*ranks\+1 = 3201 tokens: toy_train_000001.npy \(3000 "
+                                        r"tokens\), toy_train_000002.npy \(200 tokens\), toy_train_000003.npy "
+                                        r"\(50 tokens\)$"):
         DataLoader(data, "train", 4, 800)
 
 
 @pytest.mark.parametrize("change, needle", [
     ({"B": 2}, "batch_size 4 (this run: 2)"),
     ({"T": 16}, "seq_len 32 (this run: 16)"),
-    ({"shuffle": True}, "shuffle False (this run: True)"),
+    ({"shuffle": True}, "batches: shuffle False (this run: True); resume"),  # no seed: it orders only a shuffle
     ({"data": "other"}, "data of 2 shard(s) of 6,000 tokens (this run: 1 shard(s) of 3,000 tokens)"),
 ])
 def test_a_saved_position_is_refused_by_a_loader_reading_other_batches(change, needle, tmp_path):

@@ -257,6 +257,19 @@ def test_resume_is_exact(data_dir, tmp_path):
         np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
 
 
+def test_a_checkpoint_mid_run_holds_its_step_not_the_one_queued_ahead_of_it(data_dir, tmp_path):
+    """With steps queued ahead (one step thread), the step after a checkpoint waits for it: ckpt-000002 of a run
+    to step 4 is byte for byte that of a run stopped at step 2, weights, optimizer and data position alike."""
+    full = tiny_config(data_dir, tmp_path / "a", checkpoint_every=2, max_steps=4, threads=1)
+    Trainer(full).train()
+    Trainer(replace(full, out=str(tmp_path / "b"))).train(until=2)
+    a, b = tmp_path / "a" / "ckpt-000002", tmp_path / "b" / "ckpt-000002"
+    for name in ("model.safetensors", "optimizer.safetensors", "config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    loader = [json.loads((d / "trainer.json").read_text())["train_loader"] for d in (a, b)]
+    assert loader[0] == loader[1]
+
+
 @pytest.mark.parametrize("micro_steps", [1, 2])
 def test_next_micro_step_is_built_while_the_device_runs_the_last(data_dir, tmp_path, micro_steps):
     """Each micro-step's graph is built (b) before the work queued before it is waited for (w), across steps too

@@ -325,14 +325,15 @@ def test_ctrl_c_on_one_rank_stops_all_at_the_same_step_with_a_checkpoint(data_di
     assert len(saved) == 1 and int(saved[0].name[5:]) == len(logged(tmp_path))
 
 
-def start_two_ranks(data_dir: Path, out: Path, env: dict | None = None, args: list[str] = ()) -> subprocess.Popen:
-    """`train --ranks 2`, a long run (`args` override its options)."""
+def start_two_ranks(data_dir: Path, out: Path, env: dict | None = None, args: list[str] = (),
+                    **popen) -> subprocess.Popen:
+    """`train --ranks 2`, a long run (`args` override its options; `popen`, Popen's)."""
     return subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", "train", "--ranks", "2", "--data", str(data_dir),
                              "--out", str(out), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
                              "--block-size", "32", "--vocab-size", "1000", "--batch-size", "4", "--seq-len", "32",
                              "--total-batch-size", "256", "--max-steps", "100000", "--val-every", "0",
                              "--sample-every", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, **popen)
 
 
 def children(pid: int) -> list[int]:
@@ -347,10 +348,10 @@ def kill(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def launch_two_ranks(data_dir: Path, out: Path, env: dict | None = None,
-                     args: list[str] = ()) -> tuple[subprocess.Popen, list[int]]:
+def launch_two_ranks(data_dir: Path, out: Path, env: dict | None = None, args: list[str] = (),
+                     **popen) -> tuple[subprocess.Popen, list[int]]:
     """`train --ranks 2` once it has logged two steps: the launcher and its ranks' pids."""
-    proc = start_two_ranks(data_dir, out, env, args)
+    proc = start_two_ranks(data_dir, out, env, args, **popen)
     deadline = time.time() + 120
     while not ((out / "log.jsonl").exists() and len(logged(out)) >= 2):
         assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
@@ -433,6 +434,19 @@ def test_a_signal_to_the_ranks_launcher_stops_the_ranks_with_a_checkpoint(signum
     assert all(map(gone, ranks))  # waited for by the launcher
     (saved,) = sorted(tmp_path.glob("ckpt-*"))
     assert int(saved.name[5:]) == len(logged(tmp_path))
+
+
+def test_the_ranks_launcher_started_under_nohup_trains_on_after_a_sighup(data_dir, tmp_path):
+    """nohup's ignored SIGHUP stays ignored: a closed terminal does not stop the ranks."""
+    proc, ranks = launch_two_ranks(data_dir, tmp_path, args=["--max-steps", "40"],
+                                   preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        proc.send_signal(signal.SIGHUP)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        kill(ranks + [proc.pid])
+    assert proc.returncode == 0 and "interrupted" not in err, err
+    assert len(logged(tmp_path)) == 40
 
 
 def test_ranks_whose_stdout_reader_ended_save_a_checkpoint(data_dir, tmp_path):

@@ -42,6 +42,23 @@ def test_negative_token_ids_are_refused(tmp_path):
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
+def test_a_token_id_of_vocab_size_is_refused(tmp_path):
+    """Ids run from 0 to vocab_size - 1: vocab_size itself is past the embedding's last row."""
+    shard = tmp_path / "toy_train_000001.npy"
+    np.save(shard, np.array([0, VOCAB - 1, 5], dtype=np.uint16))
+    assert load_shard(shard, vocab_size=VOCAB).max() == VOCAB - 1
+    np.save(shard, np.array([0, VOCAB, 5], dtype=np.uint16))
+    with pytest.raises(UserError, match=f"toy_train_000001.npy: token id {VOCAB} >= the model's vocab_size {VOCAB}"):
+        load_shard(shard, vocab_size=VOCAB)
+
+
+def test_hidden_files_are_not_shards(tmp_path):
+    """A hidden `._NAME_train_INDEX.npy` (what macOS writes beside a file on a foreign disk) is no shard."""
+    data = write_shards(tmp_path / "d", [token_stream(3000, 1)], token_stream(2000, 2))
+    (data / "._toy_train_000001.npy").write_bytes(b"\0" * 4096)
+    assert [p.name for p in DataLoader(data, "train", 4, 32).shards] == ["toy_train_000001.npy"]
+
+
 @pytest.mark.parametrize("complete", [False, True, None])
 def test_unfinished_data_is_used_with_a_warning(tmp_path, capsys, complete):
     data = write_shards(tmp_path / "d", [token_stream(3000, 1)], token_stream(2000, 2))
@@ -59,8 +76,8 @@ def test_unfinished_data_is_used_with_a_warning(tmp_path, capsys, complete):
 def test_shards_shorter_than_a_batch_are_skipped_at_start(tmp_path, capsys):
     """prepare's last shard can be shorter than one batch: skipped with a warning when the loader starts, not
     an error when a run reaches it; no shard long enough is one line."""
-    data = write_shards(tmp_path / "d", [token_stream(3000, 1), token_stream(200, 2), token_stream(50, 3)],
-                        token_stream(2000, 4))
+    data = write_shards(tmp_path / "d", [token_stream(3000, 1), token_stream(129, 2), token_stream(50, 3)],
+                        token_stream(2000, 4))  # shard 2 is exactly one batch
     loader = DataLoader(data, "train", 4, 32)
     assert [p.name for p in loader.shards] == ["toy_train_000001.npy", "toy_train_000002.npy"]
     err = capsys.readouterr().err

@@ -127,6 +127,17 @@ def test_a_saved_position_follows_its_shards_to_another_directory(tmp_path):
     moved.load_state_dict(saved)
 
 
+def test_an_unshuffled_position_is_taken_whatever_the_seed(tmp_path):
+    """A seed orders only a shuffle: without one, a position saved with seed 0 is read with seed 5."""
+    data = write_shards(tmp_path / "d", [token_stream(3000, 1), token_stream(3000, 2)], token_stream(2000, 3))
+    loader = DataLoader(data, "train", 4, 32, seed=0)
+    for _ in range(30):
+        loader.next_batch()
+    other = DataLoader(data, "train", 4, 32, seed=5)
+    other.load_state_dict(json.loads(json.dumps(loader.state_dict())))
+    np.testing.assert_array_equal(other.next_batch()[0], loader.next_batch()[0])
+
+
 def test_a_saved_position_is_refused_by_shards_of_other_content(tmp_path):
     """A dataset prepared again (shuffled with another seed) has shards of the same names and lengths: the sha256
     that its manifest records tells them apart."""

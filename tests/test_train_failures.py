@@ -501,6 +501,8 @@ DAMAGE = {
     "state-layout-shards": (lambda c: edit_layout(c, {"B": 4, "shards": [["x", "n"]]}), "not a layout of batches"),
     "state-position-beyond": (lambda c: edit_state(c, train_loader={"shard": 0, "step": 500, "epoch": 0}),
                               "train_loader: position at batch 500 of shard 0"),
+    "state-position-at-end": (lambda c: edit_state(c, train_loader={"shard": 0, "step": 23, "epoch": 0}),
+                              "train_loader: position at batch 23 of shard 0"),  # holds 0..22: an IndexError later
     "state-position-malformed": (lambda c: edit_state(c, train_loader={"shard": 0, "step": "3", "epoch": 0}),
                                  "train_loader: not a position"),
 }

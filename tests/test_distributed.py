@@ -187,6 +187,10 @@ def test_two_ranks_equal_one_rank_with_twice_the_accumulation(data_dir, tmp_path
     assert done == [["0", "2"], ["1", "2"]]
 
     assert_same_training(tmp_path / "one", tmp_path / "two", steps=8)
+    # a step's tokens are all ranks' (MFU's use of them: test_cli_ranks_option_launches_local_ranks)
+    assert "| 2 rank(s) | 512 tokens/step = 2 x 2 x 4 x 32 |" in outs[0]
+    for run in ("one", "two"):
+        assert [r["tok_per_s"] * r["dt"] for r in logged(tmp_path / run)] == pytest.approx([512] * 8, rel=1e-9)
     val1 = [r["loss"] for r in logged(tmp_path / "one", "val")]
     val2 = [r["loss"] for r in logged(tmp_path / "two", "val")]
     np.testing.assert_allclose(val2, val1, rtol=1e-4)

@@ -286,6 +286,8 @@ def test_next_micro_step_is_built_while_the_device_runs_the_last(data_dir, tmp_p
         setattr(trainer, name, lambda *a, fn=fn, tag=tag: events.append(tag) or fn(*a))
     sync = trainer.dist.sync
     trainer.dist.sync = lambda *a: events.append("w") or sync(*a)
+    finish, steps = trainer._finish_step, []
+    trainer._finish_step = lambda s: steps.append(s) or finish(s)
     trainer.train()
     step = "bw" * micro_steps  # "fw": finished where nothing was queued behind it
     assert "".join(events) == step * 2 + "f" + step + "f" + step + "f" + "fw" + step + "fw" + step + "fw"
@@ -297,6 +299,8 @@ def test_next_micro_step_is_built_while_the_device_runs_the_last(data_dir, tmp_p
     assert [r["loss"] for r in logged(tmp_path / "a")] == [r["loss"] for r in logged(tmp_path / "b")]
     dts = [r["dt"] for r in logged(tmp_path / "a")]
     assert min(dts) > 0.2 * median(dts)  # no step is timed from after its own end
+    ends = [s.ended for s in steps]  # nor from before the end of the step it was queued behind
+    assert all(dt <= end - before for dt, end, before in zip(dts[1:], ends[1:], ends)), (dts, ends)
 
 
 def test_cap_memory_measures_the_first_step_then_caps_mlx_while_training(data_dir, tmp_path, capsys):

@@ -254,9 +254,10 @@ def test_cli_ranks_option_launches_local_ranks(data_dir, tmp_path):
     proc = run_cli("train", "--ranks", "2", "--data", str(data_dir), "--out", str(tmp_path), "--n-layer", "2",
                    "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--vocab-size", "1000", "--batch-size", "4",
                    "--seq-len", "32", "--total-batch-size", "256", "--max-steps", "3", "--val-every", "0",
-                   "--sample-every", "0", timeout=300)
+                   "--sample-every", "0", timeout=300, env={"TMPDIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     assert "2 rank(s)" in proc.stdout and proc.stdout.count("done: step 3") == 1
+    assert not list(tmp_path.glob("nanogpt-mlx-ranks-*"))  # the launcher's hostfile and the ranks' last lines
     assert len(logged(tmp_path)) == 3 and (tmp_path / "model.safetensors").is_file()
     # MFU: the tokens of both ranks against the peak of both (each measured its own, with half the cores)
     import re
@@ -410,11 +411,12 @@ def test_ctrl_c_while_the_ranks_start_ends_the_launch(data_dir, tmp_path):
         time.sleep(0.001)
     proc.send_signal(signal.SIGINT)
     try:
-        proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
         stopped = [gone(pid) for pid in ranks]  # the launcher waits for its ranks
     finally:
         kill(ranks + children(proc.pid) + [proc.pid])
     assert proc.returncode == 130 and all(stopped) and not (tmp_path / "log.jsonl").exists()
+    assert "was killed" not in err, err  # a rank ended by the Ctrl-C forwarded to it
 
 
 def gone(pid: int) -> bool:

@@ -88,7 +88,7 @@ def test_shards_shorter_than_a_batch_are_skipped_at_start(tmp_path, capsys):
     # all 3 named, with no " ..." (that says there are more)
     with pytest.raises(UserError, match=r"no train shard holds one batch: 3 train shard\(s\) shorter than one "
                                         r"batch of B\*T\*ranks\+1 = 3201 tokens: toy_train_000001.npy \(3000 "
-                                        r"tokens\), toy_train_000002.npy \(200 tokens\), toy_train_000003.npy "
+                                        r"tokens\), toy_train_000002.npy \(129 tokens\), toy_train_000003.npy "
                                         r"\(50 tokens\)$"):
         DataLoader(data, "train", 4, 800)
 

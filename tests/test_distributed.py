@@ -432,7 +432,8 @@ def test_a_signal_to_the_ranks_launcher_stops_the_ranks_with_a_checkpoint(signum
     """A scheduler's SIGTERM, a SIGINT sent to the launcher's pid alone (the ranks run in a session of their own,
     so Ctrl-C in a terminal comes this way too) or a closed terminal's SIGHUP stops the ranks as Ctrl-C does: they
     agree on a step and save, instead of training on as orphans (SIGTERM) or to the end (SIGINT)."""
-    proc, ranks = launch_two_ranks(data_dir, tmp_path)
+    proc, ranks = launch_two_ranks(data_dir, tmp_path,
+                                   preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # not nohup's
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signum and "Traceback" not in err, err

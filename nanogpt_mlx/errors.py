@@ -31,20 +31,23 @@ def check_types(config) -> None:
     """Refuse (FieldTypeError) a dataclass field whose value is not of its annotated type, `int`, `float` (an int
     too), `str` or `bool`, or None where the annotation allows it: a "2" or 2.5 would fail far from its cause.
     NumPy's scalars (a sweep over `np.arange`, `np.float32`, `np.bool_`) become Python's: configs go into JSON."""
-    kinds = {"int": (numbers.Integral, int, "an integer"), "float": (numbers.Real, None, "a number"),
-             "str": (str, str, "a string"), "bool": ((bool, _np_bool()), bool, "true or false")}
+    bools = (bool, _np_bool())
+    kinds = {"int": (numbers.Integral, int, "an integer"), "float": (numbers.Real, _number, "a number"),
+             "str": (str, str, "a string"), "bool": (bools, bool, "true or false")}
     for f in fields(config):
         value, (kind, optional) = getattr(config, f.name), field_kind(f)
         if (value is None and optional) or kind not in kinds:
             continue
         accepted, python, said = kinds[kind]
-        is_bool = isinstance(value, (bool, _np_bool()))
-        if not isinstance(value, accepted) or is_bool != (kind == "bool"):
+        if not isinstance(value, accepted) or isinstance(value, bools) != (kind == "bool"):
             raise FieldTypeError(f"{f.name} must be {said}, got {value!r}")
-        if python is None:  # a float field keeps an int as given (JSON writes 3, not 3.0)
-            python = int if isinstance(value, numbers.Integral) else float
-        if type(value) is not python:
-            object.__setattr__(config, f.name, python(value))  # (frozen dataclasses too)
+        if type(converted := python(value)) is not type(value):
+            object.__setattr__(config, f.name, converted)  # (frozen dataclasses too)
+
+
+def _number(value: numbers.Real) -> int | float:
+    """A float field's value as Python's: an int stays an int (JSON writes 3, not 3.0)."""
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def _np_bool() -> type:

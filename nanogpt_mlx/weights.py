@@ -236,8 +236,9 @@ def _load_into(model: GPT, weights: dict[str, mx.array], where: Path) -> None:
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
-        raise UserError(f"{where}: weights do not match config.json "
-                        f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+        said = "; ".join(f"{what} {len(names)}: {few(names)}"
+                         for what, names in (("missing", missing), ("unexpected", unexpected)) if names)
+        raise UserError(f"{where}: weights do not match config.json ({said})")
     for k, w in weights.items():
         if w.shape != expected[k].shape:
             raise UserError(f"{where}: {k} has shape {tuple(w.shape)}, config.json implies {tuple(expected[k].shape)}")

@@ -59,6 +59,16 @@ def warn(text: str, kind: str = "warning") -> None:
         say(f"nanogpt-mlx: {kind}: {text}")
 
 
+_said: set[str] = set()
+
+
+def warn_once(text: str) -> None:
+    """warn(text) once per process: a directory's loaders, made again (each evaluation, a notebook), say it once."""
+    if text not in _said:
+        _said.add(text)
+        warn(text)
+
+
 def last_line(line: str) -> None:
     """A command's last line on stderr; a rank that `--ranks` started gives it to its launcher while that lives
     (without one, its ranks stop as on Ctrl-C: rank 0 alone says "interrupted")."""

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from .console import few, warn
+from .console import few, warn, warn_once
 from .errors import UserError, check_int
 from .files import named_dir, read_json
 
@@ -81,46 +80,48 @@ def load_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
     return tokens
 
 
-@lru_cache(maxsize=None)  # once per directory and process
-def warn_if_incomplete(data_dir: Path) -> None:
-    """Warn when `prepare` has not finished writing `data_dir` (its manifest says "complete": false)."""
-    try:
-        complete = read_json(data_dir / "manifest.json").get("complete", True)
-    except (OSError, ValueError, AttributeError):  # no manifest (shards from elsewhere) or not ours
-        return
-    if complete is False:
-        warn(f"{data_dir}: prepare has not finished these shards (manifest.json says incomplete); re-run the same "
-             "prepare command to complete them")
-
-
-@lru_cache(maxsize=None)  # once per directory, split and process (while its shards stay as they are)
-def warn_if_shards_differ(data_dir: Path, split: str, sized: tuple[tuple[Path, int], ...]) -> None:
-    """Warn when a shard that a complete manifest lists is missing or of another length: a partial copy, or a
-    deleted shard, would train and evaluate on less."""
+def read_manifest(data_dir: Path) -> dict:
+    """prepare's manifest.json in `data_dir`; {} where there is none (shards from elsewhere) or it is not a JSON
+    object (not ours). Its records are checked where they are read."""
     try:
         manifest = read_json(data_dir / "manifest.json")
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def warn_if_incomplete(data_dir: Path, manifest: dict) -> None:
+    """Warn when `prepare` has not finished writing `data_dir` (its manifest says "complete": false)."""
+    if manifest.get("complete", True) is False:
+        warn_once(f"{data_dir}: prepare has not finished these shards (manifest.json says incomplete); re-run the same "
+                  "prepare command to complete them")
+
+
+def warn_if_shards_differ(data_dir: Path, split: str, sized: list[tuple[Path, int]], manifest: dict) -> None:
+    """Warn when a shard that a complete manifest lists is missing or of another length: a partial copy, or a
+    deleted shard, would train and evaluate on less."""
+    if manifest.get("complete") is not True:
+        return
+    try:
         listed = {r["file"]: r["tokens"] for r in manifest["shards"] if r["split"] == split}
-        if manifest.get("complete") is not True:
-            return
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):  # no manifest (shards from elsewhere), or
-        return  # not ours
+    except (KeyError, TypeError):  # records not ours
+        return
     found = {path.name: n for path, n in sized}
     missing = [name for name in listed if name not in found]
     other = [f"{name} ({found[name]} tokens, not {n})" for name, n in listed.items() if found.get(name, n) != n]
     if missing or other:
         said = "; ".join(f"{what}: {few(names)}"
                          for what, names in (("missing", missing), ("of another length", other)) if names)
-        warn(f"{data_dir}: {split} shards that manifest.json lists are {said}; re-run the same prepare command to "
-             "restore them")
+        warn_once(f"{data_dir}: {split} shards that manifest.json lists are {said}; re-run the same prepare command "
+                  "to restore them")
 
 
-def manifest_digests(data_dir: Path, split: str) -> dict[str, str]:
-    """The sha256 of each `split` shard as prepare's manifest.json records it ({} without one: shards from
-    elsewhere)."""
+def manifest_digests(manifest: dict, split: str) -> dict[str, str]:
+    """The sha256 of each `split` shard as prepare's manifest records it ({} without one: shards from elsewhere)."""
     try:
-        return {r["file"]: r["sha256"] for r in read_json(data_dir / "manifest.json")["shards"]
+        return {r["file"]: r["sha256"] for r in manifest.get("shards", [])
                 if r["split"] == split and isinstance(r.get("sha256"), str)}
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):  # no manifest, or not ours
+    except (KeyError, TypeError, AttributeError):  # records not ours
         return {}
 
 
@@ -149,8 +150,9 @@ class DataLoader:
         # every shard's length now (headers only): one too short for a batch would stop a run when reached
         # (prepare's last shard can be); its token ids are checked when it is read
         sized = [(path, len(open_shard(path))) for path in list_shards(data_dir, split)]
-        warn_if_incomplete(Path(data_dir).resolve())
-        warn_if_shards_differ(Path(data_dir).resolve(), split, tuple(sized))
+        manifest = read_manifest(Path(data_dir))
+        warn_if_incomplete(Path(data_dir).resolve(), manifest)
+        warn_if_shards_differ(Path(data_dir).resolve(), split, sized, manifest)
         need = B * T * world + 1
         kept = [(path, n) for path, n in sized if n >= need]
         short = [f"{path.name} ({n} tokens)" for path, n in sized if n < need]
@@ -164,7 +166,7 @@ class DataLoader:
         # what a saved position means: a checkpoint's position is refused by a loader that reads other batches
         # (and what they hold, where the manifest says: a dataset prepared again, shuffled with another seed, has
         # shards of the same names and lengths)
-        digests = manifest_digests(Path(data_dir), split)
+        digests = manifest_digests(manifest, split)
         self.layout = {"B": B, "T": T, "world": world, "shuffle": shuffle, "seed": seed if shuffle else None,
                        "shards": [[path.name, n] for path, n in kept],
                        "sha256": {path.name: digests[path.name] for path, _ in kept if path.name in digests}}

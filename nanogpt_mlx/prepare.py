@@ -542,14 +542,14 @@ def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
     splits = {split: [path for path, _ in shards] for split, shards in sized.items()}
     if not any(splits.values()):  # (before the warnings of each missing shard a manifest lists: one line)
         raise UserError(f"{data_dir}: no shards (*_val_*.npy, *_train_*.npy)")
-    for split, shards in sized.items():
-        warn_if_shards_differ(data_dir.resolve(), split, tuple(shards))  # as a loader would
-    lines = [str(data_dir)]
     path = data_dir / "manifest.json"
     try:
         manifest = read_json(path) if path.is_file() else None
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable ({first_line(e)})") from None
+    for split, shards in sized.items():  # as a loader would
+        warn_if_shards_differ(data_dir.resolve(), split, shards, manifest if isinstance(manifest, dict) else {})
+    lines = [str(data_dir)]
     if manifest is None:  # shards from elsewhere
         pass
     elif not (isinstance(manifest, dict) and manifest.get("format") == FORMAT):

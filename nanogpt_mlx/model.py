@@ -248,6 +248,14 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def _numpy_ids(ids, what: str) -> np.ndarray:
+    """A list of token ids, nested lists or a NumPy array as a NumPy array (no copy of one)."""
+    try:
+        return np.asarray(ids)
+    except ValueError:  # nested lists of different lengths
+        raise UserError(f"{what} must be token ids of shape (B, T): its rows differ in length") from None
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, seed: int | None = None):
         super().__init__()
@@ -340,11 +348,11 @@ class GPT(nn.Module):
 
     def token_array(self, ids, what: str) -> mx.array:
         """`ids` as an MLX array of shape (B, T), checked (check_token_ids)."""
+        ids = ids if isinstance(ids, mx.array) else _numpy_ids(ids, what)
         self.check_token_ids(ids, what)
-        ids = ids if isinstance(ids, mx.array) else mx.array(np.asarray(ids))
         if ids.ndim != 2 or ids.size == 0:  # (one row failed as a tuple's unpacking deep inside, none in a max)
             raise UserError(f"{what} must be token ids of shape (B, T), B and T >= 1, got shape {tuple(ids.shape)}")
-        return ids
+        return ids if isinstance(ids, mx.array) else mx.array(ids)
 
     def head(self, h: mx.array) -> mx.array:
         """Final hidden states (..., n_embd) -> logits (..., vocab_size), soft-capped if the config says so."""
@@ -367,7 +375,7 @@ class GPT(nn.Module):
             except ValueError:  # traced: MLX refuses to evaluate inside a function transformation
                 return
         else:  # a list (a prompt's), nested lists, a NumPy array
-            ids = np.asarray(ids)
+            ids = _numpy_ids(ids, what)
             if ids.size and ids.dtype.kind not in "iu":
                 raise UserError(f"{what} must hold integer token ids, got {ids.dtype}")
             ids = [int(ids.min()), int(ids.max())] if ids.size else []

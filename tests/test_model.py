@@ -203,6 +203,8 @@ def test_ids_as_numpy_arrays_or_lists_are_checked_and_taken():
     (lambda m: m(mx.array([[True, False]])), "the input must hold integer token ids, got bool"),
     (lambda m: m(mx.array([1, 2])), r"the input must be token ids of shape \(B, T\), B and T >= 1, got shape \(2,\)"),
     (lambda m: m(mx.zeros((1, 0), dtype=mx.int32)), r"got shape \(1, 0\)"),  # MLX's max of nothing
+    (lambda m: m([[1, 2], [3]]), r"the input must be token ids of shape \(B, T\): its rows differ in length$"),
+    (lambda m: m.loss([[1, 2]], [[1], [2, 3]]), "the targets must be token ids of shape .*rows differ"),  # NumPy's
     (lambda m: m.loss(mx.array([[1, 2]]), mx.array([[1.0, 2.0]])), "the targets must hold integer token ids"),
     (lambda m: m.loss(mx.array([[1, 2]]), mx.array([[1, 2, 3]])), r"the targets' shape \(1, 3\) is not the input's"),
     (lambda m: mx.compile(m)(mx.array([[1.0, 2.0]])), "the input must hold integer token ids")])  # traced too

@@ -8,7 +8,7 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from . import __version__, device, signals
@@ -486,15 +486,18 @@ class _NamedStdout:
         return getattr(self._stream, name)
 
     def write(self, text: str) -> int:
-        try:
+        with self._named():
             return self._stream.write(text)
-        except OSError as e:
-            e.filename = e.filename or STDOUT
-            raise
 
     def flush(self) -> None:
-        try:
+        with self._named():
             self._stream.flush()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _named() -> Iterator[None]:
+        try:
+            yield
         except OSError as e:
             e.filename = e.filename or STDOUT
             raise

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
+import io
 import os
 import sys
 import time
@@ -461,7 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _fill_closed_streams() -> None:
     """A stdout or stderr closed at start (`2>&-`) becomes /dev/null: Python leaves sys.stderr None (progress bars
-    then fail), and the next file opened would take the number, receiving what MLX writes there itself."""
+    then fail), and the next file opened would take the number, receiving what MLX writes there itself. What is
+    printed to a closed stdout (a command's result) fails as it would in C (`ls >&-`), not gone with status 0;
+    warnings and progress to a closed stderr are dropped."""
     from .files import devnull_onto
 
     for fd, name in ((1, "stdout"), (2, "stderr")):
@@ -469,7 +473,17 @@ def _fill_closed_streams() -> None:
             os.fstat(fd)
         except OSError:
             devnull_onto(fd)
-            setattr(sys, name, open(fd, "w", closefd=False))
+            setattr(sys, name, _ClosedStdout() if fd == 1 else open(fd, "w", closefd=False))
+
+
+class _ClosedStdout(io.TextIOBase):
+    """sys.stdout for a descriptor 1 closed at start: every write fails (named stdout by _NamedStdout)."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, "it was closed when the command started")
+
+    def fileno(self) -> int:
+        return 1
 
 
 STDOUT = "stdout"  # the file name of an OSError that writing stdout raised (_NamedStdout)

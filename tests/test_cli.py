@@ -267,6 +267,15 @@ def test_stdout_on_a_full_disk_is_named(tiny_hf_dir, tmp_path):
     assert proc.returncode == 1 and (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_a_closed_stdout_is_named_as_a_full_one(tiny_hf_dir, tmp_path):
+    """`export ... >&-`: what the command printed went to /dev/null (put there so that no file opened later takes
+    descriptor 1) with status 0; now writing it fails, as in C (`ls >&-`), after export's files were written."""
+    proc = subprocess.run([sys.executable, "-m", "nanogpt_mlx", "export", str(tiny_hf_dir), str(tmp_path / "out")],
+                          stderr=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(1))
+    assert_one_line_error(proc, "stdout: cannot write (it was closed when the command started)")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def test_no_parser_allows_abbreviations():
     import argparse
 

@@ -38,8 +38,6 @@ after another) is one BLAS dot product.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import ctypes
 import glob
 import hashlib
@@ -407,19 +405,6 @@ import math  # noqa: E402
 
 import mlx.core as mx  # noqa: E402  (only now: the BLAS had to be loaded first)
 
-
-def _finish_queued_work() -> None:
-    """Wait, at exit, for what this thread queued on MLX's stream (mx.async_eval: generate queues the next token's
-    step before yielding one, and a caller stopping early leaves it running). MLX never stops its stream thread, so
-    that work ran on through the process's C teardown: it freed buffers into MLX's allocator cache after exit had
-    destroyed it (a SIGSEGV in CommonAllocator::free, or a corrupted heap that glibc aborted on later, as
-    "malloc_consolidate(): unaligned fastbin chunk detected" or "corrupted double-linked list"), and OpenBLAS shut its
-    threads down under a running GEMM (the exit hung in blas_thread_shutdown_): 7 exits in 70 with matmuls queued."""
-    with contextlib.suppress(RuntimeError):  # a failed step's error was the caller's to see; the process is ending
-        mx.synchronize()
-
-
-atexit.register(_finish_queued_work)  # registered first, it runs after the atexit work of the modules imported later
 
 # exp is 0 at and below this: exp(-64) ~ 1.6e-28 is nothing next to the 1 that every caller adds it to (a row sum
 # with exp(max - max), GELU's and the soft-cap's 1 +- e), and it keeps products of exp's small results normal

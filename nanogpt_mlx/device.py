@@ -10,6 +10,7 @@ run in CPU tests.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import platform
@@ -153,6 +154,19 @@ def setup() -> None:
     """Prepare the process for the chosen profile; must run before `mlx.core` is imported."""
     if PROFILE.cpu_backend:
         from . import cpu  # noqa: F401  (importing it loads a BLAS and tunes malloc, before mlx.core)
+    atexit.register(_finish_queued_work)  # registered first, it runs after the atexit work of later modules
+
+
+def _finish_queued_work() -> None:
+    """Wait, at exit, for the work queued on MLX's default stream and not waited for (mx.async_eval: generate queues
+    the next token's step before yielding one, and a caller that stops early leaves it running). MLX never stops
+    its stream thread, so that work ran on through the process's C teardown: it freed buffers into MLX's allocator
+    cache after exit had destroyed it (a SIGSEGV, or a corrupted heap that glibc aborted on later: "corrupted
+    double-linked list"), and on the CPU called OpenBLAS while it shut its threads down (a hang)."""
+    import mlx.core as mx
+
+    with contextlib.suppress(RuntimeError):  # a failed step's error was the caller's to see; the process is ending
+        mx.synchronize()
 
 
 def child_env() -> dict[str, str]:

@@ -143,7 +143,7 @@ mx.async_eval(y)  # and exit: as generate leaves its next step queued when the c
 def test_work_queued_on_mlx_is_finished_before_the_process_tears_down(tmp_path):
     """MLX never stops its stream thread: work queued at exit (mx.async_eval) ran on through the C teardown, freeing
     into MLX's destroyed allocator cache (a corrupted heap, aborted at exit) and racing OpenBLAS's shutdown (a hang).
-    cpu.py waits for it at exit, after the other atexit work: no thread is left computing then."""
+    device.setup waits for it at exit, after the other atexit work: no thread is left computing then."""
     proc = subprocess.run([sys.executable, "-c", EXIT_PROBE], capture_output=True, text=True, timeout=60,
                           cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]

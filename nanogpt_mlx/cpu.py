@@ -211,9 +211,7 @@ def _vectorize_jit() -> None:
     gxx = shutil.which("g++", path=os.pathsep.join(path))
     if gxx is None:
         return  # MLX cannot compile kernels at all then
-    # Ctrl-C in a terminal signals the whole process group: a compiler killed mid-kernel fails MLX's step with a
-    # missing library, where the trainer would finish the step and save. The kernel takes seconds; it completes.
-    script = f"#!/bin/sh\ntrap '' INT TERM\nexec {shlex.quote(gxx)} {' '.join(JIT_FLAGS)} \"$@\"\n"
+    script = _WRAPPER.replace("GXX", f"{shlex.quote(gxx)} {' '.join(JIT_FLAGS)}")
     wrapper = wrappers / "g++"
     try:
         if not wrapper.is_file() or wrapper.read_text() != script or not os.access(wrapper, os.X_OK):
@@ -241,6 +239,33 @@ def _vectorize_jit() -> None:
     os.environ["TMPDIR"] = _kernels_tmpdir = str(kernels)
     os.environ["PATH"] = os.pathsep.join([str(wrappers), *path])
     jit, jit_avx2 = f"g++ {' '.join(JIT_FLAGS)} (kernels in {kernels})", True
+
+
+# MLX's `g++ ... SOURCE -o LIBRARY`, with the AVX2 flags (GXX: the compiler and its flags).
+# - Ctrl-C in a terminal signals the whole process group: a compiler killed mid-kernel fails MLX's step with a
+#   missing library, where the trainer would finish the step and save. The kernel takes seconds; it completes.
+# - MLX loads a library that it finds at its path without compiling it, so one that the linker is still writing there
+#   for another process (the ranks of `--ranks N` compile the same kernels at once) could be loaded half written:
+#   2 ranks on an empty kernel cache were seen to train on wrong numbers. Each compiler writes a file of its own,
+#   renamed to the path once whole. A compile that fails, as one whose source the other process was rewriting (MLX
+#   writes it before compiling), is tried again, unless the other process's library is there by then.
+_WRAPPER = """#!/bin/sh
+trap '' INT TERM
+n=$# out= prev=
+for a in "$@"; do
+  if [ "$prev" = -o ]; then out=$a; a=$a.$$.tmp; fi
+  set -- "$@" "$a"
+  prev=$a
+done
+shift "$n"
+[ -n "$out" ] || exec GXX "$@"
+for try in 1 2; do
+  GXX "$@" && mv -f "$out.$$.tmp" "$out" && exit 0
+  rm -f "$out.$$.tmp"
+  [ -f "$out" ] && exit 0
+done
+exit 1
+"""
 
 
 def child_env() -> dict[str, str]:

@@ -188,3 +188,52 @@ def test_a_cache_that_cannot_be_written_keeps_mlx_default_flags(tmp_path):
     assert not got["avx2"] and "could not write" in got["jit"]
     assert got["tmpdir"] == got["python_tmp"] == got["system_tmp"] and "jit-avx2" not in got["path0"]
     assert got["err"] < 3e-7 and got["tails"] == [0.0, 0.0]
+
+
+# a stand-in for g++ that writes its -o output as a linker does, a part at a time: FAKE_GXX_MODE says how it ends
+FAKE_GXX = r"""#!/bin/sh
+out= prev=
+for a in "$@"; do [ "$prev" = -o ] && out=$a; prev=$a; done
+echo "$out" >> "$FAKE_GXX_LOG"
+case "$FAKE_GXX_MODE" in
+  fail) echo "error: no" >&2; exit 1;;
+  other) printf other > "$FAKE_GXX_OTHER"; exit 1;;  # another process published the library meanwhile
+  once) [ -e "$FAKE_GXX_LOG.failed" ] || { touch "$FAKE_GXX_LOG.failed"; exit 1; };;
+esac
+printf half > "$out"; sleep 1; printf -- -whole >> "$out"
+"""
+
+
+@x86_with_avx2
+@pytest.mark.parametrize("mode, status, library", [("whole", 0, "half-whole"), ("once", 0, "half-whole"),
+                                                   ("other", 0, "other"), ("fail", 1, None)])
+def test_a_kernel_library_appears_at_its_path_only_whole(tmp_path, mode, status, library):
+    """MLX loads a kernel's library that it finds at its path without compiling it: one that the linker was still
+    writing there for another process (ranks compile the same kernels at once) was loaded half written, and two
+    ranks on an empty kernel cache trained on wrong numbers. The wrapper links under a name of its own and renames;
+    a compile that fails (its source rewritten by the other process) is tried again, or is done where the other
+    process's library is there."""
+    import time
+
+    fake = tmp_path / "fake-bin" / "g++"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_GXX)
+    fake.chmod(0o755)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "NANOGPT_MLX_PROFILE": "cpu-x86",
+           "PATH": os.pathsep.join([str(fake.parent)] + [d for d in os.environ["PATH"].split(os.pathsep)
+                                                       if "jit-avx2" not in d])}
+    subprocess.run([sys.executable, "-c", "import nanogpt_mlx"], env=env, check=True, timeout=120)
+    wrapper = tmp_path / "cache" / "nanogpt-mlx" / "jit-avx2" / "bin" / "g++"
+    assert str(fake) in wrapper.read_text()
+    out, log = tmp_path / "libk.so", tmp_path / "calls.log"
+    env.update(FAKE_GXX_MODE=mode, FAKE_GXX_LOG=str(log), FAKE_GXX_OTHER=str(out))
+    proc = subprocess.Popen(["sh", "-c", f"'{wrapper}' -shared k.cpp -o '{out}' 2>&1"], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    while proc.poll() is None:  # never half there
+        assert not out.exists() or out.read_text() in ("half-whole", "other")
+        time.sleep(0.01)
+    assert proc.returncode == status, proc.stdout.read()
+    assert (out.read_text() if out.exists() else None) == library
+    calls = log.read_text().split()
+    assert len(calls) == {"whole": 1, "once": 2, "other": 1, "fail": 2}[mode] and str(out) not in calls
+    assert not list(tmp_path.glob("libk.so.*"))  # no linker's file left behind

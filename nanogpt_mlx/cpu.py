@@ -430,7 +430,6 @@ import math  # noqa: E402
 
 import mlx.core as mx  # noqa: E402  (only now: the BLAS had to be loaded first)
 
-
 # exp is 0 at and below this: exp(-64) ~ 1.6e-28 is nothing next to the 1 that every caller adds it to (a row sum
 # with exp(max - max), GELU's and the soft-cap's 1 +- e), and it keeps products of exp's small results normal
 # floats (see _exp_kernel)

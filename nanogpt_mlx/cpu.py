@@ -21,6 +21,7 @@ Importing this module sets up the process, so it must happen before `mlx.core` i
   `-mavx2 -mfma -mf16c` (the flags MLX's own AVX2 builds add), and TMPDIR points MLX's kernel cache
   at a directory of its own, so no baseline build is reused. The rounding is unchanged: MLX compiles
   in ISO C++ mode, where g++ contracts no multiply-add into an FMA. NANOGPT_MLX_NO_AVX2=1 turns it off.
+  Elsewhere a wrapper without the flags is first on PATH: either way each kernel's library appears whole (_WRAPPER).
 
 The kernels below are what kernels.py binds on x86-64, where MLX's CPU build evaluates exp and
 tanh in scalar software: the softmaxes of attention and of the loss and GELU's tanh would cost more
@@ -193,16 +194,15 @@ def _install_gemv_shim(openblas: ctypes.CDLL) -> None:
 
 
 def _vectorize_jit() -> None:
-    """Have MLX compile its fused CPU kernels for AVX2 (see the module docstring), where the CPU has it."""
+    """Have MLX compile its fused CPU kernels through a g++ wrapper (_WRAPPER) first on PATH: for AVX2 (see the
+    module docstring) into a kernel cache of their own where the CPU has it, else with MLX's flags in MLX's cache."""
     global jit, jit_avx2, _kernels_tmpdir
-    if os.environ.get(NO_AVX2_ENV, "") not in ("", "0"):
-        jit = f"MLX's default flags ({NO_AVX2_ENV} is set)"
-        return
     flags = set(_cpuinfo("flags").split())
-    if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma", "f16c"} <= flags:
-        return
+    avx2 = platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "fma", "f16c"} <= flags
+    if os.environ.get(NO_AVX2_ENV, "") not in ("", "0"):
+        jit, avx2 = f"MLX's default flags ({NO_AVX2_ENV} is set)", False
     try:
-        home = cache_dir() / "jit-avx2"
+        home = cache_dir() / ("jit-avx2" if avx2 else "jit")
     except UserError as e:
         jit = f"MLX's default flags ({e})"
         return
@@ -211,20 +211,23 @@ def _vectorize_jit() -> None:
     gxx = shutil.which("g++", path=os.pathsep.join(path))
     if gxx is None:
         return  # MLX cannot compile kernels at all then
-    script = _WRAPPER.replace("GXX", f"{shlex.quote(gxx)} {' '.join(JIT_FLAGS)}")
-    wrapper = wrappers / "g++"
+    script = _WRAPPER.replace("GXX", " ".join([shlex.quote(gxx), *(JIT_FLAGS if avx2 else ())]))
+    wrapper, kernels = wrappers / "g++", home / "kernels"
     try:
         if not wrapper.is_file() or wrapper.read_text() != script or not os.access(wrapper, os.X_OK):
             with atomic_path(wrapper) as tmp:
                 tmp.write_text(script)
                 tmp.chmod(0o755)
-        kernels = home / "kernels"
-        kernels.mkdir(parents=True, exist_ok=True)
+        if avx2:
+            kernels.mkdir(parents=True, exist_ok=True)
     except (OSError, UserError) as e:  # a read-only cache: MLX's default build still works
         jit = f"MLX's default flags (could not write {wrapper}: {e})"
         return
     if not os.access(wrapper, os.X_OK):  # a noexec mount: MLX could neither run the wrapper nor load kernels there
         jit = f"MLX's default flags ({wrapper.parent} does not allow executing)"
+        return
+    if not avx2:  # MLX's own build, in its own cache: only whole libraries
+        os.environ["PATH"] = os.pathsep.join([str(wrappers), *path])
         return
     if why := _cannot_compile_in(kernels):  # a full cache, as a read-only one: the system's temporary directory
         jit = f"MLX's default flags ({_kernel_dir(kernels)} {why})"
@@ -241,7 +244,7 @@ def _vectorize_jit() -> None:
     jit, jit_avx2 = f"g++ {' '.join(JIT_FLAGS)} (kernels in {kernels})", True
 
 
-# MLX's `g++ ... SOURCE -o LIBRARY`, with the AVX2 flags (GXX: the compiler and its flags).
+# MLX's `g++ ... SOURCE -o LIBRARY` (GXX: the compiler, and the AVX2 flags where they are used).
 # - Ctrl-C in a terminal signals the whole process group: a compiler killed mid-kernel fails MLX's step with a
 #   missing library, where the trainer would finish the step and save. The kernel takes seconds; it completes.
 # - MLX loads a library that it finds at its path without compiling it, so one that the linker is still writing there

@@ -1,4 +1,5 @@
-"""Step threads (threads.py): a micro-batch's rows split over threads, each on an MLX stream of its own."""
+"""Step threads (threads.py): a micro-batch's rows split over threads, each on an MLX stream of its own; and MLX's
+own stream thread at exit, on every profile (device.setup)."""
 
 from __future__ import annotations
 
@@ -211,3 +212,48 @@ def test_a_process_that_trained_with_threads_exits_cleanly(data, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert (proc.returncode, proc.stdout.strip()) == (0, "trained 2"), proc.stderr
     assert "terminate" not in proc.stderr
+
+
+EXIT_PROBE = r"""
+import atexit, os, threading, time
+
+def others_busy() -> float:
+    # CPU seconds the process's other threads (MLX's stream thread) spend in 0.3 s
+    def cpu():
+        total = 0
+        for tid in os.listdir("/proc/self/task"):
+            if int(tid) != threading.get_native_id():
+                try:
+                    with open(f"/proc/self/task/{tid}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except FileNotFoundError:  # a thread that ended meanwhile
+                    continue
+                total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+        return total / os.sysconf("SC_CLK_TCK")
+    before = cpu()
+    time.sleep(0.3)
+    return cpu() - before
+
+atexit.register(lambda: print(f"busy {others_busy():.2f}", flush=True))  # registered first: runs last
+
+import nanogpt_mlx
+import mlx.core as mx
+
+y = mx.random.uniform(shape=(1 << 21,))
+mx.eval(y)
+for _ in range(60):  # ~1 s of element-wise work on MLX's stream thread (no BLAS, whose threads spin a while)
+    y = mx.tanh(y + 0.5)
+mx.async_eval(y)  # and exit: as generate leaves its next step queued when the caller stops early
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the threads' CPU time in /proc")
+def test_work_queued_on_mlx_is_finished_before_the_process_tears_down(tmp_path):
+    """MLX never stops its stream thread: work queued at exit (mx.async_eval) ran on through the C teardown, freeing
+    into MLX's destroyed allocator cache (a corrupted heap, aborted at exit) and racing OpenBLAS's shutdown (a hang).
+    device.setup waits for it at exit, after the other atexit work: no thread is left computing then."""
+    proc = subprocess.run([sys.executable, "-c", EXIT_PROBE], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    busy = float(proc.stdout.split("busy")[-1])
+    assert busy < 0.1, f"MLX's stream thread still computing at exit: {busy:.2f} CPU s in 0.3 s"

@@ -150,9 +150,9 @@ class DataLoader:
         # every shard's length now (headers only): one too short for a batch would stop a run when reached
         # (prepare's last shard can be); its token ids are checked when it is read
         sized = [(path, len(open_shard(path))) for path in list_shards(data_dir, split)]
-        manifest = read_manifest(Path(data_dir))
-        warn_if_incomplete(Path(data_dir).resolve(), manifest)
-        warn_if_shards_differ(Path(data_dir).resolve(), split, sized, manifest)
+        manifest, where = read_manifest(Path(data_dir)), Path(data_dir).resolve()
+        warn_if_incomplete(where, manifest)
+        warn_if_shards_differ(where, split, sized, manifest)
         need = B * T * world + 1
         kept = [(path, n) for path, n in sized if n >= need]
         short = [f"{path.name} ({n} tokens)" for path, n in sized if n < need]

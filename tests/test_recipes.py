@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.optimizers as optim
 import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli, run_main
@@ -172,6 +173,25 @@ def test_every_recipes_optimizer_keeps_the_parameters_order(hash_seed):
                           env={**os.environ, "PYTHONHASHSEED": hash_seed}, check=True)
     lines = proc.stdout.splitlines()
     assert [line.split()[:2] for line in lines] == [[name, "True"] for name in RECIPES], proc.stdout
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_the_compiled_steps_are_traced_in_the_first_step_only(recipe, threads, data_dir, tmp_path, monkeypatch):
+    """Python runs the model's loss and the optimizer's update only while mx.compile traces a step (or the
+    validation loss): after step 0 and the first validation, never again. The speedrun's step 1 was traced again in
+    nearly every process (its updated weights came back in another order), build-nanogpt's in half of them."""
+    calls = []
+    for cls, name in ((GPT, "loss"), (optim.MultiOptimizer, "apply_gradients")):
+        monkeypatch.setattr(cls, name, lambda *a, f=getattr(cls, name), **kw: calls.append(f) or f(*a, **kw))
+    cfg = replace(tiny_config(data_dir, tmp_path), recipe=recipe, **RECIPES[recipe].defaults, total_batch_size=384,
+                  max_steps=6, val_every=2, val_steps=1, threads=threads)
+    trainer = Trainer(cfg)
+    trainer.train(until=1)
+    traced = len(calls)
+    assert traced >= 3  # a micro-step's loss (one per thread), the update, the validation's loss
+    trainer.train()
+    assert len(calls) == traced
 
 
 def test_a_compiled_speedrun_step_is_the_same_under_any_hash_seed(data_dir, tmp_path):

@@ -45,12 +45,26 @@ class SampleConfig:
 def next_token(logits: mx.array, cfg: SampleConfig | None = None, key: mx.array | None = None) -> mx.array:
     """logits (B, V) of the last position -> next token ids (B,). Padded vocab is never chosen.
 
-    Draws with `key`, or MLX's global random state when it is None.
+    Draws with `key`, or MLX's global random state when it is None. Row i draws with a key of its own made from
+    `key` and i alone (_row_keys), so the first rows of a larger batch draw as a smaller batch does: one key for the
+    batch drew each row from noise laid out over all of them.
     """
     cfg = _config(cfg)
     if cfg.greedy:
         return mx.argmax(logits[:, :GPT2_VOCAB_SIZE], axis=-1)
-    return mx.random.categorical(filtered_logits(logits, cfg), key=key)
+    filtered = filtered_logits(logits, cfg)
+    if key is None:
+        return mx.random.categorical(filtered)
+    rows = [mx.random.categorical(filtered[i : i + 1], key=k) for i, k in enumerate(_row_keys(key, len(filtered)))]
+    return rows[0] if len(rows) == 1 else mx.concatenate(rows)
+
+
+def _row_keys(key: mx.array, n: int) -> list[mx.array]:
+    """n keys: `key` itself, then each split off the one before."""
+    keys = [key]
+    while len(keys) < n:
+        keys.append(mx.random.split(keys[-1])[1])
+    return keys
 
 
 def filtered_logits(logits: mx.array, cfg: SampleConfig | None = None) -> mx.array:

@@ -58,6 +58,12 @@ def test_seed_fixes_samples_and_top_k_1_is_greedy(model):
     # more new tokens continue fewer: each token's key is split off the one before, not one split of all
     longer = tokens(model, SampleConfig(max_new_tokens=30, top_k=50, seed=3, stop_at_eot=False))
     assert [row[:20] for row in longer] == tokens(model, cfg)
+    # more samples continue fewer: sample i is the same whether 1 or 4 are drawn (top-k and top-p too; one key for
+    # the batch drew each row from noise laid out over all rows)
+    for many in (cfg, SampleConfig(max_new_tokens=20, top_p=0.9, temperature=0.8, seed=3, stop_at_eot=False)):
+        four = tokens(model, many, num_samples=4)
+        assert [tokens(model, many, num_samples=n) for n in (1, 2, 3)] == [four[:n] for n in (1, 2, 3)]
+        assert len({tuple(row) for row in four}) == 4
     for seed in (-1, 2**64):
         with pytest.raises(UserError, match=r"seed must be an integer in \[0, 2\^64\)"):
             SampleConfig(seed=seed)

@@ -120,7 +120,8 @@ def add_sample(sub) -> None:
     p.add_argument("--greedy", action="store_true",
                    help="always take the most likely token (--temperature, --top-k, --top-p and --seed then do "
                         "nothing)")
-    p.add_argument("--seed", type=int, default=None, help="fixes the samples, sample i whatever --num-samples (default: a new draw each run)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="fixes the samples, sample i whatever --num-samples (default: a new draw each run)")
     p.add_argument("--no-stop", action="store_true", help="keep generating past <|endoftext|>")
     p.add_argument("--crop", action="store_true", help="drop the start of a prompt that does not fit the context")
     p.set_defaults(func=_stops_on_term(cmd_sample))

@@ -118,7 +118,7 @@ def build_nanogpt_adamw(lr: float, weight_decay: float, betas: tuple[float, floa
     Packing by decay_group (whose flat buffers are named by group and bucket)."""
     adamw = partial(AdamW, learning_rate=lr, betas=list(betas), eps=eps)
     return MultiOptimizer([adamw(weight_decay=weight_decay), adamw(weight_decay=0.0)],
-                                [lambda path, p: Packing.group_of(path) == DECAY or p.ndim >= 2])
+                          [lambda path, p: Packing.group_of(path) == DECAY or p.ndim >= 2])
 
 
 class Packing:

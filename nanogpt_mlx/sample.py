@@ -45,9 +45,9 @@ class SampleConfig:
 def next_token(logits: mx.array, cfg: SampleConfig | None = None, key: mx.array | None = None) -> mx.array:
     """logits (B, V) of the last position -> next token ids (B,). Padded vocab is never chosen.
 
-    Draws with `key`, or MLX's global random state when it is None. Row i draws with a key of its own made from
-    `key` and i alone (_row_keys), so the first rows of a larger batch draw as a smaller batch does: one key for the
-    batch drew each row from noise laid out over all of them.
+    Draws with `key`, or MLX's global random state when it is None. Row i draws with a key of its own, made from
+    `key` and i alone (_row_keys), so the first rows of a larger batch draw as a smaller batch does (one key for the
+    batch lays its noise out over all the rows).
     """
     cfg = _config(cfg)
     if cfg.greedy:
@@ -55,8 +55,8 @@ def next_token(logits: mx.array, cfg: SampleConfig | None = None, key: mx.array 
     filtered = filtered_logits(logits, cfg)
     if key is None:
         return mx.random.categorical(filtered)
-    rows = [mx.random.categorical(filtered[i : i + 1], key=k) for i, k in enumerate(_row_keys(key, len(filtered)))]
-    return rows[0] if len(rows) == 1 else mx.concatenate(rows)
+    keys = _row_keys(key, len(filtered))
+    return mx.concatenate([mx.random.categorical(filtered[i : i + 1], key=k) for i, k in enumerate(keys)])
 
 
 def _row_keys(key: mx.array, n: int) -> list[mx.array]:

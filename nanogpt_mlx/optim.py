@@ -92,19 +92,6 @@ class AdamW(optim.AdamW):
         return parameter * decay - c1 * m / (mx.sqrt(v) * c2 + self.eps)
 
 
-class MultiOptimizer(optim.MultiOptimizer):
-    """MLX's MultiOptimizer, whose updated parameters keep the order of the parameters given.
-
-    MLX's merges its optimizers' results with tree_merge, whose dicts come out in an order that varies with
-    Python's hash seed (it iterates a set of keys). The compiled step (train.py) captures the parameters, and
-    mx.compile keys its traces on the captured arrays' shapes, not their names: a new order whose shapes match the
-    old one reuses the trace with tensors in each other's places (wte updated from lm_head's weights, one norm from
-    another's), and any other new order is traced and compiled again."""
-
-    def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
-        return tree_map(lambda _, new: new, parameters, super().apply_gradients(gradients, parameters))
-
-
 DECAY, NO_DECAY = "decay", "no_decay"
 
 
@@ -113,12 +100,12 @@ def decay_group(path: str, p: mx.array) -> str:
     return DECAY if p.ndim >= 2 else NO_DECAY
 
 
-def build_nanogpt_adamw(lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> MultiOptimizer:
+def build_nanogpt_adamw(lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> optim.MultiOptimizer:
     """AdamW with decay on >= 2-D tensors, none on the others; over the tensors themselves or over their
     Packing by decay_group (whose flat buffers are named by group and bucket)."""
     adamw = partial(AdamW, learning_rate=lr, betas=list(betas), eps=eps)
-    return MultiOptimizer([adamw(weight_decay=weight_decay), adamw(weight_decay=0.0)],
-                          [lambda path, p: Packing.group_of(path) == DECAY or p.ndim >= 2])
+    return optim.MultiOptimizer([adamw(weight_decay=weight_decay), adamw(weight_decay=0.0)],
+                                [lambda path, p: Packing.group_of(path) == DECAY or p.ndim >= 2])
 
 
 class Packing:

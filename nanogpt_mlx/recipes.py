@@ -34,7 +34,7 @@ import mlx.optimizers as optim
 
 from .errors import UserError
 from .model import GPTConfig
-from .optim import AdamW, MultiOptimizer, Muon, build_nanogpt_adamw, cosine_lr, decay_group, muon_momentum, wsd_lr
+from .optim import AdamW, Muon, build_nanogpt_adamw, cosine_lr, decay_group, muon_momentum, wsd_lr
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -104,7 +104,7 @@ def _speedrun_optimizer(cfg: TrainConfig, dtype: mx.Dtype) -> optim.Optimizer:
     adamw = partial(AdamW, betas=[cfg.beta1, cfg.beta2], eps=cfg.eps, weight_decay=0.0)
     lrs = _speedrun_base_lrs(cfg)
     optimizers = [muon(lrs[0], splits=3), muon(lrs[1])] + [adamw(learning_rate=lr) for lr in lrs[2:]]
-    return MultiOptimizer(optimizers, [f for _, f in _SPEEDRUN_GROUPS])
+    return optim.MultiOptimizer(optimizers, [f for _, f in _SPEEDRUN_GROUPS])
 
 
 def _speedrun_factor(step: int, cfg: TrainConfig) -> float:

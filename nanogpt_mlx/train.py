@@ -281,7 +281,12 @@ class Trainer:
 
         def apply(loss, g):
             g, norm = clip_grad_norm(self.dist.average_gradients(g), self.cfg.grad_clip)
-            self.master["params"] = optimizer.apply_gradients(g, self.master["params"])
+            # the weights kept in their order: mx.compile keys the steps' traces on the captured state's shapes, not
+            # its names, and an optimizer that returned them in another order (MLX's MultiOptimizer: one that varies
+            # with Python's hash seed) had the next step traced again, or, where the shapes matched, run this trace
+            # with same-shaped tensors in each other's places (wte updated from lm_head's weights)
+            updated = optimizer.apply_gradients(g, self.master["params"])
+            self.master["params"] = tree_map(lambda _, new: new, self.master["params"], updated)
             self._use_master(self.dtype)
             return loss, norm
 

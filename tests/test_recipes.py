@@ -1,5 +1,6 @@
 """Recipes as data: presets and recipe switching, the speedrun's parameter groups and schedule, exact
-resume, and the CLI (train, sample, eval, export refusal, bad input) with --recipe speedrun."""
+resume, the compiled step's weight order and traces (any optimizer's order, any hash seed), and the CLI (train,
+sample, eval, export refusal, bad input) with --recipe speedrun."""
 
 from __future__ import annotations
 
@@ -182,8 +183,8 @@ def test_the_compiled_steps_are_traced_in_the_first_step_only(recipe, threads, d
 
 
 def test_a_compiled_speedrun_step_is_the_same_under_any_hash_seed(data_dir, tmp_path):
-    """Python's hash seed 51 made the compiled speedrun update wte from lm_head's weights at step 1 (the loss
-    jumped from 6.9 to 15 at step 2); the same run under any seed is the same, bit for bit."""
+    """Under Python's hash seed 51 MLX's MultiOptimizer returned the speedrun's weights in an order that made the
+    compiled step 1 update wte from lm_head's weights; the same run under any seed is the same, bit for bit."""
     weights = []
     for seed in ("0", "51"):
         out = tmp_path / seed

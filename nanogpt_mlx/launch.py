@@ -32,20 +32,14 @@ RANK_GRACE = 30.0  # seconds a rank stopped (SIGTERM) has to exit before it is k
 
 # `python -m nanogpt_mlx` (__main__.py), but a Ctrl-C while the rank still imports (its first half second) ends it
 # with status 130 (the launcher says "interrupted") rather than a traceback from inside MLX's import. __main__.py
-# cannot catch it: `-m` imports the package, MLX with it, before __main__.py runs
-# A Ctrl-C amid the imports ends a rank quietly, also one raised inside a __del__ (a ZipFile's, in importlib), which
-# Python would print as "Exception ignored ... Traceback" and go on importing
-_RANK_MAIN = """import os, sys
-def quiet(unraisable):
-    if isinstance(unraisable.exc_value, KeyboardInterrupt):
-        os._exit(130)
-    sys.__unraisablehook__(unraisable)
-sys.unraisablehook = quiet
-try:
-    from nanogpt_mlx.cli import main
-except KeyboardInterrupt:
-    sys.exit(130)
-sys.unraisablehook = sys.__unraisablehook__
+# cannot catch it: `-m` imports the package, MLX with it, before __main__.py runs. A KeyboardInterrupt could not be
+# caught everywhere either: raised in a __del__ (importlib's ZipFile) Python prints it as "Exception ignored ...
+# Traceback" and imports on; raised inside numpy's C import, numpy prints it and raises an ImportError. So until the
+# imports are done, a Ctrl-C ends the rank at once.
+_RANK_MAIN = """import os, signal, sys
+signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+from nanogpt_mlx.cli import main
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.exit(main())
 """
 

@@ -60,7 +60,7 @@ def next_token(logits: mx.array, cfg: SampleConfig | None = None, key: mx.array 
 
 
 def _row_keys(key: mx.array, n: int) -> list[mx.array]:
-    """n keys: `key` itself, then each split off the one before."""
+    """n keys: `key` itself, then each split off the one before (mx.random.split(key, n)'s keys differ with n)."""
     keys = [key]
     while len(keys) < n:
         keys.append(mx.random.split(keys[-1])[1])

@@ -21,6 +21,12 @@ LAUNCHER_ENV = "NANOGPT_MLX_LAUNCHER"  # set by launch.py in its ranks: the laun
 LINES_ENV = "NANOGPT_MLX_RANK_LINES"  # set by launch.py: the file this rank leaves its last lines in
 INTERRUPTED = "nanogpt-mlx: interrupted"  # the last line of a command a signal ended
 LOST_PEER = "lost a peer rank"  # in the last line of a rank whose collective failed as another rank ended
+PEER_FAILED = "failed on another rank"  # in the last line of a rank that stopped for another rank's error
+
+
+def follows_a_peer(line: str) -> bool:
+    """Whether a rank's last line only follows from another rank's end (said by that rank, or by its launcher)."""
+    return LOST_PEER in line or PEER_FAILED in line
 
 
 def say(line: str) -> None:

@@ -22,7 +22,7 @@ from shutil import rmtree
 from tqdm import tqdm
 
 from . import device, signals
-from .console import INTERRUPTED, LAUNCHER_ENV, LINES_ENV, LOST_PEER, new_lines, say
+from .console import INTERRUPTED, LAUNCHER_ENV, LINES_ENV, follows_a_peer, new_lines, say
 from .errors import UserError
 
 # seconds the other ranks have to end by themselves once one ended with an error status before they are stopped:
@@ -81,6 +81,8 @@ class _Ranks:
         self.sent: dict[int, int] = {}  # rank -> the signal this launcher stopped it with
         self.interrupted = 0  # the first signal that stopped the run (Ctrl-C: SIGINT)
         self.shown: set[str] = set()  # the ranks' last lines shown
+        self.following: list[str] = []  # the ranks' last lines that only follow from another rank's end (status())
+        self.cause_said = False  # whether a line said why the run failed: a rank's error, a rank killed or frozen
         self.stop_at = self.kill_at = math.inf
         self.find_frozen = False  # whether the next poll kills the frozen ranks (they cannot stop by themselves)
 
@@ -112,20 +114,21 @@ class _Ranks:
         """Note the ranks that ended (and show their last lines); after a failure or a Ctrl-C kill a frozen rank;
         stop the rest END_GRACE after a failure, kill them RANK_GRACE after that."""
         ended = {r: rc for r, p in self.live.items() if (rc := p.poll()) is not None}
-        lines = {r: new_lines(self.work / f"rank{r}.lines", self.shown) for r in ended}
-        # a rank that lost its peers after those that did not: a peer's failure ended in the same poll is its cause
-        for r in sorted(ended, key=lambda r: any(LOST_PEER in line for line in lines[r])):
-            rc = ended[r]
+        for r, rc in ended.items():
             del self.live[r]
-            for line in lines[r]:
-                if LOST_PEER not in line or not (self.failed or self.interrupted):  # else the loss follows from
-                    say(line)  # a failure or a stop already said (a start-up check that rank 0 alone makes)
+            for line in new_lines(self.work / f"rank{r}.lines", self.shown):
+                if follows_a_peer(line):  # (its cause may be seen in a later poll)
+                    self.following.append(line)
+                else:
+                    say(line)
+                    self.cause_said = self.cause_said or rc != 0
             if rc == 0:
                 continue
             self.failed[r] = rc
             if rc < 0 and -rc != self.sent.get(r) and not self.interrupted:
                 oom = " (out of memory?)" if -rc == signal.SIGKILL else ""
                 say(f"nanogpt-mlx: error: rank {r} was killed by {signal.Signals(-rc).name}{oom}")
+                self.cause_said = True
             if not self.sent:  # the run cannot finish: the rest end by themselves, or are stopped
                 self.stop_at = min(self.stop_at, time.monotonic() + END_GRACE)
                 self.find_frozen = True
@@ -157,12 +160,17 @@ class _Ranks:
 
     def _kill_frozen(self, q: int, proc: subprocess.Popen) -> None:
         say(f"nanogpt-mlx: error: rank {q} was stopped (frozen)")
+        self.cause_said = True
         proc.kill()
         self.sent[q] = signal.SIGKILL
 
     def status(self) -> int:
         """The launch's exit status: a signal that stopped it, else a rank killed by a signal (the cause: the others
-        then lose their peer), as a shell reports it, else the first failed rank's status."""
+        then lose their peer), as a shell reports it, else the first failed rank's status. The ranks' lines that only
+        follow from another rank's end are said if nothing else said why the run ended."""
+        if not (self.cause_said or self.interrupted):
+            for line in self.following:
+                say(line)
         if self.interrupted:
             if INTERRUPTED not in self.shown:  # ranks Ctrl-C'd while importing say nothing
                 say(INTERRUPTED)

@@ -30,10 +30,11 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -43,7 +44,7 @@ from tqdm import tqdm
 from . import checkpoint, device, distributed, memory, recipes, signals
 from .config import (DTYPES, MODEL_FIELDS, TrainConfig, ignored_shape, refuse_model_changes, resume_line, resumed,
                      unread)
-from .console import say, warn
+from .console import PEER_FAILED, say, warn
 from .data import DataLoader
 from .errors import Stopped, UserError, check_bool, first_line
 from .evaluate import check_examples, download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
@@ -55,6 +56,8 @@ from .sample import SampleConfig, prepare_prompt, sample_texts
 from .threads import StepThreads
 from .tokenizer import encode
 from .weights import load_model
+
+_T = TypeVar("_T")
 
 
 # ----------------------------------------------------------------------------------- trainer
@@ -97,6 +100,7 @@ class Trainer:
         self.run_dir = RunDir(self.out)
         self._broken = ""  # why train() ended amid a step, after which it refuses to go on
         self._failed_evaluating = False  # whether train() ended in an evaluation's error, between steps
+        self._failure_agreed = False  # whether the ranks agreed that an evaluation failed (_rank_part)
         try:
             self._setup(resume, overwrite)
         except BaseException:
@@ -342,27 +346,50 @@ class Trainer:
 
     def _save_before_failing(self) -> None:
         """An evaluation failed (a download, a kernel that cannot compile): save the steps since the last checkpoint
-        before its error ends the run. Nothing is queued during an evaluation, so the weights are whole."""
-        if self.step == self.run_dir.saved_step or not self.dist.is_main:
-            return
+        before its error ends the run. Nothing is queued during an evaluation, so the weights are whole. Where the
+        ranks agreed on the failure (_rank_part), the others wait for rank 0's save: a failed rank that ended at
+        once would have it stopped mid-save (a launcher stops the rest of a group that cannot finish)."""
+        agreed, self._failure_agreed = self._failure_agreed, False
         try:
-            path = self.save()
+            if self.dist.is_main and self.step != self.run_dir.saved_step:
+                path = self.save()
+                self._say(f"evaluation failed: saved {path} (step {self.step}); continue with --resume {self.out} "
+                          "once its cause is fixed")
         except UserError as e:  # the evaluation's error is the one to show
             warn(f"could not save the steps since the last checkpoint: {e}")
-            return
-        self._say(f"evaluation failed: saved {path} (step {self.step}); continue with --resume {self.out} once "
-                  "its cause is fixed")
+        finally:
+            if agreed:
+                with contextlib.suppress(UserError):  # a rank lost meanwhile: the evaluation's error still shows
+                    self.dist.barrier(at_least=1800)  # (as long as the end of a run waits for its save)
 
     # -- evaluation
+    def _rank_part(self, part: Callable[[], _T]) -> _T:
+        """part(), this rank's share of an evaluation, then the ranks' agreement on whether it failed on any of them:
+        each raises then (its own error, or that another rank's part failed), where otherwise the others would wait
+        for the failed rank in the evaluation's collective, or the next step's, and lose it (rank 0 amid a save)."""
+        if self.dist.world == 1:
+            return part()
+        error = None
+        try:
+            value = part()
+        except Exception as e:  # (a stop request does not end an evaluation of several ranks)
+            error = e
+        if self.dist.sum(float(error is not None)):
+            self._failure_agreed = True
+            raise error or UserError(f"rank {self.dist.rank}: stopping: the evaluation {PEER_FAILED}")
+        return value
+
     def val_loss(self) -> float:
         """Mean loss over val_steps batches (at most the split's) from the start of the val split (build-nanogpt)."""
         if self.val_loader is None:
             raise UserError("no val batches: a Trainer reads the val split only when val_every is set")
-        return self.dist.mean(loader_loss(self.model, self.val_loader, self.val_steps, loss=self._eval_loss))
+        return self.dist.mean(self._rank_part(
+            lambda: loader_loss(self.model, self.val_loader, self.val_steps, loss=self._eval_loss)))
 
     def samples(self) -> list[str]:
         cfg = self.cfg
-        return sample_texts(self.model, cfg.prompt, self._sample_config(self.step), cfg.num_samples)
+        return self._rank_part(
+            lambda: sample_texts(self.model, cfg.prompt, self._sample_config(self.step), cfg.num_samples))
 
     def _sample_config(self, step: int) -> SampleConfig:
         """build-nanogpt's top-k 50, seeded by the step; a prompt longer than the context leaves keeps its end."""
@@ -373,8 +400,9 @@ class Trainer:
         """acc_norm over the HellaSwag examples, split across ranks with the counts summed (build-nanogpt)."""
         if self._hellaswag is None:
             raise UserError("no HellaSwag examples: a Trainer loads them at start when hellaswag_every is set")
-        r = score_hellaswag(self.model, self._hellaswag, rank=self.dist.rank, world=self.dist.world, progress=False,
-                            rendered=self._hellaswag_tokens)
+        r = self._rank_part(lambda: score_hellaswag(self.model, self._hellaswag, rank=self.dist.rank,
+                                                    world=self.dist.world, progress=False,
+                                                    rendered=self._hellaswag_tokens))
         return self.dist.sum(r.num_correct_norm) / self.dist.sum(r.num_total)
 
     def _due(self, every: int, step: int) -> bool:
@@ -555,7 +583,8 @@ class Trainer:
         self.run_dir.check_newest()
         self._claim_for_training()
         # an earlier train()'s stop request was answered by its end
-        self._stop, self._stopped_by, self._stop_error, self._failed_evaluating = False, None, None, False
+        self._stop, self._stopped_by, self._stop_error = False, None, None
+        self._failed_evaluating = self._failure_agreed = False
         try:
             self.log.restart(self.step)  # before any step: its failure leaves this Trainer whole
             try:

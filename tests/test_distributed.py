@@ -20,6 +20,7 @@ import pytest
 from test_train import logged, tiny_config, token_stream, write_shards
 
 from nanogpt_mlx import device
+from nanogpt_mlx.checkpoint import checkpoints
 
 # Trains with the public API in whatever group the environment describes, then dumps this rank's weights.
 RANK_SCRIPT = """
@@ -107,6 +108,64 @@ def test_a_barrier_holds_every_rank_until_the_slowest_arrives(tmp_path):
                               env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts)}) for r in range(2)]
     passed = [float(out) for out in finish(procs, timeout=120)]
     assert passed[1] - start >= 2 and passed[1] >= passed[0] - 0.5
+
+
+# Rank 1's part of an evaluation (validation or samples) fails at step 3; rank 0's save takes 2 s more.
+EVALUATION_FAILS_SCRIPT = """
+import json, sys, time
+import nanogpt_mlx
+from nanogpt_mlx import checkpoint, train
+from nanogpt_mlx.config import TrainConfig
+which, cfg = sys.argv[1], TrainConfig(**json.loads(sys.argv[2]))
+t = train.Trainer(cfg)
+name, nth = ("loader_loss", 2) if which == "val" else ("sample_texts", 1)  # (step 0 validates, samples not)
+real, calls, write = getattr(train, name), [], checkpoint.write
+
+def failing(*args, **kwargs):
+    calls.append(1)
+    if t.dist.rank == 1 and len(calls) == nth:
+        raise RuntimeError("[Compile::eval_cpu] Failed to compile")
+    return real(*args, **kwargs)
+
+def slow_write(*args, **kwargs):
+    time.sleep(2)
+    path = write(*args, **kwargs)
+    print("saved at", time.monotonic(), flush=True)
+    return path
+
+setattr(train, name, failing)
+checkpoint.write = slow_write
+try:
+    t.train()
+finally:
+    print("ended at", time.monotonic(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("which", ["val", "sample"])
+def test_an_evaluation_that_fails_on_one_rank_is_saved_before_that_rank_ends(which, data_dir, tmp_path):
+    """Rank 1's validation failed and it ended at once; rank 0, in the collective that waited for it, lost its peer
+    and saved, but a launcher stops the rest of a failed group 5 s on: a slow save was cut off. The ranks agree on an
+    evaluation's failure now, and the failed rank ends after rank 0's save, which says why it stopped."""
+    out = tmp_path / "run"
+    cfg = tiny_config(data_dir, out, max_steps=8, val_every=3 if which == "val" else 0,
+                      sample_every=3 if which == "sample" else 0, num_samples=1, sample_tokens=2, vocab_size=50304)
+    script = tmp_path / "fails.py"
+    script.write_text(EVALUATION_FAILS_SCRIPT)
+    hosts = hostfile(tmp_path, 2)
+    procs = [subprocess.Popen([sys.executable, str(script), which, json.dumps(asdict(cfg))], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1",
+                                                                      "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts)})
+             for r in range(2)]
+    (out0, err0), (out1, err1) = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], err0 + err1
+    saved = float(re.search(r"saved at (\S+)", out0).group(1))
+    assert float(re.search(r"ended at (\S+)", out1).group(1)) >= saved, "rank 1 ended before rank 0's save"
+    assert f"evaluation failed: saved {out / 'ckpt-000003'} (step 3)" in out0
+    assert err1.rstrip().endswith("RuntimeError: [Compile::eval_cpu] Failed to compile"), err1
+    assert err0.rstrip().endswith("rank 0: stopping: the evaluation failed on another rank"), err0
+    assert "lost a peer" not in err0 + err1
+    assert [p.name for p in checkpoints(out)] == ["ckpt-000003"]
 
 
 def test_ranks_that_ranks_started_know_they_share_one_machine(monkeypatch):
@@ -655,22 +714,40 @@ def test_ctrl_c_while_connecting_ends_a_rank_at_once(data_dir, tmp_path):
     assert time.time() - start < 5 and alone.returncode == -signal.SIGINT
 
 
-def test_a_lost_peer_ended_in_the_same_poll_as_its_cause_is_not_said(tmp_path, capsys):
+LOST = "nanogpt-mlx: error: rank 0: lost a peer rank ([ring] connection lost)"
+RANK_1_ERROR = "nanogpt-mlx: error: rank 1: [Compile::eval_cpu] Failed to compile; stopping"
+
+
+@pytest.mark.parametrize("case", ["killed in the same poll", "error a poll later", "no cause said", "peer failed"])
+def test_a_rank_that_only_follows_its_peers_end_is_said_only_without_a_cause(case, tmp_path, capsys):
     """Rank 1 killed and rank 0 ended by the lost connection, seen in one poll: rank 0's "lost a peer rank" came
-    first, as if it were the cause, then "rank 1 was killed" (1 run in 4)."""
+    first, as if it were the cause, then "rank 1 was killed" (1 run in 4); and shown before the cause whenever rank 0
+    ended a poll earlier than the rank whose error it followed from. Such a line is said at the end now, and only if
+    nothing said why the run ended."""
     from nanogpt_mlx import launch
 
     class Ended:
-        def __init__(self, rc: int):
+        pid = os.getpid()  # a running process: not frozen
+
+        def __init__(self, rc: int | None):
             self.rc = rc
 
-        def poll(self) -> int:
+        def poll(self) -> int | None:
             return self.rc
 
-    (tmp_path / "rank0.lines").write_text("nanogpt-mlx: error: rank 0: lost a peer rank ([ring] connection lost)\n")
+    rank0 = "nanogpt-mlx: error: rank 0: stopping: the evaluation failed on another rank" if case == "peer failed" \
+        else LOST
+    (tmp_path / "rank0.lines").write_text(rank0 + "\n")
+    if case not in ("killed in the same poll", "no cause said"):  # (rank 1 ended with status 1, saying nothing)
+        (tmp_path / "rank1.lines").write_text(RANK_1_ERROR + "\n")
     ranks = launch._Ranks(tmp_path)
-    ranks.live = {0: Ended(1), 1: Ended(-signal.SIGKILL)}
+    rank1 = Ended(-signal.SIGKILL if case == "killed in the same poll" else None)
+    ranks.live = {0: Ended(1), 1: rank1}
     capsys.readouterr()
     ranks.poll()
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "nanogpt-mlx: error: rank 1 was killed by SIGKILL (out of memory?)"]
+    rank1.rc = rank1.rc or 1
+    ranks.poll()
+    assert ranks.status() == (128 + signal.SIGKILL if case == "killed in the same poll" else 1)
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == {"killed in the same poll": ["nanogpt-mlx: error: rank 1 was killed by SIGKILL (out of memory?)"],
+                    "no cause said": [LOST]}.get(case, [RANK_1_ERROR])

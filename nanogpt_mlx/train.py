@@ -364,9 +364,9 @@ class Trainer:
 
     # -- evaluation
     def _rank_part(self, part: Callable[[], _T]) -> _T:
-        """part(), this rank's share of an evaluation, then the ranks' agreement on whether it failed on any of them:
-        each raises then (its own error, or that another rank's part failed), where otherwise the others would wait
-        for the failed rank in the evaluation's collective, or the next step's, and lose it (rank 0 amid a save)."""
+        """part(), this rank's share of an evaluation, then the ranks' agreement on whether it failed on any of them.
+        If it did, every rank raises (its own error, or that another rank's part failed), and _save_before_failing
+        has them wait for rank 0's save. Without it the others met the failed rank's end in their next collective."""
         if self.dist.world == 1:
             return part()
         error = None

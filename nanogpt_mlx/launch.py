@@ -166,12 +166,13 @@ class _Ranks:
 
     def status(self) -> int:
         """The launch's exit status: a signal that stopped it, else a rank killed by a signal (the cause: the others
-        then lose their peer), as a shell reports it, else the first failed rank's status. The ranks' lines that only
-        follow from another rank's end are said if nothing else said why the run ended."""
+        then lose their peer), as a shell reports it, else the first failed rank's status (0 if none failed: a signal
+        that came during the last save, which the ranks finished). The ranks' lines that only follow from another
+        rank's end are said if nothing else said why the run ended."""
         if not (self.cause_said or self.interrupted):
             for line in self.following:
                 say(line)
-        if self.interrupted:
+        if self.interrupted and self.failed:
             if INTERRUPTED not in self.shown:  # ranks Ctrl-C'd while importing say nothing
                 say(INTERRUPTED)
             return 128 + self.interrupted

@@ -58,6 +58,7 @@ from .tokenizer import encode
 from .weights import load_model
 
 _T = TypeVar("_T")
+SAVE_WAIT = 1800.0  # seconds the other ranks wait for rank 0's save (minutes for a large model)
 
 
 # ----------------------------------------------------------------------------------- trainer
@@ -330,7 +331,7 @@ class Trainer:
         if not self.dist.is_main:
             return written
         self._check_whole()
-        with self.run_dir.writing():
+        with self._finishing_saves(), self.run_dir.writing():
             self.log.sync()
             self._use_master(mx.float32)  # save the float32 masters, not a bf16 copy
             try:
@@ -344,6 +345,12 @@ class Trainer:
                     self.run_dir.saved(written)
         return written
 
+    def _finishing_saves(self) -> contextlib.AbstractContextManager:
+        """With several ranks, a SIGTERM (a launcher stopping the rest of a group one of whose ranks ended, after
+        END_GRACE) ends the process once the save in progress is done (SystemExit 143), not amid it; a single process
+        handles it as a stop request (_training)."""
+        return signals.deferred(signal.SIGTERM) if self.dist.world > 1 else contextlib.nullcontext()
+
     def _save_before_failing(self) -> None:
         """An evaluation failed (a download, a kernel that cannot compile): save the steps since the last checkpoint
         before its error ends the run. Nothing is queued during an evaluation, so the weights are whole. Where the
@@ -352,15 +359,16 @@ class Trainer:
         agreed, self._failure_agreed = self._failure_agreed, False
         try:
             if self.dist.is_main and self.step != self.run_dir.saved_step:
-                path = self.save()
-                self._say(f"evaluation failed: saved {path} (step {self.step}); continue with --resume {self.out} "
-                          "once its cause is fixed")
+                with self._finishing_saves():  # and saying so
+                    path = self.save()
+                    self._say(f"evaluation failed: saved {path} (step {self.step}); continue with --resume "
+                              f"{self.out} once its cause is fixed")
         except UserError as e:  # the evaluation's error is the one to show
             warn(f"could not save the steps since the last checkpoint: {e}")
         finally:
             if agreed:
                 with contextlib.suppress(UserError):  # a rank lost meanwhile: the evaluation's error still shows
-                    self.dist.barrier(at_least=1800)  # (as long as the end of a run waits for its save)
+                    self.dist.barrier(at_least=SAVE_WAIT)
 
     # -- evaluation
     def _rank_part(self, part: Callable[[], _T]) -> _T:
@@ -506,12 +514,17 @@ class Trainer:
 
     def _stopping(self) -> bool:
         """Whether to stop now: a stop was requested (of any rank: ranks agree on it, all calling this together;
-        a request that comes while they agree counts the next time)."""
+        a request that comes while they agree counts the next time). The ranks agree on whether a rank's stop is an
+        error's too (_stop_error: a bad shard, stdout on a full disk), which the others then end with, not as
+        interrupted (status 130)."""
         if self.dist.world == 1:
             return self._stop
-        agreed = self.dist.sum(float(self._stop)) > 0
-        self._stop = self._stop or agreed
-        return agreed
+        world = self.dist.world  # an error counts more than every rank's request together
+        total = self.dist.sum(float(self._stop) + world * (self._stop_error is not None))
+        if total > world and self._stop_error is None:
+            self._stop_error = (f"rank {self.dist.rank}: stopping: the run {PEER_FAILED}", "mend what it says there")
+        self._stop = self._stop or total > 0
+        return total > 0
 
     def _queue(self, *arrays: mx.array, ends: _Step | None = None) -> None:
         """Start evaluating `arrays` once the work queued before them has finished (and note when that work
@@ -711,14 +724,17 @@ class Trainer:
                 bar.update(1)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save()
+                    # the others wait for rank 0's save at a barrier that allows for it, not in the next step's first
+                    # collective, whose limit (NANOGPT_MLX_DIST_TIMEOUT) is a step's
+                    self.dist.barrier(at_least=SAVE_WAIT)
                 queued = ahead
             if self._stopped_by is not None:
                 again = "Ctrl-C" if self._stopped_by == signal.SIGINT else signal.Signals(self._stopped_by).name
                 self._say(f"stopping: saving a checkpoint ({again} again to quit without saving)")
             path = self.save()  # under the handlers too: a Ctrl-C during this save lets it finish
-            # the other ranks wait for rank 0's save (minutes for a large model), up to half an hour: a rank's
-            # stop (status 130) would end the others (launch.py), rank 0 amid its save
-            self.dist.barrier(at_least=1800)
+            # the other ranks wait for rank 0's save: a rank's stop (status 130) would end the others (launch.py),
+            # rank 0 amid its save
+            self.dist.barrier(at_least=SAVE_WAIT)
         if self._stop_error is not None:
             why, fix = self._stop_error
             raise _SavedStop(f"{why}; saved {path} (step {self.step}): {fix}, then --resume {self.out}")

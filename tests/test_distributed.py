@@ -537,6 +537,87 @@ def test_the_ranks_launcher_started_under_nohup_trains_on_after_a_sighup(data_di
     assert len(logged(tmp_path)) == 40
 
 
+# Loaded by `train --ranks 2`'s ranks (sitecustomize.py on PYTHONPATH): rank FAIL_RANK reads a bad shard at its third
+# train batch (FAIL=shard) or is killed in its second validation (FAIL=kill); rank 0's saves take SAVE_SLEEP s more.
+INJECTED = """
+import os, signal, time
+rank = os.environ.get("MLX_RANK")
+if rank is not None:
+    from nanogpt_mlx import checkpoint, train
+    from nanogpt_mlx.errors import UserError
+    calls, fail = [], os.environ.get("FAIL") if rank == os.environ.get("FAIL_RANK") else None
+    read, loss, write = train.DataLoader.next_batch, train.loader_loss, checkpoint.save_model
+
+    def next_batch(self):
+        if fail == "shard" and "train" in self.shards[0].name:
+            calls.append(1)
+            if len(calls) == 3:
+                raise UserError(f"{self.shards[0]}: bad tokens (a test's)")
+        return read(self)
+
+    def loader_loss(*args, **kwargs):
+        calls.append(1)
+        if fail == "kill" and len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return loss(*args, **kwargs)
+
+    def save_model(*args, **kwargs):
+        if rank == "0":
+            time.sleep(float(os.environ.get("SAVE_SLEEP", "0")))
+        return write(*args, **kwargs)
+
+    train.DataLoader.next_batch, train.loader_loss, checkpoint.save_model = next_batch, loader_loss, save_model
+"""
+
+
+def injected(tmp_path: Path, **env: str) -> dict[str, str]:
+    """The environment of a `train --ranks 2` whose ranks load INJECTED with these settings."""
+    (tmp_path / "sc").mkdir()
+    (tmp_path / "sc" / "sitecustomize.py").write_text(INJECTED)
+    return {"PYTHONPATH": str(tmp_path / "sc"), **env}
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_stop_for_one_ranks_error_ends_every_rank_with_that_error(rank, data_dir, tmp_path):
+    """A bad shard on one rank (or rank 0's stdout on a full disk) stopped the ranks at an agreed step with a save,
+    but the others stopped as if interrupted: "interrupted" said, and status 130 where rank 1 read the shard."""
+    out = tmp_path / "run"
+    proc = start_two_ranks(data_dir, out, env=injected(tmp_path, FAIL="shard", FAIL_RANK=rank),
+                           args=["--max-steps", "6"])
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    (line,) = err.strip().splitlines()
+    assert "bad tokens (a test's); saved" in line and "(step 2): repair that shard" in line, err
+    assert "interrupted" not in stdout + err
+    assert [p.name for p in checkpoints(out)] == ["ckpt-000002"]
+
+
+def test_a_rank_lost_in_an_evaluation_leaves_rank_0_to_finish_its_save(data_dir, tmp_path):
+    """Rank 1 killed amid a validation: rank 0 lost its peer and saved the steps before it, but the launcher stops
+    the rest of a failed group 5 s on (SIGTERM, unhandled with several ranks): a longer save was cut off, leaving
+    its temporary directory and no checkpoint. A SIGTERM waits for the save in progress now."""
+    out = tmp_path / "run"
+    proc = start_two_ranks(data_dir, out, env=injected(tmp_path, FAIL="kill", FAIL_RANK="1", SAVE_SLEEP="8"),
+                           args=["--max-steps", "6", "--val-every", "2", "--val-steps", "2"])
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGKILL, err
+    ours = [line for line in err.splitlines() if not line.startswith("[ring] ")]  # (MLX's own, unconditional)
+    assert ours == ["nanogpt-mlx: error: rank 1 was killed by SIGKILL (out of memory?)"], err
+    assert f"evaluation failed: saved {out / 'ckpt-000002'} (step 2)" in stdout
+    assert [p.name for p in checkpoints(out)] == ["ckpt-000002"] and not list(out.glob(".*.tmp*"))
+
+
+def test_the_ranks_wait_for_a_save_longer_than_the_collective_timeout(data_dir, tmp_path):
+    """Rank 1 waited for rank 0's periodic save in the next step's first collective, whose limit is a step's
+    (NANOGPT_MLX_DIST_TIMEOUT): "no answer from the other ranks", and rank 0 stopped amid its save."""
+    out = tmp_path / "run"
+    proc = start_two_ranks(data_dir, out, env=injected(tmp_path, SAVE_SLEEP="10", NANOGPT_MLX_DIST_TIMEOUT="5"),
+                           args=["--max-steps", "4", "--checkpoint-every", "2"])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert [p.name for p in checkpoints(out)] == ["ckpt-000002", "ckpt-000004"]
+
+
 def test_ranks_whose_stdout_reader_ended_save_a_checkpoint(data_dir, tmp_path):
     """`train --ranks 2 | head`: rank 0 stops as on Ctrl-C and the ranks agree on a step, but rank 1, done first,
     exited with 130 and the launcher stopped rank 0 (SIGTERM, no handler with several ranks) amid its save."""
@@ -714,6 +795,30 @@ def test_ctrl_c_while_connecting_ends_a_rank_at_once(data_dir, tmp_path):
     assert time.time() - start < 5 and alone.returncode == -signal.SIGINT
 
 
+class Ended:
+    """A rank's process as the launcher polls it: ended with status rc (None: still running)."""
+
+    pid = os.getpid()  # a running process: not frozen
+
+    def __init__(self, rc: int | None):
+        self.rc = rc
+
+    def poll(self) -> int | None:
+        return self.rc
+
+
+def test_a_ctrl_c_during_the_last_save_that_the_ranks_finished_ends_the_launch_with_0(tmp_path, capsys):
+    """The ranks finish a save that a Ctrl-C came during, then exit 0 ("done"): as a single process does; the
+    launcher said "interrupted" and exited with 130."""
+    from nanogpt_mlx import launch
+
+    ranks = launch._Ranks(tmp_path)
+    ranks.interrupt(signal.SIGINT)  # (no live rank to forward it to)
+    ranks.live = {0: Ended(0), 1: Ended(0)}
+    ranks.poll()
+    assert ranks.status() == 0 and capsys.readouterr().err == ""
+
+
 LOST = "nanogpt-mlx: error: rank 0: lost a peer rank ([ring] connection lost)"
 RANK_1_ERROR = "nanogpt-mlx: error: rank 1: [Compile::eval_cpu] Failed to compile; stopping"
 
@@ -725,15 +830,6 @@ def test_a_rank_that_only_follows_its_peers_end_is_said_only_without_a_cause(cas
     ended a poll earlier than the rank whose error it followed from. Such a line is said at the end now, and only if
     nothing said why the run ended."""
     from nanogpt_mlx import launch
-
-    class Ended:
-        pid = os.getpid()  # a running process: not frozen
-
-        def __init__(self, rc: int | None):
-            self.rc = rc
-
-        def poll(self) -> int | None:
-            return self.rc
 
     rank0 = "nanogpt-mlx: error: rank 0: stopping: the evaluation failed on another rank" if case == "peer failed" \
         else LOST

@@ -258,9 +258,10 @@ def test_ranks_agree_on_a_shard_one_of_them_cannot_read_before_the_steps_all_red
     trainer.train_loader.next_batch = unreadable_in_step_2
     with pytest.raises(UserError, match="cannot read shard .*saved .*\\(step 2\\)"):
         trainer.train()
-    agreements = [c for c in calls if c in ("sum 0", "sum 1", "all-reduce")]  # (not the losses' means)
-    # train()'s start (OUT claimed by rank 0), each step's stop, then step 2 stops before its own all-reduce
-    assert agreements == ["sum 0", "sum 0", "all-reduce", "sum 0", "all-reduce", "sum 1"]
+    agreements = [c for c in calls if c in ("sum 0", "sum 3", "all-reduce")]  # (not the losses' means)
+    # train()'s start (OUT claimed by rank 0), each step's stop, then step 2 stops before its own all-reduce (a stop
+    # for an error: 1 + the world size, which the other ranks learn from)
+    assert agreements == ["sum 0", "sum 0", "all-reduce", "sum 0", "all-reduce", "sum 3"]
 
 
 def test_a_relative_data_directory_outlives_a_chdir(data_dir, tmp_path, monkeypatch):

@@ -118,15 +118,18 @@ def write(out: Path, step: int, model: GPT, optimizer_state, state: dict) -> Pat
     """Write OUT/ckpt-{step} (complete or not at all), point OUT/model.safetensors at it, drop older ones."""
     final = out / f"ckpt-{step:06d}"
     mlx_path(final)  # a name MLX cannot open is refused as such, not as a failed save ("free space") below
-    if final.exists():  # a checkpoint of this step holds this very state; OUT's model may not point at it yet
-        _publish(out, final)  # (a kill after the rename)
-        return final
+    text = json.dumps(state, indent=1)
     try:
-        with atomic_dir(final) as tmp:
-            save_model(model, tmp)
-            with atomic_path(tmp / OPTIMIZER_FILE) as f:
-                save_safetensors(f, dict(tree_flatten(optimizer_state)))
-            atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1))
+        if final.exists():  # a checkpoint of this step holds these weights; OUT's model may not point at it yet
+            # (a kill after the rename), and a resumed run's settings (--max-steps) may differ from those it holds
+            if _read_text(final / STATE_FILE) != text:
+                atomic_write_text(final / STATE_FILE, text)
+        else:
+            with atomic_dir(final) as tmp:
+                save_model(model, tmp)
+                with atomic_path(tmp / OPTIMIZER_FILE) as f:
+                    save_safetensors(f, dict(tree_flatten(optimizer_state)))
+                atomic_write_text(tmp / STATE_FILE, text)
     except UserError as e:  # a full disk, a permission: say which checkpoint did not happen, and what is kept
         previous = checkpoints(out)
         then = (f"the previous checkpoint {previous[-1].name} is kept; resume (--resume {out}) once {out} can be "
@@ -134,6 +137,14 @@ def write(out: Path, step: int, model: GPT, optimizer_state, state: dict) -> Pat
         raise UserError(f"{final.name} not saved: {e}; {then}") from None
     _publish(out, final)
     return final
+
+
+def _read_text(path: Path) -> str | None:
+    """The text of a file, None where it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def refuse_replacing(out: Path) -> None:

@@ -17,7 +17,7 @@ from .model import GPT, GPT2_VOCAB_SIZE, check_gpt
 from .tokenizer import EOT, decode, encode, get_tokenizer
 
 
-@dataclass
+@dataclass(frozen=True)  # checked once, at creation: a field changed after would skip the checks
 class SampleConfig:
     max_new_tokens: int = 30
     temperature: float = 1.0
@@ -32,7 +32,7 @@ class SampleConfig:
         check_types(self)
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature > 0:  # nan too
+        if not (self.temperature > 0 or self.greedy and self.temperature == 0):  # nan too
             raise UserError(f"temperature must be > 0 (use greedy for argmax), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise UserError(f"top_k must be >= 1, got {self.top_k}")
@@ -51,7 +51,7 @@ def next_token(logits: mx.array, cfg: SampleConfig | None = None, key: mx.array 
     """
     cfg = _config(cfg)
     if cfg.greedy:
-        return mx.argmax(logits[:, :GPT2_VOCAB_SIZE], axis=-1)
+        return mx.argmax(_checked_logits(logits)[:, :GPT2_VOCAB_SIZE], axis=-1)
     filtered = filtered_logits(logits, cfg)
     if key is None:
         return mx.random.categorical(filtered)
@@ -71,9 +71,7 @@ def filtered_logits(logits: mx.array, cfg: SampleConfig | None = None) -> mx.arr
     """logits (B, V) -> float32 (B, GPT-2's vocab) divided by the temperature, -inf where top-k or top-p drop
     a token: what next_token draws from (cfg defaults to SampleConfig())."""
     cfg = _config(cfg)
-    if not isinstance(logits, mx.array) or logits.ndim != 2:  # one row of shape (V,) was an indexing error
-        raise UserError(f"logits must be an mx.array of shape (batch, vocab), got {getattr(logits, 'shape', logits)!r}")
-    logits = logits[:, :GPT2_VOCAB_SIZE].astype(mx.float32)
+    logits = _checked_logits(logits)[:, :GPT2_VOCAB_SIZE].astype(mx.float32)
     # from the largest logit down: a tiny temperature then tends to greedy instead of overflowing to inf - inf
     logits = (logits - logits.max(axis=-1, keepdims=True)) / cfg.temperature
     if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
@@ -91,6 +89,13 @@ def filtered_logits(logits: mx.array, cfg: SampleConfig | None = None) -> mx.arr
         drop_sorted = (tail <= (1 - cfg.top_p) * tail[:, -1:]) & (mx.arange(tail.shape[-1]) < tail.shape[-1] - 1)
         drop = mx.put_along_axis(mx.zeros_like(drop_sorted), order, drop_sorted, axis=-1)
         logits = mx.where(drop, -mx.inf, logits)
+    return logits
+
+
+def _checked_logits(logits: mx.array) -> mx.array:
+    """logits, refused unless an mx.array of shape (batch, vocab): one row of shape (V,) was an indexing error."""
+    if not isinstance(logits, mx.array) or logits.ndim != 2:
+        raise UserError(f"logits must be an mx.array of shape (batch, vocab), got {getattr(logits, 'shape', logits)!r}")
     return logits
 
 

@@ -741,4 +741,4 @@ class Trainer:
         if self.step < end:  # stopped by a signal, or by stdout's reader ending (as Ctrl-C)
             self._say(f"interrupted: saved {path} (step {self.step}); continue with --resume {self.out}")
             raise Stopped(self._stopped_by or signal.SIGINT)
-        return self.result
+        return dict(self.result)  # the caller's: a later train() changes self.result

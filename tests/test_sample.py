@@ -315,6 +315,22 @@ def test_negative_ids_tiny_temperatures_and_no_samples(model):
         sample_texts(model, "hi", cfg, 0)
     with pytest.raises(UserError, match="temperature must be > 0 .*got nan"):  # it sampled EOT at once, silently
         SampleConfig(temperature=float("nan"))
+    with pytest.raises(UserError, match="temperature must be > 0 .*got 0"):
+        SampleConfig(temperature=0)
+    assert tokens(model, SampleConfig(max_new_tokens=3, greedy=True, temperature=0, stop_at_eot=False), 2) == greedy
+
+
+def test_a_sample_config_cannot_be_changed_past_its_checks():
+    """Changed after it was made, a SampleConfig skipped its checks: temperature 0 drew EOT at every step from NaN
+    logits, top_k 0 switched top-k off, "5" failed deep inside."""
+    import dataclasses
+
+    cfg = SampleConfig(max_new_tokens=5, seed=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.temperature = 0
+    assert dataclasses.replace(cfg, top_k=3).top_k == 3  # the way to vary one, checked again:
+    with pytest.raises(UserError, match="top_k must be >= 1, got 0"):
+        dataclasses.replace(cfg, top_k=0)
 
 
 @pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99, 0.999])
@@ -401,6 +417,9 @@ def test_the_memory_a_batch_of_samples_needs_covers_its_caches_growth():
 @pytest.mark.parametrize("call, needle", [
     (lambda: next_token(mx.zeros((2, 8)), 3), "cfg must be a SampleConfig, got 3"),  # an AttributeError
     (lambda: filtered_logits(mx.zeros((8,)), None), "logits must be an mx.array of shape (batch, vocab)"),
+    # greedy skipped the check: MLX's "Too many indices", or argmax's "incompatible function arguments"
+    (lambda: next_token(mx.zeros((50304,)), SampleConfig(greedy=True)), "logits must be an mx.array of shape"),
+    (lambda: next_token(np.zeros((1, 50304)), SampleConfig(greedy=True)), "logits must be an mx.array of shape"),
     (lambda: generate(GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=64)), [1],
                       SampleConfig(max_new_tokens=2), 1, use_cache="no"), "use_cache must be True or False"),
 ])

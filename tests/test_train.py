@@ -270,6 +270,16 @@ def test_a_checkpoint_mid_run_holds_its_step_not_the_one_queued_ahead_of_it(data
     assert loader[0] == loader[1]
 
 
+def test_each_train_call_returns_its_own_result(data_dir, tmp_path):
+    """train() returned the Trainer's own dict, which the next train() changed: a notebook's first result showed the
+    second call's losses."""
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", max_steps=5))
+    first = trainer.train(until=2)
+    second = trainer.train()
+    assert first == {"train_loss": logged(tmp_path / "run")[1]["loss"]} != second
+    assert second == {"train_loss": logged(tmp_path / "run")[4]["loss"]}
+
+
 @pytest.mark.parametrize("micro_steps", [1, 2])
 def test_next_micro_step_is_built_while_the_device_runs_the_last(data_dir, tmp_path, micro_steps):
     """Each micro-step's graph is built (b) before the work queued before it is waited for (w), across steps too

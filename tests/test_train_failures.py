@@ -175,6 +175,20 @@ def test_a_kill_after_the_last_checkpoint_is_renamed_still_publishes_it(run):
     assert (run / "model.safetensors").read_bytes() == (latest / "model.safetensors").read_bytes()
 
 
+def test_a_save_of_a_saved_step_keeps_the_resumed_runs_settings(run):
+    """Resumed with a larger max_steps and saved before a step (Ctrl-C at once, train(until=its step)): the save
+    found the step's checkpoint and wrote nothing, so the next resume went back to the old max_steps."""
+    latest = checkpoints(run)[-1]
+    weights = {p.name: p.read_bytes() for p in latest.iterdir() if p.suffix == ".safetensors"}
+    trainer = Trainer(resume_config(run, max_steps=20, max_lr=1e-2), resume=True)
+    assert trainer.save() == latest
+    assert (resume_config(run).max_steps, resume_config(run).max_lr) == (20, 1e-2)
+    assert {p.name: p.read_bytes() for p in latest.iterdir() if p.suffix == ".safetensors"} == weights
+    inode = (latest / "trainer.json").stat().st_ino
+    trainer.save()  # the same settings: nothing written (a write replaces the file)
+    assert (latest / "trainer.json").stat().st_ino == inode
+
+
 def test_a_bad_shard_reached_mid_run_saves_the_steps_before_it(data_dir, tmp_path):
     """Token ids are checked as each shard is loaded (reading all shards first would take minutes at FineWeb's
     size): the run stopped with nothing saved."""

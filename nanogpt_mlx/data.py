@@ -5,6 +5,7 @@ Shards are uint16 `.npy` files named `{name}_{split}_{index:06d}.npy` (build-nan
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,15 +14,15 @@ import numpy as np
 
 from .console import few, warn, warn_once
 from .errors import UserError, check_int
-from .files import named_dir, read_json
+from .files import named_dir, read_json, user_path
 
 
-def list_shards(data_dir: str | Path, split: str, missing_ok: bool = False) -> list[Path]:
-    """Sorted shard files of one split (`train`, `val`: a name of letters and digits); hidden temp files of
-    unfinished writes are skipped. None is an error unless missing_ok."""
+def list_shards(data_dir: str | os.PathLike, split: str, missing_ok: bool = False) -> list[Path]:
+    """Sorted shard files of one split (`train`, `val`: a name of letters and digits) in `data_dir` (a leading `~`
+    expanded); hidden temp files of unfinished writes are skipped. None is an error unless missing_ok."""
     if not (isinstance(split, str) and re.fullmatch(r"[A-Za-z0-9]+", split)):  # a pattern ('*') read every split
         raise UserError(f"split must be a name such as val or train (letters and digits), got {split!r}")
-    data_dir = Path(named_dir(data_dir, "data directory"))
+    data_dir = user_path(named_dir(data_dir, "data directory"))
     if not data_dir.is_dir():
         what = "a file, not a directory of token shards" if data_dir.exists() else "data directory not found"
         raise UserError(f"{data_dir}: {what} (make one with `nanogpt-mlx prepare`)")
@@ -139,10 +140,12 @@ class DataLoader:
     B*T*(r + k*world) of a shard for its k-th batch and moves to the next shard when the
     next global batch does not fit. Every rank gets the same number of batches per shard.
     With `shuffle`, the window order within each shard is permuted (seeded by seed, epoch, shard).
+    `data_dir` may start with `~`.
     """
 
-    def __init__(self, data_dir: str | Path, split: str, B: int, T: int, rank: int = 0, world: int = 1,
+    def __init__(self, data_dir: str | os.PathLike, split: str, B: int, T: int, rank: int = 0, world: int = 1,
                  vocab_size: int | None = None, shuffle: bool = False, seed: int = 0):
+        data_dir = user_path(named_dir(data_dir, "data directory"))
         check_batch_shape(B, T, rank, world)
         B, T, rank, world = int(B), int(T), int(rank), int(world)  # NumPy's integers too: the layout goes into JSON
         self.B, self.T, self.rank, self.world = B, T, rank, world
@@ -150,7 +153,7 @@ class DataLoader:
         # every shard's length now (headers only): one too short for a batch would stop a run when reached
         # (prepare's last shard can be); its token ids are checked when it is read
         sized = [(path, len(open_shard(path))) for path in list_shards(data_dir, split)]
-        manifest, where = read_manifest(Path(data_dir)), Path(data_dir).resolve()
+        manifest, where = read_manifest(data_dir), data_dir.resolve()
         warn_if_incomplete(where, manifest)
         warn_if_shards_differ(where, split, sized, manifest)
         need = B * T * world + 1

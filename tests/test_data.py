@@ -324,6 +324,21 @@ def test_numpy_integers_make_a_position_json_can_save(tmp_path):
     assert json.loads(json.dumps(loader.state_dict())) == DataLoader(data, "train", 4, 32).state_dict()
 
 
+def test_a_data_directory_under_home_is_expanded(tmp_path, monkeypatch):
+    """`~/data` was read as ./~/data, for the loader and for eval_loss (a UserError: no such directory)."""
+    from nanogpt_mlx import GPT, GPTConfig
+    from nanogpt_mlx.evaluate import eval_loss
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    write_shards(tmp_path / "home" / "data", [token_stream(3000, 1)], token_stream(2000, 2))
+    loader = DataLoader("~/data", "train", 4, 32)
+    assert loader.shards == [tmp_path / "home" / "data" / "toy_train_000001.npy"]
+    model = GPT(GPTConfig(block_size=32, vocab_size=VOCAB, n_layer=1, n_head=1, n_embd=16))
+    assert np.isfinite(eval_loss(model, "~/data", batches=2, B=2, T=16, progress=False))
+    assert not (tmp_path / "~").exists()
+
+
 def test_a_shard_rewritten_while_read_is_checked_again(tmp_path):
     """Token ids were checked once per shard: rewritten in place with ids past the vocab, a shard read again (the next
     epoch, a validation's reset) trained on out-of-bounds gathers; and one of another length gave an IndexError."""

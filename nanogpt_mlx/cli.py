@@ -202,7 +202,7 @@ def add_eval(sub) -> None:
 
 def cmd_eval(args) -> None:
     from . import evaluate
-    from .files import output_file
+    from .files import output_file, user_path
     from .weights import load_model
 
     if args.task == "loss":
@@ -215,7 +215,7 @@ def cmd_eval(args) -> None:
         return
     if args.output is not None:  # now, not after the whole evaluation
         out = output_file(args.output, "records file (--output)")
-        if args.data and out.exists() and out.resolve() == Path(args.data).resolve():
+        if args.data and out.exists() and out.resolve() == user_path(args.data).resolve():
             raise UserError(f"{args.output}: is the --data file; the records would replace the examples")
     examples = evaluate.load_hellaswag(args.data or evaluate.download_hellaswag(), args.limit)
     model = load_model(args.model)

@@ -486,6 +486,19 @@ def test_records_are_written_only_to_a_file(where, needle, tmp_path, monkeypatch
         write_records(where, [])
 
 
+def test_records_and_their_data_under_home_are_expanded(tmp_path, monkeypatch, capsys):
+    """write_records to `~/r.jsonl` wrote ./~/r.jsonl; and an --output of `~/FILE` that is the --data file was not
+    seen as such (the records would have replaced the examples)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    write_records("~/r.jsonl", [])
+    assert (tmp_path / "home" / "r.jsonl").is_file() and not (tmp_path / "~").exists()
+    write_jsonl(tmp_path / "home" / "good.jsonl", GOOD)
+    assert_one_line_error(run_main(capsys, "eval", "hellaswag", "--model", str(tmp_path / "no-model"), "--data",
+                                   "~/good.jsonl", "--output", "~/good.jsonl"), "is the --data file")
+
+
 def test_cli_bad_inputs(tiny_hf_dir, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD[0], "{not json"])
     assert_one_line_error(run_cli("eval", "hellaswag", "--model", str(tiny_hf_dir), "--data", str(bad)),

@@ -96,7 +96,7 @@ class Trainer:
             raise UserError("resume=True continues OUT's run and overwrite=True replaces it: pass one of them")
         cfg = cfg or TrainConfig()  # build-nanogpt's GPT-2 124M run
         self.cfg, self.dist = cfg, dist or distributed.init()
-        self.out = Path(cfg.out).absolute()  # a later os.chdir (a notebook) must not move the run
+        self.out = user_path(cfg.out).absolute()  # ~ expanded; a later os.chdir (a notebook) must not move the run
         self.run_dir = RunDir(self.out)
         self._broken = ""  # why train() ended amid a step, after which it refuses to go on
         self._failed_evaluating = False  # whether train() ended in an evaluation's error, between steps

@@ -363,6 +363,18 @@ def test_resume_config_of_no_directory_is_one_line(out, needle):
         resume_config(out)
 
 
+def test_a_run_and_its_data_under_home_are_expanded(data_dir, tmp_path, monkeypatch):
+    """Trainer's out `~/run` was written as ./~/run, and its data `~/data` was looked for in ./~/data."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(data_dir, home / "data")
+    trainer = Trainer(tiny_config("~/data", "~/run", max_steps=2))
+    trainer.train()
+    assert trainer.out == home / "run" and [p.name for p in checkpoints(home / "run")] == ["ckpt-000002"]
+    assert not (tmp_path / "~").exists()
+
+
 def test_resume_refuses_options_it_would_ignore(run):
     for flag in (["--preset", "gpt2-124m"], ["--overwrite"], ["--out", str(run)]):
         assert_one_line_error(run_cli("train", "--resume", str(run), *flag), "cannot be combined with it", flag[0])

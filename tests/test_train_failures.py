@@ -375,6 +375,15 @@ def test_a_run_and_its_data_under_home_are_expanded(data_dir, tmp_path, monkeypa
     assert not (tmp_path / "~").exists()
 
 
+def test_until_takes_numpy_integers(data_dir, tmp_path):
+    """As the config's fields do: np.int64(2) (a sweep's np.arange) was refused."""
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", max_steps=4))
+    assert trainer.train(until=np.int64(2))["train_loss"] > 0 and type(trainer.step) is int and trainer.step == 2
+    for bad in (np.float64(3), np.True_, True, np.int64(-1)):
+        with pytest.raises(UserError, match="until must be a step number"):
+            trainer.train(until=bad)
+
+
 def test_resume_refuses_options_it_would_ignore(run):
     for flag in (["--preset", "gpt2-124m"], ["--overwrite"], ["--out", str(run)]):
         assert_one_line_error(run_cli("train", "--resume", str(run), *flag), "cannot be combined with it", flag[0])

@@ -13,7 +13,7 @@ import mlx.core as mx
 
 from . import checkpoint, recipes
 from .errors import FieldTypeError, UserError, check_fields, check_seed, check_types
-from .files import named_dir
+from .files import named_dir, user_path
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 
@@ -219,11 +219,12 @@ def refuse_model_changes(where: object, kept: object, asked: dict, fix: str) -> 
 
 
 def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
-    """The config saved with a run's latest checkpoint, with `overrides` applied; the model's fields are the
-    checkpoint's (changing them is refused; 0 or '', their defaults, keep the checkpoint's). Overriding one of
-    min_lr / min_lr_ratio drops the saved other, which would otherwise decide or be ignored."""
+    """The config saved with a run's latest checkpoint in `out` (a leading `~` expanded, and so its `out`), with
+    `overrides` applied; the model's fields are the checkpoint's (changing them is refused; 0 or '', their defaults,
+    keep the checkpoint's). Overriding one of min_lr / min_lr_ratio drops the saved other, which would otherwise
+    decide or be ignored."""
     check_fields(TrainConfig, overrides)
-    out = named_dir(out, "run directory")
+    out = user_path(named_dir(out, "run directory"))
     overrides = {k: v for k, v in overrides.items() if v or k not in MODEL_FIELDS}
     ckpt = checkpoint.latest_checkpoint(out)
     config = checkpoint.read_state(ckpt)["config"]

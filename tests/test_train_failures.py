@@ -384,6 +384,16 @@ def test_until_takes_numpy_integers(data_dir, tmp_path):
             trainer.train(until=bad)
 
 
+def test_resume_config_expands_a_run_under_home(finished_run, tmp_path, monkeypatch):
+    """`~/run` looked for ./~/run's checkpoints; the config it returns names the run expanded."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(finished_run, home / "run")
+    assert resume_config("~/run", max_steps=8) == replace(resume_config(home / "run"), max_steps=8)
+    assert resume_config("~/run").out == str(home / "run") and not (tmp_path / "~").exists()
+
+
 def test_resume_refuses_options_it_would_ignore(run):
     for flag in (["--preset", "gpt2-124m"], ["--overwrite"], ["--out", str(run)]):
         assert_one_line_error(run_cli("train", "--resume", str(run), *flag), "cannot be combined with it", flag[0])

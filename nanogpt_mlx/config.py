@@ -96,6 +96,11 @@ class TrainConfig:
                                          f"{checkpoint.KEEP} are kept, OUT/model.safetensors is the last")
 
     def __post_init__(self):
+        for name in PATH_FIELDS:  # a Path too, kept as a str: asdict and JSON take it
+            given = getattr(self, name)
+            if not isinstance(value := os.fspath(given) if isinstance(given, os.PathLike) else given, str):
+                raise FieldTypeError(f"{name} must be a str or path, got {given!r}")
+            object.__setattr__(self, name, value)
         check_types(self)
         check_seed("seed", self.seed)  # before the loop, whose ">= 0" would say half of the range
         for f in fields(self):
@@ -144,6 +149,7 @@ class TrainConfig:
         return self.min_lr if self.min_lr is not None else self.max_lr * self.min_lr_ratio
 
 
+PATH_FIELDS = ("data", "out", "init_from", "hellaswag_data")  # a str or os.PathLike, stored as a str
 _POSITIVE = ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "val_steps", "eps")  # 0 is no value
 
 
@@ -264,7 +270,7 @@ def resumed(ckpt: Path, state: dict, cfg: TrainConfig) -> dict:
 
 def _same(name: str, a: object, b: object) -> bool:
     """Whether two values of a config field are the same: paths as written apart (data/ is data)."""
-    if name in ("data", "init_from", "hellaswag_data") and isinstance(a, str) and isinstance(b, str) and a and b:
+    if name in PATH_FIELDS and isinstance(a, str) and isinstance(b, str) and a and b:
         return os.path.normpath(os.path.expanduser(a)) == os.path.normpath(os.path.expanduser(b))
     return a == b
 

@@ -394,6 +394,19 @@ def test_resume_config_expands_a_run_under_home(finished_run, tmp_path, monkeypa
     assert resume_config("~/run").out == str(home / "run") and not (tmp_path / "~").exists()
 
 
+def test_path_fields_take_a_path_and_keep_a_str(tmp_path):
+    """TrainConfig(data=Path(...)) was refused ("must be a string") where every function takes a path."""
+    from dataclasses import asdict
+
+    paths = {"data": tmp_path / "d", "out": tmp_path / "o", "init_from": Path("m"), "hellaswag_data": Path("h.jsonl")}
+    cfg = TrainConfig(**paths)
+    assert asdict(cfg) == {**asdict(TrainConfig()), **{k: str(v) for k, v in paths.items()}}
+    assert replace(cfg, out=Path("o2")).out == "o2" and json.dumps(asdict(cfg))
+    for bad in (b"o", None, 3):
+        with pytest.raises(UserError, match=re.escape(f"out must be a str or path, got {bad!r}")):
+            TrainConfig(out=bad)
+
+
 def test_resume_refuses_options_it_would_ignore(run):
     for flag in (["--preset", "gpt2-124m"], ["--overwrite"], ["--out", str(run)]):
         assert_one_line_error(run_cli("train", "--resume", str(run), *flag), "cannot be combined with it", flag[0])

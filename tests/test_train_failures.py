@@ -394,7 +394,28 @@ def test_resume_config_expands_a_run_under_home(finished_run, tmp_path, monkeypa
     assert resume_config("~/run").out == str(home / "run") and not (tmp_path / "~").exists()
 
 
-def test_path_fields_take_a_path_and_keep_a_str(tmp_path):
+def test_train_resume_under_home_locks_the_run_before_reading_it(run, tmp_path, monkeypatch, capsys):
+    """`--resume=~/run` (which a shell leaves as written) locked no run before resume_config read its checkpoint,
+    which a live run may replace: checkpoints() looked in ./~/run."""
+    import nanogpt_mlx.config
+    from nanogpt_mlx import files
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    shutil.move(run, home / "run")
+    locked = []
+
+    def read(out, **overrides):
+        locked.append((home / "run").resolve() in files._locked)
+        raise UserError("read")
+
+    monkeypatch.setattr(nanogpt_mlx.config, "resume_config", read)
+    assert_one_line_error(run_main(capsys, "train", "--resume=~/run", "--max-steps", "6"), "read")
+    assert locked == [True] and (home / "run").resolve() not in files._locked  # unlocked on the refusal
+
+
+
     """TrainConfig(data=Path(...)) was refused ("must be a string") where every function takes a path."""
     from dataclasses import asdict
 

@@ -339,6 +339,18 @@ def test_download_caches(http_dir, fixture_file, tmp_path):
     assert [p.name for p in dest.parent.iterdir()] == ["hellaswag_val.jsonl"]  # no temp file left
 
 
+def test_a_download_under_home_is_expanded(http_dir, fixture_file, tmp_path, monkeypatch):
+    """A dest of `~/h.jsonl` was an AttributeError (a str has no is_file); a Path of it was written as ./~/h.jsonl."""
+    root, base = http_dir
+    (root / "hellaswag_val.jsonl").write_bytes(fixture_file.read_bytes())
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    for dest in ("~/h.jsonl", Path("~/p.jsonl")):
+        got = download_hellaswag(f"{base}/hellaswag_val.jsonl", dest, progress=False)
+        assert got == tmp_path / "home" / str(dest)[2:] and got.read_bytes() == fixture_file.read_bytes()
+    assert not (tmp_path / "~").exists()
+
+
 def test_download_failure_is_one_clear_line(http_dir, tmp_path):
     _, base = http_dir
     dest = tmp_path / "cache" / "hellaswag_val.jsonl"

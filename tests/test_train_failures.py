@@ -373,6 +373,13 @@ def test_a_run_and_its_data_under_home_are_expanded(data_dir, tmp_path, monkeypa
     trainer.train()
     assert trainer.out == home / "run" and [p.name for p in checkpoints(home / "run")] == ["ckpt-000002"]
     assert not (tmp_path / "~").exists()
+    # the checkpoint keeps the paths as given, and a resume from it, elsewhere, reads the same data
+    saved = json.loads((checkpoints(home / "run")[-1] / "trainer.json").read_text())["config"]
+    assert (saved["data"], saved["out"]) == ("~/data", "~/run")
+    monkeypatch.chdir(home)
+    resumed = Trainer(resume_config("~/run", max_steps=3), resume=True)
+    resumed.train()
+    assert resumed.step == 3 and resumed.cfg.out == str(home / "run") and not (home / "~").exists()
 
 
 def test_until_takes_numpy_integers(data_dir, tmp_path):

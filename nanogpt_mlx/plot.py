@@ -32,10 +32,10 @@ class RunSeries:
 
 
 def read_log(run: str | os.PathLike) -> RunSeries:
-    """Parse a run directory's log.txt (or a log file; a leading `~` is expanded). Lines that do not parse are skipped, and so is a last line
-    without its newline, so a log being written can be plotted, and so are nan and inf values. A kind's step at
-    or before its last one starts it again (a run resumed from an earlier step, its lines appended to the log):
-    the kind's points from that step on are dropped for the new ones."""
+    """Parse a run directory's log.txt (or a log file; a leading `~` is expanded). Lines that do not parse are
+    skipped, and so is a last line without its newline, so a log being written can be plotted, and so are nan and
+    inf values. A kind's step at or before its last one starts it again (a run resumed from an earlier step, its
+    lines appended to the log): the kind's points from that step on are dropped for the new ones."""
     path = user_path(run)
     if path.is_dir():
         path = path / "log.txt"

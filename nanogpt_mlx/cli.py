@@ -11,7 +11,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 from . import __version__, device, signals
 from .console import INTERRUPTED, last_line, warn
@@ -202,7 +201,7 @@ def add_eval(sub) -> None:
 
 def cmd_eval(args) -> None:
     from . import evaluate
-    from .files import output_file
+    from .files import output_file, user_path
     from .weights import load_model
 
     if args.task == "loss":
@@ -215,7 +214,7 @@ def cmd_eval(args) -> None:
         return
     if args.output is not None:  # now, not after the whole evaluation
         out = output_file(args.output, "records file (--output)")
-        if args.data and out.exists() and out.resolve() == Path(args.data).resolve():
+        if args.data and out.exists() and out.resolve() == user_path(args.data).resolve():
             raise UserError(f"{args.output}: is the --data file; the records would replace the examples")
     examples = evaluate.load_hellaswag(args.data or evaluate.download_hellaswag(), args.limit)
     model = load_model(args.model)
@@ -405,7 +404,7 @@ def cmd_train(args) -> None:
     from .checkpoint import checkpoints
     from .config import TrainConfig, resume_config
     from .distributed import init
-    from .files import lock_dir, unlock_dir
+    from .files import lock_dir, unlock_dir, user_path
     from .launch import launch_local
     from .train import Trainer
 
@@ -425,15 +424,17 @@ def cmd_train(args) -> None:
         if shape:
             raise UserError(f"--init-from trains {overrides['init_from']} in its own shape; {', '.join(shape)} "
                             "cannot change it (they size a random init)")
-    # before its checkpoint is read, which a live run may replace (and no lock file left where there is none)
-    took = dist.is_main and bool(args.resume) and bool(checkpoints(args.resume)) and lock_dir(Path(args.resume), "run")
+    # before its checkpoint is read, which a live run may replace (and no lock file left where there is none); ~
+    # expanded, as resume_config does (a shell leaves --resume=~/DIR as it is)
+    run = user_path(args.resume) if args.resume else None
+    took = dist.is_main and run is not None and bool(checkpoints(run)) and lock_dir(run, "run")
     try:
         cfg = resume_config(args.resume, **overrides) if args.resume else \
             TrainConfig.preset(args.preset or "shakespeare", **overrides)
         trainer = Trainer(cfg, resume=bool(args.resume), overwrite=args.overwrite, dist=dist)
     except BaseException:  # a refused start leaves OUT to the next (cli.main called in a process that lives on)
         if took:
-            unlock_dir(Path(args.resume))
+            unlock_dir(run)
         raise
     try:
         result = trainer.train()

@@ -13,7 +13,7 @@ import mlx.core as mx
 
 from . import checkpoint, recipes
 from .errors import FieldTypeError, UserError, check_fields, check_seed, check_types
-from .files import named_dir
+from .files import named_dir, user_path
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 
@@ -96,6 +96,11 @@ class TrainConfig:
                                          f"{checkpoint.KEEP} are kept, OUT/model.safetensors is the last")
 
     def __post_init__(self):
+        for name in PATH_FIELDS:  # a Path too, kept as a str: asdict and JSON take it
+            given = getattr(self, name)
+            if not isinstance(value := os.fspath(given) if isinstance(given, os.PathLike) else given, str):
+                raise FieldTypeError(f"{name} must be a str or path, got {given!r}")
+            object.__setattr__(self, name, value)
         check_types(self)
         check_seed("seed", self.seed)  # before the loop, whose ">= 0" would say half of the range
         for f in fields(self):
@@ -144,6 +149,7 @@ class TrainConfig:
         return self.min_lr if self.min_lr is not None else self.max_lr * self.min_lr_ratio
 
 
+PATH_FIELDS = ("data", "out", "init_from", "hellaswag_data")  # a str or os.PathLike, stored as a str
 _POSITIVE = ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "val_steps", "eps")  # 0 is no value
 
 
@@ -219,11 +225,12 @@ def refuse_model_changes(where: object, kept: object, asked: dict, fix: str) -> 
 
 
 def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
-    """The config saved with a run's latest checkpoint, with `overrides` applied; the model's fields are the
-    checkpoint's (changing them is refused; 0 or '', their defaults, keep the checkpoint's). Overriding one of
-    min_lr / min_lr_ratio drops the saved other, which would otherwise decide or be ignored."""
+    """The config saved with a run's latest checkpoint in `out` (a leading `~` expanded, and so its `out`), with
+    `overrides` applied; the model's fields are the checkpoint's (changing them is refused; 0 or '', their defaults,
+    keep the checkpoint's). Overriding one of min_lr / min_lr_ratio drops the saved other, which would otherwise
+    decide or be ignored."""
     check_fields(TrainConfig, overrides)
-    out = named_dir(out, "run directory")
+    out = user_path(named_dir(out, "run directory"))
     overrides = {k: v for k, v in overrides.items() if v or k not in MODEL_FIELDS}
     ckpt = checkpoint.latest_checkpoint(out)
     config = checkpoint.read_state(ckpt)["config"]
@@ -263,7 +270,7 @@ def resumed(ckpt: Path, state: dict, cfg: TrainConfig) -> dict:
 
 def _same(name: str, a: object, b: object) -> bool:
     """Whether two values of a config field are the same: paths as written apart (data/ is data)."""
-    if name in ("data", "init_from", "hellaswag_data") and isinstance(a, str) and isinstance(b, str) and a and b:
+    if name in PATH_FIELDS and isinstance(a, str) and isinstance(b, str) and a and b:
         return os.path.normpath(os.path.expanduser(a)) == os.path.normpath(os.path.expanduser(b))
     return a == b
 

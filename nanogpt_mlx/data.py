@@ -5,6 +5,7 @@ Shards are uint16 `.npy` files named `{name}_{split}_{index:06d}.npy` (build-nan
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,16 +13,16 @@ from pathlib import Path
 import numpy as np
 
 from .console import few, warn, warn_once
-from .errors import UserError, check_int
-from .files import named_dir, read_json
+from .errors import UserError, check_bool, check_int, check_seed
+from .files import named_dir, read_json, user_path
 
 
-def list_shards(data_dir: str | Path, split: str, missing_ok: bool = False) -> list[Path]:
-    """Sorted shard files of one split (`train`, `val`: a name of letters and digits); hidden temp files of
-    unfinished writes are skipped. None is an error unless missing_ok."""
+def list_shards(data_dir: str | os.PathLike, split: str, missing_ok: bool = False) -> list[Path]:
+    """Sorted shard files of one split (`train`, `val`: a name of letters and digits) in `data_dir` (a leading `~`
+    expanded); hidden temp files of unfinished writes are skipped. None is an error unless missing_ok."""
     if not (isinstance(split, str) and re.fullmatch(r"[A-Za-z0-9]+", split)):  # a pattern ('*') read every split
         raise UserError(f"split must be a name such as val or train (letters and digits), got {split!r}")
-    data_dir = Path(named_dir(data_dir, "data directory"))
+    data_dir = user_path(named_dir(data_dir, "data directory"))
     if not data_dir.is_dir():
         what = "a file, not a directory of token shards" if data_dir.exists() else "data directory not found"
         raise UserError(f"{data_dir}: {what} (make one with `nanogpt-mlx prepare`)")
@@ -139,18 +140,24 @@ class DataLoader:
     B*T*(r + k*world) of a shard for its k-th batch and moves to the next shard when the
     next global batch does not fit. Every rank gets the same number of batches per shard.
     With `shuffle`, the window order within each shard is permuted (seeded by seed, epoch, shard).
+    `data_dir` may start with `~`; token ids of `vocab_size` or more (if given) are refused.
     """
 
-    def __init__(self, data_dir: str | Path, split: str, B: int, T: int, rank: int = 0, world: int = 1,
+    def __init__(self, data_dir: str | os.PathLike, split: str, B: int, T: int, rank: int = 0, world: int = 1,
                  vocab_size: int | None = None, shuffle: bool = False, seed: int = 0):
+        data_dir = user_path(named_dir(data_dir, "data directory"))
         check_batch_shape(B, T, rank, world)
+        if vocab_size is not None:
+            check_int("vocab_size", vocab_size)  # "512" failed deep inside, as a TypeError
+        check_bool("shuffle", shuffle)  # "no" shuffled
+        check_seed("seed", seed)  # -1 was NumPy's ValueError, 1.5 a TypeError
         B, T, rank, world = int(B), int(T), int(rank), int(world)  # NumPy's integers too: the layout goes into JSON
         self.B, self.T, self.rank, self.world = B, T, rank, world
-        self.vocab_size, self.shuffle, self.seed = vocab_size, shuffle, seed
+        self.vocab_size, self.shuffle, self.seed = None if vocab_size is None else int(vocab_size), shuffle, int(seed)
         # every shard's length now (headers only): one too short for a batch would stop a run when reached
         # (prepare's last shard can be); its token ids are checked when it is read
         sized = [(path, len(open_shard(path))) for path in list_shards(data_dir, split)]
-        manifest, where = read_manifest(Path(data_dir)), Path(data_dir).resolve()
+        manifest, where = read_manifest(data_dir), data_dir.resolve()
         warn_if_incomplete(where, manifest)
         warn_if_shards_differ(where, split, sized, manifest)
         need = B * T * world + 1
@@ -167,7 +174,7 @@ class DataLoader:
         # (and what they hold, where the manifest says: a dataset prepared again, shuffled with another seed, has
         # shards of the same names and lengths)
         digests = manifest_digests(manifest, split)
-        self.layout = {"B": B, "T": T, "world": world, "shuffle": shuffle, "seed": seed if shuffle else None,
+        self.layout = {"B": B, "T": T, "world": world, "shuffle": shuffle, "seed": self.seed if shuffle else None,
                        "shards": [[path.name, n] for path, n in kept],
                        "sha256": {path.name: digests[path.name] for path, _ in kept if path.name in digests}}
         # each shard's file (inode, size, mtime) when its token ids were checked: not again at every reset or epoch,

@@ -109,9 +109,10 @@ def named_dir(path: str | os.PathLike, what: str, name: str = "a directory") -> 
 
 
 def output_file(path: str | os.PathLike, what: str, name: str = "a file") -> Path:
-    """`path` checked to name a file this process can write, replacing what is there: now, not after the work that
-    makes it. `what` names it in the errors (e.g. "records file"), `name` says what to name instead of ''."""
-    path = Path(named_dir(path, what, name))
+    """`path` (a leading `~` expanded) checked to name a file this process can write, replacing what is there: now,
+    not after the work that makes it. `what` names it in the errors (e.g. "records file"), `name` says what to name
+    instead of ''."""
+    path = user_path(named_dir(path, what, name))
     if path.is_dir():
         raise UserError(f"{path}: is a directory (the {what} is a file)")
     if path.exists() and not path.is_file():

@@ -258,6 +258,8 @@ def _numpy_ids(ids, what: str) -> np.ndarray:
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, seed: int | None = None):
+        if not isinstance(config, GPTConfig):  # a dict was an AttributeError ('dict' has no 'vocab_size')
+            raise UserError(f"config must be a GPTConfig (GPTConfig(**d) for a dict d), got {type(config).__name__}")
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)

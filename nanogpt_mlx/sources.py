@@ -168,7 +168,7 @@ def shakespeare(path: str | os.PathLike | None = None, url: str | None = None,
             raise UserError(f"{file}: {'a directory, not' if file.is_dir() else 'no such file:'} Tiny Shakespeare's "
                             "text (input.txt)")
     else:
-        file = _download_cached(url or SHAKESPEARE_URL, Path(cache_dir) if cache_dir else files.cache_dir())
+        file = _download_cached(url or SHAKESPEARE_URL, files.user_path(cache_dir) if cache_dir else files.cache_dir())
     digest = files.sha256_file(file)
     unit = Unit(f"tinyshakespeare ({file.stat().st_size} bytes, sha256 {digest[:16]})", "shakespeare",
                 lambda scratch: file)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
+import numbers
 import signal
 import sys
 import time
@@ -97,7 +98,7 @@ class Trainer:
             raise UserError("resume=True continues OUT's run and overwrite=True replaces it: pass one of them")
         cfg = cfg or TrainConfig()  # build-nanogpt's GPT-2 124M run
         self.cfg, self.dist = cfg, dist or distributed.init()
-        self.out = Path(cfg.out).absolute()  # a later os.chdir (a notebook) must not move the run
+        self.out = user_path(cfg.out).absolute()  # ~ expanded; a later os.chdir (a notebook) must not move the run
         self.run_dir = RunDir(self.out)
         self._broken = ""  # why train() ended amid a step, after which it refuses to go on
         self._failed_evaluating = False  # whether train() ended in an evaluation's error, between steps
@@ -588,8 +589,10 @@ class Trainer:
         """Run from self.step to max_steps (or to step `until`, then save); returns the latest train/val
         losses. Ctrl-C (and SIGTERM) saves after the step in progress, or at once during an evaluation, and raises
         errors.Stopped (a KeyboardInterrupt); a NaN/inf loss raises UserError, saving nothing."""
-        if until is not None and (type(until) is not int or until < 0):  # "3" was a TypeError, 2.5 trained to 3
-            raise UserError(f"until must be a step number (an int >= 0), got {until!r}")
+        # "3" was a TypeError, 2.5 trained to 3; NumPy's integers are taken (a bool is no step)
+        if until is not None and (not isinstance(until, numbers.Integral) or isinstance(until, bool) or until < 0):
+            raise UserError(f"until must be a step number (an integer >= 0), got {until!r}")
+        until = None if until is None else int(until)
         if until is not None and until < self.step:
             raise UserError(f"until {until} is behind this Trainer's step {self.step}")
         self._check_whole()

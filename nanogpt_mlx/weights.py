@@ -267,8 +267,8 @@ def _warn_left_out(hf_weights: dict[str, mx.array], config: GPTConfig, where: Pa
 
 
 def load_local(directory: str | os.PathLike) -> GPT:
-    """Load a local Hugging Face GPT-2 directory or a nanogpt-mlx checkpoint."""
-    directory = Path(named_dir(directory, "model directory"))
+    """Load a local Hugging Face GPT-2 directory or a nanogpt-mlx checkpoint (a leading `~` expanded)."""
+    directory = user_path(named_dir(directory, "model directory"))
     cfg = _read_config(directory)
     native = cfg.get("format") == NATIVE_FORMAT
     config = _config_from_native(cfg, directory) if native else _config_from_hf(cfg, directory)
@@ -390,9 +390,10 @@ def save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str
 
 
 def save_model(model: GPT, out_dir: str | os.PathLike) -> None:
-    """Write this project's checkpoint format: model.safetensors + config.json (atomic per file)."""
+    """Write this project's checkpoint format into `out_dir` (a leading `~` expanded): model.safetensors +
+    config.json (atomic per file)."""
     check_gpt(model)
-    out_dir = Path(named_dir(out_dir, "model directory"))
+    out_dir = user_path(named_dir(out_dir, "model directory"))
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_safetensors(tmp, dict(model.parameters_flat()))
     atomic_write_text(out_dir / "config.json",

@@ -324,6 +324,44 @@ def test_numpy_integers_make_a_position_json_can_save(tmp_path):
     assert json.loads(json.dumps(loader.state_dict())) == DataLoader(data, "train", 4, 32).state_dict()
 
 
+@pytest.mark.parametrize("bad, needle", [
+    ({"shuffle": "no"}, "shuffle must be True or False, got 'no'"),  # shuffled
+    ({"shuffle": 1}, "shuffle must be True or False, got 1"),
+    ({"shuffle": True, "seed": -1}, "seed must be an integer in [0, 2^64), got -1"),  # NumPy's ValueError
+    ({"shuffle": True, "seed": 1.5}, "seed must be an integer in [0, 2^64), got 1.5"),  # a TypeError
+    ({"vocab_size": "512"}, "vocab_size must be an integer, got '512'"),  # a TypeError deep inside
+    ({"vocab_size": 0}, "vocab_size must be >= 1, got 0"),
+])
+def test_a_loader_refuses_a_bad_shuffle_seed_or_vocab_size(bad, needle, tmp_path):
+    data = write_shards(tmp_path / "d", [token_stream(3000, 1)], token_stream(2000, 2))
+    with pytest.raises(UserError, match=re.escape(needle)):
+        DataLoader(data, "train", 4, 32, **bad)
+
+
+def test_a_loader_takes_numpy_integers_for_seed_and_vocab_size(tmp_path):
+    """As the config's fields do; kept as Python's, so that the layout a checkpoint saves goes into JSON."""
+    data = write_shards(tmp_path / "d", [token_stream(3000, 1)], token_stream(2000, 2))
+    loader = DataLoader(data, "train", 4, 32, vocab_size=np.int64(VOCAB), shuffle=True, seed=np.uint64(7))
+    plain = DataLoader(data, "train", 4, 32, vocab_size=VOCAB, shuffle=True, seed=7)
+    assert json.loads(json.dumps(loader.state_dict())) == plain.state_dict()
+    np.testing.assert_array_equal(loader.next_batch()[0], plain.next_batch()[0])
+
+
+def test_a_data_directory_under_home_is_expanded(tmp_path, monkeypatch):
+    """`~/data` was read as ./~/data, for the loader and for eval_loss (a UserError: no such directory)."""
+    from nanogpt_mlx import GPT, GPTConfig
+    from nanogpt_mlx.evaluate import eval_loss
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    write_shards(tmp_path / "home" / "data", [token_stream(3000, 1)], token_stream(2000, 2))
+    loader = DataLoader("~/data", "train", 4, 32)
+    assert loader.shards == [tmp_path / "home" / "data" / "toy_train_000001.npy"]
+    model = GPT(GPTConfig(block_size=32, vocab_size=VOCAB, n_layer=1, n_head=1, n_embd=16))
+    assert np.isfinite(eval_loss(model, "~/data", batches=2, B=2, T=16, progress=False))
+    assert not (tmp_path / "~").exists()
+
+
 def test_a_shard_rewritten_while_read_is_checked_again(tmp_path):
     """Token ids were checked once per shard: rewritten in place with ids past the vocab, a shard read again (the next
     epoch, a validation's reset) trained on out-of-bounds gathers; and one of another length gave an IndexError."""

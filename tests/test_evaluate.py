@@ -339,6 +339,18 @@ def test_download_caches(http_dir, fixture_file, tmp_path):
     assert [p.name for p in dest.parent.iterdir()] == ["hellaswag_val.jsonl"]  # no temp file left
 
 
+def test_a_download_under_home_is_expanded(http_dir, fixture_file, tmp_path, monkeypatch):
+    """A dest of `~/h.jsonl` was an AttributeError (a str has no is_file); a Path of it was written as ./~/h.jsonl."""
+    root, base = http_dir
+    (root / "hellaswag_val.jsonl").write_bytes(fixture_file.read_bytes())
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    for dest in ("~/h.jsonl", Path("~/p.jsonl")):
+        got = download_hellaswag(f"{base}/hellaswag_val.jsonl", dest, progress=False)
+        assert got == tmp_path / "home" / str(dest)[2:] and got.read_bytes() == fixture_file.read_bytes()
+    assert not (tmp_path / "~").exists()
+
+
 def test_download_failure_is_one_clear_line(http_dir, tmp_path):
     _, base = http_dir
     dest = tmp_path / "cache" / "hellaswag_val.jsonl"
@@ -484,6 +496,19 @@ def test_records_are_written_only_to_a_file(where, needle, tmp_path, monkeypatch
     (tmp_path / "a-file").write_text("")
     with pytest.raises(UserError, match=re.escape(needle)):
         write_records(where, [])
+
+
+def test_records_and_their_data_under_home_are_expanded(tmp_path, monkeypatch, capsys):
+    """write_records to `~/r.jsonl` wrote ./~/r.jsonl; and an --output of `~/FILE` that is the --data file was not
+    seen as such (the records would have replaced the examples)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    write_records("~/r.jsonl", [])
+    assert (tmp_path / "home" / "r.jsonl").is_file() and not (tmp_path / "~").exists()
+    write_jsonl(tmp_path / "home" / "good.jsonl", GOOD)
+    assert_one_line_error(run_main(capsys, "eval", "hellaswag", "--model", str(tmp_path / "no-model"), "--data",
+                                   "~/good.jsonl", "--output", "~/good.jsonl"), "is the --data file")
 
 
 def test_cli_bad_inputs(tiny_hf_dir, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -69,6 +71,14 @@ def test_config_values_of_the_wrong_type_are_user_errors(field, value, needle):
         GPTConfig(**{"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, field: value})
     with pytest.raises(UserError, match=needle):
         GPTConfig.preset("gpt2", **{field: value})
+
+
+@pytest.mark.parametrize("config, name", [({"n_layer": 1}, "dict"), (None, "NoneType"), ("gpt2", "str")])
+def test_a_model_of_no_gptconfig_is_a_user_error(config, name):
+    """GPT({"n_layer": 1}) was an AttributeError: 'dict' object has no attribute 'vocab_size'."""
+    needle = f"config must be a GPTConfig (GPTConfig(**d) for a dict d), got {name}"
+    with pytest.raises(UserError, match=re.escape(needle)):
+        GPT(config)
 
 
 def test_preset_refuses_unknown_fields():

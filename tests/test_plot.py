@@ -103,6 +103,16 @@ def test_plot_runs_refuses_arguments_of_other_types(kwargs, needle, tmp_path):
     assert not (tmp_path / "p.png").exists()
 
 
+def test_runs_and_out_under_home_are_expanded(tmp_path, monkeypatch):
+    """`~/a` was read as ./~/a (no such log file), and an image to `~/plots/p.png` was written under ./~."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    fake_run(tmp_path / "home" / "a")
+    out = plot_runs("~/a", "~/plots/p.png")
+    assert out == tmp_path / "home" / "plots" / "p.png" and png_size(out)[0] > 0
+    assert read_log("~/a").name == "a" and not (tmp_path / "~").exists()
+
+
 def test_plot_without_hellaswag_has_one_panel(tmp_path):
     out = plot_runs([fake_run(tmp_path / "a", hella=False)], tmp_path / "one.png", baseline="off")
     width, height = png_size(out)

@@ -324,6 +324,16 @@ def test_shakespeare_download_cache_and_90_10_split(tmp_path, http_server):
     assert list((tmp_path / "cache").iterdir()) == [source.units[0].fetch(tmp_path)]  # no partial file
 
 
+def test_a_shakespeare_cache_under_home_is_expanded(tmp_path, http_server, monkeypatch):
+    """cache_dir `~/cache` was ./~/cache."""
+    root, base = http_server
+    (root / "input.txt").write_text("CITIZEN:\nSpeak, speak.\n")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    source = sources.shakespeare(url=f"{base}/input.txt", cache_dir="~/cache")
+    assert source.units[0].fetch(tmp_path).parent == tmp_path / "home" / "cache" and not (tmp_path / "~").exists()
+
+
 def test_shakespeare_local_path_val_shards_first(tmp_path):
     text = "To be, or not to be, that is the question.\n" * 200
     (tmp_path / "s.txt").write_text(text)

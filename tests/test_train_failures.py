@@ -378,6 +378,78 @@ def test_resume_config_of_no_directory_is_one_line(out, needle):
         resume_config(out)
 
 
+def test_a_run_and_its_data_under_home_are_expanded(data_dir, tmp_path, monkeypatch):
+    """Trainer's out `~/run` was written as ./~/run, and its data `~/data` was looked for in ./~/data."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(data_dir, home / "data")
+    trainer = Trainer(tiny_config("~/data", "~/run", max_steps=2))
+    trainer.train()
+    assert trainer.out == home / "run" and [p.name for p in checkpoints(home / "run")] == ["ckpt-000002"]
+    assert not (tmp_path / "~").exists()
+    # the checkpoint keeps the paths as given, and a resume from it, elsewhere, reads the same data
+    saved = json.loads((checkpoints(home / "run")[-1] / "trainer.json").read_text())["config"]
+    assert (saved["data"], saved["out"]) == ("~/data", "~/run")
+    monkeypatch.chdir(home)
+    resumed = Trainer(resume_config("~/run", max_steps=3), resume=True)
+    resumed.train()
+    assert resumed.step == 3 and resumed.cfg.out == str(home / "run") and not (home / "~").exists()
+
+
+def test_until_takes_numpy_integers(data_dir, tmp_path):
+    """As the config's fields do: np.int64(2) (a sweep's np.arange) was refused."""
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", max_steps=4))
+    assert trainer.train(until=np.int64(2))["train_loss"] > 0 and type(trainer.step) is int and trainer.step == 2
+    for bad in (np.float64(3), np.True_, True, np.int64(-1)):
+        with pytest.raises(UserError, match="until must be a step number"):
+            trainer.train(until=bad)
+
+
+def test_resume_config_expands_a_run_under_home(finished_run, tmp_path, monkeypatch):
+    """`~/run` looked for ./~/run's checkpoints; the config it returns names the run expanded."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(finished_run, home / "run")
+    assert resume_config("~/run", max_steps=8) == replace(resume_config(home / "run"), max_steps=8)
+    assert resume_config("~/run").out == str(home / "run") and not (tmp_path / "~").exists()
+
+
+def test_train_resume_under_home_locks_the_run_before_reading_it(run, tmp_path, monkeypatch, capsys):
+    """`--resume=~/run` (which a shell leaves as written) locked no run before resume_config read its checkpoint,
+    which a live run may replace: checkpoints() looked in ./~/run."""
+    import nanogpt_mlx.config
+    from nanogpt_mlx import files
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    shutil.move(run, home / "run")
+    locked = []
+
+    def read(out, **overrides):
+        locked.append((home / "run").resolve() in files._locked)
+        raise UserError("read")
+
+    monkeypatch.setattr(nanogpt_mlx.config, "resume_config", read)
+    assert_one_line_error(run_main(capsys, "train", "--resume=~/run", "--max-steps", "6"), "read")
+    assert locked == [True] and (home / "run").resolve() not in files._locked  # unlocked on the refusal
+
+
+
+    """TrainConfig(data=Path(...)) was refused ("must be a string") where every function takes a path."""
+    from dataclasses import asdict
+
+    paths = {"data": tmp_path / "d", "out": tmp_path / "o", "init_from": Path("m"), "hellaswag_data": Path("h.jsonl")}
+    cfg = TrainConfig(**paths)
+    assert asdict(cfg) == {**asdict(TrainConfig()), **{k: str(v) for k, v in paths.items()}}
+    assert replace(cfg, out=Path("o2")).out == "o2" and json.dumps(asdict(cfg))
+    for bad in (b"o", None, 3):
+        with pytest.raises(UserError, match=re.escape(f"out must be a str or path, got {bad!r}")):
+            TrainConfig(out=bad)
+
+
 def test_resume_refuses_options_it_would_ignore(run):
     for flag in (["--preset", "gpt2-124m"], ["--overwrite"], ["--out", str(run)]):
         assert_one_line_error(run_cli("train", "--resume", str(run), *flag), "cannot be combined with it", flag[0])

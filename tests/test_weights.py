@@ -110,6 +110,17 @@ def test_native_checkpoint_round_trip(tmp_path):
         assert k == k2 and mx.array_equal(a, b).item(), k
 
 
+def test_a_model_directory_under_home_is_expanded(tmp_path, monkeypatch):
+    """save_model to `~/ckpt` wrote ./~/ckpt, and load_local read from there."""
+    from nanogpt_mlx.weights import load_local
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    save_model(GPT(SMALL, seed=5), "~/ckpt")
+    assert (tmp_path / "home" / "ckpt" / "model.safetensors").is_file() and not (tmp_path / "~").exists()
+    assert load_local("~/ckpt").config == load_model("~/ckpt").config == SMALL
+
+
 def cache_repo(cache, repo_id: str, files: dict[str, bytes]) -> None:
     """`files` (name -> content) as huggingface_hub keeps a download of the hub repo `repo_id` in its cache `cache`."""
     commit = "0123456789abcdef0123456789abcdef01234567"

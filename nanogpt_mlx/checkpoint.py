@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .console import few, warn
 from .errors import UserError, first_line
 from .files import (atomic_dir, atomic_path, atomic_write_text, cannot, existing_ancestor, mlx_path, named_dir,
-                    read_json)
+                    read_json, shell_word)
 from .model import GPT
 from .weights import load_model, safetensors_shapes, save_model, save_safetensors
 
@@ -50,16 +50,18 @@ def latest_checkpoint(out: str | os.PathLike) -> Path:
     if (out / STATE_FILE).is_file() and (run := checkpoints(out.parent)):  # one of a run's checkpoints, not the run
         this = "it" if run[-1].samefile(out) else \
             "its latest checkpoint; to continue from this one, move the later ones away"
-        raise UserError(f"{out} is a checkpoint of the run in {out.parent}: resume the run (--resume {out.parent}; "
-                        f"in Python Trainer(cfg, resume=True) with cfg.out {out.parent}), which continues from {this}")
+        raise UserError(f"{out} is a checkpoint of the run in {out.parent}: resume the run (--resume "
+                        f"{shell_word(out.parent)}; in Python Trainer(cfg, resume=True) with cfg.out {out.parent}), "
+                        f"which continues from {this}")
     raise UserError(f"{out}: no checkpoint to resume from (expected {out}/ckpt-NNNNNN/)")
 
 
 def damaged(ckpt: Path, reason: str) -> UserError:
     """The error for a checkpoint that cannot be resumed, pointing at the previous one if there is one."""
     earlier = [c for c in checkpoints(ckpt.parent) if int(c.name[5:]) < int(ckpt.name[5:])]
-    hint = (f"the previous checkpoint {earlier[-1].name} is kept: move this one away (mv {ckpt} {ckpt}.damaged) "
-            "and resume again to continue from it" if earlier else "there is no earlier checkpoint to resume from")
+    move = f"mv {shell_word(ckpt)} {shell_word(f'{ckpt}.damaged')}"
+    hint = (f"the previous checkpoint {earlier[-1].name} is kept: move this one away ({move}) and resume again to "
+            "continue from it" if earlier else "there is no earlier checkpoint to resume from")
     return UserError(f"{ckpt}: damaged checkpoint ({reason}); {hint}")
 
 
@@ -132,8 +134,8 @@ def write(out: Path, step: int, model: GPT, optimizer_state, state: dict) -> Pat
                 atomic_write_text(tmp / STATE_FILE, text)
     except UserError as e:  # a full disk, a permission: say which checkpoint did not happen, and what is kept
         previous = checkpoints(out)
-        then = (f"the previous checkpoint {previous[-1].name} is kept; resume (--resume {out}) once {out} can be "
-                "written again" if previous else f"start again once {out} can be written again")
+        then = (f"the previous checkpoint {previous[-1].name} is kept; resume (--resume {shell_word(out)}) once {out} "
+                "can be written again" if previous else f"start again once {out} can be written again")
         raise UserError(f"{final.name} not saved: {e}; {then}") from None
     _publish(out, final)
     return final
@@ -150,7 +152,7 @@ def _read_text(path: Path) -> str | None:
 def refuse_replacing(out: Path) -> None:
     """Refuse to start a fresh run in an OUT that holds another run's checkpoints, a model or logs."""
     if checkpoints(out):
-        raise UserError(f"{out} already holds a checkpoint; resume it (--resume {out}; in Python "
+        raise UserError(f"{out} already holds a checkpoint; resume it (--resume {shell_word(out)}; in Python "
                         "Trainer(cfg, resume=True)), pass --overwrite (overwrite=True), or choose another --out")
     logs = [f for f in LOG_FILES if (out / f).is_file() and (out / f).stat().st_size]
     if any((out / f).exists() for f in MODEL_FILES):
@@ -215,8 +217,8 @@ def _publish(out: Path, final: Path) -> None:
         _link_or_copy(final / weights, out / weights)
         atomic_write_text(out / config, (final / config).read_text())
     except UserError as e:  # a full disk after the checkpoint itself was written
-        raise UserError(f"{final.name} saved, but {out}'s model not updated to it: {e}; resume (--resume {out}) once "
-                        f"{out} can be written again, to update it") from None
+        raise UserError(f"{final.name} saved, but {out}'s model not updated to it: {e}; resume (--resume "
+                        f"{shell_word(out)}) once {out} can be written again, to update it") from None
     for old in checkpoints(out)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
 

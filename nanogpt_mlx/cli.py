@@ -50,12 +50,24 @@ def non_negative_int(s: str) -> int:
     return _int_from(s, 0)
 
 
-def positive_float(s: str) -> float:
+def _float(s: str) -> float:
     try:
-        v = float(s)
+        return float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+
+
+def positive_float(s: str) -> float:
+    v = _float(s)
     if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
+def temperature(s: str) -> float:
+    """> 0, or 0 (the argmax) with --greedy (cmd_sample)."""
+    v = _float(s)
+    if not v >= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
     return v
 
@@ -111,7 +123,7 @@ def add_sample(sub) -> None:
                    help="samples, generated as one batch; 1 streams its text as it comes (default: 5)")
     p.add_argument("--max-new-tokens", type=positive_int, default=S.max_new_tokens,
                    help=f"tokens to generate (default: {S.max_new_tokens})")
-    p.add_argument("--temperature", type=positive_float, default=S.temperature,
+    p.add_argument("--temperature", type=temperature, default=S.temperature,
                    help=f"divides the logits: below 1 sharper, above 1 flatter (default: {S.temperature})")
     p.add_argument("--top-k", type=non_negative_int, default=S.top_k,
                    help=f"draw among the k most likely tokens, 0: among all (default: {S.top_k})")
@@ -137,6 +149,8 @@ def cmd_sample(args) -> None:
     from .sample import SampleConfig, sample_texts, stream_text
     from .weights import load_model
 
+    if args.temperature == 0 and not args.greedy:
+        raise UserError("--temperature 0 is the argmax: pass --greedy (or a temperature > 0)")
     cfg = SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                        top_p=args.top_p, greedy=args.greedy, seed=args.seed, stop_at_eot=not args.no_stop,
                        crop=args.crop)
@@ -404,7 +418,7 @@ def cmd_train(args) -> None:
     from .checkpoint import checkpoints
     from .config import TrainConfig, resume_config
     from .distributed import init
-    from .files import lock_dir, unlock_dir, user_path
+    from .files import lock_dir, shell_word, unlock_dir, user_path
     from .launch import launch_local
     from .train import Trainer
 
@@ -446,7 +460,7 @@ def cmd_train(args) -> None:
         return
     losses = ", ".join(f"{k} {v:.4f}" for k, v in result.items())
     print(f"done: step {trainer.step}{', ' + losses if losses else ''}; model in {cfg.out} "
-          f"(nanogpt-mlx sample --model {cfg.out})")
+          f"(nanogpt-mlx sample --model {shell_word(cfg.out)})")
 
 
 COMMANDS = [add_info, add_sample, add_export, add_eval, add_plot, add_prepare, add_train]

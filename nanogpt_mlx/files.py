@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import secrets
 import socket
@@ -380,11 +381,17 @@ def download(url: str, dest: Path, what: str, hint: str, progress: bool = True,
     return dest
 
 
+def shell_word(path: str | os.PathLike) -> str:
+    """`path` as one word of a command a message suggests (`--resume OUT`): quoted where a shell would split it."""
+    return shlex.quote(str(path))
+
+
 def lock_dir(directory: Path, writer: str) -> bool:
     """Hold DIRECTORY/.lock while this process writes there (until unlock_dir, or the process ends however it
     ends): a second process started into the same directory by mistake (the same command twice, a scheduler's
-    retry of a job still alive) would interleave its files with this one's. `writer` names it in the refusal.
-    Returns whether this call took the lock (False: this process held it already)."""
+    retry of a job still alive) would interleave its files with this one's. `writer` ("run", "prepare") names it, in
+    the lock file, for the refusal of another. Returns whether this call took the lock (False: this process held it
+    already)."""
     key = directory.resolve()
     if key in _locked:
         return False
@@ -396,14 +403,16 @@ def lock_dir(directory: Path, writer: str) -> bool:
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.seek(0)
-        holder = f.read().strip() or "another process"
+        holder = f.read().strip()  # "run (pid 123)"; an earlier version's "pid 123"
         f.close()
-        raise UserError(f"{directory} is being written by another {writer} ({holder}); wait for it to end, or "
-                        "write to another directory") from None
+        if not holder or holder.startswith("pid "):
+            holder = f"process ({holder or 'its pid unknown'})"
+        raise UserError(f"{directory} is being written by another {holder}; wait for it to end, or write to another "
+                        "directory") from None
     try:
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()}\n")
+        f.write(f"{writer} (pid {os.getpid()})\n")
         f.flush()
     except OSError as e:  # a full disk (the message had no path)
         with contextlib.suppress(OSError):  # close() flushes the same line again, and fails again, but closes

@@ -49,7 +49,7 @@ from .console import PEER_FAILED, say, warn
 from .data import DataLoader
 from .errors import Stopped, UserError, check_bool, first_line
 from .evaluate import check_examples, download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
-from .files import devnull_onto, user_path
+from .files import devnull_onto, shell_word, user_path
 from .model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig
 from .optim import Packing, clip_grad_norm
 from .rundir import RunDir
@@ -363,7 +363,7 @@ class Trainer:
                 with self._finishing_saves():  # and saying so
                     path = self.save()
                     self._say(f"evaluation failed: saved {path} (step {self.step}); continue with --resume "
-                              f"{self.out} once its cause is fixed")
+                              f"{shell_word(self.out)} once its cause is fixed")
         except UserError as e:  # the evaluation's error is the one to show
             warn(f"could not save the steps since the last checkpoint: {e}")
         finally:
@@ -740,8 +740,8 @@ class Trainer:
             self.dist.barrier(at_least=SAVE_WAIT)
         if self._stop_error is not None:
             why, fix = self._stop_error
-            raise _SavedStop(f"{why}; saved {path} (step {self.step}): {fix}, then --resume {self.out}")
+            raise _SavedStop(f"{why}; saved {path} (step {self.step}): {fix}, then --resume {shell_word(self.out)}")
         if self.step < end:  # stopped by a signal, or by stdout's reader ending (as Ctrl-C)
-            self._say(f"interrupted: saved {path} (step {self.step}); continue with --resume {self.out}")
+            self._say(f"interrupted: saved {path} (step {self.step}); continue with --resume {shell_word(self.out)}")
             raise Stopped(self._stopped_by or signal.SIGINT)
         return dict(self.result)  # the caller's: a later train() changes self.result

@@ -198,11 +198,20 @@ def test_prompt_too_long_needs_crop(tiny_hf_dir):
     (("--max-new-tokens", "0"), ("--max-new-tokens", "must be >= 1")),
     (("--max-new-tokens", "-5"), ("--max-new-tokens", "must be >= 1")),
     (("--top-k", "-1"), ("--top-k", "must be >= 0")),
-    (("--temperature", "0"), ("--temperature", "must be > 0")),
+    (("--temperature", "-1"), ("--temperature", "must be > 0")),
+    (("--temperature", "nan"), ("--temperature", "must be > 0")),
     (("--top-p", "1.5"), ("--top-p", "must be in (0, 1]")),
 ])
 def test_bad_sampling_arguments(tiny_hf_dir, args, needles):
     assert_one_line_error(run_cli("sample", "--model", str(tiny_hf_dir), *args), *needles, status=2)
+
+
+def test_temperature_0_is_the_argmax_of_greedy(tiny_hf_dir, capsys):
+    """--greedy's help says the temperature does nothing then, but --temperature 0 was refused with it."""
+    base = ("sample", "--model", str(tiny_hf_dir), "--num-samples", "1", "--max-new-tokens", "3")
+    assert_one_line_error(run_main(capsys, *base, "--temperature", "0"), "--temperature 0", "--greedy")
+    assert run_main(capsys, *base, "--temperature", "0", "--greedy").stdout == \
+        run_main(capsys, *base, "--greedy").stdout
 
 
 @pytest.mark.parametrize("args", [

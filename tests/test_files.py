@@ -159,7 +159,7 @@ HOLD_LOCK = """
 import os, sys, time
 from pathlib import Path
 from nanogpt_mlx.files import lock_dir
-lock_dir(Path(sys.argv[1]), "prepare")
+lock_dir(Path(sys.argv[1]), "run")
 child = os.fork()  # as prepare's tokenizer pool forks its workers
 if child == 0:
     time.sleep(60)
@@ -186,7 +186,8 @@ def test_a_second_writer_is_refused_until_the_first_one_ends(tmp_path):
     child = int(holder.stdout.readline())
     try:
         docs = write_docs(tmp_path / "a.jsonl", make_docs(5))
-        with pytest.raises(UserError, match=f"{out} is being written by another prepare \\(pid {holder.pid}\\)"):
+        # the holder named, not the refused (a training run's OUT was said to be "written by another prepare")
+        with pytest.raises(UserError, match=f"{out} is being written by another run \\(pid {holder.pid}\\)"):
             prep.prepare(sources.local_files([docs]), out, prep.PrepareConfig(workers=1, progress=False))
         holder.send_signal(signal.SIGKILL)
         holder.wait()

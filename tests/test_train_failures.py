@@ -189,6 +189,21 @@ def test_a_save_of_a_saved_step_keeps_the_resumed_runs_settings(run):
     assert (latest / "trainer.json").stat().st_ino == inode
 
 
+def test_suggested_commands_quote_a_path_with_a_space(data_dir, tmp_path, capsys):
+    """"continue with --resume /x/my run" split at the space when pasted into a shell."""
+    import shlex
+
+    out = tmp_path / "my run"
+    quoted = shlex.quote(str(out))
+    assert quoted != str(out)
+    proc = run_main(capsys, *cli_config(data_dir, out, "--max-steps", "2", "--val-every", "0",
+                                        "--checkpoint-every", "1"))
+    assert proc.returncode == 0 and f"(nanogpt-mlx sample --model {quoted})" in proc.stdout
+    assert_one_line_error(run_main(capsys, *cli_config(data_dir, out, "--max-steps", "2")), f"--resume {quoted};")
+    first, last = checkpoints(out)
+    assert f"(mv {shlex.quote(str(last))} {shlex.quote(f'{last}.damaged')})" in str(damaged(last, "test"))
+
+
 def test_a_bad_shard_reached_mid_run_saves_the_steps_before_it(data_dir, tmp_path):
     """Token ids are checked as each shard is loaded (reading all shards first would take minutes at FineWeb's
     size): the run stopped with nothing saved."""

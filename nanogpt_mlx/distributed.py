@@ -43,12 +43,12 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def sum(self, value: float) -> float:
-        """Sum of a Python number over ranks, waited for under the watchdog."""
+    def sum(self, value: float, at_least: float = 0.0) -> float:
+        """Sum of a Python number over ranks, waited for under the watchdog (for at least `at_least` seconds)."""
         if self.world == 1:
             return value
         x = self.all_sum(mx.array(value, dtype=mx.float32))
-        self.sync(x)
+        self.sync(x, at_least=at_least)
         return x.item()
 
     def mean(self, value: float) -> float:

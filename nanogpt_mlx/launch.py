@@ -28,7 +28,8 @@ from .errors import UserError
 # seconds the other ranks have to end by themselves once one ended with an error status before they are stopped:
 # a stop they agreed on (a Ctrl-C to one rank, a bad shard, stdout gone) ends them all, rank 0 after its save
 END_GRACE = 5.0
-RANK_GRACE = 30.0  # seconds a rank stopped (SIGTERM) has to exit before it is killed
+# seconds a rank stopped (SIGTERM) has to exit before it is killed: one that lives on is finishing a save
+RANK_GRACE = signals.SAVE_WAIT
 
 # `python -m nanogpt_mlx` (__main__.py), but a Ctrl-C while the rank still imports (its first half second) ends it
 # with status 130 (the launcher says "interrupted") rather than a traceback from inside MLX's import. __main__.py
@@ -125,7 +126,8 @@ class _Ranks:
             if rc == 0:
                 continue
             self.failed[r] = rc
-            if rc < 0 and -rc != self.sent.get(r) and not self.interrupted:
+            # (not the Ctrl-C forwarded to it, which can end a rank that Python has not started yet)
+            if rc < 0 and -rc != self.sent.get(r) and not (self.interrupted and -rc == signal.SIGINT):
                 oom = " (out of memory?)" if -rc == signal.SIGKILL else ""
                 say(f"nanogpt-mlx: error: rank {r} was killed by {signal.Signals(-rc).name}{oom}")
                 self.cause_said = True

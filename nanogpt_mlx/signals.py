@@ -11,6 +11,10 @@ from collections.abc import Iterator
 
 from .errors import Stopped
 
+# seconds a save may hold a stop back (minutes for a large model): the other ranks wait this long for rank 0's, and
+# launch.py for a rank that its SIGTERM did not end (with several ranks, a save finishes first: deferred)
+SAVE_WAIT = 1800.0
+
 
 @contextlib.contextmanager
 def handlers(installed: dict) -> Iterator[None]:

@@ -59,7 +59,7 @@ from .tokenizer import encode
 from .weights import load_model
 
 _T = TypeVar("_T")
-SAVE_WAIT = 1800.0  # seconds the other ranks wait for rank 0's save (minutes for a large model)
+EVALUATION_WAIT = 24 * 3600.0  # seconds a rank whose evaluation failed waits for the others' (HellaSwag's: hours)
 
 
 # ----------------------------------------------------------------------------------- trainer
@@ -369,7 +369,7 @@ class Trainer:
         finally:
             if agreed:
                 with contextlib.suppress(UserError):  # a rank lost meanwhile: the evaluation's error still shows
-                    self.dist.barrier(at_least=SAVE_WAIT)
+                    self.dist.barrier(at_least=signals.SAVE_WAIT)
 
     # -- evaluation
     def _rank_part(self, part: Callable[[], _T]) -> _T:
@@ -383,7 +383,8 @@ class Trainer:
             value = part()
         except Exception as e:  # (a stop request does not end an evaluation of several ranks)
             error = e
-        if self.dist.sum(float(error is not None)):
+        # (the ranks arrive together, but for one whose part failed early: it waits for the others' whole part)
+        if self.dist.sum(float(error is not None), at_least=EVALUATION_WAIT if error else 0.0):
             self._failure_agreed = True
             raise error or UserError(f"rank {self.dist.rank}: stopping: the evaluation {PEER_FAILED}")
         return value
@@ -729,15 +730,15 @@ class Trainer:
                     self.save()
                     # the others wait for rank 0's save at a barrier that allows for it, not in the next step's first
                     # collective, whose limit (NANOGPT_MLX_DIST_TIMEOUT) is a step's
-                    self.dist.barrier(at_least=SAVE_WAIT)
+                    self.dist.barrier(at_least=signals.SAVE_WAIT)
                 queued = ahead
-            if self._stopped_by is not None:
+            if self._stopped_by is not None and self.step < end:  # (not a signal that came in the last step)
                 again = "Ctrl-C" if self._stopped_by == signal.SIGINT else signal.Signals(self._stopped_by).name
                 self._say(f"stopping: saving a checkpoint ({again} again to quit without saving)")
             path = self.save()  # under the handlers too: a Ctrl-C during this save lets it finish
             # the other ranks wait for rank 0's save: a rank's stop (status 130) would end the others (launch.py),
             # rank 0 amid its save
-            self.dist.barrier(at_least=SAVE_WAIT)
+            self.dist.barrier(at_least=signals.SAVE_WAIT)
         if self._stop_error is not None:
             why, fix = self._stop_error
             raise _SavedStop(f"{why}; saved {path} (step {self.step}): {fix}, then --resume {shell_word(self.out)}")

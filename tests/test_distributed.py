@@ -538,7 +538,8 @@ def test_the_ranks_launcher_started_under_nohup_trains_on_after_a_sighup(data_di
 
 
 # Loaded by `train --ranks 2`'s ranks (sitecustomize.py on PYTHONPATH): rank FAIL_RANK reads a bad shard at its third
-# train batch (FAIL=shard) or is killed in its second validation (FAIL=kill); rank 0's saves take SAVE_SLEEP s more.
+# train batch (FAIL=shard), is killed in its second validation (FAIL=kill) or fails it (FAIL=val); rank 0's saves
+# take SAVE_SLEEP s more, its second validation VAL_SLEEP s more.
 INJECTED = """
 import os, signal, time
 rank = os.environ.get("MLX_RANK")
@@ -559,6 +560,10 @@ if rank is not None:
         calls.append(1)
         if fail == "kill" and len(calls) == 2:
             os.kill(os.getpid(), signal.SIGKILL)
+        if fail == "val" and len(calls) == 2:
+            raise RuntimeError("[Compile::eval_cpu] Failed to compile")
+        if rank == "0" and len(calls) == 2:
+            time.sleep(float(os.environ.get("VAL_SLEEP", "0")))
         return loss(*args, **kwargs)
 
     def save_model(*args, **kwargs):
@@ -605,6 +610,19 @@ def test_a_rank_lost_in_an_evaluation_leaves_rank_0_to_finish_its_save(data_dir,
     assert ours == ["nanogpt-mlx: error: rank 1 was killed by SIGKILL (out of memory?)"], err
     assert f"evaluation failed: saved {out / 'ckpt-000002'} (step 2)" in stdout
     assert [p.name for p in checkpoints(out)] == ["ckpt-000002"] and not list(out.glob(".*.tmp*"))
+
+
+def test_a_rank_whose_evaluation_failed_waits_for_the_others_longer_than_the_timeout(data_dir, tmp_path):
+    """Rank 1's validation failed at once and it waited for rank 0's, longer than a step, in the ranks' agreement
+    under a step's limit: its watchdog ended it with "no answer from the other ranks", the evaluation's error unsaid,
+    and rank 0 was stopped before its save."""
+    out = tmp_path / "run"
+    env = injected(tmp_path, FAIL="val", FAIL_RANK="1", VAL_SLEEP="8", NANOGPT_MLX_DIST_TIMEOUT="4")
+    proc = start_two_ranks(data_dir, out, env=env, args=["--max-steps", "6", "--val-every", "2", "--val-steps", "2"])
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert err.strip().splitlines() == ["nanogpt-mlx: error: rank 1: [Compile::eval_cpu] Failed to compile; stopping"]
+    assert f"evaluation failed: saved {out / 'ckpt-000002'} (step 2)" in stdout
 
 
 def test_the_ranks_wait_for_a_save_longer_than_the_collective_timeout(data_dir, tmp_path):
@@ -817,6 +835,19 @@ def test_a_ctrl_c_during_the_last_save_that_the_ranks_finished_ends_the_launch_w
     ranks.live = {0: Ended(0), 1: Ended(0)}
     ranks.poll()
     assert ranks.status() == 0 and capsys.readouterr().err == ""
+
+
+def test_a_rank_killed_amid_a_ctrl_c_is_said(tmp_path, capsys):
+    """The OOM killer's SIGKILL to rank 1 while the ranks stopped for a Ctrl-C: nothing said it."""
+    from nanogpt_mlx import launch
+
+    ranks = launch._Ranks(tmp_path)
+    ranks.interrupt(signal.SIGINT)  # (no live rank to forward it to)
+    ranks.live = {0: Ended(-signal.SIGINT), 1: Ended(-signal.SIGKILL)}  # rank 0: Ctrl-C'd as Python started
+    ranks.poll()
+    assert ranks.status() == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "nanogpt-mlx: error: rank 1 was killed by SIGKILL (out of memory?)", "nanogpt-mlx: interrupted"]
 
 
 LOST = "nanogpt-mlx: error: rank 0: lost a peer rank ([ring] connection lost)"

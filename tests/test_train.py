@@ -270,6 +270,23 @@ def test_a_checkpoint_mid_run_holds_its_step_not_the_one_queued_ahead_of_it(data
     assert loader[0] == loader[1]
 
 
+def test_a_ctrl_c_in_the_last_step_says_no_stop(data_dir, tmp_path, capsys):
+    """A Ctrl-C during the last step: the run ends as it would have, but said "stopping: saving a checkpoint (Ctrl-C
+    again to quit without saving)" first."""
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", max_steps=3))
+    finish = trainer._finish_step
+
+    def ctrl_c_in_the_last_step(queued):
+        if queued.step == 2:
+            trainer._on_signal(signal.SIGINT, None)
+        return finish(queued)
+
+    trainer._finish_step = ctrl_c_in_the_last_step
+    capsys.readouterr()
+    assert trainer.train()["train_loss"] == logged(tmp_path / "run")[2]["loss"]
+    assert "stopping" not in capsys.readouterr().out and trainer.step == 3
+
+
 def test_each_train_call_returns_its_own_result(data_dir, tmp_path):
     """train() returned the Trainer's own dict, which the next train() changed: a notebook's first result showed the
     second call's losses."""
@@ -931,7 +948,7 @@ class _Ranks(distributed.Dist):
         super().__init__(rank=rank, world=2)
         self.others = others
 
-    def sum(self, value: float) -> float:
+    def sum(self, value: float, at_least: float = 0.0) -> float:
         return value + self.others
 
 

@@ -258,7 +258,7 @@ def test_ranks_agree_on_a_shard_one_of_them_cannot_read_before_the_steps_all_red
     calls: list[str] = []
 
     class TwoRanks(distributed.Dist):  # this rank 0 of 2; its peer's values mirror its own
-        def sum(self, value: float) -> float:
+        def sum(self, value: float, at_least: float = 0.0) -> float:
             calls.append(f"sum {value:g}")
             return 2 * value
 

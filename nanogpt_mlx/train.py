@@ -110,9 +110,11 @@ class Trainer:
             raise
 
     def _setup(self, resume: bool, overwrite: bool) -> None:
-        cfg = self.cfg
+        # the device's dtype made the run's, saved with it: resumed on another device (a GPU's run on a CPU), the run
+        # keeps it unless told otherwise (--dtype), and a change is said as one
+        cfg = self.cfg = replace(self.cfg, dtype=self.cfg.dtype or device.PROFILE.dtype)
         self.recipe = recipes.get(cfg.recipe)
-        self.dtype_name = cfg.dtype or device.PROFILE.dtype
+        self.dtype_name = cfg.dtype
         self.dtype = DTYPES[self.dtype_name]
         if resume and self.dist.is_main and checkpoint.checkpoints(self.out):  # (no lock file left where none is)
             self.run_dir.hold()  # before its checkpoint is read, which a live run may replace

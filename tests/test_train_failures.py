@@ -204,6 +204,17 @@ def test_suggested_commands_quote_a_path_with_a_space(data_dir, tmp_path, capsys
     assert f"(mv {shlex.quote(str(last))} {shlex.quote(f'{last}.damaged')})" in str(damaged(last, "test"))
 
 
+def test_a_run_resumed_on_another_device_keeps_its_dtype(data_dir, tmp_path):
+    """A GPU's run (bfloat16, the cuda profile's default) resumed on this machine went on in this device's dtype
+    (float32 on a CPU), and the resume note said nothing of it: the run's dtype is saved with it now."""
+    out = tmp_path / "run"
+    run_cli(*cli_config(data_dir, out, "--max-steps", "2"), env={"NANOGPT_MLX_PROFILE": "cuda"}, check=True)
+    proc = run_cli("train", "--resume", str(out), "--max-steps", "3", check=True)  # this machine's own profile
+    assert " bfloat16 | peak" in proc.stdout and "dtype" not in proc.stdout.split("changed since:")[1], proc.stdout
+    proc = run_cli("train", "--resume", str(out), "--max-steps", "4", "--dtype", "float32", check=True)
+    assert " float32 | peak" in proc.stdout and "dtype 'bfloat16' -> 'float32'" in proc.stdout
+
+
 def test_a_bad_shard_reached_mid_run_saves_the_steps_before_it(data_dir, tmp_path):
     """Token ids are checked as each shard is loaded (reading all shards first would take minutes at FineWeb's
     size): the run stopped with nothing saved."""

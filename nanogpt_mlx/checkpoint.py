@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .console import few, warn
+from .console import byte_unit, few, warn
 from .errors import UserError, first_line
 from .files import (atomic_dir, atomic_path, atomic_write_text, cannot, existing_ancestor, mlx_path, named_dir,
                     read_json, shell_word)
@@ -186,7 +186,7 @@ def check_room(out: Path, size: int, fresh: bool) -> None:
 
 def _told_apart(a: int, b: int) -> tuple[str, str]:
     """Byte counts a and b in GB (MB where both are below 1 GB), with as many decimals as show which is larger."""
-    unit, scale = ("GB", 1e9) if max(a, b) >= 1e9 else ("MB", 1e6)
+    unit, scale = byte_unit(max(a, b))
     for digits in range(2, 10):
         said = tuple(f"{n / scale:.{digits}f} {unit}" for n in (a, b))
         if said[0] != said[1]:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from . import device
-from .console import warn
+from .console import byte_unit, warn
 from .errors import UserError
 from .kernels import query_blocks
 from .loss import gemm_group, scales_in_gemms
@@ -63,9 +63,12 @@ class Estimate:
         return self.weights + self.optimizer + self.gradients + self.activations + self.head
 
     def describe(self) -> str:
-        parts = ", ".join(f"{name} {getattr(self, name) / 1e9:.2f}"
+        """"~1.23 GB (weights 0.50, ...)": the total and its parts in GB, or in MB where the total is below 1 GB."""
+        unit, scale = byte_unit(self.total)
+        digits = 2 if unit == "GB" else 1
+        parts = ", ".join(f"{name} {getattr(self, name) / scale:.{digits}f}"
                           for name in ("weights", "optimizer", "gradients", "activations", "head"))
-        return f"~{self.total / 1e9:.2f} GB ({parts})"
+        return f"~{self.total / scale:.{digits}f} {unit} ({parts})"
 
 
 def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpointing: bool = False,

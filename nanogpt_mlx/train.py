@@ -45,7 +45,7 @@ from tqdm import tqdm
 from . import checkpoint, device, distributed, memory, recipes, signals
 from .config import (DTYPES, MODEL_FIELDS, TrainConfig, ignored_shape, refuse_model_changes, resume_line, resumed,
                      unread)
-from .console import PEER_FAILED, say, warn
+from .console import PEER_FAILED, say, size, warn
 from .data import DataLoader
 from .errors import Stopped, UserError, check_bool, first_line
 from .evaluate import check_examples, download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
@@ -573,10 +573,10 @@ class Trainer:
     def _cap_memory(self) -> None:
         """Cap MLX's memory just above what the step just run op by op needed (memory.cap)."""
         need, self._memory_cap = memory.cap(self.cfg.max_memory)
-        self._say(f"memory: a step needs {need / 1e9:.2f} GB (measured op by op); MLX's memory is capped at "
-                  f"{self._memory_cap / 1e9:.2f} GB while training")
+        self._say(f"memory: a step needs {size(need)} (measured op by op); MLX's memory is capped at "
+                  f"{size(self._memory_cap)} while training")
         if self._memory_cap < need:
-            warn(f"the step needs {need / 1e9:.2f} GB, more than --max-memory {self.cfg.max_memory:g} GB: MLX will "
+            warn(f"the step needs {size(need)}, more than --max-memory {self.cfg.max_memory:g} GB: MLX will "
                  "wait for queued work at nearly every op")
         self.log.event(self.step, "memory", need=need, cap=self._memory_cap)
 
@@ -678,7 +678,7 @@ class Trainer:
                   f"V{c.vocab_size}) | recipe {self.recipe.name} | {self.dist.world} rank(s) | "
                   f"{tokens_per_step} tokens/step = {self.dist.world} x {self.grad_accum} x {cfg.batch_size} x "
                   f"{cfg.seq_len} | steps {self.step}..{cfg.max_steps} | {device.PROFILE.name} {self.dtype_name} | "
-                  f"peak {peak / 1e9:.0f} GFLOP/s a rank | memory ~{self.memory.total / 1e9:.2f} GB estimated")
+                  f"peak {peak / 1e9:.0f} GFLOP/s a rank | memory ~{size(self.memory.total)} estimated")
         notes = [resume_line(self.step, self._resume) if self._resume else "",
                  device.PROFILE.attention_note(self.dtype_name, c.n_embd // c.n_head, cfg.seq_len), unread(cfg)]
         if self._resume:

@@ -267,3 +267,16 @@ def test_mfus_peak_is_the_fastest_matmul(monkeypatch):
     monkeypatch.setattr(device, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     n = device.PROFILE.gemm_n if mx.default_device() == mx.gpu else 1024
     assert device.peak_flops.__wrapped__("float32", seconds=1.0) == pytest.approx(2 * n**3 / 0.1)
+
+
+def test_sizes_below_a_gb_are_said_in_mb():
+    """A small model's step needs a few MB, which read "0.00 GB" in the header and the refusals."""
+    from nanogpt_mlx.console import size
+    assert (size(1_234_567_890), size(999_999_999), size(12_345_678), size(40_000)) == \
+        ("1.23 GB", "1000.0 MB", "12.3 MB", "0.0 MB")
+    small = memory.Estimate(params=1, weights=2_000_000, optimizer=4_000_000, gradients=3_000_000,
+                            activations=1_500_000, head=500_000)
+    assert small.describe() == "~11.0 MB (weights 2.0, optimizer 4.0, gradients 3.0, activations 1.5, head 0.5)"
+    large = memory.Estimate(params=1, weights=500_000_000, optimizer=1_000_000_000, gradients=750_000_000,
+                            activations=2_000_000_000, head=250_000_000)
+    assert large.describe() == "~4.50 GB (weights 0.50, optimizer 1.00, gradients 0.75, activations 2.00, head 0.25)"

@@ -353,7 +353,8 @@ def test_cap_memory_measures_the_first_step_then_caps_mlx_while_training(data_di
     assert ahead[0] is False and any(ahead[1:])  # no step is built ahead of the measured one
     assert limits == [memory.MEASURE_LIMIT] + [event["cap"]] * 4
     assert [r["loss"] for r in logged(tmp_path / "a")] == [r["loss"] for r in logged(tmp_path / "b")]
-    assert f"a step needs {event['need'] / 1e9:.2f} GB (measured op by op)" in capsys.readouterr().out
+    said = re.search(r"a step needs (\d+\.\d) MB \(measured op by op\)", capsys.readouterr().out)
+    assert said and float(said[1]) == round(event["need"] / 1e6, 1)  # MB, where GB read "0.00"
 
 
 def test_cap_memory_within_max_memory_warns_when_the_step_needs_more(data_dir, tmp_path, capsys):

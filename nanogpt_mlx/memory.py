@@ -3,7 +3,7 @@ samples that cannot: check_sampling).
 
 An out-of-memory crash on a Mac (unified memory) can take minutes of swapping before it
 happens, and on a GPU it comes after the model is built and compiled. The estimate adds up what
-one optimizer step holds: float32 master weights, AdamW's two moments, float32 gradient sums, a
+one optimizer step holds: float32 master weights, AdamW's two moments (Muon's one), float32 gradient sums, a
 bfloat16 copy of the weights when computing in bfloat16, the activations the backward pass
 needs for one micro-batch, and the fused head + loss's buffers. The head's share was fitted to
 `mx.get_peak_memory()` of real compiled steps on MLX's CPU backend (tests/test_memory.py checks
@@ -53,7 +53,7 @@ _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 class Estimate:
     params: int
     weights: int  # float32 masters + the compute-dtype copy
-    optimizer: int  # AdamW's m and v
+    optimizer: int  # AdamW's m and v; Muon's momentum alone
     gradients: int  # the float32 running sum plus one micro-step's raw gradients
     activations: int  # what the backward pass needs, for one micro-batch
     head: int  # the fused head + loss's N x V logits, gradients and temporaries
@@ -72,9 +72,10 @@ class Estimate:
 
 
 def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpointing: bool = False,
-             profile: device.Profile | None = None, threads: int = 1) -> Estimate:
+             profile: device.Profile | None = None, threads: int = 1, one_moment: int = 0) -> Estimate:
     """The estimated peak memory (bytes) of one training step of `config` at (batch_size, seq_len), its rows split
-    over `threads` step threads (threads.py), each of which keeps a float32 gradient until they are added."""
+    over `threads` step threads (threads.py), each of which keeps a float32 gradient until they are added;
+    `one_moment` of the parameters have an optimizer state of one float32 array (Muon's), the rest AdamW's two."""
     profile = profile or device.PROFILE
     b = _BYTES[dtype]
     C, L, V, nh = config.n_embd, config.n_layer, config.vocab_size, config.n_head
@@ -108,7 +109,7 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
         if n // threads > gemm_group(rows):  # several groups sum the weight gradient in float32 (loss.py)
             head += 2 * V * C * 4 * threads
     # a micro-step's raw gradients and their float32 sum; each further thread's float32 gradient until they are added
-    return Estimate(params=params, weights=params * (4 + (b if b != 4 else 0)), optimizer=8 * params,
+    return Estimate(params=params, weights=params * (4 + (b if b != 4 else 0)), optimizer=4 * (2 * params - one_moment),
                     gradients=params * (4 + b + 4 * (threads - 1)), activations=activations, head=head)
 
 
@@ -121,15 +122,16 @@ def step_threads(batch_size: int, threads: int, fixed: bool) -> int:
 
 def largest_batch(config: GPTConfig, seq_len: int, dtype: str, checkpointing: bool, limit: float,
                   profile: device.Profile | None = None, threads: int = 1, fixed_threads: bool = False,
-                  rows: int = 0) -> int:
+                  rows: int = 0, one_moment: int = 0) -> int:
     """The largest micro-batch whose estimate fits in `limit` bytes (0 if none does), with its step threads
     (step_threads): a divisor of `rows`, the rows of a rank's optimizer step (so that gradient accumulation keeps
-    total_batch_size), or without rows a power of two; with fixed threads, a multiple of them."""
+    total_batch_size), or without rows a power of two; with fixed threads, a multiple of them. `one_moment`: as
+    estimate's."""
     sizes = [b for b in range(1, rows + 1) if rows % b == 0] if rows else [2 ** b for b in range(16)]
     fits = 0
     for b in (b for b in sizes if not fixed_threads or b % threads == 0):  # the estimate grows with b
         n = step_threads(b, threads, fixed_threads)
-        if estimate(config, b, seq_len, dtype, checkpointing, profile, n).total > limit:
+        if estimate(config, b, seq_len, dtype, checkpointing, profile, n, one_moment).total > limit:
             break
         fits = b
     return fits
@@ -137,13 +139,13 @@ def largest_batch(config: GPTConfig, seq_len: int, dtype: str, checkpointing: bo
 
 def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpointing: bool,
           max_memory_gb: float = 0.0, share: int = 1, threads: int = 1, fixed_threads: bool = False,
-          rows: int = 0, batch_fixed: bool = False) -> Estimate:
+          rows: int = 0, batch_fixed: bool = False, one_moment: int = 0) -> Estimate:
     """Refuse (UserError) a run whose estimated peak exceeds max_memory_gb (0: the device's memory, of which each
     of `share` ranks on this machine gets its share), with the batch size (a divisor of `rows`, a rank's rows per
     optimizer step, if given; not if `batch_fixed`, a resumed run's) or checkpointing that would fit, each with the
-    step threads it would run on (step_threads); warn when it comes within 10%."""
+    step threads it would run on (step_threads); warn when it comes within 10%. `one_moment`: as estimate's."""
     est_threads = step_threads(batch_size, threads, fixed_threads)
-    est = estimate(config, batch_size, seq_len, dtype, checkpointing, threads=est_threads)
+    est = estimate(config, batch_size, seq_len, dtype, checkpointing, threads=est_threads, one_moment=one_moment)
     if max_memory_gb:
         limit, where = max_memory_gb * 1e9, f"--max-memory {max_memory_gb:g} GB"
     else:
@@ -154,15 +156,16 @@ def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpoi
         advice, fits = [], 0
         if not batch_fixed:
             fits = largest_batch(config, seq_len, dtype, checkpointing, limit, threads=threads,
-                                 fixed_threads=fixed_threads, rows=rows)
+                                 fixed_threads=fixed_threads, rows=rows, one_moment=one_moment)
             if fits:
                 advice.append(f"--batch-size {fits} fits (--total-batch-size stays, by more accumulation)")
         if not checkpointing and batch_fixed:
-            if estimate(config, batch_size, seq_len, dtype, True, threads=est_threads).total <= limit:
+            if estimate(config, batch_size, seq_len, dtype, True, threads=est_threads, one_moment=one_moment).total \
+                    <= limit:
                 advice.append("--activation-checkpointing fits it")
         elif not checkpointing:
             fits_ckpt = largest_batch(config, seq_len, dtype, True, limit, threads=threads,
-                                      fixed_threads=fixed_threads, rows=rows)
+                                      fixed_threads=fixed_threads, rows=rows, one_moment=one_moment)
             if fits_ckpt > fits:  # (not where the head, which it does not shrink, is what fills the memory)
                 advice.append(f"--activation-checkpointing fits --batch-size {fits_ckpt}")
         larger = "a larger --max-memory" if max_memory_gb else "a larger device"

@@ -51,6 +51,7 @@ class Recipe:
     pack: Callable[[str, mx.array], str] | None  # the optimizer's packing groups (optim.Packing), None: per tensor
     lr: Callable[[int, TrainConfig], float]  # the main group's LR at a step (logged)
     set_step: Callable[[optim.Optimizer, int, TrainConfig], None]  # every group's LR (and momentum) at a step
+    one_moment: Callable[[GPTConfig], int]  # parameters whose optimizer state is one float32 array (memory.estimate)
 
     def check_model(self, config: GPTConfig, source: str) -> None:
         """Refuse to continue or fine-tune a model whose switches are not this recipe's."""
@@ -81,7 +82,8 @@ BUILD_NANOGPT = Recipe(
     model={},
     defaults=dict(max_lr=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=1.0),
     own=("min_lr_ratio", "min_lr"),
-    make_optimizer=_nanogpt_optimizer, pack=decay_group, lr=_nanogpt_lr, set_step=_nanogpt_set_step)
+    make_optimizer=_nanogpt_optimizer, pack=decay_group, lr=_nanogpt_lr, set_step=_nanogpt_set_step,
+    one_moment=lambda config: 0)
 
 
 # ------------------------------------------------------------------------------------ speedrun
@@ -132,7 +134,8 @@ SPEEDRUN = Recipe(
     # Muon at max_lr with decoupled weight decay; the AdamW groups use betas (0.8, 0.95), eps 1e-10, no decay
     defaults=dict(max_lr=0.025, weight_decay=0.025, beta1=0.8, beta2=0.95, eps=1e-10, grad_clip=0.0, warmup_steps=0),
     own=("embed_lr", "head_lr", "scalar_lr", "cooldown_frac", "momentum_warmup"),
-    make_optimizer=_speedrun_optimizer, pack=None, lr=_speedrun_lr, set_step=_speedrun_set_step)
+    make_optimizer=_speedrun_optimizer, pack=None, lr=_speedrun_lr, set_step=_speedrun_set_step,
+    one_moment=lambda config: 12 * config.n_layer * config.n_embd ** 2)  # Muon's: the blocks' matrices (no biases)
 
 
 RECIPES = {r.name: r for r in (BUILD_NANOGPT, SPEEDRUN)}

@@ -200,7 +200,7 @@ class Trainer:
                                 checkpointing=cfg.activation_checkpointing, max_memory_gb=cfg.max_memory,
                                 share=self.dist.local, threads=cfg.threads or device.step_threads(config.n_embd),
                                 fixed_threads=bool(cfg.threads), rows=0 if uneven else rows,
-                                batch_fixed=ckpt is not None)
+                                batch_fixed=ckpt is not None, one_moment=self.recipe.one_moment(config))
 
         if ckpt is None and not cfg.init_from:
             config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or PADDED_VOCAB_SIZE,

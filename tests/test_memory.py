@@ -64,17 +64,26 @@ def test_estimate_covers_a_measured_step_and_is_not_far_above_it(tmp_path, L, C,
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_estimates_model_and_optimizer_terms_are_the_models_parameters(recipe, dtype):
     """Parameters as the model has them (GPT-2 124M's 124,439,808 at vocab 50257), float32 masters plus a
-    compute-dtype copy, AdamW's two float32 moments, a float32 gradient sum plus one micro-step's gradients."""
+    compute-dtype copy, the optimizer's state as it holds it (AdamW's two float32 moments, Muon's one: the
+    speedrun's estimate counted two for every parameter), a float32 gradient sum plus one micro-step's gradients."""
     from mlx.utils import tree_flatten
 
     from nanogpt_mlx import GPT, recipes
 
-    config = GPTConfig(vocab_size=50257, **recipes.get(recipe).model)
-    params = sum(p.size for _, p in tree_flatten(GPT(config).parameters()))
-    assert recipe != "build-nanogpt" or params == 124_439_808
-    est = memory.estimate(config, 1, 64, dtype)
+    recipe = recipes.get(recipe)
+    config = GPTConfig(vocab_size=50257, n_layer=3, n_head=4, n_embd=64, **recipe.model)
+    model = GPT(config)
+    params = sum(p.size for _, p in tree_flatten(model.parameters()))
+    optimizer = recipe.make_optimizer(TrainConfig(recipe=recipe.name), mx.float32)
+    optimizer.init(model.trainable_parameters())
+    state = sum(a.nbytes for _, a in tree_flatten(optimizer.state) if a.size > 1)  # (not the scalar settings)
+    assert recipe.name != "build-nanogpt" or sum(p.size for _, p in tree_flatten(
+        GPT(GPTConfig(vocab_size=50257)).parameters())) == 124_439_808
+    one_moment = recipe.one_moment(config)
+    assert (one_moment > 0) == (recipe.name == "speedrun")
+    est = memory.estimate(config, 1, 64, dtype, one_moment=one_moment)
     b = 2 if dtype == "bfloat16" else 4
-    assert (est.params, est.optimizer, est.gradients) == (params, 8 * params, (4 + b) * params)
+    assert (est.params, est.optimizer, est.gradients) == (params, state, (4 + b) * params)
     assert est.weights == (4 if b == 4 else 6) * params
 
 

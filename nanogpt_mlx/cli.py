@@ -215,10 +215,12 @@ def add_eval(sub) -> None:
 
 def cmd_eval(args) -> None:
     from . import evaluate
+    from .data import list_shards
     from .files import output_file, user_path
     from .weights import load_model
 
     if args.task == "loss":
+        list_shards(args.data, args.split)  # before the (maybe downloaded) model: a mistyped --data is said at once
         model = load_model(args.model)
         loader = evaluate.eval_loader(model, args.data, args.split, args.batch_size, args.seq_len)
         n = loader.within_one_pass(args.batches)

@@ -525,6 +525,17 @@ def test_cli_bad_inputs(tiny_hf_dir, tmp_path):
                           "data directory not found")
 
 
+def test_cli_loss_checks_its_data_before_loading_the_model(tmp_path, capsys):
+    """The model was loaded first: a mistyped --data with the default gpt2 uncached was said as a model that cannot
+    be downloaded (online, ~500 MB were downloaded before the typo was said)."""
+    no_model = str(tmp_path / "no-model")
+    assert_one_line_error(run_main(capsys, "eval", "loss", "--model", no_model, "--data", str(tmp_path / "typo_dir")),
+                          "typo_dir: data directory not found")
+    np.save(tmp_path / "toy_train_000000.npy", np.zeros(300, np.uint16))
+    assert_one_line_error(run_main(capsys, "eval", "loss", "--model", no_model, "--data", str(tmp_path)),
+                          "no val shards")
+
+
 def test_cli_loss(tiny_hf_dir, model, tmp_path):
     np.save(tmp_path / "toy_val_000000.npy", np.random.default_rng(1).integers(0, 50257, 300).astype(np.uint16))
     proc = run_cli("eval", "loss", "--model", str(tiny_hf_dir), "--data", str(tmp_path), "--batches", "3",

@@ -19,7 +19,7 @@ from .checkpoint import RunLog
 from .console import quiet
 from .errors import UserError, check_bool, first_line
 from .evaluate import GPT2_HELLASWAG_TRAINING, GPT3_HELLASWAG
-from .files import as_paths, atomic_path, output_file, user_path
+from .files import as_paths, atomic_path, named_dir, output_file, user_path
 
 GPT2_VAL_LOSS = 3.2924  # OpenAI GPT-2 124M on the FineWeb-Edu val shard (build-nanogpt)
 KINDS = tuple(RunLog.FORMATS)  # what the trainer logs: train, val, hella
@@ -36,7 +36,7 @@ def read_log(run: str | os.PathLike) -> RunSeries:
     skipped, and so is a last line without its newline, so a log being written can be plotted, and so are nan and
     inf values. A kind's step at or before its last one starts it again (a run resumed from an earlier step, its
     lines appended to the log): the kind's points from that step on are dropped for the new ones."""
-    path = user_path(run)
+    path = user_path(named_dir(run, "run to plot", "a run directory or log file"))  # '' plotted ./log.txt
     if path.is_dir():
         path = path / "log.txt"
     if not path.exists():

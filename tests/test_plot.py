@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_main
 
 from nanogpt_mlx.errors import UserError
 from nanogpt_mlx.plot import plot_runs, read_log
@@ -138,6 +138,18 @@ def test_a_log_of_nan_alone_says_so(tmp_path):
     (tmp_path / "log.txt").write_text("0 train nan\n0 val nan\n1 train inf\n")
     with pytest.raises(UserError, match="log.txt: every train, val and hella value is nan or inf"):
         read_log(tmp_path)
+
+
+def test_an_empty_run_path_is_refused(tmp_path, monkeypatch, capsys):
+    """'' (an unset variable) was the working directory: its log.txt was plotted."""
+    monkeypatch.chdir(tmp_path)
+    fake_run(tmp_path / "here")
+    monkeypatch.chdir(tmp_path / "here")
+    needle = "the run to plot is '' (an unset variable?); name a run directory or log file"
+    with pytest.raises(UserError, match="^" + re.escape(needle) + "$"):
+        read_log("")
+    assert_one_line_error(run_main(capsys, "plot", "", "--out", str(tmp_path / "x.png")), needle)
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_a_path_that_is_not_a_file_is_not_a_log(tmp_path):

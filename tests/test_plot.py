@@ -265,6 +265,28 @@ def test_a_run_of_val_points_alone_keeps_its_first_on_the_axis(tmp_path, ylims):
     assert [lim for lim in ylims if len(lim) == 2][0][1] == pytest.approx(10.9 * 1.05)
 
 
+@pytest.mark.parametrize("lines, log_scale, want, note", [
+    ("0 train 0.000000\n1 train 0.000000\n1 val 0.000000\n", False, (-0.05, 0.05), ""),
+    ("0 train 0.000000\n1 train 0.000000\n1 val 0.000000\n", True, (-0.05, 0.05), "the loss axis is linear"),
+    ("0 train 2.5\n1 train 0.000000\n2 train 0.000000\n2 val 0.000000\n", True, (2.5 * 0.95, 2.5 * 1.05), ""),
+])
+def test_losses_of_0_are_drawn_without_matplotlib_warnings(lines, log_scale, want, note, tmp_path, ylims, capsys):
+    """An overfit fine-tune logs 0.000000: the limits 0 * 0.95 and 0 * 1.05 were identical (matplotlib's UserWarning,
+    with its source path), and on a log scale not positive (another)."""
+    import warnings
+
+    (tmp_path / "log.txt").write_text(lines)
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = plot_runs([tmp_path], tmp_path / "zero.png", log_scale=log_scale, baseline="off")
+    assert png_size(out)[0] > 0
+    assert [str(w.message) for w in caught] == []
+    err = capsys.readouterr().err
+    assert (note in err and err.count("\n") == 1) if note else err == ""
+    assert [lim for lim in ylims if len(lim) == 2][0] == pytest.approx(want)
+
+
 def test_a_torn_last_line_is_not_read_as_a_number(tmp_path):
     """A log cut amid its last line (being written, a kill): "3 train 1" of "3 train 10.72" was drawn as 1."""
     (tmp_path / "log.txt").write_text("0 train 10.79\n1 train 10.76\n2 train 10.74\n3 train 1")

@@ -215,10 +215,12 @@ def add_eval(sub) -> None:
 
 def cmd_eval(args) -> None:
     from . import evaluate
-    from .files import output_file, user_path
+    from .data import list_shards
+    from .files import named_dir, output_file, user_path
     from .weights import load_model
 
     if args.task == "loss":
+        list_shards(args.data, args.split)  # before the (maybe downloaded) model: a mistyped --data is said at once
         model = load_model(args.model)
         loader = evaluate.eval_loader(model, args.data, args.split, args.batch_size, args.seq_len)
         n = loader.within_one_pass(args.batches)
@@ -226,11 +228,13 @@ def cmd_eval(args) -> None:
         print(f"{args.split} loss {loss:.4f}  perplexity {evaluate.perplexity(loss):.2f}  "
               f"({n} batches of {loader.B}x{loader.T} tokens from {args.data})")
         return
+    if args.data is not None:  # only None is "not given": '' (an unset variable) downloaded HellaSwag
+        named_dir(args.data, "HellaSwag file (--data)", name="a file")
     if args.output is not None:  # now, not after the whole evaluation
         out = output_file(args.output, "records file (--output)")
-        if args.data and out.exists() and out.resolve() == user_path(args.data).resolve():
+        if args.data is not None and out.exists() and out.resolve() == user_path(args.data).resolve():
             raise UserError(f"{args.output}: is the --data file; the records would replace the examples")
-    examples = evaluate.load_hellaswag(args.data or evaluate.download_hellaswag(), args.limit)
+    examples = evaluate.load_hellaswag(evaluate.download_hellaswag() if args.data is None else args.data, args.limit)
     model = load_model(args.model)
     start = time.perf_counter()
     result = evaluate.score_hellaswag(model, examples, batch_examples=args.batch_size)

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import RunLog
-from .console import quiet
+from .console import quiet, warn
 from .errors import UserError, check_bool, first_line
 from .evaluate import GPT2_HELLASWAG_TRAINING, GPT3_HELLASWAG
-from .files import as_paths, atomic_path, output_file, user_path
+from .files import as_paths, atomic_path, named_dir, output_file, user_path
 
 GPT2_VAL_LOSS = 3.2924  # OpenAI GPT-2 124M on the FineWeb-Edu val shard (build-nanogpt)
 KINDS = tuple(RunLog.FORMATS)  # what the trainer logs: train, val, hella
@@ -36,7 +36,7 @@ def read_log(run: str | os.PathLike) -> RunSeries:
     skipped, and so is a last line without its newline, so a log being written can be plotted, and so are nan and
     inf values. A kind's step at or before its last one starts it again (a run resumed from an earlier step, its
     lines appended to the log): the kind's points from that step on are dropped for the new ones."""
-    path = user_path(run)
+    path = user_path(named_dir(run, "run to plot", "a run directory or log file"))  # '' plotted ./log.txt
     if path.is_dir():
         path = path / "log.txt"
     if not path.exists():
@@ -71,18 +71,30 @@ def read_log(run: str | os.PathLike) -> RunSeries:
     return RunSeries(name or str(path), series)
 
 
-def _loss_limits(logs: Sequence[RunSeries]) -> tuple[float, float]:
+def _loss_limits(logs: Sequence[RunSeries], log_scale: bool = False,
+                 baseline: float | None = None) -> tuple[float, float] | None:
     """A loss range that shows 98% of the train points and every val point but the first of each run with train
     points: the first steps' ~11 would otherwise squash the part of the curve that matters (the train line shows
     where it starts), and a val loss that rises later (a fine-tune that overfits) stays in view. A run of val
-    points alone keeps its first (it may be its only one)."""
+    points alone keeps its first (it may be its only one). `baseline`, a line drawn too, is kept in view. On a log
+    scale the range starts at the smallest loss above 0; None where no loss (nor baseline) is above 0."""
     train = [l.series["train"][1] for l in logs if "train" in l.series]
     val = [l.series["val"][1] for l in logs if "val" in l.series]
-    values = np.concatenate(train + val)
+    values = np.concatenate(train + val + [np.array([] if baseline is None else [baseline])])
     shown_val = [l.series["val"][1][1 if "train" in l.series else 0:] for l in logs if "val" in l.series]
     top = max(np.quantile(np.concatenate(train), 0.98) if train else -np.inf,
-              np.concatenate(shown_val + [np.zeros(0)]).max(initial=-np.inf))
-    return float(values.min()) * 0.95, float(top) * 1.05
+              np.concatenate(shown_val + [np.zeros(0)]).max(initial=-np.inf),
+              -np.inf if baseline is None else baseline)
+    if log_scale:  # 0 (an overfit fine-tune logs 0.000000) has no place on a log axis: matplotlib warned
+        values = values[values > 0]
+        if not values.size:
+            return None
+        top = max(top, values.min())  # (the first steps' losses alone above 0 are above the 98% quantile)
+    bottom, top = float(values.min()), float(top)
+    bottom, top = bottom - 0.05 * abs(bottom), top + 0.05 * abs(top)  # 5% margins
+    if top <= bottom:  # every loss 0.0: 5% of it is no margin (matplotlib warned of identical limits)
+        bottom, top = bottom - 0.05, top + 0.05
+    return bottom, top
 
 
 def _draw_loss(ax, logs: Sequence[RunSeries], log_scale: bool, baseline: str) -> None:
@@ -96,15 +108,18 @@ def _draw_loss(ax, logs: Sequence[RunSeries], log_scale: bool, baseline: str) ->
             ax.plot(*log.series["train"], color=color, lw=1, alpha=alpha, label=f"{log.name} train")
         if "val" in log.series:
             ax.plot(*log.series["val"], color=color, lw=2, marker="o", ms=3, label=f"{log.name} val")
-    bottom, top = _loss_limits(logs)
-    if baseline == "on" or (baseline == "auto" and bottom <= GPT2_VAL_LOSS <= top):
+    limits = _loss_limits(logs, log_scale)
+    if baseline == "on" or (baseline == "auto" and limits and limits[0] <= GPT2_VAL_LOSS <= limits[1]):
         ax.axhline(GPT2_VAL_LOSS, color="r", ls="--", label=f"OpenAI GPT-2 (124M) val loss {GPT2_VAL_LOSS}")
-        bottom, top = min(bottom, GPT2_VAL_LOSS * 0.95), max(top, GPT2_VAL_LOSS * 1.05)
+        limits = _loss_limits(logs, log_scale, GPT2_VAL_LOSS)
+    if log_scale and limits is None:  # a log axis would draw none of it (matplotlib warned so)
+        warn("no loss above 0 to draw on a log scale: the loss axis is linear", kind="note")
+        log_scale, limits = False, _loss_limits(logs)
     if log_scale:
         ax.set_yscale("log")
         for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
             axis_formatter(FormatStrFormatter("%g"))  # 6, 7, 10 rather than 6x10^0
-    ax.set_ylim(bottom, top)
+    ax.set_ylim(*limits)
     ax.set(xlabel="step", ylabel="loss", title="Loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")

@@ -124,7 +124,7 @@ def _expand(base: str, segments: list[str]) -> Iterator[str]:
                 continue
             if _is_dir(entry, follow_symlinks=False):
                 yield from _expand(os.path.join(base, entry.name), segments)
-            elif not rest:
+            elif not rest and not _is_dir(entry, follow_symlinks=True):  # a folder link, yielded, was searched
                 yield os.path.join(base, entry.name)
     elif not glob.has_magic(segment):
         path = os.path.join(base, segment)

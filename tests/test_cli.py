@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli, run_main
 
@@ -344,6 +345,9 @@ def test_unreachable_hub_fails_within_seconds(tmp_path, args):
     env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "0",
            "no_proxy": "127.0.0.1"}
     args = [str(tmp_path / a) if a in ("OUT", "DATA") else a for a in args]
+    if "eval" in args:  # its data is checked first
+        (tmp_path / "DATA").mkdir()
+        np.save(tmp_path / "DATA" / "toy_val_000000.npy", np.zeros(300, np.uint16))
     start = time.perf_counter()
     proc = run_cli(*args, env=env)
     seconds = time.perf_counter() - start

@@ -525,6 +525,30 @@ def test_cli_bad_inputs(tiny_hf_dir, tmp_path):
                           "data directory not found")
 
 
+def test_cli_hellaswag_refuses_an_empty_data_path(tmp_path, monkeypatch, capsys):
+    """`--data ''` (an unset variable) was taken as no --data: HellaSwag was downloaded instead."""
+    from nanogpt_mlx import evaluate
+
+    def download(*a, **kw):
+        raise AssertionError("downloaded HellaSwag for --data ''")
+
+    monkeypatch.setattr(evaluate, "download_hellaswag", download)
+    for more in ((), ("--output", str(tmp_path / "scores.jsonl"))):
+        assert_one_line_error(run_main(capsys, "eval", "hellaswag", "--model", str(tmp_path / "no-model"), "--data",
+                                       "", *more), "the HellaSwag file (--data) is '' (an unset variable?); name a file")
+
+
+def test_cli_loss_checks_its_data_before_loading_the_model(tmp_path, capsys):
+    """The model was loaded first: a mistyped --data with the default gpt2 uncached was said as a model that cannot
+    be downloaded (online, ~500 MB were downloaded before the typo was said)."""
+    no_model = str(tmp_path / "no-model")
+    assert_one_line_error(run_main(capsys, "eval", "loss", "--model", no_model, "--data", str(tmp_path / "typo_dir")),
+                          "typo_dir: data directory not found")
+    np.save(tmp_path / "toy_train_000000.npy", np.zeros(300, np.uint16))
+    assert_one_line_error(run_main(capsys, "eval", "loss", "--model", no_model, "--data", str(tmp_path)),
+                          "no val shards")
+
+
 def test_cli_loss(tiny_hf_dir, model, tmp_path):
     np.save(tmp_path / "toy_val_000000.npy", np.random.default_rng(1).integers(0, 50257, 300).astype(np.uint16))
     proc = run_cli("eval", "loss", "--model", str(tiny_hf_dir), "--data", str(tmp_path), "--batches", "3",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_main
 
 from nanogpt_mlx.errors import UserError
 from nanogpt_mlx.plot import plot_runs, read_log
@@ -140,6 +140,18 @@ def test_a_log_of_nan_alone_says_so(tmp_path):
         read_log(tmp_path)
 
 
+def test_an_empty_run_path_is_refused(tmp_path, monkeypatch, capsys):
+    """'' (an unset variable) was the working directory: its log.txt was plotted."""
+    monkeypatch.chdir(tmp_path)
+    fake_run(tmp_path / "here")
+    monkeypatch.chdir(tmp_path / "here")
+    needle = "the run to plot is '' (an unset variable?); name a run directory or log file"
+    with pytest.raises(UserError, match="^" + re.escape(needle) + "$"):
+        read_log("")
+    assert_one_line_error(run_main(capsys, "plot", "", "--out", str(tmp_path / "x.png")), needle)
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_a_path_that_is_not_a_file_is_not_a_log(tmp_path):
     """/dev/null exists: it was reported as "no such log file"."""
     with pytest.raises(UserError, match="^/dev/null: not a log file or a run directory$"):
@@ -251,6 +263,28 @@ def test_a_run_of_val_points_alone_keeps_its_first_on_the_axis(tmp_path, ylims):
     (one / "log.txt").write_text("0 val 10.9\n")
     plot_runs([fake_run(tmp_path / "a", hella=False), one], tmp_path / "m.png", baseline="off")
     assert [lim for lim in ylims if len(lim) == 2][0][1] == pytest.approx(10.9 * 1.05)
+
+
+@pytest.mark.parametrize("lines, log_scale, want, note", [
+    ("0 train 0.000000\n1 train 0.000000\n1 val 0.000000\n", False, (-0.05, 0.05), ""),
+    ("0 train 0.000000\n1 train 0.000000\n1 val 0.000000\n", True, (-0.05, 0.05), "the loss axis is linear"),
+    ("0 train 2.5\n1 train 0.000000\n2 train 0.000000\n2 val 0.000000\n", True, (2.5 * 0.95, 2.5 * 1.05), ""),
+])
+def test_losses_of_0_are_drawn_without_matplotlib_warnings(lines, log_scale, want, note, tmp_path, ylims, capsys):
+    """An overfit fine-tune logs 0.000000: the limits 0 * 0.95 and 0 * 1.05 were identical (matplotlib's UserWarning,
+    with its source path), and on a log scale not positive (another)."""
+    import warnings
+
+    (tmp_path / "log.txt").write_text(lines)
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = plot_runs([tmp_path], tmp_path / "zero.png", log_scale=log_scale, baseline="off")
+    assert png_size(out)[0] > 0
+    assert [str(w.message) for w in caught] == []
+    err = capsys.readouterr().err
+    assert (note in err and err.count("\n") == 1) if note else err == ""
+    assert [lim for lim in ylims if len(lim) == 2][0] == pytest.approx(want)
 
 
 def test_a_torn_last_line_is_not_read_as_a_number(tmp_path):

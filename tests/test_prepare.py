@@ -756,8 +756,11 @@ def test_symlinked_folders_are_entered_by_neither_a_search_nor_a_pattern(tmp_pat
     write_jsonl(tmp_path / "elsewhere" / "c.jsonl", make_docs(2))
     (tmp_path / "lp" / "sub" / "link").symlink_to(tmp_path / "elsewhere")
     start = time.monotonic()
+    (tmp_path / "lp" / "direct").symlink_to(tmp_path / "elsewhere")  # a link right under the pattern's root
     keys = [u.key for u in sources.local_files([tmp_path / "lp"]).units]
     assert [u.key for u in sources.local_files([str(tmp_path / "lp" / "**" / "*.jsonl")]).units] == keys
+    # a trailing ** matched the linked folders as files, and they were searched
+    assert [u.key for u in sources.local_files([str(tmp_path / "lp" / "**")]).units] == keys
     assert time.monotonic() - start < 5
     assert len(keys) == 2 and "a.jsonl" in keys[0] and "b.jsonl" in keys[1]
     # a linked folder named outright, or by a pattern's *, is searched

@@ -438,6 +438,31 @@ def test_weights_that_are_no_floats_or_an_index_naming_no_file_are_refused(tmp_p
         load_model(tmp_path / "m")
 
 
+def test_a_float64_model_loads_as_transformers_reads_it(tiny_hf_dir, tmp_path):
+    """save_pretrained of a float64 GPT-2 writes F64 tensors, which MLX cannot read: "cannot read safetensors
+    ([safetensor] unsupported dtype F64)". They load cast to float32, and export as the model they are."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    GPT2LMHeadModel.from_pretrained(tiny_hf_dir).to(torch.float64).save_pretrained(tmp_path / "f64")
+    assert {a.dtype for a in read_tensors(tmp_path / "f64").values()} == {np.dtype(np.float64)}
+    model = load_model(tmp_path / "f64")
+    assert {w.dtype for _, w in model.parameters_flat()} == {mx.float32}
+    idx = np.random.default_rng(0).integers(0, 50257, size=(2, 16))
+    np.testing.assert_allclose(np.array(model(mx.array(idx))), hf_logits(tmp_path / "f64", idx), rtol=0, atol=2e-5)
+    export_hf(model, tmp_path / "out")
+    np.testing.assert_allclose(hf_logits(tmp_path / "out", idx), hf_logits(tmp_path / "f64", idx), rtol=0, atol=2e-5)
+
+    tensors = read_tensors(tmp_path / "f64")  # a value float32 cannot hold would be inf: "a damaged model"
+    tensors["transformer.h.0.mlp.c_fc.weight"][1, 2] = 1e300
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(tmp_path / "f64" / "model.safetensors"))
+    with pytest.raises(UserError, match=r"model.safetensors: transformer.h.0.mlp.c_fc.weight holds values beyond "
+                                        r"float32's range$"):
+        load_model(tmp_path / "f64")
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_weights_holding_nan_or_inf_are_refused(tmp_path, value):
     """A NaN weight sampled only "!!!!" and evaluated to a NaN loss, with status 0."""

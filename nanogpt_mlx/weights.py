@@ -359,6 +359,10 @@ def check_hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> None:
                         f"({e.strerror or first_line(e)})") from None
 
 
+class _NoSafetensors(Exception):
+    """A hub repo (or its cache) has config.json but neither model.safetensors nor its index."""
+
+
 def _fetch_model(get: Callable[[str], str]) -> Path:
     """Fetch config.json and the weights, model.safetensors or else its index and the shards it names, with `get`
     (a file's name in the repo -> its path); return their folder."""
@@ -368,9 +372,37 @@ def _fetch_model(get: Callable[[str], str]) -> Path:
     try:
         get("model.safetensors")
     except EntryNotFoundError:  # not in the repo (or not in the cache): a sharded model's files instead
-        for name in _shard_names(Path(get(SHARD_INDEX))):
+        try:
+            index = get(SHARD_INDEX)
+        except EntryNotFoundError:  # the repo exists (config.json came) without safetensors: a pickle's, or none
+            raise _NoSafetensors from None
+        for name in _shard_names(Path(index)):
             get(name)
     return folder
+
+
+def _cached_without_safetensors(repo_id: str) -> bool:
+    """Whether the Hugging Face cache has `repo_id`'s config.json and no safetensors weights, known to be missing: the
+    hub answered that it has neither model.safetensors nor its index (huggingface_hub records it), or its pickled
+    weights are cached without them (a whole snapshot downloaded)."""
+    from huggingface_hub import _CACHED_NO_EXIST, try_to_load_from_cache
+
+    try:
+        config = try_to_load_from_cache(repo_id, "config.json")
+        found = [try_to_load_from_cache(repo_id, name) for name in ("model.safetensors", SHARD_INDEX)]
+    except Exception:  # noqa: BLE001  (an id huggingface_hub refuses is in no cache)
+        return False
+    if not isinstance(config, str) or any(isinstance(f, str) for f in found):
+        return False
+    return all(f is _CACHED_NO_EXIST for f in found) or any(Path(config).parent.glob("pytorch_model*.bin"))
+
+
+def _no_safetensors(repo_id: str, known: str) -> UserError:
+    """The refusal of a hub repo that has no safetensors weights (`known`: how that is known)."""
+    return UserError(f"{repo_id!r}: the hub repo has no safetensors weights ({known}); pickled ones "
+                     "(pytorch_model.bin) are not loaded, as they can run code: convert them with transformers' "
+                     f"GPT2LMHeadModel.from_pretrained({repo_id!r}).save_pretrained(DIR), which writes "
+                     "model.safetensors, and pass DIR")
 
 
 def download(repo_id: str) -> Path:
@@ -391,6 +423,8 @@ def download(repo_id: str) -> Path:
     except Exception:  # noqa: BLE001  (any failure here just means "not fully cached")
         pass
     if hub_offline():
+        if _cached_without_safetensors(repo_id):  # known from the cache: not a repo that was never fetched
+            raise _no_safetensors(repo_id, "none in the Hugging Face cache, and HF_HUB_OFFLINE is set")
         raise UserError(f"{tried} and not in the Hugging Face cache (HF_HUB_OFFLINE is set); {hint}")
     try:
         check_hub_reachable()
@@ -401,6 +435,8 @@ def download(repo_id: str) -> Path:
             return _fetch_model(lambda f: hf_hub_download(repo_id, f, etag_timeout=10))
     except UserError:
         raise
+    except _NoSafetensors:  # not the same 404 as a repo that does not exist
+        raise _no_safetensors(repo_id, f"no model.safetensors or {SHARD_INDEX}") from None
     except Exception as e:  # noqa: BLE001  (network, auth, unknown repo: all end the same way)
         raise UserError(f"{tried} and could not be downloaded from the Hugging Face hub ({first_line(e)}); "
                         f"{hint}") from None

@@ -4,8 +4,9 @@ Hugging Face GPT-2 stores its projections as Conv1D, shape (in, out); MLX's Line
 so conversion is transposes plus, on the way in, dropping the `transformer.` prefix that
 `save_pretrained` writes. Exports use the names of the hub's `gpt2` repository (no prefix), which
 `transformers` and mlx-lm both load, and come with GPT-2's tokenizer files. Only safetensors are
-read: pickled `pytorch_model.bin` files can run code and are refused. config.json is checked against
-the weights file's header before a model is built, so a wrong size fails at once.
+read (float64 ones, which MLX cannot read, with numpy): pickled `pytorch_model.bin` files can run code and are
+refused. config.json is checked against the weights file's header before a model is built, so a wrong size fails
+at once.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from .console import few, quiet, warn
 from .errors import FieldTypeError, UserError, check_bool, first_line
@@ -153,8 +155,9 @@ def _config_from_native(cfg: dict, where: Path) -> GPTConfig:
         raise UserError(f"{where}/config.json: not a valid nanogpt-mlx model config ({e})") from None
 
 
-def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from a safetensors header (8-byte length + JSON), checked against the file size."""
+def _safetensors_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], int]:
+    """A safetensors header (8-byte length + JSON), checked against the file size: each tensor's (dtype, shape, start,
+    end) in the data, and where the data starts in the file."""
     bad = f"{path}: cannot read safetensors"
     try:
         with open(path, "rb") as f:
@@ -163,18 +166,23 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             if not 0 < n <= size - 8:
                 raise UserError(f"{bad} (header length {n}, file size {size})")
             header = json.loads(f.read(n))
-        shapes, end = {}, 0
+        tensors, end = {}, 0
         for k, v in header.items():
             if k != "__metadata__":
-                shapes[k] = tuple(int(d) for d in v["shape"])
-                end = max(end, int(v["data_offsets"][1]))
+                tensors[k] = (str(v["dtype"]), tuple(int(d) for d in v["shape"]), *map(int, v["data_offsets"][:2]))
+                end = max(end, tensors[k][3])
     except OSError as e:
         raise cannot("read safetensors", path, e) from None
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise UserError(f"{bad} (bad header: {first_line(e)})") from None
     if end > size - 8 - n:
         raise UserError(f"{bad} (truncated: its header describes {end} bytes of data, the file holds {size - 8 - n})")
-    return shapes
+    return tensors, 8 + n
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header, checked against the file size."""
+    return {k: shape for k, (_, shape, _, _) in _safetensors_header(path)[0].items()}
 
 
 def _check_sizes(config: GPTConfig, shapes: dict[str, tuple[int, ...]], where: Path) -> None:
@@ -223,7 +231,44 @@ def _weight_files(directory: Path) -> list[Path]:
     raise UserError(f"{path}: file not found")
 
 
+# safetensors dtypes as numpy reads them (little-endian); bfloat16, which numpy lacks, as its bits
+_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+                 "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
+
+
+def _load_float64(path: Path, tensors: dict[str, tuple[str, tuple[int, ...], int, int]],
+                  start: int) -> dict[str, mx.array]:
+    """A safetensors file holding float64 tensors, which MLX cannot read (transformers' `.to(torch.float64)` then
+    `save_pretrained`): read with numpy, its float64 tensors cast to float32 one at a time (a float64 copy of a
+    model is twice the float32 one that is trained and sampled)."""
+    bad = f"{path}: cannot read safetensors"
+    out = {}
+    try:
+        with open(path, "rb") as f:
+            for k, (dtype, shape, begin, end) in tensors.items():
+                if dtype not in _NUMPY_DTYPES:
+                    raise UserError(f"{bad} (unsupported dtype {dtype} of {k})")
+                f.seek(start + begin)  # one tensor in memory at a time, not a mapping of the whole file
+                w = np.frombuffer(f.read(end - begin), _NUMPY_DTYPES[dtype]).reshape(shape)
+                if dtype == "F64":
+                    with np.errstate(over="ignore"):
+                        w32 = w.astype(np.float32)
+                    if not np.isfinite(w32).all() and np.isfinite(w).all():
+                        # as inf it was refused as "a damaged model": it is only too wide for float32
+                        raise UserError(f"{path}: {k} holds values beyond float32's range")
+                    w = w32
+                out[k] = mx.array(w).view(mx.bfloat16) if dtype == "BF16" else mx.array(w)
+    except OSError as e:
+        raise cannot("read safetensors", path, e) from None
+    except ValueError as e:  # a tensor's bytes that are not its shape's
+        raise UserError(f"{bad} (bad header: {first_line(e)})") from None
+    return out
+
+
 def _load_safetensors(path: Path) -> dict[str, mx.array]:
+    tensors, start = _safetensors_header(path)
+    if any(dtype == "F64" for dtype, *_ in tensors.values()):
+        return _load_float64(path, tensors, start)
     name = mlx_path(path)
     try:
         return mx.load(name)
@@ -314,6 +359,10 @@ def check_hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> None:
                         f"({e.strerror or first_line(e)})") from None
 
 
+class _NoSafetensors(Exception):
+    """A hub repo (or its cache) has config.json but neither model.safetensors nor its index."""
+
+
 def _fetch_model(get: Callable[[str], str]) -> Path:
     """Fetch config.json and the weights, model.safetensors or else its index and the shards it names, with `get`
     (a file's name in the repo -> its path); return their folder."""
@@ -323,9 +372,37 @@ def _fetch_model(get: Callable[[str], str]) -> Path:
     try:
         get("model.safetensors")
     except EntryNotFoundError:  # not in the repo (or not in the cache): a sharded model's files instead
-        for name in _shard_names(Path(get(SHARD_INDEX))):
+        try:
+            index = get(SHARD_INDEX)
+        except EntryNotFoundError:  # the repo exists (config.json came) without safetensors: a pickle's, or none
+            raise _NoSafetensors from None
+        for name in _shard_names(Path(index)):
             get(name)
     return folder
+
+
+def _cached_without_safetensors(repo_id: str) -> bool:
+    """Whether the Hugging Face cache has `repo_id`'s config.json and no safetensors weights, known to be missing: the
+    hub answered that it has neither model.safetensors nor its index (huggingface_hub records it), or its pickled
+    weights are cached without them (a whole snapshot downloaded)."""
+    from huggingface_hub import _CACHED_NO_EXIST, try_to_load_from_cache
+
+    try:
+        config = try_to_load_from_cache(repo_id, "config.json")
+        found = [try_to_load_from_cache(repo_id, name) for name in ("model.safetensors", SHARD_INDEX)]
+    except Exception:  # noqa: BLE001  (an id huggingface_hub refuses is in no cache)
+        return False
+    if not isinstance(config, str) or any(isinstance(f, str) for f in found):
+        return False
+    return all(f is _CACHED_NO_EXIST for f in found) or any(Path(config).parent.glob("pytorch_model*.bin"))
+
+
+def _no_safetensors(repo_id: str, known: str) -> UserError:
+    """The refusal of a hub repo that has no safetensors weights (`known`: how that is known)."""
+    return UserError(f"{repo_id!r}: the hub repo has no safetensors weights ({known}); pickled ones "
+                     "(pytorch_model.bin) are not loaded, as they can run code: convert them with transformers' "
+                     f"GPT2LMHeadModel.from_pretrained({repo_id!r}).save_pretrained(DIR), which writes "
+                     "model.safetensors, and pass DIR")
 
 
 def download(repo_id: str) -> Path:
@@ -346,6 +423,8 @@ def download(repo_id: str) -> Path:
     except Exception:  # noqa: BLE001  (any failure here just means "not fully cached")
         pass
     if hub_offline():
+        if _cached_without_safetensors(repo_id):  # known from the cache: not a repo that was never fetched
+            raise _no_safetensors(repo_id, "none in the Hugging Face cache, and HF_HUB_OFFLINE is set")
         raise UserError(f"{tried} and not in the Hugging Face cache (HF_HUB_OFFLINE is set); {hint}")
     try:
         check_hub_reachable()
@@ -356,6 +435,8 @@ def download(repo_id: str) -> Path:
             return _fetch_model(lambda f: hf_hub_download(repo_id, f, etag_timeout=10))
     except UserError:
         raise
+    except _NoSafetensors:  # not the same 404 as a repo that does not exist
+        raise _no_safetensors(repo_id, f"no model.safetensors or {SHARD_INDEX}") from None
     except Exception as e:  # noqa: BLE001  (network, auth, unknown repo: all end the same way)
         raise UserError(f"{tried} and could not be downloaded from the Hugging Face hub ({first_line(e)}); "
                         f"{hint}") from None

@@ -121,8 +121,9 @@ def test_a_model_directory_under_home_is_expanded(tmp_path, monkeypatch):
     assert load_local("~/ckpt").config == load_model("~/ckpt").config == SMALL
 
 
-def cache_repo(cache, repo_id: str, files: dict[str, bytes]) -> None:
-    """`files` (name -> content) as huggingface_hub keeps a download of the hub repo `repo_id` in its cache `cache`."""
+def cache_repo(cache, repo_id: str, files: dict[str, bytes], no_exist: tuple[str, ...] = ()) -> None:
+    """`files` (name -> content) as huggingface_hub keeps a download of the hub repo `repo_id` in its cache `cache`,
+    with the files `no_exist` recorded as missing from the repo (as a download that the hub answered 404 leaves)."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True)
@@ -131,6 +132,9 @@ def cache_repo(cache, repo_id: str, files: dict[str, bytes]) -> None:
     snapshot.mkdir(parents=True)
     for name, content in files.items():
         (snapshot / name).write_bytes(content)
+    for name in no_exist:
+        (repo / ".no_exist" / commit).mkdir(parents=True, exist_ok=True)
+        (repo / ".no_exist" / commit / name).touch()
 
 
 def test_hub_id_loads_from_the_huggingface_cache(tiny_hf_dir, tmp_path, monkeypatch):
@@ -177,6 +181,57 @@ def test_a_sharded_hub_model_loads_from_the_cache_and_the_hub(tiny_hf_dir, tmp_p
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert mx.array_equal(load_model("me/sharded").wte.weight, expected).item()
     assert fetched[:2] == ["config.json", "model.safetensors.index.json"] and sorted(fetched) == files
+
+
+def test_a_hub_repo_with_only_pickled_weights_is_said_to_be_so(tiny_hf_dir, tmp_path, monkeypatch):
+    """A repo of config.json and pytorch_model.bin (older fine-tunes') was refused as one that does not exist
+    ("could not be downloaded from the Hugging Face hub (404 ...)"), and from the cache offline as one not in it."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils import EntryNotFoundError
+
+    import nanogpt_mlx.weights as weights
+
+    config = (tiny_hf_dir / "config.json").read_bytes()
+    fetched = []
+
+    def hub(repo_id, filename, local_files_only=False, **kwargs):  # a hub with old/gpt2's two files, none cached
+        if local_files_only or repo_id != "old/gpt2" or filename != "config.json":
+            raise EntryNotFoundError(filename)  # (the pickle is never asked for)
+        fetched.append(filename)
+        (tmp_path / "config.json").write_bytes(config)
+        return str(tmp_path / "config.json")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    monkeypatch.setattr(weights, "check_hub_reachable", lambda: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    no_safetensors = (r"^'old/gpt2': the hub repo has no safetensors weights \(no model.safetensors or "
+                      r"model.safetensors.index.json\); pickled ones \(pytorch_model.bin\) are not loaded, as they "
+                      r"can run code: convert them with transformers' "
+                      r"GPT2LMHeadModel.from_pretrained\('old/gpt2'\).save_pretrained\(DIR\), which writes "
+                      r"model.safetensors, and pass DIR$")
+    with pytest.raises(UserError, match=no_safetensors):
+        load_model("old/gpt2")
+    assert fetched == ["config.json"]
+    with pytest.raises(UserError, match="'nobody/gpt2' is not a local directory and could not be downloaded"):
+        load_model("nobody/gpt2")  # no config.json: no such repo, as before
+
+    # offline, from the cache: as a download that the hub answered so leaves it, or as a whole snapshot downloaded
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache_repo(tmp_path / "hub", "old/gpt2", {"config.json": config},
+               no_exist=("model.safetensors", "model.safetensors.index.json"))
+    cache_repo(tmp_path / "hub", "old/gpt2-snapshot", {"config.json": config, "pytorch_model.bin": b"not loaded"})
+    cached = (r"no safetensors weights \(none in the Hugging Face cache, and HF_HUB_OFFLINE is set\); pickled ones "
+              r"\(pytorch_model.bin\) are not loaded")
+    for repo_id in ("old/gpt2", "old/gpt2-snapshot"):
+        with pytest.raises(UserError, match=f"^'{repo_id}': the hub repo has {cached}.*, and pass DIR$"):
+            load_model(repo_id)
+    cache_repo(tmp_path / "hub", "old/gpt2-config", {"config.json": config})  # its weights may be on the hub still
+    with pytest.raises(UserError, match="'old/gpt2-config' is not a local directory and not in the Hugging Face cache"):
+        load_model("old/gpt2-config")
+    assert_one_line_error(run_cli("sample", "--model", "old/gpt2", env={"HF_HUB_CACHE": str(tmp_path / "hub")}),
+                          "the hub repo has no safetensors weights")
 
 
 def test_unknown_hub_id_offline_fails_fast_with_one_clear_line(tmp_path, monkeypatch):
@@ -436,6 +491,31 @@ def test_weights_that_are_no_floats_or_an_index_naming_no_file_are_refused(tmp_p
     (tmp_path / "m" / "model.safetensors.index.json").write_text('{"weight_map": {"wte.weight": 5}}')
     with pytest.raises(UserError, match="not a safetensors index"):
         load_model(tmp_path / "m")
+
+
+def test_a_float64_model_loads_as_transformers_reads_it(tiny_hf_dir, tmp_path):
+    """save_pretrained of a float64 GPT-2 writes F64 tensors, which MLX cannot read: "cannot read safetensors
+    ([safetensor] unsupported dtype F64)". They load cast to float32, and export as the model they are."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    GPT2LMHeadModel.from_pretrained(tiny_hf_dir).to(torch.float64).save_pretrained(tmp_path / "f64")
+    assert {a.dtype for a in read_tensors(tmp_path / "f64").values()} == {np.dtype(np.float64)}
+    model = load_model(tmp_path / "f64")
+    assert {w.dtype for _, w in model.parameters_flat()} == {mx.float32}
+    idx = np.random.default_rng(0).integers(0, 50257, size=(2, 16))
+    np.testing.assert_allclose(np.array(model(mx.array(idx))), hf_logits(tmp_path / "f64", idx), rtol=0, atol=2e-5)
+    export_hf(model, tmp_path / "out")
+    np.testing.assert_allclose(hf_logits(tmp_path / "out", idx), hf_logits(tmp_path / "f64", idx), rtol=0, atol=2e-5)
+
+    tensors = read_tensors(tmp_path / "f64")  # a value float32 cannot hold would be inf: "a damaged model"
+    tensors["transformer.h.0.mlp.c_fc.weight"][1, 2] = 1e300
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(tmp_path / "f64" / "model.safetensors"))
+    with pytest.raises(UserError, match=r"model.safetensors: transformer.h.0.mlp.c_fc.weight holds values beyond "
+                                        r"float32's range$"):
+        load_model(tmp_path / "f64")
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

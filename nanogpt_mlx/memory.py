@@ -4,8 +4,10 @@ samples that cannot: check_sampling).
 An out-of-memory crash on a Mac (unified memory) can take minutes of swapping before it
 happens, and on a GPU it comes after the model is built and compiled. The estimate adds up what
 one optimizer step holds: float32 master weights, AdamW's two moments (Muon's one), float32 gradient sums, a
-bfloat16 copy of the weights when computing in bfloat16, the activations the backward pass
-needs for one micro-batch, and the fused head + loss's buffers. The head's share was fitted to
+bfloat16 copy of the weights when computing in bfloat16, and the larger of two peaks: the activations the
+backward pass needs for one micro-batch with the fused head + loss's buffers, or the optimizer update's new
+weights, moments and gradient copies (UPDATE_BYTES), which outweigh them where the parameters outweigh the
+batch (a large model fine-tuned at a small batch). The head's share was fitted to
 `mx.get_peak_memory()` of real compiled steps on MLX's CPU backend (tests/test_memory.py checks
 the estimate against measured steps): its chunks run in order (loss.py), but the host queues
 several ahead, so a fitted number of float32 arrays of a chunk's size are alive at once, though never
@@ -47,6 +49,12 @@ CLOSE = 0.9  # a step or a batch of samples past this share of the memory is war
 # fewer, more with a soft-cap (its slope); the others store (softmax - onehot) / N per chunk.
 _HEAD_ARRAYS = {"scaled": (4.0, 21), "scaled, capped": (7.0, 24), "stored": (5.5, 27)}
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# bytes a parameter the optimizer step allocates beyond the gradients term, after the backward freed the activations
+# and the head's buffers: the new weights and moments (queued before the old ones are freed: MLX gives an input's
+# buffer to an output only in a kernel of one output, and an update's fused kernel has several) and the gradients'
+# packed, clipped and summed copies. Fitted on the CPU backend, above steps whose parameters outweigh the rest: both
+# recipes, float32 and bfloat16, with and without accumulation and step threads (tests/test_memory.py)
+UPDATE_BYTES = 18
 
 
 @dataclass(frozen=True)
@@ -57,17 +65,20 @@ class Estimate:
     gradients: int  # the float32 running sum plus one micro-step's raw gradients
     activations: int  # what the backward pass needs, for one micro-batch
     head: int  # the fused head + loss's N x V logits, gradients and temporaries
+    update: int  # the optimizer step's new weights, moments and gradient copies, once activations and head are freed
 
     @property
     def total(self) -> int:
-        return self.weights + self.optimizer + self.gradients + self.activations + self.head
+        """The larger of the backward's peak and the update's: each comes when the other's buffers are gone."""
+        return self.weights + self.optimizer + self.gradients + max(self.activations + self.head, self.update)
 
     def describe(self) -> str:
-        """"~1.23 GB (weights 0.50, ...)": the total and its parts in GB, or in MB where the total is below 1 GB."""
+        """"~1.23 GB (weights 0.50, ...)": the total and the parts it adds, in GB, or in MB below 1 GB."""
         unit, scale = byte_unit(self.total)
         digits = 2 if unit == "GB" else 1
+        peak = ("activations", "head") if self.activations + self.head >= self.update else ("update",)
         parts = ", ".join(f"{name} {getattr(self, name) / scale:.{digits}f}"
-                          for name in ("weights", "optimizer", "gradients", "activations", "head"))
+                          for name in ("weights", "optimizer", "gradients", *peak))
         return f"~{self.total / scale:.{digits}f} {unit} ({parts})"
 
 
@@ -110,7 +121,8 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
             head += 2 * V * C * 4 * threads
     # a micro-step's raw gradients and their float32 sum; each further thread's float32 gradient until they are added
     return Estimate(params=params, weights=params * (4 + (b if b != 4 else 0)), optimizer=4 * (2 * params - one_moment),
-                    gradients=params * (4 + b + 4 * (threads - 1)), activations=activations, head=head)
+                    gradients=params * (4 + b + 4 * (threads - 1)), activations=activations, head=head,
+                    update=UPDATE_BYTES * params)
 
 
 def step_threads(batch_size: int, threads: int, fixed: bool) -> int:

@@ -6,7 +6,7 @@ happens, and on a GPU it comes after the model is built and compiled. The estima
 one optimizer step holds: float32 master weights, AdamW's two moments (Muon's one), float32 gradient sums, a
 bfloat16 copy of the weights when computing in bfloat16, and the larger of two peaks: the activations the
 backward pass needs for one micro-batch with the fused head + loss's buffers, or the optimizer update's new
-weights, moments and gradient copies (UPDATE_BYTES), which outweigh them where the parameters outweigh the
+weights and gradient copies (UPDATE_BYTES), which outweigh them where the parameters outweigh the
 batch (a large model fine-tuned at a small batch). The head's share was fitted to
 `mx.get_peak_memory()` of real compiled steps on MLX's CPU backend (tests/test_memory.py checks
 the estimate against measured steps): its chunks run in order (loss.py), but the host queues
@@ -50,11 +50,11 @@ CLOSE = 0.9  # a step or a batch of samples past this share of the memory is war
 _HEAD_ARRAYS = {"scaled": (4.0, 21), "scaled, capped": (7.0, 24), "stored": (5.5, 27)}
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # bytes a parameter the optimizer step allocates beyond the gradients term, after the backward freed the activations
-# and the head's buffers: the new weights and moments (queued before the old ones are freed: MLX gives an input's
-# buffer to an output only in a kernel of one output, and an update's fused kernel has several) and the gradients'
-# packed, clipped and summed copies. Fitted on the CPU backend, above steps whose parameters outweigh the rest: both
-# recipes, float32 and bfloat16, with and without accumulation and step threads (tests/test_memory.py)
-UPDATE_BYTES = 18
+# and the head's buffers: the new weights (queued before the old ones are freed), the gradients' packed, clipped and
+# summed copies, Muon's Newton-Schulz iterates (the new moments take over the old ones' buffers: optim.unfused).
+# Fitted on the CPU backend, above steps whose parameters outweigh the rest: both recipes, float32 and bfloat16, with
+# and without accumulation and step threads (tests/test_memory.py)
+UPDATE_BYTES = 13
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Estimate:
     gradients: int  # the float32 running sum plus one micro-step's raw gradients
     activations: int  # what the backward pass needs, for one micro-batch
     head: int  # the fused head + loss's N x V logits, gradients and temporaries
-    update: int  # the optimizer step's new weights, moments and gradient copies, once activations and head are freed
+    update: int  # the optimizer step's new weights and gradient copies, once the activations and head are freed
 
     @property
     def total(self) -> int:

@@ -57,12 +57,14 @@ def clip_grad_norm(grads, max_norm: float):
     return tree_map(lambda g: g * scale, grads), norm
 
 
-def once(scalar: mx.array) -> mx.array:
-    """`scalar`, computed once per step. mx.compile fuses a scalar's elementwise ops into the kernel of
-    the tensor it scales, which then recomputes them (a pow, an rsqrt) for every element: a group of one
-    large tensor (the speedrun's embedding, its head) paid several times over for its update. Contiguous is not
-    fused."""
-    return mx.contiguous(scalar)
+def unfused(a: mx.array) -> mx.array:
+    """`a` from a kernel of its own: mx.compile does not fuse across Contiguous (a no-op on a contiguous array).
+    - A step's scalar: fused into the kernel of the tensor it scales, its ops (a pow, an rsqrt) ran for every
+      element, and a group of one large tensor (the speedrun's embedding, its head) paid several times over.
+    - A new moment: fused into the update, it was one of the kernel's several outputs, and MLX gives an input's
+      buffer to an output only in a kernel of one output, so the old and new moments of every tensor were alive at
+      the step's peak (8 bytes a parameter for AdamW). Alone, the new moment takes over the old one's buffer."""
+    return mx.contiguous(a)
 
 
 class AdamW(optim.AdamW):
@@ -79,15 +81,16 @@ class AdamW(optim.AdamW):
         if dtype not in cache:
             lr = self.learning_rate.astype(dtype)
             b1, b2 = self.betas
-            cache[dtype] = (once((lr / (1 - b1**self.step)).astype(dtype)),
-                            once(mx.rsqrt(1 - b2**self.step).astype(dtype)),  # a scalar: MLX's own rsqrt is fine
-                            once(1 - lr * self.weight_decay))
+            cache[dtype] = (unfused((lr / (1 - b1**self.step)).astype(dtype)),
+                            unfused(mx.rsqrt(1 - b2**self.step).astype(dtype)),  # a scalar: MLX's own rsqrt is fine
+                            unfused(1 - lr * self.weight_decay))
         return cache[dtype]
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         b1, b2 = self.betas
-        m = state["m"] = b1 * state["m"] + (1 - b1) * gradient
-        v = state["v"] = b2 * state["v"] + (1 - b2) * mx.square(gradient)
+        # each new moment in a kernel of its own, which reuses the old one's buffer
+        m = state["m"] = unfused(b1 * state["m"] + (1 - b1) * gradient)
+        v = state["v"] = unfused(b2 * state["v"] + (1 - b2) * mx.square(gradient))
         c1, c2, decay = self.step_scalars(gradient.dtype)
         return parameter * decay - c1 * m / (mx.sqrt(v) * c2 + self.eps)
 
@@ -260,7 +263,7 @@ class Muon(optim.Optimizer):
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         beta = self.momentum.astype(gradient.dtype)
-        m = state["m"] = beta * state["m"] + (1 - beta) * gradient
+        m = state["m"] = unfused(beta * state["m"] + (1 - beta) * gradient)  # (its buffer reused)
         nesterov = (1 - beta) * gradient + beta * m
         rows, cols = parameter.shape[-2:]
         rows //= self.splits

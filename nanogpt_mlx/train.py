@@ -541,6 +541,9 @@ class Trainer:
         # the arrays themselves, not the model's and optimizer's state containers: building the next step
         # updates those in place, and waiting on them then would wait for that step too
         arrays = tuple(a for _, a in tree_flatten(list(arrays)))
+        # the last ones dropped first: the next update's moments reuse their buffers only where nothing else holds
+        # them (optim.unfused); held here, every moment was allocated anew beside the old
+        self._in_flight = ()
         self.dist.submit(*arrays)
         self._in_flight, self._in_flight_ends = arrays, ends
 

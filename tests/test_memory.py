@@ -297,9 +297,10 @@ def test_sizes_below_a_gb_are_said_in_mb():
 @pytest.mark.parametrize("recipe, dtype, accum", [("build-nanogpt", "float32", 1), ("build-nanogpt", "bfloat16", 2),
                                                   ("speedrun", "float32", 2)])
 def test_estimate_covers_a_step_whose_parameters_outweigh_its_batch(tmp_path, recipe, dtype, accum):
-    """A large model at a small batch (fine-tuning on a Mac) peaks in the optimizer update, whose new weights and
-    moments are allocated before the old ones are freed: the estimate, which summed the backward's buffers alone,
-    was 0.5-0.65x of such a step's peak (1024 wide, 2 layers, B1 x T16)."""
+    """A large model at a small batch (fine-tuning on a Mac) peaks in the optimizer update, whose new weights are
+    allocated before the old ones are freed: the estimate, which summed the backward's buffers alone, was 0.5-0.65x
+    of such a step's peak (1024 wide, 2 layers, B1 x T16). The new moments reuse the old ones' buffers
+    (optim.unfused): where they did not, the second and third cases peaked 1.15x above the estimate."""
     data = shards(tmp_path, 16 * accum * 4 + 1, 512)
     cfg = TrainConfig(recipe=recipe, data=str(data), out=str(tmp_path / "out"), n_layer=2, n_head=8, n_embd=1024,
                       block_size=16, vocab_size=512, batch_size=1, seq_len=16, total_batch_size=16 * accum,

@@ -31,7 +31,7 @@ from nanogpt_mlx import cuda, device, kernels
 from nanogpt_mlx import train as train_mod
 from nanogpt_mlx.loss import make_losses
 from nanogpt_mlx.model import GPT, GPTConfig
-from nanogpt_mlx.optim import Packing, build_nanogpt_adamw, clip_grad_norm, decay_group
+from nanogpt_mlx.optim import Packing, apply_scaled, build_nanogpt_adamw, clip_grad_norm, clip_scale, decay_group
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -198,8 +198,8 @@ def optimizer_parts(model: GPT) -> None:
 
         def update():
             g = tree_map(lambda a: a.astype(mx.float32), packing.pack(grads))
-            g, norm = clip_grad_norm(g, 1.0)
-            box["master"] = opt.apply_gradients(g, box["master"])
+            scale, norm = clip_scale(g, 1.0)  # as the Trainer: the factor inside AdamW's kernels
+            box["master"] = apply_scaled(opt, g, box["master"], scale)
             box["model"] = packing.unpack(box["master"], mx.bfloat16)
             return norm, box
 

@@ -6,7 +6,7 @@ happens, and on a GPU it comes after the model is built and compiled. The estima
 one optimizer step holds: float32 master weights, AdamW's two moments (Muon's one), float32 gradient sums, a
 bfloat16 copy of the weights when computing in bfloat16, and the larger of two peaks: the activations the
 backward pass needs for one micro-batch with the fused head + loss's buffers, or the optimizer update's new
-weights and gradient copies (UPDATE_BYTES), which outweigh them where the parameters outweigh the
+weights and gradient copies (OptimizerMemory), which outweigh them where the parameters outweigh the
 batch (a large model fine-tuned at a small batch). The head's share was fitted to
 `mx.get_peak_memory()` of real compiled steps on MLX's CPU backend (tests/test_memory.py checks
 the estimate against measured steps): its chunks run in order (loss.py), but the host queues
@@ -49,12 +49,18 @@ CLOSE = 0.9  # a step or a batch of samples past this share of the memory is war
 # fewer, more with a soft-cap (its slope); the others store (softmax - onehot) / N per chunk.
 _HEAD_ARRAYS = {"scaled": (4.0, 21), "scaled, capped": (7.0, 24), "stored": (5.5, 27)}
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# bytes a parameter the optimizer step allocates beyond the gradients term, after the backward freed the activations
-# and the head's buffers: the new weights (queued before the old ones are freed), the gradients' packed, clipped and
-# summed copies, Muon's Newton-Schulz iterates (the new moments take over the old ones' buffers: optim.unfused).
-# Fitted on the CPU backend, above steps whose parameters outweigh the rest: both recipes, float32 and bfloat16, with
-# and without accumulation and step threads (tests/test_memory.py)
-UPDATE_BYTES = 13
+
+
+@dataclass(frozen=True)
+class OptimizerMemory:
+    """What a recipe's optimizer holds (recipes.Recipe.memory): `one_moment` parameters whose state is one float32
+    array (Muon's), the rest AdamW's two; and `update_bytes` a parameter that its step allocates beyond the
+    gradients term, after the backward freed the activations and the head's buffers: the new weights (queued before
+    the old ones are freed), the gradients' packed and summed copies, Muon's Newton-Schulz iterates (the new
+    moments take over the old ones' buffers: optim.unfused). Fitted on the CPU backend, above steps whose parameters
+    outweigh the rest: float32 and bfloat16, with and without accumulation and step threads (tests/test_memory.py)."""
+    one_moment: int = 0
+    update_bytes: int = 8  # AdamW's
 
 
 @dataclass(frozen=True)
@@ -83,10 +89,11 @@ class Estimate:
 
 
 def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpointing: bool = False,
-             profile: device.Profile | None = None, threads: int = 1, one_moment: int = 0) -> Estimate:
+             profile: device.Profile | None = None, threads: int = 1,
+             optimizer: OptimizerMemory = OptimizerMemory()) -> Estimate:
     """The estimated peak memory (bytes) of one training step of `config` at (batch_size, seq_len), its rows split
     over `threads` step threads (threads.py), each of which keeps a float32 gradient until they are added;
-    `one_moment` of the parameters have an optimizer state of one float32 array (Muon's), the rest AdamW's two."""
+    `optimizer`: what the recipe's optimizer holds (AdamW's by default)."""
     profile = profile or device.PROFILE
     b = _BYTES[dtype]
     C, L, V, nh = config.n_embd, config.n_layer, config.vocab_size, config.n_head
@@ -120,9 +127,10 @@ def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, check
         if n // threads > gemm_group(rows):  # several groups sum the weight gradient in float32 (loss.py)
             head += 2 * V * C * 4 * threads
     # a micro-step's raw gradients and their float32 sum; each further thread's float32 gradient until they are added
-    return Estimate(params=params, weights=params * (4 + (b if b != 4 else 0)), optimizer=4 * (2 * params - one_moment),
+    return Estimate(params=params, weights=params * (4 + (b if b != 4 else 0)),
+                    optimizer=4 * (2 * params - optimizer.one_moment),
                     gradients=params * (4 + b + 4 * (threads - 1)), activations=activations, head=head,
-                    update=UPDATE_BYTES * params)
+                    update=optimizer.update_bytes * params)
 
 
 def step_threads(batch_size: int, threads: int, fixed: bool) -> int:
@@ -134,16 +142,16 @@ def step_threads(batch_size: int, threads: int, fixed: bool) -> int:
 
 def largest_batch(config: GPTConfig, seq_len: int, dtype: str, checkpointing: bool, limit: float,
                   profile: device.Profile | None = None, threads: int = 1, fixed_threads: bool = False,
-                  rows: int = 0, one_moment: int = 0) -> int:
+                  rows: int = 0, optimizer: OptimizerMemory = OptimizerMemory()) -> int:
     """The largest micro-batch whose estimate fits in `limit` bytes (0 if none does), with its step threads
     (step_threads): a divisor of `rows`, the rows of a rank's optimizer step (so that gradient accumulation keeps
-    total_batch_size), or without rows a power of two; with fixed threads, a multiple of them. `one_moment`: as
+    total_batch_size), or without rows a power of two; with fixed threads, a multiple of them. `optimizer`: as
     estimate's."""
     sizes = [b for b in range(1, rows + 1) if rows % b == 0] if rows else [2 ** b for b in range(16)]
     fits = 0
     for b in (b for b in sizes if not fixed_threads or b % threads == 0):  # the estimate grows with b
         n = step_threads(b, threads, fixed_threads)
-        if estimate(config, b, seq_len, dtype, checkpointing, profile, n, one_moment).total > limit:
+        if estimate(config, b, seq_len, dtype, checkpointing, profile, n, optimizer).total > limit:
             break
         fits = b
     return fits
@@ -151,13 +159,13 @@ def largest_batch(config: GPTConfig, seq_len: int, dtype: str, checkpointing: bo
 
 def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpointing: bool,
           max_memory_gb: float = 0.0, share: int = 1, threads: int = 1, fixed_threads: bool = False,
-          rows: int = 0, batch_fixed: bool = False, one_moment: int = 0) -> Estimate:
+          rows: int = 0, batch_fixed: bool = False, optimizer: OptimizerMemory = OptimizerMemory()) -> Estimate:
     """Refuse (UserError) a run whose estimated peak exceeds max_memory_gb (0: the device's memory, of which each
     of `share` ranks on this machine gets its share), with the batch size (a divisor of `rows`, a rank's rows per
     optimizer step, if given; not if `batch_fixed`, a resumed run's) or checkpointing that would fit, each with the
-    step threads it would run on (step_threads); warn when it comes within 10%. `one_moment`: as estimate's."""
+    step threads it would run on (step_threads); warn when it comes within 10%. `optimizer`: as estimate's."""
     est_threads = step_threads(batch_size, threads, fixed_threads)
-    est = estimate(config, batch_size, seq_len, dtype, checkpointing, threads=est_threads, one_moment=one_moment)
+    est = estimate(config, batch_size, seq_len, dtype, checkpointing, threads=est_threads, optimizer=optimizer)
     if max_memory_gb:
         limit, where = max_memory_gb * 1e9, f"--max-memory {max_memory_gb:g} GB"
     else:
@@ -168,16 +176,16 @@ def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpoi
         advice, fits = [], 0
         if not batch_fixed:
             fits = largest_batch(config, seq_len, dtype, checkpointing, limit, threads=threads,
-                                 fixed_threads=fixed_threads, rows=rows, one_moment=one_moment)
+                                 fixed_threads=fixed_threads, rows=rows, optimizer=optimizer)
             if fits:
                 advice.append(f"--batch-size {fits} fits (--total-batch-size stays, by more accumulation)")
         if not checkpointing and batch_fixed:
-            if estimate(config, batch_size, seq_len, dtype, True, threads=est_threads, one_moment=one_moment).total \
+            if estimate(config, batch_size, seq_len, dtype, True, threads=est_threads, optimizer=optimizer).total \
                     <= limit:
                 advice.append("--activation-checkpointing fits it")
         elif not checkpointing:
             fits_ckpt = largest_batch(config, seq_len, dtype, True, limit, threads=threads,
-                                      fixed_threads=fixed_threads, rows=rows, one_moment=one_moment)
+                                      fixed_threads=fixed_threads, rows=rows, optimizer=optimizer)
             if fits_ckpt > fits:  # (not where the head, which it does not shrink, is what fills the memory)
                 advice.append(f"--activation-checkpointing fits --batch-size {fits_ckpt}")
         larger = "a larger --max-memory" if max_memory_gb else "a larger device"

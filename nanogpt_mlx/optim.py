@@ -48,13 +48,31 @@ def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: 
     return (1 - frac) * start + frac * end
 
 
+def clip_scale(grads, max_norm: float) -> tuple[mx.array | None, mx.array]:
+    """PyTorch's clip_grad_norm_'s factor, min(1, max_norm / (norm + 1e-6)) (None where max_norm <= 0: no
+    clipping), and the gradients' pre-clip global norm."""
+    norm = mx.sqrt(sum(kernels.square_sum(g) for _, g in tree_flatten(grads)))
+    return (mx.minimum(max_norm / (norm + 1e-6), 1.0) if max_norm > 0 else None), norm
+
+
 def clip_grad_norm(grads, max_norm: float):
     """PyTorch's clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)); return (grads, pre-clip norm)."""
-    norm = mx.sqrt(sum(kernels.square_sum(g) for _, g in tree_flatten(grads)))
-    if max_norm <= 0:
-        return grads, norm
-    scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
-    return tree_map(lambda g: g * scale, grads), norm
+    scale, norm = clip_scale(grads, max_norm)
+    return (grads if scale is None else tree_map(lambda g: g * scale, grads)), norm
+
+
+def apply_scaled(optimizer: optim.Optimizer, gradients: dict, parameters: dict, scale: mx.array | None) -> dict:
+    """optimizer.apply_gradients of the gradients times `scale` (clip_scale's; None: 1), the factor folded into
+    each update's own coefficients (AdamW's, Muon's: grad_scale): a scaled copy of the gradients, read once by
+    each moment's kernel, was 4 bytes a parameter more at the step's peak and a pass over them."""
+    optimizers = getattr(optimizer, "optimizers", [optimizer])  # (MLX's MultiOptimizer's groups)
+    for opt in optimizers:
+        opt.grad_scale = scale
+    try:
+        return optimizer.apply_gradients(gradients, parameters)
+    finally:
+        for opt in optimizers:
+            opt.grad_scale = None
 
 
 def unfused(a: mx.array) -> mx.array:
@@ -67,31 +85,41 @@ def unfused(a: mx.array) -> mx.array:
     return mx.contiguous(a)
 
 
+def _scaled(coefficient: float, scale: mx.array | None) -> float | mx.array:
+    """A gradient's coefficient in an update, times the gradients' scale (apply_scaled), computed once."""
+    return coefficient if scale is None else unfused(coefficient * scale)
+
+
 class AdamW(optim.AdamW):
     """PyTorch's AdamW (bias-corrected, decoupled decay): MLX's update with the step's scalars computed once."""
+
+    grad_scale: mx.array | None = None  # what the gradients are multiplied by (apply_scaled)
 
     def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
         self._scalars: dict = {}  # this step's per-dtype scalars, computed by its first tensor
         return super().apply_gradients(gradients, parameters)
 
-    def step_scalars(self, dtype: mx.Dtype) -> tuple[mx.array, mx.array, mx.array]:
-        """(lr / (1 - b1^t), 1 / sqrt(1 - b2^t), 1 - lr * weight decay) in `dtype`, once per step for all
-        tensors: per tensor they would be three extra kernels each on a GPU."""
+    def step_scalars(self, dtype: mx.Dtype) -> tuple:
+        """(lr / (1 - b1^t), 1 / sqrt(1 - b2^t), 1 - lr * weight decay, the gradient's coefficients in m and v:
+        (1 - b1) s and (1 - b2) s^2 of the gradients' scale s) in `dtype`, once per step for all tensors: per
+        tensor they would be extra kernels each on a GPU."""
         cache = self.__dict__.setdefault("_scalars", {})
         if dtype not in cache:
             lr = self.learning_rate.astype(dtype)
             b1, b2 = self.betas
+            s = None if self.grad_scale is None else self.grad_scale.astype(dtype)
             cache[dtype] = (unfused((lr / (1 - b1**self.step)).astype(dtype)),
                             unfused(mx.rsqrt(1 - b2**self.step).astype(dtype)),  # a scalar: MLX's own rsqrt is fine
-                            unfused(1 - lr * self.weight_decay))
+                            unfused(1 - lr * self.weight_decay),
+                            _scaled(1 - b1, s), _scaled(1 - b2, None if s is None else mx.square(s)))
         return cache[dtype]
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         b1, b2 = self.betas
+        c1, c2, decay, g1, g2 = self.step_scalars(gradient.dtype)
         # each new moment in a kernel of its own, which reuses the old one's buffer
-        m = state["m"] = unfused(b1 * state["m"] + (1 - b1) * gradient)
-        v = state["v"] = unfused(b2 * state["v"] + (1 - b2) * mx.square(gradient))
-        c1, c2, decay = self.step_scalars(gradient.dtype)
+        m = state["m"] = unfused(b1 * state["m"] + g1 * gradient)
+        v = state["v"] = unfused(b2 * state["v"] + g2 * mx.square(gradient))
         return parameter * decay - c1 * m / (mx.sqrt(v) * c2 + self.eps)
 
 
@@ -243,6 +271,8 @@ class Muon(optim.Optimizer):
     `splits` > 1 treats each matrix as that many row blocks orthogonalised separately: GPT-2's c_attn
     is q, k and v stacked, which the speedrun keeps as three matrices."""
 
+    grad_scale: mx.array | None = None  # what the gradients are multiplied by (apply_scaled)
+
     def __init__(self, learning_rate: float, momentum: float = 0.95, weight_decay: float = 0.0, ns_steps: int = 5,
                  ns_dtype: mx.Dtype = mx.float32, splits: int = 1):
         super().__init__()
@@ -263,8 +293,9 @@ class Muon(optim.Optimizer):
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         beta = self.momentum.astype(gradient.dtype)
-        m = state["m"] = unfused(beta * state["m"] + (1 - beta) * gradient)  # (its buffer reused)
-        nesterov = (1 - beta) * gradient + beta * m
+        g1 = (1 - beta) if self.grad_scale is None else (1 - beta) * self.grad_scale.astype(gradient.dtype)
+        m = state["m"] = unfused(beta * state["m"] + g1 * gradient)  # (its buffer reused)
+        nesterov = g1 * gradient + beta * m
         rows, cols = parameter.shape[-2:]
         rows //= self.splits
         blocks = nesterov.reshape(*parameter.shape[:-2], self.splits, rows, cols)

@@ -33,6 +33,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 
 from .errors import UserError
+from .memory import OptimizerMemory
 from .model import GPTConfig
 from .optim import AdamW, Muon, build_nanogpt_adamw, cosine_lr, decay_group, muon_momentum, wsd_lr
 
@@ -51,7 +52,7 @@ class Recipe:
     pack: Callable[[str, mx.array], str] | None  # the optimizer's packing groups (optim.Packing), None: per tensor
     lr: Callable[[int, TrainConfig], float]  # the main group's LR at a step (logged)
     set_step: Callable[[optim.Optimizer, int, TrainConfig], None]  # every group's LR (and momentum) at a step
-    one_moment: Callable[[GPTConfig], int]  # parameters whose optimizer state is one float32 array (memory.estimate)
+    memory: Callable[[GPTConfig], OptimizerMemory]  # what its optimizer holds, for memory.estimate
 
     def check_model(self, config: GPTConfig, source: str) -> None:
         """Refuse to continue or fine-tune a model whose switches are not this recipe's."""
@@ -83,7 +84,7 @@ BUILD_NANOGPT = Recipe(
     defaults=dict(max_lr=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=1.0),
     own=("min_lr_ratio", "min_lr"),
     make_optimizer=_nanogpt_optimizer, pack=decay_group, lr=_nanogpt_lr, set_step=_nanogpt_set_step,
-    one_moment=lambda config: 0)
+    memory=lambda config: OptimizerMemory())
 
 
 # ------------------------------------------------------------------------------------ speedrun
@@ -135,7 +136,8 @@ SPEEDRUN = Recipe(
     defaults=dict(max_lr=0.025, weight_decay=0.025, beta1=0.8, beta2=0.95, eps=1e-10, grad_clip=0.0, warmup_steps=0),
     own=("embed_lr", "head_lr", "scalar_lr", "cooldown_frac", "momentum_warmup"),
     make_optimizer=_speedrun_optimizer, pack=None, lr=_speedrun_lr, set_step=_speedrun_set_step,
-    one_moment=lambda config: 12 * config.n_layer * config.n_embd ** 2)  # Muon's: the blocks' matrices (no biases)
+    # Muon's one moment for the blocks' matrices (no biases); its update holds Newton-Schulz's iterates too
+    memory=lambda config: OptimizerMemory(one_moment=12 * config.n_layer * config.n_embd ** 2, update_bytes=13))
 
 
 RECIPES = {r.name: r for r in (BUILD_NANOGPT, SPEEDRUN)}

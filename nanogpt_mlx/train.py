@@ -51,7 +51,7 @@ from .errors import Stopped, UserError, check_bool, first_line
 from .evaluate import check_examples, download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
 from .files import devnull_onto, shell_word, user_path
 from .model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig
-from .optim import Packing, clip_grad_norm
+from .optim import Packing, apply_scaled, clip_scale
 from .rundir import RunDir
 from .sample import SampleConfig, prepare_prompt, sample_texts
 from .threads import StepThreads
@@ -200,7 +200,7 @@ class Trainer:
                                 checkpointing=cfg.activation_checkpointing, max_memory_gb=cfg.max_memory,
                                 share=self.dist.local, threads=cfg.threads or device.step_threads(config.n_embd),
                                 fixed_threads=bool(cfg.threads), rows=0 if uneven else rows,
-                                batch_fixed=ckpt is not None, one_moment=self.recipe.one_moment(config))
+                                batch_fixed=ckpt is not None, optimizer=self.recipe.memory(config))
 
         if ckpt is None and not cfg.init_from:
             config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or PADDED_VOCAB_SIZE,
@@ -288,12 +288,13 @@ class Trainer:
             return loss, g if grads is None else tree_map(mx.add, grads, g)
 
         def apply(loss, g):
-            g, norm = clip_grad_norm(self.dist.average_gradients(g), self.cfg.grad_clip)
+            g = self.dist.average_gradients(g)
+            scale, norm = clip_scale(g, self.cfg.grad_clip)  # applied inside the update: no clipped copy
             # the weights kept in their order: mx.compile keys the steps' traces on the captured state's shapes, not
             # its names, and an optimizer that returned them in another order (MLX's MultiOptimizer: one that varies
             # with Python's hash seed) had the next step traced again, or, where the shapes matched, run this trace
             # with same-shaped tensors in each other's places (wte updated from lm_head's weights)
-            updated = optimizer.apply_gradients(g, self.master["params"])
+            updated = apply_scaled(optimizer, g, self.master["params"], scale)
             self.master["params"] = tree_map(lambda _, new: new, self.master["params"], updated)
             self._use_master(self.dtype)
             return loss, norm

@@ -534,8 +534,8 @@ def test_cli_hellaswag_refuses_an_empty_data_path(tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(evaluate, "download_hellaswag", download)
     for more in ((), ("--output", str(tmp_path / "scores.jsonl"))):
-        assert_one_line_error(run_main(capsys, "eval", "hellaswag", "--model", str(tmp_path / "no-model"), "--data",
-                                       "", *more), "the HellaSwag file (--data) is '' (an unset variable?); name a file")
+        proc = run_main(capsys, "eval", "hellaswag", "--model", str(tmp_path / "no-model"), "--data", "", *more)
+        assert_one_line_error(proc, "the HellaSwag file (--data) is '' (an unset variable?); name a file")
 
 
 def test_cli_loss_checks_its_data_before_loading_the_model(tmp_path, capsys):

@@ -79,9 +79,9 @@ def test_the_estimates_model_and_optimizer_terms_are_the_models_parameters(recip
     state = sum(a.nbytes for _, a in tree_flatten(optimizer.state) if a.size > 1)  # (not the scalar settings)
     assert recipe.name != "build-nanogpt" or sum(p.size for _, p in tree_flatten(
         GPT(GPTConfig(vocab_size=50257)).parameters())) == 124_439_808
-    one_moment = recipe.one_moment(config)
-    assert (one_moment > 0) == (recipe.name == "speedrun")
-    est = memory.estimate(config, 1, 64, dtype, one_moment=one_moment)
+    optimizer_memory = recipe.memory(config)
+    assert (optimizer_memory.one_moment > 0) == (recipe.name == "speedrun")
+    est = memory.estimate(config, 1, 64, dtype, optimizer=optimizer_memory)
     b = 2 if dtype == "bfloat16" else 4
     assert (est.params, est.optimizer, est.gradients) == (params, state, (4 + b) * params)
     assert est.weights == (4 if b == 4 else 6) * params

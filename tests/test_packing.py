@@ -122,3 +122,31 @@ def test_clip_grad_norm_is_pytorchs(max_norm, scale):
     unclipped, norm = clip_grad_norm(grads, 0.0)
     np.testing.assert_allclose(norm.item(), want_norm, rtol=1e-5)
     assert_trees_equal(unclipped, grads)
+
+
+@pytest.mark.parametrize("recipe", ["build-nanogpt", "speedrun"])
+def test_an_update_scaled_inside_equals_one_of_clipped_gradients(recipe):
+    """apply_scaled folds clipping's factor into each update's coefficients (no clipped copy of the gradients):
+    AdamW's and Muon's weights and moments equal those updated from the clipped gradients, over steps with and
+    without clipping, and no scale is left on the optimizers for a later update."""
+    from nanogpt_mlx import recipes
+    from nanogpt_mlx.config import TrainConfig
+    from nanogpt_mlx.optim import apply_scaled, clip_scale
+
+    recipe = recipes.get(recipe)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=101, block_size=16, **recipe.model), seed=0)
+    params = tree_map(lambda p: p.astype(mx.float32), model.parameters())
+    opts = [recipe.make_optimizer(TrainConfig(recipe=recipe.name), mx.float32) for _ in range(2)]
+    for opt in opts:
+        opt.init(params)
+    scaled, copied = params, params
+    for step, max_norm in enumerate([1e-3, 0.0, 1e-2]):
+        keys = iter(mx.random.split(mx.random.key(step), len(tree_flatten(params))))
+        grads = tree_map(lambda p: mx.random.normal(p.shape, key=next(keys)) * 1e-2, params)
+        scale, norm = clip_scale(grads, max_norm)
+        assert (scale is None) == (max_norm == 0) and (scale is None or scale.item() < 1)
+        scaled = apply_scaled(opts[0], grads, scaled, scale)
+        copied = opts[1].apply_gradients(clip_grad_norm(grads, max_norm)[0], copied)
+        for a, b in zip(tree_flatten([scaled, opts[0].state]), tree_flatten([copied, opts[1].state])):
+            np.testing.assert_allclose(np.array(a[1]), np.array(b[1]), rtol=2e-5, atol=1e-7, err_msg=a[0])
+    assert all(o.grad_scale is None for o in getattr(opts[0], "optimizers", [opts[0]]))

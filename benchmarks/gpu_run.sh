@@ -4,7 +4,7 @@
 # Device call 1 carries .device/p1:                 mkdir -p /tmp/w && cp .device/p1/part.* /tmp/w/
 # Device call 2, at once, carries .device/p2:       bash benchmarks/gpu_run.sh            (timeout_s 600)
 # A call 3 on the still-warm machine may run what call 2 had no time for, by name (no install, no carry):
-#                                                   bash benchmarks/gpu_run.sh profile activations attention
+#                             bash benchmarks/gpu_run.sh profile activations attention attention_t1000
 # Each measurement has its own time limit (killed past it) and log; a failed one does not stop the others. Only
 # 8 files come back from $OUT, so after each measurement $OUT gets results.tgz (every log and JSON), summary.log
 # and the kernel traces (trace_*.json.gz): what ran before the call's time ran out is there.
@@ -74,7 +74,8 @@ run 60 train_cap_graph200mb env MLX_MAX_MB_PER_BUFFER=200 python3 benchmarks/ben
     --cap-memory
 # the float32 (TF32) step's kernels against PyTorch eager's
 run 90 kernels_fp32 python3 benchmarks/gpu_kernels.py --engines mlx-fp32 torch-fp32 --out "$WORK/kernels_fp32"
-find "$WORK" -maxdepth 1 -name '*.log' ! -name summary.log -exec grep -h "124m-b16\|clip\|host\|^| \|gelu\|relu2" {} + \
+pattern="124m-b16\|head+loss\|clip\|host\|setup\|^| \|gelu\|relu2"  # the tables and profile_step's lines
+find "$WORK" -maxdepth 1 -name '*.log' ! -name summary.log -exec grep -h "$pattern" {} + \
     > "$WORK/tables.txt"
 tee -a "$WORK/summary.log" < "$WORK/tables.txt"
 pack

@@ -63,8 +63,9 @@ def clip_grad_norm(grads, max_norm: float):
 
 def apply_scaled(optimizer: optim.Optimizer, gradients: dict, parameters: dict, scale: mx.array | None) -> dict:
     """optimizer.apply_gradients of the gradients times `scale` (clip_scale's; None: 1), the factor folded into
-    each update's own coefficients (AdamW's, Muon's: grad_scale): a scaled copy of the gradients, read once by
-    each moment's kernel, was 4 bytes a parameter more at the step's peak and a pass over them."""
+    each update's own coefficients of the gradient (AdamW's, Muon's: grad_scale), which each moment's kernel
+    applies as it reads them: a scaled copy of the gradients was 4 bytes a parameter more at the step's peak, and
+    a pass over them."""
     optimizers = getattr(optimizer, "optimizers", [optimizer])  # (MLX's MultiOptimizer's groups)
     for opt in optimizers:
         opt.grad_scale = scale
@@ -85,7 +86,7 @@ def unfused(a: mx.array) -> mx.array:
     return mx.contiguous(a)
 
 
-def _scaled(coefficient: float, scale: mx.array | None) -> float | mx.array:
+def _scaled(coefficient: float | mx.array, scale: mx.array | None) -> float | mx.array:
     """A gradient's coefficient in an update, times the gradients' scale (apply_scaled), computed once."""
     return coefficient if scale is None else unfused(coefficient * scale)
 
@@ -293,7 +294,7 @@ class Muon(optim.Optimizer):
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         beta = self.momentum.astype(gradient.dtype)
-        g1 = (1 - beta) if self.grad_scale is None else (1 - beta) * self.grad_scale.astype(gradient.dtype)
+        g1 = _scaled(1 - beta, None if self.grad_scale is None else self.grad_scale.astype(gradient.dtype))
         m = state["m"] = unfused(beta * state["m"] + g1 * gradient)  # (its buffer reused)
         nesterov = g1 * gradient + beta * m
         rows, cols = parameter.shape[-2:]

@@ -186,7 +186,7 @@ def check_room(out: Path, size: int, fresh: bool) -> None:
 
 def _told_apart(a: int, b: int) -> tuple[str, str]:
     """Byte counts a and b in GB (MB where both are below 1 GB), with as many decimals as show which is larger."""
-    unit, scale = byte_unit(max(a, b))
+    unit, scale, _ = byte_unit(max(a, b))
     for digits in range(2, 10):
         said = tuple(f"{n / scale:.{digits}f} {unit}" for n in (a, b))
         if said[0] != said[1]:

@@ -59,15 +59,16 @@ def few(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + " ..." * (len(names) > shown)
 
 
-def byte_unit(n: float) -> tuple[str, float]:
-    """The unit to write n bytes in, and its size: GB, or MB below 1 GB (where GB would read "0.00")."""
-    return ("GB", 1e9) if n >= 1e9 else ("MB", 1e6)
+def byte_unit(n: float) -> tuple[str, float, int]:
+    """The unit to write n bytes in, its size and the decimals shown: GB with 2, or MB with 1 below 1 GB (where GB
+    would read "0.00")."""
+    return ("GB", 1e9, 2) if n >= 1e9 else ("MB", 1e6, 1)
 
 
 def size(n: float) -> str:
     """n bytes as "1.23 GB", or "12.3 MB" below 1 GB."""
-    unit, scale = byte_unit(n)
-    return f"{n / scale:.{2 if unit == 'GB' else 1}f} {unit}"
+    unit, scale, digits = byte_unit(n)
+    return f"{n / scale:.{digits}f} {unit}"
 
 
 def warn(text: str, kind: str = "warning") -> None:

@@ -80,8 +80,7 @@ class Estimate:
 
     def describe(self) -> str:
         """"~1.23 GB (weights 0.50, ...)": the total and the parts it adds, in GB, or in MB below 1 GB."""
-        unit, scale = byte_unit(self.total)
-        digits = 2 if unit == "GB" else 1
+        unit, scale, digits = byte_unit(self.total)
         peak = ("activations", "head") if self.activations + self.head >= self.update else ("update",)
         parts = ", ".join(f"{name} {getattr(self, name) / scale:.{digits}f}"
                           for name in ("weights", "optimizer", "gradients", *peak))

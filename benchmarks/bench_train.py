@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from statistics import median
 
-from workers import blas, openblas_beside_mkl, spawn
+from workers import blas, missing_gpu, openblas_beside_mkl, spawn
 
 CONFIGS = {  # n_layer, n_embd, n_head, B, T
     "a": (4, 256, 4, 8, 256),
@@ -269,6 +269,8 @@ def main() -> None:
         args.engines = GPU_ENGINES if gpu else [e for e in ENGINES if e != "mlx-openblas" or openblas_beside_mkl()]
     if "mlx-openblas" in args.engines and not blas("openblas").startswith("OpenBLAS"):
         p.error("--engines mlx-openblas: no OpenBLAS here (cpu.py finds none)")
+    if gpu and (missing := missing_gpu(args.engines)):
+        p.error(f"--device gpu: {missing} (mlx[cuda], PyTorch with CUDA)")
 
     peaks = {e: max(spawn(__file__, "gemm", e)["gflops"] for _ in range(args.rounds)) for e in ("mlx", "torch")}
     peak = max(peaks.values())

@@ -29,7 +29,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from workers import spawn
+from workers import missing_gpu, spawn
 
 KINDS = [  # the first pattern a kernel's name matches (lower case) gives its kind
     ("element-wise", r"mlx::core::cu::\w+_(contiguous|strided)<"),  # mx.compile's fused kernels (CUPTI's names
@@ -155,10 +155,12 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(engine, cfg_name, int(steps), int(warmup), quick == "1", out)))
         return
     # the driver's own: a worker, which may run PyTorch, must not load MLX's BLAS
+    from bench_train import CONFIGS, GPU_CONFIGS
     from nanogpt_mlx.cli import non_negative_int, positive_int
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="124m-b16", help="a bench_train.py config (default: 124m-b16)")
+    p.add_argument("--config", default="124m-b16", choices=list(GPU_CONFIGS) + list(CONFIGS),
+                   help="a bench_train.py config: its GPU ones, or its CPU ones on a CPU (default: 124m-b16)")
     p.add_argument("--engines", nargs="+", default=["mlx", "torch.compile"],
                    choices=["mlx", "mlx-fp32", "torch.compile", "torch-fp32"],
                    help="mlx: the profile's dtype (bf16 on a GPU); torch.compile: bf16 autocast; the fp32 engines: "
@@ -169,6 +171,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="config a on the CPU: a smoke test of the script")
     p.add_argument("--out", default=os.environ.get("OUT", "out"), help="folder for the JSON and traces")
     args = p.parse_args()
+    if not args.quick and (missing := missing_gpu(args.engines)):
+        p.error(f"{missing} (--quick: a smoke test on the CPU)")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     cfg_name = "a" if args.quick else args.config
     results = {}

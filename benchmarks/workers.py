@@ -37,3 +37,17 @@ def openblas_beside_mkl() -> bool:
     """Whether MKL is nanogpt-mlx's BLAS here and the system OpenBLAS could be instead: then the benchmarks also
     run OpenBLAS, to compare."""
     return blas().startswith("MKL") and blas("openblas").startswith("OpenBLAS")
+
+
+def missing_gpu(engines: list[str]) -> str:
+    """Which of `engines`' frameworks see no CUDA GPU here ('' if each does), asked in processes of their own (MLX's
+    BLAS and PyTorch's stay out of the caller's): before a GPU benchmark, not minutes into it."""
+    probes = {"mlx": "import mlx.core as mx; print(mx.cuda.is_available())",
+              "torch": "import torch; print(torch.cuda.is_available())"}
+    missing = []
+    for name, code in probes.items():
+        if any(e.startswith(name) for e in engines):
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if proc.stdout.strip() != "True":
+                missing.append(f"{'MLX' if name == 'mlx' else 'PyTorch'} sees no CUDA GPU")
+    return "; ".join(missing)

@@ -52,6 +52,9 @@ def main() -> None:
     import torch
     from transformers import GPT2LMHeadModel
 
+    if args.device == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("--device gpu: PyTorch sees no CUDA GPU; install PyTorch with CUDA")
+
     raw = make_hellaswag(args.examples, seed=1, ctx_words=(10, 50), ending_words=(8, 30))
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = save_hf_gpt2(Path(tmp) / "gpt2", n_layer=12, n_head=12, n_embd=768, n_positions=1024)

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from statistics import median
 
-from workers import blas
+from workers import blas, missing_gpu
 
 PROMPT = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # "Hello, I'm a language model,"
 
@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                     help="gpu: transformers on CUDA, nanogpt-mlx on mlx[cuda]; the OpenBLAS engines are CPU-only")
     args = ap.parse_args()
+    if args.device == "gpu" and (missing := missing_gpu(["mlx", "torch"])):
+        ap.error(f"--device gpu: {missing} (mlx[cuda], PyTorch with CUDA)")
     os.environ["BENCH_DEVICE"] = args.device  # read by the transformers worker
     # the OpenBLAS engines where OpenBLAS is installed (the shim against sgemm alone), and OpenBLAS with the shim
     # where it is not the default (MKL); not on a GPU, where the BLAS is the CPU's

@@ -147,13 +147,11 @@ def largest_batch(config: GPTConfig, seq_len: int, dtype: str, checkpointing: bo
     total_batch_size), or without rows a power of two; with fixed threads, a multiple of them. `optimizer`: as
     estimate's."""
     sizes = [b for b in range(1, rows + 1) if rows % b == 0] if rows else [2 ** b for b in range(16)]
-    fits = 0
-    for b in (b for b in sizes if not fixed_threads or b % threads == 0):  # the estimate grows with b
-        n = step_threads(b, threads, fixed_threads)
-        if estimate(config, b, seq_len, dtype, checkpointing, profile, n, optimizer).total > limit:
-            break
-        fits = b
-    return fits
+    # every size: with the device's threads the estimate need not grow with b (batch 2 on 2 threads keeps more than
+    # batch 3 on gcd(3, 2) = 1), and stopping at the first size that did not fit advised a smaller one than fits
+    return max((b for b in sizes if (not fixed_threads or b % threads == 0) and estimate(
+        config, b, seq_len, dtype, checkpointing, profile, step_threads(b, threads, fixed_threads), optimizer).total
+        <= limit), default=0)
 
 
 def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpointing: bool,
@@ -187,6 +185,11 @@ def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpoi
                                       fixed_threads=fixed_threads, rows=rows, optimizer=optimizer)
             if fits_ckpt > fits:  # (not where the head, which it does not shrink, is what fills the memory)
                 advice.append(f"--activation-checkpointing fits --batch-size {fits_ckpt}")
+        # fewer step threads at this batch: each thread past the first adds a float32 copy of the gradients
+        fewer = next((n for n in range(est_threads - 1, 0, -1) if batch_size % n == 0 and estimate(
+            config, batch_size, seq_len, dtype, checkpointing, threads=n, optimizer=optimizer).total <= limit), 0)
+        if fewer:
+            advice.append(f"--threads {fewer} fits it")
         larger = "a larger --max-memory" if max_memory_gb else "a larger device"
         otherwise = f"a resumed run keeps its model and batches: continue it with {larger}, or start a new run " \
             "from its weights (--init-from) with a smaller --batch-size" if batch_fixed else \

@@ -154,6 +154,34 @@ def test_the_batch_advised_is_estimated_with_the_step_threads_it_would_run_on():
         memory.check(cfg, 8, 64, "float32", False, max_memory_gb=limit / 1e9, threads=4, fixed_threads=True)
 
 
+def test_the_largest_batch_that_fits_is_advised_where_a_smaller_one_does_not():
+    """With the device's step threads the estimate does not grow with the batch: batch 2 runs on 2 threads, which
+    keep a float32 copy of the gradients more than batch 3 on gcd(3, 2) = 1. The search stopped at batch 2 and
+    advised --batch-size 1, where 3 fits."""
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=128, vocab_size=4096, block_size=64)  # the update is the peak
+    two, three = (memory.estimate(cfg, b, 16, "float32", threads=n).total for b, n in ((2, 2), (3, 1)))
+    assert three < two
+    limit = (two + three) / 2
+    assert memory.largest_batch(cfg, 16, "float32", False, limit, threads=2, rows=6) == 3
+    with pytest.raises(UserError, match="--batch-size 3 fits"):
+        memory.check(cfg, 6, 16, "float32", False, max_memory_gb=limit / 1e9, threads=2, rows=6)
+
+
+def test_fewer_step_threads_are_advised_where_they_fit():
+    """Each step thread past the first keeps a float32 copy of the gradients: a run that fits on fewer threads was
+    told to choose a smaller model (or, resumed, a larger --max-memory), though --threads may change on resume."""
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=128, vocab_size=4096, block_size=64)
+    one, two, four = (memory.estimate(cfg, 4, 16, "float32", threads=n).total for n in (1, 2, 4))
+    assert one < two < four
+    for fixed in (False, True):  # the device's 2 threads, or --threads 2
+        with pytest.raises(UserError, match="; --threads 1 fits it$"):
+            memory.check(cfg, 4, 16, "float32", False, max_memory_gb=(one + two) / 2e9, threads=2,
+                         fixed_threads=fixed, batch_fixed=True)
+    with pytest.raises(UserError, match="; --threads 2 fits it$"):  # the most threads that fit
+        memory.check(cfg, 4, 16, "float32", False, max_memory_gb=(two + four) / 2e9, threads=4, fixed_threads=True,
+                     batch_fixed=True)
+
+
 def test_ranks_on_one_machine_share_its_memory(tmp_path, monkeypatch):
     """`--ranks N` starts N processes on this machine: each was checked against all of its memory."""
     from nanogpt_mlx import device

@@ -142,8 +142,10 @@ def prepare_prompt(model: GPT, ids: list[int], cfg: SampleConfig | None = None) 
     if cfg.crop and room > 0:
         return ids[-room:]
     crop = "" if room <= 0 else "; pass --crop to keep its end (Python: SampleConfig(crop=True))"
-    raise UserError(f"prompt of {len(ids)} tokens + {cfg.max_new_tokens} new tokens exceeds the model's "
-                    f"context of {model.config.block_size}{crop}")
+    prompt = f"a prompt of {len(ids)} token{'s' * (len(ids) != 1)}" if what == "the prompt" else \
+        "an empty prompt's <|endoftext|>"
+    raise UserError(f"{prompt} + {cfg.max_new_tokens} new tokens exceeds the model's context of "
+                    f"{model.config.block_size}{crop}")
 
 
 def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig | None = None, num_samples: int = 1,

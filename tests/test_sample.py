@@ -168,8 +168,12 @@ def test_prompt_longer_than_context(model):
     cropped = SampleConfig(max_new_tokens=20, greedy=True, stop_at_eot=False, crop=True)
     # the last new token is never fed back: 109 + 20 tokens need 128 positions
     assert tokens(model, cropped, prompt=long_prompt) == tokens(model, cfg, prompt=long_prompt[-109:])
-    with pytest.raises(UserError, match="exceeds the model's context"):
+    with pytest.raises(UserError, match="^a prompt of 110 tokens \\+ 20 new tokens exceeds the model's context"):
         tokens(model, cfg, prompt=long_prompt[-110:])
+    # an empty prompt is <|endoftext|>: it was "prompt of 1 tokens", which the user never gave
+    with pytest.raises(UserError, match="^an empty prompt's <\\|endoftext\\|> \\+ 129 new tokens exceeds the model's "
+                                        "context of 128$"):
+        tokens(model, SampleConfig(max_new_tokens=129, greedy=True), prompt=[])
     with pytest.raises(UserError, match="max_new_tokens must be >= 1"):
         SampleConfig(max_new_tokens=0)
     with pytest.raises(UserError, match="top_k must be >= 1"):

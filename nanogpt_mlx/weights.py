@@ -481,6 +481,13 @@ def save_model(model: GPT, out_dir: str | os.PathLike) -> None:
                       json.dumps({"format": NATIVE_FORMAT, "model": model.config.to_dict()}, indent=2))
 
 
+def _is_native(directory: Path) -> bool:
+    """Whether `directory` holds this project's model format (its config.json says so)."""
+    with contextlib.suppress(UserError):  # no or bad config.json: not ours
+        return directory.is_dir() and _read_config(directory).get("format") == NATIVE_FORMAT
+    return False
+
+
 def check_export_target(out_dir: str | os.PathLike, force: bool = False, source: str | os.PathLike | None = None) -> Path:
     """Where an export may go: a new or empty directory (any directory with `force`), never a file,
     the `source` directory itself or a nanogpt-mlx run or checkpoint, which would lose its own format."""
@@ -493,10 +500,9 @@ def check_export_target(out_dir: str | os.PathLike, force: bool = False, source:
         return out
     if source is not None and user_path(source).is_dir() and out.samefile(user_path(source)):
         raise UserError(f"{out}: is the model being exported; write the export to another directory")
-    native = False
-    with contextlib.suppress(UserError):  # no or bad config.json: not ours
-        native = _read_config(out).get("format") == NATIVE_FORMAT
-    if native:
+    # a run is known by its checkpoints too: its top-level config.json may be gone (removed, or a run killed before
+    # its first save pointed OUT at one), and --force wrote the export among them
+    if any(_is_native(d) for d in (out, *sorted(out.glob("ckpt-*")))):
         raise UserError(f"{out}: holds a nanogpt-mlx checkpoint, which the export would overwrite; "
                         "write it to another directory")
     # a staging directory is another export's, running or killed (removing it could break a running one)

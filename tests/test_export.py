@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import assert_one_line_error, run_cli
 
+from nanogpt_mlx.errors import UserError
 from nanogpt_mlx.sample import SampleConfig, sample_texts
 from nanogpt_mlx.weights import EXPORT_FILES, export_hf, load_model
 
@@ -136,6 +137,12 @@ def test_export_never_writes_over_its_source_or_a_run(tiny_hf_dir, tmp_path):
     save_model(load_model(tiny_hf_dir), run)
     assert_one_line_error(run_cli("export", str(tiny_hf_dir), str(run), "--force"), "nanogpt-mlx checkpoint")
     assert json.loads((run / "config.json").read_text())["format"] == "nanogpt-mlx"
+    # a run whose top-level config.json is gone is known by its checkpoints: --force wrote the export among them
+    save_model(load_model(tiny_hf_dir), run / "ckpt-000010")
+    (run / "config.json").unlink()
+    with pytest.raises(UserError, match="holds a nanogpt-mlx checkpoint"):
+        export_hf(load_model(tiny_hf_dir), run, force=True)
+    assert not (run / "config.json").exists()
 
 
 def test_export_to_a_file_is_one_line(tiny_hf_dir, tmp_path):

@@ -79,6 +79,10 @@ def read_state(ckpt: Path) -> dict:
         raise damaged(ckpt, f"{STATE_FILE} lacks {', '.join(expected)}")
     if state["step"] < 0 or state["world"] < 1:
         raise damaged(ckpt, f"{STATE_FILE}: step {state['step']}, world {state['world']}")
+    # a step other than its directory's (an edited or copied file): resumed there, the run's save at the directory's
+    # step kept the directory as it was (write() keeps an existing checkpoint of the same step)
+    if ckpt.name[5:].isascii() and ckpt.name[5:].isdigit() and int(ckpt.name[5:]) != state["step"]:
+        raise damaged(ckpt, f"{STATE_FILE}: step {state['step']} in the checkpoint of step {int(ckpt.name[5:])}")
     return state
 
 

@@ -606,6 +606,8 @@ DAMAGE = {
                               "weight.v is mlx.core.bool of shape (96, 32), the model needs mlx.core.float32"),  # trained on
     "state-step-negative": (lambda c: edit_state(c, step=-2), "trainer.json: step -2"),
     "state-world-zero": (lambda c: edit_state(c, world=0), "trainer.json: step 4, world 0"),
+    # resumed at step 3, the save at step 4 kept this directory as it was, with the weights of step 4
+    "state-step-not-its-own": (lambda c: edit_state(c, step=3), "trainer.json: step 3 in the checkpoint of step 4"),
     "state-step-bool": (lambda c: edit_state(c, step=True), "trainer.json lacks"),  # was taken for step 1
     "state-no-loader": (lambda c: drop_state_field(c, "train_loader"), "trainer.json lacks"),  # would be a KeyError
     "state-nested-deep": (lambda c: (c / "trainer.json").write_text("[" * 100_000 + "]" * 100_000),

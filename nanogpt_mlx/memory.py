@@ -163,12 +163,15 @@ def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpoi
     step threads it would run on (step_threads); warn when it comes within 10%. `optimizer`: as estimate's."""
     est_threads = step_threads(batch_size, threads, fixed_threads)
     est = estimate(config, batch_size, seq_len, dtype, checkpointing, threads=est_threads, optimizer=optimizer)
+    mine = device.memory_bytes() / share
+    mine_said = f"this device's {mine / 1e9:.1f} GB" if share == 1 else \
+        f"{mine / 1e9:.1f} GB, this device's memory split among its {share} ranks"
     if max_memory_gb:
         limit, where = max_memory_gb * 1e9, f"--max-memory {max_memory_gb:g} GB"
+        if mine < est.total <= limit:  # allowed past the device, where it would crash or swap
+            warn(f"a step needs {est.describe()}, more than {mine_said}: {where} lets it start")
     else:
-        limit = device.memory_bytes() / share
-        where = f"this device's {limit / 1e9:.1f} GB" if share == 1 else \
-            f"{limit / 1e9:.1f} GB, this device's memory split among its {share} ranks"
+        limit, where = mine, mine_said
     if est.total > limit:
         advice, fits = [], 0
         if not batch_fixed:

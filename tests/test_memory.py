@@ -106,6 +106,19 @@ def test_checkpointing_and_bfloat16_lower_the_estimate():
         memory.largest_batch(cfg, 1024, "bfloat16", False, 16e9, device.PROFILES["metal"])
 
 
+def test_a_max_memory_past_the_device_that_lets_a_step_start_is_warned_of(capsys, monkeypatch):
+    """--max-memory 100 on a 25 GB machine: a step of 30 GB passed the check, silently, and crashed (or swapped)."""
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=1000, block_size=64)
+    need = memory.estimate(cfg, 4, 64, "float32").total
+    monkeypatch.setattr(device, "memory_bytes", lambda: int(need / 2))
+    memory.check(cfg, 4, 64, "float32", False, max_memory_gb=4 * need / 1e9)
+    assert f"more than this device's {need / 2e9:.1f} GB: --max-memory {4 * need / 1e9:g} GB lets it start" in \
+        capsys.readouterr().err
+    monkeypatch.setattr(device, "memory_bytes", lambda: int(2 * need))  # the step fits the device: no warning
+    memory.check(cfg, 4, 64, "float32", False, max_memory_gb=4 * need / 1e9)
+    assert capsys.readouterr().err == ""
+
+
 def test_a_run_that_cannot_fit_is_refused_with_advice(monkeypatch):
     """A smaller batch, and activation checkpointing where it fits a larger one than that (the CPU's estimate; on
     a Metal GPU the head's 2048 rows of logits take most of the 8 GB, which checkpointing does not shrink)."""

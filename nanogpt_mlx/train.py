@@ -347,6 +347,9 @@ class Trainer:
                 self._use_master(self.dtype)
                 if written.is_dir():  # also where OUT's model could not be pointed at it after (a full disk)
                     self.run_dir.saved(written)
+                # the model's weights computed in this thread, as train() leaves them: left lazy on its stream, they
+                # failed in any other thread ("There is no Stream"), and the Trainer took that for a broken step
+                self._compute_state()
         return written
 
     def _finishing_saves(self) -> contextlib.AbstractContextManager:

@@ -1298,6 +1298,35 @@ def test_a_relative_out_stays_put_when_the_working_directory_changes(data_dir, t
     assert (tmp_path / "a" / "run").resolve() not in files._locked
 
 
+def test_a_trainer_saved_in_one_thread_trains_in_another(data_dir, tmp_path):
+    """save() left the model's weights lazy on its thread's stream: train() or a sample in another thread failed
+    ("There is no Stream(cpu, 0) in current thread"), and the Trainer then refused to go on, as if broken amid a step."""
+    import threading
+
+    import mlx.core as mx
+
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", max_steps=4))
+    trainer.train(until=1)
+    trainer.save()
+    errors = []
+
+    def in_a_thread(until: int) -> None:
+        try:
+            trainer.train(until=until)
+            sample_texts(trainer.model, "The", SampleConfig(max_new_tokens=2, seed=0))
+            trainer.save()  # and back: the main thread trains after this thread's save
+        except Exception as e:  # (re-raised in the main thread)
+            errors.append(e)
+        mx.clear_streams()  # as the README asks of a thread that used MLX
+
+    thread = threading.Thread(target=in_a_thread, args=(2,))
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    trainer.train(until=3)
+    assert trainer.step == 3
+
+
 def test_a_notebooks_trainer_after_an_escaped_error_a_newer_one_or_a_thread(data_dir, tmp_path, monkeypatch):
     """In one process: train() after an error had escaped amid a step (a second Ctrl-C) went on from weights, step
     and data position that disagree; an older Trainer of the same OUT wrote that run's checkpoints and logs too; a

@@ -75,6 +75,11 @@ class _Step:
     ended: float = 0.0  # when the device was seen to have finished it (Trainer._queue)
 
 
+def _use_master(model: GPT, packing: Packing, master: dict, dtype: mx.Dtype) -> None:
+    """Point the model's weights at the master weights, cast to `dtype` (views where it is float32)."""
+    model.update(packing.unpack(master["params"], dtype))
+
+
 class _StopEvaluating(Exception):
     """Ctrl-C or SIGTERM during an evaluation (Trainer._evaluating): it stops at once."""
 
@@ -266,15 +271,17 @@ class Trainer:
                  f"{self.val_steps * world} batches" + (f" ({self.val_steps} a rank)" if world > 1 else ""))
 
     def _use_master(self, dtype: mx.Dtype) -> None:
-        """Point the model's weights at the master weights, cast to `dtype` (views where it is float32)."""
-        self.model.update(self.packing.unpack(self.master["params"], dtype))
+        _use_master(self.model, self.packing, self.master, dtype)
 
     def _build_steps(self) -> None:
         """The compiled micro-step (forward + backward, gradients added to the running sum) and the
         compiled last micro-step, which also averages over ranks, clips and applies the recipe's optimizer.
         With several step threads (threads.py) each computes the forward + backward of its rows, and the
         compiled steps add their losses and gradients."""
+        # no closure holds self: a cycle through the compiled steps kept a dropped Trainer's weights, optimizer state
+        # and step threads until Python's cycle collector ran, which MLX's memory does not prompt (a notebook's sweep)
         model, optimizer, packing, n = self.model, self.optimizer, self.packing, self.threads
+        dist, master, dtype, max_norm = self.dist, self.master, self.dtype, self.cfg.grad_clip
         shares = self.grad_accum * n  # of the step's mean loss, one for each micro-step and thread
 
         def forward_backward(m: GPT, x: mx.array, y: mx.array) -> tuple[mx.array, dict]:
@@ -288,18 +295,18 @@ class Trainer:
             return loss, g if grads is None else tree_map(mx.add, grads, g)
 
         def apply(loss, g):
-            g = self.dist.average_gradients(g)
-            scale, norm = clip_scale(g, self.cfg.grad_clip)  # applied inside the update: no clipped copy
+            g = dist.average_gradients(g)
+            scale, norm = clip_scale(g, max_norm)  # applied inside the update: no clipped copy
             # the weights kept in their order: mx.compile keys the steps' traces on the captured state's shapes, not
             # its names, and an optimizer that returned them in another order (MLX's MultiOptimizer: one that varies
             # with Python's hash seed) had the next step traced again, or, where the shapes matched, run this trace
             # with same-shaped tensors in each other's places (wte updated from lm_head's weights)
-            updated = apply_scaled(optimizer, g, self.master["params"], scale)
-            self.master["params"] = tree_map(lambda _, new: new, self.master["params"], updated)
-            self._use_master(self.dtype)
+            updated = apply_scaled(optimizer, g, master["params"], scale)
+            master["params"] = tree_map(lambda _, new: new, master["params"], updated)
+            _use_master(model, packing, master, dtype)
             return loss, norm
 
-        state = [model.state, optimizer.state, self.master]
+        state = [model.state, optimizer.state, master]
         wrap = partial(mx.compile, inputs=state, outputs=state) if self.cfg.compile else (lambda f: f)
         if n == 1:
             self._accumulate = wrap(lambda x, y, grads: add([forward_backward(model, x, y)], grads))

@@ -1298,6 +1298,28 @@ def test_a_relative_out_stays_put_when_the_working_directory_changes(data_dir, t
     assert (tmp_path / "a" / "run").resolve() not in files._locked
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_dropped_trainer_frees_its_memory_without_the_cycle_collector(data_dir, tmp_path, threads):
+    """The compiled steps' closures held the Trainer: a notebook's sweep kept each finished Trainer's weights,
+    optimizer state and step threads until Python's cycle collector ran, which MLX's allocations do not prompt."""
+    import gc
+    import weakref
+
+    import mlx.core as mx
+
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", max_steps=2, threads=threads, val_every=1,
+                                  sample_every=1, num_samples=1, sample_tokens=2, prompt="a", checkpoint_every=1))
+    trainer.train()
+    gone, before = weakref.ref(trainer), mx.get_active_memory()
+    gc.disable()
+    try:
+        del trainer
+        assert gone() is None
+        assert mx.get_active_memory() < before / 4
+    finally:
+        gc.enable()
+
+
 def test_a_trainer_saved_in_one_thread_trains_in_another(data_dir, tmp_path):
     """save() left the model's weights lazy on its thread's stream: train() or a sample in another thread failed
     ("There is no Stream(cpu, 0) in current thread"), and the Trainer then refused to go on, as if broken amid a step."""

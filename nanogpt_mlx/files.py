@@ -30,6 +30,9 @@ LOCK_FILE = ".lock"
 # gone (_remove_orphans); the host (a tag of its name: containers have their own) as other hosts' pids are not ours
 HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 _OWNER = r"(?P<host>[0-9a-f]{8})-(?P<pid>\d+)"  # the writer in a temporary's name (_owner)
+# any temporary's name as the writers below make it: `.NAME.tmp`, the writer, then atomic_path's suffix (`.npy`) or
+# atomic_dir's and atomic_files' 8 random characters; a user's `.notes.tmp2024.txt` has no writer's mark
+_TEMP = rf"\..+\.tmp{_OWNER}(\.[^.]*|-\w{{8}})?"
 _locked: dict[Path, IO[str]] = {}  # directory -> its lock file, held by this process
 
 
@@ -207,9 +210,9 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_temps(directory: Path) -> None:
     """Delete what a killed writer left half-written in `directory`, whoever wrote it (the caller holds the directory's
-    lock): atomic_path's files and atomic_dir's directories (names before owners were tagged with a host too)."""
+    lock): the temporaries of atomic_path, atomic_dir and atomic_files, named as they name them (_TEMP), no other."""
     for stale in directory.glob(".*.tmp*"):
-        if re.fullmatch(r"\..+\.tmp([0-9a-f]{8}-)?\d+.*", stale.name):  # not a user's `.notes.tmp.txt`
+        if re.fullmatch(_TEMP, stale.name):
             _delete(stale)
 
 

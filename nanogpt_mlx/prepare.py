@@ -218,14 +218,16 @@ def _complete(out: Path, manifest: dict) -> None:
 def _resume(out: Path, fresh: dict) -> list[dict]:
     """Shards of an earlier run with the same settings that are intact on disk (a prefix of its list). Shard files
     beyond them are removed: a killed run can leave one written but not yet listed, which other settings would
-    not overwrite and every reader would take for data."""
-    remove_stale_temps(out)
+    not overwrite and every reader would take for data. What a killed writer left half-written goes too, once the
+    directory is taken for prepare's (a directory refused keeps all it holds)."""
     path = out / "manifest.json"
     if not path.exists():
-        if any(out.glob("*.npy")):
+        if any(not f.name.startswith(".") for f in out.glob("*.npy")):  # (hidden files are no shards to readers)
             raise UserError(f"{out}: holds .npy files but no manifest.json; choose an empty directory")
+        remove_stale_temps(out)
         return []
     intact, old_name = _intact_shards(out, path, fresh)
+    remove_stale_temps(out)
     listed = {shard["file"] for shard in intact}
     ours = {fresh["settings"]["name"], old_name}  # shard names this prepare or the one before writes
     for split in ("val", "train"):

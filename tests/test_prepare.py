@@ -23,7 +23,7 @@ from conftest import assert_one_line_error, run_cli
 
 from nanogpt_mlx import prepare as prep
 from nanogpt_mlx import sources
-from nanogpt_mlx.files import LOCK_FILE, sha256_file
+from nanogpt_mlx.files import HOST_TAG, LOCK_FILE, sha256_file
 from nanogpt_mlx.data import list_shards, load_shard
 from nanogpt_mlx.errors import UserError
 from nanogpt_mlx.tokenizer import EOT, get_tokenizer
@@ -234,7 +234,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, mixed, monkeypat
     # minutes; indented once complete (dir_bytes below)
     assert (out / "manifest.json").read_text().count("\n") == 1
     # a harder crash: a temp file left behind, a completed shard damaged, and perhaps the next one lost
-    (out / ".data_train_000003.tmp4242.npy").write_bytes(b"truncated")
+    (out / f".data_train_000003.tmp{HOST_TAG}-4242.npy").write_bytes(b"truncated")
     if lost:
         (out / "data_train_000002.npy").unlink()
     damaged = (out / "data_train_000001.npy").read_bytes()  # same size, other bytes: found by its sha256
@@ -858,6 +858,28 @@ def test_a_shard_written_but_not_yet_listed_is_removed(tmp_path):
     np.save(out / "mine_train_000000.npy", np.array([1, 2, 3], np.uint16))  # not prepare's: kept
     prep.prepare(sources.local_files([path]), out, cfg(name="other"))
     assert {p.name.split("_")[0] for p in out.glob("*.npy")} == {"other", "mine"}
+
+
+def test_a_users_hidden_files_stay_and_a_refused_directory_keeps_all(tmp_path):
+    """A user's `.draft.tmp42.md` was taken for a killed writer's temporary and deleted, even from a directory then
+    refused: only prepare's own temporaries go, and only from a directory it takes."""
+    path = write_jsonl(tmp_path / "a.jsonl", make_docs(60, seed=6))
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    np.save(refused / "mine.npy", np.array([1, 2, 3], np.uint16))
+    stale = f".data_val_000000.tmp{HOST_TAG}-4242.npy"  # what prepare itself leaves when killed
+    for name in (".draft.tmp42.md", stale):
+        (refused / name).write_text("precious")
+    before = dir_bytes(refused)
+    with pytest.raises(UserError, match="holds .npy files but no manifest.json"):
+        prep.prepare(sources.local_files([path]), refused, cfg())
+    assert dir_bytes(refused) == before
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for name in (".notes.tmp2024.txt", stale):
+        (fresh / name).write_text("x")
+    prep.prepare(sources.local_files([path]), fresh, cfg())
+    assert (fresh / ".notes.tmp2024.txt").read_text() == "x" and not (fresh / stale).exists()
 
 
 def test_shakespeare_path_mistakes_are_named(tmp_path):

@@ -398,8 +398,20 @@ def lock_dir(directory: Path, writer: str) -> bool:
     key = directory.resolve()
     if key in _locked:
         return False
+    fresh = not directory.exists()
     make_dirs(directory)
-    f = open(directory / LOCK_FILE, "a+")
+
+    def cannot_lock(e: OSError) -> UserError:
+        if fresh:  # a directory made for a lock it cannot hold (a full disk) is not left behind, empty
+            with contextlib.suppress(OSError):
+                (directory / LOCK_FILE).unlink(missing_ok=True)
+                directory.rmdir()
+        return cannot("write", directory / LOCK_FILE, e)
+
+    try:
+        f = open(directory / LOCK_FILE, "a+")
+    except OSError as e:
+        raise cannot_lock(e) from None
     try:
         # a POSIX lock, not flock(): a forked child (prepare's tokenizer workers) does not inherit it, so a
         # killed process's lock ends with it, not with its last worker
@@ -420,7 +432,7 @@ def lock_dir(directory: Path, writer: str) -> bool:
     except OSError as e:  # a full disk (the message had no path)
         with contextlib.suppress(OSError):  # close() flushes the same line again, and fails again, but closes
             f.close()  # and the lock with it
-        raise cannot("write", directory / LOCK_FILE, e) from None
+        raise cannot_lock(e) from None
     _locked[key] = f
     return True
 

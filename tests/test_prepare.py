@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import http.server
 import json
@@ -467,6 +468,34 @@ def test_a_failed_run_removes_the_directory_it_made_for_nothing(tmp_path):
         with pytest.raises(UserError, match="no documents"):
             prep.prepare(src, out, cfg())
     assert not (tmp_path / "out").exists() and (tmp_path / "there").is_dir()
+
+
+def test_a_lock_that_cannot_be_written_removes_the_directory_it_made(tmp_path, monkeypatch):
+    """On a full disk the lock's "cannot write" left the new OUT behind, holding an empty .lock; a directory that was
+    there before is kept."""
+    import io
+
+    from nanogpt_mlx import files
+
+    class Full(io.StringIO):
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_open(path, mode):
+        Path(path).touch()  # the file is made, its line cannot be written
+        return Full()
+
+    text = tmp_path / "input.txt"
+    text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50)
+    src = sources.shakespeare(path=text)
+    monkeypatch.setattr(files, "open", full_open, raising=False)
+    monkeypatch.setattr(files.fcntl, "lockf", lambda f, how: None)
+    (tmp_path / "there").mkdir()
+    for out in (tmp_path / "full" / "sh2", tmp_path / "there"):
+        with pytest.raises(UserError, match=re.escape(f"{out / LOCK_FILE}: cannot write (No space left on device)")):
+            prep.prepare(src, out, cfg())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "input.txt", "there"]
+    assert not (tmp_path / "full" / "sh2").exists() and (tmp_path / "there").is_dir()
 
 
 def test_a_fifo_is_not_a_regular_file(tmp_path):

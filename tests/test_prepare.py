@@ -916,6 +916,10 @@ def test_shakespeare_path_mistakes_are_named(tmp_path):
         sources.shakespeare(path=tmp_path)
     with pytest.raises(UserError, match="no such file: Tiny Shakespeare's text"):
         sources.shakespeare(path=tmp_path / "nope.txt")
+    os.mkfifo(tmp_path / "pipe.txt")  # these were "no such file" (and a FIFO must not be opened: it would block)
+    for special in (tmp_path / "pipe.txt", Path(os.devnull)):
+        with pytest.raises(UserError, match=f"^{re.escape(str(special))}: not a regular file: Tiny Shakespeare's"):
+            sources.shakespeare(path=special)
     with pytest.raises(UserError, match="not both"):  # the URL was ignored
         sources.shakespeare(path=tmp_path / "input.txt", url="http://127.0.0.1:9/input.txt")
     with pytest.raises(UserError, match="--local-dir .* or --revision .*, not both"):  # the revision was ignored

@@ -14,12 +14,14 @@ consumed in part order, so the shards do not depend on the number of workers.
 Resuming: a shard is written atomically, then recorded in the manifest with the position where the
 next one starts (file, part, token offset). A re-run verifies the recorded shards and continues after
 the last intact one. Hub files are downloaded file by file (the next one while the current one is
-tokenized) and deleted once tokenized, so at most about two are on disk.
+tokenized) and deleted once tokenized, so at most two are on disk (_Downloads).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -348,32 +350,83 @@ class Summary:
         return text
 
 
-def _parts(units: list[Unit], start: dict, scratch: Path, cfg: PrepareConfig) -> Iterator[tuple[tuple, tuple]]:
-    """((unit, part, last of its unit, Part), task) from `start` on; the next file is fetched in the background."""
-    fetching = _fetch_in_background(units[start["unit"]], scratch) if start["unit"] < len(units) else None
+class _Downloads:
+    """Room for two downloaded files on disk: the one being tokenized and the next. A download waits for room (take),
+    which a file makes when all its parts are tokenized (it is deleted then), not when their tokens are used: parts
+    are tokenized ahead of that, so three files' could be in flight, and the thread that uses them may be the one
+    waiting for the download."""
+
+    def __init__(self):
+        self.room, self.closed = 2, False
+        self.left: dict[int, list] = {}  # unit: [its file (None: kept), its parts not yet tokenized]
+        self.changed = threading.Condition()
+
+    def take(self) -> bool:
+        """Wait for room for a file; False once the run has ended (close)."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.room or self.closed)
+            self.room -= not self.closed
+            return not self.closed
+
+    def expect(self, unit: int, path: Path, parts: int) -> None:
+        """Unit `unit`'s file `path` is read by `parts` parts yet (none: deleted now)."""
+        with self.changed:
+            self.left[unit] = [path, parts + 1]  # and this call, which ends now
+        self.tokenized(unit)
+
+    def tokenized(self, unit: int, ok: bool = True) -> None:
+        """A part of unit `unit` is tokenized (a local file's: nothing to do). After its last, the file is deleted,
+        unless a part failed: it is kept for the re-run, which the error asks for."""
+        with self.changed:
+            if unit not in self.left:
+                return
+            file = self.left[unit]
+            file[0], file[1] = file[0] if ok else None, file[1] - 1
+            if file[1]:
+                return
+            del self.left[unit]
+            if file[0] is not None:
+                with contextlib.suppress(OSError):  # (a callback's error would be lost, and the room with it)
+                    file[0].unlink(missing_ok=True)
+            self.room += 1
+            self.changed.notify_all()
+
+    def close(self) -> None:
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+
+def _parts(units: list[Unit], start: dict, scratch: Path, cfg: PrepareConfig,
+           downloads: _Downloads) -> Iterator[tuple[tuple, tuple]]:
+    """((unit, part, Part), task) from `start` on; the next file is fetched in the background."""
+    fetch = functools.partial(_fetch_in_background, scratch=scratch, downloads=downloads)
+    fetching = fetch(units[start["unit"]]) if start["unit"] < len(units) else None
     for u in range(start["unit"], len(units)):
         path = fetching()
-        fetching = _fetch_in_background(units[u + 1], scratch) if u + 1 < len(units) else None
+        fetching = fetch(units[u + 1]) if u + 1 < len(units) else None
         parts = plan_parts(units[u], path, cfg.part_bytes)
         keys = [None] * len(parts)
         if cfg.shuffle_docs:
             keys = [(cfg.seed, u, p) for p in range(len(parts))]
             order = np.random.default_rng([cfg.seed, u]).permutation(len(parts))
             parts, keys = [parts[i] for i in order], [keys[i] for i in order]
-        if not parts and units[u].temporary:
-            path.unlink(missing_ok=True)
         first = start["part"] if u == start["unit"] else 0
+        if units[u].temporary:
+            downloads.expect(u, path, len(parts) - first)
         for p in range(first, len(parts)):
-            yield (u, p, p == len(parts) - 1, parts[p]), (parts[p], keys[p])
+            yield (u, p, parts[p]), (parts[p], keys[p])
 
 
-def _fetch_in_background(unit: Unit, scratch: Path) -> Callable[[], Path]:
-    """Start `unit.fetch` in a daemon thread (Ctrl-C must not wait for a download); returns a getter."""
+def _fetch_in_background(unit: Unit, scratch: Path, downloads: _Downloads) -> Callable[[], Path]:
+    """Start `unit.fetch` in a daemon thread (Ctrl-C must not wait for a download), a download once there is room
+    for it; returns a getter."""
     box: dict = {}
 
     def run() -> None:
         try:
-            box["path"] = unit.fetch(scratch)
+            if not unit.temporary or downloads.take():  # (else the run has ended: nothing waits for the file)
+                box["path"] = unit.fetch(scratch)
         except BaseException as e:  # re-raised in the main thread
             box["error"] = e
 
@@ -388,15 +441,21 @@ def _fetch_in_background(unit: Unit, scratch: Path) -> Callable[[], Path]:
     return get
 
 
-def _in_order(tasks: Iterator, pool: cf.Executor | None, window: int) -> Iterator:
-    """(item, tokenize_part(task)) for (item, task) in tasks, in order, at most `window` in flight."""
+def _in_order(tasks: Iterator, pool: cf.Executor | None, window: int,
+              done: Callable[[tuple, bool], None]) -> Iterator:
+    """(item, tokenize_part(task)) for (item, task) in tasks, in order, at most `window` in flight; done(item, ok)
+    as soon as a task has ended (in another thread), before its result is used."""
     if pool is None:
         for item, task in tasks:
-            yield item, tokenize_part(task)
+            result = tokenize_part(task)
+            done(item, True)
+            yield item, result
         return
     pending: deque = deque()
     for item, task in tasks:
-        pending.append((item, pool.submit(tokenize_part, task)))
+        future = pool.submit(tokenize_part, task)
+        future.add_done_callback(lambda f, item=item: f.cancelled() or done(item, f.exception() is None))
+        pending.append((item, future))
         if len(pending) >= window:
             item, future = pending.popleft()
             yield item, future.result()
@@ -491,13 +550,16 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
     bar = tqdm(unit="tok", unit_scale=True, desc=f"{manifest['settings']['name']} -> {out}",
                disable=None if cfg.progress else True, smoothing=0.1)
     new_tokens = docs = 0
+    downloads = _Downloads()
+
+    def tokenized(item: tuple, ok: bool) -> None:  # (in the pool's thread)
+        downloads.tokenized(item[0], ok)
+
     try:
-        for (u, p, last, part), (tokens, n_docs) in _in_order(_parts(units, start, scratch, cfg), pool,
-                                                                2 * workers + 2):
+        for (u, p, part), (tokens, n_docs) in _in_order(_parts(units, start, scratch, cfg, downloads), pool,
+                                                          2 * workers + 2, tokenized):
             skip = start["skip"] if (u, p) == (start["unit"], start["part"]) else 0
             writer.add(tokens[skip:], part.split, u, p, skip)
-            if last and units[u].temporary:
-                Path(part.path).unlink(missing_ok=True)
             new_tokens += len(tokens) - skip
             docs += n_docs
             bar.update(len(tokens) - skip)
@@ -513,6 +575,7 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
             print("stopping: the tokenizer processes finish the parts they hold (seconds)")  # (stderr: one line)
         raise
     finally:
+        downloads.close()  # a download still waiting for room ends its thread
         bar.close()
         if pool is not None:  # a second Ctrl-C here left the workers waiting for work, and exit waiting for them
             with signals.deferred(signal.SIGINT):

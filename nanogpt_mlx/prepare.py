@@ -608,15 +608,20 @@ def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
     if not any(splits.values()):  # (before the warnings of each missing shard a manifest lists: one line)
         raise UserError(f"{data_dir}: no shards (*_val_*.npy, *_train_*.npy)")
     path = data_dir / "manifest.json"
+    unread = None  # why manifest.json could not be read: the shards are described still, as for a malformed record
     try:
         manifest = read_json(path) if path.is_file() else None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({first_line(e)})") from None
+    except ValueError as e:
+        manifest, unread = {}, f"damaged ({first_line(e)})"
+    except OSError as e:
+        manifest, unread = {}, f"unreadable ({e.strerror or first_line(e)})"
     for split, shards in sized.items():  # as a loader would
         warn_if_shards_differ(data_dir.resolve(), split, shards, manifest if isinstance(manifest, dict) else {})
     lines = [str(data_dir)]
     if manifest is None:  # shards from elsewhere
         pass
+    elif unread:
+        lines.append(f"  manifest.json is {unread}: ignored")
     elif not (isinstance(manifest, dict) and manifest.get("format") == FORMAT):
         lines.append("  manifest.json is not one that prepare writes: ignored")
     elif not (isinstance(manifest.get("source"), dict) and isinstance(manifest.get("shards"), list)

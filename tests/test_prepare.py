@@ -685,9 +685,14 @@ def test_inspect_and_resume_beside_foreign_files(tmp_path):
     for damaged in ({}, {"shards": [{"file": "x"}]}, {"source": {}, "shards": [{"file": "x", "documents": "3"}]}):
         (data / "manifest.json").write_text(json.dumps({"format": prep.FORMAT, **damaged}))  # a KeyError, a TypeError
         assert "manifest.json is damaged" in prep.describe(data)
-    (data / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)  # a RecursionError's traceback, also in train
-    with pytest.raises(UserError, match="manifest.json: unreadable \\(nested too deeply\\)"):
-        prep.describe(data)
+    # not JSON: it refused to say anything of the shards ("manifest.json: unreadable (...)"); and a RecursionError's
+    # traceback, also in train
+    for text, why in (('{"format": "nanogpt-mlx-shards", "comp', "Unterminated string"),
+                      ("[" * 100_000 + "]" * 100_000, "nested too deeply")):
+        (data / "manifest.json").write_text(text)
+        info = prep.describe(data)
+        assert f"manifest.json is damaged ({why}" in info and "): ignored" in info
+        assert "  val        1 shard" in info and "60000 1 2" in info
     (data / "manifest.json").unlink()
     assert "manifest" not in prep.describe(data)
     (tmp_path / "o").mkdir()

@@ -533,7 +533,7 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
     manifest["shards"] = _resume(out, manifest)
     if manifest["shards"] and manifest["shards"][-1]["end"] is None:  # done already
         _complete(out, manifest)
-        _warn_of_empty_splits(out, manifest)
+        _warn_of_thin_splits(out, manifest)
         return Summary(out, manifest, 0, time.perf_counter() - start_time)
     _write_manifest(out, manifest)
     start = manifest["shards"][-1]["end"] if manifest["shards"] else {"unit": 0, "part": 0, "skip": 0}
@@ -581,16 +581,20 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
             with signals.deferred(signal.SIGINT):
                 pool.shutdown(cancel_futures=True)
     shutil.rmtree(scratch, ignore_errors=True)
-    _warn_of_empty_splits(out, manifest)
+    _warn_of_thin_splits(out, manifest)
     return Summary(out, manifest, new_tokens, time.perf_counter() - start_time)
 
 
-def _warn_of_empty_splits(out: Path, manifest: dict) -> None:
-    """Say (not refuse: shards can be added by hand) that a split has no tokens: training needs train tokens, and
-    validates on val tokens."""
+def _warn_of_thin_splits(out: Path, manifest: dict) -> None:
+    """Say (not refuse: shards can be added by hand) that a split has no tokens, or that train has under a tenth of
+    val's (a source just over one shard: shard 0 is val): training needs train tokens, and validates on val tokens."""
     totals = manifest["totals"]
-    if not totals["train_tokens"]:
+    val, train = totals["val_tokens"], totals["train_tokens"]
+    if not train:
         warn(f"{out}: no train tokens, nothing to train on (a source of under 10 tokens is all val); give more text")
+    elif train < val / 10:
+        warn(f"{out}: {train:,} train tokens, under a tenth of its {val:,} val tokens (shard 0 is val); prepare it "
+             f"into another --out with a smaller --shard-size (Python: shard_size), e.g. {(val + train) // 10}")
     if not totals["val_tokens"]:
         warn(f"{out}: no val tokens, nothing to validate on (the source's val part holds no text); give more text, "
              "or train with --val-every 0 (Python: TrainConfig(val_every=0))")

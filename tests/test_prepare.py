@@ -1054,6 +1054,22 @@ def test_a_split_left_empty_is_warned_of(tmp_path, capsys):
     assert "train tokens" not in err
 
 
+def test_a_train_split_dwarfed_by_val_is_warned_of(tmp_path, capsys):
+    """A source one token over a shard gave "N val + 1 train tokens" without a word (found only by train)."""
+    docs = make_docs(60)
+    total = len(expected_tokens(docs))
+    src = sources.local_files([write_jsonl(tmp_path / "docs.jsonl", docs)])
+    for _ in range(2):  # and when it is re-run
+        totals = prep.prepare(src, tmp_path / "thin", cfg(shard_size=total - 1)).manifest["totals"]
+        assert (totals["val_tokens"], totals["train_tokens"]) == (total - 1, 1)
+        err = capsys.readouterr().err
+        assert f"thin: 1 train tokens, under a tenth of its {total - 1:,} val tokens (shard 0 is val)" in err
+        assert f"a smaller --shard-size (Python: shard_size), e.g. {total // 10}" in err
+    prep.prepare(src, tmp_path / "split", cfg(shard_size=total // 10))  # the advice taken: nine tenths train
+    prep.prepare(src, tmp_path / "small", cfg(shard_size=total))  # a source of one shard: split 90/10
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_a_shard_missing_from_a_prepared_directory_is_warned_of(tmp_path, capsys):
     """A partial copy, or a deleted shard, trained and evaluated on less data without a word: manifest.json lists
     every shard and its length, but only its "complete" was read."""

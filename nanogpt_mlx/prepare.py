@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import signals
-from .console import few, warn
+from .console import counted, few, warn
 from .data import list_shards, load_shard, open_shard, warn_if_shards_differ
 from .documents import Part, plan_parts, read_docs
 from .errors import UserError, check_int, check_types, first_line
@@ -340,10 +340,10 @@ class Summary:
     def __str__(self) -> str:
         t = self.manifest["totals"]
         n_val = sum(s["split"] == "val" for s in self.manifest["shards"])
-        text = (f"{self.out}: {t['shards']} shards ({n_val} val, {t['shards'] - n_val} train), "
-                f"{t['val_tokens']:,} val + {t['train_tokens']:,} train tokens, {t['documents']:,} documents")
+        text = (f"{self.out}: {counted(t['shards'], 'shard')} ({n_val} val, {t['shards'] - n_val} train), "
+                f"{t['val_tokens']:,} val + {t['train_tokens']:,} train tokens, {counted(t['documents'], 'document')}")
         if self.new_tokens:
-            text += (f"; tokenized {self.new_tokens:,} tokens in {self.seconds:.1f}s "
+            text += (f"; tokenized {counted(self.new_tokens, 'token')} in {self.seconds:.1f}s "
                      f"({self.new_tokens / max(self.seconds, 1e-9) / 1e6:.2f} M tokens/s)")
         else:
             text += "; already complete"
@@ -572,7 +572,8 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
         raise UserError(BROKEN_POOL) from None
     except KeyboardInterrupt:
         if pool is not None:
-            print("stopping: the tokenizer processes finish the parts they hold (seconds)")  # (stderr: one line)
+            # on stdout, as train's "stopping" line: stderr holds one line, the command's last ("interrupted")
+            print("stopping: the tokenizer processes finish the parts they hold (seconds)")
         raise
     finally:
         downloads.close()  # a download still waiting for room ends its thread
@@ -593,8 +594,9 @@ def _warn_of_thin_splits(out: Path, manifest: dict) -> None:
     if not train:
         warn(f"{out}: no train tokens, nothing to train on (a source of under 10 tokens is all val); give more text")
     elif train < val / 10:
-        warn(f"{out}: {train:,} train tokens, under a tenth of its {val:,} val tokens (shard 0 is val); prepare it "
-             f"into another --out with a smaller --shard-size (Python: shard_size), e.g. {(val + train) // 10}")
+        warn(f"{out}: {counted(train, 'train token')}, under a tenth of its {val:,} val tokens (shard 0 is val); "
+             f"prepare it into another --out with a smaller --shard-size (Python: shard_size), e.g. "
+             f"{(val + train) // 10}")
     if not totals["val_tokens"]:
         warn(f"{out}: no val tokens, nothing to validate on (the source's val part holds no text); give more text, "
              "or train with --val-every 0 (Python: TrainConfig(val_every=0))")
@@ -637,7 +639,7 @@ def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
         lines.append(f"  source     {source}; {state}")
         lines.append(f"  documents  {sum(s['documents'] for s in manifest['shards']):,}")
     for split, shards in sized.items():
-        lines.append(f"  {split:<10} {len(shards)} shards, {sum(n for _, n in shards):,} tokens")
+        lines.append(f"  {split:<10} {counted(len(shards), 'shard')}, {counted(sum(n for _, n in shards), 'token')}")
     first = (splits["train"] or splits["val"])[0]
     ids = load_shard(first)[:n_tokens].tolist()
     if max(ids, default=0) > EOT:  # not GPT-2's tokens: nothing to decode them with

@@ -615,7 +615,7 @@ def test_cli_prepare_and_inspect(tmp_path):
     assert np.array_equal(shard_tokens(out), expected_tokens(docs))
     info = run_cli("prepare", "--inspect", str(out), check=True).stdout
     first_train = list_shards(out, "train")[0]
-    assert re.search(r"val\s+1 shards, 400 tokens", info)
+    assert re.search(r"val\s+1 shard, 400 tokens", info)  # not "1 shards"
     assert re.search(rf"train\s+{len(list_shards(out, 'train'))} shards", info)
     assert re.search(r"documents\s+100\n", info)
     assert get_tokenizer().decode(np.load(first_train)[:64].tolist()) in info
@@ -1043,8 +1043,13 @@ def test_a_split_left_empty_is_warned_of(tmp_path, capsys):
     prepare said nothing (train then failed to find the split)."""
     src = sources.local_files([write_jsonl(tmp_path / "two.jsonl", ["Hi.", "Bye."])])
     for _ in range(2):  # and when it is re-run
-        assert prep.prepare(src, tmp_path / "short", cfg()).manifest["totals"]["train_tokens"] == 0
+        summary = prep.prepare(src, tmp_path / "short", cfg())
+        assert summary.manifest["totals"]["train_tokens"] == 0
         assert "short: no train tokens, nothing to train on" in capsys.readouterr().err
+        assert "short: 1 shard (1 val, 0 train)" in str(summary)  # not "1 shards"
+    one = prep.prepare(sources.local_files([write_jsonl(tmp_path / "one.jsonl", ["Hi."])]), tmp_path / "one", cfg())
+    assert "1 document;" in str(one) and "tokenized 3 tokens" in str(one)
+    capsys.readouterr()
     text = tmp_path / "input.txt"
     text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 5 + "\n" * 60)
     assert prep.prepare(sources.shakespeare(path=text), tmp_path / "blank", cfg()).manifest["totals"]["val_tokens"] == 0
@@ -1063,7 +1068,7 @@ def test_a_train_split_dwarfed_by_val_is_warned_of(tmp_path, capsys):
         totals = prep.prepare(src, tmp_path / "thin", cfg(shard_size=total - 1)).manifest["totals"]
         assert (totals["val_tokens"], totals["train_tokens"]) == (total - 1, 1)
         err = capsys.readouterr().err
-        assert f"thin: 1 train tokens, under a tenth of its {total - 1:,} val tokens (shard 0 is val)" in err
+        assert f"thin: 1 train token, under a tenth of its {total - 1:,} val tokens (shard 0 is val)" in err
         assert f"a smaller --shard-size (Python: shard_size), e.g. {total // 10}" in err
     prep.prepare(src, tmp_path / "split", cfg(shard_size=total // 10))  # the advice taken: nine tenths train
     prep.prepare(src, tmp_path / "small", cfg(shard_size=total))  # a source of one shard: split 90/10

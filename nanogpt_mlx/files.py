@@ -102,13 +102,16 @@ def devnull_onto(fd: int) -> None:
 
 
 def named_dir(path: str | os.PathLike, what: str, name: str = "a directory") -> str | os.PathLike:
-    """`path`, unless it is no str or path (None, a number: a TypeError far on) or '': Path('') is the working
-    directory, which an unset variable would write into (or, where a file is wanted, write as). `name` is what to
-    name instead: "a directory", "a file"."""
+    """`path`, unless it is no str or path (None, a number: a TypeError far on), holds a NUL byte, or is '': Path('')
+    is the working directory, which an unset variable would write into (or, where a file is wanted, write as). `name`
+    is what to name instead: "a directory", "a file"."""
     if not isinstance(path, (str, os.PathLike)):
         raise UserError(f"the {what} must be a str or path, got {path!r}")
-    if not os.fspath(path):
+    text = os.fspath(path)
+    if not text:
         raise UserError(f"the {what} is '' (an unset variable?); name {name}")
+    if isinstance(text, str) and "\0" in text:  # (the os' ValueError, "embedded null byte", was a traceback)
+        raise UserError(f"the {what} {text!r} holds a NUL byte, which no file name can")
     return path
 
 

@@ -74,10 +74,10 @@ class PrepareConfig:
         if self.seed != PrepareConfig.seed and not self.shuffle_docs:  # it would be ignored (the manifest says null)
             raise UserError(f"seed orders shuffle_docs (seed={self.seed} without shuffle_docs=True); pass both or "
                             "neither")
-        if self.name is not None and (not self.name or self.name.startswith(".") or any(c in self.name for c in "/\\")):
+        if self.name is not None and (not self.name or self.name[0] == "." or any(c in self.name for c in "/\\\0")):
             raise UserError(f"name {self.name!r}: shards are files NAME_val_000000.npy, NAME_train_000001.npy, ... in "
-                            "the output directory: a NAME has no '/' and does not start with '.' (hidden files are not "
-                            "read)")
+                            "the output directory: a NAME has no '/' (nor a NUL byte) and does not start with '.' "
+                            "(hidden files are not read)")
 
 
 # ------------------------------------------------------------------------------------ tokenizing

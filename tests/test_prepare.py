@@ -643,9 +643,9 @@ def test_inspect_names_a_missing_or_file_path_and_shards_missing_from_the_manife
 def test_names_and_seeds_that_would_lose_shards_are_refused(tmp_path):
     """A NAME with '/' wrote shards into a subdirectory, a leading '.' hid them from every reader: prepare
     reported success and train found nothing. A prefix holding `_train_` no longer makes its val shard train."""
-    for name in ("a/b", ".hidden", ""):
-        with pytest.raises(UserError, match=f"name {name!r}: shards are files NAME_val_000000.npy, .* in the output "
-                                            "directory: a NAME has no"):
+    for name in ("a/b", ".hidden", "", "a\x00b"):  # (a NUL byte: os' ValueError "embedded null byte")
+        with pytest.raises(UserError, match=f"name {re.escape(repr(name))}: shards are files NAME_val_000000.npy, .* "
+                                            "in the output directory: a NAME has no"):
             prep.PrepareConfig(name=name)
     with pytest.raises(UserError, match="seed must be >= 0, got -1"):
         prep.PrepareConfig(seed=-1)
@@ -663,6 +663,17 @@ def test_names_and_seeds_that_would_lose_shards_are_refused(tmp_path):
     prep.prepare(sources.local_files([tmp_path / "a.jsonl"]), out, cfg(name="web_train_v2"))
     assert [p.name for p in list_shards(out, "val")] == ["web_train_v2_val_000000.npy"]
     assert "web_train_v2_val_000000.npy" not in [p.name for p in list_shards(out, "train")]
+
+
+def test_an_out_path_with_a_nul_byte_is_one_line(tmp_path):
+    """os' ValueError, "embedded null byte", was a traceback."""
+    src = sources.local_files([write_jsonl(tmp_path / "a.jsonl", make_docs(5))])
+    bad = str(tmp_path / "o\x00ut")
+    with pytest.raises(UserError, match=r"^the shard directory '.*o\\x00ut' holds a NUL byte, which no file name can$"):
+        prep.prepare(src, bad, cfg())
+    with pytest.raises(UserError, match="holds a NUL byte"):
+        prep.describe(bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
 
 
 def test_an_existing_file_named_like_a_pattern_is_read(tmp_path):

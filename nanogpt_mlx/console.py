@@ -59,6 +59,11 @@ def few(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + " ..." * (len(names) > shown)
 
 
+def counted(n: int, noun: str) -> str:
+    """`n noun`, plural unless n is 1: "1 shard", "2,000 shards"."""
+    return f"{n:,} {noun}{'s' * (n != 1)}"
+
+
 def byte_unit(n: float) -> tuple[str, float, int]:
     """The unit to write n bytes in, its size and the decimals shown: GB with 2, or MB with 1 below 1 GB (where GB
     would read "0.00")."""

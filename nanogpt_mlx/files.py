@@ -30,6 +30,9 @@ LOCK_FILE = ".lock"
 # gone (_remove_orphans); the host (a tag of its name: containers have their own) as other hosts' pids are not ours
 HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 _OWNER = r"(?P<host>[0-9a-f]{8})-(?P<pid>\d+)"  # the writer in a temporary's name (_owner)
+# any temporary's name as the writers below make it: `.NAME.tmp`, the writer, then atomic_path's suffix (`.npy`) or
+# atomic_dir's and atomic_files' 8 random characters; a user's `.notes.tmp2024.txt` has no writer's mark
+_TEMP = rf"\..+\.tmp{_OWNER}(\.[^.]*|-\w{{8}})?"
 _locked: dict[Path, IO[str]] = {}  # directory -> its lock file, held by this process
 
 
@@ -99,13 +102,16 @@ def devnull_onto(fd: int) -> None:
 
 
 def named_dir(path: str | os.PathLike, what: str, name: str = "a directory") -> str | os.PathLike:
-    """`path`, unless it is no str or path (None, a number: a TypeError far on) or '': Path('') is the working
-    directory, which an unset variable would write into (or, where a file is wanted, write as). `name` is what to
-    name instead: "a directory", "a file"."""
+    """`path`, unless it is no str or path (None, a number: a TypeError far on), holds a NUL byte, or is '': Path('')
+    is the working directory, which an unset variable would write into (or, where a file is wanted, write as). `name`
+    is what to name instead: "a directory", "a file"."""
     if not isinstance(path, (str, os.PathLike)):
         raise UserError(f"the {what} must be a str or path, got {path!r}")
-    if not os.fspath(path):
+    text = os.fspath(path)
+    if not text:
         raise UserError(f"the {what} is '' (an unset variable?); name {name}")
+    if isinstance(text, str) and "\0" in text:  # (the os' ValueError, "embedded null byte", was a traceback)
+        raise UserError(f"the {what} {text!r} holds a NUL byte, which no file name can")
     return path
 
 
@@ -207,9 +213,9 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_temps(directory: Path) -> None:
     """Delete what a killed writer left half-written in `directory`, whoever wrote it (the caller holds the directory's
-    lock): atomic_path's files and atomic_dir's directories (names before owners were tagged with a host too)."""
+    lock): the temporaries of atomic_path, atomic_dir and atomic_files, named as they name them (_TEMP), no other."""
     for stale in directory.glob(".*.tmp*"):
-        if re.fullmatch(r"\..+\.tmp([0-9a-f]{8}-)?\d+.*", stale.name):  # not a user's `.notes.tmp.txt`
+        if re.fullmatch(_TEMP, stale.name):
             _delete(stale)
 
 
@@ -395,8 +401,20 @@ def lock_dir(directory: Path, writer: str) -> bool:
     key = directory.resolve()
     if key in _locked:
         return False
+    fresh = not directory.exists()
     make_dirs(directory)
-    f = open(directory / LOCK_FILE, "a+")
+
+    def cannot_lock(e: OSError) -> UserError:
+        if fresh:  # a directory made for a lock it cannot hold (a full disk) is not left behind, empty
+            with contextlib.suppress(OSError):
+                (directory / LOCK_FILE).unlink(missing_ok=True)
+                directory.rmdir()
+        return cannot("write", directory / LOCK_FILE, e)
+
+    try:
+        f = open(directory / LOCK_FILE, "a+")
+    except OSError as e:
+        raise cannot_lock(e) from None
     try:
         # a POSIX lock, not flock(): a forked child (prepare's tokenizer workers) does not inherit it, so a
         # killed process's lock ends with it, not with its last worker
@@ -417,7 +435,7 @@ def lock_dir(directory: Path, writer: str) -> bool:
     except OSError as e:  # a full disk (the message had no path)
         with contextlib.suppress(OSError):  # close() flushes the same line again, and fails again, but closes
             f.close()  # and the lock with it
-        raise cannot("write", directory / LOCK_FILE, e) from None
+        raise cannot_lock(e) from None
     _locked[key] = f
     return True
 

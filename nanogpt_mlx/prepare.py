@@ -14,12 +14,14 @@ consumed in part order, so the shards do not depend on the number of workers.
 Resuming: a shard is written atomically, then recorded in the manifest with the position where the
 next one starts (file, part, token offset). A re-run verifies the recorded shards and continues after
 the last intact one. Hub files are downloaded file by file (the next one while the current one is
-tokenized) and deleted once tokenized, so at most about two are on disk.
+tokenized) and deleted once tokenized, so at most two are on disk (_Downloads).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import signals
-from .console import few, warn
+from .console import counted, few, warn
 from .data import list_shards, load_shard, open_shard, warn_if_shards_differ
 from .documents import Part, plan_parts, read_docs
 from .errors import UserError, check_int, check_types, first_line
@@ -72,10 +74,10 @@ class PrepareConfig:
         if self.seed != PrepareConfig.seed and not self.shuffle_docs:  # it would be ignored (the manifest says null)
             raise UserError(f"seed orders shuffle_docs (seed={self.seed} without shuffle_docs=True); pass both or "
                             "neither")
-        if self.name is not None and (not self.name or self.name.startswith(".") or any(c in self.name for c in "/\\")):
+        if self.name is not None and (not self.name or self.name[0] == "." or any(c in self.name for c in "/\\\0")):
             raise UserError(f"name {self.name!r}: shards are files NAME_val_000000.npy, NAME_train_000001.npy, ... in "
-                            "the output directory: a NAME has no '/' and does not start with '.' (hidden files are not "
-                            "read)")
+                            "the output directory: a NAME has no '/' (nor a NUL byte) and does not start with '.' "
+                            "(hidden files are not read)")
 
 
 # ------------------------------------------------------------------------------------ tokenizing
@@ -218,14 +220,16 @@ def _complete(out: Path, manifest: dict) -> None:
 def _resume(out: Path, fresh: dict) -> list[dict]:
     """Shards of an earlier run with the same settings that are intact on disk (a prefix of its list). Shard files
     beyond them are removed: a killed run can leave one written but not yet listed, which other settings would
-    not overwrite and every reader would take for data."""
-    remove_stale_temps(out)
+    not overwrite and every reader would take for data. What a killed writer left half-written goes too, once the
+    directory is taken for prepare's (a directory refused keeps all it holds)."""
     path = out / "manifest.json"
     if not path.exists():
-        if any(out.glob("*.npy")):
+        if any(not f.name.startswith(".") for f in out.glob("*.npy")):  # (hidden files are no shards to readers)
             raise UserError(f"{out}: holds .npy files but no manifest.json; choose an empty directory")
+        remove_stale_temps(out)
         return []
     intact, old_name = _intact_shards(out, path, fresh)
+    remove_stale_temps(out)
     listed = {shard["file"] for shard in intact}
     ours = {fresh["settings"]["name"], old_name}  # shard names this prepare or the one before writes
     for split in ("val", "train"):
@@ -336,42 +340,93 @@ class Summary:
     def __str__(self) -> str:
         t = self.manifest["totals"]
         n_val = sum(s["split"] == "val" for s in self.manifest["shards"])
-        text = (f"{self.out}: {t['shards']} shards ({n_val} val, {t['shards'] - n_val} train), "
-                f"{t['val_tokens']:,} val + {t['train_tokens']:,} train tokens, {t['documents']:,} documents")
+        text = (f"{self.out}: {counted(t['shards'], 'shard')} ({n_val} val, {t['shards'] - n_val} train), "
+                f"{t['val_tokens']:,} val + {t['train_tokens']:,} train tokens, {counted(t['documents'], 'document')}")
         if self.new_tokens:
-            text += (f"; tokenized {self.new_tokens:,} tokens in {self.seconds:.1f}s "
+            text += (f"; tokenized {counted(self.new_tokens, 'token')} in {self.seconds:.1f}s "
                      f"({self.new_tokens / max(self.seconds, 1e-9) / 1e6:.2f} M tokens/s)")
         else:
             text += "; already complete"
         return text
 
 
-def _parts(units: list[Unit], start: dict, scratch: Path, cfg: PrepareConfig) -> Iterator[tuple[tuple, tuple]]:
-    """((unit, part, last of its unit, Part), task) from `start` on; the next file is fetched in the background."""
-    fetching = _fetch_in_background(units[start["unit"]], scratch) if start["unit"] < len(units) else None
+class _Downloads:
+    """Room for two downloaded files on disk: the one being tokenized and the next. A download waits for room (take),
+    which a file makes when all its parts are tokenized (it is deleted then), not when their tokens are used: parts
+    are tokenized ahead of that, so three files' could be in flight, and the thread that uses them may be the one
+    waiting for the download."""
+
+    def __init__(self):
+        self.room, self.closed = 2, False
+        self.left: dict[int, list] = {}  # unit: [its file (None: kept), its parts not yet tokenized]
+        self.changed = threading.Condition()
+
+    def take(self) -> bool:
+        """Wait for room for a file; False once the run has ended (close)."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.room or self.closed)
+            self.room -= not self.closed
+            return not self.closed
+
+    def expect(self, unit: int, path: Path, parts: int) -> None:
+        """Unit `unit`'s file `path` is read by `parts` parts yet (none: deleted now)."""
+        with self.changed:
+            self.left[unit] = [path, parts + 1]  # and this call, which ends now
+        self.tokenized(unit)
+
+    def tokenized(self, unit: int, ok: bool = True) -> None:
+        """A part of unit `unit` is tokenized (a local file's: nothing to do). After its last, the file is deleted,
+        unless a part failed: it is kept for the re-run, which the error asks for."""
+        with self.changed:
+            if unit not in self.left:
+                return
+            file = self.left[unit]
+            file[0], file[1] = file[0] if ok else None, file[1] - 1
+            if file[1]:
+                return
+            del self.left[unit]
+            if file[0] is not None:
+                with contextlib.suppress(OSError):  # (a callback's error would be lost, and the room with it)
+                    file[0].unlink(missing_ok=True)
+            self.room += 1
+            self.changed.notify_all()
+
+    def close(self) -> None:
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+
+def _parts(units: list[Unit], start: dict, scratch: Path, cfg: PrepareConfig,
+           downloads: _Downloads) -> Iterator[tuple[tuple, tuple]]:
+    """((unit, part, Part), task) from `start` on; the next file is fetched in the background."""
+    fetch = functools.partial(_fetch_in_background, scratch=scratch, downloads=downloads)
+    fetching = fetch(units[start["unit"]]) if start["unit"] < len(units) else None
     for u in range(start["unit"], len(units)):
         path = fetching()
-        fetching = _fetch_in_background(units[u + 1], scratch) if u + 1 < len(units) else None
+        fetching = fetch(units[u + 1]) if u + 1 < len(units) else None
         parts = plan_parts(units[u], path, cfg.part_bytes)
         keys = [None] * len(parts)
         if cfg.shuffle_docs:
             keys = [(cfg.seed, u, p) for p in range(len(parts))]
             order = np.random.default_rng([cfg.seed, u]).permutation(len(parts))
             parts, keys = [parts[i] for i in order], [keys[i] for i in order]
-        if not parts and units[u].temporary:
-            path.unlink(missing_ok=True)
         first = start["part"] if u == start["unit"] else 0
+        if units[u].temporary:
+            downloads.expect(u, path, len(parts) - first)
         for p in range(first, len(parts)):
-            yield (u, p, p == len(parts) - 1, parts[p]), (parts[p], keys[p])
+            yield (u, p, parts[p]), (parts[p], keys[p])
 
 
-def _fetch_in_background(unit: Unit, scratch: Path) -> Callable[[], Path]:
-    """Start `unit.fetch` in a daemon thread (Ctrl-C must not wait for a download); returns a getter."""
+def _fetch_in_background(unit: Unit, scratch: Path, downloads: _Downloads) -> Callable[[], Path]:
+    """Start `unit.fetch` in a daemon thread (Ctrl-C must not wait for a download), a download once there is room
+    for it; returns a getter."""
     box: dict = {}
 
     def run() -> None:
         try:
-            box["path"] = unit.fetch(scratch)
+            if not unit.temporary or downloads.take():  # (else the run has ended: nothing waits for the file)
+                box["path"] = unit.fetch(scratch)
         except BaseException as e:  # re-raised in the main thread
             box["error"] = e
 
@@ -386,15 +441,21 @@ def _fetch_in_background(unit: Unit, scratch: Path) -> Callable[[], Path]:
     return get
 
 
-def _in_order(tasks: Iterator, pool: cf.Executor | None, window: int) -> Iterator:
-    """(item, tokenize_part(task)) for (item, task) in tasks, in order, at most `window` in flight."""
+def _in_order(tasks: Iterator, pool: cf.Executor | None, window: int,
+              done: Callable[[tuple, bool], None]) -> Iterator:
+    """(item, tokenize_part(task)) for (item, task) in tasks, in order, at most `window` in flight; done(item, ok)
+    as soon as a task has ended (in another thread), before its result is used."""
     if pool is None:
         for item, task in tasks:
-            yield item, tokenize_part(task)
+            result = tokenize_part(task)
+            done(item, True)
+            yield item, result
         return
     pending: deque = deque()
     for item, task in tasks:
-        pending.append((item, pool.submit(tokenize_part, task)))
+        future = pool.submit(tokenize_part, task)
+        future.add_done_callback(lambda f, item=item: f.cancelled() or done(item, f.exception() is None))
+        pending.append((item, future))
         if len(pending) >= window:
             item, future = pending.popleft()
             yield item, future.result()
@@ -472,7 +533,7 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
     manifest["shards"] = _resume(out, manifest)
     if manifest["shards"] and manifest["shards"][-1]["end"] is None:  # done already
         _complete(out, manifest)
-        _warn_of_empty_splits(out, manifest)
+        _warn_of_thin_splits(out, manifest)
         return Summary(out, manifest, 0, time.perf_counter() - start_time)
     _write_manifest(out, manifest)
     start = manifest["shards"][-1]["end"] if manifest["shards"] else {"unit": 0, "part": 0, "skip": 0}
@@ -489,13 +550,16 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
     bar = tqdm(unit="tok", unit_scale=True, desc=f"{manifest['settings']['name']} -> {out}",
                disable=None if cfg.progress else True, smoothing=0.1)
     new_tokens = docs = 0
+    downloads = _Downloads()
+
+    def tokenized(item: tuple, ok: bool) -> None:  # (in the pool's thread)
+        downloads.tokenized(item[0], ok)
+
     try:
-        for (u, p, last, part), (tokens, n_docs) in _in_order(_parts(units, start, scratch, cfg), pool,
-                                                                2 * workers + 2):
+        for (u, p, part), (tokens, n_docs) in _in_order(_parts(units, start, scratch, cfg, downloads), pool,
+                                                          2 * workers + 2, tokenized):
             skip = start["skip"] if (u, p) == (start["unit"], start["part"]) else 0
             writer.add(tokens[skip:], part.split, u, p, skip)
-            if last and units[u].temporary:
-                Path(part.path).unlink(missing_ok=True)
             new_tokens += len(tokens) - skip
             docs += n_docs
             bar.update(len(tokens) - skip)
@@ -508,24 +572,31 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
         raise UserError(BROKEN_POOL) from None
     except KeyboardInterrupt:
         if pool is not None:
-            print("stopping: the tokenizer processes finish the parts they hold (seconds)")  # (stderr: one line)
+            # on stdout, as train's "stopping" line: stderr holds one line, the command's last ("interrupted")
+            print("stopping: the tokenizer processes finish the parts they hold (seconds)")
         raise
     finally:
+        downloads.close()  # a download still waiting for room ends its thread
         bar.close()
         if pool is not None:  # a second Ctrl-C here left the workers waiting for work, and exit waiting for them
             with signals.deferred(signal.SIGINT):
                 pool.shutdown(cancel_futures=True)
     shutil.rmtree(scratch, ignore_errors=True)
-    _warn_of_empty_splits(out, manifest)
+    _warn_of_thin_splits(out, manifest)
     return Summary(out, manifest, new_tokens, time.perf_counter() - start_time)
 
 
-def _warn_of_empty_splits(out: Path, manifest: dict) -> None:
-    """Say (not refuse: shards can be added by hand) that a split has no tokens: training needs train tokens, and
-    validates on val tokens."""
+def _warn_of_thin_splits(out: Path, manifest: dict) -> None:
+    """Say (not refuse: shards can be added by hand) that a split has no tokens, or that train has under a tenth of
+    val's (a source just over one shard: shard 0 is val): training needs train tokens, and validates on val tokens."""
     totals = manifest["totals"]
-    if not totals["train_tokens"]:
+    val, train = totals["val_tokens"], totals["train_tokens"]
+    if not train:
         warn(f"{out}: no train tokens, nothing to train on (a source of under 10 tokens is all val); give more text")
+    elif train < val / 10:
+        warn(f"{out}: {counted(train, 'train token')}, under a tenth of its {val:,} val tokens (shard 0 is val); "
+             f"prepare it into another --out with a smaller --shard-size (Python: shard_size), e.g. "
+             f"{(val + train) // 10}")
     if not totals["val_tokens"]:
         warn(f"{out}: no val tokens, nothing to validate on (the source's val part holds no text); give more text, "
              "or train with --val-every 0 (Python: TrainConfig(val_every=0))")
@@ -543,15 +614,20 @@ def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
     if not any(splits.values()):  # (before the warnings of each missing shard a manifest lists: one line)
         raise UserError(f"{data_dir}: no shards (*_val_*.npy, *_train_*.npy)")
     path = data_dir / "manifest.json"
+    unread = None  # why manifest.json could not be read: the shards are described still, as for a malformed record
     try:
         manifest = read_json(path) if path.is_file() else None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({first_line(e)})") from None
+    except ValueError as e:
+        manifest, unread = {}, f"damaged ({first_line(e)})"
+    except OSError as e:
+        manifest, unread = {}, f"unreadable ({e.strerror or first_line(e)})"
     for split, shards in sized.items():  # as a loader would
         warn_if_shards_differ(data_dir.resolve(), split, shards, manifest if isinstance(manifest, dict) else {})
     lines = [str(data_dir)]
     if manifest is None:  # shards from elsewhere
         pass
+    elif unread:
+        lines.append(f"  manifest.json is {unread}: ignored")
     elif not (isinstance(manifest, dict) and manifest.get("format") == FORMAT):
         lines.append("  manifest.json is not one that prepare writes: ignored")
     elif not (isinstance(manifest.get("source"), dict) and isinstance(manifest.get("shards"), list)
@@ -563,7 +639,7 @@ def describe(data_dir: str | os.PathLike, n_tokens: int = 64) -> str:
         lines.append(f"  source     {source}; {state}")
         lines.append(f"  documents  {sum(s['documents'] for s in manifest['shards']):,}")
     for split, shards in sized.items():
-        lines.append(f"  {split:<10} {len(shards)} shards, {sum(n for _, n in shards):,} tokens")
+        lines.append(f"  {split:<10} {counted(len(shards), 'shard')}, {counted(sum(n for _, n in shards), 'token')}")
     first = (splits["train"] or splits["val"])[0]
     ids = load_shard(first)[:n_tokens].tolist()
     if max(ids, default=0) > EOT:  # not GPT-2's tokens: nothing to decode them with

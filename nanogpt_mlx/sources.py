@@ -164,9 +164,9 @@ def shakespeare(path: str | os.PathLike | None = None, url: str | None = None,
         raise UserError("--path (a local copy) or --url (to download), not both")
     if path is not None:
         file = files.user_path(path)
-        if not file.is_file():
-            raise UserError(f"{file}: {'a directory, not' if file.is_dir() else 'no such file:'} Tiny Shakespeare's "
-                            "text (input.txt)")
+        if not file.is_file():  # (a FIFO is not opened: it would block)
+            what = "a directory, not" if file.is_dir() else "not a regular file:" if file.exists() else "no such file:"
+            raise UserError(f"{file}: {what} Tiny Shakespeare's text (input.txt)")
     else:
         file = _download_cached(url or SHAKESPEARE_URL, files.user_path(cache_dir) if cache_dir else files.cache_dir())
     digest = files.sha256_file(file)

@@ -329,11 +329,20 @@ def test_a_directory_in_the_way_of_a_set_of_files_is_found_before_any_is_publish
 
 
 def test_stale_temporaries_under_a_lock_go_and_the_users_files_stay(tmp_path):
-    """remove_stale_temps (a run's or prepare's OUT, under its lock) deleted any `.*.tmp*`, a `.notes.tmp.txt` too."""
-    from nanogpt_mlx.files import HOST_TAG, remove_stale_temps
+    """remove_stale_temps (a run's or prepare's OUT, under its lock) deleted any `.*.tmp*`, a `.notes.tmp.txt` too,
+    and then any `.NAME.tmpDIGITS...`: a user's `.draft.tmp42.md` or `.notes.tmp2024.txt`. It takes the names that
+    atomic_path, atomic_dir and atomic_files give, with their writer's mark, and no other."""
+    from nanogpt_mlx.files import atomic_dir, atomic_files, atomic_path, remove_stale_temps
 
-    stale = [".model.tmp123.safetensors", f".ckpt-000002.tmp{HOST_TAG}-99-0a1b2c3d", ".x.tmp0123abcd-7.npy"]
-    mine = [".notes.tmp.txt", ".tmp", "a.tmp1"]
+    written = []  # the writers' own names, as a kill -9 in their bodies leaves them
+    for writer in (atomic_path(tmp_path / "model.safetensors"), atomic_path(tmp_path / "manifest"),
+                   atomic_dir(tmp_path / "ckpt-000002"), atomic_files(tmp_path, ["config.json"])):
+        with pytest.raises(KeyboardInterrupt), writer as tmp:
+            written.append(tmp.name)
+            raise KeyboardInterrupt
+    stale = [*written, ".x.tmp0123abcd-7.npy", ".ckpt-000001.tmp0123abcd-99-0a1b2c3d"]
+    mine = [".notes.tmp.txt", ".tmp", "a.tmp1", ".draft.tmp42.md", ".notes.tmp2024.txt",
+            ".a.tmp0123abcd-7.tar.gz", ".b.tmp0123abcd-7-short"]
     for name in stale + mine:
         (tmp_path / name).write_text("x")
     remove_stale_temps(tmp_path)

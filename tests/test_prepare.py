@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import http.server
 import json
@@ -23,7 +24,7 @@ from conftest import assert_one_line_error, run_cli
 
 from nanogpt_mlx import prepare as prep
 from nanogpt_mlx import sources
-from nanogpt_mlx.files import LOCK_FILE, sha256_file
+from nanogpt_mlx.files import HOST_TAG, LOCK_FILE, sha256_file
 from nanogpt_mlx.data import list_shards, load_shard
 from nanogpt_mlx.errors import UserError
 from nanogpt_mlx.tokenizer import EOT, get_tokenizer
@@ -234,7 +235,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, mixed, monkeypat
     # minutes; indented once complete (dir_bytes below)
     assert (out / "manifest.json").read_text().count("\n") == 1
     # a harder crash: a temp file left behind, a completed shard damaged, and perhaps the next one lost
-    (out / ".data_train_000003.tmp4242.npy").write_bytes(b"truncated")
+    (out / f".data_train_000003.tmp{HOST_TAG}-4242.npy").write_bytes(b"truncated")
     if lost:
         (out / "data_train_000002.npy").unlink()
     damaged = (out / "data_train_000001.npy").read_bytes()  # same size, other bytes: found by its sha256
@@ -400,8 +401,11 @@ def test_cli_prepare_hands_its_options_to_the_sources(tmp_path, monkeypatch, cap
     assert (seen["files"]["split_on_blank_lines"], seen["files"]["text_field"]) == (True, "body")
 
 
-def test_fineweb_edu_from_hub_one_file_at_a_time(tmp_path, monkeypatch):
-    """The hub path (listing, download into scratch, delete after use) against a fake hub."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_fineweb_edu_from_hub_one_file_at_a_time(tmp_path, monkeypatch, workers):
+    """The hub path (listing, download into scratch, delete after use) against a fake hub. With tokenizer processes,
+    parts are tokenized ahead of their use: the third file was downloaded while the first's parts were in flight
+    (three files on disk, where the docs said two)."""
     import huggingface_hub
 
     mirror = tmp_path / "mirror"
@@ -423,9 +427,10 @@ def test_fineweb_edu_from_hub_one_file_at_a_time(tmp_path, monkeypatch):
         SimpleNamespace(path=str(f.relative_to(mirror)), size=f.stat().st_size) for f in files])
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
 
-    summary = prep.prepare(sources.fineweb_edu(), tmp_path / "out", cfg())
+    monkeypatch.setattr(prep, "_cpu_count", lambda: 2)  # (on a machine of one core too)
+    summary = prep.prepare(sources.fineweb_edu(), tmp_path / "out", cfg(workers=workers))
     assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens(docs))
-    assert len(on_disk) == 3 and max(on_disk) <= 1  # bounded disk: the previous file is gone
+    assert on_disk == [0, 1, 1]  # bounded disk: the file before the one tokenized is gone when the next downloads
     assert not (tmp_path / "out" / prep.SCRATCH).exists()
     assert summary.manifest["origin"] == {"revision": "abc123"}
     # the same files from a local mirror continue/verify the same run
@@ -467,6 +472,34 @@ def test_a_failed_run_removes_the_directory_it_made_for_nothing(tmp_path):
         with pytest.raises(UserError, match="no documents"):
             prep.prepare(src, out, cfg())
     assert not (tmp_path / "out").exists() and (tmp_path / "there").is_dir()
+
+
+def test_a_lock_that_cannot_be_written_removes_the_directory_it_made(tmp_path, monkeypatch):
+    """On a full disk the lock's "cannot write" left the new OUT behind, holding an empty .lock; a directory that was
+    there before is kept."""
+    import io
+
+    from nanogpt_mlx import files
+
+    class Full(io.StringIO):
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_open(path, mode):
+        Path(path).touch()  # the file is made, its line cannot be written
+        return Full()
+
+    text = tmp_path / "input.txt"
+    text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50)
+    src = sources.shakespeare(path=text)
+    monkeypatch.setattr(files, "open", full_open, raising=False)
+    monkeypatch.setattr(files.fcntl, "lockf", lambda f, how: None)
+    (tmp_path / "there").mkdir()
+    for out in (tmp_path / "full" / "sh2", tmp_path / "there"):
+        with pytest.raises(UserError, match=re.escape(f"{out / LOCK_FILE}: cannot write (No space left on device)")):
+            prep.prepare(src, out, cfg())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "input.txt", "there"]
+    assert not (tmp_path / "full" / "sh2").exists() and (tmp_path / "there").is_dir()
 
 
 def test_a_fifo_is_not_a_regular_file(tmp_path):
@@ -582,7 +615,7 @@ def test_cli_prepare_and_inspect(tmp_path):
     assert np.array_equal(shard_tokens(out), expected_tokens(docs))
     info = run_cli("prepare", "--inspect", str(out), check=True).stdout
     first_train = list_shards(out, "train")[0]
-    assert re.search(r"val\s+1 shards, 400 tokens", info)
+    assert re.search(r"val\s+1 shard, 400 tokens", info)  # not "1 shards"
     assert re.search(rf"train\s+{len(list_shards(out, 'train'))} shards", info)
     assert re.search(r"documents\s+100\n", info)
     assert get_tokenizer().decode(np.load(first_train)[:64].tolist()) in info
@@ -610,9 +643,9 @@ def test_inspect_names_a_missing_or_file_path_and_shards_missing_from_the_manife
 def test_names_and_seeds_that_would_lose_shards_are_refused(tmp_path):
     """A NAME with '/' wrote shards into a subdirectory, a leading '.' hid them from every reader: prepare
     reported success and train found nothing. A prefix holding `_train_` no longer makes its val shard train."""
-    for name in ("a/b", ".hidden", ""):
-        with pytest.raises(UserError, match=f"name {name!r}: shards are files NAME_val_000000.npy, .* in the output "
-                                            "directory: a NAME has no"):
+    for name in ("a/b", ".hidden", "", "a\x00b"):  # (a NUL byte: os' ValueError "embedded null byte")
+        with pytest.raises(UserError, match=f"name {re.escape(repr(name))}: shards are files NAME_val_000000.npy, .* "
+                                            "in the output directory: a NAME has no"):
             prep.PrepareConfig(name=name)
     with pytest.raises(UserError, match="seed must be >= 0, got -1"):
         prep.PrepareConfig(seed=-1)
@@ -630,6 +663,17 @@ def test_names_and_seeds_that_would_lose_shards_are_refused(tmp_path):
     prep.prepare(sources.local_files([tmp_path / "a.jsonl"]), out, cfg(name="web_train_v2"))
     assert [p.name for p in list_shards(out, "val")] == ["web_train_v2_val_000000.npy"]
     assert "web_train_v2_val_000000.npy" not in [p.name for p in list_shards(out, "train")]
+
+
+def test_an_out_path_with_a_nul_byte_is_one_line(tmp_path):
+    """os' ValueError, "embedded null byte", was a traceback."""
+    src = sources.local_files([write_jsonl(tmp_path / "a.jsonl", make_docs(5))])
+    bad = str(tmp_path / "o\x00ut")
+    with pytest.raises(UserError, match=r"^the shard directory '.*o\\x00ut' holds a NUL byte, which no file name can$"):
+        prep.prepare(src, bad, cfg())
+    with pytest.raises(UserError, match="holds a NUL byte"):
+        prep.describe(bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
 
 
 def test_an_existing_file_named_like_a_pattern_is_read(tmp_path):
@@ -652,9 +696,14 @@ def test_inspect_and_resume_beside_foreign_files(tmp_path):
     for damaged in ({}, {"shards": [{"file": "x"}]}, {"source": {}, "shards": [{"file": "x", "documents": "3"}]}):
         (data / "manifest.json").write_text(json.dumps({"format": prep.FORMAT, **damaged}))  # a KeyError, a TypeError
         assert "manifest.json is damaged" in prep.describe(data)
-    (data / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)  # a RecursionError's traceback, also in train
-    with pytest.raises(UserError, match="manifest.json: unreadable \\(nested too deeply\\)"):
-        prep.describe(data)
+    # not JSON: it refused to say anything of the shards ("manifest.json: unreadable (...)"); and a RecursionError's
+    # traceback, also in train
+    for text, why in (('{"format": "nanogpt-mlx-shards", "comp', "Unterminated string"),
+                      ("[" * 100_000 + "]" * 100_000, "nested too deeply")):
+        (data / "manifest.json").write_text(text)
+        info = prep.describe(data)
+        assert f"manifest.json is damaged ({why}" in info and "): ignored" in info
+        assert "  val        1 shard" in info and "60000 1 2" in info
     (data / "manifest.json").unlink()
     assert "manifest" not in prep.describe(data)
     (tmp_path / "o").mkdir()
@@ -860,11 +909,37 @@ def test_a_shard_written_but_not_yet_listed_is_removed(tmp_path):
     assert {p.name.split("_")[0] for p in out.glob("*.npy")} == {"other", "mine"}
 
 
+def test_a_users_hidden_files_stay_and_a_refused_directory_keeps_all(tmp_path):
+    """A user's `.draft.tmp42.md` was taken for a killed writer's temporary and deleted, even from a directory then
+    refused: only prepare's own temporaries go, and only from a directory it takes."""
+    path = write_jsonl(tmp_path / "a.jsonl", make_docs(60, seed=6))
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    np.save(refused / "mine.npy", np.array([1, 2, 3], np.uint16))
+    stale = f".data_val_000000.tmp{HOST_TAG}-4242.npy"  # what prepare itself leaves when killed
+    for name in (".draft.tmp42.md", stale):
+        (refused / name).write_text("precious")
+    before = dir_bytes(refused)
+    with pytest.raises(UserError, match="holds .npy files but no manifest.json"):
+        prep.prepare(sources.local_files([path]), refused, cfg())
+    assert dir_bytes(refused) == before
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for name in (".notes.tmp2024.txt", stale):
+        (fresh / name).write_text("x")
+    prep.prepare(sources.local_files([path]), fresh, cfg())
+    assert (fresh / ".notes.tmp2024.txt").read_text() == "x" and not (fresh / stale).exists()
+
+
 def test_shakespeare_path_mistakes_are_named(tmp_path):
     with pytest.raises(UserError, match="a directory, not Tiny Shakespeare's text"):
         sources.shakespeare(path=tmp_path)
     with pytest.raises(UserError, match="no such file: Tiny Shakespeare's text"):
         sources.shakespeare(path=tmp_path / "nope.txt")
+    os.mkfifo(tmp_path / "pipe.txt")  # these were "no such file" (and a FIFO must not be opened: it would block)
+    for special in (tmp_path / "pipe.txt", Path(os.devnull)):
+        with pytest.raises(UserError, match=f"^{re.escape(str(special))}: not a regular file: Tiny Shakespeare's"):
+            sources.shakespeare(path=special)
     with pytest.raises(UserError, match="not both"):  # the URL was ignored
         sources.shakespeare(path=tmp_path / "input.txt", url="http://127.0.0.1:9/input.txt")
     with pytest.raises(UserError, match="--local-dir .* or --revision .*, not both"):  # the revision was ignored
@@ -979,8 +1054,13 @@ def test_a_split_left_empty_is_warned_of(tmp_path, capsys):
     prepare said nothing (train then failed to find the split)."""
     src = sources.local_files([write_jsonl(tmp_path / "two.jsonl", ["Hi.", "Bye."])])
     for _ in range(2):  # and when it is re-run
-        assert prep.prepare(src, tmp_path / "short", cfg()).manifest["totals"]["train_tokens"] == 0
+        summary = prep.prepare(src, tmp_path / "short", cfg())
+        assert summary.manifest["totals"]["train_tokens"] == 0
         assert "short: no train tokens, nothing to train on" in capsys.readouterr().err
+        assert "short: 1 shard (1 val, 0 train)" in str(summary)  # not "1 shards"
+    one = prep.prepare(sources.local_files([write_jsonl(tmp_path / "one.jsonl", ["Hi."])]), tmp_path / "one", cfg())
+    assert "1 document;" in str(one) and "tokenized 3 tokens" in str(one)
+    capsys.readouterr()
     text = tmp_path / "input.txt"
     text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 5 + "\n" * 60)
     assert prep.prepare(sources.shakespeare(path=text), tmp_path / "blank", cfg()).manifest["totals"]["val_tokens"] == 0
@@ -988,6 +1068,22 @@ def test_a_split_left_empty_is_warned_of(tmp_path, capsys):
     assert "blank: no val tokens, nothing to validate on" in err
     assert "--val-every 0 (Python: TrainConfig(val_every=0))" in err
     assert "train tokens" not in err
+
+
+def test_a_train_split_dwarfed_by_val_is_warned_of(tmp_path, capsys):
+    """A source one token over a shard gave "N val + 1 train tokens" without a word (found only by train)."""
+    docs = make_docs(60)
+    total = len(expected_tokens(docs))
+    src = sources.local_files([write_jsonl(tmp_path / "docs.jsonl", docs)])
+    for _ in range(2):  # and when it is re-run
+        totals = prep.prepare(src, tmp_path / "thin", cfg(shard_size=total - 1)).manifest["totals"]
+        assert (totals["val_tokens"], totals["train_tokens"]) == (total - 1, 1)
+        err = capsys.readouterr().err
+        assert f"thin: 1 train token, under a tenth of its {total - 1:,} val tokens (shard 0 is val)" in err
+        assert f"a smaller --shard-size (Python: shard_size), e.g. {total // 10}" in err
+    prep.prepare(src, tmp_path / "split", cfg(shard_size=total // 10))  # the advice taken: nine tenths train
+    prep.prepare(src, tmp_path / "small", cfg(shard_size=total))  # a source of one shard: split 90/10
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_a_shard_missing_from_a_prepared_directory_is_warned_of(tmp_path, capsys):

@@ -20,7 +20,7 @@ from test_train import cli_config, tiny_config, token_stream, write_shards
 from nanogpt_mlx.checkpoint import checkpoints, damaged, latest_checkpoint
 from nanogpt_mlx.config import TrainConfig, get_lr, resume_config
 from nanogpt_mlx.errors import UserError
-from nanogpt_mlx.files import LOCK_FILE
+from nanogpt_mlx.files import HOST_TAG, LOCK_FILE
 from nanogpt_mlx.train import Trainer
 
 
@@ -712,10 +712,10 @@ def test_torn_last_log_line_is_tolerated(run, torn_txt, torn_jsonl):
 
 # ------------------------------------------------------------- leftovers of a kill (item 13)
 def test_leftovers_of_a_kill_are_removed(run):
-    """kill -9 during the model link update leaves OUT/.model.tmpPID.safetensors; during a save, a temp dir."""
-    (run / ".model.tmp99999.safetensors").write_bytes(b"\0" * (1 << 20))
-    (run / ".ckpt-000006.tmp99999").mkdir()
-    (run / ".ckpt-000006.tmp99999" / "model.safetensors").write_bytes(b"partial")
+    """kill -9 during the model link update leaves OUT/.model.tmpHOST-PID.safetensors; during a save, a temp dir."""
+    (run / f".model.tmp{HOST_TAG}-99999.safetensors").write_bytes(b"\0" * (1 << 20))
+    (run / f".ckpt-000006.tmp{HOST_TAG}-99999-0a1b2c3d").mkdir()
+    (run / f".ckpt-000006.tmp{HOST_TAG}-99999-0a1b2c3d" / "model.safetensors").write_bytes(b"partial")
     resume(run, max_steps=4, check=True)  # nothing left to train: it only starts and stops
     assert temporaries(run) == []
     assert [p.name for p in checkpoints(run)] == ["ckpt-000002", "ckpt-000004"]

@@ -30,7 +30,8 @@ class TrainConfig:
     recipe there also takes the recipe's optimizer defaults (max_lr, betas, ...)."""
 
     recipe: str = _field("build-nanogpt", "model + optimizer + schedule (recipes.py): " + "; ".join(
-        f"{r.name}, {r.summary}" for r in recipes.RECIPES.values()))
+        f"{r.name}, {r.summary}" for r in recipes.RECIPES.values()) + ". --recipe brings the recipe's optimizer "
+        "defaults, as TrainConfig.preset(NAME, recipe=...) does; TrainConfig(recipe=...) or replace() keep those held")
     data: str = _field("data/edu_fineweb10B", "directory of token shards (`nanogpt-mlx prepare`)")
     out: str = _field("out/gpt2-124m", "directory of the checkpoints, log.txt and log.jsonl (metrics, samples)")
     init_from: str = _field("", "'': random init; else a hub id (gpt2), Hugging Face directory or checkpoint "
@@ -193,6 +194,22 @@ def unread(cfg: TrainConfig) -> str:
         if given := [f"{k} {getattr(cfg, k)!r}" for k in other.own if getattr(cfg, k) != defaults[k]]:
             said.append(f"{', '.join(given)} (the {other.name} recipe's)")
     return f"the {cfg.recipe} recipe does not read {'; '.join(said)}" if said else ""
+
+
+def foreign_defaults(cfg: TrainConfig) -> str:
+    """A note where `cfg` holds another recipe's optimizer defaults in most of the fields where the two recipes'
+    defaults differ: a config made for that recipe and switched by `recipe=` alone
+    (TrainConfig(recipe="speedrun"), dataclasses.replace), which trains Muon at AdamW's LR, clipped; '' otherwise."""
+    ours = recipes.get(cfg.recipe).defaults
+    for other in (r for r in recipes.RECIPES.values() if r.name != cfg.recipe):
+        differ = [k for k in ours.keys() & other.defaults.keys() if ours[k] != other.defaults[k]]
+        theirs = [k for k in sorted(differ) if getattr(cfg, k) == other.defaults[k]]
+        if 2 * len(theirs) > len(differ):
+            return (f"the {cfg.recipe} recipe runs with the {other.name} recipe's "
+                    f"{', '.join(f'{k} {getattr(cfg, k):g}' for k in theirs)}, not its own "
+                    f"{', '.join(f'{k} {ours[k]:g}' for k in theirs)}: a config switched by its recipe alone keeps "
+                    f"them (TrainConfig.preset(NAME, recipe={cfg.recipe!r}) takes the recipe's, as --recipe does)")
+    return ""
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:

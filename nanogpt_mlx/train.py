@@ -43,8 +43,8 @@ from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
 from . import checkpoint, device, distributed, memory, recipes, signals
-from .config import (DTYPES, MODEL_FIELDS, TrainConfig, ignored_shape, refuse_model_changes, resume_line, resumed,
-                     unread)
+from .config import (DTYPES, MODEL_FIELDS, TrainConfig, foreign_defaults, ignored_shape, refuse_model_changes,
+                     resume_line, resumed, unread)
 from .console import PEER_FAILED, say, size, warn
 from .data import DataLoader
 from .errors import Stopped, UserError, check_bool, first_line
@@ -694,13 +694,17 @@ class Trainer:
                   f"{cfg.seq_len} | steps {self.step}..{cfg.max_steps} | {device.PROFILE.name} {self.dtype_name} | "
                   f"peak {peak / 1e9:.0f} GFLOP/s a rank | memory ~{size(self.memory.total)} estimated")
         notes = [resume_line(self.step, self._resume) if self._resume else "",
-                 device.PROFILE.attention_note(self.dtype_name, c.n_embd // c.n_head, cfg.seq_len), unread(cfg)]
+                 device.PROFILE.attention_note(self.dtype_name, c.n_embd // c.n_head, cfg.seq_len), unread(cfg),
+                 foreign_defaults(cfg)]
         if self._resume:
             self.log.event(self.step, "resume", **self._resume)
             self._resume = None  # (not again at a later train())
         if cfg.warmup_steps >= cfg.max_steps:  # e.g. a short run that kept build-nanogpt's 715 warmup steps
             notes.append(f"warmup_steps {cfg.warmup_steps} is not below max_steps {cfg.max_steps}: the LR rises for "
                          "the whole run and never decays (--warmup-steps)")
+        if "momentum_warmup" in self.recipe.own and cfg.momentum_warmup >= cfg.max_steps:  # the speedrun's 300
+            notes.append(f"momentum_warmup {cfg.momentum_warmup} is not below max_steps {cfg.max_steps}: Muon's "
+                         "momentum rises for the whole run and never reaches 0.95 (--momentum-warmup)")
         for note in filter(None, notes):
             self._say(f"note: {note}")
         with self._training() as bar:

@@ -50,6 +50,30 @@ def test_switching_recipe_takes_its_defaults_and_flags_still_win():
         TrainConfig(recipe="adam")
 
 
+def test_a_config_switched_by_its_recipe_alone_is_noted(data_dir, tmp_path, capsys):
+    """TrainConfig(recipe="speedrun") trained Muon at AdamW's LR 6e-4, clipped, with Adam's betas and eps from
+    build-nanogpt, without a word (only TrainConfig.preset and --recipe bring a recipe's defaults); and the speedrun's
+    momentum warmup of 300 steps outlasted a short run."""
+    from nanogpt_mlx.config import foreign_defaults
+
+    note = foreign_defaults(TrainConfig(recipe="speedrun"))
+    assert note.startswith("the speedrun recipe runs with the build-nanogpt recipe's beta1 0.9, eps 1e-08, grad_clip 1, "
+                           "max_lr 0.0006, weight_decay 0.1, not its own beta1 0.8, eps 1e-10, grad_clip 0, max_lr "
+                           "0.025, weight_decay 0.025")
+    assert "TrainConfig.preset(NAME, recipe='speedrun')" in note
+    switched = foreign_defaults(replace(PRESETS["shakespeare-speedrun"], recipe="build-nanogpt"))
+    assert switched.startswith("the build-nanogpt recipe runs with the speedrun recipe's beta1 0.8")
+    assert not any(foreign_defaults(p) for p in PRESETS.values())
+    for recipe in RECIPES:  # a choice of one's own (clipping the speedrun) is no such config
+        assert foreign_defaults(TrainConfig.preset("shakespeare", recipe=recipe, grad_clip=0.5, eps=1e-9)) == ""
+    assert foreign_defaults(TrainConfig.preset("shakespeare", recipe="speedrun", grad_clip=1.0)) == ""
+    Trainer(replace(speedrun_config(data_dir, tmp_path / "run", max_steps=2), grad_clip=1.0, beta1=0.9, eps=1e-8,
+                    weight_decay=0.1, momentum_warmup=300)).train()
+    out = capsys.readouterr().out
+    assert "note: the speedrun recipe runs with the build-nanogpt recipe's beta1 0.9" in out
+    assert "note: momentum_warmup 300 is not below max_steps 2: Muon's momentum rises for the whole run" in out
+
+
 def test_build_nanogpt_recipe_is_the_cosine_schedule():
     cfg = TrainConfig(max_lr=6e-4, warmup_steps=10, max_steps=50)
     assert [get_lr(s, cfg) for s in (0, 9, 50)] == pytest.approx([6e-5, 6e-4, 6e-5])

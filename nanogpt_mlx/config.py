@@ -111,6 +111,9 @@ class TrainConfig:
             positive = f.name in _POSITIVE
             if f.type.startswith(("int", "float")) and v is not None and (v <= 0 if positive else v < 0):
                 raise UserError(f"{f.name} must be {'>' if positive else '>='} 0, got {v}")
+        if self.sample_every and self.num_samples and not self.sample_tokens:  # (SampleConfig's max_new_tokens)
+            raise UserError("sample_tokens must be > 0 where samples are taken, got 0 (sample_every 0 or num_samples 0 "
+                            "turns them off)")
         if not self.out or not self.data:  # "" would be the current directory
             raise UserError(f"{'out' if not self.out else 'data'} must name a directory, got ''")
         if self.max_memory and self.max_memory >= 1e6:  # MLX's limit is a size_t of bytes

@@ -51,16 +51,16 @@ class Example:
 
 
 def download_hellaswag(url: str | None = None, dest: str | os.PathLike | None = None, progress: bool = True,
-                       local_option: str = "--data") -> Path:
+                       local_option: str = "--data", python: str = "load_hellaswag(FILE)") -> Path:
     """The validation JSONL, downloaded once into the cache (atomically, and only once it parses as HellaSwag) and
     reused after; each URL has its own copy. `dest` (a leading `~` expanded) puts it elsewhere. A failure names
-    `local_option`, the caller's way to pass a local copy instead."""
+    `local_option` and `python`, the caller's ways to pass a local copy instead."""
     url = url or os.environ.get(URL_ENV) or HELLASWAG_URL
     if dest is None:
         mirror = "" if url == HELLASWAG_URL else hashlib.sha256(url.encode()).hexdigest()[:16]
         dest = cache_dir() / "hellaswag" / mirror / "hellaswag_val.jsonl"
     dest = user_path(named_dir(dest, "HellaSwag file", name="a file"))
-    hint = f"pass {local_option} FILE with a local copy of hellaswag_val.jsonl (Python: load_hellaswag(FILE))"
+    hint = f"pass {local_option} FILE with a local copy of hellaswag_val.jsonl (Python: {python})"
     return download(url, dest, "HellaSwag", hint, progress, check=load_hellaswag)
 
 

@@ -136,18 +136,18 @@ class Trainer:
         self.cfg = cfg = replace(cfg, **{k: getattr(self.model.config, k) for k in MODEL_FIELDS if k != "init_from"})
         self.model.checkpoint_blocks = cfg.activation_checkpointing
         self._check_config(resuming=ckpt is not None)
+        if ckpt is not None:
+            self._check_relative("data", "data directory", "DIR")
+            if cfg.hellaswag_every and cfg.hellaswag_data:
+                self._check_relative("hellaswag_data", "HellaSwag file", "FILE")
         # HellaSwag's examples now, not at the first evaluation: a wrong path or a failed download stops a resumed
         # run (or one whose first evaluation comes late) before it trains, not after
         self._hellaswag = load_hellaswag(
-            cfg.hellaswag_data or download_hellaswag(progress=self.dist.is_main, local_option="--hellaswag-data"),
+            cfg.hellaswag_data or download_hellaswag(progress=self.dist.is_main, local_option="--hellaswag-data",
+                                                     python="TrainConfig(hellaswag_data=FILE)"),
             limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else None
         # their tokens and rows fit the model, checked before it trains, and tokenized once for every evaluation
         self._hellaswag_tokens = check_examples(self.model, self._hellaswag) if self._hellaswag else None
-        data = user_path(cfg.data)
-        if ckpt is not None and not data.is_absolute() and not data.exists():
-            raise UserError(f"{data}: no such data directory in {Path.cwd()}: the checkpoint's config names it "
-                            "relative to where the run started; resume from there, or pass --data DIR (Python: "
-                            "resume_config(out, data=DIR))")
         self._make_loaders()
 
         self.optimizer = self.recipe.make_optimizer(cfg, self.dtype)
@@ -222,6 +222,16 @@ class Trainer:
                                  f"resume with its config, config.resume_config({str(self.out)!r})")
         model = model.grow_vocab(cfg.vocab_size) if cfg.vocab_size and ckpt is None else model
         return model, fits(model.config)
+
+    def _check_relative(self, field: str, what: str, metavar: str) -> None:
+        """Refuse a resumed run's relative path (config field `field`) that names nothing from here: the checkpoint's
+        config names it relative to where the run started, another directory (a notebook's os.chdir)."""
+        path = user_path(getattr(self.cfg, field))
+        if not path.is_absolute() and not path.exists():
+            option = "--" + field.replace("_", "-")
+            raise UserError(f"{path}: no such {what} in {Path.cwd()}: the checkpoint's config names it relative to "
+                            f"where the run started; resume from there, or pass {option} {metavar} (Python: "
+                            f"resume_config(out, {field}={metavar}))")
 
     def _check_config(self, resuming: bool) -> None:
         """Refuse sizes that do not fit before anything runs, the evaluations' included (advising, when resuming,

@@ -1156,6 +1156,10 @@ def test_config_validation():
     with pytest.raises(UserError, match="min_lr_ratio must be at most 1"):
         TrainConfig(min_lr_ratio=2)
     assert TrainConfig(max_lr=1e-3, min_lr=1e-3, min_lr_ratio=1).final_lr == 1e-3  # a constant LR is fine
+    # it was "samples: max_new_tokens must be >= 1", a name TrainConfig does not have, once a Trainer was made
+    with pytest.raises(UserError, match="^sample_tokens must be > 0 where samples are taken, got 0"):
+        TrainConfig(sample_tokens=0)
+    assert TrainConfig(sample_tokens=0, sample_every=0).sample_tokens == 0  # no samples: no tokens needed
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: the GPUs' default
@@ -1215,7 +1219,8 @@ def test_a_failed_hellaswag_download_names_trains_option(data_dir, tmp_path, mon
     monkeypatch.setattr(evaluate, "cache_dir", lambda: tmp_path / "cache")
     monkeypatch.setenv(evaluate.URL_ENV, "http://127.0.0.1:9/hellaswag_val.jsonl")  # nothing listens there
     cfg = tiny_config(data_dir, tmp_path / "run", vocab_size=50304, hellaswag_every=5)
-    with pytest.raises(UserError, match="could not download HellaSwag.*pass --hellaswag-data FILE"):
+    with pytest.raises(UserError, match="could not download HellaSwag.*pass --hellaswag-data FILE.*\\(Python: "
+                                        "TrainConfig\\(hellaswag_data=FILE\\)\\)"):  # not load_hellaswag(FILE)
         Trainer(cfg)
 
 

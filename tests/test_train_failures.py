@@ -324,6 +324,24 @@ def test_a_resume_elsewhere_of_a_relative_data_directory_says_where_it_was(data_
     assert Trainer(resume_config(out, max_steps=3, data=str(data_dir)), resume=True).train()
 
 
+def test_a_resume_elsewhere_of_a_relative_hellaswag_file_says_where_it_was(data_dir, tmp_path, monkeypatch):
+    """As for --data: a relative --hellaswag-data resumed from another directory said only 'file not found'."""
+    from test_evaluate import make_hellaswag, write_jsonl
+
+    write_jsonl(tmp_path / "hs.jsonl", make_hellaswag(4, ctx_words=(3, 10), ending_words=(1, 8)))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    cfg = tiny_config(data_dir, out, vocab_size=50304, max_steps=2, hellaswag_every=2, hellaswag_data="hs.jsonl")
+    Trainer(cfg).train()
+    monkeypatch.chdir(data_dir)
+    with pytest.raises(UserError, match=f"^hs.jsonl: no such HellaSwag file in {data_dir}: the checkpoint's config "
+                                        "names it relative to where the run started; resume from there, or pass "
+                                        "--hellaswag-data FILE \\(Python: resume_config\\(out, "
+                                        "hellaswag_data=FILE\\)\\)$"):
+        Trainer(resume_config(out, max_steps=3), resume=True)
+    assert Trainer(resume_config(out, max_steps=3, hellaswag_data=str(tmp_path / "hs.jsonl")), resume=True).train()
+
+
 def test_a_failed_evaluation_leaves_the_trainer_whole(data_dir, tmp_path, monkeypatch):
     """The weights are whole between steps: an evaluation's error (a download, a moved file) saves and ends train(),
     after which the Trainer refused to go on as if it had stopped amid a step."""

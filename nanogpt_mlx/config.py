@@ -14,6 +14,7 @@ import mlx.core as mx
 from . import checkpoint, recipes
 from .errors import FieldTypeError, UserError, check_fields, check_seed, check_types
 from .files import named_dir, user_path
+from .model import PADDED_VOCAB_SIZE, GPTConfig
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 
@@ -222,6 +223,13 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
 
 MODEL_FIELDS = ("init_from", "n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # the checkpoint's on resume
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size")  # a random init's; init_from trains its source's
+
+
+def model_config(cfg: TrainConfig) -> GPTConfig:
+    """The GPTConfig of the model that a run of `cfg` initializes at random (its shape, vocab and recipe's switches);
+    a run with init_from or resumed trains its source's or checkpoint's model instead."""
+    return GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or PADDED_VOCAB_SIZE, n_layer=cfg.n_layer,
+                     n_head=cfg.n_head, n_embd=cfg.n_embd, **recipes.get(cfg.recipe).model)
 
 
 def ignored_shape(cfg: TrainConfig, source: object) -> list[str]:

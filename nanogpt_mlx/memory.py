@@ -30,13 +30,14 @@ just above that (cap) leaves the host room to queue ahead without the peak growi
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import mlx.core as mx
 
 from . import device
 from .console import byte_unit, warn
-from .errors import UserError
+from .errors import UserError, check_int
 from .kernels import query_blocks
 from .loss import gemm_group, scales_in_gemms
 from .model import GPTConfig, KVCache
@@ -49,6 +50,7 @@ CLOSE = 0.9  # a step or a batch of samples past this share of the memory is war
 # fewer, more with a soft-cap (its slope); the others store (softmax - onehot) / N per chunk.
 _HEAD_ARRAYS = {"scaled": (4.0, 21), "scaled, capped": (7.0, 24), "stored": (5.5, 27)}
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_LEAST_LIMIT = 1e6  # bytes: a largest_batch limit below this is no size in bytes (8 meant 8 GB) and fits no step
 
 
 @dataclass(frozen=True)
@@ -87,12 +89,42 @@ class Estimate:
         return f"~{self.total / scale:.{digits}f} {unit} ({parts})"
 
 
+def _checked(config: GPTConfig, seq_len: int, dtype: str, profile: device.Profile | None, threads: int,
+             batch_size: int = 1) -> str:
+    """Refuse (UserError) arguments that would fail inside the estimate, far from their cause, or silently estimate
+    nothing (batch 0); the dtype's name, '' made the profile's (the device's), as a TrainConfig's is."""
+    if not isinstance(config, GPTConfig):
+        from .config import TrainConfig  # (here: config.py imports this module, through recipes.py)
+
+        if isinstance(config, TrainConfig):
+            raise UserError("config must be the model's GPTConfig, not a TrainConfig: a run's random init is "
+                            "nanogpt_mlx.config.model_config(cfg); with init_from, "
+                            "weights.load_model(cfg.init_from).config")
+        raise UserError(f"config must be a GPTConfig, got {config!r}")
+    check_int("batch_size", batch_size)
+    check_int("seq_len", seq_len)
+    check_int("threads", threads)
+    dtype = dtype if dtype != "" else (profile or device.PROFILE).dtype
+    if not isinstance(dtype, str) or dtype not in _BYTES:  # (an mx.Dtype is no key: the configs name theirs)
+        raise UserError(f"dtype must be one of {', '.join(map(repr, _BYTES))} or '' (the device's), got {dtype!r}")
+    return dtype
+
+
 def estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpointing: bool = False,
              profile: device.Profile | None = None, threads: int = 1,
              optimizer: OptimizerMemory = OptimizerMemory()) -> Estimate:
-    """The estimated peak memory (bytes) of one training step of `config` at (batch_size, seq_len), its rows split
-    over `threads` step threads (threads.py), each of which keeps a float32 gradient until they are added;
-    `optimizer`: what the recipe's optimizer holds (AdamW's by default)."""
+    """The estimated peak memory (bytes) of one training step of `config` (a GPTConfig) at (batch_size, seq_len) in
+    `dtype` ('float32', 'bfloat16', 'float16'; '': the profile's, as a TrainConfig's ''), its rows split over
+    `threads` step threads (threads.py), each of which keeps a float32 gradient until they are added; `optimizer`:
+    what the recipe's optimizer holds (AdamW's by default). Refuses (UserError) other arguments."""
+    dtype = _checked(config, seq_len, dtype, profile, threads, batch_size)
+    return _estimate(config, batch_size, seq_len, dtype, checkpointing, profile, threads, optimizer)
+
+
+def _estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpointing: bool = False,
+              profile: device.Profile | None = None, threads: int = 1,
+              optimizer: OptimizerMemory = OptimizerMemory()) -> Estimate:
+    """estimate, of arguments checked (_checked): largest_batch and check estimate many sizes."""
     profile = profile or device.PROFILE
     b = _BYTES[dtype]
     C, L, V, nh = config.n_embd, config.n_layer, config.vocab_size, config.n_head
@@ -142,14 +174,27 @@ def step_threads(batch_size: int, threads: int, fixed: bool) -> int:
 def largest_batch(config: GPTConfig, seq_len: int, dtype: str, checkpointing: bool, limit: float,
                   profile: device.Profile | None = None, threads: int = 1, fixed_threads: bool = False,
                   rows: int = 0, optimizer: OptimizerMemory = OptimizerMemory()) -> int:
-    """The largest micro-batch whose estimate fits in `limit` bytes (0 if none does), with its step threads
-    (step_threads): a divisor of `rows`, the rows of a rank's optimizer step (so that gradient accumulation keeps
-    total_batch_size), or without rows a power of two; with fixed threads, a multiple of them. `optimizer`: as
-    estimate's."""
+    """The largest micro-batch whose estimate fits in `limit` bytes (0 if none does; bytes, not check's GB: a
+    limit below 1e6 is refused), with its step threads (step_threads): a divisor of `rows`, the rows of a rank's
+    optimizer step (so that gradient accumulation keeps total_batch_size), or without rows a power of two; with
+    fixed threads, a multiple of them. The other arguments: as estimate's."""
+    dtype = _checked(config, seq_len, dtype, profile, threads)
+    check_int("rows", rows, 0)
+    # (`not >=`: a NaN too, under which nothing fits)
+    if not isinstance(limit, numbers.Real) or isinstance(limit, bool) or not limit >= _LEAST_LIMIT:
+        raise UserError(f"limit is in bytes (8 GB is 8e9), at least {_LEAST_LIMIT:g}; got {limit!r}")
+    return _largest_batch(config, seq_len, dtype, checkpointing, limit, profile, threads, fixed_threads, rows,
+                          optimizer)
+
+
+def _largest_batch(config: GPTConfig, seq_len: int, dtype: str, checkpointing: bool, limit: float,
+                   profile: device.Profile | None = None, threads: int = 1, fixed_threads: bool = False,
+                   rows: int = 0, optimizer: OptimizerMemory = OptimizerMemory()) -> int:
+    """largest_batch, of arguments checked (_checked); check's limit may be any (a --max-memory of 0.0001 GB)."""
     sizes = [b for b in range(1, rows + 1) if rows % b == 0] if rows else [2 ** b for b in range(16)]
     # every size: with the device's threads the estimate need not grow with b (batch 2 on 2 threads keeps more than
     # batch 3 on gcd(3, 2) = 1), and stopping at the first size that did not fit advised a smaller one than fits
-    return max((b for b in sizes if (not fixed_threads or b % threads == 0) and estimate(
+    return max((b for b in sizes if (not fixed_threads or b % threads == 0) and _estimate(
         config, b, seq_len, dtype, checkpointing, profile, step_threads(b, threads, fixed_threads), optimizer).total
         <= limit), default=0)
 
@@ -161,8 +206,9 @@ def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpoi
     of `share` ranks on this machine gets its share), with the batch size (a divisor of `rows`, a rank's rows per
     optimizer step, if given; not if `batch_fixed`, a resumed run's) or checkpointing that would fit, each with the
     step threads it would run on (step_threads); warn when it comes within 10%. `optimizer`: as estimate's."""
+    dtype = _checked(config, seq_len, dtype, None, threads, batch_size)
     est_threads = step_threads(batch_size, threads, fixed_threads)
-    est = estimate(config, batch_size, seq_len, dtype, checkpointing, threads=est_threads, optimizer=optimizer)
+    est = _estimate(config, batch_size, seq_len, dtype, checkpointing, threads=est_threads, optimizer=optimizer)
     mine = device.memory_bytes() / share
     mine_said = f"this device's {mine / 1e9:.1f} GB" if share == 1 else \
         f"{mine / 1e9:.1f} GB, this device's memory split among its {share} ranks"
@@ -175,21 +221,21 @@ def check(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, checkpoi
     if est.total > limit:
         advice, fits = [], 0
         if not batch_fixed:
-            fits = largest_batch(config, seq_len, dtype, checkpointing, limit, threads=threads,
-                                 fixed_threads=fixed_threads, rows=rows, optimizer=optimizer)
+            fits = _largest_batch(config, seq_len, dtype, checkpointing, limit, threads=threads,
+                                  fixed_threads=fixed_threads, rows=rows, optimizer=optimizer)
             if fits:
                 advice.append(f"--batch-size {fits} fits (--total-batch-size stays, by more accumulation)")
         if not checkpointing and batch_fixed:
-            if estimate(config, batch_size, seq_len, dtype, True, threads=est_threads, optimizer=optimizer).total \
+            if _estimate(config, batch_size, seq_len, dtype, True, threads=est_threads, optimizer=optimizer).total \
                     <= limit:
                 advice.append("--activation-checkpointing fits it")
         elif not checkpointing:
-            fits_ckpt = largest_batch(config, seq_len, dtype, True, limit, threads=threads,
-                                      fixed_threads=fixed_threads, rows=rows, optimizer=optimizer)
+            fits_ckpt = _largest_batch(config, seq_len, dtype, True, limit, threads=threads,
+                                       fixed_threads=fixed_threads, rows=rows, optimizer=optimizer)
             if fits_ckpt > fits:  # (not where the head, which it does not shrink, is what fills the memory)
                 advice.append(f"--activation-checkpointing fits --batch-size {fits_ckpt}")
         # fewer step threads at this batch: each thread past the first adds a float32 copy of the gradients
-        fewer = next((n for n in range(est_threads - 1, 0, -1) if batch_size % n == 0 and estimate(
+        fewer = next((n for n in range(est_threads - 1, 0, -1) if batch_size % n == 0 and _estimate(
             config, batch_size, seq_len, dtype, checkpointing, threads=n, optimizer=optimizer).total <= limit), 0)
         if fewer:
             advice.append(f"--threads {fewer} fits it")

@@ -43,14 +43,14 @@ from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
 from . import checkpoint, device, distributed, memory, recipes, signals
-from .config import (DTYPES, MODEL_FIELDS, TrainConfig, foreign_defaults, ignored_shape, refuse_model_changes,
-                     resume_line, resumed, unread)
+from .config import (DTYPES, MODEL_FIELDS, TrainConfig, foreign_defaults, ignored_shape, model_config,
+                     refuse_model_changes, resume_line, resumed, unread)
 from .console import PEER_FAILED, say, size, warn
 from .data import DataLoader
 from .errors import Stopped, UserError, check_bool, first_line
 from .evaluate import check_examples, download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
 from .files import devnull_onto, shell_word, user_path
-from .model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig
+from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 from .optim import Packing, apply_scaled, clip_scale
 from .rundir import RunDir
 from .sample import SampleConfig, prepare_prompt, sample_texts
@@ -208,8 +208,7 @@ class Trainer:
                                 batch_fixed=ckpt is not None, optimizer=self.recipe.memory(config))
 
         if ckpt is None and not cfg.init_from:
-            config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or PADDED_VOCAB_SIZE,
-                               n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, **self.recipe.model)
+            config = model_config(cfg)
             estimate = fits(config)  # before building: a model far too large would take minutes to build
             return GPT(config, seed=cfg.seed), estimate
         model = checkpoint.read_model(ckpt) if ckpt is not None else load_model(cfg.init_from)

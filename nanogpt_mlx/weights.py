@@ -470,15 +470,41 @@ def save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str
         raise OSError(first_line(e)) from None
 
 
-def save_model(model: GPT, out_dir: str | os.PathLike) -> None:
-    """Write this project's checkpoint format into `out_dir` (a leading `~` expanded): model.safetensors +
-    config.json (atomic per file)."""
+def save_model(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> None:
+    """Write this project's model format into `out_dir` (a leading `~` expanded): model.safetensors + config.json
+    (atomic per file), which `load_model`, `sample --model` and `train --init-from` read. Into a new or empty
+    directory, or over a model it wrote before; with `force`, into any other directory, but never a training run's
+    OUT or one of its checkpoints (refused, UserError: their models are the run's, saved by the Trainer)."""
     check_gpt(model)
+    check_bool("force", force)  # "no" would force
     out_dir = user_path(named_dir(out_dir, "model directory"))
+    _check_save_target(out_dir, force)
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_safetensors(tmp, dict(model.parameters_flat()))
     atomic_write_text(out_dir / "config.json",
                       json.dumps({"format": NATIVE_FORMAT, "model": model.config.to_dict()}, indent=2))
+
+
+def _check_save_target(out: Path, force: bool) -> None:
+    """Refuse (UserError) what save_model would overwrite: a file, a run (its model.safetensors is its latest
+    checkpoint's), a run's checkpoint, and a non-empty directory that holds more than a model it wrote (`force`)."""
+    from .checkpoint import STATE_FILE, checkpoints  # (here: checkpoint.py imports this module)
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; choose a directory for the model")
+    if not out.is_dir():
+        return
+    if found := checkpoints(out):
+        raise UserError(f"{out}: is a training run (it holds {found[-1].name}), whose model the save would replace; "
+                        "save to another directory")
+    if (out / STATE_FILE).exists():
+        raise UserError(f"{out}: is a training run's checkpoint ({STATE_FILE}), which the save would overwrite; "
+                        "save to another directory")
+    # a model saved here before may be saved over, nothing else unforced (temporaries are a save's killed midway)
+    names = {p.name for p in out.iterdir() if not p.name.startswith((".model.tmp", ".config.tmp"))}
+    if names and not (names <= set(HF_FILES) and _is_native(out)) and not force:
+        raise UserError(f"{out}: directory is not empty (nor a model saved by save_model alone); pass force=True to "
+                        "write into it, or choose another")
 
 
 def _is_native(directory: Path) -> bool:

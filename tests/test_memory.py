@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -331,6 +332,45 @@ def test_sizes_below_a_gb_are_said_in_mb():
                             activations=200_000_000, head=250_000_000, update=2_000_000_000)
     assert large.describe() == "~4.25 GB (weights 0.50, optimizer 1.00, gradients 0.75, update 2.00)"
     assert large.total == 4_250_000_000
+
+
+def test_a_notebooks_arguments_are_refused_in_one_line_or_taken_as_a_run_takes_them():
+    """estimate and largest_batch failed with KeyError '' (a TrainConfig's dtype: the device's), KeyError for
+    mx.float32 or "fp16", AttributeError for a TrainConfig, TypeError for batch_size "4", and estimated a batch of
+    0; largest_batch's limit is in bytes, not check's GB: limit=8 returned 0, as if nothing fit."""
+    from nanogpt_mlx import GPT
+    from nanogpt_mlx.config import model_config
+
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=1000, block_size=64)
+    assert memory.estimate(cfg, 2, 64, "") == memory.estimate(cfg, 2, 64, device.PROFILE.dtype)
+    cuda = device.PROFILES["cuda"]
+    assert memory.estimate(cfg, 2, 64, "", profile=cuda) == memory.estimate(cfg, 2, 64, cuda.dtype, profile=cuda)
+    assert memory.largest_batch(cfg, 64, "", False, 16e9) == memory.largest_batch(cfg, 64, device.PROFILE.dtype,
+                                                                                     False, 16e9)
+    refused = [(dict(dtype=mx.float32), "dtype must be one of 'float32', 'bfloat16', 'float16' or ''"),
+               (dict(dtype="fp16"), "dtype must be one of"),
+               (dict(config=TrainConfig()), "config must be the model's GPTConfig, not a TrainConfig: a run's random "
+                                              "init is nanogpt_mlx.config.model_config(cfg)"),
+               (dict(config=None), "config must be a GPTConfig, got None"),
+               (dict(batch_size="4"), "batch_size must be an integer, got '4'"),
+               (dict(batch_size=0), "batch_size must be >= 1, got 0"),
+               (dict(seq_len=64.0), "seq_len must be an integer"), (dict(threads=0), "threads must be >= 1")]
+    for changed, said in refused:
+        args = {"config": cfg, "batch_size": 2, "seq_len": 64, "dtype": "float32", **changed}
+        with pytest.raises(UserError, match=f"^{re.escape(said)}[^\n]*$"):
+            memory.estimate(**args)
+        if "batch_size" not in changed:
+            args = {k: v for k, v in args.items() if k != "batch_size"}
+            with pytest.raises(UserError, match=f"^{re.escape(said)}[^\n]*$"):
+                memory.largest_batch(**args, checkpointing=False, limit=16e9)
+    for limit in (8, 0.5, float("nan"), "8e9"):
+        with pytest.raises(UserError, match=r"^limit is in bytes \(8 GB is 8e9\)"):
+            memory.largest_batch(cfg, 64, "float32", False, limit)
+    with pytest.raises(UserError, match="rows must be >= 0"):
+        memory.largest_batch(cfg, 64, "float32", False, 16e9, rows=-1)
+    # the refusal's way from a TrainConfig to its model's GPTConfig
+    train = TrainConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, recipe="speedrun")
+    assert memory.estimate(model_config(train), 2, 64, train.dtype).params == GPT(model_config(train)).num_params()
 
 
 @pytest.mark.skipif(not device.PROFILE.cpu_backend, reason="the update's bytes are fitted to MLX's CPU backend's peaks")

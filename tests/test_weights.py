@@ -110,6 +110,52 @@ def test_native_checkpoint_round_trip(tmp_path):
         assert k == k2 and mx.array_equal(a, b).item(), k
 
 
+def same_weights(a: GPT, b: GPT) -> bool:
+    return all(k == k2 and mx.array_equal(x, y).item() for (k, x), (k2, y) in zip(a.parameters_flat(),
+                                                                                   b.parameters_flat()))
+
+
+def test_save_model_keeps_a_runs_model_its_checkpoints_and_other_files(tmp_path):
+    """save_model overwrote anything: a run's checkpoint (save_model(m, "out/run/ckpt-000004")), the run's model
+    (save_model(m, "out/run")), other files' directory, where export_hf refuses them. It saves over a model it
+    saved, and into a non-empty directory with force=True (never a run or checkpoint)."""
+    from nanogpt_mlx import checkpoint
+
+    model, other = GPT(SMALL, seed=0), GPT(SMALL, seed=1)
+    run = tmp_path / "run"
+    ckpt = checkpoint.write(run, 4, model, {}, {"step": 4})
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for target, said in ((run, "is a training run (it holds ckpt-000004)"),
+                         (ckpt, "is a training run's checkpoint (trainer.json)")):
+        for forced in ({}, {"force": True}):
+            with pytest.raises(UserError, match=f"^{re.escape(f'{target}: {said}')},[^\n]*; save to another "
+                                                "directory$"):
+                save_model(other, target, **forced)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    hf = tmp_path / "hf"  # another format's model, another's files
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (hf / "model.safetensors").write_bytes(b"theirs")
+    with pytest.raises(UserError, match=f"^{re.escape(str(hf))}: directory is not empty .* pass force=True"):
+        save_model(other, hf)
+    assert (hf / "model.safetensors").read_bytes() == b"theirs"
+    (hf / "notes.txt").write_text("mine")
+    save_model(other, hf, force=True)
+    assert same_weights(load_model(hf), other) and (hf / "notes.txt").read_text() == "mine"
+    with pytest.raises(UserError, match="force must be True or False, got 'no'"):
+        save_model(other, tmp_path / "new", force="no")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="exists and is not a directory"):
+        save_model(other, tmp_path / "file")
+    saved, empty = tmp_path / "saved", tmp_path / "empty"  # over its own model, into an empty directory: no force
+    empty.mkdir()
+    save_model(model, saved)
+    for target in (saved, empty):
+        save_model(other, target)
+        assert same_weights(load_model(target), other) and sorted(p.name for p in target.iterdir()) == \
+            ["config.json", "model.safetensors"]
+
+
 def test_a_model_directory_under_home_is_expanded(tmp_path, monkeypatch):
     """save_model to `~/ckpt` wrote ./~/ckpt, and load_local read from there."""
     from nanogpt_mlx.weights import load_local

@@ -23,9 +23,9 @@ from .errors import UserError, first_line
 from .files import (atomic_dir, atomic_path, atomic_write_text, cannot, existing_ancestor, mlx_path, named_dir,
                     read_json, shell_word)
 from .model import GPT
-from .weights import load_model, safetensors_shapes, save_model, save_safetensors
+from .weights import TRAINER_STATE, load_model, safetensors_shapes, save_model, save_safetensors
 
-STATE_FILE = "trainer.json"
+STATE_FILE = TRAINER_STATE  # (named in weights.py, whose save_model must not write over a checkpoint)
 OPTIMIZER_FILE = "optimizer.safetensors"
 LOG_FILES = ("log.txt", "log.jsonl")  # RunLog's
 MODEL_FILES = ("model.safetensors", "config.json")  # OUT's copy of the latest checkpoint's model, for `sample`

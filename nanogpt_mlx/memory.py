@@ -94,9 +94,7 @@ def _checked(config: GPTConfig, seq_len: int, dtype: str, profile: device.Profil
     """Refuse (UserError) arguments that would fail inside the estimate, far from their cause, or silently estimate
     nothing (batch 0); the dtype's name, '' made the profile's (the device's), as a TrainConfig's is."""
     if not isinstance(config, GPTConfig):
-        from .config import TrainConfig  # (here: config.py imports this module, through recipes.py)
-
-        if isinstance(config, TrainConfig):
+        if type(config).__name__ == "TrainConfig":  # (config.py imports this module, through recipes.py)
             raise UserError("config must be the model's GPTConfig, not a TrainConfig: a run's random init is "
                             "nanogpt_mlx.config.model_config(cfg); with init_from, "
                             "weights.load_model(cfg.init_from).config")

@@ -31,6 +31,7 @@ from .tokenizer import EOT
 
 HF_FILES = ["config.json", "model.safetensors"]
 SHARD_INDEX = "model.safetensors.index.json"  # a sharded model's, in place of model.safetensors
+TRAINER_STATE = "trainer.json"  # beside the model in a run's checkpoint (checkpoint.STATE_FILE): not to save over
 EXPORT_FILES = [*HF_FILES, "generation_config.json", *TOKENIZER_FILES]
 # weight files that loaders read beside or instead of model.safetensors (mlx-lm loads every model*.safetensors,
 # transformers the others where it finds no safetensors): an export over a directory removes them
@@ -485,20 +486,23 @@ def save_model(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> N
                       json.dumps({"format": NATIVE_FORMAT, "model": model.config.to_dict()}, indent=2))
 
 
+def _run_checkpoints(out: Path) -> list[Path]:
+    """The checkpoints of this project's format in `out`, a training run's OUT (OUT/ckpt-*: checkpoint.py's)."""
+    return [d for d in sorted(out.glob("ckpt-*")) if _is_native(d)]
+
+
 def _check_save_target(out: Path, force: bool) -> None:
     """Refuse (UserError) what save_model would overwrite: a file, a run (its model.safetensors is its latest
     checkpoint's), a run's checkpoint, and a non-empty directory that holds more than a model it wrote (`force`)."""
-    from .checkpoint import STATE_FILE, checkpoints  # (here: checkpoint.py imports this module)
-
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose a directory for the model")
     if not out.is_dir():
         return
-    if found := checkpoints(out):
+    if found := _run_checkpoints(out):
         raise UserError(f"{out}: is a training run (it holds {found[-1].name}), whose model the save would replace; "
                         "save to another directory")
-    if (out / STATE_FILE).exists():
-        raise UserError(f"{out}: is a training run's checkpoint ({STATE_FILE}), which the save would overwrite; "
+    if (out / TRAINER_STATE).exists():
+        raise UserError(f"{out}: is a training run's checkpoint ({TRAINER_STATE}), which the save would overwrite; "
                         "save to another directory")
     # a model saved here before may be saved over, nothing else unforced (temporaries are a save's killed midway)
     names = {p.name for p in out.iterdir() if not p.name.startswith((".model.tmp", ".config.tmp"))}
@@ -528,7 +532,7 @@ def check_export_target(out_dir: str | os.PathLike, force: bool = False, source:
         raise UserError(f"{out}: is the model being exported; write the export to another directory")
     # a run is known by its checkpoints too: its top-level config.json may be gone (removed, or a run killed before
     # its first save pointed OUT at one), and --force wrote the export among them
-    if any(_is_native(d) for d in (out, *sorted(out.glob("ckpt-*")))):
+    if _is_native(out) or _run_checkpoints(out):
         raise UserError(f"{out}: holds a nanogpt-mlx checkpoint, which the export would overwrite; "
                         "write it to another directory")
     # a staging directory is another export's, running or killed (removing it could break a running one)

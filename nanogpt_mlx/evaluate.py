@@ -148,11 +148,11 @@ class HellaSwagResult:
     def acc_norm(self) -> float:
         return self.num_correct_norm / max(self.num_total, 1)
 
-    def add(self, rec: ExampleScore) -> None:
+    def count(self, rec: ExampleScore) -> None:
+        """Count `rec` (its caller keeps the records, in the examples' order: they are scored in another)."""
         self.num_total += 1
         self.num_correct += rec.predicted == rec.label
         self.num_correct_norm += rec.predicted_norm == rec.label
-        self.records.append(rec)
 
 
 def _repeat_cache(cache: list[KVCache], repeats: int) -> None:
@@ -259,7 +259,7 @@ def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int
             summed, counts = ending_losses(model, [tokens[i][0] for i in batch], [tokens[i][1] for i in batch])
             for i, s, n in zip(batch, summed, counts):
                 records[i] = _score(mine[i], s, n)
-                result.add(records[i])
+                result.count(records[i])
             bar.update(len(batch))
             bar.set_postfix(acc=f"{result.acc:.4f}", acc_norm=f"{result.acc_norm:.4f}")
     result.records = records

@@ -68,7 +68,7 @@ def temperature(s: str) -> float:
     """> 0, or 0 (the argmax) with --greedy (cmd_sample)."""
     v = _float(s)
     if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+        raise argparse.ArgumentTypeError(f"must be > 0 (or 0 with --greedy), got {v}")
     return v
 
 
@@ -202,7 +202,8 @@ def add_eval(sub) -> None:
     h.add_argument("--batch-size", type=positive_int,
                    help=f"examples per forward pass, 4 rows each (default: {device.PROFILE.eval_batch} with "
                         f"this machine's profile, {device.PROFILE.name})")
-    h.add_argument("--output", metavar="FILE.jsonl", help="write index, label, predictions and the 4 losses per example")
+    h.add_argument("--output", metavar="FILE.jsonl", help="write per example: index, label, predicted (summed loss), predicted_norm (mean loss), "
+                        "and each ending's losses (summed), mean_losses and num_tokens")
     l = tasks.add_parser("loss", help="mean loss and perplexity over a split's token shards")
     l.add_argument("--model", default="gpt2", help=model_help)
     l.add_argument("--data", required=True, metavar="DIR", help="directory of {name}_{split}_{index}.npy token shards")

@@ -32,14 +32,24 @@ MODEL_FILES = ("model.safetensors", "config.json")  # OUT's copy of the latest c
 KEEP = 2  # the latest checkpoint and the one before, to resume from if the latest is damaged
 
 
+def checkpoint_dir(out: Path, step: int) -> Path:
+    """Where the checkpoint of step `step` of the run in `out` is written."""
+    return out / f"ckpt-{step:06d}"
+
+
+def step_of(ckpt: Path) -> int | None:
+    """The step a checkpoint directory's name gives (None: not a checkpoint's name)."""
+    digits = ckpt.name.removeprefix("ckpt-")
+    # ASCII digits only: "²" is a digit to str.isdigit and no int, and "١" an int (1) of a directory not ours
+    return int(digits) if ckpt.name.startswith("ckpt-") and digits.isascii() and digits.isdigit() else None
+
+
 def checkpoints(out: str | os.PathLike) -> list[Path]:
     """Complete checkpoint directories of a run, oldest first (temporary ones are never listed); by step, as
     names sort wrongly from step 10^6 on (ckpt-1000000 < ckpt-999999)."""
     out = Path(out)
-    # ASCII digits only: "²" is a digit to str.isdigit and no int, and "١" an int (1) of a directory not ours
-    found = [p for p in out.glob("ckpt-*") if p.is_dir() and p.name[5:].isascii() and p.name[5:].isdigit()] \
-        if out.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    found = [p for p in out.glob("ckpt-*") if p.is_dir() and step_of(p) is not None] if out.is_dir() else []
+    return sorted(found, key=step_of)
 
 
 def latest_checkpoint(out: str | os.PathLike) -> Path:
@@ -58,7 +68,7 @@ def latest_checkpoint(out: str | os.PathLike) -> Path:
 
 def damaged(ckpt: Path, reason: str) -> UserError:
     """The error for a checkpoint that cannot be resumed, pointing at the previous one if there is one."""
-    earlier = [c for c in checkpoints(ckpt.parent) if int(c.name[5:]) < int(ckpt.name[5:])]
+    earlier = [c for c in checkpoints(ckpt.parent) if step_of(c) < step_of(ckpt)]
     move = f"mv {shell_word(ckpt)} {shell_word(f'{ckpt}.damaged')}"
     hint = (f"the previous checkpoint {earlier[-1].name} is kept: move this one away ({move}) and resume again to "
             "continue from it" if earlier else "there is no earlier checkpoint to resume from")
@@ -81,8 +91,8 @@ def read_state(ckpt: Path) -> dict:
         raise damaged(ckpt, f"{STATE_FILE}: step {state['step']}, world {state['world']}")
     # a step other than its directory's (an edited or copied file): resumed there, the run's save at the directory's
     # step kept the directory as it was (write() keeps an existing checkpoint of the same step)
-    if ckpt.name[5:].isascii() and ckpt.name[5:].isdigit() and int(ckpt.name[5:]) != state["step"]:
-        raise damaged(ckpt, f"{STATE_FILE}: step {state['step']} in the checkpoint of step {int(ckpt.name[5:])}")
+    if (step := step_of(ckpt)) is not None and step != state["step"]:
+        raise damaged(ckpt, f"{STATE_FILE}: step {state['step']} in the checkpoint of step {step}")
     return state
 
 
@@ -122,7 +132,7 @@ def read_model(ckpt: Path) -> GPT:
 
 def write(out: Path, step: int, model: GPT, optimizer_state, state: dict) -> Path:
     """Write OUT/ckpt-{step} (complete or not at all), point OUT/model.safetensors at it, drop older ones."""
-    final = out / f"ckpt-{step:06d}"
+    final = checkpoint_dir(out, step)
     mlx_path(final)  # a name MLX cannot open is refused as such, not as a failed save ("free space") below
     text = json.dumps(state, indent=1)
     try:

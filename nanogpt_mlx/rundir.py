@@ -102,7 +102,7 @@ class RunDir:
     @property
     def saved_step(self) -> int:
         """The step of the checkpoint last saved or resumed from (0, a fresh run's start, before any)."""
-        return int(self._saved[0].name[5:]) if self._saved else 0
+        return checkpoint.step_of(self._saved[0]) if self._saved else 0
 
     def check_newest(self) -> None:
         """Refuse to write OUT from a Trainer older than the newest of OUT in this process: it would write that

@@ -347,7 +347,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Write OUT/ckpt-{step} with the float32 master weights (rank 0 only) and return its path."""
-        written = self.out / f"ckpt-{self.step:06d}"
+        written = checkpoint.checkpoint_dir(self.out, self.step)
         if not self.dist.is_main:
             return written
         self._check_whole()

@@ -215,9 +215,11 @@ def check_examples(model: GPT, examples: Sequence[Example]) -> list[Rendered]:
 
 
 def _check_examples_given(examples) -> None:
-    """Refuse what is no sequence of Examples: a path to them was an AttributeError deep inside."""
+    """Refuse what is no sequence of Examples (a path to them was an AttributeError deep inside), or none."""
     if isinstance(examples, (str, bytes)) or not isinstance(examples, Sequence):
         got = repr(examples) if isinstance(examples, (str, os.PathLike)) else f"a {type(examples).__name__}"
+    elif not examples:  # (scored, they gave acc 0.0 of nothing)
+        got = "none"
     else:
         got = next((f"a {type(ex).__name__} among them" for ex in examples if not isinstance(ex, Example)), None)
     if got:

@@ -227,6 +227,7 @@ def test_count_arguments_of_the_wrong_type_are_one_line(fixture_file, model, cal
     (lambda m, f: score_hellaswag(m, [json.loads(f.read_text().splitlines()[0])], progress=False),
      "got a dict among them"),
     (lambda m, f: score_hellaswag(m, 5, progress=False), "got a int"),
+    (lambda m, f: score_hellaswag(m, [], progress=False), "got none"),  # it gave acc 0.0
     (lambda m, f: score_hellaswag(str(f), load_hellaswag(f, 1), progress=False),
      "a GPT model is needed (load one with weights.load_model), got '"),
     (lambda m, f: eval_loss("out/cli", f.parent, progress=False), "a GPT model is needed"),
@@ -235,7 +236,7 @@ def test_count_arguments_of_the_wrong_type_are_one_line(fixture_file, model, cal
     (lambda m, f: load_hellaswag(123), "the HellaSwag file must be a str or path, got 123"),
     (lambda m, f: load_hellaswag(""), "the HellaSwag file is '' (an unset variable?); name a file"),
     (lambda m, f: perplexity("3"), "loss must be a number, got '3'"),
-], ids=["path-str", "path", "dicts", "int", "model-path", "eval_loss-model-path", "loader_loss-model-path",
+], ids=["path-str", "path", "dicts", "int", "none", "model-path", "eval_loss-model-path", "loader_loss-model-path",
         "data-int", "hellaswag-int", "hellaswag-empty", "perplexity-str"])
 def test_python_arguments_of_the_wrong_type_are_one_line(fixture_file, model, call, needle):
     """A path where the examples or the model go, a number for the data directory: AttributeErrors ('ctx',

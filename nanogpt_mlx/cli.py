@@ -333,12 +333,12 @@ def add_prepare(sub) -> None:
 
 def cmd_prepare(args) -> None:
     from . import prepare as prep
-    from . import sources
+    from . import shards, sources
 
     if args.inspect is not None:
         if args.source:  # it would be ignored, its OUT never written
             raise UserError(f"prepare: --inspect DIR cannot be combined with a SOURCE ({args.source})")
-        print(prep.describe(args.inspect))
+        print(shards.describe(args.inspect))
         return
     if not args.source:
         raise UserError("prepare: give a SOURCE (fineweb-edu, shakespeare, files) or --inspect DIR")

@@ -355,7 +355,7 @@ NO_USER = "~no-such-user-of-nanogpt-mlx"
 def test_a_path_of_a_user_that_does_not_exist_is_one_line(tiny_hf_dir, tmp_path, monkeypatch):
     """`sample --model '~nouser/x'`, `export` from or to such a path, prepare's and the sources' paths:
     Path.expanduser's RuntimeError ("Could not determine home directory.") was a traceback."""
-    from nanogpt_mlx import prepare, sources
+    from nanogpt_mlx import shards, sources
     from nanogpt_mlx.files import user_path
     from nanogpt_mlx.weights import check_export_target, export_hf, load_model
 
@@ -364,7 +364,7 @@ def test_a_path_of_a_user_that_does_not_exist_is_one_line(tiny_hf_dir, tmp_path,
     (tmp_path / "o").mkdir()  # (a new target is not compared with the source)
     for call in (lambda: load_model(f"{NO_USER}/x"), lambda: export_hf(model, f"{NO_USER}/o"),
                  lambda: check_export_target(tmp_path / "o", source=f"{NO_USER}/x"),
-                 lambda: prepare.describe(f"{NO_USER}/x"), lambda: sources.shakespeare(path=f"{NO_USER}/x"),
+                 lambda: shards.describe(f"{NO_USER}/x"), lambda: sources.shakespeare(path=f"{NO_USER}/x"),
                  lambda: sources.fineweb_edu(local_dir=f"{NO_USER}/x")):
         with pytest.raises(UserError, match=f"^{NO_USER}/[xo]: no such user$"):
             call()

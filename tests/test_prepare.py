@@ -23,7 +23,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 
 from nanogpt_mlx import prepare as prep
-from nanogpt_mlx import sources
+from nanogpt_mlx import shards, sources
 from nanogpt_mlx.files import HOST_TAG, LOCK_FILE, sha256_file
 from nanogpt_mlx.data import list_shards, load_shard
 from nanogpt_mlx.errors import UserError
@@ -624,16 +624,16 @@ def test_cli_prepare_and_inspect(tmp_path):
 def test_inspect_names_a_missing_or_file_path_and_shards_missing_from_the_manifest(tmp_path, capsys):
     """--inspect said "no shards" for a mistyped directory or a file, and nothing of a listed shard deleted."""
     with pytest.raises(UserError, match="nowhere: data directory not found"):
-        prep.describe(tmp_path / "nowhere")
+        shards.describe(tmp_path / "nowhere")
     write_jsonl(tmp_path / "a.jsonl", make_docs(60))
     with pytest.raises(UserError, match="a.jsonl: a file, not a directory of token shards"):
-        prep.describe(tmp_path / "a.jsonl")
+        shards.describe(tmp_path / "a.jsonl")
     out = tmp_path / "out"
     prep.prepare(sources.local_files([tmp_path / "a.jsonl"]), out, cfg(shard_size=400))
     gone = list_shards(out, "train")[1]
     gone.unlink()
     capsys.readouterr()
-    assert re.search(rf"train\s+{len(list_shards(out, 'train'))} shards", prep.describe(out))
+    assert re.search(rf"train\s+{len(list_shards(out, 'train'))} shards", shards.describe(out))
     assert f"train shards that manifest.json lists are missing: {gone.name}" in capsys.readouterr().err
     for shard in out.glob("*.npy"):  # a manifest alone: one line, not a warning for each split's listed shards first
         shard.unlink()
@@ -672,7 +672,7 @@ def test_an_out_path_with_a_nul_byte_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"^the shard directory '.*o\\x00ut' holds a NUL byte, which no file name can$"):
         prep.prepare(src, bad, cfg())
     with pytest.raises(UserError, match="holds a NUL byte"):
-        prep.describe(bad)
+        shards.describe(bad)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
 
 
@@ -691,21 +691,21 @@ def test_inspect_and_resume_beside_foreign_files(tmp_path):
     np.save(data / "x_val_000000.npy", np.array([1, 2, 3], np.uint16))
     np.save(data / "x_train_000001.npy", np.array([60000, 1, 2], np.uint16))
     (data / "manifest.json").write_text(json.dumps({"complete": True}))
-    info = prep.describe(data)
+    info = shards.describe(data)
     assert "beyond GPT-2's 50257, not decoded" in info and "60000 1 2" in info and "not one that prepare writes" in info
     for damaged in ({}, {"shards": [{"file": "x"}]}, {"source": {}, "shards": [{"file": "x", "documents": "3"}]}):
-        (data / "manifest.json").write_text(json.dumps({"format": prep.FORMAT, **damaged}))  # a KeyError, a TypeError
-        assert "manifest.json is damaged" in prep.describe(data)
+        (data / "manifest.json").write_text(json.dumps({"format": shards.FORMAT, **damaged}))  # a KeyError, a TypeError
+        assert "manifest.json is damaged" in shards.describe(data)
     # not JSON: it refused to say anything of the shards ("manifest.json: unreadable (...)"); and a RecursionError's
     # traceback, also in train
     for text, why in (('{"format": "nanogpt-mlx-shards", "comp', "Unterminated string"),
                       ("[" * 100_000 + "]" * 100_000, "nested too deeply")):
         (data / "manifest.json").write_text(text)
-        info = prep.describe(data)
+        info = shards.describe(data)
         assert f"manifest.json is damaged ({why}" in info and "): ignored" in info
         assert "  val        1 shard" in info and "60000 1 2" in info
     (data / "manifest.json").unlink()
-    assert "manifest" not in prep.describe(data)
+    assert "manifest" not in shards.describe(data)
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "manifest.json").write_text("[1, 2]")
     write_jsonl(tmp_path / "a.jsonl", make_docs(5))
@@ -750,7 +750,7 @@ def test_python_arguments_of_the_wrong_type_are_one_line(tmp_path):
     prep.prepare(sources.local_files([text]), tmp_path / "o", cfg())
     for n_tokens in ("5", 2.5):
         with pytest.raises(UserError, match=f"^n_tokens must be an integer, got {re.escape(repr(n_tokens))}$"):
-            prep.describe(tmp_path / "o", n_tokens=n_tokens)
+            shards.describe(tmp_path / "o", n_tokens=n_tokens)
 
 
 @pytest.mark.parametrize("paths", [3, None, [Path("a.txt"), 3]])

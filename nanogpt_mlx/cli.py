@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import functools
-import io
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from . import __version__, device, signals
-from .console import INTERRUPTED, last_line, warn
+from .console import INTERRUPTED, STDOUT, NamedStdout, fill_closed_streams, last_line, warn
 from .errors import Stopped, UserError, field_kind, first_line
 
 
@@ -482,68 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fill_closed_streams() -> None:
-    """A stdout or stderr closed at start (`2>&-`) becomes /dev/null: Python leaves sys.stderr None (progress bars
-    then fail), and the next file opened would take the number, receiving what MLX writes there itself. What is
-    printed to a closed stdout (a command's result) fails as it would in C (`ls >&-`), not gone with status 0;
-    warnings and progress to a closed stderr are dropped."""
-    from .files import devnull_onto
-
-    for fd, name in ((1, "stdout"), (2, "stderr")):
-        try:
-            os.fstat(fd)
-        except OSError:
-            devnull_onto(fd)
-            setattr(sys, name, _ClosedStdout() if fd == 1 else open(fd, "w", closefd=False))
-
-
-class _ClosedStdout(io.TextIOBase):
-    """sys.stdout for a descriptor 1 closed at start: every write fails (named stdout by _NamedStdout)."""
-
-    def write(self, text: str) -> int:
-        raise OSError(errno.EBADF, "it was closed when the command started")
-
-    def fileno(self) -> int:
-        return 1
-
-
-STDOUT = "stdout"  # the file name of an OSError that writing stdout raised (_NamedStdout)
-
-
-class _NamedStdout:
-    """sys.stdout, whose write errors name it: an OSError from `print` names no file, so a full disk under
-    `> out.txt` read as the command's own failure ("No space left on device"), though its work was done."""
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    def __getattr__(self, name: str):
-        return getattr(self._stream, name)
-
-    def write(self, text: str) -> int:
-        with self._named():
-            return self._stream.write(text)
-
-    def flush(self) -> None:
-        with self._named():
-            self._stream.flush()
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _named() -> Iterator[None]:
-        try:
-            yield
-        except OSError as e:
-            e.filename = e.filename or STDOUT
-            raise
-
-
 def main(argv: list[str] | None = None) -> int:
     signals.ctrl_c_back()  # Ctrl-C from here on is KeyboardInterrupt: saved runs, one line
-    _fill_closed_streams()
+    fill_closed_streams()
     if hasattr(sys.stdout, "reconfigure"):  # generated text on a terminal that cannot show it: '?', not a traceback
         sys.stdout.reconfigure(errors="replace")
-    stdout, sys.stdout = sys.stdout, _NamedStdout(sys.stdout)
+    stdout, sys.stdout = sys.stdout, NamedStdout(sys.stdout)
     try:
         return _run(argv)
     finally:

@@ -1,4 +1,5 @@
-"""Lines for the user on stderr (warnings, notes, a command's last line), said once however many ranks run it.
+"""Lines for the user on stderr (warnings, notes, a command's last line), said once however many ranks run it; and
+the command's stdout and stderr (closed at start, or failing to write: named stdout in the error).
 
 The ranks that `train --ranks N` starts on one machine run the same command there, so each would print the same
 warning and the same error. Their warnings and notes come from rank 0 alone (ranks on other machines, under
@@ -9,6 +10,8 @@ rank says it, to its launcher, which shows each distinct line once (launch.py).
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import logging
 import os
 import sys
@@ -16,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm import tqdm
+
+from .files import devnull_onto
 
 LAUNCHER_ENV = "NANOGPT_MLX_LAUNCHER"  # set by launch.py in its ranks: the launcher's pid
 LINES_ENV = "NANOGPT_MLX_RANK_LINES"  # set by launch.py: the file this rank leaves its last lines in
@@ -116,3 +121,58 @@ def new_lines(path: Path, shown: set[str]) -> list[str]:
     new = [line for line in dict.fromkeys(lines) if line not in shown]
     shown.update(new)
     return new
+
+
+# ------------------------------------------------------------------------- the command's streams
+def fill_closed_streams() -> None:
+    """A stdout or stderr closed at start (`2>&-`) becomes /dev/null: Python leaves sys.stderr None (progress bars
+    then fail), and the next file opened would take the number, receiving what MLX writes there itself. What is
+    printed to a closed stdout (a command's result) fails as it would in C (`ls >&-`), not gone with status 0;
+    warnings and progress to a closed stderr are dropped."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            devnull_onto(fd)
+            setattr(sys, name, _ClosedStdout() if fd == 1 else open(fd, "w", closefd=False))
+
+
+class _ClosedStdout(io.TextIOBase):
+    """sys.stdout for a descriptor 1 closed at start: every write fails (named stdout by NamedStdout)."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, "it was closed when the command started")
+
+    def fileno(self) -> int:
+        return 1
+
+
+STDOUT = "stdout"  # the file name of an OSError that writing stdout raised (NamedStdout)
+
+
+class NamedStdout:
+    """sys.stdout, whose write errors name it: an OSError from `print` names no file, so a full disk under
+    `> out.txt` read as the command's own failure ("No space left on device"), though its work was done."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+    def write(self, text: str) -> int:
+        with self._named():
+            return self._stream.write(text)
+
+    def flush(self) -> None:
+        with self._named():
+            self._stream.flush()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _named() -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            e.filename = e.filename or STDOUT
+            raise

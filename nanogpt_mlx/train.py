@@ -488,9 +488,10 @@ class Trainer:
             devnull_onto(sys.stdout.fileno())  # Python's own flush at exit fails no more
             sys.stdout = sys.stderr
             self._stop = True
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):  # not the reader's choice
-                self._stop_error = self._stop_error or (f"stdout: cannot write ({e.strerror})",
-                                                        "make room for the output")
+            # not the reader's choice: a full or read-only disk, or a stdout closed at start (`>&-`, console.py)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EBADF):
+                fix = "give it a stdout" if e.errno == errno.EBADF else "make room for the output"
+                self._stop_error = self._stop_error or (f"stdout: cannot write ({e.strerror})", fix)
             say(line)
 
     def _start_step(self, step: int) -> _Step | None:

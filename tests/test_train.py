@@ -1280,6 +1280,19 @@ def test_numpy_scalars_in_configs_become_python_values():
             TrainConfig(**bad)
 
 
+def test_a_stdout_closed_at_start_saves_and_says_so(data_dir, tmp_path):
+    """`train ... >&-`: the run stopped after its first step as if interrupted (status 130, no reason given)."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "nanogpt_mlx", *cli_config(data_dir, out, "--max-steps", "6")],
+                          stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1), timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1 and "interrupted" not in proc.stderr, proc.stderr
+    (ckpt,) = checkpoints(out)
+    assert proc.stderr.splitlines()[-1] == (f"nanogpt-mlx: error: stdout: cannot write (it was closed when the command "
+                                            f"started); saved {ckpt} (step {int(ckpt.name[5:])}): give it a stdout, "
+                                            f"then --resume {out}")
+
+
 def test_a_closed_stderr_is_no_failure(data_dir, tmp_path):
     """`train ... 2>&-`: the progress bar's stderr was None, the run ended at once with status 1 and no message."""
     out = tmp_path / "run"

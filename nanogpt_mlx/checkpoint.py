@@ -190,8 +190,9 @@ def check_room(out: Path, size: int, fresh: bool) -> None:
         old = []
     has, takes = _told_apart(free, size)
     if free < size:
+        instead = " or choose another --out" if fresh else " (a resumed run saves in its OUT)"
         raise UserError(f"{out}: {has} free, and a checkpoint of this run takes {takes} "
-                        "(float32 weights and optimizer state); make room or choose another --out")
+                        f"(float32 weights and optimizer state); make room{instead}")
     held = (KEEP + 1 - min(len(old), KEEP)) * size
     if free < held:
         warn(f"{out}: {has} free, and saving holds up to {KEEP + 1} checkpoints of {takes} "

@@ -570,7 +570,9 @@ def test_full_disk_at_a_checkpoint(run, monkeypatch, capsys):
     assert temporaries(run) == []
     # the disk still full: the next try is refused before it trains (checkpoint.check_room)
     proc = run_main(capsys, "train", "--resume", str(run), "--max-steps", "6", "--checkpoint-every", "2")
-    assert_one_line_error(proc, "0.00 MB free, and a checkpoint of this run takes", "make room")
+    # (not "or choose another --out": --resume takes none)
+    assert_one_line_error(proc, "0.00 MB free, and a checkpoint of this run takes", "make room (a resumed run saves "
+                          "in its OUT)")
     assert temporaries(run) == []
     monkeypatch.setattr(mx, "save_safetensors", real_save)
     assert [p.name for p in checkpoints(run)] == ["ckpt-000002", "ckpt-000004"]
@@ -782,7 +784,8 @@ def test_a_disk_without_room_for_a_checkpoint_is_refused_at_start(data_dir, tmp_
         monkeypatch.setattr(ckpt_mod.shutil, "disk_usage", lambda p: real(p)._replace(free=int(n)))
 
     free(0.9 * size)
-    with pytest.raises(UserError, match=r"run: \d+\.\d\d MB free, and a checkpoint of this run takes \d+\.\d\d MB"):
+    with pytest.raises(UserError, match=r"run: \d+\.\d\d MB free, and a checkpoint of this run takes \d+\.\d\d MB.*; "
+                                        "make room or choose another --out$"):
         Trainer(tiny_config(data_dir, out, max_steps=2))
     assert not out.exists()  # a refused run makes no OUT
     free(20_004_000)  # the two read "0.02 GB": as many decimals as tell them apart

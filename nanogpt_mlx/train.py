@@ -200,6 +200,9 @@ class Trainer:
         rows, uneven = divmod(cfg.total_batch_size, cfg.seq_len * self.dist.world)  # a rank's, each step
 
         def fits(config: GPTConfig) -> memory.Estimate:
+            if cfg.seq_len > config.block_size:  # first: the estimate of a huge seq_len took minutes (its T/128 blocks)
+                raise UserError(f"seq_len {cfg.seq_len} exceeds the model's context (block_size) of "
+                                f"{config.block_size}")
             self._step_threads(config)  # --threads that do not divide the batch are refused first
             return memory.check(config, batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=self.dtype_name,
                                 checkpointing=cfg.activation_checkpointing, max_memory_gb=cfg.max_memory,
@@ -244,9 +247,6 @@ class Trainer:
         if cfg.hellaswag_every and self.model.config.vocab_size < GPT2_VOCAB_SIZE:
             raise UserError(f"HellaSwag needs GPT-2's {GPT2_VOCAB_SIZE} tokens; this model has vocab_size "
                             f"{self.model.config.vocab_size} (set hellaswag_every to 0)")
-        if cfg.seq_len > self.model.config.block_size:
-            raise UserError(f"seq_len {cfg.seq_len} exceeds the model's context (block_size) of "
-                            f"{self.model.config.block_size}")
         per_micro = cfg.batch_size * cfg.seq_len * world
         if cfg.total_batch_size % per_micro:
             fits = None if resuming else next((b for b in range(cfg.batch_size, 0, -1)

@@ -1280,6 +1280,16 @@ def test_numpy_scalars_in_configs_become_python_values():
             TrainConfig(**bad)
 
 
+def test_a_seq_len_past_the_context_is_refused_before_the_memory_estimate(data_dir, tmp_path, small_hf_dir):
+    """--seq-len 10^20 ran the estimate first, for minutes (a list of T/128 attention blocks); 10^8 was told its
+    step needs ~640,009,216 GB, not that it exceeds the model's context. A fine-tuned model's context counts."""
+    for seq_len in (10**8, 100):
+        with pytest.raises(UserError, match=f"^seq_len {seq_len} exceeds the model's context \\(block_size\\) of 32$"):
+            Trainer(tiny_config(data_dir, tmp_path / "run", seq_len=seq_len))
+    with pytest.raises(UserError, match="^seq_len 100000000 exceeds the model's context \\(block_size\\) of 64$"):
+        Trainer(tiny_config(data_dir, tmp_path / "tuned", seq_len=10**8, init_from=str(small_hf_dir)))
+
+
 def test_a_stdout_closed_at_start_saves_and_says_so(data_dir, tmp_path):
     """`train ... >&-`: the run stopped after its first step as if interrupted (status 130, no reason given)."""
     out = tmp_path / "run"

@@ -622,6 +622,12 @@ class Trainer:
         until = None if until is None else int(until)
         if until is not None and until < self.step:
             raise UserError(f"until {until} is behind this Trainer's step {self.step}")
+        # a finished run resumed trains nothing, and saves to publish its model (after a save that could not); the
+        # fields changed would be saved too, for a later resume to take, though they changed nothing
+        if self.step >= self.cfg.max_steps and self._resume and self._resume["changed"]:
+            raise UserError(f"nothing to train: {self.out} is at step {self.step}, its max_steps, and the changes "
+                            f"({', '.join(self._resume['changed'])}) would only be saved; pass a larger --max-steps "
+                            "(Python: max_steps)")
         self._check_whole()
         self.run_dir.check_newest()
         self._claim_for_training()

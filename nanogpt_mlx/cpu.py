@@ -78,7 +78,7 @@ gemv: str = "off (it needs OpenBLAS)"  # single-row matmuls through sgemv
 jit: str = "MLX's default flags"  # how MLX compiles fused kernels
 jit_avx2: bool = False  # whether they are compiled for AVX2 (exp's 2**k by per-lane shifts)
 _kernels_tmpdir: str | None = None  # the TMPDIR that _vectorize_jit set, for MLX alone (child_env)
-note: str = ""
+notes: list[str] = []  # problems with the set-up, said once at a command's start and by `nanogpt-mlx info`
 # the loaded BLAS's thread count of its GEMMs: how to read and set it (None: MLX's bundled BLAS, or Accelerate)
 _threads: tuple[Callable[[], int], Callable[[int], None]] | None = None
 
@@ -347,46 +347,47 @@ def _setup() -> None:
 def _choose_blas() -> str:
     """mkl, openblas or bundled: NANOGPT_MLX_BLAS's choice, else MKL on an Intel CPU where it is installed (its
     GEMMs are faster than OpenBLAS's there; elsewhere that is not known), else OpenBLAS."""
-    global note
     choice = os.environ.get(BLAS_ENV, "").strip().lower()
     if choice in BLAS_CHOICES:
         return choice
     if choice not in ("", "auto"):
-        note = f"{BLAS_ENV}={choice!r} is none of {', '.join(BLAS_CHOICES)}: chosen as by default"
+        notes.append(f"{BLAS_ENV}={choice!r} is none of {', '.join(BLAS_CHOICES)}: chosen as by default")
     return "mkl" if _intel_cpu() and _find_mkl() else "openblas"
 
 
 def _load_blas() -> None:
     """Load what _choose_blas chooses: MKL, or OpenBLAS with the gemv shim (also where MKL cannot be loaded); MLX's
     bundled BLAS where neither can, or when mlx.core was imported first (too late)."""
-    global blas, gemv, note, _threads
+    global blas, gemv, _threads
     choice = _choose_blas()
     if choice == "bundled":
-        note = f"MLX's bundled BLAS, as {BLAS_ENV} asks"
+        notes.append(f"MLX's bundled BLAS, as {BLAS_ENV} asks")
         return
     if "mlx.core" in sys.modules:
-        note = "mlx.core was imported before nanogpt_mlx; import nanogpt_mlx first to use a fast BLAS"
+        notes.append("mlx.core was imported before nanogpt_mlx; import nanogpt_mlx first to use a fast BLAS")
         return
     if choice == "mkl":
         mkl = _find_mkl()
-        try:
-            lib = ctypes.CDLL(mkl, mode=ctypes.RTLD_GLOBAL) if mkl else None
-        except OSError as e:
-            lib, note = None, f"could not load {mkl}: {e}"
-        if lib is not None:
-            _threads = (lib.MKL_Get_Max_Threads, lib.MKL_Set_Num_Threads)
-            blas, gemv = f"MKL ({mkl})", "off (MKL's sgemm takes single rows as fast)"
-            return
-        note = note or "MKL not found (pip install mkl, or nanogpt-mlx[mkl]): OpenBLAS instead"
+        if mkl is None:
+            notes.append("MKL not found (pip install mkl, or nanogpt-mlx[mkl]): OpenBLAS instead")
+        else:
+            try:
+                lib = ctypes.CDLL(mkl, mode=ctypes.RTLD_GLOBAL)
+            except OSError as e:
+                notes.append(f"could not load {mkl}: {e}; OpenBLAS instead")
+            else:
+                _threads = (lib.MKL_Get_Max_Threads, lib.MKL_Set_Num_Threads)
+                blas, gemv = f"MKL ({mkl})", "off (MKL's sgemm takes single rows as fast)"
+                return
     path = _find_openblas()
     if path is None:
-        note = ("OpenBLAS not found: fp32 matmuls use MLX's slow reference BLAS. "
-                "Install it with `sudo apt-get install libopenblas0-pthread` (Debian/Ubuntu).")
+        notes.append("OpenBLAS not found: fp32 matmuls use MLX's slow reference BLAS. "
+                     "Install it with `sudo apt-get install libopenblas0-pthread` (Debian/Ubuntu).")
         return
     try:
         openblas = ctypes.CDLL(path)  # not global yet: the gemv shim has to come first
     except OSError as e:
-        note = f"could not load {path}: {e}"
+        notes.append(f"could not load {path}: {e}")
         return
     _install_gemv_shim(openblas)
     lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
@@ -407,7 +408,8 @@ def set_blas_threads(n: int) -> None:
 
 
 def info() -> list[tuple[str, str]]:
-    return [("blas", blas + (f"  [{note}]" if note else "")), ("gemv shim", gemv), ("kernel jit", jit)]
+    """(label, value) lines for `nanogpt-mlx info`: the BLAS, the gemv shim, the kernel compiler, then each note."""
+    return [("blas", blas), ("gemv shim", gemv), ("kernel jit", jit)] + [("note", n) for n in notes]
 
 
 def explain(e: RuntimeError) -> str | None:

@@ -55,13 +55,14 @@ from importlib import metadata, resources
 from pathlib import Path
 
 from .errors import UserError
-from .files import LOW_SPACE, atomic_path, cache_dir, existing_ancestor
+from .files import LOW_SPACE, atomic_path, cache_dir, cannot, existing_ancestor, make_dirs
 
 BLAS_ENV = "NANOGPT_MLX_BLAS"
 BLAS_CHOICES = ("mkl", "openblas", "bundled")
 NO_GEMV_SHIM_ENV = "NANOGPT_MLX_NO_GEMV_SHIM"
 NO_AVX2_ENV = "NANOGPT_MLX_NO_AVX2"
 SYSTEM_TMPDIR_ENV = "NANOGPT_MLX_SYSTEM_TMPDIR"  # the TMPDIR before _vectorize_jit, for child processes
+_SHIM_CONNECT = "nanogpt_gemv_shim_connect"  # gemv_shim.c's function that is given OpenBLAS's
 JIT_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 KERNEL_ROOM = 32 * 2**20  # free bytes wanted where MLX compiles: a run's kernels (~16 kB each) and g++'s temporaries
 _OPENBLAS_GLOBS = (
@@ -142,16 +143,38 @@ def _tune_malloc() -> None:
     libc.mallopt(m_top_pad, 64 * 1024 * 1024)
 
 
+def _shim_problem(path: Path) -> str:
+    """Why the library at `path` is no gemv shim that this process can load ('' where it is one)."""
+    try:
+        shim = ctypes.CDLL(str(path))  # local: the global scope takes it once it is known to be the shim
+    except OSError as e:
+        return str(e)
+    return "" if hasattr(shim, _SHIM_CONNECT) else f"it defines no {_SHIM_CONNECT}"
+
+
 def build_gemv_shim() -> Path:
     """Compile gemv_shim.c into the cache (once per version of the source) and return the library."""
     source = resources.files(__package__).joinpath("gemv_shim.c").read_bytes()
     lib = cache_dir() / f"gemv_shim-{platform.machine()}-{hashlib.sha256(source).hexdigest()[:16]}.so"
     if lib.is_file():
+        if why := _shim_problem(lib):  # another compiler's (an older version's C++ names), a damaged file
+            # not rebuilt now: dlopen would hand back the library loaded from this path above
+            try:
+                lib.unlink()
+            except OSError as e:
+                raise OSError(f"{lib} is unusable ({why}) and cannot be removed ({e.strerror})") from None
+            raise OSError(f"{lib} was unusable ({why}): removed, to be built again at the next start")
         return lib
     cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
     if not cc[0]:
         raise OSError("no C compiler (cc) found")
-    with tempfile.TemporaryDirectory() as tmp_dir:
+    # built and loaded beside its place in the cache, under a name of its own (dlopen finds a library again by its
+    # path, then by its file): only a library that this process can load from there and that is the shim goes there
+    try:
+        build_dir = tempfile.TemporaryDirectory(dir=make_dirs(lib.parent), prefix=".gemv_shim-")
+    except OSError as e:
+        raise cannot("write", lib.parent, e) from None
+    with build_dir as tmp_dir:
         src, built = Path(tmp_dir) / "gemv_shim.c", Path(tmp_dir) / "gemv_shim.so"
         src.write_bytes(source)
         try:
@@ -162,8 +185,12 @@ def build_gemv_shim() -> Path:
         if proc.returncode != 0:
             said = proc.stderr.strip().splitlines()
             raise OSError(f"{cc[0]} failed (exit status {proc.returncode}{': ' + said[-1] if said else ''})")
-        with atomic_path(lib) as tmp:  # into the cache only once built: a compiler's failure is not the cache's
-            shutil.copyfile(built, tmp)
+        if why := _shim_problem(built):
+            raise UserError(f"{cc[0]} built no usable library ({why})")
+        try:
+            os.replace(built, lib)
+        except OSError as e:
+            raise cannot("write", lib, e) from None
     return lib
 
 
@@ -183,12 +210,12 @@ def _install_gemv_shim(openblas: ctypes.CDLL) -> None:
         return
     try:
         shim = ctypes.CDLL(str(build_gemv_shim()), mode=ctypes.RTLD_GLOBAL)
-    except (OSError, UserError, subprocess.SubprocessError) as e:  # no compiler, or a cache it cannot write
+    except (OSError, UserError, subprocess.SubprocessError) as e:  # no compiler, a cache it cannot write, a library unusable
         gemv = f"off ({e}); with it token-by-token sampling is faster"
         return
-    shim.nanogpt_gemv_shim_connect.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    shim.nanogpt_gemv_shim_connect(ctypes.cast(openblas.cblas_sgemm, ctypes.c_void_p),
-                                   ctypes.cast(openblas.cblas_sgemv, ctypes.c_void_p))
+    connect = getattr(shim, _SHIM_CONNECT)
+    connect.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    connect(ctypes.cast(openblas.cblas_sgemm, ctypes.c_void_p), ctypes.cast(openblas.cblas_sgemv, ctypes.c_void_p))
     gemv = "on" if _sgemm_address(ctypes.CDLL(None)) == _sgemm_address(shim) else \
         "off (another cblas_sgemm was loaded first)"
 

@@ -165,6 +165,8 @@ def build_gemv_shim() -> Path:
                 raise OSError(f"{lib} is unusable ({why}) and cannot be removed ({e.strerror})") from None
             raise OSError(f"{lib} was unusable ({why}): removed, to be built again at the next start")
         return lib
+    if _noexec(lib.parent):  # it could be built, never loaded
+        raise OSError(f"{existing_ancestor(lib.parent)} is on a noexec mount")
     cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
     if not cc[0]:
         raise OSError("no C compiler (cc) found")
@@ -210,7 +212,7 @@ def _install_gemv_shim(openblas: ctypes.CDLL) -> None:
         return
     try:
         shim = ctypes.CDLL(str(build_gemv_shim()), mode=ctypes.RTLD_GLOBAL)
-    except (OSError, UserError, subprocess.SubprocessError) as e:  # no compiler, a cache it cannot write, a library unusable
+    except (OSError, UserError, subprocess.SubprocessError) as e:  # no compiler, a cache it cannot write, no shim
         gemv = f"off ({e}); with it token-by-token sampling is faster"
         return
     connect = getattr(shim, _SHIM_CONNECT)
@@ -322,6 +324,12 @@ def _free_bytes(place: str | os.PathLike) -> int:
     return 0 if disk.f_files and not disk.f_favail else disk.f_bavail * disk.f_frsize
 
 
+def _noexec(place: str | os.PathLike) -> bool:
+    """Whether `place` (or, where it is not there yet, the directory it would be made in) is on a mount that lets
+    no program or library be loaded from it (mount -o noexec, a common hardening of /tmp)."""
+    return bool(os.statvfs(existing_ancestor(place)).f_flag & os.ST_NOEXEC)
+
+
 def _cannot_compile_in(tmp: str | os.PathLike) -> str:
     """Why MLX could not compile its kernels under `tmp` ('' where it can)."""
     kernels = _kernel_dir(tmp)
@@ -331,6 +339,8 @@ def _cannot_compile_in(tmp: str | os.PathLike) -> str:
         return "cannot be written"
     if not os.access(kernels, os.W_OK | os.X_OK):  # another user's /tmp/mlx, say
         return "cannot be written"
+    if _noexec(kernels):  # g++ would build kernels there that MLX could not load (a traceback at the first)
+        return "is on a noexec mount"
     # g++ would fail on a full disk mid-run, at the first kernel not built yet, leaving its files behind
     if _free_bytes(kernels) < KERNEL_ROOM:
         return f"has under {KERNEL_ROOM // 2**20} MB free"
@@ -440,9 +450,14 @@ def info() -> list[tuple[str, str]]:
 
 
 def explain(e: RuntimeError) -> str | None:
-    """One line for MLX's CPU backend failing to compile a kernel or to make its kernel directory (_kernel_dir), or
-    None for another error, with what is wrong with that directory where that can be seen."""
+    """One line for MLX's CPU backend failing to compile or load a kernel or to make its kernel directory
+    (_kernel_dir), or None for another error, with what is wrong with that directory where that can be seen."""
     where = _kernel_dir()
+    if "Could not load C++ shared library" in str(e):  # MLX's dlopen of a kernel that it compiled
+        said = str(e).strip().splitlines()[-1][-300:]
+        why = "a noexec mount: set TMPDIR to a directory that allows executing" if _noexec(where) else \
+            "see the loader's message"
+        return f"MLX could not load a kernel that it compiled in {where} ({why}): {said}"
     if "[Compile::eval_cpu]" not in str(e) and not ("filesystem error" in str(e) and str(where.parent.parent) in
                                                      str(e)):
         return None

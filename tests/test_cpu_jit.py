@@ -60,6 +60,19 @@ os.statvfs = _full
 """
 
 
+# run before PROBE: the disk under NOEXEC is mounted noexec (what os.statvfs reports)
+NOEXEC = r"""
+import os
+_statvfs = os.statvfs
+def _noexec(path):
+    disk = _statvfs(path)
+    if not os.path.abspath(path).startswith(os.environ["NOEXEC"]):
+        return disk
+    return os.statvfs_result((*disk[:8], disk.f_flag | os.ST_NOEXEC, *disk[9:]))
+os.statvfs = _noexec
+"""
+
+
 def probe(tmp_path, prelude: str = "", **env) -> dict:
     system_tmp = tmp_path / "system-tmp"
     system_tmp.mkdir()
@@ -139,6 +152,33 @@ def test_a_full_tmpdir_moves_to_the_users_cache(tmp_path):
     got = probe(tmp_path, FULL_DISK, NANOGPT_MLX_NO_AVX2="1", FULL_DISK=str(tmp_path / "system-tmp"))
     assert got["tmpdir"] == str(tmp_path / "cache" / "nanogpt-mlx" / "mlx-tmp")
     assert "MB free: kernels in" in got["jit"] and got["err"] < 3e-7 and got["kernels"]
+
+
+def test_a_noexec_tmpdir_moves_to_the_users_cache(tmp_path):
+    """/tmp mounted noexec: g++ built each kernel there and MLX's dlopen of it failed, a traceback at the first."""
+    got = probe(tmp_path, NOEXEC, NANOGPT_MLX_NO_AVX2="1", NOEXEC=str(tmp_path / "system-tmp"))
+    assert got["tmpdir"] == str(tmp_path / "cache" / "nanogpt-mlx" / "mlx-tmp")
+    assert "is on a noexec mount: kernels in" in got["jit"] and got["err"] < 3e-7 and got["kernels"]
+
+
+@x86_with_avx2
+def test_a_noexec_cache_keeps_mlx_default_flags(tmp_path):
+    got = probe(tmp_path, NOEXEC, NOEXEC=str(tmp_path / "cache"))
+    assert not got["avx2"] and got["jit"].startswith("MLX's default flags (") and "noexec mount" in got["jit"]
+    assert got["tmpdir"] == got["system_tmp"] and "jit-avx2" not in got["path0"]
+    assert got["err"] < 3e-7 and got["kernels"]  # compiled in the system's TMPDIR
+
+
+def test_a_kernel_that_cannot_be_loaded_is_explained(monkeypatch, tmp_path):
+    """MLX's dlopen of a kernel on a noexec mount was a 30-line traceback."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    where = cpu._kernel_dir()
+    failed = RuntimeError(f"Could not load C++ shared library {where}/k.so: failed to map segment from shared object")
+    statvfs = os.statvfs
+    monkeypatch.setattr(cpu.os, "statvfs", lambda p: os.statvfs_result(
+        (*statvfs(p)[:8], statvfs(p).f_flag | os.ST_NOEXEC, *statvfs(p)[9:])))
+    assert device.explain(failed) == (f"MLX could not load a kernel that it compiled in {where} (a noexec mount: set "
+                                      f"TMPDIR to a directory that allows executing): {failed}")
 
 
 def test_a_kernel_that_cannot_be_compiled_is_explained(monkeypatch, tmp_path):

@@ -129,3 +129,14 @@ def test_an_unusable_library_is_not_cached_nor_loaded(tmp_path, monkeypatch):
         cpu.build_gemv_shim()
     assert not lib.exists()
     assert cpu.build_gemv_shim() == lib and lib.is_file()
+
+
+def test_a_noexec_cache_builds_no_shim(tmp_path, monkeypatch):
+    """It was built in a cache mounted noexec, where it could never be loaded."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "/nonexistent/cc")  # not run
+    statvfs = os.statvfs
+    monkeypatch.setattr(cpu.os, "statvfs", lambda p: os.statvfs_result(
+        (*statvfs(p)[:8], statvfs(p).f_flag | os.ST_NOEXEC, *statvfs(p)[9:])))
+    with pytest.raises(OSError, match=f"^{re.escape(str(tmp_path))} is on a noexec mount$"):
+        cpu.build_gemv_shim()

@@ -64,6 +64,7 @@ NO_AVX2_ENV = "NANOGPT_MLX_NO_AVX2"
 SYSTEM_TMPDIR_ENV = "NANOGPT_MLX_SYSTEM_TMPDIR"  # the TMPDIR before _vectorize_jit, for child processes
 _SHIM_CONNECT = "nanogpt_gemv_shim_connect"  # gemv_shim.c's function that is given OpenBLAS's
 JIT_FLAGS = ("-mavx2", "-mfma", "-mf16c")
+_EXPANDED = '$`"\\'  # what a shell takes as its own within double quotes: in a path there, MLX's g++ fails
 KERNEL_ROOM = 32 * 2**20  # free bytes wanted where MLX compiles: a run's kernels (~16 kB each) and g++'s temporaries
 _OPENBLAS_GLOBS = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -333,6 +334,8 @@ def _noexec(place: str | os.PathLike) -> bool:
 def _cannot_compile_in(tmp: str | os.PathLike) -> str:
     """Why MLX could not compile its kernels under `tmp` ('' where it can)."""
     kernels = _kernel_dir(tmp)
+    if expanded := "".join(c for c in _EXPANDED if c in str(kernels)):
+        return f"has {expanded} in its path, which MLX's g++ command, in double quotes, leaves to the shell"
     try:
         kernels.mkdir(parents=True, exist_ok=True)
     except OSError:  # a full disk (MLX would fail with a traceback), a read-only one
@@ -463,7 +466,9 @@ def explain(e: RuntimeError) -> str | None:
         return None
     said = str(e).strip().splitlines()[-1][-300:]
     place = existing_ancestor(where)
-    if not os.access(place, os.W_OK | os.X_OK):
+    if expanded := "".join(c for c in _EXPANDED if c in str(where)):
+        why = f"its path has {expanded}, which MLX's g++ command leaves to the shell: set TMPDIR to another"
+    elif not os.access(place, os.W_OK | os.X_OK):
         why = f"{place} is not writable by this user"
     else:
         why = "its disk is full" if _free_bytes(place) < LOW_SPACE else "see the compiler's message"

@@ -169,6 +169,23 @@ def test_a_noexec_cache_keeps_mlx_default_flags(tmp_path):
     assert got["err"] < 3e-7 and got["kernels"]  # compiled in the system's TMPDIR
 
 
+@x86_with_avx2
+def test_a_cache_whose_path_the_shell_would_expand_keeps_mlx_default_flags(tmp_path):
+    """MLX puts the kernel's paths in double quotes in its g++ command: a `$` in the cache's path was expanded
+    there, and every fused kernel failed to compile."""
+    got = probe(tmp_path, XDG_CACHE_HOME=str(tmp_path / "do$llar"))
+    assert not got["avx2"] and got["jit"].startswith("MLX's default flags (") and "has $ in its path" in got["jit"]
+    assert got["tmpdir"] == got["system_tmp"] and got["err"] < 3e-7 and got["kernels"]
+
+
+@pytest.mark.parametrize("name", ['back`tick', 'quo"te', "back\\slash"])
+def test_a_tmpdir_whose_path_the_shell_would_expand_moves_to_the_users_cache(tmp_path, name):
+    (tmp_path / name).mkdir()
+    got = probe(tmp_path, NANOGPT_MLX_NO_AVX2="1", TMPDIR=str(tmp_path / name))
+    assert got["tmpdir"] == str(tmp_path / "cache" / "nanogpt-mlx" / "mlx-tmp")
+    assert "in its path" in got["jit"] and got["err"] < 3e-7 and got["kernels"]
+
+
 def test_a_kernel_that_cannot_be_loaded_is_explained(monkeypatch, tmp_path):
     """MLX's dlopen of a kernel on a noexec mount was a 30-line traceback."""
     monkeypatch.setenv("TMPDIR", str(tmp_path))
@@ -194,6 +211,9 @@ def test_a_kernel_that_cannot_be_compiled_is_explained(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu.os, "statvfs", lambda p: disk(10**6, 4096, 100, 50))
     assert "(see the compiler's message): error: x" in cpu.explain(RuntimeError("[Compile::eval_cpu] g++\nerror: x"))
     assert cpu.explain(RuntimeError("filesystem error: cannot create directories [/elsewhere]")) is None
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "do$llar"))
+    assert "its path has $, which MLX's g++ command leaves to the shell" in cpu.explain(
+        RuntimeError("[Compile::eval_cpu] Failed to compile function"))
 
 
 @x86_with_avx2

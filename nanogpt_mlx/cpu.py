@@ -80,6 +80,7 @@ gemv: str = "off (it needs OpenBLAS)"  # single-row matmuls through sgemv
 jit: str = "MLX's default flags"  # how MLX compiles fused kernels
 jit_avx2: bool = False  # whether they are compiled for AVX2 (exp's 2**k by per-lane shifts)
 _kernels_tmpdir: str | None = None  # the TMPDIR that _vectorize_jit set, for MLX alone (child_env)
+_paths: tuple[str, str] | None = None  # the PATH that _vectorize_jit set, g++'s wrapper first, and the one before
 notes: list[str] = []  # problems with the set-up, said once at a command's start and by `nanogpt-mlx info`
 # the loaded BLAS's thread count of its GEMMs: how to read and set it (None: MLX's bundled BLAS, or Accelerate)
 _threads: tuple[Callable[[], int], Callable[[int], None]] | None = None
@@ -257,7 +258,7 @@ def _vectorize_jit() -> None:
         jit = f"MLX's default flags ({wrapper.parent} does not allow executing)"
         return
     if not avx2:  # MLX's own build, in its own cache: only whole libraries
-        os.environ["PATH"] = os.pathsep.join([str(wrappers), *path])
+        _put_first(wrappers, path)
         return
     if why := _cannot_compile_in(kernels):  # a full cache, as a read-only one: the system's temporary directory
         jit = f"MLX's default flags ({_kernel_dir(kernels)} {why})"
@@ -270,8 +271,16 @@ def _vectorize_jit() -> None:
     tempfile.tempdir = system_tmp or tempfile.gettempdir()
     os.environ[SYSTEM_TMPDIR_ENV] = tempfile.tempdir
     os.environ["TMPDIR"] = _kernels_tmpdir = str(kernels)
-    os.environ["PATH"] = os.pathsep.join([str(wrappers), *path])
+    _put_first(wrappers, path)
     jit, jit_avx2 = f"g++ {' '.join(JIT_FLAGS)} (kernels in {kernels})", True
+
+
+def _put_first(wrappers: Path, path: list[str]) -> None:
+    """PATH as `path` after `wrappers`, where MLX finds g++'s wrapper; the PATH before, without it, for child_env."""
+    global _paths
+    before = [d for d in os.environ["PATH"].split(os.pathsep) if Path(d) != wrappers]  # (a child of an older one's)
+    os.environ["PATH"] = os.pathsep.join([str(wrappers), *path])
+    _paths = (os.environ["PATH"], os.pathsep.join(before))
 
 
 # MLX's `g++ ... SOURCE -o LIBRARY` (GXX: the compiler, and the AVX2 flags where they are used).
@@ -303,10 +312,14 @@ exit 1
 
 def child_env() -> dict[str, str]:
     """os.environ for a child process: TMPDIR back at the system's where _vectorize_jit pointed it at MLX's kernels
-    (the temporary files of a compiler, `mktemp`, a rank were left among them)."""
+    (the temporary files of a compiler, `mktemp`, a rank were left among them), and PATH back at the user's, without
+    the g++ wrapper for MLX (a child's own g++ would compile with its flags; a child that imports nanogpt_mlx puts
+    it first again)."""
     env = dict(os.environ)
     if _kernels_tmpdir is not None and env.get("TMPDIR") == _kernels_tmpdir:
         env["TMPDIR"] = env[SYSTEM_TMPDIR_ENV]
+    if _paths is not None and env.get("PATH") == _paths[0]:
+        env["PATH"] = _paths[1]
     return env
 
 

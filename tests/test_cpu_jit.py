@@ -36,6 +36,7 @@ print(json.dumps({
     "avx2": cpu.jit_avx2, "jit": cpu.jit, "tmpdir": os.environ.get("TMPDIR"), "python_tmp": tempfile.gettempdir(),
     "path0": os.environ["PATH"].split(os.pathsep)[0], "child_tmp": child[0], "child_wrappers": int(child[1]),
     "mktemp": subprocess.run(["mktemp", "-u"], env=cpu.child_env(), capture_output=True, text=True).stdout.strip(),
+    "child_path": cpu.child_env()["PATH"],
     "kernels": sorted(os.path.basename(k) for k in glob.glob(os.path.join(cache[0], "*.so"))) if cache else [],
     "cache": cache[0] if cache else "", "err": float(np.max(np.abs(np.array(y[:-2]) / np.exp(np.array(x, dtype=np.float64)) - 1))),
     "tails": y[-2:].tolist()}))
@@ -82,7 +83,7 @@ def probe(tmp_path, prelude: str = "", **env) -> dict:
     env["PATH"] = os.pathsep.join(d for d in env["PATH"].split(os.pathsep) if "jit-avx2" not in d)
     out = subprocess.run([sys.executable, "-c", prelude + PROBE], capture_output=True, text=True, env=env,
                          check=True)
-    return json.loads(out.stdout) | {"system_tmp": str(system_tmp)}
+    return json.loads(out.stdout) | {"system_tmp": str(system_tmp), "path": env["PATH"]}
 
 
 @x86_with_avx2
@@ -96,8 +97,9 @@ def test_kernels_are_compiled_for_avx2_into_their_own_cache(tmp_path):
     # Python's own temporary files stay in the system's directory, also in a child process, which neither
     # wraps g++ twice nor loses the kernel cache
     assert got["python_tmp"] == got["child_tmp"] == got["system_tmp"] and got["child_wrappers"] == 1
-    # the children this package starts (cc, ranks) too, even those that are not Python: MLX alone writes there
-    assert os.path.dirname(got["mktemp"]) == got["system_tmp"]
+    # the children this package starts (cc, ranks) too, even those that are not Python: MLX alone writes there;
+    # and their PATH is the user's (a child's own g++ has no AVX2 flags added)
+    assert os.path.dirname(got["mktemp"]) == got["system_tmp"] and got["child_path"] == got["path"]
     # exp is two fused kernels: the clamp, and the rest built for AVX2
     clamp, body = sorted(got["kernels"], key=lambda name: "Maximum" not in name)
     assert len(got["kernels"]) == 2 and "Maximum" in clamp and "Maximum" not in body, got["kernels"]
@@ -116,6 +118,7 @@ def test_default_flags_when_turned_off(tmp_path):
         home = tmp_path / "cache" / "nanogpt-mlx" / "jit"
         assert got["path0"] == str(home / "bin") and "-mavx2" not in (home / "bin" / "g++").read_text()
         assert not (home / "kernels").exists() and got["kernels"]  # compiled in MLX's cache
+    assert got["child_path"] == got["path"]
     # exp's 2**k from its float32 bits instead of per-lane shifts: as accurate
     assert got["err"] < 3e-7 and got["tails"] == [0.0, 0.0]
 

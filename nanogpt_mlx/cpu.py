@@ -232,16 +232,21 @@ def _vectorize_jit() -> None:
     avx2 = platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "fma", "f16c"} <= flags
     if os.environ.get(NO_AVX2_ENV, "") not in ("", "0"):
         jit, avx2 = f"MLX's default flags ({NO_AVX2_ENV} is set)", False
+    wrappers = None
     try:
-        home = cache_dir() / ("jit-avx2" if avx2 else "jit")
+        wrappers = cache_dir() / ("jit-avx2" if avx2 else "jit") / "bin"
     except UserError as e:
         jit = f"MLX's default flags ({e})"
-        return
-    wrappers = home / "bin"
     path = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d) != wrappers]
     gxx = shutil.which("g++", path=os.pathsep.join(path))
-    if gxx is None:
-        return  # MLX cannot compile kernels at all then
+    if gxx is None:  # MLX runs `g++ --version` from PATH, once: where it fails, it compiles nothing, ever
+        jit = "none: no g++ on PATH; fused graphs run op by op"
+        notes.append("no g++ on PATH: MLX compiles no fused kernels, and training steps take about twice as long. "
+                     "Install it with `sudo apt-get install g++` (Debian/Ubuntu).")
+        return
+    if wrappers is None:  # no cache to keep the wrapper in
+        return
+    home = wrappers.parent
     script = _WRAPPER.replace("GXX", " ".join([shlex.quote(gxx), *(JIT_FLAGS if avx2 else ())]))
     wrapper, kernels = wrappers / "g++", home / "kernels"
     try:

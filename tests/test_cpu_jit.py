@@ -219,6 +219,23 @@ def test_a_kernel_that_cannot_be_compiled_is_explained(monkeypatch, tmp_path):
         RuntimeError("[Compile::eval_cpu] Failed to compile function"))
 
 
+def test_no_gxx_is_said(tmp_path):
+    """Without g++ MLX compiles nothing and runs each fused graph op by op (training steps about 2x slower), where
+    info said "MLX's default flags" and no command said a word."""
+    (tmp_path / "bin").mkdir()
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": str(tmp_path / "bin"),
+           "NANOGPT_MLX_PROFILE": "cpu-x86"}
+    said = ("import json, nanogpt_mlx; from nanogpt_mlx import cpu, device; import mlx.core as mx; "
+            "print(json.dumps([cpu.jit, device.notes(), mx.compile(cpu.exp)(mx.array([-1.0])).item()]))")
+    proc = subprocess.run([sys.executable, "-c", said], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    jit, notes, e = json.loads(proc.stdout)
+    assert jit == "none: no g++ on PATH; fused graphs run op by op" and abs(e - 0.36787944) < 1e-6
+    assert [n for n in notes if "g++" in n] == [
+        "no g++ on PATH: MLX compiles no fused kernels, and training steps take about twice as long. "
+        "Install it with `sudo apt-get install g++` (Debian/Ubuntu)."]
+
+
 @x86_with_avx2
 def test_the_compiler_outlives_a_ctrl_c_to_its_process_group(tmp_path):
     """Ctrl-C signals the terminal's whole process group: MLX's step would fail on a kernel whose compiler died,

@@ -55,14 +55,16 @@ from importlib import metadata, resources
 from pathlib import Path
 
 from .errors import UserError
-from .files import LOW_SPACE, atomic_path, cache_dir, existing_ancestor
+from .files import LOW_SPACE, atomic_path, cache_dir, cannot, existing_ancestor, make_dirs
 
 BLAS_ENV = "NANOGPT_MLX_BLAS"
 BLAS_CHOICES = ("mkl", "openblas", "bundled")
 NO_GEMV_SHIM_ENV = "NANOGPT_MLX_NO_GEMV_SHIM"
 NO_AVX2_ENV = "NANOGPT_MLX_NO_AVX2"
 SYSTEM_TMPDIR_ENV = "NANOGPT_MLX_SYSTEM_TMPDIR"  # the TMPDIR before _vectorize_jit, for child processes
+_SHIM_CONNECT = "nanogpt_gemv_shim_connect"  # gemv_shim.c's function that is given OpenBLAS's
 JIT_FLAGS = ("-mavx2", "-mfma", "-mf16c")
+_EXPANDED = '$`"\\'  # what a shell takes as its own within double quotes: in a path there, MLX's g++ fails
 KERNEL_ROOM = 32 * 2**20  # free bytes wanted where MLX compiles: a run's kernels (~16 kB each) and g++'s temporaries
 _OPENBLAS_GLOBS = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -78,7 +80,8 @@ gemv: str = "off (it needs OpenBLAS)"  # single-row matmuls through sgemv
 jit: str = "MLX's default flags"  # how MLX compiles fused kernels
 jit_avx2: bool = False  # whether they are compiled for AVX2 (exp's 2**k by per-lane shifts)
 _kernels_tmpdir: str | None = None  # the TMPDIR that _vectorize_jit set, for MLX alone (child_env)
-note: str = ""
+_paths: tuple[str, str] | None = None  # the PATH that _vectorize_jit set, g++'s wrapper first, and the one before
+notes: list[str] = []  # problems with the set-up, said once at a command's start and by `nanogpt-mlx info`
 # the loaded BLAS's thread count of its GEMMs: how to read and set it (None: MLX's bundled BLAS, or Accelerate)
 _threads: tuple[Callable[[], int], Callable[[int], None]] | None = None
 
@@ -142,16 +145,40 @@ def _tune_malloc() -> None:
     libc.mallopt(m_top_pad, 64 * 1024 * 1024)
 
 
+def _shim_problem(path: Path) -> str:
+    """Why the library at `path` is no gemv shim that this process can load ('' where it is one)."""
+    try:
+        shim = ctypes.CDLL(str(path))  # local: the global scope takes it once it is known to be the shim
+    except OSError as e:
+        return str(e)
+    return "" if hasattr(shim, _SHIM_CONNECT) else f"it defines no {_SHIM_CONNECT}"
+
+
 def build_gemv_shim() -> Path:
     """Compile gemv_shim.c into the cache (once per version of the source) and return the library."""
     source = resources.files(__package__).joinpath("gemv_shim.c").read_bytes()
     lib = cache_dir() / f"gemv_shim-{platform.machine()}-{hashlib.sha256(source).hexdigest()[:16]}.so"
     if lib.is_file():
+        if why := _shim_problem(lib):  # another compiler's (an older version's C++ names), a damaged file
+            # not rebuilt now: dlopen would hand back the library loaded from this path above
+            try:
+                lib.unlink()
+            except OSError as e:
+                raise OSError(f"{lib} is unusable ({why}) and cannot be removed ({e.strerror})") from None
+            raise OSError(f"{lib} was unusable ({why}): removed, to be built again at the next start")
         return lib
+    if _noexec(lib.parent):  # it could be built, never loaded
+        raise OSError(f"{existing_ancestor(lib.parent)} is on a noexec mount")
     cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
     if not cc[0]:
         raise OSError("no C compiler (cc) found")
-    with tempfile.TemporaryDirectory() as tmp_dir:
+    # built and loaded beside its place in the cache, under a name of its own (dlopen finds a library again by its
+    # path, then by its file): only a library that this process can load from there and that is the shim goes there
+    try:
+        build_dir = tempfile.TemporaryDirectory(dir=make_dirs(lib.parent), prefix=".gemv_shim-")
+    except OSError as e:
+        raise cannot("write", lib.parent, e) from None
+    with build_dir as tmp_dir:
         src, built = Path(tmp_dir) / "gemv_shim.c", Path(tmp_dir) / "gemv_shim.so"
         src.write_bytes(source)
         try:
@@ -162,8 +189,12 @@ def build_gemv_shim() -> Path:
         if proc.returncode != 0:
             said = proc.stderr.strip().splitlines()
             raise OSError(f"{cc[0]} failed (exit status {proc.returncode}{': ' + said[-1] if said else ''})")
-        with atomic_path(lib) as tmp:  # into the cache only once built: a compiler's failure is not the cache's
-            shutil.copyfile(built, tmp)
+        if why := _shim_problem(built):
+            raise UserError(f"{cc[0]} built no usable library ({why})")
+        try:
+            os.replace(built, lib)
+        except OSError as e:
+            raise cannot("write", lib, e) from None
     return lib
 
 
@@ -183,12 +214,12 @@ def _install_gemv_shim(openblas: ctypes.CDLL) -> None:
         return
     try:
         shim = ctypes.CDLL(str(build_gemv_shim()), mode=ctypes.RTLD_GLOBAL)
-    except (OSError, UserError, subprocess.SubprocessError) as e:  # no compiler, or a cache it cannot write
+    except (OSError, UserError, subprocess.SubprocessError) as e:  # no compiler, a cache it cannot write, no shim
         gemv = f"off ({e}); with it token-by-token sampling is faster"
         return
-    shim.nanogpt_gemv_shim_connect.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    shim.nanogpt_gemv_shim_connect(ctypes.cast(openblas.cblas_sgemm, ctypes.c_void_p),
-                                   ctypes.cast(openblas.cblas_sgemv, ctypes.c_void_p))
+    connect = getattr(shim, _SHIM_CONNECT)
+    connect.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    connect(ctypes.cast(openblas.cblas_sgemm, ctypes.c_void_p), ctypes.cast(openblas.cblas_sgemv, ctypes.c_void_p))
     gemv = "on" if _sgemm_address(ctypes.CDLL(None)) == _sgemm_address(shim) else \
         "off (another cblas_sgemm was loaded first)"
 
@@ -201,16 +232,21 @@ def _vectorize_jit() -> None:
     avx2 = platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "fma", "f16c"} <= flags
     if os.environ.get(NO_AVX2_ENV, "") not in ("", "0"):
         jit, avx2 = f"MLX's default flags ({NO_AVX2_ENV} is set)", False
+    wrappers = None
     try:
-        home = cache_dir() / ("jit-avx2" if avx2 else "jit")
+        wrappers = cache_dir() / ("jit-avx2" if avx2 else "jit") / "bin"
     except UserError as e:
         jit = f"MLX's default flags ({e})"
-        return
-    wrappers = home / "bin"
     path = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d) != wrappers]
     gxx = shutil.which("g++", path=os.pathsep.join(path))
-    if gxx is None:
-        return  # MLX cannot compile kernels at all then
+    if gxx is None:  # MLX runs `g++ --version` from PATH, once: where it fails, it compiles nothing, ever
+        jit = "none: no g++ on PATH; fused graphs run op by op"
+        notes.append("no g++ on PATH: MLX compiles no fused kernels, and training steps take about twice as long. "
+                     "Install it with `sudo apt-get install g++` (Debian/Ubuntu).")
+        return
+    if wrappers is None:  # no cache to keep the wrapper in
+        return
+    home = wrappers.parent
     script = _WRAPPER.replace("GXX", " ".join([shlex.quote(gxx), *(JIT_FLAGS if avx2 else ())]))
     wrapper, kernels = wrappers / "g++", home / "kernels"
     try:
@@ -227,7 +263,7 @@ def _vectorize_jit() -> None:
         jit = f"MLX's default flags ({wrapper.parent} does not allow executing)"
         return
     if not avx2:  # MLX's own build, in its own cache: only whole libraries
-        os.environ["PATH"] = os.pathsep.join([str(wrappers), *path])
+        _put_first(wrappers, path)
         return
     if why := _cannot_compile_in(kernels):  # a full cache, as a read-only one: the system's temporary directory
         jit = f"MLX's default flags ({_kernel_dir(kernels)} {why})"
@@ -240,8 +276,16 @@ def _vectorize_jit() -> None:
     tempfile.tempdir = system_tmp or tempfile.gettempdir()
     os.environ[SYSTEM_TMPDIR_ENV] = tempfile.tempdir
     os.environ["TMPDIR"] = _kernels_tmpdir = str(kernels)
-    os.environ["PATH"] = os.pathsep.join([str(wrappers), *path])
+    _put_first(wrappers, path)
     jit, jit_avx2 = f"g++ {' '.join(JIT_FLAGS)} (kernels in {kernels})", True
+
+
+def _put_first(wrappers: Path, path: list[str]) -> None:
+    """PATH as `path` after `wrappers`, where MLX finds g++'s wrapper; the PATH before, without it, for child_env."""
+    global _paths
+    before = [d for d in os.environ["PATH"].split(os.pathsep) if Path(d) != wrappers]  # (a child of an older one's)
+    os.environ["PATH"] = os.pathsep.join([str(wrappers), *path])
+    _paths = (os.environ["PATH"], os.pathsep.join(before))
 
 
 # MLX's `g++ ... SOURCE -o LIBRARY` (GXX: the compiler, and the AVX2 flags where they are used).
@@ -273,10 +317,14 @@ exit 1
 
 def child_env() -> dict[str, str]:
     """os.environ for a child process: TMPDIR back at the system's where _vectorize_jit pointed it at MLX's kernels
-    (the temporary files of a compiler, `mktemp`, a rank were left among them)."""
+    (the temporary files of a compiler, `mktemp`, a rank were left among them), and PATH back at the user's, without
+    the g++ wrapper for MLX (a child's own g++ would compile with its flags; a child that imports nanogpt_mlx puts
+    it first again)."""
     env = dict(os.environ)
     if _kernels_tmpdir is not None and env.get("TMPDIR") == _kernels_tmpdir:
         env["TMPDIR"] = env[SYSTEM_TMPDIR_ENV]
+    if _paths is not None and env.get("PATH") == _paths[0]:
+        env["PATH"] = _paths[1]
     return env
 
 
@@ -295,15 +343,25 @@ def _free_bytes(place: str | os.PathLike) -> int:
     return 0 if disk.f_files and not disk.f_favail else disk.f_bavail * disk.f_frsize
 
 
+def _noexec(place: str | os.PathLike) -> bool:
+    """Whether `place` (or, where it is not there yet, the directory it would be made in) is on a mount that lets
+    no program or library be loaded from it (mount -o noexec, a common hardening of /tmp)."""
+    return bool(os.statvfs(existing_ancestor(place)).f_flag & os.ST_NOEXEC)
+
+
 def _cannot_compile_in(tmp: str | os.PathLike) -> str:
     """Why MLX could not compile its kernels under `tmp` ('' where it can)."""
     kernels = _kernel_dir(tmp)
+    if expanded := "".join(c for c in _EXPANDED if c in str(kernels)):
+        return f"has {expanded} in its path, which MLX's g++ command, in double quotes, leaves to the shell"
     try:
         kernels.mkdir(parents=True, exist_ok=True)
     except OSError:  # a full disk (MLX would fail with a traceback), a read-only one
         return "cannot be written"
     if not os.access(kernels, os.W_OK | os.X_OK):  # another user's /tmp/mlx, say
         return "cannot be written"
+    if _noexec(kernels):  # g++ would build kernels there that MLX could not load (a traceback at the first)
+        return "is on a noexec mount"
     # g++ would fail on a full disk mid-run, at the first kernel not built yet, leaving its files behind
     if _free_bytes(kernels) < KERNEL_ROOM:
         return f"has under {KERNEL_ROOM // 2**20} MB free"
@@ -347,46 +405,47 @@ def _setup() -> None:
 def _choose_blas() -> str:
     """mkl, openblas or bundled: NANOGPT_MLX_BLAS's choice, else MKL on an Intel CPU where it is installed (its
     GEMMs are faster than OpenBLAS's there; elsewhere that is not known), else OpenBLAS."""
-    global note
     choice = os.environ.get(BLAS_ENV, "").strip().lower()
     if choice in BLAS_CHOICES:
         return choice
     if choice not in ("", "auto"):
-        note = f"{BLAS_ENV}={choice!r} is none of {', '.join(BLAS_CHOICES)}: chosen as by default"
+        notes.append(f"{BLAS_ENV}={choice!r} is none of {', '.join(BLAS_CHOICES)}: chosen as by default")
     return "mkl" if _intel_cpu() and _find_mkl() else "openblas"
 
 
 def _load_blas() -> None:
     """Load what _choose_blas chooses: MKL, or OpenBLAS with the gemv shim (also where MKL cannot be loaded); MLX's
     bundled BLAS where neither can, or when mlx.core was imported first (too late)."""
-    global blas, gemv, note, _threads
+    global blas, gemv, _threads
     choice = _choose_blas()
     if choice == "bundled":
-        note = f"MLX's bundled BLAS, as {BLAS_ENV} asks"
+        notes.append(f"MLX's bundled BLAS, as {BLAS_ENV} asks")
         return
     if "mlx.core" in sys.modules:
-        note = "mlx.core was imported before nanogpt_mlx; import nanogpt_mlx first to use a fast BLAS"
+        notes.append("mlx.core was imported before nanogpt_mlx; import nanogpt_mlx first to use a fast BLAS")
         return
     if choice == "mkl":
         mkl = _find_mkl()
-        try:
-            lib = ctypes.CDLL(mkl, mode=ctypes.RTLD_GLOBAL) if mkl else None
-        except OSError as e:
-            lib, note = None, f"could not load {mkl}: {e}"
-        if lib is not None:
-            _threads = (lib.MKL_Get_Max_Threads, lib.MKL_Set_Num_Threads)
-            blas, gemv = f"MKL ({mkl})", "off (MKL's sgemm takes single rows as fast)"
-            return
-        note = note or "MKL not found (pip install mkl, or nanogpt-mlx[mkl]): OpenBLAS instead"
+        if mkl is None:
+            notes.append("MKL not found (pip install mkl, or nanogpt-mlx[mkl]): OpenBLAS instead")
+        else:
+            try:
+                lib = ctypes.CDLL(mkl, mode=ctypes.RTLD_GLOBAL)
+            except OSError as e:
+                notes.append(f"could not load {mkl}: {e}; OpenBLAS instead")
+            else:
+                _threads = (lib.MKL_Get_Max_Threads, lib.MKL_Set_Num_Threads)
+                blas, gemv = f"MKL ({mkl})", "off (MKL's sgemm takes single rows as fast)"
+                return
     path = _find_openblas()
     if path is None:
-        note = ("OpenBLAS not found: fp32 matmuls use MLX's slow reference BLAS. "
-                "Install it with `sudo apt-get install libopenblas0-pthread` (Debian/Ubuntu).")
+        notes.append("OpenBLAS not found: fp32 matmuls use MLX's slow reference BLAS. "
+                     "Install it with `sudo apt-get install libopenblas0-pthread` (Debian/Ubuntu).")
         return
     try:
         openblas = ctypes.CDLL(path)  # not global yet: the gemv shim has to come first
     except OSError as e:
-        note = f"could not load {path}: {e}"
+        notes.append(f"could not load {path}: {e}")
         return
     _install_gemv_shim(openblas)
     lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
@@ -407,19 +466,27 @@ def set_blas_threads(n: int) -> None:
 
 
 def info() -> list[tuple[str, str]]:
-    return [("blas", blas + (f"  [{note}]" if note else "")), ("gemv shim", gemv), ("kernel jit", jit)]
+    """(label, value) lines for `nanogpt-mlx info`: the BLAS, the gemv shim, the kernel compiler, then each note."""
+    return [("blas", blas), ("gemv shim", gemv), ("kernel jit", jit)] + [("note", n) for n in notes]
 
 
 def explain(e: RuntimeError) -> str | None:
-    """One line for MLX's CPU backend failing to compile a kernel or to make its kernel directory (_kernel_dir), or
-    None for another error, with what is wrong with that directory where that can be seen."""
+    """One line for MLX's CPU backend failing to compile or load a kernel or to make its kernel directory
+    (_kernel_dir), or None for another error, with what is wrong with that directory where that can be seen."""
     where = _kernel_dir()
+    if "Could not load C++ shared library" in str(e):  # MLX's dlopen of a kernel that it compiled
+        said = str(e).strip().splitlines()[-1][-300:]
+        why = "a noexec mount: set TMPDIR to a directory that allows executing" if _noexec(where) else \
+            "see the loader's message"
+        return f"MLX could not load a kernel that it compiled in {where} ({why}): {said}"
     if "[Compile::eval_cpu]" not in str(e) and not ("filesystem error" in str(e) and str(where.parent.parent) in
                                                      str(e)):
         return None
     said = str(e).strip().splitlines()[-1][-300:]
     place = existing_ancestor(where)
-    if not os.access(place, os.W_OK | os.X_OK):
+    if expanded := "".join(c for c in _EXPANDED if c in str(where)):
+        why = f"its path has {expanded}, which MLX's g++ command leaves to the shell: set TMPDIR to another"
+    elif not os.access(place, os.W_OK | os.X_OK):
         why = f"{place} is not writable by this user"
     else:
         why = "its disk is full" if _free_bytes(place) < LOW_SPACE else "see the compiler's message"

@@ -259,7 +259,7 @@ def notes() -> list[str]:
     if PROFILE.cpu_backend:
         from . import cpu
 
-        found += [cpu.note] if cpu.note else []
+        found += cpu.notes
     return found
 
 

@@ -8,6 +8,10 @@
  */
 #include <string.h>
 
+#ifdef __cplusplus /* CC may name a C++ compiler: C's names all the same, or Python finds no function */
+extern "C" {
+#endif
+
 typedef void (*sgemm_fn)(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                          const float *a, int lda, const float *b, int ldb, float beta, float *c,
                          int ldc);
@@ -41,3 +45,6 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
     else /* b is stored n x k */
         blas_sgemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, inc_a, beta, c, 1);
 }
+#ifdef __cplusplus
+}
+#endif

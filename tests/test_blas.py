@@ -32,7 +32,7 @@ before = cpu.blas_threads()
 cpu.set_blas_threads(1)
 threads = [before, cpu.blas_threads()]
 cpu.set_blas_threads(before)
-print(json.dumps({"blas": cpu.blas, "gemv": cpu.gemv, "note": cpu.note, "right": right,
+print(json.dumps({"blas": cpu.blas, "gemv": cpu.gemv, "notes": cpu.notes, "right": right,
                   "threads": threads + [cpu.blas_threads()]}))
 """
 
@@ -51,7 +51,7 @@ def test_each_blas_computes_products_and_takes_a_thread_count(blas, found):
     if path is None:
         pytest.skip(f"{blas} is not installed here")
     got = probe(blas)
-    assert got["right"] == [True, True] and not got["note"].startswith("could not"), got
+    assert got["right"] == [True, True] and not any(n.startswith("could not") for n in got["notes"]), got
     if blas == "bundled":  # not ours to set
         assert got["blas"] == "bundled" and got["threads"] == [1, 1, 1]
         return
@@ -76,16 +76,30 @@ def test_mkl_is_the_default_on_an_intel_cpu_where_installed(env, intel, mkl, cho
     monkeypatch.setenv(cpu.BLAS_ENV, env)
     monkeypatch.setattr(cpu, "_intel_cpu", lambda: intel)
     monkeypatch.setattr(cpu, "_find_mkl", lambda: mkl)
-    monkeypatch.setattr(cpu, "note", "")
-    assert cpu._choose_blas() == chosen and cpu.note == ""
+    monkeypatch.setattr(cpu, "notes", [])
+    assert cpu._choose_blas() == chosen and cpu.notes == []
 
 
 def test_an_unknown_choice_is_said_and_the_default_taken(monkeypatch):
     monkeypatch.setenv(cpu.BLAS_ENV, "atlas")
     monkeypatch.setattr(cpu, "_intel_cpu", lambda: False)
-    monkeypatch.setattr(cpu, "note", "")
+    monkeypatch.setattr(cpu, "notes", [])
     assert cpu._choose_blas() == "openblas"
-    assert cpu.note == "NANOGPT_MLX_BLAS='atlas' is none of mkl, openblas, bundled: chosen as by default"
+    assert cpu.notes == ["NANOGPT_MLX_BLAS='atlas' is none of mkl, openblas, bundled: chosen as by default"]
+
+
+def test_every_note_is_said(monkeypatch):
+    """A mistyped choice went unsaid where the BLAS then failed to load: each note overwrote the one before."""
+    monkeypatch.setenv(cpu.BLAS_ENV, "opneblas")
+    monkeypatch.setattr(cpu, "_intel_cpu", lambda: False)
+    monkeypatch.setattr(cpu, "_find_openblas", lambda: "/nonexistent/libopenblas.so.0")
+    monkeypatch.setattr(cpu, "notes", [])
+    monkeypatch.delitem(sys.modules, "mlx.core")  # (imported by now: _load_blas would stop at that)
+    cpu._load_blas()
+    typo, load = device.notes()[-2:]
+    assert typo.startswith("NANOGPT_MLX_BLAS='opneblas' is none of")
+    assert load.startswith("could not load /nonexistent/libopenblas.so.0: ")
+    assert cpu.info()[-2:] == [("note", typo), ("note", load)]
 
 
 def test_mkl_is_found_only_beside_its_openmp_and_newest_first(tmp_path, monkeypatch):

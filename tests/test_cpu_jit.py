@@ -36,6 +36,7 @@ print(json.dumps({
     "avx2": cpu.jit_avx2, "jit": cpu.jit, "tmpdir": os.environ.get("TMPDIR"), "python_tmp": tempfile.gettempdir(),
     "path0": os.environ["PATH"].split(os.pathsep)[0], "child_tmp": child[0], "child_wrappers": int(child[1]),
     "mktemp": subprocess.run(["mktemp", "-u"], env=cpu.child_env(), capture_output=True, text=True).stdout.strip(),
+    "child_path": cpu.child_env()["PATH"],
     "kernels": sorted(os.path.basename(k) for k in glob.glob(os.path.join(cache[0], "*.so"))) if cache else [],
     "cache": cache[0] if cache else "", "err": float(np.max(np.abs(np.array(y[:-2]) / np.exp(np.array(x, dtype=np.float64)) - 1))),
     "tails": y[-2:].tolist()}))
@@ -60,6 +61,19 @@ os.statvfs = _full
 """
 
 
+# run before PROBE: the disk under NOEXEC is mounted noexec (what os.statvfs reports)
+NOEXEC = r"""
+import os
+_statvfs = os.statvfs
+def _noexec(path):
+    disk = _statvfs(path)
+    if not os.path.abspath(path).startswith(os.environ["NOEXEC"]):
+        return disk
+    return os.statvfs_result((*disk[:8], disk.f_flag | os.ST_NOEXEC, *disk[9:]))
+os.statvfs = _noexec
+"""
+
+
 def probe(tmp_path, prelude: str = "", **env) -> dict:
     system_tmp = tmp_path / "system-tmp"
     system_tmp.mkdir()
@@ -69,7 +83,7 @@ def probe(tmp_path, prelude: str = "", **env) -> dict:
     env["PATH"] = os.pathsep.join(d for d in env["PATH"].split(os.pathsep) if "jit-avx2" not in d)
     out = subprocess.run([sys.executable, "-c", prelude + PROBE], capture_output=True, text=True, env=env,
                          check=True)
-    return json.loads(out.stdout) | {"system_tmp": str(system_tmp)}
+    return json.loads(out.stdout) | {"system_tmp": str(system_tmp), "path": env["PATH"]}
 
 
 @x86_with_avx2
@@ -83,8 +97,9 @@ def test_kernels_are_compiled_for_avx2_into_their_own_cache(tmp_path):
     # Python's own temporary files stay in the system's directory, also in a child process, which neither
     # wraps g++ twice nor loses the kernel cache
     assert got["python_tmp"] == got["child_tmp"] == got["system_tmp"] and got["child_wrappers"] == 1
-    # the children this package starts (cc, ranks) too, even those that are not Python: MLX alone writes there
-    assert os.path.dirname(got["mktemp"]) == got["system_tmp"]
+    # the children this package starts (cc, ranks) too, even those that are not Python: MLX alone writes there;
+    # and their PATH is the user's (a child's own g++ has no AVX2 flags added)
+    assert os.path.dirname(got["mktemp"]) == got["system_tmp"] and got["child_path"] == got["path"]
     # exp is two fused kernels: the clamp, and the rest built for AVX2
     clamp, body = sorted(got["kernels"], key=lambda name: "Maximum" not in name)
     assert len(got["kernels"]) == 2 and "Maximum" in clamp and "Maximum" not in body, got["kernels"]
@@ -103,6 +118,7 @@ def test_default_flags_when_turned_off(tmp_path):
         home = tmp_path / "cache" / "nanogpt-mlx" / "jit"
         assert got["path0"] == str(home / "bin") and "-mavx2" not in (home / "bin" / "g++").read_text()
         assert not (home / "kernels").exists() and got["kernels"]  # compiled in MLX's cache
+    assert got["child_path"] == got["path"]
     # exp's 2**k from its float32 bits instead of per-lane shifts: as accurate
     assert got["err"] < 3e-7 and got["tails"] == [0.0, 0.0]
 
@@ -141,6 +157,50 @@ def test_a_full_tmpdir_moves_to_the_users_cache(tmp_path):
     assert "MB free: kernels in" in got["jit"] and got["err"] < 3e-7 and got["kernels"]
 
 
+def test_a_noexec_tmpdir_moves_to_the_users_cache(tmp_path):
+    """/tmp mounted noexec: g++ built each kernel there and MLX's dlopen of it failed, a traceback at the first."""
+    got = probe(tmp_path, NOEXEC, NANOGPT_MLX_NO_AVX2="1", NOEXEC=str(tmp_path / "system-tmp"))
+    assert got["tmpdir"] == str(tmp_path / "cache" / "nanogpt-mlx" / "mlx-tmp")
+    assert "is on a noexec mount: kernels in" in got["jit"] and got["err"] < 3e-7 and got["kernels"]
+
+
+@x86_with_avx2
+def test_a_noexec_cache_keeps_mlx_default_flags(tmp_path):
+    got = probe(tmp_path, NOEXEC, NOEXEC=str(tmp_path / "cache"))
+    assert not got["avx2"] and got["jit"].startswith("MLX's default flags (") and "noexec mount" in got["jit"]
+    assert got["tmpdir"] == got["system_tmp"] and "jit-avx2" not in got["path0"]
+    assert got["err"] < 3e-7 and got["kernels"]  # compiled in the system's TMPDIR
+
+
+@x86_with_avx2
+def test_a_cache_whose_path_the_shell_would_expand_keeps_mlx_default_flags(tmp_path):
+    """MLX puts the kernel's paths in double quotes in its g++ command: a `$` in the cache's path was expanded
+    there, and every fused kernel failed to compile."""
+    got = probe(tmp_path, XDG_CACHE_HOME=str(tmp_path / "do$llar"))
+    assert not got["avx2"] and got["jit"].startswith("MLX's default flags (") and "has $ in its path" in got["jit"]
+    assert got["tmpdir"] == got["system_tmp"] and got["err"] < 3e-7 and got["kernels"]
+
+
+@pytest.mark.parametrize("name", ['back`tick', 'quo"te', "back\\slash"])
+def test_a_tmpdir_whose_path_the_shell_would_expand_moves_to_the_users_cache(tmp_path, name):
+    (tmp_path / name).mkdir()
+    got = probe(tmp_path, NANOGPT_MLX_NO_AVX2="1", TMPDIR=str(tmp_path / name))
+    assert got["tmpdir"] == str(tmp_path / "cache" / "nanogpt-mlx" / "mlx-tmp")
+    assert "in its path" in got["jit"] and got["err"] < 3e-7 and got["kernels"]
+
+
+def test_a_kernel_that_cannot_be_loaded_is_explained(monkeypatch, tmp_path):
+    """MLX's dlopen of a kernel on a noexec mount was a 30-line traceback."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    where = cpu._kernel_dir()
+    failed = RuntimeError(f"Could not load C++ shared library {where}/k.so: failed to map segment from shared object")
+    statvfs = os.statvfs
+    monkeypatch.setattr(cpu.os, "statvfs", lambda p: os.statvfs_result(
+        (*statvfs(p)[:8], statvfs(p).f_flag | os.ST_NOEXEC, *statvfs(p)[9:])))
+    assert device.explain(failed) == (f"MLX could not load a kernel that it compiled in {where} (a noexec mount: set "
+                                      f"TMPDIR to a directory that allows executing): {failed}")
+
+
 def test_a_kernel_that_cannot_be_compiled_is_explained(monkeypatch, tmp_path):
     """MLX's own failures to make its kernel directory were a traceback; a compiler's, "a full disk?" always."""
     import collections
@@ -154,6 +214,26 @@ def test_a_kernel_that_cannot_be_compiled_is_explained(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu.os, "statvfs", lambda p: disk(10**6, 4096, 100, 50))
     assert "(see the compiler's message): error: x" in cpu.explain(RuntimeError("[Compile::eval_cpu] g++\nerror: x"))
     assert cpu.explain(RuntimeError("filesystem error: cannot create directories [/elsewhere]")) is None
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "do$llar"))
+    assert "its path has $, which MLX's g++ command leaves to the shell" in cpu.explain(
+        RuntimeError("[Compile::eval_cpu] Failed to compile function"))
+
+
+def test_no_gxx_is_said(tmp_path):
+    """Without g++ MLX compiles nothing and runs each fused graph op by op (training steps about 2x slower), where
+    info said "MLX's default flags" and no command said a word."""
+    (tmp_path / "bin").mkdir()
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": str(tmp_path / "bin"),
+           "NANOGPT_MLX_PROFILE": "cpu-x86"}
+    said = ("import json, nanogpt_mlx; from nanogpt_mlx import cpu, device; import mlx.core as mx; "
+            "print(json.dumps([cpu.jit, device.notes(), mx.compile(cpu.exp)(mx.array([-1.0])).item()]))")
+    proc = subprocess.run([sys.executable, "-c", said], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    jit, notes, e = json.loads(proc.stdout)
+    assert jit == "none: no g++ on PATH; fused graphs run op by op" and abs(e - 0.36787944) < 1e-6
+    assert [n for n in notes if "g++" in n] == [
+        "no g++ on PATH: MLX compiles no fused kernels, and training steps take about twice as long. "
+        "Install it with `sudo apt-get install g++` (Debian/Ubuntu)."]
 
 
 @x86_with_avx2

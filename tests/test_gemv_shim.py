@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from nanogpt_mlx import cpu
+from nanogpt_mlx.errors import UserError
 
 
 def test_these_tests_run_under_openblas_too():
@@ -89,3 +91,52 @@ def test_multi_row_products_are_untouched():
     a = rng.standard_normal((5, 64)).astype(np.float32)
     w = rng.standard_normal((32, 64)).astype(np.float32)
     close(mx.array(a) @ mx.array(w).T, a.astype(np.float64) @ w.T.astype(np.float64))
+
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None or cpu._find_openblas() is None,
+                              reason="needs a C compiler (cc) and OpenBLAS")
+
+
+@needs_cc
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_a_cxx_compiler_as_cc_builds_the_shim(tmp_path):
+    """g++ compiled gemv_shim.c as C++, whose names Python did not find: every later start was a traceback."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), cpu.BLAS_ENV: "openblas"}
+    env.pop(cpu.NO_GEMV_SHIM_ENV, None)
+    said = "import nanogpt_mlx; from nanogpt_mlx import cpu; print(cpu.gemv)"
+    for cc in ("g++", ""):  # built, then from the cache
+        proc = subprocess.run([sys.executable, "-c", said], env={**env, "CC": cc}, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0 and proc.stdout.strip() == "on", proc.stderr[-2000:]
+
+
+@needs_cc
+def test_an_unusable_library_is_not_cached_nor_loaded(tmp_path, monkeypatch):
+    """A library without the shim's function was cached, and loading it from there failed every later start."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    empty = tmp_path / "empty-cc"  # a compiler that builds a library of nothing
+    empty.write_text("#!/bin/sh\nfor a; do [ \"$p\" = -o ] && out=$a; p=$a; done\n"
+                     "echo 'int x;' | cc -x c -shared -fPIC -o \"$out\" -\n")
+    empty.chmod(0o755)
+    monkeypatch.setenv("CC", str(empty))
+    with pytest.raises(UserError, match="built no usable library .it defines no nanogpt_gemv_shim_connect"):
+        cpu.build_gemv_shim()
+    assert not any(tmp_path.rglob("*.so*"))
+    monkeypatch.delenv("CC")
+    lib = cpu.build_gemv_shim()  # one of the system's compiler, in its place
+    subprocess.run([str(empty), "-o", str(lib)], check=True)  # damaged since
+    with pytest.raises(OSError, match="was unusable .* removed, to be built again at the next start"):
+        cpu.build_gemv_shim()
+    assert not lib.exists()
+    assert cpu.build_gemv_shim() == lib and lib.is_file()
+
+
+def test_a_noexec_cache_builds_no_shim(tmp_path, monkeypatch):
+    """It was built in a cache mounted noexec, where it could never be loaded."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "/nonexistent/cc")  # not run
+    statvfs = os.statvfs
+    monkeypatch.setattr(cpu.os, "statvfs", lambda p: os.statvfs_result(
+        (*statvfs(p)[:8], statvfs(p).f_flag | os.ST_NOEXEC, *statvfs(p)[9:])))
+    with pytest.raises(OSError, match=f"^{re.escape(str(tmp_path))} is on a noexec mount$"):
+        cpu.build_gemv_shim()

@@ -109,8 +109,13 @@ class TrainConfig:
             v = getattr(self, f.name)
             if f.type.startswith("float") and v is not None and not math.isfinite(v):
                 raise UserError(f"{f.name} must be a finite number, got {v}")
+            if f.name in SHAPE_FIELDS:  # GPTConfig's range, said alike for 0 and -1 (">= 0" for -1, then 0 refused)
+                if not 0 < v < 2**31:
+                    raise UserError(f"{f.name} must be in 1..2^31-1, got {v}")
+                continue
             positive = f.name in _POSITIVE
-            if f.type.startswith(("int", "float")) and v is not None and (v <= 0 if positive else v < 0):
+            if f.name != "cooldown_frac" and f.type.startswith(("int", "float")) and v is not None and \
+                    (v <= 0 if positive else v < 0):  # (cooldown_frac's range is said below)
                 raise UserError(f"{f.name} must be {'>' if positive else '>='} 0, got {v}")
         if self.sample_every and self.num_samples and not self.sample_tokens:  # (SampleConfig's max_new_tokens)
             raise UserError("sample_tokens must be > 0 where samples are taken, got 0 (sample_every 0 or num_samples 0 "
@@ -155,6 +160,7 @@ class TrainConfig:
 
 
 PATH_FIELDS = ("data", "out", "init_from", "hellaswag_data")  # a str or os.PathLike, stored as a str
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size")  # a random init's; init_from trains its source's
 _POSITIVE = ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "val_steps", "eps")  # 0 is no value
 
 
@@ -222,7 +228,6 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
 
 
 MODEL_FIELDS = ("init_from", "n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # the checkpoint's on resume
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size")  # a random init's; init_from trains its source's
 
 
 def model_config(cfg: TrainConfig) -> GPTConfig:

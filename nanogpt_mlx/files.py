@@ -420,13 +420,7 @@ def lock_dir(directory: Path, writer: str) -> bool:
         # killed process's lock ends with it, not with its last worker
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        f.seek(0)
-        holder = f.read().strip()  # "run (pid 123)"; an earlier version's "pid 123"
-        f.close()
-        if not holder or holder.startswith("pid "):
-            holder = f"process ({holder or 'its pid unknown'})"
-        raise UserError(f"{directory} is being written by another {holder}; wait for it to end, or write to another "
-                        "directory") from None
+        raise _held(directory, f) from None
     try:
         f.seek(0)
         f.truncate()
@@ -438,6 +432,33 @@ def lock_dir(directory: Path, writer: str) -> bool:
         raise cannot_lock(e) from None
     _locked[key] = f
     return True
+
+
+def _held(directory: Path, f: IO[str]) -> UserError:
+    """The refusal of a directory whose lock file `f` (closed here) another process holds."""
+    f.seek(0)
+    holder = f.read().strip()  # "run (pid 123)"; an earlier version's "pid 123"
+    f.close()
+    if not holder or holder.startswith("pid "):
+        holder = f"process ({holder or 'its pid unknown'})"
+    return UserError(f"{directory} is being written by another {holder}; wait for it to end, or write to another "
+                     "directory")
+
+
+def refuse_locked(directory: Path) -> None:
+    """Refuse (UserError, as lock_dir) a directory whose lock another process holds, taking no lock and making no
+    file: before what it holds is judged (a live run's OUT was told to pass --overwrite, then refused as live)."""
+    if directory.resolve() in _locked:  # this process's: closing another descriptor of it would give it up
+        return
+    try:
+        f = open(directory / LOCK_FILE, "r+")
+    except OSError:  # none (nobody writes there), or one that cannot be opened, which lock_dir will say
+        return
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise _held(directory, f) from None
+    f.close()  # (and the lock taken to test it with it)
 
 
 def unlock_dir(directory: Path) -> None:

@@ -49,7 +49,7 @@ from .console import PEER_FAILED, say, size, warn
 from .data import DataLoader
 from .errors import Stopped, UserError, check_bool, first_line
 from .evaluate import check_examples, download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
-from .files import devnull_onto, shell_word, user_path
+from .files import devnull_onto, refuse_locked, shell_word, user_path
 from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
 from .optim import Packing, apply_scaled, clip_scale
 from .rundir import RunDir
@@ -121,6 +121,8 @@ class Trainer:
         self.recipe = recipes.get(cfg.recipe)
         self.dtype_name = cfg.dtype
         self.dtype = DTYPES[self.dtype_name]
+        if self.dist.is_main:  # a live run's OUT is said to be one before what it holds (a run to --overwrite, no
+            refuse_locked(self.out)  # checkpoint to resume yet)
         if resume and self.dist.is_main and checkpoint.checkpoints(self.out):  # (no lock file left where none is)
             self.run_dir.hold()  # before its checkpoint is read, which a live run may replace
         ckpt = checkpoint.latest_checkpoint(self.out) if resume else None
@@ -136,9 +138,11 @@ class Trainer:
         self.cfg = cfg = replace(cfg, **{k: getattr(self.model.config, k) for k in MODEL_FIELDS if k != "init_from"})
         self.model.checkpoint_blocks = cfg.activation_checkpointing
         self._check_config(resuming=ckpt is not None)
-        if ckpt is not None:
-            self._check_relative("data", "data directory", "DIR")
-            if cfg.hellaswag_every and cfg.hellaswag_data:
+        if ckpt is not None:  # (a path given now, not the checkpoint's, is said missing as any is)
+            saved = state["config"]
+            if cfg.data == saved.get("data"):
+                self._check_relative("data", "data directory", "DIR")
+            if cfg.hellaswag_every and cfg.hellaswag_data and cfg.hellaswag_data == saved.get("hellaswag_data"):
                 self._check_relative("hellaswag_data", "HellaSwag file", "FILE")
         # HellaSwag's examples now, not at the first evaluation: a wrong path or a failed download stops a resumed
         # run (or one whose first evaluation comes late) before it trains, not after
@@ -384,8 +388,8 @@ class Trainer:
             if self.dist.is_main and self.step != self.run_dir.saved_step:
                 with self._finishing_saves():  # and saying so
                     path = self.save()
-                    self._say(f"evaluation failed: saved {path} (step {self.step}); continue with --resume "
-                              f"{shell_word(self.out)} once its cause is fixed")
+                    self._say(f"evaluation failed: saved {path} (step {self.step}); continue with "
+                              f"{self._resume_hint()} once its cause is fixed")
         except UserError as e:  # the evaluation's error is the one to show
             warn(f"could not save the steps since the last checkpoint: {e}")
         finally:
@@ -651,6 +655,11 @@ class Trainer:
                 self._compute_state()
         return result
 
+    def _resume_hint(self) -> str:
+        """How to continue this run: --resume OUT, on as many ranks (a resume on another number is refused)."""
+        ranks = f" on the same {self.dist.world} ranks" if self.dist.world > 1 else ""
+        return f"--resume {shell_word(self.out)}{ranks}"
+
     def _check_whole(self) -> None:
         """Refuse to train or save after train() stopped amid a step: its weights, step and data position may
         disagree (a NaN's weights, a batch read and not trained)."""
@@ -777,8 +786,8 @@ class Trainer:
             self.dist.barrier(at_least=signals.SAVE_WAIT)
         if self._stop_error is not None:
             why, fix = self._stop_error
-            raise _SavedStop(f"{why}; saved {path} (step {self.step}): {fix}, then --resume {shell_word(self.out)}")
+            raise _SavedStop(f"{why}; saved {path} (step {self.step}): {fix}, then {self._resume_hint()}")
         if self.step < end:  # stopped by a signal, or by stdout's reader ending (as Ctrl-C)
-            self._say(f"interrupted: saved {path} (step {self.step}); continue with --resume {shell_word(self.out)}")
+            self._say(f"interrupted: saved {path} (step {self.step}); continue with {self._resume_hint()}")
             raise Stopped(self._stopped_by or signal.SIGINT)
         return dict(self.result)  # the caller's: a later train() changes self.result

@@ -593,6 +593,8 @@ def test_a_stop_for_one_ranks_error_ends_every_rank_with_that_error(rank, data_d
     assert proc.returncode == 1, err
     (line,) = err.strip().splitlines()
     assert "bad tokens (a test's); saved" in line and "(step 2): repair that shard" in line, err
+    # the resume said is one that is taken: without its ranks, it was refused ("resume it with ... --ranks 2")
+    assert line.endswith(f"then --resume {out} on the same 2 ranks"), line
     assert "interrupted" not in stdout + err
     assert [p.name for p in checkpoints(out)] == ["ckpt-000002"]
 

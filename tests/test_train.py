@@ -786,8 +786,9 @@ def test_a_second_process_into_a_running_runs_out_is_refused(data_dir, tmp_path)
     while not ((out / "log.txt").exists() and (out / "log.txt").read_text().count(" train ") >= 2):
         assert time.time() < deadline and first.poll() is None, first.stderr.read()
         time.sleep(0.1)
+    # without --overwrite too: it was told to pass --overwrite, which was then refused for the live run
     for args in (["train", "--resume", str(out), "--max-steps", "100001"],
-                 cli_config(data_dir, out, "--max-steps", "3", "--overwrite")):
+                 cli_config(data_dir, out, "--max-steps", "3", "--overwrite"), cli_config(data_dir, out)):
         assert_one_line_error(run_cli(*args), f"{out} is being written by another run (pid {first.pid})")
     first.send_signal(signal.SIGINT)
     assert first.wait(timeout=60) == 130
@@ -1162,6 +1163,12 @@ def test_config_validation():
     with pytest.raises(UserError, match="min_lr_ratio must be at most 1"):
         TrainConfig(min_lr_ratio=2)
     assert TrainConfig(max_lr=1e-3, min_lr=1e-3, min_lr_ratio=1).final_lr == 1e-3  # a constant LR is fine
+    # one range said for each value out of it: -1 was told ">= 0", then 0 "1..2^31-1" (or "(0, 1]")
+    for name, bad, said in (("n_layer", -1, "in 1..2\\^31-1"), ("n_layer", 0, "in 1..2\\^31-1"),
+                            ("block_size", 2**31, "in 1..2\\^31-1"), ("cooldown_frac", -1, "in \\(0, 1\\]"),
+                            ("cooldown_frac", 0, "in \\(0, 1\\]")):
+        with pytest.raises(UserError, match=f"^{name} must be {said}, got {bad}$"):
+            TrainConfig(**{name: bad})
     # it was "samples: max_new_tokens must be >= 1", a name TrainConfig does not have, once a Trainer was made
     with pytest.raises(UserError, match="^sample_tokens must be > 0 where samples are taken, got 0"):
         TrainConfig(sample_tokens=0)

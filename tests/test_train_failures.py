@@ -321,6 +321,9 @@ def test_a_resume_elsewhere_of_a_relative_data_directory_says_where_it_was(data_
     with pytest.raises(UserError, match=f"{data_dir.name}: no such data directory in {tmp_path}: the checkpoint's "
                                         "config names it relative to where the run started"):
         Trainer(resume_config(out, max_steps=3), resume=True)
+    # a relative --data given with the resume is no checkpoint's: it was told to pass --data, which it had
+    with pytest.raises(UserError, match="^elsewhere: data directory not found"):
+        Trainer(resume_config(out, max_steps=3, data="elsewhere"), resume=True)
     assert Trainer(resume_config(out, max_steps=3, data=str(data_dir)), resume=True).train()
 
 

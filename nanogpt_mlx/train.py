@@ -245,7 +245,10 @@ class Trainer:
         cfg, world = self.cfg, self.dist.world
         if cfg.sample_every and cfg.num_samples:
             try:
-                prepare_prompt(self.model, encode(cfg.prompt, special=True), self._sample_config(0))
+                ids = prepare_prompt(self.model, encode(cfg.prompt, special=True), self._sample_config(0))
+                # beside the weights and the optimizer's state: refused at the first samples, steps after the start
+                memory.check_sampling(self.model.config, cfg.num_samples, len(ids), cfg.sample_tokens,
+                                      self.memory.weights + self.memory.optimizer, self.dtype.size)
             except UserError as e:
                 raise UserError(f"samples: {e} (sample_every 0 turns them off)") from None
         if cfg.hellaswag_every and self.model.config.vocab_size < GPT2_VOCAB_SIZE:

@@ -200,8 +200,9 @@ def add_eval(sub) -> None:
     h.add_argument("--batch-size", type=positive_int,
                    help=f"examples per forward pass, 4 rows each (default: {device.PROFILE.eval_batch} with "
                         f"this machine's profile, {device.PROFILE.name})")
-    h.add_argument("--output", metavar="FILE.jsonl", help="write per example: index, label, predicted (summed loss), predicted_norm (mean loss), "
-                        "and each ending's losses (summed), mean_losses and num_tokens")
+    h.add_argument("--output", metavar="FILE.jsonl",
+                   help="write per example: index, label, predicted (summed loss), predicted_norm (mean loss), and "
+                        "each ending's losses (summed), mean_losses and num_tokens")
     l = tasks.add_parser("loss", help="mean loss and perplexity over a split's token shards")
     l.add_argument("--model", default="gpt2", help=model_help)
     l.add_argument("--data", required=True, metavar="DIR", help="directory of {name}_{split}_{index}.npy token shards")

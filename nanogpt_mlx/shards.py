@@ -189,7 +189,7 @@ def _counts(d: dict, *keys: str) -> bool:
 
 def _is_shard_record(shard) -> bool:
     """Whether a manifest's shard entry has what ShardWriter._flush writes, of the right types."""
-    if not isinstance(shard, dict) or not isinstance(shard.get("file"), str) or not isinstance(shard.get("sha256"), str):
+    if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and isinstance(shard.get("sha256"), str)):
         return False
     end = shard.get("end")
     return (Path(shard["file"]).name == shard["file"] and shard.get("split") in ("val", "train")

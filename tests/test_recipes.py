@@ -57,9 +57,9 @@ def test_a_config_switched_by_its_recipe_alone_is_noted(data_dir, tmp_path, caps
     from nanogpt_mlx.config import foreign_defaults
 
     note = foreign_defaults(TrainConfig(recipe="speedrun"))
-    assert note.startswith("the speedrun recipe runs with the build-nanogpt recipe's beta1 0.9, eps 1e-08, grad_clip 1, "
-                           "max_lr 0.0006, weight_decay 0.1, not its own beta1 0.8, eps 1e-10, grad_clip 0, max_lr "
-                           "0.025, weight_decay 0.025")
+    assert note.startswith("the speedrun recipe runs with the build-nanogpt recipe's beta1 0.9, eps 1e-08, "
+                           "grad_clip 1, max_lr 0.0006, weight_decay 0.1, not its own beta1 0.8, eps 1e-10, grad_clip "
+                           "0, max_lr 0.025, weight_decay 0.025")
     assert "TrainConfig.preset(NAME, recipe='speedrun')" in note
     switched = foreign_defaults(replace(PRESETS["shakespeare-speedrun"], recipe="build-nanogpt"))
     assert switched.startswith("the build-nanogpt recipe runs with the speedrun recipe's beta1 0.8")

@@ -1237,6 +1237,15 @@ def test_a_failed_hellaswag_download_names_trains_option(data_dir, tmp_path, mon
         Trainer(cfg)
 
 
+def test_samples_that_cannot_fit_are_refused_at_the_start(data_dir, tmp_path):
+    """--num-samples 10^7 trained until the first samples' step, to be refused there (after a save)."""
+    with pytest.raises(UserError, match="^samples: 10000000 samples at once need ~.* GB beside the model, more than "
+                                        "this device's memory leaves; at most \\d+ fit \\(sample_every 0 turns "
+                                        "them off\\)$"):
+        Trainer(tiny_config(data_dir, tmp_path / "run", sample_every=5, num_samples=10**7, prompt="a"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_training_prompt_longer_than_the_context_keeps_its_end(data_dir, tmp_path):
     """Samples during training crop the prompt (nanoGPT's generate does), rather than refusing a run at start
     with `sample`'s --crop hint, a flag train does not have."""
@@ -1365,7 +1374,8 @@ def test_a_dropped_trainer_frees_its_memory_without_the_cycle_collector(data_dir
 
 def test_a_trainer_saved_in_one_thread_trains_in_another(data_dir, tmp_path):
     """save() left the model's weights lazy on its thread's stream: train() or a sample in another thread failed
-    ("There is no Stream(cpu, 0) in current thread"), and the Trainer then refused to go on, as if broken amid a step."""
+    ("There is no Stream(cpu, 0) in current thread"), and the Trainer then refused to go on, as if broken amid a
+    step."""
     import threading
 
     import mlx.core as mx

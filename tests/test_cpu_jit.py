@@ -48,30 +48,24 @@ x86_with_avx2 = pytest.mark.skipif(
     reason="needs an x86-64 CPU with AVX2 and FMA, and g++")
 
 
-# run before PROBE: the disk under FULL_DISK has 100 kB free (what shutil.disk_usage and os.statvfs report)
-FULL_DISK = r"""
+def _fake_statvfs(env: str, result: str) -> str:
+    """Code run before PROBE: os.statvfs gives `result` (an expression of the real `disk`) under the path in $env."""
+    return f"""
 import os
 _statvfs = os.statvfs
-def _full(path):
+def _fake(path):
     disk = _statvfs(path)
-    if not os.path.abspath(path).startswith(os.environ["FULL_DISK"]):
+    if not os.path.abspath(path).startswith(os.environ["{env}"]):
         return disk
-    return os.statvfs_result((*disk[:3], 0, 100_000 // disk.f_frsize, *disk[5:]))
-os.statvfs = _full
+    return {result}
+os.statvfs = _fake
 """
 
 
-# run before PROBE: the disk under NOEXEC is mounted noexec (what os.statvfs reports)
-NOEXEC = r"""
-import os
-_statvfs = os.statvfs
-def _noexec(path):
-    disk = _statvfs(path)
-    if not os.path.abspath(path).startswith(os.environ["NOEXEC"]):
-        return disk
-    return os.statvfs_result((*disk[:8], disk.f_flag | os.ST_NOEXEC, *disk[9:]))
-os.statvfs = _noexec
-"""
+# the disk under FULL_DISK has 100 kB free (what shutil.disk_usage and os.statvfs report)
+FULL_DISK = _fake_statvfs("FULL_DISK", "os.statvfs_result((*disk[:3], 0, 100_000 // disk.f_frsize, *disk[5:]))")
+# the disk under NOEXEC is mounted noexec
+NOEXEC = _fake_statvfs("NOEXEC", "os.statvfs_result((*disk[:8], disk.f_flag | os.ST_NOEXEC, *disk[9:]))")
 
 
 def probe(tmp_path, prelude: str = "", **env) -> dict:

@@ -132,18 +132,16 @@ def prepare_prompt(model: GPT, ids: list[int], cfg: SampleConfig | None = None) 
         if bad:
             raise UserError(f"the prompt's token ids must be integers, got {bad[0]!r}")
         ids = [int(i) for i in ids]  # NumPy integers too
-    if not ids:  # unconditional generation starts from <|endoftext|>, as GPT-2 does
-        ids, what = [EOT], "an empty prompt starts from <|endoftext|>, which"
-    else:
-        what = "the prompt"
-    model.check_token_ids(ids, what)
+    empty = not ids
+    if empty:  # unconditional generation starts from <|endoftext|>, as GPT-2 does
+        ids = [EOT]
+    model.check_token_ids(ids, "an empty prompt starts from <|endoftext|>, which" if empty else "the prompt")
     if len(ids) <= room:
         return ids
     if cfg.crop and room > 0:
         return ids[-room:]
     crop = "" if room <= 0 else "; pass --crop to keep its end (Python: SampleConfig(crop=True))"
-    prompt = f"a prompt of {len(ids)} token{'s' * (len(ids) != 1)}" if what == "the prompt" else \
-        "an empty prompt's <|endoftext|>"
+    prompt = "an empty prompt's <|endoftext|>" if empty else f"a prompt of {len(ids)} token{'s' * (len(ids) != 1)}"
     raise UserError(f"{prompt} + {cfg.max_new_tokens} new tokens exceeds the model's context of "
                     f"{model.config.block_size}{crop}")
 

@@ -349,10 +349,15 @@ def _noexec(place: str | os.PathLike) -> bool:
     return bool(os.statvfs(existing_ancestor(place)).f_flag & os.ST_NOEXEC)
 
 
+def _shell_expanded(path: Path) -> str:
+    """The characters of `path` that a shell takes as its own within double quotes (_EXPANDED; '' where none)."""
+    return "".join(c for c in _EXPANDED if c in str(path))
+
+
 def _cannot_compile_in(tmp: str | os.PathLike) -> str:
     """Why MLX could not compile its kernels under `tmp` ('' where it can)."""
     kernels = _kernel_dir(tmp)
-    if expanded := "".join(c for c in _EXPANDED if c in str(kernels)):
+    if expanded := _shell_expanded(kernels):
         return f"has {expanded} in its path, which MLX's g++ command, in double quotes, leaves to the shell"
     try:
         kernels.mkdir(parents=True, exist_ok=True)
@@ -484,7 +489,7 @@ def explain(e: RuntimeError) -> str | None:
         return None
     said = str(e).strip().splitlines()[-1][-300:]
     place = existing_ancestor(where)
-    if expanded := "".join(c for c in _EXPANDED if c in str(where)):
+    if expanded := _shell_expanded(where):
         why = f"its path has {expanded}, which MLX's g++ command leaves to the shell: set TMPDIR to another"
     elif not os.access(place, os.W_OK | os.X_OK):
         why = f"{place} is not writable by this user"

@@ -101,7 +101,7 @@ def mlx_step(cfg_name: str, tmp: str, dtype: str = ""):
     def step() -> None:
         nonlocal queued
         ahead = trainer._start_step(trainer.step + 1)
-        trainer._finish_step(queued)
+        trainer.queue.finish(queued)
         trainer.step, queued = trainer.step + 1, ahead
 
     return step

@@ -2,19 +2,14 @@
 (config.py), with the model, optimizer and schedule taken from a recipe (recipes.py: build-nanogpt's, the
 default, or the speedrun's).
 
-One optimizer step = `grad_accum` micro-batches of (B, T) tokens per rank. Each micro-step
-runs forward + backward of loss/grad_accum and adds its gradients, packed as the recipe's optimizer
-groups them (optim.Packing), to the running sum. The last micro-step also averages
-the gradients over ranks, clips their global norm (PyTorch's clip_grad_norm_; build-nanogpt: at 1.0)
-and applies the recipe's optimizer, whose LRs the recipe sets before every step. Each micro-step's
-graph is built while the device runs the one before, and is evaluated after it (mx.async_eval), so the
-device hardly waits for the host and memory holds one micro-batch at a time; that goes across steps too
-(Trainer._queue_ahead), unless an evaluation or a checkpoint must see the weights between them, the run has
-several ranks (whose collectives must come in one order) or step threads (which compute a micro-step before
-returning), or the step is the one that cap_memory measures op by op.
-The optimizer updates float32 master weights; the model's weights are views of them (float32),
-or of their bf16 copy. The compute dtype defaults to the device profile's (bfloat16 on GPUs,
-float32 on CPUs).
+One optimizer step = `grad_accum` micro-batches of (B, T) tokens per rank (steps.py: the compiled micro-steps,
+their gradients summed; the last one averages them over ranks, clips their global norm and applies the recipe's
+optimizer, whose LRs the recipe sets before every step). Each micro-step's graph is built while the device runs
+the one before (steps.Queue), so the device hardly waits for the host and memory holds one micro-batch at a time;
+that goes across steps too (Trainer._queue_ahead), unless an evaluation or a checkpoint must see the weights
+between them, the run has several ranks (whose collectives must come in one order) or step threads (which compute
+a micro-step before returning), or the step is the one that cap_memory measures op by op. The compute dtype
+defaults to the device profile's (bfloat16 on GPUs, float32 on CPUs).
 
 Checkpoints (checkpoint.py) hold the weights, the optimizer state, the data-loader position and
 the config. All randomness derives from the seed and the counters saved there (init from the
@@ -31,55 +26,29 @@ import numbers
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
-from functools import partial
+from collections.abc import Iterator
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TypeVar
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
-from . import checkpoint, device, distributed, memory, recipes, signals
+from . import checkpoint, device, distributed, memory, recipes, signals, steps
 from .config import (DTYPES, MODEL_FIELDS, TrainConfig, foreign_defaults, ignored_shape, model_config,
                      refuse_model_changes, resume_line, resumed, unread)
 from .console import PEER_FAILED, say, size, warn
 from .data import DataLoader
 from .errors import Stopped, UserError, check_bool, first_line
-from .evaluate import check_examples, download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
+from .evaluations import Evaluations
 from .files import devnull_onto, refuse_locked, shell_word, user_path
-from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig
-from .optim import Packing, apply_scaled, clip_scale
+from .model import GPT, GPTConfig
+from .optim import Packing
 from .rundir import RunDir
-from .sample import SampleConfig, prepare_prompt, sample_texts
-from .threads import StepThreads
-from .tokenizer import encode
 from .weights import load_model
-
-_T = TypeVar("_T")
-EVALUATION_WAIT = 24 * 3600.0  # seconds a rank whose evaluation failed waits for the others' (HellaSwag's: hours)
 
 
 # ----------------------------------------------------------------------------------- trainer
-@dataclass
-class _Step:
-    """An optimizer step queued on the device: its loss (summed over micro-steps) and norm still lazy."""
-
-    step: int
-    lr: float
-    t0: float  # when it started (perf_counter)
-    loss: mx.array
-    norm: mx.array
-    ended: float = 0.0  # when the device was seen to have finished it (Trainer._queue)
-
-
-def _use_master(model: GPT, packing: Packing, master: dict, dtype: mx.Dtype) -> None:
-    """Point the model's weights at the master weights, cast to `dtype` (views where it is float32)."""
-    model.update(packing.unpack(master["params"], dtype))
-
-
 class _StopEvaluating(Exception):
     """Ctrl-C or SIGTERM during an evaluation (Trainer._evaluating): it stops at once."""
 
@@ -107,7 +76,6 @@ class Trainer:
         self.run_dir = RunDir(self.out)
         self._broken = ""  # why train() ended amid a step, after which it refuses to go on
         self._failed_evaluating = False  # whether train() ended in an evaluation's error, between steps
-        self._failure_agreed = False  # whether the ranks agreed that an evaluation failed (_rank_part)
         try:
             self._setup(resume, overwrite)
         except BaseException:
@@ -144,15 +112,12 @@ class Trainer:
                 self._check_relative("data", "data directory", "DIR")
             if cfg.hellaswag_every and cfg.hellaswag_data and cfg.hellaswag_data == saved.get("hellaswag_data"):
                 self._check_relative("hellaswag_data", "HellaSwag file", "FILE")
-        # HellaSwag's examples now, not at the first evaluation: a wrong path or a failed download stops a resumed
-        # run (or one whose first evaluation comes late) before it trains, not after
-        self._hellaswag = load_hellaswag(
-            cfg.hellaswag_data or download_hellaswag(progress=self.dist.is_main, local_option="--hellaswag-data",
-                                                     python="TrainConfig(hellaswag_data=FILE)"),
-            limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else None
-        # their tokens and rows fit the model, checked before it trains, and tokenized once for every evaluation
-        self._hellaswag_tokens = check_examples(self.model, self._hellaswag) if self._hellaswag else None
-        self._make_loaders()
+        # this rank's batches, grad_accum micro-batches of them a step (total_batch_size over all ranks)
+        self.grad_accum = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len * self.dist.world)
+        self.train_loader = DataLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, self.dist.rank, self.dist.world,
+                                       self.model.config.vocab_size, cfg.shuffle, cfg.seed)
+        self.evaluations = Evaluations(cfg, self.model, self.dist, self.memory.weights + self.memory.optimizer,
+                                       self.dtype)
 
         self.optimizer = self.recipe.make_optimizer(cfg, self.dtype)
         # the optimizer updates float32 master weights, packed as its recipe groups them (build-nanogpt's: flat
@@ -183,9 +148,7 @@ class Trainer:
         # mid-run (_start_step), stdout on a full disk (_say)
         self._stop_error: tuple[str, str] | None = None
         self._evaluating = False  # a stop request interrupts an evaluation (_on_signal)
-        self._in_flight: tuple = ()  # what the device is evaluating (Trainer._queue) ...
-        self._in_flight_ends: _Step | None = None  # ... and the step it ends, if it is a step's last micro-step
-        self._last_ended = 0.0  # when the last finished step ended (perf_counter)
+        self.queue = steps.Queue(self.dist)  # the micro-steps queued on the device
         self._memory_cap = 0  # bytes MLX may use while training (cap_memory), once a step was measured
         self.result: dict[str, float] = {}  # latest train_loss, val_loss and hellaswag
         self._compute_state()
@@ -240,20 +203,9 @@ class Trainer:
                             f"resume_config(out, {field}={metavar}))")
 
     def _check_config(self, resuming: bool) -> None:
-        """Refuse sizes that do not fit before anything runs, the evaluations' included (advising, when resuming,
-        only what a resumed run may change)."""
+        """Refuse a total_batch_size that micro-batches on every rank do not make up (advising, when resuming, only
+        what a resumed run may change)."""
         cfg, world = self.cfg, self.dist.world
-        if cfg.sample_every and cfg.num_samples:
-            try:
-                ids = prepare_prompt(self.model, encode(cfg.prompt, special=True), self._sample_config(0))
-                # beside the weights and the optimizer's state: refused at the first samples, steps after the start
-                memory.check_sampling(self.model.config, cfg.num_samples, len(ids), cfg.sample_tokens,
-                                      self.memory.weights + self.memory.optimizer, self.dtype.size)
-            except UserError as e:
-                raise UserError(f"samples: {e} (sample_every 0 turns them off)") from None
-        if cfg.hellaswag_every and self.model.config.vocab_size < GPT2_VOCAB_SIZE:
-            raise UserError(f"HellaSwag needs GPT-2's {GPT2_VOCAB_SIZE} tokens; this model has vocab_size "
-                            f"{self.model.config.vocab_size} (set hellaswag_every to 0)")
         per_micro = cfg.batch_size * cfg.seq_len * world
         if cfg.total_batch_size % per_micro:
             fits = None if resuming else next((b for b in range(cfg.batch_size, 0, -1)
@@ -274,66 +226,14 @@ class Trainer:
             return cfg.threads
         return memory.step_threads(cfg.batch_size, device.step_threads(config.n_embd), fixed=False)
 
-    def _make_loaders(self) -> None:
-        """This rank's train and val batches, and the accumulation steps that make total_batch_size of them."""
-        cfg, world, rank = self.cfg, self.dist.world, self.dist.rank
-        B, T, vocab = cfg.batch_size, cfg.seq_len, self.model.config.vocab_size
-        self.grad_accum = cfg.total_batch_size // (B * T * world)
-        self.train_loader = DataLoader(cfg.data, "train", B, T, rank, world, vocab, cfg.shuffle, cfg.seed)
-        self.val_loader = DataLoader(cfg.data, "val", B, T, rank, world, vocab) if cfg.val_every else None
-        self.val_steps = self.val_loader.within_one_pass(cfg.val_steps) if self.val_loader else 0
-        if self.val_loader and self.val_steps < cfg.val_steps:  # past one pass: repeated batches
-            warn(f"val_steps {cfg.val_steps} is more than the val split holds: validating on all its "
-                 f"{self.val_steps * world} batches" + (f" ({self.val_steps} a rank)" if world > 1 else ""))
-
     def _use_master(self, dtype: mx.Dtype) -> None:
-        _use_master(self.model, self.packing, self.master, dtype)
+        steps.use_master(self.model, self.packing, self.master, dtype)
 
     def _build_steps(self) -> None:
-        """The compiled micro-step (forward + backward, gradients added to the running sum) and the
-        compiled last micro-step, which also averages over ranks, clips and applies the recipe's optimizer.
-        With several step threads (threads.py) each computes the forward + backward of its rows, and the
-        compiled steps add their losses and gradients."""
-        # no closure holds self: a cycle through the compiled steps kept a dropped Trainer's weights, optimizer state
-        # and step threads until Python's cycle collector ran, which MLX's memory does not prompt (a notebook's sweep)
-        model, optimizer, packing, n = self.model, self.optimizer, self.packing, self.threads
-        dist, master, dtype, max_norm = self.dist, self.master, self.dtype, self.cfg.grad_clip
-        shares = self.grad_accum * n  # of the step's mean loss, one for each micro-step and thread
-
-        def forward_backward(m: GPT, x: mx.array, y: mx.array) -> tuple[mx.array, dict]:
-            loss, g = nn.value_and_grad(m, lambda m, x, y: m.loss(x, y) / shares)(m, x, y)
-            return loss, tree_map(lambda a: a.astype(mx.float32), packing.pack(g))  # packed in the compute dtype
-
-        def add(parts, grads):
-            loss, g = parts[0]
-            for part_loss, part_g in parts[1:]:
-                loss, g = loss + part_loss, tree_map(mx.add, g, part_g)
-            return loss, g if grads is None else tree_map(mx.add, grads, g)
-
-        def apply(loss, g):
-            g = dist.average_gradients(g)
-            scale, norm = clip_scale(g, max_norm)  # applied inside the update: no clipped copy
-            # the weights kept in their order: mx.compile keys the steps' traces on the captured state's shapes, not
-            # its names, and an optimizer that returned them in another order (MLX's MultiOptimizer: one that varies
-            # with Python's hash seed) had the next step traced again, or, where the shapes matched, run this trace
-            # with same-shaped tensors in each other's places (wte updated from lm_head's weights)
-            updated = apply_scaled(optimizer, g, master["params"], scale)
-            master["params"] = tree_map(lambda _, new: new, master["params"], updated)
-            _use_master(model, packing, master, dtype)
-            return loss, norm
-
-        state = [model.state, optimizer.state, master]
-        wrap = partial(mx.compile, inputs=state, outputs=state) if self.cfg.compile else (lambda f: f)
-        if n == 1:
-            self._accumulate = wrap(lambda x, y, grads: add([forward_backward(model, x, y)], grads))
-            self._update = wrap(lambda x, y, grads: apply(*add([forward_backward(model, x, y)], grads)))
-        else:
-            threads = StepThreads(model, n, forward_backward, self.cfg.compile)
-            accumulate, update = wrap(add), wrap(lambda computed, grads: apply(*add(computed, grads)))
-            self._accumulate = lambda x, y, grads: accumulate(threads(x, y), grads)
-            self._update = lambda x, y, grads: update(threads(x, y), grads)
-        eval_loss = partial(model.loss, grad=False)
-        self._eval_loss = mx.compile(eval_loss, inputs=state) if self.cfg.compile else eval_loss
+        """The compiled micro-steps (steps.py)."""
+        self._accumulate, self._update = steps.compile_steps(
+            self.model, self.optimizer, self.packing, self.master, self.dist, self.dtype, self.cfg.grad_clip,
+            self.grad_accum, self.threads, self.cfg.compile)
 
     # -- checkpoints
     def _check_world(self, ckpt: Path, world: int) -> None:
@@ -384,9 +284,9 @@ class Trainer:
     def _save_before_failing(self) -> None:
         """An evaluation failed (a download, a kernel that cannot compile): save the steps since the last checkpoint
         before its error ends the run. Nothing is queued during an evaluation, so the weights are whole. Where the
-        ranks agreed on the failure (_rank_part), the others wait for rank 0's save: a failed rank that ended at
+        ranks agreed on the failure (Evaluations.failure_agreed), the others wait for rank 0's save: a failed rank that ended at
         once would have it stopped mid-save (a launcher stops the rest of a group that cannot finish)."""
-        agreed, self._failure_agreed = self._failure_agreed, False
+        agreed, self.evaluations.failure_agreed = self.evaluations.failure_agreed, False
         try:
             if self.dist.is_main and self.step != self.run_dir.saved_step:
                 with self._finishing_saves():  # and saying so
@@ -400,73 +300,33 @@ class Trainer:
                 with contextlib.suppress(UserError):  # a rank lost meanwhile: the evaluation's error still shows
                     self.dist.barrier(at_least=signals.SAVE_WAIT)
 
-    # -- evaluation
-    def _rank_part(self, part: Callable[[], _T]) -> _T:
-        """part(), this rank's share of an evaluation, then the ranks' agreement on whether it failed on any of them.
-        If it did, every rank raises (its own error, or that another rank's part failed), and _save_before_failing
-        has them wait for rank 0's save. Without it the others met the failed rank's end in their next collective."""
-        if self.dist.world == 1:
-            return part()
-        error = None
-        try:
-            value = part()
-        except Exception as e:  # (a stop request does not end an evaluation of several ranks)
-            error = e
-        # (the ranks arrive together, but for one whose part failed early: it waits for the others' whole part)
-        if self.dist.sum(float(error is not None), at_least=EVALUATION_WAIT if error else 0.0):
-            self._failure_agreed = True
-            raise error or UserError(f"rank {self.dist.rank}: stopping: the evaluation {PEER_FAILED}")
-        return value
-
+    # -- evaluation (evaluations.py)
     def val_loss(self) -> float:
         """Mean loss over val_steps batches (at most the split's) from the start of the val split (build-nanogpt)."""
-        if self.val_loader is None:
-            raise UserError("no val batches: a Trainer reads the val split only when val_every is set")
-        return self.dist.mean(self._rank_part(
-            lambda: loader_loss(self.model, self.val_loader, self.val_steps, loss=self._eval_loss)))
+        return self.evaluations.val_loss()
 
     def samples(self) -> list[str]:
-        cfg = self.cfg
-        return self._rank_part(
-            lambda: sample_texts(self.model, cfg.prompt, self._sample_config(self.step), cfg.num_samples))
-
-    def _sample_config(self, step: int) -> SampleConfig:
-        """build-nanogpt's top-k 50, seeded by the step; a prompt longer than the context leaves keeps its end."""
-        return SampleConfig(max_new_tokens=self.cfg.sample_tokens, top_k=50, seed=(self.cfg.seed + step) % 2**64,
-                            crop=True)
+        """build-nanogpt's samples (top-k 50) of the model as it is at this step."""
+        return self.evaluations.samples(self.step)
 
     def hellaswag(self) -> float:
         """acc_norm over the HellaSwag examples, split across ranks with the counts summed (build-nanogpt)."""
-        if self._hellaswag is None:
-            raise UserError("no HellaSwag examples: a Trainer loads them at start when hellaswag_every is set")
-        r = self._rank_part(lambda: score_hellaswag(self.model, self._hellaswag, rank=self.dist.rank,
-                                                    world=self.dist.world, progress=False,
-                                                    rendered=self._hellaswag_tokens))
-        return self.dist.sum(r.num_correct_norm) / self.dist.sum(r.num_total)
-
-    def _due(self, every: int, step: int) -> bool:
-        """Whether something done every `every` steps (0: never) and at the last step runs before `step`."""
-        return bool(every) and (step % every == 0 or step == self.cfg.max_steps - 1)
-
-    def _evaluates(self, step: int) -> bool:
-        """Whether an evaluation may be due before step `step`."""
-        cfg = self.cfg
-        return any(self._due(every, step) for every in (cfg.val_every, cfg.hellaswag_every, cfg.sample_every))
+        return self.evaluations.hellaswag()
 
     def _evaluate(self) -> None:
         """The evaluations due before step self.step. A stop request ends them at once (raising
         _StopEvaluating): they change no weights, so the checkpoint of this step is as good, and a resumed run
         evaluates again. Not with several ranks, which must stop at the same point (their collectives)."""
-        cfg, step = self.cfg, self.step
-        if self._due(cfg.val_every, step):
+        due, step = self.evaluations.due, self.step
+        if due("val", step):
             loss = self.result["val_loss"] = self._interruptible(self.val_loss)
             self._say(f"step {step:5d} | val loss {loss:.4f}")
             self.log.metric(step, "val", loss)
-        if self._due(cfg.hellaswag_every, step):
+        if due("hellaswag", step):
             acc = self.result["hellaswag"] = self._interruptible(self.hellaswag)
             self._say(f"step {step:5d} | hellaswag {acc:.4f}")
             self.log.metric(step, "hella", acc)
-        if cfg.num_samples and self._due(cfg.sample_every, step) and (step > 0 or step == cfg.max_steps - 1):
+        if due("samples", step):
             texts = self._interruptible(self.samples)
             for i, t in enumerate(texts):
                 self._say(f"sample {i}: {t!r}")
@@ -501,8 +361,8 @@ class Trainer:
                 self._stop_error = self._stop_error or (f"stdout: cannot write ({e.strerror})", fix)
             say(line)
 
-    def _start_step(self, step: int) -> _Step | None:
-        """Queue optimizer step `step`'s micro-steps on the device (_queue) and return it unfinished; None if a
+    def _start_step(self, step: int) -> steps.Step | None:
+        """Queue optimizer step `step`'s micro-steps on the device (steps.Queue) and return it unfinished; None if a
         stop was requested before all of it was queued (nothing applied, the batches it read will be read again).
 
         Several ranks must stop at the same step (or the others wait in a collective), so they agree
@@ -524,12 +384,12 @@ class Trainer:
             if micro < self.grad_accum - 1:
                 loss, grads = self._accumulate(x, y, grads)
                 losses.append(loss)
-                self._queue(loss, grads)
+                self.queue.put(loss, grads)
             else:
                 loss, norm = self._update(x, y, grads)
                 losses.append(loss)
-                queued = _Step(step, self.recipe.lr(step, self.cfg), t0, sum(losses), norm)
-                self._queue(loss, norm, self.model.state, self.optimizer.state, ends=queued)
+                queued = steps.Step(step, self.recipe.lr(step, self.cfg), t0, sum(losses), norm)
+                self.queue.put(loss, norm, self.model.state, self.optimizer.state, ends=queued)
         return queued
 
     def _read_batches(self) -> list[tuple[mx.array, mx.array]]:
@@ -558,32 +418,6 @@ class Trainer:
         self._stop = self._stop or total > 0
         return total > 0
 
-    def _queue(self, *arrays: mx.array, ends: _Step | None = None) -> None:
-        """Start evaluating `arrays` once the work queued before them has finished (and note when that work
-        ended a step). Their graph was built while the device ran that work, so the device hardly waits for
-        the host between micro-steps and steps; and they allocate nothing before it is done, so memory holds
-        one micro-step at a time. Without arrays: wait for what is queued."""
-        self.dist.sync(*self._in_flight)
-        if self._in_flight_ends is not None:
-            self._in_flight_ends.ended = time.perf_counter()
-        # the arrays themselves, not the model's and optimizer's state containers: building the next step
-        # updates those in place, and waiting on them then would wait for that step too
-        arrays = tuple(a for _, a in tree_flatten(list(arrays)))
-        # the last ones dropped first: the next update's moments reuse their buffers only where nothing else holds
-        # them (optim.unfused); held here, every moment was allocated anew beside the old
-        self._in_flight = ()
-        self.dist.submit(*arrays)
-        self._in_flight, self._in_flight_ends = arrays, ends
-
-    def _finish_step(self, s: _Step) -> tuple[float, float, float]:
-        """Wait for a queued step: its mean loss over ranks, gradient norm and seconds (from its start, or, if
-        it was queued behind the step before, from when that one ended)."""
-        if self._in_flight_ends is s:  # nothing is queued behind it
-            self._queue()
-        loss, norm = self.dist.mean(s.loss.item()), s.norm.item()
-        dt, self._last_ended = s.ended - max(s.t0, self._last_ended), s.ended
-        return loss, norm, dt
-
     def _queue_ahead(self, step: int, end: int) -> bool:
         """Whether step `step` may be built before the one before it is finished: not when something must see the
         weights between them (an evaluation or a checkpoint), after the end, once a stop was requested, or behind
@@ -595,7 +429,7 @@ class Trainer:
         if self.dist.world > 1 or self._measuring() or self.threads > 1:
             return False
         saves = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
-        return step < end and not (self._evaluates(step) or saves or self._stop)
+        return step < end and not (self.evaluations.any_due(step) or saves or self._stop)
 
     def _measuring(self) -> bool:
         """Whether the next step runs op by op to measure what a step needs (cap_memory)."""
@@ -640,7 +474,7 @@ class Trainer:
         self._claim_for_training()
         # an earlier train()'s stop request was answered by its end
         self._stop, self._stopped_by, self._stop_error = False, None, None
-        self._failed_evaluating = self._failure_agreed = False
+        self._failed_evaluating = self.evaluations.failure_agreed = False
         try:
             self.log.restart(self.step)  # before any step: its failure leaves this Trainer whole
             try:
@@ -739,7 +573,7 @@ class Trainer:
             queued = None
             while self.step < end:  # a stop request ends it before a step (_stopping: ranks agree on it)
                 if queued is None:
-                    if self._evaluates(self.step) and self._stopping():  # not into minutes of evaluation (ranks
+                    if self.evaluations.any_due(self.step) and self._stopping():  # not into minutes of evaluation (ranks
                         break  # agree on it; without an evaluation _start_step's agreement is the step's one)
                     try:
                         self._evaluate()
@@ -757,7 +591,7 @@ class Trainer:
                 # the next step's graph is built while the device runs this one, and queued behind it, unless
                 # something must see the weights in between
                 ahead = self._start_step(self.step + 1) if self._queue_ahead(self.step + 1, end) else None
-                loss, norm, dt = self._finish_step(queued)
+                loss, norm, dt = self.queue.finish(queued)
                 if self._measuring():
                     self._cap_memory()
                 if not (math.isfinite(loss) and math.isfinite(norm)):

@@ -114,12 +114,12 @@ def test_a_barrier_holds_every_rank_until_the_slowest_arrives(tmp_path):
 EVALUATION_FAILS_SCRIPT = """
 import json, sys, time
 import nanogpt_mlx
-from nanogpt_mlx import checkpoint, train
+from nanogpt_mlx import checkpoint, evaluations, train
 from nanogpt_mlx.config import TrainConfig
 which, cfg = sys.argv[1], TrainConfig(**json.loads(sys.argv[2]))
 t = train.Trainer(cfg)
 name, nth = ("loader_loss", 2) if which == "val" else ("sample_texts", 1)  # (step 0 validates, samples not)
-real, calls, write = getattr(train, name), [], checkpoint.write
+real, calls, write = getattr(evaluations, name), [], checkpoint.write
 
 def failing(*args, **kwargs):
     calls.append(1)
@@ -133,7 +133,7 @@ def slow_write(*args, **kwargs):
     print("saved at", time.monotonic(), flush=True)
     return path
 
-setattr(train, name, failing)
+setattr(evaluations, name, failing)
 checkpoint.write = slow_write
 try:
     t.train()
@@ -544,10 +544,10 @@ INJECTED = """
 import os, signal, time
 rank = os.environ.get("MLX_RANK")
 if rank is not None:
-    from nanogpt_mlx import checkpoint, train
+    from nanogpt_mlx import checkpoint, evaluations, train
     from nanogpt_mlx.errors import UserError
     calls, fail = [], os.environ.get("FAIL") if rank == os.environ.get("FAIL_RANK") else None
-    read, loss, write = train.DataLoader.next_batch, train.loader_loss, checkpoint.save_model
+    read, loss, write = train.DataLoader.next_batch, evaluations.loader_loss, checkpoint.save_model
 
     def next_batch(self):
         if fail == "shard" and "train" in self.shards[0].name:
@@ -571,7 +571,8 @@ if rank is not None:
             time.sleep(float(os.environ.get("SAVE_SLEEP", "0")))
         return write(*args, **kwargs)
 
-    train.DataLoader.next_batch, train.loader_loss, checkpoint.save_model = next_batch, loader_loss, save_model
+    train.DataLoader.next_batch, evaluations.loader_loss, checkpoint.save_model = (next_batch, loader_loss,
+                                                                                 save_model)
 """
 
 

@@ -246,8 +246,8 @@ def test_max_memory_caps_mlx_allocations(tmp_path):
     try:
         trainer = Trainer(cfg)
         assert mx.get_memory_limit() == previous
-        limits, finish = [], trainer._finish_step
-        trainer._finish_step = lambda step: limits.append(mx.get_memory_limit()) or finish(step)
+        limits, finish = [], trainer.queue.finish
+        trainer.queue.finish = lambda step: limits.append(mx.get_memory_limit()) or finish(step)
         with contextlib.redirect_stdout(io.StringIO()):
             trainer.train()
         assert trainer.step == 2 and mx.get_peak_memory() < 3e9

@@ -274,14 +274,14 @@ def test_a_ctrl_c_in_the_last_step_says_no_stop(data_dir, tmp_path, capsys):
     """A Ctrl-C during the last step: the run ends as it would have, but said "stopping: saving a checkpoint (Ctrl-C
     again to quit without saving)" first."""
     trainer = Trainer(tiny_config(data_dir, tmp_path / "run", max_steps=3))
-    finish = trainer._finish_step
+    finish = trainer.queue.finish
 
     def ctrl_c_in_the_last_step(queued):
         if queued.step == 2:
             trainer._on_signal(signal.SIGINT, None)
         return finish(queued)
 
-    trainer._finish_step = ctrl_c_in_the_last_step
+    trainer.queue.finish = ctrl_c_in_the_last_step
     capsys.readouterr()
     assert trainer.train()["train_loss"] == logged(tmp_path / "run")[2]["loss"]
     assert "stopping" not in capsys.readouterr().out and trainer.step == 3
@@ -308,20 +308,20 @@ def test_next_micro_step_is_built_while_the_device_runs_the_last(data_dir, tmp_p
     cfg = tiny_config(data_dir, tmp_path / "a", total_batch_size=64 * micro_steps, batch_size=2, max_steps=6,
                       val_every=4, val_steps=1, threads=1)
     trainer, events = Trainer(cfg), []
-    for name, tag in (("_accumulate", "b"), ("_update", "b"), ("_finish_step", "f")):
-        fn = getattr(trainer, name)
-        setattr(trainer, name, lambda *a, fn=fn, tag=tag: events.append(tag) or fn(*a))
+    for owner, name, tag in ((trainer, "_accumulate", "b"), (trainer, "_update", "b"), (trainer.queue, "finish", "f")):
+        fn = getattr(owner, name)
+        setattr(owner, name, lambda *a, fn=fn, tag=tag: events.append(tag) or fn(*a))
     sync = trainer.dist.sync
     trainer.dist.sync = lambda *a: events.append("w") or sync(*a)
-    finish, steps = trainer._finish_step, []
-    trainer._finish_step = lambda s: steps.append(s) or finish(s)
+    finish, steps = trainer.queue.finish, []
+    trainer.queue.finish = lambda s: steps.append(s) or finish(s)
     trainer.train()
     step = "bw" * micro_steps  # "fw": finished where nothing was queued behind it
     assert "".join(events) == step * 2 + "f" + step + "f" + step + "f" + "fw" + step + "fw" + step + "fw"
 
     waiting = Trainer(replace(cfg, out=str(tmp_path / "b")))
-    queue = waiting._queue
-    waiting._queue = lambda *a, **k: (queue(*a, **k), queue())  # wait for each micro-step before building the next
+    queue = waiting.queue.put
+    waiting.queue.put = lambda *a, **k: (queue(*a, **k), queue())  # wait for each micro-step before building the next
     waiting.train()
     assert [r["loss"] for r in logged(tmp_path / "a")] == [r["loss"] for r in logged(tmp_path / "b")]
     dts = [r["dt"] for r in logged(tmp_path / "a")]
@@ -341,8 +341,8 @@ def test_cap_memory_measures_the_first_step_then_caps_mlx_while_training(data_di
     ahead, limits = [], []
     queue_ahead = capped._queue_ahead
     capped._queue_ahead = lambda *a: ahead.append(queue_ahead(*a)) or ahead[-1]
-    finish = capped._finish_step
-    capped._finish_step = lambda s: limits.append(mx.get_memory_limit()) or finish(s)
+    finish = capped.queue.finish
+    capped.queue.finish = lambda s: limits.append(mx.get_memory_limit()) or finish(s)
     before = mx.get_memory_limit()
     capped.train(until=3)
     assert mx.get_memory_limit() == before
@@ -408,18 +408,18 @@ def test_overfits_one_batch(tmp_path):
 
 def stop_during_step(trainer: Trainer, step: int) -> None:
     """trainer.train(), with a stop requested while `step` runs, as the signal handler does: it saves and raises."""
-    finish = trainer._finish_step
+    finish = trainer.queue.finish
 
     def finish_then_stop(s):
         trainer._stop = trainer._stop or s.step == step
         return finish(s)
 
-    trainer._finish_step = finish_then_stop
+    trainer.queue.finish = finish_then_stop
     try:
         with pytest.raises(KeyboardInterrupt):
             trainer.train()
     finally:
-        trainer._finish_step = finish
+        trainer.queue.finish = finish
 
 
 def test_an_interrupted_trainer_trains_on_when_called_again(data_dir, tmp_path):
@@ -513,8 +513,9 @@ def test_evaluations_run_every_n_steps_and_at_the_last(data_dir, tmp_path):
 def test_val_steps_past_the_split_validate_on_it_once(data_dir, tmp_path, capsys):
     """The val split holds 15 batches: 10^6 val steps read it once instead of averaging it 66,000 times over."""
     trainer = Trainer(tiny_config(data_dir, tmp_path / "run", val_every=5, val_steps=10**6))
-    assert trainer.val_steps == 15 and "validating on all its 15 batches" in capsys.readouterr().err
-    assert trainer.val_loader.within_one_pass(10**6) == 15 and trainer.val_loader.within_one_pass(7) == 7
+    val = trainer.evaluations
+    assert val.val_steps == 15 and "validating on all its 15 batches" in capsys.readouterr().err
+    assert val.val_loader.within_one_pass(10**6) == 15 and val.val_loader.within_one_pass(7) == 7
     assert trainer.val_loss() == pytest.approx(plain_mean_loss(trainer.model, data_dir, 15), rel=1e-5)
 
 
@@ -1136,8 +1137,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data_
 def test_an_infinite_gradient_norm_stops_as_a_nan_loss_does(data_dir, tmp_path):
     """A finite loss with an overflowing gradient would be clipped to nan weights: stopped at that step too."""
     trainer = Trainer(tiny_config(data_dir, tmp_path / "run", max_steps=4))
-    finish = trainer._finish_step
-    trainer._finish_step = lambda s: (lambda loss, norm, dt: (loss, math.inf if s.step == 1 else norm, dt))(
+    finish = trainer.queue.finish
+    trainer.queue.finish = lambda s: (lambda loss, norm, dt: (loss, math.inf if s.step == 1 else norm, dt))(
         *finish(s))
     with pytest.raises(UserError, match="step 1: loss .* / grad norm inf is not finite"):
         trainer.train()

@@ -1,0 +1,116 @@
+"""What a training run evaluates every so many steps, as build-nanogpt's loop does: the val loss, HellaSwag's
+acc_norm and samples (evaluate.py and sample.py compute them), each at its interval and at the last step, split
+over the ranks, which agree on whether one of them failed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import TypeVar
+
+import mlx.core as mx
+
+from . import memory
+from .config import TrainConfig
+from .console import PEER_FAILED, warn
+from .data import DataLoader
+from .distributed import Dist
+from .errors import UserError
+from .evaluate import check_examples, download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
+from .model import GPT, GPT2_VOCAB_SIZE
+from .sample import SampleConfig, prepare_prompt, sample_texts
+from .tokenizer import encode
+
+_T = TypeVar("_T")
+EVALUATION_WAIT = 24 * 3600.0  # seconds a rank whose evaluation failed waits for the others' (HellaSwag's: hours)
+KINDS = ("val", "hellaswag", "samples")  # in the order they run
+
+
+class Evaluations:
+    """A run's evaluations of `model`, checked to fit (samples beside `held` bytes of weights and optimizer state)
+    and their data read before it trains: a wrong path or a failed download stops a resumed run (or one whose first
+    evaluation comes late) before it trains, not after."""
+
+    def __init__(self, cfg: TrainConfig, model: GPT, dist: Dist, held: int, dtype: mx.Dtype):
+        self.cfg, self.model, self.dist = cfg, model, dist
+        self.failure_agreed = False  # whether the ranks agreed that an evaluation failed (_rank_part)
+        if cfg.sample_every and cfg.num_samples:
+            try:
+                ids = prepare_prompt(model, encode(cfg.prompt, special=True), self._sample_config(0))
+                # beside the weights and the optimizer's state: refused at the first samples, steps after the start
+                memory.check_sampling(model.config, cfg.num_samples, len(ids), cfg.sample_tokens, held, dtype.size)
+            except UserError as e:
+                raise UserError(f"samples: {e} (sample_every 0 turns them off)") from None
+        if cfg.hellaswag_every and model.config.vocab_size < GPT2_VOCAB_SIZE:
+            raise UserError(f"HellaSwag needs GPT-2's {GPT2_VOCAB_SIZE} tokens; this model has vocab_size "
+                            f"{model.config.vocab_size} (set hellaswag_every to 0)")
+        self._hellaswag = load_hellaswag(
+            cfg.hellaswag_data or download_hellaswag(progress=dist.is_main, local_option="--hellaswag-data",
+                                                     python="TrainConfig(hellaswag_data=FILE)"),
+            limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else None
+        # their tokens and rows fit the model, checked before it trains, and tokenized once for every evaluation
+        self._hellaswag_tokens = check_examples(model, self._hellaswag) if self._hellaswag else None
+        world = dist.world
+        self.val_loader = DataLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, dist.rank, world,
+                                     model.config.vocab_size) if cfg.val_every else None
+        self.val_steps = self.val_loader.within_one_pass(cfg.val_steps) if self.val_loader else 0
+        if self.val_loader and self.val_steps < cfg.val_steps:  # past one pass: repeated batches
+            warn(f"val_steps {cfg.val_steps} is more than the val split holds: validating on all its "
+                 f"{self.val_steps * world} batches" + (f" ({self.val_steps} a rank)" if world > 1 else ""))
+        loss = partial(model.loss, grad=False)
+        self._loss = mx.compile(loss, inputs=model.state) if cfg.compile else loss
+
+    def due(self, kind: str, step: int) -> bool:
+        """Whether evaluation `kind` (of KINDS) runs before step `step`: every so many steps (0: never) and before
+        the last; samples not at step 0 (the random init's), unless it is the last."""
+        cfg = self.cfg
+        every = {"val": cfg.val_every, "hellaswag": cfg.hellaswag_every, "samples": cfg.sample_every}[kind]
+        if kind == "samples" and not (cfg.num_samples and (step > 0 or step == cfg.max_steps - 1)):
+            return False
+        return bool(every) and (step % every == 0 or step == cfg.max_steps - 1)
+
+    def any_due(self, step: int) -> bool:
+        return any(self.due(kind, step) for kind in KINDS)
+
+    def val_loss(self) -> float:
+        """Mean loss over val_steps batches (at most the split's) from the start of the val split (build-nanogpt)."""
+        if self.val_loader is None:
+            raise UserError("no val batches: a Trainer reads the val split only when val_every is set")
+        return self.dist.mean(self._rank_part(
+            lambda: loader_loss(self.model, self.val_loader, self.val_steps, loss=self._loss)))
+
+    def samples(self, step: int) -> list[str]:
+        cfg = self.cfg
+        return self._rank_part(lambda: sample_texts(self.model, cfg.prompt, self._sample_config(step), cfg.num_samples))
+
+    def hellaswag(self) -> float:
+        """acc_norm over the HellaSwag examples, split across ranks with the counts summed (build-nanogpt)."""
+        if self._hellaswag is None:
+            raise UserError("no HellaSwag examples: a Trainer loads them at start when hellaswag_every is set")
+        r = self._rank_part(lambda: score_hellaswag(self.model, self._hellaswag, rank=self.dist.rank,
+                                                    world=self.dist.world, progress=False,
+                                                    rendered=self._hellaswag_tokens))
+        return self.dist.sum(r.num_correct_norm) / self.dist.sum(r.num_total)
+
+    def _sample_config(self, step: int) -> SampleConfig:
+        """build-nanogpt's top-k 50, seeded by the step; a prompt longer than the context leaves keeps its end."""
+        return SampleConfig(max_new_tokens=self.cfg.sample_tokens, top_k=50, seed=(self.cfg.seed + step) % 2**64,
+                            crop=True)
+
+    def _rank_part(self, part: Callable[[], _T]) -> _T:
+        """part(), this rank's share of an evaluation, then the ranks' agreement on whether it failed on any of them.
+        If it did, every rank raises (its own error, or that another rank's part failed), and the Trainer has them
+        wait for rank 0's save (failure_agreed). Without it the others met the failed rank's end in their next
+        collective."""
+        if self.dist.world == 1:
+            return part()
+        error = None
+        try:
+            value = part()
+        except Exception as e:  # (a stop request does not end an evaluation of several ranks)
+            error = e
+        # (the ranks arrive together, but for one whose part failed early: it waits for the others' whole part)
+        if self.dist.sum(float(error is not None), at_least=EVALUATION_WAIT if error else 0.0):
+            self.failure_agreed = True
+            raise error or UserError(f"rank {self.dist.rank}: stopping: the evaluation {PEER_FAILED}")
+        return value

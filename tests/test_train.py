@@ -1451,4 +1451,4 @@ def test_a_notebooks_trainer_after_an_escaped_error_a_newer_one_or_a_thread(data
         Trainer(str(out))
     with pytest.raises(UserError, match=r"keeps its model: .*ckpt-000002 has n_layer 2 \(not 3\)"):
         Trainer(replace(cfg, n_layer=3), resume=True)
-    assert Trainer(cfg, resume=True).train()["train_loss"] > 0
+    assert Trainer(cfg, resume=np.True_).train()["train_loss"] > 0  # (a NumPy bool was refused)

@@ -298,13 +298,24 @@ def _add_shard_options(p, name: str, split: str, shuffle: bool = True) -> None:
     p.add_argument("--seed", type=int, help=f"seed of --shuffle-docs (default: {P.seed})")
 
 
+class _Sources(argparse._SubParsersAction):
+    """prepare's SOURCE, refused with an --inspect DIR before or after it: argparse would first ask the SOURCE for its
+    --out (or call an --inspect after it unrecognized) and never say that --inspect takes no SOURCE."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        rest = values[1:values.index("--")] if "--" in values else values[1:]  # (a PATH after -- is a file's)
+        if namespace.inspect is not None or any(a == "--inspect" or a.startswith("--inspect=") for a in rest):
+            raise UserError(f"prepare: --inspect DIR cannot be combined with a SOURCE ({values[0]})")
+        super().__call__(parser, namespace, values, option_string)
+
+
 def add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize FineWeb-Edu, Tiny Shakespeare or your files into token shards",
                        usage="%(prog)s [-h] SOURCE ... --out DIR | %(prog)s --inspect DIR",
                        description="SOURCE --out DIR writes GPT-2 token shards (build-nanogpt's format); "
                                    "re-running the same command resumes. --inspect DIR describes shards.")
     p.add_argument("--inspect", metavar="DIR", help="print shard counts and token totals of DIR and decode a few tokens")
-    sources = p.add_subparsers(dest="source", metavar="SOURCE", prog=p.prog)  # not p's usage line
+    sources = p.add_subparsers(dest="source", metavar="SOURCE", prog=p.prog, action=_Sources)  # not p's usage line
     fw = sources.add_parser("fineweb-edu", help="HuggingFaceFW/fineweb-edu, one parquet file at a time")
     _add_shard_options(fw, "edufineweb", SPLIT_SHARD_0)
     fw.add_argument("--sample", default="sample-10BT", help="sample-10BT (default), sample-100BT, ... or CC-MAIN-YYYY-NN")
@@ -334,9 +345,7 @@ def cmd_prepare(args) -> None:
     from . import prepare as prep
     from . import shards, sources
 
-    if args.inspect is not None:
-        if args.source:  # it would be ignored, its OUT never written
-            raise UserError(f"prepare: --inspect DIR cannot be combined with a SOURCE ({args.source})")
+    if args.inspect is not None:  # (with a SOURCE refused by _Sources: it would be ignored, its OUT never written)
         print(shards.describe(args.inspect))
         return
     if not args.source:

@@ -151,7 +151,8 @@ class DataLoader:
             check_int("vocab_size", vocab_size)  # "512" failed deep inside, as a TypeError
         check_bool("shuffle", shuffle)  # "no" shuffled
         check_seed("seed", seed)  # -1 was NumPy's ValueError, 1.5 a TypeError
-        B, T, rank, world = int(B), int(T), int(rank), int(world)  # NumPy's integers too: the layout goes into JSON
+        # NumPy's integers and np.bool_ too: the layout goes into JSON
+        B, T, rank, world, shuffle = int(B), int(T), int(rank), int(world), bool(shuffle)
         self.B, self.T, self.rank, self.world = B, T, rank, world
         self.vocab_size, self.shuffle, self.seed = None if vocab_size is None else int(vocab_size), shuffle, int(seed)
         # every shard's length now (headers only): one too short for a batch would stop a run when reached

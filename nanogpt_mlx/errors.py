@@ -74,8 +74,9 @@ def check_int(name: str, value, low: int | None = 1) -> None:
 
 
 def check_bool(name: str, value) -> None:
-    """Refuse (UserError) an argument that is no bool: "no", 1 or None would be taken for true or false."""
-    if not isinstance(value, bool):
+    """Refuse (UserError) an argument that is no bool: "no", 1 or None would be taken for true or false. NumPy's
+    np.bool_ (a comparison's np.True_) is one; a caller that keeps the value makes it Python's (JSON)."""
+    if not isinstance(value, (bool, _np_bool())):
         raise UserError(f"{name} must be True or False, got {value!r}")
 
 

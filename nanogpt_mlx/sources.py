@@ -89,7 +89,7 @@ def local_files(paths: str | os.PathLike | Sequence[str | os.PathLike], text_fie
         raise UserError(f"{label}: no .txt, .jsonl or .parquet files (empty source)")
     txt = "paragraphs" if split_on_blank_lines else "txt"
     units = [_local_unit(f, txt if (kind := _kind(f)) == "txt" else kind, text_field, str(f.resolve())) for f in found]
-    info = {"name": "files", "text_field": text_field, "split_on_blank_lines": split_on_blank_lines}
+    info = {"name": "files", "text_field": text_field, "split_on_blank_lines": bool(split_on_blank_lines)}  # (JSON)
     return Source("data", label, info, units)
 
 

@@ -258,7 +258,7 @@ class Trainer:
         if not self.dist.is_main:
             return written
         self._check_whole()
-        with self._finishing_saves(), self.run_dir.writing():
+        with self._finishing_saves(written), self.run_dir.writing():
             self.log.sync()
             self._use_master(mx.float32)  # save the float32 masters, not a bf16 copy
             try:
@@ -275,11 +275,23 @@ class Trainer:
                 self._compute_state()
         return written
 
-    def _finishing_saves(self) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def _finishing_saves(self, written: Path | None = None) -> Iterator[None]:
         """With several ranks, a SIGTERM (a launcher stopping the rest of a group one of whose ranks ended, after
-        END_GRACE) ends the process once the save in progress is done (SystemExit 143), not amid it; a single process
-        handles it as a stop request (_training)."""
-        return signals.deferred(signal.SIGTERM) if self.dist.world > 1 else contextlib.nullcontext()
+        END_GRACE) ends the process once the save in progress is done (SystemExit 143), not amid it, first saying
+        `written` where it was (the exit said nothing, the user left not knowing that the save finished); a single
+        process handles it as a stop request (_training)."""
+        if self.dist.world == 1:
+            yield
+            return
+        try:
+            with signals.deferred(signal.SIGTERM):
+                yield
+        except SystemExit:
+            if written is not None and written.is_dir():  # (written whole or not at all: checkpoint.write)
+                self._say(f"stopped by SIGTERM: saved {written} (step {self.step}); continue with "
+                          f"{self._resume_hint()}")
+            raise
 
     def _save_before_failing(self) -> None:
         """An evaluation failed (a download, a kernel that cannot compile): save the steps since the last checkpoint

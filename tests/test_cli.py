@@ -243,6 +243,13 @@ def test_prepare_sources_name_themselves_and_inspect_takes_no_source(tmp_path, c
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args", [("--inspect", "DIR", "shakespeare"), ("--inspect", "DIR", "files", "a.txt"),
+                                  ("shakespeare", "--inspect", "DIR"), ("files", "a.txt", "--inspect=DIR")])
+def test_inspect_with_a_source_says_so_without_out(capsys, args):
+    """Without --out, argparse asked the SOURCE for its --out (or, after it, called --inspect unrecognized)."""
+    assert_one_line_error(run_main(capsys, "prepare", *args), "--inspect DIR cannot be combined with a SOURCE")
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_help_that_cannot_be_written_is_a_failure():
     """argparse dropped the write error: `--help > /dev/full` exited 0 with nothing written."""

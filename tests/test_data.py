@@ -347,6 +347,14 @@ def test_a_loader_takes_numpy_integers_for_seed_and_vocab_size(tmp_path):
     np.testing.assert_array_equal(loader.next_batch()[0], plain.next_batch()[0])
 
 
+def test_a_loader_takes_a_numpy_bool_for_shuffle(tmp_path):
+    """check_bool refused np.True_ (a comparison's); kept as NumPy's, it would make a layout JSON cannot write."""
+    data = write_shards(tmp_path / "d", [token_stream(3000, 1)], token_stream(2000, 2))
+    loader = DataLoader(data, "train", 4, 32, shuffle=np.True_, seed=7)
+    plain = DataLoader(data, "train", 4, 32, shuffle=True, seed=7)
+    assert json.loads(json.dumps(loader.state_dict())) == plain.state_dict()
+
+
 def test_a_data_directory_under_home_is_expanded(tmp_path, monkeypatch):
     """`~/data` was read as ./~/data, for the loader and for eval_loss (a UserError: no such directory)."""
     from nanogpt_mlx import GPT, GPTConfig

@@ -1134,3 +1134,10 @@ def test_the_sources_refuse_arguments_of_the_wrong_kind(call, needle):
     """A TypeError's traceback, an empty label, or a value taken as something else ("no" as true)."""
     with pytest.raises(UserError, match=re.escape(needle)):
         call()
+
+
+def test_split_on_blank_lines_takes_a_numpy_bool(tmp_path):
+    """check_bool refused np.True_; the source's info (the manifest's JSON) holds it as Python's."""
+    (tmp_path / "a.txt").write_text("one\n\ntwo\n")
+    assert json.dumps(sources.local_files(tmp_path / "a.txt", split_on_blank_lines=np.True_).info) == \
+        json.dumps(sources.local_files(tmp_path / "a.txt", split_on_blank_lines=True).info)

@@ -971,6 +971,26 @@ def test_every_rank_stops_where_rank_0_cannot_train(data_dir, tmp_path):
         rank1.train()
 
 
+def test_a_sigterm_held_back_by_a_save_of_several_ranks_says_the_save(data_dir, tmp_path, monkeypatch, capsys):
+    """With several ranks a SIGTERM during a save ends rank 0 once the save is done (143): it did so silently, the
+    user not knowing whether the checkpoint was written nor how to go on."""
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(data_dir, out, max_steps=4, total_batch_size=512), dist=_Ranks(0, others=0.0))
+    write = checkpoint_mod.write
+
+    def terminated_midway(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # (held back until the save is whole)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_mod, "write", terminated_midway)
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="143"):
+        trainer.save()
+    assert capsys.readouterr().out == f"stopped by SIGTERM: saved {out / 'ckpt-000000'} (step 0); continue with " \
+                                      f"--resume {out} on the same 2 ranks\n"
+    assert [c.name for c in checkpoints(out)] == ["ckpt-000000"]
+
+
 def test_an_evaluation_stopped_in_a_notebook_is_logged_once_when_train_is_called_again(data_dir, tmp_path):
     """A stop during step 2's samples, after its val loss was logged: the next train() evaluates step 2 again and
     the log holds its val loss once (it held it twice)."""
@@ -1452,4 +1472,4 @@ def test_a_notebooks_trainer_after_an_escaped_error_a_newer_one_or_a_thread(data
         Trainer(str(out))
     with pytest.raises(UserError, match=r"keeps its model: .*ckpt-000002 has n_layer 2 \(not 3\)"):
         Trainer(replace(cfg, n_layer=3), resume=True)
-    assert Trainer(cfg, resume=True).train()["train_loss"] > 0
+    assert Trainer(cfg, resume=np.True_).train()["train_loss"] > 0  # (a NumPy bool was refused)

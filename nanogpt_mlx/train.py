@@ -314,15 +314,15 @@ class Trainer:
 
     # -- evaluation (evaluations.py)
     def val_loss(self) -> float:
-        """Mean loss over val_steps batches (at most the split's) from the start of the val split (build-nanogpt)."""
+        """The model's val loss now (Evaluations.val_loss)."""
         return self.evaluations.val_loss()
 
     def samples(self) -> list[str]:
-        """build-nanogpt's samples (top-k 50) of the model as it is at this step."""
+        """Samples of the model now, seeded by this step (Evaluations.samples)."""
         return self.evaluations.samples(self.step)
 
     def hellaswag(self) -> float:
-        """acc_norm over the HellaSwag examples, split across ranks with the counts summed (build-nanogpt)."""
+        """The model's HellaSwag acc_norm now (Evaluations.hellaswag)."""
         return self.evaluations.hellaswag()
 
     def _evaluate(self) -> None:

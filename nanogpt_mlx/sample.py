@@ -16,6 +16,8 @@ from .errors import UserError, check_bool, check_int, check_seed, check_types
 from .model import GPT, GPT2_VOCAB_SIZE, check_gpt
 from .tokenizer import EOT, decode, encode, get_tokenizer
 
+_TINY = mx.finfo(mx.float32).smallest_normal  # the smallest temperature divided by (filtered_logits)
+
 
 @dataclass(frozen=True)  # checked once, at creation: a field changed after would skip the checks
 class SampleConfig:
@@ -72,8 +74,9 @@ def filtered_logits(logits: mx.array, cfg: SampleConfig | None = None) -> mx.arr
     a token: what next_token draws from (cfg defaults to SampleConfig())."""
     cfg = _config(cfg)
     logits = _checked_logits(logits)[:, :GPT2_VOCAB_SIZE].astype(mx.float32)
-    # from the largest logit down: a tiny temperature then tends to greedy instead of overflowing to inf - inf
-    logits = (logits - logits.max(axis=-1, keepdims=True)) / cfg.temperature
+    # from the largest logit down: a tiny temperature then tends to greedy instead of overflowing to inf - inf; and
+    # at least float32's smallest normal number, which a smaller one rounds to 0 (the largest logit 0 / 0, nan)
+    logits = (logits - logits.max(axis=-1, keepdims=True)) / max(cfg.temperature, _TINY)
     if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
         kth = mx.partition(logits, -cfg.top_k, axis=-1)[:, -cfg.top_k][:, None]  # k-th largest
         logits = mx.where(logits < kth, -mx.inf, logits)

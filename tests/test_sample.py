@@ -304,7 +304,7 @@ def test_the_sample_check_counts_the_kv_cache_as_allocated(monkeypatch):
 
 def test_negative_ids_tiny_temperatures_and_no_samples(model):
     """A negative id read before the embedding (-10^6 crashed MLX), a temperature of 1e-40 overflowed every logit to
-    -inf (a uniform draw, even with top-k 1): it tends to greedy now."""
+    -inf (a uniform draw, even with top-k 1): it tends to greedy now, also below float32's smallest number."""
     cfg = SampleConfig(max_new_tokens=3, greedy=True, stop_at_eot=False)
     for bad in (-1, -1_000_000):
         with pytest.raises(UserError, match=f"the prompt has token id {bad}, outside"):
@@ -314,7 +314,9 @@ def test_negative_ids_tiny_temperatures_and_no_samples(model):
         cold = SampleConfig(max_new_tokens=3, temperature=1e-40, top_k=top_k, seed=3, stop_at_eot=False)
         assert tokens(model, cold, 2) == greedy
     logits = mx.array([[-80.0, -75.0, -90.0] + [-100.0] * 50254])
-    assert [next_token(logits, SampleConfig(temperature=1e-37), mx.random.key(s)).item() for s in range(5)] == [1] * 5
+    # 1e-46, below float32's smallest: the largest logit was 0 / 0, nan, and every draw <|endoftext|>
+    for t in (1e-37, 1e-46, 5e-324):
+        assert [next_token(logits, SampleConfig(temperature=t), mx.random.key(s)).item() for s in range(5)] == [1] * 5
     with pytest.raises(UserError, match="num_samples must be >= 1, got 0"):
         sample_texts(model, "hi", cfg, 0)
     with pytest.raises(UserError, match="temperature must be > 0 .*got nan"):  # it sampled EOT at once, silently

@@ -124,6 +124,14 @@ def output_file(path: str | os.PathLike, what: str, name: str = "a file") -> Pat
         raise UserError(f"{path}: is a directory (the {what} is a file)")
     if path.exists() and not path.is_file():
         raise UserError(f"{path}: not a regular file (the {what} replaces the file it names)")
+    # a link is written through: the file it names is replaced, the link kept (replaced, a root's /dev/stdout
+    # became a file, and a link into another directory left that directory's file as it was)
+    path = Path(os.path.realpath(path)) if path.is_symlink() else path
+    for fd, stream in ((1, "standard output"), (2, "standard error")):
+        with contextlib.suppress(OSError):  # (a closed stream, a file not there yet)
+            if os.path.samestat(os.stat(path), os.fstat(fd)):
+                raise UserError(f"{path}: is this process's {stream}, which the {what} would replace: name "
+                                "another file")
     check_writable(path)
     return path
 

@@ -19,7 +19,7 @@ from test_prepare import expected_tokens, make_docs, shard_tokens
 from test_prepare import write_jsonl as write_docs
 
 from nanogpt_mlx import UserError
-from nanogpt_mlx.files import LOCK_FILE, atomic_path, atomic_write_text, check_writable
+from nanogpt_mlx.files import LOCK_FILE, atomic_path, atomic_write_text, check_writable, output_file
 
 
 def listing(directory: Path) -> dict[str, bytes]:
@@ -375,3 +375,29 @@ def test_a_path_of_a_user_that_does_not_exist_is_one_line(tiny_hf_dir, tmp_path,
     monkeypatch.setattr(Path, "expanduser", no_home)
     with pytest.raises(UserError, match="^~/x: no home directory to expand ~ in"):
         user_path("~/x")
+
+
+def test_an_output_through_a_link_replaces_the_file_it_names_and_keeps_the_link(tmp_path, monkeypatch):
+    """`--output link` replaced the link with a file (as root, `--output /dev/stdout` made the machine's /dev/stdout a
+    file) and left the linked file as it was; this process's own stdout, named through a link, is refused."""
+    from nanogpt_mlx.evaluate import write_records
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "real.jsonl").write_text("old\n")
+    os.symlink("results/real.jsonl", "link.jsonl")
+    os.symlink("results/new.jsonl", "dangling.jsonl")
+    write_records("link.jsonl", [])
+    write_records("dangling.jsonl", [])
+    assert os.readlink("link.jsonl") == "results/real.jsonl" and os.readlink("dangling.jsonl") == "results/new.jsonl"
+    assert (tmp_path / "results" / "real.jsonl").read_text() == "" == (tmp_path / "results" / "new.jsonl").read_text()
+    with open("stdout.txt", "w") as f:
+        os.symlink("stdout.txt", "out-link")
+        saved = os.dup(1)
+        os.dup2(f.fileno(), 1)
+        try:
+            with pytest.raises(UserError, match="is this process's standard output"):
+                output_file("out-link", "records file")
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)

@@ -203,7 +203,7 @@ def test_a_sharded_hub_model_loads_from_the_cache_and_the_hub(tiny_hf_dir, tmp_p
     from huggingface_hub.utils import EntryNotFoundError
     from transformers import GPT2LMHeadModel
 
-    import nanogpt_mlx.weights as weights
+    from nanogpt_mlx import hub as hub_mod
 
     sharded = tmp_path / "sharded"
     GPT2LMHeadModel.from_pretrained(tiny_hf_dir).save_pretrained(sharded, max_shard_size="200KB")
@@ -223,7 +223,7 @@ def test_a_sharded_hub_model_loads_from_the_cache_and_the_hub(tiny_hf_dir, tmp_p
         return str(sharded / filename)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
-    monkeypatch.setattr(weights, "check_hub_reachable", lambda: None)
+    monkeypatch.setattr(hub_mod, "check_hub_reachable", lambda: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert mx.array_equal(load_model("me/sharded").wte.weight, expected).item()
     assert fetched[:2] == ["config.json", "model.safetensors.index.json"] and sorted(fetched) == files
@@ -236,7 +236,7 @@ def test_a_hub_repo_with_only_pickled_weights_is_said_to_be_so(tiny_hf_dir, tmp_
     from huggingface_hub import constants
     from huggingface_hub.utils import EntryNotFoundError
 
-    import nanogpt_mlx.weights as weights
+    from nanogpt_mlx import hub as hub_mod
 
     config = (tiny_hf_dir / "config.json").read_bytes()
     fetched = []
@@ -249,7 +249,7 @@ def test_a_hub_repo_with_only_pickled_weights_is_said_to_be_so(tiny_hf_dir, tmp_
         return str(tmp_path / "config.json")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
-    monkeypatch.setattr(weights, "check_hub_reachable", lambda: None)
+    monkeypatch.setattr(hub_mod, "check_hub_reachable", lambda: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     no_safetensors = (r"^'old/gpt2': the hub repo has no safetensors weights \(no model.safetensors or "
                       r"model.safetensors.index.json\); pickled ones \(pytorch_model.bin\) are not loaded, as they "
@@ -296,7 +296,7 @@ def test_a_missing_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch)
     import nanogpt_mlx.weights as weights
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(weights, "download", lambda *a, **kw: pytest.fail("looked up on the hub"))
+    monkeypatch.setattr(weights, "download", lambda *a, **kw: pytest.fail("looked up on the hub"))  # (its import)
     for name in ("runs/x/ckpt", "./gpt2", "~/no-such-model-dir"):
         with pytest.raises(UserError, match="no such directory"):
             load_model(name)

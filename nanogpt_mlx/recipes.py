@@ -10,14 +10,17 @@ unless the user sets them. The trainer asks its recipe for these and does not kn
 - `speedrun`: the modded-nanogpt speedrun's changes: RoPE, QK RMS-norm, ReLU², RMSNorm, no linear
   biases, an untied zero-initialised head, zero-init output projections, a logit soft-cap; Muon for the
   blocks' matrices (q, k and v each their own), AdamW with their own LRs for the embeddings, the head
-  and the gains; warmup-stable-decay; no clipping. The optimizer settings, the LRs and the init are
-  those of records/track_3_optimization/train_gpt_simple.py (Muon 0.025 with decay 0.025; AdamW
-  0.3 / 1/320 / 0.01, betas (0.8, 0.95), eps 1e-10; cooldown over the last 70%), with the main
-  record's Muon momentum warm-up and Keller Jordan's fixed quintic Newton–Schulz (5 steps of
-  (3.4445, -4.7750, 2.0315), optim.NS_COEFFICIENTS; versions of that file use other coefficients). The architecture takes the main record's forms where that file
-  differs: c * tanh(logits / c) with c = 15 (not its algebraic cap), no biases (it keeps zero-init
-  ones), RoPE over the whole head at base 10000 (not half-truncated at base 1024) and attention
-  scaled by 1/sqrt(head size) (not 0.12). The speedrun's value embeddings and U-net skips are model switches
+  and the gains; warmup-stable-decay; no clipping. The optimizer settings, the LRs, the step count and the init
+  are those of records/track_3_optimization/train_gpt_simple.py at commit 2ec1cfc4 (2026-05-03; later commits
+  tuned them again): Muon 0.025 with decay 0.025; AdamW 0.3 / 1/320 / 0.01, betas (0.8, 0.95), eps 1e-10, no
+  decay; cooldown over the last 70%. Two parts come from the main records (train_gpt.py) instead, where that file
+  keeps Muon's momentum at 0.95 and iterates Newton–Schulz 12 times with (2, -1.5, 0.5): the momentum warm-up from
+  0.85 and Keller Jordan's quintic Newton–Schulz, 5 steps of (3.4445, -4.7750, 2.0315) (optim.NS_COEFFICIENTS),
+  which leaves singular values in ~[0.7, 1.1] rather than at 1. The architecture is not one record's either: it
+  takes forms of the main records where that file differs: c * tanh(logits / c) with c = 15 (not its algebraic
+  cap; the records that have it halve RoPE at base 1024), no biases (it keeps zero-init ones), RoPE over the whole
+  head at base 10000 (the records before the soft-cap's; not half-truncated at base 1024) and attention scaled by
+  1/sqrt(head size) (not 0.12). The speedrun's value embeddings and U-net skips are model switches
   (GPTConfig.value_embeds, unet) left off: at the Shakespeare scale they did not measurably help
   (benchmarks/bench_recipes.py --ablate).
 """

@@ -12,7 +12,7 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli, run_main
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from test_train import VOCAB, cli_config, flat_weights, logged, tiny_config, token_stream, write_shards
 
 from nanogpt_mlx import GPT, GPTConfig, UserError, recipes
@@ -148,6 +148,76 @@ def test_speedrun_schedule_sets_every_group(data_dir, tmp_path):
         assert lrs == pytest.approx([factor * lr for lr in (0.02, 0.02, 0.5, 0.004, 0.03)])
         assert [o.momentum.item() for o in opt.optimizers if isinstance(o, Muon)] == pytest.approx([momentum] * 2)
         assert get_lr(step, cfg) == pytest.approx(0.02 * factor)
+
+
+def test_speedrun_optimizer_steps_as_pytorchs_adamw_and_muon():
+    """Three steps of the speedrun's optimizer (at steps 0, 150 and 2500 of speedrun-124m's 3375: momentum warming
+    up, then the cooldown) equal PyTorch's AdamW over the embedding, head and gains and torch.optim.Muon over the
+    blocks' matrices (q, k and v each its own), with modded-nanogpt's set_hparams schedule and momentum warm-up.
+    torch.optim.Muon orthogonalises in bfloat16: its Newton-Schulz is run in float32 here, as the CPU profile's."""
+    torch = pytest.importorskip("torch")
+    muon_module = pytest.importorskip("torch.optim._muon")
+    if not hasattr(muon_module, "_zeropower_via_newtonschulz"):
+        pytest.skip("this PyTorch's Muon has no Newton-Schulz function to run in float32")
+    cfg, C = TrainConfig.preset("speedrun-124m"), 64
+    model = GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=C, **SPEEDRUN.model), seed=0)
+    start = {k: np.array(v) for k, v in model.parameters_flat()}
+    rng = np.random.default_rng(0)
+    steps = [0, 150, 2500]
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) * 1e-3 for k, v in start.items()} for _ in steps]
+
+    opt, params = SPEEDRUN.make_optimizer(cfg, mx.float32), model.trainable_parameters()
+    for step, g in zip(steps, grads):
+        SPEEDRUN.set_step(opt, step, cfg)
+        params = opt.apply_gradients(tree_unflatten([(k, mx.array(v)) for k, v in g.items()]), params)
+    ours = {k: np.array(v) for k, v in tree_flatten(params)}
+
+    def split(name: str) -> list[str]:  # c_attn's rows as q, k and v
+        return [f"{name}.{part}" for part in "qkv"] if name.endswith("c_attn.weight") else [name]
+
+    def rows(name: str, a: np.ndarray) -> list[np.ndarray]:
+        return np.split(a, 3) if name.endswith("c_attn.weight") else [a]
+
+    ref = {n: torch.nn.Parameter(torch.from_numpy(r.copy()))
+           for k, a in start.items() for n, r in zip(split(k), rows(k, a))}
+    matrices = [p for n, p in ref.items() if n.startswith("h.") and p.ndim == 2]
+    adamw = torch.optim.AdamW([{"params": [ref["wte.weight"]], "lr": cfg.embed_lr},
+                               {"params": [ref["lm_head.weight"]], "lr": cfg.head_lr},
+                               {"params": [p for p in ref.values() if p.ndim < 2], "lr": cfg.scalar_lr}],
+                              betas=(0.8, 0.95), eps=1e-10, weight_decay=0)
+    muon = torch.optim.Muon(matrices, lr=cfg.max_lr, weight_decay=0.025, momentum=0.95, nesterov=True,
+                            adjust_lr_fn="original")
+
+    def newton_schulz(g, ns_coefficients, ns_steps, eps):  # modded-nanogpt's, in float32
+        a, b, c = ns_coefficients
+        x = g.float()
+        x = x.T if g.size(0) > g.size(1) else x
+        x = x / (x.norm() + eps)
+        for _ in range(ns_steps):
+            A = x @ x.T
+            x = a * x + (b * A + c * A @ A) @ x
+        return x.T if g.size(0) > g.size(1) else x
+
+    base = [[group["lr"] for group in o.param_groups] for o in (adamw, muon)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(muon_module, "_zeropower_via_newtonschulz", newton_schulz)
+        for step, g in zip(steps, grads):
+            progress = step / cfg.max_steps  # train_gpt_simple.py's set_hparams; the main record's momentum
+            eta = 1.0 if progress < 1 - cfg.cooldown_frac else (1 - progress) / cfg.cooldown_frac
+            warm = min(step / cfg.momentum_warmup, 1)
+            for o, lrs in zip((adamw, muon), base):
+                for group, lr in zip(o.param_groups, lrs):
+                    group["lr"] = lr * eta
+            muon.param_groups[0]["momentum"] = (1 - warm) * 0.85 + warm * 0.95
+            for k, a in g.items():
+                for n, r in zip(split(k), rows(k, a)):
+                    ref[n].grad = torch.from_numpy(r.copy())
+            adamw.step()
+            muon.step()
+    for k, a in ours.items():
+        theirs = np.concatenate([ref[n].detach().numpy() for n in split(k)])
+        moved = np.abs(theirs - start[k]).max()
+        assert moved > 0 and np.abs(a - theirs).max() <= 1e-4 * moved, k
 
 
 # ------------------------------------------------------------------------------ training

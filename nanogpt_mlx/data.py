@@ -225,6 +225,7 @@ class DataLoader:
         """(x, y) int32 arrays of shape (B, T); y is x shifted by one token. Where the next shard cannot be read
         (UserError), the position stays at this batch."""
         BT = self.B * self.T
+        self._check_unchanged()
         start = BT * (int(self.order[self.state.step]) * self.world + self.rank)
         buf = np.asarray(self.tokens[start : start + BT + 1], dtype=np.int32)
         shard, step, epoch = self.state.shard, self.state.step + 1, self.state.epoch
@@ -234,6 +235,18 @@ class DataLoader:
                 shard, epoch = 0, epoch + 1
         self._move_to(LoaderState(shard, step, epoch))
         return buf[:-1].reshape(self.B, self.T), buf[1:].reshape(self.B, self.T)
+
+    def _check_unchanged(self) -> None:
+        """Refuse (UserError) to read the loaded shard's memory map once its file was written to in place: cut short,
+        the map read zeros past its new end (trained on, and saved in the next checkpoint), then the process died of
+        SIGBUS. A file put in its place (renamed over it) leaves the map reading the one loaded, checked already."""
+        path, loaded = self.shards[self.state.shard], self._checked.get(self.state.shard)
+        try:
+            now = path.stat()
+        except OSError:  # gone: the map holds the file as it was
+            return
+        if loaded is not None and now.st_ino == loaded[0] and (now.st_size, now.st_mtime_ns) != loaded[1:]:
+            raise UserError(f"{path}: written to while this run read it ({loaded[1]} bytes then, {now.st_size} now)")
 
     def state_dict(self) -> dict:
         return {**asdict(self.state), "layout": self.layout}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -387,3 +388,28 @@ def test_a_shard_rewritten_while_read_is_checked_again(tmp_path):
         loader.reset()
     np.save(data / "toy_train_000001.npy", token_stream(3000, 1))
     loader.reset()  # as it was: read again
+
+
+def test_a_shard_cut_short_while_read_stops_the_loader_at_that_batch(tmp_path):
+    """A train shard truncated in place mid-run: its memory map read zeros past the new end (a run trained on them and
+    saved them into a checkpoint), then SIGBUS. Replaced by a rename, the shard loaded is read on as it was."""
+    def loader(where: Path) -> DataLoader:
+        data = write_shards(where, [token_stream(3000, 1), token_stream(3000, 2)], token_stream(2000, 3))
+        return DataLoader(data, "train", 4, 32, vocab_size=VOCAB)
+
+    cut, replaced, untouched = loader(tmp_path / "a"), loader(tmp_path / "b"), loader(tmp_path / "c")
+    for _ in range(3):
+        cut.next_batch()
+    position = cut.state_dict()
+    os.truncate(cut.shards[0], 1000)
+    with pytest.raises(UserError, match=rf"{cut.shards[0].name}: written to while this run read it \(\d+ bytes then, "
+                                        r"1000 now\)"):
+        cut.next_batch()
+    assert cut.state_dict() == position
+
+    replaced.next_batch()
+    untouched.next_batch()
+    np.save(tmp_path / "other.npy", token_stream(3000, 9))
+    os.replace(tmp_path / "other.npy", replaced.shards[0])
+    for _ in range(3):
+        assert all(np.array_equal(a, b) for a, b in zip(replaced.next_batch(), untouched.next_batch()))

@@ -73,7 +73,7 @@ def load_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[Ex
     if path.is_dir() or not path.exists():  # (a pipe is read: --data <(zcat hellaswag_val.jsonl.gz))
         raise UserError(f"{path}: {'is a directory, not the examples file' if path.is_dir() else 'file not found'}")
     examples: list[Example] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # (a byte order mark, as some editors save, is no JSON)
         try:
             for lineno, line in enumerate(f, 1):
                 if limit is not None and len(examples) >= limit:

@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from .console import few, warn
-from .errors import FieldTypeError, UserError, check_bool, first_line
+from .errors import UserError, check_bool, first_line
 from .files import (STAGING, atomic_dir, atomic_files, atomic_path, atomic_write_text, cannot, check_writable,
                     mlx_path, named_dir, read_json, user_path)
 from .hf_tokenizer import OTHER_TOKENIZER_FILES, TOKENIZER_FILES, write_tokenizer_files
@@ -140,7 +140,10 @@ def _config_from_hf(cfg: dict, where: Path) -> GPTConfig:
     tied = cfg.get("tie_word_embeddings", True)
     if not isinstance(tied, bool):
         raise UserError(f"{where}/config.json: tie_word_embeddings must be true or false, got {tied!r}")
-    return GPTConfig(**sizes, tie_embeddings=tied)
+    try:
+        return GPTConfig(**sizes, tie_embeddings=tied)
+    except UserError as e:  # sizes that make no model (n_head not dividing n_embd), said with the file
+        raise UserError(f"{where}/config.json: {str(e).removeprefix('model config: ')}") from None
 
 
 def _config_from_native(cfg: dict, where: Path) -> GPTConfig:
@@ -150,8 +153,9 @@ def _config_from_native(cfg: dict, where: Path) -> GPTConfig:
     _int_sizes(model, {k: k for k in _SIZES}, where)  # sizes as JSON integers, named with the file
     try:
         return GPTConfig.from_dict(model)
-    except (FieldTypeError, ValueError) as e:
-        raise UserError(f"{where}/config.json: not a valid nanogpt-mlx model config ({e})") from None
+    except (UserError, ValueError) as e:  # (FieldTypeError is a UserError)
+        raise UserError(f"{where}/config.json: not a valid nanogpt-mlx model config "
+                        f"({str(e).removeprefix('model config: ')})") from None
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], int]:
@@ -209,8 +213,10 @@ def _weight_files(directory: Path) -> list[Path]:
     if index.is_file():
         names = shard_names(index)
         missing = [n for n in names if not (directory / n).is_file()]
-        if missing or not names:
-            raise UserError(f"{index}: names shards that are not there: {few(missing) or 'none'}")
+        if not names:
+            raise UserError(f"{index}: names no shards (its weight_map is empty)")
+        if missing:
+            raise UserError(f"{index}: names shards that are not there: {few(missing)}")
         return [directory / n for n in names]
     pickled = sorted(p.name for p in directory.glob("pytorch_model*.bin"))  # one file, or save_pretrained's shards
     if pickled:

@@ -613,3 +613,11 @@ def test_perplexity_of_a_nan_loss_is_nan():
     assert perplexity(100.0) == pytest.approx(math.exp(100)) and perplexity(709.0) == pytest.approx(math.exp(709))
     assert perplexity(710.0) == perplexity(float("inf")) == float("inf") and perplexity(float("-inf")) == 0.0
     assert perplexity(mx.array(2.0)) == perplexity(np.float32(2.0)) == pytest.approx(math.exp(2))  # a model's loss
+
+
+def test_a_hellaswag_file_with_a_byte_order_mark_is_read(tmp_path):
+    """A JSONL file saved with a UTF-8 byte order mark (some Windows editors) was refused: "Unexpected UTF-8 BOM"."""
+    plain = write_jsonl(tmp_path / "plain.jsonl", GOOD)
+    marked = tmp_path / "marked.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert load_hellaswag(marked) == load_hellaswag(plain)

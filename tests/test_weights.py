@@ -438,6 +438,29 @@ def test_variants_gpt2_does_not_have_are_refused_by_name(tiny_hf_dir, tmp_path):
     load_model(bad)
 
 
+def test_sizes_that_make_no_model_and_an_empty_shard_index_name_the_file(tiny_hf_dir, tmp_path):
+    """n_head 3 of n_embd 64 said "model config: ..." without the file (Hugging Face's config.json or a checkpoint's);
+    an index without shards, that shards "are not there: none"."""
+    bad = copy_hf_dir(tiny_hf_dir, tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "n_head": 3}))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(bad))}/config.json: n_embd 64 is not divisible by n_head "
+                                        r"3$"):
+        load_model(bad)
+    save_model(load_model(tiny_hf_dir), tmp_path / "native")
+    native = json.loads((tmp_path / "native" / "config.json").read_text())
+    native["model"]["n_head"] = 3
+    (tmp_path / "native" / "config.json").write_text(json.dumps(native))
+    with pytest.raises(UserError, match=r"native/config.json: not a valid nanogpt-mlx model config \(n_embd 64 is not "
+                                        r"divisible by n_head 3\)$"):
+        load_model(tmp_path / "native")
+    (bad / "config.json").write_text(json.dumps(config))
+    (bad / "model.safetensors").unlink()
+    (bad / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {}}))
+    with pytest.raises(UserError, match=r"model.safetensors.index.json: names no shards \(its weight_map is empty\)$"):
+        load_model(bad)
+
+
 def test_an_untied_lm_head_loads_as_transformers_reads_it(tmp_path):
     """A GPT-2 saved with tie_word_embeddings=false (its own lm_head) was refused; transformers loads it. Export
     still refuses it: mlx-lm's gpt2 would read wte as its head."""

@@ -7,6 +7,7 @@ line of its ranks once (console.last_line).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -103,13 +104,19 @@ class _Ranks:
             p.send_signal(signal.SIGINT)
 
     def suspend(self, _signum, _frame) -> None:  # Ctrl-Z: the ranks are not in the terminal's process group
-        for p in self.live.values():
-            p.send_signal(signal.SIGSTOP)
+        self._to_groups(signal.SIGSTOP)
         os.kill(os.getpid(), signal.SIGSTOP)
 
     def resume(self, _signum, _frame) -> None:  # fg / bg
+        self._to_groups(signal.SIGCONT)
+
+    def _to_groups(self, signum: int) -> None:
+        """`signum` to each live rank's process group: the rank and what it started (its connect's watchdog, whose
+        clock stops with it)."""
         for p in self.live.values():
-            p.send_signal(signal.SIGCONT)
+            if p.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signum)
 
     def poll(self) -> None:
         """Note the ranks that ended (and show their last lines); after a failure or a Ctrl-C kill a frozen rank;
@@ -117,7 +124,10 @@ class _Ranks:
         ended = {r: rc for r, p in self.live.items() if (rc := p.poll()) is not None}
         for r, rc in ended.items():
             del self.live[r]
-            for line in new_lines(self.work / f"rank{r}.lines", self.shown):
+            lines = self.work / f"rank{r}.lines"
+            if rc == -signal.SIGKILL and lines.exists():  # killed once it said why (its connect's watchdog): that
+                rc = 1  # error ended it
+            for line in new_lines(lines, self.shown):
                 if follows_a_peer(line):  # (its cause may be seen in a later poll)
                     self.following.append(line)
                 else:

@@ -816,6 +816,61 @@ def test_ctrl_c_while_connecting_ends_a_rank_at_once(data_dir, tmp_path):
     assert time.time() - start < 5 and alone.returncode == -signal.SIGINT
 
 
+def test_the_timeout_holds_while_a_rank_connects(data_dir, tmp_path):
+    """MLX's connect holds the GIL, so the watchdog thread never ran: rank 0's port held by a process that accepts and
+    says nothing kept rank 1 waiting forever (and a refused connect took MLX's 30 s, whatever the timeout)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    hosts = json.loads(hostfile(tmp_path, 2).read_text())
+    hosts[0] = [f"127.0.0.1:{silent.getsockname()[1]}"]
+    (tmp_path / "hosts.json").write_text(json.dumps(hosts))
+    cfg = tiny_config(data_dir, tmp_path, max_steps=10)
+    env = {"MLX_RANK": "1", "MLX_HOSTFILE": str(tmp_path / "hosts.json"), "NANOGPT_MLX_DIST_TIMEOUT": "2"}
+    (alone,) = start_ranks(tmp_path, cfg, 1, cli=True, env=env)
+    try:
+        _, err = alone.communicate(timeout=60)
+    finally:
+        alone.kill()
+        silent.close()
+    assert alone.returncode == -signal.SIGKILL, err
+    assert err.splitlines() == ["nanogpt-mlx: error: could not connect to the other ranks within 2 s"]
+
+
+def test_a_ranks_connect_timeout_ends_the_launch_with_one_line(data_dir, tmp_path):
+    """Rank 1 never connects (stuck in its start): rank 0's watchdog says so and kills it, and the launcher says that
+    line alone (no "killed by SIGKILL"), stops rank 1 and exits with status 1."""
+    (tmp_path / "sc").mkdir()
+    (tmp_path / "sc" / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('MLX_RANK') == '1':\n    time.sleep(120)\n")
+    path = os.pathsep.join(filter(None, [str(tmp_path / "sc"), os.environ.get("PYTHONPATH")]))
+    start = time.time()
+    proc = start_two_ranks(data_dir, tmp_path / "run", env={"PYTHONPATH": path, "NANOGPT_MLX_DIST_TIMEOUT": "2"})
+    try:
+        _, err = proc.communicate(timeout=90)
+    finally:
+        kill(children(proc.pid) + [proc.pid])
+    assert proc.returncode == 1 and time.time() - start < 25, err
+    assert err.splitlines() == ["nanogpt-mlx: error: could not connect to the other ranks within 2 s"], err
+
+
+CONNECT_SCRIPT = """
+import os, subprocess
+import nanogpt_mlx
+from nanogpt_mlx import distributed
+distributed.init()
+print(subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True).stdout.split())
+"""
+
+
+def test_a_connected_rank_keeps_no_watchdog_process(tmp_path):
+    hosts, script = hostfile(tmp_path, 2), tmp_path / "connect.py"
+    script.write_text(CONNECT_SCRIPT)
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts)}) for r in range(2)]
+    assert [out.strip() for out in finish(procs, timeout=120)] == ["[]", "[]"]
+
+
 class Ended:
     """A rank's process as the launcher polls it: ended with status rc (None: still running)."""
 

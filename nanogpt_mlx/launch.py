@@ -192,20 +192,30 @@ class _Ranks:
         return 128 + killed[0] if killed else next(iter(self.failed.values()), 0)
 
 
+def check_ranks(n: int) -> int:
+    """Refuse n ranks that this machine cannot run; return its cores."""
+    cores = os.cpu_count() or 1
+    if n < 1:
+        raise UserError(f"--ranks must be >= 1, got {n}")
+    if n > cores:  # more would only share cores (slower than fewer ranks), each with its own copy of MLX and the model
+        raise UserError(f"--ranks must be at most this machine's {cores} cores, got {n} (for several machines use "
+                        "mlx.launch)")
+    return cores
+
+
 def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -> int:
     """Run the `nanogpt-mlx ARGV` command (_RANK_MAIN) as n ring-backend ranks on 127.0.0.1; return the exit code.
 
-    Each rank gets `threads_per_rank` BLAS threads (default: cores // n), since MLX's CPU backend
-    runs everything but matmuls on one thread, n single-threaded ranks can beat one n-threaded one.
+    n is at most the cores. Each rank gets `threads_per_rank` BLAS threads (default: cores // n), since MLX's CPU
+    backend runs everything but matmuls on one thread, n single-threaded ranks can beat one n-threaded one.
     The ranks run in a session of their own: Ctrl-C (SIGINT), SIGTERM or SIGHUP (the terminal closed) to this
     launcher reaches each of them as one Ctrl-C (they agree on a step, save a checkpoint and stop; a second one
     quits without saving), and Ctrl-Z suspends them with it. If a rank fails, the others are stopped (a frozen one
     too) unless they end by themselves within END_GRACE; if the launcher dies, its ranks stop as on Ctrl-C
     (distributed.init).
     """
-    if n < 1:
-        raise UserError(f"--ranks must be >= 1, got {n}")
-    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // n)
+    cores = check_ranks(n)
+    threads = threads_per_rank or cores // n
     work = Path(tempfile.mkdtemp(prefix="nanogpt-mlx-ranks-"))  # the hostfile, and each rank's last lines
     (work / "hosts.json").write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
     env = {**device.child_env(), "MLX_HOSTFILE": str(work / "hosts.json"), "OPENBLAS_NUM_THREADS": str(threads),

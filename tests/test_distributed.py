@@ -189,7 +189,7 @@ def test_ranks_that_ranks_started_know_they_share_one_machine(monkeypatch):
     assert distributed.init().local == 1
 
 
-@pytest.mark.parametrize("n, threads", [(2, "4"), (3, "2"), (16, "1")])
+@pytest.mark.parametrize("n, threads", [(2, "4"), (3, "2"), (8, "1")])
 def test_each_rank_gets_its_share_of_the_cores_blas_threads(monkeypatch, n, threads):
     from nanogpt_mlx import launch
 
@@ -200,6 +200,41 @@ def test_each_rank_gets_its_share_of_the_cores_blas_threads(monkeypatch, n, thre
     assert [(env["OPENBLAS_NUM_THREADS"], env["MKL_NUM_THREADS"]) for env in envs] == [(threads, threads)] * n
     # the system's TMPDIR, not the one cpu.py set for MLX's kernels (a rank sets that for itself)
     assert all(env.get("TMPDIR") == device.child_env().get("TMPDIR") for env in envs)
+
+
+def test_more_ranks_than_cores_are_refused_before_any_starts(monkeypatch, tmp_path):
+    """`--ranks 5000` started dozens of ranks, each importing MLX; `--ranks 100000` said "Too many open files"."""
+    from conftest import assert_one_line_error, run_cli
+
+    from nanogpt_mlx import launch
+    from nanogpt_mlx.errors import UserError
+
+    started = []
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(launch._Ranks, "start", lambda self, r, argv, env: started.append(r))
+    with pytest.raises(UserError, match=r"^--ranks must be at most this machine's 8 cores, got 9 "):
+        launch.launch_local(9, ["info"])
+    assert started == []
+    proc = run_cli("train", "--ranks", "100000", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                   env={"TMPDIR": str(tmp_path)})
+    assert_one_line_error(proc, "--ranks must be at most this machine's", "got 100000")
+
+
+def test_a_total_batch_that_the_ranks_cannot_make_up_is_refused_before_they_start(monkeypatch, capsys, data_dir,
+                                                                                 tmp_path):
+    """The ranks' Trainer refused it, each after importing MLX: with --ranks 5000, after dozens had started."""
+    from conftest import assert_one_line_error, run_main
+
+    from nanogpt_mlx import launch
+
+    started = []
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(launch._Ranks, "start", lambda self, r, argv, env: started.append(r))
+    proc = run_main(capsys, "train", "--ranks", "2", "--data", str(data_dir), "--out", str(tmp_path / "run"),
+                    "--batch-size", "4", "--seq-len", "32", "--total-batch-size", "320")
+    assert_one_line_error(proc, "total_batch_size 320 is not divisible by batch_size * seq_len * ranks = 4 * 32 * 2 "
+                                "= 256; use --batch-size 1 or --total-batch-size 512")
+    assert started == []
 
 
 def test_of_the_ranks_that_ranks_started_rank_0_alone_warns(monkeypatch, capsys):

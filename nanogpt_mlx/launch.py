@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from shutil import rmtree
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from . import device, signals
 from .console import INTERRUPTED, LAUNCHER_ENV, LINES_ENV, follows_a_peer, new_lines, say
 from .errors import UserError
+from .files import owned_temp_dir
 
 # seconds the other ranks have to end by themselves once one ended with an error status before they are stopped:
 # a stop they agreed on (a Ctrl-C to one rank, a bad shard, stdout gone) ends them all, rank 0 after its save
@@ -216,21 +216,24 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
     """
     cores = check_ranks(n)
     threads = threads_per_rank or cores // n
-    work = Path(tempfile.mkdtemp(prefix="nanogpt-mlx-ranks-"))  # the hostfile, and each rank's last lines
-    (work / "hosts.json").write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
-    env = {**device.child_env(), "MLX_HOSTFILE": str(work / "hosts.json"), "OPENBLAS_NUM_THREADS": str(threads),
-           "MKL_NUM_THREADS": str(threads), LAUNCHER_ENV: str(os.getpid())}
-    ranks = _Ranks(work)
     # tqdm makes its write lock at its first use, importing multiprocessing's: a Ctrl-C amid that import broke tqdm
     # for good (the next line said was an AttributeError traceback); made now, before any signal is forwarded
     tqdm.get_lock()
-    # Ctrl-C reaches the launcher alone (the ranks run in a session of their own) and is forwarded like the others:
-    # raised as KeyboardInterrupt while a rank was being started, it ended the launcher and left the ranks running
-    handlers = {signal.SIGINT: ranks.interrupt, signal.SIGTERM: ranks.interrupt, signal.SIGTSTP: ranks.suspend,
-                signal.SIGCONT: ranks.resume}
-    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # nohup's stays
-        handlers[signal.SIGHUP] = ranks.interrupt
+    # the hostfile and each rank's last lines, in a directory named for this launcher: the next launch removes one that
+    # a killed launcher left
+    work = owned_temp_dir("nanogpt-mlx-ranks-")
     try:
+        (work / "hosts.json").write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
+        env = {**device.child_env(), "MLX_HOSTFILE": str(work / "hosts.json"), "OPENBLAS_NUM_THREADS": str(threads),
+               "MKL_NUM_THREADS": str(threads), LAUNCHER_ENV: str(os.getpid())}
+        ranks = _Ranks(work)
+        # Ctrl-C reaches the launcher alone (the ranks run in a session of their own) and is forwarded like the
+        # others: raised as KeyboardInterrupt while a rank was being started, it ended the launcher and left the ranks
+        # running
+        handlers = {signal.SIGINT: ranks.interrupt, signal.SIGTERM: ranks.interrupt, signal.SIGTSTP: ranks.suspend,
+                    signal.SIGCONT: ranks.resume}
+        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # nohup's stays
+            handlers[signal.SIGHUP] = ranks.interrupt
         with signals.handlers(handlers):
             for r in range(n):
                 if not ranks.interrupted:  # once stopped, no more

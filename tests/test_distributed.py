@@ -237,6 +237,42 @@ def test_a_total_batch_that_the_ranks_cannot_make_up_is_refused_before_they_star
     assert started == []
 
 
+def test_the_launchers_directory_is_removed_when_it_fails_to_start(monkeypatch, tmp_path):
+    """Made before the ports were found, outside the try that removes it: `--ranks` beyond the open files left it."""
+    import errno
+    import tempfile
+
+    from nanogpt_mlx import launch
+
+    def no_ports(n):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(launch, "_free_ports", no_ports)
+    with pytest.raises(OSError, match="Too many open files"):
+        launch.launch_local(2, ["info"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_launch_removes_what_a_killed_launcher_left(monkeypatch, tmp_path):
+    """A SIGKILLed launcher leaves its directory (hostfile, the ranks' lines): /tmp held 74 of them."""
+    import tempfile
+
+    from nanogpt_mlx import launch
+    from nanogpt_mlx.files import HOST_TAG
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = {f"nanogpt-mlx-ranks-{HOST_TAG}-{pid}-abcd_123": pid for pid in (int(ended.stdout), os.getpid())}
+    for name in left:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "hosts.json").write_text("[]")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(launch._Ranks, "start", lambda self, r, argv, env: None)
+    assert launch.launch_local(2, ["info"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == [f"nanogpt-mlx-ranks-{HOST_TAG}-{os.getpid()}-abcd_123"]
+
+
 def test_of_the_ranks_that_ranks_started_rank_0_alone_warns(monkeypatch, capsys):
     from nanogpt_mlx import console
 

@@ -37,9 +37,12 @@ RANK_GRACE = signals.SAVE_WAIT
 # cannot catch it: `-m` imports the package, MLX with it, before __main__.py runs. A KeyboardInterrupt could not be
 # caught everywhere either: raised in a __del__ (importlib's ZipFile) Python prints it as "Exception ignored ...
 # Traceback" and imports on; raised inside numpy's C import, numpy prints it and raises an ImportError. So until the
-# imports are done, a Ctrl-C ends the rank at once.
+# imports are done, a Ctrl-C ends the rank at once. Before that, while Python itself starts (`import site`), a Ctrl-C
+# ended it with "Fatal Python error: init_import_site" and a traceback: the rank starts with Ctrl-C blocked (a mask
+# survives exec; _Ranks.start), so that one forwarded then waits for this handler, which unblocks it.
 _RANK_MAIN = """import os, signal, sys
 signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 from nanogpt_mlx.cli import main
 signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.exit(main())
@@ -89,8 +92,13 @@ class _Ranks:
         self.find_frozen = False  # whether the next poll kills the frozen ranks (they cannot stop by themselves)
 
     def start(self, r: int, argv: list[str], env: dict[str, str]) -> None:
-        self.live[r] = subprocess.Popen([sys.executable, "-c", _RANK_MAIN, *argv], start_new_session=True,
-                                        env={**env, "MLX_RANK": str(r), LINES_ENV: str(self.work / f"rank{r}.lines")})
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # the rank's until _RANK_MAIN unblocks it
+        try:  # (one to this launcher meanwhile follows: interrupt())
+            self.live[r] = subprocess.Popen([sys.executable, "-c", _RANK_MAIN, *argv], start_new_session=True,
+                                            env={**env, "MLX_RANK": str(r),
+                                                 LINES_ENV: str(self.work / f"rank{r}.lines")})
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if self.interrupted:  # a signal came as it started, before it was among the live ranks that interrupt() tells
             self.live[r].send_signal(signal.SIGINT)
 
@@ -136,7 +144,7 @@ class _Ranks:
             if rc == 0:
                 continue
             self.failed[r] = rc
-            # (not the Ctrl-C forwarded to it, which can end a rank that Python has not started yet)
+            # (not the Ctrl-C forwarded to it, which ends a connecting rank at once: distributed.init)
             if rc < 0 and -rc != self.sent.get(r) and not (self.interrupted and -rc == signal.SIGINT):
                 oom = " (out of memory?)" if -rc == signal.SIGKILL else ""
                 say(f"nanogpt-mlx: error: rank {r} was killed by {signal.Signals(-rc).name}{oom}")

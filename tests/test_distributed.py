@@ -552,10 +552,24 @@ def test_a_ctrl_c_amid_a_ranks_imports_ends_it_quietly(where, tmp_path):
     assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "")
 
 
+def test_a_ctrl_c_forwarded_as_a_rank_starts_ends_it_quietly(tmp_path, capfd):
+    """A Ctrl-C forwarded while the rank's Python still started (before _RANK_MAIN's handler) ended it with "Fatal
+    Python error: init_import_site" and a traceback, or killed it with SIGINT."""
+    from nanogpt_mlx import launch
+
+    ranks = launch._Ranks(tmp_path)
+    for r in range(3):
+        ranks.start(r, ["--version"], dict(os.environ))
+        ranks.live[r].send_signal(signal.SIGINT)  # at once: the rank has just been exec'd
+    assert [p.wait(timeout=60) for p in ranks.live.values()] == [130] * 3
+    assert capfd.readouterr().err == ""
+
+
 def test_ctrl_c_while_the_ranks_start_ends_the_launch(data_dir, tmp_path):
     """A Ctrl-C as soon as the first rank exists, while the launcher may still be starting the second: it was a
     KeyboardInterrupt there that ended the launcher untold to the ranks, which trained on. (A rank hit in Python's
-    own start-up may still print a traceback: only the stop is checked.)"""
+    own start-up printed "Fatal Python error" and a traceback: test_a_ctrl_c_forwarded_as_a_rank_starts_ends_it_quietly
+    hits it surely.)"""
     proc = start_two_ranks(data_dir, tmp_path)
     deadline = time.time() + 60
     while not (ranks := children(proc.pid)):
@@ -569,6 +583,7 @@ def test_ctrl_c_while_the_ranks_start_ends_the_launch(data_dir, tmp_path):
         kill(ranks + children(proc.pid) + [proc.pid])
     assert proc.returncode == 130 and all(stopped) and not (tmp_path / "log.jsonl").exists()
     assert "was killed" not in err, err  # a rank ended by the Ctrl-C forwarded to it
+    assert "Traceback" not in err and "Fatal Python error" not in err, err
 
 
 def gone(pid: int) -> bool:

@@ -666,7 +666,7 @@ def injected(tmp_path: Path, **env: str) -> dict[str, str]:
     """The environment of a `train --ranks 2` whose ranks load INJECTED with these settings."""
     (tmp_path / "sc").mkdir()
     (tmp_path / "sc" / "sitecustomize.py").write_text(INJECTED)
-    return {"PYTHONPATH": str(tmp_path / "sc"), **env}
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "sc"), os.environ.get("PYTHONPATH")])), **env}
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])

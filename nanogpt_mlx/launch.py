@@ -133,8 +133,9 @@ class _Ranks:
         for r, rc in ended.items():
             del self.live[r]
             lines = self.work / f"rank{r}.lines"
-            if rc == -signal.SIGKILL and lines.exists():  # killed once it said why (its connect's watchdog): that
-                rc = 1  # error ended it
+            # killed after it said why (its connect's watchdog does so): that error ended it, not a kill to report
+            if rc == -signal.SIGKILL and lines.exists():
+                rc = 1
             for line in new_lines(lines, self.shown):
                 if follows_a_peer(line):  # (its cause may be seen in a later poll)
                     self.following.append(line)

@@ -389,8 +389,8 @@ def add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out that already holds a run's checkpoints, model or logs (removed)")
     p.add_argument("--ranks", type=positive_int, default=1,
-                   help="data-parallel processes on this machine (ring backend on 127.0.0.1), each with "
-                        "cores/ranks BLAS threads; for several machines use mlx.launch (see README)")
+                   help="data-parallel processes on this machine (ring backend on 127.0.0.1), at most its cores, "
+                        "each with cores/ranks BLAS threads; for several machines use mlx.launch (see README)")
     group = p.add_argument_group("config fields (defaults per preset)")
     min_lr = group.add_mutually_exclusive_group()  # build-nanogpt's absolute min_lr, or a ratio of max_lr
     for f in fields(TrainConfig):
@@ -429,15 +429,12 @@ def cmd_train(args) -> None:
     from dataclasses import fields
 
     from .checkpoint import checkpoints
-    from .config import TrainConfig, resume_config
+    from .config import TrainConfig, check_total_batch, resume_config
     from .distributed import init
     from .files import lock_dir, shell_word, unlock_dir, user_path
-    from .launch import launch_local
+    from .launch import check_ranks, launch_local
     from .train import Trainer
 
-    if _launches_ranks(args):
-        raise SystemExit(launch_local(args.ranks, args.argv))  # each rank runs this same command
-    dist = init()
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if args.resume == "":
         raise UserError("--resume needs the run's directory")
@@ -451,13 +448,21 @@ def cmd_train(args) -> None:
         if shape:
             raise UserError(f"--init-from trains {overrides['init_from']} in its own shape; {', '.join(shape)} "
                             "cannot change it (they size a random init)")
+    # a fresh run's config, built before its ranks start: a batch that they would all refuse is refused once, here
+    # (a resumed run's is theirs to check, once its checkpoint is held)
+    fresh = None if args.resume else TrainConfig.preset(args.preset or "shakespeare", **overrides)
+    if _launches_ranks(args):
+        check_ranks(args.ranks)  # (before the batch, which they divide)
+        if fresh:
+            check_total_batch(fresh, args.ranks)
+        raise SystemExit(launch_local(args.ranks, args.argv))  # each rank runs this same command
+    dist = init()
     # before its checkpoint is read, which a live run may replace (and no lock file left where there is none); ~
     # expanded, as resume_config does (a shell leaves --resume=~/DIR as it is)
     run = user_path(args.resume) if args.resume else None
     took = dist.is_main and run is not None and bool(checkpoints(run)) and lock_dir(run, "run")
     try:
-        cfg = resume_config(args.resume, **overrides) if args.resume else \
-            TrainConfig.preset(args.preset or "shakespeare", **overrides)
+        cfg = resume_config(args.resume, **overrides) if args.resume else fresh
         trainer = Trainer(cfg, resume=bool(args.resume), overwrite=args.overwrite, dist=dist)
     except BaseException:  # a refused start leaves OUT to the next (cli.main called in a process that lives on)
         if took:

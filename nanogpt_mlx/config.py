@@ -222,6 +222,19 @@ def foreign_defaults(cfg: TrainConfig) -> str:
     return ""
 
 
+def check_total_batch(cfg: TrainConfig, world: int, resuming: bool = False) -> None:
+    """Refuse a total_batch_size that micro-batches on `world` ranks do not make up (advising, when resuming, only
+    what a resumed run may change)."""
+    per_micro = cfg.batch_size * cfg.seq_len * world
+    if cfg.total_batch_size % per_micro:
+        fits = None if resuming else next((b for b in range(cfg.batch_size, 0, -1)
+                                           if cfg.total_batch_size % (b * cfg.seq_len * world) == 0), None)
+        instead = (f"--batch-size {fits} or " if fits else "") + \
+            f"--total-batch-size {-(-cfg.total_batch_size // per_micro) * per_micro}"
+        raise UserError(f"total_batch_size {cfg.total_batch_size} is not divisible by batch_size * seq_len"
+                        f" * ranks = {cfg.batch_size} * {cfg.seq_len} * {world} = {per_micro}; use {instead}")
+
+
 def get_lr(step: int, cfg: TrainConfig) -> float:
     """The LR of the recipe's main group at `step` (build-nanogpt: warmup, then cosine to min_lr)."""
     return recipes.get(cfg.recipe).lr(step, cfg)

@@ -97,11 +97,16 @@ def warn_once(text: str) -> None:
         warn(text)
 
 
+def lines_file() -> str | None:
+    """Where a rank that `--ranks` started leaves its last lines for its launcher, while that lives (else None)."""
+    path = os.environ.get(LINES_ENV)
+    return path if path and str(os.getppid()) == os.environ.get(LAUNCHER_ENV) else None
+
+
 def last_line(line: str) -> None:
     """A command's last line on stderr; a rank that `--ranks` started gives it to its launcher while that lives
     (without one, its ranks stop as on Ctrl-C: rank 0 alone says "interrupted")."""
-    path = os.environ.get(LINES_ENV)
-    if path and str(os.getppid()) == os.environ.get(LAUNCHER_ENV):
+    if path := lines_file():
         try:
             with open(path, "a") as f:
                 f.write(line + "\n")

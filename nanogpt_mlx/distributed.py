@@ -12,16 +12,18 @@ import ctypes
 import math
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from . import signals
-from .console import LAUNCHER_ENV, LOST_PEER, last_line
+from .console import LAUNCHER_ENV, LOST_PEER, last_line, lines_file
 from .errors import UserError
 
 # Environment variables that mean "this process was started as one rank of several".
@@ -125,13 +127,49 @@ def init(timeout: float | None = None) -> Dist:
     # Ctrl-C while connecting ends the process at once: nothing to save yet, and MLX's connect, a C++ call that
     # Python's handler cannot interrupt, retries for half a minute
     with signals.handlers({signal.SIGINT: signal.SIG_DFL}), \
-            watchdog(timeout, f"could not connect to the other ranks within {timeout:.0f} s"):
+            _connect_watch(timeout, f"could not connect to the other ranks within {timeout:.0f} s"):
         try:
             group = mx.distributed.init(strict=True, backend="any")
         except RuntimeError as e:
             raise UserError(f"distributed init failed: {e}") from None
     return Dist(group=group, rank=group.rank(), world=group.size(), timeout=timeout,
                 local=group.size() if LAUNCHER_ENV in os.environ else 1)
+
+
+# The watchdog of MLX's connect, a process of its own: mx.distributed.init holds the GIL (MLX's binding releases it
+# for no call), so no thread of the rank can run until it returns, which may be never (a peer's port that accepts and
+# stays silent). Its argv: seconds, the rank's pid, its last line and lines_file(). It ends at EOF on stdin (the rank
+# connected, or ended); at the deadline it says the line as last_line would and kills the rank. It counts 1 s ticks:
+# stopped with the rank (Ctrl-Z stops a rank's process group), it counts that time as 1 s at most.
+_CONNECT_WATCH = """import os, select, signal, sys
+seconds, rank, line, lines = sys.argv[1:]
+for _ in range(int(seconds)):
+    if select.select([0], [], [], 1.0)[0]:
+        sys.exit()
+if os.getppid() == int(rank):  # (not if it ended meanwhile)
+    with open(lines or 2, "a") as f:
+        f.write(line + "\\n")
+    os.kill(int(rank), signal.SIGKILL)
+"""
+
+
+@contextlib.contextmanager
+def _connect_watch(seconds: float, message: str) -> Iterator[None]:
+    """The body (MLX's connect) within `seconds`, else `message` as the rank's last line and the rank killed
+    (_CONNECT_WATCH; no site: ~15 ms to start). Ctrl-C is blocked as it starts, so that the watch inherits it blocked:
+    a terminal's Ctrl-C to the rank's process group is the rank's alone (one that came meanwhile follows)."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        watch = subprocess.Popen([sys.executable, "-I", "-S", "-c", _CONNECT_WATCH, str(math.ceil(seconds)),
+                                  str(os.getpid()), f"nanogpt-mlx: error: {message}", lines_file() or ""],
+                                 stdin=subprocess.PIPE)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    with watch:  # (its stdin closed, then waited for)
+        try:
+            yield
+        finally:
+            watch.kill()  # (stopped, it would not see the EOF)
 
 
 def _stop_with_launcher(launcher: int) -> None:

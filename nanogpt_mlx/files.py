@@ -254,7 +254,15 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
 
 
-STAGING = ".export.tmp"  # atomic_files' directories (export_hf's): STAGING, _owner(), "-" and 8 characters
+def owned_temp_dir(prefix: str, directory: Path | None = None) -> Path:
+    """A new directory in `directory` (default: the system's temporary one) named `prefix`, this process (_owner), "-"
+    and mkdtemp's 8 characters (pids repeat across containers); those there that a gone process left are removed."""
+    directory = Path(directory or tempfile.gettempdir())
+    _remove_orphans(directory, rf"{re.escape(prefix)}{_OWNER}-\w{{8}}")
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{_owner()}-", dir=directory))
+
+
+STAGING = ".export.tmp"  # atomic_files' directories (export_hf's): owned_temp_dir's
 
 
 @contextlib.contextmanager
@@ -267,10 +275,8 @@ def atomic_files(directory: Path, names: Sequence[str], remove: Sequence[str] = 
     stays: its inode, owner, mode (it may be a mount point or the working directory). A storage error becomes one
     UserError."""
     staging = None
-    _remove_orphans(directory, rf"{re.escape(STAGING)}{_OWNER}-\w{{8}}")
     try:
-        # a name of its own (pids repeat across containers): mkdtemp's 8 characters after the owner
-        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{_owner()}-", dir=directory))
+        staging = owned_temp_dir(STAGING, directory)
         yield staging
         with signals.deferred():
             written = sorted(f.name for f in staging.iterdir())

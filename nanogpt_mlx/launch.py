@@ -7,6 +7,7 @@ line of its ranks once (console.last_line).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -14,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from shutil import rmtree
@@ -24,6 +24,7 @@ from tqdm import tqdm
 from . import device, signals
 from .console import INTERRUPTED, LAUNCHER_ENV, LINES_ENV, follows_a_peer, new_lines, say
 from .errors import UserError
+from .files import owned_temp_dir
 
 # seconds the other ranks have to end by themselves once one ended with an error status before they are stopped:
 # a stop they agreed on (a Ctrl-C to one rank, a bad shard, stdout gone) ends them all, rank 0 after its save
@@ -36,9 +37,12 @@ RANK_GRACE = signals.SAVE_WAIT
 # cannot catch it: `-m` imports the package, MLX with it, before __main__.py runs. A KeyboardInterrupt could not be
 # caught everywhere either: raised in a __del__ (importlib's ZipFile) Python prints it as "Exception ignored ...
 # Traceback" and imports on; raised inside numpy's C import, numpy prints it and raises an ImportError. So until the
-# imports are done, a Ctrl-C ends the rank at once.
+# imports are done, a Ctrl-C ends the rank at once. Before that, while Python itself starts (`import site`), a Ctrl-C
+# ended it with "Fatal Python error: init_import_site" and a traceback: the rank starts with Ctrl-C blocked (a mask
+# survives exec; _Ranks.start), so that one forwarded then waits for this handler, which unblocks it.
 _RANK_MAIN = """import os, signal, sys
 signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 from nanogpt_mlx.cli import main
 signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.exit(main())
@@ -88,8 +92,13 @@ class _Ranks:
         self.find_frozen = False  # whether the next poll kills the frozen ranks (they cannot stop by themselves)
 
     def start(self, r: int, argv: list[str], env: dict[str, str]) -> None:
-        self.live[r] = subprocess.Popen([sys.executable, "-c", _RANK_MAIN, *argv], start_new_session=True,
-                                        env={**env, "MLX_RANK": str(r), LINES_ENV: str(self.work / f"rank{r}.lines")})
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # the rank's until _RANK_MAIN unblocks it
+        try:  # (one to this launcher meanwhile follows: interrupt())
+            self.live[r] = subprocess.Popen([sys.executable, "-c", _RANK_MAIN, *argv], start_new_session=True,
+                                            env={**env, "MLX_RANK": str(r),
+                                                 LINES_ENV: str(self.work / f"rank{r}.lines")})
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if self.interrupted:  # a signal came as it started, before it was among the live ranks that interrupt() tells
             self.live[r].send_signal(signal.SIGINT)
 
@@ -103,13 +112,19 @@ class _Ranks:
             p.send_signal(signal.SIGINT)
 
     def suspend(self, _signum, _frame) -> None:  # Ctrl-Z: the ranks are not in the terminal's process group
-        for p in self.live.values():
-            p.send_signal(signal.SIGSTOP)
+        self._to_groups(signal.SIGSTOP)
         os.kill(os.getpid(), signal.SIGSTOP)
 
     def resume(self, _signum, _frame) -> None:  # fg / bg
+        self._to_groups(signal.SIGCONT)
+
+    def _to_groups(self, signum: int) -> None:
+        """`signum` to each live rank's process group: the rank and what it started (its connect's watchdog, whose
+        clock stops with it)."""
         for p in self.live.values():
-            p.send_signal(signal.SIGCONT)
+            if p.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signum)
 
     def poll(self) -> None:
         """Note the ranks that ended (and show their last lines); after a failure or a Ctrl-C kill a frozen rank;
@@ -117,7 +132,11 @@ class _Ranks:
         ended = {r: rc for r, p in self.live.items() if (rc := p.poll()) is not None}
         for r, rc in ended.items():
             del self.live[r]
-            for line in new_lines(self.work / f"rank{r}.lines", self.shown):
+            lines = self.work / f"rank{r}.lines"
+            # killed after it said why (its connect's watchdog does so): that error ended it, not a kill to report
+            if rc == -signal.SIGKILL and lines.exists():
+                rc = 1
+            for line in new_lines(lines, self.shown):
                 if follows_a_peer(line):  # (its cause may be seen in a later poll)
                     self.following.append(line)
                 else:
@@ -126,7 +145,7 @@ class _Ranks:
             if rc == 0:
                 continue
             self.failed[r] = rc
-            # (not the Ctrl-C forwarded to it, which can end a rank that Python has not started yet)
+            # (not the Ctrl-C forwarded to it, which ends a connecting rank at once: distributed.init)
             if rc < 0 and -rc != self.sent.get(r) and not (self.interrupted and -rc == signal.SIGINT):
                 oom = " (out of memory?)" if -rc == signal.SIGKILL else ""
                 say(f"nanogpt-mlx: error: rank {r} was killed by {signal.Signals(-rc).name}{oom}")
@@ -182,35 +201,48 @@ class _Ranks:
         return 128 + killed[0] if killed else next(iter(self.failed.values()), 0)
 
 
+def check_ranks(n: int) -> int:
+    """Refuse n ranks that this machine cannot run; return its cores."""
+    cores = os.cpu_count() or 1
+    if n < 1:
+        raise UserError(f"--ranks must be >= 1, got {n}")
+    if n > cores:  # more would only share cores (slower than fewer ranks), each with its own copy of MLX and the model
+        raise UserError(f"--ranks must be at most this machine's {cores} cores, got {n} (for several machines use "
+                        "mlx.launch)")
+    return cores
+
+
 def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -> int:
     """Run the `nanogpt-mlx ARGV` command (_RANK_MAIN) as n ring-backend ranks on 127.0.0.1; return the exit code.
 
-    Each rank gets `threads_per_rank` BLAS threads (default: cores // n), since MLX's CPU backend
-    runs everything but matmuls on one thread, n single-threaded ranks can beat one n-threaded one.
+    n is at most the cores. Each rank gets `threads_per_rank` BLAS threads (default: cores // n), since MLX's CPU
+    backend runs everything but matmuls on one thread, n single-threaded ranks can beat one n-threaded one.
     The ranks run in a session of their own: Ctrl-C (SIGINT), SIGTERM or SIGHUP (the terminal closed) to this
     launcher reaches each of them as one Ctrl-C (they agree on a step, save a checkpoint and stop; a second one
     quits without saving), and Ctrl-Z suspends them with it. If a rank fails, the others are stopped (a frozen one
     too) unless they end by themselves within END_GRACE; if the launcher dies, its ranks stop as on Ctrl-C
     (distributed.init).
     """
-    if n < 1:
-        raise UserError(f"--ranks must be >= 1, got {n}")
-    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // n)
-    work = Path(tempfile.mkdtemp(prefix="nanogpt-mlx-ranks-"))  # the hostfile, and each rank's last lines
-    (work / "hosts.json").write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
-    env = {**device.child_env(), "MLX_HOSTFILE": str(work / "hosts.json"), "OPENBLAS_NUM_THREADS": str(threads),
-           "MKL_NUM_THREADS": str(threads), LAUNCHER_ENV: str(os.getpid())}
-    ranks = _Ranks(work)
+    cores = check_ranks(n)
+    threads = threads_per_rank or cores // n
     # tqdm makes its write lock at its first use, importing multiprocessing's: a Ctrl-C amid that import broke tqdm
     # for good (the next line said was an AttributeError traceback); made now, before any signal is forwarded
     tqdm.get_lock()
-    # Ctrl-C reaches the launcher alone (the ranks run in a session of their own) and is forwarded like the others:
-    # raised as KeyboardInterrupt while a rank was being started, it ended the launcher and left the ranks running
-    handlers = {signal.SIGINT: ranks.interrupt, signal.SIGTERM: ranks.interrupt, signal.SIGTSTP: ranks.suspend,
-                signal.SIGCONT: ranks.resume}
-    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # nohup's stays
-        handlers[signal.SIGHUP] = ranks.interrupt
+    # the hostfile and each rank's last lines, in a directory named for this launcher: the next launch removes one that
+    # a killed launcher left
+    work = owned_temp_dir("nanogpt-mlx-ranks-")
     try:
+        (work / "hosts.json").write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
+        env = {**device.child_env(), "MLX_HOSTFILE": str(work / "hosts.json"), "OPENBLAS_NUM_THREADS": str(threads),
+               "MKL_NUM_THREADS": str(threads), LAUNCHER_ENV: str(os.getpid())}
+        ranks = _Ranks(work)
+        # Ctrl-C reaches the launcher alone (the ranks run in a session of their own) and is forwarded like the
+        # others: raised as KeyboardInterrupt while a rank was being started, it ended the launcher and left the ranks
+        # running
+        handlers = {signal.SIGINT: ranks.interrupt, signal.SIGTERM: ranks.interrupt, signal.SIGTSTP: ranks.suspend,
+                    signal.SIGCONT: ranks.resume}
+        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # nohup's stays
+            handlers[signal.SIGHUP] = ranks.interrupt
         with signals.handlers(handlers):
             for r in range(n):
                 if not ranks.interrupted:  # once stopped, no more

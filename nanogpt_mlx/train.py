@@ -35,8 +35,8 @@ from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
 from . import checkpoint, device, distributed, memory, recipes, signals, steps
-from .config import (DTYPES, MODEL_FIELDS, TrainConfig, foreign_defaults, ignored_shape, model_config,
-                     refuse_model_changes, resume_line, resumed, unread)
+from .config import (DTYPES, MODEL_FIELDS, TrainConfig, check_total_batch, foreign_defaults, ignored_shape,
+                     model_config, refuse_model_changes, resume_line, resumed, unread)
 from .console import PEER_FAILED, say, size, warn
 from .data import DataLoader
 from .errors import Stopped, UserError, check_bool, first_line
@@ -105,7 +105,7 @@ class Trainer:
         # the config a checkpoint saves (and a resume holds to) names the model trained, not the preset's sizes
         self.cfg = cfg = replace(cfg, **{k: getattr(self.model.config, k) for k in MODEL_FIELDS if k != "init_from"})
         self.model.checkpoint_blocks = cfg.activation_checkpointing
-        self._check_config(resuming=ckpt is not None)
+        check_total_batch(cfg, self.dist.world, resuming=ckpt is not None)
         if ckpt is not None:  # (a path given now, not the checkpoint's, is said missing as any is)
             saved = state["config"]
             if cfg.data == saved.get("data"):
@@ -201,19 +201,6 @@ class Trainer:
             raise UserError(f"{path}: no such {what} in {Path.cwd()}: the checkpoint's config names it relative to "
                             f"where the run started; resume from there, or pass {option} {metavar} (Python: "
                             f"resume_config(out, {field}={metavar}))")
-
-    def _check_config(self, resuming: bool) -> None:
-        """Refuse a total_batch_size that micro-batches on every rank do not make up (advising, when resuming, only
-        what a resumed run may change)."""
-        cfg, world = self.cfg, self.dist.world
-        per_micro = cfg.batch_size * cfg.seq_len * world
-        if cfg.total_batch_size % per_micro:
-            fits = None if resuming else next((b for b in range(cfg.batch_size, 0, -1)
-                                               if cfg.total_batch_size % (b * cfg.seq_len * world) == 0), None)
-            instead = (f"--batch-size {fits} or " if fits else "") + \
-                f"--total-batch-size {-(-cfg.total_batch_size // per_micro) * per_micro}"
-            raise UserError(f"total_batch_size {cfg.total_batch_size} is not divisible by batch_size * seq_len"
-                            f" * ranks = {cfg.batch_size} * {cfg.seq_len} * {world} = {per_micro}; use {instead}")
 
     def _step_threads(self, config: GPTConfig) -> int:
         """The threads that split a micro-batch's rows (threads.py): cfg.threads, or the device's choice for the

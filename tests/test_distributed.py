@@ -189,7 +189,7 @@ def test_ranks_that_ranks_started_know_they_share_one_machine(monkeypatch):
     assert distributed.init().local == 1
 
 
-@pytest.mark.parametrize("n, threads", [(2, "4"), (3, "2"), (16, "1")])
+@pytest.mark.parametrize("n, threads", [(2, "4"), (3, "2"), (8, "1")])
 def test_each_rank_gets_its_share_of_the_cores_blas_threads(monkeypatch, n, threads):
     from nanogpt_mlx import launch
 
@@ -200,6 +200,77 @@ def test_each_rank_gets_its_share_of_the_cores_blas_threads(monkeypatch, n, thre
     assert [(env["OPENBLAS_NUM_THREADS"], env["MKL_NUM_THREADS"]) for env in envs] == [(threads, threads)] * n
     # the system's TMPDIR, not the one cpu.py set for MLX's kernels (a rank sets that for itself)
     assert all(env.get("TMPDIR") == device.child_env().get("TMPDIR") for env in envs)
+
+
+def test_more_ranks_than_cores_are_refused_before_any_starts(monkeypatch, tmp_path):
+    """`--ranks 5000` started dozens of ranks, each importing MLX; `--ranks 100000` said "Too many open files"."""
+    from conftest import assert_one_line_error, run_cli
+
+    from nanogpt_mlx import launch
+    from nanogpt_mlx.errors import UserError
+
+    started = []
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(launch._Ranks, "start", lambda self, r, argv, env: started.append(r))
+    with pytest.raises(UserError, match=r"^--ranks must be at most this machine's 8 cores, got 9 "):
+        launch.launch_local(9, ["info"])
+    assert started == []
+    proc = run_cli("train", "--ranks", "100000", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                   env={"TMPDIR": str(tmp_path)})
+    assert_one_line_error(proc, "--ranks must be at most this machine's", "got 100000")
+
+
+def test_a_total_batch_that_the_ranks_cannot_make_up_is_refused_before_they_start(monkeypatch, capsys, data_dir,
+                                                                                 tmp_path):
+    """The ranks' Trainer refused it, each after importing MLX: with --ranks 5000, after dozens had started."""
+    from conftest import assert_one_line_error, run_main
+
+    from nanogpt_mlx import launch
+
+    started = []
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(launch._Ranks, "start", lambda self, r, argv, env: started.append(r))
+    proc = run_main(capsys, "train", "--ranks", "2", "--data", str(data_dir), "--out", str(tmp_path / "run"),
+                    "--batch-size", "4", "--seq-len", "32", "--total-batch-size", "320")
+    assert_one_line_error(proc, "total_batch_size 320 is not divisible by batch_size * seq_len * ranks = 4 * 32 * 2 "
+                                "= 256; use --batch-size 1 or --total-batch-size 512")
+    assert started == []
+
+
+def test_the_launchers_directory_is_removed_when_it_fails_to_start(monkeypatch, tmp_path):
+    """Made before the ports were found, outside the try that removes it: `--ranks` beyond the open files left it."""
+    import errno
+    import tempfile
+
+    from nanogpt_mlx import launch
+
+    def no_ports(n):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(launch, "_free_ports", no_ports)
+    with pytest.raises(OSError, match="Too many open files"):
+        launch.launch_local(2, ["info"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_launch_removes_what_a_killed_launcher_left(monkeypatch, tmp_path):
+    """A SIGKILLed launcher leaves its directory (hostfile, the ranks' lines): /tmp held 74 of them."""
+    import tempfile
+
+    from nanogpt_mlx import launch
+    from nanogpt_mlx.files import HOST_TAG
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = {f"nanogpt-mlx-ranks-{HOST_TAG}-{pid}-abcd_123": pid for pid in (int(ended.stdout), os.getpid())}
+    for name in left:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "hosts.json").write_text("[]")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(launch._Ranks, "start", lambda self, r, argv, env: None)
+    assert launch.launch_local(2, ["info"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == [f"nanogpt-mlx-ranks-{HOST_TAG}-{os.getpid()}-abcd_123"]
 
 
 def test_of_the_ranks_that_ranks_started_rank_0_alone_warns(monkeypatch, capsys):
@@ -481,10 +552,24 @@ def test_a_ctrl_c_amid_a_ranks_imports_ends_it_quietly(where, tmp_path):
     assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "")
 
 
+def test_a_ctrl_c_forwarded_as_a_rank_starts_ends_it_quietly(tmp_path, capfd):
+    """A Ctrl-C forwarded while the rank's Python still started (before _RANK_MAIN's handler) ended it with "Fatal
+    Python error: init_import_site" and a traceback, or killed it with SIGINT."""
+    from nanogpt_mlx import launch
+
+    ranks = launch._Ranks(tmp_path)
+    for r in range(3):
+        ranks.start(r, ["--version"], dict(os.environ))
+        ranks.live[r].send_signal(signal.SIGINT)  # at once: the rank has just been exec'd
+    assert [p.wait(timeout=60) for p in ranks.live.values()] == [130] * 3
+    assert capfd.readouterr().err == ""
+
+
 def test_ctrl_c_while_the_ranks_start_ends_the_launch(data_dir, tmp_path):
     """A Ctrl-C as soon as the first rank exists, while the launcher may still be starting the second: it was a
     KeyboardInterrupt there that ended the launcher untold to the ranks, which trained on. (A rank hit in Python's
-    own start-up may still print a traceback: only the stop is checked.)"""
+    own start-up printed "Fatal Python error" and a traceback: test_a_ctrl_c_forwarded_as_a_rank_starts_ends_it_quietly
+    hits it surely.)"""
     proc = start_two_ranks(data_dir, tmp_path)
     deadline = time.time() + 60
     while not (ranks := children(proc.pid)):
@@ -498,6 +583,7 @@ def test_ctrl_c_while_the_ranks_start_ends_the_launch(data_dir, tmp_path):
         kill(ranks + children(proc.pid) + [proc.pid])
     assert proc.returncode == 130 and all(stopped) and not (tmp_path / "log.jsonl").exists()
     assert "was killed" not in err, err  # a rank ended by the Ctrl-C forwarded to it
+    assert "Traceback" not in err and "Fatal Python error" not in err, err
 
 
 def gone(pid: int) -> bool:
@@ -580,7 +666,7 @@ def injected(tmp_path: Path, **env: str) -> dict[str, str]:
     """The environment of a `train --ranks 2` whose ranks load INJECTED with these settings."""
     (tmp_path / "sc").mkdir()
     (tmp_path / "sc" / "sitecustomize.py").write_text(INJECTED)
-    return {"PYTHONPATH": str(tmp_path / "sc"), **env}
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "sc"), os.environ.get("PYTHONPATH")])), **env}
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
@@ -814,6 +900,61 @@ def test_ctrl_c_while_connecting_ends_a_rank_at_once(data_dir, tmp_path):
     start = time.time()
     alone.communicate(timeout=60)
     assert time.time() - start < 5 and alone.returncode == -signal.SIGINT
+
+
+def test_the_timeout_holds_while_a_rank_connects(data_dir, tmp_path):
+    """MLX's connect holds the GIL, so the watchdog thread never ran: rank 0's port held by a process that accepts and
+    says nothing kept rank 1 waiting forever (and a refused connect took MLX's 30 s, whatever the timeout)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    hosts = json.loads(hostfile(tmp_path, 2).read_text())
+    hosts[0] = [f"127.0.0.1:{silent.getsockname()[1]}"]
+    (tmp_path / "hosts.json").write_text(json.dumps(hosts))
+    cfg = tiny_config(data_dir, tmp_path, max_steps=10)
+    env = {"MLX_RANK": "1", "MLX_HOSTFILE": str(tmp_path / "hosts.json"), "NANOGPT_MLX_DIST_TIMEOUT": "2"}
+    (alone,) = start_ranks(tmp_path, cfg, 1, cli=True, env=env)
+    try:
+        _, err = alone.communicate(timeout=60)
+    finally:
+        alone.kill()
+        silent.close()
+    assert alone.returncode == -signal.SIGKILL, err
+    assert err.splitlines() == ["nanogpt-mlx: error: could not connect to the other ranks within 2 s"]
+
+
+def test_a_ranks_connect_timeout_ends_the_launch_with_one_line(data_dir, tmp_path):
+    """Rank 1 never connects (stuck in its start): rank 0's watchdog says so and kills it, and the launcher says that
+    line alone (no "killed by SIGKILL"), stops rank 1 and exits with status 1."""
+    (tmp_path / "sc").mkdir()
+    (tmp_path / "sc" / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('MLX_RANK') == '1':\n    time.sleep(120)\n")
+    path = os.pathsep.join(filter(None, [str(tmp_path / "sc"), os.environ.get("PYTHONPATH")]))
+    start = time.time()
+    proc = start_two_ranks(data_dir, tmp_path / "run", env={"PYTHONPATH": path, "NANOGPT_MLX_DIST_TIMEOUT": "2"})
+    try:
+        _, err = proc.communicate(timeout=90)
+    finally:
+        kill(children(proc.pid) + [proc.pid])
+    assert proc.returncode == 1 and time.time() - start < 25, err
+    assert err.splitlines() == ["nanogpt-mlx: error: could not connect to the other ranks within 2 s"], err
+
+
+CONNECT_SCRIPT = """
+import os, subprocess
+import nanogpt_mlx
+from nanogpt_mlx import distributed
+distributed.init()
+print(subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True).stdout.split())
+"""
+
+
+def test_a_connected_rank_keeps_no_watchdog_process(tmp_path):
+    hosts, script = hostfile(tmp_path, 2), tmp_path / "connect.py"
+    script.write_text(CONNECT_SCRIPT)
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts)}) for r in range(2)]
+    assert [out.strip() for out in finish(procs, timeout=120)] == ["[]", "[]"]
 
 
 class Ended:

@@ -283,8 +283,8 @@ class Trainer:
     def _save_before_failing(self) -> None:
         """An evaluation failed (a download, a kernel that cannot compile): save the steps since the last checkpoint
         before its error ends the run. Nothing is queued during an evaluation, so the weights are whole. Where the
-        ranks agreed on the failure (Evaluations.failure_agreed), the others wait for rank 0's save: a failed rank that ended at
-        once would have it stopped mid-save (a launcher stops the rest of a group that cannot finish)."""
+        ranks agreed on the failure (Evaluations.failure_agreed), the others wait for rank 0's save: a failed rank
+        that ended at once would have it stopped mid-save (a launcher stops the rest of a group that cannot finish)."""
         agreed, self.evaluations.failure_agreed = self.evaluations.failure_agreed, False
         try:
             if self.dist.is_main and self.step != self.run_dir.saved_step:
@@ -572,8 +572,10 @@ class Trainer:
             queued = None
             while self.step < end:  # a stop request ends it before a step (_stopping: ranks agree on it)
                 if queued is None:
-                    if self.evaluations.any_due(self.step) and self._stopping():  # not into minutes of evaluation (ranks
-                        break  # agree on it; without an evaluation _start_step's agreement is the step's one)
+                    # not into minutes of evaluation (ranks agree on it; without an evaluation _start_step's
+                    # agreement is the step's one)
+                    if self.evaluations.any_due(self.step) and self._stopping():
+                        break
                     try:
                         self._evaluate()
                     except _StopEvaluating:

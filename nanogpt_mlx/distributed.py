@@ -147,8 +147,11 @@ for _ in range(int(seconds)):
     if select.select([0], [], [], 1.0)[0]:
         sys.exit()
 if os.getppid() == int(rank):  # (not if it ended meanwhile)
-    with open(lines or 2, "a") as f:
-        f.write(line + "\\n")
+    try:  # (a full disk or a gone directory must not spare the rank)
+        with open(lines or 2, "a") as f:
+            f.write(line + "\\n")
+    except OSError:
+        pass
     os.kill(int(rank), signal.SIGKILL)
 """
 

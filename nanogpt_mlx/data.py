@@ -246,7 +246,8 @@ class DataLoader:
         except OSError:  # gone: the map holds the file as it was
             return
         if loaded is not None and now.st_ino == loaded[0] and (now.st_size, now.st_mtime_ns) != loaded[1:]:
-            raise UserError(f"{path}: written to while this run read it ({loaded[1]} bytes then, {now.st_size} now)")
+            change = f"{loaded[1]} bytes then, {now.st_size} now" if now.st_size != loaded[1] else "its size unchanged"
+            raise UserError(f"{path}: written to while this run read it ({change})")
 
     def state_dict(self) -> dict:
         return {**asdict(self.state), "layout": self.layout}

@@ -26,24 +26,33 @@ EVALUATION_WAIT = 24 * 3600.0  # seconds a rank whose evaluation failed waits fo
 KINDS = ("val", "hellaswag", "samples")  # in the order they run
 
 
-class Evaluations:
-    """A run's evaluations of `model`, checked to fit (samples beside `held` bytes of weights and optimizer state)
-    and their data read before it trains: a wrong path or a failed download stops a resumed run (or one whose first
-    evaluation comes late) before it trains, not after."""
+def check(cfg: TrainConfig, model: GPT, held: int, dtype: mx.Dtype) -> None:
+    """Refuse evaluations that cannot run on `model`, before anything is read: samples that would not fit beside
+    `held` bytes of weights and optimizer state, HellaSwag on a model without GPT-2's tokens."""
+    if cfg.sample_every and cfg.num_samples:
+        try:
+            ids = prepare_prompt(model, encode(cfg.prompt, special=True), sample_config(cfg, 0))
+            # beside the weights and the optimizer's state: refused at the first samples, steps after the start
+            memory.check_sampling(model.config, cfg.num_samples, len(ids), cfg.sample_tokens, held, dtype.size)
+        except UserError as e:
+            raise UserError(f"samples: {e} (sample_every 0 turns them off)") from None
+    if cfg.hellaswag_every and model.config.vocab_size < GPT2_VOCAB_SIZE:
+        raise UserError(f"HellaSwag needs GPT-2's {GPT2_VOCAB_SIZE} tokens; this model has vocab_size "
+                        f"{model.config.vocab_size} (set hellaswag_every to 0)")
 
-    def __init__(self, cfg: TrainConfig, model: GPT, dist: Dist, held: int, dtype: mx.Dtype):
+
+def sample_config(cfg: TrainConfig, step: int) -> SampleConfig:
+    """build-nanogpt's top-k 50, seeded by the step; a prompt longer than the context leaves keeps its end."""
+    return SampleConfig(max_new_tokens=cfg.sample_tokens, top_k=50, seed=(cfg.seed + step) % 2**64, crop=True)
+
+
+class Evaluations:
+    """A run's evaluations of `model` (checked first: check), their data read before it trains: a wrong path or a
+    failed download stops a resumed run (or one whose first evaluation comes late) before it trains, not after."""
+
+    def __init__(self, cfg: TrainConfig, model: GPT, dist: Dist):
         self.cfg, self.model, self.dist = cfg, model, dist
         self.failure_agreed = False  # whether the ranks agreed that an evaluation failed (_rank_part)
-        if cfg.sample_every and cfg.num_samples:
-            try:
-                ids = prepare_prompt(model, encode(cfg.prompt, special=True), self._sample_config(0))
-                # beside the weights and the optimizer's state: refused at the first samples, steps after the start
-                memory.check_sampling(model.config, cfg.num_samples, len(ids), cfg.sample_tokens, held, dtype.size)
-            except UserError as e:
-                raise UserError(f"samples: {e} (sample_every 0 turns them off)") from None
-        if cfg.hellaswag_every and model.config.vocab_size < GPT2_VOCAB_SIZE:
-            raise UserError(f"HellaSwag needs GPT-2's {GPT2_VOCAB_SIZE} tokens; this model has vocab_size "
-                            f"{model.config.vocab_size} (set hellaswag_every to 0)")
         self._hellaswag = load_hellaswag(
             cfg.hellaswag_data or download_hellaswag(progress=dist.is_main, local_option="--hellaswag-data",
                                                      python="TrainConfig(hellaswag_data=FILE)"),
@@ -70,6 +79,8 @@ class Evaluations:
         return bool(every) and (step % every == 0 or step == cfg.max_steps - 1)
 
     def any_due(self, step: int) -> bool:
+        """Whether any evaluation runs before step `step` (the Trainer's queue-ahead and stop agreement ask: all ranks
+        answer alike, from the config)."""
         return any(self.due(kind, step) for kind in KINDS)
 
     def val_loss(self) -> float:
@@ -81,7 +92,7 @@ class Evaluations:
 
     def samples(self, step: int) -> list[str]:
         cfg = self.cfg
-        return self._rank_part(lambda: sample_texts(self.model, cfg.prompt, self._sample_config(step), cfg.num_samples))
+        return self._rank_part(lambda: sample_texts(self.model, cfg.prompt, sample_config(cfg, step), cfg.num_samples))
 
     def hellaswag(self) -> float:
         """acc_norm over the HellaSwag examples, split across ranks with the counts summed (build-nanogpt)."""
@@ -91,11 +102,6 @@ class Evaluations:
                                                     world=self.dist.world, progress=False,
                                                     rendered=self._hellaswag_tokens))
         return self.dist.sum(r.num_correct_norm) / self.dist.sum(r.num_total)
-
-    def _sample_config(self, step: int) -> SampleConfig:
-        """build-nanogpt's top-k 50, seeded by the step; a prompt longer than the context leaves keeps its end."""
-        return SampleConfig(max_new_tokens=self.cfg.sample_tokens, top_k=50, seed=(self.cfg.seed + step) % 2**64,
-                            crop=True)
 
     def _rank_part(self, part: Callable[[], _T]) -> _T:
         """part(), this rank's share of an evaluation, then the ranks' agreement on whether it failed on any of them.

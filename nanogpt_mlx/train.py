@@ -34,13 +34,12 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
-from . import checkpoint, device, distributed, memory, recipes, signals, steps
+from . import checkpoint, device, distributed, evaluations, memory, recipes, signals, steps
 from .config import (DTYPES, MODEL_FIELDS, TrainConfig, check_total_batch, foreign_defaults, ignored_shape,
                      model_config, refuse_model_changes, resume_line, resumed, unread)
 from .console import PEER_FAILED, say, size, warn
 from .data import DataLoader
 from .errors import Stopped, UserError, check_bool, first_line
-from .evaluations import Evaluations
 from .files import devnull_onto, refuse_locked, shell_word, user_path
 from .model import GPT, GPTConfig
 from .optim import Packing
@@ -106,6 +105,7 @@ class Trainer:
         self.cfg = cfg = replace(cfg, **{k: getattr(self.model.config, k) for k in MODEL_FIELDS if k != "init_from"})
         self.model.checkpoint_blocks = cfg.activation_checkpointing
         check_total_batch(cfg, self.dist.world, resuming=ckpt is not None)
+        evaluations.check(cfg, self.model, self.memory.weights + self.memory.optimizer, self.dtype)
         if ckpt is not None:  # (a path given now, not the checkpoint's, is said missing as any is)
             saved = state["config"]
             if cfg.data == saved.get("data"):
@@ -116,8 +116,7 @@ class Trainer:
         self.grad_accum = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len * self.dist.world)
         self.train_loader = DataLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, self.dist.rank, self.dist.world,
                                        self.model.config.vocab_size, cfg.shuffle, cfg.seed)
-        self.evaluations = Evaluations(cfg, self.model, self.dist, self.memory.weights + self.memory.optimizer,
-                                       self.dtype)
+        self.evaluations = evaluations.Evaluations(cfg, self.model, self.dist)
 
         self.optimizer = self.recipe.make_optimizer(cfg, self.dtype)
         # the optimizer updates float32 master weights, packed as its recipe groups them (build-nanogpt's: flat

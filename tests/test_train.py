@@ -1077,6 +1077,8 @@ def test_a_resumed_run_is_advised_only_what_it_may_change(data_dir, tmp_path):
     # MLX's gather would read past the embedding for the GPT-2 token ids of a prompt or of HellaSwag
     ("prompt-outside-vocab", ["samples: the prompt has token id 15496", "vocab_size of 1000", "sample_every 0"]),
     ("hellaswag-outside-vocab", ["HellaSwag needs GPT-2's 50257 tokens", "vocab_size 1000"]),
+    # a config that cannot run is said before its data is read (and before a missing data directory)
+    ("hellaswag-outside-vocab-no-data", ["HellaSwag needs GPT-2's 50257 tokens", "vocab_size 1000"]),
     # the examples are loaded at start: a resumed run would otherwise train until its first HellaSwag step
     ("resume-hellaswag-missing", ["nope.jsonl: file not found"]),
 ])
@@ -1131,6 +1133,9 @@ def test_bad_input_is_one_clear_line(case, needles, data_dir, tmp_path):
     elif case == "prompt-outside-vocab":
         args += ["--sample-every", "1", "--prompt", "Hello"]
     elif case == "hellaswag-outside-vocab":
+        args += ["--hellaswag-every", "1"]
+    elif case == "hellaswag-outside-vocab-no-data":
+        args[2] = str(tmp_path / "nope")
         args += ["--hellaswag-every", "1"]
     elif case == "resume-hellaswag-missing":
         run_cli(*args, "--vocab-size", "50304", check=True)

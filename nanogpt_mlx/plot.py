@@ -153,11 +153,13 @@ def plot_runs(runs: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
     if not isinstance(out, (str, os.PathLike)):
         raise UserError(f"out must be a path, got {out!r}")
     check_bool("log_scale", log_scale)  # "no" drew a log scale
+    named = Path(out)  # its suffix is the image's type, also where it is a link (output_file returns its target)
     out = output_file(out, "image to write", "an image file")
     if baseline not in ("auto", "on", "off"):
         raise UserError(f"baseline must be auto, on or off, got {baseline!r}")
-    if out.suffix.lstrip(".").lower() not in Figure().canvas.get_supported_filetypes():
-        raise UserError(f"{out}: unknown image type {out.suffix!r}; use .png, .svg or .pdf")
+    kind = named.suffix.lstrip(".").lower()
+    if kind not in Figure().canvas.get_supported_filetypes():
+        raise UserError(f"{named}: unknown image type {named.suffix!r}; use .png, .svg or .pdf")
     logs = [read_log(r) for r in runs]
     if len({l.name for l in logs}) < len(logs):  # same basename twice: tell them apart by path
         logs = [RunSeries(str(r), l.series) for r, l in zip(runs, logs)]
@@ -175,9 +177,9 @@ def plot_runs(runs: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
     image = io.BytesIO()
     try:
         with quiet("matplotlib"):  # what a format cannot draw, e.g. .eps's "does not support transparency"
-            fig.savefig(image, format=out.suffix[1:].lower())
+            fig.savefig(image, format=kind)
     except RuntimeError as e:  # a writer's missing tool, e.g. .pgf's xelatex
-        raise UserError(f"{out}: cannot draw a {out.suffix} image ({first_line(e)}); .png, .svg and .pdf need "
+        raise UserError(f"{named}: cannot draw a {named.suffix} image ({first_line(e)}); .png, .svg and .pdf need "
                         "nothing more") from None
     with atomic_path(out) as tmp:
         tmp.write_bytes(image.getvalue())

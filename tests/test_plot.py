@@ -316,3 +316,11 @@ def test_a_full_disk_midway_through_an_image_is_one_line(suffix, tmp_path, monke
     assert out.read_bytes() == b"an earlier plot"
     for kind in (".pdf", ".jpg", ".svg", ".eps"):  # every writer draws into memory
         assert plot_runs([tmp_path / "a"], tmp_path / f"ok{kind}").stat().st_size > 1000
+
+
+def test_an_image_named_through_a_link_takes_the_links_type(tmp_path):
+    """`--out latest.png`, a link to a file without a suffix, was refused as an image of type '' (the link's target's),
+    once an output named through a link wrote the file it names."""
+    (tmp_path / "latest.png").symlink_to("plot-v1")
+    out = plot_runs([fake_run(tmp_path / "a")], tmp_path / "latest.png")
+    assert out == tmp_path / "plot-v1" and (tmp_path / "latest.png").is_symlink() and png_size(out)[0] > 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -97,7 +96,7 @@ def cmd_info(args) -> None:
 
     total, available = device.system_memory()
     print(f"{'mlx':<12} {mx.__version__}")
-    print(f"{'platform':<12} {platform.platform()} ({os.cpu_count()} cores)")
+    print(f"{'platform':<12} {platform.platform()} ({device.cores()} cores)")
     for label, value in device.info() + list(kernels.BOUND.described):
         print(f"{label:<12} {value}")
     print(f"{'memory':<12} {total:.1f} GiB system" + (f", {available:.1f} GiB available" if available is not None else "")

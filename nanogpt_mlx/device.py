@@ -203,6 +203,11 @@ def mfu_peak(dtype: str) -> float:
     return peak_flops("float32" if mx.default_device() == mx.cpu else dtype)
 
 
+def cores() -> int:
+    """The CPUs this process may run on: its affinity (a container's cpuset, taskset), else the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def step_threads(n_embd: int) -> int:
     """Threads a training micro-batch's rows are split over by default (threads.py): on MLX's CPU backend, which
     runs its elementwise kernels, reductions and copies on one core and only its GEMMs on more, one per BLAS

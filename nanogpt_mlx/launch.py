@@ -202,13 +202,13 @@ class _Ranks:
 
 
 def check_ranks(n: int) -> int:
-    """Refuse n ranks that this machine cannot run; return its cores."""
-    cores = os.cpu_count() or 1
+    """Refuse n ranks that this machine cannot run; return the cores this process may use (device.cores)."""
+    cores = device.cores()
     if n < 1:
         raise UserError(f"--ranks must be >= 1, got {n}")
     if n > cores:  # more would only share cores (slower than fewer ranks), each with its own copy of MLX and the model
-        raise UserError(f"--ranks must be at most this machine's {cores} cores, got {n} (for several machines use "
-                        "mlx.launch)")
+        raise UserError(f"--ranks must be at most the {cores} cores this process may use, got {n} (for several "
+                        "machines use mlx.launch)")
     return cores
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import signals
+from . import device, signals
 from .console import counted, warn
 from .documents import Part, plan_parts, read_docs
 from .errors import UserError, check_types
@@ -272,10 +272,6 @@ def _start_pool(workers: int) -> cf.ProcessPoolExecutor | None:
     return pool
 
 
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def prepare(source: Source, out: str | os.PathLike, config: PrepareConfig | None = None) -> Summary:
     """Tokenize `source` into shards under `out`, resuming an interrupted run with the same settings.
 
@@ -334,7 +330,7 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
     writer = ShardWriter(out, manifest)
     scratch = out / SCRATCH
 
-    cores = _cpu_count()
+    cores = device.cores()
     workers = min(cfg.workers or cores, cores)
     if cfg.workers and cfg.workers > cores:  # tokenizing is CPU-bound: more processes than cores only cost memory
         warn(f"{cfg.workers} workers asked for, {workers} used (this machine's cores)")

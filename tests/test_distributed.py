@@ -194,12 +194,26 @@ def test_each_rank_gets_its_share_of_the_cores_blas_threads(monkeypatch, n, thre
     from nanogpt_mlx import launch
 
     envs = []
-    monkeypatch.setattr(launch.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(launch.device, "cores", lambda: 8)
     monkeypatch.setattr(launch._Ranks, "start", lambda self, r, argv, env: envs.append(env))
     assert launch.launch_local(n, ["info"]) == 0
     assert [(env["OPENBLAS_NUM_THREADS"], env["MKL_NUM_THREADS"]) for env in envs] == [(threads, threads)] * n
     # the system's TMPDIR, not the one cpu.py set for MLX's kernels (a rank sets that for itself)
     assert all(env.get("TMPDIR") == device.child_env().get("TMPDIR") for env in envs)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this platform")
+def test_the_cores_are_those_this_process_may_run_on(monkeypatch):
+    """A container's cpuset (or taskset) of 2 CPUs on a 64-core host: os.cpu_count() said 64, and the launcher took
+    64 ranks, each with 32 BLAS threads on 2 CPUs. prepare's workers counted them already."""
+    from nanogpt_mlx import launch
+    from nanogpt_mlx.errors import UserError
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 7})
+    assert device.cores() == 2
+    with pytest.raises(UserError, match=r"^--ranks must be at most the 2 cores this process may use, got 3 "):
+        launch.check_ranks(3)
 
 
 def test_more_ranks_than_cores_are_refused_before_any_starts(monkeypatch, tmp_path):
@@ -210,14 +224,14 @@ def test_more_ranks_than_cores_are_refused_before_any_starts(monkeypatch, tmp_pa
     from nanogpt_mlx.errors import UserError
 
     started = []
-    monkeypatch.setattr(launch.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(launch.device, "cores", lambda: 8)
     monkeypatch.setattr(launch._Ranks, "start", lambda self, r, argv, env: started.append(r))
-    with pytest.raises(UserError, match=r"^--ranks must be at most this machine's 8 cores, got 9 "):
+    with pytest.raises(UserError, match=r"^--ranks must be at most the 8 cores this process may use, got 9 "):
         launch.launch_local(9, ["info"])
     assert started == []
     proc = run_cli("train", "--ranks", "100000", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
                    env={"TMPDIR": str(tmp_path)})
-    assert_one_line_error(proc, "--ranks must be at most this machine's", "got 100000")
+    assert_one_line_error(proc, "--ranks must be at most the", "got 100000")
 
 
 def test_a_total_batch_that_the_ranks_cannot_make_up_is_refused_before_they_start(monkeypatch, capsys, data_dir,
@@ -228,7 +242,7 @@ def test_a_total_batch_that_the_ranks_cannot_make_up_is_refused_before_they_star
     from nanogpt_mlx import launch
 
     started = []
-    monkeypatch.setattr(launch.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(launch.device, "cores", lambda: 8)
     monkeypatch.setattr(launch._Ranks, "start", lambda self, r, argv, env: started.append(r))
     proc = run_main(capsys, "train", "--ranks", "2", "--data", str(data_dir), "--out", str(tmp_path / "run"),
                     "--batch-size", "4", "--seq-len", "32", "--total-batch-size", "320")
@@ -267,7 +281,7 @@ def test_a_launch_removes_what_a_killed_launcher_left(monkeypatch, tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "hosts.json").write_text("[]")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(launch.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(launch.device, "cores", lambda: 8)
     monkeypatch.setattr(launch._Ranks, "start", lambda self, r, argv, env: None)
     assert launch.launch_local(2, ["info"]) == 0
     assert [p.name for p in tmp_path.iterdir()] == [f"nanogpt-mlx-ranks-{HOST_TAG}-{os.getpid()}-abcd_123"]

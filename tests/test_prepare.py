@@ -427,7 +427,7 @@ def test_fineweb_edu_from_hub_one_file_at_a_time(tmp_path, monkeypatch, workers)
         SimpleNamespace(path=str(f.relative_to(mirror)), size=f.stat().st_size) for f in files])
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
 
-    monkeypatch.setattr(prep, "_cpu_count", lambda: 2)  # (on a machine of one core too)
+    monkeypatch.setattr(prep.device, "cores", lambda: 2)  # (on a machine of one core too)
     summary = prep.prepare(sources.fineweb_edu(), tmp_path / "out", cfg(workers=workers))
     assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens(docs))
     assert on_disk == [0, 1, 1]  # bounded disk: the file before the one tokenized is gone when the next downloads
@@ -721,8 +721,8 @@ def test_sizes_that_cannot_work_are_refused(tmp_path, capsys):
     write_jsonl(tmp_path / "a.jsonl", make_docs(40, seed=2))
     assert_one_line_error(run_cli("prepare", "files", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "o"),
                                   "--shard-size", str(10**20)), "shard_size must be in [1, 2^31]")
-    prep.prepare(sources.local_files([tmp_path / "a.jsonl"]), tmp_path / "w", cfg(workers=prep._cpu_count() + 1))
-    assert f"{prep._cpu_count() + 1} workers asked for, {prep._cpu_count()} used" in capsys.readouterr().err
+    prep.prepare(sources.local_files([tmp_path / "a.jsonl"]), tmp_path / "w", cfg(workers=prep.device.cores() + 1))
+    assert f"{prep.device.cores() + 1} workers asked for, {prep.device.cores()} used" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("field, value, needle", [

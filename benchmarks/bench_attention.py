@@ -31,7 +31,7 @@ import mlx.core as mx  # noqa: E402
 
 
 def variants(T: int) -> dict:
-    ops = kernels.BOUND.exp, kernels.BOUND.row_max, kernels.BOUND.row_sum  # the profile's: cpu.py's on the x86 CPU
+    ops = kernels.BOUND.exp, kernels.BOUND.row_max, kernels.BOUND.row_sum  # the profile's: cpu_math.py's on the x86 CPU
     return {"plain ops, all queries at once": kernels.plain_attention(*ops, T),
             "plain ops, 128 queries at a time": kernels.plain_attention(*ops, 128),
             "plain ops, 256 queries at a time": kernels.plain_attention(*ops, 256),

@@ -72,7 +72,7 @@ def temperature(s: str) -> float:
 def _stops_on_term(command: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
     """`command`, stopped by SIGTERM and SIGHUP as by Ctrl-C (signals.like_ctrl_c): one line, and what it was
     writing removed, where their default actions ended the process silently (status 143 or 129). Not train's:
-    the Trainer saves on them itself, and in a group of ranks leaves SIGTERM to the launcher (train.py)."""
+    the Trainer saves on them itself (train.py)."""
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> None:
         with signals.like_ctrl_c():

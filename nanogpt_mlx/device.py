@@ -34,7 +34,8 @@ class Profile:
     name: str
     description: str
     dtype: str  # default compute dtype of training (`--dtype` overrides)
-    software_math: bool  # MLX computes exp/tanh in scalar software and reduces rows one number at a time here: use cpu.py
+    # MLX computes exp/tanh in scalar software and reduces rows one number at a time here: use cpu_math.py's
+    software_math: bool
     cpu_backend: bool  # MLX's CPU backend: BLAS preload, malloc tuning, gemv shim (cpu.py, at its import)
     loss_rows: int  # rows of logits the fused head + loss computes at a time (0: all)
     eval_batch: int  # HellaSwag examples (4 rows each) per forward pass
@@ -170,11 +171,11 @@ def _finish_queued_work() -> None:
 
 
 def child_env() -> dict[str, str]:
-    """os.environ for a child process: without what the CPU profiles set for MLX alone (cpu.child_env)."""
+    """os.environ for a child process: without what the CPU profiles set for MLX alone (cpu_jit.child_env)."""
     if PROFILE.cpu_backend:
-        from . import cpu
+        from . import cpu_jit
 
-        return cpu.child_env()
+        return cpu_jit.child_env()
     return dict(os.environ)
 
 
@@ -269,12 +270,12 @@ def notes() -> list[str]:
 
 
 def explain(e: RuntimeError) -> str | None:
-    """One line for an MLX error whose cause the profile knows (cpu.explain), or None."""
+    """One line for an MLX error whose cause the profile knows (cpu_jit.explain), or None."""
     if not PROFILE.cpu_backend:
         return None
-    from . import cpu
+    from . import cpu_jit
 
-    return cpu.explain(e)
+    return cpu_jit.explain(e)
 
 
 def info() -> list[tuple[str, str]]:

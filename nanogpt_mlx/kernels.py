@@ -2,10 +2,10 @@
 
 The model (its layers and its loss) and the optimizer call `kernels.attention`, `kernels.activation_matmul`,
 `kernels.square_sum`, `kernels.cross_entropy`... and never ask which device they run on (for_profile binds them).
-On MLX's x86 CPU backend (cpu-x86) they use cpu.py's multiply-add exp and GELU, its row reductions by lanes and
+On MLX's x86 CPU backend (cpu-x86) they use cpu_math.py's multiply-add exp and GELU, its row reductions by lanes and
 its BLAS sum of squares, and the MLP's activation is left to autodiff. Everywhere else they use `mx.exp`, MLX's
 row reductions and a float32 tanh GELU whose backward recomputes the MLP's activation from its input rather than
-keeping it; the sum of squares is `mx.sum`'s on the GPUs and cpu.py's BLAS one on MLX's ARM CPU backend (cpu-arm),
+keeping it; the sum of squares is `mx.sum`'s on the GPUs and cpu_math.py's BLAS one on MLX's ARM CPU backend (cpu-arm),
 whose own sum adds one number after another. Attention runs by plain ops on both CPUs (MLX has no fused kernel
 there); on Metal it is MLX's fused `mx.fast.scaled_dot_product_attention` forward with a backward that recomputes
 the probabilities; on CUDA cuDNN's fused kernel both ways where it applies, and plain ops elsewhere (float32, odd
@@ -323,14 +323,15 @@ def profile_attention(profile: device.Profile, plain: Attention) -> Attention:
 def for_profile(profile: device.Profile) -> Kernels:
     """The kernels of a profile (any profile runs on any backend: tests force GPU profiles on the CPU)."""
     if profile.software_math:
-        from . import cpu
+        from . import cpu_math
 
         # autodiff: recomputing the GELU's software tanh would cost more time than the memory is worth here
-        plain = plain_attention(cpu.exp, cpu.row_max, cpu.row_sum)
-        return Kernels(profile_attention(profile, plain), cpu.gelu, plain_activation_matmul(cpu.gelu),
-                       cpu.exp, cpu.row_max, cpu.row_sum, cpu.square_sum,
-                       *make_losses(profile.loss_rows, cpu.exp, row_max=cpu.row_max, row_sum=cpu.row_sum),
-                       described=(("attention", "plain ops with cpu.py's exp and reductions, 128 queries at a "
+        plain = plain_attention(cpu_math.exp, cpu_math.row_max, cpu_math.row_sum)
+        return Kernels(profile_attention(profile, plain), cpu_math.gelu, plain_activation_matmul(cpu_math.gelu),
+                       cpu_math.exp, cpu_math.row_max, cpu_math.row_sum, cpu_math.square_sum,
+                       *make_losses(profile.loss_rows, cpu_math.exp, row_max=cpu_math.row_max,
+                                    row_sum=cpu_math.row_sum),
+                       described=(("attention", "plain ops with cpu_math.py's exp and reductions, 128 queries at a "
                                                 "time, backward written out"),
                                   ("mlp backward", "autodiff")))
     recomputes = "the backward recomputes the probabilities 128 queries at a time"
@@ -350,9 +351,9 @@ def for_profile(profile: device.Profile) -> Kernels:
                           else "MLX ops (no NVIDIA GPU under this forced profile)"))
     square_sum = plain_square_sum
     if profile.cpu_backend:  # MLX's CPU sum adds one number after another: 0.6% low over an 8M-number bucket
-        from . import cpu
+        from . import cpu_math
 
-        square_sum = cpu.square_sum
+        square_sum = cpu_math.square_sum
     return Kernels(profile_attention(profile, plain_attention()), mlx_gelu, recomputing_activation_matmul(), mx.exp,
                    row_max, row_sum, square_sum, *make_losses(profile.loss_rows, mx.exp, rowwise),
                    described=tuple(described))

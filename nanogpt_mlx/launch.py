@@ -29,7 +29,7 @@ from .files import owned_temp_dir
 # seconds the other ranks have to end by themselves once one ended with an error status before they are stopped:
 # a stop they agreed on (a Ctrl-C to one rank, a bad shard, stdout gone) ends them all, rank 0 after its save
 END_GRACE = 5.0
-# seconds a rank stopped (SIGTERM) has to exit before it is killed: one that lives on is finishing a save
+# seconds a rank stopped (signals.GROUP_END) has to exit before it is killed: one that lives on is finishing a save
 RANK_GRACE = signals.SAVE_WAIT
 
 # `python -m nanogpt_mlx` (__main__.py), but a Ctrl-C while the rank still imports (its first half second) ends it
@@ -169,15 +169,16 @@ class _Ranks:
             self.kill_at = math.inf
 
     def _stop_rest(self) -> None:
-        """SIGTERM the live ranks, SIGKILL a frozen one (nothing it could save)."""
+        """End the live ranks (signals.GROUP_END: at once, or after the save in progress), SIGKILL a frozen one
+        (nothing it could save)."""
         for q, proc in self.live.items():
             if proc.poll() is not None:  # ended too, not by this launcher: seen next time round
                 continue
             if _stopped(proc.pid):
                 self._kill_frozen(q, proc)
             else:
-                proc.terminate()
-                self.sent[q] = signal.SIGTERM
+                proc.send_signal(signals.GROUP_END)
+                self.sent[q] = signals.GROUP_END
 
     def _kill_frozen(self, q: int, proc: subprocess.Popen) -> None:
         say(f"nanogpt-mlx: error: rank {q} was stopped (frozen)")

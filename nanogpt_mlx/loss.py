@@ -39,7 +39,7 @@ import mlx.core as mx
 EVAL_ROWS = 4096  # evaluation's chunk when training takes all rows at once
 GEMM_ROWS = 512  # fewest rows whose gradient GEMMs run together: a large enough GEMM on any device
 MAX_BOUND_CAP = 30.0  # the largest soft-cap whose bound keeps a row's sum from underflowing: exp(-2 * 30) is above
-# cpu.py's exp's flush to 0 (at exp(-64))
+# cpu_math.py's exp's flush to 0 (at exp(-64))
 Loss = Callable[..., mx.array]  # (h, head weight, targets, softcap=0.0) -> mean loss
 
 

@@ -14,6 +14,10 @@ from .errors import Stopped
 # seconds a save may hold a stop back (minutes for a large model): the other ranks wait this long for rank 0's, and
 # launch.py for a rank that its SIGTERM did not end (with several ranks, a save finishes first: deferred)
 SAVE_WAIT = 1800.0
+# launch.py's signal to the ranks left in a group that cannot finish (one of them ended with an error): end now, or
+# once the save in progress is done. Its default action ends the process, as SIGTERM's did; SIGTERM itself is a stop
+# request to every rank, which a scheduler sends them all at once (Slurm at a job's time limit or scancel)
+GROUP_END = signal.SIGUSR1
 
 
 @contextlib.contextmanager

@@ -263,19 +263,21 @@ class Trainer:
 
     @contextlib.contextmanager
     def _finishing_saves(self, written: Path | None = None) -> Iterator[None]:
-        """With several ranks, a SIGTERM (a launcher stopping the rest of a group one of whose ranks ended, after
-        END_GRACE) ends the process once the save in progress is done (SystemExit 143), not amid it, first saying
-        `written` where it was (the exit said nothing, the user left not knowing that the save finished); a single
-        process handles it as a stop request (_training)."""
+        """With several ranks, the launcher's end of a group one of whose ranks ended (signals.GROUP_END, after
+        END_GRACE) or a SIGTERM outside training ends the process once the save in progress is done (SystemExit), not
+        amid it, first saying `written` where it was (the exit said nothing, the user left not knowing that the save
+        finished); while training, a SIGTERM is a stop request (_training)."""
         if self.dist.world == 1:
             yield
             return
         try:
-            with signals.deferred(signal.SIGTERM):
+            with signals.deferred(signal.SIGTERM, signals.GROUP_END):
                 yield
-        except SystemExit:
+        except SystemExit as e:
             if written is not None and written.is_dir():  # (written whole or not at all: checkpoint.write)
-                self._say(f"stopped by SIGTERM: saved {written} (step {self.step}); continue with "
+                by = ("the launcher, as another rank ended" if e.code == 128 + signals.GROUP_END
+                      else signal.Signals(e.code - 128).name)
+                self._say(f"stopped by {by}: saved {written} (step {self.step}); continue with "
                           f"{self._resume_hint()}")
             raise
 
@@ -521,9 +523,9 @@ class Trainer:
     @contextlib.contextmanager
     def _training(self) -> Iterator[tqdm]:
         """While steps run and the last is saved: a progress bar, MLX's memory capped (--max-memory, or the measured
-        cap), and Ctrl-C saving. SIGTERM (kill, a scheduler) and SIGHUP save too, but only in a single process:
-        launch.py stops the surviving ranks of a failed group with SIGTERM, and they could not agree on a last
-        step (its ranks get the launcher's SIGHUP as a Ctrl-C)."""
+        cap), and Ctrl-C saving. SIGTERM (kill, a scheduler) and SIGHUP save too: with several ranks, one that a
+        rank gets is a stop that the ranks agree on, as a Ctrl-C is (a scheduler signals every rank at once; the
+        launcher ends the rest of a failed group with signals.GROUP_END instead)."""
         bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
                    disable=None if self.dist.is_main else True, dynamic_ncols=True)
         limit_before = mx.get_memory_limit()
@@ -531,9 +533,8 @@ class Trainer:
             mx.set_memory_limit(self._memory_cap or int(self.cfg.max_memory * 1e9))
         # SIGHUP (the terminal closed) too, unless ignored (nohup): the run would end unsaved
         hangup = [signal.SIGHUP] if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL else []
-        signums = [signal.SIGINT] + ([signal.SIGTERM, *hangup] if self.dist.world == 1 else [])
         try:
-            with signals.handlers(dict.fromkeys(signums, self._on_signal)):
+            with signals.handlers(dict.fromkeys([signal.SIGINT, signal.SIGTERM, *hangup], self._on_signal)):
                 yield bar
         finally:
             bar.close()

@@ -1,4 +1,4 @@
-"""cpu.py's kernel compiler on x86-64: MLX's fused CPU kernels built for AVX2 into a cache of their own, and
+"""cpu_jit.py's kernel compiler on x86-64: MLX's fused CPU kernels built for AVX2 into a cache of their own, and
 exp as one such kernel (with MLX's default flags it still works, by its float32 bits)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from nanogpt_mlx import cpu, device
+from nanogpt_mlx import cpu_jit, device
 
 # cpu.py sets MLX's CPU backend up on Linux only, and where the device profile is a CPU one (MLX's default device)
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or not device.PROFILE.cpu_backend,
@@ -21,22 +21,23 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or not device.PROFI
 PROBE = r"""
 import glob, json, os, subprocess, sys, tempfile
 import nanogpt_mlx
-from nanogpt_mlx import cpu
+from nanogpt_mlx import cpu_jit, cpu_math
 import mlx.core as mx
 import numpy as np
 
 x = mx.random.uniform(-63.9, 0, (1000,), key=mx.random.key(0))
-y = mx.compile(cpu.exp)(mx.concatenate([x, mx.array([-mx.inf, -1e30])]))
+y = mx.compile(cpu_math.exp)(mx.concatenate([x, mx.array([-mx.inf, -1e30])]))
 mx.eval(y)
 cache = glob.glob(os.path.join(os.environ.get("TMPDIR", "/tmp"), "mlx", "*", "cpu"))
 child = subprocess.run([sys.executable, "-c", "import nanogpt_mlx, os, tempfile; "
                         "print(tempfile.gettempdir(), os.environ['PATH'].count('jit-avx2'))"],
                        capture_output=True, text=True, check=True).stdout.split()
 print(json.dumps({
-    "avx2": cpu.jit_avx2, "jit": cpu.jit, "tmpdir": os.environ.get("TMPDIR"), "python_tmp": tempfile.gettempdir(),
+    "avx2": cpu_jit.jit_avx2, "jit": cpu_jit.jit, "tmpdir": os.environ.get("TMPDIR"),
+    "python_tmp": tempfile.gettempdir(),
     "path0": os.environ["PATH"].split(os.pathsep)[0], "child_tmp": child[0], "child_wrappers": int(child[1]),
-    "mktemp": subprocess.run(["mktemp", "-u"], env=cpu.child_env(), capture_output=True, text=True).stdout.strip(),
-    "child_path": cpu.child_env()["PATH"],
+    "mktemp": subprocess.run(["mktemp", "-u"], env=cpu_jit.child_env(), capture_output=True, text=True).stdout.strip(),
+    "child_path": cpu_jit.child_env()["PATH"],
     "kernels": sorted(os.path.basename(k) for k in glob.glob(os.path.join(cache[0], "*.so"))) if cache else [],
     "cache": cache[0] if cache else "", "err": float(np.max(np.abs(np.array(y[:-2]) / np.exp(np.array(x, dtype=np.float64)) - 1))),
     "tails": y[-2:].tolist()}))
@@ -44,7 +45,7 @@ print(json.dumps({
 
 x86_with_avx2 = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64")
-    or not {"avx2", "fma", "f16c"} <= set(cpu._cpuinfo("flags").split()) or shutil.which("g++") is None,
+    or not {"avx2", "fma", "f16c"} <= set(cpu_jit.cpuinfo("flags").split()) or shutil.which("g++") is None,
     reason="needs an x86-64 CPU with AVX2 and FMA, and g++")
 
 
@@ -73,7 +74,7 @@ def probe(tmp_path, prelude: str = "", **env) -> dict:
     system_tmp.mkdir()
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "TMPDIR": str(system_tmp),
            "NANOGPT_MLX_PROFILE": "cpu-x86", **env}
-    env.pop(cpu.SYSTEM_TMPDIR_ENV, None)
+    env.pop(cpu_jit.SYSTEM_TMPDIR_ENV, None)
     env["PATH"] = os.pathsep.join(d for d in env["PATH"].split(os.pathsep) if "jit-avx2" not in d)
     out = subprocess.run([sys.executable, "-c", prelude + PROBE], capture_output=True, text=True, env=env,
                          check=True)
@@ -186,10 +187,10 @@ def test_a_tmpdir_whose_path_the_shell_would_expand_moves_to_the_users_cache(tmp
 def test_a_kernel_that_cannot_be_loaded_is_explained(monkeypatch, tmp_path):
     """MLX's dlopen of a kernel on a noexec mount was a 30-line traceback."""
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    where = cpu._kernel_dir()
+    where = cpu_jit._kernel_dir()
     failed = RuntimeError(f"Could not load C++ shared library {where}/k.so: failed to map segment from shared object")
     statvfs = os.statvfs
-    monkeypatch.setattr(cpu.os, "statvfs", lambda p: os.statvfs_result(
+    monkeypatch.setattr(cpu_jit.os, "statvfs", lambda p: os.statvfs_result(
         (*statvfs(p)[:8], statvfs(p).f_flag | os.ST_NOEXEC, *statvfs(p)[9:])))
     assert device.explain(failed) == (f"MLX could not load a kernel that it compiled in {where} (a noexec mount: set "
                                       f"TMPDIR to a directory that allows executing): {failed}")
@@ -200,16 +201,17 @@ def test_a_kernel_that_cannot_be_compiled_is_explained(monkeypatch, tmp_path):
     import collections
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    where = cpu._kernel_dir()
+    where = cpu_jit._kernel_dir()
     made = RuntimeError(f"filesystem error: cannot create directories: No space left on device [{where}]")
     disk = collections.namedtuple("disk", "f_bavail f_frsize f_files f_favail")
-    monkeypatch.setattr(cpu.os, "statvfs", lambda p: disk(0, 4096, 100, 0))
-    assert cpu.explain(made) == f"MLX could not compile a kernel in {where} (its disk is full): {made}"
-    monkeypatch.setattr(cpu.os, "statvfs", lambda p: disk(10**6, 4096, 100, 50))
-    assert "(see the compiler's message): error: x" in cpu.explain(RuntimeError("[Compile::eval_cpu] g++\nerror: x"))
-    assert cpu.explain(RuntimeError("filesystem error: cannot create directories [/elsewhere]")) is None
+    monkeypatch.setattr(cpu_jit.os, "statvfs", lambda p: disk(0, 4096, 100, 0))
+    assert cpu_jit.explain(made) == f"MLX could not compile a kernel in {where} (its disk is full): {made}"
+    monkeypatch.setattr(cpu_jit.os, "statvfs", lambda p: disk(10**6, 4096, 100, 50))
+    said = cpu_jit.explain(RuntimeError("[Compile::eval_cpu] g++\nerror: x"))
+    assert "(see the compiler's message): error: x" in said
+    assert cpu_jit.explain(RuntimeError("filesystem error: cannot create directories [/elsewhere]")) is None
     monkeypatch.setenv("TMPDIR", str(tmp_path / "do$llar"))
-    assert "its path has $, which MLX's g++ command leaves to the shell" in cpu.explain(
+    assert "its path has $, which MLX's g++ command leaves to the shell" in cpu_jit.explain(
         RuntimeError("[Compile::eval_cpu] Failed to compile function"))
 
 
@@ -219,8 +221,9 @@ def test_no_gxx_is_said(tmp_path):
     (tmp_path / "bin").mkdir()
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": str(tmp_path / "bin"),
            "NANOGPT_MLX_PROFILE": "cpu-x86"}
-    said = ("import json, nanogpt_mlx; from nanogpt_mlx import cpu, device; import mlx.core as mx; "
-            "print(json.dumps([cpu.jit, device.notes(), mx.compile(cpu.exp)(mx.array([-1.0])).item()]))")
+    said = ("import json, nanogpt_mlx; from nanogpt_mlx import cpu_jit, cpu_math, device; "
+            "import mlx.core as mx; "
+            "print(json.dumps([cpu_jit.jit, device.notes(), mx.compile(cpu_math.exp)(mx.array([-1.0])).item()]))")
     proc = subprocess.run([sys.executable, "-c", said], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     jit, notes, e = json.loads(proc.stdout)

@@ -198,7 +198,7 @@ def test_each_rank_gets_its_share_of_the_cores_blas_threads(monkeypatch, n, thre
     monkeypatch.setattr(launch._Ranks, "start", lambda self, r, argv, env: envs.append(env))
     assert launch.launch_local(n, ["info"]) == 0
     assert [(env["OPENBLAS_NUM_THREADS"], env["MKL_NUM_THREADS"]) for env in envs] == [(threads, threads)] * n
-    # the system's TMPDIR, not the one cpu.py set for MLX's kernels (a rank sets that for itself)
+    # the system's TMPDIR, not the one cpu_jit.py set for MLX's kernels (a rank sets that for itself)
     assert all(env.get("TMPDIR") == device.child_env().get("TMPDIR") for env in envs)
 
 
@@ -622,6 +622,25 @@ def test_a_signal_to_the_ranks_launcher_stops_the_ranks_with_a_checkpoint(signum
     assert all(map(gone, ranks))  # waited for by the launcher
     (saved,) = sorted(tmp_path.glob("ckpt-*"))
     assert int(saved.name[5:]) == len(logged(tmp_path))
+
+
+@pytest.mark.parametrize("launcher_too", [False, True], ids=["ranks", "ranks-and-launcher"])
+def test_a_sigterm_to_every_rank_at_once_saves_a_checkpoint(launcher_too, data_dir, tmp_path):
+    """A scheduler ending a job (Slurm at its time limit, scancel) sends SIGTERM to each of its processes at once,
+    the ranks too, not only to the launcher: the ranks, which took SIGTERM's default action, ended at once, unsaved.
+    Now they agree on a step and save."""
+    proc, ranks = launch_two_ranks(data_dir, tmp_path)
+    try:
+        for pid in ranks + [proc.pid] * launcher_too:
+            os.kill(pid, signal.SIGTERM)
+        stdout, err = proc.communicate(timeout=60)
+    finally:
+        kill(ranks + [proc.pid])
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert "killed by" not in err, err
+    (saved,) = sorted(tmp_path.glob("ckpt-*"))
+    assert int(saved.name[5:]) == len(logged(tmp_path))
+    assert f"interrupted: saved {saved}" in stdout
 
 
 def test_the_ranks_launcher_started_under_nohup_trains_on_after_a_sighup(data_dir, tmp_path):

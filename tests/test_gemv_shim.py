@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from nanogpt_mlx import cpu
+from nanogpt_mlx import cpu, cpu_jit
 from nanogpt_mlx.errors import UserError
 
 
@@ -39,7 +39,7 @@ def test_a_failed_compile_names_the_compiler(cc, said, tmp_path, monkeypatch):
 
 
 def test_the_compiler_keeps_the_systems_temporary_directory(tmp_path, monkeypatch):
-    """Its temporary files went among MLX's kernels, where TMPDIR points for MLX (cpu._vectorize_jit)."""
+    """Its temporary files went among MLX's kernels, where TMPDIR points for MLX (cpu_jit._vectorize_jit)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     cc = tmp_path / "cc"
     cc.write_text(f"#!/bin/sh\necho \"$TMPDIR\" > {tmp_path / 'tmpdir'}\nexit 1\n")
@@ -47,9 +47,9 @@ def test_the_compiler_keeps_the_systems_temporary_directory(tmp_path, monkeypatc
     monkeypatch.setenv("CC", str(cc))
     with pytest.raises(OSError, match="failed"):
         cpu.build_gemv_shim()
-    assert (tmp_path / "tmpdir").read_text().strip() == cpu.child_env().get("TMPDIR", "")
-    if cpu.jit_avx2:
-        assert cpu.child_env()["TMPDIR"] == os.environ[cpu.SYSTEM_TMPDIR_ENV] != os.environ["TMPDIR"]
+    assert (tmp_path / "tmpdir").read_text().strip() == cpu_jit.child_env().get("TMPDIR", "")
+    if cpu_jit.jit_avx2:
+        assert cpu_jit.child_env()["TMPDIR"] == os.environ[cpu_jit.SYSTEM_TMPDIR_ENV] != os.environ["TMPDIR"]
 
 
 def close(ours: mx.array, ref: np.ndarray) -> None:

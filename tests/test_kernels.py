@@ -1,4 +1,4 @@
-"""Every device profile's kernels against plain MLX references (profiles forced on the CPU): cpu.py's
+"""Every device profile's kernels against plain MLX references (profiles forced on the CPU): cpu_math.py's
 multiply-add exp/softmax/GELU, attention (in blocks of queries, recomputing, the profile's choice), the
 fused head + loss at CPU and GPU chunk sizes and dtypes, activation checkpointing, and an import under a GPU
 profile that loads no CPU machinery."""
@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from nanogpt_mlx import GPT, GPTConfig, cpu, device, kernels, memory
+from nanogpt_mlx import GPT, GPTConfig, cpu, cpu_math, device, kernels, memory
 from nanogpt_mlx.loss import make_losses
 
 PROFILES = list(device.PROFILES.values())
@@ -31,18 +31,18 @@ def maybe_compile(request):
     return mx.compile if request.param else (lambda f: f)
 
 
-# --------------------------------------------------------------------------- cpu.py's math
+# ---------------------------------------------------------------------- cpu_math.py's math
 def test_exp_is_accurate_to_float32_rounding(maybe_compile):
     z = mx.concatenate([mx.linspace(-63.99, 0, 200001), mx.array([-1e-30, 0.0])])
-    got = np.array(maybe_compile(cpu.exp)(z), dtype=np.float64)
+    got = np.array(maybe_compile(cpu_math.exp)(z), dtype=np.float64)
     rel = np.abs(got / np.exp(np.array(z, dtype=np.float64)) - 1)
     assert rel.max() < 2e-7  # ~1.7 ulp; without the polynomial's last term 3.3
     assert got[-1] == 1.0
     # 0 from -64 down (below 1.6e-28, nothing next to the 1 each caller adds): products of the ~1e-38 that the clamp
     # alone gave, or of exp(-80)-sized results, are denormal, and some x86 CPUs take a microcode assist for each
-    far = maybe_compile(cpu.exp)(mx.array([-mx.inf, -1e30, -87.3, -64.0, -63.99]))
+    far = maybe_compile(cpu_math.exp)(mx.array([-mx.inf, -1e30, -87.3, -64.0, -63.99]))
     assert far.tolist()[:4] == [0.0, 0.0, 0.0, 0.0] and far[4].item() == pytest.approx(math.exp(-63.99), rel=3e-7)
-    np.testing.assert_allclose(np.array(mx.grad(lambda x: cpu.exp(x).sum())(z[:100])),
+    np.testing.assert_allclose(np.array(mx.grad(lambda x: cpu_math.exp(x).sum())(z[:100])),
                                np.exp(np.array(z[:100])), rtol=3e-7)
 
 
@@ -53,7 +53,7 @@ def test_gelu_survives_extreme_inputs(profile):
     x = mx.array([-1e20, 1e20, 0.0])
     grad = mx.grad(lambda x: k.activation_matmul("gelu", x, mx.eye(3)).sum())(x)
     np.testing.assert_allclose(grad.tolist(), [0.0, 1.0, 0.5], atol=1e-30)
-    np.testing.assert_allclose(mx.grad(lambda x: cpu.gelu(x).sum())(x).tolist(), [0.0, 1.0, 0.5], atol=1e-30)
+    np.testing.assert_allclose(mx.grad(lambda x: cpu_math.gelu(x).sum())(x).tolist(), [0.0, 1.0, 0.5], atol=1e-30)
 
 
 # --------------------------------------------------------------------------- every profile
@@ -93,7 +93,7 @@ def test_gelu_exp_square_sum_equal_reference(profile, maybe_compile):
                                np.array(mx.grad(lambda x: nn.gelu_approx(x).sum())(x)), rtol=1e-5, atol=3e-6)
     z = mx.linspace(-80, 0, 1001)
     z64 = np.array(z, dtype=np.float64)
-    # MLX's own: ~4e-6; cpu.py's is 0 from -64 down (2e-28 next to the 1 each caller adds)
+    # MLX's own: ~4e-6; cpu_math.py's is 0 from -64 down (2e-28 next to the 1 each caller adds)
     np.testing.assert_allclose(np.array(maybe_compile(k.exp)(z)), np.exp(z64), rtol=5e-6, atol=2e-28)
     g = mx.random.normal((3, 7, 256), key=mx.random.key(5))
     np.testing.assert_allclose(maybe_compile(k.square_sum)(g).item(), np.square(np.array(g, np.float64)).sum(), rtol=1e-5)
@@ -115,7 +115,8 @@ def test_square_sum_of_a_bucket_is_accurate_on_cpus(profile):
 
 
 ATTENTION_KINDS = {"plain, MLX ops": lambda block: kernels.plain_attention(block=block),
-                   "plain, cpu.py ops": lambda block: kernels.plain_attention(cpu.exp, cpu.row_max, cpu.row_sum, block),
+                   "plain, cpu_math.py ops": lambda block: kernels.plain_attention(cpu_math.exp, cpu_math.row_max,
+                                                                                   cpu_math.row_sum, block),
                    "recomputing": lambda block: partial(kernels.recomputing_attention, block=block)}
 
 
@@ -552,7 +553,8 @@ import nanogpt_mlx
 from nanogpt_mlx import cli, device, kernels, train, evaluate, sample
 import mlx.core as mx
 maps = open("/proc/self/maps").read() if sys.platform == "linux" else ""  # the libraries loaded (Linux)
-print(json.dumps({"profile": device.PROFILE.name, "cpu_module": "nanogpt_mlx.cpu" in sys.modules,
+cpu_modules = [m for m in ("cpu", "cpu_jit", "cpu_math") if f"nanogpt_mlx.{m}" in sys.modules]
+print(json.dumps({"profile": device.PROFILE.name, "cpu_modules": cpu_modules,
                   "system_openblas": "libopenblas.so" in maps, "gemv_shim": "gemv_shim" in maps,
                   "subprocesses": len(calls), "mlx_exp": kernels.BOUND.exp is mx.exp}))
 """
@@ -563,7 +565,7 @@ def test_gpu_profile_import_loads_no_cpu_machinery(forced):
     env = {**os.environ, device.PROFILE_ENV: forced}
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=True)
     got = json.loads(out.stdout)
-    assert got == {"profile": forced, "cpu_module": False, "system_openblas": False, "gemv_shim": False,
+    assert got == {"profile": forced, "cpu_modules": [], "system_openblas": False, "gemv_shim": False,
                    "subprocesses": 0, "mlx_exp": True}
 
 
@@ -571,7 +573,7 @@ def test_cpu_profile_import_binds_cpu_kernels():
     env = {**os.environ, device.PROFILE_ENV: "cpu-x86"}
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=True)
     got = json.loads(out.stdout)
-    assert got["profile"] == "cpu-x86" and got["cpu_module"] and not got["mlx_exp"]
+    assert got["profile"] == "cpu-x86" and got["cpu_modules"] == ["cpu", "cpu_jit", "cpu_math"] and not got["mlx_exp"]
 
 
 @pytest.mark.parametrize("platform_name, machine, installed, expected", [
@@ -679,9 +681,10 @@ def test_recomputed_gelu_keeps_what_relu2_keeps(monkeypatch):
 
 @pytest.mark.parametrize("n", [1, 7, 16, 256, 1000, 4096, 50257, 50304])
 def test_row_reductions_by_lanes_equal_mlx(n):
-    """cpu.py's row_max / row_sum reduce lanes at a time where the row length allows (and as one row where not):
+    """cpu_math.py's row_max / row_sum reduce lanes at a time where the row length allows (and as one row where not):
     the same maxima exactly, the same sums to float32 rounding."""
     x = mx.random.normal((3, 5, n), key=mx.random.key(n)) * 10
-    assert cpu._lanes(n) == {16: 8, 256: 32, 1000: 8, 4096: 128, 50304: 128}.get(n, 0)
-    np.testing.assert_array_equal(np.array(cpu.row_max(x)), np.array(x.max(axis=-1, keepdims=True)))
-    np.testing.assert_allclose(np.array(cpu.row_sum(x)), np.array(x.sum(axis=-1, keepdims=True)), rtol=1e-5, atol=1e-3)
+    assert cpu_math._lanes(n) == {16: 8, 256: 32, 1000: 8, 4096: 128, 50304: 128}.get(n, 0)
+    np.testing.assert_array_equal(np.array(cpu_math.row_max(x)), np.array(x.max(axis=-1, keepdims=True)))
+    np.testing.assert_allclose(np.array(cpu_math.row_sum(x)), np.array(x.sum(axis=-1, keepdims=True)), rtol=1e-5,
+                               atol=1e-3)

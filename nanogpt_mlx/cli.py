@@ -114,7 +114,7 @@ def add_sample(sub) -> None:
                    help="hub id (gpt2, gpt2-medium, ...), local Hugging Face directory or checkpoint dir (default: gpt2)")
     p.add_argument("--prompt", default="Hello, I'm a language model,",
                    help="text to continue ('<|endoftext|>' in it is that token, as in transformers and mlx-lm); '' "
-                        "starts from the <|endoftext|> token "
+                        "starts from the <|endoftext|> token, which the samples do not show "
                         "(default: \"Hello, I'm a language model,\")")
     p.add_argument("--num-samples", type=positive_int, default=5,
                    help="samples, generated as one batch; 1 streams its text as it comes (default: 5)")

@@ -215,6 +215,12 @@ def _prompt_ids(model: GPT, prompt: str, cfg: SampleConfig) -> list[int]:
     return prepare_prompt(model, encode(prompt, special=True), cfg)
 
 
+def _shown(prompt: str, ids: list[int]) -> list[int]:
+    """The prompt's tokens as its samples show them: the <|endoftext|> that an empty prompt starts from is the model's
+    start, not text that the prompt had."""
+    return ids if prompt else []
+
+
 def sample_texts(model: GPT, prompt: str, cfg: SampleConfig | None = None, num_samples: int = 1) -> list[str]:
     """Prompt + continuation of each sample, cut at <|endoftext|> unless cfg.stop_at_eot is off."""
     cfg = _config(cfg)
@@ -226,7 +232,7 @@ def sample_texts(model: GPT, prompt: str, cfg: SampleConfig | None = None, num_s
             row.append(t)
     if cfg.stop_at_eot:
         new = [row[: row.index(EOT)] if EOT in row else row for row in new]
-    return [decode(ids + row) for row in new]
+    return [decode(_shown(prompt, ids) + row) for row in new]
 
 
 def stream_text(model: GPT, prompt: str, cfg: SampleConfig | None = None) -> Iterator[str]:
@@ -235,7 +241,7 @@ def stream_text(model: GPT, prompt: str, cfg: SampleConfig | None = None) -> Ite
     ids = _prompt_ids(model, prompt, cfg)
     enc = get_tokenizer()
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    yield dec.decode(enc.decode_bytes(ids))
+    yield dec.decode(enc.decode_bytes(_shown(prompt, ids)))
     for tok in generate(model, ids, cfg, 1):
         t = tok.item()
         if t == EOT and cfg.stop_at_eot:

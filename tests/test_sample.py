@@ -206,8 +206,11 @@ def test_empty_prompt_starts_from_end_of_text(model):
     cfg = SampleConfig(max_new_tokens=5, greedy=True, stop_at_eot=False)
     assert tokens(model, cfg, prompt=[]) == tokens(model, cfg, prompt=[EOT])
     assert len(encode("")) == 0
-    # the token's text in a prompt is the token, as for transformers and mlx-lm
-    assert sample_texts(model, "<|endoftext|>", cfg) == sample_texts(model, "", cfg)
+    # the token's text in a prompt is the token, as for transformers and mlx-lm; an empty prompt's samples show
+    # the continuation alone (they began with an "<|endoftext|>" that the prompt did not have)
+    (given,) = sample_texts(model, "<|endoftext|>", cfg)
+    assert given.startswith("<|endoftext|>") and sample_texts(model, "", cfg) == [given[len("<|endoftext|>"):]]
+    assert "".join(stream_text(model, "", cfg)) == given[len("<|endoftext|>"):]
     # a model without that token: the error was of a token id 50256 in "the prompt", which had none
     small = GPT(GPTConfig(block_size=64, vocab_size=1000, n_layer=1, n_head=2, n_embd=16), seed=0)
     with pytest.raises(UserError, match=r"^an empty prompt starts from <\|endoftext\|>, which has token id 50256, "

@@ -180,7 +180,8 @@ def add_export(sub) -> None:
 
 
 def cmd_export(args) -> None:
-    from .weights import EXPORT_FILES, check_export_target, export_hf, load_model
+    from .export import EXPORT_FILES, check_export_target, export_hf
+    from .weights import load_model
 
     check_export_target(args.out, args.force, source=args.src)  # before the (maybe long) load
     export_hf(load_model(args.src), args.out, force=args.force)

@@ -1,10 +1,9 @@
-"""Model weights in and out: Hugging Face GPT-2 (a local directory, or from the hub: hub.py) and this project's
-checkpoints.
+"""Model weights in: Hugging Face GPT-2 (a local directory, or from the hub: hub.py) and this project's model format
+(save_model; out to Hugging Face's: export.py).
 
 Hugging Face GPT-2 stores its projections as Conv1D, shape (in, out); MLX's Linear is (out, in),
 so conversion is transposes plus, on the way in, dropping the `transformer.` prefix that
-`save_pretrained` writes. Exports use the names of the hub's `gpt2` repository (no prefix), which
-`transformers` and mlx-lm both load, and come with GPT-2's tokenizer files. Only safetensors are
+`save_pretrained` writes. Only safetensors are
 read (float64 ones, which MLX cannot read, with numpy): pickled `pytorch_model.bin` files can run code and are
 refused. config.json is checked against the weights file's header before a model is built, so a wrong size fails
 at once.
@@ -22,23 +21,14 @@ import numpy as np
 
 from .console import few, warn
 from .errors import UserError, check_bool, first_line
-from .files import (STAGING, atomic_dir, atomic_files, atomic_path, atomic_write_text, cannot, check_writable,
-                    mlx_path, named_dir, read_json, user_path)
-from .hf_tokenizer import OTHER_TOKENIZER_FILES, TOKENIZER_FILES, write_tokenizer_files
+from .files import atomic_path, atomic_write_text, cannot, mlx_path, named_dir, read_json, user_path
 from .hub import SHARD_INDEX, download, shard_names
 from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig, check_gpt
-from .tokenizer import EOT
 
 HF_FILES = ["config.json", "model.safetensors"]
 TRAINER_STATE = "trainer.json"  # beside the model in a run's checkpoint (checkpoint.STATE_FILE): not to save over
-EXPORT_FILES = [*HF_FILES, "generation_config.json", *TOKENIZER_FILES]
-# weight files that loaders read beside or instead of model.safetensors (mlx-lm loads every model*.safetensors,
-# transformers the others where it finds no safetensors): an export over a directory removes them
-OTHER_WEIGHTS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
-                 "pytorch_model.bin.index.json", "tf_model*.h5", "tf_model.h5.index.json", "flax_model*.msgpack",
-                 "flax_model.msgpack.index.json")
 NATIVE_FORMAT = "nanogpt-mlx"  # marker in config.json of this project's checkpoints
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # the task heads of transformers' other GPT-2 models (GPT2DoubleHeadsModel, ...ForSequenceClassification,
 # ...ForTokenClassification, ...ForQuestionAnswering): their GPT-2 loads as a language model without them, as in
 # transformers' GPT2LMHeadModel
@@ -55,42 +45,8 @@ def sanitize(hf_weights: dict[str, mx.array], tied: bool = True) -> dict[str, mx
                 k.startswith(_TASK_HEADS):
             continue  # a tied lm_head is wte; then causal-mask buffers, and heads of other tasks than GPT-2's
         # a copy, not a transposed view: strided weights take a slower matmul path at every step
-        out[k] = mx.contiguous(w.T) if k.endswith(_CONV1D) else w
+        out[k] = mx.contiguous(w.T) if k.endswith(CONV1D) else w
     return out
-
-
-def to_hf(model: GPT) -> dict[str, mx.array]:
-    """This project's tensors -> the hub's `gpt2` names and Conv1D layouts, padded vocab cropped to 50257."""
-    out = {}
-    for k, w in model.parameters_flat():
-        if k == "wte.weight" and w.shape[0] > GPT2_VOCAB_SIZE:
-            w = w[:GPT2_VOCAB_SIZE]
-        out[k] = mx.contiguous(w.T if k.endswith(_CONV1D) else w)
-    return out
-
-
-def hf_config(config: GPTConfig) -> dict:
-    """config.json of a Hugging Face GPT-2 with this architecture."""
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": 1e-5,
-        "n_positions": config.block_size,
-        "n_ctx": config.block_size,
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "vocab_size": min(config.vocab_size, GPT2_VOCAB_SIZE),
-        "bos_token_id": EOT,
-        "eos_token_id": EOT,
-        "tie_word_embeddings": True,
-    }
-
-
-def generation_config() -> dict:
-    """generation_config.json: generation stops at <|endoftext|>, as `sample` does."""
-    return {"bos_token_id": EOT, "eos_token_id": EOT}
 
 
 def _read_config(directory: Path) -> dict:
@@ -368,9 +324,9 @@ def save_model(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> N
                       json.dumps({"format": NATIVE_FORMAT, "model": model.config.to_dict()}, indent=2))
 
 
-def _run_checkpoints(out: Path) -> list[Path]:
+def run_checkpoints(out: Path) -> list[Path]:
     """The checkpoints of this project's format in `out`, a training run's OUT (OUT/ckpt-*: checkpoint.py's)."""
-    return [d for d in sorted(out.glob("ckpt-*")) if _is_native(d)]
+    return [d for d in sorted(out.glob("ckpt-*")) if is_native(d)]
 
 
 def _check_save_target(out: Path, force: bool) -> None:
@@ -380,7 +336,7 @@ def _check_save_target(out: Path, force: bool) -> None:
         raise UserError(f"{out}: exists and is not a directory; choose a directory for the model")
     if not out.is_dir():
         return
-    if found := _run_checkpoints(out):
+    if found := run_checkpoints(out):
         raise UserError(f"{out}: is a training run (it holds {found[-1].name}), whose model the save would replace; "
                         "save to another directory")
     if (out / TRAINER_STATE).exists():
@@ -388,86 +344,13 @@ def _check_save_target(out: Path, force: bool) -> None:
                         "save to another directory")
     # a model saved here before may be saved over, nothing else unforced (temporaries are a save's killed midway)
     names = {p.name for p in out.iterdir() if not p.name.startswith((".model.tmp", ".config.tmp"))}
-    if names and not (names <= set(HF_FILES) and _is_native(out)) and not force:
+    if names and not (names <= set(HF_FILES) and is_native(out)) and not force:
         raise UserError(f"{out}: directory is not empty (nor a model saved by save_model alone); pass force=True to "
                         "write into it, or choose another")
 
 
-def _is_native(directory: Path) -> bool:
+def is_native(directory: Path) -> bool:
     """Whether `directory` holds this project's model format (its config.json says so)."""
     with contextlib.suppress(UserError):  # no or bad config.json: not ours
         return directory.is_dir() and _read_config(directory).get("format") == NATIVE_FORMAT
     return False
-
-
-def check_export_target(out_dir: str | os.PathLike, force: bool = False, source: str | os.PathLike | None = None) -> Path:
-    """Where an export may go: a new or empty directory (any directory with `force`), never a file,
-    the `source` directory itself or a nanogpt-mlx run or checkpoint, which would lose its own format."""
-    check_bool("force", force)  # "no" would force
-    out = user_path(mlx_path(named_dir(out_dir, "export directory")))
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory; choose a directory for the export")
-    check_writable(out)
-    if not out.is_dir():
-        return out
-    if source is not None and user_path(source).is_dir() and out.samefile(user_path(source)):
-        raise UserError(f"{out}: is the model being exported; write the export to another directory")
-    # a run is known by its checkpoints too: its top-level config.json may be gone (removed, or a run killed before
-    # its first save pointed OUT at one), and --force wrote the export among them
-    if _is_native(out) or _run_checkpoints(out):
-        raise UserError(f"{out}: holds a nanogpt-mlx checkpoint, which the export would overwrite; "
-                        "write it to another directory")
-    # a staging directory is another export's, running or killed (removing it could break a running one)
-    if any(not p.name.startswith(STAGING) for p in out.iterdir()) and not force:
-        raise UserError(f"{out}: directory is not empty; pass --force to write into it, or choose another")
-    return out
-
-
-def check_gpt2(config: GPTConfig) -> None:
-    """Refuse a model that Hugging Face's GPT-2 (and mlx-lm's gpt2) would load as a different model, or that GPT-2's
-    tokenizer, written with it, does not fit."""
-    if config.vocab_size < GPT2_VOCAB_SIZE:  # the tokenizer's ids past its rows fail in transformers' pipeline
-        raise UserError(f"cannot export as Hugging Face GPT-2: vocab_size {config.vocab_size} has no rows for all "
-                        f"{GPT2_VOCAB_SIZE} tokens of GPT-2's tokenizer, which the export writes; keep it as a "
-                        "nanogpt-mlx checkpoint")
-    # init only sets the starting weights, and rope_base acts only with rope: neither changes the model exported
-    switches = {k: v for k, v in config.switches().items() if k != "init" and (k != "rope_base" or config.rope)}
-    untied = switches.pop("tie_embeddings", None) is not None
-    reasons = []
-    if switches:
-        reasons.append(f"switches GPT-2 does not have ({', '.join(f'{k}={v}' for k, v in switches.items())})")
-    if untied:  # Hugging Face's GPT-2 may be untied, but mlx-lm's gpt2 reads wte as its head
-        reasons.append("its own lm_head (tie_embeddings=False), which mlx-lm's gpt2 ignores for wte")
-    if reasons:  # (a recipe's model trains on from its checkpoint; an untied GPT-2 has no recipe)
-        keep = "keep it as a nanogpt-mlx checkpoint (sample, eval and train --init-from read it)" if switches else \
-            "sample and eval read it as it is"
-        raise UserError(f"cannot export as Hugging Face GPT-2: the model has {' and '.join(reasons)}; {keep}")
-
-
-def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> None:
-    """Write a Hugging Face GPT-2 directory (weights, config, generation config, tokenizer) that
-    `transformers` (`from_pretrained`, `pipeline`) and mlx-lm (`load`) read as they read the hub's `gpt2`. Into
-    an existing directory (`force`) it also removes the weight and tokenizer files that loaders would read with it
-    there.
-    A model with switches GPT-2 does not have (the speedrun recipe's) is refused before anything is written."""
-    check_gpt(model)
-    check_gpt2(model.config)
-    out_dir = check_export_target(out_dir, force)
-    if not out_dir.exists():  # all the files or none (a full disk midway)
-        with atomic_dir(out_dir) as tmp:
-            _write_hf(model, tmp)
-        return
-    # over an earlier export: it stays whole on a failure; another model's weights and tokenizer files go with it, or
-    # loaders mix them in
-    others = sorted({p.name for pattern in (*OTHER_WEIGHTS, *OTHER_TOKENIZER_FILES) for p in out_dir.glob(pattern)}
-                    - set(EXPORT_FILES))
-    with atomic_files(out_dir, EXPORT_FILES, remove=others) as staging:
-        _write_hf(model, staging)
-
-
-def _write_hf(model: GPT, out_dir: Path) -> None:
-    with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_safetensors(tmp, to_hf(model), metadata={"format": "pt"})
-    atomic_write_text(out_dir / "config.json", json.dumps(hf_config(model.config), indent=2))
-    atomic_write_text(out_dir / "generation_config.json", json.dumps(generation_config(), indent=2))
-    write_tokenizer_files(out_dir, model.config.block_size)

@@ -107,7 +107,7 @@ def test_readme_api_table_names_exist():
             importlib.import_module(f"nanogpt_mlx.{name}")
         else:
             assert hasattr(importlib.import_module(f"nanogpt_mlx.{module}"), name), (module, name)
-    for needed in [("sample", "SampleConfig"), ("evaluate", "load_hellaswag"), ("weights", "export_hf"),
+    for needed in [("sample", "SampleConfig"), ("evaluate", "load_hellaswag"), ("export", "export_hf"),
                    ("weights", "load_model"), ("config", "TrainConfig"), ("train", "Trainer"),
                    ("prepare", "PrepareConfig")]:
         assert needed in names, needed

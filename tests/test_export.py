@@ -10,7 +10,8 @@ from conftest import assert_one_line_error, run_cli
 
 from nanogpt_mlx.errors import UserError
 from nanogpt_mlx.sample import SampleConfig, sample_texts
-from nanogpt_mlx.weights import EXPORT_FILES, export_hf, load_model
+from nanogpt_mlx.export import EXPORT_FILES, export_hf
+from nanogpt_mlx.weights import load_model
 
 PROMPT = "ROMEO: Wherefore art thou"
 NEW_TOKENS = 24
@@ -175,13 +176,13 @@ def test_text_a_terminal_cannot_show_is_replaced(tiny_hf_dir):
 
 def test_an_export_that_fails_midway_leaves_nothing(tiny_hf_dir, tmp_path, monkeypatch):
     """A full disk after the weights were written left a directory that looked like a model and was not one."""
-    from nanogpt_mlx import weights
+    from nanogpt_mlx import export
     from nanogpt_mlx.errors import UserError
 
     def full_disk(out_dir, block_size):
         raise UserError(f"{out_dir}/vocab.json: cannot write (No space left on device)")
 
-    monkeypatch.setattr(weights, "write_tokenizer_files", full_disk)
+    monkeypatch.setattr(export, "write_tokenizer_files", full_disk)
     model = load_model(tiny_hf_dir)
     (tmp_path / "empty").mkdir()
     for target in ("new", "empty"):
@@ -198,12 +199,12 @@ def test_an_export_that_fails_midway_leaves_nothing(tiny_hf_dir, tmp_path, monke
 
 SIGNAL_MIDWAY = """
 import os, signal, sys
-from nanogpt_mlx import cli, weights
-real = weights.write_tokenizer_files
+from nanogpt_mlx import cli, export
+real = export.write_tokenizer_files
 def signalled(out_dir, block_size):  # the weights are written by now
     os.kill(os.getpid(), getattr(signal, sys.argv[1]))
     real(out_dir, block_size)
-weights.write_tokenizer_files = signalled
+export.write_tokenizer_files = signalled
 sys.exit(cli.main(sys.argv[2:]))
 """
 
@@ -232,7 +233,7 @@ def test_an_export_over_another_that_fails_midway_keeps_the_other_whole(tiny_hf_
                                                                        monkeypatch):
     """--force over an earlier export replaced it file by file: a Ctrl-C or a full disk midway left the new weights
     with the old config.json, a model nothing could load."""
-    from nanogpt_mlx import weights
+    from nanogpt_mlx import export
     from nanogpt_mlx.errors import UserError
 
     out = tmp_path / "out"
@@ -242,7 +243,7 @@ def test_an_export_over_another_that_fails_midway_keeps_the_other_whole(tiny_hf_
     def full_disk(out_dir, block_size):
         raise UserError(f"{out_dir}/vocab.json: cannot write (No space left on device)")
 
-    monkeypatch.setattr(weights, "write_tokenizer_files", full_disk)
+    monkeypatch.setattr(export, "write_tokenizer_files", full_disk)
     with pytest.raises(UserError, match=f"^{out}/vocab.json: cannot write"):
         export_hf(load_model(lively_hf_dir), out, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing staged is left either
@@ -289,7 +290,7 @@ def test_export_into_the_working_directory_and_through_a_link(tiny_hf_dir, tmp_p
 def test_what_another_export_stages_is_neither_in_the_way_nor_removed(tiny_hf_dir, tmp_path):
     """A staging directory (of an export running, or killed) made an otherwise empty target "not empty"; removing it
     broke the export that was running."""
-    from nanogpt_mlx.weights import STAGING
+    from nanogpt_mlx.files import STAGING
 
     out = tmp_path / "out"
     (out / f"{STAGING}abc").mkdir(parents=True)

@@ -357,7 +357,8 @@ def test_a_path_of_a_user_that_does_not_exist_is_one_line(tiny_hf_dir, tmp_path,
     Path.expanduser's RuntimeError ("Could not determine home directory.") was a traceback."""
     from nanogpt_mlx import shards, sources
     from nanogpt_mlx.files import user_path
-    from nanogpt_mlx.weights import check_export_target, export_hf, load_model
+    from nanogpt_mlx.export import check_export_target, export_hf
+    from nanogpt_mlx.weights import load_model
 
     assert_one_line_error(run_cli("sample", "--model", f"{NO_USER}/x"), f"{NO_USER}/x: no such user")
     model = load_model(tiny_hf_dir)

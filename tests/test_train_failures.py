@@ -151,7 +151,8 @@ def test_a_trainer_dropped_untrained_leaves_no_run_to_replace(data_dir, tmp_path
 
 def test_a_new_run_does_not_replace_a_model_without_overwrite(data_dir, tmp_path):
     """An export, or a finished run whose checkpoints were deleted: a new run's start removed its model."""
-    from nanogpt_mlx.weights import export_hf, load_model
+    from nanogpt_mlx.export import export_hf
+    from nanogpt_mlx.weights import load_model
 
     out = tmp_path / "exported"
     Trainer(tiny_config(data_dir, tmp_path / "src", max_steps=1, vocab_size=50304)).train()  # GPT-2 tokenizer's rows

@@ -12,7 +12,8 @@ from conftest import assert_one_line_error, run_cli
 from test_model import hf_logits
 
 from nanogpt_mlx import GPT, GPTConfig, UserError, recipes
-from nanogpt_mlx.weights import export_hf, load_model, save_model
+from nanogpt_mlx.export import export_hf
+from nanogpt_mlx.weights import load_model, save_model
 
 SMALL = GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)
 
@@ -467,7 +468,7 @@ def test_an_untied_lm_head_loads_as_transformers_reads_it(tmp_path):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from nanogpt_mlx.weights import export_hf
+    from nanogpt_mlx.export import export_hf
 
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, tie_word_embeddings=False))

@@ -431,7 +431,8 @@ def cmd_train(args) -> None:
     from .checkpoint import checkpoints
     from .config import TrainConfig, check_total_batch, resume_config
     from .distributed import init
-    from .files import lock_dir, shell_word, unlock_dir, user_path
+    from .files import shell_word, user_path
+    from .locks import lock_dir, unlock_dir
     from .launch import check_ranks, launch_local
     from .train import Trainer
 

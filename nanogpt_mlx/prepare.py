@@ -38,7 +38,8 @@ from . import device, signals
 from .console import counted, warn
 from .documents import Part, plan_parts, read_docs
 from .errors import UserError, check_types
-from .files import LOCK_FILE, lock_dir, named_dir, unlock_dir, user_path
+from .files import named_dir, user_path
+from .locks import LOCK_FILE, lock_dir, unlock_dir
 from .shards import FORMAT, ShardWriter, complete, resume, warn_of_thin_splits, write_manifest
 from .sources import Source, Unit
 from .tokenizer import EOT, EOT_TEXT, get_tokenizer
@@ -277,7 +278,7 @@ def prepare(source: Source, out: str | os.PathLike, config: PrepareConfig | None
 
     Uses worker processes; with the spawn start method (macOS, Windows) call it under
     `if __name__ == "__main__":` as for any multiprocessing code. A second prepare into the same `out` while
-    this one runs is refused (files.lock_dir).
+    this one runs is refused (locks.lock_dir).
     """
     if not isinstance(source, Source):  # a path to the text was an AttributeError deep inside
         raise UserError(f"source must be a Source (sources.local_files(paths), sources.shakespeare(), "

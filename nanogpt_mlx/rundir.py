@@ -1,6 +1,6 @@
 """A training run's directory (OUT) as one Trainer writes it: whose it is, and when it is locked.
 
-Another process must not write OUT while a Trainer sets up or trains there (files.lock_dir: the same command
+Another process must not write OUT while a Trainer sets up or trains there (locks.lock_dir: the same command
 twice, a scheduler's retry of a job still alive), but between two train() calls OUT is free. So before each write a
 Trainer's RunDir checks that OUT is still its own: no newer Trainer of OUT was made in this process (a notebook's
 cell run again), and no other process wrote or removed OUT's checkpoints since this one last saved or resumed.
@@ -17,7 +17,8 @@ from pathlib import Path
 
 from . import checkpoint
 from .errors import UserError
-from .files import check_writable, lock_dir, mlx_path, remove_stale_temps, unlock_dir
+from .files import check_writable, mlx_path, remove_stale_temps
+from .locks import lock_dir, unlock_dir
 
 # the RunDir of each OUT in this process, the latest made: an older one's Trainer would write that run's
 # checkpoints and logs with its own

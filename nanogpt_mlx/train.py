@@ -40,7 +40,8 @@ from .config import (DTYPES, MODEL_FIELDS, TrainConfig, check_total_batch, forei
 from .console import PEER_FAILED, say, size, warn
 from .data import DataLoader
 from .errors import Stopped, UserError, check_bool, first_line
-from .files import devnull_onto, refuse_locked, shell_word, user_path
+from .files import devnull_onto, shell_word, user_path
+from .locks import refuse_locked
 from .model import GPT, GPTConfig
 from .optim import Packing
 from .rundir import RunDir

@@ -423,7 +423,7 @@ def test_a_refusal_of_rank_0_alone_is_not_followed_by_a_lost_peer(data_dir, tmp_
     """OUT held by another run: rank 0 refused it at start, and rank 1, waiting for it, added "lost a peer rank"."""
     from conftest import run_cli
 
-    from nanogpt_mlx.files import lock_dir, unlock_dir
+    from nanogpt_mlx.locks import lock_dir, unlock_dir
 
     out = tmp_path / "run"
     lock_dir(out, "run")

@@ -19,7 +19,8 @@ from test_prepare import expected_tokens, make_docs, shard_tokens
 from test_prepare import write_jsonl as write_docs
 
 from nanogpt_mlx import UserError
-from nanogpt_mlx.files import LOCK_FILE, atomic_path, atomic_write_text, check_writable, output_file
+from nanogpt_mlx.files import atomic_path, atomic_write_text, check_writable, output_file
+from nanogpt_mlx.locks import LOCK_FILE
 
 
 def listing(directory: Path) -> dict[str, bytes]:
@@ -158,7 +159,7 @@ def test_any_other_os_error_is_still_one_line(tmp_path, capsys, monkeypatch):
 HOLD_LOCK = """
 import os, sys, time
 from pathlib import Path
-from nanogpt_mlx.files import lock_dir
+from nanogpt_mlx.locks import lock_dir
 lock_dir(Path(sys.argv[1]), "run")
 child = os.fork()  # as prepare's tokenizer pool forks its workers
 if child == 0:
@@ -179,7 +180,7 @@ def test_a_second_writer_is_refused_until_the_first_one_ends(tmp_path):
 
     from nanogpt_mlx import prepare as prep
     from nanogpt_mlx import sources
-    from nanogpt_mlx.files import lock_dir, unlock_dir
+    from nanogpt_mlx.locks import lock_dir, unlock_dir
 
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
@@ -219,7 +220,7 @@ def test_a_full_disk_at_the_lock_names_the_file(tmp_path, monkeypatch):
     """The lock file's note of its holder, on a full disk: the line was only "No space left on device"."""
     import io
 
-    from nanogpt_mlx import files
+    from nanogpt_mlx import locks
 
     class Full(io.StringIO):
         def flush(self):
@@ -230,12 +231,12 @@ def test_a_full_disk_at_the_lock_names_the_file(tmp_path, monkeypatch):
             self.flush()
 
     real_open = open
-    monkeypatch.setattr(files, "open", lambda path, mode: Full() if str(path).endswith(LOCK_FILE)
+    monkeypatch.setattr(locks, "open", lambda path, mode: Full() if str(path).endswith(LOCK_FILE)
                         else real_open(path, mode), raising=False)
-    monkeypatch.setattr(files.fcntl, "lockf", lambda f, how: None)
+    monkeypatch.setattr(locks.fcntl, "lockf", lambda f, how: None)
     with pytest.raises(UserError, match=f"{tmp_path / LOCK_FILE}: cannot write \\(No space left on device\\)"):
-        files.lock_dir(tmp_path, "run")
-    assert tmp_path.resolve() not in files._locked
+        locks.lock_dir(tmp_path, "run")
+    assert tmp_path.resolve() not in locks._locked
 
 
 def test_names_near_the_file_systems_limit_are_written(tmp_path):

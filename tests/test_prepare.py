@@ -24,7 +24,8 @@ from conftest import assert_one_line_error, run_cli
 
 from nanogpt_mlx import prepare as prep
 from nanogpt_mlx import shards, sources
-from nanogpt_mlx.files import HOST_TAG, LOCK_FILE, sha256_file
+from nanogpt_mlx.files import HOST_TAG, sha256_file
+from nanogpt_mlx.locks import LOCK_FILE
 from nanogpt_mlx.data import list_shards, load_shard
 from nanogpt_mlx.errors import UserError
 from nanogpt_mlx.tokenizer import EOT, get_tokenizer
@@ -479,7 +480,7 @@ def test_a_lock_that_cannot_be_written_removes_the_directory_it_made(tmp_path, m
     there before is kept."""
     import io
 
-    from nanogpt_mlx import files
+    from nanogpt_mlx import locks
 
     class Full(io.StringIO):
         def flush(self):
@@ -492,8 +493,8 @@ def test_a_lock_that_cannot_be_written_removes_the_directory_it_made(tmp_path, m
     text = tmp_path / "input.txt"
     text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50)
     src = sources.shakespeare(path=text)
-    monkeypatch.setattr(files, "open", full_open, raising=False)
-    monkeypatch.setattr(files.fcntl, "lockf", lambda f, how: None)
+    monkeypatch.setattr(locks, "open", full_open, raising=False)
+    monkeypatch.setattr(locks.fcntl, "lockf", lambda f, how: None)
     (tmp_path / "there").mkdir()
     for out in (tmp_path / "full" / "sh2", tmp_path / "there"):
         with pytest.raises(UserError, match=re.escape(f"{out / LOCK_FILE}: cannot write (No space left on device)")):

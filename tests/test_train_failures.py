@@ -20,7 +20,8 @@ from test_train import cli_config, tiny_config, token_stream, write_shards
 from nanogpt_mlx.checkpoint import checkpoints, damaged, latest_checkpoint
 from nanogpt_mlx.config import TrainConfig, get_lr, resume_config
 from nanogpt_mlx.errors import UserError
-from nanogpt_mlx.files import HOST_TAG, LOCK_FILE
+from nanogpt_mlx.files import HOST_TAG
+from nanogpt_mlx.locks import LOCK_FILE
 from nanogpt_mlx.train import Trainer
 
 
@@ -410,7 +411,7 @@ def test_a_failed_resume_leaves_the_run_to_the_next_attempt(run):
 
 def test_a_refused_trainer_leaves_the_lock_another_trainer_holds(run):
     """In one process (a notebook) a second Trainer on the same OUT, refused, released the first one's lock."""
-    from nanogpt_mlx.files import LOCK_FILE
+    from nanogpt_mlx.locks import LOCK_FILE
 
     first = Trainer(resume_config(run, max_steps=8), resume=True)
     with pytest.raises(Exception, match="batch_size 4"):
@@ -468,7 +469,7 @@ def test_train_resume_under_home_locks_the_run_before_reading_it(run, tmp_path, 
     """`--resume=~/run` (which a shell leaves as written) locked no run before resume_config read its checkpoint,
     which a live run may replace: checkpoints() looked in ./~/run."""
     import nanogpt_mlx.config
-    from nanogpt_mlx import files
+    from nanogpt_mlx import locks
 
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
@@ -477,12 +478,12 @@ def test_train_resume_under_home_locks_the_run_before_reading_it(run, tmp_path, 
     locked = []
 
     def read(out, **overrides):
-        locked.append((home / "run").resolve() in files._locked)
+        locked.append((home / "run").resolve() in locks._locked)
         raise UserError("read")
 
     monkeypatch.setattr(nanogpt_mlx.config, "resume_config", read)
     assert_one_line_error(run_main(capsys, "train", "--resume=~/run", "--max-steps", "6"), "read")
-    assert locked == [True] and (home / "run").resolve() not in files._locked  # unlocked on the refusal
+    assert locked == [True] and (home / "run").resolve() not in locks._locked  # unlocked on the refusal
 
 
 

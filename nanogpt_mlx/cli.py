@@ -71,8 +71,8 @@ def temperature(s: str) -> float:
 
 def _stops_on_term(command: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
     """`command`, stopped by SIGTERM and SIGHUP as by Ctrl-C (signals.like_ctrl_c): one line, and what it was
-    writing removed, where their default actions ended the process silently (status 143 or 129). Not train's:
-    the Trainer saves on them itself (train.py)."""
+    writing removed, where their default actions ended the process silently (status 143 or 129). While train's
+    steps run, the Trainer's own handlers take them instead, and save (train.py)."""
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> None:
         with signals.like_ctrl_c():
@@ -403,7 +403,7 @@ def add_train(sub) -> None:
         else:
             where.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], metavar=kind.upper(),
                                default=argparse.SUPPRESS, help=text)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=_stops_on_term(cmd_train))
 
 
 def preset_defaults(name: str, presets: dict) -> str:

@@ -47,9 +47,16 @@ class Dist:
 
     def sum(self, value: float, at_least: float = 0.0) -> float:
         """Sum of a Python number over ranks, waited for under the watchdog (for at least `at_least` seconds)."""
+        return self._reduced(mx.distributed.all_sum, value, at_least)
+
+    def max(self, value: float) -> float:
+        """Largest of a Python number over ranks, waited for under the watchdog."""
+        return self._reduced(mx.distributed.all_max, value)
+
+    def _reduced(self, reduce, value: float, at_least: float = 0.0) -> float:
         if self.world == 1:
             return value
-        x = self.all_sum(mx.array(value, dtype=mx.float32))
+        x = reduce(mx.array(value, dtype=mx.float32), group=self.group)
         self.sync(x, at_least=at_least)
         return x.item()
 
@@ -124,9 +131,9 @@ def init(timeout: float | None = None) -> Dist:
         return Dist(timeout=timeout)
     if LAUNCHER_ENV in os.environ:
         _stop_with_launcher(int(os.environ[LAUNCHER_ENV]))
-    # Ctrl-C while connecting ends the process at once: nothing to save yet, and MLX's connect, a C++ call that
-    # Python's handler cannot interrupt, retries for half a minute
-    with signals.handlers({signal.SIGINT: signal.SIG_DFL}), \
+    # Ctrl-C, SIGTERM or SIGHUP while connecting ends the process at once: nothing to save yet, and MLX's connect, a
+    # C++ call that Python's handler cannot interrupt, retries for half a minute (nohup's ignored SIGHUP stays so)
+    with signals.handlers(dict.fromkeys(signals.stops(), signal.SIG_DFL)), \
             _connect_watch(timeout, f"could not connect to the other ranks within {timeout:.0f} s"):
         try:
             group = mx.distributed.init(strict=True, backend="any")

@@ -29,6 +29,8 @@ from .files import owned_temp_dir
 # seconds the other ranks have to end by themselves once one ended with an error status before they are stopped:
 # a stop they agreed on (a Ctrl-C to one rank, a bad shard, stdout gone) ends them all, rank 0 after its save
 END_GRACE = 5.0
+# what stops the launcher and its ranks (interrupt): a rank that one of them ended was not killed, it was stopped
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # seconds a rank stopped (signals.GROUP_END) has to exit before it is killed: one that lives on is finishing a save
 RANK_GRACE = signals.SAVE_WAIT
 
@@ -100,16 +102,17 @@ class _Ranks:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if self.interrupted:  # a signal came as it started, before it was among the live ranks that interrupt() tells
-            self.live[r].send_signal(signal.SIGINT)
+            self.live[r].send_signal(self.interrupted)
 
     def interrupt(self, signum: int = signal.SIGINT, _frame=None) -> None:
-        """Ctrl-C, SIGTERM or SIGHUP to the launcher: one Ctrl-C to each rank. A frozen rank cannot take part in the
-        stop (the others would wait for it in their collectives until the timeout): the next poll kills it. (No
+        """Ctrl-C, SIGTERM or SIGHUP to the launcher: the same to each rank, a stop that they agree on (Ctrl-C again
+        quits without saving; a SIGTERM again, as a scheduler may send, does not). A frozen rank cannot take part in
+        the stop (the others would wait for it in their collectives until the timeout): the next poll kills it. (No
         output here: a handler's write can land inside the main loop's.)"""
         self.interrupted = self.interrupted or signum
         self.find_frozen = True
         for p in self.live.values():
-            p.send_signal(signal.SIGINT)
+            p.send_signal(signum)
 
     def suspend(self, _signum, _frame) -> None:  # Ctrl-Z: the ranks are not in the terminal's process group
         self._to_groups(signal.SIGSTOP)
@@ -145,8 +148,9 @@ class _Ranks:
             if rc == 0:
                 continue
             self.failed[r] = rc
-            # (not the Ctrl-C forwarded to it, which ends a connecting rank at once: distributed.init)
-            if rc < 0 and -rc != self.sent.get(r) and not (self.interrupted and -rc == signal.SIGINT):
+            # (not the Ctrl-C forwarded to it, which ends a connecting rank at once: distributed.init; nor a stop signal
+            # that came to this launcher too, as a scheduler sends it to every process of a job)
+            if rc < 0 and -rc != self.sent.get(r) and not (self.interrupted and -rc in _STOPS):
                 oom = " (out of memory?)" if -rc == signal.SIGKILL else ""
                 say(f"nanogpt-mlx: error: rank {r} was killed by {signal.Signals(-rc).name}{oom}")
                 self.cause_said = True
@@ -219,8 +223,8 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
     n is at most the cores. Each rank gets `threads_per_rank` BLAS threads (default: cores // n), since MLX's CPU
     backend runs everything but matmuls on one thread, n single-threaded ranks can beat one n-threaded one.
     The ranks run in a session of their own: Ctrl-C (SIGINT), SIGTERM or SIGHUP (the terminal closed) to this
-    launcher reaches each of them as one Ctrl-C (they agree on a step, save a checkpoint and stop; a second one
-    quits without saving), and Ctrl-Z suspends them with it. If a rank fails, the others are stopped (a frozen one
+    launcher reaches each of them (they agree on a step, save a checkpoint and stop; a second Ctrl-C quits without
+    saving), and Ctrl-Z suspends them with it. If a rank fails, the others are stopped (a frozen one
     too) unless they end by themselves within END_GRACE; if the launcher dies, its ranks stop as on Ctrl-C
     (distributed.init).
     """
@@ -240,10 +244,8 @@ def launch_local(n: int, argv: list[str], threads_per_rank: int | None = None) -
         # Ctrl-C reaches the launcher alone (the ranks run in a session of their own) and is forwarded like the
         # others: raised as KeyboardInterrupt while a rank was being started, it ended the launcher and left the ranks
         # running
-        handlers = {signal.SIGINT: ranks.interrupt, signal.SIGTERM: ranks.interrupt, signal.SIGTSTP: ranks.suspend,
-                    signal.SIGCONT: ranks.resume}
-        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # nohup's stays
-            handlers[signal.SIGHUP] = ranks.interrupt
+        handlers = {**dict.fromkeys(signals.stops(), ranks.interrupt), signal.SIGTSTP: ranks.suspend,
+                    signal.SIGCONT: ranks.resume}  # (SIGHUP unless ignored: nohup's stays)
         with signals.handlers(handlers):
             for r in range(n):
                 if not ranks.interrupted:  # once stopped, no more

@@ -12,12 +12,14 @@ from collections.abc import Iterator
 from .errors import Stopped
 
 # seconds a save may hold a stop back (minutes for a large model): the other ranks wait this long for rank 0's, and
-# launch.py for a rank that its SIGTERM did not end (with several ranks, a save finishes first: deferred)
+# launch.py for a rank that its GROUP_END did not end (with several ranks, a save finishes first: deferred)
 SAVE_WAIT = 1800.0
 # launch.py's signal to the ranks left in a group that cannot finish (one of them ended with an error): end now, or
 # once the save in progress is done. Its default action ends the process, as SIGTERM's did; SIGTERM itself is a stop
-# request to every rank, which a scheduler sends them all at once (Slurm at a job's time limit or scancel)
-GROUP_END = signal.SIGUSR1
+# request to every rank, which a scheduler sends them all at once (Slurm at a job's time limit or scancel). A
+# real-time signal, which no scheduler's convention uses (Slurm's --signal=USR1@N and Lightning's "checkpoint soon"
+# take SIGUSR1); macOS has none
+GROUP_END = getattr(signal, "SIGRTMIN", signal.SIGUSR2)
 
 
 @contextlib.contextmanager
@@ -52,6 +54,13 @@ def deferred(*signums: int) -> Iterator[None]:
             signal.raise_signal(n)
 
 
+def stops(*signums: int) -> tuple[int, ...]:
+    """`signums` (default: Ctrl-C, SIGTERM), and SIGHUP (a closed terminal), unless it is ignored (nohup): the
+    signals that a stop handler takes."""
+    hangup = (signal.SIGHUP,) if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN else ()
+    return (*(signums or (signal.SIGINT, signal.SIGTERM)), *hangup)
+
+
 def like_ctrl_c() -> contextlib.AbstractContextManager:
     """SIGTERM (kill, a scheduler, `timeout`) and SIGHUP (the terminal closed; not under nohup) stop the body as
     Ctrl-C does, with Stopped (exit status 128 + signal): for commands that write files, whose `finally` blocks then
@@ -59,8 +68,7 @@ def like_ctrl_c() -> contextlib.AbstractContextManager:
     def stop(signum: int, _frame) -> None:
         raise Stopped(signum)
 
-    hup = {signal.SIGHUP: stop} if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN else {}
-    return handlers({signal.SIGTERM: stop, **hup})
+    return handlers(dict.fromkeys(stops(signal.SIGTERM), stop))
 
 
 _quiet_start = False  # whether quiet_start took Ctrl-C from Python

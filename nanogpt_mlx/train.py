@@ -47,6 +47,10 @@ from .optim import Packing
 from .rundir import RunDir
 from .weights import load_model
 
+# the signals that stop training, in the order that the ranks' agreement on one prefers them: the SIGTERM that a
+# scheduler sends every process of a job over the Ctrl-C that launch.py forwards to the ranks for its own
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
+
 
 # ----------------------------------------------------------------------------------- trainer
 class _StopEvaluating(Exception):
@@ -265,19 +269,20 @@ class Trainer:
     @contextlib.contextmanager
     def _finishing_saves(self, written: Path | None = None) -> Iterator[None]:
         """With several ranks, the launcher's end of a group one of whose ranks ended (signals.GROUP_END, after
-        END_GRACE) or a SIGTERM outside training ends the process once the save in progress is done (SystemExit), not
-        amid it, first saying `written` where it was (the exit said nothing, the user left not knowing that the save
-        finished); while training, a SIGTERM is a stop request (_training)."""
+        END_GRACE), or a SIGTERM or SIGHUP where it is not a stop request (_training), ends the process once the save
+        in progress is done, not amid it, first saying `written` where it was (the exit said nothing, the user left
+        not knowing that the save finished)."""
         if self.dist.world == 1:
             yield
             return
         try:
-            with signals.deferred(signal.SIGTERM, signals.GROUP_END):
+            with signals.deferred(signal.SIGTERM, signal.SIGHUP, signals.GROUP_END):
                 yield
-        except SystemExit as e:
+        except (SystemExit, Stopped) as e:  # (default actions; like_ctrl_c's Stopped, outside _training)
             if written is not None and written.is_dir():  # (written whole or not at all: checkpoint.write)
-                by = ("the launcher, as another rank ended" if e.code == 128 + signals.GROUP_END
-                      else signal.Signals(e.code - 128).name)
+                status = e.status if isinstance(e, Stopped) else e.code
+                by = ("the launcher, as another rank ended" if status == 128 + signals.GROUP_END
+                      else signal.Signals(status - 128).name)
                 self._say(f"stopped by {by}: saved {written} (step {self.step}); continue with "
                           f"{self._resume_hint()}")
             raise
@@ -416,6 +421,9 @@ class Trainer:
         total = self.dist.sum(float(self._stop) + world * (self._stop_error is not None))
         if total > world and self._stop_error is None:
             self._stop_error = (f"rank {self.dist.rank}: stopping: the run {PEER_FAILED}", "mend what it says there")
+        if total > 0 and self._stop_error is None:  # (all ranks alike) and on the signal: one status, one hint
+            first = self.dist.max(_STOP_SIGNALS.index(self._stopped_by) if self._stopped_by in _STOP_SIGNALS else -1)
+            self._stopped_by = _STOP_SIGNALS[int(first)] if first >= 0 else None
         self._stop = self._stop or total > 0
         return total > 0
 
@@ -449,15 +457,22 @@ class Trainer:
     def _on_signal(self, signum: int, _frame) -> None:
         """A stop request: saved at the end of the step (at once during an evaluation). No output here: a write
         from a handler can land inside a write to the same stream, or block on a pipe nobody reads."""
-        self._stop, self._stopped_by = True, signum
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        self._stop = True  # (the stopping signal that the ranks' agreement prefers, of those that came)
+        self._stopped_by = max(filter(None, [self._stopped_by, signum]), key=_STOP_SIGNALS.index)
+        if self._escalates(signum):
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
         if self._evaluating:
             raise _StopEvaluating
 
+    def _escalates(self, signum: int) -> bool:
+        """Whether the same signal again quits without saving: Ctrl-C's does; with several ranks a SIGTERM or SIGHUP
+        does not, as a scheduler may send it to the job again (a rank that quit would leave the others' save)."""
+        return signum == signal.SIGINT or self.dist.world == 1
+
     def train(self, until: int | None = None) -> dict:
         """Run from self.step to max_steps (or to step `until`, then save); returns the latest train/val
-        losses. Ctrl-C (and SIGTERM) saves after the step in progress, or at once during an evaluation, and raises
-        errors.Stopped (a KeyboardInterrupt); a NaN/inf loss raises UserError, saving nothing."""
+        losses. Ctrl-C, SIGTERM and SIGHUP save after the step in progress (at once during an evaluation, in a single
+        process) and raise errors.Stopped (a KeyboardInterrupt); a NaN/inf loss raises UserError, saving nothing."""
         # "3" was a TypeError, 2.5 trained to 3; NumPy's integers are taken (a bool is no step)
         if until is not None and (not isinstance(until, numbers.Integral) or isinstance(until, bool) or until < 0):
             raise UserError(f"until must be a step number (an integer >= 0), got {until!r}")
@@ -532,10 +547,8 @@ class Trainer:
         limit_before = mx.get_memory_limit()
         if self._memory_cap or self.cfg.max_memory:
             mx.set_memory_limit(self._memory_cap or int(self.cfg.max_memory * 1e9))
-        # SIGHUP (the terminal closed) too, unless ignored (nohup): the run would end unsaved
-        hangup = [signal.SIGHUP] if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL else []
-        try:
-            with signals.handlers(dict.fromkeys([signal.SIGINT, signal.SIGTERM, *hangup], self._on_signal)):
+        try:  # (SIGHUP too: a closed terminal would end the run unsaved; not under nohup)
+            with signals.handlers(dict.fromkeys(signals.stops(), self._on_signal)):
                 yield bar
         finally:
             bar.close()
@@ -618,7 +631,8 @@ class Trainer:
                 queued = ahead
             if self._stopped_by is not None and self.step < end:  # (not a signal that came in the last step)
                 again = "Ctrl-C" if self._stopped_by == signal.SIGINT else signal.Signals(self._stopped_by).name
-                self._say(f"stopping: saving a checkpoint ({again} again to quit without saving)")
+                again = f" ({again} again to quit without saving)" if self._escalates(self._stopped_by) else ""
+                self._say(f"stopping: saving a checkpoint{again}")
             path = self.save()  # under the handlers too: a Ctrl-C during this save lets it finish
             # the other ranks wait for rank 0's save: a rank's stop (status 130) would end the others (launch.py),
             # rank 0 amid its save

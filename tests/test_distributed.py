@@ -624,23 +624,68 @@ def test_a_signal_to_the_ranks_launcher_stops_the_ranks_with_a_checkpoint(signum
     assert int(saved.name[5:]) == len(logged(tmp_path))
 
 
-@pytest.mark.parametrize("launcher_too", [False, True], ids=["ranks", "ranks-and-launcher"])
-def test_a_sigterm_to_every_rank_at_once_saves_a_checkpoint(launcher_too, data_dir, tmp_path):
+@pytest.mark.parametrize("times", [1, 2], ids=["once", "twice"])
+@pytest.mark.parametrize("targets", ["ranks", "ranks-and-launcher", "rank-1"])
+def test_a_sigterm_to_the_ranks_saves_a_checkpoint(targets, times, data_dir, tmp_path):
     """A scheduler ending a job (Slurm at its time limit, scancel) sends SIGTERM to each of its processes at once,
     the ranks too, not only to the launcher: the ranks, which took SIGTERM's default action, ended at once, unsaved.
-    Now they agree on a step and save."""
+    Now they agree on a step and save, with one status (a rank not signalled exited 130, and so did the launch where
+    it ended first), and a SIGTERM sent again (scancel twice) does not kill them amid it."""
     proc, ranks = launch_two_ranks(data_dir, tmp_path)
     try:
-        for pid in ranks + [proc.pid] * launcher_too:
-            os.kill(pid, signal.SIGTERM)
+        for _ in range(times):
+            for pid in {"ranks": ranks, "ranks-and-launcher": ranks + [proc.pid], "rank-1": ranks[1:]}[targets]:
+                os.kill(pid, signal.SIGTERM)
+            time.sleep(0.002)
         stdout, err = proc.communicate(timeout=60)
     finally:
         kill(ranks + [proc.pid])
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
-    assert "killed by" not in err, err
+    assert "killed by" not in err and "lost a peer" not in err, err
     (saved,) = sorted(tmp_path.glob("ckpt-*"))
     assert int(saved.name[5:]) == len(logged(tmp_path))
-    assert f"interrupted: saved {saved}" in stdout
+    assert f"interrupted: saved {saved}" in stdout and "again to quit" not in stdout, stdout
+
+
+def test_a_signal_during_the_stops_save_lets_it_finish(data_dir, tmp_path):
+    """A SIGHUP to rank 0 amid the save of a stop that the ranks agreed on killed it there, leaving a temporary
+    directory and no checkpoint (a SIGTERM was held back, a SIGHUP was not)."""
+    out = tmp_path / "run"
+    proc, ranks = launch_two_ranks(data_dir, out, env=injected(tmp_path, SAVE_SLEEP="3"))
+    try:
+        for pid in ranks:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(1.5)  # (the ranks agree within a step; rank 0's save takes 3 s more)
+        for pid in ranks:
+            os.kill(pid, signal.SIGHUP)
+        stdout, err = proc.communicate(timeout=60)
+    finally:
+        kill(ranks + [proc.pid])
+    said = [line for line in err.splitlines() if not line.startswith("[ring] ")]
+    assert proc.returncode == 128 + signal.SIGTERM and said == ["nanogpt-mlx: interrupted"], err
+    (saved,) = checkpoints(out)
+    assert f"interrupted: saved {saved}" in stdout and not list(out.glob(".*.tmp*"))
+
+
+def test_a_sigterm_to_a_job_before_its_steps_is_one_line(data_dir, tmp_path):
+    """Before the steps (the ranks importing, connecting, loading data) the ranks took SIGTERM's default action: the
+    launcher said "rank 0 was killed by SIGTERM", the same of rank 1, then "interrupted"."""
+    proc = start_two_ranks(data_dir, tmp_path)
+    ranks = []
+    try:
+        deadline = time.time() + 60
+        while len(ranks := children(proc.pid)) < 2:
+            assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        time.sleep(0.3)  # (importing)
+        for pid in ranks + [proc.pid]:
+            os.kill(pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        kill(ranks + [proc.pid])
+    assert not ((tmp_path / "log.jsonl").exists() and logged(tmp_path))  # no step yet
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert [line for line in err.splitlines() if not line.startswith("[ring] ")] == ["nanogpt-mlx: interrupted"], err
 
 
 def test_the_ranks_launcher_started_under_nohup_trains_on_after_a_sighup(data_dir, tmp_path):

@@ -23,7 +23,6 @@ import contextlib
 import errno
 import math
 import numbers
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -37,7 +36,7 @@ from tqdm import tqdm
 from . import checkpoint, device, distributed, evaluations, memory, recipes, signals, steps
 from .config import (DTYPES, MODEL_FIELDS, TrainConfig, check_total_batch, foreign_defaults, ignored_shape,
                      model_config, refuse_model_changes, resume_line, resumed, unread)
-from .console import PEER_FAILED, say, size, warn
+from .console import say, size, warn
 from .data import DataLoader
 from .errors import Stopped, UserError, check_bool, first_line
 from .files import devnull_onto, shell_word, user_path
@@ -45,18 +44,11 @@ from .locks import refuse_locked
 from .model import GPT, GPTConfig
 from .optim import Packing
 from .rundir import RunDir
+from .stops import StopEvaluating, Stops
 from .weights import load_model
-
-# the signals that stop training, in the order that the ranks' agreement on one prefers them: the SIGTERM that a
-# scheduler sends every process of a job over the Ctrl-C that launch.py forwards to the ranks for its own
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
 
 
 # ----------------------------------------------------------------------------------- trainer
-class _StopEvaluating(Exception):
-    """Ctrl-C or SIGTERM during an evaluation (Trainer._evaluating): it stops at once."""
-
-
 class _SavedStop(UserError):
     """A stop that is no signal's (a bad shard, stdout on a full disk), after the save: the Trainer is whole."""
 
@@ -146,12 +138,7 @@ class Trainer:
             checkpoint.check_room(self.out, sum(a.nbytes for _, a in state), fresh=ckpt is None)
             self.run_dir.claim(ckpt)
         self.log = checkpoint.RunLog(self.out, self.step, self.dist.is_main)
-        self._stop = False
-        self._stopped_by: int | None = None  # the signal that requested the stop (_on_signal)
-        # why a stop that is no Ctrl-C ended the run, and what to fix before --resume: a shard the loader refused
-        # mid-run (_start_step), stdout on a full disk (_say)
-        self._stop_error: tuple[str, str] | None = None
-        self._evaluating = False  # a stop request interrupts an evaluation (_on_signal)
+        self.stops = Stops(self.dist)  # what asks train() to stop, and why
         self.queue = steps.Queue(self.dist)  # the micro-steps queued on the device
         self._memory_cap = 0  # bytes MLX may use while training (cap_memory), once a step was measured
         self.result: dict[str, float] = {}  # latest train_loss, val_loss and hellaswag
@@ -249,7 +236,12 @@ class Trainer:
         if not self.dist.is_main:
             return written
         self._check_whole()
-        with self._finishing_saves(written), self.run_dir.writing():
+
+        def said(by: str) -> None:  # (a save ended by a signal: written whole or not at all, checkpoint.write)
+            if written.is_dir():
+                self._say(f"stopped by {by}: saved {written} (step {self.step}); continue with {self._resume_hint()}")
+
+        with self.stops.finishing_saves(said), self.run_dir.writing():
             self.log.sync()
             self._use_master(mx.float32)  # save the float32 masters, not a bf16 copy
             try:
@@ -266,27 +258,6 @@ class Trainer:
                 self._compute_state()
         return written
 
-    @contextlib.contextmanager
-    def _finishing_saves(self, written: Path | None = None) -> Iterator[None]:
-        """With several ranks, the launcher's end of a group one of whose ranks ended (signals.GROUP_END, after
-        END_GRACE), or a SIGTERM or SIGHUP where it is not a stop request (_training), ends the process once the save
-        in progress is done, not amid it, first saying `written` where it was (the exit said nothing, the user left
-        not knowing that the save finished)."""
-        if self.dist.world == 1:
-            yield
-            return
-        try:
-            with signals.deferred(signal.SIGTERM, signal.SIGHUP, signals.GROUP_END):
-                yield
-        except (SystemExit, Stopped) as e:  # (default actions; like_ctrl_c's Stopped, outside _training)
-            if written is not None and written.is_dir():  # (written whole or not at all: checkpoint.write)
-                status = e.status if isinstance(e, Stopped) else e.code
-                by = ("the launcher, as another rank ended" if status == 128 + signals.GROUP_END
-                      else signal.Signals(status - 128).name)
-                self._say(f"stopped by {by}: saved {written} (step {self.step}); continue with "
-                          f"{self._resume_hint()}")
-            raise
-
     def _save_before_failing(self) -> None:
         """An evaluation failed (a download, a kernel that cannot compile): save the steps since the last checkpoint
         before its error ends the run. Nothing is queued during an evaluation, so the weights are whole. Where the
@@ -295,7 +266,7 @@ class Trainer:
         agreed, self.evaluations.failure_agreed = self.evaluations.failure_agreed, False
         try:
             if self.dist.is_main and self.step != self.run_dir.saved_step:
-                with self._finishing_saves():  # and saying so
+                with self.stops.finishing_saves():  # and saying so
                     path = self.save()
                     self._say(f"evaluation failed: saved {path} (step {self.step}); continue with "
                               f"{self._resume_hint()} once its cause is fixed")
@@ -320,33 +291,23 @@ class Trainer:
         return self.evaluations.hellaswag()
 
     def _evaluate(self) -> None:
-        """The evaluations due before step self.step. A stop request ends them at once (raising
-        _StopEvaluating): they change no weights, so the checkpoint of this step is as good, and a resumed run
-        evaluates again. Not with several ranks, which must stop at the same point (their collectives)."""
+        """The evaluations due before step self.step. A stop request ends them at once (raising StopEvaluating):
+        they change no weights, so the checkpoint of this step is as good, and a resumed run evaluates again. Not with
+        several ranks, which must stop at the same point (their collectives)."""
         due, step = self.evaluations.due, self.step
         if due("val", step):
-            loss = self.result["val_loss"] = self._interruptible(self.val_loss)
+            loss = self.result["val_loss"] = self.stops.interruptible(self.val_loss)
             self._say(f"step {step:5d} | val loss {loss:.4f}")
             self.log.metric(step, "val", loss)
         if due("hellaswag", step):
-            acc = self.result["hellaswag"] = self._interruptible(self.hellaswag)
+            acc = self.result["hellaswag"] = self.stops.interruptible(self.hellaswag)
             self._say(f"step {step:5d} | hellaswag {acc:.4f}")
             self.log.metric(step, "hella", acc)
         if due("samples", step):
-            texts = self._interruptible(self.samples)
+            texts = self.stops.interruptible(self.samples)
             for i, t in enumerate(texts):
                 self._say(f"sample {i}: {t!r}")
             self.log.event(step, "sample", texts=texts)
-
-    def _interruptible(self, evaluation):
-        """evaluation(), which a stop request ends (single process); writing its result to the log is not."""
-        if self._stop and self.dist.world == 1:
-            raise _StopEvaluating
-        self._evaluating = self.dist.world == 1
-        try:
-            return evaluation()
-        finally:
-            self._evaluating = False
 
     # -- training
     def _say(self, line: str) -> None:
@@ -360,11 +321,12 @@ class Trainer:
         except OSError as e:  # EPIPE, or EIO from a closed terminal; or stdout's file on a full disk
             devnull_onto(sys.stdout.fileno())  # Python's own flush at exit fails no more
             sys.stdout = sys.stderr
-            self._stop = True
             # not the reader's choice: a full or read-only disk, or a stdout closed at start (`>&-`, console.py)
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EBADF):
                 fix = "give it a stdout" if e.errno == errno.EBADF else "make room for the output"
-                self._stop_error = self._stop_error or (f"stdout: cannot write ({e.strerror})", fix)
+                self.stops.request((f"stdout: cannot write ({e.strerror})", fix))
+            else:  # its reader ended: as Ctrl-C
+                self.stops.request()
             say(line)
 
     def _start_step(self, step: int) -> steps.Step | None:
@@ -378,13 +340,13 @@ class Trainer:
         """
         t0, loader_state = time.perf_counter(), self.train_loader.state_dict()
         batches = self._read_batches()
-        if self._stopping():
+        if self.stops.agreed():
             self.train_loader.load_state_dict(loader_state)  # the batches read are read again
             return None
         self.recipe.set_step(self.optimizer, step, self.cfg)
         grads, losses = None, []
         for micro, (x, y) in enumerate(batches):
-            if self._stop and self.dist.world == 1:
+            if self.stops.now:
                 self.train_loader.load_state_dict(loader_state)
                 return None
             if micro < self.grad_accum - 1:
@@ -406,26 +368,9 @@ class Trainer:
             try:
                 batches.append(tuple(mx.array(a) for a in self.train_loader.next_batch()))
             except UserError as e:
-                self._stop, self._stop_error = True, (str(e), "repair that shard (its length stays)")
+                self.stops.request((str(e), "repair that shard (its length stays)"))
                 return []
         return batches
-
-    def _stopping(self) -> bool:
-        """Whether to stop now: a stop was requested (of any rank: ranks agree on it, all calling this together;
-        a request that comes while they agree counts the next time). The ranks agree on whether a rank's stop is an
-        error's too (_stop_error: a bad shard, stdout on a full disk), which the others then end with, not as
-        interrupted (status 130)."""
-        if self.dist.world == 1:
-            return self._stop
-        world = self.dist.world  # an error counts more than every rank's request together
-        total = self.dist.sum(float(self._stop) + world * (self._stop_error is not None))
-        if total > world and self._stop_error is None:
-            self._stop_error = (f"rank {self.dist.rank}: stopping: the run {PEER_FAILED}", "mend what it says there")
-        if total > 0 and self._stop_error is None:  # (all ranks alike) and on the signal: one status, one hint
-            first = self.dist.max(_STOP_SIGNALS.index(self._stopped_by) if self._stopped_by in _STOP_SIGNALS else -1)
-            self._stopped_by = _STOP_SIGNALS[int(first)] if first >= 0 else None
-        self._stop = self._stop or total > 0
-        return total > 0
 
     def _queue_ahead(self, step: int, end: int) -> bool:
         """Whether step `step` may be built before the one before it is finished: not when something must see the
@@ -438,7 +383,7 @@ class Trainer:
         if self.dist.world > 1 or self._measuring() or self.threads > 1:
             return False
         saves = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
-        return step < end and not (self.evaluations.any_due(step) or saves or self._stop)
+        return step < end and not (self.evaluations.any_due(step) or saves or self.stops.requested)
 
     def _measuring(self) -> bool:
         """Whether the next step runs op by op to measure what a step needs (cap_memory)."""
@@ -453,21 +398,6 @@ class Trainer:
             warn(f"the step needs {size(need)}, more than --max-memory {self.cfg.max_memory:g} GB: MLX will "
                  "wait for queued work at nearly every op")
         self.log.event(self.step, "memory", need=need, cap=self._memory_cap)
-
-    def _on_signal(self, signum: int, _frame) -> None:
-        """A stop request: saved at the end of the step (at once during an evaluation). No output here: a write
-        from a handler can land inside a write to the same stream, or block on a pipe nobody reads."""
-        self._stop = True  # (the stopping signal that the ranks' agreement prefers, of those that came)
-        self._stopped_by = max(filter(None, [self._stopped_by, signum]), key=_STOP_SIGNALS.index)
-        if self._escalates(signum):
-            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-        if self._evaluating:
-            raise _StopEvaluating
-
-    def _escalates(self, signum: int) -> bool:
-        """Whether the same signal again quits without saving: Ctrl-C's does; with several ranks a SIGTERM or SIGHUP
-        does not, as a scheduler may send it to the job again (a rank that quit would leave the others' save)."""
-        return signum == signal.SIGINT or self.dist.world == 1
 
     def train(self, until: int | None = None) -> dict:
         """Run from self.step to max_steps (or to step `until`, then save); returns the latest train/val
@@ -488,8 +418,7 @@ class Trainer:
         self._check_whole()
         self.run_dir.check_newest()
         self._claim_for_training()
-        # an earlier train()'s stop request was answered by its end
-        self._stop, self._stopped_by, self._stop_error = False, None, None
+        self.stops.clear()  # an earlier train()'s stop request was answered by its end
         self._failed_evaluating = self.evaluations.failure_agreed = False
         try:
             self.log.restart(self.step)  # before any step: its failure leaves this Trainer whole
@@ -547,8 +476,8 @@ class Trainer:
         limit_before = mx.get_memory_limit()
         if self._memory_cap or self.cfg.max_memory:
             mx.set_memory_limit(self._memory_cap or int(self.cfg.max_memory * 1e9))
-        try:  # (SIGHUP too: a closed terminal would end the run unsaved; not under nohup)
-            with signals.handlers(dict.fromkeys(signals.stops(), self._on_signal)):
+        try:
+            with self.stops.handled():
                 yield bar
         finally:
             bar.close()
@@ -584,15 +513,15 @@ class Trainer:
             self._say(f"note: {note}")
         with self._training() as bar:
             queued = None
-            while self.step < end:  # a stop request ends it before a step (_stopping: ranks agree on it)
+            while self.step < end:  # a stop request ends it before a step (Stops.agreed: ranks agree on it)
                 if queued is None:
                     # not into minutes of evaluation (ranks agree on it; without an evaluation _start_step's
                     # agreement is the step's one)
-                    if self.evaluations.any_due(self.step) and self._stopping():
+                    if self.evaluations.any_due(self.step) and self.stops.agreed():
                         break
                     try:
                         self._evaluate()
-                    except _StopEvaluating:
+                    except StopEvaluating:
                         break
                     except Exception:
                         self._save_before_failing()
@@ -629,18 +558,16 @@ class Trainer:
                     # collective, whose limit (NANOGPT_MLX_DIST_TIMEOUT) is a step's
                     self.dist.barrier(at_least=signals.SAVE_WAIT)
                 queued = ahead
-            if self._stopped_by is not None and self.step < end:  # (not a signal that came in the last step)
-                again = "Ctrl-C" if self._stopped_by == signal.SIGINT else signal.Signals(self._stopped_by).name
-                again = f" ({again} again to quit without saving)" if self._escalates(self._stopped_by) else ""
-                self._say(f"stopping: saving a checkpoint{again}")
+            if self.stops.by is not None and self.step < end:  # (not a signal that came in the last step)
+                self._say(self.stops.saving_line())
             path = self.save()  # under the handlers too: a Ctrl-C during this save lets it finish
             # the other ranks wait for rank 0's save: a rank's stop (status 130) would end the others (launch.py),
             # rank 0 amid its save
             self.dist.barrier(at_least=signals.SAVE_WAIT)
-        if self._stop_error is not None:
-            why, fix = self._stop_error
+        if self.stops.error is not None:
+            why, fix = self.stops.error
             raise _SavedStop(f"{why}; saved {path} (step {self.step}): {fix}, then {self._resume_hint()}")
         if self.step < end:  # stopped by a signal, or by stdout's reader ending (as Ctrl-C)
             self._say(f"interrupted: saved {path} (step {self.step}); continue with {self._resume_hint()}")
-            raise Stopped(self._stopped_by or signal.SIGINT)
+            raise self.stops.stopped()
         return dict(self.result)  # the caller's: a later train() changes self.result

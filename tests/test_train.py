@@ -278,7 +278,7 @@ def test_a_ctrl_c_in_the_last_step_says_no_stop(data_dir, tmp_path, capsys):
 
     def ctrl_c_in_the_last_step(queued):
         if queued.step == 2:
-            trainer._on_signal(signal.SIGINT, None)
+            trainer.stops.on_signal(signal.SIGINT, None)
         return finish(queued)
 
     trainer.queue.finish = ctrl_c_in_the_last_step
@@ -411,7 +411,7 @@ def stop_during_step(trainer: Trainer, step: int) -> None:
     finish = trainer.queue.finish
 
     def finish_then_stop(s):
-        trainer._stop = trainer._stop or s.step == step
+        trainer.stops.requested = trainer.stops.requested or s.step == step
         return finish(s)
 
     trainer.queue.finish = finish_then_stop
@@ -442,7 +442,7 @@ def test_a_stop_between_micro_steps_rereads_their_batches_on_resume(data_dir, tm
 
     def accumulate_then_stop(*args):
         calls.append(1)
-        trainer._stop = trainer._stop or len(calls) == 2 * 3 + 2  # 3 accumulations a step, then the update
+        trainer.stops.requested = trainer.stops.requested or len(calls) == 2 * 3 + 2  # 3 accumulations, an update
         return accumulate(*args)
 
     trainer._accumulate = accumulate_then_stop
@@ -1001,7 +1001,7 @@ def test_an_evaluation_stopped_in_a_notebook_is_logged_once_when_train_is_called
 
     def stop_at_step_2():
         if trainer.step == 2:
-            trainer._on_signal(signal.SIGINT, None)  # what Ctrl-C does: the evaluation ends at once
+            trainer.stops.on_signal(signal.SIGINT, None)  # what Ctrl-C does: the evaluation ends at once
         return samples()
 
     trainer.samples = stop_at_step_2
@@ -1362,7 +1362,7 @@ def test_a_closed_stderr_is_no_failure(data_dir, tmp_path):
 def test_a_relative_out_stays_put_when_the_working_directory_changes(data_dir, tmp_path, monkeypatch):
     """A notebook's os.chdir between Trainer(...) and train(): the lock and logs were in the first directory, the
     checkpoints in the second, and the first one's lock was held until the process ended."""
-    from nanogpt_mlx import files
+    from nanogpt_mlx import locks
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -1371,7 +1371,7 @@ def test_a_relative_out_stays_put_when_the_working_directory_changes(data_dir, t
     monkeypatch.chdir(tmp_path / "b")
     trainer.train()
     assert not (tmp_path / "b" / "run").exists() and checkpoints(tmp_path / "a" / "run")
-    assert (tmp_path / "a" / "run").resolve() not in files._locked
+    assert (tmp_path / "a" / "run").resolve() not in locks._locked
 
 
 @pytest.mark.parametrize("threads", [1, 2])

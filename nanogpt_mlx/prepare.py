@@ -267,10 +267,21 @@ def _start_pool(workers: int) -> cf.ProcessPoolExecutor | None:
     pool = cf.ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(os.getpid(),))
     try:
         pool.submit(int).result()
-    except cf.BrokenExecutor:
-        pool.shutdown()
-        raise UserError(BROKEN_POOL) from None
+    except BaseException as e:  # a Ctrl-C or SIGTERM too: a pool left to exit was joined there, unshut
+        _stop_pool(pool)
+        if isinstance(e, cf.BrokenExecutor):
+            raise UserError(BROKEN_POOL) from None
+        raise
     return pool
+
+
+def _stop_pool(pool: cf.ProcessPoolExecutor | None) -> None:
+    """Stop the workers (their parts in hand finished). A second Ctrl-C here left the workers waiting for work and
+    the exit waiting for them; a pool not stopped (a Ctrl-C while it started) was left to Python's exit, whose join
+    a second Ctrl-C broke with a traceback (or 3.11's race of the pool's wakeup pipe did, without one)."""
+    if pool is not None:
+        with signals.deferred(signal.SIGINT):
+            pool.shutdown(cancel_futures=True)
 
 
 def prepare(source: Source, out: str | os.PathLike, config: PrepareConfig | None = None) -> Summary:
@@ -335,18 +346,19 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
     workers = min(cfg.workers or cores, cores)
     if cfg.workers and cfg.workers > cores:  # tokenizing is CPU-bound: more processes than cores only cost memory
         warn(f"{cfg.workers} workers asked for, {workers} used (this machine's cores)")
-    pool = _start_pool(workers)
-    from tqdm import tqdm
-
-    bar = tqdm(unit="tok", unit_scale=True, desc=f"{manifest['settings']['name']} -> {out}",
-               disable=None if cfg.progress else True, smoothing=0.1)
+    pool = bar = None
     new_tokens = docs = 0
     downloads = _Downloads()
 
     def tokenized(item: tuple, ok: bool) -> None:  # (in the pool's thread)
         downloads.tokenized(item[0], ok)
 
-    try:
+    try:  # from the pool's start: a Ctrl-C before the loop (tqdm's import, on a loaded machine) must stop it too
+        pool = _start_pool(workers)
+        from tqdm import tqdm
+
+        bar = tqdm(unit="tok", unit_scale=True, desc=f"{manifest['settings']['name']} -> {out}",
+                   disable=None if cfg.progress else True, smoothing=0.1)
         for (u, p, part), (tokens, n_docs) in _in_order(_parts(units, start, scratch, cfg, downloads), pool,
                                                           2 * workers + 2, tokenized):
             skip = start["skip"] if (u, p) == (start["unit"], start["part"]) else 0
@@ -368,10 +380,9 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
         raise
     finally:
         downloads.close()  # a download still waiting for room ends its thread
-        bar.close()
-        if pool is not None:  # a second Ctrl-C here left the workers waiting for work, and exit waiting for them
-            with signals.deferred(signal.SIGINT):
-                pool.shutdown(cancel_futures=True)
+        if bar is not None:
+            bar.close()
+        _stop_pool(pool)
     shutil.rmtree(scratch, ignore_errors=True)
     warn_of_thin_splits(out, manifest)
     return Summary(out, manifest, new_tokens, time.perf_counter() - start_time)

@@ -16,7 +16,7 @@ unless the user sets them. The trainer asks its recipe for these and does not kn
   decay; cooldown over the last 70%. Two parts come from the main records (train_gpt.py) instead, where that file
   keeps Muon's momentum at 0.95 and iterates Newton–Schulz 12 times with (2, -1.5, 0.5): the momentum warm-up from
   0.85 and Keller Jordan's quintic Newton–Schulz, 5 steps of (3.4445, -4.7750, 2.0315) (optim.NS_COEFFICIENTS),
-  which leaves singular values in ~[0.7, 1.1] rather than at 1. The architecture is not one record's either: it
+  which leaves singular values in ~[0.7, 1.2] rather than at 1. The architecture is not one record's either: it
   takes forms of the main records where that file differs: c * tanh(logits / c) with c = 15 (not its algebraic
   cap; the records that have it halve RoPE at base 1024), no biases (it keeps zero-init ones), RoPE over the whole
   head at base 10000 (the records before the soft-cap's; not half-truncated at base 1024) and attention scaled by

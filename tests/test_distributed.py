@@ -688,6 +688,45 @@ def test_a_sigterm_to_a_job_before_its_steps_is_one_line(data_dir, tmp_path):
     assert [line for line in err.splitlines() if not line.startswith("[ring] ")] == ["nanogpt-mlx: interrupted"], err
 
 
+SLOW_SETUP = """
+import os, time
+from nanogpt_mlx import data
+init = data.DataLoader.__init__
+def slow(self, *args, **kwargs):
+    open(os.environ["SETUP_MARK"], "a").close()
+    time.sleep(30)
+    return init(self, *args, **kwargs)
+data.DataLoader.__init__ = slow
+"""
+
+
+@pytest.mark.parametrize("ranks", ["1", "2"])
+def test_a_sigterm_while_the_trainer_sets_up_is_one_line(ranks, data_dir, tmp_path):
+    """A SIGTERM while the Trainer sets up (reading a checkpoint, the data) ended the command by SIGTERM's default
+    action: silently in one process, "rank 0 was killed by SIGTERM" and the same of rank 1 with several."""
+    (tmp_path / "sc").mkdir()
+    (tmp_path / "sc" / "sitecustomize.py").write_text(SLOW_SETUP)
+    mark = tmp_path / "setting-up"
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "sc"), os.environ.get("PYTHONPATH")])),
+           "SETUP_MARK": str(mark)}
+    proc = start_two_ranks(data_dir, tmp_path / "run", env=env, args=["--ranks", ranks])
+    pids = []
+    try:
+        deadline = time.time() + 60
+        while not mark.exists():
+            assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        time.sleep(0.2)  # (every rank in its setup)
+        pids = children(proc.pid) + [proc.pid]
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        kill(pids + [proc.pid])
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert [line for line in err.splitlines() if not line.startswith("[ring] ")] == ["nanogpt-mlx: interrupted"], err
+
+
 def test_the_ranks_launcher_started_under_nohup_trains_on_after_a_sighup(data_dir, tmp_path):
     """nohup's ignored SIGHUP stays ignored: a closed terminal does not stop the ranks."""
     proc, ranks = launch_two_ranks(data_dir, tmp_path, args=["--max-steps", "40"],

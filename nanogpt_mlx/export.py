@@ -62,7 +62,8 @@ def generation_config() -> dict:
     return {"bos_token_id": EOT, "eos_token_id": EOT}
 
 
-def check_export_target(out_dir: str | os.PathLike, force: bool = False, source: str | os.PathLike | None = None) -> Path:
+def check_export_target(out_dir: str | os.PathLike, force: bool = False,
+                        source: str | os.PathLike | None = None) -> Path:
     """Where an export may go: a new or empty directory (any directory with `force`), never a file,
     the `source` directory itself or a nanogpt-mlx run or checkpoint, which would lose its own format."""
     check_bool("force", force)  # "no" would force

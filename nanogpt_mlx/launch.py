@@ -29,8 +29,6 @@ from .files import owned_temp_dir
 # seconds the other ranks have to end by themselves once one ended with an error status before they are stopped:
 # a stop they agreed on (a Ctrl-C to one rank, a bad shard, stdout gone) ends them all, rank 0 after its save
 END_GRACE = 5.0
-# what stops the launcher and its ranks (interrupt): a rank that one of them ended was not killed, it was stopped
-_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # seconds a rank stopped (signals.GROUP_END) has to exit before it is killed: one that lives on is finishing a save
 RANK_GRACE = signals.SAVE_WAIT
 
@@ -150,7 +148,7 @@ class _Ranks:
             self.failed[r] = rc
             # (not the Ctrl-C forwarded to it, which ends a connecting rank at once: distributed.init; nor a stop signal
             # that came to this launcher too, as a scheduler sends it to every process of a job)
-            if rc < 0 and -rc != self.sent.get(r) and not (self.interrupted and -rc in _STOPS):
+            if rc < 0 and -rc != self.sent.get(r) and not (self.interrupted and -rc in signals.STOPPING):
                 oom = " (out of memory?)" if -rc == signal.SIGKILL else ""
                 say(f"nanogpt-mlx: error: rank {r} was killed by {signal.Signals(-rc).name}{oom}")
                 self.cause_said = True

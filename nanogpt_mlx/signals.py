@@ -20,6 +20,9 @@ SAVE_WAIT = 1800.0
 # real-time signal, which no scheduler's convention uses (Slurm's --signal=USR1@N and Lightning's "checkpoint soon"
 # take SIGUSR1); macOS has none
 GROUP_END = getattr(signal, "SIGRTMIN", signal.SIGUSR2)
+# the signals that stop a command, or a run with a save, in the order that ranks agreeing on one prefer them: the
+# SIGTERM that a scheduler sends every process of a job over the Ctrl-C that a launcher forwards for its own
+STOPPING = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
 
 
 @contextlib.contextmanager

@@ -20,10 +20,6 @@ from .errors import Stopped
 
 T = TypeVar("T")
 
-# the signals that stop training, in the order that the ranks' agreement on one prefers them: the SIGTERM that a
-# scheduler sends every process of a job over the Ctrl-C that a launcher forwards for its own
-STOP_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
-
 
 class StopEvaluating(Exception):
     """A stop request during an evaluation (a single process's: Stops.interruptible): it stops at once."""
@@ -66,7 +62,7 @@ class Stops:
         """A stop request: saved at the end of the step (at once during an evaluation). No output here: a write
         from a handler can land inside a write to the same stream, or block on a pipe nobody reads."""
         self.requested = True  # (the stopping signal that the ranks' agreement prefers, of those that came)
-        self.by = max(filter(None, [self.by, signum]), key=STOP_SIGNALS.index)
+        self.by = max(filter(None, [self.by, signum]), key=signals.STOPPING.index)
         if self.escalates(signum):
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
         if self._evaluating:
@@ -89,8 +85,8 @@ class Stops:
         if total > world and self.error is None:
             self.error = (f"rank {self.dist.rank}: stopping: the run {PEER_FAILED}", "mend what it says there")
         if total > 0 and self.error is None:  # (on every rank alike)
-            first = self.dist.max(STOP_SIGNALS.index(self.by) if self.by in STOP_SIGNALS else -1)
-            self.by = STOP_SIGNALS[int(first)] if first >= 0 else None
+            first = self.dist.max(signals.STOPPING.index(self.by) if self.by in signals.STOPPING else -1)
+            self.by = signals.STOPPING[int(first)] if first >= 0 else None
         self.requested = self.requested or total > 0
         return total > 0
 

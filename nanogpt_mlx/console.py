@@ -27,6 +27,7 @@ LINES_ENV = "NANOGPT_MLX_RANK_LINES"  # set by launch.py: the file this rank lea
 INTERRUPTED = "nanogpt-mlx: interrupted"  # the last line of a command a signal ended
 LOST_PEER = "lost a peer rank"  # in the last line of a rank whose collective failed as another rank ended
 PEER_FAILED = "failed on another rank"  # in the last line of a rank that stopped for another rank's error
+NOT_CONNECTED = "could not connect to the other ranks"  # in the line of a rank that its connect's watchdog killed
 
 
 def follows_a_peer(line: str) -> bool:

@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import signals
-from .console import LAUNCHER_ENV, LOST_PEER, last_line, lines_file
+from .console import LAUNCHER_ENV, LOST_PEER, NOT_CONNECTED, last_line, lines_file
 from .errors import UserError
 
 # Environment variables that mean "this process was started as one rank of several".
@@ -134,7 +134,7 @@ def init(timeout: float | None = None) -> Dist:
     # Ctrl-C, SIGTERM or SIGHUP while connecting ends the process at once: nothing to save yet, and MLX's connect, a
     # C++ call that Python's handler cannot interrupt, retries for half a minute (nohup's ignored SIGHUP stays so)
     with signals.handlers(dict.fromkeys(signals.stops(), signal.SIG_DFL)), \
-            _connect_watch(timeout, f"could not connect to the other ranks within {timeout:.0f} s"):
+            _connect_watch(timeout, f"{NOT_CONNECTED} within {timeout:.0f} s"):
         try:
             group = mx.distributed.init(strict=True, backend="any")
         except RuntimeError as e:

@@ -22,7 +22,7 @@ from shutil import rmtree
 from tqdm import tqdm
 
 from . import device, signals
-from .console import INTERRUPTED, LAUNCHER_ENV, LINES_ENV, follows_a_peer, new_lines, say
+from .console import INTERRUPTED, LAUNCHER_ENV, LINES_ENV, NOT_CONNECTED, follows_a_peer, new_lines, say
 from .errors import UserError
 from .files import owned_temp_dir
 
@@ -134,8 +134,9 @@ class _Ranks:
         for r, rc in ended.items():
             del self.live[r]
             lines = self.work / f"rank{r}.lines"
-            # killed after it said why (its connect's watchdog does so): that error ended it, not a kill to report
-            if rc == -signal.SIGKILL and lines.exists():
+            # killed by its connect's watchdog, which said why: that error ended it, not a kill to report (any other
+            # SIGKILL is, the OOM killer's most likely, also after the rank's own last line)
+            if rc == -signal.SIGKILL and any(NOT_CONNECTED in line for line in new_lines(lines, set())):
                 rc = 1
             for line in new_lines(lines, self.shown):
                 if follows_a_peer(line):  # (its cause may be seen in a later poll)

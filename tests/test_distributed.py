@@ -1111,6 +1111,26 @@ def test_a_rank_killed_amid_a_ctrl_c_is_said(tmp_path, capsys):
         "nanogpt-mlx: error: rank 1 was killed by SIGKILL (out of memory?)", "nanogpt-mlx: interrupted"]
 
 
+@pytest.mark.parametrize("said", ["connect", "error"])
+def test_a_rank_killed_after_its_last_line_is_said_unless_its_watchdog_killed_it(said, tmp_path, capsys):
+    """A rank SIGKILLed after it wrote a last line was taken for one that its connect's watchdog killed, whose line
+    says why: status 1, and an OOM kill after the rank's own error line lost its "killed by SIGKILL" (status 137)."""
+    from nanogpt_mlx import launch
+
+    line = {"connect": "nanogpt-mlx: error: could not connect to the other ranks within 2 s",
+            "error": "nanogpt-mlx: error: rank 0: a bad shard"}[said]
+    (tmp_path / "rank0.lines").write_text(line + "\n")
+    ranks = launch._Ranks(tmp_path)
+    ranks.live = {0: Ended(-signal.SIGKILL)}
+    ranks.poll()
+    err = capsys.readouterr().err.splitlines()
+    if said == "connect":
+        assert ranks.status() == 1 and err == [line]
+    else:
+        assert ranks.status() == 128 + signal.SIGKILL
+        assert err == [line, "nanogpt-mlx: error: rank 0 was killed by SIGKILL (out of memory?)"]
+
+
 LOST = "nanogpt-mlx: error: rank 0: lost a peer rank ([ring] connection lost)"
 RANK_1_ERROR = "nanogpt-mlx: error: rank 1: [Compile::eval_cpu] Failed to compile; stopping"
 

@@ -496,6 +496,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command() -> int:
+    """The `nanogpt-mlx` command, `python -m nanogpt_mlx` and a rank of `train --ranks`: main() on sys.argv, then
+    nothing more to stop (signals.ignore_stops)."""
+    status = main()
+    signals.ignore_stops()
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     signals.ctrl_c_back()  # Ctrl-C from here on is KeyboardInterrupt: saved runs, one line
     fill_closed_streams()

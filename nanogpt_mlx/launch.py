@@ -43,9 +43,9 @@ RANK_GRACE = signals.SAVE_WAIT
 _RANK_MAIN = """import os, signal, sys
 signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-from nanogpt_mlx.cli import main
+from nanogpt_mlx.cli import command
 signal.signal(signal.SIGINT, signal.default_int_handler)
-sys.exit(main())
+sys.exit(command())
 """
 
 
@@ -147,8 +147,11 @@ class _Ranks:
             if rc == 0:
                 continue
             self.failed[r] = rc
-            # (not the Ctrl-C forwarded to it, which ends a connecting rank at once: distributed.init; nor a stop signal
-            # that came to this launcher too, as a scheduler sends it to every process of a job)
+            # a SIGTERM or SIGHUP that a rank took before its handlers (importing, connecting: distributed.init) stopped
+            # it, as a scheduler's to every process of a job, this launcher's or not, stops the run: not a kill to say
+            if -rc in signals.STOPPING and -rc != self.sent.get(r):
+                self.interrupted = self.interrupted or -rc
+            # (nor the Ctrl-C forwarded to it, which ends a connecting rank at once)
             if rc < 0 and -rc != self.sent.get(r) and not (self.interrupted and -rc in signals.STOPPING):
                 oom = " (out of memory?)" if -rc == signal.SIGKILL else ""
                 say(f"nanogpt-mlx: error: rank {r} was killed by {signal.Signals(-rc).name}{oom}")

@@ -91,6 +91,14 @@ def quiet_start() -> None:
         _quiet_start = True
 
 
+def ignore_stops() -> None:
+    """For a command whose work is done: a SIGTERM or SIGHUP while Python and MLX shut down is ignored, so that its
+    exit status is the work's (a finished run said "done", then ended by SIGTERM's default action: 143)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
+
+
 def ctrl_c_back() -> None:
     """Python's Ctrl-C (KeyboardInterrupt) again, where quiet_start took it."""
     global _quiet_start

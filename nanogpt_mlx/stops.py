@@ -40,6 +40,7 @@ class Stops:
         # mid-run, stdout on a full disk; the first one said
         self.error: tuple[str, str] | None = None
         self._evaluating = False  # a request interrupts the evaluation in progress (on_signal)
+        self._agreed = False  # whether several ranks agreed on the stop, and on `by`, which a later signal keeps
 
     def request(self, error: tuple[str, str] | None = None) -> None:
         """A stop that is no signal's: an error's (why, fix) or, without one, as on Ctrl-C (stdout's reader gone)."""
@@ -61,8 +62,9 @@ class Stops:
     def on_signal(self, signum: int, _frame) -> None:
         """A stop request: saved at the end of the step (at once during an evaluation). No output here: a write
         from a handler can land inside a write to the same stream, or block on a pipe nobody reads."""
-        self.requested = True  # (the stopping signal that the ranks' agreement prefers, of those that came)
-        self.by = max(filter(None, [self.by, signum]), key=signals.STOPPING.index)
+        self.requested = True
+        if not self._agreed:  # (the stopping signal that the ranks' agreement prefers, of those that came)
+            self.by = max(filter(None, [self.by, signum]), key=signals.STOPPING.index)
         if self.escalates(signum):
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
         if self._evaluating:
@@ -87,6 +89,7 @@ class Stops:
         if total > 0 and self.error is None:  # (on every rank alike)
             first = self.dist.max(signals.STOPPING.index(self.by) if self.by in signals.STOPPING else -1)
             self.by = signals.STOPPING[int(first)] if first >= 0 else None
+        self._agreed = total > 0
         self.requested = self.requested or total > 0
         return total > 0
 

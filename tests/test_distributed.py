@@ -667,9 +667,11 @@ def test_a_signal_during_the_stops_save_lets_it_finish(data_dir, tmp_path):
     assert f"interrupted: saved {saved}" in stdout and not list(out.glob(".*.tmp*"))
 
 
-def test_a_sigterm_to_a_job_before_its_steps_is_one_line(data_dir, tmp_path):
+@pytest.mark.parametrize("launcher_too", [True, False], ids=["ranks-and-launcher", "ranks"])
+def test_a_sigterm_to_a_job_before_its_steps_is_one_line(launcher_too, data_dir, tmp_path):
     """Before the steps (the ranks importing, connecting, loading data) the ranks took SIGTERM's default action: the
-    launcher said "rank 0 was killed by SIGTERM", the same of rank 1, then "interrupted"."""
+    launcher said "rank 0 was killed by SIGTERM", the same of rank 1, then "interrupted" (without the launcher's
+    own SIGTERM, no "interrupted")."""
     proc = start_two_ranks(data_dir, tmp_path)
     ranks = []
     try:
@@ -678,7 +680,7 @@ def test_a_sigterm_to_a_job_before_its_steps_is_one_line(data_dir, tmp_path):
             assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
             time.sleep(0.05)
         time.sleep(0.3)  # (importing)
-        for pid in ranks + [proc.pid]:
+        for pid in ranks + [proc.pid] * launcher_too:
             os.kill(pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:

@@ -100,3 +100,39 @@ def test_only_the_command_starts_without_ctrl_c_and_main_takes_it_back(monkeypat
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # KeyboardInterrupt: saves, one line
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_the_command_ignores_a_stop_once_its_work_is_done(monkeypatch):
+    """A SIGTERM while Python and MLX shut down, after the command's last line ("done: step 5"), ended a finished run
+    with 143 (SIGTERM's default action; with --ranks, "rank 0 was killed by SIGTERM")."""
+    from nanogpt_mlx import cli
+
+    monkeypatch.setattr(cli, "main", lambda: 0)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        assert cli.command() == 0
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in before)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def test_a_signal_after_the_ranks_agreed_to_stop_keeps_the_signal_they_agreed_on():
+    """A SIGTERM to one rank after the ranks agreed on a stop by SIGHUP (or Ctrl-C) changed that rank's signal alone:
+    the ranks then exited 129 and 143 (130 and 143)."""
+    from nanogpt_mlx.stops import Stops
+
+    class TwoRanks:  # this rank, and another that saw no signal
+        world, rank = 2, 0
+
+        def sum(self, value, at_least=0.0):
+            return value
+
+        def max(self, value):
+            return max(value, -1)
+
+    stops = Stops(TwoRanks())
+    stops.on_signal(signal.SIGHUP, None)  # (with several ranks, no handler changes: it does not escalate)
+    assert stops.agreed() and stops.by == signal.SIGHUP
+    stops.on_signal(signal.SIGTERM, None)
+    assert stops.by == signal.SIGHUP and stops.stopped().status == 128 + signal.SIGHUP

@@ -147,15 +147,16 @@ class _Ranks:
             if rc == 0:
                 continue
             self.failed[r] = rc
-            # a SIGTERM or SIGHUP that a rank took before its handlers (importing, connecting: distributed.init) stopped
-            # it, as a scheduler's to every process of a job, this launcher's or not, stops the run: not a kill to say
-            if -rc in signals.STOPPING and -rc != self.sent.get(r):
-                self.interrupted = self.interrupted or -rc
-            # (nor the Ctrl-C forwarded to it, which ends a connecting rank at once)
-            if rc < 0 and -rc != self.sent.get(r) and not (self.interrupted and -rc in signals.STOPPING):
-                oom = " (out of memory?)" if -rc == signal.SIGKILL else ""
-                say(f"nanogpt-mlx: error: rank {r} was killed by {signal.Signals(-rc).name}{oom}")
-                self.cause_said = True
+            if rc < 0 and -rc != self.sent.get(r):
+                # a Ctrl-C, SIGTERM or SIGHUP that a rank took before its handlers (importing, connecting:
+                # distributed.init), as a scheduler's to every process of a job or this launcher's forwarded, stopped
+                # it: the run stops, and that is no kill to say
+                if -rc in signals.STOPPING:
+                    self.interrupted = self.interrupted or -rc
+                else:
+                    oom = " (out of memory?)" if -rc == signal.SIGKILL else ""
+                    say(f"nanogpt-mlx: error: rank {r} was killed by {signal.Signals(-rc).name}{oom}")
+                    self.cause_said = True
             if not self.sent:  # the run cannot finish: the rest end by themselves, or are stopped
                 self.stop_at = min(self.stop_at, time.monotonic() + END_GRACE)
                 self.find_frozen = True

@@ -58,10 +58,10 @@ def deferred(*signums: int) -> Iterator[None]:
 
 
 def stops(*signums: int) -> tuple[int, ...]:
-    """`signums` (default: Ctrl-C, SIGTERM), and SIGHUP (a closed terminal), unless it is ignored (nohup): the
-    signals that a stop handler takes."""
-    hangup = (signal.SIGHUP,) if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN else ()
-    return (*(signums or (signal.SIGINT, signal.SIGTERM)), *hangup)
+    """The signals that a stop handler takes: `signums` (default: STOPPING's), less SIGHUP (a closed terminal)
+    where it is ignored (nohup)."""
+    hangup_ignored = signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    return tuple(s for s in signums or STOPPING if not (s == signal.SIGHUP and hangup_ignored))
 
 
 def like_ctrl_c() -> contextlib.AbstractContextManager:
@@ -71,7 +71,7 @@ def like_ctrl_c() -> contextlib.AbstractContextManager:
     def stop(signum: int, _frame) -> None:
         raise Stopped(signum)
 
-    return handlers(dict.fromkeys(stops(signal.SIGTERM), stop))
+    return handlers(dict.fromkeys(stops(signal.SIGTERM, signal.SIGHUP), stop))
 
 
 _quiet_start = False  # whether quiet_start took Ctrl-C from Python

@@ -227,12 +227,14 @@ def _check_examples_given(examples) -> None:
 
 
 def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int | None = None, rank: int = 0,
-                    world: int = 1, progress: bool = True, rendered: Sequence[Rendered] | None = None
-                    ) -> HellaSwagResult:
+                    world: int = 1, progress: bool = True, rendered: Sequence[Rendered] | None = None,
+                    after_batch: Callable[[int, int], None] | None = None) -> HellaSwagResult:
     """Score this rank's share of `examples` (every world-th, from rank), up to `batch_examples` per forward.
 
     The records come back in the order of `examples`. Sum the counts of all ranks for the full result. `rendered`:
     check_examples' result for all `examples` and this model, kept by a caller that scores them again and again.
+    `after_batch(done, total)`, called after each forward with this rank's examples scored and to score, may end
+    the scoring by raising.
     Examples are told apart by their position, not their index: two files' examples, concatenated, repeat indices.
     """
     check_gpt(model)
@@ -264,6 +266,8 @@ def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int
                 result.count(records[i])
             bar.update(len(batch))
             bar.set_postfix(acc=f"{result.acc:.4f}", acc_norm=f"{result.acc_norm:.4f}")
+            if after_batch:
+                after_batch(bar.n, len(mine))
     result.records = records
     return result
 
@@ -277,17 +281,21 @@ def write_records(path: str | os.PathLike, records: Sequence[ExampleScore]) -> N
 
 # ---------------------------------------------------------------------------- token loss
 def loader_loss(model: GPT, loader: DataLoader, batches: int, progress: bool = False,
-                loss: Callable[[mx.array, mx.array], mx.array] | None = None) -> float:
+                loss: Callable[[mx.array, mx.array], mx.array] | None = None,
+                after_batch: Callable[[int, int], None] | None = None) -> float:
     """Mean cross-entropy over the loader's first `batches` batches (it is reset first), as
     build-nanogpt's periodic validation: the mean of the per-batch mean losses. `loss(x, y)` defaults to the
-    model's (GPT.loss, no gradient); the Trainer passes its compiled one."""
+    model's (GPT.loss, no gradient); the Trainer passes its compiled one. `after_batch(done, batches)`, called after
+    each batch, may end the loss by raising."""
     check_gpt(model)
     check_int("batches", batches)
     loss = loss or partial(model.loss, grad=False)
     loader.reset()
     total = 0.0
-    for _ in tqdm(range(batches), desc="loss", unit="batch", disable=None if progress else True):
+    for done in tqdm(range(1, batches + 1), desc="loss", unit="batch", disable=None if progress else True):
         total += loss(*(mx.array(a) for a in loader.next_batch())).item()
+        if after_batch:
+            after_batch(done, batches)
     return total / batches
 
 

@@ -19,10 +19,12 @@ from .errors import UserError
 from .evaluate import check_examples, download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
 from .model import GPT, GPT2_VOCAB_SIZE
 from .sample import SampleConfig, prepare_prompt, sample_texts
+from .stops import StopEvaluating
 from .tokenizer import encode
 
 _T = TypeVar("_T")
 EVALUATION_WAIT = 24 * 3600.0  # seconds a rank whose evaluation failed waits for the others' (HellaSwag's: hours)
+POLLS = 32  # times the ranks agree amid an evaluation on whether to go on (_Polls): a stop waits for 1/POLLS of it
 KINDS = ("val", "hellaswag", "samples")  # in the order they run
 
 
@@ -50,8 +52,10 @@ class Evaluations:
     """A run's evaluations of `model` (checked first: check), their data read before it trains: a wrong path or a
     failed download stops a resumed run (or one whose first evaluation comes late) before it trains, not after."""
 
-    def __init__(self, cfg: TrainConfig, model: GPT, dist: Dist):
-        self.cfg, self.model, self.dist = cfg, model, dist
+    def __init__(self, cfg: TrainConfig, model: GPT, dist: Dist, stop: Callable[[], bool] = lambda: False):
+        """`stop()`: whether a stop was requested of this rank that ends an evaluation in progress (several ranks
+        agree on it amid their evaluation: _rank_part)."""
+        self.cfg, self.model, self.dist, self.stop = cfg, model, dist, stop
         self.failure_agreed = False  # whether the ranks agreed that an evaluation failed (_rank_part)
         self._hellaswag = load_hellaswag(
             cfg.hellaswag_data or download_hellaswag(progress=dist.is_main, local_option="--hellaswag-data",
@@ -88,35 +92,87 @@ class Evaluations:
         if self.val_loader is None:
             raise UserError("no val batches: a Trainer reads the val split only when val_every is set")
         return self.dist.mean(self._rank_part(
-            lambda: loader_loss(self.model, self.val_loader, self.val_steps, loss=self._loss)))
+            lambda after: loader_loss(self.model, self.val_loader, self.val_steps, loss=self._loss, after_batch=after)))
 
     def samples(self, step: int) -> list[str]:
         cfg = self.cfg
-        return self._rank_part(lambda: sample_texts(self.model, cfg.prompt, sample_config(cfg, step), cfg.num_samples))
+        return self._rank_part(lambda after: sample_texts(self.model, cfg.prompt, sample_config(cfg, step),
+                                                          cfg.num_samples), polls=1)  # (seconds: no stop amid them)
 
     def hellaswag(self) -> float:
         """acc_norm over the HellaSwag examples, split across ranks with the counts summed (build-nanogpt)."""
         if self._hellaswag is None:
             raise UserError("no HellaSwag examples: a Trainer loads them at start when hellaswag_every is set")
-        r = self._rank_part(lambda: score_hellaswag(self.model, self._hellaswag, rank=self.dist.rank,
-                                                    world=self.dist.world, progress=False,
-                                                    rendered=self._hellaswag_tokens))
+        r = self._rank_part(lambda after: score_hellaswag(self.model, self._hellaswag, rank=self.dist.rank,
+                                                          world=self.dist.world, progress=False,
+                                                          rendered=self._hellaswag_tokens, after_batch=after))
         return self.dist.sum(r.num_correct_norm) / self.dist.sum(r.num_total)
 
-    def _rank_part(self, part: Callable[[], _T]) -> _T:
-        """part(), this rank's share of an evaluation, then the ranks' agreement on whether it failed on any of them.
-        If it did, every rank raises (its own error, or that another rank's part failed), and the Trainer has them
-        wait for rank 0's save (failure_agreed). Without it the others met the failed rank's end in their next
-        collective."""
-        if self.dist.world == 1:
-            return part()
+    def _rank_part(self, part: Callable[..., _T], polls: int = POLLS) -> _T:
+        """part(after_batch), this rank's share of an evaluation, amid which the ranks agree `polls` times
+        (_Polls) on whether to go on: a stop request ends it on every rank (StopEvaluating), a failed part on any
+        makes every rank raise (its own error, or that another rank's part failed), and the Trainer has them wait
+        for rank 0's save (failure_agreed). Without that agreement the others met the failed rank's end in their
+        next collective, or waited for the end of an evaluation (HellaSwag's: minutes) to stop."""
+        if self.dist.world == 1:  # (a single process's stop request ends the evaluation from its signal handler)
+            return part(None)
+        agreement = _Polls(self.dist, polls, self.stop)
         error = None
         try:
-            value = part()
-        except Exception as e:  # (a stop request does not end an evaluation of several ranks)
+            value = part(agreement.after_batch)
+        except StopEvaluating:  # (agreed: every rank raises it at the same poll)
+            raise
+        except Exception as e:
+            if agreement.lost:  # a poll's own collective failed: no agreement to make
+                raise
             error = e
-        # (the ranks arrive together, but for one whose part failed early: it waits for the others' whole part)
-        if self.dist.sum(float(error is not None), at_least=EVALUATION_WAIT if error else 0.0):
+        if agreement.finish(failed=error is not None) == "failed":
             self.failure_agreed = True
-            raise error or UserError(f"rank {self.dist.rank}: stopping: the evaluation {PEER_FAILED}")
+            raise error or agreement.peer_failed()
         return value
+
+
+class _Polls:
+    """The points of a rank's share of an evaluation where the ranks agree on going on: where it passes each
+    1/polls of its share, however its batches fall, so that every rank makes the same collectives (the shares
+    differ), and those left once it ended (ranks with fewer batches or a failed part wait there for the others),
+    the last of them after every rank's share ended."""
+
+    def __init__(self, dist: Dist, polls: int, stop: Callable[[], bool]):
+        self.dist, self.polls, self.stop = dist, polls, stop
+        self.made = 0
+        self.lost = False  # whether a poll's collective failed (a rank lost)
+        self.outcome: str | None = None  # what the ranks agreed on: "stop", "failed", or None to go on
+
+    def after_batch(self, done: int, total: int) -> None:
+        """After a batch of this rank's share: `done` items of `total`. Raises StopEvaluating on an agreed stop, or
+        UserError if another rank's part failed."""
+        while self.outcome is None and self.made < self.polls - 1 and done * self.polls >= (self.made + 1) * total:
+            self._poll(failed=False)
+        if self.outcome == "stop":
+            raise StopEvaluating
+        if self.outcome == "failed":
+            raise self.peer_failed()
+
+    def finish(self, failed: bool) -> str | None:
+        """The polls left once this rank's part ended (`failed`: by an error): what the ranks agreed on."""
+        while self.outcome is None and self.made < self.polls:
+            self._poll(failed)
+        if self.outcome == "stop":
+            raise StopEvaluating
+        return self.outcome
+
+    def peer_failed(self) -> UserError:
+        return UserError(f"rank {self.dist.rank}: stopping: the evaluation {PEER_FAILED}")
+
+    def _poll(self, failed: bool) -> None:
+        self.made += 1
+        world = self.dist.world  # a failure counts more than every rank's stop request together
+        try:  # a failed rank waits for the others' parts (HellaSwag's: hours on a CPU)
+            total = self.dist.sum((world + 1.0) if failed else float(self.stop()),
+                                  at_least=EVALUATION_WAIT if failed else 0.0)
+        except Exception:
+            self.lost = True
+            raise
+        if total:  # (every rank alike: no more polls)
+            self.outcome = "failed" if total > world else "stop"

@@ -2,8 +2,9 @@
 gone; and, with several ranks, their agreement on it.
 
 Several ranks must stop at the same step (or the others wait in a collective), so a request is only noted where it
-comes and the ranks agree on it once per step (Stops.agreed). A single process stops at once where it can: between
-micro-steps, and amid an evaluation (Stops.interruptible), which changes no weights.
+comes and the ranks agree on it once per step (Stops.agreed), and at points amid an evaluation (which changes no
+weights: Stops.interruptible). A single process stops at once where it can: between micro-steps, and amid an
+evaluation.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ T = TypeVar("T")
 
 
 class StopEvaluating(Exception):
-    """A stop request during an evaluation (a single process's: Stops.interruptible): it stops at once."""
+    """A stop request during an evaluation (Stops.interruptible): it stops at once (several ranks, where they agree
+    on it: evaluations.py)."""
 
 
 class Stops:
@@ -39,7 +41,7 @@ class Stops:
         # why a stop that is no signal's ended the run, and what to fix before --resume: a shard the loader refused
         # mid-run, stdout on a full disk; the first one said
         self.error: tuple[str, str] | None = None
-        self._evaluating = False  # a request interrupts the evaluation in progress (on_signal)
+        self._evaluating = False  # a request ends the evaluation in progress (on_signal, ends_evaluation)
         self._agreed = False  # whether several ranks agreed on the stop, and on `by`, which a later signal keeps
 
     def request(self, error: tuple[str, str] | None = None) -> None:
@@ -67,7 +69,7 @@ class Stops:
             self.by = max(filter(None, [self.by, signum]), key=signals.STOPPING.index)
         if self.escalates(signum):
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-        if self._evaluating:
+        if self._evaluating and self.dist.world == 1:
             raise StopEvaluating
 
     def escalates(self, signum: int) -> bool:
@@ -93,12 +95,17 @@ class Stops:
         self.requested = self.requested or total > 0
         return total > 0
 
+    def ends_evaluation(self) -> bool:
+        """Whether a stop was requested of this rank that ends the evaluation in progress (interruptible's): where
+        several ranks agree on it, amid their evaluation (evaluations.py)."""
+        return self._evaluating and self.requested
+
     def interruptible(self, evaluation: Callable[[], T]) -> T:
-        """evaluation(), which a stop request ends (StopEvaluating; a single process's: several ranks stop at the
-        same point, their collectives')."""
+        """evaluation(), which a stop request ends (StopEvaluating): a single process's at once, several ranks' where
+        they agree on it (ends_evaluation)."""
         if self.now:
             raise StopEvaluating
-        self._evaluating = self.dist.world == 1
+        self._evaluating = True
         try:
             return evaluation()
         finally:

@@ -113,7 +113,8 @@ class Trainer:
         self.grad_accum = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len * self.dist.world)
         self.train_loader = DataLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, self.dist.rank, self.dist.world,
                                        self.model.config.vocab_size, cfg.shuffle, cfg.seed)
-        self.evaluations = evaluations.Evaluations(cfg, self.model, self.dist)
+        self.stops = Stops(self.dist)  # what asks train() to stop, and why
+        self.evaluations = evaluations.Evaluations(cfg, self.model, self.dist, self.stops.ends_evaluation)
 
         self.optimizer = self.recipe.make_optimizer(cfg, self.dtype)
         # the optimizer updates float32 master weights, packed as its recipe groups them (build-nanogpt's: flat
@@ -138,7 +139,6 @@ class Trainer:
             checkpoint.check_room(self.out, sum(a.nbytes for _, a in state), fresh=ckpt is None)
             self.run_dir.claim(ckpt)
         self.log = checkpoint.RunLog(self.out, self.step, self.dist.is_main)
-        self.stops = Stops(self.dist)  # what asks train() to stop, and why
         self.queue = steps.Queue(self.dist)  # the micro-steps queued on the device
         self._memory_cap = 0  # bytes MLX may use while training (cap_memory), once a step was measured
         self.result: dict[str, float] = {}  # latest train_loss, val_loss and hellaswag
@@ -291,9 +291,9 @@ class Trainer:
         return self.evaluations.hellaswag()
 
     def _evaluate(self) -> None:
-        """The evaluations due before step self.step. A stop request ends them at once (raising StopEvaluating):
-        they change no weights, so the checkpoint of this step is as good, and a resumed run evaluates again. Not with
-        several ranks, which must stop at the same point (their collectives)."""
+        """The evaluations due before step self.step. A stop request ends them (raising StopEvaluating; several
+        ranks, where they agree on it): they change no weights, so the checkpoint of this step is as good, and a
+        resumed run evaluates again."""
         due, step = self.evaluations.due, self.step
         if due("val", step):
             loss = self.result["val_loss"] = self.stops.interruptible(self.val_loss)
@@ -522,6 +522,7 @@ class Trainer:
                     try:
                         self._evaluate()
                     except StopEvaluating:
+                        self.stops.agreed()  # (several ranks, all stopped at one poll: on the signal too)
                         break
                     except Exception:
                         self._save_before_failing()

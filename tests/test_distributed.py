@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,8 +20,9 @@ import numpy as np
 import pytest
 from test_train import logged, tiny_config, token_stream, write_shards
 
-from nanogpt_mlx import device
+from nanogpt_mlx import device, evaluations
 from nanogpt_mlx.checkpoint import checkpoints
+from nanogpt_mlx.stops import StopEvaluating
 
 # Trains with the public API in whatever group the environment describes, then dumps this rank's weights.
 RANK_SCRIPT = """
@@ -166,6 +168,116 @@ def test_an_evaluation_that_fails_on_one_rank_is_saved_before_that_rank_ends(whi
     assert err0.rstrip().endswith("rank 0: stopping: the evaluation failed on another rank"), err0
     assert "lost a peer" not in err0 + err1
     assert [p.name for p in checkpoints(out)] == ["ckpt-000003"]
+
+
+class ThreadRanks:
+    """`world` ranks as threads of this process, whose sums meet at a barrier (Dist's collectives, in-process)."""
+
+    def __init__(self, world: int):
+        self.world, self._values, self._meet = world, [0.0] * world, threading.Barrier(world, timeout=30)
+        self.polls = [0] * world  # the sums each rank made
+
+    def rank(self, rank: int):
+        ranks = self
+
+        class Rank:
+            world = ranks.world
+
+            def sum(self, value, at_least=0.0):
+                ranks.polls[rank] += 1
+                ranks._values[rank] = value
+                ranks._meet.wait()
+                total = sum(ranks._values)
+                ranks._meet.wait()
+                return total
+
+        one = Rank()
+        one.rank = rank
+        return one
+
+    def run(self, part) -> list:
+        """part(rank, evaluations) on each rank's thread, each rank's Evaluations._rank_part: what each returned or
+        raised."""
+        results: list = [None] * self.world
+
+        def one(rank):
+            ev = evaluations.Evaluations.__new__(evaluations.Evaluations)
+            ev.dist, ev.failure_agreed = self.rank(rank), False
+            ev.stop = lambda: part.stop(rank)
+            try:
+                results[rank] = ev._rank_part(lambda after: part(rank, after))
+            except Exception as e:
+                results[rank] = e
+            results[rank] = (results[rank], ev.failure_agreed)
+
+        threads = [threading.Thread(target=one, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        return results
+
+
+class Share:
+    """A rank's share of an evaluation: `sizes[rank]` batches, a stop requested of rank `stop_at[0]` after its batch
+    `stop_at[1]`, rank `fail_at[0]` failing at its batch `fail_at[1]` (its last + 1: after them)."""
+
+    def __init__(self, sizes, stop_at=(None, 0), fail_at=(None, 0)):
+        self.sizes, self.stop_at, self.fail_at = sizes, stop_at, fail_at
+        self.done = [0] * len(sizes)
+
+    def stop(self, rank):
+        return rank == self.stop_at[0] and self.done[rank] >= self.stop_at[1]
+
+    def __call__(self, rank, after):
+        for i in range(self.sizes[rank] + 1):
+            if (rank, i) == self.fail_at:
+                raise RuntimeError("a kernel that cannot compile")
+            if i < self.sizes[rank]:
+                self.done[rank] += 1
+                after(self.done[rank], self.sizes[rank])
+        return rank
+
+
+@pytest.mark.parametrize("sizes", [(40, 37), (5, 4, 0), (1, 100)])
+def test_ranks_poll_alike_amid_an_evaluation_whatever_their_shares(sizes):
+    """Ranks' shares of HellaSwag differ (their batches fall by context length); each makes the same sums."""
+    ranks = ThreadRanks(len(sizes))
+    assert ranks.run(Share(sizes)) == [(r, False) for r in range(len(sizes))]
+    assert ranks.polls == [evaluations.POLLS] * len(sizes)
+
+
+def test_a_stop_requested_of_one_rank_ends_every_ranks_evaluation_soon():
+    """A SIGTERM to the ranks amid HellaSwag (minutes) waited for its end: beyond a scheduler's grace before its
+    SIGKILL, unsaved. Now every rank ends its evaluation within about 1/POLLS of it."""
+    share = Share((320, 320), stop_at=(1, 100))
+    results = ThreadRanks(2).run(share)
+    assert all(isinstance(r, StopEvaluating) and not agreed for r, agreed in results), results
+    assert all(done <= 100 + 320 // evaluations.POLLS for done in share.done), share.done
+    share = Share((320, 320), stop_at=(None, 100))
+    share.stop = lambda rank: share.done[rank] >= 100  # requested of every rank: a stop, not a failure
+    results = ThreadRanks(2).run(share)
+    assert all(isinstance(r, StopEvaluating) and not agreed for r, agreed in results), results
+    assert all(done <= 100 + 320 // evaluations.POLLS for done in share.done), share.done
+
+
+@pytest.mark.parametrize("where", [0, 7, 64], ids=["at-once", "amid", "after-its-share"])
+def test_a_rank_whose_part_failed_stops_the_others_soon_and_with_its_error(where):
+    share = Share((64, 64, 64), fail_at=(1, where))
+    results = ThreadRanks(3).run(share)
+    assert [str(r) for r, _ in results] == ["rank 0: stopping: the evaluation failed on another rank",
+                                            "a kernel that cannot compile",
+                                            "rank 2: stopping: the evaluation failed on another rank"]
+    assert all(agreed for _, agreed in results)
+    assert max(share.done) <= where + 64 // evaluations.POLLS + 1
+
+
+def test_a_stop_after_a_batch_that_passes_several_polls_is_agreed_at_the_first():
+    """A rank whose one batch passes several of its polls makes those after an agreed stop no more."""
+    share = Share((1, 320), stop_at=(1, 0))  # rank 1 stops at once, rank 0's one batch is its whole share
+    ranks = ThreadRanks(2)
+    assert all(isinstance(r, StopEvaluating) for r, _ in ranks.run(share))
+    assert ranks.polls == [1, 1]
 
 
 def test_ranks_that_ranks_started_know_they_share_one_machine(monkeypatch):
@@ -645,6 +757,29 @@ def test_a_sigterm_to_the_ranks_saves_a_checkpoint(targets, times, data_dir, tmp
     (saved,) = sorted(tmp_path.glob("ckpt-*"))
     assert int(saved.name[5:]) == len(logged(tmp_path))
     assert f"interrupted: saved {saved}" in stdout and "again to quit" not in stdout, stdout
+
+
+def test_a_sigterm_to_the_ranks_amid_an_evaluation_stops_it_soon(tmp_path):
+    """Slurm's SIGTERM to the ranks amid HellaSwag or a long validation waited for its end (minutes on a CPU), past
+    the scheduler's grace before its SIGKILL: killed unsaved. The ranks agree on a stop amid the evaluation now."""
+    out, data = tmp_path / "run", tmp_path / "data"
+    write_shards(data, [token_stream(3000, 1)], np.tile(token_stream(4096, 3), 5000))
+    proc = start_two_ranks(data, out, args=["--max-steps", "3", "--val-every", "2", "--val-steps", "50000"],
+                           env={"PYTHONUNBUFFERED": "1"})
+    try:
+        while not (line := proc.stdout.readline()).startswith("model ") and line:  # the header, then the first val
+            pass
+        time.sleep(2.0)  # (amid the step-0 validation: minutes of it)
+        ranks, sent = children(proc.pid), time.monotonic()
+        for pid in ranks:
+            os.kill(pid, signal.SIGTERM)
+        stdout, err = proc.communicate(timeout=60)
+    finally:
+        kill(children(proc.pid) + [proc.pid])
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert time.monotonic() - sent < 30
+    assert [p.name for p in checkpoints(out)] == ["ckpt-000000"] and logged(out, "val") == []
+    assert f"interrupted: saved {out / 'ckpt-000000'}" in stdout, stdout
 
 
 def test_a_signal_during_the_stops_save_lets_it_finish(data_dir, tmp_path):

@@ -267,7 +267,7 @@ def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int
             bar.update(len(batch))
             bar.set_postfix(acc=f"{result.acc:.4f}", acc_norm=f"{result.acc_norm:.4f}")
             if after_batch:
-                after_batch(bar.n, len(mine))
+                after_batch(result.num_total, len(mine))  # (not bar.n: a bar disabled counts nothing)
     result.records = records
     return result
 

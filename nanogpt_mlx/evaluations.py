@@ -171,7 +171,7 @@ class _Polls:
         try:  # a failed rank waits for the others' parts (HellaSwag's: hours on a CPU)
             total = self.dist.sum((world + 1.0) if failed else float(self.stop()),
                                   at_least=EVALUATION_WAIT if failed else 0.0)
-        except Exception:
+        except UserError:  # (Dist.sync's: a rank lost)
             self.lost = True
             raise
         if total:  # (every rank alike: no more polls)

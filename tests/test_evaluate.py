@@ -180,6 +180,16 @@ def test_ranks_split_examples_and_their_counts_sum_to_the_whole(fixture_file, mo
     assert sorted(r.index for p in parts for r in p.records) == list(range(11))
 
 
+def test_after_batch_is_told_the_share_scored_so_far(fixture_file, model):
+    """The ranks poll at fractions of their shares (evaluations.py): HellaSwag said 0 done after every batch, its
+    bar being disabled (progress=False, the Trainer's), and the ranks stopped only at its end."""
+    calls = []
+    score_hellaswag(model, load_hellaswag(fixture_file, limit=11), batch_examples=4, rank=0, world=1,
+                    progress=False, after_batch=lambda done, total: calls.append((done, total)))
+    assert [total for _, total in calls] == [11] * len(calls) and calls[-1][0] == 11
+    assert [done for done, _ in calls] == sorted({done for done, _ in calls}) and len(calls) >= 3
+
+
 def test_two_files_examples_concatenated_are_scored_as_each_alone(fixture_file, model, tmp_path):
     """Both files number their examples from 0: each example is scored with its own endings, not another's."""
     a = load_hellaswag(fixture_file, limit=5)

@@ -1,8 +1,8 @@
 """An input file's documents, read part by part: what prepare's worker processes read on their own.
 
-Every input file is cut into parts (jsonl byte ranges of whole lines, parquet row groups, whole text files,
-Tiny Shakespeare's two character ranges); a part names a slice of a file, so only its small description goes
-to a worker, and the cut depends on the file alone (never on the worker count).
+Every input file is cut into parts (jsonl byte ranges of whole lines, parquet row groups, text files' byte ranges
+cut where the tokens stay the same, Tiny Shakespeare's two character ranges); a part names a slice of a file, so
+only its small description goes to a worker, and the cut depends on the file alone (never on the worker count).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class Part:
     stop: int = 0
     field: str = "text"
     split: str | None = None  # forced split (shakespeare); None: shard 0 is val, the rest train
+    continues: bool = False  # its first document goes on from the part before (a .txt's): no EOT before it
 
 
 def plan_parts(unit: Unit, path: Path, part_bytes: int) -> list[Part]:
@@ -44,7 +45,37 @@ def plan_parts(unit: Unit, path: Path, part_bytes: int) -> list[Part]:
         n = len(_read_text(path))
         cut = int(n * 0.9)
         return [Part(p, "chars", cut, n, split="val"), Part(p, "chars", 0, cut, split="train")]
-    return [Part(p, unit.kind)]
+    bounds = _text_bounds(path, part_bytes, _TEXT_CUTS[unit.kind])  # txt, paragraphs
+    return [Part(p, unit.kind, a, b, continues=unit.kind == "txt" and a > 0) for a, b in zip(bounds, bounds[1:])]
+
+
+# Where a text file's byte ranges may start, that its tokens stay what the whole file's are: a .txt (one document)
+# before the space of an ASCII "letter space letter", where GPT-2's pre-tokenizer splits in any case (" word" is one
+# piece, and nothing before it reaches past its space); split on blank lines, after the last newline of a blank line
+# that ASCII text follows, where a document ends. Not found (a text without them), the file stays one part.
+_TEXT_CUTS = {"txt": re.compile(rb"(?<=[A-Za-z])(?= [A-Za-z])"),
+              "paragraphs": re.compile(rb"\n\s*\n(?=[ \t\r\f\v]*[\x21-\x7e])")}
+_WINDOW = 1 << 16  # bytes searched at a time for a cut
+
+
+def _text_bounds(path: Path, part_bytes: int, cut: re.Pattern) -> list[int]:
+    """Byte offsets that cut a text file into ranges of about `part_bytes` each, at the first `cut` after each."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            bounds = [0]
+            at = part_bytes
+            while at < size:
+                f.seek(at)
+                found = cut.search(f.read(_WINDOW + 64))  # (a cut whose context crosses the window's end is missed)
+                if found:
+                    bounds.append(at + found.end())
+                    at = bounds[-1] + part_bytes
+                else:
+                    at += _WINDOW
+    except OSError as e:
+        raise cannot("read", path, e) from None
+    return bounds + [size] if bounds[-1] < size else bounds
 
 
 def _line_bounds(path: Path, part_bytes: int) -> list[int]:
@@ -77,14 +108,18 @@ def _row_groups(path: Path, field: str) -> int:
     return pf.num_row_groups
 
 
-def _read_text(path: str | Path) -> str:
+def _read_text(path: str | Path, start: int = 0, stop: int | None = None) -> str:
+    """The text of bytes [start, stop) of a file (to its end where stop is None)."""
     try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read() if stop is None else f.read(stop - start)
         # a BOM (as some Windows editors write) is no text: it was 3 tokens, where a .jsonl's is skipped
-        return Path(path).read_bytes().decode("utf-8").removeprefix("\ufeff")
+        return data.decode("utf-8").removeprefix("\ufeff" if start == 0 else "")
     except OSError as e:
         raise cannot("read", path, e) from None
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {start + e.start})") from None
 
 
 def read_docs(part: Part) -> list[str]:
@@ -93,10 +128,11 @@ def read_docs(part: Part) -> list[str]:
         return _jsonl_docs(part)
     if part.kind == "parquet":
         return _parquet_docs(part)
-    text = _read_text(part.path)
     if part.kind == "chars":
-        docs = [text[part.start : part.stop]]
-    elif part.kind == "paragraphs":
+        docs = [_read_text(part.path)[part.start : part.stop]]
+        return [d for d in docs if _keep(d)]
+    text = _read_text(part.path, part.start, part.stop)
+    if part.kind == "paragraphs":
         docs = [p.strip("\r\n") for p in re.split(r"\n\s*\n", text)]
     else:
         docs = [text]

@@ -57,7 +57,7 @@ class PrepareConfig:
     shuffle_docs: bool = False  # shuffle file order, part order within a file, documents within a part
     seed: int = 0  # of shuffle_docs; another without it is refused
     name: str | None = None  # shard file prefix; None: the source's
-    part_bytes: int = 2 << 20  # jsonl files are cut into parts of about this size
+    part_bytes: int = 2 << 20  # jsonl and text files are cut into parts of about this size
     progress: bool = True
 
     def __post_init__(self):
@@ -101,13 +101,14 @@ def encode_docs(docs: list[str]) -> np.ndarray:
 
 
 def tokenize_part(task: tuple[Part, tuple[int, ...] | None]) -> tuple[np.ndarray, int]:
-    """Tokens of one part and its document count. With a shuffle key, the documents are permuted
-    first, seeded by the key (so every worker count gives the same order)."""
+    """Tokens of one part and the count of documents that start in it. With a shuffle key, the documents are
+    permuted first, seeded by the key (so every worker count gives the same order)."""
     part, shuffle_key = task
     docs = read_docs(part)
     if shuffle_key is not None:
         docs = [docs[i] for i in np.random.default_rng(shuffle_key).permutation(len(docs))]
-    return encode_docs(docs), len(docs)
+    continued = part.continues and bool(docs)  # (the one document of a .txt's part after its first)
+    return encode_docs(docs)[int(continued):], len(docs) - continued
 
 
 def _init_worker(parent: int) -> None:
@@ -202,7 +203,7 @@ def _parts(units: list[Unit], start: dict, scratch: Path, cfg: PrepareConfig,
         fetching = fetch(units[u + 1]) if u + 1 < len(units) else None
         parts = plan_parts(units[u], path, cfg.part_bytes)
         keys = [None] * len(parts)
-        if cfg.shuffle_docs:
+        if cfg.shuffle_docs and not any(part.continues for part in parts):  # (a document cut into parts keeps them)
             keys = [(cfg.seed, u, p) for p in range(len(parts))]
             order = np.random.default_rng([cfg.seed, u]).permutation(len(parts))
             parts, keys = [parts[i] for i in order], [keys[i] for i in order]

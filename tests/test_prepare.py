@@ -138,6 +138,47 @@ def test_blank_line_paragraphs_and_skipped_empty_documents(tmp_path):
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
+def test_a_large_txt_is_cut_into_parts_with_its_tokens_unchanged(tmp_path, shuffle):
+    """A .txt was one part, whatever its size: one worker tokenized it (no faster with more), a Ctrl-C waited for
+    all of it, and a re-run started it over. It is cut into parts now, where GPT-2's pre-tokenizer splits anyway:
+    the tokens (one EOT, one document) and the shards are the whole file's, the parts in order even when shuffled."""
+    from nanogpt_mlx.documents import plan_parts
+
+    text = "\ufeff" + "\r\n".join(make_docs(300, seed=5))  # (a BOM, CRLF lines, unicode, runs of spaces)
+    (tmp_path / "big.txt").write_text(text, encoding="utf-8")
+    source = sources.local_files([tmp_path / "big.txt"])
+    parts = plan_parts(source.units[0], tmp_path / "big.txt", 512)
+    assert len(parts) > 20 and [p.continues for p in parts] == [False] + [True] * (len(parts) - 1)
+    assert [p.start for p in parts[1:]] == [p.stop for p in parts[:-1]]
+    out = tmp_path / "out"
+    prep.prepare(source, out, cfg(workers=2, shuffle_docs=shuffle, seed=3 if shuffle else 0))
+    assert np.array_equal(shard_tokens(out), expected_tokens([text.removeprefix("\ufeff")]))
+    assert json.loads((out / "manifest.json").read_text())["totals"]["documents"] == 1
+
+
+def test_a_large_txt_split_on_blank_lines_is_cut_between_its_documents(tmp_path):
+    docs = make_docs(300, seed=6)
+    seps = ["\n\n", "\r\n\r\n", "\n \t\n\n", "\n\n   ", "\n\u00a0\n"]  # (the last: Unicode whitespace)
+    text = "".join(d + seps[i % len(seps)] for i, d in enumerate(docs))
+    (tmp_path / "p.txt").write_text(text, encoding="utf-8")
+    source = sources.local_files([tmp_path / "p.txt"], split_on_blank_lines=True)
+    from nanogpt_mlx.documents import plan_parts
+
+    assert len(plan_parts(source.units[0], tmp_path / "p.txt", 512)) > 20
+    prep.prepare(source, tmp_path / "out", cfg())
+    whole = [d.strip("\r\n") for d in re.split(r"\n\s*\n", text) if d.strip()]  # (what one part gave)
+    assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens(whole))
+
+
+def test_a_txt_without_a_place_to_cut_stays_one_part(tmp_path):
+    from nanogpt_mlx.documents import plan_parts
+
+    (tmp_path / "cjk.txt").write_text("日本語の文章。" * 2000)
+    source = sources.local_files([tmp_path / "cjk.txt"])
+    assert len(plan_parts(source.units[0], tmp_path / "cjk.txt", 512)) == 1
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
 def test_one_and_two_workers_give_identical_bytes(tmp_path, mixed, shuffle):
     paths, docs = mixed
     outs = []
@@ -521,10 +562,9 @@ def test_a_read_error_without_errno_is_one_line(tmp_path, monkeypatch):
 
     (tmp_path / "a.txt").write_text("text")
     (tmp_path / "b.jsonl").write_text('{"text": "a"}\n')
-    monkeypatch.setattr(Path, "read_bytes", fail)
-    with pytest.raises(UserError, match=r"a.txt: cannot read \(I/O failed\)$"):
-        read_docs(Part(str(tmp_path / "a.txt"), "txt"))
     monkeypatch.setattr("builtins.open", fail)
+    with pytest.raises(UserError, match=r"a.txt: cannot read \(I/O failed\)$"):
+        read_docs(Part(str(tmp_path / "a.txt"), "txt", 0, 4))
     with pytest.raises(UserError, match=r"b.jsonl: cannot read \(I/O failed\)$"):
         read_docs(Part(str(tmp_path / "b.jsonl"), "jsonl", 0, 14))
 

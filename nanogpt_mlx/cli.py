@@ -184,8 +184,9 @@ def cmd_export(args) -> None:
     from .weights import load_model
 
     check_export_target(args.out, args.force, source=args.src)  # before the (maybe long) load
-    export_hf(load_model(args.src), args.out, force=args.force)
-    print(f"wrote {args.out}: {', '.join(EXPORT_FILES)} (Hugging Face GPT-2 layout)")
+    removed = export_hf(load_model(args.src), args.out, force=args.force)
+    print(f"wrote {args.out}: {', '.join(EXPORT_FILES)} (Hugging Face GPT-2 layout)"
+          + (f"; removed {', '.join(removed)}, which loaders would read with it" if removed else ""))
 
 
 # ---------------------------------------------------------------------------------------- eval

@@ -107,11 +107,11 @@ def check_gpt2(config: GPTConfig) -> None:
         raise UserError(f"cannot export as Hugging Face GPT-2: the model has {' and '.join(reasons)}; {keep}")
 
 
-def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> None:
+def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> list[str]:
     """Write a Hugging Face GPT-2 directory (weights, config, generation config, tokenizer) that
     `transformers` (`from_pretrained`, `pipeline`) and mlx-lm (`load`) read as they read the hub's `gpt2`. Into
     an existing directory (`force`) it also removes the weight and tokenizer files that loaders would read with it
-    there.
+    there, and returns their names.
     A model with switches GPT-2 does not have (the speedrun recipe's) is refused before anything is written."""
     check_gpt(model)
     check_gpt2(model.config)
@@ -119,13 +119,14 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> No
     if not out_dir.exists():  # all the files or none (a full disk midway)
         with atomic_dir(out_dir) as tmp:
             _write_hf(model, tmp)
-        return
+        return []
     # over an earlier export: it stays whole on a failure; another model's weights and tokenizer files go with it, or
     # loaders mix them in
     others = sorted({p.name for pattern in (*OTHER_WEIGHTS, *OTHER_TOKENIZER_FILES) for p in out_dir.glob(pattern)}
                     - set(EXPORT_FILES))
     with atomic_files(out_dir, EXPORT_FILES, remove=others) as staging:
         _write_hf(model, staging)
+    return others
 
 
 def _write_hf(model: GPT, out_dir: Path) -> None:

@@ -119,8 +119,12 @@ def test_export_over_another_models_tokenizer_files_removes_them(tiny_hf_dir, tm
     (out / "additional_chat_templates" / "tool_use.jinja").write_text("{{ 'OLD' }}")
     (out / "tokenizer.model").write_bytes(b"old")
     (out / "notes.txt").write_text("mine")
-    run_cli("export", str(tiny_hf_dir), str(out), "--force", check=True)
+    proc = run_cli("export", str(tiny_hf_dir), str(out), "--force", check=True)
     assert sorted(p.name for p in out.iterdir()) == sorted([*EXPORT_FILES, "notes.txt"])
+    # said: they were removed without a word
+    assert proc.stdout.rstrip().endswith("; removed added_tokens.json, additional_chat_templates, chat_template.jinja, "
+                                         "chat_template.json, special_tokens_map.json, tokenizer.model, which loaders "
+                                         "would read with it"), proc.stdout
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.pad_token is None and tokenizer.chat_template is None and len(tokenizer) == 50257
 

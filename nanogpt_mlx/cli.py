@@ -24,6 +24,20 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's, but an option of a COMMAND (SOURCE, TASK) given before it is said so: argparse took the
+        option's value for the COMMAND ("invalid choice: 'out/run'")."""
+        args = sys.argv[1:] if args is None else list(args)
+        sub = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+        for arg in args if sub else ():
+            if arg in sub.choices or arg == "--":
+                break
+            option = arg.split("=", 1)[0]
+            if option.startswith("-") and option not in self._option_string_actions:
+                self.error(f"{option} comes before the {sub.metavar}: options go after it ({self.prog} "
+                           f"{sub.metavar} ... {option} ...)")
+        return super().parse_known_args(args, namespace)
+
     def _print_message(self, message: str, file=None) -> None:
         if message:  # argparse's own drops a write error: `--help > /dev/full` exited 0 with nothing written
             (file or sys.stderr).write(message)

@@ -63,6 +63,8 @@ def latest_checkpoint(out: str | os.PathLike) -> Path:
         raise UserError(f"{out} is a checkpoint of the run in {out.parent}: resume the run (--resume "
                         f"{shell_word(out.parent)}; in Python Trainer(cfg, resume=True) with cfg.out {out.parent}), "
                         f"which continues from {this}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: not a directory; resume a run's directory (the --out it trained into)")
     raise UserError(f"{out}: no checkpoint to resume from (expected {out}/ckpt-NNNNNN/)")
 
 

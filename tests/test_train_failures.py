@@ -817,3 +817,9 @@ def test_a_checkpoint_given_for_its_run_names_the_run(run):
         latest_checkpoint(run / "ckpt-000002")
     with pytest.raises(UserError, match="which continues from it$"):
         latest_checkpoint(run / "ckpt-000004")
+
+
+def test_a_file_given_for_a_run_is_said_to_be_no_directory(run):
+    """--resume OUT/log.txt said "no checkpoint to resume from (expected OUT/log.txt/ckpt-NNNNNN/)"."""
+    with pytest.raises(UserError, match=f"^{re.escape(str(run / 'log.txt'))}: not a directory; resume a run's "):
+        latest_checkpoint(run / "log.txt")

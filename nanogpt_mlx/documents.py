@@ -128,10 +128,10 @@ def read_docs(part: Part) -> list[str]:
         return _jsonl_docs(part)
     if part.kind == "parquet":
         return _parquet_docs(part)
-    if part.kind == "chars":
-        docs = [_read_text(part.path)[part.start : part.stop]]
-        return [d for d in docs if _keep(d)]
-    text = _read_text(part.path, part.start, part.stop)
+    if part.kind == "chars":  # (character offsets)
+        text = _read_text(part.path)[part.start : part.stop]
+    else:  # txt, paragraphs: byte offsets
+        text = _read_text(part.path, part.start, part.stop)
     if part.kind == "paragraphs":
         docs = [p.strip("\r\n") for p in re.split(r"\n\s*\n", text)]
     else:

@@ -1000,10 +1000,11 @@ def test_an_empty_shard_directory_is_refused(tmp_path, monkeypatch):
 
 def signalled_prepare(tmp_path: Path, ready, *signums: int, after: float = 0.0,
                       extra: tuple[str, ...] = ()) -> tuple[int, str]:
-    """`prepare files` of ~30 MB of text with 2 workers (tokenizing takes longer than these tests wait), sent
-    `signums` 0.05 s apart `after` seconds after ready(OUT) holds: (exit status, stderr)."""
+    """`prepare files` of ~90 MB of text with 2 workers (tokenizing takes longer than these tests wait: ~3 s here,
+    the file's parts side by side), sent `signums` 0.05 s apart `after` seconds after ready(OUT) holds: (exit status,
+    stderr)."""
     line = "First Citizen:\nBefore we proceed any further, hear me speak, and let us kill him.\n\n"
-    (tmp_path / "big.txt").write_text(line * 400_000)
+    (tmp_path / "big.txt").write_text(line * 1_200_000)
     proc = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", "prepare", "files", str(tmp_path / "big.txt"),
                              "--out", str(tmp_path / "o"), "--workers", "2", *extra], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -1027,7 +1028,7 @@ def test_a_second_ctrl_c_while_the_workers_stop_ends_prepare(tmp_path):
     def planned(out: Path) -> bool:  # the manifest is written once the work is planned, before the pool
         return (out / "manifest.json").exists()
 
-    status, err = signalled_prepare(tmp_path, planned, signal.SIGINT, signal.SIGINT, after=1.0)
+    status, err = signalled_prepare(tmp_path, planned, signal.SIGINT, signal.SIGINT, after=0.5)
     # on a loaded machine the first can come before a part is in flight, the workers then stop at once, and the second
     # as Python exits (its handler gone): ended by it, silently, which a shell reports as 130 too
     assert status in (130, -signal.SIGINT) and "Traceback" not in err, err

@@ -492,9 +492,10 @@ def cmd_train(args) -> None:
         raise UserError(f"rank {trainer.dist.rank}: {first_line(e)}; stopping") from None
     if not trainer.dist.is_main:
         return
+    # the last step's loss and evaluations (build-nanogpt's), of the weights before its update: not the model's
     losses = ", ".join(f"{k} {v:.4f}" for k, v in result.items())
-    print(f"done: step {trainer.step}{', ' + losses if losses else ''}; model in {cfg.out} "
-          f"(nanogpt-mlx sample --model {shell_word(cfg.out)})")
+    print(f"done: step {trainer.step}" + (f"; step {trainer.step - 1}'s, before its update: {losses}" if losses else "")
+          + f"; model in {cfg.out} (nanogpt-mlx sample --model {shell_word(cfg.out)})")
 
 
 COMMANDS = [add_info, add_sample, add_export, add_eval, add_plot, add_prepare, add_train]

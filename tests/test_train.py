@@ -655,6 +655,10 @@ def test_cli_trains_samples_and_resumes(data_dir, tmp_path):
     assert [l.split()[0] for l in log if " train " in l] == [str(s) for s in range(6)]
     assert all(len(l.split()[2].split(".")[1]) == (6 if " train " in l else 4) for l in log)
     assert [p.name for p in checkpoints(out)] == ["ckpt-000004", "ckpt-000006"]
+    # the last line's losses are step 5's, before its update (its val loss differed from the model's, unsaid)
+    val = next(l.split()[2] for l in log if l.startswith("5 val "))
+    assert re.search(rf"^done: step 6; step 5's, before its update: val_loss {val}, train_loss \S+; model in ",
+                     proc.stdout.splitlines()[-1]), proc.stdout.splitlines()[-1]
     run_cli("sample", "--model", str(out), "--prompt", "The", "--max-new-tokens", "4", "--num-samples", "1", "--seed",
             "0", check=True)
 

@@ -54,7 +54,8 @@ def plan_parts(unit: Unit, path: Path, part_bytes: int) -> list[Part]:
 # piece, and nothing before it reaches past its space); split on blank lines, after the last newline of a blank line
 # that ASCII text follows, where a document ends. Not found (a text without them), the file stays one part.
 _TEXT_CUTS = {"txt": re.compile(rb"(?<=[A-Za-z])(?= [A-Za-z])"),
-              "paragraphs": re.compile(rb"\n\s*\n(?=[ \t\r\f\v]*[\x21-\x7e])")}
+              # (the run's last two newlines: `\n\s*\n` backtracked through a run of blank lines, quadratic in it)
+              "paragraphs": re.compile(rb"\n[ \t\r\f\v]*\n(?=[ \t\r\f\v]*+[\x21-\x7e])")}
 _WINDOW = 1 << 16  # bytes searched at a time for a cut
 
 

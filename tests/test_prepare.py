@@ -170,6 +170,18 @@ def test_a_large_txt_split_on_blank_lines_is_cut_between_its_documents(tmp_path)
     assert np.array_equal(shard_tokens(tmp_path / "out"), expected_tokens(whole))
 
 
+def test_a_run_of_blank_lines_is_searched_for_a_cut_in_linear_time(tmp_path):
+    """The search for a cut between paragraphs backtracked through a run of blank lines that no ASCII text follows
+    (the file's end, a Cyrillic paragraph): 20,000 newlines took seconds, a megabyte of them minutes."""
+    from nanogpt_mlx.documents import plan_parts
+
+    (tmp_path / "p.txt").write_text("A paragraph.\n\n" * 200 + "\n" * 20_000 + "Абзац.\n" + " \n" * 20_000)
+    source = sources.local_files([tmp_path / "p.txt"], split_on_blank_lines=True)
+    start = time.perf_counter()
+    parts = plan_parts(source.units[0], tmp_path / "p.txt", 512)
+    assert time.perf_counter() - start < 0.5 and len(parts) == 6
+
+
 def test_a_txt_without_a_place_to_cut_stays_one_part(tmp_path):
     from nanogpt_mlx.documents import plan_parts
 

@@ -55,7 +55,7 @@ def plan_parts(unit: Unit, path: Path, part_bytes: int) -> list[Part]:
 # that ASCII text follows, where a document ends. Not found (a text without them), the file stays one part.
 _TEXT_CUTS = {"txt": re.compile(rb"(?<=[A-Za-z])(?= [A-Za-z])"),
               # (the run's last two newlines: `\n\s*\n` backtracked through a run of blank lines, quadratic in it)
-              "paragraphs": re.compile(rb"\n[ \t\r\f\v]*\n(?=[ \t\r\f\v]*+[\x21-\x7e])")}
+              "paragraphs": re.compile(rb"\n[ \t\r\f\v]*\n(?=[ \t\r\f\v]*[\x21-\x7e])")}
 _WINDOW = 1 << 16  # bytes searched at a time for a cut
 
 

@@ -176,6 +176,13 @@ PRESETS = {
         batch_size=16, seq_len=128, total_batch_size=2048, max_lr=1e-3, warmup_steps=20, max_steps=200,
         val_every=50, val_steps=8, sample_every=100, num_samples=2, sample_tokens=48, prompt="ROMEO:",
         hellaswag_every=0, checkpoint_every=100),
+    # nanoGPT's config/finetune_shakespeare.py (from gpt2-xl there): 20 steps of 32 rows of 1024 tokens at a constant
+    # 3e-5, evaluated every 5, saved at the end; --init-from and --data fine-tune another model on other text
+    "finetune-shakespeare": TrainConfig(
+        data="data/shakespeare", out="out/finetune-shakespeare", init_from="gpt2", batch_size=4,
+        total_batch_size=32 * 1024, max_lr=3e-5, min_lr_ratio=1.0, warmup_steps=0, max_steps=20, val_every=5,
+        val_steps=8, sample_every=20, num_samples=2, sample_tokens=64, prompt="ROMEO:", hellaswag_every=0,
+        checkpoint_every=0),
 }
 ORIGINS: dict[str, str] = {}  # preset -> the preset it was made from by switching recipe
 

@@ -126,6 +126,10 @@ def manifest_digests(manifest: dict, split: str) -> dict[str, str]:
         return {}
 
 
+class NoBatch(UserError):
+    """No shard of a split holds one batch."""
+
+
 @dataclass
 class LoaderState:
     shard: int = 0  # index into the sorted shard list
@@ -167,7 +171,10 @@ class DataLoader:
         short_list = f"{len(short)} {split} shard(s) shorter than one batch of B*T*ranks+1 = {need} tokens: " \
                      f"{few(short)}"
         if not kept:
-            raise UserError(f"{data_dir}: no {split} shard holds one batch: {short_list}")
+            room = max(n for _, n in sized) - 1  # (list_shards found one at least)
+            fits = f"; one of B*T*ranks <= {room} tokens fits (a smaller batch size or sequence length)" \
+                if room >= world else ""
+            raise NoBatch(f"{data_dir}: no {split} shard holds one batch: {short_list}{fits}")
         if short:
             warn(f"{data_dir}: skipping {short_list}")
         self.shards = [path.absolute() for path, _ in kept]  # a later os.chdir (a notebook) must not move them

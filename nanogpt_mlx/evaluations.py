@@ -13,7 +13,7 @@ import mlx.core as mx
 from . import memory
 from .config import TrainConfig
 from .console import PEER_FAILED, warn
-from .data import DataLoader
+from .data import DataLoader, NoBatch
 from .distributed import Dist
 from .errors import UserError
 from .evaluate import check_examples, download_hellaswag, load_hellaswag, loader_loss, score_hellaswag
@@ -64,8 +64,11 @@ class Evaluations:
         # their tokens and rows fit the model, checked before it trains, and tokenized once for every evaluation
         self._hellaswag_tokens = check_examples(model, self._hellaswag) if self._hellaswag else None
         world = dist.world
-        self.val_loader = DataLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, dist.rank, world,
-                                     model.config.vocab_size) if cfg.val_every else None
+        try:
+            self.val_loader = DataLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, dist.rank, world,
+                                         model.config.vocab_size) if cfg.val_every else None
+        except NoBatch as e:  # a small dataset's val split, which training's batch may not fit
+            raise NoBatch(f"{e}; val_every 0 (--val-every 0) turns validation off") from None
         self.val_steps = self.val_loader.within_one_pass(cfg.val_steps) if self.val_loader else 0
         if self.val_loader and self.val_steps < cfg.val_steps:  # past one pass: repeated batches
             warn(f"val_steps {cfg.val_steps} is more than the val split holds: validating on all its "

@@ -160,7 +160,7 @@ class Trainer:
         def fits(config: GPTConfig) -> memory.Estimate:
             if cfg.seq_len > config.block_size:  # first: the estimate of a huge seq_len took minutes (its T/128 blocks)
                 raise UserError(f"seq_len {cfg.seq_len} exceeds the model's context (block_size) of "
-                                f"{config.block_size}")
+                                f"{config.block_size}: give a seq_len (--seq-len) of at most {config.block_size}")
             self._step_threads(config)  # --threads that do not divide the batch are refused first
             return memory.check(config, batch_size=cfg.batch_size, seq_len=cfg.seq_len, dtype=self.dtype_name,
                                 checkpointing=cfg.activation_checkpointing, max_memory_gb=cfg.max_memory,

@@ -72,9 +72,10 @@ def test_train_help_explains_every_field():
         expected = f"{f.metadata['help']} ({preset_defaults(f.name, PRESETS)})".replace("%", "%%")
         assert helps["--" + f.name.replace("_", "-")] == expected
     text = " ".join(train.format_help().split())
-    assert preset_defaults("batch_size", PRESETS) == "default: 16"
+    assert preset_defaults("seed", PRESETS) == "default: 1337"
     assert preset_defaults("min_lr", PRESETS) == "default: unset"
-    assert preset_defaults("n_layer", PRESETS) == "gpt2-124m, speedrun-124m: 12; shakespeare, shakespeare-speedrun: 4"
+    assert preset_defaults("n_layer", PRESETS) == ("gpt2-124m, finetune-shakespeare, speedrun-124m: 12; shakespeare, "
+                                                   "shakespeare-speedrun: 4")
     assert "25% above" in text  # a literal percent sign survives argparse's formatting
 
 

@@ -90,8 +90,11 @@ def test_shards_shorter_than_a_batch_are_skipped_at_start(tmp_path, capsys):
     with pytest.raises(UserError, match=r"no train shard holds one batch: 3 train shard\(s\) shorter than one "
                                         r"batch of B\*T\*ranks\+1 = 3201 tokens: toy_train_000001.npy \(3000 "
                                         r"tokens\), toy_train_000002.npy \(129 tokens\), toy_train_000003.npy "
-                                        r"\(50 tokens\)$"):
+                                        r"\(50 tokens\); one of B\*T\*ranks <= 2999 tokens fits \(a smaller batch "
+                                        r"size or sequence length\)$"):
         DataLoader(data, "train", 4, 800)
+    with pytest.raises(UserError, match=r"toy_train_000001.npy \(1 tokens\)$"):  # no batch fits one token
+        DataLoader(write_shards(tmp_path / "e", [token_stream(1, 1)], token_stream(2000, 4)), "train", 1, 1)
 
 
 @pytest.mark.parametrize("change, needle", [

@@ -30,7 +30,7 @@ from nanogpt_mlx import checkpoint as checkpoint_mod
 from nanogpt_mlx import optim as optim_mod
 from nanogpt_mlx import train as train_mod
 from nanogpt_mlx.checkpoint import checkpoints
-from nanogpt_mlx.config import TrainConfig, get_lr, resume_config
+from nanogpt_mlx.config import PRESETS, TrainConfig, get_lr, resume_config
 from nanogpt_mlx.errors import UserError
 from nanogpt_mlx.sample import SampleConfig, sample_texts
 from nanogpt_mlx.train import Trainer
@@ -579,6 +579,34 @@ def test_init_from_says_which_sizes_set_by_hand_it_ignores(small_hf_dir, data_di
     Trainer(TrainConfig.preset("shakespeare", out=str(tmp_path / "b"), **overrides))
     Trainer(TrainConfig(out=str(tmp_path / "c"), **overrides))
     assert capsys.readouterr().err == ""
+
+
+def test_the_finetune_preset_trains_its_source_at_nanogpts_constant_lr(small_hf_dir, data_dir, tmp_path):
+    """nanoGPT's finetune_shakespeare.py as a preset: 32 rows of 1024 tokens a step at a constant 3e-5, evaluated
+    every 5 steps and at the last; here over a small source and rows of 32 tokens."""
+    preset = PRESETS["finetune-shakespeare"]
+    assert (preset.init_from, preset.total_batch_size, preset.seq_len, preset.max_steps) == ("gpt2", 32 * 1024, 1024, 20)
+    assert {get_lr(step, preset) for step in range(25)} == {3e-5}
+    out = tmp_path / "run"
+    cfg = TrainConfig.preset("finetune-shakespeare", init_from=str(small_hf_dir), data=str(data_dir), out=str(out),
+                             seq_len=32, total_batch_size=256, max_steps=6, val_steps=2, sample_every=0,
+                             dtype="float32")
+    Trainer(cfg).train()
+    assert [r["lr"] for r in logged(out)] == [3e-5] * 6
+    assert [r["step"] for r in logged(out, "val")] == [0, 5]
+    assert [c.name for c in checkpoints(out)] == ["ckpt-000006"]  # saved at the end only
+    saved = json.loads((checkpoints(out)[-1] / "trainer.json").read_text())["config"]
+    assert (saved["n_layer"], saved["n_embd"], saved["block_size"]) == (2, 64, 64)
+
+
+def test_a_val_split_too_short_for_the_batch_says_what_fits(tmp_path, small_hf_dir):
+    """A fine-tuning set's val split (a tenth) is often shorter than one training batch: the run was refused
+    without a word of what to change."""
+    data = write_shards(tmp_path / "d", [token_stream(3000, 1)], token_stream(100, 2))
+    with pytest.raises(UserError, match=r"no val shard holds one batch: .*\(100 tokens\); one of B\*T\*ranks <= 99 "
+                                        r"tokens fits \(a smaller batch size or sequence length\); val_every 0 "
+                                        r"\(--val-every 0\) turns validation off$"):
+        Trainer(tiny_config(data, tmp_path / "run", val_every=5))
 
 
 def test_a_seed_near_2_to_the_64_samples_past_it(data_dir, tmp_path):
@@ -1336,9 +1364,11 @@ def test_a_seq_len_past_the_context_is_refused_before_the_memory_estimate(data_d
     """--seq-len 10^20 ran the estimate first, for minutes (a list of T/128 attention blocks); 10^8 was told its
     step needs ~640,009,216 GB, not that it exceeds the model's context. A fine-tuned model's context counts."""
     for seq_len in (10**8, 100):
-        with pytest.raises(UserError, match=f"^seq_len {seq_len} exceeds the model's context \\(block_size\\) of 32$"):
+        with pytest.raises(UserError, match=f"^seq_len {seq_len} exceeds the model's context \\(block_size\\) of 32: "
+                                            "give a seq_len \\(--seq-len\\) of at most 32$"):
             Trainer(tiny_config(data_dir, tmp_path / "run", seq_len=seq_len))
-    with pytest.raises(UserError, match="^seq_len 100000000 exceeds the model's context \\(block_size\\) of 64$"):
+    with pytest.raises(UserError, match="^seq_len 100000000 exceeds the model's context \\(block_size\\) of 64: "
+                                        "give a seq_len \\(--seq-len\\) of at most 64$"):
         Trainer(tiny_config(data_dir, tmp_path / "tuned", seq_len=10**8, init_from=str(small_hf_dir)))
 
 

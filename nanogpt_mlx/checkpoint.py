@@ -23,7 +23,7 @@ from .errors import UserError, first_line
 from .files import (atomic_dir, atomic_path, atomic_write_text, cannot, existing_ancestor, mlx_path, named_dir,
                     read_json, shell_word)
 from .model import GPT
-from .weights import TRAINER_STATE, load_model, safetensors_shapes, save_model, save_safetensors
+from .weights import TRAINER_STATE, load_model, nonfinite, safetensors_shapes, save_model, save_safetensors
 
 STATE_FILE = TRAINER_STATE  # (named in weights.py, whose save_model must not write over a checkpoint)
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -120,6 +120,8 @@ def read_optimizer(ckpt: Path, like):
     if wrong:  # a shape would fail inside the first update; a dtype (bool moments) would train on, inexactly
         raise damaged(ckpt, f"{OPTIMIZER_FILE}: {wrong} is {found[wrong][1]} of shape {found[wrong][0]}, the model "
                             f"needs {needed[wrong][1]} of {needed[wrong][0]}")
+    if (bad := nonfinite(saved.items())) is not None:  # NaN weights after the first update, saved as good
+        raise damaged(ckpt, f"{OPTIMIZER_FILE}: {bad} holds NaN/inf")
     return tree_unflatten(list(saved.items()))
 
 
@@ -136,6 +138,11 @@ def write(out: Path, step: int, model: GPT, optimizer_state, state: dict) -> Pat
     """Write OUT/ckpt-{step} (complete or not at all), point OUT/model.safetensors at it, drop older ones."""
     final = checkpoint_dir(out, step)
     mlx_path(final)  # a name MLX cannot open is refused as such, not as a failed save ("free space") below
+    # a NaN the loss has not shown yet (an update from a damaged state): not saved as the run's good model
+    if (bad := nonfinite([*model.parameters_flat(), *tree_flatten(optimizer_state)])) is not None:
+        previous = checkpoints(out)
+        kept = f"the last good checkpoint {previous[-1]} is kept" if previous else "no checkpoint was written"
+        raise UserError(f"step {step}: {bad} holds NaN/inf; stopped without saving ({kept})")
     text = json.dumps(state, indent=1)
     try:
         if final.exists():  # a checkpoint of this step holds these weights; OUT's model may not point at it yet

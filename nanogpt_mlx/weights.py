@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import mlx.core as mx
@@ -241,11 +242,18 @@ def _load_into(model: GPT, weights: dict[str, mx.array], where: Path) -> None:
             raise UserError(f"{where}: {k} is {str(w.dtype).split('.')[-1]}, not floating point: not a model's weights")
     model.load_flat({k: w.astype(mx.float32) for k, w in weights.items()})
     # a NaN or inf weight makes the logits NaN: sampling gave "!!!!" (token 0) and evaluation NaN losses, status 0
-    finite = {k: mx.isfinite(w).all() for k, w in model.parameters_flat()}
-    mx.eval(model.parameters(), finite)
-    bad = next((k for k, ok in finite.items() if not ok.item()), None)
-    if bad is not None:
+    if (bad := nonfinite(model.parameters_flat())) is not None:
         raise UserError(f"{where}: {bad} holds NaN/inf: a damaged model")
+
+
+def nonfinite(arrays: Iterable[tuple[str, mx.array]]) -> str | None:
+    """The name of the first of (name, array) `arrays` that holds a NaN or inf (one sync for all), or None."""
+    arrays = list(arrays)
+    if not arrays:
+        return None
+    finite = mx.stack([mx.isfinite(a).all() for _, a in arrays])
+    mx.eval(finite, [a for _, a in arrays])
+    return next((name for (name, _), ok in zip(arrays, finite.tolist()) if not ok), None)
 
 
 def _warn_left_out(hf_weights: dict[str, mx.array], config: GPTConfig, where: Path) -> None:

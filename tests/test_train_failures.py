@@ -4,6 +4,7 @@ leftovers of a kill (SIGINT and SIGTERM: test_train.py). Each failure is one lin
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -627,6 +628,9 @@ DAMAGE = {
     "optimizer-other-model": (lambda c: reshape_moment(c / "optimizer.safetensors", ".h.0.attn.c_attn.weight.v"),
                               "optimizer.safetensors: states.0.h.0.attn.c_attn.weight.v is mlx.core.float32 of shape (192, 16), the "
                               "model needs mlx.core.float32 of (96, 32)"),
+    # resumed, its first update made NaN weights, saved as the run's model with the good checkpoints rotated away
+    "optimizer-nan-moment": (lambda c: set_moment(c / "optimizer.safetensors", ".h.0.attn.c_attn.weight.m", math.nan),
+                             "optimizer.safetensors: states.0.h.0.attn.c_attn.weight.m holds NaN/inf"),
     "optimizer-bool-moment": (lambda c: retype_moment(c / "optimizer.safetensors", ".h.0.attn.c_attn.weight.v"),
                               "weight.v is mlx.core.bool of shape (96, 32), the model needs mlx.core.float32"),  # trained on
     "state-step-negative": (lambda c: edit_state(c, step=-2), "trainer.json: step -2"),
@@ -656,6 +660,29 @@ def retype_moment(path: Path, name: str) -> None:
     key = next(k for k in arrays if k.endswith(name))
     arrays[key] = arrays[key] > 0
     mx.save_safetensors(str(path), arrays)
+
+
+def set_moment(path: Path, name: str, value: float) -> None:
+    import mlx.core as mx
+
+    arrays = mx.load(str(path))
+    key = next(k for k in arrays if k.endswith(name))
+    arrays[key] = mx.full(arrays[key].shape, value, arrays[key].dtype)
+    mx.save_safetensors(str(path), arrays)
+
+
+def test_weights_an_update_made_nan_are_not_saved(run):
+    """A finite state that updates to NaN (a negative second moment: a damaged file, or a bug) trained a step whose
+    loss, computed before the update, was finite, then saved the NaN weights as the run's model (exit 0), rotating a
+    good checkpoint away."""
+    found = checkpoints(run)
+    step = int(found[-1].name.removeprefix("ckpt-"))
+    set_moment(found[-1] / "optimizer.safetensors", ".h.0.attn.c_attn.weight.v", -1.0)
+    before = {p: p.read_bytes() for p in [run / "model.safetensors", *found[-1].iterdir()]}
+    assert_one_line_error(resume(run, max_steps=step + 1), f"step {step + 1}: h.0.attn.c_attn.weight holds NaN/inf; "
+                          f"stopped without saving (the last good checkpoint {found[-1]} is kept)")
+    assert checkpoints(run) == found
+    assert {p: p.read_bytes() for p in before} == before and temporaries(run) == []
 
 
 def reshape_moment(path: Path, name: str) -> None:

@@ -296,6 +296,8 @@ class RunLog:
         if not path.exists():
             atomic_write_text(path, "")
             return
+        if not path.is_file():  # a FIFO's open waited for a writer, forever
+            raise UserError(f"{path}: cannot read the run's log (not a regular file)")
         try:
             last = _last_line(path)
             if last is None or RunLog._before(last, step, step_of):

@@ -9,6 +9,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from tokenize import TokenError
 
 import numpy as np
 
@@ -35,10 +36,14 @@ def list_shards(data_dir: str | os.PathLike, split: str, missing_ok: bool = Fals
 
 def open_shard(path: Path) -> np.ndarray:
     """A shard's tokens, memory-mapped (only its header is read), checked to be a 1-D integer array."""
+    if path.exists() and not path.is_file():  # a FIFO's open waited for a writer, forever
+        raise UserError(f"{path}: cannot read shard (not a regular file)")
     try:
         tokens = np.load(path, mmap_mode="r")
     except EOFError:
         raise UserError(f"{path}: cannot read shard (empty or cut off)") from None
+    except (SyntaxError, TokenError):  # a damaged header's dict, which NumPy parses as Python
+        raise UserError(f"{path}: cannot read shard (a damaged .npy header)") from None
     except (OSError, ValueError) as e:
         # np.load takes a file without the .npy header for a pickle, and its advice (allow_pickle) is no help
         headerless = isinstance(e, ValueError) and not _has_npy_header(path)

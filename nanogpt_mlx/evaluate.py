@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from . import device
 from .data import DataLoader, check_batch_shape, check_rank
-from .errors import UserError, check_int
-from .files import atomic_path, cache_dir, download, named_dir, output_file, user_path
+from .errors import UserError, check_int, first_line
+from .files import atomic_path, cache_dir, download, named_dir, output_file, parse_json, user_path
 from .model import GPT, KVCache, check_gpt
 from .tokenizer import encode
 
@@ -89,11 +89,11 @@ def load_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[Ex
 
 def _parse_line(line: str, index: int, where: str) -> Example:
     try:
-        d = json.loads(line)
+        d = parse_json(line)
     except json.JSONDecodeError as e:
         raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    except RecursionError:
-        raise UserError(f"{where}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # nested too deeply, an integer of over 4300 digits
+        raise UserError(f"{where}: not valid JSON ({first_line(e).split(';')[0]})") from None
     if not isinstance(d, dict):
         raise UserError(f"{where}: expected a JSON object")
     for key in ("ctx", "endings", "label"):

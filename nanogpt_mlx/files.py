@@ -323,10 +323,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def read_json(path: str | os.PathLike):
-    """A JSON file's value. Nesting past Python's recursion limit (a damaged or hostile file) is a ValueError, as
-    other malformed JSON is: it was a RecursionError's traceback."""
+    """A JSON file's value (parse_json)."""
+    return parse_json(Path(path).read_text())
+
+
+def parse_json(text: str | bytes):
+    """A JSON text's value. Nesting past Python's recursion limit (a damaged or hostile file) is a ValueError, as
+    other malformed JSON is (and an integer of over 4300 digits): it was a RecursionError's traceback."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(text)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 

@@ -22,7 +22,8 @@ import numpy as np
 
 from .console import few, warn
 from .errors import UserError, check_bool, first_line
-from .files import atomic_path, atomic_write_text, cannot, mlx_path, named_dir, read_json, user_path
+from .files import (atomic_path, atomic_write_text, cannot, mlx_path, named_dir, parse_json, read_json,
+                    user_path)
 from .hub import SHARD_INDEX, download, shard_names
 from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig, check_gpt
 
@@ -125,12 +126,13 @@ def _safetensors_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...
             n = int.from_bytes(f.read(8), "little")
             if not 0 < n <= size - 8:
                 raise UserError(f"{bad} (header length {n}, file size {size})")
-            header = json.loads(f.read(n))
+            header = parse_json(f.read(n))
         tensors, end = {}, 0
         for k, v in header.items():
             if k != "__metadata__":
-                tensors[k] = (str(v["dtype"]), tuple(int(d) for d in v["shape"]), *map(int, v["data_offsets"][:2]))
-                end = max(end, tensors[k][3])
+                start, stop = map(int, v["data_offsets"])  # ([0] failed as an IndexError's traceback)
+                tensors[k] = (str(v["dtype"]), tuple(int(d) for d in v["shape"]), start, stop)
+                end = max(end, stop)
     except OSError as e:
         raise cannot("read safetensors", path, e) from None
     except (ValueError, TypeError, KeyError, AttributeError) as e:

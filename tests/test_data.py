@@ -271,6 +271,22 @@ def test_a_headerless_shard_is_named_as_such(tmp_path):
         open_shard(tmp_path / "x_val_000000.npy")
 
 
+def test_a_shard_of_a_damaged_header_or_a_fifo_is_one_line(tmp_path):
+    """NumPy parses a .npy header's dict as Python: a damaged one raised tokenize's TokenError, a traceback. A FIFO
+    named like a shard waited forever for a writer."""
+    from nanogpt_mlx.data import open_shard
+
+    np.save(tmp_path / "x_val_000000.npy", np.arange(100, dtype=np.uint16))
+    data = bytearray((tmp_path / "x_val_000000.npy").read_bytes())
+    data[data.index(b"}")] = ord(" ")  # an unclosed dict
+    (tmp_path / "x_val_000000.npy").write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"x_val_000000.npy: cannot read shard \(a damaged .npy header\)$"):
+        open_shard(tmp_path / "x_val_000000.npy")
+    os.mkfifo(tmp_path / "x_val_000001.npy")
+    with pytest.raises(UserError, match=r"x_val_000001.npy: cannot read shard \(not a regular file\)$"):
+        open_shard(tmp_path / "x_val_000001.npy")
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_each_rank_reads_build_nanogpts_windows(world, tmp_path):
     """build-nanogpt's DataLoaderLite, written out: rank r's k-th batch of a shard is the window at

@@ -598,7 +598,8 @@ def test_a_stderr_whose_reader_is_gone_costs_no_result(tiny_hf_dir, tmp_path):
 
 
 def test_a_json_line_nested_too_deeply_is_one_line(tmp_path):
-    """A RecursionError traceback from json, in HellaSwag's reader, prepare's jsonl reader and a resumed log."""
+    """A RecursionError traceback from json, in HellaSwag's reader, prepare's jsonl reader and a resumed log; and
+    json's ValueError for an integer of over 4300 digits, in HellaSwag's."""
     from nanogpt_mlx import prepare, sources
     from nanogpt_mlx.checkpoint import RunLog
     from nanogpt_mlx.evaluate import load_hellaswag
@@ -607,6 +608,10 @@ def test_a_json_line_nested_too_deeply_is_one_line(tmp_path):
     (tmp_path / "h.jsonl").write_text(deep)
     with pytest.raises(UserError, match="not valid JSON"):
         load_hellaswag(tmp_path / "h.jsonl")
+    (tmp_path / "big.jsonl").write_text('{"ctx": "A", "endings": ["a", "b", "c", "d"], "label": 1' + "0" * 5000 + "}")
+    with pytest.raises(UserError, match=r"big.jsonl:1: not valid JSON \(Exceeds the limit \(4300 digits\) for "
+                                        r"integer string conversion: value has 5001 digits\)$"):
+        load_hellaswag(tmp_path / "big.jsonl")
     with pytest.raises(UserError, match="line 1: not valid JSON"):
         prepare.prepare(sources.local_files([tmp_path / "h.jsonl"]), tmp_path / "out", prepare.PrepareConfig(workers=1))
     (tmp_path / "run").mkdir()

@@ -287,6 +287,13 @@ def test_losses_of_0_are_drawn_without_matplotlib_warnings(lines, log_scale, wan
     assert [lim for lim in ylims if len(lim) == 2][0] == pytest.approx(want)
 
 
+def test_a_loss_near_the_largest_float_keeps_the_axis_drawable(tmp_path, ylims):
+    """A damaged log's 1.7e308: its 5% margin overflowed to inf, matplotlib's OverflowError a traceback."""
+    (tmp_path / "log.txt").write_text("0 train 10\n1 train 1.7e308\n2 train 5\n3 val 1.79e308\n")
+    assert png_size(plot_runs([tmp_path], tmp_path / "far.png", baseline="off"))[0] > 0
+    assert [lim for lim in ylims if len(lim) == 2][0] == pytest.approx((4.75, 1e100))
+
+
 def test_a_torn_last_line_is_not_read_as_a_number(tmp_path):
     """A log cut amid its last line (being written, a kill): "3 train 1" of "3 train 10.72" was drawn as 1."""
     (tmp_path / "log.txt").write_text("0 train 10.79\n1 train 10.76\n2 train 10.74\n3 train 1")

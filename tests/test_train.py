@@ -882,6 +882,10 @@ def test_a_resumed_runs_log_is_cut_at_its_step_and_left_alone_when_nothing_follo
     RunLog(out, 1, True)
     assert (out / "log.txt").read_text() == "0 train 10.500000\n"
     assert (out / "log.jsonl").read_text() == '{"step": 0, "kind": "train"}\n'
+    (out / "log.jsonl").unlink()
+    os.mkfifo(out / "log.jsonl")  # its open waited for a writer, forever
+    with pytest.raises(UserError, match=r"log.jsonl: cannot read the run's log \(not a regular file\)$"):
+        RunLog(out, 1, True)
 
 
 def test_the_logs_reach_the_disk_before_each_checkpoint(data_dir, tmp_path, monkeypatch):

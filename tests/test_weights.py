@@ -415,6 +415,18 @@ def test_truncated_weights_are_found_from_the_header(tiny_hf_dir, tmp_path):
         load_model(bad)
 
 
+@pytest.mark.parametrize("header, needle", [
+    ({"wte.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}, "not enough values to unpack"),  # IndexError
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # a RecursionError's traceback
+])
+def test_a_malformed_safetensors_header_is_one_line(tiny_hf_dir, tmp_path, header, needle):
+    bad = copy_hf_dir(tiny_hf_dir, tmp_path / "bad")
+    text = (header if isinstance(header, str) else json.dumps(header)).encode()
+    (bad / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + bytes(8))
+    with pytest.raises(UserError, match=rf"model.safetensors: cannot read safetensors \(bad header: {needle}"):
+        load_model(bad)
+
+
 def test_sharded_safetensors_load_as_one_file(tiny_hf_dir, tmp_path):
     """save_pretrained(max_shard_size=...) writes model-0000i-of-0000n.safetensors and an index."""
     from transformers import GPT2LMHeadModel

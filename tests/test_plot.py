@@ -287,6 +287,7 @@ def test_losses_of_0_are_drawn_without_matplotlib_warnings(lines, log_scale, wan
     assert [lim for lim in ylims if len(lim) == 2][0] == pytest.approx(want)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # matplotlib's own autoscale's
 def test_a_loss_near_the_largest_float_keeps_the_axis_drawable(tmp_path, ylims):
     """A damaged log's 1.7e308: its 5% margin overflowed to inf, matplotlib's OverflowError a traceback."""
     (tmp_path / "log.txt").write_text("0 train 10\n1 train 1.7e308\n2 train 5\n3 val 1.79e308\n")

@@ -484,6 +484,10 @@ def cmd_train(args) -> None:
         if took:
             unlock_dir(run)
         raise
+    if fresh and fresh.init_from and not args.preset and "max_lr" not in overrides:  # (said once it starts)
+        warn(f"--init-from trains with the shakespeare preset's settings, made to pretrain a small model (max_lr "
+             f"{fresh.max_lr:g}, warmup and cosine decay, rows of {fresh.seq_len} tokens); --preset "
+             "finetune-shakespeare fine-tunes as nanoGPT does (a constant 3e-5, rows of 1024)", kind="note")
     try:
         result = trainer.train()
     except RuntimeError as e:  # a collective that failed outside Dist.sync, e.g. a peer died mid-step

@@ -599,6 +599,18 @@ def test_the_finetune_preset_trains_its_source_at_nanogpts_constant_lr(small_hf_
     assert (saved["n_layer"], saved["n_embd"], saved["block_size"]) == (2, 64, 64)
 
 
+def test_init_from_without_a_preset_notes_the_fine_tuning_one(small_hf_dir, data_dir, tmp_path, capsys):
+    """`train --init-from gpt2` took the shakespeare preset's pretraining settings (max_lr 1e-3, cosine) unsaid."""
+    args = ["train", "--data", str(data_dir), "--init-from", str(small_hf_dir), "--vocab-size", "0", "--seq-len", "32",
+            "--total-batch-size", "512", "--max-steps", "1", "--val-every", "0", "--sample-every", "0"]
+    note = ("nanogpt-mlx: note: --init-from trains with the shakespeare preset's settings, made to pretrain a small "
+            "model (max_lr 0.001, warmup and cosine decay, rows of 32 tokens); --preset finetune-shakespeare "
+            "fine-tunes as nanoGPT does (a constant 3e-5, rows of 1024)\n")
+    assert run_main(capsys, *args, "--out", str(tmp_path / "a")).stderr == note
+    for given in (["--max-lr", "1e-4"], ["--preset", "finetune-shakespeare"]):
+        assert run_main(capsys, *args, "--out", str(tmp_path / given[0]), *given).stderr == ""
+
+
 def test_a_val_split_too_short_for_the_batch_says_what_fits(tmp_path, small_hf_dir):
     """A fine-tuning set's val split (a tenth) is often shorter than one training batch: the run was refused
     without a word of what to change."""

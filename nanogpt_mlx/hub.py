@@ -22,6 +22,8 @@ def shard_names(index: Path) -> list[str]:
         names = sorted(set(read_json(index)["weight_map"].values()))
         if not all(isinstance(n, str) for n in names):
             raise ValueError("a weight_map entry that is not a file name")
+        if outside := next((n for n in names if Path(n).is_absolute() or ".." in Path(n).parts), None):
+            raise ValueError(f"{outside!r} is not in the model's directory")  # a load read any file it named
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{index}: not a safetensors index ({first_line(e)})") from None
     return names

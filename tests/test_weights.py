@@ -573,6 +573,12 @@ def test_weights_that_are_no_floats_or_an_index_naming_no_file_are_refused(tmp_p
     (tmp_path / "m" / "model.safetensors.index.json").write_text('{"weight_map": {"wte.weight": 5}}')
     with pytest.raises(UserError, match="not a safetensors index"):
         load_model(tmp_path / "m")
+    save_model(model, tmp_path / "elsewhere")  # a shard outside the model's directory: it was read
+    for name in (str(tmp_path / "elsewhere" / "model.safetensors"), "../elsewhere/model.safetensors"):
+        (tmp_path / "m" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"wte.weight": name}}))
+        with pytest.raises(UserError, match=f"not a safetensors index \\({re.escape(repr(name))} is not in the "
+                                            "model's directory\\)$"):
+            load_model(tmp_path / "m")
 
 
 def test_a_float64_model_loads_as_transformers_reads_it(tiny_hf_dir, tmp_path):

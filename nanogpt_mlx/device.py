@@ -47,6 +47,9 @@ class Profile:
     # residual sums and the MLP's 4x-wide input and GELU output. The CUDA value is the H200 fit less what the
     # GPU profiles' MLP recomputation (kernels.py) saves under the same profile on the CPU: to refit on a GPU.
     # Metal takes the GPU's values until a Mac measures its own: its backend also holds queued work's buffers
+    saved_float32: int = 0  # of saved_per_layer, the values kept in float32 in a bfloat16 step: on the CPU backend
+    # the float32 graphs of the GELU (kernels.py) and of LayerNorm (benchmarks/activation_memory.py: 49-55 units of
+    # bfloat16 where the estimate without them said 38-50)
     checkpoint_frees: float = 1.0  # share of the activations that --activation-checkpointing frees, against
     # keeping only block inputs and one block: all of it on the CPU backend, a quarter on an H200 (measured)
     backward_work: int = 0  # values per token, in n_embd units, that one layer's backward holds beside what the
@@ -95,17 +98,20 @@ def _no_cudnn(dtype: str, head_dim: int) -> list[str]:
     return reasons
 
 
-BACKEND_SAVED, BACKEND_WORK = 26, 26  # MLX's CPU backend's saved_per_layer and backward_work (memory.py)
+BACKEND_SAVED, BACKEND_FLOAT32, BACKEND_WORK = 26, 12, 26  # MLX's CPU backend's saved_per_layer, saved_float32 and
+# backward_work (memory.py)
 PROFILES = {
     p.name: p
     for p in [
         Profile("cpu-x86",
                 "MLX CPU backend on x86-64 (MKL or OpenBLAS where found, multiply-add exp, reductions by lanes)",
                 "float32", software_math=True, cpu_backend=True, loss_rows=128, eval_batch=1, gemm_n=1024,
-                fused_attention_backward=False, saved_per_layer=BACKEND_SAVED, backward_work=BACKEND_WORK),
+                fused_attention_backward=False, saved_per_layer=BACKEND_SAVED, saved_float32=BACKEND_FLOAT32,
+                backward_work=BACKEND_WORK),
         Profile("cpu-arm", "MLX CPU backend on ARM", "float32", software_math=False, cpu_backend=True,
                 loss_rows=128, eval_batch=1, gemm_n=1024, fused_attention_backward=False,
-                saved_per_layer=BACKEND_SAVED, backward_work=BACKEND_WORK),
+                saved_per_layer=BACKEND_SAVED, saved_float32=BACKEND_FLOAT32,
+                backward_work=BACKEND_WORK),
         Profile("metal", "Apple silicon GPU (Metal)", "bfloat16", software_math=False, cpu_backend=False,
                 loss_rows=2048, eval_batch=8, gemm_n=4096, fused_attention_backward=False, saved_per_layer=28,
                 checkpoint_frees=0.25),

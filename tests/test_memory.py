@@ -26,15 +26,16 @@ def shards(tmp_path, n: int, vocab: int = 50257):
 
 
 @pytest.mark.skipif(not device.PROFILE.cpu_backend, reason="the bounds are fitted to MLX's CPU backend's peaks")
-@pytest.mark.parametrize("L, C, nh, B, T, checkpointing, recipe, V, above",
-                         [(4, 128, 4, 8, 128, False, "build-nanogpt", 50304, 1.5),
-                          (4, 256, 4, 8, 256, False, "build-nanogpt", 50304, 1.5),
-                          (6, 384, 6, 4, 512, True, "build-nanogpt", 50304, 1.75),
-                          (4, 256, 4, 8, 256, False, "speedrun", 50304, 1.5),
-                          (4, 128, 4, 8, 256, False, "build-nanogpt", 512, 1.5),
-                          (8, 128, 4, 8, 256, True, "build-nanogpt", 512, 1.5)])
+@pytest.mark.parametrize("L, C, nh, B, T, checkpointing, recipe, V, above, dtype",
+                         [(4, 128, 4, 8, 128, False, "build-nanogpt", 50304, 1.5, "float32"),
+                          (4, 256, 4, 8, 256, False, "build-nanogpt", 50304, 1.5, "float32"),
+                          (6, 384, 6, 4, 512, True, "build-nanogpt", 50304, 1.75, "float32"),
+                          (4, 256, 4, 8, 256, False, "speedrun", 50304, 1.5, "float32"),
+                          (4, 128, 4, 8, 256, False, "build-nanogpt", 512, 1.5, "float32"),
+                          (8, 128, 4, 8, 256, True, "build-nanogpt", 512, 1.5, "float32"),
+                          (8, 128, 4, 8, 256, False, "build-nanogpt", 512, 1.5, "bfloat16")])
 def test_estimate_covers_a_measured_step_and_is_not_far_above_it(tmp_path, L, C, nh, B, T, checkpointing, recipe, V,
-                                                                 above):
+                                                                 above, dtype):
     """The estimate is the peak with MLX's host as far ahead of the CPU worker as it goes (outputs are allocated
     when an op is queued). A measured peak is lower whenever the host fell behind, and the head queues less ahead
     when it has few chunks, so the estimate may sit well above a measurement but must never be below one: at most
@@ -43,12 +44,13 @@ def test_estimate_covers_a_measured_step_and_is_not_far_above_it(tmp_path, L, C,
     recipes: the speedrun's soft-capped head keeps more. A small vocab shows the layers' part alone, which a GPT-2
     vocab's head hid: the estimate was 0.83x the peak without checkpointing, 0.43x with it (MLX kept every block's
     recomputation, model.checkpoint). Each case is measured alone: the arrays of earlier cases are collected first
-    (they once counted in the third case's peak)."""
+    (they once counted in the third case's peak). In bfloat16, on one thread, the layers' float32 graphs (the GELU's,
+    LayerNorm's: Profile.saved_float32) made a peak 1.03x the estimate."""
     data = shards(tmp_path, B * T * 4 + 1, V)
     cfg = TrainConfig(recipe=recipe, data=str(data), out=str(tmp_path / "out"), n_layer=L, n_head=nh, n_embd=C,
                       block_size=T, vocab_size=V, batch_size=B, seq_len=T, total_batch_size=B * T, max_steps=3,
                       warmup_steps=1, val_every=0, sample_every=0, hellaswag_every=0, checkpoint_every=0,
-                      dtype="float32", activation_checkpointing=checkpointing)
+                      dtype=dtype, activation_checkpointing=checkpointing, threads=1 if dtype == "bfloat16" else 0)
     gc.collect()  # the trainers of earlier cases would count in this one's peak
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -58,7 +60,7 @@ def test_estimate_covers_a_measured_step_and_is_not_far_above_it(tmp_path, L, C,
     measured = mx.get_peak_memory()
     print(f"\n{recipe} L{L} d{C} B{B}xT{T} V{V} ckpt={checkpointing}: estimated {trainer.memory.total / 1e6:.0f} MB, "
           f"measured {measured / 1e6:.0f} MB")
-    assert 0.95 < trainer.memory.total / measured < above
+    assert 1.0 < trainer.memory.total / measured < above
 
 
 @pytest.mark.parametrize("recipe", ["build-nanogpt", "speedrun"])

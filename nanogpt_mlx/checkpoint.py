@@ -140,9 +140,7 @@ def write(out: Path, step: int, model: GPT, optimizer_state, state: dict) -> Pat
     mlx_path(final)  # a name MLX cannot open is refused as such, not as a failed save ("free space") below
     # a NaN the loss has not shown yet (an update from a damaged state): not saved as the run's good model
     if (bad := nonfinite([*model.parameters_flat(), *tree_flatten(optimizer_state)])) is not None:
-        previous = checkpoints(out)
-        kept = f"the last good checkpoint {previous[-1]} is kept" if previous else "no checkpoint was written"
-        raise UserError(f"step {step}: {bad} holds NaN/inf; stopped without saving ({kept})")
+        raise UserError(f"{final.name} not saved: {bad} holds NaN/inf; {_kept(out, 'once its cause is found')}")
     text = json.dumps(state, indent=1)
     try:
         if final.exists():  # a checkpoint of this step holds these weights; OUT's model may not point at it yet
@@ -156,12 +154,16 @@ def write(out: Path, step: int, model: GPT, optimizer_state, state: dict) -> Pat
                     save_safetensors(f, dict(tree_flatten(optimizer_state)))
                 atomic_write_text(tmp / STATE_FILE, text)
     except UserError as e:  # a full disk, a permission: say which checkpoint did not happen, and what is kept
-        previous = checkpoints(out)
-        then = (f"the previous checkpoint {previous[-1].name} is kept; resume (--resume {shell_word(out)}) once {out} "
-                "can be written again" if previous else f"start again once {out} can be written again")
-        raise UserError(f"{final.name} not saved: {e}; {then}") from None
+        raise UserError(f"{final.name} not saved: {e}; {_kept(out, f'once {out} can be written again')}") from None
     _publish(out, final)
     return final
+
+
+def _kept(out: Path, when: str) -> str:
+    """What a save that did not happen leaves: the previous checkpoint to resume `when` ..., or none."""
+    previous = checkpoints(out)
+    return (f"the previous checkpoint {previous[-1].name} is kept; resume (--resume {shell_word(out)}) {when}"
+            if previous else f"start again {when}")
 
 
 def _read_text(path: Path) -> str | None:

@@ -484,7 +484,8 @@ def cmd_train(args) -> None:
         if took:
             unlock_dir(run)
         raise
-    if fresh and fresh.init_from and not args.preset and "max_lr" not in overrides:  # (said once it starts)
+    schedule = {"max_lr", "warmup_steps", "min_lr", "min_lr_ratio"} & overrides.keys()  # (said once it starts)
+    if fresh and fresh.init_from and fresh.recipe == "build-nanogpt" and not args.preset and not schedule:
         warn(f"--init-from trains with the shakespeare preset's settings, made to pretrain a small model (max_lr "
              f"{fresh.max_lr:g}, warmup and cosine decay, rows of {fresh.seq_len} tokens); --preset "
              "finetune-shakespeare fine-tunes as nanoGPT does (a constant 3e-5, rows of 1024)", kind="note")

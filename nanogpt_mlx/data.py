@@ -36,13 +36,13 @@ def list_shards(data_dir: str | os.PathLike, split: str, missing_ok: bool = Fals
 
 def open_shard(path: Path) -> np.ndarray:
     """A shard's tokens, memory-mapped (only its header is read), checked to be a 1-D integer array."""
-    if path.exists() and not path.is_file():  # a FIFO's open waited for a writer, forever
-        raise UserError(f"{path}: cannot read shard (not a regular file)")
     try:
+        if path.exists() and not path.is_file():  # a FIFO's open waited for a writer, forever
+            raise UserError(f"{path}: cannot read shard (not a regular file)")
         tokens = np.load(path, mmap_mode="r")
     except EOFError:
         raise UserError(f"{path}: cannot read shard (empty or cut off)") from None
-    except (SyntaxError, TokenError):  # a damaged header's dict, which NumPy parses as Python
+    except TokenError:  # a damaged header's dict, which NumPy tokenizes as Python
         raise UserError(f"{path}: cannot read shard (a damaged .npy header)") from None
     except (OSError, ValueError) as e:
         # np.load takes a file without the .npy header for a pickle, and its advice (allow_pickle) is no help

@@ -47,9 +47,8 @@ class Profile:
     # residual sums and the MLP's 4x-wide input and GELU output. The CUDA value is the H200 fit less what the
     # GPU profiles' MLP recomputation (kernels.py) saves under the same profile on the CPU: to refit on a GPU.
     # Metal takes the GPU's values until a Mac measures its own: its backend also holds queued work's buffers
-    saved_float32: int = 0  # of saved_per_layer, the values kept in float32 in a bfloat16 step: on the CPU backend
-    # the float32 graphs of the GELU (kernels.py) and of LayerNorm (benchmarks/activation_memory.py: 49-55 units of
-    # bfloat16 where the estimate without them said 38-50)
+    saved_float32: int = 0  # of saved_per_layer, the values a GELU MLP keeps in float32 in a bfloat16 step: on the
+    # CPU backend its float32 graph (kernels.py; benchmarks/activation_memory.py measures it)
     checkpoint_frees: float = 1.0  # share of the activations that --activation-checkpointing frees, against
     # keeping only block inputs and one block: all of it on the CPU backend, a quarter on an H200 (measured)
     backward_work: int = 0  # values per token, in n_embd units, that one layer's backward holds beside what the
@@ -98,8 +97,8 @@ def _no_cudnn(dtype: str, head_dim: int) -> list[str]:
     return reasons
 
 
-BACKEND_SAVED, BACKEND_FLOAT32, BACKEND_WORK = 26, 12, 26  # MLX's CPU backend's saved_per_layer, saved_float32 and
-# backward_work (memory.py)
+# MLX's CPU backend's saved_per_layer, saved_float32 and backward_work (memory.py)
+BACKEND_SAVED, BACKEND_FLOAT32, BACKEND_WORK = 26, 12, 26
 PROFILES = {
     p.name: p
     for p in [

@@ -131,7 +131,8 @@ def _estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, chec
               + L * (12 * C * C + (9 * C if config.bias else 0) + 2 * norm) + norm * (2 if config.embed_norm else 1)
               + config.value_embeds * (V * C + 4) + (L // 2 if config.unet else 0))
     n = batch_size * seq_len
-    per_layer = (profile.saved_per_layer * b + profile.saved_float32 * (4 - b)) * C * n
+    float32 = profile.saved_float32 if config.mlp == "gelu" else 0  # (ReLU^2 keeps its dtype)
+    per_layer = (profile.saved_per_layer * b + float32 * (4 - b)) * C * n
     # float32 scores of all blocks of queries (kernels.query_blocks) for all heads of the batch, and of the largest
     areas = [(j - i) * end for i, j, end in query_blocks(seq_len, seq_len, causal=True)]
     scores, block_scores = nh * batch_size * 4 * sum(areas), nh * batch_size * 4 * max(areas)

@@ -90,10 +90,10 @@ def _loss_limits(logs: Sequence[RunSeries], log_scale: bool = False,
         if not values.size:
             return None
         top = max(top, values.min())  # (the first steps' losses alone above 0 are above the 98% quantile)
-    bottom, top = float(values.min()), float(top)
-    # 5% margins, within what matplotlib's transforms invert (a damaged log's 1.7e308 overflowed them; a range of
-    # 1e300 is a singular matrix there): a loss beyond 1e100 is off the axis
-    bottom, top = max(bottom - 0.05 * abs(bottom), -1e100), min(top + 0.05 * abs(top), 1e100)
+    # within what matplotlib's transforms invert (a damaged log's 1.7e308 overflowed them, and a range of 1e300 is a
+    # singular matrix there): a loss beyond 1e100 is off the axis
+    bottom, top = min(max(float(values.min()), -1e100), 1e100), min(max(float(top), -1e100), 1e100)
+    bottom, top = bottom - 0.05 * abs(bottom), top + 0.05 * abs(top)  # 5% margins
     if top <= bottom:  # every loss 0.0: 5% of it is no margin (matplotlib warned of identical limits)
         bottom, top = bottom - 0.05, top + 0.05
     return bottom, top

@@ -248,15 +248,23 @@ def _load_into(model: GPT, weights: dict[str, mx.array], where: Path) -> None:
         raise UserError(f"{where}: {bad} holds NaN/inf: a damaged model")
 
 
-def nonfinite(arrays: Iterable[tuple[str, mx.array]]) -> str | None:
-    """The name of the first of (name, array) `arrays` that holds a NaN or inf (one sync for all), or None."""
-    arrays = list(arrays)
-    if not arrays:
+def nonfinite(arrays: Iterable[tuple[str, mx.array]], group_bytes: int = 1 << 28) -> str | None:
+    """The name of the first of (name, array) `arrays` that holds a NaN or inf, or None. Checked in groups of about
+    `group_bytes`: the host queues all of a group's temporaries at once."""
+    sums: list[mx.array] = []
+    names: list[str] = []
+    pending = 0
+    for name, a in arrays:
+        sums.append(mx.sum(a * 0))  # 0 where every value is finite, NaN where one is not: faster than isfinite
+        names.append(name)
+        pending += a.nbytes
+        if pending >= group_bytes:
+            mx.eval(sums)
+            pending = 0
+    if not sums:
         return None
-    # a * 0 is 0 where a is finite and NaN where not, and a sum holding a NaN is NaN: half isfinite().all()'s time
-    finite = mx.stack([mx.sum(a * 0) for _, a in arrays]) == 0
-    mx.eval(finite, [a for _, a in arrays])
-    return next((name for (name, _), ok in zip(arrays, finite.tolist()) if not ok), None)
+    finite = (mx.stack(sums) == 0).tolist()
+    return next((name for name, ok in zip(names, finite) if not ok), None)
 
 
 def _warn_left_out(hf_weights: dict[str, mx.array], config: GPTConfig, where: Path) -> None:

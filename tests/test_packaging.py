@@ -52,7 +52,7 @@ _COMPILES_THERE = """
 import ast, re, sys
 for path in sys.argv[1:]:
     source = open(path, encoding="utf-8").read()
-    tree = ast.parse(compile(source, path, "exec", ast.PyCF_ONLY_AST))
+    tree = ast.parse(source, path)
     for node in ast.walk(tree):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args
                 and isinstance(node.func.value, ast.Name) and node.func.value.id == "re"

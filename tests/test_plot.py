@@ -292,7 +292,10 @@ def test_a_loss_near_the_largest_float_keeps_the_axis_drawable(tmp_path, ylims):
     """A damaged log's 1.7e308: its 5% margin overflowed to inf, matplotlib's OverflowError a traceback."""
     (tmp_path / "log.txt").write_text("0 train 10\n1 train 1.7e308\n2 train 5\n3 val 1.79e308\n")
     assert png_size(plot_runs([tmp_path], tmp_path / "far.png", baseline="off"))[0] > 0
-    assert [lim for lim in ylims if len(lim) == 2][0] == pytest.approx((4.75, 1e100))
+    assert [lim for lim in ylims if len(lim) == 2][0] == pytest.approx((4.75, 1.05e100))
+    (tmp_path / "log.txt").write_text("0 train 1e200\n1 train 2e200\n2 train 3e200\n")  # limits were upside down
+    plot_runs([tmp_path], tmp_path / "far.png", baseline="off")
+    assert [lim for lim in ylims if len(lim) == 2][-1] == pytest.approx((0.95e100, 1.05e100))
 
 
 def test_a_torn_last_line_is_not_read_as_a_number(tmp_path):

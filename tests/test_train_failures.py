@@ -679,8 +679,9 @@ def test_weights_an_update_made_nan_are_not_saved(run):
     step = int(found[-1].name.removeprefix("ckpt-"))
     set_moment(found[-1] / "optimizer.safetensors", ".h.0.attn.c_attn.weight.v", -1.0)
     before = {p: p.read_bytes() for p in [run / "model.safetensors", *found[-1].iterdir()]}
-    assert_one_line_error(resume(run, max_steps=step + 1), f"step {step + 1}: h.0.attn.c_attn.weight holds NaN/inf; "
-                          f"stopped without saving (the last good checkpoint {found[-1]} is kept)")
+    assert_one_line_error(resume(run, max_steps=step + 1), f"ckpt-{step + 1:06d} not saved: h.0.attn.c_attn.weight "
+                          f"holds NaN/inf; the previous checkpoint {found[-1].name} is kept; resume (--resume {run}) "
+                          "once its cause is found")
     assert checkpoints(run) == found
     assert {p: p.read_bytes() for p in before} == before and temporaries(run) == []
 

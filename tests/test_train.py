@@ -683,6 +683,11 @@ def test_init_from_refuses_sizes_it_would_ignore(data_dir, small_hf_dir, tmp_pat
                     str(small_hf_dir), "--n-layer", "2", "--block-size", "64", "--max-steps", "1")
     assert_one_line_error(proc, f"--init-from trains {small_hf_dir} in its own shape; --n-layer, --block-size cannot")
     assert not (tmp_path / "run").exists()
+    proc = run_main(capsys, "train", "--preset", "finetune-shakespeare", "--out", str(tmp_path / "run"), "--n-embd",
+                    "64")  # (a warning, after gpt2 was downloaded)
+    assert_one_line_error(proc, "--init-from trains gpt2 (the finetune-shakespeare preset's) in its own shape; "
+                          "--n-embd cannot change it")
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_trains_samples_and_resumes(data_dir, tmp_path):

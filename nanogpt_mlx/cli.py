@@ -444,7 +444,7 @@ def cmd_train(args) -> None:
     from dataclasses import fields
 
     from .checkpoint import checkpoints
-    from .config import PRESETS, TrainConfig, check_total_batch, resume_config
+    from .config import TrainConfig, check_total_batch, resume_config
     from .distributed import init
     from .files import shell_word, user_path
     from .locks import lock_dir, unlock_dir
@@ -459,16 +459,15 @@ def cmd_train(args) -> None:
                                               ("--overwrite", args.overwrite)) if value]
         if given:  # they would be ignored: the run's own config and checkpoints continue
             raise UserError(f"--resume DIR continues the run in DIR; {', '.join(given)} cannot be combined with it")
-    # the source's shape is trained, whether --init-from or the preset names it: a size given would be ignored
-    elif init_from := overrides.get("init_from", PRESETS[args.preset or "shakespeare"].init_from):
-        shape = [f"--{k.replace('_', '-')}" for k in ("n_layer", "n_head", "n_embd", "block_size") if k in overrides]
-        whose = "" if "init_from" in overrides else f" (the {args.preset} preset's)"
-        if shape:
-            raise UserError(f"--init-from trains {init_from}{whose} in its own shape; {', '.join(shape)} cannot "
-                            "change it (they size a random init)")
     # a fresh run's config, built before its ranks start: a batch that they would all refuse is refused once, here
     # (a resumed run's is theirs to check, once its checkpoint is held)
     fresh = None if args.resume else TrainConfig.preset(args.preset or "shakespeare", **overrides)
+    if fresh and fresh.init_from:  # its shape is trained, whether --init-from or the preset names it
+        shape = [f"--{k.replace('_', '-')}" for k in ("n_layer", "n_head", "n_embd", "block_size") if k in overrides]
+        whose = "" if "init_from" in overrides else f" (the {args.preset} preset's)"
+        if shape:
+            raise UserError(f"--init-from trains {fresh.init_from}{whose} in its own shape; {', '.join(shape)} "
+                            "cannot change it (they size a random init)")
     if _launches_ranks(args):
         check_ranks(args.ranks)  # (before the batch, which they divide)
         if fresh:

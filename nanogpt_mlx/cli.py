@@ -29,13 +29,15 @@ class _Parser(argparse.ArgumentParser):
         option's value for the COMMAND ("invalid choice: 'out/run'")."""
         args = sys.argv[1:] if args is None else list(args)
         sub = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+        given = sub is not None and any(a in sub.choices for a in args)
         for arg in args if sub else ():
             if arg in sub.choices or arg == "--":
                 break
             option = arg.split("=", 1)[0]
             if option.startswith("-") and option not in self._option_string_actions:
-                self.error(f"{option} comes before the {sub.metavar}: options go after it ({self.prog} "
-                           f"{sub.metavar} ... {option} ...)")
+                where = "comes before the {0}: options go after it" if given else \
+                    "is an option of a {0}, and no {0} was given"  # (`prepare --inspect DIR --out O`)
+                self.error(f"{option} {where.format(sub.metavar)} ({self.prog} {sub.metavar} ... {option} ...)")
         return super().parse_known_args(args, namespace)
 
     def _print_message(self, message: str, file=None) -> None:

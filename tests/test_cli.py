@@ -231,12 +231,21 @@ def test_options_are_never_abbreviated(args):
     (("--model", "out/run", "sample"), "nanogpt-mlx: error: --model comes before the COMMAND"),
     (("--max-steps=2", "train"), "nanogpt-mlx: error: --max-steps comes before the COMMAND"),
     (("prepare", "--out", "d", "shakespeare"), "nanogpt-mlx prepare: error: --out comes before the SOURCE"),
-    (("prepare", "--inspect", "d", "--out", "o"), "nanogpt-mlx prepare: error: --out comes before the SOURCE"),
     (("eval", "--model", "out/run", "loss"), "nanogpt-mlx eval: error: --model comes before the TASK"),
 ])
 def test_an_option_before_its_command_is_said_so(args, said):
     """argparse took the option's value for the command: "argument COMMAND: invalid choice: 'out/run'"."""
     assert_one_line_error(run_cli(*args), said, "options go after it", status=2)
+
+
+@pytest.mark.parametrize("args, said", [
+    (("prepare", "--inspect", "d", "--out", "o"), "nanogpt-mlx prepare: error: --out is an option of a SOURCE, and "
+                                                  "no SOURCE was given (nanogpt-mlx prepare SOURCE ... --out ...)"),
+    (("--seed", "1"), "nanogpt-mlx: error: --seed is an option of a COMMAND, and no COMMAND was given"),
+])
+def test_an_option_of_a_command_not_given_is_said_so(args, said):
+    """`prepare --inspect DIR --out O` was told that --out "comes before the SOURCE", though there was none."""
+    assert_one_line_error(run_cli(*args), said, status=2)
 
 
 def test_prepare_sources_name_themselves_and_inspect_takes_no_source(tmp_path, capsys):

@@ -600,6 +600,17 @@ def test_the_finetune_preset_trains_its_source_at_nanogpts_constant_lr(small_hf_
     assert (saved["n_layer"], saved["n_embd"], saved["block_size"]) == (2, 64, 64)
 
 
+def test_the_finetune_preset_is_not_switched_to_another_recipe(capsys):
+    """`--preset finetune-shakespeare --recipe speedrun` fine-tuned at the speedrun's pretraining LRs (Muon 0.025,
+    a 70% cooldown) in place of the preset's constant 3e-5."""
+    with pytest.raises(UserError, match="'finetune-shakespeare' fine-tunes with the build-nanogpt recipe; the "
+                                        "speedrun recipe has no fine-tuning preset"):
+        TrainConfig.preset("finetune-shakespeare", recipe="speedrun")
+    assert TrainConfig.preset("finetune-shakespeare", recipe="build-nanogpt").max_lr == 3e-5
+    assert_one_line_error(run_main(capsys, "train", "--preset", "finetune-shakespeare", "--recipe", "speedrun"),
+                          "--recipe speedrun --init-from MODEL")
+
+
 def test_init_from_without_a_preset_notes_the_fine_tuning_one(small_hf_dir, data_dir, tmp_path, capsys):
     """`train --init-from gpt2` took the shakespeare preset's pretraining settings (max_lr 1e-3, cosine) unsaid."""
     args = ["train", "--data", str(data_dir), "--init-from", str(small_hf_dir), "--vocab-size", "0", "--seq-len", "32",

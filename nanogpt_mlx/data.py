@@ -47,12 +47,20 @@ def open_shard(path: Path) -> np.ndarray:
     except (OSError, ValueError) as e:
         # np.load takes a file without the .npy header for a pickle, and its advice (allow_pickle) is no help
         headerless = isinstance(e, ValueError) and not _has_npy_header(path)
-        why = "not a NumPy .npy file: no .npy header; raw tokens? save them with np.save" if headerless else e
+        why = "not a NumPy .npy file: no .npy header; raw tokens? save them with np.save" if headerless else \
+            "cut off, or a damaged .npy header: it says more bytes than the file holds" if "mmap length" in str(e) \
+            else e
         raise UserError(f"{path}: cannot read shard ({why})") from None
     if not isinstance(tokens, np.ndarray):  # np.load opens a zip (.npz) as an archive of arrays
         raise UserError(f"{path}: not a .npy array (an .npz archive?)")
     if tokens.ndim != 1 or tokens.dtype.kind not in "iu":  # (timedelta64 is an np.integer too)
         raise UserError(f"{path}: expected a 1-D integer array, got {tokens.dtype} {tokens.shape}")
+    # np.save writes the data and nothing after it; a header saying another dtype or length (uint8 for uint16) read
+    # part of the tokens, or bytes cut in two, without an error
+    data = path.stat().st_size - tokens.offset
+    if data != tokens.nbytes:
+        raise UserError(f"{path}: cannot read shard (a damaged .npy header: it says {tokens.dtype} "
+                        f"{tokens.shape}, {tokens.nbytes} bytes, but {data} bytes follow it)")
     return tokens
 
 

@@ -287,6 +287,24 @@ def test_a_shard_of_a_damaged_header_or_a_fifo_is_one_line(tmp_path):
         open_shard(tmp_path / "x_val_000001.npy")
 
 
+@pytest.mark.parametrize("header, after", [("'<u2'", "'|u1'"), ("'<u2'", "'<u4'"), ("(100,)", "(99,) ")])
+def test_a_header_that_does_not_fit_its_data_is_refused(tmp_path, header, after):
+    """A shard whose header said uint8 for its uint16 tokens (or a shorter length) read the first half of its bytes
+    as tokens and trained on them; a wider one was NumPy's "mmap length is greater than file size"."""
+    from nanogpt_mlx.data import open_shard
+
+    path = tmp_path / "x_val_000000.npy"
+    np.save(path, np.arange(100, dtype=np.uint16))
+    data = path.read_bytes()
+    assert len(header) == len(after) and data.count(header.encode()) == 1
+    path.write_bytes(data.replace(header.encode(), after.encode()))
+    said = "a damaged .npy header: it says" if after != "'<u4'" else "cut off, or a damaged .npy header: it says more"
+    with pytest.raises(UserError, match=rf"x_val_000000.npy: cannot read shard \({said} "):
+        open_shard(path)
+    np.save(path, np.arange(100, dtype=np.uint16))
+    assert len(open_shard(path)) == 100
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_each_rank_reads_build_nanogpts_windows(world, tmp_path):
     """build-nanogpt's DataLoaderLite, written out: rank r's k-th batch of a shard is the window at

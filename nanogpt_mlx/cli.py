@@ -97,6 +97,25 @@ def _stops_on_term(command: Callable[[argparse.Namespace], None]) -> Callable[[a
     return run
 
 
+def add_dtype(p, what: str = "the model's weights and computation", default: str | None = None) -> None:
+    """--dtype of a command that loads a model; by default the device profile's (device.py)."""
+    from .model import DTYPES
+
+    chosen = f"{device.PROFILE.dtype}, the {device.PROFILE.name} profile's" if default is None else default
+    p.add_argument("--dtype", choices=list(DTYPES), default=default or device.PROFILE.dtype,
+                   help=f"{what}: bfloat16 holds half the memory and is a GPU's fast path, float32 is the CPU's and "
+                        f"what transformers loads GPT-2 in (default: {chosen})")
+
+
+def load(model: str, dtype: str):
+    """The model of a command's --model (or SRC) in its --dtype, noting a dtype that is slow on this device."""
+    from .weights import load_model
+
+    if note := device.PROFILE.dtype_note(dtype):
+        warn(note, kind="note")
+    return load_model(model, dtype)
+
+
 # ---------------------------------------------------------------------------------------- info
 def add_info(sub) -> None:
     p = sub.add_parser("info", help="MLX version, the chosen device profile, BLAS in use, memory, measured GEMM speed")
@@ -148,6 +167,7 @@ def add_sample(sub) -> None:
                    help="fixes the samples, sample i whatever --num-samples (default: a new draw each run)")
     p.add_argument("--no-stop", action="store_true", help="keep generating past <|endoftext|>")
     p.add_argument("--crop", action="store_true", help="drop the start of a prompt that does not fit the context")
+    add_dtype(p)
     p.set_defaults(func=_stops_on_term(cmd_sample))
 
 
@@ -160,14 +180,13 @@ def probability(s: str) -> float:
 
 def cmd_sample(args) -> None:
     from .sample import SampleConfig, sample_texts, stream_text
-    from .weights import load_model
 
     if args.temperature == 0 and not args.greedy:
         raise UserError("--temperature 0 is the argmax: pass --greedy (or a temperature > 0)")
     cfg = SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                        top_p=args.top_p, greedy=args.greedy, seed=args.seed, stop_at_eot=not args.no_stop,
                        crop=args.crop)
-    model = load_model(args.model)
+    model = load(args.model, args.dtype)
     if args.num_samples == 1:
         pieces = stream_text(model, args.prompt, cfg)
         print("> " + next(pieces), end="", flush=True)  # the prompt, once it is known to fit
@@ -192,6 +211,7 @@ def add_export(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty directory (never into SRC itself or a nanogpt-mlx run or checkpoint), "
                         "removing other weight and tokenizer files there that loaders would read with the export's")
+    add_dtype(p, "the weights written, which config.json names (the hub's gpt2 is float32)", "float32")
     p.set_defaults(func=_stops_on_term(cmd_export))
 
 
@@ -200,8 +220,8 @@ def cmd_export(args) -> None:
     from .weights import load_model
 
     check_export_target(args.out, args.force, source=args.src)  # before the (maybe long) load
-    removed = export_hf(load_model(args.src), args.out, force=args.force)
-    print(f"wrote {args.out}: {', '.join(EXPORT_FILES)} (Hugging Face GPT-2 layout)"
+    removed = export_hf(load_model(args.src, args.dtype), args.out, force=args.force)
+    print(f"wrote {args.out}: {', '.join(EXPORT_FILES)} (Hugging Face GPT-2 layout, {args.dtype})"
           + (f"; removed {', '.join(removed)}, which loaders would read with it" if removed else ""))
 
 
@@ -220,6 +240,7 @@ def add_eval(sub) -> None:
     h.add_argument("--output", metavar="FILE.jsonl",
                    help="write per example: index, label, predicted (summed loss), predicted_norm (mean loss), and "
                         "each ending's losses (summed), mean_losses and num_tokens")
+    add_dtype(h)
     l = tasks.add_parser("loss", help="mean loss and perplexity over a split's token shards")
     l.add_argument("--model", default="gpt2", help=model_help)
     l.add_argument("--data", required=True, metavar="DIR", help="directory of {name}_{split}_{index}.npy token shards")
@@ -227,6 +248,7 @@ def add_eval(sub) -> None:
     l.add_argument("--batches", type=positive_int, default=20, help="number of batches, capped at one pass (default: 20)")
     l.add_argument("--batch-size", type=positive_int, default=8, help="rows per batch (default: 8)")
     l.add_argument("--seq-len", type=positive_int, help="tokens per row (default: the model's context)")
+    add_dtype(l)
     p.set_defaults(func=_stops_on_term(cmd_eval))
 
 
@@ -234,16 +256,15 @@ def cmd_eval(args) -> None:
     from . import evaluate
     from .data import list_shards
     from .files import named_dir, output_file, user_path
-    from .weights import load_model
 
     if args.task == "loss":
         list_shards(args.data, args.split)  # before the (maybe downloaded) model: a mistyped --data is said at once
-        model = load_model(args.model)
+        model = load(args.model, args.dtype)
         loader = evaluate.eval_loader(model, args.data, args.split, args.batch_size, args.seq_len)
         n = loader.within_one_pass(args.batches)
         loss = evaluate.loader_loss(model, loader, n, progress=True)
         print(f"{args.split} loss {loss:.4f}  perplexity {evaluate.perplexity(loss):.2f}  "
-              f"({n} batches of {loader.B}x{loader.T} tokens from {args.data})")
+              f"({n} batches of {loader.B}x{loader.T} tokens from {args.data}, {args.dtype})")
         return
     if args.data is not None:  # only None is "not given": '' (an unset variable) downloaded HellaSwag
         named_dir(args.data, "HellaSwag file (--data)", name="a file")
@@ -252,7 +273,7 @@ def cmd_eval(args) -> None:
         if args.data is not None and out.exists() and out.resolve() == user_path(args.data).resolve():
             raise UserError(f"{args.output}: is the --data file; the records would replace the examples")
     examples = evaluate.load_hellaswag(evaluate.download_hellaswag() if args.data is None else args.data, args.limit)
-    model = load_model(args.model)
+    model = load(args.model, args.dtype)
     start = time.perf_counter()
     result = evaluate.score_hellaswag(model, examples, batch_examples=args.batch_size)
     seconds = time.perf_counter() - start
@@ -263,7 +284,7 @@ def cmd_eval(args) -> None:
         except UserError as e:
             unwritten = e
     print(f"hellaswag  {result.num_total} examples  acc {result.acc:.4f}  acc_norm {result.acc_norm:.4f}  "
-          f"({result.num_total / seconds:.1f} examples/s)")
+          f"({args.dtype}, {result.num_total / seconds:.1f} examples/s)")
     ref = evaluate.GPT2_HELLASWAG
     print(f"reference  GPT-2 124M: acc {ref['acc']:.4f}  acc_norm {ref['acc_norm']:.4f} (build-nanogpt, all "
           f"{evaluate.HELLASWAG_VAL_SIZE}); GPT-3 124M: acc_norm {evaluate.GPT3_HELLASWAG:.3f}")

@@ -9,14 +9,10 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import mlx.core as mx
-
 from . import checkpoint, recipes
 from .errors import FieldTypeError, UserError, check_fields, check_seed, check_types
 from .files import named_dir, user_path
-from .model import PADDED_VOCAB_SIZE, GPTConfig
-
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+from .model import DTYPES, PADDED_VOCAB_SIZE, GPTConfig
 
 
 def _field(default, help: str):

@@ -38,8 +38,8 @@ def to_hf(model: GPT) -> dict[str, mx.array]:
     return out
 
 
-def hf_config(config: GPTConfig) -> dict:
-    """config.json of a Hugging Face GPT-2 with this architecture."""
+def hf_config(config: GPTConfig, dtype: str = "float32") -> dict:
+    """config.json of a Hugging Face GPT-2 with this architecture whose weights are `dtype` (a name torch knows)."""
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -54,6 +54,8 @@ def hf_config(config: GPTConfig) -> dict:
         "bos_token_id": EOT,
         "eos_token_id": EOT,
         "tie_word_embeddings": True,
+        "dtype": dtype,  # transformers 5 loads the weights in it (by default: dtype "auto"); 4.x read torch_dtype
+        "torch_dtype": dtype,
     }
 
 
@@ -108,7 +110,7 @@ def check_gpt2(config: GPTConfig) -> None:
 
 
 def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> list[str]:
-    """Write a Hugging Face GPT-2 directory (weights, config, generation config, tokenizer) that
+    """Write a Hugging Face GPT-2 directory (weights in the model's dtype, config, generation config, tokenizer) that
     `transformers` (`from_pretrained`, `pipeline`) and mlx-lm (`load`) read as they read the hub's `gpt2`. Into
     an existing directory (`force`) it also removes the weight and tokenizer files that loaders would read with it
     there, and returns their names.
@@ -132,6 +134,7 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> li
 def _write_hf(model: GPT, out_dir: Path) -> None:
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_safetensors(tmp, to_hf(model), metadata={"format": "pt"})
-    atomic_write_text(out_dir / "config.json", json.dumps(hf_config(model.config), indent=2))
+    dtype = str(model.wte.weight.dtype).removeprefix("mlx.core.")
+    atomic_write_text(out_dir / "config.json", json.dumps(hf_config(model.config, dtype), indent=2))
     atomic_write_text(out_dir / "generation_config.json", json.dumps(generation_config(), indent=2))
     write_tokenizer_files(out_dir, model.config.block_size)

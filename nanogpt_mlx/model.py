@@ -22,6 +22,17 @@ from .errors import UserError, check_fields, check_seed, check_types
 
 GPT2_VOCAB_SIZE = 50257  # real tokens
 PADDED_VOCAB_SIZE = 50304  # build-nanogpt's: GPT-2's padded to a multiple of 128, for faster matmuls
+# the dtypes a GPT computes in (float16's range would need loss scaling to train, and GPT-2's activations come near it)
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+
+
+def dtype_named(name: str | mx.Dtype) -> mx.Dtype:
+    """DTYPES[name] (or the dtype itself, one of them), refused (UserError) otherwise."""
+    if isinstance(name, mx.Dtype) and name in DTYPES.values():
+        return name
+    if not isinstance(name, str) or name not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 _CHOICES = {"mlp": ("gelu", "relu2"), "norm": ("layernorm", "rmsnorm"), "init": ("gpt2", "speedrun")}

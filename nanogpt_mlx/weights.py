@@ -25,7 +25,7 @@ from .errors import UserError, check_bool, first_line
 from .files import (atomic_path, atomic_write_text, cannot, mlx_path, named_dir, parse_json, read_json,
                     user_path)
 from .hub import SHARD_INDEX, download, shard_names
-from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig, check_gpt
+from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig, check_gpt, dtype_named
 
 HF_FILES = ["config.json", "model.safetensors"]
 TRAINER_STATE = "trainer.json"  # beside the model in a run's checkpoint (checkpoint.STATE_FILE): not to save over
@@ -229,7 +229,7 @@ def _load_safetensors(path: Path) -> dict[str, mx.array]:
         raise UserError(f"{path}: cannot read safetensors ({first_line(e)})") from None
 
 
-def _load_into(model: GPT, weights: dict[str, mx.array], where: Path) -> None:
+def _load_into(model: GPT, weights: dict[str, mx.array], where: Path, dtype: mx.Dtype = mx.float32) -> None:
     expected = dict(model.parameters_flat())
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -242,7 +242,7 @@ def _load_into(model: GPT, weights: dict[str, mx.array], where: Path) -> None:
             raise UserError(f"{where}: {k} has shape {tuple(w.shape)}, config.json implies {tuple(expected[k].shape)}")
         if not mx.issubdtype(w.dtype, mx.floating):  # int32 copies of the weights loaded as (nearly) all zeros
             raise UserError(f"{where}: {k} is {str(w.dtype).split('.')[-1]}, not floating point: not a model's weights")
-    model.load_flat({k: w.astype(mx.float32) for k, w in weights.items()})
+    model.load_flat({k: w.astype(dtype) for k, w in weights.items()})
     # a NaN or inf weight makes the logits NaN: sampling gave "!!!!" (token 0) and evaluation NaN losses, status 0
     if (bad := nonfinite(model.parameters_flat())) is not None:
         raise UserError(f"{where}: {bad} holds NaN/inf: a damaged model")
@@ -280,8 +280,10 @@ def _warn_left_out(hf_weights: dict[str, mx.array], config: GPTConfig, where: Pa
              "it to false to use that head")
 
 
-def load_local(directory: str | os.PathLike) -> GPT:
-    """Load a local Hugging Face GPT-2 directory or a nanogpt-mlx checkpoint (a leading `~` expanded)."""
+def load_local(directory: str | os.PathLike, dtype: str | mx.Dtype = "float32") -> GPT:
+    """Load a local Hugging Face GPT-2 directory or a nanogpt-mlx checkpoint (a leading `~` expanded), its weights in
+    `dtype` (float32 or bfloat16), whatever the file's."""
+    dtype_ = dtype_named(dtype)  # before the (maybe long) read
     directory = user_path(named_dir(directory, "model directory"))
     cfg = _read_config(directory)
     native = cfg.get("format") == NATIVE_FORMAT
@@ -296,7 +298,7 @@ def load_local(directory: str | os.PathLike) -> GPT:
             warn(f"{directory}: {config.vocab_size - GPT2_VOCAB_SIZE} tokens beyond GPT-2's {GPT2_VOCAB_SIZE}: "
                  "nanogpt-mlx uses GPT-2's tokenizer, so sample never draws them and export drops them")
     model = GPT(config, seed=0)
-    _load_into(model, weights, directory)
+    _load_into(model, weights, directory, dtype_)
     return model
 
 
@@ -304,18 +306,20 @@ def _looks_like_hub_id(name: str) -> bool:
     return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not name.endswith(".safetensors")
 
 
-def load_model(name_or_path: str | os.PathLike) -> GPT:
-    """A model from a local HF directory or checkpoint, else a hub id (`gpt2`, `gpt2-medium`, ...)."""
+def load_model(name_or_path: str | os.PathLike, dtype: str | mx.Dtype = "float32") -> GPT:
+    """A model from a local HF directory or checkpoint, else a hub id (`gpt2`, `gpt2-medium`, ...), its weights in
+    `dtype`: float32 (as `transformers` loads GPT-2) or bfloat16 (half the memory; a GPU's fast path)."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise UserError(f"the model must be a hub id or a directory (a str or path), got {name_or_path!r}")
+    dtype_named(dtype)  # before a download
     path = user_path(named_dir(name_or_path, "model"))  # '' would be the working directory
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{path}: expected a directory with config.json and model.safetensors")
-        return load_local(path)
+        return load_local(path, dtype)
     if not _looks_like_hub_id(str(name_or_path)):
         raise UserError(f"{name_or_path}: no such directory")
-    return load_local(download(str(name_or_path)))
+    return load_local(download(str(name_or_path)), dtype)
 
 
 def save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:

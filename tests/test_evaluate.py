@@ -579,6 +579,27 @@ def test_cli_loss(tiny_hf_dir, model, tmp_path):
     assert f"val loss {want:.4f}  perplexity {np.exp(want):.2f}  (4 batches of 2x32 tokens" in proc.stdout
 
 
+def test_cli_evaluates_in_the_dtype_asked(tiny_hf_dir, fixture_file, tmp_path):
+    """--dtype bfloat16: the model's weights and computation in bfloat16 (as load_model(..., "bfloat16")), said on
+    the result's line; float32 is the CPU profile's default."""
+    from nanogpt_mlx.weights import load_model
+
+    np.save(tmp_path / "toy_val_000000.npy", np.random.default_rng(1).integers(0, 50257, 300).astype(np.uint16))
+    args = ("eval", "loss", "--model", str(tiny_hf_dir), "--data", str(tmp_path), "--batches", "3", "--batch-size",
+            "2", "--seq-len", "32")
+    f32, b16 = (load_model(tiny_hf_dir, dtype) for dtype in ("float32", "bfloat16"))
+    loss32, loss16 = (eval_loss(m, tmp_path, batches=3, B=2, T=32, progress=False) for m in (f32, b16))
+    assert loss32 != loss16 and loss32 == pytest.approx(loss16, abs=0.05)
+    assert f"val loss {loss32:.4f}" in run_cli(*args, check=True).stdout
+    proc = run_cli(*args, "--dtype", "bfloat16", check=True)
+    assert f"val loss {loss16:.4f}" in proc.stdout and "2x32 tokens from" in proc.stdout
+    assert proc.stdout.rstrip().endswith(", bfloat16)") and "bfloat16 is slow on MLX's CPU backend" in proc.stderr
+    proc = run_cli("eval", "hellaswag", "--model", str(tiny_hf_dir), "--data", str(fixture_file), "--limit", "4",
+                   "--dtype", "bfloat16", check=True)
+    scores = score_hellaswag(b16, load_hellaswag(fixture_file, limit=4), progress=False)
+    assert f"acc_norm {scores.acc_norm:.4f}  (bfloat16, " in proc.stdout
+
+
 def test_a_stderr_whose_reader_is_gone_costs_no_result(tiny_hf_dir, tmp_path):
     """`eval loss ... 2> >(head -c 1)`: the progress bar drew on a pipe that is not a terminal, and its broken pipe
     ended the command with status 0 before the result was printed."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from conftest import assert_one_line_error, run_cli
 
@@ -46,6 +47,7 @@ def test_export_has_hub_names_tokenizer_and_generation_config(exported):
                                                                             "eos_token_id": 50256}
     model_config = json.loads((exported / "config.json").read_text())
     assert model_config["n_ctx"] == model_config["n_positions"] == 128
+    assert model_config["dtype"] == model_config["torch_dtype"] == "float32"  # by default, as the hub's gpt2
     config = json.loads((exported / "tokenizer_config.json").read_text())
     assert config["model_max_length"] == 128 and config["eos_token"] == "<|endoftext|>"
 
@@ -69,6 +71,35 @@ def test_export_round_trips_and_nanogpt_loads_prefixed_names_too(lively_hf_dir, 
     """transformers' save_pretrained writes `transformer.h.0...`, exports write `h.0...`: both load."""
     a, b = load_model(lively_hf_dir), load_model(exported)
     assert all((x == y).all().item() for (_, x), (_, y) in zip(a.parameters_flat(), b.parameters_flat()))
+
+
+def test_a_bfloat16_export_loads_as_bfloat16_and_generates_our_bfloat16_text(lively_hf_dir, ours, tmp_path):
+    """`export --dtype bfloat16` (half the bytes): config.json names the dtype, so transformers 5 loads the weights
+    in it, as mlx-lm does; both generate the greedy text of `sample --dtype bfloat16`, which is not the float32
+    text (the computation is bfloat16's)."""
+    import torch
+    from mlx_lm import generate, load
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, pipeline
+
+    out = tmp_path / "bf16"
+    proc = run_cli("export", str(lively_hf_dir), str(out), "--dtype", "bfloat16", check=True)
+    assert "(Hugging Face GPT-2 layout, bfloat16)" in proc.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16"
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+    proc = run_cli("sample", "--model", str(lively_hf_dir), "--dtype", "bfloat16", "--prompt", PROMPT, "--greedy",
+                   "--num-samples", "1", "--max-new-tokens", str(NEW_TOKENS), check=True)
+    assert "bfloat16 is slow on MLX's CPU backend" in proc.stderr  # the CPU profile's note
+    text = proc.stdout.removeprefix("> ").removesuffix("\n")[len(PROMPT):]
+    assert text != ours
+    model, tokenizer = load(str(out))
+    assert model.model.wte.weight.dtype == mx.bfloat16
+    assert generate(model, tokenizer, prompt=PROMPT, max_tokens=NEW_TOKENS) == text
+    generator = pipeline("text-generation", str(out))
+    assert generator(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)[0]["generated_text"] == PROMPT + text
 
 
 # ------------------------------------------------------------------------------- targets

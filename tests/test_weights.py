@@ -55,6 +55,25 @@ def test_the_hubs_gpt2_layout_loads_as_transformers_reads_it(hub_gpt2_dir):
     np.testing.assert_allclose(np.array(model(mx.array(idx))), hf_logits(hub_gpt2_dir, idx), rtol=0, atol=2e-5)
 
 
+def test_a_model_loads_in_the_dtype_asked(tiny_hf_dir, tmp_path, monkeypatch):
+    """load_model(..., "bfloat16") (or mx.bfloat16): every weight rounded to bfloat16, whatever the file holds; a
+    bfloat16 export loads back in float32 by default. A dtype no GPT computes in is refused before any download."""
+    import nanogpt_mlx.weights as weights
+
+    f32 = dict(load_model(tiny_hf_dir).parameters_flat())
+    for dtype in ("bfloat16", mx.bfloat16):
+        b16 = dict(load_model(tiny_hf_dir, dtype).parameters_flat())
+        assert b16.keys() == f32.keys() and all(mx.array_equal(f32[k].astype(mx.bfloat16), w) and
+                                                w.dtype == mx.bfloat16 for k, w in b16.items())
+    export_hf(load_model(tiny_hf_dir, "bfloat16"), tmp_path / "bf16")
+    again = dict(load_model(tmp_path / "bf16").parameters_flat())
+    assert all(w.dtype == mx.float32 and mx.array_equal(w, b16[k]) for k, w in again.items())
+    monkeypatch.setattr(weights, "download", lambda *a, **kw: pytest.fail("looked up on the hub"))
+    for bad in ("float16", mx.float16, "fp32", None):
+        with pytest.raises(UserError, match=f"^dtype must be one of float32, bfloat16, got {re.escape(repr(bad))}$"):
+            load_model("gpt2", bad)
+
+
 def test_padded_vocab_exports_cropped_and_matches(tmp_path):
     model = GPT(GPTConfig(**{**SMALL.to_dict(), "vocab_size": 50304}), seed=4)
     save_model(model, tmp_path / "ckpt")  # this project's checkpoint keeps the padding

@@ -261,6 +261,8 @@ def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int
     with tqdm(total=len(mine), desc="hellaswag", unit="ex", disable=None if progress else True) as bar:
         for batch in batches:
             summed, counts = ending_losses(model, [tokens[i][0] for i in batch], [tokens[i][1] for i in batch])
+            if not np.isfinite(summed).all():  # argmin would pick a NaN's ending, or the first
+                raise model.overflowed(f"on HellaSwag example {mine[batch[0]].index}")
             for i, s, n in zip(batch, summed, counts):
                 records[i] = _score(mine[i], s, n)
                 result.count(records[i])

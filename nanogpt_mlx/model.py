@@ -448,6 +448,13 @@ class GPT(nn.Module):
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.h]
 
+    def overflowed(self, where: str) -> UserError:
+        """The error of logits that came out NaN or inf `where`: finite weights whose values overflow the model's
+        dtype on the way (a diverged run's, or a damaged file's), which would give sampled garbage and NaN scores."""
+        dtype = str(self.head_weight.dtype).removeprefix("mlx.core.")
+        return UserError(f"the model's logits are NaN/inf {where}: its weights overflow {dtype} (a diverged or "
+                         "damaged model)")
+
 
 def check_gpt(model) -> None:
     """Refuse (UserError) anything but a GPT where one is needed: a path given for it was an AttributeError deep

@@ -187,23 +187,26 @@ def _generate(model: GPT, ids: list[int], cfg: SampleConfig, num_samples: int, u
     cache = model.make_cache() if use_cache else None
     x = mx.array([ids] * num_samples)  # (B, T): the whole sequence, for the uncached path
 
-    def step(inputs: mx.array, done: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
+    def step(inputs: mx.array, done: mx.array, key: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         h = model.hidden(inputs, cache)[:, -1, :]  # only the last position needs logits
-        tok = next_token(model.head(h), cfg, key)
+        logits = model.head(h)
+        tok = next_token(logits, cfg, key)
         if cfg.stop_at_eot:
             tok = mx.where(done, EOT, tok)
             done = done | (tok == EOT)
-        return tok, done
+        return tok, done, mx.isfinite(logits).all()  # (B x V values: nothing beside the head's matmul)
 
     pending = step(x, mx.zeros((num_samples,), dtype=mx.bool_), next_key())
     mx.async_eval(*pending)
     for i in range(cfg.max_new_tokens):
-        tok, done = pending
+        tok, done, finite = pending
         if i + 1 < cfg.max_new_tokens:  # queue the next step before waiting for this one
             if cache is None:
                 x = mx.concatenate([x, tok[:, None]], axis=1)
             pending = step(tok[:, None] if cache is not None else x, done, next_key())
             mx.async_eval(*pending)
+        if not finite.item():  # drawn from them, the token was "!" (id 0) or any
+            raise model.overflowed(f"at new token {i + 1}")
         yield tok
         if cfg.stop_at_eot and done.all().item():
             return

@@ -34,14 +34,14 @@ from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
 from . import checkpoint, device, distributed, evaluations, memory, recipes, signals, steps
-from .config import (DTYPES, MODEL_FIELDS, TrainConfig, check_total_batch, foreign_defaults, ignored_shape,
+from .config import (MODEL_FIELDS, TrainConfig, check_total_batch, foreign_defaults, ignored_shape,
                      model_config, refuse_model_changes, resume_line, resumed, unread)
 from .console import say, size, warn
 from .data import DataLoader
 from .errors import Stopped, UserError, check_bool, first_line
 from .files import devnull_onto, shell_word, user_path
 from .locks import refuse_locked
-from .model import GPT, GPTConfig
+from .model import DTYPES, GPT, GPTConfig
 from .optim import Packing
 from .rundir import RunDir
 from .stops import StopEvaluating, Stops

@@ -91,6 +91,16 @@ def reference_scores(hf_model, examples: list[dict], device: str = "cpu") -> lis
     return out
 
 
+def test_logits_that_overflow_are_refused(tiny_hf_dir, fixture_file):
+    """Finite weights whose logits overflow float32 scored NaN losses: argmin picked the first ending of each."""
+    model = load_model(tiny_hf_dir)
+    model.ln_f.weight, model.wte.weight = model.ln_f.weight * 1e38, model.wte.weight * 100  # finite; the logits not
+    examples = load_hellaswag(fixture_file, limit=3)
+    with pytest.raises(UserError, match=r"^the model's logits are NaN/inf on HellaSwag example \d+: its weights "
+                                        "overflow float32"):
+        score_hellaswag(model, examples, batch_examples=1, progress=False)
+
+
 def test_examples_outside_the_vocab_are_refused(fixture_file, tmp_path):
     small = GPT(GPTConfig(block_size=128, vocab_size=1000, n_layer=1, n_head=2, n_embd=32), seed=0)
     with pytest.raises(UserError, match="HellaSwag example 0 has token id .* outside the model's vocab_size of 1000"):

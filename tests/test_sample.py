@@ -435,3 +435,21 @@ def test_the_memory_a_batch_of_samples_needs_covers_its_caches_growth():
 def test_the_sampling_functions_refuse_what_they_cannot_take(call, needle):
     with pytest.raises(UserError, match=re.escape(needle)):
         call()
+
+
+def test_logits_that_overflow_are_one_line(tmp_path):
+    """Finite weights whose logits overflow float32 (a diverged run's: the load's NaN check passes them) sampled
+    garbage with status 0."""
+    from conftest import assert_one_line_error, run_cli
+
+    from nanogpt_mlx.weights import save_model
+
+    model = GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=2, n_embd=8), seed=0)
+    model.ln_f.weight, model.wte.weight = model.ln_f.weight * 1e38, model.wte.weight * 100  # finite; the logits not
+    with pytest.raises(UserError, match=r"^the model's logits are NaN/inf at new token 1: its weights overflow "
+                                        r"float32 \(a diverged or damaged model\)$"):
+        sample_texts(model, "Hello", SampleConfig(max_new_tokens=3, greedy=True))
+    save_model(model, tmp_path / "m")
+    assert_one_line_error(run_cli("sample", "--model", str(tmp_path / "m"), "--num-samples", "2", "--max-new-tokens",
+                                  "4"),
+                          "the model's logits are NaN/inf at new token 1")

@@ -1,11 +1,12 @@
 """HellaSwag scoring speed: this project (MLX, batched) vs the PyTorch reference (build-nanogpt's loop).
 
 Both score the same synthetic HellaSwag-format examples (lengths like the real set: ~45 context
-tokens, endings of ~5-55 tokens) with the same random GPT-2 124M weights, in fp32. The reference
-runs one example (4 rows) per forward, as build-nanogpt's hellaswag.py does.
+tokens, endings of ~5-55 tokens) with the same random GPT-2 124M weights, in fp32 (or both in bf16, --dtype). The
+reference runs one example (4 rows) per forward, as build-nanogpt's hellaswag.py does.
 
     flock /tmp/nanogpt-cpu.lock python benchmarks/bench_hellaswag.py [--examples 64]
     python benchmarks/bench_hellaswag.py --device gpu   # mlx[cuda] vs PyTorch on CUDA
+    python benchmarks/bench_hellaswag.py --device gpu --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def main() -> None:
                          "uses 1 and 8)")
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                     help="gpu: the reference on CUDA, nanogpt-mlx on mlx[cuda] (its default device)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="both scorers' weights and computation, losses in float32 (default: float32)")
     args = ap.parse_args()
     batches = args.batches or ([8, 16, 32] if args.device == "gpu" else [1, 4, 8])
     torch_device = "cuda" if args.device == "gpu" else "cpu"
@@ -59,10 +62,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = save_hf_gpt2(Path(tmp) / "gpt2", n_layer=12, n_head=12, n_embd=768, n_positions=1024)
         examples = load_hellaswag(write_jsonl(Path(tmp) / "hs.jsonl", raw))
-        model = load_model(hf_dir)
-        hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval().to(torch_device)
+        model = load_model(hf_dir, args.dtype)
+        hf = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=getattr(torch, args.dtype)).eval().to(torch_device)
     where = torch.cuda.get_device_name() if args.device == "gpu" else f"CPU, torch threads {torch.get_num_threads()}"
-    print(f"{args.examples} examples, GPT-2 124M random weights, fp32, {where}")
+    print(f"{args.examples} examples, GPT-2 124M random weights, {args.dtype}, {where}")
 
     ref_s, ref = timed(reference_scores, (hf, raw[:2], torch_device), hf, raw, torch_device)
     rows = [(f"pytorch reference (4 rows/forward, {torch_device})", ref_s)]

@@ -74,6 +74,9 @@ run 60 train_cap_graph200mb env MLX_MAX_MB_PER_BUFFER=200 python3 benchmarks/ben
     --cap-memory
 # the float32 (TF32) step's kernels against PyTorch eager's
 run 90 kernels_fp32 python3 benchmarks/gpu_kernels.py --engines mlx-fp32 torch-fp32 --out "$WORK/kernels_fp32"
+# sample and eval take --dtype (bfloat16 by the cuda profile's default): decoding and HellaSwag in bf16, both engines
+run 90 sample_bf16 python3 benchmarks/bench_sample.py --device gpu --rounds 1 --dtype bfloat16
+run 90 hellaswag_bf16 python3 benchmarks/bench_hellaswag.py --device gpu --dtype bfloat16
 pattern="124m-b16\|head+loss\|clip\|host\|setup\|^| \|gelu\|relu2"  # the tables and profile_step's lines
 find "$WORK" -maxdepth 1 -name '*.log' ! -name summary.log -exec grep -h "$pattern" {} + \
     > "$WORK/tables.txt"

@@ -80,7 +80,7 @@ def reference_scores(hf_model, examples: list[dict], device: str = "cpu") -> lis
             mask[i, len(ctx) : len(ctx) + len(e)] = 1
         tokens, mask = tokens.to(device), mask.to(device)
         with torch.no_grad():
-            logits = hf_model(tokens).logits
+            logits = hf_model(tokens).logits.float()  # (a bfloat16 model's: its losses in float32, as ours)
         losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
                                  reduction="none").view(4, -1)
         shift_mask = mask[:, 1:]

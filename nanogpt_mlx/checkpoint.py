@@ -138,12 +138,13 @@ def write(out: Path, step: int, model: GPT, optimizer_state, state: dict) -> Pat
     """Write OUT/ckpt-{step} (complete or not at all), point OUT/model.safetensors at it, drop older ones."""
     final = checkpoint_dir(out, step)
     mlx_path(final)  # a name MLX cannot open is refused as such, not as a failed save ("free space") below
+    exists = final.exists()
     # a NaN the loss has not shown yet (an update from a damaged state): not saved as the run's good model
-    if (bad := nonfinite([*model.parameters_flat(), *tree_flatten(optimizer_state)])) is not None:
+    if not exists and (bad := nonfinite([*model.parameters_flat(), *tree_flatten(optimizer_state)])) is not None:
         raise UserError(f"{final.name} not saved: {bad} holds NaN/inf; {_kept(out, 'once its cause is found')}")
     text = json.dumps(state, indent=1)
     try:
-        if final.exists():  # a checkpoint of this step holds these weights; OUT's model may not point at it yet
+        if exists:  # a checkpoint of this step holds these weights; OUT's model may not point at it yet
             # (a kill after the rename), and a resumed run's settings (--max-steps) may differ from those it holds
             if _read_text(final / STATE_FILE) != text:
                 atomic_write_text(final / STATE_FILE, text)

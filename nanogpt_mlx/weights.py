@@ -242,10 +242,14 @@ def _load_into(model: GPT, weights: dict[str, mx.array], where: Path, dtype: mx.
             raise UserError(f"{where}: {k} has shape {tuple(w.shape)}, config.json implies {tuple(expected[k].shape)}")
         if not mx.issubdtype(w.dtype, mx.floating):  # int32 copies of the weights loaded as (nearly) all zeros
             raise UserError(f"{where}: {k} is {str(w.dtype).split('.')[-1]}, not floating point: not a model's weights")
-    model.load_flat({k: w.astype(dtype) for k, w in weights.items()})
-    # a NaN or inf weight makes the logits NaN: sampling gave "!!!!" (token 0) and evaluation NaN losses, status 0
-    if (bad := nonfinite(model.parameters_flat())) is not None:
-        raise UserError(f"{where}: {bad} holds NaN/inf: a damaged model")
+    cast = {}
+    for k in list(weights):  # one tensor at a time: its file's copy is let go before the next is read
+        cast[k] = weights.pop(k).astype(dtype)
+        # a NaN or inf weight makes the logits NaN: sampling gave "!!!!" (token 0) and evaluation NaN losses, status 0
+        if nonfinite([(k, cast[k])]) is not None:
+            beyond = "" if dtype == mx.float32 else f", or values beyond {str(dtype).removeprefix('mlx.core.')}'s range"
+            raise UserError(f"{where}: {k} holds NaN/inf: a damaged model{beyond}")
+    model.load_flat(cast)
 
 
 def nonfinite(arrays: Iterable[tuple[str, mx.array]], group_bytes: int = 1 << 28) -> str | None:

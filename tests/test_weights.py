@@ -74,6 +74,21 @@ def test_a_model_loads_in_the_dtype_asked(tiny_hf_dir, tmp_path, monkeypatch):
             load_model("gpt2", bad)
 
 
+def test_a_load_holds_its_weights_and_one_tensor_of_the_file_at_most(tmp_path):
+    """A bfloat16 load held every float32 tensor of the file, their bfloat16 copies and the NaN check's temporaries at
+    once: 1100 MB for 355 MB of bfloat16 weights, more than the float32 load's peak."""
+    save_model(GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=4, n_head=4, n_embd=256), seed=1), tmp_path / "m")
+    largest = 50257 * 256 * 4  # wte, in float32 as saved: with its cast's NaN check, 1.5x it beside the weights
+    for dtype in ("float32", "bfloat16"):
+        mx.clear_cache()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        model = load_model(tmp_path / "m", dtype)
+        held = sum(w.nbytes for _, w in model.parameters_flat())
+        assert mx.get_peak_memory() - before <= held + 1.5 * largest, dtype
+        del model
+
+
 def test_padded_vocab_exports_cropped_and_matches(tmp_path):
     model = GPT(GPTConfig(**{**SMALL.to_dict(), "vocab_size": 50304}), seed=4)
     save_model(model, tmp_path / "ckpt")  # this project's checkpoint keeps the padding
@@ -634,6 +649,18 @@ def test_weights_holding_nan_or_inf_are_refused(tmp_path, value):
     mx.save_safetensors(str(tmp_path / "m" / "model.safetensors"), arrays)
     assert_one_line_error(run_cli("sample", "--model", str(tmp_path / "m")),
                           f"{tmp_path / 'm'}: h.0.mlp.c_fc.weight holds NaN/inf: a damaged model")
+
+
+def test_a_weight_beyond_bfloat16s_range_is_said_so(tmp_path):
+    """float32's largest values round to inf in bfloat16: "a damaged model" alone sent the user to a sound file."""
+    save_model(GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=8)), tmp_path / "m")
+    arrays = mx.load(str(tmp_path / "m" / "model.safetensors"))
+    arrays["h.0.attn.c_proj.bias"][1] = 3.4e38
+    mx.save_safetensors(str(tmp_path / "m" / "model.safetensors"), arrays)
+    assert load_model(tmp_path / "m").h[0].attn.c_proj.bias[1].item() == pytest.approx(3.4e38)
+    with pytest.raises(UserError, match=r"h.0.attn.c_proj.bias holds NaN/inf: a damaged model, or values beyond "
+                                        r"bfloat16's range$"):
+        load_model(tmp_path / "m", "bfloat16")
 
 
 def test_paths_that_are_not_utf8_are_refused_as_such(tiny_hf_dir, tmp_path):

@@ -17,6 +17,10 @@ class Stopped(KeyboardInterrupt):
         self.status = 128 + signum
 
 
+class Overflow(UserError):
+    """A model's logits came out NaN or inf: a diverged or damaged model (GPT.overflowed)."""
+
+
 class FieldTypeError(UserError):
     """A config field holds a value of another type than its annotation's (check_types)."""
 

@@ -261,8 +261,8 @@ def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int
     with tqdm(total=len(mine), desc="hellaswag", unit="ex", disable=None if progress else True) as bar:
         for batch in batches:
             summed, counts = ending_losses(model, [tokens[i][0] for i in batch], [tokens[i][1] for i in batch])
-            if not np.isfinite(summed).all():  # argmin would pick a NaN's ending, or the first
-                raise model.overflowed(f"on HellaSwag example {mine[batch[0]].index}")
+            if not (finite := np.isfinite(summed).all(axis=1)).all():  # argmin would pick a NaN's ending, or the first
+                raise model.overflowed(f"on HellaSwag example {mine[batch[int(np.argmin(finite))]].index}")
             for i, s, n in zip(batch, summed, counts):
                 records[i] = _score(mine[i], s, n)
                 result.count(records[i])
@@ -296,6 +296,8 @@ def loader_loss(model: GPT, loader: DataLoader, batches: int, progress: bool = F
     total = 0.0
     for done in tqdm(range(1, batches + 1), desc="loss", unit="batch", disable=None if progress else True):
         total += loss(*(mx.array(a) for a in loader.next_batch())).item()
+        if not math.isfinite(total):  # a NaN loss printed as one, with status 0
+            raise model.overflowed(f"on batch {done} of {batches}")
         if after_batch:
             after_batch(done, batches)
     return total / batches

@@ -18,7 +18,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import kernels
-from .errors import UserError, check_fields, check_seed, check_types
+from .errors import Overflow, UserError, check_fields, check_seed, check_types
 
 GPT2_VOCAB_SIZE = 50257  # real tokens
 PADDED_VOCAB_SIZE = 50304  # build-nanogpt's: GPT-2's padded to a multiple of 128, for faster matmuls
@@ -448,12 +448,11 @@ class GPT(nn.Module):
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.h]
 
-    def overflowed(self, where: str) -> UserError:
-        """The error of logits that came out NaN or inf `where`: finite weights whose values overflow the model's
-        dtype on the way (a diverged run's, or a damaged file's), which would give sampled garbage and NaN scores."""
-        dtype = str(self.head_weight.dtype).removeprefix("mlx.core.")
-        return UserError(f"the model's logits are NaN/inf {where}: its weights overflow {dtype} (a diverged or "
-                         "damaged model)")
+    def overflowed(self, where: str) -> Overflow:
+        """The error of logits that came out NaN or inf `where`: weights whose activations overflow (a diverged
+        run's, or a damaged file's), which would give sampled garbage and NaN scores."""
+        return Overflow(f"the model's logits are NaN/inf {where}: its activations overflow (a diverged or damaged "
+                        "model)")
 
 
 def check_gpt(model) -> None:

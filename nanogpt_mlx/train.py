@@ -38,7 +38,7 @@ from .config import (MODEL_FIELDS, TrainConfig, check_total_batch, foreign_defau
                      model_config, refuse_model_changes, resume_line, resumed, unread)
 from .console import say, size, warn
 from .data import DataLoader
-from .errors import Stopped, UserError, check_bool, first_line
+from .errors import Overflow, Stopped, UserError, check_bool, first_line
 from .files import devnull_onto, shell_word, user_path
 from .locks import refuse_locked
 from .model import DTYPES, GPT, GPTConfig
@@ -258,14 +258,20 @@ class Trainer:
                 self._compute_state()
         return written
 
-    def _save_before_failing(self) -> None:
+    def _kept(self) -> str:
+        """The checkpoint that a run stopped without saving leaves, said."""
+        found = checkpoint.checkpoints(self.out)
+        return f"the last good checkpoint {found[-1]} is kept" if found else "no checkpoint was written"
+
+    def _save_before_failing(self, save: bool = True) -> None:
         """An evaluation failed (a download, a kernel that cannot compile): save the steps since the last checkpoint
-        before its error ends the run. Nothing is queued during an evaluation, so the weights are whole. Where the
-        ranks agreed on the failure (Evaluations.failure_agreed), the others wait for rank 0's save: a failed rank
-        that ended at once would have it stopped mid-save (a launcher stops the rest of a group that cannot finish)."""
+        (unless not to `save`) before its error ends the run. Nothing is queued during an evaluation, so the weights
+        are whole. Where the ranks agreed on the failure (Evaluations.failure_agreed), the others wait for rank 0's
+        save: a failed rank that ended at once would have it stopped mid-save (a launcher stops the rest of a group
+        that cannot finish)."""
         agreed, self.evaluations.failure_agreed = self.evaluations.failure_agreed, False
         try:
-            if self.dist.is_main and self.step != self.run_dir.saved_step:
+            if save and self.dist.is_main and self.step != self.run_dir.saved_step:
                 with self.stops.finishing_saves():  # and saying so
                     path = self.save()
                     self._say(f"evaluation failed: saved {path} (step {self.step}); continue with "
@@ -524,6 +530,10 @@ class Trainer:
                     except StopEvaluating:
                         self.stops.agreed()  # (several ranks, all stopped at one poll: on the signal too)
                         break
+                    except Overflow as e:  # as a NaN loss: the model diverged, and is not saved over the last good one
+                        self._save_before_failing(save=False)
+                        self._failed_evaluating = True
+                        raise UserError(f"step {self.step}: {e}; stopped without saving ({self._kept()})") from None
                     except Exception:
                         self._save_before_failing()
                         self._failed_evaluating = True  # between steps: whole, this Trainer may train again
@@ -540,10 +550,8 @@ class Trainer:
                 if self._measuring():
                     self._cap_memory()
                 if not (math.isfinite(loss) and math.isfinite(norm)):
-                    found = checkpoint.checkpoints(self.out)
-                    kept = f"the last good checkpoint {found[-1]} is kept" if found else "no checkpoint was written"
                     raise UserError(f"step {self.step}: loss {loss} / grad norm {norm} is not finite; stopped "
-                                    f"without saving ({kept})")
+                                    f"without saving ({self._kept()})")
                 tps = tokens_per_step / dt
                 mfu = flops_per_token * tps / (peak * self.dist.world)
                 lr = queued.lr

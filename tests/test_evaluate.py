@@ -91,14 +91,22 @@ def reference_scores(hf_model, examples: list[dict], device: str = "cpu") -> lis
     return out
 
 
-def test_logits_that_overflow_are_refused(tiny_hf_dir, fixture_file):
-    """Finite weights whose logits overflow float32 scored NaN losses: argmin picked the first ending of each."""
+def test_logits_that_overflow_are_refused(tiny_hf_dir, fixture_file, tmp_path):
+    """Finite weights whose logits overflow float32 scored NaN losses: argmin picked the first ending of each, and
+    `eval loss` printed "val loss nan" with status 0."""
+    from nanogpt_mlx.weights import save_model
+
     model = load_model(tiny_hf_dir)
     model.ln_f.weight, model.wte.weight = model.ln_f.weight * 1e38, model.wte.weight * 100  # finite; the logits not
     examples = load_hellaswag(fixture_file, limit=3)
-    with pytest.raises(UserError, match=r"^the model's logits are NaN/inf on HellaSwag example \d+: its weights "
-                                        "overflow float32"):
-        score_hellaswag(model, examples, batch_examples=1, progress=False)
+    with pytest.raises(UserError, match=r"^the model's logits are NaN/inf on HellaSwag example \d: its activations "
+                                        r"overflow \(a diverged or damaged model\)$"):
+        score_hellaswag(model, examples, batch_examples=8, progress=False)
+    np.save(tmp_path / "toy_val_000000.npy", np.random.default_rng(1).integers(0, 50257, 300).astype(np.uint16))
+    save_model(model, tmp_path / "m")
+    assert_one_line_error(run_cli("eval", "loss", "--model", str(tmp_path / "m"), "--data", str(tmp_path), "--batches",
+                                  "3", "--batch-size", "2", "--seq-len", "32"),
+                          "the model's logits are NaN/inf on batch 1 of 3: its activations overflow")
 
 
 def test_examples_outside_the_vocab_are_refused(fixture_file, tmp_path):

@@ -446,8 +446,8 @@ def test_logits_that_overflow_are_one_line(tmp_path):
 
     model = GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=2, n_embd=8), seed=0)
     model.ln_f.weight, model.wte.weight = model.ln_f.weight * 1e38, model.wte.weight * 100  # finite; the logits not
-    with pytest.raises(UserError, match=r"^the model's logits are NaN/inf at new token 1: its weights overflow "
-                                        r"float32 \(a diverged or damaged model\)$"):
+    with pytest.raises(UserError, match=r"^the model's logits are NaN/inf at new token 1: its activations overflow "
+                                        r"\(a diverged or damaged model\)$"):
         sample_texts(model, "Hello", SampleConfig(max_new_tokens=3, greedy=True))
     save_model(model, tmp_path / "m")
     assert_one_line_error(run_cli("sample", "--model", str(tmp_path / "m"), "--num-samples", "2", "--max-new-tokens",

@@ -90,6 +90,26 @@ def test_nan_loss_without_a_checkpoint_names_none(data_dir, tmp_path):
     assert checkpoints(tmp_path / "run") == []
 
 
+def test_an_evaluation_whose_logits_overflow_stops_without_saving(data_dir, tmp_path, monkeypatch):
+    """An evaluation of NaN logits (a diverged model whose train loss was still finite) is a NaN loss: the steps
+    since the last checkpoint are not saved over it, as an evaluation that fails otherwise (a download) saves them."""
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(data_dir, out, max_steps=6, checkpoint_every=2, val_every=3))
+    real = trainer.evaluations.val_loss
+
+    def val_loss() -> float:
+        if trainer.step == 3:
+            raise trainer.model.overflowed("on batch 1 of 2")
+        return real()
+
+    monkeypatch.setattr(trainer.evaluations, "val_loss", val_loss)
+    with pytest.raises(UserError, match=r"^step 3: the model's logits are NaN/inf on batch 1 of 2: its activations "
+                                        r"overflow \(a diverged or damaged model\); stopped without saving \(the "
+                                        r"last good checkpoint .*ckpt-000002 is kept\)$"):
+        trainer.train()
+    assert [p.name for p in checkpoints(out)] == ["ckpt-000002"]
+
+
 # ------------------------------------------------------------- unwritable disks (item 7)
 def test_new_run_where_a_file_is_in_the_way(data_dir, tmp_path):
     (tmp_path / "file").write_text("x")

@@ -143,10 +143,12 @@ class TrainConfig:
         check_fields(TrainConfig, overrides)
         base = PRESETS[name]
         recipe = overrides.get("recipe", base.recipe)
-        if recipe != base.recipe and base.init_from:  # its LR and schedule are for its recipe's optimizer only
+        recipes.get(recipe)  # an unknown one is said so first
+        # a fine-tuning preset's LR and schedule are for its recipe's optimizer alone
+        if recipe != base.recipe and overrides.get("init_from", base.init_from):
             raise UserError(f"preset {name!r} fine-tunes with the {base.recipe} recipe; the {recipe} recipe has no "
-                            f"fine-tuning preset: choose its settings (--recipe {recipe} --init-from MODEL "
-                            "--max-lr ... --max-steps ...)")
+                            f"fine-tuning preset: choose its settings (--recipe {recipe} --init-from DIR, a {recipe} "
+                            "model's checkpoint, --max-lr ... --max-steps ...)")
         if recipe != base.recipe:
             origin = PRESETS.get(ORIGINS.get(name, ""))
             # back to the preset it was made from: its own values (a warmup, say) are no recipe's defaults

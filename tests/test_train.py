@@ -608,7 +608,11 @@ def test_the_finetune_preset_is_not_switched_to_another_recipe(capsys):
         TrainConfig.preset("finetune-shakespeare", recipe="speedrun")
     assert TrainConfig.preset("finetune-shakespeare", recipe="build-nanogpt").max_lr == 3e-5
     assert_one_line_error(run_main(capsys, "train", "--preset", "finetune-shakespeare", "--recipe", "speedrun"),
-                          "--recipe speedrun --init-from MODEL")
+                          "--recipe speedrun --init-from DIR, a speedrun model's checkpoint, --max-lr")
+    with pytest.raises(UserError, match="^unknown recipe 'bogus'"):  # not "the bogus recipe has no fine-tuning preset"
+        TrainConfig.preset("finetune-shakespeare", recipe="bogus")
+    # without init_from it is no fine-tuning: the preset's data and evaluations, the recipe's optimizer
+    assert TrainConfig.preset("finetune-shakespeare", recipe="speedrun", init_from="").max_lr == 0.025
 
 
 def test_init_from_without_a_preset_notes_the_fine_tuning_one(small_hf_dir, data_dir, tmp_path, capsys):

@@ -25,24 +25,38 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
     def parse_known_args(self, args=None, namespace=None):
-        """argparse's, but an option of a COMMAND (SOURCE, TASK) given before it is said so: argparse took the
-        option's value for the COMMAND ("invalid choice: 'out/run'")."""
+        """argparse's, but an option of a COMMAND (SOURCE, TASK) given before one is said so: argparse took the
+        option's value for the COMMAND ("invalid choice: 'out/run'"), or asked for a COMMAND where none was given
+        (`prepare --inspect DIR --out O`)."""
         args = sys.argv[1:] if args is None else list(args)
         sub = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
-        given = sub is not None and any(a in sub.choices for a in args)
+        value = False  # whether `arg` is the value of the option before it (`--inspect shakespeare`)
         for arg in args if sub else ():
+            if value:
+                value = False
+                continue
             if arg in sub.choices or arg == "--":
                 break
             option = arg.split("=", 1)[0]
-            if option.startswith("-") and option not in self._option_string_actions:
-                where = "comes before the {0}: options go after it" if given else \
-                    "is an option of a {0}, and no {0} was given"  # (`prepare --inspect DIR --out O`)
-                self.error(f"{option} {where.format(sub.metavar)} ({self.prog} {sub.metavar} ... {option} ...)")
+            if option in self._option_string_actions:
+                value = "=" not in arg and self._option_string_actions[option].nargs is None
+            elif option.startswith("-"):
+                if not _known_below(sub, option):
+                    self.error(f"unrecognized arguments: {arg}")
+                self.error(f"{option} is an option of a {sub.metavar}: it goes after one ({self.prog} {sub.metavar} "
+                           f"... {option} ...)")
         return super().parse_known_args(args, namespace)
 
     def _print_message(self, message: str, file=None) -> None:
         if message:  # argparse's own drops a write error: `--help > /dev/full` exited 0 with nothing written
             (file or sys.stderr).write(message)
+
+
+def _known_below(sub: argparse._SubParsersAction, option: str) -> bool:
+    """Whether a command of `sub` (or a command of one of them) takes `option`."""
+    return any(option in p._option_string_actions or any(_known_below(a, option) for a in p._actions
+                                                         if isinstance(a, argparse._SubParsersAction))
+               for p in sub.choices.values())
 
 
 def _int_from(s: str, low: int) -> int:

@@ -111,14 +111,15 @@ def _stops_on_term(command: Callable[[argparse.Namespace], None]) -> Callable[[a
     return run
 
 
-def add_dtype(p, what: str = "the model's weights and computation", default: str | None = None) -> None:
+def add_dtype(p, what: str = "the model's weights and computation: bfloat16 holds half the memory and is a GPU's "
+                             "fast path, float32 is the CPU's and what transformers loads GPT-2 in",
+              default: str | None = None) -> None:
     """--dtype of a command that loads a model; by default the device profile's (device.py)."""
     from .model import DTYPES
 
     chosen = f"{device.PROFILE.dtype}, the {device.PROFILE.name} profile's" if default is None else default
     p.add_argument("--dtype", choices=list(DTYPES), default=default or device.PROFILE.dtype,
-                   help=f"{what}: bfloat16 holds half the memory and is a GPU's fast path, float32 is the CPU's and "
-                        f"what transformers loads GPT-2 in (default: {chosen})")
+                   help=f"{what} (default: {chosen})")
 
 
 def load(model: str, dtype: str):
@@ -225,7 +226,8 @@ def add_export(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty directory (never into SRC itself or a nanogpt-mlx run or checkpoint), "
                         "removing other weight and tokenizer files there that loaders would read with the export's")
-    add_dtype(p, "the weights written, which config.json names (the hub's gpt2 is float32)", "float32")
+    add_dtype(p, "the weights written, which config.json names: the hub's gpt2 is float32; transformers and mlx-lm load "
+                 "a bfloat16 export, half the size, in bfloat16", "float32")
     p.set_defaults(func=_stops_on_term(cmd_export))
 
 

@@ -56,11 +56,12 @@ def open_shard(path: Path) -> np.ndarray:
     if tokens.ndim != 1 or tokens.dtype.kind not in "iu":  # (timedelta64 is an np.integer too)
         raise UserError(f"{path}: expected a 1-D integer array, got {tokens.dtype} {tokens.shape}")
     # np.save writes the data and nothing after it; a header saying another dtype or length (uint8 for uint16) read
-    # part of the tokens, or bytes cut in two, without an error
+    # part of the tokens without an error
     data = path.stat().st_size - tokens.offset
     if data != tokens.nbytes:
-        raise UserError(f"{path}: cannot read shard (a damaged .npy header: it says {tokens.dtype} "
-                        f"{tokens.shape}, {tokens.nbytes} bytes, but {data} bytes follow it)")
+        raise UserError(f"{path}: cannot read shard (its .npy header says {tokens.dtype} {tokens.shape}, "
+                        f"{tokens.nbytes} bytes, but {data} bytes follow it: a damaged header, or a file written to "
+                        "after its array)")
     return tokens
 
 

@@ -298,11 +298,17 @@ def test_a_header_that_does_not_fit_its_data_is_refused(tmp_path, header, after)
     data = path.read_bytes()
     assert len(header) == len(after) and data.count(header.encode()) == 1
     path.write_bytes(data.replace(header.encode(), after.encode()))
-    said = "a damaged .npy header: it says" if after != "'<u4'" else "cut off, or a damaged .npy header: it says more"
+    said = "its .npy header says" if after != "'<u4'" else "cut off, or a damaged .npy header: it says more"
     with pytest.raises(UserError, match=rf"x_val_000000.npy: cannot read shard \({said} "):
         open_shard(path)
     np.save(path, np.arange(100, dtype=np.uint16))
     assert len(open_shard(path)) == 100
+    with open(path, "ab") as f:  # a second array after the first
+        np.save(f, np.arange(3, dtype=np.uint16))
+    with pytest.raises(UserError, match=r"x_val_000000.npy: cannot read shard \(its .npy header says uint16 \(100,\), "
+                                        r"200 bytes, but 334 bytes follow it: a damaged header, or a file written to "
+                                        r"after its array\)$"):
+        open_shard(path)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

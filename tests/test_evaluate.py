@@ -616,6 +616,12 @@ def test_cli_evaluates_in_the_dtype_asked(tiny_hf_dir, fixture_file, tmp_path):
                    "--dtype", "bfloat16", check=True)
     scores = score_hellaswag(b16, load_hellaswag(fixture_file, limit=4), progress=False)
     assert f"acc_norm {scores.acc_norm:.4f}  (bfloat16, " in proc.stdout
+    # a GPU profile's default (forced on the CPU: its kernels, the same loss within bfloat16's rounding)
+    proc = run_cli(*args, check=True, env={"NANOGPT_MLX_PROFILE": "cuda"})
+    assert proc.stdout.rstrip().endswith(", bfloat16)") and "slow" not in proc.stderr
+    assert float(proc.stdout.split()[2]) == pytest.approx(loss16, abs=0.02)
+    assert "(default: bfloat16, the cuda profile's)" in " ".join(
+        run_cli("sample", "--help", check=True, env={"NANOGPT_MLX_PROFILE": "cuda"}).stdout.split())
 
 
 def test_a_stderr_whose_reader_is_gone_costs_no_result(tiny_hf_dir, tmp_path):

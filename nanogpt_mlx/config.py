@@ -145,7 +145,7 @@ class TrainConfig:
         recipe = overrides.get("recipe", base.recipe)
         recipes.get(recipe)  # an unknown one is said so first
         # a fine-tuning preset's LR and schedule are for its recipe's optimizer alone
-        if recipe != base.recipe and overrides.get("init_from", base.init_from):
+        if recipe != base.recipe and base.init_from and overrides.get("init_from", base.init_from):
             raise UserError(f"preset {name!r} fine-tunes with the {base.recipe} recipe; the {recipe} recipe has no "
                             f"fine-tuning preset: choose its settings (--recipe {recipe} --init-from DIR, a {recipe} "
                             "model's checkpoint, --max-lr ... --max-steps ...)")

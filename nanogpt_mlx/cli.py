@@ -582,8 +582,7 @@ def _run(argv: list[str] | None) -> int:
         args = build_parser().parse_args(argv)  # imports the commands' modules: Ctrl-C may come here too
         args.argv = sys.argv[1:] if argv is None else argv
         if args.command != "info" and not _launches_ranks(args):  # (the ranks say them)
-            for note in device.notes():
-                warn(note, "note")
+            device.say_notes()
         args.func(args)
     except UserError as e:
         last_line(f"nanogpt-mlx: error: {e}")

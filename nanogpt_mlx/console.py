@@ -91,11 +91,11 @@ def warn(text: str, kind: str = "warning") -> None:
 _said: set[str] = set()
 
 
-def warn_once(text: str) -> None:
+def warn_once(text: str, kind: str = "warning") -> None:
     """warn(text) once per process: a directory's loaders, made again (each evaluation, a notebook), say it once."""
     if text not in _said:
         _said.add(text)
-        warn(text)
+        warn(text, kind)
 
 
 def lines_file() -> str | None:

@@ -274,6 +274,15 @@ def notes() -> list[str]:
     return found
 
 
+def say_notes() -> None:
+    """notes(), said once a process: at a command's start, and where Python code loads a model or makes a Trainer
+    (a notebook that imported mlx.core first ran on MLX's slow reference BLAS, and nothing said so)."""
+    from .console import warn_once
+
+    for text in notes():
+        warn_once(text, "note")
+
+
 def explain(e: RuntimeError) -> str | None:
     """One line for an MLX error whose cause the profile knows (cpu_jit.explain), or None."""
     if not PROFILE.cpu_backend:

@@ -79,6 +79,7 @@ class Trainer:
             raise
 
     def _setup(self, resume: bool, overwrite: bool) -> None:
+        device.say_notes()  # (a command said them at its start; Python code hears them here)
         # the device's dtype made the run's, saved with it: resumed on another device (a GPU's run on a CPU), the run
         # keeps it unless told otherwise (--dtype), and a change is said as one
         cfg = self.cfg = replace(self.cfg, dtype=self.cfg.dtype or device.PROFILE.dtype)

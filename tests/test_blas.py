@@ -119,3 +119,19 @@ def test_mkl_is_found_only_beside_its_openmp_and_newest_first(tmp_path, monkeypa
     assert cpu._find_mkl() == str(tmp_path / "user" / "lib" / "libmkl_rt.so.10")
     (tmp_path / "env" / "lib" / "libiomp5.so").touch()
     assert cpu._find_mkl() == str(tmp_path / "env" / "lib" / "libmkl_rt.so.10")
+
+
+def test_python_code_hears_the_notes_once(tiny_hf_dir, tmp_path):
+    """A notebook that imported mlx.core first ran every matmul on MLX's slow reference BLAS (30x slower here) and
+    nothing said so: only the CLI said the notes. A command says each once, though it loads a model too."""
+    from conftest import run_cli
+
+    code = f"import mlx.core\nimport nanogpt_mlx\nfrom nanogpt_mlx.weights import load_model\n" \
+           f"load_model({str(tiny_hf_dir)!r})\nload_model({str(tiny_hf_dir)!r})\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    note = "nanogpt-mlx: note: mlx.core was imported before nanogpt_mlx; import nanogpt_mlx first to use a fast BLAS"
+    assert proc.stderr.count(note) == 1, proc.stderr
+    proc = run_cli("sample", "--model", str(tiny_hf_dir), "--num-samples", "1", "--max-new-tokens", "2",
+                   env={cpu.BLAS_ENV: "atlas"}, check=True)
+    assert proc.stderr.count("NANOGPT_MLX_BLAS='atlas' is none of") == 1, proc.stderr

@@ -356,7 +356,10 @@ class GPT(nn.Module):
 
     def __call__(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """idx (B, T) token ids (an MLX or NumPy array, or lists) -> logits (B, T, vocab_size); ids outside the vocab
-        are refused (check_token_ids)."""
+        are refused (check_token_ids). `cache`: make_cache()'s, which the forward fills."""
+        if cache is not None and not (isinstance(cache, list) and all(isinstance(c, KVCache) for c in cache)):
+            raise UserError("a GPT's second argument is a KV cache (make_cache()): for build-nanogpt's `logits, loss = "
+                            "model(x, y)` take model(x) and model.loss(x, y)")
         return self.head(self.hidden(self.token_array(idx, "the input"), cache))
 
     def token_array(self, ids, what: str) -> mx.array:

@@ -217,7 +217,11 @@ def test_ids_as_numpy_arrays_or_lists_are_checked_and_taken():
     (lambda m: m.loss([[1, 2]], [[1], [2, 3]]), "the targets must be token ids of shape .*rows differ"),  # NumPy's
     (lambda m: m.loss(mx.array([[1, 2]]), mx.array([[1.0, 2.0]])), "the targets must hold integer token ids"),
     (lambda m: m.loss(mx.array([[1, 2]]), mx.array([[1, 2, 3]])), r"the targets' shape \(1, 3\) is not the input's"),
-    (lambda m: mx.compile(m)(mx.array([[1.0, 2.0]])), "the input must hold integer token ids")])  # traced too
+    (lambda m: mx.compile(m)(mx.array([[1.0, 2.0]])), "the input must hold integer token ids"),  # traced too
+    # build-nanogpt's `logits, loss = model(x, y)`: "[convert] Only length-1 arrays can be converted to Python scalars"
+    (lambda m: m(mx.array([[1, 2]]), mx.array([[2, 3]])), r"^a GPT's second argument is a KV cache \(make_cache\(\)\): "
+                                                          r"for build-nanogpt's `logits, loss = model\(x, y\)` take "
+                                                          r"model\(x\) and model.loss\(x, y\)$")])
 def test_ids_of_another_dtype_or_shape_are_one_line(call, needle):
     """MLX arrays of floats or bools, or of another shape than (B, T), failed inside MLX (a gather's or a max's
     ValueError, a tuple's unpacking), where NumPy's floats were refused in one line."""

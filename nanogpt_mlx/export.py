@@ -16,7 +16,7 @@ from .errors import UserError, check_bool
 from .files import (STAGING, atomic_dir, atomic_files, atomic_path, atomic_write_text, check_writable, mlx_path,
                     named_dir, user_path)
 from .hf_tokenizer import OTHER_TOKENIZER_FILES, TOKENIZER_FILES, write_tokenizer_files
-from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig, check_gpt
+from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig, check_gpt, dtype_named
 from .tokenizer import EOT
 from .weights import CONV1D, HF_FILES, is_native, run_checkpoints, save_safetensors
 
@@ -28,13 +28,14 @@ OTHER_WEIGHTS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_
                  "flax_model.msgpack.index.json")
 
 
-def to_hf(model: GPT) -> dict[str, mx.array]:
-    """This project's tensors -> the hub's `gpt2` names and Conv1D layouts, padded vocab cropped to 50257."""
+def to_hf(model: GPT, dtype: mx.Dtype = mx.float32) -> dict[str, mx.array]:
+    """This project's tensors -> the hub's `gpt2` names and Conv1D layouts in `dtype`, padded vocab cropped to
+    50257."""
     out = {}
     for k, w in model.parameters_flat():
         if k == "wte.weight" and w.shape[0] > GPT2_VOCAB_SIZE:
             w = w[:GPT2_VOCAB_SIZE]
-        out[k] = mx.contiguous(w.T if k.endswith(CONV1D) else w)
+        out[k] = mx.contiguous(w.T if k.endswith(CONV1D) else w).astype(dtype)
     return out
 
 
@@ -109,32 +110,35 @@ def check_gpt2(config: GPTConfig) -> None:
         raise UserError(f"cannot export as Hugging Face GPT-2: the model has {' and '.join(reasons)}; {keep}")
 
 
-def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> list[str]:
-    """Write a Hugging Face GPT-2 directory (weights in the model's dtype, config, generation config, tokenizer) that
-    `transformers` (`from_pretrained`, `pipeline`) and mlx-lm (`load`) read as they read the hub's `gpt2`. Into
-    an existing directory (`force`) it also removes the weight and tokenizer files that loaders would read with it
-    there, and returns their names.
-    A model with switches GPT-2 does not have (the speedrun recipe's) is refused before anything is written."""
+def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False, dtype: str | mx.Dtype = "float32"
+              ) -> list[str]:
+    """Write a Hugging Face GPT-2 directory (weights in `dtype`, which config.json names; config, generation config,
+    tokenizer) that `transformers` (`from_pretrained`, `pipeline`) and mlx-lm (`load`) read as they read the hub's
+    `gpt2`. Into an existing directory (`force`) it also removes the weight and tokenizer files that loaders would
+    read with it there, and returns their names.
+    A model with switches GPT-2 does not have (the speedrun recipe's) is refused before anything is written. (A
+    Trainer's model computes in its dtype, bfloat16 on a GPU: its float32 weights are its OUT's, load_model(OUT).)"""
     check_gpt(model)
     check_gpt2(model.config)
+    dtype = dtype_named(dtype)
     out_dir = check_export_target(out_dir, force)
     if not out_dir.exists():  # all the files or none (a full disk midway)
         with atomic_dir(out_dir) as tmp:
-            _write_hf(model, tmp)
+            _write_hf(model, tmp, dtype)
         return []
     # over an earlier export: it stays whole on a failure; another model's weights and tokenizer files go with it, or
     # loaders mix them in
     others = sorted({p.name for pattern in (*OTHER_WEIGHTS, *OTHER_TOKENIZER_FILES) for p in out_dir.glob(pattern)}
                     - set(EXPORT_FILES))
     with atomic_files(out_dir, EXPORT_FILES, remove=others) as staging:
-        _write_hf(model, staging)
+        _write_hf(model, staging, dtype)
     return others
 
 
-def _write_hf(model: GPT, out_dir: Path) -> None:
+def _write_hf(model: GPT, out_dir: Path, dtype: mx.Dtype) -> None:
     with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_safetensors(tmp, to_hf(model), metadata={"format": "pt"})
-    dtype = str(model.wte.weight.dtype).removeprefix("mlx.core.")
-    atomic_write_text(out_dir / "config.json", json.dumps(hf_config(model.config, dtype), indent=2))
+        save_safetensors(tmp, to_hf(model, dtype), metadata={"format": "pt"})
+    name = str(dtype).removeprefix("mlx.core.")
+    atomic_write_text(out_dir / "config.json", json.dumps(hf_config(model.config, name), indent=2))
     atomic_write_text(out_dir / "generation_config.json", json.dumps(generation_config(), indent=2))
     write_tokenizer_files(out_dir, model.config.block_size)

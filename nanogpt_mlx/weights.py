@@ -338,17 +338,19 @@ def save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str
         raise OSError(first_line(e)) from None
 
 
-def save_model(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> None:
-    """Write this project's model format into `out_dir` (a leading `~` expanded): model.safetensors + config.json
-    (atomic per file), which `load_model`, `sample --model` and `train --init-from` read. Into a new or empty
-    directory, or over a model it wrote before; with `force`, into any other directory, but never a training run's
-    OUT or one of its checkpoints (refused, UserError: their models are the run's, saved by the Trainer)."""
+def save_model(model: GPT, out_dir: str | os.PathLike, force: bool = False, dtype: str | mx.Dtype = "float32"
+               ) -> None:
+    """Write this project's model format into `out_dir` (a leading `~` expanded): model.safetensors in `dtype` +
+    config.json (atomic per file), which `load_model`, `sample --model` and `train --init-from` read. Into a new or
+    empty directory, or over a model it wrote before; with `force`, into any other directory, but never a training
+    run's OUT or one of its checkpoints (refused, UserError: their models are the run's, saved by the Trainer)."""
     check_gpt(model)
     check_bool("force", force)  # "no" would force
+    dtype = dtype_named(dtype)
     out_dir = user_path(named_dir(out_dir, "model directory"))
     _check_save_target(out_dir, force)
     with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_safetensors(tmp, dict(model.parameters_flat()))
+        save_safetensors(tmp, {k: w.astype(dtype) for k, w in model.parameters_flat()})
     atomic_write_text(out_dir / "config.json",
                       json.dumps({"format": NATIVE_FORMAT, "model": model.config.to_dict()}, indent=2))
 

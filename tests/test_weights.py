@@ -55,6 +55,11 @@ def test_the_hubs_gpt2_layout_loads_as_transformers_reads_it(hub_gpt2_dir):
     np.testing.assert_allclose(np.array(model(mx.array(idx))), hf_logits(hub_gpt2_dir, idx), rtol=0, atol=2e-5)
 
 
+def safetensors_header(path) -> dict:
+    with open(path, "rb") as f:
+        return json.loads(f.read(int.from_bytes(f.read(8), "little")))
+
+
 def test_a_model_loads_in_the_dtype_asked(tiny_hf_dir, tmp_path, monkeypatch):
     """load_model(..., "bfloat16") (or mx.bfloat16): every weight rounded to bfloat16, whatever the file holds; a
     bfloat16 export loads back in float32 by default. A dtype no GPT computes in is refused before any download."""
@@ -65,9 +70,20 @@ def test_a_model_loads_in_the_dtype_asked(tiny_hf_dir, tmp_path, monkeypatch):
         b16 = dict(load_model(tiny_hf_dir, dtype).parameters_flat())
         assert b16.keys() == f32.keys() and all(mx.array_equal(f32[k].astype(mx.bfloat16), w) and
                                                 w.dtype == mx.bfloat16 for k, w in b16.items())
-    export_hf(load_model(tiny_hf_dir, "bfloat16"), tmp_path / "bf16")
+    export_hf(load_model(tiny_hf_dir, "bfloat16"), tmp_path / "bf16", dtype="bfloat16")
     again = dict(load_model(tmp_path / "bf16").parameters_flat())
     assert all(w.dtype == mx.float32 and mx.array_equal(w, b16[k]) for k, w in again.items())
+    # the file's dtype is the one asked for, whatever the model computes in (a Trainer's model: bfloat16 on a GPU)
+    export_hf(load_model(tiny_hf_dir, "bfloat16"), tmp_path / "f32")
+    save_model(load_model(tiny_hf_dir, "bfloat16"), tmp_path / "native")
+    save_model(load_model(tiny_hf_dir), tmp_path / "native16", dtype=mx.bfloat16)
+    for name, dtype in (("bf16", "BF16"), ("f32", "F32"), ("native", "F32"), ("native16", "BF16")):
+        header = safetensors_header(tmp_path / name / "model.safetensors")
+        assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {dtype}, name
+    assert json.loads((tmp_path / "f32" / "config.json").read_text())["dtype"] == "float32"
+    with pytest.raises(UserError, match="^dtype must be one of float32, bfloat16, got 'float16'$"):
+        export_hf(load_model(tiny_hf_dir), tmp_path / "f16", dtype="float16")
+    assert not (tmp_path / "f16").exists()
     monkeypatch.setattr(weights, "download", lambda *a, **kw: pytest.fail("looked up on the hub"))
     for bad in ("float16", mx.float16, "fp32", None):
         with pytest.raises(UserError, match=f"^dtype must be one of float32, bfloat16, got {re.escape(repr(bad))}$"):

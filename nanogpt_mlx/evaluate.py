@@ -138,7 +138,7 @@ class HellaSwagResult:
     num_total: int = 0
     num_correct: int = 0
     num_correct_norm: int = 0
-    records: list[ExampleScore] = field(default_factory=list)
+    records: list[ExampleScore] = field(default_factory=list, repr=False)  # (a notebook showed all 10,042)
 
     @property
     def acc(self) -> float:
@@ -147,6 +147,10 @@ class HellaSwagResult:
     @property
     def acc_norm(self) -> float:
         return self.num_correct_norm / max(self.num_total, 1)
+
+    def __repr__(self) -> str:
+        return (f"HellaSwagResult(acc={self.acc:.4f}, acc_norm={self.acc_norm:.4f}, num_total={self.num_total}, "
+                f"records=[{len(self.records)} ExampleScore])")
 
     def count(self, rec: ExampleScore) -> None:
         """Count `rec` (its caller keeps the records, in the examples' order: they are scored in another)."""

@@ -145,6 +145,9 @@ class Summary:
             text += "; already complete"
         return text
 
+    def __repr__(self) -> str:  # (a notebook's cell showed the whole manifest, every shard's sha256)
+        return f"Summary({self})"
+
 
 class _Downloads:
     """Room for two downloaded files on disk: the one being tokenized and the next. A download waits for room (take),

@@ -55,7 +55,8 @@ class _SavedStop(UserError):
 
 class Trainer:
     """A training run: `Trainer(cfg).train()`, or `Trainer(cfg, resume=True)` to continue cfg.out.
-    Without cfg: TrainConfig(), build-nanogpt's GPT-2 124M run."""
+    Without cfg: TrainConfig(), build-nanogpt's GPT-2 124M run. With overwrite=True, OUT's run (checkpoints, model,
+    logs) is removed when the Trainer is made, not when it trains."""
 
     def __init__(self, cfg: TrainConfig | None = None, resume: bool = False, overwrite: bool = False,
                  dist: distributed.Dist | None = None):
@@ -77,6 +78,11 @@ class Trainer:
         except BaseException:
             self.run_dir.release()
             raise
+
+    def __repr__(self) -> str:
+        broken = f", broken: {self._broken}" if self._broken else ""
+        return (f"Trainer(out={str(self.out)!r}, step {self.step} of {self.cfg.max_steps}, recipe {self.cfg.recipe}, "
+                f"{self.cfg.dtype}{broken})")
 
     def _setup(self, resume: bool, overwrite: bool) -> None:
         device.say_notes()  # (a command said them at its start; Python code hears them here)

@@ -454,6 +454,8 @@ def test_cli_hellaswag(tiny_hf_dir, model, fixture_file, tmp_path):
                    "--limit", "10", "--batch-size", "3", "--output", str(out), check=True)
     scores = score_hellaswag(model, load_hellaswag(fixture_file, limit=10), progress=False)
     assert scores.acc != scores.acc_norm  # so that the two swapped are seen
+    assert repr(scores) == (f"HellaSwagResult(acc={scores.acc:.4f}, acc_norm={scores.acc_norm:.4f}, num_total=10, "
+                            "records=[10 ExampleScore])")  # not every record (a notebook cell shows it)
     assert f"hellaswag  10 examples  acc {scores.acc:.4f}  acc_norm {scores.acc_norm:.4f}  " in proc.stdout
     assert "acc_norm 0.2955" in proc.stdout and "0.337" in proc.stdout  # reference figures
     assert len(out.read_text().splitlines()) == 10

@@ -122,6 +122,7 @@ def test_round_trip_jsonl_parquet_txt(tmp_path, mixed):
         assert sha256_file(out / s["file"]) == s["sha256"]
         assert np.load(out / s["file"]).dtype == np.uint16
     assert manifest["complete"] and summary.new_tokens == len(tokens)
+    assert repr(summary) == f"Summary({summary})" and "sha256" not in repr(summary)  # (a notebook cell shows it)
     # what training reads
     assert list_shards(out, "val") == [out / "data_val_000000.npy"]
     assert len(list_shards(out, "train")) == len(shards) - 1

@@ -292,6 +292,7 @@ def test_each_train_call_returns_its_own_result(data_dir, tmp_path):
     second call's losses."""
     trainer = Trainer(tiny_config(data_dir, tmp_path / "run", max_steps=5))
     first = trainer.train(until=2)
+    assert repr(trainer) == f"Trainer(out={str(tmp_path / 'run')!r}, step 2 of 5, recipe build-nanogpt, float32)"
     second = trainer.train()
     assert first == {"train_loss": logged(tmp_path / "run")[1]["loss"]} != second
     assert second == {"train_loss": logged(tmp_path / "run")[4]["loss"]}

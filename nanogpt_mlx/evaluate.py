@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import device
 from .data import DataLoader, check_batch_shape, check_rank
 from .errors import UserError, check_int, first_line
-from .files import atomic_path, cache_dir, download, named_dir, output_file, parse_json, user_path
+from .files import atomic_path, bar_off, cache_dir, download, named_dir, output_file, parse_json, user_path
 from .model import GPT, KVCache, check_gpt
 from .tokenizer import encode
 
@@ -262,7 +262,7 @@ def score_hellaswag(model: GPT, examples: Sequence[Example], batch_examples: int
         batches += [group[j : j + batch_examples] for j in range(0, len(group), batch_examples)]
     result = HellaSwagResult()
     records: list[ExampleScore | None] = [None] * len(mine)
-    with tqdm(total=len(mine), desc="hellaswag", unit="ex", disable=None if progress else True) as bar:
+    with tqdm(total=len(mine), desc="hellaswag", unit="ex", disable=bar_off(progress)) as bar:
         for batch in batches:
             summed, counts = ending_losses(model, [tokens[i][0] for i in batch], [tokens[i][1] for i in batch])
             if not (finite := np.isfinite(summed).all(axis=1)).all():  # argmin would pick a NaN's ending, or the first
@@ -298,7 +298,7 @@ def loader_loss(model: GPT, loader: DataLoader, batches: int, progress: bool = F
     loss = loss or partial(model.loss, grad=False)
     loader.reset()
     total = 0.0
-    for done in tqdm(range(1, batches + 1), desc="loss", unit="batch", disable=None if progress else True):
+    for done in tqdm(range(1, batches + 1), desc="loss", unit="batch", disable=bar_off(progress)):
         total += loss(*(mx.array(a) for a in loader.next_batch())).item()
         if not math.isfinite(total):  # a NaN loss printed as one, with status 0
             raise model.overflowed(f"on batch {done} of {batches}")

@@ -13,6 +13,7 @@ import shutil
 import secrets
 import socket
 import ssl
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -361,6 +362,14 @@ def cache_dir() -> Path:
         raise UserError("no home directory to keep the cache in: set XDG_CACHE_HOME (or HOME)") from None
 
 
+def bar_off(show: bool) -> bool | None:
+    """tqdm's `disable` for a progress bar shown where `show`: on a terminal (None: tqdm's test), and in a Jupyter
+    kernel, whose stderr is no terminal (there tqdm's test turned every bar off)."""
+    if not show:
+        return True
+    return False if "ipykernel" in sys.modules else None
+
+
 def download(url: str, dest: Path, what: str, hint: str, progress: bool = True,
              check: Callable[[Path], object] | None = None) -> Path:
     """Fetch `url` into `dest` once (atomically, with a progress bar) and return `dest`.
@@ -381,7 +390,7 @@ def download(url: str, dest: Path, what: str, hint: str, progress: bool = True,
         with urllib.request.urlopen(url, timeout=30) as resp, atomic_path(dest) as tmp, open(tmp, "wb") as f:
             size, done = int(resp.headers.get("Content-Length") or 0) or None, 0
             with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name,
-                      disable=None if progress else True) as bar:
+                      disable=bar_off(progress)) as bar:
                 while chunk := resp.read(1 << 16):
                     done += f.write(chunk)
                     bar.update(len(chunk))

@@ -38,7 +38,7 @@ from . import device, signals
 from .console import counted, warn
 from .documents import Part, plan_parts, read_docs
 from .errors import UserError, check_types
-from .files import named_dir, user_path
+from .files import bar_off, named_dir, user_path
 from .locks import LOCK_FILE, lock_dir, unlock_dir
 from .shards import FORMAT, ShardWriter, complete, resume, warn_of_thin_splits, write_manifest
 from .sources import Source, Unit
@@ -362,7 +362,7 @@ def _prepare(source: Source, out: Path, cfg: PrepareConfig) -> Summary:
         from tqdm import tqdm
 
         bar = tqdm(unit="tok", unit_scale=True, desc=f"{manifest['settings']['name']} -> {out}",
-                   disable=None if cfg.progress else True, smoothing=0.1)
+                   disable=bar_off(cfg.progress), smoothing=0.1)
         for (u, p, part), (tokens, n_docs) in _in_order(_parts(units, start, scratch, cfg, downloads), pool,
                                                           2 * workers + 2, tokenized):
             skip = start["skip"] if (u, p) == (start["unit"], start["part"]) else 0

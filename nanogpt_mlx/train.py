@@ -39,7 +39,7 @@ from .config import (MODEL_FIELDS, TrainConfig, check_total_batch, foreign_defau
 from .console import say, size, warn
 from .data import DataLoader
 from .errors import Overflow, Stopped, UserError, check_bool, first_line
-from .files import devnull_onto, shell_word, user_path
+from .files import bar_off, devnull_onto, shell_word, user_path
 from .locks import refuse_locked
 from .model import DTYPES, GPT, GPTConfig
 from .optim import Packing
@@ -485,7 +485,7 @@ class Trainer:
         rank gets is a stop that the ranks agree on, as a Ctrl-C is (a scheduler signals every rank at once; the
         launcher ends the rest of a failed group with signals.GROUP_END instead)."""
         bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
-                   disable=None if self.dist.is_main else True, dynamic_ncols=True)
+                   disable=bar_off(self.dist.is_main), dynamic_ncols=True)
         limit_before = mx.get_memory_limit()
         if self._memory_cap or self.cfg.max_memory:
             mx.set_memory_limit(self._memory_cap or int(self.cfg.max_memory * 1e9))

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -403,3 +404,20 @@ def test_an_output_through_a_link_replaces_the_file_it_names_and_keeps_the_link(
         finally:
             os.dup2(saved, 1)
             os.close(saved)
+
+
+def test_progress_bars_show_in_a_jupyter_kernel(monkeypatch, tmp_path, capsys):
+    """A kernel's stderr is no terminal, and tqdm's own test (disable=None) turned every bar off in a notebook."""
+    from nanogpt_mlx.evaluate import eval_loss
+    from nanogpt_mlx.files import bar_off
+    from nanogpt_mlx.model import GPT, GPTConfig
+
+    assert bar_off(False) is True and bar_off(True) is None
+    np.save(tmp_path / "t_val_000000.npy", np.arange(200, dtype=np.uint16) % 64)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=1, n_embd=8))
+    eval_loss(model, tmp_path, batches=2, B=2, T=8, progress=True)
+    assert "loss: 100%" not in capsys.readouterr().err  # (pytest's stderr is no terminal either)
+    monkeypatch.setitem(sys.modules, "ipykernel", object())
+    assert bar_off(True) is False and bar_off(False) is True
+    eval_loss(model, tmp_path, batches=2, B=2, T=8, progress=True)
+    assert "loss: 100%" in capsys.readouterr().err

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import codecs
 import numbers
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ class SampleConfig:
     top_k: int | None = 50  # build-nanogpt's default
     top_p: float | None = None
     greedy: bool = False
-    seed: int | None = None
+    seed: int | None = None  # None: drawn from MLX's global random state (mx.random.seed fixes it; a process's own)
     stop_at_eot: bool = True
     crop: bool = False  # drop the oldest prompt tokens instead of refusing a prompt that does not fit
 
@@ -175,7 +174,8 @@ def generate(model: GPT, prompt_ids: list[int], cfg: SampleConfig | None = None,
 def _generate(model: GPT, ids: list[int], cfg: SampleConfig, num_samples: int, use_cache: bool
               ) -> Iterator[mx.array]:
     """generate's tokens, for checked arguments."""
-    seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
+    # (from MLX's global state, not os.urandom: an MLX user's mx.random.seed(0) fixes the samples)
+    seed = cfg.seed if cfg.seed is not None else mx.random.randint(0, 2**31 - 1, ()).item()
     key = mx.random.key(seed)
 
     def next_key() -> mx.array:

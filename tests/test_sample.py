@@ -69,6 +69,20 @@ def test_seed_fixes_samples_and_top_k_1_is_greedy(model):
             SampleConfig(seed=seed)
 
 
+def test_without_a_seed_mlxs_global_seed_fixes_samples(model, tiny_hf_dir):
+    """seed=None drew from os.urandom: an MLX user's mx.random.seed(0) changed nothing. Each process still draws its
+    own samples (`sample` without --seed)."""
+    from conftest import run_cli
+
+    cfg = SampleConfig(max_new_tokens=20, top_k=50, stop_at_eot=False)
+    mx.random.seed(0)
+    first = tokens(model, cfg)
+    mx.random.seed(0)
+    assert tokens(model, cfg) == first != tokens(model, cfg)
+    args = ("sample", "--model", str(tiny_hf_dir), "--num-samples", "2", "--max-new-tokens", "16", "--no-stop")
+    assert run_cli(*args, check=True).stdout != run_cli(*args, check=True).stdout
+
+
 def draw(logits: list[float], n: int = 4000, **cfg) -> np.ndarray:
     """n independent draws of next_token from the same logits."""
     x = mx.broadcast_to(mx.array(logits, dtype=mx.float32), (n, len(logits)))

@@ -225,7 +225,8 @@ def _shown(prompt: str, ids: list[int]) -> list[int]:
 
 
 def sample_texts(model: GPT, prompt: str, cfg: SampleConfig | None = None, num_samples: int = 1) -> list[str]:
-    """Prompt + continuation of each sample, cut at <|endoftext|> unless cfg.stop_at_eot is off."""
+    """Prompt (its end, where cfg.crop dropped its start) + continuation of each sample, cut at <|endoftext|> unless
+    cfg.stop_at_eot is off."""
     cfg = _config(cfg)
     ids = _prompt_ids(model, prompt, cfg)
     tokens = generate(model, ids, cfg, num_samples)  # checked before num_samples rows are made
@@ -239,13 +240,19 @@ def sample_texts(model: GPT, prompt: str, cfg: SampleConfig | None = None, num_s
 
 
 def stream_text(model: GPT, prompt: str, cfg: SampleConfig | None = None) -> Iterator[str]:
-    """Yield text pieces of one sample as they are generated (prompt first), valid UTF-8 only."""
+    """An iterator of text pieces of one sample as they are generated (the prompt first, its end where cfg.crop
+    dropped its start), valid UTF-8 only; the arguments are checked when it is called, as generate's."""
     cfg = _config(cfg)
     ids = _prompt_ids(model, prompt, cfg)
+    return _stream(prompt, ids, cfg, generate(model, ids, cfg, 1))
+
+
+def _stream(prompt: str, ids: list[int], cfg: SampleConfig, tokens: Iterator[mx.array]) -> Iterator[str]:
+    """stream_text's pieces, of checked arguments."""
     enc = get_tokenizer()
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
     yield dec.decode(enc.decode_bytes(_shown(prompt, ids)))
-    for tok in generate(model, ids, cfg, 1):
+    for tok in tokens:
         t = tok.item()
         if t == EOT and cfg.stop_at_eot:
             break

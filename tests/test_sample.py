@@ -372,12 +372,13 @@ def test_top_p_keeps_the_tokens_transformers_keeps(top_p):
 
 
 def test_a_prompt_that_is_no_text_is_one_line(model):
-    """sample_texts(model, None) was a TypeError from inside the tokenizer."""
-    from nanogpt_mlx.sample import stream_text
-
-    for call in (lambda: sample_texts(model, None), lambda: next(stream_text(model, 5))):
+    """sample_texts(model, None) was a TypeError from inside the tokenizer. stream_text's arguments are checked when
+    it is called, as generate's (they were at its first piece)."""
+    for call in (lambda: sample_texts(model, None), lambda: stream_text(model, 5)):
         with pytest.raises(UserError, match="the prompt must be text \\(a str\\), got"):
             call()
+    with pytest.raises(UserError, match="exceeds the model's context"):
+        stream_text(model, "x " * 200)
 
 
 @pytest.mark.parametrize("call, needle", [

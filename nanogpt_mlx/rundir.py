@@ -27,6 +27,9 @@ _NEWEST: weakref.WeakValueDictionary[Path, RunDir] = weakref.WeakValueDictionary
 # the RunDirs of each OUT in this process that hold its lock (RunDir.hold): the last of them to go unlocks it
 _HOLDERS: collections.Counter[Path] = collections.Counter()
 
+# the OUTs whose Trainer is inside train() in this process (a notebook's thread): no other may be made of it meanwhile
+_TRAINING: set[Path] = set()
+
 
 def _release(out: Path) -> None:
     """A RunDir of OUT is gone (or its Trainer refused to start): unlock OUT for other processes if it was the
@@ -69,8 +72,12 @@ class RunDir:
         unlock_dir(self.out)
 
     def check(self, resumed: Path | None, overwrite: bool, main: bool) -> None:
-        """Refuse a fresh run into an OUT holding another run, unless overwriting; and an OUT this process cannot
-        write, now rather than at the first checkpoint."""
+        """Refuse a fresh run into an OUT holding another run, unless overwriting; an OUT that a Trainer of this
+        process is training (in another thread: both trained until the older one's next save, their logs
+        interleaved); and an OUT this process cannot write, now rather than at the first checkpoint."""
+        if self.out in _TRAINING:
+            raise UserError(f"a Trainer of {self.out} is training in this process (another thread): make this one "
+                            "once its train() has returned")
         if resumed is None and not overwrite:
             checkpoint.refuse_replacing(self.out)
         mlx_path(self.out)  # its checkpoints are MLX's files: refused now, not at the first save
@@ -122,6 +129,18 @@ class RunDir:
             mine = f"this Trainer's {self._saved[0].name}" if self._saved else "this Trainer started"
             raise UserError(f"{self.out}'s latest checkpoint is {latest[0].name}, written by another run since {mine}: "
                             "continue from it with Trainer(cfg, resume=True)")
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """While this Trainer's train() runs: no other Trainer of OUT may be made, nor train() entered again."""
+        if self.out in _TRAINING:
+            raise UserError(f"a Trainer of {self.out} is training in this process (another thread): call train() "
+                            "once that one has returned")
+        _TRAINING.add(self.out)
+        try:
+            yield
+        finally:
+            _TRAINING.discard(self.out)
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:

@@ -430,24 +430,25 @@ class Trainer:
                             "(Python: max_steps)")
         self._check_whole()
         self.run_dir.check_newest()
-        self._claim_for_training()
-        self.stops.clear()  # an earlier train()'s stop request was answered by its end
-        self._failed_evaluating = self.evaluations.failure_agreed = False
-        try:
-            self.log.restart(self.step)  # before any step: its failure leaves this Trainer whole
+        with self.run_dir.training():  # (a notebook's thread may be in train() still)
+            self._claim_for_training()
+            self.stops.clear()  # an earlier train()'s stop request was answered by its end
+            self._failed_evaluating = self.evaluations.failure_agreed = False
             try:
-                result = self._train(until)
-            except (Stopped, _SavedStop):  # saved: whole, train() continues
-                raise
-            except BaseException as e:  # a second Ctrl-C, a NaN, a failed save or read: maybe a step half applied
-                if not self._failed_evaluating:
-                    self._broken = first_line(e) or type(e).__name__
-                raise
-        finally:
-            if self.dist.is_main:
-                self.run_dir.unlock()  # another process may write OUT now
-            if not self._broken:
-                self._compute_state()
+                self.log.restart(self.step)  # before any step: its failure leaves this Trainer whole
+                try:
+                    result = self._train(until)
+                except (Stopped, _SavedStop):  # saved: whole, train() continues
+                    raise
+                except BaseException as e:  # a second Ctrl-C, a NaN, a failed save or read: maybe a step half applied
+                    if not self._failed_evaluating:
+                        self._broken = first_line(e) or type(e).__name__
+                    raise
+            finally:
+                if self.dist.is_main:
+                    self.run_dir.unlock()  # another process may write OUT now
+                if not self._broken:
+                    self._compute_state()
         return result
 
     def _resume_hint(self) -> str:

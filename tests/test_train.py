@@ -1500,6 +1500,37 @@ def test_a_trainer_saved_in_one_thread_trains_in_another(data_dir, tmp_path):
     assert trainer.step == 3
 
 
+def test_no_second_trainer_of_an_out_while_one_trains_in_a_thread(data_dir, tmp_path):
+    """A Trainer made (resume=True) while another of the same OUT trained in a notebook's thread was accepted: both
+    trained at once, their log lines interleaved, until the older one's next save refused and lost its steps."""
+    import threading
+
+    cfg = tiny_config(data_dir, tmp_path / "run", max_steps=4, checkpoint_every=2)
+    first = Trainer(cfg)
+    inside, go_on = threading.Event(), threading.Event()
+    finish = first.queue.finish
+
+    def held(queued):
+        if queued.step == 3:  # (after its checkpoint of step 2, which a resume reads)
+            inside.set()
+            go_on.wait(60)
+        return finish(queued)
+
+    first.queue.finish = held
+    thread = threading.Thread(target=first.train)
+    thread.start()
+    try:
+        assert inside.wait(60)
+        for make in (lambda: Trainer(cfg, resume=True), lambda: Trainer(cfg, overwrite=True), first.train):
+            with pytest.raises(UserError, match=r"a Trainer of .*run is training in this process \(another thread\)"):
+                make()
+    finally:
+        go_on.set()
+        thread.join()
+    assert first.step == 4 and [r["step"] for r in logged(tmp_path / "run")] == [0, 1, 2, 3]
+    assert Trainer(cfg, resume=True).step == 4  # once it has returned
+
+
 def test_a_notebooks_trainer_after_an_escaped_error_a_newer_one_or_a_thread(data_dir, tmp_path, monkeypatch):
     """In one process: train() after an error had escaped amid a step (a second Ctrl-C) went on from weights, step
     and data position that disagree; an older Trainer of the same OUT wrote that run's checkpoints and logs too; a

@@ -261,13 +261,13 @@ def model_config(cfg: TrainConfig) -> GPTConfig:
 
 def ignored_shape(cfg: TrainConfig, source: object) -> list[str]:
     """The shape fields of an init_from run's `cfg` that differ from those of its `source` model's config, where
-    cfg's shape is no preset's: set by hand, which the source's shape overrides. A preset's shape (TrainConfig()'s
-    too) comes with every config made from it, asked for or not: it is no sign of a size meant for this run."""
-    shape = [getattr(cfg, k) for k in SHAPE_FIELDS]
-    if any(shape == [getattr(p, k) for k in SHAPE_FIELDS] for p in PRESETS.values()):
-        return []
-    return [f"{k} {getattr(cfg, k)} (the source's {getattr(source, k)})" for k in SHAPE_FIELDS
-            if getattr(cfg, k) != getattr(source, k)]
+    they differ from the preset nearest cfg's shape: set by hand, which the source's shape overrides. A preset's shape
+    (TrainConfig()'s too) comes with every config made from it, asked for or not: it is no sign of a size meant for
+    this run (TrainConfig(init_from=X, n_layer=3) sets n_layer alone)."""
+    shape = {k: getattr(cfg, k) for k in SHAPE_FIELDS}
+    nearest = max(PRESETS.values(), key=lambda p: sum(getattr(p, k) == v for k, v in shape.items()))
+    return [f"{k} {v} (the source's {getattr(source, k)})" for k, v in shape.items()
+            if v != getattr(nearest, k) and v != getattr(source, k)]
 
 
 def refuse_model_changes(where: object, kept: object, asked: dict, fix: str) -> None:

@@ -182,8 +182,8 @@ class Trainer:
         model = checkpoint.read_model(ckpt) if ckpt is not None else load_model(cfg.init_from)
         self.recipe.check_model(model.config, str(ckpt or cfg.init_from))
         if ckpt is None and (ignored := ignored_shape(cfg, model.config)):  # (the CLI refuses them with --init-from)
-            warn(f"init_from trains {cfg.init_from} in its own shape; {', '.join(ignored)} ignored (they size a "
-                 "random init)")
+            warn(f"init_from trains {cfg.init_from} in its own shape; {', '.join(ignored)} ignored (shape fields size "
+                 "a random init)")
         if ckpt is not None and not cfg.init_from:  # (resume_config gives the checkpoint's; 0 is "the default")
             refuse_model_changes(ckpt, model.config, {k: getattr(cfg, k) for k in MODEL_FIELDS[1:] if getattr(cfg, k)},
                                  f"resume with its config, config.resume_config({str(self.out)!r})")

@@ -574,12 +574,16 @@ def test_init_from_says_which_sizes_set_by_hand_it_ignores(small_hf_dir, data_di
     assert (trainer.cfg.n_layer, trainer.cfg.n_embd) == (2, 64)
     assert capsys.readouterr().err == (
         f"nanogpt-mlx: warning: init_from trains {small_hf_dir} in its own shape; n_layer 3 (the source's 2), n_embd "
-        "32 (the source's 64), block_size 32 (the source's 64) ignored (they size a random init)\n")
+        "32 (the source's 64), block_size 32 (the source's 64) ignored (shape fields size a random init)\n")
     overrides = dict(data=str(data_dir), init_from=str(small_hf_dir), vocab_size=VOCAB, seq_len=32,
                      total_batch_size=2048, val_every=0, sample_every=0, hellaswag_every=0, dtype="float32")
     Trainer(TrainConfig.preset("shakespeare", out=str(tmp_path / "b"), **overrides))
     Trainer(TrainConfig(out=str(tmp_path / "c"), **overrides))
     assert capsys.readouterr().err == ""
+    # one size set on a preset's: that one alone (n_head 12, n_embd 768 and block_size 1024 were said too)
+    Trainer(TrainConfig(out=str(tmp_path / "d"), n_layer=3, **overrides))
+    assert capsys.readouterr().err == (f"nanogpt-mlx: warning: init_from trains {small_hf_dir} in its own shape; "
+                                       "n_layer 3 (the source's 2) ignored (shape fields size a random init)\n")
 
 
 def test_the_finetune_preset_trains_its_source_at_nanogpts_constant_lr(small_hf_dir, data_dir, tmp_path):

@@ -22,7 +22,7 @@ from .errors import Overflow, UserError, check_fields, check_seed, check_types
 
 GPT2_VOCAB_SIZE = 50257  # real tokens
 PADDED_VOCAB_SIZE = 50304  # build-nanogpt's: GPT-2's padded to a multiple of 128, for faster matmuls
-# the dtypes a GPT computes in (float16, whose range is bfloat16's less 2^112, would need loss scaling to train)
+# the dtypes a GPT computes in (float16, whose largest value is 65504, would need loss scaling to train)
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import codecs
 import numbers
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import memory
-from .errors import UserError, check_bool, check_int, check_seed, check_types
+from .errors import UserError, check_bool, check_fields, check_int, check_seed, check_types
 from .model import GPT, GPT2_VOCAB_SIZE, check_gpt
 from .tokenizer import EOT, decode, encode, get_tokenizer
 
@@ -106,12 +106,16 @@ def _is_integer(dtype) -> bool:
     return mx.issubdtype(dtype, mx.integer) if isinstance(dtype, mx.Dtype) else dtype.kind in "iu"
 
 
-def _config(cfg: SampleConfig | None) -> SampleConfig:
-    """cfg, or the defaults for None; anything else is refused (a number passed where num_samples goes)."""
+def _config(cfg: SampleConfig | None, settings: dict | None = None) -> SampleConfig:
+    """cfg, or the defaults for None, with `settings` (SampleConfig fields) over it; anything else is refused (a
+    number passed where num_samples goes)."""
     if cfg is None:
-        return SampleConfig()
+        cfg = SampleConfig()
     if not isinstance(cfg, SampleConfig):
         raise UserError(f"cfg must be a SampleConfig, got {cfg!r}")
+    if settings:
+        check_fields(SampleConfig, settings)
+        cfg = replace(cfg, **settings)  # (checked again, as made)
     return cfg
 
 
@@ -224,10 +228,11 @@ def _shown(prompt: str, ids: list[int]) -> list[int]:
     return ids if prompt else []
 
 
-def sample_texts(model: GPT, prompt: str, cfg: SampleConfig | None = None, num_samples: int = 1) -> list[str]:
+def sample_texts(model: GPT, prompt: str, cfg: SampleConfig | None = None, num_samples: int = 1,
+                 **settings) -> list[str]:
     """Prompt (its end, where cfg.crop dropped its start) + continuation of each sample, cut at <|endoftext|> unless
-    cfg.stop_at_eot is off."""
-    cfg = _config(cfg)
+    cfg.stop_at_eot is off. `settings`: SampleConfig fields over cfg's (sample_texts(m, "A", max_new_tokens=40))."""
+    cfg = _config(cfg, settings)
     ids = _prompt_ids(model, prompt, cfg)
     tokens = generate(model, ids, cfg, num_samples)  # checked before num_samples rows are made
     new: list[list[int]] = [[] for _ in range(num_samples)]
@@ -239,10 +244,11 @@ def sample_texts(model: GPT, prompt: str, cfg: SampleConfig | None = None, num_s
     return [decode(_shown(prompt, ids) + row) for row in new]
 
 
-def stream_text(model: GPT, prompt: str, cfg: SampleConfig | None = None) -> Iterator[str]:
+def stream_text(model: GPT, prompt: str, cfg: SampleConfig | None = None, **settings) -> Iterator[str]:
     """An iterator of text pieces of one sample as they are generated (the prompt first, its end where cfg.crop
-    dropped its start), valid UTF-8 only; the arguments are checked when it is called, as generate's."""
-    cfg = _config(cfg)
+    dropped its start), valid UTF-8 only; the arguments are checked when it is called, as generate's. `settings`:
+    SampleConfig fields over cfg's."""
+    cfg = _config(cfg, settings)
     ids = _prompt_ids(model, prompt, cfg)
     return _stream(prompt, ids, cfg, generate(model, ids, cfg, 1))
 

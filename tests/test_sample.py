@@ -69,6 +69,20 @@ def test_seed_fixes_samples_and_top_k_1_is_greedy(model):
             SampleConfig(seed=seed)
 
 
+def test_sampling_settings_go_in_as_keywords_too(model):
+    """sample_texts(m, "x", max_new_tokens=10), as mlx-lm's generate takes its settings, was a TypeError."""
+    cfg = SampleConfig(max_new_tokens=12, top_k=5, seed=1)
+    assert sample_texts(model, "A", max_new_tokens=12, top_k=5, seed=1) == sample_texts(model, "A", cfg)
+    assert sample_texts(model, "A", cfg, seed=2) == sample_texts(model, "A", SampleConfig(max_new_tokens=12, top_k=5,
+                                                                                          seed=2))
+    assert "".join(stream_text(model, "A", greedy=True, max_new_tokens=8)) == sample_texts(
+        model, "A", SampleConfig(greedy=True, max_new_tokens=8))[0]
+    with pytest.raises(UserError, match="^SampleConfig has no field max_tokens$"):
+        sample_texts(model, "A", max_tokens=3)
+    with pytest.raises(UserError, match="top_k must be >= 1"):
+        stream_text(model, "A", top_k=0)
+
+
 def test_without_a_seed_mlxs_global_seed_fixes_samples(model, tiny_hf_dir):
     """seed=None drew from os.urandom: an MLX user's mx.random.seed(0) changed nothing. Each process still draws its
     own samples (`sample` without --seed)."""

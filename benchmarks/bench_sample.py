@@ -151,7 +151,8 @@ def main() -> None:
     best_base = best["transformers generate (PyTorch)"]
     weights_gb = params * {"float32": 4, "bfloat16": 2}[args.dtype] / 1e9  # all streamed once per token (tied head)
     mlx = results["nanogpt-mlx"][0]
-    print(f"\nGPT-2 {params / 1e6:.0f}M {args.dtype}, batch 1, greedy, prompt {len(PROMPT)} tokens + {args.new_tokens} new, "
+    print(f"\nGPT-2 {params / 1e6:.0f}M {args.dtype}, batch 1, greedy, prompt {len(PROMPT)} tokens + "
+          f"{args.new_tokens} new, "
           f"median of {args.rounds} x {args.reps} runs")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} threads; "
           f"torch threads {results['transformers generate (PyTorch)'][0]['threads']}; "
@@ -169,7 +170,8 @@ def main() -> None:
     same = all(t == ref for t in tokens.values())
     print(f"\ngreedy tokens identical across engines: {same}")
     if not same and args.dtype == "bfloat16":  # bfloat16's rounding, which differs between kernels, may move a tie
-        agree = {name: next((i for i, (a, b) in enumerate(zip(t, ref)) if a != b), len(t)) for name, t in tokens.items()}
+        agree = {name: next((i for i, (a, b) in enumerate(zip(t, ref)) if a != b), len(t))
+                 for name, t in tokens.items()}
         print("leading tokens equal to transformers': " + ", ".join(f"{name} {n}" for name, n in agree.items()))
     elif not same:
         sys.exit(1)

@@ -226,8 +226,8 @@ def add_export(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty directory (never into SRC itself or a nanogpt-mlx run or checkpoint), "
                         "removing other weight and tokenizer files there that loaders would read with the export's")
-    add_dtype(p, "the weights written, which config.json names: the hub's gpt2 is float32; transformers and mlx-lm load "
-                 "a bfloat16 export, half the size, in bfloat16", "float32")
+    add_dtype(p, "the weights written, which config.json names: the hub's gpt2 is float32; transformers and mlx-lm "
+                 "load a bfloat16 export, half the size, in bfloat16", "float32")
     p.set_defaults(func=_stops_on_term(cmd_export))
 
 

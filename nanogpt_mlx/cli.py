@@ -483,7 +483,7 @@ def cmd_train(args) -> None:
     from dataclasses import fields
 
     from .checkpoint import checkpoints
-    from .config import TrainConfig, check_total_batch, resume_config
+    from .config import SHAPE_FIELDS, TrainConfig, check_total_batch, resume_config
     from .distributed import init
     from .files import shell_word, user_path
     from .locks import lock_dir, unlock_dir
@@ -502,7 +502,7 @@ def cmd_train(args) -> None:
     # (a resumed run's is theirs to check, once its checkpoint is held)
     fresh = None if args.resume else TrainConfig.preset(args.preset or "shakespeare", **overrides)
     if fresh and fresh.init_from:  # its shape is trained, whether --init-from or the preset names it
-        shape = [f"--{k.replace('_', '-')}" for k in ("n_layer", "n_head", "n_embd", "block_size") if k in overrides]
+        shape = [f"--{k.replace('_', '-')}" for k in SHAPE_FIELDS if k in overrides]
         whose = "" if "init_from" in overrides else f" (the {args.preset} preset's)"
         if shape:
             raise UserError(f"--init-from trains {fresh.init_from}{whose} in its own shape; {', '.join(shape)} "

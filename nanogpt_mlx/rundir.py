@@ -75,9 +75,7 @@ class RunDir:
         """Refuse a fresh run into an OUT holding another run, unless overwriting; an OUT that a Trainer of this
         process is training (in another thread: both trained until the older one's next save, their logs
         interleaved); and an OUT this process cannot write, now rather than at the first checkpoint."""
-        if self.out in _TRAINING:
-            raise UserError(f"a Trainer of {self.out} is training in this process (another thread): make this one "
-                            "once its train() has returned")
+        self._refuse_while_training("make this one")
         if resumed is None and not overwrite:
             checkpoint.refuse_replacing(self.out)
         mlx_path(self.out)  # its checkpoints are MLX's files: refused now, not at the first save
@@ -130,12 +128,15 @@ class RunDir:
             raise UserError(f"{self.out}'s latest checkpoint is {latest[0].name}, written by another run since {mine}: "
                             "continue from it with Trainer(cfg, resume=True)")
 
+    def _refuse_while_training(self, then: str) -> None:
+        if self.out in _TRAINING:
+            raise UserError(f"a Trainer of {self.out} is training in this process (another thread): {then} once its "
+                            "train() has returned")
+
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
         """While this Trainer's train() runs: no other Trainer of OUT may be made, nor train() entered again."""
-        if self.out in _TRAINING:
-            raise UserError(f"a Trainer of {self.out} is training in this process (another thread): call train() "
-                            "once that one has returned")
+        self._refuse_while_training("call train()")
         _TRAINING.add(self.out)
         try:
             yield

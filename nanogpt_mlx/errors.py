@@ -1,6 +1,7 @@
 """The one exception type that the CLI turns into a one-line message, and how other errors become one line."""
 
 import numbers
+import signal
 import sys
 from dataclasses import Field, fields
 
@@ -10,11 +11,20 @@ class UserError(Exception):
 
 
 class Stopped(KeyboardInterrupt):
-    """A run that a signal stopped after saving: the CLI exits with the status a shell reports for that signal."""
+    """A run that a signal stopped after saving: the CLI exits with the status a shell reports for that signal.
+    Its text names the signal and what was `saved`, for a notebook (a bare signal number said neither)."""
 
-    def __init__(self, signum: int):
-        super().__init__(signum)
+    def __init__(self, signum: int, saved: str = ""):
+        super().__init__(signum, saved)
         self.status = 128 + signum
+        self.saved = saved
+
+    def __str__(self) -> str:
+        try:
+            name = "Ctrl-C" if self.args[0] == signal.SIGINT else signal.Signals(self.args[0]).name
+        except ValueError:
+            name = f"signal {self.args[0]}"
+        return f"stopped by {name}" + (f": {self.saved}" if self.saved else "")
 
 
 class Overflow(UserError):

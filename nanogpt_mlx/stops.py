@@ -117,9 +117,9 @@ class Stops:
         return "stopping: saving a checkpoint" + (f" ({again} again to quit without saving)"
                                                   if self.escalates(self.by) else "")
 
-    def stopped(self) -> Stopped:
-        """The exception that ends a train() stopped by a signal, or as if by Ctrl-C."""
-        return Stopped(self.by or signal.SIGINT)
+    def stopped(self, saved: str) -> Stopped:
+        """The exception that ends a train() stopped by a signal, or as if by Ctrl-C, after `saved`."""
+        return Stopped(self.by or signal.SIGINT, saved)
 
     @contextlib.contextmanager
     def finishing_saves(self, saved: Callable[[str], None] = lambda by: None) -> Iterator[None]:

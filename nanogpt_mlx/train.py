@@ -422,6 +422,9 @@ class Trainer:
         until = None if until is None else int(until)
         if until is not None and until < self.step:
             raise UserError(f"until {until} is behind this Trainer's step {self.step}")
+        if until is not None and until > self.cfg.max_steps:  # (trained to max_steps, it looked done to `until`)
+            raise UserError(f"until {until} is past max_steps {self.cfg.max_steps}, where the LR schedule ends: resume with "
+                            "a larger one (Trainer(replace(cfg, max_steps=N), resume=True))")
         # a finished run resumed trains nothing, and saves to publish its model (after a save that could not); the
         # fields changed would be saved too, for a later resume to take, though they changed nothing
         if self.step >= self.cfg.max_steps and self._resume and self._resume["changed"]:
@@ -499,7 +502,7 @@ class Trainer:
 
     def _train(self, until: int | None) -> dict:
         cfg = self.cfg
-        end = cfg.max_steps if until is None else min(until, cfg.max_steps)
+        end = cfg.max_steps if until is None else until
         n_params = self.model.num_params()
         tokens_per_step = cfg.batch_size * cfg.seq_len * self.grad_accum * self.dist.world
         flops_per_token = 6 * self.model.num_params(non_embedding=True) + \
@@ -586,5 +589,5 @@ class Trainer:
             raise _SavedStop(f"{why}; saved {path} (step {self.step}): {fix}, then {self._resume_hint()}")
         if self.step < end:  # stopped by a signal, or by stdout's reader ending (as Ctrl-C)
             self._say(f"interrupted: saved {path} (step {self.step}); continue with {self._resume_hint()}")
-            raise self.stops.stopped()
+            raise self.stops.stopped(f"saved {path} (step {self.step}); train() again continues")
         return dict(self.result)  # the caller's: a later train() changes self.result

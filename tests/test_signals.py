@@ -61,7 +61,7 @@ def test_like_ctrl_c_stops_on_sigterm_and_keeps_nohups_sighup():
                 os.kill(os.getpid(), signal.SIGTERM)
             finally:
                 cleaned.append(True)
-    assert e.value.status == 128 + signal.SIGTERM and cleaned == [True]
+    assert e.value.status == 128 + signal.SIGTERM and cleaned == [True] and str(e.value) == "stopped by SIGTERM"
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
@@ -135,4 +135,4 @@ def test_a_signal_after_the_ranks_agreed_to_stop_keeps_the_signal_they_agreed_on
     stops.on_signal(signal.SIGHUP, None)  # (with several ranks, no handler changes: it does not escalate)
     assert stops.agreed() and stops.by == signal.SIGHUP
     stops.on_signal(signal.SIGTERM, None)
-    assert stops.by == signal.SIGHUP and stops.stopped().status == 128 + signal.SIGHUP
+    assert stops.by == signal.SIGHUP and stops.stopped("saved").status == 128 + signal.SIGHUP

@@ -407,8 +407,9 @@ def test_overfits_one_batch(tmp_path):
     assert logged(tmp_path / "run")[0]["loss"] > 5.0  # it started at chance (ln 256 = 5.5)
 
 
-def stop_during_step(trainer: Trainer, step: int) -> None:
-    """trainer.train(), with a stop requested while `step` runs, as the signal handler does: it saves and raises."""
+def stop_during_step(trainer: Trainer, step: int) -> KeyboardInterrupt:
+    """trainer.train(), with a stop requested while `step` runs, as the signal handler does: it saves and raises
+    (returned)."""
     finish = trainer.queue.finish
 
     def finish_then_stop(s):
@@ -417,17 +418,21 @@ def stop_during_step(trainer: Trainer, step: int) -> None:
 
     trainer.queue.finish = finish_then_stop
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt) as e:
             trainer.train()
     finally:
         trainer.queue.finish = finish
+    return e.value
 
 
 def test_an_interrupted_trainer_trains_on_when_called_again(data_dir, tmp_path):
     """A notebook's interrupt saves the step; calling train() again continues (every later call stopped at once)."""
     trainer = Trainer(tiny_config(data_dir, tmp_path / "run", max_steps=6))
-    stop_during_step(trainer, 2)
+    stopped = stop_during_step(trainer, 2)
     assert trainer.step in (3, 4)  # step 3 may have been queued behind step 2 already
+    # its text says what was saved (it was the bare signal number, "2")
+    assert str(stopped) == (f"stopped by Ctrl-C: saved {checkpoints(tmp_path / 'run')[-1]} (step {trainer.step}); "
+                            "train() again continues")
     trainer.train()
     assert trainer.step == 6 and [r["step"] for r in logged(tmp_path / "run")] == list(range(6))
 

@@ -476,6 +476,15 @@ def test_until_takes_numpy_integers(data_dir, tmp_path):
             trainer.train(until=bad)
 
 
+def test_until_past_max_steps_is_refused(data_dir, tmp_path):
+    """train(until=9) with max_steps 4 trained to 4 and returned as if at 9."""
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", max_steps=4))
+    with pytest.raises(UserError, match=r"until 9 is past max_steps 4, where the LR schedule ends: resume with a "
+                                        r"larger one \(Trainer\(replace\(cfg, max_steps=N\), resume=True\)\)"):
+        trainer.train(until=9)
+    assert trainer.step == 0 and trainer.train(until=4) and trainer.step == 4
+
+
 def test_resume_config_expands_a_run_under_home(finished_run, tmp_path, monkeypatch):
     """`~/run` looked for ./~/run's checkpoints; the config it returns names the run expanded."""
     home = tmp_path / "home"

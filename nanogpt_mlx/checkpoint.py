@@ -141,7 +141,7 @@ def write(out: Path, step: int, model: GPT, optimizer_state, state: dict) -> Pat
     exists = final.exists()
     # a NaN the loss has not shown yet (an update from a damaged state): not saved as the run's good model
     if not exists and (bad := nonfinite([*model.parameters_flat(), *tree_flatten(optimizer_state)])) is not None:
-        raise UserError(f"{final.name} not saved: {bad} holds NaN/inf; {_kept(out, 'once its cause is found')}")
+        raise UserError(f"{final.name} not saved: {bad} holds NaN/inf; {kept(out, 'once its cause is found')}")
     text = json.dumps(state, indent=1)
     try:
         if exists:  # a checkpoint of this step holds these weights; OUT's model may not point at it yet
@@ -155,16 +155,17 @@ def write(out: Path, step: int, model: GPT, optimizer_state, state: dict) -> Pat
                     save_safetensors(f, dict(tree_flatten(optimizer_state)))
                 atomic_write_text(tmp / STATE_FILE, text)
     except UserError as e:  # a full disk, a permission: say which checkpoint did not happen, and what is kept
-        raise UserError(f"{final.name} not saved: {e}; {_kept(out, f'once {out} can be written again')}") from None
+        raise UserError(f"{final.name} not saved: {e}; {kept(out, f'once {out} can be written again')}") from None
     _publish(out, final)
     return final
 
 
-def _kept(out: Path, when: str) -> str:
-    """What a save that did not happen leaves: the previous checkpoint to resume `when` ..., or none."""
+def kept(out: Path, when: str) -> str:
+    """What a save that did not happen (a failed write, a run stopped without saving) leaves: the previous
+    checkpoint to resume `when` ..., or none."""
     previous = checkpoints(out)
     return (f"the previous checkpoint {previous[-1].name} is kept; resume (--resume {shell_word(out)}) {when}"
-            if previous else f"start again {when}")
+            if previous else f"no checkpoint was written; start again {when}")
 
 
 def _read_text(path: Path) -> str | None:

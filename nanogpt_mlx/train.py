@@ -265,10 +265,9 @@ class Trainer:
                 self._compute_state()
         return written
 
-    def _kept(self) -> str:
-        """The checkpoint that a run stopped without saving leaves, said."""
-        found = checkpoint.checkpoints(self.out)
-        return f"the last good checkpoint {found[-1]} is kept" if found else "no checkpoint was written"
+    def _unsaved(self) -> str:
+        """A run that diverged (a NaN loss, NaN logits) ends without saving over its last good checkpoint: said."""
+        return f"stopped without saving ({checkpoint.kept(self.out, 'once its cause is found')})"
 
     def _save_before_failing(self, save: bool = True) -> None:
         """An evaluation failed (a download, a kernel that cannot compile): save the steps since the last checkpoint
@@ -544,7 +543,7 @@ class Trainer:
                     except Overflow as e:  # as a NaN loss: the model diverged, and is not saved over the last good one
                         self._save_before_failing(save=False)
                         self._failed_evaluating = True
-                        raise UserError(f"step {self.step}: {e}; stopped without saving ({self._kept()})") from None
+                        raise UserError(f"step {self.step}: {e}; {self._unsaved()}") from None
                     except Exception:
                         self._save_before_failing()
                         self._failed_evaluating = True  # between steps: whole, this Trainer may train again
@@ -561,8 +560,8 @@ class Trainer:
                 if self._measuring():
                     self._cap_memory()
                 if not (math.isfinite(loss) and math.isfinite(norm)):
-                    raise UserError(f"step {self.step}: loss {loss} / grad norm {norm} is not finite; stopped "
-                                    f"without saving ({self._kept()})")
+                    raise UserError(f"step {self.step}: loss {loss} / grad norm {norm} is not finite; "
+                                    f"{self._unsaved()}")
                 tps = tokens_per_step / dt
                 mfu = flops_per_token * tps / (peak * self.dist.world)
                 lr = queued.lr

@@ -1233,7 +1233,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data_
     # lr 1e30 makes the weights ~1e30 after one update: the next forward overflows
     proc = run_cli(*cli_config(data_dir, out, "--max-steps", "5", "--max-lr", "1e30", "--warmup-steps", "0",
                                "--checkpoint-every", "1"))
-    assert_one_line_error(proc, "step 1:", "not finite", "last good checkpoint")
+    assert_one_line_error(proc, "step 1:", "not finite", "previous checkpoint")
     assert [p.name for p in checkpoints(out)] == ["ckpt-000001"]
     assert all(np.isfinite(w).all() for w in flat_weights(out).values())
 

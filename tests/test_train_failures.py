@@ -105,7 +105,8 @@ def test_an_evaluation_whose_logits_overflow_stops_without_saving(data_dir, tmp_
     monkeypatch.setattr(trainer.evaluations, "val_loss", val_loss)
     with pytest.raises(UserError, match=r"^step 3: the model's logits are NaN/inf on batch 1 of 2: its activations "
                                         r"overflow \(a diverged or damaged model\); stopped without saving \(the "
-                                        r"last good checkpoint .*ckpt-000002 is kept\)$"):
+                                        r"previous checkpoint ckpt-000002 is kept; resume \(--resume .*run\) once "
+                                        r"its cause is found\)$"):
         trainer.train()
     assert [p.name for p in checkpoints(out)] == ["ckpt-000002"]
 

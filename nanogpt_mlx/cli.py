@@ -122,15 +122,6 @@ def add_dtype(p, what: str = "the model's weights and computation: bfloat16 hold
                    help=f"{what} (default: {chosen})")
 
 
-def load(model: str, dtype: str):
-    """The model of a command's --model (or SRC) in its --dtype, noting a dtype that is slow on this device."""
-    from .weights import load_model
-
-    if note := device.PROFILE.dtype_note(dtype):
-        warn(note, kind="note")
-    return load_model(model, dtype)
-
-
 # ---------------------------------------------------------------------------------------- info
 def add_info(sub) -> None:
     p = sub.add_parser("info", help="MLX version, the chosen device profile, BLAS in use, memory, measured GEMM speed")
@@ -195,13 +186,14 @@ def probability(s: str) -> float:
 
 def cmd_sample(args) -> None:
     from .sample import SampleConfig, sample_texts, stream_text
+    from .weights import load_model
 
     if args.temperature == 0 and not args.greedy:
         raise UserError("--temperature 0 is the argmax: pass --greedy (or a temperature > 0)")
     cfg = SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                        top_p=args.top_p, greedy=args.greedy, seed=args.seed, stop_at_eot=not args.no_stop,
                        crop=args.crop)
-    model = load(args.model, args.dtype)
+    model = load_model(args.model, args.dtype)
     if args.num_samples == 1:
         pieces = stream_text(model, args.prompt, cfg)
         print("> " + next(pieces), end="", flush=True)  # the prompt, once it is known to fit
@@ -272,10 +264,11 @@ def cmd_eval(args) -> None:
     from . import evaluate
     from .data import list_shards
     from .files import named_dir, output_file, user_path
+    from .weights import load_model
 
     if args.task == "loss":
         list_shards(args.data, args.split)  # before the (maybe downloaded) model: a mistyped --data is said at once
-        model = load(args.model, args.dtype)
+        model = load_model(args.model, args.dtype)
         loader = evaluate.eval_loader(model, args.data, args.split, args.batch_size, args.seq_len)
         n = loader.within_one_pass(args.batches)
         loss = evaluate.loader_loss(model, loader, n, progress=True)
@@ -289,7 +282,7 @@ def cmd_eval(args) -> None:
         if args.data is not None and out.exists() and out.resolve() == user_path(args.data).resolve():
             raise UserError(f"{args.output}: is the --data file; the records would replace the examples")
     examples = evaluate.load_hellaswag(evaluate.download_hellaswag() if args.data is None else args.data, args.limit)
-    model = load(args.model, args.dtype)
+    model = load_model(args.model, args.dtype)
     start = time.perf_counter()
     result = evaluate.score_hellaswag(model, examples, batch_examples=args.batch_size)
     seconds = time.perf_counter() - start

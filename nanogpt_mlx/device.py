@@ -20,6 +20,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (mlx.core is imported once the profile is chosen)
+    import mlx.core as mx
 
 PROFILE_ENV = "NANOGPT_MLX_PROFILE"
 # the widest model (n_embd) whose CPU step is split over threads by default: the share of one-core work falls as
@@ -66,10 +70,11 @@ class Profile:
             return False
         return None if _no_cudnn(dtype, head_dim) else True
 
-    def dtype_note(self, dtype: str) -> str | None:
-        """Why training in `dtype` is a poor choice here, or None."""
-        if dtype != "float32" and self.cpu_backend:
-            return f"{dtype} is slow on MLX's CPU backend (float32 is faster there)"
+    def dtype_note(self, dtype: str | mx.Dtype) -> str | None:
+        """Why computing in `dtype` (a name, or mx.bfloat16...) is a poor choice here, or None."""
+        name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("mlx.core.")
+        if name != "float32" and self.cpu_backend:
+            return f"{name} is slow on MLX's CPU backend (float32 is faster there)"
         return None
 
     def attention_note(self, dtype: str, head_dim: int, seq_len: int) -> str | None:
@@ -274,12 +279,13 @@ def notes() -> list[str]:
     return found
 
 
-def say_notes() -> None:
-    """notes(), said once a process: at a command's start, and where Python code loads a model or makes a Trainer
-    (a notebook that imported mlx.core first ran on MLX's slow reference BLAS, and nothing said so)."""
+def say_notes(dtype: str | mx.Dtype | None = None) -> None:
+    """notes(), and why `dtype` is slow here (Profile.dtype_note) where it is, each said once a process: at a
+    command's start, and where Python code loads a model or makes a Trainer (a notebook that imported mlx.core first
+    ran on MLX's slow reference BLAS, and nothing said so)."""
     from .console import warn_once
 
-    for text in notes():
+    for text in filter(None, [*notes(), dtype and PROFILE.dtype_note(dtype)]):
         warn_once(text, "note")
 
 

@@ -85,7 +85,6 @@ class Trainer:
                 f"{self.cfg.dtype}{broken})")
 
     def _setup(self, resume: bool, overwrite: bool) -> None:
-        device.say_notes()  # (a command said them at its start; Python code hears them here)
         # the device's dtype made the run's, saved with it: resumed on another device (a GPU's run on a CPU), the run
         # keeps it unless told otherwise (--dtype), and a change is said as one
         cfg = self.cfg = replace(self.cfg, dtype=self.cfg.dtype or device.PROFILE.dtype)
@@ -101,8 +100,7 @@ class Trainer:
         if state is not None:
             self._check_world(ckpt, state["world"])
         self.run_dir.check(ckpt, overwrite, self.dist.is_main)
-        if note := device.PROFILE.dtype_note(self.dtype_name):
-            warn(note)
+        device.say_notes(self.dtype_name)  # (a command said the device's at its start; Python code hears them here)
 
         self.model, self.memory = self._build_model(ckpt)
         # the config a checkpoint saves (and a resume holds to) names the model trained, not the preset's sizes

@@ -317,7 +317,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | mx.Dtype = "float32
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise UserError(f"the model must be a hub id or a directory (a str or path), got {name_or_path!r}")
     dtype_named(dtype)  # before a download
-    device.say_notes()  # (a command said them at its start; Python code hears them here)
+    device.say_notes(dtype)  # (a command said the device's at its start; Python code hears them here)
     path = user_path(named_dir(name_or_path, "model"))  # '' would be the working directory
     if path.exists():
         if not path.is_dir():

@@ -25,7 +25,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli, run_main, save_hf_gpt2
 from mlx.utils import tree_flatten
 
-from nanogpt_mlx import GPT, GPTConfig, device, distributed, memory
+from nanogpt_mlx import GPT, GPTConfig, console, device, distributed, memory
 from nanogpt_mlx import checkpoint as checkpoint_mod
 from nanogpt_mlx import optim as optim_mod
 from nanogpt_mlx import train as train_mod
@@ -525,7 +525,8 @@ def test_val_steps_past_the_split_validate_on_it_once(data_dir, tmp_path, capsys
     assert trainer.val_loss() == pytest.approx(plain_mean_loss(trainer.model, data_dir, 15), rel=1e-5)
 
 
-def test_bfloat16_keeps_float32_masters(data_dir, tmp_path, capsys):
+def test_bfloat16_keeps_float32_masters(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(console, "_said", set())  # (said once a process)
     cfg = tiny_config(data_dir, tmp_path / "run", dtype="bfloat16", max_steps=4)
     trainer = Trainer(cfg)
     assert ("bfloat16 is slow" in capsys.readouterr().err) == device.PROFILE.cpu_backend  # (a GPU's is fast)

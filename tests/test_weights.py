@@ -11,7 +11,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 from test_model import hf_logits
 
-from nanogpt_mlx import GPT, GPTConfig, UserError, recipes
+from nanogpt_mlx import GPT, GPTConfig, UserError, console, device, recipes
 from nanogpt_mlx.export import export_hf
 from nanogpt_mlx.weights import load_model, save_model
 
@@ -724,3 +724,16 @@ def test_python_arguments_of_the_wrong_type_are_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="force must be True or False, got 'no'"):
         export_hf(model, tmp_path, force="no")
+
+
+@pytest.mark.skipif(not device.PROFILE.cpu_backend, reason="bfloat16 is slow on MLX's CPU backend only")
+def test_loading_in_a_slow_dtype_is_said_once_in_python(tiny_hf_dir, capsys, monkeypatch):
+    """The CLI alone said it (a notebook's load_model(M, 'bfloat16') on a CPU was silent), and a Trainer said it
+    as a warning, every time."""
+    monkeypatch.setattr(console, "_said", set())
+    load_model(tiny_hf_dir)
+    assert "slow" not in capsys.readouterr().err
+    load_model(tiny_hf_dir, "bfloat16")
+    load_model(tiny_hf_dir, mx.bfloat16)
+    assert [line for line in capsys.readouterr().err.splitlines() if "slow" in line] == [
+        "nanogpt-mlx: note: bfloat16 is slow on MLX's CPU backend (float32 is faster there)"]

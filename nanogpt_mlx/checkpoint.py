@@ -23,7 +23,8 @@ from .errors import UserError, first_line
 from .files import (atomic_dir, atomic_path, atomic_write_text, cannot, existing_ancestor, mlx_path, named_dir,
                     read_json, shell_word)
 from .model import GPT
-from .weights import TRAINER_STATE, load_model, nonfinite, safetensors_shapes, save_model, save_safetensors
+from .weights import (TRAINER_STATE, checkpoints, load_model, nonfinite, safetensors_shapes, save_model, save_safetensors,
+                      step_of)
 
 STATE_FILE = TRAINER_STATE  # (named in weights.py, whose save_model must not write over a checkpoint)
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -35,21 +36,6 @@ KEEP = 2  # the latest checkpoint and the one before, to resume from if the late
 def checkpoint_dir(out: Path, step: int) -> Path:
     """Where the checkpoint of step `step` of the run in `out` is written."""
     return out / f"ckpt-{step:06d}"
-
-
-def step_of(ckpt: Path) -> int | None:
-    """The step a checkpoint directory's name gives (None: not a checkpoint's name)."""
-    digits = ckpt.name.removeprefix("ckpt-")
-    # ASCII digits only: "²" is a digit to str.isdigit and no int, and "١" an int (1) of a directory not ours
-    return int(digits) if ckpt.name.startswith("ckpt-") and digits.isascii() and digits.isdigit() else None
-
-
-def checkpoints(out: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint directories of a run, oldest first (temporary ones are never listed); by step, as
-    names sort wrongly from step 10^6 on (ckpt-1000000 < ckpt-999999)."""
-    out = Path(out)
-    found = [p for p in out.glob("ckpt-*") if p.is_dir() and step_of(p) is not None] if out.is_dir() else []
-    return sorted(found, key=step_of)
 
 
 def latest_checkpoint(out: str | os.PathLike) -> Path:

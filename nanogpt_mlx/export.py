@@ -18,7 +18,7 @@ from .files import (STAGING, atomic_dir, atomic_files, atomic_path, atomic_write
 from .hf_tokenizer import OTHER_TOKENIZER_FILES, TOKENIZER_FILES, write_tokenizer_files
 from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig, check_gpt, dtype_named
 from .tokenizer import EOT
-from .weights import CONV1D, HF_FILES, is_native, run_checkpoints, save_safetensors
+from .weights import CONV1D, HF_FILES, checkpoints, is_native, save_safetensors
 
 EXPORT_FILES = [*HF_FILES, "generation_config.json", *TOKENIZER_FILES]
 # weight files that loaders read beside or instead of model.safetensors (mlx-lm loads every model*.safetensors,
@@ -80,7 +80,7 @@ def check_export_target(out_dir: str | os.PathLike, force: bool = False,
         raise UserError(f"{out}: is the model being exported; write the export to another directory")
     # a run is known by its checkpoints too: its top-level config.json may be gone (removed, or a run killed before
     # its first save pointed OUT at one), and --force wrote the export among them
-    if is_native(out) or run_checkpoints(out):
+    if is_native(out) or checkpoints(out):
         raise UserError(f"{out}: holds a nanogpt-mlx checkpoint, which the export would overwrite; "
                         "write it to another directory")
     # a staging directory is another export's, running or killed (removing it could break a running one)

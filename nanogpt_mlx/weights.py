@@ -355,9 +355,19 @@ def save_model(model: GPT, out_dir: str | os.PathLike, force: bool = False, dtyp
                       json.dumps({"format": NATIVE_FORMAT, "model": model.config.to_dict()}, indent=2))
 
 
-def run_checkpoints(out: Path) -> list[Path]:
-    """The checkpoints of this project's format in `out`, a training run's OUT (OUT/ckpt-*: checkpoint.py's)."""
-    return [d for d in sorted(out.glob("ckpt-*")) if is_native(d)]
+def step_of(ckpt: Path) -> int | None:
+    """The step a checkpoint directory's name gives (None: not a checkpoint's name)."""
+    digits = ckpt.name.removeprefix("ckpt-")
+    # ASCII digits only: "²" is a digit to str.isdigit and no int, and "١" an int (1) of a directory not ours
+    return int(digits) if ckpt.name.startswith("ckpt-") and digits.isascii() and digits.isdigit() else None
+
+
+def checkpoints(out: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first (temporary ones are never listed); by step, as
+    names sort wrongly from step 10^6 on (ckpt-1000000 < ckpt-999999)."""
+    out = Path(out)
+    found = [p for p in out.glob("ckpt-*") if p.is_dir() and step_of(p) is not None] if out.is_dir() else []
+    return sorted(found, key=step_of)
 
 
 def _check_save_target(out: Path, force: bool) -> None:
@@ -367,7 +377,7 @@ def _check_save_target(out: Path, force: bool) -> None:
         raise UserError(f"{out}: exists and is not a directory; choose a directory for the model")
     if not out.is_dir():
         return
-    if found := run_checkpoints(out):
+    if found := checkpoints(out):
         raise UserError(f"{out}: is a training run (it holds {found[-1].name}), whose model the save would replace; "
                         "save to another directory")
     if (out / TRAINER_STATE).exists():

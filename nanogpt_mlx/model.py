@@ -18,7 +18,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import kernels
-from .errors import Overflow, UserError, check_fields, check_seed, check_types
+from .errors import Overflow, UserError, check_seed, check_types
 
 GPT2_VOCAB_SIZE = 50257  # real tokens
 PADDED_VOCAB_SIZE = 50304  # build-nanogpt's: GPT-2's padded to a multiple of 128, for faster matmuls
@@ -59,14 +59,6 @@ class GPTConfig:
     value_embeds: int = 0  # k > 0: k more token embeddings, mixed into the attention values of the first k
     # layers and again of the last k (v <- a v + b ve, a and b learned)
     unet: bool = False  # U-net skips: block L-1-j's input gets block j's output, times a learned weight
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "GPTConfig":
-        """A named preset's sizes with `overrides` (switches, or other sizes)."""
-        if name not in PRESETS:
-            raise UserError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
-        check_fields(cls, overrides)
-        return replace(PRESETS[name], **overrides)
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
@@ -117,14 +109,6 @@ class GPTConfig:
 
 
 _SIZES = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
-
-
-PRESETS = {
-    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-}
 
 
 class KVCache:

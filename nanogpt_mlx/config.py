@@ -12,7 +12,7 @@ from pathlib import Path
 from . import checkpoint, recipes
 from .errors import FieldTypeError, UserError, check_fields, check_seed, check_types
 from .files import named_dir, user_path
-from .model import DTYPES, PADDED_VOCAB_SIZE, GPTConfig
+from .model import DTYPES, PADDED_VOCAB_SIZE, SIZES, GPTConfig, check_size
 
 
 def _field(default, help: str):
@@ -106,8 +106,7 @@ class TrainConfig:
             if f.type.startswith("float") and v is not None and not math.isfinite(v):
                 raise UserError(f"{f.name} must be a finite number, got {v}")
             if f.name in SHAPE_FIELDS:  # GPTConfig's range, said alike for 0 and -1 (">= 0" for -1, then 0 refused)
-                if not 0 < v < 2**31:
-                    raise UserError(f"{f.name} must be in 1..2^31-1, got {v}")
+                check_size(f.name, v)
                 continue
             positive = f.name in _POSITIVE
             if f.name != "cooldown_frac" and f.type.startswith(("int", "float")) and v is not None and \
@@ -162,7 +161,7 @@ class TrainConfig:
 
 
 PATH_FIELDS = ("data", "out", "init_from", "hellaswag_data")  # a str or os.PathLike, stored as a str
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size")  # a random init's; init_from trains its source's
+SHAPE_FIELDS = SIZES[:4]  # a random init's; init_from trains its source's (vocab_size: 0 keeps a source's)
 _POSITIVE = ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "val_steps", "eps")  # 0 is no value
 
 
@@ -249,7 +248,7 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     return recipes.get(cfg.recipe).lr(step, cfg)
 
 
-MODEL_FIELDS = ("init_from", "n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # the checkpoint's on resume
+MODEL_FIELDS = ("init_from", *SIZES)  # the checkpoint's on resume
 
 
 def model_config(cfg: TrainConfig) -> GPTConfig:

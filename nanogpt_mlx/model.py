@@ -78,7 +78,7 @@ class GPTConfig:
         """The architecture switches that differ from GPT-2's, by name."""
         gpt2 = GPTConfig()
         return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in _SIZES and getattr(self, f.name) != getattr(gpt2, f.name)}
+                if f.name not in SIZES and getattr(self, f.name) != getattr(gpt2, f.name)}
 
     def describe_switches(self) -> str:
         """`rope=True, bias=False, ...`, or `none (GPT-2)`, for messages."""
@@ -86,9 +86,8 @@ class GPTConfig:
 
     def __post_init__(self):
         check_types(self)  # rope="no" was a RoPE model, n_layer=True one layer, n_embd=32.0 a TypeError deep inside
-        for name in _SIZES:
-            if not 0 < getattr(self, name) < 2**31:  # MLX's shapes are 32-bit
-                raise UserError(f"model config: {name} must be in 1..2^31-1, got {getattr(self, name)}")
+        for name in SIZES:
+            check_size(name, getattr(self, name), "model config: ")
         if self.n_embd % self.n_head:
             raise UserError(f"model config: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         for name, choices in _CHOICES.items():
@@ -108,7 +107,13 @@ class GPTConfig:
                             "tie_embeddings would zero the token embeddings too; set tie_embeddings to false")
 
 
-_SIZES = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
+SIZES = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # GPTConfig's sizes; the rest are switches
+
+
+def check_size(name: str, value: int, where: str = "") -> None:
+    """Refuse a size that MLX's 32-bit shapes cannot hold (UserError, the message starting with `where`)."""
+    if not 0 < value < 2**31:
+        raise UserError(f"{where}{name} must be in 1..2^31-1, got {value}")
 
 
 class KVCache:

@@ -26,7 +26,7 @@ from .errors import UserError, check_bool, first_line
 from .files import (atomic_path, atomic_write_text, cannot, mlx_path, named_dir, parse_json, read_json,
                     user_path)
 from .hub import SHARD_INDEX, download, shard_names
-from .model import GPT, GPT2_VOCAB_SIZE, GPTConfig, check_gpt, dtype_named
+from .model import GPT, GPT2_VOCAB_SIZE, SIZES, GPTConfig, check_gpt, dtype_named
 
 HF_FILES = ["config.json", "model.safetensors"]
 TRAINER_STATE = "trainer.json"  # beside the model in a run's checkpoint (checkpoint.STATE_FILE): not to save over
@@ -65,8 +65,7 @@ def _read_config(directory: Path) -> dict:
     return cfg
 
 
-_SIZES = {"block_size": "n_positions", "vocab_size": "vocab_size", "n_layer": "n_layer", "n_head": "n_head",
-          "n_embd": "n_embd"}  # GPTConfig field -> Hugging Face config.json key
+_HF_SIZES = {**{k: k for k in SIZES}, "block_size": "n_positions"}  # GPTConfig field -> Hugging Face config.json key
 
 
 def _int_sizes(d: dict, keys: dict[str, str], where: Path) -> dict[str, int]:
@@ -92,7 +91,7 @@ def _config_from_hf(cfg: dict, where: Path) -> GPTConfig:
     for key, gpt2_value in _GPT2_FIXED.items():  # variants this architecture does not implement
         if cfg.get(key, gpt2_value) != gpt2_value:
             raise UserError(f"{where}/config.json: {key}={cfg[key]!r} is not supported (GPT-2 uses {gpt2_value!r})")
-    sizes = _int_sizes(cfg, _SIZES, where)  # before n_embd is computed with (a null was a TypeError)
+    sizes = _int_sizes(cfg, _HF_SIZES, where)  # before n_embd is computed with (a null was a TypeError)
     if cfg.get("n_inner") not in (None, 4 * sizes["n_embd"]):  # None: 4 * n_embd
         raise UserError(f"{where}/config.json: n_inner={cfg['n_inner']!r} is not supported (GPT-2's MLP is 4 * n_embd "
                         f"= {4 * sizes['n_embd']} wide)")
@@ -109,7 +108,7 @@ def _config_from_native(cfg: dict, where: Path) -> GPTConfig:
     model = cfg.get("model")
     if not isinstance(model, dict):
         raise UserError(f"{where}/config.json: not a valid nanogpt-mlx model config (no 'model' object)")
-    _int_sizes(model, {k: k for k in _SIZES}, where)  # sizes as JSON integers, named with the file
+    _int_sizes(model, dict(zip(SIZES, SIZES)), where)  # sizes as JSON integers, named with the file
     try:
         return GPTConfig.from_dict(model)
     except (UserError, ValueError) as e:  # (FieldTypeError is a UserError)

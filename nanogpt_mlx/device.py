@@ -54,7 +54,7 @@ class Profile:
     saved_float32: int = 0  # of saved_per_layer, the values a GELU MLP keeps in float32 in a bfloat16 step: on the
     # CPU backend its float32 graph (kernels.py; benchmarks/activation_memory.py measures it)
     checkpoint_frees: float = 1.0  # share of the activations that --activation-checkpointing frees, against
-    # keeping only block inputs and one block: all of it on the CPU backend, a quarter on an H200 (measured)
+    # keeping only block inputs and one block: all of it on the CPU backend, less on a GPU (fitted there)
     backward_work: int = 0  # values per token, in n_embd units, that one layer's backward holds beside what the
     # layers keep (its gradients' temporaries; with checkpointing, its recomputation's too): fitted on the CPU
     # backend with a small vocab, where the head does not hide them; the GPUs' are part of saved_per_layer's fit

@@ -166,7 +166,7 @@ if os.getppid() == int(rank):  # (not if it ended meanwhile)
 @contextlib.contextmanager
 def _connect_watch(seconds: float, message: str) -> Iterator[None]:
     """The body (MLX's connect) within `seconds`, else `message` as the rank's last line and the rank killed
-    (_CONNECT_WATCH; no site: ~15 ms to start). Ctrl-C is blocked as it starts, so that the watch inherits it blocked:
+    (_CONNECT_WATCH; no site, to start fast). Ctrl-C is blocked as it starts, so that the watch inherits it blocked:
     a terminal's Ctrl-C to the rank's process group is the rank's alone (one that came meanwhile follows)."""
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:

@@ -138,14 +138,14 @@ def _estimate(config: GPTConfig, batch_size: int, seq_len: int, dtype: str, chec
     scores, block_scores = nh * batch_size * 4 * sum(areas), nh * batch_size * 4 * max(areas)
     fused = profile.fused_attention(dtype, C // nh)
     per_layer += 2 * scores if fused is None else nh * n * 4  # plain ops keep each block's exp(scores - max) for the
-    # backward, and a layer's float32 scores are alive around it (on the CPU a layer adds 1.2-1.5 score arrays); a
+    # backward, and a layer's float32 scores are alive around it (on the CPU, more than one array); a
     # fused kernel keeps a log-sum-exp (or row statistic) per query
     activations = L * per_layer + (4 * block_scores if fused is False else 0)  # a recomputing backward's block
     if checkpointing:  # ideally each block's input and one block at a time; MLX's CUDA backend keeps more
         activations -= int(profile.checkpoint_frees * (activations - L * C * n * b - per_layer))
     activations += 4 * C * n * b  # embeddings, final LayerNorm, the hidden states into the head
     activations += profile.backward_work * C * n * 4  # the temporaries of the layer whose backward runs (float32
-    # where the kernels compute in it: in a bfloat16 step they were 0.9x of this at 2 bytes)
+    # where the kernels compute in it, a bfloat16 step's too)
     if profile.cuda_kernels:
         head = 2 * n * V * b
     else:

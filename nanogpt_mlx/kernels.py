@@ -26,10 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import device
-from .loss import Loss, make_losses, row_max, row_sum
-
-Unary = Callable[[mx.array], mx.array]
-
+from .loss import Loss, Unary, make_losses, row_max, row_sum
 
 _GELU_C = math.sqrt(2 / math.pi)
 
@@ -331,16 +328,17 @@ def for_profile(profile: device.Profile) -> Kernels:
                        cpu_math.exp, cpu_math.row_max, cpu_math.row_sum, cpu_math.square_sum,
                        *make_losses(profile.loss_rows, cpu_math.exp, row_max=cpu_math.row_max,
                                     row_sum=cpu_math.row_sum),
-                       described=(("attention", "plain ops with cpu_math.py's exp and reductions, 128 queries at a "
-                                                "time, backward written out"),
+                       described=(("attention", f"plain ops with cpu_math.py's exp and reductions, {ATTENTION_BLOCK} "
+                                                "queries at a time, backward written out"),
                                   ("mlp backward", "autodiff")))
-    recomputes = "the backward recomputes the probabilities 128 queries at a time"
+    blocks = f"{ATTENTION_BLOCK} queries at a time"
+    recomputes = f"the backward recomputes the probabilities {blocks}"
     if profile.fused_attention_backward:
-        attention = (f"cuDNN's fused kernel both ways where it applies, T padded to a multiple of 128 (after "
-                     f"cached keys its forward; {recomputes}); plain ops 128 queries at a time elsewhere (float32, "
+        attention = (f"cuDNN's fused kernel both ways where it applies, T padded to a multiple of {device.CUDNN_TILE} "
+                     f"(after cached keys its forward; {recomputes}); plain ops {blocks} elsewhere (float32, "
                      f"odd head sizes)")
     else:
-        attention = "plain ops, 128 queries at a time" if profile.cpu_backend else f"MLX's forward; {recomputes}"
+        attention = f"plain ops, {blocks}" if profile.cpu_backend else f"MLX's forward; {recomputes}"
     described = [("attention", attention), ("mlp backward", "recomputes the activation from its input")]
     rowwise = None
     if profile.cuda_kernels:

@@ -25,7 +25,7 @@ from statistics import median
 
 import nanogpt_mlx  # noqa: F401  (sets the device up before mlx.core)
 from nanogpt_mlx import device, kernels
-from nanogpt_mlx.cli import positive_int
+from nanogpt_mlx.arguments import positive_int
 
 import mlx.core as mx  # noqa: E402
 

@@ -115,7 +115,7 @@ def main() -> None:
         print("RESULT " + json.dumps(out))
         return
     # the driver's own: a worker, which may run PyTorch, must not load MLX's BLAS
-    from nanogpt_mlx.cli import positive_int
+    from nanogpt_mlx.arguments import positive_int
     from nanogpt_mlx.optim import cosine_lr
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

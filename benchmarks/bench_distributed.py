@@ -22,7 +22,7 @@ from statistics import median
 
 import numpy as np
 
-from nanogpt_mlx.cli import positive_int
+from nanogpt_mlx.arguments import positive_int
 
 WARMUP = 2  # untimed steps first: the step's compilation, then the allocator's first use
 CONFIGS = {  # the training benchmark's configs

@@ -26,7 +26,7 @@ from test_evaluate import make_hellaswag, reference_scores, write_jsonl  # noqa:
 from nanogpt_mlx import device  # noqa: E402
 from nanogpt_mlx.evaluate import load_hellaswag, score_hellaswag  # noqa: E402
 from nanogpt_mlx.weights import load_model  # noqa: E402
-from nanogpt_mlx.cli import positive_int  # noqa: E402
+from nanogpt_mlx.arguments import positive_int  # noqa: E402
 
 
 def timed(fn, warmup, *args) -> tuple[float, object]:

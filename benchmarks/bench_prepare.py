@@ -31,7 +31,7 @@ import nanogpt_mlx  # noqa: F401  (package setup first)
 from nanogpt_mlx.prepare import PrepareConfig, prepare
 from nanogpt_mlx.sources import local_files
 from nanogpt_mlx.tokenizer import EOT, get_tokenizer
-from nanogpt_mlx.cli import positive_float, positive_int
+from nanogpt_mlx.arguments import positive_float, positive_int
 
 SHARD_SIZE = 100_000_000
 BASE_JSONL = "build-nanogpt Pool, reading the jsonl"

@@ -31,7 +31,7 @@ from nanogpt_mlx import UserError, checkpoint, recipes
 from nanogpt_mlx.model import GPTConfig
 from nanogpt_mlx.config import TrainConfig
 from nanogpt_mlx.train import Trainer
-from nanogpt_mlx.cli import positive_float, positive_int
+from nanogpt_mlx.arguments import positive_float, positive_int
 
 # each sweep brackets its recipe's best point (a 2-core CPU runs a 200-step run in ~10 min)
 NANOGPT_LRS = [5e-4, 1e-3, 2e-3]  # the preset's max_lr is 1e-3

@@ -107,7 +107,7 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
 
 
 def main() -> None:
-    from nanogpt_mlx.cli import positive_int  # (the workers, processes of their own, load their BLAS)
+    from nanogpt_mlx.arguments import positive_int  # (the workers, processes of their own, load their BLAS)
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="Hugging Face GPT-2 directory (default: random 124M weights)")

@@ -236,7 +236,7 @@ def main() -> None:
         worker(sys.argv[2:])
         return
     # the driver's own: a worker, which may run PyTorch, must not load MLX's BLAS
-    from nanogpt_mlx.cli import non_negative_int, positive_float, positive_int
+    from nanogpt_mlx.arguments import non_negative_int, positive_float, positive_int
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",

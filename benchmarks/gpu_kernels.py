@@ -156,7 +156,7 @@ def main() -> None:
         return
     # the driver's own: a worker, which may run PyTorch, must not load MLX's BLAS
     from bench_train import CONFIGS, GPU_CONFIGS
-    from nanogpt_mlx.cli import non_negative_int, positive_int
+    from nanogpt_mlx.arguments import non_negative_int, positive_int
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="124m-b16", choices=list(GPU_CONFIGS) + list(CONFIGS),

@@ -62,7 +62,8 @@ def test_train_help_explains_every_field():
     """`train --help` gives each TrainConfig flag its meaning and each preset's default, grouped by value."""
     from dataclasses import fields
 
-    from nanogpt_mlx.cli import build_parser, preset_defaults
+    from nanogpt_mlx.arguments import preset_defaults
+    from nanogpt_mlx.cli import build_parser
     from nanogpt_mlx.config import PRESETS, TrainConfig
 
     train = build_parser()._subparsers._group_actions[0].choices["train"]

@@ -182,3 +182,11 @@ class NamedStdout:
         except OSError as e:
             e.filename = e.filename or STDOUT
             raise
+
+
+def bar_off(show: bool) -> bool | None:
+    """tqdm's `disable` for a progress bar shown where `show`: on a terminal (None: tqdm's test), and in a Jupyter
+    kernel, whose stderr is no terminal (there tqdm's test turned every bar off)."""
+    if not show:
+        return True
+    return False if "ipykernel" in sys.modules else None

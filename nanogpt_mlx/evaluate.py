@@ -25,9 +25,11 @@ import numpy as np
 from tqdm import tqdm
 
 from . import device
+from .console import bar_off
 from .data import DataLoader, check_batch_shape, check_rank
+from .downloads import download
 from .errors import UserError, check_int, first_line
-from .files import atomic_path, bar_off, cache_dir, download, named_dir, output_file, parse_json, user_path
+from .files import atomic_path, cache_dir, named_dir, output_file, parse_json, user_path
 from .model import GPT, KVCache, check_gpt
 from .tokenizer import encode
 

@@ -13,9 +13,8 @@ import shutil
 import secrets
 import socket
 import ssl
-import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from . import signals
@@ -345,11 +344,6 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def hub_offline() -> bool:
-    """Whether HF_HUB_OFFLINE says not to contact the Hugging Face hub (as huggingface_hub reads it)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
 def cache_dir() -> Path:
     """Where downloads and built files are kept: $XDG_CACHE_HOME/nanogpt-mlx (default ~/.cache/nanogpt-mlx; a
     relative XDG_CACHE_HOME is ignored, as the XDG spec says)."""
@@ -360,55 +354,6 @@ def cache_dir() -> Path:
         return Path("~/.cache").expanduser() / "nanogpt-mlx"
     except RuntimeError:  # HOME unset and a uid without a passwd entry (e.g. docker --user N)
         raise UserError("no home directory to keep the cache in: set XDG_CACHE_HOME (or HOME)") from None
-
-
-def bar_off(show: bool) -> bool | None:
-    """tqdm's `disable` for a progress bar shown where `show`: on a terminal (None: tqdm's test), and in a Jupyter
-    kernel, whose stderr is no terminal (there tqdm's test turned every bar off)."""
-    if not show:
-        return True
-    return False if "ipykernel" in sys.modules else None
-
-
-def download(url: str, dest: Path, what: str, hint: str, progress: bool = True,
-             check: Callable[[Path], object] | None = None) -> Path:
-    """Fetch `url` into `dest` once (atomically, with a progress bar) and return `dest`.
-
-    Any failure (offline, HTTP error, a body cut off before Content-Length, or a body that `check` refuses with a
-    UserError, such as a proxy's error page) is one UserError naming `what` and ending with `hint`, the offline way
-    in; nothing is kept then.
-    """
-    import http.client
-    import urllib.error
-    import urllib.request
-
-    from tqdm import tqdm
-
-    if dest.is_file():
-        return dest
-    try:
-        with urllib.request.urlopen(url, timeout=30) as resp, atomic_path(dest) as tmp, open(tmp, "wb") as f:
-            size, done = int(resp.headers.get("Content-Length") or 0) or None, 0
-            with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name,
-                      disable=bar_off(progress)) as bar:
-                while chunk := resp.read(1 << 16):
-                    done += f.write(chunk)
-                    bar.update(len(chunk))
-            if size is not None and done != size:  # urllib ends a cut-off body quietly
-                raise UserError(f"download of {url} was cut off after {done} of {size} bytes; {hint}")
-            f.flush()
-            if check is not None:
-                try:
-                    check(tmp)
-                except UserError as e:
-                    raise UserError(f"{url} did not send {what} ({str(e).replace(str(tmp), 'the download')}); "
-                                    f"{hint}") from None
-    except urllib.error.HTTPError as e:
-        raise UserError(f"could not download {what} from {url} (HTTP {e.code} {e.reason}); {hint}") from None
-    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, cut-off bodies
-        reason = getattr(e, "reason", None) or str(e) or type(e).__name__
-        raise UserError(f"could not download {what} from {url} ({reason}); {hint}") from None
-    return dest
 
 
 def shell_word(path: str | os.PathLike) -> str:

@@ -10,10 +10,15 @@ from pathlib import Path
 
 from .console import quiet
 from .errors import UserError, first_line
-from .files import hub_offline, read_json
+from .files import read_json
 
 SHARD_INDEX = "model.safetensors.index.json"  # a sharded model's, in place of model.safetensors
 HUB_PROBE_TIMEOUT = 3.0  # seconds to reach the hub before giving up (huggingface_hub retries for ~25 s)
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE says not to contact the Hugging Face hub (as huggingface_hub reads it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def shard_names(index: Path) -> list[str]:

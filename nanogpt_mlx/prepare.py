@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from . import device, signals
-from .console import counted, warn
+from .console import bar_off, counted, warn
 from .documents import Part, plan_parts, read_docs
 from .errors import UserError, check_types
-from .files import bar_off, named_dir, user_path
+from .files import named_dir, user_path
 from .locks import LOCK_FILE, lock_dir, unlock_dir
 from .shards import FORMAT, ShardWriter, complete, resume, warn_of_thin_splits, write_manifest
 from .sources import Source, Unit

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import files
+from .downloads import download
+from .hub import hub_offline
 from .errors import UserError, check_bool, first_line
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -207,7 +209,7 @@ def _download_cached(url: str, cache: Path) -> Path:
     """`url` into the cache (once); the default Tiny Shakespeare URL is checked against its sha256."""
     dest = cache / f"tinyshakespeare-{hashlib.sha256(url.encode()).hexdigest()[:12]}.txt"
     hint = "pass a local copy: --path FILE (Python: sources.shakespeare(path=FILE))"
-    files.download(url, dest, "Tiny Shakespeare", hint)
+    download(url, dest, "Tiny Shakespeare", hint)
     if url == SHAKESPEARE_URL and files.sha256_file(dest) != SHAKESPEARE_SHA256:
         dest.unlink()
         raise UserError(f"{url}: downloaded file has an unexpected sha256; {hint}")
@@ -231,7 +233,7 @@ def _hub_listing(folder: str, revision: str | None) -> tuple[str, list[tuple[str
 
     hint = (f"download the parquet files yourself and pass --local-dir DIR (Python: local_dir=DIR; laid out as "
             f"DIR/{folder}/*.parquet), or use `prepare files`")
-    if files.hub_offline():
+    if hub_offline():
         raise UserError(f"HF_HUB_OFFLINE is set, cannot list {FINEWEB_REPO}; {hint}")
     api = HfApi()
     try:

@@ -36,10 +36,10 @@ from tqdm import tqdm
 from . import checkpoint, device, distributed, evaluations, memory, recipes, signals, steps
 from .config import (MODEL_FIELDS, TrainConfig, check_total_batch, foreign_defaults, ignored_shape,
                      model_config, refuse_model_changes, resume_line, resumed, unread)
-from .console import say, size, warn
+from .console import bar_off, say, size, warn
 from .data import DataLoader
 from .errors import Overflow, Stopped, UserError, check_bool, first_line
-from .files import bar_off, devnull_onto, shell_word, user_path
+from .files import devnull_onto, shell_word, user_path
 from .locks import refuse_locked
 from .model import DTYPES, GPT, GPTConfig
 from .optim import Packing

@@ -408,8 +408,8 @@ def test_an_output_through_a_link_replaces_the_file_it_names_and_keeps_the_link(
 
 def test_progress_bars_show_in_a_jupyter_kernel(monkeypatch, tmp_path, capsys):
     """A kernel's stderr is no terminal, and tqdm's own test (disable=None) turned every bar off in a notebook."""
+    from nanogpt_mlx.console import bar_off
     from nanogpt_mlx.evaluate import eval_loss
-    from nanogpt_mlx.files import bar_off
     from nanogpt_mlx.model import GPT, GPTConfig
 
     assert bar_off(False) is True and bar_off(True) is None

@@ -137,6 +137,20 @@ def test_top_k_0_draws_among_all_tokens(tiny_hf_dir, capsys, monkeypatch):
     assert seen == [None, 7]
 
 
+def test_every_sampling_option_reaches_the_sample_config(tiny_hf_dir, capsys, monkeypatch):
+    """--temperature and --top-p were only tested to refuse bad values: dropped, every test still passed."""
+    import nanogpt_mlx.sample as sample
+
+    seen = []
+    monkeypatch.setattr(sample, "sample_texts", lambda model, prompt, cfg, n: seen.append((prompt, cfg, n)) or [""] * n)
+    run_main(capsys, "sample", "--model", str(tiny_hf_dir), "--num-samples", "2", "--prompt", "Hi", "--temperature",
+             "0.7", "--top-p", "0.9", "--top-k", "5", "--seed", "3", "--no-stop", "--crop", "--max-new-tokens", "4")
+    run_main(capsys, "sample", "--model", str(tiny_hf_dir), "--num-samples", "3", "--greedy", "--temperature", "0")
+    assert seen == [("Hi", sample.SampleConfig(max_new_tokens=4, temperature=0.7, top_k=5, top_p=0.9, seed=3,
+                                               stop_at_eot=False, crop=True), 2),
+                    ("Hello, I'm a language model,", sample.SampleConfig(temperature=0.0, greedy=True), 3)]
+
+
 def test_version(capsys):
     import mlx.core as mx
 

@@ -81,6 +81,39 @@ def test_plot_several_runs(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["cmp.png"]  # written atomically, no temp file left
 
 
+@pytest.fixture
+def drawn(monkeypatch) -> list:
+    """The figures plot_runs writes, kept as they are saved."""
+    import matplotlib.figure
+
+    figures, savefig = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **kw: figures.append(self) or savefig(self, *a, **kw))
+    return figures
+
+
+def curves(ax) -> dict[str, list[float]]:
+    """An axes' drawn lines by label, each as its y values (the reference lines are axhlines: two points)."""
+    return {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+
+
+@pytest.mark.parametrize("log_scale", [False, True])
+def test_each_run_is_drawn_and_log_scale_sets_the_loss_axis(tmp_path, drawn, capsys, log_scale):
+    """The tests looked at the image's size alone: a plot of the first run only, or one that ignored --log-scale,
+    passed."""
+    a, b = fake_run(tmp_path / "a"), fake_run(tmp_path / "b", steps=200, scale=1.5)
+    proc = run_main(capsys, "plot", str(a), str(b), "--out", str(tmp_path / "cmp.png"), *["--log-scale"] * log_scale)
+    assert proc.returncode == 0, proc.stderr
+    loss, hella = drawn[-1].axes
+    assert loss.get_yscale() == ("log" if log_scale else "linear") and hella.get_yscale() == "linear"
+    lines = curves(loss)
+    for run in (a, b):
+        log = read_log(run)
+        for split in ("train", "val"):
+            assert lines[f"{run.name} {split}"] == pytest.approx(list(log.series[split][1]))
+        assert curves(hella)[run.name] == pytest.approx(list(log.series["hella"][1]))
+
+
 def test_one_run_may_be_named_alone(tmp_path):
     """A path where a list is expected was iterated character by character ('/log.txt: no such log file')."""
     run = fake_run(tmp_path / "a")

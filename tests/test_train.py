@@ -298,6 +298,18 @@ def test_each_train_call_returns_its_own_result(data_dir, tmp_path):
     assert second == {"train_loss": logged(tmp_path / "run")[4]["loss"]}
 
 
+def test_train_returns_the_latest_evaluation(data_dir, tmp_path):
+    """Its val loss is the last validation's, each call (a result that kept the first one passed every test)."""
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(data_dir, out, max_steps=5, val_every=2, val_steps=2))
+    first = trainer.train(until=2)
+    assert [r["step"] for r in logged(out, "val")] == [0] and first["val_loss"] == logged(out, "val")[0]["loss"]
+    second = trainer.train()
+    losses = [r["loss"] for r in logged(out, "val")]
+    assert [r["step"] for r in logged(out, "val")] == [0, 2, 4] and len(set(losses)) == 3  # (it trains)
+    assert second["val_loss"] == losses[2]
+
+
 @pytest.mark.parametrize("micro_steps", [1, 2])
 def test_next_micro_step_is_built_while_the_device_runs_the_last(data_dir, tmp_path, micro_steps):
     """Each micro-step's graph is built (b) before the work queued before it is waited for (w), across steps too
@@ -1293,11 +1305,12 @@ def test_hellaswag_during_training_is_logged(dtype, data_dir, tmp_path, monkeypa
                       hellaswag_data=str(data), hellaswag_limit=10, dtype=dtype)
     encoded, encode = [], evaluate.encode
     monkeypatch.setattr(evaluate, "encode", lambda text: encoded.append(text) or encode(text))
-    Trainer(cfg).train()
+    result = Trainer(cfg).train()
     assert len(encoded) == 10 * 5  # each example's context and 4 endings, once: at the start, not at each evaluation
     monkeypatch.undo()
     hella = [line.split() for line in (tmp_path / "run" / "log.txt").read_text().splitlines() if " hella " in line]
     assert [h[0] for h in hella] == ["0", "2"]  # every 2 steps and at the last step
+    assert result["hellaswag"] == logged(tmp_path / "run", "hella")[-1]["hella"]  # the latest, returned
     # step 0 scores the freshly initialised model on the first 10 examples
     init = GPT(Trainer(replace(cfg, out=str(tmp_path / "fresh"))).model.config, seed=cfg.seed)
     init.set_dtype(getattr(mx, dtype))

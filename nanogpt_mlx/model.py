@@ -386,7 +386,7 @@ class GPT(nn.Module):
             ids = [int(ids.min()), int(ids.max())] if ids.size else []
         bad = next((i for i in (max(ids, default=0), min(ids, default=0)) if not 0 <= i < self.config.vocab_size), None)
         if bad is not None:
-            raise UserError(f"{what} has token id {bad}, outside the model's vocab_size of {self.config.vocab_size} "
+            raise UserError(f"{what}: token id {bad} is outside the model's vocab_size of {self.config.vocab_size} "
                             f"(GPT-2's tokenizer needs {GPT2_VOCAB_SIZE})")
 
     @property

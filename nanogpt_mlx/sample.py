@@ -141,7 +141,7 @@ def prepare_prompt(model: GPT, ids: list[int], cfg: SampleConfig | None = None) 
     empty = not ids
     if empty:  # unconditional generation starts from <|endoftext|>, as GPT-2 does
         ids = [EOT]
-    model.check_token_ids(ids, "an empty prompt starts from <|endoftext|>, which" if empty else "the prompt")
+    model.check_token_ids(ids, "an empty prompt (it starts from <|endoftext|>)" if empty else "the prompt")
     if len(ids) <= room:
         return ids
     if cfg.crop and room > 0:

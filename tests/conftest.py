@@ -101,6 +101,14 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str, stat
         assert n in lines[0], lines[0]
 
 
+def paired_params(a, b) -> list[tuple[str, object, object]]:
+    """Two models' parameters side by side by name, their names checked to be the same first (a zip of the two
+    lists stops at the shorter one, comparing fewer weights)."""
+    pa, pb = dict(a.parameters_flat()), dict(b.parameters_flat())
+    assert list(pa) == list(pb)
+    return [(k, pa[k], pb[k]) for k in pa]
+
+
 def run_main(capsys, *args: str) -> subprocess.CompletedProcess:
     """Run `nanogpt-mlx ARGS` in this process (so monkeypatches apply), as run_cli reports it."""
     from nanogpt_mlx.cli import main

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, paired_params, run_cli
 
 from nanogpt_mlx.errors import UserError
 from nanogpt_mlx.sample import SampleConfig, sample_texts
@@ -70,7 +70,7 @@ def test_transformers_pipeline_generates_our_greedy_text(exported, ours):
 def test_export_round_trips_and_nanogpt_loads_prefixed_names_too(lively_hf_dir, exported):
     """transformers' save_pretrained writes `transformer.h.0...`, exports write `h.0...`: both load."""
     a, b = load_model(lively_hf_dir), load_model(exported)
-    assert all((x == y).all().item() for (_, x), (_, y) in zip(a.parameters_flat(), b.parameters_flat()))
+    assert all((x == y).all().item() for _, x, y in paired_params(a, b))
 
 
 def test_a_bfloat16_export_loads_as_bfloat16_and_generates_our_bfloat16_text(lively_hf_dir, ours, tmp_path):
@@ -244,10 +244,10 @@ sys.exit(cli.main(sys.argv[2:]))
 """
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP", "SIGINT"])
 def test_a_signal_midway_through_an_export_leaves_no_temporary_files(how, tiny_hf_dir, tmp_path):
     """SIGTERM (kill, `timeout`) or SIGHUP ended `export` where it stood: its half-written copy of the model stayed
-    beside the target (or inside it, with --force), hidden, for good."""
+    beside the target (or inside it, with --force), hidden, for good. Ctrl-C (SIGINT) leaves nothing either."""
     import signal
     import subprocess
     import sys

@@ -1020,7 +1020,8 @@ def signalled_prepare(tmp_path: Path, ready, *signums: int, after: float = 0.0,
     (tmp_path / "big.txt").write_text(line * 1_200_000)
     proc = subprocess.Popen([sys.executable, "-m", "nanogpt_mlx", "prepare", "files", str(tmp_path / "big.txt"),
                              "--out", str(tmp_path / "o"), "--workers", "2", *extra], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # not nohup's
     deadline = time.time() + 60
     while not ready(tmp_path / "o"):
         assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
@@ -1073,14 +1074,15 @@ def test_a_ctrl_c_before_the_first_part_stops_the_workers(tmp_path, monkeypatch,
     assert multiprocessing.active_children() == []  # shut down, not left to the exit
 
 
-def test_sigterm_stops_prepare_as_ctrl_c_does(tmp_path):
-    """SIGTERM (kill, a scheduler) ended prepare where it stood: its shard in the writing stayed as a hidden
-    temporary file."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_prepare_as_ctrl_c_does(tmp_path, signum):
+    """SIGTERM (kill, a scheduler) or SIGHUP (a closed terminal) ended prepare where it stood: its shard in the
+    writing stayed as a hidden temporary file."""
     def writing(out: Path) -> bool:
         return any(".tmp" in p.name for p in out.glob("*"))
 
-    status, err = signalled_prepare(tmp_path, writing, signal.SIGTERM, extra=("--shard-size", "1000000"))
-    assert status == 128 + signal.SIGTERM and "Traceback" not in err, err
+    status, err = signalled_prepare(tmp_path, writing, signum, extra=("--shard-size", "1000000"))
+    assert status == 128 + signum and "Traceback" not in err, err
     assert err.strip().splitlines() == ["nanogpt-mlx: interrupted"]  # the workers' "stopping" note on stdout
     out = tmp_path / "o"  # (gone where the stop came before its first shard: the run had made it)
     assert not out.exists() or not [p.name for p in out.iterdir() if ".tmp" in p.name]

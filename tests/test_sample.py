@@ -212,7 +212,7 @@ def test_prompt_outside_the_vocab_is_refused():
     """A model with a smaller vocab than GPT-2's tokenizer: MLX's gather would read past its embedding."""
     small = GPT(GPTConfig(block_size=32, vocab_size=1000, n_layer=1, n_head=2, n_embd=32), seed=0)
     cfg = SampleConfig(max_new_tokens=2, greedy=True, stop_at_eot=False)
-    with pytest.raises(UserError, match="the prompt has token id 15496, outside the model's vocab_size of 1000"):
+    with pytest.raises(UserError, match="the prompt: token id 15496 is outside the model's vocab_size of 1000"):
         tokens(small, cfg)
     with pytest.raises(UserError, match="token id 50256"):  # an empty prompt starts from <|endoftext|>
         tokens(small, cfg, prompt=[])
@@ -241,7 +241,7 @@ def test_empty_prompt_starts_from_end_of_text(model):
     assert "".join(stream_text(model, "", cfg)) == given[len("<|endoftext|>"):]
     # a model without that token: the error was of a token id 50256 in "the prompt", which had none
     small = GPT(GPTConfig(block_size=64, vocab_size=1000, n_layer=1, n_head=2, n_embd=16), seed=0)
-    with pytest.raises(UserError, match=r"^an empty prompt starts from <\|endoftext\|>, which has token id 50256, "
+    with pytest.raises(UserError, match=r"^an empty prompt \(it starts from <\|endoftext\|>\): token id 50256 is "
                                         "outside the model's vocab_size of 1000"):
         sample_texts(small, "", cfg)
 
@@ -338,7 +338,7 @@ def test_negative_ids_tiny_temperatures_and_no_samples(model):
     -inf (a uniform draw, even with top-k 1): it tends to greedy now, also below float32's smallest number."""
     cfg = SampleConfig(max_new_tokens=3, greedy=True, stop_at_eot=False)
     for bad in (-1, -1_000_000):
-        with pytest.raises(UserError, match=f"the prompt has token id {bad}, outside"):
+        with pytest.raises(UserError, match=f"the prompt: token id {bad} is outside"):
             tokens(model, cfg, prompt=[464, bad])
     greedy = tokens(model, cfg, 2)
     for top_k in (1, 50):

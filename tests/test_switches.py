@@ -138,7 +138,6 @@ CASES = {
     "no_bias": dict(bias=False),
     "untied": dict(tie_embeddings=False),
     "softcap": dict(logit_softcap=5.0),
-    "speedrun_init": dict(init="speedrun", tie_embeddings=False),
     "value_embeds": dict(n_layer=4, value_embeds=1),
     "value_embeds_all_layers": dict(n_layer=4, value_embeds=2),
     "unet": dict(n_layer=4, unet=True),

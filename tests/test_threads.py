@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, paired_params, run_cli
 from test_train import logged, tiny_config, token_stream, write_shards
 
 from nanogpt_mlx import cpu, device
@@ -47,7 +47,7 @@ def test_threads_train_as_one_thread_does_and_repeat_exactly(data, tmp_path):
     assert (one.threads, two.threads) == (1, 2)
     np.testing.assert_allclose(two_losses, one_losses, rtol=2e-5)
     assert two_losses == again
-    for (name, a), (_, b) in zip(sorted(one.model.parameters_flat()), sorted(two.model.parameters_flat())):
+    for name, a, b in paired_params(one.model, two.model):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-3, atol=2e-5, err_msg=name)
 
 

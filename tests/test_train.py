@@ -1167,7 +1167,7 @@ def test_a_resumed_run_is_advised_only_what_it_may_change(data_dir, tmp_path):
     ("seed-too-big", [f"seed must be an integer in [0, 2^64), got {2**64}"]),
     ("size-too-big", ["n_embd must be in 1..2^31-1"]),
     # MLX's gather would read past the embedding for the GPT-2 token ids of a prompt or of HellaSwag
-    ("prompt-outside-vocab", ["samples: the prompt has token id 15496", "vocab_size of 1000", "sample_every 0"]),
+    ("prompt-outside-vocab", ["samples: the prompt: token id 15496", "vocab_size of 1000", "sample_every 0"]),
     ("hellaswag-outside-vocab", ["HellaSwag needs GPT-2's 50257 tokens", "vocab_size 1000"]),
     # a config that cannot run is said before its data is read (and before a missing data directory)
     ("hellaswag-outside-vocab-no-data", ["HellaSwag needs GPT-2's 50257 tokens", "vocab_size 1000"]),

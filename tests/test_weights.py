@@ -8,7 +8,7 @@ import re
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, paired_params, run_cli
 from test_model import hf_logits
 
 from nanogpt_mlx import GPT, GPTConfig, UserError, console, device, recipes
@@ -157,13 +157,12 @@ def test_native_checkpoint_round_trip(tmp_path):
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["format"] == "nanogpt-mlx"
     loaded = load_model(tmp_path / "ckpt")
     assert loaded.config == SMALL
-    for (k, a), (k2, b) in zip(model.parameters_flat(), loaded.parameters_flat()):
-        assert k == k2 and mx.array_equal(a, b).item(), k
+    for k, a, b in paired_params(model, loaded):
+        assert mx.array_equal(a, b).item(), k
 
 
 def same_weights(a: GPT, b: GPT) -> bool:
-    return all(k == k2 and mx.array_equal(x, y).item() for (k, x), (k2, y) in zip(a.parameters_flat(),
-                                                                                   b.parameters_flat()))
+    return all(mx.array_equal(x, y).item() for _, x, y in paired_params(a, b))
 
 
 def test_save_model_keeps_a_runs_model_its_checkpoints_and_other_files(tmp_path):
@@ -484,7 +483,7 @@ def test_sharded_safetensors_load_as_one_file(tiny_hf_dir, tmp_path):
     GPT2LMHeadModel.from_pretrained(tiny_hf_dir).save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
     assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 1
     whole, sharded = load_model(tiny_hf_dir), load_model(tmp_path / "sharded")
-    for (k, a), (_, b) in zip(whole.parameters_flat(), sharded.parameters_flat()):
+    for k, a, b in paired_params(whole, sharded):
         np.testing.assert_array_equal(np.array(a), np.array(b), err_msg=k)
     next((tmp_path / "sharded").glob("model-*-of-*.safetensors")).unlink()
     with pytest.raises(UserError, match="model.safetensors.index.json: names shards that are not there"):
@@ -571,7 +570,7 @@ def test_other_heads_and_a_tied_models_own_lm_head_are_said_to_be_left_out(tiny_
     loaded, original = load_model(m), load_model(tiny_hf_dir)
     assert capsys.readouterr().err == f"nanogpt-mlx: warning: {m}: multiple_choice_head ignored: a head for another " \
                                       "task than GPT-2's language model\n"
-    for (k, a), (_, b) in zip(loaded.parameters_flat(), original.parameters_flat()):
+    for k, a, b in paired_params(loaded, original):
         assert mx.array_equal(a, b).item(), k
     save_file({**tensors, "lm_head.weight": wte + 1}, str(m / "model.safetensors"))
     load_model(m)

@@ -48,6 +48,11 @@ def _exp_vjp(x, cotangent, output):
     return cotangent * output
 
 
+@_exp_clamped.jvp
+def _exp_jvp(x, tangent):  # forward mode (mx.jvp) too: through the kernel's bit casts it was NaN
+    return tangent * _exp_kernel(x)
+
+
 # The element-wise bodies are compiled (once per shape) so that eager calls, as in token-by-token
 # sampling, are one fused kernel each rather than a dozen small ops.
 @mx.compile
@@ -132,6 +137,11 @@ def _gelu(x: mx.array) -> mx.array:
 @_gelu.vjp
 def _gelu_vjp(x, cotangent, output):  # a one-argument function gets its primal as is
     return _gelu_backward(x, cotangent)
+
+
+@_gelu.jvp
+def _gelu_jvp(x, tangent):  # element-wise: the tangent times the slope, as the cotangent is
+    return _gelu_backward(x, tangent)
 
 
 @mx.compile

@@ -425,7 +425,9 @@ class GPT(nn.Module):
     def loss(self, idx: mx.array, targets: mx.array, grad: bool = True) -> mx.array:
         """Mean next-token cross-entropy in float32 through the device's fused head + loss (kernels.py), without
         (B, T, V) logits; grad=False: the evaluation kernel, which keeps nothing for a backward. Every target is
-        scored (no ignore_index, as PyTorch's -100): ids and targets outside the vocab are refused (check_token_ids)."""
+        scored (no ignore_index, as PyTorch's -100): ids and targets outside the vocab are refused (check_token_ids).
+        First-order only: its gradient is computed with its value, so a second derivative (a Hessian-vector product)
+        through it is wrong; nn.losses.cross_entropy(self(idx), targets).mean() is the same loss for those."""
         idx, targets = self.token_array(idx, "the input"), self.token_array(targets, "the targets")
         if targets.shape != idx.shape:
             raise UserError(f"the targets' shape {tuple(targets.shape)} is not the input's {tuple(idx.shape)}")

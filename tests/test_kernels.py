@@ -56,6 +56,28 @@ def test_gelu_survives_extreme_inputs(profile):
     np.testing.assert_allclose(mx.grad(lambda x: cpu_math.gelu(x).sum())(x).tolist(), [0.0, 1.0, 0.5], atol=1e-30)
 
 
+def test_forward_mode_derivatives_of_the_cpu_math_are_right():
+    """mx.jvp went through exp's bit casts (NaN at -inf) and GELU's polynomial (wrong slopes): each has its own
+    forward rule now, and a model's jvp equals its gradient's product with the direction."""
+    x = mx.array([-mx.inf, -70.0, -1.0, -0.1, 0.0])
+    np.testing.assert_allclose(mx.jvp(cpu_math.exp, [x], [mx.ones_like(x)])[1][0].tolist(),
+                               [0.0, 0.0, math.exp(-1), math.exp(-0.1), 1.0], rtol=3e-7)
+    g, t = mx.array([-3.0, -1.0, -0.1, 0.5, 3.0]), mx.array([1.0, 2.0, 1.0, -1.0, 1.0])
+    np.testing.assert_allclose(mx.jvp(cpu_math.gelu, [g], [t])[1][0].tolist(),
+                               mx.vjp(kernels.mlx_gelu, [g], [t])[1][0].tolist(), rtol=1e-5, atol=1e-7)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64), seed=0)
+    x, w = mx.array([[1, 2, 3, 4, 5, 6]]), model.wte.weight
+    d = mx.random.normal(w.shape, key=mx.random.key(1))
+
+    def logits_sum(weight: mx.array) -> mx.array:
+        model.wte.weight = weight
+        return model(x).sum()
+
+    directional = mx.jvp(logits_sum, [w], [d])[1][0].item()
+    assert math.isfinite(directional)
+    assert directional == pytest.approx((mx.grad(logits_sum)(w) * d).sum().item(), rel=1e-4)
+
+
 # --------------------------------------------------------------------------- every profile
 def reference_attention(q, k, v, scale, causal):
     s = (q * scale) @ k.swapaxes(-1, -2)

@@ -346,10 +346,26 @@ class GPT(nn.Module):
     def __call__(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """idx (B, T) token ids (an MLX or NumPy array, or lists) -> logits (B, T, vocab_size); ids outside the vocab
         are refused (check_token_ids). `cache`: make_cache()'s, which the forward fills."""
-        if cache is not None and not (isinstance(cache, list) and all(isinstance(c, KVCache) for c in cache)):
+        if cache is not None and not (isinstance(cache, (list, KVCache))):
             raise UserError("a GPT's second argument is a KV cache (make_cache()): for build-nanogpt's `logits, loss = "
                             "model(x, y)` take model(x) and model.loss(x, y)")
-        return self.head(self.hidden(self.token_array(idx, "the input"), cache))
+        idx = self.token_array(idx, "the input")
+        if cache is not None:
+            self._check_cache(cache, idx.shape[0])
+        return self.head(self.hidden(idx, cache))
+
+    def _check_cache(self, cache: list[KVCache], rows: int) -> None:
+        """Refuse a cache that is not make_cache()'s for this model and batch: MLX's broadcast error, or an
+        IndexError, deep inside."""
+        if not (isinstance(cache, list) and all(isinstance(c, KVCache) for c in cache)):
+            raise UserError("the cache must be make_cache()'s list, a KVCache for each layer")
+        if len(cache) != self.config.n_layer:
+            raise UserError(f"the cache holds {len(cache)} layers' KVCaches, this model has {self.config.n_layer} "
+                            "layers: take its make_cache()")
+        held = cache[0].keys
+        if held is not None and held.shape[0] != rows:
+            raise UserError(f"the cache holds {held.shape[0]} rows, the input {rows}: a cache serves the batch it "
+                            "began with (make_cache() for another)")
 
     def token_array(self, ids, what: str) -> mx.array:
         """`ids` as an MLX array of shape (B, T), checked (check_token_ids)."""

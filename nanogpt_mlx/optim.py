@@ -13,7 +13,7 @@ arrays instead of 148 tensors in GPT-2 (on a GPU, a few kernels each instead of 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import mlx.core as mx
@@ -21,6 +21,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import kernels
+from .errors import UserError
 
 
 def cosine_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
@@ -56,7 +57,8 @@ def clip_scale(grads, max_norm: float) -> tuple[mx.array | None, mx.array]:
 
 
 def clip_grad_norm(grads, max_norm: float):
-    """PyTorch's clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)); return (grads, pre-clip norm)."""
+    """PyTorch's clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)); return (grads, pre-clip norm).
+    max_norm <= 0 clips nothing, as a config's grad_clip 0 (PyTorch's would scale the gradients by 0 or less)."""
     scale, norm = clip_scale(grads, max_norm)
     return (grads if scale is None else tree_map(lambda g: g * scale, grads)), norm
 
@@ -95,6 +97,14 @@ class AdamW(optim.AdamW):
     """PyTorch's AdamW (bias-corrected, decoupled decay): MLX's update with the step's scalars computed once."""
 
     grad_scale: mx.array | None = None  # what the gradients are multiplied by (apply_scaled)
+
+    def __init__(self, learning_rate: float | Callable[[mx.array], mx.array], betas: Sequence[float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01, bias_correction: bool = True):
+        # MLX's AdamW defaults to no bias correction: taken for a drop-in, it was accepted and ignored
+        if bias_correction is not True:
+            raise UserError(f"bias_correction={bias_correction!r}: this AdamW is PyTorch's, always bias-corrected "
+                            "(mlx.optimizers.AdamW is the one without)")
+        super().__init__(learning_rate, list(betas), eps, weight_decay, bias_correction=True)
 
     def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
         self._scalars: dict = {}  # this step's per-dtype scalars, computed by its first tensor

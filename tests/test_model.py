@@ -235,6 +235,21 @@ def test_ids_of_another_dtype_or_shape_are_one_line(call, needle):
         call(tiny_gpt())
 
 
+def test_a_cache_of_another_model_or_batch_is_one_line():
+    """A bare KVCache took the `model(x, y)` advice, a list cut short was an IndexError, a cache of another batch
+    MLX's "Cannot broadcast" from inside the attention."""
+    model = GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=2, n_head=2, n_embd=32), seed=0)
+    with pytest.raises(UserError, match=r"^the cache must be make_cache\(\)'s list, a KVCache for each layer$"):
+        model(mx.array([[1, 2]]), model.make_cache()[0])
+    with pytest.raises(UserError, match=rf"^the cache holds 1 layers' KVCaches, this model has {model.config.n_layer} "):
+        model(mx.array([[1, 2]]), model.make_cache()[:1])
+    cache = model.make_cache()
+    model(mx.array([[1, 2, 3]]), cache)
+    with pytest.raises(UserError, match=r"^the cache holds 1 rows, the input 2: a cache serves the batch it began"):
+        model(mx.array([[1, 2], [3, 4]]), cache)
+    assert model(mx.array([[4]]), cache).shape == (1, 1, model.config.vocab_size)  # the same batch goes on
+
+
 def test_compiled_calls_leave_the_ids_unchecked():
     """Inside mx.compile (the Trainer's step, whose DataLoader checked its shards) ids have no values to read: the
     model and its loss still compile, with no sync in them, and give what they give uncompiled."""

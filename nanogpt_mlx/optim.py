@@ -300,6 +300,10 @@ class Muon(optim.Optimizer):
         self.state["momentum"] = mx.array(value)
 
     def init_single(self, parameter: mx.array, state: dict) -> None:
+        # (a vector or split rows failed at the first update, as a tuple's unpacking or a reshape inside MLX)
+        if parameter.ndim < 2 or parameter.shape[-2] % self.splits:
+            raise UserError(f"Muon updates matrices whose rows divide into its {self.splits} split(s), got a parameter "
+                            f"of shape {tuple(parameter.shape)}: give vectors (gains, biases) to AdamW")
         state["m"] = mx.zeros_like(parameter)
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:

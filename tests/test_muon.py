@@ -109,3 +109,14 @@ def test_split_matrix_orthogonalises_each_row_block():
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
     whole = np_muon(p0, grads, lr=0.02, beta=0.9, wd=0.05)  # one 48 x 16 matrix: a different update
     assert np.abs(whole - ref).max() > 100 * 2e-5 * np.abs(ref).max()
+
+
+def test_a_parameter_muon_cannot_update_is_one_line():
+    """A vector failed at the first update as a tuple's unpacking, rows that its splits do not divide as a reshape."""
+    from nanogpt_mlx.errors import UserError
+
+    for shape, splits in (((8,), 1), ((10, 4), 3)):
+        with pytest.raises(UserError, match=rf"^Muon updates matrices whose rows divide into its {splits} split\(s\), "
+                                            rf"got a parameter of shape \({shape[0]},"):
+            Muon(0.02, splits=splits).update({"w": mx.zeros(shape)}, {"w": mx.ones(shape)})
+    assert Muon(0.02, splits=3).init({"w": mx.zeros((9, 4))}) is None

@@ -86,12 +86,15 @@ def check_rank(rank: int, world: int) -> None:
 
 
 def load_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
-    """A shard's tokens (memory-mapped), checked: 1-D integers, none negative, all < vocab_size if given."""
+    """A shard's tokens (memory-mapped), checked: 1-D integers, none negative, all < vocab_size if given, else
+    all within the int32 of the batches (a uint32 shard's 2^31 came out negative)."""
     tokens = open_shard(path)
     if np.issubdtype(tokens.dtype, np.signedinteger) and tokens.size and int(tokens.min()) < 0:
         raise UserError(f"{path}: negative token id {int(tokens.min())}")
     if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
         raise UserError(f"{path}: token id {int(tokens.max())} >= the model's vocab_size {vocab_size}")
+    if vocab_size is None and tokens.size and np.iinfo(tokens.dtype).max >= 2**31 and int(tokens.max()) >= 2**31:
+        raise UserError(f"{path}: token id {int(tokens.max())} is past what a batch holds (int32, below 2^31)")
     return tokens
 
 

@@ -53,6 +53,15 @@ def test_a_token_id_of_vocab_size_is_refused(tmp_path):
         load_shard(shard, vocab_size=VOCAB)
 
 
+def test_a_token_id_past_int32_is_refused_without_a_vocab(tmp_path):
+    """A DataLoader of no vocab_size (one's own loop) cut a uint32 shard's 2^31 to int32's -2^31."""
+    np.save(tmp_path / "x_train_000000.npy", np.arange(1000, dtype=np.uint32) + 2**31 - 500)
+    with pytest.raises(UserError, match=r"x_train_000000.npy: token id 2147484147 is past what a batch holds \(int32"):
+        DataLoader(tmp_path, "train", 2, 8).next_batch()
+    np.save(tmp_path / "x_train_000000.npy", np.arange(1000, dtype=np.int64) + 2**31 - 1000)
+    assert DataLoader(tmp_path, "train", 2, 8).next_batch()[0].max().item() < 2**31  # (below it: taken)
+
+
 def test_hidden_files_are_not_shards(tmp_path):
     """A hidden `._NAME_train_INDEX.npy` (what macOS writes beside a file on a foreign disk) is no shard."""
     data = write_shards(tmp_path / "d", [token_stream(3000, 1)], token_stream(2000, 2))

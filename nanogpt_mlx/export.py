@@ -85,7 +85,8 @@ def check_export_target(out_dir: str | os.PathLike, force: bool = False,
                         "write it to another directory")
     # a staging directory is another export's, running or killed (removing it could break a running one)
     if any(not p.name.startswith(STAGING) for p in out.iterdir()) and not force:
-        raise UserError(f"{out}: directory is not empty; pass --force to write into it, or choose another")
+        raise UserError(f"{out}: directory is not empty; pass --force (in Python force=True) to write into it, or "
+                        "choose another")
     return out
 
 

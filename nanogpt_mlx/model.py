@@ -18,7 +18,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import kernels
-from .errors import Overflow, UserError, check_seed, check_types
+from .errors import Overflow, UserError, check_bool, check_seed, check_types
 
 GPT2_VOCAB_SIZE = 50257  # real tokens
 PADDED_VOCAB_SIZE = 50304  # build-nanogpt's: GPT-2's padded to a multiple of 128, for faster matmuls
@@ -444,6 +444,7 @@ class GPT(nn.Module):
         scored (no ignore_index, as PyTorch's -100): ids and targets outside the vocab are refused (check_token_ids).
         First-order only: its gradient is computed with its value, so a second derivative (a Hessian-vector product)
         through it is wrong; nn.losses.cross_entropy(self(idx), targets).mean() is the same loss for those."""
+        check_bool("grad", grad)  # "no" was the training kernel
         idx, targets = self.token_array(idx, "the input"), self.token_array(targets, "the targets")
         if targets.shape != idx.shape:
             raise UserError(f"the targets' shape {tuple(targets.shape)} is not the input's {tuple(idx.shape)}")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 
 import tiktoken
+
+from .errors import UserError
 
 EOT = 50256
 EOT_TEXT = "<|endoftext|>"
@@ -37,8 +40,18 @@ def get_tokenizer() -> tiktoken.Encoding:
 def encode(text: str, special: bool = False) -> list[int]:
     """Text to ids. `<|endoftext|>` in the text is ordinary text (as build-nanogpt's data preparation reads
     documents), or with `special` the EOT token (as Hugging Face's and mlx-lm's GPT-2 tokenizers read a prompt)."""
+    if not isinstance(text, str):  # (tiktoken's TypeError named no argument)
+        raise UserError(f"encode takes a str, got {type(text).__name__}")
     return get_tokenizer().encode(text, allowed_special="all") if special else get_tokenizer().encode_ordinary(text)
 
 
-def decode(ids: list[int]) -> str:
+def decode(ids: Sequence[int]) -> str:
+    """Ids (a list, or a 1-D NumPy or MLX array) to text, bytes that are no UTF-8 replaced. An id past GPT-2's
+    50257 (a padded vocab's rows, which a loop of one's own may sample) is refused: tiktoken's KeyError before."""
+    try:
+        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    except (TypeError, ValueError):
+        raise UserError(f"decode takes a flat sequence of token ids (ints), got {ids!r:.60}") from None
+    if (bad := next((i for i in ids if not 0 <= i <= EOT), None)) is not None:
+        raise UserError(f"token id {bad} is none of GPT-2's (0..{EOT}): a padded vocab's rows past it have no text")
     return get_tokenizer().decode(ids)

@@ -108,6 +108,8 @@ def test_export_refuses_non_empty_directories_unless_forced(tiny_hf_dir, tmp_pat
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     assert_one_line_error(run_cli("export", str(tiny_hf_dir), str(out)), "not empty", "--force")
+    with pytest.raises(UserError, match=r"not empty; pass --force \(in Python force=True\)"):  # (Python's name too)
+        export_hf(load_model(tiny_hf_dir), out)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     run_cli("export", str(tiny_hf_dir), str(out), "--force", check=True)
     assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").is_file()

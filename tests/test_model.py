@@ -224,6 +224,7 @@ def test_check_token_ids_is_for_callers_inside_mx_compile():
     (lambda m: m.loss(mx.array([[1, 2]]), mx.array([[1.0, 2.0]])), "the targets must hold integer token ids"),
     (lambda m: m.loss(mx.array([[1, 2]]), mx.array([[1, 2, 3]])), r"the targets' shape \(1, 3\) is not the input's"),
     (lambda m: mx.compile(m)(mx.array([[1.0, 2.0]])), "the input must hold integer token ids"),  # traced too
+    (lambda m: m.loss([[1, 2]], [[2, 3]], grad="no"), r"^grad must be True or False, got 'no'$"),  # was the training's
     # build-nanogpt's `logits, loss = model(x, y)`: "[convert] Only length-1 arrays can be converted to Python scalars"
     (lambda m: m(mx.array([[1, 2]]), mx.array([[2, 3]])), r"^a GPT's second argument is a KV cache \(make_cache\(\)\): "
                                                           r"for build-nanogpt's `logits, loss = model\(x, y\)` take "

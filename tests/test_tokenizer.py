@@ -133,3 +133,23 @@ def test_vocab_and_merges_files_encode_every_token_as_we_do(hf_files):
             pass
     assert len(texts) > 49000
     assert [e.ids for e in tok.encode_batch(texts)] == enc.encode_ordinary_batch(texts)
+
+
+def test_decode_takes_arrays_and_refuses_what_has_no_text():
+    """An id of a padded vocab's rows (a loop of one's own sampling all 50304 logits) was tiktoken's KeyError, -1
+    an OverflowError; encode(None) a TypeError of tiktoken's."""
+    import mlx.core as mx
+    import numpy as np
+
+    from nanogpt_mlx.errors import UserError
+
+    ids = encode("Hello, world")
+    assert decode(np.array(ids)) == decode(mx.array(ids)) == decode(tuple(ids)) == "Hello, world"
+    assert decode([EOT]) == "<|endoftext|>"
+    for bad in (50257, 50303, -1):
+        with pytest.raises(UserError, match=rf"^token id {bad} is none of GPT-2's \(0..50256\)"):
+            decode([15496, bad])
+    with pytest.raises(UserError, match=r"^decode takes a flat sequence of token ids \(ints\), got \[\[1, 2\]\]$"):
+        decode([[1, 2]])
+    with pytest.raises(UserError, match="^encode takes a str, got NoneType$"):
+        encode(None)

@@ -785,14 +785,18 @@ def test_a_sigterm_to_the_ranks_amid_an_evaluation_stops_it_soon(tmp_path):
 def test_a_signal_during_the_stops_save_lets_it_finish(data_dir, tmp_path):
     """A SIGHUP to rank 0 amid the save of a stop that the ranks agreed on killed it there, leaving a temporary
     directory and no checkpoint (a SIGTERM was held back, a SIGHUP was not)."""
-    out = tmp_path / "run"
-    proc, ranks = launch_two_ranks(data_dir, out, env=injected(tmp_path, SAVE_SLEEP="3"))
+    out, mark = tmp_path / "run", tmp_path / "saving"
+    proc, ranks = launch_two_ranks(data_dir, out, env=injected(tmp_path, SAVE_SLEEP="3", SAVE_MARK=str(mark)))
     try:
         for pid in ranks:
             os.kill(pid, signal.SIGTERM)
-        time.sleep(1.5)  # (the ranks agree within a step; rank 0's save takes 3 s more)
+        deadline = time.time() + 60  # until rank 0's save is under way (a fixed wait missed it on a busy machine)
+        while not mark.exists():
+            assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.02)
         for pid in ranks:
             os.kill(pid, signal.SIGHUP)
+        assert not Path(f"{mark}.done").exists()  # amid the save (3 s)
         stdout, err = proc.communicate(timeout=60)
     finally:
         kill(ranks + [proc.pid])
@@ -879,7 +883,8 @@ def test_the_ranks_launcher_started_under_nohup_trains_on_after_a_sighup(data_di
 
 # Loaded by `train --ranks 2`'s ranks (sitecustomize.py on PYTHONPATH): rank FAIL_RANK reads a bad shard at its third
 # train batch (FAIL=shard), is killed in its second validation (FAIL=kill) or fails it (FAIL=val); rank 0's saves
-# take SAVE_SLEEP s more, its second validation VAL_SLEEP s more.
+# take SAVE_SLEEP s more (between writing the files SAVE_MARK and SAVE_MARK.done, where set), its second validation
+# VAL_SLEEP s more.
 INJECTED = """
 import os, signal, time
 rank = os.environ.get("MLX_RANK")
@@ -908,7 +913,12 @@ if rank is not None:
 
     def save_model(*args, **kwargs):
         if rank == "0":
+            mark = os.environ.get("SAVE_MARK")  # a file that says when the save's sleep starts and ends
+            if mark:
+                open(mark, "w").close()
             time.sleep(float(os.environ.get("SAVE_SLEEP", "0")))
+            if mark:
+                open(mark + ".done", "w").close()
         return write(*args, **kwargs)
 
     train.DataLoader.next_batch, evaluations.loader_loss, checkpoint.save_model = (next_batch, loader_loss,

@@ -23,8 +23,8 @@ from .errors import UserError, first_line
 from .files import (atomic_dir, atomic_path, atomic_write_text, cannot, existing_ancestor, mlx_path, named_dir,
                     read_json, shell_word)
 from .model import GPT
-from .weights import (TRAINER_STATE, checkpoints, load_model, nonfinite, safetensors_shapes, save_model, save_safetensors,
-                      step_of)
+from .weights import (TRAINER_STATE, checkpoints, load_model, nonfinite, safetensors_shapes, save_model,
+                      save_safetensors, step_of)
 
 STATE_FILE = TRAINER_STATE  # (named in weights.py, whose save_model must not write over a checkpoint)
 OPTIMIZER_FILE = "optimizer.safetensors"

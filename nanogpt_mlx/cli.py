@@ -127,7 +127,8 @@ def cmd_export(args) -> None:
     from .weights import load_model
 
     check_export_target(args.out, args.force, source=args.src)  # before the (maybe long) load
-    removed = export_hf(load_model(args.src, args.dtype), args.out, force=args.force, dtype=args.dtype)
+    model = load_model(args.src, args.dtype, computes=False)  # (bfloat16 stored, not computed: no note of its speed)
+    removed = export_hf(model, args.out, force=args.force, dtype=args.dtype)
     print(f"wrote {args.out}: {', '.join(EXPORT_FILES)} (Hugging Face GPT-2 layout, {args.dtype})"
           + (f"; removed {', '.join(removed)}, which loaders would read with it" if removed else ""))
 

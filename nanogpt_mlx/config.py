@@ -161,7 +161,7 @@ class TrainConfig:
 
 
 PATH_FIELDS = ("data", "out", "init_from", "hellaswag_data")  # a str or os.PathLike, stored as a str
-SHAPE_FIELDS = SIZES[:4]  # a random init's; init_from trains its source's (vocab_size: 0 keeps a source's)
+SHAPE_FIELDS = tuple(s for s in SIZES if s != "vocab_size")  # a random init's; init_from trains its source's
 _POSITIVE = ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_lr", "val_steps", "eps")  # 0 is no value
 
 

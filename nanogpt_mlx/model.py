@@ -346,7 +346,7 @@ class GPT(nn.Module):
     def __call__(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """idx (B, T) token ids (an MLX or NumPy array, or lists) -> logits (B, T, vocab_size); ids outside the vocab
         are refused (check_token_ids). `cache`: make_cache()'s, which the forward fills."""
-        if cache is not None and not (isinstance(cache, (list, KVCache))):
+        if cache is not None and not isinstance(cache, (list, tuple, KVCache)):
             raise UserError("a GPT's second argument is a KV cache (make_cache()): for build-nanogpt's `logits, loss = "
                             "model(x, y)` take model(x) and model.loss(x, y)")
         idx = self.token_array(idx, "the input")
@@ -357,12 +357,16 @@ class GPT(nn.Module):
     def _check_cache(self, cache: list[KVCache], rows: int) -> None:
         """Refuse a cache that is not make_cache()'s for this model and batch: MLX's broadcast error, or an
         IndexError, deep inside."""
-        if not (isinstance(cache, list) and all(isinstance(c, KVCache) for c in cache)):
+        if not (isinstance(cache, (list, tuple)) and all(isinstance(c, KVCache) for c in cache)):
             raise UserError("the cache must be make_cache()'s list, a KVCache for each layer")
-        if len(cache) != self.config.n_layer:
-            raise UserError(f"the cache holds {len(cache)} layers' KVCaches, this model has {self.config.n_layer} "
-                            "layers: take its make_cache()")
+        c = self.config
+        if len(cache) != c.n_layer:
+            raise UserError(f"the cache holds {len(cache)} layers' KVCaches, this model has {c.n_layer} layers: "
+                            "take its make_cache()")
         held = cache[0].keys
+        if held is not None and held.shape[1::2] != (c.n_head, c.n_embd // c.n_head):
+            raise UserError(f"the cache holds keys of {held.shape[1]} heads of {held.shape[3]}, this model's are "
+                            f"{c.n_head} of {c.n_embd // c.n_head}: take its make_cache()")
         if held is not None and held.shape[0] != rows:
             raise UserError(f"the cache holds {held.shape[0]} rows, the input {rows}: a cache serves the batch it "
                             "began with (make_cache() for another)")
@@ -443,7 +447,8 @@ class GPT(nn.Module):
         (B, T, V) logits; grad=False: the evaluation kernel, which keeps nothing for a backward. Every target is
         scored (no ignore_index, as PyTorch's -100): ids and targets outside the vocab are refused (check_token_ids).
         First-order only: its gradient is computed with its value, so a second derivative (a Hessian-vector product)
-        through it is wrong; nn.losses.cross_entropy(self(idx), targets).mean() is the same loss for those."""
+        through it is wrong; nn.losses.cross_entropy(self(idx).astype(mx.float32), targets).mean() is the same loss
+        for those."""
         check_bool("grad", grad)  # "no" was the training kernel
         idx, targets = self.token_array(idx, "the input"), self.token_array(targets, "the targets")
         if targets.shape != idx.shape:

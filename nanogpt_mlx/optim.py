@@ -21,7 +21,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import kernels
-from .errors import UserError
+from .errors import UserError, check_bool
 
 
 def cosine_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
@@ -101,7 +101,8 @@ class AdamW(optim.AdamW):
     def __init__(self, learning_rate: float | Callable[[mx.array], mx.array], betas: Sequence[float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, bias_correction: bool = True):
         # MLX's AdamW defaults to no bias correction: taken for a drop-in, it was accepted and ignored
-        if bias_correction is not True:
+        check_bool("bias_correction", bias_correction)
+        if not bias_correction:
             raise UserError(f"bias_correction={bias_correction!r}: this AdamW is PyTorch's, always bias-corrected "
                             "(mlx.optimizers.AdamW is the one without)")
         super().__init__(learning_rate, list(betas), eps, weight_decay, bias_correction=True)

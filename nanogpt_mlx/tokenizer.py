@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable
 from functools import lru_cache
 from importlib import resources
 
@@ -45,11 +46,11 @@ def encode(text: str, special: bool = False) -> list[int]:
     return get_tokenizer().encode(text, allowed_special="all") if special else get_tokenizer().encode_ordinary(text)
 
 
-def decode(ids: Sequence[int]) -> str:
+def decode(ids: Iterable[int]) -> str:
     """Ids (a list, or a 1-D NumPy or MLX array) to text, bytes that are no UTF-8 replaced. An id past GPT-2's
     50257 (a padded vocab's rows, which a loop of one's own may sample) is refused: tiktoken's KeyError before."""
     try:
-        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        ids = [operator.index(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]  # (a float is no id)
     except (TypeError, ValueError):
         raise UserError(f"decode takes a flat sequence of token ids (ints), got {ids!r:.60}") from None
     if (bad := next((i for i in ids if not 0 <= i <= EOT), None)) is not None:

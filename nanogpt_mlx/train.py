@@ -420,8 +420,8 @@ class Trainer:
         if until is not None and until < self.step:
             raise UserError(f"until {until} is behind this Trainer's step {self.step}")
         if until is not None and until > self.cfg.max_steps:  # (trained to max_steps, it looked done to `until`)
-            raise UserError(f"until {until} is past max_steps {self.cfg.max_steps}, where the LR schedule ends: resume with "
-                            "a larger one (Trainer(replace(cfg, max_steps=N), resume=True))")
+            raise UserError(f"until {until} is past max_steps {self.cfg.max_steps}, where the LR schedule ends: "
+                            "resume with a larger one (Trainer(replace(cfg, max_steps=N), resume=True))")
         # a finished run resumed trains nothing, and saves to publish its model (after a save that could not); the
         # fields changed would be saved too, for a later resume to take, though they changed nothing
         if self.step >= self.cfg.max_steps and self._resume and self._resume["changed"]:

@@ -65,7 +65,8 @@ def _read_config(directory: Path) -> dict:
     return cfg
 
 
-_HF_SIZES = {**{k: k for k in SIZES}, "block_size": "n_positions"}  # GPTConfig field -> Hugging Face config.json key
+_NATIVE_SIZES = dict(zip(SIZES, SIZES))  # GPTConfig field -> key in our config.json, and in Hugging Face's:
+_HF_SIZES = {**_NATIVE_SIZES, "block_size": "n_positions"}
 
 
 def _int_sizes(d: dict, keys: dict[str, str], where: Path) -> dict[str, int]:
@@ -108,7 +109,7 @@ def _config_from_native(cfg: dict, where: Path) -> GPTConfig:
     model = cfg.get("model")
     if not isinstance(model, dict):
         raise UserError(f"{where}/config.json: not a valid nanogpt-mlx model config (no 'model' object)")
-    _int_sizes(model, dict(zip(SIZES, SIZES)), where)  # sizes as JSON integers, named with the file
+    _int_sizes(model, _NATIVE_SIZES, where)  # sizes as JSON integers, named with the file
     try:
         return GPTConfig.from_dict(model)
     except (UserError, ValueError) as e:  # (FieldTypeError is a UserError)
@@ -310,13 +311,14 @@ def _looks_like_hub_id(name: str) -> bool:
     return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not name.endswith(".safetensors")
 
 
-def load_model(name_or_path: str | os.PathLike, dtype: str | mx.Dtype = "float32") -> GPT:
+def load_model(name_or_path: str | os.PathLike, dtype: str | mx.Dtype = "float32", *, computes: bool = True) -> GPT:
     """A model from a local HF directory or checkpoint, else a hub id (`gpt2`, `gpt2-medium`, ...), its weights in
-    `dtype`: float32 (as `transformers` loads GPT-2) or bfloat16 (half the memory; a GPU's fast path)."""
+    `dtype`: float32 (as `transformers` loads GPT-2) or bfloat16 (half the memory; a GPU's fast path). A dtype slow
+    on this device is noted, unless the model does not compute (`computes` False: an export only writes it)."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise UserError(f"the model must be a hub id or a directory (a str or path), got {name_or_path!r}")
     dtype_named(dtype)  # before a download
-    device.say_notes(dtype)  # (a command said the device's at its start; Python code hears them here)
+    device.say_notes(dtype if computes else None)  # (a command said the device's at its start; Python hears them here)
     path = user_path(named_dir(name_or_path, "model"))  # '' would be the working directory
     if path.exists():
         if not path.is_dir():

@@ -85,6 +85,7 @@ def test_a_bfloat16_export_loads_as_bfloat16_and_generates_our_bfloat16_text(liv
     out = tmp_path / "bf16"
     proc = run_cli("export", str(lively_hf_dir), str(out), "--dtype", "bfloat16", check=True)
     assert "(Hugging Face GPT-2 layout, bfloat16)" in proc.stdout
+    assert "slow" not in proc.stderr  # bfloat16 stored, not computed
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == config["torch_dtype"] == "bfloat16"
     with safe_open(out / "model.safetensors", "pt") as f:

@@ -242,12 +242,16 @@ def test_a_cache_of_another_model_or_batch_is_one_line():
     model = GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=2, n_head=2, n_embd=32), seed=0)
     with pytest.raises(UserError, match=r"^the cache must be make_cache\(\)'s list, a KVCache for each layer$"):
         model(mx.array([[1, 2]]), model.make_cache()[0])
-    with pytest.raises(UserError, match=rf"^the cache holds 1 layers' KVCaches, this model has {model.config.n_layer} "):
+    with pytest.raises(UserError, match=r"^the cache holds 1 layers' KVCaches, this model has 2 layers"):
         model(mx.array([[1, 2]]), model.make_cache()[:1])
     cache = model.make_cache()
     model(mx.array([[1, 2, 3]]), cache)
     with pytest.raises(UserError, match=r"^the cache holds 1 rows, the input 2: a cache serves the batch it began"):
         model(mx.array([[1, 2], [3, 4]]), cache)
+    wider = GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=2, n_head=4, n_embd=64), seed=0)
+    with pytest.raises(UserError, match=r"^the cache holds keys of 2 heads of 16, this model's are 4 of 16"):
+        wider(mx.array([[4]]), cache)
+    assert model(mx.array([[4]]), tuple(cache)).shape == (1, 1, 300)  # a tuple of them is a cache too
     assert model(mx.array([[4]]), cache).shape == (1, 1, model.config.vocab_size)  # the same batch goes on
 
 

@@ -92,6 +92,7 @@ def flat_weights(directory: Path) -> dict[str, np.ndarray]:
 def test_adamw_is_mlx_adamw_with_bias_correction():
     with pytest.raises(UserError, match=r"^bias_correction=False: this AdamW is PyTorch's, always bias-corrected"):
         optim_mod.AdamW(1e-2, bias_correction=False)  # (MLX's default: accepted and ignored, it was)
+    assert optim_mod.AdamW(1e-2, bias_correction=np.True_).bias_correction
     key = mx.random.key(0)
     params = {"w": mx.random.normal((64, 32), key=key), "b": mx.zeros((32,))}
     ours = optim_mod.AdamW(learning_rate=1e-2, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1)

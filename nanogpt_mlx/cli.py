@@ -54,15 +54,16 @@ def cmd_info(args) -> None:
 
 # -------------------------------------------------------------------------------------- sample
 def add_sample(sub) -> None:
+    from .config import TrainConfig
     from .sample import SampleConfig as S  # its defaults are the command's
 
     p = sub.add_parser("sample", help="generate text from a prompt")
     p.add_argument("--model", default="gpt2",
                    help="hub id (gpt2, gpt2-medium, ...), local Hugging Face directory or checkpoint dir (default: gpt2)")
-    p.add_argument("--prompt", default="Hello, I'm a language model,",
+    p.add_argument("--prompt", default=TrainConfig.prompt,  # build-nanogpt's, as a run's samples take it
                    help="text to continue ('<|endoftext|>' in it is that token, as in transformers and mlx-lm); '' "
                         "starts from the <|endoftext|> token, which the samples do not show "
-                        "(default: \"Hello, I'm a language model,\")")
+                        f"(default: {TrainConfig.prompt!r})")
     p.add_argument("--num-samples", type=positive_int, default=5,
                    help="samples, generated as one batch; 1 streams its text as it comes (default: 5)")
     p.add_argument("--max-new-tokens", type=positive_int, default=S.max_new_tokens,
@@ -205,13 +206,15 @@ def cmd_eval(args) -> None:
 
 # ---------------------------------------------------------------------------------------- plot
 def add_plot(sub) -> None:
+    from .plot import GPT2_VAL_LOSS
+
     p = sub.add_parser("plot", help="plot loss and HellaSwag vs step of one or more runs (their log.txt)")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directory with log.txt (or a log file)")
     p.add_argument("--out", default="run.png",
                    help="image to write, of any type matplotlib writes: .png, .svg, .pdf, .jpg, ... (default: run.png)")
     p.add_argument("--log-scale", action="store_true", help="logarithmic loss axis")
     p.add_argument("--baseline", choices=["auto", "on", "off"], default="auto",
-                   help="GPT-2 124M val-loss line (3.2924, FineWeb-Edu); auto: when the loss axis reaches it")
+                   help=f"GPT-2 124M val-loss line ({GPT2_VAL_LOSS}, FineWeb-Edu); auto: when the loss axis reaches it")
     p.set_defaults(func=cmd_plot)
 
 

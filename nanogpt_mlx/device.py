@@ -72,7 +72,7 @@ class Profile:
 
     def dtype_note(self, dtype: str | mx.Dtype) -> str | None:
         """Why computing in `dtype` (a name, or mx.bfloat16...) is a poor choice here, or None."""
-        name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("mlx.core.")
+        name = dtype_name(dtype)
         if name != "float32" and self.cpu_backend:
             return f"{name} is slow on MLX's CPU backend (float32 is faster there)"
         return None
@@ -92,6 +92,11 @@ class Profile:
             return f"{self.name}: MLX's fused attention has no fused backward here; the backward recomputes {blocks}"
         reasons = ", ".join(_no_cudnn(dtype, head_dim))
         return f"{self.name}: no cuDNN attention for {reasons}: plain ops that keep {blocks}"
+
+
+def dtype_name(dtype: str | mx.Dtype) -> str:
+    """A dtype's name as messages and the profiles' choices say it ("bfloat16"), of an MLX dtype or a name."""
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("mlx.core.")
 
 
 def _no_cudnn(dtype: str, head_dim: int) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .device import dtype_name
 from .errors import UserError, check_bool
 from .files import (STAGING, atomic_dir, atomic_files, atomic_path, atomic_write_text, check_writable, mlx_path,
                     named_dir, user_path)
@@ -139,7 +140,6 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, force: bool = False, dtype
 def _write_hf(model: GPT, out_dir: Path, dtype: mx.Dtype) -> None:
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_safetensors(tmp, to_hf(model, dtype), metadata={"format": "pt"})
-    name = str(dtype).removeprefix("mlx.core.")
-    atomic_write_text(out_dir / "config.json", json.dumps(hf_config(model.config, name), indent=2))
+    atomic_write_text(out_dir / "config.json", json.dumps(hf_config(model.config, dtype_name(dtype)), indent=2))
     atomic_write_text(out_dir / "generation_config.json", json.dumps(generation_config(), indent=2))
     write_tokenizer_files(out_dir, model.config.block_size)

@@ -291,9 +291,6 @@ def _sum_prefixes(parts: list[mx.array]) -> mx.array:
     return mx.concatenate(segments, axis=2).astype(parts[0].dtype)
 
 
-_DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
-
-
 def profile_attention(profile: device.Profile, plain: Attention) -> Attention:
     """Attention as the profile decides for each dtype and shape (device.Profile.fused_attention):
     MLX's fused kernel (over a causal sequence padded to whole tiles of cuDNN's backward where it is not: after
@@ -305,7 +302,7 @@ def profile_attention(profile: device.Profile, plain: Attention) -> Attention:
         T = q.shape[2]
         if T == 1:
             return mlx_attention(q, k, v, scale, causal)
-        fused = profile.fused_attention(_DTYPE_NAMES.get(q.dtype, ""), q.shape[-1])
+        fused = profile.fused_attention(device.dtype_name(q.dtype), q.shape[-1])
         if fused is None:
             return plain(q, k, v, scale, causal)
         if not fused:

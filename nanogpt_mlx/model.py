@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import kernels
+from . import device, kernels
 from .errors import Overflow, UserError, check_bool, check_seed, check_types
 
 GPT2_VOCAB_SIZE = 50257  # real tokens
@@ -391,8 +391,7 @@ class GPT(nn.Module):
         inside mx.compile or vmap (the Trainer's compiled step, whose DataLoader checked its shards) it is unchecked."""
         if isinstance(ids, mx.array):
             if not mx.issubdtype(ids.dtype, mx.integer):  # (known without values: inside mx.compile too)
-                dtype = str(ids.dtype).removeprefix("mlx.core.")
-                raise UserError(f"{what} must hold integer token ids, got {dtype}")
+                raise UserError(f"{what} must hold integer token ids, got {device.dtype_name(ids.dtype)}")
             if ids.size == 0:
                 return
             try:

@@ -242,13 +242,13 @@ def _load_into(model: GPT, weights: dict[str, mx.array], where: Path, dtype: mx.
         if w.shape != expected[k].shape:
             raise UserError(f"{where}: {k} has shape {tuple(w.shape)}, config.json implies {tuple(expected[k].shape)}")
         if not mx.issubdtype(w.dtype, mx.floating):  # int32 copies of the weights loaded as (nearly) all zeros
-            raise UserError(f"{where}: {k} is {str(w.dtype).split('.')[-1]}, not floating point: not a model's weights")
+            raise UserError(f"{where}: {k} is {device.dtype_name(w.dtype)}, not floating point: not a model's weights")
     cast = {}
     for k in list(weights):  # one tensor at a time: its file's copy is let go before the next is read
         cast[k] = weights.pop(k).astype(dtype)
         # a NaN or inf weight makes the logits NaN: sampling gave "!!!!" (token 0) and evaluation NaN losses, status 0
         if nonfinite([(k, cast[k])]) is not None:
-            beyond = "" if dtype == mx.float32 else f", or values beyond {str(dtype).removeprefix('mlx.core.')}'s range"
+            beyond = "" if dtype == mx.float32 else f", or values beyond {device.dtype_name(dtype)}'s range"
             raise UserError(f"{where}: {k} holds NaN/inf: a damaged model{beyond}")
     model.load_flat(cast)
 
